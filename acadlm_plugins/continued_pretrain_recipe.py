@@ -1,0 +1,407 @@
+"""Continued pre-training of a torchtune model on a domain mixture with dynamic batch loading.
+
+Run::
+
+    tune run acadlm_plugins/continued_pretrain_recipe --config configs/smollm2/continued_pretrain_demo.yaml
+    tune run --nproc_per_node 2 acadlm_plugins/continued_pretrain_recipe --config ...
+
+The loop knows hooks, not features: dynamic batch loading, the non-finite loss guard and any
+third-party plugin act through :mod:`acadlm_plugins.hookspecs`. A run resumes from the newest
+complete checkpoint in ``output_dir`` (model, optimizer, scheduler, data position, domain
+weights, RNG and plugin state), so an interrupted run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+from tqdm.auto import tqdm
+
+import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+from acadlm_plugins._compat import hf_checkpoint_files, save_hf_model_dir
+from acadlm_plugins.data.mixture import DomainBatchSampler, DomainMixtureDataset, collate_domain_packs
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.plugin_manager import (build_plugin_manager, collect_metrics, list_plugins,
+                                           plugin_states, restore_plugin_states)
+from acadlm_plugins.training.checkpointing import (MODEL_DIRNAME, RECIPE_STATE_FILENAME,
+                                                   latest_checkpoint, restore_rng_state, rng_state,
+                                                   save_torch_atomically, write_checkpoint)
+from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
+
+log = utils.get_logger("INFO")
+
+RECIPE_NAME = "continued_pretrain"
+KNOWN_KEYS = {
+    "output_dir", "seed", "device", "dtype", "model", "tokenizer", "checkpointer", "dataset",
+    "validation_dataset", "optimizer", "lr_scheduler", "batch_size", "max_steps",
+    "gradient_accumulation_steps", "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps",
+    "save_every_n_steps", "keep_last_n_checkpoints", "validation", "metric_logger", "plugins",
+    "resume", "distributed", "enable_activation_checkpointing", "compile",
+}
+# Blocks read by built-in plugins; third-party plugins declare theirs with `config_keys`.
+RESUME_MUST_MATCH = ("model", "dataset", "tokenizer")
+
+
+class ContinuedPretrainRecipe:
+    """Setup, train, checkpoint: one object per run (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        self._device = utils.get_device(cfg.get("device", "cpu"))
+        if self._distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        self._world_size, self._rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self._rank == 0
+        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._output_dir = Path(cfg.output_dir)
+        self._seed = training.set_seed(cfg.get("seed", 0))
+        self._max_steps = int(cfg.max_steps)
+        self._batch_size = int(cfg.batch_size)
+        self._grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._log_every = int(cfg.get("log_every_n_steps", 1))
+        self._save_every = int(cfg.get("save_every_n_steps", self._max_steps))
+        self._keep_last = int(cfg.get("keep_last_n_checkpoints", 2))
+        self._step = 0
+        self._history: dict[str, Any] = {"evaluations": []}
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self, cfg: DictConfig) -> None:
+        self._pm = build_plugin_manager(list(cfg.get("plugins", None) or []))
+        self._pm.hook.acadlm_configure(cfg=cfg, recipe=RECIPE_NAME)
+        _check_keys(cfg, self._pm)
+        self._eval_every = int(cfg.get("eval_every_n_steps", None) or self._max_steps)
+        self._cfg = cfg
+        if self._is_rank_zero:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
+        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
+        if self._metric_logger is not None:
+            self._metric_logger.log_config(cfg)
+
+        resume_from = self._find_resume_checkpoint(cfg)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._checkpointer = config.instantiate(cfg.checkpointer)
+        model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        if resume_from is not None:
+            model_state = self._load_resumed_weights(cfg, resume_from)
+        self._model = self._setup_model(cfg, model_state)
+        self._pm.hook.acadlm_model_built(model=self._model, cfg=cfg, device=self._device)
+
+        self._train_data: DomainMixtureDataset = config.instantiate(cfg.dataset, self._tokenizer)
+        self._val_data: DomainMixtureDataset = config.instantiate(cfg.validation_dataset,
+                                                                 self._tokenizer)
+        _check_same_domains(self._train_data, self._val_data)
+        self._sampler = DomainBatchSampler.for_dataset(
+            self._train_data, self._batch_size, seed=self._seed, rank=self._rank,
+            world_size=self._world_size)
+        self._pm.hook.acadlm_data_ready(dataset=self._train_data, sampler=self._sampler, cfg=cfg)
+
+        self._optimizer = self._setup_optimizer(cfg)
+        self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
+                                                 num_training_steps=self._max_steps)
+                              if cfg.get("lr_scheduler", None) else None)
+        if resume_from is not None:
+            self._restore_recipe_state(resume_from)
+
+    def _find_resume_checkpoint(self, cfg: DictConfig) -> Path | None:
+        mode = str(cfg.get("resume", "auto")).lower()
+        if mode not in {"auto", "true", "false"}:
+            raise ConfigError("resume", f"unknown value {mode!r}.", "use auto, true or false.")
+        latest = latest_checkpoint(self._output_dir)
+        if mode == "false" and latest is not None:
+            raise ConfigError("resume", f"`output_dir` {self._output_dir} already holds "
+                              f"checkpoint {latest.name} and resume is false, so it would be "
+                              "overwritten.", "set `resume: auto` to continue it, or choose a "
+                              "new `output_dir`.")
+        if mode == "true" and latest is None:
+            raise ConfigError("resume", f"no complete checkpoint in {self._output_dir}.",
+                              "use `resume: auto` to start fresh when there is none.")
+        if latest is not None and mode != "false":
+            log.info("resuming from %s", latest)
+            return latest
+        return None
+
+    def _load_resumed_weights(self, cfg: DictConfig, checkpoint: Path) -> dict:
+        saved = torch.load(checkpoint / RECIPE_STATE_FILENAME, weights_only=False)
+        for key in RESUME_MUST_MATCH:
+            before = saved["config"].get(key)
+            now = OmegaConf.to_container(cfg.get(key), resolve=True) if key in cfg else None
+            if before != now:
+                raise ConfigError(key, f"differs from the checkpoint being resumed "
+                                  f"({checkpoint}): was {before}, is {now}.",
+                                  f"restore `{key}` as it was, or start a new `output_dir`.")
+        self._resume_state = saved
+        model_dir = checkpoint / MODEL_DIRNAME
+        reader = training.FullModelHFCheckpointer(
+            checkpoint_dir=str(model_dir), checkpoint_files=hf_checkpoint_files(model_dir),
+            model_type=cfg.checkpointer.model_type, output_dir=str(self._output_dir))
+        return reader.load_checkpoint()[training.MODEL_KEY]
+
+    def _setup_model(self, cfg: DictConfig, model_state: dict) -> torch.nn.Module:
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg.model)
+        if cfg.get("enable_activation_checkpointing", False):
+            from torchtune.modules import TransformerSelfAttentionLayer
+
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        missing, unexpected = model.load_state_dict(model_state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("output.")]:
+            raise ConfigError("model", f"the checkpoint does not fit the model: missing {missing}, "
+                              f"unexpected {unexpected}.",
+                              "make `model` the architecture that `checkpointer` points at.")
+        if self._distributed:
+            from torchtune.modules import TransformerSelfAttentionLayer
+
+            training.shard_model(
+                model, [lambda _n, m: isinstance(m, TransformerSelfAttentionLayer)],
+                cpu_offload=False, reshard_after_forward=True)
+        return model
+
+    def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:
+        groups: list[dict] = [{"params": [p for p in self._model.parameters() if p.requires_grad]}]
+        for extra in self._pm.hook.acadlm_optimizer_param_groups(model=self._model, cfg=cfg):
+            groups.extend(extra or [])
+        return config.instantiate(cfg.optimizer, groups)
+
+    def _restore_recipe_state(self, checkpoint: Path) -> None:
+        state = self._resume_state
+        if self._distributed:
+            training.load_from_full_optimizer_state_dict(
+                self._model, self._optimizer, state["optimizer"], self._device)
+        else:
+            self._optimizer.load_state_dict(state["optimizer"])
+        if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._sampler.load_state_dict(state["sampler"])
+        restore_plugin_states(self._pm, state["plugins"])
+        restore_rng_state(state["rng"])
+        self._step = int(state["step"])
+        self._history = state["history"]
+        log.info("resumed at step %d of %d", self._step, self._max_steps)
+
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        if self._step == 0:
+            self._evaluate()
+        progress = tqdm(total=self._max_steps, initial=self._step, desc="continued pretraining",
+                        disable=not self._is_rank_zero or os.environ.get("ACADLM_NO_PROGRESS") == "1",
+                        dynamic_ncols=True)
+        self._model.train()
+        while self._step < self._max_steps:
+            metrics = self._train_step()
+            self._step += 1
+            extra = self._pm.hook.acadlm_after_optimizer_step(step=self._step, metrics=metrics)
+            metrics.update(collect_metrics(extra))
+            if self._step % self._log_every == 0 or self._step == self._max_steps:
+                self._log(metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if self._step % self._eval_every == 0 or self._step == self._max_steps:
+                self._evaluate()
+            if self._step % self._save_every == 0 or self._step == self._max_steps:
+                self.save_checkpoint()
+        progress.close()
+        return self._summary(time.perf_counter() - started)
+
+    def _train_step(self) -> dict[str, float]:
+        step_started = time.perf_counter()
+        self._optimizer.zero_grad(set_to_none=True)
+        micro_batches = [self._next_batch() for _ in range(self._grad_accum)]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        global_tokens = self._all_reduce_sum(float(local_tokens))
+        loss_total = 0.0
+        extra_totals: dict[str, float] = {}
+        domain_sums = torch.zeros(len(self._train_data.domain_names), dtype=torch.float64)
+        domain_counts = torch.zeros_like(domain_sums)
+        for batch in micro_batches:
+            self._pm.hook.acadlm_batch_ready(batch=batch, step=self._step)
+            logits = self._model(batch["tokens"], mask=batch.get("mask"),
+                                 input_pos=batch.get("input_pos"))
+            seq_loss, seq_count = shifted_token_losses(logits, batch["labels"])
+            # Normalized by the global token count; FSDP/DDP average gradients over ranks.
+            loss = seq_loss.sum() / global_tokens * self._world_size
+            extras = collect_metrics(self._pm.hook.acadlm_extra_loss(
+                model=self._model, batch=batch, logits=logits, loss=loss, step=self._step))
+            for name, term in extras.items():
+                loss = loss + term / self._grad_accum
+                extra_totals[name] = extra_totals.get(name, 0.0) + float(term.detach()) / self._grad_accum
+            loss.backward()
+            loss_total += float(seq_loss.sum().detach())
+            domain_sums.index_add_(0, batch["domain"].cpu(), seq_loss.detach().double().cpu())
+            domain_counts.index_add_(0, batch["domain"].cpu(), seq_count.double().cpu())
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
+                                                       max_norm=float(self._clip_grad_norm))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        self._optimizer.step()
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        elapsed = time.perf_counter() - step_started
+        metrics = {"loss": self._all_reduce_sum(loss_total) / global_tokens,
+                   "lr": self._optimizer.param_groups[0]["lr"],
+                   "tokens_per_second": global_tokens / elapsed,
+                   "tokens_seen": global_tokens}
+        if self._clip_grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        for name, value in extra_totals.items():
+            metrics[f"loss/{name}"] = value
+        for d, name in enumerate(self._train_data.domain_names):
+            if domain_counts[d] > 0:
+                metrics[f"train_loss/{name}"] = float(domain_sums[d] / domain_counts[d])
+        return metrics
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        keys = self._sampler.next_batch()
+        batch = collate_domain_packs([self._train_data[key] for key in keys])
+        return {k: v.to(self._device) for k, v in batch.items()}
+
+    def _evaluate(self) -> None:
+        validation = self._cfg.get("validation", {}) or {}
+        losses = evaluate_domain_losses(
+            self._model, self._val_data.corpus, batch_size=int(validation.get("batch_size", self._batch_size)),
+            device=self._device, max_packs_per_domain=validation.get("max_packs_per_domain", None),
+            rank=self._rank, world_size=self._world_size)
+        metrics = {f"val_loss/{name}": value for name, value in losses.items()}
+        metrics["val_loss"] = sum(losses.values()) / len(losses)
+        extra = self._pm.hook.acadlm_evaluation_end(step=self._step, domain_losses=losses,
+                                                   metrics=metrics)
+        metrics.update(collect_metrics(extra))
+        self._history["evaluations"].append({"step": self._step, "losses": losses})
+        self._log(metrics)
+        if self._is_rank_zero:
+            log.info("step %d validation loss: %s", self._step,
+                     ", ".join(f"{k}={v:.3f}" for k, v in losses.items()))
+
+    # ------------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self) -> Path | None:
+        """Write model + recipe state for the current step atomically (rank 0 writes)."""
+        if self._distributed:
+            model_state = training.gather_cpu_state_dict(self._model, self._is_rank_zero)
+            optim_state = training.get_full_optimizer_state_dict(
+                self._model, self._optimizer, self._is_rank_zero)
+        else:
+            model_state = {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
+            optim_state = self._optimizer.state_dict()
+        path = None
+        if self._is_rank_zero:
+            state = {
+                "step": self._step, "optimizer": optim_state,
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
+                "sampler": self._sampler.state_dict(), "plugins": plugin_states(self._pm),
+                "rng": rng_state(), "history": self._history,
+                "config": {k: OmegaConf.to_container(self._cfg.get(k), resolve=True)
+                           for k in RESUME_MUST_MATCH if k in self._cfg},
+            }
+
+            def write(folder: Path) -> None:
+                save_hf_model_dir(self._checkpointer, model_state, folder / MODEL_DIRNAME)
+                save_torch_atomically(state, folder / RECIPE_STATE_FILENAME)
+
+            path = write_checkpoint(self._output_dir, self._step, write, keep_last=self._keep_last)
+            log.info("checkpoint written: %s", path)
+            self._pm.hook.acadlm_checkpoint_saved(path=str(path), step=self._step)
+        if self._distributed:
+            dist.barrier()
+        return path
+
+    # --------------------------------------------------------------------------- helpers
+    def _all_reduce_sum(self, value: float) -> float:
+        if not self._distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._device)
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(metrics, step=self._step)
+
+    def _summary(self, wall_seconds: float) -> dict[str, Any]:
+        evaluations = self._history["evaluations"]
+        summary: dict[str, Any] = {
+            "steps": self._step, "wall_seconds": round(wall_seconds, 1),
+            "val_loss_before": evaluations[0]["losses"] if evaluations else {},
+            "val_loss_after": evaluations[-1]["losses"] if evaluations else {},
+            "checkpoint": str(latest_checkpoint(self._output_dir) or ""),
+        }
+        self._pm.hook.acadlm_run_end(summary=summary)
+        if self._is_rank_zero:
+            (self._output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(format_summary(summary), flush=True)
+        return summary
+
+    def cleanup(self) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        if self._distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of per-domain loss before/after and the final domain weights."""
+    before, after = summary.get("val_loss_before", {}), summary.get("val_loss_after", {})
+    weights = summary.get("domain_weights", {})
+    lines = ["", "=== continued pre-training summary ===",
+             f"{'domain':<12}{'val loss before':>16}{'after':>10}{'change':>10}{'weight':>10}"]
+    for name in before:
+        change = after.get(name, math.nan) - before[name]
+        weight = f"{weights[name]:.3f}" if name in weights else "-"
+        lines.append(f"{name:<12}{before[name]:>16.4f}{after.get(name, math.nan):>10.4f}"
+                     f"{change:>+10.4f}{weight:>10}")
+    lines.append(f"steps: {summary['steps']}   wall time: {summary['wall_seconds']} s")
+    if "domain_weights_plot" in summary:
+        lines.append(f"plot: {summary['domain_weights_plot']}")
+    lines.append(f"checkpoint: {summary['checkpoint']}")
+    return "\n".join(lines)
+
+
+def _check_keys(cfg: DictConfig, pm) -> None:
+    allowed = set(KNOWN_KEYS)
+    for plugin in pm.get_plugins():
+        allowed.update(getattr(plugin, "config_keys", ()))
+    for key in cfg:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(allowed)}."
+            raise ConfigError(str(key), "is not a key this recipe reads.", hint)
+    for key in ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
+                "validation_dataset", "optimizer", "batch_size", "max_steps", "metric_logger"):
+        if key not in cfg:
+            raise ConfigError(key, "is required by the continued_pretrain recipe.",
+                              "see configs/smollm2/continued_pretrain_demo.yaml for an example.")
+
+
+def _check_same_domains(train: DomainMixtureDataset, val: DomainMixtureDataset) -> None:
+    missing = [d for d in train.domain_names if d not in val.domain_names]
+    if missing:
+        raise ConfigError("validation_dataset", f"has no validation data for domains {missing}.",
+                          "give every training domain a validation split.")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run acadlm_plugins/continued_pretrain_recipe --config ...``."""
+    recipe = ContinuedPretrainRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

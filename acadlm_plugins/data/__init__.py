@@ -1,0 +1,1 @@
+"""Data components: domain corpora, packing with document boundaries, domain mixtures."""

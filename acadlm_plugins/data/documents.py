@@ -1,0 +1,109 @@
+"""Read a domain's documents from local jsonl or parquet files, with errors that name the line.
+
+A corrupt corpus is a common and expensive surprise half-way through a run, so documents are
+read up front and every problem is reported with the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from acadlm_plugins.errors import DataError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) -> list[Path]:
+    """Expand files, directories (their ``*.jsonl``/``*.parquet`` files) and globs to files.
+
+    ``field`` is the config key the paths came from, used in error messages.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if any(ch in str(raw) for ch in "*?["):
+            matched = sorted(Path(m) for m in glob.glob(str(path)))
+            if not matched:
+                raise DataError(f"`{field}`: the pattern {raw!r} matches no file. "
+                                "Fix: check the path, or build the default corpus with "
+                                "`acadlm-defaults build`.")
+            files.extend(matched)
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES)
+            if not found:
+                raise DataError(f"`{field}`: the directory {path} holds no .jsonl or .parquet file.")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"`{field}`: data file {path} does not exist. Fix: give a local "
+                            "jsonl/parquet path, or run `acadlm-defaults build` for the default "
+                            "corpus.")
+    for file in files:
+        if file.suffix not in SUPPORTED_SUFFIXES:
+            raise DataError(f"`{field}`: {file} is not a .jsonl or .parquet file.")
+    return files
+
+
+def iter_texts(files: Sequence[Path], *, text_field: str = "text") -> Iterator[str]:
+    """Yield the text of every document in ``files``, in order.
+
+    Raises :class:`DataError` naming the file and line for a line that is not a JSON object,
+    a row without ``text_field``, or a text that is not a string. Empty texts are skipped:
+    they carry no tokens.
+    """
+    for file in files:
+        reader = _iter_parquet_texts if file.suffix == ".parquet" else _iter_jsonl_texts
+        for text in reader(file, text_field):
+            if text.strip():
+                yield text
+
+
+def read_texts(files: Sequence[Path], *, text_field: str = "text") -> list[str]:
+    """All non-empty document texts of ``files`` (see :func:`iter_texts`)."""
+    return list(iter_texts(files, text_field=text_field))
+
+
+def _iter_jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
+    with open(file, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
+                                f"{err.colno}). Fix: repair or delete that line.") from None
+            yield _text_of(row, file, line_no, text_field)
+
+
+def _iter_parquet_texts(file: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(file)
+    if text_field not in table.column_names:
+        raise DataError(f"{file}: no column {text_field!r} (columns: {table.column_names}). "
+                        "Fix: set `text_field` in the dataset config to the text column.")
+    for row_no, text in enumerate(table.column(text_field).to_pylist(), start=1):
+        yield _text_of({text_field: text}, file, row_no, text_field)
+
+
+def _text_of(row: object, file: Path, line_no: int, text_field: str) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{file}:{line_no}: expected a JSON object with a {text_field!r} field, "
+                        f"got {type(row).__name__}.")
+    if text_field not in row:
+        raise DataError(f"{file}:{line_no}: the row has no {text_field!r} field (keys: "
+                        f"{sorted(row)}). Fix: set `text_field` in the dataset config.")
+    text = row[text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise DataError(f"{file}:{line_no}: field {text_field!r} is {type(text).__name__}, "
+                        "not a string.")
+    return text

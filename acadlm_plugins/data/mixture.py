@@ -1,0 +1,360 @@
+"""Mix several domain corpora by weight, packed, with the domain of every sample.
+
+Two ways to draw from a mixture:
+
+* :class:`DomainMixtureDataset` is a map-style torchtune dataset with *fixed* weights: index i
+  is assigned a domain up front (seeded), so stock torchtune recipes, with their own shuffling
+  samplers, see the requested proportions. Use it by ``_component_`` path::
+
+      dataset:
+        _component_: acadlm_plugins.data.mixture.domain_mixture_dataset
+        data_dir: ${acadlm_home:}/corpus
+        weights: {code: 0.4, books: 0.2, scripture: 0.2, docs: 0.2}
+        max_seq_len: 2048
+        packed: True
+
+* :class:`DomainBatchSampler` draws every batch from the *current* weights, which dynamic batch
+  loading changes during training; its state (RNG, per-domain cursors, weights) is checkpointed
+  so a resumed run draws exactly the batches the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from acadlm_plugins.data.documents import resolve_data_files
+from acadlm_plugins.data.packing import (CROSS_ENTROPY_IGNORE_INDEX, PackedSequences,
+                                         PackingMode, PositionMode, pack_documents)
+from acadlm_plugins.data.tokenization import load_or_tokenize
+from acadlm_plugins.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+LONG_DOCUMENTS_DIRNAME = "long"
+
+
+class PackedDomainCorpus:
+    """The packs of every domain of one split, addressed by (domain index, pack index)."""
+
+    def __init__(self, domains: Mapping[str, PackedSequences], *,
+                 positions: PositionMode = "reset") -> None:
+        self.domain_names: list[str] = list(domains)
+        self._packs = [domains[name] for name in self.domain_names]
+        self.positions = positions
+
+    @property
+    def num_packs(self) -> list[int]:
+        return [len(p) for p in self._packs]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._packs[0].max_seq_len
+
+    def packs(self, domain: str) -> PackedSequences:
+        return self._packs[self.domain_names.index(domain)]
+
+    def get(self, domain_index: int, pack_index: int) -> dict[str, Any]:
+        sample = self._packs[domain_index].sample(pack_index, positions=self.positions)
+        sample["domain"] = domain_index
+        return sample
+
+
+def build_packed_corpus(tokenizer, domain_files: Mapping[str, Sequence[Path]], *,
+                        max_seq_len: int, packing: PackingMode = "split",
+                        positions: PositionMode = "reset", text_field: str = "text",
+                        cache_dir: str | Path | None = None) -> PackedDomainCorpus:
+    """Tokenize (cached) and pack each domain's files; log the token accounting per domain."""
+    packed: dict[str, PackedSequences] = {}
+    for name, files in domain_files.items():
+        docs = load_or_tokenize(files, tokenizer, text_field=text_field, cache_dir=cache_dir,
+                                desc=f"tokenizing {name}")
+        if docs.num_documents == 0:
+            raise DataError(f"domain {name!r} has no documents in {[str(f) for f in files]}. "
+                            "Fix: give it data, or remove it from `weights`/`domains`.")
+        packed[name] = pack_documents(docs, max_seq_len, _pad_id(tokenizer), mode=packing)
+        log.info(packed[name].stats.describe(name))
+    return PackedDomainCorpus(packed, positions=positions)
+
+
+def discover_domain_files(data_dir: str | Path, split: str) -> dict[str, list[Path]]:
+    """Domains of a corpus directory laid out as ``<data_dir>/<domain>/<split>.jsonl``."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"`data_dir`: {root} is not a directory. Fix: run `acadlm-defaults build` "
+                        "for the default corpus, or point `data_dir` at <dir>/<domain>/<split>.jsonl.")
+    found: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name != LONG_DOCUMENTS_DIRNAME):
+        files = [f for f in (sub / f"{split}.jsonl", sub / f"{split}.parquet") if f.is_file()]
+        if files:
+            found[sub.name] = files
+    if not found:
+        raise DataError(f"`data_dir`: no <domain>/{split}.jsonl files under {root}.")
+    return found
+
+
+def normalize_weights(weights: Mapping[str, float], domain_names: Sequence[str], *,
+                      field: str = "weights") -> np.ndarray:
+    """Weights in ``domain_names`` order, checked and normalized to sum to one."""
+    unknown = sorted(set(weights) - set(domain_names))
+    if unknown:
+        raise ConfigError(field, f"unknown domains {unknown}.",
+                          f"use only the corpus's domains: {list(domain_names)}.")
+    values = np.asarray([float(weights.get(name, 0.0)) for name in domain_names])
+    if np.any(~np.isfinite(values)) or np.any(values < 0):
+        raise ConfigError(field, f"weights must be finite and >= 0, got {dict(weights)}.")
+    if values.sum() <= 0:
+        raise ConfigError(field, f"weights must sum to a positive number, got {dict(weights)}.",
+                          "give at least one domain a positive weight.")
+    return values / values.sum()
+
+
+class DomainMixtureDataset(Dataset):
+    """A map-style dataset over a packed multi-domain corpus.
+
+    An integer index draws from the fixed-weight schedule (for stock recipes); a
+    ``(domain_index, pack_index)`` tuple addresses a pack directly (for
+    :class:`DomainBatchSampler`). Every sample is a torchtune packed sample plus ``domain``.
+    """
+
+    packed = True  # tells stock recipes to use padded_collate_packed
+
+    def __init__(self, corpus: PackedDomainCorpus, weights: np.ndarray, *,
+                 num_samples: int | None = None, seed: int = 0) -> None:
+        self.corpus = corpus
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.seed = seed
+        self.num_samples = int(num_samples or sum(corpus.num_packs))
+        self._schedule: np.ndarray | None = None
+
+    @property
+    def domain_names(self) -> list[str]:
+        return self.corpus.domain_names
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, tuple):
+            return self.corpus.get(*key)
+        if not 0 <= key < self.num_samples:
+            raise IndexError(key)
+        if self._schedule is None:
+            self._schedule = self._build_schedule()
+        domain, pack = self._schedule[key]
+        return self.corpus.get(int(domain), int(pack))
+
+    def _build_schedule(self) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        domains = rng.choice(len(self.weights), size=self.num_samples, p=self.weights)
+        schedule = np.zeros((self.num_samples, 2), dtype=np.int64)
+        schedule[:, 0] = domains
+        for d, count in enumerate(self.corpus.num_packs):
+            where = np.flatnonzero(domains == d)
+            schedule[where, 1] = _epoch_permutations(count, len(where), self.seed, d)
+        return schedule
+
+
+def _epoch_permutations(count: int, needed: int, seed: int, domain: int) -> np.ndarray:
+    """``needed`` pack indices: a fresh seeded permutation of ``range(count)`` per pass."""
+    out = []
+    epoch = 0
+    while sum(len(x) for x in out) < needed:
+        out.append(_permutation(count, seed, domain, epoch))
+        epoch += 1
+    return np.concatenate(out)[:needed] if out else np.zeros(0, dtype=np.int64)
+
+
+def _permutation(count: int, seed: int, domain: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, domain, epoch]).permutation(count)
+
+
+def domain_mixture_dataset(tokenizer, *, data_dir: str | None = None,
+                           domains: Mapping[str, Any] | None = None,
+                           weights: Mapping[str, float] | None = None, split: str = "train",
+                           max_seq_len: int = 2048, packing: PackingMode = "split",
+                           positions: PositionMode = "reset", num_samples: int | None = None,
+                           seed: int = 0, text_field: str = "text",
+                           cache_dir: str | None = None, packed: bool = True,
+                           ) -> DomainMixtureDataset:
+    """Build a weighted, packed multi-domain dataset from local files.
+
+    Args:
+        tokenizer: a torchtune tokenizer with ``encode`` and ``pad_id``.
+        data_dir: a corpus laid out as ``<data_dir>/<domain>/<split>.jsonl`` (the default
+            corpus built by ``acadlm-defaults build`` is).
+        domains: instead of ``data_dir``, ``{name: files}`` or ``{name: {data_files, weight}}``.
+        weights: ``{domain: weight}``; domains not named get weight 0; normalized. Defaults to
+            each domain's share of packs (its natural proportion).
+        split: which split file to read under ``data_dir`` (``train``/``validation``).
+        max_seq_len: pack length in tokens.
+        packing: ``split`` (cut documents at pack boundaries, no padding but the last pack) or
+            ``whole`` (never cut a document that fits; pad instead).
+        positions: ``reset`` positions at each document, or ``continuous`` over the pack.
+        num_samples: length of the dataset; default the total number of packs.
+        seed: seeds the domain schedule and the per-domain pack order.
+        text_field: the text column of the data files.
+        cache_dir: where tokenized arrays are cached; ``None`` disables the cache.
+        packed: must be True; accepted because stock recipes read it to choose the collate.
+    """
+    if not packed:
+        raise ConfigError("dataset.packed", "domain mixtures are always packed.",
+                          "set `packed: True` (stock recipes then use padded_collate_packed).")
+    domain_files, domain_weights = _domain_sources(data_dir, domains, split)
+    if weights is not None:
+        domain_weights = dict(weights)
+        unknown = sorted(set(domain_weights) - set(domain_files))
+        if unknown:
+            raise ConfigError("dataset.weights", f"unknown domains {unknown}.",
+                              f"the corpus has: {sorted(domain_files)}.")
+        domain_files = {k: v for k, v in domain_files.items() if domain_weights.get(k, 0) > 0}
+    corpus = build_packed_corpus(tokenizer, domain_files, max_seq_len=max_seq_len,
+                                 packing=packing, positions=positions, text_field=text_field,
+                                 cache_dir=cache_dir)
+    if domain_weights:
+        normalized = normalize_weights(domain_weights, corpus.domain_names,
+                                       field="dataset.weights")
+    else:
+        counts = np.asarray(corpus.num_packs, dtype=np.float64)
+        normalized = counts / counts.sum()
+    return DomainMixtureDataset(corpus, normalized, num_samples=num_samples, seed=seed)
+
+
+def _domain_sources(data_dir, domains, split) -> tuple[dict[str, list[Path]], dict[str, float]]:
+    if (data_dir is None) == (domains is None):
+        raise ConfigError("dataset", "give exactly one of `data_dir` and `domains`.",
+                          "e.g. `data_dir: ${acadlm_home:}/corpus`.")
+    if data_dir is not None:
+        return discover_domain_files(data_dir, split), {}
+    files: dict[str, list[Path]] = {}
+    weights: dict[str, float] = {}
+    for name, spec in domains.items():
+        if isinstance(spec, Mapping):
+            if "data_files" not in spec:
+                raise ConfigError(f"dataset.domains.{name}", "has no `data_files`.")
+            files[name] = resolve_data_files(spec["data_files"], field=f"dataset.domains.{name}")
+            if "weight" in spec:
+                weights[name] = float(spec["weight"])
+        else:
+            files[name] = resolve_data_files(spec, field=f"dataset.domains.{name}")
+    return files, weights
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_id", None)
+    if pad is None:
+        raise ConfigError("tokenizer", f"{type(tokenizer).__name__} has no `pad_id`.",
+                          "use a ModelTokenizer such as acadlm_plugins.models.tokenizer."
+                          "smollm2_tokenizer.")
+    return int(pad)
+
+
+class DomainBatchSampler:
+    """Draws batches of ``(domain_index, pack_index)`` keys from the current domain weights.
+
+    Each step draws the whole global batch (``batch_size * world_size`` samples) with one RNG
+    shared by all ranks, and each rank keeps its own slice: ranks agree on the data without
+    communicating. Within a domain packs are visited in a seeded random order, reshuffled
+    every pass. ``set_weights`` takes effect from the next batch.
+    """
+
+    def __init__(self, domain_names: Sequence[str], num_packs: Sequence[int],
+                 weights: np.ndarray, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {batch_size}.")
+        self.domain_names = list(domain_names)
+        self.num_packs = list(num_packs)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        self._generator = torch.Generator().manual_seed(seed)
+        self._cursor = [0] * len(self.domain_names)
+        self._epoch = [0] * len(self.domain_names)
+        self._orders = [_permutation(n, seed, d, 0) for d, n in enumerate(self.num_packs)]
+        self.batches_drawn = 0
+        self.samples_per_domain = [0] * len(self.domain_names)
+
+    @classmethod
+    def for_dataset(cls, dataset: DomainMixtureDataset, batch_size: int, **kwargs) -> DomainBatchSampler:
+        return cls(dataset.domain_names, dataset.corpus.num_packs, dataset.weights, batch_size,
+                   **kwargs)
+
+    def set_weights(self, weights: Sequence[float] | np.ndarray | torch.Tensor) -> None:
+        weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if weights.shape != self.weights.shape or not torch.isfinite(weights).all() \
+                or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"invalid domain weights {weights.tolist()}")
+        self.weights = weights / weights.sum()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        while True:
+            yield self.next_batch()
+
+    def next_batch(self) -> list[tuple[int, int]]:
+        """The keys of this rank's share of the next global batch."""
+        total = self.batch_size * self.world_size
+        domains = torch.multinomial(self.weights, total, replacement=True,
+                                    generator=self._generator).tolist()
+        keys = [(d, self._next_pack(d)) for d in domains]
+        for d in domains:
+            self.samples_per_domain[d] += 1
+        self.batches_drawn += 1
+        start = self.rank * self.batch_size
+        return keys[start : start + self.batch_size]
+
+    def _next_pack(self, domain: int) -> int:
+        if self._cursor[domain] >= self.num_packs[domain]:
+            self._epoch[domain] += 1
+            self._cursor[domain] = 0
+            self._orders[domain] = _permutation(self.num_packs[domain], self.seed, domain,
+                                                self._epoch[domain])
+        pack = int(self._orders[domain][self._cursor[domain]])
+        self._cursor[domain] += 1
+        return pack
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state(), "cursor": list(self._cursor),
+                "epoch": list(self._epoch), "weights": self.weights.clone(),
+                "batches_drawn": self.batches_drawn, "domain_names": list(self.domain_names),
+                "num_packs": list(self.num_packs),
+                "samples_per_domain": list(self.samples_per_domain)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state["domain_names"]) != self.domain_names or \
+                list(state["num_packs"]) != self.num_packs:
+            raise DataError(
+                "cannot resume: the checkpoint's data has domains "
+                f"{list(state['domain_names'])} with {list(state['num_packs'])} packs, this run "
+                f"has {self.domain_names} with {self.num_packs}. Fix: resume with the same "
+                "dataset config (files, weights' domains, max_seq_len), or start a new output_dir.")
+        self._generator.set_state(state["generator"])
+        self._cursor = list(state["cursor"])
+        self._epoch = list(state["epoch"])
+        self._orders = [_permutation(n, self.seed, d, e)
+                        for d, (n, e) in enumerate(zip(self.num_packs, self._epoch))]
+        self.weights = state["weights"].clone().to(torch.float64)
+        self.batches_drawn = int(state["batches_drawn"])
+        self.samples_per_domain = list(state["samples_per_domain"])
+
+
+def collate_domain_packs(batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Collate packed samples as torchtune's ``padded_collate_packed`` does, keeping ``domain``."""
+    from torchtune.data import padded_collate_packed
+
+    collated = padded_collate_packed(list(batch))
+    collated["domain"] = torch.tensor([int(x["domain"]) for x in batch], dtype=torch.long)
+    return collated
+
+
+__all__ = ["CROSS_ENTROPY_IGNORE_INDEX", "DomainBatchSampler", "DomainMixtureDataset",
+           "PackedDomainCorpus", "build_packed_corpus", "collate_domain_packs",
+           "discover_domain_files", "domain_mixture_dataset", "normalize_weights"]

@@ -1,0 +1,91 @@
+"""Tokenize a corpus once and reuse it: token arrays are cached on disk by content hash.
+
+The cache key covers the data files' bytes, the tokenizer (its class, vocabulary size and the
+ids it gives a probe sentence) and the BOS/EOS choice, so a changed file or tokenizer can never
+serve stale tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from acadlm_plugins.data.documents import iter_texts
+from acadlm_plugins.data.packing import TokenizedDocuments
+
+log = logging.getLogger(__name__)
+
+_PROBE = "The quick brown fox, déjà vu: def f(x):\n    return x ** 2  # 123"
+
+
+def tokenize_texts(texts: Iterable[str], tokenizer, *, add_bos: bool = True,
+                   add_eos: bool = True, desc: str = "tokenizing") -> TokenizedDocuments:
+    """Encode every text with ``tokenizer.encode`` into one :class:`TokenizedDocuments`."""
+    chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    progress = tqdm(texts, desc=desc, unit="doc", leave=False,
+                    disable=os.environ.get("ACADLM_NO_PROGRESS") == "1")
+    for text in progress:
+        ids = np.asarray(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos), dtype=np.int32)
+        chunks.append(ids)
+        lengths.append(len(ids))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    return TokenizedDocuments(tokens, offsets)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash that changes whenever the tokenizer would tokenize differently."""
+    probe = tokenizer.encode(_PROBE, add_bos=True, add_eos=True)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    parts = f"{type(tokenizer).__qualname__}|{vocab}|{probe}"
+    return hashlib.sha256(parts.encode()).hexdigest()[:16]
+
+
+def load_or_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "text",
+                     cache_dir: str | Path | None = None, add_bos: bool = True,
+                     add_eos: bool = True, desc: str = "tokenizing") -> TokenizedDocuments:
+    """Tokenized documents of ``files``, from the cache when it has them.
+
+    ``cache_dir=None`` disables caching. Cache files are written atomically, so a killed run
+    never leaves a half-written cache entry behind.
+    """
+    if cache_dir is None:
+        return tokenize_texts(iter_texts(files, text_field=text_field), tokenizer,
+                              add_bos=add_bos, add_eos=add_eos, desc=desc)
+    key = _cache_key(files, tokenizer, text_field, add_bos, add_eos)
+    path = Path(cache_dir).expanduser() / f"{key}.npz"
+    if path.exists():
+        with np.load(path) as cached:
+            return TokenizedDocuments(cached["tokens"], cached["offsets"])
+    docs = tokenize_texts(iter_texts(files, text_field=text_field), tokenizer,
+                          add_bos=add_bos, add_eos=add_eos, desc=desc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, tokens=docs.tokens, offsets=docs.offsets)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return docs
+
+
+def _cache_key(files: Sequence[Path], tokenizer, text_field: str, add_bos: bool,
+               add_eos: bool) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(Path(file).name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(f"{tokenizer_fingerprint(tokenizer)}|{text_field}|{add_bos}|{add_eos}".encode())
+    return digest.hexdigest()[:24]

@@ -1,0 +1,127 @@
+"""The extension points of an acadlm training run.
+
+Every recipe of this package calls these hooks at the same moments, so a plugin written once
+works in continued pre-training, pruning, rater training and long-context training alike.
+Hooks are called with keyword arguments; an implementation may accept any subset of them.
+Our own features (dynamic batch loading, metric collection, ...) are plugins built on these
+same hooks, with no private back door into the training loop.
+
+A recipe calls the hooks in this order::
+
+    acadlm_configure -> acadlm_model_built -> acadlm_data_ready -> acadlm_optimizer_param_groups
+    -> [acadlm_load_state_dict on resume]
+    -> per step: acadlm_batch_ready -> acadlm_extra_loss -> acadlm_after_optimizer_step
+       -> every eval interval: acadlm_evaluation_end
+       -> every save interval: acadlm_state_dict -> acadlm_checkpoint_saved
+    -> acadlm_run_end
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pluggy
+
+PROJECT_NAME = "acadlm"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def acadlm_configure(cfg: Any, recipe: str) -> None:
+    """Validate or extend the recipe config before anything is built.
+
+    Called once, first, with the run's OmegaConf ``cfg`` (mutable) and the recipe's name
+    (``"continued_pretrain"``, ``"prune"``, ...). Raise ``acadlm_plugins.errors.ConfigError``
+    naming the config key and the fix to stop the run before any work is done.
+    """
+
+
+@hookspec
+def acadlm_model_built(model: Any, cfg: Any, device: Any) -> None:
+    """The model has been built and its weights loaded, before the optimizer exists.
+
+    A plugin may add modules or parameters (masks, heads) or wrap submodules in place here.
+    """
+
+
+@hookspec
+def acadlm_data_ready(dataset: Any, sampler: Any, cfg: Any) -> None:
+    """The training dataset and its sampler exist, before the first batch is drawn.
+
+    Dynamic batch loading uses this to get hold of the domain sampler whose weights it updates.
+    """
+
+
+@hookspec
+def acadlm_optimizer_param_groups(model: Any, cfg: Any) -> Optional[list[dict]]:
+    """Return extra optimizer parameter groups (a list of ``{"params": [...], ...}`` dicts).
+
+    The groups are appended to the model's own group in the main optimizer. A plugin that
+    needs a separate optimizer (for example gradient ascent on Lagrange multipliers) keeps
+    it itself and steps it in ``acadlm_after_optimizer_step``.
+    """
+
+
+@hookspec
+def acadlm_batch_ready(batch: dict, step: int) -> None:
+    """A batch has been collated and moved to the device, before the forward pass.
+
+    ``batch`` holds at least ``tokens`` and ``labels`` and, for domain mixtures, ``domain``
+    (a tensor of domain indices). Modify it in place to change what the model sees.
+    """
+
+
+@hookspec
+def acadlm_extra_loss(model: Any, batch: dict, logits: Any, loss: Any, step: int) -> Optional[dict]:
+    """Return extra loss terms to add to the training loss, as ``{name: scalar tensor}``.
+
+    Each term is added to the language-model ``loss`` before backward and logged as
+    ``loss/<name>``. Return ``None`` to add nothing.
+    """
+
+
+@hookspec
+def acadlm_after_optimizer_step(step: int, metrics: dict) -> Optional[dict]:
+    """The optimizer has stepped (``step`` counts completed steps, from 1).
+
+    ``metrics`` holds what the recipe is about to log (loss, lr, tokens/s, ...). Return a dict
+    of extra scalar metrics to log with them, or ``None``.
+    """
+
+
+@hookspec
+def acadlm_evaluation_end(step: int, domain_losses: dict, metrics: dict) -> Optional[dict]:
+    """Validation finished: ``domain_losses`` maps each domain name to its mean token loss.
+
+    Return a dict of extra scalar metrics to log, or ``None``. Dynamic batch loading updates
+    the domain weights here.
+    """
+
+
+@hookspec
+def acadlm_state_dict() -> Optional[dict]:
+    """Return ``{plugin_name: state}`` to store in the run's checkpoint, or ``None``.
+
+    ``state`` must be picklable by ``torch.save``. It comes back through
+    ``acadlm_load_state_dict`` when the run resumes, so a resumed run continues exactly.
+    """
+
+
+@hookspec
+def acadlm_load_state_dict(states: dict) -> None:
+    """Restore what ``acadlm_state_dict`` returned; ``states`` is the merged dict of all plugins.
+
+    Each plugin reads its own key and ignores the rest.
+    """
+
+
+@hookspec
+def acadlm_checkpoint_saved(path: str, step: int) -> None:
+    """A checkpoint directory has been written completely (atomically) at ``path``."""
+
+
+@hookspec
+def acadlm_run_end(summary: dict) -> None:
+    """Training finished; ``summary`` is what the recipe prints last. Plugins may add to it."""

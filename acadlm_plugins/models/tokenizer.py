@@ -1,0 +1,192 @@
+"""A torchtune ``ModelTokenizer`` for SmolLM2 (byte-level BPE, ChatML chat format).
+
+torchtune 0.6.1 reads a Hugging Face ``tokenizer.json`` with ``HuggingFaceBaseTokenizer``, but that
+is only a text tokenizer; stock recipes and datasets need ``tokenize_messages``, ``pad_id`` and
+``max_seq_len``. :class:`SmolLM2Tokenizer` adds those around it, rendering messages exactly as
+SmolLM2's own chat template does::
+
+    <|im_start|>{role}\\n{content}<|im_end|>\\n
+
+Use it from a config with::
+
+    tokenizer:
+      _component_: acadlm_plugins.models.smollm2_tokenizer
+      path: ${acadlm_home:}/models/SmolLM2-135M-Instruct
+      max_seq_len: 2048
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from torchtune.data import Message, truncate
+from torchtune.modules.transforms import Transform
+from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer, ModelTokenizer
+
+from acadlm_plugins.errors import DataError
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+
+
+class SmolLM2Tokenizer(ModelTokenizer, Transform):
+    """SmolLM2's tokenizer with ChatML message rendering and torchtune's masking conventions.
+
+    Special ids: ``bos_id`` is ``<|im_start|>`` (1), ``eos_id`` and ``pad_id`` are ``<|im_end|>``
+    (2), as in SmolLM2's tokenizer_config.json; ``document_separator_id`` is ``<|endoftext|>`` (0),
+    the token SmolLM2 was pre-trained with between documents.
+
+    Args:
+        tokenizer_json_path (str): the model's ``tokenizer.json``.
+        tokenizer_config_json_path (Optional[str]): its ``tokenizer_config.json`` (names bos/eos).
+        generation_config_path (Optional[str]): its ``generation_config.json`` (fallback for ids).
+        max_seq_len (Optional[int]): truncate ``tokenize_messages`` output to this many tokens.
+        default_system_prompt (Optional[str]): prepended as a system message when a conversation
+            has none. SmolLM2's HF template does this with its own prompt; the default ``None``
+            keeps conversations as given, which is what training data usually wants.
+    """
+
+    prompt_template = None  # the ChatML format is built in; recipes check this attribute
+
+    def __init__(
+        self,
+        tokenizer_json_path: str,
+        *,
+        tokenizer_config_json_path: Optional[str] = None,
+        generation_config_path: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        default_system_prompt: Optional[str] = None,
+    ) -> None:
+        self._base = HuggingFaceBaseTokenizer(
+            tokenizer_json_path,
+            tokenizer_config_json_path=tokenizer_config_json_path,
+            generation_config_path=generation_config_path,
+        )
+        self.max_seq_len = max_seq_len
+        self.default_system_prompt = default_system_prompt
+        self.special_tokens = {
+            token.content: token_id
+            for token_id, token in self._base.tokenizer.get_added_tokens_decoder().items()
+            if token.special
+        }
+        for token in (IM_START, IM_END, ENDOFTEXT):
+            if token not in self.special_tokens:
+                raise DataError(
+                    f"{tokenizer_json_path}: special token {token} is missing; this is not a "
+                    "SmolLM2 tokenizer. Point `tokenizer.path` at the SmolLM2 model folder."
+                )
+        self.bos_id = self._base.bos_id
+        self.eos_id = self._base.eos_id
+        self.pad_id = self._pad_id_from_config(tokenizer_config_json_path)
+        self.im_start_id = self.special_tokens[IM_START]
+        self.im_end_id = self.special_tokens[IM_END]
+        self.document_separator_id = self.special_tokens[ENDOFTEXT]
+        self.stop_tokens = [self.im_end_id, self.document_separator_id]
+        self._newline_ids = self._base.tokenizer.encode("\n", add_special_tokens=False).ids
+
+    def _pad_id_from_config(self, tokenizer_config_json_path: Optional[str]) -> int:
+        config = self._base.config or {}
+        pad = config.get("pad_token")
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        pad_id = self._base.tokenizer.token_to_id(pad) if isinstance(pad, str) else None
+        return self.eos_id if pad_id is None else pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (49152 for SmolLM2)."""
+        return self._base.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        """Token ids of plain text, optionally framed by ``bos_id`` / ``eos_id``."""
+        ids = self._base.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            ids.insert(0, self.bos_id)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids; special tokens are dropped unless ``skip_special_tokens=False``."""
+        return self._base.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def tokenize_message(self, message: Message, add_end_tokens: bool = True) -> list[int]:
+        """One ChatML turn: ``<|im_start|>role\\ncontent`` and, if ``add_end_tokens``, ``<|im_end|>\\n``."""
+        body = self._base.tokenizer.encode(
+            f"{message.role}\n{message.text_content}", add_special_tokens=False
+        ).ids
+        tokens = [self.im_start_id, *body]
+        if add_end_tokens:
+            tokens += [self.im_end_id, *self._newline_ids]
+        return tokens
+
+    def tokenize_messages(
+        self, messages: list[Message], *, add_end_tokens: bool = True
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids and loss mask (True = no loss) of a conversation, as SmolLM2's template renders it.
+
+        Each turn's tokens, its ``<|im_end|>`` included, take that message's ``masked`` flag, so an
+        unmasked assistant turn teaches the model to stop. With ``add_end_tokens=False`` (inference)
+        the last turn is left open: end the messages with an empty assistant message to get the
+        generation prompt ``<|im_start|>assistant\\n``. Truncation to ``max_seq_len`` follows
+        torchtune's tokenizers (the last kept token becomes ``eos_id`` when end tokens are added).
+        """
+        if self.default_system_prompt is not None and (not messages or messages[0].role != "system"):
+            messages = [Message(role="system", content=self.default_system_prompt, masked=True), *messages]
+        tokens: list[int] = []
+        mask: list[bool] = []
+        for index, message in enumerate(messages):
+            is_last = index == len(messages) - 1
+            turn = self.tokenize_message(message, add_end_tokens=add_end_tokens or not is_last)
+            tokens += turn
+            mask += [message.masked] * len(turn)
+            if self.max_seq_len and len(tokens) >= self.max_seq_len:
+                break
+        if self.max_seq_len:
+            tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
+            mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)
+        return tokens, mask
+
+    def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
+        """Replace ``sample["messages"]`` by ``sample["tokens"]`` and ``sample["mask"]``."""
+        messages = sample.pop("messages")
+        tokens, mask = self.tokenize_messages(messages, add_end_tokens=not inference)
+        sample["tokens"] = tokens
+        sample["mask"] = mask
+        return sample
+
+
+def smollm2_tokenizer(
+    path: Optional[str] = None,
+    max_seq_len: Optional[int] = None,
+    default_system_prompt: Optional[str] = None,
+) -> SmolLM2Tokenizer:
+    """Build :class:`SmolLM2Tokenizer` from a model folder or a ``tokenizer.json``.
+
+    ``path`` defaults to the embedded default model (``acadlm-defaults build``); the folder's
+    ``tokenizer_config.json`` and ``generation_config.json`` are used when present.
+    """
+    if path is None:
+        from acadlm_plugins.defaults.paths import require_default_model
+
+        folder = require_default_model()
+        tokenizer_json = folder / "tokenizer.json"
+    else:
+        given = Path(path).expanduser()
+        folder, tokenizer_json = (given, given / "tokenizer.json") if given.is_dir() else (given.parent, given)
+    if not tokenizer_json.is_file():
+        raise DataError(
+            f"{tokenizer_json}: no such file. Set `tokenizer.path` to the model folder "
+            "(e.g. ${acadlm_home:}/models/SmolLM2-135M-Instruct) or to its tokenizer.json."
+        )
+    config_json = folder / "tokenizer_config.json"
+    generation_json = folder / "generation_config.json"
+    return SmolLM2Tokenizer(
+        str(tokenizer_json),
+        tokenizer_config_json_path=str(config_json) if config_json.is_file() else None,
+        generation_config_path=str(generation_json) if generation_json.is_file() else None,
+        max_seq_len=max_seq_len,
+        default_system_prompt=default_system_prompt,
+    )

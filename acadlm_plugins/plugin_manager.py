@@ -1,0 +1,290 @@
+"""Build the pluggy plugin manager of one training run.
+
+A run's plugins come from three places, registered in this order:
+
+1. our built-in plugins (:data:`BUILTIN_PLUGINS`), loaded exactly like third-party ones;
+2. installed packages that declare an entry point in the ``acadlm_plugins`` group;
+3. the recipe config's ``plugins:`` list of dotted paths (``pkg.mod`` or ``pkg.mod:attr``).
+
+Each run gets a fresh manager, and a plugin given as a class is instantiated once per manager,
+so two runs in one process never share plugin state.
+
+Environment switches:
+
+``ACADLM_PLUGINS_ALLOW=name1,name2``
+    Load only these entry-point plugins (built-ins and the config's ``plugins:`` always load).
+``ACADLM_PLUGINS_DISABLE_AUTOLOAD=1``
+    Load no entry-point plugins at all.
+``ACADLM_PLUGINS_TRACE=1``
+    Log every hook call, its arguments and its results to the ``acadlm_plugins.plugin_manager``
+    logger (level INFO).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import types
+from collections.abc import Iterable, Sequence
+
+import pluggy
+
+from acadlm_plugins import hookspecs
+from acadlm_plugins.errors import AcadlmError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "acadlm_plugins"
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "acadlm_plugins.plugins.nonfinite_loss_guard",
+    "acadlm_plugins.plugins.dynamic_batch_loading:DynamicBatchLoadingPlugin",
+)
+
+ALLOW_ENV = "ACADLM_PLUGINS_ALLOW"
+DISABLE_AUTOLOAD_ENV = "ACADLM_PLUGINS_DISABLE_AUTOLOAD"
+TRACE_ENV = "ACADLM_PLUGINS_TRACE"
+
+_IMPORT_FIX = (
+    "check the dotted path (`package.module` or `package.module:ClassName`); "
+    "install the package that provides it (`pip install <package>`)."
+)
+
+
+class PluginLoadError(AcadlmError, ImportError):
+    """An installed package's entry point could not be loaded. The message says how to skip it."""
+
+
+def build_plugin_manager(
+    plugins: Sequence[str | object] = (),
+    *,
+    builtins: Sequence[str] = BUILTIN_PLUGINS,
+    load_entry_points: bool = True,
+) -> pluggy.PluginManager:
+    """Return a new plugin manager holding the built-in, installed and configured plugins.
+
+    ``plugins`` is the recipe config's ``plugins:`` list: dotted paths, or plugin objects when
+    called from Python. A class is instantiated with no arguments; a module or an instance is
+    registered as it is. The same plugin found twice (say, installed and also listed in the
+    config) is registered once. Raises :class:`ConfigError` (key ``plugins``) for a path that
+    cannot be imported or a plugin with a misspelled or missing hook, and
+    :class:`PluginLoadError` for an installed entry point that fails to import.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    if _env_flag(TRACE_ENV):
+        _enable_trace(pm)
+
+    seen: set[int] = set()  # ids of loaded objects, before any class is instantiated
+    for path in builtins:
+        _register(pm, _import_plugin(path, origin="built-in plugin"), path, seen)
+
+    if load_entry_points and not _env_flag(DISABLE_AUTOLOAD_ENV):
+        for name, obj in _load_entry_points(_allow_list()):
+            _register(pm, obj, name, seen)
+
+    if isinstance(plugins, str):  # `plugins: pkg.mod:Plugin` written without the list brackets
+        plugins = [plugins]
+    for item in plugins:
+        if isinstance(item, str):
+            _register(pm, _import_plugin(item, origin="plugin"), item, seen)
+        else:
+            _register(pm, item, _name_of(item), seen)
+
+    _check_hook_names(pm)
+    logger.debug("acadlm plugins: %s", ", ".join(list_plugins(pm)))
+    return pm
+
+
+def list_plugins(pm: pluggy.PluginManager) -> list[str]:
+    """Names of the registered plugins in registration order, for the run's log."""
+    return [name for name, plugin in pm.list_name_plugin() if plugin is not None]
+
+
+def collect_metrics(results: Iterable[dict | None]) -> dict:
+    """Merge the dicts that plugins returned from one hook call into one dict.
+
+    ``None`` results are skipped. Two plugins returning the same key is an error rather than a
+    silent overwrite, because one of the two values would vanish from the logs (or the loss).
+    """
+    merged: dict = {}
+    for result in results:
+        if result is None:
+            continue
+        if not isinstance(result, dict):
+            raise AcadlmError(
+                f"a plugin hook returned {type(result).__name__} where a dict (or None) is "
+                f"expected: {result!r}. Fix: return `{{name: value}}` from the hook."
+            )
+        for key, value in result.items():
+            if key in merged:
+                raise AcadlmError(
+                    f"two plugins returned the same key {key!r} from one hook. "
+                    "Fix: rename the key in one of the plugins (prefix it with the plugin's name)."
+                )
+            merged[key] = value
+    return merged
+
+
+def plugin_states(pm: pluggy.PluginManager) -> dict:
+    """Collect every plugin's ``acadlm_state_dict`` into one dict for the checkpoint."""
+    return collect_metrics(pm.hook.acadlm_state_dict())
+
+
+def restore_plugin_states(pm: pluggy.PluginManager, states: dict) -> None:
+    """Hand the checkpoint's plugin states back to the plugins on resume."""
+    pm.hook.acadlm_load_state_dict(states=dict(states or {}))
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _allow_list() -> set[str] | None:
+    """The entry-point names allowed by ``ACADLM_PLUGINS_ALLOW``, or None when unset/empty."""
+    raw = os.environ.get(ALLOW_ENV, "")
+    names = {name.strip() for name in raw.split(",") if name.strip()}
+    return names or None
+
+
+def _enable_trace(pm: pluggy.PluginManager) -> None:
+    def write(message: str) -> None:
+        logger.info("%s", message.rstrip("\n"))
+
+    pm.trace.root.setwriter(write)
+    pm.enable_tracing()
+
+
+def _import_plugin(path: str, *, origin: str) -> object:
+    """Import ``pkg.mod`` or ``pkg.mod:attr`` (also ``pkg.mod.attr``, as torchtune's
+    ``_component_`` paths are written) and return the object, or raise ConfigError."""
+    module_name, _, attr = path.partition(":")
+    try:
+        try:
+            obj: object = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # `pkg.mod.Class` without a colon: retry as module `pkg.mod`, attribute `Class`.
+            if attr or exc.name != module_name or "." not in module_name:
+                raise
+            module_name, attr = module_name.rsplit(".", 1)
+            obj = importlib.import_module(module_name)
+        for part in attr.split(".") if attr else ():
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            "plugins",
+            f"cannot load {origin} '{path}': {type(exc).__name__}: {exc}.",
+            _IMPORT_FIX,
+        ) from exc
+    return obj
+
+
+def _load_entry_points(allow: set[str] | None) -> list[tuple[str, object]]:
+    """Load the ``acadlm_plugins`` entry points (only the allowed ones when ``allow`` is set)."""
+    entry_points = sorted(
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
+    )
+    if allow is not None:
+        missing = allow - {ep.name for ep in entry_points}
+        if missing:
+            logger.warning(
+                "%s names %s, but no installed package provides such an entry point "
+                "(installed: %s).",
+                ALLOW_ENV,
+                ", ".join(sorted(missing)),
+                ", ".join(ep.name for ep in entry_points) or "none",
+            )
+    loaded = []
+    for ep in entry_points:
+        if allow is not None and ep.name not in allow:
+            logger.debug("skipping entry-point plugin %r: not in %s", ep.name, ALLOW_ENV)
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise PluginLoadError(
+                f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP!r}) of "
+                f"{_distribution_label(ep)} failed to load: {type(exc).__name__}: {exc}. "
+                f"Fix: upgrade or uninstall that package, or load only the plugins you want "
+                f"with {ALLOW_ENV}=<names> (or none with {DISABLE_AUTOLOAD_ENV}=1)."
+            ) from exc
+        loaded.append((ep.name, obj))
+    return loaded
+
+
+def _distribution_label(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "an unknown distribution"
+    return f"distribution '{dist.metadata['Name']} {dist.version}'"
+
+
+def _name_of(obj: object) -> str:
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    target = obj if inspect.isclass(obj) else type(obj)
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+def _register(pm: pluggy.PluginManager, obj: object, name: str, seen: set[int]) -> None:
+    """Register one loaded object (instantiating classes) unless it is already registered."""
+    if id(obj) in seen or pm.is_registered(obj):
+        logger.debug("plugin %r is already registered; skipping the second copy", name)
+        return
+    if pm.has_plugin(name):
+        raise ConfigError(
+            "plugins",
+            f"two different plugins are both named '{name}'.",
+            f"uninstall one of them, or exclude the entry point with {ALLOW_ENV}.",
+        )
+    seen.add(id(obj))
+    plugin = obj() if inspect.isclass(obj) else obj
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(
+            "plugins",
+            str(exc).replace("\n", "; ") + ".",
+            f"give plugin '{name}' hook functions only arguments listed in "
+            "acadlm_plugins.hookspecs.",
+        ) from exc
+    if not pm.get_hookcallers(plugin):
+        pm.unregister(plugin)
+        undecorated = sorted(a for a in dir(plugin) if a.startswith("acadlm_"))
+        hint = (
+            f" It has {', '.join(undecorated)} but without the @hookimpl decorator."
+            if undecorated
+            else ""
+        )
+        raise ConfigError(
+            "plugins",
+            f"plugin '{name}' implements no acadlm hook.{hint}",
+            "decorate its hook functions with `@acadlm_plugins.hookimpl` and name them after "
+            "the hooks in acadlm_plugins.hookspecs.",
+        )
+
+
+def _check_hook_names(pm: pluggy.PluginManager) -> None:
+    """Turn pluggy's unknown-hook error into a ConfigError naming plugin and hook."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        unknown = sorted(
+            caller.name for caller in pm.get_hookcallers(exc.plugin) or () if not caller.has_spec()
+        )
+        known = [n for n in dir(hookspecs) if n.startswith("acadlm_")]
+        suggestions = {hook: difflib.get_close_matches(hook, known, n=1) for hook in unknown}
+        fixes = [f"rename '{hook}' to '{match[0]}'" for hook, match in suggestions.items() if match]
+        raise ConfigError(
+            "plugins",
+            f"plugin '{name}' implements unknown hook(s) {', '.join(map(repr, unknown))}.",
+            "; ".join(fixes + [f"the hooks are: {', '.join(known)}."]),
+        ) from exc

@@ -1,0 +1,156 @@
+"""Dynamic batch loading as a plugin: every run's data mix follows its per-domain losses.
+
+Config block (all optional but ``enabled``)::
+
+    dynamic_batch_loading:
+      enabled: True
+      update_interval: 50          # steps between weight updates (Sheared-LLaMA: 50)
+      eta: 1.0                     # step size of the exponentiated update
+      smoothing: 1e-4              # c: mixes in the uniform distribution
+      reference_losses: initial    # or {domain: loss}; `initial` = the starting model's losses
+
+With ``reference_losses: initial`` the reference is the model's own validation loss before the
+first step, i.e. the source model: domains that it forgets during training are fed more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from acadlm_plugins.data.dynamic_batch_loading import excess_losses, ordered, update_domain_weights
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "dynamic_batch_loading"
+STATE_KEY = "dynamic_batch_loading"
+PLOT_NAME = "domain_weights.png"
+
+
+class DynamicBatchLoadingPlugin:
+    """Updates a :class:`~acadlm_plugins.data.mixture.DomainBatchSampler`'s weights at evaluations."""
+
+    config_keys = (CONFIG_KEY,)
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.update_interval = 50
+        self.eta = 1.0
+        self.smoothing = 1e-4
+        self.reference: dict[str, float] | None = None
+        self.reference_mode = "initial"
+        self.sampler = None
+        self.output_dir: Path | None = None
+        self.history: list[dict[str, Any]] = []
+
+    @hookimpl
+    def acadlm_configure(self, cfg: Any, recipe: str) -> None:
+        block = cfg.get(CONFIG_KEY, None)
+        if not block or not block.get("enabled", False):
+            return
+        known = {"enabled", "update_interval", "eta", "smoothing", "reference_losses"}
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise ConfigError(f"{CONFIG_KEY}.{unknown[0]}", "is not a known key.",
+                              f"use only {sorted(known)}.")
+        self.enabled = True
+        self.update_interval = int(block.get("update_interval", 50))
+        self.eta = float(block.get("eta", 1.0))
+        self.smoothing = float(block.get("smoothing", 1e-4))
+        if self.update_interval < 1:
+            raise ConfigError(f"{CONFIG_KEY}.update_interval", "must be >= 1.")
+        if not 0 <= self.smoothing < 1:
+            raise ConfigError(f"{CONFIG_KEY}.smoothing", "must be in [0, 1).")
+        reference = block.get("reference_losses", "initial")
+        if isinstance(reference, str):
+            if reference != "initial":
+                raise ConfigError(f"{CONFIG_KEY}.reference_losses",
+                                  f"unknown value {reference!r}.",
+                                  "use `initial` or a mapping {domain: loss}.")
+        else:
+            self.reference_mode = "given"
+            self.reference = {str(k): float(v) for k, v in dict(reference).items()}
+        eval_every = cfg.get("eval_every_n_steps", None)
+        if eval_every is None:
+            cfg.eval_every_n_steps = self.update_interval
+        elif self.update_interval % int(eval_every):
+            raise ConfigError(f"{CONFIG_KEY}.update_interval",
+                              f"{self.update_interval} is not a multiple of eval_every_n_steps "
+                              f"({eval_every}); weights are updated from evaluation losses.",
+                              "make update_interval a multiple of eval_every_n_steps.")
+        self.output_dir = Path(cfg.get("output_dir", "."))
+
+    @hookimpl
+    def acadlm_data_ready(self, dataset: Any, sampler: Any, cfg: Any) -> None:
+        if not self.enabled:
+            return
+        if not hasattr(sampler, "set_weights"):
+            raise ConfigError(CONFIG_KEY, f"the recipe's sampler {type(sampler).__name__} cannot "
+                              "change its weights.", "use a domain mixture dataset.")
+        self.sampler = sampler
+        if self.reference is not None:
+            missing = [n for n in sampler.domain_names if n not in self.reference]
+            if missing:
+                raise ConfigError(f"{CONFIG_KEY}.reference_losses",
+                                  f"no reference loss for domains {missing}.",
+                                  f"give one for each of {sampler.domain_names}, or `initial`.")
+
+    @hookimpl
+    def acadlm_evaluation_end(self, step: int, domain_losses: Mapping[str, float],
+                              metrics: dict) -> dict | None:
+        if not self.enabled or self.sampler is None:
+            return None
+        names = self.sampler.domain_names
+        if self.reference is None:
+            self.reference = {n: float(domain_losses[n]) for n in names}
+            log.info("dynamic batch loading: reference losses from the initial model: %s",
+                     _fmt(self.reference))
+        weights_before = self.sampler.weights.tolist()
+        losses = ordered(domain_losses, names, field="domain_losses")
+        reference = ordered(self.reference, names, field=f"{CONFIG_KEY}.reference_losses")
+        updated = step > 0 and step % self.update_interval == 0
+        if updated:
+            self.sampler.set_weights(update_domain_weights(
+                weights_before, losses, reference, eta=self.eta, smoothing=self.smoothing))
+        weights = self.sampler.weights.tolist()
+        excess = excess_losses(losses, reference).tolist()
+        self.history.append({"step": step, "weights": weights, "losses": losses,
+                             "reference": reference, "updated": updated})
+        out: dict[str, float] = {}
+        for name, w, e in zip(names, weights, excess):
+            out[f"domain_weight/{name}"] = w
+            out[f"domain_excess_loss/{name}"] = e
+        return out
+
+    @hookimpl
+    def acadlm_state_dict(self) -> dict | None:
+        if not self.enabled:
+            return None
+        return {STATE_KEY: {"reference": self.reference, "history": self.history}}
+
+    @hookimpl
+    def acadlm_load_state_dict(self, states: dict) -> None:
+        if not self.enabled or STATE_KEY not in states:
+            return
+        self.reference = states[STATE_KEY]["reference"]
+        self.history = list(states[STATE_KEY]["history"])
+
+    @hookimpl
+    def acadlm_run_end(self, summary: dict) -> None:
+        if not self.enabled or not self.history or self.sampler is None:
+            return
+        from acadlm_plugins.training.plots import plot_domain_history
+
+        path = (self.output_dir or Path(".")) / PLOT_NAME
+        plot_domain_history(self.history, self.sampler.domain_names, path)
+        summary["domain_weights"] = dict(zip(self.sampler.domain_names,
+                                             self.sampler.weights.tolist()))
+        summary["domain_weights_plot"] = str(path)
+
+
+def _fmt(values: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in values.items())

@@ -1,0 +1,1 @@
+"""Training-loop building blocks shared by the recipes (checkpoints, validation, plots)."""

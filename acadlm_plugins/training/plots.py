@@ -1,0 +1,35 @@
+"""PNG plots written into a run's output directory (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_domain_history(history: Sequence[dict[str, Any]], domain_names: Sequence[str],
+                        path: str | Path) -> Path:
+    """Domain weights (top) and per-domain validation loss with its reference (bottom) by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for i, name in enumerate(domain_names):
+        color = f"C{i % 10}"
+        top.plot(steps, [h["weights"][i] for h in history], marker="o", color=color, label=name)
+        bottom.plot(steps, [h["losses"][i] for h in history], marker="o", color=color, label=name)
+        bottom.axhline(history[-1]["reference"][i], color=color, linestyle="--", linewidth=0.8)
+    top.set_ylabel("domain weight")
+    top.set_title("Dynamic batch loading")
+    top.legend(loc="best", fontsize="small")
+    bottom.set_ylabel("validation loss (dashed: reference)")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

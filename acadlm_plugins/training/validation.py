@@ -1,0 +1,68 @@
+"""Per-domain validation loss: the signal dynamic batch loading steers by."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from acadlm_plugins.data.mixture import PackedDomainCorpus, collate_domain_packs
+from acadlm_plugins.data.packing import CROSS_ENTROPY_IGNORE_INDEX
+
+
+def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
+                                                                              torch.Tensor]:
+    """Summed next-token cross-entropy and the number of counted tokens, per sequence.
+
+    Position t predicts ``labels[t + 1]``; ignored labels count for nothing.
+    """
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1],
+                                                        CROSS_ENTROPY_IGNORE_INDEX)], dim=1)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), targets,
+                             ignore_index=CROSS_ENTROPY_IGNORE_INDEX, reduction="none")
+    counted = targets != CROSS_ENTROPY_IGNORE_INDEX
+    return losses.sum(dim=1), counted.sum(dim=1)
+
+
+@torch.no_grad()
+def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *,
+                           batch_size: int, device: torch.device,
+                           max_packs_per_domain: int | None = None, rank: int = 0,
+                           world_size: int = 1,
+                           forward: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+                           | None = None) -> dict[str, float]:
+    """Token-averaged validation loss of every domain of ``corpus``.
+
+    The same packs are evaluated every time (the first ``max_packs_per_domain`` of each
+    domain), so losses are comparable across steps. Packs are split across ranks and the sums
+    all-reduced, so every rank returns the same numbers.
+    """
+    forward = forward or _default_forward
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(corpus.domain_names), dtype=torch.float64)
+    counts = torch.zeros(len(corpus.domain_names), dtype=torch.float64)
+    for d, total in enumerate(corpus.num_packs):
+        limit = total if max_packs_per_domain is None else min(total, max_packs_per_domain)
+        mine = list(range(rank, limit, world_size))
+        for start in range(0, len(mine), batch_size):
+            batch = collate_domain_packs([corpus.get(d, p) for p in mine[start:start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = forward(model, batch)
+            loss_sum, count = shifted_token_losses(logits, batch["labels"])
+            sums[d] += loss_sum.sum().double().cpu()
+            counts[d] += count.sum().double().cpu()
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        both = torch.stack([sums, counts]).to(device)
+        dist.all_reduce(both)
+        sums, counts = both.cpu()
+    model.train(was_training)
+    return {name: float(sums[d] / counts[d].clamp(min=1))
+            for d, name in enumerate(corpus.domain_names)}
+
+
+def _default_forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    return model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))

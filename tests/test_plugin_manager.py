@@ -1,0 +1,350 @@
+"""Tests for acadlm_plugins.plugin_manager and the built-in non-finite loss guard."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from acadlm_plugins.errors import AcadlmError, ConfigError
+from acadlm_plugins.plugin_manager import (
+    ALLOW_ENV,
+    BUILTIN_PLUGINS,
+    DISABLE_AUTOLOAD_ENV,
+    ENTRY_POINT_GROUP,
+    TRACE_ENV,
+    PluginLoadError,
+    build_plugin_manager,
+    collect_metrics,
+    list_plugins,
+    plugin_states,
+    restore_plugin_states,
+)
+from acadlm_plugins.plugins.nonfinite_loss_guard import NonFiniteLossError
+
+EXAMPLE_PLUGIN_DIR = Path(__file__).parent / "example_plugin"
+GUARD = "acadlm_plugins.plugins.nonfinite_loss_guard"
+Z_LOSS = "acadlm_example_plugin:ZLossPlugin"
+
+
+def _write_dist_info(site: Path, dist_name: str, entry_points: dict[str, str]) -> None:
+    """Fake `pip install`: the metadata folder importlib.metadata reads entry points from."""
+    dist_info = site / f"{dist_name.replace('-', '_')}-0.1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.1.0\n"
+    )
+    lines = [f"[{ENTRY_POINT_GROUP}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def example_on_path(monkeypatch):
+    """Make `acadlm_example_plugin` importable, without installing it."""
+    monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN_DIR))
+
+
+@pytest.fixture
+def site_dir(tmp_path, monkeypatch) -> Path:
+    """An empty directory on sys.path to write fake installed distributions into."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+@pytest.fixture
+def installed_example(example_on_path, site_dir) -> Path:
+    """The example plugin as if `pip install tests/example_plugin` had run."""
+    _write_dist_info(site_dir, "acadlm-example-plugin", {"z_loss": Z_LOSS})
+    return site_dir
+
+
+@pytest.fixture
+def plugin_module(tmp_path, monkeypatch):
+    """Write a module into an importable tmp dir: plugin_module(name, source)."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    monkeypatch.syspath_prepend(str(modules))
+
+    def write(name: str, source: str) -> str:
+        (modules / f"{name}.py").write_text(textwrap.dedent(source))
+        return name
+
+    return write
+
+
+def _call_extra_loss(pm, logits, loss, step=1):
+    return pm.hook.acadlm_extra_loss(model=None, batch={}, logits=logits, loss=loss, step=step)
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+
+def test_installed_plugin_is_discovered_by_entry_point(installed_example):
+    pm = build_plugin_manager(builtins=(GUARD,))
+    assert list_plugins(pm) == [GUARD, "z_loss"]
+    assert type(pm.get_plugin("z_loss")).__name__ == "ZLossPlugin"
+
+
+def test_allow_list_excludes_entry_points_not_named(installed_example, monkeypatch):
+    monkeypatch.setenv(ALLOW_ENV, "some_other_plugin")
+    assert list_plugins(build_plugin_manager(builtins=(GUARD,))) == [GUARD]
+    monkeypatch.setenv(ALLOW_ENV, " some_other_plugin , z_loss")
+    assert list_plugins(build_plugin_manager(builtins=(GUARD,))) == [GUARD, "z_loss"]
+
+
+def test_allow_list_never_excludes_config_plugins(installed_example, monkeypatch):
+    monkeypatch.setenv(ALLOW_ENV, "some_other_plugin")
+    pm = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
+    assert list_plugins(pm) == [GUARD, Z_LOSS]
+
+
+def test_disable_autoload_loads_no_entry_points(installed_example, monkeypatch):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    assert list_plugins(build_plugin_manager(builtins=(GUARD,))) == [GUARD]
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV)
+    assert list_plugins(build_plugin_manager(builtins=(GUARD,), load_entry_points=False)) == [GUARD]
+
+
+def test_config_dotted_path_registers_plugin(example_on_path):
+    pm = build_plugin_manager([Z_LOSS], builtins=())
+    assert list_plugins(pm) == [Z_LOSS]
+    # torchtune's `_component_` style, without the colon, works too.
+    pm = build_plugin_manager(["acadlm_example_plugin.ZLossPlugin"], builtins=())
+    assert list_plugins(pm) == ["acadlm_example_plugin.ZLossPlugin"]
+    # A single entry written without list brackets in the YAML.
+    assert list_plugins(build_plugin_manager(Z_LOSS, builtins=())) == [Z_LOSS]
+
+
+def test_plugin_found_twice_is_registered_once(installed_example):
+    pm = build_plugin_manager([Z_LOSS, Z_LOSS], builtins=(GUARD,))
+    assert list_plugins(pm) == [GUARD, "z_loss"]
+    assert len(pm.hook.acadlm_state_dict()) == 1
+
+
+def test_class_plugin_is_instantiated_per_manager(example_on_path):
+    first = build_plugin_manager([Z_LOSS], builtins=())
+    second = build_plugin_manager([Z_LOSS], builtins=())
+    assert first.get_plugin(Z_LOSS) is not second.get_plugin(Z_LOSS)
+    _call_extra_loss(first, torch.zeros(1, 2, 5), torch.tensor(1.0))
+    assert plugin_states(first) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 1}}
+    assert plugin_states(second) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 0}}
+
+
+def test_builtins_are_registered_like_other_plugins():
+    assert GUARD in BUILTIN_PLUGINS
+    assert "acadlm_plugins.plugins.dynamic_batch_loading:DynamicBatchLoadingPlugin" in (
+        BUILTIN_PLUGINS
+    )
+    pm = build_plugin_manager(builtins=(GUARD,), load_entry_points=False)
+    assert list_plugins(pm) == [GUARD]
+    assert pm.hook.acadlm_extra_loss.get_hookimpls()[0].plugin_name == GUARD
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("acadlm_plugins.plugins.dynamic_batch_loading") is None,
+    reason="acadlm_plugins.plugins.dynamic_batch_loading is not written yet",
+)
+def test_default_builtins_all_load():
+    pm = build_plugin_manager(load_entry_points=False)
+    assert list_plugins(pm) == list(BUILTIN_PLUGINS)
+
+
+# --- tracing ---------------------------------------------------------------------------------
+
+
+def test_trace_logs_hook_calls(monkeypatch, caplog):
+    monkeypatch.setenv(TRACE_ENV, "1")
+    caplog.set_level(logging.INFO, logger="acadlm_plugins.plugin_manager")
+    pm = build_plugin_manager(builtins=(GUARD,), load_entry_points=False)
+    _call_extra_loss(pm, None, torch.tensor(2.5), step=4)
+    assert "acadlm_extra_loss" in caplog.text
+    assert "step: 4" in caplog.text
+    assert "finish acadlm_extra_loss" in caplog.text
+
+
+def test_no_trace_by_default(caplog):
+    caplog.set_level(logging.DEBUG, logger="acadlm_plugins.plugin_manager")
+    pm = build_plugin_manager(builtins=(GUARD,), load_entry_points=False)
+    caplog.clear()
+    _call_extra_loss(pm, None, torch.tensor(2.5))
+    assert caplog.text == ""
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["acadlm_no_such_package.plugin", "acadlm_no_such_pkg:Plugin"])
+def test_unimportable_path_names_key_and_path(path):
+    with pytest.raises(ConfigError) as error:
+        build_plugin_manager([path], builtins=())
+    assert error.value.key == "plugins"
+    assert path in str(error.value)
+    assert "ModuleNotFoundError" in str(error.value)
+    assert "install the package" in str(error.value)
+
+
+def test_missing_attribute_names_path(example_on_path):
+    with pytest.raises(ConfigError, match="acadlm_example_plugin:NoSuchPlugin.*AttributeError"):
+        build_plugin_manager(["acadlm_example_plugin:NoSuchPlugin"], builtins=())
+
+
+def test_broken_entry_point_names_itself_its_distribution_and_the_way_out(site_dir, monkeypatch):
+    _write_dist_info(site_dir, "acadlm-broken-plugin", {"broken": "acadlm_gone_module:Plugin"})
+    with pytest.raises(PluginLoadError) as error:
+        build_plugin_manager(builtins=())
+    message = str(error.value)
+    assert "'broken = acadlm_gone_module:Plugin'" in message
+    assert "acadlm-broken-plugin 0.1.0" in message
+    assert ALLOW_ENV in message
+    # The fix it names works: an allow-list without it never imports it.
+    monkeypatch.setenv(ALLOW_ENV, "z_loss")
+    assert list_plugins(build_plugin_manager(builtins=())) == []
+
+
+def test_misspelled_hook_names_plugin_hook_and_fix(plugin_module):
+    module = plugin_module(
+        "typo_plugin",
+        """
+        from acadlm_plugins import hookimpl
+
+        @hookimpl
+        def acadlm_extra_los(loss, step):
+            return None
+        """,
+    )
+    with pytest.raises(ConfigError) as error:
+        build_plugin_manager([module], builtins=())
+    message = str(error.value)
+    assert error.value.key == "plugins"
+    assert "'typo_plugin'" in message
+    assert "'acadlm_extra_los'" in message
+    assert "rename 'acadlm_extra_los' to 'acadlm_extra_loss'" in message
+
+
+def test_plugin_without_hooks_is_rejected(plugin_module):
+    module = plugin_module(
+        "undecorated_plugin",
+        """
+        def acadlm_extra_loss(loss, step):
+            return None
+        """,
+    )
+    with pytest.raises(ConfigError, match="implements no acadlm hook.*@hookimpl"):
+        build_plugin_manager([module], builtins=())
+
+
+def test_hook_argument_not_in_spec_is_rejected():
+    from acadlm_plugins import hookimpl
+
+    class WrongArguments:
+        @hookimpl
+        def acadlm_extra_loss(self, loss, learning_rate):
+            return None
+
+    with pytest.raises(ConfigError) as error:
+        build_plugin_manager([WrongArguments], builtins=())
+    assert "WrongArguments" in str(error.value)
+    assert "{'learning_rate'} are declared in the hookimpl" in str(error.value)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def test_collect_metrics_merges_and_skips_none():
+    assert collect_metrics([{"a": 1.0}, None, {"b": 2.0}]) == {"a": 1.0, "b": 2.0}
+    assert collect_metrics([]) == {}
+
+
+def test_collect_metrics_refuses_key_clash():
+    with pytest.raises(AcadlmError, match="same key 'z_loss'"):
+        collect_metrics([{"z_loss": 1.0}, {"other": 0.0, "z_loss": 2.0}])
+
+
+def test_collect_metrics_refuses_non_dict():
+    with pytest.raises(AcadlmError, match="returned float"):
+        collect_metrics([1.0])
+
+
+def test_plugin_state_round_trips_through_a_checkpoint(example_on_path, tmp_path):
+    trained = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
+    for step in range(1, 4):
+        _call_extra_loss(trained, torch.randn(2, 3, 7), torch.tensor(1.0), step=step)
+    torch.save({"plugins": plugin_states(trained)}, tmp_path / "ckpt.pt")
+
+    resumed = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
+    restore_plugin_states(resumed, torch.load(tmp_path / "ckpt.pt")["plugins"])
+    assert plugin_states(resumed) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 3}}
+    _call_extra_loss(resumed, torch.randn(2, 3, 7), torch.tensor(1.0), step=4)
+    assert resumed.get_plugin(Z_LOSS).steps_penalised == 4
+
+
+def test_example_plugin_changes_the_training_loss_and_metrics(example_on_path):
+    pm = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
+    pm.hook.acadlm_configure(cfg={"z_loss_coefficient": 0.01}, recipe="continued_pretrain")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    loss = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+
+    terms = collect_metrics(_call_extra_loss(pm, [logits[:, :3], logits[:, 3:]], loss))
+    expected = 0.01 * logits.logsumexp(dim=-1).pow(2).mean()
+    assert set(terms) == {"z_loss"}
+    torch.testing.assert_close(terms["z_loss"], expected)
+
+    (loss + sum(terms.values())).backward(retain_graph=True)
+    with_z_loss = logits.grad.clone()
+    logits.grad = None
+    loss.backward()
+    assert not torch.allclose(with_z_loss, logits.grad)
+
+    metrics = collect_metrics(pm.hook.acadlm_after_optimizer_step(step=1, metrics={}))
+    assert metrics["z_loss/steps"] == 1
+    assert metrics["z_loss/mean_log_z"] == pytest.approx(
+        float(logits.detach().logsumexp(-1).mean())
+    )
+
+
+def test_example_plugin_config_error_names_key(example_on_path):
+    pm = build_plugin_manager([Z_LOSS], builtins=())
+    with pytest.raises(ConfigError, match="z_loss_coefficient"):
+        pm.hook.acadlm_configure(cfg={"z_loss_coefficient": -1}, recipe="prune")
+
+
+# --- non-finite loss guard -------------------------------------------------------------------
+
+
+@pytest.fixture
+def guarded():
+    return build_plugin_manager(builtins=(GUARD,), load_entry_points=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_guard_stops_on_non_finite_loss(guarded, bad):
+    with pytest.raises(NonFiniteLossError) as error:
+        _call_extra_loss(guarded, None, torch.tensor(bad), step=17)
+    message = str(error.value)
+    assert error.value.step == 17
+    assert "step 17" in message
+    assert "optimizer.lr" in message
+    assert "clip_grad_norm" in message
+    assert "last checkpoint on disk is intact" in message
+
+
+def test_guard_passes_finite_loss_and_adds_no_term(guarded):
+    assert _call_extra_loss(guarded, None, torch.tensor(3.2, requires_grad=True)) == []
+    assert _call_extra_loss(guarded, None, 0.5) == []
+
+
+def test_guard_also_checks_other_plugins_terms(example_on_path):
+    pm = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 1, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="`loss/z_loss` is inf at step 9"):
+        _call_extra_loss(pm, logits, torch.tensor(1.0), step=9)
