@@ -38,6 +38,7 @@ from acadlm_plugins.plugin_manager import (build_plugin_manager, collect_metrics
 from acadlm_plugins.training.checkpointing import (MODEL_DIRNAME, RECIPE_STATE_FILENAME,
                                                    latest_checkpoint, restore_rng_state, rng_state,
                                                    save_torch_atomically, write_checkpoint)
+from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
 
 log = utils.get_logger("INFO")
@@ -87,22 +88,22 @@ class ContinuedPretrainRecipe:
         if self._is_rank_zero:
             self._output_dir.mkdir(parents=True, exist_ok=True)
             log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
-        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
+        self._metric_logger = instantiate_component(cfg, "metric_logger") if self._is_rank_zero else None
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
 
         resume_from = self._find_resume_checkpoint(cfg)
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._checkpointer = config.instantiate(cfg.checkpointer)
+        self._tokenizer = instantiate_component(cfg, "tokenizer")
+        self._checkpointer = instantiate_component(cfg, "checkpointer")
         model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         if resume_from is not None:
             model_state = self._load_resumed_weights(cfg, resume_from)
         self._model = self._setup_model(cfg, model_state)
         self._pm.hook.acadlm_model_built(model=self._model, cfg=cfg, device=self._device)
 
-        self._train_data: DomainMixtureDataset = config.instantiate(cfg.dataset, self._tokenizer)
-        self._val_data: DomainMixtureDataset = config.instantiate(cfg.validation_dataset,
-                                                                 self._tokenizer)
+        self._train_data: DomainMixtureDataset = instantiate_component(cfg, "dataset", self._tokenizer)
+        self._val_data: DomainMixtureDataset = instantiate_component(
+            cfg, "validation_dataset", self._tokenizer)
         _check_same_domains(self._train_data, self._val_data)
         self._sampler = DomainBatchSampler.for_dataset(
             self._train_data, self._batch_size, seed=self._seed, rank=self._rank,
@@ -110,7 +111,7 @@ class ContinuedPretrainRecipe:
         self._pm.hook.acadlm_data_ready(dataset=self._train_data, sampler=self._sampler, cfg=cfg)
 
         self._optimizer = self._setup_optimizer(cfg)
-        self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
+        self._lr_scheduler = (instantiate_component(cfg, "lr_scheduler", self._optimizer,
                                                  num_training_steps=self._max_steps)
                               if cfg.get("lr_scheduler", None) else None)
         if resume_from is not None:
@@ -152,7 +153,7 @@ class ContinuedPretrainRecipe:
 
     def _setup_model(self, cfg: DictConfig, model_state: dict) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg.model)
+            model = instantiate_component(cfg, "model")
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -175,7 +176,7 @@ class ContinuedPretrainRecipe:
         groups: list[dict] = [{"params": [p for p in self._model.parameters() if p.requires_grad]}]
         for extra in self._pm.hook.acadlm_optimizer_param_groups(model=self._model, cfg=cfg):
             groups.extend(extra or [])
-        return config.instantiate(cfg.optimizer, groups)
+        return instantiate_component(cfg, "optimizer", groups)
 
     def _restore_recipe_state(self, checkpoint: Path) -> None:
         state = self._resume_state

@@ -209,17 +209,17 @@ def domain_mixture_dataset(tokenizer, *, data_dir: str | None = None,
     domain_files, domain_weights = _domain_sources(data_dir, domains, split)
     if weights is not None:
         domain_weights = dict(weights)
-        unknown = sorted(set(domain_weights) - set(domain_files))
-        if unknown:
-            raise ConfigError("dataset.weights", f"unknown domains {unknown}.",
-                              f"the corpus has: {sorted(domain_files)}.")
-        domain_files = {k: v for k, v in domain_files.items() if domain_weights.get(k, 0) > 0}
+    if domain_weights:
+        checked = normalize_weights(domain_weights, list(domain_files), field="dataset.weights")
+        # A domain with weight 0 is left out entirely: it is never tokenized or sampled.
+        domain_files = {n: f for n, f, w in zip(domain_files, domain_files.values(), checked)
+                        if w > 0}
     corpus = build_packed_corpus(tokenizer, domain_files, max_seq_len=max_seq_len,
                                  packing=packing, positions=positions, text_field=text_field,
                                  cache_dir=cache_dir)
     if domain_weights:
-        normalized = normalize_weights(domain_weights, corpus.domain_names,
-                                       field="dataset.weights")
+        normalized = normalize_weights({n: domain_weights[n] for n in corpus.domain_names},
+                                       corpus.domain_names, field="dataset.weights")
     else:
         counts = np.asarray(corpus.num_packs, dtype=np.float64)
         normalized = counts / counts.sum()

@@ -24,6 +24,9 @@ STATE_KEY = "acadlm_example_plugin.z_loss"
 class ZLossPlugin:
     """Adds ``z_loss`` to the training loss. Set ``z_loss_coefficient`` in the config (1e-4)."""
 
+    # Top-level config keys this plugin reads; recipes reject keys that nobody claims.
+    config_keys = ("z_loss_coefficient",)
+
     def __init__(self) -> None:
         self.coefficient = 1e-4
         self.steps_penalised = 0

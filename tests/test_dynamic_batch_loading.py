@@ -1,0 +1,94 @@
+"""Dynamic batch loading (Sheared-LLaMA Algorithm 1) and its plugin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from acadlm_plugins.data.dynamic_batch_loading import update_domain_weights
+from acadlm_plugins.data.mixture import DomainBatchSampler
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.plugins.dynamic_batch_loading import DynamicBatchLoadingPlugin
+
+
+def test_update_matches_the_paper_formula_by_hand():
+    w, losses, ref = [0.5, 0.3, 0.2], [2.5, 1.0, 3.0], [2.0, 1.5, 2.0]
+    eta, c = 1.0, 1e-4
+    alpha = np.array(w) * np.exp(eta * np.maximum(np.array(losses) - ref, 0))
+    expected = (1 - c) * alpha / alpha.sum() + c / 3
+    assert np.allclose(update_domain_weights(w, losses, ref, eta=eta, smoothing=c), expected)
+
+
+def test_domains_at_or_below_reference_lose_share_and_lagging_ones_gain():
+    new = update_domain_weights([1 / 3] * 3, [3.0, 1.0, 1.0], [2.0, 2.0, 1.0])
+    assert new[0] > 1 / 3 > new[1]
+    assert new[1] == pytest.approx(new[2])
+    assert new.sum() == pytest.approx(1.0)
+
+
+def test_no_excess_keeps_weights_and_smoothing_keeps_every_domain_alive():
+    assert np.allclose(update_domain_weights([0.2, 0.8], [1.0, 1.0], [2.0, 2.0], smoothing=0),
+                       [0.2, 0.8])
+    squeezed = update_domain_weights([1.0, 0.0], [0.0, 0.0], [1.0, 1.0], smoothing=0.1)
+    assert squeezed[1] == pytest.approx(0.05)
+
+
+def test_huge_excess_does_not_overflow():
+    new = update_domain_weights([0.5, 0.5], [1e4, 0.0], [0.0, 0.0])
+    assert np.isfinite(new).all() and new[0] > 0.99
+
+
+def test_non_finite_losses_are_refused():
+    with pytest.raises(ValueError, match="non-finite"):
+        update_domain_weights([0.5, 0.5], [float("nan"), 1.0], [1.0, 1.0])
+
+
+def _plugin(**block):
+    cfg = OmegaConf.create({"output_dir": ".", "dynamic_batch_loading": {"enabled": True, **block}})
+    plugin = DynamicBatchLoadingPlugin()
+    plugin.acadlm_configure(cfg=cfg, recipe="test")
+    return plugin, cfg
+
+
+def test_plugin_updates_sampler_only_at_the_interval_and_uses_initial_reference():
+    plugin, cfg = _plugin(update_interval=2)
+    assert cfg.eval_every_n_steps == 2
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    plugin.acadlm_evaluation_end(step=0, domain_losses={"a": 2.0, "b": 2.0}, metrics={})
+    assert plugin.reference == {"a": 2.0, "b": 2.0}
+    metrics = plugin.acadlm_evaluation_end(step=2, domain_losses={"a": 2.5, "b": 1.0}, metrics={})
+    assert sampler.weights[0] > 0.5
+    assert metrics["domain_weight/a"] == pytest.approx(float(sampler.weights[0]))
+    assert metrics["domain_excess_loss/a"] == pytest.approx(0.5)
+    state = plugin.acadlm_state_dict()
+    fresh, _ = _plugin(update_interval=2)
+    fresh.acadlm_load_state_dict(states=state)
+    assert fresh.reference == plugin.reference and fresh.history == plugin.history
+
+
+@pytest.mark.parametrize("block, key", [
+    ({"update_intervall": 3}, "dynamic_batch_loading.update_intervall"),
+    ({"update_interval": 0}, "dynamic_batch_loading.update_interval"),
+    ({"smoothing": 1.5}, "dynamic_batch_loading.smoothing"),
+    ({"reference_losses": "scaling_law"}, "dynamic_batch_loading.reference_losses"),
+])
+def test_bad_config_names_the_key(block, key):
+    with pytest.raises(ConfigError) as err:
+        _plugin(**block)
+    assert err.value.key == key
+
+
+def test_reference_must_cover_every_domain():
+    plugin, cfg = _plugin(reference_losses={"a": 1.0})
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    with pytest.raises(ConfigError, match=r"no reference loss for domains \['b'\]"):
+        plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+
+
+def test_disabled_plugin_does_nothing():
+    plugin = DynamicBatchLoadingPlugin()
+    plugin.acadlm_configure(cfg=OmegaConf.create({}), recipe="test")
+    assert plugin.acadlm_evaluation_end(step=0, domain_losses={}, metrics={}) is None
+    assert plugin.acadlm_state_dict() is None

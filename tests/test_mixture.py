@@ -1,0 +1,149 @@
+"""Domain mixtures: weights respected, domains tagged, sampler state resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from acadlm_plugins.data.mixture import DomainBatchSampler, domain_mixture_dataset
+from acadlm_plugins.errors import ConfigError, DataError
+from tiny_setup import ByteTokenizer, write_tiny_corpus
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_tiny_corpus(tmp_path / "corpus", docs_per_domain=30)
+
+
+def test_fixed_weights_are_realized_for_stock_recipes(corpus):
+    ds = domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                                weights={"prose": 0.6, "numbers": 0.3, "code": 0.1},
+                                num_samples=3000, seed=1)
+    assert ds.domain_names == ["code", "numbers", "prose"]
+    counts = Counter(ds[i]["domain"] for i in range(len(ds)))
+    shares = {ds.domain_names[d]: c / len(ds) for d, c in counts.items()}
+    assert shares["prose"] == pytest.approx(0.6, abs=0.03)
+    assert shares["code"] == pytest.approx(0.1, abs=0.02)
+    sample = ds[0]
+    assert set(sample) == {"tokens", "labels", "input_pos", "seq_lens", "domain"}
+    assert sample["tokens"].shape == (32,)
+
+
+def test_default_weights_follow_the_natural_proportions(corpus):
+    ds = domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32)
+    packs = np.asarray(ds.corpus.num_packs, dtype=float)
+    assert np.allclose(ds.weights, packs / packs.sum())
+    assert len(ds) == packs.sum()
+
+
+def test_a_zero_weight_domain_is_left_out(corpus):
+    ds = domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                                weights={"prose": 1.0, "numbers": 1.0, "code": 0})
+    assert ds.domain_names == ["numbers", "prose"]
+
+
+@pytest.mark.parametrize("weights, match", [
+    ({"prose": 1.0, "poetry": 1.0}, "unknown domains"),
+    ({"prose": -1.0, "code": 2.0}, ">= 0"),
+    ({"prose": 0.0}, "positive"),
+])
+def test_bad_weights_name_the_field(corpus, weights, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                               weights=weights)
+    assert "weights" in str(err.value)
+
+
+def test_missing_files_and_empty_domains_are_clear(tmp_path, corpus):
+    with pytest.raises(DataError, match="does not exist"):
+        domain_mixture_dataset(ByteTokenizer(), domains={"x": str(tmp_path / "nope.jsonl")},
+                               max_seq_len=32)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(DataError, match="domain 'x' has no documents"):
+        domain_mixture_dataset(ByteTokenizer(), domains={"x": str(empty)}, max_seq_len=32)
+    with pytest.raises(DataError, match="not a directory"):
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(tmp_path / "absent"), max_seq_len=32)
+    with pytest.raises(ConfigError, match="exactly one"):
+        domain_mixture_dataset(ByteTokenizer(), max_seq_len=32)
+
+
+def test_corrupt_jsonl_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "broken\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        domain_mixture_dataset(ByteTokenizer(), domains={"x": str(bad)}, max_seq_len=32)
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"no_text\.jsonl:1: the row has no 'text' field"):
+        domain_mixture_dataset(ByteTokenizer(), domains={"x": str(no_text)}, max_seq_len=32)
+
+
+def test_token_cache_is_reused_and_invalidated_by_content(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    build = lambda: domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus),  # noqa: E731
+                                           max_seq_len=32, cache_dir=str(cache))
+    first = build()
+    entries = sorted(cache.iterdir())
+    assert len(entries) == 3
+    second = build()
+    assert sorted(cache.iterdir()) == entries
+    assert (first[5]["tokens"] == second[5]["tokens"]).all()
+    with open(corpus / "code" / "train.jsonl", "a") as handle:
+        handle.write(json.dumps({"text": "def extra(): return 1"}) + "\n")
+    build()
+    assert len(list(cache.iterdir())) == 4
+
+
+def _draw(sampler, n):
+    return [sampler.next_batch() for _ in range(n)]
+
+
+def test_sampler_follows_weights_and_resumes_exactly():
+    names, packs = ["a", "b", "c"], [5, 7, 50]
+    sampler = DomainBatchSampler(names, packs, np.array([0.7, 0.2, 0.1]), batch_size=8, seed=3)
+    _draw(sampler, 20)
+    state = sampler.state_dict()
+    expected = _draw(sampler, 30)
+    resumed = DomainBatchSampler(names, packs, np.array([1.0, 1.0, 1.0]), batch_size=8, seed=3)
+    resumed.load_state_dict(state)
+    assert _draw(resumed, 30) == expected
+    counts = Counter(d for batch in expected for d, _ in batch)
+    assert counts[0] > counts[1] > counts[2]
+
+
+def test_sampler_visits_every_pack_of_a_domain_before_repeating():
+    sampler = DomainBatchSampler(["a"], [13], np.array([1.0]), batch_size=13, seed=0)
+    first, second = sampler.next_batch(), sampler.next_batch()
+    assert sorted(p for _, p in first) == list(range(13))
+    assert sorted(p for _, p in second) == list(range(13))
+    assert first != second  # reshuffled each pass
+
+
+def test_ranks_share_one_global_batch_and_take_disjoint_slices():
+    args = (["a", "b"], [40, 40], np.array([0.5, 0.5]))
+    single = DomainBatchSampler(*args, batch_size=6, seed=9)
+    ranks = [DomainBatchSampler(*args, batch_size=3, seed=9, rank=r, world_size=2)
+             for r in range(2)]
+    for _ in range(5):
+        assert ranks[0].next_batch() + ranks[1].next_batch() == single.next_batch()
+
+
+def test_set_weights_takes_effect_and_rejects_nonsense():
+    sampler = DomainBatchSampler(["a", "b"], [10, 10], np.array([0.5, 0.5]), batch_size=50)
+    sampler.set_weights([0.0, 1.0])
+    assert all(d == 1 for d, _ in sampler.next_batch())
+    with pytest.raises(ValueError):
+        sampler.set_weights([0.0, 0.0])
+    with pytest.raises(ValueError):
+        sampler.set_weights([float("nan"), 1.0])
+
+
+def test_resuming_with_different_data_is_refused():
+    sampler = DomainBatchSampler(["a", "b"], [10, 10], np.array([0.5, 0.5]), batch_size=2)
+    other = DomainBatchSampler(["a", "b"], [10, 11], np.array([0.5, 0.5]), batch_size=2)
+    with pytest.raises(DataError, match="same dataset config"):
+        other.load_state_dict(sampler.state_dict())

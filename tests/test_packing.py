@@ -1,0 +1,89 @@
+"""Packing keeps every token, marks document boundaries and never trains across them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from acadlm_plugins.data.mixture import collate_domain_packs
+from acadlm_plugins.data.packing import (CROSS_ENTROPY_IGNORE_INDEX, TokenizedDocuments,
+                                         pack_documents)
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.smollm2 import tiny_llama
+
+PAD = 0
+
+doc_lists = st.lists(st.lists(st.integers(3, 200), min_size=1, max_size=40), min_size=1,
+                     max_size=25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=doc_lists, max_seq_len=st.integers(2, 64), mode=st.sampled_from(["split", "whole"]))
+def test_no_token_is_lost_and_segments_cover_each_pack(docs, max_seq_len, mode):
+    packed = pack_documents(TokenizedDocuments.from_lists(docs), max_seq_len, PAD, mode=mode)
+    stats = packed.stats
+    assert stats.tokens_in == stats.tokens_out == sum(len(d) for d in docs)
+    assert stats.tokens_out + stats.pad_tokens == len(packed) * max_seq_len
+    real = np.concatenate([packed.tokens[i, : packed.pad_start[i]] for i in range(len(packed))])
+    assert real.tolist() == [t for d in docs for t in d]  # order preserved, nothing dropped
+    for i in range(len(packed)):
+        assert packed.segment_lens[i].sum() == max_seq_len
+        assert (packed.tokens[i, packed.pad_start[i]:] == PAD).all()
+
+
+def test_split_mode_continues_a_long_document_in_the_next_pack():
+    docs = TokenizedDocuments.from_lists([[5] * 10, [6] * 3])
+    packed = pack_documents(docs, 4, PAD, mode="split")
+    assert packed.tokens.tolist() == [[5, 5, 5, 5], [5, 5, 5, 5], [5, 5, 6, 6], [6, 0, 0, 0]]
+    assert [s.tolist() for s in packed.segment_lens] == [[4], [4], [2, 2], [1, 3]]
+    assert packed.stats.documents_split == 3  # the 10-token doc twice, the 3-token doc once
+    assert packed.stats.pad_tokens == 3
+
+
+def test_whole_mode_pads_instead_of_cutting_a_document_that_fits():
+    docs = TokenizedDocuments.from_lists([[5] * 3, [6] * 3, [7] * 9])
+    packed = pack_documents(docs, 4, PAD, mode="whole")
+    assert packed.tokens[:2].tolist() == [[5, 5, 5, 0], [6, 6, 6, 0]]
+    assert packed.stats.documents_split == 1  # only the 9-token document, longer than a pack
+    assert packed.stats.tokens_out == 15
+
+
+def test_labels_ignore_document_starts_and_padding_and_positions_reset():
+    docs = TokenizedDocuments.from_lists([[10, 11, 12], [20, 21]])
+    sample = pack_documents(docs, 8, PAD).sample(0)
+    ignore = CROSS_ENTROPY_IGNORE_INDEX
+    assert sample["labels"].tolist() == [ignore, 11, 12, ignore, 21, ignore, ignore, ignore]
+    assert sample["input_pos"].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert sample["seq_lens"].tolist() == [3, 2, 3]
+    continuous = pack_documents(docs, 8, PAD).sample(0, positions="continuous")
+    assert continuous["input_pos"].tolist() == list(range(8))
+
+
+def test_unknown_modes_name_the_config_key():
+    docs = TokenizedDocuments.from_lists([[5, 6]])
+    with pytest.raises(ConfigError, match="packing"):
+        pack_documents(docs, 4, PAD, mode="greedy")
+    with pytest.raises(ConfigError, match="positions"):
+        pack_documents(docs, 4, PAD).sample(0, positions="absolute")
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        pack_documents(docs, 1, PAD)
+
+
+def test_document_mask_isolates_documents_through_sdpa_on_cpu():
+    """A token's output must not change when another document in its pack changes."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    first = [list(range(3, 20)), list(range(30, 45))]
+    second = [list(range(3, 20)), list(range(100, 115))]  # same first doc, other second doc
+    outs = []
+    for docs in (first, second):
+        sample = pack_documents(TokenizedDocuments.from_lists(docs), 40, PAD).sample(0)
+        sample["domain"] = 0
+        batch = collate_domain_packs([sample])
+        with torch.no_grad():
+            outs.append(model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"]))
+    assert torch.allclose(outs[0][0, :17], outs[1][0, :17], atol=1e-5)
+    assert not torch.allclose(outs[0][0, 17:32], outs[1][0, 17:32], atol=1e-3)
