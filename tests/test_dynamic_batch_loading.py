@@ -80,6 +80,18 @@ def test_bad_config_names_the_key(block, key):
     assert err.value.key == key
 
 
+def test_reference_scale_turns_the_initial_losses_into_goals():
+    plugin, cfg = _plugin(update_interval=1, reference_scale=0.5)
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    plugin.acadlm_evaluation_end(step=0, domain_losses={"a": 4.0, "b": 2.0}, metrics={})
+    assert plugin.reference == {"a": 2.0, "b": 1.0}
+    plugin.acadlm_evaluation_end(step=1, domain_losses={"a": 3.0, "b": 1.5}, metrics={})
+    assert sampler.weights[0] > sampler.weights[1]  # a is 1.0 above its goal, b only 0.5
+    with pytest.raises(ConfigError, match="reference_scale"):
+        _plugin(reference_losses={"a": 1.0}, reference_scale=0.9)
+
+
 def test_reference_must_cover_every_domain():
     plugin, cfg = _plugin(reference_losses={"a": 1.0})
     sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)

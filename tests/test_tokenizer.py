@@ -86,3 +86,13 @@ def test_call_and_truncation(tokenizer):
     assert set(sample) == {"tokens", "mask", "other"}
     assert len(sample["tokens"]) == 12 and sample["tokens"][-1] == short.eos_id
     assert sample["mask"][-1] is True
+
+
+@pytest.mark.integration
+def test_encode_batch_equals_encode_one_by_one():
+    from acadlm_plugins.models.tokenizer import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    texts = ["def f(x):\n    return x", "And God said, Let there be light.", "é ü 漢字"]
+    assert tokenizer.encode_batch(texts, add_bos=False) == [
+        tokenizer.encode(t, add_bos=False) for t in texts]

@@ -30,15 +30,31 @@ def tokenize_texts(texts: Iterable[str], tokenizer, *, add_bos: bool = True,
     """Encode every text with ``tokenizer.encode`` into one :class:`TokenizedDocuments`."""
     chunks: list[np.ndarray] = []
     lengths: list[int] = []
-    progress = tqdm(texts, desc=desc, unit="doc", leave=False,
+    batch_encode = getattr(tokenizer, "encode_batch", None)
+    progress = tqdm(desc=desc, unit="doc", leave=False,
                     disable=os.environ.get("ACADLM_NO_PROGRESS") == "1")
-    for text in progress:
-        ids = np.asarray(tokenizer.encode(text, add_bos=add_bos, add_eos=add_eos), dtype=np.int32)
-        chunks.append(ids)
-        lengths.append(len(ids))
+    for group in _groups(texts, 64 if batch_encode else 1):
+        encoded = (batch_encode(group, add_bos=add_bos, add_eos=add_eos) if batch_encode else
+                   [tokenizer.encode(group[0], add_bos=add_bos, add_eos=add_eos)])
+        for ids in encoded:
+            chunks.append(np.asarray(ids, dtype=np.int32))
+            lengths.append(len(ids))
+        progress.update(len(group))
+    progress.close()
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
     return TokenizedDocuments(tokens, offsets)
+
+
+def _groups(items: Iterable[str], size: int) -> Iterable[list[str]]:
+    group: list[str] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

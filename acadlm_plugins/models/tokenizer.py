@@ -109,6 +109,14 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
             ids.append(self.eos_id)
         return ids
 
+    def encode_batch(self, texts: list[str], add_bos: bool = True,
+                     add_eos: bool = True) -> list[list[int]]:
+        """:meth:`encode` for many texts at once; the Rust tokenizer spreads them over cores."""
+        encodings = self._base.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        head = [self.bos_id] if add_bos else []
+        tail = [self.eos_id] if add_eos else []
+        return [head + e.ids + tail for e in encodings]
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids; special tokens are dropped unless ``skip_special_tokens=False``."""
         return self._base.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

@@ -8,9 +8,12 @@ Config block (all optional but ``enabled``)::
       eta: 1.0                     # step size of the exponentiated update
       smoothing: 1e-4              # c: mixes in the uniform distribution
       reference_losses: initial    # or {domain: loss}; `initial` = the starting model's losses
+      reference_scale: 1.0         # with `initial`: target = scale * initial loss
 
 With ``reference_losses: initial`` the reference is the model's own validation loss before the
-first step, i.e. the source model: domains that it forgets during training are fed more.
+first step, i.e. the source model: domains that it forgets during training are fed more. A
+``reference_scale`` below 1 turns that into a goal ("every domain 10% lower"): the domains
+furthest from their goal get more data, which is Sheared-LLaMA's use of reference losses.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class DynamicBatchLoadingPlugin:
         self.smoothing = 1e-4
         self.reference: dict[str, float] | None = None
         self.reference_mode = "initial"
+        self.reference_scale = 1.0
         self.sampler = None
         self.output_dir: Path | None = None
         self.history: list[dict[str, Any]] = []
@@ -52,7 +56,8 @@ class DynamicBatchLoadingPlugin:
         block = cfg.get(CONFIG_KEY, None)
         if not block or not block.get("enabled", False):
             return
-        known = {"enabled", "update_interval", "eta", "smoothing", "reference_losses"}
+        known = {"enabled", "update_interval", "eta", "smoothing", "reference_losses",
+                 "reference_scale"}
         unknown = sorted(set(block) - known)
         if unknown:
             raise ConfigError(f"{CONFIG_KEY}.{unknown[0]}", "is not a known key.",
@@ -61,6 +66,9 @@ class DynamicBatchLoadingPlugin:
         self.update_interval = int(block.get("update_interval", 50))
         self.eta = float(block.get("eta", 1.0))
         self.smoothing = float(block.get("smoothing", 1e-4))
+        self.reference_scale = float(block.get("reference_scale", 1.0))
+        if not self.reference_scale > 0:
+            raise ConfigError(f"{CONFIG_KEY}.reference_scale", "must be > 0.")
         if self.update_interval < 1:
             raise ConfigError(f"{CONFIG_KEY}.update_interval", "must be >= 1.")
         if not 0 <= self.smoothing < 1:
@@ -72,6 +80,10 @@ class DynamicBatchLoadingPlugin:
                                   f"unknown value {reference!r}.",
                                   "use `initial` or a mapping {domain: loss}.")
         else:
+            if "reference_scale" in block:
+                raise ConfigError(f"{CONFIG_KEY}.reference_scale",
+                                  "only applies to `reference_losses: initial`.",
+                                  "scale the given reference losses yourself, or drop the key.")
             self.reference_mode = "given"
             self.reference = {str(k): float(v) for k, v in dict(reference).items()}
         eval_every = cfg.get("eval_every_n_steps", None)
@@ -106,7 +118,7 @@ class DynamicBatchLoadingPlugin:
             return None
         names = self.sampler.domain_names
         if self.reference is None:
-            self.reference = {n: float(domain_losses[n]) for n in names}
+            self.reference = {n: self.reference_scale * float(domain_losses[n]) for n in names}
             log.info("dynamic batch loading: reference losses from the initial model: %s",
                      _fmt(self.reference))
         weights_before = self.sampler.weights.tolist()
