@@ -49,7 +49,7 @@ KNOWN_KEYS = {
     "validation_dataset", "optimizer", "lr_scheduler", "batch_size", "max_steps",
     "gradient_accumulation_steps", "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps",
     "save_every_n_steps", "keep_last_n_checkpoints", "validation", "metric_logger", "plugins",
-    "resume", "distributed", "enable_activation_checkpointing", "compile",
+    "resume", "enable_activation_checkpointing",
 }
 # Blocks read by built-in plugins; third-party plugins declare theirs with `config_keys`.
 RESUME_MUST_MATCH = ("model", "dataset", "tokenizer")
@@ -92,9 +92,12 @@ class ContinuedPretrainRecipe:
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
 
+        _route_package_logs()
         resume_from = self._find_resume_checkpoint(cfg)
         self._tokenizer = instantiate_component(cfg, "tokenizer")
         self._checkpointer = instantiate_component(cfg, "checkpointer")
+        # Loaded even on resume: the checkpointer learns the source's file layout from it and
+        # writes our checkpoints in the same layout.
         model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         if resume_from is not None:
             model_state = self._load_resumed_weights(cfg, resume_from)
@@ -234,10 +237,12 @@ class ContinuedPretrainRecipe:
             logits = self._model(batch["tokens"], mask=batch.get("mask"),
                                  input_pos=batch.get("input_pos"))
             seq_loss, seq_count = shifted_token_losses(logits, batch["labels"])
-            # Normalized by the global token count; FSDP/DDP average gradients over ranks.
+            # Normalized by the global token count; FSDP averages gradients over ranks, hence
+            # the world_size factor. Plugin terms are per-micro-batch means, averaged likewise.
             loss = seq_loss.sum() / global_tokens * self._world_size
+            micro_mean = seq_loss.sum() / seq_count.sum().clamp(min=1)
             extras = collect_metrics(self._pm.hook.acadlm_extra_loss(
-                model=self._model, batch=batch, logits=logits, loss=loss, step=self._step))
+                model=self._model, batch=batch, logits=logits, loss=micro_mean, step=self._step))
             for name, term in extras.items():
                 loss = loss + term / self._grad_accum
                 extra_totals[name] = extra_totals.get(name, 0.0) + float(term.detach()) / self._grad_accum
@@ -370,6 +375,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"plot: {summary['domain_weights_plot']}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
     return "\n".join(lines)
+
+
+def _route_package_logs() -> None:
+    """Show our library modules' INFO lines (packing accounting, DBL) next to torchtune's."""
+    package_logger = logging.getLogger("acadlm_plugins")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
 
 
 def _check_keys(cfg: DictConfig, pm) -> None:

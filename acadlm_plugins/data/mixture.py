@@ -8,7 +8,7 @@ Two ways to draw from a mixture:
 
       dataset:
         _component_: acadlm_plugins.data.mixture.domain_mixture_dataset
-        data_dir: ${acadlm_home:}/corpus
+        data_dir: ${oc.env:ACADLM_HOME}/corpus    # stock recipes don't know ${acadlm_home:}
         weights: {code: 0.4, books: 0.2, scripture: 0.2, docs: 0.2}
         max_seq_len: 2048
         packed: True

@@ -77,6 +77,7 @@ def save_torch_atomically(obj: Any, path: Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -104,6 +105,7 @@ def _write_text_atomically(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         handle.write(text + "\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -48,13 +48,20 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
     for d, total in enumerate(corpus.num_packs):
         limit = total if max_packs_per_domain is None else min(total, max_packs_per_domain)
         mine = list(range(rank, limit, world_size))
-        for start in range(0, len(mine), batch_size):
-            batch = collate_domain_packs([corpus.get(d, p) for p in mine[start:start + batch_size]])
+        # Every rank must run the same number of forward passes (a sharded model gathers its
+        # weights collectively), so ranks with fewer packs repeat a pack that counts zero.
+        per_rank = -(-limit // world_size)
+        counted = [True] * len(mine) + [False] * (per_rank - len(mine))
+        mine = mine + [0] * (per_rank - len(mine))
+        for start in range(0, per_rank, batch_size):
+            keys = mine[start:start + batch_size]
+            batch = collate_domain_packs([corpus.get(d, p) for p in keys])
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = forward(model, batch)
             loss_sum, count = shifted_token_losses(logits, batch["labels"])
-            sums[d] += loss_sum.sum().double().cpu()
-            counts[d] += count.sum().double().cpu()
+            keep = torch.tensor(counted[start:start + batch_size], device=loss_sum.device)
+            sums[d] += (loss_sum * keep).sum().double().cpu()
+            counts[d] += (count * keep).sum().double().cpu()
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         both = torch.stack([sums, counts]).to(device)
         dist.all_reduce(both)
