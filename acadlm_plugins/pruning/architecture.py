@@ -1,0 +1,122 @@
+"""Model shapes: the source architecture, the target a user names, and what they cost in
+parameters. Every impossible target is refused here, before any training starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from acadlm_plugins.errors import ConfigError
+
+PRUNABLE_DIMS = ("num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shape of a Llama-style decoder (every layer alike)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = True
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def non_embedding_params(self) -> int:
+        """Parameters outside the token embedding / output head (norms included)."""
+        attn = 2 * self.embed_dim * self.num_heads * self.head_dim
+        attn += 2 * self.embed_dim * self.num_kv_heads * self.head_dim
+        mlp = 3 * self.embed_dim * self.intermediate_dim
+        norms = 2 * self.embed_dim
+        return self.num_layers * (attn + mlp + norms) + self.embed_dim  # + final norm
+
+    def total_params(self) -> int:
+        embeddings = self.vocab_size * self.embed_dim
+        head = 0 if self.tie_word_embeddings else embeddings
+        return self.non_embedding_params() + embeddings + head
+
+    def describe(self) -> str:
+        return (f"{self.num_layers} layers, {self.num_heads} heads / {self.num_kv_heads} KV heads "
+                f"of {self.head_dim}, hidden {self.embed_dim}, MLP {self.intermediate_dim} "
+                f"({self.non_embedding_params() / 1e6:.1f}M non-embedding params)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: int) -> Architecture:
+        return Architecture(**{**asdict(self), **changes})
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """Read the architecture of a torchtune ``TransformerDecoder`` built from Llama layers."""
+    layer = model.layers[0]
+    attn = layer.attn
+    return Architecture(
+        num_layers=len(model.layers), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+        embed_dim=model.tok_embeddings.embedding_dim,
+        intermediate_dim=layer.mlp.w1.out_features, head_dim=attn.head_dim,
+        vocab_size=model.tok_embeddings.num_embeddings,
+        tie_word_embeddings=not isinstance(model.output, nn.Linear))
+
+
+def architecture_from_hf_config(path: str | Path) -> Architecture:
+    """Read a Hugging Face Llama ``config.json`` (a file or the model directory)."""
+    path = Path(path)
+    config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    heads = config["num_attention_heads"]
+    return Architecture(
+        num_layers=config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads", heads),
+        embed_dim=config["hidden_size"], intermediate_dim=config["intermediate_size"],
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab_size=config["vocab_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+
+
+def resolve_target(source: Architecture, target: Mapping[str, Any], *,
+                   field: str = "pruning.target") -> Architecture:
+    """The target architecture: the source with the user's dims replaced, checked.
+
+    Refused with a :class:`ConfigError` naming the field: unknown keys, a dim larger than the
+    source's or below 1, query heads not a multiple of the KV heads (GQA needs equal groups),
+    more query heads per KV group than the source has (heads only move within their group).
+    """
+    unknown = sorted(set(target) - set(PRUNABLE_DIMS))
+    if unknown:
+        raise ConfigError(f"{field}.{unknown[0]}", "is not a prunable dimension.",
+                          f"use {list(PRUNABLE_DIMS)}.")
+    values = {k: int(target.get(k, getattr(source, k))) for k in PRUNABLE_DIMS}
+    for key, value in values.items():
+        limit = getattr(source, key)
+        if value < 1:
+            raise ConfigError(f"{field}.{key}", f"must be at least 1, got {value}.")
+        if value > limit:
+            raise ConfigError(f"{field}.{key}", f"{value} is larger than the source model's "
+                              f"{limit}; pruning only removes units.",
+                              f"choose a value <= {limit}.")
+    heads, kv = values["num_heads"], values["num_kv_heads"]
+    if heads % kv:
+        raise ConfigError(f"{field}.num_heads", f"{heads} query heads cannot be split evenly "
+                          f"over {kv} KV heads (grouped-query attention needs equal groups).",
+                          f"use a multiple of {kv}, e.g. {kv * max(1, heads // kv)}.")
+    if heads // kv > source.heads_per_kv:
+        raise ConfigError(f"{field}.num_heads", f"{heads // kv} query heads per KV head is more "
+                          f"than the source's {source.heads_per_kv}; a query head cannot move "
+                          "to another KV group.",
+                          f"keep num_heads <= {source.heads_per_kv} * num_kv_heads "
+                          f"({source.heads_per_kv * kv}).")
+    return source.replace(**values)
+
+
+def architecture_fields() -> list[str]:
+    return [f.name for f in fields(Architecture)]

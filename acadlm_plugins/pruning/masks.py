@@ -1,0 +1,295 @@
+"""Pruning masks over a torchtune Llama decoder, applied through hooks (no module surgery).
+
+Mask types (each present only when the target shrinks that dimension):
+
+``layer``        (L,)          a whole transformer block; scales both sublayer outputs
+``kv_head``      (L, n_kv)     a KV head and, with it, its whole group of query heads (GQA)
+``head``         (L, n_heads)  a query head, within its KV group
+``hidden``       (d,)          a residual-stream channel, shared by every layer
+``intermediate`` (L, d_ff)     an MLP channel
+
+Where masks act: head gates (times their group's KV gate) scale each head's output before the
+attention output projection; intermediate gates scale the MLP's down-projection input; layer
+and hidden gates scale what each sublayer writes into the residual stream, the embeddings and
+the final norm's output; RMSNorms average over the kept hidden channels only. With gates fixed
+to 0/1-times-soft-values this is exactly the smaller model :mod:`materialize` builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from acadlm_plugins.pruning.architecture import Architecture
+from acadlm_plugins.pruning.hard_concrete import HardConcreteGates
+
+MASK_TYPES = ("layer", "kv_head", "head", "hidden", "intermediate")
+
+
+@dataclass(frozen=True)
+class ExpectedShape:
+    """Differentiable expected remaining counts, in the units the target is written in."""
+
+    counts: dict[str, torch.Tensor]       # expected remaining units per mask type
+    totals: dict[str, int]                # the source's number of units per mask type
+    targets: dict[str, int]               # the target's number of units per mask type
+
+    def fraction(self, mask_type: str) -> torch.Tensor:
+        return self.counts[mask_type] / self.totals[mask_type]
+
+    def target_fraction(self, mask_type: str) -> float:
+        return self.targets[mask_type] / self.totals[mask_type]
+
+
+class PruningMasks(nn.Module):
+    """Hard-concrete gates for every dimension that the target shrinks."""
+
+    def __init__(self, source: Architecture, target: Architecture, *,
+                 droprate_init: float = 0.01, seed: int = 0) -> None:
+        super().__init__()
+        self.source, self.target = source, target
+        init = torch.Generator().manual_seed(seed)
+        L = source.num_layers
+        shapes = {
+            "layer": ((L,), target.num_layers < L),
+            "kv_head": ((L, source.num_kv_heads), target.num_kv_heads < source.num_kv_heads),
+            "head": ((L, source.num_heads), target.heads_per_kv < source.heads_per_kv),
+            "hidden": ((source.embed_dim,), target.embed_dim < source.embed_dim),
+            "intermediate": ((L, source.intermediate_dim),
+                             target.intermediate_dim < source.intermediate_dim),
+        }
+        self.gates = nn.ModuleDict({
+            name: HardConcreteGates(shape, droprate_init=droprate_init, generator=init)
+            for name, (shape, pruned) in shapes.items() if pruned})
+        self._sampler = torch.Generator().manual_seed(seed + 1)
+        self._sampled: dict[str, torch.Tensor] = {}
+        self._deterministic: dict[str, torch.Tensor] | None = None
+        self.hooked_modules = 0
+
+    # ------------------------------------------------------------------ gate values
+    @property
+    def mask_types(self) -> list[str]:
+        return list(self.gates)
+
+    def resample(self) -> None:
+        """Draw fresh stochastic gates for the next training forward pass."""
+        self._sampled = {name: gate.sample(self._sampler) for name, gate in self.gates.items()}
+        self._deterministic = None
+
+    def invalidate(self) -> None:
+        """Forget cached deterministic gates (after the gates' optimizer step)."""
+        self._deterministic = None
+
+    def deterministic_gates(self, counts: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """Gates with a fixed number of units kept, GQA-consistent.
+
+        ``counts`` maps mask type to units kept per row (per layer for 2-d gates); by default
+        the expected counts rounded, as Sheared-LLaMA evaluates during pruning. The query heads
+        kept are the best ``heads_per_kv`` of each KV group.
+        """
+        counts = dict(counts) if counts is not None else self.expected_row_counts()
+        out: dict[str, torch.Tensor] = {}
+        for name, gate in self.gates.items():
+            if name == "head":
+                out[name] = self._deterministic_heads(gate, counts[name])
+            else:
+                out[name] = gate.deterministic(counts[name])
+        return out
+
+    def target_row_counts(self) -> dict[str, int]:
+        """Units kept per row at the end: exactly the target architecture."""
+        t = self.target
+        return {"layer": t.num_layers, "kv_head": t.num_kv_heads, "head": t.heads_per_kv,
+                "hidden": t.embed_dim, "intermediate": t.intermediate_dim}
+
+    @torch.no_grad()
+    def expected_row_counts(self) -> dict[str, int]:
+        """Expected kept units per row, rounded, never below the target."""
+        t = self.target_row_counts()
+        out: dict[str, int] = {}
+        for name, gate in self.gates.items():
+            scores = gate.scores()
+            if name == "head":
+                per_group = scores.reshape(scores.shape[0], -1, self.source.heads_per_kv)
+                value = per_group.sum(-1).mean()
+            else:
+                value = scores.reshape(-1, scores.shape[-1]).sum(-1).mean() if scores.dim() > 1 \
+                    else scores.sum()
+            out[name] = max(t[name], int(torch.round(value).item()))
+        return out
+
+    def _deterministic_heads(self, gate: HardConcreteGates, keep_per_group: int) -> torch.Tensor:
+        L, hpk = self.source.num_layers, self.source.heads_per_kv
+        log_alpha = gate.log_alpha.detach().reshape(L, -1, hpk)
+        soft = gate.soft_values().detach().reshape(L, -1, hpk)
+        top = torch.topk(log_alpha, keep_per_group, dim=-1).indices
+        out = torch.zeros_like(soft)
+        out.scatter_(-1, top, soft.gather(-1, top))
+        return out.reshape(L, -1)
+
+    def current(self, training: bool) -> dict[str, torch.Tensor]:
+        """The gates in force: sampled while training, deterministic in eval mode."""
+        if training:
+            if not self._sampled:
+                self.resample()
+            return self._sampled
+        if self._deterministic is None:
+            self._deterministic = self.deterministic_gates()
+        return self._deterministic
+
+    # ------------------------------------------------------- per-site factors for hooks
+    def head_factor(self, gates: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor | None:
+        head = gates.get("head")
+        kv = gates.get("kv_head")
+        factor = head[layer] if head is not None else None
+        if kv is not None:
+            group = kv[layer].repeat_interleave(self.source.heads_per_kv)
+            factor = group if factor is None else factor * group
+        return factor
+
+    @staticmethod
+    def residual_factor(gates: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor | None:
+        """What a sublayer's output is scaled by before it joins the residual stream."""
+        hidden, layer_gate = gates.get("hidden"), gates.get("layer")
+        if layer_gate is None:
+            return hidden
+        if hidden is None:
+            return layer_gate[layer]
+        return hidden * layer_gate[layer]
+
+    # ---------------------------------------------------------------- expected shape
+    def expected_shape(self, gates: Mapping[str, torch.Tensor] | None = None) -> ExpectedShape:
+        """Expected remaining units (differentiable in log_alpha).
+
+        ``gates`` replaces the scores P(z > 0) by given values (e.g. 0/1 indicators), which
+        turns the same formula into an exact count for a fixed mask.
+        """
+        s = self._unit_scores(gates)
+        layer, kv, head = s["layer"], s["kv_head"], s["head"]
+        head_effective = head * kv.repeat_interleave(self.source.heads_per_kv, dim=1)
+        counts = {
+            "layer": layer.sum(),
+            "kv_head": (layer[:, None] * kv).sum(),
+            "head": (layer[:, None] * head_effective).sum(),
+            "hidden": s["hidden"].sum(),
+            "intermediate": (layer[:, None] * s["intermediate"]).sum(),
+        }
+        src, tgt = self.source, self.target
+        totals = {"layer": src.num_layers, "kv_head": src.num_layers * src.num_kv_heads,
+                  "head": src.num_layers * src.num_heads, "hidden": src.embed_dim,
+                  "intermediate": src.num_layers * src.intermediate_dim}
+        targets = {"layer": tgt.num_layers, "kv_head": tgt.num_layers * tgt.num_kv_heads,
+                   "head": tgt.num_layers * tgt.num_heads, "hidden": tgt.embed_dim,
+                   "intermediate": tgt.num_layers * tgt.intermediate_dim}
+        return ExpectedShape(counts, totals, targets)
+
+    def expected_non_embedding_params(self, gates: Mapping[str, torch.Tensor] | None = None
+                                      ) -> torch.Tensor:
+        """Expected parameters outside the embeddings, from products of unit scores.
+
+        Per layer: layer score x (attention rows x hidden + MLP channels x hidden + 2 norms),
+        with hidden = the expected number of kept residual channels.
+        """
+        s = self._unit_scores(gates)
+        hd = self.source.head_dim
+        hidden = s["hidden"].sum()
+        heads = (s["head"] * s["kv_head"].repeat_interleave(self.source.heads_per_kv, 1)).sum(1)
+        kv = s["kv_head"].sum(1)
+        inter = s["intermediate"].sum(1)
+        per_layer = 2 * hidden * hd * heads + 2 * hidden * hd * kv + 3 * hidden * inter + 2 * hidden
+        return (s["layer"] * per_layer).sum() + hidden
+
+    def _unit_scores(self, gates: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        src = self.source
+        L = src.num_layers
+        ones = {"layer": torch.ones(L), "kv_head": torch.ones(L, src.num_kv_heads),
+                "head": torch.ones(L, src.num_heads), "hidden": torch.ones(src.embed_dim),
+                "intermediate": torch.ones(L, src.intermediate_dim)}
+        out = {}
+        for name, default in ones.items():
+            if name in self.gates:
+                out[name] = gates[name] if gates is not None else self.gates[name].scores()
+            else:
+                out[name] = default.to(self._device())
+        return out
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device if len(self.gates) else torch.device("cpu")
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        for gate in self.gates.values():
+            gate.clamp_()
+
+
+class MaskHooks:
+    """Installs :class:`PruningMasks` on a torchtune decoder with forward hooks; ``remove()``
+    restores the plain model. Module structure and state-dict keys are untouched."""
+
+    def __init__(self, model: nn.Module, masks: PruningMasks) -> None:
+        self.masks = masks
+        self._handles = []
+        hook = self._handles.append
+        hook(model.tok_embeddings.register_forward_hook(self._scale_hidden))
+        for index, layer in enumerate(model.layers):
+            hook(layer.sa_norm.register_forward_hook(self._masked_rms_norm))
+            hook(layer.mlp_norm.register_forward_hook(self._masked_rms_norm))
+            hook(layer.attn.output_proj.register_forward_pre_hook(self._head_hook(index)))
+            hook(layer.mlp.w2.register_forward_pre_hook(self._intermediate_hook(index)))
+            hook(layer.sa_scale.register_forward_hook(self._residual_hook(index)))
+            hook(layer.mlp_scale.register_forward_hook(self._residual_hook(index)))
+        hook(model.norm.register_forward_hook(self._final_norm))
+        masks.hooked_modules = len(self._handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _gates(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return self.masks.current(module.training)
+
+    def _scale_hidden(self, module, inputs, output):
+        hidden = self._gates(module).get("hidden")
+        return output if hidden is None else output * hidden.to(output.dtype)
+
+    def _masked_rms_norm(self, module, inputs, output):
+        hidden = self._gates(module).get("hidden")
+        if hidden is None:
+            return output
+        x = inputs[0].float()
+        kept = (hidden > 0).sum().clamp(min=1)
+        normed = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / kept + module.eps)
+        return (normed * module.scale.float()).to(output.dtype)
+
+    def _final_norm(self, module, inputs, output):
+        normed = self._masked_rms_norm(module, inputs, output)
+        return self._scale_hidden(module, inputs, normed)
+
+    def _head_hook(self, layer: int):
+        def hook(module, inputs):
+            factor = self.masks.head_factor(self._gates(module), layer)
+            if factor is None:
+                return None
+            x = inputs[0]
+            head_dim = self.masks.source.head_dim
+            scaled = x * factor.repeat_interleave(head_dim).to(x.dtype)
+            return (scaled, *inputs[1:])
+        return hook
+
+    def _intermediate_hook(self, layer: int):
+        def hook(module, inputs):
+            gates = self._gates(module).get("intermediate")
+            if gates is None:
+                return None
+            return (inputs[0] * gates[layer].to(inputs[0].dtype), *inputs[1:])
+        return hook
+
+    def _residual_hook(self, layer: int):
+        def hook(module, inputs, output):
+            factor = self.masks.residual_factor(self._gates(module), layer)
+            return output if factor is None else output * factor.to(output.dtype)
+        return hook
