@@ -6,5 +6,5 @@ after the hooks in :mod:`acadlm_plugins.hookspecs`.
 
 from acadlm_plugins.hookspecs import hookimpl, hookspec
 
-__all__ = ["hookimpl", "hookspec", "__version__"]
+__all__ = ["__version__", "hookimpl", "hookspec"]
 __version__ = "0.1.0"

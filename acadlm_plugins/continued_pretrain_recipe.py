@@ -31,13 +31,28 @@ from tqdm.auto import tqdm
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins._compat import hf_checkpoint_files, save_hf_model_dir
-from acadlm_plugins.data.mixture import DomainBatchSampler, DomainMixtureDataset, collate_domain_packs
+from acadlm_plugins.data.mixture import (
+    DomainBatchSampler,
+    DomainMixtureDataset,
+    collate_domain_packs,
+)
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.plugin_manager import (build_plugin_manager, collect_metrics, list_plugins,
-                                           plugin_states, restore_plugin_states)
-from acadlm_plugins.training.checkpointing import (MODEL_DIRNAME, RECIPE_STATE_FILENAME,
-                                                   latest_checkpoint, restore_rng_state, rng_state,
-                                                   save_torch_atomically, write_checkpoint)
+from acadlm_plugins.plugin_manager import (
+    build_plugin_manager,
+    collect_metrics,
+    list_plugins,
+    plugin_states,
+    restore_plugin_states,
+)
+from acadlm_plugins.training.checkpointing import (
+    MODEL_DIRNAME,
+    RECIPE_STATE_FILENAME,
+    latest_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_torch_atomically,
+    write_checkpoint,
+)
 from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
 
@@ -58,7 +73,8 @@ RESUME_MUST_MATCH = ("model", "dataset", "tokenizer")
 class ContinuedPretrainRecipe:
     """Setup, train, checkpoint: one object per run (see the module docstring)."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, recipe_name: str = RECIPE_NAME) -> None:
+        self._recipe_name = recipe_name
         self._distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
         self._device = utils.get_device(cfg.get("device", "cpu"))
         if self._distributed and not dist.is_initialized():
@@ -81,7 +97,7 @@ class ContinuedPretrainRecipe:
     # ----------------------------------------------------------------------------- setup
     def setup(self, cfg: DictConfig) -> None:
         self._pm = build_plugin_manager(list(cfg.get("plugins", None) or []))
-        self._pm.hook.acadlm_configure(cfg=cfg, recipe=RECIPE_NAME)
+        self._pm.hook.acadlm_configure(cfg=cfg, recipe=self._recipe_name)
         _check_keys(cfg, self._pm)
         self._eval_every = int(cfg.get("eval_every_n_steps", None) or self._max_steps)
         self._cfg = cfg
@@ -202,7 +218,8 @@ class ContinuedPretrainRecipe:
         started = time.perf_counter()
         if self._step == 0:
             self._evaluate()
-        progress = tqdm(total=self._max_steps, initial=self._step, desc="continued pretraining",
+        progress = tqdm(total=self._max_steps, initial=self._step,
+                        desc=self._recipe_name.replace("_", " "),
                         disable=not self._is_rank_zero or os.environ.get("ACADLM_NO_PROGRESS") == "1",
                         dynamic_ncols=True)
         self._model.train()
@@ -267,6 +284,10 @@ class ContinuedPretrainRecipe:
             metrics["grad_norm"] = float(grad_norm)
         for name, value in extra_totals.items():
             metrics[f"loss/{name}"] = value
+        if self._distributed:  # per-domain losses over the global batch, not rank 0's slice
+            both = torch.stack([domain_sums, domain_counts]).to(self._device)
+            dist.all_reduce(both)
+            domain_sums, domain_counts = both.cpu()
         for d, name in enumerate(self._train_data.domain_names):
             if domain_counts[d] > 0:
                 metrics[f"train_loss/{name}"] = float(domain_sums[d] / domain_counts[d])
@@ -326,6 +347,37 @@ class ContinuedPretrainRecipe:
             dist.barrier()
         return path
 
+    # ----------------------------------------------------------- for recipes built on this
+    @property
+    def is_rank_zero(self) -> bool:
+        return self._is_rank_zero
+
+    @property
+    def output_dir(self) -> Path:
+        return self._output_dir
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def plugin_manager(self):
+        return self._pm
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The model's full (unsharded) CPU state dict on rank 0; every rank must call this."""
+        if self._distributed:
+            return training.gather_cpu_state_dict(self._model, self._is_rank_zero)
+        return {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Per-domain validation loss of ``model`` (an unsharded model, on this rank alone)."""
+        validation = self._cfg.get("validation", {}) or {}
+        return evaluate_domain_losses(
+            model, self._val_data.corpus,
+            batch_size=int(validation.get("batch_size", self._batch_size)), device=self._device,
+            max_packs_per_domain=validation.get("max_packs_per_domain", None))
+
     # --------------------------------------------------------------------------- helpers
     def _all_reduce_sum(self, value: float) -> float:
         if not self._distributed:
@@ -341,7 +393,7 @@ class ContinuedPretrainRecipe:
     def _summary(self, wall_seconds: float) -> dict[str, Any]:
         evaluations = self._history["evaluations"]
         summary: dict[str, Any] = {
-            "steps": self._step, "wall_seconds": round(wall_seconds, 1),
+            "recipe": self._recipe_name, "steps": self._step, "wall_seconds": round(wall_seconds, 1),
             "val_loss_before": evaluations[0]["losses"] if evaluations else {},
             "val_loss_after": evaluations[-1]["losses"] if evaluations else {},
             "checkpoint": str(latest_checkpoint(self._output_dir) or ""),
@@ -363,7 +415,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table of per-domain loss before/after and the final domain weights."""
     before, after = summary.get("val_loss_before", {}), summary.get("val_loss_after", {})
     weights = summary.get("domain_weights", {})
-    lines = ["", "=== continued pre-training summary ===",
+    lines = ["", f"=== {summary.get('recipe', 'continued_pretrain').replace('_', ' ')} summary ===",
              f"{'domain':<12}{'val loss before':>16}{'after':>10}{'change':>10}{'weight':>10}"]
     for name in before:
         change = after.get(name, math.nan) - before[name]

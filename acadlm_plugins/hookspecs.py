@@ -18,7 +18,7 @@ A recipe calls the hooks in this order::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import pluggy
 
@@ -55,7 +55,7 @@ def acadlm_data_ready(dataset: Any, sampler: Any, cfg: Any) -> None:
 
 
 @hookspec
-def acadlm_optimizer_param_groups(model: Any, cfg: Any) -> Optional[list[dict]]:
+def acadlm_optimizer_param_groups(model: Any, cfg: Any) -> list[dict] | None:
     """Return extra optimizer parameter groups (a list of ``{"params": [...], ...}`` dicts).
 
     The groups are appended to the model's own group in the main optimizer. A plugin that
@@ -74,7 +74,7 @@ def acadlm_batch_ready(batch: dict, step: int) -> None:
 
 
 @hookspec
-def acadlm_extra_loss(model: Any, batch: dict, logits: Any, loss: Any, step: int) -> Optional[dict]:
+def acadlm_extra_loss(model: Any, batch: dict, logits: Any, loss: Any, step: int) -> dict | None:
     """Return extra loss terms to add to the training loss, as ``{name: scalar tensor}``.
 
     Each term is added to the language-model ``loss`` before backward and logged as
@@ -83,7 +83,7 @@ def acadlm_extra_loss(model: Any, batch: dict, logits: Any, loss: Any, step: int
 
 
 @hookspec
-def acadlm_after_optimizer_step(step: int, metrics: dict) -> Optional[dict]:
+def acadlm_after_optimizer_step(step: int, metrics: dict) -> dict | None:
     """The optimizer has stepped (``step`` counts completed steps, from 1).
 
     ``metrics`` holds what the recipe is about to log (loss, lr, tokens/s, ...). Return a dict
@@ -92,7 +92,7 @@ def acadlm_after_optimizer_step(step: int, metrics: dict) -> Optional[dict]:
 
 
 @hookspec
-def acadlm_evaluation_end(step: int, domain_losses: dict, metrics: dict) -> Optional[dict]:
+def acadlm_evaluation_end(step: int, domain_losses: dict, metrics: dict) -> dict | None:
     """Validation finished: ``domain_losses`` maps each domain name to its mean token loss.
 
     Return a dict of extra scalar metrics to log, or ``None``. Dynamic batch loading updates
@@ -101,7 +101,7 @@ def acadlm_evaluation_end(step: int, domain_losses: dict, metrics: dict) -> Opti
 
 
 @hookspec
-def acadlm_state_dict() -> Optional[dict]:
+def acadlm_state_dict() -> dict | None:
     """Return ``{plugin_name: state}`` to store in the run's checkpoint, or ``None``.
 
     ``state`` must be picklable by ``torch.save``. It comes back through

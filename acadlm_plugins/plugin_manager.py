@@ -43,6 +43,7 @@ ENTRY_POINT_GROUP = "acadlm_plugins"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "acadlm_plugins.plugins.nonfinite_loss_guard",
     "acadlm_plugins.plugins.dynamic_batch_loading:DynamicBatchLoadingPlugin",
+    "acadlm_plugins.plugins.pruning:PruningPlugin",
 )
 
 ALLOW_ENV = "ACADLM_PLUGINS_ALLOW"

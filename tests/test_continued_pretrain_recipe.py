@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_setup import tiny_run_args
 
 from acadlm_plugins import hookimpl
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.plugins.nonfinite_loss_guard import NonFiniteLossError
 from acadlm_plugins.training.checkpointing import latest_checkpoint
-from tiny_setup import tiny_run_args
 
 EXAMPLE_PLUGIN_DIR = Path(__file__).parent / "example_plugin"
 

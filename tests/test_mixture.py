@@ -7,10 +7,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from tiny_setup import ByteTokenizer, write_tiny_corpus
 
 from acadlm_plugins.data.mixture import DomainBatchSampler, domain_mixture_dataset
 from acadlm_plugins.errors import ConfigError, DataError
-from tiny_setup import ByteTokenizer, write_tiny_corpus
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_corrupt_jsonl_line_names_file_and_line(tmp_path):
 
 def test_token_cache_is_reused_and_invalidated_by_content(tmp_path, corpus):
     cache = tmp_path / "cache"
-    build = lambda: domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus),  # noqa: E731
+    build = lambda: domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus),
                                            max_seq_len=32, cache_dir=str(cache))
     first = build()
     entries = sorted(cache.iterdir())

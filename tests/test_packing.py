@@ -9,8 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acadlm_plugins.data.mixture import collate_domain_packs
-from acadlm_plugins.data.packing import (CROSS_ENTROPY_IGNORE_INDEX, TokenizedDocuments,
-                                         pack_documents)
+from acadlm_plugins.data.packing import (
+    CROSS_ENTROPY_IGNORE_INDEX,
+    TokenizedDocuments,
+    pack_documents,
+)
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.smollm2 import tiny_llama
 

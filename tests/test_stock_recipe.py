@@ -24,7 +24,7 @@ def test_full_finetune_single_device_trains_on_the_domain_mixture(tmp_path):
         [str(tune), "run", "full_finetune_single_device", "--config", str(STOCK_CONFIG),
          f"output_dir={out}", f"checkpointer.checkpoint_dir={model_dir}",
          f"dataset.data_dir={corpus}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log_text = "\n".join(p.read_text() for p in (out / "logs").glob("*.txt"))
     losses = [float(x) for x in re.findall(r"loss:([0-9.]+)", log_text)]

@@ -51,9 +51,9 @@ def write_tiny_checkpoint(model_dir: Path, seed: int = 0) -> Path:
 
 
 _WORDS = {
-    "prose": "the a of and to in that it was he for on are as with his they at be this from".split(),
+    "prose": ["the", "a", "of", "and", "to", "in", "that", "it", "was", "he", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from"],
     "numbers": [str(n) for n in range(40)],
-    "code": "def return if else for in range print x y z ( ) : = + ==".split(),
+    "code": ["def", "return", "if", "else", "for", "in", "range", "print", "x", "y", "z", "(", ")", ":", "=", "+", "=="],
 }
 
 

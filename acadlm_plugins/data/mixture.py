@@ -30,8 +30,13 @@ import torch
 from torch.utils.data import Dataset
 
 from acadlm_plugins.data.documents import resolve_data_files
-from acadlm_plugins.data.packing import (CROSS_ENTROPY_IGNORE_INDEX, PackedSequences,
-                                         PackingMode, PositionMode, pack_documents)
+from acadlm_plugins.data.packing import (
+    CROSS_ENTROPY_IGNORE_INDEX,
+    PackedSequences,
+    PackingMode,
+    PositionMode,
+    pack_documents,
+)
 from acadlm_plugins.data.tokenization import load_or_tokenize
 from acadlm_plugins.errors import ConfigError, DataError
 

@@ -14,8 +14,13 @@ from pathlib import Path
 from torch import nn
 from torchtune.models.llama3_1._component_builders import llama3_mlp
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
-from torchtune.modules import (MultiHeadAttention, RMSNorm, TiedLinear, TransformerDecoder,
-                               TransformerSelfAttentionLayer)
+from torchtune.modules import (
+    MultiHeadAttention,
+    RMSNorm,
+    TiedLinear,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
 
 
 def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int,

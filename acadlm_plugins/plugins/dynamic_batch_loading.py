@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from acadlm_plugins.data.dynamic_batch_loading import excess_losses, ordered, update_domain_weights
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
@@ -155,6 +157,8 @@ class DynamicBatchLoadingPlugin:
     def acadlm_run_end(self, summary: dict) -> None:
         if not self.enabled or not self.history or self.sampler is None:
             return
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # one rank writes the plot
         from acadlm_plugins.training.plots import plot_domain_history
 
         path = (self.output_dir or Path(".")) / PLOT_NAME

@@ -4,9 +4,10 @@ parameters. Every impossible target is refused here, before any training starts.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 

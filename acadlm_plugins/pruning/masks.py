@@ -83,6 +83,10 @@ class PruningMasks(nn.Module):
         """Forget cached deterministic gates (after the gates' optimizer step)."""
         self._deterministic = None
 
+    def use_final_gates(self) -> None:
+        """Evaluate with the final gates: exactly the target's units kept."""
+        self._deterministic = self.deterministic_gates(self.target_row_counts())
+
     def deterministic_gates(self, counts: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
         """Gates with a fixed number of units kept, GQA-consistent.
 

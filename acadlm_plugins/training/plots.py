@@ -33,3 +33,37 @@ def plot_domain_history(history: Sequence[dict[str, Any]], domain_names: Sequenc
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_pruning_history(history: Sequence[dict[str, Any]], mask_types: Sequence[str],
+                         path: str | Path) -> Path:
+    """Expected remaining fraction vs its (ramped) target per mask type, and the multipliers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for i, name in enumerate(mask_types):
+        color = f"C{i % 10}"
+        top.plot(steps, [h[f"pruning/expected/{name}"] for h in history], color=color,
+                 label=f"{name} expected")
+        top.plot(steps, [h[f"pruning/target/{name}"] for h in history], color=color,
+                 linestyle="--", linewidth=0.8)
+        bottom.plot(steps, [h[f"pruning/lambda_1/{name}"] for h in history], color=color,
+                    label=f"{name} λ1")
+        bottom.plot(steps, [h[f"pruning/lambda_2/{name}"] for h in history], color=color,
+                    linestyle=":", label=f"{name} λ2")
+    top.set_ylabel("remaining fraction (dashed: target)")
+    top.set_title("Targeted structured pruning")
+    top.legend(loc="best", fontsize="small")
+    bottom.set_ylabel("Lagrange multipliers")
+    bottom.set_xlabel("step")
+    bottom.legend(loc="best", fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,177 @@
+"""Sheared-LLaMA targeted structured pruning as a plugin of the training loop.
+
+Config block::
+
+    pruning:
+      target: {num_layers: 20, num_heads: 6, num_kv_heads: 2, embed_dim: 384,
+               intermediate_dim: 1024}   # any subset; unnamed dims stay as in the source
+      lagrangian_warmup_steps: 20        # target sparsity ramps linearly from 0
+      mask_lr: 0.3                       # AdamW on the gates' log_alpha
+      lambda_lr: 0.05                    # AdamW, maximizing, on the Lagrange multipliers
+      droprate_init: 0.01                # gates start open: log_alpha ~ ln(0.99/0.01) = 4.6
+
+The gates and the multipliers keep their own full-precision optimizers (they are tiny, and the
+multipliers' sign matters); the recipe's optimizer sees only the model. On several ranks the
+gates' gradients are averaged and every rank draws the same gate noise, so gates and
+multipliers stay identical everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.hookspecs import hookimpl
+from acadlm_plugins.pruning.architecture import Architecture, architecture_of, resolve_target
+from acadlm_plugins.pruning.lagrangian import LagrangeMultipliers
+from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "pruning"
+STATE_KEY = "pruning"
+KNOWN_KEYS = {"target", "lagrangian_warmup_steps", "mask_lr", "lambda_lr", "droprate_init"}
+
+
+class PruningPlugin:
+    """Learns hard-concrete masks toward ``pruning.target`` while the model trains."""
+
+    config_keys = (CONFIG_KEY,)
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.masks: PruningMasks | None = None
+        self.hooks: MaskHooks | None = None
+        self.multipliers: LagrangeMultipliers | None = None
+        self.history: list[dict[str, float]] = []
+        self._report: dict[str, float] = {}
+
+    @hookimpl
+    def acadlm_configure(self, cfg: Any, recipe: str) -> None:
+        block = cfg.get(CONFIG_KEY, None)
+        if not block:
+            if recipe == "prune":
+                raise ConfigError(CONFIG_KEY, "is required by the prune recipe.",
+                                  "add `pruning: {target: {...}}` (see configs/smollm2/).")
+            return
+        unknown = sorted(set(block) - KNOWN_KEYS)
+        if unknown:
+            raise ConfigError(f"{CONFIG_KEY}.{unknown[0]}", "is not a known key.",
+                              f"use only {sorted(KNOWN_KEYS)}.")
+        if not block.get("target"):
+            raise ConfigError(f"{CONFIG_KEY}.target", "is missing.",
+                              "name the target dims, e.g. {num_layers: 20, embed_dim: 384}.")
+        self.enabled = True
+        self.target_spec = dict(block.target)
+        self.warmup = int(block.get("lagrangian_warmup_steps", 0))
+        self.mask_lr = float(block.get("mask_lr", 0.3))
+        self.lambda_lr = float(block.get("lambda_lr", 0.05))
+        self.droprate_init = float(block.get("droprate_init", 0.01))
+        self.seed = int(cfg.get("seed", 0) or 0)
+        for key, value in (("mask_lr", self.mask_lr), ("lambda_lr", self.lambda_lr)):
+            if not value > 0:
+                raise ConfigError(f"{CONFIG_KEY}.{key}", f"must be > 0, got {value}.")
+        if not 0 < self.droprate_init < 1:
+            raise ConfigError(f"{CONFIG_KEY}.droprate_init", "must be in (0, 1).")
+        if self.warmup < 0:
+            raise ConfigError(f"{CONFIG_KEY}.lagrangian_warmup_steps", "must be >= 0.")
+        self.output_dir = Path(cfg.get("output_dir", "."))
+
+    @hookimpl
+    def acadlm_model_built(self, model: Any, cfg: Any, device: Any) -> None:
+        if not self.enabled:
+            return
+        self.source = architecture_of(model)
+        self.target = resolve_target(self.source, self.target_spec, field=f"{CONFIG_KEY}.target")
+        if self.target == self.source:
+            raise ConfigError(f"{CONFIG_KEY}.target", "equals the source architecture: there is "
+                              "nothing to prune.", "make at least one dimension smaller.")
+        self.masks = PruningMasks(self.source, self.target, droprate_init=self.droprate_init,
+                                  seed=self.seed).to(device)
+        self.hooks = MaskHooks(model, self.masks)
+        self.multipliers = LagrangeMultipliers(self.masks.mask_types).to(device)
+        self.mask_optimizer = torch.optim.AdamW(self.masks.parameters(), lr=self.mask_lr,
+                                                weight_decay=0.0)
+        self.lambda_optimizer = torch.optim.AdamW(self.multipliers.parameters(),
+                                                  lr=self.lambda_lr, weight_decay=0.0,
+                                                  maximize=True)
+        log.info("pruning %s", self.source.describe())
+        log.info("     to %s", self.target.describe())
+
+    @hookimpl
+    def acadlm_batch_ready(self, batch: dict, step: int) -> None:
+        if self.enabled:
+            self.masks.resample()
+
+    @hookimpl
+    def acadlm_extra_loss(self, step: int) -> dict | None:
+        if not self.enabled:
+            return None
+        term, self._report = self.multipliers.loss(self.masks.expected_shape(), step, self.warmup)
+        return {"lagrangian": term}
+
+    @hookimpl
+    def acadlm_after_optimizer_step(self, step: int, metrics: dict) -> dict | None:
+        if not self.enabled:
+            return None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for param in self.masks.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+        self.mask_optimizer.step()
+        self.lambda_optimizer.step()
+        self.mask_optimizer.zero_grad(set_to_none=True)
+        self.lambda_optimizer.zero_grad(set_to_none=True)
+        self.masks.clamp_()
+        self.masks.invalidate()
+        with torch.no_grad():
+            expected_params = float(self.masks.expected_non_embedding_params())
+        report = {**self._report, "pruning/expected_non_embedding_params": expected_params}
+        self.history.append({"step": step, **report})
+        return report
+
+    @hookimpl
+    def acadlm_state_dict(self) -> dict | None:
+        if not self.enabled:
+            return None
+        return {STATE_KEY: {
+            "target": self.target.to_dict(), "masks": self.masks.state_dict(),
+            "sampler": self.masks._sampler.get_state(),
+            "multipliers": self.multipliers.state_dict(),
+            "mask_optimizer": self.mask_optimizer.state_dict(),
+            "lambda_optimizer": self.lambda_optimizer.state_dict(), "history": self.history}}
+
+    @hookimpl
+    def acadlm_load_state_dict(self, states: dict) -> None:
+        if not self.enabled or STATE_KEY not in states:
+            return
+        state = states[STATE_KEY]
+        saved = Architecture(**state["target"])
+        if saved != self.target:
+            raise ConfigError(f"{CONFIG_KEY}.target", f"differs from the checkpoint being resumed "
+                              f"({saved.describe()}).", "restore the target, or start a new "
+                              "`output_dir`.")
+        self.masks.load_state_dict(state["masks"])
+        self.masks._sampler.set_state(state["sampler"])
+        self.multipliers.load_state_dict(state["multipliers"])
+        self.mask_optimizer.load_state_dict(state["mask_optimizer"])
+        self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
+        self.history = list(state["history"])
+        self.masks.invalidate()
+
+    @hookimpl
+    def acadlm_run_end(self, summary: dict) -> None:
+        if not self.enabled or not self.history:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return  # one rank writes the plot
+        from acadlm_plugins.training.plots import plot_pruning_history
+
+        path = plot_pruning_history(self.history, self.masks.mask_types,
+                                    self.output_dir / "pruning.png")
+        summary["pruning_plot"] = str(path)
