@@ -1,0 +1,194 @@
+"""Sheared-LLaMA pruning: gate math, Lagrangian sign, expected size, materialization, export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.smollm2 import tiny_llama
+from acadlm_plugins.pruning.architecture import Architecture, architecture_of, resolve_target
+from acadlm_plugins.pruning.hard_concrete import (LOG_ALPHA_MAX, LOG_ALPHA_MIN,
+                                                  HardConcreteGates, initial_log_alpha)
+from acadlm_plugins.pruning.lagrangian import LagrangeMultipliers, ramped_target_fraction
+from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
+from acadlm_plugins.pruning.materialize import materialize
+
+TARGET = dict(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=40, intermediate_dim=80)
+
+
+def _masked_setup(seed: int = 0, target: dict | None = None):
+    torch.manual_seed(seed)
+    model = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2).eval()
+    source = architecture_of(model)
+    masks = PruningMasks(source, resolve_target(source, target or TARGET), seed=seed)
+    with torch.no_grad():
+        for gate in masks.gates.values():
+            gate.log_alpha.normal_(0.0, 2.0)
+    return model, masks
+
+
+# ------------------------------------------------------------------ hard-concrete gates
+def test_gates_start_open_and_score_matches_monte_carlo():
+    gates = HardConcreteGates(2000, generator=torch.Generator().manual_seed(0))
+    assert gates.log_alpha.detach().mean().item() == pytest.approx(initial_log_alpha(0.01), abs=0.01)
+    assert initial_log_alpha(0.01) == pytest.approx(math.log(99))
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.linspace(-3, 3, 2000))
+    with torch.no_grad():
+        draws = torch.stack([gates.sample(torch.Generator().manual_seed(i)) for i in range(400)])
+    empirical = (draws > 0).float().mean(0)
+    # average over bins of 100 neighbouring gates: 40,000 draws per bin
+    binned = empirical.reshape(20, 100).mean(1)
+    expected = gates.scores().detach().reshape(20, 100).mean(1)
+    assert torch.allclose(binned, expected, atol=0.015)
+    assert draws.min() == 0.0 and draws.max() == 1.0  # stretched and clamped: exact 0s and 1s
+    assert ((draws == 0) | (draws == 1)).float().mean() > 0.2
+
+
+def test_sampling_is_differentiable_and_clamp_holds_the_range():
+    gates = HardConcreteGates(5)
+    gates.sample().sum().backward()
+    assert gates.log_alpha.grad is not None
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-50.0, -1.0, 0.0, 1.0, 50.0]))
+    gates.clamp_()
+    assert gates.log_alpha.min().item() == pytest.approx(LOG_ALPHA_MIN)
+    assert gates.log_alpha.max().item() == pytest.approx(LOG_ALPHA_MAX)
+
+
+def test_deterministic_gates_keep_exactly_k_per_row_by_log_alpha():
+    gates = HardConcreteGates((3, 10))
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.randn(3, 10))
+    z = gates.deterministic(4)
+    assert ((z > 0).sum(1) == 4).all()
+    best = torch.topk(gates.log_alpha.detach(), 4, dim=1).indices
+    assert (z.gather(1, best) > 0).all()
+
+
+# ------------------------------------------------------------------------- Lagrangian
+def test_lambda_grows_while_expected_size_is_above_target():
+    _, masks = _masked_setup()
+    with torch.no_grad():
+        for gate in masks.gates.values():
+            gate.log_alpha.fill_(5.0)  # everything kept: far above target
+    lambdas = LagrangeMultipliers(masks.mask_types)
+    ascent = torch.optim.SGD(lambdas.parameters(), lr=0.1, maximize=True)
+    for _ in range(3):
+        loss, _ = lambdas.loss(masks.expected_shape(), step=10, warmup_steps=0)
+        loss.backward()
+        ascent.step()
+        ascent.zero_grad()
+    for values in lambdas.multipliers.values():
+        assert values[0] > 0 and values[1] >= 0
+    # ...and the pressure it then puts on the gates shrinks the expected size.
+    loss, _ = lambdas.loss(masks.expected_shape(), step=10, warmup_steps=0)
+    loss.backward()
+    assert all((g.log_alpha.grad > 0).all() for g in masks.gates.values())
+
+
+def test_target_ramps_linearly_from_the_full_model():
+    assert ramped_target_fraction(0.4, 0, 10) == 1.0
+    assert ramped_target_fraction(0.4, 5, 10) == pytest.approx(0.7)
+    assert ramped_target_fraction(0.4, 50, 10) == pytest.approx(0.4)
+    assert ramped_target_fraction(0.4, 0, 0) == pytest.approx(0.4)
+
+
+# ------------------------------------------------------- expected size and materializing
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_size_formula_counts_the_materialized_model_exactly(seed):
+    model, masks = _masked_setup(seed)
+    final = masks.deterministic_gates(masks.target_row_counts())
+    indicators = {k: (v > 0).float() for k, v in final.items()}
+    pruned, arch = materialize(model, masks)
+    counted = sum(p.numel() for n, p in pruned.named_parameters()
+                  if not n.startswith("tok_embeddings"))
+    assert masks.expected_non_embedding_params(indicators).item() == counted
+    assert arch.non_embedding_params() == counted
+    shape = masks.expected_shape(indicators)
+    assert all(shape.counts[t].item() == shape.targets[t] for t in masks.mask_types)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_materialized_model_computes_what_the_masked_model_computes(seed):
+    model, masks = _masked_setup(seed)
+    hooks = MaskHooks(model, masks)
+    masks.use_final_gates()
+    tokens = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        masked = model(tokens)
+    hooks.remove()
+    pruned, arch = materialize(model, masks)
+    with torch.no_grad():
+        small = pruned.eval()(tokens)
+        plain = model(tokens)
+    assert architecture_of(pruned) == arch
+    assert (masked - small).abs().max() < 1e-4
+    assert (plain - small).abs().max() > 1e-2  # the masks really changed the function
+
+
+def test_query_heads_stay_in_their_kv_group():
+    model, masks = _masked_setup(target=dict(num_heads=2, num_kv_heads=1))
+    final = masks.deterministic_gates(masks.target_row_counts())
+    for layer in range(3):
+        heads = torch.nonzero(masks.head_factor(final, layer) > 0).flatten()
+        groups = torch.nonzero(final["kv_head"][layer] > 0).flatten()
+        assert len(heads) == 2 and len(groups) == 1
+        assert set((heads // 2).tolist()) == set(groups.tolist())
+
+
+def test_hooks_leave_state_dict_keys_alone_and_remove_cleanly():
+    model, masks = _masked_setup()
+    keys = list(model.state_dict())
+    tokens = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        before = model(tokens)
+    hooks = MaskHooks(model, masks)
+    assert list(model.state_dict()) == keys
+    hooks.remove()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), before)
+
+
+def test_training_mode_samples_and_eval_mode_is_deterministic():
+    model, masks = _masked_setup()
+    MaskHooks(model, masks)
+    tokens = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        model.eval()
+        a, b = model(tokens), model(tokens)
+        model.train()
+        masks.resample()
+        c = model(tokens)
+        masks.resample()
+        d = model(tokens)
+    assert torch.equal(a, b)
+    assert not torch.equal(c, d)
+
+
+# -------------------------------------------------------------------------- bad targets
+SOURCE = Architecture(num_layers=30, num_heads=9, num_kv_heads=3, embed_dim=576,
+                      intermediate_dim=1536, head_dim=64, vocab_size=49152)
+
+
+@pytest.mark.parametrize("target, key, words", [
+    ({"num_layers": 31}, "pruning.target.num_layers", "larger than the source"),
+    ({"embed_dim": 0}, "pruning.target.embed_dim", "at least 1"),
+    ({"num_heads": 5, "num_kv_heads": 2}, "pruning.target.num_heads", "evenly"),
+    ({"num_heads": 8, "num_kv_heads": 2}, "pruning.target.num_heads", "another KV group"),
+    ({"hidden_size": 256}, "pruning.target.hidden_size", "not a prunable"),
+])
+def test_impossible_targets_are_refused_naming_the_field(target, key, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        resolve_target(SOURCE, target)
+    assert err.value.key == key
+
+
+def test_smollm2_third_size_target_is_valid():
+    target = resolve_target(SOURCE, dict(num_layers=20, num_heads=6, num_kv_heads=2,
+                                         embed_dim=384, intermediate_dim=1024))
+    ratio = target.non_embedding_params() / SOURCE.non_embedding_params()
+    assert 0.25 < ratio < 0.4
