@@ -22,7 +22,7 @@ defaults: setup
 	$(VENV)/bin/acadlm-defaults build
 
 demo: defaults
-	$(VENV)/bin/tune run acadlm_plugins/continued_pretrain_recipe --config configs/smollm2/continued_pretrain_demo.yaml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) recipes/sheared_llama/pipeline.py
 
 test: defaults
 	$(PY) -m pytest -q tests

@@ -70,7 +70,7 @@ class PackingStats:
     tokens_out: int
     pad_tokens: int
     packs: int
-    documents_split: int
+    documents_split: int  # pack boundaries that fall inside a document (it continues next pack)
     max_seq_len: int
     mode: str
 
@@ -85,7 +85,7 @@ class PackingStats:
         return (f"{prefix}packed {self.documents} documents: {self.tokens_in:,} tokens in, "
                 f"{self.tokens_out:,} tokens out, {self.pad_tokens:,} pad, {self.packs} packs of "
                 f"{self.max_seq_len} ({self.efficiency:.2%} efficiency, mode={self.mode}, "
-                f"{self.documents_split} documents split across packs)")
+                f"{self.documents_split} cuts inside documents)")
 
 
 @dataclass
