@@ -84,7 +84,7 @@ class PruneRecipe:
             "non_embedding_params": {"source": masks.source.non_embedding_params(),
                                      "target": target.non_embedding_params(),
                                      "achieved": _non_embedding_params(pruned)},
-            "total_params": {"source": masks.source.total_params(),
+            "total_params": {"source": masks.source.total_params(), "target": target.total_params(),
                              "achieved": sum(p.numel() for p in pruned.parameters())},
             "val_loss": {"source": losses_source, "masked": losses_masked,
                          "pruned": losses_pruned},
