@@ -1,0 +1,112 @@
+"""How much faster the materialized pruned model runs than its source, on SmolLM2-135M.
+
+Builds masks toward the target with random gate scores (``log_alpha``), slices the source into
+the target-size model with :func:`acadlm_plugins.pruning.materialize.materialize`, checks once
+that it computes what the masked source computes, then times no-grad, eval-mode forward passes
+of both on the same random batch, in alternation (the order flips every repeat) so drift on a
+shared machine hits both alike. Prints tokens/s of each, the speedup, and the parameter ratios
+(total and non-embedding).
+
+Run::
+
+    .venv/bin/python benchmarks/pruned_speedup.py
+    .venv/bin/python benchmarks/pruned_speedup.py --batch-size 4 --seq-len 1024 --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from pruning_overhead import DEFAULT_TARGET, non_embedding_params, source_model
+
+from acadlm_plugins.pruning.architecture import architecture_of, resolve_target
+from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
+from acadlm_plugins.pruning.materialize import materialize
+
+
+def random_masks(model: torch.nn.Module, target: dict, seed: int = 0) -> PruningMasks:
+    """Masks toward ``target`` whose gate scores are random, as if after some pruning."""
+    source = architecture_of(model)
+    masks = PruningMasks(source, resolve_target(source, target), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in masks.gates.values():
+            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=generator) * 2 + 1)
+    return masks
+
+
+@torch.no_grad()
+def max_logit_difference(source, pruned, masks: PruningMasks, tokens: torch.Tensor) -> float:
+    """|masked source - materialized| on ``tokens``: zero up to float rounding if slicing is right."""
+    hooks = MaskHooks(source, masks)
+    masks.use_final_gates()
+    try:
+        masked_logits = source(tokens)
+    finally:
+        hooks.remove()
+    return float((masked_logits - pruned(tokens)).abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per model first")
+    parser.add_argument("--weights", choices=("default", "random"), default="default",
+                        help="`default`: the built SmolLM2-135M-Instruct if present")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    source, origin = source_model(args.weights)
+    masks = random_masks(source, DEFAULT_TARGET)
+    pruned, target = materialize(source, masks)
+    source.eval(), pruned.eval()
+    generator = torch.Generator().manual_seed(0)
+    vocab = source.tok_embeddings.num_embeddings
+    batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator)
+               for _ in range(args.warmup + args.repeats)]
+    print(f"SmolLM2-135M ({origin}), fp32, {torch.get_num_threads()} threads, eval, no grad, "
+          f"batch {args.batch_size} x {args.seq_len} tokens, {args.warmup} warm-up + "
+          f"{args.repeats} timed forwards each, interleaved")
+    print(f"source {masks.source.describe()}")
+    print(f"pruned {architecture_of(pruned).describe()}")
+    print(f"max |logit diff| masked source vs materialized: "
+          f"{max_logit_difference(source, pruned, masks, batches[0][:1, :64]):.2e}")
+
+    models = {"source": source, "pruned": pruned}
+    times: dict[str, list[float]] = {"source": [], "pruned": []}
+    with torch.inference_mode():
+        for index, tokens in enumerate(batches):
+            order = ("source", "pruned") if index % 2 == 0 else ("pruned", "source")
+            for name in order:
+                started = time.perf_counter()
+                models[name](tokens)
+                if index >= args.warmup:
+                    times[name].append(time.perf_counter() - started)
+
+    tokens_per_batch = args.batch_size * args.seq_len
+    speed = {k: tokens_per_batch / statistics.median(v) for k, v in times.items()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    non_emb = {k: non_embedding_params(m) for k, m in models.items()}
+    print()
+    print(f"{'':<30}{'source':>12}{'pruned':>12}{'pruned/source':>15}")
+    print(f"{'forward tokens/s (median)':<30}{speed['source']:>12,.0f}{speed['pruned']:>12,.0f}"
+          f"{speed['pruned'] / speed['source']:>14.2f}x")
+    print(f"{'median forward time (s)':<30}{statistics.median(times['source']):>12.3f}"
+          f"{statistics.median(times['pruned']):>12.3f}")
+    print(f"{'total params':<30}{params['source']:>12,}{params['pruned']:>12,}"
+          f"{params['pruned'] / params['source']:>15.3f}")
+    print(f"{'non-embedding params':<30}{non_emb['source']:>12,}{non_emb['pruned']:>12,}"
+          f"{non_emb['pruned'] / non_emb['source']:>15.3f}")
+    print(f"\nspeedup (forward tokens/s, pruned / source): {speed['pruned'] / speed['source']:.2f}x")
+    assert architecture_of(pruned) == target, "materialized shape differs from the target"
+
+
+if __name__ == "__main__":
+    main()

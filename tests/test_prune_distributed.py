@@ -1,0 +1,154 @@
+"""The prune recipe under ``tune run --nproc_per_node 2`` (gloo, CPU, FSDP2).
+
+Two ranks with ``batch_size=B`` see the same global batches as one process with
+``batch_size=2B``. The gates' gradients are averaged over ranks and every rank draws the same
+gate noise, so the learned masks and Lagrange multipliers must equal the one-process ones up
+to float reduction order, be identical on both ranks, and the materialized model must have
+exactly the target architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_setup import REPO_ROOT, tiny_run_args
+
+from acadlm_plugins import hookimpl
+
+pytestmark = pytest.mark.distributed
+
+PRUNE_CONFIG = REPO_ROOT / "configs" / "tiny" / "prune.yaml"
+RANKS = 2
+PER_RANK_BATCH = 2
+STEPS = 8
+RUN_TIMEOUT_S = 120
+REL_TOL = 1e-4
+TUNE = Path(sys.executable).with_name("tune")
+PROBE = "test_prune_distributed:RankProbe"
+
+
+class RankProbe:
+    """Test plugin: every rank writes its own gates and pruning metrics to
+    ``<output_dir>/rank<r>_pruning.pt``, so the ranks can be compared with each other."""
+
+    def __init__(self) -> None:
+        self.reports: dict[int, dict[str, float]] = {}
+
+    @hookimpl
+    def acadlm_configure(self, cfg, recipe: str) -> None:
+        self.output_dir = Path(cfg.output_dir)
+
+    @hookimpl
+    def acadlm_model_built(self, model, cfg, device) -> None:
+        self.model = model
+
+    @hookimpl(hookwrapper=True)
+    def acadlm_after_optimizer_step(self, step: int, metrics: dict):
+        outcome = yield
+        report = {k: v for result in outcome.get_result() if result for k, v in result.items()
+                  if k.startswith("pruning/")}
+        self.reports[step] = report
+
+    @hookimpl
+    def acadlm_run_end(self, summary: dict) -> None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        # The pruning plugin's MaskHooks hold the masks; find them through the model's hooks.
+        masks = next(hook.__self__.masks
+                     for hook in self.model.tok_embeddings._forward_hooks.values()
+                     if hasattr(getattr(hook, "__self__", None), "masks"))
+        torch.save({"masks": {k: v.detach().cpu().clone() for k, v in masks.state_dict().items()},
+                    "reports": self.reports},
+                   self.output_dir / f"rank{rank}_pruning.pt")
+
+
+def run_prune(tmp_path: Path, output_dir: Path, *overrides: str, nproc: int = 1) -> dict:
+    """Run the prune recipe through the ``tune`` CLI in a subprocess; return its summary.json."""
+    launcher = [str(TUNE), "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
+    args = [a for a in tiny_run_args(tmp_path) if not a.startswith("validation_dataset.")]
+    args[1] = str(PRUNE_CONFIG)
+    args += [f"output_dir={output_dir}", f"max_steps={STEPS}", f"save_every_n_steps={STEPS}",
+             f"plugins=[{PROBE}]", *overrides]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
+           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1"}
+    log_file = tmp_path / f"{output_dir.name}.log"
+    with open(log_file, "w") as handle:
+        try:
+            done = subprocess.run([*launcher, "acadlm_plugins/prune_recipe", *args],
+                                  cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                  timeout=RUN_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`tune run` (nproc={nproc}) hung for {RUN_TIMEOUT_S} s (a collective "
+                        f"that not every rank reached?):\n{_tail(log_file)}")
+    assert done.returncode == 0, f"`tune run` (nproc={nproc}) failed:\n{_tail(log_file)}"
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def pruning_state(output_dir: Path) -> dict:
+    state = torch.load(output_dir / f"step_{STEPS:06d}" / "recipe_state.pt", weights_only=False)
+    return state["plugins"]["pruning"]
+
+
+def assert_close_mapping(got: dict[str, float], want: dict[str, float], what: str) -> None:
+    assert set(got) == set(want), what
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=REL_TOL, abs=1e-6), f"{what}[{key}]"
+
+
+def assert_close_tensors(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), what
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=REL_TOL, atol=1e-5,
+                                   msg=lambda m, n=name: f"{what}[{n}]: {m}")
+
+
+def test_two_ranks_learn_the_masks_of_one_process_with_the_same_global_batch(tmp_path):
+    two_dir, one_dir = tmp_path / "two_ranks", tmp_path / "one_process"
+    two = run_prune(tmp_path, two_dir, f"batch_size={PER_RANK_BATCH}", nproc=RANKS)
+    one = run_prune(tmp_path, one_dir, f"batch_size={PER_RANK_BATCH * RANKS}")
+
+    # Both ranks hold the very same gates and saw the very same pruning metrics every step.
+    rank0, rank1 = (torch.load(two_dir / f"rank{r}_pruning.pt") for r in range(RANKS))
+    assert sorted(rank0["reports"]) == list(range(1, STEPS + 1))
+    assert rank0["reports"] == rank1["reports"]
+    for name, value in rank0["masks"].items():
+        torch.testing.assert_close(rank1["masks"][name], value, rtol=0, atol=0, msg=name)
+    assert any(k.startswith("pruning/lambda_1/") and v != 0
+               for k, v in rank0["reports"][STEPS].items()), "multipliers never moved"
+
+    # ... and they are the one-process gates and multipliers.
+    got, want = pruning_state(two_dir), pruning_state(one_dir)
+    assert_close_tensors(got["masks"], want["masks"], "masks")
+    assert_close_tensors(got["multipliers"], want["multipliers"], "multipliers")
+    assert_close_tensors(rank0["masks"], got["masks"], "rank-0 masks vs saved masks")
+    assert len(got["history"]) == len(want["history"]) == STEPS
+    single = torch.load(one_dir / "rank0_pruning.pt")
+    for step in range(1, STEPS + 1):
+        assert_close_mapping(rank0["reports"][step], single["reports"][step],
+                             f"pruning metrics at step {step}")
+
+    assert two["steps"] == one["steps"] == STEPS
+    assert_close_mapping(two["val_loss_before"], one["val_loss_before"], "val_loss_before")
+    assert_close_mapping(two["val_loss_after"], one["val_loss_after"], "val_loss_after")
+
+    # Rank 0 materialized exactly the target, and it computes what the masked model computes.
+    two_summary = json.loads((two_dir / "pruning_summary.json").read_text())
+    one_summary = json.loads((one_dir / "pruning_summary.json").read_text())
+    assert two_summary["achieved"] == two_summary["target"] == one_summary["achieved"]
+    assert two_summary["max_abs_loss_diff_masked_vs_pruned"] < 1e-4
+    for kind in ("source", "masked", "pruned"):
+        assert_close_mapping(two_summary["val_loss"][kind], one_summary["val_loss"][kind],
+                             f"pruned val_loss[{kind}]")
+    assert (two_dir / "pruned_model" / "config.json").is_file()
