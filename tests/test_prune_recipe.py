@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_setup import REPO_ROOT, tiny_run_args
 
 from acadlm_plugins import hookimpl
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.training.checkpointing import latest_checkpoint
-from tiny_setup import REPO_ROOT, tiny_run_args
 
 PRUNE_CONFIG = REPO_ROOT / "configs" / "tiny" / "prune.yaml"
 TINY_TARGET = {"num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "embed_dim": 48,

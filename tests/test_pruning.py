@@ -10,13 +10,17 @@ import torch
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.smollm2 import tiny_llama
 from acadlm_plugins.pruning.architecture import Architecture, architecture_of, resolve_target
-from acadlm_plugins.pruning.hard_concrete import (LOG_ALPHA_MAX, LOG_ALPHA_MIN,
-                                                  HardConcreteGates, initial_log_alpha)
+from acadlm_plugins.pruning.hard_concrete import (
+    LOG_ALPHA_MAX,
+    LOG_ALPHA_MIN,
+    HardConcreteGates,
+    initial_log_alpha,
+)
 from acadlm_plugins.pruning.lagrangian import LagrangeMultipliers, ramped_target_fraction
 from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
 from acadlm_plugins.pruning.materialize import materialize
 
-TARGET = dict(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=40, intermediate_dim=80)
+TARGET = {"num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "embed_dim": 40, "intermediate_dim": 80}
 
 
 def _masked_setup(seed: int = 0, target: dict | None = None):
@@ -131,7 +135,7 @@ def test_materialized_model_computes_what_the_masked_model_computes(seed):
 
 
 def test_query_heads_stay_in_their_kv_group():
-    model, masks = _masked_setup(target=dict(num_heads=2, num_kv_heads=1))
+    _model, masks = _masked_setup(target={"num_heads": 2, "num_kv_heads": 1})
     final = masks.deterministic_gates(masks.target_row_counts())
     for layer in range(3):
         heads = torch.nonzero(masks.head_factor(final, layer) > 0).flatten()
@@ -188,7 +192,7 @@ def test_impossible_targets_are_refused_naming_the_field(target, key, words):
 
 
 def test_smollm2_third_size_target_is_valid():
-    target = resolve_target(SOURCE, dict(num_layers=20, num_heads=6, num_kv_heads=2,
-                                         embed_dim=384, intermediate_dim=1024))
+    target = resolve_target(SOURCE, {"num_layers": 20, "num_heads": 6, "num_kv_heads": 2,
+                                         "embed_dim": 384, "intermediate_dim": 1024})
     ratio = target.non_embedding_params() / SOURCE.non_embedding_params()
     assert 0.25 < ratio < 0.4
