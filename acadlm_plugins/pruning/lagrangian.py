@@ -1,7 +1,8 @@
 """Lagrangian constraints that pull the expected shape to the target architecture.
 
 Sheared-LLaMA (Xia et al. 2023, eq. 2): for each mask type with expected remaining fraction e
-and target fraction t (ramped linearly from 1, the full model, over the warm-up steps),
+and target fraction t (ramped linearly over the warm-up steps from the expected fraction at the
+first step, so the constraint never pushes the masks the wrong way while the ramp starts),
 
     L_type = lambda_1 * (e - t) + lambda_2 * (e - t) ** 2
 
@@ -18,12 +19,14 @@ from torch import nn
 from acadlm_plugins.pruning.masks import ExpectedShape
 
 
-def ramped_target_fraction(final_fraction: float, step: int, warmup_steps: int) -> float:
-    """Target remaining fraction at ``step``: 1.0 at step 0, ``final_fraction`` after warm-up."""
+def ramped_target_fraction(final_fraction: float, step: int, warmup_steps: int,
+                           start_fraction: float = 1.0) -> float:
+    """Target remaining fraction at ``step``: ``start_fraction`` at step 0, ``final_fraction``
+    after warm-up (1.0, the full model, is Sheared-LLaMA's start)."""
     if warmup_steps <= 0:
         return final_fraction
     progress = min(1.0, step / warmup_steps)
-    return 1.0 - (1.0 - final_fraction) * progress
+    return start_fraction - (start_fraction - final_fraction) * progress
 
 
 class LagrangeMultipliers(nn.Module):
@@ -32,15 +35,24 @@ class LagrangeMultipliers(nn.Module):
     def __init__(self, mask_types: list[str]) -> None:
         super().__init__()
         self.multipliers = nn.ParameterDict({t: nn.Parameter(torch.zeros(2)) for t in mask_types})
+        # Expected fraction per type at the first step: where the target ramp starts. NaN until
+        # then; a buffer, so it is checkpointed with the multipliers.
+        self.register_buffer("ramp_start", torch.full((len(mask_types),), float("nan")))
 
     def loss(self, shape: ExpectedShape, step: int, warmup_steps: int
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """The summed Lagrangian term and, per type, the expected and target fractions."""
         total = torch.zeros(())
         report: dict[str, float] = {}
-        for mask_type, lambdas in self.multipliers.items():
+        if torch.isnan(self.ramp_start).any():
+            with torch.no_grad():
+                self.ramp_start.copy_(torch.stack([
+                    shape.fraction(t).detach().float() for t in self.multipliers]))
+        for index, (mask_type, lambdas) in enumerate(self.multipliers.items()):
             expected = shape.fraction(mask_type)
-            target = ramped_target_fraction(shape.target_fraction(mask_type), step, warmup_steps)
+            start = max(float(self.ramp_start[index]), shape.target_fraction(mask_type))
+            target = ramped_target_fraction(shape.target_fraction(mask_type), step,
+                                            warmup_steps, start)
             gap = expected - target
             total = total + lambdas[0] * gap + lambdas[1] * gap.pow(2)
             report[f"pruning/expected/{mask_type}"] = float(expected.detach())
