@@ -105,7 +105,7 @@ def test_target_ramps_linearly_from_the_full_model():
 def test_ramp_starts_at_the_first_expected_fraction_so_lambda_does_not_go_negative():
     _, masks = _masked_setup()
     lambdas = LagrangeMultipliers(masks.mask_types)
-    loss, report = lambdas.loss(masks.expected_shape(), step=0, warmup_steps=10)
+    _, report = lambdas.loss(masks.expected_shape(), step=0, warmup_steps=10)
     for mask_type in masks.mask_types:
         assert report[f"pruning/target/{mask_type}"] == pytest.approx(
             report[f"pruning/expected/{mask_type}"], abs=1e-6)
