@@ -10,14 +10,12 @@ exactly the target architecture.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_setup import REPO_ROOT, tiny_run_args
+from tiny_setup import REPO_ROOT, run_tune_subprocess, tiny_run_args
 
 from acadlm_plugins import hookimpl
 
@@ -71,29 +69,15 @@ class RankProbe:
 
 def run_prune(tmp_path: Path, output_dir: Path, *overrides: str, nproc: int = 1) -> dict:
     """Run the prune recipe through the ``tune`` CLI in a subprocess; return its summary.json."""
-    launcher = [str(TUNE), "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
     args = [a for a in tiny_run_args(tmp_path) if not a.startswith("validation_dataset.")]
     args[1] = str(PRUNE_CONFIG)
     args += [f"output_dir={output_dir}", f"max_steps={STEPS}", f"save_every_n_steps={STEPS}",
              f"plugins=[{PROBE}]", *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
-           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
-           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1"}
-    log_file = tmp_path / f"{output_dir.name}.log"
-    with open(log_file, "w") as handle:
-        try:
-            done = subprocess.run([*launcher, "acadlm_plugins/prune_recipe", *args],
-                                  cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                  timeout=RUN_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`tune run` (nproc={nproc}) hung for {RUN_TIMEOUT_S} s (a collective "
-                        f"that not every rank reached?):\n{_tail(log_file)}")
-    assert done.returncode == 0, f"`tune run` (nproc={nproc}) failed:\n{_tail(log_file)}"
+    run_tune_subprocess("acadlm_plugins/prune_recipe", args, cwd=tmp_path,
+                        log_file=tmp_path / f"{output_dir.name}.log", nproc=nproc,
+                        timeout=RUN_TIMEOUT_S)
     return json.loads((output_dir / "summary.json").read_text())
 
-
-def _tail(path: Path, lines: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def pruning_state(output_dir: Path) -> dict:

@@ -84,3 +84,34 @@ def tiny_run_args(tmp_path: Path, *overrides: str) -> list[str]:
     return ["--config", str(TINY_CONFIG), f"output_dir={tmp_path / 'run'}",
             f"checkpointer.checkpoint_dir={model_dir}", f"dataset.data_dir={corpus}",
             f"validation_dataset.data_dir={corpus}", *overrides]
+
+
+def run_tune_subprocess(recipe: str, args: list[str], *, cwd: Path, log_file: Path,
+                        nproc: int = 1, timeout: int = 240) -> None:
+    """``tune run [--nproc_per_node N] <recipe> <args>`` in a subprocess, as a user runs it.
+
+    Fails the calling test with the log's tail when the run fails or hangs (a collective that
+    not every rank reached).
+    """
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    tune = Path(sys.executable).with_name("tune")
+    launcher = [str(tune), "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
+           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1"}
+
+    def tail() -> str:
+        return "\n".join(log_file.read_text(errors="replace").splitlines()[-60:])
+
+    with open(log_file, "w") as handle:
+        try:
+            done = subprocess.run([*launcher, recipe, *args], cwd=cwd, env=env, stdout=handle,
+                                  stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`tune run` (nproc={nproc}) hung for {timeout} s:\n{tail()}")
+    assert done.returncode == 0, f"`tune run` (nproc={nproc}) failed:\n{tail()}"
