@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from pruning_overhead import DEFAULT_TARGET, non_embedding_params, source_model
+from pruning_overhead import DEFAULT_TARGET, non_embedding_params, parse_common_args, source_model
 
 from acadlm_plugins.pruning.architecture import architecture_of, resolve_target
 from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
@@ -52,16 +52,9 @@ def max_logit_difference(source, pruned, masks: PruningMasks, tokens: torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per model first")
-    parser.add_argument("--weights", choices=("default", "random"), default="default",
-                        help="`default`: the built SmolLM2-135M-Instruct if present")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_common_args(parser)
 
     source, origin = source_model(args.weights)
     masks = random_masks(source, DEFAULT_TARGET)

@@ -52,6 +52,19 @@ def source_model(weights: str) -> tuple[torch.nn.Module, str]:
     return model, str(DEFAULT_MODEL_DIR)
 
 
+def parse_common_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add the flags every pruning benchmark shares, parse, and apply ``--threads``."""
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--weights", choices=("default", "random"), default="default",
+                        help="`default`: the built SmolLM2-135M-Instruct if present")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters()
                if not name.startswith(("tok_embeddings", "output")))
@@ -89,16 +102,9 @@ def train_step(model, optimizer, tokens, plugin: PruningPlugin | None, step: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    parser.add_argument("--weights", choices=("default", "random"), default="default",
-                        help="`default`: the built SmolLM2-135M-Instruct if present")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_common_args(parser)
 
     plain, origin = source_model(args.weights)
     masked = copy.deepcopy(plain)

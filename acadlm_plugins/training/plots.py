@@ -7,26 +7,22 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_domain_history(history: Sequence[dict[str, Any]], domain_names: Sequence[str],
-                        path: str | Path) -> Path:
-    """Domain weights (top) and per-domain validation loss with its reference (bottom) by step."""
+def _two_panels(title: str):
+    """A figure with two stacked panels sharing the step axis (Agg backend, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    for i, name in enumerate(domain_names):
-        color = f"C{i % 10}"
-        top.plot(steps, [h["weights"][i] for h in history], marker="o", color=color, label=name)
-        bottom.plot(steps, [h["losses"][i] for h in history], marker="o", color=color, label=name)
-        bottom.axhline(history[-1]["reference"][i], color=color, linestyle="--", linewidth=0.8)
-    top.set_ylabel("domain weight")
-    top.set_title("Dynamic batch loading")
-    top.legend(loc="best", fontsize="small")
-    bottom.set_ylabel("validation loss (dashed: reference)")
+    top.set_title(title)
     bottom.set_xlabel("step")
+    return fig, top, bottom
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,16 +31,27 @@ def plot_domain_history(history: Sequence[dict[str, Any]], domain_names: Sequenc
     return path
 
 
+def plot_domain_history(history: Sequence[dict[str, Any]], domain_names: Sequence[str],
+                        path: str | Path) -> Path:
+    """Domain weights (top) and per-domain validation loss with its reference (bottom) by step."""
+    steps = [h["step"] for h in history]
+    fig, top, bottom = _two_panels("Dynamic batch loading")
+    for i, name in enumerate(domain_names):
+        color = f"C{i % 10}"
+        top.plot(steps, [h["weights"][i] for h in history], marker="o", color=color, label=name)
+        bottom.plot(steps, [h["losses"][i] for h in history], marker="o", color=color, label=name)
+        bottom.axhline(history[-1]["reference"][i], color=color, linestyle="--", linewidth=0.8)
+    top.set_ylabel("domain weight")
+    top.legend(loc="best", fontsize="small")
+    bottom.set_ylabel("validation loss (dashed: reference)")
+    return _save(fig, path)
+
+
 def plot_pruning_history(history: Sequence[dict[str, Any]], mask_types: Sequence[str],
                          path: str | Path) -> Path:
     """Expected remaining fraction vs its (ramped) target per mask type, and the multipliers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [h["step"] for h in history]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    fig, top, bottom = _two_panels("Targeted structured pruning")
     for i, name in enumerate(mask_types):
         color = f"C{i % 10}"
         top.plot(steps, [h[f"pruning/expected/{name}"] for h in history], color=color,
@@ -56,14 +63,7 @@ def plot_pruning_history(history: Sequence[dict[str, Any]], mask_types: Sequence
         bottom.plot(steps, [h[f"pruning/lambda_2/{name}"] for h in history], color=color,
                     linestyle=":", label=f"{name} λ2")
     top.set_ylabel("remaining fraction (dashed: target)")
-    top.set_title("Targeted structured pruning")
     top.legend(loc="best", fontsize="small")
     bottom.set_ylabel("Lagrange multipliers")
-    bottom.set_xlabel("step")
     bottom.legend(loc="best", fontsize="x-small", ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
