@@ -1,0 +1,112 @@
+"""What every long-context task shares: one metric per context length, reproducible datasets
+built from lm-eval's metadata, and RULER-style result processing.
+
+lm-eval fixes a task's metric names in its YAML; our lengths are chosen at run time
+(``--metadata '{"max_seq_lengths": [1024, 2048]}'``), so :class:`LengthSweepTask` writes the
+metric list from the metadata before lm-eval reads it. Task YAMLs use it through
+``class: !function utils.LengthSweepTask``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import datasets
+from lm_eval.api.task import ConfigurableTask
+
+from acadlm_plugins.evaluation.lengths import (
+    LengthTokenizer,
+    check_lengths_fit,
+    load_length_tokenizer,
+    parse_lengths,
+    task_error,
+)
+from acadlm_plugins.evaluation.prompting import sample_rng
+from acadlm_plugins.evaluation.scoring import match_all, match_part
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NUM_SAMPLES = 20
+DEFAULT_SEED = 1234
+
+#: Builds one document: (rng, target length, sample index, tokenizer) -> row with at least
+#: ``input`` (the prompt) and ``outputs`` (the reference strings).
+SampleBuilder = Callable[[Any, int, int, LengthTokenizer], dict[str, Any]]
+
+
+class LengthSweepTask(ConfigurableTask):
+    """A ConfigurableTask whose metrics are the context lengths named in its metadata."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        config = dict(config or {})
+        config.pop("class", None)
+        metadata = config.get("metadata") or {}
+        lengths = parse_lengths(metadata.get("max_seq_lengths"), task=config.get("task", "?"))
+        config["metric_list"] = [
+            {"metric": str(length), "aggregation": "mean", "higher_is_better": True}
+            for length in lengths
+        ]
+        super().__init__(config=config)
+
+
+def int_setting(metadata: Mapping[str, Any], key: str, default: int, *, task: str,
+                minimum: int = 1) -> int:
+    """An integer metadata field, with an error naming the task and the field if it is wrong."""
+    value = metadata.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise task_error(task, key, f"{value!r} is not an integer.") from None
+    if number < minimum:
+        raise task_error(task, key, f"{number} is below the minimum of {minimum}.")
+    return number
+
+
+def build_length_dataset(task: str, metadata: Mapping[str, Any],
+                         build_sample: SampleBuilder) -> dict[str, datasets.Dataset]:
+    """The ``test`` split of ``task``: ``num_samples`` rows per length, seeded by ``seed``.
+
+    Each row gets ``max_length`` (its target) and ``input_tokens`` (its measured length) so that
+    results are reported per length and tests can check the sizing.
+    """
+    lengths = parse_lengths(metadata.get("max_seq_lengths"), task=task)
+    check_lengths_fit(lengths, metadata, task=task)
+    tokenizer = load_length_tokenizer(metadata, task=task)
+    num_samples = int_setting(metadata, "num_samples", DEFAULT_NUM_SAMPLES, task=task)
+    seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
+    rows = []
+    for length in lengths:
+        started = time.perf_counter()
+        rng = sample_rng(task, seed, length)
+        built = []
+        for index in range(num_samples):
+            row = dict(build_sample(rng, length, index, tokenizer))
+            row["max_length"] = length
+            row.setdefault("input_tokens", tokenizer.count(row["input"]))
+            row["index"] = index
+            built.append(row)
+        sizes = [row["input_tokens"] for row in built]
+        log.info("%s @ %d: %d prompts, %d-%d tokens (mean %.0f), built in %.1fs", task, length,
+                 len(built), min(sizes), max(sizes), statistics.fmean(sizes),
+                 time.perf_counter() - started)
+        rows.extend(built)
+    return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
+
+
+def per_length(doc: Mapping[str, Any], score: float) -> dict[str, float]:
+    """Report ``score`` under the metric named by the document's length."""
+    return {str(doc["max_length"]): float(score)}
+
+
+def process_results_match_all(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """RULER's string-match-all: share of the references found in the generation."""
+    return per_length(doc, match_all(results[0], doc["outputs"]))
+
+
+def process_results_match_part(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """RULER's string-match-part: full credit if any reference is found (QA tasks)."""
+    return per_length(doc, match_part(results[0], doc["outputs"]))

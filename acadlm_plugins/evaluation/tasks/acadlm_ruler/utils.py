@@ -1,0 +1,20 @@
+"""lm-eval entry points of the acadlm RULER-style tasks; the logic lives in
+:mod:`acadlm_plugins.evaluation.ruler` so it can be imported and tested on its own."""
+
+from functools import partial
+
+from acadlm_plugins.evaluation.ruler import niah_dataset
+from acadlm_plugins.evaluation.task_base import (  # noqa: F401  (referenced from the YAMLs)
+    LengthSweepTask,
+    process_results_match_all,
+    process_results_match_part,
+)
+
+niah_single_1 = partial(niah_dataset, "acadlm_niah_single_1")
+niah_single_2 = partial(niah_dataset, "acadlm_niah_single_2")
+niah_single_3 = partial(niah_dataset, "acadlm_niah_single_3")
+niah_multikey_1 = partial(niah_dataset, "acadlm_niah_multikey_1")
+niah_multikey_2 = partial(niah_dataset, "acadlm_niah_multikey_2")
+niah_multikey_3 = partial(niah_dataset, "acadlm_niah_multikey_3")
+niah_multivalue = partial(niah_dataset, "acadlm_niah_multivalue")
+niah_multiquery = partial(niah_dataset, "acadlm_niah_multiquery")

@@ -1,0 +1,51 @@
+"""Test doubles for lm-eval: a perfect model that reads answers out of the prompt and a
+constant model, to prove that task scoring can reach both 100 and 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval.api.model import LM
+
+
+class OracleLM(LM):
+    """Answers a generation request with the document's expected outputs that occur in the
+    prompt: a task whose prompt lacks its answer cannot score 100 with this model.
+
+    A document may name ``oracle_answer`` (e.g. a ranking written as text); it is returned when
+    every expected output occurs in the prompt.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[str] = []
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        answers = []
+        for request in requests:
+            prompt, doc = request.arguments[0], request.doc
+            self.prompts.append(prompt)
+            found = [out for out in doc["outputs"] if out in prompt]
+            if doc.get("oracle_answer") and len(found) == len(doc["outputs"]):
+                answers.append(doc["oracle_answer"])
+            else:
+                answers.append(" ".join(found))
+        return answers
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        raise NotImplementedError("the oracle only generates")
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        raise NotImplementedError("the oracle only generates")
+
+
+class ConstantLM(OracleLM):
+    """Always says the same thing, whatever the prompt."""
+
+    def __init__(self, answer: str = "I do not know.") -> None:
+        super().__init__()
+        self.answer = answer
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        self.prompts.extend(request.arguments[0] for request in requests)
+        return [self.answer for _ in requests]
