@@ -1,0 +1,156 @@
+"""Evaluation with lm-eval's Python API: our long-context tasks (or any lm-eval task) on a
+checkpoint from our recipes, through the ``acadlm`` adapter or lm-eval's own ``hf`` model.
+
+Run::
+
+    tune run acadlm_plugins/eval_recipe --config configs/smollm2/eval_long_context.yaml
+    tune run acadlm_plugins/eval_recipe --config ... model.args.pretrained=outputs/x/pruned_model
+
+torchtune's own ``eleuther_eval`` recipe pins lm-eval <= 0.4.8, whose task system cannot build
+prompts sized to a length at run time; this recipe calls lm-eval 0.4.13 directly. It writes
+``results.json`` (lm-eval's dictionary), per-task samples, and the task x length table and
+heatmap into ``output_dir``. With ``use_cache`` set, an interrupted run re-uses the answers it
+already has.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, utils
+
+import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+from acadlm_plugins.errors import ConfigError
+
+log = utils.get_logger("INFO")
+
+KNOWN_KEYS = {
+    "output_dir", "model", "tasks", "lengths", "num_samples", "seed", "task_metadata", "limit",
+    "apply_chat_template", "log_samples", "gen_kwargs", "use_cache", "num_fewshot",
+}
+MODEL_NAMES = ("acadlm", "hf")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse unknown keys and missing essentials before anything is loaded."""
+    for key in cfg:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(KNOWN_KEYS)}."
+            raise ConfigError(str(key), "is not a key the eval recipe reads.", hint)
+    for key in ("output_dir", "model", "tasks"):
+        if key not in cfg:
+            raise ConfigError(key, "is required by the eval recipe.",
+                              "see configs/smollm2/eval_long_context.yaml.")
+    name = cfg.model.get("name", "acadlm")
+    if name not in MODEL_NAMES:
+        raise ConfigError("model.name", f"{name!r} is not supported here.",
+                          f"use one of {list(MODEL_NAMES)} (other lm-eval models: lm_eval CLI).")
+    pretrained = cfg.model.get("args", {}).get("pretrained")
+    if not pretrained or not Path(str(pretrained)).expanduser().is_dir():
+        raise ConfigError("model.args.pretrained", f"{pretrained!r} is not a local model folder.",
+                          "point it at an exported checkpoint (config.json, *.safetensors, "
+                          "tokenizer.json), e.g. outputs/.../pruned_model.")
+    if not list(cfg.tasks):
+        raise ConfigError("tasks", "is empty.", "name at least one task, e.g. [acadlm_long].")
+
+
+def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]:
+    """What every task sees: the model args (for its tokenizer), lengths, samples, seed, extras."""
+    metadata = dict(model_args)
+    if cfg.get("lengths") is not None:
+        metadata["max_seq_lengths"] = [int(length) for length in cfg.lengths]
+    if cfg.get("num_samples") is not None:
+        metadata["num_samples"] = int(cfg.num_samples)
+    metadata["seed"] = int(cfg.get("seed", 1234))
+    extra = cfg.get("task_metadata") or {}
+    metadata.update(OmegaConf.to_container(extra, resolve=True) if extra else {})
+    return metadata
+
+
+def _atomic_json(path: Path, payload: Any) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=handle_non_serializable) + "\n")
+    os.replace(tmp, path)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate, print lm-eval's tables and ours, write results into ``output_dir``."""
+    check_config(cfg)
+    import lm_eval
+    from lm_eval.utils import make_table
+
+    from acadlm_plugins.evaluation import task_manager
+    from acadlm_plugins.evaluation.registry import register_lm_eval_model
+    from acadlm_plugins.evaluation.report import length_table, write_report
+
+    register_lm_eval_model()
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_args = OmegaConf.to_container(cfg.model.get("args", {}), resolve=True)
+    model_args["pretrained"] = str(Path(model_args["pretrained"]).expanduser())
+    # simple_evaluate passes batch size and device to the model itself; keep them out of the args.
+    batch_size = model_args.pop("batch_size", 1)
+    device = model_args.pop("device", "cpu")
+    metadata = task_metadata(cfg, model_args)
+    seed = int(cfg.get("seed", 1234))
+    started = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=cfg.model.get("name", "acadlm"),
+        model_args=model_args,
+        tasks=list(cfg.tasks),
+        num_fewshot=cfg.get("num_fewshot"),
+        batch_size=batch_size,
+        device=device,
+        use_cache=cfg.get("use_cache"),
+        limit=cfg.get("limit"),
+        log_samples=bool(cfg.get("log_samples", True)),
+        apply_chat_template=bool(cfg.get("apply_chat_template", False)),
+        gen_kwargs=cfg.get("gen_kwargs"),
+        task_manager=task_manager(metadata),
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    elapsed = time.perf_counter() - started
+    samples = results.pop("samples", None) or {}
+    for task, rows in samples.items():
+        path = output_dir / f"samples_{task}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        from lm_eval.utils import handle_non_serializable
+
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=handle_non_serializable) + "\n")
+        os.replace(tmp, path)
+    results["acadlm"] = {"elapsed_s": round(elapsed, 1), "metadata": {
+        k: v for k, v in metadata.items() if k not in model_args}}
+    _atomic_json(output_dir / "results.json", results)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    table = length_table(results)
+    if table is not None:
+        print("Scores by context length (0-100):\n" + table.to_markdown())
+        for kind, path in write_report(results, output_dir, title=Path(
+                model_args["pretrained"]).name).items():
+            log.info("%s written to %s", kind, path)
+    log.info("Evaluation finished in %.1f s; results in %s", elapsed, output_dir)
+    return results
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run acadlm_plugins/eval_recipe --config ...``."""
+    run_evaluation(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
