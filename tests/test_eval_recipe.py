@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from tiny_setup import REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.eval_recipe import check_config, task_metadata
-from tiny_setup import REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
 
 HAYSTACK = ("The keeper of the small lighthouse walked along the shore every morning. "
             "He counted the boats, wrote the weather in a thick book, and mended nets. ") * 40

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from pathlib import Path
 
 from acadlm_plugins.evaluation.lengths import task_error
@@ -45,8 +44,14 @@ def _texts_from_file(path: Path, *, task: str) -> list[str]:
     return texts
 
 
-@lru_cache(maxsize=4)
+_WORDS_BY_SOURCE: dict[str, tuple[str, ...]] = {}
+
+
 def _load_words(source: str, task: str) -> tuple[str, ...]:
+    """Words of a haystack source, read once per process (every task of a suite shares them);
+    ``task`` only names the task in errors."""
+    if source in _WORDS_BY_SOURCE:
+        return _WORDS_BY_SOURCE[source]
     path = Path(source)
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) \
         if path.is_dir() else [path]
@@ -54,7 +59,10 @@ def _load_words(source: str, task: str) -> tuple[str, ...]:
     for file in files:
         for text in _texts_from_file(file, task=task):
             words.extend(_WORD_RE.findall(text))
-    return tuple(words)
+    if len(_WORDS_BY_SOURCE) >= 4:
+        _WORDS_BY_SOURCE.pop(next(iter(_WORDS_BY_SOURCE)))
+    _WORDS_BY_SOURCE[source] = tuple(words)
+    return _WORDS_BY_SOURCE[source]
 
 
 def default_prose_source() -> Path:

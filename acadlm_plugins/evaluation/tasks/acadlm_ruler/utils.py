@@ -3,7 +3,12 @@
 
 from functools import partial
 
-from acadlm_plugins.evaluation.ruler import niah_dataset
+from acadlm_plugins.evaluation.ruler import (  # noqa: F401  (referenced from the YAMLs)
+    cwe_dataset,
+    fwe_dataset,
+    niah_dataset,
+    vt_dataset,
+)
 from acadlm_plugins.evaluation.task_base import (  # noqa: F401  (referenced from the YAMLs)
     LengthSweepTask,
     process_results_match_all,
