@@ -123,12 +123,12 @@ def test_prompts_fill_their_length_within_one_percent(files: EvalFiles, sized, t
 @pytest.mark.parametrize("depth", [0.0, 0.35, 0.8, 1.0])
 def test_needles_appear_once_at_the_requested_depth(files: EvalFiles, task: str,
                                                     depth: float) -> None:
-    """Each needle sits at ``needle_depth`` of the haystack, measured in haystack words (the
+    """Each needle sits at ``depth`` of the haystack, measured in haystack words (the
     needles themselves left out). ``insert_at_depths`` moves an insert back to the end of the
     sentence before its depth, so it may lie up to one sentence early and never late; the
     longest sentence of the prose haystack here has MAX_SENTENCE_WORDS words (noise: 8, needle
     haystacks: 10)."""
-    [row] = build(files, task, max_seq_lengths=[1024], num_samples=1, needle_depth=depth)
+    [row] = build(files, task, max_seq_lengths=[1024], num_samples=1, depth=depth)
     text = row["input"]
     assert row["depths"] == [depth] * len(row["needles"])
     for answer in row["outputs"]:

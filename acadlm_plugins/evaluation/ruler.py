@@ -25,7 +25,7 @@ from acadlm_plugins.evaluation.prompting import (
     random_number,
     random_uuid,
 )
-from acadlm_plugins.evaluation.task_base import build_length_dataset
+from acadlm_plugins.evaluation.task_base import DEFAULT_NUM_SAMPLES, build_length_dataset
 
 NIAH_INTRO = ("Special magic {plural} are hidden in the text below. Remember them: you will be "
               "asked about them afterwards.\n\n")
@@ -79,13 +79,13 @@ def _key(rng: random.Random, kind: str, vocab: Sequence[str], used: set[str]) ->
 
 def needle_depths(metadata: Mapping[str, Any], index: int, count: int, num_samples: int,
                   rng: random.Random, *, task: str) -> list[float]:
-    """Depths of the queried needles: ``needle_depth`` if set, else spread evenly over samples
+    """Depths of the queried needles: ``depth`` if set, else spread evenly over samples
     for a single needle (0%, ..., 100%), random for several."""
-    fixed = metadata.get("needle_depth")
+    fixed = metadata.get("depth")
     if fixed is not None:
         depth = float(fixed)
         if not 0.0 <= depth <= 1.0:
-            raise task_error(task, "needle_depth", f"{fixed} is outside [0, 1].",
+            raise task_error(task, "depth", f"{fixed} is outside [0, 1].",
                              "Give a fraction of the context, e.g. 0.5 for the middle.")
         return [depth] * count
     if count == 1:
@@ -159,7 +159,7 @@ def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
         needles.extend((key, _value(rng, spec.value_kind)) for _ in range(values))
     queried = keys[: spec.num_queries]
     answers = [value for key, value in needles if key in queried]
-    num_samples = int(metadata.get("num_samples", 1))
+    num_samples = int(metadata.get("num_samples", DEFAULT_NUM_SAMPLES))
     depths = needle_depths(metadata, index, len(needles), num_samples, rng, task=task)
     inserts = [(depth, NEEDLE.format(singular=singular, key=key, value=value))
                for depth, (key, value) in zip(depths, needles)]

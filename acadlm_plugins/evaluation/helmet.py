@@ -1,0 +1,1117 @@
+"""HELMET-style long-context tasks (Yen et al. 2024), rebuilt offline in our own words.
+
+Six categories, each sized to a target length with the evaluated model's tokenizer and scored
+without a model or a judge:
+
+* ``acadlm_json_kv`` (synthetic recall): a JSON object of random UUID keys and values; the value
+  of one key, placed at a controlled depth, is asked for.
+* ``acadlm_rag`` (retrieval-augmented generation): a question with k passages, its gold passage
+  at a controlled depth among hard negatives and other passages; substring exact match.
+* ``acadlm_rerank`` (passage re-ranking): a query and passages with ids; the answer is the ids
+  ranked by relevance; NDCG@10 against graded judgments.
+* ``acadlm_icl`` (many-shot in-context learning): labels mapped to numbers, as many labelled
+  demonstrations as fit, then one text to label; accuracy.
+* ``acadlm_longqa`` (long-document QA): which character speaks a quoted line of a Shakespeare
+  play (or the user's documents and questions); substring exact match.
+* ``acadlm_summ`` (summarization): a Python standard-library module with its docstring removed,
+  summarized as the docstring's first paragraph (or the user's documents); ROUGE-L.
+
+QA, RAG and re-ranking read a local jsonl (a shipped example by default, see
+:mod:`acadlm_plugins.evaluation.local_data`); ICL, long-document QA and summarization default to
+data derived from the embedded corpus. Fillers (distractor pairs, passages, demonstrations,
+document words) are fitted by binary search so that a prompt is never longer than its target
+and, from 1K tokens on, within 1% of it: whole items are used while they fit and the last one is
+cut to the room left (never a gold passage, the queried pair or a relevant passage).
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import inspect
+import io
+import json
+import logging
+import math
+import random
+import re
+import tokenize
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from acadlm_plugins.evaluation.lengths import LengthTokenizer, task_error
+from acadlm_plugins.evaluation.local_data import (
+    DEFAULT_QA_FILE,
+    DEFAULT_RERANK_FILE,
+    DocumentQA,
+    DocumentSummary,
+    LabelledText,
+    Passage,
+    QARecord,
+    RerankRecord,
+    data_path,
+    file_stamp,
+    load_icl,
+    load_longqa,
+    load_qa,
+    load_rerank,
+    load_summ,
+)
+from acadlm_plugins.evaluation.prompting import FittedPrompt, random_uuid
+from acadlm_plugins.evaluation.scoring import (
+    clean_prediction,
+    ndcg_at_k,
+    rouge_l,
+    substring_exact_match,
+)
+from acadlm_plugins.evaluation.task_base import (
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SEED,
+    build_length_dataset,
+    int_setting,
+    per_length,
+)
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: Draw fillers until their separately counted tokens reach this multiple of the target, so the
+#: binary search always has more than enough to choose from.
+POOL_MARGIN = 1.2
+#: Words with their leading whitespace; long runs without a space (tables, encoded data in code)
+#: are cut every 6 characters so that no piece costs more than a few tokens.
+_PIECE_RE = re.compile(r"\s*\S{1,6}")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def fit_units(render: Callable[[int], str], tokenizer: LengthTokenizer, target: int, *,
+              max_units: int, task: str, key: str) -> FittedPrompt:
+    """The longest ``render(n)`` (n = 0..max_units filler units) of at most ``target`` tokens.
+
+    Same contract as :func:`acadlm_plugins.evaluation.prompting.fit_prompt`, found with fewer
+    tokenizations: the token count grows almost linearly with n, so each probe is placed by
+    interpolating between the largest n known to fit and the smallest known not to (regula
+    falsi, with the Illinois correction against a stuck end and plain halving once the bracket
+    is small). A 128K-token prompt takes about 8 tokenizations instead of 18. ``key`` is the
+    metadata field to blame when the filler runs out before the target.
+    """
+    low, low_count = 0, tokenizer.count(render(0))
+    if low_count > target:
+        raise task_error(task, "max_seq_lengths", f"{target} tokens cannot hold even the task's "
+                         f"template and question ({low_count} tokens).", "Use a longer length.")
+    high, high_count = max_units, tokenizer.count(render(max_units))
+    if high_count <= target:
+        if high_count < 0.99 * target:
+            raise task_error(task, key, f"the filler ran out at {high_count} of {target} "
+                             "tokens.", f"Give more data through `{key}`, or evaluate at "
+                             "shorter lengths.")
+        return FittedPrompt(render(max_units), high_count, max_units)
+    low_weight = high_weight = 1.0
+    last_side = 0
+    while high - low > 1:
+        if high - low <= 8:
+            probe = (low + high) // 2
+        else:
+            below = (target - low_count) * low_weight
+            above = (high_count - target) * high_weight
+            probe = low + round((high - low) * below / max(below + above, 1e-9))
+            probe = min(max(probe, low + 1), high - 1)
+        count = tokenizer.count(render(probe))
+        if count <= target:
+            low, low_count = probe, count
+            high_weight = high_weight / 2 if last_side == -1 else 1.0
+            low_weight, last_side = 1.0, -1
+        else:
+            high, high_count = probe, count
+            low_weight = low_weight / 2 if last_side == 1 else 1.0
+            high_weight, last_side = 1.0, 1
+    return FittedPrompt(render(low), low_count, low)
+
+
+def take_counts(sizes: Sequence[int], budget: int) -> list[int]:
+    """How many pieces of each item a budget of ``budget`` pieces covers: whole items in order
+    while they fit, then the part of the next one that does (the list stops there)."""
+    counts: list[int] = []
+    for size in sizes:
+        if budget <= 0:
+            break
+        taken = min(size, budget)
+        counts.append(taken)
+        budget -= taken
+    return counts
+
+
+#: A filler item used in a prompt: (index into the pool, pieces of it taken).
+Taken = list[tuple[int, int]]
+
+
+def fit_items(render: Callable[[Taken], str], sizes: Sequence[int], tokenizer: LengthTokenizer,
+              target: int, *, task: str, key: str) -> tuple[FittedPrompt, Taken]:
+    """Fit a prompt made of filler items of ``sizes`` pieces each (words, characters).
+
+    ``render`` gets the items used, in fill order, each with the number of its pieces taken:
+    whole items while they fit, then part of the next. Every item carries some fixed text (a
+    header, a label), so when the next item cannot even start, the prompt may fall short by that
+    much; then the last whole item is swapped for an unused one that is longer (and will be cut)
+    or shorter by enough to let the next item start, and the fit is redone; the best of at most
+    four fits is kept.
+    """
+    order = list(range(len(sizes)))
+
+    def take(units: int) -> Taken:
+        return list(zip(order, take_counts([sizes[i] for i in order], units)))
+
+    best: tuple[FittedPrompt, Taken] | None = None
+    for _ in range(4):
+        fitted = fit_units(lambda units: render(take(units)), tokenizer, target,
+                           max_units=sum(sizes), task=task, key=key)
+        taken = take(fitted.num_words)
+        if best is None or fitted.num_tokens > best[0].num_tokens:
+            best = (fitted, taken)
+        if fitted.num_tokens >= 0.99 * target or not taken or taken[-1][1] < sizes[taken[-1][0]]:
+            break
+        last, count = len(taken) - 1, taken[-1][1]
+        unused = range(len(taken), len(order))
+        longer = [p for p in unused if sizes[order[p]] > count]
+        shorter = [p for p in unused if sizes[order[p]] + 8 <= count]
+        if longer:
+            swap = max(longer, key=lambda p: sizes[order[p]])
+        elif shorter:
+            swap = max(shorter, key=lambda p: sizes[order[p]])
+        else:
+            break
+        order[last], order[swap] = order[swap], order[last]
+    assert best is not None
+    return best
+
+
+def draw_pool(candidates: Iterable[T], cost: Callable[[T], int], target: int, *, task: str,
+              key: str, what: str, more: str = "") -> list[T]:
+    """Candidates, in order, until their token costs add up to ``POOL_MARGIN`` x ``target``;
+    ``more`` names where else data can come from, for the error when they do not."""
+    pool: list[T] = []
+    total = 0
+    for candidate in candidates:
+        pool.append(candidate)
+        total += cost(candidate)
+        if total >= POOL_MARGIN * target:
+            return pool
+    raise task_error(task, key, f"only {total} tokens of {what} are available, too few for a "
+                     f"{target}-token prompt.", f"Give more data through `{key}`{more}, or "
+                     "evaluate at shorter lengths.")
+
+
+def depth_setting(metadata: Mapping[str, Any], index: int, rng: random.Random, *, task: str,
+                  spread: bool) -> float:
+    """Where the evidence goes (0 = start of the context, 1 = end): ``depth`` from the metadata
+    if set; else evenly spread over the samples (``spread``) or drawn at random."""
+    fixed = metadata.get("depth")
+    if fixed is not None:
+        try:
+            depth = float(fixed)
+        except (TypeError, ValueError):
+            raise task_error(task, "depth", f"{fixed!r} is not a number.") from None
+        if not 0.0 <= depth <= 1.0:
+            raise task_error(task, "depth", f"{fixed} is outside [0, 1].",
+                             "Give a fraction of the context, e.g. 0.5 for the middle.")
+        return depth
+    if not spread:
+        return rng.random()
+    num_samples = int_setting(metadata, "num_samples", DEFAULT_NUM_SAMPLES, task=task)
+    return index / (num_samples - 1) if num_samples > 1 else 0.5
+
+
+def sample_order(task: str, metadata: Mapping[str, Any], length: int, size: int) -> list[int]:
+    """A seeded permutation of ``range(size)``: sample i of a length uses item ``order[i % size]``
+    so that items repeat only after all have been used."""
+    seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
+    return _order(task, seed, length, size)
+
+
+@lru_cache(maxsize=64)
+def _order(task: str, seed: int, length: int, size: int) -> list[int]:
+    order = list(range(size))
+    random.Random(f"{task}:{seed}:{length}:order").shuffle(order)
+    return order
+
+
+def pieces_of(text: str) -> list[str]:
+    """``text`` cut into pieces of a word or less that keep their leading whitespace: joining a
+    prefix of them gives a prefix of the text with its layout (code indentation, verse lines)
+    intact."""
+    return _PIECE_RE.findall(text)
+
+
+def _shuffled(items: Sequence[T], rng: random.Random) -> list[T]:
+    copy = list(items)
+    rng.shuffle(copy)
+    return copy
+
+
+# ------------------------------------------------------------------- extra distractor passages
+
+
+def _chunk_passages(text: str, title: str, *, low: int = 40, high: int = 120) -> list[Passage]:
+    """Paragraphs of ``text`` merged or cut into passages of ``low``-``high`` words."""
+    passages: list[Passage] = []
+    words: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        words.extend(paragraph.split())
+        while len(words) >= high:
+            passages.append(Passage(" ".join(words[:high // 2 + low]), title))
+            words = words[high // 2 + low:]
+        if len(words) >= low:
+            passages.append(Passage(" ".join(words), title))
+            words = []
+    return passages
+
+
+@lru_cache(maxsize=4)
+def _passages_from_source(source: str, task: str) -> tuple[Passage, ...]:
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) \
+        if path.is_dir() else [path]
+    passages: list[Passage] = []
+    for file in files:
+        if file.suffix == ".txt":
+            passages.extend(_chunk_passages(file.read_text(encoding="utf-8", errors="replace"),
+                                            file.stem.replace("_", " ")))
+            continue
+        with file.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise task_error(task, "distractor_path", f"{file}:{number} is not valid "
+                                     f"JSON ({err.msg}).", "Fix or remove that line.") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise task_error(task, "distractor_path", f"{file}:{number}: field `text` "
+                                     "is missing or not a string.", "Each line must be an "
+                                     "object with a `text` string (and optional `title`).")
+                title = row.get("title") if isinstance(row.get("title"), str) else \
+                    row["text"].strip().split("\n", 1)[0][:80]
+                passages.extend(_chunk_passages(row["text"], title))
+    return tuple(passages)
+
+
+EXTRA_HINT = " or a larger text through `distractor_path`"
+
+
+def extra_passage_blocks(metadata: Mapping[str, Any], *,
+                         task: str) -> Iterator[tuple[str, tuple[Passage, ...]]]:
+    """Further distractor passages for when a data file's own run out, as (origin, passages)
+    blocks: the local text named by ``distractor_path``, else the embedded corpus (the Python
+    documentation first, then the books). A block is read only when a prompt needs it."""
+    value = metadata.get("distractor_path")
+    if value:
+        path = Path(str(value)).expanduser()
+        if not path.exists():
+            raise task_error(task, "distractor_path", f"{path} does not exist.",
+                             "Give a local .txt/.jsonl file or folder, or leave it unset to "
+                             "use the embedded corpus.")
+        yield "distractor_path", _passages_from_source(str(path.resolve()), task)
+        return
+    from acadlm_plugins.defaults.paths import require_default_corpus
+
+    corpus = require_default_corpus()
+    for domain in ("docs", "books"):
+        for name in ("train.jsonl", "validation.jsonl"):
+            file = corpus / domain / name
+            if file.is_file():
+                yield f"corpus_{domain}", _passages_from_source(str(file), task)
+
+
+def _extra_stream(metadata: Mapping[str, Any], rng: random.Random, *,
+                  task: str) -> Iterator[tuple[str, Passage]]:
+    """The passages of :func:`extra_passage_blocks`, each block in a seeded random order."""
+    for origin, block in extra_passage_blocks(metadata, task=task):
+        for passage in _shuffled(block, rng):
+            yield origin, passage
+
+
+# --------------------------------------------------------------------------- JSON key-value
+
+JSON_KV_HEAD = ("The JSON object below maps keys to values. Find the value stored under the key "
+                "given after it.\n\nJSON data:\n")
+JSON_KV_TAIL = ("\n\nKey: \"{key}\"\nReply with the value stored under this key and nothing "
+                "else.\nValue:")
+
+
+def build_json_kv_sample(metadata: Mapping[str, Any], task: str, rng: random.Random,
+                         length: int, index: int, tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """A JSON object of UUID pairs filling ``length`` tokens; the queried pair sits at the
+    sample's depth. The last distractor pair may be shortened to fit exactly."""
+    depth = depth_setting(metadata, index, rng, task=task, spread=True)
+    key, value = random_uuid(rng), random_uuid(rng)
+    pair_tokens = tokenizer.count(f'  "{key}": "{value}",\n')
+    wanted = math.ceil(POOL_MARGIN * length / max(pair_tokens, 1)) + 2
+    used = {key}
+    distractors: list[tuple[str, str]] = []
+    while len(distractors) < wanted:
+        other = random_uuid(rng)
+        if other not in used:
+            used.add(other)
+            distractors.append((other, random_uuid(rng)))
+    sizes = [len(k) + len(v) for k, v in distractors]
+
+    def render(taken: Taken) -> str:
+        # A pair cut short keeps a prefix of its key (value empty), or its key and a prefix of
+        # its value: still valid JSON, and never the queried pair.
+        pairs = [(distractors[i][0][:n], "") if n <= len(distractors[i][0]) else
+                 (distractors[i][0], distractors[i][1][: n - len(distractors[i][0])])
+                 for i, n in taken]
+        position = round(depth * len(pairs))
+        pairs.insert(position, (key, value))
+        body = ",\n".join(f'  "{k}": "{v}"' for k, v in pairs)
+        return JSON_KV_HEAD + "{\n" + body + "\n}" + JSON_KV_TAIL.format(key=key)
+
+    fitted, taken = fit_items(render, sizes, tokenizer, length, task=task,
+                              key="max_seq_lengths")
+    return {"input": fitted.text, "outputs": [value], "input_tokens": fitted.num_tokens,
+            "depth": depth, "num_pairs": len(taken) + 1,
+            "key_position": round(depth * len(taken))}
+
+
+# ------------------------------------------------------------------- passages: QA, RAG, rerank
+
+
+@dataclass(frozen=True)
+class PassageStyle:
+    """How a passage-QA task lays out its prompt and where its gold passages go."""
+
+    head: str
+    tail: str
+    document: str  # format of one passage: {i}, {title}, {text}
+    spread_depth: bool  # True: depths spread over samples (HELMET RAG); False: random (RULER QA)
+    hard_negatives: bool  # use the question's own distractors first (RAG) or not (RULER QA)
+    key: str  # the metadata key naming the data file
+
+
+RAG_STYLE = PassageStyle(
+    head=("Answer the question using the documents below. Give only a short answer, a few "
+          "words taken from the documents, with no explanation.\n\n"),
+    tail="\n\nQuestion: {question}\nAnswer:",
+    document="Document [{i}] (Title: {title}): {text}",
+    spread_depth=True, hard_negatives=True, key="rag_path")
+
+
+def _format_passage(style: PassageStyle, i: int, passage: Passage) -> str:
+    return style.document.format(i=i, title=passage.title or "untitled", text=passage.text)
+
+
+def _passage_tokens(tokenizer: LengthTokenizer, passage: Passage) -> int:
+    return tokenizer.count(passage.title + " " + passage.text) + 8
+
+
+def _distractor_stream(records: Sequence[QARecord], record: QARecord, style: PassageStyle,
+                       metadata: Mapping[str, Any], rng: random.Random, *,
+                       task: str) -> Iterator[tuple[str, Passage]]:
+    """Distractors for ``record``: its own hard negatives (RAG), the other questions' passages,
+    then extra passages; never a copy of one of its gold passages."""
+    gold_texts = {p.text for p in record.gold}
+    if style.hard_negatives:
+        yield from (("hard_negative", p) for p in _shuffled(record.distractors, rng))
+    others = [p for r in records if r is not record for p in (*r.gold, *r.distractors)]
+    for passage in _shuffled(others, rng):
+        if passage.text not in gold_texts:
+            yield "other_question", passage
+    for origin, passage in _extra_stream(metadata, rng, task=task):
+        if passage.text not in gold_texts:
+            yield origin, passage
+
+
+def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
+                            metadata: Mapping[str, Any], task: str, rng: random.Random,
+                            length: int, index: int,
+                            tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """A question with its gold passage(s) at the sample's depth among distractors filling
+    ``length`` tokens; the last distractor may be cut short to fit."""
+    record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
+    depth = depth_setting(metadata, index, rng, task=task, spread=style.spread_depth)
+    stream = _distractor_stream(records, record, style, metadata, rng, task=task)
+    pool = draw_pool(stream, lambda item: _passage_tokens(tokenizer, item[1]), length,
+                     task=task, key=style.key, what="distractor passages", more=EXTRA_HINT)
+    words = [item[1].text.split() for item in pool]
+    head = style.head
+    tail = style.tail.format(question=record.question)
+
+    def arrange(taken: Taken) -> tuple[list[Passage], int]:
+        passages = [Passage(" ".join(words[i][:n]), pool[i][1].title) for i, n in taken]
+        position = round(depth * len(passages))
+        return passages[:position] + list(record.gold) + passages[position:], position
+
+    def render(taken: Taken) -> str:
+        passages, _ = arrange(taken)
+        body = "\n\n".join(_format_passage(style, i + 1, p) for i, p in enumerate(passages))
+        return head + body + tail
+
+    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
+                              key=style.key)
+    passages, position = arrange(taken)
+    origins = Counter(pool[i][0] for i, _ in taken)
+    return {"input": fitted.text, "outputs": list(record.answers),
+            "input_tokens": fitted.num_tokens, "question_id": record.id,
+            "question": record.question, "depth": depth, "gold_position": position,
+            "num_passages": len(passages), "gold_texts": [p.text for p in record.gold],
+            "distractor_origins": json.dumps(dict(sorted(origins.items())))}
+
+
+def passage_qa_dataset(task: str, style: PassageStyle, metadata: Mapping[str, Any],
+                       default: Path = DEFAULT_QA_FILE) -> dict[str, Any]:
+    """The dataset of a passage-QA task, from ``metadata[style.key]`` or the shipped example."""
+    path = data_path(metadata, style.key, None, task=task) or default
+    records = load_qa(path, task=task, key=style.key)
+    return build_length_dataset(
+        task, metadata, partial(build_passage_qa_sample, records, style, metadata, task))
+
+
+RERANK_HEAD = ("Below are a query and a list of documents, each marked with an ID. Rank the "
+               "documents from the most to the least relevant to the query. Reply with the IDs "
+               "only, most relevant first, in the form: Ranking: ID > ID > ID\n\n"
+               "Query: {query}\n\n")
+RERANK_TAIL = "\n\nQuery: {query}\nRanking:"
+RERANK_DOCUMENT = "[ID: {pid}] Document (Title: {title}): {text}"
+
+
+def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, Any], task: str,
+                        rng: random.Random, length: int, index: int,
+                        tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """A query with all its judged passages (whole) and unjudged filler passages (relevance 0)
+    in a random order, each under a random 5-digit id."""
+    record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
+    judged_texts = {p.text for p in record.passages}
+    others = [Passage(p.text, p.title) for r in records if r is not record for p in r.passages]
+    stream = (("other_query", p) for p in _shuffled(others, rng)
+              if p.text not in judged_texts)
+    extras = ((o, p) for o, p in _extra_stream(metadata, rng, task=task)
+              if p.text not in judged_texts)
+
+    def chained() -> Iterator[tuple[str, Passage]]:
+        yield from stream
+        yield from extras
+
+    budget = max(length - sum(_passage_tokens(tokenizer, Passage(p.text, p.title))
+                              for p in record.passages), 1)
+    pool = draw_pool(chained(), lambda item: _passage_tokens(tokenizer, item[1]), budget,
+                     task=task, key="rerank_path", what="filler passages", more=EXTRA_HINT)
+    ids = [str(i) for i in rng.sample(range(10000, 100000), len(record.passages) + len(pool))]
+    # Every passage gets a random sort key up front, so adding a filler never reorders others.
+    judged = [(rng.random(), ids[i], Passage(p.text, p.title), p.relevance)
+              for i, p in enumerate(record.passages)]
+    fillers = [(rng.random(), ids[len(judged) + i], passage, 0.0)
+               for i, (_, passage) in enumerate(pool)]
+    words = [filler[2].text.split() for filler in fillers]
+    head = RERANK_HEAD.format(query=record.query)
+    tail = RERANK_TAIL.format(query=record.query)
+
+    def arrange(taken: Taken) -> list[tuple[float, str, Passage, float]]:
+        used = [(fillers[i][0], fillers[i][1], Passage(" ".join(words[i][:n]), fillers[i][2].title),
+                 fillers[i][3]) for i, n in taken]
+        return sorted(judged + used)
+
+    def render(taken: Taken) -> str:
+        body = "\n\n".join(RERANK_DOCUMENT.format(pid=pid, title=p.title or "untitled",
+                                                  text=p.text)
+                           for _, pid, p, _ in arrange(taken))
+        return head + body + tail
+
+    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
+                              key="rerank_path")
+    relevant = sorted(((grade, pid) for _, pid, _, grade in judged if grade > 0), reverse=True)
+    order = [pid for _, pid, _, _ in arrange(taken)]
+    return {"input": fitted.text, "outputs": [pid for _, pid in relevant],
+            "oracle_answer": " > ".join(pid for _, pid in relevant),
+            "input_tokens": fitted.num_tokens, "query_id": record.id,
+            "relevant_ids": [pid for _, pid in relevant],
+            "relevant_grades": [grade for grade, _ in relevant],
+            "passage_ids": order, "num_passages": len(order)}
+
+
+def parse_ranking(prediction: str, known_ids: Iterable[str]) -> list[str]:
+    """The passage ids of ``prediction`` in the order written (numbers that are no id of the
+    prompt are skipped)."""
+    known = set(known_ids)
+    return [token for token in re.findall(r"\d+", clean_prediction(prediction)) if token in known]
+
+
+def rerank_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``acadlm_rerank``, from ``rerank_path`` or the shipped example."""
+    path = data_path(metadata, "rerank_path", None, task=task) or DEFAULT_RERANK_FILE
+    records = load_rerank(path, task=task, key="rerank_path")
+    return build_length_dataset(task, metadata,
+                                partial(build_rerank_sample, records, metadata, task))
+
+
+# ------------------------------------------------------------------ in-context learning (ICL)
+
+ICL_HEAD = ("Each text below is followed by its label, a number standing for a category. Work "
+            "out which number goes with which kind of text, then label the last text. Reply "
+            "with \"label: <number>\" and nothing else.\n\n")
+ICL_DEMO = "{text}\nlabel: {label}"
+ICL_TAIL = "\n\n{text}\nlabel:"
+CORPUS_DOMAINS = ("books", "code", "docs", "scripture")
+_SNIPPET_WORDS = (12, 40)
+
+
+class LabelSource(Protocol):
+    """Where ICL texts come from: queries to label and, per label, demonstrations."""
+
+    labels: tuple[str, ...]
+
+    @property
+    def num_queries(self) -> int:
+        """How many distinct queries :meth:`query` gives before repeating."""
+        ...
+
+    def query(self, rng: random.Random, order_index: int) -> LabelledText:
+        """Query number ``order_index`` (0 <= order_index < num_queries)."""
+        ...
+
+    def demos(self, label: str, query: LabelledText, rng: random.Random) -> Iterator[str]:
+        """Demonstration texts of ``label`` in a random order, never the query's own text."""
+        ...
+
+
+class FileLabels:
+    """Labelled rows of a local jsonl: ``split`` "test" rows are asked about and "demo" rows
+    shown; without splits any row may be asked about and all the others are shown."""
+
+    def __init__(self, rows: Sequence[LabelledText]) -> None:
+        has_splits = any(row.split for row in rows)
+        self.tests = [row for row in rows if row.split == "test"] if has_splits else list(rows)
+        shown = [row for row in rows if row.split != "test"] if has_splits else list(rows)
+        self.labels = tuple(sorted({row.label for row in rows}))
+        self.by_label = {label: [row.text for row in shown if row.label == label]
+                         for label in self.labels}
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.tests)
+
+    def query(self, rng: random.Random, order_index: int) -> LabelledText:
+        return self.tests[order_index]
+
+    def demos(self, label: str, query: LabelledText, rng: random.Random) -> Iterator[str]:
+        return (text for text in _shuffled(self.by_label[label], rng) if text != query.text)
+
+
+@lru_cache(maxsize=8)
+def _domain_texts(corpus: str, domain: str, split: str) -> tuple[str, ...]:
+    """The documents of one domain and split of the corpus that are long enough for a snippet."""
+    texts = []
+    with (Path(corpus) / domain / f"{split}.jsonl").open(encoding="utf-8") as handle:
+        for line in handle:
+            text = json.loads(line)["text"]
+            if len(text) >= 40 * _SNIPPET_WORDS[1]:
+                texts.append(text)
+    return tuple(texts)
+
+
+class CorpusLabels:
+    """Snippets of the embedded corpus labelled by domain (books, code, docs, scripture):
+    demonstrations from the train split, queries from the validation split."""
+
+    labels = CORPUS_DOMAINS
+
+    def __init__(self) -> None:
+        from acadlm_plugins.defaults.paths import require_default_corpus
+
+        self.corpus = str(require_default_corpus())
+
+    @property
+    def num_queries(self) -> int:
+        # Queries are random snippets; 4 rounds of the labels keep the samples balanced.
+        return 4 * len(self.labels)
+
+    def _snippet(self, rng: random.Random, domain: str, split: str) -> str:
+        """A run of 12-40 whole words from a random place of a random document, flattened to
+        one line (the first, possibly cut, word is dropped)."""
+        text = rng.choice(_domain_texts(self.corpus, domain, split))
+        size = rng.randint(*_SNIPPET_WORDS)
+        start = rng.randrange(len(text) - 20 * size)
+        words = text[start:start + 20 * size].split()[1:]
+        while len(words) < size and start > 0:  # sparse text (e.g. code tables): look back
+            start = max(start - 20 * size, 0)
+            words = text[start:start + 40 * size].split()[1:]
+        return " ".join(words[:size])
+
+    def query(self, rng: random.Random, order_index: int) -> LabelledText:
+        domain = self.labels[order_index % len(self.labels)]
+        return LabelledText(self._snippet(rng, domain, "validation"), domain, "test")
+
+    def demos(self, label: str, query: LabelledText, rng: random.Random) -> Iterator[str]:
+        seen = {query.text}
+        for _ in range(100_000):
+            text = self._snippet(rng, label, "train")
+            if text not in seen:
+                seen.add(text)
+                yield text
+
+
+def _balanced(source: LabelSource, query: LabelledText,
+              rng: random.Random) -> Iterator[tuple[str, str]]:
+    """Demonstrations in rounds of one per label (labels in a new random order each round), as
+    HELMET balances its many-shot prompts; a label that runs out is skipped."""
+    streams = {label: source.demos(label, query, rng) for label in source.labels}
+    while streams:
+        for label in _shuffled(sorted(streams), rng):
+            text = next(streams[label], None)
+            if text is None:
+                del streams[label]
+            else:
+                yield text, label
+
+
+def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str, key: str,
+                     rng: random.Random, length: int, index: int,
+                     tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """As many labelled demonstrations as fit ``length`` tokens, labels replaced by numbers in a
+    per-sample random mapping, then the query; the last demonstration may be cut short."""
+    size = source.num_queries
+    query = source.query(rng, sample_order(task, metadata, length, size)[index % size])
+    numbers = list(range(len(source.labels)))
+    rng.shuffle(numbers)
+    mapping = {label: str(number) for label, number in zip(source.labels, numbers)}
+    pool = draw_pool(_balanced(source, query, rng), lambda demo: tokenizer.count(demo[0]) + 5,
+                     length, task=task, key=key, what="demonstrations")
+    words = [text.split() for text, _ in pool]
+    tail = ICL_TAIL.format(text=query.text)
+
+    def render(taken: Taken) -> str:
+        demos = [ICL_DEMO.format(text=" ".join(words[i][:n]), label=mapping[pool[i][1]])
+                 for i, n in taken]
+        return ICL_HEAD + "\n\n".join(demos) + tail
+
+    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
+                              key=key)
+    shown = Counter(pool[i][1] for i, _ in taken)
+    return {"input": fitted.text, "outputs": [mapping[query.label]],
+            "input_tokens": fitted.num_tokens, "label": query.label,
+            "label_mapping": json.dumps(mapping, sort_keys=True), "num_demos": len(taken),
+            "demos_per_label": json.dumps(dict(sorted(shown.items())))}
+
+
+def icl_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``acadlm_icl``: ``icl_path`` rows, else domain-labelled corpus snippets."""
+    path = data_path(metadata, "icl_path", None, task=task)
+    source: LabelSource = FileLabels(load_icl(path, task=task, key="icl_path")) if path \
+        else CorpusLabels()
+    return build_length_dataset(task, metadata,
+                                partial(build_icl_sample, source, metadata, task, "icl_path"))
+
+
+def parse_label(prediction: str) -> str:
+    """The label a generation gives: what follows the first "label:", else its first word
+    (HELMET's reading of an ICL answer)."""
+    text = clean_prediction(prediction)
+    match = re.search(r"label\s*[:=]\s*([\w-]+)", text, flags=re.IGNORECASE) or \
+        re.match(r"\W*([\w-]+)", text)
+    return match.group(1).lower() if match else ""
+
+
+# ------------------------------------------------------------------- long documents: QA, summ
+
+
+class LongDocument:
+    """A document cut into whitespace-keeping pieces, with its token count (once measured)."""
+
+    def __init__(self, key: str, text: str) -> None:
+        self.key = key
+        self.text = text
+        self._pieces: list[str] | None = None
+
+    @property
+    def pieces(self) -> list[str]:
+        if self._pieces is None:
+            self._pieces = pieces_of(self.text)
+        return self._pieces
+
+
+_TOKEN_COUNTS: dict[tuple[str, str], int] = {}
+
+
+def _document_tokens(tokenizer: LengthTokenizer, document: LongDocument) -> int:
+    cache_key = (tokenizer.source, document.key)
+    if cache_key not in _TOKEN_COUNTS:
+        _TOKEN_COUNTS[cache_key] = tokenizer.count(document.text)
+    return _TOKEN_COUNTS[cache_key]
+
+
+def long_enough(documents: Sequence[LongDocument], needed: int, tokenizer: LengthTokenizer,
+                order: Sequence[int], want: int) -> list[int]:
+    """Indices (in ``order``) of documents of at least ``needed`` tokens, up to ``want`` of them;
+    documents of fewer UTF-8 bytes than that are rejected before any tokenization (a token
+    covers at least one byte)."""
+    found: list[int] = []
+    for i in order:
+        document = documents[i]
+        if len(document.text) * 4 >= needed and len(document.text.encode("utf-8")) >= needed \
+                and _document_tokens(tokenizer, document) >= needed:
+            found.append(i)
+            if len(found) >= want:
+                break
+    return found
+
+
+_ELIGIBLE: dict[tuple[Any, ...], list[int]] = {}
+
+
+def pick_long_document(documents: Sequence[LongDocument], source_key: str, needed: int,
+                       metadata: Mapping[str, Any], task: str, key: str, length: int, index: int,
+                       tokenizer: LengthTokenizer) -> int:
+    """The document of sample ``index``: the seeded order restricted to documents that can fill
+    ``needed`` tokens (repeating them if there are fewer than the samples)."""
+    want = int_setting(metadata, "num_samples", DEFAULT_NUM_SAMPLES, task=task)
+    cache_key = (task, source_key, tokenizer.source, length, needed,
+                 int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0), want)
+    if cache_key not in _ELIGIBLE:
+        order = sample_order(task, metadata, length, len(documents))
+        _ELIGIBLE[cache_key] = long_enough(documents, needed, tokenizer, order, want)
+        if 0 < len(_ELIGIBLE[cache_key]) < want:
+            log.warning("%s @ %d: only %d document(s) can fill the prompt; %d samples repeat "
+                        "them.", task, length, len(_ELIGIBLE[cache_key]), want)
+    eligible = _ELIGIBLE[cache_key]
+    if not eligible:
+        longest = max(len(d.text) for d in documents)
+        raise task_error(task, key, f"no document is long enough for a {length}-token prompt "
+                         f"(needs about {needed} tokens; the longest has {longest} characters).",
+                         f"Evaluate at shorter lengths, or give longer documents through "
+                         f"`{key}`.")
+    return eligible[index % len(eligible)]
+
+
+def fit_document(head: str, tail: str, document: LongDocument, tokenizer: LengthTokenizer,
+                 length: int, *, task: str, key: str) -> FittedPrompt:
+    """``head`` + the longest prefix of ``document`` that fits + ``tail`` (a piece holds at
+    least one token, so ``length + 1`` pieces always overflow)."""
+    pieces = document.pieces
+    return fit_units(lambda n: head + "".join(pieces[:n]).strip() + tail, tokenizer, length,
+                     max_units=min(len(pieces), length + 1), task=task, key=key)
+
+
+LONGQA_HEAD = ("Below is a long document. Read it, then answer the question that follows it."
+               "\n\nDocument:\n")
+LONGQA_TAIL = "\n\nQuestion: {question}\nGive a short answer, a few words only.\nAnswer:"
+PLAY_HEAD = ("Below is a long excerpt from the plays of Shakespeare: each speech opens with the "
+             "name of its speaker on a line of its own. Read it, then answer the question that "
+             "follows it.\n\n")
+PLAY_TAIL = ("\n\nQuestion: Which character speaks the line \"{line}\"?\nReply with the "
+             "character's name only, as the text gives it.\nAnswer:")
+SPEAKER_TAG = re.compile(r"(?<=\n\n)([A-Z][A-Za-z' .-]{1,30})\.\n(?=[^\n\[])")
+_GENERIC_SPEAKER = re.compile(r"^(first|second|third|fourth|fifth|all|both|several|another|"
+                              r"some|lords?|servants?|messengers?|citizens?|soldiers?|"
+                              r"gentlemen|attendants?|officers?)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SpokenLine:
+    """A line of a speech: its speaker's tag and where the speech and the line lie."""
+
+    speaker: str
+    line: str
+    speech_start: int  # character offset of the speaker tag
+    line_end: int  # character offset just past the line
+
+
+@dataclass(frozen=True)
+class PlayText:
+    """The embedded Shakespeare plays as one document, with lines that make good questions."""
+
+    document: LongDocument
+    piece_ends: tuple[int, ...]  # character offset where each piece ends
+    questions: tuple[SpokenLine, ...]
+
+
+@lru_cache(maxsize=1)
+def shakespeare_plays(corpus: str) -> PlayText:
+    """Plays of ``corpus/long/books.jsonl`` with their speakers marked (``NAME.`` on a line of
+    its own), joined; questions are speech lines of 7+ words that occur once in all the plays,
+    spoken by a named character who speaks at least 10 times in the play."""
+    texts = []
+    with (Path(corpus) / "long" / "books.jsonl").open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row["id"].startswith("shakespeare/"):
+                text = row["text"].replace("\r\n", "\n")
+                if len(SPEAKER_TAG.findall(text)) >= 100:
+                    texts.append(text.strip())
+    text = "\n\n\n".join(texts)
+    line_counts = Counter(line.strip() for line in text.split("\n"))
+    questions: list[SpokenLine] = []
+    for play_start, play in zip(_offsets(texts, 3), texts):
+        speakers = Counter(SPEAKER_TAG.findall(play))
+        for match in SPEAKER_TAG.finditer(play):
+            speaker = match.group(1).strip()
+            if speakers[speaker] < 10 or _GENERIC_SPEAKER.match(speaker):
+                continue
+            end = play.find("\n\n", match.end())
+            speech = play[match.end(): end if end >= 0 else len(play)]
+            offset = match.end()
+            for line in speech.split("\n"):
+                stripped = line.strip()
+                if (len(stripped.split()) >= 7 and "[" not in stripped and '"' not in stripped
+                        and line_counts[stripped] == 1):
+                    questions.append(SpokenLine(speaker, stripped, play_start + match.start(),
+                                                play_start + offset + len(line)))
+                offset += len(line) + 1
+    document = LongDocument("shakespeare", text)
+    ends, position = [], 0
+    for piece in document.pieces:
+        position += len(piece)
+        ends.append(position)
+    return PlayText(document, tuple(ends), tuple(questions))
+
+
+def _offsets(texts: Sequence[str], gap: int) -> Iterator[int]:
+    position = 0
+    for text in texts:
+        yield position
+        position += len(text) + gap
+
+
+def build_play_question(plays: PlayText, metadata: Mapping[str, Any], task: str,
+                        rng: random.Random, length: int, index: int,
+                        tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """A window of the plays filling ``length`` tokens whose speech holding the quoted line sits
+    at the sample's depth; the answer is the speaker's tag."""
+    order = sample_order(task, metadata, length, len(plays.questions))
+    question = plays.questions[order[index % len(order)]]
+    depth = depth_setting(metadata, index, rng, task=task, spread=True)
+    pieces = plays.document.pieces
+    first = bisect.bisect_right(plays.piece_ends, question.speech_start)
+    last = bisect.bisect_left(plays.piece_ends, question.line_end)
+    span = last - first + 1
+    tail = PLAY_TAIL.format(line=question.line)
+
+    def window(units: int) -> tuple[int, int]:
+        units = max(units, span)
+        start = first - round(depth * (units - span))
+        start = min(max(start, 0), len(pieces) - units)
+        return start, start + units
+
+    def render(units: int) -> str:
+        start, stop = window(units)
+        return PLAY_HEAD + "".join(pieces[start:stop]).strip() + tail
+
+    fitted = fit_units(render, tokenizer, length, max_units=min(len(pieces), length + 1),
+                       task=task, key="longqa_path")
+    start, stop = window(fitted.num_words)
+    return {"input": fitted.text, "outputs": [question.speaker], "input_tokens": fitted.num_tokens,
+            "depth": depth, "question": f"Which character speaks the line \"{question.line}\"?",
+            "evidence_position": (first - start) / max(stop - start, 1)}
+
+
+def build_document_question(records: Sequence[DocumentQA], documents: Sequence[LongDocument],
+                            metadata: Mapping[str, Any], task: str, rng: random.Random,
+                            length: int, index: int,
+                            tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """A user question over the start of its document, cut to fill ``length`` tokens."""
+    needed = length - _frame_tokens(tokenizer, tuple(r.question for r in records))
+    chosen = pick_long_document(documents, documents[0].key, needed, metadata, task,
+                                "longqa_path", length, index, tokenizer)
+    record = records[chosen]
+    fitted = fit_document(LONGQA_HEAD, LONGQA_TAIL.format(question=record.question),
+                          documents[chosen], tokenizer, length, task=task, key="longqa_path")
+    return {"input": fitted.text, "outputs": list(record.answers),
+            "input_tokens": fitted.num_tokens, "document_id": record.id,
+            "question": record.question, "depth": -1.0, "evidence_position": -1.0}
+
+
+@lru_cache(maxsize=8)
+def _frame_tokens(tokenizer: LengthTokenizer, questions: tuple[str, ...]) -> int:
+    """Tokens of the long-document QA template around the document, for its longest question."""
+    return tokenizer.count(LONGQA_HEAD) + max(
+        tokenizer.count(LONGQA_TAIL.format(question=question)) for question in questions)
+
+
+def longqa_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``acadlm_longqa``: ``longqa_path`` rows, else speaker questions over the
+    Shakespeare plays of the embedded corpus."""
+    path = data_path(metadata, "longqa_path", None, task=task)
+    if path is None:
+        from acadlm_plugins.defaults.paths import require_default_corpus
+
+        plays = shakespeare_plays(str(require_default_corpus()))
+        builder = partial(build_play_question, plays, metadata, task)
+    else:
+        records = load_longqa(path, task=task, key="longqa_path")
+        stamp = file_stamp(path)
+        documents = [LongDocument(f"{stamp}:{i}", r.document) for i, r in enumerate(records)]
+        builder = partial(build_document_question, records, documents, metadata, task)
+    return build_length_dataset(task, metadata, builder)
+
+
+SUMM_HEAD = ("Below is a long document. Read it, then write a short summary of it: one or two "
+             "sentences.\n\nDocument:\n")
+SUMM_TAIL = "\n\nSummary:"
+CODE_HEAD = ("Below is the source code of a Python module whose opening docstring has been "
+             "removed. Read it, then write the first paragraph of that docstring: one or two "
+             "sentences saying what the module is for.\n\n")
+CODE_TAIL = "\n\nFirst paragraph of the module's docstring:"
+
+
+def strip_docstring(source: str) -> tuple[str, str] | None:
+    """``source`` without its module docstring, and that docstring's first paragraph (whitespace
+    squeezed); None if there is no usable docstring (fewer than 4 words, or restated verbatim
+    elsewhere in the module).
+
+    Only the head of the module is tokenized (the docstring is its first statement), which keeps
+    reading the whole standard library fast.
+    """
+    docstring = None
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING):
+                continue
+            if docstring is None and token.type == tokenize.STRING:
+                docstring = token
+                continue
+            if docstring is None or token.type not in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                return None
+            break
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    if docstring is None:
+        return None
+    try:
+        value = ast.literal_eval(docstring.string)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(value, str):
+        return None
+    first = " ".join(inspect.cleandoc(value).split("\n\n")[0].split())
+    if len(first.split()) < 4:
+        return None
+    lines = source.split("\n")
+    rest = "\n".join(lines[: docstring.start[0] - 1] + lines[docstring.end[0]:]).strip("\n")
+    if first in " ".join(rest.split()):
+        return None
+    return rest, first
+
+
+@lru_cache(maxsize=1)
+def stdlib_summaries(corpus: str) -> tuple[tuple[DocumentSummary, ...], tuple[LongDocument, ...]]:
+    """Standard-library modules of the embedded corpus (code domain, both splits) and packages
+    (``long/code_packages.jsonl``, summarized by their ``__init__`` docstring)."""
+    records: list[DocumentSummary] = []
+    root = Path(corpus)
+    for name in ("code/train.jsonl", "code/validation.jsonl"):
+        with (root / name).open(encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                stripped = strip_docstring(row["text"])
+                if stripped:
+                    records.append(DocumentSummary(row["id"], stripped[0], (stripped[1],)))
+    packages = root / "long" / "code_packages.jsonl"
+    if packages.is_file():
+        with packages.open(encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                record = _package_summary(row["id"], row["text"])
+                if record:
+                    records.append(record)
+    # Generated modules share one formulaic docstring (e.g. ~100 "Python Character Mapping
+    # Codec ..." encodings); keep two of each so that they do not crowd out the rest.
+    openings = Counter(" ".join(r.summaries[0].split()[:4]) for r in records)
+    kept, seen = [], Counter[str]()
+    for record in records:
+        opening = " ".join(record.summaries[0].split()[:4])
+        seen[opening] += 1
+        if openings[opening] <= 2 or seen[opening] <= 2:
+            kept.append(record)
+    documents = tuple(LongDocument(f"stdlib:{r.id}", r.document) for r in kept)
+    return tuple(kept), documents
+
+
+def _package_summary(package_id: str, text: str) -> DocumentSummary | None:
+    """A package (files joined under ``# file: <path>`` headers) with the docstring of its
+    ``__init__.py`` removed."""
+    parts = re.split(r"(?m)^(# file: .*\n)", text)
+    for i in range(1, len(parts) - 1, 2):
+        if parts[i].rstrip().endswith("/__init__.py"):
+            stripped = strip_docstring(parts[i + 1])
+            if stripped is None:
+                return None
+            body = parts[:i + 1] + [stripped[0] + "\n\n"] + parts[i + 2:]
+            rest = "".join(body)
+            if stripped[1] in " ".join(rest.split()):
+                return None
+            return DocumentSummary(package_id, rest, (stripped[1],))
+    return None
+
+
+def build_summary_sample(records: Sequence[DocumentSummary], documents: Sequence[LongDocument],
+                         head: str, tail: str, source_key: str, metadata: Mapping[str, Any],
+                         task: str, rng: random.Random, length: int, index: int,
+                         tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """A document long enough to fill ``length`` tokens, cut to fit, with its references."""
+    needed = length - tokenizer.count(head) - tokenizer.count(tail)
+    chosen = pick_long_document(documents, source_key, needed, metadata, task, "summ_path",
+                                length, index, tokenizer)
+    fitted = fit_document(head, tail, documents[chosen], tokenizer, length, task=task,
+                          key="summ_path")
+    record = records[chosen]
+    return {"input": fitted.text, "outputs": list(record.summaries),
+            "input_tokens": fitted.num_tokens, "document_id": record.id}
+
+
+def summ_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``acadlm_summ``: ``summ_path`` rows, else standard-library modules."""
+    path = data_path(metadata, "summ_path", None, task=task)
+    if path is None:
+        from acadlm_plugins.defaults.paths import require_default_corpus
+
+        records, documents = stdlib_summaries(str(require_default_corpus()))
+        builder = partial(build_summary_sample, records, documents, CODE_HEAD, CODE_TAIL,
+                          "stdlib", metadata, task)
+    else:
+        records = load_summ(path, task=task, key="summ_path")
+        stamp = file_stamp(path)
+        documents = tuple(LongDocument(f"{stamp}:{i}", r.document) for i, r in enumerate(records))
+        builder = partial(build_summary_sample, records, documents, SUMM_HEAD, SUMM_TAIL,
+                          str(stamp), metadata, task)
+    return build_length_dataset(task, metadata, builder)
+
+
+# ------------------------------------------------------------------------------- entry points
+
+
+def json_kv_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``acadlm_json_kv``."""
+    return build_length_dataset(task, metadata, partial(build_json_kv_sample, metadata, task))
+
+
+def rag_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``acadlm_rag``, from ``rag_path`` or the shipped example."""
+    return passage_qa_dataset(task, RAG_STYLE, metadata)
+
+
+def process_results_substring_em(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """HELMET's substring exact match: 100 if a normalized answer occurs in the generation."""
+    return per_length(doc, substring_exact_match(results[0], doc["outputs"]))
+
+
+def process_results_rouge_l(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """ROUGE-L F1 against the best-matching reference summary."""
+    return per_length(doc, rouge_l(clean_prediction(results[0]), doc["outputs"]))
+
+
+def process_results_ndcg(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """NDCG@10 of the ranking written in the generation against the graded judgments."""
+    relevance = dict(zip(doc["relevant_ids"], doc["relevant_grades"]))
+    ranking = parse_ranking(results[0], doc["passage_ids"])
+    return per_length(doc, ndcg_at_k(ranking, relevance, k=10))
+
+
+def process_results_label(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """Accuracy: 100 if the label the generation gives is the expected number."""
+    return per_length(doc, 100.0 if parse_label(results[0]) == doc["outputs"][0].lower()
+                      else 0.0)

@@ -1,0 +1,335 @@
+"""Read and check the local jsonl files that the QA, RAG, re-ranking, ICL, long-document QA and
+summarization tasks are built from.
+
+A user points a task at their own file through a metadata key (``qa_path``, ``rag_path``,
+``rerank_path``, ``icl_path``, ``longqa_path``, ``summ_path``); when the key is unset the task
+uses its shipped example (under ``acadlm_plugins/evaluation/data/``) or data derived from the
+embedded corpus. Every row is checked when the file is read, so a bad row fails before any
+prompt is built, with an error that names the task, the metadata key, ``file:line``, the row
+field at fault and how to fix it. The schemas are documented in ``docs/evaluation_data.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.evaluation.lengths import task_error
+
+DATA_DIR = Path(__file__).parent / "data"
+#: The shipped example used by both ``acadlm_ruler_qa`` and ``acadlm_rag``.
+DEFAULT_QA_FILE = DATA_DIR / "qa_passages.jsonl"
+#: The shipped example of ``acadlm_rerank``.
+DEFAULT_RERANK_FILE = DATA_DIR / "rerank_passages.jsonl"
+SCHEMA_DOC = "docs/evaluation_data.md"
+
+Record = TypeVar("Record")
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A passage a question may be answered from (or a distractor)."""
+
+    text: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class QARecord:
+    """A question with its answers, the passage(s) that answer it and optional hard negatives."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold: tuple[Passage, ...]
+    distractors: tuple[Passage, ...]
+
+
+@dataclass(frozen=True)
+class RankedPassage:
+    """A candidate passage of a re-ranking query with its graded relevance (0 = not relevant)."""
+
+    text: str
+    title: str
+    relevance: float
+
+
+@dataclass(frozen=True)
+class RerankRecord:
+    """A query and its judged candidate passages."""
+
+    id: str
+    query: str
+    passages: tuple[RankedPassage, ...]
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """One labelled example for in-context learning; ``split`` is "demo", "test" or None."""
+
+    text: str
+    label: str
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class DocumentQA:
+    """A question about a long document."""
+
+    id: str
+    document: str
+    question: str
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DocumentSummary:
+    """A long document and its reference summaries."""
+
+    id: str
+    document: str
+    summaries: tuple[str, ...]
+
+
+class RowChecker:
+    """Reads typed fields from one jsonl row and raises errors that say where and what."""
+
+    def __init__(self, row: Mapping[str, Any], *, path: Path, line: int, task: str, key: str,
+                 example: str) -> None:
+        self.row = row
+        self.path = path
+        self.line = line
+        self.task = task
+        self.key = key
+        self.example = example
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        """An error naming the task, the metadata key, ``file:line`` and the row field."""
+        return task_error(self.task, self.key, f"{self.path}:{self.line}: field `{name}` {problem}",
+                          f"Each line must be a JSON object like {self.example} "
+                          f"(schema in {SCHEMA_DOC}); fix or remove line {self.line}.")
+
+    def text(self, name: str, *, required: bool = True, default: str = "") -> str:
+        """A non-empty string field (or ``default`` when optional and absent)."""
+        value = self.row.get(name)
+        if value is None and not required:
+            return default
+        if value is None:
+            raise self.fail(name, "is missing.")
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(name, f"must be a non-empty string, got {_show(value)}.")
+        return value.strip()
+
+    def label(self, name: str) -> str:
+        """A class label: a non-empty string or an integer (kept as its text)."""
+        value = self.row.get(name)
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            raise self.fail(name, "must be a non-empty string or an integer, got "
+                            f"{_show(value)}." if name in self.row else "is missing.")
+        return str(value).strip()
+
+    def texts(self, name: str) -> tuple[str, ...]:
+        """A non-empty list of non-empty strings (a single string is accepted as a list of one)."""
+        value = self.row.get(name)
+        if value is None:
+            raise self.fail(name, "is missing.")
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(
+                isinstance(item, str) and item.strip() for item in items):
+            raise self.fail(name, f"must be a non-empty list of non-empty strings, got "
+                            f"{_show(value)}.")
+        return tuple(item.strip() for item in items)
+
+    def passages(self, name: str, *, required: bool) -> tuple[Passage, ...]:
+        """A list of passages, each a string or an object with `text` (and optional `title`)."""
+        value = self.row.get(name)
+        if value is None and not required:
+            return ()
+        if value is None:
+            raise self.fail(name, "is missing.")
+        items = [value] if isinstance(value, (str, dict)) else value
+        if not isinstance(items, list) or (required and not items):
+            raise self.fail(name, f"must be a non-empty list of passages, got {_show(value)}.")
+        return tuple(self._passage(item, f"{name}[{i}]") for i, item in enumerate(items))
+
+    def _passage(self, item: Any, where: str) -> Passage:
+        if isinstance(item, str) and item.strip():
+            return Passage(" ".join(item.split()))
+        if isinstance(item, dict):
+            text, title = item.get("text"), item.get("title", "")
+            if not isinstance(text, str) or not text.strip():
+                raise self.fail(f"{where}.text", f"must be a non-empty string, got {_show(text)}.")
+            if not isinstance(title, str):
+                raise self.fail(f"{where}.title", f"must be a string, got {_show(title)}.")
+            return Passage(" ".join(text.split()), " ".join(title.split()))
+        raise self.fail(where, f"must be a string or an object with `text`, got {_show(item)}.")
+
+    def ranked_passages(self, name: str) -> tuple[RankedPassage, ...]:
+        """Candidate passages with a numeric `relevance` >= 0, at least one of them > 0."""
+        value = self.row.get(name)
+        if not isinstance(value, list) or not value:
+            raise self.fail(name, "must be a non-empty list of objects with `text` and "
+                            f"`relevance`, got {_show(value)}." if name in self.row
+                            else "is missing.")
+        ranked = []
+        for i, item in enumerate(value):
+            passage = self._passage(item, f"{name}[{i}]")
+            grade = item.get("relevance") if isinstance(item, dict) else None
+            if isinstance(grade, bool) or not isinstance(grade, (int, float)) or grade < 0:
+                raise self.fail(f"{name}[{i}].relevance", "must be a number >= 0 (a graded "
+                                f"judgment such as 0-3), got {_show(grade)}.")
+            ranked.append(RankedPassage(passage.text, passage.title, float(grade)))
+        if not any(p.relevance > 0 for p in ranked):
+            raise self.fail(name, "has no passage with relevance > 0, so no ranking can be "
+                            "scored.")
+        return tuple(ranked)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if value is not None else "null"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def data_path(metadata: Mapping[str, Any], key: str, default: Path | None, *,
+              task: str) -> Path | None:
+    """The file named by ``metadata[key]`` (which must exist), else ``default`` (may be None,
+    meaning: derive the data from the embedded corpus)."""
+    value = metadata.get(key)
+    if value in (None, ""):
+        return default
+    if not isinstance(value, (str, Path)):
+        raise task_error(task, key, f"{value!r} is not a file path.",
+                         f"Give the path of a local jsonl file (schema in {SCHEMA_DOC}).")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise task_error(task, key, f"{path} does not exist" + (" (it is a folder)."
+                         if path.is_dir() else "."),
+                         f"Point `{key}` in --metadata at an existing local jsonl file (schema "
+                         f"in {SCHEMA_DOC}), or leave it unset to use the default data.")
+    return path
+
+
+def read_jsonl(path: Path, *, task: str, key: str, example: str,
+               parse: Callable[[RowChecker], Record]) -> list[Record]:
+    """Parse every non-blank line of ``path`` with ``parse``; errors carry ``file:line``."""
+    records: list[Record] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise task_error(task, key, f"{path}:{number} is not valid JSON ({err.msg} at "
+                                 f"column {err.colno}).", f"Each line must be one JSON object "
+                                 f"like {example}; fix or remove line {number}.") from None
+            if not isinstance(row, dict):
+                raise task_error(task, key, f"{path}:{number} is a JSON {type(row).__name__}, "
+                                 "not an object.", f"Each line must be one JSON object like "
+                                 f"{example}.")
+            checker = RowChecker(row, path=path, line=number, task=task, key=key,
+                                 example=example)
+            records.append(parse(checker))
+    if not records:
+        raise task_error(task, key, f"{path} has no rows.", f"Add rows like {example}.")
+    return records
+
+
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    """What identifies a file's current content for caching: resolved path, mtime and size."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+QA_EXAMPLE = ('{"id": "q1", "question": "...", "answers": ["..."], "gold": [{"title": "...", '
+              '"text": "..."}], "distractors": [{"title": "...", "text": "..."}]}')
+RERANK_EXAMPLE = ('{"id": "r1", "query": "...", "passages": [{"title": "...", "text": "...", '
+                  '"relevance": 3}, {"text": "...", "relevance": 0}]}')
+ICL_EXAMPLE = '{"text": "...", "label": "...", "split": "demo"}'
+LONGQA_EXAMPLE = '{"id": "d1", "document": "...", "question": "...", "answers": ["..."]}'
+SUMM_EXAMPLE = '{"id": "d1", "document": "...", "summary": "..."}'
+
+
+def _parse_qa(row: RowChecker) -> QARecord:
+    return QARecord(id=row.text("id", required=False, default=f"line{row.line}"),
+                    question=row.text("question"), answers=row.texts("answers"),
+                    gold=row.passages("gold", required=True),
+                    distractors=row.passages("distractors", required=False))
+
+
+def _parse_rerank(row: RowChecker) -> RerankRecord:
+    return RerankRecord(id=row.text("id", required=False, default=f"line{row.line}"),
+                        query=row.text("query"), passages=row.ranked_passages("passages"))
+
+
+def _parse_icl(row: RowChecker) -> LabelledText:
+    split = row.row.get("split")
+    if split is not None and split not in ("demo", "train", "test"):
+        raise row.fail("split", f"must be \"demo\" (or \"train\") or \"test\", got {_show(split)}.")
+    return LabelledText(" ".join(row.text("text").split()), row.label("label"),
+                        "demo" if split == "train" else split)
+
+
+def _parse_longqa(row: RowChecker) -> DocumentQA:
+    return DocumentQA(id=row.text("id", required=False, default=f"line{row.line}"),
+                      document=row.text("document"), question=row.text("question"),
+                      answers=row.texts("answers"))
+
+
+def _parse_summ(row: RowChecker) -> DocumentSummary:
+    return DocumentSummary(id=row.text("id", required=False, default=f"line{row.line}"),
+                           document=row.text("document"), summaries=row.texts("summary"))
+
+
+@lru_cache(maxsize=16)
+def _cached(kind: str, stamp: tuple[str, int, int], task: str, key: str) -> tuple[Any, ...]:
+    parse, example = _PARSERS[kind]
+    return tuple(read_jsonl(Path(stamp[0]), task=task, key=key, example=example, parse=parse))
+
+
+_PARSERS: dict[str, tuple[Callable[[RowChecker], Any], str]] = {
+    "qa": (_parse_qa, QA_EXAMPLE),
+    "rerank": (_parse_rerank, RERANK_EXAMPLE),
+    "icl": (_parse_icl, ICL_EXAMPLE),
+    "longqa": (_parse_longqa, LONGQA_EXAMPLE),
+    "summ": (_parse_summ, SUMM_EXAMPLE),
+}
+
+
+def load_qa(path: Path, *, task: str, key: str) -> tuple[QARecord, ...]:
+    """Questions with gold passages and distractors (``qa_path``/``rag_path``)."""
+    return _cached("qa", file_stamp(path), task, key)
+
+
+def load_rerank(path: Path, *, task: str, key: str) -> tuple[RerankRecord, ...]:
+    """Queries with graded candidate passages (``rerank_path``)."""
+    return _cached("rerank", file_stamp(path), task, key)
+
+
+def load_icl(path: Path, *, task: str, key: str) -> tuple[LabelledText, ...]:
+    """Labelled texts; at least two labels, and test rows if any row names a split."""
+    rows = _cached("icl", file_stamp(path), task, key)
+    labels = {row.label for row in rows}
+    if len(labels) < 2:
+        raise task_error(task, key, f"{path} has {len(labels)} distinct label(s) in field "
+                         "`label`; classification needs at least 2.", "Add rows of other labels.")
+    if any(row.split for row in rows) and not any(row.split == "test" for row in rows):
+        raise task_error(task, key, f"{path} names splits in field `split` but has no "
+                         "\"test\" row to ask about.", "Mark the rows to classify with "
+                         "\"split\": \"test\", or drop `split` to hold rows out at random.")
+    return rows
+
+
+def load_longqa(path: Path, *, task: str, key: str) -> tuple[DocumentQA, ...]:
+    """Questions over long documents (``longqa_path``)."""
+    return _cached("longqa", file_stamp(path), task, key)
+
+
+def load_summ(path: Path, *, task: str, key: str) -> tuple[DocumentSummary, ...]:
+    """Long documents with reference summaries (``summ_path``)."""
+    return _cached("summ", file_stamp(path), task, key)

@@ -1,0 +1,47 @@
+"""lm-eval entry points of the acadlm HELMET-style tasks; the logic lives in
+:mod:`acadlm_plugins.evaluation.helmet` so it can be imported and tested on its own.
+
+lm-eval calls ``custom_dataset`` with the task's metadata (``--metadata`` merged with
+``--model_args``) as keyword arguments.
+"""
+
+from typing import Any
+
+from acadlm_plugins.evaluation import helmet
+from acadlm_plugins.evaluation.helmet import (  # noqa: F401  (referenced from the YAMLs)
+    process_results_label,
+    process_results_ndcg,
+    process_results_rouge_l,
+    process_results_substring_em,
+)
+from acadlm_plugins.evaluation.task_base import LengthSweepTask  # noqa: F401
+
+
+def json_kv(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_json_kv``."""
+    return helmet.json_kv_dataset("acadlm_json_kv", metadata)
+
+
+def rag(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_rag``."""
+    return helmet.rag_dataset("acadlm_rag", metadata)
+
+
+def rerank(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_rerank``."""
+    return helmet.rerank_dataset("acadlm_rerank", metadata)
+
+
+def icl(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_icl``."""
+    return helmet.icl_dataset("acadlm_icl", metadata)
+
+
+def longqa(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_longqa``."""
+    return helmet.longqa_dataset("acadlm_longqa", metadata)
+
+
+def summ(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_summ``."""
+    return helmet.summ_dataset("acadlm_summ", metadata)
