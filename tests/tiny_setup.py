@@ -115,3 +115,135 @@ def run_tune_subprocess(recipe: str, args: list[str], *, cwd: Path, log_file: Pa
         except subprocess.TimeoutExpired:
             pytest.fail(f"`tune run` (nproc={nproc}) hung for {timeout} s:\n{tail()}")
     assert done.returncode == 0, f"`tune run` (nproc={nproc}) failed:\n{tail()}"
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tiny_tokenizer(model_dir: Path, vocab_size: int = TINY_VOCAB) -> Path:
+    """A real byte-level BPE ``tokenizer.json`` (trained on the tiny corpus words, at most
+    ``vocab_size`` <= TINY_VOCAB ids) plus a ``tokenizer_config.json`` with a ChatML template,
+    written into ``model_dir`` so the tiny checkpoint is a complete Hugging Face model folder.
+
+    Special ids match the tiny model's config: 0 ``<|endoftext|>`` (pad), 1 ``<|im_start|>``
+    (bos), 2 ``<|im_end|>`` (eos). The files load with ``tokenizers``, torchtune's
+    ``HuggingFaceBaseTokenizer`` and ``transformers.AutoTokenizer``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    assert vocab_size <= TINY_VOCAB
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(30))
+             for words in _WORDS.values() for _ in range(40)]
+    lines += ["Question: what is the answer?\nAnswer: the answer is 42.", "user", "assistant"]
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "model_max_length": 512,
+              "chat_template": TINY_CHAT_TEMPLATE}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return model_dir
+
+
+def write_tiny_model_dir(model_dir: Path, seed: int = 0, weight_std: float | None = 0.15) -> Path:
+    """The tiny checkpoint together with its tokenizer: a folder lm-eval's ``hf`` model and
+    our ``acadlm`` model both load.
+
+    With ``weight_std`` every weight but the norms is redrawn from N(0, weight_std^2): at the
+    default init (std 0.02) a random model repeats its last token forever, which makes stop
+    sequences and greedy ties meaningless to test; larger weights give varied generations.
+    """
+    from safetensors.torch import load_file, save_file
+
+    write_tiny_checkpoint(model_dir, seed=seed)
+    if weight_std is not None:
+        weights_file = model_dir / "model.safetensors"
+        state = load_file(weights_file)
+        generator = torch.Generator().manual_seed(seed)
+        for name, tensor in state.items():
+            if "norm" not in name:
+                state[name] = torch.randn(tensor.shape, generator=generator) * weight_std
+        save_file(state, weights_file, metadata={"format": "pt"})
+    return write_tiny_tokenizer(model_dir)
+
+
+# lm-eval's own task configs, fed small local files with their datasets' schemas. Each task
+# keeps its built-in YAML (prompt templates, metrics, filters, generation settings) through
+# `include:`; only where the documents come from changes.
+BUILTIN_TASK_DOCS: dict[str, list[dict]] = {
+    "arc_easy": [
+        {"id": "q1", "question": "Which of these is a mammal?", "answerKey": "B",
+         "choices": {"text": ["a trout", "a whale", "a snake", "a frog"],
+                     "label": ["A", "B", "C", "D"]}},
+        {"id": "q2", "question": "What does a plant need to make food?", "answerKey": "A",
+         "choices": {"text": ["sunlight", "sand", "darkness", "salt"],
+                     "label": ["A", "B", "C", "D"]}},
+        {"id": "q3", "question": "Water freezes at what temperature in Celsius?",
+         "answerKey": "3", "choices": {"text": ["100 degrees", "50 degrees", "0 degrees"],
+                                        "label": ["1", "2", "3"]}},
+        {"id": "q4", "question": "Which planet is closest to the Sun?", "answerKey": "D",
+         "choices": {"text": ["Earth", "Mars", "Jupiter", "Mercury"],
+                     "label": ["A", "B", "C", "D"]}},
+    ],
+    "lambada_openai": [
+        {"text": "She poured the tea into the cup and handed it to her friend, who thanked her"},
+        {"text": "The dog barked at the mailman every morning until the mailman brought a treat"},
+        {"text": "After the long winter the farmers were finally able to plant their seeds"},
+    ],
+    "wikitext": [
+        {"page": " = Valkyria Chronicles = \n Senjō no Valkyria is a tactical role @-@ playing "
+                 "video game developed by Sega . It was released in January 2011 in Japan , "
+                 "and is the third game in the series . \n"},
+        {"page": " = Tropical Storm = \n The storm formed on June 1 , moved west , and "
+                 "dissipated over land two days later ; damage was minor . \n"},
+    ],
+    "gsm8k": [
+        {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?",
+         "answer": "Tom has 3 + 2 = <<3+2=5>>5 apples.\n#### 5"},
+        {"question": "A box holds 4 pens. How many pens are in 3 boxes?",
+         "answer": "3 boxes hold 3 * 4 = <<3*4=12>>12 pens.\n#### 12"},
+        {"question": "Sara had 10 dollars and spent 7. How many dollars are left?",
+         "answer": "She has 10 - 7 = <<10-7=3>>3 dollars left.\n#### 3"},
+    ],
+}
+BUILTIN_TASK_YAML = {"arc_easy": "arc/arc_easy.yaml",
+                     "lambada_openai": "lambada/lambada_openai.yaml",
+                     "wikitext": "wikitext/wikitext.yaml", "gsm8k": "gsm8k/gsm8k.yaml"}
+
+
+def write_builtin_task_configs(root: Path) -> dict[str, Path]:
+    """For each task of ``BUILTIN_TASK_DOCS``: a jsonl of its documents and a YAML that
+    includes lm-eval's built-in config and reads that file (``dataset_path: json``) for every
+    split the config names. Returns task name -> YAML path, usable as an lm-eval task spec
+    (``simple_evaluate(tasks=[str(path)], task_manager=TaskManager(include_defaults=False))``,
+    which skips indexing lm-eval's thousands of built-in tasks). Nothing is downloaded."""
+    import lm_eval.tasks
+    import yaml
+
+    builtin_dir = Path(lm_eval.tasks.__file__).parent
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for task, docs in BUILTIN_TASK_DOCS.items():
+        data = root / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+        config = {"include": str(builtin_dir / BUILTIN_TASK_YAML[task]), "task": task,
+                  "dataset_path": "json", "dataset_name": None,
+                  "dataset_kwargs": {"data_files": {split: str(data) for split in
+                                                    ("train", "validation", "test")},
+                                     "cache_dir": str(root / "hf_datasets_cache")}}
+        written[task] = root / f"{task}.yaml"
+        written[task].write_text(yaml.safe_dump(config, sort_keys=False))
+    return written

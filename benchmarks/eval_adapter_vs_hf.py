@@ -1,0 +1,169 @@
+"""Throughput of lm-eval's ``acadlm`` model against lm-eval's own ``hf`` model.
+
+Both load the same checkpoint folder (default: the embedded SmolLM2-135M-Instruct) in fp32 on
+the CPU and answer the *same* lm-eval requests, built from the embedded corpus's validation
+passages:
+
+* ``loglikelihood``: multiple-choice style, each context (30-150 words) scored with 4 candidate
+  continuations (its true next words and three taken from other passages);
+* ``generate_until``: greedy continuation of passage openings until a blank line or
+  ``--max-gen-toks`` tokens.
+
+The two models are timed in alternation (the order flips every repeat) so that drift on a
+shared machine hits both alike; it prints requests/s for each (median and best of the repeats),
+the ratio acadlm / hf, and how far their answers differ (they should agree).
+
+Run::
+
+    .venv/bin/python benchmarks/eval_adapter_vs_hf.py                  # 32 x 4 scored, 8 generated
+    .venv/bin/python benchmarks/eval_adapter_vs_hf.py --contexts 64 --generations 16 --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from lm_eval.api.instance import Instance
+
+from acadlm_plugins.defaults.corpus import read_jsonl
+from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
+
+DOMAINS = ("books", "docs", "scripture")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--contexts", type=int, default=32,
+                        help="loglikelihood contexts (4 requests each)")
+    parser.add_argument("--generations", type=int, default=8, help="generate_until requests")
+    parser.add_argument("--max-gen-toks", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8, help="the same for both models")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def passages(limit: int, seed: int) -> list[str]:
+    """Validation passages of the embedded corpus with at least 60 words."""
+    corpus = require_default_corpus()
+    texts = [doc["text"] for domain in DOMAINS if (corpus / domain / "validation.jsonl").is_file()
+             for doc in read_jsonl(corpus / domain / "validation.jsonl")]
+    texts = [t for t in texts if len(t.split()) >= 60]
+    random.Random(seed).shuffle(texts)
+    if len(texts) < 4:
+        raise SystemExit(f"too few passages in {corpus}; rebuild it with `acadlm-defaults build`")
+    return [texts[i % len(texts)] for i in range(limit)]
+
+
+def loglikelihood_requests(texts: list[str], seed: int) -> list[Instance]:
+    """4 (context, continuation) requests per text: its true next words and 3 distractors."""
+    rng = random.Random(seed)
+    pieces = []
+    for text in texts:
+        words = text.split()
+        cut = rng.randint(30, min(150, len(words) - 8))
+        pieces.append((" ".join(words[:cut]), " " + " ".join(words[cut:cut + rng.randint(1, 6)])))
+    requests = []
+    for index, (context, answer) in enumerate(pieces):
+        others = [pieces[(index + k) % len(pieces)][1] for k in (1, 2, 3)]
+        for choice in [answer, *others]:
+            requests.append(Instance("loglikelihood", {}, (context, choice), len(requests),
+                                     ("benchmark_mc", index, 1)))
+    return requests
+
+
+def generation_requests(texts: list[str], max_gen_toks: int, seed: int) -> list[Instance]:
+    rng = random.Random(seed + 1)
+    requests = []
+    for index, text in enumerate(texts):
+        words = text.split()
+        prompt = " ".join(words[:rng.randint(30, min(150, len(words)))])
+        requests.append(Instance("generate_until", {}, (prompt, {
+            "until": ["\n\n"], "max_gen_toks": max_gen_toks, "do_sample": False}), index,
+            ("benchmark_gen", index, 1)))
+    return requests
+
+
+def timed(function, requests) -> tuple[float, list]:
+    started = time.perf_counter()
+    answers = function(requests, disable_tqdm=True)
+    return time.perf_counter() - started, answers
+
+
+def main() -> None:
+    args = parse_args()
+    from lm_eval.models.huggingface import HFLM
+
+    from acadlm_plugins.evaluation.lm_adapter import AcadLM
+
+    model_dir = args.model_dir or require_default_model()
+    texts = passages(max(args.contexts, args.generations), args.seed)
+    scored = loglikelihood_requests(texts[:args.contexts], args.seed)
+    generated = generation_requests(texts[:args.generations], args.max_gen_toks, args.seed)
+
+    started = time.perf_counter()
+    ours = AcadLM(pretrained=str(model_dir), batch_size=args.batch_size, device="cpu",
+                  dtype="float32")
+    ours_load = time.perf_counter() - started
+    started = time.perf_counter()
+    hf = HFLM(pretrained=str(model_dir), batch_size=args.batch_size, device="cpu",
+              dtype="float32")
+    hf_load = time.perf_counter() - started
+    models = {"acadlm": ours, "hf": hf}
+    context_tokens = [len(ours.tok_encode(r.args[0])) for r in scored[::4]]
+    prompt_tokens = [len(ours.tok_encode(r.args[0])) for r in generated]
+    print(f"{model_dir.name} ({model_dir}), fp32, {torch.get_num_threads()} threads, "
+          f"batch size {args.batch_size}, {args.repeats} timed runs each, interleaved")
+    print(f"loglikelihood: {len(scored)} requests ({args.contexts} contexts x 4 continuations, "
+          f"contexts {min(context_tokens)}-{max(context_tokens)} tokens)")
+    print(f"generate_until: {len(generated)} requests (prompts {min(prompt_tokens)}-"
+          f"{max(prompt_tokens)} tokens, until blank line or {args.max_gen_toks} new tokens)")
+    print(f"model load (s): acadlm {ours_load:.2f}, hf {hf_load:.2f}")
+
+    for model in models.values():  # warm-up: first-call allocations, thread pools
+        model.loglikelihood(scored[:4], disable_tqdm=True)
+        model.generate_until(generated[:1], disable_tqdm=True)
+
+    seconds: dict[tuple[str, str], list[float]] = {}
+    answers: dict[tuple[str, str], list] = {}
+    for repeat in range(args.repeats):
+        order = ("acadlm", "hf") if repeat % 2 == 0 else ("hf", "acadlm")
+        for name in order:
+            for kind, requests in (("loglikelihood", scored), ("generate_until", generated)):
+                took, answer = timed(getattr(models[name], kind), requests)
+                seconds.setdefault((name, kind), []).append(took)
+                answers[(name, kind)] = answer
+                print(f"  run {repeat + 1} {name:>6} {kind:<15} {took:7.2f} s "
+                      f"({len(requests) / took:6.2f} requests/s)", flush=True)
+
+    print(f"\n{'requests/s':<32}{'acadlm':>10}{'hf':>10}{'acadlm / hf':>14}")
+    for kind, requests in (("loglikelihood", scored), ("generate_until", generated)):
+        for label, pick in (("median", statistics.median), ("best", min)):
+            rates = {name: len(requests) / pick(seconds[(name, kind)]) for name in models}
+            print(f"{kind + ' (' + label + ' run)':<32}{rates['acadlm']:>10.2f}"
+                  f"{rates['hf']:>10.2f}{rates['acadlm'] / rates['hf']:>13.2f}x")
+    diffs = [abs(a[0] - b[0]) for a, b in zip(answers[("acadlm", "loglikelihood")],
+                                               answers[("hf", "loglikelihood")], strict=True)]
+    picks = [max(range(4), key=lambda k, i=i: answers[(name, "loglikelihood")][i + k][0])
+             for name in models for i in range(0, len(scored), 4)]
+    same_pick = sum(a == b for a, b in zip(picks[:args.contexts], picks[args.contexts:],
+                                           strict=True))
+    same_text = sum(a == b for a, b in zip(answers[("acadlm", "generate_until")],
+                                           answers[("hf", "generate_until")], strict=True))
+    print(f"\nagreement: max |loglikelihood diff| {max(diffs):.2e}, same choice picked "
+          f"{same_pick}/{args.contexts}, identical generations {same_text}/{len(generated)}")
+
+
+if __name__ == "__main__":
+    main()
