@@ -1,0 +1,32 @@
+"""QuRating (Wettig et al. 2024): judge pairs of texts, train a rater, score a corpus, select by
+quality, train on the selection.
+
+Stages and the files that connect them (every stage is a command; every file is local):
+
+1. **judgments** (``acadlm_plugins.qurating.judging``): pairs of text excerpts from a corpus, each
+   judged by a judge LM for every criterion in both orders. Output: a jsonl file, one row per
+   pair::
+
+       {"pair_id": str, "text_a": str, "text_b": str, "source_a": str, "source_b": str,
+        "domain_a": str, "domain_b": str,
+        "judgments": {criterion: p_b_better}}      # p(B better than A), order-averaged, in [0, 1]
+
+2. **rater** (``tune run acadlm_plugins/rater_recipe``): a torchtune decoder with one scalar head
+   per criterion, trained with the Bradley-Terry loss on the judgments. Output: a folder with the
+   backbone as a Hugging Face model folder (``model/``) and ``rater_heads.pt`` +
+   ``rater.json`` (criteria names, pooling, head shapes, training summary).
+
+3. **annotation** (``tune run acadlm_plugins/annotate_recipe``): every document of a corpus
+   scored per criterion (chunks of N tokens, token-weighted mean). Output: parquet shards
+   ``scores-<rank>-<NNNNN>.parquet`` with the input columns plus ``num_tokens`` and one float
+   column per criterion named ``score_<criterion>``; a ``_done`` marker per finished shard.
+
+4. **selection** (``acadlm_plugins.qurating.selection``): documents sampled without
+   replacement with p proportional to exp(z/tau) to a token budget. Output: the selected rows as
+   jsonl/parquet (text, domain, id, scores) plus a report (JSON + PNG histograms).
+
+5. **training**: ``acadlm_plugins.qurating.dataset.quality_selected_dataset`` is a dataset
+   component for stock torchtune recipes.
+"""
+
+CRITERIA = ("writing_style", "required_expertise", "facts_and_trivia", "educational_value")
