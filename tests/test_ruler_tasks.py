@@ -216,7 +216,7 @@ def test_missing_haystack_file_names_task_and_field(files: EvalFiles, tmp_path: 
                                   "acadlm_fwe"])
 @pytest.mark.parametrize(("bad_line", "problem"), [
     ("{not json", "is not valid JSON"),
-    ('{"content": "no text field"}', "has no string `text` field"),
+    ('{"content": "no text field"}', "field `text` is missing or not a string"),
 ])
 def test_malformed_jsonl_haystack_names_file_and_line(files: EvalFiles, tmp_path: Path,
                                                       task: str, bad_line: str,

@@ -8,7 +8,6 @@ distractor needles by the task itself.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -27,21 +26,12 @@ def _texts_from_file(path: Path, *, task: str) -> list[str]:
     if path.suffix != ".jsonl":
         raise task_error(task, "haystack_path", f"{path} is neither .txt nor .jsonl.",
                          "Give a text file, a jsonl file with a `text` field, or a folder of them.")
-    texts = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise task_error(task, "haystack_path", f"{path}:{number} is not valid JSON "
-                                 f"({err.msg}).", "Fix or remove that line.") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise task_error(task, "haystack_path", f"{path}:{number} has no string `text` "
-                                 "field.", "Each line must be an object with a `text` string.")
-            texts.append(row["text"])
-    return texts
+    from acadlm_plugins.evaluation.local_data import iter_json_objects, text_field
+
+    example = '{"text": "..."}'
+    return [text_field(row, path, number, task=task, key="haystack_path")
+            for number, row in iter_json_objects(path, task=task, key="haystack_path",
+                                                 example=example)]
 
 
 _WORDS_BY_SOURCE: dict[str, tuple[str, ...]] = {}

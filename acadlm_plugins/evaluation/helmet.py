@@ -55,11 +55,13 @@ from acadlm_plugins.evaluation.local_data import (
     RerankRecord,
     data_path,
     file_stamp,
+    iter_json_objects,
     load_icl,
     load_longqa,
     load_qa,
     load_rerank,
     load_summ,
+    text_field,
 )
 from acadlm_plugins.evaluation.prompting import FittedPrompt, random_uuid
 from acadlm_plugins.evaluation.scoring import (
@@ -283,22 +285,13 @@ def _passages_from_source(source: str, task: str) -> tuple[Passage, ...]:
             passages.extend(_chunk_passages(file.read_text(encoding="utf-8", errors="replace"),
                                             file.stem.replace("_", " ")))
             continue
-        with file.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise task_error(task, "distractor_path", f"{file}:{number} is not valid "
-                                     f"JSON ({err.msg}).", "Fix or remove that line.") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise task_error(task, "distractor_path", f"{file}:{number}: field `text` "
-                                     "is missing or not a string.", "Each line must be an "
-                                     "object with a `text` string (and optional `title`).")
-                title = row.get("title") if isinstance(row.get("title"), str) else \
-                    row["text"].strip().split("\n", 1)[0][:80]
-                passages.extend(_chunk_passages(row["text"], title))
+        rows = iter_json_objects(file, task=task, key="distractor_path",
+                                 example='{"title": "...", "text": "..."}')
+        for number, row in rows:
+            text = text_field(row, file, number, task=task, key="distractor_path")
+            title = row.get("title") if isinstance(row.get("title"), str) else \
+                text.strip().split("\n", 1)[0][:80]
+            passages.extend(_chunk_passages(text, title))
     return tuple(passages)
 
 

@@ -12,7 +12,7 @@ field at fault and how to fix it. The schemas are documented in ``docs/evaluatio
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -214,10 +214,10 @@ def data_path(metadata: Mapping[str, Any], key: str, default: Path | None, *,
     return path
 
 
-def read_jsonl(path: Path, *, task: str, key: str, example: str,
-               parse: Callable[[RowChecker], Record]) -> list[Record]:
-    """Parse every non-blank line of ``path`` with ``parse``; errors carry ``file:line``."""
-    records: list[Record] = []
+def iter_json_objects(path: Path, *, task: str, key: str,
+                      example: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a jsonl file; a line that is not a
+    JSON object is an error naming the task, the metadata ``key`` and ``file:line``."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -232,9 +232,24 @@ def read_jsonl(path: Path, *, task: str, key: str, example: str,
                 raise task_error(task, key, f"{path}:{number} is a JSON {type(row).__name__}, "
                                  "not an object.", f"Each line must be one JSON object like "
                                  f"{example}.")
-            checker = RowChecker(row, path=path, line=number, task=task, key=key,
-                                 example=example)
-            records.append(parse(checker))
+            yield number, row
+
+
+def text_field(row: Mapping[str, Any], path: Path, number: int, *, task: str, key: str) -> str:
+    """The ``text`` string of a row, or an error naming ``file:line``."""
+    if not isinstance(row.get("text"), str):
+        raise task_error(task, key, f"{path}:{number}: field `text` is missing or not a string.",
+                         "Each line must be an object with a `text` string.")
+    return row["text"]
+
+
+def read_jsonl(path: Path, *, task: str, key: str, example: str,
+               parse: Callable[[RowChecker], Record]) -> list[Record]:
+    """Parse every non-blank line of ``path`` with ``parse``; errors carry ``file:line``."""
+    records: list[Record] = []
+    for number, row in iter_json_objects(path, task=task, key=key, example=example):
+        checker = RowChecker(row, path=path, line=number, task=task, key=key, example=example)
+        records.append(parse(checker))
     if not records:
         raise task_error(task, key, f"{path} has no rows.", f"Add rows like {example}.")
     return records
