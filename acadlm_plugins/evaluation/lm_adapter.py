@@ -147,6 +147,13 @@ class AcadTokenizer:
         """Token ids of ``text``; ``add_special_tokens`` runs the tokenizer's post-processor."""
         return self.rust.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a whole prompt: the post-processor runs (adding a BOS where the
+        tokenizer does) unless the text already starts with the BOS token, as a chat-templated
+        prompt often does, so a prompt never gets two BOS tokens."""
+        return self.encode(text, add_special_tokens=not (self.bos_text
+                                                         and text.startswith(self.bos_text)))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``."""
         return self.rust.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -267,6 +274,18 @@ def load_decoder(model_dir: Path, *, max_seq_len: int | None, device: torch.devi
                           "re-export the checkpoint.")
     model.eval().requires_grad_(False)
     return model
+
+
+def final_hidden_states(model: TransformerDecoder, tokens: torch.Tensor, *,
+                        mask: torch.Tensor | None = None,
+                        input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Final-norm hidden states of ``tokens`` (``batch x length x dim``): the decoder's forward
+    without its output projection, so a caller projects only the positions it needs onto the
+    vocabulary (``length x vocab`` logits of a long or batched input are large)."""
+    hidden = model.tok_embeddings(tokens)
+    for layer in model.layers:
+        hidden = layer(hidden, mask=mask, input_pos=input_pos)
+    return model.norm(hidden)
 
 
 @dataclass
@@ -430,8 +449,7 @@ class AcadLM(TemplateLM):
         where the tokenizer does) unless the text already starts with the BOS token, e.g. a
         chat-templated prompt."""
         if add_special_tokens is None:
-            add_special_tokens = not (self.tokenizer.bos_text
-                                      and string.startswith(self.tokenizer.bos_text))
+            return self.tokenizer.encode_prompt(string)
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -446,10 +464,7 @@ class AcadLM(TemplateLM):
         output projection, so callers project only the positions they score. The projection
         onto the vocabulary is a fifth of SmolLM2's forward FLOPs, and ``length x vocab``
         logits of a long context would not fit in memory (6 GiB for 32K tokens)."""
-        hidden = self.model.tok_embeddings(tokens)
-        for layer in self.model.layers:
-            hidden = layer(hidden, mask=mask, input_pos=input_pos)
-        return self.model.norm(hidden)
+        return final_hidden_states(self.model, tokens, mask=mask, input_pos=input_pos)
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 next-token logits of hidden states."""

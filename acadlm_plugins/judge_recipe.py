@@ -1,0 +1,178 @@
+"""QuRating stage 1: a judge LM compares pairs of text excerpts on each criterion.
+
+Run::
+
+    tune run acadlm_plugins/judge_recipe --config configs/smollm2/qurating_judge.yaml
+    tune run acadlm_plugins/judge_recipe --config configs/smollm2/qurating_judge.yaml \\
+        judge.kind=openai judge.openai.url=http://localhost:8000/v1 judge.openai.model=my-model
+
+Pairs are sampled from a local corpus (``pairs.data``: jsonl/parquet files or our
+``<domain>/<split>.jsonl`` layout) or read from a jsonl of ready-made pairs (``pairs.file``),
+judged by a local model (``judge.kind: local``) or an OpenAI-compatible server
+(``judge.kind: openai``), and written to ``<output_dir>/judgments.jsonl`` with
+``judgments.rejected.jsonl`` and ``judgments.summary.json`` beside it. Running the same command
+again resumes an interrupted run. See :mod:`acadlm_plugins.qurating.judging` for the method.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, utils
+
+import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+from acadlm_plugins.defaults.paths import default_model_dir
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
+from acadlm_plugins.qurating.criteria import load_criteria
+from acadlm_plugins.qurating.judges import Judge, LocalJudge, OpenAIJudge
+from acadlm_plugins.qurating.judging import format_summary, judge_pairs
+from acadlm_plugins.qurating.pairs import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MIN_TOKENS,
+    Pair,
+    read_documents,
+    read_pairs_file,
+    sample_pairs,
+)
+
+log = utils.get_logger("INFO")
+
+KNOWN_KEYS = {"output_dir", "criteria", "pairs", "judge", "batch_pairs", "progress"}
+PAIRS_KEYS = {"data", "file", "split", "text_field", "num_pairs", "max_tokens", "min_tokens",
+              "same_domain", "seed", "tokenizer"}
+JUDGE_KEYS = {"kind", "local", "openai"}
+LOCAL_KEYS = {"model_dir", "device", "dtype", "batch_size", "chat_template"}
+OPENAI_KEYS = {"url", "model", "endpoint", "api_key_env", "timeout_s", "max_retries",
+               "backoff_s", "max_backoff_s", "requests_per_second", "concurrency",
+               "top_logprobs", "max_tokens"}
+JUDGMENTS_FILE = "judgments.jsonl"
+EXAMPLE_CONFIG = "configs/smollm2/qurating_judge.yaml"
+
+
+def _check_keys(block: Any, known: set[str], prefix: str) -> None:
+    for key in block:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {sorted(known)}."
+            raise ConfigError(f"{prefix}{key}", "is not a key the judge recipe reads.", hint)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse unknown keys (with a suggestion) and missing essentials before loading anything."""
+    _check_keys(cfg, KNOWN_KEYS, "")
+    for key in ("output_dir", "pairs", "judge"):
+        if cfg.get(key) is None:
+            raise ConfigError(key, "is required by the judge recipe.", f"see {EXAMPLE_CONFIG}.")
+    _check_keys(cfg.pairs, PAIRS_KEYS, "pairs.")
+    _check_keys(cfg.judge, JUDGE_KEYS, "judge.")
+    _check_keys(cfg.judge.get("local") or {}, LOCAL_KEYS, "judge.local.")
+    _check_keys(cfg.judge.get("openai") or {}, OPENAI_KEYS, "judge.openai.")
+    kind = cfg.judge.get("kind", "local")
+    if kind not in ("local", "openai"):
+        raise ConfigError("judge.kind", f"{kind!r} is not `local` or `openai`.",
+                          "use `local` (a model folder run here) or `openai` (an "
+                          "OpenAI-compatible server such as vLLM).")
+    if cfg.judge.get(kind) is None:
+        raise ConfigError(f"judge.{kind}", f"is required when judge.kind is {kind!r}.",
+                          f"see {EXAMPLE_CONFIG}.")
+    has_data, has_file = cfg.pairs.get("data") is not None, cfg.pairs.get("file") is not None
+    if has_data == has_file:
+        raise ConfigError("pairs.data", "give exactly one of `pairs.data` (a corpus to sample "
+                          "pairs from) and `pairs.file` (ready-made pairs).",
+                          "set the other to null.")
+
+
+def build_judge(cfg: DictConfig) -> Judge:
+    """The judge the config's ``judge`` block describes."""
+    kind = cfg.judge.get("kind", "local")
+    options = OmegaConf.to_container(cfg.judge[kind], resolve=True)
+    assert isinstance(options, dict)
+    if kind == "local":
+        if not options.get("model_dir"):
+            raise ConfigError("judge.local.model_dir", "is required.",
+                              "e.g. ${acadlm_home:}/models/SmolLM2-135M-Instruct.")
+        return LocalJudge(options.pop("model_dir"), **options)
+    for key in ("url", "model"):
+        if not options.get(key):
+            raise ConfigError(f"judge.openai.{key}", "is required for an OpenAI-compatible "
+                              "judge.", f"see {EXAMPLE_CONFIG}.")
+    return OpenAIJudge(options.pop("url"), options.pop("model"), **options)
+
+
+def excerpt_tokenizer(cfg: DictConfig, judge: Judge) -> AcadTokenizer:
+    """The tokenizer excerpts are measured with: ``pairs.tokenizer``, else the local judge's,
+    else (a remote judge) the embedded SmolLM2 tokenizer."""
+    given = cfg.pairs.get("tokenizer")
+    if given is None and isinstance(judge, LocalJudge):
+        return judge.tokenizer
+    folder = Path(str(given)).expanduser() if given is not None else default_model_dir()
+    if folder.is_file():
+        folder = folder.parent
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError("pairs.tokenizer", f"no tokenizer.json in {folder}.",
+                          "give a local folder with the judge model's tokenizer.json (excerpts "
+                          "are cut to `pairs.max_tokens` of its tokens).")
+    if given is None:
+        log.info("Excerpts are measured in tokens of %s (set `pairs.tokenizer` to the served "
+                 "model's tokenizer folder to use its tokens).", folder)
+    return AcadTokenizer(folder)
+
+
+def build_pairs(cfg: DictConfig, tokenizer: AcadTokenizer) -> list[Pair]:
+    """Pairs from ``pairs.file``, or sampled from the corpus at ``pairs.data``."""
+    pairs_cfg = cfg.pairs
+    if pairs_cfg.get("file") is not None:
+        return read_pairs_file(str(pairs_cfg.file))
+    data = pairs_cfg.data
+    data = [str(item) for item in data] if OmegaConf.is_list(data) else str(data)
+    documents = read_documents(data, split=str(pairs_cfg.get("split", "train")),
+                               text_field=str(pairs_cfg.get("text_field", "text")))
+    return sample_pairs(documents, tokenizer, num_pairs=int(pairs_cfg.get("num_pairs", 64)),
+                        max_tokens=int(pairs_cfg.get("max_tokens", DEFAULT_MAX_TOKENS)),
+                        min_tokens=int(pairs_cfg.get("min_tokens", DEFAULT_MIN_TOKENS)),
+                        seed=int(pairs_cfg.get("seed", 0)),
+                        same_domain=bool(pairs_cfg.get("same_domain", False)))
+
+
+def run_judging(cfg: DictConfig) -> dict[str, Any]:
+    """Check the config, build criteria, judge and pairs, judge, print and return the summary."""
+    check_config(cfg)
+    criteria_cfg = cfg.get("criteria")
+    criteria = load_criteria(OmegaConf.to_container(criteria_cfg, resolve=True)
+                             if OmegaConf.is_config(criteria_cfg) else criteria_cfg)
+    judge = build_judge(cfg)
+    pairs = build_pairs(cfg, excerpt_tokenizer(cfg, judge))
+    output = Path(str(cfg.output_dir)).expanduser() / JUDGMENTS_FILE
+    summary = judge_pairs(pairs, criteria, judge, output,
+                          batch_pairs=int(cfg.get("batch_pairs", 4)),
+                          progress=bool(cfg.get("progress", True)))
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _route_package_logs() -> None:
+    """Show our modules' INFO lines (sampling, resuming, retries) next to torchtune's."""
+    package_logger = logging.getLogger("acadlm_plugins")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run acadlm_plugins/judge_recipe --config ...``."""
+    _route_package_logs()
+    run_judging(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

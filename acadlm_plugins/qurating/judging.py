@@ -1,0 +1,293 @@
+"""Stage 1 of QuRating: judge every pair on every criterion, in both orders, into a jsonl file.
+
+Each pair is shown twice per criterion, as (A, B) and swapped as (B, A). A judge LM tends to
+prefer one position whatever the texts are; averaging over the two orders cancels that
+preference (to first order)::
+
+    p(B better than A) = ( p_B[order A,B] + (1 - p_B[order B,A]) ) / 2
+
+since in the swapped order text B is shown first, so the judge's "A" is a vote for B. A judge
+that always answers "A" thus gives exactly 0.5: no information, as it should. The rows follow
+the schema of :mod:`acadlm_plugins.qurating` (``pair_id``, the two texts, sources, domains and
+``judgments: {criterion: p}``), probabilities rounded to 6 decimals.
+
+**Resuming.** Rows are appended a batch of pairs at a time and each batch is flushed and
+fsync'ed, so after a kill the file holds whole batches plus at most one partial last line. A new
+run drops that partial line (with a warning), skips the pairs already written, and appends the
+rest in the same order: the final file equals that of an uninterrupted run. A run whose config
+no longer matches the file (other criteria, or pairs that are not in the new sample) is refused
+rather than mixed in.
+
+**Rejected pairs.** A pair for which any (criterion, order) answer is neither A nor B (see
+:mod:`acadlm_plugins.qurating.judges`) is not written to the judgments file -- a made-up 0.5
+would train the rater towards "no preference". Each failing answer goes to
+``<name>.rejected.jsonl`` (pair id, criterion, order, problem, answer), the pair counts as done
+(a resumed run does not ask again; delete that file to retry them) and the summary counts them.
+
+**Summary** (``<name>.summary.json``, also printed): pairs judged, pairs rejected, per
+criterion the mean p and the mean confidence ``|p - 0.5|`` over the whole file, the position
+bias of this run's judgments (mean of ``(p_B[A,B] + p_B[B,A]) / 2 - 0.5``: 0 for an unbiased
+judge, positive when it favours the text shown second), the mean probability mass the judge
+put on the two answer letters, throughput, and the request counters of a remote judge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from acadlm_plugins.errors import ConfigError, DataError
+from acadlm_plugins.qurating.criteria import Criterion
+from acadlm_plugins.qurating.judges import Judge, Judgment
+from acadlm_plugins.qurating.pairs import Pair
+
+log = logging.getLogger(__name__)
+
+ORDERS = ("ab", "ba")
+DECIMALS = 6
+
+
+def order_averaged(p_b_ab: float, p_b_ba: float) -> float:
+    """p(B better than A) from the judge's p(B) with B shown second (``p_b_ab``) and with B
+    shown first (``p_b_ba``, where the judge's "B" means text A)."""
+    return 0.5 * (p_b_ab + (1.0 - p_b_ba))
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """The judgments file and the two files named after it."""
+
+    judgments: Path
+    rejected: Path
+    summary: Path
+
+    @classmethod
+    def for_judgments(cls, path: str | Path) -> OutputFiles:
+        """``x.jsonl`` -> ``x.jsonl``, ``x.rejected.jsonl``, ``x.summary.json``."""
+        path = Path(path)
+        stem = path.name.removesuffix(".jsonl")
+        return cls(judgments=path, rejected=path.with_name(f"{stem}.rejected.jsonl"),
+                   summary=path.with_name(f"{stem}.summary.json"))
+
+
+def read_jsonl_resumable(path: Path) -> list[dict[str, Any]]:
+    """The rows of a jsonl file this stage appends to, after dropping a partial last line.
+
+    A last line without its newline is what a kill during a write leaves: it is cut off the
+    file (a warning says how many bytes) and will be written again. A broken line *before* the
+    last one is not from a kill, so it is a :class:`DataError` naming ``file:line``.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        log.warning("%s: dropped a partial last line (%d bytes) left by an interrupted run; "
+                    "it is judged again.", path, len(data) - complete)
+        with open(path, "r+b") as handle:
+            handle.truncate(complete)
+            handle.flush()
+            os.fsync(handle.fileno())
+        data = data[:complete]
+    rows = []
+    for line_no, line in enumerate(data.decode("utf-8").split("\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}); only the last line "
+                            "can be cut short by an interrupted run. Fix: delete that line (its "
+                            "pair is judged again) or start a new output file.") from None
+        if not isinstance(row, dict) or not isinstance(row.get("pair_id"), str):
+            raise DataError(f"{path}:{line_no}: not a row with a `pair_id`. Fix: delete that "
+                            "line, or start a new output file.")
+        rows.append(row)
+    return rows
+
+
+def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows as one write, then flush and fsync: a batch is on disk before the next."""
+    if not rows:
+        return
+    payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with open(path, "ab") as handle:
+        handle.write(payload.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _check_existing(files: OutputFiles, rows: list[dict[str, Any]],
+                    rejected: list[dict[str, Any]], criteria: Sequence[Criterion],
+                    pairs: Sequence[Pair]) -> set[str]:
+    """Pair ids already done, after checking that the files belong to this config."""
+    names = sorted(c.name for c in criteria)
+    for line_no, row in enumerate(rows, start=1):
+        judged = row.get("judgments")
+        if not isinstance(judged, dict) or sorted(judged) != names:
+            shown = sorted(judged) if isinstance(judged, dict) else judged
+            raise ConfigError("criteria", f"{files.judgments} (row {line_no}) holds judgments "
+                              f"for {shown}, but this run asks for {names}.",
+                              "keep the criteria of the first run, or write to a new "
+                              "`output_dir`.")
+    done = {row["pair_id"] for row in rows} | {row["pair_id"] for row in rejected}
+    stray = done - {pair.pair_id for pair in pairs}
+    if stray:
+        raise ConfigError("pairs", f"{files.judgments} holds {len(stray)} pairs that are not in "
+                          f"this run's sample of {len(pairs)} (e.g. {min(stray)}): the "
+                          "corpus, seed, max_tokens, tokenizer or num_pairs changed since it "
+                          "was written.", "restore those settings to resume, or write to a new "
+                          "`output_dir`.")
+    return done
+
+
+def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Judge,
+                output: str | Path, *, batch_pairs: int = 4,
+                progress: bool = True) -> dict[str, Any]:
+    """Judge ``pairs`` on ``criteria`` in both orders into ``output`` (resuming it), write the
+    rejected and summary files next to it, and return the summary."""
+    if batch_pairs < 1:
+        raise ConfigError("batch_pairs", f"{batch_pairs!r} is not a positive integer.",
+                          "use e.g. 4.")
+    files = OutputFiles.for_judgments(output)
+    files.judgments.parent.mkdir(parents=True, exist_ok=True)
+    done = _check_existing(files, read_jsonl_resumable(files.judgments),
+                           read_jsonl_resumable(files.rejected), criteria, pairs)
+    todo = [pair for pair in pairs if pair.pair_id not in done]
+    if done:
+        log.info("Resuming %s: %d of %d pairs already done, %d to judge.", files.judgments,
+                 len(pairs) - len(todo), len(pairs), len(todo))
+    log.info("Judging %d pairs x %d criteria x 2 orders with %s.", len(todo), len(criteria),
+             judge.description)
+    by_order: dict[str, list[tuple[float, float]]] = {c.name: [] for c in criteria}
+    masses: list[float] = []
+    letter_only = 0
+    written = rejected_now = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), unit="pair", desc="judging",
+               disable=not progress or os.environ.get("ACADLM_NO_PROGRESS") == "1")
+    try:
+        for begin in range(0, len(todo), batch_pairs):
+            batch = todo[begin:begin + batch_pairs]
+            prompts = [prompt for pair in batch for criterion in criteria for prompt in (
+                criterion.render(pair.a.text, pair.b.text),
+                criterion.render(pair.b.text, pair.a.text))]
+            answers = iter(judge.judge(prompts))
+            rows, rejected = [], []
+            for pair in batch:
+                judged: dict[str, float] = {}
+                found: list[tuple[str, float, float]] = []
+                problems = []
+                for criterion in criteria:
+                    both: tuple[Judgment, Judgment] = (next(answers), next(answers))
+                    for order, judgment in zip(ORDERS, both, strict=True):
+                        letter_only += judgment.letter_only
+                        if judgment.answer_mass is not None:
+                            masses.append(judgment.answer_mass)
+                        if judgment.p_b is None:
+                            problems.append({"pair_id": pair.pair_id,
+                                             "criterion": criterion.name, "order": order,
+                                             "problem": judgment.problem,
+                                             "answer": judgment.answer})
+                    if both[0].p_b is not None and both[1].p_b is not None:
+                        found.append((criterion.name, both[0].p_b, both[1].p_b))
+                        judged[criterion.name] = round(
+                            order_averaged(both[0].p_b, both[1].p_b), DECIMALS)
+                if problems:
+                    rejected.extend(problems)
+                    continue
+                for name, p_ab, p_ba in found:
+                    by_order[name].append((p_ab, p_ba))
+                rows.append({**pair.row_fields(), "judgments": judged})
+            # Rejections first: a kill between the two writes re-judges, never duplicates.
+            _append(files.rejected, rejected)
+            _append(files.judgments, rows)
+            written += len(rows)
+            rejected_now += len({row["pair_id"] for row in rejected})
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    summary = summarize(files, criteria, by_order=by_order, masses=masses,
+                        letter_only=letter_only, judged_now=written, rejected_now=rejected_now,
+                        elapsed_s=elapsed, judge=judge, pairs_total=len(pairs))
+    files.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["pairs_rejected"]:
+        log.warning("%d pairs were rejected (an answer neither A nor B); see %s.",
+                    summary["pairs_rejected"], files.rejected)
+    return summary
+
+
+def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
+              by_order: dict[str, list[tuple[float, float]]], masses: Sequence[float],
+              letter_only: int, judged_now: int, rejected_now: int, elapsed_s: float,
+              judge: Judge, pairs_total: int) -> dict[str, Any]:
+    """The run's summary: file-wide means per criterion, this run's position bias, counters."""
+    rows = read_jsonl_resumable(files.judgments)
+    rejected_ids = {row["pair_id"] for row in read_jsonl_resumable(files.rejected)}
+    per_criterion = {}
+    for criterion in criteria:
+        values = [float(row["judgments"][criterion.name]) for row in rows]
+        orders = by_order.get(criterion.name, [])
+        per_criterion[criterion.name] = {
+            "mean_p": _mean(values),
+            "mean_confidence": _mean([abs(v - 0.5) for v in values]),
+            "position_bias": _mean([(a + b) / 2 - 0.5 for a, b in orders]),
+        }
+    all_orders = [pair for orders in by_order.values() for pair in orders]
+    prompts = 2 * len(criteria) * (judged_now + rejected_now)
+    return {
+        "judgments_file": str(files.judgments),
+        "judge": judge.description,
+        "criteria": [c.name for c in criteria],
+        "pairs_sampled": pairs_total,
+        "pairs_in_file": len(rows),
+        "pairs_judged_this_run": judged_now,
+        "pairs_rejected": len(rejected_ids),
+        "pairs_rejected_this_run": rejected_now,
+        "per_criterion": per_criterion,
+        "position_bias": _mean([(a + b) / 2 - 0.5 for a, b in all_orders]),
+        "mean_answer_mass": _mean(list(masses)),
+        "letter_only_answers": letter_only,
+        "elapsed_s": round(elapsed_s, 2),
+        "prompts_per_s": round(prompts / elapsed_s, 3) if elapsed_s > 0 and prompts else None,
+        "requests": judge.stats(),
+    }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), DECIMALS) if values else None
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short table of the summary for the terminal."""
+    def show(value: float | None, fmt: str = "+.3f") -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = ["", "=== QuRating judgments ===",
+             f"judge: {summary['judge']}",
+             (f"pairs: {summary['pairs_in_file']} in {summary['judgments_file']} "
+              f"({summary['pairs_judged_this_run']} judged now), "
+              f"{summary['pairs_rejected']} rejected, {summary['pairs_sampled']} sampled"),
+             f"{'criterion':<22}{'mean p':>8}{'mean |p-0.5|':>14}{'position bias':>15}"]
+    for name, stats in summary["per_criterion"].items():
+        lines.append(f"{name:<22}{show(stats['mean_p'], '.3f'):>8}"
+                     f"{show(stats['mean_confidence'], '.3f'):>14}"
+                     f"{show(stats['position_bias']):>15}")
+    requests = summary["requests"]
+    lines.append(f"position bias (this run, >0 favours the text shown second): "
+                 f"{show(summary['position_bias'])}; mean p(A)+p(B): "
+                 f"{show(summary['mean_answer_mass'], '.3f')}")
+    lines.append(f"{summary['elapsed_s']} s, {show(summary['prompts_per_s'], '.2f')} prompts/s; "
+                 f"requests {requests['requests']}, failed attempts "
+                 f"{requests['failed_attempts']}, failed requests {requests['failed_requests']}, "
+                 f"letter-only answers {summary['letter_only_answers']}")
+    return "\n".join(lines)

@@ -1,0 +1,670 @@
+"""QuRating stage 1 (judgments): criteria prompts, pair sampling, the local and the remote judge
+(a loopback HTTP server stands in for an OpenAI-compatible endpoint), order averaging,
+retries, rejected answers, resuming after a kill, and the `tune run` recipe."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tiny_setup import REPO_ROOT, run_tune_subprocess, write_tiny_corpus, write_tiny_model_dir
+
+from acadlm_plugins.errors import ConfigError, DataError
+from acadlm_plugins.judge_recipe import check_config, run_judging
+from acadlm_plugins.qurating import CRITERIA
+from acadlm_plugins.qurating.criteria import load_criteria, load_criterion
+from acadlm_plugins.qurating.judges import (
+    JudgeRequestError,
+    LocalJudge,
+    OpenAIJudge,
+    RateLimiter,
+)
+from acadlm_plugins.qurating.judging import (
+    OutputFiles,
+    judge_pairs,
+    order_averaged,
+    read_jsonl_resumable,
+)
+from acadlm_plugins.qurating.pairs import (
+    Excerpt,
+    Pair,
+    read_documents,
+    read_pairs_file,
+    sample_pairs,
+)
+
+TEST_PROMPT = "Which text is better?\nText A: {text_a}\nText B: {text_b}\nAnswer with A or B."
+SECRET = "sk-test-5d1e0c7b9a2f4e8d"
+ROW_KEYS = {"pair_id", "text_a", "text_b", "source_a", "source_b", "domain_a", "domain_b",
+            "judgments"}
+
+
+# ---------------------------------------------------------------------- loopback judge server
+
+
+Reply = tuple[int, Any, dict[str, str], float]  # status, JSON body (or bytes), headers, delay
+
+
+class JudgeServer:
+    """An OpenAI-style HTTP server on 127.0.0.1 in a thread; ``respond(request, n)`` decides
+    each answer from the request (path, headers, JSON body) and its 1-based number."""
+
+    def __init__(self, respond: Callable[[dict[str, Any], int], Reply]) -> None:
+        self.respond = respond
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # the name http.server dispatches to
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                request = {"path": self.path, "headers": dict(self.headers), "body": body}
+                with server.lock:
+                    server.requests.append(request)
+                    number = len(server.requests)
+                status, payload, headers, delay = server.respond(request, number)
+                time.sleep(delay)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for name, value in {"Content-Type": "application/json", **headers}.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers: list[JudgeServer] = []
+
+    def start(respond: Callable[[dict[str, Any], int], Reply]) -> JudgeServer:
+        servers.append(JudgeServer(respond))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def chat_reply(probs: dict[str, float], answer: str | None = None) -> dict[str, Any]:
+    """A /v1/chat/completions response whose first token has these top probabilities."""
+    top = [{"token": token, "logprob": math.log(p)}
+           for token, p in sorted(probs.items(), key=lambda item: -item[1])]
+    first = top[0]
+    return {"object": "chat.completion", "choices": [{
+        "index": 0, "finish_reason": "length",
+        "message": {"role": "assistant", "content": answer or first["token"]},
+        "logprobs": {"content": [{**first, "top_logprobs": top}]}}]}
+
+
+def shown_texts(request: dict[str, Any]) -> tuple[str, str]:
+    """The texts shown as A and B in a request built from TEST_PROMPT."""
+    prompt = request["body"]["messages"][0]["content"]
+    shown_a = prompt.split("Text A: ", 1)[1].split("\nText B: ", 1)[0]
+    shown_b = prompt.split("\nText B: ", 1)[1].split("\nAnswer with A or B.", 1)[0]
+    return shown_a, shown_b
+
+
+def quality_judge(bias: float = 0.0) -> Callable[[dict[str, Any], int], Reply]:
+    """Prefers the shown text containing GOOD (logit +-2), plus a logit ``bias`` towards B."""
+    def respond(request: dict[str, Any], number: int) -> Reply:
+        shown_a, shown_b = shown_texts(request)
+        logit = 2.0 * (("GOOD" in shown_b) - ("GOOD" in shown_a)) + bias
+        p_b = 1.0 / (1.0 + math.exp(-logit))
+        return 200, chat_reply({"A": 0.9 * (1 - p_b), "B": 0.9 * p_b, "The": 0.1}), {}, 0.0
+    return respond
+
+
+def make_pairs(texts: list[tuple[str, str]]) -> list[Pair]:
+    pairs = []
+    for index, (text_a, text_b) in enumerate(texts):
+        a = Excerpt(f"doc{index}a", text_a, "prose", "test", 0, len(text_a))
+        b = Excerpt(f"doc{index}b", text_b, "prose", "test", 0, len(text_b))
+        pairs.append(Pair(f"pair{index:02d}", a, b))
+    return pairs
+
+
+@pytest.fixture
+def test_criterion(tmp_path) -> list:
+    path = tmp_path / "prompts" / "overall.txt"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(TEST_PROMPT)
+    return load_criteria([str(path)])
+
+
+def http_judge(server: JudgeServer, **options: Any) -> OpenAIJudge:
+    settings = {"timeout_s": 2.0, "max_retries": 2, "backoff_s": 0.01, "concurrency": 1}
+    settings.update(options)
+    return OpenAIJudge(server.url, "test-judge", **settings)
+
+
+SIX_PAIRS = [("GOOD one", "plain one"), ("plain two", "GOOD two"), ("plain three", "other"),
+             ("GOOD four", "GOOD four b"), ("five", "GOOD five {braces} }{"), ("GOOD six", "six")]
+
+
+# ---------------------------------------------------------------------- criteria
+
+
+def test_builtin_criteria_load_and_render_texts_with_braces() -> None:
+    criteria = load_criteria(None)
+    assert [c.name for c in criteria] == list(CRITERIA)
+    prompt = criteria[0].render("def f(x): return {x: 1}", "second {text_b} text")
+    assert "Text A:\ndef f(x): return {x: 1}" in prompt
+    assert "Text B:\nsecond {text_b} text" in prompt
+    assert prompt.rstrip().endswith("A or B.")
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("Text A: {text_a}\nAnswer A or B.", "{text_b} appears 0 times"),
+    ("{text_a} {text_b} {text_c}", "unknown placeholder(s) {text_c}"),
+    ("{text_a} {text_b} {text_a}", "{text_a} appears 2 times"),
+    ("{text_a} {text_b} {", "cannot be read"),
+    ("{text_a!r} {text_b}", "format spec or conversion"),
+])
+def test_bad_prompt_templates_are_refused_with_the_fix(tmp_path, template, expected) -> None:
+    path = tmp_path / "clarity.txt"
+    path.write_text(template)
+    with pytest.raises(ConfigError) as err:
+        load_criterion(str(path))
+    assert expected in str(err.value) and str(path) in str(err.value)
+    assert "Fix:" in str(err.value)
+
+
+def test_criterion_names_are_checked(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="did you mean `writing_style`"):
+        load_criterion("writing_styel")
+    bad_name = tmp_path / "My Criterion.txt"
+    bad_name.write_text(TEST_PROMPT)
+    with pytest.raises(ConfigError, match="not a lower-case identifier"):
+        load_criterion(str(bad_name))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_criterion(str(tmp_path / "absent.txt"))
+    twin = tmp_path / "writing_style.txt"
+    twin.write_text(TEST_PROMPT)
+    with pytest.raises(ConfigError, match="two criteria are named 'writing_style'"):
+        load_criteria(["writing_style", str(twin)])
+
+
+# ---------------------------------------------------------------------- pairs
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus") / "corpus")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
+
+    return AcadTokenizer(tiny_model_dir)
+
+
+def test_pair_sampling_is_reproducible_and_extends(tiny_corpus, tiny_tokenizer) -> None:
+    documents = read_documents(tiny_corpus)
+    assert {d.domain for d in documents} == {"prose", "numbers", "code"}
+    first = sample_pairs(documents, tiny_tokenizer, num_pairs=10, max_tokens=12, min_tokens=4,
+                         seed=3)
+    again = sample_pairs(read_documents(tiny_corpus), tiny_tokenizer, num_pairs=10,
+                         max_tokens=12, min_tokens=4, seed=3)
+    longer = sample_pairs(documents, tiny_tokenizer, num_pairs=15, max_tokens=12, min_tokens=4,
+                          seed=3)
+    other = sample_pairs(documents, tiny_tokenizer, num_pairs=10, max_tokens=12, min_tokens=4,
+                         seed=4)
+    assert first == again and longer[:10] == first
+    assert [p.pair_id for p in other] != [p.pair_id for p in first]
+    assert len({p.pair_id for p in longer}) == 15
+    texts = {d.doc_id: d.text for d in documents}
+    for pair in longer:
+        assert len(pair.pair_id) == 16 and pair.a.doc_id != pair.b.doc_id
+        for excerpt in (pair.a, pair.b):
+            assert texts[excerpt.doc_id][excerpt.start:excerpt.end] == excerpt.text
+            assert len(tiny_tokenizer.encode(excerpt.text, add_special_tokens=False)) <= 12 + 1
+    same = sample_pairs(documents, tiny_tokenizer, num_pairs=8, max_tokens=12, min_tokens=4,
+                        seed=3, same_domain=True)
+    assert all(p.a.domain == p.b.domain for p in same)
+    shorter = sample_pairs(documents, tiny_tokenizer, num_pairs=10, max_tokens=8, min_tokens=4,
+                           seed=3)
+    assert {p.pair_id for p in shorter}.isdisjoint({p.pair_id for p in first})
+
+
+def test_corpus_rows_without_text_are_errors_with_file_and_line(tmp_path, tiny_tokenizer) -> None:
+    corpus = tmp_path / "docs.jsonl"
+    rows = [{"text": "one two three", "id": "a"}, {"id": "b", "body": "misplaced"}]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=rf"{corpus}:2: the row has no 'text' field"):
+        read_documents(corpus)
+    corpus.write_text(json.dumps({"text": "x"}) + "\n\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(DataError, match=rf"{corpus}:3: the row's 'text' is null"):
+        read_documents(corpus)
+    corpus.write_text(json.dumps({"text": "x", "id": 7}) + "\n" + json.dumps(
+        {"text": "y", "id": 7}) + "\n")
+    with pytest.raises(DataError, match=r"id '7' was already used at .*docs.jsonl:1"):
+        read_documents(corpus)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["fine text", None]}), table)
+    with pytest.raises(DataError, match=rf"{table}:2: the row's 'text' is null"):
+        read_documents(table)
+    pq.write_table(pa.table({"text": ["alpha beta gamma delta " * 3, "one two three four " * 3]}),
+                   table)
+    documents = read_documents(table)
+    assert [d.doc_id for d in documents] == ["docs.parquet:1", "docs.parquet:2"]
+    with pytest.raises(DataError, match="only 1 distinct pairs could be drawn of the 5"):
+        sample_pairs(documents, tiny_tokenizer, num_pairs=5, max_tokens=64, min_tokens=2)
+
+
+def test_pairs_file_referencing_a_missing_text_is_an_error(tmp_path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"text_a": "x", "text_b": "y", "pair_id": "p1"}) + "\n"
+                    + json.dumps({"text_a": "x", "source_b": "lost.txt"}) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: the pair references no text B"):
+        read_pairs_file(path)
+    path.write_text(json.dumps({"text_a": "x", "text_b": "y", "pair_id": "p1"}) + "\n"
+                    + json.dumps({"text_a": "u", "text_b": "v"}) + "\n")
+    pairs = read_pairs_file(path)
+    assert pairs[0].pair_id == "p1" and len(pairs[1].pair_id) == 16
+    assert pairs[1].row_fields()["text_b"] == "v"
+
+
+# ---------------------------------------------------------------------- remote judge
+
+
+def test_logprobs_of_chat_and_completions_responses_are_parsed(serve) -> None:
+    probs = {"A": 0.3, " A": 0.1, "B": 0.45, "The": 0.15}
+    chat = serve(lambda request, n: (200, chat_reply(probs), {}, 0.0))
+    judgment = http_judge(chat).judge(["Text A: x\nText B: y"])[0]
+    assert judgment.p_b == pytest.approx(0.45 / 0.85) and judgment.answer_mass == pytest.approx(0.85)
+    body = chat.requests[0]["body"]
+    assert chat.requests[0]["path"] == "/v1/chat/completions"
+    assert body["logprobs"] is True and body["top_logprobs"] == 5 and body["max_tokens"] == 1
+    assert body["temperature"] == 0.0 and body["model"] == "test-judge"
+
+    def completion(request: dict[str, Any], number: int) -> Reply:
+        top = {"ĠB": math.log(0.6), " A": math.log(0.2), " The": math.log(0.1)}
+        return 200, {"choices": [{"text": " B", "logprobs": {
+            "tokens": ["ĠB"], "token_logprobs": [top["ĠB"]], "top_logprobs": [top]}}]}, {}, 0.0
+
+    completions = serve(completion)
+    judge = http_judge(completions, endpoint="completions")
+    judgment = judge.judge(["Which?"])[0]
+    assert judgment.p_b == pytest.approx(0.75) and judgment.answer_mass == pytest.approx(0.8)
+    request = completions.requests[0]
+    assert request["path"] == "/v1/completions"
+    assert request["body"]["prompt"].endswith("Which?\n\nAnswer:")
+    assert request["body"]["logprobs"] == 5
+
+
+def test_order_averaging_cancels_a_position_biased_judge(serve, tmp_path,
+                                                         test_criterion) -> None:
+    always_a = serve(lambda request, n: (200, chat_reply({"A": 0.8, "B": 0.2}), {}, 0.0))
+    pairs = make_pairs(SIX_PAIRS)
+    summary = judge_pairs(pairs, test_criterion, http_judge(always_a, concurrency=3),
+                          tmp_path / "biased" / "judgments.jsonl", batch_pairs=4)
+    rows = read_jsonl_resumable(tmp_path / "biased" / "judgments.jsonl")
+    assert [row["judgments"]["overall"] for row in rows] == [0.5] * 6
+    assert summary["position_bias"] == pytest.approx(-0.3)
+    assert summary["per_criterion"]["overall"]["mean_confidence"] == 0.0
+    assert len(always_a.requests) == 6 * 2
+
+    # A judge that reads the texts but also leans towards position B: the order average keeps
+    # the preference, and swapping a pair gives the complementary probability.
+    biased = serve(quality_judge(bias=1.0))
+    swapped = [Pair(p.pair_id + "s", p.b, p.a) for p in pairs]
+    judge_pairs(pairs + swapped, test_criterion, http_judge(biased),
+                tmp_path / "quality" / "judgments.jsonl")
+    rows = read_jsonl_resumable(tmp_path / "quality" / "judgments.jsonl")
+    p = {row["pair_id"]: row["judgments"]["overall"] for row in rows}
+    assert p["pair00"] < 0.5 < p["pair01"] and p["pair04"] > 0.5 and p["pair05"] < 0.5
+    assert p["pair02"] == pytest.approx(0.5) and p["pair03"] == pytest.approx(0.5)
+    for pair in pairs:
+        assert p[pair.pair_id] + p[pair.pair_id + "s"] == pytest.approx(1.0, abs=2e-6)
+    assert all(set(row) == ROW_KEYS for row in rows)
+    assert order_averaged(0.9, 0.2) == pytest.approx(0.85)
+
+
+def test_timeouts_are_retried_with_backoff_and_then_fail_clearly(serve) -> None:
+    slow_twice = serve(lambda request, n: (200, chat_reply({"A": 0.5, "B": 0.5}), {},
+                                           0.6 if n <= 2 else 0.0))
+    waits: list[float] = []
+    judge = http_judge(slow_twice, timeout_s=0.2, max_retries=3, backoff_s=0.5,
+                       sleep=waits.append)
+    assert judge.judge(["x"])[0].p_b == pytest.approx(0.5)
+    assert waits == [0.5, 1.0]
+    assert judge.stats() == {"prompts": 1, "requests": 1, "failed_attempts": 2,
+                             "failed_requests": 0}
+
+    always_slow = serve(lambda request, n: (200, chat_reply({"A": 1.0}), {}, 0.6))
+    judge = http_judge(always_slow, timeout_s=0.2, max_retries=1, sleep=lambda s: None)
+    with pytest.raises(JudgeRequestError) as err:
+        judge.judge(["x"])
+    message = str(err.value)
+    assert always_slow.url + "/chat/completions" in message
+    assert "no answer after 2 attempts" in message and "timed out after 0.2 s" in message
+
+
+def test_server_errors_are_retried_429_waits_and_4xx_fails_at_once(serve) -> None:
+    waits: list[float] = []
+    flaky = serve(lambda request, n: (
+        (500, {"error": "overloaded"}, {}, 0.0) if n == 1 else
+        (429, {"error": "slow down"}, {"Retry-After": "3"}, 0.0) if n == 2 else
+        (200, chat_reply({"B": 1.0}), {}, 0.0)))
+    judge = http_judge(flaky, max_retries=4, backoff_s=0.25, sleep=waits.append)
+    assert judge.judge(["x"])[0].p_b == 1.0
+    assert waits == [0.25, 3.0]
+
+    refused = serve(lambda request, n: (400, {"error": "unknown model test-judge"}, {}, 0.0))
+    judge = http_judge(refused, max_retries=4, sleep=waits.append)
+    with pytest.raises(JudgeRequestError, match="HTTP 400.*unknown model test-judge"):
+        judge.judge(["x"])
+    assert len(refused.requests) == 1
+
+    broken = serve(lambda request, n: (200, b"<html>proxy error</html>", {}, 0.0))
+    with pytest.raises(JudgeRequestError, match="the response is not JSON"):
+        http_judge(broken).judge(["x"])
+
+
+def test_a_failing_endpoint_loses_nothing_and_the_run_resumes(serve, tmp_path,
+                                                              test_criterion) -> None:
+    pairs = make_pairs(SIX_PAIRS)
+    reference = tmp_path / "reference" / "judgments.jsonl"
+    judge_pairs(pairs, test_criterion, http_judge(serve(quality_judge())), reference,
+                batch_pairs=2)
+    # Two batches (2 pairs x 1 criterion x 2 orders = 4 requests each) succeed, then HTTP 500.
+    failing = serve(lambda request, n: quality_judge()(request, n) if n <= 8 else
+                    (500, {"error": "internal"}, {}, 0.0))
+    output = tmp_path / "run" / "judgments.jsonl"
+    with pytest.raises(JudgeRequestError, match=r"no answer after 3 attempts; last: HTTP 500"):
+        judge_pairs(pairs, test_criterion, http_judge(failing), output, batch_pairs=2)
+    written = read_jsonl_resumable(output)
+    assert [row["pair_id"] for row in written] == ["pair00", "pair01", "pair02", "pair03"]
+    assert output.read_bytes() == reference.read_bytes()[:len(output.read_bytes())]
+    healthy = serve(quality_judge())
+    summary = judge_pairs(pairs, test_criterion, http_judge(healthy), output, batch_pairs=2)
+    assert output.read_bytes() == reference.read_bytes()
+    assert len(healthy.requests) == 2 * 2 and summary["pairs_judged_this_run"] == 2
+
+
+def test_resume_after_a_kill_mid_line_gives_the_uninterrupted_file(serve, tmp_path, caplog,
+                                                                   test_criterion) -> None:
+    pairs = make_pairs(SIX_PAIRS)
+    server = serve(quality_judge(bias=-0.5))
+    reference = tmp_path / "reference" / "judgments.jsonl"
+    judge_pairs(pairs, test_criterion, http_judge(server), reference, batch_pairs=2)
+    full = reference.read_bytes()
+    lines = full.split(b"\n")
+    cut = len(lines[0]) + 1 + len(lines[1]) + 1 + len(lines[2]) // 2  # inside the third row
+    killed = tmp_path / "killed" / "judgments.jsonl"
+    killed.parent.mkdir()
+    killed.write_bytes(full[:cut])
+    before = len(server.requests)
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins"):
+        summary = judge_pairs(pairs, test_criterion, http_judge(server), killed, batch_pairs=2)
+    assert "dropped a partial last line" in caplog.text
+    assert killed.read_bytes() == full
+    assert len(server.requests) - before == 4 * 2  # pairs 3..6, both orders
+    assert summary["pairs_in_file"] == 6 and summary["pairs_judged_this_run"] == 4
+    # A finished file resumes to itself without a request.
+    judge_pairs(pairs, test_criterion, http_judge(server), killed, batch_pairs=2)
+    assert killed.read_bytes() == full and len(server.requests) - before == 8
+    # A broken line that is not the last one is not from a kill.
+    killed.write_bytes(lines[0] + b"\n{broken\n" + lines[2] + b"\n")
+    with pytest.raises(DataError, match=r"judgments.jsonl:2: not valid JSON"):
+        judge_pairs(pairs, test_criterion, http_judge(server), killed)
+
+
+def test_resuming_with_other_criteria_or_pairs_is_refused(serve, tmp_path,
+                                                          test_criterion) -> None:
+    server = serve(quality_judge())
+    output = tmp_path / "judgments.jsonl"
+    judge_pairs(make_pairs(SIX_PAIRS[:2]), test_criterion, http_judge(server), output)
+    with pytest.raises(ConfigError, match=r"holds judgments for \['overall'\]"):
+        judge_pairs(make_pairs(SIX_PAIRS[:2]), load_criteria(["writing_style"]),
+                    http_judge(server), output)
+    other = [Pair("other", p.a, p.b) for p in make_pairs(SIX_PAIRS[:1])]
+    with pytest.raises(ConfigError, match="2 pairs that are not in this run's sample of 1"):
+        judge_pairs(other, test_criterion, http_judge(server), output)
+
+
+def test_answers_that_are_not_a_or_b_reject_the_pair_with_a_count(serve, tmp_path,
+                                                                 test_criterion) -> None:
+    def respond(request: dict[str, Any], number: int) -> Reply:
+        if "ODD" in "".join(shown_texts(request)):
+            return 200, chat_reply({"The": 0.7, "Text": 0.3}), {}, 0.0
+        return quality_judge()(request, number)
+
+    server = serve(respond)
+    texts = SIX_PAIRS[:3] + [("ODD text", "plain")]
+    output = tmp_path / "judgments.jsonl"
+    summary = judge_pairs(make_pairs(texts), test_criterion, http_judge(server), output)
+    rows = read_jsonl_resumable(output)
+    assert [row["pair_id"] for row in rows] == ["pair00", "pair01", "pair02"]
+    rejected = read_jsonl_resumable(OutputFiles.for_judgments(output).rejected)
+    assert [(r["pair_id"], r["criterion"], r["order"]) for r in rejected] == [
+        ("pair03", "overall", "ab"), ("pair03", "overall", "ba")]
+    assert "neither A nor B" in rejected[0]["problem"] and rejected[0]["answer"] == "The"
+    assert summary["pairs_rejected"] == 1 and summary["pairs_in_file"] == 3
+    on_disk = json.loads(OutputFiles.for_judgments(output).summary.read_text())
+    assert on_disk["pairs_rejected"] == 1
+    before = len(server.requests)
+    judge_pairs(make_pairs(texts), test_criterion, http_judge(server), output)
+    assert len(server.requests) == before  # rejected pairs count as done
+
+    # Without log-probabilities the answer letter is used, and a non-letter is rejected.
+    def letters(request: dict[str, Any], number: int) -> Reply:
+        answer = "Maybe" if "ODD" in "".join(shown_texts(request)) else "Text B."
+        return 200, {"choices": [{"message": {"role": "assistant", "content": answer}}]}, {}, 0.0
+
+    output = tmp_path / "letters" / "judgments.jsonl"
+    summary = judge_pairs(make_pairs(texts), test_criterion, http_judge(serve(letters)), output)
+    assert [row["judgments"]["overall"] for row in read_jsonl_resumable(output)] == [0.5] * 3
+    assert summary["letter_only_answers"] == 8 and summary["pairs_rejected"] == 1
+    rejected = read_jsonl_resumable(OutputFiles.for_judgments(output).rejected)
+    assert "not a letter A or B" in rejected[0]["problem"]
+
+
+def test_rate_limiter_spaces_requests() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+
+    limiter = RateLimiter(4.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(4):
+        limiter.wait()
+    assert slept == [0.25, 0.5, 0.75]
+    now[0] = 200.0
+    limiter.wait()
+    assert slept == [0.25, 0.5, 0.75]
+    RateLimiter(None, sleep=sleep).wait()
+    assert len(slept) == 3
+
+
+def _judge_config(tmp_path: Path, corpus: Path, tokenizer_dir: Path, url: str,
+                  **judge_extra: Any) -> Any:
+    prompt = tmp_path / "overall.txt"
+    prompt.write_text(TEST_PROMPT)
+    return OmegaConf.create({
+        "output_dir": str(tmp_path / "out"), "criteria": [str(prompt)],
+        "pairs": {"data": str(corpus), "file": None, "num_pairs": 5, "max_tokens": 16,
+                  "min_tokens": 4, "seed": 1, "tokenizer": str(tokenizer_dir)},
+        "judge": {"kind": "openai", "local": {"model_dir": "unused"},
+                  "openai": {"url": url, "model": "test-judge", "api_key_env": "QR_TEST_KEY",
+                             "backoff_s": 0.01, "max_retries": 1, "timeout_s": 2,
+                             "requests_per_second": 200, **judge_extra}},
+        "batch_pairs": 2, "progress": False})
+
+
+def test_api_key_is_sent_but_never_logged_or_written(serve, tmp_path, tiny_corpus,
+                                                     tiny_model_dir, monkeypatch, caplog,
+                                                     capsys) -> None:
+    monkeypatch.setenv("QR_TEST_KEY", SECRET)
+    server = serve(quality_judge())
+    cfg = _judge_config(tmp_path, tiny_corpus, tiny_model_dir, server.url)
+    with caplog.at_level(logging.DEBUG):
+        summary = run_judging(cfg)
+        failing = serve(lambda request, n: (503, {"error": "down"}, {}, 0.0))
+        cfg.output_dir = str(tmp_path / "out2")
+        cfg.judge.openai.url = failing.url
+        with pytest.raises(JudgeRequestError) as err:
+            run_judging(cfg)
+    assert summary["pairs_in_file"] == 5 and summary["requests"]["requests"] == 10
+    assert {r["headers"]["Authorization"] for r in server.requests} == {f"Bearer {SECRET}"}
+    assert failing.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    captured = capsys.readouterr()
+    seen = [caplog.text, captured.out, captured.err, str(err.value), repr(err.value)]
+    seen += [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
+    assert "retry 1/1" in caplog.text  # the retry was logged -- without the key
+    assert all(SECRET not in text for text in seen)
+    monkeypatch.delenv("QR_TEST_KEY")
+    with pytest.raises(ConfigError, match="environment variable 'QR_TEST_KEY' is not set"):
+        run_judging(cfg)
+
+
+def test_recipe_config_checks_name_keys_with_suggestions(tmp_path, tiny_corpus,
+                                                         tiny_model_dir) -> None:
+    cfg = _judge_config(tmp_path, tiny_corpus, tiny_model_dir, "http://127.0.0.1:9/v1")
+    check_config(cfg)
+    bad = cfg.copy()
+    bad.pairs.num_pair = 3
+    with pytest.raises(ConfigError, match=r"`pairs.num_pair`.*did you mean `pairs.num_pairs`"):
+        check_config(bad)
+    bad = cfg.copy()
+    bad.judge.openai.requests_per_sec = 3
+    with pytest.raises(ConfigError, match="did you mean `judge.openai.requests_per_second`"):
+        check_config(bad)
+    bad = cfg.copy()
+    bad.judge.kind = "vllm"
+    with pytest.raises(ConfigError, match="`judge.kind`"):
+        check_config(bad)
+    bad = cfg.copy()
+    bad.pairs.file = "pairs.jsonl"
+    with pytest.raises(ConfigError, match="exactly one of `pairs.data`"):
+        check_config(bad)
+
+
+# ---------------------------------------------------------------------- local judge
+
+
+def test_local_judge_probabilities_match_the_model_and_batching(tiny_model_dir,
+                                                                test_criterion) -> None:
+    judge = LocalJudge(tiny_model_dir, batch_size=3)
+    assert judge.use_chat and set(judge.answer_ids["A"]).isdisjoint(judge.answer_ids["B"])
+    criterion = test_criterion[0]
+    prompts = [criterion.render(a, b) for a, b in SIX_PAIRS[:4]]
+    results = judge.judge(prompts)
+    judge.batch_size = 1
+    one_by_one = judge.judge(prompts)
+    for prompt, result, single in zip(prompts, results, one_by_one, strict=True):
+        tokens = torch.tensor([judge.tokenizer.encode_prompt(judge.format_prompt(prompt))])
+        assert judge.format_prompt(prompt).endswith("<|im_start|>assistant\n")
+        with torch.inference_mode():
+            probs = torch.softmax(judge.model(tokens)[0, -1].float(), dim=-1)
+        p_a = float(probs[judge.answer_ids["A"]].sum())
+        p_b = float(probs[judge.answer_ids["B"]].sum())
+        assert 0.0 < result.p_b < 1.0 and 0.0 < result.answer_mass <= 1.0
+        assert result.p_b == pytest.approx(p_b / (p_a + p_b), abs=1e-5)
+        assert result.answer_mass == pytest.approx(p_a + p_b, rel=1e-4)
+        assert single.p_b == pytest.approx(result.p_b, abs=1e-5)
+    with pytest.raises(ConfigError, match="`pairs.max_tokens`.*does not fit"):
+        judge.judge([criterion.render("seven " * 300, "x")])
+
+
+def test_local_judge_order_averaging_is_consistent(tiny_model_dir, tmp_path,
+                                                   test_criterion) -> None:
+    judge = LocalJudge(tiny_model_dir, batch_size=4)
+    pairs = make_pairs(SIX_PAIRS[:3])
+    swapped = [Pair(p.pair_id + "s", p.b, p.a) for p in pairs]
+    summary = judge_pairs(pairs + swapped, test_criterion, judge, tmp_path / "j.jsonl",
+                          batch_pairs=6)
+    p = {row["pair_id"]: row["judgments"]["overall"]
+         for row in read_jsonl_resumable(tmp_path / "j.jsonl")}
+    for pair in pairs:
+        assert 0.0 <= p[pair.pair_id] <= 1.0
+        assert p[pair.pair_id] + p[pair.pair_id + "s"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["requests"]["prompts"] == 12 and summary["mean_answer_mass"] > 0
+
+
+def test_tune_run_judges_the_tiny_corpus_and_resumes(tmp_path, tiny_model_dir,
+                                                     tiny_corpus) -> None:
+    out = tmp_path / "judge_run"
+    args = ["--config", str(REPO_ROOT / "configs/tiny/qurating_judge.yaml"), f"output_dir={out}",
+            f"judge.local.model_dir={tiny_model_dir}", f"pairs.data={tiny_corpus}"]
+    run_tune_subprocess("acadlm_plugins/judge_recipe", args, cwd=tmp_path,
+                        log_file=tmp_path / "run.log")
+    rows = read_jsonl_resumable(out / "judgments.jsonl")
+    assert len(rows) == 6 and all(set(row) == ROW_KEYS for row in rows)
+    assert all(set(row["judgments"]) == {"writing_style", "educational_value"} for row in rows)
+    assert all(0.0 <= v <= 1.0 for row in rows for v in row["judgments"].values())
+    summary = json.loads((out / "judgments.summary.json").read_text())
+    assert summary["pairs_in_file"] == 6 and summary["requests"]["prompts"] == 24
+    assert "=== QuRating judgments ===" in (tmp_path / "run.log").read_text()
+    before = (out / "judgments.jsonl").read_bytes()
+    run_tune_subprocess("acadlm_plugins/judge_recipe", args, cwd=tmp_path,
+                        log_file=tmp_path / "rerun.log")
+    assert (out / "judgments.jsonl").read_bytes() == before
+    assert "6 of 6 pairs already done, 0 to judge" in (tmp_path / "rerun.log").read_text()
+
+
+@pytest.mark.integration
+def test_smollm2_judge_through_tune_run(tmp_path) -> None:
+    from acadlm_plugins.defaults import require_default_corpus, require_default_model
+
+    require_default_model()
+    require_default_corpus()
+    out = tmp_path / "smollm2_judge"
+    started = time.perf_counter()
+    run_tune_subprocess(
+        "acadlm_plugins/judge_recipe",
+        ["--config", str(REPO_ROOT / "configs/smollm2/qurating_judge.yaml"), f"output_dir={out}",
+         "pairs.num_pairs=4", "pairs.max_tokens=48", "criteria=[writing_style,educational_value]"],
+        cwd=REPO_ROOT, log_file=tmp_path / "run.log", timeout=300)
+    elapsed = time.perf_counter() - started
+    rows = read_jsonl_resumable(out / "judgments.jsonl")
+    assert len(rows) == 4 and all(set(row) == ROW_KEYS for row in rows)
+    summary = json.loads((out / "judgments.summary.json").read_text())
+    assert summary["pairs_in_file"] == 4 and summary["pairs_rejected"] == 0
+    # SmolLM2-Instruct answers the prompt with a letter most of the time.
+    assert summary["mean_answer_mass"] > 0.2
+    assert all(0.0 <= v <= 1.0 for row in rows for v in row["judgments"].values())
+    print(f"SmolLM2 judge: 4 pairs x 2 criteria x 2 orders in {elapsed:.1f} s; "
+          f"{summary['prompts_per_s']} prompts/s; "
+          f"mean |p-0.5| {summary['per_criterion']['writing_style']['mean_confidence']}")
