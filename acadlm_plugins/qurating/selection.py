@@ -1,0 +1,1037 @@
+"""QuRating stage 4: choose documents to a token budget, sampling by quality.
+
+A document with z-normalised score ``s`` (a weighted sum of the per-criterion z-scores) is
+drawn with probability proportional to ``exp(s / tau)``, without replacement, until the
+selected documents hold the token budget. This is done with the Gumbel top-k trick: every
+document gets the key ``s / tau + g`` with ``g`` standard Gumbel noise, and the documents are
+taken in decreasing key order. Taking the first ``k`` keys is distributed exactly like ``k``
+sequential draws without replacement with probabilities proportional to ``exp(s / tau)``
+(Plackett-Luce), so a budget in tokens becomes "take keys in order until the budget is full".
+``tau -> 0`` (``top_k: true``) is deterministic top-k by ``s``; ``tau = inf`` drops the score
+and is a uniform random sample of documents (the baseline of the paper's comparisons).
+
+The annotation shards are read three times with pyarrow, never all at once:
+
+1. **moments**: per-criterion mean and standard deviation (for the z-scores), tokens and
+   documents per domain, corpus size (to check the budget). Reads scores, ``num_tokens`` and
+   ``domain``; never the texts.
+2. **keys**: the key of every document; only rows whose key can still be inside the budget
+   are kept (a running threshold, below), so memory grows with the *selection* (at most about
+   twice its documents plus one batch, 24 bytes each: float64 key, int64 row, int64 tokens),
+   not with the corpus, and no text is read. Keys stay float64: in float32 (24-bit mantissa)
+   10^7 keys would collide often enough to decide inclusions by row order instead of by
+   noise. Also the z-score histograms of the whole corpus.
+3. **write**: only the row groups that hold selected rows are read, with all columns, and the
+   selected rows are written as ``<out>/<domain>/train.jsonl`` (the corpus layout
+   :func:`acadlm_plugins.data.mixture.domain_mixture_dataset` reads) with ``selection.json``
+   and ``selection.png`` (what was kept), into a scratch folder that replaces ``<out>`` when it
+   is complete.
+
+The noise of a document is a hash of ``(seed, document id)`` (or of its global row number with
+``noise_key: row``), not a draw from a stateful generator, so the selection does not depend on
+the batch size, on how the corpus is split into shards or (with ids) on the order of the
+shards. Exactly equal keys are ordered by row number.
+
+Running threshold: after each batch, if the candidates hold at least the budget, sorting them
+by key and summing their tokens gives the key ``t`` of the document that fills the budget. A
+later document with a key below ``t`` would come after that one and is never selected, so it is
+dropped on sight; candidates below ``t`` are dropped at the next compaction (when the candidate
+count has doubled since the last one, so the sorting costs O(n log n) overall).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from acadlm_plugins.errors import ConfigError, DataError
+from acadlm_plugins.qurating import CRITERIA
+
+log = logging.getLogger(__name__)
+
+SHARD_PATTERN = "scores-*.parquet"
+ANNOTATION_SUMMARY = "annotation.json"  # written by the annotation when every shard is done
+ANNOTATION_PLAN = "annotation_plan.json"  # written when it starts
+SCORE_PREFIX = "score_"
+TOKENS_COLUMN = "num_tokens"
+DOMAIN_COLUMN = "domain"
+ID_COLUMN = "id"
+MISSING_DOMAIN = "unknown"
+REPORT_NAME = "selection.json"
+PLOT_NAME = "selection.png"
+SPLIT_FILENAME = "train.jsonl"
+NOISE_KEYS = ("id", "row")
+# The folder name acadlm_plugins.data.mixture.LONG_DOCUMENTS_DIRNAME skips; repeated here so that
+# selecting does not import torch (a test checks that the two agree).
+LOADER_SKIPPED_FOLDER = "long"
+HISTOGRAM_EDGES = np.linspace(-4.0, 4.0, 81)  # z-scores; values outside land in the end bins
+_MIN_COMPACTION = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class SelectionConfig:
+    """Everything a selection run reads from its config (see configs/smollm2/qurating_select.yaml).
+
+    Attributes:
+        scores_dir: folder of the annotation shards ``scores-<rank>-<NNNNN>.parquet``.
+        output_dir: where the selection is written (``<domain>/train.jsonl`` + report).
+        criteria: ``{criterion: weight}``; the score is ``sum(weight * z[criterion])``. One
+            criterion with weight 1 is the paper's ``exp(z / tau)``; weights scale the score,
+            so ``{a: 1, b: 1}`` is as sharp as halving ``tau``. Negative weights select against
+            a criterion.
+        budget_tokens: tokens to select, as the annotation counted them (``num_tokens``, the
+            rater's tokenizer); the last document may cross it (see :func:`select`).
+        budget_fraction: instead of ``budget_tokens``, a share of the corpus's tokens in (0, 1].
+        tau: temperature > 0; ``"inf"`` or ``None`` is a uniform sample.
+        top_k: deterministic top-k by score (the ``tau -> 0`` limit); ``tau`` is then ignored.
+        seed: seeds the Gumbel noise.
+        noise_key: ``id`` (noise from the ``id`` column: the same document gets the same noise
+            however the corpus is sharded) or ``row`` (from the global row number).
+        uniform_output_dir: if set, also write the uniform (``tau = inf``) selection at the
+            same budget and seed there, for the comparison run.
+        batch_size: rows per pyarrow batch (memory/speed only; the result does not depend on it).
+    """
+
+    scores_dir: str
+    output_dir: str
+    criteria: dict[str, float]
+    budget_tokens: int | None = None
+    budget_fraction: float | None = None
+    tau: float | str | None = 2.0
+    top_k: bool = False
+    seed: int = 0
+    noise_key: str = "id"
+    uniform_output_dir: str | None = None
+    batch_size: int = 1 << 16
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SelectionConfig:
+        """Build from a config mapping, refusing unknown keys with the closest known one."""
+        known = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean `{close[0]}`?" if close else f"known keys: {known}."
+                raise ConfigError(str(key), "is not a key the selection reads.", hint)
+        for key in ("scores_dir", "output_dir", "criteria"):
+            if values.get(key) in (None, ""):
+                raise ConfigError(key, "is required.",
+                                  "see configs/smollm2/qurating_select.yaml for an example.")
+        return cls(**dict(values))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one selection turns scores into keys: the checked, resolved settings."""
+
+    weights: dict[str, float]
+    tau: float  # math.inf for uniform; unused for top_k
+    top_k: bool
+    seed: int
+    noise_key: str
+
+    @property
+    def mode(self) -> str:
+        if self.top_k:
+            return "top_k"
+        return "uniform" if math.isinf(self.tau) else "sample"
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "criteria": dict(self.weights),
+                "tau": None if self.top_k else ("inf" if math.isinf(self.tau) else self.tau),
+                "top_k": self.top_k, "seed": self.seed, "noise_key": self.noise_key}
+
+
+def parse_tau(tau: float | str | None, top_k: bool) -> float:
+    """``tau`` as a float (``inf`` for uniform), with a fix-naming error for ``tau <= 0``."""
+    if top_k:
+        return 0.0
+    if tau is None or (isinstance(tau, str) and tau.strip().lower() in ("inf", "infinity")):
+        return math.inf
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        raise ConfigError("tau", f"{tau!r} is not a number.",
+                          "give a temperature > 0 (e.g. 2.0), `inf` for a uniform sample, or "
+                          "set `top_k: true` for deterministic top-k.") from None
+    if math.isnan(value) or value <= 0:
+        raise ConfigError("tau", f"must be > 0, got {tau!r}.",
+                          "tau -> 0 is deterministic top-k: say so with `top_k: true`; or use "
+                          "a positive temperature (e.g. 2.0), or `inf` for a uniform sample.")
+    return value
+
+
+def check_sampling(config: SelectionConfig, available: Sequence[str]) -> Sampling:
+    """Check criteria weights, tau, seed and noise key against the shards' score columns."""
+    if not isinstance(config.criteria, Mapping) or not config.criteria:
+        raise ConfigError("criteria", f"must be a non-empty mapping {{criterion: weight}}, got "
+                          f"{config.criteria!r}.", "e.g. `criteria: {educational_value: 1.0}`.")
+    known = list(dict.fromkeys([*CRITERIA, *available]))
+    weights: dict[str, float] = {}
+    for name, weight in config.criteria.items():
+        name = str(name)
+        if name not in available:
+            if name in CRITERIA:
+                continue  # a known criterion whose column is missing: ScoreShards names the file
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ConfigError(f"criteria.{name}", f"unknown criterion {name!r}.",
+                              f"{hint}criteria: {known} (the shards have score columns for "
+                              f"{list(available)}).")
+        try:
+            weights[name] = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigError(f"criteria.{name}", f"weight {weight!r} is not a number.") from None
+        if not math.isfinite(weights[name]):
+            raise ConfigError(f"criteria.{name}", f"weight must be finite, got {weight!r}.")
+    if weights and all(w == 0 for w in weights.values()):
+        raise ConfigError("criteria", "all weights are 0.", "give one criterion a weight, e.g. 1.")
+    if config.noise_key not in NOISE_KEYS:
+        raise ConfigError("noise_key", f"unknown value {config.noise_key!r}.",
+                          f"use one of {list(NOISE_KEYS)}.")
+    if int(config.batch_size) < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {config.batch_size}.")
+    tau = parse_tau(config.tau, bool(config.top_k))
+    if config.top_k and config.tau not in (None, 0, 0.0):
+        log.info("top_k: true selects the highest scores; tau=%s is ignored", config.tau)
+    return Sampling(weights=weights, tau=tau, top_k=bool(config.top_k), seed=int(config.seed),
+                    noise_key=config.noise_key)
+
+
+def resolve_budget(config: SelectionConfig, corpus_tokens: int, corpus_documents: int,
+                   num_shards: int) -> int:
+    """The budget in tokens; an error naming the corpus size when it cannot be met."""
+    if (config.budget_tokens is None) == (config.budget_fraction is None):
+        raise ConfigError("budget_tokens", "give exactly one of `budget_tokens` and "
+                          "`budget_fraction`.", "e.g. `budget_tokens: 1000000`.")
+    if config.budget_fraction is not None:
+        fraction = float(config.budget_fraction)
+        if not 0 < fraction <= 1:
+            raise ConfigError("budget_fraction", f"must be in (0, 1], got {fraction}.",
+                              "it is the share of the corpus's tokens to select.")
+        return max(1, math.ceil(fraction * corpus_tokens))
+    budget = int(config.budget_tokens)
+    if budget < 1:
+        raise ConfigError("budget_tokens", f"must be >= 1, got {budget}.")
+    if budget > corpus_tokens:
+        raise ConfigError(
+            "budget_tokens",
+            f"{budget:,} tokens is more than the corpus holds: {corpus_tokens:,} tokens in "
+            f"{corpus_documents:,} documents ({num_shards} shards of {config.scores_dir}).",
+            f"set `budget_tokens` to at most {corpus_tokens:,}, or use `budget_fraction` "
+            "(a share of the corpus).")
+    return budget
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One annotation shard: its path, where its rows start globally, its row groups."""
+
+    path: Path
+    first_row: int
+    num_rows: int
+    row_group_rows: tuple[int, ...]
+    columns: frozenset[str]
+
+
+class ScoreShards:
+    """The annotation shards of one corpus, in file-name order, addressed by global row."""
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        shards: list[Shard] = []
+        first = 0
+        for raw in paths:
+            path = Path(raw)
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except (OSError, pa.ArrowInvalid) as err:
+                raise DataError(f"{path}: not a readable parquet file ({err}). Fix: re-run the "
+                                "annotation for this shard, or remove it.") from None
+            groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+            columns = frozenset(meta.schema.to_arrow_schema().names)
+            shards.append(Shard(path, first, meta.num_rows, groups, columns))
+            first += meta.num_rows
+        if not shards:
+            raise DataError("no score shards given. Fix: point `scores_dir` at the annotation "
+                            f"output ({SHARD_PATTERN}).")
+        self.shards = shards
+
+    @classmethod
+    def discover(cls, scores_dir: str | Path) -> ScoreShards:
+        """The ``scores-*.parquet`` files of ``scores_dir``, sorted by name."""
+        root = Path(scores_dir).expanduser()
+        if not root.is_dir():
+            raise ConfigError("scores_dir", f"{root} is not a directory.",
+                              "point it at the annotation's output_dir (it holds "
+                              f"{SHARD_PATTERN}).")
+        paths = sorted(root.glob(SHARD_PATTERN))
+        if not paths:
+            raise ConfigError("scores_dir", f"{root} holds no {SHARD_PATTERN} files.",
+                              "run the annotation first (tune run acadlm_plugins/"
+                              "annotate_recipe), or point `scores_dir` at its output_dir.")
+        _check_annotation_finished(root, len(paths))
+        return cls(paths)
+
+    @property
+    def num_rows(self) -> int:
+        return self.shards[-1].first_row + self.shards[-1].num_rows
+
+    def score_criteria(self, *, in_every_shard: bool = True) -> list[str]:
+        """Criteria with a ``score_<criterion>`` column in every shard (or in any shard)."""
+        combine = set.intersection if in_every_shard else set.union
+        found = combine(*(set(s.columns) for s in self.shards))
+        return sorted(c[len(SCORE_PREFIX):] for c in found if c.startswith(SCORE_PREFIX))
+
+    def has_column(self, column: str) -> bool:
+        return all(column in s.columns for s in self.shards)
+
+    def require(self, criteria: Sequence[str], *, need_id: bool) -> None:
+        """Raise :class:`DataError` naming the first shard without a needed column."""
+        for shard in self.shards:
+            for name in criteria:
+                if SCORE_PREFIX + name not in shard.columns:
+                    have = sorted(c for c in shard.columns if c.startswith(SCORE_PREFIX))
+                    raise DataError(
+                        f"{shard.path}: no column `{SCORE_PREFIX}{name}` for criterion {name!r} "
+                        f"(config `criteria.{name}`); its score columns are {have}. Fix: "
+                        f"annotate with a rater that has the criterion {name!r}, or remove "
+                        f"`{name}` from `criteria`.")
+            if TOKENS_COLUMN not in shard.columns:
+                raise DataError(f"{shard.path}: no `{TOKENS_COLUMN}` column. Fix: these are not "
+                                "annotation shards; re-run the annotation.")
+            if need_id and ID_COLUMN not in shard.columns:
+                raise DataError(f"{shard.path}: no `{ID_COLUMN}` column, which `noise_key: id` "
+                                "hashes. Fix: set `noise_key: row` (noise from the row number).")
+
+    def iter_batches(self, columns: Sequence[str], batch_size: int
+                     ) -> Iterator[tuple[Shard, int, pa.RecordBatch]]:
+        """``(shard, global index of the batch's first row, batch)`` over every shard."""
+        for shard in self.shards:
+            start = shard.first_row
+            reader = pq.ParquetFile(shard.path)
+            for batch in reader.iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield shard, start, batch
+                start += batch.num_rows
+
+
+def _check_annotation_finished(root: Path, found: int) -> None:
+    """Compare the shards found with the annotation's own summary, when it wrote one.
+
+    The annotation writes ``annotation.json`` (with ``shards_total``) only when every shard is
+    done; while it runs, or after ``max_shards`` stopped it, only its plan file is there.
+    Selecting then is allowed (a deliberate subset) but said loudly.
+    """
+    summary = root / ANNOTATION_SUMMARY
+    if summary.is_file():
+        try:
+            total = json.loads(summary.read_text(encoding="utf-8")).get("shards_total")
+        except (OSError, json.JSONDecodeError):
+            total = None
+        if isinstance(total, int) and total != found:
+            raise DataError(f"{summary} says the annotation wrote {total} shards, but {root} "
+                            f"holds {found} {SHARD_PATTERN} files. Fix: restore the missing "
+                            "shards (re-running the same annotation rescores them), or remove "
+                            "the stray ones.")
+    elif (root / ANNOTATION_PLAN).is_file():
+        log.warning("%s has no %s: the annotation has not finished; selecting from the %d "
+                    "shards written so far", root, ANNOTATION_SUMMARY, found)
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 1: moments and domains
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations, merged batch by batch (Chan et al.)."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        n = int(values.size)
+        if n == 0:
+            return
+        batch_mean = float(values.mean())
+        batch_m2 = float(((values - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 0.0
+
+
+@dataclass
+class CorpusStats:
+    """What pass 1 learns: corpus size, per-criterion moments, tokens and documents per domain."""
+
+    documents: int = 0
+    empty_documents: int = 0
+    tokens: int = 0
+    moments: dict[str, Moments] = field(default_factory=dict)
+    domain_tokens: dict[str, int] = field(default_factory=dict)
+    domain_documents: dict[str, int] = field(default_factory=dict)
+
+    def z(self, criterion: str, values: np.ndarray) -> np.ndarray:
+        """z-scores of raw ``values`` of ``criterion`` (0 for a constant criterion)."""
+        m = self.moments[criterion]
+        std = m.std
+        if std == 0:
+            return np.zeros_like(values, dtype=np.float64)
+        return (values - m.mean) / std
+
+
+def _scores(batch: pa.RecordBatch, criterion: str) -> np.ndarray:
+    column = batch.column(SCORE_PREFIX + criterion)
+    return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _tokens(shard: Shard, batch: pa.RecordBatch) -> np.ndarray:
+    column = batch.column(TOKENS_COLUMN)
+    if column.null_count or not pa.types.is_integer(column.type):
+        raise DataError(f"{shard.path}: `{TOKENS_COLUMN}` must be integers without nulls, got "
+                        f"{column.type} with {column.null_count} nulls. Fix: re-run the "
+                        "annotation for this shard.")
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+def _domains(batch: pa.RecordBatch) -> list[str]:
+    if DOMAIN_COLUMN not in batch.schema.names:
+        return [MISSING_DOMAIN] * batch.num_rows
+    values = batch.column(DOMAIN_COLUMN).to_pylist()
+    return [MISSING_DOMAIN if d is None else str(d) for d in values]
+
+
+def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence[str], *,
+                batch_size: int) -> CorpusStats:
+    """Pass 1: moments of every criterion in ``criteria`` over non-empty documents, and domains.
+
+    A non-finite score of a ``weighted`` criterion is an error (the key would be undefined);
+    for a criterion only reported, non-finite values are left out of its statistics.
+    """
+    stats = CorpusStats(moments={c: Moments() for c in criteria})
+    has_domain = shards.has_column(DOMAIN_COLUMN)
+    columns = [TOKENS_COLUMN, *(SCORE_PREFIX + c for c in criteria)]
+    if has_domain:
+        columns.append(DOMAIN_COLUMN)
+    for shard, start, batch in shards.iter_batches(columns, batch_size):
+        tokens = _tokens(shard, batch)
+        if tokens.size and tokens.min() < 0:
+            row = int(np.argmax(tokens < 0)) + start - shard.first_row
+            raise DataError(f"{shard.path}: row {row} has num_tokens {tokens.min()} < 0. Fix: "
+                            "re-run the annotation for this shard.")
+        live = tokens > 0
+        stats.documents += int(live.sum())
+        stats.empty_documents += int((~live).sum())
+        stats.tokens += int(tokens.sum())
+        for name in criteria:
+            values = _scores(batch, name)[live]
+            finite = np.isfinite(values)
+            if not finite.all():
+                if name in weighted:
+                    bad = int(np.flatnonzero(live)[np.argmin(finite)]) + start - shard.first_row
+                    raise DataError(
+                        f"{shard.path}: row {bad} has a non-finite `{SCORE_PREFIX}{name}` "
+                        f"({values[~finite][0]}) for a document with tokens. Fix: re-run the "
+                        f"annotation for this shard, or drop `{name}` from `criteria`.")
+                values = values[finite]
+            stats.moments[name].update(values)
+        _add_domain_counts(stats.domain_tokens, stats.domain_documents, batch, tokens, live)
+    if stats.documents == 0:
+        raise DataError(f"the {len(shards.shards)} shards hold no document with num_tokens > 0. "
+                        "Fix: check the annotation output.")
+    for name, m in stats.moments.items():
+        if name in weighted and m.std == 0:
+            log.warning("criterion %s has the same score for every document: it adds nothing "
+                        "to the selection", name)
+    return stats
+
+
+def _add_domain_counts(tokens_by: dict[str, int], docs_by: dict[str, int],
+                       batch: pa.RecordBatch, tokens: np.ndarray, live: np.ndarray) -> None:
+    if DOMAIN_COLUMN not in batch.schema.names:
+        tokens_by[MISSING_DOMAIN] = tokens_by.get(MISSING_DOMAIN, 0) + int(tokens.sum())
+        docs_by[MISSING_DOMAIN] = docs_by.get(MISSING_DOMAIN, 0) + int(live.sum())
+        return
+    column = batch.column(DOMAIN_COLUMN)
+    encoded = column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
+    names = encoded.dictionary.to_pylist()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    if encoded.null_count:  # a null domain counts as MISSING_DOMAIN
+        names.append(None)
+        codes = np.where(encoded.is_null().to_numpy(zero_copy_only=False), len(names) - 1, codes)
+    codes = codes.astype(np.int64)
+    token_sums = np.bincount(codes, weights=tokens, minlength=len(names))
+    doc_counts = np.bincount(codes, weights=live, minlength=len(names))
+    for name, tok, docs in zip(names, token_sums, doc_counts):
+        key = MISSING_DOMAIN if name is None else str(name)
+        tokens_by[key] = tokens_by.get(key, 0) + int(np.rint(tok))
+        docs_by[key] = docs_by.get(key, 0) + int(np.rint(docs))
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 2: keys
+
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on a uint64 array (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _seed_state(seed: int) -> np.uint64:
+    x = (int(seed) * _GOLDEN + 0x632BE59BD9B4E019) & _MASK64
+    return _mix64(np.asarray([x], dtype=np.uint64))[0]
+
+
+def hash_strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """FNV-1a 64-bit hash of every string (ids), vectorized: cost grows with the total bytes."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.string())
+    n = len(values)
+    offsets_type = np.int64 if pa.types.is_large_string(values.type) else np.int32
+    buffers = values.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=offsets_type)[values.offset : values.offset + n + 1]
+    data = (np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None
+            else np.zeros(0, dtype=np.uint8))
+    starts = offsets[:-1].astype(np.int64)
+    lengths = (offsets[1:] - offsets[:-1]).astype(np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    sorted_starts = starts[order]
+    hashed = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    longest = int(sorted_lengths[0]) if n else 0
+    # active[j]: how many strings are longer than j (a prefix of the length-sorted order)
+    active = np.searchsorted(-sorted_lengths, -np.arange(longest), side="left")
+    for j in range(longest):
+        count = int(active[j])
+        part = hashed[:count]
+        part ^= data[sorted_starts[:count] + j].astype(np.uint64)
+        part *= _FNV_PRIME
+    out = np.empty(n, dtype=np.uint64)
+    out[order] = hashed ^ sorted_lengths.astype(np.uint64)
+    return out
+
+
+def gumbel_noise(seed: int, *, rows: np.ndarray | None = None,
+                 ids: pa.Array | None = None) -> np.ndarray:
+    """Standard Gumbel noise as a pure function of ``(seed, id)`` or ``(seed, global row)``.
+
+    Uniforms are the top 53 bits of a SplitMix64 hash, shifted half a step into (0, 1), so the
+    noise is finite; ``-log(-log(u))`` is Gumbel.
+    """
+    state = _seed_state(seed)
+    if ids is not None:
+        if ids.null_count:
+            raise DataError("an `id` is null, so it cannot key the noise. Fix: give every row an "
+                            "id, or set `noise_key: row`.")
+        x = _mix64(_mix64(hash_strings(ids) ^ state) + np.uint64(_GOLDEN))
+    elif rows is not None:
+        x = _mix64(rows.astype(np.uint64) * np.uint64(_GOLDEN) + state)
+    else:
+        raise TypeError("gumbel_noise needs rows or ids")
+    uniform = ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    return -np.log(-np.log(uniform))
+
+
+def combined_score(stats: CorpusStats, batch: pa.RecordBatch,
+                   weights: Mapping[str, float]) -> np.ndarray:
+    """``sum(weight * z[criterion])`` for every row of ``batch``."""
+    score = np.zeros(batch.num_rows, dtype=np.float64)
+    for name, weight in weights.items():
+        if weight:
+            score += weight * stats.z(name, _scores(batch, name))
+    return score
+
+
+def selection_keys(sampling: Sampling, score: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    """The Gumbel top-k keys: ``score / tau + noise``; the score (top-k) or the noise (uniform)."""
+    if sampling.top_k:
+        return score
+    if math.isinf(sampling.tau):
+        return noise
+    return score / sampling.tau + noise
+
+
+class _Candidates:
+    """Rows that may still be inside the budget, with the running key threshold."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.threshold = -math.inf
+        self.keys: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+        self.tokens: list[np.ndarray] = []
+        self.count = 0
+        self.kept_after_compaction = 0
+        self.peak = 0
+
+    def add(self, keys: np.ndarray, rows: np.ndarray, tokens: np.ndarray) -> None:
+        keep = keys >= self.threshold
+        if not keep.any():
+            return
+        self.keys.append(keys[keep])
+        self.rows.append(rows[keep])
+        self.tokens.append(tokens[keep])
+        self.count += int(keep.sum())
+        self.peak = max(self.peak, self.count)
+        if self.count > max(_MIN_COMPACTION, 2 * self.kept_after_compaction):
+            self.compact()
+
+    def compact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keep only the rows up to the one that fills the budget; return them in key order."""
+        keys = np.concatenate(self.keys) if self.keys else np.zeros(0)
+        rows = np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=np.int64)
+        tokens = np.concatenate(self.tokens) if self.tokens else np.zeros(0, dtype=np.int64)
+        self.keys, self.rows, self.tokens = [], [], []  # free the pieces before sorting
+        order = np.argsort(keys)[::-1]  # key descending; equal keys (rare) then by row ascending
+        if np.any(np.diff(keys[order]) == 0):
+            order = np.lexsort((rows, -keys))
+        last = int(np.searchsorted(np.cumsum(tokens[order]), self.budget, side="left"))
+        if last < len(order):
+            order = order[: last + 1]
+            self.threshold = float(keys[order[-1]])
+        keys, rows, tokens = keys[order], rows[order], tokens[order]
+        self.keys, self.rows, self.tokens = [keys], [rows], [tokens]
+        self.count = self.kept_after_compaction = len(keys)
+        return keys, rows, tokens
+
+
+@dataclass
+class SelectionPlan:
+    """The outcome of pass 2 for one sampling: which global rows are selected."""
+
+    sampling: Sampling
+    budget_tokens: int
+    rows: np.ndarray  # sorted global row numbers
+    tokens: int
+    threshold_key: float
+    peak_candidates: int
+
+    @property
+    def documents(self) -> int:
+        return int(self.rows.size)
+
+
+def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence[Sampling],
+                    budget: int, *, batch_size: int,
+                    histogram_criteria: Sequence[str] = ()) -> tuple[list[SelectionPlan],
+                                                                      dict[str, np.ndarray]]:
+    """Pass 2: the selected rows of every sampling (one read), and z histograms of the corpus."""
+    weighted = sorted({c for s in samplings for c, w in s.weights.items() if w})
+    need_noise = [not s.top_k for s in samplings]
+    use_ids = any(s.noise_key == "id" for s, n in zip(samplings, need_noise) if n)
+    columns = [TOKENS_COLUMN, *(SCORE_PREFIX + c for c in sorted({*weighted,
+                                                                  *histogram_criteria}))]
+    if use_ids:
+        columns.append(ID_COLUMN)
+    candidates = [_Candidates(budget) for _ in samplings]
+    histograms = {c: np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
+                  for c in histogram_criteria}
+    for _shard, start, batch in shards.iter_batches(columns, batch_size):
+        tokens = batch.column(TOKENS_COLUMN).to_numpy().astype(np.int64, copy=False)
+        live = tokens > 0
+        rows = np.arange(start, start + batch.num_rows, dtype=np.int64)
+        for name in histogram_criteria:
+            histograms[name] += _z_histogram(stats.z(name, _scores(batch, name)[live]))
+        noise_cache: dict[tuple[int, str], np.ndarray] = {}
+        for sampling, pool in zip(samplings, candidates):
+            noise = None
+            if not sampling.top_k:
+                cache_key = (sampling.seed, sampling.noise_key)
+                if cache_key not in noise_cache:
+                    noise_cache[cache_key] = (
+                        gumbel_noise(sampling.seed, ids=batch.column(ID_COLUMN))
+                        if sampling.noise_key == "id" else gumbel_noise(sampling.seed, rows=rows))
+                noise = noise_cache[cache_key]
+            score = (combined_score(stats, batch, sampling.weights)
+                     if sampling.mode != "uniform" else None)
+            keys = selection_keys(sampling, score, noise)
+            pool.add(keys[live], rows[live], tokens[live])
+    plans = []
+    for sampling, pool in zip(samplings, candidates):
+        keys, rows, tokens = pool.compact()
+        plans.append(SelectionPlan(sampling=sampling, budget_tokens=budget, rows=np.sort(rows),
+                                   tokens=int(tokens.sum()),
+                                   threshold_key=float(keys[-1]) if keys.size else math.nan,
+                                   peak_candidates=pool.peak))
+    return plans, histograms
+
+
+def _z_histogram(z: np.ndarray) -> np.ndarray:
+    finite = z[np.isfinite(z)]
+    clipped = np.clip(finite, HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1])
+    return np.histogram(clipped, bins=HISTOGRAM_EDGES)[0].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 3: write
+
+
+def domain_folder(domain: str) -> str:
+    """A folder name for ``domain``: itself when it is a plain name the loader will read.
+
+    ``domain_mixture_dataset`` skips a folder named ``long`` (long-document evaluation data),
+    and a name with path separators is not one folder, so such names get a safe spelling plus a
+    short hash (recorded in ``selection.json``).
+    """
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", domain) and domain != LOADER_SKIPPED_FOLDER:
+        return domain
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", domain).strip("._") or "domain"
+    return f"{safe}-{hashlib.sha1(domain.encode()).hexdigest()[:8]}"
+
+
+class _SelectionWriter:
+    """Writes one plan's rows into a scratch folder and gathers the after-selection stats."""
+
+    def __init__(self, plan: SelectionPlan, output_dir: Path, criteria: Sequence[str]) -> None:
+        self.plan = plan
+        self.output_dir = output_dir
+        self.scratch = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+        if self.scratch.exists():
+            shutil.rmtree(self.scratch)
+        self.scratch.mkdir(parents=True)
+        self.handles: dict[str, Any] = {}
+        self.encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+        self.folders: dict[str, str] = {}
+        self.domain_tokens: dict[str, int] = {}
+        self.domain_documents: dict[str, int] = {}
+        self.score_sums = {c: 0.0 for c in criteria}
+        self.score_counts = {c: 0 for c in criteria}
+        self.histograms = {c: np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
+                           for c in criteria}
+
+    def write(self, batch: pa.RecordBatch, local: np.ndarray, stats: CorpusStats) -> None:
+        picked = batch.take(pa.array(local))
+        tokens = picked.column(TOKENS_COLUMN).to_numpy().astype(np.int64, copy=False)
+        for name in self.score_sums:
+            values = _scores(picked, name)
+            values = values[np.isfinite(values)]
+            self.score_sums[name] += float(values.sum())
+            self.score_counts[name] += int(values.size)
+            self.histograms[name] += _z_histogram(stats.z(name, values))
+        for row, count, domain in zip(picked.to_pylist(), tokens, _domains(picked)):
+            handle = self.handles.get(domain)
+            if handle is None:
+                folder = self.folders.setdefault(domain, domain_folder(domain))
+                (self.scratch / folder).mkdir(exist_ok=True)
+                # One handle per domain stays open across batches; close() closes them all.
+                handle = open(self.scratch / folder / SPLIT_FILENAME, "w",  # noqa: SIM115
+                              encoding="utf-8")
+                self.handles[domain] = handle
+            handle.write(self.encode(row) + "\n")
+            self.domain_tokens[domain] = self.domain_tokens.get(domain, 0) + int(count)
+            self.domain_documents[domain] = self.domain_documents.get(domain, 0) + 1
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+    def abort(self) -> None:
+        self.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def finish(self, report: dict[str, Any]) -> Path:
+        """Write the report and plot into the scratch folder, then move it into place."""
+        self.close()
+        _atomic_text(self.scratch / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        plot_selection(report, self.scratch / PLOT_NAME)
+        final = self.output_dir
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(self.scratch, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.scratch, final)
+        return final
+
+
+def write_selections(shards: ScoreShards, stats: CorpusStats,
+                     plans: Sequence[tuple[SelectionPlan, Path]], criteria: Sequence[str], *,
+                     batch_size: int) -> list[_SelectionWriter]:
+    """Pass 3: read only row groups holding selected rows and write each plan's rows."""
+    writers = [_SelectionWriter(plan, Path(out), criteria) for plan, out in plans]
+    try:
+        for shard in shards.shards:
+            reader = pq.ParquetFile(shard.path)
+            group_start = shard.first_row
+            for group, group_rows in enumerate(shard.row_group_rows):
+                group_end = group_start + group_rows
+                spans = [np.searchsorted(p.rows, [group_start, group_end]) for p, _ in plans]
+                if all(lo == hi for lo, hi in spans):
+                    group_start = group_end
+                    continue
+                start = group_start
+                for batch in reader.iter_batches(batch_size=batch_size, row_groups=[group]):
+                    end = start + batch.num_rows
+                    for writer in writers:
+                        lo, hi = np.searchsorted(writer.plan.rows, [start, end])
+                        if hi > lo:
+                            writer.write(batch, writer.plan.rows[lo:hi] - start, stats)
+                    start = end
+                group_start = group_end
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    return writers
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def _shares(counts: Mapping[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {k: (v / total if total else 0.0) for k, v in sorted(counts.items())}
+
+
+def _entropy_bits(counts: Mapping[str, int]) -> float:
+    p = np.asarray([v for v in counts.values() if v > 0], dtype=np.float64)
+    if p.size == 0:
+        return 0.0
+    p = p / p.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def build_report(config: SelectionConfig, shards: ScoreShards, stats: CorpusStats,
+                 writer: _SelectionWriter, histograms_before: Mapping[str, np.ndarray],
+                 elapsed: Mapping[str, float]) -> dict[str, Any]:
+    """What was kept: settings, sizes, domain shares and diversity, score means and histograms."""
+    plan = writer.plan
+    domains_before = {d: t for d, t in stats.domain_tokens.items() if stats.domain_documents[d]}
+    domains_after = dict(sorted(writer.domain_tokens.items()))
+    entropy_before = _entropy_bits(domains_before)
+    entropy_after = _entropy_bits(domains_after)
+    max_entropy = math.log2(len(domains_before)) if len(domains_before) > 1 else 0.0
+    mean_score = {}
+    for name, moments in stats.moments.items():
+        after = (writer.score_sums[name] / writer.score_counts[name]
+                 if writer.score_counts[name] else None)
+        mean_score[name] = {
+            "before": moments.mean, "after": after, "std_before": moments.std,
+            "mean_z_after": (None if after is None or moments.std == 0
+                             else (after - moments.mean) / moments.std)}
+    return {
+        "settings": {**plan.sampling.describe(), "scores_dir": str(config.scores_dir),
+                     "shards": len(shards.shards), "budget_tokens": plan.budget_tokens,
+                     "budget_fraction": config.budget_fraction,
+                     "batch_size": int(config.batch_size)},
+        "corpus": {"documents": stats.documents, "empty_documents": stats.empty_documents,
+                   "tokens": stats.tokens},
+        "selected": {"documents": plan.documents, "tokens": plan.tokens,
+                     "token_share": plan.tokens / stats.tokens,
+                     "document_share": plan.documents / stats.documents,
+                     "over_budget_tokens": plan.tokens - plan.budget_tokens,
+                     "threshold_key": plan.threshold_key,
+                     "peak_candidates": plan.peak_candidates},
+        "normalisation": {n: {"mean": m.mean, "std": m.std, "documents": m.count}
+                          for n, m in stats.moments.items()},
+        "tokens_per_domain": {"before": dict(sorted(domains_before.items())),
+                              "after": domains_after},
+        "documents_per_domain": {"before": dict(sorted(stats.domain_documents.items())),
+                                 "after": dict(sorted(writer.domain_documents.items()))},
+        "token_share_per_domain": {"before": _shares(domains_before),
+                                   "after": _shares(domains_after)},
+        "diversity": {
+            "domains_before": len(domains_before), "domains_after": len(domains_after),
+            "unique_domain_share": len(domains_after) / max(1, len(domains_before)),
+            "domain_entropy_bits": {"before": entropy_before, "after": entropy_after},
+            "normalized_domain_entropy": {
+                "before": entropy_before / max_entropy if max_entropy else 1.0,
+                "after": entropy_after / max_entropy if max_entropy else 1.0}},
+        "mean_score": mean_score,
+        "z_histograms": {"edges": HISTOGRAM_EDGES.tolist(),
+                         "before": {n: h.tolist() for n, h in histograms_before.items()},
+                         "after": {n: h.tolist() for n, h in writer.histograms.items()}},
+        "domain_folders": {d: writer.folders[d] for d in sorted(writer.folders)},
+        "elapsed_s": {k: round(v, 3) for k, v in elapsed.items()},
+    }
+
+
+def plot_selection(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Score histograms before/after per criterion and the domain token shares, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report["z_histograms"]
+    criteria = list(hist["before"])
+    panels = len(criteria) + 1
+    cols = 2 if panels > 1 else 1
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
+    edges = np.asarray(hist["edges"])
+    width = np.diff(edges)
+    for ax, name in zip(axes.flat, criteria):
+        for label, color in (("before", "C0"), ("after", "C1")):
+            counts = np.asarray(hist[label][name], dtype=np.float64)
+            density = counts / (counts.sum() * width) if counts.sum() else counts
+            ax.stairs(density, edges, color=color, label=f"{label} ({int(counts.sum()):,} docs)",
+                      fill=label == "before", alpha=0.35 if label == "before" else 1.0)
+        ax.set_title(f"{name} (weight {report['settings']['criteria'].get(name, 0):g})",
+                     fontsize="medium")
+        ax.set_xlabel("z-score")
+        ax.legend(fontsize="x-small")
+    ax = axes.flat[len(criteria)]
+    shares = report["token_share_per_domain"]
+    domains = list(shares["before"])
+    x = np.arange(len(domains))
+    ax.bar(x - 0.2, [shares["before"][d] for d in domains], 0.4, label="before")
+    ax.bar(x + 0.2, [shares["after"].get(d, 0.0) for d in domains], 0.4, label="after")
+    ax.set_xticks(x, domains, rotation=45, ha="right", fontsize="small")
+    ax.set_ylabel("token share")
+    ax.set_title(f"domains (unique-domain share {report['diversity']['unique_domain_share']:.2f})",
+                 fontsize="medium")
+    ax.legend(fontsize="x-small")
+    for extra in list(axes.flat)[panels:]:
+        extra.set_visible(False)
+    settings = report["settings"]
+    fig.suptitle(f"QuRating selection: {settings['mode']}, tau={settings['tau']}, "
+                 f"{report['selected']['tokens']:,} of {report['corpus']['tokens']:,} tokens")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _check_output_dir(path: Path, field_name: str) -> None:
+    """Refuse to replace a folder that holds something other than a previous selection."""
+    if path.exists() and (not path.is_dir() or (
+            any(path.iterdir()) and not (path / REPORT_NAME).is_file())):
+        raise ConfigError(field_name, f"{path} exists and is not a selection folder (no "
+                          f"{REPORT_NAME}); it would be replaced.",
+                          "choose a new or empty folder.")
+
+
+def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Run passes 1-3 and return the reports, ``{"selected": ..., "uniform": ...}``.
+
+    The selection takes documents in decreasing key order until their tokens reach the budget,
+    so it holds at least ``budget`` tokens and less than ``budget`` plus its last document.
+    Documents with ``num_tokens == 0`` are never selected.
+    """
+    if not isinstance(config, SelectionConfig):
+        config = SelectionConfig.from_mapping(config)
+    started = time.perf_counter()
+    shards = ScoreShards.discover(config.scores_dir)
+    available = shards.score_criteria()
+    # A criterion some shard has is known; `require` then names the shard that lacks it.
+    sampling = check_sampling(config, shards.score_criteria(in_every_shard=False))
+    uses_noise = not sampling.top_k or bool(config.uniform_output_dir)
+    shards.require([str(c) for c in config.criteria],
+                   need_id=sampling.noise_key == "id" and uses_noise)
+    outputs = {"selected": Path(config.output_dir).expanduser()}
+    if config.uniform_output_dir:
+        outputs["uniform"] = Path(config.uniform_output_dir).expanduser()
+        if outputs["uniform"].resolve() == outputs["selected"].resolve():
+            raise ConfigError("uniform_output_dir", "is the same folder as `output_dir`.",
+                              "give the uniform baseline its own folder.")
+    for name, path in outputs.items():
+        _check_output_dir(path, "output_dir" if name == "selected" else "uniform_output_dir")
+    samplings = [sampling]
+    if "uniform" in outputs:
+        samplings.append(Sampling(weights={}, tau=math.inf, top_k=False, seed=sampling.seed,
+                                  noise_key=sampling.noise_key))
+    reported = sorted(set(available) | set(sampling.weights))
+    batch_size = int(config.batch_size)
+
+    stats = scan_corpus(shards, reported, list(sampling.weights), batch_size=batch_size)
+    budget = resolve_budget(config, stats.tokens, stats.documents, len(shards.shards))
+    scanned = time.perf_counter()
+    log.info("pass 1: %s documents, %s tokens in %d shards (%.1f s)", f"{stats.documents:,}",
+             f"{stats.tokens:,}", len(shards.shards), scanned - started)
+    plans, before = plan_selections(shards, stats, samplings, budget, batch_size=batch_size,
+                                    histogram_criteria=reported)
+    planned = time.perf_counter()
+    log.info("pass 2: selected %s documents (%s tokens, budget %s) (%.1f s)",
+             f"{plans[0].documents:,}", f"{plans[0].tokens:,}", f"{budget:,}", planned - scanned)
+    writers = write_selections(shards, stats, list(zip(plans, outputs.values())), reported,
+                               batch_size=batch_size)
+    written = time.perf_counter()
+    elapsed = {"moments": scanned - started, "keys": planned - scanned, "write": written - planned}
+    reports = {}
+    for name, writer in zip(outputs, writers):
+        reports[name] = build_report(config, shards, stats, writer, before, elapsed)
+        writer.finish(reports[name])
+        log.info("wrote %s (%s)", writer.output_dir, writer.plan.sampling.mode)
+    return reports
+
+
+__all__ = [
+    "CorpusStats",
+    "Moments",
+    "Sampling",
+    "ScoreShards",
+    "SelectionConfig",
+    "SelectionPlan",
+    "check_sampling",
+    "combined_score",
+    "domain_folder",
+    "gumbel_noise",
+    "hash_strings",
+    "parse_tau",
+    "plan_selections",
+    "plot_selection",
+    "resolve_budget",
+    "scan_corpus",
+    "select",
+    "selection_keys",
+    "write_selections",
+]
