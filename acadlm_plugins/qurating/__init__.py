@@ -13,13 +13,19 @@ Stages and the files that connect them (every stage is a command; every file is 
 
 2. **rater** (``tune run acadlm_plugins/rater_recipe``): a torchtune decoder with one scalar head
    per criterion, trained with the Bradley-Terry loss on the judgments. Output: a folder with the
-   backbone as a Hugging Face model folder (``model/``) and ``rater_heads.pt`` +
-   ``rater.json`` (criteria names, pooling, head shapes, training summary).
+   backbone as a Hugging Face model folder (``model/``, its tokenizer included) and
+   ``rater_heads.pt`` + ``rater.json`` (criteria names, pooling, head shapes, training summary).
+   The recipe exports it as ``<output_dir>/rater``; a text is read as ``[BOS] + its tokens``.
 
 3. **annotation** (``tune run acadlm_plugins/annotate_recipe``): every document of a corpus
    scored per criterion (chunks of N tokens, token-weighted mean). Output: parquet shards
    ``scores-<rank>-<NNNNN>.parquet`` with the input columns plus ``num_tokens`` and one float
    column per criterion named ``score_<criterion>``; a ``_done`` marker per finished shard.
+   Both numbers are zero-padded to five digits and rank ``r`` scores a contiguous block of
+   rows, so the shards sorted by name list the corpus in its original order. The marker is
+   ``scores-<rank>-<NNNNN>._done``; a shard without one is unfinished. A document without
+   tokens has ``num_tokens = 0`` and NaN scores. ``annotation.json`` appears when every shard is
+   done (``annotation_plan.json`` records what the shards were scored from).
 
 4. **selection** (``acadlm_plugins.qurating.selection``): documents sampled without
    replacement with p proportional to exp(z/tau) to a token budget. Output: the selected rows as

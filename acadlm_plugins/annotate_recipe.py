@@ -1,0 +1,215 @@
+"""QuRating stage 3: score every document of a local corpus with a trained rater.
+
+Run::
+
+    tune run acadlm_plugins/annotate_recipe --config configs/smollm2/qurating_annotate.yaml
+    tune run --nproc_per_node 2 acadlm_plugins/annotate_recipe --config ...
+
+Each process scores a contiguous share of the documents (``torch.distributed`` is used only to
+agree on the plan and to add up the totals), writing parquet shards with the input columns plus
+``num_tokens`` and ``score_<criterion>`` (see :mod:`acadlm_plugins.qurating.annotation`). A
+run that is killed resumes where it stopped: finished shards are kept, the rest are scored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune import config, training, utils
+
+import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.qurating.annotation import (
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_SHARD_SIZE,
+    SUMMARY_FILENAME,
+    DocumentScorer,
+    RankResult,
+    annotate_rank,
+    check_or_write_plan,
+    open_corpus,
+    plan_record,
+    plan_shards,
+    remove_stale_temporaries,
+    score_statistics,
+)
+from acadlm_plugins.qurating.rater import load_rater
+
+log = utils.get_logger("INFO")
+
+KNOWN_KEYS = {
+    "output_dir", "rater_dir", "data_files", "text_field", "chunk_tokens", "batch_tokens",
+    "shard_size", "max_documents_per_file", "cache_dir", "device", "dtype", "max_shards",
+}
+REQUIRED_KEYS = ("output_dir", "rater_dir", "data_files")
+
+
+class AnnotateRecipe:
+    """Load the rater and the corpus, agree on the plan, score this rank's shards, report."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        self._device = utils.get_device(cfg.get("device", "cpu"))
+        if self._distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        self._world_size, self._rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self._rank == 0
+        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+
+    def setup(self, cfg: DictConfig) -> None:
+        _check_keys(cfg)
+        self._cfg = cfg
+        self._output_dir = Path(str(cfg.output_dir)).expanduser()
+        self._rater_dir = Path(str(cfg.rater_dir)).expanduser()
+        chunk_tokens = int(cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
+        shard_size = int(cfg.get("shard_size", DEFAULT_SHARD_SIZE))
+        per_file = cfg.get("max_documents_per_file", None)
+        per_file = None if per_file is None else int(per_file)
+        max_shards = cfg.get("max_shards", None)
+        self._max_shards = None if max_shards is None else int(max_shards)
+
+        self._rater = load_rater(self._rater_dir, device=self._device, dtype=self._dtype,
+                                 max_seq_len=chunk_tokens + 1)
+        self._scorer = DocumentScorer(self._rater, chunk_tokens=chunk_tokens,
+                                      batch_tokens=int(cfg.get("batch_tokens",
+                                                               DEFAULT_BATCH_TOKENS)),
+                                      device=self._device)
+        data_files = cfg.data_files
+        paths = ([str(p) for p in data_files] if isinstance(data_files, (list, ListConfig))
+                 else [str(data_files)])
+
+        def open_it():
+            return open_corpus(paths, text_field=str(cfg.get("text_field", "text")),
+                               cache_dir=cfg.get("cache_dir", None),
+                               max_documents_per_file=per_file)
+
+        # Rank 0 converts the files into the datasets cache first; the others then reuse it.
+        self._corpus = open_it() if self._is_rank_zero else None
+        self._barrier()
+        if self._corpus is None:
+            self._corpus = open_it()
+        if self._is_rank_zero:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+        record = plan_record(self._corpus, self._rater_dir, chunk_tokens=chunk_tokens,
+                             shard_size=shard_size, world_size=self._world_size,
+                             max_documents_per_file=per_file)
+        if self._is_rank_zero:
+            check_or_write_plan(self._output_dir, record, write=True)
+        self._barrier()
+        check_or_write_plan(self._output_dir, record, write=False)
+        self._shards = plan_shards(self._corpus.num_rows, self._world_size,
+                                   shard_size)[self._rank]
+        remove_stale_temporaries(self._output_dir, self._rank)
+        if self._is_rank_zero:
+            log.info("annotating %d documents of %d files with %s (criteria %s), %d processes, "
+                     "chunks of %d tokens", self._corpus.num_rows, len(self._corpus.files),
+                     self._rater_dir, ", ".join(self._scorer.criteria), self._world_size,
+                     chunk_tokens)
+
+    def run(self) -> dict[str, Any]:
+        """Score the shards and write ``annotation.json`` (rank 0); returns the summary."""
+        started = time.perf_counter()
+        result = annotate_rank(self._corpus, self._scorer, self._output_dir, self._shards,
+                               max_shards=self._max_shards, progress=self._is_rank_zero)
+        log.info("rank %d: %d shards scored (%d were done before), %d documents, %d tokens, "
+                 "%.0f tokens/s", self._rank, result.shards_scored, result.shards_done_before,
+                 result.documents, result.tokens, result.tokens / max(result.seconds, 1e-9))
+        totals = self._gather(result)
+        self._barrier()
+        summary: dict[str, Any] = {
+            "complete": bool(totals["incomplete"] == 0),
+            "processes": self._world_size,
+            "documents_scored": int(totals["documents"]), "tokens_scored": int(totals["tokens"]),
+            "shards_scored": int(totals["scored"]), "shards_done_before": int(totals["before"]),
+            "shards_total": int(totals["total"]), "wall_seconds": round(
+                time.perf_counter() - started, 2),
+            "tokens_per_second": totals["tokens"] / max(totals["seconds"], 1e-9),
+            "rater_dir": str(self._rater_dir), "criteria": self._scorer.criteria,
+            "chunk_tokens": self._scorer.chunk_tokens, "output_dir": str(self._output_dir),
+        }
+        if self._is_rank_zero:
+            summary["corpus"] = score_statistics(self._output_dir, self._scorer.criteria)
+            if summary["complete"]:
+                (self._output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2))
+            print(format_summary(summary), flush=True)
+        return summary
+
+    def _gather(self, result: RankResult) -> dict[str, float]:
+        """Totals over ranks; seconds is the slowest rank's (the run's wall time)."""
+        sums = torch.tensor([result.documents, result.tokens, result.shards_scored,
+                             result.shards_done_before, result.shards_total,
+                             0 if result.complete else 1], dtype=torch.float64)
+        seconds = torch.tensor([result.seconds], dtype=torch.float64)
+        if self._distributed:
+            sums, seconds = sums.to(self._device), seconds.to(self._device)
+            dist.all_reduce(sums)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        names = ("documents", "tokens", "scored", "before", "total", "incomplete")
+        totals = dict(zip(names, sums.cpu().tolist()))
+        totals["seconds"] = float(seconds.cpu()[0])
+        return totals
+
+    def _barrier(self) -> None:
+        if self._distributed:
+            dist.barrier()
+
+    def cleanup(self) -> None:
+        if self._distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Shards, documents, tokens/s and the score distribution per criterion."""
+    lines = ["", "=== annotation summary ===",
+             f"shards: {summary['shards_scored']} scored now, {summary['shards_done_before']} "
+             f"done before, {summary['shards_total']} in all"
+             + ("" if summary["complete"] else "  (INCOMPLETE: run again to continue)"),
+             (f"scored now: {summary['documents_scored']} documents, "
+              f"{summary['tokens_scored']} tokens, {summary['tokens_per_second']:,.0f} tokens/s "
+              f"over {summary['processes']} process(es)")]
+    corpus = summary.get("corpus", {})
+    if corpus.get("scores"):
+        lines.append(f"{'criterion':<22}{'mean':>9}{'std':>9}{'min':>9}{'max':>9}")
+        for name, stats in corpus["scores"].items():
+            if stats:
+                lines.append(f"{name:<22}{stats['mean']:>9.3f}{stats['std']:>9.3f}"
+                             f"{stats['min']:>9.3f}{stats['max']:>9.3f}")
+        lines.append(f"({corpus['documents']} documents, {corpus['tokens']} tokens in finished "
+                     f"shards; {corpus['empty_documents']} without tokens)")
+    lines.append(f"output: {summary['output_dir']}")
+    return "\n".join(lines)
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    for key in cfg:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(KNOWN_KEYS)}."
+            raise ConfigError(str(key), "is not a key this recipe reads.", hint)
+    for key in REQUIRED_KEYS:
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            raise ConfigError(key, "is required by the annotate recipe.",
+                              "see configs/smollm2/qurating_annotate.yaml for an example.")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run acadlm_plugins/annotate_recipe --config ...``."""
+    recipe = AnnotateRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.run()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,547 @@
+"""QuRating stage 2: train a rater on pairwise judgments and export it for the annotator.
+
+Run::
+
+    tune run acadlm_plugins/rater_recipe --config configs/smollm2/qurating_rater.yaml
+    tune run --nproc_per_node 2 acadlm_plugins/rater_recipe --config ...
+
+The backbone (a local Hugging Face Llama folder, tokenizer included) gets one scalar head per
+criterion and is trained end to end with the Bradley-Terry loss on the pairs whose judgment is
+confident (``|p - 0.5| >= margin``; see :mod:`acadlm_plugins.qurating.rater`). Held-out pairwise
+accuracy (does the rater order a held-out pair as the judge did?) is logged per criterion at
+every evaluation and at the end. Checkpoints are atomic step folders (a rater folder plus the
+optimizer, data position and RNG state), so a killed run resumes where it stopped; the last one
+is exported as ``<output_dir>/rater``, the folder ``annotate_recipe`` reads. With
+``WORLD_SIZE > 1`` the model is sharded with FSDP2 and each rank takes its share of every batch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune import config, training, utils
+from tqdm.auto import tqdm
+
+import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+from acadlm_plugins.errors import ConfigError, DataError
+from acadlm_plugins.plugins.nonfinite_loss_guard import check_finite
+from acadlm_plugins.qurating.rater import (
+    BACKBONE_DIRNAME,
+    DEFAULT_MARGIN,
+    HEADS_FILENAME,
+    PairwiseJudgments,
+    RaterModel,
+    RaterTokenizer,
+    bradley_terry_loss,
+    check_backbone_dir,
+    check_pooling,
+    hf_checkpointer,
+    load_backbone,
+    pairwise_correct,
+    read_judgments,
+    save_rater,
+    split_scores,
+)
+from acadlm_plugins.training.checkpointing import (
+    RECIPE_STATE_FILENAME,
+    latest_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_torch_atomically,
+    write_checkpoint,
+)
+from acadlm_plugins.training.components import instantiate_component
+
+log = utils.get_logger("INFO")
+
+RECIPE_NAME = "rater"
+RATER_DIRNAME = "rater"
+KNOWN_KEYS = {
+    "output_dir", "seed", "device", "dtype", "backbone_dir", "judgments", "criteria", "margin",
+    "validation_fraction", "max_tokens", "pooling", "optimizer", "head_lr", "lr_scheduler",
+    "batch_size", "eval_batch_size", "max_steps", "gradient_accumulation_steps",
+    "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps",
+    "keep_last_n_checkpoints", "resume", "metric_logger",
+}
+REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_size",
+                 "max_steps", "metric_logger")
+# A resumed run must train the same model on the same data.
+RESUME_MUST_MATCH = ("backbone_dir", "judgments", "criteria", "margin", "validation_fraction",
+                     "max_tokens", "pooling")
+
+
+class PairSampler:
+    """An endless stream of training-pair indices: a seeded permutation per epoch.
+
+    Every rank draws the same stream and takes its own slice, so the position (epoch, cursor)
+    is one small state that checkpoints and resumes exactly.
+    """
+
+    def __init__(self, indices: list[int], seed: int) -> None:
+        self._indices = list(indices)
+        self._seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._order: list[int] | None = None
+
+    def _permutation(self) -> list[int]:
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self._seed * 1_000_003 + self.epoch)
+            order = torch.randperm(len(self._indices), generator=generator).tolist()
+            self._order = [self._indices[i] for i in order]
+        return self._order
+
+    def draw(self, count: int) -> list[int]:
+        """The next ``count`` indices (crossing into the next epoch when needed)."""
+        drawn: list[int] = []
+        while len(drawn) < count:
+            order = self._permutation()
+            take = order[self.cursor:self.cursor + count - len(drawn)]
+            drawn.extend(take)
+            self.cursor += len(take)
+            if self.cursor >= len(order):
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        return drawn
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+class RaterRecipe:
+    """Setup, train, evaluate, checkpoint, export (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        self._device = utils.get_device(cfg.get("device", "cpu"))
+        if self._distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        self._world_size, self._rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self._rank == 0
+        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
+        self._step = 0
+        self._history: dict[str, Any] = {"evaluations": []}
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self, cfg: DictConfig) -> None:
+        _check_keys(cfg)
+        self._cfg = cfg
+        self._output_dir = Path(cfg.output_dir).expanduser()
+        self._seed = training.set_seed(cfg.get("seed", 0))
+        self._max_steps = _positive_int(cfg, "max_steps")
+        self._batch_size = _positive_int(cfg, "batch_size")
+        self._eval_batch_size = int(cfg.get("eval_batch_size", None) or 2 * self._batch_size)
+        self._grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._log_every = int(cfg.get("log_every_n_steps", 1))
+        self._eval_every = int(cfg.get("eval_every_n_steps", None) or self._max_steps)
+        self._save_every = int(cfg.get("save_every_n_steps", None) or self._max_steps)
+        self._keep_last = int(cfg.get("keep_last_n_checkpoints", 2))
+        self._max_tokens = _positive_int(cfg, "max_tokens", 512)
+        self._pooling = str(cfg.get("pooling", "last"))
+        check_pooling(self._pooling)
+        self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
+        if self._is_rank_zero:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+        self._metric_logger = (instantiate_component(cfg, "metric_logger")
+                               if self._is_rank_zero else None)
+        if self._metric_logger is not None:
+            self._metric_logger.log_config(cfg)
+
+        resume_from = self._find_resume_checkpoint(cfg)
+        check_backbone_dir(self._backbone_dir)
+        self._tokenizer = RaterTokenizer(self._backbone_dir)
+        criteria_cfg = cfg.get("criteria", None)
+        judgments = cfg.judgments
+        paths = list(judgments) if isinstance(judgments, (list, ListConfig)) else [judgments]
+        criteria, pairs = read_judgments([str(p) for p in paths], criteria=(
+            [str(c) for c in criteria_cfg] if criteria_cfg else None))
+        self._data = PairwiseJudgments.build(
+            criteria, pairs, self._tokenizer, margin=float(cfg.get("margin", DEFAULT_MARGIN)),
+            validation_fraction=float(cfg.get("validation_fraction", 0.1)),
+            max_tokens=self._max_tokens)
+        if not self._data.train_indices:
+            raise DataError(f"all {self._data.counts['pairs_kept']} confident pairs fell into "
+                            "the held-out split. Fix: lower `validation_fraction` or judge more "
+                            "pairs.")
+        if not self._data.heldout_indices:
+            log.warning("no pair is held out (validation_fraction=%s): held-out accuracy "
+                        "cannot be measured", cfg.get("validation_fraction", 0.1))
+        if self._is_rank_zero:
+            log.info("judgments: %s", json.dumps(self._data.counts))
+
+        model_dir = (resume_from / RATER_DIRNAME / BACKBONE_DIRNAME if resume_from is not None
+                     else self._backbone_dir)
+        self._model = self._setup_model(model_dir, resume_from)
+        # Rank 0 writes checkpoints in the backbone's own HF layout; it learns it once, here.
+        self._checkpointer = (hf_checkpointer(self._backbone_dir, self._output_dir)
+                              if self._is_rank_zero else None)
+        self._optimizer = self._setup_optimizer(cfg)
+        self._lr_scheduler = (instantiate_component(cfg, "lr_scheduler", self._optimizer,
+                                                    num_training_steps=self._max_steps)
+                              if cfg.get("lr_scheduler", None) else None)
+        self._sampler = PairSampler(self._data.train_indices, self._seed)
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    def _find_resume_checkpoint(self, cfg: DictConfig) -> Path | None:
+        mode = str(cfg.get("resume", "auto")).lower()
+        if mode not in {"auto", "true", "false"}:
+            raise ConfigError("resume", f"unknown value {mode!r}.", "use auto, true or false.")
+        latest = latest_checkpoint(self._output_dir)
+        if mode == "false" and latest is not None:
+            raise ConfigError("resume", f"`output_dir` {self._output_dir} already holds "
+                              f"checkpoint {latest.name} and resume is false, so it would be "
+                              "overwritten.", "set `resume: auto` to continue it, or choose a "
+                              "new `output_dir`.")
+        if mode == "true" and latest is None:
+            raise ConfigError("resume", f"no complete checkpoint in {self._output_dir}.",
+                              "use `resume: auto` to start fresh when there is none.")
+        if latest is None or mode == "false":
+            return None
+        saved = torch.load(latest / RECIPE_STATE_FILENAME, weights_only=False)
+        for key in RESUME_MUST_MATCH:
+            before = saved["config"].get(key)
+            now = _plain(cfg.get(key, None))
+            if before != now:
+                raise ConfigError(key, f"differs from the checkpoint being resumed ({latest}): "
+                                  f"was {before}, is {now}.", f"restore `{key}` as it was, or "
+                                  "start a new `output_dir`.")
+        self._resume_state = saved
+        log.info("resuming from %s", latest)
+        return latest
+
+    def _setup_model(self, model_dir: Path, resume_from: Path | None) -> torch.nn.Module:
+        backbone = load_backbone(model_dir, device=self._device, dtype=self._dtype,
+                                 max_seq_len=self._max_tokens + 1)
+        if self._tokenizer.vocab_size > backbone.tok_embeddings.num_embeddings:
+            raise ConfigError("backbone_dir", f"its tokenizer has {self._tokenizer.vocab_size} "
+                              f"tokens but the model only {backbone.tok_embeddings.num_embeddings}.",
+                              "use a model folder whose tokenizer.json belongs to its weights.")
+        model = RaterModel(backbone, self._data.criteria, self._pooling)
+        if resume_from is not None:
+            heads = torch.load(resume_from / RATER_DIRNAME / HEADS_FILENAME, map_location="cpu",
+                               weights_only=True)
+            with torch.no_grad():
+                model.heads.weight.copy_(heads["weight"].to(model.heads.weight.dtype))
+        model.train().requires_grad_(True)
+        if self._distributed:
+            from torchtune.modules import TransformerSelfAttentionLayer
+
+            training.shard_model(
+                model, [lambda _n, m: isinstance(m, TransformerSelfAttentionLayer)],
+                cpu_offload=False, reshard_after_forward=True)
+        return model
+
+    def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:
+        heads = list(self._model.heads.parameters())
+        head_ids = {id(p) for p in heads}
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self._model.parameters() if id(p) not in head_ids]},
+            {"params": heads}]
+        if cfg.get("head_lr", None) is not None:
+            groups[1]["lr"] = float(cfg.head_lr)
+        return instantiate_component(cfg, "optimizer", groups)
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = self._resume_state
+        if self._distributed:
+            training.load_from_full_optimizer_state_dict(
+                self._model, self._optimizer, state["optimizer"], self._device)
+        else:
+            self._optimizer.load_state_dict(state["optimizer"])
+        if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._sampler.load_state_dict(state["sampler"])
+        restore_rng_state(state["rng"])
+        self._step = int(state["step"])
+        self._history = state["history"]
+        log.info("resumed at step %d of %d", self._step, self._max_steps)
+
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> dict[str, Any]:
+        """Train to ``max_steps`` (evaluating and saving on schedule), export, summarize."""
+        started = time.perf_counter()
+        if self._step == 0:
+            self._evaluate()
+        progress = tqdm(total=self._max_steps, initial=self._step, desc="rater",
+                        disable=not self._is_rank_zero
+                        or os.environ.get("ACADLM_NO_PROGRESS") == "1", dynamic_ncols=True)
+        self._model.train()
+        while self._step < self._max_steps:
+            metrics = self._train_step()
+            self._step += 1
+            if self._step % self._log_every == 0 or self._step == self._max_steps:
+                self._log(metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}")
+            if self._step % self._eval_every == 0 or self._step == self._max_steps:
+                self._evaluate()
+            if self._step % self._save_every == 0 or self._step == self._max_steps:
+                self.save_checkpoint()
+        progress.close()
+        return self._export_and_summarize(time.perf_counter() - started)
+
+    def _train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        self._optimizer.zero_grad(set_to_none=True)
+        per_micro = self._batch_size * self._world_size
+        drawn = self._sampler.draw(per_micro * self._grad_accum)
+        micro = [drawn[m * per_micro + self._rank * self._batch_size:
+                       m * per_micro + (self._rank + 1) * self._batch_size]
+                 for m in range(self._grad_accum)]
+        batches = [self._data.collate(indices) for indices in micro]
+        global_count = self._all_reduce(float(sum(int(b["mask"].sum()) for b in batches)))
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
+        for batch in batches:
+            batch = {k: v.to(self._device) for k, v in batch.items()}
+            s_a, s_b = split_scores(self._model(batch["tokens"], batch["lengths"]))
+            loss_sum = bradley_terry_loss(s_a, s_b, batch["targets"], batch["mask"],
+                                          reduction="sum")
+            self._check_finite(loss_sum)
+            # Normalized by the global count of judged entries; FSDP averages gradients over
+            # ranks, hence the world-size factor.
+            (loss_sum / global_count * self._world_size).backward()
+            correct = pairwise_correct(s_a.detach(), s_b.detach(), batch["targets"])
+            totals += torch.tensor([float(loss_sum.detach()),
+                                    float((correct * batch["mask"]).sum()),
+                                    float(batch["lengths"].sum())], dtype=torch.float64)
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
+                                                       max_norm=float(self._clip_grad_norm))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        self._optimizer.step()
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        totals = self._all_reduce_tensor(totals)
+        elapsed = time.perf_counter() - started
+        metrics = {"loss": float(totals[0]) / global_count,
+                   "train_acc": float(totals[1]) / global_count,
+                   "lr": self._optimizer.param_groups[0]["lr"],
+                   "pairs_per_second": per_micro * self._grad_accum / elapsed,
+                   "tokens_per_second": float(totals[2]) / elapsed}
+        if self._clip_grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, Any] | None:
+        """Held-out pairwise accuracy and loss per criterion (every rank scores a share)."""
+        indices = self._data.heldout_indices
+        if not indices:
+            return None
+        was_training = self._model.training
+        self._model.eval()
+        criteria = self._data.criteria
+        # Rows: correct, counted, loss sum; one column per criterion.
+        sums = torch.zeros(3, len(criteria), dtype=torch.float64)
+        per_global = self._eval_batch_size * self._world_size
+        # Every rank runs the same number of forward passes (FSDP gathers weights in each);
+        # a rank whose share of the last batch is empty scores a stand-in with weight 0.
+        for start in range(0, len(indices), per_global):
+            block = indices[start:start + per_global]
+            mine = block[self._rank * self._eval_batch_size:
+                         (self._rank + 1) * self._eval_batch_size]
+            weight = 1.0 if mine else 0.0
+            batch = self._data.collate(mine or block[:1])
+            batch = {k: v.to(self._device) for k, v in batch.items()}
+            s_a, s_b = split_scores(self._model(batch["tokens"], batch["lengths"]))
+            mask = batch["mask"].to(torch.float64) * weight
+            correct = pairwise_correct(s_a, s_b, batch["targets"]).double()
+            losses = bradley_terry_loss(s_a, s_b, batch["targets"], reduction="none").double()
+            sums += torch.stack([(correct * mask).sum(0), mask.sum(0),
+                                 (losses * mask).sum(0)]).cpu()
+        sums = self._all_reduce_tensor(sums)
+        self._model.train(was_training)
+        accuracy = {name: float(sums[0, c] / sums[1, c]) for c, name in enumerate(criteria)
+                    if sums[1, c] > 0}
+        loss = {name: float(sums[2, c] / sums[1, c]) for c, name in enumerate(criteria)
+                if sums[1, c] > 0}
+        result = {"step": self._step, "accuracy": accuracy, "loss": loss,
+                  "pairs": {name: int(sums[1, c]) for c, name in enumerate(criteria)}}
+        self._history["evaluations"].append(result)
+        metrics = {f"heldout_acc/{name}": value for name, value in accuracy.items()}
+        metrics.update({f"heldout_loss/{name}": value for name, value in loss.items()})
+        if accuracy:
+            metrics["heldout_acc"] = sum(accuracy.values()) / len(accuracy)
+            metrics["heldout_loss"] = float(sums[2].sum() / sums[1].sum())
+        self._log(metrics)
+        if self._is_rank_zero:
+            log.info("step %d held-out pairwise accuracy: %s", self._step,
+                     ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()))
+        return result
+
+    # ------------------------------------------------------------------------ checkpoint
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        if self._distributed:
+            return training.gather_cpu_state_dict(self._model, self._is_rank_zero)
+        return {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``step_<N>/{rater/, recipe_state.pt}`` atomically (rank 0 writes)."""
+        model_state = self._full_state()
+        if self._distributed:
+            optim_state = training.get_full_optimizer_state_dict(
+                self._model, self._optimizer, self._is_rank_zero)
+        else:
+            optim_state = self._optimizer.state_dict()
+        path = None
+        if self._is_rank_zero:
+            state = {
+                "step": self._step, "optimizer": optim_state,
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
+                "sampler": self._sampler.state_dict(), "rng": rng_state(),
+                "history": self._history,
+                "config": {k: _plain(self._cfg.get(k, None)) for k in RESUME_MUST_MATCH},
+            }
+
+            def write(folder: Path) -> None:
+                save_rater(folder / RATER_DIRNAME, model_state, criteria=self._data.criteria,
+                           pooling=self._pooling, max_tokens=self._max_tokens,
+                           source_dir=self._backbone_dir, training_info=self._training_info(),
+                           checkpointer=self._checkpointer)
+                save_torch_atomically(state, folder / RECIPE_STATE_FILENAME)
+
+            path = write_checkpoint(self._output_dir, self._step, write, keep_last=self._keep_last)
+            log.info("checkpoint written: %s", path)
+        if self._distributed:
+            dist.barrier()
+        return path
+
+    def _training_info(self) -> dict[str, Any]:
+        evaluations = self._history["evaluations"]
+        return {
+            "step": self._step, "backbone_source": str(self._backbone_dir),
+            "judgments": _plain(self._cfg.judgments), "margin": float(self._cfg.get(
+                "margin", DEFAULT_MARGIN)),
+            "validation_fraction": float(self._cfg.get("validation_fraction", 0.1)),
+            "pairs": self._data.counts,
+            "heldout_accuracy": evaluations[-1]["accuracy"] if evaluations else {},
+        }
+
+    def _export_and_summarize(self, wall_seconds: float) -> dict[str, Any]:
+        evaluations = self._history["evaluations"]
+        export = self._output_dir / RATER_DIRNAME
+        summary: dict[str, Any] = {
+            "recipe": RECIPE_NAME, "steps": self._step, "wall_seconds": round(wall_seconds, 1),
+            "criteria": self._data.criteria, "pairs": self._data.counts,
+            "heldout_accuracy_before": evaluations[0]["accuracy"] if evaluations else {},
+            "heldout_accuracy_after": evaluations[-1]["accuracy"] if evaluations else {},
+            "heldout_loss_before": evaluations[0]["loss"] if evaluations else {},
+            "heldout_loss_after": evaluations[-1]["loss"] if evaluations else {},
+            "rater_dir": str(export),
+        }
+        if self._is_rank_zero:
+            latest = latest_checkpoint(self._output_dir)
+            partial = self._output_dir / f".{RATER_DIRNAME}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(latest / RATER_DIRNAME, partial)
+            if export.exists():
+                shutil.rmtree(export)
+            os.replace(partial, export)
+            (self._output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(format_summary(summary), flush=True)
+        if self._distributed:
+            dist.barrier()
+        return summary
+
+    # --------------------------------------------------------------------------- helpers
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Stop before backward on a NaN/inf loss, on every rank at once (a rank that stopped
+        alone would leave the others waiting in a collective)."""
+        value = float(loss_sum.detach())
+        if self._distributed and self._all_reduce(0.0 if math.isfinite(value) else 1.0) > 0:
+            value = value if not math.isfinite(value) else math.nan  # another rank's was not
+        check_finite(value, name="loss", step=self._step + 1)
+
+    def _all_reduce(self, value: float) -> float:
+        return float(self._all_reduce_tensor(torch.tensor([value], dtype=torch.float64))[0])
+
+    def _all_reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._distributed:
+            return tensor
+        moved = tensor.to(self._device)
+        dist.all_reduce(moved)
+        return moved.cpu()
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(metrics, step=self._step)
+
+    def cleanup(self) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        if self._distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Held-out pairwise accuracy per criterion before and after training, as a table."""
+    before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
+    per_criterion = summary["pairs"].get("per_criterion", {})
+    lines = ["", "=== rater summary ===",
+             f"{'criterion':<22}{'held-out pairs':>15}{'acc before':>12}{'acc after':>11}"]
+    for name in summary["criteria"]:
+        pairs = per_criterion.get(name, {}).get("heldout", 0)
+        first = f"{before[name]:.3f}" if name in before else "-"
+        last = f"{after[name]:.3f}" if name in after else "-"
+        lines.append(f"{name:<22}{pairs:>15}{first:>12}{last:>11}")
+    counts = summary["pairs"]
+    lines.append(f"pairs: {counts['pairs_read']} read, {counts['pairs_kept']} confident, "
+                 f"{counts['train_pairs']} train / {counts['heldout_pairs']} held out")
+    lines.append(f"steps: {summary['steps']}   wall time: {summary['wall_seconds']} s")
+    lines.append(f"rater: {summary['rater_dir']}")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"{value!r} is not a positive integer.", f"set `{key}` to 1 or "
+                          "more.")
+    return value
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    for key in cfg:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(KNOWN_KEYS)}."
+            raise ConfigError(str(key), "is not a key this recipe reads.", hint)
+    for key in REQUIRED_KEYS:
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            raise ConfigError(key, "is required by the rater recipe.",
+                              "see configs/smollm2/qurating_rater.yaml for an example.")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run acadlm_plugins/rater_recipe --config ...``."""
+    recipe = RaterRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,357 @@
+"""QuRating rater: Bradley-Terry loss, margin filtering, save/load, and the rater recipe on a
+2-layer model trained on synthetic judgments that follow a known hidden quality."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_setup import _WORDS, REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
+
+from acadlm_plugins.errors import ConfigError, DataError
+from acadlm_plugins.plugins.nonfinite_loss_guard import NonFiniteLossError
+from acadlm_plugins.qurating.rater import (
+    BACKBONE_DIRNAME,
+    PairwiseJudgments,
+    RaterModel,
+    RaterTokenizer,
+    bradley_terry_loss,
+    frame,
+    is_held_out,
+    load_backbone,
+    load_rater,
+    pad_batch,
+    pool,
+    read_judgments,
+    save_rater,
+)
+from acadlm_plugins.training.checkpointing import latest_checkpoint
+
+TINY_RATER_CONFIG = REPO_ROOT / "configs" / "tiny" / "qurating_rater.yaml"
+# Hidden quality of a text: the share of its words drawn from GOOD rather than BAD. Each word
+# is a token of the tiny tokenizer, so the feature is learnable by a 2-layer model in a few
+# dozen steps; what the test checks is that the Bradley-Terry training recovers it from
+# pairwise preferences alone.
+GOOD = _WORDS["numbers"][:20]
+BAD = _WORDS["prose"]
+JUDGE_SHARPNESS = 8.0
+
+
+@pytest.fixture(autouse=True)
+def quiet_single_threaded(monkeypatch):
+    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and deterministic
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_text(rng: random.Random) -> tuple[str, float]:
+    """A text of 12-24 words and its hidden quality (share of GOOD words)."""
+    share = rng.random()
+    words = [rng.choice(GOOD) if rng.random() < share else rng.choice(BAD)
+             for _ in range(rng.randint(12, 24))]
+    return " ".join(words), sum(w in GOOD for w in words) / len(words)
+
+
+def write_synthetic_judgments(path: Path, *, num_texts: int = 300, num_pairs: int = 600,
+                              seed: int = 0) -> Path:
+    """Judgments with p(B better) = sigmoid(k (q_B - q_A)) for ``educational_value`` and the
+    reverse preference for ``writing_style`` (two heads that must learn opposite rankings)."""
+    rng = random.Random(seed)
+    texts = [synthetic_text(rng) for _ in range(num_texts)]
+    with open(path, "w") as handle:
+        for k in range(num_pairs):
+            (text_a, q_a), (text_b, q_b) = rng.sample(texts, 2)
+            p = 1.0 / (1.0 + math.exp(-JUDGE_SHARPNESS * (q_b - q_a)))
+            handle.write(json.dumps({
+                "pair_id": f"pair-{k}", "text_a": text_a, "text_b": text_b,
+                "source_a": "synthetic", "source_b": "synthetic", "domain_a": "prose",
+                "domain_b": "prose",
+                "judgments": {"educational_value": p, "writing_style": 1.0 - p}}) + "\n")
+    return path
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation with average ranks for ties."""
+    def ranks(values: np.ndarray) -> np.ndarray:
+        order = np.argsort(values, kind="stable")
+        result = np.empty(len(values))
+        result[order] = np.arange(len(values))
+        for value in np.unique(values):  # average the ranks of ties
+            tied = values == value
+            result[tied] = result[tied].mean()
+        return result
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("rater") / "tiny_model", weight_std=None)
+
+
+# ------------------------------------------------------------------------- loss and data
+def test_bradley_terry_loss_is_bce_of_the_score_difference_and_raises_the_preferred_score():
+    s_a = torch.tensor([[0.3, -1.0], [2.0, 0.0]], requires_grad=True)
+    s_b = torch.tensor([[0.3, 1.0], [-1.0, 0.5]], requires_grad=True)
+    p_b = torch.tensor([[0.9, 0.2], [0.8, 0.5]])
+    mask = torch.tensor([[True, True], [True, False]])
+    loss = bradley_terry_loss(s_a, s_b, p_b, mask)
+
+    d = (s_b - s_a).detach()
+    manual = -(p_b * torch.log(torch.sigmoid(d)) + (1 - p_b) * torch.log(1 - torch.sigmoid(d)))
+    assert loss.item() == pytest.approx(float(manual[mask].mean()), rel=1e-6)
+    loss.backward()
+    # Judge prefers B (p = 0.9) and the scores tie: descending the gradient raises s_B, lowers s_A.
+    assert s_b.grad[0, 0] < 0 < s_a.grad[0, 0]
+    # Judge prefers A (p = 0.2) while the model prefers B: s_B goes down, s_A up.
+    assert s_b.grad[0, 1] > 0 > s_a.grad[0, 1]
+    # Gradient is (sigmoid(d) - p) / count, exactly.
+    expected = (torch.sigmoid(d) - p_b) * mask / mask.sum()
+    torch.testing.assert_close(s_b.grad, expected)
+    assert s_a.grad[1, 1] == 0 and s_b.grad[1, 1] == 0, "a masked entry gets no gradient"
+    assert bradley_terry_loss(s_a, s_b, p_b, torch.zeros_like(mask)).item() == 0.0
+    assert bradley_terry_loss(torch.zeros(3), torch.zeros(3), torch.full((3,), 0.5)).item() == (
+        pytest.approx(math.log(2)))
+
+
+def test_margin_keeps_confident_pairs_with_per_criterion_masks(tiny_model_dir, tmp_path):
+    rows = [
+        ("both", {"educational_value": 0.9, "writing_style": 0.1}),
+        ("only_ev", {"educational_value": 0.8, "writing_style": 0.55}),
+        ("at_margin", {"educational_value": 0.75}),          # ws not judged
+        ("neither", {"educational_value": 0.6, "writing_style": 0.3}),
+    ]
+    path = tmp_path / "judgments.jsonl"
+    path.write_text("".join(json.dumps({"pair_id": pid, "text_a": "1 2 3", "text_b": "the a",
+                                        "judgments": judged}) + "\n" for pid, judged in rows))
+    criteria, pairs = read_judgments(path)
+    assert criteria == ["writing_style", "educational_value"]  # the built-in order
+    assert math.isnan(pairs[2].p_b[0])
+    data = PairwiseJudgments.build(criteria, pairs, RaterTokenizer(tiny_model_dir), margin=0.25,
+                                   validation_fraction=0.0, max_tokens=2)
+    assert data.pair_ids == ["both", "only_ev", "at_margin"]
+    assert data.mask.tolist() == [[True, True], [False, True], [False, True]]
+    assert data.counts["per_criterion"]["writing_style"]["confident"] == 1
+    assert data.tokens_a[0][0] == RaterTokenizer(tiny_model_dir).bos_id
+    assert max(len(t) for t in data.tokens_a + data.tokens_b) <= 3, "BOS + max_tokens"
+    batch = data.collate([0, 2])
+    assert batch["tokens"].shape[0] == 4 and batch["targets"].tolist()[1] == [0.5, 0.75]
+    # A wider margin drops "only_ev" and "at_margin" entirely; a narrower one keeps "neither".
+    assert PairwiseJudgments.build(criteria, pairs, RaterTokenizer(tiny_model_dir), margin=0.35,
+                                   validation_fraction=0.0).pair_ids == ["both"]
+    assert len(PairwiseJudgments.build(criteria, pairs, RaterTokenizer(tiny_model_dir),
+                                       margin=0.1, validation_fraction=0.0).pair_ids) == 4
+
+
+def test_held_out_split_follows_the_pair_id_hash():
+    ids = [f"pair-{i}" for i in range(4000)]
+    held = [is_held_out(i, 0.1) for i in ids]
+    assert 0.08 < sum(held) / len(held) < 0.12
+    assert held == [is_held_out(i, 0.1) for i in ids], "deterministic"
+    assert not any(is_held_out(i, 0.0) for i in ids)
+    # A pair held out at 10% stays held out at 20% (a threshold on one hash).
+    assert all(is_held_out(i, 0.2) for i, h in zip(ids, held) if h)
+
+
+def test_malformed_judgments_name_the_file_and_line(tmp_path):
+    path = tmp_path / "judgments.jsonl"
+    good = json.dumps({"pair_id": "a", "text_a": "x", "text_b": "y",
+                       "judgments": {"educational_value": 0.9}})
+    path.write_text(good + "\n\n{not json\n")
+    with pytest.raises(DataError, match=rf"{path}:3: not valid JSON"):
+        read_judgments(path)
+    path.write_text(good + "\n" + json.dumps({"pair_id": "b", "text_a": "x", "text_b": "y",
+                                               "judgments": {"educational_value": 1.7}}) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: judgment 'educational_value' = 1.7"):
+        read_judgments(path)
+    path.write_text(good + "\n")
+    with pytest.raises(ConfigError, match="config `criteria`"):
+        read_judgments(path, criteria=["clarity"])
+
+
+def test_pooling_and_padding_do_not_change_a_text_score(tiny_model_dir):
+    hidden = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    lengths = torch.tensor([2, 3])
+    assert pool(hidden, lengths, "last").tolist() == [hidden[0, 1].tolist(), hidden[1, 2].tolist()]
+    torch.testing.assert_close(pool(hidden, lengths, "mean")[0], hidden[0, :2].mean(0))
+
+    tokenizer = RaterTokenizer(tiny_model_dir)
+    backbone = load_backbone(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    for pooling in ("last", "mean"):
+        model = RaterModel(backbone, ["a", "b"], pooling)
+        torch.nn.init.normal_(model.heads.weight, generator=torch.Generator().manual_seed(0))
+        texts = ["1 2 3 the", "the a of and to in that it was"]
+        framed = [frame(ids, tokenizer.bos_id) for ids in tokenizer.encode(texts)]
+        together = model(*pad_batch(framed, tokenizer.pad_id))
+        alone = torch.cat([model(*pad_batch([f], tokenizer.pad_id)) for f in framed])
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_save_and_load_round_trip_gives_identical_scores(tiny_model_dir, tmp_path):
+    backbone = load_backbone(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    model = RaterModel(backbone, ["educational_value", "writing_style"], "mean")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.heads.weight, generator=torch.Generator().manual_seed(1))
+        model.backbone.layers[0].mlp.w1.weight.mul_(1.5)  # differs from the source folder
+    folder = save_rater(tmp_path / "rater", model.state_dict(), criteria=model.criteria,
+                        pooling="mean", max_tokens=64, source_dir=tiny_model_dir,
+                        training_info={"step": 0})
+    assert {p.name for p in folder.iterdir()} == {BACKBONE_DIRNAME, "rater_heads.pt",
+                                                  "rater.json"}
+    assert (folder / BACKBONE_DIRNAME / "tokenizer.json").is_file()
+    loaded = load_rater(folder)
+    assert loaded.info.criteria == model.criteria and loaded.info.pooling == "mean"
+    texts = ["1 2 3 4 5 the", "of and to in that"]
+    framed = [frame(ids, loaded.tokenizer.bos_id) for ids in loaded.tokenizer.encode(texts)]
+    batch = pad_batch(framed, loaded.tokenizer.pad_id)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(*batch), model.eval()(*batch))
+
+
+# ------------------------------------------------------------------------------ the recipe
+def rater_args(tmp_path: Path, model_dir: Path, judgments: Path, *overrides: str) -> list[str]:
+    return ["--config", str(TINY_RATER_CONFIG), f"backbone_dir={model_dir}",
+            f"judgments={judgments}", f"output_dir={tmp_path / 'run'}", *overrides]
+
+
+def run_in_process(monkeypatch, args: list[str]) -> dict:
+    from acadlm_plugins.rater_recipe import recipe_main
+
+    monkeypatch.setattr(sys, "argv", ["rater_recipe", *args])
+    with pytest.raises(SystemExit) as exited:  # torchtune's config.parse ends with sys.exit
+        recipe_main()
+    assert not exited.value.code
+    output_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """One process, 30 steps of 16 pairs on synthetic judgments: (judgments, output_dir)."""
+    root = tmp_path_factory.mktemp("trained")
+    judgments = write_synthetic_judgments(root / "judgments.jsonl")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_in_process(monkeypatch, rater_args(root, tiny_model_dir, judgments, *TRAINING))
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)
+    return judgments, root / "run"
+
+
+TRAINING = ("max_steps=30", "batch_size=16", "eval_every_n_steps=30", "save_every_n_steps=30")
+
+
+def unseen_scores(rater_dir: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Scores of 200 fresh synthetic texts, their hidden quality, and the criteria."""
+    rater = load_rater(rater_dir)
+    rng = random.Random(12345)
+    texts, quality = zip(*(synthetic_text(rng) for _ in range(200)))
+    framed = [frame(ids, rater.tokenizer.bos_id) for ids in rater.tokenizer.encode(texts)]
+    with torch.no_grad():
+        scores = rater.model(*pad_batch(framed, rater.tokenizer.pad_id)).numpy()
+    return scores, np.array(quality), rater.info.criteria
+
+
+def test_a_rater_trained_on_synthetic_judgments_recovers_the_hidden_ranking(trained):
+    _, run = trained
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["heldout_accuracy_before"] == {"writing_style": 0.5, "educational_value": 0.5}
+    for criterion, accuracy in summary["heldout_accuracy_after"].items():
+        assert accuracy > 0.9, criterion
+    assert summary["pairs"]["heldout_pairs"] > 50
+    logged = "\n".join(p.read_text() for p in (run / "logs").glob("*.txt"))
+    assert "heldout_acc/educational_value:" in logged and "heldout_acc/writing_style:" in logged
+    assert json.loads((run / "rater" / "rater.json").read_text())["training"][
+        "heldout_accuracy"] == summary["heldout_accuracy_after"]
+
+    # Texts the rater never saw: its scores rank them by the hidden quality.
+    scores, quality, criteria = unseen_scores(run / "rater")
+    educational = spearman(scores[:, criteria.index("educational_value")], quality)
+    style = spearman(scores[:, criteria.index("writing_style")], quality)
+    print(f"held-out accuracy {summary['heldout_accuracy_after']}, Spearman on unseen texts: "
+          f"educational_value {educational:.3f}, writing_style {style:.3f}")
+    assert educational > 0.9
+    assert style < -0.9, "the second head learned the opposite preference"
+
+
+@pytest.mark.distributed
+def test_tune_run_on_two_processes_trains_the_same_rater(tiny_model_dir, trained, tmp_path):
+    """2 ranks x 8 pairs draw the global batches of 1 process x 16: same training."""
+    judgments, single = trained
+    args = rater_args(tmp_path, tiny_model_dir, judgments, *TRAINING, "batch_size=8")
+    run_tune_subprocess("acadlm_plugins/rater_recipe", args, cwd=tmp_path,
+                        log_file=tmp_path / "rater.log", nproc=2)
+    one = json.loads((single / "summary.json").read_text())
+    two = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert two["heldout_accuracy_after"] == pytest.approx(one["heldout_accuracy_after"], abs=0.02)
+    scores_one, _, _ = unseen_scores(single / "rater")
+    scores_two, _, _ = unseen_scores(tmp_path / "run" / "rater")
+    np.testing.assert_allclose(scores_two, scores_one, rtol=1e-3, atol=1e-3)
+    assert (tmp_path / "run" / "step_000030" / "recipe_state.pt").is_file()
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=120)
+    common = ("save_every_n_steps=3", "eval_every_n_steps=3", "batch_size=4",
+              "log_every_n_steps=1")
+    straight = tmp_path / "straight"
+    run_in_process(monkeypatch, rater_args(straight, tiny_model_dir, judgments, "max_steps=6",
+                                           *common))
+    resumed = tmp_path / "resumed"
+    run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments, "max_steps=3",
+                                           *common))
+    assert latest_checkpoint(resumed / "run").name == "step_000003"
+    summary = run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
+                                                     "max_steps=6", *common))
+    assert summary["steps"] == 6
+
+    want, got = load_rater(straight / "run" / "rater"), load_rater(resumed / "run" / "rater")
+    for (name, a), (_, b) in zip(want.model.state_dict().items(), got.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    state = json.loads((resumed / "run" / "rater" / "rater.json").read_text())
+    assert state["training"]["step"] == 6
+
+    with pytest.raises(ConfigError, match="config `margin`: differs from the checkpoint"):
+        run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
+                                               "max_steps=9", "margin=0.3", *common))
+
+
+def test_a_nan_loss_stops_the_run_before_any_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import acadlm_plugins.rater_recipe as recipe
+
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=60)
+    monkeypatch.setattr(recipe, "bradley_terry_loss",
+                        lambda s_a, *a, **k: (s_a * float("nan")).sum())
+    with pytest.raises(NonFiniteLossError, match="`loss` is nan at step 1"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               "max_steps=2"))
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_config_mistakes_are_named(tiny_model_dir, tmp_path, monkeypatch):
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=20)
+    with pytest.raises(ConfigError, match="did you mean `margin`"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               "+margn=0.3"))
+    with pytest.raises(ConfigError, match="config `pooling`: unknown pooling 'max'"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               "pooling=max"))
+    with pytest.raises(ConfigError, match=r"config `backbone_dir`: .* \(no config.json\)"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               f"backbone_dir={tmp_path}"))
+    with pytest.raises(DataError, match="none of the 1 judged pairs"):
+        flat = tmp_path / "flat.jsonl"
+        flat.write_text(json.dumps({"pair_id": "x", "text_a": "a", "text_b": "b",
+                                    "judgments": {"educational_value": 0.6}}) + "\n")
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, flat))
