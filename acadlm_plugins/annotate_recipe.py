@@ -13,7 +13,6 @@ run that is killed resumes where it stopped: finished shards are kept, the rest 
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ from acadlm_plugins.qurating.annotation import (
     score_statistics,
 )
 from acadlm_plugins.qurating.rater import load_rater
+from acadlm_plugins.training.config_checks import reject_unknown_keys
 
 log = utils.get_logger("INFO")
 
@@ -191,11 +191,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _check_keys(cfg: DictConfig) -> None:
-    for key in cfg:
-        if key not in KNOWN_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(KNOWN_KEYS)}."
-            raise ConfigError(str(key), "is not a key this recipe reads.", hint)
+    reject_unknown_keys(cfg, KNOWN_KEYS, recipe="annotate")
     for key in REQUIRED_KEYS:
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(key, "is required by the annotate recipe.",

@@ -13,9 +13,7 @@ weights, RNG and plugin state), so an interrupted run continues exactly where it
 
 from __future__ import annotations
 
-import difflib
 import json
-import logging
 import math
 import os
 import sys
@@ -54,6 +52,7 @@ from acadlm_plugins.training.checkpointing import (
     write_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.config_checks import reject_unknown_keys, route_package_logs
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
 
 log = utils.get_logger("INFO")
@@ -108,7 +107,7 @@ class ContinuedPretrainRecipe:
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
 
-        _route_package_logs()
+        route_package_logs()
         resume_from = self._find_resume_checkpoint(cfg)
         self._tokenizer = instantiate_component(cfg, "tokenizer")
         self._checkpointer = instantiate_component(cfg, "checkpointer")
@@ -429,26 +428,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _route_package_logs() -> None:
-    """Show our library modules' INFO lines (packing accounting, DBL) next to torchtune's."""
-    package_logger = logging.getLogger("acadlm_plugins")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
-        package_logger.addHandler(handler)
-        package_logger.setLevel(logging.INFO)
-        package_logger.propagate = False
-
-
 def _check_keys(cfg: DictConfig, pm) -> None:
     allowed = set(KNOWN_KEYS)
     for plugin in pm.get_plugins():
         allowed.update(getattr(plugin, "config_keys", ()))
-    for key in cfg:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(allowed)}."
-            raise ConfigError(str(key), "is not a key this recipe reads.", hint)
+    reject_unknown_keys(cfg, allowed, recipe="continued_pretrain")
     for key in ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
                 "validation_dataset", "optimizer", "batch_size", "max_steps", "metric_logger"):
         if key not in cfg:

@@ -15,7 +15,6 @@ already has.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from torchtune import config, utils
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training.config_checks import reject_unknown_keys
 
 log = utils.get_logger("INFO")
 
@@ -40,11 +40,7 @@ MODEL_NAMES = ("acadlm", "hf")
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse unknown keys and missing essentials before anything is loaded."""
-    for key in cfg:
-        if key not in KNOWN_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(KNOWN_KEYS)}."
-            raise ConfigError(str(key), "is not a key the eval recipe reads.", hint)
+    reject_unknown_keys(cfg, KNOWN_KEYS, recipe="eval")
     for key in ("output_dir", "model", "tasks"):
         if key not in cfg:
             raise ConfigError(key, "is required by the eval recipe.",

@@ -16,8 +16,6 @@ again resumes an interrupted run. See :mod:`acadlm_plugins.qurating.judging` for
 
 from __future__ import annotations
 
-import difflib
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from acadlm_plugins.qurating.pairs import (
     read_pairs_file,
     sample_pairs,
 )
+from acadlm_plugins.training.config_checks import reject_unknown_keys, route_package_logs
 
 log = utils.get_logger("INFO")
 
@@ -55,24 +54,18 @@ JUDGMENTS_FILE = "judgments.jsonl"
 EXAMPLE_CONFIG = "configs/smollm2/qurating_judge.yaml"
 
 
-def _check_keys(block: Any, known: set[str], prefix: str) -> None:
-    for key in block:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {sorted(known)}."
-            raise ConfigError(f"{prefix}{key}", "is not a key the judge recipe reads.", hint)
-
-
 def check_config(cfg: DictConfig) -> None:
     """Refuse unknown keys (with a suggestion) and missing essentials before loading anything."""
-    _check_keys(cfg, KNOWN_KEYS, "")
+    reject_unknown_keys(cfg, KNOWN_KEYS, recipe="judge")
     for key in ("output_dir", "pairs", "judge"):
         if cfg.get(key) is None:
             raise ConfigError(key, "is required by the judge recipe.", f"see {EXAMPLE_CONFIG}.")
-    _check_keys(cfg.pairs, PAIRS_KEYS, "pairs.")
-    _check_keys(cfg.judge, JUDGE_KEYS, "judge.")
-    _check_keys(cfg.judge.get("local") or {}, LOCAL_KEYS, "judge.local.")
-    _check_keys(cfg.judge.get("openai") or {}, OPENAI_KEYS, "judge.openai.")
+    reject_unknown_keys(cfg.pairs, PAIRS_KEYS, recipe="judge", prefix="pairs.")
+    reject_unknown_keys(cfg.judge, JUDGE_KEYS, recipe="judge", prefix="judge.")
+    reject_unknown_keys(cfg.judge.get("local") or {}, LOCAL_KEYS, recipe="judge",
+                        prefix="judge.local.")
+    reject_unknown_keys(cfg.judge.get("openai") or {}, OPENAI_KEYS, recipe="judge",
+                        prefix="judge.openai.")
     kind = cfg.judge.get("kind", "local")
     if kind not in ("local", "openai"):
         raise ConfigError("judge.kind", f"{kind!r} is not `local` or `openai`.",
@@ -156,21 +149,10 @@ def run_judging(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _route_package_logs() -> None:
-    """Show our modules' INFO lines (sampling, resuming, retries) next to torchtune's."""
-    package_logger = logging.getLogger("acadlm_plugins")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
-        package_logger.addHandler(handler)
-        package_logger.setLevel(logging.INFO)
-        package_logger.propagate = False
-
-
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run acadlm_plugins/judge_recipe --config ...``."""
-    _route_package_logs()
+    route_package_logs()
     run_judging(cfg)
 
 

@@ -17,7 +17,6 @@ is exported as ``<output_dir>/rater``, the folder ``annotate_recipe`` reads. Wit
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -62,6 +61,7 @@ from acadlm_plugins.training.checkpointing import (
     write_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.config_checks import reject_unknown_keys
 
 log = utils.get_logger("INFO")
 
@@ -523,11 +523,7 @@ def _positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
 
 
 def _check_keys(cfg: DictConfig) -> None:
-    for key in cfg:
-        if key not in KNOWN_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {sorted(KNOWN_KEYS)}."
-            raise ConfigError(str(key), "is not a key this recipe reads.", hint)
+    reject_unknown_keys(cfg, KNOWN_KEYS, recipe="rater")
     for key in REQUIRED_KEYS:
         if key not in cfg or OmegaConf.is_missing(cfg, key):
             raise ConfigError(key, "is required by the rater recipe.",

@@ -1,0 +1,35 @@
+"""Checks every recipe makes on its config before it loads anything, and the log routing they
+share: a misspelled key gets the closest known key as a suggestion instead of being ignored."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable
+
+from acadlm_plugins.errors import ConfigError
+
+
+def reject_unknown_keys(keys: Iterable[object], known: Iterable[str], *, recipe: str,
+                        prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for the first key of ``keys`` not in ``known``, naming it (with
+    ``prefix`` for nested blocks, e.g. ``"pairs."``) and the closest known key."""
+    known = sorted(known)
+    for key in keys:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {known}."
+        raise ConfigError(f"{prefix}{key}", f"is not a key the {recipe} recipe reads.", hint)
+
+
+def route_package_logs() -> None:
+    """Show our library modules' INFO lines (packing accounting, retries, resuming) next to
+    torchtune's, once per process."""
+    package_logger = logging.getLogger("acadlm_plugins")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
