@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from acadlm_plugins.qurating.rater import (
     frame,
     pad_batch,
 )
+from acadlm_plugins.training.checkpointing import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -410,17 +410,8 @@ def write_shard(output_dir: Path, shard: ShardSpec, rows: pa.Table, num_tokens: 
         table = table.append_column(SCORE_PREFIX + criterion,
                                     pa.array(scores[:, c], type=pa.float32()))
     path = output_dir / shard.name
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{shard.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda handle: pq.write_table(table, handle),
+                     prefix=f".{shard.name}.")
     marker = {"rows": table.num_rows, "first_row": shard.start, "tokens": int(num_tokens.sum()),
               "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     _write_atomically(done_marker(path), (json.dumps(marker) + "\n").encode())
@@ -428,17 +419,7 @@ def write_shard(output_dir: Path, shard: ShardSpec, rows: pa.Table, num_tokens: 
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda handle: handle.write(data), prefix=f".{path.name}.")
 
 
 def remove_stale_temporaries(output_dir: Path, rank: int) -> None:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -69,12 +69,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_torch_atomically(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], *, prefix: str = "") -> None:
+    """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it into place,
+    so a reader (or a resumed run) sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
@@ -82,6 +84,11 @@ def save_torch_atomically(obj: Any, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_torch_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename it into place."""
+    write_atomically(path, lambda handle: torch.save(obj, handle))
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,11 +109,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomically(path, lambda handle: handle.write((text + "\n").encode()))
 
 
 def _step_dirs(output_dir: Path) -> list[Path]:
