@@ -28,7 +28,7 @@ test: defaults
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check acadlm_plugins tests benchmarks
+	$(VENV)/bin/ruff check acadlm_plugins tests benchmarks recipes
 
 clean-demo:
 	rm -rf outputs/

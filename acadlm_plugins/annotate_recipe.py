@@ -14,7 +14,6 @@ run that is killed resumes where it stopped: finished shards are kept, the rest 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,11 +21,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from torchtune import config, training, utils
+from omegaconf import DictConfig, ListConfig
+from torchtune import config, utils
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
-from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.qurating.annotation import (
     DEFAULT_BATCH_TOKENS,
     DEFAULT_CHUNK_TOKENS,
@@ -43,7 +41,8 @@ from acadlm_plugins.qurating.annotation import (
     score_statistics,
 )
 from acadlm_plugins.qurating.rater import load_rater
-from acadlm_plugins.training.config_checks import reject_unknown_keys
+from acadlm_plugins.training import runtime
+from acadlm_plugins.training.config_checks import check_config_keys
 
 log = utils.get_logger("INFO")
 
@@ -58,16 +57,13 @@ class AnnotateRecipe:
     """Load the rater and the corpus, agree on the plan, score this rank's shards, report."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-        self._device = utils.get_device(cfg.get("device", "cpu"))
-        if self._distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
-        self._world_size, self._rank = utils.get_world_size_and_rank()
+        (self._distributed, self._device, self._dtype, self._world_size,
+         self._rank) = runtime.init_process(cfg)
         self._is_rank_zero = self._rank == 0
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
 
     def setup(self, cfg: DictConfig) -> None:
-        _check_keys(cfg)
+        check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="annotate",
+                          example="configs/smollm2/qurating_annotate.yaml")
         self._cfg = cfg
         self._output_dir = Path(str(cfg.output_dir)).expanduser()
         self._rater_dir = Path(str(cfg.rater_dir)).expanduser()
@@ -95,7 +91,7 @@ class AnnotateRecipe:
 
         # Rank 0 converts the files into the datasets cache first; the others then reuse it.
         self._corpus = open_it() if self._is_rank_zero else None
-        self._barrier()
+        runtime.barrier(self._distributed)
         if self._corpus is None:
             self._corpus = open_it()
         if self._is_rank_zero:
@@ -105,7 +101,7 @@ class AnnotateRecipe:
                              max_documents_per_file=per_file)
         if self._is_rank_zero:
             check_or_write_plan(self._output_dir, record, write=True)
-        self._barrier()
+        runtime.barrier(self._distributed)
         check_or_write_plan(self._output_dir, record, write=False)
         self._shards = plan_shards(self._corpus.num_rows, self._world_size,
                                    shard_size)[self._rank]
@@ -125,7 +121,7 @@ class AnnotateRecipe:
                  "%.0f tokens/s", self._rank, result.shards_scored, result.shards_done_before,
                  result.documents, result.tokens, result.tokens / max(result.seconds, 1e-9))
         totals = self._gather(result)
-        self._barrier()
+        runtime.barrier(self._distributed)
         summary: dict[str, Any] = {
             "complete": bool(totals["incomplete"] == 0),
             "processes": self._world_size,
@@ -159,13 +155,8 @@ class AnnotateRecipe:
         totals["seconds"] = float(seconds.cpu()[0])
         return totals
 
-    def _barrier(self) -> None:
-        if self._distributed:
-            dist.barrier()
-
     def cleanup(self) -> None:
-        if self._distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        runtime.close_process(self._distributed)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -190,21 +181,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _check_keys(cfg: DictConfig) -> None:
-    reject_unknown_keys(cfg, KNOWN_KEYS, recipe="annotate")
-    for key in REQUIRED_KEYS:
-        if key not in cfg or OmegaConf.is_missing(cfg, key):
-            raise ConfigError(key, "is required by the annotate recipe.",
-                              "see configs/smollm2/qurating_annotate.yaml for an example.")
-
-
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run acadlm_plugins/annotate_recipe --config ...``."""
-    recipe = AnnotateRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.run()
-    recipe.cleanup()
+    runtime.run_recipe(cfg, AnnotateRecipe, AnnotateRecipe.run)
 
 
 if __name__ == "__main__":

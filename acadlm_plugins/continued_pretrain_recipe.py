@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchtune import config, training, utils
-from tqdm.auto import tqdm
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins._compat import hf_checkpoint_files, save_hf_model_dir
@@ -42,17 +39,18 @@ from acadlm_plugins.plugin_manager import (
     plugin_states,
     restore_plugin_states,
 )
+from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
     MODEL_DIRNAME,
-    RECIPE_STATE_FILENAME,
+    config_values,
+    find_resume_checkpoint,
     latest_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_torch_atomically,
-    write_checkpoint,
+    load_resume_state,
+    recipe_state,
+    write_recipe_checkpoint,
 )
-from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.config_checks import reject_unknown_keys, route_package_logs
+from acadlm_plugins.training.components import instantiate_component, instantiate_optional
+from acadlm_plugins.training.config_checks import check_config_keys, route_package_logs
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
 
 log = utils.get_logger("INFO")
@@ -65,6 +63,8 @@ KNOWN_KEYS = {
     "save_every_n_steps", "keep_last_n_checkpoints", "validation", "metric_logger", "plugins",
     "resume", "enable_activation_checkpointing",
 }
+REQUIRED_KEYS = ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
+                 "validation_dataset", "optimizer", "batch_size", "max_steps", "metric_logger")
 # Blocks read by built-in plugins; third-party plugins declare theirs with `config_keys`.
 RESUME_MUST_MATCH = ("model", "dataset", "tokenizer")
 
@@ -74,13 +74,9 @@ class ContinuedPretrainRecipe:
 
     def __init__(self, cfg: DictConfig, recipe_name: str = RECIPE_NAME) -> None:
         self._recipe_name = recipe_name
-        self._distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-        self._device = utils.get_device(cfg.get("device", "cpu"))
-        if self._distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
-        self._world_size, self._rank = utils.get_world_size_and_rank()
+        (self._distributed, self._device, self._dtype, self._world_size,
+         self._rank) = runtime.init_process(cfg)
         self._is_rank_zero = self._rank == 0
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
         self._output_dir = Path(cfg.output_dir)
         self._seed = training.set_seed(cfg.get("seed", 0))
         self._max_steps = int(cfg.max_steps)
@@ -103,12 +99,12 @@ class ContinuedPretrainRecipe:
         if self._is_rank_zero:
             self._output_dir.mkdir(parents=True, exist_ok=True)
             log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
-        self._metric_logger = instantiate_component(cfg, "metric_logger") if self._is_rank_zero else None
-        if self._metric_logger is not None:
-            self._metric_logger.log_config(cfg)
+        self._metric_logger = runtime.rank_zero_metric_logger(cfg, self._is_rank_zero)
 
         route_package_logs()
-        resume_from = self._find_resume_checkpoint(cfg)
+        resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
+        if resume_from is not None:
+            log.info("resuming from %s", resume_from)
         self._tokenizer = instantiate_component(cfg, "tokenizer")
         self._checkpointer = instantiate_component(cfg, "checkpointer")
         # Loaded even on resume: the checkpointer learns the source's file layout from it and
@@ -129,40 +125,13 @@ class ContinuedPretrainRecipe:
         self._pm.hook.acadlm_data_ready(dataset=self._train_data, sampler=self._sampler, cfg=cfg)
 
         self._optimizer = self._setup_optimizer(cfg)
-        self._lr_scheduler = (instantiate_component(cfg, "lr_scheduler", self._optimizer,
-                                                 num_training_steps=self._max_steps)
-                              if cfg.get("lr_scheduler", None) else None)
+        self._lr_scheduler = instantiate_optional(cfg, "lr_scheduler", self._optimizer,
+                                                  num_training_steps=self._max_steps)
         if resume_from is not None:
-            self._restore_recipe_state(resume_from)
-
-    def _find_resume_checkpoint(self, cfg: DictConfig) -> Path | None:
-        mode = str(cfg.get("resume", "auto")).lower()
-        if mode not in {"auto", "true", "false"}:
-            raise ConfigError("resume", f"unknown value {mode!r}.", "use auto, true or false.")
-        latest = latest_checkpoint(self._output_dir)
-        if mode == "false" and latest is not None:
-            raise ConfigError("resume", f"`output_dir` {self._output_dir} already holds "
-                              f"checkpoint {latest.name} and resume is false, so it would be "
-                              "overwritten.", "set `resume: auto` to continue it, or choose a "
-                              "new `output_dir`.")
-        if mode == "true" and latest is None:
-            raise ConfigError("resume", f"no complete checkpoint in {self._output_dir}.",
-                              "use `resume: auto` to start fresh when there is none.")
-        if latest is not None and mode != "false":
-            log.info("resuming from %s", latest)
-            return latest
-        return None
+            self._restore_recipe_state()
 
     def _load_resumed_weights(self, cfg: DictConfig, checkpoint: Path) -> dict:
-        saved = torch.load(checkpoint / RECIPE_STATE_FILENAME, weights_only=False)
-        for key in RESUME_MUST_MATCH:
-            before = saved["config"].get(key)
-            now = OmegaConf.to_container(cfg.get(key), resolve=True) if key in cfg else None
-            if before != now:
-                raise ConfigError(key, f"differs from the checkpoint being resumed "
-                                  f"({checkpoint}): was {before}, is {now}.",
-                                  f"restore `{key}` as it was, or start a new `output_dir`.")
-        self._resume_state = saved
+        self._resume_state = load_resume_state(checkpoint, cfg, RESUME_MUST_MATCH)
         model_dir = checkpoint / MODEL_DIRNAME
         reader = training.FullModelHFCheckpointer(
             checkpoint_dir=str(model_dir), checkpoint_files=hf_checkpoint_files(model_dir),
@@ -183,11 +152,7 @@ class ContinuedPretrainRecipe:
                               f"unexpected {unexpected}.",
                               "make `model` the architecture that `checkpointer` points at.")
         if self._distributed:
-            from torchtune.modules import TransformerSelfAttentionLayer
-
-            training.shard_model(
-                model, [lambda _n, m: isinstance(m, TransformerSelfAttentionLayer)],
-                cpu_offload=False, reshard_after_forward=True)
+            runtime.shard_decoder_layers(model)
         return model
 
     def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -196,20 +161,13 @@ class ContinuedPretrainRecipe:
             groups.extend(extra or [])
         return instantiate_component(cfg, "optimizer", groups)
 
-    def _restore_recipe_state(self, checkpoint: Path) -> None:
+    def _restore_recipe_state(self) -> None:
         state = self._resume_state
-        if self._distributed:
-            training.load_from_full_optimizer_state_dict(
-                self._model, self._optimizer, state["optimizer"], self._device)
-        else:
-            self._optimizer.load_state_dict(state["optimizer"])
-        if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
-            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self._sampler.load_state_dict(state["sampler"])
-        restore_plugin_states(self._pm, state["plugins"])
-        restore_rng_state(state["rng"])
-        self._step = int(state["step"])
-        self._history = state["history"]
+        runtime.restore_training_state(
+            state, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
+            sampler=self._sampler, distributed=self._distributed, device=self._device,
+            extra={"plugins": lambda plugins: restore_plugin_states(self._pm, plugins)})
+        self._step, self._history = int(state["step"]), state["history"]
         log.info("resumed at step %d of %d", self._step, self._max_steps)
 
     # ----------------------------------------------------------------------------- train
@@ -217,23 +175,22 @@ class ContinuedPretrainRecipe:
         started = time.perf_counter()
         if self._step == 0:
             self._evaluate()
-        progress = tqdm(total=self._max_steps, initial=self._step,
-                        desc=self._recipe_name.replace("_", " "),
-                        disable=not self._is_rank_zero or os.environ.get("ACADLM_NO_PROGRESS") == "1",
-                        dynamic_ncols=True)
+        progress = runtime.progress_bar(total=self._max_steps, initial=self._step,
+                                        desc=self._recipe_name.replace("_", " "),
+                                        is_rank_zero=self._is_rank_zero)
         self._model.train()
         while self._step < self._max_steps:
             metrics = self._train_step()
             self._step += 1
             extra = self._pm.hook.acadlm_after_optimizer_step(step=self._step, metrics=metrics)
             metrics.update(collect_metrics(extra))
-            if self._step % self._log_every == 0 or self._step == self._max_steps:
+            if runtime.is_due(self._step, self._log_every, self._max_steps):
                 self._log(metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-            if self._step % self._eval_every == 0 or self._step == self._max_steps:
+            if runtime.is_due(self._step, self._eval_every, self._max_steps):
                 self._evaluate()
-            if self._step % self._save_every == 0 or self._step == self._max_steps:
+            if runtime.is_due(self._step, self._save_every, self._max_steps):
                 self.save_checkpoint()
         progress.close()
         return self._summary(time.perf_counter() - started)
@@ -266,27 +223,21 @@ class ContinuedPretrainRecipe:
             loss_total += float(seq_loss.sum().detach())
             domain_sums.index_add_(0, batch["domain"].cpu(), seq_loss.detach().double().cpu())
             domain_counts.index_add_(0, batch["domain"].cpu(), seq_count.double().cpu())
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
-                                                       max_norm=float(self._clip_grad_norm))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-        self._optimizer.step()
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
+        grad_norm = runtime.clip_and_step(self._model, self._optimizer, self._lr_scheduler,
+                                          self._clip_grad_norm)
         elapsed = time.perf_counter() - step_started
         metrics = {"loss": self._all_reduce_sum(loss_total) / global_tokens,
                    "lr": self._optimizer.param_groups[0]["lr"],
                    "tokens_per_second": global_tokens / elapsed,
                    "tokens_seen": global_tokens}
-        if self._clip_grad_norm is not None:
+        if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         for name, value in extra_totals.items():
             metrics[f"loss/{name}"] = value
-        if self._distributed:  # per-domain losses over the global batch, not rank 0's slice
-            both = torch.stack([domain_sums, domain_counts]).to(self._device)
-            dist.all_reduce(both)
-            domain_sums, domain_counts = both.cpu()
+        # per-domain losses over the global batch, not rank 0's slice
+        domain_sums, domain_counts = runtime.all_reduce_sum(
+            torch.stack([domain_sums, domain_counts]), distributed=self._distributed,
+            device=self._device)
         for d, name in enumerate(self._train_data.domain_names):
             if domain_counts[d] > 0:
                 metrics[f"train_loss/{name}"] = float(domain_sums[d] / domain_counts[d])
@@ -317,33 +268,23 @@ class ContinuedPretrainRecipe:
     # ------------------------------------------------------------------------ checkpoint
     def save_checkpoint(self) -> Path | None:
         """Write model + recipe state for the current step atomically (rank 0 writes)."""
-        if self._distributed:
-            model_state = training.gather_cpu_state_dict(self._model, self._is_rank_zero)
-            optim_state = training.get_full_optimizer_state_dict(
-                self._model, self._optimizer, self._is_rank_zero)
-        else:
-            model_state = {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
-            optim_state = self._optimizer.state_dict()
+        model_state = self.full_model_state()
+        optim_state = runtime.full_optimizer_state(self._model, self._optimizer,
+                                                   distributed=self._distributed,
+                                                   is_rank_zero=self._is_rank_zero)
         path = None
         if self._is_rank_zero:
-            state = {
-                "step": self._step, "optimizer": optim_state,
-                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
-                "sampler": self._sampler.state_dict(), "plugins": plugin_states(self._pm),
-                "rng": rng_state(), "history": self._history,
-                "config": {k: OmegaConf.to_container(self._cfg.get(k), resolve=True)
-                           for k in RESUME_MUST_MATCH if k in self._cfg},
-            }
-
-            def write(folder: Path) -> None:
-                save_hf_model_dir(self._checkpointer, model_state, folder / MODEL_DIRNAME)
-                save_torch_atomically(state, folder / RECIPE_STATE_FILENAME)
-
-            path = write_checkpoint(self._output_dir, self._step, write, keep_last=self._keep_last)
+            state = recipe_state(
+                step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
+                sampler=self._sampler, plugins=plugin_states(self._pm), history=self._history,
+                config=config_values(self._cfg, RESUME_MUST_MATCH))
+            path = write_recipe_checkpoint(
+                self._output_dir, self._step, state, lambda folder: save_hf_model_dir(
+                    self._checkpointer, model_state, folder / MODEL_DIRNAME),
+                keep_last=self._keep_last)
             log.info("checkpoint written: %s", path)
             self._pm.hook.acadlm_checkpoint_saved(path=str(path), step=self._step)
-        if self._distributed:
-            dist.barrier()
+        runtime.barrier(self._distributed)
         return path
 
     # ----------------------------------------------------------- for recipes built on this
@@ -365,9 +306,8 @@ class ContinuedPretrainRecipe:
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The model's full (unsharded) CPU state dict on rank 0; every rank must call this."""
-        if self._distributed:
-            return training.gather_cpu_state_dict(self._model, self._is_rank_zero)
-        return {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
+        return runtime.full_model_state(self._model, distributed=self._distributed,
+                                        is_rank_zero=self._is_rank_zero)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Per-domain validation loss of ``model`` (an unsharded model, on this rank alone)."""
@@ -379,11 +319,7 @@ class ContinuedPretrainRecipe:
 
     # --------------------------------------------------------------------------- helpers
     def _all_reduce_sum(self, value: float) -> float:
-        if not self._distributed:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self._device)
-        dist.all_reduce(tensor)
-        return float(tensor.item())
+        return runtime.all_reduce_float(value, distributed=self._distributed, device=self._device)
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self._metric_logger is not None:
@@ -404,10 +340,7 @@ class ContinuedPretrainRecipe:
         return summary
 
     def cleanup(self) -> None:
-        if self._metric_logger is not None:
-            self._metric_logger.close()
-        if self._distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        runtime.close_process(self._distributed, self._metric_logger)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -432,12 +365,8 @@ def _check_keys(cfg: DictConfig, pm) -> None:
     allowed = set(KNOWN_KEYS)
     for plugin in pm.get_plugins():
         allowed.update(getattr(plugin, "config_keys", ()))
-    reject_unknown_keys(cfg, allowed, recipe="continued_pretrain")
-    for key in ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
-                "validation_dataset", "optimizer", "batch_size", "max_steps", "metric_logger"):
-        if key not in cfg:
-            raise ConfigError(key, "is required by the continued_pretrain recipe.",
-                              "see configs/smollm2/continued_pretrain_demo.yaml for an example.")
+    check_config_keys(cfg, known=allowed, required=REQUIRED_KEYS, recipe="continued_pretrain",
+                      example="configs/smollm2/continued_pretrain_demo.yaml")
 
 
 def _check_same_domains(train: DomainMixtureDataset, val: DomainMixtureDataset) -> None:
@@ -450,10 +379,7 @@ def _check_same_domains(train: DomainMixtureDataset, val: DomainMixtureDataset) 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run acadlm_plugins/continued_pretrain_recipe --config ...``."""
-    recipe = ContinuedPretrainRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
+    runtime.run_recipe(cfg, ContinuedPretrainRecipe, ContinuedPretrainRecipe.train)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from torchtune import config, training, utils
-from tqdm.auto import tqdm
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins.errors import ConfigError, DataError
@@ -52,16 +50,18 @@ from acadlm_plugins.qurating.rater import (
     save_rater,
     split_scores,
 )
+from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
-    RECIPE_STATE_FILENAME,
+    config_values,
+    find_resume_checkpoint,
     latest_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_torch_atomically,
-    write_checkpoint,
+    load_resume_state,
+    plain_value,
+    recipe_state,
+    write_recipe_checkpoint,
 )
-from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.config_checks import reject_unknown_keys
+from acadlm_plugins.training.components import instantiate_component, instantiate_optional
+from acadlm_plugins.training.config_checks import check_config_keys
 
 log = utils.get_logger("INFO")
 
@@ -125,19 +125,16 @@ class RaterRecipe:
     """Setup, train, evaluate, checkpoint, export (see the module docstring)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-        self._device = utils.get_device(cfg.get("device", "cpu"))
-        if self._distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
-        self._world_size, self._rank = utils.get_world_size_and_rank()
+        (self._distributed, self._device, self._dtype, self._world_size,
+         self._rank) = runtime.init_process(cfg)
         self._is_rank_zero = self._rank == 0
-        self._dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self._device)
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, cfg: DictConfig) -> None:
-        _check_keys(cfg)
+        check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="rater",
+                          example="configs/smollm2/qurating_rater.yaml")
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir).expanduser()
         self._seed = training.set_seed(cfg.get("seed", 0))
@@ -156,12 +153,12 @@ class RaterRecipe:
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
         if self._is_rank_zero:
             self._output_dir.mkdir(parents=True, exist_ok=True)
-        self._metric_logger = (instantiate_component(cfg, "metric_logger")
-                               if self._is_rank_zero else None)
-        if self._metric_logger is not None:
-            self._metric_logger.log_config(cfg)
+        self._metric_logger = runtime.rank_zero_metric_logger(cfg, self._is_rank_zero)
 
-        resume_from = self._find_resume_checkpoint(cfg)
+        resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
+        if resume_from is not None:
+            self._resume_state = load_resume_state(resume_from, cfg, RESUME_MUST_MATCH)
+            log.info("resuming from %s", resume_from)
         check_backbone_dir(self._backbone_dir)
         self._tokenizer = RaterTokenizer(self._backbone_dir)
         criteria_cfg = cfg.get("criteria", None)
@@ -190,39 +187,11 @@ class RaterRecipe:
         self._checkpointer = (hf_checkpointer(self._backbone_dir, self._output_dir)
                               if self._is_rank_zero else None)
         self._optimizer = self._setup_optimizer(cfg)
-        self._lr_scheduler = (instantiate_component(cfg, "lr_scheduler", self._optimizer,
-                                                    num_training_steps=self._max_steps)
-                              if cfg.get("lr_scheduler", None) else None)
+        self._lr_scheduler = instantiate_optional(cfg, "lr_scheduler", self._optimizer,
+                                                  num_training_steps=self._max_steps)
         self._sampler = PairSampler(self._data.train_indices, self._seed)
         if resume_from is not None:
-            self._restore(resume_from)
-
-    def _find_resume_checkpoint(self, cfg: DictConfig) -> Path | None:
-        mode = str(cfg.get("resume", "auto")).lower()
-        if mode not in {"auto", "true", "false"}:
-            raise ConfigError("resume", f"unknown value {mode!r}.", "use auto, true or false.")
-        latest = latest_checkpoint(self._output_dir)
-        if mode == "false" and latest is not None:
-            raise ConfigError("resume", f"`output_dir` {self._output_dir} already holds "
-                              f"checkpoint {latest.name} and resume is false, so it would be "
-                              "overwritten.", "set `resume: auto` to continue it, or choose a "
-                              "new `output_dir`.")
-        if mode == "true" and latest is None:
-            raise ConfigError("resume", f"no complete checkpoint in {self._output_dir}.",
-                              "use `resume: auto` to start fresh when there is none.")
-        if latest is None or mode == "false":
-            return None
-        saved = torch.load(latest / RECIPE_STATE_FILENAME, weights_only=False)
-        for key in RESUME_MUST_MATCH:
-            before = saved["config"].get(key)
-            now = _plain(cfg.get(key, None))
-            if before != now:
-                raise ConfigError(key, f"differs from the checkpoint being resumed ({latest}): "
-                                  f"was {before}, is {now}.", f"restore `{key}` as it was, or "
-                                  "start a new `output_dir`.")
-        self._resume_state = saved
-        log.info("resuming from %s", latest)
-        return latest
+            self._restore()
 
     def _setup_model(self, model_dir: Path, resume_from: Path | None) -> torch.nn.Module:
         backbone = load_backbone(model_dir, device=self._device, dtype=self._dtype,
@@ -239,11 +208,7 @@ class RaterRecipe:
                 model.heads.weight.copy_(heads["weight"].to(model.heads.weight.dtype))
         model.train().requires_grad_(True)
         if self._distributed:
-            from torchtune.modules import TransformerSelfAttentionLayer
-
-            training.shard_model(
-                model, [lambda _n, m: isinstance(m, TransformerSelfAttentionLayer)],
-                cpu_offload=False, reshard_after_forward=True)
+            runtime.shard_decoder_layers(model)
         return model
 
     def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -256,19 +221,12 @@ class RaterRecipe:
             groups[1]["lr"] = float(cfg.head_lr)
         return instantiate_component(cfg, "optimizer", groups)
 
-    def _restore(self, checkpoint: Path) -> None:
+    def _restore(self) -> None:
         state = self._resume_state
-        if self._distributed:
-            training.load_from_full_optimizer_state_dict(
-                self._model, self._optimizer, state["optimizer"], self._device)
-        else:
-            self._optimizer.load_state_dict(state["optimizer"])
-        if self._lr_scheduler is not None and state.get("lr_scheduler") is not None:
-            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self._sampler.load_state_dict(state["sampler"])
-        restore_rng_state(state["rng"])
-        self._step = int(state["step"])
-        self._history = state["history"]
+        runtime.restore_training_state(
+            state, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
+            sampler=self._sampler, distributed=self._distributed, device=self._device)
+        self._step, self._history = int(state["step"]), state["history"]
         log.info("resumed at step %d of %d", self._step, self._max_steps)
 
     # ----------------------------------------------------------------------------- train
@@ -277,20 +235,19 @@ class RaterRecipe:
         started = time.perf_counter()
         if self._step == 0:
             self._evaluate()
-        progress = tqdm(total=self._max_steps, initial=self._step, desc="rater",
-                        disable=not self._is_rank_zero
-                        or os.environ.get("ACADLM_NO_PROGRESS") == "1", dynamic_ncols=True)
+        progress = runtime.progress_bar(total=self._max_steps, initial=self._step, desc="rater",
+                                        is_rank_zero=self._is_rank_zero)
         self._model.train()
         while self._step < self._max_steps:
             metrics = self._train_step()
             self._step += 1
-            if self._step % self._log_every == 0 or self._step == self._max_steps:
+            if runtime.is_due(self._step, self._log_every, self._max_steps):
                 self._log(metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.2f}")
-            if self._step % self._eval_every == 0 or self._step == self._max_steps:
+            if runtime.is_due(self._step, self._eval_every, self._max_steps):
                 self._evaluate()
-            if self._step % self._save_every == 0 or self._step == self._max_steps:
+            if runtime.is_due(self._step, self._save_every, self._max_steps):
                 self.save_checkpoint()
         progress.close()
         return self._export_and_summarize(time.perf_counter() - started)
@@ -319,14 +276,8 @@ class RaterRecipe:
             totals += torch.tensor([float(loss_sum.detach()),
                                     float((correct * batch["mask"]).sum()),
                                     float(batch["lengths"].sum())], dtype=torch.float64)
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
-                                                       max_norm=float(self._clip_grad_norm))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-        self._optimizer.step()
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
+        grad_norm = runtime.clip_and_step(self._model, self._optimizer, self._lr_scheduler,
+                                          self._clip_grad_norm)
         totals = self._all_reduce_tensor(totals)
         elapsed = time.perf_counter() - started
         metrics = {"loss": float(totals[0]) / global_count,
@@ -334,7 +285,7 @@ class RaterRecipe:
                    "lr": self._optimizer.param_groups[0]["lr"],
                    "pairs_per_second": per_micro * self._grad_accum / elapsed,
                    "tokens_per_second": float(totals[2]) / elapsed}
-        if self._clip_grad_norm is not None:
+        if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         return metrics
 
@@ -386,47 +337,37 @@ class RaterRecipe:
         return result
 
     # ------------------------------------------------------------------------ checkpoint
-    def _full_state(self) -> dict[str, torch.Tensor]:
-        if self._distributed:
-            return training.gather_cpu_state_dict(self._model, self._is_rank_zero)
-        return {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
-
     def save_checkpoint(self) -> Path | None:
         """Write ``step_<N>/{rater/, recipe_state.pt}`` atomically (rank 0 writes)."""
-        model_state = self._full_state()
-        if self._distributed:
-            optim_state = training.get_full_optimizer_state_dict(
-                self._model, self._optimizer, self._is_rank_zero)
-        else:
-            optim_state = self._optimizer.state_dict()
+        model_state = runtime.full_model_state(self._model, distributed=self._distributed,
+                                               is_rank_zero=self._is_rank_zero)
+        optim_state = runtime.full_optimizer_state(self._model, self._optimizer,
+                                                   distributed=self._distributed,
+                                                   is_rank_zero=self._is_rank_zero)
         path = None
         if self._is_rank_zero:
-            state = {
-                "step": self._step, "optimizer": optim_state,
-                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
-                "sampler": self._sampler.state_dict(), "rng": rng_state(),
-                "history": self._history,
-                "config": {k: _plain(self._cfg.get(k, None)) for k in RESUME_MUST_MATCH},
-            }
+            state = recipe_state(
+                step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
+                sampler=self._sampler, history=self._history,
+                config=config_values(self._cfg, RESUME_MUST_MATCH))
 
-            def write(folder: Path) -> None:
+            def write_rater(folder: Path) -> None:
                 save_rater(folder / RATER_DIRNAME, model_state, criteria=self._data.criteria,
                            pooling=self._pooling, max_tokens=self._max_tokens,
                            source_dir=self._backbone_dir, training_info=self._training_info(),
                            checkpointer=self._checkpointer)
-                save_torch_atomically(state, folder / RECIPE_STATE_FILENAME)
 
-            path = write_checkpoint(self._output_dir, self._step, write, keep_last=self._keep_last)
+            path = write_recipe_checkpoint(self._output_dir, self._step, state, write_rater,
+                                           keep_last=self._keep_last)
             log.info("checkpoint written: %s", path)
-        if self._distributed:
-            dist.barrier()
+        runtime.barrier(self._distributed)
         return path
 
     def _training_info(self) -> dict[str, Any]:
         evaluations = self._history["evaluations"]
         return {
             "step": self._step, "backbone_source": str(self._backbone_dir),
-            "judgments": _plain(self._cfg.judgments), "margin": float(self._cfg.get(
+            "judgments": plain_value(self._cfg.judgments), "margin": float(self._cfg.get(
                 "margin", DEFAULT_MARGIN)),
             "validation_fraction": float(self._cfg.get("validation_fraction", 0.1)),
             "pairs": self._data.counts,
@@ -455,8 +396,7 @@ class RaterRecipe:
             os.replace(partial, export)
             (self._output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             print(format_summary(summary), flush=True)
-        if self._distributed:
-            dist.barrier()
+        runtime.barrier(self._distributed)
         return summary
 
     # --------------------------------------------------------------------------- helpers
@@ -469,24 +409,17 @@ class RaterRecipe:
         check_finite(value, name="loss", step=self._step + 1)
 
     def _all_reduce(self, value: float) -> float:
-        return float(self._all_reduce_tensor(torch.tensor([value], dtype=torch.float64))[0])
+        return runtime.all_reduce_float(value, distributed=self._distributed, device=self._device)
 
     def _all_reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self._distributed:
-            return tensor
-        moved = tensor.to(self._device)
-        dist.all_reduce(moved)
-        return moved.cpu()
+        return runtime.all_reduce_sum(tensor, distributed=self._distributed, device=self._device)
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self._metric_logger is not None:
             self._metric_logger.log_dict(metrics, step=self._step)
 
     def cleanup(self) -> None:
-        if self._metric_logger is not None:
-            self._metric_logger.close()
-        if self._distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        runtime.close_process(self._distributed, self._metric_logger)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -508,12 +441,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def _positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -522,21 +449,10 @@ def _positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
     return value
 
 
-def _check_keys(cfg: DictConfig) -> None:
-    reject_unknown_keys(cfg, KNOWN_KEYS, recipe="rater")
-    for key in REQUIRED_KEYS:
-        if key not in cfg or OmegaConf.is_missing(cfg, key):
-            raise ConfigError(key, "is required by the rater recipe.",
-                              "see configs/smollm2/qurating_rater.yaml for an example.")
-
-
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run acadlm_plugins/rater_recipe --config ...``."""
-    recipe = RaterRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
+    runtime.run_recipe(cfg, RaterRecipe, RaterRecipe.train)
 
 
 if __name__ == "__main__":

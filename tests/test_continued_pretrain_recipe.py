@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_runs import run_recipe_main
 from tiny_setup import tiny_run_args
 
 from acadlm_plugins import hookimpl
@@ -25,13 +26,7 @@ def quiet_isolated_runs(monkeypatch):
 
 
 def run_recipe(monkeypatch, args: list[str]) -> dict:
-    from acadlm_plugins.continued_pretrain_recipe import recipe_main
-
-    monkeypatch.setattr(sys, "argv", ["continued_pretrain_recipe", *args])
-    with pytest.raises(SystemExit) as exited:  # torchtune's config.parse ends with sys.exit
-        recipe_main()
-    assert not exited.value.code
-    output_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
+    output_dir = run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe", args)
     return json.loads((output_dir / "summary.json").read_text())
 
 

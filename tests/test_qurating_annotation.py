@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from recipe_runs import run_recipe_main, torch_threads
 from tiny_setup import _WORDS, REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
 
 from acadlm_plugins.errors import ConfigError, DataError
@@ -38,10 +38,8 @@ CRITERIA = ("educational_value", "writing_style")
 @pytest.fixture(autouse=True)
 def quiet_single_threaded(monkeypatch):
     monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and deterministic
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +101,7 @@ def annotate_args(output_dir: Path, rater_dir: Path, files: list[Path], *overrid
 
 
 def run_annotate(monkeypatch, args: list[str]) -> None:
-    from acadlm_plugins.annotate_recipe import recipe_main
-
-    monkeypatch.setattr(sys, "argv", ["annotate_recipe", *args])
-    with pytest.raises(SystemExit) as exited:  # torchtune's config.parse ends with sys.exit
-        recipe_main()
-    assert not exited.value.code
+    run_recipe_main(monkeypatch, "acadlm_plugins.annotate_recipe", args)
 
 
 def output_files(output_dir: Path) -> dict[str, bytes]:
@@ -125,14 +118,8 @@ def read_scores(output_dir: Path) -> pa.Table:
 def uninterrupted(setup_dir, rater_dir, corpus_files) -> Path:
     """One uninterrupted single-process run, the reference for the tests below."""
     output_dir = setup_dir / "uninterrupted"
-    monkeypatch = pytest.MonkeyPatch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads(1):
         run_annotate(monkeypatch, annotate_args(output_dir, rater_dir, corpus_files))
-    finally:
-        monkeypatch.undo()
-        torch.set_num_threads(threads)
     return output_dir
 
 

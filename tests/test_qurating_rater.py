@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from recipe_runs import run_recipe_main, torch_threads
 from tiny_setup import _WORDS, REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
 
 from acadlm_plugins.errors import ConfigError, DataError
@@ -46,10 +46,8 @@ JUDGE_SHARPNESS = 8.0
 @pytest.fixture(autouse=True)
 def quiet_single_threaded(monkeypatch):
     monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and deterministic
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def synthetic_text(rng: random.Random) -> tuple[str, float]:
@@ -222,13 +220,7 @@ def rater_args(tmp_path: Path, model_dir: Path, judgments: Path, *overrides: str
 
 
 def run_in_process(monkeypatch, args: list[str]) -> dict:
-    from acadlm_plugins.rater_recipe import recipe_main
-
-    monkeypatch.setattr(sys, "argv", ["rater_recipe", *args])
-    with pytest.raises(SystemExit) as exited:  # torchtune's config.parse ends with sys.exit
-        recipe_main()
-    assert not exited.value.code
-    output_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
+    output_dir = run_recipe_main(monkeypatch, "acadlm_plugins.rater_recipe", args)
     return json.loads((output_dir / "summary.json").read_text())
 
 
@@ -237,15 +229,9 @@ def trained(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     """One process, 30 steps of 16 pairs on synthetic judgments: (judgments, output_dir)."""
     root = tmp_path_factory.mktemp("trained")
     judgments = write_synthetic_judgments(root / "judgments.jsonl")
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads(1):
+        monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
         run_in_process(monkeypatch, rater_args(root, tiny_model_dir, judgments, *TRAINING))
-    finally:
-        monkeypatch.undo()
-        torch.set_num_threads(threads)
     return judgments, root / "run"
 
 

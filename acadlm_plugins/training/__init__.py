@@ -1,1 +1,2 @@
-"""Training-loop building blocks shared by the recipes (checkpoints, validation, plots)."""
+"""Building blocks shared by the recipes: config checks, process setup and teardown
+(``runtime``), checkpoints and resuming, validation, plots."""

@@ -9,7 +9,10 @@ Layout of a run's ``output_dir``::
 
 A checkpoint is written into a hidden ``.step_N.partial`` folder and renamed into place, and
 ``LATEST`` is replaced atomically afterwards, so a run killed at any moment leaves the previous
-checkpoint intact and never a half-written one that looks complete.
+checkpoint intact and never a half-written one that looks complete. A recipe builds its
+``recipe_state.pt`` with :func:`recipe_state`, writes it with :func:`write_recipe_checkpoint`,
+and on restart finds it with :func:`find_resume_checkpoint` and reads it back, checked against
+the config, with :func:`load_resume_state`.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.optim.lr_scheduler import LRScheduler
+
+from acadlm_plugins.errors import ConfigError
 
 LATEST_FILENAME = "LATEST"
 RECIPE_STATE_FILENAME = "recipe_state.pt"
@@ -69,6 +76,89 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def find_resume_checkpoint(output_dir: Path, resume: object) -> Path | None:
+    """The checkpoint a run continues from under the config's ``resume`` mode, or None to start
+    fresh: ``auto`` takes the newest complete one if there is one, ``true`` insists on one and
+    ``false`` refuses an ``output_dir`` that holds one rather than overwrite it."""
+    mode = str(resume).lower()
+    if mode not in {"auto", "true", "false"}:
+        raise ConfigError("resume", f"unknown value {mode!r}.", "use auto, true or false.")
+    latest = latest_checkpoint(output_dir)
+    if mode == "false" and latest is not None:
+        raise ConfigError("resume", f"`output_dir` {output_dir} already holds "
+                          f"checkpoint {latest.name} and resume is false, so it would be "
+                          "overwritten.", "set `resume: auto` to continue it, or choose a "
+                          "new `output_dir`.")
+    if mode == "true" and latest is None:
+        raise ConfigError("resume", f"no complete checkpoint in {output_dir}.",
+                          "use `resume: auto` to start fresh when there is none.")
+    return None if mode == "false" else latest
+
+
+def plain_value(value: Any) -> Any:
+    """An OmegaConf node as plain resolved Python containers (comparable, picklable without
+    omegaconf); any other value as it is."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def config_values(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
+    """``cfg[key]`` as plain resolved values (None where unset) for each of ``keys``: what a
+    checkpoint records so that a resumed run can be checked against it."""
+    return {key: plain_value(cfg.get(key, None)) for key in keys}
+
+
+def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[str]
+                      ) -> dict[str, Any]:
+    """The recipe state saved in ``checkpoint``, once every ``must_match`` key of ``cfg`` is
+    found as the checkpoint recorded it: resuming on another model or data would silently
+    mix two runs, so a changed key is a :class:`ConfigError` naming it."""
+    saved = torch.load(checkpoint / RECIPE_STATE_FILENAME, weights_only=False)
+    for key in must_match:
+        before = saved["config"].get(key)
+        now = plain_value(cfg.get(key, None))
+        if before != now:
+            raise ConfigError(key, f"differs from the checkpoint being resumed ({checkpoint}): "
+                              f"was {before}, is {now}.", f"restore `{key}` as it was, or "
+                              "start a new `output_dir`.")
+    return saved
+
+
+class Stateful(Protocol):
+    """A data sampler (or anything else) whose position is saved with a checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def recipe_state(*, step: int, optimizer_state: dict[str, Any],
+                 lr_scheduler: LRScheduler | None,
+                 sampler: Stateful, history: dict[str, Any], config: dict[str, Any],
+                 **extra: Any) -> dict[str, Any]:
+    """What a training recipe saves beside its model to resume exactly: step, optimizer,
+    scheduler, data position, ``extra`` (e.g. plugin state), RNG, history, and the config
+    values a resumed run must match (see :func:`load_resume_state`)."""
+    return {"step": step, "optimizer": optimizer_state,
+            "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None,
+            "sampler": sampler.state_dict(), **extra, "rng": rng_state(), "history": history,
+            "config": config}
+
+
+def write_recipe_checkpoint(output_dir: Path, step: int, state: dict[str, Any],
+                            write_model: Callable[[Path], None], *, keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically: ``write_model(folder)`` saves the model, then
+    ``state`` goes to ``recipe_state.pt`` (last, as its presence marks the checkpoint
+    complete); only the newest ``keep_last`` checkpoints are kept."""
+
+    def write(folder: Path) -> None:
+        write_model(folder)
+        save_torch_atomically(state, folder / RECIPE_STATE_FILENAME)
+
+    return write_checkpoint(output_dir, step, write, keep_last=keep_last)
+
+
 def write_atomically(path: Path, write: Callable[[BinaryIO], None], *, prefix: str = "") -> None:
     """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it into place,
     so a reader (or a resumed run) sees the old file or the whole new one, never a part."""
@@ -101,6 +191,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back the RNGs :func:`rng_state` saved, so a resumed run draws the same numbers."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -26,3 +26,11 @@ def instantiate_component(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) 
         raise ConfigError(f"{key}._component_", f"cannot import {node._component_!r} "
                           f"({str(err).splitlines()[1] if len(str(err).splitlines()) > 1 else err}).",
                           "check the dotted path and that its package is installed.") from err
+
+
+def instantiate_optional(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any | None:
+    """:func:`instantiate_component` for a block the config may leave out or null (such as
+    ``lr_scheduler``): None then."""
+    if not cfg.get(key, None):
+        return None
+    return instantiate_component(cfg, key, *args, **kwargs)

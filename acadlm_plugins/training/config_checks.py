@@ -7,6 +7,8 @@ import difflib
 import logging
 from collections.abc import Iterable
 
+from omegaconf import DictConfig, OmegaConf
+
 from acadlm_plugins.errors import ConfigError
 
 
@@ -21,6 +23,18 @@ def reject_unknown_keys(keys: Iterable[object], known: Iterable[str], *, recipe:
         close = difflib.get_close_matches(str(key), known, n=1)
         hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {known}."
         raise ConfigError(f"{prefix}{key}", f"is not a key the {recipe} recipe reads.", hint)
+
+
+def check_config_keys(cfg: DictConfig, *, known: Iterable[str], required: Iterable[str],
+                      recipe: str, example: str) -> None:
+    """Reject unknown top-level keys (see :func:`reject_unknown_keys`), then raise
+    :class:`ConfigError` for the first ``required`` key that is absent or ``???``, pointing at
+    the ``example`` config, so a recipe fails on its config before it loads anything."""
+    reject_unknown_keys(cfg, known, recipe=recipe)
+    for key in required:
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            raise ConfigError(key, f"is required by the {recipe} recipe.",
+                              f"see {example} for an example.")
 
 
 def route_package_logs() -> None:

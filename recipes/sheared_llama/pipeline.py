@@ -14,29 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from acadlm_plugins.stages import tune_run
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PRUNE = REPO / "configs" / "smollm2" / "135M_to_50M_prune.yaml"
 DEFAULT_CONTINUE = REPO / "configs" / "smollm2" / "50M_continued_pretrain.yaml"
-
-
-def tune_run(recipe: str, config: Path, overrides: list[str], nproc: int) -> None:
-    """Run one stage; stop the pipeline with the stage's exit code if it fails."""
-    tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
-    command = [tune, "run"]
-    if nproc > 1:
-        command += ["--nproc_per_node", str(nproc)]
-    command += [recipe, "--config", str(config), *overrides]
-    print(f"\n$ {' '.join(command)}", flush=True)
-    result = subprocess.run(command, check=False)
-    if result.returncode:
-        sys.exit(f"stage {recipe} failed with exit code {result.returncode}; fix the error above "
-                 "and rerun: finished stages resume from their checkpoints.")
 
 
 def main() -> None:
@@ -69,8 +54,8 @@ def main() -> None:
 def format_report(report: dict, prune_dir: Path, continue_dir: Path) -> str:
     pruning, continued = report["pruning"], report["continued_pretraining"]
     lines = ["", "=" * 72, "Sheared-LLaMA pipeline summary", "=" * 72,
-             f"{'':<10}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'mlp':>7}"
-             f"{'non-emb params':>16}{'total params':>14}"]
+             (f"{'':<10}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'mlp':>7}"
+             f"{'non-emb params':>16}{'total params':>14}")]
     for name in ("source", "target", "achieved"):
         a = pruning[name]
         non_emb = pruning["non_embedding_params"][name]
@@ -89,8 +74,8 @@ def format_report(report: dict, prune_dir: Path, continue_dir: Path) -> str:
         lines.append(f"{domain:<16}{source[domain]:>10.4f}{pruned[domain]:>10.4f}"
                      f"{after.get(domain, float('nan')):>11.4f}")
     lines += ["", f"wall time: {report['wall_seconds']:.0f} s",
-              f"plots: {prune_dir / 'pruning.png'}, {prune_dir / 'domain_weights.png'}, "
-              f"{continue_dir / 'domain_weights.png'}",
+              (f"plots: {prune_dir / 'pruning.png'}, {prune_dir / 'domain_weights.png'}, "
+              f"{continue_dir / 'domain_weights.png'}"),
               f"pruned model (Hugging Face format): {prune_dir / 'pruned_model'}",
               f"after continued pre-training: {continued['checkpoint']}/model"]
     return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The process side every recipe shares: joining the process group, FSDP sharding, gathering
+full states on rank 0, sums over ranks, the progress bar, teardown and ``recipe_main``.
+
+With ``WORLD_SIZE > 1`` (``tune run --nproc_per_node N``) each helper does the collective work;
+in a single process it is the plain local operation, so a recipe reads the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LRScheduler
+from torchtune import training, utils
+from torchtune.training.metric_logging import MetricLoggerInterface
+from tqdm.auto import tqdm
+
+from acadlm_plugins.training.checkpointing import Stateful, restore_rng_state
+from acadlm_plugins.training.components import instantiate_component
+
+
+class ProcessInfo(NamedTuple):
+    """Where this process runs and its place among the ranks."""
+
+    distributed: bool
+    device: torch.device
+    dtype: torch.dtype
+    world_size: int
+    rank: int
+
+
+def init_process(cfg: DictConfig) -> ProcessInfo:
+    """Pick the configured ``device`` and ``dtype`` and, under a multi-process launch, join the
+    process group (NCCL on CUDA, gloo otherwise) so that every later collective has one."""
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    device = utils.get_device(cfg.get("device", "cpu"))
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world_size, rank = utils.get_world_size_and_rank()
+    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
+    return ProcessInfo(distributed, device, dtype, world_size, rank)
+
+
+def shard_decoder_layers(model: torch.nn.Module) -> None:
+    """Shard ``model`` with FSDP2, one unit per transformer layer (the torchtune default)."""
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    training.shard_model(
+        model, [lambda _n, m: isinstance(m, TransformerSelfAttentionLayer)],
+        cpu_offload=False, reshard_after_forward=True)
+
+
+def full_model_state(model: torch.nn.Module, *, distributed: bool,
+                     is_rank_zero: bool) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) CPU state dict on rank 0; every rank must call this, since
+    gathering FSDP shards is a collective."""
+    if distributed:
+        return training.gather_cpu_state_dict(model, is_rank_zero)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                         distributed: bool, is_rank_zero: bool) -> dict[str, Any]:
+    """The optimizer's full state dict on rank 0 (gathered from every rank under FSDP)."""
+    if distributed:
+        return training.get_full_optimizer_state_dict(model, optimizer, is_rank_zero)
+    return optimizer.state_dict()
+
+
+def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, lr_scheduler: LRScheduler | None,
+                           sampler: Stateful, distributed: bool, device: torch.device,
+                           extra: Mapping[str, Callable[[Any], None]] | None = None) -> None:
+    """Load what :func:`~acadlm_plugins.training.checkpointing.recipe_state` saved: optimizer
+    (resharded under FSDP), scheduler, data position, then ``extra[key](state[key])`` for each
+    extra entry (e.g. plugin state) and last the RNG, so that nothing restored after it can
+    draw from it."""
+    if distributed:
+        training.load_from_full_optimizer_state_dict(model, optimizer, state["optimizer"], device)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    if lr_scheduler is not None and state.get("lr_scheduler") is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    for key, restore in (extra or {}).items():
+        restore(state[key])
+    restore_rng_state(state["rng"])
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  lr_scheduler: LRScheduler | None,
+                  clip_grad_norm: float | None) -> torch.Tensor | None:
+    """Clip the gradients (when ``clip_grad_norm`` is set), step the optimizer and scheduler.
+
+    Returns the gradient norm before clipping (over all shards under FSDP), or None."""
+    grad_norm = None
+    if clip_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   max_norm=float(clip_grad_norm))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return grad_norm
+
+
+def all_reduce_sum(tensor: torch.Tensor, *, distributed: bool,
+                   device: torch.device) -> torch.Tensor:
+    """``tensor`` summed over ranks, on the CPU (the communication runs on ``device``, which
+    NCCL requires to be the GPU); ``tensor`` itself in a single process."""
+    if not distributed:
+        return tensor
+    moved = tensor.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
+
+
+def all_reduce_float(value: float, *, distributed: bool, device: torch.device) -> float:
+    """``value`` summed over ranks, in float64."""
+    summed = all_reduce_sum(torch.tensor([value], dtype=torch.float64), distributed=distributed,
+                            device=device)
+    return float(summed[0])
+
+
+def barrier(distributed: bool) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if distributed:
+        dist.barrier()
+
+
+def rank_zero_metric_logger(cfg: DictConfig,
+                            is_rank_zero: bool) -> MetricLoggerInterface | None:
+    """The configured ``metric_logger`` with the config logged to it, on rank 0 only (the other
+    ranks' metrics are reduced onto rank 0 first)."""
+    if not is_rank_zero:
+        return None
+    metric_logger = instantiate_component(cfg, "metric_logger")
+    metric_logger.log_config(cfg)
+    return metric_logger
+
+
+def progress_bar(*, total: int, initial: int, desc: str, is_rank_zero: bool) -> tqdm:
+    """A step progress bar on rank 0, silenced by ``ACADLM_NO_PROGRESS=1`` (tests, batch jobs)."""
+    return tqdm(total=total, initial=initial, desc=desc,
+                disable=not is_rank_zero or os.environ.get("ACADLM_NO_PROGRESS") == "1",
+                dynamic_ncols=True)
+
+
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    """Whether a periodic action (log, evaluate, save) runs after ``step``: every ``every``
+    steps, and always after the last one."""
+    return step % every == 0 or step == max_steps
+
+
+def close_process(distributed: bool,
+                  metric_logger: MetricLoggerInterface | None = None) -> None:
+    """Flush and close the metric logger (if any), then leave the process group."""
+    if metric_logger is not None:
+        metric_logger.close()
+    if distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Recipe(Protocol):
+    """What :func:`run_recipe` calls on a recipe object besides its stages."""
+
+    def setup(self, cfg: DictConfig) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+
+R = TypeVar("R", bound=Recipe)
+
+
+def run_recipe(cfg: DictConfig, recipe_class: Callable[[DictConfig], R],
+               *stages: Callable[[R], object]) -> None:
+    """The body of a torchtune ``recipe_main``: build the recipe, ``setup(cfg)``, run each
+    stage (e.g. ``MyRecipe.train``) in order, ``cleanup()``."""
+    recipe = recipe_class(cfg)
+    recipe.setup(cfg)
+    for stage in stages:
+        stage(recipe)
+    recipe.cleanup()

@@ -1,0 +1,202 @@
+"""QuRating end to end: judge -> rater -> annotate -> select -> train on uniform vs selected data.
+
+    python recipes/qurating/pipeline.py                          # the embedded SmolLM2 demo
+    python recipes/qurating/pipeline.py --num-pairs 64 --documents-per-file 200
+    python recipes/qurating/pipeline.py --set judge:judge.kind=openai \\
+        --set judge:judge.openai.model=Qwen/Qwen2.5-7B-Instruct --set judge:judge.openai.api_key_env=KEY
+
+Each stage is an ordinary command with its own config (``tune run`` of a recipe, or
+``acadlm-qurating-select``, run here as ``python -m acadlm_plugins.qurating.select``), so any stage can be rerun, resumed or changed on its own; this script
+only points each stage at the previous one's output, sizes the demo and prints one summary:
+the judge's labels, the rater's held-out accuracy per criterion, what the selection kept, and
+the validation loss of the same model trained for the same number of tokens on the quality
+selection and on a uniform selection of the same budget (tau = inf).
+
+``--set STAGE:key=value`` passes one more override to one stage (STAGE is judge, rater,
+annotate, select or train); it is applied after the pipeline's own, so it wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from acadlm_plugins.qurating.select import summary_lines
+from acadlm_plugins.stages import run_stage, tune_run
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs" / "smollm2"
+STAGES = ("judge", "rater", "annotate", "select", "train")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/qurating_demo"))
+    for stage in STAGES:
+        parser.add_argument(f"--{stage}-config", type=Path,
+                            default=CONFIGS / f"qurating_{stage}.yaml")
+    parser.add_argument("--num-pairs", type=int, default=12,
+                        help="pairs the judge compares (each on every criterion, both orders)")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="rater trains on pairs with |p - 0.5| >= margin. QuRating uses "
+                             "0.25; the 135M demo judge's labels sit within ~0.01 of 0.5, so "
+                             "the demo uses 0")
+    parser.add_argument("--rater-steps", type=int, default=12)
+    parser.add_argument("--documents-per-file", type=int, default=16,
+                        help="documents scored per corpus file (0: all of them)")
+    parser.add_argument("--train-steps", type=int, default=24,
+                        help="steps of each training run; both runs see the same tokens")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="processes for the rater, annotation and training stages")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        metavar="STAGE:KEY=VALUE", help="one more override for one stage")
+    return parser.parse_args(argv)
+
+
+def stage_overrides(extra: Sequence[str]) -> dict[str, list[str]]:
+    """``["judge:a.b=1", ...]`` -> ``{"judge": ["a.b=1"], ...}``; a bad entry stops the run."""
+    found: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for item in extra:
+        stage, sep, override = item.partition(":")
+        if not sep or stage not in found or "=" not in override:
+            raise SystemExit(f"--set {item!r}: expected STAGE:key=value with STAGE one of "
+                             f"{', '.join(STAGES)}, e.g. --set rater:margin=0.1")
+        found[stage].append(override)
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    extra = stage_overrides(args.extra)
+    out = args.output_dir
+    paths = {name: out / name for name in ("judgments", "rater", "annotate")}
+    selected, uniform = out / "select" / "selected", out / "select" / "uniform"
+    started = time.perf_counter()
+
+    tune_run("acadlm_plugins/judge_recipe", args.judge_config,
+             [f"output_dir={paths['judgments']}", f"pairs.num_pairs={args.num_pairs}",
+              *extra["judge"]])
+    tune_run("acadlm_plugins/rater_recipe", args.rater_config,
+             [f"output_dir={paths['rater']}",
+              f"judgments={paths['judgments'] / 'judgments.jsonl'}", f"margin={args.margin}",
+              f"max_steps={args.rater_steps}", f"eval_every_n_steps={args.rater_steps}",
+              f"save_every_n_steps={args.rater_steps}", "validation_fraction=0.25",
+              *extra["rater"]], args.nproc_per_node)
+    documents = args.documents_per_file or "null"
+    tune_run("acadlm_plugins/annotate_recipe", args.annotate_config,
+             [f"output_dir={paths['annotate']}", f"rater_dir={paths['rater'] / 'rater'}",
+              f"max_documents_per_file={documents}", *extra["annotate"]], args.nproc_per_node)
+    run_stage([sys.executable, "-m", "acadlm_plugins.qurating.select", "--config", args.select_config,
+               f"scores_dir={paths['annotate']}", f"output_dir={selected}",
+               f"uniform_output_dir={uniform}", *extra["select"]], stage="select")
+    for name, selection in (("selected", selected), ("uniform", uniform)):
+        tune_run("acadlm_plugins/continued_pretrain_recipe", args.train_config,
+                 [f"output_dir={out / f'train_{name}'}", f"dataset.selection_dir={selection}",
+                  f"max_steps={args.train_steps}", f"save_every_n_steps={args.train_steps}",
+                  *extra["train"]], args.nproc_per_node)
+
+    report = collect_report(out, time.perf_counter() - started)
+    (out / "pipeline_summary.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report, out), flush=True)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def collect_report(out: Path, wall_seconds: float) -> dict:
+    """The summaries every stage wrote, in one mapping (also saved as pipeline_summary.json)."""
+    return {
+        "judgments": _read(out / "judgments" / "judgments.summary.json"),
+        "rater": _read(out / "rater" / "summary.json"),
+        "annotation": _read(out / "annotate" / "annotation.json"),
+        "selection": {name: _read(out / "select" / name / "selection.json")
+                      for name in ("selected", "uniform")},
+        "selection_overlap": selection_overlap(out / "select" / "selected",
+                                               out / "select" / "uniform"),
+        "training": {name: _read(out / f"train_{name}" / "summary.json")
+                     for name in ("selected", "uniform")},
+        "wall_seconds": round(wall_seconds, 1),
+    }
+
+
+def selected_ids(selection_dir: Path) -> set[str]:
+    """The ``id`` of every document in a selection folder (``<domain>/train.jsonl``)."""
+    ids: set[str] = set()
+    for path in sorted(selection_dir.glob("*/train.jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            ids.update(str(json.loads(line).get("id")) for line in handle if line.strip())
+    return ids
+
+
+def selection_overlap(selected: Path, uniform: Path) -> dict[str, int]:
+    """How many documents the quality and the uniform selection share.
+
+    Both draw their Gumbel noise from the same (seed, id) hash, so they differ only where the
+    scores move a document across the budget line: at high tau they overlap a lot, which makes
+    their comparison a paired one.
+    """
+    chosen, baseline = selected_ids(selected), selected_ids(uniform)
+    return {"selected": len(chosen), "uniform": len(baseline), "shared": len(chosen & baseline)}
+
+
+def format_report(report: dict, out: Path) -> str:
+    """The pipeline's summary for the terminal: one block per stage."""
+    judged, rater = report["judgments"], report["rater"]
+    lines = ["", "=" * 76, "QuRating pipeline summary", "=" * 76,
+             (f"judge: {judged['judge']}: {judged['pairs_in_file']} pairs, "
+             f"{judged['pairs_rejected']} rejected, position bias "
+             f"{_show(judged['position_bias'])}"),
+             "", (f"{'criterion':<22}{'mean |p-0.5|':>13}{'train pairs':>12}{'held out':>9}"
+             f"{'acc before':>11}{'acc after':>10}")]
+    per_criterion = rater["pairs"].get("per_criterion", {})
+    for name in rater["criteria"]:
+        counts = per_criterion.get(name, {})
+        confidence = judged["per_criterion"].get(name, {}).get("mean_confidence")
+        heldout = counts.get("heldout", 0)
+        lines.append(f"{name:<22}{_show(confidence, '.3f'):>13}"
+                     f"{counts.get('confident', 0) - heldout:>12}{heldout:>9}"
+                     f"{_show(rater['heldout_accuracy_before'].get(name), '.3f'):>11}"
+                     f"{_show(rater['heldout_accuracy_after'].get(name), '.3f'):>10}")
+    annotation = report["annotation"]
+    lines += ["", (f"annotation: {annotation['documents_scored']:,} documents, "
+              f"{annotation['tokens_scored']:,} tokens, "
+              f"{annotation['tokens_per_second']:.0f} tokens/s"), ""]
+    lines += summary_lines(report["selection"])
+    overlap = report["selection_overlap"]
+    lines.append(f"documents in both selections: {overlap['shared']:,} of {overlap['selected']:,} "
+                 f"selected and {overlap['uniform']:,} uniform")
+    selected, uniform = report["training"]["selected"], report["training"]["uniform"]
+    before = selected["val_loss_before"]
+    lines += ["", (f"validation loss after {selected['steps']} steps on each selection "
+              "(the same tokens for both):"),
+              f"{'domain':<14}{'base model':>11}{'uniform':>10}{'selected':>10}{'sel - uni':>11}"]
+    after_sel, after_uni = selected["val_loss_after"], uniform["val_loss_after"]
+    for domain in before:
+        lines.append(f"{domain:<14}{before[domain]:>11.4f}{after_uni[domain]:>10.4f}"
+                     f"{after_sel[domain]:>10.4f}{after_sel[domain] - after_uni[domain]:>+11.4f}")
+    mean = {name: sum(values.values()) / len(values)
+            for name, values in (("base", before), ("uniform", after_uni),
+                                 ("selected", after_sel))}
+    lines.append(f"{'mean':<14}{mean['base']:>11.4f}{mean['uniform']:>10.4f}"
+                 f"{mean['selected']:>10.4f}{mean['selected'] - mean['uniform']:>+11.4f}")
+    lines += ["", f"wall time: {report['wall_seconds']:.0f} s",
+              (f"selection plots: {out / 'select' / 'selected' / 'selection.png'}, "
+              f"{out / 'select' / 'uniform' / 'selection.png'}"),
+              f"all summaries: {out / 'pipeline_summary.json'}"]
+    return "\n".join(lines)
+
+
+def _show(value: float | None, fmt: str = "+.3f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else format(value, fmt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""recipes/qurating/pipeline.py end to end on the tiny model: every stage runs, each reads the
+previous stage's output, and the summary compares uniform and selected training at equal tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_setup import REPO_ROOT, write_tiny_corpus, write_tiny_model_dir
+
+PIPELINE = REPO_ROOT / "recipes" / "qurating" / "pipeline.py"
+TINY = REPO_ROOT / "configs" / "tiny"
+
+
+def run_pipeline(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
+           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    return subprocess.run([sys.executable, str(PIPELINE), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def tiny_pipeline_args(tmp_path: Path) -> list[str]:
+    model = write_tiny_model_dir(tmp_path / "model")
+    corpus = write_tiny_corpus(tmp_path / "corpus", docs_per_domain=12)
+    files = "[" + ",".join(str(corpus / d / "train.jsonl") for d in ("prose", "numbers", "code")) + "]"
+    return [
+        "--output-dir", str(tmp_path / "out"),
+        "--judge-config", str(TINY / "qurating_judge.yaml"),
+        "--rater-config", str(TINY / "qurating_rater.yaml"),
+        "--annotate-config", str(TINY / "qurating_annotate.yaml"),
+        "--train-config", str(TINY / "qurating_train.yaml"),
+        "--num-pairs", "8", "--rater-steps", "4", "--documents-per-file", "6",
+        "--train-steps", "4", "--set", "select:top_k=true",
+        "--set", f"judge:judge.local.model_dir={model}", "--set", f"judge:pairs.data={corpus}",
+        "--set", f"rater:backbone_dir={model}", "--set", "rater:batch_size=4",
+        "--set", f"annotate:data_files={files}",
+        "--set", f"train:checkpointer.checkpoint_dir={model}",
+        "--set", f"train:validation_dataset.data_dir={corpus}",
+    ]
+
+
+def test_pipeline_runs_every_stage_and_compares_uniform_with_selected(tmp_path) -> None:
+    done = run_pipeline(tiny_pipeline_args(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    out = tmp_path / "out"
+    report = json.loads((out / "pipeline_summary.json").read_text())
+
+    assert report["judgments"]["pairs_in_file"] == 8
+    assert report["rater"]["steps"] == 4
+    assert set(report["rater"]["criteria"]) == {"writing_style", "educational_value"}
+    # 6 documents of each of the 3 files were scored, and the selections drew from them.
+    assert report["annotation"]["documents_scored"] == 18 and report["annotation"]["complete"]
+    chosen, uniform = report["selection"]["selected"], report["selection"]["uniform"]
+    assert chosen["settings"]["mode"] != uniform["settings"]["mode"]
+    assert chosen["corpus"]["documents"] == uniform["corpus"]["documents"] == 18
+    assert 0 < chosen["selected"]["documents"] < 18
+    overlap = report["selection_overlap"]
+    assert overlap["selected"] == chosen["selected"]["documents"]
+    assert overlap["uniform"] == uniform["selected"]["documents"]
+    assert overlap["shared"] < overlap["selected"], "top-k by score chose the uniform documents"
+    # Both training runs took the same number of steps and were validated on the same data.
+    trained = report["training"]
+    assert trained["selected"]["steps"] == trained["uniform"]["steps"] == 4
+    assert trained["selected"]["val_loss_before"] == trained["uniform"]["val_loss_before"]
+    assert set(trained["selected"]["val_loss_after"]) == {"prose", "numbers", "code"}
+    assert trained["selected"]["val_loss_after"] != trained["uniform"]["val_loss_after"]
+
+    printed = done.stdout
+    assert "QuRating pipeline summary" in printed
+    for line in ("writing_style", "educational_value", "[selected]", "[uniform]", "sel - uni",
+                 "documents in both selections"):
+        assert line in printed
+    for stage in ("judge_recipe", "rater_recipe", "annotate_recipe", "qurating.select",
+                  "continued_pretrain_recipe"):
+        assert stage in printed, f"the command of stage {stage} is not echoed"
+
+
+def test_a_malformed_stage_override_is_refused_before_any_stage_runs(tmp_path) -> None:
+    done = run_pipeline(["--output-dir", str(tmp_path / "out"), "--set", "rater margin=0.1"],
+                        cwd=tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert "expected STAGE:key=value" in done.stderr and "rater:margin=0.1" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", ["trainer:max_steps=3", "judge:num_pairs"])
+def test_unknown_stage_or_missing_value_is_refused(tmp_path, bad) -> None:
+    done = run_pipeline(["--output-dir", str(tmp_path / "out"), "--set", bad], cwd=tmp_path,
+                        timeout=120)
+    assert done.returncode != 0 and "expected STAGE:key=value" in done.stderr
