@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,14 @@ RESUME_MUST_MATCH = ("model", "dataset", "tokenizer")
 
 
 class ContinuedPretrainRecipe:
-    """Setup, train, checkpoint: one object per run (see the module docstring)."""
+    """Setup, train, checkpoint: one object per run (see the module docstring).
+
+    Recipes built on this one (long-context training) change it through the class attributes
+    below and the methods marked "for recipes built on this"."""
+
+    known_keys: frozenset[str] = frozenset(KNOWN_KEYS)
+    required_keys: tuple[str, ...] = REQUIRED_KEYS
+    example_config = "configs/smollm2/continued_pretrain_demo.yaml"
 
     def __init__(self, cfg: DictConfig, recipe_name: str = RECIPE_NAME) -> None:
         self._recipe_name = recipe_name
@@ -88,12 +96,13 @@ class ContinuedPretrainRecipe:
         self._keep_last = int(cfg.get("keep_last_n_checkpoints", 2))
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
+        self._validation_losses = None  # set by recipes built on this one
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, cfg: DictConfig) -> None:
         self._pm = build_plugin_manager(list(cfg.get("plugins", None) or []))
         self._pm.hook.acadlm_configure(cfg=cfg, recipe=self._recipe_name)
-        _check_keys(cfg, self._pm)
+        self._check_keys(cfg)
         self._eval_every = int(cfg.get("eval_every_n_steps", None) or self._max_steps)
         self._cfg = cfg
         if self._is_rank_zero:
@@ -118,7 +127,7 @@ class ContinuedPretrainRecipe:
         self._train_data: DomainMixtureDataset = instantiate_component(cfg, "dataset", self._tokenizer)
         self._val_data: DomainMixtureDataset = instantiate_component(
             cfg, "validation_dataset", self._tokenizer)
-        _check_same_domains(self._train_data, self._val_data)
+        self._check_data()
         self._sampler = DomainBatchSampler.for_dataset(
             self._train_data, self._batch_size, seed=self._seed, rank=self._rank,
             world_size=self._world_size)
@@ -140,7 +149,7 @@ class ContinuedPretrainRecipe:
 
     def _setup_model(self, cfg: DictConfig, model_state: dict) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
-            model = instantiate_component(cfg, "model")
+            model = self._build_model(cfg)
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -207,9 +216,7 @@ class ContinuedPretrainRecipe:
         domain_counts = torch.zeros_like(domain_sums)
         for batch in micro_batches:
             self._pm.hook.acadlm_batch_ready(batch=batch, step=self._step)
-            logits = self._model(batch["tokens"], mask=batch.get("mask"),
-                                 input_pos=batch.get("input_pos"))
-            seq_loss, seq_count = shifted_token_losses(logits, batch["labels"])
+            seq_loss, seq_count, logits = self._token_losses(batch)
             # Normalized by the global token count; FSDP averages gradients over ranks, hence
             # the world_size factor. Plugin terms are per-micro-batch means, averaged likewise.
             loss = seq_loss.sum() / global_tokens * self._world_size
@@ -253,7 +260,7 @@ class ContinuedPretrainRecipe:
         losses = evaluate_domain_losses(
             self._model, self._val_data.corpus, batch_size=int(validation.get("batch_size", self._batch_size)),
             device=self._device, max_packs_per_domain=validation.get("max_packs_per_domain", None),
-            rank=self._rank, world_size=self._world_size)
+            rank=self._rank, world_size=self._world_size, token_losses=self._eval_token_losses())
         metrics = {f"val_loss/{name}": value for name, value in losses.items()}
         metrics["val_loss"] = sum(losses.values()) / len(losses)
         extra = self._pm.hook.acadlm_evaluation_end(step=self._step, domain_losses=losses,
@@ -279,8 +286,8 @@ class ContinuedPretrainRecipe:
                 sampler=self._sampler, plugins=plugin_states(self._pm), history=self._history,
                 config=config_values(self._cfg, RESUME_MUST_MATCH))
             path = write_recipe_checkpoint(
-                self._output_dir, self._step, state, lambda folder: save_hf_model_dir(
-                    self._checkpointer, model_state, folder / MODEL_DIRNAME),
+                self._output_dir, self._step, state, lambda folder: self._write_model_dir(
+                    model_state, folder / MODEL_DIRNAME),
                 keep_last=self._keep_last)
             log.info("checkpoint written: %s", path)
             self._pm.hook.acadlm_checkpoint_saved(path=str(path), step=self._step)
@@ -288,6 +295,43 @@ class ContinuedPretrainRecipe:
         return path
 
     # ----------------------------------------------------------- for recipes built on this
+    def _check_keys(self, cfg: DictConfig) -> None:
+        """Unknown keys (beyond ``known_keys`` and the plugins' own) and missing required ones."""
+        allowed = set(self.known_keys)
+        for plugin in self._pm.get_plugins():
+            allowed.update(getattr(plugin, "config_keys", ()))
+        check_config_keys(cfg, known=allowed, required=self.required_keys,
+                          recipe=self._recipe_name, example=self.example_config)
+
+    def _build_model(self, cfg: DictConfig) -> torch.nn.Module:
+        """The model, before weights are loaded (under the run's dtype and device)."""
+        return instantiate_component(cfg, "model")
+
+    def _check_data(self) -> None:
+        """Every training domain needs a validation split (dynamic batch loading compares them)."""
+        missing = [d for d in self._train_data.domain_names if d not in self._val_data.domain_names]
+        if missing:
+            raise ConfigError("validation_dataset", f"has no validation data for domains {missing}.",
+                              "give every training domain a validation split.")
+
+    def _token_losses(self, batch: dict[str, torch.Tensor],
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Summed next-token loss and counted tokens per sequence, and the logits (None when a
+        recipe never materializes them, e.g. a chunked loss)."""
+        logits = self._model(batch["tokens"], mask=batch.get("mask"),
+                             input_pos=batch.get("input_pos"))
+        seq_loss, seq_count = shifted_token_losses(logits, batch["labels"])
+        return seq_loss, seq_count, logits
+
+    def _eval_token_losses(self) -> Callable[[torch.nn.Module, dict[str, Any]],
+                                             tuple[torch.Tensor, torch.Tensor]] | None:
+        """How validation computes per-sequence losses; None: full logits + cross-entropy."""
+        return self._validation_losses
+
+    def _write_model_dir(self, model_state: dict[str, torch.Tensor], folder: Path) -> None:
+        """Save ``model_state`` as a Hugging Face model folder (the checkpoint's ``model/``)."""
+        save_hf_model_dir(self._checkpointer, model_state, folder)
+
     @property
     def is_rank_zero(self) -> bool:
         return self._is_rank_zero
@@ -359,21 +403,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"plot: {summary['domain_weights_plot']}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
     return "\n".join(lines)
-
-
-def _check_keys(cfg: DictConfig, pm) -> None:
-    allowed = set(KNOWN_KEYS)
-    for plugin in pm.get_plugins():
-        allowed.update(getattr(plugin, "config_keys", ()))
-    check_config_keys(cfg, known=allowed, required=REQUIRED_KEYS, recipe="continued_pretrain",
-                      example="configs/smollm2/continued_pretrain_demo.yaml")
-
-
-def _check_same_domains(train: DomainMixtureDataset, val: DomainMixtureDataset) -> None:
-    missing = [d for d in train.domain_names if d not in val.domain_names]
-    if missing:
-        raise ConfigError("validation_dataset", f"has no validation data for domains {missing}.",
-                          "give every training domain a validation split.")
 
 
 @config.parse

@@ -42,6 +42,7 @@ class PruneRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self._cfg = cfg
         self._trainer = ContinuedPretrainRecipe(cfg, recipe_name="prune")
+        self._trainer.example_config = "configs/smollm2/135M_to_50M_prune.yaml"
 
     def setup(self, cfg: DictConfig) -> None:
         self._trainer.setup(cfg)

@@ -33,12 +33,17 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
                            max_packs_per_domain: int | None = None, rank: int = 0,
                            world_size: int = 1,
                            forward: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+                           | None = None,
+                           token_losses: Callable[[torch.nn.Module, dict[str, Any]],
+                                                  tuple[torch.Tensor, torch.Tensor]]
                            | None = None) -> dict[str, float]:
     """Token-averaged validation loss of every domain of ``corpus``.
 
     The same packs are evaluated every time (the first ``max_packs_per_domain`` of each
     domain), so losses are comparable across steps. Packs are split across ranks and the sums
-    all-reduced, so every rank returns the same numbers.
+    all-reduced, so every rank returns the same numbers. ``token_losses(model, batch)``, when
+    given, replaces ``forward`` + cross-entropy (e.g. a chunked loss that never builds the full
+    logits).
     """
     forward = forward or _default_forward
     was_training = model.training
@@ -57,8 +62,10 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
             keys = mine[start:start + batch_size]
             batch = collate_domain_packs([corpus.get(d, p) for p in keys])
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = forward(model, batch)
-            loss_sum, count = shifted_token_losses(logits, batch["labels"])
+            if token_losses is not None:
+                loss_sum, count = token_losses(model, batch)
+            else:
+                loss_sum, count = shifted_token_losses(forward(model, batch), batch["labels"])
             keep = torch.tensor(counted[start:start + batch_size], device=loss_sum.device)
             sums[d] += (loss_sum * keep).sum().double().cpu()
             counts[d] += (count * keep).sum().double().cpu()

@@ -1,0 +1,106 @@
+"""Packed sequences on CPU: document masks through SDPA, loss masking at document boundaries,
+and the chunked loss that long-context training uses instead of full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from recipe_runs import torch_threads
+
+from acadlm_plugins.data.mixture import collate_domain_packs
+from acadlm_plugins.data.packing import (
+    CROSS_ENTROPY_IGNORE_INDEX,
+    TokenizedDocuments,
+    pack_documents,
+)
+from acadlm_plugins.models.smollm2 import tiny_llama
+from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
+from acadlm_plugins.training.validation import shifted_token_losses
+
+LENGTH = 48
+DOCS = [list(range(3, 3 + n)) for n in (11, 17, 9, 11)]  # 48 tokens: exactly one pack
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch_threads():
+        net = tiny_llama(max_seq_len=128)
+        for p in net.parameters():  # a livelier random model than the default 0.02 init
+            torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+def packed_batch(docs: list[list[int]], positions: str = "reset") -> dict[str, torch.Tensor]:
+    packs = pack_documents(TokenizedDocuments.from_lists(docs), LENGTH, pad_id=0)
+    sample = packs.sample(0, positions=positions)
+    sample["domain"] = 0
+    return collate_domain_packs([sample])
+
+
+def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad(), torch_threads():
+        return model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
+
+
+@pytest.mark.parametrize("positions", ["reset", "continuous"])
+def test_changing_one_document_leaves_the_others_outputs_unchanged(model, positions) -> None:
+    batch = packed_batch(DOCS, positions)
+    assert batch["mask"].dtype == torch.bool and batch["mask"].shape == (1, LENGTH, LENGTH)
+    changed_docs = [DOCS[0], [t + 40 for t in DOCS[1]], DOCS[2], DOCS[3]]
+    changed = packed_batch(changed_docs, positions)
+    before, after = forward(model, batch), forward(model, changed)
+    second = slice(11, 28)  # the tokens of document 2
+    outside = torch.ones(LENGTH, dtype=torch.bool)
+    outside[second] = False
+    assert torch.allclose(before[0, outside], after[0, outside], atol=1e-5)
+    assert not torch.allclose(before[0, second], after[0, second], atol=1e-3)
+
+
+def test_a_document_in_a_pack_scores_as_it_does_alone(model) -> None:
+    """Block-causal masking + reset positions: the third document's logits are those of the
+    document run on its own."""
+    packed = forward(model, packed_batch(DOCS, "reset"))
+    alone = forward(model, {"tokens": torch.tensor([DOCS[2]]), "mask": None, "input_pos": None})
+    assert torch.allclose(packed[0, 28:37], alone[0], atol=1e-4)
+
+
+def test_no_target_crosses_a_document_boundary() -> None:
+    batch = packed_batch(DOCS)
+    targets = shifted_targets(batch["labels"])[0]
+    ends = torch.cumsum(torch.tensor([len(d) for d in DOCS]), 0) - 1
+    # the last token of every document predicts nothing (not the next document's first token)
+    assert torch.all(targets[ends] == CROSS_ENTROPY_IGNORE_INDEX)
+    counted = int((targets != CROSS_ENTROPY_IGNORE_INDEX).sum())
+    assert counted == sum(len(d) - 1 for d in DOCS)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 48, 1000])
+def test_chunked_loss_equals_the_full_logits_loss_and_gradients(chunk) -> None:
+    torch.manual_seed(1)
+    with torch_threads():
+        net = tiny_llama(max_seq_len=128)
+        batch = packed_batch(DOCS)
+        batch = {k: torch.cat([v, v.flip(-1) if k == "tokens" else v]) for k, v in batch.items()}
+        full_logits = net(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
+        full, full_count = shifted_token_losses(full_logits, batch["labels"])
+        full.sum().backward()
+        want = {n: p.grad.clone() for n, p in net.named_parameters()}
+        net.zero_grad(set_to_none=True)
+        chunked, count = chunked_token_losses(
+            net, batch["tokens"], shifted_targets(batch["labels"]), chunk_tokens=chunk,
+            mask=batch["mask"], input_pos=batch["input_pos"])
+        chunked.sum().backward()
+    assert torch.equal(count, full_count)
+    assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-4)
+    for name, param in net.named_parameters():
+        assert torch.allclose(param.grad, want[name], rtol=1e-4, atol=1e-6), name
+    assert not hasattr(net, "unembed") or callable(type(net).unembed)
+    assert "unembed" not in vars(net), "the loss head must not outlive the call"
+
+
+def test_chunked_loss_rejects_a_zero_chunk(model) -> None:
+    batch = packed_batch(DOCS)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunked_token_losses(model, batch["tokens"], shifted_targets(batch["labels"]),
+                             chunk_tokens=0)
