@@ -6,9 +6,13 @@ SmolLM2 tokenizer and pack it into ``--max-seq-len`` sequences:
 * torchtune: ``text_completion_dataset(source="json", data_files=..., packed=True)``, i.e.
   ``TextCompletionDataset`` (which truncates every document to ``max_seq_len - 1`` tokens)
   wrapped in ``PackedDataset(split_across_pack=True)``;
-* ours: ``tokenize_texts`` (batched encoding) then ``pack_documents`` (no token dropped).
+* ours: ``tokenize_texts`` (batched encoding) then ``pack_documents`` (no token dropped);
+* ours, streaming: ``stream_tokenize`` (tokens appended to an on-disk store, read back through
+  ``np.memmap``) then ``StreamingPackedSequences`` (packs computed on demand from the
+  offsets); every pack is then read once as a sample, so the lazy packing is really paid for.
 
-Each pipeline runs in a fresh process, so its wall time and peak-RSS growth are its own.
+Each pipeline runs in a fresh process, so its wall time and peak-RSS growth are its own; the
+ratios printed at the end compare pipelines measured in the same run.
 
 Run::
 
@@ -125,12 +129,32 @@ def _ours_pipeline(jsonl: str, tokenizer, max_seq_len: int) -> dict:
             "truncated_tokens": int((lengths - (max_seq_len - 1)).clip(min=0).sum())}
 
 
+def _streaming_pipeline(jsonl: str, tokenizer, max_seq_len: int) -> dict:
+    from acadlm_plugins.data.streaming import StreamingPackedSequences, stream_tokenize
+
+    # A fresh token store, so the tokenization is measured, not a cache hit.
+    cache_dir = tempfile.mkdtemp(dir=Path(jsonl).parent, prefix="token_store_")
+    started = time.perf_counter()
+    docs = stream_tokenize([Path(jsonl)], tokenizer, text_field="text", cache_dir=cache_dir)
+    tokenized = time.perf_counter()
+    packed = StreamingPackedSequences(docs, max_seq_len, tokenizer.pad_id, mode="split")
+    planned = time.perf_counter()
+    for index in range(len(packed)):
+        packed.sample(index)
+    return {"packs": packed.stats.packs, "tokens_kept": packed.stats.tokens_out,
+            "positions": packed.stats.packs * max_seq_len, "tokens_in": docs.num_tokens,
+            "tokenize_s": tokenized - started, "pack_s": planned - tokenized,
+            "read_s": time.perf_counter() - planned}
+
+
 def _measure(pipeline: str, jsonl: str, max_seq_len: int, queue) -> None:
     """Child process: import and load the tokenizer first, then time the pipeline and its
     peak-RSS growth (neither import nor tokenizer loading counts for either side)."""
-    run = {"torchtune": _torchtune_pipeline, "ours": _ours_pipeline}[pipeline]
-    import torchtune.datasets  # noqa: F401  (import cost is not part of either pipeline)
+    run = {"torchtune": _torchtune_pipeline, "ours": _ours_pipeline,
+           "streaming": _streaming_pipeline}[pipeline]
+    import torchtune.datasets  # noqa: F401  (import cost is not part of any pipeline)
 
+    import acadlm_plugins.data.streaming
     import acadlm_plugins.data.tokenization  # noqa: F401
 
     tokenizer = load_tokenizer(max_seq_len)
@@ -156,32 +180,51 @@ def measure_in_fresh_process(pipeline: str, jsonl: Path, max_seq_len: int) -> di
     return result
 
 
-def format_report(tt: dict, ours: dict, *, documents: int, max_seq_len: int, source: str) -> str:
+def format_report(tt: dict, ours: dict, streaming: dict, *, documents: int, max_seq_len: int,
+                  source: str) -> str:
     tokens_in = ours["tokens_in"]
-    rows = [("tokens in", f"{tokens_in:,}", f"{tokens_in:,}"),
-            ("tokens kept", f"{tt['tokens_kept']:,}", f"{ours['tokens_kept']:,}"),
-            ("tokens dropped", f"{tokens_in - tt['tokens_kept']:,}",
-             f"{tokens_in - ours['tokens_kept']:,}"),
-            ("packs", f"{tt['packs']:,}", f"{ours['packs']:,}"),
-            ("efficiency (kept / positions)", f"{tt['tokens_kept'] / tt['positions']:.2%}",
-             f"{ours['tokens_kept'] / ours['positions']:.2%}"),
-            ("wall time, tokenize + pack (s)", f"{tt['wall_s']:.2f}", f"{ours['wall_s']:.2f}"),
+    # The streaming pipeline's tokenize + pack time; reading every pack is reported apart.
+    stream_s = streaming["tokenize_s"] + streaming["pack_s"]
+    columns = (tt, ours, streaming)
+    rows = [("tokens in", *(f"{tokens_in:,}",) * 2, f"{streaming['tokens_in']:,}"),
+            ("tokens kept", *(f"{c['tokens_kept']:,}" for c in columns)),
+            ("tokens dropped", *(f"{tokens_in - c['tokens_kept']:,}" for c in columns)),
+            ("packs", *(f"{c['packs']:,}" for c in columns)),
+            ("efficiency (kept / positions)",
+             *(f"{c['tokens_kept'] / c['positions']:.2%}" for c in columns)),
+            ("wall time, tokenize + pack (s)", f"{tt['wall_s']:.2f}", f"{ours['wall_s']:.2f}",
+             f"{stream_s:.2f}"),
             ("  of which tokenize / pack (s)", "(interleaved)",
-             f"{ours['tokenize_s']:.2f} / {ours['pack_s']:.2f}"),
+             f"{ours['tokenize_s']:.2f} / {ours['pack_s']:.2f}",
+             f"{streaming['tokenize_s']:.2f} / {streaming['pack_s']:.2f}"),
+            ("read every pack as a sample (s)", "(in wall time)", "-",
+             f"{streaming['read_s']:.2f}"),
             ("tokens in per second", f"{tokens_in / tt['wall_s']:,.0f}",
-             f"{tokens_in / ours['wall_s']:,.0f}"),
+             f"{tokens_in / ours['wall_s']:,.0f}", f"{streaming['tokens_in'] / stream_s:,.0f}"),
             ("tokens kept per second", f"{tt['tokens_kept'] / tt['wall_s']:,.0f}",
-             f"{ours['tokens_kept'] / ours['wall_s']:,.0f}"),
-            ("peak RSS growth (MiB)", f"{tt['peak_rss_delta_mib']:.0f}",
-             f"{ours['peak_rss_delta_mib']:.0f}")]
+             f"{ours['tokens_kept'] / ours['wall_s']:,.0f}",
+             f"{streaming['tokens_kept'] / stream_s:,.0f}"),
+            ("peak RSS growth (MiB)", *(f"{c['peak_rss_delta_mib']:.0f}" for c in columns))]
     width = max(len(r[0]) for r in rows) + 2
+    header = f"{'torchtune 0.6.1':>18}{'acadlm_plugins':>18}{'acadlm streaming':>18}"
     lines = [(f"{documents} documents from {source}, max_seq_len={max_seq_len}, "
-              "SmolLM2 tokenizer"), "",
-             f"{'':<{width}}{'torchtune 0.6.1':>18}{'acadlm_plugins':>18}"]
-    lines += [f"{name:<{width}}{a:>18}{b:>18}" for name, a, b in rows]
+              "SmolLM2 tokenizer"), "", f"{'':<{width}}{header}"]
+    lines += [f"{name:<{width}}{a:>18}{b:>18}{c:>18}" for name, a, b, c in rows]
+    tt_rate = tt["tokens_kept"] / tt["wall_s"]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.3f}x" if b else "n/a"
+
+    ratios = [("tokens kept", ours["tokens_kept"], streaming["tokens_kept"], tt["tokens_kept"]),
+              ("wall time, tokenize + pack", ours["wall_s"], stream_s, tt["wall_s"]),
+              ("tokens kept per second", ours["tokens_kept"] / ours["wall_s"],
+               streaming["tokens_kept"] / stream_s, tt_rate),
+              ("peak RSS growth", ours["peak_rss_delta_mib"], streaming["peak_rss_delta_mib"],
+               tt["peak_rss_delta_mib"])]
+    lines += ["", f"{'ratio to torchtune (this run)':<{width}}{header}"]
+    lines += [f"{name:<{width}}{'1.000x':>18}{ratio(a, base):>18}{ratio(b, base):>18}"
+              for name, a, b, base in ratios]
     lines += ["",
-              f"tokens kept, ours / torchtune: {ours['tokens_kept'] / tt['tokens_kept']:.3f}x",
-              f"wall time,   ours / torchtune: {ours['wall_s'] / tt['wall_s']:.3f}x",
               (f"torchtune truncates {ours['truncated_docs']} documents longer than "
                f"max_seq_len - 1 = {max_seq_len - 1} tokens, dropping "
                f"{ours['truncated_tokens']:,} tokens "
@@ -189,7 +232,9 @@ def format_report(tt: dict, ours: dict, *, documents: int, max_seq_len: int, sou
     if tokens_in - tt["tokens_kept"] != ours["truncated_tokens"]:
         lines.append("note: torchtune's dropped tokens differ from the truncation estimate; "
                      "the two pipelines did not tokenize identically.")
-    if not (tt["exact_peak"] and ours["exact_peak"]):
+    if streaming["tokens_in"] != tokens_in or streaming["packs"] != ours["packs"]:
+        lines.append("note: the streaming pipeline tokenized or packed differently from ours.")
+    if not all(c["exact_peak"] for c in columns):
         lines.append("note: /proc/self/clear_refs is not writable; peak RSS includes imports.")
     return "\n".join(lines)
 
@@ -217,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
               f"each pipeline in a fresh process...", flush=True)
         tt = measure_in_fresh_process("torchtune", jsonl, args.max_seq_len)
         ours = measure_in_fresh_process("ours", jsonl, args.max_seq_len)
-    print(format_report(tt, ours, documents=len(docs), max_seq_len=args.max_seq_len,
+        streaming = measure_in_fresh_process("streaming", jsonl, args.max_seq_len)
+    print(format_report(tt, ours, streaming, documents=len(docs), max_seq_len=args.max_seq_len,
                         source=source))
 
 

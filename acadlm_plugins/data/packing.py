@@ -39,8 +39,9 @@ class TokenizedDocuments:
     offsets: np.ndarray
 
     def __post_init__(self) -> None:
-        self.tokens = np.asarray(self.tokens, dtype=np.int32)
-        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        # asanyarray: a np.memmap stays a memmap (no copy), so tokens may live on disk.
+        self.tokens = np.asanyarray(self.tokens, dtype=np.int32)
+        self.offsets = np.asanyarray(self.offsets, dtype=np.int64)
 
     @classmethod
     def from_lists(cls, docs: Sequence[Sequence[int]]) -> TokenizedDocuments:
@@ -118,21 +119,34 @@ class PackedSequences:
         segment and on padding, where they are ``ignore_index``: after the shift, the last
         token of a document is never trained to predict the next document's first token.
         """
-        tokens = torch.from_numpy(self.tokens[index].astype(np.int64))
-        seq_lens = torch.from_numpy(self.segment_lens[index].astype(np.int64))
-        starts = torch.cumsum(seq_lens, 0) - seq_lens
-        labels = tokens.clone()
-        labels[starts] = ignore_index
-        pad_start = int(self.pad_start[index])
-        labels[pad_start:] = ignore_index
-        if positions == "reset":
-            input_pos = torch.arange(self.max_seq_len) - torch.repeat_interleave(starts, seq_lens)
-        elif positions == "continuous":
-            input_pos = torch.arange(self.max_seq_len)
-        else:
-            raise ConfigError("positions", f"unknown mode {positions!r}.",
-                              "use 'reset' (per document) or 'continuous'.")
-        return {"tokens": tokens, "labels": labels, "input_pos": input_pos, "seq_lens": seq_lens}
+        return packed_sample(self.tokens[index], self.segment_lens[index],
+                             int(self.pad_start[index]), positions=positions,
+                             ignore_index=ignore_index)
+
+
+def packed_sample(tokens: np.ndarray, segment_lens: np.ndarray, pad_start: int, *,
+                  positions: PositionMode = "reset",
+                  ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX) -> dict[str, torch.Tensor]:
+    """One pack's tokens and segment lengths as a torchtune packed sample.
+
+    Shared by every packed source (in memory or on disk), so they all label, mask and
+    position a pack the same way; see :meth:`PackedSequences.sample`.
+    """
+    max_seq_len = len(tokens)
+    tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+    seq_lens = torch.from_numpy(np.asarray(segment_lens).astype(np.int64))
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    labels = tokens.clone()
+    labels[starts] = ignore_index
+    labels[pad_start:] = ignore_index
+    if positions == "reset":
+        input_pos = torch.arange(max_seq_len) - torch.repeat_interleave(starts, seq_lens)
+    elif positions == "continuous":
+        input_pos = torch.arange(max_seq_len)
+    else:
+        raise ConfigError("positions", f"unknown mode {positions!r}.",
+                          "use 'reset' (per document) or 'continuous'.")
+    return {"tokens": tokens, "labels": labels, "input_pos": input_pos, "seq_lens": seq_lens}
 
 
 def pack_documents(docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,31 +28,46 @@ _PROBE = "The quick brown fox, déjà vu: def f(x):\n    return x ** 2  # 123"
 def tokenize_texts(texts: Iterable[str], tokenizer, *, add_bos: bool = True,
                    add_eos: bool = True, desc: str = "tokenizing") -> TokenizedDocuments:
     """Encode every text with ``tokenizer.encode`` into one :class:`TokenizedDocuments`."""
-    chunks: list[np.ndarray] = []
-    lengths: list[int] = []
-    batch_encode = getattr(tokenizer, "encode_batch", None)
-    progress = tqdm(desc=desc, unit="doc", leave=False,
-                    disable=os.environ.get("ACADLM_NO_PROGRESS") == "1")
-    for group in _groups(texts, 64 if batch_encode else 1):
-        encoded = (batch_encode(group, add_bos=add_bos, add_eos=add_eos) if batch_encode else
-                   [tokenizer.encode(group[0], add_bos=add_bos, add_eos=add_eos)])
-        for ids in encoded:
-            chunks.append(np.asarray(ids, dtype=np.int32))
-            lengths.append(len(ids))
-        progress.update(len(group))
-    progress.close()
+    chunks = list(iter_token_arrays(texts, tokenizer, add_bos=add_bos, add_eos=add_eos,
+                                    desc=desc))
+    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
     return TokenizedDocuments(tokens, offsets)
 
 
-def _groups(items: Iterable[str], size: int) -> Iterable[list[str]]:
+def iter_token_arrays(texts: Iterable[str], tokenizer, *, add_bos: bool = True,
+                      add_eos: bool = True, desc: str = "tokenizing",
+                      batch_chars: int | None = None) -> Iterator[np.ndarray]:
+    """Yield each text's token ids as an int32 array, in order, with a progress bar.
+
+    Texts are encoded in groups of 64 when the tokenizer has ``encode_batch`` (a group also
+    closes once it holds ``batch_chars`` characters, if given: a batch tokenizer's working
+    memory grows with the text it is handed). Only one group is held at a time, so a caller
+    that writes the arrays away keeps memory bounded.
+    """
+    batch_encode = getattr(tokenizer, "encode_batch", None)
+    progress = tqdm(desc=desc, unit="doc", leave=False,
+                    disable=os.environ.get("ACADLM_NO_PROGRESS") == "1")
+    for group in _groups(texts, 64 if batch_encode else 1, max_chars=batch_chars):
+        encoded = (batch_encode(group, add_bos=add_bos, add_eos=add_eos) if batch_encode else
+                   [tokenizer.encode(group[0], add_bos=add_bos, add_eos=add_eos)])
+        for ids in encoded:
+            yield np.asarray(ids, dtype=np.int32)
+        progress.update(len(group))
+    progress.close()
+
+
+def _groups(items: Iterable[str], size: int, *,
+            max_chars: int | None = None) -> Iterable[list[str]]:
     group: list[str] = []
+    chars = 0
     for item in items:
         group.append(item)
-        if len(group) == size:
+        chars += len(item)
+        if len(group) == size or (max_chars is not None and chars >= max_chars):
             yield group
-            group = []
+            group, chars = [], 0
     if group:
         yield group
 
@@ -76,7 +91,8 @@ def load_or_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "tex
     if cache_dir is None:
         return tokenize_texts(iter_texts(files, text_field=text_field), tokenizer,
                               add_bos=add_bos, add_eos=add_eos, desc=desc)
-    key = _cache_key(files, tokenizer, text_field, add_bos, add_eos)
+    key = corpus_cache_key(files, tokenizer, text_field=text_field, add_bos=add_bos,
+                           add_eos=add_eos)
     path = Path(cache_dir).expanduser() / f"{key}.npz"
     if path.exists():
         with np.load(path) as cached:
@@ -95,8 +111,10 @@ def load_or_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "tex
     return docs
 
 
-def _cache_key(files: Sequence[Path], tokenizer, text_field: str, add_bos: bool,
-               add_eos: bool) -> str:
+def corpus_cache_key(files: Sequence[Path], tokenizer, *, text_field: str = "text",
+                     add_bos: bool = True, add_eos: bool = True) -> str:
+    """The content key of tokenizing ``files``: their names and bytes, the tokenizer's
+    fingerprint and the text field / BOS / EOS choices. Files are hashed in 1 MiB blocks."""
     digest = hashlib.sha256()
     for file in files:
         digest.update(str(Path(file).name).encode())
@@ -105,3 +123,4 @@ def _cache_key(files: Sequence[Path], tokenizer, text_field: str, add_bos: bool,
                 digest.update(block)
     digest.update(f"{tokenizer_fingerprint(tokenizer)}|{text_field}|{add_bos}|{add_eos}".encode())
     return digest.hexdigest()[:24]
+

@@ -1,0 +1,415 @@
+"""Tokenize a corpus onto disk and pack it lazily, so memory does not grow with the corpus.
+
+:func:`stream_tokenize` encodes documents a group at a time and appends them to a flat
+``tokens.bin`` (int32) with an ``offsets.npy`` (int64, one entry per document), written into
+a hidden folder that is renamed into place when complete: a killed run never leaves a
+half-written store that looks finished. Stores are cached under the same content key as
+:func:`acadlm_plugins.data.tokenization.load_or_tokenize` (file bytes, tokenizer fingerprint,
+text field, BOS/EOS), and read back with ``np.memmap``: the operating system pages tokens in
+as packs are read. Memory while tokenizing is one chunk of tokens (``chunk_tokens``) plus
+the tokenizer's working memory for one batch of texts (``batch_chars``, or the longest single
+document); after, it is a few int64 per document and per pack.
+
+:class:`StreamingPackedSequences` has the interface of
+:class:`~acadlm_plugins.data.packing.PackedSequences` (``len``, ``max_seq_len``, ``sample``,
+``stats``), so :class:`~acadlm_plugins.data.mixture.PackedDomainCorpus` and the mixture
+dataset and sampler use it unchanged, and it yields exactly the samples ``pack_documents``
+yields for the same documents. It never copies the tokens: a length filter (``min_tokens``,
+``max_tokens``) selects documents, and packs address the virtual concatenation of the selected
+ones. ``split`` packs are computed on demand from the offsets (``np.searchsorted``); ``whole``
+packs come from a plan (first/last document and fill of every pack) made in one pass over the
+document lengths.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import mmap
+import operator
+import os
+import shutil
+import tempfile
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from acadlm_plugins.data.documents import iter_texts
+from acadlm_plugins.data.packing import (
+    CROSS_ENTROPY_IGNORE_INDEX,
+    PackingMode,
+    PackingStats,
+    PositionMode,
+    TokenizedDocuments,
+    packed_sample,
+)
+from acadlm_plugins.data.tokenization import corpus_cache_key, iter_token_arrays
+from acadlm_plugins.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TOKEN_DTYPE = np.dtype("<i4")
+TOKENS_FILENAME = "tokens.bin"
+OFFSETS_FILENAME = "offsets.npy"
+STORE_SUFFIX = ".tokens"
+DEFAULT_CHUNK_TOKENS = 1 << 22  # 16 MiB of int32 buffered before each write
+DEFAULT_BATCH_CHARS = 1 << 20  # characters per encoding batch (Rust encodings cost ~100 B/token)
+
+_scratch: dict[str, Path] = {}
+
+
+# ----------------------------------------------------------------------------- token store
+
+
+def stream_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "text",
+                    cache_dir: str | Path | None = None, add_bos: bool = True,
+                    add_eos: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                    batch_chars: int = DEFAULT_BATCH_CHARS,
+                    desc: str = "tokenizing") -> TokenizedDocuments:
+    """Tokenized documents of ``files`` with their tokens memory-mapped from disk.
+
+    The store is reused when ``cache_dir`` already holds one for the same content key.
+    ``cache_dir=None`` writes into a private temporary folder removed when the process exits.
+    Memory is bounded by ``chunk_tokens`` buffered tokens plus one encoding batch (up to 64
+    texts, closed early at ``batch_chars`` characters; a single longer text is one batch).
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _scratch_dir()
+    key = corpus_cache_key(files, tokenizer, text_field=text_field, add_bos=add_bos,
+                           add_eos=add_eos)
+    store = root / f"{key}{STORE_SUFFIX}"
+    if token_store_is_complete(store):
+        log.info("reusing token store %s", store)
+    else:
+        arrays = iter_token_arrays(iter_texts(files, text_field=text_field), tokenizer,
+                                   add_bos=add_bos, add_eos=add_eos, desc=desc,
+                                   batch_chars=batch_chars)
+        write_token_store(arrays, store, chunk_tokens=chunk_tokens)
+    return open_token_store(store)
+
+
+def write_token_store(documents: Iterable[np.ndarray], directory: str | Path, *,
+                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Path:
+    """Write ``documents`` (one array of token ids each) as a token store at ``directory``.
+
+    At most ``chunk_tokens`` tokens (plus one document) are held before they are appended to
+    ``tokens.bin``; the folder appears under its name only once both files are complete.
+    """
+    if chunk_tokens < 1:
+        raise ConfigError("chunk_tokens", f"must be >= 1, got {chunk_tokens}.")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not token_store_is_complete(directory):
+        shutil.rmtree(directory)  # left by something else than this writer: start over
+    partial = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.",
+                                    suffix=".partial"))
+    try:
+        lengths = array("q")
+        pending: list[np.ndarray] = []
+        pending_tokens = 0
+        with open(partial / TOKENS_FILENAME, "wb") as out:
+            for ids in documents:
+                pending.append(np.asarray(ids, dtype=TOKEN_DTYPE))
+                lengths.append(len(ids))
+                pending_tokens += len(ids)
+                if pending_tokens >= chunk_tokens:
+                    _append(out, pending)
+                    pending, pending_tokens = [], 0
+            _append(out, pending)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
+        np.save(partial / OFFSETS_FILENAME, offsets)
+        try:
+            os.rename(partial, directory)
+        except OSError:
+            if not token_store_is_complete(directory):  # not a concurrent writer's store
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return directory
+
+
+def open_token_store(directory: str | Path) -> TokenizedDocuments:
+    """The documents of a token store, tokens memory-mapped read-only, offsets in memory."""
+    directory = Path(directory)
+    if not token_store_is_complete(directory):
+        raise DataError(f"{directory}: not a complete token store (tokens.bin and offsets.npy "
+                        "of matching sizes). Fix: delete it; it is rebuilt on the next run.")
+    offsets = np.load(directory / OFFSETS_FILENAME)
+    total = int(offsets[-1])
+    if total == 0:  # an empty file cannot be memory-mapped
+        return TokenizedDocuments(np.zeros(0, dtype=TOKEN_DTYPE), offsets)
+    tokens = np.memmap(directory / TOKENS_FILENAME, dtype=TOKEN_DTYPE, mode="r", shape=(total,))
+    return TokenizedDocuments(tokens, offsets)
+
+
+def token_store_is_complete(directory: str | Path) -> bool:
+    """Whether ``directory`` holds both files of a token store, consistent with each other."""
+    directory = Path(directory)
+    tokens, offsets = directory / TOKENS_FILENAME, directory / OFFSETS_FILENAME
+    if not (tokens.is_file() and offsets.is_file()):
+        return False
+    try:
+        last = int(np.load(offsets, mmap_mode="r")[-1])
+    except (ValueError, OSError, IndexError):
+        return False
+    return tokens.stat().st_size == last * TOKEN_DTYPE.itemsize
+
+
+def _append(out, arrays: list[np.ndarray]) -> None:
+    if arrays:
+        np.concatenate(arrays).tofile(out)
+
+
+def _scratch_dir() -> Path:
+    """A per-process temporary folder for token stores, removed at exit by its creator."""
+    if "dir" not in _scratch:
+        path = Path(tempfile.mkdtemp(prefix="acadlm_tokens_"))
+        owner = os.getpid()
+
+        def remove() -> None:
+            if os.getpid() == owner:  # not from a forked data-loader worker
+                shutil.rmtree(path, ignore_errors=True)
+
+        atexit.register(remove)
+        _scratch["dir"] = path
+    return _scratch["dir"]
+
+
+# ----------------------------------------------------------------------------- lazy packing
+
+
+@dataclass
+class LengthFilterStats:
+    """Which documents a length filter let through, and what they weigh."""
+
+    documents_total: int
+    documents_kept: int
+    tokens_total: int
+    tokens_kept: int
+    longest: int
+    min_tokens: int
+    max_tokens: int | None
+
+    def describe(self, name: str = "") -> str:
+        prefix = f"[{name}] " if name else ""
+        bounds = f">= {self.min_tokens}" + (f" and <= {self.max_tokens}"
+                                             if self.max_tokens is not None else "")
+        return (f"{prefix}length filter ({bounds} tokens) kept {self.documents_kept} of "
+                f"{self.documents_total} documents, {self.tokens_kept:,} of "
+                f"{self.tokens_total:,} tokens (longest document: {self.longest:,} tokens)")
+
+
+class StreamingPackedSequences:
+    """Fixed-length packs read on demand from (memory-mapped) tokenized documents.
+
+    A drop-in for :class:`~acadlm_plugins.data.packing.PackedSequences`: ``sample(i)`` equals
+    what ``pack_documents`` gives for the documents the length filter keeps (documents with
+    ``min_tokens <= length <= max_tokens``; empty documents never take part), and ``stats``
+    accounts for those documents; ``filter_stats`` says what the filter kept of all of them.
+    """
+
+    def __init__(self, docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,
+                 mode: PackingMode = "split", min_tokens: int = 0,
+                 max_tokens: int | None = None) -> None:
+        if max_seq_len < 2:
+            raise ConfigError("max_seq_len", f"must be at least 2, got {max_seq_len}.")
+        if mode not in ("split", "whole"):
+            raise ConfigError("packing", f"unknown packing mode {mode!r}.",
+                              "use 'split' or 'whole'.")
+        check_length_bounds(min_tokens, max_tokens)
+        self.pad_id = int(pad_id)
+        self.mode = mode
+        self._docs = docs
+        self._max_seq_len = int(max_seq_len)
+        lengths = np.diff(docs.offsets)
+        keep = lengths >= max(min_tokens, 1)
+        if max_tokens is not None:
+            keep &= lengths <= max_tokens
+        kept = np.flatnonzero(keep)
+        kept_lengths = lengths[kept]
+        self._phys_starts = docs.offsets[:-1][kept]  # where each kept document lies on disk
+        self._virt_offsets = np.zeros(len(kept) + 1, dtype=np.int64)  # in the concatenation
+        np.cumsum(kept_lengths, out=self._virt_offsets[1:])
+        self.filter_stats = LengthFilterStats(
+            documents_total=docs.num_documents, documents_kept=len(kept),
+            tokens_total=docs.num_tokens, tokens_kept=int(self._virt_offsets[-1]),
+            longest=int(lengths.max()) if len(lengths) else 0, min_tokens=int(min_tokens),
+            max_tokens=None if max_tokens is None else int(max_tokens))
+        if mode == "split":
+            self._plan = None
+            num_packs, cuts_inside = self._count_split_packs()
+        else:
+            self._plan = _plan_whole_packs(kept_lengths, self._max_seq_len)
+            num_packs = len(self._plan[0])
+            cuts_inside = int(np.count_nonzero(kept_lengths > self._max_seq_len))
+            if int(self._plan[3].sum()) != int(self._virt_offsets[-1]):  # an invariant
+                raise AssertionError("whole packing plan lost tokens")
+        tokens = int(self._virt_offsets[-1])
+        self._num_packs = num_packs
+        self.stats = PackingStats(documents=len(kept), tokens_in=tokens, tokens_out=tokens,
+                                  pad_tokens=num_packs * self._max_seq_len - tokens,
+                                  packs=num_packs, documents_split=cuts_inside,
+                                  max_seq_len=self._max_seq_len, mode=mode)
+
+    @property
+    def documents(self) -> TokenizedDocuments:
+        """The underlying documents (all of them; the filter only selects)."""
+        return self._docs
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq_len
+
+    def __len__(self) -> int:
+        return self._num_packs
+
+    def pack(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Pack ``index`` as (tokens of length ``max_seq_len``, segment lengths, pad start)."""
+        index = operator.index(index)
+        if index < 0:
+            index += self._num_packs
+        if not 0 <= index < self._num_packs:
+            raise IndexError(f"pack {index} of {self._num_packs}")
+        if self._plan is None:
+            starts, lengths = self._split_pieces(index)
+        else:
+            starts, lengths = self._whole_pieces(index)
+        row = np.full(self._max_seq_len, self.pad_id, dtype=np.int32)
+        filled = self._gather(starts, lengths, row)
+        segments = lengths if filled == self._max_seq_len else np.append(
+            lengths, self._max_seq_len - filled)
+        return row, segments, filled
+
+    def sample(self, index: int, *, positions: PositionMode = "reset",
+               ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX) -> dict[str, torch.Tensor]:
+        """Pack ``index`` as a torchtune packed sample, exactly as
+        :meth:`PackedSequences.sample` builds it."""
+        row, segments, filled = self.pack(index)
+        return packed_sample(row, segments, filled, positions=positions,
+                             ignore_index=ignore_index)
+
+    def _count_split_packs(self) -> tuple[int, int]:
+        total = int(self._virt_offsets[-1])
+        num_packs = -(-total // self._max_seq_len)
+        # A pack boundary cuts a document unless a kept document starts exactly there.
+        inner_starts = self._virt_offsets[1:-1]
+        aligned = int(np.count_nonzero(inner_starts % self._max_seq_len == 0))
+        return num_packs, max(num_packs - 1 - aligned, 0)
+
+    def _split_pieces(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        offsets = self._virt_offsets
+        begin = index * self._max_seq_len
+        end = min(begin + self._max_seq_len, int(offsets[-1]))
+        first = int(np.searchsorted(offsets, begin, side="right")) - 1
+        stop = int(np.searchsorted(offsets, end, side="left"))
+        lo = np.maximum(offsets[first:stop], begin)
+        hi = np.minimum(offsets[first + 1 : stop + 1], end)
+        return self._phys_starts[first:stop] + (lo - offsets[first:stop]), hi - lo
+
+    def _whole_pieces(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        first_doc, stop_doc, skip, filled = (int(a[index]) for a in self._plan)
+        if stop_doc - first_doc == 1:  # one document, or one piece of a too-long one
+            return self._phys_starts[first_doc : first_doc + 1] + skip, np.array([filled])
+        return (self._phys_starts[first_doc:stop_doc],
+                np.diff(self._virt_offsets[first_doc : stop_doc + 1]))
+
+    def _gather(self, starts: np.ndarray, lengths: np.ndarray, row: np.ndarray) -> int:
+        """Copy the pieces into ``row``, one slice per run of pieces adjacent on disk."""
+        if len(starts) == 0:
+            return 0
+        ends = starts + lengths
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        run_starts = starts[np.concatenate([[0], breaks])]
+        run_ends = ends[np.concatenate([breaks - 1, [len(starts) - 1]])]
+        tokens = self._docs.tokens
+        position = 0
+        for a, b in zip(run_starts.tolist(), run_ends.tolist()):
+            row[position : position + b - a] = tokens[a:b]
+            position += b - a
+        return position
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A memory map pickles as a full copy of the tokens; send where to reopen it instead
+        # (data-loader workers started with "spawn" then map the same file).
+        state = self.__dict__.copy()
+        tokens = self._docs.tokens
+        if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) \
+                and tokens.filename is not None:
+            state["_docs"] = (tokens.filename, int(tokens.offset), len(tokens),
+                              self._docs.offsets)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        docs = state["_docs"]
+        if isinstance(docs, tuple):
+            filename, offset, size, offsets = docs
+            tokens = np.memmap(filename, dtype=TOKEN_DTYPE, mode="r", offset=offset,
+                               shape=(size,))
+            state["_docs"] = TokenizedDocuments(tokens, offsets)
+        self.__dict__.update(state)
+
+
+def check_length_bounds(min_tokens: int, max_tokens: int | None, *,
+                        field: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``0 <= min_tokens <= max_tokens`` (max optional)."""
+    prefix = f"{field}." if field else ""
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer)) \
+            or min_tokens < 0:
+        raise ConfigError(f"{prefix}min_tokens", f"must be an integer >= 0, got {min_tokens!r}.")
+    if max_tokens is None:
+        return
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) \
+            or max_tokens < max(min_tokens, 1):
+        raise ConfigError(f"{prefix}max_tokens",
+                          f"must be an integer >= max(min_tokens, 1) = {max(min_tokens, 1)}, "
+                          f"got {max_tokens!r}.", "raise it, or leave it out for no upper bound.")
+
+
+def _plan_whole_packs(lengths: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, ...]:
+    """Greedy ``whole`` packing of documents of ``lengths``, in order, in one pass.
+
+    Returns, per pack: first document, one past its last document, tokens skipped at the
+    start of the first document (non-zero only for later pieces of a document longer than a
+    pack) and tokens filled. A document that fits is never cut: when it does not fit in the
+    current pack, that pack is closed (padded) and the document opens the next one.
+    """
+    first, stop, skip, filled = array("q"), array("q"), array("q"), array("q")
+    open_first, used = -1, 0
+
+    def close(next_doc: int) -> None:
+        nonlocal open_first, used
+        if used:
+            first.append(open_first)
+            stop.append(next_doc)
+            skip.append(0)
+            filled.append(used)
+        open_first, used = -1, 0
+
+    block = 1 << 16  # Python ints for one block of lengths at a time
+    for base in range(0, len(lengths), block):
+        for doc, length in enumerate(lengths[base : base + block].tolist(), start=base):
+            if length > max_seq_len:
+                close(doc)
+                for begin in range(0, length, max_seq_len):
+                    first.append(doc)
+                    stop.append(doc + 1)
+                    skip.append(begin)
+                    filled.append(min(max_seq_len, length - begin))
+                continue
+            if used + length > max_seq_len:
+                close(doc)
+            if open_first < 0:
+                open_first = doc
+            used += length
+    close(len(lengths))
+    return tuple(np.asarray(a, dtype=np.int64) for a in (first, stop, skip, filled))
+
+
+__all__ = ["LengthFilterStats", "StreamingPackedSequences", "check_length_bounds",
+           "open_token_store", "stream_tokenize", "token_store_is_complete",
+           "write_token_store"]

@@ -1,0 +1,318 @@
+"""Long-context continued training (ProLong, Gao et al. 2024): one stage per run.
+
+Run::
+
+    tune run acadlm_plugins/long_context_recipe --config configs/smollm2/long_context_stage1.yaml
+    tune run acadlm_plugins/long_context_recipe --config configs/smollm2/long_context_stage2.yaml
+    tune run --nproc_per_node 2 acadlm_plugins/long_context_recipe --config ... \\
+        sequence_parallel.degree=2
+
+A stage is the continued pre-training loop (``continued_pretrain_recipe``: checkpoints, resume,
+plugins, per-source validation loss) with what a context extension needs on top:
+
+* ``long_context.max_seq_len`` and ``long_context.rope_base`` (θ): the model is built with this
+  θ and length, and every saved ``model/config.json`` carries them, so the next stage, lm-eval
+  through our adapter and transformers all load the stretched model.
+* A stage longer than the model was trained on (``trained_length``, by default the checkpoint's
+  ``max_position_embeddings``) at an unchanged θ is refused before training.
+* ``long_context.token_budget`` sets the number of steps (budget / tokens per step).
+* ``long_context.previous_stage``: the optimizer state (AdamW moments) of that stage's last
+  checkpoint carries over, while the learning-rate schedule starts again, as in ProLong.
+* ``long_context.chunked_loss_tokens``: the next-token loss is computed this many positions at
+  a time, so the ``length x vocabulary`` logits are never held whole (see training/chunked_loss).
+* ``sequence_parallel.degree``: Ulysses sequence parallelism over the ranks of the run.
+
+Cross-document attention is masked whenever the data are packed with document boundaries (our
+packed datasets always are): torchtune builds a FlexAttention block mask on GPUs that support
+it and an explicit block-causal mask for SDPA elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+
+import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+from acadlm_plugins.continued_pretrain_recipe import REQUIRED_KEYS, ContinuedPretrainRecipe
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training import runtime
+from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
+from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
+from acadlm_plugins.training.components import instantiate_component
+
+log = utils.get_logger("INFO")
+
+RECIPE_NAME = "long_context"
+STAGE_KEYS = {"max_seq_len", "rope_base", "trained_length", "token_budget", "previous_stage",
+              "chunked_loss_tokens"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ProLong stage, checked against the checkpoint it starts from."""
+
+    max_seq_len: int
+    rope_base: float
+    trained_length: int
+    source_rope_base: float
+    source_max_positions: int
+    token_budget: int | None
+    previous_stage: str | None
+    chunked_loss_tokens: int
+
+    @property
+    def extends_context(self) -> bool:
+        return self.max_seq_len > self.trained_length
+
+
+def source_model_config(cfg: DictConfig) -> dict[str, Any]:
+    """The ``config.json`` of the checkpoint this stage starts from."""
+    folder = Path(str(cfg.checkpointer.checkpoint_dir)).expanduser()
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError("checkpointer.checkpoint_dir", f"{folder} has no config.json.",
+                          "point it at a Hugging Face model folder (or the previous stage's "
+                          "step_<N>/model).")
+    return json.loads(path.read_text())
+
+
+def check_checkpoint_files(cfg: DictConfig) -> None:
+    """Name the weight files a stage's checkpoint folder really holds when the config lists
+    others (torchtune saves ``model-00001-of-00001.safetensors``, not ``model.safetensors``)."""
+    folder = Path(str(cfg.checkpointer.checkpoint_dir)).expanduser()
+    listed = [str(f) for f in cfg.checkpointer.get("checkpoint_files", None) or []]
+    missing = [f for f in listed if not (folder / f).is_file()]
+    if missing:
+        found = sorted(p.name for p in folder.glob("*.safetensors"))
+        raise ConfigError("checkpointer.checkpoint_files", f"{missing} not in {folder}, which "
+                          f"holds {found or 'no .safetensors file'}.",
+                          f"set checkpointer.checkpoint_files=[{','.join(found)}]." if found
+                          else "point checkpointer.checkpoint_dir at a model folder.")
+
+
+def config_rope_base(model_config: dict[str, Any]) -> float:
+    """θ of a Hugging Face config (``rope_theta``, or inside ``rope_parameters``)."""
+    value = model_config.get("rope_theta") or (model_config.get("rope_parameters") or {}).get(
+        "rope_theta")
+    return float(value or 10_000.0)
+
+
+def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
+    """The ``long_context`` block, checked: lengths, θ, budget. Raises ConfigError naming the
+    field on anything that would make the stage wrong or impossible."""
+    block = cfg.get("long_context", None)
+    if block is None:
+        raise ConfigError("long_context", "is required by the long_context recipe.",
+                          "see configs/smollm2/long_context_stage1.yaml.")
+    unknown = sorted(set(block) - STAGE_KEYS)
+    if unknown:
+        raise ConfigError(f"long_context.{unknown[0]}", "is not a known key.",
+                          f"use only {sorted(STAGE_KEYS)}.")
+    length = int(block.get("max_seq_len") or 0)
+    if length < 2:
+        raise ConfigError("long_context.max_seq_len", f"must be an integer >= 2, got {length}.")
+    data_length = cfg.dataset.get("max_seq_len", None)
+    if data_length is not None and int(data_length) != length:
+        raise ConfigError("dataset.max_seq_len", f"is {data_length} but the stage trains at "
+                          f"long_context.max_seq_len={length}.",
+                          "make them equal, e.g. `max_seq_len: ${long_context.max_seq_len}`.")
+    source_theta = config_rope_base(model_config)
+    theta = block.get("rope_base", None)
+    theta = source_theta if theta is None else float(theta)
+    if not math.isfinite(theta) or theta <= 0:
+        raise ConfigError("long_context.rope_base", f"must be a positive number, got {theta}.",
+                          "ProLong uses 8e6 for 64K and 1.28e8 for 512K (Llama-3: 5e5 at 8K).")
+    trained = int(block.get("trained_length") or model_config.get("max_position_embeddings")
+                  or 0)
+    if trained < 1:
+        raise ConfigError("long_context.trained_length", "is unknown: the checkpoint's "
+                          "config.json has no max_position_embeddings.",
+                          "set the longest length the model was trained at.")
+    if length > trained and theta == source_theta:
+        raise ConfigError(
+            "long_context.rope_base",
+            f"the stage trains at {length} tokens, longer than the {trained} the model was "
+            f"trained at, with the same RoPE base θ={source_theta:g}: positions beyond {trained} "
+            "would rotate further than anything the model has seen.",
+            f"raise rope_base for this stage (ProLong raised θ about {8e6 / 5e5:.0f}x for an 8x "
+            f"longer context), or set trained_length if the model already handles {length}.")
+    budget = block.get("token_budget", None)
+    if budget is not None and int(budget) < length:
+        raise ConfigError("long_context.token_budget", f"{budget} tokens is less than one "
+                          f"sequence of {length}.", "give at least one step's worth of tokens.")
+    chunk = int(block.get("chunked_loss_tokens") or 0)
+    if chunk < 0:
+        raise ConfigError("long_context.chunked_loss_tokens", f"must be >= 0, got {chunk}.",
+                          "0 turns the chunked loss off.")
+    previous = block.get("previous_stage", None)
+    return Stage(max_seq_len=length, rope_base=theta, trained_length=trained,
+                 source_rope_base=source_theta,
+                 source_max_positions=int(model_config.get("max_position_embeddings") or trained),
+                 token_budget=None if budget is None else int(budget),
+                 previous_stage=None if previous is None else str(previous),
+                 chunked_loss_tokens=chunk)
+
+
+def steps_for_budget(stage: Stage, *, batch_size: int, grad_accum: int, data_parallel: int,
+                     ) -> int:
+    """Optimizer steps that consume ``token_budget`` tokens (rounded up)."""
+    per_step = stage.max_seq_len * batch_size * grad_accum * data_parallel
+    return -(-int(stage.token_budget) // per_step)
+
+
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, previous: dict[str, Any],
+                          ) -> dict[str, Any]:
+    """The previous stage's optimizer state with this stage's hyperparameters (lr, betas, weight
+    decay ...): the moments carry over, the schedule does not."""
+    groups = previous.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(old["params"]) != len(new["params"])
+            for old, new in zip(groups, optimizer.param_groups)):
+        raise ConfigError("long_context.previous_stage", "its optimizer holds different "
+                          "parameters than this stage's model.",
+                          "continue from a stage of the same model (or set previous_stage: null "
+                          "to start the optimizer afresh).")
+    merged_groups = []
+    for old, new in zip(groups, optimizer.param_groups):
+        merged = {k: v for k, v in new.items() if k != "params"}
+        merged["params"] = old["params"]
+        merged_groups.append(merged)
+    return {"state": previous["state"], "param_groups": merged_groups}
+
+
+def write_stage_config(model_dir: Path, stage: Stage) -> None:
+    """Record the stage's θ and length in a saved model's ``config.json``."""
+    path = model_dir / "config.json"
+    model_config = json.loads(path.read_text())
+    model_config["rope_theta"] = stage.rope_base
+    if isinstance(model_config.get("rope_parameters"), dict):
+        model_config["rope_parameters"]["rope_theta"] = stage.rope_base
+    model_config["max_position_embeddings"] = max(stage.max_seq_len, stage.source_max_positions)
+    path.write_text(json.dumps(model_config, indent=2) + "\n")
+
+
+class LongContextRecipe(ContinuedPretrainRecipe):
+    """A ProLong stage on the continued pre-training loop (see the module docstring)."""
+
+    known_keys = ContinuedPretrainRecipe.known_keys | {"long_context", "sequence_parallel"}
+    required_keys = (*[k for k in REQUIRED_KEYS if k != "max_steps"], "long_context")
+    example_config = "configs/smollm2/long_context_stage1.yaml"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._stage = read_stage(cfg, source_model_config(cfg))
+        check_checkpoint_files(cfg)
+        if cfg.get("max_steps", None) is None:
+            if self._stage.token_budget is None:
+                raise ConfigError("long_context.token_budget", "is needed when max_steps is not "
+                                  "set.", "give a token budget (or max_steps).")
+            OmegaConf.update(cfg, "max_steps", 1, force_add=True)  # replaced once ranks are known
+            derive_steps = True
+        else:
+            derive_steps = False
+        super().__init__(cfg, recipe_name=RECIPE_NAME)
+        if derive_steps:
+            self._max_steps = steps_for_budget(
+                self._stage, batch_size=self._batch_size, grad_accum=self._grad_accum,
+                data_parallel=self._world_size)
+            OmegaConf.update(cfg, "max_steps", self._max_steps)
+            self._save_every = int(cfg.get("save_every_n_steps", None) or self._max_steps)
+        if self._stage.chunked_loss_tokens:
+            self._validation_losses = self._chunked_losses
+
+    def setup(self, cfg: DictConfig) -> None:
+        resuming = latest_checkpoint(Path(cfg.output_dir)) is not None and str(
+            cfg.get("resume", "auto")).lower() != "false"
+        super().setup(cfg)
+        if self._is_rank_zero:
+            log.info("stage: %d tokens per sequence, RoPE base %g (checkpoint: %g, trained at "
+                     "%d), %d steps of %d tokens", self._stage.max_seq_len, self._stage.rope_base,
+                     self._stage.source_rope_base, self._stage.trained_length, self._max_steps,
+                     self._stage.max_seq_len * self._batch_size * self._grad_accum
+                     * self._world_size)
+        self._history.setdefault("stage", asdict(self._stage))
+        if self._stage.previous_stage and not resuming:
+            self._carry_over_optimizer(Path(self._stage.previous_stage).expanduser())
+
+    # ------------------------------------------------------------------- stage mechanics
+    def _build_model(self, cfg: DictConfig) -> torch.nn.Module:
+        length = max(self._stage.max_seq_len, self._stage.source_max_positions)
+        try:
+            return instantiate_component(cfg, "model", rope_base=self._stage.rope_base,
+                                         max_seq_len=length)
+        except TypeError as err:
+            raise ConfigError("model", f"its builder does not take rope_base and max_seq_len "
+                              f"({err}).", "use acadlm_plugins.models.llama.llama_from_hf_config "
+                              "or acadlm_plugins.models.smollm2.smollm2_135m.") from err
+
+    def _check_data(self) -> None:
+        # Validation may use other sources than training (held-out long documents, say); only
+        # dynamic batch loading needs one validation split per training domain.
+        block = self._cfg.get("dynamic_batch_loading", None)
+        if block and block.get("enabled", False):
+            super()._check_data()
+        if self._train_data.corpus.max_seq_len != self._stage.max_seq_len:
+            raise ConfigError("dataset.max_seq_len", f"the packs hold "
+                              f"{self._train_data.corpus.max_seq_len} tokens, the stage "
+                              f"{self._stage.max_seq_len}.", "make them equal.")
+
+    def _carry_over_optimizer(self, previous_dir: Path) -> None:
+        checkpoint = latest_checkpoint(previous_dir)
+        if checkpoint is None:
+            raise ConfigError("long_context.previous_stage", f"{previous_dir} holds no finished "
+                              "checkpoint (step_<N>/ with recipe_state.pt).",
+                              "run the previous stage first, or set previous_stage: null.")
+        state = torch.load(checkpoint / RECIPE_STATE_FILENAME, map_location="cpu",
+                           weights_only=False)
+        merged = carry_optimizer_state(self._optimizer, state["optimizer"])
+        if self._distributed:
+            training.load_from_full_optimizer_state_dict(self._model, self._optimizer, merged,
+                                                         self._device)
+        else:
+            self._optimizer.load_state_dict(merged)
+        self._history["optimizer_state_from"] = str(checkpoint)
+        if self._is_rank_zero:
+            log.info("optimizer state carried over from %s (learning-rate schedule restarts)",
+                     checkpoint)
+
+    def _token_losses(self, batch: dict[str, torch.Tensor],
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if not self._stage.chunked_loss_tokens:
+            return super()._token_losses(batch)
+        losses, counted = self._chunked_losses(self._model, batch)
+        return losses, counted, None
+
+    def _chunked_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        return chunked_token_losses(model, batch["tokens"], shifted_targets(batch["labels"]),
+                                    chunk_tokens=self._stage.chunked_loss_tokens,
+                                    mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+
+    def _write_model_dir(self, model_state: dict[str, torch.Tensor], folder: Path) -> None:
+        super()._write_model_dir(model_state, folder)
+        write_stage_config(folder, self._stage)
+
+    def _summary(self, wall_seconds: float) -> dict[str, Any]:
+        summary = super()._summary(wall_seconds)
+        summary["stage"] = asdict(self._stage)
+        summary["max_steps"] = self._max_steps
+        if self._is_rank_zero:
+            (self._output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run acadlm_plugins/long_context_recipe --config ...``."""
+    runtime.run_recipe(cfg, LongContextRecipe, LongContextRecipe.train)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

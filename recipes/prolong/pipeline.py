@@ -1,0 +1,195 @@
+"""ProLong end to end: evaluate -> stage 1 (8K) -> stage 2 (16K) -> SFT -> evaluate again.
+
+    python recipes/prolong/pipeline.py                      # the embedded SmolLM2 demo, CPU
+    python recipes/prolong/pipeline.py --stage1-steps 20 --stage2-steps 10 --sft-steps 10 \\
+        --eval-samples 5 --set stage1:device=cuda --set stage1:dtype=bf16 ...
+
+Each stage is an ordinary command with its own config, so it can be rerun, resumed or changed
+on its own:
+
+* evaluation: ``tune run acadlm_plugins/eval_recipe`` (RULER/HELMET-style tasks through our
+  lm-eval adapter) on the starting model and on the final one, at the same lengths and prompts;
+* ``tune run acadlm_plugins/long_context_recipe`` with configs/smollm2/long_context_stage1.yaml
+  (8K, θ 1e6) and long_context_stage2.yaml (16K, θ 4e6, stage 1's optimizer state);
+* ``tune run full_finetune_single_device`` (torchtune's own recipe) with
+  configs/smollm2/long_context_sft.yaml on the shipped UltraChat-style examples.
+
+The pipeline points each stage at the previous one's export and prints one summary: scores by
+task and length before and after, per-stage validation loss, packing efficiency and wall times.
+``--set STAGE:key=value`` (STAGE: eval, stage1, stage2, sft) adds an override to one stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from acadlm_plugins._compat import hf_checkpoint_files
+from acadlm_plugins.evaluation.report import length_table
+from acadlm_plugins.stages import tune_run
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs" / "smollm2"
+STAGES = ("eval", "stage1", "stage2", "sft")
+DEFAULT_TASKS = ("acadlm_niah_single_2", "acadlm_niah_multikey_1", "acadlm_vt")
+STAGE1_LENGTH, STAGE2_LENGTH = 8192, 16384
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/prolong_demo"))
+    parser.add_argument("--base-model", type=Path, default=None,
+                        help="model folder to start from (default: the embedded SmolLM2)")
+    parser.add_argument("--stage1-config", type=Path, default=CONFIGS / "long_context_stage1.yaml")
+    parser.add_argument("--stage2-config", type=Path, default=CONFIGS / "long_context_stage2.yaml")
+    parser.add_argument("--sft-config", type=Path, default=CONFIGS / "long_context_sft.yaml")
+    parser.add_argument("--eval-config", type=Path, default=CONFIGS / "eval_long_context.yaml")
+    parser.add_argument("--stage1-steps", type=int, default=2, help="steps of one 8K sequence")
+    parser.add_argument("--stage2-steps", type=int, default=1, help="steps of one 16K sequence")
+    parser.add_argument("--sft-steps", type=int, default=4)
+    parser.add_argument("--eval-tasks", default=",".join(DEFAULT_TASKS))
+    parser.add_argument("--eval-lengths", default="4096,8192,16384")
+    parser.add_argument("--eval-samples", type=int, default=1)
+    parser.add_argument("--skip-eval", action="store_true", help="train only")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        metavar="STAGE:KEY=VALUE", help="one more override for one stage")
+    return parser.parse_args(argv)
+
+
+def stage_overrides(extra: Sequence[str]) -> dict[str, list[str]]:
+    """``["stage1:a=1", ...]`` -> ``{"stage1": ["a=1"], ...}``; a bad entry stops the run."""
+    found: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for item in extra:
+        stage, sep, override = item.partition(":")
+        if not sep or stage not in found or "=" not in override:
+            raise SystemExit(f"--set {item!r}: expected STAGE:key=value with STAGE one of "
+                             f"{', '.join(STAGES)}, e.g. --set stage1:lr_scheduler.num_warmup_steps=0")
+        found[stage].append(override)
+    return found
+
+
+def final_model_dir(stage_dir: Path) -> Path:
+    """The model folder of a finished long-context stage (from its summary.json)."""
+    summary = json.loads((stage_dir / "summary.json").read_text())
+    return Path(summary["checkpoint"]) / "model"
+
+
+def checkpoint_overrides(model_dir: Path) -> list[str]:
+    files = ",".join(hf_checkpoint_files(model_dir))
+    return [f"checkpointer.checkpoint_dir={model_dir}", f"checkpointer.checkpoint_files=[{files}]"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    extra = stage_overrides(args.extra)
+    out = args.output_dir
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    lengths = [int(x) for x in args.eval_lengths.split(",") if x]
+    tasks = [t for t in args.eval_tasks.split(",") if t]
+
+    def timed(name: str, run) -> None:
+        begin = time.perf_counter()
+        run()
+        timings[name] = round(time.perf_counter() - begin, 1)
+
+    def evaluate(name: str, model_dir: Path | None) -> None:
+        overrides = [f"output_dir={out / name}", f"tasks=[{','.join(tasks)}]",
+                     f"lengths=[{','.join(map(str, lengths))}]", f"num_samples={args.eval_samples}",
+                     f"model.args.max_length={max(lengths) + 64}"]
+        if model_dir is not None:
+            overrides.append(f"model.args.pretrained={model_dir}")
+        timed(name, lambda: tune_run("acadlm_plugins/eval_recipe", args.eval_config,
+                                     [*overrides, *extra["eval"]]))
+
+    base = [] if args.base_model is None else checkpoint_overrides(args.base_model)
+    if not args.skip_eval:
+        evaluate("eval_before", args.base_model)
+    timed("stage1", lambda: tune_run(
+        "acadlm_plugins/long_context_recipe", args.stage1_config,
+        [f"output_dir={out / 'stage1'}", *base,
+         f"long_context.token_budget={args.stage1_steps * STAGE1_LENGTH}", *extra["stage1"]]))
+    stage1_model = final_model_dir(out / "stage1")
+    timed("stage2", lambda: tune_run(
+        "acadlm_plugins/long_context_recipe", args.stage2_config,
+        [f"output_dir={out / 'stage2'}", *checkpoint_overrides(stage1_model),
+         f"long_context.previous_stage={out / 'stage1'}",
+         f"long_context.token_budget={args.stage2_steps * STAGE2_LENGTH}", *extra["stage2"]]))
+    stage2_model = final_model_dir(out / "stage2")
+    timed("sft", lambda: tune_run(
+        "full_finetune_single_device", args.sft_config,
+        [f"output_dir={out / 'sft'}", *checkpoint_overrides(stage2_model),
+         f"max_steps_per_epoch={args.sft_steps}", *extra["sft"]]))
+    final_model = out / "sft" / "epoch_0"
+    if not args.skip_eval:
+        evaluate("eval_after", final_model)
+
+    report = collect_report(out, timings, time.perf_counter() - started, final_model)
+    (out / "pipeline_summary.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report), flush=True)
+
+
+def _scores(eval_dir: Path) -> dict[str, dict[str, float]]:
+    path = eval_dir / "results.json"
+    if not path.is_file():
+        return {}
+    table = length_table(json.loads(path.read_text()))
+    if table is None:
+        return {}
+    return {task: {str(k): v for k, v in table.scores[task].items()} for task in table.tasks}
+
+
+def collect_report(out: Path, timings: dict[str, float], wall_seconds: float,
+                   final_model: Path) -> dict:
+    """Every stage's summary in one mapping (also saved as pipeline_summary.json)."""
+    stages = {name: json.loads((out / name / "summary.json").read_text())
+              for name in ("stage1", "stage2")}
+    return {"scores_before": _scores(out / "eval_before"),
+            "scores_after": _scores(out / "eval_after"),
+            "stages": stages, "timings_s": timings, "final_model": str(final_model),
+            "wall_seconds": round(wall_seconds, 1)}
+
+
+def format_report(report: dict) -> str:
+    """The pipeline's summary for the terminal."""
+    lines = ["", "=" * 76, "ProLong pipeline summary", "=" * 76]
+    for name, summary in report["stages"].items():
+        stage = summary["stage"]
+        lines.append(f"{name}: {stage['max_seq_len']} tokens, RoPE θ {stage['source_rope_base']:g}"
+                     f" -> {stage['rope_base']:g}, {summary['steps']} steps, "
+                     f"{summary['wall_seconds']} s")
+        if "packing" in summary:
+            lines.append(f"  packing efficiency {summary['packing']['efficiency']:.2%} "
+                         f"({summary['packing']['tokens_out']:,} tokens)")
+        before, after = summary["val_loss_before"], summary["val_loss_after"]
+        lines.append("  short-data validation loss: " + ", ".join(
+            f"{d} {before[d]:.3f} -> {after[d]:.3f}" for d in before))
+    before, after = report["scores_before"], report["scores_after"]
+    if before or after:
+        lengths = sorted({int(k) for rows in (before, after) for row in rows.values()
+                          for k in row})
+        lines += ["", "scores (0-100), before -> after:",
+                  f"{'task':<26}" + "".join(f"{n:>16}" for n in lengths)]
+        for task in sorted(set(before) | set(after)):
+            cells = []
+            for n in lengths:
+                old = before.get(task, {}).get(str(n))
+                new = after.get(task, {}).get(str(n))
+                cells.append(f"{_cell(old)} -> {_cell(new)}")
+            lines.append(f"{task:<26}" + "".join(f"{c:>16}" for c in cells))
+    lines += ["", "wall time per stage (s): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in report["timings_s"].items()),
+        f"total: {report['wall_seconds']:.0f} s", f"final model: {report['final_model']}"]
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Long/short mixtures: streamed token stores, lazy packs equal to pack_documents, token
+shares respected, length filters, clear errors and bounded memory."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tracemalloc
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+from tiny_setup import ByteTokenizer, write_tiny_corpus
+
+from acadlm_plugins.data import streaming
+from acadlm_plugins.data.documents import iter_texts
+from acadlm_plugins.data.long_context import (
+    long_short_mixture,
+    mixture_efficiency,
+    prolong_stage1_sources,
+)
+from acadlm_plugins.data.mixture import DomainBatchSampler, collate_domain_packs
+from acadlm_plugins.data.packing import TokenizedDocuments, pack_documents
+from acadlm_plugins.data.streaming import (
+    StreamingPackedSequences,
+    open_token_store,
+    stream_tokenize,
+    write_token_store,
+)
+from acadlm_plugins.data.tokenization import tokenize_texts
+from acadlm_plugins.errors import ConfigError, DataError
+
+PAD = 0
+doc_lists = st.lists(st.lists(st.integers(3, 200), min_size=1, max_size=40), min_size=1,
+                     max_size=25)
+
+
+def assert_same_samples(lazy, reference, positions):
+    assert len(lazy) == len(reference)
+    assert lazy.max_seq_len == reference.max_seq_len
+    for i in range(len(reference)):
+        want, got = reference.sample(i, positions=positions), lazy.sample(i, positions=positions)
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype
+            assert got[key].tolist() == want[key].tolist(), (i, key)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_tiny_corpus(tmp_path / "corpus", docs_per_domain=30)
+
+
+def tiny_sources(corpus, **overrides):
+    sources = {name: {"data_files": str(corpus / name / "train.jsonl"), "share": share}
+               for name, share in (("prose", 0.5), ("numbers", 0.3), ("code", 0.2))}
+    for name, extra in overrides.items():
+        sources[name].update(extra)
+    return sources
+
+
+# ------------------------------------------------------------------ equivalence with packing
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=doc_lists, max_seq_len=st.integers(2, 64), mode=st.sampled_from(["split", "whole"]),
+       positions=st.sampled_from(["reset", "continuous"]))
+def test_lazy_packs_equal_pack_documents(docs, max_seq_len, mode, positions):
+    tokenized = TokenizedDocuments.from_lists(docs)
+    reference = pack_documents(tokenized, max_seq_len, PAD, mode=mode)
+    lazy = StreamingPackedSequences(tokenized, max_seq_len, PAD, mode=mode)
+    assert lazy.stats == reference.stats
+    assert_same_samples(lazy, reference, positions)
+
+
+@settings(max_examples=40, deadline=None)
+@given(docs=doc_lists, max_seq_len=st.integers(2, 48), mode=st.sampled_from(["split", "whole"]),
+       min_tokens=st.integers(0, 30), extra=st.one_of(st.none(), st.integers(0, 20)))
+def test_length_filter_packs_the_selected_documents_only(docs, max_seq_len, mode, min_tokens,
+                                                         extra):
+    max_tokens = None if extra is None else max(min_tokens, 1) + extra
+    selected = [d for d in docs if len(d) >= min_tokens
+                and (max_tokens is None or len(d) <= max_tokens)]
+    lazy = StreamingPackedSequences(TokenizedDocuments.from_lists(docs), max_seq_len, PAD,
+                                    mode=mode, min_tokens=min_tokens, max_tokens=max_tokens)
+    assert lazy.filter_stats.documents_kept == len(selected)
+    assert lazy.filter_stats.tokens_kept == sum(len(d) for d in selected)
+    if not selected:
+        assert len(lazy) == 0
+        return
+    reference = pack_documents(TokenizedDocuments.from_lists(selected), max_seq_len, PAD,
+                               mode=mode)
+    assert lazy.stats == reference.stats
+    assert_same_samples(lazy, reference, "reset")
+
+
+@pytest.mark.parametrize("mode", ["split", "whole"])
+@pytest.mark.parametrize("positions", ["reset", "continuous"])
+def test_packs_read_from_a_disk_store_equal_pack_documents(tmp_path, corpus, mode, positions):
+    files = [corpus / "prose" / "train.jsonl", corpus / "code" / "train.jsonl"]
+    in_memory = tokenize_texts(iter_texts(files), ByteTokenizer())
+    on_disk = stream_tokenize(files, ByteTokenizer(), cache_dir=tmp_path / "cache",
+                              chunk_tokens=100)  # many small writes
+    assert isinstance(on_disk.tokens, np.memmap)
+    assert np.array_equal(on_disk.offsets, in_memory.offsets)
+    assert np.array_equal(on_disk.tokens, in_memory.tokens)
+    reference = pack_documents(in_memory, 96, PAD, mode=mode)
+    lazy = StreamingPackedSequences(on_disk, 96, PAD, mode=mode)
+    assert lazy.stats == reference.stats
+    assert_same_samples(lazy, reference, positions)
+
+
+# ----------------------------------------------------------------------- token store, memory
+
+
+def test_token_store_is_cached_by_content_and_written_atomically(tmp_path, corpus, monkeypatch):
+    cache = tmp_path / "cache"
+    files = [corpus / "numbers" / "train.jsonl"]
+    first = stream_tokenize(files, ByteTokenizer(), cache_dir=cache)
+    assert [p.name.endswith(".tokens") for p in cache.iterdir()] == [True]  # no partial left
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reusing the store")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming, "iter_token_arrays", refuse)
+        again = stream_tokenize(files, ByteTokenizer(), cache_dir=cache)
+    assert np.array_equal(again.tokens, first.tokens)
+    with open(files[0], "a") as handle:
+        handle.write(json.dumps({"text": "41 42"}) + "\n")
+    changed = stream_tokenize(files, ByteTokenizer(), cache_dir=cache)
+    assert changed.num_documents == first.num_documents + 1
+    assert len(list(cache.iterdir())) == 2
+
+
+def _synthetic_documents(count: int, length: int):
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+        yield rng.integers(3, 250, size=length, dtype=np.int32)
+
+
+def test_memory_is_bounded_by_a_chunk_not_the_corpus(tmp_path):
+    """Writing 8 MiB of tokens in 256 KiB chunks, then packing them, allocates about a chunk,
+    not the corpus: tokens are appended to disk and read back through a memory map."""
+    count, length, chunk = 250, 8192, 1 << 16  # 2,048,000 tokens = 8 MiB of int32
+    corpus_bytes = count * length * 4
+    warm = write_token_store(_synthetic_documents(3, 50), tmp_path / "warm")  # lazy imports
+    StreamingPackedSequences(open_token_store(warm), 64, PAD, mode="whole").sample(0)
+    tracemalloc.start()
+    write_token_store(_synthetic_documents(count, length), tmp_path / "store", chunk_tokens=chunk)
+    _, writing_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    docs = open_token_store(tmp_path / "store")
+    split = StreamingPackedSequences(docs, 4096, PAD, mode="split")
+    whole = StreamingPackedSequences(docs, 3000, PAD, mode="whole", min_tokens=10)
+    _, building_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert docs.num_tokens == count * length
+    assert writing_peak < 4 * chunk * 4, writing_peak  # the chunk and its concatenation
+    assert building_peak < corpus_bytes / 50, building_peak
+    for packs in (split, whole):
+        assert isinstance(packs.documents.tokens, np.memmap)  # not an in-memory copy
+        assert packs.documents.tokens is docs.tokens
+        in_memory = [v for v in vars(packs).values() if isinstance(v, np.ndarray)]
+        assert all(v.nbytes <= 8 * (count + 1) for v in in_memory)  # per document, not token
+    # a spawned data-loader worker gets where to map the file, not a copy of the tokens
+    blob = pickle.dumps(whole)
+    assert len(blob) < corpus_bytes / 50
+    copy = pickle.loads(blob)
+    assert isinstance(copy.documents.tokens, np.memmap)
+    assert copy.sample(7)["tokens"].tolist() == whole.sample(7)["tokens"].tolist()
+
+
+# ---------------------------------------------------------------------------- the mixture
+
+
+def test_sources_are_tagged_and_token_shares_respected(corpus):
+    """Whole packing pads each source differently; token shares still hold, because a
+    source's packs are drawn in proportion to share / efficiency."""
+    ds = long_short_mixture(ByteTokenizer(), sources=tiny_sources(corpus), max_seq_len=256,
+                            packing="whole", num_samples=4000, seed=3)
+    assert ds.domain_names == ["prose", "numbers", "code"]
+    assert ds.packed is True
+    efficiencies = [ds.corpus.packs(n).stats.efficiency for n in ds.domain_names]
+    assert max(efficiencies) - min(efficiencies) > 0.01  # the correction matters here
+    real_tokens = Counter()
+    for i in range(len(ds)):
+        sample = ds[i]
+        real_tokens[ds.domain_names[sample["domain"]]] += int((sample["tokens"] != PAD).sum())
+        if sample["domain"] == 1:  # numbers: digits, spaces, BOS/EOS only
+            text = ByteTokenizer().decode(sample["tokens"].tolist())
+            assert set(text) <= set("0123456789 ")
+    total = sum(real_tokens.values())
+    for name, share in (("prose", 0.5), ("numbers", 0.3), ("code", 0.2)):
+        assert real_tokens[name] / total == pytest.approx(share, abs=0.03)
+    assert mixture_efficiency(ds) == pytest.approx(
+        sum(real_tokens.values()) / (len(ds) * 256), abs=0.02)
+
+
+def test_mixture_works_with_the_batch_sampler_and_collate(corpus):
+    ds = long_short_mixture(ByteTokenizer(), sources=tiny_sources(corpus), max_seq_len=64)
+    sampler = DomainBatchSampler.for_dataset(ds, batch_size=4, seed=0)
+    keys = sampler.next_batch()
+    batch = collate_domain_packs([ds[key] for key in keys])
+    assert batch["domain"].tolist() == [d for d, _ in keys]
+    assert batch["tokens"].shape == (4, 64)
+    assert len(ds) == sum(ds.corpus.num_packs)
+
+
+def test_component_from_a_yaml_config(corpus):
+    from torchtune import config
+
+    cfg = OmegaConf.create(f"""
+    dataset:
+      _component_: acadlm_plugins.data.long_context.long_short_mixture
+      max_seq_len: 64
+      positions: reset
+      sources:
+        long_prose: {{data_files: "{corpus}/prose/*.jsonl", share: 0.6, min_tokens: 300}}
+        short: {{data_files: ["{corpus}/code/train.jsonl", "{corpus}/numbers/train.jsonl"],
+                 share: 0.4, max_tokens: 200}}
+    """)
+    ds = config.instantiate(cfg.dataset, ByteTokenizer())
+    assert ds.domain_names == ["long_prose", "short"]
+    assert ds.corpus.positions == "reset"
+    assert ds[0]["tokens"].shape == (64,)
+
+
+def test_min_tokens_keeps_only_long_documents(corpus, caplog):
+    files = [corpus / "prose" / "train.jsonl"]
+    lengths = [len(t.encode()) + 2 for t in iter_texts(files)]  # bytes + BOS + EOS
+    threshold = int(np.median(lengths))
+    sources = {"long": {"data_files": str(files[0]), "share": 1.0, "min_tokens": threshold},
+               "short": {"data_files": str(files[0]), "share": 1.0,
+                         "max_tokens": threshold - 1}}
+    with caplog.at_level("INFO", logger="acadlm_plugins.data.long_context"):
+        ds = long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=1024,
+                                packing="whole")
+    long, short = ds.corpus.packs("long"), ds.corpus.packs("short")
+    assert long.filter_stats.documents_kept == sum(n >= threshold for n in lengths)
+    assert long.filter_stats.tokens_kept == sum(n for n in lengths if n >= threshold)
+    assert short.filter_stats.documents_kept == sum(n < threshold for n in lengths)
+    assert long.filter_stats.documents_total == len(lengths)
+    # every document fits in a pack, so whole packing shows each one as a segment
+    for packs, keep in ((long, lambda n: n >= threshold), (short, lambda n: n < threshold)):
+        segments = [n for i in range(len(packs)) for n in packs.pack(i)[1][:-1].tolist()]
+        assert sorted(segments) == sorted(n for n in lengths if keep(n))
+    assert long.documents is short.documents  # one token store for both
+    log = caplog.text
+    assert "[long] length filter" in log and f"of {len(lengths)} documents" in log
+    assert "efficiency" in log and "mixture efficiency" in log
+
+
+def test_split_mode_is_nearly_free_of_padding(corpus):
+    ds = long_short_mixture(ByteTokenizer(), sources=tiny_sources(corpus), max_seq_len=64)
+    for name in ds.domain_names:
+        stats = ds.corpus.packs(name).stats
+        assert stats.pad_tokens < stats.max_seq_len  # only the last pack is padded
+        assert stats.tokens_out == stats.tokens_in
+
+
+# ----------------------------------------------------------------------------- the errors
+
+
+def test_min_tokens_above_every_document_names_the_field_and_the_longest(corpus):
+    longest = max(len(t.encode()) + 2 for t in iter_texts([corpus / "code" / "train.jsonl"]))
+    sources = tiny_sources(corpus, code={"min_tokens": 100_000})
+    with pytest.raises(ConfigError) as err:
+        long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
+    message = str(err.value)
+    assert err.value.key == "dataset.sources.code.min_tokens"
+    assert f"the longest has {longest:,}" in message
+    assert f"lower `min_tokens` to at most {longest}" in message
+
+
+def test_max_tokens_below_every_document_names_max_tokens(corpus):
+    sources = tiny_sources(corpus, numbers={"min_tokens": 1, "max_tokens": 2})
+    with pytest.raises(ConfigError) as err:
+        long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
+    assert err.value.key == "dataset.sources.numbers.max_tokens"
+
+
+@pytest.mark.parametrize("shares, key, match", [
+    ({"prose": -0.1}, "dataset.sources.prose.share", ">= 0"),
+    ({"numbers": float("nan")}, "dataset.sources.numbers.share", "finite"),
+    ({"code": "a lot"}, "dataset.sources.code.share", "finite"),
+    ({"prose": 0, "numbers": 0, "code": 0}, "dataset.sources.prose.share", "share 0"),
+])
+def test_bad_shares_name_the_source(corpus, shares, key, match):
+    sources = tiny_sources(corpus, **{n: {"share": s} for n, s in shares.items()})
+    with pytest.raises(ConfigError, match=match) as err:
+        long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
+    assert err.value.key == key
+
+
+def test_a_zero_share_source_is_not_read(corpus, tmp_path):
+    sources = tiny_sources(corpus, code={"share": 0})
+    sources["code"]["data_files"] = str(tmp_path / "missing.jsonl")  # never opened
+    ds = long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
+    assert ds.domain_names == ["prose", "numbers"]
+
+
+@pytest.mark.parametrize("spec, key", [
+    ({"data_files": "x.jsonl"}, "dataset.sources.bad.share"),
+    ({"share": 1.0}, "dataset.sources.bad.data_files"),
+    ({"data_files": "x.jsonl", "share": 1.0, "weight": 2}, "dataset.sources.bad"),
+    ({"data_files": "x.jsonl", "share": 1.0, "min_tokens": -1}, "dataset.sources.bad.min_tokens"),
+    ({"data_files": "x.jsonl", "share": 1.0, "min_tokens": 50, "max_tokens": 10},
+     "dataset.sources.bad.max_tokens"),
+])
+def test_malformed_source_settings_name_the_key(spec, key):
+    with pytest.raises(ConfigError) as err:
+        long_short_mixture(ByteTokenizer(), sources={"bad": spec}, max_seq_len=64)
+    assert err.value.key == key
+
+
+def test_missing_file_names_the_field(corpus, tmp_path):
+    sources = tiny_sources(corpus, numbers={"data_files": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(DataError, match=r"dataset\.sources\.numbers\.data_files.*does not exist"):
+        long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
+
+
+def test_corrupt_jsonl_line_names_file_and_line(corpus, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "broken\n')
+    sources = tiny_sources(corpus, code={"data_files": str(bad)})
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_a_source_without_text_is_a_data_error(corpus, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(DataError, match=r"dataset\.sources\.code\.data_files.*no document"):
+        long_short_mixture(ByteTokenizer(), sources=tiny_sources(corpus, code={
+            "data_files": str(empty)}), max_seq_len=64)
+
+
+def test_unknown_modes_and_unpacked_are_refused(corpus):
+    for kwargs, key in (({"packing": "greedy"}, "dataset.packing"),
+                        ({"positions": "absolute"}, "dataset.positions"),
+                        ({"packed": False}, "dataset.packed"),
+                        ({"max_seq_len": 1}, "dataset.max_seq_len")):
+        with pytest.raises(ConfigError) as err:
+            long_short_mixture(ByteTokenizer(), sources=tiny_sources(corpus),
+                               **{"max_seq_len": 64, **kwargs})
+        assert err.value.key == key
+
+
+# --------------------------------------------------------------------------- integration
+
+
+@pytest.mark.integration
+def test_prolong_stage1_mix_on_the_default_corpus_packs_at_99_percent(tmp_path):
+    from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
+    from acadlm_plugins.errors import DefaultsMissingError
+
+    try:
+        corpus_dir = require_default_corpus()
+        require_default_model()
+    except DefaultsMissingError as missing:
+        pytest.skip(str(missing))
+    if not (corpus_dir / "long" / "books.jsonl").is_file():
+        pytest.skip(f"{corpus_dir}/long is missing: rebuild with `acadlm-defaults build`")
+    from acadlm_plugins.models.tokenizer import smollm2_tokenizer
+
+    ds = long_short_mixture(smollm2_tokenizer(), sources=prolong_stage1_sources(corpus_dir),
+                            max_seq_len=8192, cache_dir=tmp_path / "tokens", num_samples=256)
+    packs = {name: ds.corpus.packs(name) for name in ds.domain_names}
+    assert packs["books"].filter_stats.documents_kept == 116
+    assert packs["code_repos"].filter_stats.documents_kept == 33
+    for name, source in packs.items():
+        print(source.stats.describe(name))
+        assert source.stats.tokens_out == source.stats.tokens_in
+        assert isinstance(source.documents.tokens, np.memmap)
+    tokens = sum(p.stats.tokens_out for p in packs.values())
+    positions = sum(p.stats.packs * 8192 for p in packs.values())
+    print(f"overall efficiency {tokens / positions:.4f}, mixture {mixture_efficiency(ds):.4f}")
+    assert tokens / positions >= 0.99
+    assert mixture_efficiency(ds) >= 0.99
+    sample = ds[0]
+    assert sample["tokens"].shape == (8192,) and int(sample["seq_lens"].sum()) == 8192

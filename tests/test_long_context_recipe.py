@@ -1,0 +1,193 @@
+"""The long-context recipe on the tiny model: a stage stretches RoPE and writes θ into the
+export, a second stage carries the optimizer state over, and impossible stages are refused
+before training."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from recipe_runs import run_recipe_main, torch_threads
+from tiny_setup import REPO_ROOT, write_tiny_checkpoint, write_tiny_corpus
+
+from acadlm_plugins._compat import hf_checkpoint_files
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.long_context_recipe import (
+    LongContextRecipe,
+    read_stage,
+    source_model_config,
+    steps_for_budget,
+)
+from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
+
+CONFIG = REPO_ROOT / "configs" / "tiny" / "long_context.yaml"
+MODULE = "acadlm_plugins.long_context_recipe"
+
+
+def write_long_documents(path: Path, count: int = 12, seed: int = 0) -> Path:
+    """Documents of 150-400 characters (the byte tokenizer's tokens) over a small vocabulary."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "lambda"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for i in range(count):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(30, 70)))
+            handle.write(json.dumps({"id": f"long-{i}", "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("long_context")
+    corpus = write_tiny_corpus(root / "corpus")
+    return {"model": write_tiny_checkpoint(root / "model"), "corpus": corpus,
+            "long": write_long_documents(root / "long" / "docs.jsonl")}
+
+
+def stage_args(data: dict[str, Path], output_dir: Path, *overrides: str) -> list[str]:
+    return ["--config", str(CONFIG), f"output_dir={output_dir}",
+            f"checkpointer.checkpoint_dir={data['model']}",
+            f"dataset.sources.long.data_files={data['long']}",
+            f"dataset.sources.short.data_files={data['corpus'] / 'prose' / 'train.jsonl'}",
+            f"validation_dataset.data_dir={data['corpus']}", *overrides]
+
+
+def stage_config(data: dict[str, Path], output_dir: Path, *overrides: str):
+    args = stage_args(data, output_dir, *overrides)[2:]
+    return OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_dotlist(args))
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        run_recipe_main(monkeypatch, MODULE, stage_args(tiny_data, out))
+    return out
+
+
+def test_a_stage_derives_its_steps_from_the_budget_and_exports_its_rope_base(stage1) -> None:
+    summary = json.loads((stage1 / "summary.json").read_text())
+    assert summary["steps"] == summary["max_steps"] == 1024 // (128 * 2)
+    assert summary["stage"]["rope_base"] == 40000.0
+    assert summary["stage"]["source_rope_base"] == 10000.0
+    assert set(summary["val_loss_after"]) == {"prose", "numbers", "code"}
+    assert all(math.isfinite(v) for v in summary["val_loss_after"].values())
+    model_dir = latest_checkpoint(stage1) / "model"
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["rope_theta"] == 40000.0
+    assert saved["max_position_embeddings"] == 512  # the source's, already longer than 128
+
+
+def test_the_exported_stage_reloads_with_its_rope_base_in_torchtune_and_transformers(stage1):
+    from transformers import LlamaForCausalLM
+
+    from acadlm_plugins.models.llama import llama_from_hf_config
+
+    model_dir = latest_checkpoint(stage1) / "model"
+    with torch_threads():
+        ours = llama_from_hf_config(str(model_dir))
+        assert ours.layers[0].attn.pos_embeddings.base == 40000.0
+        from safetensors.torch import load_file
+        from torchtune.models.convert_weights import hf_to_tune
+
+        hf_state = {k: v for name in hf_checkpoint_files(model_dir)
+                    for k, v in load_file(model_dir / name).items()}
+        ours.load_state_dict(hf_to_tune(hf_state, num_heads=4, num_kv_heads=2, dim=64,
+                                        head_dim=16), strict=False)
+        theirs = LlamaForCausalLM.from_pretrained(model_dir).eval()
+        tokens = torch.randint(3, 200, (1, 100))
+        with torch.no_grad():
+            want = theirs(tokens).logits
+            got = ours(tokens)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_the_next_stage_carries_the_optimizer_moments_and_restarts_the_schedule(
+        stage1, tiny_data, tmp_path) -> None:
+    previous = torch.load(latest_checkpoint(stage1) / RECIPE_STATE_FILENAME,
+                          weights_only=False)["optimizer"]
+    cfg = stage_config(tiny_data, tmp_path / "stage2",
+                       f"checkpointer.checkpoint_dir={latest_checkpoint(stage1) / 'model'}",
+                       "checkpointer.checkpoint_files=[model-00001-of-00001.safetensors]",
+                       f"long_context.previous_stage={stage1}", "long_context.max_seq_len=256",
+                       "long_context.rope_base=160000.0", "long_context.trained_length=null",
+                       "long_context.token_budget=1024", "optimizer.lr=1.0e-3",
+                       "validation.max_packs_per_domain=1")
+    with torch_threads():
+        recipe = LongContextRecipe(cfg)
+        try:
+            recipe.setup(cfg)
+            optimizer = recipe._optimizer
+            assert [g["lr"] for g in optimizer.param_groups] == [1.0e-3]
+            state = optimizer.state_dict()["state"]
+            assert set(state) == set(previous["state"]) and state
+            for index, moments in previous["state"].items():
+                assert torch.equal(state[index]["exp_avg"], moments["exp_avg"])
+                assert torch.equal(state[index]["exp_avg_sq"], moments["exp_avg_sq"])
+            assert recipe._step == 0 and recipe._max_steps == 2
+            assert recipe._history["optimizer_state_from"].endswith("step_000004")
+            summary = recipe.train()
+        finally:
+            recipe.cleanup()
+    assert summary["stage"]["source_rope_base"] == 40000.0  # read from stage 1's export
+    saved = json.loads((latest_checkpoint(tmp_path / "stage2") / "model" / "config.json")
+                       .read_text())
+    assert saved["rope_theta"] == 160000.0 and saved["max_position_embeddings"] == 512
+
+
+def bad_stage(tiny_data, tmp_path, *overrides: str):
+    cfg = stage_config(tiny_data, tmp_path / "bad", *overrides)
+    return read_stage(cfg, source_model_config(cfg))
+
+
+@pytest.mark.parametrize(("overrides", "field", "words"), [
+    (["long_context.rope_base=0"], "long_context.rope_base", "positive"),
+    (["long_context.rope_base=-5"], "long_context.rope_base", "positive"),
+    (["long_context.rope_base=10000.0"], "long_context.rope_base", "longer than the 64"),
+    (["long_context.rope_base=null"], "long_context.rope_base", "same RoPE base"),
+    (["dataset.max_seq_len=64"], "dataset.max_seq_len", "long_context.max_seq_len=128"),
+    (["+long_context.rope_scaling=2"], "long_context.rope_scaling", "not a known key"),
+    (["long_context.token_budget=100"], "long_context.token_budget", "one sequence"),
+    (["long_context.chunked_loss_tokens=-1"], "long_context.chunked_loss_tokens", ">= 0"),
+])
+def test_impossible_stages_are_refused_naming_the_field(tiny_data, tmp_path, overrides, field,
+                                                        words) -> None:
+    overrides = [o.lstrip("+") for o in overrides]
+    with pytest.raises(ConfigError) as raised:
+        bad_stage(tiny_data, tmp_path, *overrides)
+    assert raised.value.key == field and words in str(raised.value)
+
+
+def test_a_stage_within_the_trained_length_may_keep_its_rope_base(tiny_data, tmp_path) -> None:
+    stage = bad_stage(tiny_data, tmp_path, "long_context.rope_base=null",
+                      "long_context.trained_length=null")
+    assert stage.rope_base == 10000.0 and not stage.extends_context
+    assert steps_for_budget(stage, batch_size=2, grad_accum=1, data_parallel=2) == 2
+
+
+def test_weight_files_that_are_not_there_are_named_with_those_that_are(stage1, tiny_data,
+                                                                      tmp_path) -> None:
+    from acadlm_plugins.long_context_recipe import check_checkpoint_files
+
+    cfg = stage_config(tiny_data, tmp_path / "run",
+                       f"checkpointer.checkpoint_dir={latest_checkpoint(stage1) / 'model'}")
+    with pytest.raises(ConfigError) as raised:
+        check_checkpoint_files(cfg)
+    assert raised.value.key == "checkpointer.checkpoint_files"
+    assert "[model-00001-of-00001.safetensors]" in str(raised.value)
+
+
+def test_a_missing_previous_stage_is_refused_before_training(tiny_data, tmp_path) -> None:
+    cfg = stage_config(tiny_data, tmp_path / "run", f"long_context.previous_stage={tmp_path}/nope")
+    recipe = LongContextRecipe(cfg)
+    try:
+        with pytest.raises(ConfigError) as raised, torch_threads():
+            recipe.setup(cfg)
+    finally:
+        recipe.cleanup()
+    assert raised.value.key == "long_context.previous_stage"
