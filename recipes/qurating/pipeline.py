@@ -152,7 +152,7 @@ def format_report(report: dict, out: Path) -> str:
     lines = ["", "=" * 76, "QuRating pipeline summary", "=" * 76,
              (f"judge: {judged['judge']}: {judged['pairs_in_file']} pairs, "
              f"{judged['pairs_rejected']} rejected, position bias "
-             f"{_show(judged['position_bias'])}"),
+             f"{_show(_position_bias(judged))}"),
              "", (f"{'criterion':<22}{'mean |p-0.5|':>13}{'train pairs':>12}{'held out':>9}"
              f"{'acc before':>11}{'acc after':>10}")]
     per_criterion = rater["pairs"].get("per_criterion", {})
@@ -191,6 +191,15 @@ def format_report(report: dict, out: Path) -> str:
               f"{out / 'select' / 'uniform' / 'selection.png'}"),
               f"all summaries: {out / 'pipeline_summary.json'}"]
     return "\n".join(lines)
+
+
+def _position_bias(judged: dict) -> float | None:
+    """The run's position bias, or (when a resumed run judged nothing new) the criteria's mean."""
+    if judged.get("position_bias") is not None:
+        return judged["position_bias"]
+    values = [c["position_bias"] for c in judged["per_criterion"].values()
+              if c.get("position_bias") is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _show(value: float | None, fmt: str = "+.3f") -> str:
