@@ -199,6 +199,17 @@ def write_stage_config(model_dir: Path, stage: Stage) -> None:
     path.write_text(json.dumps(model_config, indent=2) + "\n")
 
 
+def packing_report(dataset: Any) -> dict[str, Any]:
+    """Packing efficiency (non-pad share of the positions) of every training source and of a
+    drawn pack on average, as the data component measured it."""
+    sources = {name: dataset.corpus.packs(name).stats for name in dataset.domain_names}
+    weights = dict(zip(dataset.domain_names, (float(w) for w in dataset.weights)))
+    return {"efficiency": sum(weights[n] * st.efficiency for n, st in sources.items()),
+            "tokens_out": sum(st.tokens_out for st in sources.values()),
+            "sources": {n: {"efficiency": st.efficiency, "tokens": st.tokens_out,
+                            "drawn": weights[n]} for n, st in sources.items()}}
+
+
 class LongContextRecipe(ContinuedPretrainRecipe):
     """A ProLong stage on the continued pre-training loop (see the module docstring)."""
 
@@ -303,6 +314,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
         summary = super()._summary(wall_seconds)
         summary["stage"] = asdict(self._stage)
         summary["max_steps"] = self._max_steps
+        summary["packing"] = packing_report(self._train_data)
         if self._is_rank_zero:
             (self._output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

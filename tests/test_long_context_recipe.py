@@ -76,6 +76,10 @@ def test_a_stage_derives_its_steps_from_the_budget_and_exports_its_rope_base(sta
     assert summary["stage"]["rope_base"] == 40000.0
     assert summary["stage"]["source_rope_base"] == 10000.0
     assert set(summary["val_loss_after"]) == {"prose", "numbers", "code"}
+    packing = summary["packing"]
+    assert set(packing["sources"]) == {"long", "short"}
+    assert 0.9 < packing["efficiency"] <= 1.0  # tiny documents: the last pack of each is padded
+    assert packing["sources"]["long"]["drawn"] == pytest.approx(0.6, abs=0.01)  # share / efficiency
     assert all(math.isfinite(v) for v in summary["val_loss_after"].values())
     model_dir = latest_checkpoint(stage1) / "model"
     saved = json.loads((model_dir / "config.json").read_text())
