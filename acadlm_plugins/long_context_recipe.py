@@ -47,12 +47,15 @@ from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.document_attention import DocumentAttention
+from acadlm_plugins.training.validation import shifted_token_losses
 
 log = utils.get_logger("INFO")
 
 RECIPE_NAME = "long_context"
 STAGE_KEYS = {"max_seq_len", "rope_base", "trained_length", "token_budget", "previous_stage",
-              "chunked_loss_tokens"}
+              "chunked_loss_tokens", "attention"}
+ATTENTION_MODES = ("auto", "mask", "documents")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Stage:
     token_budget: int | None
     previous_stage: str | None
     chunked_loss_tokens: int
+    attention: str = "auto"
 
     @property
     def extends_context(self) -> bool:
@@ -152,13 +156,19 @@ def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
     if chunk < 0:
         raise ConfigError("long_context.chunked_loss_tokens", f"must be >= 0, got {chunk}.",
                           "0 turns the chunked loss off.")
+    attention = str(block.get("attention", "auto"))
+    if attention not in ATTENTION_MODES:
+        raise ConfigError("long_context.attention", f"unknown mode {attention!r}.",
+                          "use auto (FlexAttention block masks where torchtune supports them, "
+                          "per-document attention elsewhere), mask (an explicit SDPA mask) or "
+                          "documents.")
     previous = block.get("previous_stage", None)
     return Stage(max_seq_len=length, rope_base=theta, trained_length=trained,
                  source_rope_base=source_theta,
                  source_max_positions=int(model_config.get("max_position_embeddings") or trained),
                  token_budget=None if budget is None else int(budget),
                  previous_stage=None if previous is None else str(previous),
-                 chunked_loss_tokens=chunk)
+                 chunked_loss_tokens=chunk, attention=attention)
 
 
 def steps_for_budget(stage: Stage, *, batch_size: int, grad_accum: int, data_parallel: int,
@@ -210,6 +220,17 @@ def packing_report(dataset: Any) -> dict[str, Any]:
                             "drawn": weights[n]} for n, st in sources.items()}}
 
 
+def uses_document_attention(mode: str, device: torch.device) -> bool:
+    """Whether a stage masks documents by running attention per document (see
+    training/document_attention): always for ``documents``, never for ``mask``, and for ``auto``
+    wherever torchtune would fall back to an explicit SDPA mask (no FlexAttention)."""
+    if mode == "auto":
+        from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
+
+        return not (_SUPPORTS_FLEX_ATTENTION and device.type == "cuda")
+    return mode == "documents"
+
+
 class LongContextRecipe(ContinuedPretrainRecipe):
     """A ProLong stage on the continued pre-training loop (see the module docstring)."""
 
@@ -235,8 +256,8 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                 data_parallel=self._world_size)
             OmegaConf.update(cfg, "max_steps", self._max_steps)
             self._save_every = int(cfg.get("save_every_n_steps", None) or self._max_steps)
-        if self._stage.chunked_loss_tokens:
-            self._validation_losses = self._chunked_losses
+        self._validation_losses = self._sequence_losses
+        self._document_attention: DocumentAttention | None = None
 
     def setup(self, cfg: DictConfig) -> None:
         resuming = latest_checkpoint(Path(cfg.output_dir)) is not None and str(
@@ -249,6 +270,8 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                      self._stage.max_seq_len * self._batch_size * self._grad_accum
                      * self._world_size)
         self._history.setdefault("stage", asdict(self._stage))
+        if uses_document_attention(self._stage.attention, self._device):
+            self._document_attention = DocumentAttention(self._model)
         if self._stage.previous_stage and not resuming:
             self._carry_over_optimizer(Path(self._stage.previous_stage).expanduser())
 
@@ -295,16 +318,31 @@ class LongContextRecipe(ContinuedPretrainRecipe):
 
     def _token_losses(self, batch: dict[str, torch.Tensor],
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if not self._stage.chunked_loss_tokens:
-            return super()._token_losses(batch)
-        losses, counted = self._chunked_losses(self._model, batch)
-        return losses, counted, None
+        if self._stage.chunked_loss_tokens:
+            losses, counted = self._sequence_losses(self._model, batch)
+            return losses, counted, None
+        logits = self._model(batch["tokens"], mask=self._attention_mask(batch),
+                             input_pos=batch.get("input_pos"))
+        losses, counted = shifted_token_losses(logits, batch["labels"])
+        return losses, counted, logits
 
-    def _chunked_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        return chunked_token_losses(model, batch["tokens"], shifted_targets(batch["labels"]),
-                                    chunk_tokens=self._stage.chunked_loss_tokens,
-                                    mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+    def _sequence_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence loss sums and token counts, for training and validation alike."""
+        mask = self._attention_mask(batch)
+        if self._stage.chunked_loss_tokens:
+            return chunked_token_losses(model, batch["tokens"], shifted_targets(batch["labels"]),
+                                        chunk_tokens=self._stage.chunked_loss_tokens, mask=mask,
+                                        input_pos=batch.get("input_pos"))
+        logits = model(batch["tokens"], mask=mask, input_pos=batch.get("input_pos"))
+        return shifted_token_losses(logits, batch["labels"])
+
+    def _attention_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The mask to hand the model: none when per-document attention masks by itself."""
+        if self._document_attention is None:
+            return batch.get("mask")
+        self._document_attention.set_seq_lens(batch["seq_lens"])
+        return None
 
     def _write_model_dir(self, model_state: dict[str, torch.Tensor], folder: Path) -> None:
         super()._write_model_dir(model_state, folder)

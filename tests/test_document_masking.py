@@ -104,3 +104,45 @@ def test_chunked_loss_rejects_a_zero_chunk(model) -> None:
     with pytest.raises(ValueError, match="chunk_tokens"):
         chunked_token_losses(model, batch["tokens"], shifted_targets(batch["labels"]),
                              chunk_tokens=0)
+
+
+def test_per_document_attention_equals_the_masked_model_and_its_gradients(model) -> None:
+    from acadlm_plugins.training.document_attention import DocumentAttention
+
+    torch.manual_seed(2)
+    with torch_threads():
+        net = tiny_llama(max_seq_len=128)
+        batch = packed_batch(DOCS)
+        masked = net(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
+        masked.square().mean().backward()
+        want = {n: p.grad.clone() for n, p in net.named_parameters()}
+        net.zero_grad(set_to_none=True)
+        documents = DocumentAttention(net)
+        documents.set_seq_lens(batch["seq_lens"])
+        looped = net(batch["tokens"], mask=None, input_pos=batch["input_pos"])
+        looped.square().mean().backward()
+        with pytest.raises(ValueError, match="mask=None"):
+            net(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
+        documents.remove()
+        restored = net(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
+    assert batch["seq_lens"].tolist() == [[len(d) for d in DOCS]]
+    assert torch.allclose(looped, masked, atol=1e-5)
+    for name, param in net.named_parameters():
+        assert torch.allclose(param.grad, want[name], rtol=1e-4, atol=1e-6), name
+    assert torch.allclose(restored, masked, atol=1e-6)
+
+
+def test_per_document_attention_needs_the_batch_segment_lengths(model) -> None:
+    from acadlm_plugins.training.document_attention import DocumentAttention, segment_bounds
+
+    assert segment_bounds(torch.tensor([[3, 2, 0], [5, 0, 0]])) == [[(0, 3), (3, 5)], [(0, 5)]]
+    documents = DocumentAttention(model)
+    try:
+        batch = packed_batch(DOCS)
+        with pytest.raises(ValueError, match="set_seq_lens"), torch.no_grad():
+            model(batch["tokens"], mask=None, input_pos=batch["input_pos"])
+        documents.set_seq_lens(torch.tensor([[10, 10]]))
+        with pytest.raises(ValueError, match="cover 20 tokens"), torch.no_grad():
+            model(batch["tokens"], mask=None, input_pos=batch["input_pos"])
+    finally:
+        documents.remove()

@@ -158,6 +158,7 @@ def bad_stage(tiny_data, tmp_path, *overrides: str):
     (["+long_context.rope_scaling=2"], "long_context.rope_scaling", "not a known key"),
     (["long_context.token_budget=100"], "long_context.token_budget", "one sequence"),
     (["long_context.chunked_loss_tokens=-1"], "long_context.chunked_loss_tokens", ">= 0"),
+    (["long_context.attention=flash"], "long_context.attention", "unknown mode"),
 ])
 def test_impossible_stages_are_refused_naming_the_field(tiny_data, tmp_path, overrides, field,
                                                         words) -> None:
@@ -195,3 +196,18 @@ def test_a_missing_previous_stage_is_refused_before_training(tiny_data, tmp_path
     finally:
         recipe.cleanup()
     assert raised.value.key == "long_context.previous_stage"
+
+
+def test_per_document_and_masked_attention_train_the_same_stage(stage1, tiny_data,
+                                                                 tmp_path) -> None:
+    """stage1 ran with attention=auto, i.e. per-document attention on CPU; the explicit-mask
+    path must give the same validation losses to float rounding."""
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        out = run_recipe_main(monkeypatch, MODULE, stage_args(
+            tiny_data, tmp_path / "masked", "long_context.attention=mask"))
+    looped = json.loads((stage1 / "summary.json").read_text())
+    masked = json.loads((out / "summary.json").read_text())
+    assert looped["stage"]["attention"] == "auto" and masked["stage"]["attention"] == "mask"
+    for when in ("val_loss_before", "val_loss_after"):
+        for domain, value in masked[when].items():
+            assert looped[when][domain] == pytest.approx(value, rel=1e-4), (when, domain)

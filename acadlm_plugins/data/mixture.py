@@ -352,11 +352,16 @@ class DomainBatchSampler:
 
 
 def collate_domain_packs(batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Collate packed samples as torchtune's ``padded_collate_packed`` does, keeping ``domain``."""
+    """Collate packed samples as torchtune's ``padded_collate_packed`` does, keeping ``domain``
+    and the segment lengths (``seq_lens``)."""
     from torchtune.data import padded_collate_packed
 
     collated = padded_collate_packed(list(batch))
     collated["domain"] = torch.tensor([int(x["domain"]) for x in batch], dtype=torch.long)
+    # Segment lengths, zero-padded to [b, most segments]: for attention that masks documents
+    # by itself (acadlm_plugins.training.document_attention) instead of through `mask`.
+    collated["seq_lens"] = torch.nn.utils.rnn.pad_sequence(
+        [torch.as_tensor(x["seq_lens"], dtype=torch.long) for x in batch], batch_first=True)
     return collated
 
 
