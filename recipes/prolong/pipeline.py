@@ -35,7 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "smollm2"
 STAGES = ("eval", "stage1", "stage2", "sft")
 DEFAULT_TASKS = ("acadlm_niah_single_2", "acadlm_niah_multikey_1", "acadlm_vt")
-STAGE1_LENGTH, STAGE2_LENGTH = 8192, 16384
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,8 +47,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage2-config", type=Path, default=CONFIGS / "long_context_stage2.yaml")
     parser.add_argument("--sft-config", type=Path, default=CONFIGS / "long_context_sft.yaml")
     parser.add_argument("--eval-config", type=Path, default=CONFIGS / "eval_long_context.yaml")
-    parser.add_argument("--stage1-steps", type=int, default=2, help="steps of one 8K sequence")
-    parser.add_argument("--stage2-steps", type=int, default=1, help="steps of one 16K sequence")
+    parser.add_argument("--stage1-steps", type=int, default=2,
+                        help="steps of stage 1 (the config's batch: one 8K sequence)")
+    parser.add_argument("--stage2-steps", type=int, default=1,
+                        help="steps of stage 2 (the config's batch: one 16K sequence)")
     parser.add_argument("--sft-steps", type=int, default=4)
     parser.add_argument("--eval-tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--eval-lengths", default="4096,8192,16384")
@@ -112,13 +113,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     timed("stage1", lambda: tune_run(
         "acadlm_plugins/long_context_recipe", args.stage1_config,
         [f"output_dir={out / 'stage1'}", *base,
-         f"long_context.token_budget={args.stage1_steps * STAGE1_LENGTH}", *extra["stage1"]]))
+         f"max_steps={args.stage1_steps}", *extra["stage1"]]))
     stage1_model = final_model_dir(out / "stage1")
     timed("stage2", lambda: tune_run(
         "acadlm_plugins/long_context_recipe", args.stage2_config,
         [f"output_dir={out / 'stage2'}", *checkpoint_overrides(stage1_model),
          f"long_context.previous_stage={out / 'stage1'}",
-         f"long_context.token_budget={args.stage2_steps * STAGE2_LENGTH}", *extra["stage2"]]))
+         f"max_steps={args.stage2_steps}", *extra["stage2"]]))
     stage2_model = final_model_dir(out / "stage2")
     timed("sft", lambda: tune_run(
         "full_finetune_single_device", args.sft_config,
