@@ -4,8 +4,7 @@ Run::
 
     tune run acadlm_plugins/long_context_recipe --config configs/smollm2/long_context_stage1.yaml
     tune run acadlm_plugins/long_context_recipe --config configs/smollm2/long_context_stage2.yaml
-    tune run --nproc_per_node 2 acadlm_plugins/long_context_recipe --config ... \\
-        sequence_parallel.degree=2
+    tune run --nproc_per_node 2 acadlm_plugins/long_context_recipe --config ...   # FSDP2
 
 A stage is the continued pre-training loop (``continued_pretrain_recipe``: checkpoints, resume,
 plugins, per-source validation loss) with what a context extension needs on top:
@@ -20,7 +19,9 @@ plugins, per-source validation loss) with what a context extension needs on top:
   checkpoint carries over, while the learning-rate schedule starts again, as in ProLong.
 * ``long_context.chunked_loss_tokens``: the next-token loss is computed this many positions at
   a time, so the ``length x vocabulary`` logits are never held whole (see training/chunked_loss).
-* ``sequence_parallel.degree``: Ulysses sequence parallelism over the ranks of the run.
+* ``sequence_parallel.degree``: checked against the model's heads and the stage length now;
+  degrees above 1 are refused until Ulysses (training/sequence_parallel.py, tested on its own)
+  is wired into this loop.
 
 Cross-document attention is masked whenever the data are packed with document boundaries (our
 packed datasets always are): torchtune builds a FlexAttention block mask on GPUs that support
@@ -48,6 +49,7 @@ from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
 from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.document_attention import DocumentAttention
+from acadlm_plugins.training.sequence_parallel import check_sequence_length, check_sequence_parallel
 from acadlm_plugins.training.validation import shifted_token_losses
 
 log = utils.get_logger("INFO")
@@ -231,6 +233,25 @@ def uses_document_attention(mode: str, device: torch.device) -> bool:
     return mode == "documents"
 
 
+def check_sequence_parallel_config(cfg: DictConfig, model: torch.nn.Module, stage: Stage) -> None:
+    """``sequence_parallel.degree`` must divide the heads and the stage length; above 1 it is
+    refused for now, with the reason, rather than ignored."""
+    block = cfg.get("sequence_parallel", None) or {}
+    unknown = sorted(set(block) - {"degree"})
+    if unknown:
+        raise ConfigError(f"sequence_parallel.{unknown[0]}", "is not a known key.",
+                          "use only `degree`.")
+    degree = int(block.get("degree", 1) or 1)
+    check_sequence_parallel(model, degree)
+    check_sequence_length(stage.max_seq_len, degree, field="long_context.max_seq_len")
+    if degree > 1:
+        raise ConfigError("sequence_parallel.degree", f"{degree}: Ulysses sequence parallelism "
+                          "is implemented and tested (acadlm_plugins/training/"
+                          "sequence_parallel.py) but not yet part of this recipe's loop.",
+                          "set degree: 1; use FSDP2 (`tune run --nproc_per_node N`) and "
+                          "activation checkpointing + chunked_loss_tokens for memory.")
+
+
 class LongContextRecipe(ContinuedPretrainRecipe):
     """A ProLong stage on the continued pre-training loop (see the module docstring)."""
 
@@ -270,6 +291,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                      self._stage.max_seq_len * self._batch_size * self._grad_accum
                      * self._world_size)
         self._history.setdefault("stage", asdict(self._stage))
+        check_sequence_parallel_config(cfg, self._model, self._stage)
         if uses_document_attention(self._stage.attention, self._device):
             self._document_attention = DocumentAttention(self._model)
         if self._stage.previous_stage and not resuming:
