@@ -20,6 +20,20 @@ def console_script(name: str) -> str:
     return shutil.which(name) or str(Path(sys.executable).parent / name)
 
 
+def stage_overrides(extra: Sequence[str], stages: Sequence[str], *,
+                    example: str) -> dict[str, list[str]]:
+    """``--set`` values ``["judge:a.b=1", ...]`` -> ``{"judge": ["a.b=1"], ...}`` over
+    ``stages``; a malformed entry stops the pipeline before any stage runs."""
+    found: dict[str, list[str]] = {stage: [] for stage in stages}
+    for item in extra:
+        stage, sep, override = item.partition(":")
+        if not sep or stage not in found or "=" not in override:
+            raise SystemExit(f"--set {item!r}: expected STAGE:key=value with STAGE one of "
+                             f"{', '.join(stages)}, e.g. --set {example}")
+        found[stage].append(override)
+    return found
+
+
 def run_stage(command: Sequence[str], *, stage: str) -> None:
     """Run ``command``, echoing it first; exit the pipeline if it fails."""
     printable = " ".join(str(part) for part in command)

@@ -187,15 +187,20 @@ def test_weight_files_that_are_not_there_are_named_with_those_that_are(stage1, t
     assert "[model-00001-of-00001.safetensors]" in str(raised.value)
 
 
-def test_a_missing_previous_stage_is_refused_before_training(tiny_data, tmp_path) -> None:
-    cfg = stage_config(tiny_data, tmp_path / "run", f"long_context.previous_stage={tmp_path}/nope")
+def setup_error(cfg) -> ConfigError:
+    """The ConfigError the recipe's setup raises for ``cfg`` (the test fails if there is none)."""
     recipe = LongContextRecipe(cfg)
     try:
         with pytest.raises(ConfigError) as raised, torch_threads():
             recipe.setup(cfg)
     finally:
         recipe.cleanup()
-    assert raised.value.key == "long_context.previous_stage"
+    return raised.value
+
+
+def test_a_missing_previous_stage_is_refused_before_training(tiny_data, tmp_path) -> None:
+    cfg = stage_config(tiny_data, tmp_path / "run", f"long_context.previous_stage={tmp_path}/nope")
+    assert setup_error(cfg).key == "long_context.previous_stage"
 
 
 def test_per_document_and_masked_attention_train_the_same_stage(stage1, tiny_data,
@@ -220,11 +225,6 @@ def test_per_document_and_masked_attention_train_the_same_stage(stage1, tiny_dat
 def test_sequence_parallel_degree_is_checked_before_training(tiny_data, tmp_path, degree,
                                                              words) -> None:
     cfg = stage_config(tiny_data, tmp_path / "run", f"sequence_parallel.degree={degree}")
-    recipe = LongContextRecipe(cfg)
-    try:
-        with pytest.raises(ConfigError) as raised, torch_threads():
-            recipe.setup(cfg)
-    finally:
-        recipe.cleanup()
-    assert raised.value.key == "sequence_parallel.degree" and words in str(raised.value)
+    error = setup_error(cfg)
+    assert error.key == "sequence_parallel.degree" and words in str(error)
     assert not list((tmp_path / "run").glob("step_*")), "nothing may be trained or written"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.evaluation.report import length_table
-from acadlm_plugins.stages import tune_run
+from acadlm_plugins.stages import stage_overrides, tune_run
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "smollm2"
@@ -61,18 +61,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stage_overrides(extra: Sequence[str]) -> dict[str, list[str]]:
-    """``["stage1:a=1", ...]`` -> ``{"stage1": ["a=1"], ...}``; a bad entry stops the run."""
-    found: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for item in extra:
-        stage, sep, override = item.partition(":")
-        if not sep or stage not in found or "=" not in override:
-            raise SystemExit(f"--set {item!r}: expected STAGE:key=value with STAGE one of "
-                             f"{', '.join(STAGES)}, e.g. --set stage1:lr_scheduler.num_warmup_steps=0")
-        found[stage].append(override)
-    return found
-
-
 def final_model_dir(stage_dir: Path) -> Path:
     """The model folder of a finished long-context stage (from its summary.json)."""
     summary = json.loads((stage_dir / "summary.json").read_text())
@@ -86,7 +74,7 @@ def checkpoint_overrides(model_dir: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    extra = stage_overrides(args.extra)
+    extra = stage_overrides(args.extra, STAGES, example="stage1:lr_scheduler.num_warmup_steps=0")
     out = args.output_dir
     started = time.perf_counter()
     timings: dict[str, float] = {}

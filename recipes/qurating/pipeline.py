@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from acadlm_plugins.qurating.select import summary_lines
-from acadlm_plugins.stages import run_stage, tune_run
+from acadlm_plugins.stages import run_stage, stage_overrides, tune_run
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "smollm2"
@@ -59,21 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stage_overrides(extra: Sequence[str]) -> dict[str, list[str]]:
-    """``["judge:a.b=1", ...]`` -> ``{"judge": ["a.b=1"], ...}``; a bad entry stops the run."""
-    found: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for item in extra:
-        stage, sep, override = item.partition(":")
-        if not sep or stage not in found or "=" not in override:
-            raise SystemExit(f"--set {item!r}: expected STAGE:key=value with STAGE one of "
-                             f"{', '.join(STAGES)}, e.g. --set rater:margin=0.1")
-        found[stage].append(override)
-    return found
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    extra = stage_overrides(args.extra)
+    extra = stage_overrides(args.extra, STAGES, example="rater:margin=0.1")
     out = args.output_dir
     paths = {name: out / name for name in ("judgments", "rater", "annotate")}
     selected, uniform = out / "select" / "selected", out / "select" / "uniform"

@@ -1,0 +1,211 @@
+"""One training step of SmolLM2-135M in a fresh process: its loss, time and peak memory.
+
+The long-context stages rely on three memory knobs (activation checkpointing, the chunked loss
+of training/chunked_loss, per-document attention of training/document_attention). Whether they
+save memory is a property of a whole step (forward, backward, AdamW), so a probe runs exactly
+the step ``long_context_recipe`` runs -- same loss normalization, gradient clipping and
+optimizer -- on one packed batch, in a spawned process, so that the peak RSS it reports is that
+configuration's own. benchmarks/long_context_memory.py and tests/test_long_context_memory.py
+both use it.
+
+Memory is read from ``resource.getrusage(...).ru_maxrss``; the step's *growth* is that peak
+minus the RSS once the model is loaded (the peak of loading itself is reported too: the growth
+only means something when the step peaks higher, which it does by gigabytes at 4K tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from acadlm_plugins.data.mixture import collate_domain_packs
+from acadlm_plugins.data.packing import (
+    CROSS_ENTROPY_IGNORE_INDEX,
+    TokenizedDocuments,
+    pack_documents,
+)
+from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
+from acadlm_plugins.training.document_attention import DocumentAttention
+from acadlm_plugins.training.validation import shifted_token_losses
+
+# glibc keeps freed blocks below its (growing) mmap threshold in the heap; with every block of
+# 1 MiB or more mapped on its own, peak RSS follows the live tensors, not allocation history.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The memory settings of one step, as ``long_context_recipe`` would set them."""
+
+    activation_checkpointing: bool = False
+    chunked_loss_tokens: int = 0      # 0: full logits and one cross-entropy
+    document_attention: bool = False  # False: torchtune's explicit block-causal SDPA mask
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one probed step measured (bytes and seconds)."""
+
+    loss: float
+    grad_norm: float
+    seconds: float
+    cpu_seconds: float
+    rss_after_load: int
+    peak_rss_load: int   # ru_maxrss before the step: the peak of imports and weight loading
+    peak_rss: int        # ru_maxrss after the step
+
+    @property
+    def step_growth(self) -> int:
+        """Peak RSS over the RSS with the model loaded: the step's own memory."""
+        return self.peak_rss - self.rss_after_load
+
+
+def packed_text_batch(text_file: Path, seq_len: int, tokenizer) -> dict[str, torch.Tensor]:
+    """One pack of ``seq_len`` tokens of the documents of a JSON-lines file, taken in file order
+    and packed end to end (split mode, continuous positions, as the stage configs pack), as the
+    recipe's collate function batches it (tokens, labels, input_pos, mask, seq_lens)."""
+    docs: list[list[int]] = []
+    with open(text_file) as handle:
+        for line in handle:
+            docs.append(tokenizer.encode(json.loads(line)["text"], add_bos=True, add_eos=True))
+            if sum(map(len, docs)) >= seq_len:
+                break
+    if sum(map(len, docs)) < seq_len:
+        raise ValueError(f"{text_file} holds fewer than {seq_len} tokens")
+    packs = pack_documents(TokenizedDocuments.from_lists(docs), seq_len, tokenizer.pad_id,
+                           mode="split")
+    sample = dict(packs.sample(0, positions="continuous"), domain=0)
+    return collate_domain_packs([sample])
+
+
+def load_smollm2(model_dir: Path, *, max_seq_len: int, rope_base: float,
+                 activation_checkpointing: bool) -> torch.nn.Module:
+    """SmolLM2-135M (fp32) with the Hugging Face weights of ``model_dir``, wrapped for
+    activation checkpointing as the recipe wraps it."""
+    from safetensors.torch import load_file
+    from torchtune import training
+    from torchtune.models import convert_weights
+    from torchtune.modules import TransformerSelfAttentionLayer
+
+    from acadlm_plugins.models.smollm2 import smollm2_135m
+
+    model = smollm2_135m(max_seq_len=max_seq_len, rope_base=rope_base)
+    if activation_checkpointing:
+        training.set_activation_checkpointing(
+            model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    state = convert_weights.hf_to_tune(load_file(model_dir / "model.safetensors"), num_heads=9,
+                                       num_kv_heads=3, dim=576, head_dim=64)
+    model.load_state_dict(state)
+    return model
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  batch: dict[str, torch.Tensor], knobs: Knobs,
+                  documents: DocumentAttention | None) -> tuple[float, float]:
+    """The recipe's step on one batch: summed token losses over the counted tokens, backward,
+    gradient clipping at 1.0, AdamW. Returns (loss, gradient norm before clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    mask = batch["mask"]
+    if documents is not None:
+        documents.set_seq_lens(batch["seq_lens"])
+        mask = None
+    if knobs.chunked_loss_tokens:
+        losses, _ = chunked_token_losses(model, batch["tokens"], shifted_targets(batch["labels"]),
+                                         chunk_tokens=knobs.chunked_loss_tokens, mask=mask,
+                                         input_pos=batch["input_pos"])
+    else:
+        logits = model(batch["tokens"], mask=mask, input_pos=batch["input_pos"])
+        losses, _ = shifted_token_losses(logits, batch["labels"])
+        del logits
+    counted = int((batch["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_INDEX).sum())
+    loss = losses.sum() / counted
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    optimizer.step()
+    return float(loss.detach()), float(grad_norm)
+
+
+def _rss_now() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status (Linux only)")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
+                 rope_base: float) -> StepResult:
+    """Load the model, then time and measure one training step (in the calling process)."""
+    seq_len = batch["tokens"].shape[1]
+    model = load_smollm2(model_dir, max_seq_len=seq_len, rope_base=rope_base,
+                         activation_checkpointing=knobs.activation_checkpointing)
+    documents = DocumentAttention(model) if knobs.document_attention else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
+                                  betas=(0.9, 0.95))
+    rss_after_load, peak_rss_load = _rss_now(), _peak_rss()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    loss, grad_norm = training_step(model, optimizer, batch, knobs, documents)
+    return StepResult(loss=loss, grad_norm=grad_norm, seconds=time.perf_counter() - started,
+                      cpu_seconds=time.process_time() - cpu_started,
+                      rss_after_load=rss_after_load, peak_rss_load=peak_rss_load,
+                      peak_rss=_peak_rss())
+
+
+def _child(model_dir: str, batch: dict[str, torch.Tensor], knobs: Knobs, rope_base: float,
+           threads: int, memory_limit: int | None, queue) -> None:
+    torch.set_num_threads(threads)
+    batch = {k: v.clone() for k, v in batch.items()}  # own memory, not the parent's shared pages
+    if memory_limit:
+        # Past the limit an allocation fails in this process alone (a RuntimeError), rather
+        # than the kernel's OOM killer picking some process on a shared machine.
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
+    try:
+        result = measure_step(Path(model_dir), batch, knobs, rope_base=rope_base)
+    except (MemoryError, RuntimeError) as err:
+        queue.put({"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
+        return
+    queue.put(asdict(result))
+
+
+@contextlib.contextmanager
+def _child_environment() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in CHILD_ENV}
+    os.environ.update(CHILD_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def probe_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
+               rope_base: float = 1e6, threads: int = 1,
+               memory_limit: int | None = None) -> StepResult | str:
+    """One step in a freshly spawned process. Returns its :class:`StepResult`, or the error
+    message when the step ran out of memory (under ``memory_limit`` bytes of data, if given)."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    with _child_environment():
+        child = context.Process(target=_child, args=(str(model_dir), batch, knobs, rope_base,
+                                                     threads, memory_limit, queue))
+        child.start()
+    child.join()
+    if child.exitcode:
+        raise RuntimeError(f"the probe process for {knobs} died (exit code {child.exitcode})")
+    reply = queue.get(timeout=60)
+    return reply["error"] if "error" in reply else StepResult(**reply)
