@@ -88,9 +88,10 @@ def packed_text_batch(text_file: Path, seq_len: int, tokenizer) -> dict[str, tor
 
 
 def load_smollm2(model_dir: Path, *, max_seq_len: int, rope_base: float,
-                 activation_checkpointing: bool) -> torch.nn.Module:
+                 activation_checkpointing: bool, layers: int | None = None) -> torch.nn.Module:
     """SmolLM2-135M (fp32) with the Hugging Face weights of ``model_dir``, wrapped for
-    activation checkpointing as the recipe wraps it."""
+    activation checkpointing as the recipe wraps it. ``layers``: keep only the first that many
+    decoder layers (a cheaper step of the same kind, for tests)."""
     from safetensors.torch import load_file
     from torchtune import training
     from torchtune.models import convert_weights
@@ -99,12 +100,16 @@ def load_smollm2(model_dir: Path, *, max_seq_len: int, rope_base: float,
     from acadlm_plugins.models.smollm2 import smollm2_135m
 
     model = smollm2_135m(max_seq_len=max_seq_len, rope_base=rope_base)
+    if layers is not None:
+        model.layers = model.layers[:layers]
     if activation_checkpointing:
         training.set_activation_checkpointing(
             model, auto_wrap_policy={TransformerSelfAttentionLayer})
     state = convert_weights.hf_to_tune(load_file(model_dir / "model.safetensors"), num_heads=9,
                                        num_kv_heads=3, dim=576, head_dim=64)
-    model.load_state_dict(state)
+    kept = len(model.layers)
+    model.load_state_dict({k: v for k, v in state.items()
+                           if not k.startswith("layers.") or int(k.split(".")[1]) < kept})
     return model
 
 
@@ -134,6 +139,15 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return float(loss.detach()), float(grad_norm)
 
 
+def available_memory() -> int:
+    """``MemAvailable`` of /proc/meminfo, in bytes: what a probe may take without pushing
+    other processes out."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
 def _rss_now() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -146,11 +160,12 @@ def _peak_rss() -> int:
 
 
 def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
-                 rope_base: float) -> StepResult:
+                 rope_base: float, layers: int | None = None) -> StepResult:
     """Load the model, then time and measure one training step (in the calling process)."""
     seq_len = batch["tokens"].shape[1]
     model = load_smollm2(model_dir, max_seq_len=seq_len, rope_base=rope_base,
-                         activation_checkpointing=knobs.activation_checkpointing)
+                         activation_checkpointing=knobs.activation_checkpointing,
+                         layers=layers)
     documents = DocumentAttention(model) if knobs.document_attention else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
                                   betas=(0.9, 0.95))
@@ -164,17 +179,22 @@ def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, 
 
 
 def _child(model_dir: str, batch: dict[str, torch.Tensor], knobs: Knobs, rope_base: float,
-           threads: int, memory_limit: int | None, queue) -> None:
+           threads: int, memory_limit: int | None, queue, layers: int | None = None) -> None:
     torch.set_num_threads(threads)
     batch = {k: v.clone() for k, v in batch.items()}  # own memory, not the parent's shared pages
     if memory_limit:
         # Past the limit an allocation fails in this process alone (a RuntimeError), rather
         # than the kernel's OOM killer picking some process on a shared machine.
         resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
+    with contextlib.suppress(OSError):  # and should the machine run short anyway, this goes first
+        Path("/proc/self/oom_score_adj").write_text("1000")
     try:
-        result = measure_step(Path(model_dir), batch, knobs, rope_base=rope_base)
+        result = measure_step(Path(model_dir), batch, knobs, rope_base=rope_base,
+                              layers=layers)
     except (MemoryError, RuntimeError) as err:
-        queue.put({"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
+        if not isinstance(err, MemoryError) and "memory" not in str(err):
+            raise  # a failure, not a step too big for the limit: the process exits with it
+        queue.put({"error": f"out of memory: {str(err).splitlines()[0][:160]}"})
         return
     queue.put(asdict(result))
 
@@ -194,15 +214,16 @@ def _child_environment() -> Iterator[None]:
 
 
 def probe_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
-               rope_base: float = 1e6, threads: int = 1,
-               memory_limit: int | None = None) -> StepResult | str:
+               rope_base: float = 1e6, threads: int = 1, memory_limit: int | None = None,
+               layers: int | None = None) -> StepResult | str:
     """One step in a freshly spawned process. Returns its :class:`StepResult`, or the error
-    message when the step ran out of memory (under ``memory_limit`` bytes of data, if given)."""
+    message when the step ran out of memory (under ``memory_limit`` bytes of data, if given).
+    ``layers`` keeps only the first that many decoder layers (see :func:`load_smollm2`)."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     with _child_environment():
         child = context.Process(target=_child, args=(str(model_dir), batch, knobs, rope_base,
-                                                     threads, memory_limit, queue))
+                                                     threads, memory_limit, queue, layers))
         child.start()
     child.join()
     if child.exitcode:
