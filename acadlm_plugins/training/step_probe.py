@@ -8,9 +8,9 @@ optimizer -- on one packed batch, in a spawned process, so that the peak RSS it 
 configuration's own. benchmarks/long_context_memory.py and tests/test_long_context_memory.py
 both use it.
 
-Memory is read from ``resource.getrusage(...).ru_maxrss``; the step's *growth* is that peak
-minus the RSS once the model is loaded (the peak of loading itself is reported too: the growth
-only means something when the step peaks higher, which it does by gigabytes at 4K tokens).
+Memory is the RSS high-water mark (VmHWM), lowered to the current RSS once the model and
+optimizer are loaded, so the peak after the step is the step's own; the step's *growth* is that
+peak minus the RSS after loading (the peak of loading itself is reported too).
 """
 
 from __future__ import annotations
@@ -60,12 +60,26 @@ class StepResult:
     seconds: float
     cpu_seconds: float
     rss_after_load: int
-    peak_rss_load: int   # ru_maxrss before the step: the peak of imports and weight loading
-    peak_rss: int        # ru_maxrss after the step
+    peak_rss_load: int   # VmHWM before the step: the peak of imports and weight loading
+    peak_rss: int        # VmHWM after the step (reset after loading): the step's own peak
 
     @property
     def step_growth(self) -> int:
         """Peak RSS over the RSS with the model loaded: the step's own memory."""
+        return self.peak_rss - self.rss_after_load
+
+
+@dataclass(frozen=True)
+class OutOfMemory:
+    """A step that failed to allocate under the probe's memory limit, and how far it got: its
+    real growth is more than ``step_growth``."""
+
+    message: str
+    rss_after_load: int
+    peak_rss: int  # VmHWM when the allocation failed
+
+    @property
+    def step_growth(self) -> int:
         return self.peak_rss - self.rss_after_load
 
 
@@ -156,11 +170,25 @@ def _rss_now() -> int:
 
 
 def _peak_rss() -> int:
+    """The high-water mark of this process's RSS (VmHWM; reset by :func:`_reset_peak_rss`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _reset_peak_rss() -> bool:
+    """Lower the high-water mark to the current RSS, so that the next peak is the step's own and
+    not that of loading the weights; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
-                 rope_base: float, layers: int | None = None) -> StepResult:
+                 rope_base: float, layers: int | None = None) -> StepResult | OutOfMemory:
     """Load the model, then time and measure one training step (in the calling process)."""
     seq_len = batch["tokens"].shape[1]
     model = load_smollm2(model_dir, max_seq_len=seq_len, rope_base=rope_base,
@@ -170,8 +198,14 @@ def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
                                   betas=(0.9, 0.95))
     rss_after_load, peak_rss_load = _rss_now(), _peak_rss()
+    _reset_peak_rss()
     started, cpu_started = time.perf_counter(), time.process_time()
-    loss, grad_norm = training_step(model, optimizer, batch, knobs, documents)
+    try:
+        loss, grad_norm = training_step(model, optimizer, batch, knobs, documents)
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "memory" not in str(err):
+            raise  # a failure, not a step too big for the limit
+        return OutOfMemory(str(err).splitlines()[0][-120:], rss_after_load, _peak_rss())
     return StepResult(loss=loss, grad_norm=grad_norm, seconds=time.perf_counter() - started,
                       cpu_seconds=time.process_time() - cpu_started,
                       rss_after_load=rss_after_load, peak_rss_load=peak_rss_load,
@@ -183,20 +217,13 @@ def _child(model_dir: str, batch: dict[str, torch.Tensor], knobs: Knobs, rope_ba
     torch.set_num_threads(threads)
     batch = {k: v.clone() for k, v in batch.items()}  # own memory, not the parent's shared pages
     if memory_limit:
-        # Past the limit an allocation fails in this process alone (a RuntimeError), rather
-        # than the kernel's OOM killer picking some process on a shared machine.
+        # Past the limit an allocation fails in this process alone (an OutOfMemory result),
+        # rather than the kernel's OOM killer picking some process on a shared machine.
         resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
     with contextlib.suppress(OSError):  # and should the machine run short anyway, this goes first
         Path("/proc/self/oom_score_adj").write_text("1000")
-    try:
-        result = measure_step(Path(model_dir), batch, knobs, rope_base=rope_base,
-                              layers=layers)
-    except (MemoryError, RuntimeError) as err:
-        if not isinstance(err, MemoryError) and "memory" not in str(err):
-            raise  # a failure, not a step too big for the limit: the process exits with it
-        queue.put({"error": f"out of memory: {str(err).splitlines()[0][:160]}"})
-        return
-    queue.put(asdict(result))
+    result = measure_step(Path(model_dir), batch, knobs, rope_base=rope_base, layers=layers)
+    queue.put((type(result).__name__, asdict(result)))
 
 
 @contextlib.contextmanager
@@ -215,10 +242,10 @@ def _child_environment() -> Iterator[None]:
 
 def probe_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
                rope_base: float = 1e6, threads: int = 1, memory_limit: int | None = None,
-               layers: int | None = None) -> StepResult | str:
-    """One step in a freshly spawned process. Returns its :class:`StepResult`, or the error
-    message when the step ran out of memory (under ``memory_limit`` bytes of data, if given).
-    ``layers`` keeps only the first that many decoder layers (see :func:`load_smollm2`)."""
+               layers: int | None = None) -> StepResult | OutOfMemory:
+    """One step in a freshly spawned process: its :class:`StepResult`, or :class:`OutOfMemory`
+    when the step needed more than ``memory_limit`` bytes of data (if given). ``layers`` keeps
+    only the first that many decoder layers (see :func:`load_smollm2`)."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     with _child_environment():
@@ -228,5 +255,5 @@ def probe_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
     child.join()
     if child.exitcode:
         raise RuntimeError(f"the probe process for {knobs} died (exit code {child.exitcode})")
-    reply = queue.get(timeout=60)
-    return reply["error"] if "error" in reply else StepResult(**reply)
+    kind, fields = queue.get(timeout=60)
+    return OutOfMemory(**fields) if kind == "OutOfMemory" else StepResult(**fields)
