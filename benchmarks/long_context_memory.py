@@ -13,12 +13,13 @@ as in configs/smollm2/long_context_stage1.yaml), at each of ``--lengths``, four 
   ``long_context_recipe`` does on CPU with the stage configs.
 
 Each runs in a fresh spawned process (acadlm_plugins.training.step_probe), so its peak RSS
-(``ru_maxrss``) and time are its own. The table gives the peak, the RSS with the model loaded,
-the step's growth (peak minus loaded) and its ratio to (a) of the same run, and wall and CPU
-time. The losses and gradient norms of all configurations must agree to 1e-4 (relative); the
-script exits with status 1 if they do not. A configuration that runs out of memory under
-``--memory-limit-gib`` (an ``RLIMIT_DATA`` of the child, so a failure stays in that process) is
-reported as such.
+(the high-water mark VmHWM, lowered to the RSS once the model is loaded) and time are its own.
+The table gives the peak, the RSS with the model loaded, the step's growth (peak minus loaded)
+and its ratio to (a) of the same run, and wall and CPU time. The losses and gradient norms of
+all configurations must agree to 1e-4 (relative); the script exits with status 1 if they do
+not. A configuration that runs out of memory under ``--memory-limit-gib`` (an ``RLIMIT_DATA``
+of the child, so a failure stays in that process) is reported with the peak it reached
+(``>``); if that is (a), the others' ratios are upper bounds (``<``).
 
 Run::
 
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from acadlm_plugins.training.step_probe import (
     Knobs,
+    OutOfMemory,
     StepResult,
     available_memory,
     packed_text_batch,
@@ -56,20 +58,31 @@ def relative_difference(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
-def format_row(seq_len: int, docs: int, config: str, result: StepResult | str,
-               base: StepResult | None) -> str:
-    label = f"({config}) {CONFIG_NAMES[config]}"
-    if isinstance(result, str):
-        return f"{seq_len:>6} {docs:>4} {label:<19} did not run: {result}"
-    growth_ratio = f"{result.step_growth / base.step_growth:>6.2f}" if base else f"{'-':>6}"
-    time_ratio = f"{result.cpu_seconds / base.cpu_seconds:>6.2f}" if base else f"{'-':>6}"
-    return (f"{seq_len:>6} {docs:>4} {label:<19} {result.loss:>9.5f} {result.grad_norm:>8.4f} "
+def format_row(seq_len: int, docs: int, config: str, result: StepResult | OutOfMemory,
+               base: StepResult | OutOfMemory | None) -> str:
+    """One line of the table; when (a) ran out of memory, what it reached is a lower bound on
+    its peak and growth, hence upper bounds (``<``) on the ratios of the others."""
+    label = f"{seq_len:>6} {docs:>4} ({config}) {CONFIG_NAMES[config]:<15}"
+    if isinstance(result, OutOfMemory):
+        return (f"{label} {'-':>9} {'-':>8} {'>' + format(result.peak_rss / MIB, '.0f'):>8} "
+                f"{result.rss_after_load / MIB:>7.0f} "
+                f"{'>' + format(result.step_growth / MIB, '.0f'):>7}   out of memory: "
+                f"{result.message}")
+    if base is None:
+        growth_ratio = time_ratio = f"{'-':>6}"
+    elif isinstance(base, OutOfMemory):
+        growth_ratio = f"{'<' + format(result.step_growth / base.step_growth, '.2f'):>6}"
+        time_ratio = f"{'-':>6}"
+    else:
+        growth_ratio = f"{result.step_growth / base.step_growth:>6.2f}"
+        time_ratio = f"{result.cpu_seconds / base.cpu_seconds:>6.2f}"
+    return (f"{label} {result.loss:>9.5f} {result.grad_norm:>8.4f} "
             f"{result.peak_rss / MIB:>8.0f} {result.rss_after_load / MIB:>7.0f} "
             f"{result.step_growth / MIB:>7.0f} {growth_ratio} {result.seconds:>7.1f} "
             f"{result.cpu_seconds:>7.1f} {time_ratio}")
 
 
-def check_agreement(results: dict[str, StepResult | str]) -> list[str]:
+def check_agreement(results: dict[str, StepResult | OutOfMemory]) -> list[str]:
     """Mismatches of loss or gradient norm between the first configuration that ran and the
     others (an empty list when all agree)."""
     ran = {c: r for c, r in results.items() if isinstance(r, StepResult)}
@@ -125,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{model_name}, one training step (forward + backward + clip + AdamW), fp32, CPU, "
           f"{args.threads} thread(s), RoPE base {args.rope_base:g}, text from {corpus_file}; "
           f"each configuration in a fresh process, data limited to {limit / 2**30:.1f} GiB")
-    print("peak = ru_maxrss; loaded = RSS with model and optimizer built; growth = peak - loaded; "
+    print("peak = VmHWM of the step (reset after loading); loaded = RSS with model and optimizer "
+          "built; growth = peak - loaded; "
           "x(a) = ratio to (a) in this run (time ratio from process CPU time)")
     header = (f"{'tokens':>6} {'docs':>4} {'configuration':<19} {'loss':>9} {'grad':>8} "
               f"{'peak MiB':>8} {'loaded':>7} {'growth':>7} {'x(a)':>6} {'wall s':>7} "
@@ -136,19 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         batch = packed_text_batch(corpus_file, seq_len, tokenizer)
         docs = int((batch["seq_lens"] > 0).sum())
-        results: dict[str, StepResult | str] = {}
+        results: dict[str, StepResult | OutOfMemory] = {}
         for config in configs:
             results[config] = probe_step(model_dir, batch, knobs_for(config, args.chunk),
                                          rope_base=args.rope_base, threads=args.threads,
                                          memory_limit=limit, layers=args.layers)
-            base = results.get("a")
-            print(format_row(seq_len, docs, config, results[config],
-                             base if isinstance(base, StepResult) else None), flush=True)
-        loaded_peaks = [r for r in results.values()
-                        if isinstance(r, StepResult) and r.peak_rss <= r.peak_rss_load]
-        if loaded_peaks:
-            print(f"{'':>6} note: {len(loaded_peaks)} step(s) peaked no higher than loading; "
-                  "their growth is an upper bound")
+            print(format_row(seq_len, docs, config, results[config], results.get("a")),
+                  flush=True)
         mismatches = check_agreement(results)
         problems += [f"{seq_len}: {m}" for m in mismatches]
         print(f"{'':>6} losses and gradient norms agree to {AGREEMENT_TOL:g} relative: "

@@ -205,7 +205,7 @@ def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, 
     except (MemoryError, RuntimeError) as err:
         if not isinstance(err, MemoryError) and "memory" not in str(err):
             raise  # a failure, not a step too big for the limit
-        return OutOfMemory(str(err).splitlines()[0][-120:], rss_after_load, _peak_rss())
+        return OutOfMemory(str(err).splitlines()[0], rss_after_load, _peak_rss())
     return StepResult(loss=loss, grad_norm=grad_norm, seconds=time.perf_counter() - started,
                       cpu_seconds=time.process_time() - cpu_started,
                       rss_after_load=rss_after_load, peak_rss_load=peak_rss_load,
