@@ -85,6 +85,9 @@ class ContinuedPretrainRecipe:
         (self._distributed, self._device, self._dtype, self._world_size,
          self._rank) = runtime.init_process(cfg)
         self._is_rank_zero = self._rank == 0
+        # Which slice of the data this rank reads: its rank among the data-parallel replicas
+        # (recipes that split each sequence over several ranks change these).
+        self._data_rank, self._data_world = self._rank, self._world_size
         self._output_dir = Path(cfg.output_dir)
         self._seed = training.set_seed(cfg.get("seed", 0))
         self._max_steps = int(cfg.max_steps)
@@ -129,8 +132,8 @@ class ContinuedPretrainRecipe:
             cfg, "validation_dataset", self._tokenizer)
         self._check_data()
         self._sampler = DomainBatchSampler.for_dataset(
-            self._train_data, self._batch_size, seed=self._seed, rank=self._rank,
-            world_size=self._world_size)
+            self._train_data, self._batch_size, seed=self._seed, rank=self._data_rank,
+            world_size=self._data_world)
         self._pm.hook.acadlm_data_ready(dataset=self._train_data, sampler=self._sampler, cfg=cfg)
 
         self._optimizer = self._setup_optimizer(cfg)
@@ -208,7 +211,7 @@ class ContinuedPretrainRecipe:
         step_started = time.perf_counter()
         self._optimizer.zero_grad(set_to_none=True)
         micro_batches = [self._next_batch() for _ in range(self._grad_accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local_tokens = sum(self._counted_tokens(b) for b in micro_batches)
         global_tokens = self._all_reduce_sum(float(local_tokens))
         loss_total = 0.0
         extra_totals: dict[str, float] = {}
@@ -260,7 +263,8 @@ class ContinuedPretrainRecipe:
         losses = evaluate_domain_losses(
             self._model, self._val_data.corpus, batch_size=int(validation.get("batch_size", self._batch_size)),
             device=self._device, max_packs_per_domain=validation.get("max_packs_per_domain", None),
-            rank=self._rank, world_size=self._world_size, token_losses=self._eval_token_losses())
+            rank=self._data_rank, world_size=self._data_world, all_reduce=self._distributed,
+            token_losses=self._eval_token_losses())
         metrics = {f"val_loss/{name}": value for name, value in losses.items()}
         metrics["val_loss"] = sum(losses.values()) / len(losses)
         extra = self._pm.hook.acadlm_evaluation_end(step=self._step, domain_losses=losses,
@@ -322,6 +326,11 @@ class ContinuedPretrainRecipe:
                              input_pos=batch.get("input_pos"))
         seq_loss, seq_count = shifted_token_losses(logits, batch["labels"])
         return seq_loss, seq_count, logits
+
+    def _counted_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """The targets of ``batch`` that this rank's loss counts (the loss is normalized by
+        their sum over all ranks)."""
+        return int((batch["labels"][:, 1:] != -100).sum())
 
     def _eval_token_losses(self) -> Callable[[torch.nn.Module, dict[str, Any]],
                                              tuple[torch.Tensor, torch.Tensor]] | None:

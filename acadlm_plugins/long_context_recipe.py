@@ -19,9 +19,11 @@ plugins, per-source validation loss) with what a context extension needs on top:
   checkpoint carries over, while the learning-rate schedule starts again, as in ProLong.
 * ``long_context.chunked_loss_tokens``: the next-token loss is computed this many positions at
   a time, so the ``length x vocabulary`` logits are never held whole (see training/chunked_loss).
-* ``sequence_parallel.degree``: checked against the model's heads and the stage length now;
-  degrees above 1 are refused until Ulysses (training/sequence_parallel.py, tested on its own)
-  is wired into this loop.
+* ``sequence_parallel.degree``: Ulysses sequence parallelism (training/sequence_parallel.py).
+  Each run of ``degree`` consecutive ranks reads the same batch and splits every sequence into
+  ``degree`` shards; attention exchanges heads for tokens (all-to-all), so document masks work
+  unchanged. ``tune run --nproc_per_node N`` gives ``N / degree`` data-parallel replicas; the
+  parameters are sharded with FSDP2 over all ``N`` ranks.
 
 Cross-document attention is masked whenever the data are packed with document boundaries (our
 packed datasets always are): torchtune builds a FlexAttention block mask on GPUs that support
@@ -49,8 +51,15 @@ from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
 from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.document_attention import DocumentAttention
-from acadlm_plugins.training.sequence_parallel import check_sequence_length, check_sequence_parallel
-from acadlm_plugins.training.validation import shifted_token_losses
+from acadlm_plugins.training.sequence_parallel import (
+    UlyssesAttention,
+    check_sequence_length,
+    check_sequence_parallel,
+    enable_ulysses,
+    new_sequence_parallel_group,
+    shard_batch,
+)
+from acadlm_plugins.training.validation import shifted_token_losses, target_token_losses
 
 log = utils.get_logger("INFO")
 
@@ -233,23 +242,33 @@ def uses_document_attention(mode: str, device: torch.device) -> bool:
     return mode == "documents"
 
 
-def check_sequence_parallel_config(cfg: DictConfig, model: torch.nn.Module, stage: Stage) -> None:
-    """``sequence_parallel.degree`` must divide the heads and the stage length; above 1 it is
-    refused for now, with the reason, rather than ignored."""
+def sequence_parallel_degree(cfg: DictConfig, *, distributed: bool, world_size: int) -> int:
+    """``sequence_parallel.degree`` (default 1), checked against the processes launched."""
     block = cfg.get("sequence_parallel", None) or {}
     unknown = sorted(set(block) - {"degree"})
     if unknown:
         raise ConfigError(f"sequence_parallel.{unknown[0]}", "is not a known key.",
                           "use only `degree`.")
-    degree = int(block.get("degree", 1) or 1)
+    degree = block.get("degree", 1)
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ConfigError("sequence_parallel.degree", f"is {degree!r}; it must be a positive "
+                          "integer.", "set 1 to train without sequence parallelism.")
+    if degree > 1 and not distributed:
+        raise ConfigError("sequence_parallel.degree", f"is {degree}, but this is one process: "
+                          "each shard of a sequence runs on its own rank.",
+                          f"launch `tune run --nproc_per_node {degree} "
+                          "acadlm_plugins/long_context_recipe ...` (or set degree: 1).")
+    if world_size % degree:
+        raise ConfigError("sequence_parallel.degree", f"{degree} does not divide the "
+                          f"{world_size} processes.",
+                          "launch a multiple of the degree (`--nproc_per_node`).")
+    return degree
+
+
+def check_sequence_parallel_config(model: torch.nn.Module, stage: Stage, degree: int) -> None:
+    """``degree`` must divide every layer's query and key-value heads and the stage length."""
     check_sequence_parallel(model, degree)
     check_sequence_length(stage.max_seq_len, degree, field="long_context.max_seq_len")
-    if degree > 1:
-        raise ConfigError("sequence_parallel.degree", f"{degree}: Ulysses sequence parallelism "
-                          "is implemented and tested (acadlm_plugins/training/"
-                          "sequence_parallel.py) but not yet part of this recipe's loop.",
-                          "set degree: 1; use FSDP2 (`tune run --nproc_per_node N`) and "
-                          "activation checkpointing + chunked_loss_tokens for memory.")
 
 
 class LongContextRecipe(ContinuedPretrainRecipe):
@@ -271,14 +290,20 @@ class LongContextRecipe(ContinuedPretrainRecipe):
         else:
             derive_steps = False
         super().__init__(cfg, recipe_name=RECIPE_NAME)
+        self._sp_degree = sequence_parallel_degree(cfg, distributed=self._distributed,
+                                                   world_size=self._world_size)
+        # The ranks of one sequence-parallel group read the same batches.
+        self._data_rank = self._rank // self._sp_degree
+        self._data_world = self._world_size // self._sp_degree
         if derive_steps:
             self._max_steps = steps_for_budget(
                 self._stage, batch_size=self._batch_size, grad_accum=self._grad_accum,
-                data_parallel=self._world_size)
+                data_parallel=self._data_world)
             OmegaConf.update(cfg, "max_steps", self._max_steps)
             self._save_every = int(cfg.get("save_every_n_steps", None) or self._max_steps)
         self._validation_losses = self._sequence_losses
         self._document_attention: DocumentAttention | None = None
+        self._sequence_parallel: UlyssesAttention | None = None
 
     def setup(self, cfg: DictConfig) -> None:
         resuming = latest_checkpoint(Path(cfg.output_dir)) is not None and str(
@@ -286,14 +311,20 @@ class LongContextRecipe(ContinuedPretrainRecipe):
         super().setup(cfg)
         if self._is_rank_zero:
             log.info("stage: %d tokens per sequence, RoPE base %g (checkpoint: %g, trained at "
-                     "%d), %d steps of %d tokens", self._stage.max_seq_len, self._stage.rope_base,
+                     "%d), %d steps of %d tokens, sequence-parallel degree %d",
+                     self._stage.max_seq_len, self._stage.rope_base,
                      self._stage.source_rope_base, self._stage.trained_length, self._max_steps,
                      self._stage.max_seq_len * self._batch_size * self._grad_accum
-                     * self._world_size)
+                     * self._data_world, self._sp_degree)
         self._history.setdefault("stage", asdict(self._stage))
-        check_sequence_parallel_config(cfg, self._model, self._stage)
+        check_sequence_parallel_config(self._model, self._stage, self._sp_degree)
         if uses_document_attention(self._stage.attention, self._device):
             self._document_attention = DocumentAttention(self._model)
+        if self._sp_degree > 1:
+            # Wraps the attention call the document attention (if any) installed: the exchange
+            # happens first, then each rank attends over whole documents with its heads.
+            self._sequence_parallel = enable_ulysses(
+                self._model, new_sequence_parallel_group(self._sp_degree))
         if self._stage.previous_stage and not resuming:
             self._carry_over_optimizer(Path(self._stage.previous_stage).expanduser())
 
@@ -340,7 +371,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
 
     def _token_losses(self, batch: dict[str, torch.Tensor],
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self._stage.chunked_loss_tokens:
+        if self._stage.chunked_loss_tokens or self._sequence_parallel is not None:
             losses, counted = self._sequence_losses(self._model, batch)
             return losses, counted, None
         logits = self._model(batch["tokens"], mask=self._attention_mask(batch),
@@ -350,21 +381,37 @@ class LongContextRecipe(ContinuedPretrainRecipe):
 
     def _sequence_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sequence loss sums and token counts, for training and validation alike."""
+        """Per-sequence loss sums and token counts, for training and validation alike (under
+        sequence parallelism: of this rank's shard of every sequence)."""
         mask = self._attention_mask(batch)
+        tokens, input_pos = batch["tokens"], batch.get("input_pos")
+        if self._sequence_parallel is None:
+            targets = shifted_targets(batch["labels"])
+        else:
+            shard = shard_batch(batch, self._sequence_parallel.rank, self._sp_degree)
+            tokens, input_pos, targets = shard["tokens"], shard["input_pos"], shard["targets"]
         if self._stage.chunked_loss_tokens:
-            return chunked_token_losses(model, batch["tokens"], shifted_targets(batch["labels"]),
-                                        chunk_tokens=self._stage.chunked_loss_tokens, mask=mask,
-                                        input_pos=batch.get("input_pos"))
-        logits = model(batch["tokens"], mask=mask, input_pos=batch.get("input_pos"))
-        return shifted_token_losses(logits, batch["labels"])
+            return chunked_token_losses(model, tokens, targets, mask=mask, input_pos=input_pos,
+                                        chunk_tokens=self._stage.chunked_loss_tokens)
+        return target_token_losses(model(tokens, mask=mask, input_pos=input_pos), targets)
+
+    def _counted_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if self._sequence_parallel is None:
+            return super()._counted_tokens(batch)
+        shard = shard_batch(batch, self._sequence_parallel.rank, self._sp_degree)
+        return int((shard["targets"] != -100).sum())
 
     def _attention_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The mask to hand the model: none when per-document attention masks by itself."""
-        if self._document_attention is None:
-            return batch.get("mask")
-        self._document_attention.set_seq_lens(batch["seq_lens"])
-        return None
+        """The mask to hand the model: none when per-document attention masks by itself, and
+        none under sequence parallelism, whose handle holds the full sequence's mask."""
+        mask = batch.get("mask")
+        if self._document_attention is not None:
+            self._document_attention.set_seq_lens(batch["seq_lens"])
+            mask = None
+        if self._sequence_parallel is not None:
+            self._sequence_parallel.set_mask(mask)
+            return None
+        return mask
 
     def _write_model_dir(self, model_state: dict[str, torch.Tensor], folder: Path) -> None:
         super()._write_model_dir(model_state, folder)

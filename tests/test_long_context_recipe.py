@@ -216,15 +216,3 @@ def test_per_document_and_masked_attention_train_the_same_stage(stage1, tiny_dat
     for when in ("val_loss_before", "val_loss_after"):
         for domain, value in masked[when].items():
             assert looped[when][domain] == pytest.approx(value, rel=1e-4), (when, domain)
-
-
-@pytest.mark.parametrize(("degree", "words"), [
-    (3, "num_heads=4"),                 # 4 query heads cannot be split 3 ways
-    (2, "not yet part of this recipe"),  # divides the heads: refused for now, with the reason
-])
-def test_sequence_parallel_degree_is_checked_before_training(tiny_data, tmp_path, degree,
-                                                             words) -> None:
-    cfg = stage_config(tiny_data, tmp_path / "run", f"sequence_parallel.degree={degree}")
-    error = setup_error(cfg)
-    assert error.key == "sequence_parallel.degree" and words in str(error)
-    assert not list((tmp_path / "run").glob("step_*")), "nothing may be trained or written"

@@ -40,8 +40,12 @@ Limits: training only (no KV cache). Key and value heads are exchanged before to
 grouped-query expansion, so ``degree`` must divide ``num_kv_heads`` too. A bool mask is a full
 ``[b, S, S]`` tensor on every rank; at lengths where that hurts, pass a flex-attention
 ``BlockMask`` (what torchtune builds on CUDA), which the wrapper hands unchanged to torchtune's
-attention call. Only the SDPA + bool-mask path is tested here (CPU, gloo); the flex path has
-not been run on a GPU.
+attention call. An attention call already replaced by per-document attention
+(training/document_attention.py) is wrapped the same way, and then no mask is needed at all.
+Tested on CPU with gloo: the SDPA bool-mask and per-document paths; the flex path has not been
+run on a GPU.
+
+The long-context recipe uses all of this when ``sequence_parallel.degree`` is above 1.
 """
 
 from __future__ import annotations

@@ -13,6 +13,17 @@ from acadlm_plugins.data.mixture import PackedDomainCorpus, collate_domain_packs
 from acadlm_plugins.data.packing import CROSS_ENTROPY_IGNORE_INDEX
 
 
+def target_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
+                                                                              torch.Tensor]:
+    """Summed cross-entropy and the number of counted tokens, per sequence, against targets
+    already aligned with the positions (a sequence-parallel shard's, say); ignored targets
+    count for nothing."""
+    losses = F.cross_entropy(logits.float().transpose(1, 2), targets,
+                             ignore_index=CROSS_ENTROPY_IGNORE_INDEX, reduction="none")
+    counted = targets != CROSS_ENTROPY_IGNORE_INDEX
+    return losses.sum(dim=1), counted.sum(dim=1)
+
+
 def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
                                                                               torch.Tensor]:
     """Summed next-token cross-entropy and the number of counted tokens, per sequence.
@@ -21,17 +32,14 @@ def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     """
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1],
                                                         CROSS_ENTROPY_IGNORE_INDEX)], dim=1)
-    losses = F.cross_entropy(logits.float().transpose(1, 2), targets,
-                             ignore_index=CROSS_ENTROPY_IGNORE_INDEX, reduction="none")
-    counted = targets != CROSS_ENTROPY_IGNORE_INDEX
-    return losses.sum(dim=1), counted.sum(dim=1)
+    return target_token_losses(logits, targets)
 
 
 @torch.no_grad()
 def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *,
                            batch_size: int, device: torch.device,
                            max_packs_per_domain: int | None = None, rank: int = 0,
-                           world_size: int = 1,
+                           world_size: int = 1, all_reduce: bool | None = None,
                            forward: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
                            | None = None,
                            token_losses: Callable[[torch.nn.Module, dict[str, Any]],
@@ -43,8 +51,12 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
     domain), so losses are comparable across steps. Packs are split across ranks and the sums
     all-reduced, so every rank returns the same numbers. ``token_losses(model, batch)``, when
     given, replaces ``forward`` + cross-entropy (e.g. a chunked loss that never builds the full
-    logits).
+    logits). ``rank``/``world_size`` split the packs; ``all_reduce`` (default: when
+    ``world_size > 1``) sums over every process, which sequence parallelism needs even with one
+    data-parallel replica, since each rank then holds a shard of every sequence.
     """
+    if all_reduce is None:
+        all_reduce = world_size > 1
     forward = forward or _default_forward
     was_training = model.training
     model.eval()
@@ -69,7 +81,7 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
             keep = torch.tensor(counted[start:start + batch_size], device=loss_sum.device)
             sums[d] += (loss_sum * keep).sum().double().cpu()
             counts[d] += (count * keep).sum().double().cpu()
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
+    if all_reduce and dist.is_available() and dist.is_initialized():
         both = torch.stack([sums, counts]).to(device)
         dist.all_reduce(both)
         sums, counts = both.cpu()
