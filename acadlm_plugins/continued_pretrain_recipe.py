@@ -52,6 +52,7 @@ from acadlm_plugins.training.checkpointing import (
 )
 from acadlm_plugins.training.components import instantiate_component, instantiate_optional
 from acadlm_plugins.training.config_checks import check_config_keys, route_package_logs
+from acadlm_plugins.training.optimizers import build_optimizer
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
 
 log = utils.get_logger("INFO")
@@ -100,6 +101,11 @@ class ContinuedPretrainRecipe:
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
         self._validation_losses = None  # set by recipes built on this one
+        # Whether the last checkpoint's model is what this run hands over (pruning hands over
+        # the materialized model instead, and announces that itself).
+        self.exports_final_model = True
+        self._exported: dict[str, Any] = {}
+        self._metric_logger = None  # set in setup; cleanup works even if setup stopped early
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, cfg: DictConfig) -> None:
@@ -163,6 +169,7 @@ class ContinuedPretrainRecipe:
             raise ConfigError("model", f"the checkpoint does not fit the model: missing {missing}, "
                               f"unexpected {unexpected}.",
                               "make `model` the architecture that `checkpointer` points at.")
+        self._pm.hook.acadlm_prepare_model(model=model, cfg=cfg, device=self._device)
         if self._distributed:
             runtime.shard_decoder_layers(model)
         return model
@@ -171,7 +178,7 @@ class ContinuedPretrainRecipe:
         groups: list[dict] = [{"params": [p for p in self._model.parameters() if p.requires_grad]}]
         for extra in self._pm.hook.acadlm_optimizer_param_groups(model=self._model, cfg=cfg):
             groups.extend(extra or [])
-        return instantiate_component(cfg, "optimizer", groups)
+        return build_optimizer(cfg, groups, device=self._device, distributed=self._distributed)
 
     def _restore_recipe_state(self) -> None:
         state = self._resume_state
@@ -205,6 +212,11 @@ class ContinuedPretrainRecipe:
             if runtime.is_due(self._step, self._save_every, self._max_steps):
                 self.save_checkpoint()
         progress.close()
+        final = latest_checkpoint(self._output_dir)
+        if self.exports_final_model and self._is_rank_zero and final is not None:
+            for result in self._pm.hook.acadlm_model_exported(
+                    model_dir=str(final / MODEL_DIRNAME), recipe=self._recipe_name):
+                self._exported.update(result or {})
         return self._summary(time.perf_counter() - started)
 
     def _train_step(self) -> dict[str, float]:
@@ -237,7 +249,7 @@ class ContinuedPretrainRecipe:
                                           self._clip_grad_norm)
         elapsed = time.perf_counter() - step_started
         metrics = {"loss": self._all_reduce_sum(loss_total) / global_tokens,
-                   "lr": self._optimizer.param_groups[0]["lr"],
+                   "lr": float(self._optimizer.param_groups[0]["lr"]),
                    "tokens_per_second": global_tokens / elapsed,
                    "tokens_seen": global_tokens}
         if grad_norm is not None:
@@ -385,6 +397,7 @@ class ContinuedPretrainRecipe:
             "val_loss_before": evaluations[0]["losses"] if evaluations else {},
             "val_loss_after": evaluations[-1]["losses"] if evaluations else {},
             "checkpoint": str(latest_checkpoint(self._output_dir) or ""),
+            **self._exported,
         }
         self._pm.hook.acadlm_run_end(summary=summary)
         if self._is_rank_zero:

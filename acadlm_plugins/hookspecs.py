@@ -8,12 +8,12 @@ same hooks, with no private back door into the training loop.
 
 A recipe calls the hooks in this order::
 
-    acadlm_configure -> acadlm_model_built -> acadlm_data_ready -> acadlm_optimizer_param_groups
-    -> [acadlm_load_state_dict on resume]
+    acadlm_configure -> acadlm_prepare_model -> acadlm_model_built -> acadlm_data_ready
+    -> acadlm_optimizer_param_groups -> [acadlm_load_state_dict on resume]
     -> per step: acadlm_batch_ready -> acadlm_extra_loss -> acadlm_after_optimizer_step
        -> every eval interval: acadlm_evaluation_end
        -> every save interval: acadlm_state_dict -> acadlm_checkpoint_saved
-    -> acadlm_run_end
+    -> acadlm_model_exported (the final model folder) -> acadlm_run_end
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ def acadlm_configure(cfg: Any, recipe: str) -> None:
     Called once, first, with the run's OmegaConf ``cfg`` (mutable) and the recipe's name
     (``"continued_pretrain"``, ``"prune"``, ...). Raise ``acadlm_plugins.errors.ConfigError``
     naming the config key and the fix to stop the run before any work is done.
+    """
+
+
+@hookspec
+def acadlm_prepare_model(model: Any, cfg: Any, device: Any) -> None:
+    """The model's weights are loaded and it is still whole: before FSDP2 shards it.
+
+    Swap modules here when the swap must precede sharding, as float8 training's
+    ``Float8Linear`` must (the built-in torchao plugin does this).
     """
 
 
@@ -120,6 +129,17 @@ def acadlm_load_state_dict(states: dict) -> None:
 @hookspec
 def acadlm_checkpoint_saved(path: str, step: int) -> None:
     """A checkpoint directory has been written completely (atomically) at ``path``."""
+
+
+@hookspec
+def acadlm_model_exported(model_dir: str, recipe: str) -> dict | None:
+    """A recipe has written the model folder it hands to the user (rank 0 only).
+
+    ``model_dir`` is a Hugging Face model folder: the last checkpoint's ``model/`` of continued
+    pre-training and long-context stages, the materialized ``pruned_model`` of pruning. Return
+    a dict to merge into the run's summary (the torchao plugin returns where it wrote a
+    quantized copy), or ``None``.
+    """
 
 
 @hookspec

@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "acadlm_plugins.plugins.nonfinite_loss_guard",
     "acadlm_plugins.plugins.dynamic_batch_loading:DynamicBatchLoadingPlugin",
     "acadlm_plugins.plugins.pruning:PruningPlugin",
+    "acadlm_plugins.plugins.torchao:TorchaoPlugin",
 )
 
 ALLOW_ENV = "ACADLM_PLUGINS_ALLOW"

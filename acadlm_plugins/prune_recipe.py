@@ -43,6 +43,7 @@ class PruneRecipe:
         self._cfg = cfg
         self._trainer = ContinuedPretrainRecipe(cfg, recipe_name="prune")
         self._trainer.example_config = "configs/smollm2/135M_to_50M_prune.yaml"
+        self._trainer.exports_final_model = False  # the pruned model is exported below
 
     def setup(self, cfg: DictConfig) -> None:
         self._trainer.setup(cfg)
@@ -94,6 +95,9 @@ class PruneRecipe:
             "pruned_model_dir": str(dest),
             "materialize_seconds": round(time.perf_counter() - started, 1),
         }
+        for result in self._trainer.plugin_manager.hook.acadlm_model_exported(
+                model_dir=str(dest), recipe="prune"):
+            summary.update(result or {})
         (self._trainer.output_dir / "pruning_summary.json").write_text(
             json.dumps(summary, indent=2))
         print(format_pruning_summary(summary), flush=True)

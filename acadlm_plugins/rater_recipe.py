@@ -60,8 +60,9 @@ from acadlm_plugins.training.checkpointing import (
     recipe_state,
     write_recipe_checkpoint,
 )
-from acadlm_plugins.training.components import instantiate_component, instantiate_optional
+from acadlm_plugins.training.components import instantiate_optional
 from acadlm_plugins.training.config_checks import check_config_keys
+from acadlm_plugins.training.optimizers import build_optimizer
 
 log = utils.get_logger("INFO")
 
@@ -219,7 +220,7 @@ class RaterRecipe:
             {"params": heads}]
         if cfg.get("head_lr", None) is not None:
             groups[1]["lr"] = float(cfg.head_lr)
-        return instantiate_component(cfg, "optimizer", groups)
+        return build_optimizer(cfg, groups, device=self._device, distributed=self._distributed)
 
     def _restore(self) -> None:
         state = self._resume_state
@@ -282,7 +283,7 @@ class RaterRecipe:
         elapsed = time.perf_counter() - started
         metrics = {"loss": float(totals[0]) / global_count,
                    "train_acc": float(totals[1]) / global_count,
-                   "lr": self._optimizer.param_groups[0]["lr"],
+                   "lr": float(self._optimizer.param_groups[0]["lr"]),
                    "pairs_per_second": per_micro * self._grad_accum / elapsed,
                    "tokens_per_second": float(totals[2]) / elapsed}
         if grad_norm is not None:

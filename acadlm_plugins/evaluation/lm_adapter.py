@@ -56,6 +56,12 @@ from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.lengths import task_error
 from acadlm_plugins.models.llama import llama_from_hf_config
+from acadlm_plugins.quantization import (
+    is_quantized_copy,
+    load_quantized_decoder,
+    read_quantization,
+    scheme_dtype,
+)
 
 MODEL_NAME = "acadlm"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -236,6 +242,8 @@ def load_decoder(model_dir: Path, *, max_seq_len: int | None, device: torch.devi
     Weights go through torchtune's ``FullModelHFCheckpointer`` exactly as our recipes load
     them (its ``output_dir`` is a throw-away folder: evaluation writes nothing).
     """
+    if is_quantized_copy(model_dir):
+        return load_quantized_decoder(model_dir, max_seq_len=max_seq_len, device=device)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type", "llama") != "llama":
         raise ConfigError("--model_args pretrained", f"{model_dir} is a "
@@ -320,6 +328,9 @@ class AcadLM(TemplateLM):
     * ``dtype``: ``float32`` (default on CPU), ``bfloat16`` (default on GPU), ``float16``.
     * ``kv_cache``: generate with KV caches (default true); false recomputes every step.
     * ``prefill_chunk``: prompt tokens per forward pass while filling the KV cache (2048).
+
+    A quantized copy (``acadlm_plugins.quantization``, a folder with ``quantization.json``) is
+    loaded with its torchao weights and runs in the dtype it was made for.
     """
 
     def __init__(self, pretrained: str, tokenizer: str | None = None,
@@ -344,6 +355,9 @@ class AcadLM(TemplateLM):
         del max_batch_size  # lm-eval passes it along with --batch_size; only used for "auto"
         self._device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self._device)
+        if is_quantized_copy(self.model_dir):
+            # A quantized copy runs in the dtype it was made for (int4 kernels: bfloat16).
+            self.dtype = scheme_dtype(read_quantization(self.model_dir)["scheme"])
         self.kv_cache = bool(kv_cache)
         self.prefill_chunk = int(prefill_chunk)
         self._max_gen_toks = int(max_gen_toks)

@@ -1,0 +1,261 @@
+"""Weight-only quantized copies of exported models (torchao), for inference.
+
+A model folder our recipes export (a Hugging Face Llama folder) gets a sibling copy whose
+linear weights are int8 (per output channel) or int4 (per group of input channels), made with
+``torchao.quantization.quantize_``. The copy follows torchtune's own quantize recipe: the
+quantized torchtune state dict is saved with ``torch.save`` (torchao's tensor types are not
+safetensors-serializable), next to the source's config.json and tokenizer files and a
+``quantization.json`` that records the scheme. Our lm-eval adapter (``--model acadlm``) and
+:func:`load_quantized_decoder` load it; transformers does not.
+
+Three ways to ask for a copy, all with the same scheme names:
+
+* our recipes (continued pre-training, long-context, pruning): ``torchao.quantized_export`` in
+  the config (the built-in torchao plugin, ``acadlm_plugins/plugins/torchao.py``);
+* stock torchtune recipes: ``checkpointer._component_:
+  acadlm_plugins.quantization.QuantizedExportCheckpointer`` with ``quantized_export: <scheme>``;
+* any model folder: ``acadlm-quantize <folder> --scheme int8_weight_only``.
+
+int4 weights are packed for the device that runs them: a copy made on CPU (the default) runs on
+CPU only, in bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchtune import training
+
+from acadlm_plugins.errors import ConfigError
+
+SCHEMES = ("int8_weight_only", "int4_weight_only")
+QUANTIZATION_FILE = "quantization.json"
+WEIGHTS_FILE = "model_quantized.pt"
+DEFAULT_GROUP_SIZE = 32
+GROUP_SIZES = (32, 64, 128, 256)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_scheme(scheme: Any, *, field: str) -> str | None:
+    """``scheme`` as a known scheme name, or None for "no quantized copy"; a ConfigError
+    naming ``field`` otherwise."""
+    if scheme is None or str(scheme).lower() in ("", "none", "null", "false"):
+        return None
+    if str(scheme) not in SCHEMES:
+        raise ConfigError(field, f"unknown quantization scheme {scheme!r}.",
+                          f"use one of {list(SCHEMES)}, or null for no quantized copy.")
+    return str(scheme)
+
+
+def check_group_size(group_size: Any, *, field: str) -> int:
+    """The int4 group size (input channels sharing one scale), one of :data:`GROUP_SIZES`."""
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(field, f"is {group_size!r}.", f"use one of {list(GROUP_SIZES)}.")
+    return int(group_size)
+
+
+def scheme_dtype(scheme: str) -> torch.dtype:
+    """The activation dtype a quantized copy runs in (torchao's int4 kernels need bfloat16)."""
+    return torch.bfloat16 if scheme == "int4_weight_only" else torch.float32
+
+
+def torchao_config(scheme: str, *, device: torch.device, group_size: int = DEFAULT_GROUP_SIZE):
+    """The ``torchao.quantization`` config of ``scheme`` for weights that will run on ``device``."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    if scheme == "int8_weight_only":
+        return Int8WeightOnlyConfig()
+    if device.type == "cpu":
+        from torchao.dtypes import Int4CPULayout
+
+        return Int4WeightOnlyConfig(group_size=group_size, layout=Int4CPULayout(), version=1)
+    return Int4WeightOnlyConfig(group_size=group_size, version=1)
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def quantize_decoder(model: torch.nn.Module, scheme: str, *, device: torch.device,
+                     group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, Any]:
+    """Quantize every ``nn.Linear`` weight of ``model`` in place; which were and which were not.
+
+    torchao leaves a weight as it is when its shape does not fit the scheme (int4 needs the
+    input width to be a multiple of ``group_size``); those are listed under ``skipped``.
+    """
+    from torchao.quantization import quantize_
+
+    quantize_(model, torchao_config(scheme, device=device, group_size=group_size))
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    quantized = [name for name, module in linears.items() if _is_quantized(module.weight)]
+    return {"quantized": len(quantized),
+            "skipped": sorted(set(linears) - set(quantized))}
+
+
+def is_quantized_copy(folder: Path) -> bool:
+    """Whether ``folder`` is a copy written by :func:`write_quantized_copy`."""
+    return (Path(folder) / QUANTIZATION_FILE).is_file()
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+
+
+def default_destination(model_dir: Path, scheme: str) -> Path:
+    """``<model_dir>-<scheme>``, next to the source folder."""
+    return model_dir.parent / f"{model_dir.name}-{scheme}"
+
+
+def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str | None = None,
+                         group_size: int = DEFAULT_GROUP_SIZE, device: str = "cpu",
+                         field: str = "quantized_export") -> Path:
+    """Write a ``scheme`` copy of the model folder ``model_dir``; returns its folder.
+
+    The folder appears complete or not at all (written under a temporary name, then renamed);
+    an older copy at ``dest`` is replaced.
+    """
+    from acadlm_plugins.evaluation.lm_adapter import load_decoder
+
+    scheme = check_scheme(scheme, field=field)
+    if scheme is None:
+        raise ConfigError(field, "is empty.", f"name a scheme: {list(SCHEMES)}.")
+    group_size = check_group_size(group_size, field=f"{field} group_size")
+    source = Path(model_dir).expanduser().resolve()
+    if is_quantized_copy(source):
+        raise ConfigError(field, f"{source} is already a quantized copy.",
+                          "quantize the unquantized model folder it was made from.")
+    target = torch.device(device)
+    dtype = scheme_dtype(scheme)
+    model = load_decoder(source, max_seq_len=None, device=target, dtype=dtype)
+    report = quantize_decoder(model, scheme, device=target, group_size=group_size)
+    if not report["quantized"]:
+        raise ConfigError(field, f"{scheme} could not quantize any linear layer of {source} "
+                          f"(skipped: {report['skipped'][:4]}...).",
+                          f"use int8_weight_only, or a group size that divides the layers' "
+                          f"input widths (one of {list(GROUP_SIZES)}).")
+
+    final = Path(dest).expanduser().resolve() if dest else default_destination(source, scheme)
+    scratch = final.with_name(final.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and not item.name.endswith(
+                ".index.json"):
+            shutil.copy2(item, scratch / item.name)
+    torch.save(model.state_dict(), scratch / WEIGHTS_FILE)
+    import torchao
+
+    meta = {"scheme": scheme, "group_size": group_size if scheme.startswith("int4") else None,
+            "dtype": str(dtype).removeprefix("torch."), "device": target.type,
+            "torchao": torchao.__version__, "source": str(source),
+            "source_weight_bytes": _weights_bytes(source),
+            "weight_bytes": (scratch / WEIGHTS_FILE).stat().st_size,
+            "quantized_linears": report["quantized"], "skipped_linears": report["skipped"]}
+    (scratch / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(scratch, final)
+    return final
+
+
+def read_quantization(folder: Path) -> dict[str, Any]:
+    """The ``quantization.json`` of a quantized copy."""
+    return json.loads((Path(folder) / QUANTIZATION_FILE).read_text())
+
+
+def load_quantized_decoder(model_dir: Path, *, max_seq_len: int | None,
+                           device: torch.device) -> torch.nn.Module:
+    """The torchtune decoder of a quantized copy, in eval mode, in the dtype it was made for.
+
+    The weights file holds pickled torchao tensors, so it is loaded with ``weights_only=False``:
+    load only copies you made yourself.
+    """
+    from acadlm_plugins.models.llama import llama_from_hf_config
+
+    meta = read_quantization(model_dir)
+    if meta.get("device", "cpu") != device.type and meta["scheme"].startswith("int4"):
+        raise ConfigError("--model_args device", f"{model_dir} holds int4 weights packed for "
+                          f"{meta['device']}, not {device.type}.",
+                          f"evaluate it on {meta['device']}, or make a copy for {device.type} "
+                          f"(`acadlm-quantize <source> --scheme {meta['scheme']} --device "
+                          f"{device.type}`).")
+    dtype = getattr(torch, meta["dtype"])
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        model = llama_from_hf_config(str(model_dir), max_seq_len=max_seq_len)
+    model.to_empty(device=device)
+    with training.set_default_dtype(dtype), device:
+        for module in model.modules():
+            if hasattr(module, "rope_init"):
+                module.rope_init()
+    state = torch.load(model_dir / WEIGHTS_FILE, map_location=device, weights_only=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ConfigError("--model_args pretrained", f"{model_dir}: the quantized weights do "
+                          f"not fit its config.json (missing {missing}, unexpected {unexpected}).",
+                          "make the copy again from its source folder.")
+    model.eval().requires_grad_(False)
+    return model
+
+
+class QuantizedExportCheckpointer(training.FullModelHFCheckpointer):
+    """torchtune's ``FullModelHFCheckpointer`` that also writes a quantized copy of every final
+    (non-intermediate) checkpoint: ``<output_dir>/epoch_<N>-<scheme>``. For stock recipes::
+
+        checkpointer:
+          _component_: acadlm_plugins.quantization.QuantizedExportCheckpointer
+          quantized_export: int8_weight_only     # or int4_weight_only; null: none
+          ...                                    # FullModelHFCheckpointer's own arguments
+    """
+
+    def __init__(self, *args: Any, quantized_export: str | None = None,
+                 group_size: int = DEFAULT_GROUP_SIZE, **kwargs: Any) -> None:
+        self.quantized_export = check_scheme(quantized_export,
+                                             field="checkpointer.quantized_export")
+        self.group_size = check_group_size(group_size, field="checkpointer.group_size")
+        super().__init__(*args, **kwargs)
+        self.quantized_copies: list[Path] = []
+
+    def save_checkpoint(self, state_dict: dict[str, Any], epoch: int,
+                        intermediate_checkpoint: bool = False, adapter_only: bool = False,
+                        ) -> None:
+        super().save_checkpoint(state_dict, epoch, intermediate_checkpoint=intermediate_checkpoint,
+                                adapter_only=adapter_only)
+        if self.quantized_export and not intermediate_checkpoint and not adapter_only:
+            source = Path(self._output_dir) / f"epoch_{epoch}"
+            self.quantized_copies.append(write_quantized_copy(
+                source, self.quantized_export, group_size=self.group_size,
+                field="checkpointer.quantized_export"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``acadlm-quantize MODEL_DIR --scheme SCHEME``: write a quantized copy of a model folder."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--scheme", required=True, choices=SCHEMES)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="destination folder (default: <model_dir>-<scheme>)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+                        help="int4: input channels per scale")
+    parser.add_argument("--device", default="cpu", help="where the copy will run (int4 packing)")
+    args = parser.parse_args(argv)
+    dest = write_quantized_copy(args.model_dir, args.scheme, dest=args.output,
+                                group_size=args.group_size, device=args.device,
+                                field="--scheme")
+    meta = read_quantization(dest)
+    print(f"{dest}: {meta['scheme']}, {meta['quantized_linears']} linear layers quantized, "
+          f"weights {meta['source_weight_bytes'] / 2**20:.1f} MiB -> "
+          f"{meta['weight_bytes'] / 2**20:.1f} MiB")
+
+
+__all__ = ["QUANTIZATION_FILE", "SCHEMES", "QuantizedExportCheckpointer", "check_scheme",
+           "is_quantized_copy", "load_quantized_decoder", "quantize_decoder",
+           "write_quantized_copy"]

@@ -1,0 +1,170 @@
+"""The optimizer of every recipe, from ``optimizer._component_``, checked before training.
+
+Any ``torch.optim`` class works, and so do torchao's low-memory ones, by one line::
+
+    optimizer:
+      _component_: torchao.optim.AdamW8bit   # or AdamW4bit; torchao.optim.CPUOffloadOptimizer
+      lr: 3.0e-4
+
+``AdamW8bit`` / ``AdamW4bit`` keep both Adam moments in 8 / 4 bits with one scale per block of
+256 / 128 values, which is a quarter / an eighth of AdamW's float32 state. Following
+bitsandbytes, torchao does this only for tensors of at least 4096 values whose size the block
+divides; the rest (norms, biases) keep float32 moments. Their update is compiled with
+``torch.compile`` on first use (on CPU that needs a C++ compiler and takes a while once).
+
+Checked here, each a ConfigError naming ``optimizer._component_`` (or the parameter), before
+any step: torchao missing, the CPU-offload optimizer without a CUDA/XPU device or under FSDP,
+parameters a low-bit optimizer cannot hold (integer, complex, quantized tensors), and a
+low-bit optimizer none of whose parameters would actually get low-bit states.
+
+The pruning plugin's gates and Lagrange multipliers never go through this optimizer: they keep
+their own float32 AdamW (see ``acadlm_plugins/plugins/pruning.py``). They are a few thousand
+values, so there is nothing to save, and the multipliers are trained by gradient *ascent*, where
+a block-quantized second moment would distort exactly the small, sign-carrying updates that
+hold the expected shape on its target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training.components import instantiate_component
+
+FIELD = "optimizer._component_"
+LOW_BIT = {"AdamW8bit": 256, "Adam8bit": 256, "AdamW4bit": 128, "Adam4bit": 128,
+           "AdamWFp8": 256, "AdamFp8": 256}
+CPU_OFFLOAD = "CPUOffloadOptimizer"
+MIN_QUANTIZED_NUMEL = 4096  # torchao (like bitsandbytes) keeps smaller tensors in float32
+
+
+def _torchao_class_name(component: str) -> str | None:
+    """The class name when ``component`` is one of torchao's optimizers, else None."""
+    if not component.startswith("torchao."):
+        return None
+    return component.rsplit(".", 1)[-1]
+
+
+def gets_low_bit_state(param: torch.Tensor, block_size: int) -> bool:
+    """Whether torchao gives ``param`` quantized moments (else float32 ones)."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.numel() >= MIN_QUANTIZED_NUMEL and local.numel() % block_size == 0
+
+
+def _parameters(groups: Iterable[Any]) -> list[tuple[int, torch.Tensor]]:
+    params: list[tuple[int, torch.Tensor]] = []
+    for index, group in enumerate(groups):
+        items = group["params"] if isinstance(group, dict) else [group]
+        params.extend((index, p) for p in items)
+    return params
+
+
+def check_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
+                    distributed: bool) -> None:
+    """Raise ConfigError when ``cfg.optimizer`` cannot train ``groups`` here (see module doc)."""
+    component = str((cfg.get("optimizer", None) or {}).get("_component_", ""))
+    name = _torchao_class_name(component)
+    if name is None:
+        return
+    try:
+        import torchao.optim  # noqa: F401
+    except Exception as err:  # an incompatible torchao raises more than ImportError
+        raise ConfigError(FIELD, f"{component!r} needs torchao, which does not import "
+                          f"({type(err).__name__}: {err}).",
+                          "install the torchao version pinned by acadlm-plugins "
+                          "(`pip install acadlm-plugins`), or use torch.optim.AdamW.") from err
+    if name == CPU_OFFLOAD:
+        if device.type not in ("cuda", "xpu"):
+            raise ConfigError(FIELD, f"{component} moves optimizer states from a CUDA/XPU "
+                              f"device to CPU memory; this run is on {device.type}, where they "
+                              "already are.", "use torch.optim.AdamW, or torchao.optim.AdamW8bit "
+                              "to shrink the states.")
+        if distributed:
+            raise ConfigError(FIELD, f"{component} supports single-device training only.",
+                              "with several GPUs use torchao.optim.AdamW8bit/AdamW4bit, whose "
+                              "states FSDP2 shards.")
+        return
+    block = LOW_BIT.get(name)
+    if block is None:
+        return
+    params = _parameters(groups)
+    for index, param in params:
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not local.is_floating_point():
+            raise ConfigError(FIELD, f"{name} cannot train a {local.dtype} parameter (group "
+                              f"{index}, shape {tuple(param.shape)}).",
+                              "freeze it (requires_grad=False) or use torch.optim.AdamW.")
+        if type(local) not in (torch.Tensor, torch.nn.Parameter):
+            raise ConfigError(FIELD, f"{name} cannot train a {type(local).__name__} parameter "
+                              f"(group {index}, shape {tuple(param.shape)}): torchao's low-bit "
+                              "optimizers update plain or FSDP-sharded tensors.",
+                              "train the unquantized model, or use torch.optim.AdamW.")
+    if name.endswith(("8bit", "4bit")) and not any(gets_low_bit_state(p, block)
+                                                   for _, p in params):
+        raise ConfigError(FIELD, f"none of the {len(params)} parameters would get {name} "
+                          f"states: torchao quantizes only tensors of >= {MIN_QUANTIZED_NUMEL} "
+                          f"values that are a multiple of {block}, and keeps the rest in "
+                          "float32, so this saves nothing.", "use torch.optim.AdamW.")
+
+
+def build_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
+                    distributed: bool) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``groups``, after :func:`check_optimizer`."""
+    check_optimizer(cfg, groups, device=device, distributed=distributed)
+    extra: dict[str, Any] = {}
+    inner = cfg.optimizer.get("optimizer_class", None)
+    if isinstance(inner, str):  # CPUOffloadOptimizer's base class, given as a dotted path
+        from torchtune.config._utils import _get_component_from_path
+
+        extra["optimizer_class"] = _get_component_from_path(inner)
+    try:
+        return instantiate_component(cfg, "optimizer", groups, **extra)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("optimizer", f"{cfg.optimizer._component_} rejected its arguments "
+                          f"({err}).", "check the optimizer's keyword arguments.") from err
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    if type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_nbytes(getattr(tensor, n)) for n in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def state_bytes(state: Mapping[Any, Mapping[str, Any]]) -> dict[str, int]:
+    """Bytes of per-parameter optimizer state (``optimizer.state``, or the ``"state"`` of a
+    saved optimizer state dict), counting what quantized states really hold (codes and
+    scales): ``{"total": ..., "low_bit": ..., "float": ...}``. Step counters are left out."""
+    low_bit = plain = 0
+    for per_param in state.values():
+        for value in per_param.values():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if type(local) is torch.Tensor:
+                plain += _nbytes(value)
+            else:
+                low_bit += _nbytes(value)
+    return {"total": low_bit + plain, "low_bit": low_bit, "float": plain}
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """:func:`state_bytes` of a live optimizer (CPU-offload: of its per-parameter optimizers)."""
+    inner = getattr(optimizer, "optim_dict", None)
+    if inner is None:
+        return state_bytes(optimizer.state)
+    totals = {"total": 0, "low_bit": 0, "float": 0}
+    for part in [*inner.values(), *([optimizer.d_opt] if optimizer.d_opt else [])]:
+        for key, value in state_bytes(part.state).items():
+            totals[key] += value
+    return totals
+
+
+__all__ = ["build_optimizer", "check_optimizer", "gets_low_bit_state", "optimizer_state_bytes",
+           "state_bytes"]
