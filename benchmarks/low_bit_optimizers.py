@@ -1,0 +1,150 @@
+"""torchao's low-bit AdamW against torch's AdamW on SmolLM2-135M: state bytes, step memory,
+time and loss after the same steps on the same batches.
+
+Each optimizer runs in its own freshly spawned process (so the peak memory is its own): load
+SmolLM2-135M in fp32, then ``--steps`` training steps on the same windows of the embedded
+corpus, each ``--seq-len`` tokens. Reported per optimizer, and as a ratio to torch AdamW:
+
+* optimizer-state bytes after the first step, counted from what the states hold (8-bit codes
+  and their scales for torchao; float32 moments otherwise);
+* the steps' peak RSS over the RSS with the model loaded (the RSS high-water mark is reset after
+  loading), which holds gradients, activations and the states;
+* seconds per step after the first (the first compiles torchao's update: shown apart);
+* training loss at the last step and the loss on held-out windows after the last step.
+
+Run::
+
+    .venv/bin/python benchmarks/low_bit_optimizers.py                 # 8 steps of 512 tokens
+    .venv/bin/python benchmarks/low_bit_optimizers.py --steps 20 --optimizers torch.optim.AdamW,torchao.optim.AdamW8bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import torch
+
+OPTIMIZERS = ("torch.optim.AdamW", "torchao.optim.AdamW8bit", "torchao.optim.AdamW4bit")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--held-out", type=int, default=2, help="held-out windows for the loss")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    return parser.parse_args()
+
+
+def token_windows(seq_len: int, count: int) -> torch.Tensor:
+    """``count`` consecutive windows of ``seq_len + 1`` tokens of the embedded corpus's books
+    and docs validation text (inputs and their next-token targets)."""
+    from acadlm_plugins.defaults.corpus import read_jsonl
+    from acadlm_plugins.defaults.paths import require_default_corpus
+    from acadlm_plugins.models.tokenizer import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer(max_seq_len=None)
+    corpus = require_default_corpus()
+    ids: list[int] = []
+    need = count * (seq_len + 1)
+    for domain in ("books", "docs", "scripture", "code"):
+        for row in read_jsonl(corpus / domain / "validation.jsonl"):
+            ids += tokenizer.encode(row["text"], add_bos=True, add_eos=True)
+            if len(ids) >= need:
+                return torch.tensor(ids[:need]).view(count, seq_len + 1)
+    raise SystemExit(f"the embedded corpus holds fewer than {need} validation tokens")
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def _loss(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+    logits = model(window[None, :-1])
+    return torch.nn.functional.cross_entropy(logits[0].float(), window[1:])
+
+
+def run_optimizer(component: str, windows: torch.Tensor, steps: int, lr: float,
+                  threads: int, queue) -> None:
+    """Child process: load, train ``steps`` steps, report (see the module docstring)."""
+    from torchtune.config._utils import _get_component_from_path
+
+    from acadlm_plugins.defaults.paths import require_default_model
+    from acadlm_plugins.training.optimizers import optimizer_state_bytes
+    from acadlm_plugins.training.step_probe import load_smollm2
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    windows = windows.clone()
+    model = load_smollm2(require_default_model(), max_seq_len=windows.shape[1],
+                         rope_base=100_000.0, activation_checkpointing=False)
+    optimizer = _get_component_from_path(component)(model.parameters(), lr=lr,
+                                                    betas=(0.9, 0.95), weight_decay=0.1)
+    rss_loaded = _rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak from here on is the steps' own
+    losses, seconds, state = [], [], None
+    for step in range(steps):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = _loss(model, windows[step])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        seconds.append(time.perf_counter() - started)
+        losses.append(float(loss.detach()))
+        if state is None:
+            state = optimizer_state_bytes(optimizer)
+    peak = _rss("VmHWM")
+    with torch.no_grad():
+        held_out = [float(_loss(model, w)) for w in windows[steps:]]
+    queue.put({"optimizer": component, "state_bytes": state["total"],
+               "low_bit_bytes": state["low_bit"], "step_growth": peak - rss_loaded,
+               "first_step_s": seconds[0],
+               "step_s": sum(seconds[1:]) / max(1, len(seconds) - 1),
+               "losses": losses, "held_out_loss": sum(held_out) / len(held_out)})
+
+
+def main() -> None:
+    args = parse_args()
+    components = [c for c in args.optimizers.split(",") if c]
+    windows = token_windows(args.seq_len, args.steps + args.held_out)
+    context = mp.get_context("spawn")
+    rows = []
+    for component in components:
+        queue = context.Queue()
+        child = context.Process(target=run_optimizer, args=(component, windows, args.steps,
+                                                            args.lr, args.threads, queue))
+        child.start()
+        rows.append(queue.get())
+        child.join()
+        print(f"done: {component}", flush=True)
+    base = rows[0]
+    print(f"\nSmolLM2-135M, fp32, {args.steps} steps x {args.seq_len} tokens, lr {args.lr}, "
+          f"{args.threads} threads; ratios to {base['optimizer']}\n")
+    header = (f"{'optimizer':<26}{'state MiB':>10}{'ratio':>7}{'step growth MiB':>17}{'ratio':>7}"
+              f"{'s/step':>8}{'ratio':>7}{'1st step s':>11}{'last loss':>10}{'held-out':>9}"
+              f"{'diff':>8}")
+    print(header)
+    for row in rows:
+        print(f"{row['optimizer']:<26}{row['state_bytes'] / 2**20:>10.1f}"
+              f"{row['state_bytes'] / base['state_bytes']:>7.3f}"
+              f"{row['step_growth'] / 2**20:>17.0f}{row['step_growth'] / base['step_growth']:>7.2f}"
+              f"{row['step_s']:>8.2f}{row['step_s'] / base['step_s']:>7.2f}"
+              f"{row['first_step_s']:>11.1f}{row['losses'][-1]:>10.4f}"
+              f"{row['held_out_loss']:>9.4f}{row['held_out_loss'] - base['held_out_loss']:>+8.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
