@@ -51,6 +51,7 @@ from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
 from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.document_attention import DocumentAttention
+from acadlm_plugins.training.optimizers import requantize_states
 from acadlm_plugins.training.sequence_parallel import (
     UlyssesAttention,
     check_sequence_length,
@@ -364,6 +365,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                                                          self._device)
         else:
             self._optimizer.load_state_dict(merged)
+        requantize_states(self._optimizer)  # e.g. AdamW's moments into an AdamW8bit stage
         self._history["optimizer_state_from"] = str(checkpoint)
         if self._is_rank_zero:
             log.info("optimizer state carried over from %s (learning-rate schedule restarts)",

@@ -216,3 +216,42 @@ def test_per_document_and_masked_attention_train_the_same_stage(stage1, tiny_dat
     for when in ("val_loss_before", "val_loss_after"):
         for domain, value in masked[when].items():
             assert looped[when][domain] == pytest.approx(value, rel=1e-4), (when, domain)
+
+
+def test_an_8bit_stage_takes_adamws_moments_and_exports_an_int4_copy_with_its_rope_base(
+        stage1, tiny_data, tmp_path) -> None:
+    """torchao in a stage: stage 1 trained with torch AdamW, stage 2 switches to AdamW8bit
+    (its moments are quantized on load) and asks for an int4 copy of its final model."""
+    from acadlm_plugins.evaluation.lm_adapter import load_decoder
+
+    previous = torch.load(latest_checkpoint(stage1) / RECIPE_STATE_FILENAME,
+                          weights_only=False)["optimizer"]["state"]
+    cfg = stage_config(tiny_data, tmp_path / "stage2",
+                       f"checkpointer.checkpoint_dir={latest_checkpoint(stage1) / 'model'}",
+                       "checkpointer.checkpoint_files=[model-00001-of-00001.safetensors]",
+                       f"long_context.previous_stage={stage1}", "long_context.max_seq_len=256",
+                       "long_context.rope_base=160000.0", "long_context.trained_length=null",
+                       "long_context.token_budget=512", "validation.max_packs_per_domain=1",
+                       "optimizer._component_=torchao.optim.AdamW8bit",
+                       "torchao.quantized_export=int4_weight_only")
+    with torch_threads():
+        recipe = LongContextRecipe(cfg)
+        try:
+            recipe.setup(cfg)
+            state = recipe._optimizer.state_dict()["state"]
+            kinds = {type(s["exp_avg"]).__name__ for s in state.values()}
+            assert kinds == {"OptimState8bit", "Tensor"}, kinds
+            for index, moments in previous.items():
+                loaded = state[index]["exp_avg"]
+                loaded = loaded.dequantize() if hasattr(loaded, "codes") else loaded
+                scale = float(moments["exp_avg"].abs().max())
+                torch.testing.assert_close(loaded, moments["exp_avg"], rtol=0, atol=0.02 * scale)
+            summary = recipe.train()
+        finally:
+            recipe.cleanup()
+    copy = Path(summary["quantized_model"]["path"])
+    assert copy.name == "model-int4_weight_only"
+    assert json.loads((copy / "config.json").read_text())["rope_theta"] == 160000.0
+    model = load_decoder(copy, max_seq_len=None, device=torch.device("cpu"), dtype=torch.float32)
+    assert model.layers[0].attn.pos_embeddings.base == 160000.0
+    assert type(model.layers[0].attn.q_proj.weight).__name__ == "AffineQuantizedTensor"

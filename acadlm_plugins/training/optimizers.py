@@ -26,7 +26,8 @@ hold the expected shape on its target.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -128,6 +129,71 @@ def build_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
                           f"({err}).", "check the optimizer's keyword arguments.") from err
 
 
+def _is_low_bit(tensor: Any) -> bool:
+    """A torchao optimizer-state tensor (OptimState8bit, OptimState4bit, OptimStateFp8)."""
+    return isinstance(tensor, torch.Tensor) and type(tensor).__module__.startswith("torchao.")
+
+
+def _dequantized(value: Any) -> torch.Tensor | None:
+    """A float32 copy of a low-bit state (keeping an FSDP2 placement), or None."""
+    if hasattr(value, "to_local") and _is_low_bit(value.to_local()):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(value.to_local().dequantize(), value.device_mesh,
+                                  value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())
+    if _is_low_bit(value):
+        return value.dequantize()
+    return None
+
+
+@contextlib.contextmanager
+def float_states(optimizer: torch.optim.Optimizer) -> Iterator[int]:
+    """Within the block, the optimizer's low-bit states are float32 copies (then put back).
+
+    Gathering a full optimizer state dict under FSDP2 cannot handle torchao's state types, so
+    distributed checkpoints store the moments in float32; :func:`requantize_states` turns them
+    back into low-bit states on load. Yields how many states were swapped.
+    """
+    swapped = []
+    for per_param in optimizer.state.values():
+        for key, value in list(per_param.items()):
+            dequantized = _dequantized(value)
+            if dequantized is not None:
+                swapped.append((per_param, key, value))
+                per_param[key] = dequantized
+    try:
+        yield len(swapped)
+    finally:
+        for per_param, key, value in swapped:
+            per_param[key] = value
+
+
+def requantize_states(optimizer: torch.optim.Optimizer) -> int:
+    """After loading float32 moments (a distributed checkpoint, or a previous stage trained with
+    torch AdamW) into a torchao low-bit optimizer, give every tensor that gets low-bit states
+    its quantized moments back; returns how many were converted. No-op for other optimizers."""
+    block = getattr(optimizer, "block_size", None)
+    if block is None or not hasattr(optimizer, "_new_buffer"):
+        return 0
+    converted = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param) or {}
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False),
+                                ("max_exp_avg_sq", False)):
+                value = state.get(key)
+                if value is None:
+                    continue
+                local = value.to_local() if hasattr(value, "to_local") else value
+                if type(local) is torch.Tensor and gets_low_bit_state(param, block):
+                    fresh = optimizer._new_buffer(param, signed)
+                    fresh.copy_(value)
+                    state[key] = fresh
+                    converted += 1
+    return converted
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     if hasattr(tensor, "to_local"):
         tensor = tensor.to_local()
@@ -166,5 +232,5 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     return totals
 
 
-__all__ = ["build_optimizer", "check_optimizer", "gets_low_bit_state", "optimizer_state_bytes",
-           "state_bytes"]
+__all__ = ["build_optimizer", "check_optimizer", "float_states", "gets_low_bit_state",
+           "optimizer_state_bytes", "requantize_states", "state_bytes"]

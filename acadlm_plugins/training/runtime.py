@@ -65,9 +65,13 @@ def full_model_state(model: torch.nn.Module, *, distributed: bool,
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                          distributed: bool, is_rank_zero: bool) -> dict[str, Any]:
-    """The optimizer's full state dict on rank 0 (gathered from every rank under FSDP)."""
+    """The optimizer's full state dict on rank 0 (gathered from every rank under FSDP; torchao's
+    low-bit moments are gathered as float32, see ``optimizers.float_states``)."""
     if distributed:
-        return training.get_full_optimizer_state_dict(model, optimizer, is_rank_zero)
+        from acadlm_plugins.training.optimizers import float_states
+
+        with float_states(optimizer):
+            return training.get_full_optimizer_state_dict(model, optimizer, is_rank_zero)
     return optimizer.state_dict()
 
 
@@ -83,6 +87,11 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
         training.load_from_full_optimizer_state_dict(model, optimizer, state["optimizer"], device)
     else:
         optimizer.load_state_dict(state["optimizer"])
+    from acadlm_plugins.training.optimizers import requantize_states
+
+    converted = requantize_states(optimizer)  # low-bit moments saved as float32
+    if converted:
+        utils.get_logger("INFO").info("%d optimizer moments restored as low-bit states", converted)
     if lr_scheduler is not None and state.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     sampler.load_state_dict(state["sampler"])
