@@ -341,3 +341,17 @@ def test_config_mistakes_are_named(tiny_model_dir, tmp_path, monkeypatch):
         flat.write_text(json.dumps({"pair_id": "x", "text_a": "a", "text_b": "b",
                                     "judgments": {"educational_value": 0.6}}) + "\n")
         run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, flat))
+
+
+def test_the_rater_trains_with_8bit_adamw_states(tiny_model_dir, tmp_path, monkeypatch):
+    """The optimizer switch reaches the rater recipe too: 8-bit states, and it still learns."""
+    import torch
+
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=120)
+    summary = run_in_process(monkeypatch, rater_args(
+        tmp_path, tiny_model_dir, judgments, "max_steps=6", "batch_size=16",
+        "save_every_n_steps=6", "optimizer._component_=torchao.optim.AdamW8bit"))
+    assert summary["steps"] == 6
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "recipe_state.pt",
+                       weights_only=False)["optimizer"]["state"]
+    assert "OptimState8bit" in {type(s["exp_avg"]).__name__ for s in state.values()}
