@@ -179,7 +179,7 @@ def load_quantized_decoder(model_dir: Path, *, max_seq_len: int | None,
     The weights file holds pickled torchao tensors, so it is loaded with ``weights_only=False``:
     load only copies you made yourself.
     """
-    from acadlm_plugins.models.llama import llama_from_hf_config
+    from acadlm_plugins.models.llama import empty_llama_from_hf_config
 
     meta = read_quantization(model_dir)
     if meta.get("device", "cpu") != device.type and meta["scheme"].startswith("int4"):
@@ -188,14 +188,8 @@ def load_quantized_decoder(model_dir: Path, *, max_seq_len: int | None,
                           f"evaluate it on {meta['device']}, or make a copy for {device.type} "
                           f"(`acadlm-quantize <source> --scheme {meta['scheme']} --device "
                           f"{device.type}`).")
-    dtype = getattr(torch, meta["dtype"])
-    with training.set_default_dtype(dtype), torch.device("meta"):
-        model = llama_from_hf_config(str(model_dir), max_seq_len=max_seq_len)
-    model.to_empty(device=device)
-    with training.set_default_dtype(dtype), device:
-        for module in model.modules():
-            if hasattr(module, "rope_init"):
-                module.rope_init()
+    model = empty_llama_from_hf_config(str(model_dir), max_seq_len=max_seq_len, device=device,
+                                       dtype=getattr(torch, meta["dtype"]))
     state = torch.load(model_dir / WEIGHTS_FILE, map_location=device, weights_only=False)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:

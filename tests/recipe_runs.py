@@ -35,3 +35,17 @@ def torch_threads(count: int = 1) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def setup_error(recipe_class, cfg):
+    """The ConfigError that ``recipe_class(cfg).setup(cfg)`` raises (the test fails if there is
+    none); the recipe is cleaned up either way."""
+    from acadlm_plugins.errors import ConfigError
+
+    recipe = recipe_class(cfg)
+    try:
+        with pytest.raises(ConfigError) as raised, torch_threads():
+            recipe.setup(cfg)
+    finally:
+        recipe.cleanup()
+    return raised.value

@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from recipe_runs import run_recipe_main, torch_threads
+from recipe_runs import setup_error as recipe_setup_error
 from tiny_setup import REPO_ROOT, write_tiny_checkpoint, write_tiny_corpus
 
 from acadlm_plugins._compat import hf_checkpoint_files
@@ -188,14 +189,7 @@ def test_weight_files_that_are_not_there_are_named_with_those_that_are(stage1, t
 
 
 def setup_error(cfg) -> ConfigError:
-    """The ConfigError the recipe's setup raises for ``cfg`` (the test fails if there is none)."""
-    recipe = LongContextRecipe(cfg)
-    try:
-        with pytest.raises(ConfigError) as raised, torch_threads():
-            recipe.setup(cfg)
-    finally:
-        recipe.cleanup()
-    return raised.value
+    return recipe_setup_error(LongContextRecipe, cfg)
 
 
 def test_a_missing_previous_stage_is_refused_before_training(tiny_data, tmp_path) -> None:

@@ -12,6 +12,7 @@ import torch
 from lm_eval.api.instance import Instance
 from omegaconf import OmegaConf
 from recipe_runs import run_recipe_main, torch_threads
+from recipe_runs import setup_error as recipe_setup_error
 from tiny_setup import (
     REPO_ROOT,
     run_tune_subprocess,
@@ -191,13 +192,7 @@ def setup_error(tmp_path: Path, *overrides: str) -> ConfigError:
     args = [a for a in tiny_run_args(tmp_path) if not a.startswith("--config")][1:]
     cfg = OmegaConf.merge(OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "continued_pretrain.yaml"),
                           OmegaConf.from_dotlist([*args, *overrides]))
-    recipe = ContinuedPretrainRecipe(cfg)
-    try:
-        with pytest.raises(ConfigError) as raised, torch_threads():
-            recipe.setup(cfg)
-    finally:
-        recipe.cleanup()
-    return raised.value
+    return recipe_setup_error(ContinuedPretrainRecipe, cfg)
 
 
 @pytest.mark.parametrize(("override", "field", "words"), [

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.lengths import task_error
-from acadlm_plugins.models.llama import llama_from_hf_config
+from acadlm_plugins.models.llama import empty_llama_from_hf_config
 from acadlm_plugins.quantization import (
     is_quantized_copy,
     load_quantized_decoder,
@@ -258,15 +258,8 @@ def load_decoder(model_dir: Path, *, max_seq_len: int | None, device: torch.devi
     if not files:
         raise ConfigError("--model_args pretrained", f"no *.safetensors or *.bin weights in "
                           f"{model_dir}.", "point it at a complete model folder.")
-    # Built on the meta device (no random init of weights about to be overwritten), then given
-    # real storage; RoPE tables are buffers, not weights, so they are computed again.
-    with training.set_default_dtype(dtype), torch.device("meta"):
-        model = llama_from_hf_config(str(model_dir), max_seq_len=max_seq_len)
-    model.to_empty(device=device)
-    with training.set_default_dtype(dtype), device:
-        for module in model.modules():
-            if hasattr(module, "rope_init"):
-                module.rope_init()
+    model = empty_llama_from_hf_config(str(model_dir), max_seq_len=max_seq_len, device=device,
+                                       dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="acadlm_eval_") as scratch:
         checkpointer = training.FullModelHFCheckpointer(
             checkpoint_dir=str(model_dir), checkpoint_files=files, model_type="LLAMA3_2",

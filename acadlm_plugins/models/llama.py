@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
+from torchtune import training
 from torchtune.models.llama3_1._component_builders import llama3_mlp
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import (
@@ -72,3 +74,18 @@ def llama_from_hf_config(path: str, max_seq_len: int | None = None,
         max_seq_len=max_seq_len or config.get("max_position_embeddings", 8192),
         rope_base=rope_base or rope_theta, norm_eps=config.get("rms_norm_eps", 1e-5),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+
+
+def empty_llama_from_hf_config(path: str, *, max_seq_len: int | None, device: torch.device,
+                               dtype: torch.dtype) -> TransformerDecoder:
+    """:func:`llama_from_hf_config` with uninitialized weights on ``device``, for a caller
+    that loads every weight next: built on the meta device (no random init), then given
+    storage; the RoPE tables are buffers, not weights, so they are computed here."""
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        model = llama_from_hf_config(path, max_seq_len=max_seq_len)
+    model.to_empty(device=device)
+    with training.set_default_dtype(dtype), device:
+        for module in model.modules():
+            if hasattr(module, "rope_init"):
+                module.rope_init()
+    return model
