@@ -143,11 +143,13 @@ def test_fsdp2_trains_with_8bit_states_and_resumes_them(runs, tmp_path) -> None:
         assert resumed["val_loss_after"][domain] == pytest.approx(value, rel=1e-3), domain
 
 
-def test_pruning_gates_and_multipliers_keep_float32_adamw(tmp_path) -> None:
+def test_pruning_gates_and_multipliers_keep_float32_adamw_and_its_export_is_quantized(
+        tmp_path) -> None:
     args = [a for a in tiny_run_args(tmp_path) if not a.startswith("validation_dataset.")]
     args[1] = str(REPO_ROOT / "configs" / "tiny" / "prune.yaml")
     cfg = OmegaConf.merge(OmegaConf.load(args[1]), OmegaConf.from_dotlist(
-        [*args[2:], f"optimizer._component_={LOW_BIT}", "max_steps=2"]))
+        [*args[2:], f"optimizer._component_={LOW_BIT}", "max_steps=2",
+         "torchao.quantized_export=int8_weight_only"]))
     from acadlm_plugins.prune_recipe import PruneRecipe
 
     recipe = PruneRecipe(cfg)
@@ -166,6 +168,13 @@ def test_pruning_gates_and_multipliers_keep_float32_adamw(tmp_path) -> None:
             assert moments and all(type(m) is torch.Tensor and m.dtype == torch.float32
                                    for m in moments)
         assert pruning.lambda_optimizer.param_groups[0]["maximize"] is True
+        # the quantized copy is of the materialized model, not of the masked one
+        summary = recipe.materialize_and_export()
+        copy = Path(summary["quantized_model"]["path"])
+        assert copy == tmp_path / "run" / "pruned_model-int8_weight_only"
+        assert not list((tmp_path / "run").glob("step_*/model-int8_weight_only"))
+        pruned = json.loads((tmp_path / "run" / "pruned_model" / "config.json").read_text())
+        assert json.loads((copy / "config.json").read_text()) == pruned
     finally:
         recipe.cleanup()
 
