@@ -369,6 +369,11 @@ class ContinuedPretrainRecipe:
     def plugin_manager(self):
         return self._pm
 
+    @property
+    def history(self) -> dict[str, Any]:
+        """What the run recorded so far (``evaluations``: step and per-domain losses)."""
+        return self._history
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The model's full (unsharded) CPU state dict on rank 0; every rank must call this."""
         return runtime.full_model_state(self._model, distributed=self._distributed,

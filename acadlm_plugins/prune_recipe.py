@@ -9,8 +9,13 @@ Training is the continued pre-training loop (domain mixture, dynamic batch loadi
 resumable checkpoints) with the built-in pruning plugin switched on by the config's
 ``pruning:`` block: it learns hard-concrete masks and Lagrange multipliers toward the target
 architecture. Afterwards the masks keep exactly the target's units, the weights are sliced
-into a genuinely smaller model, and it is exported as a Hugging Face checkpoint under
+into a genuinely smaller model, checked against the masked model (a mismatch stops the run
+before anything is exported), and exported as a Hugging Face checkpoint under
 ``<output_dir>/pruned_model`` that ``continued_pretrain_recipe`` (and transformers) load.
+
+``pruning.method: importance`` is the one-shot baseline (Minitron): no mask training; the
+units with the largest activations on the calibration sequences are kept and the target is
+materialized and exported directly.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
+from acadlm_plugins.errors import AcadlmError
 from acadlm_plugins.pruning.architecture import architecture_of
 from acadlm_plugins.pruning.export import export_pruned_model
 from acadlm_plugins.pruning.masks import MaskHooks
@@ -34,6 +40,14 @@ from acadlm_plugins.training.components import instantiate_component
 log = utils.get_logger("INFO")
 
 PRUNED_MODEL_DIRNAME = "pruned_model"
+# Largest |masked - materialized| validation loss (nats) that rounding can explain, by the
+# dtype the two models are compared in; anything above is a slicing error.
+MATERIALIZATION_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+COMPARISON_DTYPE = torch.float32
+
+
+class MaterializationError(AcadlmError, RuntimeError):
+    """The materialized model does not compute what the masked model computes."""
 
 
 class PruneRecipe:
@@ -50,51 +64,94 @@ class PruneRecipe:
         self._pruning = self._trainer.plugin_manager.get_plugin(
             "acadlm_plugins.plugins.pruning:PruningPlugin")
 
+    @property
+    def trains_masks(self) -> bool:
+        return self._pruning.trains_masks
+
     def train(self) -> dict[str, Any]:
         return self._trainer.train()
 
     def materialize_and_export(self) -> dict[str, Any] | None:
         """Slice the final model, check it against the masked model, export it; a summary."""
+        if self._pruning.method == "importance":
+            return self.one_shot_prune_and_export()
         started = time.perf_counter()
         state = self._trainer.full_model_state()
         if not self._trainer.is_rank_zero:
             return None
         masks = self._pruning.masks
-        with training.set_default_dtype(torch.float32):
+        with training.set_default_dtype(COMPARISON_DTYPE):
             plain = instantiate_component(self._cfg, "model")
         plain.load_state_dict(state, strict=False)
         pruned, target = materialize(plain, masks)
-        achieved = architecture_of(pruned)
 
-        source_model = _load_source_model(self._cfg)
-        losses_source = self._trainer.evaluate(source_model)
-        del source_model
+        losses_source = self._source_losses()
         hooks = MaskHooks(plain, masks)
         masks.use_final_gates()
         losses_masked = self._trainer.evaluate(plain)
         hooks.remove()
         losses_pruned = self._trainer.evaluate(pruned)
+        check_materialized(losses_masked, losses_pruned, COMPARISON_DTYPE)
+        return self._export(pruned, target, started, {
+            "source": losses_source, "masked": losses_masked, "pruned": losses_pruned})
 
+    def one_shot_prune_and_export(self) -> dict[str, Any] | None:
+        """Minitron one-shot pruning: rank units on the calibration packs, slice, export."""
+        from acadlm_plugins.pruning.importance import one_shot_prune
+
+        started = time.perf_counter()
+        state = self._trainer.full_model_state()
+        if not self._trainer.is_rank_zero:
+            return None
+        with training.set_default_dtype(COMPARISON_DTYPE):
+            source = instantiate_component(self._cfg, "model")
+        source.load_state_dict(state, strict=False)
+        self._pruning.model, self._pruning.device = source, torch.device("cpu")
+        scores = self._pruning.importance(self._pruning.calibration_corpus)
+        pruned, target = one_shot_prune(source, scores, self._pruning.target)
+        losses = {"source": self._trainer.evaluate(source), "pruned": self._trainer.evaluate(pruned)}
+        log.info("one-shot importance pruning over %d calibration sequences (%d tokens)",
+                 scores.num_sequences, scores.num_tokens)
+        return self._export(pruned, target, started, losses)
+
+    def _source_losses(self) -> dict[str, float]:
+        """The source model's validation losses: the run's step-0 evaluation (the mask hooks are
+        off until the first step), or, if that is not in the history, a fresh evaluation."""
+        evaluations = self._trainer.history["evaluations"]
+        if evaluations and evaluations[0]["step"] == 0:
+            return dict(evaluations[0]["losses"])
+        source_model = _load_source_model(self._cfg)
+        try:
+            return self._trainer.evaluate(source_model)
+        finally:
+            del source_model
+
+    def _export(self, pruned: torch.nn.Module, target: Any, started: float,
+                losses: dict[str, dict[str, float]]) -> dict[str, Any]:
+        source = self._pruning.source
+        achieved = architecture_of(pruned)
         dest = self._trainer.output_dir / PRUNED_MODEL_DIRNAME
+        method = self._pruning.method
         export_pruned_model(pruned, achieved, self._cfg.checkpointer.checkpoint_dir, dest,
-                            provenance={"source": masks.source.to_dict(),
-                                        "target": target.to_dict(),
+                            provenance={"source": source.to_dict(), "target": target.to_dict(),
+                                        "method": method,
                                         "recipe": "acadlm_plugins/prune_recipe"})
         summary = {
-            "source": masks.source.to_dict(), "target": target.to_dict(),
+            "method": method,
+            "source": source.to_dict(), "target": target.to_dict(),
             "achieved": achieved.to_dict(),
-            "non_embedding_params": {"source": masks.source.non_embedding_params(),
+            "non_embedding_params": {"source": source.non_embedding_params(),
                                      "target": target.non_embedding_params(),
                                      "achieved": _non_embedding_params(pruned)},
-            "total_params": {"source": masks.source.total_params(), "target": target.total_params(),
+            "total_params": {"source": source.total_params(), "target": target.total_params(),
                              "achieved": sum(p.numel() for p in pruned.parameters())},
-            "val_loss": {"source": losses_source, "masked": losses_masked,
-                         "pruned": losses_pruned},
-            "max_abs_loss_diff_masked_vs_pruned": max(
-                abs(losses_masked[d] - losses_pruned[d]) for d in losses_pruned),
+            "val_loss": losses,
             "pruned_model_dir": str(dest),
             "materialize_seconds": round(time.perf_counter() - started, 1),
         }
+        if "masked" in losses:
+            summary["max_abs_loss_diff_masked_vs_pruned"] = max(
+                abs(losses["masked"][d] - losses["pruned"][d]) for d in losses["pruned"])
         for result in self._trainer.plugin_manager.hook.acadlm_model_exported(
                 model_dir=str(dest), recipe="prune"):
             summary.update(result or {})
@@ -116,6 +173,23 @@ def _load_source_model(cfg: DictConfig) -> torch.nn.Module:
     return model
 
 
+def check_materialized(losses_masked: dict[str, float], losses_pruned: dict[str, float],
+                       dtype: torch.dtype) -> None:
+    """Stop the run if the materialized model's per-domain loss is further from the masked
+    model's than ``dtype``'s rounding explains (nothing is exported then)."""
+    tolerance = MATERIALIZATION_TOLERANCE[dtype]
+    domain = max(losses_pruned, key=lambda d: abs(losses_masked[d] - losses_pruned[d]))
+    diff = abs(losses_masked[domain] - losses_pruned[domain])
+    if not diff <= tolerance:
+        raise MaterializationError(
+            f"the materialized model's validation loss on `{domain}` is "
+            f"{losses_pruned[domain]:.4f}, the masked model's (final gates) "
+            f"{losses_masked[domain]:.4f}: |diff| {diff:.3g} is above the {tolerance:g} that "
+            f"{str(dtype).removeprefix('torch.')} rounding explains. The sliced weights do not "
+            "reproduce the masked model, so the pruned model was not exported; the masks are "
+            "in the last checkpoint. Please report this with the run's config.")
+
+
 def _non_embedding_params(model: torch.nn.Module) -> int:
     """Counted from the materialized tensors themselves (the embedding is excluded)."""
     return sum(p.numel() for name, p in model.named_parameters()
@@ -132,12 +206,14 @@ def format_pruning_summary(summary: dict[str, Any]) -> str:
         rows.append(f"{name:<10}{a['num_layers']:>7}{a['num_heads']:>7}{a['num_kv_heads']:>4}"
                     f"{a['embed_dim']:>8}{a['intermediate_dim']:>7}{params / 1e6:>15.2f}M")
     losses = summary["val_loss"]
-    rows.append(f"{'domain':<12}{'source':>10}{'masked':>10}{'pruned':>10}")
+    columns = [c for c in ("source", "masked", "pruned") if c in losses]
+    rows.append(f"{'domain':<12}" + "".join(f"{c:>10}" for c in columns))
     for domain in losses["pruned"]:
-        rows.append(f"{domain:<12}{losses['source'][domain]:>10.4f}"
-                    f"{losses['masked'][domain]:>10.4f}{losses['pruned'][domain]:>10.4f}")
-    rows.append(f"masked vs materialized loss: max |diff| = "
-                f"{summary['max_abs_loss_diff_masked_vs_pruned']:.2e}")
+        rows.append(f"{domain:<12}" + "".join(f"{losses[c][domain]:>10.4f}" for c in columns))
+    if "max_abs_loss_diff_masked_vs_pruned" in summary:
+        rows.append(f"masked vs materialized loss: max |diff| = "
+                    f"{summary['max_abs_loss_diff_masked_vs_pruned']:.2e}")
+    rows.append(f"method: {summary.get('method', 'learned')}")
     rows.append(f"pruned model: {summary['pruned_model_dir']}")
     return "\n".join(rows)
 
@@ -147,7 +223,8 @@ def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run acadlm_plugins/prune_recipe --config ...``."""
     recipe = PruneRecipe(cfg)
     recipe.setup(cfg)
-    recipe.train()
+    if recipe.trains_masks:
+        recipe.train()
     recipe.materialize_and_export()
     recipe.cleanup()
 

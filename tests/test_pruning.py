@@ -112,6 +112,78 @@ def test_ramp_starts_at_the_first_expected_fraction_so_lambda_does_not_go_negati
     assert "ramp_start" in lambdas.state_dict()
 
 
+def test_lagrangian_is_the_reference_per_row_mean_for_each_mask_type():
+    """LLM-Shearing: each mask type on its own scores, per row, averaged; no layer weighting."""
+    _, masks = _masked_setup(target={"num_layers": 2, "num_heads": 1, "num_kv_heads": 1,
+                                     "embed_dim": 40, "intermediate_dim": 80})
+    lambdas = LagrangeMultipliers(masks.mask_types)
+    with torch.no_grad():
+        for i, values in enumerate(lambdas.multipliers.values()):
+            values.copy_(torch.tensor([0.3 + i, 0.7 * i + 0.1]))
+        lambdas.ramp_start.fill_(0.0)  # ramp from below the target: the target itself
+    loss, report = lambdas.loss(masks.expected_shape(), step=0, warmup_steps=0)
+
+    def score(log_alpha):  # P(z > 0), written out
+        return 1 / (1 + torch.exp(-(log_alpha - (2 / 3) * math.log(0.1 / 1.1))))
+
+    la = {k: g.log_alpha.detach() for k, g in masks.gates.items()}
+    rows = {"layer": score(la["layer"]).reshape(1, 3).mean(1),
+            "kv_head": score(la["kv_head"]).mean(1),                        # per layer
+            "head": score(la["head"]).reshape(3 * 2, 2).mean(1),            # per KV group
+            "hidden": score(la["hidden"]).reshape(1, 64).mean(1),
+            "intermediate": score(la["intermediate"]).mean(1)}              # per layer
+    targets = {"layer": 2 / 3, "kv_head": 1 / 2, "head": 1 / 2, "hidden": 40 / 64,
+               "intermediate": 80 / 128}
+    assert set(rows) == set(masks.mask_types)
+    expected = 0.0
+    for name, (l1, l2) in ((n, lambdas.multipliers[n].detach()) for n in masks.mask_types):
+        gap = rows[name] - targets[name]
+        expected += (l1 * gap + l2 * gap ** 2).mean()
+        assert report[f"pruning/expected/{name}"] == pytest.approx(rows[name].mean().item(), abs=1e-6)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_rows_reach_the_target_shape_layer_by_layer():
+    """Under the Lagrangian alone, every layer's expected KV heads and MLP channels (not only
+    the totals) settle at the target's, whatever the layer gates do."""
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=4, num_heads=6, num_kv_heads=3, embed_dim=48)
+    source = architecture_of(model)
+    masks = PruningMasks(source, resolve_target(source, {
+        "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_dim": 64}))
+    with torch.no_grad():  # uneven start: some layers' units far more open than others
+        for gate in masks.gates.values():
+            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape) * 1.5 + 2)
+    lambdas = LagrangeMultipliers(masks.mask_types)
+    descent = torch.optim.AdamW(masks.parameters(), lr=0.1, weight_decay=0.0)
+    ascent = torch.optim.AdamW(lambdas.parameters(), lr=0.1, weight_decay=0.0, maximize=True)
+    for step in range(400):
+        loss, _ = lambdas.loss(masks.expected_shape(), step, warmup_steps=50)
+        loss.backward()
+        descent.step()
+        ascent.step()
+        descent.zero_grad()
+        ascent.zero_grad()
+        masks.clamp_()
+    shape = masks.expected_shape()
+    for name in masks.mask_types:
+        assert (shape.rows[name] - shape.targets[name]).abs().max() < 0.05, (name, shape.rows[name])
+    kv_per_layer = shape.rows["kv_head"] * source.num_kv_heads
+    assert (kv_per_layer - 2).abs().max() < 0.15
+
+
+def test_hooks_installed_inactive_leave_the_source_function_until_switched_on():
+    model, masks = _masked_setup()
+    tokens = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        plain = model(tokens)
+        hooks = MaskHooks(model, masks, active=False)
+        assert torch.equal(model(tokens), plain)
+        hooks.active = True
+        assert (model(tokens) - plain).abs().max() > 1e-3
+    hooks.remove()
+
+
 # ------------------------------------------------------- expected size and materializing
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_expected_size_formula_counts_the_materialized_model_exactly(seed):
@@ -124,7 +196,9 @@ def test_expected_size_formula_counts_the_materialized_model_exactly(seed):
     assert masks.expected_non_embedding_params(indicators).item() == counted
     assert arch.non_embedding_params() == counted
     shape = masks.expected_shape(indicators)
-    assert all(shape.counts[t].item() == shape.targets[t] for t in masks.mask_types)
+    for mask_type in masks.mask_types:  # every row of the final mask is exactly the target's
+        assert torch.allclose(shape.rows[mask_type],
+                              torch.full_like(shape.rows[mask_type], shape.targets[mask_type]))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -3,12 +3,22 @@
 Config block::
 
     pruning:
+      method: learned                    # learned: Sheared-LLaMA masks; importance: Minitron
+                                         # one-shot (no mask training, see prune_recipe)
       target: {num_layers: 20, num_heads: 6, num_kv_heads: 2, embed_dim: 384,
                intermediate_dim: 1024}   # any subset; unnamed dims stay as in the source
-      lagrangian_warmup_steps: 20        # target sparsity ramps linearly from 0
+      lagrangian_warmup_steps: 20        # target ramps linearly from the first expected shape
       mask_lr: 0.3                       # AdamW on the gates' log_alpha
       lambda_lr: 0.05                    # AdamW, maximizing, on the Lagrange multipliers
       droprate_init: 0.01                # gates start open: log_alpha ~ ln(0.99/0.01) = 4.6
+      mask_init: uniform                 # or `importance`: log_alpha ordered by Minitron scores
+      mask_init_spread: 2.0              # importance init: log_alpha of the least important unit
+                                         # is this much below the kept units'
+      calibration: {num_sequences: 64, batch_size: 8}   # sequences the importance is measured on
+
+The mask hooks are installed switched off and come on with the first training batch, so the
+recipe's step-0 evaluation measures the source model itself: dynamic batch loading's
+``reference_losses: initial`` are then the source's losses, as in Sheared-LLaMA.
 
 The gates and the multipliers keep their own full-precision optimizers (they are tiny, and the
 multipliers' sign matters); the recipe's optimizer sees only the model. On several ranks the
@@ -35,7 +45,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = "pruning"
 STATE_KEY = "pruning"
-KNOWN_KEYS = {"target", "lagrangian_warmup_steps", "mask_lr", "lambda_lr", "droprate_init"}
+KNOWN_KEYS = {"method", "target", "lagrangian_warmup_steps", "mask_lr", "lambda_lr",
+              "droprate_init", "mask_init", "mask_init_spread", "calibration"}
+METHODS = ("learned", "importance")
+MASK_INITS = ("uniform", "importance")
+CALIBRATION_KEYS = {"num_sequences", "batch_size"}
 
 
 class PruningPlugin:
@@ -66,6 +80,28 @@ class PruningPlugin:
         if not block.get("target"):
             raise ConfigError(f"{CONFIG_KEY}.target", "is missing.",
                               "name the target dims, e.g. {num_layers: 20, embed_dim: 384}.")
+        self.method = str(block.get("method", "learned"))
+        if self.method not in METHODS:
+            raise ConfigError(f"{CONFIG_KEY}.method", f"unknown method {self.method!r}.",
+                              f"use one of {list(METHODS)}.")
+        self.mask_init = str(block.get("mask_init", "uniform"))
+        if self.mask_init not in MASK_INITS:
+            raise ConfigError(f"{CONFIG_KEY}.mask_init", f"unknown value {self.mask_init!r}.",
+                              f"use one of {list(MASK_INITS)}.")
+        self.mask_init_spread = float(block.get("mask_init_spread", 2.0))
+        if not self.mask_init_spread > 0:
+            raise ConfigError(f"{CONFIG_KEY}.mask_init_spread", "must be > 0.")
+        calibration = dict(block.get("calibration", None) or {})
+        unknown = sorted(set(calibration) - CALIBRATION_KEYS)
+        if unknown:
+            raise ConfigError(f"{CONFIG_KEY}.calibration.{unknown[0]}", "is not a known key.",
+                              f"use only {sorted(CALIBRATION_KEYS)}.")
+        self.calibration_sequences = int(calibration.get("num_sequences", 64))
+        self.calibration_batch_size = int(calibration.get("batch_size", 8))
+        for key, value in (("num_sequences", self.calibration_sequences),
+                           ("batch_size", self.calibration_batch_size)):
+            if value < 1:
+                raise ConfigError(f"{CONFIG_KEY}.calibration.{key}", f"must be >= 1, got {value}.")
         self.enabled = True
         self.target_spec = dict(block.target)
         self.warmup = int(block.get("lagrangian_warmup_steps", 0))
@@ -91,33 +127,64 @@ class PruningPlugin:
         if self.target == self.source:
             raise ConfigError(f"{CONFIG_KEY}.target", "equals the source architecture: there is "
                               "nothing to prune.", "make at least one dimension smaller.")
+        self.model, self.device = model, device
+        log.info("pruning %s", self.source.describe())
+        log.info("     to %s", self.target.describe())
+        if self.method == "importance":
+            return  # one-shot: the recipe ranks and slices; no masks are trained
         self.masks = PruningMasks(self.source, self.target, droprate_init=self.droprate_init,
                                   seed=self.seed).to(device)
-        self.hooks = MaskHooks(model, self.masks)
+        self.hooks = MaskHooks(model, self.masks, active=False)
         self.multipliers = LagrangeMultipliers(self.masks.mask_types).to(device)
         self.mask_optimizer = torch.optim.AdamW(self.masks.parameters(), lr=self.mask_lr,
                                                 weight_decay=0.0)
         self.lambda_optimizer = torch.optim.AdamW(self.multipliers.parameters(),
                                                   lr=self.lambda_lr, weight_decay=0.0,
                                                   maximize=True)
-        log.info("pruning %s", self.source.describe())
-        log.info("     to %s", self.target.describe())
+
+    @property
+    def trains_masks(self) -> bool:
+        return self.enabled and self.method == "learned"
+
+    @hookimpl
+    def acadlm_data_ready(self, dataset: Any, sampler: Any, cfg: Any) -> None:
+        if not self.enabled:
+            return
+        self.calibration_corpus = dataset.corpus
+        if self.trains_masks and self.mask_init == "importance":
+            scores = self.importance(dataset.corpus)
+            with torch.no_grad():
+                for name, values in initial_log_alphas(
+                        scores, self.masks, spread=self.mask_init_spread).items():
+                    self.masks.gates[name].log_alpha.copy_(values)
+            self.masks.invalidate()
+            log.info("mask log_alpha initialized from importance scores over %d sequences",
+                     scores.num_sequences)
+
+    def importance(self, corpus: Any) -> Any:
+        """Minitron importance scores of the model as it is now, on the calibration packs."""
+        from acadlm_plugins.pruning.calibration import calibration_batches
+        from acadlm_plugins.pruning.importance import importance_scores
+
+        return importance_scores(self.model, calibration_batches(
+            corpus, self.calibration_sequences, self.calibration_batch_size, self.device))
 
     @hookimpl
     def acadlm_batch_ready(self, batch: dict, step: int) -> None:
-        if self.enabled:
+        if self.trains_masks:
+            self.hooks.active = True
             self.masks.resample()
 
     @hookimpl
     def acadlm_extra_loss(self, step: int) -> dict | None:
-        if not self.enabled:
+        if not self.trains_masks:
             return None
         term, self._report = self.multipliers.loss(self.masks.expected_shape(), step, self.warmup)
         return {"lagrangian": term}
 
     @hookimpl
     def acadlm_after_optimizer_step(self, step: int, metrics: dict) -> dict | None:
-        if not self.enabled:
+        if not self.trains_masks:
             return None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for param in self.masks.parameters():
@@ -137,7 +204,7 @@ class PruningPlugin:
 
     @hookimpl
     def acadlm_state_dict(self) -> dict | None:
-        if not self.enabled:
+        if not self.trains_masks:
             return None
         return {STATE_KEY: {
             "target": self.target.to_dict(), "masks": self.masks.state_dict(),
@@ -148,7 +215,7 @@ class PruningPlugin:
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
-        if not self.enabled or STATE_KEY not in states:
+        if not self.trains_masks or STATE_KEY not in states:
             return
         state = states[STATE_KEY]
         saved = Architecture(**state["target"])
@@ -163,10 +230,11 @@ class PruningPlugin:
         self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
         self.history = list(state["history"])
         self.masks.invalidate()
+        self.hooks.active = bool(self.history)  # past the first step: the masks are on
 
     @hookimpl
     def acadlm_run_end(self, summary: dict) -> None:
-        if not self.enabled or not self.history:
+        if not self.trains_masks or not self.history:
             return
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return  # one rank writes the plot
@@ -175,3 +243,24 @@ class PruningPlugin:
         path = plot_pruning_history(self.history, self.masks.mask_types,
                                     self.output_dir / "pruning.png")
         summary["pruning_plot"] = str(path)
+
+
+def initial_log_alphas(scores: Any, masks: PruningMasks, *, spread: float) -> dict[str, torch.Tensor]:
+    """log_alpha per gate from importance scores: within every row the target's number of most
+    important units start where uniform gates start, the rest below them in importance order
+    (down to ``spread`` lower), so the masks begin at the one-shot choice and the Lagrangian
+    closes the least important units first."""
+    from acadlm_plugins.pruning.hard_concrete import initial_log_alpha
+    from acadlm_plugins.pruning.importance import log_alpha_from_scores
+
+    src = masks.source
+    keep = masks.target_row_counts()
+    high = initial_log_alpha(masks.droprate_init)
+    out: dict[str, torch.Tensor] = {}
+    for name, gate in masks.gates.items():
+        values = getattr(scores, name).float()
+        if name == "head":
+            values = values.reshape(-1, src.heads_per_kv)
+        alpha = log_alpha_from_scores(values, keep[name], high=high, low=high - spread)
+        out[name] = alpha.reshape(gate.log_alpha.shape).to(gate.log_alpha.device)
+    return out

@@ -31,17 +31,23 @@ MASK_TYPES = ("layer", "kv_head", "head", "hidden", "intermediate")
 
 @dataclass(frozen=True)
 class ExpectedShape:
-    """Differentiable expected remaining counts, in the units the target is written in."""
+    """Expected kept fraction of every *row* of each mask type, differentiable in log_alpha.
 
-    counts: dict[str, torch.Tensor]       # expected remaining units per mask type
-    totals: dict[str, int]                # the source's number of units per mask type
-    targets: dict[str, int]               # the target's number of units per mask type
+    A row is what the final top-k acts on: the one row of a 1-d mask (layers, hidden channels),
+    a layer of a 2-d mask (its KV heads, its MLP channels), a KV group for query heads. As in
+    LLM-Shearing's L0 module, each row is constrained toward the target on its own, so the
+    expected shape of every layer (not just the total) moves to the target's shape.
+    """
+
+    rows: dict[str, torch.Tensor]         # expected kept fraction per row, per mask type
+    targets: dict[str, float]             # the target's kept fraction (the same for each row)
 
     def fraction(self, mask_type: str) -> torch.Tensor:
-        return self.counts[mask_type] / self.totals[mask_type]
+        """The mean over rows: what is logged and plotted."""
+        return self.rows[mask_type].mean()
 
     def target_fraction(self, mask_type: str) -> float:
-        return self.targets[mask_type] / self.totals[mask_type]
+        return self.targets[mask_type]
 
 
 class PruningMasks(nn.Module):
@@ -51,6 +57,7 @@ class PruningMasks(nn.Module):
                  droprate_init: float = 0.01, seed: int = 0) -> None:
         super().__init__()
         self.source, self.target = source, target
+        self.droprate_init = droprate_init
         init = torch.Generator().manual_seed(seed)
         L = source.num_layers
         shapes = {
@@ -85,16 +92,17 @@ class PruningMasks(nn.Module):
 
     def use_final_gates(self) -> None:
         """Evaluate with the final gates: exactly the target's units kept."""
-        self._deterministic = self.deterministic_gates(self.target_row_counts())
+        self._deterministic = self.deterministic_gates()
 
     def deterministic_gates(self, counts: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
         """Gates with a fixed number of units kept, GQA-consistent.
 
         ``counts`` maps mask type to units kept per row (per layer for 2-d gates); by default
-        the expected counts rounded, as Sheared-LLaMA evaluates during pruning. The query heads
-        kept are the best ``heads_per_kv`` of each KV group.
+        the target's, as LLM-Shearing evaluates during pruning (``eval_target_model``): every
+        validation loss is then the loss of a model of exactly the target shape. The query
+        heads kept are the best ``heads_per_kv`` of each KV group.
         """
-        counts = dict(counts) if counts is not None else self.expected_row_counts()
+        counts = dict(counts) if counts is not None else self.target_row_counts()
         out: dict[str, torch.Tensor] = {}
         for name, gate in self.gates.items():
             if name == "head":
@@ -108,22 +116,6 @@ class PruningMasks(nn.Module):
         t = self.target
         return {"layer": t.num_layers, "kv_head": t.num_kv_heads, "head": t.heads_per_kv,
                 "hidden": t.embed_dim, "intermediate": t.intermediate_dim}
-
-    @torch.no_grad()
-    def expected_row_counts(self) -> dict[str, int]:
-        """Expected kept units per row, rounded, never below the target."""
-        t = self.target_row_counts()
-        out: dict[str, int] = {}
-        for name, gate in self.gates.items():
-            scores = gate.scores()
-            if name == "head":
-                per_group = scores.reshape(scores.shape[0], -1, self.source.heads_per_kv)
-                value = per_group.sum(-1).mean()
-            else:
-                value = scores.reshape(-1, scores.shape[-1]).sum(-1).mean() if scores.dim() > 1 \
-                    else scores.sum()
-            out[name] = max(t[name], int(torch.round(value).item()))
-        return out
 
     def _deterministic_heads(self, gate: HardConcreteGates, keep_per_group: int) -> torch.Tensor:
         L, hpk = self.source.num_layers, self.source.heads_per_kv
@@ -166,29 +158,24 @@ class PruningMasks(nn.Module):
 
     # ---------------------------------------------------------------- expected shape
     def expected_shape(self, gates: Mapping[str, torch.Tensor] | None = None) -> ExpectedShape:
-        """Expected remaining units (differentiable in log_alpha).
+        """Expected kept fraction of each row of each mask type (differentiable in log_alpha).
 
-        ``gates`` replaces the scores P(z > 0) by given values (e.g. 0/1 indicators), which
-        turns the same formula into an exact count for a fixed mask.
+        Each mask type is counted on its own scores, P(z > 0), as LLM-Shearing does: a layer's
+        KV heads are not weighted by that layer's own gate. ``gates`` replaces the scores by
+        given values (e.g. 0/1 indicators), which turns the same formula into exact fractions
+        for a fixed mask.
         """
-        s = self._unit_scores(gates)
-        layer, kv, head = s["layer"], s["kv_head"], s["head"]
-        head_effective = head * kv.repeat_interleave(self.source.heads_per_kv, dim=1)
-        counts = {
-            "layer": layer.sum(),
-            "kv_head": (layer[:, None] * kv).sum(),
-            "head": (layer[:, None] * head_effective).sum(),
-            "hidden": s["hidden"].sum(),
-            "intermediate": (layer[:, None] * s["intermediate"]).sum(),
-        }
         src, tgt = self.source, self.target
-        totals = {"layer": src.num_layers, "kv_head": src.num_layers * src.num_kv_heads,
-                  "head": src.num_layers * src.num_heads, "hidden": src.embed_dim,
-                  "intermediate": src.num_layers * src.intermediate_dim}
-        targets = {"layer": tgt.num_layers, "kv_head": tgt.num_layers * tgt.num_kv_heads,
-                   "head": tgt.num_layers * tgt.num_heads, "hidden": tgt.embed_dim,
-                   "intermediate": tgt.num_layers * tgt.intermediate_dim}
-        return ExpectedShape(counts, totals, targets)
+        row_width = {"layer": src.num_layers, "kv_head": src.num_kv_heads,
+                     "head": src.heads_per_kv, "hidden": src.embed_dim,
+                     "intermediate": src.intermediate_dim}
+        rows, targets = {}, {}
+        for name, gate in self.gates.items():
+            scores = gates[name] if gates is not None else gate.scores()
+            per_row = scores.reshape(-1, row_width[name])
+            rows[name] = per_row.sum(-1) / row_width[name]
+            targets[name] = self.target_row_counts()[name] / row_width[name]
+        return ExpectedShape(rows, targets)
 
     def expected_non_embedding_params(self, gates: Mapping[str, torch.Tensor] | None = None
                                       ) -> torch.Tensor:
@@ -231,10 +218,15 @@ class PruningMasks(nn.Module):
 
 class MaskHooks:
     """Installs :class:`PruningMasks` on a torchtune decoder with forward hooks; ``remove()``
-    restores the plain model. Module structure and state-dict keys are untouched."""
+    restores the plain model. Module structure and state-dict keys are untouched.
 
-    def __init__(self, model: nn.Module, masks: PruningMasks) -> None:
+    ``active=False`` installs the hooks switched off: the model computes exactly what the
+    source computes until ``active`` is set (the prune recipe's step-0 evaluation is thereby
+    the source model's, which dynamic batch loading takes as its reference losses)."""
+
+    def __init__(self, model: nn.Module, masks: PruningMasks, *, active: bool = True) -> None:
         self.masks = masks
+        self.active = active
         self._handles = []
         hook = self._handles.append
         hook(model.tok_embeddings.register_forward_hook(self._scale_hidden))
@@ -253,7 +245,9 @@ class MaskHooks:
             handle.remove()
         self._handles.clear()
 
-    def _gates(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def _gates(self, module: nn.Module) -> Mapping[str, torch.Tensor]:
+        if not self.active:
+            return {}
         return self.masks.current(module.training)
 
     def _scale_hidden(self, module, inputs, output):
