@@ -269,6 +269,7 @@ SOURCE = Architecture(num_layers=30, num_heads=9, num_kv_heads=3, embed_dim=576,
     ({"num_heads": 5, "num_kv_heads": 2}, "pruning.target.num_heads", "evenly"),
     ({"num_heads": 8, "num_kv_heads": 2}, "pruning.target.num_heads", "another KV group"),
     ({"hidden_size": 256}, "pruning.target.hidden_size", "not a prunable"),
+    ({"embed_dim": 480}, "pruning.target.embed_dim", "multiple of the 9 query heads"),
 ])
 def test_impossible_targets_are_refused_naming_the_field(target, key, words):
     with pytest.raises(ConfigError, match=words) as err:

@@ -116,6 +116,12 @@ def resolve_target(source: Architecture, target: Mapping[str, Any], *,
                           "to another KV group.",
                           f"keep num_heads <= {source.heads_per_kv} * num_kv_heads "
                           f"({source.heads_per_kv * kv}).")
+    if values["embed_dim"] % heads:
+        fits = [d for d in range(values["embed_dim"], 0, -1) if d % heads == 0][:1]
+        raise ConfigError(f"{field}.embed_dim", f"{values['embed_dim']} is not a multiple of "
+                          f"the {heads} query heads; torchtune's MultiHeadAttention requires it.",
+                          f"choose a multiple of {heads} (e.g. {fits[0] if fits else heads}), or "
+                          "another head count.")
     return source.replace(**values)
 
 
