@@ -45,6 +45,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "acadlm_plugins.plugins.dynamic_batch_loading:DynamicBatchLoadingPlugin",
     "acadlm_plugins.plugins.pruning:PruningPlugin",
     "acadlm_plugins.plugins.torchao:TorchaoPlugin",
+    "acadlm_plugins.plugins.distillation:DistillationPlugin",
 )
 
 ALLOW_ENV = "ACADLM_PLUGINS_ALLOW"

@@ -56,7 +56,7 @@ class PruneRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self._cfg = cfg
         self._trainer = ContinuedPretrainRecipe(cfg, recipe_name="prune")
-        self._trainer.example_config = "configs/smollm2/135M_to_50M_prune.yaml"
+        self._trainer.example_config = "configs/smollm2/135M_to_85M_prune.yaml"
         self._trainer.exports_final_model = False  # the pruned model is exported below
 
     def setup(self, cfg: DictConfig) -> None:

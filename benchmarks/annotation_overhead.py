@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from pruning_overhead import parse_common_args
 
+from acadlm_plugins.defaults.paths import default_corpus_dir, default_model_dir
 from acadlm_plugins.qurating import CRITERIA
 from acadlm_plugins.qurating.annotation import (
     DocumentScorer,
@@ -49,9 +50,8 @@ from acadlm_plugins.qurating.rater import (
     load_rater,
 )
 
-DEFAULT_HOME = Path(os.environ.get("ACADLM_HOME", "~/.cache/acadlm")).expanduser()
-DEFAULT_MODEL_DIR = DEFAULT_HOME / "models" / "SmolLM2-135M-Instruct"
-DEFAULT_CORPUS_DIR = DEFAULT_HOME / "corpus"
+DEFAULT_MODEL_DIR = default_model_dir()  # under $ACADLM_HOME
+DEFAULT_CORPUS_DIR = default_corpus_dir()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -22,16 +22,16 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from acadlm_plugins.defaults.paths import default_model_dir
 from acadlm_plugins.models.smollm2 import smollm2_135m
 from acadlm_plugins.plugins.pruning import PruningPlugin
 
-DEFAULT_MODEL_DIR = Path.home() / ".cache" / "acadlm" / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_DIR = default_model_dir()  # under $ACADLM_HOME
 DEFAULT_TARGET = {"num_layers": 20, "num_heads": 6, "num_kv_heads": 2, "embed_dim": 384,
                   "intermediate_dim": 1024}
 

@@ -22,3 +22,34 @@ def tmp_acadlm_home(tmp_path, monkeypatch: pytest.MonkeyPatch):
     home.mkdir()
     monkeypatch.setenv("ACADLM_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def relocated_acadlm_home(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """The built embedded default seen from another folder, as a user who sets ACADLM_HOME has it.
+
+    The real default is located with the project's own path functions (the one source of truth),
+    its ``models/`` and ``corpus/`` are symlinked into a fresh folder, ``ACADLM_HOME`` points
+    there, and ``HOME`` points at an empty folder, so anything that still looks for the default
+    under a literal home path finds nothing. Returns the new home.
+    """
+    from acadlm_plugins.defaults.paths import (
+        default_corpus_dir,
+        default_model_dir,
+        require_default_corpus,
+        require_default_model,
+    )
+
+    require_default_model()
+    require_default_corpus()
+    home = tmp_path / "elsewhere_home"
+    (home / "models").mkdir(parents=True)
+    real_model = default_model_dir()
+    (home / "models" / real_model.name).symlink_to(real_model.resolve(), target_is_directory=True)
+    (home / "corpus").symlink_to(default_corpus_dir().resolve(), target_is_directory=True)
+    empty_user_home = tmp_path / "user_home"
+    empty_user_home.mkdir()
+    monkeypatch.setenv("ACADLM_HOME", str(home))
+    monkeypatch.setenv("HOME", str(empty_user_home))
+    assert default_model_dir() == home / "models" / real_model.name
+    return home

@@ -358,15 +358,19 @@ def test_take_counts():
 
 # ------------------------------------------------------------------------------ integration
 
-SMOLLM2 = Path("~/.cache/acadlm/models/SmolLM2-135M-Instruct").expanduser()
+def default_settings(**overrides: Any) -> dict[str, Any]:
+    """Task metadata on the embedded default, found where ``$ACADLM_HOME`` says (never a literal
+    home path: a user who sets ``ACADLM_HOME`` has nothing in the default home)."""
+    from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
+
+    require_default_corpus()
+    return {"pretrained": str(require_default_model()), "max_seq_lengths": LENGTHS,
+            "num_samples": 2, **overrides}
 
 
 @pytest.fixture(scope="module")
 def default_runs() -> dict[str, dict[str, Any]]:
-    from acadlm_plugins.defaults.paths import require_default_corpus
-
-    require_default_corpus()
-    settings = {"pretrained": str(SMOLLM2), "max_seq_lengths": LENGTHS, "num_samples": 2}
+    settings = default_settings()
     tasks = ["acadlm_icl", "acadlm_longqa", "acadlm_summ", "acadlm_rag", "acadlm_rerank"]
     return {"oracle": _evaluate(OracleLM(), tasks, settings),
             "constant": _evaluate(ConstantLM(), tasks, settings),
@@ -410,3 +414,15 @@ def test_corpus_icl_queries_come_from_validation_and_cover_the_domains(default_r
     assert {doc["label"] for doc in docs} <= set(helmet.CORPUS_DOMAINS)
     assert all(json.loads(doc["demos_per_label"]).keys() == set(helmet.CORPUS_DOMAINS)
                for doc in docs)
+
+
+@pytest.mark.integration
+def test_corpus_defaults_follow_a_relocated_acadlm_home(relocated_acadlm_home: Path):
+    """Issue 17: with ``ACADLM_HOME`` elsewhere (and nothing in the default home under ``~``), the
+    corpus-derived tasks find the embedded model and corpus in the new home."""
+    from acadlm_plugins.defaults.paths import default_model_dir
+
+    settings = default_settings(max_seq_lengths=[1024], num_samples=1)
+    assert settings["pretrained"] == str(default_model_dir(relocated_acadlm_home))
+    dataset = helmet.icl_dataset("acadlm_icl", settings)["test"]
+    assert len(dataset) == 1 and dataset[0]["label"] in helmet.CORPUS_DOMAINS

@@ -159,7 +159,7 @@ def test_dynamic_batch_loading_reference_is_the_source_models_loss(tmp_path, mon
 
 
 def test_a_materialized_model_that_differs_from_the_masked_one_fails_the_run(tmp_path, monkeypatch):
-    import acadlm_plugins.prune_recipe as prune_recipe
+    from acadlm_plugins import prune_recipe
     from acadlm_plugins.pruning.materialize import materialize
 
     def slightly_wrong(model, masks):

@@ -16,6 +16,7 @@ from torchtune import config as tune_config
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
 from acadlm_plugins.data.sft import SHIPPED_EXAMPLES, check_ultrachat_file, ultrachat_dataset
+from acadlm_plugins.defaults.paths import default_model_dir
 from acadlm_plugins.errors import ConfigError, DataError, DefaultsMissingError
 from acadlm_plugins.models.tokenizer import SmolLM2Tokenizer, smollm2_tokenizer
 
@@ -211,7 +212,7 @@ def test_the_configured_loss_averages_over_trained_tokens(config_path):
 def test_the_smollm2_config_builds_the_model_from_the_checkpoint_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("ACADLM_HOME", str(tmp_path))
     cfg = OmegaConf.load(SMOLLM2_SFT_CONFIG)
-    model_dir = f"{tmp_path}/models/SmolLM2-135M-Instruct"
+    model_dir = str(default_model_dir(tmp_path))
     assert cfg.checkpointer.checkpoint_dir == cfg.model.path == model_dir
     assert cfg.tokenizer.path == model_dir
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["checkpointer.checkpoint_dir=/stage2"]))

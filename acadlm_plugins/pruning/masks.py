@@ -165,7 +165,7 @@ class PruningMasks(nn.Module):
         given values (e.g. 0/1 indicators), which turns the same formula into exact fractions
         for a fixed mask.
         """
-        src, tgt = self.source, self.target
+        src = self.source
         row_width = {"layer": src.num_layers, "kv_head": src.num_kv_heads,
                      "head": src.heads_per_kv, "hidden": src.embed_dim,
                      "intermediate": src.intermediate_dim}

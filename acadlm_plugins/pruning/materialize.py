@@ -4,6 +4,9 @@ The final gates keep exactly the target's units (top-k by log_alpha, query heads
 their KV group); every kept gate's soft value is folded into the weights that produce what the
 gate scales, so the materialized model computes what the masked model computes in eval mode,
 with no mask left at run time.
+
+The slicing itself (:func:`materialize_units`) only sees index sets and per-unit values, so the
+same code builds the one-shot model of importance pruning, where every value is 1.
 """
 
 from __future__ import annotations
@@ -31,6 +34,20 @@ class KeptUnits:
     head_values: dict[int, torch.Tensor]
     intermediate: dict[int, torch.Tensor]
     intermediate_values: dict[int, torch.Tensor]
+
+    @classmethod
+    def unscaled(cls, layers: list[int], hidden: torch.Tensor, kv_heads: dict[int, torch.Tensor],
+                 heads: dict[int, torch.Tensor],
+                 intermediate: dict[int, torch.Tensor]) -> KeptUnits:
+        """Plain index sets with every value 1: the kept weights are copied, not rescaled."""
+        return cls(
+            layers=list(layers), layer_values=[1.0] * len(layers),
+            hidden=hidden, hidden_values=torch.ones(len(hidden)),
+            kv_heads=kv_heads, heads=heads,
+            head_values={layer: torch.ones(len(index)) for layer, index in heads.items()},
+            intermediate=intermediate,
+            intermediate_values={layer: torch.ones(len(index))
+                                 for layer, index in intermediate.items()})
 
 
 @torch.no_grad()
@@ -67,8 +84,20 @@ def materialize(model: nn.Module, masks: PruningMasks) -> tuple[nn.Module, Archi
     ``model`` is the unsharded source model whose weights the masks were trained with (any
     mask hooks on it are irrelevant: only its parameters are read).
     """
-    units = kept_units(masks)
-    src, tgt = masks.source, masks.target
+    return materialize_units(model, kept_units(masks), masks.source, masks.target), masks.target
+
+
+@torch.no_grad()
+def materialize_units(model: nn.Module, units: KeptUnits, src: Architecture,
+                      tgt: Architecture) -> nn.Module:
+    """Slice ``model`` (of shape ``src``) down to ``units``, folding each kept unit's value into
+    the weights that produce what it scales; the result has shape ``tgt``.
+
+    Within every kept layer the kept query heads must list, in ascending order, the heads of
+    the kept KV groups (``tgt.heads_per_kv`` each): materialized head i then reads KV head
+    ``i // tgt.heads_per_kv``, as the source head did.
+    """
+    _check_units(units, src, tgt)
     hd = src.head_dim
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     h_idx, h_val = units.hidden, units.hidden_values
@@ -103,11 +132,36 @@ def materialize(model: nn.Module, masks: PruningMasks) -> tuple[nn.Module, Archi
         num_kv_heads=tgt.num_kv_heads, embed_dim=tgt.embed_dim,
         intermediate_dim=tgt.intermediate_dim, head_dim=hd, max_seq_len=model.max_seq_len,
         rope_base=attn.pos_embeddings.base, norm_eps=model.norm.eps,
-        tie_word_embeddings=src.tie_word_embeddings)
+        tie_word_embeddings=src.tie_word_embeddings,
+        rope_scale_factor=getattr(attn.pos_embeddings, "scale_factor", 1))
     missing, unexpected = pruned.load_state_dict(new, strict=False)
     if unexpected or [k for k in missing if not k.startswith("output.")]:
         raise AssertionError(f"materialized weights do not fit: {missing} {unexpected}")
-    return pruned, tgt
+    return pruned
+
+
+def _check_units(units: KeptUnits, src: Architecture, tgt: Architecture) -> None:
+    """Refuse index sets that do not describe ``tgt`` (a wrong count or a head outside its
+    group would otherwise produce a model that loads but computes something else)."""
+    problems = []
+    if len(units.layers) != tgt.num_layers:
+        problems.append(f"{len(units.layers)} layers kept, target has {tgt.num_layers}")
+    if len(units.hidden) != tgt.embed_dim:
+        problems.append(f"{len(units.hidden)} hidden channels kept, target has {tgt.embed_dim}")
+    for layer in units.layers:
+        kv, heads = units.kv_heads[layer], units.heads[layer]
+        if len(kv) != tgt.num_kv_heads or len(heads) != tgt.num_heads:
+            problems.append(f"layer {layer}: {len(kv)} KV / {len(heads)} query heads kept, "
+                            f"target has {tgt.num_kv_heads} / {tgt.num_heads}")
+        elif not torch.equal(heads // src.heads_per_kv,
+                             kv.repeat_interleave(tgt.heads_per_kv)):
+            problems.append(f"layer {layer}: query heads {heads.tolist()} are not "
+                            f"{tgt.heads_per_kv} per kept KV group {kv.tolist()} in order")
+        if len(units.intermediate[layer]) != tgt.intermediate_dim:
+            problems.append(f"layer {layer}: {len(units.intermediate[layer])} MLP channels kept, "
+                            f"target has {tgt.intermediate_dim}")
+    if problems:
+        raise ValueError("kept units do not fit the target architecture: " + "; ".join(problems))
 
 
 def _rows_of_heads(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -1,27 +1,50 @@
-"""Sheared-LLaMA end to end: prune -> materialize/export -> continued pre-training -> evaluate.
+"""Sheared-LLaMA end to end, side by side with its baselines at equal tokens.
 
     python recipes/sheared_llama/pipeline.py                      # the embedded SmolLM2 demo
+    python recipes/sheared_llama/pipeline.py --baselines none     # ours only
     python recipes/sheared_llama/pipeline.py --nproc-per-node 2   # same, on 2 processes
     python recipes/sheared_llama/pipeline.py --prune-config my_prune.yaml --continue-config my_cpt.yaml
+    python recipes/sheared_llama/pipeline.py --set prune:max_steps=20 --set continue:batch_size=8
 
-Each stage is an ordinary ``tune run`` of one of our recipes, so every stage can also be run,
-resumed or changed on its own; this script only chains them and prints one summary: source vs
-target vs achieved shape and parameters, and per-domain validation loss of the source, the
-pruned model before continued pre-training and after it.
+Three arms reach the same target shape and train on the same number of tokens (pruning tokens
++ continued pre-training tokens):
+
+``ours``          learned hard-concrete masks (importance-initialized) with distillation from
+                  the source, then continued pre-training with distillation;
+``one_shot``      Minitron one-shot importance pruning (no mask training), then the same
+                  continued pre-training for all of the tokens;
+``from_scratch``  the target shape with random weights, trained on the same tokens (no teacher:
+                  the paper's "train the small model yourself" baseline).
+
+Every stage is an ordinary ``tune run`` of one of our recipes, so each can be run, resumed or
+changed on its own; rerunning the pipeline resumes every stage from its outputs.
+``--set STAGE:key=value`` (STAGE: prune, continue) adds an override to every run of that recipe
+(the token budget follows ``max_steps``/``batch_size`` overrides too). The summary
+(printed and in ``pipeline_summary.json`` under ``comparison``) has per-domain and mean
+validation loss of the source and the three arms, the tokens each saw, and the greedy
+completion of three fixed prompts by each model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
+from typing import Any
 
-from acadlm_plugins.stages import tune_run
+from omegaconf import OmegaConf
+
+from acadlm_plugins.stages import stage_overrides, tune_run
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_PRUNE = REPO / "configs" / "smollm2" / "135M_to_50M_prune.yaml"
-DEFAULT_CONTINUE = REPO / "configs" / "smollm2" / "50M_continued_pretrain.yaml"
+DEFAULT_PRUNE = REPO / "configs" / "smollm2" / "135M_to_85M_prune.yaml"
+DEFAULT_CONTINUE = REPO / "configs" / "smollm2" / "85M_continued_pretrain.yaml"
+ARMS = ("from_scratch", "one_shot", "ours")
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n", "In the beginning God created")
+NEW_TOKENS = 16
+STAGES = ("prune", "continue")
 
 
 def main() -> None:
@@ -31,29 +54,172 @@ def main() -> None:
     parser.add_argument("--continue-config", type=Path, default=DEFAULT_CONTINUE)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/sheared_llama_demo"))
     parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--baselines", choices=("all", "none"), default="all",
+                        help="run the one-shot and from-scratch arms at equal tokens (default)")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        metavar="STAGE:key=value", help="an override for every run of a stage")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    prune_dir = args.output_dir / "prune"
-    continue_dir = args.output_dir / "continued"
-    pruned_model = prune_dir / "pruned_model"
+    out, nproc = args.output_dir, args.nproc_per_node
+    extra = stage_overrides(args.extra, STAGES, example="continue:max_steps=20")
+    budget = token_budget(args.prune_config, args.continue_config, nproc,
+                          extra["prune"], extra["continue"])
+    dirs = arm_dirs(out)
+
+    # ours: learned masks, then continued pre-training
     tune_run("acadlm_plugins/prune_recipe", args.prune_config,
-             [f"output_dir={prune_dir}"], args.nproc_per_node)
+             [*extra["prune"], f"output_dir={dirs['ours']['prune']}"], nproc)
+    pruning = read_json(dirs["ours"]["prune"] / "pruning_summary.json")
+    source_losses = pruning["val_loss"]["source"]
+    reference = [f"dynamic_batch_loading.reference_losses={flow_mapping(source_losses)}",
+                 "~dynamic_batch_loading.reference_scale"]
+    ours_model = dirs["ours"]["prune"] / "pruned_model"
     tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-             [f"output_dir={continue_dir}", f"model.path={pruned_model}",
-              f"checkpointer.checkpoint_dir={pruned_model}"], args.nproc_per_node)
+             [*extra["continue"], f"output_dir={dirs['ours']['continued']}",
+              *model_overrides(ours_model), *reference], nproc)
 
-    pruning = json.loads((prune_dir / "pruning_summary.json").read_text())
-    continued = json.loads((continue_dir / "summary.json").read_text())
-    report = {"pruning": pruning, "continued_pretraining": continued,
+    if args.baselines == "all":
+        # one-shot importance pruning, then continued pre-training on all the tokens
+        tune_run("acadlm_plugins/prune_recipe", args.prune_config,
+                 [*extra["prune"], f"output_dir={dirs['one_shot']['prune']}",
+                  "pruning.method=importance"], nproc)
+        tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
+                 [*extra["continue"], f"output_dir={dirs['one_shot']['continued']}",
+                  *model_overrides(dirs["one_shot"]["prune"] / "pruned_model"),
+                  f"max_steps={budget['baseline_steps']}", *reference], nproc)
+        # the same shape from random weights, the same tokens, no teacher
+        from acadlm_plugins.pruning.scratch import write_random_init_model
+
+        init = dirs["from_scratch"]["init"]
+        if not init.exists():
+            write_random_init_model(ours_model, init, seed=0)
+        tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
+                 [*extra["continue"], f"output_dir={dirs['from_scratch']['continued']}",
+                  *model_overrides(init),
+                  f"max_steps={budget['baseline_steps']}", "~distillation", *reference], nproc)
+
+    arms = [arm for arm in ARMS if (dirs[arm]["continued"] / "summary.json").exists()
+            and (args.baselines == "all" or arm == "ours")]
+    comparison = compare(source_losses, {a: read_json(dirs[a]["continued"] / "summary.json")
+                                         for a in arms}, budget)
+    comparison["completions"] = greedy_completions(
+        {"source": source_dir(args.prune_config),
+         **{a: final_model_dir(dirs[a]["continued"]) for a in arms}})
+    report = {"pruning": pruning,
+              "continued_pretraining": read_json(dirs["ours"]["continued"] / "summary.json"),
+              "comparison": comparison,
               "wall_seconds": round(time.perf_counter() - started, 1)}
-    (args.output_dir / "pipeline_summary.json").write_text(json.dumps(report, indent=2))
-    print(format_report(report, prune_dir, continue_dir), flush=True)
+    (out / "pipeline_summary.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report, dirs), flush=True)
 
 
-def format_report(report: dict, prune_dir: Path, continue_dir: Path) -> str:
-    pruning, continued = report["pruning"], report["continued_pretraining"]
-    lines = ["", "=" * 72, "Sheared-LLaMA pipeline summary", "=" * 72,
+# ------------------------------------------------------------------------------ stages
+def arm_dirs(out: Path) -> dict[str, dict[str, Path]]:
+    """Where each arm's stages write (ours keeps the layout of earlier versions)."""
+    return {"ours": {"prune": out / "prune", "continued": out / "continued"},
+            "one_shot": {"prune": out / "one_shot" / "prune",
+                         "continued": out / "one_shot" / "continued"},
+            "from_scratch": {"init": out / "from_scratch" / "init_model",
+                             "continued": out / "from_scratch" / "continued"}}
+
+
+def model_overrides(model_dir: Path) -> list[str]:
+    return [f"model.path={model_dir}", f"checkpointer.checkpoint_dir={model_dir}"]
+
+
+def flow_mapping(values: dict[str, float]) -> str:
+    """``{a: 1.0, b: 2.0}`` for a command-line override."""
+    return "{" + ",".join(f"{k}:{v:.6f}" for k, v in values.items()) + "}"
+
+
+def tokens_per_step(cfg: Any, nproc: int) -> int:
+    """Training tokens one optimizer step consumes (packed sequences: every position)."""
+    accumulation = int(cfg.get("gradient_accumulation_steps", 1) or 1)
+    return int(cfg.batch_size) * accumulation * int(cfg.dataset.max_seq_len) * nproc
+
+
+def token_budget(prune_config: Path, continue_config: Path, nproc: int,
+                 prune_overrides: list[str] = (), continue_overrides: list[str] = (),
+                 ) -> dict[str, int]:
+    """Tokens of ours (pruning + continued pre-training) and the steps that give a baseline the
+    same number with the continued pre-training config's batch."""
+    prune = with_overrides(OmegaConf.load(prune_config), prune_overrides)
+    cont = with_overrides(OmegaConf.load(continue_config), continue_overrides)
+    prune_tokens = int(prune.max_steps) * tokens_per_step(prune, nproc)
+    cont_tokens = int(cont.max_steps) * tokens_per_step(cont, nproc)
+    steps = math.ceil((prune_tokens + cont_tokens) / tokens_per_step(cont, nproc))
+    return {"prune_tokens": prune_tokens, "continued_tokens": cont_tokens,
+            "total_tokens": prune_tokens + cont_tokens, "baseline_steps": steps,
+            "baseline_tokens": steps * tokens_per_step(cont, nproc)}
+
+
+def with_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """``cfg`` with the ``key=value`` overrides that set plain values (batch, steps, length)."""
+    plain = [o for o in overrides if not o.startswith("~")]
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain)) if plain else cfg
+
+
+def source_dir(prune_config: Path) -> Path:
+    """The source model folder the prune config reads (``${acadlm_home:}`` resolved)."""
+    import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+
+    return Path(str(OmegaConf.load(prune_config).checkpointer.checkpoint_dir))
+
+
+def final_model_dir(run_dir: Path) -> Path:
+    return Path(read_json(run_dir / "summary.json")["checkpoint"]) / "model"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------- compare
+def compare(source: dict[str, float], runs: dict[str, dict[str, Any]],
+            budget: dict[str, int]) -> dict[str, Any]:
+    """Per-domain and mean validation loss of the source and each arm, and their tokens."""
+    losses = {"source": {**source, "mean": mean(source)}}
+    tokens = {"source": None}
+    for arm, summary in runs.items():
+        after = summary["val_loss_after"]
+        losses[arm] = {**after, "mean": mean(after)}
+        tokens[arm] = budget["total_tokens"] if arm == "ours" else budget["baseline_tokens"]
+    return {"val_loss": losses, "tokens": tokens, "budget": budget}
+
+
+def mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
+def greedy_completions(models: dict[str, Path]) -> dict[str, list[str]]:
+    """The greedy continuation of :data:`PROMPTS` by each model folder, with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_dir = next(iter(models.values()))
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        print(f"greedy completions skipped: no tokenizer.json in {tokenizer_dir}", flush=True)
+        return {}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out: dict[str, list[str]] = {}
+    for name, folder in models.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        texts = []
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                generated = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                           pad_token_id=tokenizer.eos_token_id)
+            texts.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        out[name] = texts
+        del model
+    return out
+
+
+def format_report(report: dict, dirs: dict[str, dict[str, Path]]) -> str:
+    pruning, comparison = report["pruning"], report["comparison"]
+    lines = ["", "=" * 78, "Sheared-LLaMA pipeline summary", "=" * 78,
              (f"{'':<10}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'mlp':>7}"
              f"{'non-emb params':>16}{'total params':>14}")]
     for name in ("source", "target", "achieved"):
@@ -66,18 +232,28 @@ def format_report(report: dict, prune_dir: Path, continue_dir: Path) -> str:
                      f"{total_text}")
     ratio = pruning["non_embedding_params"]["achieved"] / pruning["non_embedding_params"]["source"]
     lines.append(f"non-embedding parameters kept: {ratio:.1%}")
-    lines.append("")
-    lines.append(f"{'validation loss':<16}{'source':>10}{'pruned':>10}{'after CPT':>11}")
-    source, pruned = pruning["val_loss"]["source"], pruning["val_loss"]["pruned"]
-    after = continued["val_loss_after"]
-    for domain in source:
-        lines.append(f"{domain:<16}{source[domain]:>10.4f}{pruned[domain]:>10.4f}"
-                     f"{after.get(domain, float('nan')):>11.4f}")
+    losses = comparison["val_loss"]
+    columns = [c for c in ("source", *ARMS) if c in losses]
+    lines += ["", "validation loss (nats/token) after the same number of training tokens",
+              f"{'domain':<12}" + "".join(f"{c:>14}" for c in columns)]
+    for domain in losses["source"]:
+        lines.append(f"{domain:<12}" + "".join(f"{losses[c][domain]:>14.4f}" for c in columns))
+    tokens = comparison["tokens"]
+    lines.append(f"{'tokens':<12}" + "".join(
+        f"{'-' if tokens[c] is None else f'{tokens[c]:,}':>14}" for c in columns))
+    lines.append(f"pruned right after pruning (ours, before continued pre-training): mean "
+                 f"{mean(pruning['val_loss']['pruned']):.4f}")
+    if comparison["completions"]:
+        lines += ["", f"greedy completions ({NEW_TOKENS} tokens)"]
+    for index, prompt in enumerate(PROMPTS if comparison["completions"] else ()):
+        lines.append(f"  prompt: {prompt!r}")
+        for name, texts in comparison["completions"].items():
+            lines.append(f"    {name:<13}{texts[index]!r}")
     lines += ["", f"wall time: {report['wall_seconds']:.0f} s",
-              (f"plots: {prune_dir / 'pruning.png'}, {prune_dir / 'domain_weights.png'}, "
-              f"{continue_dir / 'domain_weights.png'}"),
-              f"pruned model (Hugging Face format): {prune_dir / 'pruned_model'}",
-              f"after continued pre-training: {continued['checkpoint']}/model"]
+              (f"plots: {dirs['ours']['prune'] / 'pruning.png'}, "
+               f"{dirs['ours']['prune'] / 'domain_weights.png'}"),
+              f"pruned model (Hugging Face format): {dirs['ours']['prune'] / 'pruned_model'}",
+              f"after continued pre-training: {report['continued_pretraining']['checkpoint']}/model"]
     return "\n".join(lines)
 
 

@@ -1,0 +1,298 @@
+"""Knowledge distillation: the chunked KL against the formula, and the plugin in the continued
+pre-training and prune recipes on the 2-layer, 64-dim model (teacher: the tiny source)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from recipe_runs import run_recipe_main, torch_threads
+from tiny_setup import REPO_ROOT, tiny_run_args, write_tiny_checkpoint
+
+from acadlm_plugins import hookimpl
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.smollm2 import tiny_llama
+from acadlm_plugins.training.checkpointing import latest_checkpoint
+from acadlm_plugins.training.chunked_loss import shifted_targets
+from acadlm_plugins.training.distillation_loss import (
+    forward_kl_chunked,
+    forward_kl_reference,
+    output_projection_weight,
+    teacher_final_hidden,
+)
+
+CONTINUED = "acadlm_plugins.continued_pretrain_recipe"
+PRUNE = "acadlm_plugins.prune_recipe"
+PRUNE_CONFIG = REPO_ROOT / "configs" / "tiny" / "prune.yaml"
+
+
+@pytest.fixture(autouse=True)
+def quiet_isolated_runs(monkeypatch):
+    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
+    monkeypatch.setenv("ACADLM_PLUGINS_DISABLE_AUTOLOAD", "1")
+
+
+# ------------------------------------------------------------------------------ the loss
+
+
+def test_kd_loss_equals_a_hand_computation_with_temperature_and_ignored_labels():
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 2.0], [3.0, -2.0, 0.0],
+                             [0.0, 0.0, 0.0]]])
+    teacher = torch.tensor([[[0.0, 2.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 0.0, 4.0],
+                             [2.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, 1, -100, 2]])  # position t predicts label t + 1
+    temperature = 2.0
+
+    def softmax(row: list[float]) -> list[float]:
+        exps = [math.exp(z / temperature) for z in row]
+        return [e / sum(exps) for e in exps]
+
+    expected = 0.0
+    for position in (0, 2):  # labels[1] and labels[3] are the counted targets
+        p_t = softmax(teacher[0, position].tolist())
+        p_s = softmax(student[0, position].tolist())
+        expected += temperature ** 2 * sum(t * math.log(t / s) for t, s in zip(p_t, p_s))
+
+    kl_sum, count = forward_kl_chunked(student, teacher, shifted_targets(labels),
+                                       temperature=temperature, vocab_chunk_size=2)
+    assert int(count) == 2
+    assert float(kl_sum) == pytest.approx(expected, rel=1e-5)
+    per_position = forward_kl_reference(student, teacher, temperature)
+    assert float(per_position[0, 0] + per_position[0, 2]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk", [1, 7, 16, 50, 64])
+@pytest.mark.parametrize("projected", [False, True], ids=["teacher_logits", "teacher_hidden"])
+def test_chunked_kl_and_its_gradient_equal_the_reference(temperature, chunk, projected):
+    generator = torch.Generator().manual_seed(0)
+    vocab, dim = 50, 8  # 7 and 16 do not divide 50
+    student = torch.randn(2, 6, vocab, generator=generator).mul(3).requires_grad_()
+    hidden = torch.randn(2, 6, dim, generator=generator)
+    weight = torch.randn(vocab, dim, generator=generator)
+    teacher_logits = hidden @ weight.T
+    targets = torch.randint(0, vocab, (2, 6), generator=generator)
+    targets[0, 2] = targets[1, 0] = targets[1, 5] = -100
+
+    want = forward_kl_reference(student, teacher_logits, temperature)[targets != -100].sum()
+    (want_grad,) = torch.autograd.grad(want, student)
+    got, count = forward_kl_chunked(
+        student, hidden if projected else teacher_logits, targets,
+        teacher_weight=weight if projected else None, temperature=temperature,
+        vocab_chunk_size=chunk)
+    (got_grad,) = torch.autograd.grad(got, student)
+    assert int(count) == 9
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_is_zero_between_a_model_and_its_copy_and_hidden_times_weight_are_its_logits():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 512, (2, 24))
+    targets = torch.randint(0, 512, (2, 24))
+    for tied in (True, False):
+        student = tiny_llama(tie_word_embeddings=tied).eval()
+        teacher = copy.deepcopy(student)
+        with torch.no_grad():
+            logits = student(tokens)
+            hidden = teacher_final_hidden(teacher, tokens)
+            weight = output_projection_weight(teacher)
+            assert weight is (teacher.tok_embeddings.weight if tied else teacher.output.weight)
+            torch.testing.assert_close(hidden @ weight.T, logits, rtol=1e-5, atol=1e-5)
+            assert "unembed" not in vars(teacher)  # the swap is undone: logits come back again
+            assert teacher(tokens).shape == (2, 24, 512)
+        for chunk in (100, 512):
+            kl_sum, count = forward_kl_chunked(logits, hidden, targets, teacher_weight=weight,
+                                               vocab_chunk_size=chunk)
+            assert int(count) == 48 and float(kl_sum.detach()) / 48 < 1e-6
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def distillation_args(teacher_dir: Path, *extra: str) -> list[str]:
+    """Command-line overrides that add a `distillation:` block with the tiny model as teacher."""
+    teacher = "distillation.teacher"
+    return [f"{teacher}.model._component_=acadlm_plugins.models.smollm2.tiny_llama",
+            f"{teacher}.model.vocab_size=512",
+            f"{teacher}.checkpointer._component_=torchtune.training.FullModelHFCheckpointer",
+            f"{teacher}.checkpointer.checkpoint_dir={teacher_dir}",
+            f"{teacher}.checkpointer.checkpoint_files=[model.safetensors]",
+            f"{teacher}.checkpointer.model_type=LLAMA3_2", "distillation.kd_ratio=0.5", *extra]
+
+
+def distill_run_args(root: Path, *extra: str) -> list[str]:
+    args = tiny_run_args(root)  # writes root/tiny_model, the student's source and the teacher
+    return [*args, *distillation_args(root / "tiny_model"), *extra]
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """``key``'s value at every step the run's DiskLogger wrote it."""
+    values = {}
+    for path in (run_dir / "logs").glob("*.txt"):
+        for line in path.read_text().splitlines():
+            step, _, fields = line.partition(" | ")
+            for item in fields.split():
+                name, _, value = item.partition(":")
+                if name == key:
+                    values[int(step.split()[1])] = float(value)
+    return values
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(next((latest_checkpoint(run_dir) / "model").glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("distillation.kd_ratio=1.5", "distillation.kd_ratio"),
+    ("distillation.temperature=0", "distillation.temperature"),
+    ("distillation.vocab_chunk_size=0", "distillation.vocab_chunk_size"),
+    ("distillation.teacher_path=x", "distillation.teacher_path"),
+    ("distillation.teacher.tokenizer=x", "distillation.teacher.tokenizer"),
+    ("distillation.teacher.model._component_=no.such.builder", "distillation.teacher.model._component_"),
+])
+def test_bad_configs_name_the_key_before_training(tmp_path, monkeypatch, override, key):
+    with pytest.raises(ConfigError) as err, torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, distill_run_args(tmp_path, override))
+    assert err.value.key == key
+    assert "Fix:" in str(err.value)
+    assert not latest_checkpoint(tmp_path / "run")
+
+
+def test_a_block_without_teacher_names_the_teacher(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="`distillation.teacher`: is missing") as err:
+        run_recipe_main(monkeypatch, CONTINUED, tiny_run_args(tmp_path, "distillation.kd_ratio=0.5"))
+    assert err.value.key == "distillation.teacher"
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other_vocab"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+                     ).save_pretrained(other)
+    args = [*distill_run_args(tmp_path), f"distillation.teacher.checkpointer.checkpoint_dir={other}",
+            "distillation.teacher.model.vocab_size=256", "distillation.teacher.model.num_layers=1"]
+    with pytest.raises(ConfigError, match="vocabulary of 256 words, the student 512") as err, \
+            torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, args)
+    assert err.value.key == "distillation.teacher.model"
+
+
+@pytest.mark.parametrize("recipe", ["long_context", "rater", "annotate"])
+def test_recipes_that_do_not_hand_over_logits_refuse_distillation(recipe):
+    from acadlm_plugins.plugin_manager import build_plugin_manager
+
+    pm = build_plugin_manager(load_entry_points=False)
+    cfg = OmegaConf.create({"distillation": {"teacher": {"model": {"_component_": "x"},
+                                                         "checkpointer": {"_component_": "y"}}}})
+    with pytest.raises(ConfigError, match="does not hand the student's logits") as err:
+        pm.hook.acadlm_configure(cfg=cfg, recipe=recipe)
+    assert err.value.key == "distillation"
+    pm = build_plugin_manager(load_entry_points=False)  # a null block is no distillation at all
+    pm.hook.acadlm_configure(cfg=OmegaConf.create({"distillation": None}), recipe=recipe)
+    plugin = pm.get_plugin("acadlm_plugins.plugins.distillation:DistillationPlugin")
+    assert not plugin.enabled
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+class _Interrupt:
+    """Simulates a kill right after step 5 (the last checkpoint is step 3's)."""
+
+    @hookimpl
+    def acadlm_after_optimizer_step(self, step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+
+
+def test_distilled_run_logs_the_kl_and_resumes_exactly(tmp_path, monkeypatch):
+    import sys
+
+    straight = distill_run_args(tmp_path / "a")
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, straight)
+    run_a = tmp_path / "a" / "run"
+    kl = logged(run_a, "distillation/kl")
+    assert sorted(kl) == [1, 2, 3, 4, 5, 6]
+    assert kl[1] < 1e-6  # the student starts as the teacher's copy
+    assert kl[6] > 1e-4  # and moves away from it on the LM half of the loss
+    assert sorted(logged(run_a, "loss/distillation")) == [1, 2, 3, 4, 5, 6]
+
+    module = type(sys)("_acadlm_distillation_interrupt")
+    module.Interrupt = _Interrupt
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    broken = distill_run_args(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt), torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED,
+                        [*broken, "plugins=[_acadlm_distillation_interrupt:Interrupt]"])
+    assert latest_checkpoint(tmp_path / "b" / "run").name == "step_000003"
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, broken)
+    a, b = final_weights(run_a), final_weights(tmp_path / "b" / "run")
+    assert latest_checkpoint(tmp_path / "b" / "run").name == "step_000006"
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=0, atol=1e-6, msg=name)
+    assert logged(tmp_path / "b" / "run", "distillation/kl")[6] == pytest.approx(kl[6], rel=1e-5)
+
+    other = write_tiny_checkpoint(tmp_path / "other_teacher", seed=1)
+    with pytest.raises(ConfigError, match="differs from the teacher of the checkpoint") as err, \
+            torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, [
+            *broken, "max_steps=9", f"distillation.teacher.checkpointer.checkpoint_dir={other}"])
+    assert err.value.key == "distillation.teacher"
+
+
+def test_kd_ratio_zero_trains_exactly_as_without_distillation(tmp_path, monkeypatch):
+    plain = tiny_run_args(tmp_path / "plain", "max_steps=3")
+    zero = distill_run_args(tmp_path / "zero", "max_steps=3", "distillation.kd_ratio=0")
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, plain)
+        run_recipe_main(monkeypatch, CONTINUED, zero)
+    a, b = final_weights(tmp_path / "plain" / "run"), final_weights(tmp_path / "zero" / "run")
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(b[name], value), name
+    assert logged(tmp_path / "zero" / "run", "distillation/kl")[3] > 0
+
+
+def test_pruning_with_distillation_from_the_source(tmp_path, monkeypatch):
+    args = [a for a in distill_run_args(tmp_path) if not a.startswith("validation_dataset.")]
+    args[1] = str(PRUNE_CONFIG)
+    with torch_threads():
+        out = run_recipe_main(monkeypatch, PRUNE, [*args, "max_steps=6", "save_every_n_steps=6"])
+    kl = logged(out, "distillation/kl")
+    assert sorted(kl) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in kl.values())
+    assert kl[6] > 1e-5  # the masks make the student differ from its unpruned source
+    assert sorted(logged(out, "loss/lagrangian")) == [1, 2, 3, 4, 5, 6]
+    assert (out / "pruned_model" / "config.json").is_file()
+
+
+@pytest.mark.distributed
+def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tmp_path):
+    """Teacher and student both sharded with FSDP2 (gloo, CPU): the output projection is
+    gathered for the chunked KL, and the weights match one process with the same batches."""
+    from tiny_setup import run_tune_subprocess
+
+    runs = {}
+    for nproc, batch_size in ((2, 2), (1, 4)):
+        out = tmp_path / f"ranks{nproc}"
+        args = [*distill_run_args(tmp_path), f"output_dir={out}", f"batch_size={batch_size}",
+                "max_steps=3", "save_every_n_steps=3", "distillation.vocab_chunk_size=200"]
+        run_tune_subprocess("acadlm_plugins/continued_pretrain_recipe", args, cwd=tmp_path,
+                            log_file=tmp_path / f"ranks{nproc}.log", nproc=nproc, timeout=180)
+        runs[nproc] = out
+    for step, value in logged(runs[1], "distillation/kl").items():
+        assert logged(runs[2], "distillation/kl")[step] == pytest.approx(value, rel=1e-5, abs=1e-8)
+    two, one = final_weights(runs[2]), final_weights(runs[1])
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=name)
