@@ -23,11 +23,12 @@ def console_script(name: str) -> str:
 def stage_overrides(extra: Sequence[str], stages: Sequence[str], *,
                     example: str) -> dict[str, list[str]]:
     """``--set`` values ``["judge:a.b=1", ...]`` -> ``{"judge": ["a.b=1"], ...}`` over
-    ``stages``; a malformed entry stops the pipeline before any stage runs."""
+    ``stages``; ``STAGE:~a.b`` removes a key, as on torchtune's command line. A malformed entry
+    stops the pipeline before any stage runs."""
     found: dict[str, list[str]] = {stage: [] for stage in stages}
     for item in extra:
         stage, sep, override = item.partition(":")
-        if not sep or stage not in found or "=" not in override:
+        if not sep or stage not in found or ("=" not in override and not override.startswith("~")):
             raise SystemExit(f"--set {item!r}: expected STAGE:key=value with STAGE one of "
                              f"{', '.join(stages)}, e.g. --set {example}")
         found[stage].append(override)

@@ -174,3 +174,37 @@ def test_a_materialized_model_that_differs_from_the_masked_one_fails_the_run(tmp
                         prune_args(tmp_path, "max_steps=3", "save_every_n_steps=3"))
     assert not (tmp_path / "run" / "pruned_model").exists()
     assert not (tmp_path / "run" / "pruning_summary.json").exists()
+
+
+def test_one_shot_importance_pruning_exports_the_target_without_training(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from acadlm_plugins.models.llama import llama_from_hf_config
+
+    out = run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(
+        tmp_path, "pruning.method=importance", "pruning.calibration.num_sequences=8"))
+    summary = json.loads((out / "pruning_summary.json").read_text())
+    assert summary["method"] == "importance"
+    assert {k: summary["achieved"][k] for k in TINY_TARGET} == TINY_TARGET
+    assert latest_checkpoint(out) is None  # no mask training, no training steps
+    assert set(summary["val_loss"]) == {"source", "pruned"}
+    pruned_dir = out / "pruned_model"
+    config = json.loads((pruned_dir / "config.json").read_text())
+    assert config["acadlm_pruning"]["method"] == "importance"
+    hf = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    tune_model = llama_from_hf_config(str(pruned_dir)).eval()
+    tune_model.load_state_dict(torch.load(pruned_dir / "torchtune_model.pt"), strict=False)
+    tokens = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        assert (hf(tokens).logits - tune_model(tokens)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("pruning.method=magnitude", "pruning.method"),
+    ("pruning.mask_init=random", "pruning.mask_init"),
+    ("pruning.calibration.sequences=4", "pruning.calibration.sequences"),
+])
+def test_bad_importance_settings_fail_before_training(tmp_path, monkeypatch, override, key):
+    with pytest.raises(ConfigError) as err:
+        run(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(tmp_path, override))
+    assert err.value.key == key

@@ -282,3 +282,28 @@ def test_smollm2_third_size_target_is_valid():
                                          "embed_dim": 384, "intermediate_dim": 1024})
     ratio = target.non_embedding_params() / SOURCE.non_embedding_params()
     assert 0.25 < ratio < 0.4
+
+
+def test_importance_initialized_masks_start_at_the_one_shot_choice():
+    from acadlm_plugins.plugins.pruning import initial_log_alphas
+    from acadlm_plugins.pruning.importance import importance_scores, keep_indices
+    from acadlm_plugins.pruning.materialize import kept_units
+
+    model, masks = _masked_setup(target={"num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+                                         "embed_dim": 40, "intermediate_dim": 80})
+    torch.manual_seed(1)
+    scores = importance_scores(model, [{"tokens": torch.randint(0, 512, (4, 16))}])
+    with torch.no_grad():
+        for name, values in initial_log_alphas(scores, masks, spread=3.0).items():
+            masks.gates[name].log_alpha.copy_(values)
+    learned, one_shot = kept_units(masks), keep_indices(scores, masks.source, masks.target)
+    assert learned.layers == one_shot.layers
+    assert torch.equal(learned.hidden, one_shot.hidden)
+    for layer in learned.layers:
+        assert torch.equal(learned.kv_heads[layer], one_shot.kv_heads[layer])
+        assert torch.equal(learned.heads[layer], one_shot.heads[layer])
+        assert torch.equal(learned.intermediate[layer], one_shot.intermediate[layer])
+    # kept units start where uniform gates start; the rest lower, down to `spread` below
+    alphas = masks.gates["intermediate"].log_alpha.detach()
+    assert alphas.max().item() == pytest.approx(initial_log_alpha(0.01))
+    assert alphas.min().item() == pytest.approx(initial_log_alpha(0.01) - 3.0, abs=1e-5)

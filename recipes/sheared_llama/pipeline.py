@@ -72,8 +72,8 @@ def main() -> None:
              [*extra["prune"], f"output_dir={dirs['ours']['prune']}"], nproc)
     pruning = read_json(dirs["ours"]["prune"] / "pruning_summary.json")
     source_losses = pruning["val_loss"]["source"]
-    reference = [f"dynamic_batch_loading.reference_losses={flow_mapping(source_losses)}",
-                 "~dynamic_batch_loading.reference_scale"]
+    cont_cfg = with_overrides(OmegaConf.load(args.continue_config), extra["continue"])
+    reference = source_reference_overrides(cont_cfg, source_losses)
     ours_model = dirs["ours"]["prune"] / "pruned_model"
     tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
              [*extra["continue"], f"output_dir={dirs['ours']['continued']}",
@@ -97,14 +97,15 @@ def main() -> None:
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
                  [*extra["continue"], f"output_dir={dirs['from_scratch']['continued']}",
                   *model_overrides(init),
-                  f"max_steps={budget['baseline_steps']}", "~distillation", *reference], nproc)
+                  f"max_steps={budget['baseline_steps']}", *without_teacher(cont_cfg),
+                  *reference], nproc)
 
     arms = [arm for arm in ARMS if (dirs[arm]["continued"] / "summary.json").exists()
             and (args.baselines == "all" or arm == "ours")]
     comparison = compare(source_losses, {a: read_json(dirs[a]["continued"] / "summary.json")
                                          for a in arms}, budget)
     comparison["completions"] = greedy_completions(
-        {"source": source_dir(args.prune_config),
+        {"source": source_dir(args.prune_config, extra["prune"]),
          **{a: final_model_dir(dirs[a]["continued"]) for a in arms}})
     report = {"pruning": pruning,
               "continued_pretraining": read_json(dirs["ours"]["continued"] / "summary.json"),
@@ -128,9 +129,26 @@ def model_overrides(model_dir: Path) -> list[str]:
     return [f"model.path={model_dir}", f"checkpointer.checkpoint_dir={model_dir}"]
 
 
+def source_reference_overrides(cfg: Any, source_losses: dict[str, float]) -> list[str]:
+    """Dynamic batch loading of every arm steers by the source model's losses (Sheared-LLaMA's
+    reference), whatever the continued pre-training config says on its own."""
+    block = cfg.get("dynamic_batch_loading", None)
+    if not block or not block.get("enabled", False):
+        return []
+    out = [f"dynamic_batch_loading.reference_losses={flow_mapping(source_losses)}"]
+    if "reference_scale" in block:
+        out.append("~dynamic_batch_loading.reference_scale")
+    return out
+
+
+def without_teacher(cfg: Any) -> list[str]:
+    """The from-scratch arm trains on its own: no distillation block."""
+    return ["~distillation"] if cfg.get("distillation", None) else []
+
+
 def flow_mapping(values: dict[str, float]) -> str:
     """``{a: 1.0, b: 2.0}`` for a command-line override."""
-    return "{" + ",".join(f"{k}:{v:.6f}" for k, v in values.items()) + "}"
+    return "{" + ", ".join(f"{k}: {v:.6f}" for k, v in values.items()) + "}"
 
 
 def tokens_per_step(cfg: Any, nproc: int) -> int:
@@ -160,11 +178,12 @@ def with_overrides(cfg: Any, overrides: list[str]) -> Any:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain)) if plain else cfg
 
 
-def source_dir(prune_config: Path) -> Path:
+def source_dir(prune_config: Path, overrides: list[str] = ()) -> Path:
     """The source model folder the prune config reads (``${acadlm_home:}`` resolved)."""
     import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 
-    return Path(str(OmegaConf.load(prune_config).checkpointer.checkpoint_dir))
+    cfg = with_overrides(OmegaConf.load(prune_config), list(overrides))
+    return Path(str(cfg.checkpointer.checkpoint_dir))
 
 
 def final_model_dir(run_dir: Path) -> Path:
