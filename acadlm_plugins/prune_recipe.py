@@ -106,8 +106,8 @@ class PruneRecipe:
         with training.set_default_dtype(COMPARISON_DTYPE):
             source = instantiate_component(self._cfg, "model")
         source.load_state_dict(state, strict=False)
-        self._pruning.model, self._pruning.device = source, torch.device("cpu")
-        scores = self._pruning.importance(self._pruning.calibration_corpus)
+        scores = self._pruning.importance(self._pruning.calibration_corpus, model=source,
+                                          device=torch.device("cpu"))
         pruned, target = one_shot_prune(source, scores, self._pruning.target)
         losses = {"source": self._trainer.evaluate(source), "pruned": self._trainer.evaluate(pruned)}
         log.info("one-shot importance pruning over %d calibration sequences (%d tokens)",

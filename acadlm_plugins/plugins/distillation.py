@@ -53,6 +53,7 @@ from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
 from acadlm_plugins.training.chunked_loss import shifted_targets
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.config_checks import reject_unknown_keys
 from acadlm_plugins.training.distillation_loss import (
     DEFAULT_VOCAB_CHUNK_SIZE,
     forward_kl_chunked,
@@ -102,10 +103,7 @@ class DistillationPlugin:
             raise ConfigError(CONFIG_KEY, f"the {recipe} recipe does not hand the student's "
                               "logits to plugins, which distillation needs.",
                               f"remove the block, or distil with one of {list(RECIPES_WITH_LOGITS)}.")
-        unknown = sorted(set(block) - KNOWN_KEYS)
-        if unknown:
-            raise ConfigError(f"{CONFIG_KEY}.{unknown[0]}", "is not a known key.",
-                              f"use only {sorted(KNOWN_KEYS)}.")
+        reject_unknown_keys(block, KNOWN_KEYS, recipe=recipe, prefix=f"{CONFIG_KEY}.")
         check_teacher_block(block.get("teacher", None))
         self.kd_ratio = _number(block, "kd_ratio", 0.5)
         if not 0 <= self.kd_ratio <= 1:
@@ -237,10 +235,7 @@ def check_teacher_block(teacher: Any) -> None:
     if not isinstance(teacher, DictConfig):
         raise ConfigError(TEACHER_KEY, f"must be a mapping, got {teacher!r}.",
                           "give it `model:` and `checkpointer:` blocks.")
-    unknown = sorted(set(teacher) - TEACHER_KEYS)
-    if unknown:
-        raise ConfigError(f"{TEACHER_KEY}.{unknown[0]}", "is not a known key.",
-                          f"use only {sorted(TEACHER_KEYS)}.")
+    reject_unknown_keys(teacher, TEACHER_KEYS, recipe="distilling", prefix=f"{TEACHER_KEY}.")
     for key in sorted(TEACHER_KEYS):
         node = teacher.get(key, None)
         if not isinstance(node, DictConfig) or "_component_" not in node:

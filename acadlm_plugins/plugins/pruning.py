@@ -40,6 +40,7 @@ from acadlm_plugins.hookspecs import hookimpl
 from acadlm_plugins.pruning.architecture import Architecture, architecture_of, resolve_target
 from acadlm_plugins.pruning.lagrangian import LagrangeMultipliers
 from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
+from acadlm_plugins.training.config_checks import reject_unknown_keys
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,7 @@ class PruningPlugin:
                 raise ConfigError(CONFIG_KEY, "is required by the prune recipe.",
                                   "add `pruning: {target: {...}}` (see configs/smollm2/).")
             return
-        unknown = sorted(set(block) - KNOWN_KEYS)
-        if unknown:
-            raise ConfigError(f"{CONFIG_KEY}.{unknown[0]}", "is not a known key.",
-                              f"use only {sorted(KNOWN_KEYS)}.")
+        reject_unknown_keys(block, KNOWN_KEYS, recipe=recipe, prefix=f"{CONFIG_KEY}.")
         if not block.get("target"):
             raise ConfigError(f"{CONFIG_KEY}.target", "is missing.",
                               "name the target dims, e.g. {num_layers: 20, embed_dim: 384}.")
@@ -92,10 +90,8 @@ class PruningPlugin:
         if not self.mask_init_spread > 0:
             raise ConfigError(f"{CONFIG_KEY}.mask_init_spread", "must be > 0.")
         calibration = dict(block.get("calibration", None) or {})
-        unknown = sorted(set(calibration) - CALIBRATION_KEYS)
-        if unknown:
-            raise ConfigError(f"{CONFIG_KEY}.calibration.{unknown[0]}", "is not a known key.",
-                              f"use only {sorted(CALIBRATION_KEYS)}.")
+        reject_unknown_keys(calibration, CALIBRATION_KEYS, recipe=recipe,
+                            prefix=f"{CONFIG_KEY}.calibration.")
         self.calibration_sequences = int(calibration.get("num_sequences", 64))
         self.calibration_batch_size = int(calibration.get("batch_size", 8))
         for key, value in (("num_sequences", self.calibration_sequences),
@@ -161,13 +157,25 @@ class PruningPlugin:
             log.info("mask log_alpha initialized from importance scores over %d sequences",
                      scores.num_sequences)
 
-    def importance(self, corpus: Any) -> Any:
-        """Minitron importance scores of the model as it is now, on the calibration packs."""
+    def importance(self, corpus: Any, model: Any = None, device: Any = None) -> Any:
+        """Minitron importance scores on the calibration packs, of ``model`` (default: the
+        run's model as it is now), with a progress bar over the calibration batches."""
         from acadlm_plugins.pruning.calibration import calibration_batches
         from acadlm_plugins.pruning.importance import importance_scores
+        from acadlm_plugins.training.runtime import progress_bar
 
-        return importance_scores(self.model, calibration_batches(
-            corpus, self.calibration_sequences, self.calibration_batch_size, self.device))
+        device = self.device if device is None else device
+        batches = calibration_batches(corpus, self.calibration_sequences,
+                                      self.calibration_batch_size, device)
+        total = -(-self.calibration_sequences // self.calibration_batch_size)
+        rank_zero = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        with progress_bar(total=total, initial=0, desc="importance (calibration)",
+                          is_rank_zero=rank_zero) as bar:
+            def counted():
+                for batch in batches:
+                    yield batch
+                    bar.update(1)
+            return importance_scores(self.model if model is None else model, counted())
 
     @hookimpl
     def acadlm_batch_ready(self, batch: dict, step: int) -> None:

@@ -14,13 +14,10 @@ from typing import Any
 import torch
 
 from acadlm_plugins.data.mixture import PackedDomainCorpus, collate_domain_packs
-from acadlm_plugins.errors import ConfigError
 
 
 def calibration_keys(corpus: PackedDomainCorpus, num_sequences: int) -> list[tuple[int, int]]:
     """``num_sequences`` (domain, pack) addresses: domains in turn, packs evenly spaced."""
-    if num_sequences < 1:
-        raise ConfigError("pruning.calibration.num_sequences", f"must be >= 1, got {num_sequences}.")
     domains = len(corpus.num_packs)
     per_domain = [num_sequences // domains + (d < num_sequences % domains) for d in range(domains)]
     columns: list[list[tuple[int, int]]] = []

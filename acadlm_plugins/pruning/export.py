@@ -52,6 +52,12 @@ def export_pruned_model(model: nn.Module, arch: Architecture, source_dir: str | 
     for name in COPIED_FILES:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, staging / name)
+    return publish_dir(staging, dest)
+
+
+def publish_dir(staging: Path, dest: Path) -> Path:
+    """Move a completely written ``staging`` folder to ``dest``, replacing what was there, so
+    ``dest`` is always a whole model folder or absent."""
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(staging, dest)

@@ -10,13 +10,12 @@ Face folder our recipes load like any other: the architecture and tokenizer of a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from acadlm_plugins.pruning.export import COPIED_FILES
+from acadlm_plugins.pruning.export import COPIED_FILES, publish_dir
 
 
 def write_random_init_model(like: str | Path, dest: str | Path, *, seed: int = 0) -> Path:
@@ -41,7 +40,4 @@ def write_random_init_model(like: str | Path, dest: str | Path, *, seed: int = 0
     for name in COPIED_FILES:
         if (like / name).is_file():
             shutil.copy2(like / name, staging / name)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(staging, dest)
-    return dest
+    return publish_dir(staging, dest)
