@@ -53,6 +53,14 @@ from acadlm_plugins.training.checkpointing import (
 from acadlm_plugins.training.components import instantiate_component, instantiate_optional
 from acadlm_plugins.training.config_checks import check_config_keys, route_package_logs
 from acadlm_plugins.training.optimizers import build_optimizer
+from acadlm_plugins.training.run_checks import (
+    check_checkpoint_source,
+    check_device,
+    check_log_dir,
+    check_output_dir,
+    clean_interrupted_writes,
+    positive_int,
+)
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
 
 log = utils.get_logger("INFO")
@@ -68,7 +76,10 @@ KNOWN_KEYS = {
 REQUIRED_KEYS = ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
                  "validation_dataset", "optimizer", "batch_size", "max_steps", "metric_logger")
 # Blocks read by built-in plugins; third-party plugins declare theirs with `config_keys`.
-RESUME_MUST_MATCH = ("model", "dataset", "tokenizer")
+# The run's identity, stored in every checkpoint with the recipe's name and compared on resume:
+# resuming on another model, data or seed would silently mix two runs.
+RESUME_MUST_MATCH = ("model", "dataset", "tokenizer", "seed", "checkpointer.checkpoint_dir",
+                     "checkpointer.checkpoint_files", "checkpointer.model_type")
 
 
 class ContinuedPretrainRecipe:
@@ -79,6 +90,7 @@ class ContinuedPretrainRecipe:
 
     known_keys: frozenset[str] = frozenset(KNOWN_KEYS)
     required_keys: tuple[str, ...] = REQUIRED_KEYS
+    resume_must_match: tuple[str, ...] = RESUME_MUST_MATCH
     example_config = "configs/smollm2/continued_pretrain_demo.yaml"
 
     def __init__(self, cfg: DictConfig, recipe_name: str = RECIPE_NAME) -> None:
@@ -91,13 +103,13 @@ class ContinuedPretrainRecipe:
         self._data_rank, self._data_world = self._rank, self._world_size
         self._output_dir = Path(cfg.output_dir)
         self._seed = training.set_seed(cfg.get("seed", 0))
-        self._max_steps = int(cfg.max_steps)
-        self._batch_size = int(cfg.batch_size)
-        self._grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self._max_steps = positive_int(cfg, "max_steps")
+        self._batch_size = positive_int(cfg, "batch_size")
+        self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._log_every = int(cfg.get("log_every_n_steps", 1))
-        self._save_every = int(cfg.get("save_every_n_steps", self._max_steps))
-        self._keep_last = int(cfg.get("keep_last_n_checkpoints", 2))
+        self._log_every = positive_int(cfg, "log_every_n_steps", 1)
+        self._save_every = positive_int(cfg, "save_every_n_steps", self._max_steps)
+        self._keep_last = positive_int(cfg, "keep_last_n_checkpoints", 2)
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
         self._validation_losses = None  # set by recipes built on this one
@@ -112,17 +124,22 @@ class ContinuedPretrainRecipe:
         self._pm = build_plugin_manager(list(cfg.get("plugins", None) or []))
         self._pm.hook.acadlm_configure(cfg=cfg, recipe=self._recipe_name)
         self._check_keys(cfg)
-        self._eval_every = int(cfg.get("eval_every_n_steps", None) or self._max_steps)
+        self._eval_every = positive_int(cfg, "eval_every_n_steps", self._max_steps)
         self._cfg = cfg
+        check_device(cfg)
+        check_output_dir(self._output_dir)
+        check_log_dir(cfg)
+        check_checkpoint_source(cfg)
         if self._is_rank_zero:
-            self._output_dir.mkdir(parents=True, exist_ok=True)
             log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
-        self._metric_logger = runtime.rank_zero_metric_logger(cfg, self._is_rank_zero)
-
+        # Nothing is written to output_dir until every check below has passed (the metric
+        # logger comes last), so a refused run leaves an earlier run's folder as it was.
         route_package_logs()
         resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
+            self._resume_state = load_resume_state(resume_from, cfg, self.resume_must_match,
+                                                   recipe=self._recipe_name)
         self._tokenizer = instantiate_component(cfg, "tokenizer")
         self._checkpointer = instantiate_component(cfg, "checkpointer")
         # Loaded even on resume: the checkpointer learns the source's file layout from it and
@@ -132,6 +149,7 @@ class ContinuedPretrainRecipe:
             model_state = self._load_resumed_weights(cfg, resume_from)
         self._model = self._setup_model(cfg, model_state)
         self._pm.hook.acadlm_model_built(model=self._model, cfg=cfg, device=self._device)
+        self._check_sequence_length()
 
         self._train_data: DomainMixtureDataset = instantiate_component(cfg, "dataset", self._tokenizer)
         self._val_data: DomainMixtureDataset = instantiate_component(
@@ -147,9 +165,12 @@ class ContinuedPretrainRecipe:
                                                   num_training_steps=self._max_steps)
         if resume_from is not None:
             self._restore_recipe_state()
+        if self._is_rank_zero:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            clean_interrupted_writes(self._output_dir)
+        self._metric_logger = runtime.rank_zero_metric_logger(cfg, self._is_rank_zero)
 
     def _load_resumed_weights(self, cfg: DictConfig, checkpoint: Path) -> dict:
-        self._resume_state = load_resume_state(checkpoint, cfg, RESUME_MUST_MATCH)
         model_dir = checkpoint / MODEL_DIRNAME
         reader = training.FullModelHFCheckpointer(
             checkpoint_dir=str(model_dir), checkpoint_files=hf_checkpoint_files(model_dir),
@@ -300,7 +321,8 @@ class ContinuedPretrainRecipe:
             state = recipe_state(
                 step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
                 sampler=self._sampler, plugins=plugin_states(self._pm), history=self._history,
-                config=config_values(self._cfg, RESUME_MUST_MATCH))
+                config=config_values(self._cfg, self.resume_must_match,
+                                     recipe=self._recipe_name))
             path = write_recipe_checkpoint(
                 self._output_dir, self._step, state, lambda folder: self._write_model_dir(
                     model_state, folder / MODEL_DIRNAME),
@@ -329,6 +351,18 @@ class ContinuedPretrainRecipe:
         if missing:
             raise ConfigError("validation_dataset", f"has no validation data for domains {missing}.",
                               "give every training domain a validation split.")
+
+    def _check_sequence_length(self) -> None:
+        """A pack longer than the model's positions would fail at the first forward with
+        torchtune's message, which names no config key."""
+        model_max = getattr(self._model, "max_seq_len", None)
+        for key in ("dataset", "validation_dataset"):
+            length = (self._cfg.get(key, None) or {}).get("max_seq_len", None)
+            if model_max is not None and length is not None and length > model_max:
+                raise ConfigError(f"{key}.max_seq_len", f"is {length}, above the model's "
+                                  f"{model_max} positions.", f"set `{key}.max_seq_len` to "
+                                  f"{model_max} or less, or build the model with a longer "
+                                  "`max_seq_len` (the long-context recipe does this).")
 
     def _token_losses(self, batch: dict[str, torch.Tensor],
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

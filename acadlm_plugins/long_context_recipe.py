@@ -278,6 +278,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
     known_keys = ContinuedPretrainRecipe.known_keys | {"long_context", "sequence_parallel"}
     required_keys = (*[k for k in REQUIRED_KEYS if k != "max_steps"], "long_context")
     example_config = "configs/smollm2/long_context_stage1.yaml"
+    resume_must_match = (*ContinuedPretrainRecipe.resume_must_match, "long_context")
 
     def __init__(self, cfg: DictConfig) -> None:
         self._stage = read_stage(cfg, source_model_config(cfg))

@@ -58,6 +58,7 @@ class PruneRecipe:
         self._trainer = ContinuedPretrainRecipe(cfg, recipe_name="prune")
         self._trainer.example_config = "configs/smollm2/135M_to_85M_prune.yaml"
         self._trainer.exports_final_model = False  # the pruned model is exported below
+        self._trainer.resume_must_match = (*self._trainer.resume_must_match, "pruning")
 
     def setup(self, cfg: DictConfig) -> None:
         self._trainer.setup(cfg)

@@ -63,6 +63,13 @@ from acadlm_plugins.training.checkpointing import (
 from acadlm_plugins.training.components import instantiate_optional
 from acadlm_plugins.training.config_checks import check_config_keys
 from acadlm_plugins.training.optimizers import build_optimizer
+from acadlm_plugins.training.run_checks import (
+    check_device,
+    check_log_dir,
+    check_output_dir,
+    clean_interrupted_writes,
+    positive_int,
+)
 
 log = utils.get_logger("INFO")
 
@@ -131,6 +138,7 @@ class RaterRecipe:
         self._is_rank_zero = self._rank == 0
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
+        self._metric_logger = None  # set last in setup; cleanup works even if setup stopped
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, cfg: DictConfig) -> None:
@@ -139,26 +147,28 @@ class RaterRecipe:
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir).expanduser()
         self._seed = training.set_seed(cfg.get("seed", 0))
-        self._max_steps = _positive_int(cfg, "max_steps")
-        self._batch_size = _positive_int(cfg, "batch_size")
-        self._eval_batch_size = int(cfg.get("eval_batch_size", None) or 2 * self._batch_size)
-        self._grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self._max_steps = positive_int(cfg, "max_steps")
+        self._batch_size = positive_int(cfg, "batch_size")
+        self._eval_batch_size = positive_int(cfg, "eval_batch_size", 2 * self._batch_size)
+        self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._log_every = int(cfg.get("log_every_n_steps", 1))
-        self._eval_every = int(cfg.get("eval_every_n_steps", None) or self._max_steps)
-        self._save_every = int(cfg.get("save_every_n_steps", None) or self._max_steps)
-        self._keep_last = int(cfg.get("keep_last_n_checkpoints", 2))
-        self._max_tokens = _positive_int(cfg, "max_tokens", 512)
+        self._log_every = positive_int(cfg, "log_every_n_steps", 1)
+        self._eval_every = positive_int(cfg, "eval_every_n_steps", self._max_steps)
+        self._save_every = positive_int(cfg, "save_every_n_steps", self._max_steps)
+        self._keep_last = positive_int(cfg, "keep_last_n_checkpoints", 2)
+        self._max_tokens = positive_int(cfg, "max_tokens", 512)
         self._pooling = str(cfg.get("pooling", "last"))
         check_pooling(self._pooling)
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
-        if self._is_rank_zero:
-            self._output_dir.mkdir(parents=True, exist_ok=True)
-        self._metric_logger = runtime.rank_zero_metric_logger(cfg, self._is_rank_zero)
-
+        check_device(cfg)
+        check_output_dir(self._output_dir)
+        check_log_dir(cfg)
+        # Nothing is written to output_dir until the checks below have passed (the metric
+        # logger comes last), so a refused run leaves an earlier run's folder as it was.
         resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
         if resume_from is not None:
-            self._resume_state = load_resume_state(resume_from, cfg, RESUME_MUST_MATCH)
+            self._resume_state = load_resume_state(resume_from, cfg, RESUME_MUST_MATCH,
+                                                   recipe=RECIPE_NAME)
             log.info("resuming from %s", resume_from)
         check_backbone_dir(self._backbone_dir)
         self._tokenizer = RaterTokenizer(self._backbone_dir)
@@ -193,6 +203,10 @@ class RaterRecipe:
         self._sampler = PairSampler(self._data.train_indices, self._seed)
         if resume_from is not None:
             self._restore()
+        if self._is_rank_zero:
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            clean_interrupted_writes(self._output_dir)
+        self._metric_logger = runtime.rank_zero_metric_logger(cfg, self._is_rank_zero)
 
     def _setup_model(self, model_dir: Path, resume_from: Path | None) -> torch.nn.Module:
         backbone = load_backbone(model_dir, device=self._device, dtype=self._dtype,
@@ -350,7 +364,7 @@ class RaterRecipe:
             state = recipe_state(
                 step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
                 sampler=self._sampler, history=self._history,
-                config=config_values(self._cfg, RESUME_MUST_MATCH))
+                config=config_values(self._cfg, RESUME_MUST_MATCH, recipe=RECIPE_NAME))
 
             def write_rater(folder: Path) -> None:
                 save_rater(folder / RATER_DIRNAME, model_state, criteria=self._data.criteria,
@@ -440,14 +454,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"steps: {summary['steps']}   wall time: {summary['wall_seconds']} s")
     lines.append(f"rater: {summary['rater_dir']}")
     return "\n".join(lines)
-
-
-def _positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, f"{value!r} is not a positive integer.", f"set `{key}` to 1 or "
-                          "more.")
-    return value
 
 
 @config.parse

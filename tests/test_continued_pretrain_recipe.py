@@ -117,7 +117,7 @@ def test_an_unknown_plugin_names_the_plugins_key(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_changed_dataset_and_an_overwrite(tmp_path, monkeypatch):
     run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))
-    with pytest.raises(ConfigError, match=r"`dataset`: differs from the checkpoint"):
+    with pytest.raises(ConfigError, match=r"`dataset.max_seq_len`: differs from the checkpoint"):
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "dataset.max_seq_len=32"))
     with pytest.raises(ConfigError, match=r"`resume`.*would be overwritten"):
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "resume=false"))

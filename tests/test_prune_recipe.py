@@ -118,7 +118,7 @@ def test_resumed_pruning_ends_with_the_same_masks(tmp_path, monkeypatch):
         assert torch.allclose(value, b["plugins"]["pruning"]["masks"][key], atol=1e-6), key
     for key, value in a["plugins"]["pruning"]["multipliers"].items():
         assert torch.allclose(value, b["plugins"]["pruning"]["multipliers"][key], atol=1e-6)
-    with pytest.raises(ConfigError, match=r"`pruning.target`: differs from the checkpoint"):
+    with pytest.raises(ConfigError, match=r"`pruning.target.embed_dim`: differs from the checkpoint"):
         run(monkeypatch, "acadlm_plugins.prune_recipe",
             [*broken, "max_steps=30", "pruning.target.embed_dim=32"])
 

@@ -69,17 +69,31 @@ def read_texts(files: Sequence[Path], *, text_field: str = "text") -> list[str]:
     return list(iter_texts(files, text_field=text_field))
 
 
-def _iter_jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
-    with open(file, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def iter_jsonl_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line number, text)`` for each line of a UTF-8 file; bytes that are not UTF-8
+    raise :class:`DataError` naming the file, the line and the byte, rather than a bare
+    ``UnicodeDecodeError`` with neither."""
+    with open(file, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
-                                f"{err.colno}). Fix: repair or delete that line.") from None
-            yield _text_of(row, file, line_no, text_field)
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{file}:{line_no}: byte {raw[err.start]:#04x} at column {err.start + 1} is "
+                    "not UTF-8. Fix: re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t "
+                    "utf-8`), or repair or delete that line.") from None
+
+
+def _iter_jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
+    for line_no, line in iter_jsonl_lines(file):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
+                            f"{err.colno}). Fix: repair or delete that line.") from None
+        yield _text_of(row, file, line_no, text_field)
 
 
 def _iter_parquet_texts(file: Path, text_field: str) -> Iterator[str]:

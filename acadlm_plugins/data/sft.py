@@ -30,7 +30,7 @@ from typing import Any
 from torchtune.datasets import PackedDataset, SFTDataset, chat_dataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from acadlm_plugins.data.documents import resolve_data_files
+from acadlm_plugins.data.documents import iter_jsonl_lines, resolve_data_files
 from acadlm_plugins.errors import ConfigError, DataError
 
 SHIPPED_EXAMPLES = Path(__file__).with_name("sft") / "ultrachat_examples.jsonl"
@@ -97,18 +97,17 @@ def check_ultrachat_file(file: Path) -> int:
             file without any conversation.
     """
     rows = 0
-    with open(file, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}). "
-                                "Fix: one JSON object per line.") from None
-            check_ultrachat_row(row, where)
-            rows += 1
+    for line_no, line in iter_jsonl_lines(file):
+        if not line.strip():
+            continue
+        where = f"{file}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}). "
+                            "Fix: one JSON object per line.") from None
+        check_ultrachat_row(row, where)
+        rows += 1
     if rows == 0:
         raise DataError(f"{file}: holds no conversation. Fix: one JSON object per line with a "
                         "`messages` list.")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from acadlm_plugins.data.documents import SUPPORTED_SUFFIXES, resolve_data_files
+from acadlm_plugins.data.documents import SUPPORTED_SUFFIXES, iter_jsonl_lines, resolve_data_files
 from acadlm_plugins.errors import DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
 
@@ -164,19 +164,18 @@ def _iter_rows(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for row_no, row in enumerate(pq.read_table(file).to_pylist(), start=1):
             yield row_no, row
         return
-    with open(file, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
-                                f"{err.colno}). Fix: repair or delete that line.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{file}:{line_no}: expected a JSON object, got "
-                                f"{type(row).__name__}. Fix: one object per line.")
-            yield line_no, row
+    for line_no, line in iter_jsonl_lines(file):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
+                            f"{err.colno}). Fix: repair or delete that line.") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{file}:{line_no}: expected a JSON object, got "
+                            f"{type(row).__name__}. Fix: one object per line.")
+        yield line_no, row
 
 
 def _row_text(row: dict[str, Any], where: str, text_field: str) -> str:

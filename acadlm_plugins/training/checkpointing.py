@@ -103,26 +103,55 @@ def plain_value(value: Any) -> Any:
     return value
 
 
-def config_values(cfg: DictConfig, keys: Iterable[str]) -> dict[str, Any]:
-    """``cfg[key]`` as plain resolved values (None where unset) for each of ``keys``: what a
-    checkpoint records so that a resumed run can be checked against it."""
-    return {key: plain_value(cfg.get(key, None)) for key in keys}
+RECIPE_KEY = "_recipe"
 
 
-def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[str]
-                      ) -> dict[str, Any]:
-    """The recipe state saved in ``checkpoint``, once every ``must_match`` key of ``cfg`` is
-    found as the checkpoint recorded it: resuming on another model or data would silently
-    mix two runs, so a changed key is a :class:`ConfigError` naming it."""
+def config_values(cfg: DictConfig, keys: Iterable[str], *, recipe: str | None = None
+                  ) -> dict[str, Any]:
+    """``cfg[key]`` as plain resolved values (None where unset) for each of ``keys`` (dotted
+    keys such as ``checkpointer.checkpoint_dir`` reach into blocks), and the ``recipe`` name:
+    the run's identity, which a checkpoint records so a resumed run can be checked against it."""
+    values = {key: plain_value(OmegaConf.select(cfg, key, default=None)) for key in keys}
+    if recipe is not None:
+        values[RECIPE_KEY] = recipe
+    return values
+
+
+def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[str], *,
+                      recipe: str | None = None) -> dict[str, Any]:
+    """The recipe state saved in ``checkpoint``, once it is found to be a checkpoint of
+    ``recipe`` and every ``must_match`` key of ``cfg`` is as the checkpoint recorded it:
+    resuming another recipe's run, or on another model, data or seed, would silently mix two
+    runs, so a difference is a :class:`ConfigError` naming the key. Keys a checkpoint of an
+    older version did not record are not compared."""
     saved = torch.load(checkpoint / RECIPE_STATE_FILENAME, weights_only=False)
+    recorded = saved["config"]
+    if recipe is not None and recorded.get(RECIPE_KEY, recipe) != recipe:
+        raise ConfigError("output_dir", f"{checkpoint.parent} holds a checkpoint of the "
+                          f"`{recorded[RECIPE_KEY]}` recipe ({checkpoint.name}); this is the "
+                          f"`{recipe}` recipe, which cannot continue it.",
+                          "choose a new `output_dir` for this run.")
     for key in must_match:
-        before = saved["config"].get(key)
-        now = plain_value(cfg.get(key, None))
+        if key not in recorded:
+            continue
+        before = recorded[key]
+        now = plain_value(OmegaConf.select(cfg, key, default=None))
         if before != now:
-            raise ConfigError(key, f"differs from the checkpoint being resumed ({checkpoint}): "
-                              f"was {before}, is {now}.", f"restore `{key}` as it was, or "
+            where, before, now = _first_difference(key, before, now)
+            raise ConfigError(where, f"differs from the checkpoint being resumed ({checkpoint}): "
+                              f"was {before}, is {now}.", f"restore `{where}` as it was, or "
                               "start a new `output_dir`.")
     return saved
+
+
+def _first_difference(key: str, before: Any, now: Any) -> tuple[str, Any, Any]:
+    """The dotted key of the first entry that differs inside two nested config values, with
+    both values, so the error names ``pruning.target.num_layers`` rather than ``pruning``."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for name in [*before, *(k for k in now if k not in before)]:
+            if before.get(name) != now.get(name):
+                return _first_difference(f"{key}.{name}", before.get(name), now.get(name))
+    return key, before, now
 
 
 class Stateful(Protocol):
@@ -159,7 +188,8 @@ def write_recipe_checkpoint(output_dir: Path, step: int, state: dict[str, Any],
     return write_checkpoint(output_dir, step, write, keep_last=keep_last)
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], None], *, prefix: str = "") -> None:
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], *,
+                     prefix: str = ".acadlm-") -> None:
     """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it into place,
     so a reader (or a resumed run) sees the old file or the whole new one, never a part."""
     path = Path(path)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig
 from torchtune import config
 from torchtune.config._errors import InstantiationError
+from torchtune.config._utils import _get_component_from_path
 
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training.config_checks import reject_unknown_keys
 
 
 def instantiate_component(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
@@ -21,11 +25,33 @@ def instantiate_component(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) 
                           "give the dotted path of the builder, e.g. "
                           "`_component_: torch.optim.AdamW`.")
     try:
-        return config.instantiate(node, *args, **kwargs)
+        builder = _get_component_from_path(str(node._component_))
     except InstantiationError as err:
+        lines = str(err).splitlines()
         raise ConfigError(f"{key}._component_", f"cannot import {node._component_!r} "
-                          f"({str(err).splitlines()[1] if len(str(err).splitlines()) > 1 else err}).",
+                          f"({lines[1] if len(lines) > 1 else err}).",
                           "check the dotted path and that its package is installed.") from err
+    check_component_arguments(builder, [k for k in node if k != "_component_"], key=key,
+                              component=str(node._component_))
+    return config.instantiate(node, *args, **kwargs)
+
+
+def check_component_arguments(builder: Callable[..., Any], keys: list[str], *, key: str,
+                              component: str) -> None:
+    """Refuse a key of a ``_component_`` block that ``builder`` has no parameter for (a typo
+    such as ``dataset.weigths``), naming it with the closest parameter, instead of the raw
+    TypeError the call would raise; builders that take ``**kwargs`` accept anything."""
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature to read
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              inspect.Parameter.KEYWORD_ONLY)]
+    reject_unknown_keys(keys, accepted, recipe="", prefix=f"{key}.",
+                        problem=f"is not a parameter of `{component}`.")
 
 
 def instantiate_optional(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any | None:

@@ -13,16 +13,18 @@ from acadlm_plugins.errors import ConfigError
 
 
 def reject_unknown_keys(keys: Iterable[object], known: Iterable[str], *, recipe: str,
-                        prefix: str = "") -> None:
+                        prefix: str = "", problem: str | None = None) -> None:
     """Raise :class:`ConfigError` for the first key of ``keys`` not in ``known``, naming it (with
-    ``prefix`` for nested blocks, e.g. ``"pairs."``) and the closest known key."""
+    ``prefix`` for nested blocks, e.g. ``"pairs."``) and the closest known key. ``problem``
+    replaces the default "is not a key the <recipe> recipe reads."."""
     known = sorted(known)
     for key in keys:
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1)
         hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {known}."
-        raise ConfigError(f"{prefix}{key}", f"is not a key the {recipe} recipe reads.", hint)
+        raise ConfigError(f"{prefix}{key}",
+                          problem or f"is not a key the {recipe} recipe reads.", hint)
 
 
 def check_config_keys(cfg: DictConfig, *, known: Iterable[str], required: Iterable[str],

@@ -1,0 +1,133 @@
+"""Checks a training recipe makes before it does any work or writes anything, and the tidying it
+does once they pass.
+
+A run refused for a bad config must fail in seconds, name the key or file and the fix, and
+leave an earlier run's ``output_dir`` exactly as it was; a run killed half-way must not leave
+litter that a later run trips over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from acadlm_plugins.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# What :func:`~acadlm_plugins.training.checkpointing.write_atomically` and
+# :func:`~acadlm_plugins.training.checkpointing.write_checkpoint` leave behind when killed.
+_PARTIAL_CHECKPOINT_GLOB = ".step_*.partial"
+_TEMPORARY_FILE_GLOBS = ("tmp*.tmp", ".acadlm-*.tmp")
+
+
+def positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
+    """``cfg[key]`` (``default`` when unset or null) as an integer of at least 1; anything else
+    (0, a negative number, a fraction, a string) is a :class:`ConfigError` naming ``key``,
+    raised before training rather than a division by zero in the middle of it."""
+    value = cfg.get(key, None)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"is {value!r}, not a positive integer.",
+                          f"set `{key}` to 1 or more.")
+    return value
+
+
+def check_device(cfg: DictConfig) -> None:
+    """Refuse a ``device`` the machine does not have: torchtune 0.6.1 falls back to the CPU
+    without a word when ``device: cuda`` finds no GPU, and the run would take hours."""
+    device = str(cfg.get("device", "cpu") or "cpu").lower()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"is {device!r}, but this machine has no CUDA device "
+                          f"(torch {torch.__version__}, built with CUDA "
+                          f"{torch.version.cuda or 'none'}).",
+                          "set `device: cpu`, or run on a machine with a CUDA GPU.")
+    if device.startswith("cuda:"):
+        index = int(device.split(":", 1)[1])
+        if index >= torch.cuda.device_count():
+            raise ConfigError("device", f"is {device!r}, but only {torch.cuda.device_count()} "
+                              "CUDA device(s) are visible.", "pick an index below that count.")
+
+
+def check_output_dir(path: Path, key: str = "output_dir") -> None:
+    """``path`` must be a folder this process can write, or not exist yet under a folder it can
+    create it in; checked before anything is loaded, so a typo costs seconds, not a model load."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, f"{path} is a file, not a folder.",
+                          f"point `{key}` at a folder (it is created if missing).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"{existing} (a parent of {path}) is a file.",
+                          f"choose another `{key}`.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "" if existing == path else f" (its nearest existing parent {existing})"
+        raise ConfigError(key, f"{path}{what} is not writable by this user.",
+                          f"choose a writable `{key}`, or fix the folder's permissions.")
+
+
+def check_log_dir(cfg: DictConfig, key: str = "metric_logger") -> None:
+    """:func:`check_output_dir` for the metric logger's ``log_dir``, when it has one: torchtune's
+    DiskLogger otherwise fails in its constructor and again, confusingly, when collected."""
+    node = cfg.get(key, None)
+    if isinstance(node, DictConfig) and node.get("log_dir", None) is not None:
+        check_output_dir(Path(str(node.log_dir)).expanduser(), key=f"{key}.log_dir")
+
+
+def check_checkpoint_source(cfg: DictConfig, key: str = "checkpointer") -> None:
+    """The checkpointer's ``checkpoint_dir`` must exist and hold every ``checkpoint_files``
+    entry, named in the error, instead of torchtune's bare FileNotFoundError after the model
+    has been built."""
+    node = cfg.get(key, None)
+    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
+        return
+    folder = Path(str(node.checkpoint_dir)).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{key}.checkpoint_dir", f"{folder} is not a folder.",
+                          "point it at the local folder of the model's weights (a Hugging Face "
+                          "model folder), or build the embedded default with "
+                          "`acadlm-defaults build`.")
+    files = node.get("checkpoint_files", None)
+    if files is None or not hasattr(files, "__iter__") or isinstance(files, str):
+        return  # torchtune's other forms (a filename format dict) are checked by torchtune
+    missing = [str(name) for name in files if not (folder / str(name)).is_file()]
+    if missing:
+        present = sorted(p.name for p in folder.iterdir() if p.suffix in
+                         {".safetensors", ".bin", ".pt"})
+        raise ConfigError(f"{key}.checkpoint_files", f"{missing} not found in {folder} "
+                          f"(weight files there: {present}).",
+                          "list the weight files that folder holds.")
+
+
+def clean_interrupted_writes(output_dir: Path) -> list[Path]:
+    """Remove what a killed run left half-written in ``output_dir`` (a hidden
+    ``.step_N.partial`` checkpoint folder, temporary files of atomic writes); complete
+    checkpoints are never touched. Returns what was removed, which is also logged."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    removed: list[Path] = []
+    for partial in sorted(output_dir.glob(_PARTIAL_CHECKPOINT_GLOB)):
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    folders = [output_dir, *(p for p in output_dir.iterdir() if p.is_dir())]
+    for folder in folders:
+        for pattern in _TEMPORARY_FILE_GLOBS:
+            for leftover in sorted(folder.glob(pattern)):
+                if leftover.is_file():
+                    leftover.unlink()
+                    removed.append(leftover)
+    if removed:
+        log.info("removed %d leftover(s) of an interrupted write in %s: %s", len(removed),
+                 output_dir, ", ".join(p.name for p in removed))
+    return removed
+
