@@ -19,7 +19,7 @@ HAYSTACK = ("The keeper of the small lighthouse walked along the shore every mor
 def _cfg(tmp_path: Path, model_dir: Path, **extra) -> OmegaConf:
     base = {"output_dir": str(tmp_path / "eval"),
             "model": {"name": "acadlm", "args": {"pretrained": str(model_dir), "batch_size": 2}},
-            "tasks": ["acadlm_niah_single_1"], "lengths": [256, 384], "num_samples": 2,
+            "tasks": ["acadlm_niah_single_1"], "lengths": [384, 512], "num_samples": 2,
             "seed": 7, "task_metadata": {"haystack_path": str(tmp_path / "hay.txt")}}
     base.update(extra)
     return OmegaConf.create(base)
@@ -52,7 +52,7 @@ def test_unsupported_model_name_is_refused(tmp_path, tiny_model_dir) -> None:
 def test_task_metadata_carries_lengths_samples_seed_and_extras(tmp_path, tiny_model_dir) -> None:
     cfg = _cfg(tmp_path, tiny_model_dir)
     metadata = task_metadata(cfg, {"pretrained": "x"})
-    assert metadata["max_seq_lengths"] == [256, 384]
+    assert metadata["max_seq_lengths"] == [384, 512]
     assert metadata["num_samples"] == 2 and metadata["seed"] == 7
     assert metadata["pretrained"] == "x"
     assert metadata["haystack_path"].endswith("hay.txt")
@@ -66,18 +66,18 @@ def test_tune_run_eval_recipe_writes_results_samples_table_and_heatmap(tmp_path,
         "acadlm_plugins/eval_recipe",
         ["--config", str(REPO_ROOT / "configs/smollm2/eval_long_context.yaml"),
          f"output_dir={out}", f"model.args.pretrained={tiny_model_dir}", "model.args.batch_size=2",
-         "tasks=[acadlm_niah_single_1,acadlm_niah_multikey_2]", "lengths=[256,384]",
+         "tasks=[acadlm_niah_single_1,acadlm_niah_multikey_2]", "lengths=[384,512]",
          "num_samples=2", f"task_metadata={{haystack_path: {tmp_path / 'hay.txt'}}}"],
         cwd=tmp_path, log_file=tmp_path / "eval.log", timeout=300)
     results = json.loads((out / "results.json").read_text())
     for task in ("acadlm_niah_single_1", "acadlm_niah_multikey_2"):
         scores = results["results"][task]
-        assert 0.0 <= scores["256,none"] <= 100.0 and 0.0 <= scores["384,none"] <= 100.0
+        assert 0.0 <= scores["384,none"] <= 100.0 and 0.0 <= scores["512,none"] <= 100.0
         rows = [json.loads(line) for line in (out / f"samples_{task}.jsonl").open()]
         assert len(rows) == 4
-    assert results["acadlm"]["metadata"]["max_seq_lengths"] == [256, 384]
+    assert results["acadlm"]["metadata"]["max_seq_lengths"] == [384, 512]
     table = (out / "acadlm_long_table.md").read_text()
-    assert "| acadlm_niah_multikey_2 |" in table and "| 256 | 384 |" in table
+    assert "| acadlm_niah_multikey_2 |" in table and "| 384 | 512 |" in table
     assert (out / "acadlm_long_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     log = (tmp_path / "eval.log").read_text()
     assert "Scores by context length" in log
@@ -88,7 +88,7 @@ def test_acadlm_lm_eval_command_prints_table_and_writes_report(tmp_path, tiny_mo
     from acadlm_plugins.evaluation.cli import main
 
     (tmp_path / "hay.txt").write_text(HAYSTACK)
-    metadata = {"max_seq_lengths": [256], "num_samples": 2,
+    metadata = {"max_seq_lengths": [384], "num_samples": 2,
                 "haystack_path": str(tmp_path / "hay.txt")}
     main(["--model", "acadlm", "--model_args", f"pretrained={tiny_model_dir}",
           "--tasks", "acadlm_niah_single_2", "--metadata", json.dumps(metadata),

@@ -1,4 +1,5 @@
-"""The task x length table and heatmap built from lm-eval results."""
+"""The task x length table and heatmap built from lm-eval results, with HELMET's category-first
+averaging checked on hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import math
 
 import pytest
 
-from acadlm_plugins.evaluation.report import latest_results_file, length_table, write_report
+from acadlm_plugins.evaluation.report import (
+    is_ruler_task,
+    latest_results_file,
+    length_table,
+    write_report,
+)
 
 RESULTS = {
     "results": {
@@ -39,6 +45,8 @@ def test_markdown_marks_missing_lengths_and_has_average_row() -> None:
     lines = text.splitlines()
     assert lines[0] == "| task | 1024 | 2048 | 4096 |"
     assert "| acadlm_rag | - | - | 40.0 |" in lines
+    assert "| **helmet: rag** | - | - | 40.0 |" in lines
+    assert "| **ruler** | 60.0 | 25.0 | - |" in lines
     assert lines[-1] == "| **average** | 60.0 | 25.0 | 40.0 |"
 
 
@@ -67,3 +75,83 @@ def test_latest_results_file_picks_newest(tmp_path) -> None:
     os.utime(first, (1, 1))
     assert latest_results_file(tmp_path) == second
     assert latest_results_file(tmp_path / "empty") is None
+
+
+#: A HELMET run with recall and cite holding several rows, next to RULER tasks, at one length.
+#: Recall: json_kv 90, RULER's MK2 50 and MK3 30 -> 170/3. RAG 40. Cite: ASQA's STR-EM 60, its
+#: citation recall 20 (an NLI model scored it), QAMPARI's recall-top5 40 -> 40 (QAMPARI's F1
+#: and ASQA's STR-HIT are not part of the category). HELMET overall: (170/3 + 40 + 40) / 3.
+#: RULER: the plain mean of its tasks (single_1 100, MK2 50, MK3 30) -> 60.
+HELMET_RESULTS = {
+    "results": {
+        "acadlm_helmet": {"1024,none": 99.0},
+        "acadlm_helmet_cite": {"1024,none": 50.0},
+        "acadlm_json_kv": {"1024,none": 90.0},
+        "acadlm_niah_multikey_2": {"1024,none": 50.0},
+        "acadlm_niah_multikey_3": {"1024,none": 30.0},
+        "acadlm_niah_single_1": {"1024,none": 100.0},
+        "acadlm_rag": {"1024,none": 40.0, "1024_stderr,none": 3.0},
+        "acadlm_cite_asqa": {"1024,none": 60.0, "1024_str_hit,none": 10.0,
+                             "1024_citation_rec,none": 20.0,
+                             "1024_citation_rec_stderr,none": 1.0},
+        "acadlm_cite_qampari": {"1024,none": 40.0, "1024_qampari_f1,none": 5.0},
+    },
+    "groups": {"acadlm_helmet": {}, "acadlm_helmet_cite": {}},
+}
+
+
+def test_helmet_overall_is_the_mean_of_category_means() -> None:
+    table = length_table(HELMET_RESULTS)
+    assert table is not None
+    assert table.tasks == ["acadlm_cite_asqa", "acadlm_cite_asqa:citation_rec",
+                           "acadlm_cite_qampari", "acadlm_json_kv", "acadlm_niah_multikey_2",
+                           "acadlm_niah_multikey_3", "acadlm_niah_single_1", "acadlm_rag"]
+    categories = table.categories()
+    assert categories == {"recall": {1024: pytest.approx(170 / 3)}, "rag": {1024: 40.0},
+                          "cite": {1024: pytest.approx(40.0)}}
+    helmet = (170 / 3 + 40 + 40) / 3
+    suites = table.suites()
+    assert suites["helmet"][1024] == pytest.approx(helmet)
+    assert suites["ruler"][1024] == pytest.approx(60.0)
+    assert table.averages()[1024] == pytest.approx((helmet + 60) / 2)
+    # Not the flat mean of the rows, which would weigh recall and cite by their task counts.
+    flat = sum(row[1024] for row in table.scores.values()) / len(table.scores)
+    assert abs(flat - suites["helmet"][1024]) > 1
+
+
+def test_summary_rows_in_the_table_and_the_scores_file(tmp_path) -> None:
+    table = length_table(HELMET_RESULTS)
+    lines = table.to_markdown().splitlines()
+    assert "| **helmet: recall** | 56.7 |" in lines
+    assert "| **helmet: cite** | 40.0 |" in lines
+    assert lines[-3:] == ["| **helmet** | 45.6 |", "| **ruler** | 60.0 |",
+                          "| **average** | 52.8 |"]
+    paths = write_report(HELMET_RESULTS, tmp_path)
+    scores = json.loads(paths["scores"].read_text())
+    assert scores["categories"]["recall"]["1024"] == pytest.approx(170 / 3)
+    assert scores["suites"]["ruler"] == {"1024": 60.0}
+    assert scores["average"]["1024"] == pytest.approx(((170 / 3 + 80) / 3 + 60) / 2)
+
+
+def test_ruler_tasks_are_recognised_by_name() -> None:
+    assert all(is_ruler_task(t) for t in ("acadlm_niah_single_1", "acadlm_vt", "acadlm_cwe",
+                                          "acadlm_fwe", "acadlm_ruler_qa", "acadlm_ruler_qa_2"))
+    assert not any(is_ruler_task(t) for t in ("acadlm_rag", "acadlm_json_kv", "arc_easy"))
+
+
+def test_tasks_of_neither_suite_are_averaged_as_their_own() -> None:
+    table = length_table({"results": {"my_task": {"2048,none": 10.0},
+                                      "acadlm_icl": {"2048,none": 70.0}}})
+    assert table.suites() == {"helmet": {2048: 70.0}, "other": {2048: 10.0}}
+    assert table.averages() == {2048: 40.0}
+
+
+def test_a_ruler_run_is_averaged_as_ruler_does() -> None:
+    """RULER's MK2 counts towards HELMET's recall only next to HELMET's own tasks: a RULER run
+    keeps RULER's plain mean over its tasks."""
+    table = length_table({"results": {"acadlm_niah_single_1": {"1024,none": 100.0},
+                                      "acadlm_niah_multikey_2": {"1024,none": 40.0},
+                                      "acadlm_vt": {"1024,none": 10.0}}})
+    assert table.categories() == {} and set(table.suites()) == {"ruler"}
+    assert table.averages()[1024] == pytest.approx(50.0)
+    assert table.to_markdown().splitlines()[-1] == "| **average** | 50.0 |"

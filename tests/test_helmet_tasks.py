@@ -1,15 +1,18 @@
-"""HELMET-style tasks (json_kv, rag, rerank, icl, longqa, summ) and RULER's QA from local files.
+"""HELMET-style tasks (json_kv, rag, rerank, cite, icl, longqa, summ) and RULER's QA from local
+files, their demonstrations, metrics and category groups.
 
-Unit tests run lm-eval end to end on a tokenizer trained on the spot and small local files,
-with ACADLM_HOME pointed at an empty folder, so they prove the tasks need neither the embedded
-model nor the corpus when given data. Integration tests build the corpus-derived defaults with
-the embedded SmolLM2 tokenizer.
+Unit tests run lm-eval end to end on a tokenizer trained on the spot and small local files (a
+tiny stand-in for ALCE's data included), with ACADLM_HOME pointed at an empty folder, so they
+prove the tasks need neither the embedded model nor the corpus when given data. Integration
+tests build the corpus-derived defaults with the embedded SmolLM2 tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +20,16 @@ import pytest
 from eval_doubles import ConstantLM, OracleLM
 from helmet_fixtures import (
     ReferenceLM,
+    alce_prompt_file,
+    asqa_items,
+    distractor_text,
     icl_rows,
     longqa_rows,
+    qampari_items,
     summ_rows,
+    write_json,
     write_jsonl,
+    write_tiny_nli_model,
     write_tokenizer_dir,
 )
 from lm_eval import simple_evaluate
@@ -31,11 +40,28 @@ from acadlm_plugins.evaluation.lengths import load_length_tokenizer
 from acadlm_plugins.evaluation.local_data import DEFAULT_QA_FILE, load_qa, load_rerank
 from acadlm_plugins.evaluation.prompting import fit_prompt
 from acadlm_plugins.evaluation.qa import ruler_qa_dataset
-from acadlm_plugins.evaluation.scoring import ndcg_at_k, rouge_l
+from acadlm_plugins.evaluation.report import length_table
+from acadlm_plugins.evaluation.scoring import (
+    asqa_string_em,
+    citation_scores,
+    ndcg_at_k,
+    normalize_answer,
+    qampari_scores,
+    rouge_l,
+)
 
-LENGTHS = [1024, 2048]
+#: Lengths of the unit runs: two demonstrations take a few hundred tokens of our small test
+#: tokenizer, so the prompts start at 2K (HELMET's shortest is 8K).
+LENGTHS = [2048, 4096]
+#: Lengths of the integration runs with the embedded SmolLM2 tokenizer.
+DEFAULT_LENGTHS = [1024, 2048]
+RUN = ["acadlm_helmet", "acadlm_helmet_cite", "acadlm_ruler_qa"]
 EXTRACTIVE = ["acadlm_json_kv", "acadlm_rag", "acadlm_ruler_qa", "acadlm_rerank", "acadlm_icl",
-              "acadlm_longqa"]
+              "acadlm_longqa", "acadlm_cite_asqa", "acadlm_cite_qampari"]
+CATEGORIES = {"acadlm_helmet_recall": ["acadlm_json_kv"], "acadlm_helmet_rag": ["acadlm_rag"],
+              "acadlm_helmet_rerank": ["acadlm_rerank"], "acadlm_helmet_icl": ["acadlm_icl"],
+              "acadlm_helmet_longqa": ["acadlm_longqa"], "acadlm_helmet_summ": ["acadlm_summ"],
+              "acadlm_helmet_cite": ["acadlm_cite_asqa", "acadlm_cite_qampari"]}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +70,19 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("helmet")
     return {"model": write_tokenizer_dir(root / "model"),
             "icl": write_jsonl(root / "icl.jsonl", icl_rows()),
-            "longqa": write_jsonl(root / "longqa.jsonl", longqa_rows()),
-            "summ": write_jsonl(root / "summ.jsonl", summ_rows())}
+            "longqa": write_jsonl(root / "longqa.jsonl", longqa_rows(words=5000)),
+            "summ": write_jsonl(root / "summ.jsonl", summ_rows(words=5000)),
+            "asqa": write_json(root / "asqa_eval.json", asqa_items()),
+            "qampari": write_json(root / "qampari_eval.json", qampari_items()),
+            "extra": distractor_text(root / "extra.txt")}
 
 
 @pytest.fixture(scope="module")
 def meta(files: dict[str, Path]) -> dict[str, Any]:
     return {"pretrained": str(files["model"]), "max_seq_lengths": LENGTHS, "num_samples": 3,
             "icl_path": str(files["icl"]), "longqa_path": str(files["longqa"]),
-            "summ_path": str(files["summ"])}
+            "summ_path": str(files["summ"]), "asqa_path": str(files["asqa"]),
+            "qampari_path": str(files["qampari"]), "distractor_path": str(files["extra"])}
 
 
 @pytest.fixture
@@ -71,25 +101,29 @@ def _evaluate(model: Any, tasks: list[str], metadata: dict[str, Any], *,
                                task_manager=task_manager(metadata, include_defaults=False))
 
 
-def _scores(results: dict[str, Any], task: str) -> dict[int, float]:
-    return {length: results["results"][task][f"{length},none"] for length in LENGTHS}
+def _scores(results: dict[str, Any], task: str,
+            lengths: list[int] = LENGTHS) -> dict[int, float]:
+    return {length: results["results"][task][f"{length},none"] for length in lengths}
+
+
+def _each(value: float, lengths: list[int] = LENGTHS) -> dict[int, float]:
+    return {length: value for length in lengths}
 
 
 @pytest.fixture(scope="module")
 def oracle_run(meta: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
-    return _evaluate(OracleLM(), EXTRACTIVE, meta, home=files["model"].parent / "empty_home")
+    return _evaluate(OracleLM(), RUN, meta, home=files["model"].parent / "empty_home")
 
 
 @pytest.fixture(scope="module")
 def constant_run(meta: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
-    return _evaluate(ConstantLM(), EXTRACTIVE + ["acadlm_summ"], meta,
-                     home=files["model"].parent / "empty_home")
+    return _evaluate(ConstantLM(), RUN, meta, home=files["model"].parent / "empty_home")
 
 
 @pytest.mark.parametrize("task", EXTRACTIVE)
 def test_oracle_scores_100_and_constant_0(task: str, oracle_run: dict, constant_run: dict):
-    assert _scores(oracle_run, task) == {1024: 100.0, 2048: 100.0}
-    assert _scores(constant_run, task) == {1024: 0.0, 2048: 0.0}
+    assert _scores(oracle_run, task) == _each(100.0)
+    assert _scores(constant_run, task) == _each(0.0)
     assert len(oracle_run["samples"][task]) == 3 * len(LENGTHS)
 
 
@@ -107,7 +141,7 @@ def test_prompts_fill_their_length_within_one_percent(task: str, oracle_run: dic
 def test_summary_rouge_l_is_100_for_the_reference_and_low_for_a_constant(
         meta: dict[str, Any], constant_run: dict):
     perfect = _evaluate(ReferenceLM(), ["acadlm_summ"], meta, home=Path("/nonexistent"))
-    assert _scores(perfect, "acadlm_summ") == {1024: 100.0, 2048: 100.0}
+    assert _scores(perfect, "acadlm_summ") == _each(100.0)
     assert max(_scores(constant_run, "acadlm_summ").values()) < 15.0
     for sample in perfect["samples"]["acadlm_summ"]:
         assert sample["doc"]["outputs"][0] not in sample["doc"]["input"]
@@ -128,7 +162,11 @@ def test_rag_puts_the_gold_passage_at_the_requested_depth(depth: float, meta: di
         assert doc["depth"] == depth
         assert doc["gold_position"] == round(depth * (doc["num_passages"] - 1))
         assert doc["num_passages"] > 10
-        context = doc["input"][: doc["input"].rindex("Question:")]
+        text = doc["input"]
+        end = text.rindex("\n\nQuestion:")
+        start = text.index("\n\n", text.rindex("\nAnswer: ", 0, end)) + 2  # after the demos
+        context = text[start:end]
+        assert context.startswith("Document [1]")
         where = context.index(doc["gold_texts"][0]) / len(context)
         assert abs(where - depth) < 0.12, (depth, where)
         # The hard negatives of the question come first among the distractors.
@@ -137,7 +175,7 @@ def test_rag_puts_the_gold_passage_at_the_requested_depth(depth: float, meta: di
 
 def test_rag_spreads_depths_over_samples_and_ruler_qa_draws_them(meta: dict[str, Any],
                                                                  no_corpus: None):
-    settings = {**meta, "num_samples": 5, "max_seq_lengths": [1024]}
+    settings = {**meta, "num_samples": 5, "max_seq_lengths": [2048]}
     rag = helmet.rag_dataset("acadlm_rag", settings)["test"]
     assert rag["depth"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     qa = ruler_qa_dataset("acadlm_ruler_qa", settings)["test"]
@@ -157,10 +195,18 @@ def test_json_kv_key_depth(meta: dict[str, Any]):
         assert abs(position / (len(pairs) - 1) - doc["depth"]) < 0.05
 
 
+def _asqa(task: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    return helmet.cite_dataset(task, helmet.ASQA, metadata)
+
+
+def _qampari(task: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    return helmet.cite_dataset(task, helmet.QAMPARI, metadata)
+
+
 def test_datasets_are_reproducible_by_seed(meta: dict[str, Any], no_corpus: None):
-    settings = {**meta, "max_seq_lengths": [1024], "num_samples": 2}
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2}
     for build in (helmet.rag_dataset, helmet.rerank_dataset, helmet.icl_dataset,
-                  helmet.json_kv_dataset):
+                  helmet.json_kv_dataset, helmet.longqa_dataset, _asqa):
         first = build("t", settings)["test"]["input"]
         assert build("t", settings)["test"]["input"] == first
         assert build("t", {**settings, "seed": 7})["test"]["input"] != first
@@ -168,7 +214,7 @@ def test_datasets_are_reproducible_by_seed(meta: dict[str, Any], no_corpus: None
 
 def test_rerank_rows_hold_every_judged_passage_and_the_gold_ranking(meta: dict[str, Any],
                                                                     no_corpus: None):
-    dataset = helmet.rerank_dataset("acadlm_rerank", {**meta, "max_seq_lengths": [1024]})
+    dataset = helmet.rerank_dataset("acadlm_rerank", {**meta, "max_seq_lengths": [2048]})
     records = {r.id: r for r in load_rerank(
         helmet.DEFAULT_RERANK_FILE, task="t", key="rerank_path")}
     for doc in dataset["test"]:
@@ -177,24 +223,40 @@ def test_rerank_rows_hold_every_judged_passage_and_the_gold_ranking(meta: dict[s
             assert passage.text in doc["input"]
         assert doc["relevant_grades"] == sorted(doc["relevant_grades"], reverse=True)
         assert len(doc["relevant_ids"]) == sum(p.relevance > 0 for p in record.passages)
-        assert helmet.process_results_ndcg(doc, [doc["oracle_answer"]]) == {"1024": 100.0}
+        assert helmet.process_results_ndcg(doc, [doc["oracle_answer"]]) == {"2048": 100.0}
         reverse = " > ".join(reversed(doc["relevant_ids"]))
-        assert helmet.process_results_ndcg(doc, [reverse])["1024"] < 100.0
+        assert helmet.process_results_ndcg(doc, [reverse])["2048"] < 100.0
 
 
-def test_ndcg_at_10_on_a_hand_computed_case():
-    relevance = {"a": 3.0, "b": 2.0, "c": 1.0}
-    # DCG of c, a, x, b: 1/log2(2) + 7/log2(3) + 0 + 3/log2(5) = 1 + 4.41650 + 1.29203
-    # IDCG of a, b, c:   7/log2(2) + 3/log2(3) + 1/log2(4)     = 7 + 1.89279 + 0.5
-    assert ndcg_at_k(["c", "a", "x", "b"], relevance) == pytest.approx(
-        100 * 6.70853 / 9.39279, abs=1e-3)
-    assert ndcg_at_k(["a", "b", "c"], relevance) == pytest.approx(100.0)
+def test_ndcg_at_10_uses_linear_gain_as_trec_eval():
+    """Hand-computed NDCG@10 with graded judgments 0-3, where trec_eval's linear gain (HELMET
+    scores with pytrec_eval) and the 2^grade - 1 gain disagree. pytrec_eval 0.5
+    (``ndcg_cut.10``) gives the same values: 0.78837739 and 0.69435595."""
+    relevance = {"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0}
+    # DCG of c, a, x, b: 1/log2(2) + 3/log2(3) + 0/log2(4) + 2/log2(5) = 1 + 1.892789 + 0.861353
+    # IDCG of a, b, c:   3/log2(2) + 2/log2(3) + 1/log2(4)             = 3 + 1.261860 + 0.5
+    linear = 100 * (1 + 3 / math.log2(3) + 2 / math.log2(5)) / (3 + 2 / math.log2(3) + 0.5)
+    assert linear == pytest.approx(78.837739, abs=1e-5)
+    exponential = 100 * (1 + 7 / math.log2(3) + 3 / math.log2(5)) / (7 + 3 / math.log2(3) + 0.5)
+    assert ndcg_at_k(["c", "a", "x", "b"], relevance) == pytest.approx(linear)
+    assert abs(linear - exponential) > 5
+    # d (grade 0) and ids never judged add nothing; a repeated id counts at its first rank.
+    assert ndcg_at_k(["c", "d", "c", "a", "x", "b"], relevance) == pytest.approx(
+        100 * (1 + 3 / math.log2(4) + 2 / math.log2(6)) / (3 + 2 / math.log2(3) + 0.5))
+    assert ndcg_at_k(["a", "b", "c", "d"], relevance) == pytest.approx(100.0)
     assert ndcg_at_k([], relevance) == 0.0
     # Only the first 10 ids count: a relevant id at rank 11 adds nothing.
     assert ndcg_at_k([str(i) for i in range(10)] + ["a"], relevance) == 0.0
+    # The ideal is cut at 10 as well: 12 documents of grade 1 and one of grade 3, the ranking
+    # shows ten of grade 1.
+    many = {f"d{i}": 1.0 for i in range(12)} | {"top": 3.0}
+    ideal = 3 + sum(1 / math.log2(r + 2) for r in range(1, 10))
+    shown = sum(1 / math.log2(r + 2) for r in range(10))
+    assert ndcg_at_k([f"d{i}" for i in range(10)], many) == pytest.approx(100 * shown / ideal)
+    assert 100 * shown / ideal == pytest.approx(69.435595, abs=1e-5)
     doc = {"max_length": 2048, "relevant_ids": ["12345", "23456"], "relevant_grades": [2.0, 1.0],
            "passage_ids": ["12345", "23456", "34567"]}
-    expected = 100 * (1 / math.log2(2) + 3 / math.log2(3)) / (3 + 1 / math.log2(3))
+    expected = 100 * (1 / math.log2(2) + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
     assert helmet.process_results_ndcg(doc, ["Ranking: 23456 > 12345 > 99999"]) == {
         "2048": pytest.approx(expected)}
 
@@ -221,11 +283,342 @@ def test_parse_label(generation: str, label: str):
 
 
 def test_longqa_truncates_the_document_to_fit(meta: dict[str, Any]):
-    dataset = helmet.longqa_dataset("acadlm_longqa", {**meta, "max_seq_lengths": [1024]})
+    dataset = helmet.longqa_dataset("acadlm_longqa", {**meta, "max_seq_lengths": [2048]})
     for doc in dataset["test"]:
-        assert doc["input"].startswith(helmet.LONGQA_HEAD)
+        assert doc["input"].startswith(helmet.LONGQA_INTRO)
         assert doc["input"].endswith("Answer:")
         assert doc["outputs"][0] in doc["input"]
+
+
+# ------------------------------------------------------------------------ category scores
+
+
+def test_category_groups_print_the_mean_of_their_tasks(oracle_run: dict):
+    results = oracle_run["results"]
+    for group, tasks in CATEGORIES.items():
+        means = {n: sum(results[t][f"{n},none"] for t in tasks) / len(tasks) for n in LENGTHS}
+        assert _scores(oracle_run, group) == pytest.approx(means), group
+    assert oracle_run["group_subtasks"]["acadlm_helmet"] == [
+        group for group in CATEGORIES if group != "acadlm_helmet_cite"]
+    # One task per category in acadlm_helmet: the oracle gets 100 on five, 0 on summarization.
+    assert _scores(oracle_run, "acadlm_helmet") == pytest.approx(_each(500 / 6))
+
+
+def test_report_averages_categories_then_suites(oracle_run: dict):
+    table = length_table(oracle_run)
+    assert table is not None and "acadlm_helmet_rag" not in table.tasks
+    categories = table.categories()
+    assert set(categories) == {"recall", "rag", "rerank", "cite", "icl", "longqa", "summ"}
+    assert categories["summ"] == pytest.approx(_each(0.0))
+    suites = table.suites()
+    # HELMET: the mean of its seven categories; RULER (here only its QA task): 100.
+    assert suites["helmet"] == pytest.approx(_each(600 / 7))
+    assert suites["ruler"] == pytest.approx(_each(100.0))
+    assert table.averages() == pytest.approx(_each((600 / 7 + 100) / 2))
+
+
+# ------------------------------------------------------------------------- demonstrations
+
+
+def _demo_ids(doc: dict[str, Any]) -> list[str]:
+    return json.loads(doc["demo_ids"])
+
+
+def test_rag_demonstrations_come_from_held_out_rows_in_helmets_layout(meta: dict[str, Any],
+                                                                     no_corpus: None):
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 6}
+    records = {r.id: r for r in load_qa(DEFAULT_QA_FILE, task="t", key="rag_path")}
+    asked, held = helmet.hold_out_demos("acadlm_rag", settings, len(records), 2, key="rag_path")
+    ids = list(records)
+    held_ids = {ids[i] for i in held}
+    assert len(held) == 8 and not set(asked) & set(held)
+    for doc in helmet.rag_dataset("acadlm_rag", settings)["test"]:
+        demos = _demo_ids(doc)
+        assert len(demos) == 2 and set(demos) <= held_ids
+        assert doc["question_id"] not in held_ids
+        text = doc["input"]
+        first_passage = text.index(doc["gold_texts"][0])
+        for demo_id in demos:
+            demo = records[demo_id]
+            block = f"\n\nQuestion: {demo.question}\nAnswer: {demo.answers[0]}\n\n"
+            assert text.index(block) < first_passage  # between instruction and passages
+            assert demo.gold[0].text in text[: text.index(block)]
+        assert text.count("Question:") == 3
+
+
+def test_demonstrations_are_fixed_per_question_and_never_the_question(meta: dict[str, Any]):
+    pool = [f"row{i}" for i in range(8)]
+    first = helmet.pick_demos(pool, 2, meta, task="t", item="row3", key="k",
+                              allowed=lambda row: row != "row3")
+    assert first == helmet.pick_demos(pool, 2, meta, task="t", item="row3", key="k",
+                                      allowed=lambda row: row != "row3")
+    assert "row3" not in first and len(set(first)) == 2
+    drawn = {tuple(helmet.pick_demos(pool, 2, meta, task="t", item=f"q{i}", key="k"))
+             for i in range(20)}
+    assert len(drawn) > 5  # different questions get different demonstrations
+    with pytest.raises(ConfigError, match="`t: k`.*fewer than `num_shots` = 2"):
+        helmet.pick_demos(pool[:2], 2, meta, task="t", item="row0", key="k",
+                          allowed=lambda row: row != "row0")
+
+
+def test_rerank_demonstrations_rank_all_their_passages_by_grade(meta: dict[str, Any],
+                                                                no_corpus: None):
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 4}
+    records = {r.query: r for r in load_rerank(helmet.DEFAULT_RERANK_FILE, task="t",
+                                               key="rerank_path")}
+    for doc in helmet.rerank_dataset("acadlm_rerank", settings)["test"]:
+        text = doc["input"]
+        passages = dict(re.findall(r"\[ID: (\d+)\] Document \(Title: [^)]*\): ([^\n]+)", text))
+        demos = re.findall(r"Query: ([^\n]+)\nRanking: ([\d >]+)\n\n", text)
+        assert len(demos) == 2 and len(_demo_ids(doc)) == 2
+        for query, ranking in demos:
+            grades = {p.text: p.relevance for p in records[query].passages}
+            ranked = ranking.split(" > ")
+            assert len(ranked) == len(grades)
+            assert not set(ranked) & set(doc["passage_ids"])  # fresh ids
+            shown = [grades[passages[pid]] for pid in ranked]
+            assert shown == sorted(shown, reverse=True)
+        # The demonstrations' ids are never read as the answer's.
+        assert helmet.parse_ranking(demos[0][1], doc["passage_ids"]) == []
+
+
+def test_separate_demonstration_file_is_used_whole(meta: dict[str, Any], tmp_path: Path,
+                                                   no_corpus: None):
+    demo_file = write_jsonl(tmp_path / "train.jsonl", [
+        {"id": f"train{i}", "question": f"Which colour is flag {i}?", "answers": [f"hue{i}"],
+         "gold": [f"Flag {i} is hue{i}."]} for i in range(3)])
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 4,
+                "rag_demo_path": str(demo_file)}
+    dataset = helmet.rag_dataset("acadlm_rag", settings)["test"]
+    assert all(set(_demo_ids(doc)) <= {"train0", "train1", "train2"} for doc in dataset)
+    assert all("Flag " in doc["input"] for doc in dataset)
+
+
+def test_json_kv_demonstrations_are_other_pairs_of_the_object(meta: dict[str, Any]):
+    for doc in helmet.json_kv_dataset("acadlm_json_kv", meta)["test"]:
+        text = doc["input"]
+        pairs = json.loads(text[text.index("{"): text.rindex("}") + 1])
+        tail = text[text.rindex("}"):]
+        demos = re.findall(r'Key: "([^"]+)"\nValue: (\S+)\n\n', tail)
+        assert [key for key, _ in demos] == _demo_ids(doc) and len(demos) == 2
+        assert all(pairs[key] == value for key, value in demos)
+        assert doc["outputs"][0] not in dict(demos).values()
+        assert tail.endswith('"\nValue:')
+
+
+def test_long_document_demonstrations_show_other_questions_and_summaries(meta: dict[str, Any]):
+    settings = {**meta, "max_seq_lengths": [2048]}
+    rows = {row["id"]: row for row in longqa_rows(words=5000)}
+    for doc in helmet.longqa_dataset("acadlm_longqa", settings)["test"]:
+        demos = _demo_ids(doc)
+        assert len(demos) == 2 and doc["document_id"] not in demos
+        head = doc["input"][: doc["input"].index("Document:\n")]
+        assert head.startswith(helmet.LONGQA_INTRO + helmet.EXAMPLES_HEAD)
+        for demo in demos:
+            assert f"Question: {rows[demo]['question']}\nAnswer: {rows[demo]['answers'][0]}" \
+                in head
+    summaries = {row["id"]: row["summary"] for row in summ_rows(words=5000)}
+    for doc in helmet.summ_dataset("acadlm_summ", settings)["test"]:
+        head = doc["input"][: doc["input"].index("Document:\n")]
+        assert all(f"Summary: {summaries[demo]}" in head for demo in _demo_ids(doc))
+        assert doc["outputs"][0] not in head
+
+
+def test_num_shots_zero_turns_demonstrations_off(meta: dict[str, Any], no_corpus: None):
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2, "num_shots": 0}
+    checks = {helmet.rag_dataset: "Question:", helmet.json_kv_dataset: "Key: ",
+              helmet.rerank_dataset: "\nRanking:", helmet.longqa_dataset: "Question:",
+              _asqa: "Question:"}
+    for build, marker in checks.items():
+        for doc in build("t", settings)["test"]:
+            assert _demo_ids(doc) == [] and doc["input"].count(marker) == 1, build
+    # Nothing is held out: every question of the file may be asked.
+    assert helmet.hold_out_demos("t", settings, 5, 0, key="k") == ([0, 1, 2, 3, 4], [])
+
+
+def test_num_shots_must_be_a_count(meta: dict[str, Any]):
+    assert "`acadlm_x: num_shots`" in _error(helmet.json_kv_dataset, {**meta, "num_shots": -1})
+    assert "`acadlm_x: num_shots`" in _error(helmet.rag_dataset, {**meta, "num_shots": "two"})
+
+
+def test_demonstrations_that_do_not_fit_name_num_shots(meta: dict[str, Any], no_corpus: None):
+    message = _error(helmet.rerank_dataset, {**meta, "max_seq_lengths": [256]})
+    assert "demonstrations" in message and "`num_shots`" in message
+
+
+# ---------------------------------------------------------------------------- cite (ALCE)
+
+
+def test_asqa_string_em_on_hand_computed_cases():
+    short = [["Zorvath", "Zorvath Sr"], ["Quenby"]]
+    assert asqa_string_em("The old keeper was zorvath [1].", short) == (50.0, 0.0)
+    assert asqa_string_em("It was Zorvath [1][2], and now Quenby!\n[3]", short) == (100.0, 100.0)
+    assert asqa_string_em("Nobody knows.", short) == (0.0, 0.0)
+    # Normalized as SQuAD: punctuation deleted, articles dropped.
+    assert normalize_answer("The Wal-Mart, a store.") == "walmart store"
+    assert asqa_string_em("walmart", [["Wal-Mart"]]) == (100.0, 100.0)
+
+
+def test_qampari_scores_on_hand_computed_cases():
+    answers = [["A Lane", "Ann Lane"], ["B Oak"], ["C Reed"], ["D Holt"], ["E Moss"],
+               ["F Hale"], ["G Pike"]]
+    # Items: "ann lane", "b oak", "x", "b oak": 3 of 4 are answers (a repeat counts again);
+    # 2 of 7 answers found; top-5 recall: min(5, 2) / min(5, 7) = 2/5.
+    scores = qampari_scores("Ann Lane [1], B Oak [2], X, B Oak.", answers)
+    assert scores.num_predictions == 4
+    assert scores.precision == pytest.approx(75.0)
+    assert scores.recall == pytest.approx(100 * 2 / 7)
+    assert scores.recall_top5 == pytest.approx(40.0)
+    assert scores.f1 == pytest.approx(100 * 2 * 0.75 * (2 / 7) / (0.75 + 2 / 7))
+    assert scores.f1_top5 == pytest.approx(100 * 2 * 0.75 * 0.4 / 1.15)
+    assert qampari_scores("", answers).precision == 0.0
+    assert qampari_scores("A Lane, B Oak, C Reed, D Holt, E Moss", answers).recall_top5 == 100.0
+
+
+def _words(text: str) -> set[str]:
+    return set(normalize_answer(text).split())
+
+
+def word_judge(premise: str, hypothesis: str) -> bool:
+    """A stand-in NLI model: entailed when every word of the hypothesis after its question, if
+    it starts with one (QAMPARI's "question answer" claims), is in the premise."""
+    return _words(hypothesis.rsplit("?", 1)[-1]) <= _words(premise)
+
+
+def test_citation_recall_and_precision_on_a_hand_computed_case():
+    documents = [("T1", "Ada built the mill."), ("T2", "Bram rebuilt the mill."),
+                 ("T3", "Unrelated text.")]
+    answer = ("Ada built the mill [1]. Bram rebuilt the mill [1][2]. The mill is old [3]. "
+              "No citation here. Ada built it [9].")
+    # Statement 1: supported, one citation, precise. Statement 2: supported by [1][2] together;
+    # [1] alone does not entail it and [2] without [1] does, so [1] is redundant, [2] precise.
+    # Statement 3: not supported (its citation counts, imprecise). Statements 4 and 5: no
+    # citation / a citation no passage has: not supported, no citation counted.
+    scores = citation_scores(answer, documents, word_judge)
+    assert scores is not None
+    assert scores.recall == pytest.approx(100 * 2 / 5)
+    assert scores.precision == pytest.approx(100 * 2 / 4)
+    assert citation_scores("", documents, word_judge) is None
+    # QAMPARI: each listed answer, prefixed with the question, is a statement.
+    listed = citation_scores("Ada [1], Bram [1].", documents, word_judge,
+                             list_question="Who built the mill?")
+    assert listed is not None and listed.recall == 50.0 and listed.precision == 50.0
+
+
+def test_cite_refuses_without_alce_files_and_says_where_to_get_them(meta: dict[str, Any],
+                                                                    tmp_path: Path):
+    settings = {k: v for k, v in meta.items() if k != "asqa_path"}
+    message = _error(_asqa, settings)
+    assert "`acadlm_x: asqa_path`" in message and "asqa_eval_gtr_top100.json" in message
+    assert "download_data.sh" in message and "never downloaded" in message
+    message = _error(_qampari, {**meta, "qampari_path": str(tmp_path / "absent.json")})
+    assert "`acadlm_x: qampari_path`" in message and "absent.json does not exist" in message
+
+
+@pytest.mark.parametrize(("build", "field", "row"), [
+    (_asqa, "qa_pairs", {"question": "q", "docs": [{"text": "t"}], "qa_pairs": []}),
+    (_asqa, "docs[0].text", {"question": "q", "docs": [{"title": "t"}],
+                             "qa_pairs": [{"short_answers": ["a"]}]}),
+    (_qampari, "answers", {"question": "q", "docs": [{"text": "t"}], "answers": "a"}),
+    (_qampari, "question", {"docs": [{"text": "t"}], "answers": [["a"]]}),
+])
+def test_malformed_alce_item_names_file_item_and_field(build: Any, field: str, row: dict,
+                                                       meta: dict[str, Any], tmp_path: Path):
+    key = "asqa_path" if build is _asqa else "qampari_path"
+    good = (asqa_items if build is _asqa else qampari_items)(count=1)[0]
+    path = write_json(tmp_path / "alce.json", [good, row])
+    message = _error(build, {**meta, key: str(path)})
+    assert f"`acadlm_x: {key}`" in message and f"{path} item 2" in message
+    assert f"`{field}`" in message
+
+
+def test_cite_prompt_lists_retrieved_passages_in_order_and_cites_by_number(
+        meta: dict[str, Any], files: dict[str, Path], no_corpus: None):
+    items = {item["sample_id"]: item for item in asqa_items()}
+    for doc in _asqa("acadlm_cite_asqa", {**meta, "max_seq_lengths": [4096]})["test"]:
+        item = items[doc["question_id"]]
+        text = doc["input"]
+        question = text.rindex(f"Question: {item['question']}")
+        for i, passage in enumerate(item["docs"][: doc["num_retrieved"]]):
+            entry = f"Document [{i + 1}](Title: {passage['title']}): {passage['text']}"
+            assert entry in text[question:]
+        assert doc["num_passages"] > doc["num_retrieved"] == len(item["docs"])
+        assert text.endswith("\n\nAnswer:") and doc["nli_model_path"] == ""
+        assert "passages" not in doc  # kept only for citation scoring
+
+
+def test_alce_prompt_file_gives_instruction_and_cited_demonstrations(
+        meta: dict[str, Any], tmp_path: Path, no_corpus: None):
+    prompts = alce_prompt_file(tmp_path / "qampari_default.json", qampari=True)
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 12,
+                "qampari_demo_path": str(prompts)}
+    dataset = _qampari("acadlm_cite_qampari", settings)["test"]
+    for doc in dataset:
+        assert doc["input"].count("Instruction: answer and cite.") == 3
+        assert "Answer: Ada Quill [1], Bram Oak [2].\n\n\n" in doc["input"] \
+            or "Answer: Cora Lane [1].\n\n\n" in doc["input"]
+    # With a demonstration file nothing of the data is held out: all 12 items are asked.
+    assert len(set(dataset["question_id"])) == 12
+
+
+def test_cite_reports_citation_metrics_only_with_an_nli_model(meta: dict[str, Any],
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             no_corpus: None):
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2}
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins.evaluation.helmet"):
+        doc = _qampari("acadlm_cite_qampari", settings)["test"][0]
+    assert "citation_rec and citation_prec are not computed" in caplog.text
+    answer = doc["oracle_answer"]
+    assert set(helmet.process_results_cite(doc, [answer])) == {
+        "2048", "2048_qampari_prec", "2048_qampari_rec", "2048_qampari_f1",
+        "2048_qampari_f1_top5"}
+
+    helmet.register_entailment_judge("word-judge", word_judge)
+    judged = _qampari("acadlm_cite_qampari", {**settings, "nli_model_path": "word-judge"})
+    doc = judged["test"][0]
+    passages = json.loads(doc["passages"])
+    assert len(passages) == doc["num_passages"]
+    # Cite, for each answer, the passage that names it: every statement is supported.
+    where = {name: next(i + 1 for i, (_, text) in enumerate(passages) if name in text)
+             for name in doc["outputs"]}
+    cited = ", ".join(f"{name} [{number}]" for name, number in where.items())
+    scores = helmet.process_results_cite(doc, [cited])
+    assert scores["2048_citation_rec"] == 100.0 and scores["2048_citation_prec"] == 100.0
+    assert scores["2048"] == 100.0
+    uncited = helmet.process_results_cite(doc, [answer])
+    assert uncited["2048_citation_rec"] == 0.0 and uncited["2048_citation_prec"] == 0.0
+
+
+def test_cite_task_declares_its_measures_to_lm_eval(meta: dict[str, Any], files: dict[str, Path]):
+    helmet.register_entailment_judge("word-judge", word_judge)
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2,
+                "nli_model_path": "word-judge"}
+    run = _evaluate(OracleLM(), ["acadlm_cite_asqa"], settings,
+                    home=files["model"].parent / "empty_home")
+    metrics = run["results"]["acadlm_cite_asqa"]
+    assert metrics["2048,none"] == 100.0 and metrics["2048_str_hit,none"] == 100.0
+    # The oracle answers without citations: measured, and 0.
+    assert metrics["2048_citation_rec,none"] == 0.0
+    assert "2048_citation_rec,none" not in oracle_metrics_without_nli(meta, files)
+
+
+def oracle_metrics_without_nli(meta: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+    run = _evaluate(OracleLM(), ["acadlm_cite_asqa"],
+                    {**meta, "max_seq_lengths": [2048], "num_samples": 1},
+                    home=files["model"].parent / "empty_home")
+    return run["results"]["acadlm_cite_asqa"]
+
+
+def test_nli_model_path_must_exist(meta: dict[str, Any], tmp_path: Path):
+    message = _error(_asqa, {**meta, "nli_model_path": str(tmp_path / "no_model")})
+    assert "`acadlm_x: nli_model_path`" in message and "t5_xxl_true_nli_mixture" in message
+
+
+def test_a_local_nli_model_directory_loads_offline(files: dict[str, Path], tmp_path: Path):
+    model_dir = write_tiny_nli_model(tmp_path / "nli", files["model"])
+    judge = helmet.entailment_judge(str(model_dir))
+    assert isinstance(judge("Ada built the mill.", "Ada built it."), bool)
+    assert helmet.ENTAILMENT_JUDGES[str(model_dir)] is judge
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -303,9 +696,12 @@ def test_too_little_data_for_the_length_names_the_field(meta: dict[str, Any], tm
         {"question": "r?", "answers": ["b"], "gold": ["b is the answer."]}])
     extra = tmp_path / "extra.txt"
     extra.write_text("Only a few words of extra text here.\n" * 5)
-    message = _error(helmet.rag_dataset, {**meta, "rag_path": str(tiny),
+    message = _error(helmet.rag_dataset, {**meta, "rag_path": str(tiny), "num_shots": 0,
                                           "distractor_path": str(extra)})
     assert "`acadlm_x: rag_path`" in message and "distractor_path" in message
+    # With demonstrations, two rows cannot also give two held-out demonstrations.
+    message = _error(helmet.rag_dataset, {**meta, "rag_path": str(tiny)})
+    assert "`acadlm_x: rag_path`" in message and "`num_shots`" in message
 
 
 def test_depth_out_of_range_is_refused(meta: dict[str, Any]):
@@ -364,7 +760,7 @@ def default_settings(**overrides: Any) -> dict[str, Any]:
     from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
 
     require_default_corpus()
-    return {"pretrained": str(require_default_model()), "max_seq_lengths": LENGTHS,
+    return {"pretrained": str(require_default_model()), "max_seq_lengths": DEFAULT_LENGTHS,
             "num_samples": 2, **overrides}
 
 
@@ -380,8 +776,8 @@ def default_runs() -> dict[str, dict[str, Any]]:
 @pytest.mark.integration
 @pytest.mark.parametrize("task", ["acadlm_icl", "acadlm_longqa", "acadlm_rag", "acadlm_rerank"])
 def test_corpus_defaults_oracle_100_constant_0(task: str, default_runs: dict):
-    assert _scores(default_runs["oracle"], task) == {1024: 100.0, 2048: 100.0}
-    assert _scores(default_runs["constant"], task) == {1024: 0.0, 2048: 0.0}
+    assert _scores(default_runs["oracle"], task, DEFAULT_LENGTHS) == _each(100.0, DEFAULT_LENGTHS)
+    assert _scores(default_runs["constant"], task, DEFAULT_LENGTHS) == _each(0.0, DEFAULT_LENGTHS)
     for sample in default_runs["oracle"]["samples"][task]:
         doc = sample["doc"]
         assert 0.99 * doc["max_length"] <= doc["input_tokens"] <= doc["max_length"]
@@ -389,8 +785,9 @@ def test_corpus_defaults_oracle_100_constant_0(task: str, default_runs: dict):
 
 @pytest.mark.integration
 def test_stdlib_summaries_default(default_runs: dict):
-    assert _scores(default_runs["reference"], "acadlm_summ") == {1024: 100.0, 2048: 100.0}
-    assert max(_scores(default_runs["constant"], "acadlm_summ").values()) < 15.0
+    assert _scores(default_runs["reference"], "acadlm_summ", DEFAULT_LENGTHS) == _each(
+        100.0, DEFAULT_LENGTHS)
+    assert max(_scores(default_runs["constant"], "acadlm_summ", DEFAULT_LENGTHS).values()) < 15.0
     for sample in default_runs["reference"]["samples"]["acadlm_summ"]:
         doc = sample["doc"]
         assert doc["outputs"][0] not in " ".join(doc["input"].split())

@@ -32,7 +32,7 @@ def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path)
         "--stage2-config", str(TINY / "long_context.yaml"),
         "--sft-config", str(TINY / "sft.yaml"),
         "--stage1-steps", "2", "--stage2-steps", "1", "--sft-steps", "2",
-        "--eval-tasks", "acadlm_niah_single_1", "--eval-lengths", "256,384",
+        "--eval-tasks", "acadlm_niah_single_1", "--eval-lengths", "384,512",
         "--eval-samples", "1",
         "--set", "eval:model.args.batch_size=1",
         "--set", f"eval:task_metadata={{haystack_path: {tmp_path / 'hay.txt'}}}",
@@ -57,7 +57,7 @@ def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path)
     assert second["stage"]["previous_stage"].endswith("stage1")
     assert 0.9 < first["packing"]["efficiency"] <= 1.0
     for when in ("scores_before", "scores_after"):
-        assert set(report[when]["acadlm_niah_single_1"]) == {"256", "384"}
+        assert set(report[when]["acadlm_niah_single_1"]) == {"384", "512"}
     sft_config = json.loads((tmp_path / "out" / "sft" / "epoch_0" / "config.json").read_text())
     assert sft_config["rope_theta"] == 160000.0  # SFT kept stage 2's RoPE base
     assert "ProLong pipeline summary" in done.stdout and "before -> after" in done.stdout

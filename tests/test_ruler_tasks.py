@@ -3,17 +3,23 @@ and frequent words extraction.
 
 Prompts are built with a small byte-level BPE tokenizer and a prose file written by
 ``eval_fixtures`` (no model download, no embedded corpus), except for one integration test that
-sizes every task with the embedded SmolLM2 tokenizer. Scoring goes through lm-eval itself with a
-perfect model (must score 100) and a constant one (must score 0); the sizing, depth and error
-checks call the dataset builders directly, which is much faster.
+sizes every task with the embedded SmolLM2 tokenizer (``test_task_build_scaling.py`` times them
+up to 128K). Scoring goes through lm-eval itself with a perfect model (must score 100) and a
+constant one (must score 0); the sizing, depth and error checks call the dataset builders
+directly, which is much faster.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import shutil
+import signal
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,19 +29,30 @@ from eval_doubles import ConstantLM, OracleLM
 from eval_fixtures import EVAL_MAX_POSITIONS, MAX_SENTENCE_WORDS, EvalFiles, write_eval_files
 
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.evaluation import task_manager
-from acadlm_plugins.evaluation.lengths import load_length_tokenizer
+from acadlm_plugins.evaluation import TASKS_DIR, task_manager
+from acadlm_plugins.evaluation.haystack import (
+    ADJECTIVES,
+    COMPOUND_SPACE,
+    NOUNS,
+    PLAIN_WORDS,
+    compound_words,
+)
+from acadlm_plugins.evaluation.lengths import LengthTokenizer, load_length_tokenizer
 from acadlm_plugins.evaluation.prompting import fit_prompt, random_uuid
 from acadlm_plugins.evaluation.ruler import (
     CWE_NUM_CW,
     FWE_NOISE,
     NIAH_VARIANTS,
-    VOCAB_CAP,
+    TOKENS_TO_GENERATE,
     VT_NUM_HOPS,
+    PromptFrame,
+    cwe_counts,
     cwe_dataset,
     cwe_plan,
+    fit_units,
     fit_words,
     fwe_dataset,
+    fwe_vocab_size,
     niah_dataset,
     pick_answers,
     vt_dataset,
@@ -50,9 +67,17 @@ BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 TASKS = sorted(BUILDERS)
 NIAH_TASKS = sorted(NIAH_VARIANTS)
+KIND = {**{name: "niah" for name in NIAH_TASKS}, "acadlm_vt": "vt", "acadlm_cwe": "cwe",
+        "acadlm_fwe": "fwe"}
 SIZED_LENGTHS = [1024, 2048]  # the 1% contract holds from 1K tokens up
-SCORED_LENGTHS = [512, 1024]
+SCORED_LENGTHS = [1024, 2048]
 CONSTANT_ANSWER = "I do not know."
+COMPOUND_KEY = re.compile(r"[a-z]{4,12}-[a-z]{4,12}")
+#: A chat template in the shape of SmolLM2's, for the tiny test tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +91,26 @@ def build(files: EvalFiles, task: str, **metadata: Any) -> list[dict[str, Any]]:
     return BUILDERS[task](**files.metadata(**metadata))["test"].to_list()
 
 
+def plain_prompt(row: dict[str, Any]) -> str:
+    """The prompt lm-eval writes for a row without a chat template."""
+    return PromptFrame(0).lay_out(row["input"], row["gen_prefix"])
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Fail, instead of hanging, when the block runs longer than ``seconds``."""
+    def expire(*_: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="module")
 def sized(files: EvalFiles) -> dict[str, list[dict[str, Any]]]:
     """Every task's rows at 1K and 2K tokens, three samples each, built once for the module."""
@@ -73,10 +118,36 @@ def sized(files: EvalFiles) -> dict[str, list[dict[str, Any]]]:
             for task in TASKS}
 
 
+class ChatOracleLM(OracleLM):
+    """The oracle, with the chat template above: what lm-eval needs for
+    ``apply_chat_template=True``."""
+
+    tokenizer_name = "tiny-chat"
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return CHAT_TEMPLATE
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        from acadlm_plugins.evaluation.lm_adapter import render_chat
+
+        return render_chat(CHAT_TEMPLATE, chat_history,
+                           add_generation_prompt=add_generation_prompt, special_tokens={})
+
+
 @pytest.fixture(scope="module")
-def scores(files: EvalFiles) -> dict[str, dict[str, Any]]:
-    """lm-eval results of the oracle and the constant model on all tasks at 512 and 1024
-    tokens, two samples each.
+def chat_files(files: EvalFiles, tmp_path_factory: pytest.TempPathFactory) -> EvalFiles:
+    """The tiny model folder with a chat template."""
+    model = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(files.model_dir, model)
+    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return EvalFiles(model, files.haystack)
+
+
+@pytest.fixture(scope="module")
+def scores(files: EvalFiles, chat_files: EvalFiles) -> dict[str, dict[str, Any]]:
+    """lm-eval results of the oracle and the constant model on all tasks at 1024 and 2048
+    tokens, two samples each, and of the oracle under a chat template at 1024 tokens.
 
     The task manager skips lm-eval's own task index (several seconds) since only ours are run.
     """
@@ -88,6 +159,12 @@ def scores(files: EvalFiles) -> dict[str, dict[str, Any]]:
     for name, model in (("oracle", OracleLM()), ("constant", ConstantLM(CONSTANT_ANSWER))):
         results[name] = simple_evaluate(model=model, tasks=TASKS, task_manager=manager,
                                         log_samples=True)
+    chat_manager = task_manager(chat_files.metadata(max_seq_lengths=[1024], num_samples=1,
+                                                    apply_chat_template=True),
+                                include_defaults=False)
+    results["chat"] = simple_evaluate(model=ChatOracleLM(), tasks=TASKS,
+                                      task_manager=chat_manager, log_samples=True,
+                                      apply_chat_template=True)
     return results
 
 
@@ -105,18 +182,115 @@ def test_oracle_scores_100_and_constant_model_0_at_every_length(scores, task: st
     samples = scores["oracle"]["samples"][task]
     assert len(samples) == 2 * len(SCORED_LENGTHS)
     for sample in samples:  # the model saw the prompt as built, answer prefix last
-        assert sample["arguments"][0][0] == sample["doc"]["input"]
-        assert sample["doc"]["input"].rstrip().endswith(("are:", "is", "are"))
+        doc = sample["doc"]
+        assert sample["arguments"][0][0] == plain_prompt(doc)
+        assert doc["input"] == doc["input"].strip() and doc["input"].endswith("?")
+        assert plain_prompt(doc).endswith(" " + doc["gen_prefix"])
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_prompts_fill_their_length_within_one_percent(files: EvalFiles, sized, task: str) -> None:
+def test_chat_template_puts_the_answer_prefix_after_the_assistant_header(
+        scores, chat_files: EvalFiles, task: str) -> None:
+    """Under ``--apply_chat_template`` the input is the user's turn and the answer prefix opens
+    the assistant's; with ``apply_chat_template`` in the metadata the whole chat prompt, its
+    generation included, fits the length."""
+    tokenizer = load_length_tokenizer(chat_files.metadata(), task=task)
+    [sample] = scores["chat"]["samples"][task]
+    doc, prompt = sample["doc"], sample["arguments"][0][0]
+    assert prompt == (f"<|im_start|>user\n{doc['input']}<|im_end|>\n<|im_start|>assistant\n"
+                      f"{doc['gen_prefix']}")
+    assert tokenizer.count(prompt) == doc["input_tokens"]
+    assert doc["input_tokens"] + doc["tokens_to_generate"] <= 1024
+    assert doc["input_tokens"] >= 0.99 * (1024 - doc["tokens_to_generate"])
+    assert _length_scores(scores["chat"], task) == {1024: 100.0}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generation_budget_comes_from_the_yaml_and_is_rulers(scores, task: str) -> None:
+    config = scores["oracle"]["configs"][task]
+    assert config["generation_kwargs"]["max_gen_toks"] == TOKENS_TO_GENERATE[KIND[task]]
+    for sample in scores["oracle"]["samples"][task]:
+        assert sample["doc"]["tokens_to_generate"] == TOKENS_TO_GENERATE[KIND[task]]
+    assert config["gen_prefix"] == "{{gen_prefix}}"
+
+
+def test_yaml_generation_budget_reaches_the_builder(files: EvalFiles, tmp_path: Path) -> None:
+    """A task YAML that generates 40 tokens sizes its prompts for 40 (RulerTask)."""
+    folder = tmp_path / "tasks"
+    shutil.copytree(TASKS_DIR / "acadlm_ruler", folder)
+    text = (folder / "acadlm_fwe.yaml").read_text()
+    assert "max_gen_toks: 50\n" in text
+    # A name of its own: the package's acadlm_fwe may already be indexed in this process.
+    assert "task: acadlm_fwe\n" in text
+    (folder / "acadlm_fwe.yaml").write_text(text.replace("max_gen_toks: 50", "max_gen_toks: 40")
+                                            .replace("task: acadlm_fwe\n", "task: fwe_at_40\n"))
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(folder), include_defaults=False,
+                          metadata=files.metadata(max_seq_lengths=[1024], num_samples=1))
+    task = manager.load_task_or_group(["fwe_at_40"])["fwe_at_40"]
+    [doc] = list(task.test_docs())
+    assert doc["tokens_to_generate"] == 40 and doc["budget_tokens"] == 1024 - 40
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompts_fill_their_budget_within_one_percent(files: EvalFiles, sized, task: str) -> None:
+    """``length_budget: ruler``: prompt + generation <= L (the tiny tokenizer adds no special
+    tokens), and the prompt fills at least 99% of the room it has."""
     tokenizer = load_length_tokenizer(files.metadata(), task=task)
     rows = sized[task]
     assert sorted({row["max_length"] for row in rows}) == SIZED_LENGTHS
     for row in rows:
-        assert tokenizer.count(row["input"]) == row["input_tokens"]
-        assert 0.99 * row["max_length"] <= row["input_tokens"] <= row["max_length"], row["index"]
+        assert row["length_budget"] == "ruler"
+        assert row["budget_tokens"] == row["max_length"] - TOKENS_TO_GENERATE[KIND[task]]
+        assert tokenizer.count(plain_prompt(row)) == row["input_tokens"]
+        assert 0.99 * row["budget_tokens"] <= row["input_tokens"] <= row["budget_tokens"]
+
+
+@pytest.mark.parametrize("task", ["acadlm_niah_single_2", "acadlm_niah_multikey_3", "acadlm_vt",
+                                  "acadlm_cwe", "acadlm_fwe"])
+def test_prompt_budget_fits_the_prompt_alone_to_the_length(files: EvalFiles, task: str) -> None:
+    tokenizer = load_length_tokenizer(files.metadata(), task=task)
+    rows = build(files, task, max_seq_lengths=[1024], num_samples=2, length_budget="prompt")
+    for row in rows:
+        assert row["length_budget"] == "prompt" and row["budget_tokens"] == 1024
+        assert 0.99 * 1024 <= tokenizer.count(plain_prompt(row)) <= 1024
+
+
+@pytest.mark.parametrize("task", ["acadlm_niah_single_1", "acadlm_cwe"])
+def test_prompt_budget_refuses_lengths_that_leave_no_room_to_generate(files: EvalFiles,
+                                                                      task: str) -> None:
+    """At L = the model's maximum (4096) the ``prompt`` budget would leave the model no room to
+    answer; ``ruler`` takes that length (it is checked by building it)."""
+    room = EVAL_MAX_POSITIONS - TOKENS_TO_GENERATE[KIND[task]]
+    with pytest.raises(ConfigError, match=rf"`{task}: max_seq_lengths`: {EVAL_MAX_POSITIONS}: .*"
+                                          rf"exceed the model's maximum context of "
+                                          rf"{EVAL_MAX_POSITIONS}.*lengths <= {room}"):
+        build(files, task, max_seq_lengths=[1024, EVAL_MAX_POSITIONS], num_samples=1,
+              length_budget="prompt")
+    [row] = build(files, task, max_seq_lengths=[EVAL_MAX_POSITIONS], num_samples=1)
+    assert row["input_tokens"] + row["tokens_to_generate"] <= EVAL_MAX_POSITIONS
+
+
+def test_length_too_short_for_template_and_generation_names_both(files: EvalFiles) -> None:
+    """256 tokens less RULER's 128 to generate cannot hold a multi-query prompt here; the
+    error says what was kept and how to get by."""
+    with pytest.raises(ConfigError, match=r"`acadlm_niah_multiquery: max_seq_lengths`: 256 "
+                                          r"tokens less 128 kept for the generation cannot hold "
+                                          r"even the task's template.*length_budget: prompt"):
+        build(files, "acadlm_niah_multiquery", max_seq_lengths=[256], num_samples=1)
+
+
+def test_unknown_length_budget_names_the_field(files: EvalFiles) -> None:
+    with pytest.raises(ConfigError, match=r"`acadlm_vt: length_budget`: 'tight'"):
+        build(files, "acadlm_vt", max_seq_lengths=[1024], num_samples=1, length_budget="tight")
+
+
+def test_chat_template_missing_is_a_clear_error(files: EvalFiles) -> None:
+    with pytest.raises(ConfigError, match=r"`acadlm_fwe: apply_chat_template`: .*no chat "
+                                          r"template"):
+        build(files, "acadlm_fwe", max_seq_lengths=[1024], num_samples=1,
+              apply_chat_template=True)
 
 
 @pytest.mark.parametrize("task", NIAH_TASKS)
@@ -133,7 +307,7 @@ def test_needles_appear_once_at_the_requested_depth(files: EvalFiles, task: str,
     assert row["depths"] == [depth] * len(row["needles"])
     for answer in row["outputs"]:
         assert text.count(answer) == 1
-    haystack = text[text.index("\n\n") + 2: text.rindex("\n\nQuestion:")]
+    haystack = text[text.index("\n\n") + 2: text.rindex("\n\n")]
     bare = haystack
     for needle in row["needles"]:
         assert text.count(needle) == 1
@@ -148,34 +322,132 @@ def test_needles_appear_once_at_the_requested_depth(files: EvalFiles, task: str,
         assert abs(position / total - depth) <= (MAX_SENTENCE_WORDS + 1) / total
 
 
+@pytest.mark.parametrize("task", NIAH_TASKS)
+def test_niah_keys_are_adjective_noun_pairs_or_uuids(sized, task: str) -> None:
+    """RULER's word keys are adjective-noun pairs; its UUID keys stay UUIDs. The key asked about
+    is in the question and the answer prefix, never in a distractor needle."""
+    spec = NIAH_VARIANTS[task]
+    uuid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}")
+    for row in sized[task]:
+        keys = [re.search(r" for (\S+) is: ", needle).group(1) for needle in row["needles"]]
+        assert all((COMPOUND_KEY if spec.key_kind == "words" else uuid).fullmatch(key)
+                   for key in keys)
+        assert keys[0] in row["gen_prefix"] and keys[0] in row["input"].rsplit("\n\n", 1)[1]
+        assert row["input"].count(f" for {keys[0]} is: ") == spec.num_values
+
+
+def test_multikey_2_haystack_is_distinct_distractor_needles(sized) -> None:
+    for row in sized["acadlm_niah_multikey_2"]:
+        keys = re.findall(r"for (\S+) is: ", row["input"])
+        assert len(keys) > 10 and len(set(keys)) == len(keys)
+        assert all(COMPOUND_KEY.fullmatch(key) for key in keys)
+
+
+def test_multikey_2_builds_at_16k_within_the_time_bound(files: EvalFiles) -> None:
+    """It used to loop for ever from 16K on: its distractor keys came from 2,000 words and it
+    needed length // 8 distinct ones. Measured 0.2 s per prompt on 2 busy cores; bound 5x,
+    with 2 s for loading the haystack."""
+    metadata = {"tokenizer": str(files.model_dir), "haystack_path": str(files.haystack),
+                "max_seq_lengths": [16384], "num_samples": 2}
+    started = time.perf_counter()
+    with time_limit(60):
+        rows = niah_dataset("acadlm_niah_multikey_2", **metadata)["test"]
+    assert time.perf_counter() - started < 2 + 2 * 5 * 0.2
+    for row in rows:
+        assert 0.99 * row["budget_tokens"] <= row["input_tokens"] <= row["budget_tokens"]
+        assert row["budget_tokens"] == 16384 - TOKENS_TO_GENERATE["niah"]
+
+
+def test_vt_one_shot_example_is_a_solved_task_of_rulers_shape(files: EvalFiles, sized) -> None:
+    """RULER's example: the same instructions, a chain of three-letter variables in the noise,
+    the question, the answer prefix and the answer; at most a quarter of the budget."""
+    tokenizer = load_length_tokenizer(files.metadata(), task="acadlm_vt")
+    rows = [row for row in sized["acadlm_vt"] if row["example"]]
+    assert {row["max_length"] for row in rows} == {2048}  # 1K: a quarter is too small here
+    for row in rows:
+        example = row["example"]
+        assert row["input"].startswith(example + "\n\n")
+        assert tokenizer.count(example) <= row["budget_tokens"] // 4
+        statements = re.findall(r"VAR ([A-Z]+) = (?:VAR [A-Z]+|\d{5})\.", example)
+        assert len(statements) == VT_NUM_HOPS + 1 and all(len(n) == 3 for n in statements)
+        value = re.search(r"VAR [A-Z]{3} = (\d{5})\.", example).group(1)
+        assert example.endswith(f"holding the value {value} in the text above are: "
+                                + " ".join(statements))
+    [short] = build(files, "acadlm_vt", max_seq_lengths=[512], num_samples=1)
+    assert short["example"] == ""  # too short for even a small example
+
+
 def test_vt_chain_appears_once_in_order_and_names_every_variable(sized) -> None:
     for row in sized["acadlm_vt"]:
         text = row["input"]
-        body = text[text.index("The text:"):] if "The text:" in text else text
+        body = text[len(row["example"]):]
         positions = [body.index(statement) for statement in row["needles"]]
         assert all(text.count(statement) == 1 for statement in row["needles"])
         assert positions == sorted(positions)
         assert len(row["outputs"]) == VT_NUM_HOPS + 1
         value = row["needles"][0].split(" = ")[1].rstrip(".")
-        assert text.endswith(f"holding the value {value} in the text above are:")
+        assert row["gen_prefix"].endswith(f"holding the value {value} in the text above are:")
         for name, statement in zip(row["outputs"], row["needles"]):
             assert statement.startswith(f"VAR {name} = ")
 
 
+def _word_list(text: str) -> list[str]:
+    """The words of the last numbered list of a cwe input."""
+    body = text.split("\n\n")[-2]
+    tokens = body.split()
+    numbers, words = tokens[0::2], tokens[1::2]
+    assert numbers == [f"{i}." for i in range(1, len(words) + 1)]
+    return words
+
+
 def test_cwe_common_words_are_the_most_frequent_of_the_list(sized) -> None:
     for row in sized["acadlm_cwe"]:
-        body = row["input"].split("\n\n")[1]
-        tokens = body.split()
-        numbers, words = tokens[0::2], tokens[1::2]
-        assert numbers == [f"{i}." for i in range(1, len(words) + 1)]
-        counts = Counter(words)
+        counts = Counter(_word_list(row["input"]))
         assert len(row["outputs"]) == CWE_NUM_CW
         assert all(counts[word] == row["freq_cw"] for word in row["outputs"])
         others = [count for word, count in counts.items() if word not in row["outputs"]]
         assert max(others) <= row["freq_ucw"] < row["freq_cw"]
+        assert (row["freq_cw"], row["freq_ucw"]) == (6, 1)  # RULER's below 4K
 
 
-def test_fwe_answers_are_the_three_most_frequent_words(sized) -> None:
+def test_cwe_one_shot_example_is_rulers(sized) -> None:
+    """Below 4K tokens RULER's example lists 20 words, 10 of them 3 times and 10 once, and
+    answers with the ten as a numbered list. (Our plain words are costly for the tiny test
+    tokenizer, so the example takes more than half of a 1K budget here and is left out.)"""
+    rows = [row for row in sized["acadlm_cwe"] if row["example"]]
+    assert {row["max_length"] for row in rows} >= {2048}  # left out only of short prompts
+    for row in rows:
+        example = row["example"]
+        assert row["input"].startswith(example + "\n\n")
+        counts = Counter(_word_list(example))
+        assert sorted(counts.values()) == [1] * 10 + [3] * 10
+        answer = example.rsplit(" are: ", 1)[1]
+        common = sorted(word for word, count in counts.items() if count == 3)
+        assert sorted(answer.split()[1::2]) == common
+        assert answer.split()[0::2] == [f"{i}." for i in range(1, 11)]
+
+
+def test_cwe_counts_are_rulers_at_every_length() -> None:
+    assert cwe_counts(1024) == cwe_counts(4095)
+    assert (cwe_counts(2048).freq_cw, cwe_counts(2048).freq_ucw) == (6, 1)
+    assert (cwe_counts(2048).example_words, cwe_counts(2048).example_freq_cw) == (20, 3)
+    for length in (4096, 65536, 131072, 1 << 20):  # above 64K too: no rescaling
+        counts = cwe_counts(length)
+        assert (counts.freq_cw, counts.freq_ucw, counts.example_words) == (30, 3, 40)
+        assert (counts.example_freq_cw, counts.example_freq_ucw) == (10, 3)
+
+
+def test_cwe_plan_keeps_rulers_counts_unless_the_list_is_too_short() -> None:
+    long = cwe_counts(131072)
+    assert cwe_plan(20_000, long).freq_cw == 30 and cwe_plan(20_000, long).freq_ucw == 3
+    assert cwe_plan(20_000, long).num_uncommon == -(-(20_000 - 300) // 3)
+    assert (cwe_plan(300, long).freq_cw, cwe_plan(300, long).freq_ucw) == (24, 3)  # 80% share
+    short = cwe_counts(1024)
+    assert (cwe_plan(150, short).freq_cw, cwe_plan(150, short).freq_ucw) == (6, 1)
+    assert (cwe_plan(30, short).freq_cw, cwe_plan(30, short).freq_ucw) == (2, 1)  # the floor
+
+
+def test_fwe_answers_are_the_three_most_frequent_coded_words(sized) -> None:
     for row in sized["acadlm_fwe"]:
         body = row["input"].split("\n\n")[1]
         counts = Counter(body.split())
@@ -184,12 +456,27 @@ def test_fwe_answers_are_the_three_most_frequent_words(sized) -> None:
         assert [counts[word] for word in row["outputs"]] == row["answer_counts"]
         assert counts[ranked[2]] > counts[ranked[3]]
         assert counts[FWE_NOISE] > counts[ranked[0]]
+        assert all(re.fullmatch(r"[a-z]{6}", word) for word in ranked)
+        assert row["vocab_size"] == fwe_vocab_size(row["max_length"] - TOKENS_TO_GENERATE["fwe"])
+
+
+def test_fwe_vocabulary_grows_with_the_length_as_rulers() -> None:
+    assert fwe_vocab_size(131072 - 50) == 2620  # RULER: (L - tokens_to_generate) // 50
+    assert fwe_vocab_size(4096 - 50) == 80
+    assert fwe_vocab_size(256) == 8  # our floor: the dots, 3 answers and a few more
+
+
+def test_zipf_counts_follow_rulers_law() -> None:
+    """floor(total * k**-2 / zeta(2)), zeta(2) = pi**2 / 6."""
+    counts = zipf_counts(1000, 2000)
+    assert counts[:5] == [607, 151, 67, 37, 24]
+    assert counts == sorted(counts, reverse=True) and sum(counts) <= 1000
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_same_seed_same_prompts_other_seed_other_prompts(files: EvalFiles, task: str) -> None:
     def prompts(seed: int) -> list[str]:
-        rows = build(files, task, max_seq_lengths=[512], num_samples=2, seed=seed)
+        rows = build(files, task, max_seq_lengths=[1024], num_samples=2, seed=seed)
         return [row["input"] for row in rows]
 
     first = prompts(7)
@@ -238,11 +525,57 @@ def test_missing_tokenizer_is_a_clear_error(files: EvalFiles, tmp_path: Path, ta
         BUILDERS[task](**metadata, pretrained=str(tmp_path))
 
 
+def test_word_lists_are_distinct_plain_words() -> None:
+    assert len(set(ADJECTIVES)) == len(ADJECTIVES) > 400
+    assert len(set(NOUNS)) == len(NOUNS) > 500
+    assert not set(ADJECTIVES) & set(NOUNS)
+    assert all(re.fullmatch(r"[a-z]{4,12}", word) for word in PLAIN_WORDS)
+    assert not [word for word in PLAIN_WORDS if word in CONSTANT_ANSWER.lower()]
+    assert COMPOUND_SPACE == len(ADJECTIVES) * len(NOUNS) > 250_000
+
+
+def test_compound_words_are_distinct_and_drawn_in_linear_time() -> None:
+    rng = random.Random(0)
+    started = time.perf_counter()
+    keys = compound_words(rng, 100_000, task="t")
+    assert time.perf_counter() - started < 2.0  # measured 0.1 s
+    assert len(set(keys)) == len(keys) == 100_000
+    assert all(COMPOUND_KEY.fullmatch(key) for key in keys[:1000])
+    assert compound_words(random.Random(0), 5, task="t") == keys[:5]
+    with pytest.raises(ConfigError, match=r"`t: max_seq_lengths`: .*adjective-noun pairs"):
+        compound_words(rng, COMPOUND_SPACE + 1, task="t")
+
+
+class _Words:
+    """A tokenizer stand-in: one token per word."""
+
+    def count(self, text: str) -> int:
+        return len(text.split())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_units_finds_what_bisection_finds(seed: int) -> None:
+    """The secant search returns the same longest fitting prompt as ``fit_prompt``'s bisection,
+    for near-linear and for uneven unit costs."""
+    rng = random.Random(seed)
+    costs = [rng.choice([1, 1, 2, 3, 9]) for _ in range(3000)]
+    totals = [0]
+    for cost in costs:
+        totals.append(totals[-1] + cost)
+
+    def render(units: int) -> str:
+        return "w " * (7 + totals[units])
+
+    tokenizer: Any = _Words()
+    for target in (10, 500, 4321, totals[-1] - 3):
+        fast = fit_units(render, tokenizer, target, max_units=len(costs), task="t")
+        slow = fit_prompt(render, tokenizer, target, max_units=len(costs), task="t")
+        assert (fast.num_words, fast.num_tokens) == (slow.num_words, slow.num_tokens)
+
+
 def test_fit_words_tops_up_with_part_of_a_long_word(files: EvalFiles) -> None:
     """UUIDs cost about 36 tokens each here, more than 1% of 1024: whole words alone fall short
     for most targets, and the top-up with a prefix of the next UUID closes the gap."""
-    import random
-
     tokenizer = load_length_tokenizer(files.metadata(), task="t")
     rng = random.Random(0)
     words = [random_uuid(rng) for _ in range(100)]
@@ -261,16 +594,6 @@ def test_fit_words_tops_up_with_part_of_a_long_word(files: EvalFiles) -> None:
         assert last not in words and words[fitted.num_words - 1].startswith(last)
 
 
-def test_cwe_plan_keeps_common_words_more_frequent_at_every_size() -> None:
-    assert (cwe_plan(800).freq_cw, cwe_plan(800).freq_ucw) == (30, 3)  # RULER's 4K setting
-    assert (cwe_plan(300).freq_cw, cwe_plan(300).freq_ucw) == (12, 3)  # 40% of a short list
-    assert (cwe_plan(60).freq_cw, cwe_plan(60).freq_ucw) == (2, 1)  # the floor
-    huge = cwe_plan(100_000)  # far more entries than VOCAB_CAP distinct words x 3
-    assert huge.num_uncommon + CWE_NUM_CW <= VOCAB_CAP
-    assert huge.freq_cw == 10 * huge.freq_ucw and huge.freq_ucw > 3
-    assert huge.num_uncommon * huge.freq_ucw >= huge.pool_entries
-
-
 def test_pick_answers_skips_words_found_inside_other_words() -> None:
     answers, rest = pick_answers(["then", "thence", "river", "rivers", "lamp", "hill"], 2,
                                  task="t")
@@ -280,20 +603,15 @@ def test_pick_answers_skips_words_found_inside_other_words() -> None:
         pick_answers(["a", "ab", "abc"], 2, task="t")
 
 
-def test_zipf_counts_follow_the_power_law() -> None:
-    counts = zipf_counts(1000, 2000)
-    assert counts[:5] == [608, 152, 67, 38, 24]
-    assert counts == sorted(counts, reverse=True) and sum(counts) <= 1000
-
-
 @pytest.mark.integration
 def test_smollm2_tokenizer_sizes_every_task_at_4096_within_one_percent() -> None:
     from acadlm_plugins.defaults import require_default_model
 
     model_dir = str(require_default_model())
-    tokenizer = load_length_tokenizer({"pretrained": model_dir}, task="t")
+    tokenizer: LengthTokenizer = load_length_tokenizer({"pretrained": model_dir}, task="t")
     for task in TASKS:
         rows = BUILDERS[task](pretrained=model_dir, max_seq_lengths=[4096], num_samples=2)
         for row in rows["test"]:
-            assert 0.99 * 4096 <= row["input_tokens"] <= 4096, task
-            assert tokenizer.count(row["input"]) == row["input_tokens"], task
+            assert 0.99 * row["budget_tokens"] <= row["input_tokens"] <= row["budget_tokens"]
+            assert row["input_tokens"] + row["tokens_to_generate"] <= 4096, task
+            assert tokenizer.count(plain_prompt(row)) == row["input_tokens"], task

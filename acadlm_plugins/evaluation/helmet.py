@@ -1,6 +1,6 @@
 """HELMET-style long-context tasks (Yen et al. 2024), rebuilt offline in our own words.
 
-Six categories, each sized to a target length with the evaluated model's tokenizer and scored
+Seven categories, each sized to a target length with the evaluated model's tokenizer and scored
 without a model or a judge:
 
 * ``acadlm_json_kv`` (synthetic recall): a JSON object of random UUID keys and values; the value
@@ -8,7 +8,10 @@ without a model or a judge:
 * ``acadlm_rag`` (retrieval-augmented generation): a question with k passages, its gold passage
   at a controlled depth among hard negatives and other passages; substring exact match.
 * ``acadlm_rerank`` (passage re-ranking): a query and passages with ids; the answer is the ids
-  ranked by relevance; NDCG@10 against graded judgments.
+  ranked by relevance; NDCG@10 against graded judgments (trec_eval's linear gain).
+* ``acadlm_cite_asqa`` / ``acadlm_cite_qampari`` (generation with citations, ALCE): a question
+  with as many retrieved passages as fit; ALCE's STR-EM, answer-list precision/recall, and
+  citation recall/precision when an NLI model is given (``nli_model_path``).
 * ``acadlm_icl`` (many-shot in-context learning): labels mapped to numbers, as many labelled
   demonstrations as fit, then one text to label; accuracy.
 * ``acadlm_longqa`` (long-document QA): which character speaks a quoted line of a Shakespeare
@@ -16,12 +19,18 @@ without a model or a judge:
 * ``acadlm_summ`` (summarization): a Python standard-library module with its docstring removed,
   summarized as the docstring's first paragraph (or the user's documents); ROUGE-L.
 
+Every task but ICL opens, as HELMET's do, with ``num_shots`` (default 2) demonstrations in
+HELMET's layout, drawn per question with a seeded stream from data never asked about: a
+held-out part of the same file (or a separate demonstration file), other pairs of the same
+JSON object, or other documents' questions and summaries (without their documents).
+
 QA, RAG and re-ranking read a local jsonl (a shipped example by default, see
-:mod:`acadlm_plugins.evaluation.local_data`); ICL, long-document QA and summarization default to
-data derived from the embedded corpus. Fillers (distractor pairs, passages, demonstrations,
-document words) are fitted by binary search so that a prompt is never longer than its target
-and, from 1K tokens on, within 1% of it: whole items are used while they fit and the last one is
-cut to the room left (never a gold passage, the queried pair or a relevant passage).
+:mod:`acadlm_plugins.evaluation.local_data`); ALCE's files must be given (they are not shipped);
+ICL, long-document QA and summarization default to data derived from the embedded corpus.
+Fillers (distractor pairs, passages, demonstrations, document words) are fitted by binary
+search so that a prompt is never longer than its target and, from 1K tokens on, within 1% of
+it: whole items are used while they fit and the last one is cut to the room left (never a gold
+passage, the queried pair or a relevant passage).
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from acadlm_plugins.evaluation.lengths import LengthTokenizer, task_error
+from lm_eval.api.task import ConfigurableTask
+
+from acadlm_plugins.evaluation.lengths import LengthTokenizer, parse_lengths, task_error
 from acadlm_plugins.evaluation.local_data import (
     DEFAULT_QA_FILE,
     DEFAULT_RERANK_FILE,
@@ -65,20 +76,26 @@ from acadlm_plugins.evaluation.local_data import (
 )
 from acadlm_plugins.evaluation.prompting import FittedPrompt, random_uuid
 from acadlm_plugins.evaluation.scoring import (
+    Entails,
+    asqa_string_em,
+    citation_scores,
     clean_prediction,
     ndcg_at_k,
+    qampari_scores,
     rouge_l,
     substring_exact_match,
 )
 from acadlm_plugins.evaluation.task_base import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SEED,
+    LengthSweepTask,
     build_length_dataset,
     int_setting,
     per_length,
 )
 
 T = TypeVar("T")
+Record = TypeVar("Record")
 log = logging.getLogger(__name__)
 
 #: Draw fillers until their separately counted tokens reach this multiple of the target, so the
@@ -106,7 +123,9 @@ def fit_units(render: Callable[[int], str], tokenizer: LengthTokenizer, target: 
     low, low_count = 0, tokenizer.count(render(0))
     if low_count > target:
         raise task_error(task, "max_seq_lengths", f"{target} tokens cannot hold even the task's "
-                         f"template and question ({low_count} tokens).", "Use a longer length.")
+                         f"template, question and demonstrations ({low_count} tokens).",
+                         "Use a longer length, or fewer demonstrations (`num_shots`, 0 for "
+                         "none).")
     high, high_count = max_units, tokenizer.count(render(max_units))
     if high_count <= target:
         if high_count < 0.99 * target:
@@ -256,6 +275,60 @@ def _shuffled(items: Sequence[T], rng: random.Random) -> list[T]:
     return copy
 
 
+# ---------------------------------------------------------------------------- demonstrations
+
+#: HELMET prompts recall (JSON KV), RAG, re-ranking, citation, long-document QA and summarization
+#: with 2 demonstrations (``shots: 2`` in its configs); ICL is made of demonstrations already.
+DEFAULT_NUM_SHOTS = 2
+#: The largest share of a data file held out as the demonstration pool: a quarter of its rows,
+#: at most this many (and at least the number of shots).
+DEMO_POOL_SIZE = 8
+
+
+def num_shots_setting(metadata: Mapping[str, Any], *, task: str) -> int:
+    """``num_shots`` of the metadata: demonstrations per prompt (default 2, as HELMET; 0 for
+    none)."""
+    return int_setting(metadata, "num_shots", DEFAULT_NUM_SHOTS, task=task, minimum=0)
+
+
+def hold_out_demos(task: str, metadata: Mapping[str, Any], size: int, shots: int, *,
+                   key: str) -> tuple[list[int], list[int]]:
+    """Split the ``size`` rows of a data file into (rows to ask about, demonstration rows).
+
+    HELMET draws its demonstrations from a separate file (a train split); from a single file we
+    hold out a seeded part of it instead, the same at every length, so that a row shown as a
+    demonstration is never a question. With no shots nothing is held out.
+    """
+    if shots == 0:
+        return list(range(size)), []
+    held = max(shots, min(DEMO_POOL_SIZE, size // 4))
+    if size - held < 1:
+        raise task_error(task, key, f"its {size} row(s) cannot give {shots} demonstration(s) "
+                         "and a question to ask.", "Add rows, give a separate demonstration "
+                         "file, or set `num_shots` to 0.")
+    seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
+    order = list(range(size))
+    random.Random(f"{task}:{seed}:demos").shuffle(order)
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def pick_demos(pool: Sequence[T], shots: int, metadata: Mapping[str, Any], *, task: str,
+               item: str, key: str, allowed: Callable[[T], bool] = lambda _: True) -> list[T]:
+    """``shots`` demonstrations for the test item named ``item``, drawn from the ``allowed``
+    members of ``pool`` by a stream seeded with the task, the seed and the item: a question
+    gets the same demonstrations at every length (HELMET seeds its draw with a hash of the
+    question for the same reason)."""
+    if shots == 0:
+        return []
+    candidates = [member for member in pool if allowed(member)]
+    if len(candidates) < shots:
+        raise task_error(task, key, f"only {len(candidates)} row(s) can serve as "
+                         f"demonstrations for {item!r}, fewer than `num_shots` = {shots}.",
+                         "Give more rows or set `num_shots` lower.")
+    seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
+    return random.Random(f"{task}:{seed}:demos:{item}").sample(candidates, shots)
+
+
 # ------------------------------------------------------------------- extra distractor passages
 
 
@@ -334,43 +407,60 @@ def _extra_stream(metadata: Mapping[str, Any], rng: random.Random, *,
 
 JSON_KV_HEAD = ("The JSON object below maps keys to values. Find the value stored under the key "
                 "given after it.\n\nJSON data:\n")
-JSON_KV_TAIL = ("\n\nKey: \"{key}\"\nReply with the value stored under this key and nothing "
-                "else.\nValue:")
+JSON_KV_TAIL = ("\n\nReply with the value stored under the key below and nothing else.\n\n"
+                "{demos}Key: \"{key}\"\nValue:")
+#: One demonstration: a lookup answered, in the layout of the question (HELMET's "Key: ...
+#: Corresponding value: ..." pairs before the question).
+JSON_KV_DEMO = "Key: \"{key}\"\nValue: {value}\n\n"
 
 
 def build_json_kv_sample(metadata: Mapping[str, Any], task: str, rng: random.Random,
                          length: int, index: int, tokenizer: LengthTokenizer) -> dict[str, Any]:
     """A JSON object of UUID pairs filling ``length`` tokens; the queried pair sits at the
-    sample's depth. The last distractor pair may be shortened to fit exactly."""
+    sample's depth. The last distractor pair may be shortened to fit exactly.
+
+    With ``num_shots`` > 0, as many further pairs of the object, at random places and never the
+    queried one, are looked up before the question as demonstrations.
+    """
     depth = depth_setting(metadata, index, rng, task=task, spread=True)
+    shots = num_shots_setting(metadata, task=task)
     key, value = random_uuid(rng), random_uuid(rng)
     pair_tokens = tokenizer.count(f'  "{key}": "{value}",\n')
     wanted = math.ceil(POOL_MARGIN * length / max(pair_tokens, 1)) + 2
     used = {key}
     distractors: list[tuple[str, str]] = []
-    while len(distractors) < wanted:
+    while len(distractors) < wanted + shots:
         other = random_uuid(rng)
         if other not in used:
             used.add(other)
             distractors.append((other, random_uuid(rng)))
+    demos, distractors = distractors[:shots], distractors[shots:]
+    demo_depths = [rng.random() for _ in demos]
+    demo_text = "".join(JSON_KV_DEMO.format(key=k, value=v) for k, v in demos)
     sizes = [len(k) + len(v) for k, v in distractors]
 
-    def render(taken: Taken) -> str:
+    def arrange(taken: Taken) -> list[tuple[str, str]]:
         # A pair cut short keeps a prefix of its key (value empty), or its key and a prefix of
-        # its value: still valid JSON, and never the queried pair.
+        # its value: still valid JSON, and never the queried pair or a demonstration.
         pairs = [(distractors[i][0][:n], "") if n <= len(distractors[i][0]) else
                  (distractors[i][0], distractors[i][1][: n - len(distractors[i][0])])
                  for i, n in taken]
-        position = round(depth * len(pairs))
-        pairs.insert(position, (key, value))
-        body = ",\n".join(f'  "{k}": "{v}"' for k, v in pairs)
-        return JSON_KV_HEAD + "{\n" + body + "\n}" + JSON_KV_TAIL.format(key=key)
+        for pair, at in zip(demos, demo_depths):
+            pairs.insert(round(at * len(pairs)), pair)
+        pairs.insert(round(depth * len(pairs)), (key, value))
+        return pairs
+
+    def render(taken: Taken) -> str:
+        body = ",\n".join(f'  "{k}": "{v}"' for k, v in arrange(taken))
+        return JSON_KV_HEAD + "{\n" + body + "\n}" + JSON_KV_TAIL.format(key=key,
+                                                                         demos=demo_text)
 
     fitted, taken = fit_items(render, sizes, tokenizer, length, task=task,
                               key="max_seq_lengths")
+    pairs = arrange(taken)
     return {"input": fitted.text, "outputs": [value], "input_tokens": fitted.num_tokens,
-            "depth": depth, "num_pairs": len(taken) + 1,
-            "key_position": round(depth * len(taken))}
+            "depth": depth, "num_pairs": len(pairs), "key_position": pairs.index((key, value)),
+            "demo_ids": json.dumps([k for k, _ in demos])}
 
 
 # ------------------------------------------------------------------- passages: QA, RAG, rerank
@@ -386,6 +476,8 @@ class PassageStyle:
     spread_depth: bool  # True: depths spread over samples (HELMET RAG); False: random (RULER QA)
     hard_negatives: bool  # use the question's own distractors first (RAG) or not (RULER QA)
     key: str  # the metadata key naming the data file
+    #: Metadata key of a separate demonstration file; "" means no demonstrations (RULER QA).
+    demo_key: str = ""
 
 
 RAG_STYLE = PassageStyle(
@@ -393,7 +485,9 @@ RAG_STYLE = PassageStyle(
           "words taken from the documents, with no explanation.\n\n"),
     tail="\n\nQuestion: {question}\nAnswer:",
     document="Document [{i}] (Title: {title}): {text}",
-    spread_depth=True, hard_negatives=True, key="rag_path")
+    spread_depth=True, hard_negatives=True, key="rag_path", demo_key="rag_demo_path")
+#: One demonstration (HELMET's layout): its passages, its question, its first answer.
+QA_DEMO = "{documents}\n\nQuestion: {question}\nAnswer: {answer}\n\n"
 
 
 def _format_passage(style: PassageStyle, i: int, passage: Passage) -> str:
@@ -421,19 +515,40 @@ def _distractor_stream(records: Sequence[QARecord], record: QARecord, style: Pas
             yield origin, passage
 
 
+def qa_demo_text(style: PassageStyle, demos: Sequence[QARecord]) -> str:
+    """Demonstrations of a passage-QA prompt: each with its gold passage and up to two of its hard
+    negatives (HELMET's demonstrations carry 3 retrieved passages), in an order fixed by the
+    row's id, then its question and first answer."""
+    blocks = []
+    for demo in demos:
+        passages = _shuffled([*demo.gold, *demo.distractors[:2]], random.Random(demo.id))
+        documents = "\n\n".join(_format_passage(style, i + 1, p) for i, p in enumerate(passages))
+        blocks.append(QA_DEMO.format(documents=documents, question=demo.question,
+                                     answer=demo.answers[0]))
+    return "".join(blocks)
+
+
 def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
                             metadata: Mapping[str, Any], task: str, rng: random.Random,
-                            length: int, index: int,
-                            tokenizer: LengthTokenizer) -> dict[str, Any]:
-    """A question with its gold passage(s) at the sample's depth among distractors filling
-    ``length`` tokens; the last distractor may be cut short to fit."""
+                            length: int, index: int, tokenizer: LengthTokenizer, *,
+                            demo_pool: Sequence[QARecord] = (),
+                            every_record: Sequence[QARecord] = ()) -> dict[str, Any]:
+    """A question of ``records`` with its gold passage(s) at the sample's depth among
+    distractors (from ``every_record``, default ``records``) filling ``length`` tokens; the last
+    distractor may be cut short to fit. When the style has demonstrations, ``num_shots`` rows of
+    ``demo_pool`` (never one asking the same question) come between the instruction and the
+    passages."""
     record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
     depth = depth_setting(metadata, index, rng, task=task, spread=style.spread_depth)
-    stream = _distractor_stream(records, record, style, metadata, rng, task=task)
+    shots = num_shots_setting(metadata, task=task) if style.demo_key else 0
+    demos = pick_demos(demo_pool, shots, metadata, task=task, item=record.id, key=style.key,
+                       allowed=lambda demo: demo.question != record.question)
+    stream = _distractor_stream(every_record or records, record, style, metadata, rng,
+                                task=task)
     pool = draw_pool(stream, lambda item: _passage_tokens(tokenizer, item[1]), length,
                      task=task, key=style.key, what="distractor passages", more=EXTRA_HINT)
     words = [item[1].text.split() for item in pool]
-    head = style.head
+    head = style.head + qa_demo_text(style, demos)
     tail = style.tail.format(question=record.question)
 
     def arrange(taken: Taken) -> tuple[list[Passage], int]:
@@ -454,34 +569,84 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
             "input_tokens": fitted.num_tokens, "question_id": record.id,
             "question": record.question, "depth": depth, "gold_position": position,
             "num_passages": len(passages), "gold_texts": [p.text for p in record.gold],
-            "distractor_origins": json.dumps(dict(sorted(origins.items())))}
+            "distractor_origins": json.dumps(dict(sorted(origins.items()))),
+            "demo_ids": json.dumps([demo.id for demo in demos])}
+
+
+def split_for_demos(task: str, metadata: Mapping[str, Any], records: Sequence[Record], *,
+                    key: str, demo_key: str, load: Callable[[Path], Sequence[Record]],
+                    shots: int) -> tuple[list[Record], list[Record]]:
+    """(rows to ask about, demonstration pool): every row and the file named by ``demo_key``
+    when it is set (HELMET's separate demonstration file), else a held-out part of the rows."""
+    demo_path = data_path(metadata, demo_key, None, task=task) if shots else None
+    if demo_path is not None:
+        return list(records), list(load(demo_path))
+    asked, held = hold_out_demos(task, metadata, len(records), shots, key=key)
+    return [records[i] for i in asked], [records[i] for i in held]
 
 
 def passage_qa_dataset(task: str, style: PassageStyle, metadata: Mapping[str, Any],
                        default: Path = DEFAULT_QA_FILE) -> dict[str, Any]:
-    """The dataset of a passage-QA task, from ``metadata[style.key]`` or the shipped example."""
+    """The dataset of a passage-QA task, from ``metadata[style.key]`` or the shipped example;
+    demonstrations from ``metadata[style.demo_key]`` or a held-out part of the same rows."""
     path = data_path(metadata, style.key, None, task=task) or default
     records = load_qa(path, task=task, key=style.key)
-    return build_length_dataset(
-        task, metadata, partial(build_passage_qa_sample, records, style, metadata, task))
+    shots = num_shots_setting(metadata, task=task) if style.demo_key else 0
+    asked, pool = split_for_demos(
+        task, metadata, records, key=style.key, demo_key=style.demo_key, shots=shots,
+        load=lambda demo_path: load_qa(demo_path, task=task, key=style.demo_key))
+    return build_length_dataset(task, metadata, partial(
+        build_passage_qa_sample, asked, style, metadata, task, demo_pool=pool,
+        every_record=records))
 
 
-RERANK_HEAD = ("Below are a query and a list of documents, each marked with an ID. Rank the "
-               "documents from the most to the least relevant to the query. Reply with the IDs "
-               "only, most relevant first, in the form: Ranking: ID > ID > ID\n\n"
-               "Query: {query}\n\n")
+RERANK_INSTRUCTION = ("Below are a query and a list of documents, each marked with an ID. Rank "
+                      "the documents from the most to the least relevant to the query. Reply with "
+                      "the IDs only, most relevant first, in the form: Ranking: ID > ID > ID\n\n")
+RERANK_QUERY = "Query: {query}\n\n"
+RERANK_HEAD = RERANK_INSTRUCTION + RERANK_QUERY
 RERANK_TAIL = "\n\nQuery: {query}\nRanking:"
 RERANK_DOCUMENT = "[ID: {pid}] Document (Title: {title}): {text}"
+#: One demonstration (HELMET's layout): its passages, its query, all its ids ranked.
+RERANK_DEMO = "{documents}\n\nQuery: {query}\nRanking: {ranking}\n\n"
+
+
+def rerank_demo_text(demos: Sequence[RerankRecord], rng: random.Random, taken: set[str]) -> str:
+    """Demonstrations of a re-ranking prompt: each demo query's judged passages in a random
+    order under fresh ids (none of ``taken``, which grows), its query, and the ranking of all
+    of them by grade (HELMET's demonstration answer ranks every passage shown)."""
+    blocks = []
+    for demo in demos:
+        shown = []
+        for passage in _shuffled(demo.passages, rng):
+            pid = str(rng.randrange(10000, 100000))
+            while pid in taken:
+                pid = str(rng.randrange(10000, 100000))
+            taken.add(pid)
+            shown.append((pid, passage))
+        ranking = [pid for pid, _ in sorted(shown, key=lambda item: -item[1].relevance)]
+        documents = "\n\n".join(RERANK_DOCUMENT.format(pid=pid, title=p.title or "untitled",
+                                                        text=p.text) for pid, p in shown)
+        blocks.append(RERANK_DEMO.format(documents=documents, query=demo.query,
+                                         ranking=" > ".join(ranking)))
+    return "".join(blocks)
 
 
 def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, Any], task: str,
                         rng: random.Random, length: int, index: int,
-                        tokenizer: LengthTokenizer) -> dict[str, Any]:
-    """A query with all its judged passages (whole) and unjudged filler passages (relevance 0)
-    in a random order, each under a random 5-digit id."""
+                        tokenizer: LengthTokenizer, *, demo_pool: Sequence[RerankRecord] = (),
+                        every_record: Sequence[RerankRecord] = ()) -> dict[str, Any]:
+    """A query of ``records`` with all its judged passages (whole) and unjudged filler passages
+    (relevance 0; from ``every_record``, default ``records``) in a random order, each under a
+    random 5-digit id; ``num_shots`` demonstration queries of ``demo_pool`` come between the
+    instruction and the query."""
     record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
+    demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
+                       item=record.id, key="rerank_path",
+                       allowed=lambda demo: demo.query != record.query)
     judged_texts = {p.text for p in record.passages}
-    others = [Passage(p.text, p.title) for r in records if r is not record for p in r.passages]
+    others = [Passage(p.text, p.title) for r in every_record or records if r is not record
+              for p in r.passages]
     stream = (("other_query", p) for p in _shuffled(others, rng)
               if p.text not in judged_texts)
     extras = ((o, p) for o, p in _extra_stream(metadata, rng, task=task)
@@ -502,7 +667,8 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
     fillers = [(rng.random(), ids[len(judged) + i], passage, 0.0)
                for i, (_, passage) in enumerate(pool)]
     words = [filler[2].text.split() for filler in fillers]
-    head = RERANK_HEAD.format(query=record.query)
+    head = (RERANK_INSTRUCTION + rerank_demo_text(demos, rng, set(ids))
+            + RERANK_QUERY.format(query=record.query))
     tail = RERANK_TAIL.format(query=record.query)
 
     def arrange(taken: Taken) -> list[tuple[float, str, Passage, float]]:
@@ -525,7 +691,8 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
             "input_tokens": fitted.num_tokens, "query_id": record.id,
             "relevant_ids": [pid for _, pid in relevant],
             "relevant_grades": [grade for grade, _ in relevant],
-            "passage_ids": order, "num_passages": len(order)}
+            "passage_ids": order, "num_passages": len(order),
+            "demo_ids": json.dumps([demo.id for demo in demos])}
 
 
 def parse_ranking(prediction: str, known_ids: Iterable[str]) -> list[str]:
@@ -536,11 +703,17 @@ def parse_ranking(prediction: str, known_ids: Iterable[str]) -> list[str]:
 
 
 def rerank_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """The dataset of ``acadlm_rerank``, from ``rerank_path`` or the shipped example."""
+    """The dataset of ``acadlm_rerank``, from ``rerank_path`` or the shipped example;
+    demonstrations from ``rerank_demo_path`` or a held-out part of the same queries."""
     path = data_path(metadata, "rerank_path", None, task=task) or DEFAULT_RERANK_FILE
     records = load_rerank(path, task=task, key="rerank_path")
-    return build_length_dataset(task, metadata,
-                                partial(build_rerank_sample, records, metadata, task))
+    asked, pool = split_for_demos(
+        task, metadata, records, key="rerank_path", demo_key="rerank_demo_path",
+        shots=num_shots_setting(metadata, task=task),
+        load=lambda demo_path: load_rerank(demo_path, task=task, key="rerank_demo_path"))
+    return build_length_dataset(task, metadata, partial(build_rerank_sample, asked, metadata,
+                                                        task, demo_pool=pool,
+                                                        every_record=records))
 
 
 # ------------------------------------------------------------------ in-context learning (ICL)
@@ -790,8 +963,29 @@ def fit_document(head: str, tail: str, document: LongDocument, tokenizer: Length
                      max_units=min(len(pieces), length + 1), task=task, key=key)
 
 
-LONGQA_HEAD = ("Below is a long document. Read it, then answer the question that follows it."
-               "\n\nDocument:\n")
+#: Demonstrations of the long-document tasks leave their documents out, as HELMET's do (its
+#: NarrativeQA, InfiniteBench and Multi-LexSum demonstrations give a question and its answer, or
+#: a summary, from other documents): they show the form of the answer, not the reading.
+EXAMPLES_HEAD = "Examples, with the texts they are about left out:\n\n"
+EXAMPLES_TAIL = "Now the document to work on.\n\n"
+QUESTION_EXAMPLE = "Question: {question}\nAnswer: {answer}\n\n"
+
+
+def examples_block(entries: Sequence[str]) -> str:
+    """The demonstrations of a long-document prompt ("" when there are none)."""
+    return EXAMPLES_HEAD + "".join(entries) + EXAMPLES_TAIL if entries else ""
+
+
+@lru_cache(maxsize=16)
+def examples_bound(tokenizer: LengthTokenizer, entries: tuple[str, ...], shots: int) -> int:
+    """Tokens that ``shots`` demonstrations drawn from ``entries`` can take at most (those of
+    the longest entries): what to leave free when choosing a document long enough."""
+    longest = sorted(entries, key=len, reverse=True)[:shots]
+    return tokenizer.count(examples_block(longest)) if longest else 0
+
+
+LONGQA_INTRO = "Below is a long document. Read it, then answer the question that follows it.\n\n"
+LONGQA_HEAD = LONGQA_INTRO + "Document:\n"
 LONGQA_TAIL = "\n\nQuestion: {question}\nGive a short answer, a few words only.\nAnswer:"
 PLAY_HEAD = ("Below is a long excerpt from the plays of Shakespeare: each speech opens with the "
              "name of its speaker on a line of its own. Read it, then answer the question that "
@@ -883,6 +1077,12 @@ def build_play_question(plays: PlayText, metadata: Mapping[str, Any], task: str,
     last = bisect.bisect_left(plays.piece_ends, question.line_end)
     span = last - first + 1
     tail = PLAY_TAIL.format(line=question.line)
+    demos = pick_demos(plays.questions, num_shots_setting(metadata, task=task), metadata,
+                       task=task, item=question.line, key="longqa_path",
+                       allowed=lambda other: other.line != question.line)
+    head = PLAY_HEAD + examples_block([QUESTION_EXAMPLE.format(
+        question=f"Which character speaks the line \"{demo.line}\"?", answer=demo.speaker)
+        for demo in demos])
 
     def window(units: int) -> tuple[int, int]:
         units = max(units, span)
@@ -892,30 +1092,41 @@ def build_play_question(plays: PlayText, metadata: Mapping[str, Any], task: str,
 
     def render(units: int) -> str:
         start, stop = window(units)
-        return PLAY_HEAD + "".join(pieces[start:stop]).strip() + tail
+        return head + "".join(pieces[start:stop]).strip() + tail
 
     fitted = fit_units(render, tokenizer, length, max_units=min(len(pieces), length + 1),
                        task=task, key="longqa_path")
     start, stop = window(fitted.num_words)
     return {"input": fitted.text, "outputs": [question.speaker], "input_tokens": fitted.num_tokens,
             "depth": depth, "question": f"Which character speaks the line \"{question.line}\"?",
-            "evidence_position": (first - start) / max(stop - start, 1)}
+            "evidence_position": (first - start) / max(stop - start, 1),
+            "demo_ids": json.dumps([demo.line for demo in demos])}
 
 
 def build_document_question(records: Sequence[DocumentQA], documents: Sequence[LongDocument],
                             metadata: Mapping[str, Any], task: str, rng: random.Random,
                             length: int, index: int,
                             tokenizer: LengthTokenizer) -> dict[str, Any]:
-    """A user question over the start of its document, cut to fill ``length`` tokens."""
-    needed = length - _frame_tokens(tokenizer, tuple(r.question for r in records))
+    """A user question over the start of its document, cut to fill ``length`` tokens, after
+    ``num_shots`` questions and answers about other documents."""
+    shots = num_shots_setting(metadata, task=task)
+    entries = tuple(QUESTION_EXAMPLE.format(question=r.question, answer=r.answers[0])
+                    for r in records)
+    needed = (length - _frame_tokens(tokenizer, tuple(r.question for r in records))
+              - examples_bound(tokenizer, entries, shots))
     chosen = pick_long_document(documents, documents[0].key, needed, metadata, task,
                                 "longqa_path", length, index, tokenizer)
     record = records[chosen]
-    fitted = fit_document(LONGQA_HEAD, LONGQA_TAIL.format(question=record.question),
+    demos = pick_demos(range(len(records)), shots, metadata, task=task, item=record.id,
+                       key="longqa_path",
+                       allowed=lambda j: records[j].document != record.document)
+    head = LONGQA_INTRO + examples_block([entries[j] for j in demos]) + "Document:\n"
+    fitted = fit_document(head, LONGQA_TAIL.format(question=record.question),
                           documents[chosen], tokenizer, length, task=task, key="longqa_path")
     return {"input": fitted.text, "outputs": list(record.answers),
             "input_tokens": fitted.num_tokens, "document_id": record.id,
-            "question": record.question, "depth": -1.0, "evidence_position": -1.0}
+            "question": record.question, "depth": -1.0, "evidence_position": -1.0,
+            "demo_ids": json.dumps([records[j].id for j in demos])}
 
 
 @lru_cache(maxsize=8)
@@ -942,13 +1153,33 @@ def longqa_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
     return build_length_dataset(task, metadata, builder)
 
 
-SUMM_HEAD = ("Below is a long document. Read it, then write a short summary of it: one or two "
-             "sentences.\n\nDocument:\n")
-SUMM_TAIL = "\n\nSummary:"
-CODE_HEAD = ("Below is the source code of a Python module whose opening docstring has been "
-             "removed. Read it, then write the first paragraph of that docstring: one or two "
-             "sentences saying what the module is for.\n\n")
-CODE_TAIL = "\n\nFirst paragraph of the module's docstring:"
+@dataclass(frozen=True)
+class SummaryStyle:
+    """The template of a summarization prompt: ``intro``, demonstrations, ``label``, the
+    document, then ``answer`` (which also opens each demonstration's summary)."""
+
+    intro: str
+    label: str
+    answer: str
+
+    def head(self, demos: Sequence[str]) -> str:
+        """Everything before the document, with the demonstration summaries ``demos``."""
+        return (self.intro + examples_block([f"{self.answer} {summary}\n\n" for summary in demos])
+                + self.label)
+
+    @property
+    def tail(self) -> str:
+        return f"\n\n{self.answer}"
+
+
+SUMM_STYLE = SummaryStyle(
+    intro=("Below is a long document. Read it, then write a short summary of it: one or two "
+           "sentences.\n\n"), label="Document:\n", answer="Summary:")
+CODE_STYLE = SummaryStyle(
+    intro=("Below is the source code of a Python module whose opening docstring has been "
+           "removed. Read it, then write the first paragraph of that docstring: one or two "
+           "sentences saying what the module is for.\n\n"), label="",
+    answer="First paragraph of the module's docstring:")
 
 
 def strip_docstring(source: str) -> tuple[str, str] | None:
@@ -1042,18 +1273,26 @@ def _package_summary(package_id: str, text: str) -> DocumentSummary | None:
 
 
 def build_summary_sample(records: Sequence[DocumentSummary], documents: Sequence[LongDocument],
-                         head: str, tail: str, source_key: str, metadata: Mapping[str, Any],
+                         style: SummaryStyle, source_key: str, metadata: Mapping[str, Any],
                          task: str, rng: random.Random, length: int, index: int,
                          tokenizer: LengthTokenizer) -> dict[str, Any]:
-    """A document long enough to fill ``length`` tokens, cut to fit, with its references."""
-    needed = length - tokenizer.count(head) - tokenizer.count(tail)
+    """A document long enough to fill ``length`` tokens, cut to fit, with its references, after
+    ``num_shots`` summaries of other documents."""
+    shots = num_shots_setting(metadata, task=task)
+    summaries = tuple(f"{style.answer} {r.summaries[0]}\n\n" for r in records)
+    needed = (length - tokenizer.count(style.head([])) - tokenizer.count(style.tail)
+              - examples_bound(tokenizer, summaries, shots))
     chosen = pick_long_document(documents, source_key, needed, metadata, task, "summ_path",
                                 length, index, tokenizer)
-    fitted = fit_document(head, tail, documents[chosen], tokenizer, length, task=task,
-                          key="summ_path")
     record = records[chosen]
+    demos = pick_demos(range(len(records)), shots, metadata, task=task, item=record.id,
+                       key="summ_path", allowed=lambda j: records[j].document != record.document
+                       and records[j].summaries[0] != record.summaries[0])
+    fitted = fit_document(style.head([records[j].summaries[0] for j in demos]), style.tail,
+                          documents[chosen], tokenizer, length, task=task, key="summ_path")
     return {"input": fitted.text, "outputs": list(record.summaries),
-            "input_tokens": fitted.num_tokens, "document_id": record.id}
+            "input_tokens": fitted.num_tokens, "document_id": record.id,
+            "demo_ids": json.dumps([records[j].id for j in demos])}
 
 
 def summ_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -1063,15 +1302,436 @@ def summ_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
         from acadlm_plugins.defaults.paths import require_default_corpus
 
         records, documents = stdlib_summaries(str(require_default_corpus()))
-        builder = partial(build_summary_sample, records, documents, CODE_HEAD, CODE_TAIL,
-                          "stdlib", metadata, task)
+        builder = partial(build_summary_sample, records, documents, CODE_STYLE, "stdlib",
+                          metadata, task)
     else:
         records = load_summ(path, task=task, key="summ_path")
         stamp = file_stamp(path)
         documents = tuple(LongDocument(f"{stamp}:{i}", r.document) for i, r in enumerate(records))
-        builder = partial(build_summary_sample, records, documents, SUMM_HEAD, SUMM_TAIL,
-                          str(stamp), metadata, task)
+        builder = partial(build_summary_sample, records, documents, SUMM_STYLE, str(stamp),
+                          metadata, task)
     return build_length_dataset(task, metadata, builder)
+
+
+# --------------------------------------------------------------- citations: ALCE (`cite`)
+
+
+@dataclass(frozen=True)
+class AlceItem:
+    """A question of ALCE (Gao et al. 2023) with its retrieved passages, in retrieval order.
+
+    ``answer_sets`` holds, for ASQA, the acceptable short answers of each sub-question of the
+    ambiguous question and, for QAMPARI, the aliases of each answer of the list.
+    """
+
+    id: str
+    question: str
+    answer_sets: tuple[tuple[str, ...], ...]
+    docs: tuple[Passage, ...]
+    answer: str  # what a demonstration answers: ASQA's long answer, QAMPARI's list
+
+
+@dataclass(frozen=True)
+class AlceDataset:
+    """What differs between ASQA and QAMPARI: keys, ALCE's file, instruction and metrics."""
+
+    name: str
+    key: str  # metadata key of the data file
+    demo_key: str  # metadata key of an ALCE prompt file with hand-written demonstrations
+    file: str  # the file of ALCE's release to give
+    instruction: str
+    extra_metrics: tuple[str, ...]  # reported next to the main one, per length
+
+
+ASQA = AlceDataset(
+    name="asqa", key="asqa_path", demo_key="asqa_demo_path", file="asqa_eval_gtr_top100.json",
+    instruction=("Instruction: Write an accurate, engaging and concise answer to the question "
+                 "below, using only the search results given (some of them may be irrelevant), "
+                 "and cite them: put the number of a supporting search result in brackets, "
+                 "like [1] or [1][2], after each statement. Cite at least one and at most three "
+                 "results per sentence, and only as many as needed to support it."),
+    extra_metrics=("str_hit",))
+QAMPARI = AlceDataset(
+    name="qampari", key="qampari_path", demo_key="qampari_demo_path",
+    file="qampari_eval_gtr_top100.json",
+    instruction=("Instruction: Give a list of accurate answers to the question below, using only "
+                 "the search results given (some of them may be irrelevant), separated by "
+                 "commas, and cite them: put the number of a supporting search result in "
+                 "brackets, like [1], after each answer. If there are more than 5 answers, give "
+                 "at least 5."),
+    extra_metrics=("qampari_prec", "qampari_rec", "qampari_f1", "qampari_f1_top5"))
+ALCE_DATASETS = {dataset.name: dataset for dataset in (ASQA, QAMPARI)}
+#: Citation metrics, computed only with an NLI model (``nli_model_path``).
+CITATION_METRICS = ("citation_rec", "citation_prec")
+#: Passages shown with each demonstration drawn from the data (ALCE's demonstrations have 5).
+ALCE_DEMO_DOCS = 5
+ALCE_DOCUMENT = "Document [{i}](Title: {title}): {text}"
+ALCE_QUESTION = "{instruction}\n\nQuestion: {question}\n\n{documents}\n\nAnswer:"
+ALCE_DEMO_SEPARATOR = "\n\n\n"
+
+
+def _alce_error(task: str, key: str, where: str, problem: str, example: str) -> Exception:
+    return task_error(task, key, f"{where}: {problem}", f"Give ALCE's own file, whose items "
+                      f"look like {example} (a JSON list, or one object per line).")
+
+
+def _alce_passages(value: Any, fail: Callable[[str], Exception]) -> tuple[Passage, ...]:
+    if not isinstance(value, list) or not value:
+        raise fail("field `docs` must be a non-empty list of {\"title\", \"text\"} objects.")
+    passages = []
+    for i, doc in enumerate(value):
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str) \
+                or not doc["text"].strip():
+            raise fail(f"field `docs[{i}].text` must be a non-empty string.")
+        passages.append(Passage(" ".join(doc["text"].split()),
+                                " ".join(str(doc.get("title") or "").split())))
+    return tuple(passages)
+
+
+def _string_lists(value: Any) -> tuple[tuple[str, ...], ...] | None:
+    """A list of non-empty lists of non-empty strings, or None if ``value`` is not one."""
+    if not isinstance(value, list) or not value:
+        return None
+    groups = []
+    for group in value:
+        group = [group] if isinstance(group, str) else group
+        if not isinstance(group, list) or not group or not all(
+                isinstance(alias, str) and alias.strip() for alias in group):
+            return None
+        groups.append(tuple(alias.strip() for alias in group))
+    return tuple(groups)
+
+
+def parse_alce_item(row: Mapping[str, Any], dataset: AlceDataset, *, task: str, key: str,
+                    where: str, number: int) -> AlceItem:
+    """One item of ALCE's ASQA or QAMPARI file, checked; errors name the file and the item."""
+    example = ('{"question": "...", "qa_pairs": [{"short_answers": ["..."]}], "answer": "...", '
+               '"docs": [{"title": "...", "text": "..."}]}' if dataset is ASQA else
+               '{"id": "...", "question": "...", "answers": [["...", "alias"]], '
+               '"docs": [{"title": "...", "text": "..."}]}')
+
+    def fail(problem: str) -> Exception:
+        return _alce_error(task, key, where, problem, example)
+
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise fail("field `question` must be a non-empty string.")
+    docs = _alce_passages(row.get("docs"), fail)
+    if dataset is ASQA:
+        pairs = row.get("qa_pairs")
+        sets = _string_lists([pair.get("short_answers") for pair in pairs]) \
+            if isinstance(pairs, list) and all(isinstance(p, dict) for p in pairs) else None
+        if sets is None:
+            raise fail("field `qa_pairs` must be a non-empty list of objects whose "
+                       "`short_answers` are non-empty lists of strings.")
+        answer = row.get("answer")
+        if not isinstance(answer, str) or not answer.strip():
+            notes = row.get("annotations")
+            answer = notes[0].get("long_answer") if isinstance(notes, list) and notes and \
+                isinstance(notes[0], dict) else None
+        if not isinstance(answer, str) or not answer.strip():
+            answer = " ".join(f"{group[0]}." for group in sets)
+    else:
+        sets = _string_lists(row.get("answers"))
+        if sets is None:
+            raise fail("field `answers` must be a non-empty list of alias lists, e.g. "
+                       "[[\"Paris\"], [\"Rome\", \"Roma\"]].")
+        answer = ", ".join(group[0] for group in sets) + "."
+    item_id = row.get("sample_id", row.get("id", f"item{number}"))
+    return AlceItem(str(item_id), " ".join(question.split()), sets, docs,
+                    " ".join(answer.split()))
+
+
+def _alce_rows(path: Path, *, task: str, key: str) -> Iterator[tuple[str, int, Any]]:
+    """(where, number, row) for every item of an ALCE file: a JSON list (ALCE's release), an
+    object holding it under ``data``, or one object per line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError:
+        for number, row in iter_json_objects(path, task=task, key=key,
+                                             example='{"question": "...", "docs": [...]}'):
+            yield f"{path}:{number}", number, row
+        return
+    rows = loaded.get("data") if isinstance(loaded, dict) else loaded
+    if isinstance(loaded, dict) and not isinstance(rows, list):
+        rows = [loaded]  # a one-line jsonl file
+    if not isinstance(rows, list):
+        raise task_error(task, key, f"{path} holds a JSON {type(loaded).__name__}, not a list of "
+                         "items.", "Give ALCE's file as released (a JSON list of items).")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise task_error(task, key, f"{path} item {number} is not a JSON object.",
+                             "Give ALCE's file as released (a JSON list of items).")
+        yield f"{path} item {number}", number, row
+
+
+@lru_cache(maxsize=8)
+def _load_alce(stamp: tuple[str, int, int], name: str, task: str,
+               key: str) -> tuple[AlceItem, ...]:
+    dataset = ALCE_DATASETS[name]
+    items = tuple(parse_alce_item(row, dataset, task=task, key=key, where=where, number=number)
+                  for where, number, row in _alce_rows(Path(stamp[0]), task=task, key=key))
+    if not items:
+        raise task_error(task, key, f"{stamp[0]} has no items.", "Give ALCE's file as released.")
+    return items
+
+
+def load_alce(path: Path, dataset: AlceDataset, *, task: str, key: str) -> tuple[AlceItem, ...]:
+    """The items of an ALCE ASQA or QAMPARI file (ALCE's own JSON format), checked once."""
+    return _load_alce(file_stamp(path), dataset.name, task, key)
+
+
+def load_alce_prompts(path: Path, dataset: AlceDataset, *,
+                      task: str) -> tuple[str, tuple[AlceItem, ...]]:
+    """The instruction and hand-written demonstrations of an ALCE prompt file (ALCE's
+    ``prompts/asqa_default.json`` and kin: ``instruction``, and ``demos`` with ``question``,
+    ``answer`` and ``docs``), whose answers carry citations as ALCE expects them."""
+    key = dataset.demo_key
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise task_error(task, key, f"{path} is not valid JSON ({err.msg} at line {err.lineno}).",
+                         "Give one of ALCE's prompt files (prompts/*.json).") from None
+    instruction = loaded.get("instruction") if isinstance(loaded, dict) else None
+    demos = loaded.get("demos") if isinstance(loaded, dict) else None
+    if not isinstance(instruction, str) or not isinstance(demos, list) or not demos:
+        raise task_error(task, key, f"{path} lacks an `instruction` string or a `demos` list.",
+                         "Give one of ALCE's prompt files (prompts/*.json).")
+    items = []
+    for number, demo in enumerate(demos, start=1):
+        where = f"{path} demo {number}"
+        answer = demo.get("answer") if isinstance(demo, dict) else None
+        question = demo.get("question") if isinstance(demo, dict) else None
+        if not isinstance(answer, str) or not isinstance(question, str):
+            raise task_error(task, key, f"{where}: needs `question` and `answer` strings.",
+                             "Give one of ALCE's prompt files (prompts/*.json).")
+        docs = _alce_passages(demo.get("docs"), lambda problem, where=where: task_error(
+            task, key, f"{where}: {problem}", "Give one of ALCE's prompt files."))
+        items.append(AlceItem(f"demo{number}", question, (), docs, answer))
+    return instruction, tuple(items)
+
+
+def _alce_documents(passages: Sequence[Passage]) -> str:
+    return "\n\n".join(ALCE_DOCUMENT.format(i=i + 1, title=p.title or "untitled", text=p.text)
+                       for i, p in enumerate(passages))
+
+
+def alce_demo_text(instruction: str, demos: Sequence[AlceItem]) -> str:
+    """ALCE's demonstrations as HELMET lays them out: each a whole answered prompt (instruction,
+    question, its passages, its answer), separated and followed by two blank lines."""
+    return "".join(ALCE_QUESTION.format(instruction=instruction, question=demo.question,
+                                        documents=_alce_documents(demo.docs)) + " "
+                   + demo.answer + ALCE_DEMO_SEPARATOR for demo in demos)
+
+
+def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
+                      demo_pool: Sequence[AlceItem], instruction: str, nli_model: str,
+                      metadata: Mapping[str, Any], task: str, rng: random.Random, length: int,
+                      index: int, tokenizer: LengthTokenizer, *,
+                      every_item: Sequence[AlceItem] = ()) -> dict[str, Any]:
+    """A question of ``items`` with as many passages as fit ``length`` tokens, in retrieval
+    order (ALCE and HELMET vary the number of passages with the length): the item's own, then
+    those of ``every_item`` (default ``items``) and extra passages if they run out. The last one
+    may be cut; citations number them from 1."""
+    item = items[sample_order(task, metadata, length, len(items))[index % len(items)]]
+    demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
+                       item=item.id, key=dataset.key,
+                       allowed=lambda demo: demo.question != item.question)
+    demo_text = alce_demo_text(instruction, demos)
+
+    def stream() -> Iterator[tuple[str, Passage]]:
+        yield from (("retrieved", p) for p in item.docs)
+        others = [p for other in every_item or items if other is not item for p in other.docs]
+        yield from (("other_question", p) for p in _shuffled(others, rng))
+        yield from _extra_stream(metadata, rng, task=task)
+
+    pool = draw_pool(stream(), lambda entry: _passage_tokens(tokenizer, entry[1]), length,
+                     task=task, key=dataset.key, what="passages", more=EXTRA_HINT)
+    words = [entry[1].text.split() for entry in pool]
+
+    def shown(taken: Taken) -> list[Passage]:
+        return [Passage(" ".join(words[i][:n]), pool[i][1].title) for i, n in taken]
+
+    def render(taken: Taken) -> str:
+        return demo_text + ALCE_QUESTION.format(instruction=instruction, question=item.question,
+                                                documents=_alce_documents(shown(taken)))
+
+    # Passages are shown in retrieval order; to land within 1% of the length, fit_items may
+    # exchange the last whole one for a later one (and only the last one shown is cut).
+    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
+                              key=dataset.key)
+    passages = shown(taken)
+    row = {"input": fitted.text, "outputs": [group[0] for group in item.answer_sets],
+           "answer_sets": [list(group) for group in item.answer_sets],
+           "oracle_answer": ", ".join(group[0] for group in item.answer_sets) + ".",
+           "input_tokens": fitted.num_tokens, "question_id": item.id, "question": item.question,
+           "alce_dataset": dataset.name, "num_passages": len(passages),
+           "num_retrieved": sum(pool[i][0] == "retrieved" for i, _ in taken),
+           "nli_model_path": nli_model, "demo_ids": json.dumps([demo.id for demo in demos])}
+    if nli_model:
+        row["passages"] = json.dumps([[p.title, p.text] for p in passages])
+    return row
+
+
+def _alce_file(metadata: Mapping[str, Any], key: str, *, task: str, what: str) -> Path:
+    """The local file named by ``key``: ALCE's data is not shipped and nothing is downloaded,
+    so an unset or missing file stops the task with where to get it."""
+    value = metadata.get(key)
+    fix = (f"ALCE's data is not shipped with acadlm-plugins and is never downloaded. On a machine "
+           f"with network access get {what} (ALCE's release: `bash download_data.sh` in "
+           "github.com/princeton-nlp/ALCE; HELMET's copy: data/alce/ of its data download), "
+           f"copy it here and pass --metadata '{{\"{key}\": \"/path/to/file\"}}'.")
+    if not value:
+        raise task_error(task, key, f"no file given; this task needs {what}.", fix)
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise task_error(task, key, f"{path} does not exist.", fix)
+    return path
+
+
+def nli_model_setting(metadata: Mapping[str, Any], *, task: str) -> str:
+    """``nli_model_path`` of the metadata ("" when unset): a registered judge's name or a local
+    model directory, checked before any prompt is built."""
+    value = str(metadata.get("nli_model_path") or "")
+    if value and value not in ENTAILMENT_JUDGES and not Path(value).expanduser().is_dir():
+        raise task_error(task, "nli_model_path", f"{value} is not a local model directory.",
+                         "Point it at a downloaded NLI model (ALCE uses "
+                         "google/t5_xxl_true_nli_mixture), or leave it unset to skip citation "
+                         "scoring.")
+    return value
+
+
+def cite_dataset(task: str, dataset: AlceDataset, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``acadlm_cite_<name>``: ALCE's file named by ``<name>_path``, with
+    demonstrations from ALCE's prompt file (``<name>_demo_path``) or, without one, from a
+    held-out part of the file (answers without citations, so give ALCE's prompt file when
+    citations are scored)."""
+    path = _alce_file(metadata, dataset.key, task=task, what=f"ALCE's {dataset.file}")
+    items = load_alce(path, dataset, task=task, key=dataset.key)
+    shots = num_shots_setting(metadata, task=task)
+    instruction = dataset.instruction
+    if shots and metadata.get(dataset.demo_key):
+        demo_path = _alce_file(metadata, dataset.demo_key, task=task,
+                               what=f"an ALCE prompt file (prompts/{dataset.name}_default.json)")
+        instruction, pool = load_alce_prompts(demo_path, dataset, task=task)
+        asked: Sequence[AlceItem] = items
+    else:
+        kept, held = hold_out_demos(task, metadata, len(items), shots, key=dataset.key)
+        asked = [items[i] for i in kept]
+        pool = tuple(AlceItem(items[i].id, items[i].question, items[i].answer_sets,
+                              items[i].docs[:ALCE_DEMO_DOCS], items[i].answer) for i in held)
+    nli_model = nli_model_setting(metadata, task=task)
+    if not nli_model:
+        log.warning("%s: %s are not computed (reported as absent, not 0): they need an NLI "
+                    "model. Give a local copy of one (ALCE uses google/t5_xxl_true_nli_mixture) "
+                    "through --metadata nli_model_path, or register a judge with "
+                    "acadlm_plugins.evaluation.helmet.register_entailment_judge.", task,
+                    " and ".join(CITATION_METRICS))
+    return build_length_dataset(task, metadata, partial(
+        build_cite_sample, dataset, asked, pool, instruction, nli_model, metadata, task,
+        every_item=items))
+
+
+#: Entailment judges for citation scoring, by the ``nli_model_path`` value that selects them.
+#: This is the hook for other NLI backends (an OpenAI-compatible judge, a test double):
+#: register a callable ``(premise, hypothesis) -> bool`` under a name and give that name as
+#: ``nli_model_path``. A local directory not registered is loaded on first use.
+ENTAILMENT_JUDGES: dict[str, Entails] = {}
+
+
+def register_entailment_judge(name: str, judge: Entails) -> None:
+    """Make ``judge`` the entailment model that ``nli_model_path=name`` selects."""
+    ENTAILMENT_JUDGES[name] = judge
+
+
+def entailment_judge(name: str) -> Entails:
+    """The judge registered as ``name``, else a TRUE-style NLI model loaded from the local
+    directory ``name`` (and registered)."""
+    if name not in ENTAILMENT_JUDGES:
+        ENTAILMENT_JUDGES[name] = load_true_nli(Path(name).expanduser())
+    return ENTAILMENT_JUDGES[name]
+
+
+def load_true_nli(path: Path) -> Entails:
+    """An entailment judge from a local sequence-to-sequence NLI model in the TRUE format
+    (Honovich et al. 2022), as ALCE uses ``google/t5_xxl_true_nli_mixture``: the input is
+    "premise: ... hypothesis: ...", and the answer "1" means entailed."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(path), local_files_only=True).to(
+        device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+    def entails(premise: str, hypothesis: str) -> bool:
+        ids = tokenizer(f"premise: {premise} hypothesis: {hypothesis}",
+                        return_tensors="pt").input_ids.to(device)
+        with torch.inference_mode():
+            output = model.generate(ids, max_new_tokens=10)
+        return tokenizer.decode(output[0], skip_special_tokens=True).strip() == "1"
+
+    return entails
+
+
+def alce_metric_names(dataset: AlceDataset, with_citations: bool) -> tuple[str, ...]:
+    """The measures a cite task reports at each length: its main one (named by the length
+    alone), the others (``<length>_<measure>``) and, with an NLI model, the citation ones."""
+    return ("", *dataset.extra_metrics, *(CITATION_METRICS if with_citations else ()))
+
+
+def process_results_cite(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """ALCE's model-free scores of a cited answer (STR-EM for ASQA, recall-top5 for QAMPARI
+    under the length's name; the others as ``<length>_<measure>``) and, when the documents
+    name an NLI model, citation recall and precision."""
+    prediction, length = results[0], str(doc["max_length"])
+    scores: dict[str, float] = {}
+    if doc["alce_dataset"] == ASQA.name:
+        scores[""], scores["str_hit"] = asqa_string_em(prediction, doc["answer_sets"])
+    else:
+        listed = qampari_scores(prediction, doc["answer_sets"])
+        scores.update({"": listed.recall_top5, "qampari_prec": listed.precision,
+                       "qampari_rec": listed.recall, "qampari_f1": listed.f1,
+                       "qampari_f1_top5": listed.f1_top5})
+    if doc.get("nli_model_path"):
+        passages = [tuple(p) for p in json.loads(doc["passages"])]
+        cited = citation_scores(prediction, passages, entailment_judge(doc["nli_model_path"]),
+                                list_question=None if doc["alce_dataset"] == ASQA.name
+                                else doc["question"])
+        if cited is not None:  # ALCE leaves an empty answer out of the citation means
+            scores["citation_rec"], scores["citation_prec"] = cited.recall, cited.precision
+    return {f"{length}_{name}" if name else length: value for name, value in scores.items()}
+
+
+class CiteTask(LengthSweepTask):
+    """A cite task: besides the per-length main metric, lm-eval is told of the other measures
+    of :func:`alce_metric_names` so that it aggregates them as means (higher is better)."""
+
+    dataset: AlceDataset = ASQA
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        config = dict(config or {})
+        config.pop("class", None)
+        metadata = config.get("metadata") or {}
+        lengths = parse_lengths(metadata.get("max_seq_lengths"), task=config.get("task", "?"))
+        names = alce_metric_names(self.dataset, bool(metadata.get("nli_model_path")))
+        config["metric_list"] = [
+            {"metric": f"{length}_{name}" if name else str(length), "aggregation": "mean",
+             "higher_is_better": True} for length in lengths for name in names]
+        ConfigurableTask.__init__(self, config=config)
+
+
+class AsqaTask(CiteTask):
+    """``acadlm_cite_asqa``."""
+
+    dataset = ASQA
+
+
+class QampariTask(CiteTask):
+    """``acadlm_cite_qampari``."""
+
+    dataset = QAMPARI
 
 
 # ------------------------------------------------------------------------------- entry points

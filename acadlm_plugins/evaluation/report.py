@@ -1,8 +1,23 @@
-"""The per-length view of long-context results: a task x length table and a heatmap.
+"""The per-length view of long-context results: a task x length table and a heatmap, with the
+category and overall scores computed as the suites do.
 
 lm-eval prints one row per (task, metric); for a length sweep the useful picture is a grid with
-tasks down and lengths across, plus the average of each length. This module builds it from
-lm-eval's results dictionary (in memory or a ``results_*.json`` file) and writes it next to them.
+tasks down and lengths across. Below the tasks come the summary rows, at each length:
+
+* HELMET's categories (recall, RAG, re-ranking, citations, ICL, long-document QA,
+  summarization), each the mean of its tasks' scores, and ``helmet``, the mean of the
+  categories present: HELMET's overall score (Yen et al. 2024, §2; its
+  ``scripts/collect_results.py``) averages each category first, so that a category with
+  several datasets weighs as much as one with one. As in HELMET, recall also counts RULER's
+  MK2, MK3 and MV tasks when they ran next to HELMET's own, and the citation category counts
+  ALCE's citation recall/precision next to the answer scores when an NLI model computed them;
+* ``ruler``: the plain mean of the RULER-style tasks, as RULER averages them;
+* ``other``: the mean of any other task with per-length metrics;
+* ``average``: the mean of the suite rows present (``helmet``, ``ruler``, ``other``), which is
+  the suite's own overall score when only one suite was run.
+
+This module builds all of it from lm-eval's results dictionary (in memory or a
+``results_*.json`` file) and writes it next to them.
 """
 
 from __future__ import annotations
@@ -10,46 +25,126 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 AVERAGE_ROW = "average"
+#: HELMET's categories and the rows (tasks, or ``task:measure`` for a further measure of a
+#: task) of ours that stand for its datasets in each. Cite's citation measures exist only when
+#: an NLI model scored them.
+HELMET_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "recall": ("acadlm_json_kv", "acadlm_niah_multikey_2", "acadlm_niah_multikey_3",
+               "acadlm_niah_multivalue"),
+    "rag": ("acadlm_rag",),
+    "rerank": ("acadlm_rerank",),
+    "cite": ("acadlm_cite_asqa", "acadlm_cite_asqa:citation_rec",
+             "acadlm_cite_asqa:citation_prec", "acadlm_cite_qampari",
+             "acadlm_cite_qampari:citation_rec", "acadlm_cite_qampari:citation_prec"),
+    "icl": ("acadlm_icl",),
+    "longqa": ("acadlm_longqa",),
+    "summ": ("acadlm_summ",),
+}
+#: Further measures (``<length>_<measure>`` metrics) that become rows of their own.
+CATEGORY_MEASURES = frozenset(row.split(":", 1)[1] for rows in HELMET_CATEGORIES.values()
+                              for row in rows if ":" in row)
+_HELMET_ROWS = frozenset(row for rows in HELMET_CATEGORIES.values() for row in rows)
+_RULER_NAMES = ("acadlm_niah_", "acadlm_vt", "acadlm_cwe", "acadlm_fwe", "acadlm_ruler_qa")
+
+
+def is_ruler_task(task: str) -> bool:
+    """Whether ``task`` belongs to our RULER-style suite (``acadlm_ruler``)."""
+    return task.startswith(_RULER_NAMES)
+
+
+def mean_by_length(rows: Iterable[Mapping[int, float]], lengths: Iterable[int]) -> dict[int, float]:
+    """The mean of ``rows`` at each length, over the rows that have it (lengths no row has are
+    left out)."""
+    listed = list(rows)
+    means = {}
+    for length in lengths:
+        values = [row[length] for row in listed if length in row]
+        if values:
+            means[length] = sum(values) / len(values)
+    return means
 
 
 @dataclass(frozen=True)
 class LengthTable:
-    """Scores (0-100) by task and context length; ``None`` where a task has no such length."""
+    """Scores (0-100) by row (a task, or ``task:measure``) and context length; a row has no
+    entry at a length its task was not run at."""
 
     tasks: list[str]
     lengths: list[int]
     scores: dict[str, dict[int, float]]
 
+    def categories(self) -> dict[str, dict[int, float]]:
+        """HELMET's category scores (the mean of each category's rows), for the categories
+        that have rows; none unless a HELMET task of ours ran (a RULER run whose MK2 would
+        count towards recall is no HELMET run)."""
+        if not any(not is_ruler_task(row) for row in self.scores if row in _HELMET_ROWS):
+            return {}
+        found = {}
+        for name, members in HELMET_CATEGORIES.items():
+            rows = [self.scores[row] for row in members if row in self.scores]
+            if rows:
+                found[name] = mean_by_length(rows, self.lengths)
+        return found
+
+    def suites(self) -> dict[str, dict[int, float]]:
+        """``helmet`` (the mean of its categories), ``ruler`` and ``other`` (plain means of
+        their tasks), for the suites that have rows."""
+        ruler = [self.scores[t] for t in self.tasks if is_ruler_task(t)]
+        other = [self.scores[t] for t in self.tasks
+                 if t not in _HELMET_ROWS and not is_ruler_task(t)]
+        found = {}
+        categories = self.categories()
+        if categories:
+            found["helmet"] = mean_by_length(categories.values(), self.lengths)
+        if ruler:
+            found["ruler"] = mean_by_length(ruler, self.lengths)
+        if other:
+            found["other"] = mean_by_length(other, self.lengths)
+        return found
+
     def averages(self) -> dict[int, float]:
-        """The mean over tasks at each length (tasks without that length are skipped)."""
-        means = {}
-        for length in self.lengths:
-            values = [row[length] for row in self.scores.values() if length in row]
-            means[length] = sum(values) / len(values) if values else math.nan
-        return means
+        """The overall score at each length: the mean of the suites present (NaN where none
+        has the length)."""
+        means = mean_by_length(self.suites().values(), self.lengths)
+        return {length: means.get(length, math.nan) for length in self.lengths}
+
+    def summary_rows(self) -> dict[str, dict[int, float]]:
+        """The rows below the tasks, in order: categories, suites (when more than one, else
+        the average says it), the average."""
+        rows = {f"helmet: {name}": scores for name, scores in self.categories().items()}
+        suites = self.suites()
+        if len(suites) > 1:
+            rows.update(suites)
+        rows[AVERAGE_ROW] = self.averages()
+        return rows
 
     def to_markdown(self) -> str:
-        """A Markdown table, one row per task and a final average row."""
+        """A Markdown table, one row per task, then the category, suite and average rows."""
         header = "| task | " + " | ".join(str(length) for length in self.lengths) + " |"
         rule = "|---|" + "---:|" * len(self.lengths)
         lines = [header, rule]
         for task in self.tasks:
             cells = [_cell(self.scores[task].get(length)) for length in self.lengths]
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        averages = self.averages()
-        lines.append(f"| **{AVERAGE_ROW}** | "
-                     + " | ".join(_cell(averages[length]) for length in self.lengths) + " |")
+        for name, scores in self.summary_rows().items():
+            cells = [_cell(scores.get(length)) for length in self.lengths]
+            lines.append(f"| **{name}** | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lengths": self.lengths,
-                "scores": {task: {str(k): v for k, v in row.items()}
-                           for task, row in self.scores.items()},
+        """Lengths, rows, categories, suites and the average, with lengths as string keys."""
+
+        def keyed(rows: Mapping[str, Mapping[int, float]]) -> dict[str, dict[str, float]]:
+            return {name: {str(k): v for k, v in row.items()} for name, row in rows.items()}
+
+        return {"lengths": self.lengths, "scores": keyed(self.scores),
+                "categories": keyed(self.categories()), "suites": keyed(self.suites()),
                 AVERAGE_ROW: {str(k): v for k, v in self.averages().items()}}
 
 
@@ -57,22 +152,36 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
+def _length_metric(key: str) -> tuple[int, str] | None:
+    """(length, measure) of an lm-eval result key named by length: ``"4096,none"`` is
+    (4096, ""), ``"4096_citation_rec,none"`` is (4096, "citation_rec"); None otherwise."""
+    name, _, filter_name = key.partition(",")
+    length, _, measure = name.partition("_")
+    if filter_name != "none" or not length.isdigit() or measure.endswith("stderr") \
+            or measure == "stderr":
+        return None
+    return int(length), measure
+
+
 def length_table(results: dict[str, Any]) -> LengthTable | None:
     """The task x length table of lm-eval ``results`` (the dict simple_evaluate returns, or its
-    ``results`` part); None when no task reports length-named metrics."""
+    ``results`` part); None when no task reports length-named metrics. Besides each task's
+    main metric (named by the length alone), the measures a category counts
+    (:data:`CATEGORY_MEASURES`) become ``task:measure`` rows."""
     per_task = results.get("results", results)
     groups = set(results.get("groups", {}))
     scores: dict[str, dict[int, float]] = {}
     for task, metrics in per_task.items():
         if task in groups or not isinstance(metrics, dict):
             continue
-        row = {}
         for key, value in metrics.items():
-            name, _, filter_name = str(key).partition(",")
-            if name.isdigit() and filter_name == "none" and isinstance(value, (int, float)):
-                row[int(name)] = float(value)
-        if row:
-            scores[task] = row
+            parsed = _length_metric(str(key))
+            if parsed is None or not isinstance(value, (int, float)):
+                continue
+            length, measure = parsed
+            if measure and measure not in CATEGORY_MEASURES:
+                continue
+            scores.setdefault(f"{task}:{measure}" if measure else task, {})[length] = float(value)
     if not scores:
         return None
     lengths = sorted({length for row in scores.values() for length in row})
@@ -87,10 +196,12 @@ def plot_heatmap(table: LengthTable, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = [*table.tasks, AVERAGE_ROW]
-    averages = table.averages()
+    summary = table.summary_rows()
+    rows = [*table.tasks, *summary]
     grid = np.array([[table.scores[t].get(length, np.nan) for length in table.lengths]
-                     for t in table.tasks] + [[averages[length] for length in table.lengths]])
+                     for t in table.tasks]
+                    + [[row.get(length, np.nan) for length in table.lengths]
+                       for row in summary.values()])
     height = 1.2 + 0.38 * len(rows)
     fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(table.lengths), height))
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")

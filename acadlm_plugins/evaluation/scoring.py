@@ -2,16 +2,21 @@
 
 RULER scores a generation by whether the expected strings occur in it: ``match_all`` gives the
 share of references found, ``match_part`` full credit if any is. HELMET adds substring exact
-match, ROUGE-L and NDCG@10 for re-ranking.
+match, ROUGE-L, NDCG@10 for re-ranking (trec_eval's definition) and, for its ``cite`` category,
+ALCE's metrics (Gao et al. 2023): STR-EM for ASQA, answer-list precision/recall/F1 for QAMPARI,
+and citation recall/precision, which need an entailment model passed in by the caller.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def clean_prediction(text: str) -> str:
@@ -34,8 +39,9 @@ def match_part(prediction: str, references: Sequence[str]) -> float:
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation and articles, squeeze spaces (the SQuAD normalization)."""
-    text = re.sub(r"[^\w\s]", " ", text.lower())
+    """Lowercase, delete ASCII punctuation, drop articles, squeeze spaces: the SQuAD
+    normalization that HELMET and ALCE compare answers with ("Wal-Mart" and "walmart" agree)."""
+    text = text.lower().translate(_NO_PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -56,12 +62,166 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
                        default=0.0)
 
 
-def ndcg_at_k(ranking: Sequence[str], relevance: dict[str, float], k: int = 10) -> float:
-    """100 x NDCG@k of a ranked list of ids against graded ``relevance`` (missing ids count 0)."""
+def ndcg_at_k(ranking: Sequence[str], relevance: Mapping[str, float], k: int = 10) -> float:
+    """100 x NDCG@k of a ranked list of ids against graded ``relevance``, as trec_eval's
+    ``ndcg_cut`` (and so pytrec_eval, which HELMET scores re-ranking with) defines it.
+
+    The gain of a document is its relevance grade itself (linear gain, not 2^grade - 1), the
+    document at rank r (from 1) is discounted by log2(r + 1), ids that were not judged count 0,
+    and an id repeated in the ranking counts at its first rank only. The ideal ranking orders
+    all judged grades from the highest, so a ranking that leaves out a relevant document is
+    penalised (Järvelin & Kekäläinen 2002; trec_eval 9, ``m_ndcg_cut.c``).
+    """
     seen: set[str] = set()
     unique = [doc for doc in ranking if not (doc in seen or seen.add(doc))]
-    gains = [relevance.get(doc, 0.0) for doc in unique[:k]]
-    dcg = sum((2**gain - 1) / math.log2(rank + 2) for rank, gain in enumerate(gains))
-    ideal = sorted(relevance.values(), reverse=True)[:k]
-    idcg = sum((2**gain - 1) / math.log2(rank + 2) for rank, gain in enumerate(ideal))
-    return 100.0 * dcg / idcg if idcg > 0 else 0.0
+    gains = [max(relevance.get(doc, 0.0), 0.0) for doc in unique[:k]]
+    ideal = sorted((grade for grade in relevance.values() if grade > 0), reverse=True)[:k]
+    idcg = _dcg(ideal)
+    return 100.0 * _dcg(gains) / idcg if idcg > 0 else 0.0
+
+
+def _dcg(gains: Sequence[float]) -> float:
+    return sum(gain / math.log2(rank + 2) for rank, gain in enumerate(gains))
+
+
+# ------------------------------------------------------------------ ALCE (HELMET's `cite`)
+
+_CITATION = re.compile(r"\s*\[\d+(?:\s*[,;]\s*\d+)*\]")
+_CITED_ID = re.compile(r"\[(\d+)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+def strip_citations(text: str) -> str:
+    """``text`` without its bracketed citation marks ("[1]", "[2][3]", "[1, 2]"): ALCE judges
+    the correctness of an answer on its words alone."""
+    return _CITATION.sub("", text)
+
+
+def alce_answer(prediction: str) -> str:
+    """A generation as ALCE scores it: line breaks become spaces (a multi-line answer is one
+    answer), surrounding whitespace goes."""
+    return re.sub(r"\s*\n\s*", " ", prediction).strip()
+
+
+def asqa_string_em(prediction: str, short_answers: Sequence[Sequence[str]]) -> tuple[float, float]:
+    """ALCE's STR-EM and STR-HIT for ASQA (Gao et al. 2023, §4.1), both 0-100.
+
+    ASQA splits an ambiguous question into sub-questions, each with a set of acceptable short
+    answers. STR-EM is the share of sub-questions for which some short answer occurs, after
+    :func:`normalize_answer`, in the normalized generation (citations removed); STR-HIT is 100
+    when all of them do.
+    """
+    if not short_answers:
+        return 0.0, 0.0
+    text = normalize_answer(strip_citations(alce_answer(prediction)))
+    found = [any(normalize_answer(a) and normalize_answer(a) in text for a in answers)
+             for answers in short_answers]
+    share = sum(found) / len(found)
+    return 100.0 * share, 100.0 if all(found) else 0.0
+
+
+@dataclass(frozen=True)
+class AnswerListScores:
+    """ALCE's scores of a comma-separated answer list against QAMPARI's answers, 0-100."""
+
+    precision: float
+    recall: float
+    recall_top5: float
+    f1: float
+    f1_top5: float
+    num_predictions: int
+
+
+def qampari_scores(prediction: str, answers: Sequence[Sequence[str]]) -> AnswerListScores:
+    """Precision, recall and F1 of a generated answer list (ALCE's QAMPARI metrics).
+
+    The generation (citations removed, a final period or comma dropped) is split at commas and
+    each item normalized; empty items go. Each answer of ``answers`` is a set of aliases.
+    Precision: the share of predicted items equal to some alias of some answer (a repeated item
+    counts each time). Recall: the share of answers with an alias among the items. Recall-top5
+    caps both counts at 5, since a question may have dozens of answers and the prompt asks for
+    at least 5: min(5, answers found) / min(5, answers). F1 and F1-top5 combine precision with
+    each recall. HELMET's `cite` category uses recall-top5.
+    """
+    text = strip_citations(alce_answer(prediction)).rstrip().rstrip(".").rstrip(",")
+    items = [normalize_answer(item) for item in text.split(",")]
+    items = [item for item in items if item]
+    aliases = [{normalize_answer(alias) for alias in group} for group in answers]
+    every_alias = set().union(*aliases) if aliases else set()
+    precision = sum(item in every_alias for item in items) / len(items) if items else 0.0
+    found = sum(bool(group & set(items)) for group in aliases)
+    recall = found / len(aliases) if aliases else 0.0
+    recall_top5 = min(5, found) / min(5, len(aliases)) if aliases else 0.0
+    return AnswerListScores(100.0 * precision, 100.0 * recall, 100.0 * recall_top5,
+                            100.0 * _harmonic(precision, recall),
+                            100.0 * _harmonic(precision, recall_top5), len(items))
+
+
+def _harmonic(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+#: Decides whether a premise entails a hypothesis (an NLI model, or a judge).
+Entails = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class CitationScores:
+    """ALCE's citation recall and precision of one answer, 0-100."""
+
+    recall: float
+    precision: float
+
+
+def answer_statements(prediction: str, *, list_question: str | None = None) -> list[str]:
+    """The statements of an answer whose citations are checked, as ALCE cuts them: sentences
+    of 5 characters or more, or, for an answer list (``list_question`` given, QAMPARI), each
+    item prefixed with the question so that it reads as a claim."""
+    text = alce_answer(prediction)
+    if list_question is not None:
+        items = text.rstrip().rstrip(".").rstrip(",").split(",")
+        return [f"{list_question} {item.strip()}" for item in items if item.strip()]
+    return [sentence for sentence in _SENTENCE_END.split(text) if len(sentence.strip()) >= 5]
+
+
+def citation_scores(prediction: str, documents: Sequence[tuple[str, str]], entails: Entails, *,
+                    list_question: str | None = None,
+                    at_most: int = 3) -> CitationScores | None:
+    """ALCE's citation recall and precision (Gao et al. 2023, §4.2), None for an empty answer.
+
+    ``documents`` are the (title, text) of the passages shown, numbered from 1 in the prompt.
+    A statement is *supported* when the passages it cites (the first ``at_most``) together
+    entail it, with its citation marks removed; a statement without a citation, or citing a
+    number no passage has, is not. Recall is the share of supported statements. A citation is
+    *precise* unless it is redundant: in a supported statement with several citations, a
+    passage that does not entail the statement alone while the other cited passages do. In a
+    supported statement with one citation, that citation is precise. Precision is the share of
+    precise citations among all citations counted (0 when there are none).
+    """
+    statements = answer_statements(prediction, list_question=list_question)
+    if not statements:
+        return None
+
+    def passage(ids: Sequence[int]) -> str:
+        return "\n".join(f"Title: {documents[i][0]}\n{documents[i][1]}" for i in ids)
+
+    supported = precise = cited = 0
+    for statement in statements:
+        claim = strip_citations(statement).strip()
+        ids = [int(number) - 1 for number in _CITED_ID.findall(statement)]
+        if not ids or any(not 0 <= i < len(documents) for i in ids):
+            continue
+        ids = ids[:at_most]
+        cited += len(ids)
+        if not entails(passage(ids), claim):
+            continue
+        supported += 1
+        if len(ids) == 1:
+            precise += 1
+            continue
+        for i in ids:
+            others = [j for j in ids if j != i]
+            if entails(passage([i]), claim) or not entails(passage(others), claim):
+                precise += 1
+    return CitationScores(100.0 * supported / len(statements),
+                          100.0 * precise / cited if cited else 0.0)

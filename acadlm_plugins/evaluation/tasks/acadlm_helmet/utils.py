@@ -9,6 +9,9 @@ from typing import Any
 
 from acadlm_plugins.evaluation import helmet
 from acadlm_plugins.evaluation.helmet import (  # noqa: F401  (referenced from the YAMLs)
+    AsqaTask,
+    QampariTask,
+    process_results_cite,
     process_results_label,
     process_results_ndcg,
     process_results_rouge_l,
@@ -45,3 +48,13 @@ def longqa(**metadata: Any) -> dict[str, Any]:
 def summ(**metadata: Any) -> dict[str, Any]:
     """Dataset of ``acadlm_summ``."""
     return helmet.summ_dataset("acadlm_summ", metadata)
+
+
+def cite_asqa(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_cite_asqa``."""
+    return helmet.cite_dataset("acadlm_cite_asqa", helmet.ASQA, metadata)
+
+
+def cite_qampari(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_cite_qampari``."""
+    return helmet.cite_dataset("acadlm_cite_qampari", helmet.QAMPARI, metadata)

@@ -4,6 +4,7 @@
 from functools import partial
 
 from acadlm_plugins.evaluation.ruler import (  # noqa: F401  (referenced from the YAMLs)
+    RulerTask,
     cwe_dataset,
     fwe_dataset,
     niah_dataset,
