@@ -57,6 +57,7 @@ from acadlm_plugins.training.run_checks import (
     check_checkpoint_source,
     check_device,
     check_log_dir,
+    check_model_family,
     check_output_dir,
     clean_interrupted_writes,
     positive_int,
@@ -130,6 +131,7 @@ class ContinuedPretrainRecipe:
         check_output_dir(self._output_dir)
         check_log_dir(cfg)
         check_checkpoint_source(cfg)
+        check_model_family(cfg)
         if self._is_rank_zero:
             log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
         # Nothing is written to output_dir until every check below has passed (the metric

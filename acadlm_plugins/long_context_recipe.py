@@ -14,6 +14,10 @@ plugins, per-source validation loss) with what a context extension needs on top:
   through our adapter and transformers all load the stretched model.
 * A stage longer than the model was trained on (``trained_length``, by default the checkpoint's
   ``max_position_embeddings``) at an unchanged θ is refused before training.
+* A checkpoint with a scaled RoPE (Llama 3.1/3.2's ``llama3`` scaling) keeps its scaling under
+  the new θ: the scaling is applied to the new θ's frequencies, by our model and, since the
+  saved config.json keeps ``rope_scaling`` and gets the new ``rope_theta``, by transformers and
+  the lm-eval adapter alike. The stage logs this (``Stage.rope_note``); docs/models.md says why.
 * ``long_context.token_budget`` sets the number of steps (budget / tokens per step).
 * ``long_context.previous_stage``: the optimizer state (AdamW moments) of that stage's last
   checkpoint carries over, while the learning-rate schedule starts again, as in ProLong.
@@ -46,6 +50,7 @@ from torchtune import config, training, utils
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins.continued_pretrain_recipe import REQUIRED_KEYS, ContinuedPretrainRecipe
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.rope import rope_settings_from_config
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
@@ -83,6 +88,7 @@ class Stage:
     previous_stage: str | None
     chunked_loss_tokens: int
     attention: str = "auto"
+    rope_note: str | None = None
 
     @property
     def extends_context(self) -> bool:
@@ -119,6 +125,28 @@ def config_rope_base(model_config: dict[str, Any]) -> float:
     value = model_config.get("rope_theta") or (model_config.get("rope_parameters") or {}).get(
         "rope_theta")
     return float(value or 10_000.0)
+
+
+def rope_change_note(model_config: dict[str, Any], rope_base: float) -> str | None:
+    """What moving a checkpoint's RoPE to θ = ``rope_base`` does to its RoPE scaling, for the
+    log and the run history; None when nothing is scaled or θ stays.
+
+    The rule: a scaled RoPE keeps its scaling (factor, low/high frequency factors, original
+    context) and applies it to the new θ's frequencies, as transformers does with the config
+    the stage saves. Dropping the scaling instead would change every low-frequency rotation of
+    the pretrained model at once, on top of the θ change."""
+    try:
+        source = rope_settings_from_config(model_config)
+    except KeyError:
+        return None  # a malformed scaling block; building the model refuses it by name
+    if not source.scaled or float(rope_base) == source.theta:
+        return None
+    return (f"RoPE θ {source.theta:g} -> {float(rope_base):g} on a scaled RoPE: the checkpoint's "
+            f"{source.rope_type} scaling (factor {source.factor:g}, low_freq_factor "
+            f"{source.low_freq_factor:g}, high_freq_factor {source.high_freq_factor:g}, "
+            f"original_max_position_embeddings {source.original_max_position_embeddings}) is "
+            "kept and applied to the new θ's frequencies; the saved config.json keeps it, so "
+            "transformers and the acadlm adapter compute the same RoPE.")
 
 
 def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
@@ -180,7 +208,8 @@ def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
                  source_max_positions=int(model_config.get("max_position_embeddings") or trained),
                  token_budget=None if budget is None else int(budget),
                  previous_stage=None if previous is None else str(previous),
-                 chunked_loss_tokens=chunk, attention=attention)
+                 chunked_loss_tokens=chunk, attention=attention,
+                 rope_note=rope_change_note(model_config, theta))
 
 
 def steps_for_budget(stage: Stage, *, batch_size: int, grad_accum: int, data_parallel: int,
@@ -318,6 +347,8 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                      self._stage.source_rope_base, self._stage.trained_length, self._max_steps,
                      self._stage.max_seq_len * self._batch_size * self._grad_accum
                      * self._data_world, self._sp_degree)
+            if self._stage.rope_note:
+                log.info(self._stage.rope_note)
         self._history.setdefault("stage", asdict(self._stage))
         check_sequence_parallel_config(self._model, self._stage, self._sp_degree)
         if uses_document_attention(self._stage.attention, self._device):

@@ -34,7 +34,7 @@ from acadlm_plugins.errors import AcadlmError
 from acadlm_plugins.pruning.architecture import architecture_of
 from acadlm_plugins.pruning.export import export_pruned_model
 from acadlm_plugins.pruning.masks import MaskHooks
-from acadlm_plugins.pruning.materialize import materialize
+from acadlm_plugins.pruning.materialize import kept_units, materialize
 from acadlm_plugins.training.components import instantiate_component
 
 log = utils.get_logger("INFO")
@@ -85,6 +85,7 @@ class PruneRecipe:
             plain = instantiate_component(self._cfg, "model")
         plain.load_state_dict(state, strict=False)
         pruned, target = materialize(plain, masks)
+        kept_layers = kept_units(masks).layers
 
         losses_source = self._source_losses()
         hooks = MaskHooks(plain, masks)
@@ -94,11 +95,12 @@ class PruneRecipe:
         losses_pruned = self._trainer.evaluate(pruned)
         check_materialized(losses_masked, losses_pruned, COMPARISON_DTYPE)
         return self._export(pruned, target, started, {
-            "source": losses_source, "masked": losses_masked, "pruned": losses_pruned})
+            "source": losses_source, "masked": losses_masked, "pruned": losses_pruned},
+            kept_layers=kept_layers)
 
     def one_shot_prune_and_export(self) -> dict[str, Any] | None:
         """Minitron one-shot pruning: rank units on the calibration packs, slice, export."""
-        from acadlm_plugins.pruning.importance import one_shot_prune
+        from acadlm_plugins.pruning.importance import keep_indices, one_shot_prune
 
         started = time.perf_counter()
         state = self._trainer.full_model_state()
@@ -110,10 +112,11 @@ class PruneRecipe:
         scores = self._pruning.importance(self._pruning.calibration_corpus, model=source,
                                           device=torch.device("cpu"))
         pruned, target = one_shot_prune(source, scores, self._pruning.target)
+        kept_layers = keep_indices(scores, architecture_of(source), target).layers
         losses = {"source": self._trainer.evaluate(source), "pruned": self._trainer.evaluate(pruned)}
         log.info("one-shot importance pruning over %d calibration sequences (%d tokens)",
                  scores.num_sequences, scores.num_tokens)
-        return self._export(pruned, target, started, losses)
+        return self._export(pruned, target, started, losses, kept_layers=kept_layers)
 
     def _source_losses(self) -> dict[str, float]:
         """The source model's validation losses: the run's step-0 evaluation (the mask hooks are
@@ -128,7 +131,8 @@ class PruneRecipe:
             del source_model
 
     def _export(self, pruned: torch.nn.Module, target: Any, started: float,
-                losses: dict[str, dict[str, float]]) -> dict[str, Any]:
+                losses: dict[str, dict[str, float]], *, kept_layers: list[int]
+                ) -> dict[str, Any]:
         source = self._pruning.source
         achieved = architecture_of(pruned)
         dest = self._trainer.output_dir / PRUNED_MODEL_DIRNAME
@@ -136,7 +140,8 @@ class PruneRecipe:
         export_pruned_model(pruned, achieved, self._cfg.checkpointer.checkpoint_dir, dest,
                             provenance={"source": source.to_dict(), "target": target.to_dict(),
                                         "method": method,
-                                        "recipe": "acadlm_plugins/prune_recipe"})
+                                        "recipe": "acadlm_plugins/prune_recipe"},
+                            kept_layers=kept_layers)
         summary = {
             "method": method,
             "source": source.to_dict(), "target": target.to_dict(),

@@ -105,6 +105,8 @@ REFUSALS = [
     ("typo in a component block", CPT, "cpt", ["dataset.weigths=0.5"], "dataset.weigths"),
     ("missing checkpoint folder", CPT, "cpt", ["checkpointer.checkpoint_dir={missing}"],
      "checkpointer.checkpoint_dir"),
+    ("a model_type that converts the weights wrongly", CPT, "cpt",
+     ["checkpointer.model_type=QWEN2"], "checkpointer.model_type"),
     ("missing checkpoint file", CPT, "cpt", ["checkpointer.checkpoint_files=[nope.safetensors]"],
      "checkpointer.checkpoint_files"),
 ]

@@ -3,7 +3,6 @@ parameters. Every impossible target is refused here, before any training starts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -12,13 +11,15 @@ from typing import Any
 from torch import nn
 
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.families import hf_model_spec
 
 PRUNABLE_DIMS = ("num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """The shape of a Llama-style decoder (every layer alike)."""
+    """The shape of a Llama-style decoder (every layer alike); ``attention_bias``: q/k/v have
+    biases (Qwen2)."""
 
     num_layers: int
     num_heads: int
@@ -28,6 +29,7 @@ class Architecture:
     head_dim: int
     vocab_size: int
     tie_word_embeddings: bool = True
+    attention_bias: bool = False
 
     @property
     def heads_per_kv(self) -> int:
@@ -39,6 +41,8 @@ class Architecture:
         attn += 2 * self.embed_dim * self.num_kv_heads * self.head_dim
         mlp = 3 * self.embed_dim * self.intermediate_dim
         norms = 2 * self.embed_dim
+        if self.attention_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         return self.num_layers * (attn + mlp + norms) + self.embed_dim  # + final norm
 
     def total_params(self) -> int:
@@ -67,21 +71,20 @@ def architecture_of(model: nn.Module) -> Architecture:
         embed_dim=model.tok_embeddings.embedding_dim,
         intermediate_dim=layer.mlp.w1.out_features, head_dim=attn.head_dim,
         vocab_size=model.tok_embeddings.num_embeddings,
-        tie_word_embeddings=not isinstance(model.output, nn.Linear))
+        tie_word_embeddings=not isinstance(model.output, nn.Linear),
+        attention_bias=attn.q_proj.bias is not None)
 
 
 def architecture_from_hf_config(path: str | Path) -> Architecture:
-    """Read a Hugging Face Llama ``config.json`` (a file or the model directory)."""
-    path = Path(path)
-    config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    heads = config["num_attention_heads"]
+    """Read a Hugging Face ``config.json`` (a file or the model directory) of a supported
+    family; others are refused by the family layer (``models.families``)."""
+    spec = hf_model_spec(path)
     return Architecture(
-        num_layers=config["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads", heads),
-        embed_dim=config["hidden_size"], intermediate_dim=config["intermediate_size"],
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab_size=config["vocab_size"],
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+        num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+        embed_dim=spec.embed_dim, intermediate_dim=spec.intermediate_dim,
+        head_dim=spec.head_dim, vocab_size=spec.vocab_size,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        attention_bias=spec.family.attention_bias)
 
 
 def resolve_target(source: Architecture, target: Mapping[str, Any], *,

@@ -11,12 +11,13 @@ same code builds the one-shot model of importance pruning, where every value is 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from acadlm_plugins.models.llama import llama_decoder
+from acadlm_plugins.models.decoder import decoder
 from acadlm_plugins.pruning.architecture import Architecture
 from acadlm_plugins.pruning.masks import PruningMasks
 
@@ -96,8 +97,13 @@ def materialize_units(model: nn.Module, units: KeptUnits, src: Architecture,
     Within every kept layer the kept query heads must list, in ascending order, the heads of
     the kept KV groups (``tgt.heads_per_kv`` each): materialized head i then reads KV head
     ``i // tgt.heads_per_kv``, as the source head did.
+
+    Nothing about the family is assumed: q/k/v biases (Qwen2) are sliced with their rows when
+    the source has them, and the RoPE module is a copy of the source's own (its class, θ and
+    scaling: Llama 3.1's scaled RoPE, Qwen2's half-split RoPE), since heads keep their size.
     """
     _check_units(units, src, tgt)
+    _check_sliceable(model)
     hd = src.head_dim
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     h_idx, h_val = units.hidden, units.hidden_values
@@ -116,9 +122,10 @@ def materialize_units(model: nn.Module, units: KeptUnits, src: Architecture,
         inter, inter_val = units.intermediate[old], units.intermediate_values[old]
         new[q + "sa_norm.scale"] = state[p + "sa_norm.scale"][h_idx]
         new[q + "mlp_norm.scale"] = state[p + "mlp_norm.scale"][h_idx]
-        new[q + "attn.q_proj.weight"] = state[p + "attn.q_proj.weight"][head_rows][:, h_idx]
-        new[q + "attn.k_proj.weight"] = state[p + "attn.k_proj.weight"][kv_rows][:, h_idx]
-        new[q + "attn.v_proj.weight"] = state[p + "attn.v_proj.weight"][kv_rows][:, h_idx]
+        for name, rows in (("q_proj", head_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            new[q + f"attn.{name}.weight"] = state[p + f"attn.{name}.weight"][rows][:, h_idx]
+            if p + f"attn.{name}.bias" in state:
+                new[q + f"attn.{name}.bias"] = state[p + f"attn.{name}.bias"][rows]
         head_scale = units.head_values[old].repeat_interleave(hd)
         new[q + "attn.output_proj.weight"] = (
             state[p + "attn.output_proj.weight"][h_idx][:, head_rows] * head_scale * residual_scale)
@@ -127,17 +134,32 @@ def materialize_units(model: nn.Module, units: KeptUnits, src: Architecture,
         new[q + "mlp.w2.weight"] = (state[p + "mlp.w2.weight"][h_idx][:, inter]
                                     * inter_val * residual_scale)
     attn = model.layers[0].attn
-    pruned = llama_decoder(
+    pruned = decoder(
         vocab_size=src.vocab_size, num_layers=tgt.num_layers, num_heads=tgt.num_heads,
         num_kv_heads=tgt.num_kv_heads, embed_dim=tgt.embed_dim,
         intermediate_dim=tgt.intermediate_dim, head_dim=hd, max_seq_len=model.max_seq_len,
-        rope_base=attn.pos_embeddings.base, norm_eps=model.norm.eps,
+        rope=copy.deepcopy(attn.pos_embeddings).cpu(), norm_eps=model.norm.eps,
         tie_word_embeddings=src.tie_word_embeddings,
-        rope_scale_factor=getattr(attn.pos_embeddings, "scale_factor", 1))
+        attention_bias=attn.q_proj.bias is not None)
     missing, unexpected = pruned.load_state_dict(new, strict=False)
     if unexpected or [k for k in missing if not k.startswith("output.")]:
         raise AssertionError(f"materialized weights do not fit: {missing} {unexpected}")
     return pruned
+
+
+def _check_sliceable(model: nn.Module) -> None:
+    """Refuse modules the slicing does not carry over (they would be silently dropped)."""
+    for index, layer in enumerate(model.layers):
+        attn, extra = layer.attn, []
+        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            extra.append("q/k norms")
+        if attn.output_proj.bias is not None:
+            extra.append("an output-projection bias")
+        if any(getattr(layer.mlp, name).bias is not None for name in ("w1", "w2", "w3")):
+            extra.append("MLP biases")
+        if extra:
+            raise ValueError(f"layer {index} has {' and '.join(extra)}, which materialization "
+                             "does not slice; see docs/models.md for the supported families.")
 
 
 def _check_units(units: KeptUnits, src: Architecture, tgt: Architecture) -> None:

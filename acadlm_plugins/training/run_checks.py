@@ -131,3 +131,19 @@ def clean_interrupted_writes(output_dir: Path) -> list[Path]:
                  output_dir, ", ".join(p.name for p in removed))
     return removed
 
+
+
+def check_model_family(cfg: DictConfig, key: str = "checkpointer") -> None:
+    """An HF checkpoint folder must be of a family we build correctly (the error names the
+    config.json field), and the checkpointer's ``model_type`` must be the one that converts
+    its weights right: ``QWEN2`` on a Llama folder skips the q/k permutation and trains a
+    model that loads and is silently wrong."""
+    node = cfg.get(key, None)
+    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
+        return
+    folder = Path(str(node.checkpoint_dir)).expanduser()
+    if not (folder / "config.json").is_file() or node.get("model_type", None) is None:
+        return
+    from acadlm_plugins.models.families import check_checkpointer_model_type
+
+    check_checkpointer_model_type(folder, str(node.model_type), field=f"{key}.model_type")

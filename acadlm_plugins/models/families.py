@@ -1,0 +1,402 @@
+"""Model families: the one place that knows how a Hugging Face model folder maps to torchtune.
+
+Every caller goes from an HF folder through :func:`hf_model_spec`, which reads ``config.json``,
+refuses what acadlm cannot reproduce exactly (with a :class:`~acadlm_plugins.errors.ConfigError`
+naming the config field and the supported families), and answers the rest:
+
+* ``spec.build(max_seq_len, rope_base)``: the torchtune decoder (random weights), built from
+  the torchtune modules of the family's builder (:mod:`acadlm_plugins.models.decoder`);
+* ``spec.checkpointer_model_type``: the ``model_type`` torchtune's ``FullModelHFCheckpointer``
+  must be given, since it picks the weight conversion (Llama/Mistral q/k are permuted into
+  torchtune's interleaved RoPE layout, Qwen2's are not and carry biases);
+* ``spec.hf_state_dict`` and ``spec.pruned_config``: the export converter and the config.json of
+  a pruned shape of the same family (per-layer lists cut to the kept layers, RoPE as built).
+
+Supported: ``llama`` (Llama 2, Llama 3/3.1/3.2 with ``llama3`` RoPE scaling, SmolLM2),
+``mistral`` (full attention) and ``qwen2`` (Qwen2/2.5). See docs/models.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torchtune import training
+from torchtune.models import convert_weights
+from torchtune.models.llama3_1._component_builders import llama3_mlp
+from torchtune.models.mistral._component_builders import mistral_mlp
+from torchtune.models.qwen2._component_builders import qwen2_mlp
+from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+from torchtune.modules import FeedForward, TransformerDecoder
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.decoder import decoder
+from acadlm_plugins.models.rope import (
+    HALF,
+    INTERLEAVED,
+    RopeSettings,
+    rope_block,
+    rope_module,
+    rope_settings_from_config,
+    rope_type_field,
+    write_rope_settings,
+)
+
+# torchtune ModelTypes whose FullModelHFCheckpointer conversion is the plain Llama one (q/k
+# permuted, no biases): interchangeable for Llama and Mistral checkpoints.
+_LLAMA_CONVERSION = ("LLAMA3_2", "LLAMA3", "LLAMA2", "MISTRAL")
+# Config lists with one entry per layer; a pruned config keeps the kept layers' entries.
+PER_LAYER_KEYS = ("layer_types",)
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
+             "num_experts_per_tok")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What distinguishes one supported architecture from another, in torchtune terms."""
+
+    name: str                          # config.json `model_type`
+    covers: str                        # the released models it covers
+    torchtune_builder: str             # the torchtune builder whose layers it reproduces
+    checkpointer_model_type: str       # FullModelHFCheckpointer(model_type=...)
+    compatible_model_types: tuple[str, ...]
+    attention_bias: bool               # q/k/v biases
+    rope_layout: str                   # rope.INTERLEAVED or rope.HALF
+    rope_types: tuple[str, ...]        # accepted `rope_scaling.rope_type` values
+    mlp: Callable[..., FeedForward]
+    tune_to_hf: Callable[..., dict[str, torch.Tensor]]
+
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (
+    ModelFamily("llama", "Llama 2, Llama 3/3.1/3.2 incl. llama3 RoPE scaling, SmolLM2",
+                "torchtune.models.llama3_2.llama3_2", "LLAMA3_2", _LLAMA_CONVERSION,
+                attention_bias=False, rope_layout=INTERLEAVED, rope_types=("default", "llama3"),
+                mlp=llama3_mlp, tune_to_hf=convert_weights.tune_to_hf),
+    ModelFamily("mistral", "Mistral 7B v0.2/v0.3 and Nemo-shaped models, full attention",
+                "torchtune.models.mistral.mistral", "MISTRAL", _LLAMA_CONVERSION,
+                attention_bias=False, rope_layout=INTERLEAVED, rope_types=("default",),
+                mlp=mistral_mlp, tune_to_hf=convert_weights.tune_to_hf),
+    ModelFamily("qwen2", "Qwen2, Qwen2.5 (q/k/v biases)", "torchtune.models.qwen2.qwen2",
+                "QWEN2", ("QWEN2",), attention_bias=True, rope_layout=HALF,
+                rope_types=("default",), mlp=qwen2_mlp, tune_to_hf=qwen2_tune_to_hf),
+)}
+SUPPORTED_FAMILIES = "; ".join(f"{f.name} ({f.covers})" for f in FAMILIES.values())
+
+_MOE_REASON = ("mixture-of-experts layers: acadlm's masks, materialization and export know one "
+               "dense MLP per layer")
+_GEMMA_REASON = ("Gemma's scaled embeddings, (1 + w) RMSNorm and GELU MLP (Gemma 2/3 add logit "
+                 "soft-capping and sliding-window layers) are not the decoder acadlm builds")
+REFUSED_MODEL_TYPES = {
+    "qwen3": "Qwen3 normalizes q and k per head (RMSNorm) before RoPE; torchtune 0.6.1 has no "
+             "Qwen3 builder and its MultiHeadAttention applies q_norm/k_norm after RoPE, so no "
+             "torchtune 0.6.1 model computes Qwen3",
+    "qwen3_moe": _MOE_REASON, "qwen2_moe": _MOE_REASON, "mixtral": _MOE_REASON,
+    "deepseek_v2": _MOE_REASON, "deepseek_v3": _MOE_REASON, "olmoe": _MOE_REASON,
+    "gemma": _GEMMA_REASON, "gemma2": _GEMMA_REASON, "gemma3": _GEMMA_REASON,
+    "gemma3_text": _GEMMA_REASON,
+    "phi3": "Phi-3's fused qkv/gate-up projections and su/longrope RoPE are not supported",
+}
+
+
+class DecoderShape(Protocol):
+    """The dimensions of a (pruned) decoder, e.g. ``pruning.architecture.Architecture``."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    head_dim: int
+    tie_word_embeddings: bool
+
+
+@dataclass(frozen=True)
+class HFModelSpec:
+    """An HF model folder's config, checked against :data:`FAMILIES`."""
+
+    config_file: Path
+    config: Mapping[str, Any]
+    family: ModelFamily
+    rope: RopeSettings
+
+    # ------------------------------------------------------------------ dimensions
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config["num_attention_heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.config.get("num_key_value_heads") or self.num_heads)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def intermediate_dim(self) -> int:
+        return int(self.config["intermediate_size"])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.config.get("head_dim") or self.embed_dim // self.num_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return int(self.config.get("max_position_embeddings") or 8192)
+
+    @property
+    def checkpointer_model_type(self) -> str:
+        """``model_type`` for torchtune's ``FullModelHFCheckpointer`` on this folder."""
+        return self.family.checkpointer_model_type
+
+    # ------------------------------------------------------------------- building
+    def build(self, max_seq_len: int | None = None,
+              rope_base: float | None = None) -> TransformerDecoder:
+        """The torchtune decoder of this config (random weights). ``rope_base`` replaces θ and
+        keeps any RoPE scaling (see docs/models.md); ``max_seq_len`` defaults to the config's
+        ``max_position_embeddings``."""
+        length = int(max_seq_len or self.max_position_embeddings)
+        self.check_sliding_window(length)
+        rope = self.rope if rope_base is None else self.rope.with_theta(rope_base)
+        return decoder(
+            vocab_size=self.vocab_size, num_layers=self.num_layers, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, embed_dim=self.embed_dim,
+            intermediate_dim=self.intermediate_dim, head_dim=self.head_dim, max_seq_len=length,
+            rope=rope_module(rope, layout=self.family.rope_layout, head_dim=self.head_dim,
+                             max_seq_len=length),
+            norm_eps=float(self.config.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.family.attention_bias, mlp=self.family.mlp)
+
+    def build_empty(self, *, max_seq_len: int | None, device: torch.device,
+                    dtype: torch.dtype, rope_base: float | None = None) -> TransformerDecoder:
+        """:meth:`build` with uninitialized weights on ``device``, for a caller that loads every
+        weight next: built on the meta device (no random init), then given storage; the RoPE
+        tables are buffers, not weights, so they are computed here."""
+        with training.set_default_dtype(dtype), torch.device("meta"):
+            model = self.build(max_seq_len=max_seq_len, rope_base=rope_base)
+        model.to_empty(device=device)
+        with training.set_default_dtype(dtype), device:
+            for module in model.modules():
+                if hasattr(module, "rope_init"):
+                    module.rope_init()
+        return model
+
+    def load(self, *, max_seq_len: int | None = None, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> TransformerDecoder:
+        """The decoder with the folder's weights, read by torchtune's ``FullModelHFCheckpointer``
+        with this family's ``model_type`` (as our recipes load them), in eval mode."""
+        folder = self.config_file.parent
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not files:
+            raise ConfigError("checkpointer.checkpoint_dir", f"no *.safetensors weights in "
+                              f"{folder}.", "point it at a complete model folder.")
+        model = self.build_empty(max_seq_len=max_seq_len, device=torch.device(device),
+                                 dtype=dtype)
+        with tempfile.TemporaryDirectory(prefix="acadlm_load_") as scratch:
+            checkpointer = training.FullModelHFCheckpointer(
+                checkpoint_dir=str(folder), checkpoint_files=files,
+                model_type=self.checkpointer_model_type, output_dir=scratch)
+            state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        if self.tie_word_embeddings:
+            state.pop("output.weight", None)  # some exporters also write the tied head
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError("checkpointer.checkpoint_dir", f"{folder}: the weights do not fit "
+                              f"its config.json (missing {missing}, unexpected {unexpected}).",
+                              "re-export the checkpoint.")
+        return model.eval()
+
+    # --------------------------------------------------------------------- checks
+    def check_checkpointer_model_type(self, model_type: str, *,
+                                      field: str = "checkpointer.model_type") -> None:
+        """Refuse a checkpointer ``model_type`` whose weight conversion is not this family's
+        (LLAMA3_2 on Qwen2 fails on the biases; QWEN2 on Llama skips the q/k permutation)."""
+        if str(model_type).upper() not in self.family.compatible_model_types:
+            raise ConfigError(field, f"{model_type!r} does not convert the weights of "
+                              f"{self.config_file} (model_type {self.family.name}).",
+                              f"set {field}: {self.checkpointer_model_type}.")
+
+    def check_sliding_window(self, max_seq_len: int) -> None:
+        """Refuse a sliding-window attention that a sequence of ``max_seq_len`` tokens would
+        reach: torchtune's decoder attends over the whole causal prefix. A window at least
+        as long as every sequence never binds, so such a config is computed exactly."""
+        field, window = _sliding_window(self.config, self.family)
+        if window is not None and window < max_seq_len:
+            raise _refusal(self.config_file, field, f"asks for sliding-window attention over "
+                           f"{window} tokens, shorter than the {max_seq_len} the model is built "
+                           "for; acadlm's torchtune decoder attends over the whole prefix and "
+                           "would compute another model.", f"build it with max_seq_len <= "
+                           f"{window}, or set sliding_window: null if the model was trained "
+                           "with full attention.")
+
+    # --------------------------------------------------------------------- export
+    def hf_state_dict(self, state: Mapping[str, torch.Tensor],
+                      shape: DecoderShape) -> dict[str, torch.Tensor]:
+        """A torchtune state dict of ``shape`` renamed (and for Llama/Mistral q/k permuted) to
+        HF names by torchtune's converter for this family, as its checkpointer saves."""
+        return self.family.tune_to_hf(dict(state), num_heads=shape.num_heads,
+                                      num_kv_heads=shape.num_kv_heads, dim=shape.embed_dim,
+                                      head_dim=shape.head_dim)
+
+    def pruned_config(self, shape: DecoderShape, *, rope: RopeSettings,
+                      kept_layers: Sequence[int] | None = None,
+                      dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """This config.json for a model of ``shape`` with ``rope``: dimensions replaced, each
+        per-layer list (``layer_types``) cut to ``kept_layers`` (source indices; when unknown,
+        the list must be the same for every layer), the weights' ``dtype`` stated."""
+        config = copy.deepcopy(dict(self.config))
+        config.update({"num_hidden_layers": shape.num_layers,
+                       "num_attention_heads": shape.num_heads,
+                       "num_key_value_heads": shape.num_kv_heads, "hidden_size": shape.embed_dim,
+                       "intermediate_size": shape.intermediate_dim, "head_dim": shape.head_dim,
+                       "tie_word_embeddings": shape.tie_word_embeddings})
+        for key in PER_LAYER_KEYS:
+            if isinstance(config.get(key), list):
+                config[key] = _kept_entries(config[key], kept_layers, shape.num_layers, key)
+        write_rope_settings(config, rope)
+        config.pop("quantization_config", None)
+        if dtype is not None:
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = str(dtype).removeprefix("torch.")
+        return config
+
+
+def hf_model_spec(path: str | Path) -> HFModelSpec:
+    """Read and check the ``config.json`` of an HF model folder (or the file itself).
+
+    Raises :class:`ConfigError` naming the config field, before anything is built, for an
+    unknown or unsupported ``model_type`` (Qwen3, Gemma, MoE, ...), mixture-of-experts keys,
+    biases or activations the family does not have, a ``rope_type`` other than the family's,
+    and malformed per-layer lists.
+    """
+    path = Path(path).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError("checkpointer.checkpoint_dir", f"{file} does not exist.",
+                          "point it at a Hugging Face model folder.")
+    config = json.loads(file.read_text())
+    family = _family_of(config, file)
+    try:
+        rope = rope_settings_from_config(config)
+    except KeyError as missing:
+        field = missing.args[0]
+        raise _refusal(file, field, "is missing from the llama3 RoPE scaling block.",
+                       "give factor, low_freq_factor, high_freq_factor and "
+                       "original_max_position_embeddings, as Llama 3.1/3.2 configs do.") from None
+    return HFModelSpec(config_file=file, config=config, family=family, rope=rope)
+
+
+def decoder_from_hf_config(path: str, max_seq_len: int | None = None,
+                           rope_base: float | None = None) -> TransformerDecoder:
+    """The torchtune decoder an HF folder's ``config.json`` describes, for any supported family
+    (random weights; the checkpointer loads them). Use it in a config as ``_component_:
+    acadlm_plugins.models.decoder_from_hf_config`` with ``path:`` the model folder."""
+    return hf_model_spec(path).build(max_seq_len=max_seq_len, rope_base=rope_base)
+
+
+def check_checkpointer_model_type(path: str | Path, model_type: str, *,
+                                  field: str = "checkpointer.model_type") -> None:
+    """Refuse a checkpointer ``model_type`` that would convert the folder's weights wrongly."""
+    hf_model_spec(path).check_checkpointer_model_type(model_type, field=field)
+
+
+# ---------------------------------------------------------------------------- refusals
+def _refusal(file: Path, field: str, problem: str, fix: str = "") -> ConfigError:
+    return ConfigError(field, f"{file}: {problem}",
+                       f"{fix} Supported families (config.json `model_type`): "
+                       f"{SUPPORTED_FAMILIES}.".lstrip())
+
+
+def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
+    model_type = config.get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        raise _refusal(file, "model_type", f"{model_type!r} is not supported: "
+                       f"{REFUSED_MODEL_TYPES[model_type]}.")
+    if model_type not in FAMILIES:
+        raise _refusal(file, "model_type", f"{model_type!r} is not a model family acadlm "
+                       "knows.", "convert the model to a supported family, or train it with "
+                       "torchtune's own recipes.")
+    family = FAMILIES[model_type]
+    for key in _MOE_KEYS:
+        if config.get(key):
+            raise _refusal(file, key, f"is {config[key]!r}: {_MOE_REASON}.")
+    if config.get("hidden_act", "silu") != "silu":
+        raise _refusal(file, "hidden_act", f"is {config['hidden_act']!r}; the {family.name} "
+                       "family's torchtune MLP is SwiGLU (silu).")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key) and not (key == "attention_bias" and family.attention_bias):
+            raise _refusal(file, key, f"is true; torchtune's {family.name} modules have no "
+                           "such biases.")
+    rope_type, field = rope_type_field(config)
+    if rope_type not in family.rope_types:
+        raise _refusal(file, field, f"is {rope_type!r}; the {family.name} family's torchtune "
+                       f"RoPE supports {list(family.rope_types)} (another scaling would "
+                       "compute another model).", "use a checkpoint without that scaling.")
+    block, key = rope_block(config)
+    if any(isinstance(value, dict) for value in block.values()):
+        raise _refusal(file, key, "holds per-layer-type RoPE settings, which acadlm does not "
+                       "build.")
+    rotary = block.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if float(rotary) != 1.0:
+        raise _refusal(file, "partial_rotary_factor", f"is {rotary}; torchtune rotates whole "
+                       "heads.")
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown or len(layer_types) != config.get("num_hidden_layers"):
+            raise _refusal(file, "layer_types", f"{layer_types} is not one full or sliding "
+                           f"attention entry per layer ({config.get('num_hidden_layers')} "
+                           "layers).")
+    return family
+
+
+def _sliding_window(config: Mapping[str, Any], family: ModelFamily) -> tuple[str, int | None]:
+    """The config field that turns a sliding window on, and the window (None: off), read as
+    transformers reads it: Mistral slides whenever ``sliding_window`` is set; Qwen2 only with
+    ``use_sliding_window`` and only in layers ``layer_types`` (or ``max_window_layers``) marks."""
+    window = config.get("sliding_window")
+    if family.name == "qwen2":
+        if not config.get("use_sliding_window") or window is None:
+            return "use_sliding_window", None
+        layer_types = config.get("layer_types")
+        sliding = ("sliding_attention" in layer_types if layer_types is not None else
+                   int(config.get("max_window_layers", 0)) < int(config["num_hidden_layers"]))
+        return "use_sliding_window", int(window) if sliding else None
+    if family.name == "mistral":
+        return "sliding_window", None if window is None else int(window)
+    layer_types = config.get("layer_types") or []
+    if "sliding_attention" in layer_types and window is not None:
+        return "layer_types", int(window)
+    return "sliding_window", None
+
+
+def _kept_entries(values: list[Any], kept_layers: Sequence[int] | None, num_layers: int,
+                  key: str) -> list[Any]:
+    if kept_layers is not None:
+        if len(kept_layers) != num_layers:
+            raise ValueError(f"{len(kept_layers)} kept layers for a {num_layers}-layer model.")
+        return [values[index] for index in kept_layers]
+    if len(set(map(str, values))) > 1:
+        raise ValueError(f"config.json `{key}` differs between layers; pass the kept layers' "
+                         "source indices (kept_layers) to cut it.")
+    return values[:1] * num_layers

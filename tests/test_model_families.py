@@ -1,0 +1,296 @@
+"""The model-family layer against transformers, family by family.
+
+Each family is a random-weight checkpoint of its real layout (few layers, small dims) written by
+transformers itself: Llama 3.2 (GQA, tied embeddings, its real llama3 RoPE scaling), Llama 2
+(multi-head, untied, plain RoPE), Mistral (head size not hidden / heads) and Qwen2 (q/k/v
+biases, θ 1e6, half-split RoPE). Loaded through ``hf_model_spec`` it must give transformers'
+logits; pruned (masks or one-shot), materialized and exported it must give, in transformers,
+the logits of our materialized model. Unsupported configs are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models import SUPPORTED_FAMILIES, decoder_from_hf_config, hf_model_spec
+from acadlm_plugins.models.rope import rope_settings_of
+from acadlm_plugins.pruning.architecture import (
+    architecture_from_hf_config,
+    architecture_of,
+    resolve_target,
+)
+from acadlm_plugins.pruning.export import export_pruned_model
+from acadlm_plugins.pruning.importance import importance_scores, one_shot_prune
+from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
+from acadlm_plugins.pruning.materialize import kept_units, materialize
+
+VOCAB = 256
+TOLERANCE = 1e-4
+LENGTHS = (64, 1024)
+# Llama-3.2-1B's RoPE scaling, exactly as its config.json states it.
+LLAMA32_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+SHAPE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "rms_norm_eps": 1e-5}
+FAMILY_CONFIGS = {
+    "llama3.2": lambda: LlamaConfig(**SHAPE, head_dim=16, rope_theta=500_000.0,
+                                    rope_scaling=dict(LLAMA32_SCALING),
+                                    max_position_embeddings=131_072, tie_word_embeddings=True),
+    "llama2": lambda: LlamaConfig(**{**SHAPE, "num_key_value_heads": 4}, rope_theta=10_000.0,
+                                  max_position_embeddings=4096, tie_word_embeddings=False),
+    "mistral": lambda: MistralConfig(**SHAPE, head_dim=32, rope_theta=1e6, sliding_window=None,
+                                     max_position_embeddings=32_768, tie_word_embeddings=False),
+    "qwen2": lambda: Qwen2Config(**SHAPE, rope_theta=1e6, max_position_embeddings=32_768,
+                                 tie_word_embeddings=True, use_sliding_window=False),
+}
+EXPECTED_MODEL_TYPE = {"llama3.2": "LLAMA3_2", "llama2": "LLAMA3_2", "mistral": "MISTRAL",
+                       "qwen2": "QWEN2"}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights far from transformers' init, so every part of the layout shows in the logits:
+    biases (zero at init) and norm scales (one at init) included."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "norm" in name:
+                parameter.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                parameter.copy_(0.3 * noise)
+            elif "embed" in name:
+                parameter.copy_(noise)
+            else:
+                parameter.copy_(0.08 * noise)
+
+
+def _write_family(name: str, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[name]())
+    _randomize(model, seed=len(name))
+    model.save_pretrained(folder)
+    if name == "llama3.2":  # a per-layer list in a Llama config too: export must cut it
+        config = json.loads((folder / "config.json").read_text())
+        config["layer_types"] = ["full_attention"] * SHAPE["num_hidden_layers"]
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _tokens(length: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+
+
+def _transformers_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
+def family(request, tmp_path_factory) -> tuple[str, Path]:
+    name = request.param
+    return name, _write_family(name, tmp_path_factory.mktemp(name.replace(".", "_")))
+
+
+# ------------------------------------------------------------------ loading, per family
+def test_loaded_model_gives_transformers_logits(family):
+    name, folder = family
+    spec = hf_model_spec(folder)
+    assert spec.checkpointer_model_type == EXPECTED_MODEL_TYPE[name]
+    ours = spec.load()
+    for length in LENGTHS:
+        tokens = _tokens(length)
+        with torch.no_grad():
+            diff = (ours(tokens) - _transformers_logits(folder, tokens)).abs().max().item()
+        assert diff < TOLERANCE, (name, length, diff)
+    arch = architecture_from_hf_config(folder)
+    assert arch == architecture_of(ours)
+    assert arch.attention_bias == (name == "qwen2")
+
+
+def test_llama3_scaling_is_built_with_the_configs_values(family):
+    name, folder = family
+    rope = hf_model_spec(folder).build(max_seq_len=128).layers[0].attn.pos_embeddings
+    settings = rope_settings_of(rope)
+    if name == "llama3.2":
+        assert (settings.factor, settings.low_freq_factor, settings.high_freq_factor,
+                settings.original_max_position_embeddings) == (32.0, 1.0, 4.0, 8192)
+    else:
+        assert not settings.scaled
+    assert settings.theta == FAMILY_CONFIGS[name]().rope_parameters["rope_theta"]
+
+
+# ------------------------------------------------- prune -> materialize -> export, per family
+def _target(source):
+    return resolve_target(source, {
+        "num_layers": 2, "num_kv_heads": source.num_kv_heads // 2,
+        "num_heads": source.num_heads // 2, "embed_dim": 48, "intermediate_dim": 96})
+
+
+def _check_export(name: str, source: Path, pruned: torch.nn.Module, export: Path) -> None:
+    """The pruned model kept the source's RoPE, and transformers and our loader read the export
+    as the materialized model computes."""
+    assert rope_settings_of(pruned.layers[0].attn.pos_embeddings) == hf_model_spec(source).rope
+    pruned.eval()
+    ours = hf_model_spec(export).load()
+    for length in LENGTHS:
+        tokens = _tokens(length)
+        with torch.no_grad():
+            small = pruned(tokens)
+            hf_diff = (small - _transformers_logits(export, tokens)).abs().max().item()
+            tune_diff = (small - ours(tokens)).abs().max().item()
+        assert hf_diff < TOLERANCE, (name, length, hf_diff)
+        assert tune_diff < TOLERANCE, (name, length, tune_diff)
+    config = json.loads((export / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    if "layer_types" in config:
+        assert config["layer_types"] == ["full_attention"] * 2
+    assert rope_settings_of(ours.layers[0].attn.pos_embeddings) == rope_settings_of(
+        pruned.layers[0].attn.pos_embeddings)
+
+
+def test_masked_pruning_materializes_and_exports_faithfully(family, tmp_path):
+    name, folder = family
+    model = hf_model_spec(folder).load()
+    source = architecture_of(model)
+    masks = PruningMasks(source, _target(source), seed=3)
+    with torch.no_grad():  # uneven gates, so the kept units are not simply the first ones
+        for gate in masks.gates.values():
+            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape,
+                                             generator=torch.Generator().manual_seed(5)) * 1.5 + 2)
+    tokens = _tokens(64)
+    hooks = MaskHooks(model, masks)
+    masks.use_final_gates()
+    with torch.no_grad():
+        masked = model(tokens)
+    hooks.remove()
+    pruned, target = materialize(model, masks)
+    assert architecture_of(pruned) == target
+    assert type(pruned.layers[0].attn.pos_embeddings) is type(model.layers[0].attn.pos_embeddings)
+    with torch.no_grad():
+        small, plain = pruned.eval()(tokens), model(tokens)
+    assert (masked - small).abs().max() < TOLERANCE
+    assert (plain - small).abs().max() > 1e-2  # the pruning really changed the function
+    export = export_pruned_model(pruned, target, folder, tmp_path / "pruned",
+                                 kept_layers=kept_units(masks).layers)
+    _check_export(name, folder, pruned, export)
+
+
+def test_one_shot_pruning_exports_faithfully(family, tmp_path):
+    name, folder = family
+    model = hf_model_spec(folder).load()
+    batches = [{"tokens": torch.randint(0, VOCAB, (2, 48), generator=torch.Generator()
+                                        .manual_seed(seed))} for seed in range(2)]
+    scores = importance_scores(model, batches)
+    pruned, target = one_shot_prune(model, scores, _target(architecture_of(model)))
+    if name == "qwen2":
+        assert pruned.layers[0].attn.q_proj.bias is not None
+    export = export_pruned_model(pruned, target, folder, tmp_path / "pruned")
+    _check_export(name, folder, pruned, export)
+
+
+# ----------------------------------------------------------------------- refusals
+def _config_dir(tmp_path: Path, name: str, **changes) -> Path:
+    config = FAMILY_CONFIGS[name]().to_dict()
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not ...}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+OLD_STYLE = {"rope_parameters": ..., "rope_theta": 500_000.0}
+REFUSALS = [
+    ("gemma", "llama2", {"model_type": "gemma"}, "model_type"),
+    ("qwen3", "qwen2", {"model_type": "qwen3", "head_dim": 16}, "model_type"),
+    ("mixtral", "mistral", {"model_type": "mixtral", "num_local_experts": 8}, "model_type"),
+    ("moe keys", "llama2", {"num_local_experts": 8}, "num_local_experts"),
+    ("unknown model_type", "llama2", {"model_type": "falcon"}, "model_type"),
+    ("no model_type", "llama2", {"model_type": ...}, "model_type"),
+    ("yarn (rope_scaling)", "llama3.2", {**OLD_STYLE, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}},
+     "rope_scaling.rope_type"),
+    ("linear (old `type`)", "llama2", {**OLD_STYLE, "rope_scaling": {
+        "type": "linear", "factor": 2.0}}, "rope_scaling.type"),
+    ("dynamic (rope_parameters)", "llama2", {"rope_parameters": {
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+    ("llama3 scaling on qwen2", "qwen2", {"rope_parameters": {
+        **LLAMA32_SCALING, "rope_theta": 1e6}}, "rope_parameters.rope_type"),
+    ("llama3 block incomplete", "llama3.2", {"rope_parameters": {
+        "rope_type": "llama3", "factor": 32.0, "rope_theta": 5e5}},
+     "rope_parameters.low_freq_factor"),
+    ("attention_bias", "llama2", {"attention_bias": True}, "attention_bias"),
+    ("gelu", "mistral", {"hidden_act": "gelu"}, "hidden_act"),
+    ("unknown layer type", "qwen2", {"layer_types": ["full_attention", "chunked_attention",
+                                                    "full_attention"]}, "layer_types"),
+]
+
+
+@pytest.mark.parametrize("case, family_name, changes, field", REFUSALS,
+                         ids=[case[0] for case in REFUSALS])
+def test_unsupported_configs_are_refused_naming_the_field(tmp_path, case, family_name, changes,
+                                                          field):
+    folder = _config_dir(tmp_path, family_name, **changes)
+    with pytest.raises(ConfigError) as refused:
+        decoder_from_hf_config(str(folder), max_seq_len=64)
+    assert refused.value.key == field
+    assert SUPPORTED_FAMILIES in str(refused.value)
+
+
+@pytest.mark.parametrize("family_name, changes, field", [
+    ("mistral", {"sliding_window": 4096}, "sliding_window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 1,
+               "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+     "use_sliding_window"),
+])
+def test_active_sliding_window_is_refused_unless_no_sequence_reaches_it(tmp_path, family_name,
+                                                                        changes, field):
+    folder = _config_dir(tmp_path, family_name, **changes)
+    with pytest.raises(ConfigError) as refused:
+        decoder_from_hf_config(str(folder), max_seq_len=8192)
+    assert refused.value.key == field and "4096" in str(refused.value)
+    assert decoder_from_hf_config(str(folder), max_seq_len=4096) is not None
+
+
+def test_checkpointer_model_type_must_convert_the_family(family):
+    name, folder = family
+    spec = hf_model_spec(folder)
+    spec.check_checkpointer_model_type(EXPECTED_MODEL_TYPE[name])
+    wrong = "LLAMA3_2" if name == "qwen2" else "QWEN2"
+    with pytest.raises(ConfigError, match=f"checkpointer.model_type: {spec.checkpointer_model_type}"):
+        spec.check_checkpointer_model_type(wrong)
+
+
+# ------------------------------------------------------- long-context θ on a scaled RoPE
+def test_new_theta_keeps_llama3_scaling_in_ours_and_in_transformers(tmp_path):
+    from acadlm_plugins.long_context_recipe import Stage, rope_change_note, write_stage_config
+
+    source = _write_family("llama3.2", tmp_path / "source")
+    spec = hf_model_spec(source)
+    note = rope_change_note(dict(spec.config), 8e6)
+    assert "500000 -> 8e+06" in note and "factor 32" in note and "kept" in note
+    assert rope_change_note(dict(spec.config), 5e5) is None
+    # what a stage does: build with the new θ, load the checkpoint's weights, save the config
+    stretched = spec.build(max_seq_len=2048, rope_base=8e6)
+    stretched.load_state_dict(spec.load().state_dict())
+    rope = rope_settings_of(stretched.layers[0].attn.pos_embeddings)
+    assert rope.theta == 8e6 and rope.factor == 32.0
+    saved = tmp_path / "stage"
+    shutil.copytree(source, saved)
+    write_stage_config(saved, Stage(max_seq_len=2048, rope_base=8e6, trained_length=131_072,
+                                    source_rope_base=5e5, source_max_positions=131_072,
+                                    token_budget=None, previous_stage=None,
+                                    chunked_loss_tokens=0))
+    tokens = _tokens(1024)
+    with torch.no_grad():
+        ours = stretched.eval()(tokens)
+    assert (ours - _transformers_logits(saved, tokens)).abs().max() < TOLERANCE
+    assert (ours - _transformers_logits(source, tokens)).abs().max() > 1e-2  # θ mattered
