@@ -189,7 +189,7 @@ def test_squad_v2_answerable_questions_for_ruler_qa(tmp_path, capsys):
     printed = converted(capsys, "squad", source, out)
     assert "read 3 rows, wrote 2, skipped 1" in printed
     assert "unanswerable (SQuAD 2.0 is_impossible" in printed
-    records = load_qa(out, task="acadlm_ruler_qa", key="qa_path")
+    records = load_qa(out, task="acadlm_qa_1", key="squad_path")
     assert [r.id for r in records] == ["56ddde6b9a695914", "56dddf4066d3e219"]
     assert records[0].answers == ("France",)
     assert records[0].gold[0].text.startswith("The Normans were")
@@ -220,7 +220,7 @@ def test_hotpotqa_json_for_ruler_qa(tmp_path, capsys):
     source = write_json(tmp_path / "hotpot_dev_distractor_v1.json", hotpot_items())
     out = tmp_path / "hotpot.jsonl"
     converted(capsys, "hotpotqa", source, out)
-    records = load_qa(out, task="acadlm_ruler_qa", key="qa_path")
+    records = load_qa(out, task="acadlm_qa_2", key="hotpotqa_path")
     assert [p.title for p in records[0].gold] == ["Scott Derrickson", "Ed Wood"]
     assert [p.text for p in records[0].distractors] == ["Ed Wood is a 1994 film. It stars Depp."]
     assert records[1].answers == ("Chief of Protocol",)

@@ -39,7 +39,6 @@ from acadlm_plugins.evaluation import helmet, task_manager
 from acadlm_plugins.evaluation.lengths import load_length_tokenizer
 from acadlm_plugins.evaluation.local_data import DEFAULT_QA_FILE, load_qa, load_rerank
 from acadlm_plugins.evaluation.prompting import fit_prompt
-from acadlm_plugins.evaluation.qa import ruler_qa_dataset
 from acadlm_plugins.evaluation.report import length_table
 from acadlm_plugins.evaluation.scoring import (
     asqa_string_em,
@@ -55,8 +54,8 @@ from acadlm_plugins.evaluation.scoring import (
 LENGTHS = [2048, 4096]
 #: Lengths of the integration runs with the embedded SmolLM2 tokenizer.
 DEFAULT_LENGTHS = [1024, 2048]
-RUN = ["acadlm_helmet", "acadlm_helmet_cite", "acadlm_ruler_qa"]
-EXTRACTIVE = ["acadlm_json_kv", "acadlm_rag", "acadlm_ruler_qa", "acadlm_rerank", "acadlm_icl",
+RUN = ["acadlm_helmet", "acadlm_helmet_cite"]
+EXTRACTIVE = ["acadlm_json_kv", "acadlm_rag", "acadlm_rerank", "acadlm_icl",
               "acadlm_longqa", "acadlm_cite_asqa", "acadlm_cite_qampari"]
 CATEGORIES = {"acadlm_helmet_recall": ["acadlm_json_kv"], "acadlm_helmet_rag": ["acadlm_rag"],
               "acadlm_helmet_rerank": ["acadlm_rerank"], "acadlm_helmet_icl": ["acadlm_icl"],
@@ -173,14 +172,10 @@ def test_rag_puts_the_gold_passage_at_the_requested_depth(depth: float, meta: di
         assert json.loads(doc["distractor_origins"])["hard_negative"] == 2
 
 
-def test_rag_spreads_depths_over_samples_and_ruler_qa_draws_them(meta: dict[str, Any],
-                                                                 no_corpus: None):
+def test_rag_spreads_depths_over_samples(meta: dict[str, Any], no_corpus: None):
     settings = {**meta, "num_samples": 5, "max_seq_lengths": [2048]}
     rag = helmet.rag_dataset("acadlm_rag", settings)["test"]
     assert rag["depth"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    qa = ruler_qa_dataset("acadlm_ruler_qa", settings)["test"]
-    assert len(set(qa["depth"])) == 5
-    assert all("hard_negative" not in json.loads(o) for o in qa["distractor_origins"])
 
 
 def test_json_kv_key_depth(meta: dict[str, Any]):
@@ -311,10 +306,10 @@ def test_report_averages_categories_then_suites(oracle_run: dict):
     assert set(categories) == {"recall", "rag", "rerank", "cite", "icl", "longqa", "summ"}
     assert categories["summ"] == pytest.approx(_each(0.0))
     suites = table.suites()
-    # HELMET: the mean of its seven categories; RULER (here only its QA task): 100.
+    # HELMET: the mean of its seven categories; no RULER task ran, so no RULER suite.
     assert suites["helmet"] == pytest.approx(_each(600 / 7))
-    assert suites["ruler"] == pytest.approx(_each(100.0))
-    assert table.averages() == pytest.approx(_each((600 / 7 + 100) / 2))
+    assert "ruler" not in suites
+    assert table.averages() == pytest.approx(_each(600 / 7))
 
 
 # ------------------------------------------------------------------------- demonstrations

@@ -1,7 +1,8 @@
 """HELMET-style long-context tasks (Yen et al. 2024), rebuilt offline in our own words.
 
 Seven categories, each sized to a target length with the evaluated model's tokenizer and scored
-without a model or a judge:
+without a model or a judge (long-document QA and summarization add HELMET's judge metrics when
+the metadata names a judge):
 
 * ``acadlm_json_kv`` (synthetic recall): a JSON object of random UUID keys and values; the value
   of one key, placed at a controlled depth, is asked for.
@@ -15,9 +16,11 @@ without a model or a judge:
 * ``acadlm_icl`` (many-shot in-context learning): labels mapped to numbers, as many labelled
   demonstrations as fit, then one text to label; accuracy.
 * ``acadlm_longqa`` (long-document QA): which character speaks a quoted line of a Shakespeare
-  play (or the user's documents and questions); substring exact match.
+  play (or the user's documents and questions); substring exact match and, with a ``judge`` in
+  the metadata, HELMET's judge score (:mod:`acadlm_plugins.evaluation.judge_metrics`).
 * ``acadlm_summ`` (summarization): a Python standard-library module with its docstring removed,
-  summarized as the docstring's first paragraph (or the user's documents); ROUGE-L.
+  summarized as the docstring's first paragraph (or the user's documents); ROUGE-L and, with a
+  ``judge``, HELMET's key-point F1 x fluency.
 
 Every task but ICL opens, as HELMET's do, with ``num_shots`` (default 2) demonstrations in
 HELMET's layout, drawn per question with a seeded stream from data never asked about: a
@@ -54,6 +57,7 @@ from typing import Any, Protocol, TypeVar
 
 from lm_eval.api.task import ConfigurableTask
 
+from acadlm_plugins.evaluation.judge_metrics import LONGQA, SUMM, judge_scores, judged_builder
 from acadlm_plugins.evaluation.lengths import LengthTokenizer, parse_lengths, task_error
 from acadlm_plugins.evaluation.local_data import (
     DEFAULT_QA_FILE,
@@ -1150,7 +1154,7 @@ def longqa_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
         stamp = file_stamp(path)
         documents = [LongDocument(f"{stamp}:{i}", r.document) for i, r in enumerate(records)]
         builder = partial(build_document_question, records, documents, metadata, task)
-    return build_length_dataset(task, metadata, builder)
+    return build_length_dataset(task, metadata, judged_builder(task, LONGQA, metadata, builder))
 
 
 @dataclass(frozen=True)
@@ -1310,7 +1314,7 @@ def summ_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
         documents = tuple(LongDocument(f"{stamp}:{i}", r.document) for i, r in enumerate(records))
         builder = partial(build_summary_sample, records, documents, SUMM_STYLE, str(stamp),
                           metadata, task)
-    return build_length_dataset(task, metadata, builder)
+    return build_length_dataset(task, metadata, judged_builder(task, SUMM, metadata, builder))
 
 
 # --------------------------------------------------------------- citations: ALCE (`cite`)
@@ -1748,13 +1752,24 @@ def rag_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def process_results_substring_em(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
-    """HELMET's substring exact match: 100 if a normalized answer occurs in the generation."""
-    return per_length(doc, substring_exact_match(results[0], doc["outputs"]))
+    """HELMET's substring exact match: 100 if a normalized answer occurs in the generation; for
+    long-document QA with a judge, also HELMET's judge metrics (``<length>_judge_*``)."""
+    scores = per_length(doc, substring_exact_match(results[0], doc["outputs"]))
+    return scores | _per_length_judge(doc, results[0])
 
 
 def process_results_rouge_l(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
-    """ROUGE-L F1 against the best-matching reference summary."""
-    return per_length(doc, rouge_l(clean_prediction(results[0]), doc["outputs"]))
+    """ROUGE-L F1 against the best-matching reference summary; with a judge, also HELMET's
+    key-point F1, recall, precision and fluency (``<length>_judge_*``)."""
+    scores = per_length(doc, rouge_l(clean_prediction(results[0]), doc["outputs"]))
+    return scores | _per_length_judge(doc, results[0])
+
+
+def _per_length_judge(doc: Mapping[str, Any], prediction: str) -> dict[str, float]:
+    """The judge metrics of a document that carries a judge (none otherwise, or when the
+    judge could not score it), named ``<length>_<metric>``."""
+    return {f"{doc['max_length']}_{name}": value
+            for name, value in judge_scores(doc, prediction).items()}
 
 
 def process_results_ndcg(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:

@@ -50,7 +50,8 @@ HELMET_CATEGORIES: dict[str, tuple[str, ...]] = {
 CATEGORY_MEASURES = frozenset(row.split(":", 1)[1] for rows in HELMET_CATEGORIES.values()
                               for row in rows if ":" in row)
 _HELMET_ROWS = frozenset(row for rows in HELMET_CATEGORIES.values() for row in rows)
-_RULER_NAMES = ("acadlm_niah_", "acadlm_vt", "acadlm_cwe", "acadlm_fwe", "acadlm_ruler_qa")
+_RULER_NAMES = ("acadlm_niah_", "acadlm_vt", "acadlm_cwe", "acadlm_fwe", "acadlm_ruler_qa",
+                "acadlm_qa_")
 
 
 def is_ruler_task(task: str) -> bool:

@@ -61,7 +61,7 @@ SECANT_STEPS = 8
 LENGTH_BUDGETS = ("ruler", "prompt")
 #: RULER's ``tokens_to_generate`` (scripts/data/synthetic/constants.py); each task YAML's
 #: ``max_gen_toks`` is the same number and reaches the builders through :class:`RulerTask`.
-TOKENS_TO_GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50}
+TOKENS_TO_GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
 _PLACEHOLDER_USER = "acadlmuserturnplaceholder"
 _PLACEHOLDER_ANSWER = "acadlmanswerprefixplaceholder"
 
@@ -359,7 +359,9 @@ NIAH_INTRO = ("Special magic {plural} are hidden in the text below. Remember the
               "asked about them afterwards.\n\n")
 NIAH_QUESTION = "\n\nWhat {verb} the special magic {noun} for {query} mentioned in the text above?"
 NIAH_ANSWER = "The special magic {noun} for {query} mentioned in the text above {verb}"
-NEEDLE = "One of the special magic {singular} for {key} is: {value}."
+#: RULER's needle sentence, with the plural noun whatever the number of needles ("One of the
+#: special magic numbers for ... is: ...").
+NEEDLE = "One of the special magic {plural} for {key} is: {value}."
 
 
 @dataclass(frozen=True)
@@ -425,9 +427,9 @@ def needle_depths(metadata: Mapping[str, Any], index: int, count: int, num_sampl
 def _distractor_count(spec: NeedleSpec, tokenizer: LengthTokenizer, budget: int) -> int:
     """Distractor needles enough to fill ``budget`` tokens with a quarter to spare, from the
     tokens of a typical needle (a fixed key and value of the variant's kinds)."""
-    singular = _NOUNS[spec.value_kind][0]
+    plural = _NOUNS[spec.value_kind][1]
     value = "1234567" if spec.value_kind == "numbers" else _EXAMPLE_KEYS["uuids"]
-    typical = NEEDLE.format(singular=singular, key=_EXAMPLE_KEYS[spec.key_kind], value=value)
+    typical = NEEDLE.format(plural=plural, key=_EXAMPLE_KEYS[spec.key_kind], value=value)
     per_needle = tokenizer.count(" ".join([typical] * 8)) / 8
     return int(1.25 * budget / per_needle) + 8
 
@@ -450,7 +452,7 @@ def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
     answers = [value for key, value in needles if key in queried]
     num_samples = int(metadata.get("num_samples", DEFAULT_NUM_SAMPLES))
     depths = needle_depths(metadata, index, len(needles), num_samples, rng, task=task)
-    inserts = [(depth, NEEDLE.format(singular=singular, key=key, value=value))
+    inserts = [(depth, NEEDLE.format(plural=plural, key=key, value=value))
                for depth, (key, value) in zip(depths, needles)]
     query = ", ".join(queried[:-1]) + (" and " if len(queried) > 1 else "") + queried[-1]
     several = len(answers) > 1
@@ -468,7 +470,7 @@ def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
             value = _value(rng, spec.value_kind)
             while value in taken:
                 value = _value(rng, spec.value_kind)
-            filler.append(NEEDLE.format(singular=singular, key=key, value=value))
+            filler.append(NEEDLE.format(plural=plural, key=key, value=value))
         filler = " ".join(filler).split()
     elif spec.haystack == "noise":
         filler = list(noise_words(2 * frame.budget))

@@ -1,5 +1,5 @@
 """Question answering over passages: HELMET's KILT files (NQ, TriviaQA, HotpotQA, PopQA) for
-``acadlm_rag``, and SQuAD 2.0 / HotpotQA's own JSON for RULER's QA (``acadlm_ruler_qa``).
+``acadlm_rag``, and SQuAD 2.0 / HotpotQA's own JSON for RULER's QA (``acadlm_qa_1``, ``acadlm_qa_2``).
 
 All write the QA schema of ``docs/evaluation_data.md``: ``id``, ``question``, ``answers``,
 ``gold`` passages and ``distractors`` (the question's own hard negatives).
@@ -228,11 +228,11 @@ SPECS = (
           note="keeps s_pop < 10^3 like HELMET's kilt_popqa_3 (--popularity-below inf keeps all)"),
     DatasetSpec(
         name="squad", title="SQuAD 2.0 (RULER qa_1)", source="SQuAD's dev-v2.0.json",
-        shape=SQUAD_SHAPE, schema="qa", metadata_key="qa_path", task="acadlm_ruler_qa",
+        shape=SQUAD_SHAPE, schema="qa", metadata_key="squad_path", task="acadlm_qa_1",
         convert=convert_squad, options=("max_passages",),
         note="unanswerable questions are left out, as RULER does"),
     DatasetSpec(
         name="hotpotqa", title="HotpotQA (RULER qa_2)", source="hotpot_dev_distractor_v1.json",
-        shape=HOTPOT_SHAPE, schema="qa", metadata_key="qa_path", task="acadlm_ruler_qa",
+        shape=HOTPOT_SHAPE, schema="qa", metadata_key="hotpotqa_path", task="acadlm_qa_2",
         convert=convert_hotpotqa, options=("max_passages",)),
 )
