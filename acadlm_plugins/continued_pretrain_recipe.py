@@ -72,7 +72,7 @@ KNOWN_KEYS = {
     "validation_dataset", "optimizer", "lr_scheduler", "batch_size", "max_steps",
     "gradient_accumulation_steps", "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps",
     "save_every_n_steps", "keep_last_n_checkpoints", "validation", "metric_logger", "plugins",
-    "resume", "enable_activation_checkpointing",
+    "resume", "enable_activation_checkpointing", "model_dir",
 }
 REQUIRED_KEYS = ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
                  "validation_dataset", "optimizer", "batch_size", "max_steps", "metric_logger")

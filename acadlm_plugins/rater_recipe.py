@@ -80,7 +80,7 @@ KNOWN_KEYS = {
     "validation_fraction", "max_tokens", "pooling", "optimizer", "head_lr", "lr_scheduler",
     "batch_size", "eval_batch_size", "max_steps", "gradient_accumulation_steps",
     "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps",
-    "keep_last_n_checkpoints", "resume", "metric_logger",
+    "keep_last_n_checkpoints", "resume", "metric_logger", "model_dir",
 }
 REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_size",
                  "max_steps", "metric_logger")

@@ -1,0 +1,66 @@
+"""The pieces every planner shares: the run's dtype and its memory estimate."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchtune import training
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.planning.memory import (
+    FLOAT32_BYTES,
+    PLUGIN_STATE_COPIES,
+    ActivationShape,
+    MemoryEstimate,
+    activation_bytes,
+    optimizer_state,
+    parameter_bytes,
+    rope_table_bytes,
+)
+from acadlm_plugins.planning.results import TrainingPlan
+
+NOT_CHECKED = ("weight files (checkpointer.checkpoint_files)", "data files and the tokenizer",
+               "the device and float8 support", "output_dir and log_dir being writable")
+
+
+def run_dtype(cfg: DictConfig, plan: TrainingPlan) -> torch.dtype:
+    """``cfg.dtype`` as torch parses it for the recipe (recorded on ``plan``)."""
+    name = str(cfg.get("dtype", "fp32") or "fp32")
+    try:
+        dtype = training.get_dtype(name, device=torch.device("cpu"))
+    except ValueError as err:
+        raise ConfigError("dtype", str(err), "use bf16, fp32 or fp16.") from err
+    plan.dtype = str(dtype).removeprefix("torch.")
+    return dtype
+
+
+def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype: torch.dtype,
+                    *, tokens: int, logit_positions: int, checkpointing: bool,
+                    teacher: nn.Module | None = None, pruning_numel: int = 0,
+                    trains: bool = True,
+                    logit_bytes_per_value: int | None = None,
+                    offloaded: bool = False) -> MemoryEstimate:
+    """The estimate of :mod:`acadlm_plugins.planning.memory` for this run, per GPU
+    (``trains=False``: no gradients and no optimizer state)."""
+    world = plan.world_size
+    size = torch.finfo(dtype).bits // 8
+    params = [p for p in model.parameters() if p.requires_grad] if trains else []
+    state = optimizer_state(params, cfg.get("optimizer", None), world_size=world,
+                            bytes_per_value=size)
+    shape = ActivationShape(tokens=tokens, logit_positions=logit_positions,
+                            architecture=plan.source.architecture, bytes_per_value=size,
+                            logit_bytes_per_value=logit_bytes_per_value, offloaded=offloaded)
+    return MemoryEstimate(
+        world_size=world, fsdp=world > 1, dtype=plan.dtype or "float32",
+        optimizer=state.description if trains else "none (no training step)",
+        weights=parameter_bytes(model.parameters(), world_size=world, bytes_per_value=size),
+        gradients=parameter_bytes(params, world_size=world, bytes_per_value=size),
+        optimizer_state=state.bytes,
+        pruning_state=pruning_numel * FLOAT32_BYTES * PLUGIN_STATE_COPIES,
+        teacher_weights=0 if teacher is None else parameter_bytes(
+            teacher.parameters(), world_size=world, bytes_per_value=size),
+        buffers=rope_table_bytes(model) + (0 if teacher is None else rope_table_bytes(teacher)),
+        activations_checkpointed=activation_bytes(shape, checkpointed=True),
+        activations_full=activation_bytes(shape, checkpointed=False),
+        activation_checkpointing=checkpointing)

@@ -1,0 +1,198 @@
+"""Planning the recipes built on the continued pre-training loop: ``prune``,
+``continued_pretrain`` and ``long_context``.
+
+The order follows the recipes': the long-context stage is read first (its θ, length and token
+budget), then the step counts, the plugins' ``acadlm_configure`` checks, the known keys, the
+family layer; the model (and a distillation teacher) is built on the meta device and checked
+as the recipe checks it (sequence lengths, heads against the sequence-parallel degree, the
+pruning target); steps come from ``max_steps`` or, for a stage without it, from
+``long_context.token_budget`` through the recipe's own ``steps_for_budget``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchtune.config._utils import _get_component_from_path
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.planning import checks
+from acadlm_plugins.planning.estimates import NOT_CHECKED, memory_estimate, run_dtype
+from acadlm_plugins.planning.model_shape import build_on_meta, pruning_state_numel, summarize
+from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
+from acadlm_plugins.pruning.architecture import resolve_target
+from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.run_checks import check_model_family, positive_int
+
+PRUNING_PLUGIN = "acadlm_plugins.plugins.pruning:PruningPlugin"
+DISTILLATION_PLUGIN = "acadlm_plugins.plugins.distillation:DistillationPlugin"
+
+
+def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
+    """Fill ``plan`` for a prune, continued_pretrain or long_context config."""
+    from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
+
+    world = plan.world_size
+    stage, sp_degree = _long_context_stage(cfg, world) if plan.recipe == "long_context" else (
+        None, 1)
+    if stage is not None:
+        plan.checked.append("long_context block (lengths, θ, budget) and sequence_parallel")
+    batch = positive_int(cfg, "batch_size")
+    accumulation = positive_int(cfg, "gradient_accumulation_steps", 1)
+    if stage is None or cfg.get("max_steps", None) is not None:
+        positive_int(cfg, "max_steps")
+    pm = checks.configure_plugins(cfg, plan.recipe)
+    checks.check_keys(cfg, plan.recipe, pm)
+    plan.checked += ["plugin blocks (acadlm_configure)", "known and required keys",
+                     "components: " + ", ".join(checks.check_components(cfg))]
+    check_model_family(cfg)
+    plan.checked.append("model family and checkpointer.model_type")
+    dtype = run_dtype(cfg, plan)
+
+    extra: dict[str, Any] = {}
+    if stage is not None:
+        extra = {"rope_base": stage.rope_base,
+                 "max_seq_len": max(stage.max_seq_len, stage.source_max_positions)}
+    model = build_on_meta(lambda: instantiate_component(cfg, "model", **extra), dtype)
+    plan.source = summarize(model)
+    # The recipe's own length check, on the meta model (it reads only `_model` and `_cfg`).
+    ContinuedPretrainRecipe._check_sequence_length(SimpleNamespace(_model=model, _cfg=cfg))
+    if stage is not None:
+        from acadlm_plugins.long_context_recipe import check_sequence_parallel_config
+
+        check_sequence_parallel_config(model, stage, sp_degree)
+
+    pruning = _enabled(pm, PRUNING_PLUGIN)
+    pruning_numel = _plan_pruning(plan, pruning) if pruning is not None else 0
+    teacher = _teacher(cfg, pm, model, dtype)
+    if teacher is not None:
+        plan.teacher = summarize(teacher)
+        plan.checked.append("distillation teacher (built on meta, vocabulary)")
+    checks.check_optimizer(cfg, [p for p in model.parameters() if p.requires_grad],
+                           world_size=world)
+
+    data_parallel = world // sp_degree
+    length = stage.max_seq_len if stage is not None else _pack_length(cfg)
+    per_step = length * batch * accumulation * data_parallel
+    if stage is not None and cfg.get("max_steps", None) is None:
+        from acadlm_plugins.long_context_recipe import steps_for_budget
+
+        steps = steps_for_budget(stage, batch_size=batch, grad_accum=accumulation,
+                                 data_parallel=data_parallel)
+        steps_from = "long_context.token_budget / tokens per step, rounded up"
+    else:
+        steps, steps_from = int(cfg.max_steps), "max_steps"
+    one_shot = pruning is not None and not pruning.trains_masks
+    if one_shot:
+        _note_one_shot(plan, pruning, length)
+        steps, steps_from = 0, "pruning.method: importance (no training)"
+    if checks.check_schedule(cfg, steps):
+        plan.checked.append(f"lr_scheduler for {steps} steps")
+    plan.budget = TokenBudget(length, batch, accumulation, data_parallel, 1, per_step, steps,
+                              steps_from, steps * per_step, exact=True)
+
+    tokens = 0 if one_shot else batch * length // sp_degree
+    chunk = stage.chunked_loss_tokens if stage is not None else 0
+    logit_positions = batch * min(chunk, length // sp_degree) if chunk and tokens else tokens
+    if stage is not None and stage.attention == "mask":
+        dense = batch * length * length
+        plan.notes.append("long_context.attention: mask: where torchtune has no FlexAttention "
+                          f"it builds a dense [b, S, S] boolean mask ({dense / 2**30:.1f} GiB "
+                          "per micro-batch), not counted in the activations.")
+    plan.memory = memory_estimate(
+        cfg, plan, model, dtype, tokens=tokens, logit_positions=logit_positions,
+        checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
+        teacher=teacher, pruning_numel=pruning_numel, trains=not one_shot)
+    plan.not_checked = list(NOT_CHECKED)
+
+
+def _long_context_stage(cfg: DictConfig, world: int) -> tuple[Any, int]:
+    """The stage block and the sequence-parallel degree, read by the recipe's own functions
+    (the source config.json is the only file they open)."""
+    from acadlm_plugins.long_context_recipe import (
+        read_stage,
+        sequence_parallel_degree,
+        source_model_config,
+    )
+
+    stage = read_stage(cfg, source_model_config(cfg))
+    degree = sequence_parallel_degree(cfg, distributed=world > 1, world_size=world)
+    if cfg.get("max_steps", None) is None and stage.token_budget is None:
+        raise ConfigError("long_context.token_budget", "is needed when max_steps is not set.",
+                          "give a token budget (or max_steps).")
+    return stage, degree
+
+
+def _pack_length(cfg: DictConfig) -> int:
+    """``dataset.max_seq_len``, or the dataset builder's default when the config leaves it
+    out (as ``config.instantiate`` would fill it in)."""
+    value = cfg.dataset.get("max_seq_len", None)
+    if value is None:
+        builder = _get_component_from_path(str(cfg.dataset._component_))
+        parameter = inspect.signature(builder).parameters.get("max_seq_len")
+        value = None if parameter is None else parameter.default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError("dataset.max_seq_len", f"is {value!r}; the packs need a length.",
+                          "set dataset.max_seq_len to the pack length in tokens.")
+    return value
+
+
+def _enabled(pm: Any, name: str) -> Any | None:
+    plugin = pm.get_plugin(name)
+    return plugin if plugin is not None and getattr(plugin, "enabled", False) else None
+
+
+def _plan_pruning(plan: TrainingPlan, pruning: Any) -> int:
+    """The target shape, refused as the pruning plugin refuses it; the number of values its
+    own optimizers train (0 for one-shot importance pruning)."""
+    plan.target = resolve_target(plan.source.architecture, pruning.target_spec,
+                                 field="pruning.target")
+    if plan.target == plan.source.architecture:
+        raise ConfigError("pruning.target", "equals the source architecture: there is "
+                          "nothing to prune.", "make at least one dimension smaller.")
+    plan.checked.append("pruning target against the source shape")
+    if not pruning.trains_masks:
+        return 0
+    plan.notes.append("the prune recipe materializes the pruned model on rank 0 in float32 "
+                      f"CPU memory ({plan.source.total_params * 4 / 2**30:.1f} GiB for the "
+                      "source copy) after training.")
+    return pruning_state_numel(plan.source.architecture, plan.target,
+                               droprate_init=pruning.droprate_init, seed=pruning.seed)
+
+
+def _note_one_shot(plan: TrainingPlan, pruning: Any, length: int) -> None:
+    calibration = pruning.calibration_sequences * length
+    flops = 2 * plan.source.total_params * calibration
+    plan.notes.append(
+        "pruning.method: importance trains nothing (max_steps is not used): rank 0 gathers the "
+        f"model, rebuilds it in float32 on the CPU ({plan.source.total_params * 4 / 2**30:.1f} "
+        f"GiB) and scores importance there over {pruning.calibration_sequences} calibration "
+        f"sequences ({calibration:,} tokens, about {flops:.1e} FLOPs on CPU), then slices and "
+        "exports; the GPUs hold only the sharded weights meanwhile.")
+
+
+def _teacher(cfg: DictConfig, pm: Any, student: nn.Module, dtype: torch.dtype
+             ) -> nn.Module | None:
+    """The distillation teacher on the meta device, refused as the plugin refuses it when its
+    vocabulary is not the student's."""
+    if _enabled(pm, DISTILLATION_PLUGIN) is None:
+        return None
+    from acadlm_plugins.plugins.distillation import TEACHER_KEY, vocab_size_of
+
+    teacher_cfg = cfg.distillation.teacher
+    try:
+        teacher = build_on_meta(lambda: instantiate_component(teacher_cfg, "model"), dtype)
+    except ConfigError as err:
+        problem = str(err).split("`: ", 1)[-1]
+        raise ConfigError(f"{TEACHER_KEY}.{err.key}", problem) from err
+    if vocab_size_of(teacher) != vocab_size_of(student):
+        raise ConfigError(f"{TEACHER_KEY}.model", f"has a vocabulary of {vocab_size_of(teacher)}"
+                          f" words, the student {vocab_size_of(student)}; the KL compares the "
+                          "two distributions word by word.",
+                          "distil from a teacher that shares the student's tokenizer.")
+    return teacher

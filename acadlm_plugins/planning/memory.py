@@ -1,0 +1,194 @@
+"""How much GPU memory one rank of a run needs: an estimate from shapes alone.
+
+Static part, per GPU (exact for the tensors it counts)::
+
+    weights      = sum over parameters of shard(p) x bytes(dtype)
+    gradients    = the same (torchtune trains in the param dtype; no fp32 master copy)
+    optimizer    = AdamW: 2 moments per value in the param dtype (``zeros_like(p)``);
+                   torchao AdamW8bit / AdamWFp8 / AdamW4bit: 1 / 1 / 0.5 byte per moment value
+                   plus a float32 scale per block of 256 / 256 / 128, for shards of >= 4096
+                   values that the block divides (other tensors: moments in the param dtype);
+                   CPUOffloadOptimizer: none on the GPU
+    pruning      = (gates + Lagrange multipliers) x 4 bytes x 4 (value, gradient, 2 AdamW
+                   moments): the plugin's own float32 optimizers, on every rank
+    teacher      = sum over the teacher's parameters of shard(p) x bytes(dtype)
+    RoPE tables  = (max_seq_len x head_dim / 2 x 2 + head_dim / 2) x 4 bytes per RoPE module
+                   (float32 cos/sin and θ; not sharded)
+
+``shard(p)`` is ``p.numel()`` in one process and ``ceil(p.shape[0] / W) x (p.numel() /
+p.shape[0])`` under FSDP2 over ``W`` ranks (our recipes shard every parameter on dim 0).
+
+Activations (an estimate; what autograd saves for the backward pass of one micro-batch of ``t``
+tokens on this rank, ``t = batch x seq_len / sequence_parallel_degree``)::
+
+    per layer  = t x [(4h + 4·H·d + 4·I) x bytes + 2h x 4]
+                 (4h: both RMSNorms' normalized and scaled outputs; 2h x 4: the float32 inputs
+                 they save; 4·H·d: q, k and v after RoPE and GQA expansion, the attention
+                 output; 4·I: the SwiGLU MLP's w1, silu, w3 outputs and their product)
+    logits     = n x V x (bytes + 8)      (the projection output, its float32 copy and the
+                                           saved log-softmax; n = t, a chunked loss's
+                                           batch x chunk, or 0 for a rater; torchtune's
+                                           CEWithChunkedOutputLoss keeps the chunks and the
+                                           float32 log-softmax: bytes + 4)
+    without activation checkpointing:  L x per_layer + logits
+    with it (torchtune wraps every layer):  L x t x h x bytes + per_layer + logits
+    (with torchtune's activation offloading the L x t x h x bytes live in CPU memory)
+
+Not counted: temporary buffers inside a kernel, FSDP's all-gather buffers (about two layers'
+full weights), communication buffers, the CUDA context (0.5-1 GiB), allocator fragmentation,
+the mask hooks' extra copies while pruning, a distillation teacher's own (no-grad, one layer at
+a time) activations, and a dense [b, S, S] attention mask (torchtune builds one only for
+``long_context.attention: mask`` without FlexAttention; the plan notes its size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+from torchtune.modules import RotaryPositionalEmbeddings
+
+from acadlm_plugins.pruning.architecture import Architecture
+
+ROPE_MODULES = (RotaryPositionalEmbeddings, Llama3ScaledRoPE, Qwen2RotaryPositionalEmbeddings)
+
+# torchao low-bit optimizers: (bytes per moment value, values per float32 scale).
+LOW_BIT_STATE = {"AdamW8bit": (1.0, 256), "Adam8bit": (1.0, 256), "AdamWFp8": (1.0, 256),
+                 "AdamFp8": (1.0, 256), "AdamW4bit": (0.5, 128), "Adam4bit": (0.5, 128)}
+MIN_QUANTIZED_NUMEL = 4096          # torchao (like bitsandbytes) quantizes only tensors this big
+PLUGIN_STATE_COPIES = 4             # value, gradient, exp_avg, exp_avg_sq
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """What an optimizer keeps per GPU, and how it was counted."""
+
+    bytes: int
+    description: str
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """What the activation estimate needs about one micro-batch on one rank."""
+
+    tokens: int                 # t: tokens of one micro-batch on this rank
+    logit_positions: int        # n: positions whose full-vocabulary logits exist at once
+    architecture: Architecture
+    bytes_per_value: int
+    logit_bytes_per_value: int | None = None    # default: bytes_per_value + 8
+    offloaded: bool = False                     # checkpointed layer inputs in CPU memory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU, by what holds them (see the module docstring for each formula)."""
+
+    world_size: int
+    fsdp: bool
+    dtype: str
+    optimizer: str
+    weights: int
+    gradients: int
+    optimizer_state: int
+    pruning_state: int
+    teacher_weights: int
+    buffers: int
+    activations_checkpointed: int
+    activations_full: int
+    activation_checkpointing: bool
+
+    @property
+    def static(self) -> int:
+        """Everything but the activations."""
+        return (self.weights + self.gradients + self.optimizer_state + self.pruning_state
+                + self.teacher_weights + self.buffers)
+
+    @property
+    def activations(self) -> int:
+        """The activation estimate for the config's own activation-checkpointing setting."""
+        return (self.activations_checkpointed if self.activation_checkpointing
+                else self.activations_full)
+
+    @property
+    def total(self) -> int:
+        return self.static + self.activations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "static": self.static, "activations": self.activations,
+                "total": self.total}
+
+
+def shard_numel(shape: torch.Size | tuple[int, ...], world_size: int) -> int:
+    """Values of a parameter on the rank holding the most of it under FSDP2 dim-0 sharding over
+    ``world_size`` ranks (the whole tensor when ``world_size`` is 1)."""
+    numel = math.prod(shape)
+    if world_size <= 1 or not shape:
+        return numel
+    return math.ceil(shape[0] / world_size) * (numel // shape[0])
+
+
+def rope_table_bytes(model: nn.Module) -> int:
+    """Bytes of the float32 θ and cos/sin tables of a model's RoPE modules (each shared module
+    once; FSDP replicates them on every rank). Counted from the modules' sizes, since on the
+    meta device ``Llama3ScaledRoPE`` defers building its tables."""
+    modules = {id(m): m for m in model.modules() if isinstance(m, ROPE_MODULES)}
+    return sum((m.max_seq_len * (m.dim // 2) * 2 + m.dim // 2) * FLOAT32_BYTES
+               for m in modules.values())
+
+
+def parameter_bytes(params: Iterable[torch.Tensor], *, world_size: int, bytes_per_value: int
+                    ) -> int:
+    """Bytes of ``params`` (or of their gradients) on one GPU."""
+    return sum(shard_numel(p.shape, world_size) for p in params) * bytes_per_value
+
+
+def optimizer_state(params: Iterable[torch.Tensor], optimizer_cfg: Any, *, world_size: int,
+                    bytes_per_value: int) -> OptimizerState:
+    """The optimizer state of ``params`` on one GPU, read from ``optimizer._component_`` (an
+    unknown optimizer is counted as AdamW and says so)."""
+    optimizer_cfg = optimizer_cfg or {}
+    component = str(optimizer_cfg.get("_component_", ""))
+    name = component.rsplit(".", 1)[-1]
+    shards = [shard_numel(p.shape, world_size) for p in params]
+    if name == "CPUOffloadOptimizer":
+        return OptimizerState(0, f"{component}: moments in CPU memory, none on the GPU")
+    if name in LOW_BIT_STATE and component.startswith("torchao."):
+        value_bytes, block = LOW_BIT_STATE[name]
+        total = 0
+        for numel in shards:
+            if numel >= MIN_QUANTIZED_NUMEL and numel % block == 0:
+                total += 2 * (math.ceil(numel * value_bytes) + numel // block * FLOAT32_BYTES)
+            else:
+                total += 2 * numel * bytes_per_value
+        return OptimizerState(total, f"{name}: 2 moments at {value_bytes:g} byte/value + a "
+                              f"float32 scale per {block} values")
+    moments = 2
+    if name == "SGD":
+        moments = 1 if float(optimizer_cfg.get("momentum", 0) or 0) else 0
+    elif optimizer_cfg.get("amsgrad", False):
+        moments = 3
+    description = f"{name or 'AdamW'}: {moments} moment(s) per value in the param dtype"
+    if name not in ("AdamW", "Adam", "SGD"):
+        description += " (counted as AdamW)"
+    return OptimizerState(moments * sum(shards) * bytes_per_value, description)
+
+
+def activation_bytes(shape: ActivationShape, *, checkpointed: bool) -> int:
+    """The activation estimate of the module docstring, in bytes."""
+    a, b = shape.architecture, shape.bytes_per_value
+    per_token_layer = ((4 * a.embed_dim + 4 * a.num_heads * a.head_dim
+                        + 4 * a.intermediate_dim) * b + 2 * a.embed_dim * FLOAT32_BYTES)
+    per_layer = shape.tokens * per_token_layer
+    logit_bytes = shape.logit_bytes_per_value or b + 2 * FLOAT32_BYTES
+    logits = shape.logit_positions * a.vocab_size * logit_bytes
+    if checkpointed:
+        layer_inputs = 0 if shape.offloaded else a.num_layers * shape.tokens * a.embed_dim * b
+        return layer_inputs + per_layer + logits
+    return a.num_layers * per_layer + logits

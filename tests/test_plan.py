@@ -1,0 +1,352 @@
+"""acadlm-plan (acadlm_plugins/planning): every paper-scale config passes the dry run on the meta
+device with a shipped config.json as its model folder, the counts and token budgets equal hand
+computations, the memory formula equals one worked by hand, and the refusals name their key."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_setup import REPO_ROOT
+
+from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models import hf_model_spec
+from acadlm_plugins.planning import plan_config
+from acadlm_plugins.planning.cli import main
+from acadlm_plugins.planning.loading import detect_recipe, launch_line, load_config
+from acadlm_plugins.planning.memory import optimizer_state, shard_numel
+from acadlm_plugins.planning.reference import reference_config, write_reference_model_dir
+from acadlm_plugins.pruning.architecture import architecture_from_hf_config, resolve_target
+
+CONFIGS = REPO_ROOT / "configs"
+GPUS = 8  # every paper-scale config opens with `tune run --nproc_per_node 8`
+
+# Parameter counts worked out by hand from the published shapes (per layer: q, k, v, o; three
+# MLP matrices; two norms; plus the final norm, the embedding and the untied output head).
+LLAMA2_7B = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096 + 2 * 32000 * 4096
+SHEARED_2_7B = 32 * (4 * 2560 * 2560 + 3 * 2560 * 6912 + 2 * 2560) + 2560 + 2 * 32000 * 2560
+SHEARED_1_3B = 24 * (4 * 2048 * 2048 + 3 * 2048 * 5504 + 2 * 2048) + 2048 + 2 * 32000 * 2048
+LLAMA3_8B = (32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) + 4096
+             + 2 * 128256 * 4096)
+MINITRON_4B = (32 * (2 * 3072 * 4096 + 2 * 3072 * 1024 + 3 * 3072 * 9216 + 2 * 3072) + 3072
+               + 2 * 128256 * 3072)
+
+
+def model_dir(tmp_path: Path, name: str, **changes) -> str:
+    """A weightless model folder: a shipped reference config.json, optionally edited (as a
+    long-context stage's export edits θ and max_position_embeddings)."""
+    edit = "-".join(f"{k}_{v}" for k, v in sorted(changes.items()))  # no "=": tune run splits on it
+    folder = write_reference_model_dir(name, tmp_path / f"{name}{edit and '-' + edit}")
+    if changes:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def minitron_student(tmp_path: Path) -> str:
+    """The config.json the prune recipe exports for the Minitron-4B-Width target."""
+    source = model_dir(tmp_path, "llama-3.1-8b")
+    spec = hf_model_spec(source)
+    target = resolve_target(architecture_from_hf_config(source),
+                            {"embed_dim": 3072, "intermediate_dim": 9216})
+    folder = tmp_path / "minitron_student"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(spec.pruned_config(target, rope=spec.rope)))
+    return str(folder)
+
+
+def stage_export(tmp_path: Path, *, theta: float, positions: int) -> str:
+    """A ProLong stage's export of Llama-3-8B: the stage writes its θ and length into the
+    saved config.json (stage 1: 8e6 and 65536; stage 2: 1.28e8 and 524288)."""
+    return model_dir(tmp_path, "meta-llama-3-8b", rope_theta=theta,
+                     max_position_embeddings=positions)
+
+
+# config, overrides(tmp_path), recipe, tokens per step, steps, source params, target params
+PAPER_CONFIGS = {
+    "llama2/7b_to_2.7b_prune.yaml": (
+        lambda t: [f"model_dir={model_dir(t, 'llama-2-7b')}"], "prune",
+        4 * 4096 * 1 * GPUS, 3200, LLAMA2_7B, SHEARED_2_7B),
+    "llama2/7b_to_1.3b_prune.yaml": (
+        lambda t: [f"model_dir={model_dir(t, 'llama-2-7b')}"], "prune",
+        4 * 4096 * 1 * GPUS, 3200, LLAMA2_7B, SHEARED_1_3B),
+    "sheared_llama/2.7b_continued_pretrain.yaml": (
+        lambda t: [f"model_dir={model_dir(t, 'sheared-llama-2.7b')}", "tokenizer.path=x"],
+        "continued_pretrain", 16 * 4096 * 2 * GPUS, 48000, SHEARED_2_7B, None),
+    "sheared_llama/1.3b_continued_pretrain.yaml": (
+        lambda t: [f"model_dir={model_dir(t, 'sheared-llama-1.3b')}", "tokenizer.path=x"],
+        "continued_pretrain", 16 * 4096 * 2 * GPUS, 48000, SHEARED_1_3B, None),
+    "llama3_1/8b_to_minitron_4b_width_prune.yaml": (
+        lambda t: [f"model_dir={model_dir(t, 'llama-3.1-8b')}"], "prune",
+        1 * 8192 * 1 * GPUS, 0, LLAMA3_8B, MINITRON_4B),
+    "llama3_1/minitron_4b_width_distill.yaml": (
+        lambda t: [f"model_dir={minitron_student(t)}",
+                   f"distillation.teacher.model.path={model_dir(t, 'llama-3.1-8b')}"],
+        "continued_pretrain", 1 * 8192 * 144 * GPUS, 9961, MINITRON_4B, None),
+    "llama3/prolong_64k_stage1.yaml": (
+        lambda t: [f"model_dir={model_dir(t, 'meta-llama-3-8b')}"], "long_context",
+        1 * 65536 * 8 * GPUS, 5000, LLAMA3_8B, None),
+    "llama3/prolong_512k_stage2.yaml": (
+        lambda t: [f"model_dir={stage_export(t, theta=8e6, positions=65536)}"],
+        "long_context", 1 * 524288 * 16 * (GPUS // 8), 2500, LLAMA3_8B, None),
+    "llama3/prolong_sft.yaml": (
+        lambda t: [f"model_dir={stage_export(t, theta=1.28e8, positions=524288)}"],
+        "sft", 1 * 65536 * 8 * GPUS, 250, LLAMA3_8B, None),
+    "sheared_llama/qurater_1.3b.yaml": (
+        lambda t: [f"model_dir={model_dir(t, 'sheared-llama-1.3b')}", "judgments=x.jsonl"],
+        "rater", 2 * 513 * 16 * 4 * GPUS, 879, SHEARED_1_3B + 4 * 2048, None),
+}
+
+
+def test_recipes_read_model_dir():
+    """Every paper-scale config names its model folder once, as the top-level `model_dir`; the
+    plan refuses exactly the keys the recipe refuses, so the recipe must know that key."""
+    from acadlm_plugins.planning.checks import recipe_keys
+
+    for recipe in ("prune", "continued_pretrain", "long_context", "rater"):
+        known = recipe_keys(recipe)[0]
+        assert "model_dir" in known, f"the {recipe} recipe refuses the top-level `model_dir`"
+
+
+def test_hand_counts_are_the_published_sizes():
+    assert round(LLAMA2_7B / 1e9, 2) == 6.74
+    assert round(LLAMA3_8B / 1e9, 2) == 8.03
+    assert round(SHEARED_2_7B / 1e9, 1) == 2.7
+    assert round(SHEARED_1_3B / 1e9, 1) == 1.3
+    assert round(MINITRON_4B / 1e9, 2) == 4.51  # the Llama-3.1-Minitron-4B-Width model card
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_config_plans(name: str, tmp_path: Path):
+    overrides, recipe, per_step, steps, source, target = PAPER_CONFIGS[name]
+    plan = plan_config(CONFIGS / name, overrides(tmp_path))
+    assert plan.recipe == recipe
+    assert plan.world_size == GPUS
+    assert plan.budget.tokens_per_step == per_step
+    assert plan.budget.steps == steps
+    assert plan.budget.total_tokens == per_step * steps
+    assert plan.source.total_params == source
+    if target is None:
+        assert plan.target is None
+    else:
+        assert plan.target.total_params() == target
+    assert plan.memory.total >= plan.memory.static > 0
+
+
+def test_paper_token_budgets(tmp_path: Path):
+    """The totals each paper states: 0.4B pruning, 50B continued pre-training, 94B Minitron
+    distillation, 20B per ProLong stage, 1B SFT."""
+    def total(name: str) -> int:
+        overrides = PAPER_CONFIGS[name][0](tmp_path)
+        return plan_config(CONFIGS / name, overrides).budget.total_tokens
+
+    assert total("llama2/7b_to_2.7b_prune.yaml") == 419_430_400
+    assert total("sheared_llama/1.3b_continued_pretrain.yaml") == 50_331_648_000
+    assert total("llama3_1/minitron_4b_width_distill.yaml") == 94_003_789_824
+    assert total("llama3/prolong_64k_stage1.yaml") == 20_971_520_000
+    assert total("llama3/prolong_512k_stage2.yaml") == 20_971_520_000
+    assert total("llama3/prolong_sft.yaml") == 1_048_576_000
+
+
+def test_llama31_rope_scaling_is_kept(tmp_path: Path):
+    plan = plan_config(CONFIGS / "llama3_1/8b_to_minitron_4b_width_prune.yaml",
+                       [f"model_dir={model_dir(tmp_path, 'llama-3.1-8b')}"])
+    rope = plan.source.rope
+    assert (rope.theta, rope.rope_type, rope.factor, rope.original_max_position_embeddings) == (
+        500_000.0, "llama3", 8.0, 8192)
+    assert (plan.target.num_heads, plan.target.num_kv_heads, plan.target.num_layers) == (32, 8, 32)
+
+
+def test_selection_config_plans():
+    plan = plan_config(CONFIGS / "sheared_llama/qurating_select_30b_of_260b.yaml",
+                       ["scores_dir=somewhere"])
+    assert plan.recipe == "select"
+    assert plan.selection["budget_tokens"] == 30_000_000_000
+    assert plan.selection["tau"] == 2.0 and plan.selection["mode"] == "sample"
+
+
+def test_memory_equals_a_hand_computation(tmp_path: Path):
+    """ProLong stage 1 on 8 GPUs: Llama-3-8B in bf16, FSDP (every dim-0 divides by 8), AdamW,
+    activation checkpointing, one 64K sequence per micro-batch, logits 2048 positions at a
+    time."""
+    plan = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml",
+                       [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}"])
+    m = plan.memory
+    bf16 = 2
+    assert m.weights == LLAMA3_8B // 8 * bf16 == 2_007_565_312
+    assert m.gradients == m.weights
+    assert m.optimizer_state == 2 * m.weights
+    assert m.buffers == 65536 * 64 * 2 * 4 + 64 * 4  # float32 RoPE cos/sin table and θ
+    t, h, layers = 65536, 4096, 32
+    one_layer = t * ((4 * h + 4 * 32 * 128 + 4 * 14336) * bf16 + 2 * h * 4)
+    logits = 2048 * 128256 * (bf16 + 8)
+    assert m.activations_checkpointed == layers * t * h * bf16 + one_layer + logits
+    assert m.activations_full == layers * one_layer + logits
+    assert m.activation_checkpointing
+    assert m.total == (m.weights + m.gradients + m.optimizer_state + m.buffers
+                       + m.activations_checkpointed)
+    assert round(m.total / 2**30, 1) == 39.0
+
+
+def test_fsdp_shards_and_low_bit_optimizer_state():
+    assert shard_numel((10, 3), 4) == 9                # ceil(10 / 4) rows of 3
+    assert shard_numel((10, 3), 1) == 30
+    params = [torch.empty(4096, 4096, device="meta"), torch.empty(64, device="meta")]
+    adamw = optimizer_state(params, {"_component_": "torch.optim.AdamW"}, world_size=1,
+                            bytes_per_value=2)
+    assert adamw.bytes == 2 * (4096 * 4096 + 64) * 2
+    eight_bit = optimizer_state(params, {"_component_": "torchao.optim.AdamW8bit"},
+                                world_size=1, bytes_per_value=2)
+    # codes (1 byte) + a float32 scale per 256 values for the big tensor; the 64-value tensor
+    # is below torchao's 4096 and keeps moments in the param dtype
+    assert eight_bit.bytes == 2 * (4096 * 4096 + 4096 * 4096 // 256 * 4) + 2 * 64 * 2
+    offload = optimizer_state(params, {"_component_": "torchao.optim.CPUOffloadOptimizer"},
+                              world_size=1, bytes_per_value=2)
+    assert offload.bytes == 0
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    return [f"checkpointer.checkpoint_dir={tmp_path}", f"dataset.data_dir={tmp_path}"]
+
+
+def test_tiny_plan_matches_the_real_tiny_models(tmp_path: Path):
+    from acadlm_plugins.models.llama import llama_decoder
+    from acadlm_plugins.models.smollm2 import tiny_llama
+
+    plan = plan_config(CONFIGS / "tiny/prune.yaml", tiny_overrides(tmp_path))
+    assert (plan.recipe, plan.world_size) == ("prune", 1)
+    real = tiny_llama(vocab_size=512)
+    embedding = real.tok_embeddings.weight.numel()
+    assert plan.source.total_params == sum(p.numel() for p in real.parameters())
+    assert plan.source.non_embedding_params == plan.source.total_params - embedding
+    t = plan.target
+    pruned = llama_decoder(vocab_size=512, num_layers=t.num_layers, num_heads=t.num_heads,
+                           num_kv_heads=t.num_kv_heads, embed_dim=t.embed_dim,
+                           intermediate_dim=t.intermediate_dim, head_dim=t.head_dim)
+    assert t.total_params() == sum(p.numel() for p in pruned.parameters())
+    assert plan.budget.tokens_per_step == 64 * int(load_config(
+        CONFIGS / "tiny/prune.yaml", tiny_overrides(tmp_path)).batch_size)
+
+
+def test_unknown_key_is_refused_naming_it(tmp_path: Path):
+    with pytest.raises(ConfigError, match="did you mean `batch_size`") as err:
+        plan_config(CONFIGS / "tiny/prune.yaml", [*tiny_overrides(tmp_path), "bacth_size=2"])
+    assert err.value.key == "bacth_size"
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / "tiny/prune.yaml", [*tiny_overrides(tmp_path), "pruning.mask_lrr=1"])
+    assert err.value.key == "pruning.mask_lrr"
+
+
+@pytest.mark.parametrize("config, source, override, key", [
+    ("llama2/7b_to_2.7b_prune.yaml", "llama-2-7b", "pruning.target.embed_dim=5000",
+     "pruning.target.embed_dim"),                                   # larger than the source
+    ("llama2/7b_to_2.7b_prune.yaml", "llama-2-7b", "pruning.target.num_layers=0",
+     "pruning.target.num_layers"),
+    ("llama3_1/8b_to_minitron_4b_width_prune.yaml", "llama-3.1-8b",
+     "pruning.target.num_heads=12", "pruning.target.num_heads"),   # 12 over 8 KV heads
+    ("llama3_1/8b_to_minitron_4b_width_prune.yaml", "llama-3.1-8b",
+     "pruning.target.embed_dim=3000", "pruning.target.embed_dim"),  # not a multiple of 32 heads
+])
+def test_impossible_targets_are_refused(tmp_path: Path, config: str, source: str,
+                                        override: str, key: str):
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / config, [f"model_dir={model_dir(tmp_path, source)}", override])
+    assert err.value.key == key
+
+
+def test_family_refusal_names_the_config_field(tmp_path: Path):
+    qwen3 = model_dir(tmp_path, "llama-2-7b", model_type="qwen3")
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / "llama2/7b_to_2.7b_prune.yaml", [f"model_dir={qwen3}"])
+    assert err.value.key == "model_type"
+
+
+def test_unset_model_dir_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / "llama2/7b_to_2.7b_prune.yaml")
+    assert err.value.key == "model_dir"
+
+
+def test_world_size_and_recipe_flags(tmp_path: Path):
+    overrides = [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}"]
+    plan = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml", overrides, world_size=16)
+    assert plan.budget.tokens_per_step == 65536 * 8 * 16
+    assert plan.budget.steps == math.ceil(20_971_520_000 / (65536 * 8 * 16))
+    assert plan.memory.weights == LLAMA3_8B // 16 * 2
+
+
+def test_launch_line_and_recipe_detection(tmp_path: Path):
+    line = launch_line("# x\n#   tune run --nnodes 2 --nproc_per_node=4 acadlm_plugins/"
+                       "long_context_recipe --config c.yaml\n")
+    assert (line.recipe, line.processes) == ("long_context", 8)
+    assert launch_line("#  tune run full_finetune_single_device --config c.yaml").recipe == "sft"
+    assert launch_line("seed: 0\n") is None
+    optional = launch_line("#  tune run [--nproc_per_node 2] acadlm_plugins/rater_recipe --config c")
+    assert (optional.recipe, optional.processes) == ("rater", 2)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("backbone_dir: x\njudgments: y\n")
+    assert detect_recipe(load_config(bare), None)[0] == "rater"
+
+
+def test_cli_table_json_and_refusal(tmp_path: Path, capsys: pytest.CaptureFixture):
+    config = str(CONFIGS / "llama2/7b_to_2.7b_prune.yaml")
+    assert main(["--config", config, "--reference", "llama-2-7b"]) == 0
+    table = capsys.readouterr().out
+    assert "6.74B (6,738,415,616)" in table and "2.70B (2,701,560,320)" in table
+    assert "131.07K (131,072)" in table and "memory per GPU" in table
+    assert main(["--config", config, "--reference", "llama-2-7b", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["source"]["total_params"] == LLAMA2_7B
+    assert data["tokens"]["total_tokens"] == 3200 * 131072
+    assert main(["--config", config, "--reference", "llama-2-7b",
+                 "pruning.target.embed_dim=5000"]) == 2
+    assert "pruning.target.embed_dim" in capsys.readouterr().err
+
+
+def test_reference_configs_are_the_published_shapes():
+    expected = {"llama-2-7b": (32, 32, 32, 4096, 11008, 32000),
+                "meta-llama-3-8b": (32, 32, 8, 4096, 14336, 128256),
+                "llama-3.1-8b": (32, 32, 8, 4096, 14336, 128256),
+                "sheared-llama-1.3b": (24, 16, 16, 2048, 5504, 32000),
+                "sheared-llama-2.7b": (32, 20, 20, 2560, 6912, 32000)}
+    for name, shape in expected.items():
+        spec = hf_model_spec(reference_config(name))
+        assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.embed_dim,
+                spec.intermediate_dim, spec.vocab_size) == shape
+    assert hf_model_spec(reference_config("llama-3.1-8b")).rope.scaled
+
+
+def test_activation_estimate_against_what_autograd_saves():
+    """The no-checkpointing activation estimate against the bytes autograd really saves for the
+    backward pass of a small bf16 GQA model on CPU (every saved tensor's storage counted once,
+    parameters excluded): the estimate may over-count a little, never under-count."""
+    from acadlm_plugins.models.llama import llama_decoder
+    from acadlm_plugins.planning.memory import ActivationShape, activation_bytes
+    from acadlm_plugins.pruning.architecture import architecture_of
+    from acadlm_plugins.training.validation import shifted_token_losses
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = llama_decoder(vocab_size=1000, num_layers=2, num_heads=8, num_kv_heads=2,
+                              embed_dim=256, intermediate_dim=688, head_dim=32, max_seq_len=512,
+                              tie_word_embeddings=False).to(torch.bfloat16)
+        tokens = torch.randint(0, 1000, (2, 512))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        shifted_token_losses(model(tokens), tokens)
+    estimate = activation_bytes(ActivationShape(tokens=2 * 512, logit_positions=2 * 512,
+                                                architecture=architecture_of(model),
+                                                bytes_per_value=2), checkpointed=False)
+    assert 1.0 <= estimate / sum(saved.values()) <= 1.15
