@@ -30,8 +30,12 @@ plugins, per-source validation loss) with what a context extension needs on top:
   parameters are sharded with FSDP2 over all ``N`` ranks.
 
 Cross-document attention is masked whenever the data are packed with document boundaries (our
-packed datasets always are): torchtune builds a FlexAttention block mask on GPUs that support
-it and an explicit block-causal mask for SDPA elsewhere.
+packed datasets always are): FlexAttention block masks on GPUs where torchtune supports them,
+per-document SDPA elsewhere (``long_context.attention``). A batch carries a mask only when the
+model reads one: torchtune's dense ``[b, S, S]`` fallback (268 MB per pack at 16K) is built for
+``attention: mask`` on hardware without FlexAttention and nowhere else.
+``long_context.document_masking: false`` turns the masking off for ProLong's ablation: every
+pack is then one causal sequence with positions 0..S-1 (training/document_attention.py).
 """
 
 from __future__ import annotations
@@ -49,13 +53,17 @@ from torchtune import config, training, utils
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins.continued_pretrain_recipe import REQUIRED_KEYS, ContinuedPretrainRecipe
+from acadlm_plugins.data.packing import collate_packs
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.rope import rope_settings_from_config
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
 from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.document_attention import DocumentAttention
+from acadlm_plugins.training.document_attention import (
+    DocumentAttention,
+    without_document_masking,
+)
 from acadlm_plugins.training.optimizers import requantize_states
 from acadlm_plugins.training.sequence_parallel import (
     UlyssesAttention,
@@ -71,7 +79,7 @@ log = utils.get_logger("INFO")
 
 RECIPE_NAME = "long_context"
 STAGE_KEYS = {"max_seq_len", "rope_base", "trained_length", "token_budget", "previous_stage",
-              "chunked_loss_tokens", "attention"}
+              "chunked_loss_tokens", "attention", "document_masking"}
 ATTENTION_MODES = ("auto", "mask", "documents")
 
 
@@ -88,6 +96,7 @@ class Stage:
     previous_stage: str | None
     chunked_loss_tokens: int
     attention: str = "auto"
+    document_masking: bool = True
     rope_note: str | None = None
 
     @property
@@ -202,13 +211,23 @@ def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
                           "use auto (FlexAttention block masks where torchtune supports them, "
                           "per-document attention elsewhere), mask (an explicit SDPA mask) or "
                           "documents.")
+    masking = block.get("document_masking", True)
+    if not isinstance(masking, bool):
+        raise ConfigError("long_context.document_masking", f"must be true or false, got "
+                          f"{masking!r}.", "true masks attention by document (ProLong); false "
+                          "trains each pack as one causal sequence (its ablation).")
+    if not masking and attention != "auto":
+        raise ConfigError("long_context.attention", f"is {attention!r}, a way of masking "
+                          "documents, but document_masking is false: attention is plainly "
+                          "causal over the whole pack.",
+                          "leave attention at auto, or set document_masking: true.")
     previous = block.get("previous_stage", None)
     return Stage(max_seq_len=length, rope_base=theta, trained_length=trained,
                  source_rope_base=source_theta,
                  source_max_positions=int(model_config.get("max_position_embeddings") or trained),
                  token_budget=None if budget is None else int(budget),
                  previous_stage=None if previous is None else str(previous),
-                 chunked_loss_tokens=chunk, attention=attention,
+                 chunked_loss_tokens=chunk, attention=attention, document_masking=masking,
                  rope_note=rope_change_note(model_config, theta))
 
 
@@ -270,6 +289,14 @@ def uses_document_attention(mode: str, device: torch.device) -> bool:
 
         return not (_SUPPORTS_FLEX_ATTENTION and device.type == "cuda")
     return mode == "documents"
+
+
+def batch_needs_mask(stage: Stage, device: torch.device) -> bool:
+    """Whether the model reads a ``mask`` from the batch: with document masking, unless
+    attention runs per document. The mask is then torchtune's: a FlexAttention ``BlockMask``
+    where torchtune uses flex attention, else the dense ``[b, S, S]`` boolean (``attention:
+    mask`` on hardware without it)."""
+    return stage.document_masking and not uses_document_attention(stage.attention, device)
 
 
 def sequence_parallel_degree(cfg: DictConfig, *, distributed: bool, world_size: int) -> int:
@@ -334,6 +361,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
             self._save_every = int(cfg.get("save_every_n_steps", None) or self._max_steps)
         self._validation_losses = self._sequence_losses
         self._document_attention: DocumentAttention | None = None
+        self._needs_mask = True  # decided in setup, once the device is known
         self._sequence_parallel: UlyssesAttention | None = None
 
     def setup(self, cfg: DictConfig) -> None:
@@ -351,7 +379,13 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                 log.info(self._stage.rope_note)
         self._history.setdefault("stage", asdict(self._stage))
         check_sequence_parallel_config(self._model, self._stage, self._sp_degree)
-        if uses_document_attention(self._stage.attention, self._device):
+        self._needs_mask = batch_needs_mask(self._stage, self._device)
+        if not self._stage.document_masking:
+            if self._is_rank_zero:
+                log.info("document_masking: false (ablation): each pack is one causal "
+                         "sequence, positions 0..%d; dataset positions are not used",
+                         self._stage.max_seq_len - 1)
+        elif uses_document_attention(self._stage.attention, self._device):
             self._document_attention = DocumentAttention(self._model)
         if self._sp_degree > 1:
             # Wraps the attention call the document attention (if any) installed: the exchange
@@ -403,11 +437,21 @@ class LongContextRecipe(ContinuedPretrainRecipe):
             log.info("optimizer state carried over from %s (learning-rate schedule restarts)",
                      checkpoint)
 
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next training batch as the model reads it (plugins see the same), with a mask
+        only if the model uses one (see :func:`batch_needs_mask`): per-document and unmasked
+        attention get O(S) batches."""
+        keys = self._sampler.next_batch()
+        batch = collate_packs([self._train_data[key] for key in keys],
+                              block_mask=self._needs_mask)
+        return self._stage_batch({k: v.to(self._device) for k, v in batch.items()})
+
     def _token_losses(self, batch: dict[str, torch.Tensor],
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self._stage.chunked_loss_tokens or self._sequence_parallel is not None:
             losses, counted = self._sequence_losses(self._model, batch)
             return losses, counted, None
+        batch = self._stage_batch(batch)
         logits = self._model(batch["tokens"], mask=self._attention_mask(batch),
                              input_pos=batch.get("input_pos"))
         losses, counted = shifted_token_losses(logits, batch["labels"])
@@ -417,6 +461,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence loss sums and token counts, for training and validation alike (under
         sequence parallelism: of this rank's shard of every sequence)."""
+        batch = self._stage_batch(batch)
         mask = self._attention_mask(batch)
         tokens, input_pos = batch["tokens"], batch.get("input_pos")
         if self._sequence_parallel is None:
@@ -434,6 +479,11 @@ class LongContextRecipe(ContinuedPretrainRecipe):
             return super()._counted_tokens(batch)
         shard = shard_batch(batch, self._sequence_parallel.rank, self._sp_degree)
         return int((shard["targets"] != -100).sum())
+
+    def _stage_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` as this stage's attention reads it: one causal sequence per pack when
+        document masking is off (validation batches included), else unchanged."""
+        return batch if self._stage.document_masking else without_document_masking(batch)
 
     def _attention_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The mask to hand the model: none when per-document attention masks by itself, and

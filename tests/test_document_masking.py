@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from recipe_runs import torch_threads
+from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION as SUPPORTS_FLEX
 
 from acadlm_plugins.data.mixture import collate_domain_packs
 from acadlm_plugins.data.packing import (
@@ -146,3 +147,96 @@ def test_per_document_attention_needs_the_batch_segment_lengths(model) -> None:
             model(batch["tokens"], mask=None, input_pos=batch["input_pos"])
     finally:
         documents.remove()
+
+
+# ------------------------------------------------- document masking off (ProLong's ablation)
+def per_position_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad(), torch_threads():
+        logits = model(batch["tokens"], mask=batch.get("mask"), input_pos=batch["input_pos"])
+    targets = shifted_targets(batch["labels"])
+    return torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none",
+                                             ignore_index=CROSS_ENTROPY_IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("positions", ["reset", "continuous"])
+def test_without_document_masking_a_document_reads_the_ones_before_it(model, positions) -> None:
+    """Change only the first document: with masking the second document's losses stay the
+    same (its first token's included); without, they move, since attention crosses into it."""
+    from acadlm_plugins.training.document_attention import without_document_masking
+
+    changed_docs = [[t + 40 for t in DOCS[0]], *DOCS[1:]]
+    second = slice(11, 28)  # document 2; position 11 is its first token
+    masked = [per_position_losses(model, packed_batch(d, positions)) for d in (DOCS, changed_docs)]
+    assert torch.allclose(masked[0][second], masked[1][second], atol=1e-5)
+    plain = [per_position_losses(model, without_document_masking(packed_batch(d, positions)))
+             for d in (DOCS, changed_docs)]
+    assert abs(float(plain[0][11] - plain[1][11])) > 1e-3  # the first token of document 2
+    assert not torch.allclose(plain[0][second], plain[1][second], atol=1e-3)
+    # the same targets are scored in both arms; only attention and positions differ
+    unmasked = without_document_masking(packed_batch(DOCS, positions))
+    assert "mask" not in unmasked
+    assert torch.equal(unmasked["labels"], packed_batch(DOCS, positions)["labels"])
+    assert unmasked["input_pos"].tolist() == [list(range(LENGTH))]
+
+
+def test_without_document_masking_equals_one_document_of_the_whole_pack(model) -> None:
+    from acadlm_plugins.training.document_attention import without_document_masking
+
+    unmasked = without_document_masking(packed_batch(DOCS))
+    whole = packed_batch([[t for d in DOCS for t in d]])
+    with torch.no_grad(), torch_threads():
+        a = model(unmasked["tokens"], mask=None, input_pos=unmasked["input_pos"])
+        b = model(whole["tokens"], mask=whole["mask"], input_pos=whole["input_pos"])
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------- batch size in memory
+def batch_bytes(batch: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in batch.values())
+
+
+def pack_of_documents(length: int, seed: int = 0) -> dict:
+    """One full pack of documents of 100-2000 tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    docs, total = [], 0
+    while total < length:
+        n = min(int(torch.randint(100, 2001, (1,), generator=generator)), length - total)
+        docs.append(torch.randint(3, 500, (n,), generator=generator).tolist())
+        total += n
+    sample = pack_documents(TokenizedDocuments.from_lists(docs), length, pad_id=0).sample(0)
+    sample["domain"] = 0
+    return sample
+
+
+def test_collate_without_a_mask_is_the_masked_collate_minus_the_mask() -> None:
+    from acadlm_plugins.data.packing import collate_packs
+
+    samples = [pack_of_documents(LENGTH * 4, seed) for seed in (0, 1)]
+    reference = collate_domain_packs(samples)
+    with_mask = collate_packs(samples, block_mask=True)
+    without = collate_packs(samples)
+    assert set(with_mask) == set(reference) and "mask" not in without
+    for key, value in reference.items():
+        assert torch.equal(with_mask[key], value), key
+        if key != "mask":
+            assert torch.equal(without[key], value), key
+
+
+def test_a_16k_batch_for_per_document_attention_is_linear_in_its_length() -> None:
+    """torchtune's CPU collate adds a dense [b, S, S] boolean mask: S^2 bytes, 268 MB per
+    pack at 16K. The batch that per-document (or unmasked) attention gets has no mask: 24 bytes
+    per token (tokens, labels, positions as int64) plus the segment lengths."""
+    from acadlm_plugins.data.packing import collate_packs
+
+    sizes = {}
+    for length in (2048, 16384):
+        batch = collate_packs([pack_of_documents(length), pack_of_documents(length, 1)])
+        assert "mask" not in batch
+        sizes[length] = batch_bytes(batch)
+        assert sizes[length] < 2 * 25 * length
+    assert sizes[16384] / sizes[2048] == pytest.approx(8, rel=0.05)
+    if SUPPORTS_FLEX:
+        return  # torchtune's collate builds a BlockMask instead of the dense mask
+    masked = collate_domain_packs([pack_of_documents(2048), pack_of_documents(2048, 1)])
+    assert masked["mask"].shape == (2, 2048, 2048)  # what the 16K batch would carry: 2 x 268 MB
+    assert batch_bytes(masked) - sizes[2048] == 2 * 2048 * 2048

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from recipe_runs import run_recipe_main, torch_threads
 from recipe_runs import setup_error as recipe_setup_error
 from tiny_setup import REPO_ROOT, write_tiny_checkpoint, write_tiny_corpus
+from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION as SUPPORTS_FLEX
 
 from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.errors import ConfigError
@@ -160,6 +161,9 @@ def bad_stage(tiny_data, tmp_path, *overrides: str):
     (["long_context.token_budget=100"], "long_context.token_budget", "one sequence"),
     (["long_context.chunked_loss_tokens=-1"], "long_context.chunked_loss_tokens", ">= 0"),
     (["long_context.attention=flash"], "long_context.attention", "unknown mode"),
+    (["long_context.document_masking=sometimes"], "long_context.document_masking", "true or false"),
+    (["long_context.document_masking=false", "long_context.attention=documents"],
+     "long_context.attention", "document_masking is false"),
 ])
 def test_impossible_stages_are_refused_naming_the_field(tiny_data, tmp_path, overrides, field,
                                                         words) -> None:
@@ -249,3 +253,53 @@ def test_an_8bit_stage_takes_adamws_moments_and_exports_an_int4_copy_with_its_ro
     model = load_decoder(copy, max_seq_len=None, device=torch.device("cpu"), dtype=torch.float32)
     assert model.layers[0].attn.pos_embeddings.base == 160000.0
     assert type(model.layers[0].attn.q_proj.weight).__name__ == "AffineQuantizedTensor"
+
+
+def test_document_masking_is_on_unless_switched_off(tiny_data, tmp_path) -> None:
+    assert bad_stage(tiny_data, tmp_path).document_masking is True
+    stage = bad_stage(tiny_data, tmp_path, "long_context.document_masking=false")
+    assert stage.document_masking is False and stage.attention == "auto"
+
+
+@pytest.mark.parametrize(("overrides", "mask"), [
+    ([], None),                                          # auto on CPU: per-document attention
+    (["long_context.attention=documents"], None),
+    (["long_context.document_masking=false"], None),     # one causal sequence per pack
+    (["long_context.attention=mask"], (2, 128, 128)),    # torchtune's dense SDPA mask
+])
+def test_a_batch_carries_a_mask_only_where_the_model_reads_one(tiny_data, tmp_path, overrides,
+                                                               mask) -> None:
+    cfg = stage_config(tiny_data, tmp_path / "run", *overrides)
+    with torch_threads():
+        recipe = LongContextRecipe(cfg)
+        try:
+            recipe.setup(cfg)
+            batch = recipe._next_batch()
+            losses, counted = recipe._sequence_losses(recipe._model, batch)
+        finally:
+            recipe.cleanup()
+    assert batch["tokens"].shape == (2, 128) and batch["seq_lens"].shape[0] == 2
+    if overrides == ["long_context.document_masking=false"]:  # one sequence per pack
+        assert batch["input_pos"].tolist() == [list(range(128))] * 2
+    if mask is None:
+        assert "mask" not in batch
+    elif not SUPPORTS_FLEX:  # else torchtune's collate gives a BlockMask
+        assert batch["mask"].dtype == torch.bool and tuple(batch["mask"].shape) == mask
+    assert counted.sum() == int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.isfinite(losses).all()
+
+
+def test_a_stage_without_document_masking_trains_across_documents(stage1, tiny_data,
+                                                                  tmp_path) -> None:
+    """The ablation arm trains end to end; the same packs score differently once attention
+    crosses documents (validation follows the stage's attention)."""
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        out = run_recipe_main(monkeypatch, MODULE, stage_args(
+            tiny_data, tmp_path / "unmasked", "long_context.document_masking=false"))
+    masked = json.loads((stage1 / "summary.json").read_text())
+    unmasked = json.loads((out / "summary.json").read_text())
+    assert unmasked["stage"]["document_masking"] is False
+    assert unmasked["steps"] == masked["steps"]
+    differ = [d for d, v in unmasked["val_loss_before"].items()
+              if abs(v - masked["val_loss_before"][d]) > 1e-4]
+    assert differ, "cross-document attention left every validation loss unchanged"

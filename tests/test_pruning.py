@@ -284,6 +284,64 @@ def test_smollm2_third_size_target_is_valid():
     assert 0.25 < ratio < 0.4
 
 
+# ------------------------------------------------- sources without grouped-query attention
+LLAMA2_7B = Architecture(num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096,
+                         intermediate_dim=11008, head_dim=128, vocab_size=32000,
+                         tie_word_embeddings=False)
+
+
+def test_kv_heads_follow_query_heads_on_a_source_without_gqa():
+    """Sheared-LLaMA's targets on Llama-2-7B (no GQA) name only num_heads."""
+    sheared_2_7b = resolve_target(LLAMA2_7B, {"num_heads": 20, "embed_dim": 2560,
+                                              "intermediate_dim": 6912})
+    assert (sheared_2_7b.num_heads, sheared_2_7b.num_kv_heads) == (20, 20)
+    assert sheared_2_7b.total_params() == pytest.approx(2.7e9, rel=0.01)
+    sheared_1_3b = resolve_target(LLAMA2_7B, {"num_layers": 24, "num_heads": 16,
+                                              "embed_dim": 2048, "intermediate_dim": 5504})
+    assert sheared_1_3b.num_kv_heads == 16
+    assert sheared_1_3b.total_params() == pytest.approx(1.3e9, rel=0.05)
+    assert resolve_target(LLAMA2_7B, {"num_kv_heads": 16}).num_heads == 16
+    assert resolve_target(LLAMA2_7B, {"num_heads": 16, "num_kv_heads": 16}).num_kv_heads == 16
+
+
+@pytest.mark.parametrize("target, key, words", [
+    ({"num_heads": 16, "num_kv_heads": 8}, "pruning.target.num_kv_heads",
+     "no grouped-query attention"),
+    ({"num_heads": 16, "num_kv_heads": 32}, "pruning.target.num_kv_heads", "num_kv_heads: 16"),
+])
+def test_gqa_shapes_a_multi_head_source_cannot_reach_are_refused(target, key, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        resolve_target(LLAMA2_7B, target)
+    assert err.value.key == key
+
+
+def test_a_multi_head_model_prunes_heads_with_their_kv_heads_and_materializes():
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=4).eval()
+    source = architecture_of(model)
+    target = resolve_target(source, {"num_heads": 2})
+    assert (target.num_heads, target.num_kv_heads) == (2, 2)
+    masks = PruningMasks(source, target, seed=0)
+    assert masks.mask_types == ["kv_head"]  # a query head and its KV head: one gate
+    with torch.no_grad():
+        masks.gates["kv_head"].log_alpha.normal_(0.0, 2.0)
+    hooks = MaskHooks(model, masks)
+    masks.use_final_gates()
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        masked = model(tokens)
+    hooks.remove()
+    pruned, arch = materialize(model, masks)
+    assert architecture_of(pruned) == arch == target
+    head_dim = source.head_dim
+    for layer in pruned.layers:
+        assert layer.attn.q_proj.weight.shape == (2 * head_dim, 64)
+        assert layer.attn.k_proj.weight.shape == layer.attn.v_proj.weight.shape == (2 * head_dim, 64)
+        assert layer.attn.output_proj.weight.shape == (64, 2 * head_dim)
+    with torch.no_grad():
+        assert (pruned.eval()(tokens) - masked).abs().max() < 1e-4
+
+
 def test_importance_initialized_masks_start_at_the_one_shot_choice():
     from acadlm_plugins.plugins.pruning import initial_log_alphas
     from acadlm_plugins.pruning.importance import importance_scores, keep_indices

@@ -10,14 +10,18 @@ and counted). :class:`PackingStats` says how many tokens went in and came out.
 Every pack carries its segment lengths, so attention can be masked per document (torchtune's
 ``padded_collate_packed`` turns them into a block-causal mask) and the loss never crosses a
 document boundary: the label at the first token of every segment is ignored.
+
+:func:`collate_packs` batches packs with the segment lengths only, and builds the mask only
+when asked: without FlexAttention torchtune's mask is a dense ``[b, S, S]`` boolean tensor
+(268 MB per pack at 16K tokens), which attention that masks by document itself never reads.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -147,6 +151,32 @@ def packed_sample(tokens: np.ndarray, segment_lens: np.ndarray, pad_start: int, 
         raise ConfigError("positions", f"unknown mode {positions!r}.",
                           "use 'reset' (per document) or 'continuous'.")
     return {"tokens": tokens, "labels": labels, "input_pos": input_pos, "seq_lens": seq_lens}
+
+
+def collate_packs(samples: Sequence[Mapping[str, Any]], *,
+                  block_mask: bool = False) -> dict[str, torch.Tensor]:
+    """Batch packed samples: ``tokens``, ``labels``, ``input_pos`` (``[b, S]``), ``seq_lens``
+    (``[b, most segments]``, zero-padded) and ``domain`` when the samples carry one.
+
+    With ``block_mask`` the batch also gets ``mask``, torchtune's block-causal document mask
+    (``packed_block_causal_mask``: a FlexAttention ``BlockMask`` where torchtune uses flex
+    attention, else a dense ``[b, S, S]`` boolean); the batch then equals
+    ``mixture.collate_domain_packs``. Without it the batch is O(S) per pack, for attention that
+    needs no mask (per-document attention, or plain causal attention over the pack).
+    """
+    if not samples:
+        raise ValueError("collate_packs needs at least one sample")
+    batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+             for key in ("tokens", "labels", "input_pos")}
+    seq_lens = [torch.as_tensor(s["seq_lens"], dtype=torch.long) for s in samples]
+    batch["seq_lens"] = torch.nn.utils.rnn.pad_sequence(seq_lens, batch_first=True)
+    if all("domain" in s for s in samples):
+        batch["domain"] = torch.tensor([int(s["domain"]) for s in samples], dtype=torch.long)
+    if block_mask:
+        from torchtune.modules.attention_utils import packed_block_causal_mask
+
+        batch["mask"] = packed_block_causal_mask(seq_lens=seq_lens)
+    return batch
 
 
 def pack_documents(docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,

@@ -91,15 +91,22 @@ def resolve_target(source: Architecture, target: Mapping[str, Any], *,
                    field: str = "pruning.target") -> Architecture:
     """The target architecture: the source with the user's dims replaced, checked.
 
+    A source without grouped-query attention (as many KV heads as query heads, e.g. Llama-2-7B
+    with 32 and 32) gives every query head its own KV head, and pruning removes the two
+    together: there ``num_heads`` alone (or ``num_kv_heads`` alone) sets both.
+
     Refused with a :class:`ConfigError` naming the field: unknown keys, a dim larger than the
     source's or below 1, query heads not a multiple of the KV heads (GQA needs equal groups),
-    more query heads per KV group than the source has (heads only move within their group).
+    more query heads per KV group than the source has (heads only move within their group),
+    on a source without GQA different query and KV head counts.
     """
     unknown = sorted(set(target) - set(PRUNABLE_DIMS))
     if unknown:
         raise ConfigError(f"{field}.{unknown[0]}", "is not a prunable dimension.",
                           f"use {list(PRUNABLE_DIMS)}.")
     values = {k: int(target.get(k, getattr(source, k))) for k in PRUNABLE_DIMS}
+    if source.num_kv_heads == source.num_heads:
+        _follow_query_heads(source, target, values, field)
     for key, value in values.items():
         limit = getattr(source, key)
         if value < 1:
@@ -126,6 +133,23 @@ def resolve_target(source: Architecture, target: Mapping[str, Any], *,
                           f"choose a multiple of {heads} (e.g. {fits[0] if fits else heads}), or "
                           "another head count.")
     return source.replace(**values)
+
+
+def _follow_query_heads(source: Architecture, target: Mapping[str, Any],
+                        values: dict[str, int], field: str) -> None:
+    """On a source without GQA, make the target's KV heads equal its query heads (whichever of
+    the two the user gave), or refuse two different counts: a KV head cannot serve a second
+    query head that it never served in the source."""
+    given = [k for k in ("num_heads", "num_kv_heads") if k in target]
+    if len(given) == 1:
+        values["num_heads"] = values["num_kv_heads"] = values[given[0]]
+    elif values["num_heads"] != values["num_kv_heads"]:
+        raise ConfigError(f"{field}.num_kv_heads",
+                          f"is {values['num_kv_heads']} with num_heads {values['num_heads']}, but "
+                          f"the source has no grouped-query attention ({source.num_heads} query "
+                          f"heads, {source.num_kv_heads} KV heads): every query head keeps its "
+                          "own KV head, and pruning removes them together.",
+                          f"set num_kv_heads: {values['num_heads']} (or leave it out).")
 
 
 def architecture_fields() -> list[str]:

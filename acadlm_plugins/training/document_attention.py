@@ -12,11 +12,17 @@ causal attention.
 caller gives it the segment lengths of the current batch (:meth:`DocumentAttention.set_seq_lens`)
 and calls the model *without* a mask; the lengths stay set until the next batch, so activation
 checkpointing recomputes the same attention in the backward pass.
+
+:func:`without_document_masking` is the other arm of ProLong's document-masking ablation
+(Gao et al. 2024; ``--single_seq`` in their code, which drops the document boundaries of a
+pack): each pack is one causal sequence, so a token attends to the documents before it in the
+pack.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +45,23 @@ def segment_bounds(seq_lens: torch.Tensor) -> list[list[tuple[int, int]]]:
                 start += int(length)
         bounds.append(spans)
     return bounds
+
+
+def without_document_masking(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` as plain causal language-model input over each whole pack: no ``mask`` and
+    positions ``0 .. S-1``, whatever the pack's documents.
+
+    Positions run on across documents because ProLong's model does so even with document
+    masking (its RoPE is applied over the whole flattened pack, only attention is cut by
+    document), and a pack read as one sequence then has nothing to restart at. Labels are left
+    as they are: the first token of every document stays unscored, so both arms of the
+    ablation train and validate on the same targets. (ProLong's ``--single_seq`` also scores
+    that one token per document, the prediction of a new document's first token.)
+    """
+    out = {k: v for k, v in batch.items() if k != "mask"}
+    tokens = batch["tokens"]
+    out["input_pos"] = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return out
 
 
 class DocumentAttention:
