@@ -30,21 +30,13 @@ from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
 from acadlm_plugins.qurating.criteria import load_criteria
 from acadlm_plugins.qurating.judges import Judge, LocalJudge, OpenAIJudge
 from acadlm_plugins.qurating.judging import format_summary, judge_pairs
-from acadlm_plugins.qurating.pairs import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_MIN_TOKENS,
-    Pair,
-    read_documents,
-    read_pairs_file,
-    sample_pairs,
-)
+from acadlm_plugins.qurating.pairs import PAIRS_CONFIG_KEYS, Pair, pairs_from_config
 from acadlm_plugins.training.config_checks import reject_unknown_keys, route_package_logs
 
 log = utils.get_logger("INFO")
 
 KNOWN_KEYS = {"output_dir", "criteria", "pairs", "judge", "batch_pairs", "progress"}
-PAIRS_KEYS = {"data", "file", "split", "text_field", "num_pairs", "max_tokens", "min_tokens",
-              "same_domain", "seed", "tokenizer"}
+PAIRS_KEYS = PAIRS_CONFIG_KEYS
 JUDGE_KEYS = {"kind", "local", "openai"}
 LOCAL_KEYS = {"model_dir", "device", "dtype", "batch_size", "chat_template"}
 OPENAI_KEYS = {"url", "model", "endpoint", "api_key_env", "timeout_s", "max_retries",
@@ -119,18 +111,7 @@ def excerpt_tokenizer(cfg: DictConfig, judge: Judge) -> AcadTokenizer:
 
 def build_pairs(cfg: DictConfig, tokenizer: AcadTokenizer) -> list[Pair]:
     """Pairs from ``pairs.file``, or sampled from the corpus at ``pairs.data``."""
-    pairs_cfg = cfg.pairs
-    if pairs_cfg.get("file") is not None:
-        return read_pairs_file(str(pairs_cfg.file))
-    data = pairs_cfg.data
-    data = [str(item) for item in data] if OmegaConf.is_list(data) else str(data)
-    documents = read_documents(data, split=str(pairs_cfg.get("split", "train")),
-                               text_field=str(pairs_cfg.get("text_field", "text")))
-    return sample_pairs(documents, tokenizer, num_pairs=int(pairs_cfg.get("num_pairs", 64)),
-                        max_tokens=int(pairs_cfg.get("max_tokens", DEFAULT_MAX_TOKENS)),
-                        min_tokens=int(pairs_cfg.get("min_tokens", DEFAULT_MIN_TOKENS)),
-                        seed=int(pairs_cfg.get("seed", 0)),
-                        same_domain=bool(pairs_cfg.get("same_domain", False)))
+    return pairs_from_config(OmegaConf.to_container(cfg.pairs, resolve=True), tokenizer)
 
 
 def run_judging(cfg: DictConfig) -> dict[str, Any]:

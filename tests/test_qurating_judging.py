@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -288,7 +289,9 @@ def test_corpus_rows_without_text_are_errors_with_file_and_line(tmp_path, tiny_t
     documents = read_documents(table)
     assert [d.doc_id for d in documents] == ["docs.parquet:1", "docs.parquet:2"]
     with pytest.raises(DataError, match="only 1 distinct pairs could be drawn of the 5"):
-        sample_pairs(documents, tiny_tokenizer, num_pairs=5, max_tokens=64, min_tokens=2)
+        # Excerpts longer than both documents: the two whole texts make the only pair.
+        sample_pairs(documents, tiny_tokenizer, num_pairs=5, max_tokens=64,
+                     min_excerpt_tokens=64, min_tokens=2)
 
 
 def test_pairs_file_referencing_a_missing_text_is_an_error(tmp_path) -> None:
@@ -668,3 +671,128 @@ def test_smollm2_judge_through_tune_run(tmp_path) -> None:
     print(f"SmolLM2 judge: 4 pairs x 2 criteria x 2 orders in {elapsed:.1f} s; "
           f"{summary['prompts_per_s']} prompts/s; "
           f"mean |p-0.5| {summary['per_criterion']['writing_style']['mean_confidence']}")
+
+
+# ---------------------------------------------------------------------- fidelity to QuRating
+
+
+def overlapping_tokens(spans: list[tuple[int, int]], start: int, end: int) -> int:
+    """How many of a document's tokens overlap the character span ``[start, end)``."""
+    return sum(1 for left, right in spans if left < end and right > start)
+
+
+def test_excerpt_lengths_follow_quratings_rule_with_one_length_per_pair(
+        tiny_corpus, tiny_tokenizer) -> None:
+    import random
+
+    from acadlm_plugins.qurating.pairs import DEFAULT_MAX_TOKENS, ExcerptLengths, pairs_from_config
+
+    # The paper's defaults: 512 tokens half of the time, else uniform in [256, 512].
+    assert DEFAULT_MAX_TOKENS == 512
+    rule = ExcerptLengths()
+    assert (rule.max_tokens, rule.min_tokens, rule.p_max_tokens) == (512, 256, 0.5)
+    draws = [rule.draw(random.Random(seed)) for seed in range(4000)]
+    assert min(draws) >= 256 and max(draws) == 512
+    at_max = draws.count(512) / len(draws)
+    assert abs(at_max - (0.5 + 0.5 / 257)) < 0.03
+    assert len(set(draws)) > 150  # the other half spreads over the range
+    assert ExcerptLengths(max_tokens=128).min_tokens == 64  # the range scales with max_tokens
+    with pytest.raises(DataError, match="min_excerpt_tokens"):
+        ExcerptLengths(max_tokens=64, min_tokens=65)
+    with pytest.raises(DataError, match="p_max_tokens"):
+        ExcerptLengths(p_max_tokens=1.5)
+
+    # Both excerpts of a pair have the same length; lengths vary between pairs.
+    documents = read_documents(tiny_corpus)
+    texts = {d.doc_id: d.text for d in documents}
+    pairs = sample_pairs(documents, tiny_tokenizer, num_pairs=40, max_tokens=24,
+                         min_tokens=24, seed=5)
+    lengths = []
+    for pair in pairs:
+        counts = [overlapping_tokens(list(tiny_tokenizer.rust.encode(
+            texts[e.doc_id], add_special_tokens=False).offsets), e.start, e.end)
+            for e in (pair.a, pair.b)]
+        assert counts[0] == counts[1], (pair.pair_id, counts)
+        lengths.append(counts[0])
+    assert min(lengths) >= 12 and max(lengths) == 24
+    assert 8 <= lengths.count(24) <= 32 and len(set(lengths)) >= 4
+    # A fixed length on request.
+    fixed = sample_pairs(documents, tiny_tokenizer, num_pairs=10, max_tokens=16,
+                         min_excerpt_tokens=16, min_tokens=24, seed=5)
+    for pair in fixed:
+        for e in (pair.a, pair.b):
+            spans = list(tiny_tokenizer.rust.encode(texts[e.doc_id],
+                                                    add_special_tokens=False).offsets)
+            assert overlapping_tokens(spans, e.start, e.end) == 16
+    # The config block reads the same keys (what the judge recipe passes on).
+    from_config = pairs_from_config({"data": str(tiny_corpus), "num_pairs": 10,
+                                     "max_tokens": 16, "min_excerpt_tokens": 16,
+                                     "p_max_tokens": 0.5, "min_tokens": 24, "seed": 5},
+                                    tiny_tokenizer)
+    assert from_config == fixed
+
+
+def test_builtin_prompts_rule_out_order_length_and_language_and_reward_obscure_facts() -> None:
+    for criterion in load_criteria(None):
+        text = " ".join(criterion.template.split()).lower()
+        rule = re.search(r"do not let (.*?) influence", text)
+        assert rule is not None, criterion.name
+        for aspect in ("order", "length", "language"):
+            assert aspect in rule.group(1), (criterion.name, aspect)
+    facts = " ".join(load_criterion("facts_and_trivia").template.split()).lower()
+    assert "specific" in facts and ("obscure" in facts or "little-known" in facts)
+    assert "amount of factual information" not in facts
+    assert "do not count facts" in facts  # their number is not what counts
+    assert "holds more facts" not in facts
+
+
+def test_a_failed_criterion_is_missing_only_for_that_pair_and_the_rater_masks_it(
+        serve, tmp_path, test_criterion, tiny_model_dir) -> None:
+    from acadlm_plugins.qurating.rater import (
+        PairwiseJudgments,
+        RaterTokenizer,
+        bradley_terry_loss,
+        read_judgments,
+    )
+
+    style = tmp_path / "prompts" / "style.txt"
+    style.write_text("Style check.\n" + TEST_PROMPT)
+    criteria = [*test_criterion, load_criterion(str(style))]
+
+    def respond(request: dict[str, Any], number: int) -> Reply:
+        prompt = request["body"]["messages"][0]["content"]
+        if prompt.startswith("Style check.") and "ODD" in "".join(shown_texts(request)):
+            return 200, chat_reply({"The": 0.7, "Text": 0.3}), {}, 0.0
+        return quality_judge()(request, number)
+
+    server = serve(respond)
+    texts = [("GOOD one", "plain one"), ("ODD GOOD", "plain two"), ("plain", "GOOD three")]
+    output = tmp_path / "judgments.jsonl"
+    summary = judge_pairs(make_pairs(texts), criteria, http_judge(server), output)
+    rows = read_jsonl_resumable(output)
+    assert [row["pair_id"] for row in rows] == ["pair00", "pair01", "pair02"]
+    assert rows[1]["judgments"]["style"] is None
+    assert rows[1]["judgments"]["overall"] < 0.5  # A (GOOD) is preferred on the other criterion
+    assert all(isinstance(row["judgments"]["style"], float) for row in (rows[0], rows[2]))
+    rejected = read_jsonl_resumable(OutputFiles.for_judgments(output).rejected)
+    assert {(r["pair_id"], r["criterion"]) for r in rejected} == {("pair01", "style")}
+    assert summary["pairs_rejected"] == 0 and summary["pairs_with_missing_criteria"] == 1
+    assert summary["per_criterion"]["style"]["missing"] == 1
+    assert summary["per_criterion"]["style"]["judged"] == 2
+    assert summary["per_criterion"]["overall"]["missing"] == 0
+    before = len(server.requests)
+    judge_pairs(make_pairs(texts), criteria, http_judge(server), output)
+    assert len(server.requests) == before  # the pair is done, with one criterion missing
+
+    # The rater reads the missing criterion as not judged and trains the pair on the other.
+    names, judged = read_judgments(output)
+    assert names == ["overall", "style"] and math.isnan(judged[1].p_b[1])
+    data = PairwiseJudgments.build(names, judged, RaterTokenizer(tiny_model_dir), margin=0.1,
+                                   validation_fraction=0.0, max_tokens=16)
+    row = data.pair_ids.index("pair01")
+    assert data.mask[row].tolist() == [True, False]
+    batch = data.collate([row])
+    s_a = torch.zeros(1, 2, requires_grad=True)
+    s_b = torch.zeros(1, 2, requires_grad=True)
+    bradley_terry_loss(s_a, s_b, batch["targets"], batch["mask"]).backward()
+    assert s_b.grad is not None and s_b.grad[0, 1] == 0 and s_b.grad[0, 0] != 0

@@ -402,6 +402,116 @@ def test_command_line_runs_a_config_and_reports_errors(tmp_path, capsys):
     assert "give exactly one of `budget_tokens` and `budget_fraction`" in capsys.readouterr().err
 
 
+# --- per-domain budgets (QuRating's --domain_field) --------------------------------------------
+
+
+def test_domain_budgets_follow_token_shares_or_weights_and_add_up():
+    tokens = {"web": 600, "books": 300, "code": 100, "empty": 0}
+    # 101 tokens: floors 60 + 30 + 10, the spare token to the largest remainder (web, 0.6).
+    assert sel.domain_budgets(tokens, 101) == {"books": 30, "code": 10, "web": 61}
+    assert sum(sel.domain_budgets(tokens, 997).values()) == 997
+    assert sel.domain_budgets(tokens, 100, {"web": 1, "books": 3}) == {
+        "books": 75, "code": 0, "web": 25}
+    with pytest.raises(ConfigError, match=r"domain_weights.code.*asks for 150 tokens.*holds 100"):
+        sel.domain_budgets(tokens, 200, {"web": 1, "code": 3})
+    with pytest.raises(ConfigError, match="did you mean `books`"):
+        sel.domain_budgets(tokens, 100, {"bookz": 1})
+    with pytest.raises(ConfigError, match="all weights are 0"):
+        sel.domain_budgets(tokens, 100, {"web": 0})
+
+
+def per_domain_tokens(out: Path, field: str = "domain") -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for file in out.glob("*/train.jsonl"):
+        for line in file.read_text().splitlines():
+            row = json.loads(line)
+            counts[row[field]] = counts.get(row[field], 0) + row["num_tokens"]
+    return counts
+
+
+@pytest.mark.parametrize("tau", [1.0, "inf"])
+def test_domain_field_gives_every_domain_its_share_of_the_budget(tmp_path, tau):
+    table = corpus_table(4000, seed=3)
+    folder = write_shards(tmp_path / "s", table, [1500, 2500], row_group_size=700)
+    config = {"scores_dir": str(folder), "criteria": {"educational_value": 1.0}, "tau": tau,
+              "budget_tokens": 20_000, "seed": 2, "batch_size": 512}
+    out = tmp_path / "strata"
+    report = select({**config, "output_dir": str(out), "domain_field": "domain",
+                     "uniform_output_dir": str(tmp_path / "uni")})
+    corpus = {d: int(np.asarray(table["num_tokens"])[np.asarray(table["domain"]) == d].sum())
+              for d in DOMAINS}
+    budgets = sel.domain_budgets(corpus, 20_000)
+    longest = int(np.asarray(table["num_tokens"]).max())
+    for name, path in (("selected", out), ("uniform", tmp_path / "uni")):
+        per_domain = report[name]["budget_per_domain"]
+        assert per_domain["domain_field"] == "domain"
+        assert per_domain["split_by"] == "corpus token shares"
+        written = per_domain_tokens(path)
+        for domain in DOMAINS:
+            row = per_domain["domains"][domain]
+            assert row["budget_tokens"] == budgets[domain]
+            assert row["corpus_tokens"] == corpus[domain]
+            # Each domain is filled to its own budget, crossing it by less than one document.
+            assert budgets[domain] <= written[domain] == row["tokens"] < budgets[domain] + longest
+    # Within a domain the scores still decide (code is not over-represented, the rest is).
+    if tau == 1.0:
+        assert report["selected"]["mean_score"]["educational_value"]["mean_z_after"] > 0.3
+        unstratified = select({**config, "output_dir": str(tmp_path / "global")})["selected"]
+        share = unstratified["token_share_per_domain"]
+        assert share["after"]["code"] > share["before"]["code"] + 0.15
+        assert "budget_per_domain" not in unstratified
+        assert unstratified["settings"]["domain_field"] is None
+
+
+def test_without_domain_field_the_selection_is_the_global_one(tmp_path):
+    table = corpus_table(3000, seed=8)
+    folder = write_shards(tmp_path / "s", table, [3000])
+    base = {"scores_dir": str(folder), "criteria": {"educational_value": 1.0}, "tau": 1.0,
+            "budget_tokens": 15_000, "seed": 4}
+    select({**base, "output_dir": str(tmp_path / "off"), "domain_field": None})
+    global_plan = plans_for(folder, [sampling(4, tau=1.0)], 15_000)[0]
+    ids = np.asarray(table["id"])
+    assert selected_ids(tmp_path / "off") == set(ids[global_plan.rows])
+    # One domain holding the whole corpus: per-domain budgets are the global selection.
+    one = table.set_column(table.schema.get_field_index("domain"), "domain",
+                           pa.array(["all"] * table.num_rows))
+    single = write_shards(tmp_path / "single", one, [3000])
+    select({**base, "scores_dir": str(single), "output_dir": str(tmp_path / "one"),
+            "domain_field": "domain"})
+    assert selected_ids(tmp_path / "one") == set(ids[global_plan.rows])
+
+
+def test_domain_field_reads_struct_fields_takes_weights_and_names_mistakes(tmp_path, capsys):
+    table = corpus_table(2000, seed=6)
+    languages = np.where(np.arange(2000) % 4 == 0, "de", "en")
+    table = table.append_column("meta", pa.array([{"lang": lang} for lang in languages]))
+    folder = write_shards(tmp_path / "s", table, [2000])
+    base = {"scores_dir": str(folder), "criteria": {"educational_value": 1.0}, "tau": 2.0,
+            "budget_tokens": 8_000, "seed": 1}
+    report = select({**base, "output_dir": str(tmp_path / "w"), "domain_field": "meta.lang",
+                     "domain_weights": {"de": 1, "en": 1}})["selected"]
+    assert report["budget_per_domain"]["split_by"] == "domain_weights"
+    domains = report["budget_per_domain"]["domains"]
+    assert domains["de"]["budget_tokens"] == domains["en"]["budget_tokens"] == 4_000
+    for row in domains.values():
+        assert 4_000 <= row["tokens"] < 4_060
+    with pytest.raises(ConfigError, match="`domain_field`.*has no column 'lang'"):
+        select({**base, "output_dir": str(tmp_path / "x"), "domain_field": "lang"})
+    with pytest.raises(ConfigError, match="`domain_weights`.*`domain_field` is not set"):
+        select({**base, "output_dir": str(tmp_path / "x"), "domain_weights": {"de": 1}})
+    with pytest.raises(ConfigError, match="did you mean `de`"):
+        select({**base, "output_dir": str(tmp_path / "x"), "domain_field": "meta.lang",
+                "domain_weights": {"dee": 1}})
+    # The command line takes it as an override.
+    config = tmp_path / "select.yaml"
+    config.write_text(f"scores_dir: {folder}\noutput_dir: {tmp_path / 'cli'}\n"
+                      "criteria: {educational_value: 1.0}\ntau: 2.0\nbudget_fraction: 0.5\n")
+    assert select_main(["--config", str(config), "domain_field=domain"]) == 0
+    assert "budget per domain" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "cli" / "selection.json").read_text())
+    assert saved["settings"]["domain_field"] == "domain"
+
+
 # --- sampling on the fly ---------------------------------------------------------------------
 
 

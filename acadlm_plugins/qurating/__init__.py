@@ -11,8 +11,12 @@ Stages and the files that connect them (every stage is a command; every file is 
         "domain_a": str, "domain_b": str,
         "judgments": {criterion: p_b_better}}      # p(B better than A), order-averaged, in [0, 1]
 
+   A criterion the judge failed to answer for a pair is ``null`` there (the rater masks it and
+   trains on the pair's other criteria).
+
 2. **rater** (``tune run acadlm_plugins/rater_recipe``): a torchtune decoder with one scalar head
-   per criterion, trained with the Bradley-Terry loss on the judgments. Output: a folder with the
+   per criterion, trained with the Bradley-Terry loss on the judgments (per criterion: a pair
+   counts only for the criteria it has and is confident on). Output: a folder with the
    backbone as a Hugging Face model folder (``model/``, its tokenizer included) and
    ``rater_heads.pt`` + ``rater.json`` (criteria names, pooling, head shapes, training summary).
    The recipe exports it as ``<output_dir>/rater``; a text is read as ``[BOS] + its tokens``.
@@ -28,7 +32,8 @@ Stages and the files that connect them (every stage is a command; every file is 
    done (``annotation_plan.json`` records what the shards were scored from).
 
 4. **selection** (``acadlm_plugins.qurating.selection``): documents sampled without
-   replacement with p proportional to exp(z/tau) to a token budget. Output: the selected rows as
+   replacement with p proportional to exp(z/tau) to a token budget, over the whole corpus or
+   (``domain_field``) within each domain to its share of the budget. Output: the selected rows as
    jsonl/parquet (text, domain, id, scores) plus a report (JSON + PNG histograms).
 
 5. **training**: ``acadlm_plugins.qurating.dataset.quality_selected_dataset`` is a dataset

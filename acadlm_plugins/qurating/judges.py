@@ -28,9 +28,9 @@ Two backends:
 **Answers that are neither A nor B.** A local judge always has a probability for both letters.
 A server's answer is judged from its top log-probabilities: when neither letter is among them
 (or, without log-probabilities, the answer text is not a letter A/B), the judgment carries a
-``problem`` instead of a probability. Such an answer is never turned into 0.5: the pair is left
-out of the judgments file, recorded with the answer in a ``rejected`` file, and counted in the
-summary (see :mod:`acadlm_plugins.qurating.judging`). When only one letter is among the top
+``problem`` instead of a probability. Such an answer is never turned into 0.5: that criterion
+is left missing (``null``) for the pair, the answer is recorded in a ``rejected`` file, and the
+summary counts it (see :mod:`acadlm_plugins.qurating.judging`). When only one letter is among the top
 log-probabilities, the other is taken as 0 (its true probability is below the smallest one
 listed). When a server returns no log-probabilities at all, the answer letter itself is used
 (``p_b`` 0 or 1) and counted as a letter-only judgment.

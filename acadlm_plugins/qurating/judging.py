@@ -18,14 +18,18 @@ rest in the same order: the final file equals that of an uninterrupted run. A ru
 no longer matches the file (other criteria, or pairs that are not in the new sample) is refused
 rather than mixed in.
 
-**Rejected pairs.** A pair for which any (criterion, order) answer is neither A nor B (see
-:mod:`acadlm_plugins.qurating.judges`) is not written to the judgments file -- a made-up 0.5
-would train the rater towards "no preference". Each failing answer goes to
-``<name>.rejected.jsonl`` (pair id, criterion, order, problem, answer), the pair counts as done
-(a resumed run does not ask again; delete that file to retry them) and the summary counts them.
+**Failed answers.** An answer that is neither A nor B (see :mod:`acadlm_plugins.qurating.judges`)
+is never turned into a made-up 0.5, which would train the rater towards "no preference". When
+either order of a criterion fails, that criterion is written as ``null`` for the pair and the
+pair's other criteria are kept: the rater masks a missing criterion and trains on the rest, as
+QuRating keeps a comparison per criterion. Only a pair with no criterion left is not written.
+Each failing answer goes to ``<name>.rejected.jsonl`` (pair id, criterion, order, problem,
+answer); a pair counts as done once it is in either file (a resumed run does not ask again;
+delete its lines to retry it) and the summary counts the missing criteria.
 
-**Summary** (``<name>.summary.json``, also printed): pairs judged, pairs rejected, per
-criterion the mean p and the mean confidence ``|p - 0.5|`` over the whole file, the position
+**Summary** (``<name>.summary.json``, also printed): pairs judged, pairs rejected (no criterion
+judged), pairs with a missing criterion, per criterion the pairs judged and missing, the mean p
+and the mean confidence ``|p - 0.5|`` over the whole file, the position
 bias of this run's judgments (mean of ``(p_B[A,B] + p_B[B,A]) / 2 - 0.5``: 0 for an unbiased
 judge, positive when it favours the text shown second), the mean probability mass the judge
 put on the two answer letters, throughput, and the request counters of a remote judge.
@@ -143,8 +147,8 @@ def _check_existing(files: OutputFiles, rows: list[dict[str, Any]],
     if stray:
         raise ConfigError("pairs", f"{files.judgments} holds {len(stray)} pairs that are not in "
                           f"this run's sample of {len(pairs)} (e.g. {min(stray)}): the "
-                          "corpus, seed, max_tokens, tokenizer or num_pairs changed since it "
-                          "was written.", "restore those settings to resume, or write to a new "
+                          "corpus, seed, excerpt lengths (max_tokens, min_excerpt_tokens, "
+                          "p_max_tokens), tokenizer or num_pairs changed since it was written.", "restore those settings to resume, or write to a new "
                           "`output_dir`.")
     return done
 
@@ -183,9 +187,8 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
             answers = iter(judge.judge(prompts))
             rows, rejected = [], []
             for pair in batch:
-                judged: dict[str, float] = {}
+                judged: dict[str, float | None] = {}
                 found: list[tuple[str, float, float]] = []
-                problems = []
                 for criterion in criteria:
                     both: tuple[Judgment, Judgment] = (next(answers), next(answers))
                     for order, judgment in zip(ORDERS, both, strict=True):
@@ -193,25 +196,28 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
                         if judgment.answer_mass is not None:
                             masses.append(judgment.answer_mass)
                         if judgment.p_b is None:
-                            problems.append({"pair_id": pair.pair_id,
+                            rejected.append({"pair_id": pair.pair_id,
                                              "criterion": criterion.name, "order": order,
                                              "problem": judgment.problem,
                                              "answer": judgment.answer})
-                    if both[0].p_b is not None and both[1].p_b is not None:
-                        found.append((criterion.name, both[0].p_b, both[1].p_b))
-                        judged[criterion.name] = round(
-                            order_averaged(both[0].p_b, both[1].p_b), DECIMALS)
-                if problems:
-                    rejected.extend(problems)
-                    continue
+                    p_ab, p_ba = both[0].p_b, both[1].p_b
+                    if p_ab is None or p_ba is None:
+                        judged[criterion.name] = None  # this criterion only is missing
+                        continue
+                    found.append((criterion.name, p_ab, p_ba))
+                    judged[criterion.name] = round(order_averaged(p_ab, p_ba), DECIMALS)
+                if not found:
+                    continue  # nothing judged: the pair is in the rejected file only
                 for name, p_ab, p_ba in found:
                     by_order[name].append((p_ab, p_ba))
                 rows.append({**pair.row_fields(), "judgments": judged})
-            # Rejections first: a kill between the two writes re-judges, never duplicates.
-            _append(files.rejected, rejected)
+            # Rows first: a kill between the two writes re-judges a fully rejected pair (never
+            # duplicated) and at worst loses the failure notes of a row already written.
             _append(files.judgments, rows)
+            _append(files.rejected, rejected)
             written += len(rows)
-            rejected_now += len({row["pair_id"] for row in rejected})
+            rejected_now += len({row["pair_id"] for row in rejected}
+                                - {row["pair_id"] for row in rows})
             bar.update(len(batch))
     finally:
         bar.close()
@@ -220,9 +226,10 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
                         letter_only=letter_only, judged_now=written, rejected_now=rejected_now,
                         elapsed_s=elapsed, judge=judge, pairs_total=len(pairs))
     files.summary.write_text(json.dumps(summary, indent=2) + "\n")
-    if summary["pairs_rejected"]:
-        log.warning("%d pairs were rejected (an answer neither A nor B); see %s.",
-                    summary["pairs_rejected"], files.rejected)
+    if summary["pairs_rejected"] or summary["pairs_with_missing_criteria"]:
+        log.warning("%d pairs were rejected (no criterion answered with A or B) and %d lack "
+                    "some criteria; see %s.", summary["pairs_rejected"],
+                    summary["pairs_with_missing_criteria"], files.rejected)
     return summary
 
 
@@ -232,16 +239,21 @@ def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
               judge: Judge, pairs_total: int) -> dict[str, Any]:
     """The run's summary: file-wide means per criterion, this run's position bias, counters."""
     rows = read_jsonl_resumable(files.judgments)
+    written_ids = {row["pair_id"] for row in rows}
     rejected_ids = {row["pair_id"] for row in read_jsonl_resumable(files.rejected)}
     per_criterion = {}
     for criterion in criteria:
-        values = [float(row["judgments"][criterion.name]) for row in rows]
+        found = [row["judgments"].get(criterion.name) for row in rows]
+        values = [float(v) for v in found if v is not None]
         orders = by_order.get(criterion.name, [])
         per_criterion[criterion.name] = {
+            "judged": len(values),
+            "missing": len(found) - len(values),
             "mean_p": _mean(values),
             "mean_confidence": _mean([abs(v - 0.5) for v in values]),
             "position_bias": _mean([(a + b) / 2 - 0.5 for a, b in orders]),
         }
+    partial = sum(any(v is None for v in row["judgments"].values()) for row in rows)
     all_orders = [pair for orders in by_order.values() for pair in orders]
     prompts = 2 * len(criteria) * (judged_now + rejected_now)
     return {
@@ -251,7 +263,8 @@ def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
         "pairs_sampled": pairs_total,
         "pairs_in_file": len(rows),
         "pairs_judged_this_run": judged_now,
-        "pairs_rejected": len(rejected_ids),
+        "pairs_rejected": len(rejected_ids - written_ids),
+        "pairs_with_missing_criteria": partial,
         "pairs_rejected_this_run": rejected_now,
         "per_criterion": per_criterion,
         "position_bias": _mean([(a + b) / 2 - 0.5 for a, b in all_orders]),
@@ -276,10 +289,13 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"judge: {summary['judge']}",
              (f"pairs: {summary['pairs_in_file']} in {summary['judgments_file']} "
               f"({summary['pairs_judged_this_run']} judged now), "
-              f"{summary['pairs_rejected']} rejected, {summary['pairs_sampled']} sampled"),
-             f"{'criterion':<22}{'mean p':>8}{'mean |p-0.5|':>14}{'position bias':>15}"]
+              f"{summary['pairs_rejected']} rejected, "
+              f"{summary['pairs_with_missing_criteria']} with a missing criterion, "
+              f"{summary['pairs_sampled']} sampled"),
+             (f"{'criterion':<22}{'missing':>8}{'mean p':>8}{'mean |p-0.5|':>14}"
+              f"{'position bias':>15}")]
     for name, stats in summary["per_criterion"].items():
-        lines.append(f"{name:<22}{show(stats['mean_p'], '.3f'):>8}"
+        lines.append(f"{name:<22}{stats['missing']:>8}{show(stats['mean_p'], '.3f'):>8}"
                      f"{show(stats['mean_confidence'], '.3f'):>14}"
                      f"{show(stats['position_bias']):>15}")
     requests = summary["requests"]

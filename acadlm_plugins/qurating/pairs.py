@@ -1,10 +1,18 @@
 """Pairs of text excerpts for a judge LM to compare, sampled from a local corpus.
 
-QuRating asks a judge about short excerpts (256 tokens in the paper) rather than whole
-documents: the judge reads both texts in one prompt, and a fixed length keeps length from being
-what the judge rewards. An excerpt is a span of ``max_tokens`` tokens of the *judge's*
-tokenizer at a random token offset (the whole document when it is shorter), cut on token
-boundaries but sliced from the original text, so it is an exact substring of the document.
+QuRating asks a judge about excerpts rather than whole documents: the judge reads both texts in
+one prompt, and the two texts of a pair are cut to the same number of tokens so that length is
+not what the judge rewards. The length varies from pair to pair, as in QuRating's judging
+script (``prompting/score_pairwise.py``: ``--tokens_min 256 --tokens_max 512
+--probability_tokens_max 0.5``, Llama-2 tokens): with probability ``p_max_tokens`` a pair gets
+``max_tokens`` tokens, otherwise a length drawn uniformly from ``[min_excerpt_tokens,
+max_tokens]``. The defaults are QuRating's 512, 256 and 0.5 (:class:`ExcerptLengths`); a
+smaller ``max_tokens`` alone scales the range to ``[max_tokens // 2, max_tokens]``.
+
+An excerpt is a span of that many tokens of the *judge's* tokenizer at a random token offset
+(the whole document when it is shorter, so a short document's excerpt is shorter than its
+partner's, as in QuRating), cut on token boundaries but sliced from the original text, so it is
+an exact substring of the document.
 
 Sampling is seeded and sequential: pair ``k`` depends only on the seed and the corpus, so asking
 for more pairs with the same seed extends the same list, and a resumed run samples the same
@@ -30,7 +38,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +49,12 @@ from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_P_MAX_TOKENS = 0.5
 DEFAULT_MIN_TOKENS = 32
+PAIRS_CONFIG_KEYS = frozenset({"data", "file", "split", "text_field", "num_pairs", "max_tokens",
+                               "min_excerpt_tokens", "p_max_tokens", "min_tokens", "same_domain",
+                               "seed", "tokenizer"})
 
 
 @dataclass(frozen=True)
@@ -212,6 +224,53 @@ class _Spans:
         return self.cache[index]
 
 
+@dataclass(frozen=True)
+class ExcerptLengths:
+    """How many tokens the two excerpts of a pair get (both the same).
+
+    ``max_tokens`` with probability ``p_max_tokens``, otherwise a length drawn uniformly from
+    ``[min_tokens, max_tokens]`` (both ends included): QuRating's rule, so about half of the
+    pairs have the longest length and the rest spread over the range. The defaults, 512 / 256 /
+    0.5, are the values of QuRating's judging command; ``min_tokens`` defaults to half of
+    ``max_tokens``.
+    ``min_tokens == max_tokens`` (or ``p_max_tokens = 1``) gives one fixed length.
+    """
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    min_tokens: int | None = None
+    p_max_tokens: float = DEFAULT_P_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise DataError(f"`pairs.max_tokens` must be at least 1, not {self.max_tokens}.")
+        if self.min_tokens is None:
+            object.__setattr__(self, "min_tokens", max(1, self.max_tokens // 2))
+        if not 1 <= self.shortest <= self.max_tokens:
+            raise DataError(f"`pairs.min_excerpt_tokens` ({self.min_tokens}) must be between 1 "
+                            f"and `pairs.max_tokens` ({self.max_tokens}).")
+        if not 0.0 <= self.p_max_tokens <= 1.0:
+            raise DataError(f"`pairs.p_max_tokens` ({self.p_max_tokens}) is a probability; give "
+                            "a value in [0, 1] (QuRating: 0.5).")
+
+    @property
+    def shortest(self) -> int:
+        """The shortest length a pair can get."""
+        return int(self.min_tokens if self.min_tokens is not None else self.max_tokens // 2)
+
+    def draw(self, rng: random.Random) -> int:
+        """One pair's excerpt length."""
+        if rng.random() < self.p_max_tokens:
+            return self.max_tokens
+        return rng.randint(self.shortest, self.max_tokens)
+
+    def describe(self) -> str:
+        """The rule in words, for logs."""
+        if self.shortest == self.max_tokens:
+            return f"{self.max_tokens} tokens"
+        return (f"{self.max_tokens} tokens with p={self.p_max_tokens:g}, else uniform in "
+                f"[{self.shortest}, {self.max_tokens}]")
+
+
 def excerpt_of(document: Document, spans: Sequence[tuple[int, int]], *, max_tokens: int,
                rng: random.Random) -> Excerpt:
     """A ``max_tokens``-token span of ``document`` at a random token offset (the whole text
@@ -229,20 +288,27 @@ def excerpt_of(document: Document, spans: Sequence[tuple[int, int]], *, max_toke
 
 
 def sample_pairs(documents: Sequence[Document], tokenizer: AcadTokenizer, *, num_pairs: int,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, min_tokens: int = DEFAULT_MIN_TOKENS,
-                 seed: int = 0, same_domain: bool = False) -> list[Pair]:
+                 max_tokens: int = DEFAULT_MAX_TOKENS, min_excerpt_tokens: int | None = None,
+                 p_max_tokens: float = DEFAULT_P_MAX_TOKENS,
+                 min_tokens: int = DEFAULT_MIN_TOKENS, seed: int = 0,
+                 same_domain: bool = False) -> list[Pair]:
     """``num_pairs`` distinct pairs of excerpts of two different documents.
 
     Documents are drawn uniformly (``same_domain``: B from A's domain), documents with fewer
-    than ``min_tokens`` tokens are passed over, and a pair already drawn (in either order) is
-    drawn again. Only the documents drawn are tokenized, so a large corpus costs little.
-    Raises :class:`DataError` when the corpus cannot give that many pairs.
+    than ``min_tokens`` tokens are passed over (``min_tokens >= max_tokens`` makes every
+    excerpt of a pair exactly as long as drawn), and a pair already drawn (in either order) is
+    drawn again. Each pair's length comes from :class:`ExcerptLengths` (``max_tokens``,
+    ``min_excerpt_tokens``, ``p_max_tokens``) and both its excerpts are cut to it. Only the
+    documents drawn are tokenized, so a large corpus costs little. Raises :class:`DataError`
+    when the corpus cannot give that many pairs.
     """
     if num_pairs < 1:
         raise DataError(f"`pairs.num_pairs` must be at least 1, not {num_pairs}.")
-    if not 1 <= min_tokens <= max_tokens:
-        raise DataError(f"`pairs.min_tokens` ({min_tokens}) must be between 1 and "
-                        f"`pairs.max_tokens` ({max_tokens}).")
+    lengths = ExcerptLengths(max_tokens=max_tokens, min_tokens=min_excerpt_tokens,
+                             p_max_tokens=p_max_tokens)
+    if min_tokens < 1:
+        raise DataError(f"`pairs.min_tokens` ({min_tokens}) must be at least 1 (documents "
+                        "shorter than it are passed over).")
     rng = random.Random(seed)
     spans = _Spans(tokenizer, documents)
     by_domain: dict[str, list[int]] = {}
@@ -273,8 +339,9 @@ def sample_pairs(documents: Sequence[Document], tokenizer: AcadTokenizer, *, num
         if len(spans(second)) < min_tokens:
             too_short.add(second)
             continue
-        a = excerpt_of(documents[first], spans(first), max_tokens=max_tokens, rng=rng)
-        b = excerpt_of(documents[second], spans(second), max_tokens=max_tokens, rng=rng)
+        length = lengths.draw(rng)
+        a = excerpt_of(documents[first], spans(first), max_tokens=length, rng=rng)
+        b = excerpt_of(documents[second], spans(second), max_tokens=length, rng=rng)
         key_a, key_b = f"{a.doc_id}@{a.start}:{a.end}", f"{b.doc_id}@{b.start}:{b.end}"
         key = (min(key_a, key_b), max(key_a, key_b))
         if key in seen:
@@ -284,8 +351,28 @@ def sample_pairs(documents: Sequence[Document], tokenizer: AcadTokenizer, *, num
     if too_short:
         log.info("Passed over %d documents shorter than %d tokens.", len(too_short), min_tokens)
     domains = Counter(f"{pair.a.domain}/{pair.b.domain}" for pair in pairs)
-    log.info("Sampled %d pairs (domains A/B: %s).", len(pairs), dict(domains.most_common(8)))
+    log.info("Sampled %d pairs, excerpts of %s (domains A/B: %s).", len(pairs),
+             lengths.describe(), dict(domains.most_common(8)))
     return pairs
+
+
+def pairs_from_config(pairs_cfg: Mapping[str, Any], tokenizer: AcadTokenizer) -> list[Pair]:
+    """The pairs a judge config's ``pairs`` block asks for (keys: :data:`PAIRS_CONFIG_KEYS`):
+    read from ``file``, or sampled from the corpus at ``data``."""
+    if pairs_cfg.get("file") is not None:
+        return read_pairs_file(str(pairs_cfg["file"]))
+    data = pairs_cfg["data"]
+    data = str(data) if isinstance(data, (str, Path)) else [str(item) for item in data]
+    documents = read_documents(data, split=str(pairs_cfg.get("split", "train")),
+                               text_field=str(pairs_cfg.get("text_field", "text")))
+    shortest = pairs_cfg.get("min_excerpt_tokens")
+    return sample_pairs(
+        documents, tokenizer, num_pairs=int(pairs_cfg.get("num_pairs", 64)),
+        max_tokens=int(pairs_cfg.get("max_tokens", DEFAULT_MAX_TOKENS)),
+        min_excerpt_tokens=None if shortest is None else int(shortest),
+        p_max_tokens=float(pairs_cfg.get("p_max_tokens", DEFAULT_P_MAX_TOKENS)),
+        min_tokens=int(pairs_cfg.get("min_tokens", DEFAULT_MIN_TOKENS)),
+        seed=int(pairs_cfg.get("seed", 0)), same_domain=bool(pairs_cfg.get("same_domain", False)))
 
 
 # ---------------------------------------------------------------------- ready-made pairs

@@ -30,7 +30,9 @@ way (:func:`frame`), so the rater sees at annotation time what it saw in trainin
 
 **Judgments.** :class:`PairwiseJudgments` keeps the pairs whose judgment is confident enough
 (``|p - 0.5| >= margin``) for at least one criterion, with a per-criterion mask, since a pair
-can be clear on one criterion and a coin flip on another. A pair is held out for evaluation when
+can be clear on one criterion and a coin flip on another. A criterion the judge could not answer
+for a pair (``null`` or absent in its row) is masked the same way, so the pair still trains the
+criteria it has. A pair is held out for evaluation when
 a hash of its ``pair_id`` falls below ``validation_fraction``: the split does not depend on the
 file's order, and a pair stays on its side when more judgments are added.
 """

@@ -5,6 +5,11 @@ Run::
     acadlm-qurating-select --config configs/smollm2/qurating_select.yaml
     python -m acadlm_plugins.qurating.select --config configs/smollm2/qurating_select.yaml \\
         tau=inf budget_tokens=2000000 output_dir=outputs/uniform
+    acadlm-qurating-select --config configs/smollm2/qurating_select.yaml domain_field=null
+
+``domain_field=<column>`` splits the budget over the values of that column in proportion to
+their tokens (QuRating's ``--domain_field``); ``domain_field=null`` selects over the whole
+corpus.
 
 The config's keys are those of :class:`acadlm_plugins.qurating.selection.SelectionConfig`; an
 unknown key is refused with the closest known one. ``${acadlm_home:}`` resolves as in recipes.
@@ -47,6 +52,12 @@ def summary_lines(reports: dict) -> list[str]:
         lines.append("  domain token share: " + ", ".join(
             f"{d} {shares['before'][d]:.1%} -> {shares['after'].get(d, 0.0):.1%}"
             for d in shares["before"]))
+        per_domain = report.get("budget_per_domain")
+        if per_domain:
+            lines.append(f"  budget per {per_domain['domain_field']} (tokens, budget -> "
+                         "selected): " + ", ".join(
+                             f"{d} {v['budget_tokens']:,} -> {v['tokens']:,}"
+                             for d, v in per_domain["domains"].items()))
         lines.append("  mean z after: " + ", ".join(
             f"{c} {v['mean_z_after']:+.2f}" for c, v in report["mean_score"].items()
             if v["mean_z_after"] is not None))

@@ -10,11 +10,23 @@ sequential draws without replacement with probabilities proportional to ``exp(s 
 ``tau -> 0`` (``top_k: true``) is deterministic top-k by ``s``; ``tau = inf`` drops the score
 and is a uniform random sample of documents (the baseline of the paper's comparisons).
 
+**Per-domain budgets** (``domain_field``). QuRating's selection script can split the budget by
+domain (``data_tools/select_subset.py --domain_field``): each domain gets the share of the budget
+that it has of the corpus's tokens, and the sampling runs inside each domain up to that share.
+The selection then keeps the corpus's domain mixture and only the documents within a domain
+compete on quality. ``domain_field`` names the column whose values are the domains (a dotted
+name such as ``meta.domain`` reads a field of a struct column); ``domain_weights`` replaces the
+corpus shares with given ones. Each domain's share is rounded to whole tokens by largest
+remainder, so the shares add up to the budget exactly. The documents keep their global keys (the
+same noise as without strata), so a corpus of one domain gives the global selection, and the
+uniform baseline is split the same way. Without ``domain_field`` the budget is filled from the
+whole corpus, which lets the domain mixture drift towards the domains that score high.
+
 The annotation shards are read three times with pyarrow, never all at once:
 
 1. **moments**: per-criterion mean and standard deviation (for the z-scores), tokens and
-   documents per domain, corpus size (to check the budget). Reads scores, ``num_tokens`` and
-   ``domain``; never the texts.
+   documents per domain (and per value of ``domain_field``), corpus size (to check the budget).
+   Reads scores, ``num_tokens`` and the domain columns; never the texts.
 2. **keys**: the key of every document; only rows whose key can still be inside the budget
    are kept (a running threshold, below), so memory grows with the *selection* (at most about
    twice its documents plus one batch, 24 bytes each: float64 key, int64 row, int64 tokens),
@@ -32,7 +44,8 @@ The noise of a document is a hash of ``(seed, document id)`` (or of its global r
 the batch size, on how the corpus is split into shards or (with ids) on the order of the
 shards. Exactly equal keys are ordered by row number.
 
-Running threshold: after each batch, if the candidates hold at least the budget, sorting them
+Running threshold (one per domain with ``domain_field``): after each batch, if the candidates
+hold at least the budget, sorting them
 by key and summing their tokens gives the key ``t`` of the document that fills the budget. A
 later document with a key below ``t`` would come after that one and is never selected, so it is
 dropped on sight; candidates below ``t`` are dropped at the next compaction (when the candidate
@@ -51,11 +64,13 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from acadlm_plugins.errors import ConfigError, DataError
@@ -107,6 +122,13 @@ class SelectionConfig:
             however the corpus is sharded) or ``row`` (from the global row number).
         uniform_output_dir: if set, also write the uniform (``tau = inf``) selection at the
             same budget and seed there, for the comparison run.
+        domain_field: a column of the shards (``a.b``: field ``b`` of a struct column ``a``)
+            whose values are domains: each domain gets its share of the budget and is sampled
+            on its own (QuRating's ``--domain_field``). ``None``: one selection over the whole
+            corpus.
+        domain_weights: ``{domain: weight}`` splitting the budget instead of the corpus's
+            token shares (normalised to sum to 1; a domain not listed gets nothing). Needs
+            ``domain_field``.
         batch_size: rows per pyarrow batch (memory/speed only; the result does not depend on it).
     """
 
@@ -120,6 +142,8 @@ class SelectionConfig:
     seed: int = 0
     noise_key: str = "id"
     uniform_output_dir: str | None = None
+    domain_field: str | None = None
+    domain_weights: dict[str, float] | None = None
     batch_size: int = 1 << 16
 
     @classmethod
@@ -241,6 +265,82 @@ def resolve_budget(config: SelectionConfig, corpus_tokens: int, corpus_documents
     return budget
 
 
+def check_domain_settings(config: SelectionConfig) -> None:
+    """Refuse ``domain_weights`` without ``domain_field`` and a malformed ``domain_field``."""
+    field_name = config.domain_field
+    if field_name is not None and (not isinstance(field_name, str) or not field_name.strip(".")
+                                   or "" in field_name.split(".")):
+        raise ConfigError("domain_field", f"{field_name!r} is not a column name.",
+                          "name the shards' domain column, e.g. `domain_field: domain` (or "
+                          "`meta.domain` for a field of a struct column), or null.")
+    if config.domain_weights is not None:
+        if field_name is None:
+            raise ConfigError("domain_weights", "is given but `domain_field` is not set, so "
+                              "there are no domains to weight.",
+                              "set `domain_field` (e.g. `domain`), or remove `domain_weights`.")
+        if not isinstance(config.domain_weights, Mapping) or not config.domain_weights:
+            raise ConfigError("domain_weights", f"must be a non-empty mapping {{domain: weight}}, "
+                              f"got {config.domain_weights!r}.",
+                              "e.g. `domain_weights: {web: 0.7, books: 0.3}`, or null for the "
+                              "corpus's token shares.")
+
+
+def domain_budgets(domain_tokens: Mapping[str, int], budget: int,
+                   weights: Mapping[str, float] | None = None) -> dict[str, int]:
+    """The token budget of every domain: ``budget`` split in proportion to the domains' tokens
+    (QuRating's ``--domain_field``) or to ``weights``, in whole tokens adding up to ``budget``.
+
+    Each domain first gets the floor of its exact share; the tokens left over go one each to
+    the domains with the largest remainders (ties by name). With ``weights``, a listed domain
+    the corpus does not have, a negative or non-finite weight, and a share larger than the
+    domain's tokens are :class:`ConfigError`s; an unlisted domain gets 0.
+    """
+    domains = sorted(d for d, t in domain_tokens.items() if t > 0)
+    if weights is None:
+        raw = {d: float(domain_tokens[d]) for d in domains}
+    else:
+        unknown = sorted(str(d) for d in weights if str(d) not in domain_tokens)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], domains, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ConfigError(f"domain_weights.{unknown[0]}", f"the corpus has no domain "
+                              f"{unknown[0]!r} in `domain_field`.",
+                              f"{hint}its domains are {domains}.")
+        raw = {}
+        for name, weight in weights.items():
+            try:
+                value = float(weight)
+            except (TypeError, ValueError):
+                raise ConfigError(f"domain_weights.{name}", f"weight {weight!r} is not a "
+                                  "number.") from None
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"domain_weights.{name}", f"weight must be finite and >= 0, "
+                                  f"got {weight!r}.")
+            raw[str(name)] = value
+        left_out = [d for d in domains if d not in raw]
+        if left_out:
+            log.warning("domain_weights lists no weight for %s: nothing is selected from them",
+                        left_out)
+    total = sum(Fraction(w) for w in raw.values())
+    if total <= 0:
+        raise ConfigError("domain_weights", "all weights are 0.",
+                          "give at least one domain a positive weight.")
+    # Exact rational shares: the rounding below cannot be thrown off by float error.
+    exact = {d: budget * Fraction(w) / total for d, w in raw.items()}
+    for name, share in exact.items():
+        if share > domain_tokens.get(name, 0):
+            raise ConfigError(f"domain_weights.{name}", f"asks for {float(share):,.0f} tokens "
+                              f"of domain {name!r}, which holds {domain_tokens.get(name, 0):,}.",
+                              "lower its weight or the budget.")
+    budgets = {d: math.floor(v) for d, v in exact.items()}
+    spare = budget - sum(budgets.values())  # < the number of domains with a fractional share
+    by_remainder = sorted((d for d in exact if exact[d] > budgets[d]),
+                          key=lambda d: (-(exact[d] - budgets[d]), d))
+    for name in by_remainder[:spare]:
+        budgets[name] += 1
+    return {d: budgets.get(d, 0) for d in sorted(set(domains) | set(budgets))}
+
+
 # --------------------------------------------------------------------------------------------
 # Shards
 
@@ -306,6 +406,18 @@ class ScoreShards:
 
     def has_column(self, column: str) -> bool:
         return all(column in s.columns for s in self.shards)
+
+    def require_domain_field(self, domain_field: str) -> None:
+        """Raise :class:`ConfigError` naming the first shard without ``domain_field``'s column
+        (the part before the first dot)."""
+        top = domain_field.split(".")[0]
+        for shard in self.shards:
+            if top not in shard.columns:
+                raise ConfigError("domain_field", f"{shard.path} has no column {top!r} (its "
+                                  f"columns: {sorted(shard.columns)}).",
+                                  "name a column the annotation kept from the corpus, e.g. "
+                                  "`domain`, or set `domain_field: null` for one selection over "
+                                  "the whole corpus.")
 
     def require(self, criteria: Sequence[str], *, need_id: bool) -> None:
         """Raise :class:`DataError` naming the first shard without a needed column."""
@@ -398,6 +510,8 @@ class CorpusStats:
     moments: dict[str, Moments] = field(default_factory=dict)
     domain_tokens: dict[str, int] = field(default_factory=dict)
     domain_documents: dict[str, int] = field(default_factory=dict)
+    stratum_tokens: dict[str, int] = field(default_factory=dict)  # per value of domain_field
+    stratum_documents: dict[str, int] = field(default_factory=dict)
 
     def z(self, criterion: str, values: np.ndarray) -> np.ndarray:
         """z-scores of raw ``values`` of ``criterion`` (0 for a constant criterion)."""
@@ -422,6 +536,29 @@ def _tokens(shard: Shard, batch: pa.RecordBatch) -> np.ndarray:
     return column.to_numpy().astype(np.int64, copy=False)
 
 
+def domain_values(batch: pa.RecordBatch, domain_field: str) -> pa.Array:
+    """The ``domain_field`` value of every row as strings (null: ``MISSING_DOMAIN``), reading
+    struct fields for a dotted name."""
+    top, *inner = domain_field.split(".")
+    values = batch.column(top)
+    for name in inner:
+        if not pa.types.is_struct(values.type):
+            raise ConfigError("domain_field", f"{domain_field!r}: the column {top!r} holds "
+                              f"{values.type}, which has no field {name!r}.",
+                              "name a plain column, or a field of a struct column.")
+        try:
+            values = pc.struct_field(values, name)
+        except (KeyError, pa.ArrowInvalid):
+            raise ConfigError("domain_field", f"{domain_field!r}: the struct has no field "
+                              f"{name!r} (fields: {[f.name for f in values.type]}).",
+                              "name one of its fields.") from None
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.string())
+    return values.fill_null(MISSING_DOMAIN)
+
+
 def _domains(batch: pa.RecordBatch) -> list[str]:
     if DOMAIN_COLUMN not in batch.schema.names:
         return [MISSING_DOMAIN] * batch.num_rows
@@ -430,17 +567,21 @@ def _domains(batch: pa.RecordBatch) -> list[str]:
 
 
 def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence[str], *,
-                batch_size: int) -> CorpusStats:
+                batch_size: int, domain_field: str | None = None) -> CorpusStats:
     """Pass 1: moments of every criterion in ``criteria`` over non-empty documents, and domains.
 
     A non-finite score of a ``weighted`` criterion is an error (the key would be undefined);
-    for a criterion only reported, non-finite values are left out of its statistics.
+    for a criterion only reported, non-finite values are left out of its statistics. With
+    ``domain_field``, tokens and documents are also counted per value of that column (the
+    strata the budget is split over).
     """
     stats = CorpusStats(moments={c: Moments() for c in criteria})
     has_domain = shards.has_column(DOMAIN_COLUMN)
     columns = [TOKENS_COLUMN, *(SCORE_PREFIX + c for c in criteria)]
     if has_domain:
         columns.append(DOMAIN_COLUMN)
+    if domain_field is not None and domain_field.split(".")[0] not in columns:
+        columns.append(domain_field.split(".")[0])
     for shard, start, batch in shards.iter_batches(columns, batch_size):
         tokens = _tokens(shard, batch)
         if tokens.size and tokens.min() < 0:
@@ -464,6 +605,9 @@ def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence
                 values = values[finite]
             stats.moments[name].update(values)
         _add_domain_counts(stats.domain_tokens, stats.domain_documents, batch, tokens, live)
+        if domain_field is not None:
+            _add_counts(stats.stratum_tokens, stats.stratum_documents,
+                        domain_values(batch, domain_field), tokens, live)
     if stats.documents == 0:
         raise DataError(f"the {len(shards.shards)} shards hold no document with num_tokens > 0. "
                         "Fix: check the annotation output.")
@@ -480,14 +624,23 @@ def _add_domain_counts(tokens_by: dict[str, int], docs_by: dict[str, int],
         tokens_by[MISSING_DOMAIN] = tokens_by.get(MISSING_DOMAIN, 0) + int(tokens.sum())
         docs_by[MISSING_DOMAIN] = docs_by.get(MISSING_DOMAIN, 0) + int(live.sum())
         return
-    column = batch.column(DOMAIN_COLUMN)
+    _add_counts(tokens_by, docs_by, batch.column(DOMAIN_COLUMN), tokens, live)
+
+
+def _encode(column: pa.Array) -> tuple[list[str | None], np.ndarray]:
+    """``(distinct values, int64 code of every row)``; a null is the value ``None``."""
     encoded = column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
     names = encoded.dictionary.to_pylist()
     codes = encoded.indices.to_numpy(zero_copy_only=False)
-    if encoded.null_count:  # a null domain counts as MISSING_DOMAIN
+    if encoded.null_count:
         names.append(None)
         codes = np.where(encoded.is_null().to_numpy(zero_copy_only=False), len(names) - 1, codes)
-    codes = codes.astype(np.int64)
+    return names, codes.astype(np.int64)
+
+
+def _add_counts(tokens_by: dict[str, int], docs_by: dict[str, int], column: pa.Array,
+                tokens: np.ndarray, live: np.ndarray) -> None:
+    names, codes = _encode(column)  # a null domain counts as MISSING_DOMAIN
     token_sums = np.bincount(codes, weights=tokens, minlength=len(names))
     doc_counts = np.bincount(codes, weights=live, minlength=len(names))
     for name, tok, docs in zip(names, token_sums, doc_counts):
@@ -635,9 +788,38 @@ class _Candidates:
         return keys, rows, tokens
 
 
+class _DomainCandidates:
+    """One :class:`_Candidates` pool per domain, each filling its own budget (a domain with a
+    budget of 0 has no pool: its documents are never candidates)."""
+
+    def __init__(self, budgets: Mapping[str, int]) -> None:
+        self.budgets = dict(budgets)
+        self.pools = {d: _Candidates(b) for d, b in budgets.items() if b > 0}
+
+    def add(self, keys: np.ndarray, rows: np.ndarray, tokens: np.ndarray,
+            domains: pa.Array) -> None:
+        names, codes = _encode(domains)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(names)))])
+        for code, name in enumerate(names):
+            pool = self.pools.get(MISSING_DOMAIN if name is None else str(name))
+            if pool is not None and bounds[code + 1] > bounds[code]:
+                take = order[bounds[code]:bounds[code + 1]]
+                pool.add(keys[take], rows[take], tokens[take])
+
+    @property
+    def peak(self) -> int:
+        """An upper bound of the candidates held at once (the pools' peaks added)."""
+        return sum(pool.peak for pool in self.pools.values())
+
+
 @dataclass
 class SelectionPlan:
-    """The outcome of pass 2 for one sampling: which global rows are selected."""
+    """The outcome of pass 2 for one sampling: which global rows are selected.
+
+    ``domains`` (with ``domain_field``) holds, per domain, its ``budget_tokens``, the selected
+    ``tokens`` and ``documents``, and its ``threshold_key``.
+    """
 
     sampling: Sampling
     budget_tokens: int
@@ -645,6 +827,8 @@ class SelectionPlan:
     tokens: int
     threshold_key: float
     peak_candidates: int
+    domain_field: str | None = None
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def documents(self) -> int:
@@ -652,10 +836,18 @@ class SelectionPlan:
 
 
 def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence[Sampling],
-                    budget: int, *, batch_size: int,
-                    histogram_criteria: Sequence[str] = ()) -> tuple[list[SelectionPlan],
-                                                                      dict[str, np.ndarray]]:
-    """Pass 2: the selected rows of every sampling (one read), and z histograms of the corpus."""
+                    budget: int, *, batch_size: int, histogram_criteria: Sequence[str] = (),
+                    domain_field: str | None = None,
+                    budgets_by_domain: Mapping[str, int] | None = None
+                    ) -> tuple[list[SelectionPlan], dict[str, np.ndarray]]:
+    """Pass 2: the selected rows of every sampling (one read), and z histograms of the corpus.
+
+    With ``domain_field`` and ``budgets_by_domain`` (see :func:`domain_budgets`), every domain
+    is filled to its own budget from its own documents; otherwise ``budget`` is filled from the
+    whole corpus.
+    """
+    if (domain_field is None) != (budgets_by_domain is None):
+        raise ValueError("domain_field and budgets_by_domain go together")
     weighted = sorted({c for s in samplings for c, w in s.weights.items() if w})
     need_noise = [not s.top_k for s in samplings]
     use_ids = any(s.noise_key == "id" for s, n in zip(samplings, need_noise) if n)
@@ -663,7 +855,11 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
                                                                   *histogram_criteria}))]
     if use_ids:
         columns.append(ID_COLUMN)
-    candidates = [_Candidates(budget) for _ in samplings]
+    if domain_field is not None and domain_field.split(".")[0] not in columns:
+        columns.append(domain_field.split(".")[0])
+    candidates: list[_Candidates | _DomainCandidates] = [
+        _Candidates(budget) if budgets_by_domain is None else _DomainCandidates(budgets_by_domain)
+        for _ in samplings]
     histograms = {c: np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
                   for c in histogram_criteria}
     for _shard, start, batch in shards.iter_batches(columns, batch_size):
@@ -673,6 +869,8 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
         for name in histogram_criteria:
             histograms[name] += _z_histogram(stats.z(name, _scores(batch, name)[live]))
         noise_cache: dict[tuple[int, str], np.ndarray] = {}
+        domains = (domain_values(batch, domain_field).filter(pa.array(live))
+                   if domain_field is not None else None)
         for sampling, pool in zip(samplings, candidates):
             noise = None
             if not sampling.top_k:
@@ -685,14 +883,38 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
             score = (combined_score(stats, batch, sampling.weights)
                      if sampling.mode != "uniform" else None)
             keys = selection_keys(sampling, score, noise)
-            pool.add(keys[live], rows[live], tokens[live])
+            if isinstance(pool, _DomainCandidates):
+                pool.add(keys[live], rows[live], tokens[live], domains)
+            else:
+                pool.add(keys[live], rows[live], tokens[live])
     plans = []
     for sampling, pool in zip(samplings, candidates):
-        keys, rows, tokens = pool.compact()
-        plans.append(SelectionPlan(sampling=sampling, budget_tokens=budget, rows=np.sort(rows),
-                                   tokens=int(tokens.sum()),
-                                   threshold_key=float(keys[-1]) if keys.size else math.nan,
-                                   peak_candidates=pool.peak))
+        if isinstance(pool, _Candidates):
+            keys, rows, tokens = pool.compact()
+            plans.append(SelectionPlan(sampling=sampling, budget_tokens=budget,
+                                       rows=np.sort(rows), tokens=int(tokens.sum()),
+                                       threshold_key=float(keys[-1]) if keys.size else math.nan,
+                                       peak_candidates=pool.peak))
+            continue
+        per_domain: dict[str, dict[str, Any]] = {}
+        chosen = []
+        for name, domain_budget in sorted(pool.budgets.items()):
+            domain_pool = pool.pools.get(name)
+            keys, rows, tokens = (domain_pool.compact() if domain_pool is not None else
+                                  (np.zeros(0), np.zeros(0, dtype=np.int64),
+                                   np.zeros(0, dtype=np.int64)))
+            chosen.append(rows)
+            per_domain[name] = {"budget_tokens": int(domain_budget), "tokens": int(tokens.sum()),
+                                "documents": int(rows.size),
+                                "threshold_key": float(keys[-1]) if keys.size else None}
+        rows = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+        thresholds = [d["threshold_key"] for d in per_domain.values()
+                      if d["threshold_key"] is not None]
+        plans.append(SelectionPlan(
+            sampling=sampling, budget_tokens=budget, rows=rows,
+            tokens=sum(d["tokens"] for d in per_domain.values()),
+            threshold_key=min(thresholds) if thresholds else math.nan,
+            peak_candidates=pool.peak, domain_field=domain_field, domains=per_domain))
     return plans, histograms
 
 
@@ -854,10 +1076,13 @@ def build_report(config: SelectionConfig, shards: ScoreShards, stats: CorpusStat
             "before": moments.mean, "after": after, "std_before": moments.std,
             "mean_z_after": (None if after is None or moments.std == 0
                              else (after - moments.mean) / moments.std)}
-    return {
+    report = {
         "settings": {**plan.sampling.describe(), "scores_dir": str(config.scores_dir),
                      "shards": len(shards.shards), "budget_tokens": plan.budget_tokens,
                      "budget_fraction": config.budget_fraction,
+                     "domain_field": plan.domain_field,
+                     "domain_weights": (dict(config.domain_weights)
+                                        if config.domain_weights is not None else None),
                      "batch_size": int(config.batch_size)},
         "corpus": {"documents": stats.documents, "empty_documents": stats.empty_documents,
                    "tokens": stats.tokens},
@@ -889,6 +1114,17 @@ def build_report(config: SelectionConfig, shards: ScoreShards, stats: CorpusStat
         "domain_folders": {d: writer.folders[d] for d in sorted(writer.folders)},
         "elapsed_s": {k: round(v, 3) for k, v in elapsed.items()},
     }
+    if plan.domain_field is not None:
+        corpus = stats.stratum_tokens
+        total = sum(corpus.values())
+        report["budget_per_domain"] = {
+            "domain_field": plan.domain_field,
+            "split_by": "domain_weights" if config.domain_weights is not None
+            else "corpus token shares",
+            "domains": {name: {"corpus_tokens": corpus.get(name, 0),
+                               "corpus_token_share": corpus.get(name, 0) / total if total else 0.0,
+                               **values} for name, values in plan.domains.items()}}
+    return report
 
 
 def plot_selection(report: Mapping[str, Any], path: str | Path) -> Path:
@@ -965,12 +1201,16 @@ def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, A
 
     The selection takes documents in decreasing key order until their tokens reach the budget,
     so it holds at least ``budget`` tokens and less than ``budget`` plus its last document.
+    With ``domain_field`` the same holds for every domain and its share of the budget.
     Documents with ``num_tokens == 0`` are never selected.
     """
     if not isinstance(config, SelectionConfig):
         config = SelectionConfig.from_mapping(config)
+    check_domain_settings(config)
     started = time.perf_counter()
     shards = ScoreShards.discover(config.scores_dir)
+    if config.domain_field is not None:
+        shards.require_domain_field(config.domain_field)
     available = shards.score_criteria()
     # A criterion some shard has is known; `require` then names the shard that lacks it.
     sampling = check_sampling(config, shards.score_criteria(in_every_shard=False))
@@ -992,13 +1232,21 @@ def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, A
     reported = sorted(set(available) | set(sampling.weights))
     batch_size = int(config.batch_size)
 
-    stats = scan_corpus(shards, reported, list(sampling.weights), batch_size=batch_size)
+    stats = scan_corpus(shards, reported, list(sampling.weights), batch_size=batch_size,
+                        domain_field=config.domain_field)
     budget = resolve_budget(config, stats.tokens, stats.documents, len(shards.shards))
+    budgets_by_domain = None
+    if config.domain_field is not None:
+        budgets_by_domain = domain_budgets(stats.stratum_tokens, budget, config.domain_weights)
+        log.info("budget per %s: %s", config.domain_field,
+                 ", ".join(f"{d} {b:,}" for d, b in budgets_by_domain.items()))
     scanned = time.perf_counter()
     log.info("pass 1: %s documents, %s tokens in %d shards (%.1f s)", f"{stats.documents:,}",
              f"{stats.tokens:,}", len(shards.shards), scanned - started)
     plans, before = plan_selections(shards, stats, samplings, budget, batch_size=batch_size,
-                                    histogram_criteria=reported)
+                                    histogram_criteria=reported,
+                                    domain_field=config.domain_field,
+                                    budgets_by_domain=budgets_by_domain)
     planned = time.perf_counter()
     log.info("pass 2: selected %s documents (%s tokens, budget %s) (%.1f s)",
              f"{plans[0].documents:,}", f"{plans[0].tokens:,}", f"{budget:,}", planned - scanned)
@@ -1021,9 +1269,12 @@ __all__ = [
     "ScoreShards",
     "SelectionConfig",
     "SelectionPlan",
+    "check_domain_settings",
     "check_sampling",
     "combined_score",
+    "domain_budgets",
     "domain_folder",
+    "domain_values",
     "gumbel_noise",
     "hash_strings",
     "parse_tau",
