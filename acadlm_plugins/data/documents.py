@@ -84,15 +84,21 @@ def iter_jsonl_lines(file: Path) -> Iterator[tuple[int, str]]:
                     "utf-8`), or repair or delete that line.") from None
 
 
-def _iter_jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
+def iter_jsonl_values(file: Path) -> Iterator[tuple[int, object]]:
+    """Yield ``(line number, parsed value)`` for each non-blank line of a jsonl file; a line
+    that is not JSON (or not UTF-8) raises :class:`DataError` naming the file and line."""
     for line_no, line in iter_jsonl_lines(file):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield line_no, json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
                             f"{err.colno}). Fix: repair or delete that line.") from None
+
+
+def _iter_jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
+    for line_no, row in iter_jsonl_values(file):
         yield _text_of(row, file, line_no, text_field)
 
 

@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchtune.config._errors import InstantiationError
-from torchtune.config._utils import _get_component_from_path
 
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.training.components import check_component_arguments, instantiate_optional
+from acadlm_plugins.training.components import check_component, instantiate_optional
 from acadlm_plugins.training.config_checks import check_config_keys
 
 # Top-level blocks of each recipe that are built with `config.instantiate`.
@@ -99,19 +97,6 @@ def check_components(cfg: DictConfig, keys: tuple[str, ...] = COMPONENT_KEYS) ->
         check_component(node, key)
         checked.append(key)
     return checked
-
-
-def check_component(node: DictConfig, key: str) -> None:
-    """One ``_component_`` block (see :func:`check_components`), errors naming ``key``."""
-    try:
-        builder = _get_component_from_path(str(node._component_))
-    except InstantiationError as err:
-        lines = str(err).splitlines()
-        raise ConfigError(f"{key}._component_", f"cannot import {node._component_!r} "
-                          f"({lines[1] if len(lines) > 1 else err}).",
-                          "check the dotted path and that its package is installed.") from err
-    check_component_arguments(builder, [k for k in node if k != "_component_"], key=key,
-                              component=str(node._component_))
 
 
 def check_optimizer(cfg: DictConfig, params: list[torch.Tensor], *, world_size: int) -> None:

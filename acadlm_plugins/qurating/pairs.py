@@ -34,7 +34,6 @@ or other criteria.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections import Counter
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from acadlm_plugins.data.documents import SUPPORTED_SUFFIXES, iter_jsonl_lines, resolve_data_files
+from acadlm_plugins.data.documents import SUPPORTED_SUFFIXES, iter_jsonl_values, resolve_data_files
 from acadlm_plugins.errors import DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
 
@@ -176,14 +175,7 @@ def _iter_rows(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for row_no, row in enumerate(pq.read_table(file).to_pylist(), start=1):
             yield row_no, row
         return
-    for line_no, line in iter_jsonl_lines(file):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
-                            f"{err.colno}). Fix: repair or delete that line.") from None
+    for line_no, row in iter_jsonl_values(file):
         if not isinstance(row, dict):
             raise DataError(f"{file}:{line_no}: expected a JSON object, got "
                             f"{type(row).__name__}. Fix: one object per line.")

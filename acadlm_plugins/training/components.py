@@ -24,6 +24,13 @@ def instantiate_component(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) 
         raise ConfigError(f"{key}._component_", "is missing.",
                           "give the dotted path of the builder, e.g. "
                           "`_component_: torch.optim.AdamW`.")
+    check_component(node, key)
+    return config.instantiate(node, *args, **kwargs)
+
+
+def check_component(node: DictConfig, key: str) -> None:
+    """Check the ``_component_`` block ``node`` (at config key ``key``) without building it:
+    the dotted path imports, and every other key is a parameter of what it names."""
     try:
         builder = _get_component_from_path(str(node._component_))
     except InstantiationError as err:
@@ -33,7 +40,6 @@ def instantiate_component(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) 
                           "check the dotted path and that its package is installed.") from err
     check_component_arguments(builder, [k for k in node if k != "_component_"], key=key,
                               component=str(node._component_))
-    return config.instantiate(node, *args, **kwargs)
 
 
 def check_component_arguments(builder: Callable[..., Any], keys: list[str], *, key: str,
