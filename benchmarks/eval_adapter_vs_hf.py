@@ -9,22 +9,32 @@ passages:
 * ``generate_until``: greedy continuation of passage openings until a blank line or
   ``--max-gen-toks`` tokens.
 
-The two models are timed in alternation (the order flips every repeat) so that drift on a
-shared machine hits both alike; it prints requests/s for each (median and best of the repeats),
-the ratio acadlm / hf, and how far their answers differ (they should agree).
+``generate_until`` is also timed a third way, ``acadlm-tt``: the same adapter with
+torchtune's own attention at decoding steps (K/V heads repeated every step, what the adapter
+did before :func:`acadlm_plugins.evaluation.generation.grouped_query_attention`), so one run
+shows the change and the baseline side by side.
+
+The models are timed in rotation (the order shifts every repeat) so that drift on a shared
+machine hits all alike; it prints requests/s for each (median and best of the repeats, by wall
+clock and by this process's CPU time, which a shared machine disturbs less), the ratios to
+hf, and how far the answers differ (they should agree).
 
 Run::
 
     .venv/bin/python benchmarks/eval_adapter_vs_hf.py                  # 32 x 4 scored, 8 generated
     .venv/bin/python benchmarks/eval_adapter_vs_hf.py --contexts 64 --generations 16 --batch-size 4
+    .venv/bin/python benchmarks/eval_adapter_vs_hf.py --threads 1      # on a busy shared machine
+    .venv/bin/python benchmarks/eval_adapter_vs_hf.py --kinds generate_until --repeats 6
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +44,7 @@ from acadlm_plugins.defaults.corpus import read_jsonl
 from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
 
 DOMAINS = ("books", "docs", "scripture")
+KINDS = ("loglikelihood", "generate_until")
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +59,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default="loglikelihood,generate_until",
+                        help="request types to time, comma-separated")
     args = parser.parse_args()
+    args.kinds = [kind for kind in KINDS if kind in args.kinds.split(",")]
+    if not args.kinds:
+        parser.error(f"--kinds: give some of {','.join(KINDS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
@@ -95,10 +111,36 @@ def generation_requests(texts: list[str], max_gen_toks: int, seed: int) -> list[
     return requests
 
 
-def timed(function, requests) -> tuple[float, list]:
-    started = time.perf_counter()
+def timed(function, requests) -> tuple[float, float, list]:
+    """Wall seconds, CPU seconds of this process, and the answers of one call."""
+    started, cpu = time.perf_counter(), time.process_time()
     answers = function(requests, disable_tqdm=True)
-    return time.perf_counter() - started, answers
+    return time.perf_counter() - started, time.process_time() - cpu, answers
+
+
+@contextlib.contextmanager
+def torchtune_attention() -> Iterator[None]:
+    """The adapter's decoding steps through torchtune's unchanged attention (K/V heads
+    repeated at every step): the baseline of the grouped-query change."""
+    from acadlm_plugins.evaluation import generation
+
+    patched = generation.grouped_query_attention
+    generation.grouped_query_attention = lambda model: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        generation.grouped_query_attention = patched
+
+
+def runner(model, kind: str, baseline: bool = False) -> Callable:
+    method = getattr(model, kind)
+    if not baseline:
+        return method
+
+    def run(requests, disable_tqdm=True):
+        with torchtune_attention():
+            return method(requests, disable_tqdm=disable_tqdm)
+    return run
 
 
 def main() -> None:
@@ -135,34 +177,81 @@ def main() -> None:
         model.loglikelihood(scored[:4], disable_tqdm=True)
         model.generate_until(generated[:1], disable_tqdm=True)
 
-    seconds: dict[tuple[str, str], list[float]] = {}
+    # (name, kind) -> what to call; acadlm-tt: generation with torchtune's attention.
+    runs = {(name, kind): runner(models[name], kind) for name in models
+            for kind in ("loglikelihood", "generate_until")}
+    runs[("acadlm-tt", "generate_until")] = runner(ours, "generate_until", baseline=True)
+    requests_of = {kind: requests for kind, requests in (("loglikelihood", scored),
+                                                         ("generate_until", generated))
+                   if kind in args.kinds}
+    names = ("acadlm", "acadlm-tt", "hf")
+    wall: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     answers: dict[tuple[str, str], list] = {}
     for repeat in range(args.repeats):
-        order = ("acadlm", "hf") if repeat % 2 == 0 else ("hf", "acadlm")
+        order = names[repeat % 3:] + names[:repeat % 3]
         for name in order:
-            for kind, requests in (("loglikelihood", scored), ("generate_until", generated)):
-                took, answer = timed(getattr(models[name], kind), requests)
-                seconds.setdefault((name, kind), []).append(took)
+            for kind, requests in requests_of.items():
+                if (name, kind) not in runs:
+                    continue
+                took, used, answer = timed(runs[(name, kind)], requests)
+                wall.setdefault((name, kind), []).append(took)
+                cpu.setdefault((name, kind), []).append(used)
                 answers[(name, kind)] = answer
-                print(f"  run {repeat + 1} {name:>6} {kind:<15} {took:7.2f} s "
-                      f"({len(requests) / took:6.2f} requests/s)", flush=True)
+                print(f"  run {repeat + 1} {name:>9} {kind:<15} {took:7.2f} s "
+                      f"({len(requests) / took:6.2f} requests/s, {used:7.2f} CPU s)",
+                      flush=True)
 
-    print(f"\n{'requests/s':<32}{'acadlm':>10}{'hf':>10}{'acadlm / hf':>14}")
-    for kind, requests in (("loglikelihood", scored), ("generate_until", generated)):
-        for label, pick in (("median", statistics.median), ("best", min)):
-            rates = {name: len(requests) / pick(seconds[(name, kind)]) for name in models}
-            print(f"{kind + ' (' + label + ' run)':<32}{rates['acadlm']:>10.2f}"
-                  f"{rates['hf']:>10.2f}{rates['acadlm'] / rates['hf']:>13.2f}x")
+    print(f"\n{'requests/s':<40}{'acadlm':>9}{'acadlm-tt':>11}{'hf':>8}{'acadlm / hf':>13}"
+          f"{'acadlm-tt / hf':>16}")
+    for kind, requests in requests_of.items():
+        for clock, seconds in (("wall", wall), ("CPU", cpu)):
+            for label, pick in (("median", statistics.median), ("best", min)):
+                rates = {name: len(requests) / pick(seconds[(name, kind)]) for name in names
+                         if (name, kind) in seconds}
+                baseline = rates.get("acadlm-tt")
+                print(f"{kind + ' (' + clock + ', ' + label + ' run)':<40}"
+                      f"{rates['acadlm']:>9.2f}"
+                      + (f"{baseline:>11.2f}" if baseline else f"{'-':>11}")
+                      + f"{rates['hf']:>8.2f}{rates['acadlm'] / rates['hf']:>12.2f}x"
+                      + (f"{baseline / rates['hf']:>15.2f}x" if baseline else f"{'-':>16}"))
+    agreement(args, answers, scored, generated)
+
+
+def agreement(args: argparse.Namespace, answers: dict[tuple[str, str], list],
+              scored: list[Instance], generated: list[Instance]) -> None:
+    """Print how far the models' answers differ (they should agree), and any generation that
+    differs."""
+    lines = []
+    if "loglikelihood" in args.kinds:
+        lines.append(loglikelihood_agreement(args, answers, scored))
+    if "generate_until" in args.kinds:
+        same_text = sum(a == b for a, b in zip(answers[("acadlm", "generate_until")],
+                                               answers[("hf", "generate_until")], strict=True))
+        same_tt = sum(a == b for a, b in zip(answers[("acadlm", "generate_until")],
+                                             answers[("acadlm-tt", "generate_until")],
+                                             strict=True))
+        lines.append(f"identical generations {same_text}/{len(generated)} (acadlm-tt: "
+                     f"{same_tt}/{len(generated)})")
+    print("\nagreement: " + ", ".join(lines))
+    if "generate_until" in args.kinds:
+        for index, (a, b) in enumerate(zip(answers[("acadlm", "generate_until")],
+                                           answers[("hf", "generate_until")], strict=True)):
+            if a != b:
+                print(f"  generation {index} differs:\n    acadlm: {a!r}\n    hf:     {b!r}")
+
+
+def loglikelihood_agreement(args: argparse.Namespace, answers: dict[tuple[str, str], list],
+                            scored: list[Instance]) -> str:
+    """Largest log-likelihood difference, and how often both pick the same choice."""
     diffs = [abs(a[0] - b[0]) for a, b in zip(answers[("acadlm", "loglikelihood")],
                                                answers[("hf", "loglikelihood")], strict=True)]
     picks = [max(range(4), key=lambda k, i=i: answers[(name, "loglikelihood")][i + k][0])
-             for name in models for i in range(0, len(scored), 4)]
+             for name in ("acadlm", "hf") for i in range(0, len(scored), 4)]
     same_pick = sum(a == b for a, b in zip(picks[:args.contexts], picks[args.contexts:],
                                            strict=True))
-    same_text = sum(a == b for a, b in zip(answers[("acadlm", "generate_until")],
-                                           answers[("hf", "generate_until")], strict=True))
-    print(f"\nagreement: max |loglikelihood diff| {max(diffs):.2e}, same choice picked "
-          f"{same_pick}/{args.contexts}, identical generations {same_text}/{len(generated)}")
+    return (f"max |loglikelihood diff| {max(diffs):.2e}, same choice picked "
+            f"{same_pick}/{args.contexts}")
 
 
 if __name__ == "__main__":

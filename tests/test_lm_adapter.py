@@ -1,12 +1,17 @@
 """lm-eval's `acadlm` model on the tiny checkpoint: scores against an independent forward pass
 (transformers' own Llama), rolling windows, KV-cache generation against full recomputation,
-stop sequences, batching, too-long contexts, chat templates, lm-eval's built-in tasks of every
-output type on local files, and an exported checkpoint scored identically by `--model hf`."""
+grouped-query decoding against torchtune's attention, stop sequences, batching (`auto`
+included), too-long contexts, chat templates, lm-eval's built-in tasks of every output type on
+local files, an exported checkpoint scored identically by `--model hf`, and data-parallel
+evaluation over 2 processes (gloo) giving the 1-process results."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,13 @@ from lm_eval.api.instance import Instance
 from tiny_setup import write_builtin_task_configs, write_tiny_model_dir
 
 from acadlm_plugins.errors import AcadlmError, ConfigError
+from acadlm_plugins.evaluation import lm_adapter
+from acadlm_plugins.evaluation.generation import (
+    StopRule,
+    causal_mask_rows,
+    final_hidden_states,
+    grouped_query_attention,
+)
 from acadlm_plugins.evaluation.lm_adapter import AcadLM
 from acadlm_plugins.evaluation.registry import MODEL_NAME, register_lm_eval_model
 
@@ -25,6 +37,51 @@ PAIRS = [("Question: the answer is", " 42"), ("Question: the answer is", " 4"),
 
 def _instances(kind: str, args: list[tuple], task: str = "tiny_task") -> list[Instance]:
     return [Instance(kind, {}, arg, i, (task, i, 1)) for i, arg in enumerate(args)]
+
+
+def decoding_logits(model, prompts: list[list[int]], fed: list[list[int]], *,
+                    grouped: bool) -> torch.Tensor:
+    """Logits of a left-padded batch: the prompts prefilled into torchtune KV caches, then
+    ``fed`` given one token per step (the same tokens either way, so both runs see the same
+    inputs); with or without :func:`grouped_query_attention`. ``steps + 1 x rows x vocab``."""
+    from contextlib import nullcontext
+
+    from torchtune.generation import get_position_ids_from_padding_mask
+    from torchtune.modules.common_utils import local_kv_cache
+
+    rows, width, steps = len(prompts), max(map(len, prompts)), len(fed[0])
+    total = width + steps
+    tokens = torch.zeros((rows, total), dtype=torch.long)
+    real = torch.ones((rows, total), dtype=torch.bool)
+    for row, (prompt, more) in enumerate(zip(prompts, fed, strict=True)):
+        tokens[row, width - len(prompt):] = torch.tensor(prompt + more)
+        real[row, :width - len(prompt)] = False
+    positions = get_position_ids_from_padding_mask(real)
+    weight = model.tok_embeddings.weight
+    logits = []
+    caches = local_kv_cache(model, batch_size=rows, device=weight.device, dtype=weight.dtype,
+                            decoder_max_seq_len=total)
+    with torch.inference_mode(), caches, grouped_query_attention(model) if grouped else (
+            nullcontext()):
+        for start, stop in [(0, width)] + [(end, end + 1) for end in range(width, total)]:
+            hidden = final_hidden_states(model, tokens[:, start:stop],
+                                         input_pos=positions[:, start:stop],
+                                         mask=causal_mask_rows(real, start, stop, total))
+            logits.append(model.output(hidden[:, -1]).float())
+    return torch.stack(logits)
+
+
+def sdpa_key_heads(monkeypatch) -> list[tuple[int, int, int]]:
+    """Records ``(query heads, key heads, query length)`` of every SDPA call from now on."""
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.shape[1], k.shape[1], q.shape[2]))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +244,151 @@ def test_kv_cache_generation_equals_full_recomputation(model_dir, lm, reference)
     assert cached[1] == expected
 
 
+def test_grouped_query_decoding_equals_torchtunes_attention(lm, monkeypatch):
+    """Decoding steps read the KV cache with its 2 KV heads un-repeated (4 query heads) and
+    give torchtune's logits (left padding included); the layers are restored afterwards."""
+    attention = lm.model.layers[0].attn
+    assert (attention.num_heads, attention.num_kv_heads) == (4, 2)
+    prompts = [lm.tok_encode(p) for p in ("the dog and the cat were", "def f", "1 2 3 4")]
+    fed = [lm.tok_encode(" x = 1 2 in the house")[:6] for _ in prompts]
+    reference = decoding_logits(lm.model, prompts, fed, grouped=False)
+    seen = sdpa_key_heads(monkeypatch)
+    grouped = decoding_logits(lm.model, prompts, fed, grouped=True)
+    assert (grouped - reference).abs().max() < 1e-5
+    layers = len(lm.model.layers)
+    assert seen[:layers] == [(4, 4, max(map(len, prompts)))] * layers  # prefill: torchtune's
+    assert seen[layers:] == [(4, 2, 1)] * (len(seen) - layers) and len(seen) > layers
+    assert attention.num_kv_heads == 2 and not hasattr(attention._attention_call, "group")
+    seen.clear()
+    assert torch.equal(decoding_logits(lm.model, prompts, fed, grouped=False), reference)
+    assert {key_heads for _, key_heads, _ in seen} == {4}  # unpatched again: repeated heads
+
+
+def test_prompts_of_similar_length_are_prefilled_together_without_padding(lm):
+    """Longest-first runs of prompts within PREFILL_SLACK of their longest are prefilled as one
+    batch each; the KV caches and first logits are those of prefilling the whole padded batch,
+    and generation equals full recomputation."""
+    from torchtune.generation import get_position_ids_from_padding_mask
+    from torchtune.modules.common_utils import local_kv_cache
+
+    from acadlm_plugins.evaluation.generation import _prefill, length_groups
+
+    assert length_groups([40, 36, 35, 20, 3, 3]) == [slice(0, 3), slice(3, 4), slice(4, 6)]
+    texts = ["the dog and the cat were in the house and", "the dog and the cat were in the",
+             "def f ( x ) :", "1 2"]
+    prompts = [lm.tok_encode(text) for text in texts]
+    lengths = list(map(len, prompts))
+    width = max(lengths)
+    assert len(length_groups(lengths)) >= 3 and lengths == sorted(lengths, reverse=True)
+    tokens = torch.zeros((len(prompts), width + 1), dtype=torch.long)  # + a slot to decode
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):width] = torch.tensor(prompt)
+        real[row, :width - len(prompt)] = False
+    positions = get_position_ids_from_padding_mask(real)
+    model, shapes = lm.model, []
+    hook = model.tok_embeddings.register_forward_hook(lambda m, i, o: shapes.append(i[0].shape))
+
+    def cached(run):
+        with torch.inference_mode(), local_kv_cache(model, batch_size=len(prompts),
+                                                    device=torch.device("cpu"),
+                                                    dtype=torch.float32,
+                                                    decoder_max_seq_len=width + 1):
+            hidden = run()
+            caches = [layer.attn.kv_cache for layer in model.layers]
+            return (model.output(hidden).float(), [c.k_cache.clone() for c in caches],
+                    [c.v_cache.clone() for c in caches], caches[0].size)
+
+    try:
+        grouped = cached(lambda: _prefill(model, tokens, real, positions, lengths, chunk=4))
+        padded = cached(lambda: final_hidden_states(
+            model, tokens[:, :width], input_pos=positions[:, :width],
+            mask=causal_mask_rows(real, 0, width, width + 1))[:, -1])
+    finally:
+        hook.remove()
+    # Each run covers only its own longest prompt (in chunks of 4), not the batch's width.
+    assert sum(rows * length for rows, length in shapes[:-1]) < len(prompts) * width
+    assert shapes[-1] == (len(prompts), width)  # the padded reference, in one pass
+    assert (grouped[0] - padded[0]).abs().max() < 1e-4
+    for got, want in zip(grouped[1] + grouped[2], padded[1] + padded[2], strict=True):
+        filled = real[:, None, :width, None].expand_as(got[:, :, :width])
+        assert (got - want)[:, :, :width][filled].abs().max() < 1e-5
+    assert grouped[3] == padded[3] == width  # the caches continue at slot `width`
+    caps = [6, 6, 6, 6]
+    assert lm._generate(prompts[::-1], caps) == AcadLM(
+        pretrained=str(lm.model_dir), kv_cache=False)._generate(prompts[::-1], caps)
+
+
+def test_stop_rule_decodes_only_the_tail_that_can_hold_a_stop_string():
+    decoded = []
+
+    def decode(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    rule = StopRule(100, ["xyz"], frozenset({99}))
+    ids = list(range(60))
+    assert not rule.done(ids[:25], decode) and rule.done(ids[:26], decode)  # ...x y z
+    assert max(decoded) == rule.window == 4 * 3 + 2
+    assert StopRule(100, [], frozenset({99})).done([1, 99], decode=None)  # a stop token
+    assert not StopRule(100).done(ids[:30], decode=None)  # nothing to decode without strings
+    assert StopRule(30).done(ids[:30], decode=None)
+
+
+def test_generation_stops_as_soon_as_every_row_is_done(lm):
+    steps = []  # decoding steps: forward passes over one new token per row
+    hook = lm.model.tok_embeddings.register_forward_hook(
+        lambda module, inputs, output: steps.append(1) if inputs[0].shape[1] == 1 else None)
+    prompts = [lm.tok_encode("the dog"), lm.tok_encode("1 2 3 4 5")]
+    try:
+        lm._generate(prompts, [3, 5])
+        assert len(steps) == 4  # the prefill gives the first token, then one step per token
+        tokens = lm._generate(prompts, [5, 5])
+        steps.clear()
+        original = lm.tokenizer.stop_ids
+        lm.tokenizer.stop_ids = {tokens[0][1], tokens[1][1]}
+        try:
+            assert [len(t) for t in lm._generate(prompts, [20, 20])] == [2, 2]
+        finally:
+            lm.tokenizer.stop_ids = original
+        assert len(steps) == 1
+    finally:
+        hook.remove()
+
+
+def test_requests_with_their_own_stops_and_budgets_share_a_batch(model_dir, lm, monkeypatch):
+    """Greedy requests batch together whatever their `until` and `max_gen_toks`; every row
+    stops on its own and gets what it gets alone."""
+    prompts = ["the dog and the cat were", "def f ( x ) :", "1 2 3", "Question: what?"]
+    alone = AcadLM(pretrained=str(model_dir), batch_size=1)
+    free = [alone.generate_until(_instances("generate_until", [(p, {"until": [],
+            "max_gen_toks": 16})]), disable_tqdm=True)[0] for p in prompts]
+    settings = [{"until": [free[0][3:5]], "max_gen_toks": 16}, {"until": [], "max_gen_toks": 4},
+                {"until": ["\n\n", free[2][6:8]], "max_gen_toks": 16},
+                {"until": [], "max_gen_toks": 9, "do_sample": False}]
+    requests = _instances("generate_until", list(zip(prompts, settings, strict=True)))
+    batches = []
+    original = lm._generate_rows
+    monkeypatch.setattr(lm, "_generate_rows", lambda prompts, rules, **kw: batches.append(
+        [rule.cap for rule in rules]) or original(prompts, rules, **kw))
+    together = lm.generate_until(requests, disable_tqdm=True)
+    assert sorted(map(sorted, batches)) == [[4, 9, 16, 16]]
+    assert together == alone.generate_until(requests, disable_tqdm=True)
+    assert together[0] == free[0][:free[0].index(free[0][3:5])]
+    assert together[2] == free[2][:free[2].index(free[2][6:8])]
+    assert len(together[1]) < len(free[1]) and free[3].startswith(together[3])
+
+
 def test_chunked_mask_rows_equal_torchtunes_full_mask():
     from torchtune.generation import get_causal_mask_from_padding_mask
 
     real = torch.tensor([[False, False, True, True, True, True, True, True, True],
                          [True, True, True, True, True, True, True, True, True]])
     full = get_causal_mask_from_padding_mask(real)
-    rows = torch.cat([AcadLM._mask(real, 0, 3, 9), AcadLM._mask(real, 3, 8, 9),
-                      AcadLM._mask(real, 8, 9, 9)], dim=1)
+    rows = torch.cat([causal_mask_rows(real, 0, 3, 9), causal_mask_rows(real, 3, 8, 9),
+                      causal_mask_rows(real, 8, 9, 9)], dim=1)
     assert torch.equal(rows, full)
-    assert torch.equal(AcadLM._mask(real, 0, 5, 5),
+    assert torch.equal(causal_mask_rows(real, 0, 5, 5),
                        get_causal_mask_from_padding_mask(real[:, :5]))
 
 
@@ -254,6 +446,82 @@ def test_sampling_uses_temperature_and_top_k(lm):
         sampled(0, temperature=1.0, top_p=0.9)
 
 
+# ---------------------------------------------------------------------------------- batch size
+
+
+def test_batch_size_values():
+    parse = AcadLM._parse_batch_size
+    assert [parse(v) for v in (None, 3, "5", "auto", "auto:4")] == [
+        (1, 0), (3, 0), (5, 0), (None, 1), (None, 4)]
+    for bad in ("big", "auto:0", "auto:x", 0, -2, "2.5"):
+        with pytest.raises(ConfigError, match="--batch_size"):
+            parse(bad)
+    assert AcadLM._parse_max_batch_size(None) == 64  # lm-eval's `hf` default
+    with pytest.raises(ConfigError, match="--max_batch_size"):
+        AcadLM._parse_max_batch_size("0")
+
+
+def test_auto_batch_size_on_the_cpu_plans_from_free_memory(model_dir, lm, monkeypatch):
+    import psutil
+
+    auto = AcadLM(pretrained=str(model_dir), batch_size="auto", max_batch_size=3)
+    assert auto.batch_size == "auto"
+    scored = _instances("loglikelihood", PAIRS)
+    for (ours, _), (reference, _) in zip(auto.loglikelihood(scored, disable_tqdm=True),
+                                         lm.loglikelihood(scored, disable_tqdm=True),
+                                         strict=True):
+        assert ours == pytest.approx(reference, abs=1e-5)
+    prompts = ["the dog", "def f ( x ) :", "1 2 3 4 5 6 7", "Question: the"]
+    generated = _instances("generate_until", [(p, {"until": [], "max_gen_toks": 6})
+                                              for p in prompts])
+    assert auto.generate_until(generated, disable_tqdm=True) == lm.generate_until(
+        generated, disable_tqdm=True)
+    assert list(auto.batch_sizes.values()) == [3, 3]  # plenty of memory: the cap
+    row = auto._row_bytes(len(auto.tok_encode(prompts[2])), 6, 1)
+    assert row > auto._row_bytes(len(auto.tok_encode(prompts[2])), 0, 1)  # + the KV cache
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {
+        "available": int(2.5 * row / lm_adapter.CPU_MEMORY_SHARE)})())
+    auto.batch_sizes.clear()
+    auto.generate_until(generated[2:3], disable_tqdm=True)
+    assert list(auto.batch_sizes.values()) == [2]  # 2.5 rows' worth of memory
+
+
+def test_auto_batch_size_on_a_gpu_shrinks_until_the_longest_requests_fit(model_dir, lm,
+                                                                         monkeypatch):
+    """Where running out of memory raises (a GPU), `auto:2` tries the longest requests of each
+    half of the sorted list at 8 rows, then fewer (accelerate's rule), and uses what fits."""
+    monkeypatch.setattr(lm_adapter, "_reports_out_of_memory", lambda device: True)
+    auto = AcadLM(pretrained=str(model_dir), batch_size="auto:2", max_batch_size=8)
+    tried = []
+
+    def fits_three_rows(make_trial):
+        def make(*args):
+            trial = make_trial(*args)
+
+            def run(rows: int) -> None:
+                tried.append(rows)
+                if rows > 3:
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                trial(rows)
+            return run
+        return make
+
+    monkeypatch.setattr(auto, "_scoring_trial", fits_three_rows(auto._scoring_trial))
+    monkeypatch.setattr(auto, "_generation_trial", fits_three_rows(auto._generation_trial))
+    scored = _instances("loglikelihood", PAIRS)
+    for (ours, _), (reference, _) in zip(auto.loglikelihood(scored, disable_tqdm=True),
+                                         lm.loglikelihood(scored, disable_tqdm=True),
+                                         strict=True):
+        assert ours == pytest.approx(reference, abs=1e-5)
+    assert tried == [8, 7, 6, 5, 4, 3] * 2 and list(auto.batch_sizes.values()) == [3, 3]
+    tried.clear()
+    generated = _instances("generate_until", [(p, {"until": [], "max_gen_toks": 5})
+                                              for p in ("the dog", "1 2 3 4", "x", "def")])
+    assert auto.generate_until(generated, disable_tqdm=True) == lm.generate_until(
+        generated, disable_tqdm=True)
+    assert tried == [8, 7, 6, 5, 4, 3] * 2
+
+
 # ---------------------------------------------------------------------------------- lengths
 
 
@@ -277,14 +545,14 @@ def test_generation_is_capped_at_the_room_left(model_dir, monkeypatch):
     prompt = "the dog and the cat were in the house"
     length = len(lm.tok_encode(prompt))
     seen = []
-    original = lm._generate
-    monkeypatch.setattr(lm, "_generate", lambda prompts, caps, **kw: seen.append(caps)
-                        or original(prompts, caps, **kw))
+    original = lm._generate_rows
+    monkeypatch.setattr(lm, "_generate_rows", lambda prompts, rules, **kw: seen.append(
+        [rule.cap for rule in rules]) or original(prompts, rules, **kw))
     text = lm.generate_until(_instances("generate_until", [(prompt, {"until": [],
                                                                      "max_gen_toks": 100})]),
                              disable_tqdm=True)[0]
     assert seen == [[32 - length]] and 0 < 32 - length < 100
-    assert text == lm.tok_decode(original([lm.tok_encode(prompt)], [32 - length])[0])
+    assert text == lm.tok_decode(lm._generate([lm.tok_encode(prompt)], [32 - length])[0])
 
 
 # ---------------------------------------------------------------------------------- chat
@@ -399,3 +667,89 @@ def test_pruned_export_scores_identically_with_lm_evals_hf_model(model_dir, buil
                                                              abs=1e-4)
     assert ours["results"]["wikitext"]["word_perplexity,none"] == pytest.approx(
         hf["results"]["wikitext"]["word_perplexity,none"], rel=1e-5)
+
+
+def test_batch_size_auto_through_lm_eval(model_dir, builtin_tasks):
+    tasks = [builtin_tasks["arc_easy"], builtin_tasks["gsm8k"]]
+    fixed = _evaluate("acadlm", {"pretrained": str(model_dir), "batch_size": 1}, tasks,
+                      num_fewshot=0, gen_kwargs={"max_gen_toks": 8})
+    auto = _evaluate("acadlm", {"pretrained": str(model_dir)}, tasks, batch_size="auto",
+                     max_batch_size=4, num_fewshot=0, gen_kwargs={"max_gen_toks": 8})
+    assert auto["config"]["batch_size"] == "auto" and auto["config"]["batch_sizes"] == [4, 4]
+    assert auto["results"] == fixed["results"]
+    for task in ("arc_easy", "gsm8k"):
+        assert_close(_answers(auto["samples"][task]), _answers(fixed["samples"][task]))
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+def test_a_plain_process_is_rank_zero_of_one(lm):
+    assert (lm.rank, lm.world_size) == (0, 1)
+    assert torch.equal(lm.all_gather(torch.tensor(5)), torch.tensor(5))
+    assert lm.gather_object({"a": 1}) == [{"a": 1}]
+    lm.barrier()
+
+
+def assert_close(got, want, tol: float = 1e-4, where: str = "") -> None:
+    """``got == want`` for nested lists/dicts, with numbers compared to ``tol``."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            assert_close(got[key], want[key], tol, f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for index, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_close(a, b, tol, f"{where}[{index}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=tol), where
+    else:
+        assert got == want, where
+
+
+def _answers(samples: list[dict]) -> dict[tuple[int, str], list]:
+    """Each document's filtered responses (what its metrics see), per filter, numbers as
+    floats: the samples file stores them as strings. (Not ``resps``: lm-eval pads the shorter
+    rank with a copy of its last request, whose extra answer lands in that request's
+    ``resps``; the filters take the first.)"""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        try:
+            return float(value) if not isinstance(value, bool) and value not in (
+                "True", "False") else str(value)
+        except ValueError:
+            return value
+    return {(s["doc_id"], s["filter"]): plain(s["filtered_resps"]) for s in samples}
+
+
+@pytest.mark.distributed
+def test_two_processes_give_the_one_process_results(model_dir, builtin_tasks, tmp_path):
+    """`torchrun --nproc_per_node 2 -m acadlm_plugins.evaluation.cli` on the CPU (gloo): lm-eval
+    hands each rank every other document (padding the shorter rank) and gathers on rank 0;
+    the metrics and every document's answers are those of one process."""
+    tasks = [builtin_tasks[name] for name in ("arc_easy", "lambada_openai", "wikitext",
+                                              "gsm8k")]
+    output = tmp_path / "two_ranks"
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+               "--nproc_per_node", "2", "-m", "acadlm_plugins.evaluation.cli",
+               "--model", "acadlm", "--model_args", f"pretrained={model_dir}",
+               "--batch_size", "2", "--device", "cpu", "--num_fewshot", "0",
+               "--gen_kwargs", "max_gen_toks=8", "--tasks", ",".join(map(str, tasks)),
+               "--log_samples", "--output_path", str(output)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "on rank 1" in done.stderr  # lm-eval built rank 1's share of the requests
+    (results_file,) = output.rglob("results_*.json")
+    two = json.loads(results_file.read_text())
+    one = _evaluate("acadlm", {"pretrained": str(model_dir), "batch_size": 2}, tasks,
+                    num_fewshot=0, gen_kwargs={"max_gen_toks": 8})
+    for task in ("arc_easy", "lambada_openai", "wikitext", "gsm8k"):
+        for metric, value in one["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert two["results"][task][metric] == pytest.approx(value, rel=1e-5), metric
+        (samples_file,) = output.rglob(f"samples_{task}_*.jsonl")
+        gathered = _answers([json.loads(line) for line in samples_file.read_text().splitlines()])
+        assert_close(gathered, _answers(one["samples"][task]), where=task)
+

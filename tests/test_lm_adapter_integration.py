@@ -1,13 +1,15 @@
 """lm-eval's `acadlm` model on the embedded SmolLM2-135M-Instruct against lm-eval's own `hf`
 model on the same folder: lm-eval's built-in tasks of every output type (multiple choice,
 loglikelihood, rolling loglikelihood, greedy generation with stop sequences), on small local
-files with their datasets' schemas, give the same scores and the same generations."""
+files with their datasets' schemas, give the same scores and the same generations; and
+grouped-query decoding (9 query heads on 3 KV heads) gives torchtune's own logits."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from test_lm_adapter import decoding_logits, sdpa_key_heads
 from tiny_setup import write_builtin_task_configs
 
 from acadlm_plugins.defaults import require_default_model
@@ -24,6 +26,24 @@ def smollm2() -> str:
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> dict[str, Path]:
     return write_builtin_task_configs(tmp_path_factory.mktemp("builtin_tasks"))
+
+
+def test_grouped_query_decoding_equals_torchtunes_attention(smollm2, monkeypatch):
+    """Left-padded prompts prefilled into the KV cache, then 8 decoding steps: SmolLM2's 3 KV
+    heads are read un-repeated by its 9 query heads, and the fp32 logits are torchtune's."""
+    from acadlm_plugins.evaluation.lm_adapter import AcadLM
+
+    lm = AcadLM(pretrained=smollm2, batch_size=4)
+    prompts = [lm.tok_encode(text) for text in (
+        "The capital of France is Paris, and the capital of Italy is",
+        "def add(a, b):\n    return", "1, 2, 3, 5, 8,")]
+    fed = [lm.tok_encode(" Rome. The river that runs through it")[:8] for _ in prompts]
+    reference = decoding_logits(lm.model, prompts, fed, grouped=False)
+    seen = sdpa_key_heads(monkeypatch)
+    grouped = decoding_logits(lm.model, prompts, fed, grouped=True)
+    assert (grouped - reference).abs().max() < 1e-5
+    assert {(q, k) for q, k, length in seen if length == 1} == {(9, 3)}
+    assert reference.abs().max() > 1.0  # real logits, not a degenerate comparison
 
 
 def _evaluate(model: str, model_args: dict, tasks: list[Path], **kwargs) -> dict:

@@ -19,6 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.evaluation.generation import StopRule, generate_tokens
+from acadlm_plugins.evaluation.lm_adapter import load_decoder
 from acadlm_plugins.models import SUPPORTED_FAMILIES, decoder_from_hf_config, hf_model_spec
 from acadlm_plugins.models.rope import rope_settings_of
 from acadlm_plugins.pruning.architecture import (
@@ -114,6 +116,23 @@ def test_loaded_model_gives_transformers_logits(family):
     arch = architecture_from_hf_config(folder)
     assert arch == architecture_of(ours)
     assert arch.attention_bias == (name == "qwen2")
+
+
+def test_eval_adapter_loads_and_generates_like_transformers(family):
+    """The lm-eval adapter reads each family through the same spec (not a Llama-only path):
+    its greedy KV-cached generation (GQA decode, grouped prefill) equals transformers'."""
+    name, folder = family
+    model = load_decoder(folder, max_seq_len=None, device=torch.device("cpu"),
+                         dtype=torch.float32)
+    prompts = [_tokens(length)[0].tolist() for length in (9, 23)]
+    ours = generate_tokens(model, prompts, [StopRule(cap=6), StopRule(cap=6)], pad_id=0,
+                           decode=lambda ids: " ".join(map(str, ids)), prefill_chunk=8)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for prompt, new in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                     pad_token_id=0)
+        assert new == out[0, len(prompt):].tolist(), name
 
 
 def test_llama3_scaling_is_built_with_the_configs_values(family):

@@ -18,19 +18,22 @@ both ways gives the same numbers. Two deliberate differences:
 * a generation is capped at the room left in the context (``max_length - prompt length``)
   instead of truncating the prompt to make room for ``max_gen_toks``.
 
-Generation runs with torchtune KV caches (``local_kv_cache``) on left-padded batches, masks and
-positions from ``torchtune.generation``; a prompt is prefilled in chunks so that long-context
-prompts do not need a full ``length x length`` mask or ``length x vocab`` logits at once.
+Generation (:mod:`acadlm_plugins.evaluation.generation`) runs left-padded batches through
+torchtune KV caches, prefilling long prompts in chunks, and its decoding steps read grouped-query
+KV heads without repeating them. ``batch_size=auto`` finds the largest batch that fits. Launched
+by ``torchrun`` or ``accelerate launch``, every process evaluates its share of the documents and
+lm-eval gathers the results through this model's ``all_gather``/``gather_object``/``barrier``,
+as with lm-eval's ``hf`` model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
-from collections.abc import Iterator, Sequence
+import logging
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +48,15 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from torchtune import training
-from torchtune.generation import get_position_ids_from_padding_mask, sample
 from torchtune.modules import TransformerDecoder
-from torchtune.modules.common_utils import local_kv_cache
+from torchtune.modules.common_utils import delete_kv_caches
 from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 from tqdm import tqdm
 
-from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.evaluation.generation import StopRule, final_hidden_states, generate_tokens
 from acadlm_plugins.evaluation.lengths import task_error
-from acadlm_plugins.models.llama import empty_llama_from_hf_config
+from acadlm_plugins.models.families import hf_model_spec
 from acadlm_plugins.quantization import (
     is_quantized_copy,
     load_quantized_decoder,
@@ -63,11 +64,21 @@ from acadlm_plugins.quantization import (
     scheme_dtype,
 )
 
+log = logging.getLogger(__name__)
+
 MODEL_NAME = "acadlm"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # Generation settings that only matter when sampling; greedy decoding ignores them, as hf does.
 SAMPLING_ONLY_KWARGS = {"top_p", "top_k", "min_p", "typical_p"}
+# What ends a generation rather than shapes how each token is chosen; requests that differ
+# only in these share batches.
+PER_ROW_KWARGS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens",
+                  "max_completion_tokens"}
+# lm-eval's `hf` model tries batches of up to this many requests under `--batch_size auto`.
+DEFAULT_MAX_BATCH_SIZE = 64
+# Share of the free CPU memory that `batch_size=auto` plans to use on a CPU.
+CPU_MEMORY_SHARE = 0.5
 
 
 def _never_downloads(key: str, value: Any, problem: str) -> ConfigError:
@@ -237,56 +248,36 @@ def _resolve_device(device: str | None) -> torch.device:
 
 def load_decoder(model_dir: Path, *, max_seq_len: int | None, device: torch.device,
                  dtype: torch.dtype) -> TransformerDecoder:
-    """The torchtune decoder of an HF Llama folder, weights loaded, in eval mode.
+    """The torchtune decoder of an HF model folder (any family our recipes train: Llama 2/3/3.1/
+    3.2, Mistral, Qwen2), weights loaded, in eval mode.
 
-    Weights go through torchtune's ``FullModelHFCheckpointer`` exactly as our recipes load
-    them (its ``output_dir`` is a throw-away folder: evaluation writes nothing).
+    The family's builder and ``FullModelHFCheckpointer`` model_type come from its
+    ``config.json`` exactly as our recipes choose them, so Llama 3.1 RoPE scaling and Qwen2's
+    q/k/v biases are honoured, and an architecture we cannot build faithfully is refused
+    rather than scored as a different model.
     """
     if is_quantized_copy(model_dir):
         return load_quantized_decoder(model_dir, max_seq_len=max_seq_len, device=device)
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type", "llama") != "llama":
-        raise ConfigError("--model_args pretrained", f"{model_dir} is a "
-                          f"{config.get('model_type')!r} model; `{MODEL_NAME}` runs the Llama "
-                          "architecture our recipes train.", "evaluate it with `--model hf`.")
-    scaling = config.get("rope_scaling") or {}
-    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise ConfigError("--model_args pretrained", f"{model_dir}/config.json asks for RoPE "
-                          f"scaling {scaling}, which `{MODEL_NAME}` does not implement (it would "
-                          "score a different model).", "evaluate it with `--model hf`.")
-    files = hf_checkpoint_files(model_dir)
-    if not files:
-        raise ConfigError("--model_args pretrained", f"no *.safetensors or *.bin weights in "
-                          f"{model_dir}.", "point it at a complete model folder.")
-    model = empty_llama_from_hf_config(str(model_dir), max_seq_len=max_seq_len, device=device,
-                                       dtype=dtype)
-    with tempfile.TemporaryDirectory(prefix="acadlm_eval_") as scratch:
-        checkpointer = training.FullModelHFCheckpointer(
-            checkpoint_dir=str(model_dir), checkpoint_files=files, model_type="LLAMA3_2",
-            output_dir=scratch)
-        state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-    tied = bool(config.get("tie_word_embeddings", False))
-    if tied:
-        state.pop("output.weight", None)  # some exporters also write the tied head
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError("--model_args pretrained", f"{model_dir}: the weights do not fit its "
-                          f"config.json (missing {missing}, unexpected {unexpected}).",
-                          "re-export the checkpoint.")
-    model.eval().requires_grad_(False)
+    try:
+        spec = hf_model_spec(model_dir)
+        model = spec.load(max_seq_len=max_seq_len, device=device, dtype=dtype)
+    except ConfigError as error:
+        raise ConfigError("--model_args pretrained", f"{model_dir}: {error}",
+                          "evaluate it with `--model hf` if the family is not supported."
+                          ) from error
+    model.requires_grad_(False)
     return model
 
 
-def final_hidden_states(model: TransformerDecoder, tokens: torch.Tensor, *,
-                        mask: torch.Tensor | None = None,
-                        input_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Final-norm hidden states of ``tokens`` (``batch x length x dim``): the decoder's forward
-    without its output projection, so a caller projects only the positions it needs onto the
-    vocabulary (``length x vocab`` logits of a long or batched input are large)."""
-    hidden = model.tok_embeddings(tokens)
-    for layer in model.layers:
-        hidden = layer(hidden, mask=mask, input_pos=input_pos)
-    return model.norm(hidden)
+@dataclass
+class _Generation:
+    """A tokenized ``generate_until`` request: where its answer goes, its prompt, when its row
+    stops and how it picks tokens (the arguments of ``torchtune.generation.sample``)."""
+
+    index: int
+    tokens: list[int]
+    rule: StopRule
+    sampling: dict[str, Any]
 
 
 @dataclass
@@ -307,6 +298,72 @@ def _too_long_error(task: str | None, length: int, limit: int, what: str) -> Con
         "limit only if the model was trained for longer contexts.")
 
 
+class _AutoBatches:
+    """lm-eval ``Collator`` ``batch_fn`` for ``batch_size=auto:N``.
+
+    ``Collator`` asks it, request by request, how long the current batch is; it decides at a
+    batch's first request. Requests come longest first, so at the start of each of the N parts
+    of a request list, the part's first request is its longest, and ``largest(values, index)``
+    finds the largest batch of requests like it; the rest of the part reuses that size.
+    """
+
+    def __init__(self, parts: int, largest: Callable[[tuple, int], int]) -> None:
+        self.parts = parts
+        self.largest = largest
+        self.sizes: dict[int, int] = {}
+        self.size = 1
+        self.next_start = 0
+
+    def __call__(self, index: int, values: tuple) -> int:
+        if index == 0:  # a new request list (Collator starts over for every group)
+            self.sizes, self.next_start = {}, 0
+        if index == self.next_start:
+            part = index * self.parts // len(values)
+            if part not in self.sizes:
+                self.sizes[part] = self.largest(values, index)
+            self.size = self.sizes[part]
+            self.next_start = index + self.size
+        return self.size
+
+
+def _reports_out_of_memory(device: torch.device) -> bool:
+    """Whether running out of memory on ``device`` raises an error that ``batch_size=auto`` can
+    catch and retry smaller (GPUs and other accelerators), rather than ending the process (the
+    CPU, where Linux hands out memory it does not have and kills the process later)."""
+    return device.type != "cpu"
+
+
+def _decoding_kwargs(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The generation settings that decide how tokens are chosen (greedy or how to sample),
+    without the per-row ones (stop sequences, token budget)."""
+    return {key: value for key, value in gen_kwargs.items() if key not in PER_ROW_KWARGS}
+
+
+def join_process_group(device: torch.device) -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)`` of this process for data-parallel evaluation.
+
+    Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1 in the environment) the
+    process joins torch.distributed's default group (NCCL on CUDA, gloo otherwise) unless the
+    launcher's code already did, and a CUDA model goes to the GPU of its ``LOCAL_RANK``, as
+    lm-eval's ``hf`` model places it under accelerate. A plain process is rank 0 of 1 on
+    ``device``.
+    """
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # The ranks wait for each other between request types; a long task on one rank must
+        # not time the others out (lm-eval's `hf` model waits a year, too).
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(weeks=52))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 class AcadLM(TemplateLM):
     """lm-eval model ``acadlm``: a local HF Llama folder run by torchtune.
 
@@ -314,10 +371,14 @@ class AcadLM(TemplateLM):
 
     * ``pretrained`` (required): local model folder (config.json, weights, tokenizer.json).
     * ``tokenizer``: a folder (or ``tokenizer.json``) to tokenize with; default ``pretrained``.
-    * ``batch_size``: requests per forward pass (lm-eval's ``--batch_size``), default 1.
+    * ``batch_size``: requests per forward pass (lm-eval's ``--batch_size``), default 1;
+      ``auto`` (or ``auto:N``) picks the largest batch that fits, up to ``max_batch_size``
+      (default 64): by trial on a GPU, from free memory on the CPU (see ``_auto_batch_size``).
     * ``max_length``: longest context in tokens; default ``max_position_embeddings``.
     * ``max_gen_toks``: default new-token budget when a task does not set one (256).
-    * ``device``: ``cpu`` (default) or ``cuda[:n]`` (lm-eval's ``--device``).
+    * ``device``: ``cpu`` (default) or ``cuda[:n]`` (lm-eval's ``--device``). Launched by
+      ``torchrun``/``accelerate launch``, each rank evaluates its share of the requests, on
+      the GPU of its ``LOCAL_RANK`` (see :func:`join_process_group`).
     * ``dtype``: ``float32`` (default on CPU), ``bfloat16`` (default on GPU), ``float16``.
     * ``kv_cache``: generate with KV caches (default true); false recomputes every step.
     * ``prefill_chunk``: prompt tokens per forward pass while filling the KV cache (2048).
@@ -344,9 +405,10 @@ class AcadLM(TemplateLM):
             raise ConfigError("--model_args tokenizer", f"no tokenizer.json in {tokenizer_dir}.",
                               "pass `tokenizer=<folder with tokenizer.json>`.")
         self.tokenizer = AcadTokenizer(tokenizer_dir)
-        self._batch_size = self._parse_batch_size(batch_size)
-        del max_batch_size  # lm-eval passes it along with --batch_size; only used for "auto"
-        self._device = _resolve_device(device)
+        self._batch_size, self._auto_parts = self._parse_batch_size(batch_size)
+        self.max_batch_size = self._parse_max_batch_size(max_batch_size)
+        self.batch_sizes: dict[int, int] = {}  # what `auto` chose; lm-eval records these
+        self._rank, self._world_size, self._device = join_process_group(_resolve_device(device))
         self.dtype = _resolve_dtype(dtype, self._device)
         if is_quantized_copy(self.model_dir):
             # A quantized copy runs in the dtype it was made for (int4 kernels: bfloat16).
@@ -375,16 +437,30 @@ class AcadLM(TemplateLM):
         return path.resolve()
 
     @staticmethod
-    def _parse_batch_size(value: int | str | None) -> int:
+    def _parse_batch_size(value: int | str | None) -> tuple[int | None, int]:
+        """``(fixed batch size, 0)``, or ``(None, N)`` for ``auto:N`` (``auto`` is ``auto:1``):
+        the sorted requests are cut into N parts and each part's batch size is found anew."""
         if value is None:
-            return 1
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError("--batch_size", f"{value!r} is not supported by `{MODEL_NAME}`.",
-                              "give a positive integer (requests are sorted by length, so "
-                              "larger batches waste little on padding).")
-        return value
+            return 1, 0
+        text = str(value).strip()
+        if text.isdigit() and int(text) >= 1:
+            return int(text), 0
+        name, _, parts = text.partition(":")
+        if name == "auto" and (not parts or (parts.isdigit() and int(parts) >= 1)):
+            return None, int(parts or 1)
+        raise ConfigError("--batch_size", f"{value!r} is not supported by `{MODEL_NAME}`.",
+                          "give a positive integer, `auto` or `auto:N` (requests are sorted by "
+                          "length, so larger batches waste little on padding).")
+
+    @staticmethod
+    def _parse_max_batch_size(value: int | str | None) -> int:
+        if value is None:
+            return DEFAULT_MAX_BATCH_SIZE
+        if not str(value).strip().isdigit() or int(value) < 1:
+            raise ConfigError("--max_batch_size", f"{value!r} is not a positive integer.",
+                              f"give the largest batch `auto` may try (default "
+                              f"{DEFAULT_MAX_BATCH_SIZE}).")
+        return int(value)
 
     # ------------------------------------------------------------------ lm-eval properties
 
@@ -409,14 +485,48 @@ class AcadLM(TemplateLM):
         return self._max_gen_toks
 
     @property
-    def batch_size(self) -> int:
-        """Requests per forward pass."""
-        return self._batch_size
+    def batch_size(self) -> int | str:
+        """Requests per forward pass, or ``"auto"`` / ``"auto:N"`` (see ``batch_sizes``)."""
+        if self._batch_size is not None:
+            return self._batch_size
+        return "auto" if self._auto_parts == 1 else f"auto:{self._auto_parts}"
 
     @property
     def device(self) -> torch.device:
         """Where the model runs."""
         return self._device
+
+    # ------------------------------------------------------------------ data parallelism
+    # lm-eval's evaluator gives each rank every world_size-th document, pads the ranks to the
+    # same number of requests, and gathers the metrics through these hooks.
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated in rank order (a scalar counts as one item)."""
+        if self.world_size <= 1:
+            return tensor
+        import torch.distributed as dist
+
+        local = tensor.reshape(-1)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's ``obj`` in rank order on rank ``dst``; None on the others."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     @property
     def tokenizer_name(self) -> str:
@@ -447,6 +557,73 @@ class AcadLM(TemplateLM):
         return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
                 "model_dtype": str(self.dtype), "model_path": str(self.model_dir),
                 "max_length": self.max_length}
+
+    # ------------------------------------------------------------------ batch size
+
+    def _batching(self, largest: Callable[[tuple, int], int]) -> dict[str, Any]:
+        """Keyword arguments for lm-eval's ``Collator.get_batched``: the fixed batch size, or
+        under ``auto`` a ``batch_fn`` that sizes batches with ``largest`` (see
+        :class:`_AutoBatches`)."""
+        if self._batch_size is not None:
+            return {"n": self._batch_size}
+        return {"n": 0, "batch_fn": _AutoBatches(self._auto_parts, largest)}
+
+    def _auto_batch_size(self, trial: Callable[[int], None], row_bytes: int) -> int:
+        """The largest batch, at most ``max_batch_size``, of requests like the measured one.
+
+        * On a GPU (any device that raises out-of-memory errors), by trial, as lm-eval's ``hf``
+          model does: ``trial(rows)`` runs the request's heaviest step at ``rows`` rows, from
+          ``max_batch_size`` down (accelerate's ``find_executable_batch_size``); 1 if even
+          that does not fit.
+        * On the CPU, where running out of memory ends the process instead of raising, from
+          the free memory: as many rows of ``row_bytes`` (an estimate, :meth:`_row_bytes`) as
+          fit in ``CPU_MEMORY_SHARE`` of it.
+        """
+        if not _reports_out_of_memory(self.device):
+            import psutil
+
+            free = psutil.virtual_memory().available * CPU_MEMORY_SHARE
+            size = int(max(1, min(self.max_batch_size, free // max(1, row_bytes))))
+            how = f"from free CPU memory ({free / 2**30:.1f} GiB planned, "
+            how += f"{row_bytes / 2**20:.0f} MiB per row)"
+        else:
+            from accelerate.utils import find_executable_batch_size
+            from accelerate.utils.memory import clear_device_cache
+
+            def attempt(batch_size: int) -> int:
+                trial(batch_size)
+                return batch_size
+
+            try:
+                size = find_executable_batch_size(attempt,
+                                                  starting_batch_size=self.max_batch_size)()
+            except RuntimeError as err:
+                if "No executable batch size found" not in str(err):
+                    raise
+                size = 1
+            clear_device_cache(garbage_collection=True)
+            how = "by trial on the device"
+        self.batch_sizes[len(self.batch_sizes)] = size
+        log.info("batch_size=auto: %d (%s, at most %d)", size, how, self.max_batch_size)
+        return size
+
+    def _row_bytes(self, tokens: int, new_tokens: int, projected: int) -> int:
+        """Rough upper bound of the memory one batch row needs beyond the weights: the KV cache
+        of ``tokens + new_tokens`` slots (generation), one layer's activations for a forward
+        pass over ``tokens`` (or a prefill chunk) with K/V repeated for every head, its mask,
+        and the float32 logits and log-probabilities of ``projected`` positions."""
+        attn = self.model.layers[0].attn
+        element = torch.empty((), dtype=self.dtype).element_size()
+        slots = tokens + new_tokens
+        queries = min(tokens, self.prefill_chunk) if new_tokens else tokens
+        inner = getattr(self.model.layers[0].mlp.w1, "out_features", 4 * attn.embed_dim)
+        head_width = attn.num_heads * attn.head_dim
+        cache = (2 * len(self.model.layers) * attn.num_kv_heads * attn.head_dim * slots
+                 if new_tokens else 0)
+        layer = queries * (4 * attn.embed_dim + 3 * inner + 2 * head_width)
+        repeated = 2 * head_width * slots
+        logits = 2 * projected * self.model.tok_embeddings.num_embeddings * 4
+        return (cache + layer + repeated) * element + queries * slots + logits
 
     # ------------------------------------------------------------------ tokenization
 
@@ -506,9 +683,15 @@ class AcadLM(TemplateLM):
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # empty continuation
         span = {key: max(len(requests[i][2]) for i in members) for key, members in groups.items()}
         ordered = Collator(list(groups), sort_fn=lambda key: (-len(key), key))
-        progress = tqdm(total=len(requests), disable=disable_tqdm or not requests,
-                        desc="acadlm loglikelihood")
-        for batch in ordered.get_batched(n=self.batch_size):
+        progress = tqdm(total=len(requests), desc="acadlm loglikelihood",
+                        disable=disable_tqdm or not requests or self.rank != 0)
+
+        def largest(keys: tuple, index: int) -> int:
+            length, projected = len(keys[index]), max(span[key] for key in keys[index:])
+            return self._auto_batch_size(self._scoring_trial(length, projected),
+                                         self._row_bytes(length, 0, projected))
+
+        for batch in ordered.get_batched(**self._batching(largest)):
             # Right-padded: the model is causal, so padding after a row changes nothing in it.
             width = len(batch[0])
             inputs = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
@@ -538,6 +721,17 @@ class AcadLM(TemplateLM):
         progress.close()
         return results
 
+    def _scoring_trial(self, length: int, projected: int) -> Callable[[int], None]:
+        """A scoring batch's heaviest step at ``rows`` rows: a forward pass over ``length``
+        tokens and the log-probabilities of ``projected`` positions per row."""
+        def run(rows: int) -> None:
+            tokens = torch.full((rows, length), self.tokenizer.pad_id, dtype=torch.long,
+                                device=self.device)
+            with torch.inference_mode():
+                hidden = self._hidden(tokens)[:, -projected:]
+                F.log_softmax(self._project(hidden.reshape(-1, hidden.shape[-1])), dim=-1)
+        return run
+
     def loglikelihood_rolling(self, requests: list[Instance],
                               disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts, scored in disjoint windows of ``max_length`` tokens
@@ -562,45 +756,79 @@ class AcadLM(TemplateLM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Continue each context until a stop sequence, EOS, ``max_gen_toks`` new tokens or the
-        end of the model's context, whichever comes first (greedy unless ``do_sample``)."""
-        items = []
-        for index, request in enumerate(requests):
-            context, gen_kwargs = request.args
-            tokens = self.tok_encode(context)
-            if len(tokens) >= self.max_length:
-                raise _too_long_error(request.task_name, len(tokens), self.max_length,
-                                      "generation prompt (with no room left to generate)")
-            items.append((index, tokens, gen_kwargs))
-        results: list[str] = [""] * len(requests)
+        """Continue each context until one of its stop sequences, EOS, its ``max_gen_toks`` new
+        tokens or the end of the model's context, whichever comes first (greedy unless
+        ``do_sample``).
+
+        Requests are batched longest first; requests that choose tokens alike (greedy, or the
+        same sampling settings) share batches even when their stop sequences or token budgets
+        differ, since every row stops on its own.
+        """
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        progress = tqdm(total=len(requests), disable=disable_tqdm or not requests,
-                        desc="acadlm generate_until")
-        ordered = Collator(items, sort_fn=lambda item: (-len(item[1]), item[1]),
-                           group_fn=lambda item: item[2], group_by="gen_kwargs")
-        for batch in ordered.get_batched(n=self.batch_size):
-            task = requests[batch[0][0]].task_name
-            kwargs = dict(normalize_gen_kwargs(batch[0][2], self.max_gen_toks))
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            budget = int(kwargs.pop("max_gen_toks"))
-            sampling = self._sampling_settings(kwargs, task)
-            prompts = [tokens for _, tokens, _ in batch]
-            caps = [min(budget, self.max_length - len(tokens)) for tokens in prompts]
-            outputs = self._generate(prompts, caps, stop_strings=until, **sampling)
-            for (index, _, gen_kwargs), generated in zip(batch, outputs, strict=True):
-                text = postprocess_generated_text(self.tok_decode(generated), stop=until,
+        items = [self._tokenized_generation(index, request, eos_text)
+                 for index, request in enumerate(requests)]
+        results: list[str] = [""] * len(requests)
+        progress = tqdm(total=len(requests), desc="acadlm generate_until",
+                        disable=disable_tqdm or not requests or self.rank != 0)
+        ordered = Collator(items, sort_fn=lambda item: (-len(item.tokens), item.tokens),
+                           group_fn=lambda item: item.sampling, group_by="gen_kwargs")
+
+        def largest(values: tuple, index: int) -> int:
+            prompt, new = values[index].tokens, max(item.rule.cap for item in values[index:])
+            return self._auto_batch_size(self._generation_trial(prompt, new),
+                                         self._row_bytes(len(prompt), new, 1))
+
+        for batch in ordered.get_batched(**self._batching(largest)):
+            outputs = self._generate_rows([item.tokens for item in batch],
+                                          [item.rule for item in batch], **batch[0].sampling)
+            for item, generated in zip(batch, outputs, strict=True):
+                text = postprocess_generated_text(self.tok_decode(generated),
+                                                  stop=list(item.rule.stop_strings),
                                                   think_end_token=None)
-                results[index] = text
-                self.cache_hook.add_partial("generate_until", (requests[index].args[0],
-                                                               gen_kwargs), text)
+                results[item.index] = text
+                self.cache_hook.add_partial("generate_until", requests[item.index].args, text)
                 progress.update(1)
         progress.close()
         return results
+
+    def _tokenized_generation(self, index: int, request: Instance,
+                              eos_text: str) -> _Generation:
+        """A request's prompt tokens, when its row stops (its ``until`` plus EOS, its
+        ``max_gen_toks`` capped at the room the context leaves) and how it picks tokens."""
+        context, gen_kwargs = request.args
+        tokens = self.tok_encode(context)
+        if len(tokens) >= self.max_length:
+            raise _too_long_error(request.task_name, len(tokens), self.max_length,
+                                  "generation prompt (with no room left to generate)")
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        cap = min(int(kwargs["max_gen_toks"]), self.max_length - len(tokens))
+        until = handle_stop_sequences(kwargs.get("until"), eos=eos_text)
+        sampling = self._sampling_settings(_decoding_kwargs(kwargs), request.task_name)
+        return _Generation(index, tokens, StopRule(cap, until,
+                                                   frozenset(self.tokenizer.stop_ids)), sampling)
+
+    def _generation_trial(self, prompt: list[int], new_tokens: int) -> Callable[[int], None]:
+        """A generation batch's heaviest step at ``rows`` rows: KV caches for the prompt and
+        ``new_tokens``, the prompt's prefill and one decoding step."""
+        def run(rows: int) -> None:
+            try:
+                generate_tokens(self.model, [prompt] * rows, [StopRule(new_tokens)] * rows,
+                                pad_id=self.tokenizer.pad_id, decode=self.tok_decode,
+                                kv_cache=self.kv_cache, prefill_chunk=self.prefill_chunk,
+                                cache_dtype=self.dtype, max_steps=1)
+            except RuntimeError:
+                # torchtune's `local_kv_cache` leaves the caches it had set up when setting up
+                # the rest runs out of memory; the next, smaller trial needs them gone.
+                if self.model.caches_are_setup():
+                    delete_kv_caches(self.model)
+                raise
+        return run
 
     @staticmethod
     def _sampling_settings(kwargs: dict[str, Any], task: str | None) -> dict[str, Any]:
         """Greedy, or temperature/top-k sampling with torchtune's sampler; anything else a task
         asks of generation is refused rather than ignored."""
+        kwargs = dict(kwargs)
         do_sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         top_k = kwargs.pop("top_k", None)
@@ -618,79 +846,20 @@ class AcadLM(TemplateLM):
             return {"temperature": 0.0, "top_k": None}
         return {"temperature": temperature, "top_k": int(top_k) if top_k else None}
 
-    @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], caps: list[int], *,
                   stop_strings: Sequence[str] = (), temperature: float = 0.0,
                   top_k: int | None = None) -> list[list[int]]:
         """New tokens for each prompt of a batch: at most ``caps[i]``, ending at (and including)
-        the first stop token, or as soon as the decoded new text holds a stop string.
+        the first stop token, or as soon as the decoded new text holds a stop string."""
+        rules = [StopRule(cap, stop_strings, frozenset(self.tokenizer.stop_ids)) for cap in caps]
+        return self._generate_rows(prompts, rules, temperature=temperature, top_k=top_k)
 
-        Prompts are left-padded; ``torchtune.generation`` gives the padding-aware causal mask
-        and positions. With ``kv_cache`` the prompt is prefilled in ``prefill_chunk`` pieces
-        into a torchtune KV cache and each step feeds one token; without it every step reruns
-        the whole sequence (the reference the cached path must equal).
-        """
-        rows, width = len(prompts), max(len(p) for p in prompts)
-        total = width + max(caps)
-        tokens = torch.full((rows, total), self.tokenizer.pad_id, dtype=torch.long,
-                            device=self.device)
-        real = torch.ones((rows, total), dtype=torch.bool, device=self.device)
-        for row, prompt in enumerate(prompts):
-            tokens[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
-            real[row, :width - len(prompt)] = False
-        positions = get_position_ids_from_padding_mask(real)
-        generated: list[list[int]] = [[] for _ in prompts]
-        finished = [cap <= 0 for cap in caps]
-        cache = (local_kv_cache(self.model, batch_size=rows, device=self.device,
-                                dtype=self.dtype, decoder_max_seq_len=total)
-                 if self.kv_cache else contextlib.nullcontext())
-        with cache:
-            filled = 0  # tokens already in the KV cache
-            for end in range(width, total):
-                if all(finished):
-                    break
-                if self.kv_cache:
-                    for start, stop in self._chunks(filled, end):
-                        hidden = self._hidden(tokens[:, start:stop],
-                                              input_pos=positions[:, start:stop],
-                                              mask=self._mask(real, start, stop, total))
-                    filled = end
-                else:
-                    hidden = self._hidden(tokens[:, :end], input_pos=positions[:, :end],
-                                          mask=self._mask(real, 0, end, end))
-                last = self._project(hidden[:, -1])
-                if temperature > 0.0:
-                    chosen = sample(last, temperature=temperature, top_k=top_k).squeeze(-1)
-                else:
-                    chosen = last.argmax(dim=-1)
-                tokens[:, end] = chosen
-                for row, token in enumerate(chosen.tolist()):
-                    if finished[row]:
-                        continue
-                    generated[row].append(token)
-                    finished[row] = (token in self.tokenizer.stop_ids
-                                     or len(generated[row]) >= caps[row]
-                                     or self._holds_stop_string(generated[row], stop_strings))
-        return generated
-
-    def _chunks(self, start: int, end: int) -> Iterator[tuple[int, int]]:
-        step = max(1, self.prefill_chunk)
-        for begin in range(start, end, step):
-            yield begin, min(end, begin + step)
-
-    @staticmethod
-    def _mask(real: torch.Tensor, start: int, stop: int, keys: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the padding-aware causal mask over the first ``keys`` slots
-        (True = may attend): what ``torchtune.generation.get_causal_mask_from_padding_mask``
-        gives for the whole sequence, built one prefill chunk at a time so a long prompt never
-        needs its full ``length x length`` mask. A padding slot sees only itself."""
-        queries = torch.arange(start, stop, device=real.device)[:, None]
-        slots = torch.arange(keys, device=real.device)[None, :]
-        visible = (slots <= queries)[None] & real[:, None, :keys]
-        return visible | (slots == queries)[None]
-
-    def _holds_stop_string(self, generated: list[int], stop_strings: Sequence[str]) -> bool:
-        if not stop_strings:
-            return False
-        text = self.tokenizer.decode(generated, skip_special_tokens=False)
-        return any(stop and stop in text for stop in stop_strings)
+    def _generate_rows(self, prompts: list[list[int]], rules: list[StopRule], *,
+                       temperature: float = 0.0, top_k: int | None = None) -> list[list[int]]:
+        """:func:`~acadlm_plugins.evaluation.generation.generate_tokens` with this model's
+        settings (``kv_cache``, ``prefill_chunk``, dtype, padding id)."""
+        return generate_tokens(
+            self.model, prompts, rules, pad_id=self.tokenizer.pad_id,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+            temperature=temperature, top_k=top_k, kv_cache=self.kv_cache,
+            prefill_chunk=self.prefill_chunk, cache_dtype=self.dtype)

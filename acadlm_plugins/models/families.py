@@ -35,6 +35,7 @@ from torchtune.models.qwen2._component_builders import qwen2_mlp
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 from torchtune.modules import FeedForward, TransformerDecoder
 
+from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.decoder import decoder
 from acadlm_plugins.models.rope import (
@@ -205,10 +206,10 @@ class HFModelSpec:
         """The decoder with the folder's weights, read by torchtune's ``FullModelHFCheckpointer``
         with this family's ``model_type`` (as our recipes load them), in eval mode."""
         folder = self.config_file.parent
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        files = hf_checkpoint_files(folder)
         if not files:
-            raise ConfigError("checkpointer.checkpoint_dir", f"no *.safetensors weights in "
-                              f"{folder}.", "point it at a complete model folder.")
+            raise ConfigError("checkpointer.checkpoint_dir", f"no *.safetensors or *.bin "
+                              f"weights in {folder}.", "point it at a complete model folder.")
         model = self.build_empty(max_seq_len=max_seq_len, device=torch.device(device),
                                  dtype=dtype)
         with tempfile.TemporaryDirectory(prefix="acadlm_load_") as scratch:
