@@ -59,8 +59,11 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]:
-    """What every task sees: the model args (for its tokenizer), lengths, samples, seed, extras."""
+    """What every task sees: the model args (for its tokenizer), lengths, samples, seed, whether
+    the run applies a chat template (our tasks lay out their prompts for it), extras."""
     metadata = dict(model_args)
+    if cfg.get("apply_chat_template"):
+        metadata["apply_chat_template"] = True
     if cfg.get("lengths") is not None:
         metadata["max_seq_lengths"] = [int(length) for length in cfg.lengths]
     if cfg.get("num_samples") is not None:

@@ -88,6 +88,22 @@ def longqa_rows(count: int = 4, words: int = 2500, seed: int = 0) -> list[dict[s
     return rows
 
 
+def choice_rows(count: int = 4, words: int = 2500, seed: int = 5) -> list[dict[str, Any]]:
+    """Long made-up documents with a four-option question (InfiniteBench En.MC's converted
+    form): the document states early on where a named person went; the options are places."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        name = f"{NAMES[i % len(NAMES)]} Brackenby{i}"
+        options = [f"the {place} of ward {i}" for place in PLACES[i % 4: i % 4 + 4]]
+        answer = options[i % 4]
+        body = (_sentences(rng, 8) + f" After the storm {name} walked to {answer}. "
+                + _sentences(rng, words // 8))
+        rows.append({"id": str(i), "document": body, "question": f"Where did {name} walk?",
+                     "options": options, "answer": answer})
+    return rows
+
+
 def summ_rows(count: int = 4, words: int = 2500, seed: int = 1) -> list[dict[str, Any]]:
     """Long made-up documents with a one-sentence reference summary."""
     rng = random.Random(seed)
@@ -105,6 +121,30 @@ class ReferenceLM(OracleLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         self.prompts.extend(request.arguments[0] for request in requests)
         return [request.doc["outputs"][0] for request in requests]
+
+
+#: A ChatML-style chat template, written into a model folder as ``chat_template.jinja``.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+class ChatOracleLM(OracleLM):
+    """The oracle with :data:`CHAT_TEMPLATE`: what lm-eval needs for
+    ``apply_chat_template=True``."""
+
+    tokenizer_name = "tiny-chat"
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return CHAT_TEMPLATE
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        from acadlm_plugins.evaluation.lm_adapter import render_chat
+
+        return render_chat(CHAT_TEMPLATE, chat_history,
+                           add_generation_prompt=add_generation_prompt, special_tokens={})
 
 
 # ------------------------------------------------------------------------ ALCE (cite) fixture

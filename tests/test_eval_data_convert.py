@@ -19,6 +19,7 @@ import pytest
 from acadlm_plugins.evaluation.converters import DATASETS, Options, convert_file
 from acadlm_plugins.evaluation.converters.cli import main
 from acadlm_plugins.evaluation.local_data import (
+    load_choice,
     load_icl,
     load_longqa,
     load_qa,
@@ -387,7 +388,7 @@ def test_narrativeqa_hugging_face_rows(tmp_path, capsys):
         row("01ab", "Another story.", "What happens?", ["Nothing"])])
     out = tmp_path / "narrativeqa.jsonl"
     converted(capsys, "narrativeqa", source, out)
-    records = load_longqa(out, task="acadlm_longqa", key="longqa_path")
+    records = load_longqa(out, task="acadlm_narrativeqa", key="narrativeqa_path")
     assert [r.id for r in records] == ["00936497:0", "00936497:1", "01ab:0"]
     assert records[0].answers == ("Mark", "Mark Hunter")
     assert records[0].document == "A long story about Mark."
@@ -406,17 +407,31 @@ def test_infbench_qa_choice_and_sum(tmp_path, capsys):
     qa = write_jsonl(tmp_path / "longbook_qa_eng.jsonl", infbench_rows("qa"))
     choice = write_jsonl(tmp_path / "longbook_choice_eng.jsonl", infbench_rows("choice"))
     summ = write_jsonl(tmp_path / "longbook_sum_eng.jsonl", infbench_rows("sum"))
-    converted(capsys, "infbench_qa", qa, tmp_path / "qa.jsonl")
+    printed = converted(capsys, "infbench_qa", qa, tmp_path / "qa.jsonl")
+    assert "--tasks acadlm_infbench_qa" in printed and "infbench_qa_path" in printed
     converted(capsys, "infbench_choice", choice, tmp_path / "choice.jsonl")
     converted(capsys, "infbench_sum", summ, tmp_path / "summ.jsonl")
-    first = load_longqa(tmp_path / "qa.jsonl", task="acadlm_longqa", key="longqa_path")[0]
+    first = load_longqa(tmp_path / "qa.jsonl", task="acadlm_infbench_qa",
+                        key="infbench_qa_path")[0]
     assert (first.id, first.answers) == ("0", ("Walking Georgie",))
-    picked = load_longqa(tmp_path / "choice.jsonl", task="acadlm_longqa", key="longqa_path")[0]
-    assert picked.question.endswith("Options:\nA. Walking Georgie\nB. Riding Georgie\n"
-                                    "C. Shopping\nD. Sleeping")
-    assert picked.answers == ("B. Riding Georgie", "Riding Georgie")
-    summary = load_summ(tmp_path / "summ.jsonl", task="acadlm_summ", key="summ_path")[0]
+    # The options stay apart, in order, and the answer names the correct one: the task letters
+    # them A-D and scores the letter (B) as HELMET does.
+    picked = load_choice(tmp_path / "choice.jsonl", task="acadlm_infbench_choice",
+                         key="infbench_choice_path")[0]
+    assert picked.question == "What did she do after lunch?"
+    assert picked.options == ("Walking Georgie", "Riding Georgie", "Shopping", "Sleeping")
+    assert (picked.answer, picked.letter) == (1, "B")
+    summary = load_summ(tmp_path / "summ.jsonl", task="acadlm_infbench_sum",
+                        key="infbench_sum_path")[0]
     assert summary.summaries == ("The book follows Mrs. Bloomsbury through one long day.",)
+
+
+def test_infbench_choice_answer_must_be_an_option(tmp_path, capsys):
+    rows = infbench_rows("choice")
+    rows[1]["answer"] = ["Swimming"]
+    stderr = failure(capsys, "infbench_choice", write_jsonl(tmp_path / "c.jsonl", rows),
+                     tmp_path / "out.jsonl")
+    assert "c.jsonl:2" in stderr and "`answer`" in stderr and "'Swimming'" in stderr
 
 
 def test_multi_lexsum_hugging_face_rows(tmp_path, capsys):
@@ -432,7 +447,7 @@ def test_multi_lexsum_hugging_face_rows(tmp_path, capsys):
     out = tmp_path / "lexsum.jsonl"
     printed = converted(capsys, "multi_lexsum", source, out)
     assert "skipped 1: case without a short summary" in printed
-    (record,) = load_summ(out, task="acadlm_summ", key="summ_path")
+    (record,) = load_summ(out, task="acadlm_multi_lexsum", key="multi_lexsum_path")
     assert record.document == "Complaint text.\n\nOrder text."
     assert record.summaries == ("The plaintiffs sued the county.",)
 

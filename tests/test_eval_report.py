@@ -155,3 +155,38 @@ def test_a_ruler_run_is_averaged_as_ruler_does() -> None:
     assert table.categories() == {} and set(table.suites()) == {"ruler"}
     assert table.averages()[1024] == pytest.approx(50.0)
     assert table.to_markdown().splitlines()[-1] == "| **average** | 50.0 |"
+
+
+def test_long_document_categories_are_helmets_datasets_with_the_judge_when_computed() -> None:
+    """LongQA = NarrativeQA, En.QA, En.MC; Summ = En.Sum, Multi-LexSum, each task counted by its
+    metric named by the length, which is the judge's score when a judge computed it (here
+    NarrativeQA's 50 next to its ROUGE-L 10, En.Sum's F1 30 next to its ROUGE-Lsum 20). The
+    stand-ins acadlm_longqa and acadlm_summ, which ran too, do not count."""
+    results = {"results": {
+        "acadlm_narrativeqa": {"8192,none": 50.0, "8192_judge_score,none": 50.0,
+                               "8192_rougeL_f1,none": 10.0},
+        "acadlm_infbench_qa": {"8192,none": 20.0, "8192_rougeL_f1,none": 20.0},
+        "acadlm_infbench_choice": {"8192,none": 80.0, "8192_exact_match,none": 80.0},
+        "acadlm_infbench_sum": {"8192,none": 30.0, "8192_judge_f1,none": 30.0,
+                                "8192_rougeLsum_f1,none": 20.0},
+        "acadlm_multi_lexsum": {"8192,none": 40.0, "8192_rougeLsum_f1,none": 40.0},
+        "acadlm_longqa": {"8192,none": 100.0}, "acadlm_summ": {"8192,none": 0.0},
+    }}
+    table = length_table(results)
+    assert table is not None and "acadlm_narrativeqa:judge_score" not in table.scores
+    categories = table.categories()
+    assert categories == {"longqa": {8192: pytest.approx(50.0)}, "summ": {8192: 35.0}}
+    assert table.suites() == {"helmet": {8192: pytest.approx(42.5)}}
+
+
+def test_stand_ins_count_when_helmets_own_datasets_did_not_run() -> None:
+    table = length_table({"results": {"acadlm_longqa": {"4096,none": 70.0},
+                                      "acadlm_summ": {"4096,none": 10.0},
+                                      "acadlm_rag": {"4096,none": 40.0}}})
+    assert table.categories() == {"rag": {4096: 40.0}, "longqa": {4096: 70.0},
+                                  "summ": {4096: 10.0}}
+    assert table.suites() == {"helmet": {4096: 40.0}}
+    # One of HELMET's summarization datasets ran: it replaces the stand-in in its category.
+    table = length_table({"results": {"acadlm_summ": {"4096,none": 10.0},
+                                      "acadlm_multi_lexsum": {"4096,none": 60.0}}})
+    assert table.categories() == {"summ": {4096: 60.0}}

@@ -380,19 +380,25 @@ def test_scoring_hooks_add_judge_metrics_per_length_only_to_judged_docs(
     server = serve()
     doc = summ_doc({"judge": judge_block(server, tmp_path / "cache")}, "r0",
                    "Notes around the harbour.")
-    scores = helmet.process_results_rouge_l(doc, ["Notes around the harbour."])
+    scores = helmet.process_results_document_summary(doc, ["Notes around the harbour."])
+    judged = dict(zip(("judge_f1", "judge_recall", "judge_precision", "judge_fluency"),
+                      SUMM_EXPECTED["harbour"]))
+    # The length's own metric is what HELMET's category counts: the judge F1, not ROUGE-L.
     assert scores == pytest.approx({
-        str(LENGTH): 100.0, **{f"{LENGTH}_{name}": value for name, value in zip(
-            ("judge_f1", "judge_recall", "judge_precision", "judge_fluency"),
-            SUMM_EXPECTED["harbour"])}})
+        str(LENGTH): judged["judge_f1"], f"{LENGTH}_rougeL_f1": 100.0,
+        **{f"{LENGTH}_{name}": value for name, value in judged.items()}})
     plain = {"outputs": ["Ada"], "max_length": LENGTH}      # a RAG document: no judge
     assert helmet.process_results_substring_em(plain, ["It was Ada."]) == {str(LENGTH): 100.0}
-    # Scored one by one (no filter before): a sample the judge cannot score is logged.
+    # Without a judge the stand-in's category score is its model-free metric.
+    assert helmet.process_results_document_qa(plain, ["It was Ada."]) == {
+        str(LENGTH): 100.0, f"{LENGTH}_substring_exact_match": 100.0}
+    # Scored one by one (no filter before): a sample the judge cannot score is logged, and
+    # has no category score (left out of the mean, never 0).
     library = summ_doc({"judge": judge_block(server, tmp_path / "cache")}, "r3",
                        "Notes around the library.")
     with caplog.at_level(logging.WARNING):
-        assert list(helmet.process_results_rouge_l(library, ["Notes around the library."])) \
-            == [str(LENGTH)]
+        assert list(helmet.process_results_document_summary(
+            library, ["Notes around the library."])) == [f"{LENGTH}_rougeL_f1"]
     assert "acadlm_summ: judge metrics not computed for a sample" in caplog.text
     assert "does not parse ('precision: 1 of 1')" in caplog.text
 
@@ -484,10 +490,18 @@ def test_lm_eval_reports_judge_means_next_to_the_model_free_metric(
         places = sorted(place_of(s["doc"].get("question") or s["doc"]["outputs"][0])
                         for s in results["samples"][task])
         assert places == sorted(PLACES)                     # each canned case ran once
-        assert f"{LENGTH},none" in results["results"][task]  # the model-free metric stays
-    assert results["results"]["acadlm_longqa"][f"{LENGTH},none"] == 100.0
-    for (task, name), mean in expected_means(results).items():
-        assert results["results"][task][f"{LENGTH}_{name},none"] == pytest.approx(mean), name
+    # The model-free metrics stay; the length's own metric is the judge's, as HELMET's
+    # category uses the model-based score when there is one.
+    metrics = {task: results["results"][task] for task in ("acadlm_longqa", "acadlm_summ")}
+    assert metrics["acadlm_longqa"][f"{LENGTH}_substring_exact_match,none"] == 100.0
+    assert metrics["acadlm_summ"][f"{LENGTH}_rougeL_f1,none"] == 100.0
+    means = expected_means(results)
+    for (task, name), mean in means.items():
+        assert metrics[task][f"{LENGTH}_{name},none"] == pytest.approx(mean), name
+    assert metrics["acadlm_longqa"][f"{LENGTH},none"] == pytest.approx(
+        means["acadlm_longqa", "judge_score"])
+    assert metrics["acadlm_summ"][f"{LENGTH},none"] == pytest.approx(
+        means["acadlm_summ", "judge_f1"])
     # The library samples did not parse: left out of the means, counted in the log.
     for task in ("acadlm_longqa", "acadlm_summ"):
         assert f"{task}: judge metrics for 3 of 4 samples; not computed for 1" in caplog.text
@@ -515,3 +529,43 @@ def test_without_a_judge_the_judge_metrics_are_absent(
         assert not [key for key in metrics if "judge" in key]
         assert f"{task}: the judge metrics are not computed" in caplog.text
         assert "judge" not in results["samples"][task][0]["doc"]
+    assert results["results"]["acadlm_longqa"][f"{LENGTH},none"] == 100.0   # substring EM
+    assert results["results"]["acadlm_summ"][f"{LENGTH},none"] == 100.0     # ROUGE-L
+
+
+# ------------------------------------------------- HELMET's own datasets and their categories
+
+
+def test_helmet_datasets_count_the_judge_in_their_category_without_unknown_metrics(
+        serve, data: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """NarrativeQA, En.Sum and Multi-LexSum with a judge: every ``<length>_judge_*`` metric is
+    declared to lm-eval (no "No aggregation function" warning), the metric named by the length
+    is the judge's mean, and the summ group averages those, as HELMET's categories do."""
+    server = serve()
+    meta = {**data, "judge": judge_block(server, tmp_path / "cache"),
+            "narrativeqa_path": data["longqa_path"], "infbench_sum_path": data["summ_path"],
+            "multi_lexsum_path": data["summ_path"]}
+    with caplog.at_level(logging.WARNING, logger="lm_eval"), pytest.MonkeyPatch.context() as p:
+        p.setenv("ACADLM_HOME", str(tmp_path / "home"))
+        results = simple_evaluate(
+            model=AnswerLM(), tasks=["acadlm_narrativeqa", "acadlm_helmet_summ"],
+            log_samples=True, task_manager=task_manager(meta, include_defaults=False))
+    assert "No aggregation function defined" not in caplog.text
+    scores = {task: results["results"][task] for task in
+              ("acadlm_narrativeqa", "acadlm_infbench_sum", "acadlm_multi_lexsum")}
+    judged = [LONGQA_EXPECTED[place_of(s["doc"]["question"])][0]
+              for s in results["samples"]["acadlm_narrativeqa"]
+              if place_of(s["doc"]["question"]) in LONGQA_EXPECTED]
+    assert scores["acadlm_narrativeqa"][f"{LENGTH},none"] == pytest.approx(
+        sum(judged) / len(judged))
+    assert scores["acadlm_narrativeqa"][f"{LENGTH}_judge_score,none"] == pytest.approx(
+        sum(judged) / len(judged))
+    for task in ("acadlm_infbench_sum", "acadlm_multi_lexsum"):
+        f1 = [SUMM_EXPECTED[place_of(s["doc"]["outputs"][0])][0]
+              for s in results["samples"][task]
+              if place_of(s["doc"]["outputs"][0]) in SUMM_EXPECTED]
+        assert scores[task][f"{LENGTH},none"] == pytest.approx(sum(f1) / len(f1)), task
+        assert f"{LENGTH}_rougeLsum_f1,none" in scores[task]
+    assert results["results"]["acadlm_helmet_summ"][f"{LENGTH},none"] == pytest.approx(
+        (scores["acadlm_infbench_sum"][f"{LENGTH},none"]
+         + scores["acadlm_multi_lexsum"][f"{LENGTH},none"]) / 2)

@@ -1,5 +1,6 @@
-"""HELMET-style tasks (json_kv, rag, rerank, cite, icl, longqa, summ) and RULER's QA from local
-files, their demonstrations, metrics and category groups.
+"""HELMET-style tasks (json_kv, rag, rerank, cite, icl, the long-document stand-ins and
+HELMET's own long-document datasets) from local files: their prompts, sizes, demonstrations,
+metrics and category groups.
 
 Unit tests run lm-eval end to end on a tokenizer trained on the spot and small local files (a
 tiny stand-in for ALCE's data included), with ACADLM_HOME pointed at an empty folder, so they
@@ -22,6 +23,7 @@ from helmet_fixtures import (
     ReferenceLM,
     alce_prompt_file,
     asqa_items,
+    choice_rows,
     distractor_text,
     icl_rows,
     longqa_rows,
@@ -47,6 +49,7 @@ from acadlm_plugins.evaluation.scoring import (
     normalize_answer,
     qampari_scores,
     rouge_l,
+    rouge_measures,
 )
 
 #: Lengths of the unit runs: two demonstrations take a few hundred tokens of our small test
@@ -54,13 +57,25 @@ from acadlm_plugins.evaluation.scoring import (
 LENGTHS = [2048, 4096]
 #: Lengths of the integration runs with the embedded SmolLM2 tokenizer.
 DEFAULT_LENGTHS = [1024, 2048]
-RUN = ["acadlm_helmet", "acadlm_helmet_cite"]
+RUN = ["acadlm_helmet", "acadlm_helmet_cite", "acadlm_helmet_longqa", "acadlm_helmet_summ"]
 EXTRACTIVE = ["acadlm_json_kv", "acadlm_rag", "acadlm_rerank", "acadlm_icl",
-              "acadlm_longqa", "acadlm_cite_asqa", "acadlm_cite_qampari"]
+              "acadlm_longqa", "acadlm_cite_asqa", "acadlm_cite_qampari",
+              "acadlm_narrativeqa", "acadlm_infbench_qa", "acadlm_infbench_choice"]
+#: Tasks whose prompts fill their budget (re-ranking has a passage count per length instead).
+FILLED = [task for task in EXTRACTIVE if task != "acadlm_rerank"] + [
+    "acadlm_summ", "acadlm_infbench_sum", "acadlm_multi_lexsum"]
 CATEGORIES = {"acadlm_helmet_recall": ["acadlm_json_kv"], "acadlm_helmet_rag": ["acadlm_rag"],
               "acadlm_helmet_rerank": ["acadlm_rerank"], "acadlm_helmet_icl": ["acadlm_icl"],
-              "acadlm_helmet_longqa": ["acadlm_longqa"], "acadlm_helmet_summ": ["acadlm_summ"],
+              "acadlm_helmet_longqa": ["acadlm_narrativeqa", "acadlm_infbench_qa",
+                                       "acadlm_infbench_choice"],
+              "acadlm_helmet_summ": ["acadlm_infbench_sum", "acadlm_multi_lexsum"],
               "acadlm_helmet_cite": ["acadlm_cite_asqa", "acadlm_cite_qampari"]}
+#: HELMET's tokens to generate, which the budget keeps free (the YAMLs' max_gen_toks).
+GENERATED = {"acadlm_json_kv": 100, "acadlm_rag": 20, "acadlm_rerank": 200, "acadlm_icl": 20,
+             "acadlm_longqa": 32, "acadlm_summ": 200, "acadlm_cite_asqa": 300,
+             "acadlm_cite_qampari": 300, "acadlm_narrativeqa": 100, "acadlm_infbench_qa": 10,
+             "acadlm_infbench_choice": 10, "acadlm_infbench_sum": 1200,
+             "acadlm_multi_lexsum": 400}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +88,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "summ": write_jsonl(root / "summ.jsonl", summ_rows(words=5000)),
             "asqa": write_json(root / "asqa_eval.json", asqa_items()),
             "qampari": write_json(root / "qampari_eval.json", qampari_items()),
-            "extra": distractor_text(root / "extra.txt")}
+            "extra": distractor_text(root / "extra.txt"),
+            "choice": write_jsonl(root / "choice.jsonl", choice_rows(words=5000)),
+            "short_summ": write_jsonl(root / "short_summ.jsonl", summ_rows(count=6, words=1500))}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +98,11 @@ def meta(files: dict[str, Path]) -> dict[str, Any]:
     return {"pretrained": str(files["model"]), "max_seq_lengths": LENGTHS, "num_samples": 3,
             "icl_path": str(files["icl"]), "longqa_path": str(files["longqa"]),
             "summ_path": str(files["summ"]), "asqa_path": str(files["asqa"]),
-            "qampari_path": str(files["qampari"]), "distractor_path": str(files["extra"])}
+            "qampari_path": str(files["qampari"]), "distractor_path": str(files["extra"]),
+            "narrativeqa_path": str(files["longqa"]), "infbench_qa_path": str(files["longqa"]),
+            "infbench_choice_path": str(files["choice"]),
+            "infbench_sum_path": str(files["short_summ"]),
+            "multi_lexsum_path": str(files["summ"])}
 
 
 @pytest.fixture
@@ -126,24 +147,47 @@ def test_oracle_scores_100_and_constant_0(task: str, oracle_run: dict, constant_
     assert len(oracle_run["samples"][task]) == 3 * len(LENGTHS)
 
 
-@pytest.mark.parametrize("task", EXTRACTIVE)
-def test_prompts_fill_their_length_within_one_percent(task: str, oracle_run: dict,
-                                                      meta: dict[str, Any]):
+@pytest.mark.parametrize("task", FILLED)
+def test_prompt_and_generation_fill_their_length_within_one_percent(
+        task: str, oracle_run: dict, meta: dict[str, Any]):
+    """HELMET's budget: the prompt and the tokens to generate fit the length (the tiny tokenizer
+    adds no special tokens), the prompt filling 99% of the rest. Without a chat template the
+    model reads the input, then HELMET's answer prefix on a line of its own."""
     tokenizer = load_length_tokenizer(meta, task=task)
     for sample in oracle_run["samples"][task]:
-        doc = sample["doc"]
-        measured = tokenizer.count(sample["arguments"][0][0])
-        assert measured == doc["input_tokens"]
-        assert 0.99 * doc["max_length"] <= measured <= doc["max_length"], (task, measured)
+        doc, prompt = sample["doc"], sample["arguments"][0][0]
+        assert doc["tokens_to_generate"] == GENERATED[task]
+        assert doc["budget_tokens"] == doc["max_length"] - GENERATED[task]
+        assert tokenizer.count(prompt) == doc["input_tokens"]
+        room = 0.01 * doc["budget_tokens"]
+        if task.startswith("acadlm_cite") and doc["num_passages"] == doc["num_retrieved"]:
+            # The question's own retrieved passages keep their order: the prompt may stop
+            # short of the next one's header.
+            room = 30
+        assert doc["budget_tokens"] - room <= doc["input_tokens"] <= doc["budget_tokens"], task
+        assert prompt == doc["input"] + doc["gen_prefix"] and doc["gen_prefix"]
+        assert doc["input"].endswith("\n") and not doc["chat_template"]
 
 
-def test_summary_rouge_l_is_100_for_the_reference_and_low_for_a_constant(
-        meta: dict[str, Any], constant_run: dict):
-    perfect = _evaluate(ReferenceLM(), ["acadlm_summ"], meta, home=Path("/nonexistent"))
-    assert _scores(perfect, "acadlm_summ") == _each(100.0)
-    assert max(_scores(constant_run, "acadlm_summ").values()) < 15.0
-    for sample in perfect["samples"]["acadlm_summ"]:
+@pytest.mark.parametrize("task", ["acadlm_summ", "acadlm_infbench_sum", "acadlm_multi_lexsum"])
+def test_summary_rouge_is_100_for_the_reference_and_low_for_a_constant(
+        task: str, meta: dict[str, Any], constant_run: dict):
+    perfect = _evaluate(ReferenceLM(), [task], meta, home=Path("/nonexistent"))
+    assert max(_scores(constant_run, task).values()) < 15.0
+    for sample in perfect["samples"][task]:
         assert sample["doc"]["outputs"][0] not in sample["doc"]["input"]
+    if task != "acadlm_infbench_sum":
+        assert _scores(perfect, task) == _each(100.0)
+    else:
+        # HELMET puts its prefix back in front of a plain-text generation and reads En.Sum's
+        # answer line after "Answer:", so "Summary:" counts against a perfect summary.
+        expected = [rouge_measures("Summary:" + s["doc"]["outputs"][0], s["doc"]["outputs"])
+                    ["rougeLsum_f1"] for s in perfect["samples"][task]]
+        assert _scores(perfect, task) == pytest.approx(_each(sum(expected) / len(expected)))
+        assert 90.0 < min(expected) < 100.0
+    if task != "acadlm_summ":  # HELMET's: ROUGE-Lsum stands for the task without a judge
+        assert all(perfect["results"][task][f"{n}_rougeLsum_f1,none"]
+                   == perfect["results"][task][f"{n},none"] for n in LENGTHS)
 
 
 def test_rouge_l_of_a_partial_summary():
@@ -214,6 +258,11 @@ def test_rerank_rows_hold_every_judged_passage_and_the_gold_ranking(meta: dict[s
         helmet.DEFAULT_RERANK_FILE, task="t", key="rerank_path")}
     for doc in dataset["test"]:
         record = records[doc["query_id"]]
+        # 7 passages at 2K (HELMET's 14 at 4K, in proportion): the query's 4, then 3 fillers.
+        assert doc["num_passages"] == doc["num_shown"] == len(doc["passage_ids"]) == 7
+        query_part = doc["input"][doc["input"].rindex("Query: ", 0,
+                                                      doc["input"].rindex("Query: ")):]
+        assert query_part.count("[ID: ") == 7
         for passage in record.passages:
             assert passage.text in doc["input"]
         assert doc["relevant_grades"] == sorted(doc["relevant_grades"], reverse=True)
@@ -221,6 +270,77 @@ def test_rerank_rows_hold_every_judged_passage_and_the_gold_ranking(meta: dict[s
         assert helmet.process_results_ndcg(doc, [doc["oracle_answer"]]) == {"2048": 100.0}
         reverse = " > ".join(reversed(doc["relevant_ids"]))
         assert helmet.process_results_ndcg(doc, [reverse])["2048"] < 100.0
+
+
+def test_rerank_passage_count_follows_helmets_files_per_length():
+    """HELMET's MS MARCO files hold 14, 50, 130, 285, 600, 1000 passages per query at 4K-128K;
+    other lengths interpolate, or scale in proportion outside that range."""
+    assert [helmet.rerank_passage_count(2 ** k * 4096) for k in range(6)] == [
+        14, 50, 130, 285, 600, 1000]
+    assert helmet.rerank_passage_count(6144) == 32           # halfway between 14 and 50
+    assert helmet.rerank_passage_count(2048) == 7
+    assert helmet.rerank_passage_count(256) == 2             # never fewer than two
+    assert helmet.rerank_passage_count(262144) == 2000
+
+
+def _ranked(query: str, grades: list[float], words: int = 30) -> dict[str, Any]:
+    return {"id": query, "query": f"which notes mention {query}?", "passages": [
+        {"title": f"{query} {i}", "relevance": grade,
+         "text": f"{query} note {i}: " + " ".join(f"{query}word{j}" for j in range(words))}
+        for i, grade in enumerate(grades)]}
+
+
+def test_rerank_shows_the_first_passages_of_the_query_in_file_order(tmp_path: Path,
+                                                                    meta: dict[str, Any],
+                                                                    no_corpus: None):
+    """Not all judged passages: the query's first k (retrieval order), and its most relevant
+    passage in the last place when none of those is relevant."""
+    path = write_jsonl(tmp_path / "rerank.jsonl", [
+        _ranked("alpha", [0, 1, 0, 2, 0, 0, 3, 0, 1, 0, 0, 2]),
+        _ranked("beta", [0] * 10 + [2, 3])])
+    settings = {**meta, "rerank_path": str(path), "num_shots": 0, "num_samples": 2,
+                "max_seq_lengths": [2048]}
+    for doc in helmet.rerank_dataset("acadlm_rerank", settings)["test"]:
+        assert doc["num_passages"] == doc["num_shown"] == 7
+        shown = re.findall(r"Document \(Title: (\w+) (\d+)\)", doc["input"])
+        indices = sorted(int(i) for _, i in shown)
+        if doc["query_id"] == "alpha":
+            assert indices == list(range(7))                 # grades 0 1 0 2 0 0 3
+            assert doc["relevant_grades"] == [3.0, 2.0, 1.0]
+        else:
+            assert indices == [0, 1, 2, 3, 4, 5, 11]         # the grade-3 passage swapped in
+            assert doc["relevant_grades"] == [3.0]
+        assert len(doc["passage_ids"]) == 7
+
+
+def test_rerank_passages_that_overflow_are_cut_at_the_end_and_still_scored(
+        tmp_path: Path, meta: dict[str, Any], no_corpus: None):
+    """Seven passages of 400 words overflow 2K: the prompt is cut at its end, as HELMET
+    truncates the context, and the ideal ranking still counts every passage's grade."""
+    path = write_jsonl(tmp_path / "long.jsonl", [
+        _ranked(name, [1, 0, 2, 0, 3, 0, 1], words=400) for name in ("gamma", "delta")])
+    settings = {**meta, "rerank_path": str(path), "num_shots": 0, "num_samples": 2,
+                "max_seq_lengths": [2048]}
+    tokenizer = load_length_tokenizer(meta, task="t")
+    for doc in helmet.rerank_dataset("acadlm_rerank", settings)["test"]:
+        assert doc["num_passages"] == 7 and doc["num_shown"] < 7
+        prompt = doc["input"] + doc["gen_prefix"]
+        assert tokenizer.count(prompt) == doc["input_tokens"]
+        assert 0.99 * doc["budget_tokens"] <= doc["input_tokens"] <= doc["budget_tokens"]
+        assert doc["relevant_grades"] == [3.0, 2.0, 1.0, 1.0]
+        assert doc["input"].endswith(f"\n\nQuery: which notes mention {doc['query_id']}?\n")
+
+
+def test_rerank_demonstrations_show_ten_passages_each(tmp_path: Path, meta: dict[str, Any],
+                                                      no_corpus: None):
+    """HELMET's demonstration file holds 10 passages per query."""
+    demos = write_jsonl(tmp_path / "demos.jsonl", [
+        _ranked(name, [3, 2, 1] + [0] * 9, words=5) for name in ("eps", "zeta")])
+    settings = {**meta, "rerank_demo_path": str(demos), "max_seq_lengths": [4096],
+                "num_samples": 2}
+    for doc in helmet.rerank_dataset("acadlm_rerank", settings)["test"]:
+        rankings = re.findall(r"\nRanking: ([\d >]+)\n\n", doc["input"])
+        assert [len(ranking.split(" > ")) for ranking in rankings] == [10, 10]
 
 
 def test_ndcg_at_10_uses_linear_gain_as_trec_eval():
@@ -281,7 +401,8 @@ def test_longqa_truncates_the_document_to_fit(meta: dict[str, Any]):
     dataset = helmet.longqa_dataset("acadlm_longqa", {**meta, "max_seq_lengths": [2048]})
     for doc in dataset["test"]:
         assert doc["input"].startswith(helmet.LONGQA_INTRO)
-        assert doc["input"].endswith("Answer:")
+        assert doc["input"].endswith("\nGive a short answer, a few words only.\n")
+        assert doc["gen_prefix"] == "Answer:"
         assert doc["outputs"][0] in doc["input"]
 
 
@@ -294,9 +415,24 @@ def test_category_groups_print_the_mean_of_their_tasks(oracle_run: dict):
         means = {n: sum(results[t][f"{n},none"] for t in tasks) / len(tasks) for n in LENGTHS}
         assert _scores(oracle_run, group) == pytest.approx(means), group
     assert oracle_run["group_subtasks"]["acadlm_helmet"] == [
-        group for group in CATEGORIES if group != "acadlm_helmet_cite"]
+        "acadlm_helmet_recall", "acadlm_helmet_rag", "acadlm_helmet_rerank", "acadlm_helmet_icl",
+        "acadlm_longqa", "acadlm_summ"]
     # One task per category in acadlm_helmet: the oracle gets 100 on five, 0 on summarization.
     assert _scores(oracle_run, "acadlm_helmet") == pytest.approx(_each(500 / 6))
+    # HELMET's own long-document QA: NarrativeQA, En.QA, En.MC, all answered by the oracle.
+    assert _scores(oracle_run, "acadlm_helmet_longqa") == _each(100.0)
+
+
+def test_helmet_full_holds_the_seven_categories_on_helmets_datasets(meta: dict[str, Any],
+                                                                     no_corpus: None):
+    manager = task_manager({**meta, "max_seq_lengths": [2048], "num_samples": 1},
+                           include_defaults=False)
+    loaded = manager.load_task_or_group(["acadlm_helmet_full"])
+    groups = {group.group_name if hasattr(group, "group_name") else str(group): tasks
+              for group, tasks in next(iter(loaded.values())).items()}
+    assert sorted(groups) == sorted(CATEGORIES)
+    leaves = {task for tasks in groups.values() for task in tasks}
+    assert leaves == {task for tasks in CATEGORIES.values() for task in tasks}
 
 
 def test_report_averages_categories_then_suites(oracle_run: dict):
@@ -305,6 +441,10 @@ def test_report_averages_categories_then_suites(oracle_run: dict):
     categories = table.categories()
     assert set(categories) == {"recall", "rag", "rerank", "cite", "icl", "longqa", "summ"}
     assert categories["summ"] == pytest.approx(_each(0.0))
+    # HELMET's own datasets ran for long-document QA and summarization: the stand-ins (the
+    # oracle scores 100 on acadlm_longqa) do not count.
+    assert categories["longqa"] == pytest.approx(_each(100.0))
+    assert table.scores["acadlm_longqa"] == pytest.approx(_each(100.0))
     suites = table.suites()
     # HELMET: the mean of its seven categories; no RULER task ran, so no RULER suite.
     assert suites["helmet"] == pytest.approx(_each(600 / 7))
@@ -398,7 +538,7 @@ def test_json_kv_demonstrations_are_other_pairs_of_the_object(meta: dict[str, An
         assert [key for key, _ in demos] == _demo_ids(doc) and len(demos) == 2
         assert all(pairs[key] == value for key, value in demos)
         assert doc["outputs"][0] not in dict(demos).values()
-        assert tail.endswith('"\nValue:')
+        assert tail.endswith('"\n') and doc["gen_prefix"] == "Value:"
 
 
 def test_long_document_demonstrations_show_other_questions_and_summaries(meta: dict[str, Any]):
@@ -421,12 +561,12 @@ def test_long_document_demonstrations_show_other_questions_and_summaries(meta: d
 
 def test_num_shots_zero_turns_demonstrations_off(meta: dict[str, Any], no_corpus: None):
     settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2, "num_shots": 0}
-    checks = {helmet.rag_dataset: "Question:", helmet.json_kv_dataset: "Key: ",
-              helmet.rerank_dataset: "\nRanking:", helmet.longqa_dataset: "Question:",
-              _asqa: "Question:"}
-    for build, marker in checks.items():
+    checks = {helmet.rag_dataset: ("Question:", 1), helmet.json_kv_dataset: ("Key: ", 1),
+              helmet.rerank_dataset: ("\nRanking:", 0), helmet.longqa_dataset: ("Question:", 1),
+              _asqa: ("Question:", 1)}
+    for build, (marker, count) in checks.items():
         for doc in build("t", settings)["test"]:
-            assert _demo_ids(doc) == [] and doc["input"].count(marker) == 1, build
+            assert _demo_ids(doc) == [] and doc["input"].count(marker) == count, build
     # Nothing is held out: every question of the file may be asked.
     assert helmet.hold_out_demos("t", settings, 5, 0, key="k") == ([0, 1, 2, 3, 4], [])
 
@@ -538,7 +678,8 @@ def test_cite_prompt_lists_retrieved_passages_in_order_and_cites_by_number(
             entry = f"Document [{i + 1}](Title: {passage['title']}): {passage['text']}"
             assert entry in text[question:]
         assert doc["num_passages"] > doc["num_retrieved"] == len(item["docs"])
-        assert text.endswith("\n\nAnswer:") and doc["nli_model_path"] == ""
+        assert text.endswith("\n\n") and doc["gen_prefix"] == "Answer:"
+        assert doc["nli_model_path"] == ""
         assert "passages" not in doc  # kept only for citation scoring
 
 
@@ -775,7 +916,11 @@ def test_corpus_defaults_oracle_100_constant_0(task: str, default_runs: dict):
     assert _scores(default_runs["constant"], task, DEFAULT_LENGTHS) == _each(0.0, DEFAULT_LENGTHS)
     for sample in default_runs["oracle"]["samples"][task]:
         doc = sample["doc"]
-        assert 0.99 * doc["max_length"] <= doc["input_tokens"] <= doc["max_length"]
+        if task == "acadlm_rerank":  # HELMET's passage count, not a filled length
+            assert doc["num_passages"] == helmet.rerank_passage_count(doc["max_length"])
+        else:
+            assert 0.99 * doc["budget_tokens"] <= doc["input_tokens"] <= doc["budget_tokens"]
+        assert doc["budget_tokens"] <= doc["max_length"] - doc["tokens_to_generate"]
 
 
 @pytest.mark.integration
@@ -786,7 +931,7 @@ def test_stdlib_summaries_default(default_runs: dict):
     for sample in default_runs["reference"]["samples"]["acadlm_summ"]:
         doc = sample["doc"]
         assert doc["outputs"][0] not in " ".join(doc["input"].split())
-        assert 0.99 * doc["max_length"] <= doc["input_tokens"] <= doc["max_length"]
+        assert 0.99 * doc["budget_tokens"] <= doc["input_tokens"] <= doc["budget_tokens"]
 
 
 @pytest.mark.integration

@@ -2,15 +2,18 @@
 
 lm-eval 0.4.13 has no entry-point group for models and looks ``--model`` up before it imports any
 task code, so a plain ``lm_eval --model acadlm`` cannot find a model from another package. This
-command is ``lm_eval`` itself (same arguments, same output files) run after two things: the
-``acadlm`` model is registered, and our task folder is added to every TaskManager's include path
-(next to any ``--include_path`` you give). When the results carry per-length metrics it prints the
-task x length table and, with ``--output_path``, writes the table and a heatmap PNG next to
-lm-eval's ``results_*.json``.
+command is ``lm_eval`` itself (same arguments, same output files) run after three things: the
+``acadlm`` model is registered, our task folder is added to every TaskManager's include path
+(next to any ``--include_path`` you give), and ``--apply_chat_template`` (with any
+``--system_instruction``) is passed on to the tasks' metadata, which lm-eval does not do: our
+RULER and HELMET tasks lay out and size their prompts for it. When the results carry per-length
+metrics it prints the task x length table and, with ``--output_path``, writes the table and a
+heatmap PNG next to lm-eval's ``results_*.json``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,6 +53,36 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of an option that may stand alone (``--apply_chat_template [template]``): None
+    when absent, "" when given without a value, else the value."""
+    for index, arg in enumerate(argv):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name:
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            return "" if following.startswith("-") else following
+    return None
+
+
+def pass_chat_template_to_tasks(argv: list[str]) -> list[str]:
+    """``argv`` with ``apply_chat_template`` (and ``system_instruction``) added to the tasks'
+    ``--metadata`` when the run applies a chat template.
+
+    lm-eval applies the template when it renders a prompt but never tells the task, whose
+    prompts (HELMET's answer prefix, the budget that counts the template's tokens) depend on
+    it; a further ``--metadata`` is merged into the user's by lm-eval's own parser.
+    """
+    value = _flag(argv, "--apply_chat_template")
+    if value is None or value.strip().lower() in ("false", "0", "no"):
+        return argv
+    extra: dict[str, Any] = {"apply_chat_template": True}
+    instruction = _option(argv, "--system_instruction")
+    if instruction:
+        extra["system_instruction"] = instruction
+    return [*argv, "--metadata", json.dumps(extra)]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run lm-eval's CLI with ``argv`` (default: this process's arguments)."""
     import lm_eval
@@ -59,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     register_lm_eval_model()
     include_our_tasks()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = pass_chat_template_to_tasks(list(sys.argv[1:] if argv is None else argv))
     captured: list[dict[str, Any]] = []
     original_evaluate = lm_eval.simple_evaluate
 

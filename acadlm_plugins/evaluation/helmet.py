@@ -8,32 +8,40 @@ the metadata names a judge):
   of one key, placed at a controlled depth, is asked for.
 * ``acadlm_rag`` (retrieval-augmented generation): a question with k passages, its gold passage
   at a controlled depth among hard negatives and other passages; substring exact match.
-* ``acadlm_rerank`` (passage re-ranking): a query and passages with ids; the answer is the ids
-  ranked by relevance; NDCG@10 against graded judgments (trec_eval's linear gain).
+* ``acadlm_rerank`` (passage re-ranking): a query and as many passages as HELMET's MS MARCO
+  files hold at the length, each with an id; the answer is the ids ranked by relevance; NDCG@10
+  against graded judgments (trec_eval's linear gain).
 * ``acadlm_cite_asqa`` / ``acadlm_cite_qampari`` (generation with citations, ALCE): a question
   with as many retrieved passages as fit; ALCE's STR-EM, answer-list precision/recall, and
   citation recall/precision when an NLI model is given (``nli_model_path``).
 * ``acadlm_icl`` (many-shot in-context learning): labels mapped to numbers, as many labelled
   demonstrations as fit, then one text to label; accuracy.
-* ``acadlm_longqa`` (long-document QA): which character speaks a quoted line of a Shakespeare
-  play (or the user's documents and questions); substring exact match and, with a ``judge`` in
-  the metadata, HELMET's judge score (:mod:`acadlm_plugins.evaluation.judge_metrics`).
-* ``acadlm_summ`` (summarization): a Python standard-library module with its docstring removed,
-  summarized as the docstring's first paragraph (or the user's documents); ROUGE-L and, with a
-  ``judge``, HELMET's key-point F1 x fluency.
+* ``acadlm_longqa`` (long-document QA stand-in): which character speaks a quoted line of a
+  Shakespeare play (or the user's documents and questions); substring exact match and, with a
+  ``judge`` in the metadata, HELMET's judge score (:mod:`acadlm_plugins.evaluation.judge_metrics`).
+  HELMET's own datasets are in :mod:`acadlm_plugins.evaluation.helmet_longdoc`.
+* ``acadlm_summ`` (summarization stand-in): a Python standard-library module with its docstring
+  removed, summarized as the docstring's first paragraph (or the user's documents); ROUGE-L
+  and, with a ``judge``, HELMET's key-point F1 x fluency.
 
 Every task but ICL opens, as HELMET's do, with ``num_shots`` (default 2) demonstrations in
 HELMET's layout, drawn per question with a seeded stream from data never asked about: a
 held-out part of the same file (or a separate demonstration file), other pairs of the same
 JSON object, or other documents' questions and summaries (without their documents).
 
+Prompts are laid out and sized as HELMET's (:mod:`acadlm_plugins.evaluation.helmet_frame`):
+the answer prefix is lm-eval's ``gen_prefix`` without a chat template and absent with one, the
+chat template applies only to the categories HELMET runs with it, and the prompt (template
+included) plus the tokens to generate fit the length.
+
 QA, RAG and re-ranking read a local jsonl (a shipped example by default, see
 :mod:`acadlm_plugins.evaluation.local_data`); ALCE's files must be given (they are not shipped);
 ICL, long-document QA and summarization default to data derived from the embedded corpus.
 Fillers (distractor pairs, passages, demonstrations, document words) are fitted by binary
-search so that a prompt is never longer than its target and, from 1K tokens on, within 1% of
+search so that a prompt is never longer than its budget and, from 1K tokens on, within 1% of
 it: whole items are used while they fit and the last one is cut to the room left (never a gold
-passage, the queried pair or a relevant passage).
+passage, the queried pair or a relevant passage). Re-ranking is the exception: HELMET fixes its
+number of passages per length, so its prompts are cut only when they overflow.
 """
 
 from __future__ import annotations
@@ -52,13 +60,19 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from itertools import islice, pairwise
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from lm_eval.api.task import ConfigurableTask
-
-from acadlm_plugins.evaluation.judge_metrics import LONGQA, SUMM, judge_scores, judged_builder
-from acadlm_plugins.evaluation.lengths import LengthTokenizer, parse_lengths, task_error
+from acadlm_plugins.evaluation.helmet_frame import HelmetFrame, HelmetLayout, HelmetTask
+from acadlm_plugins.evaluation.judge_metrics import (
+    DOC_FIELD,
+    LONGQA,
+    SUMM,
+    judge_scores,
+    judged_builder,
+)
+from acadlm_plugins.evaluation.lengths import LengthTokenizer, task_error
 from acadlm_plugins.evaluation.local_data import (
     DEFAULT_QA_FILE,
     DEFAULT_RERANK_FILE,
@@ -67,6 +81,7 @@ from acadlm_plugins.evaluation.local_data import (
     LabelledText,
     Passage,
     QARecord,
+    RankedPassage,
     RerankRecord,
     data_path,
     file_stamp,
@@ -92,7 +107,6 @@ from acadlm_plugins.evaluation.scoring import (
 from acadlm_plugins.evaluation.task_base import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SEED,
-    LengthSweepTask,
     build_length_dataset,
     int_setting,
     per_length,
@@ -177,7 +191,7 @@ Taken = list[tuple[int, int]]
 
 
 def fit_items(render: Callable[[Taken], str], sizes: Sequence[int], tokenizer: LengthTokenizer,
-              target: int, *, task: str, key: str) -> tuple[FittedPrompt, Taken]:
+              target: int, *, task: str, key: str, keep: int = 0) -> tuple[FittedPrompt, Taken]:
     """Fit a prompt made of filler items of ``sizes`` pieces each (words, characters).
 
     ``render`` gets the items used, in fill order, each with the number of its pieces taken:
@@ -185,7 +199,8 @@ def fit_items(render: Callable[[Taken], str], sizes: Sequence[int], tokenizer: L
     header, a label), so when the next item cannot even start, the prompt may fall short by that
     much; then the last whole item is swapped for an unused one that is longer (and will be cut)
     or shorter by enough to let the next item start, and the fit is redone; the best of at most
-    four fits is kept.
+    four fits is kept. The first ``keep`` items are never swapped out (a question's own
+    retrieved passages, which must come first and whole while they fit).
     """
     order = list(range(len(sizes)))
 
@@ -202,6 +217,8 @@ def fit_items(render: Callable[[Taken], str], sizes: Sequence[int], tokenizer: L
         if fitted.num_tokens >= 0.99 * target or not taken or taken[-1][1] < sizes[taken[-1][0]]:
             break
         last, count = len(taken) - 1, taken[-1][1]
+        if last < keep:
+            break
         unused = range(len(taken), len(order))
         longer = [p for p in unused if sizes[order[p]] > count]
         shorter = [p for p in unused if sizes[order[p]] + 8 <= count]
@@ -412,7 +429,9 @@ def _extra_stream(metadata: Mapping[str, Any], rng: random.Random, *,
 JSON_KV_HEAD = ("The JSON object below maps keys to values. Find the value stored under the key "
                 "given after it.\n\nJSON data:\n")
 JSON_KV_TAIL = ("\n\nReply with the value stored under the key below and nothing else.\n\n"
-                "{demos}Key: \"{key}\"\nValue:")
+                "{demos}Key: \"{key}\"")
+#: Synthetic recall: no chat template in HELMET's recall.yaml, its 100 tokens to generate.
+JSON_KV_LAYOUT = HelmetLayout("recall", "Value:", "\n", 100)
 #: One demonstration: a lookup answered, in the layout of the question (HELMET's "Key: ...
 #: Corresponding value: ..." pairs before the question).
 JSON_KV_DEMO = "Key: \"{key}\"\nValue: {value}\n\n"
@@ -426,6 +445,7 @@ def build_json_kv_sample(metadata: Mapping[str, Any], task: str, rng: random.Ran
     With ``num_shots`` > 0, as many further pairs of the object, at random places and never the
     queried one, are looked up before the question as demonstrations.
     """
+    frame = JSON_KV_LAYOUT.frame(metadata, length, tokenizer, task=task)
     depth = depth_setting(metadata, index, rng, task=task, spread=True)
     shots = num_shots_setting(metadata, task=task)
     key, value = random_uuid(rng), random_uuid(rng)
@@ -456,15 +476,15 @@ def build_json_kv_sample(metadata: Mapping[str, Any], task: str, rng: random.Ran
 
     def render(taken: Taken) -> str:
         body = ",\n".join(f'  "{k}": "{v}"' for k, v in arrange(taken))
-        return JSON_KV_HEAD + "{\n" + body + "\n}" + JSON_KV_TAIL.format(key=key,
-                                                                         demos=demo_text)
+        return frame.render(JSON_KV_HEAD + "{\n" + body + "\n}"
+                            + JSON_KV_TAIL.format(key=key, demos=demo_text))
 
-    fitted, taken = fit_items(render, sizes, tokenizer, length, task=task,
+    fitted, taken = fit_items(render, sizes, tokenizer, frame.budget, task=task,
                               key="max_seq_lengths")
     pairs = arrange(taken)
-    return {"input": fitted.text, "outputs": [value], "input_tokens": fitted.num_tokens,
-            "depth": depth, "num_pairs": len(pairs), "key_position": pairs.index((key, value)),
-            "demo_ids": json.dumps([k for k, _ in demos])}
+    return frame.row(fitted, outputs=[value], depth=depth, num_pairs=len(pairs),
+                     key_position=pairs.index((key, value)),
+                     demo_ids=json.dumps([k for k, _ in demos]))
 
 
 # ------------------------------------------------------------------- passages: QA, RAG, rerank
@@ -480,16 +500,19 @@ class PassageStyle:
     spread_depth: bool  # True: depths spread over samples (HELMET RAG); False: random (RULER QA)
     hard_negatives: bool  # use the question's own distractors first (RAG) or not (RULER QA)
     key: str  # the metadata key naming the data file
-    #: Metadata key of a separate demonstration file; "" means no demonstrations (RULER QA).
+    layout: HelmetLayout  # category, answer prefix, tokens to generate
+    #: Metadata key of a separate demonstration file; "" means no demonstrations.
     demo_key: str = ""
 
 
 RAG_STYLE = PassageStyle(
     head=("Answer the question using the documents below. Give only a short answer, a few "
           "words taken from the documents, with no explanation.\n\n"),
-    tail="\n\nQuestion: {question}\nAnswer:",
+    tail="\n\nQuestion: {question}",
     document="Document [{i}] (Title: {title}): {text}",
-    spread_depth=True, hard_negatives=True, key="rag_path", demo_key="rag_demo_path")
+    spread_depth=True, hard_negatives=True, key="rag_path",
+    # rag.yaml: no chat template, 20 tokens to generate.
+    layout=HelmetLayout("rag", "Answer:", "\n", 20), demo_key="rag_demo_path")
 #: One demonstration (HELMET's layout): its passages, its question, its first answer.
 QA_DEMO = "{documents}\n\nQuestion: {question}\nAnswer: {answer}\n\n"
 
@@ -543,6 +566,7 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
     ``demo_pool`` (never one asking the same question) come between the instruction and the
     passages."""
     record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
+    frame = style.layout.frame(metadata, length, tokenizer, task=task)
     depth = depth_setting(metadata, index, rng, task=task, spread=style.spread_depth)
     shots = num_shots_setting(metadata, task=task) if style.demo_key else 0
     demos = pick_demos(demo_pool, shots, metadata, task=task, item=record.id, key=style.key,
@@ -563,18 +587,17 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
     def render(taken: Taken) -> str:
         passages, _ = arrange(taken)
         body = "\n\n".join(_format_passage(style, i + 1, p) for i, p in enumerate(passages))
-        return head + body + tail
+        return frame.render(head + body + tail)
 
-    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
-                              key=style.key)
+    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, frame.budget,
+                              task=task, key=style.key)
     passages, position = arrange(taken)
     origins = Counter(pool[i][0] for i, _ in taken)
-    return {"input": fitted.text, "outputs": list(record.answers),
-            "input_tokens": fitted.num_tokens, "question_id": record.id,
-            "question": record.question, "depth": depth, "gold_position": position,
-            "num_passages": len(passages), "gold_texts": [p.text for p in record.gold],
-            "distractor_origins": json.dumps(dict(sorted(origins.items()))),
-            "demo_ids": json.dumps([demo.id for demo in demos])}
+    return frame.row(fitted, outputs=list(record.answers), question_id=record.id,
+                     question=record.question, depth=depth, gold_position=position,
+                     num_passages=len(passages), gold_texts=[p.text for p in record.gold],
+                     distractor_origins=json.dumps(dict(sorted(origins.items()))),
+                     demo_ids=json.dumps([demo.id for demo in demos]))
 
 
 def split_for_demos(task: str, metadata: Mapping[str, Any], records: Sequence[Record], *,
@@ -609,20 +632,45 @@ RERANK_INSTRUCTION = ("Below are a query and a list of documents, each marked wi
                       "the IDs only, most relevant first, in the form: Ranking: ID > ID > ID\n\n")
 RERANK_QUERY = "Query: {query}\n\n"
 RERANK_HEAD = RERANK_INSTRUCTION + RERANK_QUERY
-RERANK_TAIL = "\n\nQuery: {query}\nRanking:"
+RERANK_TAIL = "\n\nQuery: {query}"
 RERANK_DOCUMENT = "[ID: {pid}] Document (Title: {title}): {text}"
 #: One demonstration (HELMET's layout): its passages, its query, all its ids ranked.
 RERANK_DEMO = "{documents}\n\nQuery: {query}\nRanking: {ranking}\n\n"
+#: rerank.yaml: no chat template, 200 tokens to generate, the answer after "Ranking:".
+RERANK_LAYOUT = HelmetLayout("rerank", "Ranking:", "\n", 200)
+#: Passages per prompt in HELMET's MS MARCO files at each length (``scripts/generate_configs.py``
+#: reads ``test_reranking_data_k{k}_dep3.jsonl``, k = 14 at 4K ... 1000 at 128K).
+HELMET_RERANK_PASSAGES = {4096: 14, 8192: 50, 16384: 130, 32768: 285, 65536: 600, 131072: 1000}
+#: Passages of each demonstration (HELMET's demonstration file holds 10 per query).
+RERANK_DEMO_PASSAGES = 10
+
+
+def rerank_passage_count(length: int) -> int:
+    """How many passages a re-ranking prompt of ``length`` tokens holds: HELMET's count at its
+    lengths, linear in between, and in proportion to the length below 4K (at least 2) and above
+    128K. HELMET fixes the number of passages, not the number of tokens: a prompt of short
+    passages stays below its length, one of long passages is cut at its end."""
+    table = sorted(HELMET_RERANK_PASSAGES.items())
+    (first, first_count), (last, last_count) = table[0], table[-1]
+    if length <= first:
+        return max(2, round(first_count * length / first))
+    if length >= last:
+        return round(last_count * length / last)
+    for (low, low_count), (high, high_count) in pairwise(table):
+        if low <= length <= high:
+            return round(low_count + (high_count - low_count) * (length - low) / (high - low))
+    raise AssertionError("unreachable: the table covers every length in between")
 
 
 def rerank_demo_text(demos: Sequence[RerankRecord], rng: random.Random, taken: set[str]) -> str:
-    """Demonstrations of a re-ranking prompt: each demo query's judged passages in a random
-    order under fresh ids (none of ``taken``, which grows), its query, and the ranking of all
-    of them by grade (HELMET's demonstration answer ranks every passage shown)."""
+    """Demonstrations of a re-ranking prompt: the first ``RERANK_DEMO_PASSAGES`` passages of each
+    demo query (HELMET's demonstrations have 10) in a random order under fresh ids (none of
+    ``taken``, which grows), its query, and the ranking of all of them by grade (HELMET's
+    demonstration answer ranks every passage shown)."""
     blocks = []
     for demo in demos:
         shown = []
-        for passage in _shuffled(demo.passages, rng):
+        for passage in _shuffled(demo.passages[:RERANK_DEMO_PASSAGES], rng):
             pid = str(rng.randrange(10000, 100000))
             while pid in taken:
                 pid = str(rng.randrange(10000, 100000))
@@ -636,67 +684,78 @@ def rerank_demo_text(demos: Sequence[RerankRecord], rng: random.Random, taken: s
     return "".join(blocks)
 
 
+def rerank_candidates(record: RerankRecord, count: int) -> list[RankedPassage]:
+    """The query's own passages a prompt of ``count`` passages shows: the first ``count`` in the
+    file's order (retrieval order in HELMET's and TREC's files); when none of them is relevant,
+    the query's most relevant passage takes the last place, so that the ranking can be scored."""
+    own = list(record.passages[:count])
+    if not any(p.relevance > 0 for p in own):
+        own[-1] = max(record.passages, key=lambda p: p.relevance)
+    return own
+
+
 def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, Any], task: str,
                         rng: random.Random, length: int, index: int,
                         tokenizer: LengthTokenizer, *, demo_pool: Sequence[RerankRecord] = (),
                         every_record: Sequence[RerankRecord] = ()) -> dict[str, Any]:
-    """A query of ``records`` with all its judged passages (whole) and unjudged filler passages
-    (relevance 0; from ``every_record``, default ``records``) in a random order, each under a
-    random 5-digit id; ``num_shots`` demonstration queries of ``demo_pool`` come between the
-    instruction and the query."""
+    """A query of ``records`` with :func:`rerank_passage_count` passages, as HELMET's files
+    give each length: its own passages (:func:`rerank_candidates`), then unjudged filler
+    passages (relevance 0; other queries' passages of ``every_record``, default ``records``,
+    then extra ones) if it has fewer, all in a random order, each under a random 5-digit id;
+    ``num_shots`` demonstration queries of ``demo_pool`` come between the instruction and the
+    query. When the passages overflow the length, the last ones are cut, as HELMET truncates
+    the context at its end; the ranking is still scored against all their grades."""
     record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
+    frame = RERANK_LAYOUT.frame(metadata, length, tokenizer, task=task)
+    count = rerank_passage_count(length)
     demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
                        item=record.id, key="rerank_path",
                        allowed=lambda demo: demo.query != record.query)
+    own = rerank_candidates(record, count)
     judged_texts = {p.text for p in record.passages}
     others = [Passage(p.text, p.title) for r in every_record or records if r is not record
               for p in r.passages]
-    stream = (("other_query", p) for p in _shuffled(others, rng)
-              if p.text not in judged_texts)
-    extras = ((o, p) for o, p in _extra_stream(metadata, rng, task=task)
-              if p.text not in judged_texts)
-
-    def chained() -> Iterator[tuple[str, Passage]]:
-        yield from stream
-        yield from extras
-
-    budget = max(length - sum(_passage_tokens(tokenizer, Passage(p.text, p.title))
-                              for p in record.passages), 1)
-    pool = draw_pool(chained(), lambda item: _passage_tokens(tokenizer, item[1]), budget,
-                     task=task, key="rerank_path", what="filler passages", more=EXTRA_HINT)
-    ids = [str(i) for i in rng.sample(range(10000, 100000), len(record.passages) + len(pool))]
-    # Every passage gets a random sort key up front, so adding a filler never reorders others.
-    judged = [(rng.random(), ids[i], Passage(p.text, p.title), p.relevance)
-              for i, p in enumerate(record.passages)]
-    fillers = [(rng.random(), ids[len(judged) + i], passage, 0.0)
-               for i, (_, passage) in enumerate(pool)]
-    words = [filler[2].text.split() for filler in fillers]
+    fillers = [p for p in _shuffled(others, rng) if p.text not in judged_texts]
+    if len(own) + len(fillers) < count:
+        extras = (p for _, p in _extra_stream(metadata, rng, task=task)
+                  if p.text not in judged_texts)
+        fillers += list(islice(extras, count - len(own) - len(fillers)))
+    fillers = fillers[:count - len(own)]
+    if len(own) + len(fillers) < count:
+        raise task_error(task, "rerank_path", f"only {len(own) + len(fillers)} passages are "
+                         f"available for {count}-passage prompts at {length} tokens.",
+                         f"Give more queries through `rerank_path`{EXTRA_HINT}, or evaluate "
+                         "at shorter lengths.")
+    ids = [str(i) for i in rng.sample(range(10000, 100000), count)]
+    shown = sorted([(rng.random(), ids[i], Passage(p.text, p.title), p.relevance)
+                    for i, p in enumerate(own)]
+                   + [(rng.random(), ids[len(own) + i], p, 0.0) for i, p in enumerate(fillers)])
+    words = [entry[2].text.split() for entry in shown]
     head = (RERANK_INSTRUCTION + rerank_demo_text(demos, rng, set(ids))
             + RERANK_QUERY.format(query=record.query))
     tail = RERANK_TAIL.format(query=record.query)
 
-    def arrange(taken: Taken) -> list[tuple[float, str, Passage, float]]:
-        used = [(fillers[i][0], fillers[i][1], Passage(" ".join(words[i][:n]), fillers[i][2].title),
-                 fillers[i][3]) for i, n in taken]
-        return sorted(judged + used)
+    def render(units: int) -> str:
+        cut = take_counts([len(w) for w in words], units)
+        body = "\n\n".join(RERANK_DOCUMENT.format(pid=shown[i][1], text=" ".join(words[i][:n]),
+                                                   title=shown[i][2].title or "untitled")
+                            for i, n in enumerate(cut))
+        return frame.render(head + body + tail)
 
-    def render(taken: Taken) -> str:
-        body = "\n\n".join(RERANK_DOCUMENT.format(pid=pid, title=p.title or "untitled",
-                                                  text=p.text)
-                           for _, pid, p, _ in arrange(taken))
-        return head + body + tail
-
-    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
-                              key="rerank_path")
-    relevant = sorted(((grade, pid) for _, pid, _, grade in judged if grade > 0), reverse=True)
-    order = [pid for _, pid, _, _ in arrange(taken)]
-    return {"input": fitted.text, "outputs": [pid for _, pid in relevant],
-            "oracle_answer": " > ".join(pid for _, pid in relevant),
-            "input_tokens": fitted.num_tokens, "query_id": record.id,
-            "relevant_ids": [pid for _, pid in relevant],
-            "relevant_grades": [grade for grade, _ in relevant],
-            "passage_ids": order, "num_passages": len(order),
-            "demo_ids": json.dumps([demo.id for demo in demos])}
+    total = sum(len(w) for w in words)
+    whole = render(total)
+    fitted = FittedPrompt(whole, tokenizer.count(whole), total)
+    if fitted.num_tokens > frame.budget:
+        fitted = fit_units(render, tokenizer, frame.budget, max_units=total, task=task,
+                           key="rerank_path")
+    relevant = sorted(((grade, pid) for _, pid, _, grade in shown if grade > 0), reverse=True)
+    return frame.row(fitted, outputs=[pid for _, pid in relevant],
+                     oracle_answer=" > ".join(pid for _, pid in relevant), query_id=record.id,
+                     relevant_ids=[pid for _, pid in relevant],
+                     relevant_grades=[grade for grade, _ in relevant],
+                     passage_ids=[entry[1] for entry in shown], num_passages=count,
+                     num_shown=len(take_counts([len(w) for w in words], fitted.num_words)),
+                     demo_ids=json.dumps([demo.id for demo in demos]))
 
 
 def parse_ranking(prediction: str, known_ids: Iterable[str]) -> list[str]:
@@ -726,7 +785,9 @@ ICL_HEAD = ("Each text below is followed by its label, a number standing for a c
             "out which number goes with which kind of text, then label the last text. Reply "
             "with \"label: <number>\" and nothing else.\n\n")
 ICL_DEMO = "{text}\nlabel: {label}"
-ICL_TAIL = "\n\n{text}\nlabel:"
+ICL_TAIL = "\n\n{text}"
+#: icl.yaml: no chat template, 20 tokens to generate, the label after "label:".
+ICL_LAYOUT = HelmetLayout("icl", "label:", "\n", 20)
 CORPUS_DOMAINS = ("books", "code", "docs", "scripture")
 _SNIPPET_WORDS = (12, 40)
 
@@ -845,6 +906,7 @@ def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str
                      tokenizer: LengthTokenizer) -> dict[str, Any]:
     """As many labelled demonstrations as fit ``length`` tokens, labels replaced by numbers in a
     per-sample random mapping, then the query; the last demonstration may be cut short."""
+    frame = ICL_LAYOUT.frame(metadata, length, tokenizer, task=task)
     size = source.num_queries
     query = source.query(rng, sample_order(task, metadata, length, size)[index % size])
     numbers = list(range(len(source.labels)))
@@ -858,15 +920,14 @@ def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str
     def render(taken: Taken) -> str:
         demos = [ICL_DEMO.format(text=" ".join(words[i][:n]), label=mapping[pool[i][1]])
                  for i, n in taken]
-        return ICL_HEAD + "\n\n".join(demos) + tail
+        return frame.render(ICL_HEAD + "\n\n".join(demos) + tail)
 
-    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
-                              key=key)
+    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, frame.budget,
+                              task=task, key=key)
     shown = Counter(pool[i][1] for i, _ in taken)
-    return {"input": fitted.text, "outputs": [mapping[query.label]],
-            "input_tokens": fitted.num_tokens, "label": query.label,
-            "label_mapping": json.dumps(mapping, sort_keys=True), "num_demos": len(taken),
-            "demos_per_label": json.dumps(dict(sorted(shown.items())))}
+    return frame.row(fitted, outputs=[mapping[query.label]], label=query.label,
+                     label_mapping=json.dumps(mapping, sort_keys=True), num_demos=len(taken),
+                     demos_per_label=json.dumps(dict(sorted(shown.items()))))
 
 
 def icl_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -959,12 +1020,14 @@ def pick_long_document(documents: Sequence[LongDocument], source_key: str, neede
 
 
 def fit_document(head: str, tail: str, document: LongDocument, tokenizer: LengthTokenizer,
-                 length: int, *, task: str, key: str) -> FittedPrompt:
-    """``head`` + the longest prefix of ``document`` that fits + ``tail`` (a piece holds at
-    least one token, so ``length + 1`` pieces always overflow)."""
+                 frame: HelmetFrame, *, task: str, key: str) -> FittedPrompt:
+    """``head`` + the longest prefix of ``document`` that fits the frame's budget + ``tail``,
+    laid out by ``frame`` (a piece holds at least one token, so ``budget + 1`` pieces always
+    overflow)."""
     pieces = document.pieces
-    return fit_units(lambda n: head + "".join(pieces[:n]).strip() + tail, tokenizer, length,
-                     max_units=min(len(pieces), length + 1), task=task, key=key)
+    return fit_units(lambda n: frame.render(head + "".join(pieces[:n]).strip() + tail),
+                     tokenizer, frame.budget, max_units=min(len(pieces), frame.budget + 1),
+                     task=task, key=key)
 
 
 #: Demonstrations of the long-document tasks leave their documents out, as HELMET's do (its
@@ -990,12 +1053,14 @@ def examples_bound(tokenizer: LengthTokenizer, entries: tuple[str, ...], shots: 
 
 LONGQA_INTRO = "Below is a long document. Read it, then answer the question that follows it.\n\n"
 LONGQA_HEAD = LONGQA_INTRO + "Document:\n"
-LONGQA_TAIL = "\n\nQuestion: {question}\nGive a short answer, a few words only.\nAnswer:"
+LONGQA_TAIL = "\n\nQuestion: {question}\nGive a short answer, a few words only."
+#: The long-document QA stand-in: HELMET's longqa category (chat template), 32 tokens.
+LONGQA_LAYOUT = HelmetLayout("longqa", "Answer:", "\n", 32)
 PLAY_HEAD = ("Below is a long excerpt from the plays of Shakespeare: each speech opens with the "
              "name of its speaker on a line of its own. Read it, then answer the question that "
              "follows it.\n\n")
 PLAY_TAIL = ("\n\nQuestion: Which character speaks the line \"{line}\"?\nReply with the "
-             "character's name only, as the text gives it.\nAnswer:")
+             "character's name only, as the text gives it.")
 SPEAKER_TAG = re.compile(r"(?<=\n\n)([A-Z][A-Za-z' .-]{1,30})\.\n(?=[^\n\[])")
 _GENERIC_SPEAKER = re.compile(r"^(first|second|third|fourth|fifth|all|both|several|another|"
                               r"some|lords?|servants?|messengers?|citizens?|soldiers?|"
@@ -1073,6 +1138,7 @@ def build_play_question(plays: PlayText, metadata: Mapping[str, Any], task: str,
                         tokenizer: LengthTokenizer) -> dict[str, Any]:
     """A window of the plays filling ``length`` tokens whose speech holding the quoted line sits
     at the sample's depth; the answer is the speaker's tag."""
+    frame = LONGQA_LAYOUT.frame(metadata, length, tokenizer, task=task)
     order = sample_order(task, metadata, length, len(plays.questions))
     question = plays.questions[order[index % len(order)]]
     depth = depth_setting(metadata, index, rng, task=task, spread=True)
@@ -1096,15 +1162,16 @@ def build_play_question(plays: PlayText, metadata: Mapping[str, Any], task: str,
 
     def render(units: int) -> str:
         start, stop = window(units)
-        return head + "".join(pieces[start:stop]).strip() + tail
+        return frame.render(head + "".join(pieces[start:stop]).strip() + tail)
 
-    fitted = fit_units(render, tokenizer, length, max_units=min(len(pieces), length + 1),
-                       task=task, key="longqa_path")
+    fitted = fit_units(render, tokenizer, frame.budget,
+                       max_units=min(len(pieces), frame.budget + 1), task=task,
+                       key="longqa_path")
     start, stop = window(fitted.num_words)
-    return {"input": fitted.text, "outputs": [question.speaker], "input_tokens": fitted.num_tokens,
-            "depth": depth, "question": f"Which character speaks the line \"{question.line}\"?",
-            "evidence_position": (first - start) / max(stop - start, 1),
-            "demo_ids": json.dumps([demo.line for demo in demos])}
+    return frame.row(fitted, outputs=[question.speaker], depth=depth,
+                     question=f"Which character speaks the line \"{question.line}\"?",
+                     evidence_position=(first - start) / max(stop - start, 1),
+                     demo_ids=json.dumps([demo.line for demo in demos]))
 
 
 def build_document_question(records: Sequence[DocumentQA], documents: Sequence[LongDocument],
@@ -1113,10 +1180,11 @@ def build_document_question(records: Sequence[DocumentQA], documents: Sequence[L
                             tokenizer: LengthTokenizer) -> dict[str, Any]:
     """A user question over the start of its document, cut to fill ``length`` tokens, after
     ``num_shots`` questions and answers about other documents."""
+    frame = LONGQA_LAYOUT.frame(metadata, length, tokenizer, task=task)
     shots = num_shots_setting(metadata, task=task)
     entries = tuple(QUESTION_EXAMPLE.format(question=r.question, answer=r.answers[0])
                     for r in records)
-    needed = (length - _frame_tokens(tokenizer, tuple(r.question for r in records))
+    needed = (frame.budget - _frame_tokens(tokenizer, frame, tuple(r.question for r in records))
               - examples_bound(tokenizer, entries, shots))
     chosen = pick_long_document(documents, documents[0].key, needed, metadata, task,
                                 "longqa_path", length, index, tokenizer)
@@ -1126,18 +1194,19 @@ def build_document_question(records: Sequence[DocumentQA], documents: Sequence[L
                        allowed=lambda j: records[j].document != record.document)
     head = LONGQA_INTRO + examples_block([entries[j] for j in demos]) + "Document:\n"
     fitted = fit_document(head, LONGQA_TAIL.format(question=record.question),
-                          documents[chosen], tokenizer, length, task=task, key="longqa_path")
-    return {"input": fitted.text, "outputs": list(record.answers),
-            "input_tokens": fitted.num_tokens, "document_id": record.id,
-            "question": record.question, "depth": -1.0, "evidence_position": -1.0,
-            "demo_ids": json.dumps([records[j].id for j in demos])}
+                          documents[chosen], tokenizer, frame, task=task, key="longqa_path")
+    return frame.row(fitted, outputs=list(record.answers), document_id=record.id,
+                     question=record.question, depth=-1.0, evidence_position=-1.0,
+                     demo_ids=json.dumps([records[j].id for j in demos]))
 
 
 @lru_cache(maxsize=8)
-def _frame_tokens(tokenizer: LengthTokenizer, questions: tuple[str, ...]) -> int:
-    """Tokens of the long-document QA template around the document, for its longest question."""
-    return tokenizer.count(LONGQA_HEAD) + max(
-        tokenizer.count(LONGQA_TAIL.format(question=question)) for question in questions)
+def _frame_tokens(tokenizer: LengthTokenizer, frame: HelmetFrame,
+                  questions: tuple[str, ...]) -> int:
+    """Tokens of the long-document QA template around the document, laid out by ``frame``, for
+    its longest question."""
+    longest = max(questions, key=len)
+    return tokenizer.count(frame.render(LONGQA_HEAD + LONGQA_TAIL.format(question=longest)))
 
 
 def longqa_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -1160,7 +1229,8 @@ def longqa_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class SummaryStyle:
     """The template of a summarization prompt: ``intro``, demonstrations, ``label``, the
-    document, then ``answer`` (which also opens each demonstration's summary)."""
+    document, then the answer prefix ``answer`` (which also opens each demonstration's
+    summary)."""
 
     intro: str
     label: str
@@ -1172,8 +1242,10 @@ class SummaryStyle:
                 + self.label)
 
     @property
-    def tail(self) -> str:
-        return f"\n\n{self.answer}"
+    def layout(self) -> HelmetLayout:
+        """HELMET's summ category (chat template), the answer prefix after a blank line, 200
+        tokens to generate (the task YAML's)."""
+        return HelmetLayout("summ", self.answer, "\n\n", 200)
 
 
 SUMM_STYLE = SummaryStyle(
@@ -1282,9 +1354,10 @@ def build_summary_sample(records: Sequence[DocumentSummary], documents: Sequence
                          tokenizer: LengthTokenizer) -> dict[str, Any]:
     """A document long enough to fill ``length`` tokens, cut to fit, with its references, after
     ``num_shots`` summaries of other documents."""
+    frame = style.layout.frame(metadata, length, tokenizer, task=task)
     shots = num_shots_setting(metadata, task=task)
     summaries = tuple(f"{style.answer} {r.summaries[0]}\n\n" for r in records)
-    needed = (length - tokenizer.count(style.head([])) - tokenizer.count(style.tail)
+    needed = (frame.budget - tokenizer.count(frame.render(style.head([])))
               - examples_bound(tokenizer, summaries, shots))
     chosen = pick_long_document(documents, source_key, needed, metadata, task, "summ_path",
                                 length, index, tokenizer)
@@ -1292,11 +1365,10 @@ def build_summary_sample(records: Sequence[DocumentSummary], documents: Sequence
     demos = pick_demos(range(len(records)), shots, metadata, task=task, item=record.id,
                        key="summ_path", allowed=lambda j: records[j].document != record.document
                        and records[j].summaries[0] != record.summaries[0])
-    fitted = fit_document(style.head([records[j].summaries[0] for j in demos]), style.tail,
-                          documents[chosen], tokenizer, length, task=task, key="summ_path")
-    return {"input": fitted.text, "outputs": list(record.summaries),
-            "input_tokens": fitted.num_tokens, "document_id": record.id,
-            "demo_ids": json.dumps([records[j].id for j in demos])}
+    fitted = fit_document(style.head([records[j].summaries[0] for j in demos]), "",
+                          documents[chosen], tokenizer, frame, task=task, key="summ_path")
+    return frame.row(fitted, outputs=list(record.summaries), document_id=record.id,
+                     demo_ids=json.dumps([records[j].id for j in demos]))
 
 
 def summ_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -1370,7 +1442,11 @@ CITATION_METRICS = ("citation_rec", "citation_prec")
 #: Passages shown with each demonstration drawn from the data (ALCE's demonstrations have 5).
 ALCE_DEMO_DOCS = 5
 ALCE_DOCUMENT = "Document [{i}](Title: {title}): {text}"
-ALCE_QUESTION = "{instruction}\n\nQuestion: {question}\n\n{documents}\n\nAnswer:"
+ALCE_QUESTION = "{instruction}\n\nQuestion: {question}\n\n{documents}"
+#: What closes a question before its answer (a demonstration's, or the model's in plain text).
+ALCE_ANSWER = "\n\nAnswer:"
+#: cite.yaml: the chat template, 300 tokens to generate, "Answer:" after a blank line.
+CITE_LAYOUT = HelmetLayout("cite", "Answer:", "\n\n", 300)
 ALCE_DEMO_SEPARATOR = "\n\n\n"
 
 
@@ -1525,8 +1601,8 @@ def alce_demo_text(instruction: str, demos: Sequence[AlceItem]) -> str:
     """ALCE's demonstrations as HELMET lays them out: each a whole answered prompt (instruction,
     question, its passages, its answer), separated and followed by two blank lines."""
     return "".join(ALCE_QUESTION.format(instruction=instruction, question=demo.question,
-                                        documents=_alce_documents(demo.docs)) + " "
-                   + demo.answer + ALCE_DEMO_SEPARATOR for demo in demos)
+                                        documents=_alce_documents(demo.docs))
+                   + ALCE_ANSWER + " " + demo.answer + ALCE_DEMO_SEPARATOR for demo in demos)
 
 
 def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
@@ -1539,6 +1615,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
     those of ``every_item`` (default ``items``) and extra passages if they run out. The last one
     may be cut; citations number them from 1."""
     item = items[sample_order(task, metadata, length, len(items))[index % len(items)]]
+    frame = CITE_LAYOUT.frame(metadata, length, tokenizer, task=task)
     demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
                        item=item.id, key=dataset.key,
                        allowed=lambda demo: demo.question != item.question)
@@ -1558,21 +1635,23 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
         return [Passage(" ".join(words[i][:n]), pool[i][1].title) for i, n in taken]
 
     def render(taken: Taken) -> str:
-        return demo_text + ALCE_QUESTION.format(instruction=instruction, question=item.question,
-                                                documents=_alce_documents(shown(taken)))
+        return frame.render(demo_text + ALCE_QUESTION.format(
+            instruction=instruction, question=item.question,
+            documents=_alce_documents(shown(taken))))
 
     # Passages are shown in retrieval order; to land within 1% of the length, fit_items may
-    # exchange the last whole one for a later one (and only the last one shown is cut).
-    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, length, task=task,
-                              key=dataset.key)
+    # exchange the last whole one for a later one (never one of the question's own retrieved
+    # passages; only the last one shown is cut).
+    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, frame.budget,
+                              task=task, key=dataset.key, keep=len(item.docs))
     passages = shown(taken)
-    row = {"input": fitted.text, "outputs": [group[0] for group in item.answer_sets],
-           "answer_sets": [list(group) for group in item.answer_sets],
-           "oracle_answer": ", ".join(group[0] for group in item.answer_sets) + ".",
-           "input_tokens": fitted.num_tokens, "question_id": item.id, "question": item.question,
-           "alce_dataset": dataset.name, "num_passages": len(passages),
-           "num_retrieved": sum(pool[i][0] == "retrieved" for i, _ in taken),
-           "nli_model_path": nli_model, "demo_ids": json.dumps([demo.id for demo in demos])}
+    row = frame.row(fitted, outputs=[group[0] for group in item.answer_sets],
+                    answer_sets=[list(group) for group in item.answer_sets],
+                    oracle_answer=", ".join(group[0] for group in item.answer_sets) + ".",
+                    question_id=item.id, question=item.question, alce_dataset=dataset.name,
+                    num_passages=len(passages),
+                    num_retrieved=sum(pool[i][0] == "retrieved" for i, _ in taken),
+                    nli_model_path=nli_model, demo_ids=json.dumps([demo.id for demo in demos]))
     if nli_model:
         row["passages"] = json.dumps([[p.title, p.text] for p in passages])
     return row
@@ -1708,34 +1787,67 @@ def process_results_cite(doc: Mapping[str, Any], results: list[str]) -> dict[str
     return {f"{length}_{name}" if name else length: value for name, value in scores.items()}
 
 
-class CiteTask(LengthSweepTask):
+class CiteTask(HelmetTask):
     """A cite task: besides the per-length main metric, lm-eval is told of the other measures
     of :func:`alce_metric_names` so that it aggregates them as means (higher is better)."""
 
-    dataset: AlceDataset = ASQA
+    category = "cite"
+    alce: AlceDataset = ASQA
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
-        config = dict(config or {})
-        config.pop("class", None)
-        metadata = config.get("metadata") or {}
-        lengths = parse_lengths(metadata.get("max_seq_lengths"), task=config.get("task", "?"))
-        names = alce_metric_names(self.dataset, bool(metadata.get("nli_model_path")))
-        config["metric_list"] = [
-            {"metric": f"{length}_{name}" if name else str(length), "aggregation": "mean",
-             "higher_is_better": True} for length in lengths for name in names]
-        ConfigurableTask.__init__(self, config=config)
+    @classmethod
+    def measure_names(cls, metadata: Mapping[str, Any]) -> tuple[str, ...]:
+        """ALCE's further measures, and the citation ones when an NLI model is given."""
+        return alce_metric_names(cls.alce, bool(metadata.get("nli_model_path")))[1:]
 
 
 class AsqaTask(CiteTask):
     """``acadlm_cite_asqa``."""
 
-    dataset = ASQA
+    alce = ASQA
 
 
 class QampariTask(CiteTask):
     """``acadlm_cite_qampari``."""
 
-    dataset = QAMPARI
+    alce = QAMPARI
+
+
+class RecallTask(HelmetTask):
+    """``acadlm_json_kv`` (HELMET's recall category)."""
+
+    category = "recall"
+
+
+class RagTask(HelmetTask):
+    """``acadlm_rag``."""
+
+    category = "rag"
+
+
+class RerankTask(HelmetTask):
+    """``acadlm_rerank``."""
+
+    category = "rerank"
+
+
+class IclTask(HelmetTask):
+    """``acadlm_icl``."""
+
+    category = "icl"
+
+
+class LongQATask(HelmetTask):
+    """``acadlm_longqa``, the long-document QA stand-in: substring EM, and HELMET's judge
+    metrics with a judge."""
+
+    category, measures, judge_kind = "longqa", ("substring_exact_match",), LONGQA
+
+
+class SummTask(HelmetTask):
+    """``acadlm_summ``, the summarization stand-in: ROUGE-L F1, and HELMET's judge metrics with
+    a judge."""
+
+    category, measures, judge_kind = "summ", ("rougeL_f1",), SUMM
 
 
 # ------------------------------------------------------------------------------- entry points
@@ -1752,24 +1864,39 @@ def rag_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def process_results_substring_em(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
-    """HELMET's substring exact match: 100 if a normalized answer occurs in the generation; for
-    long-document QA with a judge, also HELMET's judge metrics (``<length>_judge_*``)."""
-    scores = per_length(doc, substring_exact_match(results[0], doc["outputs"]))
-    return scores | _per_length_judge(doc, results[0])
+    """HELMET's substring exact match: 100 if a normalized answer occurs in the generation."""
+    return per_length(doc, substring_exact_match(results[0], doc["outputs"]))
 
 
-def process_results_rouge_l(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
-    """ROUGE-L F1 against the best-matching reference summary; with a judge, also HELMET's
-    key-point F1, recall, precision and fluency (``<length>_judge_*``)."""
-    scores = per_length(doc, rouge_l(clean_prediction(results[0]), doc["outputs"]))
-    return scores | _per_length_judge(doc, results[0])
+def process_results_document_qa(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    """The long-document QA stand-in: substring exact match (``<length>_substring_exact_match``)
+    and, for a judged document, HELMET's judge metrics (``<length>_judge_*``); the metric named
+    by the length is what HELMET's category counts: the judge score when a judge was asked,
+    else the substring exact match."""
+    return _with_judge(doc, results[0], {"substring_exact_match": substring_exact_match(
+        results[0], doc["outputs"])}, main="substring_exact_match", judge_main="judge_score")
 
 
-def _per_length_judge(doc: Mapping[str, Any], prediction: str) -> dict[str, float]:
-    """The judge metrics of a document that carries a judge (none otherwise, or when the
-    judge could not score it), named ``<length>_<metric>``."""
-    return {f"{doc['max_length']}_{name}": value
-            for name, value in judge_scores(doc, prediction).items()}
+def process_results_document_summary(doc: Mapping[str, Any],
+                                     results: list[str]) -> dict[str, float]:
+    """The summarization stand-in: ROUGE-L F1 against the best reference (``<length>_rougeL_f1``)
+    and, for a judged document, HELMET's key-point F1, recall, precision and fluency; the metric
+    named by the length is the judge F1 when a judge was asked, else ROUGE-L F1."""
+    return _with_judge(doc, results[0], {"rougeL_f1": rouge_l(clean_prediction(results[0]),
+                                                              doc["outputs"])},
+                       main="rougeL_f1", judge_main="judge_f1")
+
+
+def _with_judge(doc: Mapping[str, Any], prediction: str, scores: dict[str, float], *, main: str,
+                judge_main: str) -> dict[str, float]:
+    """``scores`` and the judge's metrics as ``<length>_<name>``, and the category score under
+    the length alone: the judge's ``judge_main`` for a judged document (absent when the judge
+    could not score it: left out of the mean, never 0), else ``scores[main]``."""
+    length = str(doc["max_length"])
+    judged = judge_scores(doc, prediction)
+    named = {f"{length}_{name}": value for name, value in {**scores, **judged}.items()}
+    category = judged.get(judge_main) if doc.get(DOC_FIELD) else scores[main]
+    return named if category is None else {length: category, **named}
 
 
 def process_results_ndcg(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:

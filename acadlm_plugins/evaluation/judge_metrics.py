@@ -7,12 +7,14 @@ NarrativeQA answers and Multi-LexSum / InfiniteBench summaries with GPT-4o becau
 rewards copying and punishes paraphrase. We ask the same questions with our own prompts, read
 the same JSON answers and combine them the same way:
 
-* **Long-document QA** (``acadlm_longqa``): the judge sees the question, the correct answers
+* **Long-document QA** (``acadlm_narrativeqa``, as HELMET judges NarrativeQA only, and the
+  stand-in ``acadlm_longqa``): the judge sees the question, the correct answers
   and the model's answer (the text after an ``Answer:`` it may repeat, on one line) and grades
   fluency 0-1 and correctness 0-3 as ``{"fluency": f, "correctness": c}``. A sample scores
   ``f * c``; HELMET reports the mean times 100/3, so ``judge_score`` is ``100 f c / 3`` on
   0-100. ``judge_fluency`` (``100 f``) and ``judge_correctness`` (``100 c / 3``) come with it.
-* **Summarization** (``acadlm_summ``): three questions per summary. Fluency 0-1
+* **Summarization** (``acadlm_infbench_sum``, ``acadlm_multi_lexsum`` and the stand-in
+  ``acadlm_summ``): three questions per summary. Fluency 0-1
   (``{"fluency": f}``); recall, the number of the reference's key points the summary supports
   (``{"recall": n}``); precision, the number of the summary's sentences the expert summary
   supports (``{"precision": m, "sentence_count": s}``). With ``R = n / #key points`` and
@@ -25,8 +27,10 @@ the same JSON answers and combine them the same way:
   Without them the judge extracts the key points of the first reference summary itself (one
   more cached request per reference), which then also serves as the expert summary.
 
-Each metric is reported per length as ``<length>_<metric>`` next to the model-free one
-(substring EM, ROUGE-L), which is always computed. A sample's judge metrics are all or nothing,
+Each metric is reported per length as ``<length>_<metric>`` next to the model-free ones
+(substring EM, ROUGE-L, ...), which are always computed, and the task's metric named by the
+length alone becomes the judge's (``judge_score``, ``judge_f1``): the score HELMET's category
+counts when a model-based one exists. The tasks declare these metrics to lm-eval. A sample's judge metrics are all or nothing,
 as in HELMET: when a request fails after its retries, or an answer holds no JSON object with
 the expected integers in range, the sample has no judge metrics -- it is left out of their
 means, never counted as 0 -- and the log counts such samples per task. Counts the judge gives

@@ -1,10 +1,11 @@
 """Read and check the local jsonl files that the QA, RAG, re-ranking, ICL, long-document QA and
 summarization tasks are built from.
 
-A user points a task at their own file through a metadata key (``qa_path``, ``rag_path``,
-``rerank_path``, ``icl_path``, ``longqa_path``, ``summ_path``); when the key is unset the task
-uses its shipped example (under ``acadlm_plugins/evaluation/data/``) or data derived from the
-embedded corpus. Every row is checked when the file is read, so a bad row fails before any
+A user points a task at their own file through a metadata key (``rag_path``, ``rerank_path``,
+``icl_path``, ``longqa_path``, ``summ_path``, and the ``<dataset>_path`` of HELMET's
+long-document datasets); when the key is unset the task uses its shipped example (under
+``acadlm_plugins/evaluation/data/``) or data derived from the embedded corpus, or, for a task
+that needs a real dataset, stops and says how to convert one. Every row is checked when the file is read, so a bad row fails before any
 prompt is built, with an error that names the task, the metadata key, ``file:line``, the row
 field at fault and how to fix it. The schemas are documented in ``docs/evaluation_data.md``.
 """
@@ -85,6 +86,27 @@ class DocumentQA:
     document: str
     question: str
     answers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DocumentChoice:
+    """A multiple-choice question about a long document (InfiniteBench En.MC): its options in
+    order and the index of the correct one."""
+
+    id: str
+    document: str
+    question: str
+    options: tuple[str, ...]
+    answer: int
+
+    @property
+    def letter(self) -> str:
+        """The correct option's letter (A for the first)."""
+        return OPTION_LETTERS[self.answer]
+
+
+#: Letters of the options of a multiple-choice question, in order.
+OPTION_LETTERS = "ABCDEFGHIJ"
 
 
 @dataclass(frozen=True)
@@ -268,6 +290,8 @@ RERANK_EXAMPLE = ('{"id": "r1", "query": "...", "passages": [{"title": "...", "t
 ICL_EXAMPLE = '{"text": "...", "label": "...", "split": "demo"}'
 LONGQA_EXAMPLE = '{"id": "d1", "document": "...", "question": "...", "answers": ["..."]}'
 SUMM_EXAMPLE = '{"id": "d1", "document": "...", "summary": "..."}'
+CHOICE_EXAMPLE = ('{"id": "d1", "document": "...", "question": "...", "options": ["...", "...", '
+                  '"...", "..."], "answer": "<the correct option, or its letter>"}')
 
 
 def _parse_qa(row: RowChecker) -> QARecord:
@@ -296,6 +320,25 @@ def _parse_longqa(row: RowChecker) -> DocumentQA:
                       answers=row.texts("answers"))
 
 
+def _parse_choice(row: RowChecker) -> DocumentChoice:
+    options = row.texts("options")
+    if not 2 <= len(options) <= len(OPTION_LETTERS) or len(set(options)) != len(options):
+        raise row.fail("options", f"must hold 2 to {len(OPTION_LETTERS)} distinct options, got "
+                       f"{len(options)} ({len(set(options))} distinct).")
+    answer = row.text("answer")
+    letters = OPTION_LETTERS[:len(options)]
+    if answer in options:
+        index = options.index(answer)
+    elif len(answer) == 1 and answer.upper() in letters:
+        index = letters.index(answer.upper())
+    else:
+        raise row.fail("answer", f"{_show(answer)} is neither one of the `options` nor one of "
+                       f"the letters {', '.join(letters)}.")
+    return DocumentChoice(id=row.text("id", required=False, default=f"line{row.line}"),
+                          document=row.text("document"), question=row.text("question"),
+                          options=options, answer=index)
+
+
 def _parse_summ(row: RowChecker) -> DocumentSummary:
     return DocumentSummary(id=row.text("id", required=False, default=f"line{row.line}"),
                            document=row.text("document"), summaries=row.texts("summary"))
@@ -313,6 +356,7 @@ _PARSERS: dict[str, tuple[Callable[[RowChecker], Any], str]] = {
     "icl": (_parse_icl, ICL_EXAMPLE),
     "longqa": (_parse_longqa, LONGQA_EXAMPLE),
     "summ": (_parse_summ, SUMM_EXAMPLE),
+    "choice": (_parse_choice, CHOICE_EXAMPLE),
 }
 
 
@@ -341,10 +385,17 @@ def load_icl(path: Path, *, task: str, key: str) -> tuple[LabelledText, ...]:
 
 
 def load_longqa(path: Path, *, task: str, key: str) -> tuple[DocumentQA, ...]:
-    """Questions over long documents (``longqa_path``)."""
+    """Questions over long documents (``longqa_path``, ``narrativeqa_path``,
+    ``infbench_qa_path``)."""
     return _cached("longqa", file_stamp(path), task, key)
 
 
 def load_summ(path: Path, *, task: str, key: str) -> tuple[DocumentSummary, ...]:
-    """Long documents with reference summaries (``summ_path``)."""
+    """Long documents with reference summaries (``summ_path``, ``infbench_sum_path``,
+    ``multi_lexsum_path``)."""
     return _cached("summ", file_stamp(path), task, key)
+
+
+def load_choice(path: Path, *, task: str, key: str) -> tuple[DocumentChoice, ...]:
+    """Multiple-choice questions over long documents (``infbench_choice_path``)."""
+    return _cached("choice", file_stamp(path), task, key)

@@ -10,7 +10,12 @@ tasks down and lengths across. Below the tasks come the summary rows, at each le
   ``scripts/collect_results.py``) averages each category first, so that a category with
   several datasets weighs as much as one with one. As in HELMET, recall also counts RULER's
   MK2, MK3 and MV tasks when they ran next to HELMET's own, and the citation category counts
-  ALCE's citation recall/precision next to the answer scores when an NLI model computed them;
+  ALCE's citation recall/precision next to the answer scores when an NLI model computed them.
+  Long-document QA is NarrativeQA, InfiniteBench En.QA and En.MC, summarization InfiniteBench
+  En.Sum and Multi-LexSum; a task's score is its metric named by the length, which is the
+  judge's (NarrativeQA's judge score, the summaries' judge F1) whenever a judge computed it, as
+  HELMET's category uses the model-based score. The offline stand-ins ``acadlm_longqa`` and
+  ``acadlm_summ`` count for their category only when none of HELMET's own datasets of it ran;
 * ``ruler``: the plain mean of the RULER-style tasks, as RULER averages them;
 * ``other``: the mean of any other task with per-length metrics;
 * ``average``: the mean of the suite rows present (``helmet``, ``ruler``, ``other``), which is
@@ -43,13 +48,20 @@ HELMET_CATEGORIES: dict[str, tuple[str, ...]] = {
              "acadlm_cite_asqa:citation_prec", "acadlm_cite_qampari",
              "acadlm_cite_qampari:citation_rec", "acadlm_cite_qampari:citation_prec"),
     "icl": ("acadlm_icl",),
+    "longqa": ("acadlm_narrativeqa", "acadlm_infbench_qa", "acadlm_infbench_choice"),
+    "summ": ("acadlm_infbench_sum", "acadlm_multi_lexsum"),
+}
+#: Offline stand-ins of a category (built from the embedded corpus or the user's documents),
+#: counted only when none of HELMET's own datasets of that category ran.
+CATEGORY_STAND_INS: dict[str, tuple[str, ...]] = {
     "longqa": ("acadlm_longqa",),
     "summ": ("acadlm_summ",),
 }
 #: Further measures (``<length>_<measure>`` metrics) that become rows of their own.
 CATEGORY_MEASURES = frozenset(row.split(":", 1)[1] for rows in HELMET_CATEGORIES.values()
                               for row in rows if ":" in row)
-_HELMET_ROWS = frozenset(row for rows in HELMET_CATEGORIES.values() for row in rows)
+_HELMET_ROWS = frozenset(row for table in (HELMET_CATEGORIES, CATEGORY_STAND_INS)
+                         for rows in table.values() for row in rows)
 _RULER_NAMES = ("acadlm_niah_", "acadlm_vt", "acadlm_cwe", "acadlm_fwe", "acadlm_ruler_qa",
                 "acadlm_qa_")
 
@@ -81,14 +93,17 @@ class LengthTable:
     scores: dict[str, dict[int, float]]
 
     def categories(self) -> dict[str, dict[int, float]]:
-        """HELMET's category scores (the mean of each category's rows), for the categories
-        that have rows; none unless a HELMET task of ours ran (a RULER run whose MK2 would
-        count towards recall is no HELMET run)."""
+        """HELMET's category scores (the mean of each category's rows; a stand-in's row only
+        when none of HELMET's own datasets of the category ran), for the categories that have
+        rows; none unless a HELMET task of ours ran (a RULER run whose MK2 would count towards
+        recall is no HELMET run)."""
         if not any(not is_ruler_task(row) for row in self.scores if row in _HELMET_ROWS):
             return {}
         found = {}
         for name, members in HELMET_CATEGORIES.items():
-            rows = [self.scores[row] for row in members if row in self.scores]
+            rows = [self.scores[row] for row in members if row in self.scores] or [
+                self.scores[row] for row in CATEGORY_STAND_INS.get(name, ())
+                if row in self.scores]
             if rows:
                 found[name] = mean_by_length(rows, self.lengths)
         return found

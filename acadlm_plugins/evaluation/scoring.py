@@ -2,7 +2,9 @@
 
 RULER scores a generation by whether the expected strings occur in it: ``match_all`` gives the
 share of references found, ``match_part`` full credit if any is. HELMET adds substring exact
-match, ROUGE-L, NDCG@10 for re-ranking (trec_eval's definition) and, for its ``cite`` category,
+match, exact match, token F1 and ROUGE-L/ROUGE-Lsum (each the better of the whole generation
+and the answer line it reads out of it), its multiple-choice rule, NDCG@10 for re-ranking
+(trec_eval's definition) and, for its ``cite`` category,
 ALCE's metrics (Gao et al. 2023): STR-EM for ASQA, answer-list precision/recall/F1 for QAMPARI,
 and citation recall/precision, which need an entailment model passed in by the caller.
 """
@@ -12,8 +14,11 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -53,13 +58,96 @@ def substring_exact_match(prediction: str, references: Sequence[str]) -> float:
                         for ref in references) else 0.0
 
 
-def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """100 x the best ROUGE-L F1 of ``prediction`` against ``references`` (rouge-score)."""
+@lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return 100.0 * max((scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references),
-                       default=0.0)
+    return rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """100 x the best ROUGE-L F1 of ``prediction`` against ``references`` (rouge-score)."""
+    return 100.0 * max((_rouge_scorer().score(ref, prediction)["rougeL"].fmeasure
+                        for ref in references), default=0.0)
+
+
+def rouge_measures(prediction: str, references: Sequence[str]) -> dict[str, float]:
+    """HELMET's ROUGE measures of ``prediction`` (``utils.calculate_metrics``), 0-100: F1 and
+    recall of ROUGE-L and of ROUGE-Lsum (whose sentences are the lines of the texts), each the
+    best over ``references``, with Porter stemming as rouge-score applies it."""
+    scores = [_rouge_scorer().score(ref, prediction) for ref in references]
+    found = {}
+    for kind in ("rougeL", "rougeLsum"):
+        found[f"{kind}_f1"] = 100.0 * max((s[kind].fmeasure for s in scores), default=0.0)
+        found[f"{kind}_recall"] = 100.0 * max((s[kind].recall for s in scores), default=0.0)
+    return found
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """100 if the normalized prediction equals a normalized reference (SQuAD's exact match)."""
+    normalized = normalize_answer(prediction)
+    return 100.0 if any(normalized == normalize_answer(ref) for ref in references) else 0.0
+
+
+_CLOSED_ANSWERS = ("yes", "no", "noanswer")
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+    """100 x the best SQuAD token F1 over ``references``; a yes/no/noanswer answer on either
+    side scores only when both sides agree exactly, as HELMET's ``f1_score`` rules."""
+    predicted = normalize_answer(prediction)
+    best = 0.0
+    for reference in references:
+        truth = normalize_answer(reference)
+        if (predicted in _CLOSED_ANSWERS or truth in _CLOSED_ANSWERS) and predicted != truth:
+            continue
+        common = Counter(predicted.split()) & Counter(truth.split())
+        same = sum(common.values())
+        if same:
+            precision, recall = same / len(predicted.split()), same / len(truth.split())
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return 100.0 * best
+
+
+def answer_line(output: str, prefix: str = "Answer:") -> str:
+    """The answer HELMET reads out of a generation (``utils.parse_output``): the rest of the
+    line after the first ``prefix`` (in any case), else the first line; a prefix the model
+    repeats at its start is dropped."""
+    found = re.search(re.escape(prefix) + r"(.*)", output, flags=re.IGNORECASE)
+    line = (found.group(1) if found else output.split("\n", 1)[0]).strip()
+    if line.lower().startswith(prefix.lower()):
+        line = line[len(prefix):]
+    return line.strip()
+
+
+def helmet_answer_scores(prediction: str, references: Sequence[str], *,
+                         prefix: str = "Answer:") -> dict[str, float]:
+    """HELMET's model-free scores of a long-document answer or summary, 0-100: exact match,
+    token F1, substring exact match and the ROUGE measures of :func:`rouge_measures`, each the
+    better of the whole generation and of the line :func:`answer_line` reads out of it (HELMET
+    scores both and keeps the maximum)."""
+
+    def scores(text: str) -> dict[str, float]:
+        return {"exact_match": exact_match(text, references),
+                "f1": token_f1(text, references),
+                "substring_exact_match": substring_exact_match(text, references),
+                **rouge_measures(text, references)}
+
+    whole, line = scores(prediction), scores(answer_line(prediction, prefix))
+    return {name: max(value, line[name]) for name, value in whole.items()}
+
+
+def choice_exact_match(prediction: str, letter: str, option: str) -> float:
+    """HELMET's score of a multiple-choice answer (InfiniteBench En.MC), 0 or 100: the whole
+    generation, or the line :func:`answer_line` reads, equals the letter (``B``) or the
+    lettered option (``B. text``) after normalization, or the lettered option occurs in the
+    generation (case-insensitive)."""
+    lettered = f"{letter}. {option}"
+    references = (letter, lettered)
+    if lettered.lower() in prediction.lower():
+        return 100.0
+    return max(exact_match(prediction, references),
+               exact_match(answer_line(prediction), references))
 
 
 def ndcg_at_k(ranking: Sequence[str], relevance: Mapping[str, float], k: int = 10) -> float:

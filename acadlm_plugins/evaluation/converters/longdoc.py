@@ -1,10 +1,13 @@
-"""Long documents: questions about them (``acadlm_longqa``) and their summaries
-(``acadlm_summ``), from NarrativeQA, InfiniteBench and Multi-LexSum as HELMET uses them (Yen et
-al. 2024, sections 2.6-2.7).
+"""Long documents from NarrativeQA, InfiniteBench and Multi-LexSum as HELMET uses them (Yen et
+al. 2024, sections 2.6-2.7), for the tasks of its long-document QA and summarization categories
+(``acadlm_narrativeqa``, ``acadlm_infbench_qa``, ``acadlm_infbench_choice``,
+``acadlm_infbench_sum``, ``acadlm_multi_lexsum``; each reads ``<dataset>_path``).
 
-Long-document QA rows are ``id``, ``document``, ``question``, ``answers``; summarization rows
-``id``, ``document``, ``summary`` (``docs/evaluation_data.md``). Our tasks fit each document to
-the length themselves, so documents are written whole.
+Long-document QA rows are ``id``, ``document``, ``question``, ``answers``; choice rows add
+``options`` and name the correct one in ``answer``; summarization rows are ``id``, ``document``,
+``summary`` (``docs/evaluation_data.md``). The QA and summarization files also serve the
+stand-ins ``acadlm_longqa`` / ``acadlm_summ`` (``longqa_path`` / ``summ_path``). Our tasks fit
+each document to the length themselves, so documents are written whole.
 
 * NarrativeQA (Kočiský et al. 2018): rows of the Hugging Face copy HELMET loads (``document``
   with its ``id`` and full ``text``, ``question.text``, ``answers[].text``); give the test split.
@@ -12,8 +15,8 @@ the length themselves, so documents are written whole.
   the file small.
 * InfiniteBench (Zhang et al. 2024): ``longbook_qa_eng.jsonl``, ``longbook_choice_eng.jsonl`` and
   ``longbook_sum_eng.jsonl`` (``id``, ``context``, ``input``, ``answer``, ``options``). A choice
-  question is written with its options lettered A-D, as HELMET shows them; its answers are the
-  lettered option ("B. ...") and the option's text, since our task scores by substring.
+  question keeps its options in order and its answer (the correct option's text); the task
+  letters the options A-D and scores the letter as HELMET does.
 * Multi-LexSum (Shen et al. 2022): rows of the Hugging Face copy (``sources``, ``summary/short``);
   the sources are joined by blank lines and the short summary is the reference, as in HELMET
   (HELMET tests on the validation split). Cases without a short summary are left out.
@@ -82,17 +85,14 @@ LETTERS = "ABCDEFGHIJ"
 
 def _infbench_choice(row: Fields, run: Run) -> dict[str, Any]:
     options = row.texts("options")
-    if not 2 <= len(options) <= len(LETTERS):
+    if not 2 <= len(options) <= len(LETTERS) or len(set(options)) != len(options):
         raise row.fail("options", f"must hold 2 to {len(LETTERS)} distinct options, got "
                        f"{len(options)}.")
     answer = row.texts("answer")[0]
     if answer not in options:
         raise row.fail("answer", f"{answer[:40]!r} is not one of the `options`.")
-    letter = LETTERS[options.index(answer)]
-    lettered = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
     return {"id": row.ident("id") or row.where.number, "document": row.text("context"),
-            "question": f"{row.text('input')}\nOptions:\n{lettered}",
-            "answers": [f"{letter}. {answer}", answer]}
+            "question": row.text("input"), "options": list(options), "answer": answer}
 
 
 def _infbench_sum(row: Fields, run: Run) -> dict[str, Any]:
@@ -111,11 +111,9 @@ def _multi_lexsum(row: Fields, run: Run) -> dict[str, Any] | None:
 
 def _spec(name: str, title: str, source: str, shape: str, build: Build, schema: str,
           note: str = "") -> DatasetSpec:
-    key, task = ("longqa_path", "acadlm_longqa") if schema == "longqa" else \
-        ("summ_path", "acadlm_summ")
     return DatasetSpec(name=name, title=title, source=source, shape=shape, schema=schema,
-                       metadata_key=key, task=task, convert=lambda run: _each_row(run, build),
-                       note=note)
+                       metadata_key=f"{name}_path", task=f"acadlm_{name}",
+                       convert=lambda run: _each_row(run, build), note=note)
 
 
 INFBENCH_SHAPE = ('an object like {"id": 0, "context": "...", "input": "...", "answer": ["..."], '
@@ -126,13 +124,13 @@ SPECS = (
         source="the test split of the Hugging Face copy (narrativeqa) as JSON Lines",
         shape=('an object like {"document": {"id": "...", "text": "..."}, "question": {"text": '
                '"..."}, "answers": [{"text": "..."}]}'),
-        schema="longqa", metadata_key="longqa_path", task="acadlm_longqa",
+        schema="longqa", metadata_key="narrativeqa_path", task="acadlm_narrativeqa",
         convert=convert_narrativeqa, note="a story per question: add --sample 100 as HELMET"),
     _spec("infbench_qa", "InfiniteBench En.QA (novel QA)", "InfiniteBench's longbook_qa_eng.jsonl",
           INFBENCH_SHAPE, _infbench_qa, "longqa"),
     _spec("infbench_choice", "InfiniteBench En.MC (novel multiple choice)",
           "InfiniteBench's longbook_choice_eng.jsonl", INFBENCH_SHAPE, _infbench_choice,
-          "longqa", note="options go into the question; scored by substring, not letter EM"),
+          "choice", note="options kept apart; the task scores the letter as HELMET"),
     _spec("infbench_sum", "InfiniteBench En.Sum (novel summarization)",
           "InfiniteBench's longbook_sum_eng.jsonl", INFBENCH_SHAPE, _infbench_sum, "summ"),
     _spec("multi_lexsum", "Multi-LexSum (legal multi-document summarization)",

@@ -1,5 +1,6 @@
 """lm-eval entry points of the acadlm HELMET-style tasks; the logic lives in
-:mod:`acadlm_plugins.evaluation.helmet` so it can be imported and tested on its own.
+:mod:`acadlm_plugins.evaluation.helmet` (and ``helmet_longdoc`` for HELMET's long-document
+datasets) so it can be imported and tested on its own.
 
 lm-eval calls ``custom_dataset`` with the task's metadata (``--metadata`` merged with
 ``--model_args``) as keyword arguments.
@@ -7,17 +8,32 @@ lm-eval calls ``custom_dataset`` with the task's metadata (``--metadata`` merged
 
 from typing import Any
 
-from acadlm_plugins.evaluation import helmet
+from acadlm_plugins.evaluation import helmet, helmet_longdoc
 from acadlm_plugins.evaluation.helmet import (  # noqa: F401  (referenced from the YAMLs)
     AsqaTask,
+    IclTask,
+    LongQATask,
     QampariTask,
+    RagTask,
+    RecallTask,
+    RerankTask,
+    SummTask,
     process_results_cite,
+    process_results_document_qa,
+    process_results_document_summary,
     process_results_label,
     process_results_ndcg,
-    process_results_rouge_l,
     process_results_substring_em,
 )
-from acadlm_plugins.evaluation.task_base import LengthSweepTask  # noqa: F401
+from acadlm_plugins.evaluation.helmet_frame import HelmetTask  # noqa: F401
+from acadlm_plugins.evaluation.helmet_longdoc import (  # noqa: F401
+    InfBenchChoiceTask,
+    InfBenchQATask,
+    InfBenchSumTask,
+    MultiLexSumTask,
+    NarrativeQATask,
+    process_results_longdoc,
+)
 
 
 def json_kv(**metadata: Any) -> dict[str, Any]:
@@ -58,3 +74,28 @@ def cite_asqa(**metadata: Any) -> dict[str, Any]:
 def cite_qampari(**metadata: Any) -> dict[str, Any]:
     """Dataset of ``acadlm_cite_qampari``."""
     return helmet.cite_dataset("acadlm_cite_qampari", helmet.QAMPARI, metadata)
+
+
+def narrativeqa(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_narrativeqa``."""
+    return helmet_longdoc.longdoc_dataset(helmet_longdoc.NARRATIVEQA, metadata)
+
+
+def infbench_qa(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_infbench_qa``."""
+    return helmet_longdoc.longdoc_dataset(helmet_longdoc.INFBENCH_QA, metadata)
+
+
+def infbench_choice(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_infbench_choice``."""
+    return helmet_longdoc.longdoc_dataset(helmet_longdoc.INFBENCH_CHOICE, metadata)
+
+
+def infbench_sum(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_infbench_sum``."""
+    return helmet_longdoc.longdoc_dataset(helmet_longdoc.INFBENCH_SUM, metadata)
+
+
+def multi_lexsum(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_multi_lexsum``."""
+    return helmet_longdoc.longdoc_dataset(helmet_longdoc.MULTI_LEXSUM, metadata)
