@@ -1,17 +1,79 @@
 """The few places where we lean on torchtune 0.6.1 internals, kept together.
 
-torchtune 0.6.1 is its last release and is no longer maintained, so we pin it; if a future
-version moves one of these, only this module changes.
+torchtune 0.6.1 is its last release and is no longer maintained, so we pin it
+(``TORCHTUNE_VERSION``); if a future version moves one of these, only this module changes.
+The private helpers are looked up when first used, so a torchtune without them fails with a
+:class:`TorchtuneInternalMissing` that names the helper and the version it comes from, not an
+``ImportError`` deep inside a recipe.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+from argparse import Namespace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
+
+from acadlm_plugins.errors import AcadlmError
+
+# The torchtune release whose private helpers this module calls (pyproject.toml pins it).
+TORCHTUNE_VERSION = "0.6.1"
+
+
+class TorchtuneInternalMissing(AcadlmError, ImportError):
+    """The installed torchtune lacks a private helper that acadlm-plugins calls."""
+
+
+class ComponentPathError(AcadlmError, ImportError):
+    """A dotted ``_component_`` path that does not import; ``reason`` says why in one line."""
+
+    def __init__(self, component: str, reason: str) -> None:
+        super().__init__(f"cannot import {component!r}: {reason}")
+        self.component, self.reason = component, reason
+
+
+def torchtune_internal(module: str, name: str) -> Any:
+    """``module.name`` from the installed torchtune, or :class:`TorchtuneInternalMissing`
+    naming it, the version it is taken from and the fix."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        try:
+            installed = importlib.import_module("torchtune").__version__
+        except (ImportError, AttributeError):
+            installed = "unknown"
+        raise TorchtuneInternalMissing(
+            f"acadlm-plugins calls torchtune's private `{module}.{name}` (as in torchtune "
+            f"{TORCHTUNE_VERSION}), which the installed torchtune {installed} does not have "
+            f"({err}). Fix: pip install torchtune=={TORCHTUNE_VERSION}, the version "
+            "acadlm-plugins pins.") from err
+
+
+def component_from_path(path: str) -> Any:
+    """The object a dotted ``_component_`` path names, found as ``config.instantiate`` finds
+    it (torchtune's ``config._utils._get_component_from_path``), without calling it. A path
+    that does not import raises :class:`ComponentPathError` with torchtune's reason."""
+    locate = torchtune_internal("torchtune.config._utils", "_get_component_from_path")
+    instantiation_error = torchtune_internal("torchtune.config._errors", "InstantiationError")
+    try:
+        return locate(path)
+    except instantiation_error as err:
+        lines = str(err).splitlines()
+        raise ComponentPathError(path, lines[1] if len(lines) > 1 else str(err)) from err
+
+
+def merge_yaml_and_cli_args(values: Mapping[str, Any], overrides: Sequence[str]) -> DictConfig:
+    """A config's top-level ``values`` (unresolved) with ``key=value`` / ``~key`` overrides
+    merged exactly as ``tune run`` merges them (torchtune's
+    ``config._utils._merge_yaml_and_cli_args``, the function behind ``@config.parse``)."""
+    merge = torchtune_internal("torchtune.config._utils", "_merge_yaml_and_cli_args")
+    return merge(Namespace(**dict(values)), list(overrides))
 
 
 def save_hf_model_dir(checkpointer: Any, model_state: dict[str, torch.Tensor], dest: Path) -> Path:

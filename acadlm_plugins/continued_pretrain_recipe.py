@@ -58,6 +58,7 @@ from acadlm_plugins.training.run_checks import (
     check_device,
     check_log_dir,
     check_model_family,
+    check_model_rope,
     check_output_dir,
     clean_interrupted_writes,
     positive_int,
@@ -144,12 +145,15 @@ class ContinuedPretrainRecipe:
                                                    recipe=self._recipe_name)
         self._tokenizer = instantiate_component(cfg, "tokenizer")
         self._checkpointer = instantiate_component(cfg, "checkpointer")
+        # Built before any weight is read, so a model that would compute another function of
+        # the checkpoint's weights (another RoPE) is refused in seconds.
+        model = self._build_checked_model(cfg)
         # Loaded even on resume: the checkpointer learns the source's file layout from it and
         # writes our checkpoints in the same layout.
         model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         if resume_from is not None:
             model_state = self._load_resumed_weights(cfg, resume_from)
-        self._model = self._setup_model(cfg, model_state)
+        self._model = self._setup_model(cfg, model, model_state)
         self._pm.hook.acadlm_model_built(model=self._model, cfg=cfg, device=self._device)
         self._check_sequence_length()
 
@@ -179,9 +183,16 @@ class ContinuedPretrainRecipe:
             model_type=cfg.checkpointer.model_type, output_dir=str(self._output_dir))
         return reader.load_checkpoint()[training.MODEL_KEY]
 
-    def _setup_model(self, cfg: DictConfig, model_state: dict) -> torch.nn.Module:
+    def _build_checked_model(self, cfg: DictConfig) -> torch.nn.Module:
+        """The model under the run's dtype and device, its RoPE checked against the checkpoint's
+        config.json by the family layer (``check_model_rope``)."""
         with training.set_default_dtype(self._dtype), self._device:
             model = self._build_model(cfg)
+        check_model_rope(cfg, model, rope_base=self._built_rope_base())
+        return model
+
+    def _setup_model(self, cfg: DictConfig, model: torch.nn.Module,
+                     model_state: dict) -> torch.nn.Module:
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -299,7 +310,7 @@ class ContinuedPretrainRecipe:
             self._model, self._val_data.corpus, batch_size=int(validation.get("batch_size", self._batch_size)),
             device=self._device, max_packs_per_domain=validation.get("max_packs_per_domain", None),
             rank=self._data_rank, world_size=self._data_world, all_reduce=self._distributed,
-            token_losses=self._eval_token_losses())
+            token_losses=self._eval_token_losses(), block_mask=self._eval_needs_mask())
         metrics = {f"val_loss/{name}": value for name, value in losses.items()}
         metrics["val_loss"] = sum(losses.values()) / len(losses)
         extra = self._pm.hook.acadlm_evaluation_end(step=self._step, domain_losses=losses,
@@ -347,6 +358,10 @@ class ContinuedPretrainRecipe:
         """The model, before weights are loaded (under the run's dtype and device)."""
         return instantiate_component(cfg, "model")
 
+    def _built_rope_base(self) -> float | None:
+        """The RoPE θ the model is built with when it is not the checkpoint's own (None)."""
+        return None
+
     def _check_data(self) -> None:
         """Every training domain needs a validation split (dynamic batch loading compares them)."""
         missing = [d for d in self._train_data.domain_names if d not in self._val_data.domain_names]
@@ -379,6 +394,11 @@ class ContinuedPretrainRecipe:
         """The targets of ``batch`` that this rank's loss counts (the loss is normalized by
         their sum over all ranks)."""
         return int((batch["labels"][:, 1:] != -100).sum())
+
+    def _eval_needs_mask(self) -> bool:
+        """Whether validation batches carry the document mask: the plain loop's model reads
+        it (a recipe whose attention masks documents by itself does not)."""
+        return True
 
     def _eval_token_losses(self) -> Callable[[torch.nn.Module, dict[str, Any]],
                                              tuple[torch.Tensor, torch.Tensor]] | None:

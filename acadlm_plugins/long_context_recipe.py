@@ -31,9 +31,10 @@ plugins, per-source validation loss) with what a context extension needs on top:
 
 Cross-document attention is masked whenever the data are packed with document boundaries (our
 packed datasets always are): FlexAttention block masks on GPUs where torchtune supports them,
-per-document SDPA elsewhere (``long_context.attention``). A batch carries a mask only when the
-model reads one: torchtune's dense ``[b, S, S]`` fallback (268 MB per pack at 16K) is built for
-``attention: mask`` on hardware without FlexAttention and nowhere else.
+per-document SDPA elsewhere (``long_context.attention``). A batch, training or validation,
+carries a mask only when the model reads one: torchtune's dense ``[b, S, S]`` fallback (268 MB
+per pack at 16K) is built for ``attention: mask`` on hardware without FlexAttention and nowhere
+else.
 ``long_context.document_masking: false`` turns the masking off for ProLong's ablation: every
 pack is then one causal sequence with positions 0..S-1 (training/document_attention.py).
 """
@@ -55,7 +56,11 @@ import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} res
 from acadlm_plugins.continued_pretrain_recipe import REQUIRED_KEYS, ContinuedPretrainRecipe
 from acadlm_plugins.data.packing import collate_packs
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.models.rope import rope_settings_from_config
+from acadlm_plugins.models.rope import (
+    config_theta,
+    rope_settings_from_config,
+    write_rope_settings,
+)
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
@@ -130,10 +135,9 @@ def check_checkpoint_files(cfg: DictConfig) -> None:
 
 
 def config_rope_base(model_config: dict[str, Any]) -> float:
-    """θ of a Hugging Face config (``rope_theta``, or inside ``rope_parameters``)."""
-    value = model_config.get("rope_theta") or (model_config.get("rope_parameters") or {}).get(
-        "rope_theta")
-    return float(value or 10_000.0)
+    """θ of a Hugging Face config, read as transformers and the family layer read it (inside
+    ``rope_scaling``/``rope_parameters`` first, then the top-level ``rope_theta``)."""
+    return config_theta(model_config)
 
 
 def rope_change_note(model_config: dict[str, Any], rope_base: float) -> str | None:
@@ -259,12 +263,21 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, previous: dict[str, 
 
 
 def write_stage_config(model_dir: Path, stage: Stage) -> None:
-    """Record the stage's θ and length in a saved model's ``config.json``."""
+    """Record the stage's θ and length in a saved model's ``config.json``.
+
+    The RoPE is written by the family layer in the config's own style (a ``rope_parameters``
+    block stays one; Hub-style ``rope_theta`` + ``rope_scaling`` stay so), with any scaling
+    kept around the new θ, as the stage's model computes it; the top-level ``rope_theta`` is
+    always set too, for readers that look only there."""
     path = model_dir / "config.json"
     model_config = json.loads(path.read_text())
+    try:
+        rope = rope_settings_from_config(model_config)
+    except KeyError as missing:  # the family layer refused this before training
+        raise ConfigError("checkpointer.checkpoint_dir", f"{path}: {missing.args[0]} is "
+                          "missing from the RoPE scaling block.") from None
+    write_rope_settings(model_config, rope.with_theta(stage.rope_base))
     model_config["rope_theta"] = stage.rope_base
-    if isinstance(model_config.get("rope_parameters"), dict):
-        model_config["rope_parameters"]["rope_theta"] = stage.rope_base
     model_config["max_position_embeddings"] = max(stage.max_seq_len, stage.source_max_positions)
     path.write_text(json.dumps(model_config, indent=2) + "\n")
 
@@ -402,9 +415,14 @@ class LongContextRecipe(ContinuedPretrainRecipe):
             return instantiate_component(cfg, "model", rope_base=self._stage.rope_base,
                                          max_seq_len=length)
         except TypeError as err:
-            raise ConfigError("model", f"its builder does not take rope_base and max_seq_len "
-                              f"({err}).", "use acadlm_plugins.models.llama.llama_from_hf_config "
-                              "or acadlm_plugins.models.smollm2.smollm2_135m.") from err
+            raise ConfigError(
+                "model", f"its builder does not take rope_base and max_seq_len ({err}).",
+                "build it from the checkpoint's config.json: `_component_: "
+                "acadlm_plugins.models.decoder_from_hf_config` with `path: "
+                "${checkpointer.checkpoint_dir}` (any supported family).") from err
+
+    def _built_rope_base(self) -> float | None:
+        return self._stage.rope_base
 
     def _check_data(self) -> None:
         # Validation may use other sources than training (held-out long documents, say); only
@@ -473,6 +491,11 @@ class LongContextRecipe(ContinuedPretrainRecipe):
             return chunked_token_losses(model, tokens, targets, mask=mask, input_pos=input_pos,
                                         chunk_tokens=self._stage.chunked_loss_tokens)
         return target_token_losses(model(tokens, mask=mask, input_pos=input_pos), targets)
+
+    def _eval_needs_mask(self) -> bool:
+        """Validation batches follow the training batches: a mask only where the model reads
+        one (see :func:`batch_needs_mask`)."""
+        return self._needs_mask
 
     def _counted_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         if self._sequence_parallel is None:

@@ -5,9 +5,10 @@ Run::
     tune run acadlm_plugins/rater_recipe --config configs/smollm2/qurating_rater.yaml
     tune run --nproc_per_node 2 acadlm_plugins/rater_recipe --config ...
 
-The backbone (a local Hugging Face Llama folder, tokenizer included) gets one scalar head per
-criterion and is trained end to end with the Bradley-Terry loss on the pairs whose judgment is
-confident (``|p - 0.5| >= margin``; see :mod:`acadlm_plugins.qurating.rater`). Held-out pairwise
+The backbone (a local Hugging Face model folder of any supported family, tokenizer included,
+built through :func:`acadlm_plugins.models.hf_model_spec`) gets one scalar head per criterion
+and is trained end to end with the Bradley-Terry loss on the pairs whose judgment is confident
+(``|p - 0.5| >= margin``; see :mod:`acadlm_plugins.qurating.rater`). Held-out pairwise
 accuracy (does the rater order a held-out pair as the judge did?) is logged per criterion at
 every evaluation and at the end. Checkpoints are atomic step folders (a rater folder plus the
 optimizer, data position and RNG state), so a killed run resumes where it stopped; the last one

@@ -296,3 +296,18 @@ def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tmp_path):
     two, one = final_weights(runs[2]), final_weights(runs[1])
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_teacher_built_otherwise_than_its_checkpoint_is_refused(tmp_path, monkeypatch):
+    """A Llama-3.2-style teacher (llama3 RoPE scaling) built with the tiny Llama builder would
+    load its weights and teach another model: refused, naming the teacher's model key."""
+    from family_checkpoints import write_family
+
+    scaled = write_family("llama3.2", tmp_path / "scaled_teacher", vocab_size=512,
+                          num_hidden_layers=2)
+    args = [*distill_run_args(tmp_path),
+            f"distillation.teacher.checkpointer.checkpoint_dir={scaled}"]
+    with pytest.raises(ConfigError, match="llama3 scaling") as err, torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, args)
+    assert err.value.key == "distillation.teacher.model"
+    assert not latest_checkpoint(tmp_path / "run")

@@ -240,3 +240,59 @@ def test_a_16k_batch_for_per_document_attention_is_linear_in_its_length() -> Non
     masked = collate_domain_packs([pack_of_documents(2048), pack_of_documents(2048, 1)])
     assert masked["mask"].shape == (2, 2048, 2048)  # what the 16K batch would carry: 2 x 268 MB
     assert batch_bytes(masked) - sizes[2048] == 2 * 2048 * 2048
+
+
+# --------------------------------------------------------- validation without a dense mask
+def test_validation_without_the_mask_builds_none_and_gives_the_masked_losses(model,
+                                                                             monkeypatch):
+    """Per-document attention reads segment lengths, not a mask: its validation batches are
+    collated without torchtune's mask (never built), and the per-domain losses are those of
+    the explicit-mask path."""
+    import torchtune.data._collate as torchtune_collate
+    from torchtune.modules import attention_utils
+
+    from acadlm_plugins.data.mixture import PackedDomainCorpus
+    from acadlm_plugins.training.document_attention import DocumentAttention
+    from acadlm_plugins.training.validation import evaluate_domain_losses
+
+    generator = torch.Generator().manual_seed(0)
+
+    def documents(count: int) -> TokenizedDocuments:
+        lengths = torch.randint(5, 40, (count,), generator=generator).tolist()
+        return TokenizedDocuments.from_lists(
+            [torch.randint(3, 500, (n,), generator=generator).tolist() for n in lengths])
+
+    corpus = PackedDomainCorpus({name: pack_documents(documents(count), LENGTH, pad_id=0)
+                                 for name, count in (("code", 9), ("prose", 14))})
+    with torch_threads():
+        masked = evaluate_domain_losses(model, corpus, batch_size=2,
+                                        device=torch.device("cpu"))
+    built = []
+    original = attention_utils.packed_block_causal_mask
+
+    def counted(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_utils, "packed_block_causal_mask", counted)
+    monkeypatch.setattr(torchtune_collate, "packed_block_causal_mask", counted)
+    per_document = DocumentAttention(model)
+
+    def losses(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        assert "mask" not in batch
+        per_document.set_seq_lens(batch["seq_lens"])
+        logits = net(batch["tokens"], mask=None, input_pos=batch["input_pos"])
+        return shifted_token_losses(logits, batch["labels"])
+
+    try:
+        with torch_threads():
+            unmasked = evaluate_domain_losses(model, corpus, batch_size=2,
+                                              device=torch.device("cpu"), token_losses=losses,
+                                              block_mask=False)
+    finally:
+        per_document.remove()
+    assert built == [], "a validation batch built torchtune's document mask"
+    assert unmasked == pytest.approx(masked, rel=1e-5)
+    with torch_threads():
+        evaluate_domain_losses(model, corpus, batch_size=2, device=torch.device("cpu"))
+    assert built, "the masked path builds its mask through the counted function"

@@ -303,3 +303,36 @@ def test_a_stage_without_document_masking_trains_across_documents(stage1, tiny_d
     differ = [d for d, v in unmasked["val_loss_before"].items()
               if abs(v - masked["val_loss_before"][d]) > 1e-4]
     assert differ, "cross-document attention left every validation loss unchanged"
+
+
+def test_validation_batches_carry_no_dense_mask_unless_the_model_reads_one(tiny_data,
+                                                                           tmp_path) -> None:
+    """A per-document stage (attention auto on CPU) never builds torchtune's document mask,
+    neither for training nor for validation, and validates as the explicit-mask stage does,
+    which builds it."""
+    import torchtune.data._collate as torchtune_collate
+    from torchtune.modules import attention_utils
+
+    built: list[str] = []
+    original = attention_utils.packed_block_causal_mask
+
+    def counted(*args, **kwargs):
+        built.append("mask")
+        return original(*args, **kwargs)
+
+    summaries = {}
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        monkeypatch.setattr(attention_utils, "packed_block_causal_mask", counted)
+        monkeypatch.setattr(torchtune_collate, "packed_block_causal_mask", counted)
+        for attention in ("auto", "mask"):
+            built.clear()
+            out = run_recipe_main(monkeypatch, MODULE, stage_args(
+                tiny_data, tmp_path / attention, f"long_context.attention={attention}",
+                "long_context.token_budget=256"))
+            summaries[attention] = (json.loads((out / "summary.json").read_text()), len(built))
+    (documents, documents_built), (masked, masked_built) = summaries["auto"], summaries["mask"]
+    assert documents_built == 0
+    # one mask per training step and per validation batch (3 domains x 1 batch, twice)
+    assert masked_built == masked["steps"] + 2 * 3
+    for when in ("val_loss_before", "val_loss_after"):
+        assert documents[when] == pytest.approx(masked[when], rel=1e-4), when

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from family_checkpoints import (
+    EXPECTED_MODEL_TYPE,
+    FAMILY_CONFIGS,
+    LLAMA32_SCALING,
+    TOLERANCE,
+    VOCAB,
+)
+from family_checkpoints import tokens as _tokens
+from family_checkpoints import transformers_logits as _transformers_logits
+from family_checkpoints import write_family as _write_family
+from transformers import AutoModelForCausalLM
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.generation import StopRule, generate_tokens
@@ -33,67 +43,7 @@ from acadlm_plugins.pruning.importance import importance_scores, one_shot_prune
 from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
 from acadlm_plugins.pruning.materialize import kept_units, materialize
 
-VOCAB = 256
-TOLERANCE = 1e-4
 LENGTHS = (64, 1024)
-# Llama-3.2-1B's RoPE scaling, exactly as its config.json states it.
-LLAMA32_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-SHAPE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "rms_norm_eps": 1e-5}
-FAMILY_CONFIGS = {
-    "llama3.2": lambda: LlamaConfig(**SHAPE, head_dim=16, rope_theta=500_000.0,
-                                    rope_scaling=dict(LLAMA32_SCALING),
-                                    max_position_embeddings=131_072, tie_word_embeddings=True),
-    "llama2": lambda: LlamaConfig(**{**SHAPE, "num_key_value_heads": 4}, rope_theta=10_000.0,
-                                  max_position_embeddings=4096, tie_word_embeddings=False),
-    "mistral": lambda: MistralConfig(**SHAPE, head_dim=32, rope_theta=1e6, sliding_window=None,
-                                     max_position_embeddings=32_768, tie_word_embeddings=False),
-    "qwen2": lambda: Qwen2Config(**SHAPE, rope_theta=1e6, max_position_embeddings=32_768,
-                                 tie_word_embeddings=True, use_sliding_window=False),
-}
-EXPECTED_MODEL_TYPE = {"llama3.2": "LLAMA3_2", "llama2": "LLAMA3_2", "mistral": "MISTRAL",
-                       "qwen2": "QWEN2"}
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from transformers' init, so every part of the layout shows in the logits:
-    biases (zero at init) and norm scales (one at init) included."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            if "norm" in name:
-                parameter.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias"):
-                parameter.copy_(0.3 * noise)
-            elif "embed" in name:
-                parameter.copy_(noise)
-            else:
-                parameter.copy_(0.08 * noise)
-
-
-def _write_family(name: str, folder: Path) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[name]())
-    _randomize(model, seed=len(name))
-    model.save_pretrained(folder)
-    if name == "llama3.2":  # a per-layer list in a Llama config too: export must cut it
-        config = json.loads((folder / "config.json").read_text())
-        config["layer_types"] = ["full_attention"] * SHAPE["num_hidden_layers"]
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def _tokens(length: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
-
-
-def _transformers_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))

@@ -11,10 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from family_checkpoints import (
+    FAMILY_CONFIGS,
+    TOLERANCE,
+    tokens,
+    transformers_logits,
+    write_family,
+    write_family_tokenizer,
+)
 from recipe_runs import run_recipe_main, torch_threads
 from tiny_setup import _WORDS, REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
 
 from acadlm_plugins.errors import ConfigError, DataError
+from acadlm_plugins.models import hf_model_spec
 from acadlm_plugins.plugins.nonfinite_loss_guard import NonFiniteLossError
 from acadlm_plugins.qurating.rater import (
     BACKBONE_DIRNAME,
@@ -355,3 +364,54 @@ def test_the_rater_trains_with_8bit_adamw_states(tiny_model_dir, tmp_path, monke
     state = torch.load(latest_checkpoint(tmp_path / "run") / "recipe_state.pt",
                        weights_only=False)["optimizer"]["state"]
     assert "OptimState8bit" in {type(s["exp_avg"]).__name__ for s in state.values()}
+
+
+# ---------------------------------------------------------------- other model families
+@pytest.fixture(scope="module")
+def qwen2_backbone(tmp_path_factory) -> Path:
+    """A 2-layer random Qwen2 (q/k/v biases, half-split RoPE, θ 1e6) with a tokenizer that,
+    like Qwen2.5's, names its BOS only in generation_config.json."""
+    folder = write_family("qwen2", tmp_path_factory.mktemp("qwen2_rater") / "model",
+                          vocab_size=512, num_hidden_layers=2)
+    return write_family_tokenizer("qwen2", folder)
+
+
+def test_a_qwen2_backbone_trains_and_exports_a_rater_transformers_reads_as_qwen2(
+        qwen2_backbone, tmp_path, monkeypatch):
+    """The rater builds its backbone through the family layer: Qwen2's biases train, the
+    export is converted with Qwen2's own weight conversion (no Llama q/k permutation), and
+    transformers computes the exported backbone as the rater does."""
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=120)
+    summary = run_in_process(monkeypatch, rater_args(
+        tmp_path, qwen2_backbone, judgments, "max_steps=4", "batch_size=8",
+        "save_every_n_steps=4", "eval_every_n_steps=4"))
+    assert summary["steps"] == 4
+    rater_dir = tmp_path / "run" / "rater"
+    rater = load_rater(rater_dir)
+    assert rater.tokenizer.bos_id == 0  # Qwen's <|endoftext|>, from generation_config.json
+    exported = rater_dir / BACKBONE_DIRNAME
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "qwen2"
+    source = hf_model_spec(qwen2_backbone).load()
+    trained_bias = rater.model.backbone.layers[0].attn.q_proj.bias
+    assert not torch.equal(trained_bias, source.layers[0].attn.q_proj.bias)
+    ids = tokens(40, 512)
+    with torch.no_grad():
+        ours = rater.model.backbone(ids)
+        assert (ours - transformers_logits(exported, ids)).abs().max() < TOLERANCE
+        assert (ours - source(ids)).abs().max() > 1e-3, "training left the backbone unchanged"
+    framed = [frame(t, rater.tokenizer.bos_id) for t in rater.tokenizer.encode(["1 2 3 the"])]
+    with torch.no_grad():
+        assert torch.isfinite(rater.model(*pad_batch(framed, rater.tokenizer.pad_id))).all()
+
+
+def test_an_unsupported_backbone_family_is_refused_naming_the_config_field(tmp_path,
+                                                                          monkeypatch):
+    folder = tmp_path / "qwen3"
+    folder.mkdir()
+    config = {**FAMILY_CONFIGS["qwen2"]().to_dict(), "model_type": "qwen3", "head_dim": 16}
+    (folder / "config.json").write_text(json.dumps(config))
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=20)
+    with pytest.raises(ConfigError, match=r"config `backbone_dir`: .*config `model_type`: "
+                                          r".*'qwen3' is not supported") as refused:
+        run_in_process(monkeypatch, rater_args(tmp_path, folder, judgments))
+    assert refused.value.key == "backbone_dir"

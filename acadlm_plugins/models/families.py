@@ -42,9 +42,12 @@ from acadlm_plugins.models.rope import (
     HALF,
     INTERLEAVED,
     RopeSettings,
+    find_rope_module,
     rope_block,
+    rope_layout_of,
     rope_module,
     rope_settings_from_config,
+    rope_settings_of,
     rope_type_field,
     write_rope_settings,
 )
@@ -248,6 +251,32 @@ class HFModelSpec:
                            "would compute another model.", f"build it with max_seq_len <= "
                            f"{window}, or set sliding_window: null if the model was trained "
                            "with full attention.")
+
+    def check_built_rope(self, model: torch.nn.Module, *, rope_base: float | None = None,
+                         field: str = "model") -> None:
+        """Refuse a built ``model`` whose RoPE is not the one this config states (θ replaced by
+        ``rope_base`` when given, as a long-context stage builds it).
+
+        Another builder than the family's (Llama's interleaved RoPE on a Qwen2 folder), another
+        θ, or a llama3 scaling dropped or changed computes another model from the same weights:
+        the weights load without complaint, training starts from a damaged model, and the
+        checkpoint is saved under a config.json that says otherwise. A model built from other
+        modules than torchtune's RoPE is not checked.
+        """
+        module = find_rope_module(model)
+        if module is None:
+            return
+        expected = self.rope if rope_base is None else self.rope.with_theta(rope_base)
+        built, layout = rope_settings_of(module), rope_layout_of(module)
+        if built.computed() == expected.computed() and layout == self.family.rope_layout:
+            return
+        raise ConfigError(field, f"builds RoPE with {built.describe()} ({layout} channel "
+                          f"pairs), but {self.config_file} states {expected.describe()} "
+                          f"({self.family.rope_layout} channel pairs, the {self.family.name} "
+                          "family's): the weights would load into another model.",
+                          f"build the model from the checkpoint's config.json: `_component_: "
+                          f"acadlm_plugins.models.decoder_from_hf_config` with `path:` "
+                          f"{self.config_file.parent}.")
 
     # --------------------------------------------------------------------- export
     def hf_state_dict(self, state: Mapping[str, torch.Tensor],

@@ -49,6 +49,11 @@ class RopeSettings:
         """Whether any frequency is rescaled (``llama3`` with factor 1 changes none)."""
         return self.rope_type != "default" and self.factor != 1
 
+    def computed(self) -> RopeSettings:
+        """The settings that matter to the rotation: an unscaled RoPE is θ alone (a ``llama3``
+        block with factor 1 rotates exactly as plain RoPE)."""
+        return self if self.scaled else RopeSettings(theta=self.theta)
+
     def with_theta(self, theta: float) -> RopeSettings:
         """The same scaling around another θ (a long-context stage's new base)."""
         return replace(self, theta=float(theta))
@@ -136,6 +141,13 @@ def rope_layout_of(module: nn.Module) -> str:
                      "Qwen2RotaryPositionalEmbeddings.")
 
 
+def find_rope_module(model: nn.Module) -> nn.Module | None:
+    """The first torchtune RoPE module inside ``model`` (torchtune's builders share one module
+    across layers), or None for a model built from other modules."""
+    rope_types = (RotaryPositionalEmbeddings, Llama3ScaledRoPE, Qwen2RotaryPositionalEmbeddings)
+    return next((m for m in model.modules() if isinstance(m, rope_types)), None)
+
+
 def rope_settings_of(module: nn.Module) -> RopeSettings:
     """The settings a built torchtune RoPE module computes with (a ``Llama3ScaledRoPE`` at
     factor 1, as torchtune's ``llama3_2(scale_factor=1)`` builds, is plain RoPE)."""
@@ -169,3 +181,5 @@ def write_rope_settings(config: dict[str, Any], settings: RopeSettings) -> None:
     config["rope_theta"] = settings.theta
     if scaling or "rope_scaling" in config:
         config["rope_scaling"] = scaling or None
+    if isinstance(config.get("rope_parameters"), dict):  # both blocks: no stale θ left behind
+        config["rope_parameters"]["rope_theta"] = settings.theta

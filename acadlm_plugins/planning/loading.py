@@ -2,24 +2,24 @@
 processes it is meant for.
 
 The overrides are merged by torchtune's own ``_merge_yaml_and_cli_args`` (the function behind
-``@config.parse``), so ``key=value``, ``~key`` and ``model=<builder>`` mean what they mean on a
-``tune run`` line. Every config under ``configs/`` opens with the command that runs it; the
-recipe and ``--nproc_per_node`` are read from that line unless the caller says otherwise.
+``@config.parse``, reached through :mod:`acadlm_plugins._compat`), so ``key=value``, ``~key``
+and ``model=<builder>`` mean what they mean on a ``tune run`` line. Every config under
+``configs/`` opens with the command that runs it; the recipe and ``--nproc_per_node`` are read
+from that line unless the caller says otherwise.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from argparse import Namespace
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from torchtune.config._utils import _merge_yaml_and_cli_args
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+from acadlm_plugins._compat import merge_yaml_and_cli_args
 from acadlm_plugins.errors import ConfigError
 
 # What acadlm-plan knows how to plan, and the command that runs each.
@@ -100,7 +100,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
                           "rename the key.")
     values = OmegaConf.to_container(yaml_config, resolve=False)
     try:
-        return _merge_yaml_and_cli_args(Namespace(**values), list(overrides))
+        return merge_yaml_and_cli_args(values, overrides)
     except ValueError as err:
         raise ConfigError("overrides", str(err), "write them as key=value (or ~key).") from err
 

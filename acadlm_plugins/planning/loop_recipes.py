@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torchtune.config._utils import _get_component_from_path
 
+from acadlm_plugins._compat import component_from_path
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.planning import checks
 from acadlm_plugins.planning.estimates import NOT_CHECKED, memory_estimate, run_dtype
@@ -27,7 +27,11 @@ from acadlm_plugins.planning.model_shape import build_on_meta, pruning_state_num
 from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.pruning.architecture import resolve_target
 from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.run_checks import check_model_family, positive_int
+from acadlm_plugins.training.run_checks import (
+    check_model_family,
+    check_model_rope,
+    positive_int,
+)
 
 PRUNING_PLUGIN = "acadlm_plugins.plugins.pruning:PruningPlugin"
 DISTILLATION_PLUGIN = "acadlm_plugins.plugins.distillation:DistillationPlugin"
@@ -59,6 +63,8 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
         extra = {"rope_base": stage.rope_base,
                  "max_seq_len": max(stage.max_seq_len, stage.source_max_positions)}
     model = build_on_meta(lambda: instantiate_component(cfg, "model", **extra), dtype)
+    check_model_rope(cfg, model, rope_base=None if stage is None else stage.rope_base)
+    plan.checked.append("the model's RoPE against the checkpoint's config.json")
     plan.source = summarize(model)
     # The recipe's own length check, on the meta model (it reads only `_model` and `_cfg`).
     ContinuedPretrainRecipe._check_sequence_length(SimpleNamespace(_model=model, _cfg=cfg))
@@ -133,7 +139,7 @@ def _pack_length(cfg: DictConfig) -> int:
     out (as ``config.instantiate`` would fill it in)."""
     value = cfg.dataset.get("max_seq_len", None)
     if value is None:
-        builder = _get_component_from_path(str(cfg.dataset._component_))
+        builder = component_from_path(str(cfg.dataset._component_))
         parameter = inspect.signature(builder).parameters.get("max_seq_len")
         value = None if parameter is None else parameter.default
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -179,17 +185,20 @@ def _note_one_shot(plan: TrainingPlan, pruning: Any, length: int) -> None:
 def _teacher(cfg: DictConfig, pm: Any, student: nn.Module, dtype: torch.dtype
              ) -> nn.Module | None:
     """The distillation teacher on the meta device, refused as the plugin refuses it when its
+    checkpoint's family, checkpointer model_type or RoPE is not what it builds, or its
     vocabulary is not the student's."""
     if _enabled(pm, DISTILLATION_PLUGIN) is None:
         return None
     from acadlm_plugins.plugins.distillation import TEACHER_KEY, vocab_size_of
 
     teacher_cfg = cfg.distillation.teacher
+    check_model_family(teacher_cfg, prefix=f"{TEACHER_KEY}.")
     try:
         teacher = build_on_meta(lambda: instantiate_component(teacher_cfg, "model"), dtype)
     except ConfigError as err:
         problem = str(err).split("`: ", 1)[-1]
         raise ConfigError(f"{TEACHER_KEY}.{err.key}", problem) from err
+    check_model_rope(teacher_cfg, teacher, prefix=f"{TEACHER_KEY}.")
     if vocab_size_of(teacher) != vocab_size_of(student):
         raise ConfigError(f"{TEACHER_KEY}.model", f"has a vocabulary of {vocab_size_of(teacher)}"
                           f" words, the student {vocab_size_of(student)}; the KL compares the "

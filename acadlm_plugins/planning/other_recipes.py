@@ -30,9 +30,8 @@ CHUNKED_LOSS = "CEWithChunkedOutputLoss"
 
 def plan_rater(plan: TrainingPlan, cfg: DictConfig) -> None:
     """QuRating stage 2: a decoder backbone plus one scalar head per criterion, on pairs."""
-    from acadlm_plugins.models.families import hf_model_spec
     from acadlm_plugins.qurating import CRITERIA
-    from acadlm_plugins.qurating.rater import RaterModel, check_pooling
+    from acadlm_plugins.qurating.rater import RaterModel, backbone_spec, check_pooling
 
     checks.check_keys(cfg, "rater", None)
     plan.checked.append("known and required keys")
@@ -43,11 +42,7 @@ def plan_rater(plan: TrainingPlan, cfg: DictConfig) -> None:
     pooling = str(cfg.get("pooling", "last"))
     check_pooling(pooling)
     backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
-    spec = hf_model_spec(backbone_dir)
-    if spec.family.name != "llama":  # as qurating.rater.check_backbone_dir refuses it
-        raise ConfigError("backbone_dir", f"{backbone_dir} holds a {spec.family.name!r} model; "
-                          "the rater is built on the Llama architecture our recipes train.",
-                          "use a Llama-architecture backbone such as SmolLM2.")
+    spec = backbone_spec(backbone_dir)  # any supported family, as the rater recipe builds it
     plan.checked += ["backbone config.json (family)",
                      "components: " + ", ".join(checks.check_components(cfg))]
     dtype = run_dtype(cfg, plan)

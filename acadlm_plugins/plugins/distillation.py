@@ -60,6 +60,7 @@ from acadlm_plugins.training.distillation_loss import (
     output_projection_weight,
     teacher_final_hidden,
 )
+from acadlm_plugins.training.run_checks import check_model_family, check_model_rope
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +254,12 @@ def load_teacher(teacher_cfg: DictConfig, *, dtype: torch.dtype, device: torch.d
     The checkpointer only reads; without an ``output_dir`` of its own it gets the run's, which
     the recipe has created already.
     """
+    check_model_family(teacher_cfg, prefix=f"{TEACHER_KEY}.")
     with _rng_untouched(device), training.set_default_dtype(dtype), device:
         teacher = _instantiate(teacher_cfg, "model")
+    # A teacher built otherwise than its checkpoint's config.json (another RoPE) would load
+    # its weights and teach another model's distribution.
+    check_model_rope(teacher_cfg, teacher, prefix=f"{TEACHER_KEY}.")
     overrides = {} if "output_dir" in teacher_cfg.checkpointer else {"output_dir": str(output_dir)}
     try:
         checkpointer = _instantiate(teacher_cfg, "checkpointer", **overrides)

@@ -178,9 +178,9 @@ class LocalJudge:
                                       dtype=DTYPES[str(dtype).lower()])
         except ConfigError as err:
             raise ConfigError(f"{key}.model_dir", f"cannot load {self.folder} as a local "
-                              f"judge: {err}", "the local judge runs Llama-architecture HF "
-                              "folders (SmolLM2, our exports); serve other models with vLLM "
-                              "and use `judge.kind: openai`.") from None
+                              f"judge: {err}", "the local judge runs HF folders of the families "
+                              "acadlm builds (Llama, Mistral, Qwen2: docs/models.md); serve "
+                              "other models with vLLM and use `judge.kind: openai`.") from None
         self.max_length = int(self.model.max_seq_len)
         self.answer_ids = answer_token_ids(self.tokenizer, self.format_prompt("Which? A or B."))
         self._prompts_run = 0

@@ -59,7 +59,8 @@ from torchtune.modules import TransformerDecoder
 
 from acadlm_plugins._compat import hf_checkpoint_files, save_hf_model_dir
 from acadlm_plugins.errors import ConfigError, DataError
-from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states, load_decoder
+from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states
+from acadlm_plugins.models.families import HFModelSpec, hf_model_spec
 from acadlm_plugins.qurating import CRITERIA
 
 log = logging.getLogger(__name__)
@@ -399,12 +400,14 @@ class RaterInfo:
 
 
 def hf_checkpointer(model_dir: str | Path, output_dir: str | Path) -> training.FullModelHFCheckpointer:
-    """torchtune's HF checkpointer over ``model_dir``, with the weights read once so that it
-    knows their file layout (it writes our backbone folders in that layout)."""
+    """torchtune's HF checkpointer over ``model_dir`` with the ``model_type`` of its family
+    (the weight conversion: Qwen2's q/k are not permuted and carry biases), with the weights
+    read once so that it knows their file layout (it writes our backbone folders in that
+    layout)."""
     model_dir = Path(model_dir)
     checkpointer = training.FullModelHFCheckpointer(
         checkpoint_dir=str(model_dir), checkpoint_files=hf_checkpoint_files(model_dir),
-        model_type="LLAMA3_2", output_dir=str(output_dir))
+        model_type=backbone_spec(model_dir).checkpointer_model_type, output_dir=str(output_dir))
     checkpointer.load_checkpoint()
     return checkpointer
 
@@ -498,25 +501,41 @@ def load_rater(folder: str | Path, *, device: str | torch.device = "cpu",
 def load_backbone(model_dir: str | Path, *, device: torch.device, dtype: torch.dtype,
                   max_seq_len: int | None = None, key: str = "backbone_dir"
                   ) -> TransformerDecoder:
-    """The torchtune decoder of an HF Llama folder (via the lm-eval adapter's loader), with
-    errors that name the config key ``key``; returned in eval mode without gradients."""
+    """The torchtune decoder of an HF model folder of any supported family, built and loaded
+    through the family layer (``HFModelSpec.load``: the family's modules, RoPE and
+    checkpointer ``model_type``), with errors that name the config key ``key``; returned in
+    eval mode without gradients."""
     model_dir = check_backbone_dir(model_dir, key=key)
-    return load_decoder(model_dir, max_seq_len=max_seq_len, device=device, dtype=dtype)
+    try:
+        model = backbone_spec(model_dir, key=key).load(max_seq_len=max_seq_len, device=device,
+                                                       dtype=dtype)
+    except ConfigError as error:
+        if error.key == key:
+            raise
+        raise ConfigError(key, f"{model_dir}: {error}") from error
+    return model.requires_grad_(False)
+
+
+def backbone_spec(model_dir: str | Path, *, key: str = "backbone_dir") -> HFModelSpec:
+    """The family layer's reading of a backbone folder's config.json; an unsupported family
+    (or config field) is refused naming ``key`` and, inside the message, the field."""
+    try:
+        return hf_model_spec(model_dir)
+    except ConfigError as error:
+        raise ConfigError(key, f"{Path(model_dir).expanduser()} cannot be a rater backbone: "
+                          f"{error}") from error
 
 
 def check_backbone_dir(model_dir: str | Path, *, key: str = "backbone_dir") -> Path:
-    """Refuse a folder that is not a local HF Llama folder with weights, naming ``key``."""
+    """Refuse a folder that is not a local HF model folder of a supported family with
+    weights, naming ``key``."""
     model_dir = Path(model_dir).expanduser()
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ConfigError(key, f"{model_dir} is not a Hugging Face model folder (no "
                           "config.json).", "point it at a local model folder, e.g. "
                           "${acadlm_home:}/models/SmolLM2-135M-Instruct.")
-    model_type = json.loads(config_file.read_text()).get("model_type", "llama")
-    if model_type != "llama":
-        raise ConfigError(key, f"{model_dir} holds a {model_type!r} model; the rater is built "
-                          "on the Llama architecture our recipes train.",
-                          "use a Llama-architecture backbone such as SmolLM2.")
+    backbone_spec(model_dir, key=key)
     if not hf_checkpoint_files(model_dir):
         raise ConfigError(key, f"no *.safetensors or *.bin weights in {model_dir}.",
                           "point it at a complete model folder.")

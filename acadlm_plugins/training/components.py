@@ -8,9 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 from torchtune import config
-from torchtune.config._errors import InstantiationError
-from torchtune.config._utils import _get_component_from_path
 
+from acadlm_plugins._compat import ComponentPathError, component_from_path
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.training.config_checks import reject_unknown_keys
 
@@ -32,11 +31,10 @@ def check_component(node: DictConfig, key: str) -> None:
     """Check the ``_component_`` block ``node`` (at config key ``key``) without building it:
     the dotted path imports, and every other key is a parameter of what it names."""
     try:
-        builder = _get_component_from_path(str(node._component_))
-    except InstantiationError as err:
-        lines = str(err).splitlines()
+        builder = component_from_path(str(node._component_))
+    except ComponentPathError as err:
         raise ConfigError(f"{key}._component_", f"cannot import {node._component_!r} "
-                          f"({lines[1] if len(lines) > 1 else err}).",
+                          f"({err.reason}).",
                           "check the dotted path and that its package is installed.") from err
     check_component_arguments(builder, [k for k in node if k != "_component_"], key=key,
                               component=str(node._component_))

@@ -119,9 +119,9 @@ def build_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
     extra: dict[str, Any] = {}
     inner = cfg.optimizer.get("optimizer_class", None)
     if isinstance(inner, str):  # CPUOffloadOptimizer's base class, given as a dotted path
-        from torchtune.config._utils import _get_component_from_path
+        from acadlm_plugins._compat import component_from_path
 
-        extra["optimizer_class"] = _get_component_from_path(inner)
+        extra["optimizer_class"] = component_from_path(inner)
     try:
         return instantiate_component(cfg, "optimizer", groups, **extra)
     except (TypeError, ValueError) as err:

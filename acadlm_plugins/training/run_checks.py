@@ -132,12 +132,12 @@ def clean_interrupted_writes(output_dir: Path) -> list[Path]:
     return removed
 
 
-
-def check_model_family(cfg: DictConfig, key: str = "checkpointer") -> None:
+def check_model_family(cfg: DictConfig, key: str = "checkpointer", *, prefix: str = "") -> None:
     """An HF checkpoint folder must be of a family we build correctly (the error names the
     config.json field), and the checkpointer's ``model_type`` must be the one that converts
     its weights right: ``QWEN2`` on a Llama folder skips the q/k permutation and trains a
-    model that loads and is silently wrong."""
+    model that loads and is silently wrong. ``prefix`` is where ``cfg`` sits in the run's
+    config (``distillation.teacher.`` for a teacher), for the key the error names."""
     node = cfg.get(key, None)
     if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
         return
@@ -146,4 +146,23 @@ def check_model_family(cfg: DictConfig, key: str = "checkpointer") -> None:
         return
     from acadlm_plugins.models.families import check_checkpointer_model_type
 
-    check_checkpointer_model_type(folder, str(node.model_type), field=f"{key}.model_type")
+    check_checkpointer_model_type(folder, str(node.model_type),
+                                  field=f"{prefix}{key}.model_type")
+
+
+def check_model_rope(cfg: DictConfig, model: torch.nn.Module, *, rope_base: float | None = None,
+                     key: str = "checkpointer", prefix: str = "") -> None:
+    """The built ``model`` must rotate positions as the checkpoint's config.json says (with
+    ``rope_base`` as θ for a long-context stage): a builder of another family, θ or RoPE
+    scaling loads the weights without complaint and trains another model (see
+    ``HFModelSpec.check_built_rope``). Checked only for an HF checkpoint folder; the error
+    names ``<prefix>model``."""
+    node = cfg.get(key, None)
+    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
+        return
+    folder = Path(str(node.checkpoint_dir)).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    from acadlm_plugins.models.families import hf_model_spec
+
+    hf_model_spec(folder).check_built_rope(model, rope_base=rope_base, field=f"{prefix}model")

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from acadlm_plugins.data.mixture import PackedDomainCorpus, collate_domain_packs
-from acadlm_plugins.data.packing import CROSS_ENTROPY_IGNORE_INDEX
+from acadlm_plugins.data.mixture import PackedDomainCorpus
+from acadlm_plugins.data.packing import CROSS_ENTROPY_IGNORE_INDEX, collate_packs
 
 
 def target_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
@@ -44,7 +44,7 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
                            | None = None,
                            token_losses: Callable[[torch.nn.Module, dict[str, Any]],
                                                   tuple[torch.Tensor, torch.Tensor]]
-                           | None = None) -> dict[str, float]:
+                           | None = None, block_mask: bool = True) -> dict[str, float]:
     """Token-averaged validation loss of every domain of ``corpus``.
 
     The same packs are evaluated every time (the first ``max_packs_per_domain`` of each
@@ -54,6 +54,11 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
     logits). ``rank``/``world_size`` split the packs; ``all_reduce`` (default: when
     ``world_size > 1``) sums over every process, which sequence parallelism needs even with one
     data-parallel replica, since each rank then holds a shard of every sequence.
+
+    ``block_mask``: whether a batch carries torchtune's document mask (``mask``), which the
+    default forward hands the model. A caller whose model does not read it (per-document
+    attention, attention without document masking) passes False: without FlexAttention that
+    mask is a dense ``[b, S, S]`` boolean, 268 MB per pack at 16K tokens, built for nothing.
     """
     if all_reduce is None:
         all_reduce = world_size > 1
@@ -72,7 +77,7 @@ def evaluate_domain_losses(model: torch.nn.Module, corpus: PackedDomainCorpus, *
         mine = mine + [0] * (per_rank - len(mine))
         for start in range(0, per_rank, batch_size):
             keys = mine[start:start + batch_size]
-            batch = collate_domain_packs([corpus.get(d, p) for p in keys])
+            batch = collate_packs([corpus.get(d, p) for p in keys], block_mask=block_mask)
             batch = {k: v.to(device) for k, v in batch.items()}
             if token_losses is not None:
                 loss_sum, count = token_losses(model, batch)
