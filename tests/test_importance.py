@@ -350,6 +350,20 @@ def test_log_alpha_keeps_the_importance_top_k_and_order_in_every_row():
     assert torch.equal(log_alpha_from_scores(scores[2], 4, high=4.6, low=0.6), alpha[2])
 
 
+def test_log_alpha_gap_starts_the_dropped_units_closed_in_the_same_order():
+    scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    open_start = log_alpha_from_scores(scores, 4, high=4.6, low=0.6)
+    closed_start = log_alpha_from_scores(scores, 4, high=4.6, low=0.6, gap=7.0)
+    kept = open_start == 4.6
+    assert torch.equal(closed_start[kept], open_start[kept])
+    torch.testing.assert_close(closed_start[~kept], open_start[~kept] - 7.0)
+    # the most important dropped unit now starts mostly closed: P(gate > 0) below 1/3
+    log_ratio = torch.log(torch.tensor(0.1 / 1.1))
+    assert torch.sigmoid(closed_start[~kept].max() - 2 / 3 * log_ratio) < 1 / 3
+    with pytest.raises(ValueError, match="gap"):
+        log_alpha_from_scores(scores, 4, high=4.6, low=0.6, gap=-1.0)
+
+
 def test_log_alpha_edge_cases():
     scores = torch.tensor([[3.0, 1.0, 2.0]])
     assert torch.equal(log_alpha_from_scores(scores, 3, high=2.0, low=0.0), torch.full((1, 3), 2.0))

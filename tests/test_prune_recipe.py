@@ -202,6 +202,7 @@ def test_one_shot_importance_pruning_exports_the_target_without_training(tmp_pat
 @pytest.mark.parametrize("override, key", [
     ("pruning.method=magnitude", "pruning.method"),
     ("pruning.mask_init=random", "pruning.mask_init"),
+    ("pruning.mask_init_gap=-1", "pruning.mask_init_gap"),
     ("pruning.calibration.sequences=4", "pruning.calibration.sequences"),
 ])
 def test_bad_importance_settings_fail_before_training(tmp_path, monkeypatch, override, key):

@@ -36,9 +36,10 @@ def test_demo_prune_starts_near_the_source_and_references_the_source(tmp_path, m
     summary = json.loads((out / "pruning_summary.json").read_text())
     source = summary["val_loss"]["source"]
     source_mean = sum(source.values()) / len(source)
-    # the first step's masked training loss is that of a language model near the source (the
-    # demo: +1.1, the importance init gating the least important units; droprate 0.2: +7 to +15)
-    assert float(first.group(1)) < source_mean + 1.5, (first.group(1), source_mean)
+    # the first step's masked training loss is that of a language model: the importance init
+    # starts the masks at the one-shot cut (its validation loss is +2.0 over the source's; the
+    # demo's first training loss +1.8), where droprate 0.2 gave +7 to +15
+    assert float(first.group(1)) < source_mean + 2.5, (first.group(1), source_mean)
     state = torch.load(out / "step_000002" / "recipe_state.pt", weights_only=False)
     assert state["plugins"]["dynamic_batch_loading"]["reference"] == pytest.approx(source)
     assert summary["max_abs_loss_diff_masked_vs_pruned"] < 1e-3

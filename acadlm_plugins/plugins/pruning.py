@@ -13,7 +13,9 @@ Config block::
       droprate_init: 0.01                # gates start open: log_alpha ~ ln(0.99/0.01) = 4.6
       mask_init: uniform                 # or `importance`: log_alpha ordered by Minitron scores
       mask_init_spread: 2.0              # importance init: log_alpha of the least important unit
-                                         # is this much below the kept units'
+                                         # is this much below the most important dropped one's
+      mask_init_gap: 0.0                 # importance init: the dropped units start this much
+                                         # below the kept ones (0: all open; ~7: mostly closed)
       calibration: {num_sequences: 64, batch_size: 8}   # sequences the importance is measured on
 
 The mask hooks are installed switched off and come on with the first training batch, so the
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "pruning"
 STATE_KEY = "pruning"
 KNOWN_KEYS = {"method", "target", "lagrangian_warmup_steps", "mask_lr", "lambda_lr",
-              "droprate_init", "mask_init", "mask_init_spread", "calibration"}
+              "droprate_init", "mask_init", "mask_init_spread", "mask_init_gap", "calibration"}
 METHODS = ("learned", "importance")
 MASK_INITS = ("uniform", "importance")
 CALIBRATION_KEYS = {"num_sequences", "batch_size"}
@@ -89,6 +91,10 @@ class PruningPlugin:
         self.mask_init_spread = float(block.get("mask_init_spread", 2.0))
         if not self.mask_init_spread > 0:
             raise ConfigError(f"{CONFIG_KEY}.mask_init_spread", "must be > 0.")
+        self.mask_init_gap = float(block.get("mask_init_gap", 0.0))
+        if not self.mask_init_gap >= 0:
+            raise ConfigError(f"{CONFIG_KEY}.mask_init_gap", f"must be >= 0, got "
+                              f"{self.mask_init_gap}.", "use 0 to start every gate open.")
         calibration = dict(block.get("calibration", None) or {})
         reject_unknown_keys(calibration, CALIBRATION_KEYS, recipe=recipe,
                             prefix=f"{CONFIG_KEY}.calibration.")
@@ -151,7 +157,8 @@ class PruningPlugin:
             scores = self.importance(dataset.corpus)
             with torch.no_grad():
                 for name, values in initial_log_alphas(
-                        scores, self.masks, spread=self.mask_init_spread).items():
+                        scores, self.masks, spread=self.mask_init_spread,
+                        gap=self.mask_init_gap).items():
                     self.masks.gates[name].log_alpha.copy_(values)
             self.masks.invalidate()
             log.info("mask log_alpha initialized from importance scores over %d sequences",
@@ -253,11 +260,12 @@ class PruningPlugin:
         summary["pruning_plot"] = str(path)
 
 
-def initial_log_alphas(scores: Any, masks: PruningMasks, *, spread: float) -> dict[str, torch.Tensor]:
+def initial_log_alphas(scores: Any, masks: PruningMasks, *, spread: float,
+                       gap: float = 0.0) -> dict[str, torch.Tensor]:
     """log_alpha per gate from importance scores: within every row the target's number of most
     important units start where uniform gates start, the rest below them in importance order
-    (down to ``spread`` lower), so the masks begin at the one-shot choice and the Lagrangian
-    closes the least important units first."""
+    (from ``gap`` lower, down ``spread`` further), so the masks begin at the one-shot choice
+    and the Lagrangian closes the least important units first."""
     from acadlm_plugins.pruning.hard_concrete import initial_log_alpha
     from acadlm_plugins.pruning.importance import log_alpha_from_scores
 
@@ -269,6 +277,7 @@ def initial_log_alphas(scores: Any, masks: PruningMasks, *, spread: float) -> di
         values = getattr(scores, name).float()
         if name == "head":
             values = values.reshape(-1, src.heads_per_kv)
-        alpha = log_alpha_from_scores(values, keep[name], high=high, low=high - spread)
+        alpha = log_alpha_from_scores(values, keep[name], high=high, low=high - spread,
+                                      gap=gap)
         out[name] = alpha.reshape(gate.log_alpha.shape).to(gate.log_alpha.device)
     return out

@@ -233,22 +233,27 @@ def one_shot_prune(model: nn.Module, scores: ImportanceScores,
 
 
 def log_alpha_from_scores(scores: torch.Tensor, keep_per_row: int, *, high: float,
-                          low: float) -> torch.Tensor:
+                          low: float, gap: float = 0.0) -> torch.Tensor:
     """Initial hard-concrete log_alpha from importance, row by row (a 1-d tensor is one row).
 
     The ``keep_per_row`` best units of each row start at ``high`` (where uniform gates start);
-    the others follow in importance order, evenly spaced from just below ``high`` down to
-    ``low``. So the top-k by log_alpha is the importance top-k, and the Lagrangian's pressure
-    closes the least important units first.
+    the others follow in importance order, evenly spaced from just below ``high - gap`` down to
+    ``low - gap``. So the top-k by log_alpha is the importance top-k, and the Lagrangian's
+    pressure closes the least important units first. With ``gap = 0`` every gate starts open
+    (the masked model begins as the source); a gap of about 7 starts the units outside the
+    top-k mostly closed (the masked model begins near the one-shot cut, the expected shape near
+    the target).
     """
     width = scores.shape[-1]
     if not 0 <= keep_per_row <= width:
         raise ValueError(f"keep_per_row must be between 0 and {width}, got {keep_per_row}.")
     if not low < high:
         raise ValueError(f"low ({low}) must be below high ({high}).")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0, got {gap}.")
     rows = scores.reshape(-1, width).float()
     by_rank = torch.cat([torch.full((keep_per_row,), float(high)),
-                         torch.linspace(high, low, width - keep_per_row + 1)[1:]])
+                         torch.linspace(high - gap, low - gap, width - keep_per_row + 1)[1:]])
     order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
     out = torch.empty_like(rows).scatter_(-1, order, by_rank.expand_as(rows).contiguous())
     return out.reshape(scores.shape)
