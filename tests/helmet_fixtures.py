@@ -123,30 +123,6 @@ class ReferenceLM(OracleLM):
         return [request.doc["outputs"][0] for request in requests]
 
 
-#: A ChatML-style chat template, written into a model folder as ``chat_template.jinja``.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-class ChatOracleLM(OracleLM):
-    """The oracle with :data:`CHAT_TEMPLATE`: what lm-eval needs for
-    ``apply_chat_template=True``."""
-
-    tokenizer_name = "tiny-chat"
-
-    def chat_template(self, chat_template: bool | str = False) -> str:
-        return CHAT_TEMPLATE
-
-    def apply_chat_template(self, chat_history: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
-        from acadlm_plugins.evaluation.lm_adapter import render_chat
-
-        return render_chat(CHAT_TEMPLATE, chat_history,
-                           add_generation_prompt=add_generation_prompt, special_tokens={})
-
-
 # ------------------------------------------------------------------------ ALCE (cite) fixture
 # A tiny stand-in for ALCE's ASQA and QAMPARI files, in ALCE's own JSON format, for tests only:
 # the real files are not shipped and cannot be downloaded here.

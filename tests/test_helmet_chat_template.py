@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eval_doubles import CHAT_TEMPLATE, ChatOracleLM
 from helmet_fixtures import (
-    CHAT_TEMPLATE,
-    ChatOracleLM,
     longqa_rows,
     write_jsonl,
     write_tokenizer_dir,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_doubles import ConstantLM, OracleLM
+from eval_doubles import CHAT_TEMPLATE, ConstantLM, OracleLM
 from eval_fixtures import HAYSTACK_WORDS, EvalFiles, write_eval_files
 
 from acadlm_plugins.errors import ConfigError
@@ -214,12 +214,6 @@ def test_prompt_budget_fits_the_prompt_alone(files: EvalFiles, data: dict[str, P
                      length_budget="prompt"):
         assert row["budget_tokens"] == 1024
         assert 0.99 * 1024 <= tokenizer.count(plain_prompt(row)) <= 1024
-
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def test_chat_template_tokens_count_in_the_budget(files: EvalFiles, data: dict[str, Path],

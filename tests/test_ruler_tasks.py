@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_doubles import ConstantLM, OracleLM
+from eval_doubles import CHAT_TEMPLATE, ChatOracleLM, ConstantLM, OracleLM
 from eval_fixtures import EVAL_MAX_POSITIONS, MAX_SENTENCE_WORDS, EvalFiles, write_eval_files
 
 from acadlm_plugins.errors import ConfigError
@@ -74,12 +74,6 @@ SCORED_LENGTHS = [1024, 2048]
 CONSTANT_ANSWER = "I do not know."
 COMPOUND_KEY = re.compile(r"[a-z]{4,12}-[a-z]{4,12}")
 #: A chat template in the shape of SmolLM2's, for the tiny test tokenizer.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> EvalFiles:
     """The tiny tokenizer folder (max_position_embeddings 4096) and prose haystack."""
@@ -116,23 +110,6 @@ def sized(files: EvalFiles) -> dict[str, list[dict[str, Any]]]:
     """Every task's rows at 1K and 2K tokens, three samples each, built once for the module."""
     return {task: build(files, task, max_seq_lengths=SIZED_LENGTHS, num_samples=3)
             for task in TASKS}
-
-
-class ChatOracleLM(OracleLM):
-    """The oracle, with the chat template above: what lm-eval needs for
-    ``apply_chat_template=True``."""
-
-    tokenizer_name = "tiny-chat"
-
-    def chat_template(self, chat_template: bool | str = False) -> str:
-        return CHAT_TEMPLATE
-
-    def apply_chat_template(self, chat_history: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
-        from acadlm_plugins.evaluation.lm_adapter import render_chat
-
-        return render_chat(CHAT_TEMPLATE, chat_history,
-                           add_generation_prompt=add_generation_prompt, special_tokens={})
 
 
 @pytest.fixture(scope="module")
