@@ -103,14 +103,15 @@ class PruneRecipe:
         from acadlm_plugins.pruning.importance import keep_indices, one_shot_prune
 
         started = time.perf_counter()
+        # Every rank scores the run's own (sharded) model on its device, summing in float64:
+        # a large source is ranked where it already is, never gathered onto one CPU for this.
+        scores = self._pruning.importance(self._pruning.calibration_corpus)
         state = self._trainer.full_model_state()
         if not self._trainer.is_rank_zero:
             return None
         with training.set_default_dtype(COMPARISON_DTYPE):
             source = instantiate_component(self._cfg, "model")
         source.load_state_dict(state, strict=False)
-        scores = self._pruning.importance(self._pruning.calibration_corpus, model=source,
-                                          device=torch.device("cpu"))
         pruned, target = one_shot_prune(source, scores, self._pruning.target)
         kept_layers = keep_indices(scores, architecture_of(source), target).layers
         losses = {"source": self._trainer.evaluate(source), "pruned": self._trainer.evaluate(pruned)}

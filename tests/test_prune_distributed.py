@@ -136,3 +136,27 @@ def test_two_ranks_learn_the_masks_of_one_process_with_the_same_global_batch(tmp
         assert_close_mapping(two_summary["val_loss"][kind], one_summary["val_loss"][kind],
                              f"pruned val_loss[{kind}]")
     assert (two_dir / "pruned_model" / "config.json").is_file()
+
+
+def test_two_ranks_one_shot_prune_like_one_process(tmp_path):
+    """One-shot importance pruning ranks the sharded model on every rank (no fp32 copy gathered
+    onto one CPU): two ranks export the same pruned weights as one process."""
+    from safetensors.torch import load_file
+
+    outputs = {}
+    for nproc in (RANKS, 1):
+        out = tmp_path / f"one_shot_{nproc}"
+        args = [a for a in tiny_run_args(tmp_path) if not a.startswith("validation_dataset.")]
+        args[1] = str(PRUNE_CONFIG)
+        args += [f"output_dir={out}", "pruning.method=importance",
+                 "pruning.calibration.num_sequences=8", "pruning.calibration.batch_size=4"]
+        run_tune_subprocess("acadlm_plugins/prune_recipe", args, cwd=tmp_path,
+                            log_file=tmp_path / f"one_shot_{nproc}.log", nproc=nproc,
+                            timeout=RUN_TIMEOUT_S)
+        outputs[nproc] = out
+    two, one = (load_file(outputs[n] / "pruned_model" / "model.safetensors") for n in (RANKS, 1))
+    assert set(two) == set(one) and two
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=0, msg=name)
+    summaries = [json.loads((outputs[n] / "pruning_summary.json").read_text()) for n in (RANKS, 1)]
+    assert summaries[0]["achieved"] == summaries[0]["target"] == summaries[1]["achieved"]
