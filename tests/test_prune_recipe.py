@@ -199,6 +199,15 @@ def test_one_shot_importance_pruning_exports_the_target_without_training(tmp_pat
         assert (hf(tokens).logits - tune_model(tokens)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("key", ["pruning.mask_init_gap", "pruning.mask_init_spread"])
+def test_importance_init_settings_with_uniform_init_are_refused(tmp_path, monkeypatch, key):
+    with pytest.raises(ConfigError) as err:
+        run(monkeypatch, "acadlm_plugins.prune_recipe",
+            prune_args(tmp_path, "pruning.mask_init=uniform", f"{key}=3.0"))
+    assert err.value.key == key
+    assert "mask_init: importance" in str(err.value)
+
+
 @pytest.mark.parametrize("override, key", [
     ("pruning.method=magnitude", "pruning.method"),
     ("pruning.mask_init=random", "pruning.mask_init"),

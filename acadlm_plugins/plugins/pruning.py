@@ -91,6 +91,12 @@ class PruningPlugin:
         self.mask_init_spread = float(block.get("mask_init_spread", 2.0))
         if not self.mask_init_spread > 0:
             raise ConfigError(f"{CONFIG_KEY}.mask_init_spread", "must be > 0.")
+        for key in ("mask_init_spread", "mask_init_gap"):
+            if key in block and self.mask_init != "importance":
+                raise ConfigError(f"{CONFIG_KEY}.{key}", f"shapes the importance "
+                                  f"initialization, but mask_init is {self.mask_init!r}, which "
+                                  "would ignore it.", f"set {CONFIG_KEY}.mask_init: importance, "
+                                  f"or remove {CONFIG_KEY}.{key}.")
         self.mask_init_gap = float(block.get("mask_init_gap", 0.0))
         if not self.mask_init_gap >= 0:
             raise ConfigError(f"{CONFIG_KEY}.mask_init_gap", f"must be >= 0, got "
