@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from helmet_fixtures import (
     write_jsonl,
     write_tokenizer_dir,
 )
+from judge_server import JudgeServer
 from lm_eval import simple_evaluate
 
 from acadlm_plugins.errors import ConfigError
@@ -50,51 +48,6 @@ PLACES = ("harbour", "mill", "orchard", "library")  # the first four of the fixt
 # ------------------------------------------------------------------------- the fake judge
 
 Respond = Callable[[dict[str, Any]], tuple[int, Any]]
-
-
-class FakeJudge:
-    """An OpenAI-compatible /v1/chat/completions server on 127.0.0.1 in a thread; ``respond``
-    turns a request body into (status, JSON). Records requests and the most in flight."""
-
-    def __init__(self, respond: Respond, delay: float = 0.0) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.in_flight = self.most_in_flight = 0
-        lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # the name http.server dispatches to
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    server.requests.append({"body": body, "headers": dict(self.headers)})
-                    server.in_flight += 1
-                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
-                time.sleep(delay)
-                status, payload = respond(body)
-                with lock:
-                    server.in_flight -= 1
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def reply(text: str) -> tuple[int, Any]:
@@ -168,10 +121,10 @@ def echo(body: dict[str, Any]) -> tuple[int, Any]:
 
 @pytest.fixture
 def serve():
-    servers: list[FakeJudge] = []
+    servers: list[JudgeServer] = []
 
-    def start(respond: Respond = canned, delay: float = 0.0) -> FakeJudge:
-        servers.append(FakeJudge(respond, delay))
+    def start(respond: Respond = canned, delay: float = 0.0) -> JudgeServer:
+        servers.append(JudgeServer(lambda request, _: (*respond(request["body"]), {}, delay)))
         return servers[-1]
 
     yield start
@@ -188,7 +141,7 @@ def fresh_memory():
     judge_metrics._VERDICTS.clear()
 
 
-def judge_block(server: FakeJudge, cache: Path, **extra: Any) -> dict[str, Any]:
+def judge_block(server: JudgeServer, cache: Path, **extra: Any) -> dict[str, Any]:
     return {"url": server.url, "model": "judge-model", "cache_dir": str(cache),
             "backoff_s": 0.0, "max_retries": 1, **extra}
 

@@ -201,16 +201,22 @@ def test_expected_size_formula_counts_the_materialized_model_exactly(seed):
                               torch.full_like(shape.rows[mask_type], shape.targets[mask_type]))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_materialized_model_computes_what_the_masked_model_computes(seed):
-    model, masks = _masked_setup(seed)
+def _masked_logits_then_materialize(model, masks, tokens):
+    """The masked model's logits with its final gates, then the materialized model."""
     hooks = MaskHooks(model, masks)
     masks.use_final_gates()
-    tokens = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         masked = model(tokens)
     hooks.remove()
     pruned, arch = materialize(model, masks)
+    return masked, pruned, arch
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_materialized_model_computes_what_the_masked_model_computes(seed):
+    model, masks = _masked_setup(seed)
+    tokens = torch.randint(0, 512, (2, 24))
+    masked, pruned, arch = _masked_logits_then_materialize(model, masks, tokens)
     with torch.no_grad():
         small = pruned.eval()(tokens)
         plain = model(tokens)
@@ -325,13 +331,8 @@ def test_a_multi_head_model_prunes_heads_with_their_kv_heads_and_materializes():
     assert masks.mask_types == ["kv_head"]  # a query head and its KV head: one gate
     with torch.no_grad():
         masks.gates["kv_head"].log_alpha.normal_(0.0, 2.0)
-    hooks = MaskHooks(model, masks)
-    masks.use_final_gates()
     tokens = torch.randint(0, 512, (2, 16))
-    with torch.no_grad():
-        masked = model(tokens)
-    hooks.remove()
-    pruned, arch = materialize(model, masks)
+    masked, pruned, arch = _masked_logits_then_materialize(model, masks, tokens)
     assert architecture_of(pruned) == arch == target
     head_dim = source.head_dim
     for layer in pruned.layers:

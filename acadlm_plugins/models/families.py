@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchtune import training
@@ -51,6 +51,9 @@ from acadlm_plugins.models.rope import (
     rope_type_field,
     write_rope_settings,
 )
+
+if TYPE_CHECKING:  # pruning.architecture imports this module
+    from acadlm_plugins.pruning.architecture import Architecture
 
 # torchtune ModelTypes whose FullModelHFCheckpointer conversion is the plain Llama one (q/k
 # permuted, no biases): interchangeable for Llama and Mistral checkpoints.
@@ -106,18 +109,6 @@ REFUSED_MODEL_TYPES = {
     "gemma3_text": _GEMMA_REASON,
     "phi3": "Phi-3's fused qkv/gate-up projections and su/longrope RoPE are not supported",
 }
-
-
-class DecoderShape(Protocol):
-    """The dimensions of a (pruned) decoder, e.g. ``pruning.architecture.Architecture``."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    embed_dim: int
-    intermediate_dim: int
-    head_dim: int
-    tie_word_embeddings: bool
 
 
 @dataclass(frozen=True)
@@ -280,14 +271,14 @@ class HFModelSpec:
 
     # --------------------------------------------------------------------- export
     def hf_state_dict(self, state: Mapping[str, torch.Tensor],
-                      shape: DecoderShape) -> dict[str, torch.Tensor]:
+                      shape: Architecture) -> dict[str, torch.Tensor]:
         """A torchtune state dict of ``shape`` renamed (and for Llama/Mistral q/k permuted) to
         HF names by torchtune's converter for this family, as its checkpointer saves."""
         return self.family.tune_to_hf(dict(state), num_heads=shape.num_heads,
                                       num_kv_heads=shape.num_kv_heads, dim=shape.embed_dim,
                                       head_dim=shape.head_dim)
 
-    def pruned_config(self, shape: DecoderShape, *, rope: RopeSettings,
+    def pruned_config(self, shape: Architecture, *, rope: RopeSettings,
                       kept_layers: Sequence[int] | None = None,
                       dtype: torch.dtype | None = None) -> dict[str, Any]:
         """This config.json for a model of ``shape`` with ``rope``: dimensions replaced, each

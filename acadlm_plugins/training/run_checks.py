@@ -138,15 +138,12 @@ def check_model_family(cfg: DictConfig, key: str = "checkpointer", *, prefix: st
     its weights right: ``QWEN2`` on a Llama folder skips the q/k permutation and trains a
     model that loads and is silently wrong. ``prefix`` is where ``cfg`` sits in the run's
     config (``distillation.teacher.`` for a teacher), for the key the error names."""
-    node = cfg.get(key, None)
-    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
-        return
-    folder = Path(str(node.checkpoint_dir)).expanduser()
-    if not (folder / "config.json").is_file() or node.get("model_type", None) is None:
+    folder = _hf_checkpoint_folder(cfg, key)
+    if folder is None or cfg[key].get("model_type", None) is None:
         return
     from acadlm_plugins.models.families import check_checkpointer_model_type
 
-    check_checkpointer_model_type(folder, str(node.model_type),
+    check_checkpointer_model_type(folder, str(cfg[key].model_type),
                                   field=f"{prefix}{key}.model_type")
 
 
@@ -157,12 +154,19 @@ def check_model_rope(cfg: DictConfig, model: torch.nn.Module, *, rope_base: floa
     scaling loads the weights without complaint and trains another model (see
     ``HFModelSpec.check_built_rope``). Checked only for an HF checkpoint folder; the error
     names ``<prefix>model``."""
-    node = cfg.get(key, None)
-    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
-        return
-    folder = Path(str(node.checkpoint_dir)).expanduser()
-    if not (folder / "config.json").is_file():
+    folder = _hf_checkpoint_folder(cfg, key)
+    if folder is None:
         return
     from acadlm_plugins.models.families import hf_model_spec
 
     hf_model_spec(folder).check_built_rope(model, rope_base=rope_base, field=f"{prefix}model")
+
+
+def _hf_checkpoint_folder(cfg: DictConfig, key: str) -> Path | None:
+    """The checkpointer block ``cfg[key]``'s folder when it is a Hugging Face model folder
+    (has a config.json); None otherwise (nothing of the family to check)."""
+    node = cfg.get(key, None)
+    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
+        return None
+    folder = Path(str(node.checkpoint_dir)).expanduser()
+    return folder if (folder / "config.json").is_file() else None
