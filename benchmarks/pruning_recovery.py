@@ -13,9 +13,16 @@ evaluation against the training tokens seen so far, side by side for
 with the source model's loss as the line to reach, and writes ``pruning_recovery.png``. All
 arms end on the same number of tokens.
 
+One run's arms differ by a few hundredths of a nat, about as much as one arm differs between
+two seeds, so ``--seeds`` runs the pipeline once per seed (other data order, gate noise and
+initialization) and prints each arm's final loss per seed, its mean and standard deviation,
+and the paired difference ours - one_shot with a 95% t interval: a difference whose interval
+holds 0 is not one this budget can tell apart.
+
 Run::
 
-    .venv/bin/python benchmarks/pruning_recovery.py                       # runs the demo (~15 min)
+    .venv/bin/python benchmarks/pruning_recovery.py                       # runs the demo (~12 min)
+    .venv/bin/python benchmarks/pruning_recovery.py --seeds 0 1 2         # three demos, statistics
     .venv/bin/python benchmarks/pruning_recovery.py --from-dir outputs/sheared_llama_demo
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +102,61 @@ def table(arm_curves: dict[str, list[tuple[int, float]]], source: float) -> str:
     return "\n".join(lines)
 
 
+# two-sided 95% critical values of Student's t for 1..10 degrees of freedom
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t95(degrees_of_freedom: int) -> float:
+    """The two-sided 95% critical value of Student's t (the normal 1.96 beyond 30 dof)."""
+    if degrees_of_freedom < 1:
+        raise ValueError("a t interval needs at least two paired runs")
+    if degrees_of_freedom <= len(T95):
+        return T95[degrees_of_freedom - 1]
+    return 2.042 if degrees_of_freedom <= 30 else 1.96
+
+
+def seed_statistics(finals: dict[int, dict[str, float]]) -> dict[str, object]:
+    """Per arm the mean and standard deviation of the final loss over seeds, and the paired
+    difference ours - one_shot (mean, standard deviation, 95% t interval) where both ran."""
+    arms = [a for a in ARMS if all(a in f for f in finals.values())]
+    out: dict[str, object] = {"seeds": sorted(finals), "arms": {}}
+    for arm in arms:
+        values = [finals[s][arm] for s in sorted(finals)]
+        out["arms"][arm] = {"mean": statistics.fmean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    if {"ours", "one_shot"} <= set(arms):
+        diffs = [finals[s]["ours"] - finals[s]["one_shot"] for s in sorted(finals)]
+        mean = statistics.fmean(diffs)
+        paired: dict[str, object] = {"values": diffs, "mean": mean}
+        if len(diffs) > 1:
+            half = t95(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            paired.update(std=statistics.stdev(diffs), ci95=(mean - half, mean + half))
+        out["ours_minus_one_shot"] = paired
+    return out
+
+
+def seed_table(finals: dict[int, dict[str, float]], source: float) -> str:
+    stats = seed_statistics(finals)
+    arms = list(stats["arms"])
+    lines = [f"{'seed':>6}" + "".join(f"{a:>14}" for a in arms)]
+    for seed in stats["seeds"]:
+        lines.append(f"{seed:>6}" + "".join(f"{finals[seed][a]:>14.4f}" for a in arms))
+    lines.append(f"{'mean':>6}" + "".join(f"{stats['arms'][a]['mean']:>14.4f}" for a in arms))
+    lines.append(f"{'std':>6}" + "".join(f"{stats['arms'][a]['std']:>14.4f}" for a in arms))
+    lines.append(f"source model mean validation loss: {source:.4f}")
+    paired = stats.get("ours_minus_one_shot")
+    if paired:
+        text = ", ".join(f"{d:+.4f}" for d in paired["values"])
+        line = f"ours - one_shot per seed: {text}; mean {paired['mean']:+.4f}"
+        if "ci95" in paired:
+            low, high = paired["ci95"]
+            verdict = ("ours better" if high < 0 else "one_shot better" if low > 0
+                       else "not distinguishable at this budget")
+            line += f", 95% t interval [{low:+.4f}, {high:+.4f}] ({verdict})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def plot(arm_curves: dict[str, list[tuple[int, float]]], source: float, path: Path) -> Path:
     import matplotlib
 
@@ -121,15 +184,39 @@ def main() -> None:
     parser.add_argument("--from-dir", type=Path, default=None,
                         help="a finished pipeline output folder; without it the demo is run")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/pruning_recovery"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run the pipeline once per seed (in <output-dir>/seed_<n>) and print "
+                             "per-arm statistics and the paired ours - one_shot difference")
     args = parser.parse_args()
+    if args.seeds:
+        if args.from_dir is not None:
+            parser.error("--seeds runs the pipelines; it cannot be combined with --from-dir "
+                         "(point --output-dir at a folder of seed_<n> runs to resume them)")
+        finals: dict[int, dict[str, float]] = {}
+        for seed in args.seeds:
+            out = args.output_dir / f"seed_{seed}"
+            run_pipeline(out, seed)
+            arm_curves, source = curves(out)
+            print(f"--- seed {seed}\n{table(arm_curves, source)}", flush=True)
+            plot(arm_curves, source, out / "pruning_recovery.png")
+            finals[seed] = {arm: points[-1][1] for arm, points in arm_curves.items()}
+        print(f"--- {len(args.seeds)} seeds\n{seed_table(finals, source)}")
+        return
     out = args.from_dir
     if out is None:
         out = args.output_dir
-        subprocess.run([sys.executable, str(REPO / "recipes" / "sheared_llama" / "pipeline.py"),
-                        "--output-dir", str(out)], check=True)
+        run_pipeline(out, None)
     arm_curves, source = curves(out)
     print(table(arm_curves, source))
     print(f"plot: {plot(arm_curves, source, out / 'pruning_recovery.png')}")
+
+
+def run_pipeline(out: Path, seed: int | None) -> None:
+    """The demo pipeline into ``out`` (it resumes whatever is there), with one seed for every
+    run of both stages when ``seed`` is given."""
+    seeds = [] if seed is None else ["--set", f"prune:seed={seed}", "--set", f"continue:seed={seed}"]
+    subprocess.run([sys.executable, str(REPO / "recipes" / "sheared_llama" / "pipeline.py"),
+                    "--output-dir", str(out), *seeds], check=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from tiny_setup import REPO_ROOT, write_tiny_checkpoint, write_tiny_corpus
 PIPELINE = REPO_ROOT / "recipes" / "sheared_llama" / "pipeline.py"
 sys.path.insert(0, str(PIPELINE.parent))
 
-from pipeline import compare, token_budget
+from pipeline import DEFAULT_CONTINUE, DEFAULT_PRUNE, compare, token_budget
 
 
 def run_pipeline(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -60,6 +60,14 @@ def test_equal_token_budget_counts_pruning_and_continued_pretraining(tmp_path):
     assert compared["val_loss"]["ours"]["mean"] == 4.0
     assert compared["val_loss"]["source"]["mean"] == 3.0
     assert compared["tokens"]["ours"] == budget["total_tokens"]
+
+
+def test_demo_configs_give_every_arm_exactly_the_same_tokens():
+    # the baselines' step count is rounded up, so a demo whose pruning tokens are not a multiple
+    # of a continued pre-training step would hand the baselines more tokens than ours
+    budget = token_budget(DEFAULT_PRUNE, DEFAULT_CONTINUE, 1)
+    assert budget["baseline_tokens"] == budget["total_tokens"] == 28_160
+    assert budget["prune_tokens"] == 16 * 2 * 128
 
 
 def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):

@@ -1,0 +1,56 @@
+"""The seed statistics of benchmarks/pruning_recovery.py: means, spreads and the paired
+ours - one_shot interval that decides whether a difference is one the budget can resolve."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+from tiny_setup import REPO_ROOT
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "pruning_recovery", REPO_ROOT / "benchmarks" / "pruning_recovery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FINALS = {0: {"from_scratch": 7.37, "one_shot": 4.06, "ours": 4.09},
+          1: {"from_scratch": 7.48, "one_shot": 4.10, "ours": 4.18},
+          2: {"from_scratch": 7.40, "one_shot": 4.08, "ours": 4.05}}
+
+
+def test_seed_statistics_match_a_hand_computation():
+    stats = _benchmark().seed_statistics(FINALS)
+    assert stats["seeds"] == [0, 1, 2]
+    assert stats["arms"]["one_shot"]["mean"] == pytest.approx(4.08)
+    assert stats["arms"]["one_shot"]["std"] == pytest.approx(0.02)
+    diffs = [0.03, 0.08, -0.03]
+    paired = stats["ours_minus_one_shot"]
+    assert paired["values"] == pytest.approx(diffs)
+    mean = sum(diffs) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.303 * std / math.sqrt(3)
+    assert paired["mean"] == pytest.approx(mean)
+    assert paired["ci95"] == pytest.approx((mean - half, mean + half))
+
+
+def test_seed_table_names_the_verdict():
+    bench = _benchmark()
+    assert "not distinguishable" in bench.seed_table(FINALS, 3.19)
+    better = {s: {"one_shot": 4.10, "ours": 4.05 + 0.001 * s} for s in range(3)}
+    assert "(ours better)" in bench.seed_table(better, 3.19)
+    worse = {s: {"one_shot": 4.00, "ours": 4.05 + 0.001 * s} for s in range(3)}
+    assert "(one_shot better)" in bench.seed_table(worse, 3.19)
+
+
+def test_one_seed_has_no_interval_and_t_needs_two_runs():
+    bench = _benchmark()
+    paired = bench.seed_statistics({0: FINALS[0]})["ours_minus_one_shot"]
+    assert "ci95" not in paired and paired["mean"] == pytest.approx(0.03)
+    assert bench.t95(1) == pytest.approx(12.706)
+    with pytest.raises(ValueError, match="two paired runs"):
+        bench.t95(0)
