@@ -102,17 +102,21 @@ def table(arm_curves: dict[str, list[tuple[int, float]]], source: float) -> str:
     return "\n".join(lines)
 
 
-# two-sided 95% critical values of Student's t for 1..10 degrees of freedom
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+# two-sided 95% critical values of Student's t for 1..30 degrees of freedom, then for 40, 60
+# and 120 (beyond 30 the next lower tabulated degrees of freedom is used: a wider interval)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+       2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+       2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T95_LARGE = ((120, 1.980), (60, 2.000), (40, 2.021), (30, 2.042))
 
 
 def t95(degrees_of_freedom: int) -> float:
-    """The two-sided 95% critical value of Student's t (the normal 1.96 beyond 30 dof)."""
+    """The two-sided 95% critical value of Student's t."""
     if degrees_of_freedom < 1:
         raise ValueError("a t interval needs at least two paired runs")
     if degrees_of_freedom <= len(T95):
         return T95[degrees_of_freedom - 1]
-    return 2.042 if degrees_of_freedom <= 30 else 1.96
+    return next(value for dof, value in T95_LARGE if degrees_of_freedom >= dof)
 
 
 def seed_statistics(finals: dict[int, dict[str, float]]) -> dict[str, object]:

@@ -52,5 +52,8 @@ def test_one_seed_has_no_interval_and_t_needs_two_runs():
     paired = bench.seed_statistics({0: FINALS[0]})["ours_minus_one_shot"]
     assert "ci95" not in paired and paired["mean"] == pytest.approx(0.03)
     assert bench.t95(1) == pytest.approx(12.706)
+    assert bench.t95(11) == pytest.approx(2.201) and bench.t95(30) == pytest.approx(2.042)
+    assert bench.t95(45) == pytest.approx(2.021)  # never narrower than the exact 2.014
+    assert bench.t95(10_000) == pytest.approx(1.980)
     with pytest.raises(ValueError, match="two paired runs"):
         bench.t95(0)
