@@ -133,8 +133,9 @@ def seed_statistics(finals: dict[int, dict[str, float]]) -> dict[str, object]:
         mean = statistics.fmean(diffs)
         paired: dict[str, object] = {"values": diffs, "mean": mean}
         if len(diffs) > 1:
-            half = t95(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-            paired.update(std=statistics.stdev(diffs), ci95=(mean - half, mean + half))
+            spread = statistics.stdev(diffs)
+            half = t95(len(diffs) - 1) * spread / len(diffs) ** 0.5
+            paired.update(std=spread, ci95=(mean - half, mean + half))
         out["ours_minus_one_shot"] = paired
     return out
 

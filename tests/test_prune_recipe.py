@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -206,6 +207,15 @@ def test_importance_init_settings_with_uniform_init_are_refused(tmp_path, monkey
             prune_args(tmp_path, "pruning.mask_init=uniform", f"{key}=3.0"))
     assert err.value.key == key
     assert "mask_init: importance" in str(err.value)
+
+
+def test_importance_init_below_the_log_alpha_floor_is_reported(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="acadlm_plugins.plugins.pruning")
+    run(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(
+        tmp_path, "pruning.mask_init=importance", "pruning.mask_init_gap=10",
+        "pruning.mask_init_spread=4", "max_steps=1", "save_every_n_steps=1"))
+    reports = [r.getMessage() for r in caplog.records if "below the log_alpha floor" in r.getMessage()]
+    assert len(reports) == 1 and "mask_init_gap 10" in reports[0], reports
 
 
 @pytest.mark.parametrize("override, key", [

@@ -169,6 +169,22 @@ class PruningPlugin:
             self.masks.invalidate()
             log.info("mask log_alpha initialized from importance scores over %d sequences",
                      scores.num_sequences)
+            self._report_units_below_floor()
+
+    def _report_units_below_floor(self) -> None:
+        """Say when the importance init starts dropped units below the log_alpha floor: the
+        clamp after the first step raises them all to it, so mask_init_spread no longer orders
+        them (the Lagrangian then reopens them in no particular order)."""
+        from acadlm_plugins.pruning.hard_concrete import LOG_ALPHA_MIN
+
+        below = sum(int((gate.log_alpha < LOG_ALPHA_MIN).sum())
+                    for gate in self.masks.gates.values())
+        if below:
+            total = sum(gate.log_alpha.numel() for gate in self.masks.gates.values())
+            log.info("%d of %d gates start below the log_alpha floor %.2f (mask_init_gap %g, "
+                     "mask_init_spread %g); the clamp after the first step raises them to it, "
+                     "so their importance order is lost: lower the gap to keep it",
+                     below, total, LOG_ALPHA_MIN, self.mask_init_gap, self.mask_init_spread)
 
     def importance(self, corpus: Any, model: Any = None, device: Any = None) -> Any:
         """Minitron importance scores on the calibration packs, of ``model`` (default: the
