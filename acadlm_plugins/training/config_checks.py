@@ -5,11 +5,56 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from collections.abc import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
 from acadlm_plugins.errors import ConfigError
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def config_value(value: object, key: str, kind: type, *, minimum: float | None = None,
+                 above: float | None = None, allow_none: bool = False) -> object:
+    """``value`` (read from config key ``key``) as ``kind`` (int, float or bool), or a
+    :class:`ConfigError` naming ``key``: a typo such as ``lr=3e-4x`` or ``top_k=maybe`` must stop
+    the run before it loads anything, not surface as a bare ``ValueError`` mid-run or, worse,
+    be read as something else (``bool("maybe")`` is True). ``minimum`` is inclusive, ``above``
+    exclusive; ``allow_none`` passes None through (an unset optional key)."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigError(key, "is null.", f"set `{key}` to {_KIND_NAMES[kind]}.")
+    converted: object
+    if kind is bool:
+        if isinstance(value, bool):
+            converted = value
+        elif isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            converted = value.strip().lower() == "true"
+        else:
+            raise ConfigError(key, f"is {value!r}, not true or false.",
+                              f"set `{key}` to true or false.")
+        return converted
+    if isinstance(value, bool):
+        raise ConfigError(key, f"is {value!r}, not {_KIND_NAMES[kind]}.",
+                          f"set `{key}` to {_KIND_NAMES[kind]}.")
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"is {value!r}, not {_KIND_NAMES[kind]}.",
+                          f"set `{key}` to {_KIND_NAMES[kind]}.") from None
+    if kind is int and isinstance(value, float) and value != converted:
+        raise ConfigError(key, f"is {value!r}, not a whole number.", f"set `{key}` to an integer.")
+    if kind is float and math.isnan(converted):
+        raise ConfigError(key, "is nan.", f"set `{key}` to a number.")
+    if minimum is not None and converted < minimum:
+        raise ConfigError(key, f"is {value!r}, below its minimum {minimum}.",
+                          f"set `{key}` to {minimum} or more.")
+    if above is not None and not converted > above:
+        raise ConfigError(key, f"is {value!r}; it must be above {above}.",
+                          f"set `{key}` to a value above {above}.")
+    return converted
 
 
 def reject_unknown_keys(keys: Iterable[object], known: Iterable[str], *, recipe: str,
