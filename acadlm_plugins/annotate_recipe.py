@@ -9,6 +9,11 @@ Each process scores a contiguous share of the documents (``torch.distributed`` i
 agree on the plan and to add up the totals), writing parquet shards with the input columns plus
 ``num_tokens`` and ``score_<criterion>`` (see :mod:`acadlm_plugins.qurating.annotation`). A
 run that is killed resumes where it stopped: finished shards are kept, the rest are scored.
+
+An optional ``metric_logger`` block (any torchtune metric logger, e.g. ``DiskLogger``) gets, on
+rank 0, rank 0's throughput after every shard (``tokens_per_second``,
+``documents_per_second``, at the step of its finished shards) and at the end the totals of all
+ranks (``total_tokens_per_second``, ``total_documents``, ``total_tokens``).
 """
 
 from __future__ import annotations
@@ -40,15 +45,17 @@ from acadlm_plugins.qurating.annotation import (
     remove_stale_temporaries,
     score_statistics,
 )
+from acadlm_plugins.qurating.metrics import check_metric_logger, optional_metric_logger
 from acadlm_plugins.qurating.rater import load_rater
 from acadlm_plugins.training import runtime
-from acadlm_plugins.training.config_checks import check_config_keys
+from acadlm_plugins.training.config_checks import check_config_keys, config_value
 
 log = utils.get_logger("INFO")
 
 KNOWN_KEYS = {
     "output_dir", "rater_dir", "data_files", "text_field", "chunk_tokens", "batch_tokens",
     "shard_size", "max_documents_per_file", "cache_dir", "device", "dtype", "max_shards",
+    "metric_logger",
 }
 REQUIRED_KEYS = ("output_dir", "rater_dir", "data_files")
 
@@ -60,6 +67,7 @@ class AnnotateRecipe:
         (self._distributed, self._device, self._dtype, self._world_size,
          self._rank) = runtime.init_process(cfg)
         self._is_rank_zero = self._rank == 0
+        self._metric_logger = None  # set last in setup; cleanup works even if setup stopped
 
     def setup(self, cfg: DictConfig) -> None:
         check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="annotate",
@@ -67,19 +75,22 @@ class AnnotateRecipe:
         self._cfg = cfg
         self._output_dir = Path(str(cfg.output_dir)).expanduser()
         self._rater_dir = Path(str(cfg.rater_dir)).expanduser()
-        chunk_tokens = int(cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
-        shard_size = int(cfg.get("shard_size", DEFAULT_SHARD_SIZE))
-        per_file = cfg.get("max_documents_per_file", None)
-        per_file = None if per_file is None else int(per_file)
-        max_shards = cfg.get("max_shards", None)
-        self._max_shards = None if max_shards is None else int(max_shards)
+        chunk_tokens = config_value(cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS),
+                                    "chunk_tokens", int, minimum=1)
+        batch_tokens = config_value(cfg.get("batch_tokens", DEFAULT_BATCH_TOKENS),
+                                    "batch_tokens", int, minimum=1)
+        shard_size = config_value(cfg.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size", int,
+                                  minimum=1)
+        per_file = config_value(cfg.get("max_documents_per_file", None),
+                                "max_documents_per_file", int, minimum=1, allow_none=True)
+        self._max_shards = config_value(cfg.get("max_shards", None), "max_shards", int,
+                                        minimum=1, allow_none=True)
+        check_metric_logger(cfg)
 
         self._rater = load_rater(self._rater_dir, device=self._device, dtype=self._dtype,
                                  max_seq_len=chunk_tokens + 1)
         self._scorer = DocumentScorer(self._rater, chunk_tokens=chunk_tokens,
-                                      batch_tokens=int(cfg.get("batch_tokens",
-                                                               DEFAULT_BATCH_TOKENS)),
-                                      device=self._device)
+                                      batch_tokens=batch_tokens, device=self._device)
         data_files = cfg.data_files
         paths = ([str(p) for p in data_files] if isinstance(data_files, (list, ListConfig))
                  else [str(data_files)])
@@ -111,12 +122,15 @@ class AnnotateRecipe:
                      "chunks of %d tokens", self._corpus.num_rows, len(self._corpus.files),
                      self._rater_dir, ", ".join(self._scorer.criteria), self._world_size,
                      chunk_tokens)
+        if self._is_rank_zero:
+            self._metric_logger = optional_metric_logger(cfg)
 
     def run(self) -> dict[str, Any]:
         """Score the shards and write ``annotation.json`` (rank 0); returns the summary."""
         started = time.perf_counter()
         result = annotate_rank(self._corpus, self._scorer, self._output_dir, self._shards,
-                               max_shards=self._max_shards, progress=self._is_rank_zero)
+                               max_shards=self._max_shards, progress=self._is_rank_zero,
+                               on_shard=self._log)
         log.info("rank %d: %d shards scored (%d were done before), %d documents, %d tokens, "
                  "%.0f tokens/s", self._rank, result.shards_scored, result.shards_done_before,
                  result.documents, result.tokens, result.tokens / max(result.seconds, 1e-9))
@@ -133,6 +147,10 @@ class AnnotateRecipe:
             "rater_dir": str(self._rater_dir), "criteria": self._scorer.criteria,
             "chunk_tokens": self._scorer.chunk_tokens, "output_dir": str(self._output_dir),
         }
+        self._log({"total_tokens_per_second": summary["tokens_per_second"],
+                   "total_documents": summary["documents_scored"],
+                   "total_tokens": summary["tokens_scored"]}, int(totals["before"]
+                                                               + totals["scored"]))
         if self._is_rank_zero:
             summary["corpus"] = score_statistics(self._output_dir, self._scorer.criteria)
             if summary["complete"]:
@@ -155,8 +173,12 @@ class AnnotateRecipe:
         totals["seconds"] = float(seconds.cpu()[0])
         return totals
 
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(metrics, step=step)
+
     def cleanup(self) -> None:
-        runtime.close_process(self._distributed)
+        runtime.close_process(self._distributed, self._metric_logger)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

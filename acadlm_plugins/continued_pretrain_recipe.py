@@ -51,7 +51,12 @@ from acadlm_plugins.training.checkpointing import (
     write_recipe_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_component, instantiate_optional
-from acadlm_plugins.training.config_checks import check_config_keys, route_package_logs
+from acadlm_plugins.training.config_checks import (
+    check_config_keys,
+    config_value,
+    reject_unknown_keys,
+    route_package_logs,
+)
 from acadlm_plugins.training.optimizers import build_optimizer
 from acadlm_plugins.training.run_checks import (
     check_checkpoint_source,
@@ -61,6 +66,7 @@ from acadlm_plugins.training.run_checks import (
     check_model_rope,
     check_output_dir,
     clean_interrupted_writes,
+    clip_grad_norm,
     positive_int,
 )
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
@@ -75,6 +81,7 @@ KNOWN_KEYS = {
     "save_every_n_steps", "keep_last_n_checkpoints", "validation", "metric_logger", "plugins",
     "resume", "enable_activation_checkpointing", "model_dir",
 }
+VALIDATION_KEYS = {"batch_size", "max_packs_per_domain"}  # the `validation:` block
 REQUIRED_KEYS = ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
                  "validation_dataset", "optimizer", "batch_size", "max_steps", "metric_logger")
 # Blocks read by built-in plugins; third-party plugins declare theirs with `config_keys`.
@@ -108,7 +115,7 @@ class ContinuedPretrainRecipe:
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")
         self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
-        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._clip_grad_norm = clip_grad_norm(cfg)
         self._log_every = positive_int(cfg, "log_every_n_steps", 1)
         self._save_every = positive_int(cfg, "save_every_n_steps", self._max_steps)
         self._keep_last = positive_int(cfg, "keep_last_n_checkpoints", 2)
@@ -127,6 +134,8 @@ class ContinuedPretrainRecipe:
         self._pm.hook.acadlm_configure(cfg=cfg, recipe=self._recipe_name)
         self._check_keys(cfg)
         self._eval_every = positive_int(cfg, "eval_every_n_steps", self._max_steps)
+        self._val_batch_size, self._val_max_packs = validation_settings(
+            cfg, default_batch_size=self._batch_size, recipe=self._recipe_name)
         self._cfg = cfg
         check_device(cfg)
         check_output_dir(self._output_dir)
@@ -193,6 +202,7 @@ class ContinuedPretrainRecipe:
 
     def _setup_model(self, cfg: DictConfig, model: torch.nn.Module,
                      model_state: dict) -> torch.nn.Module:
+        check_state_shapes(cfg, model, model_state)
         if cfg.get("enable_activation_checkpointing", False):
             from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -267,11 +277,13 @@ class ContinuedPretrainRecipe:
             self._pm.hook.acadlm_batch_ready(batch=batch, step=self._step)
             seq_loss, seq_count, logits = self._token_losses(batch)
             # Normalized by the global token count; FSDP averages gradients over ranks, hence
-            # the world_size factor. Plugin terms are per-micro-batch means, averaged likewise.
+            # the world_size factor. Plugin terms are per-micro-batch means, averaged over the
+            # micro-batches; a term that weighs tokens as this loss does uses `step_tokens`.
             loss = seq_loss.sum() / global_tokens * self._world_size
             micro_mean = seq_loss.sum() / seq_count.sum().clamp(min=1)
             extras = collect_metrics(self._pm.hook.acadlm_extra_loss(
-                model=self._model, batch=batch, logits=logits, loss=micro_mean, step=self._step))
+                model=self._model, batch=batch, logits=logits, loss=micro_mean, step=self._step,
+                step_tokens=global_tokens, micro_batches=self._grad_accum))
             for name, term in extras.items():
                 loss = loss + term / self._grad_accum
                 extra_totals[name] = extra_totals.get(name, 0.0) + float(term.detach()) / self._grad_accum
@@ -280,14 +292,12 @@ class ContinuedPretrainRecipe:
             domain_sums.index_add_(0, batch["domain"].cpu(), seq_loss.detach().double().cpu())
             domain_counts.index_add_(0, batch["domain"].cpu(), seq_count.double().cpu())
         grad_norm = runtime.clip_and_step(self._model, self._optimizer, self._lr_scheduler,
-                                          self._clip_grad_norm)
+                                          self._clip_grad_norm, step=self._step)
         elapsed = time.perf_counter() - step_started
         metrics = {"loss": self._all_reduce_sum(loss_total) / global_tokens,
                    "lr": float(self._optimizer.param_groups[0]["lr"]),
                    "tokens_per_second": global_tokens / elapsed,
-                   "tokens_seen": global_tokens}
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+                   "tokens_seen": global_tokens, "grad_norm": float(grad_norm)}
         for name, value in extra_totals.items():
             metrics[f"loss/{name}"] = value
         # per-domain losses over the global batch, not rank 0's slice
@@ -305,10 +315,9 @@ class ContinuedPretrainRecipe:
         return {k: v.to(self._device) for k, v in batch.items()}
 
     def _evaluate(self) -> None:
-        validation = self._cfg.get("validation", {}) or {}
         losses = evaluate_domain_losses(
-            self._model, self._val_data.corpus, batch_size=int(validation.get("batch_size", self._batch_size)),
-            device=self._device, max_packs_per_domain=validation.get("max_packs_per_domain", None),
+            self._model, self._val_data.corpus, batch_size=self._val_batch_size,
+            device=self._device, max_packs_per_domain=self._val_max_packs,
             rank=self._data_rank, world_size=self._data_world, all_reduce=self._distributed,
             token_losses=self._eval_token_losses(), block_mask=self._eval_needs_mask())
         metrics = {f"val_loss/{name}": value for name, value in losses.items()}
@@ -422,6 +431,11 @@ class ContinuedPretrainRecipe:
         return self._model
 
     @property
+    def device(self) -> torch.device:
+        """The run's device (``device:``): where training and validation run."""
+        return self._device
+
+    @property
     def plugin_manager(self):
         return self._pm
 
@@ -436,12 +450,11 @@ class ContinuedPretrainRecipe:
                                         is_rank_zero=self._is_rank_zero)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Per-domain validation loss of ``model`` (an unsharded model, on this rank alone)."""
-        validation = self._cfg.get("validation", {}) or {}
+        """Per-domain validation loss of ``model`` (an unsharded model on :attr:`device`, on
+        this rank alone)."""
         return evaluate_domain_losses(
-            model, self._val_data.corpus,
-            batch_size=int(validation.get("batch_size", self._batch_size)), device=self._device,
-            max_packs_per_domain=validation.get("max_packs_per_domain", None))
+            model, self._val_data.corpus, batch_size=self._val_batch_size, device=self._device,
+            max_packs_per_domain=self._val_max_packs)
 
     # --------------------------------------------------------------------------- helpers
     def _all_reduce_sum(self, value: float) -> float:
@@ -468,6 +481,47 @@ class ContinuedPretrainRecipe:
 
     def cleanup(self) -> None:
         runtime.close_process(self._distributed, self._metric_logger)
+
+
+def check_state_shapes(cfg: DictConfig, model: torch.nn.Module, model_state: dict) -> None:
+    """Refuse a checkpoint whose tensors have other shapes than the built model's (another
+    size of model), naming both keys, instead of torch's size-mismatch RuntimeError."""
+    expected = model.state_dict()
+    mismatched = [(name, tuple(value.shape), tuple(expected[name].shape))
+                  for name, value in model_state.items()
+                  if name in expected and tuple(value.shape) != tuple(expected[name].shape)]
+    if not mismatched:
+        return
+    examples = "; ".join(f"`{name}` is {list(saved)} in the checkpoint, {list(built)} in the model"
+                         for name, saved, built in mismatched[:2])
+    source = cfg.checkpointer.get("checkpoint_dir", None)
+    raise ConfigError(
+        "model", f"builds another size of model than the checkpoint in "
+        f"`checkpointer.checkpoint_dir` ({source}) holds: {len(mismatched)} tensors differ in "
+        f"shape, e.g. {examples}.",
+        "set `model._component_` to a builder of the checkpoint's architecture, e.g. "
+        "`acadlm_plugins.models.decoder_from_hf_config` with `path:` the checkpoint folder "
+        "(it reads the folder's config.json), or point `checkpointer.checkpoint_dir` at a "
+        "checkpoint of the configured model.")
+
+
+def validation_settings(cfg: DictConfig, *, default_batch_size: int,
+                        recipe: str) -> tuple[int, int | None]:
+    """The ``validation:`` block's batch size (default: the training ``batch_size``) and
+    ``max_packs_per_domain`` (default: every pack), checked before anything loads: a misspelled
+    key would otherwise be ignored and a zero fail after the model and data have loaded."""
+    block = cfg.get("validation", None)
+    if block is None:
+        block = {}
+    if not isinstance(block, (DictConfig, dict)):
+        raise ConfigError("validation", f"must be a mapping, got {block!r}.",
+                          f"give it keys among {sorted(VALIDATION_KEYS)}, or remove it.")
+    reject_unknown_keys(block, VALIDATION_KEYS, recipe=recipe, prefix="validation.")
+    batch_size = config_value(block.get("batch_size", None), "validation.batch_size", int,
+                              minimum=1, allow_none=True) or default_batch_size
+    max_packs = config_value(block.get("max_packs_per_domain", None),
+                             "validation.max_packs_per_domain", int, minimum=1, allow_none=True)
+    return batch_size, max_packs
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -33,7 +33,8 @@ log = utils.get_logger("INFO")
 
 KNOWN_KEYS = {
     "output_dir", "model", "tasks", "lengths", "num_samples", "seed", "task_metadata", "limit",
-    "apply_chat_template", "log_samples", "gen_kwargs", "use_cache", "num_fewshot",
+    "apply_chat_template", "system_instruction", "log_samples", "gen_kwargs", "use_cache",
+    "num_fewshot",
 }
 MODEL_NAMES = ("acadlm", "hf")
 
@@ -60,10 +61,13 @@ def check_config(cfg: DictConfig) -> None:
 
 def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]:
     """What every task sees: the model args (for its tokenizer), lengths, samples, seed, whether
-    the run applies a chat template (our tasks lay out their prompts for it), extras."""
+    the run applies a chat template and its system instruction (our tasks lay out and size their
+    prompts for them), extras."""
     metadata = dict(model_args)
     if cfg.get("apply_chat_template"):
         metadata["apply_chat_template"] = True
+    if cfg.get("system_instruction"):
+        metadata["system_instruction"] = str(cfg.system_instruction)
     if cfg.get("lengths") is not None:
         metadata["max_seq_lengths"] = [int(length) for length in cfg.lengths]
     if cfg.get("num_samples") is not None:
@@ -114,6 +118,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         limit=cfg.get("limit"),
         log_samples=bool(cfg.get("log_samples", True)),
         apply_chat_template=bool(cfg.get("apply_chat_template", False)),
+        system_instruction=str(cfg.system_instruction) if cfg.get("system_instruction") else None,
         gen_kwargs=cfg.get("gen_kwargs"),
         task_manager=task_manager(metadata),
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -83,11 +83,23 @@ def acadlm_batch_ready(batch: dict, step: int) -> None:
 
 
 @hookspec
-def acadlm_extra_loss(model: Any, batch: dict, logits: Any, loss: Any, step: int) -> dict | None:
+def acadlm_extra_loss(model: Any, batch: dict, logits: Any, loss: Any, step: int,
+                      step_tokens: float, micro_batches: int) -> dict | None:
     """Return extra loss terms to add to the training loss, as ``{name: scalar tensor}``.
 
-    Each term is added to the language-model ``loss`` before backward and logged as
-    ``loss/<name>``. Return ``None`` to add nothing.
+    Called once per micro-batch, after its forward pass. ``loss`` is that micro-batch's mean
+    language-model loss over its own counted tokens (on this rank). Each term is divided by
+    ``micro_batches`` (the step's ``gradient_accumulation_steps``) and added to the loss before
+    backward, so a term that is a mean over its micro-batch, or a penalty returned alike for
+    every micro-batch, enters the step as its average; the terms are logged as ``loss/<name>``.
+    Return ``None`` to add nothing.
+
+    The language-model loss that trains is token-weighted over the whole step: every counted
+    token of every micro-batch on every rank weighs ``1 / step_tokens``. A term that must weigh
+    tokens exactly as it does (distillation mixes with it) returns ``micro_batches *
+    world_size * (its sum over this micro-batch's tokens) / step_tokens``; the world-size
+    factor undoes FSDP's average of the gradients over ranks. Most plugins name neither
+    ``step_tokens`` nor ``micro_batches``.
     """
 
 

@@ -12,6 +12,10 @@ judged by a local model (``judge.kind: local``) or an OpenAI-compatible server
 (``judge.kind: openai``), and written to ``<output_dir>/judgments.jsonl`` with
 ``judgments.rejected.jsonl`` and ``judgments.summary.json`` beside it. Running the same command
 again resumes an interrupted run. See :mod:`acadlm_plugins.qurating.judging` for the method.
+
+An optional ``metric_logger`` block (any torchtune metric logger, e.g. ``DiskLogger``) gets the
+throughput after every batch of pairs: ``prompts_per_second`` and ``pairs_per_second``, at the
+step of the number of pairs done.
 """
 
 from __future__ import annotations
@@ -30,12 +34,23 @@ from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
 from acadlm_plugins.qurating.criteria import load_criteria
 from acadlm_plugins.qurating.judges import Judge, LocalJudge, OpenAIJudge
 from acadlm_plugins.qurating.judging import format_summary, judge_pairs
-from acadlm_plugins.qurating.pairs import PAIRS_CONFIG_KEYS, Pair, pairs_from_config
-from acadlm_plugins.training.config_checks import reject_unknown_keys, route_package_logs
+from acadlm_plugins.qurating.metrics import check_metric_logger, optional_metric_logger
+from acadlm_plugins.qurating.pairs import (
+    PAIRS_CONFIG_KEYS,
+    Pair,
+    pairs_from_config,
+    sampling_settings,
+)
+from acadlm_plugins.training.config_checks import (
+    config_value,
+    reject_unknown_keys,
+    route_package_logs,
+)
 
 log = utils.get_logger("INFO")
 
-KNOWN_KEYS = {"output_dir", "criteria", "pairs", "judge", "batch_pairs", "progress"}
+KNOWN_KEYS = {"output_dir", "criteria", "pairs", "judge", "batch_pairs", "progress",
+              "metric_logger"}
 PAIRS_KEYS = PAIRS_CONFIG_KEYS
 JUDGE_KEYS = {"kind", "local", "openai"}
 LOCAL_KEYS = {"model_dir", "device", "dtype", "batch_size", "chat_template"}
@@ -47,7 +62,8 @@ EXAMPLE_CONFIG = "configs/smollm2/qurating_judge.yaml"
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Refuse unknown keys (with a suggestion) and missing essentials before loading anything."""
+    """Refuse unknown keys (with a suggestion), missing essentials and values of the wrong
+    type before loading anything."""
     reject_unknown_keys(cfg, KNOWN_KEYS, recipe="judge")
     for key in ("output_dir", "pairs", "judge"):
         if cfg.get(key) is None:
@@ -71,6 +87,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("pairs.data", "give exactly one of `pairs.data` (a corpus to sample "
                           "pairs from) and `pairs.file` (ready-made pairs).",
                           "set the other to null.")
+    if has_data:
+        sampling_settings(OmegaConf.to_container(cfg.pairs, resolve=True))
+    config_value(cfg.get("batch_pairs", 4), "batch_pairs", int, minimum=1)
+    config_value(cfg.get("progress", True), "progress", bool)
+    check_metric_logger(cfg)
 
 
 def build_judge(cfg: DictConfig) -> Judge:
@@ -123,9 +144,17 @@ def run_judging(cfg: DictConfig) -> dict[str, Any]:
     judge = build_judge(cfg)
     pairs = build_pairs(cfg, excerpt_tokenizer(cfg, judge))
     output = Path(str(cfg.output_dir)).expanduser() / JUDGMENTS_FILE
-    summary = judge_pairs(pairs, criteria, judge, output,
-                          batch_pairs=int(cfg.get("batch_pairs", 4)),
-                          progress=bool(cfg.get("progress", True)))
+    metric_logger = optional_metric_logger(cfg)
+    try:
+        summary = judge_pairs(
+            pairs, criteria, judge, output,
+            batch_pairs=config_value(cfg.get("batch_pairs", 4), "batch_pairs", int, minimum=1),
+            progress=config_value(cfg.get("progress", True), "progress", bool),
+            on_batch=None if metric_logger is None else (
+                lambda metrics, step: metric_logger.log_dict(metrics, step=step)))
+    finally:
+        if metric_logger is not None:
+            metric_logger.close()
     print(format_summary(summary), flush=True)
     return summary
 

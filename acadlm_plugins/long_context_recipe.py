@@ -19,8 +19,11 @@ plugins, per-source validation loss) with what a context extension needs on top:
   saved config.json keeps ``rope_scaling`` and gets the new ``rope_theta``, by transformers and
   the lm-eval adapter alike. The stage logs this (``Stage.rope_note``); docs/models.md says why.
 * ``long_context.token_budget`` sets the number of steps (budget / tokens per step).
-* ``long_context.previous_stage``: the optimizer state (AdamW moments) of that stage's last
-  checkpoint carries over, while the learning-rate schedule starts again, as in ProLong.
+* ``long_context.previous_stage``: the optimizer state (AdamW moments) of the checkpoint of
+  that stage whose ``model/`` this stage starts from (``checkpointer.checkpoint_dir``) carries
+  over, while the learning-rate schedule starts again, as in ProLong; weights from outside that
+  stage are refused (``optimizer_source``). Moments change form with the optimizer: AdamW's
+  are quantized for an AdamW8bit stage, AdamW8bit's dequantized for an AdamW stage.
 * ``long_context.chunked_loss_tokens``: the next-token loss is computed this many positions at
   a time, so the ``length x vocabulary`` logits are never held whole (see training/chunked_loss).
 * ``sequence_parallel.degree``: Ulysses sequence parallelism (training/sequence_parallel.py).
@@ -62,14 +65,19 @@ from acadlm_plugins.models.rope import (
     write_rope_settings,
 )
 from acadlm_plugins.training import runtime
-from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
+from acadlm_plugins.training.checkpointing import (
+    MODEL_DIRNAME,
+    RECIPE_STATE_FILENAME,
+    latest_checkpoint,
+)
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.config_checks import config_value
 from acadlm_plugins.training.document_attention import (
     DocumentAttention,
     without_document_masking,
 )
-from acadlm_plugins.training.optimizers import requantize_states
+from acadlm_plugins.training.optimizers import float_state_dict, match_loaded_states
 from acadlm_plugins.training.sequence_parallel import (
     UlyssesAttention,
     check_sequence_length,
@@ -173,22 +181,25 @@ def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
     if unknown:
         raise ConfigError(f"long_context.{unknown[0]}", "is not a known key.",
                           f"use only {sorted(STAGE_KEYS)}.")
-    length = int(block.get("max_seq_len") or 0)
-    if length < 2:
-        raise ConfigError("long_context.max_seq_len", f"must be an integer >= 2, got {length}.")
-    data_length = cfg.dataset.get("max_seq_len", None)
-    if data_length is not None and int(data_length) != length:
+    length = config_value(block.get("max_seq_len", None), "long_context.max_seq_len", int,
+                          minimum=2)
+    data_length = config_value(cfg.dataset.get("max_seq_len", None), "dataset.max_seq_len", int,
+                               allow_none=True)
+    if data_length is not None and data_length != length:
         raise ConfigError("dataset.max_seq_len", f"is {data_length} but the stage trains at "
                           f"long_context.max_seq_len={length}.",
                           "make them equal, e.g. `max_seq_len: ${long_context.max_seq_len}`.")
     source_theta = config_rope_base(model_config)
-    theta = block.get("rope_base", None)
-    theta = source_theta if theta is None else float(theta)
+    theta = config_value(block.get("rope_base", None), "long_context.rope_base", float,
+                         allow_none=True)
+    theta = source_theta if theta is None else theta
     if not math.isfinite(theta) or theta <= 0:
         raise ConfigError("long_context.rope_base", f"must be a positive number, got {theta}.",
                           "ProLong uses 8e6 for 64K and 1.28e8 for 512K (Llama-3: 5e5 at 8K).")
-    trained = int(block.get("trained_length") or model_config.get("max_position_embeddings")
-                  or 0)
+    trained = config_value(block.get("trained_length", None), "long_context.trained_length", int,
+                           minimum=1, allow_none=True)
+    if trained is None:
+        trained = int(model_config.get("max_position_embeddings") or 0)
     if trained < 1:
         raise ConfigError("long_context.trained_length", "is unknown: the checkpoint's "
                           "config.json has no max_position_embeddings.",
@@ -201,11 +212,13 @@ def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
             "would rotate further than anything the model has seen.",
             f"raise rope_base for this stage (ProLong raised θ about {8e6 / 5e5:.0f}x for an 8x "
             f"longer context), or set trained_length if the model already handles {length}.")
-    budget = block.get("token_budget", None)
-    if budget is not None and int(budget) < length:
+    budget = config_value(block.get("token_budget", None), "long_context.token_budget", int,
+                          allow_none=True)
+    if budget is not None and budget < length:
         raise ConfigError("long_context.token_budget", f"{budget} tokens is less than one "
                           f"sequence of {length}.", "give at least one step's worth of tokens.")
-    chunk = int(block.get("chunked_loss_tokens") or 0)
+    chunk = config_value(block.get("chunked_loss_tokens", None),
+                         "long_context.chunked_loss_tokens", int, allow_none=True) or 0
     if chunk < 0:
         raise ConfigError("long_context.chunked_loss_tokens", f"must be >= 0, got {chunk}.",
                           "0 turns the chunked loss off.")
@@ -229,7 +242,7 @@ def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
     return Stage(max_seq_len=length, rope_base=theta, trained_length=trained,
                  source_rope_base=source_theta,
                  source_max_positions=int(model_config.get("max_position_embeddings") or trained),
-                 token_budget=None if budget is None else int(budget),
+                 token_budget=budget,
                  previous_stage=None if previous is None else str(previous),
                  chunked_loss_tokens=chunk, attention=attention, document_masking=masking,
                  rope_note=rope_change_note(model_config, theta))
@@ -260,6 +273,45 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, previous: dict[str, 
         merged["params"] = old["params"]
         merged_groups.append(merged)
     return {"state": previous["state"], "param_groups": merged_groups}
+
+
+def optimizer_source(previous_stage: Path, weights_dir: Path) -> Path:
+    """The checkpoint of ``previous_stage`` whose optimizer state this stage carries over: the
+    one whose ``model/`` the stage's weights come from (``checkpointer.checkpoint_dir``), since
+    Adam's moments belong to the weights they were accumulated on.
+
+    Weights inside ``previous_stage`` must be the ``step_<N>/model`` of one of its finished
+    checkpoints, and that checkpoint's state is taken (not the newest one's). Weights from
+    elsewhere are refused, unless they are the newest checkpoint's ``model/`` under another
+    path (a symlink). Raises ConfigError naming the key to change."""
+    newest = latest_checkpoint(previous_stage)
+    if newest is None:
+        raise ConfigError("long_context.previous_stage", f"{previous_stage} holds no finished "
+                          "checkpoint (step_<N>/ with recipe_state.pt).",
+                          "run the previous stage first, or set previous_stage: null.")
+    weights = weights_dir.resolve()
+    root = previous_stage.resolve()
+    newest_model = newest / MODEL_DIRNAME
+    if weights.is_relative_to(root):
+        parts = weights.relative_to(root).parts
+        checkpoint = previous_stage / parts[0] if parts else previous_stage
+        if (weights != (checkpoint / MODEL_DIRNAME).resolve()
+                or not (checkpoint / RECIPE_STATE_FILENAME).is_file()):
+            raise ConfigError("checkpointer.checkpoint_dir", f"{weights_dir} lies inside "
+                              f"long_context.previous_stage ({previous_stage}) but is not the "
+                              "model/ folder of one of its finished checkpoints (step_<N>/model "
+                              "beside step_<N>/recipe_state.pt), so no optimizer state belongs "
+                              "to these weights.",
+                              f"point it at {newest_model} (the newest checkpoint's model).")
+        return checkpoint
+    if weights == newest_model.resolve():
+        return newest
+    raise ConfigError("long_context.previous_stage", f"the stage's weights "
+                      f"(checkpointer.checkpoint_dir={weights_dir}) are not a checkpoint of "
+                      f"{previous_stage}, whose optimizer moments belong to other weights.",
+                      f"set checkpointer.checkpoint_dir={newest_model} (its newest checkpoint's "
+                      "model), point previous_stage at the run that wrote the weights, or set "
+                      "previous_stage: null to start the optimizer afresh.")
 
 
 def write_stage_config(model_dir: Path, stage: Stage) -> None:
@@ -335,10 +387,24 @@ def sequence_parallel_degree(cfg: DictConfig, *, distributed: bool, world_size: 
     return degree
 
 
-def check_sequence_parallel_config(model: torch.nn.Module, stage: Stage, degree: int) -> None:
-    """``degree`` must divide every layer's query and key-value heads and the stage length."""
+def check_sequence_parallel_lengths(cfg: DictConfig, stage: Stage, degree: int) -> None:
+    """``degree`` must divide the stage length and, as validation splits its sequences the same
+    way, the configured ``validation_dataset.max_seq_len``: checked before anything loads."""
+    check_sequence_length(stage.max_seq_len, degree, field="long_context.max_seq_len")
+    validation = cfg.get("validation_dataset", None) or {}
+    length = config_value(validation.get("max_seq_len", None), "validation_dataset.max_seq_len",
+                          int, minimum=1, allow_none=True)
+    if length is not None:
+        check_sequence_length(length, degree, field="validation_dataset.max_seq_len")
+
+
+def check_sequence_parallel_config(model: torch.nn.Module, stage: Stage, degree: int, *,
+                                   validation_length: int) -> None:
+    """``degree`` must divide every layer's query and key-value heads, the stage length and the
+    length of the validation packs (their builder's default when the config sets none)."""
     check_sequence_parallel(model, degree)
     check_sequence_length(stage.max_seq_len, degree, field="long_context.max_seq_len")
+    check_sequence_length(validation_length, degree, field="validation_dataset.max_seq_len")
 
 
 class LongContextRecipe(ContinuedPretrainRecipe):
@@ -380,6 +446,12 @@ class LongContextRecipe(ContinuedPretrainRecipe):
     def setup(self, cfg: DictConfig) -> None:
         resuming = latest_checkpoint(Path(cfg.output_dir)) is not None and str(
             cfg.get("resume", "auto")).lower() != "false"
+        check_sequence_parallel_lengths(cfg, self._stage, self._sp_degree)
+        carry_from = None
+        if self._stage.previous_stage and not resuming:
+            carry_from = optimizer_source(
+                Path(self._stage.previous_stage).expanduser(),
+                Path(str(cfg.checkpointer.checkpoint_dir)).expanduser())
         super().setup(cfg)
         if self._is_rank_zero:
             log.info("stage: %d tokens per sequence, RoPE base %g (checkpoint: %g, trained at "
@@ -391,7 +463,8 @@ class LongContextRecipe(ContinuedPretrainRecipe):
             if self._stage.rope_note:
                 log.info(self._stage.rope_note)
         self._history.setdefault("stage", asdict(self._stage))
-        check_sequence_parallel_config(self._model, self._stage, self._sp_degree)
+        check_sequence_parallel_config(self._model, self._stage, self._sp_degree,
+                                       validation_length=self._val_data.corpus.max_seq_len)
         self._needs_mask = batch_needs_mask(self._stage, self._device)
         if not self._stage.document_masking:
             if self._is_rank_zero:
@@ -405,8 +478,8 @@ class LongContextRecipe(ContinuedPretrainRecipe):
             # happens first, then each rank attends over whole documents with its heads.
             self._sequence_parallel = enable_ulysses(
                 self._model, new_sequence_parallel_group(self._sp_degree))
-        if self._stage.previous_stage and not resuming:
-            self._carry_over_optimizer(Path(self._stage.previous_stage).expanduser())
+        if carry_from is not None:
+            self._carry_over_optimizer(carry_from)
 
     # ------------------------------------------------------------------- stage mechanics
     def _build_model(self, cfg: DictConfig) -> torch.nn.Module:
@@ -435,25 +508,23 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                               f"{self._train_data.corpus.max_seq_len} tokens, the stage "
                               f"{self._stage.max_seq_len}.", "make them equal.")
 
-    def _carry_over_optimizer(self, previous_dir: Path) -> None:
-        checkpoint = latest_checkpoint(previous_dir)
-        if checkpoint is None:
-            raise ConfigError("long_context.previous_stage", f"{previous_dir} holds no finished "
-                              "checkpoint (step_<N>/ with recipe_state.pt).",
-                              "run the previous stage first, or set previous_stage: null.")
+    def _carry_over_optimizer(self, checkpoint: Path) -> None:
+        """Load the optimizer state of ``checkpoint`` (see :func:`optimizer_source`) with this
+        stage's hyperparameters, its moments in the form this stage's optimizer updates."""
         state = torch.load(checkpoint / RECIPE_STATE_FILENAME, map_location="cpu",
                            weights_only=False)
         merged = carry_optimizer_state(self._optimizer, state["optimizer"])
         if self._distributed:
-            training.load_from_full_optimizer_state_dict(self._model, self._optimizer, merged,
-                                                         self._device)
+            training.load_from_full_optimizer_state_dict(
+                self._model, self._optimizer, float_state_dict(merged), self._device)
         else:
             self._optimizer.load_state_dict(merged)
-        requantize_states(self._optimizer)  # e.g. AdamW's moments into an AdamW8bit stage
+        # AdamW's moments into an AdamW8bit stage are quantized, AdamW8bit's into AdamW dequantized
+        converted = match_loaded_states(self._optimizer)
         self._history["optimizer_state_from"] = str(checkpoint)
         if self._is_rank_zero:
-            log.info("optimizer state carried over from %s (learning-rate schedule restarts)",
-                     checkpoint)
+            log.info("optimizer state carried over from %s (learning-rate schedule restarts; "
+                     "%d moments converted to this optimizer's form)", checkpoint, converted)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """The next training batch as the model reads it (plugins see the same), with a mask

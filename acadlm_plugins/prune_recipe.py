@@ -80,7 +80,10 @@ class PruneRecipe:
         state = self._trainer.full_model_state()
         if not self._trainer.is_rank_zero:
             return None
-        masks = self._pruning.masks
+        # Slicing happens on the CPU, where the gathered state is: the masks (trained on the
+        # run's device) come along first, so gates, indices and weights share one device.
+        masks = self._pruning.masks.cpu()
+        masks.invalidate()
         with training.set_default_dtype(COMPARISON_DTYPE):
             plain = instantiate_component(self._cfg, "model")
         plain.load_state_dict(state, strict=False)
@@ -88,11 +91,9 @@ class PruneRecipe:
         kept_layers = kept_units(masks).layers
 
         losses_source = self._source_losses()
-        hooks = MaskHooks(plain, masks)
-        masks.use_final_gates()
-        losses_masked = self._trainer.evaluate(plain)
-        hooks.remove()
-        losses_pruned = self._trainer.evaluate(pruned)
+        losses_masked = self._evaluate(plain, masks=masks)
+        del plain
+        losses_pruned = self._evaluate(pruned)
         check_materialized(losses_masked, losses_pruned, COMPARISON_DTYPE)
         return self._export(pruned, target, started, {
             "source": losses_source, "masked": losses_masked, "pruned": losses_pruned},
@@ -114,7 +115,9 @@ class PruneRecipe:
         source.load_state_dict(state, strict=False)
         pruned, target = one_shot_prune(source, scores, self._pruning.target)
         kept_layers = keep_indices(scores, architecture_of(source), target).layers
-        losses = {"source": self._trainer.evaluate(source), "pruned": self._trainer.evaluate(pruned)}
+        losses = {"source": self._evaluate(source)}
+        del source
+        losses["pruned"] = self._evaluate(pruned)
         log.info("one-shot importance pruning over %d calibration sequences (%d tokens)",
                  scores.num_sequences, scores.num_tokens)
         return self._export(pruned, target, started, losses, kept_layers=kept_layers)
@@ -127,9 +130,30 @@ class PruneRecipe:
             return dict(evaluations[0]["losses"])
         source_model = _load_source_model(self._cfg)
         try:
-            return self._trainer.evaluate(source_model)
+            return self._evaluate(source_model)
         finally:
             del source_model
+
+    def _evaluate(self, model: torch.nn.Module, masks: Any = None) -> dict[str, float]:
+        """Per-domain validation losses of ``model``, built and sliced on the CPU, computed on
+        the run's device as training's evaluations are: the model (with ``masks`` hooked on
+        it, final gates, when given) moves there for the evaluation and back to the CPU after,
+        so one such model at a time occupies the device and export reads CPU weights."""
+        device = self._trainer.device
+        model.to(device)
+        hooks = None
+        if masks is not None:
+            masks.to(device)
+            hooks = MaskHooks(model, masks)
+            masks.use_final_gates()  # computed on `device`, after the move
+        try:
+            return self._trainer.evaluate(model)
+        finally:
+            if hooks is not None:
+                hooks.remove()
+                masks.cpu()
+                masks.invalidate()
+            model.cpu()
 
     def _export(self, pruned: torch.nn.Module, target: Any, started: float,
                 losses: dict[str, dict[str, float]], *, kept_layers: list[int]

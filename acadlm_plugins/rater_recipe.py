@@ -62,13 +62,14 @@ from acadlm_plugins.training.checkpointing import (
     write_recipe_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_optional
-from acadlm_plugins.training.config_checks import check_config_keys
+from acadlm_plugins.training.config_checks import check_config_keys, config_value
 from acadlm_plugins.training.optimizers import build_optimizer
 from acadlm_plugins.training.run_checks import (
     check_device,
     check_log_dir,
     check_output_dir,
     clean_interrupted_writes,
+    clip_grad_norm,
     positive_int,
 )
 
@@ -85,9 +86,10 @@ KNOWN_KEYS = {
 }
 REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_size",
                  "max_steps", "metric_logger")
-# A resumed run must train the same model on the same data.
+# A resumed run must train the same model on the same data, in the same order: `seed` seeds
+# PairSampler's per-epoch shuffle, so another seed would continue with another pair order.
 RESUME_MUST_MATCH = ("backbone_dir", "judgments", "criteria", "margin", "validation_fraction",
-                     "max_tokens", "pooling")
+                     "max_tokens", "pooling", "seed")
 
 
 class PairSampler:
@@ -147,12 +149,12 @@ class RaterRecipe:
                           example="configs/smollm2/qurating_rater.yaml")
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir).expanduser()
-        self._seed = training.set_seed(cfg.get("seed", 0))
+        self._seed = training.set_seed(config_value(cfg.get("seed", 0), "seed", int))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")
         self._eval_batch_size = positive_int(cfg, "eval_batch_size", 2 * self._batch_size)
         self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
-        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._clip_grad_norm = clip_grad_norm(cfg)
         self._log_every = positive_int(cfg, "log_every_n_steps", 1)
         self._eval_every = positive_int(cfg, "eval_every_n_steps", self._max_steps)
         self._save_every = positive_int(cfg, "save_every_n_steps", self._max_steps)
@@ -160,6 +162,13 @@ class RaterRecipe:
         self._max_tokens = positive_int(cfg, "max_tokens", 512)
         self._pooling = str(cfg.get("pooling", "last"))
         check_pooling(self._pooling)
+        self._margin = config_value(cfg.get("margin", DEFAULT_MARGIN), "margin", float,
+                                    minimum=0.0)
+        self._validation_fraction = config_value(cfg.get("validation_fraction", 0.1),
+                                                 "validation_fraction", float, minimum=0.0)
+        head_lr = cfg.get("head_lr", None)
+        self._head_lr = config_value(head_lr, "head_lr", float, above=0.0, allow_none=True)
+        self._criteria = criteria_names(cfg.get("criteria", None))
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
         check_device(cfg)
         check_output_dir(self._output_dir)
@@ -173,22 +182,19 @@ class RaterRecipe:
             log.info("resuming from %s", resume_from)
         check_backbone_dir(self._backbone_dir)
         self._tokenizer = RaterTokenizer(self._backbone_dir)
-        criteria_cfg = cfg.get("criteria", None)
         judgments = cfg.judgments
         paths = list(judgments) if isinstance(judgments, (list, ListConfig)) else [judgments]
-        criteria, pairs = read_judgments([str(p) for p in paths], criteria=(
-            [str(c) for c in criteria_cfg] if criteria_cfg else None))
+        criteria, pairs = read_judgments([str(p) for p in paths], criteria=self._criteria)
         self._data = PairwiseJudgments.build(
-            criteria, pairs, self._tokenizer, margin=float(cfg.get("margin", DEFAULT_MARGIN)),
-            validation_fraction=float(cfg.get("validation_fraction", 0.1)),
-            max_tokens=self._max_tokens)
+            criteria, pairs, self._tokenizer, margin=self._margin,
+            validation_fraction=self._validation_fraction, max_tokens=self._max_tokens)
         if not self._data.train_indices:
             raise DataError(f"all {self._data.counts['pairs_kept']} confident pairs fell into "
                             "the held-out split. Fix: lower `validation_fraction` or judge more "
                             "pairs.")
         if not self._data.heldout_indices:
             log.warning("no pair is held out (validation_fraction=%s): held-out accuracy "
-                        "cannot be measured", cfg.get("validation_fraction", 0.1))
+                        "cannot be measured", self._validation_fraction)
         if self._is_rank_zero:
             log.info("judgments: %s", json.dumps(self._data.counts))
 
@@ -233,8 +239,8 @@ class RaterRecipe:
         groups: list[dict[str, Any]] = [
             {"params": [p for p in self._model.parameters() if id(p) not in head_ids]},
             {"params": heads}]
-        if cfg.get("head_lr", None) is not None:
-            groups[1]["lr"] = float(cfg.head_lr)
+        if self._head_lr is not None:
+            groups[1]["lr"] = self._head_lr
         return build_optimizer(cfg, groups, device=self._device, distributed=self._distributed)
 
     def _restore(self) -> None:
@@ -293,7 +299,7 @@ class RaterRecipe:
                                     float((correct * batch["mask"]).sum()),
                                     float(batch["lengths"].sum())], dtype=torch.float64)
         grad_norm = runtime.clip_and_step(self._model, self._optimizer, self._lr_scheduler,
-                                          self._clip_grad_norm)
+                                          self._clip_grad_norm, step=self._step)
         totals = self._all_reduce_tensor(totals)
         elapsed = time.perf_counter() - started
         metrics = {"loss": float(totals[0]) / global_count,
@@ -383,9 +389,8 @@ class RaterRecipe:
         evaluations = self._history["evaluations"]
         return {
             "step": self._step, "backbone_source": str(self._backbone_dir),
-            "judgments": plain_value(self._cfg.judgments), "margin": float(self._cfg.get(
-                "margin", DEFAULT_MARGIN)),
-            "validation_fraction": float(self._cfg.get("validation_fraction", 0.1)),
+            "judgments": plain_value(self._cfg.judgments), "margin": self._margin,
+            "validation_fraction": self._validation_fraction,
             "pairs": self._data.counts,
             "heldout_accuracy": evaluations[-1]["accuracy"] if evaluations else {},
         }
@@ -436,6 +441,25 @@ class RaterRecipe:
 
     def cleanup(self) -> None:
         runtime.close_process(self._distributed, self._metric_logger)
+
+
+def criteria_names(value: Any) -> list[str] | None:
+    """The ``criteria`` config value as a list of names (None: every criterion found in the
+    judgments). One name given as a string (``criteria=educational_value``) is one criterion,
+    as the judge's ``load_criteria`` reads it, not a list of its characters."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, ListConfig)):
+        raise ConfigError("criteria", f"is {plain_value(value)!r}, not a list of criterion "
+                          "names.", "e.g. `criteria: [educational_value]`, or null for every "
+                          "criterion in the judgments.")
+    names = [str(name) for name in value]
+    if not names:
+        raise ConfigError("criteria", "is an empty list.", "name at least one criterion, or "
+                          "set `criteria: null` for every criterion in the judgments.")
+    return names
 
 
 def format_summary(summary: dict[str, Any]) -> str:

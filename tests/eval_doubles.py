@@ -39,6 +39,21 @@ class OracleLM(LM):
         raise NotImplementedError("the oracle only generates")
 
 
+class BlankLineFirstOracleLM(OracleLM):
+    """The oracle's answer after a blank line, cut at the first of the request's stop strings
+    (``until``) as a real model's generation is: SmolLM2 opens its answers so on RULER's frequent
+    words extraction, and a stop at a blank line would leave it nothing to score."""
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        answers = []
+        for request, answer in zip(requests, super().generate_until(requests), strict=True):
+            text = "\n\n" + answer
+            for stop in request.arguments[1].get("until") or []:
+                text = text.split(stop, 1)[0]
+            answers.append(text)
+        return answers
+
+
 class ConstantLM(OracleLM):
     """Always says the same thing, whatever the prompt."""
 

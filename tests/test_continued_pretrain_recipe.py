@@ -151,3 +151,145 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
     weights = load_file(next((last / "model").glob("*.safetensors")))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# ------------------------------------------------------------- gradients that are not finite
+
+
+class _Overflow:
+    """Turns the final norm's gradient infinite in step 2's backward, the loss staying finite
+    (an overflow in backward, as fp16 or a plugin's hook can produce)."""
+
+    step = -1
+
+    @hookimpl
+    def acadlm_model_built(self, model):
+        model.norm.scale.register_hook(
+            lambda grad: grad * float("inf") if _Overflow.step == 2 else grad)
+
+    @hookimpl
+    def acadlm_batch_ready(self, batch, step):
+        _Overflow.step = step
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no_clipping", "clipping"])
+def test_non_finite_gradients_of_a_finite_loss_stop_the_run_before_the_step(
+        tmp_path, monkeypatch, clip):
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(sys.modules, "_acadlm_test_overflow", type(sys)("_acadlm_test_overflow"))
+    sys.modules["_acadlm_test_overflow"].Overflow = _Overflow
+    args = tiny_run_args(tmp_path, "plugins=[_acadlm_test_overflow:Overflow]",
+                         "save_every_n_steps=2", "max_steps=4",
+                         *([f"clip_grad_norm={clip}"] if clip is not None else []))
+    with pytest.raises(NonFiniteLossError, match="`grad_norm` is (inf|nan) at step 2") as err:
+        run_recipe(monkeypatch, args)
+    assert err.value.name == "grad_norm" and err.value.step == 2
+    last = latest_checkpoint(tmp_path / "run")
+    assert last.name == "step_000002"  # written before the bad step, and nothing after it
+    weights = load_file(next((last / "model").glob("*.safetensors")))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    grad_norms = [line for line in logged_metrics(tmp_path / "run") if "grad_norm:" in line]
+    assert len(grad_norms) == 2  # logged every step, clipping or not
+
+
+def test_clip_and_step_checks_the_norm_before_the_optimizer_and_scheduler_move():
+    from acadlm_plugins.training.runtime import clip_and_step
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 3)).sum().backward()
+    model.bias.grad[0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="`grad_norm` is nan at step 7"):
+        clip_and_step(model, optimizer, scheduler, None, step=7)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    model.bias.grad[0] = 30.0
+    norm = clip_and_step(model, optimizer, scheduler, 1.0, step=8)
+    assert float(norm) > 30  # the norm before clipping is returned
+    assert not torch.equal(model.bias, before[1])
+
+
+@pytest.mark.parametrize("value, words", [
+    ("-1.0", "above 0"), ("0", "above 0"), ("abc", "not a number"), ("inf", "not a finite"),
+])
+def test_a_bad_clip_grad_norm_is_refused_before_any_work(tmp_path, monkeypatch, value, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, f"clip_grad_norm={value}"))
+    assert err.value.key == "clip_grad_norm"
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------- config checks
+
+
+def test_a_pruning_block_is_refused_outside_the_prune_recipe(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="only the prune recipe reads this block") as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, "pruning.target.num_layers=1"))
+    assert err.value.key == "pruning"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("validation.max_pack_per_domain=1", "validation.max_pack_per_domain",
+     "did you mean `validation.max_packs_per_domain`"),
+    ("validation.batch_size=0", "validation.batch_size", "below its minimum 1"),
+    ("validation.max_packs_per_domain=two", "validation.max_packs_per_domain", "not an integer"),
+])
+def test_bad_validation_settings_are_refused_before_loading(tmp_path, monkeypatch, override,
+                                                            key, words):
+    from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
+
+    loaded = []
+    monkeypatch.setattr(ContinuedPretrainRecipe, "_build_checked_model",
+                        lambda self, cfg: loaded.append(cfg) or pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match=words) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, override))
+    assert err.value.key == key and not loaded
+
+
+def test_validation_max_packs_per_domain_limits_the_evaluation(tmp_path, monkeypatch):
+    from acadlm_plugins import continued_pretrain_recipe as recipe
+
+    seen = []
+    evaluate = recipe.evaluate_domain_losses
+
+    def spy(model, corpus, **kwargs):
+        seen.append((kwargs["batch_size"], kwargs["max_packs_per_domain"]))
+        return evaluate(model, corpus, **kwargs)
+
+    monkeypatch.setattr(recipe, "evaluate_domain_losses", spy)
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=1", "validation.batch_size=2",
+                                          "validation.max_packs_per_domain=1"))
+    assert seen and set(seen) == {(2, 1)}
+
+
+def test_a_checkpoint_of_another_size_names_model_and_checkpoint_dir(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "wider_mlp"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                                 rope_theta=10_000.0, tie_word_embeddings=True)
+                     ).save_pretrained(other)
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, f"checkpointer.checkpoint_dir={other}"))
+    message = str(err.value)
+    assert err.value.key == "model"
+    assert "`checkpointer.checkpoint_dir`" in message and str(other) in message
+    assert ("layers.0.mlp.w1.weight` is [96, 64] in the checkpoint, [128, 64] in the model"
+            in message)
+    assert "acadlm_plugins.models.decoder_from_hf_config" in message
+    assert not latest_checkpoint(tmp_path / "run")
+
+
+def test_resuming_with_changed_reference_losses_is_refused(tmp_path, monkeypatch):
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2"))
+    with pytest.raises(ConfigError, match="checkpoint being resumed was trained with") as err:
+        run_recipe(monkeypatch, tiny_run_args(
+            tmp_path, "max_steps=4", "dynamic_batch_loading.reference_losses.prose=2.5"))
+    assert err.value.key == "dynamic_batch_loading.reference_losses"
+    assert latest_checkpoint(tmp_path / "run").name == "step_000002"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -311,3 +312,108 @@ def test_a_teacher_built_otherwise_than_its_checkpoint_is_refused(tmp_path, monk
         run_recipe_main(monkeypatch, CONTINUED, args)
     assert err.value.key == "distillation.teacher.model"
     assert not latest_checkpoint(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ gradient accumulation
+
+
+class _MicroBatchProbe:
+    """Records every micro-batch the recipe trains on (a copy, before the forward)."""
+
+    batches: ClassVar[list[dict[str, torch.Tensor]]] = []
+
+    @hookimpl
+    def acadlm_batch_ready(self, batch, step):
+        _MicroBatchProbe.batches.append(
+            {"step": step, **{k: v.detach().clone() for k, v in batch.items()}})
+
+
+def _probe_args(monkeypatch) -> str:
+    import sys
+
+    module = type(sys)("_acadlm_distillation_probe")
+    module.Probe = _MicroBatchProbe
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    _MicroBatchProbe.batches = []
+    return "plugins=[_acadlm_distillation_probe:Probe]"
+
+
+def _counted(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("optimizer, packing", [
+    # AdamW, as the audit ran it: micro-batches of 62 and 63 tokens; Adam turns any gradient,
+    # however small, into a full-size step, so only an exactly cancelled LM gradient passes
+    (["optimizer.weight_decay=0"], "split"),
+    # plain SGD with micro-batches of very unequal size (63 and 35, 1 and 63 tokens)
+    (["optimizer._component_=torch.optim.SGD", "optimizer.lr=0.1"], "whole"),
+], ids=["adamw", "sgd_unequal"])
+def test_kd_ratio_one_with_gradient_accumulation_leaves_the_teachers_copy_unchanged(
+        tmp_path, monkeypatch, optimizer, packing):
+    """kd_ratio 1 is the KD loss alone: a student that is its teacher's copy has nothing to
+    learn, however unequal the token counts of the step's micro-batches are."""
+    args = distill_run_args(tmp_path, "distillation.kd_ratio=1", *optimizer,
+                            "gradient_accumulation_steps=2", "batch_size=1", "max_steps=4",
+                            "save_every_n_steps=4", "dynamic_batch_loading.enabled=false",
+                            f"dataset.packing={packing}", _probe_args(monkeypatch))
+    with torch_threads():
+        out = run_recipe_main(monkeypatch, CONTINUED, args)
+    counts = [_counted(b) for b in _MicroBatchProbe.batches]
+    assert len(counts) == 8 and any(a != b for a, b in zip(counts[::2], counts[1::2])), counts
+    from safetensors.torch import load_file
+
+    source = load_file(tmp_path / "tiny_model" / "model.safetensors")
+    trained = final_weights(out)
+    for name, value in source.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-9, msg=name)
+    assert max(logged(out, "distillation/kl").values()) < 1e-6
+
+
+def test_distillation_loss_is_the_token_weighted_mix_over_the_whole_step(tmp_path, monkeypatch):
+    """One step of two micro-batches with unequal token counts, another model as teacher: the
+    loss the recipe trains (logged LM loss + the plugin's term) is (1 - r) LM + r KL, both
+    summed over every counted token of the step and divided by their number."""
+    import torch.nn.functional as F
+    from torchtune import training
+
+    teacher_dir = write_tiny_checkpoint(tmp_path / "teacher", seed=1)
+    ratio, temperature = 0.3, 2.0
+    args = distill_run_args(tmp_path, f"distillation.kd_ratio={ratio}",
+                            f"distillation.temperature={temperature}",
+                            f"distillation.teacher.checkpointer.checkpoint_dir={teacher_dir}",
+                            "gradient_accumulation_steps=2", "batch_size=1", "max_steps=1",
+                            "dynamic_batch_loading.enabled=false", "dataset.packing=whole",
+                            _probe_args(monkeypatch))
+    with torch_threads():
+        out = run_recipe_main(monkeypatch, CONTINUED, args)
+    batches = _MicroBatchProbe.batches
+    assert len(batches) == 2 and abs(_counted(batches[0]) - _counted(batches[1])) > 10
+
+    def load(model_dir: Path) -> torch.nn.Module:
+        model = tiny_llama(vocab_size=512)
+        checkpointer = training.FullModelHFCheckpointer(
+            checkpoint_dir=str(model_dir), checkpoint_files=["model.safetensors"],
+            model_type="LLAMA3_2", output_dir=str(tmp_path / "scratch"))
+        model.load_state_dict(checkpointer.load_checkpoint()["model"], strict=False)
+        return model.eval()
+
+    student, teacher = load(tmp_path / "tiny_model"), load(teacher_dir)
+    lm_sum = kl_sum = tokens = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            kwargs = {"mask": batch.get("mask"), "input_pos": batch.get("input_pos")}
+            s_logits = student(batch["tokens"], **kwargs)[:, :-1].double()
+            t_logits = teacher(batch["tokens"], **kwargs)[:, :-1].double()
+            targets = batch["labels"][:, 1:]
+            counted = targets != -100
+            lm_sum += float(F.cross_entropy(s_logits[counted], targets[counted], reduction="sum"))
+            p_t = F.softmax(t_logits[counted] / temperature, dim=-1)
+            log_p_s = F.log_softmax(s_logits[counted] / temperature, dim=-1)
+            kl_sum += float(temperature ** 2 * (p_t * (p_t.log() - log_p_s)).sum())
+            tokens += int(counted.sum())
+    lm, kl = lm_sum / tokens, kl_sum / tokens
+    assert logged(out, "loss")[1] == pytest.approx(lm, rel=1e-5)
+    assert logged(out, "distillation/kl")[1] == pytest.approx(kl, rel=1e-4)
+    trained = logged(out, "loss")[1] + logged(out, "loss/distillation")[1]
+    assert trained == pytest.approx((1 - ratio) * lm + ratio * kl, rel=1e-5)

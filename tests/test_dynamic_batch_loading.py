@@ -104,3 +104,48 @@ def test_disabled_plugin_does_nothing():
     plugin.acadlm_configure(cfg=OmegaConf.create({}), recipe="test")
     assert plugin.acadlm_evaluation_end(step=0, domain_losses={}, metrics={}) is None
     assert plugin.acadlm_state_dict() is None
+
+
+@pytest.mark.parametrize("block, key", [
+    ({"enable": True, "update_interval": 2}, "dynamic_batch_loading.enable"),
+    ({"enabled": False, "update_intervall": 2}, "dynamic_batch_loading.update_intervall"),
+    ({"enabled": "maybe"}, "dynamic_batch_loading.enabled"),
+    ({"enabled": True, "update_interval": "often"}, "dynamic_batch_loading.update_interval"),
+    ({"enabled": True, "reference_losses": {"a": "low"}},
+     "dynamic_batch_loading.reference_losses.a"),
+])
+def test_a_typo_in_the_block_is_refused_even_when_it_leaves_the_plugin_off(block, key):
+    """`enable: True` must not switch dynamic batch loading off without a word."""
+    cfg = OmegaConf.create({"output_dir": ".", "dynamic_batch_loading": block})
+    with pytest.raises(ConfigError) as err:
+        DynamicBatchLoadingPlugin().acadlm_configure(cfg=cfg, recipe="test")
+    assert err.value.key == key
+    if key.endswith(".enable"):
+        assert "did you mean `dynamic_batch_loading.enabled`" in str(err.value)
+
+
+def _resumed(saved_block: dict, resumed_block: dict) -> DynamicBatchLoadingPlugin:
+    """A plugin configured with ``resumed_block`` loading the state of one run with
+    ``saved_block`` (after its step-0 evaluation)."""
+    plugin, cfg = _plugin(update_interval=1, **saved_block)
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    plugin.acadlm_evaluation_end(step=0, domain_losses={"a": 4.0, "b": 2.0}, metrics={})
+    fresh, _ = _plugin(update_interval=1, **resumed_block)
+    fresh.acadlm_load_state_dict(states=plugin.acadlm_state_dict())
+    return fresh
+
+
+def test_resuming_keeps_the_checkpoints_reference_losses_and_refuses_a_changed_one():
+    given = {"reference_losses": {"a": 1.0, "b": 2.0}}
+    assert _resumed(given, given).reference == {"a": 1.0, "b": 2.0}
+    assert _resumed({}, {}).reference == {"a": 4.0, "b": 2.0}  # `initial`: the saved losses
+    for saved, resumed, key in [
+        (given, {"reference_losses": {"a": 1.0, "b": 2.5}}, "reference_losses"),
+        (given, {}, "reference_losses"),                    # mapping -> initial
+        ({}, given, "reference_losses"),                    # initial -> mapping
+        ({"reference_scale": 0.9}, {"reference_scale": 0.8}, "reference_scale"),
+    ]:
+        with pytest.raises(ConfigError, match="checkpoint being resumed") as err:
+            _resumed(saved, resumed)
+        assert err.value.key == f"dynamic_batch_loading.{key}"

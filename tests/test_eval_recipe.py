@@ -83,6 +83,23 @@ def test_tune_run_eval_recipe_writes_results_samples_table_and_heatmap(tmp_path,
     assert "Scores by context length" in log
 
 
+def test_the_recipes_system_instruction_reaches_the_run_and_the_tasks(tmp_path,
+                                                                     tiny_model_dir) -> None:
+    """``system_instruction`` goes to lm-eval (which writes it into every prompt) and to the
+    tasks' metadata (which count it in the length budget); with only one of the two, a RULER
+    task would refuse the run."""
+    from acadlm_plugins.eval_recipe import run_evaluation
+
+    (tmp_path / "hay.txt").write_text(HAYSTACK)
+    cfg = _cfg(tmp_path, tiny_model_dir, lengths=[512], num_samples=1,
+               system_instruction="Be brief.")
+    results = run_evaluation(cfg)
+    assert results["acadlm"]["metadata"]["system_instruction"] == "Be brief."
+    [row] = [json.loads(line) for line in
+             (tmp_path / "eval" / "samples_acadlm_niah_single_1.jsonl").open()]
+    assert "Be brief." in json.dumps(row["arguments"])
+
+
 def test_acadlm_lm_eval_command_prints_table_and_writes_report(tmp_path, tiny_model_dir,
                                                                capsys) -> None:
     from acadlm_plugins.evaluation.cli import main

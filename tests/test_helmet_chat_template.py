@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation import helmet, task_manager
-from acadlm_plugins.evaluation.cli import pass_chat_template_to_tasks
+from acadlm_plugins.evaluation.cli import pass_run_settings_to_tasks
 from acadlm_plugins.evaluation.helmet_frame import uses_chat_template
 from acadlm_plugins.evaluation.lengths import load_length_tokenizer
 
@@ -43,12 +43,14 @@ def chat_meta(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "apply_chat_template": True, "home": str(root / "empty_home")}
 
 
-def evaluate(meta: dict[str, Any], tasks: list[str], *, chat: bool = True) -> dict[str, Any]:
+def evaluate(meta: dict[str, Any], tasks: list[str], *, chat: bool = True,
+             system_instruction: str | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in meta.items() if k != "home"}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ACADLM_HOME", meta["home"])
         return simple_evaluate(model=ChatOracleLM(), tasks=tasks, log_samples=True,
                                apply_chat_template=chat, verbosity="ERROR",
+                               system_instruction=system_instruction,
                                task_manager=task_manager(settings, include_defaults=False))
 
 
@@ -101,6 +103,53 @@ def test_the_run_and_the_metadata_must_agree(chat_meta: dict[str, Any]) -> None:
         evaluate(chat_meta, ["acadlm_rag"], chat=False)
 
 
+INSTRUCTION = ("You are a careful assistant. Read every document in full before you answer, "
+               "and answer briefly.")
+
+
+def test_a_system_instruction_is_the_system_turn_and_counts_in_the_budget(
+        chat_meta: dict[str, Any]) -> None:
+    """Under the chat template the run's system instruction is HELMET's system message: the
+    whole prompt, system turn included, plus the generation fit the length."""
+    tokenizer = load_length_tokenizer(chat_meta, task="t")
+    run = evaluate({**chat_meta, "system_instruction": INSTRUCTION}, ["acadlm_narrativeqa"],
+                   system_instruction=INSTRUCTION)
+    for sample in run["samples"]["acadlm_narrativeqa"]:
+        doc, prompt = sample["doc"], sample["arguments"][0][0]
+        assert prompt == (f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n" + OPENING
+                          + doc["input"] + CLOSING)
+        assert tokenizer.count(prompt) == doc["input_tokens"]
+        assert tokenizer.count(prompt) + doc["tokens_to_generate"] <= LENGTH
+        assert doc["input_tokens"] >= 0.99 * doc["budget_tokens"]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_plain_prompt_gets_no_system_message_as_in_helmet(chat_meta: dict[str, Any],
+                                                            chat: bool) -> None:
+    """HELMET passes its system message only with the chat template: a plain-text prompt (a
+    plain category under the template, or a run without one) leaves the instruction out, so
+    prompt and generation fit the length."""
+    tokenizer = load_length_tokenizer(chat_meta, task="t")
+    run = evaluate({**chat_meta, "apply_chat_template": chat, "system_instruction": INSTRUCTION},
+                   ["acadlm_rag"], chat=chat, system_instruction=INSTRUCTION)
+    for sample in run["samples"]["acadlm_rag"]:
+        doc, prompt = sample["doc"], sample["arguments"][0][0]
+        assert INSTRUCTION not in prompt and prompt == doc["input"] + "Answer:"
+        assert tokenizer.count(prompt) + doc["tokens_to_generate"] <= LENGTH
+
+
+def test_the_run_and_the_metadata_must_agree_on_the_system_instruction(
+        chat_meta: dict[str, Any]) -> None:
+    """Under the chat template the instruction's tokens are counted, so a run that passes one
+    the metadata does not name (or another one) is refused."""
+    with pytest.raises(ConfigError, match=r"`acadlm_narrativeqa: system_instruction`: the run "
+                                          r"passes a system instruction that the task metadata"):
+        evaluate(chat_meta, ["acadlm_narrativeqa"], system_instruction=INSTRUCTION)
+    with pytest.raises(ConfigError, match=r"`acadlm_narrativeqa: system_instruction`: the task "
+                                          r"metadata names"):
+        evaluate({**chat_meta, "system_instruction": INSTRUCTION}, ["acadlm_narrativeqa"])
+
+
 def test_categories_as_helmets_configs() -> None:
     chat = {"apply_chat_template": True}
     assert [uses_chat_template(chat, c, task="t") for c in
@@ -134,15 +183,24 @@ def parsed_metadata(argv: list[str]) -> dict[str, Any]:
 def test_acadlm_lm_eval_passes_the_chat_template_to_the_tasks() -> None:
     argv = ["--model", "hf", "--tasks", "acadlm_helmet", "--metadata",
             '{"max_seq_lengths": [4096]}', "--apply_chat_template"]
-    passed = pass_chat_template_to_tasks(argv)
+    passed = pass_run_settings_to_tasks(argv)
     assert parsed_metadata(passed) == {"max_seq_lengths": [4096], "apply_chat_template": True}
     assert parsed_metadata(argv) == {"max_seq_lengths": [4096]}
-    named = pass_chat_template_to_tasks(["--apply_chat_template", "chatml", "--tasks", "x",
-                                         "--system_instruction", "Be brief."])
+    named = pass_run_settings_to_tasks(["--apply_chat_template", "chatml", "--tasks", "x",
+                                        "--system_instruction", "Be brief."])
     assert json.loads(named[-1]) == {"apply_chat_template": True,
                                      "system_instruction": "Be brief."}
     for unchanged in (["--tasks", "x"], ["--apply_chat_template=false", "--tasks", "x"]):
-        assert pass_chat_template_to_tasks(unchanged) == unchanged
+        assert pass_run_settings_to_tasks(unchanged) == unchanged
+
+
+def test_acadlm_lm_eval_passes_a_system_instruction_without_a_chat_template() -> None:
+    """lm-eval writes the instruction in front of a plain prompt too, so the tasks must count
+    it there as well."""
+    for argv in (["--tasks", "x", "--system_instruction", "Be brief."],
+                 ["--tasks", "x", "--system_instruction=Be brief.", "--apply_chat_template=no"]):
+        assert json.loads(pass_run_settings_to_tasks(argv)[-1]) == {
+            "system_instruction": "Be brief."}
 
 
 def test_the_eval_recipe_passes_the_chat_template_to_the_tasks() -> None:
@@ -151,3 +209,7 @@ def test_the_eval_recipe_passes_the_chat_template_to_the_tasks() -> None:
     chat = task_metadata(OmegaConf.create({"apply_chat_template": True}), {"pretrained": "x"})
     assert chat["apply_chat_template"] is True
     assert "apply_chat_template" not in task_metadata(OmegaConf.create({}), {"pretrained": "x"})
+    instructed = task_metadata(OmegaConf.create({"system_instruction": "Be brief."}),
+                               {"pretrained": "x"})
+    assert instructed["system_instruction"] == "Be brief."
+    assert "system_instruction" not in chat

@@ -390,11 +390,28 @@ def test_icl_maps_labels_to_numbers_and_balances_demonstrations(meta: dict[str, 
         assert doc["input"].count(query) == 1  # the query is never among the demonstrations
 
 
-@pytest.mark.parametrize(("generation", "label"), [
-    ("label: 2", "2"), (" 2\n", "2"), ("Label: 10.", "10"), ("The answer, label: 3", "3"),
-    ("I do not know.", "i"), ("", "")])
-def test_parse_label(generation: str, label: str):
-    assert helmet.parse_label(generation) == label
+@pytest.mark.parametrize(("generation", "gen_prefix", "answer"), [
+    (" 2", "label:", "2"), (" 2\nlabel: 5", "label:", "2"),
+    (" 3 (location)", "label:", "3 (location)"), ("\n3", "label:", ""),
+    (" label: 4", "label:", "4"),
+    ("label: 2", "", "2"), ("Label: 10.", "", "10."), ("The answer, label: 3", "", "3"),
+    ("I do not know.", "", "I do not know."), ("", "", "")])
+def test_parse_label(generation: str, gen_prefix: str, answer: str):
+    """HELMET's reading: the prompt's answer prefix put back in front of the generation (plain
+    text only), then the rest of the line after the first "label:", else the first line."""
+    assert helmet.parse_label(generation, gen_prefix) == answer
+
+
+@pytest.mark.parametrize(("generation", "gen_prefix", "score"), [
+    (" 3", "label:", 100.0), (" 3.", "label:", 100.0), (" 3 (location)", "label:", 0.0),
+    (" 31", "label:", 0.0), ("\n3", "label:", 0.0), ("label: 3", "", 100.0), ("3", "", 100.0),
+    ("The answer is 3", "", 0.0), ("", "", 0.0)])
+def test_icl_is_scored_by_exact_match_on_the_answer_line_as_helmet(generation: str,
+                                                                   gen_prefix: str, score: float):
+    """HELMET scores ICL by exact match (SQuAD-normalized) of the whole answer line: a label
+    followed by anything but punctuation is wrong."""
+    doc = {"outputs": ["3"], "max_length": 1024, "gen_prefix": gen_prefix}
+    assert helmet.process_results_label(doc, [generation]) == {"1024": score}
 
 
 def test_longqa_truncates_the_document_to_fit(meta: dict[str, Any]):

@@ -461,6 +461,16 @@ def test_batch_size_values():
         AcadLM._parse_max_batch_size("0")
 
 
+@pytest.mark.parametrize(("key", "value"), [
+    ("prefill_chunk", "big"), ("prefill_chunk", 0), ("prefill_chunk", -8), ("max_gen_toks", "x"),
+    ("max_gen_toks", 0), ("max_length", "4k"), ("max_length", 0), ("max_length", 2.5)])
+def test_a_model_arg_that_is_not_a_positive_integer_is_named(model_dir, key, value):
+    """`--model_args prefill_chunk=big` or `max_length=4k` stops with an error naming the arg,
+    before the weights load; `max_length=0` is refused rather than read as "not given"."""
+    with pytest.raises(ConfigError, match=rf"`--model_args {key}`: is {value!r}"):
+        AcadLM(pretrained=str(model_dir), **{key: value})
+
+
 def test_auto_batch_size_on_the_cpu_plans_from_free_memory(model_dir, lm, monkeypatch):
     import psutil
 

@@ -317,6 +317,22 @@ def test_malformed_source_settings_name_the_key(spec, key):
     assert err.value.key == key
 
 
+@pytest.mark.parametrize("data_files", [None, 123, {"path": "x.jsonl"}, ["x.jsonl", 5]])
+def test_data_files_of_the_wrong_type_name_the_field(data_files):
+    """null or a number used to end in `TypeError: 'NoneType' object is not iterable`."""
+    with pytest.raises(ConfigError, match="path") as err:
+        long_short_mixture(ByteTokenizer(), sources={"bad": {"data_files": data_files,
+                                                             "share": 1.0}}, max_seq_len=64)
+    assert err.value.key == "dataset.sources.bad.data_files"
+
+
+def test_a_text_field_that_is_not_a_name_names_the_field(corpus):
+    sources = tiny_sources(corpus, code={"text_field": 5})
+    with pytest.raises(ConfigError) as err:
+        long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
+    assert err.value.key == "dataset.sources.code.text_field"
+
+
 def test_missing_file_names_the_field(corpus, tmp_path):
     sources = tiny_sources(corpus, numbers={"data_files": str(tmp_path / "nope.jsonl")})
     with pytest.raises(DataError, match=r"dataset\.sources\.numbers\.data_files.*does not exist"):

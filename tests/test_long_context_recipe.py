@@ -164,6 +164,18 @@ def bad_stage(tiny_data, tmp_path, *overrides: str):
     (["long_context.document_masking=sometimes"], "long_context.document_masking", "true or false"),
     (["long_context.document_masking=false", "long_context.attention=documents"],
      "long_context.attention", "document_masking is false"),
+    # values of the wrong type name their key instead of a bare ValueError/TypeError
+    (["long_context.rope_base=high"], "long_context.rope_base", "not a number"),
+    (["long_context.max_seq_len=8k"], "long_context.max_seq_len", "not an integer"),
+    (["long_context.max_seq_len=null"], "long_context.max_seq_len", "is null"),
+    (["long_context.max_seq_len=1"], "long_context.max_seq_len", "below its minimum"),
+    (["long_context.token_budget=lots"], "long_context.token_budget", "not an integer"),
+    (["long_context.trained_length=2k"], "long_context.trained_length", "not an integer"),
+    (["long_context.trained_length=0"], "long_context.trained_length", "below its minimum"),
+    (["long_context.chunked_loss_tokens=many"], "long_context.chunked_loss_tokens",
+     "not an integer"),
+    (["long_context.chunked_loss_tokens=1.5"], "long_context.chunked_loss_tokens",
+     "not a whole number"),
 ])
 def test_impossible_stages_are_refused_naming_the_field(tiny_data, tmp_path, overrides, field,
                                                         words) -> None:
@@ -336,3 +348,195 @@ def test_validation_batches_carry_no_dense_mask_unless_the_model_reads_one(tiny_
     assert masked_built == masked["steps"] + 2 * 3
     for when in ("val_loss_before", "val_loss_after"):
         assert documents[when] == pytest.approx(masked[when], rel=1e-4), when
+
+
+# ----------------------------------------------------- optimizer state between stages
+
+
+def next_stage_config(tiny_data, stage_dir: Path, output_dir: Path, *overrides: str,
+                      weights: Path | None = None):
+    """A 256-token stage that continues ``stage_dir`` from ``weights`` (default: its newest
+    checkpoint's model) with its optimizer state."""
+    weights = weights or latest_checkpoint(stage_dir) / "model"
+    return stage_config(tiny_data, output_dir, f"checkpointer.checkpoint_dir={weights}",
+                        "checkpointer.checkpoint_files=[model-00001-of-00001.safetensors]",
+                        f"long_context.previous_stage={stage_dir}",
+                        "long_context.max_seq_len=256", "long_context.rope_base=160000.0",
+                        "long_context.trained_length=null", "long_context.token_budget=512",
+                        "validation.max_packs_per_domain=1", *overrides)
+
+
+@pytest.fixture(scope="module")
+def stage1_8bit(tiny_data, tmp_path_factory) -> Path:
+    """The tiny stage trained with torchao's AdamW8bit (checkpoints at steps 2 and 4, whose
+    single-process recipe states keep the 8-bit moments as they are)."""
+    out = tmp_path_factory.mktemp("stage1_8bit") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        run_recipe_main(monkeypatch, MODULE, stage_args(
+            tiny_data, out, "optimizer._component_=torchao.optim.AdamW8bit"))
+    return out
+
+
+def test_an_adamw_stage_takes_an_8bit_stages_moments_dequantized(stage1_8bit, tiny_data,
+                                                                  tmp_path) -> None:
+    """The reverse of the AdamW -> AdamW8bit switch: torch AdamW cannot update 8-bit states
+    (its first step failed with `OptimState8bit dispatch: ... aten.lerp_`)."""
+    previous = torch.load(latest_checkpoint(stage1_8bit) / RECIPE_STATE_FILENAME,
+                          weights_only=False)["optimizer"]["state"]
+    assert "OptimState8bit" in {type(s["exp_avg"]).__name__ for s in previous.values()}
+    cfg = next_stage_config(tiny_data, stage1_8bit, tmp_path / "stage2")
+    with torch_threads():
+        recipe = LongContextRecipe(cfg)
+        try:
+            recipe.setup(cfg)
+            state = recipe._optimizer.state_dict()["state"]
+            assert {type(s[k]) for s in state.values() for k in ("exp_avg", "exp_avg_sq")} == {
+                torch.Tensor}
+            for index, moments in previous.items():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    saved = moments[key]
+                    saved = saved.dequantize() if hasattr(saved, "codes") else saved
+                    assert torch.equal(state[index][key], saved), (index, key)
+            summary = recipe.train()
+        finally:
+            recipe.cleanup()
+    assert summary["steps"] == 1
+    assert all(math.isfinite(v) for v in summary["val_loss_after"].values())
+
+
+def test_an_8bit_stage_resumed_with_adamw_dequantizes_its_moments(stage1_8bit, tiny_data,
+                                                                  tmp_path) -> None:
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(stage1_8bit, out)
+    shutil.rmtree(out / "step_000004")  # resume from step 2 of 4
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        run_recipe_main(monkeypatch, MODULE, stage_args(tiny_data, out))  # torch AdamW
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert all(math.isfinite(v) for v in summary["val_loss_after"].values())
+    state = torch.load(latest_checkpoint(out) / RECIPE_STATE_FILENAME,
+                       weights_only=False)["optimizer"]["state"]
+    assert {type(s["exp_avg"]) for s in state.values()} == {torch.Tensor}
+
+
+def test_the_optimizer_state_comes_from_the_checkpoint_the_weights_come_from(
+        stage1, tiny_data, tmp_path) -> None:
+    """Weights from step 2 of the previous stage carry step 2's moments, not step 4's."""
+    step2 = stage1 / "step_000002"
+    previous = torch.load(step2 / RECIPE_STATE_FILENAME, weights_only=False)["optimizer"]
+    cfg = next_stage_config(tiny_data, stage1, tmp_path / "stage2", weights=step2 / "model")
+    with torch_threads():
+        recipe = LongContextRecipe(cfg)
+        try:
+            recipe.setup(cfg)
+            state = recipe._optimizer.state_dict()["state"]
+            assert recipe._history["optimizer_state_from"] == str(step2)
+            for index, moments in previous["state"].items():
+                assert torch.equal(state[index]["exp_avg"], moments["exp_avg"])
+                assert int(state[index]["step"]) == 2
+        finally:
+            recipe.cleanup()
+
+
+def test_weights_from_elsewhere_do_not_take_a_previous_stages_moments(stage1, tiny_data,
+                                                                       tmp_path) -> None:
+    from acadlm_plugins.long_context_recipe import optimizer_source
+
+    base = tiny_data["model"]  # the weights stage 1 started from, not any of its checkpoints
+    cfg = next_stage_config(tiny_data, stage1, tmp_path / "stage2",
+                            "checkpointer.checkpoint_files=[model.safetensors]", weights=base)
+    error = setup_error(cfg)
+    assert error.key == "long_context.previous_stage"
+    assert str(latest_checkpoint(stage1) / "model") in str(error)
+    for inside in (stage1, stage1 / "step_000004", stage1 / "logs"):
+        with pytest.raises(ConfigError) as raised:
+            optimizer_source(stage1, inside)
+        assert raised.value.key == "checkpointer.checkpoint_dir"
+    # the newest checkpoint's model under another path (a link) is that checkpoint
+    link = tmp_path / "stage1_model"
+    link.symlink_to(latest_checkpoint(stage1) / "model", target_is_directory=True)
+    assert optimizer_source(stage1, link) == latest_checkpoint(stage1)
+    assert optimizer_source(stage1, stage1 / "step_000002" / "model") == stage1 / "step_000002"
+
+
+# ------------------------------------------------------------------ sequence parallelism
+
+
+def test_sequence_parallelism_checks_the_validation_length_too(tiny_data, tmp_path) -> None:
+    """Validation shards its sequences as training does, so its pack length must split into
+    `degree` shards as well (it used to fail at the first validation batch, naming
+    dataset.max_seq_len)."""
+    from acadlm_plugins.long_context_recipe import (
+        check_sequence_parallel_config,
+        check_sequence_parallel_lengths,
+    )
+    from acadlm_plugins.models import decoder_from_hf_config
+
+    cfg = stage_config(tiny_data, tmp_path / "run", "validation_dataset.max_seq_len=127")
+    stage = read_stage(cfg, source_model_config(cfg))
+    check_sequence_parallel_lengths(cfg, stage, 1)
+    with pytest.raises(ConfigError) as raised:
+        check_sequence_parallel_lengths(cfg, stage, 2)
+    assert raised.value.key == "validation_dataset.max_seq_len"
+    assert "126 or 128" in str(raised.value)
+    check_sequence_parallel_lengths(stage_config(tiny_data, tmp_path / "run"), stage, 2)
+    # when the config leaves it to the dataset's default, the built packs' length is checked
+    with torch.device("meta"):
+        model = decoder_from_hf_config(str(tiny_data["model"]))
+    check_sequence_parallel_config(model, stage, 2, validation_length=128)
+    with pytest.raises(ConfigError) as raised:
+        check_sequence_parallel_config(model, stage, 2, validation_length=2047)
+    assert raised.value.key == "validation_dataset.max_seq_len"
+    bad = stage_config(tiny_data, tmp_path / "run", "validation_dataset.max_seq_len=long")
+    with pytest.raises(ConfigError) as raised:
+        check_sequence_parallel_lengths(bad, stage, 2)
+    assert raised.value.key == "validation_dataset.max_seq_len"
+
+
+# ------------------------------------------------------------------ the SmolLM2 stage configs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["long_context_stage1.yaml", "long_context_stage2.yaml"])
+def test_the_smollm2_stage_configs_build_the_checkpoints_architecture(name) -> None:
+    """The stage configs build the model from the checkpoint's config.json (so any base model
+    works); for SmolLM2 that is the model the SmolLM2 builder gave: the same class, the
+    checkpoint's state-dict shapes and the same RoPE. Stage 2 starts from stage 1's export of
+    the same architecture; the embedded model stands in for it."""
+    from safetensors import safe_open
+    from torchtune.models.convert_weights import hf_to_tune
+
+    from acadlm_plugins.defaults import require_default_model
+    from acadlm_plugins.models import smollm2_135m
+    from acadlm_plugins.training.components import instantiate_component
+
+    model_dir = require_default_model()
+    cfg = OmegaConf.merge(OmegaConf.load(REPO_ROOT / "configs" / "smollm2" / name),
+                          OmegaConf.from_dotlist([f"checkpointer.checkpoint_dir={model_dir}",
+                                                  "checkpointer.checkpoint_files=[model.safetensors]"]))
+    stage = read_stage(cfg, source_model_config(cfg))
+    length = max(stage.max_seq_len, stage.source_max_positions)  # as the recipe builds it
+    with torch.device("meta"):
+        built = instantiate_component(cfg, "model", rope_base=stage.rope_base,
+                                      max_seq_len=length)
+        before = smollm2_135m(max_seq_len=length, rope_base=stage.rope_base)
+        with safe_open(model_dir / "model.safetensors", framework="pt") as weights:
+            checkpoint = {k: torch.empty(weights.get_slice(k).get_shape())
+                          for k in weights.keys()}  # noqa: SIM118 (no __iter__)
+        checkpoint = hf_to_tune(checkpoint, num_heads=9, num_kv_heads=3, dim=576, head_dim=64)
+    shapes = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in before.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in checkpoint.items()}
+    rope, old_rope = built.layers[0].attn.pos_embeddings, before.layers[0].attn.pos_embeddings
+    for ours, theirs in zip(built.modules(), before.modules(), strict=True):
+        # SmolLM2's config.json has an unscaled ("default") RoPE, which the family layer builds
+        # as torchtune's plain RoPE; the SmolLM2 builder used llama3 scaling with factor 1.
+        if ours is not rope:
+            assert type(ours) is type(theirs)
+    assert (rope.dim, rope.base, rope.max_seq_len) == (old_rope.dim, stage.rope_base, length)
+    assert old_rope.base == stage.rope_base
+    rope.rope_init()  # the tables, on the CPU, of both: the same rotation at every position
+    old_rope.rope_init()
+    assert torch.equal(rope.cache, old_rope.cache)

@@ -127,5 +127,5 @@ def test_the_degree_must_split_heads_and_length(data, degree, length, field, wor
     with torch.device("meta"):
         model = llama_from_hf_config(str(data["model"]))
     with pytest.raises(ConfigError) as raised:
-        check_sequence_parallel_config(model, stage, degree)
+        check_sequence_parallel_config(model, stage, degree, validation_length=length)
     assert raised.value.key == field and words in str(raised.value)

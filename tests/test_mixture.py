@@ -71,6 +71,18 @@ def test_missing_files_and_empty_domains_are_clear(tmp_path, corpus):
         domain_mixture_dataset(ByteTokenizer(), max_seq_len=32)
 
 
+@pytest.mark.parametrize(("domains", "key"), [
+    ({"x": None}, "dataset.domains.x"),
+    ({"x": 123}, "dataset.domains.x"),
+    ({"x": {"data_files": None}}, "dataset.domains.x.data_files"),
+    ({"x": {"data_files": [7]}}, "dataset.domains.x.data_files"),
+])
+def test_data_files_of_the_wrong_type_name_the_field(domains, key):
+    with pytest.raises(ConfigError, match="path") as err:
+        domain_mixture_dataset(ByteTokenizer(), domains=domains, max_seq_len=32)
+    assert err.value.key == key
+
+
 def test_corrupt_jsonl_line_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "broken\n')

@@ -50,8 +50,37 @@ def test_whole_mode_pads_instead_of_cutting_a_document_that_fits():
     docs = TokenizedDocuments.from_lists([[5] * 3, [6] * 3, [7] * 9])
     packed = pack_documents(docs, 4, PAD, mode="whole")
     assert packed.tokens[:2].tolist() == [[5, 5, 5, 0], [6, 6, 6, 0]]
-    assert packed.stats.documents_split == 1  # only the 9-token document, longer than a pack
+    # only the 9-token document, longer than a pack: 3 pieces (4 + 4 + 1 padded), 2 cuts
+    assert packed.tokens[2:].tolist() == [[7] * 4, [7] * 4, [7, 0, 0, 0]]
+    assert packed.stats.documents_split == 2
     assert packed.stats.tokens_out == 15
+
+
+def pack_boundaries_inside_documents(docs: list[list[int]], packed) -> int:
+    """Counted from the packs themselves: both modes keep the documents' order, so pack i holds
+    the next ``pad_start[i]`` tokens of the concatenation; a boundary between two packs is
+    inside a document when the last token before it and the first after it are one document's."""
+    owner = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+    ends = np.cumsum(packed.pad_start)[:-1]  # position in the concatenation after each pack
+    return int(sum(owner[end - 1] == owner[end] for end in ends))
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=doc_lists, max_seq_len=st.integers(2, 64), mode=st.sampled_from(["split", "whole"]))
+def test_cuts_inside_documents_count_the_same_thing_in_both_modes(docs, max_seq_len, mode):
+    """``documents_split`` is the number of pack boundaries inside documents in either mode,
+    in the in-memory and the streaming packer (in ``whole`` mode a document of ``n`` tokens
+    contributes ``ceil(n / S) - 1``; it used to count 1 per long document)."""
+    from acadlm_plugins.data.streaming import StreamingPackedSequences
+
+    tokenized = TokenizedDocuments.from_lists(docs)
+    packed = pack_documents(tokenized, max_seq_len, PAD, mode=mode)
+    expected = pack_boundaries_inside_documents(docs, packed)
+    assert packed.stats.documents_split == expected
+    if mode == "whole":
+        assert expected == sum(-(-len(d) // max_seq_len) - 1 for d in docs)
+    lazy = StreamingPackedSequences(tokenized, max_seq_len, PAD, mode=mode)
+    assert lazy.stats.documents_split == expected
 
 
 def test_labels_ignore_document_starts_and_padding_and_positions_reset():

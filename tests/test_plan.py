@@ -137,6 +137,15 @@ def test_paper_config_plans(name: str, tmp_path: Path):
     assert plan.memory.total >= plan.memory.static > 0
 
 
+def test_one_rater_criterion_given_as_a_string_plans_one_head(tmp_path: Path):
+    """`criteria=educational_value` is one criterion (one scalar head), as the rater reads it,
+    not a list of its characters."""
+    plan = plan_config(CONFIGS / "sheared_llama/qurater_1.3b.yaml",
+                       [f"model_dir={model_dir(tmp_path, 'sheared-llama-1.3b')}",
+                        "judgments=x.jsonl", "criteria=educational_value"])
+    assert plan.source.total_params == SHEARED_1_3B + 2048
+
+
 def test_paper_token_budgets(tmp_path: Path):
     """The totals each paper states: 0.4B pruning, 50B continued pre-training, 94B Minitron
     distillation, 20B per ProLong stage, 1B SFT."""

@@ -80,7 +80,8 @@ def plugin_module(tmp_path, monkeypatch):
 
 
 def _call_extra_loss(pm, logits, loss, step=1):
-    return pm.hook.acadlm_extra_loss(model=None, batch={}, logits=logits, loss=loss, step=step)
+    return pm.hook.acadlm_extra_loss(model=None, batch={}, logits=logits, loss=loss, step=step,
+                                     step_tokens=1.0, micro_batches=1)
 
 
 # --- discovery -------------------------------------------------------------------------------

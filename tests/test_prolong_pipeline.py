@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from family_checkpoints import write_family, write_family_tokenizer
+from omegaconf import OmegaConf
 from test_long_context_recipe import write_long_documents
 from tiny_setup import REPO_ROOT, write_tiny_corpus, write_tiny_model_dir
 
 PIPELINE = REPO_ROOT / "recipes" / "prolong" / "pipeline.py"
 TINY = REPO_ROOT / "configs" / "tiny"
+SMOLLM2 = REPO_ROOT / "configs" / "smollm2"
 HAYSTACK = " ".join(f"The {w} sat by the river and watched the boats go by." for w in
                     ("heron", "fisher", "child", "miller", "poet", "sailor") * 40)
 
@@ -61,3 +67,58 @@ def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path)
     sft_config = json.loads((tmp_path / "out" / "sft" / "epoch_0" / "config.json").read_text())
     assert sft_config["rope_theta"] == 160000.0  # SFT kept stage 2's RoPE base
     assert "ProLong pipeline summary" in done.stdout and "before -> after" in done.stdout
+
+
+def load_pipeline():
+    """recipes/prolong/pipeline.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("prolong_pipeline", PIPELINE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_base_model_gives_every_training_stage_its_tokenizer_and_model_type(tmp_path) -> None:
+    pipeline = load_pipeline()
+    base = write_family("qwen2", tmp_path / "qwen2", num_hidden_layers=2)
+    for name in ("long_context_stage1.yaml", "long_context_stage2.yaml", "long_context_sft.yaml"):
+        assert pipeline.base_model_overrides(SMOLLM2 / name, base) == [
+            "checkpointer.model_type=QWEN2", f"tokenizer.path={base}"], name
+    # the test configs' byte tokenizer reads no path
+    assert pipeline.base_model_overrides(TINY / "long_context.yaml", base) == [
+        "checkpointer.model_type=QWEN2"]
+    assert pipeline.base_model_overrides(SMOLLM2 / "long_context_stage1.yaml", None) == []
+
+
+@pytest.mark.parametrize("name", ["long_context_stage1.yaml", "long_context_stage2.yaml"])
+def test_the_stage_configs_load_another_base_model_with_the_pipelines_overrides(
+        name, tmp_path) -> None:
+    """`pipeline.py --base-model <a Llama-3.2-style folder with a ChatML tokenizer>`: the
+    stage's model takes every weight of the checkpoint and the tokenizer is the base model's
+    (the configs used to build SmolLM2-135M and read SmolLM2's tokenizer whatever the base
+    model was)."""
+    from torchtune import training
+
+    from acadlm_plugins.long_context_recipe import read_stage, source_model_config
+    from acadlm_plugins.training.components import instantiate_component
+
+    pipeline = load_pipeline()
+    base = write_family_tokenizer("llama3.2", write_family(
+        "llama3.2", tmp_path / "llama", num_hidden_layers=2, vocab_size=512))
+    overrides = [*pipeline.checkpoint_overrides(base),
+                 *pipeline.base_model_overrides(SMOLLM2 / name, base),
+                 f"output_dir={tmp_path / 'out'}"]
+    cfg = OmegaConf.merge(OmegaConf.load(SMOLLM2 / name), OmegaConf.from_dotlist(overrides))
+    stage = read_stage(cfg, source_model_config(cfg))
+    with torch.device("meta"):
+        model = instantiate_component(cfg, "model", rope_base=stage.rope_base,
+                                      max_seq_len=max(stage.max_seq_len,
+                                                      stage.source_max_positions))
+    weights = instantiate_component(cfg, "checkpointer").load_checkpoint()[training.MODEL_KEY]
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    assert not unexpected and not missing
+    assert len(model.layers) == 2 and model.tok_embeddings.embedding_dim == 64
+    rope = model.layers[0].attn.pos_embeddings  # the base model's llama3 scaling, new θ
+    assert rope.scale_factor == 32 and rope.base == stage.rope_base
+    tokenizer = instantiate_component(cfg, "tokenizer")
+    assert tokenizer.encode("alpha beta", add_bos=False, add_eos=False)
+    assert tokenizer.vocab_size <= model.tok_embeddings.num_embeddings

@@ -366,3 +366,50 @@ def test_importance_initialized_masks_start_at_the_one_shot_choice():
     alphas = masks.gates["intermediate"].log_alpha.detach()
     assert alphas.max().item() == pytest.approx(initial_log_alpha(0.01))
     assert alphas.min().item() == pytest.approx(initial_log_alpha(0.01) - 3.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------ the plugin's config
+
+
+def _configured(recipe: str, **block):
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.plugins.pruning import PruningPlugin
+
+    cfg = OmegaConf.create({"seed": 0, "output_dir": ".",
+                            "pruning": {"target": {"num_layers": 1}, **block}})
+    plugin = PruningPlugin()
+    plugin.acadlm_configure(cfg=cfg, recipe=recipe)
+    return plugin
+
+
+@pytest.mark.parametrize("recipe", ["continued_pretrain", "long_context"])
+def test_a_pruning_block_is_refused_by_recipes_that_never_export_the_pruned_model(recipe):
+    with pytest.raises(ConfigError, match="only the prune recipe reads this block") as err:
+        _configured(recipe)
+    assert err.value.key == "pruning"
+    assert "prune_recipe" in str(err.value)
+    assert _configured("prune").enabled
+
+
+def test_one_shot_importance_names_the_mask_training_keys_it_ignores(caplog):
+    import logging
+
+    logger = logging.getLogger("acadlm_plugins.plugins.pruning")
+    logger.addHandler(caplog.handler)  # the package logger may not propagate (route_package_logs)
+    try:
+        caplog.set_level(logging.WARNING, logger=logger.name)
+        _configured("prune", method="importance", mask_lr=0.5, lambda_lr=0.1,
+                    lagrangian_warmup_steps=4)
+        warned = sorted({r.getMessage() for r in caplog.records  # once, however routed
+                         if r.levelno == logging.WARNING})
+        caplog.clear()
+        _configured("prune", method="learned", mask_lr=0.5)
+        _configured("prune", method="importance", calibration={"num_sequences": 8})
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert len(warned) == 1
+    for key in ("pruning.lagrangian_warmup_steps", "pruning.mask_lr", "pruning.lambda_lr"):
+        assert key in warned[0]
+    assert "importance trains no masks" in warned[0]

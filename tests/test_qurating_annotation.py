@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,39 @@ def test_a_different_plan_is_refused(uninterrupted, rater_dir, corpus_files, mon
     with pytest.raises(ConfigError, match="chunk_tokens changed"):
         run_annotate(monkeypatch, annotate_args(uninterrupted, rater_dir, corpus_files,
                                                 "chunk_tokens=32"))
+
+
+@pytest.mark.parametrize(("override", "key", "problem"), [
+    ("chunk_tokens=1k", "chunk_tokens", "is '1k', not an integer"),
+    ("batch_tokens=lots", "batch_tokens", "is 'lots', not an integer"),
+    ("shard_size=0", "shard_size", "is 0, below its minimum 1"),
+    ("max_documents_per_file=all", "max_documents_per_file", "is 'all', not an integer"),
+    ("max_shards=2.5", "max_shards", "is 2.5, not a whole number"),
+    ("metric_logger.log_dir=logs", "metric_logger._component_", "is missing"),
+])
+def test_a_value_of_the_wrong_type_is_named_before_the_rater_is_loaded(
+        rater_dir, corpus_files, tmp_path, monkeypatch, override, key, problem):
+    output_dir = tmp_path / "out"
+    with pytest.raises(ConfigError, match=rf"config `{re.escape(key)}`: {re.escape(problem)}"
+                                          r".* Fix:"):
+        run_annotate(monkeypatch, annotate_args(output_dir, rater_dir, corpus_files, override))
+    assert not output_dir.exists()
+
+
+def test_the_metric_logger_gets_the_annotation_throughput(rater_dir, corpus_files, tmp_path,
+                                                          monkeypatch):
+    output_dir = tmp_path / "out"
+    run_annotate(monkeypatch, annotate_args(
+        output_dir, rater_dir, corpus_files, "max_shards=2",
+        "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
+        f"metric_logger.log_dir={tmp_path / 'logs'}"))
+    lines = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.txt")).splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["Step 1", "Step 2", "Step 2"]
+    assert all(float(rate) > 0 for rate in re.findall(r"\btokens_per_second:(\S+)",
+                                                      "\n".join(lines[:2])))
+    assert "documents_per_second:" in lines[0]
+    assert re.search(r"total_tokens_per_second:\S+ total_documents:10 total_tokens:\d+",
+                     lines[2]), lines[2]
 
 
 def test_a_row_without_text_names_the_file_and_row(tmp_path):

@@ -532,6 +532,52 @@ def test_recipe_config_checks_name_keys_with_suggestions(tmp_path, tiny_corpus,
         check_config(bad)
 
 
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("pairs.num_pairs", "ten", "is 'ten', not an integer"),
+    ("pairs.max_tokens", "1k", "is '1k', not an integer"),
+    ("pairs.min_excerpt_tokens", "half", "is 'half', not an integer"),
+    ("pairs.p_max_tokens", "often", "is 'often', not a number"),
+    ("pairs.min_tokens", 0, "is 0, below its minimum 1"),
+    ("pairs.seed", "abc", "is 'abc', not an integer"),
+    ("pairs.same_domain", "maybe", "is 'maybe', not true or false"),
+    ("batch_pairs", "two", "is 'two', not an integer"),
+    ("progress", "maybe", "is 'maybe', not true or false"),
+    ("metric_logger", {"log_dir": "x"}, "is missing"),
+])
+def test_a_value_of_the_wrong_type_is_named_before_the_judge_is_loaded(
+        tmp_path, tiny_corpus, tiny_model_dir, key, value, problem) -> None:
+    cfg = _judge_config(tmp_path, tiny_corpus, tiny_model_dir, "http://127.0.0.1:9/v1")
+    OmegaConf.update(cfg, key, value, force_add=True)
+    name = key + "._component_" if key == "metric_logger" else key
+    with pytest.raises(ConfigError, match=rf"config `{re.escape(name)}`: {re.escape(problem)}"
+                                          r".* Fix:"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=rf"config `{re.escape(name)}`"):
+        run_judging(cfg)
+    assert not (tmp_path / "out").exists()
+    if key.startswith("pairs."):  # the library entry point reads them the same way
+        from acadlm_plugins.qurating.pairs import pairs_from_config
+
+        with pytest.raises(ConfigError, match=rf"config `{re.escape(key)}`"):
+            pairs_from_config(OmegaConf.to_container(cfg.pairs), None)
+
+
+def test_the_metric_logger_gets_the_judging_throughput(serve, tmp_path, tiny_corpus,
+                                                       tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.setenv("QR_TEST_KEY", SECRET)
+    server = serve(quality_judge())
+    cfg = _judge_config(tmp_path, tiny_corpus, tiny_model_dir, server.url)
+    cfg.metric_logger = {"_component_": "torchtune.training.metric_logging.DiskLogger",
+                         "log_dir": str(tmp_path / "logs")}
+    summary = run_judging(cfg)
+    lines = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.txt")).splitlines()
+    steps = [int(re.match(r"Step (\d+) \|", line).group(1)) for line in lines]
+    assert steps == [2, 4, 5]  # pairs done after each batch of 2 (5 pairs)
+    rates = [float(x) for x in re.findall(r"prompts_per_second:(\S+)", "\n".join(lines))]
+    assert len(rates) == 3 and all(rate > 0 for rate in rates)
+    assert "pairs_per_second:" in lines[-1] and summary["pairs_in_file"] == 5
+
+
 # ---------------------------------------------------------------------- local judge
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -296,19 +297,39 @@ def test_tune_run_on_two_processes_trains_the_same_rater(tiny_model_dir, trained
     assert (tmp_path / "run" / "step_000030" / "recipe_state.pt").is_file()
 
 
+class Killed(Exception):
+    """Stands in for a kill right after a checkpoint was written."""
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """Killed after step 3 of 6 and rerun: the same weights as an uninterrupted run. The run
+    uses a non-default seed (the pair order) and a warmup + cosine schedule, both of which the
+    checkpoint must carry; another seed on resume is refused."""
+    import acadlm_plugins.rater_recipe as recipe
+
     judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=120)
-    common = ("save_every_n_steps=3", "eval_every_n_steps=3", "batch_size=4",
-              "log_every_n_steps=1")
+    common = ("max_steps=6", "save_every_n_steps=3", "eval_every_n_steps=3", "batch_size=4",
+              "log_every_n_steps=1", "seed=7",
+              ("lr_scheduler._component_=torchtune.training.lr_schedulers."
+               "get_cosine_schedule_with_warmup"), "lr_scheduler.num_warmup_steps=2")
     straight = tmp_path / "straight"
-    run_in_process(monkeypatch, rater_args(straight, tiny_model_dir, judgments, "max_steps=6",
-                                           *common))
+    run_in_process(monkeypatch, rater_args(straight, tiny_model_dir, judgments, *common))
     resumed = tmp_path / "resumed"
-    run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments, "max_steps=3",
-                                           *common))
+    save = recipe.RaterRecipe.save_checkpoint
+
+    def save_then_die(self):
+        path = save(self)
+        if self._step == 3:
+            raise Killed
+        return path
+
+    with monkeypatch.context() as patched:
+        patched.setattr(recipe.RaterRecipe, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run_in_process(patched, rater_args(resumed, tiny_model_dir, judgments, *common))
     assert latest_checkpoint(resumed / "run").name == "step_000003"
     summary = run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
-                                                     "max_steps=6", *common))
+                                                     *common))
     assert summary["steps"] == 6
 
     want, got = load_rater(straight / "run" / "rater"), load_rater(resumed / "run" / "rater")
@@ -316,10 +337,21 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monk
         assert torch.equal(a, b), name
     state = json.loads((resumed / "run" / "rater" / "rater.json").read_text())
     assert state["training"]["step"] == 6
+    logged = {run: re.findall(r"lr:(\S+)", "".join(
+        p.read_text() for p in sorted((run / "run" / "logs").glob("*.txt"))))
+        for run in (straight, resumed)}
+    assert len(logged[straight]) == 6 and logged[straight] == logged[resumed]
+    assert len(set(logged[straight])) > 2  # the schedule moved the rate
 
+    more = [a for a in common if not a.startswith("max_steps=")] + ["max_steps=9"]
     with pytest.raises(ConfigError, match="config `margin`: differs from the checkpoint"):
         run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
-                                               "max_steps=9", "margin=0.3", *common))
+                                               *more, "margin=0.3"))
+    # The seed orders the pairs of every epoch: another seed would train on another order.
+    with pytest.raises(ConfigError, match=r"config `seed`: differs from the checkpoint .*"
+                                          r"was 7, is 8"):
+        run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
+                                               *more, "seed=8"))
 
 
 def test_a_nan_loss_stops_the_run_before_any_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
@@ -350,6 +382,36 @@ def test_config_mistakes_are_named(tiny_model_dir, tmp_path, monkeypatch):
         flat.write_text(json.dumps({"pair_id": "x", "text_a": "a", "text_b": "b",
                                     "judgments": {"educational_value": 0.6}}) + "\n")
         run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, flat))
+
+
+@pytest.mark.parametrize(("override", "key", "problem"), [
+    ("margin=abc", "margin", "is 'abc', not a number"),
+    ("validation_fraction=0.1x", "validation_fraction", "is '0.1x', not a number"),
+    ("margin=-0.1", "margin", "is -0.1, below its minimum"),
+    ("seed=abc", "seed", "is 'abc', not an integer"),
+    ("head_lr=fast", "head_lr", "is 'fast', not a number"),
+    ("clip_grad_norm=-1.0", "clip_grad_norm", "is -1.0; it must be above 0"),
+    ("criteria={educational_value: 1}", "criteria",
+     "is {'educational_value': 1}, not a list of criterion names"),
+])
+def test_a_value_of_the_wrong_type_is_named_before_anything_is_written(
+        tiny_model_dir, tmp_path, monkeypatch, override, key, problem):
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=20)
+    with pytest.raises(ConfigError, match=rf"config `{key}`: {re.escape(problem)}.* Fix:"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments, override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_criterion_given_as_a_string_trains_that_criterion(tiny_model_dir, tmp_path,
+                                                               monkeypatch):
+    """``criteria=educational_value`` is one criterion (as the judge reads it), not the list
+    of its characters."""
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=40)
+    summary = run_in_process(monkeypatch, rater_args(
+        tmp_path, tiny_model_dir, judgments, "criteria=educational_value", "max_steps=1",
+        "batch_size=4", "eval_every_n_steps=1", "save_every_n_steps=1"))
+    assert summary["criteria"] == ["educational_value"]
+    assert load_rater(tmp_path / "run" / "rater").info.criteria == ("educational_value",)
 
 
 def test_the_rater_trains_with_8bit_adamw_states(tiny_model_dir, tmp_path, monkeypatch):

@@ -402,6 +402,169 @@ def test_command_line_runs_a_config_and_reports_errors(tmp_path, capsys):
     assert "give exactly one of `budget_tokens` and `budget_fraction`" in capsys.readouterr().err
 
 
+def shards_numbering_their_rows(folder: Path, n: int = 100) -> Path:
+    """Two files that both number their rows 0..n-1: the same ids in both shards."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, domain in enumerate(("web", "books")):
+        pq.write_table(pa.table({
+            "text": [f"{domain} {i}" for i in range(n)], "domain": [domain] * n,
+            "id": [str(i) for i in range(n)], "num_tokens": np.full(n, 10, dtype=np.int64),
+            "score_educational_value": rng.normal(size=n)}), folder / f"scores-0-{k:05d}.parquet")
+    return folder
+
+
+def test_repeated_ids_are_refused_naming_both_rows_and_noise_key_row_samples_independently(
+        tmp_path):
+    folder = shards_numbering_their_rows(tmp_path / "s")
+    config = {"scores_dir": str(folder), "output_dir": str(tmp_path / "o"), "tau": "inf",
+              "criteria": {"educational_value": 1.0}, "budget_tokens": 1000}
+    with pytest.raises(DataError) as err:
+        select(config)
+    message = str(err.value)
+    first, second = (str(folder / f"scores-0-{k:05d}.parquet") for k in (0, 1))
+    assert re.search(r"the id '(\d+)' is used twice: " + re.escape(first) + r" row \1 and "
+                     + re.escape(second) + r" row \1 \(99 more ids repeat", message), message
+    assert "Fix: give every document a unique id" in message and "`noise_key: row`" in message
+    assert not (tmp_path / "o").exists()
+    # Without ids in the noise the two files are sampled independently (the bug: they were
+    # selected together, symmetric difference 0 for every seed).
+    web_books = []
+    for seed in range(3):
+        out = tmp_path / f"row-{seed}"
+        select({**config, "output_dir": str(out), "noise_key": "row", "seed": seed})
+        web = {json.loads(line)["id"] for line in (out / "web" / "train.jsonl").open()}
+        books = {json.loads(line)["id"] for line in (out / "books" / "train.jsonl").open()}
+        web_books.append(len(web ^ books))
+    assert min(web_books) > 20, web_books
+    # Deterministic top-k without a uniform baseline draws no noise: ids are not needed.
+    assert select({**config, "output_dir": str(tmp_path / "k"), "top_k": True})["selected"]
+
+
+def test_a_null_id_or_a_hash_collision_names_the_rows(tmp_path, monkeypatch):
+    table = corpus_table(60)
+    ids = table.column("id").to_pylist()
+    ids[37] = None
+    folder = write_shards(tmp_path / "s", table.set_column(
+        table.schema.get_field_index("id"), "id", pa.array(ids)), [30, 30])
+    config = {"scores_dir": str(folder), "output_dir": str(tmp_path / "o"), "budget_tokens": 100,
+              "criteria": {"educational_value": 1.0}}
+    with pytest.raises(DataError, match=re.escape(str(folder / "scores-0-00001.parquet"))
+                       + r": row 7 has no `id` \(null\).*`noise_key: row`"):
+        select(config)
+    # Two different ids with one 64-bit hash would share their noise just the same.
+    clean = write_shards(tmp_path / "clean", corpus_table(60), [60])
+    monkeypatch.setattr(sel, "hash_strings", lambda values: np.zeros(len(values), np.uint64))
+    with pytest.raises(DataError, match=r"the ids 'doc-0' \(.*row 0\) and 'doc-1' \(.*row 1\) "
+                                        r"have the same 64-bit hash"):
+        select({**config, "scores_dir": str(clean)})
+
+
+@pytest.mark.parametrize("inner", ["uniform", "selected"])
+def test_one_output_folder_inside_the_other_is_refused_before_any_work(tmp_path, inner):
+    folder = write_shards(tmp_path / "s", corpus_table(200), [200])
+    outer = tmp_path / "run"
+    paths = ({"output_dir": str(outer), "uniform_output_dir": str(outer / "uniform")}
+             if inner == "uniform" else
+             {"output_dir": str(outer / "selected"), "uniform_output_dir": str(outer)})
+    config = {"scores_dir": str(folder), "criteria": {"educational_value": 1.0},
+              "budget_tokens": 2000, **paths}
+    name = "uniform_output_dir" if inner == "uniform" else "output_dir"
+    with pytest.raises(ConfigError, match=rf"config `uniform_output_dir`: `{name}` .* is inside"):
+        select(config)
+    assert not outer.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    # Siblings work, and a rerun keeps both.
+    siblings = {"output_dir": str(outer / "selected"), "uniform_output_dir": str(outer / "uniform")}
+    for _ in range(2):
+        select({**config, **siblings})
+    assert sorted(p.name for p in outer.iterdir()) == ["selected", "uniform"]
+
+
+BAD_VALUES = [("seed", "abc", "not an integer"), ("batch_size", "abc", "not an integer"),
+              ("batch_size", "0", "below its minimum"),
+              ("budget_fraction", "half", "not a number"),
+              ("budget_fraction", "1.5", r"must be in \(0, 1\]"),
+              ("top_k", "maybe", "not true or false"),
+              ("budget_tokens", "ten", "not an integer")]
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), BAD_VALUES)
+def test_a_value_of_the_wrong_type_is_a_config_error_naming_the_key(tmp_path, capsys, key,
+                                                                   value, problem):
+    folder = write_shards(tmp_path / "s", corpus_table(50), [50])
+    config = tmp_path / "select.yaml"
+    config.write_text(f"scores_dir: {folder}\noutput_dir: {tmp_path / 'o'}\n"
+                      "criteria: {educational_value: 1.0}\ntau: 2.0\nbudget_fraction: 0.5\n")
+    extra = ["budget_fraction=null"] if key == "budget_tokens" else []
+    assert select_main(["--config", str(config), *extra, f"{key}={value}"]) == 2
+    assert re.search(rf"error: config `{key}`: .*{problem}.* Fix:", capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+    mapping = {"scores_dir": str(folder), "output_dir": str(tmp_path / "o"), "budget_tokens": 10,
+               "criteria": {"educational_value": 1.0}, key: value}
+    if key == "budget_fraction":
+        mapping["budget_tokens"] = None
+    with pytest.raises(ConfigError, match=rf"config `{key}`"):
+        select(mapping)
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["--config", "nope.yaml"], r"config `--config`: nope.yaml does not exist\. Fix: give"),
+    (["criteria=[educational_value]"], (r"config `criteria`: the override .* cannot be "
+                                        r"applied.* Fix: set its entries one by one")),
+    (["tau"], r"config `tau`: the override 'tau' has no `=`.* Fix: write `tau=<value>`"),
+    (["x=${nope:}"], r"config `x`: cannot be resolved"),
+])
+def test_command_line_refuses_a_missing_file_bad_overrides_and_a_bare_key(tmp_path, capsys,
+                                                                         arguments, expected):
+    folder = write_shards(tmp_path / "s", corpus_table(50), [50])
+    config = tmp_path / "select.yaml"
+    config.write_text(f"scores_dir: {folder}\noutput_dir: {tmp_path / 'o'}\n"
+                      "criteria: {educational_value: 1.0}\ntau: 2.0\nbudget_fraction: 0.5\n")
+    if arguments[0] != "--config":
+        arguments = ["--config", str(config), *arguments]
+    assert select_main(arguments) == 2  # before the fix: a traceback, or (tau) exit 0, uniform
+    assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_documented_uniform_command_runs_against_the_shipped_config(tmp_path, capsys):
+    """The ``python -m acadlm_plugins.qurating.select`` example of the module docstring, with
+    only the folders pointed at a synthetic corpus large enough for its budget."""
+    from acadlm_plugins.qurating import select as select_module
+
+    lines = iter(select_module.__doc__.splitlines())
+    line = next(x for x in lines if "python -m acadlm_plugins.qurating.select" in x)
+    command = line
+    while line.rstrip().endswith("\\"):
+        line = next(lines)
+        command = command.rstrip().rstrip("\\") + " " + line
+    command = command.split()
+    overrides = command[command.index("--config") + 2:]
+    assert "tau=inf" in overrides
+    folder = write_shards(tmp_path / "s", corpus_table(6000), [6000])
+    shipped = str(REPO_ROOT / command[command.index("--config") + 1])
+    assert select_main(["--config", shipped, *overrides, f"scores_dir={folder}",
+                        f"output_dir={tmp_path / 'o'}"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "o" / "selection.json").read_text())
+    budget = int(next(o for o in overrides if o.startswith("budget_tokens="))
+                 .split("=")[1])
+    assert report["settings"]["mode"] == "uniform" and report["settings"]["budget_tokens"] == budget
+
+
+def test_every_pass_shows_a_progress_bar_unless_silenced(tmp_path, capsys, monkeypatch):
+    folder = write_shards(tmp_path / "s", corpus_table(300), [100, 200])
+    config = {"scores_dir": str(folder), "output_dir": str(tmp_path / "o"), "budget_tokens": 500,
+              "criteria": {"educational_value": 1.0}}
+    monkeypatch.delenv("ACADLM_NO_PROGRESS", raising=False)
+    select(config)
+    shown = capsys.readouterr().err
+    for label in ("selection 1/3: moments", "selection 2/3: keys", "selection 3/3: write"):
+        assert re.search(re.escape(label) + r".*300/300", shown), (label, shown[-800:])
+    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
+    select(config)
+    assert "selection 1/3" not in capsys.readouterr().err
+
+
 # --- per-domain budgets (QuRating's --domain_field) --------------------------------------------
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_doubles import CHAT_TEMPLATE, ConstantLM, OracleLM
+from eval_doubles import CHAT_TEMPLATE, BlankLineFirstOracleLM, ConstantLM, OracleLM
 from eval_fixtures import HAYSTACK_WORDS, EvalFiles, write_eval_files
 
 from acadlm_plugins.errors import ConfigError
@@ -319,7 +319,8 @@ class _FirstRightLM(OracleLM):
 @pytest.fixture(scope="module")
 def runs(files: EvalFiles, data: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """lm-eval on the group ``acadlm_ruler_qa`` (both tasks) at 1K and 2K, two questions each,
-    with a perfect, a constant and a half-right model."""
+    with a perfect, a constant, a half-right model and the perfect one opening its answers with
+    a blank line."""
     from lm_eval import simple_evaluate
 
     manager = task_manager(qa_metadata(files, data, max_seq_lengths=LENGTHS, num_samples=2),
@@ -327,7 +328,8 @@ def runs(files: EvalFiles, data: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return {name: simple_evaluate(model=model, tasks=["acadlm_ruler_qa"], task_manager=manager,
                                   log_samples=True, verbosity="ERROR")
             for name, model in (("oracle", OracleLM()), ("constant", ConstantLM()),
-                                ("half", _FirstRightLM()))}
+                                ("half", _FirstRightLM()),
+                                ("blank_line", BlankLineFirstOracleLM()))}
 
 
 def _length_scores(results: dict[str, Any], task: str) -> dict[int, float]:
@@ -342,6 +344,9 @@ def test_lm_eval_scores_oracle_100_constant_0_half_50(runs, task: str) -> None:
     assert _length_scores(runs["half"], task) == {1024: 50.0, 2048: 50.0}
     config = runs["oracle"]["configs"][task]
     assert config["generation_kwargs"]["max_gen_toks"] == 32
+    # RULER stops at no string (STOP_WORDS=""): an answer after a blank line still counts.
+    assert config["generation_kwargs"]["until"] == []
+    assert _length_scores(runs["blank_line"], task) == {1024: 100.0, 2048: 100.0}
     assert config["gen_prefix"] == "{{gen_prefix}}"
     for sample in runs["oracle"]["samples"][task]:
         assert sample["arguments"][0][0] == plain_prompt(sample["doc"])

@@ -12,6 +12,7 @@ directly, which is much faster.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -25,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_doubles import CHAT_TEMPLATE, ChatOracleLM, ConstantLM, OracleLM
+from eval_doubles import (
+    CHAT_TEMPLATE,
+    BlankLineFirstOracleLM,
+    ChatOracleLM,
+    ConstantLM,
+    OracleLM,
+)
 from eval_fixtures import EVAL_MAX_POSITIONS, MAX_SENTENCE_WORDS, EvalFiles, write_eval_files
 
 from acadlm_plugins.errors import ConfigError
@@ -37,8 +44,14 @@ from acadlm_plugins.evaluation.haystack import (
     PLAIN_WORDS,
     compound_words,
 )
-from acadlm_plugins.evaluation.lengths import LengthTokenizer, load_length_tokenizer
+from acadlm_plugins.evaluation.lengths import (
+    LengthTokenizer,
+    load_length_tokenizer,
+    model_max_length,
+    parse_lengths,
+)
 from acadlm_plugins.evaluation.prompting import fit_prompt, random_uuid
+from acadlm_plugins.evaluation.report import length_table
 from acadlm_plugins.evaluation.ruler import (
     CWE_NUM_CW,
     FWE_NOISE,
@@ -58,6 +71,7 @@ from acadlm_plugins.evaluation.ruler import (
     vt_dataset,
     zipf_counts,
 )
+from acadlm_plugins.evaluation.task_base import process_results_match_all
 
 BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     **{name: partial(niah_dataset, name) for name in NIAH_VARIANTS},
@@ -191,6 +205,32 @@ def test_generation_budget_comes_from_the_yaml_and_is_rulers(scores, task: str) 
     assert config["gen_prefix"] == "{{gen_prefix}}"
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_generation_stops_at_no_string_as_rulers(scores, task: str) -> None:
+    """RULER generates without stop words (config_tasks.sh: STOP_WORDS=""), as lm-eval's own
+    ``ruler`` tasks (``until: []``): a generation ends at ``max_gen_toks`` or at EOS."""
+    assert scores["oracle"]["configs"][task]["generation_kwargs"]["until"] == []
+    for sample in scores["oracle"]["samples"][task]:
+        assert sample["arguments"][0][1]["until"] == []
+
+
+def test_an_answer_after_a_blank_line_is_scored_on_its_content(files: EvalFiles) -> None:
+    """A model that opens its answer with a blank line (SmolLM2 on FWE) is scored on what
+    follows it, at the level of the scoring function and through lm-eval."""
+    from lm_eval import simple_evaluate
+
+    doc = {"outputs": ["ahvzqe", "pmlrto"], "max_length": 1024}
+    assert process_results_match_all(doc, ["\n\n ahvzqe, pmlrto"]) == {"1024": 100.0}
+    manager = task_manager(files.metadata(max_seq_lengths=[1024], num_samples=1),
+                           include_defaults=False)
+    results = simple_evaluate(model=BlankLineFirstOracleLM(), tasks=TASKS, task_manager=manager,
+                              log_samples=True)
+    for task in TASKS:
+        [sample] = results["samples"][task]
+        assert sample["resps"][0][0].startswith("\n\n")
+        assert _length_scores(results, task) == {1024: 100.0}, task
+
+
 def test_yaml_generation_budget_reaches_the_builder(files: EvalFiles, tmp_path: Path) -> None:
     """A task YAML that generates 40 tokens sizes its prompts for 40 (RulerTask)."""
     folder = tmp_path / "tasks"
@@ -208,6 +248,121 @@ def test_yaml_generation_budget_reaches_the_builder(files: EvalFiles, tmp_path: 
     task = manager.load_task_or_group(["fwe_at_40"])["fwe_at_40"]
     [doc] = list(task.test_docs())
     assert doc["tokens_to_generate"] == 40 and doc["budget_tokens"] == 1024 - 40
+
+
+INSTRUCTION = "You are a careful assistant. Read every document in full before you answer."
+
+
+@pytest.fixture(scope="module")
+def instructed(files: EvalFiles, chat_files: EvalFiles) -> dict[str, dict[str, Any]]:
+    """lm-eval results of the oracle on every task at 1024 tokens (one sample) with a system
+    instruction given to the run and the tasks, in plain text and under a chat template."""
+    from lm_eval import simple_evaluate
+
+    runs = {}
+    for mode, folder, model in (("plain", files, OracleLM()), ("chat", chat_files,
+                                                                ChatOracleLM())):
+        chat = {"apply_chat_template": True} if mode == "chat" else {}
+        meta = folder.metadata(max_seq_lengths=[1024], num_samples=1,
+                               system_instruction=INSTRUCTION, **chat)
+        runs[mode] = simple_evaluate(model=model, tasks=TASKS, log_samples=True,
+                                     task_manager=task_manager(meta, include_defaults=False),
+                                     apply_chat_template=bool(chat),
+                                     system_instruction=INSTRUCTION)
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["plain", "chat"])
+@pytest.mark.parametrize("task", TASKS)
+def test_a_system_instruction_counts_in_the_length_budget(instructed, chat_files: EvalFiles,
+                                                          task: str, mode: str) -> None:
+    """lm-eval writes the run's system instruction into every prompt (the chat template's
+    system turn; in plain text, right before the input): prompt, instruction and generation fit
+    the length, and the prompt still fills 99% of its room."""
+    tokenizer = load_length_tokenizer(chat_files.metadata(), task=task)
+    [sample] = instructed[mode]["samples"][task]
+    doc, prompt = sample["doc"], sample["arguments"][0][0]
+    if mode == "chat":
+        assert prompt == (f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n<|im_start|>user\n"
+                          f"{doc['input']}<|im_end|>\n<|im_start|>assistant\n{doc['gen_prefix']}")
+    else:
+        assert prompt == INSTRUCTION + plain_prompt(doc)
+    assert tokenizer.count(prompt) == doc["input_tokens"]
+    assert doc["input_tokens"] + doc["tokens_to_generate"] <= 1024
+    assert doc["input_tokens"] >= 0.99 * doc["budget_tokens"]
+    assert _length_scores(instructed[mode], task) == {1024: 100.0}
+
+
+def test_a_system_instruction_the_metadata_does_not_name_is_refused(files: EvalFiles) -> None:
+    """The prompts were sized without it, so the run stops, naming the field and the fix."""
+    from lm_eval import simple_evaluate
+
+    for meta, given, problem in (
+            ({}, INSTRUCTION, "the run passes a system instruction that the task metadata"),
+            ({"system_instruction": INSTRUCTION}, None, "the task metadata names a system"),
+            ({"system_instruction": INSTRUCTION}, "Be brief.", "the run's system instruction")):
+        manager = task_manager(files.metadata(max_seq_lengths=[1024], num_samples=1, **meta),
+                               include_defaults=False)
+        with pytest.raises(ConfigError, match=rf"`acadlm_niah_single_1: system_instruction`: "
+                                              rf"{problem}.*Fix: Run through acadlm-lm-eval"):
+            simple_evaluate(model=OracleLM(), tasks=["acadlm_niah_single_1"],
+                            task_manager=manager, system_instruction=given)
+
+
+def test_rows_come_sample_by_sample_each_length_with_its_own_prompts(files: EvalFiles) -> None:
+    """Sample 0 at every length, then sample 1, ...; a length's prompts are those it gets when
+    built alone (each length draws from a stream of its own)."""
+    rows = build(files, "acadlm_fwe", max_seq_lengths=[1024, 2048], num_samples=3)
+    assert [(row["index"], row["max_length"]) for row in rows] == [
+        (0, 1024), (0, 2048), (1, 1024), (1, 2048), (2, 1024), (2, 2048)]
+    alone = build(files, "acadlm_fwe", max_seq_lengths=[2048], num_samples=3)
+    assert [row for row in rows if row["max_length"] == 2048] == alone
+
+
+def test_a_limit_keeps_every_length(files: EvalFiles, caplog: pytest.LogCaptureFixture) -> None:
+    """lm-eval's ``limit`` takes the first rows: 4 of 3 lengths x 4 samples score every length
+    (the audit's limit.py), and a limit below the number of lengths is warned about."""
+    from lm_eval import simple_evaluate
+
+    task = "acadlm_niah_single_1"
+    manager = task_manager(files.metadata(max_seq_lengths=[1024, 2048, 4096], num_samples=4),
+                           include_defaults=False)
+    results = simple_evaluate(model=OracleLM(), tasks=[task], task_manager=manager, limit=4,
+                              log_samples=True)
+    assert _length_scores(results, task) == {1024: 100.0, 2048: 100.0, 4096: 100.0}
+    assert [(s["doc"]["index"], s["doc"]["max_length"]) for s in results["samples"][task]] == [
+        (0, 1024), (0, 2048), (0, 4096), (1, 1024)]
+    assert length_table(results).scores[task] == {1024: 100.0, 2048: 100.0, 4096: 100.0}
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins.evaluation.task_base"):
+        simple_evaluate(model=OracleLM(), tasks=[task], task_manager=manager, limit=2)
+    assert "limit=2 evaluates only the first 2 of its 3 lengths; [4096] are left out" in \
+        caplog.text
+
+
+@pytest.mark.parametrize("depth", ["middle", [0.5], True, "nan"])
+def test_a_depth_that_is_not_a_number_names_the_field(files: EvalFiles, depth: Any) -> None:
+    with pytest.raises(ConfigError, match=r"`acadlm_niah_single_2: depth`: .* is not a number\. "
+                                          r"Fix: Give one fraction .* 0\.5 for the middle"):
+        build(files, "acadlm_niah_single_2", max_seq_lengths=[1024], num_samples=1, depth=depth)
+
+
+@pytest.mark.parametrize("value", ["4k", "auto", 0, -2048])
+def test_a_max_length_that_is_not_a_positive_integer_names_the_model_arg(
+        files: EvalFiles, value: Any) -> None:
+    """``max_length`` (from --model_args) caps the lengths; ``4k`` or ``0`` is an error naming
+    it, never a bare ValueError or a silently ignored cap."""
+    with pytest.raises(ConfigError, match=r"`--model_args max_length`"):
+        build(files, "acadlm_niah_single_1", max_seq_lengths=[1024], num_samples=1,
+              max_length=value)
+    assert model_max_length({"max_length": "2048"}) == 2048
+    assert model_max_length({"max_length": None, "pretrained": str(files.model_dir)}) == \
+        EVAL_MAX_POSITIONS
+
+
+def test_max_seq_lengths_takes_a_whole_number_of_any_type() -> None:
+    assert parse_lengths(1024.0) == [1024] and parse_lengths("1.5k,2048") == [1536, 2048]
+    with pytest.raises(ConfigError, match=r"`acadlm: max_seq_lengths`: '1000\.5' is not a length"):
+        parse_lengths("1000.5")
 
 
 @pytest.mark.parametrize("task", TASKS)

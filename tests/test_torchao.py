@@ -5,6 +5,7 @@ CLI) evaluated through our adapter, and float8 refused where the hardware lacks 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,24 @@ def test_a_low_bit_run_resumes_from_its_checkpoint(runs, tmp_path) -> None:
         assert resumed[domain] == pytest.approx(value, abs=1e-5), domain
 
 
+
+def test_a_low_bit_run_resumed_with_torch_adamw_converts_its_moments(runs, tmp_path) -> None:
+    """Resuming an AdamW8bit run with torch AdamW hands AdamW plain float32 moments (it has no
+    arithmetic for 8-bit states and would fail on its first step otherwise)."""
+    args = [a for a in tiny_run_args(runs["8bit"].parent) if not a.startswith("output_dir=")]
+    out = tmp_path / "switched"
+    common = [*args, f"output_dir={out}", "save_every_n_steps=2"]
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        run_recipe_main(monkeypatch, CPT, [*common, f"optimizer._component_={LOW_BIT}",
+                                           "max_steps=2"])
+        run_recipe_main(monkeypatch, CPT, [*common, "optimizer._component_=torch.optim.AdamW",
+                                           f"max_steps={STEPS}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert all(math.isfinite(v) for v in summary["val_loss_after"].values())
+    state = saved_optimizer_state(out)
+    assert {type(s["exp_avg"]) for s in state.values()} == {torch.Tensor}
+
 @pytest.mark.distributed
 def test_fsdp2_trains_with_8bit_states_and_resumes_them(runs, tmp_path) -> None:
     """Two ranks (gloo) with half the batch each train like one process; their checkpoint
@@ -138,7 +157,7 @@ def test_fsdp2_trains_with_8bit_states_and_resumes_them(runs, tmp_path) -> None:
         assert whole["val_loss_after"][domain] == pytest.approx(value, rel=1e-3), domain
     two_ranks("resumed", 2)
     resumed = two_ranks("resumed", STEPS)
-    assert "optimizer moments restored as low-bit states" in (tmp_path / "resumed.log").read_text()
+    assert "resumed optimizer moments converted to this optimizer's form" in (tmp_path / "resumed.log").read_text()
     for domain, value in whole["val_loss_after"].items():
         assert resumed["val_loss_after"][domain] == pytest.approx(value, rel=1e-3), domain
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from acadlm_plugins.errors import DataError
+from acadlm_plugins.errors import ConfigError, DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -19,10 +19,19 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) -> list[Path]:
     """Expand files, directories (their ``*.jsonl``/``*.parquet`` files) and globs to files.
 
-    ``field`` is the config key the paths came from, used in error messages.
+    ``field`` is the config key the paths came from, used in error messages; a value that is
+    neither a path nor a list of paths (null, a number, a mapping) is a :class:`ConfigError`
+    naming it.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    fix = (f"set `{field}` to a jsonl/parquet file, a folder of them, a glob, or a list of "
+           "these.")
+    if not isinstance(paths, Sequence):
+        raise ConfigError(field, f"is {paths!r}, not a path or a list of paths.", fix)
+    for raw in paths:
+        if not isinstance(raw, (str, Path)):
+            raise ConfigError(field, f"holds {raw!r}, which is not a path.", fix)
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()

@@ -180,6 +180,9 @@ def _checked_sources(sources: Mapping[str, Mapping[str, Any]],
                               f"{spec['share']!r}.")
         min_tokens, max_tokens = spec.get("min_tokens", 0), spec.get("max_tokens")
         check_length_bounds(min_tokens, max_tokens, field=field)
+        if not isinstance(spec.get("text_field", text_field), str):
+            raise ConfigError(f"{field}.text_field", f"is {spec['text_field']!r}, not a field "
+                              "name.", "name the text field of the data files, e.g. `text`.")
         checked[name] = {"share": share, "min_tokens": int(min_tokens),
                          "max_tokens": None if max_tokens is None else int(max_tokens),
                          "text_field": spec.get("text_field", text_field),

@@ -243,7 +243,8 @@ def _domain_sources(data_dir, domains, split) -> tuple[dict[str, list[Path]], di
         if isinstance(spec, Mapping):
             if "data_files" not in spec:
                 raise ConfigError(f"dataset.domains.{name}", "has no `data_files`.")
-            files[name] = resolve_data_files(spec["data_files"], field=f"dataset.domains.{name}")
+            files[name] = resolve_data_files(spec["data_files"],
+                                             field=f"dataset.domains.{name}.data_files")
             if "weight" in spec:
                 weights[name] = float(spec["weight"])
         else:

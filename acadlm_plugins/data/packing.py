@@ -4,8 +4,9 @@ torchtune 0.6.1's ``PackedDataset`` truncates each document to ``max_seq_len`` b
 (on the Python standard library at 2048 tokens it keeps about a third of the tokens). Here no
 token is ever dropped: in ``split`` mode documents are laid end to end and cut at pack
 boundaries (a long document continues in the next pack); in ``whole`` mode a document that
-fits is never cut and a pack is padded instead (documents longer than a pack are still split,
-and counted). :class:`PackingStats` says how many tokens went in and came out.
+fits is never cut and a pack is padded instead (a document longer than a pack is still split,
+into full packs and a padded last piece). :class:`PackingStats` says how many tokens went in
+and came out, and how many pack boundaries fall inside documents.
 
 Every pack carries its segment lengths, so attention can be masked per document (torchtune's
 ``padded_collate_packed`` turns them into a block-causal mask) and the loss never crosses a
@@ -75,7 +76,9 @@ class PackingStats:
     tokens_out: int
     pad_tokens: int
     packs: int
-    documents_split: int  # pack boundaries that fall inside a document (it continues next pack)
+    # Pack boundaries that fall inside a document (it continues in the next pack), in either
+    # mode: a document cut into k pieces counts k - 1.
+    documents_split: int
     max_seq_len: int
     mode: str
 
@@ -249,7 +252,7 @@ def _pack_whole(docs: TokenizedDocuments, max_seq_len: int):
         if len(doc) == 0:
             continue
         if len(doc) > max_seq_len:
-            split += 1
+            split += (len(doc) - 1) // max_seq_len  # ceil(len / S) pieces, one cut between each
             close()
             for begin in range(0, len(doc), max_seq_len):
                 piece = doc[begin : begin + max_seq_len]

@@ -246,7 +246,8 @@ class StreamingPackedSequences:
         else:
             self._plan = _plan_whole_packs(kept_lengths, self._max_seq_len)
             num_packs = len(self._plan[0])
-            cuts_inside = int(np.count_nonzero(kept_lengths > self._max_seq_len))
+            # ceil(length / S) pieces per document, one cut between each (as pack_documents)
+            cuts_inside = int(((kept_lengths - 1) // self._max_seq_len).sum())
             if int(self._plan[3].sum()) != int(self._virt_offsets[-1]):  # an invariant
                 raise AssertionError("whole packing plan lost tokens")
         tokens = int(self._virt_offsets[-1])

@@ -4,9 +4,9 @@ lm-eval 0.4.13 has no entry-point group for models and looks ``--model`` up befo
 task code, so a plain ``lm_eval --model acadlm`` cannot find a model from another package. This
 command is ``lm_eval`` itself (same arguments, same output files) run after three things: the
 ``acadlm`` model is registered, our task folder is added to every TaskManager's include path
-(next to any ``--include_path`` you give), and ``--apply_chat_template`` (with any
-``--system_instruction``) is passed on to the tasks' metadata, which lm-eval does not do: our
-RULER and HELMET tasks lay out and size their prompts for it. When the results carry per-length
+(next to any ``--include_path`` you give), and ``--apply_chat_template`` and
+``--system_instruction`` are passed on to the tasks' metadata, which lm-eval does not do: our
+RULER and HELMET tasks lay out and size their prompts for them. When the results carry per-length
 metrics it prints the task x length table and, with ``--output_path``, writes the table and a
 heatmap PNG next to lm-eval's ``results_*.json``.
 """
@@ -65,22 +65,24 @@ def _flag(argv: list[str], name: str) -> str | None:
     return None
 
 
-def pass_chat_template_to_tasks(argv: list[str]) -> list[str]:
-    """``argv`` with ``apply_chat_template`` (and ``system_instruction``) added to the tasks'
-    ``--metadata`` when the run applies a chat template.
+def pass_run_settings_to_tasks(argv: list[str]) -> list[str]:
+    """``argv`` with ``apply_chat_template`` (when the run applies a chat template) and
+    ``system_instruction`` (when it gives one, with or without a template) added to the
+    tasks' ``--metadata``.
 
-    lm-eval applies the template when it renders a prompt but never tells the task, whose
-    prompts (HELMET's answer prefix, the budget that counts the template's tokens) depend on
-    it; a further ``--metadata`` is merged into the user's by lm-eval's own parser.
+    lm-eval applies the template and writes the instruction when it renders a prompt but never
+    tells the task, whose prompts (HELMET's answer prefix, the budget that counts the template's
+    and the instruction's tokens) depend on them; a further ``--metadata`` is merged into the
+    user's by lm-eval's own parser.
     """
+    extra: dict[str, Any] = {}
     value = _flag(argv, "--apply_chat_template")
-    if value is None or value.strip().lower() in ("false", "0", "no"):
-        return argv
-    extra: dict[str, Any] = {"apply_chat_template": True}
+    if value is not None and value.strip().lower() not in ("false", "0", "no"):
+        extra["apply_chat_template"] = True
     instruction = _option(argv, "--system_instruction")
     if instruction:
         extra["system_instruction"] = instruction
-    return [*argv, "--metadata", json.dumps(extra)]
+    return [*argv, "--metadata", json.dumps(extra)] if extra else argv
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     register_lm_eval_model()
     include_our_tasks()
-    argv = pass_chat_template_to_tasks(list(sys.argv[1:] if argv is None else argv))
+    argv = pass_run_settings_to_tasks(list(sys.argv[1:] if argv is None else argv))
     captured: list[dict[str, Any]] = []
     original_evaluate = lm_eval.simple_evaluate
 

@@ -96,9 +96,11 @@ from acadlm_plugins.evaluation.local_data import (
 from acadlm_plugins.evaluation.prompting import FittedPrompt, random_uuid
 from acadlm_plugins.evaluation.scoring import (
     Entails,
+    answer_line,
     asqa_string_em,
     citation_scores,
     clean_prediction,
+    exact_match,
     ndcg_at_k,
     qampari_scores,
     rouge_l,
@@ -108,6 +110,7 @@ from acadlm_plugins.evaluation.task_base import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SEED,
     build_length_dataset,
+    depth_setting_value,
     int_setting,
     per_length,
 )
@@ -253,15 +256,8 @@ def depth_setting(metadata: Mapping[str, Any], index: int, rng: random.Random, *
                   spread: bool) -> float:
     """Where the evidence goes (0 = start of the context, 1 = end): ``depth`` from the metadata
     if set; else evenly spread over the samples (``spread``) or drawn at random."""
-    fixed = metadata.get("depth")
-    if fixed is not None:
-        try:
-            depth = float(fixed)
-        except (TypeError, ValueError):
-            raise task_error(task, "depth", f"{fixed!r} is not a number.") from None
-        if not 0.0 <= depth <= 1.0:
-            raise task_error(task, "depth", f"{fixed} is outside [0, 1].",
-                             "Give a fraction of the context, e.g. 0.5 for the middle.")
+    depth = depth_setting_value(metadata, task=task)
+    if depth is not None:
         return depth
     if not spread:
         return rng.random()
@@ -939,13 +935,14 @@ def icl_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
                                 partial(build_icl_sample, source, metadata, task, "icl_path"))
 
 
-def parse_label(prediction: str) -> str:
-    """The label a generation gives: what follows the first "label:", else its first word
-    (HELMET's reading of an ICL answer)."""
-    text = clean_prediction(prediction)
-    match = re.search(r"label\s*[:=]\s*([\w-]+)", text, flags=re.IGNORECASE) or \
-        re.match(r"\W*([\w-]+)", text)
-    return match.group(1).lower() if match else ""
+def parse_label(generation: str, gen_prefix: str = "") -> str:
+    """The answer an ICL generation gives, read as HELMET reads it: the answer prefix the
+    prompt ended with (``gen_prefix``: "label:" in plain text, none under a chat template) is
+    put back in front of the generation (``eval.py``), then ``parse_output(..., "label:")``
+    (``load_icl``'s ``post_process``) takes the rest of the line after the first "label:",
+    else the first line, dropping a "label:" the model repeats. The whole line is the answer,
+    scored by exact match: " 3 (location)" answers "3 (location)", not the label 3."""
+    return answer_line(gen_prefix + generation, ICL_LAYOUT.prefix)
 
 
 # ------------------------------------------------------------------- long documents: QA, summ
@@ -1907,6 +1904,7 @@ def process_results_ndcg(doc: Mapping[str, Any], results: list[str]) -> dict[str
 
 
 def process_results_label(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
-    """Accuracy: 100 if the label the generation gives is the expected number."""
-    return per_length(doc, 100.0 if parse_label(results[0]) == doc["outputs"][0].lower()
-                      else 0.0)
+    """Accuracy as HELMET's ICL exact match: 100 if the answer :func:`parse_label` reads is the
+    expected number once both are normalized (SQuAD's normalization, as HELMET's)."""
+    return per_length(doc, exact_match(parse_label(results[0], doc.get("gen_prefix") or ""),
+                                       doc["outputs"]))

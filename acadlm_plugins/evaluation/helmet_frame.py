@@ -8,7 +8,9 @@ and a *system template*, the answer prefix (``Answer:``, ``Summary:``, ``Ranking
 * without a chat template the model reads ``user + separator + prefix`` and continues it (the
   separator is a line break, or a blank line for InfiniteBench, Multi-LexSum and ALCE);
 * with one, the user template alone is the user's message and the assistant's turn opens empty:
-  there is no answer prefix at all.
+  there is no answer prefix at all. The run's ``--system_instruction`` is the system message
+  then (counted in the budget); a plain prompt gets none, as HELMET's ``tokenize`` passes its
+  ``system_message`` only with the chat template.
 
 HELMET's configs choose the chat template per category (``use_chat_template``): on for
 long-document QA, summarization and citations, off for recall, RAG, re-ranking and ICL, even for
@@ -43,6 +45,7 @@ from acadlm_plugins.evaluation.ruler import (
     BudgetSettings,
     PromptFrame,
     check_generation_room,
+    check_system_instruction,
     prompt_frame,
 )
 from acadlm_plugins.evaluation.task_base import LengthSweepTask, int_setting
@@ -138,15 +141,17 @@ class HelmetFrame:
 def budget_settings(metadata: Mapping[str, Any], *, task: str, generation: int,
                     chat: bool) -> BudgetSettings:
     """``length_budget`` and ``tokens_to_generate`` (default ``generation``, the task YAML's
-    ``max_gen_toks``) of a HELMET task, checked; the chat template counts under ``ruler``."""
+    ``max_gen_toks``) of a HELMET task, checked; the chat template and, with it, the system
+    instruction count under ``ruler``."""
     mode = str(metadata.get("length_budget") or "ruler")
     if mode not in LENGTH_BUDGETS:
         raise task_error(task, "length_budget", f"{mode!r} is not a length budget.",
                          "Use `ruler` (prompt + generation + chat template fit the length, as "
                          "HELMET and RULER size them) or `prompt` (the prompt alone fits it).")
     tokens = int_setting(metadata, "tokens_to_generate", generation, task=task, minimum=0)
-    settings = BudgetSettings(mode, tokens, chat and mode == "ruler",
-                              str(metadata.get("system_instruction") or ""))
+    # HELMET gives a system message only with the chat template (model_utils.tokenize).
+    instruction = str(metadata.get("system_instruction") or "") if chat else ""
+    settings = BudgetSettings(mode, tokens, chat and mode == "ruler", instruction)
     check_generation_room(metadata, settings, task=task)
     return settings
 
@@ -209,10 +214,13 @@ class HelmetTask(LengthSweepTask):
         return (*cls.measures, *(METRICS[cls.judge_kind] if judged and cls.judge_kind else ()))
 
     def build_all_requests(self, **kwargs: Any) -> Any:
-        """lm-eval's request building, with the chat template only where HELMET uses it.
+        """lm-eval's request building, with the chat template (and the run's system
+        instruction) only where HELMET uses it.
 
         The prompts were built for the layout ``apply_chat_template`` in the metadata names, so
-        a run that applies a template the metadata does not mention (or the reverse) is refused.
+        a run that applies a template the metadata does not mention (or the reverse) is refused,
+        and so is, under the template, a system instruction other than the metadata's. A plain
+        prompt gets no system message, as in HELMET.
         """
         metadata = self.config.metadata or {}
         name = self.config.task or "?"
@@ -230,4 +238,10 @@ class HelmetTask(LengthSweepTask):
                      "category (helmet_chat_template: all to change).", name, self.category)
             kwargs.update(apply_chat_template=False, chat_template=None,
                           fewshot_as_multiturn=False, tokenizer_name="")
+        if kwargs.get("apply_chat_template"):
+            check_system_instruction(metadata, kwargs.get("system_instruction"), task=name)
+        elif kwargs.get("system_instruction"):
+            log.info("%s: no system message in a plain prompt, as HELMET gives none without "
+                     "the chat template.", name)
+            kwargs["system_instruction"] = None
         return super().build_all_requests(**kwargs)

@@ -18,6 +18,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training.config_checks import config_value
 
 DEFAULT_LENGTHS: tuple[int, ...] = (4096, 8192, 16384)
 TOKENIZER_KEYS = ("tokenizer", "pretrained")
@@ -33,13 +34,16 @@ def parse_lengths(value: Any, *, task: str = "acadlm") -> list[int]:
     if value is None:
         return list(DEFAULT_LENGTHS)
     items = value.replace(" ", "").split(",") if isinstance(value, str) else value
-    if isinstance(items, int):
+    if isinstance(items, (int, float)):
         items = [items]
     lengths: list[int] = []
     for item in items:
         text = str(item).strip().lower()
         try:
-            length = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+            number = float(text[:-1]) * 1024 if text.endswith("k") else float(text)
+            if not number.is_integer():
+                raise ValueError(text)
+            length = int(number)
         except ValueError:
             raise task_error(task, "max_seq_lengths", f"{item!r} is not a length.",
                              'Give token counts, e.g. --metadata \'{"max_seq_lengths": [1024, 4096]}\'.'
@@ -105,10 +109,11 @@ def load_length_tokenizer(metadata: Mapping[str, Any], *, task: str) -> LengthTo
 
 def model_max_length(metadata: Mapping[str, Any]) -> int | None:
     """The longest context the evaluated model takes: ``max_length`` in the model args, else
-    ``max_position_embeddings`` from the model directory's config.json; None if unknown."""
+    ``max_position_embeddings`` from the model directory's config.json; None if unknown. A
+    ``max_length`` that is not a positive integer (``4k``, ``0``) is an error naming it."""
     for key in ("max_length", "max_seq_len"):
-        if metadata.get(key):
-            return int(metadata[key])
+        if metadata.get(key) is not None:
+            return config_value(metadata[key], f"--model_args {key}", int, minimum=1)
     pretrained = metadata.get("pretrained")
     if isinstance(pretrained, str) and (Path(pretrained).expanduser() / "config.json").is_file():
         config = json.loads((Path(pretrained).expanduser() / "config.json").read_text())

@@ -63,6 +63,7 @@ from acadlm_plugins.quantization import (
     read_quantization,
     scheme_dtype,
 )
+from acadlm_plugins.training.config_checks import config_value
 
 log = logging.getLogger(__name__)
 
@@ -414,10 +415,14 @@ class AcadLM(TemplateLM):
             # A quantized copy runs in the dtype it was made for (int4 kernels: bfloat16).
             self.dtype = scheme_dtype(read_quantization(self.model_dir)["scheme"])
         self.kv_cache = bool(kv_cache)
-        self.prefill_chunk = int(prefill_chunk)
-        self._max_gen_toks = int(max_gen_toks)
-        self.model = load_decoder(self.model_dir, max_seq_len=int(max_length) if max_length
-                                  else None, device=self._device, dtype=self.dtype)
+        self.prefill_chunk = config_value(prefill_chunk, "--model_args prefill_chunk", int,
+                                          minimum=1)
+        self._max_gen_toks = config_value(max_gen_toks, "--model_args max_gen_toks", int,
+                                          minimum=1)
+        context = config_value(max_length, "--model_args max_length", int, minimum=1,
+                               allow_none=True)
+        self.model = load_decoder(self.model_dir, max_seq_len=context, device=self._device,
+                                  dtype=self.dtype)
         self._max_length = int(self.model.max_seq_len)
         if self.tokenizer.vocab_size > self.model.tok_embeddings.num_embeddings:
             raise ConfigError("--model_args tokenizer", f"{tokenizer_dir} has "

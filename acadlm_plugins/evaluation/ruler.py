@@ -48,6 +48,7 @@ from acadlm_plugins.evaluation.task_base import (
     DEFAULT_NUM_SAMPLES,
     LengthSweepTask,
     build_length_dataset,
+    depth_setting_value,
     int_setting,
 )
 
@@ -73,6 +74,8 @@ class BudgetSettings:
     mode: str  # "ruler": prompt + generation + chat template <= L; "prompt": prompt <= L
     tokens_to_generate: int
     chat_template: bool  # the prompt is rendered with the model folder's chat template
+    #: The run's ``--system_instruction``, counted under the ``ruler`` budget: as the chat
+    #: template's system turn, or in plain text where lm-eval writes it, before the prompt.
     system_instruction: str = ""
 
     def room(self, length: int) -> int:
@@ -119,9 +122,31 @@ def check_generation_room(metadata: Mapping[str, Any], settings: BudgetSettings,
                              "length.")
 
 
+def check_system_instruction(metadata: Mapping[str, Any], given: str | None, *,
+                             task: str) -> None:
+    """Refuse a run whose system instruction (lm-eval's ``--system_instruction``, ``given``) is
+    not the ``system_instruction`` of the task's metadata: lm-eval writes it into every prompt
+    but never tells the task, whose prompts were sized for the metadata's."""
+    expected, given = str(metadata.get("system_instruction") or ""), str(given or "")
+    if given == expected:
+        return
+    if not expected:
+        problem = "the run passes a system instruction that the task metadata does not name"
+    elif not given:
+        problem = "the task metadata names a system instruction that the run does not pass"
+    else:
+        problem = "the run's system instruction is not the one in the task metadata"
+    raise task_error(task, "system_instruction", f"{problem}, and the prompts were sized for "
+                     "the metadata's (the instruction's tokens count in the length budget).",
+                     "Run through acadlm-lm-eval or the eval recipe (they pass the instruction "
+                     "on to the tasks), or give the same text in --metadata "
+                     "'{\"system_instruction\": \"...\"}'.")
+
+
 class RulerTask(LengthSweepTask):
     """A :class:`LengthSweepTask` whose dataset builder learns the generation budget from the
-    task's own ``generation_kwargs.max_gen_toks``, so the YAML states it once."""
+    task's own ``generation_kwargs.max_gen_toks``, so the YAML states it once, and which
+    refuses a run whose system instruction its prompts were not sized for."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         config = dict(config or {})
@@ -132,14 +157,22 @@ class RulerTask(LengthSweepTask):
         config["metadata"] = metadata
         super().__init__(config=config)
 
+    def build_all_requests(self, **kwargs: Any) -> Any:
+        """lm-eval's request building, once the run's system instruction is known to be the
+        one the prompts were sized for (:func:`check_system_instruction`)."""
+        check_system_instruction(self.config.metadata or {}, kwargs.get("system_instruction"),
+                                 task=self.config.task or "?")
+        return super().build_all_requests(**kwargs)
+
 
 @dataclass(frozen=True)
 class PromptFrame:
     """The text lm-eval wraps around a document and the tokens that text may have.
 
-    Without a chat template lm-eval writes ``input``, a space where neither side has one, and
-    the answer prefix; with one, ``opening`` + input + ``closing`` + prefix, the prefix left open
-    for the model to continue. ``budget`` is the most tokens this laid-out text may count.
+    Without a chat template lm-eval writes ``opening`` (the system instruction, if any, with
+    nothing after it), ``input``, a space where neither side has one, and the answer prefix;
+    with one, ``opening`` + input + ``closing`` + prefix, the prefix left open for the model to
+    continue. ``budget`` is the most tokens this laid-out text may count.
     """
 
     budget: int
@@ -163,7 +196,7 @@ class PromptFrame:
         """The prompt the model reads for user text ``text`` and answer prefix ``prefix``."""
         if self.closing is not None:
             return self.opening + text + self.closing + prefix
-        return text + self._delimiter(text, prefix) + prefix
+        return self.opening + text + self._delimiter(text, prefix) + prefix
 
     def user_text(self, laid_out: str, prefix: str) -> str:
         """The user text of a prompt written by :meth:`lay_out` (our inputs never end in
@@ -223,6 +256,9 @@ def _frame(settings: BudgetSettings, length: int, tokenizer: LengthTokenizer,
                              "verbatim, so prompts cannot be sized inside it.",
                              "Drop apply_chat_template, or use length_budget: prompt.")
         opening, closing = text[:start], text[start + len(_PLACEHOLDER_USER):end]
+    elif settings.mode == "ruler":
+        # lm-eval's plain-text prompt: the system instruction, then the user text, unseparated.
+        opening = settings.system_instruction
     sample = PromptFrame(0, opening, closing).lay_out("Text.", "Answer:")
     # Tokens the tokenizer adds around a whole prompt (a BOS) count as well.
     added = len(tokenizer.tokenizer.encode(sample, add_special_tokens=True).ids) \
@@ -238,8 +274,9 @@ def _frame(settings: BudgetSettings, length: int, tokenizer: LengthTokenizer,
 def prompt_frame(settings: BudgetSettings, length: int, tokenizer: LengthTokenizer, *,
                  task: str) -> PromptFrame:
     """The frame of ``task``'s prompts at ``length``: plain text or the chat template around
-    them, and their token budget (``settings.room(length)``, less the tokens the tokenizer adds
-    around a prompt under the ``ruler`` budget)."""
+    them (under the ``ruler`` budget with the system instruction, if any), and their token budget
+    (``settings.room(length)``, less the tokens the tokenizer adds around a prompt under the
+    ``ruler`` budget)."""
     return _frame(settings, length, tokenizer, task)
 
 
@@ -412,12 +449,8 @@ def needle_depths(metadata: Mapping[str, Any], index: int, count: int, num_sampl
                   rng: random.Random, *, task: str) -> list[float]:
     """Depths of the queried needles: ``depth`` if set, else spread evenly over samples
     for a single needle (0%, ..., 100%), random for several."""
-    fixed = metadata.get("depth")
-    if fixed is not None:
-        depth = float(fixed)
-        if not 0.0 <= depth <= 1.0:
-            raise task_error(task, "depth", f"{fixed} is outside [0, 1].",
-                             "Give a fraction of the context, e.g. 0.5 for the middle.")
+    depth = depth_setting_value(metadata, task=task)
+    if depth is not None:
         return [depth] * count
     if count == 1:
         return [index / (num_samples - 1) if num_samples > 1 else 0.5]
@@ -450,7 +483,7 @@ def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
         needles.extend((key, _value(rng, spec.value_kind)) for _ in range(values))
     queried = keys[: spec.num_queries]
     answers = [value for key, value in needles if key in queried]
-    num_samples = int(metadata.get("num_samples", DEFAULT_NUM_SAMPLES))
+    num_samples = int_setting(metadata, "num_samples", DEFAULT_NUM_SAMPLES, task=task)
     depths = needle_depths(metadata, index, len(needles), num_samples, rng, task=task)
     inserts = [(depth, NEEDLE.format(plural=plural, key=key, value=value))
                for depth, (key, value) in zip(depths, needles)]

@@ -10,9 +10,10 @@ metric list from the metadata before lm-eval reads it. Task YAMLs use it through
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -52,6 +53,20 @@ class LengthSweepTask(ConfigurableTask):
         ]
         super().__init__(config=config)
 
+    def build_all_requests(self, **kwargs: Any) -> Any:
+        """lm-eval's request building, with a warning when its ``limit`` (the first N rows)
+        is too small to reach every length: rows come sample by sample, so N below the number of
+        lengths leaves the longest ones out."""
+        limit = kwargs.get("limit")
+        metadata = self.config.metadata or {}
+        task = self.config.task or "?"
+        lengths = parse_lengths(metadata.get("max_seq_lengths"), task=task)
+        if limit is not None and int(limit) < len(lengths):
+            log.warning("%s: limit=%s evaluates only the first %s of its %d lengths; %s are left "
+                        "out (give a limit of at least %d, one sample per length).", task, limit,
+                        limit, len(lengths), lengths[int(limit):], len(lengths))
+        return super().build_all_requests(**kwargs)
+
 
 def int_setting(metadata: Mapping[str, Any], key: str, default: int, *, task: str,
                 minimum: int = 1) -> int:
@@ -66,19 +81,42 @@ def int_setting(metadata: Mapping[str, Any], key: str, default: int, *, task: st
     return number
 
 
+def depth_setting_value(metadata: Mapping[str, Any], *, task: str) -> float | None:
+    """``depth`` of the metadata (where the evidence goes: 0 = start of the context, 1 = end)
+    as a number in [0, 1], None when unset, or an error naming the task and ``depth``."""
+    fixed = metadata.get("depth")
+    if fixed is None:
+        return None
+    try:
+        depth = math.nan if isinstance(fixed, bool) else float(fixed)
+    except (TypeError, ValueError):
+        depth = math.nan
+    if math.isnan(depth):
+        raise task_error(task, "depth", f"{fixed!r} is not a number.",
+                         "Give one fraction of the context, e.g. 0.5 for the middle, or leave "
+                         "depth out to spread the evidence over the samples.")
+    if not 0.0 <= depth <= 1.0:
+        raise task_error(task, "depth", f"{fixed} is outside [0, 1].",
+                         "Give a fraction of the context, e.g. 0.5 for the middle.")
+    return depth
+
+
 def build_length_dataset(task: str, metadata: Mapping[str, Any],
                          build_sample: SampleBuilder) -> dict[str, datasets.Dataset]:
     """The ``test`` split of ``task``: ``num_samples`` rows per length, seeded by ``seed``.
 
     Each row gets ``max_length`` (its target) and ``input_tokens`` (its measured length) so that
-    results are reported per length and tests can check the sizing.
+    results are reported per length and tests can check the sizing. Each length's rows are
+    built in turn, from a stream of their own, then listed sample by sample (sample 0 at every
+    length, then sample 1, ...): lm-eval's ``--limit N`` takes the first N rows, which so cover
+    every length (:func:`sample_major`).
     """
     lengths = parse_lengths(metadata.get("max_seq_lengths"), task=task)
     check_lengths_fit(lengths, metadata, task=task)
     tokenizer = load_length_tokenizer(metadata, task=task)
     num_samples = int_setting(metadata, "num_samples", DEFAULT_NUM_SAMPLES, task=task)
     seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
-    rows = []
+    by_length = []
     for length in lengths:
         started = time.perf_counter()
         rng = sample_rng(task, seed, length)
@@ -93,8 +131,18 @@ def build_length_dataset(task: str, metadata: Mapping[str, Any],
         log.info("%s @ %d: %d prompts, %d-%d tokens (mean %.0f), built in %.1fs", task, length,
                  len(built), min(sizes), max(sizes), statistics.fmean(sizes),
                  time.perf_counter() - started)
-        rows.extend(built)
+        by_length.append(built)
+    rows = sample_major(by_length)
     return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
+
+
+def sample_major(by_length: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of every length interleaved: the first of each length (in the order given),
+    then the second of each, and so on; a length with fewer rows drops out when it runs out."""
+    rows: list[dict[str, Any]] = []
+    for index in range(max((len(built) for built in by_length), default=0)):
+        rows.extend(built[index] for built in by_length if index < len(built))
+    return rows
 
 
 def per_length(doc: Mapping[str, Any], score: float) -> dict[str, float]:

@@ -69,9 +69,11 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
     # The recipe's own length check, on the meta model (it reads only `_model` and `_cfg`).
     ContinuedPretrainRecipe._check_sequence_length(SimpleNamespace(_model=model, _cfg=cfg))
     if stage is not None:
-        from acadlm_plugins.long_context_recipe import check_sequence_parallel_config
+        from acadlm_plugins.long_context_recipe import check_sequence_parallel_lengths
+        from acadlm_plugins.training.sequence_parallel import check_sequence_parallel
 
-        check_sequence_parallel_config(model, stage, sp_degree)
+        check_sequence_parallel(model, sp_degree)
+        check_sequence_parallel_lengths(cfg, stage, sp_degree)
 
     pruning = _enabled(pm, PRUNING_PLUGIN)
     pruning_numel = _plan_pruning(plan, pruning) if pruning is not None else 0

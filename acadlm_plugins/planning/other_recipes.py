@@ -32,6 +32,7 @@ def plan_rater(plan: TrainingPlan, cfg: DictConfig) -> None:
     """QuRating stage 2: a decoder backbone plus one scalar head per criterion, on pairs."""
     from acadlm_plugins.qurating import CRITERIA
     from acadlm_plugins.qurating.rater import RaterModel, backbone_spec, check_pooling
+    from acadlm_plugins.rater_recipe import criteria_names
 
     checks.check_keys(cfg, "rater", None)
     plan.checked.append("known and required keys")
@@ -46,7 +47,7 @@ def plan_rater(plan: TrainingPlan, cfg: DictConfig) -> None:
     plan.checked += ["backbone config.json (family)",
                      "components: " + ", ".join(checks.check_components(cfg))]
     dtype = run_dtype(cfg, plan)
-    criteria = list(cfg.get("criteria", None) or CRITERIA)
+    criteria = criteria_names(cfg.get("criteria", None)) or list(CRITERIA)
     if not cfg.get("criteria", None):
         plan.notes.append(f"criteria: null trains every criterion in the judgments; counted "
                           f"here as QuRating's {len(CRITERIA)}.")

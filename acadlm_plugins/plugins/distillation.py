@@ -15,13 +15,16 @@ Config block (``teacher`` is required; absent or null: no distillation)::
       vocab_chunk_size: 8192 # vocabulary words per float32 block of the KL computation
 
 ``kd_ratio`` has the name and meaning of torchtune's ``knowledge_distillation`` recipes. The
-recipe adds every plugin term to its LM loss, and the hook receives that micro-batch's mean LM
-loss, so the term returned is ``kd_ratio * (KD - LM)``: LM + term is the mixture above. KD is
-the forward KL of Hinton et al. 2015 (see ``training/distillation_loss.py``) averaged over the
-positions the LM loss counts (position t against label t + 1, ``-100`` skipped). On several
-ranks both means are taken over the global micro-batch (one all-reduce of two numbers per
-micro-batch), so N ranks train exactly as one process with the same global batch. The metric
-``distillation/kl`` is the step's KD, averaged over its micro-batches.
+recipe adds every plugin term to its LM loss, so the term returned is ``kd_ratio * (KD - LM)``:
+LM + term is the mixture above. KD is the forward KL of Hinton et al. 2015 (see
+``training/distillation_loss.py``) over the positions the LM loss counts (position t against
+label t + 1, ``-100`` skipped). Both KD and the LM part it cancels are weighted per token over
+the whole optimizer step, exactly as the recipe weighs its LM loss: each micro-batch's token
+sums are divided by the step's counted tokens over all micro-batches and ranks (the hook's
+``step_tokens``), so micro-batches with unequal token counts, gradient accumulation and N
+ranks all train the same mixture as one process with the step's whole batch. The metric
+``distillation/kl`` is the step's KD per counted token (one all-reduce of two numbers per
+micro-batch gathers it over ranks).
 
 The teacher is built under the run's ``dtype`` on the run's device, loaded strictly (only a
 tied ``output.`` may be absent), frozen and kept in eval mode; on several ranks it is sharded
@@ -87,8 +90,8 @@ class DistillationPlugin:
         self.teacher: nn.Module | None = None
         self.fingerprint: dict[str, str] = {}
         self._world_size = 1
-        self._kl_total: torch.Tensor | float = 0.0  # this step's micro-batch KD means, summed
-        self._kl_batches = 0
+        # this step's KD summed over its counted positions, and their number (all ranks)
+        self._kl_totals: torch.Tensor | None = None
         self._last_kl: float | None = None
 
     # ------------------------------------------------------------------------------ config
@@ -166,7 +169,8 @@ class DistillationPlugin:
 
     # ------------------------------------------------------------------------------ loss
     @hookimpl
-    def acadlm_extra_loss(self, batch: dict, logits: Any, loss: Any, step: int) -> dict | None:
+    def acadlm_extra_loss(self, batch: dict, logits: Any, loss: Any, step: int,
+                          step_tokens: float, micro_batches: int) -> dict | None:
         if not self.enabled:
             return None
         if logits is None:
@@ -179,24 +183,23 @@ class DistillationPlugin:
         kl_sum, count = forward_kl_chunked(
             logits, teacher, shifted_targets(batch["labels"]), teacher_weight=weight,
             temperature=self.temperature, vocab_chunk_size=self.vocab_chunk_size)
-        # Both means over the global micro-batch (every rank's counted positions): FSDP
-        # averages gradients over ranks, hence the world-size factor; N ranks then train as
-        # one process with the same global batch.
         totals = torch.stack([kl_sum.detach().double(), count.double()])
         if self._world_size > 1:
             dist.all_reduce(totals)
-        global_count = totals[1].clamp(min=1)
-        scale = (self._world_size / global_count).to(kl_sum.dtype)
-        self._kl_total = self._kl_total + totals[0] / global_count
-        self._kl_batches += 1
+        self._kl_totals = totals if self._kl_totals is None else self._kl_totals + totals
+        # Token sums over the step's counted tokens (hook docstring): the recipe divides the
+        # term by micro_batches, FSDP averages gradients over ranks, and the recipe's LM loss
+        # weighs each token 1 / step_tokens; `loss * count` is this micro-batch's LM sum.
+        scale = self._world_size * micro_batches / max(float(step_tokens), 1.0)
         return {"distillation": self.kd_ratio * (kl_sum - loss * count) * scale}
 
     @hookimpl
     def acadlm_after_optimizer_step(self, step: int, metrics: dict) -> dict | None:
-        if not self.enabled or self._kl_batches == 0:
+        if not self.enabled or self._kl_totals is None:
             return None
-        self._last_kl = float(self._kl_total) / self._kl_batches
-        self._kl_total, self._kl_batches = 0.0, 0
+        kl_sum, count = self._kl_totals.tolist()
+        self._last_kl = kl_sum / max(count, 1.0)
+        self._kl_totals = None
         return {"distillation/kl": self._last_kl}
 
     # ------------------------------------------------------------------------------ state

@@ -24,16 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from acadlm_plugins.data.dynamic_batch_loading import excess_losses, ordered, update_domain_weights
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
+from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "dynamic_batch_loading"
 STATE_KEY = "dynamic_batch_loading"
 PLOT_NAME = "domain_weights.png"
+KNOWN_KEYS = {"enabled", "update_interval", "eta", "smoothing", "reference_losses",
+              "reference_scale"}
 
 
 class DynamicBatchLoadingPlugin:
@@ -56,23 +60,24 @@ class DynamicBatchLoadingPlugin:
     @hookimpl
     def acadlm_configure(self, cfg: Any, recipe: str) -> None:
         block = cfg.get(CONFIG_KEY, None)
-        if not block or not block.get("enabled", False):
+        if block is None:
             return
-        known = {"enabled", "update_interval", "eta", "smoothing", "reference_losses",
-                 "reference_scale"}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ConfigError(f"{CONFIG_KEY}.{unknown[0]}", "is not a known key.",
-                              f"use only {sorted(known)}.")
+        if not isinstance(block, Mapping | DictConfig):
+            raise ConfigError(CONFIG_KEY, f"must be a mapping, got {block!r}.",
+                              f"write `{CONFIG_KEY}: {{enabled: True, ...}}`, or remove it.")
+        # Checked whether or not it is enabled: `enable: True` must not switch it off unseen.
+        reject_unknown_keys(block, KNOWN_KEYS, recipe=recipe, prefix=f"{CONFIG_KEY}.")
+        if not config_value(block.get("enabled", False), f"{CONFIG_KEY}.enabled", bool,
+                            allow_none=True):
+            return
         self.enabled = True
-        self.update_interval = int(block.get("update_interval", 50))
-        self.eta = float(block.get("eta", 1.0))
-        self.smoothing = float(block.get("smoothing", 1e-4))
-        self.reference_scale = float(block.get("reference_scale", 1.0))
-        if not self.reference_scale > 0:
-            raise ConfigError(f"{CONFIG_KEY}.reference_scale", "must be > 0.")
-        if self.update_interval < 1:
-            raise ConfigError(f"{CONFIG_KEY}.update_interval", "must be >= 1.")
+        self.update_interval = config_value(block.get("update_interval", 50),
+                                            f"{CONFIG_KEY}.update_interval", int, minimum=1)
+        self.eta = config_value(block.get("eta", 1.0), f"{CONFIG_KEY}.eta", float, minimum=0)
+        self.smoothing = config_value(block.get("smoothing", 1e-4), f"{CONFIG_KEY}.smoothing",
+                                      float)
+        self.reference_scale = config_value(block.get("reference_scale", 1.0),
+                                            f"{CONFIG_KEY}.reference_scale", float, above=0)
         if not 0 <= self.smoothing < 1:
             raise ConfigError(f"{CONFIG_KEY}.smoothing", "must be in [0, 1).")
         reference = block.get("reference_losses", "initial")
@@ -87,7 +92,12 @@ class DynamicBatchLoadingPlugin:
                                   "only applies to `reference_losses: initial`.",
                                   "scale the given reference losses yourself, or drop the key.")
             self.reference_mode = "given"
-            self.reference = {str(k): float(v) for k, v in dict(reference).items()}
+            if not isinstance(reference, Mapping | DictConfig):
+                raise ConfigError(f"{CONFIG_KEY}.reference_losses", f"is {reference!r}.",
+                                  "use `initial` or a mapping {domain: loss}.")
+            self.reference = {
+                str(k): config_value(v, f"{CONFIG_KEY}.reference_losses.{k}", float)
+                for k, v in reference.items()}
         eval_every = cfg.get("eval_every_n_steps", None)
         if eval_every is None:
             cfg.eval_every_n_steps = self.update_interval
@@ -144,14 +154,41 @@ class DynamicBatchLoadingPlugin:
     def acadlm_state_dict(self) -> dict | None:
         if not self.enabled:
             return None
-        return {STATE_KEY: {"reference": self.reference, "history": self.history}}
+        return {STATE_KEY: {"reference": self.reference, "history": self.history,
+                            "reference_mode": self.reference_mode,
+                            "reference_scale": self.reference_scale}}
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
         if not self.enabled or STATE_KEY not in states:
             return
-        self.reference = states[STATE_KEY]["reference"]
-        self.history = list(states[STATE_KEY]["history"])
+        state = states[STATE_KEY]
+        self._check_resumed_reference(state)
+        self.reference = state["reference"]
+        self.history = list(state["history"])
+
+    def _check_resumed_reference(self, state: dict) -> None:
+        """The reference losses steer every weight update, so a resumed run must keep the
+        checkpoint's: a changed `reference_losses` (or `reference_scale`) is refused rather than
+        silently replaced by the saved one. Checkpoints from before the mode and scale were
+        saved are compared on the given losses alone."""
+        saved = state.get("reference")
+        key = f"{CONFIG_KEY}.reference_losses"
+        fix = ("restore the value this run started with, or start a new `output_dir` to use "
+               "the new one.")
+        saved_mode = state.get("reference_mode", "given" if self.reference_mode == "given"
+                               else None)
+        if saved_mode is not None and saved_mode != self.reference_mode:
+            was = "a mapping" if saved_mode == "given" else "`initial`"
+            raise ConfigError(key, f"differs from the checkpoint being resumed, which was "
+                              f"started with {was}.", fix)
+        if self.reference_mode == "given" and saved is not None and saved != self.reference:
+            raise ConfigError(key, f"is {_fmt(self.reference)}, the checkpoint being resumed "
+                              f"was trained with {_fmt(saved)}.", fix)
+        saved_scale = state.get("reference_scale", self.reference_scale)
+        if self.reference_mode == "initial" and saved_scale != self.reference_scale:
+            raise ConfigError(f"{CONFIG_KEY}.reference_scale", f"is {self.reference_scale}, the "
+                              f"checkpoint being resumed was trained with {saved_scale}.", fix)
 
     @hookimpl
     def acadlm_run_end(self, summary: dict) -> None:

@@ -3,8 +3,11 @@
 One non-finite loss makes every gradient non-finite, and one optimizer step with those
 gradients ruins the model for good. This built-in plugin checks the language-model loss and
 every extra loss term other plugins add, each step, before backward, and raises
-:class:`NonFiniteLossError` with what to try next. The recipe never writes a checkpoint after
-a non-finite loss, so the last checkpoint on disk is intact and the run can resume from it.
+:class:`NonFiniteLossError` with what to try next. A finite loss whose backward overflows is
+caught by the recipes themselves: ``training.runtime.clip_and_step`` checks the gradient norm
+every step and raises the same error, naming ``grad_norm``, before the optimizer steps. The
+recipe never writes a checkpoint after either, so the last checkpoint on disk is intact and the
+run can resume from it.
 """
 
 from __future__ import annotations
@@ -19,19 +22,31 @@ from acadlm_plugins.hookspecs import hookimpl
 
 
 class NonFiniteLossError(AcadlmError, FloatingPointError):
-    """The training loss became NaN or infinite. The message says at which step and what to try."""
+    """The training loss, or the gradient norm of a finite loss, became NaN or infinite. The
+    message says at which step and what to try."""
 
-    def __init__(self, step: int, name: str, value: float) -> None:
+    def __init__(self, step: int | None, name: str, value: float) -> None:
         self.step = step
         self.name = name
         self.value = value
+        where = f"at step {step}" if step is not None else "at this step"
+        if name == "grad_norm":
+            cause = ("backward produced NaN or infinite gradients (from a finite loss: an "
+                     "overflow); ")
+            fixes = ("Fixes to try: with `dtype: fp16`, train in bf16 or fp32 (fp16 overflows "
+                     "at 65504); lower `optimizer.lr` (or lengthen the warmup); check the batch "
+                     f"{where} and any plugin that changes the loss or the model; then resume "
+                     "from the last checkpoint.")
+        else:
+            cause = ""
+            fixes = ("Fixes to try: lower `optimizer.lr` (or lengthen the warmup); enable "
+                     "gradient clipping with `clip_grad_norm: 1.0`; check the data of the "
+                     f"batch {where} (empty or all-padding sequences, out-of-vocabulary token "
+                     "ids); then resume from the last checkpoint.")
         super().__init__(
-            f"`{name}` is {value} at step {step}; the run was stopped before the optimizer "
+            f"`{name}` is {value} {where}; {cause}the run was stopped before the optimizer "
             "step, so no weights were changed and the last checkpoint on disk is intact "
-            "(nothing is saved after a non-finite loss). Fixes to try: lower `optimizer.lr` "
-            "(or lengthen the warmup); enable gradient clipping with `clip_grad_norm: 1.0`; "
-            f"check the data of the batch at step {step} (empty or all-padding sequences, "
-            "out-of-vocabulary token ids); then resume from the last checkpoint."
+            "(nothing is saved after a non-finite loss or gradient). " + fixes
         )
 
 

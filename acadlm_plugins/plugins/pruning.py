@@ -51,6 +51,9 @@ STATE_KEY = "pruning"
 KNOWN_KEYS = {"method", "target", "lagrangian_warmup_steps", "mask_lr", "lambda_lr",
               "droprate_init", "mask_init", "mask_init_spread", "mask_init_gap", "calibration"}
 METHODS = ("learned", "importance")
+# Read only while masks train (method `learned`); one-shot importance pruning ignores them.
+MASK_TRAINING_KEYS = ("lagrangian_warmup_steps", "mask_lr", "lambda_lr", "droprate_init",
+                      "mask_init", "mask_init_spread", "mask_init_gap")
 MASK_INITS = ("uniform", "importance")
 CALIBRATION_KEYS = {"num_sequences", "batch_size"}
 
@@ -76,6 +79,13 @@ class PruningPlugin:
                 raise ConfigError(CONFIG_KEY, "is required by the prune recipe.",
                                   "add `pruning: {target: {...}}` (see configs/smollm2/).")
             return
+        if recipe != "prune":
+            # Another recipe would train the masks and hand over the unpruned model.
+            raise ConfigError(CONFIG_KEY, f"only the prune recipe reads this block; the {recipe} "
+                              "recipe would train the masks and never materialize or export "
+                              "the pruned model.",
+                              "run `tune run acadlm_plugins/prune_recipe --config ...` to "
+                              "prune, or remove the `pruning:` block.")
         reject_unknown_keys(block, KNOWN_KEYS, recipe=recipe, prefix=f"{CONFIG_KEY}.")
         if not block.get("target"):
             raise ConfigError(f"{CONFIG_KEY}.target", "is missing.",
@@ -124,6 +134,12 @@ class PruningPlugin:
             raise ConfigError(f"{CONFIG_KEY}.droprate_init", "must be in (0, 1).")
         if self.warmup < 0:
             raise ConfigError(f"{CONFIG_KEY}.lagrangian_warmup_steps", "must be >= 0.")
+        ignored = sorted(key for key in MASK_TRAINING_KEYS if key in block)
+        if self.method == "importance" and ignored:
+            # A warning, not an error: a pipeline may hand both methods one shared block.
+            log.warning("pruning.method: importance trains no masks, so %s %s ignored",
+                        ", ".join(f"{CONFIG_KEY}.{key}" for key in ignored),
+                        "is" if len(ignored) == 1 else "are")
         self.output_dir = Path(cfg.get("output_dir", "."))
 
     @hookimpl

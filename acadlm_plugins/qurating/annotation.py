@@ -446,11 +446,17 @@ class RankResult:
 
 def annotate_rank(corpus: Corpus, scorer: DocumentScorer, output_dir: str | Path,
                   shards: Sequence[ShardSpec], *, max_shards: int | None = None,
-                  progress: bool = True) -> RankResult:
+                  progress: bool = True,
+                  on_shard: Callable[[dict[str, float], int], None] | None = None
+                  ) -> RankResult:
     """Score this rank's ``shards`` that have no done marker yet, in order.
 
     ``max_shards`` stops after that many newly scored shards (a time-boxed job; the next run
     continues). Shows a progress bar with documents and tokens per second when ``progress``.
+    ``on_shard(metrics, shards_done)``, when given, is called after every written shard with
+    this run's throughput so far (``tokens_per_second``, ``documents_per_second``) and this
+    rank's finished shards (earlier runs' included): the annotate recipe logs it to its metric
+    logger.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -470,13 +476,18 @@ def annotate_rank(corpus: Corpus, scorer: DocumentScorer, output_dir: str | Path
         tokens += batch_tokens
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
 
-    for shard in todo_now:
+    for scored, shard in enumerate(todo_now, start=1):
         rows = corpus.rows(shard.start, shard.end)
         texts = rows.column(corpus.text_field).to_pylist()
         num_tokens, scores = scorer.score_documents(scorer.tokenize(texts), on_batch)
         write_shard(output_dir, shard, rows, num_tokens, scores, scorer.criteria)
         documents += len(texts)
         bar.update(len(texts))
+        if on_shard is not None:
+            seconds = max(time.perf_counter() - started, 1e-9)
+            on_shard({"tokens_per_second": tokens / seconds,
+                      "documents_per_second": documents / seconds},
+                     len(shards) - len(todo) + scored)
     bar.close()
     return RankResult(shards_total=len(shards), shards_done_before=len(shards) - len(todo),
                       shards_scored=len(todo_now), documents=documents, tokens=tokens,

@@ -41,7 +41,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,11 +153,18 @@ def _check_existing(files: OutputFiles, rows: list[dict[str, Any]],
     return done
 
 
+ThroughputCallback = Callable[[dict[str, float], int], None]
+
+
 def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Judge,
-                output: str | Path, *, batch_pairs: int = 4,
-                progress: bool = True) -> dict[str, Any]:
+                output: str | Path, *, batch_pairs: int = 4, progress: bool = True,
+                on_batch: ThroughputCallback | None = None) -> dict[str, Any]:
     """Judge ``pairs`` on ``criteria`` in both orders into ``output`` (resuming it), write the
-    rejected and summary files next to it, and return the summary."""
+    rejected and summary files next to it, and return the summary.
+
+    ``on_batch(metrics, pairs_done)``, when given, is called after every written batch with
+    this run's throughput so far (``prompts_per_second``, ``pairs_per_second``) and
+    ``pairs_done`` (resumed ones included): the judge recipe logs it to its metric logger."""
     if batch_pairs < 1:
         raise ConfigError("batch_pairs", f"{batch_pairs!r} is not a positive integer.",
                           "use e.g. 4.")
@@ -219,6 +226,12 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
             rejected_now += len({row["pair_id"] for row in rejected}
                                 - {row["pair_id"] for row in rows})
             bar.update(len(batch))
+            if on_batch is not None:
+                seconds = max(time.perf_counter() - started, 1e-9)
+                judged = begin + len(batch)
+                on_batch({"prompts_per_second": 2 * len(criteria) * judged / seconds,
+                          "pairs_per_second": judged / seconds},
+                         len(pairs) - len(todo) + judged)
     finally:
         bar.close()
     elapsed = time.perf_counter() - started

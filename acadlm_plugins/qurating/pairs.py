@@ -45,6 +45,7 @@ from typing import Any
 from acadlm_plugins.data.documents import SUPPORTED_SUFFIXES, iter_jsonl_values, resolve_data_files
 from acadlm_plugins.errors import DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
+from acadlm_plugins.training.config_checks import config_value
 
 log = logging.getLogger(__name__)
 
@@ -348,23 +349,35 @@ def sample_pairs(documents: Sequence[Document], tokenizer: AcadTokenizer, *, num
     return pairs
 
 
+def sampling_settings(pairs_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed sampling settings of a ``pairs`` block, as :func:`sample_pairs` keywords,
+    each read with :func:`config_value`: ``num_pairs=ten`` or ``same_domain=maybe`` is a
+    :class:`ConfigError` naming ``pairs.<key>``, raised before any model or corpus is loaded
+    (the judge recipe calls this in its config check)."""
+    def read(key: str, default: Any, kind: type, **limits: Any) -> Any:
+        return config_value(pairs_cfg.get(key, default), f"pairs.{key}", kind, **limits)
+
+    return {"num_pairs": read("num_pairs", 64, int, minimum=1),
+            "max_tokens": read("max_tokens", DEFAULT_MAX_TOKENS, int, minimum=1),
+            "min_excerpt_tokens": read("min_excerpt_tokens", None, int, minimum=1,
+                                       allow_none=True),
+            "p_max_tokens": read("p_max_tokens", DEFAULT_P_MAX_TOKENS, float, minimum=0.0),
+            "min_tokens": read("min_tokens", DEFAULT_MIN_TOKENS, int, minimum=1),
+            "seed": read("seed", 0, int),
+            "same_domain": read("same_domain", False, bool)}
+
+
 def pairs_from_config(pairs_cfg: Mapping[str, Any], tokenizer: AcadTokenizer) -> list[Pair]:
     """The pairs a judge config's ``pairs`` block asks for (keys: :data:`PAIRS_CONFIG_KEYS`):
     read from ``file``, or sampled from the corpus at ``data``."""
     if pairs_cfg.get("file") is not None:
         return read_pairs_file(str(pairs_cfg["file"]))
+    settings = sampling_settings(pairs_cfg)
     data = pairs_cfg["data"]
     data = str(data) if isinstance(data, (str, Path)) else [str(item) for item in data]
     documents = read_documents(data, split=str(pairs_cfg.get("split", "train")),
                                text_field=str(pairs_cfg.get("text_field", "text")))
-    shortest = pairs_cfg.get("min_excerpt_tokens")
-    return sample_pairs(
-        documents, tokenizer, num_pairs=int(pairs_cfg.get("num_pairs", 64)),
-        max_tokens=int(pairs_cfg.get("max_tokens", DEFAULT_MAX_TOKENS)),
-        min_excerpt_tokens=None if shortest is None else int(shortest),
-        p_max_tokens=float(pairs_cfg.get("p_max_tokens", DEFAULT_P_MAX_TOKENS)),
-        min_tokens=int(pairs_cfg.get("min_tokens", DEFAULT_MIN_TOKENS)),
-        seed=int(pairs_cfg.get("seed", 0)), same_domain=bool(pairs_cfg.get("same_domain", False)))
+    return sample_pairs(documents, tokenizer, **settings)
 
 
 # ---------------------------------------------------------------------- ready-made pairs

@@ -26,23 +26,31 @@ The annotation shards are read three times with pyarrow, never all at once:
 
 1. **moments**: per-criterion mean and standard deviation (for the z-scores), tokens and
    documents per domain (and per value of ``domain_field``), corpus size (to check the budget).
-   Reads scores, ``num_tokens`` and the domain columns; never the texts.
+   Reads scores, ``num_tokens`` and the domain columns; never the texts. With ``noise_key:
+   id`` it also reads the ids and checks that their 64-bit hashes are unique among the
+   documents with tokens (8 bytes per document, 80 MB at 10^7, freed after the check): two
+   documents with one id would get the same noise and be selected or dropped together.
 2. **keys**: the key of every document; only rows whose key can still be inside the budget
    are kept (a running threshold, below), so memory grows with the *selection* (at most about
    twice its documents plus one batch, 24 bytes each: float64 key, int64 row, int64 tokens),
    not with the corpus, and no text is read. Keys stay float64: in float32 (24-bit mantissa)
    10^7 keys would collide often enough to decide inclusions by row order instead of by
    noise. Also the z-score histograms of the whole corpus.
-3. **write**: only the row groups that hold selected rows are read, with all columns, and the
-   selected rows are written as ``<out>/<domain>/train.jsonl`` (the corpus layout
+3. **write**: a row group without a selected row is skipped; a row group holding at least one
+   is read whole, all columns (texts included), and its selected rows are written as
+   ``<out>/<domain>/train.jsonl`` (the corpus layout
    :func:`acadlm_plugins.data.mixture.domain_mixture_dataset` reads) with ``selection.json``
    and ``selection.png`` (what was kept), into a scratch folder that replaces ``<out>`` when it
-   is complete.
+   is complete. A row group of 10^5 rows almost always holds a selected row even at a budget
+   of a few percent, so in practice most texts are read once.
 
 The noise of a document is a hash of ``(seed, document id)`` (or of its global row number with
 ``noise_key: row``), not a draw from a stateful generator, so the selection does not depend on
 the batch size, on how the corpus is split into shards or (with ids) on the order of the
-shards. Exactly equal keys are ordered by row number.
+shards. The ids must therefore be unique (pass 1 refuses a repeated one, naming both rows);
+``noise_key: row`` needs no ids. Exactly equal keys are ordered by row number.
+
+Each pass shows a tqdm progress bar over the corpus's rows (``ACADLM_NO_PROGRESS=1`` hides it).
 
 Running threshold (one per domain with ``domain_field``): after each batch, if the candidates
 hold at least the budget, sorting them
@@ -72,9 +80,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.qurating import CRITERIA
+from acadlm_plugins.training.config_checks import config_value
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +128,12 @@ class SelectionConfig:
         tau: temperature > 0; ``"inf"`` or ``None`` is a uniform sample.
         top_k: deterministic top-k by score (the ``tau -> 0`` limit); ``tau`` is then ignored.
         seed: seeds the Gumbel noise.
-        noise_key: ``id`` (noise from the ``id`` column: the same document gets the same noise
-            however the corpus is sharded) or ``row`` (from the global row number).
+        noise_key: ``id`` (noise from the ``id`` column, which must be unique: the same
+            document gets the same noise however the corpus is sharded) or ``row`` (from the
+            global row number: the position in the shards sorted by name).
         uniform_output_dir: if set, also write the uniform (``tau = inf``) selection at the
-            same budget and seed there, for the comparison run.
+            same budget and seed there, for the comparison run. Neither folder may lie inside
+            the other.
         domain_field: a column of the shards (``a.b``: field ``b`` of a struct column ``a``)
             whose values are domains: each domain gets its share of the budget and is sampled
             on its own (QuRating's ``--domain_field``). ``None``: one selection over the whole
@@ -130,6 +142,9 @@ class SelectionConfig:
             token shares (normalised to sum to 1; a domain not listed gets nothing). Needs
             ``domain_field``.
         batch_size: rows per pyarrow batch (memory/speed only; the result does not depend on it).
+
+    The typed settings are checked when the config is built (:meth:`__post_init__`), so a typo
+    such as ``seed=abc`` or ``top_k=maybe`` stops the run before any shard is read.
     """
 
     scores_dir: str
@@ -145,6 +160,19 @@ class SelectionConfig:
     domain_field: str | None = None
     domain_weights: dict[str, float] | None = None
     batch_size: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        """Convert the typed settings with :func:`config_value`: a :class:`ConfigError` naming
+        the key for a value that is not of its type. (The budget's presence is checked by
+        :func:`check_budget_settings`: other readers, such as the weighted dataset, build a
+        config without one.)"""
+        self.budget_tokens = config_value(self.budget_tokens, "budget_tokens", int, minimum=1,
+                                          allow_none=True)
+        self.budget_fraction = config_value(self.budget_fraction, "budget_fraction", float,
+                                            above=0, allow_none=True)
+        self.top_k = config_value(self.top_k, "top_k", bool)
+        self.seed = config_value(self.seed, "seed", int)
+        self.batch_size = config_value(self.batch_size, "batch_size", int, minimum=1)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SelectionConfig:
@@ -240,21 +268,29 @@ def check_sampling(config: SelectionConfig, available: Sequence[str]) -> Samplin
                     noise_key=config.noise_key)
 
 
+def check_budget_settings(config: SelectionConfig) -> None:
+    """Refuse both or neither of ``budget_tokens`` and ``budget_fraction``, a fraction
+    outside (0, 1] and a token budget below 1: checks that need no corpus, made before any
+    shard is read."""
+    if (config.budget_tokens is None) == (config.budget_fraction is None):
+        raise ConfigError("budget_tokens", "give exactly one of `budget_tokens` and "
+                          "`budget_fraction`.", "e.g. `budget_tokens: 1000000` with "
+                          "`budget_fraction: null`, or `budget_fraction: 0.5` with "
+                          "`budget_tokens: null`.")
+    if config.budget_fraction is not None and not 0 < config.budget_fraction <= 1:
+        raise ConfigError("budget_fraction", f"must be in (0, 1], got {config.budget_fraction}.",
+                          "it is the share of the corpus's tokens to select.")
+    if config.budget_tokens is not None and config.budget_tokens < 1:
+        raise ConfigError("budget_tokens", f"must be >= 1, got {config.budget_tokens}.")
+
+
 def resolve_budget(config: SelectionConfig, corpus_tokens: int, corpus_documents: int,
                    num_shards: int) -> int:
     """The budget in tokens; an error naming the corpus size when it cannot be met."""
-    if (config.budget_tokens is None) == (config.budget_fraction is None):
-        raise ConfigError("budget_tokens", "give exactly one of `budget_tokens` and "
-                          "`budget_fraction`.", "e.g. `budget_tokens: 1000000`.")
+    check_budget_settings(config)
     if config.budget_fraction is not None:
-        fraction = float(config.budget_fraction)
-        if not 0 < fraction <= 1:
-            raise ConfigError("budget_fraction", f"must be in (0, 1], got {fraction}.",
-                              "it is the share of the corpus's tokens to select.")
-        return max(1, math.ceil(fraction * corpus_tokens))
+        return max(1, math.ceil(config.budget_fraction * corpus_tokens))
     budget = int(config.budget_tokens)
-    if budget < 1:
-        raise ConfigError("budget_tokens", f"must be >= 1, got {budget}.")
     if budget > corpus_tokens:
         raise ConfigError(
             "budget_tokens",
@@ -437,15 +473,30 @@ class ScoreShards:
                 raise DataError(f"{shard.path}: no `{ID_COLUMN}` column, which `noise_key: id` "
                                 "hashes. Fix: set `noise_key: row` (noise from the row number).")
 
-    def iter_batches(self, columns: Sequence[str], batch_size: int
+    def iter_batches(self, columns: Sequence[str], batch_size: int, *, desc: str | None = None
                      ) -> Iterator[tuple[Shard, int, pa.RecordBatch]]:
-        """``(shard, global index of the batch's first row, batch)`` over every shard."""
-        for shard in self.shards:
-            start = shard.first_row
-            reader = pq.ParquetFile(shard.path)
-            for batch in reader.iter_batches(batch_size=batch_size, columns=list(columns)):
-                yield shard, start, batch
-                start += batch.num_rows
+        """``(shard, global index of the batch's first row, batch)`` over every shard; with
+        ``desc``, a progress bar over the corpus's rows (see :func:`progress_bar`)."""
+        bar = progress_bar(self.num_rows, desc) if desc is not None else None
+        try:
+            for shard in self.shards:
+                start = shard.first_row
+                reader = pq.ParquetFile(shard.path)
+                for batch in reader.iter_batches(batch_size=batch_size, columns=list(columns)):
+                    yield shard, start, batch
+                    start += batch.num_rows
+                    if bar is not None:
+                        bar.update(batch.num_rows)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def progress_bar(total_rows: int, desc: str) -> tqdm:
+    """A tqdm bar over ``total_rows`` documents, as the other long loops of the package show
+    one; ``ACADLM_NO_PROGRESS=1`` (tests, batch jobs) hides it."""
+    return tqdm(total=total_rows, desc=desc, unit="doc", unit_scale=True, dynamic_ncols=True,
+                disable=os.environ.get("ACADLM_NO_PROGRESS") == "1")
 
 
 def _check_annotation_finished(root: Path, found: int) -> None:
@@ -567,13 +618,16 @@ def _domains(batch: pa.RecordBatch) -> list[str]:
 
 
 def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence[str], *,
-                batch_size: int, domain_field: str | None = None) -> CorpusStats:
+                batch_size: int, domain_field: str | None = None,
+                unique_ids: bool = False) -> CorpusStats:
     """Pass 1: moments of every criterion in ``criteria`` over non-empty documents, and domains.
 
     A non-finite score of a ``weighted`` criterion is an error (the key would be undefined);
     for a criterion only reported, non-finite values are left out of its statistics. With
     ``domain_field``, tokens and documents are also counted per value of that column (the
-    strata the budget is split over).
+    strata the budget is split over). With ``unique_ids`` (the noise is keyed by id), a null
+    id and two documents with tokens whose ids hash alike are errors (:class:`DataError`) naming
+    the shards and rows (see :func:`require_unique_ids`).
     """
     stats = CorpusStats(moments={c: Moments() for c in criteria})
     has_domain = shards.has_column(DOMAIN_COLUMN)
@@ -582,13 +636,24 @@ def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence
         columns.append(DOMAIN_COLUMN)
     if domain_field is not None and domain_field.split(".")[0] not in columns:
         columns.append(domain_field.split(".")[0])
-    for shard, start, batch in shards.iter_batches(columns, batch_size):
+    if unique_ids and ID_COLUMN not in columns:
+        columns.append(ID_COLUMN)
+    # One slot per row, filled with the hashes of the documents with tokens: 8 bytes per row,
+    # allocated once and sorted in place (no second copy at 10^7 documents).
+    id_hashes = np.empty(shards.num_rows if unique_ids else 0, dtype=np.uint64)
+    hashed = 0
+    for shard, start, batch in shards.iter_batches(columns, batch_size,
+                                                   desc="selection 1/3: moments"):
         tokens = _tokens(shard, batch)
         if tokens.size and tokens.min() < 0:
             row = int(np.argmax(tokens < 0)) + start - shard.first_row
             raise DataError(f"{shard.path}: row {row} has num_tokens {tokens.min()} < 0. Fix: "
                             "re-run the annotation for this shard.")
         live = tokens > 0
+        if unique_ids:
+            batch_hashes = _id_hashes(shard, start, batch)[live]
+            id_hashes[hashed:hashed + batch_hashes.size] = batch_hashes
+            hashed += batch_hashes.size
         stats.documents += int(live.sum())
         stats.empty_documents += int((~live).sum())
         stats.tokens += int(tokens.sum())
@@ -611,11 +676,69 @@ def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence
     if stats.documents == 0:
         raise DataError(f"the {len(shards.shards)} shards hold no document with num_tokens > 0. "
                         "Fix: check the annotation output.")
+    if unique_ids:
+        require_unique_ids(shards, id_hashes[:hashed], batch_size=batch_size)
     for name, m in stats.moments.items():
         if name in weighted and m.std == 0:
             log.warning("criterion %s has the same score for every document: it adds nothing "
                         "to the selection", name)
     return stats
+
+
+_NOISE_FIX = ("give every document a unique id (e.g. prefix it with its domain or file name) "
+              "and annotate again, or set `noise_key: row` (noise from the row's position in "
+              "the shards sorted by name, which needs no ids; the selection then changes when "
+              "the corpus is re-sharded or reordered).")
+
+
+def _id_hashes(shard: Shard, start: int, batch: pa.RecordBatch) -> np.ndarray:
+    """The 64-bit hash of every row's id (what keys its noise); a null id names its row."""
+    ids = batch.column(ID_COLUMN)
+    if ids.null_count:
+        row = int(np.argmax(ids.is_null().to_numpy(zero_copy_only=False))) + start
+        raise DataError(f"{shard.path}: row {row - shard.first_row} has no `{ID_COLUMN}` "
+                        "(null), and `noise_key: id` keys the Gumbel noise by the id. Fix: "
+                        + _NOISE_FIX)
+    return hash_strings(ids)
+
+
+def require_unique_ids(shards: ScoreShards, hashes: np.ndarray, *, batch_size: int) -> None:
+    """Raise :class:`DataError` when two of ``hashes`` (the id hashes of the documents with
+    tokens, from pass 1) are equal, naming the id and both shards and rows.
+
+    The Gumbel noise is a hash of ``(seed, id)``: two documents with the same id (e.g. every
+    file numbering its rows from 0) would get the same noise, so in a uniform selection they
+    are always selected or dropped together, and a tau selection is correlated the same way.
+    ``hashes`` is sorted in place. The rows are looked up again only to name them.
+    """
+    if hashes.size < 2:
+        return
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    if repeated.size == 0:
+        return
+    target = repeated[0]
+    found: list[tuple[Shard, int, str]] = []
+    for shard, start, batch in shards.iter_batches([ID_COLUMN, TOKENS_COLUMN], batch_size):
+        match = (hash_strings(batch.column(ID_COLUMN)) == target) & (_tokens(shard, batch) > 0)
+        for index in np.flatnonzero(match)[: 2 - len(found)]:
+            found.append((shard, start - shard.first_row + int(index),
+                          str(batch.column(ID_COLUMN)[int(index)].as_py())))
+        if len(found) == 2:
+            break
+    (shard_a, row_a, id_a), (shard_b, row_b, id_b) = found
+    others = int(np.unique(repeated).size) - 1
+    more = f" ({others} more ids repeat as well)" if others else ""
+    where = f"{shard_a.path} row {row_a} and {shard_b.path} row {row_b}"
+    if id_a == id_b:
+        problem = (f"the id {id_a!r} is used twice: {where}{more}. `noise_key: id` draws a "
+                   "document's Gumbel noise from a hash of (seed, id), so the two would get the "
+                   "same noise and be selected or dropped together.")
+    else:
+        problem = (f"the ids {id_a!r} ({shard_a.path} row {row_a}) and {id_b!r} "
+                   f"({shard_b.path} row {row_b}) have the same 64-bit hash{more}, so "
+                   "`noise_key: id` would give them the same Gumbel noise.")
+    raise DataError(f"{problem} Fix: {_NOISE_FIX}")
 
 
 def _add_domain_counts(tokens_by: dict[str, int], docs_by: dict[str, int],
@@ -862,7 +985,8 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
         for _ in samplings]
     histograms = {c: np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
                   for c in histogram_criteria}
-    for _shard, start, batch in shards.iter_batches(columns, batch_size):
+    for _shard, start, batch in shards.iter_batches(columns, batch_size,
+                                                    desc="selection 2/3: keys"):
         tokens = batch.column(TOKENS_COLUMN).to_numpy().astype(np.int64, copy=False)
         live = tokens > 0
         rows = np.arange(start, start + batch.num_rows, dtype=np.int64)
@@ -1013,8 +1137,10 @@ class _SelectionWriter:
 def write_selections(shards: ScoreShards, stats: CorpusStats,
                      plans: Sequence[tuple[SelectionPlan, Path]], criteria: Sequence[str], *,
                      batch_size: int) -> list[_SelectionWriter]:
-    """Pass 3: read only row groups holding selected rows and write each plan's rows."""
+    """Pass 3: skip the row groups without a selected row, read the others whole (all
+    columns) and write each plan's rows."""
     writers = [_SelectionWriter(plan, Path(out), criteria) for plan, out in plans]
+    bar = progress_bar(shards.num_rows, "selection 3/3: write")
     try:
         for shard in shards.shards:
             reader = pq.ParquetFile(shard.path)
@@ -1024,6 +1150,7 @@ def write_selections(shards: ScoreShards, stats: CorpusStats,
                 spans = [np.searchsorted(p.rows, [group_start, group_end]) for p, _ in plans]
                 if all(lo == hi for lo, hi in spans):
                     group_start = group_end
+                    bar.update(group_rows)
                     continue
                 start = group_start
                 for batch in reader.iter_batches(batch_size=batch_size, row_groups=[group]):
@@ -1033,11 +1160,14 @@ def write_selections(shards: ScoreShards, stats: CorpusStats,
                         if hi > lo:
                             writer.write(batch, writer.plan.rows[lo:hi] - start, stats)
                     start = end
+                    bar.update(batch.num_rows)
                 group_start = group_end
     except BaseException:
         for writer in writers:
             writer.abort()
         raise
+    finally:
+        bar.close()
     return writers
 
 
@@ -1196,6 +1326,25 @@ def _check_output_dir(path: Path, field_name: str) -> None:
                           "choose a new or empty folder.")
 
 
+def _check_separate_outputs(selected: Path, uniform: Path) -> None:
+    """Refuse ``uniform_output_dir`` equal to ``output_dir`` or either inside the other: each
+    selection replaces its whole folder when it is written, which would delete (or move away)
+    the other one."""
+    selected, uniform = selected.resolve(), uniform.resolve()
+    if uniform == selected:
+        raise ConfigError("uniform_output_dir", "is the same folder as `output_dir`.",
+                          "give the uniform baseline its own folder.")
+    if uniform.is_relative_to(selected) or selected.is_relative_to(uniform):
+        inner, outer = ((("uniform_output_dir", uniform), ("output_dir", selected))
+                        if uniform.is_relative_to(selected)
+                        else (("output_dir", selected), ("uniform_output_dir", uniform)))
+        raise ConfigError("uniform_output_dir", f"`{inner[0]}` ({inner[1]}) is inside "
+                          f"`{outer[0]}` ({outer[1]}); writing `{outer[0]}` replaces the whole "
+                          f"folder and would lose the other selection.",
+                          "give the two selections sibling folders, e.g. "
+                          "`<run>/selected` and `<run>/uniform`.")
+
+
 def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Run passes 1-3 and return the reports, ``{"selected": ..., "uniform": ...}``.
 
@@ -1206,6 +1355,7 @@ def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, A
     """
     if not isinstance(config, SelectionConfig):
         config = SelectionConfig.from_mapping(config)
+    check_budget_settings(config)
     check_domain_settings(config)
     started = time.perf_counter()
     shards = ScoreShards.discover(config.scores_dir)
@@ -1215,14 +1365,12 @@ def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, A
     # A criterion some shard has is known; `require` then names the shard that lacks it.
     sampling = check_sampling(config, shards.score_criteria(in_every_shard=False))
     uses_noise = not sampling.top_k or bool(config.uniform_output_dir)
-    shards.require([str(c) for c in config.criteria],
-                   need_id=sampling.noise_key == "id" and uses_noise)
+    need_id = sampling.noise_key == "id" and uses_noise
+    shards.require([str(c) for c in config.criteria], need_id=need_id)
     outputs = {"selected": Path(config.output_dir).expanduser()}
     if config.uniform_output_dir:
         outputs["uniform"] = Path(config.uniform_output_dir).expanduser()
-        if outputs["uniform"].resolve() == outputs["selected"].resolve():
-            raise ConfigError("uniform_output_dir", "is the same folder as `output_dir`.",
-                              "give the uniform baseline its own folder.")
+        _check_separate_outputs(outputs["selected"], outputs["uniform"])
     for name, path in outputs.items():
         _check_output_dir(path, "output_dir" if name == "selected" else "uniform_output_dir")
     samplings = [sampling]
@@ -1233,7 +1381,7 @@ def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, A
     batch_size = int(config.batch_size)
 
     stats = scan_corpus(shards, reported, list(sampling.weights), batch_size=batch_size,
-                        domain_field=config.domain_field)
+                        domain_field=config.domain_field, unique_ids=need_id)
     budget = resolve_budget(config, stats.tokens, stats.documents, len(shards.shards))
     budgets_by_domain = None
     if config.domain_field is not None:
@@ -1269,6 +1417,7 @@ __all__ = [
     "ScoreShards",
     "SelectionConfig",
     "SelectionPlan",
+    "check_budget_settings",
     "check_domain_settings",
     "check_sampling",
     "combined_score",
@@ -1280,6 +1429,8 @@ __all__ = [
     "parse_tau",
     "plan_selections",
     "plot_selection",
+    "progress_bar",
+    "require_unique_ids",
     "resolve_budget",
     "scan_corpus",
     "select",

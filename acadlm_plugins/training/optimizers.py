@@ -194,6 +194,67 @@ def requantize_states(optimizer: torch.optim.Optimizer) -> int:
     return converted
 
 
+def _local(tensor: Any) -> Any:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _same_low_bit_form(kept: torch.Tensor, loaded: torch.Tensor) -> bool:
+    """Whether a loaded low-bit state already has the form the optimizer would give it."""
+    return (type(kept) is type(loaded) and kept.shape == loaded.shape
+            and getattr(kept, "block_size", None) == getattr(loaded, "block_size", None)
+            and getattr(kept, "signed", None) == getattr(loaded, "signed", None))
+
+
+def dequantize_states(optimizer: torch.optim.Optimizer) -> int:
+    """The opposite of :func:`requantize_states`: after loading torchao low-bit moments
+    (``OptimState8bit`` and the like, which single-process checkpoints keep as they are) into
+    an optimizer that keeps that parameter's moments in another form -- torch's AdamW, a tensor
+    torchao keeps in float32, another bit width or block size -- turn them back into plain
+    tensors; returns how many were converted. A moment the optimizer keeps in exactly the
+    loaded form stays as it is, so a resumed low-bit run stays bit-exact.
+
+    Without this torch's AdamW fails on its first step (a low-bit state has no ``lerp_``). The
+    plain moments get the parameter's dtype where the optimizer keeps plain moments (as torch's
+    AdamW creates them) and float32 where it keeps another low-bit form, which
+    :func:`requantize_states` then quantizes (:func:`match_loaded_states` does both)."""
+    new_buffer = getattr(optimizer, "_new_buffer", None)
+    converted = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param) or {}
+            for key, value in list(state.items()):
+                if not _is_low_bit(_local(value)):
+                    continue
+                kept = None if new_buffer is None else _local(new_buffer(param, key == "exp_avg"))
+                if kept is not None and _same_low_bit_form(kept, _local(value)):
+                    continue
+                plain = _dequantized(value)
+                state[key] = plain if _is_low_bit(kept) else plain.to(param.dtype)
+                converted += 1
+    return converted
+
+
+def match_loaded_states(optimizer: torch.optim.Optimizer) -> int:
+    """After ``load_state_dict`` of moments saved by any of our optimizers (a previous stage, a
+    checkpoint resumed with another optimizer): :func:`dequantize_states`, then
+    :func:`requantize_states`, so every moment has the form this optimizer updates. Returns
+    how many moments changed form."""
+    return dequantize_states(optimizer) + requantize_states(optimizer)
+
+
+def float_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A full optimizer state dict with its low-bit moments as float32 (the form our distributed
+    checkpoints store), for ``training.load_from_full_optimizer_state_dict``, which shards plain
+    tensors only; :func:`requantize_states` quantizes them again after the load."""
+    states = {}
+    for index, per_param in state_dict["state"].items():
+        states[index] = {}
+        for key, value in per_param.items():
+            plain = _dequantized(value)
+            states[index][key] = value if plain is None else plain
+    return {**state_dict, "state": states}
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     if hasattr(tensor, "to_local"):
         tensor = tensor.to_local()
@@ -232,5 +293,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     return totals
 
 
-__all__ = ["build_optimizer", "check_optimizer", "float_states", "gets_low_bit_state",
-           "optimizer_state_bytes", "requantize_states", "state_bytes"]
+__all__ = ["build_optimizer", "check_optimizer", "dequantize_states", "float_state_dict",
+           "float_states", "gets_low_bit_state", "match_loaded_states", "optimizer_state_bytes",
+           "requantize_states", "state_bytes"]

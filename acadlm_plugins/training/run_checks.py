@@ -9,6 +9,7 @@ litter that a later run trips over.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training.config_checks import config_value
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ def positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(key, f"is {value!r}, not a positive integer.",
                           f"set `{key}` to 1 or more.")
+    return value
+
+
+def clip_grad_norm(cfg: DictConfig) -> float | None:
+    """``clip_grad_norm`` as a positive, finite number, or None (unset or null: no clipping).
+    A negative maximum would flip every gradient (gradient ascent) and zero stop training."""
+    value = config_value(cfg.get("clip_grad_norm", None), "clip_grad_norm", float, above=0,
+                         allow_none=True)
+    if value is not None and not math.isfinite(value):
+        raise ConfigError("clip_grad_norm", f"is {value}, not a finite number.",
+                          "set it to a positive number such as 1.0, or null for no clipping.")
     return value
 
 

@@ -87,11 +87,14 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
         training.load_from_full_optimizer_state_dict(model, optimizer, state["optimizer"], device)
     else:
         optimizer.load_state_dict(state["optimizer"])
-    from acadlm_plugins.training.optimizers import requantize_states
+    from acadlm_plugins.training.optimizers import match_loaded_states
 
-    converted = requantize_states(optimizer)  # low-bit moments saved as float32
+    # low-bit moments saved as float32 (distributed), or a run resumed with another optimizer
+    # than it saved with (AdamW8bit -> AdamW): every moment gets the form this optimizer updates
+    converted = match_loaded_states(optimizer)
     if converted:
-        utils.get_logger("INFO").info("%d optimizer moments restored as low-bit states", converted)
+        utils.get_logger("INFO").info("%d resumed optimizer moments converted to this "
+                                      "optimizer's form", converted)
     if lr_scheduler is not None and state.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     sampler.load_state_dict(state["sampler"])
@@ -101,17 +104,28 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  lr_scheduler: LRScheduler | None,
-                  clip_grad_norm: float | None) -> torch.Tensor | None:
-    """Clip the gradients (when ``clip_grad_norm`` is set), step the optimizer and scheduler.
+                  lr_scheduler: LRScheduler | None, clip_grad_norm: float | None, *,
+                  step: int | None = None) -> torch.Tensor:
+    """Check the gradients, clip them (when ``clip_grad_norm`` is set), step the optimizer and
+    scheduler; return the gradient norm before clipping (over all shards under FSDP).
 
-    Returns the gradient norm before clipping (over all shards under FSDP), or None."""
-    grad_norm = None
+    A finite loss can still leave NaN or infinite gradients (an overflow in backward); one
+    optimizer step with them ruins the weights, and the next checkpoint would save them. So the
+    norm is computed every step, clipping or not, and a non-finite one raises
+    :class:`~acadlm_plugins.plugins.nonfinite_loss_guard.NonFiniteLossError` naming
+    ``grad_norm`` (at ``step``) before the optimizer or the scheduler moves: the weights and
+    the last checkpoint on disk stay as they were. Every rank sees the same global norm, so
+    every rank stops."""
+    from acadlm_plugins.plugins.nonfinite_loss_guard import NonFiniteLossError
+
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    # a DTensor under FSDP: clipping takes it as it is, the check and the caller the whole
+    grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if not bool(torch.isfinite(grad_norm)):
+        raise NonFiniteLossError(step, "grad_norm", float(grad_norm))
     if clip_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   max_norm=float(clip_grad_norm))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(parameters, float(clip_grad_norm), norm)
     optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()

@@ -17,6 +17,12 @@ on its own:
 The pipeline points each stage at the previous one's export and prints one summary: scores by
 task and length before and after, per-stage validation loss, packing efficiency and wall times.
 ``--set STAGE:key=value`` (STAGE: eval, stage1, stage2, sft) adds an override to one stage.
+
+``--base-model DIR`` starts from another model folder: the stage configs build the model from
+the checkpoint's config.json, and every training stage gets the folder's tokenizer
+(``tokenizer.path``) and its family's ``checkpointer.model_type``. The configs' tokenizer
+component is SmolLM2's (ChatML special tokens and a BOS token in tokenizer_config.json); a base
+model whose tokenizer differs needs another component, given with ``--set``.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.evaluation.report import length_table
+from acadlm_plugins.models import hf_model_spec
 from acadlm_plugins.stages import stage_overrides, tune_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +51,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/prolong_demo"))
     parser.add_argument("--base-model", type=Path, default=None,
-                        help="model folder to start from (default: the embedded SmolLM2)")
+                        help="model folder to start from (default: the embedded SmolLM2); "
+                        "its tokenizer and model type go to every training stage")
     parser.add_argument("--stage1-config", type=Path, default=CONFIGS / "long_context_stage1.yaml")
     parser.add_argument("--stage2-config", type=Path, default=CONFIGS / "long_context_stage2.yaml")
     parser.add_argument("--sft-config", type=Path, default=CONFIGS / "long_context_sft.yaml")
@@ -72,9 +82,23 @@ def checkpoint_overrides(model_dir: Path) -> list[str]:
     return [f"checkpointer.checkpoint_dir={model_dir}", f"checkpointer.checkpoint_files=[{files}]"]
 
 
+def base_model_overrides(config: Path, base_model: Path | None) -> list[str]:
+    """What a training stage takes from ``--base-model`` besides the weights it starts from: the
+    family's checkpointer ``model_type`` and the tokenizer (``tokenizer.path``, where the stage
+    config's tokenizer reads a path; the test configs' byte tokenizer reads none). Nothing
+    without ``--base-model``: the configs are set up for the embedded SmolLM2."""
+    if base_model is None:
+        return []
+    overrides = [f"checkpointer.model_type={hf_model_spec(base_model).checkpointer_model_type}"]
+    tokenizer = OmegaConf.load(config).get("tokenizer", None)
+    if isinstance(tokenizer, DictConfig) and "path" in tokenizer:
+        overrides.append(f"tokenizer.path={base_model}")
+    return overrides
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    extra = stage_overrides(args.extra, STAGES, example="stage1:lr_scheduler.num_warmup_steps=0")
+    extra = stage_overrides(args.extra, STAGES, example="stage1:lr_scheduler.warmup_ratio=0")
     out = args.output_dir
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -96,22 +120,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      [*overrides, *extra["eval"]]))
 
     base = [] if args.base_model is None else checkpoint_overrides(args.base_model)
+    from_base = {name: base_model_overrides(config, args.base_model) for name, config in (
+        ("stage1", args.stage1_config), ("stage2", args.stage2_config), ("sft", args.sft_config))}
     if not args.skip_eval:
         evaluate("eval_before", args.base_model)
     timed("stage1", lambda: tune_run(
         "acadlm_plugins/long_context_recipe", args.stage1_config,
-        [f"output_dir={out / 'stage1'}", *base,
+        [f"output_dir={out / 'stage1'}", *base, *from_base["stage1"],
          f"max_steps={args.stage1_steps}", *extra["stage1"]]))
     stage1_model = final_model_dir(out / "stage1")
     timed("stage2", lambda: tune_run(
         "acadlm_plugins/long_context_recipe", args.stage2_config,
         [f"output_dir={out / 'stage2'}", *checkpoint_overrides(stage1_model),
-         f"long_context.previous_stage={out / 'stage1'}",
+         *from_base["stage2"], f"long_context.previous_stage={out / 'stage1'}",
          f"max_steps={args.stage2_steps}", *extra["stage2"]]))
     stage2_model = final_model_dir(out / "stage2")
     timed("sft", lambda: tune_run(
         "full_finetune_single_device", args.sft_config,
-        [f"output_dir={out / 'sft'}", *checkpoint_overrides(stage2_model),
+        [f"output_dir={out / 'sft'}", *checkpoint_overrides(stage2_model), *from_base["sft"],
          f"max_steps_per_epoch={args.sft_steps}", *extra["sft"]]))
     final_model = out / "sft" / "epoch_0"
     if not args.skip_eval:
