@@ -10,6 +10,7 @@ The private helpers are looked up when first used, so a torchtune without them f
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 from argparse import Namespace
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from acadlm_plugins.errors import AcadlmError
+from acadlm_plugins.errors import AcadlmError, DataError
 
 # The torchtune release whose private helpers this module calls (pyproject.toml pins it).
 TORCHTUNE_VERSION = "0.6.1"
@@ -99,9 +100,63 @@ def save_hf_model_dir(checkpointer: Any, model_state: dict[str, torch.Tensor], d
     return dest
 
 
+def complete_checkpointer_config(checkpointer: Any, defaults: Mapping[str, Any]) -> None:
+    """Fill in ``defaults`` for the config.json keys that the folder leaves out (or null) in
+    the copy of config.json a ``FullModelHFCheckpointer`` has read (its private ``_config``).
+
+    torchtune 0.6.1 reads e.g. ``num_key_value_heads`` with ``config[key]``, so a config that
+    relies on transformers' default for it (Llama 1 style: as many as query heads) fails to
+    load with a bare ``KeyError``. The file itself is not changed.
+    """
+    config = checkpointer._config
+    for key, value in defaults.items():
+        if config.get(key) is None:
+            config[key] = value
+
+
+# Where an HF model folder keeps its weights, in the order transformers looks for them: an
+# index's weight map, else the shard files by name. Other weight-like files in a model folder
+# are not the model's HF weights: Mistral's repos ship ``consolidated.safetensors`` (Mistral's
+# own names) beside them, torchtune's LoRA runs write ``adapter_model.safetensors``, and the HF
+# Trainer leaves ``training_args.bin``; none of them matches these names.
+_WEIGHT_LAYOUTS = (("model.safetensors.index.json", ("model*.safetensors",)),
+                   ("pytorch_model.bin.index.json", ("pytorch_model*.bin", "model*.bin")))
+
+
 def hf_checkpoint_files(model_dir: Path) -> list[str]:
-    """The weight files of an HF model directory, as torchtune's checkpointer wants them."""
-    files = sorted(p.name for p in Path(model_dir).glob("*.safetensors"))
-    if not files:
-        files = sorted(p.name for p in Path(model_dir).glob("*.bin"))
+    """The weight files of an HF model directory, as torchtune's checkpointer wants them.
+
+    The files an index (``model.safetensors.index.json``) maps the weights to; without one,
+    ``model*.safetensors`` (one file or ``model-0000i-of-0000n`` shards); else the same for
+    ``pytorch_model*.bin``. An empty list when the folder holds none of these. A malformed index,
+    or one naming a shard the folder lacks, raises :class:`DataError` naming the index file.
+    """
+    folder = Path(model_dir)
+    for index_name, patterns in _WEIGHT_LAYOUTS:
+        index = folder / index_name
+        if index.is_file():
+            return _indexed_files(index)
+        files = sorted({p.name for pattern in patterns for p in folder.glob(pattern)
+                        if p.is_file()})
+        if files:
+            return files
+    return []
+
+
+def _indexed_files(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(name, str) for name in weight_map.values()):
+            raise TypeError("`weight_map` is not a mapping of weight names to file names")
+        files = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{index}: not a weight index ({type(err).__name__}: {err}); it must "
+                        "be a JSON object whose `weight_map` maps each weight name to its file. "
+                        "Fix: download or export the model folder again.") from None
+    missing = [name for name in files if not (index.parent / name).is_file()]
+    if missing or not files:
+        raise DataError(f"{index}: maps the weights to {missing or 'no file'}, which "
+                        f"{index.parent} does not hold. Fix: download the missing shards, or "
+                        "export the model folder again.")
     return files

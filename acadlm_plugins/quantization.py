@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,9 @@ def is_quantized_copy(folder: Path) -> bool:
 
 
 def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir()
-               if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    from acadlm_plugins._compat import hf_checkpoint_files
+
+    return sum((folder / name).stat().st_size for name in hf_checkpoint_files(folder))
 
 
 def default_destination(model_dir: Path, scheme: str) -> Path:
@@ -115,13 +117,36 @@ def default_destination(model_dir: Path, scheme: str) -> Path:
     return model_dir.parent / f"{model_dir.name}-{scheme}"
 
 
+def check_destination(final: Path, source: Path, scheme: str, *, field: str) -> None:
+    """Refuse a destination where writing the copy would destroy something: the source folder
+    or a folder holding it, an existing file, or a non-empty folder that is not a copy this
+    module wrote (only such a copy is replaced). ``field`` names the setting that chose
+    ``final`` (``--output``, or the scheme field for the default destination)."""
+    if final == source or final in source.parents:
+        raise ConfigError(field, f"{final} is the model folder {source} or a folder holding it; "
+                          "the copy replaces its destination, which would delete the source "
+                          "weights.", f"write the copy to a new folder outside the model "
+                          f"folder, e.g. {default_destination(source, scheme)} (the default).")
+    if final.exists() and not final.is_dir():
+        raise ConfigError(field, f"{final} is an existing file, not a folder.",
+                          "move it away, or write the copy to a new folder.")
+    if final.is_dir() and any(final.iterdir()) and not is_quantized_copy(final):
+        raise ConfigError(field, f"{final} already exists and is not a quantized copy (it has "
+                          f"no {QUANTIZATION_FILE}); the copy replaces its destination, which "
+                          "would delete what is in it.",
+                          "move that folder away, or write the copy to a new folder.")
+
+
 def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str | None = None,
                          group_size: int = DEFAULT_GROUP_SIZE, device: str = "cpu",
-                         field: str = "quantized_export") -> Path:
+                         field: str = "quantized_export", dest_field: str | None = None,
+                         ) -> Path:
     """Write a ``scheme`` copy of the model folder ``model_dir``; returns its folder.
 
-    The folder appears complete or not at all (written under a temporary name, then renamed);
-    an older copy at ``dest`` is replaced.
+    The folder appears complete or not at all (written under a temporary name, then renamed).
+    ``dest`` (default ``<model_dir>-<scheme>``) may be new, empty, or an older quantized copy,
+    which is replaced; anything else there is refused before any work
+    (:func:`check_destination`, naming ``dest_field``, by default ``field``).
     """
     from acadlm_plugins.evaluation.lm_adapter import load_decoder
 
@@ -133,6 +158,8 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
     if is_quantized_copy(source):
         raise ConfigError(field, f"{source} is already a quantized copy.",
                           "quantize the unquantized model folder it was made from.")
+    final = Path(dest).expanduser().resolve() if dest else default_destination(source, scheme)
+    check_destination(final, source, scheme, field=dest_field or field)
     target = torch.device(device)
     dtype = scheme_dtype(scheme)
     model = load_decoder(source, max_seq_len=None, device=target, dtype=dtype)
@@ -143,27 +170,34 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
                           f"use int8_weight_only, or a group size that divides the layers' "
                           f"input widths (one of {list(GROUP_SIZES)}).")
 
-    final = Path(dest).expanduser().resolve() if dest else default_destination(source, scheme)
-    scratch = final.with_name(final.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    for item in source.iterdir():
-        if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and not item.name.endswith(
-                ".index.json"):
-            shutil.copy2(item, scratch / item.name)
-    torch.save(model.state_dict(), scratch / WEIGHTS_FILE)
-    import torchao
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh scratch folder of our own beside the destination (same file system, so the last
+    # step is a rename); nothing that was there before is touched until the copy is complete
+    scratch = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:12]}")
+    scratch.mkdir()
+    try:
+        for item in source.iterdir():
+            if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and not item.name.endswith(
+                    ".index.json"):
+                shutil.copy2(item, scratch / item.name)
+        torch.save(model.state_dict(), scratch / WEIGHTS_FILE)
+        import torchao
 
-    meta = {"scheme": scheme, "group_size": group_size if scheme.startswith("int4") else None,
-            "dtype": str(dtype).removeprefix("torch."), "device": target.type,
-            "torchao": torchao.__version__, "source": str(source),
-            "source_weight_bytes": _weights_bytes(source),
-            "weight_bytes": (scratch / WEIGHTS_FILE).stat().st_size,
-            "quantized_linears": report["quantized"], "skipped_linears": report["skipped"]}
-    (scratch / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(scratch, final)
+        meta = {"scheme": scheme,
+                "group_size": group_size if scheme.startswith("int4") else None,
+                "dtype": str(dtype).removeprefix("torch."), "device": target.type,
+                "torchao": torchao.__version__, "source": str(source),
+                "source_weight_bytes": _weights_bytes(source),
+                "weight_bytes": (scratch / WEIGHTS_FILE).stat().st_size,
+                "quantized_linears": report["quantized"], "skipped_linears": report["skipped"]}
+        (scratch / QUANTIZATION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        # what appeared at the destination meanwhile must still be ours to replace
+        check_destination(final, source, scheme, field=dest_field or field)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(scratch, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return final
 
 
@@ -243,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dest = write_quantized_copy(args.model_dir, args.scheme, dest=args.output,
                                 group_size=args.group_size, device=args.device,
-                                field="--scheme")
+                                field="--scheme",
+                                dest_field="--output" if args.output else "--scheme")
     meta = read_quantization(dest)
     print(f"{dest}: {meta['scheme']}, {meta['quantized_linears']} linear layers quantized, "
           f"weights {meta['source_weight_bytes'] / 2**20:.1f} MiB -> "

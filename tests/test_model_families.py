@@ -20,15 +20,17 @@ from family_checkpoints import (
     EXPECTED_MODEL_TYPE,
     FAMILY_CONFIGS,
     LLAMA32_SCALING,
+    SHAPE,
     TOLERANCE,
     VOCAB,
+    randomize,
 )
 from family_checkpoints import tokens as _tokens
 from family_checkpoints import transformers_logits as _transformers_logits
 from family_checkpoints import write_family as _write_family
 from transformers import AutoModelForCausalLM
 
-from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.generation import StopRule, generate_tokens
 from acadlm_plugins.evaluation.lm_adapter import load_decoder
 from acadlm_plugins.models import SUPPORTED_FAMILIES, decoder_from_hf_config, hf_model_spec
@@ -212,6 +214,105 @@ def test_unsupported_configs_are_refused_naming_the_field(tmp_path, case, family
         decoder_from_hf_config(str(folder), max_seq_len=64)
     assert refused.value.key == field
     assert SUPPORTED_FAMILIES in str(refused.value)
+
+
+LLAMA3_BLOCK = {**LLAMA32_SCALING, "rope_theta": 5e5}
+MALFORMED = [
+    ("no intermediate_size", "llama2", {"intermediate_size": ...}, "intermediate_size"),
+    ("hidden_size null", "qwen2", {"hidden_size": None}, "hidden_size"),
+    ("vocab_size a string", "mistral", {"vocab_size": "256"}, "vocab_size"),
+    ("kv heads do not divide heads", "llama3.2", {"num_key_value_heads": 3},
+     "num_key_value_heads"),
+    ("heads do not divide hidden", "llama2", {"num_attention_heads": 3,
+                                              "num_key_value_heads": 3},
+     "num_attention_heads"),
+    ("head_dim zero", "mistral", {"head_dim": 0}, "head_dim"),
+    ("rms_norm_eps null", "llama3.2", {"rms_norm_eps": None}, "rms_norm_eps"),
+    ("rms_norm_eps a string", "qwen2", {"rms_norm_eps": "1e-6"}, "rms_norm_eps"),
+    ("llama3 factor null", "llama3.2", {"rope_parameters": {**LLAMA3_BLOCK, "factor": None}},
+     "rope_parameters.factor"),
+    ("llama3 original length a float", "llama3.2", {"rope_parameters": {
+        **LLAMA3_BLOCK, "original_max_position_embeddings": 8192.5}},
+     "rope_parameters.original_max_position_embeddings"),
+    ("rope_theta a string", "llama2", {"rope_parameters": {"rope_type": "default",
+                                                           "rope_theta": "1e5x"}},
+     "rope_parameters.rope_theta"),
+    ("old-style rope_theta negative", "mistral", {**OLD_STYLE, "rope_theta": -1.0},
+     "rope_theta"),
+    ("tie_word_embeddings a string", "qwen2", {"tie_word_embeddings": "false"},
+     "tie_word_embeddings"),
+]
+
+
+@pytest.mark.parametrize("case, family_name, changes, field", MALFORMED,
+                         ids=[case[0] for case in MALFORMED])
+def test_malformed_config_values_are_refused_naming_file_and_field(tmp_path, case, family_name,
+                                                                   changes, field):
+    folder = _config_dir(tmp_path, family_name, **changes)
+    with pytest.raises(ConfigError) as refused:
+        decoder_from_hf_config(str(folder), max_seq_len=64)
+    assert refused.value.key == field
+    assert str(folder / "config.json") in str(refused.value) and "Fix:" in str(refused.value)
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "llama", ', "[1, 2]", "\xff\xfe"])
+def test_config_that_is_not_a_json_object_is_a_data_error_naming_the_file(tmp_path, text):
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as raised:
+        hf_model_spec(tmp_path)
+    assert str(tmp_path / "config.json") in str(raised.value) and "Fix:" in str(raised.value)
+
+
+def _untied_qwen2(folder: Path) -> Path:
+    from transformers import Qwen2Config
+
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        **SHAPE, rope_theta=1e6, max_position_embeddings=32_768, tie_word_embeddings=False,
+        use_sliding_window=False))
+    randomize(model, seed=7)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family_name, key", [("llama2", "num_key_value_heads"),
+                                              ("qwen2 untied", "tie_word_embeddings")])
+def test_config_leaving_a_key_to_transformers_default_loads_like_transformers(
+        tmp_path, family_name, key):
+    """A Llama-1-style config.json has no num_key_value_heads (multi-head); a Qwen2 one may
+    leave tie_word_embeddings out (untied). transformers defaults them; torchtune's checkpointer
+    reads them without a default. ``spec.load`` fills them in and gives transformers' logits;
+    a recipe's own checkpointer cannot, so the model_type check refuses, naming the key."""
+    folder = (_untied_qwen2(tmp_path / "model") if family_name == "qwen2 untied"
+              else _write_family(family_name, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = hf_model_spec(folder)
+    tokens = _tokens(64)
+    with torch.no_grad():
+        diff = (spec.load()(tokens) - _transformers_logits(folder, tokens)).abs().max().item()
+    assert diff < TOLERANCE
+    with pytest.raises(ConfigError) as refused:
+        spec.check_checkpointer_model_type(spec.checkpointer_model_type)
+    assert refused.value.key == key and "Fix: add" in str(refused.value)
+
+
+def test_the_rater_loads_a_backbone_that_leaves_kv_heads_to_the_default(tmp_path):
+    """The QuRating rater builds its own checkpointer over the backbone folder; a Llama-1-style
+    config.json (no num_key_value_heads) loads there too, with the weights transformers has."""
+    from transformers import AutoModelForCausalLM as HFModel
+
+    from acadlm_plugins.qurating.rater import hf_checkpointer
+
+    folder = _write_family("llama2", tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    del config["num_key_value_heads"]
+    (folder / "config.json").write_text(json.dumps(config))
+    state = hf_checkpointer(folder, tmp_path / "out").load_checkpoint()["model"]
+    reference = HFModel.from_pretrained(folder).state_dict()
+    assert torch.equal(state["tok_embeddings.weight"], reference["model.embed_tokens.weight"])
+    assert state["layers.0.attn.v_proj.weight"].shape == reference[
+        "model.layers.0.self_attn.v_proj.weight"].shape
 
 
 @pytest.mark.parametrize("family_name, changes, field", [

@@ -88,6 +88,36 @@ def test_call_and_truncation(tokenizer):
     assert sample["mask"][-1] is True
 
 
+def test_conversation_that_fits_max_seq_len_matches_the_hf_chat_template(hf_tokenizer):
+    """A max_seq_len the conversation fits in changes nothing: it still ends `<|im_end|>\\n`
+    and its mask is the unlimited tokenizer's (torchtune's truncate would overwrite the last
+    token with eos and mask it)."""
+    expected = _hf_ids(hf_tokenizer, CONVERSATION)
+    unlimited_tokens, unlimited_mask = smollm2_tokenizer().tokenize_messages(
+        _messages(CONVERSATION))
+    for max_seq_len in (len(expected), len(expected) + 1, 4096):
+        limited = smollm2_tokenizer(max_seq_len=max_seq_len)
+        tokens, mask = limited.tokenize_messages(_messages(CONVERSATION))
+        assert tokens == expected
+        assert hf_tokenizer.decode(tokens[-2:]) == "<|im_end|>\n"
+        assert mask == unlimited_mask and tokens == unlimited_tokens
+        assert mask[-1] is False  # the last assistant turn's end is learned
+
+
+def test_truncation_keeps_torchtunes_convention(tokenizer):
+    """One token too long: cut, last kept token replaced by eos and masked."""
+    full, full_mask = tokenizer.tokenize_messages(_messages(CONVERSATION))
+    short = smollm2_tokenizer(max_seq_len=len(full) - 1)
+    tokens, mask = short.tokenize_messages(_messages(CONVERSATION))
+    assert tokens == full[:len(full) - 2] + [short.eos_id]
+    assert mask == full_mask[:len(full) - 2] + [True]
+    # inference (no end tokens): cut without an eos
+    open_full, _ = tokenizer.tokenize_messages(_messages(CONVERSATION), add_end_tokens=False)
+    open_short = smollm2_tokenizer(max_seq_len=len(open_full) - 1)
+    open_tokens, _ = open_short.tokenize_messages(_messages(CONVERSATION), add_end_tokens=False)
+    assert open_tokens == open_full[:-1]
+
+
 @pytest.mark.integration
 def test_encode_batch_equals_encode_one_by_one():
     from acadlm_plugins.models.tokenizer import smollm2_tokenizer

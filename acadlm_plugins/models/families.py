@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,12 +36,13 @@ from torchtune.models.qwen2._component_builders import qwen2_mlp
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 from torchtune.modules import FeedForward, TransformerDecoder
 
-from acadlm_plugins._compat import hf_checkpoint_files
-from acadlm_plugins.errors import ConfigError
+from acadlm_plugins._compat import complete_checkpointer_config, hf_checkpoint_files
+from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.models.decoder import decoder
 from acadlm_plugins.models.rope import (
     HALF,
     INTERLEAVED,
+    LLAMA3_KEYS,
     RopeSettings,
     find_rope_module,
     rope_block,
@@ -202,14 +204,18 @@ class HFModelSpec:
         folder = self.config_file.parent
         files = hf_checkpoint_files(folder)
         if not files:
-            raise ConfigError("checkpointer.checkpoint_dir", f"no *.safetensors or *.bin "
-                              f"weights in {folder}.", "point it at a complete model folder.")
+            raise ConfigError("checkpointer.checkpoint_dir", f"no Hugging Face weights in "
+                              f"{folder} (model*.safetensors, pytorch_model*.bin, or the files "
+                              "a model.safetensors.index.json names; consolidated.* and "
+                              "adapter_model.* are not read).",
+                              "point it at a complete model folder.")
         model = self.build_empty(max_seq_len=max_seq_len, device=torch.device(device),
                                  dtype=dtype)
         with tempfile.TemporaryDirectory(prefix="acadlm_load_") as scratch:
             checkpointer = training.FullModelHFCheckpointer(
                 checkpoint_dir=str(folder), checkpoint_files=files,
                 model_type=self.checkpointer_model_type, output_dir=scratch)
+            complete_checkpointer_config(checkpointer, self.checkpointer_defaults())
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         if self.tie_word_embeddings:
             state.pop("output.weight", None)  # some exporters also write the tied head
@@ -220,15 +226,36 @@ class HFModelSpec:
                               "re-export the checkpoint.")
         return model.eval()
 
+    def checkpointer_defaults(self) -> dict[str, Any]:
+        """The config.json values torchtune 0.6.1's ``FullModelHFCheckpointer`` reads without
+        a default, as transformers defaults them: a Llama-1-style config has no
+        ``num_key_value_heads`` (multi-head: as many as query heads), a Qwen2 one may leave
+        ``tie_word_embeddings`` out (untied)."""
+        return {"num_key_value_heads": self.num_kv_heads,
+                "tie_word_embeddings": self.tie_word_embeddings}
+
     # --------------------------------------------------------------------- checks
     def check_checkpointer_model_type(self, model_type: str, *,
                                       field: str = "checkpointer.model_type") -> None:
         """Refuse a checkpointer ``model_type`` whose weight conversion is not this family's
-        (LLAMA3_2 on Qwen2 fails on the biases; QWEN2 on Llama skips the q/k permutation)."""
+        (LLAMA3_2 on Qwen2 fails on the biases; QWEN2 on Llama skips the q/k permutation), and
+        a config.json that torchtune's checkpointer cannot read: it takes the
+        :meth:`checkpointer_defaults` keys from the file without a default (``spec.load``
+        fills them in; a recipe's own checkpointer cannot)."""
         if str(model_type).upper() not in self.family.compatible_model_types:
             raise ConfigError(field, f"{model_type!r} does not convert the weights of "
                               f"{self.config_file} (model_type {self.family.name}).",
                               f"set {field}: {self.checkpointer_model_type}.")
+        reads = ["num_key_value_heads"] + (
+            ["tie_word_embeddings"] if self.checkpointer_model_type == "QWEN2" else [])
+        defaults = self.checkpointer_defaults()
+        for key in reads:
+            if self.config.get(key) is None:
+                raise _refusal(self.config_file, key, "is not set, and torchtune's "
+                               "FullModelHFCheckpointer reads it from config.json without a "
+                               "default.", f"add `\"{key}\": {json.dumps(defaults[key])}` "
+                               "(what transformers assumes when it is absent) to "
+                               f"{self.config_file}.", families=False)
 
     def check_sliding_window(self, max_seq_len: int) -> None:
         """Refuse a sliding-window attention that a sequence of ``max_seq_len`` tokens would
@@ -308,15 +335,17 @@ def hf_model_spec(path: str | Path) -> HFModelSpec:
     Raises :class:`ConfigError` naming the config field, before anything is built, for an
     unknown or unsupported ``model_type`` (Qwen3, Gemma, MoE, ...), mixture-of-experts keys,
     biases or activations the family does not have, a ``rope_type`` other than the family's,
-    and malformed per-layer lists.
+    malformed per-layer lists, and a missing or malformed dimension, epsilon or RoPE value
+    (:func:`_check_values`); a :class:`DataError` naming the file when it is not JSON.
     """
     path = Path(path).expanduser()
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError("checkpointer.checkpoint_dir", f"{file} does not exist.",
                           "point it at a Hugging Face model folder.")
-    config = json.loads(file.read_text())
+    config = _read_config(file)
     family = _family_of(config, file)
+    _check_values(config, file)
     try:
         rope = rope_settings_from_config(config)
     except KeyError as missing:
@@ -342,10 +371,111 @@ def check_checkpointer_model_type(path: str | Path, model_type: str, *,
 
 
 # ---------------------------------------------------------------------------- refusals
-def _refusal(file: Path, field: str, problem: str, fix: str = "") -> ConfigError:
-    return ConfigError(field, f"{file}: {problem}",
-                       f"{fix} Supported families (config.json `model_type`): "
-                       f"{SUPPORTED_FAMILIES}.".lstrip())
+def _refusal(file: Path, field: str, problem: str, fix: str = "", *,
+             families: bool = True) -> ConfigError:
+    """A ConfigError naming ``field`` of ``file``; ``families`` adds the supported families
+    (for refusals of what a model is, not of a malformed value)."""
+    if families:
+        fix = f"{fix} Supported families (config.json `model_type`): {SUPPORTED_FAMILIES}."
+    return ConfigError(field, f"{file}: {problem}", fix.lstrip())
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """``file`` parsed as a JSON object, or a DataError naming the file, line and fix."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file}: not valid JSON ({err.msg}, line {err.lineno} column "
+                        f"{err.colno}); the file may be cut short. Fix: download or export "
+                        "the model folder again, or repair the file.") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file}: not UTF-8 text ({err.reason}). Fix: point at the model "
+                        "folder's config.json.") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{file}: holds a JSON {type(config).__name__}, not an object of "
+                        "config fields. Fix: point at the model folder's config.json.")
+    return config
+
+
+# config.json fields the decoder is built from: required, and optional (null or absent takes
+# the default transformers takes, which the spec's properties also take).
+_REQUIRED_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads")
+_OPTIONAL_DIMENSIONS = ("num_key_value_heads", "head_dim", "max_position_embeddings",
+                        "sliding_window")
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _shown(value: Any) -> str:
+    """A config value as config.json spells it (``null``, ``"1e5x"``)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _check_values(config: Mapping[str, Any], file: Path) -> None:
+    """Refuse, naming the field, a config.json whose dimensions, norm epsilon or RoPE values
+    are missing or not numbers the decoder can be built from (transformers would fail on them
+    too, or later)."""
+    def refuse(field: str, problem: str, fix: str) -> ConfigError:
+        return _refusal(file, field, problem, fix, families=False)
+
+    for key in _REQUIRED_DIMENSIONS:
+        if key not in config or config[key] is None:
+            raise refuse(key, "is missing (or null).", f"state the model's {key} as its "
+                         "config.json on the Hub does (a positive integer).")
+        if not _is_positive_int(config[key]):
+            raise refuse(key, f"is {_shown(config[key])}, not a positive integer.",
+                         f"set {key} to the model's value.")
+    for key in _OPTIONAL_DIMENSIONS:
+        if config.get(key) is not None and not _is_positive_int(config[key]):
+            raise refuse(key, f"is {_shown(config[key])}, not a positive integer.",
+                         f"set {key} to the model's value, or null for the default.")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads")
+    if kv_heads is not None and heads % kv_heads:
+        raise refuse("num_key_value_heads", f"is {kv_heads}, which does not divide "
+                     f"num_attention_heads ({heads}): grouped-query attention shares each "
+                     "key/value head among the same number of query heads.",
+                     "set it to the model's value (a divisor of num_attention_heads).")
+    if config["hidden_size"] % heads:
+        raise refuse("num_attention_heads", f"is {heads}, which does not divide hidden_size "
+                     f"({config['hidden_size']}); torchtune's MultiHeadAttention requires it.",
+                     "set num_attention_heads and hidden_size to the model's values.")
+    if "rms_norm_eps" in config and not _is_positive_number(config["rms_norm_eps"]):
+        raise refuse("rms_norm_eps", f"is {_shown(config['rms_norm_eps'])}, not a positive "
+                     "number.", "set it to the epsilon the model was trained with (1e-5 for "
+                     "Llama 2/3, Mistral and SmolLM2, 1e-6 for Qwen2), or leave the key out "
+                     "for transformers' default 1e-6.")
+    if "tie_word_embeddings" in config and not isinstance(config["tie_word_embeddings"], bool):
+        raise refuse("tie_word_embeddings", f"is {_shown(config['tie_word_embeddings'])}, "
+                     "not true or false.", "set it to true or false.")
+    block, block_key = rope_block(config)
+    thetas = {f"{block_key}.rope_theta": block.get("rope_theta"),
+              "rope_theta": config.get("rope_theta")}
+    for field, theta in thetas.items():
+        if theta is not None and not _is_positive_number(theta):
+            raise refuse(field, f"is {_shown(theta)}, not a positive number.",
+                         "set it to the model's RoPE base θ (e.g. 10000, 500000, 1000000).")
+    if rope_type_field(config)[0] == "llama3":
+        for key in LLAMA3_KEYS:
+            value = block.get(key)
+            valid = (_is_positive_int(value) if key == "original_max_position_embeddings"
+                     else _is_positive_number(value))
+            if key in block and not valid:
+                raise refuse(f"{block_key}.{key}", f"is {_shown(value)}, not a positive "
+                             f"{'integer' if key.startswith('original') else 'number'}.",
+                             "set it to the value the model was trained with, as Llama 3.1/3.2 "
+                             "configs state it (factor 8 or 32, low_freq_factor 1, "
+                             "high_freq_factor 4, original_max_position_embeddings 8192).")
 
 
 def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
@@ -378,7 +508,7 @@ def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
         raise _refusal(file, key, "holds per-layer-type RoPE settings, which acadlm does not "
                        "build.")
     rotary = block.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if float(rotary) != 1.0:
+    if not _is_positive_number(rotary) or float(rotary) != 1.0:
         raise _refusal(file, "partial_rotary_factor", f"is {rotary}; torchtune rotates whole "
                        "heads.")
     layer_types = config.get("layer_types")

@@ -139,8 +139,9 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
         Each turn's tokens, its ``<|im_end|>`` included, take that message's ``masked`` flag, so an
         unmasked assistant turn teaches the model to stop. With ``add_end_tokens=False`` (inference)
         the last turn is left open: end the messages with an empty assistant message to get the
-        generation prompt ``<|im_start|>assistant\\n``. Truncation to ``max_seq_len`` follows
-        torchtune's tokenizers (the last kept token becomes ``eos_id`` when end tokens are added).
+        generation prompt ``<|im_start|>assistant\\n``. A conversation longer than ``max_seq_len``
+        is cut as torchtune's tokenizers cut it (the last kept token becomes ``eos_id``, masked,
+        when end tokens are added); a conversation that fits is left exactly as rendered.
         """
         if self.default_system_prompt is not None and (
             not messages or messages[0].role != "system"
@@ -151,14 +152,18 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
             ]
         tokens: list[int] = []
         mask: list[bool] = []
+        cut = False
         for index, message in enumerate(messages):
             is_last = index == len(messages) - 1
             turn = self.tokenize_message(message, add_end_tokens=add_end_tokens or not is_last)
             tokens += turn
             mask += [message.masked] * len(turn)
             if self.max_seq_len and len(tokens) >= self.max_seq_len:
+                cut = not is_last or len(tokens) > self.max_seq_len
                 break
-        if self.max_seq_len:
+        if cut:
+            # Only a conversation that does not fit is cut; one that fits keeps its own ending
+            # (``<|im_end|>\n``), which torchtune's ``truncate`` would overwrite with eos.
             tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
             mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)
         return tokens, mask

@@ -57,7 +57,11 @@ from torch import nn
 from torchtune import training
 from torchtune.modules import TransformerDecoder
 
-from acadlm_plugins._compat import hf_checkpoint_files, save_hf_model_dir
+from acadlm_plugins._compat import (
+    complete_checkpointer_config,
+    hf_checkpoint_files,
+    save_hf_model_dir,
+)
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states
 from acadlm_plugins.models.families import HFModelSpec, hf_model_spec
@@ -405,9 +409,12 @@ def hf_checkpointer(model_dir: str | Path, output_dir: str | Path) -> training.F
     read once so that it knows their file layout (it writes our backbone folders in that
     layout)."""
     model_dir = Path(model_dir)
+    spec = backbone_spec(model_dir)
     checkpointer = training.FullModelHFCheckpointer(
         checkpoint_dir=str(model_dir), checkpoint_files=hf_checkpoint_files(model_dir),
-        model_type=backbone_spec(model_dir).checkpointer_model_type, output_dir=str(output_dir))
+        model_type=spec.checkpointer_model_type, output_dir=str(output_dir))
+    # config.json keys left to transformers' defaults (Llama 1: no num_key_value_heads)
+    complete_checkpointer_config(checkpointer, spec.checkpointer_defaults())
     checkpointer.load_checkpoint()
     return checkpointer
 
@@ -537,6 +544,7 @@ def check_backbone_dir(model_dir: str | Path, *, key: str = "backbone_dir") -> P
                           "${acadlm_home:}/models/SmolLM2-135M-Instruct.")
     backbone_spec(model_dir, key=key)
     if not hf_checkpoint_files(model_dir):
-        raise ConfigError(key, f"no *.safetensors or *.bin weights in {model_dir}.",
+        raise ConfigError(key, f"no Hugging Face weights in {model_dir} (model*.safetensors, "
+                          "pytorch_model*.bin, or the files of their index).",
                           "point it at a complete model folder.")
     return model_dir
