@@ -9,7 +9,9 @@ SmolLM2 tokenizer and pack it into ``--max-seq-len`` sequences:
 * ours: ``tokenize_texts`` (batched encoding) then ``pack_documents`` (no token dropped);
 * ours, streaming: ``stream_tokenize`` (tokens appended to an on-disk store, read back through
   ``np.memmap``) then ``StreamingPackedSequences`` (packs computed on demand from the
-  offsets); every pack is then read once as a sample, so the lazy packing is really paid for.
+  offsets); every pack is then read once as a sample, so the lazy packing is really paid for:
+  its wall time is tokenization + pack planning + reading every pack, as torchtune's includes
+  building every pack and the count of its kept tokens reads each one.
 
 Each pipeline runs in a fresh process, so its wall time and peak-RSS growth are its own; the
 ratios printed at the end compare pipelines measured in the same run.
@@ -183,8 +185,9 @@ def measure_in_fresh_process(pipeline: str, jsonl: Path, max_seq_len: int) -> di
 def format_report(tt: dict, ours: dict, streaming: dict, *, documents: int, max_seq_len: int,
                   source: str) -> str:
     tokens_in = ours["tokens_in"]
-    # The streaming pipeline's tokenize + pack time; reading every pack is reported apart.
-    stream_s = streaming["tokenize_s"] + streaming["pack_s"]
+    # The streaming pipeline builds its packs lazily, so reading every pack is part of its
+    # work: tokenize + plan + read, as torchtune's wall time builds and reads every pack.
+    stream_s = streaming["tokenize_s"] + streaming["pack_s"] + streaming["read_s"]
     columns = (tt, ours, streaming)
     rows = [("tokens in", *(f"{tokens_in:,}",) * 2, f"{streaming['tokens_in']:,}"),
             ("tokens kept", *(f"{c['tokens_kept']:,}" for c in columns)),
@@ -192,12 +195,12 @@ def format_report(tt: dict, ours: dict, streaming: dict, *, documents: int, max_
             ("packs", *(f"{c['packs']:,}" for c in columns)),
             ("efficiency (kept / positions)",
              *(f"{c['tokens_kept'] / c['positions']:.2%}" for c in columns)),
-            ("wall time, tokenize + pack (s)", f"{tt['wall_s']:.2f}", f"{ours['wall_s']:.2f}",
+            ("wall time, every pack built (s)", f"{tt['wall_s']:.2f}", f"{ours['wall_s']:.2f}",
              f"{stream_s:.2f}"),
             ("  of which tokenize / pack (s)", "(interleaved)",
              f"{ours['tokenize_s']:.2f} / {ours['pack_s']:.2f}",
              f"{streaming['tokenize_s']:.2f} / {streaming['pack_s']:.2f}"),
-            ("read every pack as a sample (s)", "(in wall time)", "-",
+            ("  of which read every pack (s)", "(interleaved)", "(in pack)",
              f"{streaming['read_s']:.2f}"),
             ("tokens in per second", f"{tokens_in / tt['wall_s']:,.0f}",
              f"{tokens_in / ours['wall_s']:,.0f}", f"{streaming['tokens_in'] / stream_s:,.0f}"),
@@ -216,7 +219,7 @@ def format_report(tt: dict, ours: dict, streaming: dict, *, documents: int, max_
         return f"{a / b:.3f}x" if b else "n/a"
 
     ratios = [("tokens kept", ours["tokens_kept"], streaming["tokens_kept"], tt["tokens_kept"]),
-              ("wall time, tokenize + pack", ours["wall_s"], stream_s, tt["wall_s"]),
+              ("wall time, every pack built", ours["wall_s"], stream_s, tt["wall_s"]),
               ("tokens kept per second", ours["tokens_kept"] / ours["wall_s"],
                streaming["tokens_kept"] / stream_s, tt_rate),
               ("peak RSS growth", ours["peak_rss_delta_mib"], streaming["peak_rss_delta_mib"],

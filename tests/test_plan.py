@@ -170,6 +170,31 @@ def test_llama31_rope_scaling_is_kept(tmp_path: Path):
     assert (plan.target.num_heads, plan.target.num_kv_heads, plan.target.num_layers) == (32, 8, 32)
 
 
+def test_prolong_sft_header_command_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture):
+    """The `acadlm-plan` line in the header of configs/llama3/prolong_sft.yaml, run exactly as
+    written from the repository root, plans the SFT on the stage-2 export (θ 1.28e8, 512K
+    positions): the same plan as on `stage_export`, the folder stage 2 writes."""
+    import shlex
+
+    config = CONFIGS / "llama3/prolong_sft.yaml"
+    lines = [line.lstrip("#").strip() for line in config.read_text().splitlines()
+             if line.lstrip("#").strip().startswith("acadlm-plan ")]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])
+    assert argv[:3] == ["acadlm-plan", "--config", "configs/llama3/prolong_sft.yaml"]
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(argv[1:] + ["--json"]) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    export = plan_config(config, PAPER_CONFIGS["llama3/prolong_sft.yaml"][0](tmp_path))
+    assert data["recipe"] == export.recipe == "sft"
+    assert data["source"]["total_params"] == export.source.total_params == LLAMA3_8B
+    assert (data["source"]["rope"]["theta"], data["source"]["max_seq_len"]) == (1.28e8, 524288)
+    assert data["tokens"]["total_tokens"] == export.budget.total_tokens == 1_048_576_000
+    assert data["memory_per_rank_bytes"]["total"] == export.memory.total
+    assert main(argv[1:]) == 0
+    assert "θ 1.28e+08" in capsys.readouterr().out
+
 def test_selection_config_plans():
     plan = plan_config(CONFIGS / "sheared_llama/qurating_select_30b_of_260b.yaml",
                        ["scores_dir=somewhere"])
