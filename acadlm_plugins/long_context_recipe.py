@@ -59,6 +59,7 @@ import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} res
 from acadlm_plugins.continued_pretrain_recipe import REQUIRED_KEYS, ContinuedPretrainRecipe
 from acadlm_plugins.data.packing import collate_packs
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.families import hf_model_spec
 from acadlm_plugins.models.rope import (
     config_theta,
     rope_settings_from_config,
@@ -125,6 +126,9 @@ def source_model_config(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("checkpointer.checkpoint_dir", f"{folder} has no config.json.",
                           "point it at a Hugging Face model folder (or the previous stage's "
                           "step_<N>/model).")
+    # the family layer's checks first: a malformed θ, scaling factor or dimension is named
+    # with its file and key here, before the stage reads its RoPE from the same file
+    hf_model_spec(folder)
     return json.loads(path.read_text())
 
 

@@ -185,6 +185,24 @@ def test_impossible_stages_are_refused_naming_the_field(tiny_data, tmp_path, ove
     assert raised.value.key == field and words in str(raised.value)
 
 
+def test_a_malformed_rope_value_in_the_checkpoints_config_names_file_and_key(tiny_data,
+                                                                           tmp_path) -> None:
+    """The stage reads θ from the checkpoint's config.json; a string there is named with its
+    file and key (the family layer's check), not a bare ValueError."""
+    import shutil
+
+    cfg = stage_config(tiny_data, tmp_path / "run")
+    folder = tmp_path / "model"
+    shutil.copytree(Path(str(cfg.checkpointer.checkpoint_dir)).expanduser(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = "high"
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg.checkpointer.checkpoint_dir = str(folder)
+    with pytest.raises(ConfigError) as raised:
+        read_stage(cfg, source_model_config(cfg))
+    assert raised.value.key == "rope_theta" and str(folder / "config.json") in str(raised.value)
+
+
 def test_a_stage_within_the_trained_length_may_keep_its_rope_base(tiny_data, tmp_path) -> None:
     stage = bad_stage(tiny_data, tmp_path, "long_context.rope_base=null",
                       "long_context.trained_length=null")
