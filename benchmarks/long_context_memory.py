@@ -17,7 +17,7 @@ acadlm_plugins.training.step_probe), so its peak RSS (the high-water mark VmHWM,
 the RSS once the model is loaded) and time are its own. torch's AdamW allocates its two moments
 lazily, in the first ``step()``; left so, every configuration's step growth would hold the same
 fixed ~1 GiB of moments (4 bytes x 2 x 134.5M parameters) and the ratios would mostly compare
-that constant. So the child allocates the moments before lowering the high-water mark (a step
+that constant. So step_probe allocates the moments before lowering the high-water mark (a step
 with zero gradients at learning rate 0, step counts reset to 0: the measured step is the same
 first step) and reports them apart. The table gives the peak, the RSS with the model and the
 AdamW moments allocated, the step's growth (peak minus that; it still holds the gradients,
@@ -37,24 +37,16 @@ Run::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import multiprocessing as mp
-import resource
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from acadlm_plugins.training import step_probe
-from acadlm_plugins.training.document_attention import DocumentAttention
 from acadlm_plugins.training.step_probe import (
     Knobs,
     OutOfMemory,
     StepResult,
     available_memory,
     packed_text_batch,
+    probe_step,
 )
 
 CONFIG_NAMES = {"a": "plain", "b": "+ act. ckpt", "c": "+ chunked loss", "d": "+ doc attention"}
@@ -71,90 +63,6 @@ def knobs_for(config: str, chunk: int) -> Knobs:
 
 def relative_difference(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
-
-
-def allocate_adamw_state(optimizer: torch.optim.Optimizer) -> None:
-    """Make torch's AdamW allocate its moments now rather than in the first ``step()``, and leave
-    the next step unchanged: a step with zero gradients at learning rate 0 changes no parameter
-    (the decay factor is 1 - 0 x weight_decay, the update is scaled by 0) and leaves the moments
-    at zero; the step counts are then set back to 0 and the gradients freed."""
-    rates = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        for param in group["params"]:
-            param.grad = torch.zeros_like(param)
-    optimizer.step()
-    for group, rate in zip(optimizer.param_groups, rates, strict=True):
-        group["lr"] = rate
-    for state in optimizer.state.values():
-        state["step"].zero_()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
-                 rope_base: float, layers: int | None) -> tuple[StepResult | OutOfMemory, dict]:
-    """step_probe.measure_step with AdamW's moments allocated before the peak is lowered; also
-    returns the bytes of the moments (RSS they added) and of the gradients (counted)."""
-    model = step_probe.load_smollm2(model_dir, max_seq_len=batch["tokens"].shape[1],
-                                    rope_base=rope_base,
-                                    activation_checkpointing=knobs.activation_checkpointing,
-                                    layers=layers)
-    documents = DocumentAttention(model) if knobs.document_attention else None
-    # The optimizer of step_probe.measure_step (and of the long-context recipe's configs).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
-                                  betas=(0.9, 0.95))
-    before_state = step_probe._rss_now()
-    allocate_adamw_state(optimizer)
-    fixed = {"moments": step_probe._rss_now() - before_state,
-             "gradients": sum(p.numel() * p.element_size() for p in model.parameters())}
-    rss_after_load, peak_rss_load = step_probe._rss_now(), step_probe._peak_rss()
-    step_probe._reset_peak_rss()
-    started, cpu_started = time.perf_counter(), time.process_time()
-    try:
-        loss, grad_norm = step_probe.training_step(model, optimizer, batch, knobs, documents)
-    except (MemoryError, RuntimeError) as err:
-        if not isinstance(err, MemoryError) and "memory" not in str(err):
-            raise
-        return (OutOfMemory(str(err).splitlines()[0], rss_after_load, step_probe._peak_rss()),
-                fixed)
-    return StepResult(loss=loss, grad_norm=grad_norm, seconds=time.perf_counter() - started,
-                      cpu_seconds=time.process_time() - cpu_started,
-                      rss_after_load=rss_after_load, peak_rss_load=peak_rss_load,
-                      peak_rss=step_probe._peak_rss()), fixed
-
-
-def _child(model_dir: str, batch: dict[str, torch.Tensor], knobs: Knobs, rope_base: float,
-           threads: int, memory_limit: int | None, layers: int | None, queue) -> None:
-    """As step_probe's child: own copy of the batch, a data limit, first in line for the OOM
-    killer; then :func:`measure_step`."""
-    torch.set_num_threads(threads)
-    batch = {k: v.clone() for k, v in batch.items()}
-    if memory_limit:
-        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-    with contextlib.suppress(OSError):
-        Path("/proc/self/oom_score_adj").write_text("1000")
-    result, fixed = measure_step(Path(model_dir), batch, knobs, rope_base=rope_base,
-                                 layers=layers)
-    queue.put((type(result).__name__, asdict(result), fixed))
-
-
-def probe_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
-               rope_base: float, threads: int, memory_limit: int | None,
-               layers: int | None) -> tuple[StepResult | OutOfMemory, dict]:
-    """One step in a freshly spawned process (as step_probe.probe_step, with the optimizer
-    state allocated before the step): its result and the fixed bytes of moments and
-    gradients."""
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    with step_probe._child_environment():
-        child = context.Process(target=_child, args=(str(model_dir), batch, knobs, rope_base,
-                                                     threads, memory_limit, layers, queue))
-        child.start()
-    child.join()
-    if child.exitcode:
-        raise RuntimeError(f"the probe process for {knobs} died (exit code {child.exitcode})")
-    kind, fields, fixed = queue.get(timeout=60)
-    return (OutOfMemory(**fields) if kind == "OutOfMemory" else StepResult(**fields)), fixed
 
 
 def format_row(seq_len: int, docs: int, config: str, result: StepResult | OutOfMemory,
@@ -246,13 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header), flush=True)
     problems = []
-    fixed: dict[str, int] = {}
+    last: StepResult | OutOfMemory | None = None
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         batch = packed_text_batch(corpus_file, seq_len, tokenizer)
         docs = int((batch["seq_lens"] > 0).sum())
         results: dict[str, StepResult | OutOfMemory] = {}
         for config in configs:
-            results[config], fixed = probe_step(
+            results[config] = last = probe_step(
                 model_dir, batch, knobs_for(config, args.chunk), rope_base=args.rope_base,
                 threads=args.threads, memory_limit=limit, layers=args.layers)
             print(format_row(seq_len, docs, config, results[config], results.get("a")),
@@ -261,10 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         problems += [f"{seq_len}: {m}" for m in mismatches]
         print(f"{'':>6} losses and gradient norms agree to {AGREEMENT_TOL:g} relative: "
               f"{'no: ' + '; '.join(mismatches) if mismatches else 'yes'}", flush=True)
-    if fixed:
+    if last is not None:
         print(f"fixed costs, the same in every configuration: AdamW moments "
-              f"{fixed['moments'] / MIB:.0f} MiB (allocated before the step, in loaded), "
-              f"gradients {fixed['gradients'] / MIB:.0f} MiB (allocated by the step, in growth)")
+              f"{last.moment_bytes / MIB:.0f} MiB (allocated before the step, in loaded), "
+              f"gradients {last.gradient_bytes / MIB:.0f} MiB (allocated by the step, in growth)")
     if problems:
         sys.exit(1)
 

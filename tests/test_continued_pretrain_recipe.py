@@ -286,10 +286,26 @@ def test_a_checkpoint_of_another_size_names_model_and_checkpoint_dir(tmp_path, m
     assert not latest_checkpoint(tmp_path / "run")
 
 
-def test_resuming_with_changed_reference_losses_is_refused(tmp_path, monkeypatch):
-    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2"))
-    with pytest.raises(ConfigError, match="checkpoint being resumed was trained with") as err:
-        run_recipe(monkeypatch, tiny_run_args(
-            tmp_path, "max_steps=4", "dynamic_batch_loading.reference_losses.prose=2.5"))
-    assert err.value.key == "dynamic_batch_loading.reference_losses"
+MAPPING = "dynamic_batch_loading.reference_losses={prose: 3.0, numbers: 3.0, code: 3.0}"
+
+
+@pytest.mark.parametrize(("first", "resumed", "key"), [
+    ([], ["dynamic_batch_loading.reference_losses.prose=2.5"],
+     "dynamic_batch_loading.reference_losses.prose"),
+    ([], ["dynamic_batch_loading.reference_losses=initial"],      # mapping -> initial
+     "dynamic_batch_loading.reference_losses"),
+    (["dynamic_batch_loading.reference_losses=initial"], [MAPPING],  # initial -> mapping
+     "dynamic_batch_loading.reference_losses"),
+    (["dynamic_batch_loading.reference_losses=initial", "dynamic_batch_loading.reference_scale=0.9"],
+     ["dynamic_batch_loading.reference_losses=initial", "dynamic_batch_loading.reference_scale=0.8"],
+     "dynamic_batch_loading.reference_scale"),
+])
+def test_resuming_with_changed_reference_losses_is_refused(tmp_path, monkeypatch, first, resumed,
+                                                           key):
+    """The reference losses steer every domain-weight update: a resumed run that changed them
+    is refused, naming the key, and the checkpoint is left as it was."""
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2", *first))
+    with pytest.raises(ConfigError, match="differs from the checkpoint being resumed") as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=4", *resumed))
+    assert err.value.key == key
     assert latest_checkpoint(tmp_path / "run").name == "step_000002"

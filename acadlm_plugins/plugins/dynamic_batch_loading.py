@@ -154,41 +154,17 @@ class DynamicBatchLoadingPlugin:
     def acadlm_state_dict(self) -> dict | None:
         if not self.enabled:
             return None
-        return {STATE_KEY: {"reference": self.reference, "history": self.history,
-                            "reference_mode": self.reference_mode,
-                            "reference_scale": self.reference_scale}}
+        return {STATE_KEY: {"reference": self.reference, "history": self.history}}
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
         if not self.enabled or STATE_KEY not in states:
             return
+        # a changed `reference_losses` / `reference_scale` is refused before this, by the
+        # recipe's resume check (both are among the keys a resumed run must keep)
         state = states[STATE_KEY]
-        self._check_resumed_reference(state)
         self.reference = state["reference"]
         self.history = list(state["history"])
-
-    def _check_resumed_reference(self, state: dict) -> None:
-        """The reference losses steer every weight update, so a resumed run must keep the
-        checkpoint's: a changed `reference_losses` (or `reference_scale`) is refused rather than
-        silently replaced by the saved one. Checkpoints from before the mode and scale were
-        saved are compared on the given losses alone."""
-        saved = state.get("reference")
-        key = f"{CONFIG_KEY}.reference_losses"
-        fix = ("restore the value this run started with, or start a new `output_dir` to use "
-               "the new one.")
-        saved_mode = state.get("reference_mode", "given" if self.reference_mode == "given"
-                               else None)
-        if saved_mode is not None and saved_mode != self.reference_mode:
-            was = "a mapping" if saved_mode == "given" else "`initial`"
-            raise ConfigError(key, f"differs from the checkpoint being resumed, which was "
-                              f"started with {was}.", fix)
-        if self.reference_mode == "given" and saved is not None and saved != self.reference:
-            raise ConfigError(key, f"is {_fmt(self.reference)}, the checkpoint being resumed "
-                              f"was trained with {_fmt(saved)}.", fix)
-        saved_scale = state.get("reference_scale", self.reference_scale)
-        if self.reference_mode == "initial" and saved_scale != self.reference_scale:
-            raise ConfigError(f"{CONFIG_KEY}.reference_scale", f"is {self.reference_scale}, the "
-                              f"checkpoint being resumed was trained with {saved_scale}.", fix)
 
     @hookimpl
     def acadlm_run_end(self, summary: dict) -> None:

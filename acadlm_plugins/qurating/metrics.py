@@ -8,7 +8,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.training.components import check_component, instantiate_component
+from acadlm_plugins.training.components import check_component
+from acadlm_plugins.training.run_checks import check_log_dir
+from acadlm_plugins.training.runtime import rank_zero_metric_logger
 
 METRIC_LOGGER_KEY = "metric_logger"
 
@@ -24,13 +26,12 @@ def check_metric_logger(cfg: DictConfig) -> None:
                           "e.g. `_component_: torchtune.training.metric_logging.DiskLogger` "
                           "with `log_dir: ${output_dir}/logs`, or remove the block.")
     check_component(node, METRIC_LOGGER_KEY)
+    check_log_dir(cfg, METRIC_LOGGER_KEY)
 
 
 def optional_metric_logger(cfg: DictConfig) -> Any | None:
-    """The configured torchtune metric logger with the config logged to it, or None when the
-    config has no ``metric_logger`` block."""
+    """The configured torchtune metric logger with the config logged to it (as the training
+    recipes build theirs), or None when the config has no ``metric_logger`` block."""
     if cfg.get(METRIC_LOGGER_KEY, None) is None:
         return None
-    logger = instantiate_component(cfg, METRIC_LOGGER_KEY)
-    logger.log_config(cfg)
-    return logger
+    return rank_zero_metric_logger(cfg, is_rank_zero=True)

@@ -59,9 +59,11 @@ class StepResult:
     grad_norm: float
     seconds: float
     cpu_seconds: float
-    rss_after_load: int
+    rss_after_load: int  # with the model loaded and AdamW's moments allocated
     peak_rss_load: int   # VmHWM before the step: the peak of imports and weight loading
     peak_rss: int        # VmHWM after the step (reset after loading): the step's own peak
+    moment_bytes: int    # RSS AdamW's moments added (in rss_after_load, not in the growth)
+    gradient_bytes: int  # the gradients' bytes (allocated by the step: in the growth)
 
     @property
     def step_growth(self) -> int:
@@ -77,6 +79,8 @@ class OutOfMemory:
     message: str
     rss_after_load: int
     peak_rss: int  # VmHWM when the allocation failed
+    moment_bytes: int
+    gradient_bytes: int
 
     @property
     def step_growth(self) -> int:
@@ -187,9 +191,31 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+def allocate_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Make torch's AdamW allocate its moments now rather than in the first ``step()``, and leave
+    the next step unchanged: a step with zero gradients at learning rate 0 changes no parameter
+    (the decay factor is 1 - 0 x weight_decay, the update is scaled by 0) and leaves the moments
+    at zero; the step counts are then set back to 0 and the gradients freed.
+
+    Without it every configuration's step growth would hold the same ~1 GiB of moments (for
+    SmolLM2-135M) and the ratios between configurations would mostly compare that constant."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    for state in optimizer.state.values():
+        state["step"].zero_()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, *,
                  rope_base: float, layers: int | None = None) -> StepResult | OutOfMemory:
-    """Load the model, then time and measure one training step (in the calling process)."""
+    """Load the model, allocate AdamW's moments, then time and measure one training step (in
+    the calling process): the growth is the step's own memory, gradients and activations."""
     seq_len = batch["tokens"].shape[1]
     model = load_smollm2(model_dir, max_seq_len=seq_len, rope_base=rope_base,
                          activation_checkpointing=knobs.activation_checkpointing,
@@ -197,6 +223,10 @@ def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, 
     documents = DocumentAttention(model) if knobs.document_attention else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1,
                                   betas=(0.9, 0.95))
+    before_moments = _rss_now()
+    allocate_adamw_state(optimizer)
+    fixed = {"moment_bytes": _rss_now() - before_moments,
+             "gradient_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     rss_after_load, peak_rss_load = _rss_now(), _peak_rss()
     _reset_peak_rss()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -205,11 +235,11 @@ def measure_step(model_dir: Path, batch: dict[str, torch.Tensor], knobs: Knobs, 
     except (MemoryError, RuntimeError) as err:
         if not isinstance(err, MemoryError) and "memory" not in str(err):
             raise  # a failure, not a step too big for the limit
-        return OutOfMemory(str(err).splitlines()[0], rss_after_load, _peak_rss())
+        return OutOfMemory(str(err).splitlines()[0], rss_after_load, _peak_rss(), **fixed)
     return StepResult(loss=loss, grad_norm=grad_norm, seconds=time.perf_counter() - started,
                       cpu_seconds=time.process_time() - cpu_started,
                       rss_after_load=rss_after_load, peak_rss_load=peak_rss_load,
-                      peak_rss=_peak_rss())
+                      peak_rss=_peak_rss(), **fixed)
 
 
 def _child(model_dir: str, batch: dict[str, torch.Tensor], knobs: Knobs, rope_base: float,
