@@ -40,6 +40,9 @@ from acadlm_plugins.training.components import instantiate_component
 log = utils.get_logger("INFO")
 
 PRUNED_MODEL_DIRNAME = "pruned_model"
+# In pruning_summary.json, for masks started from importance: per mask type, the units kept
+# at the end and how many of them the one-shot choice (step 0) did not keep.
+CHOICE_KEY = "changed_from_importance_init"
 # Largest |masked - materialized| validation loss (nats) that rounding can explain, by the
 # dtype the two models are compared in; anything above is a slicing error.
 MATERIALIZATION_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -84,6 +87,7 @@ class PruneRecipe:
         # run's device) come along first, so gates, indices and weights share one device.
         masks = self._pruning.masks.cpu()
         masks.invalidate()
+        choice = self._pruning.changes_from_importance_init()
         with training.set_default_dtype(COMPARISON_DTYPE):
             plain = instantiate_component(self._cfg, "model")
         plain.load_state_dict(state, strict=False)
@@ -97,7 +101,7 @@ class PruneRecipe:
         check_materialized(losses_masked, losses_pruned, COMPARISON_DTYPE)
         return self._export(pruned, target, started, {
             "source": losses_source, "masked": losses_masked, "pruned": losses_pruned},
-            kept_layers=kept_layers)
+            kept_layers=kept_layers, choice=choice)
 
     def one_shot_prune_and_export(self) -> dict[str, Any] | None:
         """Minitron one-shot pruning: rank units on the calibration packs, slice, export."""
@@ -156,8 +160,8 @@ class PruneRecipe:
             model.cpu()
 
     def _export(self, pruned: torch.nn.Module, target: Any, started: float,
-                losses: dict[str, dict[str, float]], *, kept_layers: list[int]
-                ) -> dict[str, Any]:
+                losses: dict[str, dict[str, float]], *, kept_layers: list[int],
+                choice: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
         source = self._pruning.source
         achieved = architecture_of(pruned)
         dest = self._trainer.output_dir / PRUNED_MODEL_DIRNAME
@@ -180,6 +184,8 @@ class PruneRecipe:
             "pruned_model_dir": str(dest),
             "materialize_seconds": round(time.perf_counter() - started, 1),
         }
+        if choice is not None:
+            summary[CHOICE_KEY] = choice
         if "masked" in losses:
             summary["max_abs_loss_diff_masked_vs_pruned"] = max(
                 abs(losses["masked"][d] - losses["pruned"][d]) for d in losses["pruned"])
@@ -244,6 +250,9 @@ def format_pruning_summary(summary: dict[str, Any]) -> str:
     if "max_abs_loss_diff_masked_vs_pruned" in summary:
         rows.append(f"masked vs materialized loss: max |diff| = "
                     f"{summary['max_abs_loss_diff_masked_vs_pruned']:.2e}")
+    if CHOICE_KEY in summary:
+        rows.append("kept units the importance initialization did not keep: " + ", ".join(
+            f"{name} {c['changed']} of {c['kept']}" for name, c in summary[CHOICE_KEY].items()))
     rows.append(f"method: {summary.get('method', 'learned')}")
     rows.append(f"pruned model: {summary['pruned_model_dir']}")
     return "\n".join(rows)

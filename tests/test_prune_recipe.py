@@ -14,6 +14,7 @@ from tiny_setup import REPO_ROOT, tiny_run_args
 
 from acadlm_plugins import hookimpl
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.prune_recipe import format_pruning_summary
 from acadlm_plugins.training.checkpointing import latest_checkpoint
 
 PRUNE_CONFIG = REPO_ROOT / "configs" / "tiny" / "prune.yaml"
@@ -228,3 +229,49 @@ def test_bad_importance_settings_fail_before_training(tmp_path, monkeypatch, ove
     with pytest.raises(ConfigError) as err:
         run(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(tmp_path, override))
     assert err.value.key == key
+
+
+def pruning_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "pruning_summary.json").read_text())
+
+
+def test_masks_held_at_the_clamps_keep_exactly_the_importance_choice(tmp_path, monkeypatch):
+    """Started closed (gap 10: the dropped units at the log-alpha floor), a few steps move no
+    gate across: the summary says every kept unit is one the importance ranking kept."""
+    run(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(
+        tmp_path, "pruning.mask_init=importance", "pruning.mask_init_gap=10",
+        "pruning.mask_init_spread=4", "max_steps=3", "save_every_n_steps=3"))
+    summary = pruning_summary(tmp_path / "run")
+    changes = summary["changed_from_importance_init"]
+    assert {"layer", "kv_head", "hidden", "intermediate"} <= set(changes)
+    assert all(c["changed"] == 0 for c in changes.values()), changes
+    assert changes["layer"]["kept"] == TINY_TARGET["num_layers"]
+    assert changes["hidden"]["kept"] == TINY_TARGET["embed_dim"]
+
+
+def test_the_summary_counts_the_units_mask_training_chose_differently(tmp_path, monkeypatch):
+    """Started open and nearly tied (gap 0, spread 0.05) with a large mask learning rate, the
+    masks reorder units; the count survives a resume, since the step-0 choice is checkpointed."""
+    module = type(sys)("_acadlm_prune_interrupt")
+    module.Interrupt = _Interrupt
+    sys.modules[module.__name__] = module
+    settings = ("pruning.mask_init=importance", "pruning.mask_init_spread=0.05",
+                "pruning.mask_lr=2.0", "max_steps=20", "save_every_n_steps=10")
+    run(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(tmp_path / "a", *settings))
+    straight = pruning_summary(tmp_path / "a" / "run")
+    changes = straight["changed_from_importance_init"]
+    assert sum(c["changed"] for c in changes.values()) > 0, changes
+    assert "kept units the importance initialization did not keep: layer" in \
+        format_pruning_summary(straight)
+    broken = prune_args(tmp_path / "b", *settings)
+    with pytest.raises(KeyboardInterrupt):
+        run(monkeypatch, "acadlm_plugins.prune_recipe",
+            [*broken, "plugins=[_acadlm_prune_interrupt:Interrupt]"])
+    run(monkeypatch, "acadlm_plugins.prune_recipe", broken)
+    assert pruning_summary(tmp_path / "b" / "run")["changed_from_importance_init"] == changes
+
+
+def test_uniform_masks_report_no_importance_choice(tmp_path, monkeypatch):
+    run(monkeypatch, "acadlm_plugins.prune_recipe",
+        prune_args(tmp_path, "max_steps=2", "save_every_n_steps=2"))
+    assert "changed_from_importance_init" not in pruning_summary(tmp_path / "run")

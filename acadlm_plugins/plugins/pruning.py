@@ -41,7 +41,7 @@ from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
 from acadlm_plugins.pruning.architecture import Architecture, architecture_of, resolve_target
 from acadlm_plugins.pruning.lagrangian import LagrangeMultipliers
-from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks
+from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks, choice_changes
 from acadlm_plugins.training.config_checks import reject_unknown_keys
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class PruningPlugin:
         self.multipliers: LagrangeMultipliers | None = None
         self.history: list[dict[str, float]] = []
         self._report: dict[str, float] = {}
+        # The units the importance-initialized masks keep at step 0: the one-shot choice.
+        self.initial_choice: dict[str, torch.Tensor] | None = None
 
     @hookimpl
     def acadlm_configure(self, cfg: Any, recipe: str) -> None:
@@ -183,6 +185,7 @@ class PruningPlugin:
                         gap=self.mask_init_gap).items():
                     self.masks.gates[name].log_alpha.copy_(values)
             self.masks.invalidate()
+            self.initial_choice = self.masks.kept_sets()
             log.info("mask log_alpha initialized from importance scores over %d sequences",
                      scores.num_sequences)
             self._report_units_below_floor()
@@ -264,7 +267,8 @@ class PruningPlugin:
             "sampler": self.masks._sampler.get_state(),
             "multipliers": self.multipliers.state_dict(),
             "mask_optimizer": self.mask_optimizer.state_dict(),
-            "lambda_optimizer": self.lambda_optimizer.state_dict(), "history": self.history}}
+            "lambda_optimizer": self.lambda_optimizer.state_dict(), "history": self.history,
+            "initial_choice": self.initial_choice}}
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
@@ -282,8 +286,16 @@ class PruningPlugin:
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
         self.history = list(state["history"])
+        self.initial_choice = state.get("initial_choice")
         self.masks.invalidate()
         self.hooks.active = bool(self.history)  # past the first step: the masks are on
+
+    def changes_from_importance_init(self) -> dict[str, dict[str, int]] | None:
+        """Per mask type, the units the final gates keep and how many of them the importance
+        initialization did not keep; ``None`` unless the masks started from importance."""
+        if not self.trains_masks or self.initial_choice is None:
+            return None
+        return choice_changes(self.initial_choice, self.masks.kept_sets())
 
     @hookimpl
     def acadlm_run_end(self, summary: dict) -> None:

@@ -111,6 +111,11 @@ class PruningMasks(nn.Module):
                 out[name] = gate.deterministic(counts[name])
         return out
 
+    @torch.no_grad()
+    def kept_sets(self) -> dict[str, torch.Tensor]:
+        """Which units the final gates keep, per mask type (boolean, on the CPU)."""
+        return {name: (gates > 0).cpu() for name, gates in self.deterministic_gates().items()}
+
     def target_row_counts(self) -> dict[str, int]:
         """Units kept per row at the end: exactly the target architecture."""
         t = self.target
@@ -214,6 +219,19 @@ class PruningMasks(nn.Module):
     def clamp_(self) -> None:
         for gate in self.gates.values():
             gate.clamp_()
+
+
+def choice_changes(initial: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor]
+                   ) -> dict[str, dict[str, int]]:
+    """Per mask type, how many units the final gates keep and how many of those were not kept
+    by ``initial`` (both from :meth:`PruningMasks.kept_sets`).
+
+    Started from the importance ranking, ``changed`` counts what mask training chose
+    differently from one-shot pruning: 0 everywhere means the run kept the one-shot units and
+    only trained them through the gates.
+    """
+    return {name: {"kept": int(kept.sum()), "changed": int((kept & ~initial[name]).sum())}
+            for name, kept in final.items() if name in initial}
 
 
 class MaskHooks:
