@@ -3,7 +3,9 @@
 A random-weight checkpoint of each family's real layout (tests/family_checkpoints.py: Llama 2
 multi-head, Llama 3.2 with its llama3 RoPE scaling stated as on the Hub, Mistral with its own
 head size, Qwen2 with q/k/v biases) goes through continued pre-training and a long-context
-stage with a new RoPE θ, built from its config.json by the family layer. Each saved checkpoint
+stage with a new RoPE θ, built from its config.json by the family layer (Qwen2's stage reads
+its own ChatML tokenizer, which names no BOS in tokenizer_config.json, through the ProLong stage
+configs' tokenizer component). Each saved checkpoint
 must load in transformers with the logits of the model the recipe trained, and say so in its
 config.json (θ, RoPE scaling, per-layer lists). A model that would rotate positions otherwise
 than the checkpoint's config.json states is refused before training.
@@ -26,6 +28,7 @@ from family_checkpoints import (
     transformers_logits,
     use_hub_rope_keys,
     write_family,
+    write_family_tokenizer,
 )
 from omegaconf import OmegaConf
 from recipe_runs import setup_error, torch_threads
@@ -38,7 +41,12 @@ from acadlm_plugins.models import hf_model_spec
 from acadlm_plugins.training.checkpointing import latest_checkpoint
 
 LONG_CONTEXT_CONFIG = REPO_ROOT / "configs" / "tiny" / "long_context.yaml"
+# The ProLong stage configs' tokenizer block (`smollm2_tokenizer`; recipes/prolong/pipeline.py
+# --base-model points its path at the base model's folder).
+STAGE_TOKENIZER = OmegaConf.load(
+    REPO_ROOT / "configs" / "smollm2" / "long_context_stage1.yaml").tokenizer
 VOCAB = 320  # the byte tokenizer's 259 ids fit
+QWEN2_VOCAB = 512  # and the tiny Qwen2-style ChatML tokenizer's ids (tiny_setup.TINY_VOCAB)
 NEW_THETA = 4e6  # differs from every family's own θ
 FAMILY_MODEL = {"_component_": "acadlm_plugins.models.decoder_from_hf_config"}
 
@@ -58,12 +66,16 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
 def family(request, tmp_path_factory) -> tuple[str, Path]:
-    """(family name, a 2-layer random checkpoint of it); Llama 3.2's RoPE in Hub style."""
+    """(family name, a 2-layer random checkpoint of it); Llama 3.2's RoPE in Hub style, Qwen2
+    with its ChatML tokenizer (no BOS in tokenizer_config.json, as Qwen2.5's)."""
     name = request.param
     folder = write_family(name, tmp_path_factory.mktemp(name.replace(".", "_")) / "model",
-                          vocab_size=VOCAB, num_hidden_layers=2)
+                          vocab_size=QWEN2_VOCAB if name == "qwen2" else VOCAB,
+                          num_hidden_layers=2)
     if name == "llama3.2":
         use_hub_rope_keys(folder)
+    if name == "qwen2":
+        write_family_tokenizer(name, folder)
     return name, folder
 
 
@@ -125,7 +137,8 @@ def test_a_long_context_stage_saves_its_theta_and_keeps_the_scaling(family, corp
     """The stage builds the family with θ 4e6 (a scaled RoPE keeps its scaling around it) and
     its checkpoint says so; explicit-mask attention keeps the trained model a plain torchtune
     decoder to compare (per-document attention trains the same weights, as
-    test_long_context_recipe checks)."""
+    test_long_context_recipe checks). Qwen2's stage tokenizes with its own tokenizer through the
+    ProLong stage configs' component, as `pipeline.py --base-model` sets it."""
     name, source = family
     cfg = family_config(
         LONG_CONTEXT_CONFIG, name, source, f"output_dir={tmp_path / 'run'}",
@@ -134,7 +147,11 @@ def test_a_long_context_stage_saves_its_theta_and_keeps_the_scaling(family, corp
         f"validation_dataset.data_dir={corpus['corpus']}", f"long_context.rope_base={NEW_THETA}",
         "long_context.token_budget=512", "long_context.attention=mask",
         "validation.max_packs_per_domain=1")
+    if name == "qwen2":
+        cfg.tokenizer = OmegaConf.merge(STAGE_TOKENIZER, {"path": str(source)})
     recipe = train(LongContextRecipe, cfg)
+    if name == "qwen2":  # generation_config.json's BOS (tokenizer_config.json names none)
+        assert (recipe._tokenizer.bos_id, recipe._tokenizer.eos_id) == (0, 2)
     saved = latest_checkpoint(tmp_path / "run") / "model"
     config = json.loads((saved / "config.json").read_text())
     assert config["rope_theta"] == NEW_THETA

@@ -122,3 +122,54 @@ def test_the_stage_configs_load_another_base_model_with_the_pipelines_overrides(
     tokenizer = instantiate_component(cfg, "tokenizer")
     assert tokenizer.encode("alpha beta", add_bos=False, add_eos=False)
     assert tokenizer.vocab_size <= model.tok_embeddings.num_embeddings
+
+
+def test_a_stage_config_trains_a_qwen2_base_model_with_its_own_tokenizer(
+        tmp_path, monkeypatch) -> None:
+    """`pipeline.py --base-model <a Qwen2 folder>`: the stage config's own tokenizer component
+    (`smollm2_tokenizer`) reads the Qwen2 tokenizer, whose tokenizer_config.json names no BOS
+    (generation_config.json's `bos_token_id` is the BOS, as transformers takes it), and the
+    stage trains. It used to stop at tokenizer setup ("Could not parse bos_token")."""
+    from recipe_runs import torch_threads
+
+    from acadlm_plugins.long_context_recipe import LongContextRecipe
+    from acadlm_plugins.models import SmolLM2Tokenizer
+
+    monkeypatch.setenv("ACADLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
+    monkeypatch.setenv("ACADLM_PLUGINS_DISABLE_AUTOLOAD", "1")
+    pipeline = load_pipeline()
+    base = write_family_tokenizer("qwen2", write_family(
+        "qwen2", tmp_path / "qwen2", num_hidden_layers=2, vocab_size=512))
+    corpus = write_tiny_corpus(tmp_path / "corpus", docs_per_domain=6)
+    long_docs = write_long_documents(tmp_path / "long" / "docs.jsonl")
+    config = SMOLLM2 / "long_context_stage1.yaml"
+    overrides = [*pipeline.checkpoint_overrides(base), *pipeline.base_model_overrides(config, base),
+                 f"output_dir={tmp_path / 'out'}", "max_steps=2",
+                 "long_context.max_seq_len=128", "long_context.token_budget=256",
+                 "long_context.chunked_loss_tokens=32", f"dataset.cache_dir={tmp_path / 'cache'}",
+                 f"validation_dataset.data_dir={corpus}", "validation_dataset.max_seq_len=128",
+                 f"validation_dataset.cache_dir={tmp_path / 'cache'}",
+                 "validation.max_packs_per_domain=1", "enable_activation_checkpointing=False"]
+    cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist(overrides))
+    cfg.dataset.sources = OmegaConf.create({
+        "long": {"data_files": str(long_docs), "share": 0.6, "min_tokens": 100},
+        "short": {"data_files": str(corpus / "prose" / "train.jsonl"), "share": 0.4}})
+    assert cfg.tokenizer._component_.endswith("smollm2_tokenizer")
+    assert cfg.tokenizer.path == str(base) and cfg.checkpointer.model_type == "QWEN2"
+
+    with torch_threads():
+        recipe = LongContextRecipe(cfg)
+        try:
+            recipe.setup(cfg)
+            summary = recipe.train()
+        finally:
+            recipe.cleanup()
+    tokenizer = recipe._tokenizer
+    assert isinstance(tokenizer, SmolLM2Tokenizer)
+    generation = json.loads((base / "generation_config.json").read_text())
+    assert tokenizer.bos_id == generation["bos_token_id"] == tokenizer.document_separator_id
+    assert (tokenizer.eos_id, tokenizer.pad_id) == (tokenizer.im_end_id, 0)
+    assert summary["steps"] == 2 and summary["stage"]["rope_base"] == 1e6
+    saved = json.loads((Path(summary["checkpoint"]) / "model" / "config.json").read_text())
+    assert saved["model_type"] == "qwen2" and saved["rope_theta"] == 1e6

@@ -50,13 +50,13 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import delete_kv_caches
-from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 from tqdm import tqdm
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.generation import StopRule, final_hidden_states, generate_tokens
 from acadlm_plugins.evaluation.lengths import task_error
 from acadlm_plugins.models.families import hf_model_spec
+from acadlm_plugins.models.tokenizer import load_hf_base_tokenizer
 from acadlm_plugins.quantization import (
     is_quantized_copy,
     load_quantized_decoder,
@@ -94,8 +94,10 @@ def _never_downloads(key: str, value: Any, problem: str) -> ConfigError:
 class AcadTokenizer:
     """A model folder's ``tokenizer.json`` with what lm-eval needs around it.
 
-    Built on torchtune's ``HuggingFaceBaseTokenizer`` (which finds bos/eos from
-    ``tokenizer_config.json`` / ``generation_config.json``), so it works for any tokenizer a
+    Built on torchtune's ``HuggingFaceBaseTokenizer`` through
+    :func:`~acadlm_plugins.models.tokenizer.load_hf_base_tokenizer` (bos/eos from
+    ``tokenizer_config.json`` / ``generation_config.json``, a null ``bos_token`` as in Qwen2
+    included), so it works for any tokenizer a
     checkpoint ships, SmolLM2's and the tiny test ones alike. Encoding applies the tokenizer's
     own post-processor, like ``transformers`` does, so contexts get a BOS exactly when ``hf``
     would give them one. The chat template is the folder's ``chat_template.jinja`` or
@@ -106,31 +108,21 @@ class AcadTokenizer:
         self.folder = folder
         config_file = folder / "tokenizer_config.json"
         generation_file = folder / "generation_config.json"
-        config_path = str(config_file) if config_file.is_file() else None
-        generation_path = str(generation_file) if generation_file.is_file() else None
-        # torchtune reads bos/eos from tokenizer_config.json first and refuses one whose
-        # bos_token is null; generation_config.json alone then still names the ids.
-        attempts = [(config_path, generation_path), (None, generation_path)]
-        for config_arg, generation_arg in attempts:
-            try:
-                self.base = HuggingFaceBaseTokenizer(
-                    str(folder / "tokenizer.json"), tokenizer_config_json_path=config_arg,
-                    generation_config_path=generation_arg)
-                break
-            except ValueError:
-                continue
-        else:
+        try:
+            self.base = load_hf_base_tokenizer(
+                folder / "tokenizer.json", config_file if config_file.is_file() else None,
+                generation_file if generation_file.is_file() else None)
+        except ValueError as error:
             raise ConfigError(
-                "--model_args tokenizer", f"{folder}: cannot tell the BOS/EOS tokens.",
+                "--model_args tokenizer", f"{folder}: cannot tell the BOS/EOS tokens ({error}).",
                 "add `bos_token`/`eos_token` to tokenizer_config.json or a "
-                "generation_config.json with `bos_token_id`/`eos_token_id`.")
+                "generation_config.json with `bos_token_id`/`eos_token_id`.") from error
         self.rust = self.base.tokenizer
         self.config: dict[str, Any] = (json.loads(config_file.read_text())
                                        if config_file.is_file() else {})
         generation = self.base.generation_config or {}
         self.bos_id: int = int(self.base.bos_id)
-        eos = self.base.eos_id  # generation_config.json may list several (the first is EOS)
-        self.eos_id: int = int(eos[0] if isinstance(eos, list) else eos)
+        self.eos_id: int = int(self.base.eos_id)  # generation_config.json's list: its first
         self.bos_text = self.rust.id_to_token(self.bos_id)
         self.pad_id = self._token_id(self.config.get("pad_token"))
         if self.pad_id is None:

@@ -1,9 +1,9 @@
-"""A torchtune ``ModelTokenizer`` for SmolLM2 (byte-level BPE, ChatML chat format).
+"""A torchtune ``ModelTokenizer`` for ChatML tokenizers: SmolLM2's and Qwen2's (byte-level BPE).
 
 torchtune 0.6.1 reads a Hugging Face ``tokenizer.json`` with ``HuggingFaceBaseTokenizer``, but that
 is only a text tokenizer; stock recipes and datasets need ``tokenize_messages``, ``pad_id`` and
 ``max_seq_len``. :class:`SmolLM2Tokenizer` adds those around it, rendering messages exactly as
-SmolLM2's own chat template does::
+SmolLM2's and Qwen2's own chat templates do::
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n
 
@@ -13,10 +13,14 @@ Use it from a config with::
       _component_: acadlm_plugins.models.smollm2_tokenizer
       path: ${acadlm_home:}/models/SmolLM2-135M-Instruct
       max_seq_len: 2048
+
+:func:`load_hf_base_tokenizer` is how every acadlm path reads a ``tokenizer.json`` with its BOS/EOS
+(this class, the lm-eval adapter, the QuRating rater).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,12 +36,72 @@ IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 
 
-class SmolLM2Tokenizer(ModelTokenizer, Transform):
-    """SmolLM2's tokenizer with ChatML message rendering and torchtune's masking conventions.
+def load_hf_base_tokenizer(
+    tokenizer_json: str | Path,
+    config_path: str | Path | None = None,
+    generation_path: str | Path | None = None,
+) -> HuggingFaceBaseTokenizer:
+    """torchtune's ``HuggingFaceBaseTokenizer`` of ``tokenizer_json``, with BOS/EOS found as
+    transformers finds them.
 
-    Special ids: ``bos_id`` is ``<|im_start|>`` (1), ``eos_id`` and ``pad_id`` are ``<|im_end|>``
-    (2), as in SmolLM2's tokenizer_config.json; ``document_separator_id`` is ``<|endoftext|>`` (0),
-    the token SmolLM2 was pre-trained with between documents.
+    torchtune 0.6.1 takes bos/eos from ``tokenizer_config.json`` (``config_path``) and refuses
+    one whose ``bos_token`` is null, as Qwen2's and Qwen2.5's are, instead of reading
+    ``generation_config.json``'s ``bos_token_id``. Such a tokenizer is loaded again with the
+    ids from ``generation_config.json``; a token that ``tokenizer_config.json`` does name still
+    wins (Qwen2.5-Instruct's ``eos_token`` ``<|im_end|>``), and ``.config`` keeps the file for
+    readers of ``pad_token``. An ``eos_token_id`` list (several stop ids) gives its first id.
+
+    Raises:
+        ValueError: neither file names a BOS and an EOS; callers turn it into an error that
+            names their own key or file.
+    """
+    tokenizer_json = str(tokenizer_json)
+    config_arg = str(config_path) if config_path else None
+    generation_arg = str(generation_path) if generation_path else None
+    try:
+        base = HuggingFaceBaseTokenizer(tokenizer_json, tokenizer_config_json_path=config_arg,
+                                        generation_config_path=generation_arg)
+    except ValueError:
+        if config_arg is None or generation_arg is None:
+            raise
+        base = HuggingFaceBaseTokenizer(tokenizer_json, generation_config_path=generation_arg)
+        with open(config_arg, "rb") as handle:
+            base.config = json.load(handle)
+        for key, attribute in (("bos_token", "bos_id"), ("eos_token", "eos_id")):
+            token_id = config_token_id(base, key)
+            if token_id is not None:
+                setattr(base, attribute, token_id)
+    if isinstance(base.eos_id, list):
+        base.eos_id = base.eos_id[0]
+    empty = base.tokenizer.encode("").ids  # what torchtune's encode checks before adding bos/eos
+    base.hf_adds_bos, base.hf_adds_eos = base.bos_id in empty, base.eos_id in empty
+    return base
+
+
+def config_token_id(base: HuggingFaceBaseTokenizer, key: str) -> int | None:
+    """The id of the token ``tokenizer_config.json`` names under ``key`` (``"pad_token"``, a
+    string or ``{"content": ...}``); None when it names none or one the vocabulary lacks."""
+    token = (base.config or {}).get(key)
+    if isinstance(token, dict):
+        token = token.get("content")
+    return base.tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+
+class SmolLM2Tokenizer(ModelTokenizer, Transform):
+    """A ChatML tokenizer (SmolLM2's, Qwen2's) with ChatML message rendering and torchtune's
+    masking conventions.
+
+    Special ids, from the model folder as transformers reads them (:func:`load_hf_base_tokenizer`):
+
+    * SmolLM2: ``bos_id`` is ``<|im_start|>`` (1), ``eos_id`` and ``pad_id`` are ``<|im_end|>``
+      (2), as in its tokenizer_config.json;
+    * Qwen2 / Qwen2.5: tokenizer_config.json names no BOS, so ``bos_id`` is generation_config.json's
+      ``bos_token_id`` (``<|endoftext|>``); ``eos_id`` is ``<|im_end|>`` (Instruct) or
+      ``<|endoftext|>`` (base), ``pad_id`` is ``<|endoftext|>``.
+
+    ``pad_id`` is tokenizer_config.json's ``pad_token``, else generation_config.json's
+    ``pad_token_id``, else ``eos_id``. ``document_separator_id`` is ``<|endoftext|>``, the token
+    both families were pre-trained with between documents.
 
     Args:
         tokenizer_json_path (str): the model's ``tokenizer.json``.
@@ -60,11 +124,15 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
         max_seq_len: int | None = None,
         default_system_prompt: str | None = None,
     ) -> None:
-        self._base = HuggingFaceBaseTokenizer(
-            tokenizer_json_path,
-            tokenizer_config_json_path=tokenizer_config_json_path,
-            generation_config_path=generation_config_path,
-        )
+        try:
+            self._base = load_hf_base_tokenizer(
+                tokenizer_json_path, tokenizer_config_json_path, generation_config_path)
+        except ValueError as error:
+            raise DataError(
+                f"{tokenizer_json_path}: cannot tell the BOS/EOS tokens ({error}). Name them in "
+                "the folder's tokenizer_config.json (`bos_token`, `eos_token`) or "
+                "generation_config.json (`bos_token_id`, `eos_token_id`)."
+            ) from error
         self.max_seq_len = max_seq_len
         self.default_system_prompt = default_system_prompt
         self.special_tokens = {
@@ -76,24 +144,23 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
             if token not in self.special_tokens:
                 raise DataError(
                     f"{tokenizer_json_path}: special token {token} is missing; this is not a "
-                    "SmolLM2 tokenizer. Point `tokenizer.path` at the SmolLM2 model folder."
+                    "ChatML tokenizer (SmolLM2's, Qwen2's). Point `tokenizer.path` at such a "
+                    "model folder."
                 )
         self.bos_id = self._base.bos_id
         self.eos_id = self._base.eos_id
-        self.pad_id = self._pad_id_from_config(tokenizer_config_json_path)
+        self.pad_id = self._pad_id()
         self.im_start_id = self.special_tokens[IM_START]
         self.im_end_id = self.special_tokens[IM_END]
         self.document_separator_id = self.special_tokens[ENDOFTEXT]
         self.stop_tokens = [self.im_end_id, self.document_separator_id]
         self._newline_ids = self._base.tokenizer.encode("\n", add_special_tokens=False).ids
 
-    def _pad_id_from_config(self, tokenizer_config_json_path: str | None) -> int:
-        config = self._base.config or {}
-        pad = config.get("pad_token")
-        if isinstance(pad, dict):
-            pad = pad.get("content")
-        pad_id = self._base.tokenizer.token_to_id(pad) if isinstance(pad, str) else None
-        return self.eos_id if pad_id is None else pad_id
+    def _pad_id(self) -> int:
+        pad_id = config_token_id(self._base, "pad_token")
+        if pad_id is None:
+            pad_id = (self._base.generation_config or {}).get("pad_token_id")
+        return pad_id if isinstance(pad_id, int) else self.eos_id
 
     @property
     def vocab_size(self) -> int:
@@ -134,7 +201,7 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
     def tokenize_messages(
         self, messages: list[Message], *, add_end_tokens: bool = True
     ) -> tuple[list[int], list[bool]]:
-        """Token ids and loss mask (True = no loss) of a conversation, as SmolLM2's template renders it.
+        """Token ids and loss mask (True = no loss) of a conversation as ChatML renders it.
 
         Each turn's tokens, its ``<|im_end|>`` included, take that message's ``masked`` flag, so an
         unmasked assistant turn teaches the model to stop. With ``add_end_tokens=False`` (inference)
@@ -182,7 +249,8 @@ def smollm2_tokenizer(
     max_seq_len: int | None = None,
     default_system_prompt: str | None = None,
 ) -> SmolLM2Tokenizer:
-    """Build :class:`SmolLM2Tokenizer` from a model folder or a ``tokenizer.json``.
+    """Build :class:`SmolLM2Tokenizer` from a model folder or a ``tokenizer.json``: SmolLM2's, or
+    Qwen2's / Qwen2.5's (the ChatML tokenizers).
 
     ``path`` defaults to the embedded default model (``acadlm-defaults build``); the folder's
     ``tokenizer_config.json`` and ``generation_config.json`` are used when present.

@@ -21,8 +21,9 @@ task and length before and after, per-stage validation loss, packing efficiency 
 ``--base-model DIR`` starts from another model folder: the stage configs build the model from
 the checkpoint's config.json, and every training stage gets the folder's tokenizer
 (``tokenizer.path``) and its family's ``checkpointer.model_type``. The configs' tokenizer
-component is SmolLM2's (ChatML special tokens and a BOS token in tokenizer_config.json); a base
-model whose tokenizer differs needs another component, given with ``--set``.
+component reads ChatML tokenizers, SmolLM2's and Qwen2's (whose BOS is generation_config.json's
+``bos_token_id``); a base model with another kind of tokenizer needs another component, given
+with ``--set``.
 """
 
 from __future__ import annotations
