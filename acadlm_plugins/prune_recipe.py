@@ -233,6 +233,12 @@ def _non_embedding_params(model: torch.nn.Module) -> int:
                if not name.startswith(("tok_embeddings", "output")))
 
 
+def format_choice_changes(changes: dict[str, dict[str, int]]) -> str:
+    """One line: per mask type, the kept units the one-shot (step-0) choice did not keep."""
+    return "kept units the importance initialization did not keep: " + ", ".join(
+        f"{name} {c['changed']} of {c['kept']}" for name, c in changes.items())
+
+
 def format_pruning_summary(summary: dict[str, Any]) -> str:
     """Source / target / achieved shapes and parameter counts, and per-domain losses."""
     rows = ["", "=== pruning summary ===",
@@ -251,8 +257,7 @@ def format_pruning_summary(summary: dict[str, Any]) -> str:
         rows.append(f"masked vs materialized loss: max |diff| = "
                     f"{summary['max_abs_loss_diff_masked_vs_pruned']:.2e}")
     if CHOICE_KEY in summary:
-        rows.append("kept units the importance initialization did not keep: " + ", ".join(
-            f"{name} {c['changed']} of {c['kept']}" for name, c in summary[CHOICE_KEY].items()))
+        rows.append(format_choice_changes(summary[CHOICE_KEY]))
     rows.append(f"method: {summary.get('method', 'learned')}")
     rows.append(f"pruned model: {summary['pruned_model_dir']}")
     return "\n".join(rows)

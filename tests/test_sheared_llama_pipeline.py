@@ -71,7 +71,8 @@ def test_demo_configs_give_every_arm_exactly_the_same_tokens():
 
 
 def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
-    first = run_pipeline(tmp_path)
+    importance_init = "--set=prune:pruning.mask_init=importance"
+    first = run_pipeline(tmp_path, importance_init)
     out = tmp_path / "out"
     summary = json.loads((out / "pipeline_summary.json").read_text())
     comparison = summary["comparison"]
@@ -95,5 +96,7 @@ def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
     # SmolLM2 demo's figures are in docs/pruning.md)
     assert all(0 < v["mean"] < 20 for v in comparison["val_loss"].values())
     assert "validation loss (nats/token)" in first.stdout
-    second = run_pipeline(tmp_path)  # resumes: no stage trains again
+    assert "ours: kept units the importance initialization did not keep: layer " in first.stdout
+    assert "changed_from_importance_init" in summary["pruning"]
+    second = run_pipeline(tmp_path, importance_init)  # resumes: no stage trains again
     assert "resumed at step 4 of 4" in second.stdout + second.stderr

@@ -237,6 +237,8 @@ def greedy_completions(models: dict[str, Path]) -> dict[str, list[str]]:
 
 
 def format_report(report: dict, dirs: dict[str, dict[str, Path]]) -> str:
+    from acadlm_plugins.prune_recipe import CHOICE_KEY, format_choice_changes
+
     pruning, comparison = report["pruning"], report["comparison"]
     lines = ["", "=" * 78, "Sheared-LLaMA pipeline summary", "=" * 78,
              (f"{'':<10}{'layers':>7}{'heads':>7}{'kv':>4}{'hidden':>8}{'mlp':>7}"
@@ -262,6 +264,8 @@ def format_report(report: dict, dirs: dict[str, dict[str, Path]]) -> str:
         f"{'-' if tokens[c] is None else f'{tokens[c]:,}':>14}" for c in columns))
     lines.append(f"pruned right after pruning (ours, before continued pre-training): mean "
                  f"{mean(pruning['val_loss']['pruned']):.4f}")
+    if CHOICE_KEY in pruning:
+        lines.append(f"ours: {format_choice_changes(pruning[CHOICE_KEY])}")
     if comparison["completions"]:
         lines += ["", f"greedy completions ({NEW_TOKENS} tokens)"]
     for index, prompt in enumerate(PROMPTS if comparison["completions"] else ()):
