@@ -10,7 +10,8 @@ torchtune's own ``eleuther_eval`` recipe pins lm-eval <= 0.4.8, whose task syste
 prompts sized to a length at run time; this recipe calls lm-eval 0.4.13 directly. It writes
 ``results.json`` (lm-eval's dictionary), per-task samples, and the task x length table and
 heatmap into ``output_dir``. With ``use_cache`` set, an interrupted run re-uses the answers it
-already has.
+already has; the cache is kept per model (``<use_cache>_<model fingerprint>_rank0.db``), since
+lm-eval's own cache knows the requests but not the model that answered them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from torchtune import config, utils
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.training.config_checks import reject_unknown_keys
+from acadlm_plugins.evaluation.answer_cache import model_cache_path
+from acadlm_plugins.evaluation.lengths import parse_lengths
+from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
 
 log = utils.get_logger("INFO")
 
@@ -57,6 +60,37 @@ def check_config(cfg: DictConfig) -> None:
                           "tokenizer.json), e.g. outputs/.../pruned_model.")
     if not list(cfg.tasks):
         raise ConfigError("tasks", "is empty.", "name at least one task, e.g. [acadlm_long].")
+    run_settings(cfg)
+    use_cache = cfg.get("use_cache")
+    if use_cache is not None and not isinstance(use_cache, str):
+        raise ConfigError("use_cache", f"is {use_cache!r}, not a path.",
+                          "give a path prefix for the answer cache, e.g. "
+                          "${output_dir}/lm_cache, or null for none.")
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``lengths``, ``num_samples`` and ``seed`` of the config, checked: ``max_seq_lengths``
+    (sorted token counts; a list, one length or a "1k,2k" string), ``num_samples`` (None: each
+    task's default) and ``seed`` (default 1234), or a :class:`ConfigError` naming the key."""
+    settings: dict[str, Any] = {}
+    if cfg.get("lengths") is not None:
+        lengths = cfg.lengths
+        if OmegaConf.is_config(lengths):
+            lengths = OmegaConf.to_container(lengths, resolve=True)
+        if isinstance(lengths, (dict, bool)):
+            raise ConfigError("lengths", f"is {lengths!r}, not a list of token counts.",
+                              "give lengths in tokens, e.g. lengths=[1024,4096] or \"1k,4k\".")
+        try:
+            settings["max_seq_lengths"] = parse_lengths(lengths, task="eval")
+        except ConfigError as error:
+            # parse_lengths names the tasks' metadata field; here the key is `lengths`.
+            problem = str(error).split("`: ", 1)[-1].split(" Fix: ")[0]
+            raise ConfigError("lengths", problem, "give lengths of 256 tokens or more, e.g. "
+                              "lengths=[1024,4096] or \"1k,4k\".") from None
+    settings["num_samples"] = config_value(cfg.get("num_samples"), "num_samples", int, minimum=1,
+                                           allow_none=True)
+    settings["seed"] = config_value(cfg.get("seed", 1234), "seed", int, minimum=0)
+    return settings
 
 
 def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -68,11 +102,7 @@ def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]
         metadata["apply_chat_template"] = True
     if cfg.get("system_instruction"):
         metadata["system_instruction"] = str(cfg.system_instruction)
-    if cfg.get("lengths") is not None:
-        metadata["max_seq_lengths"] = [int(length) for length in cfg.lengths]
-    if cfg.get("num_samples") is not None:
-        metadata["num_samples"] = int(cfg.num_samples)
-    metadata["seed"] = int(cfg.get("seed", 1234))
+    metadata.update({key: value for key, value in run_settings(cfg).items() if value is not None})
     extra = cfg.get("task_metadata") or {}
     metadata.update(OmegaConf.to_container(extra, resolve=True) if extra else {})
     return metadata
@@ -105,16 +135,23 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     batch_size = model_args.pop("batch_size", 1)
     device = model_args.pop("device", "cpu")
     metadata = task_metadata(cfg, model_args)
-    seed = int(cfg.get("seed", 1234))
+    seed = metadata["seed"]
+    model_name = cfg.model.get("name", "acadlm")
+    # lm-eval keys cached answers by the request only: without the model in the path, another
+    # checkpoint evaluated with the same `use_cache` would get this one's answers.
+    use_cache = model_cache_path(cfg.get("use_cache"), model_name, model_args, device)
+    if use_cache:
+        log.info("Answer cache of this model: %s_rank*.db (use_cache %s, keyed by the model's "
+                 "files and args)", use_cache, cfg.use_cache)
     started = time.perf_counter()
     results = lm_eval.simple_evaluate(
-        model=cfg.model.get("name", "acadlm"),
+        model=model_name,
         model_args=model_args,
         tasks=list(cfg.tasks),
         num_fewshot=cfg.get("num_fewshot"),
         batch_size=batch_size,
         device=device,
-        use_cache=cfg.get("use_cache"),
+        use_cache=use_cache,
         limit=cfg.get("limit"),
         log_samples=bool(cfg.get("log_samples", True)),
         apply_chat_template=bool(cfg.get("apply_chat_template", False)),
@@ -134,7 +171,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             for row in rows:
                 handle.write(json.dumps(row, default=handle_non_serializable) + "\n")
         os.replace(tmp, path)
-    results["acadlm"] = {"elapsed_s": round(elapsed, 1), "metadata": {
+    results["acadlm"] = {"elapsed_s": round(elapsed, 1), "use_cache": use_cache, "metadata": {
         k: v for k, v in metadata.items() if k not in model_args}}
     _atomic_json(output_dir / "results.json", results)
     print(make_table(results))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,94 @@ def test_task_metadata_carries_lengths_samples_seed_and_extras(tmp_path, tiny_mo
     assert metadata["num_samples"] == 2 and metadata["seed"] == 7
     assert metadata["pretrained"] == "x"
     assert metadata["haystack_path"].endswith("hay.txt")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ([384, 512], [384, 512]), (["1k"], [1024]), (1024, [1024]), ("1k,2k", [1024, 2048]),
+    ([2048, "1k", 2048], [1024, 2048])])
+def test_lengths_take_a_list_one_length_or_a_k_string(tmp_path, tiny_model_dir, value,
+                                                      expected) -> None:
+    cfg = _cfg(tmp_path, tiny_model_dir, lengths=value)
+    check_config(cfg)
+    assert task_metadata(cfg, {})["max_seq_lengths"] == expected
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("lengths", ["1x"], "'1x' is not a length"), ("lengths", "1k,big", "'big' is not a length"),
+    ("lengths", [100], "100 is too short"), ("lengths", [], "the list is empty"),
+    ("lengths", {"a": 1024}, "not a list of token counts"),
+    ("num_samples", "abc", "is 'abc', not an integer"), ("num_samples", 0, "below its minimum"),
+    ("num_samples", 2.5, "not a whole number"), ("seed", "x", "is 'x', not an integer"),
+    ("seed", None, "is null"), ("use_cache", True, "is True, not a path")])
+def test_a_bad_run_setting_is_named(tmp_path, tiny_model_dir, key, value, problem) -> None:
+    """`lengths=[1x]` or `num_samples=abc` stops before anything loads with an error naming the
+    key, not a bare ValueError from deep inside the run."""
+    cfg = _cfg(tmp_path, tiny_model_dir, **{key: value})
+    with pytest.raises(ConfigError, match=rf"`{key}`: .*{problem}"):
+        check_config(cfg)
+
+
+def test_use_cache_is_kept_apart_for_each_model(tmp_path, monkeypatch) -> None:
+    """lm-eval keys cached answers by the request alone: with one `use_cache` for two models
+    the second got the first one's answers (and its score). The recipe keys the cache by model:
+    two models, two cache files; the same model again re-uses its own."""
+    from acadlm_plugins import evaluation
+    from acadlm_plugins.eval_recipe import run_evaluation
+
+    # Our tasks only: indexing lm-eval's own thousands of tasks would take most of the time.
+    monkeypatch.setattr(evaluation, "task_manager", partial(evaluation.task_manager,
+                                                            include_defaults=False))
+
+    (tmp_path / "hay.txt").write_text(HAYSTACK)
+    first = write_tiny_model_dir(tmp_path / "first", seed=0)
+    second = write_tiny_model_dir(tmp_path / "second", seed=1)
+    cache = tmp_path / "cache" / "lm_cache"
+
+    def answers(model_dir: Path, run: str) -> tuple[list, set[str]]:
+        cfg = _cfg(tmp_path, model_dir, lengths=[384], num_samples=1, use_cache=str(cache),
+                   output_dir=str(tmp_path / run), gen_kwargs="max_gen_toks=8")
+        run_evaluation(cfg)
+        rows = [json.loads(line) for line in
+                (tmp_path / run / "samples_acadlm_niah_single_1.jsonl").open()]
+        return [row["resps"] for row in rows], {p.name for p in cache.parent.iterdir()}
+
+    first_answers, after_first = answers(first, "a")
+    second_answers, after_second = answers(second, "b")
+    assert second_answers != first_answers  # the second model answered for itself
+    [first_file] = after_first
+    assert len(after_second - after_first) == 1  # a cache file of its own
+    assert first_file.startswith("lm_cache_") and first_file.endswith("_rank0.db")
+    again, after_again = answers(first, "c")
+    assert again == first_answers and after_again == after_second  # re-used, no new file
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert results["acadlm"]["use_cache"] + "_rank0.db" == str(cache.parent / first_file)
+
+
+def test_the_cache_fingerprint_follows_the_models_files_and_args(tmp_path) -> None:
+    from acadlm_plugins.evaluation.answer_cache import model_fingerprint
+    from acadlm_plugins.evaluation.cli import key_cache_by_model
+
+    folder = write_tiny_model_dir(tmp_path / "m")
+    args = {"pretrained": str(folder), "dtype": "float32"}
+    base = model_fingerprint("acadlm", args, "cpu")
+    assert model_fingerprint("acadlm", args | {"batch_size": 8}, "cpu") == base
+    assert model_fingerprint("acadlm", {**args, "pretrained": str(tmp_path / "." / "m")},
+                             "cpu") == base  # the same folder, spelled otherwise
+    assert len({base, model_fingerprint("hf", args, "cpu"),
+                model_fingerprint("acadlm", args | {"dtype": "bfloat16"}, "cpu"),
+                model_fingerprint("acadlm", args, "cuda")}) == 4
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-6}))
+    changed_config = model_fingerprint("acadlm", args, "cpu")
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert len({base, changed_config, model_fingerprint("acadlm", args, "cpu")}) == 3
+    # `acadlm-lm-eval --use_cache` gets the same keyed path from lm-eval's model_args string.
+    kwargs = key_cache_by_model({"model": "acadlm", "model_args": f"pretrained={folder},"
+                                 "dtype=float32", "device": "cpu", "use_cache": "c/lm"})
+    assert kwargs["use_cache"] == f"c/lm_{model_fingerprint('acadlm', args, 'cpu')}"
+    assert key_cache_by_model({"model": "acadlm", "use_cache": None})["use_cache"] is None
 
 
 def test_tune_run_eval_recipe_writes_results_samples_table_and_heatmap(tmp_path,

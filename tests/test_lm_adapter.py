@@ -471,6 +471,38 @@ def test_a_model_arg_that_is_not_a_positive_integer_is_named(model_dir, key, val
         AcadLM(pretrained=str(model_dir), **{key: value})
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (False, False), ("true", True), ("False", False), ("TRUE", True), (1, True),
+    (0, False), ("1", True), ("0", False)])
+def test_yes_no_values_are_read_as_such(value, expected):
+    assert lm_adapter.flag_value(value, "--model_args kv_cache") is expected
+
+
+@pytest.mark.parametrize("value", ["no", "maybe", "yes", "", 2, None])
+def test_a_kv_cache_that_is_not_true_or_false_is_named(model_dir, value):
+    """`--model_args kv_cache=no` reached the model as the string "no", which ``bool`` read as
+    true: it stops with an error naming the arg, before the weights load."""
+    with pytest.raises(ConfigError, match=r"`--model_args kv_cache`: is"):
+        AcadLM(pretrained=str(model_dir), kv_cache=value)
+
+
+def test_kv_cache_from_lm_evals_model_args_string(model_dir):
+    """lm-eval turns `true`/`false` into bools and `0`/`1` into ints; `no` stays a string."""
+    assert AcadLM.create_from_arg_string(f"pretrained={model_dir},kv_cache=0").kv_cache is False
+    assert AcadLM.create_from_arg_string(f"pretrained={model_dir},kv_cache=True").kv_cache
+    with pytest.raises(ConfigError, match=r"`--model_args kv_cache`: is 'no'"):
+        AcadLM.create_from_arg_string(f"pretrained={model_dir},kv_cache=no")
+
+
+def test_a_do_sample_that_is_not_true_or_false_names_the_task(lm):
+    """`--gen_kwargs do_sample=no` reaches the model as "no"; read as true it would sample."""
+    request = _instances("generate_until", [("x", {"until": [], "max_gen_toks": 3,
+                                                  "do_sample": "no", "temperature": 1.0})],
+                         task="sampler")
+    with pytest.raises(ConfigError, match=r"`sampler: generation_kwargs do_sample`: is 'no'"):
+        lm.generate_until(request, disable_tqdm=True)
+
+
 def test_auto_batch_size_on_the_cpu_plans_from_free_memory(model_dir, lm, monkeypatch):
     import psutil
 

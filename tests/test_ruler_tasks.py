@@ -309,6 +309,26 @@ def test_a_system_instruction_the_metadata_does_not_name_is_refused(files: EvalF
                             task_manager=manager, system_instruction=given)
 
 
+@pytest.mark.parametrize("task", ["acadlm_niah_single_1", "acadlm_vt"])
+def test_a_chat_template_flag_the_metadata_does_not_name_is_refused(chat_files: EvalFiles,
+                                                                     task: str) -> None:
+    """Plain ``lm_eval --apply_chat_template`` with no ``apply_chat_template`` in the metadata:
+    the prompts were sized without the template, which would push prompt and generation past
+    the length, so the run stops, naming the field and the fix (as HELMET's tasks do); so does
+    a run without the template whose metadata names one."""
+    from lm_eval import simple_evaluate
+
+    for meta, applied, problem in (
+            ({}, True, "the run applies a chat template but the task metadata does not"),
+            ({"apply_chat_template": True}, False, "the task metadata says the run applies")):
+        manager = task_manager(chat_files.metadata(max_seq_lengths=[1024], num_samples=1,
+                                                   **meta), include_defaults=False)
+        with pytest.raises(ConfigError, match=rf"`{task}: apply_chat_template`: {problem}.*"
+                                              r"Fix: Run through acadlm-lm-eval"):
+            simple_evaluate(model=ChatOracleLM(), tasks=[task], task_manager=manager,
+                            apply_chat_template=applied)
+
+
 def test_rows_come_sample_by_sample_each_length_with_its_own_prompts(files: EvalFiles) -> None:
     """Sample 0 at every length, then sample 1, ...; a length's prompts are those it gets when
     built alone (each length draws from a stream of its own)."""

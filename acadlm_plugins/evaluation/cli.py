@@ -6,9 +6,11 @@ command is ``lm_eval`` itself (same arguments, same output files) run after thre
 ``acadlm`` model is registered, our task folder is added to every TaskManager's include path
 (next to any ``--include_path`` you give), and ``--apply_chat_template`` and
 ``--system_instruction`` are passed on to the tasks' metadata, which lm-eval does not do: our
-RULER and HELMET tasks lay out and size their prompts for them. When the results carry per-length
-metrics it prints the task x length table and, with ``--output_path``, writes the table and a
-heatmap PNG next to lm-eval's ``results_*.json``.
+RULER and HELMET tasks lay out and size their prompts for them. ``--use_cache <path>`` is kept per
+model (``<path>_<model fingerprint>_rank0.db``; plain ``lm_eval`` keys cached answers by the
+request alone, so another model given the same path would get the first model's answers). When
+the results carry per-length metrics it prints the task x length table and, with
+``--output_path``, writes the table and a heatmap PNG next to lm-eval's ``results_*.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from acadlm_plugins.evaluation import TASKS_DIR
+from acadlm_plugins.evaluation.answer_cache import model_cache_path
 from acadlm_plugins.evaluation.report import latest_results_file, length_table, write_report
 
 
@@ -85,6 +88,22 @@ def pass_run_settings_to_tasks(argv: list[str]) -> list[str]:
     return [*argv, "--metadata", json.dumps(extra)] if extra else argv
 
 
+def key_cache_by_model(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``simple_evaluate``'s keyword arguments with ``use_cache`` made specific to the model
+    (:func:`~acadlm_plugins.evaluation.answer_cache.model_cache_path`); unchanged without a
+    cache or for a model given as an object rather than by name."""
+    from lm_eval.utils import simple_parse_args_string
+
+    model, use_cache = kwargs.get("model"), kwargs.get("use_cache")
+    if not use_cache or not isinstance(model, str):
+        return kwargs
+    model_args = kwargs.get("model_args") or {}
+    if isinstance(model_args, str):
+        model_args = simple_parse_args_string(model_args)
+    return {**kwargs, "use_cache": model_cache_path(str(use_cache), model, model_args,
+                                                    kwargs.get("device"))}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run lm-eval's CLI with ``argv`` (default: this process's arguments)."""
     import lm_eval
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     original_evaluate = lm_eval.simple_evaluate
 
     def evaluate_and_keep(*args: Any, **kwargs: Any) -> Any:
-        results = original_evaluate(*args, **kwargs)
+        results = original_evaluate(*args, **key_cache_by_model(kwargs))
         if results is not None:
             captured.append(results)
         return results

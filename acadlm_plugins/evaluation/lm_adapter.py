@@ -82,6 +82,16 @@ DEFAULT_MAX_BATCH_SIZE = 64
 CPU_MEMORY_SHARE = 0.5
 
 
+def flag_value(value: Any, key: str) -> bool:
+    """A yes/no setting named ``key``: a bool, ``true``/``false`` (any case, as lm-eval's
+    ``--model_args``/``--gen_kwargs`` parser may leave them) or ``1``/``0``, else a
+    :class:`ConfigError` naming ``key``: ``bool("no")`` would be True."""
+    if not isinstance(value, bool) and isinstance(value, (int, str)) and str(
+            value).strip() in ("0", "1"):
+        return str(value).strip() == "1"
+    return bool(config_value(value, key, bool))
+
+
 def _never_downloads(key: str, value: Any, problem: str) -> ConfigError:
     return ConfigError(
         f"--model_args {key}", f"{value!r}: {problem} lm-eval's `{MODEL_NAME}` model only reads "
@@ -373,7 +383,8 @@ class AcadLM(TemplateLM):
       ``torchrun``/``accelerate launch``, each rank evaluates its share of the requests, on
       the GPU of its ``LOCAL_RANK`` (see :func:`join_process_group`).
     * ``dtype``: ``float32`` (default on CPU), ``bfloat16`` (default on GPU), ``float16``.
-    * ``kv_cache``: generate with KV caches (default true); false recomputes every step.
+    * ``kv_cache``: generate with KV caches (default true); false recomputes every step
+      (``true``/``false`` or ``1``/``0``: anything else is an error naming it).
     * ``prefill_chunk``: prompt tokens per forward pass while filling the KV cache (2048).
 
     A quantized copy (``acadlm_plugins.quantization``, a folder with ``quantization.json``) is
@@ -406,7 +417,7 @@ class AcadLM(TemplateLM):
         if is_quantized_copy(self.model_dir):
             # A quantized copy runs in the dtype it was made for (int4 kernels: bfloat16).
             self.dtype = scheme_dtype(read_quantization(self.model_dir)["scheme"])
-        self.kv_cache = bool(kv_cache)
+        self.kv_cache = flag_value(kv_cache, "--model_args kv_cache")
         self.prefill_chunk = config_value(prefill_chunk, "--model_args prefill_chunk", int,
                                           minimum=1)
         self._max_gen_toks = config_value(max_gen_toks, "--model_args max_gen_toks", int,
@@ -826,7 +837,8 @@ class AcadLM(TemplateLM):
         """Greedy, or temperature/top-k sampling with torchtune's sampler; anything else a task
         asks of generation is refused rather than ignored."""
         kwargs = dict(kwargs)
-        do_sample = bool(kwargs.pop("do_sample", False))
+        do_sample = flag_value(kwargs.pop("do_sample", False),
+                               f"{task or '<unnamed task>'}: generation_kwargs do_sample")
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         top_k = kwargs.pop("top_k", None)
         if not do_sample:

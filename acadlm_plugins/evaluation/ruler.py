@@ -143,10 +143,32 @@ def check_system_instruction(metadata: Mapping[str, Any], given: str | None, *,
                      "'{\"system_instruction\": \"...\"}'.")
 
 
+def check_chat_template_flag(metadata: Mapping[str, Any], applied: Any, *, task: str) -> None:
+    """Refuse a run that applies a chat template (lm-eval's ``--apply_chat_template``,
+    ``applied``) when the task's metadata does not say so, or the reverse: lm-eval renders the
+    template but never tells the task, whose prompts were laid out (answer prefix) and sized
+    (the template's tokens count in the length budget) for the metadata's flag. Without this, a
+    prompt sized without the template overflows its length once the template is added."""
+    expected = metadata.get("apply_chat_template", False)
+    if isinstance(expected, str):
+        expected = expected.strip().lower() not in ("", "false", "0", "no")
+    if bool(applied) == bool(expected):
+        return
+    problem = ("the run applies a chat template but the task metadata does not say so"
+               if applied else "the task metadata says the run applies a chat template but it "
+               "does not")
+    raise task_error(task, "apply_chat_template", f"{problem}, and the prompts were laid out and "
+                     "sized for the metadata's (the template's tokens count in the length "
+                     "budget).", "Run through acadlm-lm-eval or the eval recipe (they pass "
+                     "--apply_chat_template on to the tasks), or give the same value in "
+                     "--metadata '{\"apply_chat_template\": true}'.")
+
+
 class RulerTask(LengthSweepTask):
     """A :class:`LengthSweepTask` whose dataset builder learns the generation budget from the
     task's own ``generation_kwargs.max_gen_toks``, so the YAML states it once, and which
-    refuses a run whose system instruction its prompts were not sized for."""
+    refuses a run whose chat template flag or system instruction its prompts were not sized
+    for."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         config = dict(config or {})
@@ -158,10 +180,12 @@ class RulerTask(LengthSweepTask):
         super().__init__(config=config)
 
     def build_all_requests(self, **kwargs: Any) -> Any:
-        """lm-eval's request building, once the run's system instruction is known to be the
-        one the prompts were sized for (:func:`check_system_instruction`)."""
-        check_system_instruction(self.config.metadata or {}, kwargs.get("system_instruction"),
-                                 task=self.config.task or "?")
+        """lm-eval's request building, once the run's chat template flag and system
+        instruction are known to be those the prompts were sized for
+        (:func:`check_chat_template_flag`, :func:`check_system_instruction`)."""
+        metadata, task = self.config.metadata or {}, self.config.task or "?"
+        check_chat_template_flag(metadata, kwargs.get("apply_chat_template"), task=task)
+        check_system_instruction(metadata, kwargs.get("system_instruction"), task=task)
         return super().build_all_requests(**kwargs)
 
 
