@@ -10,10 +10,19 @@ agree on the plan and to add up the totals), writing parquet shards with the inp
 ``num_tokens`` and ``score_<criterion>`` (see :mod:`acadlm_plugins.qurating.annotation`). A
 run that is killed resumes where it stopped: finished shards are kept, the rest are scored.
 
+``annotation.json`` (written when every shard is done) holds ``corpus``, the documents, tokens
+and score statistics of all finished shards, whichever run scored them; this run's own counts
+(``shards_scored``, ``shards_done_before``, ``documents_scored``, ``tokens_scored`` and
+``tokens_per_second``, which is null when this run scored no shard); and ``last_scoring_run``
+(``documents``, ``tokens``, ``tokens_per_second``, ``processes``, ``wall_seconds``): the
+counts of the latest run that scored shards, this one or, on a rerun that found everything done,
+the one recorded in the previous ``annotation.json`` (null if none is known).
+
 An optional ``metric_logger`` block (any torchtune metric logger, e.g. ``DiskLogger``) gets, on
 rank 0, rank 0's throughput after every shard (``tokens_per_second``,
 ``documents_per_second``, at the step of its finished shards) and at the end the totals of all
-ranks (``total_tokens_per_second``, ``total_documents``, ``total_tokens``).
+ranks (``total_tokens_per_second`` when this run scored a shard, ``total_documents``,
+``total_tokens``).
 """
 
 from __future__ import annotations
@@ -136,6 +145,7 @@ class AnnotateRecipe:
                  result.documents, result.tokens, result.tokens / max(result.seconds, 1e-9))
         totals = self._gather(result)
         runtime.barrier(self._distributed)
+        scored = totals["scored"] > 0
         summary: dict[str, Any] = {
             "complete": bool(totals["incomplete"] == 0),
             "processes": self._world_size,
@@ -143,15 +153,22 @@ class AnnotateRecipe:
             "shards_scored": int(totals["scored"]), "shards_done_before": int(totals["before"]),
             "shards_total": int(totals["total"]), "wall_seconds": round(
                 time.perf_counter() - started, 2),
-            "tokens_per_second": totals["tokens"] / max(totals["seconds"], 1e-9),
+            "tokens_per_second": (totals["tokens"] / max(totals["seconds"], 1e-9) if scored
+                                  else None),
             "rater_dir": str(self._rater_dir), "criteria": self._scorer.criteria,
             "chunk_tokens": self._scorer.chunk_tokens, "output_dir": str(self._output_dir),
         }
-        self._log({"total_tokens_per_second": summary["tokens_per_second"],
-                   "total_documents": summary["documents_scored"],
-                   "total_tokens": summary["tokens_scored"]}, int(totals["before"]
-                                                               + totals["scored"]))
+        metrics = {"total_documents": summary["documents_scored"],
+                   "total_tokens": summary["tokens_scored"]}
+        if scored:
+            metrics = {"total_tokens_per_second": summary["tokens_per_second"], **metrics}
+        self._log(metrics, int(totals["before"] + totals["scored"]))
         if self._is_rank_zero:
+            summary["last_scoring_run"] = (
+                {"documents": summary["documents_scored"], "tokens": summary["tokens_scored"],
+                 "tokens_per_second": summary["tokens_per_second"],
+                 "processes": self._world_size, "wall_seconds": summary["wall_seconds"]}
+                if scored else previous_scoring_run(self._output_dir / SUMMARY_FILENAME))
             summary["corpus"] = score_statistics(self._output_dir, self._scorer.criteria)
             if summary["complete"]:
                 (self._output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2))
@@ -181,15 +198,37 @@ class AnnotateRecipe:
         runtime.close_process(self._distributed, self._metric_logger)
 
 
+def previous_scoring_run(path: Path) -> dict[str, Any] | None:
+    """``last_scoring_run`` of an earlier ``annotation.json`` (for one of an older version that
+    lacks it: its own counts, when that run scored documents), or None."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict):
+        return None
+    if "last_scoring_run" in previous:
+        return previous["last_scoring_run"]
+    if previous.get("documents_scored") and previous.get("tokens_per_second") is not None:
+        return {"documents": previous["documents_scored"], "tokens": previous["tokens_scored"],
+                "tokens_per_second": previous["tokens_per_second"],
+                "processes": previous.get("processes"),
+                "wall_seconds": previous.get("wall_seconds")}
+    return None
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Shards, documents, tokens/s and the score distribution per criterion."""
+    scored_now = (f"scored now: {summary['documents_scored']} documents, "
+                  f"{summary['tokens_scored']} tokens, {summary['tokens_per_second']:,.0f} "
+                  f"tokens/s over {summary['processes']} process(es)"
+                  if summary["tokens_per_second"] is not None
+                  else "scored now: nothing (every shard was done before)")
     lines = ["", "=== annotation summary ===",
              f"shards: {summary['shards_scored']} scored now, {summary['shards_done_before']} "
              f"done before, {summary['shards_total']} in all"
              + ("" if summary["complete"] else "  (INCOMPLETE: run again to continue)"),
-             (f"scored now: {summary['documents_scored']} documents, "
-              f"{summary['tokens_scored']} tokens, {summary['tokens_per_second']:,.0f} tokens/s "
-              f"over {summary['processes']} process(es)")]
+             scored_now]
     corpus = summary.get("corpus", {})
     if corpus.get("scores"):
         lines.append(f"{'criterion':<22}{'mean':>9}{'std':>9}{'min':>9}{'max':>9}")

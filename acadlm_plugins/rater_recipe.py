@@ -45,6 +45,7 @@ from acadlm_plugins.qurating.rater import (
     check_backbone_dir,
     check_pooling,
     hf_checkpointer,
+    judgments_fingerprint,
     load_backbone,
     pairwise_correct,
     read_judgments,
@@ -88,8 +89,11 @@ REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_
                  "max_steps", "metric_logger")
 # A resumed run must train the same model on the same data, in the same order: `seed` seeds
 # PairSampler's per-epoch shuffle, so another seed would continue with another pair order.
-RESUME_MUST_MATCH = ("backbone_dir", "judgments", "criteria", "margin", "validation_fraction",
+# The judgments are compared by content, not by path (see check_same_judgments): a checkpoint
+# records their fingerprint under JUDGMENTS_CONTENT_KEY beside these config values.
+RESUME_MUST_MATCH = ("backbone_dir", "criteria", "margin", "validation_fraction",
                      "max_tokens", "pooling", "seed")
+JUDGMENTS_CONTENT_KEY = "judgments_content"
 
 
 class PairSampler:
@@ -185,6 +189,10 @@ class RaterRecipe:
         judgments = cfg.judgments
         paths = list(judgments) if isinstance(judgments, (list, ListConfig)) else [judgments]
         criteria, pairs = read_judgments([str(p) for p in paths], criteria=self._criteria)
+        self._judgments_content = judgments_fingerprint(criteria, pairs)
+        if resume_from is not None:
+            check_same_judgments(self._resume_state["config"], self._judgments_content,
+                                 plain_value(judgments), resume_from)
         self._data = PairwiseJudgments.build(
             criteria, pairs, self._tokenizer, margin=self._margin,
             validation_fraction=self._validation_fraction, max_tokens=self._max_tokens)
@@ -371,7 +379,8 @@ class RaterRecipe:
             state = recipe_state(
                 step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
                 sampler=self._sampler, history=self._history,
-                config=config_values(self._cfg, RESUME_MUST_MATCH, recipe=RECIPE_NAME))
+                config={**config_values(self._cfg, RESUME_MUST_MATCH, recipe=RECIPE_NAME),
+                        JUDGMENTS_CONTENT_KEY: self._judgments_content})
 
             def write_rater(folder: Path) -> None:
                 save_rater(folder / RATER_DIRNAME, model_state, criteria=self._data.criteria,
@@ -441,6 +450,38 @@ class RaterRecipe:
 
     def cleanup(self) -> None:
         runtime.close_process(self._distributed, self._metric_logger)
+
+
+def check_same_judgments(recorded: dict[str, Any], content: dict[str, Any], judgments: Any,
+                         checkpoint: Path) -> None:
+    """Refuse to resume on other judgments than the checkpoint trained on, naming `judgments`.
+
+    The checkpoint's data position (epoch, cursor) indexes the pairs as read, so pairs added,
+    removed, reordered or relabelled would silently continue on another pair set: the pairs'
+    fingerprint (:func:`judgments_fingerprint`) must be the recorded one, whatever path names
+    the file. A checkpoint written before fingerprints were recorded has only the configured
+    path; it resumes when that path names the same file(s) (compared resolved)."""
+    saved = recorded.get(JUDGMENTS_CONTENT_KEY)
+    if saved is not None:
+        if saved["sha256"] != content["sha256"]:
+            raise ConfigError(
+                "judgments", f"holds other pairs than the judgments the checkpoint being "
+                f"resumed ({checkpoint}) was trained on: {saved['pairs']} pairs (sha256 "
+                f"{saved['sha256'][:12]}) then, {content['pairs']} pairs (sha256 "
+                f"{content['sha256'][:12]}) now; its saved data position would point into "
+                "another set of pairs.", "restore the judgments file(s) the run was started "
+                "with, or start a new `output_dir` to train a rater on these judgments.")
+        return
+    if "judgments" in recorded and _resolved(recorded["judgments"]) != _resolved(judgments):
+        raise ConfigError("judgments", f"differs from the checkpoint being resumed "
+                          f"({checkpoint}): was {recorded['judgments']}, is {judgments}.",
+                          "restore `judgments` as it was, or start a new `output_dir`.")
+
+
+def _resolved(judgments: Any) -> list[str]:
+    """The judgments file(s) of a config value (one path or a list) as resolved paths."""
+    paths = judgments if isinstance(judgments, (list, tuple)) else [judgments]
+    return [str(Path(str(p)).expanduser().resolve()) for p in paths]
 
 
 def criteria_names(value: Any) -> list[str] | None:

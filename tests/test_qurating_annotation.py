@@ -216,6 +216,35 @@ def test_a_killed_run_resumes_to_identical_output(uninterrupted, rater_dir, corp
     assert summary["shards_scored"] == 6
 
 
+def test_a_rerun_with_every_shard_done_keeps_the_annotation_summary_informative(
+        uninterrupted, rater_dir, corpus_files, tmp_path, monkeypatch, capsys):
+    """annotation.json of a rerun that found every shard done: the corpus totals, this run's
+    zero counts with no throughput (not "0 tokens/s"), and the counts and throughput of the
+    run that scored the shards, kept from the previous annotation.json."""
+    import shutil
+
+    output_dir = tmp_path / "done"
+    shutil.copytree(uninterrupted, output_dir)
+    first = json.loads((output_dir / "annotation.json").read_text())
+    capsys.readouterr()
+    run_annotate(monkeypatch, annotate_args(output_dir, rater_dir, corpus_files))
+    rerun = json.loads((output_dir / "annotation.json").read_text())
+    assert rerun["complete"] and rerun["shards_scored"] == 0 and rerun["shards_done_before"] == 8
+    assert rerun["documents_scored"] == rerun["tokens_scored"] == 0
+    assert rerun["tokens_per_second"] is None, "no throughput when nothing was scored"
+    assert "scored now: nothing (every shard was done before)" in capsys.readouterr().out
+    assert rerun["corpus"] == first["corpus"]
+    assert first["last_scoring_run"]["documents"] == first["documents_scored"] == 36
+    assert first["last_scoring_run"]["tokens_per_second"] == first["tokens_per_second"] > 0
+    assert rerun["last_scoring_run"] == first["last_scoring_run"]
+    # The summary of an older version had no last_scoring_run: its own counts are kept.
+    old = {k: v for k, v in first.items() if k != "last_scoring_run"}
+    (output_dir / "annotation.json").write_text(json.dumps(old))
+    run_annotate(monkeypatch, annotate_args(output_dir, rater_dir, corpus_files))
+    rerun = json.loads((output_dir / "annotation.json").read_text())
+    assert rerun["last_scoring_run"] == first["last_scoring_run"]
+
+
 def test_a_different_plan_is_refused(uninterrupted, rater_dir, corpus_files, monkeypatch):
     with pytest.raises(ConfigError, match="chunk_tokens changed"):
         run_annotate(monkeypatch, annotate_args(uninterrupted, rater_dir, corpus_files,

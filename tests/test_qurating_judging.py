@@ -46,7 +46,7 @@ from acadlm_plugins.qurating.pairs import (
 TEST_PROMPT = "Which text is better?\nText A: {text_a}\nText B: {text_b}\nAnswer with A or B."
 SECRET = "sk-test-5d1e0c7b9a2f4e8d"
 ROW_KEYS = {"pair_id", "text_a", "text_b", "source_a", "source_b", "domain_a", "domain_b",
-            "judgments"}
+            "judgments", "p_b_by_order"}
 
 
 # ---------------------------------------------------------------------- loopback judge server
@@ -399,6 +399,60 @@ def test_resume_after_a_kill_mid_line_gives_the_uninterrupted_file(serve, tmp_pa
     killed.write_bytes(lines[0] + b"\n{broken\n" + lines[2] + b"\n")
     with pytest.raises(DataError, match=r"judgments.jsonl:2: not valid JSON"):
         judge_pairs(pairs, test_criterion, http_judge(server), killed)
+
+
+def test_the_position_bias_covers_the_whole_file_across_resumed_runs(serve, tmp_path,
+                                                                     test_criterion) -> None:
+    """A rerun that judges nothing new keeps the position bias; one that extends the file
+    reports it over all pairs, as a single run over all of them would."""
+    server = serve(quality_judge(bias=1.0))
+    pairs = make_pairs(SIX_PAIRS)
+    whole = judge_pairs(pairs, test_criterion, http_judge(server),
+                        tmp_path / "whole" / "judgments.jsonl")
+    output = tmp_path / "run" / "judgments.jsonl"
+    first = judge_pairs(pairs[:4], test_criterion, http_judge(server), output)
+    assert first["position_bias"] != pytest.approx(whole["position_bias"], abs=1e-3), (
+        "the first 4 pairs must have another bias than all 6 for this test to mean something")
+    rerun = judge_pairs(pairs[:4], test_criterion, http_judge(server), output)
+    assert rerun["pairs_judged_this_run"] == 0
+    assert rerun["position_bias"] == first["position_bias"] and first["position_bias"] > 0.1
+    assert rerun["per_criterion"]["overall"]["position_bias"] == first["position_bias"]
+    assert rerun["per_criterion"]["overall"]["position_bias_pairs"] == 4
+    stored = json.loads(OutputFiles.for_judgments(output).summary.read_text())
+    assert stored["position_bias"] == first["position_bias"]
+    extended = judge_pairs(pairs, test_criterion, http_judge(server), output)
+    assert extended["pairs_judged_this_run"] == 2
+    assert extended["position_bias"] == pytest.approx(whole["position_bias"], abs=1e-6)
+    assert extended["per_criterion"]["overall"]["position_bias_pairs"] == 6
+
+
+def test_rows_without_order_answers_keep_the_position_bias_of_the_earlier_summary(
+        serve, tmp_path, test_criterion) -> None:
+    """A file written before rows stored their two order answers: its rows' share of the
+    position bias comes from the summary of the run that judged them, carried from rerun to
+    rerun and weighted by its pair count when new pairs are added."""
+    server = serve(quality_judge(bias=1.0))
+    pairs = make_pairs(SIX_PAIRS)
+    whole = judge_pairs(pairs, test_criterion, http_judge(server),
+                        tmp_path / "whole" / "judgments.jsonl")
+    output = tmp_path / "run" / "judgments.jsonl"
+    first = judge_pairs(pairs[:4], test_criterion, http_judge(server), output)
+    # What the older version left: rows without p_b_by_order, a summary of that run's pairs.
+    rows = read_jsonl_resumable(output)
+    output.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "p_b_by_order"})
+                              + "\n" for row in rows))
+    files = OutputFiles.for_judgments(output)
+    old = json.loads(files.summary.read_text())
+    for stats in old["per_criterion"].values():
+        stats.pop("position_bias_pairs", None)
+    files.summary.write_text(json.dumps(old))
+    for _ in range(2):
+        rerun = judge_pairs(pairs[:4], test_criterion, http_judge(server), output)
+        assert rerun["position_bias"] == first["position_bias"]
+        assert rerun["per_criterion"]["overall"]["position_bias_pairs"] == 4
+    extended = judge_pairs(pairs, test_criterion, http_judge(server), output)
+    assert extended["position_bias"] == pytest.approx(whole["position_bias"], abs=1e-5)
+    assert extended["per_criterion"]["overall"]["position_bias_pairs"] == 6
 
 
 def test_resuming_with_other_criteria_or_pairs_is_refused(serve, tmp_path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,9 @@ def tiny_pipeline_args(tmp_path: Path) -> list[str]:
 
 
 def test_pipeline_runs_every_stage_and_compares_uniform_with_selected(tmp_path) -> None:
-    done = run_pipeline(tiny_pipeline_args(tmp_path), cwd=tmp_path)
+    """One run of every stage, then a rerun with the same arguments that resumes them all."""
+    args = tiny_pipeline_args(tmp_path)
+    done = run_pipeline(args, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     out = tmp_path / "out"
     report = json.loads((out / "pipeline_summary.json").read_text())
@@ -79,6 +82,26 @@ def test_pipeline_runs_every_stage_and_compares_uniform_with_selected(tmp_path) 
     for stage in ("judge_recipe", "rater_recipe", "annotate_recipe", "qurating.select",
                   "continued_pretrain_recipe"):
         assert stage in printed, f"the command of stage {stage} is not echoed"
+    corpus = report["annotation"]["corpus"]
+    assert corpus["documents"] == 18
+    assert re.search(rf"annotation: 18 documents, {corpus['tokens']:,} tokens; this run scored "
+                     r"18 documents at [\d,]+ tokens/s", printed), printed
+    bias = re.search(r"position bias ([+-]\d\.\d{3})", printed)
+    assert bias, printed
+
+    # Rerun with the same arguments: every stage resumes, and the summary still reports the
+    # judge's position bias and the annotated corpus, not "n/a" and "0 documents".
+    rerun = run_pipeline(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    again = json.loads((out / "pipeline_summary.json").read_text())
+    assert again["judgments"]["pairs_judged_this_run"] == 0
+    assert again["judgments"]["position_bias"] == report["judgments"]["position_bias"]
+    assert f"position bias {bias.group(1)}" in rerun.stdout
+    assert again["annotation"]["shards_scored"] == 0 and again["annotation"]["corpus"] == corpus
+    assert again["annotation"]["last_scoring_run"] == report["annotation"]["last_scoring_run"]
+    assert re.search(rf"annotation: 18 documents, {corpus['tokens']:,} tokens, already annotated "
+                     r"\(an earlier run scored 18 documents at [\d,]+ tokens/s\)",
+                     rerun.stdout), rerun.stdout
 
 
 def test_a_malformed_stage_override_is_refused_before_any_stage_runs(tmp_path) -> None:

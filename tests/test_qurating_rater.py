@@ -354,6 +354,59 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monk
                                                *more, "seed=8"))
 
 
+JUDGED_RUN = ("batch_size=4", "save_every_n_steps=1", "eval_every_n_steps=100")
+
+
+def test_a_resumed_run_on_changed_judgments_is_refused_naming_judgments(tiny_model_dir,
+                                                                         tmp_path, monkeypatch):
+    """The checkpoint's data position indexes the pairs as read: the same judgments file
+    extended from 40 to 60 pairs would silently continue on another pair set."""
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=40)
+    run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments, "max_steps=2",
+                                           *JUDGED_RUN))
+    write_synthetic_judgments(judgments, num_pairs=60)  # the same 40 pairs and 20 more
+    with pytest.raises(ConfigError, match=r"config `judgments`: holds other pairs than the "
+                                          r"judgments the checkpoint .* 40 pairs .* 60 pairs.*"
+                                          r"Fix: restore the judgments file"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               "max_steps=3", *JUDGED_RUN))
+    assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+
+
+def test_the_same_judgments_under_another_path_resume(tiny_model_dir, tmp_path, monkeypatch):
+    """Judgments are compared by content: the file spelled relative to the working directory,
+    or a byte copy elsewhere, resumes. A checkpoint of an older version recorded only the
+    configured path: it resumes when the path names the same file, however spelled, and is
+    refused (naming `judgments`) for another file."""
+    (tmp_path / "data").mkdir()
+    judgments = write_synthetic_judgments(tmp_path / "data" / "judgments.jsonl", num_pairs=40)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(judgments.read_bytes())
+    run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments, "max_steps=2",
+                                           *JUDGED_RUN))
+    monkeypatch.chdir(tmp_path)
+    relative = Path("data/../data/judgments.jsonl")
+    summary = run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, relative,
+                                                     "max_steps=3", *JUDGED_RUN))
+    assert summary["steps"] == 3
+    summary = run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, copy,
+                                                     "max_steps=4", *JUDGED_RUN))
+    assert summary["steps"] == 4
+
+    state_file = latest_checkpoint(tmp_path / "run") / "recipe_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["config"].pop("judgments_content", None)
+    state["config"]["judgments"] = str(copy)
+    torch.save(state, state_file)
+    with pytest.raises(ConfigError, match=r"config `judgments`: differs from the checkpoint"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               "max_steps=5", *JUDGED_RUN))
+    summary = run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir,
+                                                     Path("copy.jsonl"), "max_steps=5",
+                                                     *JUDGED_RUN))
+    assert summary["steps"] == 5
+
+
 def test_a_nan_loss_stops_the_run_before_any_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     import acadlm_plugins.rater_recipe as recipe
 

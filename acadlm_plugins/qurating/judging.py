@@ -9,7 +9,10 @@ preference (to first order)::
 since in the swapped order text B is shown first, so the judge's "A" is a vote for B. A judge
 that always answers "A" thus gives exactly 0.5: no information, as it should. The rows follow
 the schema of :mod:`acadlm_plugins.qurating` (``pair_id``, the two texts, sources, domains and
-``judgments: {criterion: p}``), probabilities rounded to 6 decimals.
+``judgments: {criterion: p}``), probabilities rounded to 6 decimals. Each row also keeps the
+judge's two answers it was averaged from, ``p_b_by_order: {criterion: [p_B[A,B], p_B[B,A]]}``
+(only for the criteria judged in both orders), from which the summary's position bias is
+computed over the whole file.
 
 **Resuming.** Rows are appended a batch of pairs at a time and each batch is flushed and
 fsync'ed, so after a kill the file holds whole batches plus at most one partial last line. A new
@@ -29,10 +32,15 @@ delete its lines to retry it) and the summary counts the missing criteria.
 
 **Summary** (``<name>.summary.json``, also printed): pairs judged, pairs rejected (no criterion
 judged), pairs with a missing criterion, per criterion the pairs judged and missing, the mean p
-and the mean confidence ``|p - 0.5|`` over the whole file, the position
-bias of this run's judgments (mean of ``(p_B[A,B] + p_B[B,A]) / 2 - 0.5``: 0 for an unbiased
-judge, positive when it favours the text shown second), the mean probability mass the judge
-put on the two answer letters, throughput, and the request counters of a remote judge.
+and the mean confidence ``|p - 0.5|`` over the whole file, the position bias over the whole
+file (mean of ``(p_B[A,B] + p_B[B,A]) / 2 - 0.5``: 0 for an unbiased judge, positive when it
+favours the text shown second; per criterion with ``position_bias_pairs``, the pairs it is
+measured on, and file-wide over every judged (pair, criterion)), the mean probability mass the
+judge put on the two answer letters in this run, throughput, and the request counters of a
+remote judge. A rerun that judges nothing new therefore reports the same position bias. Rows
+written before ``p_b_by_order`` was stored carry no order answers: their share of the position
+bias is taken from the summary already beside the file (``position_bias_unstored``, kept from
+run to run) and weighted by its pair count.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from acadlm_plugins.qurating.pairs import Pair
 log = logging.getLogger(__name__)
 
 ORDERS = ("ab", "ba")
+ORDERS_FIELD = "p_b_by_order"  # {criterion: [p_B[A,B], p_B[B,A]]} in each row
 DECIMALS = 6
 
 
@@ -178,7 +187,6 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
                  len(pairs) - len(todo), len(pairs), len(todo))
     log.info("Judging %d pairs x %d criteria x 2 orders with %s.", len(todo), len(criteria),
              judge.description)
-    by_order: dict[str, list[tuple[float, float]]] = {c.name: [] for c in criteria}
     masses: list[float] = []
     letter_only = 0
     written = rejected_now = 0
@@ -215,9 +223,9 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
                     judged[criterion.name] = round(order_averaged(p_ab, p_ba), DECIMALS)
                 if not found:
                     continue  # nothing judged: the pair is in the rejected file only
-                for name, p_ab, p_ba in found:
-                    by_order[name].append((p_ab, p_ba))
-                rows.append({**pair.row_fields(), "judgments": judged})
+                rows.append({**pair.row_fields(), "judgments": judged, ORDERS_FIELD: {
+                    name: [round(p_ab, DECIMALS), round(p_ba, DECIMALS)]
+                    for name, p_ab, p_ba in found}})
             # Rows first: a kill between the two writes re-judges a fully rejected pair (never
             # duplicated) and at worst loses the failure notes of a row already written.
             _append(files.judgments, rows)
@@ -235,7 +243,7 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
-    summary = summarize(files, criteria, by_order=by_order, masses=masses,
+    summary = summarize(files, criteria, masses=masses,
                         letter_only=letter_only, judged_now=written, rejected_now=rejected_now,
                         elapsed_s=elapsed, judge=judge, pairs_total=len(pairs))
     files.summary.write_text(json.dumps(summary, indent=2) + "\n")
@@ -247,27 +255,34 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
 
 
 def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
-              by_order: dict[str, list[tuple[float, float]]], masses: Sequence[float],
-              letter_only: int, judged_now: int, rejected_now: int, elapsed_s: float,
-              judge: Judge, pairs_total: int) -> dict[str, Any]:
-    """The run's summary: file-wide means per criterion, this run's position bias, counters."""
+              masses: Sequence[float], letter_only: int, judged_now: int, rejected_now: int,
+              elapsed_s: float, judge: Judge, pairs_total: int) -> dict[str, Any]:
+    """The summary: file-wide means and position bias per criterion, this run's counters."""
     rows = read_jsonl_resumable(files.judgments)
     written_ids = {row["pair_id"] for row in rows}
     rejected_ids = {row["pair_id"] for row in read_jsonl_resumable(files.rejected)}
+    unstored = _unstored_position_bias(files, rows)
     per_criterion = {}
+    bias_sum = bias_pairs = 0.0
     for criterion in criteria:
         found = [row["judgments"].get(criterion.name) for row in rows]
         values = [float(v) for v in found if v is not None]
-        orders = by_order.get(criterion.name, [])
+        both_orders = [(row.get(ORDERS_FIELD) or {}).get(criterion.name) for row in rows]
+        biases = [(p_ab + p_ba) / 2 - 0.5 for p_ab, p_ba in filter(None, both_orders)]
+        total, count = sum(biases), len(biases)
+        if criterion.name in unstored:
+            total += unstored[criterion.name]["mean"] * unstored[criterion.name]["pairs"]
+            count += unstored[criterion.name]["pairs"]
+        bias_sum, bias_pairs = bias_sum + total, bias_pairs + count
         per_criterion[criterion.name] = {
             "judged": len(values),
             "missing": len(found) - len(values),
             "mean_p": _mean(values),
             "mean_confidence": _mean([abs(v - 0.5) for v in values]),
-            "position_bias": _mean([(a + b) / 2 - 0.5 for a, b in orders]),
+            "position_bias": round(total / count, DECIMALS) if count else None,
+            "position_bias_pairs": count,
         }
     partial = sum(any(v is None for v in row["judgments"].values()) for row in rows)
-    all_orders = [pair for orders in by_order.values() for pair in orders]
     prompts = 2 * len(criteria) * (judged_now + rejected_now)
     return {
         "judgments_file": str(files.judgments),
@@ -280,13 +295,40 @@ def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
         "pairs_with_missing_criteria": partial,
         "pairs_rejected_this_run": rejected_now,
         "per_criterion": per_criterion,
-        "position_bias": _mean([(a + b) / 2 - 0.5 for a, b in all_orders]),
+        "position_bias": round(bias_sum / bias_pairs, DECIMALS) if bias_pairs else None,
+        **({"position_bias_unstored": unstored} if unstored else {}),
         "mean_answer_mass": _mean(list(masses)),
         "letter_only_answers": letter_only,
         "elapsed_s": round(elapsed_s, 2),
         "prompts_per_s": round(prompts / elapsed_s, 3) if elapsed_s > 0 and prompts else None,
         "requests": judge.stats(),
     }
+
+
+def _unstored_position_bias(files: OutputFiles, rows: Sequence[dict[str, Any]]
+                            ) -> dict[str, dict[str, float]]:
+    """``{criterion: {"mean", "pairs"}}``: the position bias of rows written before each row
+    stored its order answers (``p_b_by_order``), as the summary beside the file last knew it.
+
+    Such rows cannot be recomputed, so their part is carried from summary to summary: a summary
+    of this version keeps it as ``position_bias_unstored``; one of an older version measured
+    its position bias on the pairs its own run judged (``pairs_judged_this_run``). Empty when
+    every row stores its order answers or no earlier summary measured any."""
+    if all(ORDERS_FIELD in row for row in rows) or not files.summary.is_file():
+        return {}
+    try:
+        previous = json.loads(files.summary.read_text())
+        per_criterion = previous["per_criterion"]
+        if any("position_bias_pairs" in stats for stats in per_criterion.values()):
+            return dict(previous.get("position_bias_unstored", {}))
+        pairs = int(previous.get("pairs_judged_this_run") or 0)
+        return {name: {"mean": float(stats["position_bias"]), "pairs": pairs}
+                for name, stats in per_criterion.items()
+                if stats.get("position_bias") is not None and pairs}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s: unreadable, so the position bias leaves out the rows that do not "
+                    "store their order answers.", files.summary)
+        return {}
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -312,7 +354,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{show(stats['mean_confidence'], '.3f'):>14}"
                      f"{show(stats['position_bias']):>15}")
     requests = summary["requests"]
-    lines.append(f"position bias (this run, >0 favours the text shown second): "
+    lines.append(f"position bias (all pairs in the file, >0 favours the text shown second): "
                  f"{show(summary['position_bias'])}; mean p(A)+p(B): "
                  f"{show(summary['mean_answer_mass'], '.3f')}")
     lines.append(f"{summary['elapsed_s']} s, {show(summary['prompts_per_s'], '.2f')} prompts/s; "

@@ -263,6 +263,21 @@ def read_judgments(paths: str | Path | Sequence[str | Path], *,
     return criteria, pairs
 
 
+def judgments_fingerprint(criteria: Sequence[str], pairs: Sequence[JudgedPair]
+                          ) -> dict[str, Any]:
+    """What a rater run trains on, as ``{"pairs": count, "sha256": hex}``: a hash of the
+    criteria and of every pair as :func:`read_judgments` read it (id, both texts, p per
+    criterion), in file order, since the order numbers the pairs a checkpoint's data position
+    points at. The same file under another path spelling has the same fingerprint; a file with
+    pairs added, removed, reordered or relabelled has another."""
+    digest = hashlib.sha256(json.dumps(list(criteria)).encode("utf-8"))
+    for pair in pairs:
+        probs = [None if math.isnan(p) else p for p in pair.p_b]
+        digest.update(b"\n" + json.dumps([pair.pair_id, pair.text_a, pair.text_b, probs],
+                                          ensure_ascii=False).encode("utf-8"))
+    return {"pairs": len(pairs), "sha256": digest.hexdigest()}
+
+
 def _judgment_row(line: str, where: str) -> tuple[str, str, str, dict[str, float]]:
     try:
         row = json.loads(line)

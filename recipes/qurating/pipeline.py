@@ -140,7 +140,7 @@ def format_report(report: dict, out: Path) -> str:
     lines = ["", "=" * 76, "QuRating pipeline summary", "=" * 76,
              (f"judge: {judged['judge']}: {judged['pairs_in_file']} pairs, "
              f"{judged['pairs_rejected']} rejected, position bias "
-             f"{_show(_position_bias(judged))}"),
+             f"{_show(judged['position_bias'])}"),
              "", (f"{'criterion':<22}{'mean |p-0.5|':>13}{'train pairs':>12}{'held out':>9}"
              f"{'acc before':>11}{'acc after':>10}")]
     per_criterion = rater["pairs"].get("per_criterion", {})
@@ -152,10 +152,7 @@ def format_report(report: dict, out: Path) -> str:
                      f"{counts.get('confident', 0) - heldout:>12}{heldout:>9}"
                      f"{_show(rater['heldout_accuracy_before'].get(name), '.3f'):>11}"
                      f"{_show(rater['heldout_accuracy_after'].get(name), '.3f'):>10}")
-    annotation = report["annotation"]
-    lines += ["", (f"annotation: {annotation['documents_scored']:,} documents, "
-              f"{annotation['tokens_scored']:,} tokens, "
-              f"{annotation['tokens_per_second']:.0f} tokens/s"), ""]
+    lines += ["", annotation_line(report["annotation"]), ""]
     lines += summary_lines(report["selection"])
     overlap = report["selection_overlap"]
     lines.append(f"documents in both selections: {overlap['shared']:,} of {overlap['selected']:,} "
@@ -181,13 +178,20 @@ def format_report(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _position_bias(judged: dict) -> float | None:
-    """The run's position bias, or (when a resumed run judged nothing new) the criteria's mean."""
-    if judged.get("position_bias") is not None:
-        return judged["position_bias"]
-    values = [c["position_bias"] for c in judged["per_criterion"].values()
-              if c.get("position_bias") is not None]
-    return sum(values) / len(values) if values else None
+def annotation_line(annotation: dict) -> str:
+    """The annotated corpus (all finished shards, whichever run scored them) and this run's
+    throughput, or, when this run found every shard done, "already annotated" with the
+    throughput of the run that scored them when annotation.json knows it."""
+    corpus = annotation["corpus"]
+    line = f"annotation: {corpus['documents']:,} documents, {corpus['tokens']:,} tokens"
+    if annotation.get("shards_scored") and annotation.get("tokens_per_second") is not None:
+        return (f"{line}; this run scored {annotation['documents_scored']:,} documents at "
+                f"{annotation['tokens_per_second']:,.0f} tokens/s")
+    last = annotation.get("last_scoring_run")
+    if last and last.get("tokens_per_second") is not None:
+        return (f"{line}, already annotated (an earlier run scored {last['documents']:,} "
+                f"documents at {last['tokens_per_second']:,.0f} tokens/s)")
+    return f"{line}, already annotated"
 
 
 def _show(value: float | None, fmt: str = "+.3f") -> str:
