@@ -43,11 +43,15 @@ from acadlm_plugins.plugin_manager import (
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
     MODEL_DIRNAME,
+    STARTING_WEIGHTS_KEY,
+    check_resume_step,
+    check_starting_weights,
     config_values,
     find_resume_checkpoint,
     latest_checkpoint,
     load_resume_state,
     recipe_state,
+    starting_weights_fingerprint,
     write_recipe_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_component, instantiate_optional
@@ -152,10 +156,18 @@ class ContinuedPretrainRecipe:
         # logger comes last), so a refused run leaves an earlier run's folder as it was.
         route_package_logs()
         resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
+        # The weights a fresh run starts from, recorded at step 0 in every checkpoint: a resumed
+        # run whose checkpoint_dir now holds other weights (re-exported at the same path) would
+        # continue a run trained from the old ones.
+        self._starting_weights = starting_weights_fingerprint(cfg)
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             self._resume_state = load_resume_state(resume_from, cfg, self.resume_must_match,
                                                    recipe=self._recipe_name)
+            check_resume_step(int(self._resume_state["step"]), self._max_steps, resume_from)
+            recorded = self._resume_state.get(STARTING_WEIGHTS_KEY)
+            check_starting_weights(recorded, self._starting_weights, resume_from)
+            self._starting_weights = recorded  # None for a checkpoint of an older version
         self._tokenizer = instantiate_component(cfg, "tokenizer")
         self._checkpointer = instantiate_component(cfg, "checkpointer")
         # Built before any weight is read, so a model that would compute another function of
@@ -347,6 +359,7 @@ class ContinuedPretrainRecipe:
             state = recipe_state(
                 step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
                 sampler=self._sampler, plugins=plugin_states(self._pm), history=self._history,
+                starting_weights=self._starting_weights,
                 config=config_values(self._cfg, self.resume_must_match,
                                      recipe=self._recipe_name))
             path = write_recipe_checkpoint(

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from recipe_runs import run_recipe_main
-from tiny_setup import tiny_run_args
+from tiny_setup import tiny_run_args, write_tiny_checkpoint
 
 from acadlm_plugins import hookimpl
-from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.plugins.nonfinite_loss_guard import NonFiniteLossError
-from acadlm_plugins.training.checkpointing import latest_checkpoint
+from acadlm_plugins.training.checkpointing import latest_checkpoint, save_torch_atomically
 
 EXAMPLE_PLUGIN_DIR = Path(__file__).parent / "example_plugin"
 
@@ -309,3 +310,60 @@ def test_resuming_with_changed_reference_losses_is_refused(tmp_path, monkeypatch
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=4", *resumed))
     assert err.value.key == key
     assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+
+
+# ------------------------------------------------------------------ resume refusals
+def test_resuming_after_the_starting_model_changed_is_refused(tmp_path, monkeypatch):
+    """A pipeline that re-exports the starting model at the same path (a pruning stage rerun
+    with more steps) must not have this run resume checkpoints trained from the old model; the
+    same model re-exported (new mtime, same bytes) resumes."""
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2"))
+    state = tmp_path / "run" / "step_000002" / "recipe_state.pt"
+    before = state.read_bytes()
+    write_tiny_checkpoint(tmp_path / "tiny_model", seed=1)
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=4"))
+    assert err.value.key == "checkpointer.checkpoint_dir"
+    assert "starting model" in str(err.value) and "changed since the checkpoints" in str(err.value)
+    assert "new `output_dir`" in str(err.value)
+    assert state.read_bytes() == before and latest_checkpoint(tmp_path / "run").name == "step_000002"
+    recorded = torch.load(state, weights_only=False)["starting_weights"]
+    write_tiny_checkpoint(tmp_path / "tiny_model", seed=0)  # the old model, written again
+    assert run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))["steps"] == 3
+    resumed = torch.load(tmp_path / "run" / "step_000003" / "recipe_state.pt", weights_only=False)
+    assert resumed["starting_weights"] == recorded
+
+
+def test_a_checkpoint_without_a_starting_model_fingerprint_still_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before the fingerprint existed are resumed unchecked."""
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2"))
+    path = tmp_path / "run" / "step_000002" / "recipe_state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["starting_weights"]
+    save_torch_atomically(state, path)
+    write_tiny_checkpoint(tmp_path / "tiny_model", seed=1)
+    assert run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))["steps"] == 3
+
+
+def test_resuming_a_checkpoint_past_max_steps_is_refused(tmp_path, monkeypatch):
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2"))
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=1"))
+    assert err.value.key == "max_steps"
+    assert "already at step 2" in str(err.value) and "at least 2" in str(err.value)
+    assert run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2"))["steps"] == 2
+
+
+def test_a_truncated_recipe_state_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    args = tiny_run_args(tmp_path, "max_steps=2", "save_every_n_steps=1")
+    run_recipe(monkeypatch, args)
+    newest = tmp_path / "run" / "step_000002"
+    data = (newest / "recipe_state.pt").read_bytes()
+    (newest / "recipe_state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as err:
+        run_recipe(monkeypatch, args)
+    message = str(err.value)
+    assert str(newest / "recipe_state.pt") in message
+    assert f"delete the folder {newest}" in message and "(step_000001)" in message
+    shutil.rmtree(newest)  # the fix named: resume from step 1
+    assert run_recipe(monkeypatch, args)["steps"] == 2

@@ -17,7 +17,9 @@ the config, with :func:`load_resume_state`.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,7 +33,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.optim.lr_scheduler import LRScheduler
 
-from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.errors import ConfigError, DataError
 
 LATEST_FILENAME = "LATEST"
 RECIPE_STATE_FILENAME = "recipe_state.pt"
@@ -124,7 +126,7 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
     resuming another recipe's run, or on another model, data or seed, would silently mix two
     runs, so a difference is a :class:`ConfigError` naming the key. Keys a checkpoint of an
     older version did not record are not compared."""
-    saved = torch.load(checkpoint / RECIPE_STATE_FILENAME, weights_only=False)
+    saved = read_recipe_state(checkpoint)
     recorded = saved["config"]
     if recipe is not None and recorded.get(RECIPE_KEY, recipe) != recipe:
         raise ConfigError("output_dir", f"{checkpoint.parent} holds a checkpoint of the "
@@ -142,6 +144,128 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
                               f"was {before}, is {now}.", f"restore `{where}` as it was, or "
                               "start a new `output_dir`.")
     return saved
+
+
+def read_recipe_state(checkpoint: Path) -> dict[str, Any]:
+    """``checkpoint``'s ``recipe_state.pt``; a file that cannot be read (truncated by a full
+    disk, say) is a :class:`DataError` naming it and the way out, not torch's zip error."""
+    path = checkpoint / RECIPE_STATE_FILENAME
+    try:
+        return torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        older = [p for p in _step_dirs(checkpoint.parent) if p.name < checkpoint.name
+                 and (p / RECIPE_STATE_FILENAME).is_file()]
+        fallback = (f"delete the folder {checkpoint} to resume from the checkpoint before it "
+                    f"({older[-1].name})" if older else f"delete the folder {checkpoint} (there "
+                    "is no older checkpoint, so the run starts over)")
+        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}), so the run cannot "
+                        f"resume from {checkpoint.name}. Fix: {fallback}, or choose a new "
+                        "`output_dir`.") from err
+
+
+def check_resume_step(step: int, max_steps: int, checkpoint: Path) -> None:
+    """A checkpoint past the run's ``max_steps`` cannot be resumed: the run would report the
+    longer run's results as those of a ``max_steps`` run."""
+    if step > max_steps:
+        raise ConfigError("max_steps", f"is {max_steps}, but the checkpoint being resumed "
+                          f"({checkpoint}) is already at step {step}.",
+                          f"set `max_steps` to at least {step}, or choose a new `output_dir` "
+                          f"for a {max_steps}-step run.")
+
+
+STARTING_WEIGHTS_KEY = "starting_weights"
+# How starting weights are fingerprinted: a weight file up to _WHOLE_FILE_BYTES is hashed whole,
+# a larger one by its safetensors header and _SAMPLE_BLOCKS evenly spaced blocks of its data, so a
+# multi-GB model costs a few MB of reading. The content, not the modification time, is compared:
+# re-exporting the same model (a rerun pipeline) keeps the fingerprint.
+_FINGERPRINT_METHOD = "sha256, whole up to 64 MiB, else header + 64 blocks of 64 KiB"
+_WHOLE_FILE_BYTES = 64 << 20
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BLOCK_BYTES = 64 << 10
+
+
+def starting_weights_fingerprint(cfg: DictConfig, key: str = "checkpointer"
+                                 ) -> dict[str, Any] | None:
+    """A fingerprint of the weight files a fresh run starts from (``<key>.checkpoint_dir`` and
+    its ``checkpoint_files``): per file its size and a digest of its content (see above). A run
+    records it at step 0 in every checkpoint, and :func:`check_starting_weights` compares it on
+    resume. None when the config names no checkpoint folder."""
+    node = cfg.get(key, None)
+    if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
+        return None
+    folder = Path(str(node.checkpoint_dir)).expanduser()
+    names = _checkpoint_file_names(folder, plain_value(node.get("checkpoint_files", None)))
+    return {"method": _FINGERPRINT_METHOD, "folder": str(folder),
+            "files": {name: _file_fingerprint(folder / name) for name in names}}
+
+
+def check_starting_weights(recorded: dict[str, Any] | None, now: dict[str, Any] | None,
+                           checkpoint: Path, key: str = "checkpointer.checkpoint_dir") -> None:
+    """Refuse to resume ``checkpoint`` when the starting weights it was trained from (``recorded``
+    at its step 0) are not those the config points at ``now``: a starting model re-exported at
+    the same path (a rerun pruning stage with more steps, say) would otherwise continue the old
+    run and report its results as the new model's. A checkpoint that recorded none (written by
+    an older version) is not checked."""
+    if not recorded or now is None or recorded.get("method") != now.get("method"):
+        return
+    before, after = recorded["files"], now["files"]
+    changed = sorted(name for name in {*before, *after} if before.get(name) != after.get(name))
+    if changed:
+        raise ConfigError(key, f"the starting model in {now['folder']} changed since the "
+                          f"checkpoints in {checkpoint.parent} were written (weight files that "
+                          f"differ: {', '.join(changed)}); resuming {checkpoint.name} would "
+                          "continue a run trained from the old model and report its results "
+                          "as the new model's.", "choose a new `output_dir` for a run from the "
+                          "new starting model, or restore the starting model the checkpoints "
+                          "were trained from.")
+
+
+def _checkpoint_file_names(folder: Path, files: Any) -> list[str]:
+    """The file names ``checkpoint_files`` stands for: a list, torchtune's ``filename_format`` /
+    ``max_filename`` form, or (unset or unreadable) every weight file in ``folder``."""
+    if isinstance(files, (list, tuple)):
+        return [str(name) for name in files]
+    if isinstance(files, dict):
+        from torchtune.training.checkpointing._utils import FormattedCheckpointFiles
+
+        try:
+            return FormattedCheckpointFiles.from_dict(files).build_checkpoint_filenames()
+        except (ValueError, KeyError, TypeError):
+            pass  # torchtune names the problem when it loads the checkpoint
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and p.suffix in {".safetensors", ".bin", ".pt", ".pth"})
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any] | None:
+    """Size and content digest of a weight file (see ``_FINGERPRINT_METHOD``); None if absent."""
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= _WHOLE_FILE_BYTES:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            start = _safetensors_data_start(handle, size)
+            handle.seek(0)
+            digest.update(handle.read(start))
+            span = size - start - _SAMPLE_BLOCK_BYTES
+            for i in range(_SAMPLE_BLOCKS):
+                handle.seek(start + span * i // (_SAMPLE_BLOCKS - 1))
+                digest.update(handle.read(_SAMPLE_BLOCK_BYTES))
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _safetensors_data_start(handle: BinaryIO, size: int) -> int:
+    """Where a safetensors file's tensor data begin (after its 8-byte length and JSON header);
+    0 for any other file."""
+    handle.seek(0)
+    head = handle.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else size
+    return 8 + length if 8 + length + _SAMPLE_BLOCK_BYTES <= size else 0
 
 
 def _first_difference(key: str, before: Any, now: Any) -> tuple[str, Any, Any]:
