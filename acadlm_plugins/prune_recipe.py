@@ -2,7 +2,7 @@
 
 Run::
 
-    tune run acadlm_plugins/prune_recipe --config configs/smollm2/135M_to_45M_prune.yaml
+    tune run acadlm_plugins/prune_recipe --config configs/smollm2/135M_to_85M_prune.yaml
     tune run --nproc_per_node 2 acadlm_plugins/prune_recipe --config ...
 
 Training is the continued pre-training loop (domain mixture, dynamic batch loading, plugins,

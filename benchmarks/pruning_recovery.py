@@ -11,11 +11,13 @@ evaluation against the training tokens seen so far, side by side for
   continued pre-training with distillation;
 
 with the source model's loss as the line to reach, and writes ``pruning_recovery.png``. All
-arms end on the same number of tokens.
+arms end on the same number of tokens. The token axis counts every process of the pipeline
+(its ``--nproc-per-node``, recorded in ``pipeline_summary.json``).
 
 One run's arms differ by a few hundredths of a nat, about as much as one arm differs between
 two seeds, so ``--seeds`` runs the pipeline once per seed (other data order, gate noise and
-initialization) and prints each arm's final loss per seed, its mean and standard deviation,
+from-scratch initialization: the pipeline draws the random init with the prune stage's seed)
+and prints each arm's final loss per seed, its mean and standard deviation,
 and the paired difference ours - one_shot with a 95% t interval: a difference whose interval
 holds 0 is not one this budget can tell apart.
 
@@ -23,7 +25,7 @@ Run::
 
     .venv/bin/python benchmarks/pruning_recovery.py                       # runs the demo (~12 min)
     .venv/bin/python benchmarks/pruning_recovery.py --seeds 0 1 2         # three demos, statistics
-    .venv/bin/python benchmarks/pruning_recovery.py --from-dir outputs/sheared_llama_demo
+    .venv/bin/python benchmarks/pruning_recovery.py --from-dir outputs/sheared_llama_demo  # after `make demo`
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def curves(out: Path) -> tuple[dict[str, list[tuple[int, float]]], float]:
     dirs = arm_dirs(out)
     prune_cfg = OmegaConf.load(dirs["ours"]["prune"] / "torchtune_config.yaml")
     cont_cfg = OmegaConf.load(dirs["ours"]["continued"] / "torchtune_config.yaml")
-    prune_step, cont_step = tokens_per_step(prune_cfg, 1), tokens_per_step(cont_cfg, 1)
+    world = world_size(out, prune_cfg)
+    prune_step, cont_step = tokens_per_step(prune_cfg, world), tokens_per_step(cont_cfg, world)
     pruning = json.loads((dirs["ours"]["prune"] / "pruning_summary.json").read_text())
     source = pruning["val_loss"]["source"]
     prune_points = curve(dirs["ours"]["prune"], 0, prune_step)[1:]  # step 0 is the source
@@ -76,6 +79,21 @@ def curves(out: Path) -> tuple[dict[str, list[tuple[int, float]]], float]:
         if (dirs[arm]["continued"] / "summary.json").exists():
             out_curves[arm] = curve(dirs[arm]["continued"], 0, cont_step)
     return out_curves, sum(source.values()) / len(source)
+
+
+def world_size(out: Path, prune_cfg) -> int:
+    """The number of processes the pipeline in ``out`` trained on (``--nproc-per-node``), from
+    its ``pipeline_summary.json``: recorded there, or, in summaries written before it was, the
+    pruning tokens over those of one process."""
+    path = out / "pipeline_summary.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; --from-dir needs a finished pipeline folder (rerun "
+                         "recipes/sheared_llama/pipeline.py into it: finished stages resume)")
+    budget = json.loads(path.read_text())["comparison"]["budget"]
+    if "nproc_per_node" in budget:
+        return int(budget["nproc_per_node"])
+    one_process = int(prune_cfg.max_steps) * tokens_per_step(prune_cfg, 1)
+    return max(1, round(budget["prune_tokens"] / one_process))
 
 
 def table(arm_curves: dict[str, list[tuple[int, float]]], source: float) -> str:

@@ -275,3 +275,30 @@ def test_uniform_masks_report_no_importance_choice(tmp_path, monkeypatch):
     run(monkeypatch, "acadlm_plugins.prune_recipe",
         prune_args(tmp_path, "max_steps=2", "save_every_n_steps=2"))
     assert "changed_from_importance_init" not in pruning_summary(tmp_path / "run")
+
+
+def test_a_resumed_run_takes_the_masks_from_the_checkpoint_without_calibrating(tmp_path, monkeypatch):
+    """Rerunning a finished importance-initialized prune stage (as a rerun pipeline does) does
+    not rerun the importance calibration, whose masks the checkpoint would overwrite anyway."""
+    from acadlm_plugins.plugins.pruning import PruningPlugin
+
+    settings = prune_args(tmp_path, "pruning.mask_init=importance", "pruning.mask_init_gap=10",
+                          "pruning.mask_init_spread=4", "max_steps=2", "save_every_n_steps=2",
+                          "pruning.lagrangian_warmup_steps=2",
+                          "pruning.calibration.num_sequences=8")
+    calibrations = []
+    importance = PruningPlugin.importance
+
+    def counted(self, *args, **kwargs):
+        calibrations.append(1)
+        return importance(self, *args, **kwargs)
+
+    monkeypatch.setattr(PruningPlugin, "importance", counted)
+    run(monkeypatch, "acadlm_plugins.prune_recipe", settings)
+    assert len(calibrations) == 1
+    first = pruning_summary(tmp_path / "run")
+    run(monkeypatch, "acadlm_plugins.prune_recipe", settings)  # resumes at step 2 of 2
+    assert len(calibrations) == 1
+    again = pruning_summary(tmp_path / "run")
+    assert again["changed_from_importance_init"] == first["changed_from_importance_init"]
+    assert again["val_loss"]["pruned"] == pytest.approx(first["val_loss"]["pruned"], abs=1e-5)

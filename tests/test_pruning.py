@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -413,3 +414,88 @@ def test_one_shot_importance_names_the_mask_training_keys_it_ignores(caplog):
     for key in ("pruning.lagrangian_warmup_steps", "pruning.mask_lr", "pruning.lambda_lr"):
         assert key in warned[0]
     assert "importance trains no masks" in warned[0]
+
+
+def _configured_with(top: dict, **block):
+    """The plugin configured from a config with top-level keys ``top`` (e.g. max_steps)."""
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.plugins.pruning import PruningPlugin
+
+    cfg = OmegaConf.create({"seed": 0, "output_dir": ".", **top,
+                            "pruning": {"target": {"num_layers": 1}, **block}})
+    plugin = PruningPlugin()
+    plugin.acadlm_configure(cfg=cfg, recipe="prune")
+    return plugin
+
+
+@pytest.mark.parametrize("block, key", [
+    ({"target": {"num_layers": "abc"}}, "pruning.target.num_layers"),
+    ({"target": {"intermediate_dim": 64.7}}, "pruning.target.intermediate_dim"),
+    ({"target": {"embed_dim": True}}, "pruning.target.embed_dim"),
+    ({"lagrangian_warmup_steps": "abc"}, "pruning.lagrangian_warmup_steps"),
+    ({"lagrangian_warmup_steps": 2.7}, "pruning.lagrangian_warmup_steps"),
+    ({"mask_lr": "abc"}, "pruning.mask_lr"),
+    ({"lambda_lr": "5e-2x"}, "pruning.lambda_lr"),
+    ({"droprate_init": "abc"}, "pruning.droprate_init"),
+    ({"droprate_init": 1.5}, "pruning.droprate_init"),
+    ({"mask_init": "importance", "mask_init_spread": "abc"}, "pruning.mask_init_spread"),
+    ({"mask_init": "importance", "mask_init_gap": "abc"}, "pruning.mask_init_gap"),
+    ({"calibration": {"num_sequences": "abc"}}, "pruning.calibration.num_sequences"),
+    ({"calibration": {"batch_size": 2.5}}, "pruning.calibration.batch_size"),
+])
+def test_number_keys_that_are_not_numbers_are_refused_naming_them(block, key):
+    """A typo in a number is a ConfigError naming the key, not a bare ValueError mid-setup, and
+    an integer key never silently drops a fraction (64.7 -> 64, 2.7 -> 2)."""
+    with pytest.raises(ConfigError) as err:
+        _configured_with({}, **block)
+    assert err.value.key == key
+
+
+def test_whole_numbers_are_read_as_integers():
+    plugin = _configured_with({}, target={"num_layers": 1.0}, lagrangian_warmup_steps="4",
+                              calibration={"num_sequences": 8.0})
+    assert plugin.target_spec == {"num_layers": 1} and type(plugin.target_spec["num_layers"]) is int
+    assert plugin.warmup == 4 and plugin.calibration_sequences == 8
+
+
+def test_a_fractional_target_dim_is_refused_by_resolve_target():
+    with pytest.raises(ConfigError, match="whole number") as err:
+        resolve_target(SOURCE, {"intermediate_dim": 64.7})
+    assert err.value.key == "pruning.target.intermediate_dim"
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(caplog):
+    import logging
+
+    logger = logging.getLogger("acadlm_plugins.plugins.pruning")
+    logger.addHandler(caplog.handler)  # the package logger may not propagate (route_package_logs)
+    try:
+        caplog.set_level(logging.WARNING, logger=logger.name)
+        _configured_with({"max_steps": 10}, lagrangian_warmup_steps=20)
+        warned = sorted({r.getMessage() for r in caplog.records if r.levelno == logging.WARNING})
+        caplog.clear()
+        _configured_with({"max_steps": 20}, lagrangian_warmup_steps=20)    # ends with the ramp
+        _configured_with({"max_steps": 10}, method="importance", lagrangian_warmup_steps=20)
+        quiet = [r.getMessage() for r in caplog.records
+                 if r.levelno == logging.WARNING and "more than max_steps" in r.getMessage()]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert len(warned) == 1, warned
+    assert "pruning.lagrangian_warmup_steps is 20, more than max_steps 10" in warned[0]
+    assert "at most max_steps" in warned[0]
+    assert not quiet, quiet
+
+
+@pytest.mark.parametrize("override, key", [
+    ("pruning.mask_lr=abc", "pruning.mask_lr"),
+    ("pruning.target.intermediate_dim=5000.5", "pruning.target.intermediate_dim"),
+    ("pruning.calibration.num_sequences=abc", "pruning.calibration.num_sequences"),
+])
+def test_the_planner_refuses_a_bad_number_naming_its_key(override, key, capsys):
+    """acadlm-plan runs the plugin's own configure checks: exit 2, the key named."""
+    from acadlm_plugins.planning.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs/llama2/7b_to_2.7b_prune.yaml")
+    assert main(["--config", config, "--reference", "llama-2-7b", override]) == 2
+    assert key in capsys.readouterr().err

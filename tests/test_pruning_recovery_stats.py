@@ -57,3 +57,43 @@ def test_one_seed_has_no_interval_and_t_needs_two_runs():
     assert bench.t95(10_000) == pytest.approx(1.980)
     with pytest.raises(ValueError, match="two paired runs"):
         bench.t95(0)
+
+
+def _finished_pipeline(out, *, nproc, record_nproc=True):
+    """A pipeline folder as the pipeline leaves it, with ``nproc`` processes: configs, summaries
+    and each run's evaluation history (losses of 3.0 at every evaluation)."""
+    import json
+
+    import torch
+
+    bench = _benchmark()
+    dirs = bench.arm_dirs(out)
+    prune_step, cont_step = 2 * 128 * nproc, 4 * 128 * nproc
+    budget = {"prune_tokens": 16 * prune_step, "continued_tokens": 47 * cont_step}
+    if record_nproc:
+        budget["nproc_per_node"] = nproc
+    for arm, stage, batch, steps in (("ours", "prune", 2, 16), ("ours", "continued", 4, 47),
+                                     ("one_shot", "continued", 4, 55),
+                                     ("from_scratch", "continued", 4, 55)):
+        run = dirs[arm][stage]
+        (run / f"step_{steps:06d}").mkdir(parents=True)
+        (run / "torchtune_config.yaml").write_text(
+            f"batch_size: {batch}\nmax_steps: {steps}\ndataset: {{max_seq_len: 128}}\n")
+        history = {"evaluations": [{"step": s, "losses": {"a": 3.0}} for s in (0, steps)]}
+        torch.save({"history": history}, run / f"step_{steps:06d}" / "recipe_state.pt")
+        (run / "summary.json").write_text("{}")
+    (dirs["ours"]["prune"] / "pruning_summary.json").write_text(
+        json.dumps({"val_loss": {"source": {"a": 2.0}}}))
+    (out / "pipeline_summary.json").write_text(json.dumps({"comparison": {"budget": budget}}))
+
+
+@pytest.mark.parametrize("record_nproc", [True, False])
+def test_the_token_axis_counts_every_process_of_the_pipeline(tmp_path, record_nproc):
+    """`--from-dir` on a `--nproc-per-node 2` pipeline: twice the tokens per step (summaries
+    written before the pipeline recorded its process count: derived from the pruning tokens)."""
+    _finished_pipeline(tmp_path, nproc=2, record_nproc=record_nproc)
+    arm_curves, source = _benchmark().curves(tmp_path)
+    assert source == 2.0
+    assert arm_curves["ours"][0][0] == 16 * 2 * 128 * 2        # end of pruning
+    assert arm_curves["ours"][-1][0] == 28_160 * 2              # pruning + continued
+    assert arm_curves["one_shot"][-1][0] == arm_curves["from_scratch"][-1][0] == 55 * 512 * 2

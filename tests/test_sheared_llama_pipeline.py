@@ -9,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny_setup import REPO_ROOT, write_tiny_checkpoint, write_tiny_corpus
+
+from acadlm_plugins.errors import ConfigError
 
 PIPELINE = REPO_ROOT / "recipes" / "sheared_llama" / "pipeline.py"
 sys.path.insert(0, str(PIPELINE.parent))
 
+import pipeline
 from pipeline import DEFAULT_CONTINUE, DEFAULT_PRUNE, compare, token_budget
 
 
@@ -71,8 +75,9 @@ def test_demo_configs_give_every_arm_exactly_the_same_tokens():
 
 
 def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
-    importance_init = "--set=prune:pruning.mask_init=importance"
-    first = run_pipeline(tmp_path, importance_init)
+    importance_init = ("--set=prune:pruning.mask_init=importance", "--set=prune:seed=3",
+                       "--set=continue:seed=3")
+    first = run_pipeline(tmp_path, *importance_init)
     out = tmp_path / "out"
     summary = json.loads((out / "pipeline_summary.json").read_text())
     comparison = summary["comparison"]
@@ -88,6 +93,7 @@ def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
     assert one_shot["method"] == "importance"
     scratch = json.loads((out / "from_scratch/init_model/config.json").read_text())
     assert scratch["acadlm_init"]["kind"] == "random"
+    assert scratch["acadlm_init"]["seed"] == 3  # the run's seed, not always 0
     ours = json.loads((out / "continued/summary.json").read_text())
     assert ours["steps"] == 4
     assert json.loads((out / "one_shot/continued/summary.json").read_text())["steps"] == \
@@ -98,5 +104,128 @@ def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
     assert "validation loss (nats/token)" in first.stdout
     assert "ours: kept units the importance initialization did not keep: layer " in first.stdout
     assert "changed_from_importance_init" in summary["pruning"]
-    second = run_pipeline(tmp_path, importance_init)  # resumes: no stage trains again
+    second = run_pipeline(tmp_path, *importance_init)  # resumes: no stage trains again
     assert "resumed at step 4 of 4" in second.stdout + second.stderr
+
+
+# ---------------------------------------------------------------- inputs, refused up front
+def run_main(monkeypatch, *argv: str) -> None:
+    """``pipeline.py argv`` in this process, with any stage it would start failing the test."""
+    def no_stage(*args, **kwargs):
+        raise AssertionError(f"a stage ran: {args}")
+
+    monkeypatch.setattr(pipeline, "tune_run", no_stage)
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", *argv])
+    pipeline.main()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--prune-config", "nope.yaml"], "--prune-config nope.yaml: no such file"),
+    (["--continue-config", "nope.yaml"], "--continue-config nope.yaml: no such file"),
+    (["--set", "continue:batch_size=abc"], "continue:batch_size"),
+    (["--set", "prune:max_steps=2.5"], "prune:max_steps"),
+    (["--set", "continue:gradient_accumulation_steps=0"], "continue:gradient_accumulation_steps"),
+    (["--set", "continue:dataset.max_seq_len=256"], "dataset.max_seq_len"),
+    (["--set", "continue:validation_dataset.max_seq_len=256"], "validation_dataset.max_seq_len"),
+    (["--set", "continue:validation.max_packs_per_domain=64"], "validation.max_packs_per_domain"),
+    (["--set", "prune:validation_dataset.data_dir=/elsewhere"], "validation_dataset.data_dir"),
+])
+def test_bad_inputs_stop_before_any_stage_naming_the_flag_or_key(tmp_path, monkeypatch, capsys,
+                                                                  argv, words):
+    with pytest.raises(SystemExit) as exited:
+        run_main(monkeypatch, "--output-dir", str(tmp_path / "out"), *argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_stages_that_would_compare_other_sequence_lengths_are_refused_naming_both(tmp_path):
+    cont = tmp_path / "c.yaml"
+    cont.write_text(DEFAULT_CONTINUE.read_text().replace("max_seq_len: 128", "max_seq_len: 256"))
+    with pytest.raises(ConfigError) as err:
+        pipeline.check_same_validation(DEFAULT_PRUNE, cont)
+    assert err.value.key == "prune:dataset.max_seq_len / continue:dataset.max_seq_len"
+    assert "is 128 in the prune config" in str(err.value) and "256 in the continue" in str(err.value)
+    assert "--set continue:dataset.max_seq_len=128" in str(err.value)
+    pipeline.check_same_validation(DEFAULT_PRUNE, cont, (), [
+        "dataset.max_seq_len=128", "validation_dataset.max_seq_len=128"])
+    pipeline.check_same_validation(DEFAULT_PRUNE, DEFAULT_CONTINUE)  # the demo's agree
+
+
+# ------------------------------------------------------------------ where the configs write
+def pipeline_folders(out: Path) -> list[Path]:
+    return [path for stages in pipeline.arm_dirs(out).values() for path in stages.values()]
+
+
+def test_standalone_demo_configs_write_outside_the_pipelines_folders():
+    """Run on their own (the README's commands), the demo configs must not write where `make
+    demo` later resumes with other overrides (the continue stage's reference losses)."""
+    from omegaconf import OmegaConf
+
+    default_out = pipeline.parse_args([]).output_dir
+    prune = OmegaConf.load(DEFAULT_PRUNE)
+    cont = OmegaConf.load(DEFAULT_CONTINUE)
+    for written in (Path(prune.output_dir), Path(cont.output_dir)):
+        assert written != default_out and default_out not in written.parents, written
+        for folder in pipeline_folders(default_out):
+            assert written != folder and folder not in written.parents, (written, folder)
+    # the standalone continued pre-training reads what the standalone pruning writes
+    pruned = Path(prune.output_dir) / "pruned_model"
+    assert Path(cont.model.path) == Path(cont.checkpointer.checkpoint_dir) == pruned
+
+
+FULL = REPO_ROOT / "configs" / "smollm2" / "135M_to_50M_prune_full.yaml"
+
+
+def header_pipeline_command(config: Path) -> list[str]:
+    """The `python recipes/sheared_llama/pipeline.py ...` command of a config's header comment
+    (continuation lines joined), as argv after the script."""
+    import shlex
+
+    lines = [line[1:].strip() for line in config.read_text().splitlines()
+             if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith("python recipes/sheared_llama/pipeline.py"))
+    command = []
+    for line in lines[start:]:
+        command.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    words = shlex.split(" ".join(command))
+    assert words[:2] == ["python", "recipes/sheared_llama/pipeline.py"]
+    return words[2:]
+
+
+def test_the_full_configs_documented_pipeline_command_is_complete_and_consistent():
+    """The GPU config's header command: its own folder, 8 processes (its batch is per GPU), and
+    a continue stage at the prune stage's sequence length, batch and validation packs."""
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.planning.checks import recipe_keys
+    from acadlm_plugins.stages import stage_overrides
+
+    argv = header_pipeline_command(FULL)
+    args = pipeline.parse_args(argv)
+    assert args.prune_config == Path("configs/smollm2/135M_to_50M_prune_full.yaml")
+    assert args.nproc_per_node == 8
+    assert args.output_dir != pipeline.parse_args([]).output_dir
+    assert Path(OmegaConf.load(FULL).output_dir) == pipeline.arm_dirs(args.output_dir)["ours"]["prune"]
+    extra = stage_overrides(args.extra, pipeline.STAGES, example="")
+    prune_config, continue_config = REPO_ROOT / args.prune_config, args.continue_config
+    pipeline.check_same_validation(prune_config, continue_config, extra["prune"], extra["continue"])
+    with pytest.raises(ConfigError):  # without the overrides: 4,096 against 128 tokens
+        pipeline.check_same_validation(prune_config, continue_config, extra["prune"], [])
+    prune = pipeline.with_overrides(OmegaConf.load(prune_config), extra["prune"])
+    cont = pipeline.with_overrides(OmegaConf.load(continue_config), extra["continue"])
+    assert pipeline.tokens_per_step(cont, 8) == pipeline.tokens_per_step(prune, 8) == 32 * 4096
+    for key in ("device", "dtype", "enable_activation_checkpointing",
+                "dynamic_batch_loading.update_interval", "validation.batch_size"):
+        assert OmegaConf.select(cont, key) == OmegaConf.select(prune, key), key
+    budget = token_budget(prune_config, continue_config, 8, extra["prune"], extra["continue"])
+    assert budget["prune_tokens"] == 3200 * 32 * 4096  # Sheared-LLaMA's 0.4B pruning tokens
+    assert budget["baseline_tokens"] == budget["total_tokens"]
+    # every override sets a key the continue config has, or one the recipe reads (no typo)
+    known, written = recipe_keys("continued_pretrain")[0], OmegaConf.load(continue_config)
+    for key in (o.split("=")[0] for o in extra["continue"]):
+        assert key in known or OmegaConf.select(written, key) is not None, key

@@ -39,10 +39,15 @@ import torch.distributed as dist
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
-from acadlm_plugins.pruning.architecture import Architecture, architecture_of, resolve_target
+from acadlm_plugins.pruning.architecture import (
+    PRUNABLE_DIMS,
+    Architecture,
+    architecture_of,
+    resolve_target,
+)
 from acadlm_plugins.pruning.lagrangian import LagrangeMultipliers
 from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks, choice_changes
-from acadlm_plugins.training.config_checks import reject_unknown_keys
+from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,8 @@ class PruningPlugin:
         self._report: dict[str, float] = {}
         # The units the importance-initialized masks keep at step 0: the one-shot choice.
         self.initial_choice: dict[str, torch.Tensor] | None = None
+        # Set when a resumed run skips the importance calibration (the checkpoint has the masks).
+        self._calibration_deferred = False
 
     @hookimpl
     def acadlm_configure(self, cfg: Any, recipe: str) -> None:
@@ -100,49 +107,58 @@ class PruningPlugin:
         if self.mask_init not in MASK_INITS:
             raise ConfigError(f"{CONFIG_KEY}.mask_init", f"unknown value {self.mask_init!r}.",
                               f"use one of {list(MASK_INITS)}.")
-        self.mask_init_spread = float(block.get("mask_init_spread", 2.0))
-        if not self.mask_init_spread > 0:
-            raise ConfigError(f"{CONFIG_KEY}.mask_init_spread", "must be > 0.")
+        self.mask_init_spread = number(block, "mask_init_spread", float, 2.0, above=0)
         for key in ("mask_init_spread", "mask_init_gap"):
             if key in block and self.mask_init != "importance":
                 raise ConfigError(f"{CONFIG_KEY}.{key}", f"shapes the importance "
                                   f"initialization, but mask_init is {self.mask_init!r}, which "
                                   "would ignore it.", f"set {CONFIG_KEY}.mask_init: importance, "
                                   f"or remove {CONFIG_KEY}.{key}.")
-        self.mask_init_gap = float(block.get("mask_init_gap", 0.0))
-        if not self.mask_init_gap >= 0:
-            raise ConfigError(f"{CONFIG_KEY}.mask_init_gap", f"must be >= 0, got "
-                              f"{self.mask_init_gap}.", "use 0 to start every gate open.")
+        self.mask_init_gap = number(block, "mask_init_gap", float, 0.0, minimum=0)
         calibration = dict(block.get("calibration", None) or {})
         reject_unknown_keys(calibration, CALIBRATION_KEYS, recipe=recipe,
                             prefix=f"{CONFIG_KEY}.calibration.")
-        self.calibration_sequences = int(calibration.get("num_sequences", 64))
-        self.calibration_batch_size = int(calibration.get("batch_size", 8))
-        for key, value in (("num_sequences", self.calibration_sequences),
-                           ("batch_size", self.calibration_batch_size)):
-            if value < 1:
-                raise ConfigError(f"{CONFIG_KEY}.calibration.{key}", f"must be >= 1, got {value}.")
+        self.calibration_sequences = number(calibration, "num_sequences", int, 64, minimum=1,
+                                            prefix=f"{CONFIG_KEY}.calibration.")
+        self.calibration_batch_size = number(calibration, "batch_size", int, 8, minimum=1,
+                                             prefix=f"{CONFIG_KEY}.calibration.")
+        self.target_spec = checked_target(block.target)
+        self.warmup = number(block, "lagrangian_warmup_steps", int, 0, minimum=0)
+        self.mask_lr = number(block, "mask_lr", float, 0.3, above=0)
+        self.lambda_lr = number(block, "lambda_lr", float, 0.05, above=0)
+        self.droprate_init = number(block, "droprate_init", float, 0.01, above=0)
+        if not self.droprate_init < 1:
+            raise ConfigError(f"{CONFIG_KEY}.droprate_init", f"must be in (0, 1), got "
+                              f"{self.droprate_init}.", "use e.g. 0.01 (gates start open).")
+        self.seed = config_value(cfg.get("seed", 0), "seed", int, allow_none=True) or 0
         self.enabled = True
-        self.target_spec = dict(block.target)
-        self.warmup = int(block.get("lagrangian_warmup_steps", 0))
-        self.mask_lr = float(block.get("mask_lr", 0.3))
-        self.lambda_lr = float(block.get("lambda_lr", 0.05))
-        self.droprate_init = float(block.get("droprate_init", 0.01))
-        self.seed = int(cfg.get("seed", 0) or 0)
-        for key, value in (("mask_lr", self.mask_lr), ("lambda_lr", self.lambda_lr)):
-            if not value > 0:
-                raise ConfigError(f"{CONFIG_KEY}.{key}", f"must be > 0, got {value}.")
-        if not 0 < self.droprate_init < 1:
-            raise ConfigError(f"{CONFIG_KEY}.droprate_init", "must be in (0, 1).")
-        if self.warmup < 0:
-            raise ConfigError(f"{CONFIG_KEY}.lagrangian_warmup_steps", "must be >= 0.")
         ignored = sorted(key for key in MASK_TRAINING_KEYS if key in block)
         if self.method == "importance" and ignored:
             # A warning, not an error: a pipeline may hand both methods one shared block.
             log.warning("pruning.method: importance trains no masks, so %s %s ignored",
                         ", ".join(f"{CONFIG_KEY}.{key}" for key in ignored),
                         "is" if len(ignored) == 1 else "are")
+        if self.method == "learned":
+            self._check_warmup_fits(cfg.get("max_steps", None))
         self.output_dir = Path(cfg.get("output_dir", "."))
+
+    def _check_warmup_fits(self, max_steps: Any) -> None:
+        """Warn when the target ramp is longer than the run: the masks would never be pulled to
+        the target, and materialization would cut units their training never chose."""
+        try:
+            steps = config_value(max_steps, "max_steps", int, minimum=1, allow_none=True)
+        except ConfigError:
+            return  # the recipe refuses max_steps itself, naming it
+        if steps is None or self.warmup <= steps:
+            return
+        # A warning, not a refusal: short test and smoke runs of a config (max_steps=2) are
+        # legitimate, and would all need the warm-up overridden too.
+        log.warning("%s.lagrangian_warmup_steps is %d, more than max_steps %d: the target ramps "
+                    "to its final value over %d steps, so this run ends with the masks never "
+                    "pulled to the target, and materialization cuts units their training did "
+                    "not choose. Fix: set %s.lagrangian_warmup_steps to at most max_steps "
+                    "(Sheared-LLaMA ramps over the first ~20%% of the pruning steps: %d here).",
+                    CONFIG_KEY, self.warmup, steps, self.warmup, CONFIG_KEY, max(1, steps // 5))
 
     @hookimpl
     def acadlm_model_built(self, model: Any, cfg: Any, device: Any) -> None:
@@ -178,17 +194,28 @@ class PruningPlugin:
             return
         self.calibration_corpus = dataset.corpus
         if self.trains_masks and self.mask_init == "importance":
-            scores = self.importance(dataset.corpus)
-            with torch.no_grad():
-                for name, values in initial_log_alphas(
-                        scores, self.masks, spread=self.mask_init_spread,
-                        gap=self.mask_init_gap).items():
-                    self.masks.gates[name].log_alpha.copy_(values)
-            self.masks.invalidate()
-            self.initial_choice = self.masks.kept_sets()
-            log.info("mask log_alpha initialized from importance scores over %d sequences",
-                     scores.num_sequences)
-            self._report_units_below_floor()
+            if resumes_from_checkpoint(cfg):
+                # The recipe restores the masks and the step-0 choice from the checkpoint
+                # (acadlm_load_state_dict), which would overwrite a calibration run here.
+                self._calibration_deferred = True
+                log.info("resuming from a checkpoint: the masks come from it, so the importance "
+                         "calibration is skipped")
+                return
+            self._initialize_from_importance(dataset.corpus)
+
+    def _initialize_from_importance(self, corpus: Any) -> None:
+        """Set every gate's log_alpha from Minitron importance scores on ``corpus``."""
+        scores = self.importance(corpus)
+        with torch.no_grad():
+            for name, values in initial_log_alphas(
+                    scores, self.masks, spread=self.mask_init_spread,
+                    gap=self.mask_init_gap).items():
+                self.masks.gates[name].log_alpha.copy_(values)
+        self.masks.invalidate()
+        self.initial_choice = self.masks.kept_sets()
+        log.info("mask log_alpha initialized from importance scores over %d sequences",
+                 scores.num_sequences)
+        self._report_units_below_floor()
 
     def _report_units_below_floor(self) -> None:
         """Say when the importance init starts dropped units below the log_alpha floor: the
@@ -272,7 +299,14 @@ class PruningPlugin:
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
-        if not self.trains_masks or STATE_KEY not in states:
+        if not self.trains_masks:
+            return
+        if STATE_KEY not in states:
+            if self._calibration_deferred:
+                # A checkpoint without mask state (none of ours): initialize as a fresh run would.
+                log.warning("the checkpoint holds no pruning state: the masks are initialized "
+                            "from importance scores of the resumed weights")
+                self._initialize_from_importance(self.calibration_corpus)
             return
         state = states[STATE_KEY]
         saved = Architecture(**state["target"])
@@ -308,6 +342,36 @@ class PruningPlugin:
         path = plot_pruning_history(self.history, self.masks.mask_types,
                                     self.output_dir / "pruning.png")
         summary["pruning_plot"] = str(path)
+
+
+def resumes_from_checkpoint(cfg: Any) -> bool:
+    """Whether the recipe resumes this run from a checkpoint: the same decision, from the same
+    ``output_dir`` and ``resume`` mode, that the recipe made in its setup before data_ready."""
+    from acadlm_plugins.training.checkpointing import find_resume_checkpoint
+
+    output_dir = cfg.get("output_dir", None)
+    if output_dir is None:
+        return False
+    return find_resume_checkpoint(Path(output_dir), cfg.get("resume", "auto")) is not None
+
+
+def number(block: Any, key: str, kind: type, default: Any, *, prefix: str = f"{CONFIG_KEY}.",
+           minimum: float | None = None, above: float | None = None) -> Any:
+    """``block[key]`` (or ``default``) as ``kind``, refused with a :class:`ConfigError` naming
+    ``<prefix><key>`` when it is not one (``abc``; an int key given 2.7) or out of range."""
+    return config_value(block.get(key, default), f"{prefix}{key}", kind, minimum=minimum,
+                        above=above)
+
+
+def checked_target(target: Any) -> dict[str, Any]:
+    """``pruning.target`` with its dimensions as integers of at least 1, checked before the
+    model loads (``resolve_target`` then checks them against the source)."""
+    if not hasattr(target, "items"):
+        raise ConfigError(f"{CONFIG_KEY}.target", f"must be a mapping of dimensions, got "
+                          f"{target!r}.", "name the target dims, e.g. {num_layers: 20, "
+                          "embed_dim: 384}.")
+    return {key: (config_value(value, f"{CONFIG_KEY}.target.{key}", int, minimum=1)
+                  if key in PRUNABLE_DIMS else value) for key, value in target.items()}
 
 
 def initial_log_alphas(scores: Any, masks: PruningMasks, *, spread: float,

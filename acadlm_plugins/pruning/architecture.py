@@ -12,6 +12,7 @@ from torch import nn
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.families import hf_model_spec
+from acadlm_plugins.training.config_checks import config_value
 
 PRUNABLE_DIMS = ("num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
 
@@ -95,8 +96,9 @@ def resolve_target(source: Architecture, target: Mapping[str, Any], *,
     with 32 and 32) gives every query head its own KV head, and pruning removes the two
     together: there ``num_heads`` alone (or ``num_kv_heads`` alone) sets both.
 
-    Refused with a :class:`ConfigError` naming the field: unknown keys, a dim larger than the
-    source's or below 1, query heads not a multiple of the KV heads (GQA needs equal groups),
+    Refused with a :class:`ConfigError` naming the field: unknown keys, a dim that is not an
+    integer (``abc``, ``64.7``), larger than the source's or below 1, query heads not a
+    multiple of the KV heads (GQA needs equal groups),
     more query heads per KV group than the source has (heads only move within their group),
     on a source without GQA different query and KV head counts.
     """
@@ -104,7 +106,8 @@ def resolve_target(source: Architecture, target: Mapping[str, Any], *,
     if unknown:
         raise ConfigError(f"{field}.{unknown[0]}", "is not a prunable dimension.",
                           f"use {list(PRUNABLE_DIMS)}.")
-    values = {k: int(target.get(k, getattr(source, k))) for k in PRUNABLE_DIMS}
+    values = {k: config_value(target[k], f"{field}.{k}", int) if k in target
+              else getattr(source, k) for k in PRUNABLE_DIMS}
     if source.num_kv_heads == source.num_heads:
         _follow_query_heads(source, target, values, field)
     for key, value in values.items():

@@ -13,13 +13,19 @@ Three arms reach the same target shape and train on the same number of tokens (p
                   the source, then continued pre-training with distillation;
 ``one_shot``      Minitron one-shot importance pruning (no mask training), then the same
                   continued pre-training for all of the tokens;
-``from_scratch``  the target shape with random weights, trained on the same tokens (no teacher:
-                  the paper's "train the small model yourself" baseline).
+``from_scratch``  the target shape with random weights (drawn with the run's ``seed``, the
+                  prune config's), trained on the same tokens (no teacher: the paper's "train
+                  the small model yourself" baseline).
 
 Every stage is an ordinary ``tune run`` of one of our recipes, so each can be run, resumed or
 changed on its own; rerunning the pipeline resumes every stage from its outputs.
 ``--set STAGE:key=value`` (STAGE: prune, continue) adds an override to every run of that recipe
-(the token budget follows ``max_steps``/``batch_size`` overrides too). The summary
+(the token budget follows ``max_steps``/``batch_size`` overrides too). Both stages must
+validate on the same packs at the same sequence length (``dataset.max_seq_len``,
+``validation_dataset.max_seq_len``, ``validation_dataset.data_dir``,
+``validation.max_packs_per_domain``): the source's losses, measured by the prune stage, are
+compared with every arm's and steer dynamic batch loading, so a mismatch is refused before any
+stage runs. The summary
 (printed and in ``pipeline_summary.json`` under ``comparison``) has per-domain and mean
 validation loss of the source and the three arms, the tokens each saw, and the greedy
 completion of three fixed prompts by each model.
@@ -30,41 +36,64 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.stages import stage_overrides, tune_run
+from acadlm_plugins.training.config_checks import config_value
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PRUNE = REPO / "configs" / "smollm2" / "135M_to_85M_prune.yaml"
 DEFAULT_CONTINUE = REPO / "configs" / "smollm2" / "85M_continued_pretrain.yaml"
+DEFAULT_OUTPUT_DIR = Path("outputs/sheared_llama_demo")
 ARMS = ("from_scratch", "one_shot", "ours")
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n", "In the beginning God created")
 NEW_TOKENS = 16
 STAGES = ("prune", "continue")
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prune-config", type=Path, default=DEFAULT_PRUNE)
     parser.add_argument("--continue-config", type=Path, default=DEFAULT_CONTINUE)
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/sheared_llama_demo"))
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--nproc-per-node", type=int, default=1)
     parser.add_argument("--baselines", choices=("all", "none"), default="all",
                         help="run the one-shot and from-scratch arms at equal tokens (default)")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         metavar="STAGE:key=value", help="an override for every run of a stage")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, path in (("--prune-config", args.prune_config),
+                       ("--continue-config", args.continue_config)):
+        if not path.is_file():
+            parser.error(f"{flag} {path}: no such file (give the path of a YAML config)")
+    if args.nproc_per_node < 1:
+        parser.error(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
+    return args
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     started = time.perf_counter()
     out, nproc = args.output_dir, args.nproc_per_node
     extra = stage_overrides(args.extra, STAGES, example="continue:max_steps=20")
-    budget = token_budget(args.prune_config, args.continue_config, nproc,
-                          extra["prune"], extra["continue"])
+    try:
+        check_same_validation(args.prune_config, args.continue_config,
+                              extra["prune"], extra["continue"])
+        budget = token_budget(args.prune_config, args.continue_config, nproc,
+                              extra["prune"], extra["continue"])
+        seed = run_seed(args.prune_config, extra["prune"])
+    except ConfigError as err:  # before any stage runs: the key and the fix, no traceback
+        print(f"pipeline.py: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     dirs = arm_dirs(out)
 
     # ours: learned masks, then continued pre-training
@@ -93,7 +122,7 @@ def main() -> None:
 
         init = dirs["from_scratch"]["init"]
         if not init.exists():
-            write_random_init_model(ours_model, init, seed=0)
+            write_random_init_model(ours_model, init, seed=seed)
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
                  [*extra["continue"], f"output_dir={dirs['from_scratch']['continued']}",
                   *model_overrides(init),
@@ -151,10 +180,21 @@ def flow_mapping(values: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:.6f}" for k, v in values.items()) + "}"
 
 
-def tokens_per_step(cfg: Any, nproc: int) -> int:
-    """Training tokens one optimizer step consumes (packed sequences: every position)."""
-    accumulation = int(cfg.get("gradient_accumulation_steps", 1) or 1)
-    return int(cfg.batch_size) * accumulation * int(cfg.dataset.max_seq_len) * nproc
+def tokens_per_step(cfg: Any, nproc: int, stage: str | None = None) -> int:
+    """Training tokens one optimizer step consumes (packed sequences: every position); a value
+    that is not a positive integer is refused naming its key (``<stage>:key`` when given)."""
+    accumulation = budget_value(cfg, "gradient_accumulation_steps", stage, default=1)
+    batch = budget_value(cfg, "batch_size", stage)
+    length = budget_value(cfg, "dataset.max_seq_len", stage)
+    return batch * accumulation * length * nproc
+
+
+def budget_value(cfg: Any, key: str, stage: str | None, default: int | None = None) -> int:
+    """``cfg``'s integer ``key`` (dotted), at least 1, or a ConfigError naming it."""
+    value = OmegaConf.select(cfg, key, default=default)
+    if value is None and default is not None:
+        value = default  # an explicit null: the recipe reads the default too
+    return config_value(value, f"{stage}:{key}" if stage else key, int, minimum=1)
 
 
 def token_budget(prune_config: Path, continue_config: Path, nproc: int,
@@ -164,12 +204,62 @@ def token_budget(prune_config: Path, continue_config: Path, nproc: int,
     same number with the continued pre-training config's batch."""
     prune = with_overrides(OmegaConf.load(prune_config), prune_overrides)
     cont = with_overrides(OmegaConf.load(continue_config), continue_overrides)
-    prune_tokens = int(prune.max_steps) * tokens_per_step(prune, nproc)
-    cont_tokens = int(cont.max_steps) * tokens_per_step(cont, nproc)
-    steps = math.ceil((prune_tokens + cont_tokens) / tokens_per_step(cont, nproc))
+    cont_step = tokens_per_step(cont, nproc, "continue")
+    prune_tokens = budget_value(prune, "max_steps", "prune") * tokens_per_step(prune, nproc,
+                                                                               "prune")
+    cont_tokens = budget_value(cont, "max_steps", "continue") * cont_step
+    steps = math.ceil((prune_tokens + cont_tokens) / cont_step)
     return {"prune_tokens": prune_tokens, "continued_tokens": cont_tokens,
             "total_tokens": prune_tokens + cont_tokens, "baseline_steps": steps,
-            "baseline_tokens": steps * tokens_per_step(cont, nproc)}
+            "baseline_tokens": steps * cont_step, "nproc_per_node": nproc}
+
+
+# What the source's losses (measured by the prune stage) and every arm's continued pre-training
+# must share: they are compared domain by domain, and steer dynamic batch loading.
+SAME_IN_BOTH_STAGES = ("dataset.max_seq_len", "validation_dataset.max_seq_len",
+                       "validation_dataset.data_dir", "validation.max_packs_per_domain")
+
+
+def check_same_validation(prune_config: Path, continue_config: Path,
+                          prune_overrides: Sequence[str] = (),
+                          continue_overrides: Sequence[str] = ()) -> None:
+    """Refuse configs whose stages would measure the source and the arms differently: the
+    comparison and the dynamic batch loading reference would then mix sequence lengths or
+    validation sets."""
+    import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
+
+    prune = with_overrides(OmegaConf.load(prune_config), prune_overrides)
+    cont = with_overrides(OmegaConf.load(continue_config), continue_overrides)
+    for key in SAME_IN_BOTH_STAGES:
+        ours, theirs = _setting(prune, key), _setting(cont, key)
+        if str(ours) != str(theirs):
+            same = f"{key}={ours}" if ours is not None else f"~{key}"
+            raise ConfigError(
+                f"prune:{key} / continue:{key}",
+                f"is {ours} in the prune config ({prune_config}) but {theirs} in the continue "
+                f"config ({continue_config}): the source's validation losses, measured by the "
+                "prune stage, are compared with every arm's and are dynamic batch loading's "
+                "reference, so both stages must validate on the same packs (and train on the "
+                "same sequence length).",
+                f"add `--set continue:{same}` (or make the prune config match).")
+
+
+def _setting(cfg: Any, key: str) -> Any:
+    """``cfg``'s dotted ``key`` with interpolations resolved where they can be, else as written."""
+    try:
+        return OmegaConf.select(cfg, key)
+    except OmegaConfBaseException:  # an interpolation this process cannot resolve: the text
+        value: Any = OmegaConf.to_container(cfg, resolve=False)
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+
+def run_seed(prune_config: Path, overrides: Sequence[str] = ()) -> int:
+    """The run's seed (the prune config's, after ``--set prune:seed=...``): also the seed of
+    the from-scratch arm's random initialization."""
+    cfg = with_overrides(OmegaConf.load(prune_config), list(overrides))
+    return config_value(cfg.get("seed", 0), "prune:seed", int, allow_none=True) or 0
 
 
 def with_overrides(cfg: Any, overrides: list[str]) -> Any:
