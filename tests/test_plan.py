@@ -384,3 +384,72 @@ def test_activation_estimate_against_what_autograd_saves():
                                                 architecture=architecture_of(model),
                                                 bytes_per_value=2), checkpointed=False)
     assert 1.0 <= estimate / sum(saved.values()) <= 1.15
+
+
+@pytest.mark.parametrize("config, override, key", [
+    ("tiny/prune.yaml", "validation.max_packs_per_domain=0", "validation.max_packs_per_domain"),
+    ("tiny/prune.yaml", "validation.batch_sise=3", "validation.batch_sise"),
+    ("tiny/continued_pretrain.yaml", "validation.batch_size=0", "validation.batch_size"),
+    ("llama3/prolong_64k_stage1.yaml", "validation.batch_sise=3", "validation.batch_sise"),
+])
+def test_cli_refuses_the_validation_block_as_the_recipe_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture, config: str, override: str, key: str):
+    """The recipe's `validation_settings` refusals, made by the plan (exit 2, key named)."""
+    overrides = (tiny_overrides(tmp_path) if config.startswith("tiny/")
+                 else [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}"])
+    assert main(["--config", str(CONFIGS / config), *overrides, override]) == 2
+    assert f"`{key}`" in capsys.readouterr().err
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / config, [*overrides, override])
+    assert err.value.key == key
+
+
+def test_one_shot_note_says_importance_is_scored_on_every_rank_device(
+        tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`pruning.method=importance`: the note says what `one_shot_prune_and_export` does (every
+    rank scores on its device; rank 0's CPU only slices a float32 copy), and the activations
+    are one calibration forward pass without gradients."""
+    from acadlm_plugins.planning.memory import ActivationShape, activation_bytes
+
+    config = str(CONFIGS / "tiny/prune.yaml")
+    assert main(["--config", config, *tiny_overrides(tmp_path),
+                 "pruning.method=importance"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "every rank scores importance on the run's own model on its device (cpu, float32" in out
+    assert "forward passes only" in out and "FLOPs on each rank" in out
+    assert "rebuilds the model in float32 there" in out and "and slices it" in out
+    assert "scores importance there" not in out and "FLOPs on CPU" not in out
+    assert "the GPUs hold only the sharded weights" not in out
+
+    plan = plan_config(CONFIGS / "tiny/prune.yaml",
+                       [*tiny_overrides(tmp_path), "pruning.method=importance",
+                        "pruning.calibration.batch_size=3"])
+    pack = plan.budget.sequence_length
+    forward = ActivationShape(tokens=3 * pack, logit_positions=3 * pack,
+                              architecture=plan.source.architecture, bytes_per_value=4,
+                              logit_bytes_per_value=8, offloaded=True)
+    assert plan.memory.activations_full == plan.memory.activations_checkpointed
+    assert plan.memory.activations == activation_bytes(forward, checkpointed=True) > 0
+
+
+def test_tiny_config_headers_give_a_command_that_finds_tiny_setup():
+    """configs/tiny/*.yaml: the command of a config that builds `tiny_setup.byte_tokenizer` sets
+    `PYTHONPATH=tests` (without it `tune run` stops with ModuleNotFoundError: tiny_setup), and
+    acadlm-plan still reads the recipe and process count from such a line."""
+    line = launch_line("#   PYTHONPATH=tests tune run --nproc_per_node 2 "
+                       "acadlm_plugins/prune_recipe --config configs/tiny/prune.yaml \\\n")
+    assert (line.recipe, line.processes) == ("prune", 2)
+    assert line.text.startswith("tune run --nproc_per_node 2")
+    recipes = {}
+    for path in sorted((CONFIGS / "tiny").glob("*.yaml")):
+        text = path.read_text()
+        line = launch_line(text)
+        assert line is not None, path.name
+        recipes[path.name] = line.recipe
+        header = next(row for row in text.splitlines() if line.text in row)
+        body = "\n".join(row for row in text.splitlines() if not row.lstrip().startswith("#"))
+        if "tiny_setup." in body:
+            assert f"PYTHONPATH=tests {line.text}" in header, path.name
+    assert recipes["prune.yaml"] == "prune" and recipes["long_context.yaml"] == "long_context"
+    assert recipes["qurating_train.yaml"] == "continued_pretrain"
+    assert recipes["stock_qurating_selected.yaml"] == "sft"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,20 +25,26 @@ HAYSTACK = " ".join(f"The {w} sat by the river and watched the boats go by." for
                     ("heron", "fisher", "child", "miller", "poet", "sailor") * 40)
 
 
-def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path) -> None:
-    model = write_tiny_model_dir(tmp_path / "model")
-    corpus = write_tiny_corpus(tmp_path / "corpus")
-    long_docs = write_long_documents(tmp_path / "long" / "docs.jsonl")
-    (tmp_path / "hay.txt").write_text(HAYSTACK)
+def pipeline_args(tmp_path: Path, *, stage1_steps: int = 2, skip_eval: bool = False
+                  ) -> list[str]:
+    """The pipeline on the tiny model, its data written under ``tmp_path`` (once)."""
+    model = tmp_path / "model"
+    if not model.is_dir():
+        write_tiny_model_dir(model)
+        write_tiny_corpus(tmp_path / "corpus")
+        write_long_documents(tmp_path / "long" / "docs.jsonl")
+        (tmp_path / "hay.txt").write_text(HAYSTACK)
+    corpus, long_docs = tmp_path / "corpus", tmp_path / "long" / "docs.jsonl"
     stage = [f"dataset.sources.long.data_files={long_docs}",
              f"dataset.sources.short.data_files={corpus / 'prose' / 'train.jsonl'}",
-             f"validation_dataset.data_dir={corpus}", "validation.max_packs_per_domain=1"]
-    args = [
+             f"validation_dataset.data_dir={corpus}", "validation.max_packs_per_domain=1",
+             "keep_last_n_checkpoints=1"]  # as the SmolLM2 stage configs: older steps deleted
+    return [
         "--output-dir", str(tmp_path / "out"), "--base-model", str(model),
         "--stage1-config", str(TINY / "long_context.yaml"),
         "--stage2-config", str(TINY / "long_context.yaml"),
         "--sft-config", str(TINY / "sft.yaml"),
-        "--stage1-steps", "2", "--stage2-steps", "1", "--sft-steps", "2",
+        "--stage1-steps", str(stage1_steps), "--stage2-steps", "1", "--sft-steps", "2",
         "--eval-tasks", "acadlm_niah_single_1", "--eval-lengths", "384,512",
         "--eval-samples", "1",
         "--set", "eval:model.args.batch_size=1",
@@ -46,16 +53,31 @@ def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path)
         "--set", "stage2:long_context.max_seq_len=256",
         "--set", "stage2:long_context.rope_base=160000.0",
         "--set", "stage2:long_context.trained_length=null",
+        *(["--skip-eval"] if skip_eval else []),
     ]
+
+
+def run_pipeline(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
            "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
            "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    done = subprocess.run([sys.executable, str(PIPELINE), *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, str(PIPELINE), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path) -> None:
+    """A full run; a rerun from another base model stops before stage 1, naming the stage-1
+    and stage-2 folders. A rerun with one more stage-1 step (--skip-eval): stage 1 resumes and
+    its new export replaces the one stage 2 was trained from, so the pipeline stops before
+    stage 2 naming the folder to delete (it used to fail inside stage 2, asking to restore a
+    deleted model path); once deleted, the rerun retrains stage 2 and SFT from the new export
+    and reports no scores, as eval_before/ and eval_after/ are the first run's."""
+    done = run_pipeline(tmp_path, pipeline_args(tmp_path))
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
 
-    report = json.loads((tmp_path / "out" / "pipeline_summary.json").read_text())
+    out = tmp_path / "out"
+    report = json.loads((out / "pipeline_summary.json").read_text())
     first, second = report["stages"]["stage1"], report["stages"]["stage2"]
     assert first["stage"]["rope_base"] == 40000.0 and first["steps"] == 2
     assert second["stage"]["source_rope_base"] == 40000.0  # read from stage 1's export
@@ -64,9 +86,47 @@ def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path)
     assert 0.9 < first["packing"]["efficiency"] <= 1.0
     for when in ("scores_before", "scores_after"):
         assert set(report[when]["acadlm_niah_single_1"]) == {"384", "512"}
-    sft_config = json.loads((tmp_path / "out" / "sft" / "epoch_0" / "config.json").read_text())
+    sft_config = json.loads((out / "sft" / "epoch_0" / "config.json").read_text())
     assert sft_config["rope_theta"] == 160000.0  # SFT kept stage 2's RoPE base
     assert "ProLong pipeline summary" in done.stdout and "before -> after" in done.stdout
+
+    # what the SFT check reads: the starting model torchtune saved with the SFT run's config
+    assert load_pipeline().recorded_sft_source(out / "sft") == (
+        out / "sft" / "torchtune_config.yaml", str(out / "stage2" / "step_000001" / "model"))
+
+    # another base model: stopped before stage 1 trains, stage 2's folder named as well
+    other = shutil.copytree(tmp_path / "model", tmp_path / "other_model")
+    args = pipeline_args(tmp_path, skip_eval=True)
+    args[args.index("--base-model") + 1] = str(other)
+    refused = run_pipeline(tmp_path, args)
+    assert refused.returncode != 0
+    message = " ".join(refused.stderr.split())
+    assert (f"stage stage1: {out / 'stage1'} holds a checkpoint (step_000002) trained from "
+            f"{tmp_path / 'model'}, but this run starts stage1 from {other}") in message, message
+    assert (f"delete the folders {out / 'stage1'} and {out / 'stage2'} and rerun ("
+            f"{out / 'stage2'}: later stages") in message
+    assert "$ " not in refused.stdout  # no stage ran
+
+    rerun = pipeline_args(tmp_path, stage1_steps=3, skip_eval=True)
+    refused = run_pipeline(tmp_path, rerun)
+    assert refused.returncode != 0
+    assert not (out / "stage1" / "step_000002").exists()  # stage 1 went on to step 3
+    message = " ".join(refused.stderr.split())
+    assert (f"stage stage2: {out / 'stage2'} holds a checkpoint (step_000001) trained from "
+            f"{out / 'stage1' / 'step_000002' / 'model'}, but this run starts stage2 from "
+            f"{out / 'stage1' / 'step_000003' / 'model'}") in message, refused.stderr[-3000:]
+    assert f"delete the folder {out / 'stage2'} and rerun" in message
+    assert "differs from the checkpoint being resumed" not in refused.stdout + refused.stderr
+    assert (out / "stage2" / "step_000001").is_dir()  # nothing deleted by the pipeline
+
+    shutil.rmtree(out / "stage2")
+    done = run_pipeline(tmp_path, rerun)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    report = json.loads((out / "pipeline_summary.json").read_text())
+    assert report["stages"]["stage1"]["steps"] == 3
+    assert report["scores_before"] == report["scores_after"] == {}  # eval_*/ are stale
+    assert (out / "eval_after" / "results.json").is_file()
+    assert "not evaluated (--skip-eval)" in done.stdout and "before -> after" not in done.stdout
 
 
 def load_pipeline():
@@ -173,3 +233,30 @@ def test_a_stage_config_trains_a_qwen2_base_model_with_its_own_tokenizer(
     assert summary["steps"] == 2 and summary["stage"]["rope_base"] == 1e6
     saved = json.loads((Path(summary["checkpoint"]) / "model" / "config.json").read_text())
     assert saved["model_type"] == "qwen2" and saved["rope_theta"] == 1e6
+
+
+def test_a_resumed_sft_from_another_stage2_model_is_stopped_naming_the_folder(tmp_path) -> None:
+    """SFT resumes only when asked (`resume_from_checkpoint`); then an SFT folder trained from
+    another stage-2 export stops the pipeline, naming the folder to delete. Without resuming,
+    torchtune's SFT starts afresh from the new export, so nothing is checked."""
+    pipeline = load_pipeline()
+    sft_dir = tmp_path / "out" / "sft"
+    sft_dir.mkdir(parents=True)
+    old, new = tmp_path / "stage2" / "step_000001" / "model", tmp_path / "stage2" / "step_000002"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(TINY / "sft.yaml"), OmegaConf.from_dotlist(
+        [f"checkpointer.checkpoint_dir={old}", f"output_dir={sft_dir}"])),
+        sft_dir / "torchtune_config.yaml")
+    recorded = pipeline.recorded_sft_source(sft_dir)
+    assert recorded == (sft_dir / "torchtune_config.yaml", str(old))
+    overrides = [f"checkpointer.checkpoint_dir={new}"]
+    assert not pipeline.sft_resumes(pipeline.stage_config(TINY / "sft.yaml", overrides))
+    for resume in ("resume_from_checkpoint=True", "checkpointer.should_load_recipe_state=true"):
+        assert pipeline.sft_resumes(pipeline.stage_config(TINY / "sft.yaml", [*overrides, resume]))
+    with pytest.raises(SystemExit) as stop:
+        pipeline.check_stage_source("sft", sft_dir, new, upstream="stage 2's newest export",
+                                    recorded=recorded)
+    message = str(stop.value)
+    assert f"trained from {old}, but this run starts sft from {new}" in message
+    assert f"delete the folder {sft_dir} and rerun" in message
+    pipeline.check_stage_source("sft", sft_dir, old, upstream="x", recorded=recorded)  # same
+    assert pipeline.recorded_sft_source(tmp_path / "nothing") is None

@@ -31,7 +31,9 @@ RECIPES: dict[str, str] = {
     "sft": "tune run full_finetune_distributed (torchtune's stock recipe)",
     "select": "acadlm-qurating-select",
 }
-_COMMAND_LINE = re.compile(r"^\s*#\s*((?:tune run|acadlm-qurating-select)\b.*)$", re.MULTILINE)
+# The command may follow environment assignments (`PYTHONPATH=tests tune run ...`).
+_COMMAND_LINE = re.compile(r"^\s*#\s*(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)*"
+                           r"((?:tune run|acadlm-qurating-select)\b.*)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)

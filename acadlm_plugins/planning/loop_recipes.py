@@ -12,6 +12,7 @@ pruning target); steps come from ``max_steps`` or, for a stage without it, from
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,6 +24,7 @@ from acadlm_plugins._compat import component_from_path
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.planning import checks
 from acadlm_plugins.planning.estimates import NOT_CHECKED, memory_estimate, run_dtype
+from acadlm_plugins.planning.memory import FLOAT32_BYTES, ActivationShape, activation_bytes
 from acadlm_plugins.planning.model_shape import build_on_meta, pruning_state_numel, summarize
 from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.pruning.architecture import resolve_target
@@ -39,7 +41,10 @@ DISTILLATION_PLUGIN = "acadlm_plugins.plugins.distillation:DistillationPlugin"
 
 def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
     """Fill ``plan`` for a prune, continued_pretrain or long_context config."""
-    from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
+    from acadlm_plugins.continued_pretrain_recipe import (
+        ContinuedPretrainRecipe,
+        validation_settings,
+    )
 
     world = plan.world_size
     stage, sp_degree = _long_context_stage(cfg, world) if plan.recipe == "long_context" else (
@@ -52,7 +57,10 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
         positive_int(cfg, "max_steps")
     pm = checks.configure_plugins(cfg, plan.recipe)
     checks.check_keys(cfg, plan.recipe, pm)
-    plan.checked += ["plugin blocks (acadlm_configure)", "known and required keys",
+    plan.checked += ["plugin blocks (acadlm_configure)", "known and required keys"]
+    # The recipe's own check of the `validation:` block, made where its setup makes it.
+    validation_settings(cfg, default_batch_size=batch, recipe=plan.recipe)
+    plan.checked += ["validation block",
                      "components: " + ", ".join(checks.check_components(cfg))]
     check_model_family(cfg)
     plan.checked.append("model family and checkpointer.model_type")
@@ -97,7 +105,7 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
         steps, steps_from = int(cfg.max_steps), "max_steps"
     one_shot = pruning is not None and not pruning.trains_masks
     if one_shot:
-        _note_one_shot(plan, pruning, length)
+        _note_one_shot(plan, pruning, length, str(cfg.get("device", "cpu") or "cpu"))
         steps, steps_from = 0, "pruning.method: importance (no training)"
     if checks.check_schedule(cfg, steps):
         plan.checked.append(f"lr_scheduler for {steps} steps")
@@ -116,6 +124,11 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
         cfg, plan, model, dtype, tokens=tokens, logit_positions=logit_positions,
         checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
         teacher=teacher, pruning_numel=pruning_numel, trains=not one_shot)
+    if one_shot:
+        # No backward pass: the activations are those of one calibration batch's forward.
+        forward = _calibration_forward_bytes(plan, pruning, length, dtype)
+        plan.memory = replace(plan.memory, activations_checkpointed=forward,
+                              activations_full=forward)
     plan.not_checked = list(NOT_CHECKED)
 
 
@@ -173,15 +186,40 @@ def _plan_pruning(plan: TrainingPlan, pruning: Any) -> int:
                                droprate_init=pruning.droprate_init, seed=pruning.seed)
 
 
-def _note_one_shot(plan: TrainingPlan, pruning: Any, length: int) -> None:
+def _note_one_shot(plan: TrainingPlan, pruning: Any, length: int, device: str) -> None:
+    """What ``PruneRecipe.one_shot_prune_and_export`` does instead of training: every rank
+    scores importance on its own (sharded) model on the run's device, over all the calibration
+    packs (the same on every rank); only the slicing, on a float32 copy of the gathered state,
+    happens on rank 0's CPU, and rank 0 then measures both models' validation loss on its
+    device, one model at a time."""
+    total = plan.source.total_params
     calibration = pruning.calibration_sequences * length
-    flops = 2 * plan.source.total_params * calibration
+    flops = 2 * total * calibration
+    float32_gib = total * 4 / 2**30
     plan.notes.append(
-        "pruning.method: importance trains nothing (max_steps is not used): rank 0 gathers the "
-        f"model, rebuilds it in float32 on the CPU ({plan.source.total_params * 4 / 2**30:.1f} "
-        f"GiB) and scores importance there over {pruning.calibration_sequences} calibration "
-        f"sequences ({calibration:,} tokens, about {flops:.1e} FLOPs on CPU), then slices and "
-        "exports; the GPUs hold only the sharded weights meanwhile.")
+        "pruning.method: importance trains nothing (max_steps is not used): every rank scores "
+        f"importance on the run's own model on its device ({device}, {plan.dtype}, sums in "
+        f"float64) over {pruning.calibration_sequences} calibration sequences in batches of "
+        f"{pruning.calibration_batch_size} ({calibration:,} tokens, forward passes only, about "
+        f"{flops:.1e} FLOPs on each rank); then rank 0 gathers the full state to its CPU, "
+        f"rebuilds the model in float32 there ({float32_gib:.1f} GiB) and slices it, and "
+        "measures the validation loss of the source and of the pruned model on its device, "
+        f"one at a time in float32 (up to {float32_gib:.1f} GiB there beside its shard, not "
+        "in the estimate above), then exports. The activations above are one calibration "
+        "batch's forward pass without gradients (one layer's working set and the logits).")
+
+
+def _calibration_forward_bytes(plan: TrainingPlan, pruning: Any, length: int,
+                               dtype: torch.dtype) -> int:
+    """Activation bytes of one importance forward pass on a rank (no gradients, so nothing is
+    saved across layers): one layer's working set and the logits, which torchtune returns in
+    the run's dtype and again in float32, for ``calibration.batch_size`` packs."""
+    size = torch.finfo(dtype).bits // 8
+    tokens = min(pruning.calibration_batch_size, pruning.calibration_sequences) * length
+    shape = ActivationShape(tokens=tokens, logit_positions=tokens,
+                            architecture=plan.source.architecture, bytes_per_value=size,
+                            logit_bytes_per_value=size + FLOAT32_BYTES, offloaded=True)
+    return activation_bytes(shape, checkpointed=True)
 
 
 def _teacher(cfg: DictConfig, pm: Any, student: nn.Module, dtype: torch.dtype

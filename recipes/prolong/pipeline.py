@@ -18,6 +18,14 @@ The pipeline points each stage at the previous one's export and prints one summa
 task and length before and after, per-stage validation loss, packing efficiency and wall times.
 ``--set STAGE:key=value`` (STAGE: eval, stage1, stage2, sft) adds an override to one stage.
 
+A rerun resumes the finished stages from their outputs. A stage whose output folder holds
+checkpoints trained from another model than the one this run starts it from (stage 2 after
+stage 1 was given more steps, say) stops the pipeline before it runs, naming the folders to
+delete to retrain it (and later stages that would resume from its old output) from the new
+model; nothing is deleted for you. With
+``--skip-eval`` no scores are reported: ``eval_before/`` and ``eval_after/`` are then an earlier
+run's, possibly of other models.
+
 ``--base-model DIR`` starts from another model folder: the stage configs build the model from
 the checkpoint's config.json, and every training stage gets the folder's tokenizer
 (``tokenizer.path``) and its family's ``checkpointer.model_type``. The configs' tokenizer
@@ -30,20 +38,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from acadlm_plugins._compat import hf_checkpoint_files
+from acadlm_plugins.defaults import register_resolvers
 from acadlm_plugins.evaluation.report import length_table
 from acadlm_plugins.models import hf_model_spec
 from acadlm_plugins.stages import stage_overrides, tune_run
+from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "smollm2"
 STAGES = ("eval", "stage1", "stage2", "sft")
+SOURCE_KEY = "checkpointer.checkpoint_dir"  # the model a training stage starts from
+SFT_SAVED_CONFIG = "torchtune_config.yaml"  # what torchtune's metric logger saves of the config
 DEFAULT_TASKS = ("acadlm_niah_single_2", "acadlm_niah_multikey_1", "acadlm_vt")
 
 
@@ -97,6 +111,76 @@ def base_model_overrides(config: Path, base_model: Path | None) -> list[str]:
     return overrides
 
 
+def stage_config(config: Path, overrides: Sequence[str]) -> DictConfig | None:
+    """The stage's config with the pipeline's ``key=value`` overrides applied (``~key`` removals
+    left out), as far as OmegaConf can merge it; None if it cannot (the stage itself then
+    reports the problem)."""
+    register_resolvers()  # `${acadlm_home:}` in the stage configs
+    try:
+        cfg = OmegaConf.load(config)
+        dotlist = [o for o in overrides if not o.startswith("~")]
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    except Exception:  # noqa: BLE001 - any unreadable config is left to the stage's own checks
+        return None
+
+
+def _selected(cfg: DictConfig | None, key: str) -> object:
+    if cfg is None:
+        return None
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - an unresolvable interpolation: not checked here
+        return None
+
+
+def recorded_source(stage_dir: Path) -> tuple[Path, str] | None:
+    """The newest checkpoint of a long-context stage's output folder and the starting model
+    (``checkpointer.checkpoint_dir``) its run recorded in ``recipe_state.pt``; None without
+    one. The file is memory-mapped: its optimizer state is not read."""
+    latest = latest_checkpoint(stage_dir) if stage_dir.is_dir() else None
+    if latest is None:
+        return None
+    try:
+        state = torch.load(latest / RECIPE_STATE_FILENAME, map_location="cpu", mmap=True,
+                           weights_only=False)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is the stage's to report
+        return None
+    source = (state.get("config") or {}).get(SOURCE_KEY)
+    return None if source is None else (latest, str(source))
+
+
+def sft_resumes(cfg: DictConfig | None) -> bool:
+    """Whether torchtune's SFT recipe would continue the checkpoint in its ``output_dir``
+    (``resume_from_checkpoint``, or the checkpointer's ``should_load_recipe_state``)."""
+    return any(bool(_selected(cfg, key)) for key in (
+        "resume_from_checkpoint", "checkpointer.should_load_recipe_state",
+        "checkpointer.resume_from_checkpoint"))
+
+
+def check_stage_source(name: str, stage_dir: Path, starts_from: object, *,
+                       upstream: str, recorded: tuple[Path, str] | None,
+                       later: Sequence[Path] = ()) -> None:
+    """Stop before stage ``name`` when its output folder holds a checkpoint trained from another
+    starting model than ``starts_from``, the model this run starts it from: resuming it would
+    continue a run of the old model (and the stage refuses to, naming a model folder that may
+    no longer exist). The message names the folders to delete: the stage's and those of
+    ``later`` stages that would resume from what it made before. Nothing is deleted here."""
+    if recorded is None or starts_from is None or str(starts_from) == recorded[1]:
+        return
+    checkpoint, was = recorded
+    folders = [stage_dir, *later]
+    delete = (f"the folder {stage_dir}" if not later else
+              "the folders " + ", ".join(map(str, folders[:-1])) + f" and {folders[-1]}")
+    because = ("" if not later else f" ({', '.join(map(str, later))}: later stages trained "
+               f"from {name}'s old output, which would otherwise resume)")
+    sys.exit(
+        f"stage {name}: {stage_dir} holds a checkpoint ({checkpoint.name}) trained from {was}, "
+        f"but this run starts {name} from {starts_from} ({upstream}). Resuming it would "
+        f"continue a run of the old model. To retrain {name} from the new model, delete "
+        f"{delete} and rerun{because}; to keep it, rerun with the settings that produced "
+        f"{was}.")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     extra = stage_overrides(args.extra, STAGES, example="stage1:lr_scheduler.warmup_ratio=0")
@@ -123,30 +207,60 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = [] if args.base_model is None else checkpoint_overrides(args.base_model)
     from_base = {name: base_model_overrides(config, args.base_model) for name, config in (
         ("stage1", args.stage1_config), ("stage2", args.stage2_config), ("sft", args.sft_config))}
+    sft_overrides = [f"output_dir={out / 'sft'}", *from_base["sft"],
+                     f"max_steps_per_epoch={args.sft_steps}"]
+    sft_resumed = sft_resumes(stage_config(args.sft_config, [*sft_overrides, *extra["sft"]]))
+
+    def long_context_stage(name: str, config: Path, overrides: list[str],
+                           upstream: str) -> None:
+        stage_dir = out / name
+        overrides = [f"output_dir={stage_dir}", *overrides, *extra[name]]
+        # the later stages that would resume from what this one made before
+        later = [out / "stage2"] if name == "stage1" and recorded_source(out / "stage2") else []
+        if sft_resumed and recorded_sft_source(out / "sft"):
+            later.append(out / "sft")
+        check_stage_source(name, stage_dir, _selected(stage_config(config, overrides),
+                                                      SOURCE_KEY),
+                           upstream=upstream, recorded=recorded_source(stage_dir), later=later)
+        timed(name, lambda: tune_run("acadlm_plugins/long_context_recipe", config, overrides))
+
     if not args.skip_eval:
         evaluate("eval_before", args.base_model)
-    timed("stage1", lambda: tune_run(
-        "acadlm_plugins/long_context_recipe", args.stage1_config,
-        [f"output_dir={out / 'stage1'}", *base, *from_base["stage1"],
-         f"max_steps={args.stage1_steps}", *extra["stage1"]]))
+    long_context_stage("stage1", args.stage1_config,
+                       [*base, *from_base["stage1"], f"max_steps={args.stage1_steps}"],
+                       upstream="the base model")
     stage1_model = final_model_dir(out / "stage1")
-    timed("stage2", lambda: tune_run(
-        "acadlm_plugins/long_context_recipe", args.stage2_config,
-        [f"output_dir={out / 'stage2'}", *checkpoint_overrides(stage1_model),
-         *from_base["stage2"], f"long_context.previous_stage={out / 'stage1'}",
-         f"max_steps={args.stage2_steps}", *extra["stage2"]]))
+    long_context_stage("stage2", args.stage2_config,
+                       [*checkpoint_overrides(stage1_model), *from_base["stage2"],
+                        f"long_context.previous_stage={out / 'stage1'}",
+                        f"max_steps={args.stage2_steps}"],
+                       upstream="stage 1's newest export")
     stage2_model = final_model_dir(out / "stage2")
-    timed("sft", lambda: tune_run(
-        "full_finetune_single_device", args.sft_config,
-        [f"output_dir={out / 'sft'}", *checkpoint_overrides(stage2_model), *from_base["sft"],
-         f"max_steps_per_epoch={args.sft_steps}", *extra["sft"]]))
+    sft_overrides = [*sft_overrides, *checkpoint_overrides(stage2_model), *extra["sft"]]
+    if sft_resumed:  # otherwise torchtune's SFT starts afresh from stage 2's export
+        check_stage_source("sft", out / "sft",
+                           _selected(stage_config(args.sft_config, sft_overrides), SOURCE_KEY),
+                           upstream="stage 2's newest export",
+                           recorded=recorded_sft_source(out / "sft"))
+    timed("sft", lambda: tune_run("full_finetune_single_device", args.sft_config, sft_overrides))
     final_model = out / "sft" / "epoch_0"
     if not args.skip_eval:
         evaluate("eval_after", final_model)
 
-    report = collect_report(out, timings, time.perf_counter() - started, final_model)
+    report = collect_report(out, timings, time.perf_counter() - started, final_model,
+                            evaluated=not args.skip_eval)
     (out / "pipeline_summary.json").write_text(json.dumps(report, indent=2))
     print(format_report(report), flush=True)
+
+
+def recorded_sft_source(sft_dir: Path) -> tuple[Path, str] | None:
+    """The starting model an earlier SFT run in ``sft_dir`` recorded in the config torchtune
+    saved there (``torchtune_config.yaml``); None without one."""
+    saved = sft_dir / SFT_SAVED_CONFIG
+    if not saved.is_file():
+        return None
+    source = _selected(stage_config(saved, []), SOURCE_KEY)
+    return None if source is None else (saved, str(source))
 
 
 def _scores(eval_dir: Path) -> dict[str, dict[str, float]]:
@@ -159,15 +273,23 @@ def _scores(eval_dir: Path) -> dict[str, dict[str, float]]:
     return {task: {str(k): v for k, v in table.scores[task].items()} for task in table.tasks}
 
 
+SKIPPED_EVAL = ("not evaluated (--skip-eval): eval_before/ and eval_after/, if there, are an "
+                "earlier run's, possibly of other models, and are not reported")
+
+
 def collect_report(out: Path, timings: dict[str, float], wall_seconds: float,
-                   final_model: Path) -> dict:
-    """Every stage's summary in one mapping (also saved as pipeline_summary.json)."""
+                   final_model: Path, *, evaluated: bool) -> dict:
+    """Every stage's summary in one mapping (also saved as pipeline_summary.json). Scores only
+    when this run evaluated (``evaluated``): the eval folders are otherwise an earlier run's."""
     stages = {name: json.loads((out / name / "summary.json").read_text())
               for name in ("stage1", "stage2")}
-    return {"scores_before": _scores(out / "eval_before"),
-            "scores_after": _scores(out / "eval_after"),
-            "stages": stages, "timings_s": timings, "final_model": str(final_model),
-            "wall_seconds": round(wall_seconds, 1)}
+    report = {"scores_before": _scores(out / "eval_before") if evaluated else {},
+              "scores_after": _scores(out / "eval_after") if evaluated else {},
+              "stages": stages, "timings_s": timings, "final_model": str(final_model),
+              "wall_seconds": round(wall_seconds, 1)}
+    if not evaluated:
+        report["scores_skipped"] = SKIPPED_EVAL
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -197,6 +319,8 @@ def format_report(report: dict) -> str:
                 new = after.get(task, {}).get(str(n))
                 cells.append(f"{_cell(old)} -> {_cell(new)}")
             lines.append(f"{task:<26}" + "".join(f"{c:>16}" for c in cells))
+    if "scores_skipped" in report:
+        lines += ["", f"scores: {report['scores_skipped']}"]
     lines += ["", "wall time per stage (s): " + ", ".join(
         f"{k} {v:.0f}" for k, v in report["timings_s"].items()),
         f"total: {report['wall_seconds']:.0f} s", f"final model: {report['final_model']}"]
