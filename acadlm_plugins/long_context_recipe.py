@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -515,8 +516,17 @@ class LongContextRecipe(ContinuedPretrainRecipe):
     def _carry_over_optimizer(self, checkpoint: Path) -> None:
         """Load the optimizer state of ``checkpoint`` (see :func:`optimizer_source`) with this
         stage's hyperparameters, its moments in the form this stage's optimizer updates."""
-        state = torch.load(checkpoint / RECIPE_STATE_FILENAME, map_location="cpu",
-                           weights_only=False)
+        path = checkpoint / RECIPE_STATE_FILENAME
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+            raise ConfigError(
+                "long_context.previous_stage", f"the optimizer state of the previous stage, "
+                f"{path}, cannot be read ({type(err).__name__}: {err}).",
+                "point `checkpointer.checkpoint_dir` at another step_*/model of the previous "
+                "stage (its moments come from the same checkpoint), set "
+                "`long_context.previous_stage: null` to start with fresh moments, or rerun the "
+                "previous stage.") from err
         merged = carry_optimizer_state(self._optimizer, state["optimizer"])
         if self._distributed:
             training.load_from_full_optimizer_state_dict(

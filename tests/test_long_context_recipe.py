@@ -558,3 +558,20 @@ def test_the_smollm2_stage_configs_build_the_checkpoints_architecture(name) -> N
     rope.rope_init()  # the tables, on the CPU, of both: the same rotation at every position
     old_rope.rope_init()
     assert torch.equal(rope.cache, old_rope.cache)
+
+
+def test_an_unreadable_previous_stage_state_is_named_with_the_way_out(stage1, tiny_data,
+                                                                     tmp_path) -> None:
+    """A truncated recipe_state.pt of the previous stage (a full disk, say) is a ConfigError
+    naming the file and the fixes, not torch's zip error."""
+    import shutil
+
+    copy = tmp_path / "stage1"
+    shutil.copytree(stage1, copy)
+    state = copy / "step_000004" / RECIPE_STATE_FILENAME
+    state.write_bytes(state.read_bytes()[:1000])
+    cfg = next_stage_config(tiny_data, copy, tmp_path / "stage2",
+                            weights=copy / "step_000004" / "model")
+    error = setup_error(cfg)
+    assert error.key == "long_context.previous_stage"
+    assert str(state) in str(error) and "previous_stage: null" in str(error)
