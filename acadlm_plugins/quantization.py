@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torchtune import training
 
-from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.errors import AcadlmError, ConfigError
 
 SCHEMES = ("int8_weight_only", "int4_weight_only")
 QUANTIZATION_FILE = "quantization.json"
@@ -140,13 +141,15 @@ def check_destination(final: Path, source: Path, scheme: str, *, field: str) -> 
 def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str | None = None,
                          group_size: int = DEFAULT_GROUP_SIZE, device: str = "cpu",
                          field: str = "quantized_export", dest_field: str | None = None,
-                         ) -> Path:
+                         source_field: str | None = None) -> Path:
     """Write a ``scheme`` copy of the model folder ``model_dir``; returns its folder.
 
     The folder appears complete or not at all (written under a temporary name, then renamed).
     ``dest`` (default ``<model_dir>-<scheme>``) may be new, empty, or an older quantized copy,
     which is replaced; anything else there is refused before any work
-    (:func:`check_destination`, naming ``dest_field``, by default ``field``).
+    (:func:`check_destination`, naming ``dest_field``, by default ``field``). A ``model_dir``
+    that is missing or already a quantized copy is refused naming ``source_field`` (by default
+    ``field``).
     """
     from acadlm_plugins.evaluation.lm_adapter import load_decoder
 
@@ -155,8 +158,11 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
         raise ConfigError(field, "is empty.", f"name a scheme: {list(SCHEMES)}.")
     group_size = check_group_size(group_size, field=f"{field} group_size")
     source = Path(model_dir).expanduser().resolve()
+    if not (source / "config.json").is_file():
+        raise ConfigError(source_field or field, f"{source} is not a model folder (no "
+                          "config.json there).", "point it at a Hugging Face model folder.")
     if is_quantized_copy(source):
-        raise ConfigError(field, f"{source} is already a quantized copy.",
+        raise ConfigError(source_field or field, f"{source} is already a quantized copy.",
                           "quantize the unquantized model folder it was made from.")
     final = Path(dest).expanduser().resolve() if dest else default_destination(source, scheme)
     check_destination(final, source, scheme, field=dest_field or field)
@@ -264,8 +270,9 @@ class QuantizedExportCheckpointer(training.FullModelHFCheckpointer):
                 field="checkpointer.quantized_export"))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``acadlm-quantize MODEL_DIR --scheme SCHEME``: write a quantized copy of a model folder."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``acadlm-quantize MODEL_DIR --scheme SCHEME``: write a quantized copy of a model folder;
+    exits 2 with the field and the fix on a user error."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
@@ -275,14 +282,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="int4: input channels per scale")
     parser.add_argument("--device", default="cpu", help="where the copy will run (int4 packing)")
     args = parser.parse_args(argv)
-    dest = write_quantized_copy(args.model_dir, args.scheme, dest=args.output,
-                                group_size=args.group_size, device=args.device,
-                                field="--scheme",
-                                dest_field="--output" if args.output else "--scheme")
+    try:
+        dest = write_quantized_copy(args.model_dir, args.scheme, dest=args.output,
+                                    group_size=args.group_size, device=args.device,
+                                    field="--scheme",
+                                    dest_field="--output" if args.output else "--scheme",
+                                    source_field="model_dir")
+    except AcadlmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     meta = read_quantization(dest)
     print(f"{dest}: {meta['scheme']}, {meta['quantized_linears']} linear layers quantized, "
           f"weights {meta['source_weight_bytes'] / 2**20:.1f} MiB -> "
           f"{meta['weight_bytes'] / 2**20:.1f} MiB")
+    return 0
 
 
 __all__ = ["QUANTIZATION_FILE", "SCHEMES", "QuantizedExportCheckpointer", "check_scheme",

@@ -49,7 +49,7 @@ def no_work(monkeypatch):
 @pytest.mark.parametrize("where", ["the model folder", "its parent", "an unrelated folder",
                                    "a file"])
 def test_cli_output_that_would_delete_something_is_refused_and_left_intact(outputs, where,
-                                                                          no_work):
+                                                                          no_work, capsys):
     model = outputs / "model"
     unrelated = outputs / "plots"
     unrelated.mkdir()
@@ -57,11 +57,28 @@ def test_cli_output_that_would_delete_something_is_refused_and_left_intact(outpu
     dest = {"the model folder": model, "its parent": outputs,
             "an unrelated folder": unrelated, "a file": outputs / "notes.txt"}[where]
     before = _snapshot(outputs)
-    with pytest.raises(ConfigError) as refused:
-        quantize_cli([str(model), "--scheme", SCHEME, "--output", str(dest)])
-    assert refused.value.key == "--output" and str(dest) in str(refused.value)
-    assert "Fix:" in str(refused.value)
+    assert quantize_cli([str(model), "--scheme", SCHEME, "--output", str(dest)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: config `--output`") and str(dest) in error
+    assert "Fix:" in error and "Traceback" not in error
     assert _snapshot(outputs) == before
+
+
+def test_cli_refuses_a_model_dir_that_is_no_model_or_a_quantized_copy_naming_it(
+        outputs, tmp_path, capsys):
+    """No traceback and the CLI's own field: a missing folder, then a quantized copy given
+    as the source."""
+    missing = tmp_path / "nowhere"
+    assert quantize_cli([str(missing), "--scheme", SCHEME]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: config `model_dir`") and str(missing) in error
+    assert not (tmp_path / f"nowhere-{SCHEME}").exists()
+    assert quantize_cli([str(outputs / "model"), "--scheme", SCHEME]) == 0
+    copy = outputs / f"model-{SCHEME}"
+    capsys.readouterr()
+    assert quantize_cli([str(copy), "--scheme", SCHEME]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: config `model_dir`") and "already a quantized copy" in error
 
 
 def test_a_folder_at_the_default_destination_is_refused_naming_the_field(outputs, no_work):
