@@ -310,10 +310,14 @@ class ContinuedPretrainRecipe:
         grad_norm = runtime.clip_and_step(self._model, self._optimizer, self._lr_scheduler,
                                           self._clip_grad_norm, step=self._step)
         elapsed = time.perf_counter() - step_started
+        # loss tokens since step 0: kept in the history, so a resumed run continues the count
+        seen = int(self._history.get("tokens_seen", 0)) + int(global_tokens)
+        self._history["tokens_seen"] = seen
         metrics = {"loss": self._all_reduce_sum(loss_total) / global_tokens,
                    "lr": float(self._optimizer.param_groups[0]["lr"]),
                    "tokens_per_second": global_tokens / elapsed,
-                   "tokens_seen": global_tokens, "grad_norm": float(grad_norm)}
+                   "step_tokens": int(global_tokens), "tokens_seen": seen,
+                   "grad_norm": float(grad_norm)}
         for name, value in extra_totals.items():
             metrics[f"loss/{name}"] = value
         # per-domain losses over the global batch, not rank 0's slice

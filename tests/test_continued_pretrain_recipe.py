@@ -88,6 +88,29 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path,
     b = torch.load(tmp_path / "b/run/step_000006/recipe_state.pt", weights_only=False)
     assert a["sampler"]["cursor"] == b["sampler"]["cursor"]
     assert torch.equal(a["sampler"]["weights"], b["sampler"]["weights"])
+    # tokens_seen counts the loss tokens since step 0, across the resume
+    counts = step_values(tmp_path / "a" / "run", "step_tokens", "tokens_seen")
+    assert sorted(counts) == list(range(1, 7))
+    running = 0
+    for step in range(1, 7):
+        running += counts[step]["step_tokens"]
+        assert counts[step]["tokens_seen"] == running > 0
+    resumed_counts = step_values(tmp_path / "b" / "run", "tokens_seen")
+    assert resumed_counts[6]["tokens_seen"] == counts[6]["tokens_seen"]
+
+
+def step_values(output_dir: Path, *names: str) -> dict[int, dict[str, float]]:
+    """The named metrics per step from the DiskLogger files (a later line wins)."""
+    out: dict[int, dict[str, float]] = {}
+    for line in logged_metrics(output_dir):
+        head, _, rest = line.partition(" | ")
+        if not head.startswith("Step ") or not rest:
+            continue
+        fields = dict(item.split(":", 1) for item in rest.split() if ":" in item)
+        values = {name: float(fields[name]) for name in names if name in fields}
+        if len(values) == len(names):
+            out[int(head.split()[1])] = values
+    return out
 
 
 def test_example_third_party_plugin_changes_the_run(tmp_path, monkeypatch):
