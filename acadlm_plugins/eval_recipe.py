@@ -61,6 +61,7 @@ def check_config(cfg: DictConfig) -> None:
     if not list(cfg.tasks):
         raise ConfigError("tasks", "is empty.", "name at least one task, e.g. [acadlm_long].")
     run_settings(cfg)
+    lm_eval_settings(cfg)
     use_cache = cfg.get("use_cache")
     if use_cache is not None and not isinstance(use_cache, str):
         raise ConfigError("use_cache", f"is {use_cache!r}, not a path.",
@@ -91,6 +92,18 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
                                            allow_none=True)
     settings["seed"] = config_value(cfg.get("seed", 1234), "seed", int, minimum=0)
     return settings
+
+
+def lm_eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``limit`` and ``num_fewshot`` as lm-eval reads them, checked: ``limit`` is a count of
+    documents per task (a whole number above 1) or a fraction in (0, 1]; ``num_fewshot`` a
+    count of 0 or more; either may be unset (None), or a :class:`ConfigError` naming the key."""
+    limit = config_value(cfg.get("limit"), "limit", float, above=0, allow_none=True)
+    if limit is not None and limit > 1:
+        limit = config_value(cfg.get("limit"), "limit", int)  # a count: a whole number
+    return {"limit": limit,
+            "num_fewshot": config_value(cfg.get("num_fewshot"), "num_fewshot", int, minimum=0,
+                                        allow_none=True)}
 
 
 def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -148,11 +161,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         model=model_name,
         model_args=model_args,
         tasks=list(cfg.tasks),
-        num_fewshot=cfg.get("num_fewshot"),
+        num_fewshot=lm_eval_settings(cfg)["num_fewshot"],
         batch_size=batch_size,
         device=device,
         use_cache=use_cache,
-        limit=cfg.get("limit"),
+        limit=lm_eval_settings(cfg)["limit"],
         log_samples=bool(cfg.get("log_samples", True)),
         apply_chat_template=bool(cfg.get("apply_chat_template", False)),
         system_instruction=str(cfg.system_instruction) if cfg.get("system_instruction") else None,

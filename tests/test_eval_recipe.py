@@ -76,13 +76,27 @@ def test_lengths_take_a_list_one_length_or_a_k_string(tmp_path, tiny_model_dir, 
     ("lengths", {"a": 1024}, "not a list of token counts"),
     ("num_samples", "abc", "is 'abc', not an integer"), ("num_samples", 0, "below its minimum"),
     ("num_samples", 2.5, "not a whole number"), ("seed", "x", "is 'x', not an integer"),
-    ("seed", None, "is null"), ("use_cache", True, "is True, not a path")])
+    ("seed", None, "is null"), ("use_cache", True, "is True, not a path"),
+    ("limit", "ten", "is 'ten', not a number"), ("limit", 0, "must be above 0"),
+    ("limit", 2.5, "not a whole number"), ("num_fewshot", "two", "is 'two', not an integer"),
+    ("num_fewshot", -1, "below its minimum")])
 def test_a_bad_run_setting_is_named(tmp_path, tiny_model_dir, key, value, problem) -> None:
     """`lengths=[1x]` or `num_samples=abc` stops before anything loads with an error naming the
     key, not a bare ValueError from deep inside the run."""
     cfg = _cfg(tmp_path, tiny_model_dir, **{key: value})
     with pytest.raises(ConfigError, match=rf"`{key}`: .*{problem}"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(None, None), (0.5, 0.5), (1, 1.0), (8, 8),
+                                                ("16", 16)])
+def test_limit_is_a_count_or_a_fraction(tmp_path, tiny_model_dir, limit, expected) -> None:
+    from acadlm_plugins.eval_recipe import lm_eval_settings
+
+    cfg = _cfg(tmp_path, tiny_model_dir, limit=limit)
+    check_config(cfg)
+    got = lm_eval_settings(cfg)["limit"]
+    assert got == expected and type(got) is type(expected)
 
 
 def test_use_cache_is_kept_apart_for_each_model(tmp_path, monkeypatch) -> None:

@@ -503,6 +503,17 @@ def test_a_do_sample_that_is_not_true_or_false_names_the_task(lm):
         lm.generate_until(request, disable_tqdm=True)
 
 
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("temperature", -1.0, "below its minimum"),
+    ("top_k", "many", "is 'many', not an integer"), ("top_k", 2.5, "not a whole number")])
+def test_a_sampling_setting_that_is_no_number_names_the_task(lm, key, value, problem):
+    settings = {"until": [], "max_gen_toks": 3, "do_sample": True, "temperature": 1.0,
+                key: value}
+    request = _instances("generate_until", [("x", settings)], task="sampler")
+    with pytest.raises(ConfigError, match=rf"`sampler: generation_kwargs {key}`: .*{problem}"):
+        lm.generate_until(request, disable_tqdm=True)
+
+
 def test_auto_batch_size_on_the_cpu_plans_from_free_memory(model_dir, lm, monkeypatch):
     import psutil
 

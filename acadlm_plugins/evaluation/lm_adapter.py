@@ -839,8 +839,11 @@ class AcadLM(TemplateLM):
         kwargs = dict(kwargs)
         do_sample = flag_value(kwargs.pop("do_sample", False),
                                f"{task or '<unnamed task>'}: generation_kwargs do_sample")
-        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        top_k = kwargs.pop("top_k", None)
+        field = f"{task or '<unnamed task>'}: generation_kwargs"
+        temperature = config_value(kwargs.pop("temperature", 0.0) or 0.0, f"{field} temperature",
+                                   float, minimum=0.0)
+        top_k = config_value(kwargs.pop("top_k", None) or None, f"{field} top_k", int, minimum=1,
+                             allow_none=True)
         if not do_sample:
             unsupported = set(kwargs) - SAMPLING_ONLY_KWARGS
         else:
@@ -853,7 +856,7 @@ class AcadLM(TemplateLM):
                              "`until` and `max_gen_toks`.")
         if not do_sample or temperature <= 0.0:
             return {"temperature": 0.0, "top_k": None}
-        return {"temperature": temperature, "top_k": int(top_k) if top_k else None}
+        return {"temperature": temperature, "top_k": top_k}
 
     def _generate(self, prompts: list[list[int]], caps: list[int], *,
                   stop_strings: Sequence[str] = (), temperature: float = 0.0,
