@@ -156,16 +156,17 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if use_cache:
         log.info("Answer cache of this model: %s_rank*.db (use_cache %s, keyed by the model's "
                  "files and args)", use_cache, cfg.use_cache)
+    settings = lm_eval_settings(cfg)
     started = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model=model_name,
         model_args=model_args,
         tasks=list(cfg.tasks),
-        num_fewshot=lm_eval_settings(cfg)["num_fewshot"],
+        num_fewshot=settings["num_fewshot"],
         batch_size=batch_size,
         device=device,
         use_cache=use_cache,
-        limit=lm_eval_settings(cfg)["limit"],
+        limit=settings["limit"],
         log_samples=bool(cfg.get("log_samples", True)),
         apply_chat_template=bool(cfg.get("apply_chat_template", False)),
         system_instruction=str(cfg.system_instruction) if cfg.get("system_instruction") else None,

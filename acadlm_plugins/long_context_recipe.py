@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +69,7 @@ from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
     MODEL_DIRNAME,
     RECIPE_STATE_FILENAME,
+    UNREADABLE_STATE_ERRORS,
     latest_checkpoint,
 )
 from acadlm_plugins.training.chunked_loss import chunked_token_losses, shifted_targets
@@ -519,7 +519,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
         path = checkpoint / RECIPE_STATE_FILENAME
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        except UNREADABLE_STATE_ERRORS as err:
             raise ConfigError(
                 "long_context.previous_stage", f"the optimizer state of the previous stage, "
                 f"{path}, cannot be read ({type(err).__name__}: {err}).",

@@ -146,13 +146,17 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
     return saved
 
 
+# What torch.load raises for a truncated or garbled state file.
+UNREADABLE_STATE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
+
+
 def read_recipe_state(checkpoint: Path) -> dict[str, Any]:
     """``checkpoint``'s ``recipe_state.pt``; a file that cannot be read (truncated by a full
     disk, say) is a :class:`DataError` naming it and the way out, not torch's zip error."""
     path = checkpoint / RECIPE_STATE_FILENAME
     try:
         return torch.load(path, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+    except UNREADABLE_STATE_ERRORS as err:
         older = [p for p in _step_dirs(checkpoint.parent) if p.name < checkpoint.name
                  and (p / RECIPE_STATE_FILENAME).is_file()]
         fallback = (f"delete the folder {checkpoint} to resume from the checkpoint before it "
