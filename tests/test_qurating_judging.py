@@ -31,6 +31,7 @@ from acadlm_plugins.qurating.judges import (
 )
 from acadlm_plugins.qurating.judging import (
     OutputFiles,
+    format_summary,
     judge_pairs,
     order_averaged,
     read_jsonl_resumable,
@@ -424,6 +425,32 @@ def test_the_position_bias_covers_the_whole_file_across_resumed_runs(serve, tmp_
     assert extended["pairs_judged_this_run"] == 2
     assert extended["position_bias"] == pytest.approx(whole["position_bias"], abs=1e-6)
     assert extended["per_criterion"]["overall"]["position_bias_pairs"] == 6
+
+
+def test_the_mean_answer_mass_covers_the_whole_file_across_resumed_runs(serve, tmp_path,
+                                                                        test_criterion) -> None:
+    """p(A)+p(B) is averaged over every answer in the file's runs, not only the last run's: a
+    rerun that judges nothing keeps it, one that extends the file matches a single run."""
+    def uneven_mass(request: dict[str, Any], number: int) -> Reply:
+        shown_a, shown_b = shown_texts(request)
+        mass = 0.5 if "five" in shown_a + shown_b or "six" in shown_a + shown_b else 0.9
+        return 200, chat_reply({"A": mass / 2, "B": mass / 2, "The": 1 - mass}), {}, 0.0
+    server = serve(uneven_mass)
+    pairs = make_pairs(SIX_PAIRS)
+    whole = judge_pairs(pairs, test_criterion, http_judge(server),
+                        tmp_path / "whole" / "judgments.jsonl")
+    output = tmp_path / "run" / "judgments.jsonl"
+    first = judge_pairs(pairs[:4], test_criterion, http_judge(server), output)
+    assert first["mean_answer_mass"] == pytest.approx(0.9, abs=1e-4)
+    assert whole["mean_answer_mass"] == pytest.approx((8 * 0.9 + 4 * 0.5) / 12, abs=1e-4)
+    rerun = judge_pairs(pairs[:4], test_criterion, http_judge(server), output)
+    assert rerun["pairs_judged_this_run"] == 0 and rerun["prompts_per_s"] is None
+    assert rerun["mean_answer_mass"] == first["mean_answer_mass"]
+    assert rerun["answer_mass_answers"] == 8
+    extended = judge_pairs(pairs, test_criterion, http_judge(server), output)
+    assert extended["mean_answer_mass"] == pytest.approx(whole["mean_answer_mass"], abs=1e-5)
+    assert extended["answer_mass_answers"] == whole["answer_mass_answers"] == 12
+    assert "over 12 answers" in format_summary(extended)
 
 
 def test_rows_without_order_answers_keep_the_position_bias_of_the_earlier_summary(

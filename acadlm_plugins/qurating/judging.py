@@ -243,6 +243,8 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
+    if done:  # the earlier runs' answers on this same file (checked above) count too
+        masses = _earlier_answer_masses(files) + masses
     summary = summarize(files, criteria, masses=masses,
                         letter_only=letter_only, judged_now=written, rejected_now=rejected_now,
                         elapsed_s=elapsed, judge=judge, pairs_total=len(pairs))
@@ -257,7 +259,10 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
 def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
               masses: Sequence[float], letter_only: int, judged_now: int, rejected_now: int,
               elapsed_s: float, judge: Judge, pairs_total: int) -> dict[str, Any]:
-    """The summary: file-wide means and position bias per criterion, this run's counters."""
+    """The summary: file-wide means and position bias per criterion, this run's counters.
+
+    ``masses`` are the answer masses to average: ``judge_pairs`` passes the earlier runs' on
+    the same file (as their summary recorded them) followed by this run's."""
     rows = read_jsonl_resumable(files.judgments)
     written_ids = {row["pair_id"] for row in rows}
     rejected_ids = {row["pair_id"] for row in read_jsonl_resumable(files.rejected)}
@@ -298,6 +303,7 @@ def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
         "position_bias": round(bias_sum / bias_pairs, DECIMALS) if bias_pairs else None,
         **({"position_bias_unstored": unstored} if unstored else {}),
         "mean_answer_mass": _mean(list(masses)),
+        "answer_mass_answers": len(masses),
         "letter_only_answers": letter_only,
         "elapsed_s": round(elapsed_s, 2),
         "prompts_per_s": round(prompts / elapsed_s, 3) if elapsed_s > 0 and prompts else None,
@@ -331,6 +337,19 @@ def _unstored_position_bias(files: OutputFiles, rows: Sequence[dict[str, Any]]
         return {}
 
 
+def _earlier_answer_masses(files: OutputFiles) -> list[float]:
+    """The earlier runs' answer masses on this file, as a list that averages like them: the
+    previous summary's mean repeated over its answer count (0 answers when it predates the
+    count, is missing or is unreadable; a killed run never wrote its summary, so its answers
+    are left out of the mean, which says over how many answers it is)."""
+    try:
+        previous = json.loads(files.summary.read_text())
+        mean, count = previous.get("mean_answer_mass"), int(previous.get("answer_mass_answers") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    return [float(mean)] * count if mean is not None and count > 0 else []
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return round(sum(values) / len(values), DECIMALS) if values else None
 
@@ -356,8 +375,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     requests = summary["requests"]
     lines.append(f"position bias (all pairs in the file, >0 favours the text shown second): "
                  f"{show(summary['position_bias'])}; mean p(A)+p(B): "
-                 f"{show(summary['mean_answer_mass'], '.3f')}")
-    lines.append(f"{summary['elapsed_s']} s, {show(summary['prompts_per_s'], '.2f')} prompts/s; "
+                 f"{show(summary['mean_answer_mass'], '.3f')} over "
+                 f"{summary.get('answer_mass_answers', 0)} answers")
+    lines.append(f"this run: {summary['elapsed_s']} s, {show(summary['prompts_per_s'], '.2f')} prompts/s; "
                  f"requests {requests['requests']}, failed attempts "
                  f"{requests['failed_attempts']}, failed requests {requests['failed_requests']}, "
                  f"letter-only answers {summary['letter_only_answers']}")
