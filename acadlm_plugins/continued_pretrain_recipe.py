@@ -72,6 +72,7 @@ from acadlm_plugins.training.run_checks import (
     clean_interrupted_writes,
     clip_grad_norm,
     positive_int,
+    step_interval,
 )
 from acadlm_plugins.training.validation import evaluate_domain_losses, shifted_token_losses
 
@@ -124,9 +125,9 @@ class ContinuedPretrainRecipe:
         self._batch_size = positive_int(cfg, "batch_size")
         self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
         self._clip_grad_norm = clip_grad_norm(cfg)
-        self._log_every = positive_int(cfg, "log_every_n_steps", 1)
-        self._save_every = positive_int(cfg, "save_every_n_steps", self._max_steps)
-        self._keep_last = positive_int(cfg, "keep_last_n_checkpoints", 2)
+        self._log_every = step_interval(cfg, "log_every_n_steps", self._max_steps)
+        self._save_every = step_interval(cfg, "save_every_n_steps", self._max_steps)
+        self._keep_last = step_interval(cfg, "keep_last_n_checkpoints", self._max_steps)
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
         self._validation_losses = None  # set by recipes built on this one
@@ -141,7 +142,7 @@ class ContinuedPretrainRecipe:
         self._pm = build_plugin_manager(list(cfg.get("plugins", None) or []))
         self._pm.hook.acadlm_configure(cfg=cfg, recipe=self._recipe_name)
         self._check_keys(cfg)
-        self._eval_every = positive_int(cfg, "eval_every_n_steps", self._max_steps)
+        self._eval_every = step_interval(cfg, "eval_every_n_steps", self._max_steps)
         self._val_batch_size, self._val_max_packs = validation_settings(
             cfg, default_batch_size=self._batch_size, recipe=self._recipe_name)
         self._cfg = cfg

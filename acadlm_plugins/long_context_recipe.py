@@ -88,6 +88,7 @@ from acadlm_plugins.training.sequence_parallel import (
     new_sequence_parallel_group,
     shard_batch,
 )
+from acadlm_plugins.training.run_checks import step_interval
 from acadlm_plugins.training.validation import shifted_token_losses, target_token_losses
 
 log = utils.get_logger("INFO")
@@ -442,7 +443,7 @@ class LongContextRecipe(ContinuedPretrainRecipe):
                 self._stage, batch_size=self._batch_size, grad_accum=self._grad_accum,
                 data_parallel=self._data_world)
             OmegaConf.update(cfg, "max_steps", self._max_steps)
-            self._save_every = int(cfg.get("save_every_n_steps", None) or self._max_steps)
+            self._save_every = step_interval(cfg, "save_every_n_steps", self._max_steps)
         self._validation_losses = self._sequence_losses
         self._document_attention: DocumentAttention | None = None
         self._needs_mask = True  # decided in setup, once the device is known

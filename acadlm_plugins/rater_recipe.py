@@ -72,6 +72,7 @@ from acadlm_plugins.training.run_checks import (
     clean_interrupted_writes,
     clip_grad_norm,
     positive_int,
+    step_interval,
 )
 
 log = utils.get_logger("INFO")
@@ -159,10 +160,10 @@ class RaterRecipe:
         self._eval_batch_size = positive_int(cfg, "eval_batch_size", 2 * self._batch_size)
         self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
         self._clip_grad_norm = clip_grad_norm(cfg)
-        self._log_every = positive_int(cfg, "log_every_n_steps", 1)
-        self._eval_every = positive_int(cfg, "eval_every_n_steps", self._max_steps)
-        self._save_every = positive_int(cfg, "save_every_n_steps", self._max_steps)
-        self._keep_last = positive_int(cfg, "keep_last_n_checkpoints", 2)
+        self._log_every = step_interval(cfg, "log_every_n_steps", self._max_steps)
+        self._eval_every = step_interval(cfg, "eval_every_n_steps", self._max_steps)
+        self._save_every = step_interval(cfg, "save_every_n_steps", self._max_steps)
+        self._keep_last = step_interval(cfg, "keep_last_n_checkpoints", self._max_steps)
         self._max_tokens = positive_int(cfg, "max_tokens", 512)
         self._pooling = str(cfg.get("pooling", "last"))
         check_pooling(self._pooling)

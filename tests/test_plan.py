@@ -453,3 +453,43 @@ def test_tiny_config_headers_give_a_command_that_finds_tiny_setup():
     assert recipes["prune.yaml"] == "prune" and recipes["long_context.yaml"] == "long_context"
     assert recipes["qurating_train.yaml"] == "continued_pretrain"
     assert recipes["stock_qurating_selected.yaml"] == "sft"
+
+
+STEP_INTERVAL_CASES = [
+    ("eval_every_n_steps=-3", "eval_every_n_steps"),  # passed the old divisibility test
+    ("eval_every_n_steps=0", "eval_every_n_steps"),  # was a ZeroDivisionError
+    ("eval_every_n_steps=2.0", "eval_every_n_steps"),
+    ("log_every_n_steps=0", "log_every_n_steps"),
+    ("save_every_n_steps=-1", "save_every_n_steps"),
+    ("keep_last_n_checkpoints=0", "keep_last_n_checkpoints"),
+]
+
+
+@pytest.mark.parametrize("dynamic_batch_loading", [True, False])
+@pytest.mark.parametrize("override, key", STEP_INTERVAL_CASES)
+def test_step_intervals_are_refused_as_the_recipe_refuses_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture, override: str, key: str,
+        dynamic_batch_loading: bool):
+    """The planner reads the loop's step intervals with the recipe's own reader (after the
+    plugins, as the recipe does), so what a run refuses the plan refuses: exit 2, key named."""
+    overrides = [*tiny_overrides(tmp_path),
+                 f"dynamic_batch_loading.enabled={dynamic_batch_loading}", override]
+    assert main(["--config", str(CONFIGS / "tiny/continued_pretrain.yaml"), *overrides]) == 2
+    assert f"`{key}`" in capsys.readouterr().err
+    rater = [f"model_dir={model_dir(tmp_path, 'sheared-llama-1.3b')}", "judgments=x.jsonl",
+             override]
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / "sheared_llama/qurater_1.3b.yaml", rater)
+    assert err.value.key == key
+
+
+def test_the_recipes_and_the_planner_read_the_same_step_intervals():
+    """One reader serves every training loop and the planner, with the recipes' defaults."""
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.training.run_checks import STEP_INTERVAL_DEFAULTS, step_interval
+
+    empty = OmegaConf.create({})
+    assert {key: step_interval(empty, key, 7) for key in STEP_INTERVAL_DEFAULTS} == {
+        "log_every_n_steps": 1, "eval_every_n_steps": 7, "save_every_n_steps": 7,
+        "keep_last_n_checkpoints": 2}

@@ -32,7 +32,9 @@ from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.run_checks import (
     check_model_family,
     check_model_rope,
+    STEP_INTERVAL_DEFAULTS,
     positive_int,
+    step_interval,
 )
 
 PRUNING_PLUGIN = "acadlm_plugins.plugins.pruning:PruningPlugin"
@@ -58,6 +60,12 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
     pm = checks.configure_plugins(cfg, plan.recipe)
     checks.check_keys(cfg, plan.recipe, pm)
     plan.checked += ["plugin blocks (acadlm_configure)", "known and required keys"]
+    # As the recipe reads them, after the plugins (dynamic batch loading sets the evaluation
+    # interval); a long-context stage that derives max_steps from its budget reads them at 1.
+    steps = int(cfg.get("max_steps", None) or 1)
+    for key in STEP_INTERVAL_DEFAULTS:
+        step_interval(cfg, key, steps)
+    plan.checked.append("step intervals (" + ", ".join(STEP_INTERVAL_DEFAULTS) + ")")
     # The recipe's own check of the `validation:` block, made where its setup makes it.
     validation_settings(cfg, default_batch_size=batch, recipe=plan.recipe)
     plan.checked += ["validation block",

@@ -23,7 +23,12 @@ from acadlm_plugins.planning.estimates import NOT_CHECKED, memory_estimate, run_
 from acadlm_plugins.planning.model_shape import build_on_meta, summarize
 from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.run_checks import check_model_family, positive_int
+from acadlm_plugins.training.run_checks import (
+    STEP_INTERVAL_DEFAULTS,
+    check_model_family,
+    positive_int,
+    step_interval,
+)
 
 CHUNKED_LOSS = "CEWithChunkedOutputLoss"
 
@@ -40,6 +45,8 @@ def plan_rater(plan: TrainingPlan, cfg: DictConfig) -> None:
     batch = positive_int(cfg, "batch_size")
     accumulation = positive_int(cfg, "gradient_accumulation_steps", 1)
     max_tokens = positive_int(cfg, "max_tokens", 512)
+    for key in STEP_INTERVAL_DEFAULTS:
+        step_interval(cfg, key, steps)
     pooling = str(cfg.get("pooling", "last"))
     check_pooling(pooling)
     backbone_dir = Path(str(cfg.backbone_dir)).expanduser()

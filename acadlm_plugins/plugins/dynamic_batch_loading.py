@@ -101,7 +101,8 @@ class DynamicBatchLoadingPlugin:
         eval_every = cfg.get("eval_every_n_steps", None)
         if eval_every is None:
             cfg.eval_every_n_steps = self.update_interval
-        elif self.update_interval % int(eval_every):
+        elif self.update_interval % config_value(eval_every, "eval_every_n_steps", int,
+                                                 minimum=1):
             raise ConfigError(f"{CONFIG_KEY}.update_interval",
                               f"{self.update_interval} is not a multiple of eval_every_n_steps "
                               f"({eval_every}); weights are updated from evaluation losses.",

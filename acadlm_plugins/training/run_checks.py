@@ -41,6 +41,22 @@ def positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
     return value
 
 
+# The step intervals of the training loops and their defaults (None: the run's max_steps).
+STEP_INTERVAL_DEFAULTS: dict[str, int | None] = {
+    "log_every_n_steps": 1,
+    "eval_every_n_steps": None,
+    "save_every_n_steps": None,
+    "keep_last_n_checkpoints": 2,
+}
+
+
+def step_interval(cfg: DictConfig, key: str, max_steps: int) -> int:
+    """``cfg[key]``, one of :data:`STEP_INTERVAL_DEFAULTS`, as a positive integer: read the same
+    way by the recipes and by ``acadlm-plan``, so the planner refuses what a run would."""
+    default = STEP_INTERVAL_DEFAULTS[key]
+    return positive_int(cfg, key, max_steps if default is None else default)
+
+
 def clip_grad_norm(cfg: DictConfig) -> float | None:
     """``clip_grad_norm`` as a positive, finite number, or None (unset or null: no clipping).
     A negative maximum would flip every gradient (gradient ascent) and zero stop training."""
