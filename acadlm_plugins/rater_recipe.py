@@ -530,4 +530,6 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    from acadlm_plugins.training.runtime import run_main
+
+    sys.exit(run_main(recipe_main))

@@ -8,6 +8,7 @@ in a single process it is the plain local operation, so a recipe reads the same 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -19,6 +20,7 @@ from torchtune import training, utils
 from torchtune.training.metric_logging import MetricLoggerInterface
 from tqdm.auto import tqdm
 
+from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.training.checkpointing import Stateful, restore_rng_state
 from acadlm_plugins.training.components import instantiate_component
 
@@ -209,3 +211,32 @@ def run_recipe(cfg: DictConfig, recipe_class: Callable[[DictConfig], R],
     for stage in stages:
         stage(recipe)
     recipe.cleanup()
+
+
+TRACEBACK_ENV = "ACADLM_TRACEBACK"
+
+
+def run_main(recipe_main: Callable[[], object]) -> int:
+    """What ``tune run <recipe>`` runs: ``recipe_main()``, with our errors (a config key, a data
+    file, a missing default, a non-finite loss: each names its fix) printed as one line with
+    exit code 2 instead of a traceback, which would bury the fix; so is a ``???`` value left
+    unset. ``ACADLM_TRACEBACK=1`` shows
+    the traceback, for reporting a bug; errors that are not ours always show it."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        try:
+            recipe_main()
+        except MissingMandatoryValue as err:  # a `???` in the config that nobody filled in
+            key = getattr(err, "full_key", None) or "?"
+            raise ConfigError(key, "is `???` in the config: it has no default and must be "
+                              "given.", f"add `{key}=<value>` to the command line.") from err
+    except AcadlmError as err:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"error{where}: {err}\n(set {TRACEBACK_ENV}=1 to see the traceback)",
+              file=sys.stderr, flush=True)
+        return 2
+    return 0
