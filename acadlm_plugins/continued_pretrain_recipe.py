@@ -139,7 +139,11 @@ class ContinuedPretrainRecipe:
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, cfg: DictConfig) -> None:
-        self._pm = build_plugin_manager(list(cfg.get("plugins", None) or []))
+        # Logs are routed first: ACADLM_PLUGINS_TRACE's INFO lines for acadlm_configure (and any
+        # plugin's own) would be dropped otherwise. The manager normalises `plugins:` (a bare
+        # string is one entry).
+        route_package_logs()
+        self._pm = build_plugin_manager(cfg.get("plugins", None) or [])
         self._pm.hook.acadlm_configure(cfg=cfg, recipe=self._recipe_name)
         self._check_keys(cfg)
         self._eval_every = step_interval(cfg, "eval_every_n_steps", self._max_steps)
@@ -155,7 +159,6 @@ class ContinuedPretrainRecipe:
             log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
         # Nothing is written to output_dir until every check below has passed (the metric
         # logger comes last), so a refused run leaves an earlier run's folder as it was.
-        route_package_logs()
         resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
         # The weights a fresh run starts from, recorded at step 0 in every checkpoint: a resumed
         # run whose checkpoint_dir now holds other weights (re-exported at the same path) would
@@ -505,9 +508,11 @@ class ContinuedPretrainRecipe:
         runtime.close_process(self._distributed, self._metric_logger)
 
 
-def check_state_shapes(cfg: DictConfig, model: torch.nn.Module, model_state: dict) -> None:
+def check_state_shapes(cfg: DictConfig, model: torch.nn.Module, model_state: dict, *,
+                       prefix: str = "") -> None:
     """Refuse a checkpoint whose tensors have other shapes than the built model's (another
-    size of model), naming both keys, instead of torch's size-mismatch RuntimeError."""
+    size of model), naming both keys, instead of torch's size-mismatch RuntimeError.
+    ``prefix`` names a nested ``model``/``checkpointer`` pair (``"distillation.teacher."``)."""
     expected = model.state_dict()
     mismatched = [(name, tuple(value.shape), tuple(expected[name].shape))
                   for name, value in model_state.items()
@@ -518,13 +523,13 @@ def check_state_shapes(cfg: DictConfig, model: torch.nn.Module, model_state: dic
                          for name, saved, built in mismatched[:2])
     source = cfg.checkpointer.get("checkpoint_dir", None)
     raise ConfigError(
-        "model", f"builds another size of model than the checkpoint in "
-        f"`checkpointer.checkpoint_dir` ({source}) holds: {len(mismatched)} tensors differ in "
-        f"shape, e.g. {examples}.",
-        "set `model._component_` to a builder of the checkpoint's architecture, e.g. "
+        f"{prefix}model", f"builds another size of model than the checkpoint in "
+        f"`{prefix}checkpointer.checkpoint_dir` ({source}) holds: {len(mismatched)} tensors "
+        f"differ in shape, e.g. {examples}.",
+        f"set `{prefix}model._component_` to a builder of the checkpoint's architecture, e.g. "
         "`acadlm_plugins.models.decoder_from_hf_config` with `path:` the checkpoint folder "
-        "(it reads the folder's config.json), or point `checkpointer.checkpoint_dir` at a "
-        "checkpoint of the configured model.")
+        f"(it reads the folder's config.json), or point `{prefix}checkpointer.checkpoint_dir` "
+        "at a checkpoint of the configured model.")
 
 
 def validation_settings(cfg: DictConfig, *, default_batch_size: int,

@@ -1,19 +1,26 @@
 """The extension points of an acadlm training run.
 
-Every recipe of this package calls these hooks at the same moments, so a plugin written once
-works in continued pre-training, pruning, rater training and long-context training alike.
+The training recipes that share the continued pre-training loop call these hooks at the same
+moments: ``continued_pretrain_recipe``, ``prune_recipe`` and ``long_context_recipe``, so a
+plugin written once works in all three. The other recipes (rater training, annotation, judging,
+evaluation) build no plugin manager and call no hook; their configs refuse ``plugins:``.
 Hooks are called with keyword arguments; an implementation may accept any subset of them.
-Our own features (dynamic batch loading, metric collection, ...) are plugins built on these
-same hooks, with no private back door into the training loop.
+Our own features (the non-finite loss guard, dynamic batch loading, pruning, torchao, knowledge
+distillation) are plugins built on these same hooks, with no private back door into the
+training loop.
 
 A recipe calls the hooks in this order::
 
     acadlm_configure -> acadlm_prepare_model -> acadlm_model_built -> acadlm_data_ready
     -> acadlm_optimizer_param_groups -> [acadlm_load_state_dict on resume]
+    -> [acadlm_evaluation_end with step=0: a fresh run validates before its first step]
     -> per step: acadlm_batch_ready -> acadlm_extra_loss -> acadlm_after_optimizer_step
        -> every eval interval: acadlm_evaluation_end
        -> every save interval: acadlm_state_dict -> acadlm_checkpoint_saved
     -> acadlm_model_exported (the final model folder) -> acadlm_run_end
+
+Pruning hands over its materialized ``pruned_model`` instead, so there
+``acadlm_model_exported`` comes after ``acadlm_run_end``.
 """
 
 from __future__ import annotations
@@ -115,6 +122,9 @@ def acadlm_after_optimizer_step(step: int, metrics: dict) -> dict | None:
 @hookspec
 def acadlm_evaluation_end(step: int, domain_losses: dict, metrics: dict) -> dict | None:
     """Validation finished: ``domain_losses`` maps each domain name to its mean token loss.
+
+    Called with ``step=0`` before the first training step of a fresh run (not on resume), then
+    every ``eval_every_n_steps`` and after the last step.
 
     Return a dict of extra scalar metrics to log, or ``None``. Dynamic batch loading updates
     the domain weights here.

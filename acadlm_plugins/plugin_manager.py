@@ -13,6 +13,9 @@ Environment switches:
 
 ``ACADLM_PLUGINS_ALLOW=name1,name2``
     Load only these entry-point plugins (built-ins and the config's ``plugins:`` always load).
+    A name no installed package provides is a warning (with the closest installed name), not
+    an error: the allow-list is a way to leave plugins out, and a misspelled name leaves out
+    the plugin it meant.
 ``ACADLM_PLUGINS_DISABLE_AUTOLOAD=1``
     Load no entry-point plugins at all.
 ``ACADLM_PLUGINS_TRACE=1``
@@ -195,15 +198,7 @@ def _load_entry_points(allow: set[str] | None) -> list[tuple[str, object]]:
         importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
     )
     if allow is not None:
-        missing = allow - {ep.name for ep in entry_points}
-        if missing:
-            logger.warning(
-                "%s names %s, but no installed package provides such an entry point "
-                "(installed: %s).",
-                ALLOW_ENV,
-                ", ".join(sorted(missing)),
-                ", ".join(ep.name for ep in entry_points) or "none",
-            )
+        _warn_unknown_allowed(allow, [ep.name for ep in entry_points])
     loaded = []
     for ep in entry_points:
         if allow is not None and ep.name not in allow:
@@ -220,6 +215,31 @@ def _load_entry_points(allow: set[str] | None) -> list[tuple[str, object]]:
             ) from exc
         loaded.append((ep.name, obj))
     return loaded
+
+
+def _warn_unknown_allowed(allow: set[str], installed: list[str]) -> None:
+    """Warn about ``ACADLM_PLUGINS_ALLOW`` names that no installed entry point has, with the
+    closest installed name: a typo (``z_los``) would otherwise leave out the plugin it meant,
+    and every other installed one, behind a warning that does not say why."""
+    missing = sorted(allow - set(installed))
+    if not missing:
+        return
+    hints = [_with_suggestion(name, installed) for name in missing]
+    loaded = sorted(allow & set(installed))
+    logger.warning(
+        "%s names %s, but no installed package provides such an entry point (installed: %s; "
+        "of those, this run loads: %s).",
+        ALLOW_ENV,
+        ", ".join(hints),
+        ", ".join(installed) or "none",
+        ", ".join(loaded) if loaded else "none",
+    )
+
+
+def _with_suggestion(name: str, known: list[str]) -> str:
+    """``'name'``, followed by the closest of ``known`` as a did-you-mean when one is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"'{name}' (did you mean '{close[0]}'?)" if close else f"'{name}'"
 
 
 def _distribution_label(ep: importlib.metadata.EntryPoint) -> str:

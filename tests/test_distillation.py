@@ -153,6 +153,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("override, key", [
     ("distillation.kd_ratio=1.5", "distillation.kd_ratio"),
     ("distillation.temperature=0", "distillation.temperature"),
+    ("distillation.temperature=inf", "distillation.temperature"),  # a NaN loss at step 0
+    ("distillation.kd_ratio=true", "distillation.kd_ratio"),  # not read as 1.0
+    ("distillation.vocab_chunk_size=true", "distillation.vocab_chunk_size"),
     ("distillation.vocab_chunk_size=0", "distillation.vocab_chunk_size"),
     ("distillation.teacher_path=x", "distillation.teacher_path"),
     ("distillation.teacher.tokenizer=x", "distillation.teacher.tokenizer"),
@@ -417,3 +420,131 @@ def test_distillation_loss_is_the_token_weighted_mix_over_the_whole_step(tmp_pat
     assert logged(out, "distillation/kl")[1] == pytest.approx(kl, rel=1e-4)
     trained = logged(out, "loss")[1] + logged(out, "loss/distillation")[1]
     assert trained == pytest.approx((1 - ratio) * lm + ratio * kl, rel=1e-5)
+
+
+# ------------------------------------------------------------------ teacher checks, resume mode
+
+
+def _write_llama(folder: Path, **config: int) -> Path:
+    """A 2-layer, 64-dim Llama like the tiny model, with ``config`` changed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    settings = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "max_position_embeddings": 512, "rope_theta": 10_000.0,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": True, **config}
+    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["checkpoint_vocab_600", "builder_embed_dim_32"])
+def test_a_teacher_checkpoint_of_another_size_names_the_teacher_keys(tmp_path, monkeypatch, case):
+    """The student's shape check, run on the teacher: no torch size-mismatch RuntimeError."""
+    if case == "checkpoint_vocab_600":
+        teacher = _write_llama(tmp_path / "vocab_600", vocab_size=600)
+        override = f"distillation.teacher.checkpointer.checkpoint_dir={teacher}"
+        shapes = "`tok_embeddings.weight` is [600, 64] in the checkpoint, [512, 64] in the model"
+    else:
+        override = "distillation.teacher.model.embed_dim=32"
+        shapes = "`tok_embeddings.weight` is [512, 64] in the checkpoint, [512, 32] in the model"
+    with pytest.raises(ConfigError) as err, torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, distill_run_args(tmp_path, override))
+    assert err.value.key == "distillation.teacher.model"
+    message = str(err.value)
+    assert shapes in message
+    assert "`distillation.teacher.checkpointer.checkpoint_dir`" in message
+    assert "`distillation.teacher.model._component_`" in message
+    assert not latest_checkpoint(tmp_path / "run")
+
+
+def test_an_unknown_teacher_key_names_the_teacher_block_not_a_recipe(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError) as err:
+        run_recipe_main(monkeypatch, CONTINUED,
+                        distill_run_args(tmp_path, "distillation.teacher.checkpointr.x=1"))
+    assert err.value.key == "distillation.teacher.checkpointr"
+    assert "recipe" not in str(err.value)
+    assert "is not a key of `distillation.teacher`" in str(err.value)
+    assert "did you mean `distillation.teacher.checkpointer`?" in str(err.value)
+
+
+def test_a_missing_teacher_folder_names_the_folder_not_a_file_in_it(tmp_path, monkeypatch):
+    missing = tmp_path / "no_such_teacher"
+    with pytest.raises(ConfigError) as err, torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, distill_run_args(
+            tmp_path, f"distillation.teacher.checkpointer.checkpoint_dir={missing}"))
+    assert err.value.key == "distillation.teacher.checkpointer.checkpoint_dir"
+    assert f"{missing} is not a folder" in str(err.value)
+    assert "config.json" not in str(err.value)
+
+
+def test_a_missing_teacher_weight_file_is_named_in_one_sentence(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError) as err, torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, distill_run_args(
+            tmp_path, "distillation.teacher.checkpointer.checkpoint_files=[nope.safetensors]"))
+    assert err.value.key == "distillation.teacher.checkpointer.checkpoint_files"
+    assert "nope.safetensors" in str(err.value) and "model.safetensors" in str(err.value)
+    assert ".." not in str(err.value)
+
+
+class _FailingCheckpointer:
+    """A checkpointer whose load fails with a message that ends in a period, as torchtune's do."""
+
+    def __init__(self, checkpoint_dir: str, output_dir: str) -> None:
+        self.checkpoint_dir = checkpoint_dir
+
+    def load_checkpoint(self) -> dict:
+        raise ValueError(f"No file with name: x found in {self.checkpoint_dir}.")
+
+
+def test_a_teacher_that_fails_to_load_is_reported_without_a_double_period(tmp_path, monkeypatch):
+    import sys
+
+    from acadlm_plugins.plugins.distillation import load_teacher
+
+    module = type(sys)("_acadlm_failing_checkpointer")
+    module.Checkpointer = _FailingCheckpointer
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    teacher_cfg = OmegaConf.create({
+        "model": {"_component_": "acadlm_plugins.models.smollm2.tiny_llama"},
+        "checkpointer": {"_component_": "_acadlm_failing_checkpointer.Checkpointer",
+                         "checkpoint_dir": str(tmp_path)}})
+    with pytest.raises(ConfigError) as err:
+        load_teacher(teacher_cfg, dtype=torch.float32, device=torch.device("cpu"),
+                     output_dir=tmp_path)
+    assert err.value.key == "distillation.teacher.checkpointer"
+    assert f"found in {tmp_path}. Fix:" in str(err.value)
+
+
+def test_resuming_with_the_distillation_block_removed_or_added_is_refused(tmp_path, monkeypatch):
+    """A resumed run distils exactly when the run it resumes did; with the same block it
+    resumes as before."""
+    first = ["max_steps=2", "save_every_n_steps=2"]
+    distilled = distill_run_args(tmp_path / "kd", *first)
+    plain = tiny_run_args(tmp_path / "plain", *first)
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, distilled)
+        run_recipe_main(monkeypatch, CONTINUED, plain)
+
+    without_block = [a for a in distilled if not a.startswith("distillation.")]
+    with pytest.raises(ConfigError) as err, torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, [*without_block, "max_steps=4"])
+    assert err.value.key == "distillation"
+    assert "trained with distillation" in str(err.value)
+    assert "restore the `distillation:` block" in str(err.value)
+    assert "new `output_dir`" in str(err.value)
+
+    with pytest.raises(ConfigError) as err, torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED,
+                        [*plain, *distillation_args(tmp_path / "plain" / "tiny_model"),
+                         "max_steps=4"])
+    assert err.value.key == "distillation"
+    assert "trained without distillation" in str(err.value)
+    assert "new `output_dir`" in str(err.value)
+    for run in ("kd", "plain"):
+        assert latest_checkpoint(tmp_path / run / "run").name == "step_000002"
+
+    with torch_threads():  # the block as it was: resumes
+        run_recipe_main(monkeypatch, CONTINUED, [*distilled, "max_steps=4"])
+    assert latest_checkpoint(tmp_path / "kd" / "run").name == "step_000004"
+    assert sorted(logged(tmp_path / "kd" / "run", "distillation/kl")) == [1, 2, 3, 4]

@@ -100,6 +100,22 @@ def test_allow_list_excludes_entry_points_not_named(installed_example, monkeypat
     assert list_plugins(build_plugin_manager(builtins=(GUARD,))) == [GUARD, "z_loss"]
 
 
+def test_misspelled_allow_name_warns_with_the_closest_installed_name(installed_example,
+                                                                      monkeypatch, caplog):
+    """``ACADLM_PLUGINS_ALLOW=z_los`` leaves every installed plugin out; the warning says
+    which name was meant, so the user sees why the plugin does not run."""
+    monkeypatch.setenv(ALLOW_ENV, "z_los")
+    logger = logging.getLogger("acadlm_plugins.plugin_manager")
+    logger.addHandler(caplog.handler)  # the package logger may not propagate (route_package_logs)
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            assert list_plugins(build_plugin_manager(builtins=(GUARD,))) == [GUARD]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "'z_los' (did you mean 'z_loss'?)" in caplog.text
+    assert "installed: z_loss; of those, this run loads: none" in caplog.text
+
+
 def test_allow_list_never_excludes_config_plugins(installed_example, monkeypatch):
     monkeypatch.setenv(ALLOW_ENV, "some_other_plugin")
     pm = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
@@ -312,10 +328,15 @@ def test_example_plugin_changes_the_training_loss_and_metrics(example_on_path):
     )
 
 
-def test_example_plugin_config_error_names_key(example_on_path):
+@pytest.mark.parametrize("value", [-1, "abc", True, float("inf"), None])
+def test_example_plugin_config_error_names_key(example_on_path, value):
+    """A typo, a boolean or an infinite coefficient is a ConfigError naming the key (as
+    docs/plugins.md promises), not a bare ValueError or a coefficient of 1.0."""
     pm = build_plugin_manager([Z_LOSS], builtins=())
-    with pytest.raises(ConfigError, match="z_loss_coefficient"):
-        pm.hook.acadlm_configure(cfg={"z_loss_coefficient": -1}, recipe="prune")
+    with pytest.raises(ConfigError, match="z_loss_coefficient") as error:
+        pm.hook.acadlm_configure(cfg={"z_loss_coefficient": value}, recipe="prune")
+    assert error.value.key == "z_loss_coefficient"
+    assert "Fix:" in str(error.value)
 
 
 # --- non-finite loss guard -------------------------------------------------------------------

@@ -65,7 +65,7 @@ def configure_plugins(cfg: DictConfig, recipe: str) -> Any:
     if block and block.get("float8", None) not in (None, False, "none", "null") and \
             not torch.cuda.is_available():
         OmegaConf.update(cfg, "torchao.float8", None)
-    pm = build_plugin_manager(list(cfg.get("plugins", None) or []))
+    pm = build_plugin_manager(cfg.get("plugins", None) or [])  # the manager normalises it
     pm.hook.acadlm_configure(cfg=cfg, recipe=recipe)
     return pm
 

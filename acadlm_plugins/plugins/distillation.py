@@ -35,14 +35,18 @@ forward) and released after that micro-batch's backward.
 
 Nothing the teacher does changes between steps, so resuming is exact without extra state; the
 checkpoint stores only a fingerprint of the teacher's weights, and a resumed run whose teacher
-differs stops with a ConfigError naming ``distillation.teacher``. Only recipes whose loop hands
-the logits to ``acadlm_extra_loss`` can distil (``continued_pretrain``, ``prune``).
+differs stops with a ConfigError naming ``distillation.teacher``; so does resuming a distilled
+run without the block, or a plain run with one (naming ``distillation``). Only recipes whose loop
+hands the logits to ``acadlm_extra_loss`` can distil (``continued_pretrain``, ``prune``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +56,23 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import training
 
+from acadlm_plugins.continued_pretrain_recipe import check_state_shapes
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
 from acadlm_plugins.training.chunked_loss import shifted_targets
 from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.config_checks import reject_unknown_keys
+from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
 from acadlm_plugins.training.distillation_loss import (
     DEFAULT_VOCAB_CHUNK_SIZE,
     forward_kl_chunked,
     output_projection_weight,
     teacher_final_hidden,
 )
-from acadlm_plugins.training.run_checks import check_model_family, check_model_rope
+from acadlm_plugins.training.run_checks import (
+    check_checkpoint_source,
+    check_model_family,
+    check_model_rope,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +123,10 @@ class DistillationPlugin:
             raise ConfigError(f"{CONFIG_KEY}.kd_ratio", f"must be in [0, 1], got {self.kd_ratio}.",
                               "0 trains on the LM loss alone, 1 on the KD loss alone.")
         self.temperature = _number(block, "temperature", 1.0)
-        if not self.temperature > 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            # T = inf makes every z / T zero and the KD term T^2 * 0 a NaN loss at step 0.
             raise ConfigError(f"{CONFIG_KEY}.temperature",
-                              f"must be > 0, got {self.temperature}.",
+                              f"must be a finite number > 0, got {self.temperature}.",
                               "use 1.0 for the teacher's own distribution, >1 to soften it.")
         chunk = _number(block, "vocab_chunk_size", DEFAULT_VOCAB_CHUNK_SIZE)
         if not chunk.is_integer() or chunk < 1:
@@ -211,7 +221,8 @@ class DistillationPlugin:
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
-        if not self.enabled or STATE_KEY not in states:
+        check_resumed_with_same_mode(states.get(STATE_KEY), enabled=self.enabled)
+        if not self.enabled:
             return
         saved = states[STATE_KEY]["teacher"]
         if saved["weights"] != self.fingerprint["weights"]:
@@ -229,6 +240,24 @@ class DistillationPlugin:
                                    "last_kl": self._last_kl}
 
 
+def check_resumed_with_same_mode(saved: dict | None, *, enabled: bool) -> None:
+    """A resumed run distils exactly when the run it resumes did: dropping the block (or adding
+    one to a plain run's checkpoint) would silently switch the loss mid-run. ``saved`` is the
+    checkpoint's distillation state (None: the run had no teacher)."""
+    if saved is not None and not enabled:
+        raise ConfigError(CONFIG_KEY, "is absent, but the checkpoint being resumed was trained "
+                          "with distillation (teacher loaded from "
+                          f"{saved['teacher']['checkpoint_dir']}); resuming without it would "
+                          "switch the loss mid-run.",
+                          "restore the `distillation:` block the run started with, or start a "
+                          "new `output_dir` to train without a teacher.")
+    if saved is None and enabled:
+        raise ConfigError(CONFIG_KEY, "is set, but the checkpoint being resumed was trained "
+                          "without distillation; adding a teacher would switch the loss mid-run.",
+                          "remove the `distillation:` block to resume the run as it was, or "
+                          "start a new `output_dir` to distil from step 0.")
+
+
 def check_teacher_block(teacher: Any) -> None:
     """``distillation.teacher`` must hold a ``model`` and a ``checkpointer`` block, nothing else."""
     if not teacher:
@@ -239,7 +268,9 @@ def check_teacher_block(teacher: Any) -> None:
     if not isinstance(teacher, DictConfig):
         raise ConfigError(TEACHER_KEY, f"must be a mapping, got {teacher!r}.",
                           "give it `model:` and `checkpointer:` blocks.")
-    reject_unknown_keys(teacher, TEACHER_KEYS, recipe="distilling", prefix=f"{TEACHER_KEY}.")
+    reject_unknown_keys(teacher, TEACHER_KEYS, recipe="", prefix=f"{TEACHER_KEY}.",
+                        problem=f"is not a key of `{TEACHER_KEY}`, which holds only "
+                        "`model` and `checkpointer`.")
     for key in sorted(TEACHER_KEYS):
         node = teacher.get(key, None)
         if not isinstance(node, DictConfig) or "_component_" not in node:
@@ -258,6 +289,8 @@ def load_teacher(teacher_cfg: DictConfig, *, dtype: torch.dtype, device: torch.d
     the recipe has created already.
     """
     check_model_family(teacher_cfg, prefix=f"{TEACHER_KEY}.")
+    with _teacher_keys():  # a missing folder or weight file, named before anything is built
+        check_checkpoint_source(teacher_cfg)
     with _rng_untouched(device), training.set_default_dtype(dtype), device:
         teacher = _instantiate(teacher_cfg, "model")
     # A teacher built otherwise than its checkpoint's config.json (another RoPE) would load
@@ -271,8 +304,11 @@ def load_teacher(teacher_cfg: DictConfig, *, dtype: torch.dtype, device: torch.d
         raise
     except Exception as exc:
         raise ConfigError(f"{TEACHER_KEY}.checkpointer", f"cannot load the teacher's weights: "
-                          f"{type(exc).__name__}: {exc}.",
+                          f"{type(exc).__name__}: {str(exc).rstrip('.')}.",
                           "check its checkpoint_dir, checkpoint_files and model_type.") from exc
+    # The student's check, under the teacher's keys: another size of model than the checkpoint
+    # is named instead of torch's size-mismatch RuntimeError from load_state_dict.
+    check_state_shapes(teacher_cfg, teacher, state, prefix=f"{TEACHER_KEY}.")
     missing, unexpected = teacher.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("output.")]:
         raise ConfigError(f"{TEACHER_KEY}.model", f"the teacher's checkpoint does not fit it: "
@@ -310,8 +346,17 @@ def vocab_size_of(model: nn.Module) -> int:
 def _instantiate(teacher_cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """:func:`instantiate_component` for a block of ``distillation.teacher``, naming the full
     key in its errors."""
-    try:
+    with _teacher_keys():
         return instantiate_component(teacher_cfg, key, **kwargs)
+
+
+@contextmanager
+def _teacher_keys() -> Iterator[None]:
+    """Re-raise a ConfigError of a check run on the ``distillation.teacher`` block itself under
+    the key the user wrote (``checkpointer.checkpoint_dir`` becomes
+    ``distillation.teacher.checkpointer.checkpoint_dir``), its problem and fix kept."""
+    try:
+        yield
     except ConfigError as err:
         problem = str(err).split("`: ", 1)[-1]
         raise ConfigError(f"{TEACHER_KEY}.{err.key}", problem) from err
@@ -335,9 +380,6 @@ def _rng_untouched(device: torch.device) -> Any:
 
 
 def _number(block: DictConfig, key: str, default: float) -> float:
-    value = block.get(key, default)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{CONFIG_KEY}.{key}", f"must be a number, got {value!r}.",
-                          "write a plain number, e.g. 0.5.") from None
+    """``distillation.<key>`` as a float, through :func:`config_value`: a typo or a boolean
+    (``kd_ratio: true``, which ``float()`` would read as 1.0) stops the run, naming the key."""
+    return float(config_value(block.get(key, default), f"{CONFIG_KEY}.{key}", float))

@@ -9,12 +9,14 @@ and counts the steps it has penalised, a count that survives checkpoint and resu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from acadlm_plugins import hookimpl
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training.config_checks import config_value
 
 __all__ = ["ZLossPlugin"]
 
@@ -34,11 +36,14 @@ class ZLossPlugin:
 
     @hookimpl
     def acadlm_configure(self, cfg: Any) -> None:
-        coefficient = float(cfg.get("z_loss_coefficient", self.coefficient))
-        if not coefficient >= 0:
+        # Checked before anything is built: a typo (`abc`), a boolean, a negative or infinite
+        # value stops the run with a ConfigError naming the key, not a bare ValueError.
+        value = cfg.get("z_loss_coefficient", self.coefficient)
+        coefficient = config_value(value, "z_loss_coefficient", float, minimum=0)
+        if not math.isfinite(coefficient):
             raise ConfigError(
                 "z_loss_coefficient",
-                f"must be a number >= 0, got {coefficient}.",
+                f"must be a finite number >= 0, got {coefficient}.",
                 "use a small value such as 1.0e-4, or 0 to switch the term off.",
             )
         self.coefficient = coefficient
