@@ -15,7 +15,11 @@ before anything is exported), and exported as a Hugging Face checkpoint under
 
 ``pruning.method: importance`` is the one-shot baseline (Minitron): no mask training; the
 units with the largest activations on the calibration sequences are kept and the target is
-materialized and exported directly.
+materialized and exported directly. Its ``pruning_summary.json`` records what the export was
+made from (the config values a resumed learned run must match, and the source's weight-file
+fingerprint); a rerun on the same ``output_dir`` reuses that export instead of ranking and
+slicing again, as a finished learned run resumes from its last checkpoint, and refuses one made
+from another config (or, under ``resume: false``, any) rather than overwrite it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,16 +35,27 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
-from acadlm_plugins.errors import AcadlmError
+from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.pruning.architecture import architecture_of
 from acadlm_plugins.pruning.export import export_pruned_model
 from acadlm_plugins.pruning.masks import MaskHooks
 from acadlm_plugins.pruning.materialize import kept_units, materialize
+from acadlm_plugins.training.checkpointing import (
+    _first_difference,
+    check_starting_weights,
+    config_values,
+    starting_weights_fingerprint,
+)
 from acadlm_plugins.training.components import instantiate_component
 
 log = utils.get_logger("INFO")
 
+RECIPE_NAME = "prune"
 PRUNED_MODEL_DIRNAME = "pruned_model"
+SUMMARY_FILENAME = "pruning_summary.json"
+# In a one-shot run's pruning_summary.json: what its export was made from (see
+# `one_shot_inputs`), compared on a rerun to reuse the export instead of pruning again.
+ONE_SHOT_INPUTS_KEY = "one_shot_inputs"
 # In pruning_summary.json, for masks started from importance: per mask type, the units kept
 # at the end and how many of them the one-shot choice (step 0) did not keep.
 CHOICE_KEY = "changed_from_importance_init"
@@ -58,7 +74,7 @@ class PruneRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self._cfg = cfg
-        self._trainer = ContinuedPretrainRecipe(cfg, recipe_name="prune")
+        self._trainer = ContinuedPretrainRecipe(cfg, recipe_name=RECIPE_NAME)
         self._trainer.example_config = "configs/smollm2/135M_to_85M_prune.yaml"
         self._trainer.exports_final_model = False  # the pruned model is exported below
         self._trainer.resume_must_match = (*self._trainer.resume_must_match, "pruning")
@@ -67,6 +83,15 @@ class PruneRecipe:
         self._trainer.setup(cfg)
         self._pruning = self._trainer.plugin_manager.get_plugin(
             "acadlm_plugins.plugins.pruning:PruningPlugin")
+        # One-shot runs write no checkpoint: what a learned run's resume checks against its
+        # checkpoint, a one-shot run checks against its summary (after the same config checks,
+        # on the config as the run reads it), before any ranking or export.
+        self._one_shot_inputs: dict[str, Any] | None = None
+        self._reused_one_shot: dict[str, Any] | None = None
+        if self._pruning.method == "importance":
+            self._one_shot_inputs = one_shot_inputs(cfg, self._trainer.resume_must_match)
+            self._reused_one_shot = reusable_one_shot(
+                self._trainer.output_dir, self._one_shot_inputs, cfg.get("resume", "auto"))
 
     @property
     def trains_masks(self) -> bool:
@@ -78,6 +103,8 @@ class PruneRecipe:
     def materialize_and_export(self) -> dict[str, Any] | None:
         """Slice the final model, check it against the masked model, export it; a summary."""
         if self._pruning.method == "importance":
+            if self._reused_one_shot is not None:
+                return self._report_reused_one_shot(self._reused_one_shot)
             return self.one_shot_prune_and_export()
         started = time.perf_counter()
         state = self._trainer.full_model_state()
@@ -114,6 +141,9 @@ class PruneRecipe:
         state = self._trainer.full_model_state()
         if not self._trainer.is_rank_zero:
             return None
+        # A summary left from an earlier export (of an older version: none with the same
+        # inputs reaches here) must not vouch for the model folder this run rewrites.
+        (self._trainer.output_dir / SUMMARY_FILENAME).unlink(missing_ok=True)
         with training.set_default_dtype(COMPARISON_DTYPE):
             source = instantiate_component(self._cfg, "model")
         source.load_state_dict(state, strict=False)
@@ -124,7 +154,20 @@ class PruneRecipe:
         losses["pruned"] = self._evaluate(pruned)
         log.info("one-shot importance pruning over %d calibration sequences (%d tokens)",
                  scores.num_sequences, scores.num_tokens)
-        return self._export(pruned, target, started, losses, kept_layers=kept_layers)
+        return self._export(pruned, target, started, losses, kept_layers=kept_layers,
+                            record={ONE_SHOT_INPUTS_KEY: self._one_shot_inputs})
+
+    def _report_reused_one_shot(self, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """A rerun of a finished one-shot run: say so and print the summary of the export it
+        keeps (rank 0), as a finished learned run resumes at its last step."""
+        if not self._trainer.is_rank_zero:
+            return None
+        log.info("one-shot pruning resumed: %s was exported from this config and source "
+                 "(%s), so it is kept as it is and nothing is ranked or sliced again (a new "
+                 "`output_dir` prunes afresh)", summary["pruned_model_dir"],
+                 self._trainer.output_dir / SUMMARY_FILENAME)
+        print(format_pruning_summary(summary), flush=True)
+        return summary
 
     def _source_losses(self) -> dict[str, float]:
         """The source model's validation losses: the run's step-0 evaluation (the mask hooks are
@@ -161,7 +204,8 @@ class PruneRecipe:
 
     def _export(self, pruned: torch.nn.Module, target: Any, started: float,
                 losses: dict[str, dict[str, float]], *, kept_layers: list[int],
-                choice: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+                choice: dict[str, dict[str, int]] | None = None,
+                record: dict[str, Any] | None = None) -> dict[str, Any]:
         source = self._pruning.source
         achieved = architecture_of(pruned)
         dest = self._trainer.output_dir / PRUNED_MODEL_DIRNAME
@@ -190,15 +234,74 @@ class PruneRecipe:
             summary["max_abs_loss_diff_masked_vs_pruned"] = max(
                 abs(losses["masked"][d] - losses["pruned"][d]) for d in losses["pruned"])
         for result in self._trainer.plugin_manager.hook.acadlm_model_exported(
-                model_dir=str(dest), recipe="prune"):
+                model_dir=str(dest), recipe=RECIPE_NAME):
             summary.update(result or {})
-        (self._trainer.output_dir / "pruning_summary.json").write_text(
-            json.dumps(summary, indent=2))
+        summary.update(record or {})
+        (self._trainer.output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2))
         print(format_pruning_summary(summary), flush=True)
         return summary
 
     def cleanup(self) -> None:
         self._trainer.cleanup()
+
+
+def one_shot_inputs(cfg: DictConfig, must_match: tuple[str, ...]) -> dict[str, Any]:
+    """What a one-shot export is a function of, as JSON values: the config values a resumed
+    learned run must match (model, data, tokenizer, seed, the ``pruning`` block with target and
+    calibration, ...) and the fingerprint of the source's weight files, the two things a
+    learned run's checkpoints record for its resume."""
+    inputs = {"config": config_values(cfg, must_match, recipe=RECIPE_NAME),
+              "starting_weights": starting_weights_fingerprint(cfg)}
+    return json.loads(json.dumps(inputs))  # as a summary reads back (tuples become lists)
+
+
+def reusable_one_shot(output_dir: Path, inputs: dict[str, Any], resume: object
+                      ) -> dict[str, Any] | None:
+    """The summary of the one-shot export in ``output_dir`` if it was made from ``inputs``: a
+    rerun keeps it rather than rank and slice again (in bf16 on a GPU a near-tie could flip and
+    change the weights the one-shot arm's continued pre-training started from). None when
+    there is nothing to reuse (no summary, one written by an older version, or its model
+    folder gone): the run prunes. An export made from other inputs is refused as a learned
+    run's resume on a changed config is, naming the first key that differs; under ``resume:
+    false`` any export is refused rather than overwritten."""
+    summary = _read_summary(output_dir / SUMMARY_FILENAME)
+    if (summary is None or summary.get("method") != "importance"
+            or ONE_SHOT_INPUTS_KEY not in summary
+            or not (output_dir / PRUNED_MODEL_DIRNAME / "config.json").is_file()):
+        return None
+    if str(resume).lower() == "false":
+        raise ConfigError("resume", f"`output_dir` {output_dir} already holds a one-shot pruned "
+                          f"model ({PRUNED_MODEL_DIRNAME}, {SUMMARY_FILENAME}) and resume is "
+                          "false, so it would be overwritten.", "set `resume: auto` to keep "
+                          "it, or choose a new `output_dir`.")
+    recorded = summary[ONE_SHOT_INPUTS_KEY]
+    check_same_config(recorded.get("config", {}), inputs["config"], output_dir / SUMMARY_FILENAME)
+    check_starting_weights(recorded.get("starting_weights"), inputs["starting_weights"],
+                           output_dir / PRUNED_MODEL_DIRNAME)
+    return summary
+
+
+def check_same_config(recorded: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    """Refuse a one-shot rerun whose config values differ from those its export recorded in
+    ``where``, as ``load_resume_state`` refuses a learned run's: the error names the first
+    dotted key that differs (``pruning.target.embed_dim``). Keys an older version did not
+    record are not compared."""
+    for key, value in now.items():
+        if key in recorded and recorded[key] != value:
+            name, before, after = _first_difference(key, recorded[key], value)
+            raise ConfigError(name, f"differs from the one-shot pruned model in {where.parent} "
+                              f"(recorded in {where.name}): was {before}, is {after}.",
+                              f"restore `{name}` as it was, or choose a new `output_dir`.")
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """A ``pruning_summary.json``, or None if there is none or it cannot be read (a run killed
+    while writing it): then there is nothing to reuse."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _load_source_model(cfg: DictConfig) -> torch.nn.Module:

@@ -493,3 +493,79 @@ def test_the_recipes_and_the_planner_read_the_same_step_intervals():
     assert {key: step_interval(empty, key, 7) for key in STEP_INTERVAL_DEFAULTS} == {
         "log_every_n_steps": 1, "eval_every_n_steps": 7, "save_every_n_steps": 7,
         "keep_last_n_checkpoints": 2}
+
+
+def test_evaluation_count_is_what_the_training_loop_does():
+    """One evaluation at step 0, then after every step `runtime.is_due` says (every interval-th
+    step and the last), for intervals below, at and above the number of steps."""
+    from acadlm_plugins.planning.loop_recipes import evaluation_count
+    from acadlm_plugins.training.runtime import is_due
+
+    for steps in range(1, 13):
+        for interval in range(1, 15):
+            loop = 1 + sum(is_due(step, interval, steps) for step in range(1, steps + 1))
+            assert evaluation_count(steps, interval) == loop, (steps, interval)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    # dynamic batch loading sets the unset interval to its update interval (tiny prune: 5)
+    ([], ("evaluation every 5 steps (eval_every_n_steps unset: "
+          "dynamic_batch_loading.update_interval): 7 evaluations of the validation packs in 30 "
+          "steps")),
+    (["eval_every_n_steps=1", "max_steps=4", "pruning.lagrangian_warmup_steps=2",
+      "dynamic_batch_loading.update_interval=2"],
+     ("evaluation every 1 steps (eval_every_n_steps): 5 evaluations of the validation packs in "
+      "4 steps")),
+    (["dynamic_batch_loading.enabled=False", "max_steps=7", "pruning.lagrangian_warmup_steps=2"],
+     "evaluation every 7 steps (eval_every_n_steps unset: max_steps): 2 evaluations"),
+])
+def test_the_plan_says_how_often_and_how_many_times_the_run_evaluates(
+        tmp_path: Path, capsys: pytest.CaptureFixture, overrides: list[str], line: str):
+    plan = plan_config(CONFIGS / "tiny/prune.yaml", [*tiny_overrides(tmp_path), *overrides])
+    evaluations = [note for note in plan.notes if note.startswith("evaluation every")]
+    assert len(evaluations) == 1 and line in evaluations[0], evaluations
+    assert "and 2 after training (the masked and the materialized model)" in evaluations[0]
+    assert not any("update_interval is" in note for note in plan.notes)
+    assert main(["--config", str(CONFIGS / "tiny/prune.yaml"), *tiny_overrides(tmp_path),
+                 *overrides]) == 0
+    assert line in " ".join(capsys.readouterr().out.split())
+    one_shot = plan_config(CONFIGS / "tiny/prune.yaml",
+                           [*tiny_overrides(tmp_path), *overrides, "pruning.method=importance"])
+    assert not any(note.startswith("evaluation every") for note in one_shot.notes)  # no steps
+
+
+@pytest.mark.parametrize("max_steps, words", [
+    (4, ("dynamic_batch_loading.update_interval is 5 and the run has 4 steps: no domain-weight "
+         "update ever happens")),
+    (5, ("dynamic_batch_loading.update_interval is 5 and the run has 5 steps: the only "
+         "domain-weight update comes after the last step")),
+    (6, None),  # one update, after step 5: step 6 trains on the new weights
+])
+def test_the_plan_notes_an_update_interval_that_never_changes_the_training_mixture(
+        tmp_path: Path, max_steps: int, words: str | None):
+    plan = plan_config(CONFIGS / "tiny/continued_pretrain.yaml",
+                       [*tiny_overrides(tmp_path), "dynamic_batch_loading.update_interval=5",
+                        f"max_steps={max_steps}", f"save_every_n_steps={max_steps}"])
+    notes = [note for note in plan.notes if "update_interval is" in note]
+    if words is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and words in notes[0] and "dataset.weights" in notes[0]
+    assert any(note.startswith("evaluation every 5 steps") for note in plan.notes)
+
+
+@pytest.mark.parametrize("value", ["typo", "TensorWise", "true"])
+def test_a_mistyped_float8_recipe_is_refused_on_a_machine_without_cuda(
+        tmp_path: Path, capsys: pytest.CaptureFixture, value: str):
+    """Without CUDA the plan sets a valid float8 name aside (the GPU is checked at run time),
+    but a name no GPU could run is refused as the recipe refuses it."""
+    overrides = [*tiny_overrides(tmp_path), f"torchao.float8={value}"]
+    assert main(["--config", str(CONFIGS / "tiny/continued_pretrain.yaml"), *overrides]) == 2
+    assert "`torchao.float8`" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the set-aside applies without CUDA")
+def test_a_valid_float8_recipe_is_set_aside_without_cuda(tmp_path: Path):
+    plan = plan_config(CONFIGS / "tiny/continued_pretrain.yaml",
+                       [*tiny_overrides(tmp_path), "torchao.float8=rowwise"])
+    assert plan.recipe == "continued_pretrain"

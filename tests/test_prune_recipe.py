@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from recipe_runs import run_recipe_main
-from tiny_setup import REPO_ROOT, tiny_run_args
+from tiny_setup import REPO_ROOT, tiny_run_args, write_tiny_checkpoint
 
 from acadlm_plugins import hookimpl
 from acadlm_plugins.errors import ConfigError
@@ -302,3 +302,59 @@ def test_a_resumed_run_takes_the_masks_from_the_checkpoint_without_calibrating(t
     again = pruning_summary(tmp_path / "run")
     assert again["changed_from_importance_init"] == first["changed_from_importance_init"]
     assert again["val_loss"]["pruned"] == pytest.approx(first["val_loss"]["pruned"], abs=1e-5)
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file of ``folder`` by name: its modification time (ns) and its bytes."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())
+            if p.is_file()}
+
+
+def test_a_rerun_one_shot_prune_keeps_its_export_and_refuses_a_changed_config(
+        tmp_path, monkeypatch, caplog):
+    """A finished one-shot run is resumed as a finished learned run is: rerun with the same
+    config it ranks and slices nothing and leaves pruned_model as it was (on a GPU in bf16 a
+    near-tie could otherwise flip and change the weights the one-shot arm continues from);
+    rerun with another target or `resume: false` it is refused naming the key, as the learned
+    path refuses, and the export stays untouched."""
+    from acadlm_plugins.plugins.pruning import PruningPlugin
+
+    settings = prune_args(tmp_path, "pruning.method=importance",
+                          "pruning.calibration.num_sequences=8")
+    calibrations = []
+    importance = PruningPlugin.importance
+
+    def counted(self, *args, **kwargs):
+        calibrations.append(1)
+        return importance(self, *args, **kwargs)
+
+    monkeypatch.setattr(PruningPlugin, "importance", counted)
+    out = run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", settings)
+    assert len(calibrations) == 1
+    exported, summary = folder_state(out / "pruned_model"), folder_state(out)
+    assert "model.safetensors" in exported and "pruning_summary.json" in summary
+    first = pruning_summary(out)
+    assert first["one_shot_inputs"]["config"]["pruning"]["target"] == TINY_TARGET
+
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", settings)
+    assert len(calibrations) == 1  # nothing ranked again
+    assert folder_state(out / "pruned_model") == exported
+    assert folder_state(out)["pruning_summary.json"] == summary["pruning_summary.json"]
+    assert any("one-shot pruning resumed" in r.getMessage() for r in caplog.records)
+    assert not any("one-shot importance pruning over" in r.getMessage() for r in caplog.records)
+
+    with pytest.raises(ConfigError, match=r"`pruning.target.embed_dim`: differs from the one-shot"):
+        run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe",
+                        [*settings, "pruning.target.embed_dim=32"])
+    with pytest.raises(ConfigError) as err:
+        run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", [*settings, "resume=false"])
+    assert err.value.key == "resume" and "would be overwritten" in str(err.value)
+    write_tiny_checkpoint(tmp_path / "tiny_model", seed=1)  # other source weights, same path
+    with pytest.raises(ConfigError) as err:
+        run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", settings)
+    assert err.value.key == "checkpointer.checkpoint_dir" and "changed" in str(err.value)
+    assert len(calibrations) == 1
+    assert folder_state(out / "pruned_model") == exported
+    assert pruning_summary(out) == first

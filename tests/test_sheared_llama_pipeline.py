@@ -21,14 +21,16 @@ import pipeline
 from pipeline import DEFAULT_CONTINUE, DEFAULT_PRUNE, compare, token_budget
 
 
-def run_pipeline(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def tiny_pipeline_args(tmp_path: Path, *extra: str) -> list[str]:
+    """The pipeline's arguments for the tiny configs in ``tmp_path`` (model and corpus written
+    there once), with ``extra`` last."""
     model, corpus = tmp_path / "tiny_model", tmp_path / "tiny_corpus"
     if not model.exists():
         write_tiny_checkpoint(model)
         write_tiny_corpus(corpus)
     data = [f"dataset.data_dir={corpus}", f"validation_dataset.data_dir={corpus}"]
-    command = [
-        sys.executable, str(PIPELINE), "--output-dir", str(tmp_path / "out"),
+    return [
+        "--output-dir", str(tmp_path / "out"),
         "--prune-config", str(REPO_ROOT / "configs/tiny/prune.yaml"),
         "--continue-config", str(REPO_ROOT / "configs/tiny/continued_pretrain.yaml"),
         *[f"--set=prune:{o}" for o in (f"checkpointer.checkpoint_dir={model}", *data,
@@ -39,6 +41,10 @@ def run_pipeline(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
             *data, "model._component_=acadlm_plugins.models.llama.llama_from_hf_config",
             "~model.vocab_size", "max_steps=4", "save_every_n_steps=4")],
         *extra]
+
+
+def run_pipeline(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(PIPELINE), *tiny_pipeline_args(tmp_path, *extra)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
            "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1", "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -104,8 +110,15 @@ def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
     assert "validation loss (nats/token)" in first.stdout
     assert "ours: kept units the importance initialization did not keep: layer " in first.stdout
     assert "changed_from_importance_init" in summary["pruning"]
+    exported = {p.name: p.read_bytes() for p in (out / "one_shot/prune/pruned_model").iterdir()}
+    assert "one-shot importance pruning over 8 calibration sequences" in first.stderr
     second = run_pipeline(tmp_path, *importance_init)  # resumes: no stage trains again
     assert "resumed at step 4 of 4" in second.stdout + second.stderr
+    # nor is the one-shot model ranked and sliced again: its export is kept, byte for byte
+    assert "one-shot importance pruning over" not in second.stdout + second.stderr
+    assert "one-shot pruning resumed" in second.stderr
+    assert exported == {p.name: p.read_bytes()
+                        for p in (out / "one_shot/prune/pruned_model").iterdir()}
 
 
 # ---------------------------------------------------------------- inputs, refused up front
@@ -138,6 +151,43 @@ def test_bad_inputs_stop_before_any_stage_naming_the_flag_or_key(tmp_path, monke
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    # 7 does not divide the prune stage's dynamic batch loading interval (3 here)
+    ("--set=prune:eval_every_n_steps=7", "prune:dynamic_batch_loading.update_interval"),
+    ("--set=continue:eval_every_n_steps=0", "continue:eval_every_n_steps"),
+    ("--set=prune:pruning.calibration.num_sequences=0", "prune:pruning.calibration.num_sequences"),
+    ("--set=continue:dynamic_batch_loading.eta=-1", "continue:dynamic_batch_loading.eta"),
+    ("--set=continue:optimizer.lr_typo=1", "continue:optimizer.lr_typo"),
+    ("--set=continue:validation.batch_sise=8", "continue:validation.batch_sise"),
+])
+def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_first_stage(
+        tmp_path, monkeypatch, capsys, override, key):
+    """Every run's config is checked as its recipe checks it before the first stage runs, so
+    a bad value of any stage is refused at once (exit 2, `<stage>:<key>`), not after the
+    stages before it have run."""
+    with pytest.raises(SystemExit) as exited:
+        run_main(monkeypatch, *tiny_pipeline_args(tmp_path, override))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"`{key}`" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_tiny_pipelines_runs_all_pass_the_up_front_checks(tmp_path, monkeypatch):
+    """The checks pass the runs the tiny pipeline makes, on the overrides each run gets."""
+    ran = []
+
+    def stop_at_first_stage(recipe, config, overrides, nproc):
+        ran.append((recipe, list(overrides)))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "tune_run", stop_at_first_stage)
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", *tiny_pipeline_args(tmp_path)])
+    with pytest.raises(SystemExit):
+        pipeline.main()
+    assert len(ran) == 1 and ran[0][0] == "acadlm_plugins/prune_recipe"
 
 
 def test_stages_that_would_compare_other_sequence_lengths_are_refused_naming_both(tmp_path):
@@ -229,3 +279,20 @@ def test_the_full_configs_documented_pipeline_command_is_complete_and_consistent
     known, written = recipe_keys("continued_pretrain")[0], OmegaConf.load(continue_config)
     for key in (o.split("=")[0] for o in extra["continue"]):
         assert key in known or OmegaConf.select(written, key) is not None, key
+
+
+def test_the_full_configs_header_gives_the_share_its_target_keeps():
+    """The header's parameter counts are the source's and the target's (about 30%, not a
+    third), and the config keeps the reference's uniform mask init its docs describe."""
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.pruning.architecture import architecture_from_hf_config, resolve_target
+
+    cfg = OmegaConf.load(FULL)
+    source = architecture_from_hf_config(pipeline.source_dir(FULL))
+    target = resolve_target(source, OmegaConf.to_container(cfg.pruning.target))
+    kept, total = target.non_embedding_params(), source.non_embedding_params()
+    header = " ".join(line.lstrip("# ") for line in FULL.read_text().splitlines()[:3])
+    assert f"about {round(100 * kept / total)}% of its non-embedding parameters ({kept:,} of " \
+        f"{total:,})" in header
+    assert cfg.pruning.mask_init == "uniform"

@@ -57,12 +57,15 @@ def check_unset_keys(cfg: DictConfig) -> None:
 
 def configure_plugins(cfg: DictConfig, recipe: str) -> Any:
     """The run's plugin manager after every plugin's ``acadlm_configure`` check (which may fill
-    in defaults on ``cfg``, as in the recipe). A float8 request is set aside when this machine
-    has no CUDA device: whether the training GPU supports it cannot be checked here."""
+    in defaults on ``cfg``, as in the recipe). A valid float8 recipe name is set aside when this
+    machine has no CUDA device (whether the training GPU supports it cannot be checked here);
+    any other value is checked as the recipe checks it."""
     from acadlm_plugins.plugin_manager import build_plugin_manager
+    from acadlm_plugins.training.float8 import RECIPES as FLOAT8_RECIPES
 
     block = cfg.get("torchao", None)
-    if block and block.get("float8", None) not in (None, False, "none", "null") and \
+    # Only a valid name is set aside: a typo is still refused by the plugin, as in the recipe.
+    if isinstance(block, DictConfig) and block.get("float8", None) in FLOAT8_RECIPES and \
             not torch.cuda.is_available():
         OmegaConf.update(cfg, "torchao.float8", None)
     pm = build_plugin_manager(cfg.get("plugins", None) or [])  # the manager normalises it

@@ -30,48 +30,34 @@ from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.pruning.architecture import resolve_target
 from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.run_checks import (
+    STEP_INTERVAL_DEFAULTS,
     check_model_family,
     check_model_rope,
-    STEP_INTERVAL_DEFAULTS,
     positive_int,
     step_interval,
 )
 
 PRUNING_PLUGIN = "acadlm_plugins.plugins.pruning:PruningPlugin"
 DISTILLATION_PLUGIN = "acadlm_plugins.plugins.distillation:DistillationPlugin"
+DYNAMIC_BATCH_LOADING_PLUGIN = (
+    "acadlm_plugins.plugins.dynamic_batch_loading:DynamicBatchLoadingPlugin")
 
 
 def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
     """Fill ``plan`` for a prune, continued_pretrain or long_context config."""
-    from acadlm_plugins.continued_pretrain_recipe import (
-        ContinuedPretrainRecipe,
-        validation_settings,
-    )
+    from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
 
     world = plan.world_size
     stage, sp_degree = _long_context_stage(cfg, world) if plan.recipe == "long_context" else (
         None, 1)
     if stage is not None:
         plan.checked.append("long_context block (lengths, θ, budget) and sequence_parallel")
+    # Read before the plugins: dynamic batch loading fills in an unset evaluation interval.
+    eval_given = cfg.get("eval_every_n_steps", None) is not None
+    pm, checked = check_loop_settings(cfg, plan.recipe, needs_max_steps=stage is None)
+    plan.checked += checked
     batch = positive_int(cfg, "batch_size")
     accumulation = positive_int(cfg, "gradient_accumulation_steps", 1)
-    if stage is None or cfg.get("max_steps", None) is not None:
-        positive_int(cfg, "max_steps")
-    pm = checks.configure_plugins(cfg, plan.recipe)
-    checks.check_keys(cfg, plan.recipe, pm)
-    plan.checked += ["plugin blocks (acadlm_configure)", "known and required keys"]
-    # As the recipe reads them, after the plugins (dynamic batch loading sets the evaluation
-    # interval); a long-context stage that derives max_steps from its budget reads them at 1.
-    steps = int(cfg.get("max_steps", None) or 1)
-    for key in STEP_INTERVAL_DEFAULTS:
-        step_interval(cfg, key, steps)
-    plan.checked.append("step intervals (" + ", ".join(STEP_INTERVAL_DEFAULTS) + ")")
-    # The recipe's own check of the `validation:` block, made where its setup makes it.
-    validation_settings(cfg, default_batch_size=batch, recipe=plan.recipe)
-    plan.checked += ["validation block",
-                     "components: " + ", ".join(checks.check_components(cfg))]
-    check_model_family(cfg)
-    plan.checked.append("model family and checkpointer.model_type")
     dtype = run_dtype(cfg, plan)
 
     extra: dict[str, Any] = {}
@@ -115,6 +101,9 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
     if one_shot:
         _note_one_shot(plan, pruning, length, str(cfg.get("device", "cpu") or "cpu"))
         steps, steps_from = 0, "pruning.method: importance (no training)"
+    else:
+        _note_evaluations(plan, cfg, pm, steps, eval_given=eval_given,
+                          materializes=pruning is not None)
     if checks.check_schedule(cfg, steps):
         plan.checked.append(f"lr_scheduler for {steps} steps")
     plan.budget = TokenBudget(length, batch, accumulation, data_parallel, 1, per_step, steps,
@@ -138,6 +127,75 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
         plan.memory = replace(plan.memory, activations_checkpointed=forward,
                               activations_full=forward)
     plan.not_checked = list(NOT_CHECKED)
+
+
+def check_loop_settings(cfg: DictConfig, recipe: str, *, needs_max_steps: bool = True
+                        ) -> tuple[Any, list[str]]:
+    """The refusals a loop recipe makes from its config alone, in the recipe's order: batch,
+    accumulation and ``max_steps`` (unless ``needs_max_steps`` is False: a long-context stage
+    may derive it from its budget), the plugins' ``acadlm_configure`` checks, the known and
+    required keys, the step intervals (after the plugins, as the recipe reads them: dynamic
+    batch loading sets the evaluation interval), the ``validation:`` block, every component's
+    import path and arguments, and the family of an HF checkpoint folder that exists. No model
+    is built and no weight or data file read, so a pipeline can check every stage's config
+    before the first stage runs (recipes/sheared_llama/pipeline.py). Returns the plugin
+    manager and what was checked, for the plan."""
+    from acadlm_plugins.continued_pretrain_recipe import validation_settings
+
+    batch = positive_int(cfg, "batch_size")
+    positive_int(cfg, "gradient_accumulation_steps", 1)
+    if needs_max_steps or cfg.get("max_steps", None) is not None:
+        positive_int(cfg, "max_steps")
+    pm = checks.configure_plugins(cfg, recipe)
+    checks.check_keys(cfg, recipe, pm)
+    # A long-context stage that derives max_steps from its budget reads them at 1 here.
+    steps = int(cfg.get("max_steps", None) or 1)
+    for key in STEP_INTERVAL_DEFAULTS:
+        step_interval(cfg, key, steps)
+    # The recipe's own check of the `validation:` block, made where its setup makes it.
+    validation_settings(cfg, default_batch_size=batch, recipe=recipe)
+    components = checks.check_components(cfg)
+    check_model_family(cfg)
+    return pm, ["plugin blocks (acadlm_configure)", "known and required keys",
+                "step intervals (" + ", ".join(STEP_INTERVAL_DEFAULTS) + ")",
+                "validation block", "components: " + ", ".join(components),
+                "model family and checkpointer.model_type"]
+
+
+def evaluation_count(steps: int, interval: int) -> int:
+    """Evaluations a fresh run of ``steps`` steps makes: at step 0, after every ``interval``-th
+    step, and after the last one if that is not such a step (``runtime.is_due``)."""
+    return 1 + steps // interval + (1 if steps % interval else 0)
+
+
+def _note_evaluations(plan: TrainingPlan, cfg: DictConfig, pm: Any, steps: int, *,
+                      eval_given: bool, materializes: bool) -> None:
+    """Say how often the run evaluates and how many evaluations that makes (each is a pass
+    over the validation packs), and when dynamic batch loading would never change the domain
+    weights a step trains on (an update interval at or above the number of steps)."""
+    interval = step_interval(cfg, "eval_every_n_steps", steps)
+    loading = _enabled(pm, DYNAMIC_BATCH_LOADING_PLUGIN)
+    if eval_given:
+        source = "eval_every_n_steps"
+    elif loading is not None:
+        source = "eval_every_n_steps unset: dynamic_batch_loading.update_interval"
+    else:
+        source = "eval_every_n_steps unset: max_steps"
+    after = (" and 2 after training (the masked and the materialized model)"
+             if materializes else "")
+    plan.notes.append(
+        f"evaluation every {interval:,} steps ({source}): {evaluation_count(steps, interval):,} "
+        f"evaluations of the validation packs in {steps:,} steps (at step 0, at every multiple "
+        f"of {interval:,} and at the last step){after}.")
+    if loading is None or (steps - 1) // loading.update_interval > 0:
+        return
+    when = ("no domain-weight update ever happens" if loading.update_interval > steps
+            else "the only domain-weight update comes after the last step")
+    plan.notes.append(
+        f"dynamic_batch_loading.update_interval is {loading.update_interval:,} and the run has "
+        f"{steps:,} steps: {when}, so every step trains on dataset.weights as given and dynamic "
+        "batch loading changes nothing. Set update_interval below the number of steps "
+        "(Sheared-LLaMA: 50 in 3,200 pruning steps), or disable it.")
 
 
 def _long_context_stage(cfg: DictConfig, world: int) -> tuple[Any, int]:

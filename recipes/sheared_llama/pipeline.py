@@ -9,8 +9,10 @@
 Three arms reach the same target shape and train on the same number of tokens (pruning tokens
 + continued pre-training tokens):
 
-``ours``          learned hard-concrete masks (importance-initialized) with distillation from
-                  the source, then continued pre-training with distillation;
+``ours``          learned hard-concrete masks with distillation from the source, started as
+                  the prune config's ``pruning.mask_init`` says (importance in the demo config,
+                  uniform, the reference's, in configs/smollm2/135M_to_50M_prune_full.yaml),
+                  then continued pre-training with distillation;
 ``one_shot``      Minitron one-shot importance pruning (no mask training), then the same
                   continued pre-training for all of the tokens;
 ``from_scratch``  the target shape with random weights (drawn with the run's ``seed``, the
@@ -18,7 +20,12 @@ Three arms reach the same target shape and train on the same number of tokens (p
                   the small model yourself" baseline).
 
 Every stage is an ordinary ``tune run`` of one of our recipes, so each can be run, resumed or
-changed on its own; rerunning the pipeline resumes every stage from its outputs.
+changed on its own; rerunning the pipeline resumes every stage from its outputs (a training
+stage from its newest checkpoint; the one-shot prune stage keeps its export when its
+``pruning_summary.json`` says the same config and source weights made it, and refuses a changed
+config naming the key). Before the first stage runs, every run's config (with the overrides
+that run gets) is checked as its recipe checks it before loading anything, so a bad value of a
+late stage is refused up front, naming ``<stage>:<key>``.
 ``--set STAGE:key=value`` (STAGE: prune, continue) adds an override to every run of that recipe
 (the token budget follows ``max_steps``/``batch_size`` overrides too). Both stages must
 validate on the same packs at the same sequence length (``dataset.max_seq_len``,
@@ -85,38 +92,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     out, nproc = args.output_dir, args.nproc_per_node
     extra = stage_overrides(args.extra, STAGES, example="continue:max_steps=20")
+    dirs = arm_dirs(out)
+    configs = {"prune": args.prune_config, "continue": args.continue_config}
     try:
         check_same_validation(args.prune_config, args.continue_config,
                               extra["prune"], extra["continue"])
         budget = token_budget(args.prune_config, args.continue_config, nproc,
                               extra["prune"], extra["continue"])
         seed = run_seed(args.prune_config, extra["prune"])
+        cont_cfg = with_overrides(OmegaConf.load(args.continue_config), extra["continue"])
+        check_stage_configs(configs, arm_runs(args.baselines), lambda arm, stage: run_overrides(
+            arm, stage, dirs, extra, budget, cont_cfg,
+            source_reference_overrides(cont_cfg, PLACEHOLDER_LOSSES)))
     except ConfigError as err:  # before any stage runs: the key and the fix, no traceback
         print(f"pipeline.py: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    dirs = arm_dirs(out)
 
     # ours: learned masks, then continued pre-training
     tune_run("acadlm_plugins/prune_recipe", args.prune_config,
-             [*extra["prune"], f"output_dir={dirs['ours']['prune']}"], nproc)
+             run_overrides("ours", "prune", dirs, extra, budget, cont_cfg), nproc)
     pruning = read_json(dirs["ours"]["prune"] / "pruning_summary.json")
     source_losses = pruning["val_loss"]["source"]
-    cont_cfg = with_overrides(OmegaConf.load(args.continue_config), extra["continue"])
     reference = source_reference_overrides(cont_cfg, source_losses)
     ours_model = dirs["ours"]["prune"] / "pruned_model"
     tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-             [*extra["continue"], f"output_dir={dirs['ours']['continued']}",
-              *model_overrides(ours_model), *reference], nproc)
+             run_overrides("ours", "continue", dirs, extra, budget, cont_cfg, reference), nproc)
 
     if args.baselines == "all":
         # one-shot importance pruning, then continued pre-training on all the tokens
         tune_run("acadlm_plugins/prune_recipe", args.prune_config,
-                 [*extra["prune"], f"output_dir={dirs['one_shot']['prune']}",
-                  "pruning.method=importance"], nproc)
+                 run_overrides("one_shot", "prune", dirs, extra, budget, cont_cfg), nproc)
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-                 [*extra["continue"], f"output_dir={dirs['one_shot']['continued']}",
-                  *model_overrides(dirs["one_shot"]["prune"] / "pruned_model"),
-                  f"max_steps={budget['baseline_steps']}", *reference], nproc)
+                 run_overrides("one_shot", "continue", dirs, extra, budget, cont_cfg,
+                               reference), nproc)
         # the same shape from random weights, the same tokens, no teacher
         from acadlm_plugins.pruning.scratch import write_random_init_model
 
@@ -124,10 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not init.exists():
             write_random_init_model(ours_model, init, seed=seed)
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-                 [*extra["continue"], f"output_dir={dirs['from_scratch']['continued']}",
-                  *model_overrides(init),
-                  f"max_steps={budget['baseline_steps']}", *without_teacher(cont_cfg),
-                  *reference], nproc)
+                 run_overrides("from_scratch", "continue", dirs, extra, budget, cont_cfg,
+                               reference), nproc)
 
     arms = [arm for arm in ARMS if (dirs[arm]["continued"] / "summary.json").exists()
             and (args.baselines == "all" or arm == "ours")]
@@ -152,6 +158,34 @@ def arm_dirs(out: Path) -> dict[str, dict[str, Path]]:
                          "continued": out / "one_shot" / "continued"},
             "from_scratch": {"init": out / "from_scratch" / "init_model",
                              "continued": out / "from_scratch" / "continued"}}
+
+
+def arm_runs(baselines: str) -> list[tuple[str, str]]:
+    """The (arm, stage) runs of the pipeline, in the order it runs them."""
+    ours = [("ours", "prune"), ("ours", "continue")]
+    if baselines != "all":
+        return ours
+    return [*ours, ("one_shot", "prune"), ("one_shot", "continue"),
+            ("from_scratch", "continue")]
+
+
+def run_overrides(arm: str, stage: str, dirs: dict[str, dict[str, Path]],
+                  extra: dict[str, list[str]], budget: dict[str, int], cont_cfg: Any,
+                  reference: Sequence[str] = ()) -> list[str]:
+    """The overrides of ``arm``'s run of ``stage``: the stage's ``--set`` ones, then where it
+    writes, what it starts from and (continue) the baselines' equal-token ``max_steps``, the
+    from-scratch arm's lack of a teacher and the dynamic batch loading ``reference``."""
+    if stage == "prune":
+        method = ["pruning.method=importance"] if arm == "one_shot" else []
+        return [*extra["prune"], f"output_dir={dirs[arm]['prune']}", *method]
+    start = (dirs[arm]["init"] if arm == "from_scratch"
+             else dirs[arm]["prune"] / "pruned_model")
+    out = [*extra["continue"], f"output_dir={dirs[arm]['continued']}", *model_overrides(start)]
+    if arm != "ours":
+        out.append(f"max_steps={budget['baseline_steps']}")
+    if arm == "from_scratch":
+        out += without_teacher(cont_cfg)
+    return [*out, *reference]
 
 
 def model_overrides(model_dir: Path) -> list[str]:
@@ -253,6 +287,49 @@ def _setting(cfg: Any, key: str) -> Any:
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         return value
+
+
+# Stands in for the source's losses (measured by the prune stage) when the continue stages'
+# configs are checked up front: the check needs only the keys they are passed in.
+PLACEHOLDER_LOSSES = {"source": 1.0}
+# The recipe each stage runs, as acadlm-plan names it.
+PLAN_RECIPES = {"prune": "prune", "continue": "continued_pretrain"}
+
+
+def check_stage_configs(configs: dict[str, Path], runs: Sequence[tuple[str, str]],
+                        overrides: Any) -> None:
+    """Make, before any stage runs, the refusals every run's recipe makes from its config
+    alone (acadlm-plan's ``check_loop_settings``: plugin blocks, known keys, step intervals,
+    validation block, components; and the learning-rate schedule over its steps), on the
+    config and overrides (``overrides(arm, stage)``) that run will get. A bad ``--set
+    prune:eval_every_n_steps=7`` then stops the pipeline at once, naming ``prune:<key>``, not
+    when its stage starts after hours of earlier ones."""
+    for arm, stage in runs:
+        check_stage_config(stage, configs[stage], overrides(arm, stage), arm=arm)
+
+
+def check_stage_config(stage: str, config: Path, overrides: Sequence[str], *, arm: str) -> None:
+    """One run's config checks (see :func:`check_stage_configs`); a refusal is re-raised as a
+    ConfigError naming ``<stage>:<key>`` and the arm whose run it is. The plugins' warnings are
+    left to the run itself, which prints them when it starts."""
+    import logging
+
+    from acadlm_plugins.planning.checks import check_schedule, check_unset_keys
+    from acadlm_plugins.planning.loading import load_config
+    from acadlm_plugins.planning.loop_recipes import check_loop_settings
+
+    logging.disable(logging.WARNING)
+    try:
+        cfg = load_config(config, overrides)
+        check_unset_keys(cfg)
+        check_loop_settings(cfg, PLAN_RECIPES[stage])
+        check_schedule(cfg, int(cfg.max_steps))
+    except ConfigError as err:
+        problem = str(err).split("`: ", 1)[-1]
+        raise ConfigError(f"{stage}:{err.key}", f"(the {arm} arm's {stage} run) {problem}"
+                          ) from err
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def run_seed(prune_config: Path, overrides: Sequence[str] = ()) -> int:
