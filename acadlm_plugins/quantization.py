@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "model_quantized.pt"
 DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (32, 64, 128, 256)
+DEVICE_TYPES = ("cpu", "cuda")  # int4 packing: Int4CPULayout on CPU, tinygemm's on CUDA
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -63,13 +64,70 @@ def check_group_size(group_size: Any, *, field: str) -> int:
     return int(group_size)
 
 
+def check_device(device: Any, *, field: str) -> torch.device:
+    """``device`` as a torch device this process can put the copy on; a ConfigError naming
+    ``field`` otherwise (a typo such as ``cdua``, a type we cannot pack int4 weights for, or
+    CUDA on a build or machine without it), instead of torch's raw RuntimeError or
+    ``AssertionError: Torch not compiled with CUDA enabled`` halfway through."""
+    try:
+        parsed = torch.device(str(device))
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(field, f"{device!r} is not a device ({err}).",
+                          f"use one of {list(DEVICE_TYPES)}, e.g. cuda or cuda:1.") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise ConfigError(field, f"is {device!r}; quantized copies are made for "
+                          f"{list(DEVICE_TYPES)} only.", "use cpu or cuda.")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ConfigError(field, f"is {device!r}, but CUDA is not available in this "
+                              f"process (torch {torch.__version__}, CUDA build: "
+                              f"{torch.version.cuda or 'no'}).",
+                              "make the copy on a machine with a CUDA GPU and torch's CUDA "
+                              "build, or use --device cpu (a CPU copy runs on CPU only).")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(field, f"is {device!r}, but this machine has {count} CUDA "
+                              "device(s).", f"use cuda:0 ... cuda:{count - 1}.")
+    return parsed
+
+
+def linear_in_features(model: torch.nn.Module) -> dict[str, int]:
+    """The input width of every ``nn.Linear`` of ``model``, by name (activation-checkpoint
+    wrappers left out of the names): what an int4 group must divide."""
+    return {name.replace("._checkpoint_wrapped_module", ""): module.in_features
+            for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def check_int4_fit(in_features: Mapping[str, int], group_size: int, *, field: str,
+                   model: str = "model") -> list[str]:
+    """The linear layers (of ``in_features``, name to input width) an int4 copy with
+    ``group_size`` leaves unquantized, as torchao does: those whose width the group size does
+    not divide. A ConfigError naming ``field`` when that is every layer, so that a recipe can
+    refuse before training rather than fail at the export after it."""
+    skipped = sorted(name for name, width in in_features.items() if width % group_size)
+    if in_features and len(skipped) == len(in_features):
+        widths = sorted(set(in_features.values()))
+        fits = [size for size in GROUP_SIZES if any(w % size == 0 for w in widths)]
+        fix = (f"use a group size that divides some of them ({fits})" if fits else
+               "no int4 group size divides them")
+        raise ConfigError(field, f"is {group_size}, but no linear layer of the {model} has an "
+                          f"input width that is a multiple of it (widths {widths}): the "
+                          "int4_weight_only copy would quantize nothing.",
+                          f"{fix}, or use int8_weight_only.")
+    return skipped
+
+
 def scheme_dtype(scheme: str) -> torch.dtype:
     """The activation dtype a quantized copy runs in (torchao's int4 kernels need bfloat16)."""
     return torch.bfloat16 if scheme == "int4_weight_only" else torch.float32
 
 
 def torchao_config(scheme: str, *, device: torch.device, group_size: int = DEFAULT_GROUP_SIZE):
-    """The ``torchao.quantization`` config of ``scheme`` for weights that will run on ``device``."""
+    """The ``torchao.quantization`` config of ``scheme`` for weights that will run on ``device``.
+
+    int4 uses the config's version 1 (``AffineQuantizedTensor`` with a device layout), which
+    our loader and copies expect; the ``version`` field exists from torchao 0.13 (the lower
+    bound in pyproject.toml), and 0.14 makes version 2 the default (hence the ``<0.14`` cap)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     if scheme == "int8_weight_only":
@@ -141,7 +199,7 @@ def check_destination(final: Path, source: Path, scheme: str, *, field: str) -> 
 def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str | None = None,
                          group_size: int = DEFAULT_GROUP_SIZE, device: str = "cpu",
                          field: str = "quantized_export", dest_field: str | None = None,
-                         source_field: str | None = None) -> Path:
+                         source_field: str | None = None, device_field: str = "device") -> Path:
     """Write a ``scheme`` copy of the model folder ``model_dir``; returns its folder.
 
     The folder appears complete or not at all (written under a temporary name, then renamed).
@@ -149,7 +207,7 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
     which is replaced; anything else there is refused before any work
     (:func:`check_destination`, naming ``dest_field``, by default ``field``). A ``model_dir``
     that is missing or already a quantized copy is refused naming ``source_field`` (by default
-    ``field``).
+    ``field``), a ``device`` this process cannot use naming ``device_field``.
     """
     from acadlm_plugins.evaluation.lm_adapter import load_decoder
 
@@ -157,6 +215,7 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
     if scheme is None:
         raise ConfigError(field, "is empty.", f"name a scheme: {list(SCHEMES)}.")
     group_size = check_group_size(group_size, field=f"{field} group_size")
+    target = check_device(device, field=device_field)
     source = Path(model_dir).expanduser().resolve()
     if not (source / "config.json").is_file():
         raise ConfigError(source_field or field, f"{source} is not a model folder (no "
@@ -166,7 +225,6 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
                           "quantize the unquantized model folder it was made from.")
     final = Path(dest).expanduser().resolve() if dest else default_destination(source, scheme)
     check_destination(final, source, scheme, field=dest_field or field)
-    target = torch.device(device)
     dtype = scheme_dtype(scheme)
     model = load_decoder(source, max_seq_len=None, device=target, dtype=dtype)
     report = quantize_decoder(model, scheme, device=target, group_size=group_size)
@@ -287,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     group_size=args.group_size, device=args.device,
                                     field="--scheme",
                                     dest_field="--output" if args.output else "--scheme",
-                                    source_field="model_dir")
+                                    source_field="model_dir", device_field="--device")
     except AcadlmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -298,6 +356,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["QUANTIZATION_FILE", "SCHEMES", "QuantizedExportCheckpointer", "check_scheme",
-           "is_quantized_copy", "load_quantized_decoder", "quantize_decoder",
-           "write_quantized_copy"]
+__all__ = ["QUANTIZATION_FILE", "SCHEMES", "QuantizedExportCheckpointer", "check_device",
+           "check_int4_fit", "check_scheme", "is_quantized_copy", "linear_in_features",
+           "load_quantized_decoder", "quantize_decoder", "write_quantized_copy"]

@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 OPTIMIZERS = ("torch.optim.AdamW", "torchao.optim.AdamW8bit", "torchao.optim.AdamW4bit")
+POLL_SECONDS = 1.0  # how often the parent checks that a child is still alive
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,19 +80,18 @@ def _loss(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
 def run_optimizer(component: str, windows: torch.Tensor, steps: int, lr: float,
                   threads: int, queue) -> None:
     """Child process: load, train ``steps`` steps, report (see the module docstring)."""
-    from torchtune.config._utils import _get_component_from_path
-
+    from acadlm_plugins._compat import component_from_path
     from acadlm_plugins.defaults.paths import require_default_model
     from acadlm_plugins.training.optimizers import optimizer_state_bytes
     from acadlm_plugins.training.step_probe import load_smollm2
 
+    builder = component_from_path(component)  # a mistyped path fails before the model loads
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     windows = windows.clone()
     model = load_smollm2(require_default_model(), max_seq_len=windows.shape[1],
                          rope_base=100_000.0, activation_checkpointing=False)
-    optimizer = _get_component_from_path(component)(model.parameters(), lr=lr,
-                                                    betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = builder(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     rss_loaded = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak from here on is the steps' own
     losses, seconds, state = [], [], None
@@ -114,6 +116,29 @@ def run_optimizer(component: str, windows: torch.Tensor, steps: int, lr: float,
                "losses": losses, "held_out_loss": sum(held_out) / len(held_out)})
 
 
+def child_result(child: Any, results: Any, component: str, *,
+                 poll_seconds: float = POLL_SECONDS) -> dict[str, Any]:
+    """The row ``child`` puts on ``results``, waiting as long as the child lives.
+
+    A bare ``results.get()`` waited forever when the child died before reporting (a mistyped
+    ``--optimizers`` path, an out-of-memory kill): now the child's exit is noticed and
+    reported (its traceback is already on stderr) with SystemExit naming the optimizer."""
+    while True:
+        try:
+            return results.get(timeout=poll_seconds)
+        except queue_module.Empty:
+            if child.exitcode is None:
+                continue  # still training
+            try:  # it may have reported just before it exited
+                return results.get(timeout=poll_seconds)
+            except queue_module.Empty:
+                raise SystemExit(f"error: the {component} run exited with code "
+                                 f"{child.exitcode} without a result; its error is above "
+                                 "(a mistyped --optimizers path, for one), or a negative "
+                                 "code names the signal that killed it (9: out of "
+                                 "memory).") from None
+
+
 def main() -> None:
     args = parse_args()
     components = [c for c in args.optimizers.split(",") if c]
@@ -125,8 +150,14 @@ def main() -> None:
         child = context.Process(target=run_optimizer, args=(component, windows, args.steps,
                                                             args.lr, args.threads, queue))
         child.start()
-        rows.append(queue.get())
-        child.join()
+        try:
+            rows.append(child_result(child, queue, component))
+        except BaseException:
+            if child.is_alive():
+                child.terminate()  # interrupted: do not leave it training
+            raise
+        finally:
+            child.join()
         print(f"done: {component}", flush=True)
     base = rows[0]
     print(f"\nSmolLM2-135M, fp32, {args.steps} steps x {args.seq_len} tokens, lr {args.lr}, "

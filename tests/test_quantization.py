@@ -106,3 +106,50 @@ def test_our_own_previous_copy_is_replaced(outputs):
     assert (model / "model.safetensors").is_file()
     assert sorted(p.name for p in outputs.iterdir()) == ["model", "notes.txt", "q"]  # no scratch
     assert (dest / QUANTIZATION_FILE).is_file()
+
+
+# ------------------------------------------------------------------ --device, int4 fit, pin
+
+
+@pytest.mark.parametrize(("device", "words"), [
+    ("cdua", "is not a device"), ("meta", "cpu or cuda"),
+    pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="this machine has CUDA"))])
+def test_cli_refuses_a_device_it_cannot_use_naming_it(outputs, no_work, capsys, device,
+                                                      words) -> None:
+    """``--device cuda`` on a CPU build raised ``AssertionError: Torch not compiled with CUDA
+    enabled`` and ``--device cdua`` a raw RuntimeError, both with a traceback."""
+    code = quantize_cli([str(outputs / "model"), "--scheme", "int4_weight_only",
+                         "--device", device])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith("error: config `--device`") and words in error, error
+    assert "Fix:" in error and not (outputs / "model-int4_weight_only").exists()
+
+
+def test_int4_fit_lists_skipped_layers_and_refuses_when_none_fit() -> None:
+    from acadlm_plugins.quantization import check_int4_fit
+
+    widths = {"layers.0.attn.q_proj": 64, "layers.0.mlp.w2": 128}
+    assert check_int4_fit(widths, 64, field="f") == []
+    assert check_int4_fit(widths, 128, field="f") == ["layers.0.attn.q_proj"]
+    with pytest.raises(ConfigError) as refused:
+        check_int4_fit(widths, 256, field="torchao.group_size")
+    assert refused.value.key == "torchao.group_size"
+    assert "[64, 128]" in str(refused.value) and "[32, 64, 128]" in str(refused.value)
+
+
+def test_the_torchao_range_admits_only_versions_with_int4_config_version_1() -> None:
+    """``Int4WeightOnlyConfig(version=1)`` needs torchao 0.13 (0.10-0.12 have no ``version``
+    field: a TypeError after training); 0.14 makes version 2 the default and deprecates 1."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(Requirement(d).specifier for d in deps if Requirement(d).name == "torchao")
+    assert not any(v in spec for v in ("0.10.0", "0.12.0", "0.14.0")), spec
+    pinned = next(line.split("==")[1].strip() for line in (root / "constraints.txt")
+                  .read_text().splitlines() if line.startswith("torchao=="))
+    assert pinned in spec

@@ -5,6 +5,7 @@ CLI) evaluated through our adapter, and float8 refused where the hardware lacks 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -136,6 +137,32 @@ def test_a_low_bit_run_resumed_with_torch_adamw_converts_its_moments(runs, tmp_p
     state = saved_optimizer_state(out)
     assert {type(s["exp_avg"]) for s in state.values()} == {torch.Tensor}
 
+
+def test_an_adamw_run_resumed_with_8bit_states_trains(runs, tmp_path) -> None:
+    """The other direction: torch AdamW's checkpoint puts a float ``lr`` into the param groups,
+    which torchao's optimizers refuse at their first step (``lr was changed to a non-Tensor
+    object``); the resumed run gets a tensor lr back, quantized moments, and trains."""
+    args = [a for a in tiny_run_args(runs["adamw"].parent) if not a.startswith("output_dir=")]
+    out = tmp_path / "switched"
+    common = [*args, f"output_dir={out}", "save_every_n_steps=2"]
+    with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
+        run_recipe_main(monkeypatch, CPT, [*common, "optimizer._component_=torch.optim.AdamW",
+                                           "max_steps=2"])
+        run_recipe_main(monkeypatch, CPT, [*common, f"optimizer._component_={LOW_BIT}",
+                                           f"max_steps={STEPS}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    whole = json.loads((runs["adamw"] / "summary.json").read_text())
+    for domain, value in summary["val_loss_after"].items():
+        assert value < whole["val_loss_before"][domain] - 0.5, domain  # it really trained
+    resumed = saved_optimizer_state(out)
+    assert {type(s["exp_avg"]).__name__ for s in resumed.values()} == {"OptimState8bit",
+                                                                       "Tensor"}
+    groups = torch.load(out / f"step_{STEPS:06d}" / "recipe_state.pt",
+                        weights_only=False)["optimizer"]["param_groups"]
+    assert all(isinstance(group["lr"], torch.Tensor) for group in groups)
+
+
 @pytest.mark.distributed
 def test_fsdp2_trains_with_8bit_states_and_resumes_them(runs, tmp_path) -> None:
     """Two ranks (gloo) with half the batch each train like one process; their checkpoint
@@ -225,12 +252,18 @@ def setup_error(tmp_path: Path, *overrides: str) -> ConfigError:
 
 @pytest.mark.parametrize(("override", "field", "words"), [
     ("optimizer._component_=torchao.optim.CPUOffloadOptimizer", "optimizer._component_", "cpu"),
-    ("optimizer.nonsense=1", "optimizer", "nonsense"),
+    ("optimizer.nonsense=1", "optimizer.nonsense", "lr"),
+    ("optimizer._component_=torchao.optim.AdamW8bitt", "optimizer._component_", "cannot import"),
     ("torchao.quantized_export=int3_weight_only", "torchao.quantized_export", "int8_weight_only"),
     ("torchao.float8=tensorwise", "torchao.float8", "compute capability 8.9"),
     ("torchao.float8=fp4", "torchao.float8", "rowwise"),
     ("torchao.group_size=48", "torchao.group_size", "64"),
     ("torchao.quantize=int8_weight_only", "torchao.quantize", "quantized_export"),
+    # a string for the block: its characters were reported as keys (`torchao.e`)
+    ("torchao=tensorwise", "torchao", "torchao.float8=tensorwise"),
+    # 0 == False in Python: it switched float8 off silently
+    ("torchao.float8=0", "torchao.float8", "not a float8 recipe name"),
+    ("torchao.float8=true", "torchao.float8", "not a float8 recipe name"),
 ])
 def test_bad_torchao_settings_stop_the_run_before_training(tmp_path, override, field,
                                                           words) -> None:
@@ -240,6 +273,58 @@ def test_bad_torchao_settings_stop_the_run_before_training(tmp_path, override, f
 
 
 # ------------------------------------------------------------------------- quantized exports
+
+
+@pytest.fixture
+def torchao_log(caplog):
+    """The torchao plugin's log records (our package logger does not propagate to root)."""
+    logger = logging.getLogger("acadlm_plugins.plugins.torchao")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_an_int4_group_size_that_fits_no_layer_stops_the_run_before_training(tmp_path) -> None:
+    """The tiny model's linear layers take 64 and 128 inputs: 256 fits none, which the export
+    found only after training."""
+    error = setup_error(tmp_path, "torchao.quantized_export=int4_weight_only",
+                        "torchao.group_size=256")
+    assert error.key == "torchao.group_size", str(error)
+    assert "[64, 128]" in str(error) and "int8_weight_only" in str(error)
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("step_*"))
+
+
+def test_pruning_checks_the_int4_group_size_against_the_target_shape(tmp_path) -> None:
+    """The prune recipe exports the pruned model: the tiny target (hidden 48, 2 heads of 16,
+    MLP 64) has input widths 32, 48 and 64, none a multiple of 128, although the source's MLP
+    (128) is."""
+    from acadlm_plugins.prune_recipe import PruneRecipe
+
+    args = [a for a in tiny_run_args(tmp_path) if not a.startswith("validation_dataset.")]
+    config = OmegaConf.merge(OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "prune.yaml"),
+                             OmegaConf.from_dotlist([*args[2:], "max_steps=2",
+                                                     "torchao.quantized_export=int4_weight_only",
+                                                     "torchao.group_size=128"]))
+    error = recipe_setup_error(PruneRecipe, config)
+    assert error.key == "torchao.group_size" and "pruned model" in str(error), str(error)
+    assert "[32, 48, 64]" in str(error)
+
+
+def test_an_int4_group_size_that_fits_some_layers_warns_and_the_summary_lists_them(
+        tmp_path, torchao_log) -> None:
+    """Group size 128 fits only the MLP down-projections (128 inputs): a warning before
+    training says how many layers stay unquantized, and summary.json lists them."""
+    out = train(tmp_path, "int4", "torch.optim.AdamW", "torchao.quantized_export=int4_weight_only",
+                "torchao.group_size=128", "max_steps=1", "save_every_n_steps=1")
+    warned = [r.getMessage() for r in torchao_log.records if r.levelno == logging.WARNING]
+    assert any("will keep 12 of 14 linear layers" in m for m in warned), warned
+    exported = json.loads((out / "summary.json").read_text())["quantized_model"]
+    assert exported["quantized_linears"] == 2 and len(exported["skipped_linears"]) == 12
+    assert "layers.0.attn.q_proj" in exported["skipped_linears"]
+    assert exported["skipped_linears"] == read_quantization(
+        Path(exported["path"]))["skipped_linears"]
 
 
 def test_a_recipe_writes_an_int8_copy_of_its_final_model(runs) -> None:

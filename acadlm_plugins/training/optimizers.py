@@ -124,6 +124,10 @@ def build_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
         extra["optimizer_class"] = component_from_path(inner)
     try:
         return instantiate_component(cfg, "optimizer", groups, **extra)
+    except ConfigError:
+        # already names its key (`optimizer._component_`, `optimizer.<argument>`) and the fix;
+        # it is a ValueError too, which the wrapping below would bury in a second message
+        raise
     except (TypeError, ValueError) as err:
         raise ConfigError("optimizer", f"{cfg.optimizer._component_} rejected its arguments "
                           f"({err}).", "check the optimizer's keyword arguments.") from err
@@ -234,11 +238,53 @@ def dequantize_states(optimizer: torch.optim.Optimizer) -> int:
     return converted
 
 
+def _keeps_tensor_lr(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is one of torchao's Adam optimizers (AdamW8bit, AdamW4bit,
+    AdamWFp8, ...): they turn every group's ``lr`` into a float32 tensor when the group is
+    added, and their step refuses a float one (``lr was changed to a non-Tensor object``)."""
+    return type(optimizer).__module__.startswith("torchao.") and hasattr(optimizer, "_new_buffer")
+
+
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    """The optimizers that hold ``optimizer``'s param groups: itself, or for torchao's
+    ``CPUOffloadOptimizer`` its per-parameter optimizers (of its ``optimizer_class``)."""
+    inner = getattr(optimizer, "optim_dict", None)
+    if inner is None:
+        return [optimizer]
+    return [*inner.values(), *([optimizer.d_opt] if optimizer.d_opt else [])]
+
+
+def match_loaded_groups(optimizer: torch.optim.Optimizer) -> int:
+    """After ``load_state_dict``, give each param group's ``lr`` the form this optimizer keeps
+    it in; returns how many groups changed.
+
+    ``load_state_dict`` puts the saved groups' values in as they were saved, so a checkpoint of
+    torch's AdamW (float lr) resumed with torchao's AdamW8bit failed at its first step, and one
+    of AdamW8bit (tensor lr) resumed with torch's AdamW would keep a tensor lr, which its
+    foreach update does not take. torchao's optimizers get a float32 tensor (as their own
+    ``add_param_group`` makes it); others a float, unless they were built with a tensor lr."""
+    changed = 0
+    for part in _inner_optimizers(optimizer):
+        keeps_tensor = _keeps_tensor_lr(part)
+        if not keeps_tensor and isinstance(getattr(part, "defaults", {}).get("lr"),
+                                           torch.Tensor):
+            continue
+        for group in part.param_groups:
+            lr = group.get("lr")
+            if lr is None or isinstance(lr, torch.Tensor) == keeps_tensor:
+                continue
+            group["lr"] = (torch.tensor(float(lr), dtype=torch.float32) if keeps_tensor
+                           else float(lr))
+            changed += 1
+    return changed
+
+
 def match_loaded_states(optimizer: torch.optim.Optimizer) -> int:
     """After ``load_state_dict`` of moments saved by any of our optimizers (a previous stage, a
-    checkpoint resumed with another optimizer): :func:`dequantize_states`, then
-    :func:`requantize_states`, so every moment has the form this optimizer updates. Returns
-    how many moments changed form."""
+    checkpoint resumed with another optimizer): :func:`match_loaded_groups`, then
+    :func:`dequantize_states` and :func:`requantize_states`, so every group value and moment
+    has the form this optimizer updates. Returns how many moments changed form."""
+    match_loaded_groups(optimizer)
     return dequantize_states(optimizer) + requantize_states(optimizer)
 
 
@@ -294,5 +340,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 
 __all__ = ["build_optimizer", "check_optimizer", "dequantize_states", "float_state_dict",
-           "float_states", "gets_low_bit_state", "match_loaded_states", "optimizer_state_bytes",
+           "float_states", "gets_low_bit_state", "match_loaded_groups",
+           "match_loaded_states", "optimizer_state_bytes",
            "requantize_states", "state_bytes"]
