@@ -277,23 +277,29 @@ def test_uniform_masks_report_no_importance_choice(tmp_path, monkeypatch):
     assert "changed_from_importance_init" not in pruning_summary(tmp_path / "run")
 
 
+def count_importance_calls(monkeypatch) -> list[int]:
+    """A list that gets one entry per importance calibration the pruning plugin runs."""
+    from acadlm_plugins.plugins.pruning import PruningPlugin
+
+    calls: list[int] = []
+    importance = PruningPlugin.importance
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return importance(self, *args, **kwargs)
+
+    monkeypatch.setattr(PruningPlugin, "importance", counted)
+    return calls
+
+
 def test_a_resumed_run_takes_the_masks_from_the_checkpoint_without_calibrating(tmp_path, monkeypatch):
     """Rerunning a finished importance-initialized prune stage (as a rerun pipeline does) does
     not rerun the importance calibration, whose masks the checkpoint would overwrite anyway."""
-    from acadlm_plugins.plugins.pruning import PruningPlugin
-
     settings = prune_args(tmp_path, "pruning.mask_init=importance", "pruning.mask_init_gap=10",
                           "pruning.mask_init_spread=4", "max_steps=2", "save_every_n_steps=2",
                           "pruning.lagrangian_warmup_steps=2",
                           "pruning.calibration.num_sequences=8")
-    calibrations = []
-    importance = PruningPlugin.importance
-
-    def counted(self, *args, **kwargs):
-        calibrations.append(1)
-        return importance(self, *args, **kwargs)
-
-    monkeypatch.setattr(PruningPlugin, "importance", counted)
+    calibrations = count_importance_calls(monkeypatch)
     run(monkeypatch, "acadlm_plugins.prune_recipe", settings)
     assert len(calibrations) == 1
     first = pruning_summary(tmp_path / "run")
@@ -317,18 +323,9 @@ def test_a_rerun_one_shot_prune_keeps_its_export_and_refuses_a_changed_config(
     near-tie could otherwise flip and change the weights the one-shot arm continues from);
     rerun with another target or `resume: false` it is refused naming the key, as the learned
     path refuses, and the export stays untouched."""
-    from acadlm_plugins.plugins.pruning import PruningPlugin
-
     settings = prune_args(tmp_path, "pruning.method=importance",
                           "pruning.calibration.num_sequences=8")
-    calibrations = []
-    importance = PruningPlugin.importance
-
-    def counted(self, *args, **kwargs):
-        calibrations.append(1)
-        return importance(self, *args, **kwargs)
-
-    monkeypatch.setattr(PruningPlugin, "importance", counted)
+    calibrations = count_importance_calls(monkeypatch)
     out = run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", settings)
     assert len(calibrations) == 1
     exported, summary = folder_state(out / "pruned_model"), folder_state(out)
