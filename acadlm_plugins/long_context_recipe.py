@@ -80,6 +80,7 @@ from acadlm_plugins.training.document_attention import (
     without_document_masking,
 )
 from acadlm_plugins.training.optimizers import float_state_dict, match_loaded_states
+from acadlm_plugins.training.run_checks import step_interval
 from acadlm_plugins.training.sequence_parallel import (
     UlyssesAttention,
     check_sequence_length,
@@ -88,7 +89,6 @@ from acadlm_plugins.training.sequence_parallel import (
     new_sequence_parallel_group,
     shard_batch,
 )
-from acadlm_plugins.training.run_checks import step_interval
 from acadlm_plugins.training.validation import shifted_token_losses, target_token_losses
 
 log = utils.get_logger("INFO")
