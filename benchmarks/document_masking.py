@@ -188,10 +188,28 @@ def max_difference(a: Path, b: Path) -> float:
     return worst
 
 
+def pack_lengths(values: list[str]) -> list[int]:
+    """The ``--lengths`` values as ints, each value either one length or a comma-separated
+    list (``--lengths 8192 16384`` and ``--lengths 8192,16384`` mean the same, as in
+    long_context_memory.py); anything else raises ValueError naming the bad item."""
+    lengths = []
+    for value in values:
+        for item in value.split(","):
+            try:
+                length = int(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an integer") from None
+            if length < 1:
+                raise ValueError(f"{length} is not a positive length")
+            lengths.append(length)
+    return lengths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384],
-                        help="pack lengths in tokens (default: 8192 16384)")
+    parser.add_argument("--lengths", nargs="+", default=["8192", "16384"],
+                        help="pack lengths in tokens, space- or comma-separated "
+                             "(default: 8192 16384)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     parser.add_argument("--doc-min", type=int, default=100, help="shortest document")
@@ -203,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        args.lengths = pack_lengths(args.lengths)
+    except ValueError as err:
+        parser.error(f"--lengths: {err}")
 
     cfg = {k: getattr(args, k) for k in ("repeats", "warmup", "heads", "head_dim",
                                          "forward_only", "threads", "device", "seed")}

@@ -759,7 +759,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated row ids to run (default: all, e.g. 1,2,5a)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, CPU allowed: checks the code paths, measures nothing")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rows is not None:
+        check_row_ids(parser, args.rows)
+    return args
+
+
+def check_row_ids(parser: argparse.ArgumentParser, rows: str) -> None:
+    """Refuse a ``--rows`` id that names no check (an argparse error listing the valid ids):
+    an unknown id used to select nothing, so the run printed an empty table and exited 0."""
+    valid = [check.id for check in CHECKS]
+    wanted = [r.strip() for r in rows.split(",")]
+    unknown = [r for r in wanted if r not in valid]
+    if unknown:
+        parser.error(f"--rows: unknown row id(s) {', '.join(repr(r) for r in unknown)}; "
+                     f"valid ids: {', '.join(valid)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

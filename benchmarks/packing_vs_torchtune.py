@@ -56,7 +56,7 @@ def stdlib_documents(limit: int | None) -> list[dict]:
                 text = path.read_text(encoding="utf-8", errors="replace")
                 if text.strip():
                     docs.append({"text": text, "id": str(path.relative_to(root))})
-    return docs[:limit] if limit else docs
+    return docs if limit is None else docs[:limit]
 
 
 def corpus_documents(limit: int | None) -> list[dict]:
@@ -68,7 +68,7 @@ def corpus_documents(limit: int | None) -> list[dict]:
         sys.exit(f"{path}: not found. Run `acadlm-defaults build`, or use `--source stdlib`.")
     with open(path) as handle:
         docs = [json.loads(line) for line in handle if line.strip()]
-    return docs[:limit] if limit else docs
+    return docs if limit is None else docs[:limit]
 
 
 def load_tokenizer(max_seq_len: int):
@@ -242,11 +242,24 @@ def format_report(tt: dict, ours: dict, streaming: dict, *, documents: int, max_
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for a count that must be at least 1: ``--limit-docs 0`` used to run
+    the whole corpus (0 read as "no limit"), the opposite of what it says."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, got {value} (leave the flag out to use every document)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-seq-len", type=int, default=2048, help="pack length in tokens")
-    parser.add_argument("--limit-docs", type=int, default=None,
-                        help="use only the first N documents (default: all)")
+    parser.add_argument("--limit-docs", type=positive_int, default=None,
+                        help="use only the first N >= 1 documents (default: all)")
     parser.add_argument("--source", choices=("stdlib", "corpus"), default="stdlib",
                         help="stdlib: one document per standard-library module; corpus: the "
                              "code domain of the default corpus (acadlm-defaults build)")

@@ -162,3 +162,14 @@ def test_smoke_run_goes_through_every_row_on_cpu(tmp_path):
     for row_id in ("1", "2", "4", "5a", "5b"):
         assert statuses[row_id][0] == "ok", statuses[row_id]
     assert "| # | check | result | details |" in result.stdout
+
+
+def test_unknown_row_ids_are_refused_with_the_valid_ones(gpu_check, capsys):
+    """`--smoke --rows 99` used to select nothing and exit 0 with an empty table."""
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.parse_args(["--smoke", "--rows", "1,99"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown row id(s) '99'" in err
+    assert f"valid ids: {', '.join(c.id for c in gpu_check.CHECKS)}" in err
+    assert gpu_check.parse_args(["--rows", "1, 5a"]).rows == "1, 5a"

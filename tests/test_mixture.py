@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
 from collections import Counter
 
 import numpy as np
@@ -79,7 +82,8 @@ def test_missing_files_and_empty_domains_are_clear(tmp_path, corpus):
 ])
 def test_data_files_of_the_wrong_type_name_the_field(domains, key):
     with pytest.raises(ConfigError, match="path") as err:
-        domain_mixture_dataset(ByteTokenizer(), domains=domains, max_seq_len=32)
+        domain_mixture_dataset(ByteTokenizer(), domains=domains, max_seq_len=32,
+                               config_key="dataset")
     assert err.value.key == key
 
 
@@ -159,3 +163,112 @@ def test_resuming_with_different_data_is_refused():
     other = DomainBatchSampler(["a", "b"], [10, 11], np.array([0.5, 0.5]), batch_size=2)
     with pytest.raises(DataError, match="same dataset config"):
         other.load_state_dict(sampler.state_dict())
+
+
+# ------------------------------------------------------- config errors name the full key
+
+
+def test_weighted_and_unweighted_domains_entries_are_refused(tmp_path, corpus):
+    """An entry without a weight next to weighted ones used to get weight 0 and vanish."""
+    domains = {"papers": str(corpus / "prose" / "train.jsonl"),
+               "code": {"data_files": str(corpus / "code" / "train.jsonl"), "weight": 0.5},
+               "web": {"data_files": str(corpus / "numbers" / "train.jsonl"), "weight": 0.5}}
+    with pytest.raises(ConfigError, match=r"\['code', 'web'\] have a `weight` but \['papers'\]"
+                       ) as err:
+        domain_mixture_dataset(ByteTokenizer(), domains=domains, max_seq_len=32,
+                               config_key="dataset")
+    assert err.value.key == "dataset.domains"
+    assert "give every entry a weight" in str(err.value)
+    # All weighted, none weighted, or overridden by top-level weights: accepted.
+    domains["papers"] = {"data_files": domains["papers"], "weight": 1.0}
+    ds = domain_mixture_dataset(ByteTokenizer(), domains=domains, max_seq_len=32)
+    assert ds.domain_names == ["papers", "code", "web"]
+    assert ds.weights.tolist() == pytest.approx([0.5, 0.25, 0.25])
+    plain = {name: spec["data_files"] for name, spec in domains.items()}
+    assert domain_mixture_dataset(ByteTokenizer(), domains=plain,
+                                  max_seq_len=32).domain_names == ["papers", "code", "web"]
+    domains["papers"] = plain["papers"]
+    ds = domain_mixture_dataset(ByteTokenizer(), domains=domains, max_seq_len=32,
+                                weights={"papers": 1, "code": 1, "web": 2})
+    assert ds.weights.tolist() == pytest.approx([0.25, 0.25, 0.5])
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"weights": {"prose": "x", "code": 1.0}}, "dataset.weights.prose"),
+    ({"domains": {"prose": {"data_files": "PROSE", "weight": "heavy"}}},
+     "dataset.domains.prose.weight"),
+    ({"weights": ["prose"]}, "dataset.weights"),
+    ({"max_seq_len": "2048"}, "dataset.max_seq_len"),
+    ({"max_seq_len": 1}, "dataset.max_seq_len"),
+    ({"positions": "bogus"}, "dataset.positions"),
+    ({"packing": "greedy"}, "dataset.packing"),
+])
+def test_bad_values_are_config_errors_naming_the_full_key(corpus, kwargs, key):
+    """These used to surface as a bare ValueError / TypeError, or name the bare key."""
+    if "domains" in kwargs:
+        kwargs = {"domains": {"prose": {"data_files": str(corpus / "prose" / "train.jsonl"),
+                                        "weight": "heavy"}}}
+    else:
+        kwargs = {"data_dir": str(corpus), **kwargs}
+    with pytest.raises(ConfigError) as err:
+        domain_mixture_dataset(ByteTokenizer(), **{"max_seq_len": 32, **kwargs},
+                               config_key="dataset")
+    assert err.value.key == key
+    assert f"config `{key}`" in str(err.value)
+
+
+def test_mode_errors_come_before_tokenizing_and_name_the_block(corpus, monkeypatch):
+    """`positions` used to be checked only when the first sample was drawn, after the whole
+    corpus was tokenized; without `config_key` the error says which blocks it may be."""
+    from acadlm_plugins.data import mixture
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized before the config was checked")
+
+    monkeypatch.setattr(mixture, "load_or_tokenize", no_tokenizing)
+    with pytest.raises(ConfigError) as err:
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                               positions="bogus")
+    assert err.value.key == "dataset (or validation_dataset).positions"
+    with pytest.raises(ConfigError) as err:
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                               positions="bogus", config_key="validation_dataset")
+    assert err.value.key == "validation_dataset.positions"
+
+
+def test_a_folder_without_the_split_file_is_named_as_such(corpus):
+    only_val = corpus / "onlyval"
+    only_val.mkdir()
+    (only_val / "validation.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
+    with pytest.raises(DataError, match=r"onlyval has no train\.jsonl or train\.parquet file"
+                       ) as err:
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                               weights={"onlyval": 1.0, "code": 1.0}, config_key="dataset")
+    assert "unknown domains" not in str(err.value)
+    assert "`dataset.weights`" in str(err.value)
+    ds = domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                                split="validation", weights={"onlyval": 1.0, "code": 1.0})
+    assert ds.domain_names == ["code", "onlyval"]
+
+
+def test_the_packing_log_line_names_the_split(corpus, caplog):
+    with caplog.at_level(logging.INFO, logger="acadlm_plugins.data.mixture"):
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32)
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                               split="validation")
+    lines = [r.getMessage() for r in caplog.records if "packed" in r.getMessage()]
+    assert any(line.startswith("[code/train] packed") for line in lines)
+    assert any(line.startswith("[code/validation] packed") for line in lines)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_token_cache_entries_get_the_umask_mode(tmp_path, corpus, umask):
+    """mkstemp writes 0600: a cache_dir shared by a group was unreadable to the others."""
+    previous = os.umask(umask)
+    try:
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                               cache_dir=str(tmp_path / "cache"))
+    finally:
+        os.umask(previous)
+    entries = list((tmp_path / "cache").iterdir())
+    assert entries and all(stat.S_IMODE(e.stat().st_mode) == 0o666 & ~umask for e in entries)

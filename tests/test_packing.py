@@ -119,3 +119,86 @@ def test_document_mask_isolates_documents_through_sdpa_on_cpu():
             outs.append(model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"]))
     assert torch.allclose(outs[0][0, :17], outs[1][0, :17], atol=1e-5)
     assert not torch.allclose(outs[0][0, 17:32], outs[1][0, 17:32], atol=1e-3)
+
+
+# ----------------------------------------------------------- the accounting check is real
+
+
+def _stats(**changes):
+    from acadlm_plugins.data.packing import PackingStats
+
+    fields = {"documents": 2, "tokens_in": 10, "tokens_out": 10, "pad_tokens": 6, "packs": 2,
+              "documents_split": 0, "max_seq_len": 8, "mode": "split", **changes}
+    return PackingStats(**fields)
+
+
+def test_the_accounting_check_fires_on_a_mismatch():
+    from acadlm_plugins.data.packing import check_token_accounting
+
+    check_token_accounting(_stats())
+    with pytest.raises(AssertionError, match="10 read, 9 placed"):
+        check_token_accounting(_stats(tokens_out=9, pad_tokens=7))
+
+
+def test_a_packing_step_that_drops_a_token_is_caught(monkeypatch):
+    """The check used to compare the tokens in with a count derived from `pad_start`, which a
+    step that drops a token without fixing `pad_start` leaves unchanged: it could not fail."""
+    from acadlm_plugins.data import packing
+
+    real = packing._pack_split
+
+    def lossy(docs, max_seq_len):
+        packs, segments, pad_start, split = real(docs, max_seq_len)
+        packs[0] = [packs[0][0][:-1]]  # one token lost, the bookkeeping unchanged
+        return packs, segments, pad_start, split
+
+    monkeypatch.setattr(packing, "_pack_split", lossy)
+    docs = TokenizedDocuments.from_lists([[5, 6, 7], [8, 9]])
+    with pytest.raises(AssertionError, match="bug in acadlm_plugins.data"):
+        pack_documents(docs, 4, PAD)
+
+
+@pytest.mark.parametrize("mode", ["split", "whole"])
+def test_a_streaming_plan_that_drops_tokens_is_caught(monkeypatch, mode):
+    """Streaming set tokens_out = tokens_in, so its check could not fail either."""
+    from acadlm_plugins.data import streaming
+
+    if mode == "split":
+        real_count = streaming.StreamingPackedSequences._count_split_packs
+        monkeypatch.setattr(streaming.StreamingPackedSequences, "_count_split_packs",
+                            lambda self: (real_count(self)[0] - 1, real_count(self)[1]))
+    else:
+        real_plan = streaming._plan_whole_packs
+
+        def lossy_plan(lengths, max_seq_len):
+            first, stop, skip, filled = real_plan(lengths, max_seq_len)
+            stop = stop.copy()
+            stop[0] -= 1  # the first pack's last document is never read
+            return first, stop, skip, filled
+
+        monkeypatch.setattr(streaming, "_plan_whole_packs", lossy_plan)
+    docs = TokenizedDocuments.from_lists([[5, 6], [7, 8], [9, 10, 11]])
+    with pytest.raises(AssertionError, match="7 read, [0-9] placed"):
+        streaming.StreamingPackedSequences(docs, 4, PAD, mode=mode)
+
+
+def test_streaming_stats_count_what_the_packs_hold():
+    from acadlm_plugins.data.streaming import StreamingPackedSequences
+
+    docs = TokenizedDocuments.from_lists([[5] * 3, [6] * 9, [7] * 2, [8] * 4])
+    for mode in ("split", "whole"):
+        lazy = StreamingPackedSequences(docs, 4, PAD, mode=mode)
+        held = sum(lazy.pack(i)[2] for i in range(len(lazy)))
+        assert lazy.stats.tokens_out == held == 18
+
+
+@pytest.mark.parametrize("bad", ["2048", 2048.0, True, None])
+def test_a_max_seq_len_that_is_not_an_integer_is_a_config_error(bad):
+    """A string used to fail with a bare TypeError ('<' between str and int)."""
+    from acadlm_plugins.data.streaming import StreamingPackedSequences
+
+    docs = TokenizedDocuments.from_lists([[5, 6]])
+    with pytest.raises(ConfigError, match="max_seq_len.*not an integer"):
+        pack_documents(docs, bad, PAD)
+    with pytest.raises(ConfigError, match="max_seq_len.*not an integer"):
+        StreamingPackedSequences(docs, bad, PAD)

@@ -1,5 +1,7 @@
 """Read a domain's documents from local jsonl or parquet files, with errors that name the line.
 
+A ``.json`` file is read as JSON Lines too (one JSON object per line), not as one JSON document.
+
 A corrupt corpus is a common and expensive surprise half-way through a run, so documents are
 read up front and every problem is reported with the file, the line and the fix.
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 from acadlm_plugins.errors import ConfigError, DataError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+SUPPORTED_KINDS = ".jsonl, .json (read as JSON Lines) or .parquet"
 
 
 def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) -> list[Path]:
@@ -25,8 +28,8 @@ def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) 
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    fix = (f"set `{field}` to a jsonl/parquet file, a folder of them, a glob, or a list of "
-           "these.")
+    fix = (f"set `{field}` to a {SUPPORTED_KINDS} file, a folder of them, a glob, or a list "
+           "of these.")
     if not isinstance(paths, Sequence):
         raise ConfigError(field, f"is {paths!r}, not a path or a list of paths.", fix)
     for raw in paths:
@@ -45,7 +48,8 @@ def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) 
         elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES)
             if not found:
-                raise DataError(f"`{field}`: the directory {path} holds no .jsonl or .parquet file.")
+                raise DataError(f"`{field}`: the directory {path} holds no {SUPPORTED_KINDS} "
+                                "file.")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -55,7 +59,7 @@ def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) 
                             "corpus.")
     for file in files:
         if file.suffix not in SUPPORTED_SUFFIXES:
-            raise DataError(f"`{field}`: {file} is not a .jsonl or .parquet file.")
+            raise DataError(f"`{field}`: {file} is not a {SUPPORTED_KINDS} file.")
     return files
 
 
@@ -63,8 +67,9 @@ def iter_texts(files: Sequence[Path], *, text_field: str = "text") -> Iterator[s
     """Yield the text of every document in ``files``, in order.
 
     Raises :class:`DataError` naming the file and line for a line that is not a JSON object,
-    a row without ``text_field``, or a text that is not a string. Empty texts are skipped:
-    they carry no tokens.
+    a row without ``text_field``, or a text that is not a string, and naming the file for a
+    parquet file that cannot be read. Empty and whitespace-only texts are skipped: they carry
+    nothing to learn from.
     """
     for file in files:
         reader = _iter_parquet_texts if file.suffix == ".parquet" else _iter_jsonl_texts
@@ -74,7 +79,8 @@ def iter_texts(files: Sequence[Path], *, text_field: str = "text") -> Iterator[s
 
 
 def read_texts(files: Sequence[Path], *, text_field: str = "text") -> list[str]:
-    """All non-empty document texts of ``files`` (see :func:`iter_texts`)."""
+    """All document texts of ``files`` that are not empty or whitespace only (see
+    :func:`iter_texts`)."""
     return list(iter_texts(files, text_field=text_field))
 
 
@@ -95,15 +101,34 @@ def iter_jsonl_lines(file: Path) -> Iterator[tuple[int, str]]:
 
 def iter_jsonl_values(file: Path) -> Iterator[tuple[int, object]]:
     """Yield ``(line number, parsed value)`` for each non-blank line of a jsonl file; a line
-    that is not JSON (or not UTF-8) raises :class:`DataError` naming the file and line."""
+    that is not JSON (or not UTF-8) raises :class:`DataError` naming the file and line.
+
+    The line ending is stripped before parsing: kept, it is what an unterminated string runs
+    into, and the error would blame an "invalid control character" instead."""
     for line_no, line in iter_jsonl_lines(file):
         if not line.strip():
             continue
         try:
-            yield line_no, json.loads(line)
+            yield line_no, json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as err:
-            raise DataError(f"{file}:{line_no}: not valid JSON ({err.msg} at column "
-                            f"{err.colno}). Fix: repair or delete that line.") from None
+            raise DataError(f"{file}:{line_no}: {json_error_text(err)}. Fix: repair or delete "
+                            f"that line.{_json_lines_hint(file)}") from None
+
+
+def json_error_text(err: json.JSONDecodeError) -> str:
+    """``not valid JSON (<what> at column <n>)`` for ``err``: several of json's messages end in
+    "at" already ("Unterminated string starting at"), which must not read "at at"."""
+    what = err.msg.removesuffix(" at")
+    return f"not valid JSON ({what} at column {err.colno})"
+
+
+def _json_lines_hint(file: Path) -> str:
+    """For a ``.json`` file, the reminder that it is read as JSON Lines (a pretty-printed JSON
+    document fails on its first line otherwise, with no word on why)."""
+    if file.suffix != ".json":
+        return ""
+    return (" (.json files are read as JSON Lines: one JSON object per line; convert a JSON "
+            "array with e.g. `jq -c '.[]' in.json > out.jsonl`.)")
 
 
 def _iter_jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
@@ -112,9 +137,14 @@ def _iter_jsonl_texts(file: Path, text_field: str) -> Iterator[str]:
 
 
 def _iter_parquet_texts(file: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(file)
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{file}: not a readable parquet file ({err}). Fix: re-write or "
+                        "re-download it, or remove it from the dataset's files.") from None
     if text_field not in table.column_names:
         raise DataError(f"{file}: no column {text_field!r} (columns: {table.column_names}). "
                         "Fix: set `text_field` in the dataset config to the text column.")

@@ -35,14 +35,21 @@ from acadlm_plugins.data.packing import (
     PackedSequences,
     PackingMode,
     PositionMode,
+    check_max_seq_len,
     pack_documents,
 )
 from acadlm_plugins.data.tokenization import load_or_tokenize
 from acadlm_plugins.errors import ConfigError, DataError
+from acadlm_plugins.training.config_checks import config_value
 
 log = logging.getLogger(__name__)
 
 LONG_DOCUMENTS_DIRNAME = "long"
+# How errors name the dataset block when the caller does not say which one it is: the same
+# builder serves `dataset` and `validation_dataset`, and torchtune does not tell it which.
+DEFAULT_CONFIG_KEY = "dataset (or validation_dataset)"
+PACKING_MODES = ("split", "whole")
+POSITION_MODES = ("reset", "continuous")
 
 
 class PackedDomainCorpus:
@@ -74,8 +81,12 @@ class PackedDomainCorpus:
 def build_packed_corpus(tokenizer, domain_files: Mapping[str, Sequence[Path]], *,
                         max_seq_len: int, packing: PackingMode = "split",
                         positions: PositionMode = "reset", text_field: str = "text",
-                        cache_dir: str | Path | None = None) -> PackedDomainCorpus:
-    """Tokenize (cached) and pack each domain's files; log the token accounting per domain."""
+                        cache_dir: str | Path | None = None,
+                        split: str | None = None) -> PackedDomainCorpus:
+    """Tokenize (cached) and pack each domain's files; log the token accounting per domain.
+
+    ``split`` (when the files are one split of a corpus) goes into the log line,
+    ``[code/validation] packed ...``, so a run's train and validation lines differ."""
     packed: dict[str, PackedSequences] = {}
     for name, files in domain_files.items():
         docs = load_or_tokenize(files, tokenizer, text_field=text_field, cache_dir=cache_dir,
@@ -84,34 +95,65 @@ def build_packed_corpus(tokenizer, domain_files: Mapping[str, Sequence[Path]], *
             raise DataError(f"domain {name!r} has no documents in {[str(f) for f in files]}. "
                             "Fix: give it data, or remove it from `weights`/`domains`.")
         packed[name] = pack_documents(docs, max_seq_len, _pad_id(tokenizer), mode=packing)
-        log.info(packed[name].stats.describe(name))
+        log.info(packed[name].stats.describe(f"{name}/{split}" if split else name))
     return PackedDomainCorpus(packed, positions=positions)
 
 
-def discover_domain_files(data_dir: str | Path, split: str) -> dict[str, list[Path]]:
-    """Domains of a corpus directory laid out as ``<data_dir>/<domain>/<split>.jsonl``."""
+def discover_domain_files(data_dir: str | Path, split: str, *,
+                          field: str = "data_dir") -> dict[str, list[Path]]:
+    """Domains of a corpus directory laid out as ``<data_dir>/<domain>/<split>.jsonl``
+    (or ``.parquet``); ``field`` is the config key of ``data_dir``, for errors."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"`data_dir`: {root} is not a directory. Fix: run `acadlm-defaults build` "
-                        "for the default corpus, or point `data_dir` at <dir>/<domain>/<split>.jsonl.")
+        raise DataError(f"`{field}`: {root} is not a directory. Fix: run `acadlm-defaults build` "
+                        f"for the default corpus, or point `{field}` at "
+                        "<dir>/<domain>/<split>.jsonl.")
     found: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name != LONG_DOCUMENTS_DIRNAME):
+    for sub in _domain_folders(root):
         files = [f for f in (sub / f"{split}.jsonl", sub / f"{split}.parquet") if f.is_file()]
         if files:
             found[sub.name] = files
     if not found:
-        raise DataError(f"`data_dir`: no <domain>/{split}.jsonl files under {root}.")
+        raise DataError(f"`{field}`: no <domain>/{split}.jsonl or <domain>/{split}.parquet "
+                        f"files under {root}. Fix: check `{field}` and `split`.")
     return found
+
+
+def _domain_folders(root: Path) -> list[Path]:
+    """The subfolders of a corpus directory that may be domains (not ``long/``), sorted."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name != LONG_DOCUMENTS_DIRNAME)
+
+
+def check_weighted_folders(weights: Mapping[str, Any], data_dir: str | Path, split: str,
+                           found: Sequence[str], *, field: str) -> None:
+    """Refuse weights for a folder of ``data_dir`` that :func:`discover_domain_files` skipped
+    because it has no ``<split>`` file (e.g. only ``validation.jsonl``), with that reason:
+    otherwise the user reads "unknown domains" about a folder they can see."""
+    root = Path(data_dir).expanduser()
+    skipped = {p.name: p for p in _domain_folders(root) if p.name not in found}
+    named = [name for name in weights if name in skipped]
+    if named:
+        folders = ", ".join(str(skipped[name]) for name in named)
+        raise DataError(f"`{field}` names {named}, but {folders} has no {split}.jsonl or "
+                        f"{split}.parquet file (split={split!r}), so it is not a domain of this "
+                        f"split. Fix: add the file, or leave {named} out of `{field}`.")
 
 
 def normalize_weights(weights: Mapping[str, float], domain_names: Sequence[str], *,
                       field: str = "weights") -> np.ndarray:
-    """Weights in ``domain_names`` order, checked and normalized to sum to one."""
+    """Weights in ``domain_names`` order, checked and normalized to sum to one.
+
+    A weight that is not a number is a :class:`ConfigError` naming its key
+    (``<field>.<domain>``)."""
+    if not isinstance(weights, Mapping):
+        raise ConfigError(field, f"is {weights!r}, not a mapping of domain to weight.",
+                          f"write `{field}: {{domain: weight, ...}}`.")
     unknown = sorted(set(weights) - set(domain_names))
     if unknown:
         raise ConfigError(field, f"unknown domains {unknown}.",
                           f"use only the corpus's domains: {list(domain_names)}.")
-    values = np.asarray([float(weights.get(name, 0.0)) for name in domain_names])
+    values = np.asarray([float(config_value(weights[name], f"{field}.{name}", float))
+                         if name in weights else 0.0 for name in domain_names])
     if np.any(~np.isfinite(values)) or np.any(values < 0):
         raise ConfigError(field, f"weights must be finite and >= 0, got {dict(weights)}.")
     if values.sum() <= 0:
@@ -187,16 +229,19 @@ def domain_mixture_dataset(tokenizer, *, data_dir: str | None = None,
                            positions: PositionMode = "reset", num_samples: int | None = None,
                            seed: int = 0, text_field: str = "text",
                            cache_dir: str | None = None, packed: bool = True,
-                           ) -> DomainMixtureDataset:
+                           config_key: str | None = None) -> DomainMixtureDataset:
     """Build a weighted, packed multi-domain dataset from local files.
 
     Args:
         tokenizer: a torchtune tokenizer with ``encode`` and ``pad_id``.
         data_dir: a corpus laid out as ``<data_dir>/<domain>/<split>.jsonl`` (the default
             corpus built by ``acadlm-defaults build`` is).
-        domains: instead of ``data_dir``, ``{name: files}`` or ``{name: {data_files, weight}}``.
+        domains: instead of ``data_dir``, ``{name: files}`` or ``{name: {data_files, weight}}``;
+            either every entry has a ``weight`` or none has (mixing them is refused: the
+            unweighted entries would silently get weight 0).
         weights: ``{domain: weight}``; domains not named get weight 0; normalized. Defaults to
-            each domain's share of packs (its natural proportion).
+            the ``domains:`` weights, else each domain's share of packs (its natural
+            proportion).
         split: which split file to read under ``data_dir`` (``train``/``validation``).
         max_seq_len: pack length in tokens.
         packing: ``split`` (cut documents at pack boundaries, no padding but the last pack) or
@@ -207,49 +252,96 @@ def domain_mixture_dataset(tokenizer, *, data_dir: str | None = None,
         text_field: the text column of the data files.
         cache_dir: where tokenized arrays are cached; ``None`` disables the cache.
         packed: must be True; accepted because stock recipes read it to choose the collate.
+        config_key: the config key of this block (``dataset``, ``validation_dataset``), used to
+            name keys in errors; a recipe passes it when it builds the block. Default: errors
+            say ``dataset (or validation_dataset).<key>``.
     """
+    key = config_key or DEFAULT_CONFIG_KEY
     if not packed:
-        raise ConfigError("dataset.packed", "domain mixtures are always packed.",
+        raise ConfigError(f"{key}.packed", "domain mixtures are always packed.",
                           "set `packed: True` (stock recipes then use padded_collate_packed).")
-    domain_files, domain_weights = _domain_sources(data_dir, domains, split)
-    if weights is not None:
+    # Checked before anything is read or tokenized, which can take minutes.
+    max_seq_len = check_max_seq_len(max_seq_len, field=f"{key}.max_seq_len")
+    _check_choice(packing, PACKING_MODES, f"{key}.packing")
+    _check_choice(positions, POSITION_MODES, f"{key}.positions")
+    domain_files, domain_weights = _domain_sources(data_dir, domains, split, key)
+    if weights is None:
+        check_all_or_none_weighted(list(domain_files), domain_weights, field=f"{key}.domains")
+    else:
+        if not isinstance(weights, Mapping):
+            raise ConfigError(f"{key}.weights", f"is {weights!r}, not a mapping of domain to "
+                              "weight.", "write `weights: {domain: weight, ...}`.")
+        if data_dir is not None:
+            check_weighted_folders(weights, data_dir, split, list(domain_files),
+                                   field=f"{key}.weights")
         domain_weights = dict(weights)
     if domain_weights:
-        checked = normalize_weights(domain_weights, list(domain_files), field="dataset.weights")
+        checked = normalize_weights(domain_weights, list(domain_files), field=f"{key}.weights")
         # A domain with weight 0 is left out entirely: it is never tokenized or sampled.
         domain_files = {n: f for n, f, w in zip(domain_files, domain_files.values(), checked)
                         if w > 0}
     corpus = build_packed_corpus(tokenizer, domain_files, max_seq_len=max_seq_len,
                                  packing=packing, positions=positions, text_field=text_field,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir,
+                                 split=split if data_dir is not None else None)
     if domain_weights:
         normalized = normalize_weights({n: domain_weights[n] for n in corpus.domain_names},
-                                       corpus.domain_names, field="dataset.weights")
+                                       corpus.domain_names, field=f"{key}.weights")
     else:
         counts = np.asarray(corpus.num_packs, dtype=np.float64)
         normalized = counts / counts.sum()
     return DomainMixtureDataset(corpus, normalized, num_samples=num_samples, seed=seed)
 
 
-def _domain_sources(data_dir, domains, split) -> tuple[dict[str, list[Path]], dict[str, float]]:
+def _check_choice(value: object, choices: Sequence[str], field: str) -> None:
+    """Raise :class:`ConfigError` naming ``field`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(field, f"unknown mode {value!r}.",
+                          f"use one of {', '.join(repr(c) for c in choices)}.")
+
+
+def _domain_sources(data_dir: str | Path | None, domains: Mapping[str, Any] | None, split: str,
+                    key: str) -> tuple[dict[str, list[Path]], dict[str, float]]:
+    """The files of every domain and the ``weight``s given inside ``domains:`` (empty for
+    ``data_dir``); ``key`` names the dataset block in errors."""
     if (data_dir is None) == (domains is None):
-        raise ConfigError("dataset", "give exactly one of `data_dir` and `domains`.",
+        raise ConfigError(key, "give exactly one of `data_dir` and `domains`.",
                           "e.g. `data_dir: ${acadlm_home:}/corpus`.")
     if data_dir is not None:
-        return discover_domain_files(data_dir, split), {}
+        return discover_domain_files(data_dir, split, field=f"{key}.data_dir"), {}
+    if not isinstance(domains, Mapping):
+        raise ConfigError(f"{key}.domains", f"is {domains!r}, not a mapping of domain name to "
+                          "files.", "write `domains: {name: files, ...}`.")
     files: dict[str, list[Path]] = {}
     weights: dict[str, float] = {}
     for name, spec in domains.items():
         if isinstance(spec, Mapping):
             if "data_files" not in spec:
-                raise ConfigError(f"dataset.domains.{name}", "has no `data_files`.")
+                raise ConfigError(f"{key}.domains.{name}", "has no `data_files`.")
             files[name] = resolve_data_files(spec["data_files"],
-                                             field=f"dataset.domains.{name}.data_files")
+                                             field=f"{key}.domains.{name}.data_files")
             if "weight" in spec:
-                weights[name] = float(spec["weight"])
+                weights[name] = float(config_value(spec["weight"],
+                                                   f"{key}.domains.{name}.weight", float))
         else:
-            files[name] = resolve_data_files(spec, field=f"dataset.domains.{name}")
+            files[name] = resolve_data_files(spec, field=f"{key}.domains.{name}")
     return files, weights
+
+
+def check_all_or_none_weighted(names: Sequence[str], weights: Mapping[str, float], *,
+                               field: str) -> None:
+    """Refuse ``domains:`` entries of which some have a ``weight`` and some do not, when those
+    weights are the mixture's (no top-level ``weights:``).
+
+    An entry without one would otherwise get weight 0 and be left out without a word (a
+    likely slip, not a choice: weight 0 is written ``weight: 0``)."""
+    unweighted = [name for name in names if name not in weights]
+    if weights and unweighted:
+        raise ConfigError(field, f"entries {sorted(weights)} have a `weight` but {unweighted} "
+                          "do not; an entry without one would get weight 0 and be left out.",
+                          f"give every entry a weight (e.g. `{unweighted[0]}: {{data_files: "
+                          "..., weight: 0.5}`), or give none to mix the domains in their "
+                          "natural proportions (each domain's share of packs).")
 
 
 def _pad_id(tokenizer) -> int:

@@ -6,7 +6,9 @@ token is ever dropped: in ``split`` mode documents are laid end to end and cut a
 boundaries (a long document continues in the next pack); in ``whole`` mode a document that
 fits is never cut and a pack is padded instead (a document longer than a pack is still split,
 into full packs and a padded last piece). :class:`PackingStats` says how many tokens went in
-and came out, and how many pack boundaries fall inside documents.
+and came out (counted from what was placed in the packs, not derived from the tokens in, and
+checked against them by :func:`check_token_accounting`), and how many pack boundaries fall
+inside documents.
 
 Every pack carries its segment lengths, so attention can be masked per document (torchtune's
 ``padded_collate_packed`` turns them into a block-causal mask) and the loss never crosses a
@@ -89,6 +91,7 @@ class PackingStats:
         return self.tokens_out / total if total else 0.0
 
     def describe(self, name: str = "") -> str:
+        """One log line of the accounting; ``name`` (e.g. ``code/validation``) prefixes it."""
         prefix = f"[{name}] " if name else ""
         return (f"{prefix}packed {self.documents} documents: {self.tokens_in:,} tokens in, "
                 f"{self.tokens_out:,} tokens out, {self.pad_tokens:,} pad, {self.packs} packs of "
@@ -182,11 +185,36 @@ def collate_packs(samples: Sequence[Mapping[str, Any]], *,
     return batch
 
 
+def check_max_seq_len(max_seq_len: object, *, field: str = "max_seq_len") -> int:
+    """``max_seq_len`` as an int >= 2, or a :class:`ConfigError` naming ``field``: a string such
+    as ``'2048'`` or a float would otherwise fail deep inside packing with a bare TypeError."""
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)):
+        raise ConfigError(field, f"is {max_seq_len!r} ({type(max_seq_len).__name__}), not an "
+                          "integer.", f"set `{field}` to a whole number of tokens, unquoted "
+                          "(e.g. `max_seq_len: 2048`).")
+    if max_seq_len < 2:
+        raise ConfigError(field, f"must be at least 2, got {max_seq_len}.")
+    return int(max_seq_len)
+
+
+def check_token_accounting(stats: PackingStats) -> None:
+    """Raise ``AssertionError`` unless the tokens counted in the packs (``tokens_out``, counted
+    from what packing placed, independently of ``tokens_in``) equal the tokens read, and the
+    pad count is consistent: packing must never lose or invent a token. An invariant, not a
+    user error; it costs O(packs)."""
+    positions = stats.packs * stats.max_seq_len
+    if stats.tokens_out != stats.tokens_in or stats.pad_tokens != positions - stats.tokens_out \
+            or stats.pad_tokens < 0:
+        raise AssertionError(f"packing lost or invented tokens: {stats.tokens_in:,} read, "
+                             f"{stats.tokens_out:,} placed in {stats.packs} packs of "
+                             f"{stats.max_seq_len} with {stats.pad_tokens:,} pad "
+                             f"({stats.describe()}). This is a bug in acadlm_plugins.data.")
+
+
 def pack_documents(docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,
                    mode: PackingMode = "split") -> PackedSequences:
     """Pack ``docs`` into sequences of ``max_seq_len`` tokens without dropping any token."""
-    if max_seq_len < 2:
-        raise ConfigError("max_seq_len", f"must be at least 2, got {max_seq_len}.")
+    max_seq_len = check_max_seq_len(max_seq_len)
     if mode == "split":
         packs, segments, pad_start, split = _pack_split(docs, max_seq_len)
     elif mode == "whole":
@@ -194,18 +222,39 @@ def pack_documents(docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,
     else:
         raise ConfigError("packing", f"unknown packing mode {mode!r}.", "use 'split' or 'whole'.")
     tokens = np.full((len(packs), max_seq_len), pad_id, dtype=np.int32)
+    # Tokens actually copied into each pack: the accounting's count, independent of the
+    # packing's own bookkeeping (pad_start, segments), which is checked against it.
+    placed_rows = np.zeros(len(packs), dtype=np.int64)
     for row, pieces in enumerate(packs):
         if pieces:
             joined = np.concatenate(pieces)
             tokens[row, : len(joined)] = joined
-    tokens_out = int(sum(int(p) for p in pad_start))
+            placed_rows[row] = len(joined)
+    _check_pack_bookkeeping(placed_rows, pad_start, segments, max_seq_len)
+    placed = int(placed_rows.sum())
     stats = PackingStats(documents=docs.num_documents, tokens_in=docs.num_tokens,
-                         tokens_out=tokens_out, pad_tokens=len(packs) * max_seq_len - tokens_out,
+                         tokens_out=placed, pad_tokens=len(packs) * max_seq_len - placed,
                          packs=len(packs), documents_split=split, max_seq_len=max_seq_len,
                          mode=mode)
-    if stats.tokens_out != stats.tokens_in:  # an invariant, not a user error
-        raise AssertionError(f"packing lost tokens: {stats.describe()}")
+    check_token_accounting(stats)
     return PackedSequences(tokens, segments, np.asarray(pad_start, dtype=np.int64), pad_id, stats)
+
+
+def _check_pack_bookkeeping(placed_rows: np.ndarray, pad_start: Sequence[int],
+                            segments: Sequence[np.ndarray], max_seq_len: int) -> None:
+    """Raise ``AssertionError`` unless every pack's padding starts where its placed tokens end
+    and the segment lengths cover the packs exactly (vectorized: O(packs) in NumPy)."""
+    starts = np.asarray(pad_start, dtype=np.int64)
+    wrong = np.flatnonzero(starts != placed_rows)
+    if len(wrong):
+        row = int(wrong[0])
+        raise AssertionError(f"pack {row}: {placed_rows[row]} tokens placed but padding from "
+                             f"{starts[row]}. This is a bug in acadlm_plugins.data.")
+    covered = int(np.concatenate(segments).sum()) if len(segments) else 0
+    if covered != len(placed_rows) * max_seq_len:
+        raise AssertionError(f"the segment lengths cover {covered} positions of "
+                             f"{len(placed_rows)} packs of {max_seq_len}. This is a bug in "
+                             "acadlm_plugins.data.")
 
 
 def _pack_split(docs: TokenizedDocuments, max_seq_len: int):

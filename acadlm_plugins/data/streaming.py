@@ -46,9 +46,15 @@ from acadlm_plugins.data.packing import (
     PackingStats,
     PositionMode,
     TokenizedDocuments,
+    check_max_seq_len,
+    check_token_accounting,
     packed_sample,
 )
-from acadlm_plugins.data.tokenization import corpus_cache_key, iter_token_arrays
+from acadlm_plugins.data.tokenization import (
+    apply_umask_mode,
+    corpus_cache_key,
+    iter_token_arrays,
+)
 from acadlm_plugins.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -123,6 +129,7 @@ def write_token_store(documents: Iterable[np.ndarray], directory: str | Path, *,
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
         np.save(partial / OFFSETS_FILENAME, offsets)
+        apply_umask_mode(partial)  # mkdtemp made it 0700; a shared cache_dir needs the umask's
         try:
             os.rename(partial, directory)
         except OSError:
@@ -216,8 +223,7 @@ class StreamingPackedSequences:
     def __init__(self, docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,
                  mode: PackingMode = "split", min_tokens: int = 0,
                  max_tokens: int | None = None) -> None:
-        if max_seq_len < 2:
-            raise ConfigError("max_seq_len", f"must be at least 2, got {max_seq_len}.")
+        max_seq_len = check_max_seq_len(max_seq_len)
         if mode not in ("split", "whole"):
             raise ConfigError("packing", f"unknown packing mode {mode!r}.",
                               "use 'split' or 'whole'.")
@@ -243,6 +249,9 @@ class StreamingPackedSequences:
         if mode == "split":
             self._plan = None
             num_packs, cuts_inside = self._count_split_packs()
+            # What the packs cover of the concatenation (pack i holds [i*S, (i+1)*S)): less
+            # than the kept tokens if too few packs were counted.
+            tokens_out = min(num_packs * self._max_seq_len, int(self._virt_offsets[-1]))
         else:
             self._plan = _plan_whole_packs(kept_lengths, self._max_seq_len)
             num_packs = len(self._plan[0])
@@ -250,12 +259,14 @@ class StreamingPackedSequences:
             cuts_inside = int(((kept_lengths - 1) // self._max_seq_len).sum())
             if int(self._plan[3].sum()) != int(self._virt_offsets[-1]):  # an invariant
                 raise AssertionError("whole packing plan lost tokens")
-        tokens = int(self._virt_offsets[-1])
+            tokens_out = self._whole_plan_tokens()
         self._num_packs = num_packs
-        self.stats = PackingStats(documents=len(kept), tokens_in=tokens, tokens_out=tokens,
-                                  pad_tokens=num_packs * self._max_seq_len - tokens,
+        self.stats = PackingStats(documents=len(kept), tokens_in=int(self._virt_offsets[-1]),
+                                  tokens_out=tokens_out,
+                                  pad_tokens=num_packs * self._max_seq_len - tokens_out,
                                   packs=num_packs, documents_split=cuts_inside,
                                   max_seq_len=self._max_seq_len, mode=mode)
+        check_token_accounting(self.stats)
 
     @property
     def documents(self) -> TokenizedDocuments:
@@ -301,6 +312,18 @@ class StreamingPackedSequences:
         inner_starts = self._virt_offsets[1:-1]
         aligned = int(np.count_nonzero(inner_starts % self._max_seq_len == 0))
         return num_packs, max(num_packs - 1 - aligned, 0)
+
+    def _whole_plan_tokens(self) -> int:
+        """The tokens the ``whole`` plan places, counted as :meth:`_whole_pieces` reads them
+        (the kept documents a pack spans, or the one piece of a too-long document), for the
+        accounting check: O(packs), no token is read."""
+        first, stop, _, filled = self._plan
+        spans = self._virt_offsets[stop] - self._virt_offsets[first]
+        placed = np.where(stop - first == 1, np.minimum(filled, spans), spans)
+        if len(placed) and int(placed.max()) > self._max_seq_len:
+            raise AssertionError(f"a whole-mode pack plans {int(placed.max())} tokens, more than "
+                                 f"{self._max_seq_len}. This is a bug in acadlm_plugins.data.")
+        return int(placed.sum())
 
     def _split_pieces(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         offsets = self._virt_offsets

@@ -3,6 +3,10 @@
 The cache key covers the data files' bytes, the tokenizer (its class, vocabulary size and the
 ids it gives a probe sentence) and the BOS/EOS choice, so a changed file or tokenizer can never
 serve stale tokens.
+
+Cache entries get the permissions the user's umask gives any new file or folder (not the
+0600/0700 of the temporary files they are written as), so a ``cache_dir`` shared by a group
+works for everyone in it.
 """
 
 from __future__ import annotations
@@ -104,11 +108,35 @@ def load_or_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "tex
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, tokens=docs.tokens, offsets=docs.offsets)
+        apply_umask_mode(Path(tmp))  # before the rename: the entry never appears as 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return docs
+
+
+def current_umask() -> int:
+    """The process's umask. Read from ``/proc/self/status`` where Linux exposes it, since the
+    portable way (set a umask, restore the old one) briefly changes it for every thread."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_mode(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have given it under the current
+    umask (0666 or 0777 minus the umask): ``mkstemp``/``mkdtemp`` create 0600/0700, which
+    would lock everyone else out of a shared cache folder."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 def corpus_cache_key(files: Sequence[Path], tokenizer, *, text_field: str = "text",

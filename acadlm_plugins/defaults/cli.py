@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,13 @@ def _format_count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-def _info(home: Path) -> int:
+def _command(name: str, home: Path | None) -> str:
+    """The ``acadlm-defaults <name>`` command line to suggest in a fix hint, with ``--home``
+    when the user gave one: without it the suggested command would act on another folder."""
+    return f"acadlm-defaults {name}" + (f" --home {shlex.quote(str(home))}" if home else "")
+
+
+def _info(home: Path, given_home: Path | None = None) -> int:
     manifest = manifest_lib.load_manifest(home)
     components = manifest.get("components", {})
     print(f"home:     {home}")
@@ -114,17 +121,20 @@ def _info(home: Path) -> int:
     problems = manifest_lib.verify_manifest(home)
     print(
         "status:   "
-        + ("ok" if not problems else f"{len(problems)} problem(s); run `acadlm-defaults verify`")
+        + ("ok" if not problems
+           else f"{len(problems)} problem(s); run `{_command('verify', given_home)}`")
     )
     return 0
 
 
-def _verify(home: Path) -> int:
+def _verify(home: Path, given_home: Path | None = None) -> int:
+    """Print every manifest problem of ``home`` and the command that repairs them; ``given_home``
+    is the ``--home`` the user passed (None when the default folder is used)."""
     problems = manifest_lib.verify_manifest(home)
     for problem in problems:
         print(f"problem: {problem}")
     if problems:
-        print("Fix: `acadlm-defaults build` rebuilds what is missing or changed.")
+        print(f"Fix: `{_command('build', given_home)}` rebuilds what is missing or changed.")
         return 1
     print(f"ok: every file in {manifest_path(home)} matches its sha256")
     return 0
@@ -139,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[HOME_ENV_VAR] = str(home)  # so helpers that read the environment agree
     if args.command == "build":
         return _build(home, args.force, args.only)
+    given_home = home if args.home else None
     if args.command == "info":
-        return _info(home)
-    return _verify(home)
+        return _info(home, given_home)
+    return _verify(home, given_home)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""Reading document files (errors that name the file, line and fix) and the permissions of
+the token caches written from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from tiny_setup import ByteTokenizer
+
+from acadlm_plugins.data.documents import read_texts, resolve_data_files
+from acadlm_plugins.data.mixture import domain_mixture_dataset
+from acadlm_plugins.data.streaming import write_token_store
+from acadlm_plugins.errors import DataError
+
+
+def test_a_corrupt_parquet_file_is_a_data_error_naming_it(tmp_path):
+    """It used to surface as pyarrow.lib.ArrowInvalid from inside the tokenizer loop."""
+    bad = tmp_path / "train.parquet"
+    bad.write_bytes(b"this is not parquet at all")
+    with pytest.raises(DataError, match=r"train\.parquet: not a readable parquet file.*Fix:"):
+        domain_mixture_dataset(ByteTokenizer(), domains={"x": str(bad)}, max_seq_len=32)
+
+
+def test_an_unterminated_string_is_reported_as_such(tmp_path):
+    """The line ending used to be parsed too: 'Invalid control character at at column 17'."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "broken\n')
+    with pytest.raises(DataError) as err:
+        read_texts([bad])
+    message = str(err.value)
+    assert "bad.jsonl:2: not valid JSON (Unterminated string starting at column 10)" in message
+    assert "at at" not in message and "control character" not in message
+
+
+def test_json_files_are_read_as_json_lines_and_errors_say_so(tmp_path):
+    lines = tmp_path / "docs.json"
+    lines.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    assert read_texts([lines]) == ["one", "two"]
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps([{"text": "one"}], indent=2))
+    with pytest.raises(DataError, match=r"pretty\.json:1: .*read as JSON Lines"):
+        read_texts([pretty])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"\.json \(read as JSON Lines\)"):
+        resolve_data_files(str(tmp_path / "empty"), field="dataset.domains.x")
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(DataError, match=r"is not a \.jsonl, \.json \(read as JSON Lines\) or "
+                                        r"\.parquet file"):
+        resolve_data_files(str(other), field="dataset.domains.x")
+
+
+def test_empty_and_whitespace_only_texts_are_dropped(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "", " \n\t ", "b"]))
+    assert read_texts([docs]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_a_token_store_gets_the_umask_mode(tmp_path, umask):
+    """mkdtemp makes 0700 folders: a store in a shared cache_dir was closed to the others."""
+    previous = os.umask(umask)
+    try:
+        store = write_token_store([[1, 2, 3], [4]], tmp_path / "cache" / "k.tokens")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(store.stat().st_mode) == 0o777 & ~umask
+    for name in ("tokens.bin", "offsets.npy"):
+        assert stat.S_IMODE((store / name).stat().st_mode) == 0o666 & ~umask
