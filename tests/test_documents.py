@@ -70,3 +70,21 @@ def test_a_token_store_gets_the_umask_mode(tmp_path, umask):
     assert stat.S_IMODE(store.stat().st_mode) == 0o777 & ~umask
     for name in ("tokens.bin", "offsets.npy"):
         assert stat.S_IMODE((store / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_sft_and_judgment_files_report_an_unterminated_string_in_one_sentence(tmp_path):
+    """The SFT reader and the rater's judgments reader word JSON errors as the corpus reader
+    does: the line ending is not part of the error and "at" is not doubled."""
+    from acadlm_plugins.data.sft import check_ultrachat_file
+    from acadlm_plugins.qurating.rater import _judgment_row
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"messages": "unterminated\n')
+    with pytest.raises(DataError) as err:
+        check_ultrachat_file(sft)
+    assert "Unterminated string starting at column 14" in str(err.value)
+    assert "at at" not in str(err.value)
+    with pytest.raises(DataError) as err:
+        _judgment_row('{"pair_id": "unterminated\n', "judgments.jsonl:1")
+    assert "judgments.jsonl:1: not valid JSON (Unterminated string starting at column 13)" in (
+        str(err.value))

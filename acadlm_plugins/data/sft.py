@@ -30,7 +30,11 @@ from typing import Any
 from torchtune.datasets import PackedDataset, SFTDataset, chat_dataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from acadlm_plugins.data.documents import iter_jsonl_lines, resolve_data_files
+from acadlm_plugins.data.documents import (
+    iter_jsonl_lines,
+    json_error_text,
+    resolve_data_files,
+)
 from acadlm_plugins.errors import ConfigError, DataError
 
 SHIPPED_EXAMPLES = Path(__file__).with_name("sft") / "ultrachat_examples.jsonl"
@@ -102,9 +106,9 @@ def check_ultrachat_file(file: Path) -> int:
             continue
         where = f"{file}:{line_no}"
         try:
-            row = json.loads(line)
+            row = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}). "
+            raise DataError(f"{where}: {json_error_text(err)}. "
                             "Fix: one JSON object per line.") from None
         check_ultrachat_row(row, where)
         rows += 1

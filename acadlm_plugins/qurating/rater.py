@@ -62,6 +62,7 @@ from acadlm_plugins._compat import (
     hf_checkpoint_files,
     save_hf_model_dir,
 )
+from acadlm_plugins.data.documents import json_error_text
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states
 from acadlm_plugins.models.families import HFModelSpec, hf_model_spec
@@ -280,9 +281,9 @@ def judgments_fingerprint(criteria: Sequence[str], pairs: Sequence[JudgedPair]
 
 def _judgment_row(line: str, where: str) -> tuple[str, str, str, dict[str, float]]:
     try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}). Fix: "
+        raise DataError(f"{where}: {json_error_text(err)}. Fix: "
                         "repair or delete that line.") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}.")
