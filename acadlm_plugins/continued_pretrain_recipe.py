@@ -408,7 +408,8 @@ class ContinuedPretrainRecipe:
         torchtune's message, which names no config key."""
         model_max = getattr(self._model, "max_seq_len", None)
         for key in ("dataset", "validation_dataset"):
-            length = (self._cfg.get(key, None) or {}).get("max_seq_len", None)
+            length = config_value((self._cfg.get(key, None) or {}).get("max_seq_len", None),
+                                  f"{key}.max_seq_len", int, minimum=1, allow_none=True)
             if model_max is not None and length is not None and length > model_max:
                 raise ConfigError(f"{key}.max_seq_len", f"is {length}, above the model's "
                                   f"{model_max} positions.", f"set `{key}.max_seq_len` to "

@@ -129,6 +129,39 @@ def test_a_typo_in_a_top_level_key_is_named_with_a_suggestion(tmp_path, monkeypa
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_step=3"))
 
 
+@pytest.mark.parametrize("override, key", [
+    ("validation_dataset.max_seq_len=abc", "validation_dataset.max_seq_len"),
+    ("validation_dataset.max_seq_len=0", "validation_dataset.max_seq_len"),
+    ("validation_dataset.positions=bogus", "validation_dataset.positions"),
+    ("dataset.weights.prose=x", "dataset.weights.prose"),
+])
+def test_a_bad_dataset_value_names_its_block(tmp_path, monkeypatch, override, key):
+    """The mixture builder learns its block's key from the recipe (its `config_key`
+    parameter), so a bad value says whether it is the training or the validation data."""
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, override))
+    assert err.value.key == key
+
+
+def built_with_its_key(value: int, config_key: str | None = None) -> tuple[int, str | None]:
+    return value, config_key
+
+
+def test_instantiate_component_tells_a_builder_its_key_only_if_it_asks():
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.training.components import instantiate_component
+
+    cfg = OmegaConf.create({
+        "asks": {"_component_": "test_continued_pretrain_recipe.built_with_its_key", "value": 1},
+        "given": {"_component_": "test_continued_pretrain_recipe.built_with_its_key",
+                  "value": 2, "config_key": "mine"},
+        "plain": {"_component_": "builtins.dict", "a": 1}})
+    assert instantiate_component(cfg, "asks") == (1, "asks")
+    assert instantiate_component(cfg, "given") == (2, "mine")
+    assert instantiate_component(cfg, "plain") == {"a": 1}
+
+
 def test_a_wrong_component_path_names_the_key(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"`model._component_`.*nope"):
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "model._component_=acadlm_plugins.nope"))

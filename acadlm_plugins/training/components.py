@@ -15,7 +15,9 @@ from acadlm_plugins.training.config_checks import reject_unknown_keys
 
 
 def instantiate_component(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
-    """Build ``cfg[key]`` through its ``_component_`` path; a bad path names ``key``."""
+    """Build ``cfg[key]`` through its ``_component_`` path; a bad path names ``key``. A builder
+    with a ``config_key`` parameter is told ``key``, so that its own errors name the block
+    (``validation_dataset.max_seq_len`` rather than ``max_seq_len``)."""
     node = cfg.get(key, None)
     if node is None:
         raise ConfigError(key, "is missing.", f"add a `{key}:` block with a `_component_` path.")
@@ -24,7 +26,17 @@ def instantiate_component(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) 
                           "give the dotted path of the builder, e.g. "
                           "`_component_: torch.optim.AdamW`.")
     check_component(node, key)
+    builder = component_from_path(str(node._component_))
+    if "config_key" not in node and "config_key" not in kwargs and _takes(builder, "config_key"):
+        kwargs["config_key"] = key
     return config.instantiate(node, *args, **kwargs)
+
+
+def _takes(builder: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # builtins and some C extensions have no signature
+        return False
 
 
 def check_component(node: DictConfig, key: str) -> None:
