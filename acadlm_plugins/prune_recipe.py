@@ -41,9 +41,9 @@ from acadlm_plugins.pruning.export import export_pruned_model
 from acadlm_plugins.pruning.masks import MaskHooks
 from acadlm_plugins.pruning.materialize import kept_units, materialize
 from acadlm_plugins.training.checkpointing import (
-    _first_difference,
     check_starting_weights,
     config_values,
+    first_difference,
     starting_weights_fingerprint,
 )
 from acadlm_plugins.training.components import instantiate_component
@@ -288,7 +288,7 @@ def check_same_config(recorded: dict[str, Any], now: dict[str, Any], where: Path
     record are not compared."""
     for key, value in now.items():
         if key in recorded and recorded[key] != value:
-            name, before, after = _first_difference(key, recorded[key], value)
+            name, before, after = first_difference(key, recorded[key], value)
             raise ConfigError(name, f"differs from the one-shot pruned model in {where.parent} "
                               f"(recorded in {where.name}): was {before}, is {after}.",
                               f"restore `{name}` as it was, or choose a new `output_dir`.")

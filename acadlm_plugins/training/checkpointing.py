@@ -139,7 +139,7 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
         before = recorded[key]
         now = plain_value(OmegaConf.select(cfg, key, default=None))
         if before != now:
-            where, before, now = _first_difference(key, before, now)
+            where, before, now = first_difference(key, before, now)
             raise ConfigError(where, f"differs from the checkpoint being resumed ({checkpoint}): "
                               f"was {before}, is {now}.", f"restore `{where}` as it was, or "
                               "start a new `output_dir`.")
@@ -272,13 +272,13 @@ def _safetensors_data_start(handle: BinaryIO, size: int) -> int:
     return 8 + length if 8 + length + _SAMPLE_BLOCK_BYTES <= size else 0
 
 
-def _first_difference(key: str, before: Any, now: Any) -> tuple[str, Any, Any]:
+def first_difference(key: str, before: Any, now: Any) -> tuple[str, Any, Any]:
     """The dotted key of the first entry that differs inside two nested config values, with
     both values, so the error names ``pruning.target.num_layers`` rather than ``pruning``."""
     if isinstance(before, dict) and isinstance(now, dict):
         for name in [*before, *(k for k in now if k not in before)]:
             if before.get(name) != now.get(name):
-                return _first_difference(f"{key}.{name}", before.get(name), now.get(name))
+                return first_difference(f"{key}.{name}", before.get(name), now.get(name))
     return key, before, now
 
 
