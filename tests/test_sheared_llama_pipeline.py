@@ -108,6 +108,7 @@ def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
     # SmolLM2 demo's figures are in docs/pruning.md)
     assert all(0 < v["mean"] < 20 for v in comparison["val_loss"].values())
     assert "validation loss (nats/token)" in first.stdout
+    assert "mean loss, ours - one_shot: " in first.stdout
     assert "ours: kept units the importance initialization did not keep: layer " in first.stdout
     assert "changed_from_importance_init" in summary["pruning"]
     exported = {p.name: p.read_bytes() for p in (out / "one_shot/prune/pruned_model").iterdir()}
@@ -296,3 +297,18 @@ def test_the_full_configs_header_gives_the_share_its_target_keeps():
     assert f"about {round(100 * kept / total)}% of its non-embedding parameters ({kept:,} of " \
         f"{total:,})" in header
     assert cfg.pruning.mask_init == "uniform"
+
+
+def test_the_summary_spells_out_each_comparison_of_mean_loss():
+    """ours - one_shot, one_shot - from_scratch and ours - source, with their signs; a
+    comparison whose arm did not run (`--baselines none`) is left out."""
+    losses = {"source": {"mean": 3.0}, "from_scratch": {"mean": 7.25},
+              "one_shot": {"mean": 4.0}, "ours": {"mean": 4.125}}
+    tail = " one run, benchmarks/pruning_recovery.py for seeds)"
+    assert pipeline.mean_loss_differences(losses) == [
+        f"mean loss, ours - one_shot: +0.1250 (ours higher;{tail}",
+        f"mean loss, one_shot - from_scratch: -3.2500 (one_shot lower;{tail}",
+        f"mean loss, ours - source: +1.1250 (ours higher;{tail}"]
+    only_ours = {"source": losses["source"], "ours": losses["ours"]}
+    assert [line.split(":")[0] for line in pipeline.mean_loss_differences(only_ours)] == [
+        "mean loss, ours - source"]

@@ -378,6 +378,24 @@ def mean(values: dict[str, float]) -> float:
     return sum(values.values()) / len(values)
 
 
+# The comparisons the summary spells out: (the arm, the arm it is compared with).
+COMPARED = (("ours", "one_shot"), ("one_shot", "from_scratch"), ("ours", "source"))
+
+
+def mean_loss_differences(losses: dict[str, dict[str, float]]) -> list[str]:
+    """One line per comparison in :data:`COMPARED` that this run has: the difference of mean
+    validation loss (negative: the first is better), for a single run; across seeds, see
+    benchmarks/pruning_recovery.py, which gives the paired interval."""
+    lines = []
+    for first, second in COMPARED:
+        if first in losses and second in losses:
+            difference = losses[first]["mean"] - losses[second]["mean"]
+            verdict = "lower" if difference < 0 else "higher"
+            lines.append(f"mean loss, {first} - {second}: {difference:+.4f} ({first} "
+                         f"{verdict}; one run, benchmarks/pruning_recovery.py for seeds)")
+    return lines
+
+
 def greedy_completions(models: dict[str, Path]) -> dict[str, list[str]]:
     """The greedy continuation of :data:`PROMPTS` by each model folder, with transformers."""
     import torch
@@ -429,6 +447,7 @@ def format_report(report: dict, dirs: dict[str, dict[str, Path]]) -> str:
     tokens = comparison["tokens"]
     lines.append(f"{'tokens':<12}" + "".join(
         f"{'-' if tokens[c] is None else f'{tokens[c]:,}':>14}" for c in columns))
+    lines += mean_loss_differences(losses)
     lines.append(f"pruned right after pruning (ours, before continued pre-training): mean "
                  f"{mean(pruning['val_loss']['pruned']):.4f}")
     if CHOICE_KEY in pruning:
