@@ -134,6 +134,11 @@ class ContinuedPretrainRecipe:
         # Whether the last checkpoint's model is what this run hands over (pruning hands over
         # the materialized model instead, and announces that itself).
         self.exports_final_model = True
+        # Called with the config and its `resume` value once every check has passed and before
+        # the resume checkpoint is looked up or anything is written; returns the `resume` value
+        # to use. A recipe whose finished output is not a checkpoint (a one-shot prune) checks
+        # that output here, so a refused rerun leaves the folder as it was.
+        self.before_resume: Callable[[DictConfig, object], object] | None = None
         self._exported: dict[str, Any] = {}
         self._metric_logger = None  # set in setup; cleanup works even if setup stopped early
 
@@ -159,7 +164,10 @@ class ContinuedPretrainRecipe:
             log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
         # Nothing is written to output_dir until every check below has passed (the metric
         # logger comes last), so a refused run leaves an earlier run's folder as it was.
-        resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
+        resume = cfg.get("resume", "auto")
+        if self.before_resume is not None:
+            resume = self.before_resume(cfg, resume)
+        resume_from = find_resume_checkpoint(self._output_dir, resume)
         # The weights a fresh run starts from, recorded at step 0 in every checkpoint: a resumed
         # run whose checkpoint_dir now holds other weights (re-exported at the same path) would
         # continue a run trained from the old ones.

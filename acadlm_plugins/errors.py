@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class AcadlmError(Exception):
-    """Base class for errors raised by acadlm-plugins."""
+    """Base class for errors raised by acadlm-plugins.
+
+    ``user_error``: the message names what the user must change, so ``tune run`` prints it as
+    one line; False for an error that reports a bug of ours, which keeps its traceback."""
+
+    user_error: bool = True
 
 
 class ConfigError(AcadlmError, ValueError):

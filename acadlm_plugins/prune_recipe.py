@@ -18,8 +18,9 @@ units with the largest activations on the calibration sequences are kept and the
 materialized and exported directly. Its ``pruning_summary.json`` records what the export was
 made from (the config values a resumed learned run must match, and the source's weight-file
 fingerprint); a rerun on the same ``output_dir`` reuses that export instead of ranking and
-slicing again, as a finished learned run resumes from its last checkpoint, and refuses one made
-from another config (or, under ``resume: false``, any) rather than overwrite it.
+slicing again, as a finished learned run resumes from its last checkpoint (its export hooks
+still run, so a quantized copy asked for now is written), and refuses one made from another
+config (or, under ``resume: false``, any) rather than overwrite it, before writing anything.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ COMPARISON_DTYPE = torch.float32
 class MaterializationError(AcadlmError, RuntimeError):
     """The materialized model does not compute what the masked model computes."""
 
+    user_error = False  # a slicing bug to report, with its traceback
+
 
 class PruneRecipe:
     """Prune with the shared training loop, then materialize, verify and export (rank 0)."""
@@ -78,20 +81,31 @@ class PruneRecipe:
         self._trainer.example_config = "configs/smollm2/135M_to_85M_prune.yaml"
         self._trainer.exports_final_model = False  # the pruned model is exported below
         self._trainer.resume_must_match = (*self._trainer.resume_must_match, "pruning")
+        self._trainer.before_resume = self._check_one_shot_output
+        self._one_shot_inputs: dict[str, Any] | None = None
+        self._reused_one_shot: dict[str, Any] | None = None
 
     def setup(self, cfg: DictConfig) -> None:
         self._trainer.setup(cfg)
         self._pruning = self._trainer.plugin_manager.get_plugin(
             "acadlm_plugins.plugins.pruning:PruningPlugin")
-        # One-shot runs write no checkpoint: what a learned run's resume checks against its
-        # checkpoint, a one-shot run checks against its summary (after the same config checks,
-        # on the config as the run reads it), before any ranking or export.
-        self._one_shot_inputs: dict[str, Any] | None = None
-        self._reused_one_shot: dict[str, Any] | None = None
-        if self._pruning.method == "importance":
-            self._one_shot_inputs = one_shot_inputs(cfg, self._trainer.resume_must_match)
-            self._reused_one_shot = reusable_one_shot(
-                self._trainer.output_dir, self._one_shot_inputs, cfg.get("resume", "auto"))
+
+    def _check_one_shot_output(self, cfg: DictConfig, resume: object) -> object:
+        """One-shot runs write no checkpoint: what a learned run's resume checks against its
+        checkpoint, a one-shot run checks against its summary, after the same config checks
+        (on the config as the run reads it) and before anything is written. A reusable export
+        is this run's resume point, so ``resume: true`` accepts it as a learned run accepts
+        its last checkpoint."""
+        pruning = self._trainer.plugin_manager.get_plugin(
+            "acadlm_plugins.plugins.pruning:PruningPlugin")
+        if pruning.method != "importance":
+            return resume
+        self._one_shot_inputs = one_shot_inputs(cfg, self._trainer.resume_must_match)
+        self._reused_one_shot = reusable_one_shot(self._trainer.output_dir,
+                                                  self._one_shot_inputs, resume)
+        if self._reused_one_shot is not None and str(resume).lower() == "true":
+            return "auto"  # the export, not a checkpoint, is what this run resumes from
+        return resume
 
     @property
     def trains_masks(self) -> bool:
@@ -158,16 +172,29 @@ class PruneRecipe:
                             record={ONE_SHOT_INPUTS_KEY: self._one_shot_inputs})
 
     def _report_reused_one_shot(self, summary: dict[str, Any]) -> dict[str, Any] | None:
-        """A rerun of a finished one-shot run: say so and print the summary of the export it
-        keeps (rank 0), as a finished learned run resumes at its last step."""
+        """A rerun of a finished one-shot run: say so, hand the kept export to the export hooks
+        again (a quantized copy the rerun asks for, a plugin's own export), as the learned path
+        does on every rerun, and print the summary (rank 0)."""
         if not self._trainer.is_rank_zero:
             return None
         log.info("one-shot pruning resumed: %s was exported from this config and source "
                  "(%s), so it is kept as it is and nothing is ranked or sliced again (a new "
                  "`output_dir` prunes afresh)", summary["pruned_model_dir"],
                  self._trainer.output_dir / SUMMARY_FILENAME)
+        added = self._export_hook_results(Path(summary["pruned_model_dir"]))
+        if added:
+            summary = {**summary, **added}
+            write_summary(self._trainer.output_dir / SUMMARY_FILENAME, summary)
         print(format_pruning_summary(summary), flush=True)
         return summary
+
+    def _export_hook_results(self, model_dir: Path) -> dict[str, Any]:
+        """What the ``acadlm_model_exported`` hooks add to the summary for ``model_dir``."""
+        added: dict[str, Any] = {}
+        for result in self._trainer.plugin_manager.hook.acadlm_model_exported(
+                model_dir=str(model_dir), recipe=RECIPE_NAME):
+            added.update(result or {})
+        return added
 
     def _source_losses(self) -> dict[str, float]:
         """The source model's validation losses: the run's step-0 evaluation (the mask hooks are
@@ -233,16 +260,22 @@ class PruneRecipe:
         if "masked" in losses:
             summary["max_abs_loss_diff_masked_vs_pruned"] = max(
                 abs(losses["masked"][d] - losses["pruned"][d]) for d in losses["pruned"])
-        for result in self._trainer.plugin_manager.hook.acadlm_model_exported(
-                model_dir=str(dest), recipe=RECIPE_NAME):
-            summary.update(result or {})
+        summary.update(self._export_hook_results(dest))
         summary.update(record or {})
-        (self._trainer.output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2))
+        write_summary(self._trainer.output_dir / SUMMARY_FILENAME, summary)
         print(format_pruning_summary(summary), flush=True)
         return summary
 
     def cleanup(self) -> None:
         self._trainer.cleanup()
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """``pruning_summary.json``, written atomically: a one-shot rerun reads it as its resume
+    record."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    partial.replace(path)
 
 
 def one_shot_inputs(cfg: DictConfig, must_match: tuple[str, ...]) -> dict[str, Any]:

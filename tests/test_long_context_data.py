@@ -287,6 +287,7 @@ def test_max_tokens_below_every_document_names_max_tokens(corpus):
     ({"prose": -0.1}, "dataset.sources.prose.share", ">= 0"),
     ({"numbers": float("nan")}, "dataset.sources.numbers.share", "finite"),
     ({"code": "a lot"}, "dataset.sources.code.share", "finite"),
+    ({"code": True}, "dataset.sources.code.share", "finite"),  # was read as 1.0
     ({"prose": 0, "numbers": 0, "code": 0}, "dataset.sources.prose.share", "share 0"),
 ])
 def test_bad_shares_name_the_source(corpus, shares, key, match):

@@ -569,3 +569,26 @@ def test_a_valid_float8_recipe_is_set_aside_without_cuda(tmp_path: Path):
     plan = plan_config(CONFIGS / "tiny/continued_pretrain.yaml",
                        [*tiny_overrides(tmp_path), "torchao.float8=rowwise"])
     assert plan.recipe == "continued_pretrain"
+
+
+def test_an_int4_group_size_no_layer_fits_is_refused_as_the_run_refuses_it(tmp_path: Path):
+    """The run checks the int4 group size against the exported model before training; the
+    plan makes the same check on the meta model (for a prune, on the target's widths)."""
+    int4 = ["torchao.quantized_export=int4_weight_only"]
+    for config in ("tiny/continued_pretrain.yaml", "tiny/prune.yaml"):
+        with pytest.raises(ConfigError) as err:
+            plan_config(CONFIGS / config,
+                        [*tiny_overrides(tmp_path), *int4, "torchao.group_size=256"])
+        assert err.value.key == "torchao.group_size"
+    plan = plan_config(CONFIGS / "tiny/continued_pretrain.yaml",
+                       [*tiny_overrides(tmp_path), *int4, "torchao.group_size=32"])
+    assert any("int4 group size" in item for item in plan.checked)
+
+
+def test_a_fractional_eval_interval_is_named_not_the_update_interval(
+        tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`eval_every_n_steps=2.0` next to an update interval it does not divide names itself."""
+    overrides = [*tiny_overrides(tmp_path), "dynamic_batch_loading.update_interval=3",
+                 "eval_every_n_steps=2.0"]
+    assert main(["--config", str(CONFIGS / "tiny/continued_pretrain.yaml"), *overrides]) == 2
+    assert "`eval_every_n_steps`" in capsys.readouterr().err

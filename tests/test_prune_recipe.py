@@ -342,6 +342,8 @@ def test_a_rerun_one_shot_prune_keeps_its_export_and_refuses_a_changed_config(
     assert any("one-shot pruning resumed" in r.getMessage() for r in caplog.records)
     assert not any("one-shot importance pruning over" in r.getMessage() for r in caplog.records)
 
+    before_refusals = folder_state(out)
+    logs = sorted(p.name for p in (out / "logs").iterdir())
     with pytest.raises(ConfigError, match=r"`pruning.target.embed_dim`: differs from the one-shot"):
         run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe",
                         [*settings, "pruning.target.embed_dim=32"])
@@ -355,3 +357,25 @@ def test_a_rerun_one_shot_prune_keeps_its_export_and_refuses_a_changed_config(
     assert len(calibrations) == 1
     assert folder_state(out / "pruned_model") == exported
     assert pruning_summary(out) == first
+    # Refused before anything was written: torchtune_config.yaml and the logs are the first
+    # run's, not the refused configs'.
+    assert folder_state(out) == before_refusals
+    assert sorted(p.name for p in (out / "logs").iterdir()) == logs
+
+
+def test_a_reused_one_shot_export_gets_the_export_hooks_and_accepts_resume_true(
+        tmp_path, monkeypatch):
+    """A rerun that reuses the export still hands it to the export hooks, as the learned
+    path's rerun does: asking for a quantized copy now writes it and records it in the
+    summary. `resume: true` takes the export as the run's resume point."""
+    settings = prune_args(tmp_path, "pruning.method=importance",
+                          "pruning.calibration.num_sequences=8")
+    calibrations = count_importance_calls(monkeypatch)
+    out = run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", settings)
+    exported = folder_state(out / "pruned_model")
+    run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe",
+                    [*settings, "resume=true", "torchao.quantized_export=int8_weight_only"])
+    assert len(calibrations) == 1 and folder_state(out / "pruned_model") == exported
+    summary = pruning_summary(out)
+    copy = Path(summary["quantized_model"]["path"])
+    assert copy.name == "pruned_model-int8_weight_only" and (copy / "config.json").is_file()

@@ -75,3 +75,17 @@ def test_run_main_returns_2_for_our_errors_and_keeps_other_errors(
     monkeypatch.setenv("ACADLM_TRACEBACK", "1")
     with pytest.raises(ConfigError):
         run_main(refuses)
+
+
+def test_an_error_of_ours_that_reports_a_bug_keeps_its_traceback(monkeypatch):
+    """A materialized model that differs from the masked one is a slicing bug, not a user
+    error: its traceback is what a bug report needs."""
+    from acadlm_plugins.prune_recipe import MaterializationError
+
+    monkeypatch.delenv("ACADLM_TRACEBACK", raising=False)
+
+    def slicing_bug() -> None:
+        raise MaterializationError("masked vs materialized loss differ by 0.4")
+
+    with pytest.raises(MaterializationError):
+        run_main(slicing_bug)

@@ -171,8 +171,10 @@ def _checked_sources(sources: Mapping[str, Mapping[str, Any]],
             if required not in spec:
                 raise ConfigError(f"{field}.{required}", "is missing.",
                                   "every source needs `data_files` and a token `share`.")
+        share = spec["share"]
+        share = math.nan if isinstance(share, bool) else share  # `true` is not a share
         try:
-            share = float(spec["share"])
+            share = float(share)
         except (TypeError, ValueError):
             share = math.nan
         if not math.isfinite(share) or share < 0:

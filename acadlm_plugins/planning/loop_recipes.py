@@ -39,6 +39,7 @@ from acadlm_plugins.training.run_checks import (
 
 PRUNING_PLUGIN = "acadlm_plugins.plugins.pruning:PruningPlugin"
 DISTILLATION_PLUGIN = "acadlm_plugins.plugins.distillation:DistillationPlugin"
+TORCHAO_PLUGIN = "acadlm_plugins.plugins.torchao:TorchaoPlugin"
 DYNAMIC_BATCH_LOADING_PLUGIN = (
     "acadlm_plugins.plugins.dynamic_batch_loading:DynamicBatchLoadingPlugin")
 
@@ -77,6 +78,10 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
         check_sequence_parallel(model, sp_degree)
         check_sequence_parallel_lengths(cfg, stage, sp_degree)
 
+    torchao = pm.get_plugin(TORCHAO_PLUGIN)
+    if torchao is not None and torchao.scheme == "int4_weight_only":
+        torchao.check_int4_export(model, cfg)  # the shapes are all it reads
+        plan.checked.append("int4 group size against the exported model's linear widths")
     pruning = _enabled(pm, PRUNING_PLUGIN)
     pruning_numel = _plan_pruning(plan, pruning) if pruning is not None else 0
     teacher = _teacher(cfg, pm, model, dtype)

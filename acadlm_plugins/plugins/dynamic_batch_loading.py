@@ -30,6 +30,7 @@ from acadlm_plugins.data.dynamic_batch_loading import excess_losses, ordered, up
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
 from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
+from acadlm_plugins.training.run_checks import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class DynamicBatchLoadingPlugin:
         eval_every = cfg.get("eval_every_n_steps", None)
         if eval_every is None:
             cfg.eval_every_n_steps = self.update_interval
-        elif self.update_interval % config_value(eval_every, "eval_every_n_steps", int,
-                                                 minimum=1):
+        elif self.update_interval % positive_int(cfg, "eval_every_n_steps"):
             raise ConfigError(f"{CONFIG_KEY}.update_interval",
                               f"{self.update_interval} is not a multiple of eval_every_n_steps "
                               f"({eval_every}); weights are updated from evaluation losses.",

@@ -135,7 +135,7 @@ class TorchaoPlugin:
     @hookimpl
     def acadlm_prepare_model(self, model: Any, cfg: Any, device: Any) -> None:
         if self.scheme == "int4_weight_only":
-            self._check_int4_export(model, cfg)
+            self.check_int4_export(model, cfg)
         if self.float8 is None:
             return
         swapped = convert_to_float8(model, self.float8)
@@ -145,8 +145,8 @@ class TorchaoPlugin:
                               "set it to null for this model.")
         log.info("float8 training (%s): %d linear layers swapped", self.float8, swapped)
 
-    def _check_int4_export(self, model: torch.nn.Module, cfg: Any) -> None:
-        """Before training: refuse a group size that fits none of the exported model's linear
+    def check_int4_export(self, model: torch.nn.Module, cfg: Any) -> None:
+        """Before training (and in ``acadlm-plan``, on the meta model): refuse a group size that fits none of the exported model's linear
         layers (the export would fail only after the run), warn when it skips some.
 
         The exported model is this one, except for pruning, which exports the model with

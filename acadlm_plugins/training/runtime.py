@@ -220,8 +220,8 @@ def run_main(recipe_main: Callable[[], object]) -> int:
     """What ``tune run <recipe>`` runs: ``recipe_main()``, with our errors (a config key, a data
     file, a missing default, a non-finite loss: each names its fix) printed as one line with
     exit code 2 instead of a traceback, which would bury the fix; so is a ``???`` value left
-    unset. ``ACADLM_TRACEBACK=1`` shows
-    the traceback, for reporting a bug; errors that are not ours always show it."""
+    unset. ``ACADLM_TRACEBACK=1`` shows the traceback, for reporting a bug; errors that are not
+    ours, and ours that report a bug (``user_error`` False), always show it."""
     from omegaconf.errors import MissingMandatoryValue
 
     try:
@@ -232,7 +232,7 @@ def run_main(recipe_main: Callable[[], object]) -> int:
             raise ConfigError(key, "is `???` in the config: it has no default and must be "
                               "given.", f"add `{key}=<value>` to the command line.") from err
     except AcadlmError as err:
-        if os.environ.get(TRACEBACK_ENV) == "1":
+        if os.environ.get(TRACEBACK_ENV) == "1" or not err.user_error:
             raise
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
