@@ -272,3 +272,14 @@ def test_token_cache_entries_get_the_umask_mode(tmp_path, corpus, umask):
         os.umask(previous)
     entries = list((tmp_path / "cache").iterdir())
     assert entries and all(stat.S_IMODE(e.stat().st_mode) == 0o666 & ~umask for e in entries)
+
+
+def test_bad_weights_inside_domains_name_the_domains_block(corpus):
+    """Negative or all-zero weights given per entry of `domains:` name that block, not a
+    `weights:` key the config does not have."""
+    domains = {"code": {"data_files": str(corpus / "code" / "train.jsonl"), "weight": -1.0},
+               "web": {"data_files": str(corpus / "numbers" / "train.jsonl"), "weight": 1.0}}
+    with pytest.raises(ConfigError) as err:
+        domain_mixture_dataset(ByteTokenizer(), domains=domains, max_seq_len=32,
+                               config_key="dataset")
+    assert err.value.key == "dataset.domains"

@@ -275,8 +275,10 @@ def domain_mixture_dataset(tokenizer, *, data_dir: str | None = None,
             check_weighted_folders(weights, data_dir, split, list(domain_files),
                                    field=f"{key}.weights")
         domain_weights = dict(weights)
+    # The key the user wrote the weights under: `weights:`, or each entry's `weight` in `domains:`.
+    weights_field = f"{key}.weights" if weights is not None else f"{key}.domains"
     if domain_weights:
-        checked = normalize_weights(domain_weights, list(domain_files), field=f"{key}.weights")
+        checked = normalize_weights(domain_weights, list(domain_files), field=weights_field)
         # A domain with weight 0 is left out entirely: it is never tokenized or sampled.
         domain_files = {n: f for n, f, w in zip(domain_files, domain_files.values(), checked)
                         if w > 0}
@@ -286,7 +288,7 @@ def domain_mixture_dataset(tokenizer, *, data_dir: str | None = None,
                                  split=split if data_dir is not None else None)
     if domain_weights:
         normalized = normalize_weights({n: domain_weights[n] for n in corpus.domain_names},
-                                       corpus.domain_names, field=f"{key}.weights")
+                                       corpus.domain_names, field=weights_field)
     else:
         counts = np.asarray(corpus.num_packs, dtype=np.float64)
         normalized = counts / counts.sum()
