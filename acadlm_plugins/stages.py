@@ -3,7 +3,8 @@
 Every stage of a pipeline is an ordinary command a user could type -- ``tune run <recipe>
 --config <yaml> key=value ...`` or one of our console scripts -- run as a child process, so each
 stage can be rerun, resumed or changed on its own and the pipeline adds no behaviour of its own.
-A failed stage stops the pipeline with the stage's exit code and a line saying how to continue.
+A failed stage stops the pipeline with the stage's exit code (2 for a user error) and a line
+naming the stage and saying how to continue; a malformed ``--set`` exits 2 before any stage.
 """
 
 from __future__ import annotations
@@ -29,27 +30,32 @@ def stage_overrides(extra: Sequence[str], stages: Sequence[str], *,
     for item in extra:
         stage, sep, override = item.partition(":")
         if not sep or stage not in found or ("=" not in override and not override.startswith("~")):
-            raise SystemExit(f"--set {item!r}: expected STAGE:key=value with STAGE one of "
-                             f"{', '.join(stages)}, e.g. --set {example}")
+            print(f"error: --set {item!r}: expected STAGE:key=value with STAGE one of "
+                  f"{', '.join(stages)}, e.g. --set {example}", file=sys.stderr, flush=True)
+            sys.exit(2)
         found[stage].append(override)
     return found
 
 
 def run_stage(command: Sequence[str], *, stage: str) -> None:
-    """Run ``command``, echoing it first; exit the pipeline if it fails."""
+    """Run ``command``, echoing it first; if it fails, exit the pipeline with its exit code,
+    naming ``stage`` (the name its ``--set`` uses)."""
     printable = " ".join(str(part) for part in command)
     print(f"\n$ {printable}", flush=True)
     result = subprocess.run([str(part) for part in command], check=False)
     if result.returncode:
-        sys.exit(f"stage {stage} failed with exit code {result.returncode}; fix the error above "
-                 "and rerun: finished stages resume from their outputs.")
+        print(f"stage {stage} failed with exit code {result.returncode}; fix the error above "
+              "and rerun: finished stages resume from their outputs.", file=sys.stderr,
+              flush=True)
+        sys.exit(result.returncode)
 
 
 def tune_run(recipe: str, config: Path | str, overrides: Sequence[str] = (),
-             nproc: int = 1) -> None:
-    """``tune run [--nproc_per_node N] <recipe> --config <config> <overrides>`` as one stage."""
+             nproc: int = 1, *, stage: str | None = None) -> None:
+    """``tune run [--nproc_per_node N] <recipe> --config <config> <overrides>`` as the stage
+    ``stage`` (the recipe's name when not given)."""
     command = [console_script("tune"), "run"]
     if nproc > 1:
         command += ["--nproc_per_node", str(nproc)]
     command += [recipe, "--config", str(config), *overrides]
-    run_stage(command, stage=recipe)
+    run_stage(command, stage=stage or recipe)

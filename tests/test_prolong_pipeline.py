@@ -260,3 +260,34 @@ def test_a_resumed_sft_from_another_stage2_model_is_stopped_naming_the_folder(tm
     assert f"delete the folder {sft_dir} and rerun" in message
     pipeline.check_stage_source("sft", sft_dir, old, upstream="x", recorded=recorded)  # same
     assert pipeline.recorded_sft_source(tmp_path / "nothing") is None
+
+
+def test_the_refusal_offers_keeping_the_old_run_only_while_its_model_exists(tmp_path):
+    """After `--stage1-steps 2` the 1-step export stage 2 was trained from may be deleted
+    (stage 1 keeps its last checkpoints only): "rerun with the settings that produced it" then
+    leads nowhere, and the message says it cannot be kept instead."""
+    pipeline = load_pipeline()
+    stage_dir = tmp_path / "stage2"
+    old, new = tmp_path / "stage1/step_000001/model", tmp_path / "stage1/step_000002/model"
+    recorded = (stage_dir / "step_000001", str(old))
+    for exists in (True, False):
+        if exists:
+            old.mkdir(parents=True)
+        else:
+            old.rmdir()
+        with pytest.raises(SystemExit) as stop:
+            pipeline.check_stage_source("stage2", stage_dir, new, upstream="stage 1's newest "
+                                        "export", recorded=recorded)
+        message = str(stop.value)
+        assert f"delete the folder {stage_dir} and rerun" in message
+        assert ("to keep it, rerun with the settings that produced" in message) == exists
+        assert (f"{old} no longer exists, so it cannot be kept" in message) == (not exists)
+
+
+def test_eval_lengths_are_read_as_the_evaluation_reads_them():
+    pipeline = load_pipeline()
+    assert pipeline.parse_args(["--eval-lengths", "4k,8192"]).eval_lengths == [4096, 8192]
+    for bad in ("4,096", "", "4k,abc"):
+        with pytest.raises(SystemExit) as stop:
+            pipeline.parse_args(["--eval-lengths", bad])
+        assert stop.value.code == 2

@@ -61,6 +61,19 @@ SFT_SAVED_CONFIG = "torchtune_config.yaml"  # what torchtune's metric logger sav
 DEFAULT_TASKS = ("acadlm_niah_single_2", "acadlm_niah_multikey_1", "acadlm_vt")
 
 
+def eval_lengths(value: str) -> list[int]:
+    """``--eval-lengths``: the evaluation's own reading of lengths ("4096,8192", "4k,8k"), as an
+    argparse error (exit 2, one line) rather than a traceback; "4,096" is refused, not read
+    as 4 and 96."""
+    from acadlm_plugins.errors import ConfigError
+    from acadlm_plugins.evaluation.lengths import parse_lengths
+
+    try:
+        return parse_lengths(value)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="steps of stage 2 (the config's batch: one 16K sequence)")
     parser.add_argument("--sft-steps", type=int, default=4)
     parser.add_argument("--eval-tasks", default=",".join(DEFAULT_TASKS))
-    parser.add_argument("--eval-lengths", default="4096,8192,16384")
+    parser.add_argument("--eval-lengths", type=eval_lengths, default="4096,8192,16384",
+                        help="comma-separated token counts (4096 or 4k), 256 or more")
     parser.add_argument("--eval-samples", type=int, default=1)
     parser.add_argument("--skip-eval", action="store_true", help="train only")
     parser.add_argument("--set", dest="extra", action="append", default=[],
@@ -173,12 +187,15 @@ def check_stage_source(name: str, stage_dir: Path, starts_from: object, *,
               "the folders " + ", ".join(map(str, folders[:-1])) + f" and {folders[-1]}")
     because = ("" if not later else f" ({', '.join(map(str, later))}: later stages trained "
                f"from {name}'s old output, which would otherwise resume)")
+    # Keeping the old run is a way out only while the model it was trained from still exists
+    # (an upstream stage keeps its last checkpoints only).
+    keep = (f"; to keep it, rerun with the settings that produced {was}"
+            if Path(was).exists() else f" ({was} no longer exists, so it cannot be kept)")
     sys.exit(
         f"stage {name}: {stage_dir} holds a checkpoint ({checkpoint.name}) trained from {was}, "
         f"but this run starts {name} from {starts_from} ({upstream}). Resuming it would "
         f"continue a run of the old model. To retrain {name} from the new model, delete "
-        f"{delete} and rerun{because}; to keep it, rerun with the settings that produced "
-        f"{was}.")
+        f"{delete} and rerun{because}{keep}.")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -187,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.output_dir
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    lengths = [int(x) for x in args.eval_lengths.split(",") if x]
+    lengths = args.eval_lengths
     tasks = [t for t in args.eval_tasks.split(",") if t]
 
     def timed(name: str, run) -> None:
@@ -198,11 +215,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     def evaluate(name: str, model_dir: Path | None) -> None:
         overrides = [f"output_dir={out / name}", f"tasks=[{','.join(tasks)}]",
                      f"lengths=[{','.join(map(str, lengths))}]", f"num_samples={args.eval_samples}",
-                     f"model.args.max_length={max(lengths) + 64}"]
+                     f"model.args.max_length={max(lengths) + 64}",
+                     # a rerun answers from this cache (kept per model fingerprint) instead of
+                     # generating every prompt again
+                     f"use_cache={out / name / 'answer_cache'}"]
         if model_dir is not None:
             overrides.append(f"model.args.pretrained={model_dir}")
         timed(name, lambda: tune_run("acadlm_plugins/eval_recipe", args.eval_config,
-                                     [*overrides, *extra["eval"]]))
+                                     [*overrides, *extra["eval"]], stage=name))
 
     base = [] if args.base_model is None else checkpoint_overrides(args.base_model)
     from_base = {name: base_model_overrides(config, args.base_model) for name, config in (
@@ -222,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_stage_source(name, stage_dir, _selected(stage_config(config, overrides),
                                                       SOURCE_KEY),
                            upstream=upstream, recorded=recorded_source(stage_dir), later=later)
-        timed(name, lambda: tune_run("acadlm_plugins/long_context_recipe", config, overrides))
+        timed(name, lambda: tune_run("acadlm_plugins/long_context_recipe", config, overrides,
+                                     stage=name))
 
     if not args.skip_eval:
         evaluate("eval_before", args.base_model)
@@ -242,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                            _selected(stage_config(args.sft_config, sft_overrides), SOURCE_KEY),
                            upstream="stage 2's newest export",
                            recorded=recorded_sft_source(out / "sft"))
-    timed("sft", lambda: tune_run("full_finetune_single_device", args.sft_config, sft_overrides))
+    timed("sft", lambda: tune_run("full_finetune_single_device", args.sft_config, sft_overrides,
+                                  stage="sft"))
     final_model = out / "sft" / "epoch_0"
     if not args.skip_eval:
         evaluate("eval_after", final_model)

@@ -69,17 +69,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     tune_run("acadlm_plugins/judge_recipe", args.judge_config,
              [f"output_dir={paths['judgments']}", f"pairs.num_pairs={args.num_pairs}",
-              *extra["judge"]])
+              *extra["judge"]], stage="judge")
     tune_run("acadlm_plugins/rater_recipe", args.rater_config,
              [f"output_dir={paths['rater']}",
               f"judgments={paths['judgments'] / 'judgments.jsonl'}", f"margin={args.margin}",
               f"max_steps={args.rater_steps}", f"eval_every_n_steps={args.rater_steps}",
               f"save_every_n_steps={args.rater_steps}", "validation_fraction=0.25",
-              *extra["rater"]], args.nproc_per_node)
+              *extra["rater"]], args.nproc_per_node, stage="rater")
     documents = args.documents_per_file or "null"
     tune_run("acadlm_plugins/annotate_recipe", args.annotate_config,
              [f"output_dir={paths['annotate']}", f"rater_dir={paths['rater'] / 'rater'}",
-              f"max_documents_per_file={documents}", *extra["annotate"]], args.nproc_per_node)
+              f"max_documents_per_file={documents}", *extra["annotate"]], args.nproc_per_node,
+             stage="annotate")
     run_stage([sys.executable, "-m", "acadlm_plugins.qurating.select", "--config", args.select_config,
                f"scores_dir={paths['annotate']}", f"output_dir={selected}",
                f"uniform_output_dir={uniform}", *extra["select"]], stage="select")
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.train_config,
                  [f"output_dir={out / f'train_{name}'}", f"dataset.selection_dir={selection}",
                   f"max_steps={args.train_steps}", f"save_every_n_steps={args.train_steps}",
-                  *extra["train"]], args.nproc_per_node)
+                  *extra["train"]], args.nproc_per_node, stage=f"train ({name})")
 
     report = collect_report(out, time.perf_counter() - started)
     (out / "pipeline_summary.json").write_text(json.dumps(report, indent=2))

@@ -110,21 +110,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # ours: learned masks, then continued pre-training
     tune_run("acadlm_plugins/prune_recipe", args.prune_config,
-             run_overrides("ours", "prune", dirs, extra, budget, cont_cfg), nproc)
+             run_overrides("ours", "prune", dirs, extra, budget, cont_cfg), nproc,
+             stage="prune (ours)")
     pruning = read_json(dirs["ours"]["prune"] / "pruning_summary.json")
     source_losses = pruning["val_loss"]["source"]
     reference = source_reference_overrides(cont_cfg, source_losses)
     ours_model = dirs["ours"]["prune"] / "pruned_model"
     tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-             run_overrides("ours", "continue", dirs, extra, budget, cont_cfg, reference), nproc)
+             run_overrides("ours", "continue", dirs, extra, budget, cont_cfg, reference), nproc,
+             stage="continue (ours)")
 
     if args.baselines == "all":
         # one-shot importance pruning, then continued pre-training on all the tokens
         tune_run("acadlm_plugins/prune_recipe", args.prune_config,
-                 run_overrides("one_shot", "prune", dirs, extra, budget, cont_cfg), nproc)
+                 run_overrides("one_shot", "prune", dirs, extra, budget, cont_cfg), nproc,
+                 stage="prune (one_shot)")
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
                  run_overrides("one_shot", "continue", dirs, extra, budget, cont_cfg,
-                               reference), nproc)
+                               reference), nproc, stage="continue (one_shot)")
         # the same shape from random weights, the same tokens, no teacher
         from acadlm_plugins.pruning.scratch import write_random_init_model
 
@@ -133,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_random_init_model(ours_model, init, seed=seed)
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
                  run_overrides("from_scratch", "continue", dirs, extra, budget, cont_cfg,
-                               reference), nproc)
+                               reference), nproc, stage="continue (from_scratch)")
 
     arms = [arm for arm in ARMS if (dirs[arm]["continued"] / "summary.json").exists()
             and (args.baselines == "all" or arm == "ours")]
