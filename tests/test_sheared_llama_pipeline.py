@@ -180,7 +180,7 @@ def test_the_tiny_pipelines_runs_all_pass_the_up_front_checks(tmp_path, monkeypa
     """The checks pass the runs the tiny pipeline makes, on the overrides each run gets."""
     ran = []
 
-    def stop_at_first_stage(recipe, config, overrides, nproc):
+    def stop_at_first_stage(recipe, config, overrides, nproc, stage=None):
         ran.append((recipe, list(overrides)))
         raise SystemExit(0)
 
