@@ -130,6 +130,7 @@ class ContinuedPretrainRecipe:
         self._keep_last = step_interval(cfg, "keep_last_n_checkpoints", self._max_steps)
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
+        self._wall_clock = lambda: float(self._history.get("wall_seconds", 0.0))
         self._validation_losses = None  # set by recipes built on this one
         # Whether the last checkpoint's model is what this run hands over (pruning hands over
         # the materialized model instead, and announces that itself).
@@ -264,6 +265,10 @@ class ContinuedPretrainRecipe:
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         started = time.perf_counter()
+        # wall time of the runs before this one (kept in the history), so the summary of a
+        # resumed run, even one with no step left, reports the whole training's time
+        earlier = float(self._history.get("wall_seconds", 0.0))
+        self._wall_clock = lambda: earlier + time.perf_counter() - started
         if self._step == 0:
             self._evaluate()
         progress = runtime.progress_bar(total=self._max_steps, initial=self._step,
@@ -289,7 +294,7 @@ class ContinuedPretrainRecipe:
             for result in self._pm.hook.acadlm_model_exported(
                     model_dir=str(final / MODEL_DIRNAME), recipe=self._recipe_name):
                 self._exported.update(result or {})
-        return self._summary(time.perf_counter() - started)
+        return self._summary(self._wall_clock())
 
     def _train_step(self) -> dict[str, float]:
         step_started = time.perf_counter()
@@ -372,6 +377,7 @@ class ContinuedPretrainRecipe:
                                                    is_rank_zero=self._is_rank_zero)
         path = None
         if self._is_rank_zero:
+            self._history["wall_seconds"] = round(self._wall_clock(), 1)
             state = recipe_state(
                 step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
                 sampler=self._sampler, plugins=plugin_states(self._pm), history=self._history,

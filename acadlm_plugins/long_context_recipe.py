@@ -62,6 +62,7 @@ from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.families import hf_model_spec
 from acadlm_plugins.models.rope import (
     config_theta,
+    format_theta,
     rope_settings_from_config,
     write_rope_settings,
 )
@@ -168,7 +169,8 @@ def rope_change_note(model_config: dict[str, Any], rope_base: float) -> str | No
         return None  # a malformed scaling block; building the model refuses it by name
     if not source.scaled or float(rope_base) == source.theta:
         return None
-    return (f"RoPE θ {source.theta:g} -> {float(rope_base):g} on a scaled RoPE: the checkpoint's "
+    return (f"RoPE θ {format_theta(source.theta)} -> {format_theta(rope_base)} on a scaled "
+            f"RoPE: the checkpoint's "
             f"{source.rope_type} scaling (factor {source.factor:g}, low_freq_factor "
             f"{source.low_freq_factor:g}, high_freq_factor {source.high_freq_factor:g}, "
             f"original_max_position_embeddings {source.original_max_position_embeddings}) is "
@@ -214,7 +216,8 @@ def read_stage(cfg: DictConfig, model_config: dict[str, Any]) -> Stage:
         raise ConfigError(
             "long_context.rope_base",
             f"the stage trains at {length} tokens, longer than the {trained} the model was "
-            f"trained at, with the same RoPE base θ={source_theta:g}: positions beyond {trained} "
+            f"trained at, with the same RoPE base θ={format_theta(source_theta)}: positions "
+            f"beyond {trained} "
             "would rotate further than anything the model has seen.",
             f"raise rope_base for this stage (ProLong raised θ about {8e6 / 5e5:.0f}x for an 8x "
             f"longer context), or set trained_length if the model already handles {length}.")

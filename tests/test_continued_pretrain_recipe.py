@@ -99,6 +99,16 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path,
     assert resumed_counts[6]["tokens_seen"] == counts[6]["tokens_seen"]
 
 
+def test_a_rerun_with_no_step_left_reports_the_training_wall_time(tmp_path, monkeypatch):
+    first = run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))
+    state = torch.load(tmp_path / "run/step_000003/recipe_state.pt", weights_only=False)
+    assert 0 < state["history"]["wall_seconds"] <= first["wall_seconds"]
+    rerun = run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))
+    assert rerun["steps"] == 3
+    # the rerun trains nothing; it reports the first run's time, not its own near-zero one
+    assert rerun["wall_seconds"] >= state["history"]["wall_seconds"] > 0
+
+
 def step_values(output_dir: Path, *names: str) -> dict[int, dict[str, float]]:
     """The named metrics per step from the DiskLogger files (a later line wins)."""
     out: dict[int, dict[str, float]] = {}

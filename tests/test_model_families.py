@@ -34,7 +34,7 @@ from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.generation import StopRule, generate_tokens
 from acadlm_plugins.evaluation.lm_adapter import load_decoder
 from acadlm_plugins.models import SUPPORTED_FAMILIES, decoder_from_hf_config, hf_model_spec
-from acadlm_plugins.models.rope import rope_settings_of
+from acadlm_plugins.models.rope import format_theta, rope_settings_of
 from acadlm_plugins.pruning.architecture import (
     architecture_from_hf_config,
     architecture_of,
@@ -340,13 +340,18 @@ def test_checkpointer_model_type_must_convert_the_family(family):
 
 
 # ------------------------------------------------------- long-context θ on a scaled RoPE
+def test_theta_is_written_as_people_write_it():
+    assert format_theta(1e6) == "1,000,000" and format_theta(1.28e8) == "128,000,000"
+    assert format_theta(10_000) == "10,000" and format_theta(2.5e-1) == "0.25"
+
+
 def test_new_theta_keeps_llama3_scaling_in_ours_and_in_transformers(tmp_path):
     from acadlm_plugins.long_context_recipe import Stage, rope_change_note, write_stage_config
 
     source = _write_family("llama3.2", tmp_path / "source")
     spec = hf_model_spec(source)
     note = rope_change_note(dict(spec.config), 8e6)
-    assert "500000 -> 8e+06" in note and "factor 32" in note and "kept" in note
+    assert "500,000 -> 8,000,000" in note and "factor 32" in note and "kept" in note
     assert rope_change_note(dict(spec.config), 5e5) is None
     # what a stage does: build with the new θ, load the checkpoint's weights, save the config
     stretched = spec.build(max_seq_len=2048, rope_base=8e6)

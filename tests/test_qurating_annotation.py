@@ -251,6 +251,26 @@ def test_a_different_plan_is_refused(uninterrupted, rater_dir, corpus_files, mon
                                                 "chunk_tokens=32"))
 
 
+def test_a_copied_rater_resumes_and_a_retrained_one_is_refused(uninterrupted, rater_dir,
+                                                               corpus_files, tmp_path,
+                                                               monkeypatch):
+    """The rater counts by its fingerprint, not by its folder: a copy of the rater (a run moved
+    to another disk) resumes; a rater with other heads is refused."""
+    import shutil
+
+    output_dir = tmp_path / "moved"
+    shutil.copytree(uninterrupted, output_dir)
+    copied_rater = shutil.copytree(rater_dir, tmp_path / "rater_copy")
+    run_annotate(monkeypatch, annotate_args(output_dir, copied_rater, corpus_files))
+    assert output_files(output_dir) == output_files(uninterrupted)
+    summary = json.loads((output_dir / "annotation.json").read_text())
+    assert summary["complete"] and summary["shards_scored"] == 0
+    info = copied_rater / "rater.json"
+    info.write_text(info.read_text().replace("{", '{"retrained": true, ', 1))
+    with pytest.raises(ConfigError, match="rater changed"):
+        run_annotate(monkeypatch, annotate_args(output_dir, copied_rater, corpus_files))
+
+
 @pytest.mark.parametrize(("override", "key", "problem"), [
     ("chunk_tokens=1k", "chunk_tokens", "is '1k', not an integer"),
     ("batch_tokens=lots", "batch_tokens", "is 'lots', not an integer"),

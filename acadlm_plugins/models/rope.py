@@ -183,3 +183,9 @@ def write_rope_settings(config: dict[str, Any], settings: RopeSettings) -> None:
         config["rope_scaling"] = scaling or None
     if isinstance(config.get("rope_parameters"), dict):  # both blocks: no stale θ left behind
         config["rope_parameters"]["rope_theta"] = settings.theta
+
+
+def format_theta(theta: float) -> str:
+    """A RoPE base as people write it: ``500,000`` and ``1,000,000``, not ``1e+06``."""
+    value = float(theta)
+    return f"{value:,.0f}" if value.is_integer() else f"{value:g}"

@@ -377,17 +377,27 @@ def check_or_write_plan(output_dir: Path, record: dict[str, Any], *, write: bool
     mismatch; with ``write``, store the record when there is none."""
     path = output_dir / PLAN_FILENAME
     if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
+        before = _plan_identity(json.loads(path.read_text()))
+        now = _plan_identity(record)
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             raise ConfigError(
                 "output_dir", f"{output_dir} holds shards of a different annotation ("
                 f"{', '.join(changed)} changed: was {[before.get(k) for k in changed]}, is "
-                f"{[record.get(k) for k in changed]}), which the new shards must not mix with.",
+                f"{[now.get(k) for k in changed]}), which the new shards must not mix with.",
                 "resume with the same corpus, rater, chunk_tokens, shard_size and number of "
                 "processes, or choose a new `output_dir`.")
     elif write:
         _write_atomically(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _plan_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a plan that give the shards their meaning: the rater counts by its
+    fingerprint, not by where it lies, so a rater folder copied or moved with its run resumes."""
+    identity = dict(record)
+    if isinstance(identity.get("rater"), dict):
+        identity["rater"] = {k: v for k, v in identity["rater"].items() if k != "dir"}
+    return identity
 
 
 def is_done(output_dir: Path, shard: ShardSpec) -> bool:

@@ -50,6 +50,7 @@ from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.defaults import register_resolvers
 from acadlm_plugins.evaluation.report import length_table
 from acadlm_plugins.models import hf_model_spec
+from acadlm_plugins.models.rope import format_theta
 from acadlm_plugins.stages import stage_overrides, tune_run
 from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
 
@@ -319,8 +320,9 @@ def format_report(report: dict) -> str:
     lines = ["", "=" * 76, "ProLong pipeline summary", "=" * 76]
     for name, summary in report["stages"].items():
         stage = summary["stage"]
-        lines.append(f"{name}: {stage['max_seq_len']} tokens, RoPE θ {stage['source_rope_base']:g}"
-                     f" -> {stage['rope_base']:g}, {summary['steps']} steps, "
+        lines.append(f"{name}: {stage['max_seq_len']} tokens, RoPE θ "
+                     f"{format_theta(stage['source_rope_base'])} -> "
+                     f"{format_theta(stage['rope_base'])}, {summary['steps']} steps, "
                      f"{summary['wall_seconds']} s")
         if "packing" in summary:
             lines.append(f"  packing efficiency {summary['packing']['efficiency']:.2%} "
