@@ -39,7 +39,7 @@ from lm_eval import simple_evaluate
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation import helmet, task_manager
 from acadlm_plugins.evaluation.lengths import load_length_tokenizer
-from acadlm_plugins.evaluation.local_data import DEFAULT_QA_FILE, load_qa, load_rerank
+from acadlm_plugins.evaluation.local_data import DEFAULT_QA_FILE, Passage, load_qa, load_rerank
 from acadlm_plugins.evaluation.prompting import fit_prompt
 from acadlm_plugins.evaluation.report import length_table
 from acadlm_plugins.evaluation.scoring import (
@@ -209,17 +209,91 @@ def test_rag_puts_the_gold_passage_at_the_requested_depth(depth: float, meta: di
         end = text.rindex("\n\nQuestion:")
         start = text.index("\n\n", text.rindex("\nAnswer: ", 0, end)) + 2  # after the demos
         context = text[start:end]
-        assert context.startswith("Document [1]")
+        assert context.startswith("Document (Title: ")
         where = context.index(doc["gold_texts"][0]) / len(context)
         assert abs(where - depth) < 0.12, (depth, where)
         # The hard negatives of the question come first among the distractors.
         assert json.loads(doc["distractor_origins"])["hard_negative"] == 2
 
 
+def _rag_rows(titled: bool) -> list[dict[str, Any]]:
+    """Two questions, each with 60 hard negatives of 27 words listed in retrieval order (their
+    number in the text, and in the title when ``titled``): more than a 2K prompt holds."""
+    rows = []
+    for name in ("alpha", "beta"):
+        negatives = []
+        for i in range(60):
+            text = f"{name} negative {i}: " + "the old mill stands by the river " * 3
+            negatives.append({"title": f"{name} {i}", "text": text} if titled else text)
+        gold = {"title": f"{name} key", "text": f"The {name} key is kept by Zorblat."}
+        rows.append({"id": name, "question": f"Who keeps the {name} key?", "answers": ["Zorblat"],
+                     "gold": [gold if titled else gold["text"]], "distractors": negatives})
+    return rows
+
+
+def test_rag_shows_the_hard_negatives_in_file_order_with_the_gold_passage_inserted(
+        tmp_path: Path, meta: dict[str, Any], no_corpus: None):
+    """HELMET's prompt holds the top-retrieved passages in retrieval order, the gold passage
+    inserted at a depth: the question's first hard negatives, in the file's order, never a
+    random draw of them."""
+    path = write_jsonl(tmp_path / "rag.jsonl", _rag_rows(titled=True))
+    settings = {**meta, "rag_path": str(path), "num_shots": 0, "num_samples": 2,
+                "max_seq_lengths": [2048], "depth": 0.5}
+    for doc in helmet.rag_dataset("acadlm_rag", settings)["test"]:
+        name = doc["question_id"]
+        shown = re.findall(rf"Document \(Title: {name} (\w+)\): ", doc["input"])
+        gold = shown.index("key")
+        negatives = [int(i) for i in shown[:gold] + shown[gold + 1:]]
+        assert len(negatives) > 10
+        assert negatives == list(range(len(negatives)))  # the first k, in the file's order
+        assert gold == doc["gold_position"] == round(0.5 * len(negatives))
+        assert json.loads(doc["distractor_origins"]) == {"hard_negative": len(negatives)}
+
+
+def test_passages_follow_helmets_templates_with_and_without_a_title(
+        tmp_path: Path, meta: dict[str, Any], no_corpus: None):
+    """HELMET's RAG passage is `Document (Title: t): text`, with no number; a passage without a
+    title has no title clause (`Document: text`, as HELMET's MS MARCO re-ranking passages
+    `[ID: n] Document: text`), never an invented `untitled`."""
+    settings = {**meta, "num_shots": 0, "num_samples": 2, "max_seq_lengths": [2048]}
+    titled = write_jsonl(tmp_path / "titled.jsonl", _rag_rows(titled=True))
+    for doc in helmet.rag_dataset("acadlm_rag", {**settings, "rag_path": str(titled)})["test"]:
+        assert "Document [" not in doc["input"]
+        assert f"Document (Title: {doc['question_id']} 0): {doc['question_id']} negative 0:" \
+            in doc["input"]
+    untitled = write_jsonl(tmp_path / "untitled.jsonl", _rag_rows(titled=False))
+    for doc in helmet.rag_dataset("acadlm_rag", {**settings, "rag_path": str(untitled)})["test"]:
+        name = doc["question_id"]
+        assert f"\n\nDocument: {name} negative 0: " in doc["input"]
+        assert f"Document: The {name} key is kept by Zorblat." in doc["input"]
+        assert "untitled" not in doc["input"] and "Title:" not in doc["input"]
+    rerank = write_jsonl(tmp_path / "rerank.jsonl", [
+        {"id": name, "query": f"which notes mention {name}?", "passages": [
+            {"text": f"{name} note {i}.", "relevance": i % 2} for i in range(8)]}
+        for name in ("gamma", "delta")])
+    for doc in helmet.rerank_dataset("acadlm_rerank", {**settings,
+                                                       "rerank_path": str(rerank)})["test"]:
+        assert len(re.findall(r"\[ID: \d+\] Document: \w+ note \d\.", doc["input"])) == 7
+        assert "untitled" not in doc["input"] and "Title:" not in doc["input"]
+    # ALCE's numbered passages likewise.
+    assert helmet._alce_documents([Passage("A text.", "A"), Passage("B text.")]) == (
+        "Document [1](Title: A): A text.\n\nDocument [2]: B text.")
+
+
 def test_rag_spreads_depths_over_samples(meta: dict[str, Any], no_corpus: None):
     settings = {**meta, "num_samples": 5, "max_seq_lengths": [2048]}
     rag = helmet.rag_dataset("acadlm_rag", settings)["test"]
     assert rag["depth"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_generation_stops_where_helmets_configs_stop(oracle_run: dict[str, Any]):
+    """HELMET's `stop_new_line`: true for RAG, re-ranking and ICL (a line break stops), false
+    for JSON KV and cite (no stop string; the generation ends at its length or EOS)."""
+    until = {task: oracle_run["configs"][task]["generation_kwargs"]["until"]
+             for task in ("acadlm_json_kv", "acadlm_rag", "acadlm_rerank", "acadlm_icl",
+                          "acadlm_cite_asqa", "acadlm_cite_qampari")}
+    assert until == {"acadlm_json_kv": [], "acadlm_rag": ["\n"], "acadlm_rerank": ["\n"],
+                     "acadlm_icl": ["\n"], "acadlm_cite_asqa": [], "acadlm_cite_qampari": []}
 
 
 def test_json_kv_key_depth(meta: dict[str, Any]):
@@ -260,9 +334,11 @@ def test_rerank_rows_hold_every_judged_passage_and_the_gold_ranking(meta: dict[s
         record = records[doc["query_id"]]
         # 7 passages at 2K (HELMET's 14 at 4K, in proportion): the query's 4, then 3 fillers.
         assert doc["num_passages"] == doc["num_shown"] == len(doc["passage_ids"]) == 7
-        query_part = doc["input"][doc["input"].rindex("Query: ", 0,
-                                                      doc["input"].rindex("Query: ")):]
-        assert query_part.count("[ID: ") == 7
+        # The query comes once, after the passages (HELMET's template).
+        query = f"\n\nQuery: {record.query}\n"
+        assert doc["input"].endswith(query) and doc["input"].count(record.query) == 1
+        last_demo = doc["input"].rindex("\nRanking: ")
+        assert doc["input"][last_demo:].count("[ID: ") == 7
         for passage in record.passages:
             assert passage.text in doc["input"]
         assert doc["relevant_grades"] == sorted(doc["relevant_grades"], reverse=True)
@@ -270,6 +346,22 @@ def test_rerank_rows_hold_every_judged_passage_and_the_gold_ranking(meta: dict[s
         assert helmet.process_results_ndcg(doc, [doc["oracle_answer"]]) == {"2048": 100.0}
         reverse = " > ".join(reversed(doc["relevant_ids"]))
         assert helmet.process_results_ndcg(doc, [reverse])["2048"] < 100.0
+
+
+def test_rerank_query_comes_once_after_the_passages_as_helmets_template(
+        tmp_path: Path, meta: dict[str, Any], no_corpus: None):
+    """HELMET's re-ranking prompt: instruction, demonstrations, passages, then `Query: ...`;
+    the query is not shown before the passages too."""
+    path = write_jsonl(tmp_path / "rerank.jsonl", [
+        _ranked(name, [1, 0, 2, 0, 3, 0, 1]) for name in ("gamma", "delta")])
+    settings = {**meta, "rerank_path": str(path), "num_shots": 0, "num_samples": 2,
+                "max_seq_lengths": [2048]}
+    for doc in helmet.rerank_dataset("acadlm_rerank", settings)["test"]:
+        text = doc["input"]
+        query = f"which notes mention {doc['query_id']}?"
+        assert text.count(query) == 1 and text.count("Query:") == 1
+        assert text.index("[ID: ") < text.index(f"Query: {query}")
+        assert text.endswith(f"\n\nQuery: {query}\n")
 
 
 def test_rerank_passage_count_follows_helmets_files_per_length():
@@ -388,6 +480,26 @@ def test_icl_maps_labels_to_numbers_and_balances_demonstrations(meta: dict[str, 
         assert not any(name in doc["input"] for name in ("weather\n", "label: sport"))
         query = doc["input"].rsplit("\n\n", 1)[1]
         assert doc["input"].count(query) == 1  # the query is never among the demonstrations
+
+
+def test_icl_queries_of_a_length_are_balanced_by_label(tmp_path: Path, meta: dict[str, Any]):
+    """HELMET balances its test queries by label (``balance_labels``): with 12 test rows of one
+    label and 2 of each other, the first 6 samples ask 2 of each, and all 16 are asked before
+    any repeats."""
+    left = {"weather": 12, "sport": 2, "cooking": 2}
+    rows = []
+    for row in icl_rows():
+        split = "test" if left[row["label"]] > 0 else "demo"
+        left[row["label"]] -= split == "test"
+        rows.append({**row, "split": split})
+    path = write_jsonl(tmp_path / "icl.jsonl", rows)
+    settings = {**meta, "icl_path": str(path), "max_seq_lengths": [1024]}
+    for seed in (1, 2, 3):
+        first = helmet.icl_dataset("acadlm_icl", {**settings, "seed": seed,
+                                                  "num_samples": 6})["test"]
+        assert sorted(first["label"]) == ["cooking"] * 2 + ["sport"] * 2 + ["weather"] * 2
+    whole = helmet.icl_dataset("acadlm_icl", {**settings, "num_samples": 16})["test"]
+    assert len({doc["input"].rsplit("\n\n", 1)[1] for doc in whole}) == 16
 
 
 @pytest.mark.parametrize(("generation", "gen_prefix", "answer"), [
@@ -661,8 +773,12 @@ def test_cite_refuses_without_alce_files_and_says_where_to_get_them(meta: dict[s
                                                                     tmp_path: Path):
     settings = {k: v for k, v in meta.items() if k != "asqa_path"}
     message = _error(_asqa, settings)
-    assert "`acadlm_x: asqa_path`" in message and "asqa_eval_gtr_top100.json" in message
+    # HELMET's configs/cite.yaml: data/alce/*_eval_gtr_top2000.json, prompts/*_revised.json.
+    assert "`acadlm_x: asqa_path`" in message and "asqa_eval_gtr_top2000.json" in message
     assert "download_data.sh" in message and "never downloaded" in message
+    message = _error(_qampari, {**meta, "qampari_demo_path": str(tmp_path / "absent.json")})
+    assert "`acadlm_x: qampari_demo_path`" in message
+    assert "prompts/qampari_revised.json" in message
     message = _error(_qampari, {**meta, "qampari_path": str(tmp_path / "absent.json")})
     assert "`acadlm_x: qampari_path`" in message and "absent.json does not exist" in message
 

@@ -231,6 +231,34 @@ def test_an_answer_after_a_blank_line_is_scored_on_its_content(files: EvalFiles)
         assert _length_scores(results, task) == {1024: 100.0}, task
 
 
+class _NeedlesOnlyLM(OracleLM):
+    """Right on the needle-in-a-haystack tasks, wrong on the others."""
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        right = super().generate_until(requests)
+        return [answer if request.task_name.startswith("acadlm_niah_") else CONSTANT_ANSWER
+                for request, answer in zip(requests, right, strict=True)]
+
+
+def test_the_ruler_group_prints_the_plain_mean_of_its_tasks(files: EvalFiles) -> None:
+    """RULER's score is the unweighted mean of its tasks' scores: 8 NIAH tasks right and VT,
+    CWE and FWE wrong give 800 / 11 per length."""
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(files.metadata(max_seq_lengths=[1024], num_samples=1),
+                           include_defaults=False)
+    results = simple_evaluate(model=_NeedlesOnlyLM(), tasks=["acadlm_ruler"],
+                              task_manager=manager)
+    assert set(results["results"]) >= set(TASKS)
+    assert {task: _length_scores(results, task)[1024] for task in TASKS} == {
+        task: 100.0 if task in NIAH_TASKS else 0.0 for task in TASKS}
+    assert _length_scores(results, "acadlm_ruler") == {1024: pytest.approx(800 / 11)}
+    # The report sees the group as a group: its rows are the tasks, its `ruler` row the same mean.
+    table = length_table(results)
+    assert table.tasks == TASKS
+    assert table.suites() == {"ruler": {1024: pytest.approx(800 / 11)}}
+
+
 def test_yaml_generation_budget_reaches_the_builder(files: EvalFiles, tmp_path: Path) -> None:
     """A task YAML that generates 40 tokens sizes its prompts for 40 (RulerTask)."""
     folder = tmp_path / "tasks"

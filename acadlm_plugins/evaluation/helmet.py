@@ -7,7 +7,8 @@ the metadata names a judge):
 * ``acadlm_json_kv`` (synthetic recall): a JSON object of random UUID keys and values; the value
   of one key, placed at a controlled depth, is asked for.
 * ``acadlm_rag`` (retrieval-augmented generation): a question with k passages, its gold passage
-  at a controlled depth among hard negatives and other passages; substring exact match.
+  at a controlled depth among its hard negatives (in retrieval order) and other passages;
+  substring exact match.
 * ``acadlm_rerank`` (passage re-ranking): a query and as many passages as HELMET's MS MARCO
   files hold at the length, each with an id; the answer is the ids ranked by relevance; NDCG@10
   against graded judgments (trec_eval's linear gain).
@@ -492,7 +493,8 @@ class PassageStyle:
 
     head: str
     tail: str
-    document: str  # format of one passage: {i}, {title}, {text}
+    document: str  # format of one passage with a title: {title}, {text}
+    untitled: str  # format of one passage without a title: {text}
     spread_depth: bool  # True: depths spread over samples (HELMET RAG); False: random (RULER QA)
     hard_negatives: bool  # use the question's own distractors first (RAG) or not (RULER QA)
     key: str  # the metadata key naming the data file
@@ -505,7 +507,9 @@ RAG_STYLE = PassageStyle(
     head=("Answer the question using the documents below. Give only a short answer, a few "
           "words taken from the documents, with no explanation.\n\n"),
     tail="\n\nQuestion: {question}",
-    document="Document [{i}] (Title: {title}): {text}",
+    # HELMET's passage template (data.py, load_qa): no number; no title clause without a title,
+    # as its MS MARCO template does for passages that have none.
+    document="Document (Title: {title}): {text}", untitled="Document: {text}",
     spread_depth=True, hard_negatives=True, key="rag_path",
     # rag.yaml: no chat template, 20 tokens to generate.
     layout=HelmetLayout("rag", "Answer:", "\n", 20), demo_key="rag_demo_path")
@@ -513,8 +517,10 @@ RAG_STYLE = PassageStyle(
 QA_DEMO = "{documents}\n\nQuestion: {question}\nAnswer: {answer}\n\n"
 
 
-def _format_passage(style: PassageStyle, i: int, passage: Passage) -> str:
-    return style.document.format(i=i, title=passage.title or "untitled", text=passage.text)
+def _format_passage(style: PassageStyle, passage: Passage) -> str:
+    if passage.title:
+        return style.document.format(title=passage.title, text=passage.text)
+    return style.untitled.format(text=passage.text)
 
 
 def _passage_tokens(tokenizer: LengthTokenizer, passage: Passage) -> int:
@@ -524,11 +530,13 @@ def _passage_tokens(tokenizer: LengthTokenizer, passage: Passage) -> int:
 def _distractor_stream(records: Sequence[QARecord], record: QARecord, style: PassageStyle,
                        metadata: Mapping[str, Any], rng: random.Random, *,
                        task: str) -> Iterator[tuple[str, Passage]]:
-    """Distractors for ``record``: its own hard negatives (RAG), the other questions' passages,
-    then extra passages; never a copy of one of its gold passages."""
+    """Distractors for ``record``: its own hard negatives (RAG) in the file's order, which is
+    retrieval order in HELMET's files (its prompts show the top-retrieved passages, in that
+    order), then the other questions' passages and extra passages in a random order; never a
+    copy of one of its gold passages."""
     gold_texts = {p.text for p in record.gold}
     if style.hard_negatives:
-        yield from (("hard_negative", p) for p in _shuffled(record.distractors, rng))
+        yield from (("hard_negative", p) for p in record.distractors)
     others = [p for r in records if r is not record for p in (*r.gold, *r.distractors)]
     for passage in _shuffled(others, rng):
         if passage.text not in gold_texts:
@@ -539,13 +547,16 @@ def _distractor_stream(records: Sequence[QARecord], record: QARecord, style: Pas
 
 
 def qa_demo_text(style: PassageStyle, demos: Sequence[QARecord]) -> str:
-    """Demonstrations of a passage-QA prompt: each with its gold passage and up to two of its hard
-    negatives (HELMET's demonstrations carry 3 retrieved passages), in an order fixed by the
-    row's id, then its question and first answer."""
+    """Demonstrations of a passage-QA prompt: each with its first two hard negatives in the
+    file's order and its gold passage(s) inserted among them at a place fixed by the row's id
+    (HELMET's demonstrations carry 3 retrieved passages, the gold one at a depth), then its
+    question and first answer."""
     blocks = []
     for demo in demos:
-        passages = _shuffled([*demo.gold, *demo.distractors[:2]], random.Random(demo.id))
-        documents = "\n\n".join(_format_passage(style, i + 1, p) for i, p in enumerate(passages))
+        negatives = list(demo.distractors[:2])
+        at = random.Random(demo.id).randint(0, len(negatives))
+        passages = [*negatives[:at], *demo.gold, *negatives[at:]]
+        documents = "\n\n".join(_format_passage(style, p) for p in passages)
         blocks.append(QA_DEMO.format(documents=documents, question=demo.question,
                                      answer=demo.answers[0]))
     return "".join(blocks)
@@ -556,11 +567,12 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
                             length: int, index: int, tokenizer: LengthTokenizer, *,
                             demo_pool: Sequence[QARecord] = (),
                             every_record: Sequence[QARecord] = ()) -> dict[str, Any]:
-    """A question of ``records`` with its gold passage(s) at the sample's depth among
-    distractors (from ``every_record``, default ``records``) filling ``length`` tokens; the last
-    distractor may be cut short to fit. When the style has demonstrations, ``num_shots`` rows of
-    ``demo_pool`` (never one asking the same question) come between the instruction and the
-    passages."""
+    """A question of ``records`` with its gold passage(s) inserted at the sample's depth among
+    distractors (:func:`_distractor_stream`: its hard negatives first, in the file's order, as
+    HELMET shows its top-retrieved passages; then passages of ``every_record``, default
+    ``records``) filling ``length`` tokens; the last distractor may be cut short to fit. When
+    the style has demonstrations, ``num_shots`` rows of ``demo_pool`` (never one asking the same
+    question) come between the instruction and the passages."""
     record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
     frame = style.layout.frame(metadata, length, tokenizer, task=task)
     depth = depth_setting(metadata, index, rng, task=task, spread=style.spread_depth)
@@ -572,6 +584,9 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
     pool = draw_pool(stream, lambda item: _passage_tokens(tokenizer, item[1]), length,
                      task=task, key=style.key, what="distractor passages", more=EXTRA_HINT)
     words = [item[1].text.split() for item in pool]
+    # The question's own hard negatives lead the pool, in retrieval order: fit_items may swap the
+    # last whole distractor for a later one, never one of these.
+    hard_negatives = sum(1 for origin, _ in pool if origin == "hard_negative")
     head = style.head + qa_demo_text(style, demos)
     tail = style.tail.format(question=record.question)
 
@@ -582,11 +597,11 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
 
     def render(taken: Taken) -> str:
         passages, _ = arrange(taken)
-        body = "\n\n".join(_format_passage(style, i + 1, p) for i, p in enumerate(passages))
+        body = "\n\n".join(_format_passage(style, p) for p in passages)
         return frame.render(head + body + tail)
 
     fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, frame.budget,
-                              task=task, key=style.key)
+                              task=task, key=style.key, keep=hard_negatives)
     passages, position = arrange(taken)
     origins = Counter(pool[i][0] for i, _ in taken)
     return frame.row(fitted, outputs=list(record.answers), question_id=record.id,
@@ -623,13 +638,16 @@ def passage_qa_dataset(task: str, style: PassageStyle, metadata: Mapping[str, An
         every_record=records))
 
 
-RERANK_INSTRUCTION = ("Below are a query and a list of documents, each marked with an ID. Rank "
-                      "the documents from the most to the least relevant to the query. Reply with "
-                      "the IDs only, most relevant first, in the form: Ranking: ID > ID > ID\n\n")
-RERANK_QUERY = "Query: {query}\n\n"
-RERANK_HEAD = RERANK_INSTRUCTION + RERANK_QUERY
+RERANK_INSTRUCTION = ("Below is a list of documents, each marked with an ID, and then a query. "
+                      "Rank the documents from the most to the least relevant to the query. Reply "
+                      "with the IDs only, most relevant first, in the form: Ranking: ID > ID > "
+                      "ID\n\n")
+#: The query comes once, after the passages, as in HELMET's template (``{demos}{context}\n\n
+#: Query: {question}``).
 RERANK_TAIL = "\n\nQuery: {query}"
 RERANK_DOCUMENT = "[ID: {pid}] Document (Title: {title}): {text}"
+#: A passage without a title (MS MARCO's): HELMET's template then has no title clause.
+RERANK_UNTITLED = "[ID: {pid}] Document: {text}"
 #: One demonstration (HELMET's layout): its passages, its query, all its ids ranked.
 RERANK_DEMO = "{documents}\n\nQuery: {query}\nRanking: {ranking}\n\n"
 #: rerank.yaml: no chat template, 200 tokens to generate, the answer after "Ranking:".
@@ -639,6 +657,13 @@ RERANK_LAYOUT = HelmetLayout("rerank", "Ranking:", "\n", 200)
 HELMET_RERANK_PASSAGES = {4096: 14, 8192: 50, 16384: 130, 32768: 285, 65536: 600, 131072: 1000}
 #: Passages of each demonstration (HELMET's demonstration file holds 10 per query).
 RERANK_DEMO_PASSAGES = 10
+
+
+def rerank_entry(pid: str, title: str, text: str) -> str:
+    """One passage of a re-ranking prompt, with its title clause only when it has a title."""
+    if title:
+        return RERANK_DOCUMENT.format(pid=pid, title=title, text=text)
+    return RERANK_UNTITLED.format(pid=pid, text=text)
 
 
 def rerank_passage_count(length: int) -> int:
@@ -673,8 +698,7 @@ def rerank_demo_text(demos: Sequence[RerankRecord], rng: random.Random, taken: s
             taken.add(pid)
             shown.append((pid, passage))
         ranking = [pid for pid, _ in sorted(shown, key=lambda item: -item[1].relevance)]
-        documents = "\n\n".join(RERANK_DOCUMENT.format(pid=pid, title=p.title or "untitled",
-                                                        text=p.text) for pid, p in shown)
+        documents = "\n\n".join(rerank_entry(pid, p.title, p.text) for pid, p in shown)
         blocks.append(RERANK_DEMO.format(documents=documents, query=demo.query,
                                          ranking=" > ".join(ranking)))
     return "".join(blocks)
@@ -699,7 +723,8 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
     passages (relevance 0; other queries' passages of ``every_record``, default ``records``,
     then extra ones) if it has fewer, all in a random order, each under a random 5-digit id;
     ``num_shots`` demonstration queries of ``demo_pool`` come between the instruction and the
-    query. When the passages overflow the length, the last ones are cut, as HELMET truncates
+    passages, and the query follows the passages (once, as in HELMET's template). When the
+    passages overflow the length, the last ones are cut, as HELMET truncates
     the context at its end; the ranking is still scored against all their grades."""
     record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
     frame = RERANK_LAYOUT.frame(metadata, length, tokenizer, task=task)
@@ -727,14 +752,12 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
                     for i, p in enumerate(own)]
                    + [(rng.random(), ids[len(own) + i], p, 0.0) for i, p in enumerate(fillers)])
     words = [entry[2].text.split() for entry in shown]
-    head = (RERANK_INSTRUCTION + rerank_demo_text(demos, rng, set(ids))
-            + RERANK_QUERY.format(query=record.query))
+    head = RERANK_INSTRUCTION + rerank_demo_text(demos, rng, set(ids))
     tail = RERANK_TAIL.format(query=record.query)
 
     def render(units: int) -> str:
         cut = take_counts([len(w) for w in words], units)
-        body = "\n\n".join(RERANK_DOCUMENT.format(pid=shown[i][1], text=" ".join(words[i][:n]),
-                                                   title=shown[i][2].title or "untitled")
+        body = "\n\n".join(rerank_entry(shown[i][1], shown[i][2].title, " ".join(words[i][:n]))
                             for i, n in enumerate(cut))
         return frame.render(head + body + tail)
 
@@ -798,6 +821,11 @@ class LabelSource(Protocol):
         """How many distinct queries :meth:`query` gives before repeating."""
         ...
 
+    @property
+    def query_labels(self) -> tuple[str, ...]:
+        """The label of each query, by number, known before the query is drawn."""
+        ...
+
     def query(self, rng: random.Random, order_index: int) -> LabelledText:
         """Query number ``order_index`` (0 <= order_index < num_queries)."""
         ...
@@ -816,6 +844,7 @@ class FileLabels:
         self.tests = [row for row in rows if row.split == "test"] if has_splits else list(rows)
         shown = [row for row in rows if row.split != "test"] if has_splits else list(rows)
         self.labels = tuple(sorted({row.label for row in rows}))
+        self.query_labels = tuple(row.label for row in self.tests)
         self.by_label = {label: [row.text for row in shown if row.label == label]
                          for label in self.labels}
 
@@ -870,6 +899,10 @@ class CorpusLabels:
             words = text[start:start + 40 * size].split()[1:]
         return " ".join(words[:size])
 
+    @property
+    def query_labels(self) -> tuple[str, ...]:
+        return tuple(self.labels[i % len(self.labels)] for i in range(self.num_queries))
+
     def query(self, rng: random.Random, order_index: int) -> LabelledText:
         domain = self.labels[order_index % len(self.labels)]
         return LabelledText(self._snippet(rng, domain, "validation"), domain, "test")
@@ -897,14 +930,47 @@ def _balanced(source: LabelSource, query: LabelledText,
                 yield text, label
 
 
+def label_balanced_order(order: Sequence[int], label_of: Callable[[int], str]) -> list[int]:
+    """``order`` rearranged in rounds that take, of each label still left, its next item in
+    ``order``; within a round the items keep their places in ``order``. The first n items of the
+    result have labels as balanced as the items allow, as HELMET's ``balance_labels`` draws its
+    test queries when it evaluates fewer than the test split holds."""
+    queues: dict[str, list[int]] = {}
+    for item in order:
+        queues.setdefault(label_of(item), []).append(item)
+    place = {item: i for i, item in enumerate(order)}
+    arranged: list[int] = []
+    for round_number in range(max((len(q) for q in queues.values()), default=0)):
+        arranged += sorted((q[round_number] for q in queues.values() if round_number < len(q)),
+                           key=place.__getitem__)
+    return arranged
+
+
+def icl_query_order(source: LabelSource, task: str, metadata: Mapping[str, Any],
+                    length: int) -> tuple[int, ...]:
+    """The queries of a length in the seeded order of :func:`sample_order`, balanced by label
+    (:func:`label_balanced_order`)."""
+    seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
+    return _icl_query_order(task, seed, length, source.query_labels)
+
+
+@lru_cache(maxsize=64)
+def _icl_query_order(task: str, seed: int, length: int,
+                     labels: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(label_balanced_order(_order(task, seed, length, len(labels)),
+                                      labels.__getitem__))
+
+
 def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str, key: str,
                      rng: random.Random, length: int, index: int,
                      tokenizer: LengthTokenizer) -> dict[str, Any]:
     """As many labelled demonstrations as fit ``length`` tokens, labels replaced by numbers in a
-    per-sample random mapping, then the query; the last demonstration may be cut short."""
+    per-sample random mapping, then the query; the last demonstration may be cut short. The
+    queries of a length come in rounds of one per label (:func:`icl_query_order`), so that the
+    first ``num_samples`` are balanced by label, as HELMET balances its test queries."""
     frame = ICL_LAYOUT.frame(metadata, length, tokenizer, task=task)
-    size = source.num_queries
-    query = source.query(rng, sample_order(task, metadata, length, size)[index % size])
+    order = icl_query_order(source, task, metadata, length)
+    query = source.query(rng, order[index % len(order)])
     numbers = list(range(len(source.labels)))
     rng.shuffle(numbers)
     mapping = {label: str(number) for label, number in zip(source.labels, numbers)}
@@ -1410,28 +1476,32 @@ class AlceDataset:
 
     name: str
     key: str  # metadata key of the data file
-    demo_key: str  # metadata key of an ALCE prompt file with hand-written demonstrations
-    file: str  # the file of ALCE's release to give
+    demo_key: str  # metadata key of a prompt file with hand-written demonstrations
+    file: str  # the data file HELMET's cite config reads (data/alce/ of its download)
+    prompt_file: str  # the prompt file HELMET's cite config reads (its prompts/ folder)
     instruction: str
     extra_metrics: tuple[str, ...]  # reported next to the main one, per length
 
 
+# HELMET's configs/cite.yaml reads data/alce/{asqa,qampari}_eval_gtr_top2000.json with
+# prompts/{asqa,qampari}_revised.json; the instructions below say in our words what the revised
+# ones ask (the prompt file's own instruction replaces them when it is given).
 ASQA = AlceDataset(
-    name="asqa", key="asqa_path", demo_key="asqa_demo_path", file="asqa_eval_gtr_top100.json",
+    name="asqa", key="asqa_path", demo_key="asqa_demo_path", file="asqa_eval_gtr_top2000.json",
+    prompt_file="prompts/asqa_revised.json",
     instruction=("Instruction: Write an accurate, engaging and concise answer to the question "
-                 "below, using only the search results given (some of them may be irrelevant), "
-                 "and cite them: put the number of a supporting search result in brackets, "
-                 "like [1] or [1][2], after each statement. Cite at least one and at most three "
-                 "results per sentence, and only as many as needed to support it."),
+                 "below in a neutral, journalistic tone, using only the search results given "
+                 "(some may be irrelevant). Cite them for every factual claim: the ID of a "
+                 "supporting result in square brackets, like [1], or several, like [1][2]. Cite "
+                 "one to three results per sentence, as few as suffice."),
     extra_metrics=("str_hit",))
 QAMPARI = AlceDataset(
     name="qampari", key="qampari_path", demo_key="qampari_demo_path",
-    file="qampari_eval_gtr_top100.json",
-    instruction=("Instruction: Give a list of accurate answers to the question below, using only "
-                 "the search results given (some of them may be irrelevant), separated by "
-                 "commas, and cite them: put the number of a supporting search result in "
-                 "brackets, like [1], after each answer. If there are more than 5 answers, give "
-                 "at least 5."),
+    file="qampari_eval_gtr_top2000.json", prompt_file="prompts/qampari_revised.json",
+    instruction=("Instruction: Give a list of accurate answers to the question below, separated "
+                 "by commas, using only the search results given (some may be irrelevant). Cite "
+                 "exactly one result for each answer: its ID in square brackets, like [1], after "
+                 "the answer. If there are more than 5 answers, give at least 5."),
     extra_metrics=("qampari_prec", "qampari_rec", "qampari_f1", "qampari_f1_top5"))
 ALCE_DATASETS = {dataset.name: dataset for dataset in (ASQA, QAMPARI)}
 #: Citation metrics, computed only with an NLI model (``nli_model_path``).
@@ -1439,6 +1509,9 @@ CITATION_METRICS = ("citation_rec", "citation_prec")
 #: Passages shown with each demonstration drawn from the data (ALCE's demonstrations have 5).
 ALCE_DEMO_DOCS = 5
 ALCE_DOCUMENT = "Document [{i}](Title: {title}): {text}"
+#: A passage without a title (ALCE's passages all have one): no title clause, as HELMET's
+#: re-ranking template does for untitled passages.
+ALCE_UNTITLED = "Document [{i}]: {text}"
 ALCE_QUESTION = "{instruction}\n\nQuestion: {question}\n\n{documents}"
 #: What closes a question before its answer (a demonstration's, or the model's in plain text).
 ALCE_ANSWER = "\n\nAnswer:"
@@ -1561,9 +1634,10 @@ def load_alce(path: Path, dataset: AlceDataset, *, task: str, key: str) -> tuple
 
 def load_alce_prompts(path: Path, dataset: AlceDataset, *,
                       task: str) -> tuple[str, tuple[AlceItem, ...]]:
-    """The instruction and hand-written demonstrations of an ALCE prompt file (ALCE's
-    ``prompts/asqa_default.json`` and kin: ``instruction``, and ``demos`` with ``question``,
-    ``answer`` and ``docs``), whose answers carry citations as ALCE expects them."""
+    """The instruction and hand-written demonstrations of an ALCE-format prompt file (HELMET's
+    ``prompts/asqa_revised.json`` and ``qampari_revised.json``, or ALCE's own
+    ``prompts/*_default.json``: ``instruction``, and ``demos`` with ``question``, ``answer`` and
+    ``docs``), whose answers carry citations as ALCE expects them."""
     key = dataset.demo_key
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
@@ -1590,7 +1664,8 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *,
 
 
 def _alce_documents(passages: Sequence[Passage]) -> str:
-    return "\n\n".join(ALCE_DOCUMENT.format(i=i + 1, title=p.title or "untitled", text=p.text)
+    return "\n\n".join(ALCE_DOCUMENT.format(i=i + 1, title=p.title, text=p.text) if p.title
+                       else ALCE_UNTITLED.format(i=i + 1, text=p.text)
                        for i, p in enumerate(passages))
 
 
@@ -1659,9 +1734,11 @@ def _alce_file(metadata: Mapping[str, Any], key: str, *, task: str, what: str) -
     so an unset or missing file stops the task with where to get it."""
     value = metadata.get(key)
     fix = (f"ALCE's data is not shipped with acadlm-plugins and is never downloaded. On a machine "
-           f"with network access get {what} (ALCE's release: `bash download_data.sh` in "
-           "github.com/princeton-nlp/ALCE; HELMET's copy: data/alce/ of its data download), "
-           f"copy it here and pass --metadata '{{\"{key}\": \"/path/to/file\"}}'.")
+           f"with network access get {what} (github.com/princeton-nlp/HELMET: data/alce/ "
+           "comes with `bash scripts/download_data.sh`, prompts/ with the repository; ALCE's own "
+           "`bash download_data.sh` in github.com/princeton-nlp/ALCE gives its shorter "
+           "*_gtr_top100.json files and prompts/*_default.json), copy it here and pass "
+           f"--metadata '{{\"{key}\": \"/path/to/file\"}}'.")
     if not value:
         raise task_error(task, key, f"no file given; this task needs {what}.", fix)
     path = Path(str(value)).expanduser()
@@ -1683,17 +1760,18 @@ def nli_model_setting(metadata: Mapping[str, Any], *, task: str) -> str:
 
 
 def cite_dataset(task: str, dataset: AlceDataset, metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """The dataset of ``acadlm_cite_<name>``: ALCE's file named by ``<name>_path``, with
-    demonstrations from ALCE's prompt file (``<name>_demo_path``) or, without one, from a
-    held-out part of the file (answers without citations, so give ALCE's prompt file when
+    """The dataset of ``acadlm_cite_<name>``: ALCE's items from the file named by
+    ``<name>_path`` (HELMET's ``*_eval_gtr_top2000.json``), with demonstrations from the prompt
+    file named by ``<name>_demo_path`` (HELMET's ``prompts/*_revised.json``) or, without one,
+    from a held-out part of the file (answers without citations, so give the prompt file when
     citations are scored)."""
-    path = _alce_file(metadata, dataset.key, task=task, what=f"ALCE's {dataset.file}")
+    path = _alce_file(metadata, dataset.key, task=task, what=f"HELMET's {dataset.file}")
     items = load_alce(path, dataset, task=task, key=dataset.key)
     shots = num_shots_setting(metadata, task=task)
     instruction = dataset.instruction
     if shots and metadata.get(dataset.demo_key):
         demo_path = _alce_file(metadata, dataset.demo_key, task=task,
-                               what=f"an ALCE prompt file (prompts/{dataset.name}_default.json)")
+                               what=f"HELMET's {dataset.prompt_file}")
         instruction, pool = load_alce_prompts(demo_path, dataset, task=task)
         asked: Sequence[AlceItem] = items
     else:

@@ -4,8 +4,11 @@
 These tasks read ALCE's own item format, so the conversion keeps it: each item is checked, cut
 down to the fields the tasks use (the question, its answers, the long answer of a demonstration,
 the retrieved ``docs`` with title and text, in retrieval order) and written one per line.
-ALCE's ``*_gtr_top2000.json`` files hold 2,000 documents per question, gigabytes in all;
-``--max-passages N`` keeps the first N of each question (HELMET shows up to 700 at 128K tokens).
+HELMET's cite config reads ``data/alce/*_eval_gtr_top2000.json`` (ALCE's items with 2,000
+retrieved documents per question, gigabytes in all; ALCE's own ``*_gtr_top100.json`` have the
+same format); ``--max-passages N`` keeps the first N of each question (HELMET shows up to 700 at
+128K tokens). The demonstrations are HELMET's ``prompts/asqa_revised.json`` and
+``qampari_revised.json``, used as they are.
 """
 
 from __future__ import annotations
@@ -72,19 +75,20 @@ def _converter(build: Callable[[Fields, Run], dict[str, Any]]) -> Callable[
 SPECS = (
     DatasetSpec(
         name="alce_asqa", title="ALCE ASQA (generation with citations)",
-        source="ALCE's data/asqa_eval_gtr_top100.json",
+        source="HELMET's data/alce/asqa_eval_gtr_top2000.json",
         shape=('an object like {"sample_id": "...", "question": "...", "qa_pairs": '
                '[{"short_answers": ["..."]}], "answer": "...", "docs": [{"title": "...", '
                '"text": "..."}]}'),
         schema="alce", metadata_key="asqa_path", task="acadlm_cite_asqa",
         convert=_converter(_asqa), options=("max_passages",),
-        note="demonstrations: ALCE's prompts/asqa_default.json as asqa_demo_path (no conversion)"),
+        note="demonstrations: HELMET's prompts/asqa_revised.json as asqa_demo_path (no "
+             "conversion)"),
     DatasetSpec(
         name="alce_qampari", title="ALCE QAMPARI (generation with citations)",
-        source="ALCE's data/qampari_eval_gtr_top100.json",
+        source="HELMET's data/alce/qampari_eval_gtr_top2000.json",
         shape=('an object like {"id": "...", "question": "...", "answers": [["...", "alias"]], '
                '"docs": [{"title": "...", "text": "..."}]}'),
         schema="alce", metadata_key="qampari_path", task="acadlm_cite_qampari",
         convert=_converter(_qampari), options=("max_passages",),
-        note="demonstrations: ALCE's prompts/qampari_default.json as qampari_demo_path"),
+        note="demonstrations: HELMET's prompts/qampari_revised.json as qampari_demo_path"),
 )
