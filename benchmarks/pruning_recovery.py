@@ -210,7 +210,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run the pipeline once per seed (in <output-dir>/seed_<n>) and print "
                              "per-arm statistics and the paired ours - one_shot difference")
+    parser.add_argument("--prune-config", type=Path, default=None,
+                        help="the pipeline's --prune-config (default: the demo's)")
+    parser.add_argument("--continue-config", type=Path, default=None,
+                        help="the pipeline's --continue-config (default: the demo's)")
     args = parser.parse_args()
+    configs = [*(["--prune-config", str(args.prune_config)] if args.prune_config else []),
+               *(["--continue-config", str(args.continue_config)] if args.continue_config else [])]
     if args.seeds:
         if args.from_dir is not None:
             parser.error("--seeds runs the pipelines; it cannot be combined with --from-dir "
@@ -218,7 +224,7 @@ def main() -> None:
         finals: dict[int, dict[str, float]] = {}
         for seed in args.seeds:
             out = args.output_dir / f"seed_{seed}"
-            run_pipeline(out, seed)
+            run_pipeline(out, seed, configs)
             arm_curves, source = curves(out)
             print(f"--- seed {seed}\n{table(arm_curves, source)}", flush=True)
             plot(arm_curves, source, out / "pruning_recovery.png")
@@ -228,18 +234,19 @@ def main() -> None:
     out = args.from_dir
     if out is None:
         out = args.output_dir
-        run_pipeline(out, None)
+        run_pipeline(out, None, configs)
     arm_curves, source = curves(out)
     print(table(arm_curves, source))
     print(f"plot: {plot(arm_curves, source, out / 'pruning_recovery.png')}")
 
 
-def run_pipeline(out: Path, seed: int | None) -> None:
-    """The demo pipeline into ``out`` (it resumes whatever is there), with one seed for every
-    run of both stages when ``seed`` is given."""
+def run_pipeline(out: Path, seed: int | None, configs: list[str]) -> None:
+    """The pipeline into ``out`` (it resumes whatever is there) on the demo configs or the
+    ``--prune-config``/``--continue-config`` flags in ``configs``, with one seed for every run
+    of both stages when ``seed`` is given."""
     seeds = [] if seed is None else ["--set", f"prune:seed={seed}", "--set", f"continue:seed={seed}"]
     subprocess.run([sys.executable, str(REPO / "recipes" / "sheared_llama" / "pipeline.py"),
-                    "--output-dir", str(out), *seeds], check=True)
+                    "--output-dir", str(out), *configs, *seeds], check=True)
 
 
 if __name__ == "__main__":

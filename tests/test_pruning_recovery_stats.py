@@ -97,3 +97,25 @@ def test_the_token_axis_counts_every_process_of_the_pipeline(tmp_path, record_np
     assert arm_curves["ours"][0][0] == 16 * 2 * 128 * 2        # end of pruning
     assert arm_curves["ours"][-1][0] == 28_160 * 2              # pruning + continued
     assert arm_curves["one_shot"][-1][0] == arm_curves["from_scratch"][-1][0] == 55 * 512 * 2
+
+
+def test_the_configs_given_reach_every_seeds_pipeline(tmp_path, monkeypatch):
+    """`--prune-config`/`--continue-config` go to each seed's pipeline with that seed."""
+    import subprocess
+    import sys
+
+    bench = _benchmark()
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: calls.append(argv))
+    monkeypatch.setattr(bench, "curves", lambda out: ({"ours": [(1, 4.0)],
+                                                      "one_shot": [(1, 4.1)]}, 3.0))
+    monkeypatch.setattr(bench, "plot", lambda *a: tmp_path / "p.png")
+    monkeypatch.setattr(sys, "argv", ["pruning_recovery.py", "--seeds", "3", "--output-dir",
+                                      str(tmp_path), "--prune-config", "p.yaml",
+                                      "--continue-config", "c.yaml"])
+    bench.main()
+    (argv,) = calls
+    assert argv[argv.index("--prune-config") + 1] == "p.yaml"
+    assert argv[argv.index("--continue-config") + 1] == "c.yaml"
+    assert argv[argv.index("--output-dir") + 1] == str(tmp_path / "seed_3")
+    assert "prune:seed=3" in argv and "continue:seed=3" in argv
