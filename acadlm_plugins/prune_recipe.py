@@ -46,6 +46,7 @@ from acadlm_plugins.training.checkpointing import (
     config_values,
     first_difference,
     starting_weights_fingerprint,
+    write_atomically,
 )
 from acadlm_plugins.training.components import instantiate_component
 
@@ -273,9 +274,7 @@ class PruneRecipe:
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     """``pruning_summary.json``, written atomically: a one-shot rerun reads it as its resume
     record."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    partial.replace(path)
+    write_atomically(path, lambda handle: handle.write(json.dumps(summary, indent=2).encode()))
 
 
 def one_shot_inputs(cfg: DictConfig, must_match: tuple[str, ...]) -> dict[str, Any]:

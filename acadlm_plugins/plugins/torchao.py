@@ -146,8 +146,9 @@ class TorchaoPlugin:
         log.info("float8 training (%s): %d linear layers swapped", self.float8, swapped)
 
     def check_int4_export(self, model: torch.nn.Module, cfg: Any) -> None:
-        """Before training (and in ``acadlm-plan``, on the meta model): refuse a group size that fits none of the exported model's linear
-        layers (the export would fail only after the run), warn when it skips some.
+        """Before training (and in ``acadlm-plan``, on the meta model): refuse a group size
+        that fits none of the exported model's linear layers (the export would fail only after
+        the run), warn when it skips some.
 
         The exported model is this one, except for pruning, which exports the model with
         ``pruning.target``'s dims."""
