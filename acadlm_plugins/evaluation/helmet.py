@@ -517,10 +517,16 @@ RAG_STYLE = PassageStyle(
 QA_DEMO = "{documents}\n\nQuestion: {question}\nAnswer: {answer}\n\n"
 
 
+def titled_passage(titled: str, untitled: str, title: str, **fields: object) -> str:
+    """One passage in HELMET's way: ``titled`` (with ``{title}``) when it has a title,
+    ``untitled`` (no title clause) when it has none; ``fields`` fill the rest of either."""
+    if title:
+        return titled.format(title=title, **fields)
+    return untitled.format(**fields)
+
+
 def _format_passage(style: PassageStyle, passage: Passage) -> str:
-    if passage.title:
-        return style.document.format(title=passage.title, text=passage.text)
-    return style.untitled.format(text=passage.text)
+    return titled_passage(style.document, style.untitled, passage.title, text=passage.text)
 
 
 def _passage_tokens(tokenizer: LengthTokenizer, passage: Passage) -> int:
@@ -661,9 +667,7 @@ RERANK_DEMO_PASSAGES = 10
 
 def rerank_entry(pid: str, title: str, text: str) -> str:
     """One passage of a re-ranking prompt, with its title clause only when it has a title."""
-    if title:
-        return RERANK_DOCUMENT.format(pid=pid, title=title, text=text)
-    return RERANK_UNTITLED.format(pid=pid, text=text)
+    return titled_passage(RERANK_DOCUMENT, RERANK_UNTITLED, title, pid=pid, text=text)
 
 
 def rerank_passage_count(length: int) -> int:
@@ -1664,8 +1668,7 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *,
 
 
 def _alce_documents(passages: Sequence[Passage]) -> str:
-    return "\n\n".join(ALCE_DOCUMENT.format(i=i + 1, title=p.title, text=p.text) if p.title
-                       else ALCE_UNTITLED.format(i=i + 1, text=p.text)
+    return "\n\n".join(titled_passage(ALCE_DOCUMENT, ALCE_UNTITLED, p.title, i=i + 1, text=p.text)
                        for i, p in enumerate(passages))
 
 
