@@ -297,6 +297,25 @@ def test_bad_shares_name_the_source(corpus, shares, key, match):
     assert err.value.key == key
 
 
+def test_a_validation_block_names_its_own_key_in_errors(corpus):
+    """Built as `validation_dataset`, a bad share used to be reported as `dataset.sources...`,
+    a key the user never wrote there."""
+    from acadlm_plugins.training.components import instantiate_component
+
+    cfg = OmegaConf.create({"validation_dataset": {
+        "_component_": "acadlm_plugins.data.long_context.long_short_mixture",
+        "max_seq_len": 64,
+        "sources": tiny_sources(corpus, code={"share": -1.0})}})
+    with pytest.raises(ConfigError) as err:
+        instantiate_component(cfg, "validation_dataset", ByteTokenizer())
+    assert err.value.key == "validation_dataset.sources.code.share"
+    cfg.validation_dataset.sources = tiny_sources(corpus)
+    cfg.validation_dataset.positions = "sideways"
+    with pytest.raises(ConfigError) as err:
+        instantiate_component(cfg, "validation_dataset", ByteTokenizer())
+    assert err.value.key == "validation_dataset.positions"
+
+
 def test_a_zero_share_source_is_not_read(corpus, tmp_path):
     sources = tiny_sources(corpus, code={"share": 0})
     sources["code"]["data_files"] = str(tmp_path / "missing.jsonl")  # never opened

@@ -63,7 +63,7 @@ def long_short_mixture(tokenizer, *, sources: Mapping[str, Mapping[str, Any]], m
                        packing: PackingMode = "split", positions: PositionMode = "continuous",
                        cache_dir: str | Path | None = None, seed: int = 0,
                        num_samples: int | None = None, text_field: str = "text",
-                       packed: bool = True) -> DomainMixtureDataset:
+                       packed: bool = True, config_key: str = "dataset") -> DomainMixtureDataset:
     """A packed, document-masked mixture of sources drawn by token share.
 
     Args:
@@ -83,22 +83,25 @@ def long_short_mixture(tokenizer, *, sources: Mapping[str, Mapping[str, Any]], m
         num_samples: length of the dataset; default the total number of packs.
         text_field: the text field of the data files, unless a source sets its own.
         packed: must be True; stock recipes read it to choose ``padded_collate_packed``.
+        config_key: the config key of this block, so that errors name the field the user
+            wrote (``validation_dataset.sources.books.share``); a recipe passes it when it
+            builds the block.
 
     A source's packs are drawn with probability proportional to ``share / efficiency``, so
     that its share of the real (non-pad) tokens, not of the packs, is ``share``.
     """
     if not packed:
-        raise ConfigError("dataset.packed", "long/short mixtures are always packed.",
+        raise ConfigError(f"{config_key}.packed", "long/short mixtures are always packed.",
                           "set `packed: True` (stock recipes then use padded_collate_packed).")
     if packing not in ("split", "whole"):
-        raise ConfigError("dataset.packing", f"unknown packing mode {packing!r}.",
+        raise ConfigError(f"{config_key}.packing", f"unknown packing mode {packing!r}.",
                           "use 'split' or 'whole'.")
     if positions not in ("reset", "continuous"):
-        raise ConfigError("dataset.positions", f"unknown mode {positions!r}.",
+        raise ConfigError(f"{config_key}.positions", f"unknown mode {positions!r}.",
                           "use 'continuous' (over the pack) or 'reset' (per document).")
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ConfigError("dataset.max_seq_len", f"must be an integer >= 2, got {max_seq_len!r}.")
-    specs = _checked_sources(sources, text_field)
+        raise ConfigError(f"{config_key}.max_seq_len", f"must be an integer >= 2, got {max_seq_len!r}.")
+    specs = _checked_sources(sources, text_field, config_key)
     pad_id = _pad_id(tokenizer)
     stores: dict[tuple[tuple[str, ...], str], TokenizedDocuments] = {}
     packs: dict[str, StreamingPackedSequences] = {}
@@ -111,7 +114,7 @@ def long_short_mixture(tokenizer, *, sources: Mapping[str, Mapping[str, Any]], m
         packs[name] = StreamingPackedSequences(stores[key], max_seq_len, pad_id, mode=packing,
                                                min_tokens=spec["min_tokens"],
                                                max_tokens=spec["max_tokens"])
-        _require_documents(name, spec, packs[name])
+        _require_documents(name, spec, packs[name], config_key)
     corpus = PackedDomainCorpus(packs, positions=positions)
     shares = np.asarray([specs[n]["share"] for n in corpus.domain_names])
     shares = shares / shares.sum()
@@ -151,16 +154,16 @@ def prolong_stage1_sources(corpus_dir: str | Path | None = None, *,
             for name, path in files.items()}
 
 
-def _checked_sources(sources: Mapping[str, Mapping[str, Any]],
-                     text_field: str) -> dict[str, dict[str, Any]]:
+def _checked_sources(sources: Mapping[str, Mapping[str, Any]], text_field: str,
+                     config_key: str = "dataset") -> dict[str, dict[str, Any]]:
     """Validate every source's settings and resolve its files, before any tokenization."""
     if not isinstance(sources, Mapping) or not sources:
-        raise ConfigError("dataset.sources", f"must map source names to settings, got "
+        raise ConfigError(f"{config_key}.sources", f"must map source names to settings, got "
                           f"{sources!r}.", "e.g. `sources: {books: {data_files: books.jsonl, "
                           "share: 0.3}, ...}`.")
     checked: dict[str, dict[str, Any]] = {}
     for name, spec in sources.items():
-        field = f"dataset.sources.{name}"
+        field = f"{config_key}.sources.{name}"
         if not isinstance(spec, Mapping):
             raise ConfigError(field, f"must be a mapping with `data_files` and `share`, got "
                               f"{spec!r}.")
@@ -190,7 +193,7 @@ def _checked_sources(sources: Mapping[str, Mapping[str, Any]],
                          "text_field": spec.get("text_field", text_field),
                          "data_files": spec["data_files"]}
     if sum(s["share"] for s in checked.values()) <= 0:
-        raise ConfigError(f"dataset.sources.{next(iter(checked))}.share",
+        raise ConfigError(f"{config_key}.sources.{next(iter(checked))}.share",
                           f"every source has share 0 ({sorted(checked)}).",
                           "give at least one source a positive share.")
     for name in [n for n, s in checked.items() if s["share"] == 0]:
@@ -198,16 +201,16 @@ def _checked_sources(sources: Mapping[str, Mapping[str, Any]],
         del checked[name]
     for name, spec in checked.items():
         spec["files"] = resolve_data_files(spec["data_files"],
-                                           field=f"dataset.sources.{name}.data_files")
+                                           field=f"{config_key}.sources.{name}.data_files")
     return checked
 
 
-def _require_documents(name: str, spec: Mapping[str, Any],
-                       packs: StreamingPackedSequences) -> None:
+def _require_documents(name: str, spec: Mapping[str, Any], packs: StreamingPackedSequences,
+                       config_key: str = "dataset") -> None:
     kept = packs.filter_stats
     if kept.documents_kept:
         return
-    field = f"dataset.sources.{name}"
+    field = f"{config_key}.sources.{name}"
     files = [str(f) for f in spec["files"]]
     if kept.documents_total == 0:
         raise DataError(f"`{field}.data_files`: {files} hold no document with text in field "
