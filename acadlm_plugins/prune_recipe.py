@@ -43,8 +43,8 @@ from acadlm_plugins.pruning.masks import MaskHooks
 from acadlm_plugins.pruning.materialize import kept_units, materialize
 from acadlm_plugins.training.checkpointing import (
     check_starting_weights,
+    config_mismatch,
     config_values,
-    first_difference,
     starting_weights_fingerprint,
     write_atomically,
 )
@@ -175,15 +175,20 @@ class PruneRecipe:
     def _report_reused_one_shot(self, summary: dict[str, Any]) -> dict[str, Any] | None:
         """A rerun of a finished one-shot run: say so, hand the kept export to the export hooks
         again (a quantized copy the rerun asks for, a plugin's own export), as the learned path
-        does on every rerun, and print the summary (rank 0)."""
+        does on every rerun, and print the summary (rank 0). The export is handed over where it
+        is now: an output folder moved with its inputs no longer holds it at the recorded path,
+        so the summary then names the new one."""
         if not self._trainer.is_rank_zero:
             return None
+        dest = self._trainer.output_dir / PRUNED_MODEL_DIRNAME
         log.info("one-shot pruning resumed: %s was exported from this config and source "
                  "(%s), so it is kept as it is and nothing is ranked or sliced again (a new "
-                 "`output_dir` prunes afresh)", summary["pruned_model_dir"],
-                 self._trainer.output_dir / SUMMARY_FILENAME)
-        added = self._export_hook_results(Path(summary["pruned_model_dir"]))
-        if added:
+                 "`output_dir` prunes afresh)", dest, self._trainer.output_dir / SUMMARY_FILENAME)
+        moved = Path(summary["pruned_model_dir"]).resolve() != dest.resolve()
+        added = self._export_hook_results(dest)
+        if moved:
+            summary = {**summary, "pruned_model_dir": str(dest)}
+        if added or moved:
             summary = {**summary, **added}
             write_summary(self._trainer.output_dir / SUMMARY_FILENAME, summary)
         print(format_pruning_summary(summary), flush=True)
@@ -315,15 +320,16 @@ def reusable_one_shot(output_dir: Path, inputs: dict[str, Any], resume: object
 
 def check_same_config(recorded: dict[str, Any], now: dict[str, Any], where: Path) -> None:
     """Refuse a one-shot rerun whose config values differ from those its export recorded in
-    ``where``, as ``load_resume_state`` refuses a learned run's: the error names the first
-    dotted key that differs (``pruning.target.embed_dim``). Keys an older version did not
-    record are not compared."""
-    for key, value in now.items():
-        if key in recorded and recorded[key] != value:
-            name, before, after = first_difference(key, recorded[key], value)
-            raise ConfigError(name, f"differs from the one-shot pruned model in {where.parent} "
-                              f"(recorded in {where.name}): was {before}, is {after}.",
-                              f"restore `{name}` as it was, or choose a new `output_dir`.")
+    ``where``, by the comparison ``load_resume_state`` refuses a learned run's with
+    (:func:`~acadlm_plugins.training.checkpointing.config_mismatch`): the error names the first
+    dotted key that differs (``pruning.target.embed_dim``), and an output folder moved together
+    with its inputs is still reused. Keys an older version did not record are not compared."""
+    difference = config_mismatch(recorded, now, where.parent)
+    if difference is not None:
+        name, before, after = difference
+        raise ConfigError(name, f"differs from the one-shot pruned model in {where.parent} "
+                          f"(recorded in {where.name}): was {before}, is {after}.",
+                          f"restore `{name}` as it was, or choose a new `output_dir`.")
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """Resume refusals of training/checkpointing.py: a corrupt recipe state, a checkpoint past
 ``max_steps``, and starting weights that changed since the checkpoints were written (checked
 here for the prune and long-context recipes, which share the continued pre-training loop;
-tests/test_continued_pretrain_recipe.py checks that recipe)."""
+tests/test_continued_pretrain_recipe.py checks that recipe); and the comparison of recorded and
+current config values, which lets a run folder moved together with its inputs resume."""
 
 from __future__ import annotations
 
@@ -173,3 +174,91 @@ def test_recipes_on_the_loop_refuse_a_replaced_starting_model(tmp_path, monkeypa
         assert state.read_bytes() == before
         write_tiny_checkpoint(tmp_path / "tiny_model", seed=0)  # the same model again resumes
         run_recipe_main(monkeypatch, module, args)
+
+
+# ------------------------------------------------------------ a run folder moved with its inputs
+OLD_RUN, NEW_RUN = "/scratch/job42/exp/continue", "/home/me/exp/continue"
+
+
+def moved_identity(**values):
+    """An identity recorded for a run in OLD_RUN, with ``values`` as its config values."""
+    return {"_recipe": "continued_pretrain", checkpointing.OUTPUT_DIR_KEY: OLD_RUN, **values}
+
+
+def test_the_moved_root_is_what_remains_once_the_shared_tail_is_stripped():
+    moved = checkpointing.relocation(OLD_RUN, NEW_RUN)
+    assert (moved.old_root, moved.new_root) == (Path("/scratch/job42"), Path("/home/me"))
+    shared = checkpointing.relocation("/scratch/me/exp/continue", "/home/me/exp/continue")
+    assert (shared.old_root, shared.new_root) == (Path("/scratch"), Path("/home"))  # all of it
+    assert checkpointing.relocation(OLD_RUN, OLD_RUN) is None  # not moved
+    assert checkpointing.relocation(None, NEW_RUN) is None  # an older version recorded none
+    assert checkpointing.relocation("/exp/continue", "/home/me/exp/continue") is None  # a root
+    renamed = checkpointing.relocation("/scratch/run_a", "/home/me/run_b")
+    assert (renamed.old_root, renamed.new_root) == (Path("/scratch/run_a"), Path("/home/me/run_b"))
+
+
+def test_paths_under_the_moved_root_match_anything_else_compares_exactly(tmp_path, monkeypatch):
+    recorded = moved_identity(
+        model={"path": "/scratch/job42/exp/prune/pruned_model", "dtype": "bf16"},
+        dataset={"sources": [{"path": "/scratch/job42/exp/data/a.jsonl", "weight": 0.5},
+                             {"path": "/data/shared/b.jsonl", "weight": 0.5}],
+                 "max_seq_len": 64},
+        tokenizer={"path": "/scratch/job42/exp/tokenizer.json"}, seed=0)
+    moved = {"model": {"path": "/home/me/exp/prune/pruned_model/", "dtype": "bf16"},
+             "dataset": {"sources": [{"path": "/home/me/exp/data/a.jsonl", "weight": 0.5},
+                                     {"path": "/data/shared/b.jsonl", "weight": 0.5}],
+                         "max_seq_len": 64},
+             "tokenizer": {"path": "/home/me/exp/tokenizer.json"}, "seed": 0}
+    assert checkpointing.config_mismatch(recorded, moved, NEW_RUN) is None
+    monkeypatch.chdir(tmp_path)  # a relative path counts from the working directory
+    assert checkpointing.config_mismatch(
+        recorded, {"tokenizer": {"path": "exp/tokenizer.json"}}, "exp/continue") is None
+
+    def difference(**changes):
+        return checkpointing.config_mismatch(recorded, {**moved, **changes}, NEW_RUN)
+
+    # a path that changed otherwise than by the move: another folder under the new root, a
+    # path outside the old root that "moved" too, a different list entry
+    elsewhere = "/home/me/exp/prune_v2/pruned_model"
+    assert difference(model={"path": elsewhere, "dtype": "bf16"}) == (
+        "model.path", "/scratch/job42/exp/prune/pruned_model", elsewhere)
+    shared_moved = [moved["dataset"]["sources"][0], {"path": "/home/me/data/shared/b.jsonl",
+                                                      "weight": 0.5}]
+    assert difference(dataset={**moved["dataset"], "sources": shared_moved})[0] == \
+        "dataset.sources"
+    assert difference(dataset={**moved["dataset"], "sources": moved["dataset"]["sources"][:1]}
+                      )[0] == "dataset.sources"
+    # a non-path value beside relocated paths is named, not the relocated path before it
+    assert difference(dataset={**moved["dataset"], "max_seq_len": 128}) == (
+        "dataset.max_seq_len", 64, 128)
+    assert difference(seed=1) == ("seed", 0, 1)
+
+
+def test_an_identity_without_a_recorded_output_dir_compares_exactly():
+    old_version = {"model": {"path": "/scratch/job42/exp/prune/pruned_model"}}
+    moved = {"model": {"path": "/home/me/exp/prune/pruned_model"}}
+    assert checkpointing.config_mismatch(old_version, moved, NEW_RUN) == (
+        "model.path", "/scratch/job42/exp/prune/pruned_model", "/home/me/exp/prune/pruned_model")
+    assert checkpointing.config_mismatch(old_version, old_version, NEW_RUN) is None
+
+
+def test_a_checkpoint_records_its_run_folder_and_resumes_once_moved(tmp_path):
+    """The recorded identity (config_values with the recipe) names the run folder absolute;
+    load_resume_state accepts the moved folder's rewritten paths and refuses other data."""
+    def cfg(root: Path, data: str = "corpus"):
+        return OmegaConf.create({"output_dir": str(root / "continue"),
+                                 "dataset": {"data_dir": str(root / data), "split": "train"}})
+
+    old, new = tmp_path / "scratch" / "exp", tmp_path / "home" / "exp"
+    identity = checkpointing.config_values(cfg(old), ["dataset"], recipe="continued_pretrain")
+    assert identity[checkpointing.OUTPUT_DIR_KEY] == str((old / "continue").resolve())
+    folder = old / "continue" / checkpointing.step_dirname(2)
+    folder.mkdir(parents=True)
+    save_torch_atomically({"step": 2, "config": identity}, folder / RECIPE_STATE_FILENAME)
+    shutil.move(old, new)
+    resumed = latest_checkpoint(new / "continue")
+    assert load_resume_state(resumed, cfg(new), ["dataset"], recipe="continued_pretrain")[
+        "step"] == 2
+    with pytest.raises(ConfigError, match="differs from the checkpoint being resumed") as err:
+        load_resume_state(resumed, cfg(new, "other_corpus"), ["dataset"])
+    assert err.value.key == "dataset.data_dir"

@@ -99,6 +99,37 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(tmp_path,
     assert resumed_counts[6]["tokens_seen"] == counts[6]["tokens_seen"]
 
 
+def test_a_run_moved_with_its_inputs_resumes_and_still_refuses_other_data(tmp_path, monkeypatch):
+    """A killed run whose folder, starting model and data are moved together (a scratch disk
+    copied home) and rerun with the paths rewritten resumes from its checkpoint and ends as the
+    uninterrupted run does; pointed at other data as well, it is refused naming the key (not a
+    path the move explains), and the checkpoint stays as it was."""
+    straight = run_recipe(monkeypatch, tiny_run_args(tmp_path / "a"))
+    monkeypatch.setitem(sys.modules, "_acadlm_test_interrupt", type(sys)("_acadlm_test_interrupt"))
+    sys.modules["_acadlm_test_interrupt"].Interrupt = _Interrupt
+    scratch, home = tmp_path / "scratch" / "exp", tmp_path / "home" / "me" / "exp"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(monkeypatch, [*tiny_run_args(scratch),
+                                 "plugins=[_acadlm_test_interrupt:Interrupt]"])
+    shutil.move(scratch, home)
+    args = tiny_run_args(home)  # the moved model and corpus, at their new paths
+    state = home / "run" / "step_000003" / "recipe_state.pt"
+    before = state.read_bytes()
+    with pytest.raises(ConfigError, match="differs from the checkpoint being resumed") as err:
+        run_recipe(monkeypatch, [*args, "dataset.split=validation"])
+    assert err.value.key == "dataset.split"
+    assert state.read_bytes() == before and latest_checkpoint(home / "run").name == "step_000003"
+    resumed = run_recipe(monkeypatch, args)
+    assert resumed["val_loss_after"] == pytest.approx(straight["val_loss_after"], rel=1e-6)
+    assert resumed["domain_weights"] == pytest.approx(straight["domain_weights"], rel=1e-6)
+    logged = [int(line.split()[1]) for line in logged_metrics(home / "run")
+              if line.startswith("Step ") and " | " in line]
+    assert logged.count(1) == 1 and 6 in logged  # continued from step 3, not started over
+    final = torch.load(home / "run" / "step_000006" / "recipe_state.pt", weights_only=False)
+    assert final["config"]["_output_dir"] == str((home / "run").resolve())
+    assert final["config"]["dataset"]["data_dir"] == str(home / "tiny_corpus")
+
+
 def test_a_rerun_with_no_step_left_reports_the_training_wall_time(tmp_path, monkeypatch):
     first = run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))
     state = torch.load(tmp_path / "run/step_000003/recipe_state.pt", weights_only=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -379,3 +380,31 @@ def test_a_reused_one_shot_export_gets_the_export_hooks_and_accepts_resume_true(
     summary = pruning_summary(out)
     copy = Path(summary["quantized_model"]["path"])
     assert copy.name == "pruned_model-int8_weight_only" and (copy / "config.json").is_file()
+
+
+def test_a_one_shot_output_moved_with_its_inputs_is_reused(tmp_path, monkeypatch, caplog):
+    """A finished one-shot run moved together with its source model and data (the pipeline's
+    output folder copied off a scratch disk) and rerun with the paths rewritten keeps its
+    export, as a moved learned run resumes: nothing is ranked again, the model folder is left
+    as it was and the summary names it where it now is. Other data is still refused."""
+    scratch, home = tmp_path / "scratch" / "exp", tmp_path / "home" / "me" / "exp"
+    settings = ("pruning.method=importance", "pruning.calibration.num_sequences=8")
+    calibrations = count_importance_calls(monkeypatch)
+    run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(scratch, *settings))
+    assert len(calibrations) == 1
+    shutil.move(scratch, home)
+    out = home / "run"
+    exported = folder_state(out / "pruned_model")
+    with pytest.raises(ConfigError, match=r"`dataset.split`: differs from the one-shot"):
+        run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe",
+                        prune_args(home, *settings, "dataset.split=validation"))
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(home, *settings))
+    assert len(calibrations) == 1  # nothing ranked again
+    assert folder_state(out / "pruned_model") == exported
+    assert any("one-shot pruning resumed" in r.getMessage() for r in caplog.records)
+    summary = pruning_summary(out)
+    assert summary["pruned_model_dir"] == str(out / "pruned_model")
+    assert summary["one_shot_inputs"]["config"]["dataset"]["data_dir"] == str(
+        scratch / "tiny_corpus")  # what the export was made from, as recorded

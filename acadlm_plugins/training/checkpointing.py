@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -106,16 +107,25 @@ def plain_value(value: Any) -> Any:
 
 
 RECIPE_KEY = "_recipe"
+# Where the run folder was when the identity was recorded (absolute, resolved): bookkeeping that
+# lets a run folder moved together with its inputs be recognised (see `relocation`), never a
+# value that must match.
+OUTPUT_DIR_KEY = "_output_dir"
 
 
 def config_values(cfg: DictConfig, keys: Iterable[str], *, recipe: str | None = None
                   ) -> dict[str, Any]:
     """``cfg[key]`` as plain resolved values (None where unset) for each of ``keys`` (dotted
-    keys such as ``checkpointer.checkpoint_dir`` reach into blocks), and the ``recipe`` name:
-    the run's identity, which a checkpoint records so a resumed run can be checked against it."""
+    keys such as ``checkpointer.checkpoint_dir`` reach into blocks), and with ``recipe`` the
+    recipe's name and the run folder ``output_dir`` (absolute): the run's identity, which a
+    checkpoint records so a resumed run can be checked against it (:func:`config_mismatch`),
+    and where the run was, so paths into a run folder that moved with its inputs still match."""
     values = {key: plain_value(OmegaConf.select(cfg, key, default=None)) for key in keys}
     if recipe is not None:
         values[RECIPE_KEY] = recipe
+        output_dir = OmegaConf.select(cfg, "output_dir", default=None)
+        if output_dir is not None:
+            values[OUTPUT_DIR_KEY] = str(_absolute(output_dir))
     return values
 
 
@@ -125,7 +135,9 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
     ``recipe`` and every ``must_match`` key of ``cfg`` is as the checkpoint recorded it:
     resuming another recipe's run, or on another model, data or seed, would silently mix two
     runs, so a difference is a :class:`ConfigError` naming the key. Keys a checkpoint of an
-    older version did not record are not compared."""
+    older version did not record are not compared. A run folder moved with its inputs resumes:
+    recorded paths under the moved root match the same paths under the new one (see
+    :func:`config_mismatch`)."""
     saved = read_recipe_state(checkpoint)
     recorded = saved["config"]
     if recipe is not None and recorded.get(RECIPE_KEY, recipe) != recipe:
@@ -133,17 +145,115 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
                           f"`{recorded[RECIPE_KEY]}` recipe ({checkpoint.name}); this is the "
                           f"`{recipe}` recipe, which cannot continue it.",
                           "choose a new `output_dir` for this run.")
-    for key in must_match:
-        if key not in recorded:
-            continue
-        before = recorded[key]
-        now = plain_value(OmegaConf.select(cfg, key, default=None))
-        if before != now:
-            where, before, now = first_difference(key, before, now)
-            raise ConfigError(where, f"differs from the checkpoint being resumed ({checkpoint}): "
-                              f"was {before}, is {now}.", f"restore `{where}` as it was, or "
-                              "start a new `output_dir`.")
+    difference = config_mismatch(recorded, config_values(cfg, must_match), checkpoint.parent)
+    if difference is not None:
+        where, before, now = difference
+        raise ConfigError(where, f"differs from the checkpoint being resumed ({checkpoint}): "
+                          f"was {before}, is {now}.", f"restore `{where}` as it was, or "
+                          "start a new `output_dir`.")
     return saved
+
+
+def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: str | Path
+                    ) -> tuple[str, Any, Any] | None:
+    """The first of the config values ``now`` that is not as ``recorded`` (a checkpoint's or a
+    one-shot export's identity from :func:`config_values`), for a run whose folder is
+    ``output_dir`` now: its dotted key (the innermost that differs), the recorded value and the
+    value now; None when every value matches. The one comparison of resumed and reused runs.
+
+    Values compare exactly, except that where the identity recorded its run folder and the
+    folder has moved since (:func:`relocation`), a recorded absolute path under the moved
+    root matches the same path under the new root: a run folder moved together with its
+    inputs (a scratch disk copied home) resumes, while a path that changed otherwise, or any
+    other value, is still a difference. The starting weights' content is checked apart from
+    this (:func:`check_starting_weights`). Keys not recorded (by an older version) are not
+    compared, nor the recorded run folder itself."""
+    moved = relocation(recorded.get(OUTPUT_DIR_KEY), output_dir)
+    for key, value in now.items():
+        if key == OUTPUT_DIR_KEY or key not in recorded:
+            continue
+        if not same_config_value(recorded[key], value, moved):
+            return first_difference(key, recorded[key], value, moved)
+    return None
+
+
+@dataclass(frozen=True)
+class Relocation:
+    """A run folder moved with its inputs: what was under ``old_root`` is under ``new_root``
+    (both absolute and resolved)."""
+
+    old_root: Path
+    new_root: Path
+
+    def same_path(self, recorded: str, now: str) -> bool:
+        """Whether ``recorded``, an absolute path under the old root, names the place ``now``
+        names under the new root. Both are compared resolved; a relative ``now`` against the
+        working directory, where the recipes open it. The recorded path is tried as written
+        and with the symlinks that still exist resolved (the root was recorded resolved)."""
+        before = Path(recorded).expanduser()
+        if not before.is_absolute():
+            return False
+        target = _absolute(now)
+        for candidate in (Path(os.path.normpath(before)), before.resolve()):
+            if (candidate.is_relative_to(self.old_root)
+                    and _absolute(self.new_root / candidate.relative_to(self.old_root)) == target):
+                return True
+        return False
+
+
+def relocation(recorded_output_dir: object, output_dir: str | Path) -> Relocation | None:
+    """How the run folder moved since an identity recorded it at ``recorded_output_dir``; None
+    when it did not move or nothing was recorded (then values compare exactly).
+
+    The rule: both output_dirs are made absolute and resolved, the trailing path components
+    they share are stripped, and what remains of each is the moved root (``/a/x/run/continue``
+    now ``/b/run/continue``: ``/a/x`` moved to ``/b``, so ``/a/x/run/prune/pruned_model`` is now
+    ``/b/run/prune/pruned_model``); all shared components go, so ``/s/me/run`` now
+    ``/h/me/run`` gives ``/s`` to ``/h``, which maps the run's own paths alike. A run folder
+    that was renamed as well (no shared trailing component) relocates only itself: the two
+    output_dirs are the roots. No relocation when either root would be a filesystem root
+    (``/run`` now ``/b/run``), as that would map every absolute path. A relocation only ever
+    makes a recorded path match; it never refuses."""
+    if not isinstance(recorded_output_dir, str):
+        return None
+    old, new = _absolute(recorded_output_dir), _absolute(output_dir)
+    if old == new:
+        return None
+    shared = 0
+    # At least the anchor stays on each side: at worst a root, which is refused below.
+    while (shared < min(len(old.parts), len(new.parts)) - 1
+           and old.parts[-1 - shared] == new.parts[-1 - shared]):
+        shared += 1
+    old_root = Path(*old.parts[:len(old.parts) - shared])
+    new_root = Path(*new.parts[:len(new.parts) - shared])
+    if old_root == Path(old_root.anchor) or new_root == Path(new_root.anchor):
+        return None
+    return Relocation(old_root, new_root)
+
+
+def same_config_value(before: Any, now: Any, moved: Relocation | None = None) -> bool:
+    """Whether a recorded config value and the one now are the same: equal, or, with a
+    relocation, alike in shape (dicts with the same keys, lists of the same length) with every
+    string that differs a path ``moved`` relocates (see :meth:`Relocation.same_path`)."""
+    if before == now:
+        return True
+    if moved is None:
+        return False
+    if isinstance(before, str) and isinstance(now, str):
+        return moved.same_path(before, now)
+    if isinstance(before, dict) and isinstance(now, dict):
+        return before.keys() == now.keys() and all(
+            same_config_value(before[name], now[name], moved) for name in before)
+    if isinstance(before, (list, tuple)) and type(before) is type(now):
+        return len(before) == len(now) and all(
+            same_config_value(b, n, moved) for b, n in zip(before, now))
+    return False
+
+
+def _absolute(path: object) -> Path:
+    """A configured path as the recipes open it: ``~`` expanded, relative to the working
+    directory, with symlinks resolved."""
+    return Path(str(path)).expanduser().resolve()
 
 
 # What torch.load raises for a truncated or garbled state file.
@@ -272,13 +382,15 @@ def _safetensors_data_start(handle: BinaryIO, size: int) -> int:
     return 8 + length if 8 + length + _SAMPLE_BLOCK_BYTES <= size else 0
 
 
-def first_difference(key: str, before: Any, now: Any) -> tuple[str, Any, Any]:
+def first_difference(key: str, before: Any, now: Any, moved: Relocation | None = None
+                     ) -> tuple[str, Any, Any]:
     """The dotted key of the first entry that differs inside two nested config values, with
-    both values, so the error names ``pruning.target.num_layers`` rather than ``pruning``."""
+    both values, so the error names ``pruning.target.num_layers`` rather than ``pruning``;
+    entries that differ only by a path ``moved`` relocates are the same."""
     if isinstance(before, dict) and isinstance(now, dict):
         for name in [*before, *(k for k in now if k not in before)]:
-            if before.get(name) != now.get(name):
-                return first_difference(f"{key}.{name}", before.get(name), now.get(name))
+            if not same_config_value(before.get(name), now.get(name), moved):
+                return first_difference(f"{key}.{name}", before.get(name), now.get(name), moved)
     return key, before, now
 
 
