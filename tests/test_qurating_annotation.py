@@ -334,10 +334,13 @@ def test_two_processes_give_the_scores_of_one(uninterrupted, rater_dir, corpus_f
     one, two = read_scores(uninterrupted), read_scores(output_dir)
     for column in ("id", "text", "num_tokens"):
         assert two.column(column).to_pylist() == one.column(column).to_pylist(), column
+    # Each process batches its own shard's chunks, so a chunk may be scored next to other
+    # chunks, padded to another length: fp32 matmuls blocked for another shape differ in the
+    # last digits (6e-6 on a score of -0.10 on an AVX-512/AMX Xeon).
     for criterion in CRITERIA:
         np.testing.assert_allclose(two.column(f"score_{criterion}").to_numpy(),
                                    one.column(f"score_{criterion}").to_numpy(),
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-4, atol=1e-5)
     summary = json.loads((output_dir / "annotation.json").read_text())
     assert summary["processes"] == 2 and summary["complete"]
     assert summary["documents_scored"] == 36
