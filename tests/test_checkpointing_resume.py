@@ -234,6 +234,26 @@ def test_paths_under_the_moved_root_match_anything_else_compares_exactly(tmp_pat
     assert difference(seed=1) == ("seed", 0, 1)
 
 
+def test_relative_recorded_paths_count_from_the_recorded_working_directory():
+    """The pipelines write `outputs/<run>/...`: relative paths from the repository. Recorded
+    with their working directory, they match the same place spelled absolute, before and after
+    a move; without one (or pointing elsewhere) they are a difference."""
+    recorded = {"_recipe": "continued_pretrain", checkpointing.WORKING_DIR_KEY: "/work/repo",
+                checkpointing.OUTPUT_DIR_KEY: "/work/repo/outputs/demo/continued",
+                "model": {"path": "outputs/demo/prune/pruned_model"}, "seed": 0}
+    here = {"model": {"path": "/work/repo/outputs/demo/prune/pruned_model"}, "seed": 0}
+    assert checkpointing.config_mismatch(recorded, here, "/work/repo/outputs/demo/continued") \
+        is None
+    moved = {"model": {"path": "/data/me/demo/prune/pruned_model"}, "seed": 0}
+    assert checkpointing.config_mismatch(recorded, moved, "/data/me/demo/continued") is None
+    other = {"model": {"path": "/data/me/demo/prune_v2/pruned_model"}, "seed": 0}
+    assert checkpointing.config_mismatch(recorded, other, "/data/me/demo/continued")[0] == \
+        "model.path"
+    unplaced = {k: v for k, v in recorded.items() if k != checkpointing.WORKING_DIR_KEY}
+    assert checkpointing.config_mismatch(unplaced, moved, "/data/me/demo/continued")[0] == \
+        "model.path"
+
+
 def test_an_identity_without_a_recorded_output_dir_compares_exactly():
     old_version = {"model": {"path": "/scratch/job42/exp/prune/pruned_model"}}
     moved = {"model": {"path": "/home/me/exp/prune/pruned_model"}}

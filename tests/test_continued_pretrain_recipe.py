@@ -130,6 +130,29 @@ def test_a_run_moved_with_its_inputs_resumes_and_still_refuses_other_data(tmp_pa
     assert final["config"]["dataset"]["data_dir"] == str(home / "tiny_corpus")
 
 
+def test_a_run_started_with_relative_paths_resumes_once_moved(tmp_path, monkeypatch):
+    """The pipelines pass relative paths (`outputs/...` under the working directory): a run
+    started that way, then moved with its inputs and rerun with absolute paths to the new
+    place, resumes (the relative paths count from the recorded working directory)."""
+    monkeypatch.setitem(sys.modules, "_acadlm_test_interrupt", type(sys)("_acadlm_test_interrupt"))
+    sys.modules["_acadlm_test_interrupt"].Interrupt = _Interrupt
+    workdir, home = tmp_path / "repo", tmp_path / "home" / "me" / "outputs"
+    (workdir / "outputs").mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(monkeypatch, [*tiny_run_args(Path("outputs")),
+                                 "plugins=[_acadlm_test_interrupt:Interrupt]"])
+    state = torch.load(workdir / "outputs/run/step_000003/recipe_state.pt", weights_only=False)
+    assert state["config"]["checkpointer.checkpoint_dir"] == "outputs/tiny_model"
+    shutil.move(workdir / "outputs", home)
+    monkeypatch.chdir(tmp_path)
+    resumed = run_recipe(monkeypatch, tiny_run_args(home))
+    logged = [int(line.split()[1]) for line in logged_metrics(home / "run")
+              if line.startswith("Step ") and " | " in line]
+    assert logged.count(1) == 1 and 6 in logged  # continued from step 3, not started over
+    assert resumed["steps"] == 6
+
+
 def test_a_rerun_with_no_step_left_reports_the_training_wall_time(tmp_path, monkeypatch):
     first = run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))
     state = torch.load(tmp_path / "run/step_000003/recipe_state.pt", weights_only=False)

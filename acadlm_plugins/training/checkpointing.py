@@ -111,21 +111,27 @@ RECIPE_KEY = "_recipe"
 # lets a run folder moved together with its inputs be recognised (see `relocation`), never a
 # value that must match.
 OUTPUT_DIR_KEY = "_output_dir"
+# The working directory of the recorded run (absolute, resolved): a relative path in its config
+# (the pipelines' default `outputs/...`) names the place it names from there.
+WORKING_DIR_KEY = "_working_dir"
+BOOKKEEPING_KEYS = (OUTPUT_DIR_KEY, WORKING_DIR_KEY)
 
 
 def config_values(cfg: DictConfig, keys: Iterable[str], *, recipe: str | None = None
                   ) -> dict[str, Any]:
     """``cfg[key]`` as plain resolved values (None where unset) for each of ``keys`` (dotted
     keys such as ``checkpointer.checkpoint_dir`` reach into blocks), and with ``recipe`` the
-    recipe's name and the run folder ``output_dir`` (absolute): the run's identity, which a
-    checkpoint records so a resumed run can be checked against it (:func:`config_mismatch`),
-    and where the run was, so paths into a run folder that moved with its inputs still match."""
+    recipe's name, the run folder ``output_dir`` (absolute) and the working directory: the
+    run's identity, which a checkpoint records so a resumed run can be checked against it
+    (:func:`config_mismatch`), and where the run was, so that a path spelled otherwise (relative
+    then, absolute now) or into a run folder that moved with its inputs still matches."""
     values = {key: plain_value(OmegaConf.select(cfg, key, default=None)) for key in keys}
     if recipe is not None:
         values[RECIPE_KEY] = recipe
         output_dir = OmegaConf.select(cfg, "output_dir", default=None)
         if output_dir is not None:
             values[OUTPUT_DIR_KEY] = str(_absolute(output_dir))
+        values[WORKING_DIR_KEY] = str(Path.cwd().resolve())
     return values
 
 
@@ -161,16 +167,18 @@ def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: s
     ``output_dir`` now: its dotted key (the innermost that differs), the recorded value and the
     value now; None when every value matches. The one comparison of resumed and reused runs.
 
-    Values compare exactly, except that where the identity recorded its run folder and the
-    folder has moved since (:func:`relocation`), a recorded absolute path under the moved
-    root matches the same path under the new root: a run folder moved together with its
-    inputs (a scratch disk copied home) resumes, while a path that changed otherwise, or any
-    other value, is still a difference. The starting weights' content is checked apart from
-    this (:func:`check_starting_weights`). Keys not recorded (by an older version) are not
-    compared, nor the recorded run folder itself."""
-    moved = relocation(recorded.get(OUTPUT_DIR_KEY), output_dir)
+    Values compare exactly, except paths, where the identity recorded its working directory
+    and run folder: a recorded path (a relative one from the recorded working directory)
+    matches a path now that names the same place, and, where the run folder has moved since
+    (:func:`relocation`), one under the moved root matches the same path under the new root:
+    a run folder moved together with its inputs (a scratch disk copied home) resumes, while a
+    path that changed otherwise, or any other value, is still a difference. The starting
+    weights' content is checked apart from this (:func:`check_starting_weights`). Keys not
+    recorded (by an older version) are not compared, nor the recorded places themselves."""
+    moved = relocation(recorded.get(OUTPUT_DIR_KEY), output_dir,
+                       recorded.get(WORKING_DIR_KEY))
     for key, value in now.items():
-        if key == OUTPUT_DIR_KEY or key not in recorded:
+        if key in BOOKKEEPING_KEYS or key not in recorded:
             continue
         if not same_config_value(recorded[key], value, moved):
             return first_difference(key, recorded[key], value, moved)
@@ -179,31 +187,42 @@ def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: s
 
 @dataclass(frozen=True)
 class Relocation:
-    """A run folder moved with its inputs: what was under ``old_root`` is under ``new_root``
-    (both absolute and resolved)."""
+    """Where a recorded run's paths are now: a relative one counts from ``recorded_cwd`` (when
+    recorded), and, for a run folder moved with its inputs, what was under ``old_root`` is
+    under ``new_root`` (all absolute and resolved)."""
 
-    old_root: Path
-    new_root: Path
+    old_root: Path | None = None
+    new_root: Path | None = None
+    recorded_cwd: Path | None = None
 
     def same_path(self, recorded: str, now: str) -> bool:
-        """Whether ``recorded``, an absolute path under the old root, names the place ``now``
-        names under the new root. Both are compared resolved; a relative ``now`` against the
-        working directory, where the recipes open it. The recorded path is tried as written
-        and with the symlinks that still exist resolved (the root was recorded resolved)."""
+        """Whether ``recorded`` (relative: from the recorded working directory) names the place
+        ``now`` names, where it was or moved from the old root to the new one. Both are
+        compared resolved; a relative ``now`` against the working directory, where the recipes
+        open it. The recorded path is tried as written and with the symlinks that still exist
+        resolved (the root was recorded resolved)."""
         before = Path(recorded).expanduser()
         if not before.is_absolute():
-            return False
+            if self.recorded_cwd is None:
+                return False
+            before = self.recorded_cwd / before
         target = _absolute(now)
         for candidate in (Path(os.path.normpath(before)), before.resolve()):
-            if (candidate.is_relative_to(self.old_root)
+            if candidate == target:
+                return True
+            if (self.old_root is not None and self.new_root is not None
+                    and candidate.is_relative_to(self.old_root)
                     and _absolute(self.new_root / candidate.relative_to(self.old_root)) == target):
                 return True
         return False
 
 
-def relocation(recorded_output_dir: object, output_dir: str | Path) -> Relocation | None:
-    """How the run folder moved since an identity recorded it at ``recorded_output_dir``; None
-    when it did not move or nothing was recorded (then values compare exactly).
+def relocation(recorded_output_dir: object, output_dir: str | Path,
+               recorded_cwd: object = None) -> Relocation | None:
+    """How the run folder moved since an identity recorded it at ``recorded_output_dir`` (with
+    ``recorded_cwd`` its working directory, when recorded); None when nothing was recorded, or
+    the folder did not move and no working directory was recorded (then values compare
+    exactly).
 
     The rule: both output_dirs are made absolute and resolved, the trailing path components
     they share are stripped, and what remains of each is the moved root (``/a/x/run/continue``
@@ -214,11 +233,12 @@ def relocation(recorded_output_dir: object, output_dir: str | Path) -> Relocatio
     output_dirs are the roots. No relocation when either root would be a filesystem root
     (``/run`` now ``/b/run``), as that would map every absolute path. A relocation only ever
     makes a recorded path match; it never refuses."""
+    cwd = Path(recorded_cwd) if isinstance(recorded_cwd, str) else None
     if not isinstance(recorded_output_dir, str):
-        return None
+        return None if cwd is None else Relocation(recorded_cwd=cwd)
     old, new = _absolute(recorded_output_dir), _absolute(output_dir)
     if old == new:
-        return None
+        return None if cwd is None else Relocation(recorded_cwd=cwd)
     shared = 0
     # At least the anchor stays on each side: at worst a root, which is refused below.
     while (shared < min(len(old.parts), len(new.parts)) - 1
@@ -227,8 +247,8 @@ def relocation(recorded_output_dir: object, output_dir: str | Path) -> Relocatio
     old_root = Path(*old.parts[:len(old.parts) - shared])
     new_root = Path(*new.parts[:len(new.parts) - shared])
     if old_root == Path(old_root.anchor) or new_root == Path(new_root.anchor):
-        return None
-    return Relocation(old_root, new_root)
+        return None if cwd is None else Relocation(recorded_cwd=cwd)
+    return Relocation(old_root, new_root, cwd)
 
 
 def same_config_value(before: Any, now: Any, moved: Relocation | None = None) -> bool:
