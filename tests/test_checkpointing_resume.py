@@ -249,6 +249,10 @@ def test_relative_recorded_paths_count_from_the_recorded_working_directory():
     other = {"model": {"path": "/data/me/demo/prune_v2/pruned_model"}, "seed": 0}
     assert checkpointing.config_mismatch(recorded, other, "/data/me/demo/continued")[0] == \
         "model.path"
+    # strings that cannot be paths are values like any other: different, not a crash
+    for odd in ("a\x00b", "~no_such_user_here/x", "p" * 5000):
+        assert checkpointing.config_mismatch({**recorded, "prompt": "x"}, {"prompt": odd},
+                                             "/data/me/demo/continued")[0] == "prompt"
     unplaced = {k: v for k, v in recorded.items() if k != checkpointing.WORKING_DIR_KEY}
     assert checkpointing.config_mismatch(unplaced, moved, "/data/me/demo/continued")[0] == \
         "model.path"

@@ -201,13 +201,17 @@ class Relocation:
         compared resolved; a relative ``now`` against the working directory, where the recipes
         open it. The recorded path is tried as written and with the symlinks that still exist
         resolved (the root was recorded resolved)."""
-        before = Path(recorded).expanduser()
-        if not before.is_absolute():
-            if self.recorded_cwd is None:
-                return False
-            before = self.recorded_cwd / before
-        target = _absolute(now)
-        for candidate in (Path(os.path.normpath(before)), before.resolve()):
+        try:
+            before = Path(recorded).expanduser()
+            if not before.is_absolute():
+                if self.recorded_cwd is None:
+                    return False
+                before = self.recorded_cwd / before
+            target = _absolute(now)
+            candidates = (Path(os.path.normpath(before)), before.resolve())
+        except (ValueError, OSError, RuntimeError):
+            return False  # not a path (a NUL byte, `~nosuchuser`): an ordinary value that differs
+        for candidate in candidates:
             if candidate == target:
                 return True
             if (self.old_root is not None and self.new_root is not None
