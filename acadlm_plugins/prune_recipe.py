@@ -184,12 +184,11 @@ class PruneRecipe:
         log.info("one-shot pruning resumed: %s was exported from this config and source "
                  "(%s), so it is kept as it is and nothing is ranked or sliced again (a new "
                  "`output_dir` prunes afresh)", dest, self._trainer.output_dir / SUMMARY_FILENAME)
-        moved = Path(summary["pruned_model_dir"]).resolve() != dest.resolve()
-        added = self._export_hook_results(dest)
-        if moved:
-            summary = {**summary, "pruned_model_dir": str(dest)}
-        if added or moved:
-            summary = {**summary, **added}
+        updates = self._export_hook_results(dest)
+        if Path(summary["pruned_model_dir"]).resolve() != dest.resolve():  # the folder moved
+            updates["pruned_model_dir"] = str(dest)
+        if updates:
+            summary = {**summary, **updates}
             write_summary(self._trainer.output_dir / SUMMARY_FILENAME, summary)
         print(format_pruning_summary(summary), flush=True)
         return summary

@@ -238,11 +238,21 @@ def relocation(recorded_output_dir: object, output_dir: str | Path,
     (``/run`` now ``/b/run``), as that would map every absolute path. A relocation only ever
     makes a recorded path match; it never refuses."""
     cwd = Path(recorded_cwd) if isinstance(recorded_cwd, str) else None
-    if not isinstance(recorded_output_dir, str):
+    roots = _moved_roots(recorded_output_dir, output_dir)
+    if roots is None:
         return None if cwd is None else Relocation(recorded_cwd=cwd)
+    return Relocation(*roots, cwd)
+
+
+def _moved_roots(recorded_output_dir: object, output_dir: str | Path
+                 ) -> tuple[Path, Path] | None:
+    """The old and new root of :func:`relocation`'s rule, or None (nothing recorded, not
+    moved, or a root would be a filesystem root)."""
+    if not isinstance(recorded_output_dir, str):
+        return None
     old, new = _absolute(recorded_output_dir), _absolute(output_dir)
     if old == new:
-        return None if cwd is None else Relocation(recorded_cwd=cwd)
+        return None
     shared = 0
     # At least the anchor stays on each side: at worst a root, which is refused below.
     while (shared < min(len(old.parts), len(new.parts)) - 1
@@ -251,8 +261,8 @@ def relocation(recorded_output_dir: object, output_dir: str | Path,
     old_root = Path(*old.parts[:len(old.parts) - shared])
     new_root = Path(*new.parts[:len(new.parts) - shared])
     if old_root == Path(old_root.anchor) or new_root == Path(new_root.anchor):
-        return None if cwd is None else Relocation(recorded_cwd=cwd)
-    return Relocation(old_root, new_root, cwd)
+        return None
+    return old_root, new_root
 
 
 def same_config_value(before: Any, now: Any, moved: Relocation | None = None) -> bool:
