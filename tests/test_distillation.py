@@ -281,6 +281,39 @@ def test_pruning_with_distillation_from_the_source(tmp_path, monkeypatch):
     assert (out / "pruned_model" / "config.json").is_file()
 
 
+def test_one_shot_pruning_checks_the_block_but_never_loads_the_teacher(tmp_path, monkeypatch):
+    """`pruning.method: importance` trains nothing: the pipeline hands its one-shot arm the
+    distilled prune config, and loading the teacher there (the source again) only doubled the
+    weights in memory. The block is still checked, and the plan counts no teacher."""
+    import json
+
+    from acadlm_plugins.planning import plan_config
+    from acadlm_plugins.plugins import distillation
+
+    args = [a for a in distill_run_args(tmp_path) if not a.startswith("validation_dataset.")]
+    args[1] = str(PRUNE_CONFIG)
+    overrides = [*args[2:], "max_steps=6"]
+    learned = plan_config(PRUNE_CONFIG, overrides)
+    one_shot = plan_config(PRUNE_CONFIG, [*overrides, "pruning.method=importance"])
+    assert learned.teacher is not None and learned.memory.teacher_weights > 0
+    assert one_shot.teacher is None and one_shot.memory.teacher_weights == 0
+
+    with pytest.raises(ConfigError) as err, torch_threads():
+        run_recipe_main(monkeypatch, PRUNE, [*args, "pruning.method=importance",
+                                             "distillation.kd_ratio=1.5"])
+    assert err.value.key == "distillation.kd_ratio"
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a one-shot prune run loaded its distillation teacher")
+
+    monkeypatch.setattr(distillation, "load_teacher", refuse)
+    with torch_threads():
+        out = run_recipe_main(monkeypatch, PRUNE, [*args, "pruning.method=importance"])
+    summary = json.loads((out / "pruning_summary.json").read_text())
+    assert summary["method"] == "importance" and "distillation" not in summary
+    assert (out / "pruned_model" / "config.json").is_file()
+
+
 @pytest.mark.distributed
 def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tmp_path):
     """Teacher and student both sharded with FSDP2 (gloo, CPU): the output projection is

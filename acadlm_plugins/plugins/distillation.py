@@ -37,7 +37,9 @@ Nothing the teacher does changes between steps, so resuming is exact without ext
 checkpoint stores only a fingerprint of the teacher's weights, and a resumed run whose teacher
 differs stops with a ConfigError naming ``distillation.teacher``; so does resuming a distilled
 run without the block, or a plain run with one (naming ``distillation``). Only recipes whose loop
-hands the logits to ``acadlm_extra_loss`` can distil (``continued_pretrain``, ``prune``).
+hands the logits to ``acadlm_extra_loss`` can distil (``continued_pretrain``, ``prune``). A
+one-shot prune run (``pruning.method: importance``) trains nothing: its block is checked, as a
+pipeline hands both prune arms one config, but the teacher is not loaded.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ class DistillationPlugin:
                               f"must be a whole number >= 1, got {chunk}.",
                               f"use e.g. {DEFAULT_VOCAB_CHUNK_SIZE}.")
         self.vocab_chunk_size = int(chunk)
+        if recipe == "prune" and trains_nothing(cfg):
+            log.info("distillation: teacher not loaded: `pruning.method: importance` trains "
+                     "nothing, so it would go unused")
+            return
         self.output_dir = Path(cfg.get("output_dir", "."))
         self.enabled = True
 
@@ -238,6 +244,13 @@ class DistillationPlugin:
         summary["distillation"] = {"teacher": self.fingerprint["checkpoint_dir"],
                                    "kd_ratio": self.kd_ratio, "temperature": self.temperature,
                                    "last_kl": self._last_kl}
+
+
+def trains_nothing(cfg: Any) -> bool:
+    """Whether a prune run is one-shot (``pruning.method: importance``): it ranks and slices
+    without a training step, so a teacher would only take memory (a 7B source's worth)."""
+    pruning = cfg.get("pruning", None)
+    return isinstance(pruning, DictConfig) and str(pruning.get("method", "")) == "importance"
 
 
 def check_resumed_with_same_mode(saved: dict | None, *, enabled: bool) -> None:
