@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,3 +94,18 @@ def write_eval_files(root: Path) -> EvalFiles:
     haystack = root / "hay.txt"
     haystack.write_text(text)
     return EvalFiles(write_eval_tokenizer(root / "model", text), haystack)
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Fail, instead of hanging, when the block runs longer than ``seconds``."""
+    def expire(*_: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -16,11 +16,9 @@ import logging
 import random
 import re
 import shutil
-import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,13 @@ from eval_doubles import (
     ConstantLM,
     OracleLM,
 )
-from eval_fixtures import EVAL_MAX_POSITIONS, MAX_SENTENCE_WORDS, EvalFiles, write_eval_files
+from eval_fixtures import (
+    EVAL_MAX_POSITIONS,
+    MAX_SENTENCE_WORDS,
+    EvalFiles,
+    time_limit,
+    write_eval_files,
+)
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation import TASKS_DIR, task_manager
@@ -102,21 +106,6 @@ def build(files: EvalFiles, task: str, **metadata: Any) -> list[dict[str, Any]]:
 def plain_prompt(row: dict[str, Any]) -> str:
     """The prompt lm-eval writes for a row without a chat template."""
     return PromptFrame(0).lay_out(row["input"], row["gen_prefix"])
-
-
-@contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    """Fail, instead of hanging, when the block runs longer than ``seconds``."""
-    def expire(*_: Any) -> None:
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

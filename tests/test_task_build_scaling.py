@@ -9,14 +9,13 @@ not refuse the longer lengths (no model is run).
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import pytest
+from eval_fixtures import time_limit
 
 from acadlm_plugins.evaluation.lengths import LengthTokenizer, load_length_tokenizer
 from acadlm_plugins.evaluation.ruler import (
@@ -43,21 +42,6 @@ SAMPLES = 2
 #: and 3.35 s at 128K (the prose-haystack NIAH variants). The bound is about 5x that, linear in
 #: the length: 1.9 s at 16K, 7.7 s at 64K, 15.4 s at 128K.
 SECONDS_PER_1K_TOKENS = 0.12
-
-
-@contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    """Fail, instead of hanging, when the block runs longer than ``seconds``."""
-    def expire(*_: Any) -> None:
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
