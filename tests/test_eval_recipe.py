@@ -162,48 +162,6 @@ def test_the_cache_fingerprint_follows_the_models_files_and_args(tmp_path) -> No
     assert key_cache_by_model({"model": "acadlm", "use_cache": None})["use_cache"] is None
 
 
-def test_lm_evals_request_cache_scores_stale_prompts_so_the_command_refuses_it(
-        tmp_path, monkeypatch, capsys) -> None:
-    """lm-eval names its request cache by task name, not by the task's metadata: a run at
-    2048 tokens reuses the prompts cached at 1024 and scores the oracle's answers to them
-    against the 2048-token documents (100 -> 0). `acadlm-lm-eval` refuses the flag with our
-    tasks before anything loads; `refresh`/`delete` (which never read the cache) and other
-    tasks pass."""
-    import lm_eval.caching.cache as request_cache
-    from eval_doubles import OracleLM
-    from eval_fixtures import write_eval_files
-    from lm_eval import simple_evaluate
-
-    from acadlm_plugins.evaluation import task_manager
-    from acadlm_plugins.evaluation.cli import check_request_cache, main
-
-    monkeypatch.setattr(request_cache, "PATH", str(tmp_path / "requests"))
-    files = write_eval_files(tmp_path / "files")
-    scores = {}
-    for length in (1024, 2048):
-        for cached in (False, True):
-            manager = task_manager(files.metadata(max_seq_lengths=[length], num_samples=1),
-                                   include_defaults=False)
-            results = simple_evaluate(model=OracleLM(), tasks=["acadlm_niah_single_1"],
-                                      task_manager=manager, cache_requests=cached)
-            scores[length, cached] = results["results"]["acadlm_niah_single_1"][f"{length},none"]
-    assert scores == {(1024, False): 100, (1024, True): 100, (2048, False): 100, (2048, True): 0}
-    capsys.readouterr()  # lm-eval's progress bars
-    for argv, named in ((["--tasks", "acadlm_niah_single_1", "--cache_requests"],
-                         "acadlm_niah_single_1"),
-                        (["--cache_requests=true", "-t", "hellaswag,acadlm_long"], "acadlm_long")):
-        with pytest.raises(SystemExit) as stopped:
-            main(["--model", "acadlm", *argv])
-        assert stopped.value.code == 2
-        error = " ".join(capsys.readouterr().err.split())
-        assert error.startswith("error: --cache_requests:") and f"so {named} would" in error
-        assert "Fix: drop --cache_requests" in error
-    for argv in (["--tasks", "acadlm_long", "--cache_requests", "refresh"],
-                 ["--tasks", "acadlm_long", "--cache_requests=delete"],
-                 ["--tasks", "hellaswag", "--cache_requests"], ["--tasks", "acadlm_long"]):
-        check_request_cache(argv)
-
-
 def test_tune_run_eval_recipe_writes_results_samples_table_and_heatmap(tmp_path,
                                                                       tiny_model_dir) -> None:
     (tmp_path / "hay.txt").write_text(HAYSTACK)

@@ -763,6 +763,52 @@ def test_fit_words_tops_up_with_part_of_a_long_word(files: EvalFiles) -> None:
         assert last not in words and words[fitted.num_words - 1].startswith(last)
 
 
+def test_lm_evals_few_shot_and_request_cache_leave_the_prompts_as_built(
+        files: EvalFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every task says `num_fewshot: 0`, so lm-eval ignores `--num_fewshot 2` instead of
+    prepending two test rows (a 1024-token prompt became about three times as long, still
+    scored as `1024`). lm-eval's request cache is keyed by task name, not metadata: a cached run
+    at 1024 tokens used to hand its prompts to a run at 2048, scored against the new documents
+    (the oracle: 100 -> 0); our tasks no longer read or write it, and say so."""
+    import lm_eval.caching.cache as request_cache
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = task_manager(files.metadata(max_seq_lengths=[1024], num_samples=3),
+                           include_defaults=False)
+    ours = {name: entry.yaml_path for name, entry in manager.task_index.items()
+            if entry.kind in (Kind.TASK, Kind.PY_TASK) and entry.yaml_path is not None
+            and TASKS_DIR in entry.yaml_path.parents}
+    assert len(ours) >= 26  # 13 RULER and 13 HELMET tasks
+    for name, path in ours.items():
+        assert load_yaml(path, resolve_func=False).get("num_fewshot") == 0, name
+
+    task = "acadlm_niah_single_1"
+    plain = simple_evaluate(model=OracleLM(), tasks=[task], task_manager=manager, log_samples=True)
+    shots = simple_evaluate(model=OracleLM(), tasks=[task], task_manager=manager, log_samples=True,
+                            num_fewshot=2)
+
+    def prompts(results: dict[str, Any]) -> list[str]:
+        return [sample["arguments"][0][0] for sample in results["samples"][task]]
+
+    assert prompts(shots) == prompts(plain)
+
+    monkeypatch.setattr(request_cache, "PATH", str(tmp_path / "requests"))
+    scores = {}
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins.evaluation.task_base"):
+        for length in (1024, 2048):
+            manager = task_manager(files.metadata(max_seq_lengths=[length], num_samples=1),
+                                   include_defaults=False)
+            results = simple_evaluate(model=OracleLM(), tasks=[task], task_manager=manager,
+                                      cache_requests=True)
+            scores[length] = results["results"][task][f"{length},none"]
+    assert scores == {1024: 100, 2048: 100}
+    assert "lm-eval's request cache is not used for this task" in caplog.text
+    assert not list((tmp_path / "requests").glob(f"*{task}*"))
+
+
 def test_pick_answers_skips_words_found_inside_other_words() -> None:
     answers, rest = pick_answers(["then", "thence", "river", "rivers", "lamp", "hill"], 2,
                                  task="t")

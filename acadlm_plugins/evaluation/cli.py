@@ -8,8 +8,7 @@ command is ``lm_eval`` itself (same arguments, same output files) run after thre
 ``--system_instruction`` are passed on to the tasks' metadata, which lm-eval does not do: our
 RULER and HELMET tasks lay out and size their prompts for them. ``--use_cache <path>`` is kept per
 model (``<path>_<model fingerprint>_rank0.db``; plain ``lm_eval`` keys cached answers by the
-request alone, so another model given the same path would get the first model's answers), and
-``--cache_requests true`` is refused with our tasks (:func:`check_request_cache`). When
+request alone, so another model given the same path would get the first model's answers). When
 the results carry per-length metrics it prints the task x length table and, with
 ``--output_path``, writes the table and a heatmap PNG next to lm-eval's ``results_*.json``.
 """
@@ -89,38 +88,6 @@ def pass_run_settings_to_tasks(argv: list[str]) -> list[str]:
     return [*argv, "--metadata", json.dumps(extra)] if extra else argv
 
 
-def our_tasks(argv: list[str]) -> list[str]:
-    """The names in ``--tasks`` that are ours: every task, group and tag of this package is
-    named ``acadlm_*``."""
-    names = _option(argv, "--tasks") or _option(argv, "-t") or ""
-    return [name for name in names.split(",") if name.strip().startswith("acadlm_")]
-
-
-def check_request_cache(argv: list[str]) -> None:
-    """Refuse ``--cache_requests true`` (or the bare flag) with our tasks.
-
-    lm-eval names a cached request file by task name, few-shot count, rank and tokenizer only,
-    never by the task's metadata. Our tasks' prompts depend on it (``max_seq_lengths``,
-    ``num_samples``, ``seed``, the haystack and the sizing tokenizer), so a later run with other
-    lengths would send the cached prompts and score their answers against the new documents'
-    expected outputs: silently wrong scores. The cache saves nothing here anyway, since our
-    tasks build their documents on every run before lm-eval reads it. ``refresh`` and
-    ``delete`` never read the cache and pass.
-    """
-    value = _flag(argv, "--cache_requests")
-    if value is None or value.strip().lower() not in ("", "true"):
-        return
-    ours = our_tasks(argv)
-    if ours:
-        raise ValueError(
-            f"--cache_requests: lm-eval keys its request cache by task name, not by the task's "
-            f"metadata, so {', '.join(ours)} would reuse the prompts of an earlier run (other "
-            "max_seq_lengths, num_samples, seed or haystack) and score them against this run's "
-            "answers; these tasks rebuild their prompts every run, so the cache saves nothing. "
-            "Fix: drop --cache_requests, or run the tasks that benefit from it in a separate "
-            "call.")
-
-
 def key_cache_by_model(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``simple_evaluate``'s keyword arguments with ``use_cache`` made specific to the model
     (:func:`~acadlm_plugins.evaluation.answer_cache.model_cache_path`); unchanged without a
@@ -144,15 +111,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from acadlm_plugins.evaluation.registry import register_lm_eval_model
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        check_request_cache(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     register_lm_eval_model()
     include_our_tasks()
-    argv = pass_run_settings_to_tasks(argv)
+    argv = pass_run_settings_to_tasks(list(sys.argv[1:] if argv is None else argv))
     captured: list[dict[str, Any]] = []
     original_evaluate = lm_eval.simple_evaluate
 

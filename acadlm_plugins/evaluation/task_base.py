@@ -55,8 +55,15 @@ class LengthSweepTask(ConfigurableTask):
 
     def build_all_requests(self, **kwargs: Any) -> Any:
         """lm-eval's request building, with a warning when its ``limit`` (the first N rows)
-        is too small to reach every length: rows come sample by sample, so N below the number of
-        lengths leaves the longest ones out."""
+        is too small to reach every length (rows come sample by sample, so N below the number of
+        lengths leaves the longest ones out), and without lm-eval's request cache.
+
+        lm-eval names a cached request file by task name, few-shot count, rank and tokenizer,
+        never by the task's metadata; our prompts depend on it (lengths, samples, seed,
+        haystack, sizing tokenizer), so a cached run at 1024 tokens would hand its prompts to a
+        later run at 2048 and have their answers scored against the new documents. The cache
+        would save nothing anyway: the documents are built before lm-eval looks it up.
+        """
         limit = kwargs.get("limit")
         metadata = self.config.metadata or {}
         task = self.config.task or "?"
@@ -65,6 +72,11 @@ class LengthSweepTask(ConfigurableTask):
             log.warning("%s: limit=%s evaluates only the first %s of its %d lengths; %s are left "
                         "out (give a limit of at least %d, one sample per length).", task, limit,
                         limit, len(lengths), lengths[int(limit):], len(lengths))
+        if kwargs.get("cache_requests"):
+            log.warning("%s: lm-eval's request cache is not used for this task: it is keyed by "
+                        "task name, not by the task's metadata (max_seq_lengths, num_samples, "
+                        "seed, haystack), and the prompts are rebuilt on every run anyway", task)
+            kwargs = {**kwargs, "cache_requests": False, "rewrite_requests_cache": False}
         return super().build_all_requests(**kwargs)
 
 
