@@ -809,6 +809,37 @@ def test_lm_evals_few_shot_and_request_cache_leave_the_prompts_as_built(
     assert not list((tmp_path / "requests").glob(f"*{task}*"))
 
 
+def test_a_longer_generation_than_the_prompts_leave_room_for_is_refused(files: EvalFiles) -> None:
+    """lm-eval applies `--gen_kwargs` after the documents are built, so `max_gen_toks=256`
+    against prompts sized to leave 128 (NIAH) or 64 (HELMET's JSON KV) used to run with prompt
+    plus answer past the length each score is named by. It is refused, naming the metadata key
+    that sizes the prompts for it; with that key given, or a shorter generation, it runs."""
+    from lm_eval import simple_evaluate
+
+    tasks = ["acadlm_niah_single_1", "acadlm_json_kv"]
+
+    def evaluate(gen_kwargs: str, **metadata: Any) -> dict[str, Any]:
+        manager = task_manager(files.metadata(max_seq_lengths=[1024], num_samples=1, **metadata),
+                               include_defaults=False)
+        return simple_evaluate(model=OracleLM(), tasks=tasks, task_manager=manager,
+                               gen_kwargs=gen_kwargs, log_samples=True)
+
+    with pytest.raises(ConfigError) as err:
+        evaluate("max_gen_toks=256")
+    assert err.value.key.split(": ")[0] in tasks and err.value.key.endswith(": tokens_to_generate")
+    assert "--gen_kwargs max_gen_toks=256" in str(err.value)
+    assert """--metadata '{"tokens_to_generate": 256}'""" in str(err.value)
+    for gen_kwargs, metadata, room in (("max_gen_toks=256", {"tokens_to_generate": 256}, 256),
+                                       ("max_gen_toks=16", {}, None)):
+        results = evaluate(gen_kwargs, **metadata)
+        for task in tasks:
+            assert results["results"][task]["1024,none"] == 100
+            doc = results["samples"][task][0]["doc"]
+            if room is not None:
+                assert doc["tokens_to_generate"] == room
+                assert doc["input_tokens"] + room <= 1024
+
+
 def test_pick_answers_skips_words_found_inside_other_words() -> None:
     answers, rest = pick_answers(["then", "thence", "river", "rivers", "lamp", "hill"], 2,
                                  task="t")

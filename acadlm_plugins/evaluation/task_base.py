@@ -72,12 +72,35 @@ class LengthSweepTask(ConfigurableTask):
             log.warning("%s: limit=%s evaluates only the first %s of its %d lengths; %s are left "
                         "out (give a limit of at least %d, one sample per length).", task, limit,
                         limit, len(lengths), lengths[int(limit):], len(lengths))
+        check_generation_room(metadata, self.config.generation_kwargs, task=task)
         if kwargs.get("cache_requests"):
             log.warning("%s: lm-eval's request cache is not used for this task: it is keyed by "
                         "task name, not by the task's metadata (max_seq_lengths, num_samples, "
                         "seed, haystack), and the prompts are rebuilt on every run anyway", task)
             kwargs = {**kwargs, "cache_requests": False, "rewrite_requests_cache": False}
         return super().build_all_requests(**kwargs)
+
+
+def check_generation_room(metadata: Mapping[str, Any], generation_kwargs: Any, *,
+                          task: str) -> None:
+    """Refuse a run that generates more tokens than the prompts were sized to leave room for.
+
+    The documents are built when the task is made, leaving ``tokens_to_generate`` (the YAML's
+    ``max_gen_toks`` unless the metadata gives it) between each prompt and its length; lm-eval
+    applies ``--gen_kwargs`` only afterwards. A larger ``max_gen_toks`` would make prompt plus
+    answer pass the length the metric is named by, and at a model's maximum the prompt be cut
+    from the left (lm-eval's ``hf``) or the answer capped.
+    """
+    reserved = metadata.get("tokens_to_generate")
+    asked = (generation_kwargs or {}).get("max_gen_toks")
+    if reserved is None or asked is None or int(asked) <= int(reserved):
+        return
+    raise task_error(task, "tokens_to_generate", f"the run generates up to {asked} tokens "
+                     f"(--gen_kwargs max_gen_toks={asked}), but the prompts leave room for "
+                     f"{reserved}: prompt and answer would pass the length each score is "
+                     "named by.", "give the same value in --metadata "
+                     f"'{{\"tokens_to_generate\": {asked}}}' so the prompts are sized for it, "
+                     "or drop max_gen_toks from --gen_kwargs.")
 
 
 def int_setting(metadata: Mapping[str, Any], key: str, default: int, *, task: str,
