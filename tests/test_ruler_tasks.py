@@ -812,8 +812,9 @@ def test_lm_evals_few_shot_and_request_cache_leave_the_prompts_as_built(
 def test_a_longer_generation_than_the_prompts_leave_room_for_is_refused(files: EvalFiles) -> None:
     """lm-eval applies `--gen_kwargs` after the documents are built, so `max_gen_toks=256`
     against prompts sized to leave 128 (NIAH) or 64 (HELMET's JSON KV) used to run with prompt
-    plus answer past the length each score is named by. It is refused, naming the metadata key
-    that sizes the prompts for it; with that key given, or a shorter generation, it runs."""
+    plus answer past the length each score is named by; so did a metadata `tokens_to_generate`
+    below the YAML's `max_gen_toks`. Both are refused, naming the metadata key that sizes the
+    prompts; with that key given, or a shorter generation, the run goes ahead."""
     from lm_eval import simple_evaluate
 
     tasks = ["acadlm_niah_single_1", "acadlm_json_kv"]
@@ -827,8 +828,10 @@ def test_a_longer_generation_than_the_prompts_leave_room_for_is_refused(files: E
     with pytest.raises(ConfigError) as err:
         evaluate("max_gen_toks=256")
     assert err.value.key.split(": ")[0] in tasks and err.value.key.endswith(": tokens_to_generate")
-    assert "--gen_kwargs max_gen_toks=256" in str(err.value)
+    assert "generates up to 256 tokens" in str(err.value)
     assert """--metadata '{"tokens_to_generate": 256}'""" in str(err.value)
+    with pytest.raises(ConfigError, match=r"up to 128 tokens .* room for 100.*max_gen_toks=100"):
+        evaluate("temperature=0", tokens_to_generate=100)  # NIAH's YAML generates 128
     for gen_kwargs, metadata, room in (("max_gen_toks=256", {"tokens_to_generate": 256}, 256),
                                        ("max_gen_toks=16", {}, None)):
         results = evaluate(gen_kwargs, **metadata)

@@ -87,7 +87,8 @@ def check_generation_room(metadata: Mapping[str, Any], generation_kwargs: Any, *
 
     The documents are built when the task is made, leaving ``tokens_to_generate`` (the YAML's
     ``max_gen_toks`` unless the metadata gives it) between each prompt and its length; lm-eval
-    applies ``--gen_kwargs`` only afterwards. A larger ``max_gen_toks`` would make prompt plus
+    applies ``--gen_kwargs`` only afterwards. A larger ``max_gen_toks`` (from ``--gen_kwargs``,
+    or the YAML's under a smaller metadata ``tokens_to_generate``) would make prompt plus
     answer pass the length the metric is named by, and at a model's maximum the prompt be cut
     from the left (lm-eval's ``hf``) or the answer capped.
     """
@@ -96,11 +97,11 @@ def check_generation_room(metadata: Mapping[str, Any], generation_kwargs: Any, *
     if reserved is None or asked is None or int(asked) <= int(reserved):
         return
     raise task_error(task, "tokens_to_generate", f"the run generates up to {asked} tokens "
-                     f"(--gen_kwargs max_gen_toks={asked}), but the prompts leave room for "
-                     f"{reserved}: prompt and answer would pass the length each score is "
-                     "named by.", "give the same value in --metadata "
-                     f"'{{\"tokens_to_generate\": {asked}}}' so the prompts are sized for it, "
-                     "or drop max_gen_toks from --gen_kwargs.")
+                     "(`max_gen_toks`, from the task's YAML or --gen_kwargs), but the prompts "
+                     f"leave room for {reserved}: prompt and answer would pass the length each "
+                     "score is named by.", "size the prompts for it with --metadata "
+                     f"'{{\"tokens_to_generate\": {asked}}}', or generate at most {reserved} "
+                     f"tokens (--gen_kwargs max_gen_toks={reserved}).")
 
 
 def int_setting(metadata: Mapping[str, Any], key: str, default: int, *, task: str,
