@@ -56,7 +56,9 @@ class LengthSweepTask(ConfigurableTask):
     def build_all_requests(self, **kwargs: Any) -> Any:
         """lm-eval's request building, with a warning when its ``limit`` (the first N rows)
         is too small to reach every length (rows come sample by sample, so N below the number of
-        lengths leaves the longest ones out), and without lm-eval's request cache.
+        lengths leaves the longest ones out), a refusal when the run would generate more tokens
+        than the prompts leave room for (:func:`check_generation_room`), and without lm-eval's
+        request cache.
 
         lm-eval names a cached request file by task name, few-shot count, rank and tokenizer,
         never by the task's metadata; our prompts depend on it (lengths, samples, seed,
