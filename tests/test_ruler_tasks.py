@@ -811,7 +811,7 @@ def test_lm_evals_few_shot_and_request_cache_leave_the_prompts_as_built(
 
 def test_a_longer_generation_than_the_prompts_leave_room_for_is_refused(files: EvalFiles) -> None:
     """lm-eval applies `--gen_kwargs` after the documents are built, so `max_gen_toks=256`
-    against prompts sized to leave 128 (NIAH) or 64 (HELMET's JSON KV) used to run with prompt
+    against prompts sized to leave 128 (NIAH) or 100 (HELMET's JSON KV) used to run with prompt
     plus answer past the length each score is named by; so did a metadata `tokens_to_generate`
     below the YAML's `max_gen_toks`. Both are refused, naming the metadata key that sizes the
     prompts; with that key given, or a shorter generation, the run goes ahead."""
