@@ -61,6 +61,7 @@ from torchtune import training
 from acadlm_plugins.continued_pretrain_recipe import check_state_shapes
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
+from acadlm_plugins.plugins.pruning import pruning_method
 from acadlm_plugins.training.chunked_loss import shifted_targets
 from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
@@ -136,7 +137,7 @@ class DistillationPlugin:
                               f"must be a whole number >= 1, got {chunk}.",
                               f"use e.g. {DEFAULT_VOCAB_CHUNK_SIZE}.")
         self.vocab_chunk_size = int(chunk)
-        if recipe == "prune" and trains_nothing(cfg):
+        if recipe == "prune" and pruning_method(cfg) == "importance":
             log.info("distillation: teacher not loaded: `pruning.method: importance` trains "
                      "nothing, so it would go unused")
             return
@@ -244,13 +245,6 @@ class DistillationPlugin:
         summary["distillation"] = {"teacher": self.fingerprint["checkpoint_dir"],
                                    "kd_ratio": self.kd_ratio, "temperature": self.temperature,
                                    "last_kl": self._last_kl}
-
-
-def trains_nothing(cfg: Any) -> bool:
-    """Whether a prune run is one-shot (``pruning.method: importance``): it ranks and slices
-    without a training step, so a teacher would only take memory (a 7B source's worth)."""
-    pruning = cfg.get("pruning", None)
-    return isinstance(pruning, DictConfig) and str(pruning.get("method", "")) == "importance"
 
 
 def check_resumed_with_same_mode(saved: dict | None, *, enabled: bool) -> None:

@@ -31,6 +31,7 @@ multipliers stay identical everywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,14 @@ MASK_TRAINING_KEYS = ("lagrangian_warmup_steps", "mask_lr", "lambda_lr", "dropra
                       "mask_init", "mask_init_spread", "mask_init_gap")
 MASK_INITS = ("uniform", "importance")
 CALIBRATION_KEYS = {"num_sequences", "batch_size"}
+
+
+def pruning_method(cfg: Any) -> str | None:
+    """The ``pruning.method`` a config asks for (``learned`` when unset), or None without a
+    ``pruning:`` mapping: read in one place for this plugin and for those that depend on it
+    (distillation loads no teacher for a one-shot run, which trains nothing)."""
+    block = cfg.get(CONFIG_KEY, None)
+    return str(block.get("method", "learned")) if isinstance(block, Mapping) else None
 
 
 class PruningPlugin:
@@ -99,7 +108,7 @@ class PruningPlugin:
         if not block.get("target"):
             raise ConfigError(f"{CONFIG_KEY}.target", "is missing.",
                               "name the target dims, e.g. {num_layers: 20, embed_dim: 384}.")
-        self.method = str(block.get("method", "learned"))
+        self.method = pruning_method(cfg)
         if self.method not in METHODS:
             raise ConfigError(f"{CONFIG_KEY}.method", f"unknown method {self.method!r}.",
                               f"use one of {list(METHODS)}.")
