@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 from tiny_setup import ByteTokenizer, write_tiny_corpus
 
-from acadlm_plugins.data.mixture import DomainBatchSampler, domain_mixture_dataset
+from acadlm_plugins.data.mixture import (
+    DomainBatchSampler,
+    domain_mixture_dataset,
+    exact_domain_counts,
+)
 from acadlm_plugins.errors import ConfigError, DataError
 
 
@@ -40,6 +44,28 @@ def test_default_weights_follow_the_natural_proportions(corpus):
     packs = np.asarray(ds.corpus.num_packs, dtype=float)
     assert np.allclose(ds.weights, packs / packs.sum())
     assert len(ds) == packs.sum()
+
+
+def test_one_pass_over_the_natural_mixture_visits_every_pack_once(corpus):
+    """A stock recipe's epoch over a selection (natural proportions, default length) trains on
+    each selected pack exactly once; drawing each index's domain on its own left about one
+    pack in eleven of a domain out and repeated others."""
+    ds = domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=16)
+    visited = Counter(ds.pack_address(i) for i in range(len(ds)))
+    every_pack = {(d, p) for d, n in enumerate(ds.corpus.num_packs) for p in range(n)}
+    assert set(visited) == every_pack and set(visited.values()) == {1}
+    domains = [ds.pack_address(i)[0] for i in range(len(ds))]
+    assert domains != sorted(domains)  # interleaved, not one domain after another
+
+
+def test_fixed_weights_give_each_domain_its_exact_share(corpus):
+    ds = domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                                weights={"prose": 0.5, "numbers": 0.3, "code": 0.2},
+                                num_samples=101, seed=2)
+    counts = Counter(ds[i]["domain"] for i in range(len(ds)))
+    assert [counts[d] for d in range(3)] == [20, 30, 51]  # code, numbers, prose: 20.2/30.3/50.5
+    assert exact_domain_counts(np.array([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
+    assert exact_domain_counts(np.array([1 / 3] * 3), 10).tolist() == [4, 3, 3]
 
 
 def test_a_zero_weight_domain_is_left_out(corpus):

@@ -190,22 +190,44 @@ class DomainMixtureDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(key, tuple):
             return self.corpus.get(*key)
-        if not 0 <= key < self.num_samples:
-            raise IndexError(key)
+        return self.corpus.get(*self.pack_address(key))
+
+    def pack_address(self, index: int) -> tuple[int, int]:
+        """The ``(domain_index, pack_index)`` that integer ``index`` reads in the fixed-weight
+        schedule."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
         if self._schedule is None:
             self._schedule = self._build_schedule()
-        domain, pack = self._schedule[key]
-        return self.corpus.get(int(domain), int(pack))
+        domain, pack = self._schedule[index]
+        return int(domain), int(pack)
 
     def _build_schedule(self) -> np.ndarray:
+        """Every domain gets exactly its share of the indices (:func:`exact_domain_counts`),
+        in a seeded random order: with the natural proportions and the default length, one
+        pass over the dataset visits every pack once (independent draws per index would leave
+        some packs out of an epoch and repeat others)."""
         rng = np.random.default_rng(self.seed)
-        domains = rng.choice(len(self.weights), size=self.num_samples, p=self.weights)
+        counts = exact_domain_counts(self.weights, self.num_samples)
+        domains = rng.permutation(np.repeat(np.arange(len(self.weights)), counts))
         schedule = np.zeros((self.num_samples, 2), dtype=np.int64)
         schedule[:, 0] = domains
         for d, count in enumerate(self.corpus.num_packs):
             where = np.flatnonzero(domains == d)
             schedule[where, 1] = _epoch_permutations(count, len(where), self.seed, d)
         return schedule
+
+
+def exact_domain_counts(weights: np.ndarray, total: int) -> np.ndarray:
+    """How many of ``total`` samples each domain gets: ``total * weight`` rounded so that the
+    counts sum to ``total`` (largest remainders round up; ties go to the earlier domain)."""
+    wanted = np.asarray(weights, dtype=np.float64) * total
+    counts = np.floor(wanted + 1e-9).astype(np.int64)
+    short = total - int(counts.sum())
+    if short > 0:
+        order = np.argsort(-(wanted - counts), kind="stable")
+        counts[order[:short]] += 1
+    return counts
 
 
 def _epoch_permutations(count: int, needed: int, seed: int, domain: int) -> np.ndarray:
@@ -462,4 +484,5 @@ def collate_domain_packs(batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.
 
 __all__ = ["CROSS_ENTROPY_IGNORE_INDEX", "DomainBatchSampler", "DomainMixtureDataset",
            "PackedDomainCorpus", "build_packed_corpus", "collate_domain_packs",
-           "discover_domain_files", "domain_mixture_dataset", "normalize_weights"]
+           "discover_domain_files", "domain_mixture_dataset", "exact_domain_counts",
+           "normalize_weights"]
