@@ -33,7 +33,7 @@ from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
 from acadlm_plugins.qurating.criteria import load_criteria
 from acadlm_plugins.qurating.judges import Judge, LocalJudge, OpenAIJudge
-from acadlm_plugins.qurating.judging import format_summary, judge_pairs
+from acadlm_plugins.qurating.judging import check_min_answer_mass, format_summary, judge_pairs
 from acadlm_plugins.qurating.metrics import check_metric_logger, optional_metric_logger
 from acadlm_plugins.qurating.pairs import (
     PAIRS_CONFIG_KEYS,
@@ -52,7 +52,7 @@ log = utils.get_logger("INFO")
 KNOWN_KEYS = {"output_dir", "criteria", "pairs", "judge", "batch_pairs", "progress",
               "metric_logger"}
 PAIRS_KEYS = PAIRS_CONFIG_KEYS
-JUDGE_KEYS = {"kind", "local", "openai"}
+JUDGE_KEYS = {"kind", "local", "openai", "min_answer_mass"}
 LOCAL_KEYS = {"model_dir", "device", "dtype", "batch_size", "chat_template"}
 OPENAI_KEYS = {"url", "model", "endpoint", "api_key_env", "timeout_s", "max_retries",
                "backoff_s", "max_backoff_s", "requests_per_second", "concurrency",
@@ -91,7 +91,14 @@ def check_config(cfg: DictConfig) -> None:
         sampling_settings(OmegaConf.to_container(cfg.pairs, resolve=True))
     config_value(cfg.get("batch_pairs", 4), "batch_pairs", int, minimum=1)
     config_value(cfg.get("progress", True), "progress", bool)
+    min_answer_mass(cfg)
     check_metric_logger(cfg)
+
+
+def min_answer_mass(cfg: DictConfig) -> float:
+    """``judge.min_answer_mass`` (default 0: every A/B answer counts), checked."""
+    return check_min_answer_mass(float(config_value(
+        cfg.judge.get("min_answer_mass", 0.0), "judge.min_answer_mass", float)))
 
 
 def build_judge(cfg: DictConfig) -> Judge:
@@ -150,6 +157,7 @@ def run_judging(cfg: DictConfig) -> dict[str, Any]:
             pairs, criteria, judge, output,
             batch_pairs=config_value(cfg.get("batch_pairs", 4), "batch_pairs", int, minimum=1),
             progress=config_value(cfg.get("progress", True), "progress", bool),
+            min_answer_mass=min_answer_mass(cfg),
             on_batch=None if metric_logger is None else (
                 lambda metrics, step: metric_logger.log_dict(metrics, step=step)))
     finally:

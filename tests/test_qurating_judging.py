@@ -532,6 +532,35 @@ def test_answers_that_are_not_a_or_b_reject_the_pair_with_a_count(serve, tmp_pat
     assert "not a letter A or B" in rejected[0]["problem"]
 
 
+def test_answers_with_little_mass_on_a_and_b_are_rejected_below_min_answer_mass(
+        serve, tmp_path, test_criterion) -> None:
+    """QuRating keeps an order only when most of its sampled answers are A or B; with
+    ``min_answer_mass: 0.5`` an answer whose p(A) + p(B) is 0.3 is rejected the same way (a
+    confident-looking 0.67 among the two letters included), and by default it counts."""
+    def respond(request: dict[str, Any], number: int) -> Reply:
+        if "ODD" in "".join(shown_texts(request)):
+            return 200, chat_reply({"A": 0.1, "B": 0.2, "The": 0.7}), {}, 0.0
+        return quality_judge()(request, number)
+
+    texts = SIX_PAIRS[:3] + [("ODD text", "plain")]
+    kept = judge_pairs(make_pairs(texts), test_criterion, http_judge(serve(respond)),
+                       tmp_path / "all" / "judgments.jsonl")
+    assert kept["pairs_in_file"] == 4 and kept["pairs_rejected"] == 0
+    output = tmp_path / "floor" / "judgments.jsonl"
+    summary = judge_pairs(make_pairs(texts), test_criterion, http_judge(serve(respond)),
+                          output, min_answer_mass=0.5)
+    assert [row["pair_id"] for row in read_jsonl_resumable(output)] == [
+        "pair00", "pair01", "pair02"]
+    rejected = read_jsonl_resumable(OutputFiles.for_judgments(output).rejected)
+    assert [(r["pair_id"], r["order"]) for r in rejected] == [("pair03", "ab"), ("pair03", "ba")]
+    assert "p(A) + p(B) = 0.300 is below judge.min_answer_mass 0.5" in rejected[0]["problem"]
+    assert summary["pairs_rejected"] == 1 and summary["pairs_in_file"] == 3
+    assert summary["mean_answer_mass"] == kept["mean_answer_mass"]  # still every answer's
+    with pytest.raises(ConfigError, match="judge.min_answer_mass"):
+        judge_pairs(make_pairs(texts), test_criterion, http_judge(serve(respond)),
+                    tmp_path / "bad" / "judgments.jsonl", min_answer_mass=1.0)
+
+
 def test_rate_limiter_spaces_requests() -> None:
     now = [100.0]
     slept: list[float] = []
@@ -623,6 +652,8 @@ def test_recipe_config_checks_name_keys_with_suggestions(tmp_path, tiny_corpus,
     ("pairs.same_domain", "maybe", "is 'maybe', not true or false"),
     ("batch_pairs", "two", "is 'two', not an integer"),
     ("progress", "maybe", "is 'maybe', not true or false"),
+    ("judge.min_answer_mass", "half", "is 'half', not a number"),
+    ("judge.min_answer_mass", 1.0, "is 1.0, outside [0, 1)"),
     ("metric_logger", {"log_dir": "x"}, "is missing"),
 ])
 def test_a_value_of_the_wrong_type_is_named_before_the_judge_is_loaded(

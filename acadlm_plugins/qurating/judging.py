@@ -50,7 +50,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,25 @@ def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
+def check_min_answer_mass(value: float) -> float:
+    """``value`` if it is a usable ``judge.min_answer_mass`` (in [0, 1)), else a ConfigError."""
+    if not 0.0 <= value < 1.0:
+        raise ConfigError("judge.min_answer_mass", f"is {value!r}, outside [0, 1).",
+                          "use 0 to keep every A/B answer, 0.5 for QuRating's rule.")
+    return value
+
+
+def _with_answer_mass_floor(judgment: Judgment, floor: float) -> Judgment:
+    """``judgment`` rejected (``p_b`` None, with the reason) when its answer mass is known and
+    below ``floor``: a judge that mostly answers something else than A or B."""
+    mass = judgment.answer_mass
+    if judgment.p_b is None or mass is None or mass >= floor:
+        return judgment
+    return replace(judgment, p_b=None, problem=(
+        f"p(A) + p(B) = {mass:.3f} is below judge.min_answer_mass {floor:g} (p(B) among the "
+        f"two: {judgment.p_b:.3f})"))
+
+
 def _check_existing(files: OutputFiles, rows: list[dict[str, Any]],
                     rejected: list[dict[str, Any]], criteria: Sequence[Criterion],
                     pairs: Sequence[Pair]) -> set[str]:
@@ -167,9 +186,14 @@ ThroughputCallback = Callable[[dict[str, float], int], None]
 
 def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Judge,
                 output: str | Path, *, batch_pairs: int = 4, progress: bool = True,
-                on_batch: ThroughputCallback | None = None) -> dict[str, Any]:
+                on_batch: ThroughputCallback | None = None,
+                min_answer_mass: float = 0.0) -> dict[str, Any]:
     """Judge ``pairs`` on ``criteria`` in both orders into ``output`` (resuming it), write the
     rejected and summary files next to it, and return the summary.
+
+    An answer whose p(A) + p(B) is below ``min_answer_mass`` is rejected like one that is
+    neither letter (QuRating keeps an order only when most of its sampled answers are A or B,
+    i.e. ``min_answer_mass: 0.5``); its criterion is then missing for that pair.
 
     ``on_batch(metrics, pairs_done)``, when given, is called after every written batch with
     this run's throughput so far (``prompts_per_second``, ``pairs_per_second``) and
@@ -177,6 +201,7 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
     if batch_pairs < 1:
         raise ConfigError("batch_pairs", f"{batch_pairs!r} is not a positive integer.",
                           "use e.g. 4.")
+    check_min_answer_mass(min_answer_mass)
     files = OutputFiles.for_judgments(output)
     files.judgments.parent.mkdir(parents=True, exist_ok=True)
     done = _check_existing(files, read_jsonl_resumable(files.judgments),
@@ -206,6 +231,8 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
                 found: list[tuple[str, float, float]] = []
                 for criterion in criteria:
                     both: tuple[Judgment, Judgment] = (next(answers), next(answers))
+                    both = (_with_answer_mass_floor(both[0], min_answer_mass),
+                            _with_answer_mass_floor(both[1], min_answer_mass))
                     for order, judgment in zip(ORDERS, both, strict=True):
                         letter_only += judgment.letter_only
                         if judgment.answer_mass is not None:
