@@ -11,8 +11,9 @@ same run:
   ``padded_collate_packed`` builds when flex attention is unavailable, e.g. on CPU).
 * (c) ``doc loop``: each document's causal attention on its own, outputs concatenated. The
   exact result by construction, the reference (b) is checked against.
-* (d) ``flex``: ``flex_attention`` with a document ``BlockMask`` (only where CUDA is
-  available; torchtune's flex path needs it).
+* (d) ``flex``: ``flex_attention`` with a document ``BlockMask`` built as our collate builds
+  it (``document_masks.document_block_mask``; only where CUDA is available, as torchtune's
+  flex path needs it).
 
 Each method runs in a fresh process so its peak memory is its own: on CPU the growth of peak
 RSS (``VmHWM``, reset before the measurement) over the inputs, on CUDA
@@ -100,16 +101,11 @@ def _attention(method: str, lengths: list[int], device: torch.device):
                                                              v[:, :, s:e], is_causal=True)
                               for s, e in itertools.pairwise(bounds)], dim=2)
         return loop
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-    document = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                       torch.tensor(lengths, device=device))
+    from acadlm_plugins.data.document_masks import document_block_mask
 
-    def same_document_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (document[q_idx] == document[kv_idx])
-
-    block_mask = create_block_mask(same_document_causal, None, None, len(document),
-                                   len(document), device=device)
+    block_mask = document_block_mask([torch.tensor(lengths)], device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 

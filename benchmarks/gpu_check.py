@@ -323,7 +323,8 @@ def random_packed_batch(context: Context, batch_size: int, seq_len: int, vocab: 
                         seed: int, positions: str = "reset") -> dict[str, Any]:
     """``batch_size`` packs of random-token documents (lengths as in
     benchmarks/document_masking.py), packed and collated by our data pipeline, so the mask is
-    what torchtune builds for the device: a FlexAttention ``BlockMask`` where it can."""
+    what our recipes build for the device: a FlexAttention ``BlockMask`` where torchtune uses
+    flex attention (from the document boundaries, data/document_masks.py), else SDPA's."""
     import torch
     from document_masking import document_lengths
 

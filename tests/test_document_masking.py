@@ -248,9 +248,7 @@ def test_validation_without_the_mask_builds_none_and_gives_the_masked_losses(mod
     """Per-document attention reads segment lengths, not a mask: its validation batches are
     collated without torchtune's mask (never built), and the per-domain losses are those of
     the explicit-mask path."""
-    import torchtune.data._collate as torchtune_collate
-    from torchtune.modules import attention_utils
-
+    from acadlm_plugins.data import document_masks
     from acadlm_plugins.data.mixture import PackedDomainCorpus
     from acadlm_plugins.training.document_attention import DocumentAttention
     from acadlm_plugins.training.validation import evaluate_domain_losses
@@ -268,14 +266,13 @@ def test_validation_without_the_mask_builds_none_and_gives_the_masked_losses(mod
         masked = evaluate_domain_losses(model, corpus, batch_size=2,
                                         device=torch.device("cpu"))
     built = []
-    original = attention_utils.packed_block_causal_mask
+    original = document_masks.document_causal_mask
 
     def counted(*args, **kwargs):
         built.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(attention_utils, "packed_block_causal_mask", counted)
-    monkeypatch.setattr(torchtune_collate, "packed_block_causal_mask", counted)
+    monkeypatch.setattr(document_masks, "document_causal_mask", counted)
     per_document = DocumentAttention(model)
 
     def losses(net: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +288,7 @@ def test_validation_without_the_mask_builds_none_and_gives_the_masked_losses(mod
                                               block_mask=False)
     finally:
         per_document.remove()
-    assert built == [], "a validation batch built torchtune's document mask"
+    assert built == [], "a validation batch built the document mask"
     assert unmasked == pytest.approx(masked, rel=1e-5)
     with torch_threads():
         evaluate_domain_losses(model, corpus, batch_size=2, device=torch.device("cpu"))

@@ -337,14 +337,13 @@ def test_a_stage_without_document_masking_trains_across_documents(stage1, tiny_d
 
 def test_validation_batches_carry_no_dense_mask_unless_the_model_reads_one(tiny_data,
                                                                            tmp_path) -> None:
-    """A per-document stage (attention auto on CPU) never builds torchtune's document mask,
+    """A per-document stage (attention auto on CPU) never builds the document mask,
     neither for training nor for validation, and validates as the explicit-mask stage does,
     which builds it."""
-    import torchtune.data._collate as torchtune_collate
-    from torchtune.modules import attention_utils
+    from acadlm_plugins.data import document_masks
 
     built: list[str] = []
-    original = attention_utils.packed_block_causal_mask
+    original = document_masks.document_causal_mask
 
     def counted(*args, **kwargs):
         built.append("mask")
@@ -352,8 +351,7 @@ def test_validation_batches_carry_no_dense_mask_unless_the_model_reads_one(tiny_
 
     summaries = {}
     with pytest.MonkeyPatch.context() as monkeypatch, torch_threads():
-        monkeypatch.setattr(attention_utils, "packed_block_causal_mask", counted)
-        monkeypatch.setattr(torchtune_collate, "packed_block_causal_mask", counted)
+        monkeypatch.setattr(document_masks, "document_causal_mask", counted)
         for attention in ("auto", "mask"):
             built.clear()
             out = run_recipe_main(monkeypatch, MODULE, stage_args(

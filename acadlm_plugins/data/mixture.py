@@ -36,6 +36,7 @@ from acadlm_plugins.data.packing import (
     PackingMode,
     PositionMode,
     check_max_seq_len,
+    collate_packs,
     pack_documents,
 )
 from acadlm_plugins.data.tokenization import load_or_tokenize
@@ -469,17 +470,15 @@ class DomainBatchSampler:
 
 
 def collate_domain_packs(batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Collate packed samples as torchtune's ``padded_collate_packed`` does, keeping ``domain``
-    and the segment lengths (``seq_lens``)."""
-    from torchtune.data import padded_collate_packed
-
-    collated = padded_collate_packed(list(batch))
-    collated["domain"] = torch.tensor([int(x["domain"]) for x in batch], dtype=torch.long)
-    # Segment lengths, zero-padded to [b, most segments]: for attention that masks documents
-    # by itself (acadlm_plugins.training.document_attention) instead of through `mask`.
-    collated["seq_lens"] = torch.nn.utils.rnn.pad_sequence(
-        [torch.as_tensor(x["seq_lens"], dtype=torch.long) for x in batch], batch_first=True)
-    return collated
+    """Collate packed samples as torchtune's ``padded_collate_packed`` does (``tokens``,
+    ``labels``, ``input_pos``, the document ``mask``), keeping ``domain`` and the segment
+    lengths (``seq_lens``, zero-padded to ``[b, most segments]``, for attention that masks
+    documents by itself). The mask is built without torchtune's dense S x S step where it uses
+    FlexAttention (:mod:`~acadlm_plugins.data.document_masks`)."""
+    missing = [i for i, sample in enumerate(batch) if "domain" not in sample]
+    if missing:
+        raise ValueError(f"samples {missing} carry no `domain`; collate_packs batches those")
+    return collate_packs(batch, block_mask=True)
 
 
 __all__ = ["CROSS_ENTROPY_IGNORE_INDEX", "DomainBatchSampler", "DomainMixtureDataset",

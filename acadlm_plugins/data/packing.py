@@ -164,10 +164,11 @@ def collate_packs(samples: Sequence[Mapping[str, Any]], *,
     """Batch packed samples: ``tokens``, ``labels``, ``input_pos`` (``[b, S]``), ``seq_lens``
     (``[b, most segments]``, zero-padded) and ``domain`` when the samples carry one.
 
-    With ``block_mask`` the batch also gets ``mask``, torchtune's block-causal document mask
-    (``packed_block_causal_mask``: a FlexAttention ``BlockMask`` where torchtune uses flex
-    attention, else a dense ``[b, S, S]`` boolean); the batch then equals
-    ``mixture.collate_domain_packs``. Without it the batch is O(S) per pack, for attention that
+    With ``block_mask`` the batch also gets ``mask``, the block-causal document mask
+    torchtune's ``packed_block_causal_mask`` describes (a FlexAttention ``BlockMask`` where
+    torchtune uses flex attention, built without its dense S x S step, see
+    :mod:`~acadlm_plugins.data.document_masks`; else a dense ``[b, S, S]`` boolean); the batch
+    is what ``mixture.collate_domain_packs`` returns. Without it the batch is O(S) per pack, for attention that
     needs no mask (per-document attention, or plain causal attention over the pack).
     """
     if not samples:
@@ -179,9 +180,9 @@ def collate_packs(samples: Sequence[Mapping[str, Any]], *,
     if all("domain" in s for s in samples):
         batch["domain"] = torch.tensor([int(s["domain"]) for s in samples], dtype=torch.long)
     if block_mask:
-        from torchtune.modules.attention_utils import packed_block_causal_mask
+        from acadlm_plugins.data.document_masks import document_causal_mask
 
-        batch["mask"] = packed_block_causal_mask(seq_lens=seq_lens)
+        batch["mask"] = document_causal_mask(seq_lens)
     return batch
 
 

@@ -39,8 +39,8 @@ carries gradients between ranks). The full gradient is their **sum** over the gr
 Limits: training only (no KV cache). Key and value heads are exchanged before torchtune's
 grouped-query expansion, so ``degree`` must divide ``num_kv_heads`` too. A bool mask is a full
 ``[b, S, S]`` tensor on every rank; at lengths where that hurts, pass a flex-attention
-``BlockMask`` (what torchtune builds on CUDA), which the wrapper hands unchanged to torchtune's
-attention call. An attention call already replaced by per-document attention
+``BlockMask`` (what :func:`document_mask` builds on CUDA, from the document boundaries in
+O((S / 128)^2) memory), which the wrapper hands unchanged to torchtune's attention call. An attention call already replaced by per-document attention
 (training/document_attention.py) is wrapped the same way, and then no mask is needed at all.
 Tested on CPU with gloo: the SDPA bool-mask and per-document paths; the flex path has not been
 run on a GPU.
@@ -271,10 +271,11 @@ def enable_ulysses(model: nn.Module,
 
 def document_mask(seq_lens: Sequence[torch.Tensor]) -> Any:
     """Block-causal mask of packed documents over the full sequence: a flex-attention
-    ``BlockMask`` where torchtune uses flex attention (CUDA), else a bool ``[b, S, S]``."""
-    from torchtune.modules.attention_utils import packed_block_causal_mask
+    ``BlockMask`` where torchtune uses flex attention (CUDA; built without a dense S x S
+    step), else a bool ``[b, S, S]``."""
+    from acadlm_plugins.data.document_masks import document_causal_mask
 
-    return packed_block_causal_mask(seq_lens=list(seq_lens))
+    return document_causal_mask(seq_lens)
 
 
 # --------------------------------------------------------------------------- batch and loss
