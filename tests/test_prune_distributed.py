@@ -67,6 +67,32 @@ class RankProbe:
                    self.output_dir / f"rank{rank}_pruning.pt")
 
 
+class OtherRankingOnRankOne:
+    """Test plugin: rank 1 ranks the units the other way round (every importance score
+    negated), as a rank whose calibration broke near-ties differently would, in the extreme.
+    The run must still use rank 0's importance initialization on every rank."""
+
+    @hookimpl
+    def acadlm_configure(self, cfg, recipe: str) -> None:
+        import dataclasses
+
+        import torch.distributed as dist
+
+        from acadlm_plugins.pruning import importance
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_rank() == 1):
+            return
+        original = importance.importance_scores
+
+        def reversed_ranking(*args, **kwargs):
+            scores = original(*args, **kwargs)
+            return dataclasses.replace(scores, **{
+                name: -getattr(scores, name)
+                for name in ("layer", "kv_head", "head", "hidden", "intermediate")})
+
+        importance.importance_scores = reversed_ranking
+
+
 def run_prune(tmp_path: Path, output_dir: Path, *overrides: str, nproc: int = 1) -> dict:
     """Run the prune recipe through the ``tune`` CLI in a subprocess; return its summary.json."""
     args = [a for a in tiny_run_args(tmp_path) if not a.startswith("validation_dataset.")]
@@ -99,9 +125,15 @@ def assert_close_tensors(got: dict, want: dict, what: str) -> None:
 
 
 def test_two_ranks_learn_the_masks_of_one_process_with_the_same_global_batch(tmp_path):
+    """With importance-initialized masks, and rank 1 ranking the units differently: rank 0's
+    initialization is broadcast, so both ranks train the one-process masks."""
     two_dir, one_dir = tmp_path / "two_ranks", tmp_path / "one_process"
-    two = run_prune(tmp_path, two_dir, f"batch_size={PER_RANK_BATCH}", nproc=RANKS)
-    one = run_prune(tmp_path, one_dir, f"batch_size={PER_RANK_BATCH * RANKS}")
+    importance_init = ("pruning.mask_init=importance", "pruning.mask_init_gap=1.0",
+                       "pruning.calibration.num_sequences=8", "pruning.calibration.batch_size=4")
+    two = run_prune(tmp_path, two_dir, f"batch_size={PER_RANK_BATCH}", *importance_init,
+                    f"plugins=[{PROBE},test_prune_distributed:OtherRankingOnRankOne]",
+                    nproc=RANKS)
+    one = run_prune(tmp_path, one_dir, f"batch_size={PER_RANK_BATCH * RANKS}", *importance_init)
 
     # Both ranks hold the very same gates and saw the very same pruning metrics every step.
     rank0, rank1 = (torch.load(two_dir / f"rank{r}_pruning.pt") for r in range(RANKS))

@@ -220,6 +220,11 @@ class PruningPlugin:
                     scores, self.masks, spread=self.mask_init_spread,
                     gap=self.mask_init_gap).items():
                 self.masks.gates[name].log_alpha.copy_(values)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # Every rank ranks the same calibration packs, but a near-tie broken
+                # differently on one rank would give it other gates for the whole run.
+                for gate in self.masks.gates.values():
+                    dist.broadcast(gate.log_alpha.data, src=0)
         self.masks.invalidate()
         self.initial_choice = self.masks.kept_sets()
         log.info("mask log_alpha initialized from importance scores over %d sequences",
