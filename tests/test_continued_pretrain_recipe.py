@@ -163,6 +163,32 @@ def test_a_rerun_with_no_step_left_reports_the_training_wall_time(tmp_path, monk
     assert rerun["wall_seconds"] >= state["history"]["wall_seconds"] > 0
 
 
+@pytest.mark.parametrize("schedule", [
+    [],
+    ["lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+     "lr_scheduler.num_warmup_steps=1"],
+], ids=["constant", "cosine"])
+def test_a_run_resumed_with_a_lower_lr_trains_at_the_lower_lr(tmp_path, monkeypatch, schedule):
+    """After a NaN the error says to lower `optimizer.lr` and resume; loading the checkpoint
+    used to put its own rate back, so the resumed run repeated the old one. The schedule goes
+    on at its step, on the new peak."""
+    args = tiny_run_args(tmp_path, *schedule)
+    run_recipe(monkeypatch, [*args, "max_steps=3"])
+    run_recipe(monkeypatch, [*args, "max_steps=6", "optimizer.lr=1.0e-5"])
+    rates = {step: values["lr"] for step, values in step_values(tmp_path / "run", "lr").items()}
+    if not schedule:
+        assert [rates[step] for step in (1, 2, 3)] == pytest.approx([3e-3] * 3)
+        assert [rates[step] for step in (4, 5, 6)] == pytest.approx([1e-5] * 3)
+        return
+    # the same steps of a run at the new peak from the start: the schedule did not restart
+    straight = tiny_run_args(tmp_path / "straight", *schedule)
+    run_recipe(monkeypatch, [*straight, "max_steps=6", "optimizer.lr=1.0e-5"])
+    wanted = step_values(tmp_path / "straight" / "run", "lr")
+    assert [rates[step] for step in (4, 5, 6)] == pytest.approx(
+        [wanted[step]["lr"] for step in (4, 5, 6)], rel=1e-6)
+    assert rates[4] < 1e-5 and rates[1] != wanted[1]["lr"]
+
+
 def step_values(output_dir: Path, *names: str) -> dict[int, dict[str, float]]:
     """The named metrics per step from the DiskLogger files (a later line wins)."""
     out: dict[int, dict[str, float]] = {}

@@ -84,7 +84,14 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
     """Load what :func:`~acadlm_plugins.training.checkpointing.recipe_state` saved: optimizer
     (resharded under FSDP), scheduler, data position, then ``extra[key](state[key])`` for each
     extra entry (e.g. plugin state) and last the RNG, so that nothing restored after it can
-    draw from it."""
+    draw from it.
+
+    The optimizer's hyperparameters stay the config's (:func:`keep_configured_hyperparameters`):
+    loading a state dict would otherwise put back the saved learning rate, weight decay and
+    betas, and a run resumed with a lower ``optimizer.lr`` after a NaN would repeat the old one.
+    """
+    configured = [{key: value for key, value in group.items() if key != "params"}
+                  for group in optimizer.param_groups]
     if distributed:
         training.load_from_full_optimizer_state_dict(model, optimizer, state["optimizer"], device)
     else:
@@ -99,10 +106,57 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
                                       "optimizer's form", converted)
     if lr_scheduler is not None and state.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+    keep_configured_hyperparameters(optimizer, lr_scheduler, configured)
     sampler.load_state_dict(state["sampler"])
     for key, restore in (extra or {}).items():
         restore(state[key])
     restore_rng_state(state["rng"])
+
+
+def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer,
+                                    lr_scheduler: LRScheduler | None,
+                                    configured: list[dict[str, Any]]) -> None:
+    """Put the config's hyperparameters (``configured``: the freshly built optimizer's param
+    groups, read before a checkpoint was loaded into it) back after the load, logging each one
+    that differs from the checkpoint's. The peak learning rate is the scheduler's base; the
+    current one is recomputed at the restored step. Unchanged values leave the resumed run
+    exactly as the uninterrupted one."""
+    log = utils.get_logger("INFO")
+    groups = optimizer.param_groups
+    if len(groups) != len(configured):
+        return  # another grouping than the config builds: nothing to compare
+    changed_lr = False
+    for index, (group, fresh) in enumerate(zip(groups, configured, strict=True)):
+        peak_key = "initial_lr" if "initial_lr" in fresh else "lr"
+        for key, value in fresh.items():
+            if key == "lr" and peak_key == "initial_lr":
+                continue  # the current rate follows from the peak and the step
+            if key not in group or _same_setting(group[key], value):
+                continue
+            name = "lr" if key == peak_key else key
+            log.info("optimizer.%s%s: the config's %s replaces the checkpoint's %s", name,
+                     f" (param group {index})" if len(groups) > 1 else "", value, group[key])
+            group[key] = value
+            changed_lr |= key == peak_key
+    if not changed_lr or lr_scheduler is None:
+        return
+    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+        log.warning("the resumed learning rate stays the checkpoint's schedule: %s cannot be "
+                    "re-based", type(lr_scheduler).__name__)
+        return
+    lr_scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    rates = [base * schedule(lr_scheduler.last_epoch)
+             for base, schedule in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(groups, rates, strict=True):
+        group["lr"] = rate
+    lr_scheduler._last_lr = rates
+
+
+def _same_setting(saved: Any, configured: Any) -> bool:
+    """Equal as hyperparameters: betas saved as a list equal the config's tuple."""
+    if isinstance(saved, (list, tuple)) and isinstance(configured, (list, tuple)):
+        return list(saved) == list(configured)
+    return bool(saved == configured)
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
