@@ -91,3 +91,26 @@ def test_cpu_offload_inner_torchao_optimizers_keep_a_tensor_lr() -> None:
                               param_groups=[g for o in inner.values() for g in o.param_groups])
     assert match_loaded_groups(offload) == 2
     assert all(isinstance(g["lr"], torch.Tensor) for g in offload.param_groups)
+
+
+def test_cpu_offload_resume_converts_its_inner_optimizers_moments() -> None:
+    """``CPUOffloadOptimizer`` has no ``state`` of its own (it never calls
+    ``Optimizer.__init__``): resuming it crashed on ``optimizer.state``. Float32 moments loaded
+    into its inner AdamW8bit optimizers get their low-bit form back."""
+    from types import SimpleNamespace
+
+    from torchao.optim import AdamW8bit
+
+    from acadlm_plugins.training.optimizers import match_loaded_states
+
+    params = _params()
+    inner = {p: AdamW8bit([p], lr=1e-3) for p in params}
+    for param, part in inner.items():  # float moments, as a torch AdamW checkpoint leaves them
+        part.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(param),
+                             "exp_avg_sq": torch.zeros_like(param)}
+    offload = SimpleNamespace(optim_dict=inner, d_opt=None,
+                              param_groups=[g for o in inner.values() for g in o.param_groups])
+    converted = match_loaded_states(offload)
+    low_bit = [part.state[p]["exp_avg"] for p, part in inner.items()
+               if type(part.state[p]["exp_avg"]) is not torch.Tensor]
+    assert converted == 2 * len(low_bit) > 0

@@ -232,6 +232,22 @@ def test_optimizers_that_cannot_work_here_are_refused_naming_the_field() -> None
         check_optimizer(cfg, [{"params": big}], device=torch.device("cpu"), distributed=False)
     assert raised.value.key == "optimizer._component_"
 
+    # On a GPU: gradients copied to the host during backward are never clipped, and with
+    # offloaded gradients only the last micro-batch's would be applied.
+    offload = {"_component_": "torchao.optim.CPUOffloadOptimizer"}
+    cuda = torch.device("cuda")
+    for settings, key in (({"clip_grad_norm": 1.0}, "clip_grad_norm"),
+                          ({"gradient_accumulation_steps": 2, "optimizer": {
+                              **offload, "offload_gradients": True}},
+                           "optimizer.offload_gradients")):
+        bad = OmegaConf.create({"optimizer": offload, "clip_grad_norm": None, **settings})
+        with pytest.raises(ConfigError) as raised:
+            check_optimizer(bad, [{"params": big}], device=cuda, distributed=False)
+        assert raised.value.key == key
+    fine = OmegaConf.create({"optimizer": {**offload, "offload_gradients": True},
+                             "clip_grad_norm": None, "gradient_accumulation_steps": 1})
+    check_optimizer(fine, [{"params": big}], device=cuda, distributed=False)
+
     cfg = OmegaConf.create({"optimizer": {"_component_": LOW_BIT}})
     small = [torch.nn.Parameter(torch.zeros(64)), torch.nn.Parameter(torch.zeros(10, 10))]
     with pytest.raises(ConfigError, match="saves nothing"):

@@ -88,6 +88,7 @@ def check_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
             raise ConfigError(FIELD, f"{component} supports single-device training only.",
                               "with several GPUs use torchao.optim.AdamW8bit/AdamW4bit, whose "
                               "states FSDP2 shards.")
+        _check_cpu_offload_step(cfg, component)
         return
     block = LOW_BIT.get(name)
     if block is None:
@@ -110,6 +111,27 @@ def check_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
                           f"states: torchao quantizes only tensors of >= {MIN_QUANTIZED_NUMEL} "
                           f"values that are a multiple of {block}, and keeps the rest in "
                           "float32, so this saves nothing.", "use torch.optim.AdamW.")
+
+
+def _check_cpu_offload_step(cfg: DictConfig, component: str) -> None:
+    """What ``CPUOffloadOptimizer`` cannot do in our loop: it copies each gradient to the host
+    during backward and steps on that copy, so clipping the device gradients afterwards
+    changes nothing it applies; and with ``offload_gradients`` it drops each micro-batch's
+    device gradient after the copy, so the host keeps only the last micro-batch's."""
+    if cfg.get("clip_grad_norm", None) is not None:
+        raise ConfigError("clip_grad_norm", f"is {cfg.clip_grad_norm}, but {component} steps on "
+                          "host copies of the gradients made during backward, before the recipe "
+                          "clips: the clipping would not apply to any parameter it offloads.",
+                          "set `clip_grad_norm: null`, or use torchao.optim.AdamW8bit/"
+                          "AdamW4bit to shrink the states instead.")
+    accumulation = int(cfg.get("gradient_accumulation_steps", 1) or 1)
+    if accumulation > 1 and bool(cfg.optimizer.get("offload_gradients", False)):
+        raise ConfigError("optimizer.offload_gradients", f"is true with "
+                          f"gradient_accumulation_steps {accumulation}: {component} then frees "
+                          "each micro-batch's gradient after copying it, so only the last "
+                          "micro-batch's would be applied.",
+                          "set `optimizer.offload_gradients: false`, or "
+                          "`gradient_accumulation_steps: 1`.")
 
 
 def build_optimizer(cfg: DictConfig, groups: list[Any], *, device: torch.device,
@@ -285,7 +307,9 @@ def match_loaded_states(optimizer: torch.optim.Optimizer) -> int:
     :func:`dequantize_states` and :func:`requantize_states`, so every group value and moment
     has the form this optimizer updates. Returns how many moments changed form."""
     match_loaded_groups(optimizer)
-    return dequantize_states(optimizer) + requantize_states(optimizer)
+    # CPUOffloadOptimizer keeps no `state` of its own: its per-parameter optimizers hold it
+    return sum(dequantize_states(part) + requantize_states(part)
+               for part in _inner_optimizers(optimizer))
 
 
 def float_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
