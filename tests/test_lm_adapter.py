@@ -151,8 +151,17 @@ def test_tokenizer_ids_from_generation_config_when_tokenizer_config_lacks_them(m
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": [2, 0]}))
     lm = AcadLM(pretrained=str(model_dir), tokenizer=str(folder / "tokenizer.json"))
-    assert (lm.prefix_token_id, lm.eot_token_id, lm.tokenizer.stop_ids) == (1, 2, {0, 2})
+    assert (lm.tokenizer.bos_id, lm.eot_token_id, lm.tokenizer.stop_ids) == (1, 2, {0, 2})
     assert lm.chat_template(True) == config["chat_template"]  # still read from the config
+    # An empty context is conditioned on what lm-eval's `hf` uses: transformers' BOS, else its
+    # EOS (Qwen2/2.5: no BOS named; generation_config's bos is not it).
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    assert hf_tok.bos_token_id is None
+    assert lm.prefix_token_id == hf_tok.eos_token_id == 2
+    assert AcadLM(pretrained=str(model_dir)).prefix_token_id == AutoTokenizer.from_pretrained(
+        str(model_dir)).bos_token_id
 
 
 # ---------------------------------------------------------------------------------- scoring
@@ -606,6 +615,25 @@ def test_generation_is_capped_at_the_room_left(model_dir, monkeypatch):
                              disable_tqdm=True)[0]
     assert seen == [[32 - length]] and 0 < 32 - length < 100
     assert text == lm.tok_decode(lm._generate([lm.tok_encode(prompt)], [32 - length])[0])
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_a_finished_row_beside_a_longer_one_never_runs_past_the_models_length(
+        model_dir, kv_cache):
+    """A long prompt with a short budget and a short prompt with a long one each fit the
+    model's 32 tokens; batched, the finished long row is fed on while the short one generates,
+    and its positions used to run past the RoPE table (IndexError at batch size 2)."""
+    alone = AcadLM(pretrained=str(model_dir), max_length=32, batch_size=1, kv_cache=kv_cache)
+    long_prompt = "the dog and the cat were in the house"  # 18 tokens: 14 left
+    length = len(alone.tok_encode(long_prompt))
+    requests = _instances("generate_until", [
+        (long_prompt, {"until": [], "max_gen_toks": 32 - length}),
+        ("1 2", {"until": [], "max_gen_toks": 24})])
+    assert length > 32 - 24 - len(alone.tok_encode("1 2"))  # the two overrun together
+    expected = alone.generate_until(requests, disable_tqdm=True)
+    together = AcadLM(pretrained=str(model_dir), max_length=32, batch_size=2,
+                      kv_cache=kv_cache)
+    assert together.generate_until(requests, disable_tqdm=True) == expected
 
 
 # ---------------------------------------------------------------------------------- chat

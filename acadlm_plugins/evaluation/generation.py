@@ -243,6 +243,12 @@ def generate_tokens(model: TransformerDecoder, prompts: list[list[int]], rules: 
         tokens[row, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
         real[row, :width - len(prompt)] = False
     positions = get_position_ids_from_padding_mask(real)
+    # A row that fits alone (prompt + its cap <= the model's length) never gets past the last
+    # position; a finished row beside a longer-running one does, and is fed on regardless:
+    # without the clamp its position would index past the RoPE table.
+    limit = getattr(model, "max_seq_len", None)
+    if limit is not None:
+        positions.clamp_(max=int(limit) - 1)
     generated: list[list[int]] = [[] for _ in prompts]
     finished = [rule.cap <= 0 for rule in rules]
     with contextlib.ExitStack() as caching:

@@ -134,6 +134,13 @@ class AcadTokenizer:
         self.bos_id: int = int(self.base.bos_id)
         self.eos_id: int = int(self.base.eos_id)  # generation_config.json's list: its first
         self.bos_text = self.rust.id_to_token(self.bos_id)
+        # What lm-eval's `hf` conditions an empty context on: transformers' bos_token_id (the
+        # tokenizer_config's `bos_token`), else its eos_token_id. Qwen2/2.5 name no BOS, and
+        # their generation_config's bos (<|endoftext|>) is not what `hf` uses.
+        named_bos = self._token_id(self.config.get("bos_token"))
+        named_eos = self._token_id(self.config.get("eos_token"))
+        self.prefix_id: int = (named_bos if named_bos is not None
+                               else named_eos if named_eos is not None else self.eos_id)
         self.pad_id = self._token_id(self.config.get("pad_token"))
         if self.pad_id is None:
             pad = generation.get("pad_token_id")
@@ -479,8 +486,9 @@ class AcadLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        """What an empty context is conditioned on: BOS, as for ``hf``."""
-        return self.tokenizer.bos_id
+        """What an empty context is conditioned on, as for ``hf``: the tokenizer config's BOS,
+        or its EOS where it names no BOS (Qwen2/2.5)."""
+        return self.tokenizer.prefix_id
 
     @property
     def max_length(self) -> int:
