@@ -63,6 +63,23 @@ def test_a_truncated_recipe_state_names_the_file_and_the_older_checkpoint(tmp_pa
     assert load_resume_state(latest_checkpoint(tmp_path), OmegaConf.create({}), [])["step"] == 1
 
 
+def test_pruning_old_checkpoints_never_deletes_the_one_just_written(tmp_path):
+    """A kill between renaming step 6 into place and writing LATEST leaves LATEST at step 4; the
+    resumed run writes step 5 (below the stray step 6), which must survive keep_last=1."""
+    def write(folder: Path) -> None:
+        save_torch_atomically({"step": 0, "config": {}}, folder / RECIPE_STATE_FILENAME)
+
+    checkpointing.write_checkpoint(tmp_path, 4, write, keep_last=1)
+    fake_checkpoint(tmp_path, 6)  # renamed into place, LATEST not yet updated: then killed
+    assert latest_checkpoint(tmp_path).name == "step_000004"
+    written = checkpointing.write_checkpoint(tmp_path, 5, write, keep_last=1)
+    assert written.is_dir() and latest_checkpoint(tmp_path) == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000005"]
+    checkpointing.write_checkpoint(tmp_path, 6, write, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000005",
+                                                          "step_000006"]
+
+
 def test_a_corrupt_only_checkpoint_says_the_run_starts_over_once_deleted(tmp_path):
     only = fake_checkpoint(tmp_path, 3)
     (only / RECIPE_STATE_FILENAME).write_bytes(b"not a torch file")

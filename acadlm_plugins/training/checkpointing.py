@@ -63,7 +63,7 @@ def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], 
         shutil.rmtree(final)
     os.replace(partial, final)
     _write_text_atomically(output_dir / LATEST_FILENAME, final.name)
-    _prune(output_dir, keep_last)
+    _prune(output_dir, keep_last, written=final)
     return final
 
 
@@ -515,9 +515,14 @@ def _step_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _prune(output_dir: Path, keep_last: int) -> None:
+def _prune(output_dir: Path, keep_last: int, *, written: Path) -> None:
+    """Keep ``written`` (the checkpoint LATEST names) and the ``keep_last - 1`` newest other
+    complete ones. Ordering by step alone could delete ``written`` itself: a run killed just
+    after renaming a checkpoint into place, before LATEST named it, leaves a higher step behind
+    that a resumed run (from the lower LATEST) then writes below."""
     if keep_last < 1:
         return
-    complete = [p for p in _step_dirs(output_dir) if (p / RECIPE_STATE_FILENAME).is_file()]
-    for old in complete[:-keep_last]:
+    others = [p for p in _step_dirs(output_dir)
+              if p != written and (p / RECIPE_STATE_FILENAME).is_file()]
+    for old in others[:len(others) - (keep_last - 1)]:
         shutil.rmtree(old, ignore_errors=True)
