@@ -125,6 +125,7 @@ def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer,
     groups = optimizer.param_groups
     if len(groups) != len(configured):
         return  # another grouping than the config builds: nothing to compare
+    rebased = lr_scheduler is None or isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
     changed_lr = False
     for index, (group, fresh) in enumerate(zip(groups, configured, strict=True)):
         peak_key = "initial_lr" if "initial_lr" in fresh else "lr"
@@ -134,15 +135,16 @@ def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer,
             if key not in group or _same_setting(group[key], value):
                 continue
             name = "lr" if key == peak_key else key
+            if key == peak_key and not rebased:
+                log.warning("optimizer.lr: the config's %s is not used; the resumed run keeps "
+                            "the checkpoint's schedule (%s cannot be re-based)", value,
+                            type(lr_scheduler).__name__)
+                continue
             log.info("optimizer.%s%s: the config's %s replaces the checkpoint's %s", name,
                      f" (param group {index})" if len(groups) > 1 else "", value, group[key])
             group[key] = value
             changed_lr |= key == peak_key
     if not changed_lr or lr_scheduler is None:
-        return
-    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
-        log.warning("the resumed learning rate stays the checkpoint's schedule: %s cannot be "
-                    "re-based", type(lr_scheduler).__name__)
         return
     lr_scheduler.base_lrs = [group["initial_lr"] for group in groups]
     rates = [base * schedule(lr_scheduler.last_epoch)
