@@ -42,6 +42,8 @@ QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "model_quantized.pt"
 DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (32, 64, 128, 256)
+#: torchao's CPU int4 layout packs output rows in blocks of 16 (and refuses other widths).
+INT4_CPU_OUT_MULTIPLE = 16
 DEVICE_TYPES = ("cpu", "cuda")  # int4 packing: Int4CPULayout on CPU, tinygemm's on CUDA
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -91,23 +93,39 @@ def check_device(device: Any, *, field: str) -> torch.device:
     return parsed
 
 
-def linear_in_features(model: torch.nn.Module) -> dict[str, int]:
-    """The input width of every ``nn.Linear`` of ``model``, by name (activation-checkpoint
-    wrappers left out of the names): what an int4 group must divide."""
-    return {name.replace("._checkpoint_wrapped_module", ""): module.in_features
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``(input width, output width)`` of every ``nn.Linear`` of ``model``, by name
+    (activation-checkpoint wrappers left out of the names): what an int4 copy must fit."""
+    return {name.replace("._checkpoint_wrapped_module", ""): (module.in_features,
+                                                              module.out_features)
             for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def check_int4_fit(in_features: Mapping[str, int], group_size: int, *, field: str,
-                   model: str = "model") -> list[str]:
-    """The linear layers (of ``in_features``, name to input width) an int4 copy with
-    ``group_size`` leaves unquantized, as torchao does: those whose width the group size does
-    not divide. A ConfigError naming ``field`` when that is every layer, so that a recipe can
-    refuse before training rather than fail at the export after it."""
-    skipped = sorted(name for name, width in in_features.items() if width % group_size)
-    if in_features and len(skipped) == len(in_features):
-        widths = sorted(set(in_features.values()))
+def int4_skips(in_features: int, out_features: int, group_size: int, *,
+               cpu_layout: bool) -> bool:
+    """Whether an int4 copy leaves a linear layer of this shape unquantized: its input width is
+    not a multiple of ``group_size`` (torchao skips it), or, for a copy run on the CPU, its
+    output width is not a multiple of 16 (torchao's CPU int4 packing refuses it; we skip it)."""
+    return bool(in_features % group_size or (cpu_layout and out_features % INT4_CPU_OUT_MULTIPLE))
+
+
+def check_int4_fit(shapes: Mapping[str, tuple[int, int]], group_size: int, *, field: str,
+                   model: str = "model", cpu_layout: bool = True) -> list[str]:
+    """The linear layers (of ``shapes``, name to ``(in, out)`` widths) an int4 copy with
+    ``group_size`` leaves unquantized (:func:`int4_skips`). A ConfigError naming ``field`` when
+    that is every layer, so that a recipe can refuse before training rather than fail at the
+    export after it."""
+    skipped = sorted(name for name, (width, out) in shapes.items()
+                     if int4_skips(width, out, group_size, cpu_layout=cpu_layout))
+    if shapes and len(skipped) == len(shapes):
+        widths = sorted({width for width, _ in shapes.values()})
         fits = [size for size in GROUP_SIZES if any(w % size == 0 for w in widths)]
+        if group_size in fits:  # the group size fits; the CPU layout's output widths do not
+            raise ConfigError(field, f"fits, but no linear layer of the {model} has an output "
+                              f"width that is a multiple of {INT4_CPU_OUT_MULTIPLE}, which "
+                              "torchao's CPU int4 layout needs: the int4_weight_only copy "
+                              "would quantize nothing.", "use int8_weight_only, or quantize "
+                              "for a GPU (acadlm-quantize --device cuda).")
         fix = (f"use a group size that divides some of them ({fits})" if fits else
                "no int4 group size divides them")
         raise ConfigError(field, f"is {group_size}, but no linear layer of the {model} has an "
@@ -147,12 +165,20 @@ def quantize_decoder(model: torch.nn.Module, scheme: str, *, device: torch.devic
                      group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, Any]:
     """Quantize every ``nn.Linear`` weight of ``model`` in place; which were and which were not.
 
-    torchao leaves a weight as it is when its shape does not fit the scheme (int4 needs the
-    input width to be a multiple of ``group_size``); those are listed under ``skipped``.
+    A weight whose shape does not fit the scheme is left as it is (int4 needs the input width
+    to be a multiple of ``group_size``, and on the CPU the output width a multiple of 16, see
+    :func:`int4_skips`); those are listed under ``skipped``.
     """
     from torchao.quantization import quantize_
 
-    quantize_(model, torchao_config(scheme, device=device, group_size=group_size))
+    cpu_int4 = scheme == "int4_weight_only" and device.type == "cpu"
+
+    def fits(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and not (cpu_int4 and int4_skips(
+            module.in_features, module.out_features, group_size, cpu_layout=True))
+
+    quantize_(model, torchao_config(scheme, device=device, group_size=group_size),
+              filter_fn=fits)
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)}
     quantized = [name for name, module in linears.items() if _is_quantized(module.weight)]
@@ -357,5 +383,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["QUANTIZATION_FILE", "SCHEMES", "QuantizedExportCheckpointer", "check_device",
-           "check_int4_fit", "check_scheme", "is_quantized_copy", "linear_in_features",
+           "check_int4_fit", "check_scheme", "int4_skips", "is_quantized_copy", "linear_shapes",
            "load_quantized_decoder", "quantize_decoder", "write_quantized_copy"]

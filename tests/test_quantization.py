@@ -4,6 +4,7 @@ refused before any work, leaving them as they were."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -130,13 +131,40 @@ def test_cli_refuses_a_device_it_cannot_use_naming_it(outputs, no_work, capsys, 
 def test_int4_fit_lists_skipped_layers_and_refuses_when_none_fit() -> None:
     from acadlm_plugins.quantization import check_int4_fit
 
-    widths = {"layers.0.attn.q_proj": 64, "layers.0.mlp.w2": 128}
-    assert check_int4_fit(widths, 64, field="f") == []
-    assert check_int4_fit(widths, 128, field="f") == ["layers.0.attn.q_proj"]
+    shapes = {"layers.0.attn.q_proj": (64, 64), "layers.0.mlp.w2": (128, 64)}
+    assert check_int4_fit(shapes, 64, field="f") == []
+    assert check_int4_fit(shapes, 128, field="f") == ["layers.0.attn.q_proj"]
     with pytest.raises(ConfigError) as refused:
-        check_int4_fit(widths, 256, field="torchao.group_size")
+        check_int4_fit(shapes, 256, field="torchao.group_size")
     assert refused.value.key == "torchao.group_size"
     assert "[64, 128]" in str(refused.value) and "[32, 64, 128]" in str(refused.value)
+    # torchao's CPU int4 layout also needs output widths in multiples of 16
+    uneven = {"layers.0.mlp.w1": (64, 1000), "layers.0.mlp.w2": (1000, 64),
+              "layers.0.attn.q_proj": (64, 64)}
+    assert check_int4_fit(uneven, 32, field="f") == ["layers.0.mlp.w1", "layers.0.mlp.w2"]
+    assert check_int4_fit(uneven, 32, field="f", cpu_layout=False) == ["layers.0.mlp.w2"]
+    with pytest.raises(ConfigError, match="output width that is a multiple of 16"):
+        check_int4_fit({"x": (64, 1000)}, 32, field="torchao.group_size")
+
+
+def test_an_int4_cpu_copy_leaves_layers_of_uneven_output_width_unquantized(tmp_path) -> None:
+    """torchao's CPU int4 packing raised a bare RuntimeError (after training, at the export)
+    for an output width that is not a multiple of 16, e.g. a pruned MLP of 1000 channels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=1000,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    tiny = write_tiny_model_dir(tmp_path / "tiny")
+    model = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((tiny / name).read_bytes())
+    assert quantize_cli([str(model), "--scheme", "int4_weight_only"]) == 0
+    meta = json.loads((tmp_path / "model-int4_weight_only" / "quantization.json").read_text())
+    # w1/w3: 1000 outputs (CPU layout); w2: 1000 inputs (group size 32)
+    assert meta["skipped_linears"] == ["layers.0.mlp.w1", "layers.0.mlp.w2", "layers.0.mlp.w3"]
+    assert meta["quantized_linears"] == 4
 
 
 def test_the_torchao_range_admits_only_versions_with_int4_config_version_1() -> None:

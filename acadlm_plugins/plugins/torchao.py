@@ -23,8 +23,8 @@ Config block (every key optional)::
 Low-bit optimizer states are not here: they are the optimizer's ``_component_``
 (``torchao.optim.AdamW8bit``), checked by ``training/optimizers.py`` in every recipe.
 Stock torchtune recipes get the quantized export from
-``acadlm_plugins.quantization.QuantizedExportCheckpointer`` and float8 from their own
-``enable_fp8_training`` (torchtune's distributed recipes).
+``acadlm_plugins.quantization.QuantizedExportCheckpointer``; float8 training is ours only
+(torchtune 0.6.1's recipes have no float8 option).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from acadlm_plugins.quantization import (
     check_group_size,
     check_int4_fit,
     check_scheme,
-    linear_in_features,
+    linear_shapes,
     read_quantization,
     write_quantized_copy,
 )
@@ -83,21 +83,24 @@ def float8_recipe(value: Any, *, field: str) -> str | None:
     return None if value.strip().lower() in FLOAT8_OFF else value
 
 
-def pruned_in_features(model: torch.nn.Module, cfg: Any) -> dict[str, int]:
-    """Input widths of the linear layers of the model pruning will export: the source
-    ``model`` with ``pruning.target``'s dims (names as in the torchtune decoder)."""
+def pruned_linear_shapes(model: torch.nn.Module, cfg: Any) -> dict[str, tuple[int, int]]:
+    """``(input, output)`` widths of the linear layers of the model pruning will export: the
+    source ``model`` with ``pruning.target``'s dims (names as in the torchtune decoder)."""
     from acadlm_plugins.pruning.architecture import architecture_of, resolve_target
 
     target = resolve_target(architecture_of(model), dict(cfg.pruning.target))
-    widths: dict[str, int] = {}
+    hidden, heads = target.embed_dim, target.num_heads * target.head_dim
+    kv, inner = target.num_kv_heads * target.head_dim, target.intermediate_dim
+    shapes: dict[str, tuple[int, int]] = {}
     for index in range(target.num_layers):
-        for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.w1", "mlp.w3"):
-            widths[f"layers.{index}.{name}"] = target.embed_dim
-        widths[f"layers.{index}.attn.output_proj"] = target.num_heads * target.head_dim
-        widths[f"layers.{index}.mlp.w2"] = target.intermediate_dim
+        layer = f"layers.{index}."
+        shapes |= {layer + "attn.q_proj": (hidden, heads), layer + "attn.k_proj": (hidden, kv),
+                   layer + "attn.v_proj": (hidden, kv), layer + "attn.output_proj": (heads, hidden),
+                   layer + "mlp.w1": (hidden, inner), layer + "mlp.w3": (hidden, inner),
+                   layer + "mlp.w2": (inner, hidden)}
     if not target.tie_word_embeddings:
-        widths["output"] = target.embed_dim
-    return widths
+        shapes["output"] = (hidden, target.vocab_size)
+    return shapes
 
 
 class TorchaoPlugin:
@@ -153,17 +156,18 @@ class TorchaoPlugin:
         The exported model is this one, except for pruning, which exports the model with
         ``pruning.target``'s dims."""
         if self.recipe == "prune" and (cfg.get("pruning", None) or {}).get("target", None):
-            widths, which = pruned_in_features(model, cfg), "pruned model (pruning.target)"
+            shapes, which = pruned_linear_shapes(model, cfg), "pruned model (pruning.target)"
         else:
-            widths, which = linear_in_features(model), "model"
-        skipped = check_int4_fit(widths, self.group_size, field=f"{CONFIG_KEY}.group_size",
-                                 model=which)
+            shapes, which = linear_shapes(model), "model"
+        # the copy is written on the CPU (acadlm_model_exported), in torchao's CPU int4 layout
+        skipped = check_int4_fit(shapes, self.group_size, field=f"{CONFIG_KEY}.group_size",
+                                 model=which, cpu_layout=True)
         if skipped:
             log.warning("%s.group_size=%d: the int4_weight_only copy will keep %d of %d linear "
-                        "layers of the %s unquantized (input widths not multiples of %d), "
-                        "e.g. %s; quantization.json and the summary list them", CONFIG_KEY,
-                        self.group_size, len(skipped), len(widths), which, self.group_size,
-                        ", ".join(skipped[:3]))
+                        "layers of the %s unquantized (input widths not multiples of %d, or "
+                        "output widths not multiples of 16), e.g. %s; quantization.json and the "
+                        "summary list them", CONFIG_KEY, self.group_size, len(skipped),
+                        len(shapes), which, self.group_size, ", ".join(skipped[:3]))
 
     @hookimpl
     def acadlm_model_exported(self, model_dir: str, recipe: str) -> dict | None:
