@@ -291,3 +291,15 @@ def test_eval_lengths_are_read_as_the_evaluation_reads_them():
         with pytest.raises(SystemExit) as stop:
             pipeline.parse_args(["--eval-lengths", bad])
         assert stop.value.code == 2
+
+
+def test_the_final_model_is_the_last_sft_epochs(tmp_path):
+    """torchtune writes ``epoch_<n>`` after every SFT epoch; the evaluation after training used
+    ``epoch_0`` whatever ``epochs`` said, so with two epochs it scored the first one."""
+    pipeline = load_pipeline()
+    config = REPO_ROOT / "configs" / "tiny" / "sft.yaml"
+    sft = tmp_path / "sft"
+    assert pipeline.sft_final_model(sft, pipeline.stage_config(config, [])) == sft / "epoch_0"
+    assert pipeline.sft_final_model(sft, pipeline.stage_config(config, ["epochs=3"])) == (
+        sft / "epoch_2")
+    assert pipeline.sft_final_model(sft, None) == sft / "epoch_0"

@@ -126,6 +126,13 @@ def base_model_overrides(config: Path, base_model: Path | None) -> list[str]:
     return overrides
 
 
+def sft_final_model(sft_dir: Path, cfg: DictConfig | None) -> Path:
+    """The folder torchtune's SFT recipe writes after its last epoch: ``epoch_<epochs - 1>``
+    (``epoch_0`` only for one epoch)."""
+    epochs = _selected(cfg, "epochs")
+    return sft_dir / f"epoch_{int(epochs) - 1 if epochs else 0}"
+
+
 def stage_config(config: Path, overrides: Sequence[str]) -> DictConfig | None:
     """The stage's config with the pipeline's ``key=value`` overrides applied (``~key`` removals
     left out), as far as OmegaConf can merge it; None if it cannot (the stage itself then
@@ -266,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            recorded=recorded_sft_source(out / "sft"))
     timed("sft", lambda: tune_run("full_finetune_single_device", args.sft_config, sft_overrides,
                                   stage="sft"))
-    final_model = out / "sft" / "epoch_0"
+    final_model = sft_final_model(out / "sft", stage_config(args.sft_config, sft_overrides))
     if not args.skip_eval:
         evaluate("eval_after", final_model)
 
