@@ -270,6 +270,18 @@ def test_resume_refuses_a_changed_dataset_and_an_overwrite(tmp_path, monkeypatch
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "resume=false"))
 
 
+def test_resume_refuses_training_data_whose_text_changed(tmp_path, monkeypatch):
+    """A selection rewritten in place (QuRating's select stage reruns into the same folder)
+    with the same pack counts used to be resumed as if it were the data the run started on."""
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3"))
+    train = tmp_path / "tiny_corpus" / "prose" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    rows[0]["text"] = rows[0]["text"].swapcase()  # same length: same packs, other tokens
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"the text of domains \['prose'\] changed"):
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=6"))
+
+
 class _Poison:
     """Turns the model's weights to NaN before step 5's forward pass."""
 

@@ -20,6 +20,7 @@ Two ways to draw from a mixture:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,7 @@ class PackedDomainCorpus:
                  positions: PositionMode = "reset") -> None:
         self.domain_names: list[str] = list(domains)
         self._packs = [domains[name] for name in self.domain_names]
+        self._digests: list[str] | None = None
         self.positions = positions
 
     @property
@@ -69,6 +71,17 @@ class PackedDomainCorpus:
     @property
     def max_seq_len(self) -> int:
         return self._packs[0].max_seq_len
+
+    def content_digests(self) -> list[str] | None:
+        """A sha256 of every domain's packed tokens, in domain order: what a resumed run checks
+        its data against (the same files give the same digests wherever they were moved).
+        None for packs streamed from disk (the long-context corpora), which are not hashed."""
+        if any(not hasattr(packs, "tokens") for packs in self._packs):
+            return None
+        if self._digests is None:
+            self._digests = [hashlib.sha256(np.ascontiguousarray(packs.tokens).data).hexdigest()
+                             for packs in self._packs]
+        return self._digests
 
     def packs(self, domain: str) -> PackedSequences:
         return self._packs[self.domain_names.index(domain)]
@@ -405,11 +418,16 @@ class DomainBatchSampler:
         self._orders = [_permutation(n, seed, d, 0) for d, n in enumerate(self.num_packs)]
         self.batches_drawn = 0
         self.samples_per_domain = [0] * len(self.domain_names)
+        #: per-domain digests of the packed tokens (:meth:`PackedDomainCorpus.content_digests`)
+        self.content: list[str] | None = None
 
     @classmethod
     def for_dataset(cls, dataset: DomainMixtureDataset, batch_size: int, **kwargs) -> DomainBatchSampler:
-        return cls(dataset.domain_names, dataset.corpus.num_packs, dataset.weights, batch_size,
-                   **kwargs)
+        sampler = cls(dataset.domain_names, dataset.corpus.num_packs, dataset.weights,
+                      batch_size, **kwargs)
+        digests = getattr(dataset.corpus, "content_digests", None)
+        sampler.content = digests() if digests is not None else None
+        return sampler
 
     def set_weights(self, weights: Sequence[float] | np.ndarray | torch.Tensor) -> None:
         weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
@@ -449,7 +467,7 @@ class DomainBatchSampler:
                 "epoch": list(self._epoch), "weights": self.weights.clone(),
                 "batches_drawn": self.batches_drawn, "domain_names": list(self.domain_names),
                 "num_packs": list(self.num_packs),
-                "samples_per_domain": list(self.samples_per_domain)}
+                "samples_per_domain": list(self.samples_per_domain), "content": self.content}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["domain_names"]) != self.domain_names or \
@@ -459,6 +477,15 @@ class DomainBatchSampler:
                 f"{list(state['domain_names'])} with {list(state['num_packs'])} packs, this run "
                 f"has {self.domain_names} with {self.num_packs}. Fix: resume with the same "
                 "dataset config (files, weights' domains, max_seq_len), or start a new output_dir.")
+        saved = state.get("content")  # None in checkpoints written before it was recorded
+        if saved is not None and self.content is not None and list(saved) != self.content:
+            changed = [name for name, old, new in zip(self.domain_names, saved, self.content,
+                                                      strict=True) if old != new]
+            raise DataError(
+                f"cannot resume: the text of domains {changed} changed since the checkpoint was "
+                "written (same files and pack counts, other tokens), so the run would go on "
+                "training on other data under the old run's name. Fix: restore the data the run "
+                "started with, or start a new output_dir.")
         self._generator.set_state(state["generator"])
         self._cursor = list(state["cursor"])
         self._epoch = list(state["epoch"])
