@@ -251,6 +251,27 @@ def test_a_different_plan_is_refused(uninterrupted, rater_dir, corpus_files, mon
                                                 "chunk_tokens=32"))
 
 
+def test_a_corpus_file_edited_in_place_is_refused(rater_dir, corpus_files, tmp_path,
+                                                   monkeypatch):
+    """The plan named each file by path and row count only: a file rewritten with the same
+    number of rows had its shards (holding the old texts) reused, and selection would have
+    trained on those."""
+    import shutil
+
+    files = []
+    for file in corpus_files:
+        shutil.copy2(file, tmp_path / file.name)
+        files.append(tmp_path / file.name)
+    output_dir = tmp_path / "scores"
+    args = annotate_args(output_dir, rater_dir, files)
+    run_annotate(monkeypatch, [*args, "max_shards=2"])
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    rows[0]["text"] = "EDITED " + rows[0]["text"]
+    files[0].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="files changed"):
+        run_annotate(monkeypatch, args)
+
+
 def test_a_copied_rater_resumes_and_a_retrained_one_is_refused(uninterrupted, rater_dir,
                                                                corpus_files, tmp_path,
                                                                monkeypatch):

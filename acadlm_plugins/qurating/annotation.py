@@ -355,12 +355,37 @@ def plan_record(corpus: Corpus, rater_dir: Path, *, chunk_tokens: int, shard_siz
                 world_size: int, max_documents_per_file: int | None) -> dict[str, Any]:
     """What the shard files mean; a resumed run must have the same record."""
     return {
-        "files": [{"path": str(f.path.resolve()), "rows": f.num_rows} for f in corpus.files],
+        "files": [{"path": str(f.path.resolve()), "rows": f.num_rows,
+                   "content": corpus_file_digest(f.path)} for f in corpus.files],
         "num_rows": corpus.num_rows, "text_field": corpus.text_field,
         "max_documents_per_file": max_documents_per_file,
         "rater": {"dir": str(rater_dir.resolve()), "fingerprint": rater_fingerprint(rater_dir)},
         "chunk_tokens": chunk_tokens, "shard_size": shard_size, "world_size": world_size,
     }
+
+
+#: Files up to this size are hashed whole; larger ones by their size, their first and last
+#: MiB and 64 evenly spaced 64 KiB blocks (annotation corpora can be hundreds of GB).
+WHOLE_FILE_HASH_BYTES = 256 << 20
+
+
+def corpus_file_digest(path: Path) -> str:
+    """A digest of a corpus file's content: a file edited in place with the same row count is
+    a different corpus, whose shards (holding the old texts) must not be reused."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= WHOLE_FILE_HASH_BYTES:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            offsets = [0, size - (1 << 20)] + [size * i // 64 for i in range(1, 64)]
+            for offset in offsets:
+                handle.seek(offset)
+                digest.update(handle.read(1 << 20 if offset in (0, size - (1 << 20))
+                                          else 64 << 10))
+    return digest.hexdigest()[:16]
 
 
 def rater_fingerprint(rater_dir: Path) -> str:
@@ -379,6 +404,8 @@ def check_or_write_plan(output_dir: Path, record: dict[str, Any], *, write: bool
     if path.is_file():
         before = _plan_identity(json.loads(path.read_text()))
         now = _plan_identity(record)
+        if any("content" not in f for f in before.get("files", [])):
+            now = _without_content(now)  # an older plan: compared as it was then
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             raise ConfigError(
@@ -398,6 +425,13 @@ def _plan_identity(record: dict[str, Any]) -> dict[str, Any]:
     if isinstance(identity.get("rater"), dict):
         identity["rater"] = {k: v for k, v in identity["rater"].items() if k != "dir"}
     return identity
+
+
+def _without_content(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with no file content digests: how a plan written before they were recorded
+    compares."""
+    files = [{k: v for k, v in f.items() if k != "content"} for f in record.get("files", [])]
+    return {**record, "files": files}
 
 
 def is_done(output_dir: Path, shard: ShardSpec) -> bool:
