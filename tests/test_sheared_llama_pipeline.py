@@ -312,3 +312,24 @@ def test_the_summary_spells_out_each_comparison_of_mean_loss():
     only_ours = {"source": losses["source"], "ours": losses["ours"]}
     assert [line.split(":")[0] for line in pipeline.mean_loss_differences(only_ours)] == [
         "mean loss, ours - source"]
+
+
+def test_a_rerun_with_another_token_budget_is_refused_before_any_stage(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A rerun with `--set continue:batch_size=2` used to resume the finished runs with the new
+    batch (ours at 4 of 4, the baselines at 10 of 16: 30% more tokens than ours) while the
+    summary printed the new, equal budget."""
+    args = tiny_pipeline_args(tmp_path)
+    out = tmp_path / "out"
+    budget = token_budget(Path(args[3]), Path(args[5]), 1,
+                          [a.removeprefix("--set=prune:") for a in args if "prune:" in a],
+                          [a.removeprefix("--set=continue:") for a in args if "continue:" in a])
+    pipeline.record_budget(out, budget)
+    pipeline.check_same_budget(out, budget)  # the same budget: resumes
+    with pytest.raises(SystemExit) as exited:
+        run_main(monkeypatch, *tiny_pipeline_args(tmp_path, "--set=continue:batch_size=2"))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "`--output-dir`" in err and "another token budget" in err, err
+    assert "continued_tokens: 1024 -> 512" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["token_budget.json"]

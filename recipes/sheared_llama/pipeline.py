@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               extra["prune"], extra["continue"])
         budget = token_budget(args.prune_config, args.continue_config, nproc,
                               extra["prune"], extra["continue"])
+        check_same_budget(out, budget)
         seed = run_seed(args.prune_config, extra["prune"])
         cont_cfg = with_overrides(OmegaConf.load(args.continue_config), extra["continue"])
         check_stage_configs(configs, arm_runs(args.baselines), lambda arm, stage: run_overrides(
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as err:  # before any stage runs: the key and the fix, no traceback
         print(f"pipeline.py: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    record_budget(out, budget)
 
     # ours: learned masks, then continued pre-training
     tune_run("acadlm_plugins/prune_recipe", args.prune_config,
@@ -249,6 +251,38 @@ def token_budget(prune_config: Path, continue_config: Path, nproc: int,
     return {"prune_tokens": prune_tokens, "continued_tokens": cont_tokens,
             "total_tokens": prune_tokens + cont_tokens, "baseline_steps": steps,
             "baseline_tokens": steps * cont_step, "nproc_per_node": nproc}
+
+
+BUDGET_FILE = "token_budget.json"
+
+
+def check_same_budget(out: Path, budget: dict[str, int]) -> None:
+    """Refuse a rerun whose token budget differs from the one recorded in ``out`` by the first
+    run (:func:`record_budget`): its stages would resume runs made with another batch or step count (the recipes
+    resume them), so the arms would no longer have seen the tokens the summary reports."""
+    path = out / BUDGET_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in {*before, *budget} if before.get(k) != budget.get(k))
+        if changed:
+            raise ConfigError(
+                "--output-dir", f"{out} holds runs made with another token budget ("
+                + ", ".join(f"{k}: {before.get(k)} -> {budget.get(k)}" for k in changed)
+                + "); resuming them would give the arms unequal tokens while the summary "
+                "reports the new budget.", "rerun with the same --set overrides and "
+                "--nproc-per-node, or choose a new --output-dir.")
+
+
+def record_budget(out: Path, budget: dict[str, int]) -> None:
+    """Write the budget :func:`check_same_budget` compares reruns with (once every check of
+    the run has passed, so that a refused run records nothing)."""
+    path = out / BUDGET_FILE
+    if path.is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(budget, indent=2) + "\n")
+    tmp.replace(path)
 
 
 # What the source's losses (measured by the prune stage) and every arm's continued pre-training
