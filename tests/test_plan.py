@@ -592,3 +592,21 @@ def test_a_fractional_eval_interval_is_named_not_the_update_interval(
                  "eval_every_n_steps=2.0"]
     assert main(["--config", str(CONFIGS / "tiny/continued_pretrain.yaml"), *overrides]) == 2
     assert "`eval_every_n_steps`" in capsys.readouterr().err
+
+
+def test_rope_table_bytes_equal_the_modules_own_buffers():
+    """Qwen2's RoPE module caches [S, 2 x dim] (cos and sin of both halves), twice what the
+    Llama modules cache; it was counted at the Llama size."""
+    from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+    from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    from acadlm_plugins.planning.memory import rope_table_bytes
+
+    for rope in (RotaryPositionalEmbeddings(dim=32, max_seq_len=512),
+                 Qwen2RotaryPositionalEmbeddings(dim=32, max_seq_len=512),
+                 Llama3ScaledRoPE(dim=32, max_seq_len=512)):
+        if not getattr(rope, "is_cache_built", True):
+            rope.rope_init()
+        actual = sum(b.numel() * b.element_size() for b in rope.buffers())
+        assert rope_table_bytes(torch.nn.ModuleList([rope])) == actual, type(rope).__name__

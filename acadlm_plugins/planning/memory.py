@@ -139,8 +139,16 @@ def rope_table_bytes(model: nn.Module) -> int:
     once; FSDP replicates them on every rank). Counted from the modules' sizes, since on the
     meta device ``Llama3ScaledRoPE`` defers building its tables."""
     modules = {id(m): m for m in model.modules() if isinstance(m, ROPE_MODULES)}
-    return sum((m.max_seq_len * (m.dim // 2) * 2 + m.dim // 2) * FLOAT32_BYTES
+    return sum((m.max_seq_len * _rope_values_per_position(m) + m.dim // 2) * FLOAT32_BYTES
                for m in modules.values())
+
+
+def _rope_values_per_position(module: nn.Module) -> int:
+    """Cached values per position: cos and sin of each of the ``dim / 2`` frequencies, except
+    Qwen2's module, which caches both halves of the rotated dimension (``[S, 2 · dim]``)."""
+    if isinstance(module, Qwen2RotaryPositionalEmbeddings):
+        return 2 * module.dim
+    return module.dim
 
 
 def parameter_bytes(params: Iterable[torch.Tensor], *, world_size: int, bytes_per_value: int
