@@ -159,6 +159,11 @@ def test_paper_token_budgets(tmp_path: Path):
     assert total("llama3/prolong_64k_stage1.yaml") == 20_971_520_000
     assert total("llama3/prolong_512k_stage2.yaml") == 20_971_520_000
     assert total("llama3/prolong_sft.yaml") == 1_048_576_000
+    # torchtune's distributed SFT shards the data over world_size // tensor_parallel_dim
+    overrides = PAPER_CONFIGS["llama3/prolong_sft.yaml"][0](tmp_path)
+    tp = plan_config(CONFIGS / "llama3/prolong_sft.yaml", [*overrides, "tensor_parallel_dim=2"])
+    assert (tp.budget.data_parallel, tp.budget.total_tokens) == (4, 524_288_000)
+    assert any("tensor_parallel_dim 2" in note for note in tp.notes)
 
 
 def test_llama31_rope_scaling_is_kept(tmp_path: Path):

@@ -104,10 +104,20 @@ def plan_sft(plan: TrainingPlan, cfg: DictConfig) -> None:
     steps = None if per_epoch is None else epochs * int(per_epoch)
     steps_from = ("epochs x max_steps_per_epoch (if the data fill them)" if steps
                   else "the data (an epoch is the dataset over the samples per step)")
-    per_step = length * batch * accumulation * plan.world_size
+    # torchtune's distributed recipe: data parallel over world_size // tensor_parallel_dim
+    tensor_parallel = int(cfg.get("tensor_parallel_dim", 1) or 1)
+    data_parallel = max(1, plan.world_size // tensor_parallel)
+    if tensor_parallel > 1:
+        plan.notes.append(f"tensor_parallel_dim {tensor_parallel}: {data_parallel} data-parallel "
+                          "replicas; the memory lines count FSDP sharding over every GPU, not "
+                          "the tensor-parallel split.")
+    if cfg.get("fsdp_cpu_offload", False):
+        plan.notes.append("fsdp_cpu_offload: the sharded weights, gradients and optimizer state "
+                          "live in CPU memory; their GPU lines below are an upper bound.")
+    per_step = length * batch * accumulation * data_parallel
     if steps is not None and checks.check_schedule(cfg, steps):
         plan.checked.append(f"lr_scheduler for {steps} steps")
-    plan.budget = TokenBudget(length, batch, accumulation, plan.world_size, 1, per_step, steps,
+    plan.budget = TokenBudget(length, batch, accumulation, data_parallel, 1, per_step, steps,
                               steps_from, None if steps is None else steps * per_step,
                               exact=packed)
     if not packed:
