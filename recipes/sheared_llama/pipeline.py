@@ -279,10 +279,11 @@ def record_budget(out: Path, budget: dict[str, int]) -> None:
     path = out / BUDGET_FILE
     if path.is_file():
         return
+    from acadlm_plugins.training.checkpointing import write_atomically
+
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(budget, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, lambda handle: handle.write(
+        (json.dumps(budget, indent=2) + "\n").encode()))
 
 
 # What the source's losses (measured by the prune stage) and every arm's continued pre-training
