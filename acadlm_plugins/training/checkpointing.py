@@ -7,16 +7,17 @@ Layout of a run's ``output_dir``::
         recipe_state.pt    optimizer, data position, domain weights, RNG, plugin state
     LATEST                 the name of the newest complete checkpoint
 
-A checkpoint is written into a hidden ``.step_N.partial`` folder and renamed into place, and
-``LATEST`` is replaced atomically afterwards, so a run killed at any moment leaves the previous
-checkpoint intact and never a half-written one that looks complete. A recipe builds its
-``recipe_state.pt`` with :func:`recipe_state`, writes it with :func:`write_recipe_checkpoint`,
-and on restart finds it with :func:`find_resume_checkpoint` and reads it back, checked against
-the config, with :func:`load_resume_state`.
+A checkpoint is written into a hidden ``.step_N.partial`` folder, fsynced and renamed into
+place, and ``LATEST`` is replaced atomically afterwards, so a run killed at any moment (or a
+power loss) leaves the previous checkpoint intact and never a half-written one that looks
+complete. A recipe builds its ``recipe_state.pt`` with :func:`recipe_state`, writes it with
+:func:`write_recipe_checkpoint`, and on restart finds it with :func:`find_resume_checkpoint`
+and reads it back, checked against the config, with :func:`load_resume_state`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -59,9 +60,11 @@ def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     write(partial)
+    fsync_tree(partial)  # the files' data and names on disk before the name step_N says "done"
     if final.exists():  # re-saving the same step (e.g. the last step after a resume)
         shutil.rmtree(final)
     os.replace(partial, final)
+    fsync_dir(output_dir)  # the rename itself, before LATEST names it and older ones are pruned
     _write_text_atomically(output_dir / LATEST_FILENAME, final.name)
     _prune(output_dir, keep_last, written=final)
     return final
@@ -464,8 +467,9 @@ def write_recipe_checkpoint(output_dir: Path, step: int, state: dict[str, Any],
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None], *,
                      prefix: str = ".acadlm-") -> None:
-    """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it into place,
-    so a reader (or a resumed run) sees the old file or the whole new one, never a part."""
+    """Call ``write`` on a temporary file beside ``path``, fsync it, rename it into place and
+    fsync the folder, so a reader (or a resumed run) sees the old file or the whole new one,
+    never a part, and the new one survives a power loss once this returns."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
@@ -475,9 +479,50 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], *,
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root``, then every folder (deepest first, ``root``
+    last), so that what was written there is on disk before ``root`` is renamed into place.
+
+    A rename can reach the disk before the data of the files it publishes: after a power loss,
+    ``step_N`` would exist with empty or truncated weights and resume would pick it as the
+    newest checkpoint. Folders are synced too, as a file's name in its folder is only durable
+    once the folder is. Symbolic links are not followed.
+    """
+    folders: list[str] = []
+    for folder, _, filenames in os.walk(root):
+        folders.append(folder)
+        for name in filenames:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    for folder in reversed(folders):
+        fsync_dir(folder)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync the folder ``path``, making the names created, renamed or removed in it durable
+    (what a rename into it needs after the rename). Some file systems (a few FUSE and network
+    mounts) refuse fsync on a folder with EINVAL or ENOTSUP; nothing more can be done there."""
+    if os.name != "posix":  # Windows cannot open a folder with os.open
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def save_torch_atomically(obj: Any, path: Path) -> None:
