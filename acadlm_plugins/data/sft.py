@@ -12,7 +12,11 @@ of the form::
 checks every row up front (a bad row should stop the run before the model loads, with its file
 and line, not deep inside a dataloader worker), and hands the files to torchtune's own
 ``chat_dataset`` with the OpenAI message style: torchtune turns rows into messages, the model
-tokenizer renders and masks them. Use it from a stock config with::
+tokenizer renders and masks them, and truncates them to its ``max_seq_len``. A conversation whose
+trained tokens all lie beyond that length would reach the recipe with every label -100, and a
+step of only such conversations divides a zero loss by zero trained tokens (NaN loss and
+weights), so it is dropped before training, with a warning that counts them (see
+:func:`ultrachat_dataset`). Use it from a stock config with::
 
     dataset:
       _component_: acadlm_plugins.data.sft.ultrachat_dataset
@@ -23,10 +27,13 @@ tokenizer renders and masks them. Use it from a stock config with::
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from datasets import load_dataset
+from torchtune.data import OpenAIToMessages
 from torchtune.datasets import PackedDataset, SFTDataset, chat_dataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
@@ -40,6 +47,8 @@ from acadlm_plugins.errors import ConfigError, DataError
 SHIPPED_EXAMPLES = Path(__file__).with_name("sft") / "ultrachat_examples.jsonl"
 ROLES = ("system", "user", "assistant")
 _FIELD = "dataset.data_files"
+
+log = logging.getLogger(__name__)
 
 
 def ultrachat_dataset(
@@ -65,11 +74,14 @@ def ultrachat_dataset(
 
     Returns:
         torchtune's ``SFTDataset`` (``PackedDataset`` when ``packed``); each sample has
-        ``tokens``, ``mask`` and ``labels``.
+        ``tokens``, ``mask`` and ``labels``. With a tokenizer ``max_seq_len``, conversations
+        that keep no trained token once truncated to it (all their assistant turns lie beyond
+        it) are left out, and a warning says how many of how many; the others are unchanged.
 
     Raises:
         DataError: a file is missing or not jsonl, or a row (named by file and line) is not a
-            valid conversation; see :func:`check_ultrachat_file`.
+            valid conversation; see :func:`check_ultrachat_file`. Also when no conversation
+            keeps a trained token within ``tokenizer.max_seq_len``.
         ConfigError: ``packed`` without a tokenizer ``max_seq_len``.
     """
     files = resolve_data_files(SHIPPED_EXAMPLES if data_files is None else data_files,
@@ -83,9 +95,45 @@ def ultrachat_dataset(
         raise ConfigError("dataset.packed", "packing needs the length to pack to, and the "
                           "tokenizer has no max_seq_len.", "set `tokenizer.max_seq_len`, or "
                           "`dataset.packed: False`.")
-    return chat_dataset(tokenizer, source="json", data_files=[str(f) for f in files],
-                        conversation_column="messages", conversation_style="openai",
-                        train_on_input=train_on_input, packed=packed, split=split)
+    max_seq_len = getattr(tokenizer, "max_seq_len", None)
+    filter_fn = None if max_seq_len is None else _keeps_trained_tokens(tokenizer, train_on_input)
+    paths = [str(f) for f in files]
+    # Packed below, as chat_dataset packs, so that the kept conversations can be counted first.
+    dataset = chat_dataset(tokenizer, source="json", data_files=paths,
+                           conversation_column="messages", conversation_style="openai",
+                           train_on_input=train_on_input, packed=False, split=split,
+                           filter_fn=filter_fn)
+    if filter_fn is not None:
+        _report_dropped(len(load_dataset("json", data_files=paths, split=split)), len(dataset),
+                        max_seq_len)
+    return PackedDataset(dataset, max_seq_len=max_seq_len) if packed else dataset
+
+
+def _keeps_trained_tokens(tokenizer: ModelTokenizer, train_on_input: bool):
+    """A ``filter_fn`` for ``chat_dataset``: whether a raw row, rendered, masked and truncated
+    exactly as the dataset will render it, keeps at least one trained token (label != -100)."""
+    to_messages = OpenAIToMessages(train_on_input=train_on_input,
+                                   column_map={"messages": "messages"})
+
+    def keeps_trained_tokens(row: dict[str, Any]) -> bool:
+        return not all(tokenizer(to_messages(row))["mask"])  # mask True = label -100
+
+    return keeps_trained_tokens
+
+
+def _report_dropped(total: int, kept: int, max_seq_len: int) -> None:
+    """Warn about conversations left out for want of trained tokens; raise if none is left."""
+    if kept == total:
+        return
+    why = (f"keep no trained token once truncated to `tokenizer.max_seq_len` ({max_seq_len} "
+           "tokens): all their assistant turns lie beyond it")
+    if kept == 0:
+        raise DataError(f"`{_FIELD}`: none of the {total} conversations is left to train on; "
+                        f"all {why}. Fix: raise `tokenizer.max_seq_len`, or give shorter "
+                        "conversations.")
+    log.warning("SFT data: dropped %d of %d conversations that %s, and a step of only such "
+                "conversations has a NaN loss. Raise `tokenizer.max_seq_len` to keep them.",
+                total - kept, total, why)
 
 
 def check_ultrachat_file(file: Path) -> int:
