@@ -80,6 +80,19 @@ def test_pruning_old_checkpoints_never_deletes_the_one_just_written(tmp_path):
                                                           "step_000006"]
 
 
+@pytest.mark.parametrize("keep_last", [1, 2, 3, 4, 6])
+def test_pruning_keeps_exactly_keep_last_checkpoints(tmp_path, keep_last):
+    """keep_last larger than the checkpoints written so far deletes nothing (a negative slice
+    end once deleted all but the newest few), and then exactly keep_last are kept."""
+    def write(folder: Path) -> None:
+        save_torch_atomically({"step": 0, "config": {}}, folder / RECIPE_STATE_FILENAME)
+
+    for step in range(1, 8):
+        checkpointing.write_checkpoint(tmp_path, step, write, keep_last=keep_last)
+        kept = sorted(p.name for p in tmp_path.glob("step_*"))
+        assert kept == [f"step_{s:06d}" for s in range(max(1, step - keep_last + 1), step + 1)]
+
+
 def test_a_corrupt_only_checkpoint_says_the_run_starts_over_once_deleted(tmp_path):
     only = fake_checkpoint(tmp_path, 3)
     (only / RECIPE_STATE_FILENAME).write_bytes(b"not a torch file")

@@ -164,6 +164,27 @@ def test_tokenizer_ids_from_generation_config_when_tokenizer_config_lacks_them(m
         str(model_dir)).bos_token_id
 
 
+def test_prefix_token_is_the_bos_named_only_in_special_tokens_map(model_dir, tmp_path):
+    """Older Hugging Face folders name BOS/EOS only in special_tokens_map.json, which
+    transformers merges over tokenizer_config.json: lm-eval's `hf` then conditions an empty
+    context on that BOS, and so must we (not on the EOS)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    named = {key: config.pop(key) for key in ("bos_token", "eos_token")}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(named))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2}))
+    hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    lm = AcadLM(pretrained=str(model_dir), tokenizer=str(folder))
+    assert hf_tok.bos_token_id is not None and hf_tok.bos_token_id != hf_tok.eos_token_id
+    assert lm.prefix_token_id == hf_tok.bos_token_id
+
+
 # ---------------------------------------------------------------------------------- scoring
 
 

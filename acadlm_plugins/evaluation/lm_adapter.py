@@ -135,10 +135,15 @@ class AcadTokenizer:
         self.eos_id: int = int(self.base.eos_id)  # generation_config.json's list: its first
         self.bos_text = self.rust.id_to_token(self.bos_id)
         # What lm-eval's `hf` conditions an empty context on: transformers' bos_token_id (the
-        # tokenizer_config's `bos_token`), else its eos_token_id. Qwen2/2.5 name no BOS, and
-        # their generation_config's bos (<|endoftext|>) is not what `hf` uses.
-        named_bos = self._token_id(self.config.get("bos_token"))
-        named_eos = self._token_id(self.config.get("eos_token"))
+        # `bos_token` of tokenizer_config.json, overridden by special_tokens_map.json's, as
+        # transformers merges them), else its eos_token_id. Qwen2/2.5 name no BOS, and their
+        # generation_config's bos (<|endoftext|>) is not what `hf` uses.
+        named = dict(self.config)
+        special_map_file = folder / "special_tokens_map.json"
+        if special_map_file.is_file():
+            named.update(json.loads(special_map_file.read_text()))
+        named_bos = self._token_id(named.get("bos_token"))
+        named_eos = self._token_id(named.get("eos_token"))
         self.prefix_id: int = (named_bos if named_bos is not None
                                else named_eos if named_eos is not None else self.eos_id)
         self.pad_id = self._token_id(self.config.get("pad_token"))

@@ -569,5 +569,5 @@ def _prune(output_dir: Path, keep_last: int, *, written: Path) -> None:
         return
     others = [p for p in _step_dirs(output_dir)
               if p != written and (p / RECIPE_STATE_FILENAME).is_file()]
-    for old in others[:len(others) - (keep_last - 1)]:
+    for old in others[:max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
