@@ -333,3 +333,82 @@ def test_a_rerun_with_another_token_budget_is_refused_before_any_stage(tmp_path,
     assert "`--output-dir`" in err and "another token budget" in err, err
     assert "continued_tokens: 1024 -> 512" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["token_budget.json"]
+
+
+# ------------------------------------------------------------ overrides as `tune run` reads them
+def stop_at_first_stage(monkeypatch, *argv: str) -> list[tuple[str, list[str]]]:
+    """Run ``pipeline.py argv`` in this process up to its first stage; the stage's recipe and
+    overrides."""
+    ran = []
+
+    def first_stage(recipe, config, overrides, nproc, stage=None):
+        ran.append((recipe, list(overrides)))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "tune_run", first_stage)
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        pipeline.main()
+    assert exited.value.code == 0
+    return ran
+
+
+def test_a_removed_key_is_counted_in_the_token_budget_as_the_recipe_reads_it(tmp_path,
+                                                                            monkeypatch):
+    """`--set continue:~gradient_accumulation_steps` is passed to `tune run`, which removes the
+    key, and the recipe then accumulates its default of 1 step; the budget used to count the
+    config file's 2, so ours trained half the tokens the summary reported, and the baselines'
+    step count was computed for a batch twice the one they trained on."""
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.planning.loading import load_config
+    from acadlm_plugins.training.run_checks import positive_int
+
+    cont = tmp_path / "continue.yaml"
+    tiny = (REPO_ROOT / "configs/tiny/continued_pretrain.yaml").read_text()
+    cont.write_text(tiny.replace("batch_size: 4\nmax_steps:",
+                                 "batch_size: 4\ngradient_accumulation_steps: 2\nmax_steps:"))
+    assert OmegaConf.load(cont).gradient_accumulation_steps == 2
+    removed = "~gradient_accumulation_steps"
+    # what the continue stage's recipe reads: the key gone, so its default of 1
+    assert positive_int(load_config(cont, [removed]), "gradient_accumulation_steps", 1) == 1
+    stop_at_first_stage(monkeypatch, *tiny_pipeline_args(
+        tmp_path, "--continue-config", str(cont), f"--set=continue:{removed}"))
+    budget = json.loads((tmp_path / "out" / pipeline.BUDGET_FILE).read_text())
+    step = 4 * 1 * 64  # batch 4, 1 accumulation step, 64 tokens
+    assert budget["continued_tokens"] == 4 * step  # max_steps=4
+    assert budget["prune_tokens"] == 6 * 4 * 64
+    assert budget["baseline_steps"] == 10 and budget["baseline_tokens"] == budget["total_tokens"]
+    # the same as without the key at all
+    assert token_budget(Path(tiny_pipeline_args(tmp_path)[3]), cont, 1, [], [removed]) == \
+        token_budget(Path(tiny_pipeline_args(tmp_path)[3]), cont, 1, [],
+                     ["gradient_accumulation_steps=1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--set=continue:~batch_size", "continue:batch_size"),
+    ("--set=prune:~batch_size", "prune:batch_size"),
+    ("--set=continue:~no_such_key", "--set continue:~no_such_key"),
+])
+def test_removing_a_key_the_budget_needs_or_the_config_lacks_is_refused_up_front(
+        tmp_path, monkeypatch, capsys, override, key):
+    with pytest.raises(SystemExit) as exited:
+        run_main(monkeypatch, *tiny_pipeline_args(tmp_path, override))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"`{key}`" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_removed_teacher_is_not_removed_again_for_the_from_scratch_arm(tmp_path, monkeypatch):
+    """`--set continue:~distillation` (no teacher for any arm): the from-scratch arm's run used
+    to get `~distillation` a second time, as the pipeline read the config without the removal,
+    and `tune run` (here: its up-front check) refused the key it could no longer find."""
+    cont = tmp_path / "continue.yaml"
+    cont.write_text((REPO_ROOT / "configs/tiny/continued_pretrain.yaml").read_text()
+                    + "\ndistillation:\n  temperature: 1.0\n")
+    ran = stop_at_first_stage(monkeypatch, *tiny_pipeline_args(
+        tmp_path, "--continue-config", str(cont), "--set=continue:~distillation"))
+    assert ran[0][0] == "acadlm_plugins/prune_recipe"
+    teacherless = pipeline.with_overrides(pipeline.OmegaConf.load(cont), ["~distillation"])
+    assert "distillation" not in teacherless and pipeline.without_teacher(teacherless) == []

@@ -26,8 +26,10 @@ stage from its newest checkpoint; the one-shot prune stage keeps its export when
 config naming the key). Before the first stage runs, every run's config (with the overrides
 that run gets) is checked as its recipe checks it before loading anything, so a bad value of a
 late stage is refused up front, naming ``<stage>:<key>``.
-``--set STAGE:key=value`` (STAGE: prune, continue) adds an override to every run of that recipe
-(the token budget follows ``max_steps``/``batch_size`` overrides too). Both stages must
+``--set STAGE:key=value`` (STAGE: prune, continue) adds an override to every run of that recipe,
+``--set STAGE:~key`` removes a key; the pipeline reads each stage's config with them merged as
+``tune run`` merges them, so the token budget follows them (a removed
+``gradient_accumulation_steps`` counts the recipe's default, 1). Both stages must
 validate on the same packs at the same sequence length (``dataset.max_seq_len``,
 ``validation_dataset.max_seq_len``, ``validation_dataset.data_dir``,
 ``validation.max_packs_per_domain``): the source's losses, measured by the prune stage, are
@@ -101,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                               extra["prune"], extra["continue"])
         check_same_budget(out, budget)
         seed = run_seed(args.prune_config, extra["prune"])
-        cont_cfg = with_overrides(OmegaConf.load(args.continue_config), extra["continue"])
+        cont_cfg = with_overrides(OmegaConf.load(args.continue_config), extra["continue"],
+                                  "continue")
         check_stage_configs(configs, arm_runs(args.baselines), lambda arm, stage: run_overrides(
             arm, stage, dirs, extra, budget, cont_cfg,
             source_reference_overrides(cont_cfg, PLACEHOLDER_LOSSES)))
@@ -229,11 +232,19 @@ def tokens_per_step(cfg: Any, nproc: int, stage: str | None = None) -> int:
 
 
 def budget_value(cfg: Any, key: str, stage: str | None, default: int | None = None) -> int:
-    """``cfg``'s integer ``key`` (dotted), at least 1, or a ConfigError naming it."""
+    """``cfg``'s integer ``key`` (dotted), at least 1, or a ConfigError naming it. ``default``
+    is the recipe's for a key that is null or unset (removed by ``--set <stage>:~key``); a key
+    without one (the dataset's ``max_seq_len`` defaults in its builder, which the pipeline
+    does not read) must be set."""
+    name = f"{stage}:{key}" if stage else key
     value = OmegaConf.select(cfg, key, default=default)
     if value is None and default is not None:
         value = default  # an explicit null: the recipe reads the default too
-    return config_value(value, f"{stage}:{key}" if stage else key, int, minimum=1)
+    if value is None:
+        raise ConfigError(name, "is unset or null, but every arm's token budget counts it.",
+                          f"set `{name}` to a positive integer (`--set {name}=N`) rather "
+                          "than remove it.")
+    return config_value(value, name, int, minimum=1)
 
 
 def token_budget(prune_config: Path, continue_config: Path, nproc: int,
@@ -241,8 +252,8 @@ def token_budget(prune_config: Path, continue_config: Path, nproc: int,
                  ) -> dict[str, int]:
     """Tokens of ours (pruning + continued pre-training) and the steps that give a baseline the
     same number with the continued pre-training config's batch."""
-    prune = with_overrides(OmegaConf.load(prune_config), prune_overrides)
-    cont = with_overrides(OmegaConf.load(continue_config), continue_overrides)
+    prune = with_overrides(OmegaConf.load(prune_config), prune_overrides, "prune")
+    cont = with_overrides(OmegaConf.load(continue_config), continue_overrides, "continue")
     cont_step = tokens_per_step(cont, nproc, "continue")
     prune_tokens = budget_value(prune, "max_steps", "prune") * tokens_per_step(prune, nproc,
                                                                                "prune")
@@ -300,8 +311,8 @@ def check_same_validation(prune_config: Path, continue_config: Path,
     validation sets."""
     import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 
-    prune = with_overrides(OmegaConf.load(prune_config), prune_overrides)
-    cont = with_overrides(OmegaConf.load(continue_config), continue_overrides)
+    prune = with_overrides(OmegaConf.load(prune_config), prune_overrides, "prune")
+    cont = with_overrides(OmegaConf.load(continue_config), continue_overrides, "continue")
     for key in SAME_IN_BOTH_STAGES:
         ours, theirs = _setting(prune, key), _setting(cont, key)
         if str(ours) != str(theirs):
@@ -373,21 +384,49 @@ def check_stage_config(stage: str, config: Path, overrides: Sequence[str], *, ar
 def run_seed(prune_config: Path, overrides: Sequence[str] = ()) -> int:
     """The run's seed (the prune config's, after ``--set prune:seed=...``): also the seed of
     the from-scratch arm's random initialization."""
-    cfg = with_overrides(OmegaConf.load(prune_config), list(overrides))
+    cfg = with_overrides(OmegaConf.load(prune_config), list(overrides), "prune")
     return config_value(cfg.get("seed", 0), "prune:seed", int, allow_none=True) or 0
 
 
-def with_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """``cfg`` with the ``key=value`` overrides that set plain values (batch, steps, length)."""
-    plain = [o for o in overrides if not o.startswith("~")]
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain)) if plain else cfg
+def with_overrides(cfg: Any, overrides: Sequence[str], stage: str | None = None) -> Any:
+    """``cfg`` with a stage's ``--set`` overrides merged as ``tune run`` merges them (torchtune's
+    own merge: ``key=value``, ``~key`` removals, ``model=<builder>``, ``None``), so that what
+    the pipeline reads from a stage's config (the token budget, the validation settings, the
+    seed, the source, the teacher) is what the stage's recipe reads: after ``--set
+    continue:~gradient_accumulation_steps`` the budget counts the recipe's default of 1, not
+    the config file's value. An override ``tune run`` would refuse (removing a key the config
+    does not have) is a ConfigError naming ``--set <stage>:<override>``."""
+    from acadlm_plugins._compat import merge_yaml_and_cli_args
+
+    if not overrides:
+        return cfg
+
+    def merged(given: Sequence[str]) -> Any:  # (the merge edits nested blocks in place)
+        return merge_yaml_and_cli_args(OmegaConf.to_container(cfg, resolve=False), list(given))
+
+    try:
+        return merged(overrides)
+    except ValueError as err:
+        bad = next(o for n, o in enumerate(overrides, 1) if _refused(merged, overrides[:n]))
+        raise ConfigError(f"--set {stage}:{bad}" if stage else bad,
+                          f"{err}, as `tune run` would refuse it.", "remove only a key the "
+                          "stage's config has, and write the other overrides as key=value."
+                          ) from None
+
+
+def _refused(merge: Any, overrides: Sequence[str]) -> bool:
+    try:
+        merge(overrides)
+    except ValueError:
+        return True
+    return False
 
 
 def source_dir(prune_config: Path, overrides: list[str] = ()) -> Path:
     """The source model folder the prune config reads (``${acadlm_home:}`` resolved)."""
     import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 
-    cfg = with_overrides(OmegaConf.load(prune_config), list(overrides))
+    cfg = with_overrides(OmegaConf.load(prune_config), list(overrides), "prune")
     return Path(str(cfg.checkpointer.checkpoint_dir))
 
 
