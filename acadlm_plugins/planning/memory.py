@@ -21,24 +21,43 @@ p.shape[0])`` under FSDP2 over ``W`` ranks (our recipes shard every parameter on
 Activations (an estimate; what autograd saves for the backward pass of one micro-batch of ``t``
 tokens on this rank, ``t = batch x seq_len / sequence_parallel_degree``)::
 
-    per layer  = t x [(4h + 4·H·d + 4·I) x bytes + 2h x 4]
-                 (4h: both RMSNorms' normalized and scaled outputs; 2h x 4: the float32 inputs
-                 they save; 4·H·d: q, k and v after RoPE and GQA expansion, the attention
-                 output; 4·I: the SwiGLU MLP's w1, silu, w3 outputs and their product)
-    logits     = n x V x (bytes + 8)      (the projection output, its float32 copy and the
-                                           saved log-softmax; n = t, a chunked loss's
-                                           batch x chunk, or 0 for a rater; torchtune's
-                                           CEWithChunkedOutputLoss keeps the chunks and the
-                                           float32 log-softmax: bytes + 4)
-    without activation checkpointing:  L x per_layer + logits
-    with it (torchtune wraps every layer):  L x t x h x bytes + per_layer + logits
+    norm       = h x (bytes + 8) + 4      (one torchtune RMSNorm: it computes in float32 and
+                                           saves its input as float32 -- a copy under bf16,
+                                           the input itself under fp32 --, the float32
+                                           x·rsqrt(mean(x²)) the scale's gradient needs and the
+                                           float32 rsqrt; its output, cast back to the param
+                                           dtype, is what the projections after it save)
+    per layer  = t x [2 x norm + (4·H·d + 4·I) x bytes + 4·H]
+                 (4·H·d: q, k and v after RoPE and GQA expansion, and the attention output,
+                 which is also output_proj's input; 4·H: SDPA's float32 log-sum-exp per head;
+                 4·I: the SwiGLU MLP's w1, silu, w3 outputs and their product)
+    head       = t x norm                 (the final RMSNorm, outside the layers)
+    logits     = n x V x (bytes + 8)      (the projection output, the float32 logits torchtune's
+                                           decoder returns, which the loop holds through the
+                                           backward pass -- one tensor under fp32, so an upper
+                                           bound there --, and the saved float32 log-softmax;
+                                           n = t, a chunked loss's batch x chunk, or 0 for a
+                                           rater; torchtune's CEWithChunkedOutputLoss keeps the
+                                           chunks and the float32 log-softmax: bytes + 4)
+    without activation checkpointing:  L x per_layer + head + logits
+    with it (torchtune wraps every layer):  L x t x h x bytes + per_layer + head + logits
     (with torchtune's activation offloading the L x t x h x bytes live in CPU memory)
 
-Not counted: temporary buffers inside a kernel, FSDP's all-gather buffers (about two layers'
-full weights), communication buffers, the CUDA context (0.5-1 GiB), allocator fragmentation,
-the mask hooks' extra copies while pruning, a distillation teacher's own (no-grad, one layer at
-a time) activations, and a dense [b, S, S] attention mask (torchtune builds one only for
-``long_context.attention: mask`` without FlexAttention; the plan notes its size).
+Measured (``tests/test_plan_activation_memory.py``): on CPU, ``L x per_layer + head`` and
+``L x t x h x bytes + head`` (checkpointed, after the forward pass) equal the bytes of the
+storages autograd saves, in bf16 and in fp32. Under bf16 the RMSNorm's float32 input and bf16
+scale differ in dtype, so ``F.rms_norm`` takes its composite path on every device; under fp32
+a GPU may take the fused kernel, which does not save the normalized copy (the fp32 estimate is
+then up to t x h x 4 per norm high; not measured on a GPU).
+
+Not counted: temporary buffers inside a kernel, the gradients of activations during the
+backward pass (at the loss: two float32 n x V buffers), FSDP's all-gather buffers (about two
+layers' full weights), communication buffers, the CUDA context (0.5-1 GiB), allocator
+fragmentation, the mask hooks' extra copies while pruning, a distillation teacher's own
+(no-grad, one layer at a time) activations, and a dense [b, S, S] attention mask (torchtune
+builds one only for ``long_context.attention: mask`` without FlexAttention; the plan notes its
+size), nor the additive copy of it that SDPA saves in every layer (L x b x S x S x bytes,
+measured on CPU).
 """
 
 from __future__ import annotations
@@ -188,15 +207,24 @@ def optimizer_state(params: Iterable[torch.Tensor], optimizer_cfg: Any, *, world
     return OptimizerState(moments * sum(shards) * bytes_per_value, description)
 
 
+def rms_norm_bytes_per_token(embed_dim: int, bytes_per_value: int) -> int:
+    """What one torchtune RMSNorm saves per token (``norm`` in the module docstring): its input
+    as float32, the float32 normalized input, the float32 rsqrt, and its output in the param
+    dtype (saved by the projections that read it)."""
+    return embed_dim * (bytes_per_value + 2 * FLOAT32_BYTES) + FLOAT32_BYTES
+
+
 def activation_bytes(shape: ActivationShape, *, checkpointed: bool) -> int:
     """The activation estimate of the module docstring, in bytes."""
     a, b = shape.architecture, shape.bytes_per_value
-    per_token_layer = ((4 * a.embed_dim + 4 * a.num_heads * a.head_dim
-                        + 4 * a.intermediate_dim) * b + 2 * a.embed_dim * FLOAT32_BYTES)
+    norm = rms_norm_bytes_per_token(a.embed_dim, b)
+    per_token_layer = (2 * norm + (4 * a.num_heads * a.head_dim + 4 * a.intermediate_dim) * b
+                       + a.num_heads * FLOAT32_BYTES)
     per_layer = shape.tokens * per_token_layer
+    head = shape.tokens * norm
     logit_bytes = shape.logit_bytes_per_value or b + 2 * FLOAT32_BYTES
     logits = shape.logit_positions * a.vocab_size * logit_bytes
     if checkpointed:
         layer_inputs = 0 if shape.offloaded else a.num_layers * shape.tokens * a.embed_dim * b
-        return layer_inputs + per_layer + logits
-    return a.num_layers * per_layer + logits
+        return layer_inputs + per_layer + head + logits
+    return a.num_layers * per_layer + head + logits

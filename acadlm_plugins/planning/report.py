@@ -11,10 +11,11 @@ from acadlm_plugins.pruning.architecture import Architecture
 
 GIB = 2**30
 ACTIVATION_FORMULA = (
-    "activations per micro-batch of t tokens on a rank: per layer t x [(4h + 4·H·d + 4·I) x "
-    "bytes + 2h x 4]; logits n x V x (bytes + 8); checkpointed: L x t x h x bytes + one layer "
-    "+ logits, else L x per layer + logits (an estimate: no kernel workspaces, FSDP buffers, "
-    "CUDA context or fragmentation; see docs/planning.md)")
+    "activations per micro-batch of t tokens on a rank: norm = h x (bytes + 8) + 4; per layer "
+    "t x [2 x norm + (4·H·d + 4·I) x bytes + 4·H]; head t x norm; logits n x V x (bytes + 8); "
+    "checkpointed: L x t x h x bytes + one layer + head + logits, else L x per layer + head + "
+    "logits (an estimate: no kernel workspaces, FSDP buffers, CUDA context or fragmentation; "
+    "see docs/planning.md)")
 
 
 def plan_json(plan: TrainingPlan) -> str:
