@@ -2,9 +2,9 @@
 
 Run::
 
-    acadlm-plan --config configs/sheared_llama/llama2_7b_to_2.7b_prune.yaml \\
+    acadlm-plan --config configs/llama2/7b_to_2.7b_prune.yaml \\
         model_dir=/models/Llama-2-7b-hf
-    acadlm-plan --config configs/llama3_1/minitron_4b_width_prune.yaml --reference llama-3.1-8b
+    acadlm-plan --config configs/llama3_1/8b_to_minitron_4b_width_prune.yaml --reference llama-3.1-8b
     acadlm-plan --config ... --world-size 16 --json
 
 Overrides are ``tune run``'s ``key=value`` (and ``~key``). ``--reference NAME`` points
