@@ -330,6 +330,73 @@ def test_active_sliding_window_is_refused_unless_no_sequence_reaches_it(tmp_path
     assert decoder_from_hf_config(str(folder), max_seq_len=4096) is not None
 
 
+@pytest.mark.parametrize("family_name, changes, field", [
+    ("mistral", {"sliding_window": ...}, "sliding_window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": ..., "max_window_layers": 1,
+               "layer_types": ...}, "use_sliding_window"),
+])
+def test_a_missing_sliding_window_is_transformers_default_of_4096(tmp_path, family_name,
+                                                                   changes, field):
+    """MistralConfig and Qwen2Config default ``sliding_window`` to 4096: a config.json that
+    leaves it out slides in transformers, so it must not load as full attention beyond it."""
+    folder = _config_dir(tmp_path, family_name, **changes)
+    with pytest.raises(ConfigError) as refused:
+        decoder_from_hf_config(str(folder), max_seq_len=8192)
+    assert refused.value.key == field and "4096" in str(refused.value)
+
+
+FULL_ATTENTION_SILU = [
+    ("qwen2 without max_window_layers (transformers: 28)", "qwen2",
+     {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": ...,
+      "layer_types": ...}),
+    ("llama with sliding layer_types (transformers' Llama has no window)", "llama2",
+     {"sliding_window": 4096, "layer_types": ["sliding_attention"] * SHAPE["num_hidden_layers"]}),
+    ("hidden_act swish (SiLU in transformers)", "mistral", {"hidden_act": "swish"}),
+]
+
+
+@pytest.mark.parametrize("case, family_name, changes", FULL_ATTENTION_SILU,
+                         ids=[case[0] for case in FULL_ATTENTION_SILU])
+def test_configs_transformers_runs_as_full_attention_silu_models_load(tmp_path, case,
+                                                                       family_name, changes):
+    folder = _config_dir(tmp_path, family_name, **changes)
+    assert decoder_from_hf_config(str(folder), max_seq_len=8192) is not None
+
+
+@pytest.mark.parametrize("family_name", ["llama3.2", "qwen2"])
+def test_a_tied_config_with_a_different_trained_head_is_refused(tmp_path, family_name):
+    """transformers does not tie an lm_head.weight that differs from the embedding (it uses
+    the head as saved): dropping it to tie would compute another model."""
+    folder = _write_family(family_name, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    from safetensors.torch import load_file, save_file
+
+    weights_file = next(folder.glob("*.safetensors"))
+    state = load_file(weights_file)
+    embedding = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = embedding.clone()  # an exporter that writes the tied head too
+    save_file(state, weights_file, metadata={"format": "pt"})
+    spec = hf_model_spec(folder)
+    with torch.no_grad():
+        diff = (spec.load()(_tokens(32)) - _transformers_logits(folder, _tokens(32))).abs().max()
+    assert diff.item() < TOLERANCE
+    state["lm_head.weight"] = embedding + 0.5  # a trained head under a tied config
+    save_file(state, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as refused:
+        hf_model_spec(folder).load()
+    assert refused.value.key == "tie_word_embeddings" and "Fix:" in str(refused.value)
+    # The recipes' check of the built model against the checkpoint refuses it too.
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.training.run_checks import check_model_rope
+
+    model = decoder_from_hf_config(str(folder), max_seq_len=64)
+    with pytest.raises(ConfigError, match="different lm_head.weight"):
+        check_model_rope(OmegaConf.create({"checkpointer": {"checkpoint_dir": str(folder)}}),
+                         model)
+
+
 def test_checkpointer_model_type_must_convert_the_family(family):
     name, folder = family
     spec = hf_model_spec(folder)

@@ -209,6 +209,8 @@ class HFModelSpec:
                               "a model.safetensors.index.json names; consolidated.* and "
                               "adapter_model.* are not read).",
                               "point it at a complete model folder.")
+        if self.tie_word_embeddings:
+            check_tied_head(folder, files)
         model = self.build_empty(max_seq_len=max_seq_len, device=torch.device(device),
                                  dtype=dtype)
         with tempfile.TemporaryDirectory(prefix="acadlm_load_") as scratch:
@@ -218,7 +220,7 @@ class HFModelSpec:
             complete_checkpointer_config(checkpointer, self.checkpointer_defaults())
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         if self.tie_word_embeddings:
-            state.pop("output.weight", None)  # some exporters also write the tied head
+            state.pop("output.weight", None)  # the tied head some exporters also write
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ConfigError("checkpointer.checkpoint_dir", f"{folder}: the weights do not fit "
@@ -491,7 +493,7 @@ def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
     for key in _MOE_KEYS:
         if config.get(key):
             raise _refusal(file, key, f"is {config[key]!r}: {_MOE_REASON}.")
-    if config.get("hidden_act", "silu") != "silu":
+    if config.get("hidden_act", "silu") not in SILU_NAMES:
         raise _refusal(file, "hidden_act", f"is {config['hidden_act']!r}; the {family.name} "
                        "family's torchtune MLP is SwiGLU (silu).")
     for key in ("attention_bias", "mlp_bias"):
@@ -521,23 +523,59 @@ def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
     return family
 
 
+def check_tied_head(folder: Path, files: Sequence[str]) -> None:
+    """Refuse a tied config.json whose weights hold an ``lm_head.weight`` that differs from the
+    embedding: transformers does not tie such a head (it uses it as saved, with a warning),
+    while tying drops it (torchtune's Qwen2 conversion does so before we see the weights), so
+    the model would load and compute another function. Reads safetensors files only."""
+    from safetensors import safe_open
+
+    where: dict[str, str] = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            with safe_open(str(folder / name), framework="pt") as handle:
+                where.update({key: name for key in handle.keys()  # noqa: SIM118
+                              if key in ("lm_head.weight", "model.embed_tokens.weight")})
+    if "lm_head.weight" not in where or "model.embed_tokens.weight" not in where:
+        return  # nothing to compare (the usual tied checkpoint has no lm_head.weight)
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(folder / where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    head, embedding = read("lm_head.weight"), read("model.embed_tokens.weight")
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        raise ConfigError(
+            "tie_word_embeddings", f"{folder}: config.json ties the output head to the "
+            "embedding, but the weights hold a different lm_head.weight (an untied, trained "
+            "head, which transformers uses as it is).", "set `tie_word_embeddings: false` in "
+            "its config.json, or drop lm_head.weight from the weights if the tied embedding is "
+            "meant.")
+
+
+TRANSFORMERS_SLIDING_WINDOW = 4096  # MistralConfig's and Qwen2Config's default
+TRANSFORMERS_MAX_WINDOW_LAYERS = 28  # Qwen2Config's default
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
+
+
 def _sliding_window(config: Mapping[str, Any], family: ModelFamily) -> tuple[str, int | None]:
     """The config field that turns a sliding window on, and the window (None: off), read as
-    transformers reads it: Mistral slides whenever ``sliding_window`` is set; Qwen2 only with
-    ``use_sliding_window`` and only in layers ``layer_types`` (or ``max_window_layers``) marks."""
-    window = config.get("sliding_window")
+    transformers reads it: Mistral slides whenever ``sliding_window`` is not null; Qwen2 only
+    with ``use_sliding_window`` and only in layers ``layer_types`` (or ``max_window_layers``)
+    marks; Llama never (its transformers model has no window, whatever ``layer_types`` says).
+    A missing ``sliding_window`` is transformers' default of 4,096 tokens for both, and a
+    missing ``max_window_layers`` its default of 28."""
+    window = config.get("sliding_window", TRANSFORMERS_SLIDING_WINDOW)
     if family.name == "qwen2":
         if not config.get("use_sliding_window") or window is None:
             return "use_sliding_window", None
         layer_types = config.get("layer_types")
+        max_window_layers = config.get("max_window_layers", TRANSFORMERS_MAX_WINDOW_LAYERS)
         sliding = ("sliding_attention" in layer_types if layer_types is not None else
-                   int(config.get("max_window_layers", 0)) < int(config["num_hidden_layers"]))
+                   int(max_window_layers) < int(config["num_hidden_layers"]))
         return "use_sliding_window", int(window) if sliding else None
     if family.name == "mistral":
         return "sliding_window", None if window is None else int(window)
-    layer_types = config.get("layer_types") or []
-    if "sliding_attention" in layer_types and window is not None:
-        return "layer_types", int(window)
     return "sliding_window", None
 
 

@@ -186,9 +186,13 @@ def check_model_rope(cfg: DictConfig, model: torch.nn.Module, *, rope_base: floa
     folder = _hf_checkpoint_folder(cfg, key)
     if folder is None:
         return
-    from acadlm_plugins.models.families import hf_model_spec
+    from acadlm_plugins._compat import hf_checkpoint_files
+    from acadlm_plugins.models.families import check_tied_head, hf_model_spec
 
-    hf_model_spec(folder).check_built_rope(model, rope_base=rope_base, field=f"{prefix}model")
+    spec = hf_model_spec(folder)
+    spec.check_built_rope(model, rope_base=rope_base, field=f"{prefix}model")
+    if spec.tie_word_embeddings:  # a trained untied head under a tied config is dropped
+        check_tied_head(folder, hf_checkpoint_files(folder))
 
 
 def _hf_checkpoint_folder(cfg: DictConfig, key: str) -> Path | None:
