@@ -19,6 +19,7 @@ from acadlm_plugins.planning.cli import main
 from acadlm_plugins.planning.loading import detect_recipe, launch_line, load_config
 from acadlm_plugins.planning.memory import optimizer_state, shard_numel
 from acadlm_plugins.planning.reference import reference_config, write_reference_model_dir
+from acadlm_plugins.planning.report import format_plan
 from acadlm_plugins.pruning.architecture import architecture_from_hf_config, resolve_target
 
 CONFIGS = REPO_ROOT / "configs"
@@ -231,6 +232,47 @@ def test_memory_equals_a_hand_computation(tmp_path: Path):
     assert m.total == (m.weights + m.gradients + m.optimizer_state + m.buffers
                        + m.activations_checkpointed)
     assert round(m.total / 2**30, 1) == 42.5
+
+
+def test_distillation_adds_the_kd_loss_and_the_gathered_teacher_weight(tmp_path: Path):
+    """Minitron distillation, Llama-3.1-8B teaching the 4B width-pruned student in bf16, one
+    8,192-token pack per micro-batch: the KD loss saves the teacher's final hidden state (4,096
+    wide) and 16 bytes at each of the 8,191 counted positions; on 8 ranks the teacher's
+    128,256 x 4,096 output projection is gathered whole, on one rank it is the parameter."""
+    config = CONFIGS / "llama3_1/minitron_4b_width_distill.yaml"
+    overrides = [f"model_dir={minitron_student(tmp_path)}",
+                 f"distillation.teacher.model.path={model_dir(tmp_path, 'llama-3.1-8b')}"]
+    kd_loss = 8191 * (4096 * 2 + 4 + 4 + 8)
+    for world, gathered in ((GPUS, 128256 * 4096 * 2), (1, 0)):
+        m = plan_config(config, overrides, world_size=world).memory
+        assert (m.distillation_loss, m.teacher_gathered_weight) == (kd_loss, gathered)
+        assert m.activations == m.activations_checkpointed + kd_loss
+        assert m.total == m.static + gathered + m.activations
+        assert m.to_dict()["teacher_gathered_weight"] == gathered
+    table = format_plan(plan_config(config, overrides))
+    assert "teacher output weight, gathered" in table and "KD loss (saved for backward)" in table
+
+
+def test_a_dense_attention_mask_is_counted_where_there_is_no_flex_attention(tmp_path: Path):
+    """ProLong stage 1 with ``long_context.attention: mask`` (one 64K pack per micro-batch, 8
+    micro-batches a step, 32 layers, bf16, checkpointed): on the CPU the activations count the
+    8 boolean [1, S, S] masks and SDPA's additive bf16 copy (one per layer, or the recomputed
+    layer's); on CUDA (FlexAttention from sm75) nothing is counted and the note gives the
+    figure."""
+    overrides = [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}",
+                 "long_context.attention=mask"]
+    square = 65536 * 65536
+    cpu = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml", [*overrides, "device=cpu"])
+    m = cpu.memory
+    assert m.attention_mask_checkpointed == 8 * square + square * 2
+    assert m.attention_mask_full == 8 * square + 32 * square * 2
+    assert m.activations == m.activations_checkpointed + m.attention_mask_checkpointed
+    assert round(m.total / 2**30, 1) == 42.5 + 40.0
+    cuda = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml", [*overrides, "device=cuda"])
+    assert (cuda.memory.attention_mask_checkpointed, cuda.memory.attention_mask_full) == (0, 0)
+    assert round(cuda.memory.total / 2**30, 1) == 42.5
+    note = next(n for n in cuda.notes if n.startswith("long_context.attention: mask"))
+    assert "40.00 GiB checkpointed, 288.00 GiB not" in note
 
 
 def test_fsdp_shards_and_low_bit_optimizer_state():

@@ -14,6 +14,7 @@ from acadlm_plugins.planning.memory import (
     ActivationShape,
     MemoryEstimate,
     activation_bytes,
+    distillation_loss_bytes,
     optimizer_state,
     parameter_bytes,
     rope_table_bytes,
@@ -40,9 +41,12 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
                     teacher: nn.Module | None = None, pruning_numel: int = 0,
                     trains: bool = True,
                     logit_bytes_per_value: int | None = None,
-                    offloaded: bool = False) -> MemoryEstimate:
+                    offloaded: bool = False, kd_positions: int = 0,
+                    attention_mask: tuple[int, int] = (0, 0)) -> MemoryEstimate:
     """The estimate of :mod:`acadlm_plugins.planning.memory` for this run, per GPU
-    (``trains=False``: no gradients and no optimizer state)."""
+    (``trains=False``: no gradients and no optimizer state). ``kd_positions``: the positions
+    the KD loss counts at most (with a ``teacher``); ``attention_mask``: the dense mask's
+    bytes with and without activation checkpointing."""
     world = plan.world_size
     size = torch.finfo(dtype).bits // 8
     params = [p for p in model.parameters() if p.requires_grad] if trains else []
@@ -51,6 +55,9 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
     shape = ActivationShape(tokens=tokens, logit_positions=logit_positions,
                             architecture=plan.source.architecture, bytes_per_value=size,
                             logit_bytes_per_value=logit_bytes_per_value, offloaded=offloaded)
+    kd_loss, gathered = (0, 0) if teacher is None else distillation_bytes(
+        teacher, tokens=tokens, counted_positions=kd_positions, world_size=world,
+        bytes_per_value=size)
     return MemoryEstimate(
         world_size=world, fsdp=world > 1, dtype=plan.dtype or "float32",
         optimizer=state.description if trains else "none (no training step)",
@@ -63,4 +70,27 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
         buffers=rope_table_bytes(model) + (0 if teacher is None else rope_table_bytes(teacher)),
         activations_checkpointed=activation_bytes(shape, checkpointed=True),
         activations_full=activation_bytes(shape, checkpointed=False),
-        activation_checkpointing=checkpointing)
+        activation_checkpointing=checkpointing,
+        distillation_loss=kd_loss, teacher_gathered_weight=gathered,
+        attention_mask_checkpointed=attention_mask[0], attention_mask_full=attention_mask[1])
+
+
+def distillation_bytes(teacher: nn.Module, *, tokens: int, counted_positions: int,
+                       world_size: int, bytes_per_value: int) -> tuple[int, int]:
+    """What a distillation teacher adds per micro-batch of ``tokens`` tokens on a rank (see
+    :mod:`acadlm_plugins.planning.memory`): the KD loss's saved tensors, and the output
+    projection that ``DistillationPlugin.teacher_outputs`` gathers whole under FSDP2 (on one
+    rank the loss saves the parameter itself). A head that is no plain projection hands the
+    loss its float32 logits over all ``tokens`` positions instead, and nothing is gathered."""
+    from acadlm_plugins.plugins.distillation import vocab_size_of
+    from acadlm_plugins.training.distillation_loss import output_projection_weight
+
+    weight = output_projection_weight(teacher)
+    if weight is None:
+        teacher_saved, gathered = tokens * vocab_size_of(teacher) * FLOAT32_BYTES, 0
+    else:
+        vocab, dim = weight.shape
+        teacher_saved = counted_positions * dim * bytes_per_value
+        gathered = vocab * dim * bytes_per_value if world_size > 1 else 0
+    return distillation_loss_bytes(counted_positions=counted_positions,
+                                   teacher_saved=teacher_saved), gathered

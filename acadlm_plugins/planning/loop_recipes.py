@@ -24,7 +24,12 @@ from acadlm_plugins._compat import component_from_path
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.planning import checks
 from acadlm_plugins.planning.estimates import NOT_CHECKED, memory_estimate, run_dtype
-from acadlm_plugins.planning.memory import FLOAT32_BYTES, ActivationShape, activation_bytes
+from acadlm_plugins.planning.memory import (
+    FLOAT32_BYTES,
+    ActivationShape,
+    activation_bytes,
+    dense_mask_bytes,
+)
 from acadlm_plugins.planning.model_shape import build_on_meta, pruning_state_numel, summarize
 from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.pruning.architecture import resolve_target
@@ -117,15 +122,18 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
     tokens = 0 if one_shot else batch * length // sp_degree
     chunk = stage.chunked_loss_tokens if stage is not None else 0
     logit_positions = batch * min(chunk, length // sp_degree) if chunk and tokens else tokens
+    checkpointing = bool(cfg.get("enable_activation_checkpointing", False))
+    attention_mask = (0, 0)
     if stage is not None and stage.attention == "mask":
-        dense = batch * length * length
-        plan.notes.append("long_context.attention: mask: where torchtune has no FlexAttention "
-                          f"it builds a dense [b, S, S] boolean mask ({dense / 2**30:.1f} GiB "
-                          "per micro-batch), not counted in the activations.")
+        attention_mask = _dense_mask(plan, batch=batch, length=length, accumulation=accumulation,
+                                     dtype=dtype)
+    # Distillation runs only in the continued pre-training loop (no sequence parallelism): the
+    # KD loss counts every position whose next-token label exists, at most.
+    kd_positions = batch * (length - 1) if teacher is not None and tokens else 0
     plan.memory = memory_estimate(
         cfg, plan, model, dtype, tokens=tokens, logit_positions=logit_positions,
-        checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
-        teacher=teacher, pruning_numel=pruning_numel, trains=not one_shot)
+        checkpointing=checkpointing, teacher=teacher, pruning_numel=pruning_numel,
+        trains=not one_shot, kd_positions=kd_positions, attention_mask=attention_mask)
     if one_shot:
         # No backward pass: the activations are those of one calibration batch's forward.
         forward = _calibration_forward_bytes(plan, pruning, length, dtype)
@@ -232,6 +240,37 @@ def _pack_length(cfg: DictConfig) -> int:
         raise ConfigError("dataset.max_seq_len", f"is {value!r}; the packs need a length.",
                           "set dataset.max_seq_len to the pack length in tokens.")
     return value
+
+
+def _dense_mask(plan: TrainingPlan, *, batch: int, length: int, accumulation: int,
+                dtype: torch.dtype) -> tuple[int, int]:
+    """``long_context.attention: mask``: the dense mask's bytes with and without activation
+    checkpointing (``memory.dense_mask_bytes``), counted for a run on a device without
+    FlexAttention. torchtune uses FlexAttention on every CUDA GPU of compute capability 7.5
+    and above (``_SUPPORTS_FLEX_ATTENTION``), where the mask is a ``BlockMask``: for a CUDA run
+    the note gives the figure an older GPU would add, and nothing is counted."""
+    size = torch.finfo(dtype).bits // 8
+    layers = plan.source.architecture.num_layers
+    checkpointed, full = (
+        dense_mask_bytes(batch=batch, seq_len=length, micro_batches=accumulation,
+                         num_layers=layers, bytes_per_value=size, checkpointed=flag)
+        for flag in (True, False))
+    square = batch * length * length
+    detail = (f"the boolean [b, S, S] mask of each of the step's {accumulation} micro-batches "
+              f"({accumulation} x {square / 2**30:.2f} GiB, all on the device before the first "
+              f"forward) and the additive copy of it that SDPA saves in every layer ({layers} x "
+              f"{square * size / 2**30:.2f} GiB; with activation checkpointing one, the "
+              f"recomputed layer's): {checkpointed / 2**30:.2f} GiB checkpointed, "
+              f"{full / 2**30:.2f} GiB not")
+    if torch.device(plan.device).type == "cuda":
+        plan.notes.append(
+            "long_context.attention: mask: on a GPU of compute capability 7.5 or above torchtune "
+            "uses FlexAttention and the mask is a BlockMask, not counted; on an older GPU it "
+            f"builds dense masks, which the total above leaves out: {detail}.")
+        return 0, 0
+    plan.notes.append(f"long_context.attention: mask on {plan.device} (no FlexAttention): the "
+                      f"activations count the dense masks: {detail}.")
+    return checkpointed, full
 
 
 def _enabled(pm: Any, name: str) -> Any | None:

@@ -43,21 +43,44 @@ tokens on this rank, ``t = batch x seq_len / sequence_parallel_degree``)::
     with it (torchtune wraps every layer):  L x t x h x bytes + per_layer + head + logits
     (with torchtune's activation offloading the L x t x h x bytes live in CPU memory)
 
+Held per micro-batch besides the layers' activations, where the run has them::
+
+    KD loss      = p x (D_t x bytes + 4 + 4 + 8)
+                   (distillation: what the chunked KD loss's autograd Function saves until the
+                   backward pass: the teacher's final hidden state at the counted positions,
+                   each position's two float32 log-sum-exps and its int64 row index;
+                   p = batch x (seq_len - 1), every position that has a next-token label, an
+                   upper bound when labels are ignored; D_t the teacher's hidden size; for a
+                   teacher head that is no plain projection, its float32 logits t x V x 4
+                   replace p x D_t x bytes. The student's logits it saves are the loop's own.)
+    gathered     = V x D_t x bytes when W > 1, else 0
+                   (distillation under FSDP2: the teacher's output projection --
+                   tok_embeddings for tied embeddings -- gathered whole by full_tensor(), a new
+                   tensor beside the rank's shard, kept until the backward pass; on one rank
+                   the loss saves the parameter itself, no new bytes)
+    dense mask   = A x batch x S x S + L x batch x S x S x bytes
+                   (long_context.attention: mask on a device without FlexAttention: the
+                   boolean [batch, S, S] masks of the step's A accumulation micro-batches, all on
+                   the device before the first forward, and the additive copy of the mask that
+                   SDPA saves in every layer; with checkpointing one copy, the recomputed
+                   layer's. S is the full length: under sequence parallelism every rank
+                   attends over it.)
+
 Measured (``tests/test_plan_activation_memory.py``): on CPU, ``L x per_layer + head`` and
 ``L x t x h x bytes + head`` (checkpointed, after the forward pass) equal the bytes of the
 storages autograd saves, in bf16 and in fp32. Under bf16 the RMSNorm's float32 input and bf16
 scale differ in dtype, so ``F.rms_norm`` takes its composite path on every device; under fp32
 a GPU may take the fused kernel, which does not save the normalized copy (the fp32 estimate is
-then up to t x h x 4 per norm high; not measured on a GPU).
+then up to t x h x 4 per norm high; not measured on a GPU). The same test measures the KD
+loss's saved bytes (one process, and the gathered weight on two gloo ranks) and SDPA's saved
+mask copies, on CPU.
 
 Not counted: temporary buffers inside a kernel, the gradients of activations during the
 backward pass (at the loss: two float32 n x V buffers), FSDP's all-gather buffers (about two
 layers' full weights), communication buffers, the CUDA context (0.5-1 GiB), allocator
 fragmentation, the mask hooks' extra copies while pruning, a distillation teacher's own
-(no-grad, one layer at a time) activations, and a dense [b, S, S] attention mask (torchtune
-builds one only for ``long_context.attention: mask`` without FlexAttention; the plan notes its
-size), nor the additive copy of it that SDPA saves in every layer (L x b x S x S x bytes,
-measured on CPU).
+(no-grad, one layer at a time) activations and the KD loss's float32 vocabulary chunks (a few
+counted tokens x vocab_chunk_size at a time), and a FlexAttention ``BlockMask``.
 """
 
 from __future__ import annotations
@@ -83,6 +106,7 @@ LOW_BIT_STATE = {"AdamW8bit": (1.0, 256), "Adam8bit": (1.0, 256), "AdamWFp8": (1
 MIN_QUANTIZED_NUMEL = 4096          # torchao (like bitsandbytes) quantizes only tensors this big
 PLUGIN_STATE_COPIES = 4             # value, gradient, exp_avg, exp_avg_sq
 FLOAT32_BYTES = 4
+INT64_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -122,22 +146,31 @@ class MemoryEstimate:
     activations_checkpointed: int
     activations_full: int
     activation_checkpointing: bool
+    distillation_loss: int = 0              # KD loss: what its autograd Function saves
+    teacher_gathered_weight: int = 0        # the teacher's output projection gathered whole
+    attention_mask_checkpointed: int = 0    # dense mask: boolean masks + one saved copy
+    attention_mask_full: int = 0            # dense mask: boolean masks + a copy per layer
 
     @property
     def static(self) -> int:
-        """Everything but the activations."""
+        """What lives through the whole run: weights, gradients, states, buffers."""
         return (self.weights + self.gradients + self.optimizer_state + self.pruning_state
                 + self.teacher_weights + self.buffers)
 
     @property
     def activations(self) -> int:
-        """The activation estimate for the config's own activation-checkpointing setting."""
-        return (self.activations_checkpointed if self.activation_checkpointing
-                else self.activations_full)
+        """What one micro-batch saves for its backward pass, for the config's own
+        activation-checkpointing setting: the layers' activations, the dense attention mask and
+        the KD loss's saved tensors."""
+        if self.activation_checkpointing:
+            layers, mask = self.activations_checkpointed, self.attention_mask_checkpointed
+        else:
+            layers, mask = self.activations_full, self.attention_mask_full
+        return layers + mask + self.distillation_loss
 
     @property
     def total(self) -> int:
-        return self.static + self.activations
+        return self.static + self.teacher_gathered_weight + self.activations
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "static": self.static, "activations": self.activations,
@@ -228,3 +261,23 @@ def activation_bytes(shape: ActivationShape, *, checkpointed: bool) -> int:
         layer_inputs = 0 if shape.offloaded else a.num_layers * shape.tokens * a.embed_dim * b
         return layer_inputs + per_layer + head + logits
     return a.num_layers * per_layer + head + logits
+
+
+def distillation_loss_bytes(*, counted_positions: int, teacher_saved: int) -> int:
+    """What the chunked KD loss (``training/distillation_loss._ChunkedForwardKL``) saves for the
+    backward pass beside the student's logits: ``teacher_saved`` (the teacher's final hidden
+    state at the counted positions, or its float32 logits for a head that is no plain
+    projection), and per counted position the two float32 log-sum-exps and the int64 row
+    index."""
+    return teacher_saved + counted_positions * (2 * FLOAT32_BYTES + INT64_BYTES)
+
+
+def dense_mask_bytes(*, batch: int, seq_len: int, micro_batches: int, num_layers: int,
+                     bytes_per_value: int, checkpointed: bool) -> int:
+    """``dense mask`` of the module docstring: the boolean ``[b, S, S]`` mask of each of the
+    step's micro-batches (the loop moves them all to the device before the first forward) and
+    the additive copy SDPA saves in each layer (one, the recomputed layer's, with activation
+    checkpointing)."""
+    square = batch * seq_len * seq_len
+    copies = 1 if checkpointed else num_layers
+    return micro_batches * square + copies * square * bytes_per_value

@@ -14,8 +14,9 @@ ACTIVATION_FORMULA = (
     "activations per micro-batch of t tokens on a rank: norm = h x (bytes + 8) + 4; per layer "
     "t x [2 x norm + (4·H·d + 4·I) x bytes + 4·H]; head t x norm; logits n x V x (bytes + 8); "
     "checkpointed: L x t x h x bytes + one layer + head + logits, else L x per layer + head + "
-    "logits (an estimate: no kernel workspaces, FSDP buffers, CUDA context or fragmentation; "
-    "see docs/planning.md)")
+    "logits; plus, where the run has them, the KD loss's saved p x (D_t x bytes + 16) and the "
+    "teacher's gathered V x D_t output weight, and the dense attention masks (an estimate: no "
+    "kernel workspaces, FSDP buffers, CUDA context or fragmentation; see docs/planning.md)")
 
 
 def plan_json(plan: TrainingPlan) -> str:
@@ -106,9 +107,16 @@ def _memory_lines(plan: TrainingPlan) -> list[str]:
         rows.append(("pruning gates + multipliers", m.pruning_state))
     if m.teacher_weights:
         rows.append((f"distillation teacher ({m.dtype})", m.teacher_weights))
+    if m.teacher_gathered_weight:
+        rows.append(("teacher output weight, gathered", m.teacher_gathered_weight))
     rows.append(("buffers (RoPE tables)", m.buffers))
     rows += [("activations, checkpointed", m.activations_checkpointed),
              ("activations, not checkpointed", m.activations_full)]
+    if m.attention_mask_full:
+        rows += [("attention masks, checkpointed", m.attention_mask_checkpointed),
+                 ("attention masks, not checkpointed", m.attention_mask_full)]
+    if m.distillation_loss:
+        rows.append(("KD loss (saved for backward)", m.distillation_loss))
     where = "GPU" if str(plan.device).startswith("cuda") else f"process ({plan.device})"
     lines = [f"memory per {where} (estimate; {shards})"]
     lines += [f"  {label:<36}{_size(value):>12}" for label, value in rows]
