@@ -88,3 +88,23 @@ def test_sft_and_judgment_files_report_an_unterminated_string_in_one_sentence(tm
         _judgment_row('{"pair_id": "unterminated\n', "judgments.jsonl:1")
     assert "judgments.jsonl:1: not valid JSON (Unterminated string starting at column 13)" in (
         str(err.value))
+
+
+def test_the_token_cache_key_changes_with_the_tokenizer_definition(tmp_path):
+    """A normalizer added to tokenizer.json leaves the probe's ids as they were but changes
+    other texts' ids: the cache key must change with it, or stale tokens would be served."""
+    from tiny_setup import write_tiny_tokenizer
+
+    from acadlm_plugins.data.tokenization import tokenizer_fingerprint
+    from acadlm_plugins.models import smollm2_tokenizer
+
+    folder = write_tiny_tokenizer(tmp_path / "tok")
+    before = smollm2_tokenizer(str(folder))
+    definition = json.loads((folder / "tokenizer.json").read_text())
+    definition["normalizer"] = {"type": "NFKC"}
+    (folder / "tokenizer.json").write_text(json.dumps(definition))
+    after = smollm2_tokenizer(str(folder))
+    text = "\ufb01le \u00bd \u2460"  # ligature fi, one half, circled 1: NFKC rewrites them
+    assert before.encode(text) != after.encode(text)
+    assert tokenizer_fingerprint(before) != tokenizer_fingerprint(after)
+    assert tokenizer_fingerprint(after) == tokenizer_fingerprint(smollm2_tokenizer(str(folder)))

@@ -77,11 +77,26 @@ def _groups(items: Iterable[str], size: int, *,
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash that changes whenever the tokenizer would tokenize differently."""
+    """A short hash that changes whenever the tokenizer would tokenize differently: its class,
+    vocabulary size, the ids of a probe text with BOS/EOS and, for a Hugging Face
+    ``tokenizer.json`` tokenizer, its whole definition (a changed normalizer or merge list can
+    leave the probe's ids as they were and still change other texts')."""
     probe = tokenizer.encode(_PROBE, add_bos=True, add_eos=True)
     vocab = getattr(tokenizer, "vocab_size", None)
-    parts = f"{type(tokenizer).__qualname__}|{vocab}|{probe}"
+    definition = hashlib.sha256(_tokenizer_definition(tokenizer).encode()).hexdigest()
+    parts = f"{type(tokenizer).__qualname__}|{vocab}|{probe}|{definition}"
     return hashlib.sha256(parts.encode()).hexdigest()[:16]
+
+
+def _tokenizer_definition(tokenizer) -> str:
+    """The JSON of the Rust tokenizer under ours (``SmolLM2Tokenizer._base.tokenizer``) or
+    torchtune's ``HuggingFaceBaseTokenizer`` (``.tokenizer``); empty for other tokenizers,
+    whose fingerprint then rests on the probe."""
+    for rust in (getattr(getattr(tokenizer, "_base", None), "tokenizer", None),
+                 getattr(tokenizer, "tokenizer", None)):
+        if callable(getattr(rust, "to_str", None)):
+            return rust.to_str()
+    return ""
 
 
 def load_or_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "text",
