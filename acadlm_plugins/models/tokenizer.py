@@ -101,7 +101,9 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
 
     ``pad_id`` is tokenizer_config.json's ``pad_token``, else generation_config.json's
     ``pad_token_id``, else ``eos_id``. ``document_separator_id`` is ``<|endoftext|>``, the token
-    both families were pre-trained with between documents.
+    both families were pre-trained with between documents; it is a stop token here, and corpus
+    documents are framed with ``bos_id``/``eos_id`` as torchtune frames them (for
+    SmolLM2-Instruct: ``<|im_start|>`` ... ``<|im_end|>``; see docs/data_mixtures.md).
 
     Args:
         tokenizer_json_path (str): the model's ``tokenizer.json``.
