@@ -108,3 +108,66 @@ def test_the_token_cache_key_changes_with_the_tokenizer_definition(tmp_path):
     assert before.encode(text) != after.encode(text)
     assert tokenizer_fingerprint(before) != tokenizer_fingerprint(after)
     assert tokenizer_fingerprint(after) == tokenizer_fingerprint(smollm2_tokenizer(str(folder)))
+
+
+def test_a_lone_surrogate_is_a_data_error_naming_the_line_at_read_time(tmp_path):
+    """JSON accepts "\\ud800" on its own; it used to pass the reader and fail inside the
+    tokenizer with a TypeError/UnicodeEncodeError that named no file. An escaped pair (an emoji
+    as json.dumps writes it) is a real character and stays."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "smile \U0001f600"}) + "\n"
+                    + '{"text": "bad \\ud800 surrogate"}\n')
+    assert '\\ud83d\\ude00' in docs.read_text()
+    with pytest.raises(DataError) as err:
+        read_texts([docs])
+    message = str(err.value)
+    assert f"{docs}:2: field 'text' holds a lone UTF-16 surrogate (\\ud800 at character 5" in (
+        message)
+    assert "Fix: repair or delete that line." in message
+    docs.write_text(json.dumps({"text": "smile \U0001f600"}) + "\n")
+    assert read_texts([docs]) == ["smile \U0001f600"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_opening_the_file_is_accepted(tmp_path, suffix):
+    """It was refused at line 1 ("Unexpected UTF-8 BOM"), and the advice to delete that line
+    cost a document."""
+    docs = tmp_path / f"docs{suffix}"
+    docs.write_bytes(b'\xef\xbb\xbf{"text": "aa"}\n{"text": "bbb"}\n')
+    assert read_texts([docs]) == ["aa", "bbb"]
+    docs.write_bytes(b'\xef\xbb\xbf{"text": "caf\xe9"}\n')  # columns count after the mark
+    with pytest.raises(DataError, match=r"docs\.jsonl?:1: byte 0xe9 at column 14 is not UTF-8"):
+        read_texts([docs])
+    docs.write_bytes(b'{"text": "aa"}\n\xef\xbb\xbf{"text": "bbb"}\n')  # only at the start
+    with pytest.raises(DataError, match=r":2: not valid JSON \(Unexpected UTF-8 BOM"):
+        read_texts([docs])
+
+
+def test_a_null_text_is_an_error_and_skipped_texts_are_counted_per_file(tmp_path, caplog):
+    """A null text was dropped without a word, though the docstring says a text that is not a
+    string raises (as the QuRating readers do); empty and whitespace-only texts are still
+    skipped, but each file logs how many."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(DataError, match=rf"{docs}:2: the row's 'text' is null, not a string\. "
+                                        r"Fix: give the line its text, or delete it\."):
+        read_texts([docs])
+    table = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["fine", None]}), table)
+    with pytest.raises(DataError, match=rf"{table}:2: the row's 'text' is null.*the row its"):
+        read_texts([table])
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a", "", " \n\t ", "b"]))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "c"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps({"text": "d"}) + "\n")
+    with caplog.at_level(logging.INFO, logger="acadlm_plugins.data.documents"):
+        assert read_texts([docs, other, clean]) == ["a", "b", "c", "d"]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [f"{docs}: skipped 2 empty or whitespace-only texts",
+                       f"{other}: skipped 1 empty or whitespace-only text"]

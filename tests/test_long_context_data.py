@@ -210,6 +210,52 @@ def test_mixture_works_with_the_batch_sampler_and_collate(corpus):
     assert len(ds) == sum(ds.corpus.num_packs)
 
 
+def test_resuming_on_changed_source_text_is_refused_and_on_the_same_text_accepted(corpus,
+                                                                                  tmp_path):
+    """Streamed packs had no content digest, so the sampler skipped the check that refuses
+    changed in-memory domains: a source rewritten with other text and the same pack counts was
+    resumed silently. The digest rests on the token store's content key (no second pass over
+    the tokens); the same text, even re-tokenized into a fresh cache, resumes."""
+    def build(cache):
+        return long_short_mixture(ByteTokenizer(), sources=tiny_sources(corpus), max_seq_len=64,
+                                  cache_dir=cache)
+
+    ds = build(tmp_path / "cache")
+    sampler = DomainBatchSampler.for_dataset(ds, batch_size=4, seed=1)
+    _ = [sampler.next_batch() for _ in range(3)]
+    state = sampler.state_dict()
+    expected = [sampler.next_batch() for _ in range(5)]
+    assert state["content"] is not None and len(set(state["content"])) == 3
+
+    resumed = DomainBatchSampler.for_dataset(build(tmp_path / "other_cache"), batch_size=4,
+                                             seed=1)
+    resumed.load_state_dict(state)  # unchanged text: accepted, the same batches follow
+    assert [resumed.next_batch() for _ in range(5)] == expected
+
+    train = corpus / "prose" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    rows[0]["text"] = rows[0]["text"].upper()  # same bytes per text: same packs, other tokens
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = build(tmp_path / "cache")
+    assert changed.corpus.num_packs == ds.corpus.num_packs
+    assert changed[(0, 0)]["tokens"].tolist() != ds[(0, 0)]["tokens"].tolist()
+    with pytest.raises(DataError, match=r"the text of domains \['prose'\] changed"):
+        DomainBatchSampler.for_dataset(changed, batch_size=4, seed=1).load_state_dict(state)
+
+
+def test_streamed_packs_without_a_store_key_digest_their_tokens_and_selection():
+    docs = TokenizedDocuments.from_lists([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+    other = TokenizedDocuments.from_lists([[5, 6, 7], [8, 9], [10, 11, 12, 14]])
+
+    def digest(documents, **kwargs):
+        return StreamingPackedSequences(documents, 4, PAD, **kwargs).content_digest()
+
+    assert digest(docs) == digest(TokenizedDocuments.from_lists([[5, 6, 7], [8, 9],
+                                                                 [10, 11, 12, 13]]))
+    assert len({digest(docs), digest(other), digest(docs, min_tokens=3),
+                digest(docs, mode="whole"), digest(docs, content_key="k")}) == 5
+
+
 def test_component_from_a_yaml_config(corpus):
     from torchtune import config
 

@@ -8,15 +8,23 @@ read up front and every problem is reported with the file, the line and the fix.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
+import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from acadlm_plugins.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 SUPPORTED_KINDS = ".jsonl, .json (read as JSON Lines) or .parquet"
+# Half of a UTF-16 pair on its own: JSON lets "\ud800" through, but it is not a character and
+# no tokenizer can encode it (it fails later with an error that names no file).
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) -> list[Path]:
@@ -67,15 +75,22 @@ def iter_texts(files: Sequence[Path], *, text_field: str = "text") -> Iterator[s
     """Yield the text of every document in ``files``, in order.
 
     Raises :class:`DataError` naming the file and line for a line that is not a JSON object,
-    a row without ``text_field``, or a text that is not a string, and naming the file for a
-    parquet file that cannot be read. Empty and whitespace-only texts are skipped: they carry
-    nothing to learn from.
+    a row without ``text_field``, a text that is not a string (null included) or one holding
+    a lone UTF-16 surrogate (``"\\ud800"``, which JSON accepts but no tokenizer can encode),
+    and naming the file for a parquet file that cannot be read. Empty and whitespace-only
+    texts are skipped: they carry nothing to learn from; how many is logged once per file.
     """
     for file in files:
         reader = _iter_parquet_texts if file.suffix == ".parquet" else _iter_jsonl_texts
+        skipped = 0
         for text in reader(file, text_field):
             if text.strip():
                 yield text
+            else:
+                skipped += 1
+        if skipped:
+            log.info("%s: skipped %d empty or whitespace-only text%s", file, skipped,
+                     "" if skipped == 1 else "s")
 
 
 def read_texts(files: Sequence[Path], *, text_field: str = "text") -> list[str]:
@@ -87,9 +102,13 @@ def read_texts(files: Sequence[Path], *, text_field: str = "text") -> list[str]:
 def iter_jsonl_lines(file: Path) -> Iterator[tuple[int, str]]:
     """Yield ``(line number, text)`` for each line of a UTF-8 file; bytes that are not UTF-8
     raise :class:`DataError` naming the file, the line and the byte, rather than a bare
-    ``UnicodeDecodeError`` with neither."""
+    ``UnicodeDecodeError`` with neither. A UTF-8 byte order mark opening the file (as some
+    Windows editors write) is dropped, not taken for the start of the first line's JSON; the
+    columns of line 1 are then counted after it."""
     with open(file, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 yield line_no, raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -160,9 +179,20 @@ def _text_of(row: object, file: Path, line_no: int, text_field: str) -> str:
         raise DataError(f"{file}:{line_no}: the row has no {text_field!r} field (keys: "
                         f"{sorted(row)}). Fix: set `text_field` in the dataset config.")
     text = row[text_field]
+    unit = "row" if file.suffix == ".parquet" else "line"
     if text is None:
-        return ""
+        raise DataError(f"{file}:{line_no}: the row's {text_field!r} is null, not a string. "
+                        f"Fix: give the {unit} its text, or delete it.")
     if not isinstance(text, str):
         raise DataError(f"{file}:{line_no}: field {text_field!r} is {type(text).__name__}, "
                         "not a string.")
+    if not text.isascii():  # an ASCII str (a flag, no scan) holds no surrogate
+        lone = _LONE_SURROGATE.search(text)
+        if lone is not None:
+            raise DataError(
+                f"{file}:{line_no}: field {text_field!r} holds a lone UTF-16 surrogate "
+                f"(\\u{ord(lone.group()):04x} at character {lone.start() + 1} of the text): half "
+                "of an escaped pair, which is not a character and cannot be encoded as UTF-8 "
+                "(the writer split an emoji or cut the text inside a pair). Fix: repair or "
+                f"delete that {unit}.")
     return text

@@ -48,7 +48,9 @@ from acadlm_plugins.data.packing import PackingMode, PositionMode, TokenizedDocu
 from acadlm_plugins.data.streaming import (
     StreamingPackedSequences,
     check_length_bounds,
-    stream_tokenize,
+    open_token_store,
+    store_content_key,
+    stream_token_store,
 )
 from acadlm_plugins.errors import ConfigError, DataError
 
@@ -103,17 +105,21 @@ def long_short_mixture(tokenizer, *, sources: Mapping[str, Mapping[str, Any]], m
         raise ConfigError(f"{config_key}.max_seq_len", f"must be an integer >= 2, got {max_seq_len!r}.")
     specs = _checked_sources(sources, text_field, config_key)
     pad_id = _pad_id(tokenizer)
-    stores: dict[tuple[tuple[str, ...], str], TokenizedDocuments] = {}
+    stores: dict[tuple[tuple[str, ...], str], tuple[TokenizedDocuments, str]] = {}
     packs: dict[str, StreamingPackedSequences] = {}
     for name, spec in specs.items():
         key = (tuple(str(f) for f in spec["files"]), spec["text_field"])
         if key not in stores:  # two sources over the same files share one token store
-            stores[key] = stream_tokenize(spec["files"], tokenizer,
-                                          text_field=spec["text_field"], cache_dir=cache_dir,
-                                          desc=f"tokenizing {name}")
-        packs[name] = StreamingPackedSequences(stores[key], max_seq_len, pad_id, mode=packing,
+            store = stream_token_store(spec["files"], tokenizer, text_field=spec["text_field"],
+                                       cache_dir=cache_dir, desc=f"tokenizing {name}")
+            stores[key] = open_token_store(store), store_content_key(store)
+        docs, content_key = stores[key]
+        # The store's content key gives the packs a digest without reading the tokens again:
+        # a resumed run refuses sources whose text changed (DomainBatchSampler).
+        packs[name] = StreamingPackedSequences(docs, max_seq_len, pad_id, mode=packing,
                                                min_tokens=spec["min_tokens"],
-                                               max_tokens=spec["max_tokens"])
+                                               max_tokens=spec["max_tokens"],
+                                               content_key=content_key)
         _require_documents(name, spec, packs[name], config_key)
     corpus = PackedDomainCorpus(packs, positions=positions)
     shares = np.asarray([specs[n]["share"] for n in corpus.domain_names])

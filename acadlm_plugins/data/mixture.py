@@ -73,14 +73,17 @@ class PackedDomainCorpus:
         return self._packs[0].max_seq_len
 
     def content_digests(self) -> list[str] | None:
-        """A sha256 of every domain's packed tokens, in domain order: what a resumed run checks
-        its data against (the same files give the same digests wherever they were moved).
-        None for packs streamed from disk (the long-context corpora), which are not hashed."""
-        if any(not hasattr(packs, "tokens") for packs in self._packs):
-            return None
+        """A sha256 of every domain's packs, in domain order: what a resumed run checks its
+        data against (the same files give the same digests wherever they were moved). Packs in
+        memory hash their tokens; packs streamed from disk (the long-context corpora) give
+        their own ``content_digest()``, which rests on their token store's content key (the
+        files' names and bytes and the tokenizer) and the length filter and packing, so the
+        tokens are not read again. None when some domain's packs have neither."""
         if self._digests is None:
-            self._digests = [hashlib.sha256(np.ascontiguousarray(packs.tokens).data).hexdigest()
-                             for packs in self._packs]
+            digests = [_pack_digest(packs) for packs in self._packs]
+            if any(digest is None for digest in digests):
+                return None
+            self._digests = digests
         return self._digests
 
     def packs(self, domain: str) -> PackedSequences:
@@ -90,6 +93,16 @@ class PackedDomainCorpus:
         sample = self._packs[domain_index].sample(pack_index, positions=self.positions)
         sample["domain"] = domain_index
         return sample
+
+
+def _pack_digest(packs: Any) -> str | None:
+    """:meth:`PackedDomainCorpus.content_digests` for one domain."""
+    own = getattr(packs, "content_digest", None)
+    if own is not None:
+        return own()
+    if hasattr(packs, "tokens"):
+        return hashlib.sha256(np.ascontiguousarray(packs.tokens).data).hexdigest()
+    return None
 
 
 def build_packed_corpus(tokenizer, domain_files: Mapping[str, Sequence[Path]], *,

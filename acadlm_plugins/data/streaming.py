@@ -16,7 +16,9 @@ document); after, it is a few int64 per document and per pack.
 dataset and sampler use it unchanged, and it yields exactly the samples ``pack_documents``
 yields for the same documents. It never copies the tokens: a length filter (``min_tokens``,
 ``max_tokens``) selects documents, and packs address the virtual concatenation of the selected
-ones. ``split`` packs are computed on demand from the offsets (``np.searchsorted``); ``whole``
+ones. Its :meth:`~StreamingPackedSequences.content_digest` names the packs' content (the store's
+content key with the filter and packing), so a resumed run can refuse changed data without
+hashing the tokens again. ``split`` packs are computed on demand from the offsets (``np.searchsorted``); ``whole``
 packs come from a plan (first/last document and fill of every pack) made in one pass over the
 document lengths.
 """
@@ -24,6 +26,7 @@ document lengths.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import mmap
 import operator
@@ -84,6 +87,20 @@ def stream_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "text
     Memory is bounded by ``chunk_tokens`` buffered tokens plus one encoding batch (up to 64
     texts, closed early at ``batch_chars`` characters; a single longer text is one batch).
     """
+    return open_token_store(stream_token_store(
+        files, tokenizer, text_field=text_field, cache_dir=cache_dir, add_bos=add_bos,
+        add_eos=add_eos, chunk_tokens=chunk_tokens, batch_chars=batch_chars, desc=desc))
+
+
+def stream_token_store(files: Sequence[Path], tokenizer, *, text_field: str = "text",
+                       cache_dir: str | Path | None = None, add_bos: bool = True,
+                       add_eos: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                       batch_chars: int = DEFAULT_BATCH_CHARS,
+                       desc: str = "tokenizing") -> Path:
+    """The token store of ``files`` (written as :func:`stream_tokenize` says, or reused), named
+    ``<content key><STORE_SUFFIX>``: the key (:func:`store_content_key`) is
+    :func:`~acadlm_plugins.data.tokenization.corpus_cache_key`, a sha256 of the files' names and
+    bytes, the tokenizer's fingerprint, the text field and the BOS/EOS choice."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else _scratch_dir()
     key = corpus_cache_key(files, tokenizer, text_field=text_field, add_bos=add_bos,
                            add_eos=add_eos)
@@ -95,7 +112,13 @@ def stream_tokenize(files: Sequence[Path], tokenizer, *, text_field: str = "text
                                    add_bos=add_bos, add_eos=add_eos, desc=desc,
                                    batch_chars=batch_chars)
         write_token_store(arrays, store, chunk_tokens=chunk_tokens)
-    return open_token_store(store)
+    return store
+
+
+def store_content_key(store: str | Path) -> str:
+    """The content key of a store made by :func:`stream_token_store` (its folder's name): the
+    same key, the same tokens."""
+    return Path(store).name.removesuffix(STORE_SUFFIX)
 
 
 def write_token_store(documents: Iterable[np.ndarray], directory: str | Path, *,
@@ -218,11 +241,15 @@ class StreamingPackedSequences:
     what ``pack_documents`` gives for the documents the length filter keeps (documents with
     ``min_tokens <= length <= max_tokens``; empty documents never take part), and ``stats``
     accounts for those documents; ``filter_stats`` says what the filter kept of all of them.
+
+    ``content_key``: a key that changes whenever ``docs``' tokens do (a token store's
+    :func:`store_content_key`); :meth:`content_digest` rests on it, or, without one, on a hash of
+    the tokens.
     """
 
     def __init__(self, docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,
                  mode: PackingMode = "split", min_tokens: int = 0,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, content_key: str | None = None) -> None:
         max_seq_len = check_max_seq_len(max_seq_len)
         if mode not in ("split", "whole"):
             raise ConfigError("packing", f"unknown packing mode {mode!r}.",
@@ -231,6 +258,9 @@ class StreamingPackedSequences:
         self.pad_id = int(pad_id)
         self.mode = mode
         self._docs = docs
+        self._content_key = content_key
+        self._digest: str | None = None
+        self._min_tokens, self._max_tokens = min_tokens, max_tokens
         self._max_seq_len = int(max_seq_len)
         lengths = np.diff(docs.offsets)
         keep = lengths >= max(min_tokens, 1)
@@ -267,6 +297,27 @@ class StreamingPackedSequences:
                                   packs=num_packs, documents_split=cuts_inside,
                                   max_seq_len=self._max_seq_len, mode=mode)
         check_token_accounting(self.stats)
+
+    def content_digest(self) -> str:
+        """A sha256 that changes whenever the packs' tokens may have: over the documents'
+        content key (else their tokens and offsets, read once) and the length filter and
+        packing that select and lay them out. What a resumed run checks its data against (see
+        :meth:`~acadlm_plugins.data.mixture.PackedDomainCorpus.content_digests`)."""
+        if self._digest is None:
+            digest = hashlib.sha256()
+            if self._content_key is not None:
+                digest.update(f"store {self._content_key}".encode())
+            else:
+                digest.update(np.ascontiguousarray(self._docs.offsets, dtype="<i8").data)
+                tokens = self._docs.tokens
+                block = 1 << 24
+                for start in range(0, len(tokens), block):
+                    digest.update(np.ascontiguousarray(tokens[start : start + block],
+                                                       dtype=TOKEN_DTYPE).data)
+            digest.update(f"|{self.mode}|{self._max_seq_len}|{self._min_tokens}|"
+                          f"{self._max_tokens}".encode())
+            self._digest = digest.hexdigest()
+        return self._digest
 
     @property
     def documents(self) -> TokenizedDocuments:
@@ -435,5 +486,5 @@ def _plan_whole_packs(lengths: np.ndarray, max_seq_len: int) -> tuple[np.ndarray
 
 
 __all__ = ["LengthFilterStats", "StreamingPackedSequences", "check_length_bounds",
-           "open_token_store", "stream_tokenize", "token_store_is_complete",
-           "write_token_store"]
+           "open_token_store", "store_content_key", "stream_token_store", "stream_tokenize",
+           "token_store_is_complete", "write_token_store"]
