@@ -335,8 +335,10 @@ class ContinuedPretrainRecipe:
                    "tokens_per_second": global_tokens / elapsed,
                    "step_tokens": int(global_tokens), "tokens_seen": seen,
                    "grad_norm": float(grad_norm)}
-        for name, value in extra_totals.items():
-            metrics[f"loss/{name}"] = value
+        # Each term as trained: FSDP averages its gradient over ranks, so its mean over ranks
+        # (every rank has the same terms, reduced here in the same order).
+        for name in sorted(extra_totals):
+            metrics[f"loss/{name}"] = self._all_reduce_sum(extra_totals[name]) / self._world_size
         # per-domain losses over the global batch, not rank 0's slice
         domain_sums, domain_counts = runtime.all_reduce_sum(
             torch.stack([domain_sums, domain_counts]), distributed=self._distributed,

@@ -328,8 +328,11 @@ def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tmp_path):
         run_tune_subprocess("acadlm_plugins/continued_pretrain_recipe", args, cwd=tmp_path,
                             log_file=tmp_path / f"ranks{nproc}.log", nproc=nproc, timeout=180)
         runs[nproc] = out
-    for step, value in logged(runs[1], "distillation/kl").items():
-        assert logged(runs[2], "distillation/kl")[step] == pytest.approx(value, rel=1e-5, abs=1e-8)
+    for key in ("distillation/kl", "loss/distillation", "loss"):  # loss/...: over all ranks
+        one_process = logged(runs[1], key)
+        assert sorted(one_process) == [1, 2, 3], key
+        for step, value in one_process.items():
+            assert logged(runs[2], key)[step] == pytest.approx(value, rel=1e-5, abs=1e-8), key
     assert_adam_runs_agree(final_weights(runs[2]), final_weights(runs[1]), lr=TINY_LR, steps=3)
 
 
