@@ -11,7 +11,10 @@ Pairs are sampled from a local corpus (``pairs.data``: jsonl/parquet files or ou
 judged by a local model (``judge.kind: local``) or an OpenAI-compatible server
 (``judge.kind: openai``), and written to ``<output_dir>/judgments.jsonl`` with
 ``judgments.rejected.jsonl`` and ``judgments.summary.json`` beside it. Running the same command
-again resumes an interrupted run. See :mod:`acadlm_plugins.qurating.judging` for the method.
+again resumes an interrupted run; one with another judge model, dtype, prompting, prompt
+template or ``judge.min_answer_mass`` is refused naming the key, since its labels would be mixed
+with the file's (``labelled_by`` in the summary). See :mod:`acadlm_plugins.qurating.judging` for
+the method.
 
 An optional ``metric_logger`` block (any torchtune metric logger, e.g. ``DiskLogger``) gets the
 throughput after every batch of pairs: ``prompts_per_second`` and ``pairs_per_second``, at the

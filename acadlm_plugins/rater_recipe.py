@@ -10,10 +10,13 @@ built through :func:`acadlm_plugins.models.hf_model_spec`) gets one scalar head 
 and is trained end to end with the Bradley-Terry loss on the pairs whose judgment is confident
 (``|p - 0.5| >= margin``; see :mod:`acadlm_plugins.qurating.rater`). Held-out pairwise
 accuracy (does the rater order a held-out pair as the judge did?) is logged per criterion at
-every evaluation and at the end. Checkpoints are atomic step folders (a rater folder plus the
-optimizer, data position and RNG state), so a killed run resumes where it stopped; the last one
-is exported as ``<output_dir>/rater``, the folder ``annotate_recipe`` reads. With
-``WORLD_SIZE > 1`` the model is sharded with FSDP2 and each rank takes its share of every batch.
+every evaluation and at the end, with the number of held-out pairs that share a document with
+a training pair (``heldout_pairs_sharing_a_training_document`` in ``summary.json``): the split
+is by pair, so the accuracy is over unseen pairs, not unseen documents, and is optimistic when
+that number is not 0. Checkpoints are atomic step folders (a rater folder plus the optimizer,
+data position and RNG state), so a killed run resumes where it stopped; the last one is exported
+as ``<output_dir>/rater``, the folder ``annotate_recipe`` reads. With ``WORLD_SIZE > 1`` the
+model is sharded with FSDP2 and each rank takes its share of every batch.
 """
 
 from __future__ import annotations
@@ -363,8 +366,9 @@ class RaterRecipe:
             metrics["heldout_loss"] = float(sums[2].sum() / sums[1].sum())
         self._log(metrics)
         if self._is_rank_zero:
-            log.info("step %d held-out pairwise accuracy: %s", self._step,
-                     ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()))
+            log.info("step %d held-out pairwise accuracy: %s (%s)", self._step,
+                     ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()),
+                     document_overlap_note(self._data.counts))
         return result
 
     # ------------------------------------------------------------------------ checkpoint
@@ -411,6 +415,8 @@ class RaterRecipe:
         summary: dict[str, Any] = {
             "recipe": RECIPE_NAME, "steps": self._step, "wall_seconds": round(wall_seconds, 1),
             "criteria": self._data.criteria, "pairs": self._data.counts,
+            "heldout_pairs_sharing_a_training_document":
+                self._data.counts["heldout_pairs_sharing_a_training_document"],
             "heldout_accuracy_before": evaluations[0]["accuracy"] if evaluations else {},
             "heldout_accuracy_after": evaluations[-1]["accuracy"] if evaluations else {},
             "heldout_loss_before": evaluations[0]["loss"] if evaluations else {},
@@ -504,6 +510,23 @@ def criteria_names(value: Any) -> list[str] | None:
     return names
 
 
+def document_overlap_note(counts: dict[str, Any]) -> str:
+    """What the held-out accuracy is over, in words: how many held-out pairs share a document
+    with a training pair (the split is by pair id, not by document)."""
+    sharing = counts.get("heldout_pairs_sharing_a_training_document")
+    heldout = counts.get("heldout_pairs", 0)
+    if sharing is None:
+        return (f"{heldout} held-out pairs; whether they share documents with training pairs "
+                "is unknown (the judgments rows carry no doc_id_a/doc_id_b)")
+    note = (f"{sharing} of {heldout} held-out pairs share a document with a training pair"
+            + (": accuracy over unseen pairs, not unseen documents, so optimistic"
+               if sharing else ""))
+    missing = counts.get("pairs_without_document_ids", 0)
+    if missing:
+        note += f"; {missing} pairs name no document and are not counted"
+    return note
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Held-out pairwise accuracy per criterion before and after training, as a table."""
     before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
@@ -518,6 +541,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     counts = summary["pairs"]
     lines.append(f"pairs: {counts['pairs_read']} read, {counts['pairs_kept']} confident, "
                  f"{counts['train_pairs']} train / {counts['heldout_pairs']} held out")
+    lines.append(f"held-out documents: {document_overlap_note(counts)}")
     lines.append(f"steps: {summary['steps']}   wall time: {summary['wall_seconds']} s")
     lines.append(f"rater: {summary['rater_dir']}")
     return "\n".join(lines)

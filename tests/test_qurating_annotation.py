@@ -150,6 +150,26 @@ def test_document_score_is_the_token_weighted_mean_of_its_chunk_scores(rater_dir
     np.testing.assert_allclose(one_by_one, scores, rtol=1e-5, atol=1e-6)
 
 
+def test_a_chunk_length_other_than_the_raters_training_length_is_a_warning(rater_dir, caplog):
+    """The rater records its training max_tokens in rater.json (64 here); chunks of another
+    length are scored, with a warning naming both keys, and matching ones without."""
+    import logging
+
+    rater = load_rater(rater_dir)
+    assert rater.info.max_tokens == 64
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins"):
+        DocumentScorer(rater, chunk_tokens=64, batch_tokens=256)
+    assert "chunk_tokens" not in caplog.text
+    for chunk_tokens in (128, 16):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="acadlm_plugins"):
+            scorer = DocumentScorer(rater, chunk_tokens=chunk_tokens, batch_tokens=256)
+        assert scorer.chunk_tokens == chunk_tokens
+        assert (f"chunk_tokens is {chunk_tokens} but the rater was trained on texts cut at "
+                "max_tokens 64") in caplog.text
+        assert "rater.json" in caplog.text and "Set chunk_tokens: 64 to match" in caplog.text
+
+
 def test_ranks_split_the_rows_into_contiguous_shards():
     plan = plan_shards(23, 2, 5)
     assert [(s.start, s.end) for s in plan[0]] == [(0, 5), (5, 10), (10, 11)]

@@ -47,7 +47,7 @@ from acadlm_plugins.qurating.pairs import (
 TEST_PROMPT = "Which text is better?\nText A: {text_a}\nText B: {text_b}\nAnswer with A or B."
 SECRET = "sk-test-5d1e0c7b9a2f4e8d"
 ROW_KEYS = {"pair_id", "text_a", "text_b", "source_a", "source_b", "domain_a", "domain_b",
-            "judgments", "p_b_by_order"}
+            "doc_id_a", "doc_id_b", "judgments", "p_b_by_order"}
 
 
 # ---------------------------------------------------------------------- loopback judge server
@@ -493,6 +493,96 @@ def test_resuming_with_other_criteria_or_pairs_is_refused(serve, tmp_path,
     other = [Pair("other", p.a, p.b) for p in make_pairs(SIX_PAIRS[:1])]
     with pytest.raises(ConfigError, match="2 pairs that are not in this run's sample of 1"):
         judge_pairs(other, test_criterion, http_judge(server), output)
+
+
+def test_resuming_with_another_judge_prompt_or_min_answer_mass_is_refused(
+        serve, tmp_path, test_criterion, caplog) -> None:
+    """The summary records what labelled the rows before the first row is written; a run that
+    would label the rest of the pairs otherwise (another model, an edited prompt, another
+    min_answer_mass) is refused naming the key, even after a run killed before its summary."""
+    server = serve(quality_judge())
+    pairs = make_pairs(SIX_PAIRS)
+    output = tmp_path / "run" / "judgments.jsonl"
+    files = OutputFiles.for_judgments(output)
+    failing = serve(lambda request, n: quality_judge()(request, n) if n <= 4 else
+                    (500, {"error": "internal"}, {}, 0.0))
+    with pytest.raises(JudgeRequestError):  # killed after one batch, no summary of its own
+        judge_pairs(pairs, test_criterion, http_judge(failing), output, batch_pairs=2)
+    assert len(read_jsonl_resumable(output)) == 2
+    recorded = json.loads(files.summary.read_text())["labelled_by"]
+    assert recorded["judge.openai.model"] == "test-judge"
+    assert recorded["judge.min_answer_mass"] == 0.0
+    assert set(recorded) >= {"judge.kind", "judge.openai.endpoint",
+                             "judge.openai.top_logprobs", "criteria.overall.prompt_sha256"}
+
+    other_model = OpenAIJudge(server.url, "another-judge", concurrency=1)
+    with pytest.raises(ConfigError, match=r"config `judge.openai.model`:.*was 'test-judge', "
+                       r"is 'another-judge'.*Fix: write to a new `output_dir`"):
+        judge_pairs(pairs, test_criterion, other_model, output)
+    edited = tmp_path / "edited" / "overall.txt"
+    edited.parent.mkdir()
+    edited.write_text(TEST_PROMPT.replace("Which text is better?", "Which text is clearer?"))
+    with pytest.raises(ConfigError, match=r"`criteria.overall.prompt_sha256`"):
+        judge_pairs(pairs, load_criteria([str(edited)]), http_judge(server), output)
+    with pytest.raises(ConfigError, match=r"`judge.min_answer_mass`: .*was 0.0, is 0.5"):
+        judge_pairs(pairs, test_criterion, http_judge(server), output, min_answer_mass=0.5)
+    with pytest.raises(ConfigError, match=r"judge.openai.top_logprobs"):
+        judge_pairs(pairs, test_criterion, http_judge(server, top_logprobs=20), output)
+    assert len(server.requests) == 0 and len(read_jsonl_resumable(output)) == 2
+
+    # The same judge on another server, with other retry settings, is the same judge.
+    summary = judge_pairs(pairs, test_criterion, http_judge(server, max_retries=5), output)
+    assert summary["pairs_in_file"] == 6 and summary["labelled_by"] == recorded
+    assert json.loads(files.summary.read_text())["labelled_by"] == recorded
+
+    # A file from before the record: resumed with a warning, then recorded.
+    old = json.loads(files.summary.read_text())
+    del old["labelled_by"]
+    files.summary.write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins"):
+        judge_pairs(pairs, test_criterion, http_judge(server), output)
+    assert "no record of the judge, prompts and min_answer_mass" in caplog.text
+    assert json.loads(files.summary.read_text())["labelled_by"] == recorded
+    files.summary.unlink()  # a killed run of an older version: no summary at all
+    judge_pairs(pairs, test_criterion, http_judge(server), output)
+    assert json.loads(files.summary.read_text())["labelled_by"] == recorded
+
+
+def test_a_local_judge_records_its_model_and_precision_not_its_device_or_batch(
+        tiny_model_dir, tmp_path, test_criterion) -> None:
+    pairs = make_pairs(SIX_PAIRS[:2])
+    output = tmp_path / "judgments.jsonl"
+    judge_pairs(pairs[:1], test_criterion, LocalJudge(tiny_model_dir, batch_size=4), output)
+    recorded = json.loads(OutputFiles.for_judgments(output).summary.read_text())["labelled_by"]
+    assert recorded["judge.kind"] == "local" and recorded["judge.local.dtype"] == "float32"
+    assert recorded["judge.local.model_dir"] == tiny_model_dir.name
+    assert recorded["judge.local.chat_template"].startswith("sha256:")
+    with pytest.raises(ConfigError, match=r"`judge.local.dtype`: .*was 'float32', is "
+                       r"'bfloat16'"):
+        judge_pairs(pairs, test_criterion, LocalJudge(tiny_model_dir, dtype="bfloat16"), output)
+    with pytest.raises(ConfigError, match=r"`judge.local.chat_template`"):
+        judge_pairs(pairs, test_criterion, LocalJudge(tiny_model_dir, chat_template=False),
+                    output)
+    summary = judge_pairs(pairs, test_criterion, LocalJudge(tiny_model_dir, batch_size=1),
+                          output)
+    assert summary["pairs_in_file"] == 2
+
+
+def test_rows_name_their_documents_and_ready_made_pairs_keep_or_lack_them(
+        serve, tmp_path, test_criterion) -> None:
+    """doc_id_a/doc_id_b let the rater count held-out pairs sharing a training document; a
+    ready-made pair without them gets null, never a made-up id."""
+    output = tmp_path / "judgments.jsonl"
+    judge_pairs(make_pairs(SIX_PAIRS[:2]), test_criterion, http_judge(serve(quality_judge())),
+                output)
+    rows = read_jsonl_resumable(output)
+    assert [(r["doc_id_a"], r["doc_id_b"]) for r in rows] == [("doc0a", "doc0b"),
+                                                              ("doc1a", "doc1b")]
+    again = read_pairs_file(output)
+    assert [(p.a.doc_id, p.b.doc_id) for p in again] == [("doc0a", "doc0b"), ("doc1a", "doc1b")]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"text_a": "one", "text_b": "two"}) + "\n")
+    assert read_pairs_file(bare)[0].row_fields()["doc_id_a"] is None
 
 
 def test_answers_that_are_not_a_or_b_reject_the_pair_with_a_count(serve, tmp_path,

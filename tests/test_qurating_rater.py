@@ -76,12 +76,13 @@ def write_synthetic_judgments(path: Path, *, num_texts: int = 300, num_pairs: in
     texts = [synthetic_text(rng) for _ in range(num_texts)]
     with open(path, "w") as handle:
         for k in range(num_pairs):
-            (text_a, q_a), (text_b, q_b) = rng.sample(texts, 2)
+            index_a, index_b = rng.sample(range(len(texts)), 2)  # the draws of sample(texts, 2)
+            (text_a, q_a), (text_b, q_b) = texts[index_a], texts[index_b]
             p = 1.0 / (1.0 + math.exp(-JUDGE_SHARPNESS * (q_b - q_a)))
             handle.write(json.dumps({
                 "pair_id": f"pair-{k}", "text_a": text_a, "text_b": text_b,
                 "source_a": "synthetic", "source_b": "synthetic", "domain_a": "prose",
-                "domain_b": "prose",
+                "domain_b": "prose", "doc_id_a": f"text-{index_a}", "doc_id_b": f"text-{index_b}",
                 "judgments": {"educational_value": p, "writing_style": 1.0 - p}}) + "\n")
     return path
 
@@ -156,6 +157,73 @@ def test_margin_keeps_confident_pairs_with_per_criterion_masks(tiny_model_dir, t
                                    validation_fraction=0.0).pair_ids == ["both"]
     assert len(PairwiseJudgments.build(criteria, pairs, RaterTokenizer(tiny_model_dir),
                                        margin=0.1, validation_fraction=0.0).pair_ids) == 4
+
+
+def test_heldout_pairs_sharing_a_training_document_are_counted(tiny_model_dir, tmp_path):
+    """The split is by pair id, so a held-out pair can show a document a training pair also
+    shows; the counts say how many do (null when the rows name no documents)."""
+    ids = [f"pair-{i}" for i in range(40)]
+    held = [i for i in ids if is_held_out(i, 0.3)]
+    train = [i for i in ids if not is_held_out(i, 0.3)]
+    assert len(held) >= 3 and len(train) >= 3
+    docs = {train[0]: ("d1", "d2"), train[1]: ("d3", "d4"),
+            held[0]: ("d1", "d9"),    # shares d1 with a training pair
+            held[1]: ("d8", "d9"),    # shares only with another held-out pair: unseen
+            held[2]: (None, None)}    # names no document: not counted
+    rows = [{"pair_id": pid, "text_a": "1 2 3", "text_b": "the a",
+             "judgments": {"educational_value": 0.9},
+             **({"doc_id_a": docs[pid][0], "doc_id_b": docs[pid][1]} if pid in docs else {})}
+            for pid in ids]
+    path = tmp_path / "judgments.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    criteria, pairs = read_judgments(path)
+    assert pairs[ids.index(held[0])].doc_id_a == "d1"
+    data = PairwiseJudgments.build(criteria, pairs, RaterTokenizer(tiny_model_dir),
+                                   validation_fraction=0.3, max_tokens=4)
+    assert data.counts["heldout_pairs_sharing_a_training_document"] == 1
+    assert data.counts["pairs_without_document_ids"] == len(ids) - 4
+    from acadlm_plugins.rater_recipe import document_overlap_note
+
+    note = document_overlap_note(data.counts)
+    assert note.startswith(f"1 of {len(held)} held-out pairs share a document with a training "
+                           "pair: accuracy over unseen pairs, not unseen documents")
+    for row in rows:  # rows written before document ids were: unknown, not 0
+        row.pop("doc_id_a", None), row.pop("doc_id_b", None)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = PairwiseJudgments.build(*read_judgments(path), RaterTokenizer(tiny_model_dir),
+                                   validation_fraction=0.3, max_tokens=4)
+    assert data.counts["heldout_pairs_sharing_a_training_document"] is None
+    assert "is unknown" in document_overlap_note(data.counts)
+
+
+def test_a_tokenizer_json_that_truncates_or_pads_does_not_cut_documents(tiny_model_dir,
+                                                                       tmp_path):
+    """truncation/padding in tokenizer.json apply to every Rust encode: the rater (training
+    excerpts and annotation, hence num_tokens and the selection budget), pair sampling (the
+    lm-eval adapter's tokenizer) and the training tokenizer must switch them off."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer
+    from acadlm_plugins.models.tokenizer import smollm2_tokenizer
+
+    folder = tmp_path / "truncating"
+    shutil.copytree(tiny_model_dir, folder)
+    rust = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    rust.enable_truncation(max_length=16)
+    rust.enable_padding(length=24, pad_id=0, pad_token="<|endoftext|>")
+    rust.save(str(folder / "tokenizer.json"))
+    text = " ".join(GOOD * 3)
+    whole = RaterTokenizer(tiny_model_dir).encode([text, "one"])
+    assert len(whole[0]) > 16 and len(whole[1]) < 16
+    assert RaterTokenizer(folder).encode([text, "one"]) == whole
+    adapter = AcadTokenizer(folder)
+    assert adapter.encode(text, add_special_tokens=False) == whole[0]
+    assert len(adapter.rust.encode(text, add_special_tokens=False).offsets) == len(whole[0])
+    training = smollm2_tokenizer(str(folder))
+    assert training.encode(text) == [training.bos_id, *whole[0], training.eos_id]
+    assert training.encode_batch([text])[0] == training.encode(text)
 
 
 def test_held_out_split_follows_the_pair_id_hash():
@@ -266,6 +334,18 @@ def test_a_rater_trained_on_synthetic_judgments_recovers_the_hidden_ranking(trai
     for criterion, accuracy in summary["heldout_accuracy_after"].items():
         assert accuracy > 0.9, criterion
     assert summary["pairs"]["heldout_pairs"] > 50
+    # 600 pairs of 300 texts: most held-out pairs show a text a training pair shows too.
+    _, pairs = read_judgments(run.parent / "judgments.jsonl")
+    pairs = [p for p in pairs if abs(p.p_b[0] - 0.5) >= 0.25 - 1e-9]  # the tiny config's margin
+    held = [is_held_out(p.pair_id, 0.2) for p in pairs]  # and validation_fraction
+    assert held.count(True) == summary["pairs"]["heldout_pairs"]
+    training = {d for p, h in zip(pairs, held) if not h for d in (p.doc_id_a, p.doc_id_b)}
+    sharing = sum(p.doc_id_a in training or p.doc_id_b in training
+                  for p, h in zip(pairs, held) if h)
+    assert summary["heldout_pairs_sharing_a_training_document"] == sharing > 0
+    assert summary["pairs"]["heldout_pairs_sharing_a_training_document"] == sharing
+    assert json.loads((run / "rater" / "rater.json").read_text())["training"]["pairs"][
+        "heldout_pairs_sharing_a_training_document"] == sharing
     logged = "\n".join(p.read_text() for p in (run / "logs").glob("*.txt"))
     assert "heldout_acc/educational_value:" in logged and "heldout_acc/writing_style:" in logged
     assert json.loads((run / "rater" / "rater.json").read_text())["training"][

@@ -110,7 +110,9 @@ class AcadTokenizer:
     included), so it works for any tokenizer a
     checkpoint ships, SmolLM2's and the tiny test ones alike. Encoding applies the tokenizer's
     own post-processor, like ``transformers`` does, so contexts get a BOS exactly when ``hf``
-    would give them one. The chat template is the folder's ``chat_template.jinja`` or
+    would give them one; a ``truncation`` or ``padding`` in the file is switched off, as
+    ``transformers`` ignores them unless asked (QuRating's pair sampler measures and cuts
+    excerpts with this tokenizer). The chat template is the folder's ``chat_template.jinja`` or
     ``tokenizer_config.json``'s ``chat_template``.
     """
 

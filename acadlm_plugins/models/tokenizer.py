@@ -21,6 +21,7 @@ Use it from a config with::
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from acadlm_plugins.errors import DataError
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
+
+log = logging.getLogger(__name__)
 
 
 def load_hf_base_tokenizer(
@@ -50,6 +53,13 @@ def load_hf_base_tokenizer(
     ids from ``generation_config.json``; a token that ``tokenizer_config.json`` does name still
     wins (Qwen2.5-Instruct's ``eos_token`` ``<|im_end|>``), and ``.config`` keeps the file for
     readers of ``pad_token``. An ``eos_token_id`` list (several stop ids) gives its first id.
+
+    A ``truncation`` or ``padding`` block in ``tokenizer.json`` is switched off: the Rust
+    tokenizer applies it to every ``encode``, ``add_special_tokens=False`` or not, so a file
+    with ``truncation: {max_length: 512}`` would silently cut every training document, every
+    rater excerpt and every annotated document to 512 tokens (and their token counts with
+    them), and padding would add tokens. ``transformers`` likewise ignores both unless a call
+    asks for them; texts are cut and padded explicitly where that is meant.
 
     Raises:
         ValueError: neither file names a BOS and an EOS; callers turn it into an error that
@@ -73,9 +83,23 @@ def load_hf_base_tokenizer(
                 setattr(base, attribute, token_id)
     if isinstance(base.eos_id, list):
         base.eos_id = base.eos_id[0]
+    disable_truncation_and_padding(base.tokenizer, tokenizer_json)
     empty = base.tokenizer.encode("").ids  # what torchtune's encode checks before adding bos/eos
     base.hf_adds_bos, base.hf_adds_eos = base.bos_id in empty, base.eos_id in empty
     return base
+
+
+def disable_truncation_and_padding(tokenizer: Any, source: str | Path = "tokenizer.json"
+                                   ) -> None:
+    """Switch off the ``truncation`` and ``padding`` a ``tokenizers.Tokenizer`` was loaded with
+    (see :func:`load_hf_base_tokenizer`), saying so at INFO level when there was any."""
+    if tokenizer.truncation is not None:
+        log.info("%s enables truncation (%s); it is switched off, so that documents are "
+                 "tokenized whole.", source, tokenizer.truncation)
+        tokenizer.no_truncation()
+    if tokenizer.padding is not None:
+        log.info("%s enables padding (%s); it is switched off.", source, tokenizer.padding)
+        tokenizer.no_padding()
 
 
 def config_token_id(base: HuggingFaceBaseTokenizer, key: str) -> int | None:

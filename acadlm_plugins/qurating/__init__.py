@@ -9,13 +9,14 @@ Stages and the files that connect them (every stage is a command; every file is 
 
        {"pair_id": str, "text_a": str, "text_b": str, "source_a": str, "source_b": str,
         "domain_a": str, "domain_b": str,
+        "doc_id_a": str | null, "doc_id_b": str | null,  # the excerpts' documents, if known
         "judgments": {criterion: p_b_better},      # p(B better than A), order-averaged, in [0, 1]
         "p_b_by_order": {criterion: [p_b_ab, p_b_ba]}}  # the judge's p(B) in each order
 
    A criterion the judge failed to answer for a pair is ``null`` there (the rater masks it and
    trains on the pair's other criteria) and absent from ``p_b_by_order``, which the summary's
-   position bias is computed from (files written before it existed lack it; readers need only
-   the first seven fields).
+   position bias is computed from (files written before it existed lack it, and the document
+   ids; readers need only the first seven fields).
 
 2. **rater** (``tune run acadlm_plugins/rater_recipe``): a torchtune decoder with one scalar head
    per criterion, trained with the Bradley-Terry loss on the judgments (per criterion: a pair

@@ -3,12 +3,14 @@
 **Scoring.** A document is tokenized with the rater's tokenizer and cut into chunks of
 ``chunk_tokens`` tokens (the last one shorter); each chunk is framed like a training excerpt
 (``[BOS] + tokens``) and scored, and the document's score per criterion is the token-weighted
-mean of its chunk scores, ``sum(n_i * s_i) / sum(n_i)``. A document without tokens (an empty
-text) gets ``num_tokens = 0`` and NaN scores. Chunks of all documents of a shard are sorted by
-length and batched up to ``batch_tokens`` padded tokens per forward pass; because texts are
-right-padded under causal attention, a chunk's score does not depend on its batch (up to
-floating-point rounding), and batches depend only on the shard, so a shard is scored the same
-way however the run was interrupted.
+mean of its chunk scores, ``sum(n_i * s_i) / sum(n_i)``. A ``chunk_tokens`` other than the
+rater's training ``max_tokens`` (recorded in its ``rater.json``) is logged as a warning: a
+legitimate choice, but the rater then scores texts of another length than it was trained on. A
+document without tokens (an empty text) gets ``num_tokens = 0`` and NaN scores. Chunks of all
+documents of a shard are sorted by length and batched up to ``batch_tokens`` padded tokens per
+forward pass; because texts are right-padded under causal attention, a chunk's score does not
+depend on its batch (up to floating-point rounding), and batches depend only on the shard, so a
+shard is scored the same way however the run was interrupted.
 
 **Input.** Local jsonl/json, parquet or Arrow files (or a folder saved with ``save_to_disk``),
 read through Hugging Face ``datasets`` (memory-mapped Arrow, so the corpus is never held in
@@ -258,6 +260,14 @@ class DocumentScorer:
             raise ConfigError("batch_tokens", f"{batch_tokens} cannot hold one chunk of "
                               f"{chunk_tokens} tokens plus a BOS.",
                               f"use at least {chunk_tokens + 1}.")
+        trained = rater.info.max_tokens
+        if chunk_tokens != trained:
+            log.warning("chunk_tokens is %d but the rater was trained on texts cut at "
+                        "max_tokens %d (%s): it scores chunks of another length than it was "
+                        "trained on. Set chunk_tokens: %d to match, or keep %d if %s chunks "
+                        "are meant.", chunk_tokens, trained, rater.folder / INFO_FILENAME,
+                        trained, chunk_tokens,
+                        "longer" if chunk_tokens > trained else "shorter")
         self.rater = rater
         self.criteria = list(rater.info.criteria)
         self.chunk_tokens = int(chunk_tokens)

@@ -38,6 +38,7 @@ listed). When a server returns no log-probabilities at all, the answer letter it
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -95,7 +96,12 @@ class Judgment:
 
 
 class Judge(Protocol):
-    """What :func:`acadlm_plugins.qurating.judging.judge_pairs` needs of a judge."""
+    """What :func:`acadlm_plugins.qurating.judging.judge_pairs` needs of a judge.
+
+    A judge may also have ``label_settings``: ``{config key: value}`` of what decides its
+    probabilities (model, precision, prompting, answer tokens), recorded with the judgments file
+    so that a resumed run with another judge is refused; without it the ``description`` stands
+    for the judge."""
 
     description: str
 
@@ -187,6 +193,19 @@ class LocalJudge:
         prompting = "chat template" if self.use_chat else "plain prompt"
         self.description = (f"local {self.folder.name} ({prompting}, {self.device}, {dtype}, "
                             f"answer tokens A={self.answer_ids['A']} B={self.answer_ids['B']})")
+        # What decides this judge's probabilities, for the judgments file's record (see
+        # judging.labelling_settings). Not the device or batch size: those change only the
+        # rounding, and a run resumed on another device is the same judge.
+        self.label_settings: dict[str, Any] = {
+            "judge.kind": "local",
+            "judge.local.model_dir": self.folder.name,
+            "judge.local.model_config_sha256": _sha256((self.folder / "config.json").read_bytes()),
+            "judge.local.dtype": str(dtype).lower(),
+            "judge.local.chat_template": (
+                "sha256:" + _sha256(self.tokenizer.chat_template.encode("utf-8"))
+                if self.use_chat and self.tokenizer.chat_template else "false (plain prompt)"),
+            "judge.local.answer_tokens": {k: list(v) for k, v in self.answer_ids.items()},
+        }
 
     def _chat_choice(self, chat_template: bool | str) -> bool:
         choice = str(chat_template).lower()
@@ -378,6 +397,14 @@ class OpenAIJudge:
         self._counters = _Counters()
         self.description = (f"OpenAI-compatible {self.url} model {self.model!r} "
                             f"({'with' if self._api_key else 'without'} API key)")
+        # What decides this judge's probabilities (see judging.labelling_settings): not the
+        # URL (a server moved to another host serves the same model), retries or pacing.
+        self.label_settings: dict[str, Any] = {
+            "judge.kind": "openai", "judge.openai.model": self.model,
+            "judge.openai.endpoint": self.endpoint,
+            "judge.openai.top_logprobs": self.top_logprobs,
+            "judge.openai.max_tokens": self.max_tokens,
+        }
 
     def __repr__(self) -> str:
         return f"OpenAIJudge({self.description})"
@@ -506,6 +533,10 @@ class OpenAIJudge:
         raise JudgeRequestError(f"{self.url}: no answer after {self.max_retries + 1} attempts; "
                                 f"last: {last}. Judgments written so far are kept; run the same "
                                 "command again to resume once the server answers.")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _body_excerpt(err: urllib.error.HTTPError) -> str:

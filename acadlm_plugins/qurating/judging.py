@@ -19,7 +19,14 @@ fsync'ed, so after a kill the file holds whole batches plus at most one partial 
 run drops that partial line (with a warning), skips the pairs already written, and appends the
 rest in the same order: the final file equals that of an uninterrupted run. A run whose config
 no longer matches the file (other criteria, or pairs that are not in the new sample) is refused
-rather than mixed in.
+rather than mixed in. So is a run that would label its pairs differently: the summary records,
+under ``labelled_by``, what gives the rows their values (the judge's model, precision, prompting
+and answer tokens, or a remote judge's model, endpoint, ``top_logprobs`` and ``max_tokens``; a
+sha256 of each criterion's prompt template; ``judge.min_answer_mass``), written before the
+first row, and a resumed or extended run whose values differ is a :class:`ConfigError` naming
+the key. The device, batch sizes, URL and retry settings are not recorded: they do not change
+the labels. A file written before ``labelled_by`` existed has no record to compare with: it is
+resumed with a warning, and from then on records that run's values.
 
 **Failed answers.** An answer that is neither A nor B (see :mod:`acadlm_plugins.qurating.judges`)
 is never turned into a made-up 0.5, which would train the rater towards "no preference". When
@@ -36,20 +43,22 @@ and the mean confidence ``|p - 0.5|`` over the whole file, the position bias ove
 file (mean of ``(p_B[A,B] + p_B[B,A]) / 2 - 0.5``: 0 for an unbiased judge, positive when it
 favours the text shown second; per criterion with ``position_bias_pairs``, the pairs it is
 measured on, and file-wide over every judged (pair, criterion)), the mean probability mass the
-judge put on the two answer letters in this run, throughput, and the request counters of a
-remote judge. A rerun that judges nothing new therefore reports the same position bias. Rows
-written before ``p_b_by_order`` was stored carry no order answers: their share of the position
-bias is taken from the summary already beside the file (``position_bias_unstored``, kept from
-run to run) and weighted by its pair count.
+judge put on the two answer letters in this run, throughput, the request counters of a
+remote judge, and ``labelled_by`` (see *Resuming*). A rerun that judges nothing new therefore
+reports the same position bias. Rows written before ``p_b_by_order`` was stored carry no order
+answers: their share of the position bias is taken from the summary already beside the file
+(``position_bias_unstored``, kept from run to run) and weighted by its pair count.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +74,7 @@ log = logging.getLogger(__name__)
 
 ORDERS = ("ab", "ba")
 ORDERS_FIELD = "p_b_by_order"  # {criterion: [p_B[A,B], p_B[B,A]]} in each row
+LABELS_FIELD = "labelled_by"  # in the summary: {setting: value} that gave the rows their values
 DECIMALS = 6
 
 
@@ -181,6 +191,89 @@ def _check_existing(files: OutputFiles, rows: list[dict[str, Any]],
     return done
 
 
+def labelling_settings(judge: Judge, criteria: Sequence[Criterion],
+                       min_answer_mass: float) -> dict[str, Any]:
+    """``{setting: value}`` of what gives the judgments their values, recorded in the summary
+    (``labelled_by``): the judge's ``label_settings`` (its ``description`` for a judge without
+    them), ``criteria.<name>.prompt_sha256`` of each criterion's template as rendered, and
+    ``judge.min_answer_mass``. Values survive a JSON round trip unchanged."""
+    own = getattr(judge, "label_settings", None)
+    settings: dict[str, Any] = (json.loads(json.dumps(dict(own))) if isinstance(own, Mapping)
+                                else {"judge": judge.description})
+    for criterion in criteria:
+        settings[f"criteria.{criterion.name}.prompt_sha256"] = hashlib.sha256(
+            criterion.template.encode("utf-8")).hexdigest()
+    settings["judge.min_answer_mass"] = float(min_answer_mass)
+    return settings
+
+
+def _read_summary(files: OutputFiles) -> dict[str, Any] | None:
+    """The summary beside the file as a dict; None when there is none or it is unreadable."""
+    try:
+        summary = json.loads(files.summary.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _write_summary(files: OutputFiles, summary: dict[str, Any]) -> None:
+    """Write the summary through a temporary file: a kill never leaves half a summary."""
+    partial = files.summary.with_name(f".{files.summary.name}.partial")
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(partial, files.summary)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"(sha256:)?[0-9a-f]{64}", value):
+        return value[:-52] + "..."  # a hash: its first 12 digits say enough
+    return repr(value)
+
+
+_ABSENT = object()
+
+
+def _check_and_record_labelling(files: OutputFiles, settings: dict[str, Any],
+                                resuming: bool) -> None:
+    """Refuse to add to a file that was labelled with other settings, then record ours.
+
+    ``resuming``: the file (or its rejected file) already holds pairs. Their settings are the
+    summary's ``labelled_by``; a setting recorded there with another value, or recorded there
+    and absent now (another kind of judge), is a :class:`ConfigError` naming it. Without a
+    record (a file written before it existed) the run goes on with a warning. The record is
+    written before the first row, so a run killed before its summary still leaves it."""
+    previous = _read_summary(files) if resuming else None
+    recorded = previous.get(LABELS_FIELD) if previous is not None else None
+    if resuming and not isinstance(recorded, dict):
+        log.warning("%s: no record of the judge, prompts and min_answer_mass its pairs were "
+                    "labelled with (the file was written before `%s` was recorded in %s), so "
+                    "this run cannot check that it labels its pairs the same way; it goes on "
+                    "and records its own settings from now on.", files.judgments, LABELS_FIELD,
+                    files.summary.name)
+    elif resuming:
+        changed = [key for key in recorded if settings.get(key, _ABSENT) != recorded[key]]
+        if changed:
+            details = "; ".join(
+                f"{key}: was {_shown(recorded[key])}, is "
+                f"{_shown(settings[key]) if key in settings else 'not set (another judge)'}"
+                for key in changed)
+            raise ConfigError(
+                changed[0], f"{files.judgments} was labelled with other settings than this "
+                f"run's ({details}); its rows and this run's would be mixed in one file.",
+                "write to a new `output_dir` (a new judgments file), or restore the settings "
+                f"the file was labelled with (`{LABELS_FIELD}` in {files.summary}).")
+        new = sorted(set(settings) - set(recorded))
+        if new:
+            log.warning("%s: %s not recorded for the pairs already in it (an older version "
+                        "wrote it); this run assumes they match.", files.judgments,
+                        ", ".join(new))
+        if recorded == settings:
+            return
+    record = dict(previous) if previous is not None else {
+        "judgments_file": str(files.judgments)}
+    record[LABELS_FIELD] = settings
+    _write_summary(files, record)
+
+
 ThroughputCallback = Callable[[dict[str, float], int], None]
 
 
@@ -204,8 +297,12 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
     check_min_answer_mass(min_answer_mass)
     files = OutputFiles.for_judgments(output)
     files.judgments.parent.mkdir(parents=True, exist_ok=True)
-    done = _check_existing(files, read_jsonl_resumable(files.judgments),
-                           read_jsonl_resumable(files.rejected), criteria, pairs)
+    existing = read_jsonl_resumable(files.judgments)
+    existing_rejected = read_jsonl_resumable(files.rejected)
+    done = _check_existing(files, existing, existing_rejected, criteria, pairs)
+    labelled_by = labelling_settings(judge, criteria, min_answer_mass)
+    _check_and_record_labelling(files, labelled_by,
+                                resuming=bool(existing or existing_rejected))
     todo = [pair for pair in pairs if pair.pair_id not in done]
     if done:
         log.info("Resuming %s: %d of %d pairs already done, %d to judge.", files.judgments,
@@ -274,8 +371,9 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
         masses = _earlier_answer_masses(files) + masses
     summary = summarize(files, criteria, masses=masses,
                         letter_only=letter_only, judged_now=written, rejected_now=rejected_now,
-                        elapsed_s=elapsed, judge=judge, pairs_total=len(pairs))
-    files.summary.write_text(json.dumps(summary, indent=2) + "\n")
+                        elapsed_s=elapsed, judge=judge, pairs_total=len(pairs),
+                        labelled_by=labelled_by)
+    _write_summary(files, summary)
     if summary["pairs_rejected"] or summary["pairs_with_missing_criteria"]:
         log.warning("%d pairs were rejected (no criterion answered with A or B) and %d lack "
                     "some criteria; see %s.", summary["pairs_rejected"],
@@ -285,11 +383,13 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
 
 def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
               masses: Sequence[float], letter_only: int, judged_now: int, rejected_now: int,
-              elapsed_s: float, judge: Judge, pairs_total: int) -> dict[str, Any]:
+              elapsed_s: float, judge: Judge, pairs_total: int,
+              labelled_by: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary: file-wide means and position bias per criterion, this run's counters.
 
     ``masses`` are the answer masses to average: ``judge_pairs`` passes the earlier runs' on
-    the same file (as their summary recorded them) followed by this run's."""
+    the same file (as their summary recorded them) followed by this run's. ``labelled_by``
+    (:func:`labelling_settings`) is kept in it for the next run to compare with."""
     rows = read_jsonl_resumable(files.judgments)
     written_ids = {row["pair_id"] for row in rows}
     rejected_ids = {row["pair_id"] for row in read_jsonl_resumable(files.rejected)}
@@ -335,6 +435,7 @@ def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
         "elapsed_s": round(elapsed_s, 2),
         "prompts_per_s": round(prompts / elapsed_s, 3) if elapsed_s > 0 and prompts else None,
         "requests": judge.stats(),
+        **({LABELS_FIELD: labelled_by} if labelled_by is not None else {}),
     }
 
 
@@ -351,6 +452,8 @@ def _unstored_position_bias(files: OutputFiles, rows: Sequence[dict[str, Any]]
         return {}
     try:
         previous = json.loads(files.summary.read_text())
+        if LABELS_FIELD in previous and "per_criterion" not in previous:
+            return {}  # only the record written before the first row: no run finished
         per_criterion = previous["per_criterion"]
         if any("position_bias_pairs" in stats for stats in per_criterion.values()):
             return dict(previous.get("position_bias_unstored", {}))

@@ -70,7 +70,8 @@ class Document:
 
 @dataclass(frozen=True)
 class Excerpt:
-    """A span ``[start, end)`` (characters) of a document, and its text."""
+    """A span ``[start, end)`` (characters) of a document, and its text. ``doc_id`` is ``""``
+    when unknown (a ready-made pair whose row names no ``doc_id_a``/``doc_id_b``)."""
 
     doc_id: str
     text: str
@@ -88,11 +89,14 @@ class Pair:
     a: Excerpt
     b: Excerpt
 
-    def row_fields(self) -> dict[str, str]:
-        """The pair's part of a judgments row (see :mod:`acadlm_plugins.qurating`)."""
+    def row_fields(self) -> dict[str, str | None]:
+        """The pair's part of a judgments row (see :mod:`acadlm_plugins.qurating`); the
+        document ids (null when unknown) let the rater count held-out pairs that share a
+        document with a training pair."""
         return {"pair_id": self.pair_id, "text_a": self.a.text, "text_b": self.b.text,
                 "source_a": self.a.source, "source_b": self.b.source,
-                "domain_a": self.a.domain, "domain_b": self.b.domain}
+                "domain_a": self.a.domain, "domain_b": self.b.domain,
+                "doc_id_a": self.a.doc_id or None, "doc_id_b": self.b.doc_id or None}
 
 
 def pair_id(a: Excerpt, b: Excerpt) -> str:
@@ -385,7 +389,9 @@ def pairs_from_config(pairs_cfg: Mapping[str, Any], tokenizer: AcadTokenizer) ->
 
 def read_pairs_file(path: str | Path, *, field: str = "pairs.file") -> list[Pair]:
     """Pairs from a jsonl file of rows with ``text_a`` and ``text_b`` (optional: ``pair_id``,
-    ``source_a/b``, ``domain_a/b``); a row lacking a text is an error naming ``file:line``."""
+    ``source_a/b``, ``domain_a/b``, ``doc_id_a/b``); a row lacking a text is an error naming
+    ``file:line``. A side without ``doc_id_<side>`` has no known document (``doc_id`` ``""``):
+    made-up ids would hide that two rows excerpt the same document."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"`{field}`: the pairs file {file} does not exist. Fix: give a jsonl "
@@ -404,7 +410,8 @@ def read_pairs_file(path: str | Path, *, field: str = "pairs.file") -> list[Pair
                 raise DataError(f"{where}: the pair references no text {side.upper()}: "
                                 f"`text_{side}` {problem}. Fix: give both texts, or delete "
                                 "the row.")
-            doc_id = f"{file.name}:{line_no}:{side}"
+            given_id = row.get(f"doc_id_{side}")
+            doc_id = str(given_id) if given_id not in (None, "") else ""
             sides.append(Excerpt(doc_id=doc_id, text=text, domain=str(row.get(f"domain_{side}")
                                                                       or ""),
                                  source=str(row.get(f"source_{side}") or file.name),

@@ -34,7 +34,12 @@ can be clear on one criterion and a coin flip on another. A criterion the judge 
 for a pair (``null`` or absent in its row) is masked the same way, so the pair still trains the
 criteria it has. A pair is held out for evaluation when
 a hash of its ``pair_id`` falls below ``validation_fraction``: the split does not depend on the
-file's order, and a pair stays on its side when more judgments are added.
+file's order, and a pair stays on its side when more judgments are added. The split is over
+pairs, not documents: a held-out pair may hold an excerpt of a document that a training pair
+also shows, so held-out accuracy measures pairs the rater was not trained on, not unseen
+documents, and is optimistic when they share documents. ``counts`` says how many held-out pairs
+do (``heldout_pairs_sharing_a_training_document``, from the rows' ``doc_id_a``/``doc_id_b``;
+null when no held-out row carries them, as in files written before they were).
 """
 
 from __future__ import annotations
@@ -166,7 +171,10 @@ def pairwise_correct(s_a: torch.Tensor, s_b: torch.Tensor, p_b: torch.Tensor) ->
 class RaterTokenizer:
     """The backbone folder's ``tokenizer.json`` (read by the lm-eval adapter's
     :class:`AcadTokenizer`), encoding plain text without special tokens; :func:`frame` adds the
-    BOS. Training and annotation both tokenize through this class."""
+    BOS. Training and annotation both tokenize through this class. A ``truncation`` or
+    ``padding`` the file enables is switched off when it is loaded
+    (:func:`acadlm_plugins.models.tokenizer.load_hf_base_tokenizer`): texts are encoded whole,
+    so annotation scores every chunk and counts every token of a document."""
 
     def __init__(self, folder: str | Path, *, key: str = "backbone_dir") -> None:
         folder = Path(folder)
@@ -204,13 +212,16 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 # ------------------------------------------------------------------------------- judgments
 @dataclass(frozen=True)
 class JudgedPair:
-    """One judgments row: the two texts and ``p(B better)`` per criterion (NaN: not judged)."""
+    """One judgments row: the two texts and ``p(B better)`` per criterion (NaN: not judged),
+    and the ids of the documents the texts were cut from (None when the row does not say)."""
 
     pair_id: str
     text_a: str
     text_b: str
     p_b: tuple[float, ...]
     where: str
+    doc_id_a: str | None = None
+    doc_id_b: str | None = None
 
 
 def read_judgments(paths: str | Path | Sequence[str | Path], *,
@@ -224,7 +235,7 @@ def read_judgments(paths: str | Path | Sequence[str | Path], *,
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    rows: list[tuple[str, str, str, dict[str, float], str]] = []
+    rows: list[tuple[str, str, str, dict[str, float], tuple[str | None, str | None], str]] = []
     seen: set[str] = set()
     repeated = 0
     for raw in paths:
@@ -249,7 +260,7 @@ def read_judgments(paths: str | Path | Sequence[str | Path], *,
     if not rows:
         raise DataError(f"no judgments in {', '.join(str(p) for p in paths)}. Fix: run the "
                         "judging stage first, or point `judgments` at its output.")
-    found = {name for *_, judged, _ in rows for name in judged}
+    found = {name for _, _, _, judged, _, _ in rows for name in judged}
     if criteria is None:
         criteria = [c for c in CRITERIA if c in found] + sorted(found - set(CRITERIA))
     else:
@@ -259,8 +270,9 @@ def read_judgments(paths: str | Path | Sequence[str | Path], *,
             raise ConfigError("criteria", f"{missing} appear in no judgment row (the rows "
                               f"judge {sorted(found)}).", "pick criteria the judge was asked "
                               "about, or leave `criteria` unset to use all of them.")
-    pairs = [JudgedPair(pair_id, a, b, tuple(judged.get(c, math.nan) for c in criteria), where)
-             for pair_id, a, b, judged, where in rows]
+    pairs = [JudgedPair(pair_id, a, b, tuple(judged.get(c, math.nan) for c in criteria), where,
+                        *doc_ids)
+             for pair_id, a, b, judged, doc_ids, where in rows]
     return criteria, pairs
 
 
@@ -279,7 +291,8 @@ def judgments_fingerprint(criteria: Sequence[str], pairs: Sequence[JudgedPair]
     return {"pairs": len(pairs), "sha256": digest.hexdigest()}
 
 
-def _judgment_row(line: str, where: str) -> tuple[str, str, str, dict[str, float]]:
+def _judgment_row(line: str, where: str) -> tuple[str, str, str, dict[str, float],
+                                                  tuple[str | None, str | None]]:
     try:
         row = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as err:
@@ -307,7 +320,9 @@ def _judgment_row(line: str, where: str) -> tuple[str, str, str, dict[str, float
             raise DataError(f"{where}: judgment {name!r} = {value!r} is not a probability in "
                             "[0, 1].")
         probs[str(name)] = float(value)
-    return str(row["pair_id"]), row["text_a"], row["text_b"], probs
+    doc_ids = tuple(str(row[key]) if row.get(key) not in (None, "") else None
+                    for key in ("doc_id_a", "doc_id_b"))
+    return str(row["pair_id"]), row["text_a"], row["text_b"], probs, (doc_ids[0], doc_ids[1])
 
 
 def is_held_out(pair_id: str, validation_fraction: float) -> bool:
@@ -315,6 +330,26 @@ def is_held_out(pair_id: str, validation_fraction: float) -> bool:
     below ``validation_fraction``."""
     digest = hashlib.sha256(pair_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction
+
+
+def document_overlap(pairs: Sequence[JudgedPair], heldout: Sequence[bool]) -> dict[str, Any]:
+    """How far the held-out pairs are from unseen documents: ``heldout_pairs_sharing_a_
+    training_document``, the held-out pairs with a text cut from a document that a training
+    pair also shows (None when no held-out pair names its documents), and
+    ``pairs_without_document_ids``, the pairs whose row names neither document (rows written
+    before ``doc_id_a``/``doc_id_b`` were); when some do, the count covers the others only."""
+    training = {doc for pair, held in zip(pairs, heldout, strict=True) if not held
+                for doc in (pair.doc_id_a, pair.doc_id_b) if doc is not None}
+    sharing, known = 0, 0
+    for pair, held in zip(pairs, heldout, strict=True):
+        docs = [doc for doc in (pair.doc_id_a, pair.doc_id_b) if doc is not None]
+        if held and docs:
+            known += 1
+            sharing += any(doc in training for doc in docs)
+    return {"heldout_pairs_sharing_a_training_document": (
+                sharing if known or not any(heldout) else None),
+            "pairs_without_document_ids": sum(p.doc_id_a is None and p.doc_id_b is None
+                                              for p in pairs)}
 
 
 @dataclass
@@ -369,6 +404,7 @@ class PairwiseJudgments:
         counts: dict[str, Any] = {
             "pairs_read": len(pairs), "pairs_kept": len(kept),
             "train_pairs": heldout.count(False), "heldout_pairs": heldout.count(True),
+            **document_overlap(kept, heldout),
             "truncated_texts": truncated,
             "per_criterion": {name: {"judged": int(judged[:, c].sum()),
                                      "confident": int(confident[:, c].sum()),
