@@ -224,6 +224,10 @@ def test_a_tokenizer_json_that_truncates_or_pads_does_not_cut_documents(tiny_mod
     training = smollm2_tokenizer(str(folder))
     assert training.encode(text) == [training.bos_id, *whole[0], training.eos_id]
     assert training.encode_batch([text])[0] == training.encode(text)
+    from acadlm_plugins.evaluation.lengths import _load_tokenizer_file  # eval prompt lengths
+
+    counter = _load_tokenizer_file(str(folder / "tokenizer.json"))
+    assert counter.encode(text, add_special_tokens=False).ids == whole[0]
 
 
 def test_held_out_split_follows_the_pair_id_hash():

@@ -505,7 +505,10 @@ class _TokenCounter:
         if tokenizer_json.is_file():
             from tokenizers import Tokenizer
 
+            from acadlm_plugins.models.tokenizer import disable_truncation_and_padding
+
             self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+            disable_truncation_and_padding(self._tokenizer, tokenizer_json)
 
     @property
     def available(self) -> bool:

@@ -76,7 +76,13 @@ class LengthTokenizer:
 
 @lru_cache(maxsize=8)
 def _load_tokenizer_file(path: str) -> Tokenizer:
-    return Tokenizer.from_file(path)
+    """The tokenizer at ``path``, with any truncation/padding its file enables switched off
+    (a truncating tokenizer would under-count every long context)."""
+    from acadlm_plugins.models.tokenizer import disable_truncation_and_padding
+
+    tokenizer = Tokenizer.from_file(path)
+    disable_truncation_and_padding(tokenizer, path)
+    return tokenizer
 
 
 def tokenizer_file(path: str | Path) -> Path | None:
