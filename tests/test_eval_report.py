@@ -190,3 +190,56 @@ def test_stand_ins_count_when_helmets_own_datasets_did_not_run() -> None:
     table = length_table({"results": {"acadlm_summ": {"4096,none": 10.0},
                                       "acadlm_multi_lexsum": {"4096,none": 60.0}}})
     assert table.categories() == {"summ": {4096: 60.0}}
+
+
+#: What lm-eval 0.4.13 returns for a run of ``acadlm_long``, cut down: task rows (name, alias,
+#: sample_len), group rows (their means, with ``sample_count``), ``acadlm_long`` with no
+#: metric of its own, and the ``groups`` / ``group_subtasks`` that name the groups.
+LONG_RUN = {
+    "results": {
+        "acadlm_niah_single_1": {"name": "acadlm_niah_single_1", "alias": " - x",
+                                 "sample_len": 1, "4096,none": 100.0},
+        "acadlm_json_kv": {"name": "acadlm_json_kv", "alias": "  - x", "sample_len": 1,
+                           "4096,none": 50.0},
+        "acadlm_rag": {"name": "acadlm_rag", "alias": "  - x", "sample_len": 1,
+                       "4096,none": 0.0},
+        "acadlm_ruler": {"name": "acadlm_ruler", "alias": " - acadlm_ruler", "sample_len": 1,
+                         "sample_count": {"4096,none": 1}, "4096,none": 100.0},
+        "acadlm_helmet_recall": {"name": "acadlm_helmet_recall", "alias": " - r",
+                                 "sample_len": 1, "sample_count": {"4096,none": 1},
+                                 "4096,none": 50.0},
+        "acadlm_helmet_rag": {"name": "acadlm_helmet_rag", "alias": " - r", "sample_len": 1,
+                              "sample_count": {"4096,none": 1}, "4096,none": 0.0},
+        "acadlm_helmet": {"name": "acadlm_helmet", "alias": " - acadlm_helmet",
+                          "sample_len": 2, "sample_count": {"4096,none": 2}, "4096,none": 25.0},
+        "acadlm_long": {"name": "acadlm_long", "alias": "acadlm_long"},
+    },
+    "groups": {name: {} for name in ("acadlm_ruler", "acadlm_helmet_recall",
+                                     "acadlm_helmet_rag", "acadlm_helmet")},
+    "group_subtasks": {"acadlm_long": ["acadlm_ruler", "acadlm_helmet"],
+                       "acadlm_ruler": ["acadlm_niah_single_1"],
+                       "acadlm_helmet": ["acadlm_helmet_recall", "acadlm_helmet_rag"],
+                       "acadlm_helmet_recall": ["acadlm_json_kv"],
+                       "acadlm_helmet_rag": ["acadlm_rag"]},
+}
+
+
+def test_the_results_part_alone_gives_the_same_table_as_the_whole_dict() -> None:
+    """length_table takes the dict simple_evaluate returns or its ``results`` part; the part
+    alone does not say which rows are groups, which were counted as tasks of an "other" suite
+    (the reviewer's run: average 43.06 instead of 56.25). Our suites' group names and the
+    ``sample_count`` only group rows carry leave them out."""
+    whole, part = length_table(LONG_RUN), length_table(LONG_RUN["results"])
+    assert whole is not None and part is not None
+    assert whole.tasks == part.tasks == ["acadlm_json_kv", "acadlm_niah_single_1", "acadlm_rag"]
+    assert whole.summary_rows() == part.summary_rows()
+    assert set(part.suites()) == {"helmet", "ruler"}
+    assert part.averages() == {4096: pytest.approx((25.0 + 100.0) / 2)}
+    # A group of someone else's, known only by the key its row carries.
+    results = {**LONG_RUN["results"], "my_group": {"alias": "my_group", "4096,none": 10.0,
+                                                   "sample_count": {"4096,none": 3}}}
+    assert length_table(results).tasks == part.tasks
+    # A task run alone is no group, even where lm-eval lists it with no subtasks.
+    alone = {"results": {"my_task": {"2048,none": 10.0, "sample_len": 2}},
+             "group_subtasks": {"my_task": []}}
+    assert length_table(alone).tasks == ["my_task"]

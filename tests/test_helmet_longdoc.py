@@ -204,6 +204,17 @@ def test_infbench_demonstrations_are_other_rows_and_every_row_can_be_asked(
     assert not held & {doc["document_id"] for doc in narrative}
 
 
+@pytest.mark.parametrize("dataset", [NARRATIVEQA, INFBENCH_QA, INFBENCH_CHOICE, INFBENCH_SUM,
+                                     MULTI_LEXSUM], ids=lambda dataset: dataset.name)
+def test_every_length_asks_about_the_same_documents(dataset: Any, meta: dict[str, Any]) -> None:
+    """HELMET runs one shuffled subset at every length: sample i is about the same document at
+    2K and 4K tokens (every document here fills both), only its cut differs."""
+    asked: dict[int, list[str]] = {}
+    for doc in rows_of(dataset, meta, max_seq_lengths=[2048, 4096]):
+        asked.setdefault(doc["max_length"], []).append(doc["document_id"])
+    assert asked[2048] == asked[4096] and len(set(asked[2048])) == 3
+
+
 def test_a_train_split_gives_the_demonstrations(meta: dict[str, Any], tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", [
         {"id": f"train{i}", "document": "A short story.", "question": f"Who is {i}?",
@@ -211,8 +222,10 @@ def test_a_train_split_gives_the_demonstrations(meta: dict[str, Any], tmp_path: 
     for doc in rows_of(NARRATIVEQA, meta, narrativeqa_demo_path=str(train)):
         assert set(json.loads(doc["demo_ids"])) <= {"train0", "train1", "train2"}
         assert "\nAnswer: Person " in doc["input"]
-    assert rows_of(NARRATIVEQA, meta, num_shots=0)[0]["input"].startswith(
-        NARRATIVEQA.instruction + "\n\nThe ")
+    documents = {row["id"]: row["document"] for row in longqa_rows(count=8, words=3000)}
+    first = rows_of(NARRATIVEQA, meta, num_shots=0)[0]
+    assert first["input"].startswith(  # no demonstrations: the document follows at once
+        NARRATIVEQA.instruction + "\n\n" + documents[first["document_id"]][:40])
 
 
 # --------------------------------------------------------------------------------- metrics

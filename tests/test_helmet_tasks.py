@@ -286,6 +286,21 @@ def test_rag_spreads_depths_over_samples(meta: dict[str, Any], no_corpus: None):
     assert rag["depth"] == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
+def test_a_limit_warns_that_rag_reaches_only_the_shallowest_gold_passages(
+        meta: dict[str, Any], no_corpus: None, caplog: pytest.LogCaptureFixture):
+    """lm-eval's ``limit`` takes the first rows, the first samples of each length: with
+    depths spread over the samples, the shallowest gold passages."""
+    from lm_eval import simple_evaluate
+
+    settings = {**meta, "num_samples": 5}
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins.evaluation.task_base"):
+        simple_evaluate(model=OracleLM(), tasks=["acadlm_rag"], limit=6,
+                        task_manager=task_manager(settings, include_defaults=False))
+    assert ("acadlm_rag: limit=6 evaluates only the first 6 of its 10 rows" in caplog.text
+            and "(3 at 2048, 3 at 4096)" in caplog.text
+            and "depths 0.00-0.50 of the context, of the 0.00-1.00" in caplog.text)
+
+
 def test_generation_stops_where_helmets_configs_stop(oracle_run: dict[str, Any]):
     """HELMET's `stop_new_line`: true for RAG, re-ranking and ICL (a line break stops), false
     for JSON KV and cite (no stop string; the generation ends at its length or EOS)."""
@@ -323,6 +338,55 @@ def test_datasets_are_reproducible_by_seed(meta: dict[str, Any], no_corpus: None
         first = build("t", settings)["test"]["input"]
         assert build("t", settings)["test"]["input"] == first
         assert build("t", {**settings, "seed": 7})["test"]["input"] != first
+
+
+def _asked(row: dict[str, Any]) -> str:
+    """What a row asks about: its question, query or document id; for ICL the text to label."""
+    for key in ("question_id", "query_id", "document_id"):
+        if key in row:
+            return row[key]
+    return row["input"].rsplit("\n\n", 1)[1]
+
+
+def _asked_by_length(rows: list[dict[str, Any]]) -> dict[int, list[str]]:
+    asked: dict[int, list[str]] = {}
+    for row in rows:
+        asked.setdefault(row["max_length"], []).append(_asked(row))
+    return asked
+
+
+@pytest.mark.parametrize("build", [helmet.rag_dataset, helmet.rerank_dataset, helmet.icl_dataset,
+                                   helmet.longqa_dataset, helmet.summ_dataset, _asqa, _qampari],
+                         ids=["rag", "rerank", "icl", "longqa", "summ", "asqa", "qampari"])
+def test_every_length_asks_the_same_items(build: Any, meta: dict[str, Any], no_corpus: None):
+    """HELMET runs one shuffled subset (``shuffle(seed).select(n)``) at every length, so that a
+    score's change with the length is not a change of questions: sample i asks the same item
+    at every length (the distractors and filler still differ)."""
+    for seed in (1234, 7):
+        rows = build("acadlm_task", {**meta, "num_samples": 3, "seed": seed})["test"].to_list()
+        asked = _asked_by_length(rows)
+        assert sorted(asked) == LENGTHS
+        assert asked[LENGTHS[0]] == asked[LENGTHS[1]], asked
+        inputs = {row["max_length"]: row["input"] for row in rows if row["index"] == 0}
+        assert inputs[LENGTHS[0]] != inputs[LENGTHS[1]]
+
+
+def test_long_documents_too_short_for_a_length_leave_nested_sets(meta: dict[str, Any],
+                                                                 tmp_path: Path,
+                                                                 no_corpus: None):
+    """Where only long-enough documents can be asked about, the one order shared by the lengths
+    is filtered per length: a longer length asks about those of the shorter length's documents
+    that fill it, in the same order, and takes none that the shorter one skipped."""
+    rows = [{**row, "id": f"report{i}"} for i, row in enumerate(
+        summ_rows(count=4, words=1700, seed=3) + summ_rows(count=4, words=5000, seed=4))]
+    path = write_jsonl(tmp_path / "summ.jsonl", rows)
+    built = helmet.summ_dataset("acadlm_summ", {**meta, "summ_path": str(path), "num_shots": 0,
+                                                "num_samples": 8})["test"].to_list()
+    asked = _asked_by_length(built)
+    short, long = asked[LENGTHS[0]], asked[LENGTHS[1]]
+    fitting = list(dict.fromkeys(long))  # the 4 long documents, then the same again
+    assert len(set(short)) == 8 and len(fitting) == 4 and long == fitting * 2
+    assert fitting == [doc for doc in short if doc in fitting]
 
 
 def test_rerank_rows_hold_every_judged_passage_and_the_gold_ranking(meta: dict[str, Any],
@@ -1076,6 +1140,19 @@ def test_play_questions_quote_a_line_whose_speech_is_in_the_window(default_runs:
         assert text.count(line) == 2  # once in the excerpt, once in the question
         # The last speaker named before the line is the answer.
         assert helmet.SPEAKER_TAG.findall(text[: text.index(line) + 1])[-1] == doc["outputs"][0]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("task", ["acadlm_icl", "acadlm_longqa", "acadlm_rag", "acadlm_rerank"])
+def test_corpus_defaults_ask_the_same_items_at_every_length(task: str, default_runs: dict):
+    """(The stdlib summaries are left out: many modules fill 1K tokens but not 2K, so the
+    lengths ask about nested sets, as test_long_documents_too_short_for_a_length_leave_nested_sets
+    checks.)"""
+    docs = [sample["doc"] for sample in default_runs["oracle"]["samples"][task]]
+    if task == "acadlm_longqa":  # the plays: a quoted line, not an id
+        docs = [{**doc, "document_id": doc["question"]} for doc in docs]
+    asked = _asked_by_length(sorted(docs, key=lambda doc: doc["index"]))
+    assert asked[DEFAULT_LENGTHS[0]] == asked[DEFAULT_LENGTHS[1]]
 
 
 @pytest.mark.integration

@@ -376,6 +376,39 @@ def test_a_limit_keeps_every_length(files: EvalFiles, caplog: pytest.LogCaptureF
         caplog.text
 
 
+def test_a_limit_below_every_sample_warns_which_depths_it_covers(
+        files: EvalFiles, caplog: pytest.LogCaptureFixture) -> None:
+    """Sample i of n sits at depth i/(n-1) and rows come sample by sample, so lm-eval's
+    ``limit`` (the first rows) evaluates only the shallowest needles: 4 rows of 2 lengths x 5
+    samples reach depths 0 and 0.25 of 0-1. The warning says so (the depths are not
+    reordered); with one fixed ``depth`` it names no range, and a limit covering every row
+    says nothing."""
+    from lm_eval import simple_evaluate
+
+    task = "acadlm_niah_single_1"
+    settings = files.metadata(max_seq_lengths=[1024, 2048], num_samples=5)
+    logger = "acadlm_plugins.evaluation.task_base"
+    with caplog.at_level(logging.WARNING, logger=logger):
+        results = simple_evaluate(model=OracleLM(), tasks=[task], limit=4, log_samples=True,
+                                  task_manager=task_manager(settings, include_defaults=False))
+    assert sorted({s["doc"]["depths"][0] for s in results["samples"][task]}) == [0.0, 0.25]
+    assert ("limit=4 evaluates only the first 4 of its 10 rows, which come sample by sample: "
+            "the first samples of each length (2 at 1024, 2 at 2048), not a random subset; "
+            "their evidence sits at depths 0.00-0.25 of the context, of the 0.00-1.00 the "
+            "whole run covers") in caplog.text
+    assert "lower `num_samples`" in caplog.text
+    for extra, limit, expected in (({"depth": 0.5}, 4, "not a random subset. For"),
+                                   ({}, 10, None)):
+        caplog.clear()
+        manager = task_manager({**settings, **extra}, include_defaults=False)
+        with caplog.at_level(logging.WARNING, logger=logger):
+            simple_evaluate(model=OracleLM(), tasks=[task], task_manager=manager, limit=limit)
+        if expected is None:
+            assert "evaluates only" not in caplog.text
+        else:
+            assert expected in caplog.text and "depths" not in caplog.text
+
+
 @pytest.mark.parametrize("depth", ["middle", [0.5], True, "nan"])
 def test_a_depth_that_is_not_a_number_names_the_field(files: EvalFiles, depth: Any) -> None:
     with pytest.raises(ConfigError, match=r"`acadlm_niah_single_2: depth`: .* is not a number\. "

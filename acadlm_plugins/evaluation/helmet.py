@@ -266,17 +266,20 @@ def depth_setting(metadata: Mapping[str, Any], index: int, rng: random.Random, *
     return index / (num_samples - 1) if num_samples > 1 else 0.5
 
 
-def sample_order(task: str, metadata: Mapping[str, Any], length: int, size: int) -> list[int]:
-    """A seeded permutation of ``range(size)``: sample i of a length uses item ``order[i % size]``
-    so that items repeat only after all have been used."""
+def sample_order(task: str, metadata: Mapping[str, Any], size: int) -> list[int]:
+    """A permutation of ``range(size)`` seeded by the task and the seed, the same at every
+    length: sample i of each length uses item ``order[i % size]``, so that every length asks
+    the same questions (as HELMET runs one shuffled subset, ``shuffle(seed).select(n)``, at
+    every length) and items repeat only after all have been used. What differs by length (the
+    distractors, the filler) comes from the length's own stream."""
     seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
-    return _order(task, seed, length, size)
+    return _order(task, seed, size)
 
 
 @lru_cache(maxsize=64)
-def _order(task: str, seed: int, length: int, size: int) -> list[int]:
+def _order(task: str, seed: int, size: int) -> list[int]:
     order = list(range(size))
-    random.Random(f"{task}:{seed}:{length}:order").shuffle(order)
+    random.Random(f"{task}:{seed}:order").shuffle(order)
     return order
 
 
@@ -579,7 +582,7 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
     ``records``) filling ``length`` tokens; the last distractor may be cut short to fit. When
     the style has demonstrations, ``num_shots`` rows of ``demo_pool`` (never one asking the same
     question) come between the instruction and the passages."""
-    record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
+    record = records[sample_order(task, metadata, len(records))[index % len(records)]]
     frame = style.layout.frame(metadata, length, tokenizer, task=task)
     depth = depth_setting(metadata, index, rng, task=task, spread=style.spread_depth)
     shots = num_shots_setting(metadata, task=task) if style.demo_key else 0
@@ -730,7 +733,7 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
     passages, and the query follows the passages (once, as in HELMET's template). When the
     passages overflow the length, the last ones are cut, as HELMET truncates
     the context at its end; the ranking is still scored against all their grades."""
-    record = records[sample_order(task, metadata, length, len(records))[index % len(records)]]
+    record = records[sample_order(task, metadata, len(records))[index % len(records)]]
     frame = RERANK_LAYOUT.frame(metadata, length, tokenizer, task=task)
     count = rerank_passage_count(length)
     demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
@@ -831,7 +834,8 @@ class LabelSource(Protocol):
         ...
 
     def query(self, rng: random.Random, order_index: int) -> LabelledText:
-        """Query number ``order_index`` (0 <= order_index < num_queries)."""
+        """Query number ``order_index`` (0 <= order_index < num_queries); a random source
+        draws it from ``rng``, a stream of the sample's own, the same at every length."""
         ...
 
     def demos(self, label: str, query: LabelledText, rng: random.Random) -> Iterator[str]:
@@ -950,19 +954,17 @@ def label_balanced_order(order: Sequence[int], label_of: Callable[[int], str]) -
     return arranged
 
 
-def icl_query_order(source: LabelSource, task: str, metadata: Mapping[str, Any],
-                    length: int) -> tuple[int, ...]:
-    """The queries of a length in the seeded order of :func:`sample_order`, balanced by label
-    (:func:`label_balanced_order`)."""
+def icl_query_order(source: LabelSource, task: str,
+                    metadata: Mapping[str, Any]) -> tuple[int, ...]:
+    """The queries in the seeded order of :func:`sample_order` (the same at every length),
+    balanced by label (:func:`label_balanced_order`)."""
     seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
-    return _icl_query_order(task, seed, length, source.query_labels)
+    return _icl_query_order(task, seed, source.query_labels)
 
 
 @lru_cache(maxsize=64)
-def _icl_query_order(task: str, seed: int, length: int,
-                     labels: tuple[str, ...]) -> tuple[int, ...]:
-    return tuple(label_balanced_order(_order(task, seed, length, len(labels)),
-                                      labels.__getitem__))
+def _icl_query_order(task: str, seed: int, labels: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(label_balanced_order(_order(task, seed, len(labels)), labels.__getitem__))
 
 
 def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str, key: str,
@@ -970,11 +972,15 @@ def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str
                      tokenizer: LengthTokenizer) -> dict[str, Any]:
     """As many labelled demonstrations as fit ``length`` tokens, labels replaced by numbers in a
     per-sample random mapping, then the query; the last demonstration may be cut short. The
-    queries of a length come in rounds of one per label (:func:`icl_query_order`), so that the
-    first ``num_samples`` are balanced by label, as HELMET balances its test queries."""
+    queries come in rounds of one per label (:func:`icl_query_order`), so that the first
+    ``num_samples`` are balanced by label, as HELMET balances its test queries; sample i asks
+    the same query at every length (a corpus snippet is drawn from a stream of the sample's
+    own, not the length's), and only the demonstrations and the label numbers differ."""
     frame = ICL_LAYOUT.frame(metadata, length, tokenizer, task=task)
-    order = icl_query_order(source, task, metadata, length)
-    query = source.query(rng, order[index % len(order)])
+    order = icl_query_order(source, task, metadata)
+    seed = int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0)
+    query = source.query(random.Random(f"{task}:{seed}:query:{index}"),
+                         order[index % len(order)])
     numbers = list(range(len(source.labels)))
     rng.shuffle(numbers)
     mapping = {label: str(number) for label, number in zip(source.labels, numbers)}
@@ -1065,13 +1071,16 @@ _ELIGIBLE: dict[tuple[Any, ...], list[int]] = {}
 def pick_long_document(documents: Sequence[LongDocument], source_key: str, needed: int,
                        metadata: Mapping[str, Any], task: str, key: str, length: int, index: int,
                        tokenizer: LengthTokenizer) -> int:
-    """The document of sample ``index``: the seeded order restricted to documents that can fill
-    ``needed`` tokens (repeating them if there are fewer than the samples)."""
+    """The document of sample ``index``: the seeded order of :func:`sample_order`, the same at
+    every length, restricted to documents that can fill ``needed`` tokens (repeating them if
+    there are fewer than the samples). When every document fills every length, all lengths ask
+    about the same documents; otherwise a longer length skips those too short for it and takes
+    the next long-enough ones of the same order."""
     want = int_setting(metadata, "num_samples", DEFAULT_NUM_SAMPLES, task=task)
     cache_key = (task, source_key, tokenizer.source, length, needed,
                  int_setting(metadata, "seed", DEFAULT_SEED, task=task, minimum=0), want)
     if cache_key not in _ELIGIBLE:
-        order = sample_order(task, metadata, length, len(documents))
+        order = sample_order(task, metadata, len(documents))
         _ELIGIBLE[cache_key] = long_enough(documents, needed, tokenizer, order, want)
         if 0 < len(_ELIGIBLE[cache_key]) < want:
             log.warning("%s @ %d: only %d document(s) can fill the prompt; %d samples repeat "
@@ -1206,7 +1215,7 @@ def build_play_question(plays: PlayText, metadata: Mapping[str, Any], task: str,
     """A window of the plays filling ``length`` tokens whose speech holding the quoted line sits
     at the sample's depth; the answer is the speaker's tag."""
     frame = LONGQA_LAYOUT.frame(metadata, length, tokenizer, task=task)
-    order = sample_order(task, metadata, length, len(plays.questions))
+    order = sample_order(task, metadata, len(plays.questions))
     question = plays.questions[order[index % len(order)]]
     depth = depth_setting(metadata, index, rng, task=task, spread=True)
     pieces = plays.document.pieces
@@ -1689,7 +1698,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
     order (ALCE and HELMET vary the number of passages with the length): the item's own, then
     those of ``every_item`` (default ``items``) and extra passages if they run out. The last one
     may be cut; citations number them from 1."""
-    item = items[sample_order(task, metadata, length, len(items))[index % len(items)]]
+    item = items[sample_order(task, metadata, len(items))[index % len(items)]]
     frame = CITE_LAYOUT.frame(metadata, length, tokenizer, task=task)
     demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
                        item=item.id, key=dataset.key,

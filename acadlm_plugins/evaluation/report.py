@@ -30,10 +30,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from acadlm_plugins.evaluation import TASKS_DIR
 
 AVERAGE_ROW = "average"
 #: HELMET's categories and the rows (tasks, or ``task:measure`` for a further measure of a
@@ -64,6 +68,28 @@ _HELMET_ROWS = frozenset(row for table in (HELMET_CATEGORIES, CATEGORY_STAND_INS
                          for rows in table.values() for row in rows)
 _RULER_NAMES = ("acadlm_niah_", "acadlm_vt", "acadlm_cwe", "acadlm_fwe", "acadlm_ruler_qa",
                 "acadlm_qa_")
+
+
+#: A key lm-eval (0.4.13, ``Group.aggregate``) writes into a group's row of ``results`` and
+#: never into a task's: the number of samples behind each aggregated metric.
+GROUP_ONLY_KEYS = frozenset({"sample_count"})
+
+
+@lru_cache(maxsize=1)
+def suite_groups() -> frozenset[str]:
+    """The names of our task groups (``acadlm_ruler``, ``acadlm_helmet``, its categories,
+    ``acadlm_long``, ...): the ``group:`` of each YAML in the tasks folder, read as text (the
+    YAMLs hold lm-eval's ``!function`` tags)."""
+    pattern = re.compile(r"^group:\s*(\S+)", re.MULTILINE)
+    return frozenset(name for path in TASKS_DIR.rglob("*.yaml")
+                     for name in pattern.findall(path.read_text(encoding="utf-8")))
+
+
+def _is_group(name: str, row: Mapping[str, Any], listed: set[str]) -> bool:
+    """Whether a row of lm-eval's ``results`` is a group's (its mean of tasks), not a task's:
+    named in the results' ``groups`` or ``group_subtasks`` (``listed``), one of our suites'
+    groups, or carrying a key only group rows have."""
+    return name in listed or name in suite_groups() or not GROUP_ONLY_KEYS.isdisjoint(row)
 
 
 def is_ruler_task(task: str) -> bool:
@@ -183,12 +209,16 @@ def length_table(results: dict[str, Any]) -> LengthTable | None:
     """The task x length table of lm-eval ``results`` (the dict simple_evaluate returns, or its
     ``results`` part); None when no task reports length-named metrics. Besides each task's
     main metric (named by the length alone), the measures a category counts
-    (:data:`CATEGORY_MEASURES`) become ``task:measure`` rows."""
+    (:data:`CATEGORY_MEASURES`) become ``task:measure`` rows. Group rows (lm-eval's means of
+    their tasks) are left out, from either form: the whole dict names them, and the ``results``
+    part alone is read with our suites' group names and the keys only group rows carry
+    (:func:`_is_group`), so both give the same table."""
     per_task = results.get("results", results)
-    groups = set(results.get("groups", {}))
+    listed = set(results.get("groups", {})) | {
+        name for name, members in results.get("group_subtasks", {}).items() if members}
     scores: dict[str, dict[int, float]] = {}
     for task, metrics in per_task.items():
-        if task in groups or not isinstance(metrics, dict):
+        if not isinstance(metrics, dict) or _is_group(task, metrics, listed):
             continue
         for key, value in metrics.items():
             parsed = _length_metric(str(key))

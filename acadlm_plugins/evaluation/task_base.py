@@ -13,6 +13,7 @@ import logging
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,9 +57,10 @@ class LengthSweepTask(ConfigurableTask):
     def build_all_requests(self, **kwargs: Any) -> Any:
         """lm-eval's request building, with a warning when its ``limit`` (the first N rows)
         is too small to reach every length (rows come sample by sample, so N below the number of
-        lengths leaves the longest ones out), a refusal when the run would generate more tokens
-        than the prompts leave room for (:func:`check_generation_room`), and without lm-eval's
-        request cache.
+        lengths leaves the longest ones out) or every sample (:func:`warn_partial_limit`: the
+        first samples only, and with depths spread over the samples the shallowest), a refusal
+        when the run would generate more tokens than the prompts leave room for
+        (:func:`check_generation_room`), and without lm-eval's request cache.
 
         lm-eval names a cached request file by task name, few-shot count, rank and tokenizer,
         never by the task's metadata; our prompts depend on it (lengths, samples, seed,
@@ -74,6 +76,9 @@ class LengthSweepTask(ConfigurableTask):
             log.warning("%s: limit=%s evaluates only the first %s of its %d lengths; %s are left "
                         "out (give a limit of at least %d, one sample per length).", task, limit,
                         limit, len(lengths), lengths[int(limit):], len(lengths))
+        if limit is not None and not kwargs.get("samples"):
+            warn_partial_limit(task, int(limit), self.eval_docs,
+                               fixed_depth=depth_setting_value(metadata, task=task) is not None)
         check_generation_room(metadata, self.config.generation_kwargs, task=task)
         if kwargs.get("cache_requests"):
             log.warning("%s: lm-eval's request cache is not used for this task: it is keyed by "
@@ -81,6 +86,50 @@ class LengthSweepTask(ConfigurableTask):
                         "seed, haystack), and the prompts are rebuilt on every run anyway", task)
             kwargs = {**kwargs, "cache_requests": False, "rewrite_requests_cache": False}
         return super().build_all_requests(**kwargs)
+
+
+def _column(docs: Any, name: str) -> list[Any]:
+    """One field of every row (None where a row lacks it), read as a column from a
+    ``datasets.Dataset`` (without decoding the prompts) or from a list of rows."""
+    if isinstance(docs, datasets.Dataset):
+        return list(docs[name]) if name in docs.column_names else [None] * len(docs)
+    return [row.get(name) for row in docs]
+
+
+def _depths(depth: Any, depths: Any) -> list[float]:
+    """Where a row's evidence sits (``depth``, or ``depths`` for several needles), leaving out
+    the -1 of rows that have none."""
+    values = depths if depths is not None else [] if depth is None else [depth]
+    return [float(value) for value in values if 0.0 <= float(value) <= 1.0]
+
+
+def warn_partial_limit(task: str, limit: int, docs: Any, *, fixed_depth: bool = False) -> None:
+    """Warn when lm-eval's ``limit`` (its first ``limit`` rows of ``docs``) leaves rows out:
+    rows come sample by sample (:func:`sample_major`), so the limit evaluates the first samples
+    of each length, not a random subset of them; where a task spreads its evidence over the
+    samples (sample i of n at depth i/(n-1)), they are also its shallowest depths, which the
+    warning names unless the metadata fixes one ``depth``. The depths stay as they are
+    (reordering them would change every prompt); a smaller ``num_samples`` gives fewer prompts
+    that still span every depth."""
+    total = len(docs)
+    if limit >= total:
+        return
+    lengths = [int(length) for length in _column(docs, "max_length")]
+    taken = Counter(lengths[:limit])
+    counts = ", ".join(f"{taken[length]} at {length}" for length in sorted(set(lengths)))
+    depth_note = ""
+    if not fixed_depth:
+        rows = [_depths(*pair) for pair in zip(_column(docs, "depth"), _column(docs, "depths"))]
+        chosen = [d for row in rows[:limit] for d in row]
+        every = [d for row in rows for d in row]
+        if chosen and (min(chosen), max(chosen)) != (min(every), max(every)):
+            depth_note = (f"; their evidence sits at depths {min(chosen):.2f}-{max(chosen):.2f} "
+                          f"of the context, of the {min(every):.2f}-{max(every):.2f} the whole "
+                          "run covers")
+    log.warning("%s: limit=%d evaluates only the first %d of its %d rows, which come sample by "
+                "sample: the first samples of each length (%s), not a random subset%s. For "
+                "fewer prompts that still span every depth, lower `num_samples` in --metadata "
+                "instead of giving a limit.", task, limit, limit, total, counts, depth_note)
 
 
 def check_generation_room(metadata: Mapping[str, Any], generation_kwargs: Any, *,
