@@ -24,9 +24,15 @@ from acadlm_plugins.pruning.materialize import materialize
 TARGET = {"num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "embed_dim": 40, "intermediate_dim": 80}
 
 
-def _masked_setup(seed: int = 0, target: dict | None = None):
+def _masked_setup(seed: int = 0, target: dict | None = None, *, biased: bool = False):
     torch.manual_seed(seed)
-    model = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2).eval()
+    if biased:  # Qwen2's q/k/v biases
+        from torchtune.models.qwen2._component_builders import qwen2
+
+        model = qwen2(vocab_size=512, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64,
+                      intermediate_dim=128, max_seq_len=512, tie_word_embeddings=True).eval()
+    else:
+        model = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2).eval()
     source = architecture_of(model)
     masks = PruningMasks(source, resolve_target(source, target or TARGET), seed=seed)
     with torch.no_grad():
@@ -186,9 +192,9 @@ def test_hooks_installed_inactive_leave_the_source_function_until_switched_on():
 
 
 # ------------------------------------------------------- expected size and materializing
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_expected_size_formula_counts_the_materialized_model_exactly(seed):
-    model, masks = _masked_setup(seed)
+@pytest.mark.parametrize("seed, biased", [(0, False), (1, False), (2, False), (0, True)])
+def test_expected_size_formula_counts_the_materialized_model_exactly(seed, biased):
+    model, masks = _masked_setup(seed, biased=biased)
     final = masks.deterministic_gates(masks.target_row_counts())
     indicators = {k: (v > 0).float() for k, v in final.items()}
     pruned, arch = materialize(model, masks)

@@ -186,8 +186,9 @@ class PruningMasks(nn.Module):
                                       ) -> torch.Tensor:
         """Expected parameters outside the embeddings, from products of unit scores.
 
-        Per layer: layer score x (attention rows x hidden + MLP channels x hidden + 2 norms),
-        with hidden = the expected number of kept residual channels.
+        Per layer: layer score x (attention rows x hidden + MLP channels x hidden + 2 norms,
+        plus the q/k/v biases of a model that has them), with hidden = the expected number of
+        kept residual channels.
         """
         s = self._unit_scores(gates)
         hd = self.source.head_dim
@@ -196,6 +197,8 @@ class PruningMasks(nn.Module):
         kv = s["kv_head"].sum(1)
         inter = s["intermediate"].sum(1)
         per_layer = 2 * hidden * hd * heads + 2 * hidden * hd * kv + 3 * hidden * inter + 2 * hidden
+        if self.source.attention_bias:
+            per_layer = per_layer + (heads + 2 * kv) * hd
         return (s["layer"] * per_layer).sum() + hidden
 
     def _unit_scores(self, gates: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
