@@ -117,6 +117,27 @@ def test_positions_labelled_as_padding_are_not_counted():
     assert not torch.allclose(counted_anyway.intermediate, with_labels.intermediate, rtol=1e-3)
 
 
+def test_every_token_also_counts_each_segments_first_token_but_not_padding():
+    """Packing ignores the label of every segment's first token (no prediction across a
+    document boundary): left out of the scores by default; Minitron's rule (every_token) counts
+    it, and still leaves out the padding segment."""
+    from acadlm_plugins.data.packing import packed_sample
+
+    model = _model()
+    tokens = _tokens(batch=1, length=24)[0].numpy()
+    sample = packed_sample(tokens, [9, 11, 4], pad_start=20)  # two documents, then padding
+    batch = {key: value.unsqueeze(0) for key, value in sample.items()}
+    default = importance_scores(model, [batch])
+    minitron = importance_scores(model, [batch], every_token=True)
+    assert (default.num_tokens, minitron.num_tokens) == (18, 20)
+    # every real token, with no padding: the model run on the 20 real tokens alone, at the
+    # pack's positions (plain causal attention, as the batch carries no document mask)
+    plain = importance_scores(model, [{"tokens": batch["tokens"][:, :20],
+                                       "input_pos": batch["input_pos"][:, :20]}])
+    _assert_scores_close(minitron, plain)
+    assert not torch.allclose(default.hidden, minitron.hidden, rtol=1e-4)
+
+
 def test_max_sequences_cuts_the_last_batch_and_reads_no_further():
     model, tokens = _model(), _tokens(batch=6)
 

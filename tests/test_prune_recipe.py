@@ -183,9 +183,19 @@ def test_one_shot_importance_pruning_exports_the_target_without_training(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from acadlm_plugins.models.llama import llama_from_hf_config
+    from acadlm_plugins.pruning import importance
 
+    rules, scores = [], importance.importance_scores
+
+    def recorded(*args, **kwargs):
+        rules.append(kwargs.get("every_token"))
+        return scores(*args, **kwargs)
+
+    monkeypatch.setattr(importance, "importance_scores", recorded)
     out = run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(
-        tmp_path, "pruning.method=importance", "pruning.calibration.num_sequences=8"))
+        tmp_path, "pruning.method=importance", "pruning.calibration.num_sequences=8",
+        "pruning.calibration.every_token=true"))
+    assert rules == [True]  # Minitron's rule reaches the scoring
     summary = json.loads((out / "pruning_summary.json").read_text())
     assert summary["method"] == "importance"
     assert {k: summary["achieved"][k] for k in TINY_TARGET} == TINY_TARGET
@@ -225,6 +235,7 @@ def test_importance_init_below_the_log_alpha_floor_is_reported(tmp_path, monkeyp
     ("pruning.mask_init=random", "pruning.mask_init"),
     ("pruning.mask_init_gap=-1", "pruning.mask_init_gap"),
     ("pruning.calibration.sequences=4", "pruning.calibration.sequences"),
+    ("pruning.calibration.every_token=maybe", "pruning.calibration.every_token"),
 ])
 def test_bad_importance_settings_fail_before_training(tmp_path, monkeypatch, override, key):
     with pytest.raises(ConfigError) as err:

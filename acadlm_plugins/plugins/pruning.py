@@ -17,6 +17,8 @@ Config block::
       mask_init_gap: 0.0                 # importance init: the dropped units start this much
                                          # below the kept ones (0: all open; ~7: mostly closed)
       calibration: {num_sequences: 64, batch_size: 8}   # sequences the importance is measured on
+                                         # (every_token: true also counts each segment's first
+                                         # token, as Minitron counts every token)
 
 The mask hooks are installed switched off and come on with the first training batch, so the
 recipe's step-0 evaluation measures the source model itself: dynamic batch loading's
@@ -61,7 +63,7 @@ METHODS = ("learned", "importance")
 MASK_TRAINING_KEYS = ("lagrangian_warmup_steps", "mask_lr", "lambda_lr", "droprate_init",
                       "mask_init", "mask_init_spread", "mask_init_gap")
 MASK_INITS = ("uniform", "importance")
-CALIBRATION_KEYS = {"num_sequences", "batch_size"}
+CALIBRATION_KEYS = {"num_sequences", "batch_size", "every_token"}
 
 
 def pruning_method(cfg: Any) -> str | None:
@@ -131,6 +133,8 @@ class PruningPlugin:
                                             prefix=f"{CONFIG_KEY}.calibration.")
         self.calibration_batch_size = number(calibration, "batch_size", int, 8, minimum=1,
                                              prefix=f"{CONFIG_KEY}.calibration.")
+        self.calibration_every_token = config_value(
+            calibration.get("every_token", False), f"{CONFIG_KEY}.calibration.every_token", bool)
         self.target_spec = checked_target(block.target)
         self.warmup = number(block, "lagrangian_warmup_steps", int, 0, minimum=0)
         self.mask_lr = number(block, "mask_lr", float, 0.3, above=0)
@@ -264,7 +268,8 @@ class PruningPlugin:
                 for batch in batches:
                     yield batch
                     bar.update(1)
-            return importance_scores(self.model if model is None else model, counted())
+            return importance_scores(self.model if model is None else model, counted(),
+                                     every_token=self.calibration_every_token)
 
     @hookimpl
     def acadlm_batch_ready(self, batch: dict, step: int) -> None:

@@ -98,17 +98,36 @@ class _Accumulator:
         target += values.double()[self.counted.to(values.device)].sum().cpu()
 
 
+def _counted_segment_starts(counted: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """The first position of every segment (``seq_lens``: per row, zero-padded) that has some
+    other counted position: a real document's start, not padding's."""
+    starts = torch.zeros_like(counted)
+    for row, lengths in enumerate(seq_lens.tolist()):
+        offset = 0
+        for length in lengths:
+            if length > 0 and bool(counted[row, offset:offset + length].any()):
+                starts[row, offset] = True
+            offset += max(int(length), 0)
+    return starts
+
+
 @torch.no_grad()
 def importance_scores(model: nn.Module, batches: Iterable[dict[str, Any]], *,
-                      max_sequences: int | None = None) -> ImportanceScores:
+                      max_sequences: int | None = None,
+                      every_token: bool = False) -> ImportanceScores:
     """Importance of every head, KV group, MLP channel, hidden channel and layer of ``model``.
 
     ``batches`` are collated packs: ``tokens`` (B, S) and optionally ``mask``/``input_pos``
     (document masking), passed to the model as they are. Every position counts, except where a
-    ``labels`` key holds the ignore index (-100): that is how collation marks padding (and, in
-    instruction data, prompt tokens, which are then left out too). At most ``max_sequences``
-    sequences are used (the last batch is cut). The model runs in eval mode and is returned to
-    the mode it was in; the measuring hooks are removed whatever happens.
+    ``labels`` key holds the ignore index (-100): that is how collation marks padding, and also
+    the first token of every segment (a document, or the part of one a pack continues), whose
+    label is ignored so that no document predicts across a boundary (and, in instruction data,
+    prompt tokens, which are then left out too). With ``every_token`` (Minitron's rule: every
+    real token) those first tokens count too: a segment's first position counts when some
+    other position of the segment does, which leaves out only padding (and one-token
+    segments). At most ``max_sequences`` sequences are used (the last batch is cut). The model
+    runs in eval mode and is returned to the mode it was in; the measuring hooks are removed
+    whatever happens.
     """
     if max_sequences is not None and max_sequences < 1:
         raise ValueError(f"max_sequences must be at least 1, got {max_sequences}.")
@@ -134,6 +153,9 @@ def importance_scores(model: nn.Module, batches: Iterable[dict[str, Any]], *,
             labels = batch.get("labels")
             acc.counted = (torch.ones_like(tokens, dtype=torch.bool) if labels is None
                            else labels != CROSS_ENTROPY_IGNORE_INDEX)
+            if every_token and labels is not None and batch.get("seq_lens") is not None:
+                acc.counted = acc.counted | _counted_segment_starts(acc.counted,
+                                                                    batch["seq_lens"])
             model(tokens, mask=batch.get("mask"), input_pos=batch.get("input_pos"))
             acc.sequences += tokens.shape[0]
             acc.tokens += int(acc.counted.sum())
