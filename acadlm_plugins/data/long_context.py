@@ -4,8 +4,9 @@ ProLong (Gao, Wettig, Yen and Chen, 2024, "How to Train Long-Context Language Mo
 (Effectively)", arXiv:2410.02660) continues pretraining on a mix of *long* documents (code
 repositories concatenated file by file, and books) with *short* high-quality data, packed into
 long sequences with document masking: attention never crosses a document boundary. Its stage-1
-mix gives about 30% of the tokens to code repositories, 30% to books and the remaining ~40% to
-short data spread over several sources. Here every source is a set of local files with a
+mix gives 30% of the tokens to code repositories, 30% to books, 3% to textbooks and 37% to
+short data spread over several sources; the default corpus has no textbooks, so their 3% go
+to the short sources here (40%). Here every source is a set of local files with a
 **token share** and a document length filter; the long sources keep only documents of at least
 ``min_tokens`` tokens (ProLong's long data is selected by length too).
 
