@@ -141,3 +141,47 @@ def test_build_corpus_into_a_fresh_home(tmp_path, monkeypatch):
     size = docs_train.stat().st_size
     expected = f"corpus/docs/train.jsonl: size {size} != {size - 1}"
     assert manifest_lib.component_problems(home, "corpus") == [expected]
+
+
+def test_an_unreadable_manifest_is_empty_for_a_build_and_an_error_for_verify(tmp_path, caplog):
+    """json.loads of a corrupt manifest.json crashed both `build` and `verify`."""
+    path = manifest_lib.manifest_path(tmp_path)
+    for text in ("{truncated", "[]", '{"components": []}', "\udcff"):
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with caplog.at_level("WARNING"):
+            assert manifest_lib.load_manifest(tmp_path) == {"format": 1, "components": {}}
+        assert f"{path}: unreadable manifest" in caplog.text
+        assert manifest_lib.component_problems(tmp_path, "corpus", 1) == ["corpus: not built"]
+        for read in (lambda: manifest_lib.load_manifest(tmp_path, strict=True),
+                     lambda: manifest_lib.verify_manifest(tmp_path)):
+            with pytest.raises(DataError, match=r"unreadable manifest .*Delete it and run "
+                               r"`acadlm-defaults build`"):
+                read()
+    manifest_lib.record_component(tmp_path, "corpus", {"recipe_version": 1, "files": []})
+    assert manifest_lib.verify_manifest(tmp_path) == ["model: not built"]  # written over it
+
+
+def test_build_corpus_removes_what_killed_builds_left(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    from acadlm_plugins.defaults.corpus import RECIPE_VERSION
+
+    monkeypatch.setenv("ACADLM_HOME", str(tmp_path))
+    corpus = default_corpus_dir(tmp_path)
+    data = corpus / "code" / "train.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"text": "a"}\n')
+    manifest_lib.record_component(tmp_path, "corpus", {
+        "recipe_version": RECIPE_VERSION, "files": [manifest_lib.file_record(tmp_path, data, [])]})
+    child = subprocess.Popen(["true"])
+    child.wait()
+    stale = [tmp_path / f".corpus.{kind}-{child.pid}" for kind in ("tmp", "old")]
+    live = [tmp_path / f".corpus.tmp-{os.getppid()}", tmp_path / f".corpus.tmp-{os.getpid()}"]
+    others = [tmp_path / ".corpus.tmp-x", tmp_path / ".corpusX.tmp-1"]
+    for folder in (*stale, *live, *others):
+        folder.mkdir()
+    assert build_corpus(tmp_path) == corpus  # up to date: only the leftovers go
+    assert not any(folder.exists() for folder in stale)
+    assert all(folder.is_dir() for folder in (*live, *others, corpus))
+    assert data.is_file()

@@ -118,7 +118,10 @@ def _info(home: Path, given_home: Path | None = None) -> int:
                 f"          long/{name}.jsonl: {stats['docs']:,} docs, "
                 f"{_format_count(stats['tokens'])} tokens, longest {stats['max_doc_chars']:,} chars"
             )
-    problems = manifest_lib.verify_manifest(home)
+    try:
+        problems = manifest_lib.verify_manifest(home)
+    except manifest_lib.ManifestUnreadableError:
+        problems = [f"{manifest_path(home)}: unreadable"]
     print(
         "status:   "
         + ("ok" if not problems
@@ -130,7 +133,13 @@ def _info(home: Path, given_home: Path | None = None) -> int:
 def _verify(home: Path, given_home: Path | None = None) -> int:
     """Print every manifest problem of ``home`` and the command that repairs them; ``given_home``
     is the ``--home`` the user passed (None when the default folder is used)."""
-    problems = manifest_lib.verify_manifest(home)
+    try:
+        problems = manifest_lib.verify_manifest(home)
+    except manifest_lib.ManifestUnreadableError as err:
+        print(f"problem: {err.path}: unreadable manifest ({err.reason})")
+        print(f"Fix: delete {shlex.quote(str(err.path))} and run `{_command('build', given_home)}`, "
+              "which rebuilds what the manifest no longer vouches for.")
+        return 1
     for problem in problems:
         print(f"problem: {problem}")
     if problems:

@@ -52,6 +52,7 @@ from acadlm_plugins.defaults.paths import (
     acadlm_home,
     default_corpus_dir,
     default_model_dir,
+    remove_stale_staging,
     sources_dir,
 )
 from acadlm_plugins.errors import DataError, DefaultsMissingError
@@ -552,6 +553,7 @@ def build_corpus(home: Path | None = None, force: bool = False) -> Path:
     """
     home = Path(home) if home is not None else acadlm_home()
     target = default_corpus_dir(home)
+    remove_stale_staging(target)  # what killed builds left beside it
     if not force and target.is_dir():
         problems = manifest_lib.component_problems(home, COMPONENT, RECIPE_VERSION)
         if not problems:

@@ -18,14 +18,30 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from acadlm_plugins.defaults.paths import manifest_path
+from acadlm_plugins.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 COMPONENTS = ("model", "corpus")
+_warned_unreadable: set[tuple[str, int, int]] = set()  # (path, mtime_ns, size) already warned of
+
+
+class ManifestUnreadableError(DataError):
+    """``manifest.json`` exists but is not a manifest (truncated, not JSON, wrong shape)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"{path}: unreadable manifest ({reason}). Delete it and run `acadlm-defaults build`, "
+            "which rebuilds what the manifest no longer vouches for."
+        )
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -47,12 +63,36 @@ def file_record(home: Path, path: Path, provenance: list[dict[str, Any]]) -> dic
     }
 
 
-def load_manifest(home: Path) -> dict[str, Any]:
-    """Read ``<home>/manifest.json``; an absent file is an empty manifest."""
+def load_manifest(home: Path, strict: bool = False) -> dict[str, Any]:
+    """Read ``<home>/manifest.json``; an absent file is an empty manifest.
+
+    An unreadable one raises :class:`ManifestUnreadableError` when ``strict``; otherwise (what a
+    build wants) it is logged as a warning and read as empty, so the build rebuilds every
+    component and then writes a good manifest over it.
+    """
     path = manifest_path(home)
     if not path.is_file():
         return {"format": MANIFEST_FORMAT, "components": {}}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        reason = None
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        manifest, reason = None, str(err)
+    if reason is None and (
+        not isinstance(manifest, dict) or not isinstance(manifest.get("components", {}), dict)
+    ):
+        reason = "not a JSON object with a `components` object"
+    if reason is not None:
+        if strict:
+            raise ManifestUnreadableError(path, reason)
+        stat = path.stat()
+        if (str(path), stat.st_mtime_ns, stat.st_size) not in _warned_unreadable:
+            _warned_unreadable.add((str(path), stat.st_mtime_ns, stat.st_size))
+            logger.warning("%s: unreadable manifest (%s); reading it as empty, so every component "
+                           "is rebuilt and a new manifest written.", path, reason)
+        return {"format": MANIFEST_FORMAT, "components": {}}
+    manifest.setdefault("components", {})
+    return manifest
 
 
 def write_manifest(home: Path, manifest: dict[str, Any]) -> None:
@@ -103,10 +143,13 @@ def component_problems(home: Path, name: str, recipe_version: int | None = None)
 
 
 def verify_manifest(home: Path) -> list[str]:
-    """Check every file listed in ``<home>/manifest.json``; return the problems (empty = good)."""
+    """Check every file listed in ``<home>/manifest.json``; return the problems (empty = good).
+
+    Raises :class:`ManifestUnreadableError` (naming the file and the fix) when the manifest
+    exists but cannot be read."""
     if not manifest_path(home).is_file():
         return [f"{manifest_path(home)}: missing (nothing built yet)"]
-    recorded = load_manifest(home).get("components", {})
+    recorded = load_manifest(home, strict=True)["components"]
     problems = []
     for name in sorted(set(COMPONENTS) | set(recorded)):
         problems.extend(component_problems(home, name))

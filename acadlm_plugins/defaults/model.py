@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from acadlm_plugins.defaults import manifest as manifest_lib
-from acadlm_plugins.defaults.paths import acadlm_home, default_model_dir
+from acadlm_plugins.defaults.paths import acadlm_home, default_model_dir, remove_stale_staging
 from acadlm_plugins.errors import DefaultsMissingError
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ def build_model(home: Path | None = None, force: bool = False) -> Path:
     """
     home = Path(home) if home is not None else acadlm_home()
     target = default_model_dir(home)
+    remove_stale_staging(target)  # what killed builds left beside it
     if not force and target.is_dir():
         problems = manifest_lib.component_problems(home, COMPONENT, RECIPE_VERSION)
         if not problems:

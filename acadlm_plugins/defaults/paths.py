@@ -7,15 +7,21 @@ environment variable.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 
-from acadlm_plugins.errors import DefaultsMissingError
+from acadlm_plugins.errors import DataError, DefaultsMissingError
+
+logger = logging.getLogger(__name__)
 
 HOME_ENV_VAR = "ACADLM_HOME"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MANIFEST_NAME = "manifest.json"
 BUILD_HINT = "Run `acadlm-defaults build` (or `make defaults`) to build it offline."
+REBUILD_MODEL_HINT = "Run `acadlm-defaults build --force --only model` to rebuild it."
+STAGING_KINDS = ("tmp", "old")  # a build's `.<name>.tmp-<pid>` and `.<name>.old-<pid>` folders
 
 
 def acadlm_home() -> Path:
@@ -45,14 +51,61 @@ def manifest_path(home: Path | None = None) -> Path:
 
 
 def require_default_model() -> Path:
-    """Return the default model folder, or raise :class:`DefaultsMissingError` with the fix."""
+    """Return the default model folder, or raise :class:`DefaultsMissingError` with the fix
+    when it is missing or a file's size differs from the manifest's (see
+    :func:`check_default_model_files`)."""
     model_dir = default_model_dir()
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise DefaultsMissingError(
             f"The embedded default model is missing at {model_dir} "
             f"(${HOME_ENV_VAR}={os.environ.get(HOME_ENV_VAR, '<unset>')}). {BUILD_HINT}"
         )
+    check_default_model_files()
     return model_dir
+
+
+def check_default_model_files(home: Path | None = None) -> None:
+    """Raise :class:`DefaultsMissingError` naming the first file of the default model that is
+    missing or whose size differs from the one the manifest records (a truncated
+    ``model.safetensors`` otherwise ends in safetensors' bare error). Cheap: one ``stat`` per
+    file, no hashing (``acadlm-defaults verify`` hashes). Skipped when the manifest has no model
+    entry (an older build) or cannot be read (the build treats it as empty and rebuilds)."""
+    from acadlm_plugins.defaults import manifest as manifest_lib  # it imports this module
+
+    home = home or acadlm_home()
+    model_dir = default_model_dir(home)
+    try:
+        record = manifest_lib.load_manifest(home, strict=True)["components"].get("model")
+    except DataError as err:
+        logger.warning("Not checking the default model's file sizes: %s", err)
+        return
+    if not isinstance(record, dict):
+        return
+    for entry in record.get("files", []):
+        try:
+            path, expected = home / entry["path"], int(entry["bytes"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if path.parent != model_dir:
+            continue
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != expected:
+            problem = (f"has {path.stat().st_size:,} bytes, the manifest records {expected:,} "
+                       "(truncated or changed)")
+        if problem:
+            raise DefaultsMissingError(
+                f"The embedded default model is damaged: {path} {problem}. {REBUILD_MODEL_HINT}"
+            )
+
+
+def is_default_model_dir(folder: Path) -> bool:
+    """Whether ``folder`` is the default model folder (symlinks and ``~`` resolved)."""
+    try:
+        return Path(folder).expanduser().resolve() == default_model_dir().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def require_default_corpus() -> Path:
@@ -64,3 +117,42 @@ def require_default_corpus() -> Path:
             f"(${HOME_ENV_VAR}={os.environ.get(HOME_ENV_VAR, '<unset>')}). {BUILD_HINT}"
         )
     return corpus_dir
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders beside ``target`` that a
+    killed build left behind: those whose pid is no live process. Folders of a live build (and of
+    this process), symlinks, files and ``target`` itself are kept. Returns what was removed, which
+    is also logged."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for kind in STAGING_KINDS:
+        prefix = f".{target.name}.{kind}-"
+        for path in sorted(target.parent.iterdir()):
+            pid_text = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+            if not (pid_text.isascii() and pid_text.isdigit()) or path.is_symlink() \
+                    or not path.is_dir():
+                continue
+            if path == target or _process_is_alive(int(pid_text)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d leftover(s) of killed builds beside %s: %s", len(removed), target,
+                    ", ".join(path.name for path in removed))
+    return removed
+
+
+def _process_is_alive(pid: int) -> bool:
+    """Whether ``pid`` names a live process (or might: only ``ProcessLookupError`` says no)."""
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: another user's live process
+        return True
+    return True

@@ -292,6 +292,13 @@ def smollm2_tokenizer(
             (given, given / "tokenizer.json") if given.is_dir() else (given.parent, given)
         )
     if not tokenizer_json.is_file():
+        from acadlm_plugins.defaults.paths import REBUILD_MODEL_HINT, is_default_model_dir
+
+        if is_default_model_dir(folder):  # pointing `tokenizer.path` here again fixes nothing
+            raise DataError(
+                f"{tokenizer_json}: no such file in the embedded default model. "
+                f"{REBUILD_MODEL_HINT}"
+            )
         raise DataError(
             f"{tokenizer_json}: no such file. Set `tokenizer.path` to the model folder "
             "(e.g. ${acadlm_home:}/models/SmolLM2-135M-Instruct) or to its tokenizer.json."

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from acadlm_plugins.defaults.paths import check_default_model_files, is_default_model_dir
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.training.config_checks import config_value
 
@@ -124,6 +125,8 @@ def check_checkpoint_source(cfg: DictConfig, key: str = "checkpointer") -> None:
                           "point it at the local folder of the model's weights (a Hugging Face "
                           "model folder), or build the embedded default with "
                           "`acadlm-defaults build`.")
+    if is_default_model_dir(folder):  # a truncated file: the rebuild command, not safetensors'
+        check_default_model_files()
     files = node.get("checkpoint_files", None)
     if files is None or not hasattr(files, "__iter__") or isinstance(files, str):
         return  # torchtune's other forms (a filename format dict) are checked by torchtune
