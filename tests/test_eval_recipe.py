@@ -154,7 +154,16 @@ def test_the_cache_fingerprint_follows_the_models_files_and_args(tmp_path) -> No
     weights = folder / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert len({base, changed_config, model_fingerprint("acadlm", args, "cpu")}) == 3
+    touched = model_fingerprint("acadlm", args, "cpu")
+    assert len({base, changed_config, touched}) == 3
+    # other weights copied over with the old size and time (cp -p, rsync -t) change it too
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    assert model_fingerprint("acadlm", args, "cpu") != touched
     # `acadlm-lm-eval --use_cache` gets the same keyed path from lm-eval's model_args string.
     kwargs = key_cache_by_model({"model": "acadlm", "model_args": f"pretrained={folder},"
                                  "dtype=float32", "device": "cpu", "use_cache": "c/lm"})

@@ -672,7 +672,22 @@ def test_chat_template_renders_like_transformers(lm, reference):
     assert continued.endswith("<|im_start|>assistant\nHello ")
     assert lm.chat_template(True) == json.loads(
         (Path(lm.tokenizer.folder) / "tokenizer_config.json").read_text())["chat_template"]
-    assert lm.tokenizer_name.endswith("model")
+    assert lm.tokenizer_name.startswith(str(lm.tokenizer.folder).replace("/", "__"))
+
+
+def test_the_request_cache_key_changes_with_the_chat_template(model_dir, tmp_path):
+    """lm-eval keys cached requests (rendered prompts) by tokenizer_name: editing the chat
+    template in place must change it, or --cache_requests would reuse the old prompts."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    before = AcadLM(pretrained=str(folder)).tokenizer_name
+    assert AcadLM(pretrained=str(folder)).tokenizer_name == before  # stable
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AcadLM(pretrained=str(folder)).tokenizer_name != before
 
 
 def test_missing_chat_template_is_a_clear_error(model_dir, tmp_path):

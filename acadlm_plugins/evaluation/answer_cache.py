@@ -27,14 +27,27 @@ MODEL_FILE_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf",
 FINGERPRINT_CHARS = 12
 
 
+SAMPLED_BYTES = 1 << 20
+
+
 def _file_state(path: Path) -> list[Any]:
+    """Name, size, modification time and a hash of the first and last MiB (a safetensors
+    file's header and the end of its data): weights copied over with their old timestamps
+    (``cp -p``, ``rsync -t``) change the hash though not the size or time."""
     stat = path.stat()
-    return [path.name, stat.st_size, stat.st_mtime_ns]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(SAMPLED_BYTES))
+        if stat.st_size > SAMPLED_BYTES:
+            handle.seek(max(SAMPLED_BYTES, stat.st_size - SAMPLED_BYTES))
+            digest.update(handle.read(SAMPLED_BYTES))
+    return [path.name, stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
 
 
 def _local_state(value: Any) -> dict[str, Any] | None:
     """What a local model folder (or file) holds: its resolved path, the bytes of its
-    ``config.json`` and the name, size and modification time of each model file; None for a
+    ``config.json`` and the name, size, modification time and sampled hash of each model file
+    (:func:`_file_state`); None for a
     value that is not a local path (a hub name: the name itself is in the args)."""
     if not isinstance(value, (str, Path)) or not str(value):
         return None

@@ -553,8 +553,16 @@ class AcadLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        """Fingerprint of the tokenizer (and its chat template) for lm-eval's request cache."""
-        return str(self.tokenizer.folder).replace("/", "__")
+        """Fingerprint of the tokenizer (and its chat template) for lm-eval's request cache:
+        the folder, then a short hash of its tokenizer definition, its BOS/EOS and its chat
+        template, so prompts rendered before either was edited in place are not reused."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        digest.update(self.tokenizer.rust.to_str().encode())
+        digest.update(f"|{self.tokenizer.bos_id}|{self.tokenizer.eos_id}|".encode())
+        digest.update(str(self.tokenizer.chat_template).encode())
+        return f"{str(self.tokenizer.folder).replace('/', '__')}_{digest.hexdigest()[:12]}"
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """The folder's chat template, or None when not asked for."""
