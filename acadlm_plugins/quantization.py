@@ -376,9 +376,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta = read_quantization(dest)
+    skipped = list(meta.get("skipped_linears") or [])
     print(f"{dest}: {meta['scheme']}, {meta['quantized_linears']} linear layers quantized, "
           f"weights {meta['source_weight_bytes'] / 2**20:.1f} MiB -> "
-          f"{meta['weight_bytes'] / 2**20:.1f} MiB")
+          f"{meta['weight_bytes'] / 2**20:.1f} MiB (the rest of the copy in "
+          f"{meta.get('dtype', 'its dtype')})")
+    if skipped:
+        total = len(skipped) + int(meta["quantized_linears"])
+        print(f"warning: {len(skipped)} of {total} linear layers kept unquantized, as their "
+              f"shapes do not fit {meta['scheme']} (e.g. {', '.join(skipped[:3])}); all are "
+              f"listed in {dest / QUANTIZATION_FILE}", file=sys.stderr)
     return 0
 
 

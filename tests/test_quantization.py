@@ -147,7 +147,8 @@ def test_int4_fit_lists_skipped_layers_and_refuses_when_none_fit() -> None:
         check_int4_fit({"x": (64, 1000)}, 32, field="torchao.group_size")
 
 
-def test_an_int4_cpu_copy_leaves_layers_of_uneven_output_width_unquantized(tmp_path) -> None:
+def test_an_int4_cpu_copy_leaves_layers_of_uneven_output_width_unquantized(tmp_path,
+                                                                             capsys) -> None:
     """torchao's CPU int4 packing raised a bare RuntimeError (after training, at the export)
     for an output width that is not a multiple of 16, e.g. a pruned MLP of 1000 channels."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -165,6 +166,9 @@ def test_an_int4_cpu_copy_leaves_layers_of_uneven_output_width_unquantized(tmp_p
     # w1/w3: 1000 outputs (CPU layout); w2: 1000 inputs (group size 32)
     assert meta["skipped_linears"] == ["layers.0.mlp.w1", "layers.0.mlp.w2", "layers.0.mlp.w3"]
     assert meta["quantized_linears"] == 4
+    # ... and the command says so, not only quantization.json
+    err = capsys.readouterr().err
+    assert "3 of 7 linear layers kept unquantized" in err and "layers.0.mlp.w1" in err
 
 
 def test_the_torchao_range_admits_only_versions_with_int4_config_version_1() -> None:
