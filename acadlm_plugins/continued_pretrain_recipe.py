@@ -324,14 +324,17 @@ class ContinuedPretrainRecipe:
             loss_total += float(seq_loss.sum().detach())
             domain_sums.index_add_(0, batch["domain"].cpu(), seq_loss.detach().double().cpu())
             domain_counts.index_add_(0, batch["domain"].cpu(), seq_count.double().cpu())
+        # the rate this step trains at (the scheduler moves on in clip_and_step); the step as
+        # the logs number it, from 1
+        lr = float(self._optimizer.param_groups[0]["lr"])
         grad_norm = runtime.clip_and_step(self._model, self._optimizer, self._lr_scheduler,
-                                          self._clip_grad_norm, step=self._step)
+                                          self._clip_grad_norm, step=self._step + 1)
         elapsed = time.perf_counter() - step_started
         # loss tokens since step 0: kept in the history, so a resumed run continues the count
         seen = int(self._history.get("tokens_seen", 0)) + int(global_tokens)
         self._history["tokens_seen"] = seen
         metrics = {"loss": self._all_reduce_sum(loss_total) / global_tokens,
-                   "lr": float(self._optimizer.param_groups[0]["lr"]),
+                   "lr": lr,
                    "tokens_per_second": global_tokens / elapsed,
                    "step_tokens": int(global_tokens), "tokens_seen": seen,
                    "grad_norm": float(grad_norm)}

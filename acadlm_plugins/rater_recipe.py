@@ -310,13 +310,14 @@ class RaterRecipe:
             totals += torch.tensor([float(loss_sum.detach()),
                                     float((correct * batch["mask"]).sum()),
                                     float(batch["lengths"].sum())], dtype=torch.float64)
+        lr = float(self._optimizer.param_groups[0]["lr"])  # this step's, before the scheduler
         grad_norm = runtime.clip_and_step(self._model, self._optimizer, self._lr_scheduler,
-                                          self._clip_grad_norm, step=self._step)
+                                          self._clip_grad_norm, step=self._step + 1)
         totals = self._all_reduce_tensor(totals)
         elapsed = time.perf_counter() - started
         metrics = {"loss": float(totals[0]) / global_count,
                    "train_acc": float(totals[1]) / global_count,
-                   "lr": float(self._optimizer.param_groups[0]["lr"]),
+                   "lr": lr,
                    "pairs_per_second": per_micro * self._grad_accum / elapsed,
                    "tokens_per_second": float(totals[2]) / elapsed}
         if grad_norm is not None:

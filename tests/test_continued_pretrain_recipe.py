@@ -186,7 +186,26 @@ def test_a_run_resumed_with_a_lower_lr_trains_at_the_lower_lr(tmp_path, monkeypa
     wanted = step_values(tmp_path / "straight" / "run", "lr")
     assert [rates[step] for step in (4, 5, 6)] == pytest.approx(
         [wanted[step]["lr"] for step in (4, 5, 6)], rel=1e-6)
-    assert rates[4] < 1e-5 and rates[1] != wanted[1]["lr"]
+    assert rates[4] < 1e-5 and rates[2] != wanted[2]["lr"]  # steps 1-3 ran at the old peak
+
+
+def test_a_run_resumed_with_more_steps_trains_on_the_longer_schedule(tmp_path, monkeypatch):
+    """The loaded optimizer held the rate the 3-step schedule gave; the first resumed step
+    trained at it (the old schedule's end) before the 6-step schedule took over. The logged
+    `lr` is the rate each step trained at."""
+    cosine = "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup"
+    schedule = (f"lr_scheduler._component_={cosine}", "lr_scheduler.num_warmup_steps=2")
+    run_recipe(monkeypatch, [*tiny_run_args(tmp_path, *schedule), "max_steps=3"])
+    run_recipe(monkeypatch, [*tiny_run_args(tmp_path, *schedule), "max_steps=6"])
+    straight = tiny_run_args(tmp_path / "straight", *schedule)
+    run_recipe(monkeypatch, [*straight, "max_steps=6"])
+    rates = step_values(tmp_path / "run", "lr")
+    wanted = step_values(tmp_path / "straight" / "run", "lr")
+    assert [rates[step]["lr"] for step in range(1, 7)] == pytest.approx(
+        [wanted[step]["lr"] for step in range(1, 7)], rel=1e-6)
+    # torchtune's warm-up of 2 trains step 1 at 0 and step 2 at half the peak (the log used to
+    # show each step the next one's rate)
+    assert wanted[1]["lr"] == 0.0 and wanted[2]["lr"] == pytest.approx(3e-3 / 2)
 
 
 def step_values(output_dir: Path, *names: str) -> dict[int, dict[str, float]]:
@@ -302,7 +321,7 @@ class _Poison:
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     sys.modules["_acadlm_test_poison"] = type(sys)("_acadlm_test_poison")
     sys.modules["_acadlm_test_poison"].Poison = _Poison
-    with pytest.raises(NonFiniteLossError, match="step 4"):
+    with pytest.raises(NonFiniteLossError, match="at step 5;"):
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "plugins=[_acadlm_test_poison:Poison]"))
     last = latest_checkpoint(tmp_path / "run")
     assert last.name == "step_000003"
@@ -341,9 +360,10 @@ def test_non_finite_gradients_of_a_finite_loss_stop_the_run_before_the_step(
     args = tiny_run_args(tmp_path, "plugins=[_acadlm_test_overflow:Overflow]",
                          "save_every_n_steps=2", "max_steps=4",
                          *([f"clip_grad_norm={clip}"] if clip is not None else []))
-    with pytest.raises(NonFiniteLossError, match="`grad_norm` is (inf|nan) at step 2") as err:
+    # the hook's step 2 is the third step, "Step 3" in the logs: the error names it so
+    with pytest.raises(NonFiniteLossError, match="`grad_norm` is (inf|nan) at step 3") as err:
         run_recipe(monkeypatch, args)
-    assert err.value.name == "grad_norm" and err.value.step == 2
+    assert err.value.name == "grad_norm" and err.value.step == 3
     last = latest_checkpoint(tmp_path / "run")
     assert last.name == "step_000002"  # written before the bad step, and nothing after it
     weights = load_file(next((last / "model").glob("*.safetensors")))

@@ -352,8 +352,9 @@ def test_guard_stops_on_non_finite_loss(guarded, bad):
     with pytest.raises(NonFiniteLossError) as error:
         _call_extra_loss(guarded, None, torch.tensor(bad), step=17)
     message = str(error.value)
-    assert error.value.step == 17
-    assert "step 17" in message
+    # the hook's step counts the steps taken; the error names the one in progress, as logged
+    assert error.value.step == 18
+    assert "step 18" in message
     assert "optimizer.lr" in message
     assert "clip_grad_norm" in message
     assert "last checkpoint on disk is intact" in message
@@ -368,5 +369,5 @@ def test_guard_also_checks_other_plugins_terms(example_on_path):
     pm = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
     logits = torch.zeros(1, 2, 4)
     logits[0, 1, 0] = float("inf")
-    with pytest.raises(NonFiniteLossError, match="`loss/z_loss` is inf at step 9"):
+    with pytest.raises(NonFiniteLossError, match="`loss/z_loss` is inf at step 10"):
         _call_extra_loss(pm, logits, torch.tensor(1.0), step=9)

@@ -66,11 +66,12 @@ def acadlm_extra_loss(loss: Any, step: int):
     """Check the LM ``loss`` first, then the extra terms the other plugins return.
 
     A wrapper, so it sees the other plugins' terms too; it adds no term of its own and hands
-    their results on unchanged.
+    their results on unchanged. The hook's ``step`` counts the steps already taken; the error
+    names the step in progress as the logs number it (``step + 1``).
     """
-    check_finite(loss, name="loss", step=step)
+    check_finite(loss, name="loss", step=step + 1)
     results = yield
     for terms in results:
         for term_name, term in (terms or {}).items():
-            check_finite(term, name=f"loss/{term_name}", step=step)
+            check_finite(term, name=f"loss/{term_name}", step=step + 1)
     return results

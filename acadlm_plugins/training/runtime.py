@@ -144,13 +144,21 @@ def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer,
                      f" (param group {index})" if len(groups) > 1 else "", value, group[key])
             group[key] = value
             changed_lr |= key == peak_key
-    if not changed_lr or lr_scheduler is None:
+    if lr_scheduler is None or not rebased:
         return
-    lr_scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    # Recomputed even when no value changed: the schedule is the config's (a larger
+    # `max_steps` stretches it), while the loaded optimizer holds the rate the checkpoint's
+    # schedule gave, which the first resumed step would otherwise train at. With the same
+    # config the two are the same number, so the resume stays exact.
+    if changed_lr:
+        lr_scheduler.base_lrs = [group["initial_lr"] for group in groups]
     rates = [base * schedule(lr_scheduler.last_epoch)
              for base, schedule in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True)]
     for group, rate in zip(groups, rates, strict=True):
-        group["lr"] = rate
+        if isinstance(group["lr"], torch.Tensor):  # torchao's low-bit optimizers keep a tensor
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
     lr_scheduler._last_lr = rates
 
 
