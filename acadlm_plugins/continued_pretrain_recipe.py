@@ -258,7 +258,8 @@ class ContinuedPretrainRecipe:
         runtime.restore_training_state(
             state, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
             sampler=self._sampler, distributed=self._distributed, device=self._device,
-            extra={"plugins": lambda plugins: restore_plugin_states(self._pm, plugins)})
+            extra={"plugins": lambda plugins: restore_plugin_states(self._pm, plugins)},
+            finished=int(state["step"]) >= self._max_steps)
         self._step, self._history = int(state["step"]), state["history"]
         log.info("resumed at step %d of %d", self._step, self._max_steps)
 

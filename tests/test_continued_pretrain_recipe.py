@@ -208,6 +208,21 @@ def test_a_run_resumed_with_more_steps_trains_on_the_longer_schedule(tmp_path, m
     assert wanted[1]["lr"] == 0.0 and wanted[2]["lr"] == pytest.approx(3e-3 / 2)
 
 
+def test_a_finished_run_rerun_with_another_lr_is_refused_not_reported_as_trained(
+        tmp_path, monkeypatch):
+    """A rerun of a finished run trains no step; with a changed `optimizer.lr` its old results
+    were reported as the new setting's (a pipeline rerun with `--set stage:optimizer.lr=...`
+    exited 0 with the first run's losses). Refused, naming the key; unchanged, it still
+    resumes."""
+    args = tiny_run_args(tmp_path, "max_steps=3")
+    first = run_recipe(monkeypatch, args)
+    with pytest.raises(ConfigError) as refused:
+        run_recipe(monkeypatch, [*args, "optimizer.lr=1.0e-5"])
+    assert refused.value.key == "optimizer.lr" and "already at its last step" in str(
+        refused.value)
+    assert run_recipe(monkeypatch, args)["val_loss_after"] == first["val_loss_after"]
+
+
 def step_values(output_dir: Path, *names: str) -> dict[int, dict[str, float]]:
     """The named metrics per step from the DiskLogger files (a later line wins)."""
     out: dict[int, dict[str, float]] = {}

@@ -80,7 +80,8 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
                            optimizer: torch.optim.Optimizer, lr_scheduler: LRScheduler | None,
                            sampler: Stateful, distributed: bool, device: torch.device,
-                           extra: Mapping[str, Callable[[Any], None]] | None = None) -> None:
+                           extra: Mapping[str, Callable[[Any], None]] | None = None,
+                           finished: bool = False) -> None:
     """Load what :func:`~acadlm_plugins.training.checkpointing.recipe_state` saved: optimizer
     (resharded under FSDP), scheduler, data position, then ``extra[key](state[key])`` for each
     extra entry (e.g. plugin state) and last the RNG, so that nothing restored after it can
@@ -89,6 +90,9 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
     The optimizer's hyperparameters stay the config's (:func:`keep_configured_hyperparameters`):
     loading a state dict would otherwise put back the saved learning rate, weight decay and
     betas, and a run resumed with a lower ``optimizer.lr`` after a NaN would repeat the old one.
+    A ``finished`` run (the checkpoint is at ``max_steps``) trains no step more, so a changed
+    hyperparameter would change nothing while its outputs were reported as made with it: that
+    is a :class:`~acadlm_plugins.errors.ConfigError` naming the key.
     """
     configured = [{key: value for key, value in group.items() if key != "params"}
                   for group in optimizer.param_groups]
@@ -106,7 +110,16 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
                                       "optimizer's form", converted)
     if lr_scheduler is not None and state.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-    keep_configured_hyperparameters(optimizer, lr_scheduler, configured)
+    changed = keep_configured_hyperparameters(optimizer, lr_scheduler, configured)
+    if finished and changed:
+        from acadlm_plugins.errors import ConfigError
+
+        raise ConfigError(changed[0], f"differs from the finished run's checkpoint (changed: "
+                          f"{', '.join(changed)}), but the run is already at its last step "
+                          f"({state.get('step')}), so nothing would be trained with it and its "
+                          "results would be reported as if it had.",
+                          "write to a new `output_dir` (or raise `max_steps` to train on), or "
+                          "restore the value the run was made with.")
     sampler.load_state_dict(state["sampler"])
     for key, restore in (extra or {}).items():
         restore(state[key])
@@ -115,16 +128,18 @@ def restore_training_state(state: dict[str, Any], *, model: torch.nn.Module,
 
 def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer,
                                     lr_scheduler: LRScheduler | None,
-                                    configured: list[dict[str, Any]]) -> None:
+                                    configured: list[dict[str, Any]]) -> list[str]:
     """Put the config's hyperparameters (``configured``: the freshly built optimizer's param
     groups, read before a checkpoint was loaded into it) back after the load, logging each one
     that differs from the checkpoint's. The peak learning rate is the scheduler's base; the
     current one is recomputed at the restored step. Unchanged values leave the resumed run
-    exactly as the uninterrupted one."""
+    exactly as the uninterrupted one. Returns the changed keys (``optimizer.lr``, with the param
+    group when there are several)."""
     log = utils.get_logger("INFO")
     groups = optimizer.param_groups
+    changed: list[str] = []
     if len(groups) != len(configured):
-        return  # another grouping than the config builds: nothing to compare
+        return changed  # another grouping than the config builds: nothing to compare
     rebased = lr_scheduler is None or isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR)
     changed_lr = False
     for index, (group, fresh) in enumerate(zip(groups, configured, strict=True)):
@@ -142,10 +157,12 @@ def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer,
                 continue
             log.info("optimizer.%s%s: the config's %s replaces the checkpoint's %s", name,
                      f" (param group {index})" if len(groups) > 1 else "", value, group[key])
+            changed.append(f"optimizer.{name}" + (f" (param group {index})"
+                                                  if len(groups) > 1 else ""))
             group[key] = value
             changed_lr |= key == peak_key
     if lr_scheduler is None or not rebased:
-        return
+        return changed
     # Recomputed even when no value changed: the schedule is the config's (a larger
     # `max_steps` stretches it), while the loaded optimizer holds the rate the checkpoint's
     # schedule gave, which the first resumed step would otherwise train at. With the same
@@ -160,6 +177,7 @@ def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer,
         else:
             group["lr"] = rate
     lr_scheduler._last_lr = rates
+    return changed
 
 
 def _same_setting(saved: Any, configured: Any) -> bool:
