@@ -340,9 +340,14 @@ class ContinuedPretrainRecipe:
                    "step_tokens": int(global_tokens), "tokens_seen": seen,
                    "grad_norm": float(grad_norm)}
         # Each term as trained: FSDP averages its gradient over ranks, so its mean over ranks
-        # (every rank has the same terms, reduced here in the same order).
-        for name in sorted(extra_totals):
-            metrics[f"loss/{name}"] = self._all_reduce_sum(extra_totals[name]) / self._world_size
+        # (every rank has the same terms); one collective for all of them, not one per term.
+        names = sorted(extra_totals)
+        if names:
+            reduced = runtime.all_reduce_sum(
+                torch.tensor([extra_totals[name] for name in names], dtype=torch.float64),
+                distributed=self._distributed, device=self._device)
+            for name, value in zip(names, reduced.tolist(), strict=True):
+                metrics[f"loss/{name}"] = value / self._world_size
         # per-domain losses over the global batch, not rank 0's slice
         domain_sums, domain_counts = runtime.all_reduce_sum(
             torch.stack([domain_sums, domain_counts]), distributed=self._distributed,

@@ -28,6 +28,7 @@ as with lm-eval's ``hf`` model.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -551,11 +552,12 @@ class AcadLM(TemplateLM):
 
             dist.barrier()
 
-    @property
+    @functools.cached_property
     def tokenizer_name(self) -> str:
         """Fingerprint of the tokenizer (and its chat template) for lm-eval's request cache:
         the folder, then a short hash of its tokenizer definition, its BOS/EOS and its chat
-        template, so prompts rendered before either was edited in place are not reused."""
+        template, so prompts rendered before either was edited in place are not reused.
+        Computed once per model (lm-eval asks for it per task)."""
         import hashlib
 
         digest = hashlib.sha256()

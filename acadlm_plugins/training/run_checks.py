@@ -185,7 +185,9 @@ def check_model_rope(cfg: DictConfig, model: torch.nn.Module, *, rope_base: floa
     ``rope_base`` as θ for a long-context stage): a builder of another family, θ or RoPE
     scaling loads the weights without complaint and trains another model (see
     ``HFModelSpec.check_built_rope``). Checked only for an HF checkpoint folder; the error
-    names ``<prefix>model``."""
+    names ``<prefix>model``. A tied config whose weights hold a different, trained
+    ``lm_head.weight`` is refused here too (``families.check_tied_head``): the built model
+    would drop that head, another silently different function of the same files."""
     folder = _hf_checkpoint_folder(cfg, key)
     if folder is None:
         return
