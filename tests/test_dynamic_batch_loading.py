@@ -44,8 +44,11 @@ def test_non_finite_losses_are_refused():
         update_domain_weights([0.5, 0.5], [float("nan"), 1.0], [1.0, 1.0])
 
 
-def _plugin(**block):
-    cfg = OmegaConf.create({"output_dir": ".", "dynamic_batch_loading": {"enabled": True, **block}})
+def _plugin(eval_every_n_steps=None, **block):
+    settings = {"output_dir": ".", "dynamic_batch_loading": {"enabled": True, **block}}
+    if eval_every_n_steps is not None:
+        settings["eval_every_n_steps"] = eval_every_n_steps
+    cfg = OmegaConf.create(settings)
     plugin = DynamicBatchLoadingPlugin()
     plugin.acadlm_configure(cfg=cfg, recipe="test")
     return plugin, cfg
@@ -59,13 +62,26 @@ def test_plugin_updates_sampler_only_at_the_interval_and_uses_initial_reference(
     plugin.acadlm_evaluation_end(step=0, domain_losses={"a": 2.0, "b": 2.0}, metrics={})
     assert plugin.reference == {"a": 2.0, "b": 2.0}
     metrics = plugin.acadlm_evaluation_end(step=2, domain_losses={"a": 2.5, "b": 1.0}, metrics={})
-    assert sampler.weights[0] > 0.5
+    assert sampler.weights[0] > 0.5 and plugin.history[-1]["updated"] is True
     assert metrics["domain_weight/a"] == pytest.approx(float(sampler.weights[0]))
     assert metrics["domain_excess_loss/a"] == pytest.approx(0.5)
     state = plugin.acadlm_state_dict()
     fresh, _ = _plugin(update_interval=2)
     fresh.acadlm_load_state_dict(states=state)
     assert fresh.reference == plugin.reference and fresh.history == plugin.history
+
+
+def test_evaluations_between_updates_leave_the_weights_alone():
+    """Evaluating every step with an update interval of 2: the step-1 losses are logged, but
+    the weights move only at step 2."""
+    plugin, cfg = _plugin(eval_every_n_steps=1, update_interval=2)
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    plugin.acadlm_evaluation_end(step=0, domain_losses={"a": 2.0, "b": 2.0}, metrics={})
+    plugin.acadlm_evaluation_end(step=1, domain_losses={"a": 2.5, "b": 1.0}, metrics={})
+    assert sampler.weights.tolist() == [0.5, 0.5] and plugin.history[-1]["updated"] is False
+    plugin.acadlm_evaluation_end(step=2, domain_losses={"a": 2.5, "b": 1.0}, metrics={})
+    assert sampler.weights[0] > 0.5 and plugin.history[-1]["updated"] is True
 
 
 @pytest.mark.parametrize("block, key", [

@@ -65,15 +65,18 @@ def test_write_report_writes_table_scores_and_png(tmp_path) -> None:
 
 
 def test_latest_results_file_picks_newest(tmp_path) -> None:
-    first = tmp_path / "m" / "results_2026-01-01.json"
-    first.parent.mkdir()
-    first.write_text("{}")
-    second = tmp_path / "m" / "results_2026-01-02.json"
-    second.write_text("{}")
+    """By modification time, in any subfolder: the name order says the opposite here."""
     import os
 
-    os.utime(first, (1, 1))
-    assert latest_results_file(tmp_path) == second
+    older = tmp_path / "m" / "results_2026-01-02.json"
+    older.parent.mkdir()
+    older.write_text("{}")
+    newer = tmp_path / "m" / "sub" / "results_2026-01-01.json"
+    newer.parent.mkdir()
+    newer.write_text("{}")
+    os.utime(older, (1, 1))
+    assert latest_results_file(tmp_path) == newer
+    assert latest_results_file(older) == older  # a file is its own answer
     assert latest_results_file(tmp_path / "empty") is None
 
 

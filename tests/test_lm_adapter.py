@@ -472,6 +472,10 @@ def test_sampling_uses_temperature_and_top_k(lm):
     assert hot[0] == sampled(0, temperature=5.0)  # seeded by torch, as lm-eval seeds it
     assert len(set(hot)) > 1 and greedy not in hot
     assert sampled(7, temperature=5.0, top_k=1) == greedy  # top-1 sampling is greedy
+    # a cold temperature concentrates the distribution on the argmax: the temperature reaches
+    # the sampler (at the default 1.0 these seeds do not all give the greedy text)
+    assert [sampled(seed, temperature=1e-3) for seed in range(3)] == [greedy] * 3
+    assert [sampled(seed, temperature=1.0) for seed in range(3)] != [greedy] * 3
     with pytest.raises(ConfigError, match="top_p"):
         sampled(0, temperature=1.0, top_p=0.9)
 

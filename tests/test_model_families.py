@@ -359,8 +359,22 @@ FULL_ATTENTION_SILU = [
                          ids=[case[0] for case in FULL_ATTENTION_SILU])
 def test_configs_transformers_runs_as_full_attention_silu_models_load(tmp_path, case,
                                                                        family_name, changes):
-    folder = _config_dir(tmp_path, family_name, **changes)
-    assert decoder_from_hf_config(str(folder), max_seq_len=8192) is not None
+    """They load at any length, and compute transformers' logits: with the window shrunk to
+    16 tokens, 64-token inputs would differ if either side let a layer slide, or if `swish`
+    were not SiLU."""
+    folder = _config_dir(tmp_path / "config", family_name, **changes)
+    assert len(decoder_from_hf_config(str(folder), max_seq_len=8192).layers) == \
+        SHAPE["num_hidden_layers"]
+    folder = _write_family(family_name, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: 16 if k == "sliding_window" else v for k, v in changes.items()})
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                    if v is not ...}))
+    ours = hf_model_spec(folder).load()
+    tokens = _tokens(64)
+    with torch.no_grad():
+        diff = (ours(tokens) - _transformers_logits(folder, tokens)).abs().max().item()
+    assert diff < TOLERANCE, (case, diff)
 
 
 @pytest.mark.parametrize("family_name", ["llama3.2", "qwen2"])

@@ -269,8 +269,12 @@ def test_the_full_configs_documented_pipeline_command_is_complete_and_consistent
     extra = stage_overrides(args.extra, pipeline.STAGES, example="")
     prune_config, continue_config = REPO_ROOT / args.prune_config, args.continue_config
     pipeline.check_same_validation(prune_config, continue_config, extra["prune"], extra["continue"])
-    with pytest.raises(ConfigError):  # without the overrides: 4,096 against 128 tokens
-        pipeline.check_same_validation(prune_config, continue_config, extra["prune"], [])
+    # without the continue stage's sequence-length overrides: 4,096 against 128 tokens
+    no_lengths = [o for o in extra["continue"] if "max_seq_len" not in o]
+    assert len(no_lengths) < len(extra["continue"])
+    with pytest.raises(ConfigError) as err:
+        pipeline.check_same_validation(prune_config, continue_config, extra["prune"], no_lengths)
+    assert "max_seq_len" in err.value.key and "4096" in str(err.value) and "128" in str(err.value)
     prune = pipeline.with_overrides(OmegaConf.load(prune_config), extra["prune"])
     cont = pipeline.with_overrides(OmegaConf.load(continue_config), extra["continue"])
     assert pipeline.tokens_per_step(cont, 8) == pipeline.tokens_per_step(prune, 8) == 32 * 4096
