@@ -505,3 +505,98 @@ def test_the_planner_refuses_a_bad_number_naming_its_key(override, key, capsys):
     config = str(Path(__file__).resolve().parents[1] / "configs/llama2/7b_to_2.7b_prune.yaml")
     assert main(["--config", config, "--reference", "llama-2-7b", override]) == 2
     assert key in capsys.readouterr().err
+
+
+# ------------------------------------------- LLM-Shearing's evaluation shape and mask schedule
+def test_current_eval_shape_keeps_in_each_row_the_units_the_gates_expect_to_keep():
+    """``eval_shape: current`` (the reference's ``eval_target_model: false``): each row keeps
+    its width less round(expected closed gates), the best by log_alpha; the final gates (the
+    materialized cut) still keep exactly the target's units."""
+    model, _ = _masked_setup()
+    source = architecture_of(model)
+    masks = PruningMasks(source, resolve_target(source, TARGET), eval_shape="current")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for gate in masks.gates.values():
+            gate.log_alpha.normal_(1.0, 3.0)
+    widths = {"layer": 3, "kv_head": 2, "head": 2, "hidden": 64, "intermediate": 128}
+    gates = masks.current(training=False)
+    differs = False
+    for name, gate in masks.gates.items():
+        width = widths[name]
+        scores = gate.scores().detach().reshape(-1, width)
+        expected = [width - round(width - float(row.sum())) for row in scores]
+        kept = (gates[name].reshape(-1, width) > 0)
+        assert kept.sum(-1).tolist() == expected, name
+        for row, count in enumerate(expected):  # the best `count` of the row by log_alpha
+            best = torch.topk(gate.log_alpha.detach().reshape(-1, width)[row], count).indices
+            assert kept[row, best].all() and kept[row].sum() == count
+        differs |= any(count != masks.target_row_counts()[name] for count in expected)
+    assert differs  # the current shape is not the target's here
+    masks.use_final_gates()
+    final = masks.current(training=False)
+    for name in masks.gates:
+        kept = (final[name].reshape(-1, widths[name]) > 0).sum(-1)
+        assert (kept == masks.target_row_counts()[name]).all(), name
+    target_masks = PruningMasks(source, resolve_target(source, TARGET))
+    target_masks.load_state_dict(masks.state_dict())
+    for name, value in target_masks.current(training=False).items():
+        assert torch.equal(value, final[name])
+    with pytest.raises(ValueError, match="eval_shape"):
+        PruningMasks(source, resolve_target(source, TARGET), eval_shape="expected")
+
+
+def _trained_plugin(**block):
+    """The pruning plugin set up on the tiny model, every gate and multiplier given a
+    gradient of 1."""
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.plugins.pruning import PruningPlugin
+
+    cfg = OmegaConf.create({"seed": 0, "output_dir": ".", "optimizer": {"lr": 1e-3},
+                            "pruning": {"target": TARGET, "mask_lr": 0.2, "lambda_lr": 0.1,
+                                        **block}})
+    plugin = PruningPlugin()
+    plugin.acadlm_configure(cfg=cfg, recipe="prune")
+    plugin.acadlm_model_built(model=tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2),
+                              cfg=cfg, device=torch.device("cpu"))
+    for param in [*plugin.masks.parameters(), *plugin.multipliers.parameters()]:
+        param.grad = torch.ones_like(param)
+    return plugin
+
+
+@pytest.mark.parametrize("schedule, factor", [("constant", 1.0), ("model", 0.25)])
+def test_mask_and_multiplier_rates_follow_the_models_schedule_when_asked(schedule, factor):
+    """Adam's first step moves every parameter by its rate: under ``model`` the gates and the
+    multipliers move by their rate times the model's (2.5e-4 of a 1e-3 peak), as in
+    LLM-Shearing, where one optimizer and one schedule hold all three."""
+    plugin = _trained_plugin(mask_lr_schedule=schedule, mask_betas=[0.9, 0.95])
+    before = {name: gate.log_alpha.detach().clone() for name, gate in plugin.masks.gates.items()}
+    lambdas = [p.detach().clone() for p in plugin.multipliers.parameters()]
+    plugin.acadlm_after_optimizer_step(step=1, metrics={"lr": 2.5e-4})
+    for name, gate in plugin.masks.gates.items():
+        moved = (before[name] - gate.log_alpha.detach()).clamp(max=10)
+        assert torch.allclose(moved, torch.full_like(moved, 0.2 * factor), atol=1e-6), name
+    for old, new in zip(lambdas, plugin.multipliers.parameters(), strict=True):
+        assert torch.allclose(new.detach() - old, torch.full_like(old, 0.1 * factor), atol=1e-6)
+    for optimizer in (plugin.mask_optimizer, plugin.lambda_optimizer):
+        assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_the_plugin_hands_eval_shape_to_the_masks():
+    assert _trained_plugin().masks.eval_shape == "target"
+    assert _trained_plugin(eval_shape="current").masks.eval_shape == "current"
+
+
+@pytest.mark.parametrize("block, top, key", [
+    ({"mask_lr_schedule": "cosine"}, {}, "pruning.mask_lr_schedule"),
+    ({"mask_lr_schedule": "model"}, {}, "pruning.mask_lr_schedule"),  # no optimizer.lr
+    ({"eval_shape": "expected"}, {}, "pruning.eval_shape"),
+    ({"mask_betas": 0.9}, {}, "pruning.mask_betas"),
+    ({"mask_betas": [0.9, 1.0]}, {}, "pruning.mask_betas"),
+    ({"mask_betas": [0.9, "x"]}, {}, "pruning.mask_betas[1]"),
+])
+def test_shearing_options_refuse_bad_values_naming_the_key(block, top, key):
+    with pytest.raises(ConfigError) as err:
+        _configured_with(top, **block)
+    assert err.value.key == key

@@ -19,6 +19,13 @@ Config block::
       calibration: {num_sequences: 64, batch_size: 8}   # sequences the importance is measured on
                                          # (every_token: true also counts each segment's first
                                          # token, as Minitron counts every token)
+      mask_betas: [0.9, 0.999]           # Adam betas of the gates' and multipliers' optimizers
+      mask_lr_schedule: constant         # or `model`: mask_lr and lambda_lr follow the model's
+                                         # learning-rate schedule (warm-up, decay), as they do
+                                         # in LLM-Shearing, where they share its optimizer
+      eval_shape: target                 # evaluations during pruning keep the target's units;
+                                         # `current`: the units the gates expect to keep now
+                                         # (LLM-Shearing's eval_target_model: false)
 
 The mask hooks are installed switched off and come on with the first training batch, so the
 recipe's step-0 evaluation measures the source model itself: dynamic batch loading's
@@ -49,7 +56,7 @@ from acadlm_plugins.pruning.architecture import (
     resolve_target,
 )
 from acadlm_plugins.pruning.lagrangian import LagrangeMultipliers
-from acadlm_plugins.pruning.masks import MaskHooks, PruningMasks, choice_changes
+from acadlm_plugins.pruning.masks import EVAL_SHAPES, MaskHooks, PruningMasks, choice_changes
 from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
 
 log = logging.getLogger(__name__)
@@ -57,12 +64,15 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "pruning"
 STATE_KEY = "pruning"
 KNOWN_KEYS = {"method", "target", "lagrangian_warmup_steps", "mask_lr", "lambda_lr",
-              "droprate_init", "mask_init", "mask_init_spread", "mask_init_gap", "calibration"}
+              "droprate_init", "mask_init", "mask_init_spread", "mask_init_gap", "calibration",
+              "mask_betas", "mask_lr_schedule", "eval_shape"}
 METHODS = ("learned", "importance")
 # Read only while masks train (method `learned`); one-shot importance pruning ignores them.
 MASK_TRAINING_KEYS = ("lagrangian_warmup_steps", "mask_lr", "lambda_lr", "droprate_init",
-                      "mask_init", "mask_init_spread", "mask_init_gap")
+                      "mask_init", "mask_init_spread", "mask_init_gap", "mask_betas",
+                      "mask_lr_schedule", "eval_shape")
 MASK_INITS = ("uniform", "importance")
+MASK_LR_SCHEDULES = ("constant", "model")
 CALIBRATION_KEYS = {"num_sequences", "batch_size", "every_token"}
 
 
@@ -143,6 +153,20 @@ class PruningPlugin:
         if not self.droprate_init < 1:
             raise ConfigError(f"{CONFIG_KEY}.droprate_init", f"must be in (0, 1), got "
                               f"{self.droprate_init}.", "use e.g. 0.01 (gates start open).")
+        self.mask_betas = checked_betas(block.get("mask_betas", [0.9, 0.999]))
+        self.mask_lr_schedule = choice(block, "mask_lr_schedule", MASK_LR_SCHEDULES)
+        self.eval_shape = choice(block, "eval_shape", EVAL_SHAPES)
+        self.base_lr = None
+        if self.mask_lr_schedule == "model":
+            optimizer = cfg.get("optimizer", None)
+            lr = optimizer.get("lr", None) if isinstance(optimizer, Mapping) else None
+            if lr is None:
+                raise ConfigError(f"{CONFIG_KEY}.mask_lr_schedule",
+                                  "is `model`, which scales the mask and multiplier learning "
+                                  "rates by the model's rate over its peak `optimizer.lr`, but "
+                                  "the config gives no `optimizer.lr`.",
+                                  "set optimizer.lr, or use mask_lr_schedule: constant.")
+            self.base_lr = config_value(lr, "optimizer.lr", float, above=0)
         self.seed = config_value(cfg.get("seed", 0), "seed", int, allow_none=True) or 0
         self.enabled = True
         ignored = sorted(key for key in MASK_TRAINING_KEYS if key in block)
@@ -188,14 +212,14 @@ class PruningPlugin:
         if self.method == "importance":
             return  # one-shot: the recipe ranks and slices; no masks are trained
         self.masks = PruningMasks(self.source, self.target, droprate_init=self.droprate_init,
-                                  seed=self.seed).to(device)
+                                  seed=self.seed, eval_shape=self.eval_shape).to(device)
         self.hooks = MaskHooks(model, self.masks, active=False)
         self.multipliers = LagrangeMultipliers(self.masks.mask_types).to(device)
         self.mask_optimizer = torch.optim.AdamW(self.masks.parameters(), lr=self.mask_lr,
-                                                weight_decay=0.0)
+                                                betas=self.mask_betas, weight_decay=0.0)
         self.lambda_optimizer = torch.optim.AdamW(self.multipliers.parameters(),
-                                                  lr=self.lambda_lr, weight_decay=0.0,
-                                                  maximize=True)
+                                                  lr=self.lambda_lr, betas=self.mask_betas,
+                                                  weight_decay=0.0, maximize=True)
 
     @property
     def trains_masks(self) -> bool:
@@ -292,6 +316,12 @@ class PruningPlugin:
             for param in self.masks.parameters():
                 if param.grad is not None:
                     dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+        if self.base_lr is not None:  # mask_lr_schedule: model, at the rate this step trained at
+            factor = float(metrics["lr"]) / self.base_lr
+            for optimizer, peak in ((self.mask_optimizer, self.mask_lr),
+                                    (self.lambda_optimizer, self.lambda_lr)):
+                for group in optimizer.param_groups:
+                    group["lr"] = peak * factor
         self.mask_optimizer.step()
         self.lambda_optimizer.step()
         self.mask_optimizer.zero_grad(set_to_none=True)
@@ -380,6 +410,29 @@ def number(block: Any, key: str, kind: type, default: Any, *, prefix: str = f"{C
     ``<prefix><key>`` when it is not one (``abc``; an int key given 2.7) or out of range."""
     return config_value(block.get(key, default), f"{prefix}{key}", kind, minimum=minimum,
                         above=above)
+
+
+def choice(block: Any, key: str, allowed: tuple[str, ...]) -> str:
+    """``block[key]`` (default: the first of ``allowed``), refused naming ``pruning.<key>``
+    when it is not one of ``allowed``."""
+    value = str(block.get(key, allowed[0]))
+    if value not in allowed:
+        raise ConfigError(f"{CONFIG_KEY}.{key}", f"unknown value {value!r}.",
+                          f"use one of {list(allowed)}.")
+    return value
+
+
+def checked_betas(betas: Any) -> tuple[float, float]:
+    """``pruning.mask_betas`` as Adam's two betas, each in [0, 1)."""
+    if isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ConfigError(f"{CONFIG_KEY}.mask_betas", f"must be two numbers, got {betas!r}.",
+                          "use e.g. [0.9, 0.95] (LLM-Shearing's) or [0.9, 0.999].")
+    values = tuple(config_value(beta, f"{CONFIG_KEY}.mask_betas[{i}]", float, minimum=0)
+                   for i, beta in enumerate(betas))
+    if not all(beta < 1 for beta in values):
+        raise ConfigError(f"{CONFIG_KEY}.mask_betas", f"must each be below 1, got {list(values)}.",
+                          "use e.g. [0.9, 0.95].")
+    return values
 
 
 def checked_target(target: Any) -> dict[str, Any]:

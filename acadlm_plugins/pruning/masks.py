@@ -27,6 +27,10 @@ from acadlm_plugins.pruning.architecture import Architecture
 from acadlm_plugins.pruning.hard_concrete import HardConcreteGates
 
 MASK_TYPES = ("layer", "kv_head", "head", "hidden", "intermediate")
+#: What the gates keep when the model is evaluated during pruning: exactly the target's units
+#: (``target``), or, in every row, as many as the gates expect to keep now (``current``: the
+#: reference's ``eval_target_model: false``, which its released pruning script uses).
+EVAL_SHAPES = ("target", "current")
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,12 @@ class PruningMasks(nn.Module):
     """Hard-concrete gates for every dimension that the target shrinks."""
 
     def __init__(self, source: Architecture, target: Architecture, *,
-                 droprate_init: float = 0.01, seed: int = 0) -> None:
+                 droprate_init: float = 0.01, seed: int = 0, eval_shape: str = "target") -> None:
         super().__init__()
+        if eval_shape not in EVAL_SHAPES:
+            raise ValueError(f"eval_shape must be one of {EVAL_SHAPES}, got {eval_shape!r}")
         self.source, self.target = source, target
+        self.eval_shape = eval_shape
         self.droprate_init = droprate_init
         init = torch.Generator().manual_seed(seed)
         L = source.num_layers
@@ -94,13 +101,14 @@ class PruningMasks(nn.Module):
         """Evaluate with the final gates: exactly the target's units kept."""
         self._deterministic = self.deterministic_gates()
 
-    def deterministic_gates(self, counts: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    def deterministic_gates(self, counts: Mapping[str, int | torch.Tensor] | None = None
+                            ) -> dict[str, torch.Tensor]:
         """Gates with a fixed number of units kept, GQA-consistent.
 
-        ``counts`` maps mask type to units kept per row (per layer for 2-d gates); by default
-        the target's, as LLM-Shearing evaluates during pruning (``eval_target_model``): every
-        validation loss is then the loss of a model of exactly the target shape. The query
-        heads kept are the best ``heads_per_kv`` of each KV group.
+        ``counts`` maps mask type to units kept per row (per layer for 2-d gates, per KV group
+        for query heads), one count for every row or a tensor of one per row; by default the
+        target's, the shape materialization cuts. The query heads kept are the best of each
+        KV group.
         """
         counts = dict(counts) if counts is not None else self.target_row_counts()
         out: dict[str, torch.Tensor] = {}
@@ -122,14 +130,37 @@ class PruningMasks(nn.Module):
         return {"layer": t.num_layers, "kv_head": t.num_kv_heads, "head": t.heads_per_kv,
                 "hidden": t.embed_dim, "intermediate": t.intermediate_dim}
 
-    def _deterministic_heads(self, gate: HardConcreteGates, keep_per_group: int) -> torch.Tensor:
-        L, hpk = self.source.num_layers, self.source.heads_per_kv
-        log_alpha = gate.log_alpha.detach().reshape(L, -1, hpk)
-        soft = gate.soft_values().detach().reshape(L, -1, hpk)
-        top = torch.topk(log_alpha, keep_per_group, dim=-1).indices
+    @torch.no_grad()
+    def expected_row_counts(self) -> dict[str, torch.Tensor]:
+        """Units each row keeps now: its width less the expected number of closed gates,
+        rounded (LLM-Shearing's ``eval_target_model: false``), so an evaluation measures the
+        model the gates describe at this step rather than the target's cut of it."""
+        counts = {}
+        for name, rows in self.expected_shape().rows.items():
+            width = self._row_width(name)
+            closed = torch.round(width * (1.0 - rows.detach().double()))
+            counts[name] = (width - closed).long().cpu()
+        return counts
+
+    def _row_width(self, name: str) -> int:
+        src = self.source
+        return {"layer": src.num_layers, "kv_head": src.num_kv_heads, "head": src.heads_per_kv,
+                "hidden": src.embed_dim, "intermediate": src.intermediate_dim}[name]
+
+    def _deterministic_heads(self, gate: HardConcreteGates,
+                             keep_per_group: int | torch.Tensor) -> torch.Tensor:
+        hpk = self.source.heads_per_kv
+        log_alpha = gate.log_alpha.detach().reshape(-1, hpk)
+        soft = gate.soft_values().detach().reshape(-1, hpk)
         out = torch.zeros_like(soft)
-        out.scatter_(-1, top, soft.gather(-1, top))
-        return out.reshape(L, -1)
+        if isinstance(keep_per_group, int):
+            top = torch.topk(log_alpha, keep_per_group, dim=-1).indices
+            out.scatter_(-1, top, soft.gather(-1, top))
+        else:  # a count per KV group
+            for group, keep in enumerate(keep_per_group.reshape(-1).tolist()):
+                top = torch.topk(log_alpha[group], int(keep)).indices
+                out[group, top] = soft[group, top]
+        return out.reshape(gate.log_alpha.shape)
 
     def current(self, training: bool) -> dict[str, torch.Tensor]:
         """The gates in force: sampled while training, deterministic in eval mode."""
@@ -138,7 +169,8 @@ class PruningMasks(nn.Module):
                 self.resample()
             return self._sampled
         if self._deterministic is None:
-            self._deterministic = self.deterministic_gates()
+            self._deterministic = self.deterministic_gates(
+                self.expected_row_counts() if self.eval_shape == "current" else None)
         return self._deterministic
 
     # ------------------------------------------------------- per-site factors for hooks
@@ -170,16 +202,12 @@ class PruningMasks(nn.Module):
         given values (e.g. 0/1 indicators), which turns the same formula into exact fractions
         for a fixed mask.
         """
-        src = self.source
-        row_width = {"layer": src.num_layers, "kv_head": src.num_kv_heads,
-                     "head": src.heads_per_kv, "hidden": src.embed_dim,
-                     "intermediate": src.intermediate_dim}
         rows, targets = {}, {}
         for name, gate in self.gates.items():
             scores = gates[name] if gates is not None else gate.scores()
-            per_row = scores.reshape(-1, row_width[name])
-            rows[name] = per_row.sum(-1) / row_width[name]
-            targets[name] = self.target_row_counts()[name] / row_width[name]
+            width = self._row_width(name)
+            rows[name] = scores.reshape(-1, width).sum(-1) / width
+            targets[name] = self.target_row_counts()[name] / width
         return ExpectedShape(rows, targets)
 
     def expected_non_embedding_params(self, gates: Mapping[str, torch.Tensor] | None = None
