@@ -84,6 +84,25 @@ def test_evaluations_between_updates_leave_the_weights_alone():
     assert sampler.weights[0] > 0.5 and plugin.history[-1]["updated"] is True
 
 
+@pytest.mark.parametrize("at_start", [False, True])
+def test_update_at_start_updates_from_the_step0_evaluation_with_given_references(at_start):
+    """Sheared-LLaMA's continued pre-training (eval_first=true): the mix moves before step 1."""
+    block = {"update_interval": 4, "reference_losses": {"a": 1.0, "b": 1.0}}
+    plugin, cfg = _plugin(**block, **({"update_at_start": True} if at_start else {}))
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    plugin.acadlm_evaluation_end(step=0, domain_losses={"a": 3.0, "b": 1.0}, metrics={})
+    expected = update_domain_weights([0.5, 0.5], [3.0, 1.0], [1.0, 1.0], eta=1.0, smoothing=1e-4)
+    assert sampler.weights.tolist() == pytest.approx(list(expected) if at_start else [0.5, 0.5])
+    assert plugin.history[-1]["updated"] is at_start
+
+
+def test_update_at_start_needs_given_references():
+    with pytest.raises(ConfigError) as err:
+        _plugin(update_at_start=True)
+    assert err.value.key == "dynamic_batch_loading.update_at_start"
+
+
 @pytest.mark.parametrize("block, key", [
     ({"update_intervall": 3}, "dynamic_batch_loading.update_intervall"),
     ({"update_interval": 0}, "dynamic_batch_loading.update_interval"),

@@ -324,6 +324,22 @@ def test_unknown_key_is_refused_naming_it(tmp_path: Path):
     assert err.value.key == "pruning.mask_lrr"
 
 
+@pytest.mark.parametrize("override, key", [
+    ("dataset.sources.books_64k.max_token=65536", "dataset.sources.books_64k"),  # misspelt
+    ("dataset.sources.books_64k.share=-0.3", "dataset.sources.books_64k.share"),
+    ("dataset.sources.books_64k.min_tokens=9000000", "dataset.sources.books_64k.max_tokens"),
+])
+def test_long_context_source_settings_are_checked_without_their_files(tmp_path: Path,
+                                                                       override: str, key: str):
+    """The ProLong sources' own settings are refused as the run would refuse them, though
+    no data file exists here (the plan reads none)."""
+    overrides = [f"model_dir={stage_export(tmp_path, theta=8e6, positions=65536)}"]
+    plan_config(CONFIGS / "llama3/prolong_512k_stage2.yaml", overrides)
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / "llama3/prolong_512k_stage2.yaml", [*overrides, override])
+    assert err.value.key == key
+
+
 @pytest.mark.parametrize("config, source, override, key", [
     ("llama2/7b_to_2.7b_prune.yaml", "llama-2-7b", "pruning.target.embed_dim=5000",
      "pruning.target.embed_dim"),                                   # larger than the source

@@ -164,6 +164,21 @@ def prolong_stage1_sources(corpus_dir: str | Path | None = None, *,
 def _checked_sources(sources: Mapping[str, Mapping[str, Any]], text_field: str,
                      config_key: str = "dataset") -> dict[str, dict[str, Any]]:
     """Validate every source's settings and resolve its files, before any tokenization."""
+    checked = check_source_settings(sources, text_field, config_key)
+    for name in [n for n, s in checked.items() if s["share"] == 0]:
+        log.info("source %r has share 0: not read", name)
+        del checked[name]
+    for name, spec in checked.items():
+        spec["data_files"] = sources[name]["data_files"]
+        spec["files"] = resolve_data_files(spec["data_files"],
+                                           field=f"{config_key}.sources.{name}.data_files")
+    return checked
+
+
+def check_source_settings(sources: Mapping[str, Mapping[str, Any]], text_field: str = "text",
+                          config_key: str = "dataset") -> dict[str, dict[str, Any]]:
+    """Every source's settings checked (known keys, a share, length bounds, text field),
+    without looking for its files: what ``acadlm-plan`` can refuse before any data exists."""
     if not isinstance(sources, Mapping) or not sources:
         raise ConfigError(f"{config_key}.sources", f"must map source names to settings, got "
                           f"{sources!r}.", "e.g. `sources: {books: {data_files: books.jsonl, "
@@ -197,19 +212,21 @@ def _checked_sources(sources: Mapping[str, Mapping[str, Any]], text_field: str,
                               "name.", "name the text field of the data files, e.g. `text`.")
         checked[name] = {"share": share, "min_tokens": int(min_tokens),
                          "max_tokens": None if max_tokens is None else int(max_tokens),
-                         "text_field": spec.get("text_field", text_field),
-                         "data_files": spec["data_files"]}
+                         "text_field": spec.get("text_field", text_field)}
     if sum(s["share"] for s in checked.values()) <= 0:
         raise ConfigError(f"{config_key}.sources.{next(iter(checked))}.share",
                           f"every source has share 0 ({sorted(checked)}).",
                           "give at least one source a positive share.")
-    for name in [n for n, s in checked.items() if s["share"] == 0]:
-        log.info("source %r has share 0: not read", name)
-        del checked[name]
-    for name, spec in checked.items():
-        spec["files"] = resolve_data_files(spec["data_files"],
-                                           field=f"{config_key}.sources.{name}.data_files")
     return checked
+
+
+def _check_mixture_arguments(arguments: Mapping[str, Any], key: str) -> None:
+    """:func:`long_short_mixture`'s settings as a plan checks them (no file is read)."""
+    if "sources" in arguments:  # the files are not looked at (nor a `???` among them read)
+        check_source_settings(arguments["sources"], arguments.get("text_field", "text"), key)
+
+
+long_short_mixture.check_arguments = _check_mixture_arguments  # type: ignore[attr-defined]
 
 
 def _require_documents(name: str, spec: Mapping[str, Any], packs: StreamingPackedSequences,

@@ -9,6 +9,9 @@ Config block (all optional but ``enabled``)::
       smoothing: 1e-4              # c: mixes in the uniform distribution
       reference_losses: initial    # or {domain: loss}; `initial` = the starting model's losses
       reference_scale: 1.0         # with `initial`: target = scale * initial loss
+      update_at_start: false       # with given reference losses: also update from the step-0
+                                   # evaluation, before the first step (Sheared-LLaMA's
+                                   # continued pre-training, eval_first=true)
 
 With ``reference_losses: initial`` the reference is the model's own validation loss before the
 first step, i.e. the source model: domains that it forgets during training are fed more. A
@@ -38,7 +41,7 @@ CONFIG_KEY = "dynamic_batch_loading"
 STATE_KEY = "dynamic_batch_loading"
 PLOT_NAME = "domain_weights.png"
 KNOWN_KEYS = {"enabled", "update_interval", "eta", "smoothing", "reference_losses",
-              "reference_scale"}
+              "reference_scale", "update_at_start"}
 
 
 class DynamicBatchLoadingPlugin:
@@ -54,6 +57,7 @@ class DynamicBatchLoadingPlugin:
         self.reference: dict[str, float] | None = None
         self.reference_mode = "initial"
         self.reference_scale = 1.0
+        self.update_at_start = False
         self.sampler = None
         self.output_dir: Path | None = None
         self.history: list[dict[str, Any]] = []
@@ -99,6 +103,14 @@ class DynamicBatchLoadingPlugin:
             self.reference = {
                 str(k): config_value(v, f"{CONFIG_KEY}.reference_losses.{k}", float)
                 for k, v in reference.items()}
+        self.update_at_start = config_value(block.get("update_at_start", False),
+                                            f"{CONFIG_KEY}.update_at_start", bool)
+        if self.update_at_start and self.reference_mode == "initial":
+            raise ConfigError(f"{CONFIG_KEY}.update_at_start",
+                              "needs given `reference_losses`: with `initial`, the step-0 "
+                              "losses are the references, so an update from them would only "
+                              "mix in the smoothing.",
+                              "give reference_losses as {domain: loss}, or drop update_at_start.")
         eval_every = cfg.get("eval_every_n_steps", None)
         if eval_every is None:
             cfg.eval_every_n_steps = self.update_interval
@@ -137,7 +149,7 @@ class DynamicBatchLoadingPlugin:
         weights_before = self.sampler.weights.tolist()
         losses = ordered(domain_losses, names, field="domain_losses")
         reference = ordered(self.reference, names, field=f"{CONFIG_KEY}.reference_losses")
-        updated = step > 0 and step % self.update_interval == 0
+        updated = (step > 0 or self.update_at_start) and step % self.update_interval == 0
         if updated:
             self.sampler.set_weights(update_domain_weights(
                 weights_before, losses, reference, eta=self.eta, smoothing=self.smoothing))

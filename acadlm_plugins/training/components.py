@@ -41,7 +41,9 @@ def _takes(builder: Callable[..., Any], name: str) -> bool:
 
 def check_component(node: DictConfig, key: str) -> None:
     """Check the ``_component_`` block ``node`` (at config key ``key``) without building it:
-    the dotted path imports, and every other key is a parameter of what it names."""
+    the dotted path imports, every other key is a parameter of what it names, and, where the
+    builder has a ``check_arguments(arguments, key)`` attribute, the arguments pass it (the
+    settings nested inside an argument, which a signature cannot show)."""
     try:
         builder = component_from_path(str(node._component_))
     except ComponentPathError as err:
@@ -50,6 +52,9 @@ def check_component(node: DictConfig, key: str) -> None:
                           "check the dotted path and that its package is installed.") from err
     check_component_arguments(builder, [k for k in node if k != "_component_"], key=key,
                               component=str(node._component_))
+    check_arguments = getattr(builder, "check_arguments", None)
+    if callable(check_arguments):
+        check_arguments(node, key)  # reads only what it checks: other values may be `???`
 
 
 def check_component_arguments(builder: Callable[..., Any], keys: list[str], *, key: str,
