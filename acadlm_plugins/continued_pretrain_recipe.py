@@ -57,6 +57,7 @@ from acadlm_plugins.training.checkpointing import (
 from acadlm_plugins.training.components import instantiate_component, instantiate_optional
 from acadlm_plugins.training.config_checks import (
     check_config_keys,
+    checked_seed,
     config_value,
     reject_unknown_keys,
     route_package_logs,
@@ -120,7 +121,7 @@ class ContinuedPretrainRecipe:
         # (recipes that split each sequence over several ranks change these).
         self._data_rank, self._data_world = self._rank, self._world_size
         self._output_dir = Path(cfg.output_dir)
-        self._seed = training.set_seed(cfg.get("seed", 0))
+        self._seed = training.set_seed(checked_seed(cfg.get("seed", 0)))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")
         self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)

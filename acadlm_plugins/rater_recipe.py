@@ -66,7 +66,11 @@ from acadlm_plugins.training.checkpointing import (
     write_recipe_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_optional
-from acadlm_plugins.training.config_checks import check_config_keys, config_value
+from acadlm_plugins.training.config_checks import (
+    check_config_keys,
+    checked_seed,
+    config_value,
+)
 from acadlm_plugins.training.optimizers import build_optimizer
 from acadlm_plugins.training.run_checks import (
     check_device,
@@ -157,7 +161,7 @@ class RaterRecipe:
                           example="configs/smollm2/qurating_rater.yaml")
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir).expanduser()
-        self._seed = training.set_seed(config_value(cfg.get("seed", 0), "seed", int))
+        self._seed = training.set_seed(checked_seed(cfg.get("seed", 0)))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")
         self._eval_batch_size = positive_int(cfg, "eval_batch_size", 2 * self._batch_size)

@@ -42,6 +42,32 @@ def test_an_unknown_key_is_one_line_and_exit_code_2(tmp_path: Path, recipe: str,
     assert f"error: config `bogus_key`: is not a key the {recipe} recipe reads." in done.stderr
 
 
+@pytest.mark.parametrize("seed, problem", [("-1", "below its minimum 0"),
+                                           ("abc", "not an integer"),
+                                           ("1.5", "not a whole number"),
+                                           (str(2**32), "above its maximum")])
+def test_a_seed_torchtune_cannot_take_is_named_before_anything_loads(tmp_path: Path, seed: str,
+                                                                     problem: str):
+    """torchtune's set_seed raised a TypeError/ValueError traceback mid-setup."""
+    done = tune_run("continued_pretrain", "tiny/continued_pretrain.yaml",
+                    f"output_dir={tmp_path}", f"seed={seed}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: config `seed`:" in done.stderr and problem in done.stderr
+
+
+def test_checked_seed_and_the_plan_refuse_what_set_seed_refuses():
+    from acadlm_plugins.planning.loop_recipes import check_loop_settings
+    from acadlm_plugins.training.config_checks import checked_seed
+    from omegaconf import OmegaConf
+
+    assert [checked_seed(v) for v in (None, 0, "7", 2**32 - 1)] == [None, 0, 7, 2**32 - 1]
+    cfg = OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "continued_pretrain.yaml")
+    cfg.seed = -1
+    with pytest.raises(ConfigError) as err:
+        check_loop_settings(cfg, "continued_pretrain")
+    assert err.value.key == "seed"
+
+
 def test_an_unset_mandatory_value_is_named_and_the_traceback_comes_back_on_request(
         tmp_path: Path):
     """tiny/long_context.yaml leaves `checkpointer.checkpoint_dir: ???` for the user."""

@@ -34,6 +34,7 @@ from acadlm_plugins.planning.model_shape import build_on_meta, pruning_state_num
 from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.pruning.architecture import resolve_target
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.config_checks import checked_seed
 from acadlm_plugins.training.run_checks import (
     STEP_INTERVAL_DEFAULTS,
     check_model_family,
@@ -155,6 +156,7 @@ def check_loop_settings(cfg: DictConfig, recipe: str, *, needs_max_steps: bool =
     manager and what was checked, for the plan."""
     from acadlm_plugins.continued_pretrain_recipe import validation_settings
 
+    checked_seed(cfg.get("seed", 0))
     batch = positive_int(cfg, "batch_size")
     positive_int(cfg, "gradient_accumulation_steps", 1)
     if needs_max_steps or cfg.get("max_steps", None) is not None:

@@ -57,6 +57,19 @@ def config_value(value: object, key: str, kind: type, *, minimum: float | None =
     return converted
 
 
+SEED_MAX = 2**32 - 1  # torchtune's set_seed takes seeds in [0, 2**32 - 1]
+
+
+def checked_seed(value: object) -> int | None:
+    """The config's ``seed`` as torchtune's ``set_seed`` takes it (None: a random seed),
+    refused naming ``seed`` where ``set_seed`` would raise mid-setup (``abc``, -1, 1.5)."""
+    seed = config_value(value, "seed", int, minimum=0, allow_none=True)
+    if seed is not None and seed > SEED_MAX:
+        raise ConfigError("seed", f"is {value!r}, above its maximum {SEED_MAX}.",
+                          f"set `seed` to an integer in [0, {SEED_MAX}].")
+    return seed
+
+
 def reject_unknown_keys(keys: Iterable[object], known: Iterable[str], *, recipe: str,
                         prefix: str = "", problem: str | None = None) -> None:
     """Raise :class:`ConfigError` for the first key of ``keys`` not in ``known``, naming it (with
