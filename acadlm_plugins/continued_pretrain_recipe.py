@@ -428,6 +428,14 @@ class ContinuedPretrainRecipe:
         if missing:
             raise ConfigError("validation_dataset", f"has no validation data for domains {missing}.",
                               "give every training domain a validation split.")
+        untrained = [d for d in self._val_data.domain_names
+                     if d not in self._train_data.domain_names]
+        if untrained and self._is_rank_zero:
+            # A held-out domain may be deliberate; a train file that failed to download is not.
+            log.warning("validation domains %s have no training split (no train.jsonl or "
+                        "train.parquet under dataset.data_dir): they are validated and "
+                        "reported, but never trained on, and dynamic batch loading does not "
+                        "weigh them. If that is not meant, add their training files.", untrained)
 
     def _check_sequence_length(self) -> None:
         """A pack longer than the model's positions would fail at the first forward with

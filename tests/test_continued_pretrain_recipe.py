@@ -248,6 +248,19 @@ def test_example_third_party_plugin_changes_the_run(tmp_path, monkeypatch):
     assert any("loss/z_loss" in line for line in metrics)
 
 
+def test_a_validation_domain_without_training_data_is_named(tmp_path, monkeypatch):
+    """A train file that never arrived leaves its domain validated but untrained: say so."""
+    import acadlm_plugins.continued_pretrain_recipe as recipe
+
+    args = tiny_run_args(tmp_path, "max_steps=1", "dynamic_batch_loading.enabled=False")
+    (tmp_path / "tiny_corpus" / "code" / "train.jsonl").unlink()
+    warned: list[str] = []
+    monkeypatch.setattr(recipe.log, "warning", lambda msg, *a: warned.append(msg % a))
+    summary = run_recipe(monkeypatch, args)
+    assert "code" in summary["val_loss_after"]  # validated and reported ...
+    assert any("validation domains ['code'] have no training split" in m for m in warned)
+
+
 def test_a_typo_in_a_top_level_key_is_named_with_a_suggestion(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"`max_step`.*did you mean `max_steps`"):
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_step=3"))

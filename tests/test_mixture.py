@@ -277,6 +277,15 @@ def test_a_folder_without_the_split_file_is_named_as_such(corpus):
     assert ds.domain_names == ["code", "onlyval"]
 
 
+def test_a_split_file_that_is_a_folder_is_refused_not_skipped(corpus):
+    (corpus / "code" / "train.jsonl").unlink()
+    (corpus / "code" / "train.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"code/train\.jsonl is not a file") as err:
+        domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32,
+                               config_key="dataset")
+    assert "`dataset.data_dir`" in str(err.value)
+
+
 def test_the_packing_log_line_names_the_split(corpus, caplog):
     with caplog.at_level(logging.INFO, logger="acadlm_plugins.data.mixture"):
         domain_mixture_dataset(ByteTokenizer(), data_dir=str(corpus), max_seq_len=32)

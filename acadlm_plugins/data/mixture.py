@@ -137,7 +137,13 @@ def discover_domain_files(data_dir: str | Path, split: str, *,
                         "<dir>/<domain>/<split>.jsonl.")
     found: dict[str, list[Path]] = {}
     for sub in _domain_folders(root):
-        files = [f for f in (sub / f"{split}.jsonl", sub / f"{split}.parquet") if f.is_file()]
+        candidates = (sub / f"{split}.jsonl", sub / f"{split}.parquet")
+        for path in candidates:
+            if path.exists() and not path.is_file():
+                raise DataError(f"`{field}`: {path} is not a file (a folder?), so domain "
+                                f"{sub.name!r} would be left out of split {split!r}. Fix: put "
+                                f"the {split} documents in that file.")
+        files = [f for f in candidates if f.is_file()]
         if files:
             found[sub.name] = files
     if not found:
