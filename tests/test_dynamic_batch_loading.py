@@ -127,6 +127,24 @@ def test_reference_scale_turns_the_initial_losses_into_goals():
         _plugin(reference_losses={"a": 1.0}, reference_scale=0.9)
 
 
+@pytest.mark.parametrize("reference, key, words", [
+    ({"a": 1.0, "b": -1.0}, "dynamic_batch_loading.reference_losses.b", "below its minimum"),
+    ({"a": 1.0, "b": float("inf")}, "dynamic_batch_loading.reference_losses.b", "inf"),
+])
+def test_a_negative_or_infinite_reference_loss_is_refused(reference, key, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        _plugin(reference_losses=reference)
+    assert err.value.key == key
+
+
+def test_a_reference_loss_for_a_domain_the_data_lacks_is_refused():
+    plugin, cfg = _plugin(reference_losses={"a": 1.0, "b": 1.0, "bb": 2.0})
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    with pytest.raises(ConfigError, match=r"names \['bb'\]") as err:
+        plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    assert err.value.key == "dynamic_batch_loading.reference_losses"
+
+
 def test_reference_must_cover_every_domain():
     plugin, cfg = _plugin(reference_losses={"a": 1.0})
     sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)

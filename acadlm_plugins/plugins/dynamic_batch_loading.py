@@ -22,6 +22,7 @@ furthest from their goal get more data, which is Sheared-LLaMA's use of referenc
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,12 @@ class DynamicBatchLoadingPlugin:
                 raise ConfigError(f"{CONFIG_KEY}.reference_losses", f"is {reference!r}.",
                                   "use `initial` or a mapping {domain: loss}.")
             self.reference = {
-                str(k): config_value(v, f"{CONFIG_KEY}.reference_losses.{k}", float)
+                str(k): config_value(v, f"{CONFIG_KEY}.reference_losses.{k}", float, minimum=0)
                 for k, v in reference.items()}
+            for name, loss in self.reference.items():
+                if not math.isfinite(loss):
+                    raise ConfigError(f"{CONFIG_KEY}.reference_losses.{name}", f"is {loss}.",
+                                      "give a finite loss in nats per token.")
         self.update_at_start = config_value(block.get("update_at_start", False),
                                             f"{CONFIG_KEY}.update_at_start", bool)
         if self.update_at_start and self.reference_mode == "initial":
@@ -135,6 +140,13 @@ class DynamicBatchLoadingPlugin:
                 raise ConfigError(f"{CONFIG_KEY}.reference_losses",
                                   f"no reference loss for domains {missing}.",
                                   f"give one for each of {sampler.domain_names}, or `initial`.")
+            unknown = [n for n in self.reference if n not in sampler.domain_names]
+            if unknown:
+                raise ConfigError(f"{CONFIG_KEY}.reference_losses",
+                                  f"names {unknown}, which the training data has no domain "
+                                  f"for (its domains: {sampler.domain_names}).",
+                                  "fix the domain names (a misspelt one leaves its domain "
+                                  "without the reference it was meant to have).")
 
     @hookimpl
     def acadlm_evaluation_end(self, step: int, domain_losses: Mapping[str, float],
