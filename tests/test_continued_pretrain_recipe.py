@@ -261,6 +261,29 @@ def test_a_validation_domain_without_training_data_is_named(tmp_path, monkeypatc
     assert any("validation domains ['code'] have no training split" in m for m in warned)
 
 
+@pytest.mark.parametrize("inside", ["", "run"])
+def test_an_output_dir_in_the_model_folder_is_refused_before_loading(tmp_path, monkeypatch,
+                                                                     inside):
+    """torchtune's checkpointer refused it with a traceback after the model loaded."""
+    args = tiny_run_args(tmp_path)
+    model = tmp_path / "tiny_model"
+    before = sorted(p.name for p in model.iterdir())
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, [*args, f"output_dir={model / inside}"])
+    assert err.value.key == "output_dir" and "checkpointer.checkpoint_dir" in str(err.value)
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_a_training_step_folder_given_as_the_model_points_at_its_model(tmp_path, monkeypatch):
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=1"))
+    step = tmp_path / "run" / "step_000001"
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path / "again",
+                                              f"checkpointer.checkpoint_dir={step}"))
+    assert err.value.key == "checkpointer.checkpoint_dir"
+    assert f"point it at {step / 'model'}" in str(err.value)
+
+
 def test_a_typo_in_a_top_level_key_is_named_with_a_suggestion(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"`max_step`.*did you mean `max_steps`"):
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_step=3"))

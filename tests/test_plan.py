@@ -315,6 +315,13 @@ def test_tiny_plan_matches_the_real_tiny_models(tmp_path: Path):
         CONFIGS / "tiny/prune.yaml", tiny_overrides(tmp_path)).batch_size)
 
 
+def test_an_output_dir_inside_the_model_folder_is_refused(tmp_path: Path):
+    with pytest.raises(ConfigError) as err:
+        plan_config(CONFIGS / "tiny/prune.yaml", [*tiny_overrides(tmp_path),
+                                                  f"output_dir={tmp_path / 'run'}"])
+    assert err.value.key == "output_dir"
+
+
 def test_unknown_key_is_refused_naming_it(tmp_path: Path):
     with pytest.raises(ConfigError, match="did you mean `batch_size`") as err:
         plan_config(CONFIGS / "tiny/prune.yaml", [*tiny_overrides(tmp_path), "bacth_size=2"])

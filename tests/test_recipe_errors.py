@@ -56,9 +56,10 @@ def test_a_seed_torchtune_cannot_take_is_named_before_anything_loads(tmp_path: P
 
 
 def test_checked_seed_and_the_plan_refuse_what_set_seed_refuses():
+    from omegaconf import OmegaConf
+
     from acadlm_plugins.planning.loop_recipes import check_loop_settings
     from acadlm_plugins.training.config_checks import checked_seed
-    from omegaconf import OmegaConf
 
     assert [checked_seed(v) for v in (None, 0, "7", 2**32 - 1)] == [None, 0, 7, 2**32 - 1]
     cfg = OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "continued_pretrain.yaml")

@@ -39,6 +39,7 @@ from acadlm_plugins.training.run_checks import (
     STEP_INTERVAL_DEFAULTS,
     check_model_family,
     check_model_rope,
+    check_output_outside_checkpoint,
     positive_int,
     step_interval,
 )
@@ -171,6 +172,7 @@ def check_loop_settings(cfg: DictConfig, recipe: str, *, needs_max_steps: bool =
     validation_settings(cfg, default_batch_size=batch, recipe=recipe)
     components = checks.check_components(cfg)
     check_model_family(cfg)
+    check_output_outside_checkpoint(cfg)
     return pm, ["plugin blocks (acadlm_configure)", "known and required keys",
                 "step intervals (" + ", ".join(STEP_INTERVAL_DEFAULTS) + ")",
                 "validation block", "components: " + ", ".join(components),

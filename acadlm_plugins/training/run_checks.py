@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from acadlm_plugins.defaults.paths import check_default_model_files, is_default_model_dir
 from acadlm_plugins.errors import ConfigError
@@ -125,6 +125,7 @@ def check_checkpoint_source(cfg: DictConfig, key: str = "checkpointer") -> None:
                           "point it at the local folder of the model's weights (a Hugging Face "
                           "model folder), or build the embedded default with "
                           "`acadlm-defaults build`.")
+    check_output_outside_checkpoint(cfg, key)
     if is_default_model_dir(folder):  # a truncated file: the rebuild command, not safetensors'
         check_default_model_files()
     files = node.get("checkpoint_files", None)
@@ -132,11 +133,31 @@ def check_checkpoint_source(cfg: DictConfig, key: str = "checkpointer") -> None:
         return  # torchtune's other forms (a filename format dict) are checked by torchtune
     missing = [str(name) for name in files if not (folder / str(name)).is_file()]
     if missing:
+        if (folder / "model" / "config.json").is_file():  # a step_<N> folder of a training run
+            raise ConfigError(f"{key}.checkpoint_dir", f"{folder} is a training checkpoint "
+                              "(recipe state and a `model/` folder), not a model folder.",
+                              f"point it at {folder / 'model'}, the model that step saved.")
         present = sorted(p.name for p in folder.iterdir() if p.suffix in
-                         {".safetensors", ".bin", ".pt"})
+                         {".safetensors", ".bin", ".pt"} and p.name != "recipe_state.pt")
         raise ConfigError(f"{key}.checkpoint_files", f"{missing} not found in {folder} "
                           f"(weight files there: {present}).",
                           "list the weight files that folder holds.")
+
+
+def check_output_outside_checkpoint(cfg: DictConfig, key: str = "checkpointer") -> None:
+    """Refuse an ``output_dir`` that is the model folder or inside it, which torchtune's
+    checkpointer refuses with a traceback once the model is loaded."""
+    node = cfg.get(key, None)
+    if not isinstance(node, DictConfig) or OmegaConf.is_missing(node, "checkpoint_dir") or \
+            OmegaConf.is_missing(cfg, "output_dir") or node.get("checkpoint_dir", None) is None \
+            or cfg.get("output_dir", None) is None:
+        return
+    folder = Path(str(node.checkpoint_dir)).expanduser().resolve()
+    output = Path(str(cfg.output_dir)).expanduser().resolve()
+    if output == folder or folder in output.parents:
+        raise ConfigError("output_dir", f"{output} is {'' if output == folder else 'inside '}"
+                          f"`{key}.checkpoint_dir` ({folder}): a run must not write into the "
+                          "model it starts from.", "choose an output_dir outside the model folder.")
 
 
 def clean_interrupted_writes(output_dir: Path) -> list[Path]:
