@@ -450,3 +450,31 @@ def test_new_theta_keeps_llama3_scaling_in_ours_and_in_transformers(tmp_path):
         ours = stretched.eval()(tokens)
     assert (ours - _transformers_logits(saved, tokens)).abs().max() < TOLERANCE
     assert (ours - _transformers_logits(source, tokens)).abs().max() > 1e-2  # θ mattered
+
+
+def test_a_truncated_weights_file_is_named_not_a_deserializer_traceback(tmp_path):
+    """A download cut short: the tied-head check (recipes) and the load (lm-eval adapter,
+    acadlm-quantize) both name the folder and the fix."""
+    folder = _write_family("llama3.2", tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    with pytest.raises(ConfigError) as err:
+        hf_model_spec(folder).load()
+    assert err.value.key == "checkpointer.checkpoint_dir"
+    assert "cannot be read" in str(err.value) and "download or export" in str(err.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"intermediate_size": SHAPE["intermediate_size"] + 8}, "tensors of another shape"),
+    ({"num_hidden_layers": SHAPE["num_hidden_layers"] + 1}, "missing"),
+])
+def test_weights_that_do_not_fit_config_json_name_the_first_differences(tmp_path, change,
+                                                                        words):
+    folder = _write_family("llama2", tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=words) as err:
+        hf_model_spec(folder).load()
+    assert err.value.key == "checkpointer.checkpoint_dir"
+    assert len(str(err.value)) < 700  # the first differences, not torch's list of all

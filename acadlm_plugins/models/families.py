@@ -18,11 +18,13 @@ Supported: ``llama`` (Llama 2, Llama 3/3.1/3.2 with ``llama3`` RoPE scaling, Smo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import pickle
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,14 +220,12 @@ class HFModelSpec:
                 checkpoint_dir=str(folder), checkpoint_files=files,
                 model_type=self.checkpointer_model_type, output_dir=scratch)
             complete_checkpointer_config(checkpointer, self.checkpointer_defaults())
-            state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+            with unreadable_weights_refused(folder, files):
+                state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         if self.tie_word_embeddings:
             state.pop("output.weight", None)  # the tied head some exporters also write
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError("checkpointer.checkpoint_dir", f"{folder}: the weights do not fit "
-                              f"its config.json (missing {missing}, unexpected {unexpected}).",
-                              "re-export the checkpoint.")
+        check_weights_fit(model, state, folder)
+        model.load_state_dict(state)
         return model.eval()
 
     def checkpointer_defaults(self) -> dict[str, Any]:
@@ -523,6 +523,49 @@ def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
     return family
 
 
+@contextlib.contextmanager
+def unreadable_weights_refused(folder: Path, files: Sequence[str]) -> Iterator[None]:
+    """Turn a weights file that cannot be read (a download cut short, a file of another
+    format) into a ConfigError naming the folder and its files, not a deserializer's
+    traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError("checkpointer.checkpoint_dir", f"{folder}: its weights {list(files)} "
+                          f"cannot be read ({type(err).__name__}: {err}); a file is incomplete "
+                          "or not what its name says.",
+                          "download or export the model again.") from err
+
+
+def check_weights_fit(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                      folder: Path) -> None:
+    """Refuse weights that do not fit the model its config.json builds, naming the first
+    differences (tensor and both shapes; counts of missing and unexpected tensors) instead of
+    torch's list of every mismatch."""
+    own = model.state_dict()
+    shapes = [f"{key}: {tuple(value.shape)} in the weights, {tuple(own[key].shape)} in the "
+              "model" for key, value in state.items()
+              if key in own and tuple(value.shape) != tuple(own[key].shape)]
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    if not (shapes or missing or unexpected):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensors of another shape ({'; '.join(shapes[:2])}"
+                     f"{'; ...' if len(shapes) > 2 else ''})")
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:3])}"
+                         f"{', ...' if len(keys) > 3 else ''})")
+    raise ConfigError("checkpointer.checkpoint_dir", f"{folder}: the weights do not fit its "
+                      f"config.json: {'; '.join(parts)}.",
+                      "fix config.json to the weights' shape (hidden size, layers, heads, "
+                      "intermediate size), or re-export the checkpoint.")
+
+
 def check_tied_head(folder: Path, files: Sequence[str]) -> None:
     """Refuse a tied config.json whose weights hold an ``lm_head.weight`` that differs from the
     embedding: transformers does not tie such a head (it uses it as saved, with a warning),
@@ -533,14 +576,16 @@ def check_tied_head(folder: Path, files: Sequence[str]) -> None:
     where: dict[str, str] = {}
     for name in files:
         if name.endswith(".safetensors"):
-            with safe_open(str(folder / name), framework="pt") as handle:
+            with unreadable_weights_refused(folder, [name]), \
+                    safe_open(str(folder / name), framework="pt") as handle:
                 where.update({key: name for key in handle.keys()  # noqa: SIM118
                               if key in ("lm_head.weight", "model.embed_tokens.weight")})
     if "lm_head.weight" not in where or "model.embed_tokens.weight" not in where:
         return  # nothing to compare (the usual tied checkpoint has no lm_head.weight)
 
     def read(key: str) -> torch.Tensor:
-        with safe_open(str(folder / where[key]), framework="pt") as handle:
+        with unreadable_weights_refused(folder, [where[key]]), \
+                safe_open(str(folder / where[key]), framework="pt") as handle:
             return handle.get_tensor(key)
 
     head, embedding = read("lm_head.weight"), read("model.embed_tokens.weight")
