@@ -16,7 +16,7 @@ class ConfigError(AcadlmError, ValueError):
     """A config value cannot work. The message names the key and the fix."""
 
     def __init__(self, key: str, problem: str, fix: str = "") -> None:
-        self.key = key
+        self.key, self.problem, self.fix = key, problem, fix
         message = f"config `{key}`: {problem}"
         if fix:
             message += f" Fix: {fix}"

@@ -36,6 +36,7 @@ import torch
 from torchtune import training
 
 from acadlm_plugins.errors import AcadlmError, ConfigError
+from acadlm_plugins.training.config_checks import check_output_dir
 
 SCHEMES = ("int8_weight_only", "int4_weight_only")
 QUANTIZATION_FILE = "quantization.json"
@@ -215,6 +216,7 @@ def check_destination(final: Path, source: Path, scheme: str, *, field: str) -> 
     if final.exists() and not final.is_dir():
         raise ConfigError(field, f"{final} is an existing file, not a folder.",
                           "move it away, or write the copy to a new folder.")
+    check_output_dir(final, field)  # a parent that is a file, or not writable: before the load
     if final.is_dir() and any(final.iterdir()) and not is_quantized_copy(final):
         raise ConfigError(field, f"{final} already exists and is not a quantized copy (it has "
                           f"no {QUANTIZATION_FILE}); the copy replaces its destination, which "
@@ -235,7 +237,7 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
     that is missing or already a quantized copy is refused naming ``source_field`` (by default
     ``field``), a ``device`` this process cannot use naming ``device_field``.
     """
-    from acadlm_plugins.evaluation.lm_adapter import load_decoder
+    from acadlm_plugins.models import hf_model_spec
 
     scheme = check_scheme(scheme, field=field)
     if scheme is None:
@@ -251,8 +253,18 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
                           "quantize the unquantized model folder it was made from.")
     final = Path(dest).expanduser().resolve() if dest else default_destination(source, scheme)
     check_destination(final, source, scheme, field=dest_field or field)
+    try:  # before the load and quantization, which take minutes
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(dest_field or field, f"the folder for {final} cannot be created "
+                          f"({err}).", "write the copy to a folder you can create.") from err
     dtype = scheme_dtype(scheme)
-    model = load_decoder(source, max_seq_len=None, device=target, dtype=dtype)
+    try:
+        model = hf_model_spec(source).load(max_seq_len=None, device=target, dtype=dtype)
+    except ConfigError as error:  # named after the recipes' key; here it is the model folder
+        raise ConfigError(source_field or field, f"{source}: {error.problem}", error.fix
+                          ) from error
+    model.requires_grad_(False)
     report = quantize_decoder(model, scheme, device=target, group_size=group_size)
     if not report["quantized"]:
         raise ConfigError(field, f"{scheme} could not quantize any linear layer of {source} "
@@ -260,7 +272,6 @@ def write_quantized_copy(model_dir: Path | str, scheme: str, *, dest: Path | str
                           f"use int8_weight_only, or a group size that divides the layers' "
                           f"input widths (one of {list(GROUP_SIZES)}).")
 
-    final.parent.mkdir(parents=True, exist_ok=True)
     # a fresh scratch folder of our own beside the destination (same file system, so the last
     # step is a rename); nothing that was there before is touched until the copy is complete
     scratch = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:12]}")

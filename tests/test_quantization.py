@@ -39,12 +39,12 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if the model is loaded: a refusal must come before any work."""
-    from acadlm_plugins.evaluation import lm_adapter
+    from acadlm_plugins.models.families import HFModelSpec
 
     def refuse_to_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the destination was checked")
 
-    monkeypatch.setattr(lm_adapter, "load_decoder", refuse_to_load)
+    monkeypatch.setattr(HFModelSpec, "load", refuse_to_load)
 
 
 @pytest.mark.parametrize("where", ["the model folder", "its parent", "an unrelated folder",
@@ -63,6 +63,24 @@ def test_cli_output_that_would_delete_something_is_refused_and_left_intact(outpu
     assert error.startswith("error: config `--output`") and str(dest) in error
     assert "Fix:" in error and "Traceback" not in error
     assert _snapshot(outputs) == before
+
+
+def test_cli_output_whose_folder_cannot_be_made_is_refused_before_the_load(outputs, no_work,
+                                                                           capsys):
+    blocker = outputs / "notes.txt"
+    assert quantize_cli([str(outputs / "model"), "--scheme", SCHEME, "--output",
+                         str(blocker / "copy")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: config `--output`") and "Traceback" not in error
+    assert blocker.read_text() == "keep me\n"
+
+
+def test_cli_names_model_dir_for_a_folder_without_weights(outputs, capsys):
+    (outputs / "model" / "model.safetensors").unlink()
+    assert quantize_cli([str(outputs / "model"), "--scheme", SCHEME]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: config `model_dir`") and error.count("Fix:") == 1
+    assert "--model_args" not in error and "--model hf" not in error
 
 
 def test_cli_refuses_a_model_dir_that_is_no_model_or_a_quantized_copy_naming_it(

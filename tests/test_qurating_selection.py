@@ -480,6 +480,22 @@ def test_one_output_folder_inside_the_other_is_refused_before_any_work(tmp_path,
     assert sorted(p.name for p in outer.iterdir()) == ["selected", "uniform"]
 
 
+@pytest.mark.parametrize("name", ["output_dir", "uniform_output_dir"])
+def test_an_output_folder_that_cannot_be_created_is_refused_before_the_passes(tmp_path,
+                                                                              monkeypatch, name):
+    """It failed with a NotADirectoryError traceback after scanning the whole corpus."""
+    folder = write_shards(tmp_path / "s", corpus_table(200), [200])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    config = {"scores_dir": str(folder), "criteria": {"educational_value": 1.0},
+              "budget_tokens": 2000, "output_dir": str(tmp_path / "selected"),
+              "uniform_output_dir": str(tmp_path / "uniform"), name: str(blocker / "x")}
+    monkeypatch.setattr(sel, "hash_strings", lambda values: pytest.fail("a pass started"))
+    with pytest.raises(ConfigError, match="is a file") as err:
+        select(config)
+    assert err.value.key == name and blocker.read_text() == "not a folder"
+
+
 BAD_VALUES = [("seed", "abc", "not an integer"), ("batch_size", "abc", "not an integer"),
               ("batch_size", "0", "below its minimum"),
               ("budget_fraction", "half", "not a number"),

@@ -84,7 +84,7 @@ from tqdm.auto import tqdm
 
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.qurating import CRITERIA
-from acadlm_plugins.training.config_checks import config_value
+from acadlm_plugins.training.config_checks import check_output_dir, config_value
 
 log = logging.getLogger(__name__)
 
@@ -1318,7 +1318,10 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def _check_output_dir(path: Path, field_name: str) -> None:
-    """Refuse to replace a folder that holds something other than a previous selection."""
+    """Refuse a folder that cannot be written (checked before the passes over the corpus, not
+    after them) or that holds something other than a previous selection, which it would
+    replace."""
+    check_output_dir(path, field_name)
     if path.exists() and (not path.is_dir() or (
             any(path.iterdir()) and not (path / REPORT_NAME).is_file())):
         raise ConfigError(field_name, f"{path} exists and is not a selection folder (no "

@@ -6,7 +6,9 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -107,3 +109,22 @@ def route_package_logs() -> None:
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.INFO)
         package_logger.propagate = False
+
+
+def check_output_dir(path: Path, key: str = "output_dir") -> None:
+    """``path`` must be a folder this process can write, or not exist yet under a folder it can
+    create it in; checked before anything is loaded, so a typo costs seconds, not a model load."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, f"{path} is a file, not a folder.",
+                          f"point `{key}` at a folder (it is created if missing).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"{existing} (a parent of {path}) is a file.",
+                          f"choose another `{key}`.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "" if existing == path else f" (its nearest existing parent {existing})"
+        raise ConfigError(key, f"{path}{what} is not writable by this user.",
+                          f"choose a writable `{key}`, or fix the folder's permissions.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from acadlm_plugins.defaults.paths import check_default_model_files, is_default_model_dir
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.training.config_checks import config_value
+from acadlm_plugins.training.config_checks import check_output_dir, config_value
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +82,6 @@ def check_device(cfg: DictConfig) -> None:
         if index >= torch.cuda.device_count():
             raise ConfigError("device", f"is {device!r}, but only {torch.cuda.device_count()} "
                               "CUDA device(s) are visible.", "pick an index below that count.")
-
-
-def check_output_dir(path: Path, key: str = "output_dir") -> None:
-    """``path`` must be a folder this process can write, or not exist yet under a folder it can
-    create it in; checked before anything is loaded, so a typo costs seconds, not a model load."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(key, f"{path} is a file, not a folder.",
-                          f"point `{key}` at a folder (it is created if missing).")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(key, f"{existing} (a parent of {path}) is a file.",
-                          f"choose another `{key}`.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "" if existing == path else f" (its nearest existing parent {existing})"
-        raise ConfigError(key, f"{path}{what} is not writable by this user.",
-                          f"choose a writable `{key}`, or fix the folder's permissions.")
 
 
 def check_log_dir(cfg: DictConfig, key: str = "metric_logger") -> None:
