@@ -583,3 +583,20 @@ def test_resuming_with_the_distillation_block_removed_or_added_is_refused(tmp_pa
         run_recipe_main(monkeypatch, CONTINUED, [*distilled, "max_steps=4"])
     assert latest_checkpoint(tmp_path / "kd" / "run").name == "step_000004"
     assert sorted(logged(tmp_path / "kd" / "run", "distillation/kl")) == [1, 2, 3, 4]
+
+
+def test_a_word_the_teacher_rules_out_adds_nothing_to_the_kl():
+    """Teacher logit -inf (a masked word): p_t = 0 there and its KL term is 0, not NaN
+    (0 * (-inf - log p_s)); the code guards it with torch.where, no test reaches the guard."""
+    from acadlm_plugins.training.distillation_loss import forward_kl_chunked
+
+    student = torch.tensor([[[0.0, 1.0, 2.0]]], requires_grad=True)
+    teacher = torch.tensor([[[0.0, 1.0, -math.inf]]])
+    targets = torch.tensor([[1]])
+    kl, _count = forward_kl_chunked(student, teacher, targets, vocab_chunk_size=2)
+    p_t = torch.softmax(torch.tensor([0.0, 1.0]), -1)
+    log_p_s = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0]), -1)[:2]
+    want = float((p_t * (p_t.log() - log_p_s)).sum())
+    assert math.isfinite(float(kl)) and abs(float(kl) - want) < 1e-5
+    kl.backward()
+    assert torch.isfinite(student.grad).all()

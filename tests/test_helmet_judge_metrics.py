@@ -522,3 +522,13 @@ def test_helmet_datasets_count_the_judge_in_their_category_without_unknown_metri
     assert results["results"]["acadlm_helmet_summ"][f"{LENGTH},none"] == pytest.approx(
         (scores["acadlm_infbench_sum"][f"{LENGTH},none"]
          + scores["acadlm_multi_lexsum"][f"{LENGTH},none"]) / 2)
+
+
+def test_summary_precision_count_is_capped_like_recall():
+    """The judge's supported-sentence count above the sentence count is capped (docstring:
+    "counts capped at it"), so precision never exceeds 100."""
+    from acadlm_plugins.evaluation.judge_metrics import summary_scores
+
+    scores = summary_scores(1, 2, 4, 6, 4)
+    assert scores["judge_precision"] == 100.0
+    assert scores["judge_f1"] == pytest.approx(100 * 2 * 1.0 * 0.5 / 1.5)

@@ -1173,3 +1173,90 @@ def test_corpus_defaults_follow_a_relocated_acadlm_home(relocated_acadlm_home: P
     assert settings["pretrained"] == str(default_model_dir(relocated_acadlm_home))
     dataset = helmet.icl_dataset("acadlm_icl", settings)["test"]
     assert len(dataset) == 1 and dataset[0]["label"] in helmet.CORPUS_DOMAINS
+
+
+def _first_word_entails(premise: str, hypothesis: str) -> bool:
+    """A stand-in entailment judge: the premise entails a claim that starts with a word it
+    holds."""
+    return hypothesis.split()[0] in premise
+
+
+def test_citation_scores_read_only_the_first_three_citations():
+    """ALCE (``at_most_citations=3``): citations after the third are ignored, so a statement
+    whose only supporting passage is its 4th citation is unsupported, and 3 citations count."""
+    documents = [("T1", "nothing"), ("T2", "nothing"), ("T3", "nothing"), ("T4", "Ada is here.")]
+    from acadlm_plugins.evaluation.scoring import citation_scores
+
+    scores = citation_scores("Ada built the mill [1][2][3][4].", documents, _first_word_entails)
+    assert scores is not None
+    assert scores.recall == 0.0
+    # with at_most=4 the 4th passage supports it
+    wider = citation_scores("Ada built the mill [1][2][3][4].", documents, _first_word_entails, at_most=4)
+    assert wider is not None and wider.recall == 100.0
+
+
+def test_a_citation_that_entails_alone_is_precise_even_when_the_others_do_too():
+    """ALCE's condition A: a cited passage that entails the statement on its own is precise;
+    only one that does not (while the others do) is redundant. Both passages say it: 2 of 2."""
+    documents = [("T1", "Ada is here."), ("T2", "Ada again.")]
+    from acadlm_plugins.evaluation.scoring import citation_scores
+
+    scores = citation_scores("Ada built the mill [1][2].", documents, _first_word_entails)
+    assert scores is not None
+    assert scores.recall == 100.0
+    assert scores.precision == 100.0
+
+
+def test_a_reference_that_normalizes_to_nothing_matches_nothing():
+    """"The" or "." normalize to "", which is a substring of every text: such a reference must
+    not give every generation full substring-EM credit."""
+    from acadlm_plugins.evaluation.scoring import substring_exact_match
+
+    assert substring_exact_match("Bram kept the key", ["The"]) == 0.0
+    assert substring_exact_match("Bram kept the key", ["...", "Ada"]) == 0.0
+    assert substring_exact_match("Ada kept the key", ["...", "Ada"]) == 100.0
+
+
+def test_statements_shorter_than_five_characters_are_not_checked():
+    """ALCE cuts sentences and checks those of 5 characters or more: "Yes." is no statement,
+    so it neither lowers citation recall nor counts."""
+    documents = [("T1", "Ada is here.")]
+    from acadlm_plugins.evaluation.scoring import citation_scores
+
+    scores = citation_scores("Ada built the mill [1]. Yes.", documents, _first_word_entails)
+    assert scores is not None and scores.recall == 100.0
+
+
+def test_asqa_reports_str_em_under_the_length_and_str_hit_apart():
+    """HELMET's cite category counts ASQA's STR-EM (the share of sub-questions answered), not
+    STR-HIT (all answered): one of two short answers found is 50, hit 0."""
+    from acadlm_plugins.evaluation.helmet import process_results_cite
+
+    doc = {"max_length": 2048, "alce_dataset": "asqa", "answer_sets": [["Zorvath"], ["Quenby"]]}
+    scores = process_results_cite(doc, ["The keeper was Zorvath [1]."])
+    assert scores["2048"] == 50.0 and scores["2048_str_hit"] == 0.0
+
+
+def test_qampari_main_score_is_recall_top5_and_claims_carry_the_question():
+    """HELMET's cite category counts QAMPARI's recall-top5 (5 of 7 answers found: 100, plain
+    recall 71.4), and each listed answer is judged as "<question> <answer>"."""
+    import json
+
+    from acadlm_plugins.evaluation.helmet import process_results_cite, register_entailment_judge
+
+    seen = []
+
+    def judge(premise: str, hypothesis: str) -> bool:
+        seen.append(hypothesis)
+        return hypothesis.startswith("Who built it?")
+
+    register_entailment_judge("test-qampari-judge", judge)
+    answers = [["Ann"], ["Bob"], ["Cy"], ["Dee"], ["Eve"], ["Fay"], ["Gus"]]
+    doc = {"max_length": 2048, "alce_dataset": "qampari", "answer_sets": answers,
+           "question": "Who built it?", "nli_model_path": "test-qampari-judge",
+           "passages": json.dumps([["T1", "Ann Bob Cy Dee Eve"]])}
+    scores = process_results_cite(doc, ["Ann [1], Bob [1], Cy [1], Dee [1], Eve [1]."])
+    assert scores["2048"] == 100.0
+    assert scores["2048_qampari_rec"] == pytest.approx(100 * 5 / 7)
+    assert seen and all(h.startswith("Who built it? ") for h in seen)
+    assert scores["2048_citation_rec"] == 100.0

@@ -202,3 +202,17 @@ def test_a_max_seq_len_that_is_not_an_integer_is_a_config_error(bad):
         pack_documents(docs, bad, PAD)
     with pytest.raises(ConfigError, match="max_seq_len.*not an integer"):
         StreamingPackedSequences(docs, bad, PAD)
+
+
+def test_whole_mode_keeps_a_document_that_exactly_fills_the_pack():
+    """A document whose length is exactly the room left goes in the open pack (no padding):
+    [5,5,5] + [6] fill one 4-token pack; closing it early would add a pack of 3 pads."""
+    from acadlm_plugins.data.packing import TokenizedDocuments, pack_documents
+    from acadlm_plugins.data.streaming import StreamingPackedSequences
+
+    docs = TokenizedDocuments.from_lists([[5, 5, 5], [6], [7, 7]])
+    packed = pack_documents(docs, 4, 0, mode="whole")
+    assert packed.tokens.tolist() == [[5, 5, 5, 6], [7, 7, 0, 0]]
+    assert packed.stats.pad_tokens == 2
+    lazy = StreamingPackedSequences(docs, 4, 0, mode="whole")
+    assert len(lazy) == 2 and lazy.stats.pad_tokens == 2

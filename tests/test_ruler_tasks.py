@@ -897,3 +897,11 @@ def test_smollm2_tokenizer_sizes_every_task_at_4096_within_one_percent() -> None
             assert 0.99 * row["budget_tokens"] <= row["input_tokens"] <= row["budget_tokens"]
             assert row["input_tokens"] + row["tokens_to_generate"] <= 4096, task
             assert tokenizer.count(plain_prompt(row)) == row["input_tokens"], task
+
+
+def test_match_all_gives_partial_credit():
+    """RULER's string_match_all: the share of references found, not all-or-nothing."""
+    from acadlm_plugins.evaluation.scoring import match_all
+
+    assert match_all("the values are 1234 and 9999", ["1234", "5678"]) == 50.0
+    assert match_all("A: 1234, 5678, 42", ["1234", "5678", "4242", "42"]) == 75.0

@@ -249,3 +249,35 @@ def test_length_must_split_evenly():
     assert error.value.key == "dataset.max_seq_len"
     with pytest.raises(ConfigError):
         shard_batch({**packed_batch(), "tokens": torch.zeros(2, 63, dtype=torch.long)}, 0, 2)
+
+
+def _group_rank_main(rank, store, out):
+    import torch
+    import torch.distributed as dist
+
+    from acadlm_plugins.training.sequence_parallel import new_sequence_parallel_group
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=4,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        group = new_sequence_parallel_group(2)
+        value = torch.tensor([float(rank)])
+        dist.all_reduce(value, group=group)
+        torch.save({"group_rank": dist.get_rank(group), "sum": float(value)},
+                   os.path.join(out, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_four_processes_of_degree_two_form_pairs(tmp_path):
+    """Data x sequence parallel: with more processes than the degree, every rank gets the
+    group it belongs to (the other tests run one group of 2)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_group_rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=4,
+                       start_method="spawn", join=True)
+    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(4)]
+    assert [g["group_rank"] for g in got] == [0, 1, 0, 1]
+    assert [g["sum"] for g in got] == [1.0, 1.0, 5.0, 5.0]  # {0,1} and {2,3}
