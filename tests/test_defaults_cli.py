@@ -38,6 +38,16 @@ def test_verify_with_home_suggests_the_build_for_that_home(tmp_path, monkeypatch
         capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["info", "verify", "build"])
+def test_a_home_that_is_a_file_is_named_as_such(tmp_path, capsys, command):
+    home = tmp_path / "a_file"
+    home.write_text("mine")
+    assert main(["--home", str(home), command]) == 2
+    error = capsys.readouterr().err
+    assert f"--home {home} is a file, not a folder" in error and "Fix:" in error
+    assert home.read_text() == "mine"
+
+
 def test_verify_without_home_suggests_the_plain_build(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(HOME_ENV_VAR, str(tmp_path))
     assert main(["verify"]) == 1

@@ -322,6 +322,21 @@ def test_an_output_dir_inside_the_model_folder_is_refused(tmp_path: Path):
     assert err.value.key == "output_dir"
 
 
+def test_a_recipe_other_than_the_configs_own_is_refused(tmp_path: Path):
+    with pytest.raises(ConfigError, match="written for the prune recipe") as err:
+        plan_config(CONFIGS / "tiny/prune.yaml", tiny_overrides(tmp_path), recipe="long_context")
+    assert err.value.key == "--recipe"
+    assert plan_config(CONFIGS / "tiny/prune.yaml", tiny_overrides(tmp_path),
+                       recipe="prune").recipe == "prune"
+
+
+def test_the_selection_table_keeps_long_keys_apart(capsys: pytest.CaptureFixture):
+    assert main(["--config", str(CONFIGS / "smollm2/qurating_select.yaml")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith("uniform_output_dir")]
+    assert rows and rows[0].split()[0] == "uniform_output_dir"
+
+
 def test_unknown_key_is_refused_naming_it(tmp_path: Path):
     with pytest.raises(ConfigError, match="did you mean `batch_size`") as err:
         plan_config(CONFIGS / "tiny/prune.yaml", [*tiny_overrides(tmp_path), "bacth_size=2"])

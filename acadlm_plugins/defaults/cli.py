@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     home = (args.home.expanduser() if args.home else acadlm_home()).resolve()
+    if home.exists() and not home.is_dir():
+        given = "--home" if args.home else f"${HOME_ENV_VAR}"
+        print(f"error: {given} {home} is a file, not a folder. Fix: point {given} at a folder "
+              "(it is created by `build` if missing).", file=sys.stderr)
+        return 2
     if args.home:
         os.environ[HOME_ENV_VAR] = str(home)  # so helpers that read the environment agree
     if args.command == "build":

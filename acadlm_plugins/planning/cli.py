@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from acadlm_plugins.errors import AcadlmError
 from acadlm_plugins.planning.loading import RECIPES
@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             plan = plan_config(args.config, overrides, recipe=args.recipe,
                                world_size=args.world_size)
+        except MissingMandatoryValue as err:  # a `???` a planner read before the key checks
+            print(f"error: config `{err.full_key}`: is not set (`???` in the config). Fix: pass "
+                  f"`{err.full_key}=<value>` after --config.", file=sys.stderr)
+            return 2
         except (AcadlmError, OmegaConfBaseException) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -40,6 +40,11 @@ def plan_config(path: str | Path, overrides: Sequence[str] = (), *, recipe: str 
         if recipe not in PLANNERS:
             raise ConfigError("--recipe", f"unknown recipe {recipe!r}.",
                               f"use one of {sorted(PLANNERS)}.")
+        if line is not None and line.recipe is not None and line.recipe != recipe:
+            raise ConfigError("--recipe", f"is {recipe}, but the config is written for the "
+                              f"{line.recipe} recipe (its `{line.recipe_path}` line); the "
+                              f"{recipe} recipe would refuse or misread its keys.",
+                              f"drop --recipe, or plan a config written for {recipe}.")
         recipe_from = "--recipe"
     else:
         recipe, recipe_from = detect_recipe(cfg, line)

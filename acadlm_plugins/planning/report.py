@@ -38,7 +38,8 @@ def format_plan(plan: TrainingPlan) -> str:
     if plan.memory is not None:
         lines += ["", *_memory_lines(plan)]
     if plan.selection is not None:
-        lines += ["", "selection", *(f"  {k:<16}{v}" for k, v in plan.selection.items())]
+        width = max(map(len, plan.selection), default=0) + 2
+        lines += ["", "selection", *(f"  {k:<{width}}{v}" for k, v in plan.selection.items())]
     if plan.notes:
         lines += ["", "notes", *(f"  - {note}" for note in plan.notes)]
     lines += ["", "checked      " + "; ".join(plan.checked)]

@@ -251,7 +251,8 @@ def check_sampling(config: SelectionConfig, available: Sequence[str]) -> Samplin
         try:
             weights[name] = float(weight)
         except (TypeError, ValueError):
-            raise ConfigError(f"criteria.{name}", f"weight {weight!r} is not a number.") from None
+            raise ConfigError(f"criteria.{name}", f"weight {weight!r} is not a number.",
+                              f"give criteria.{name} a number, e.g. 1.0.") from None
         if not math.isfinite(weights[name]):
             raise ConfigError(f"criteria.{name}", f"weight must be finite, got {weight!r}.")
     if weights and all(w == 0 for w in weights.values()):
