@@ -16,6 +16,7 @@ lm-eval's own cache knows the requests but not the model that answered them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -58,8 +59,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("model.args.pretrained", f"{pretrained!r} is not a local model folder.",
                           "point it at an exported checkpoint (config.json, *.safetensors, "
                           "tokenizer.json), e.g. outputs/.../pruned_model.")
-    if not list(cfg.tasks):
+    tasks = task_names(cfg)
+    if not tasks:
         raise ConfigError("tasks", "is empty.", "name at least one task, e.g. [acadlm_long].")
+    check_task_names(tasks)
     run_settings(cfg)
     lm_eval_settings(cfg)
     use_cache = cfg.get("use_cache")
@@ -67,6 +70,44 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("use_cache", f"is {use_cache!r}, not a path.",
                           "give a path prefix for the answer cache, e.g. "
                           "${output_dir}/lm_cache, or null for none.")
+
+
+def task_names(cfg: DictConfig) -> list[Any]:
+    """``tasks`` as a list: the config's list, or a comma-separated string (``tasks=a,b`` or
+    ``tasks=acadlm_long`` on the command line, as lm-eval's ``--tasks``) split into names."""
+    tasks = cfg.tasks
+    if isinstance(tasks, str):
+        return [name.strip() for name in tasks.split(",") if name.strip()]
+    if OmegaConf.is_list(tasks) or isinstance(tasks, (list, tuple)):
+        return list(tasks)
+    raise ConfigError("tasks", f"is {tasks!r}, not a list of task names.",
+                      "give task names, e.g. tasks=[acadlm_niah_single_2,acadlm_rag].")
+
+
+def check_task_names(tasks: list[Any]) -> None:
+    """Refuse a task name that lm-eval would not find (a ``KeyError`` once the model is loaded),
+    with the closest known names. Our tasks are looked up first (quick); only a name that is not
+    one of ours indexes lm-eval's own thousands of tasks. A path to an existing file (a task's
+    YAML) and an inline task config (a mapping) are left to lm-eval."""
+    from acadlm_plugins.evaluation import task_manager
+
+    names = [str(name) for name in tasks if not OmegaConf.is_config(name)
+             and not isinstance(name, dict)]
+    names = [name for name in names if not Path(name).expanduser().is_file()]
+    ours = set(task_manager(include_defaults=False).all_tasks)
+    if all(name in ours for name in names):
+        return
+    known = task_manager().all_tasks
+    known_set = set(known)
+    for name in names:
+        if name not in known_set:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError("tasks", f"unknown task {name!r}: neither our tasks nor lm-eval's "
+                              f"have that name.{hint}",
+                              "use a task, group or tag name from `acadlm-lm-eval ls tasks` "
+                              "(ours start with acadlm_; see docs/evaluation.md), or the path "
+                              "of a task YAML file.")
 
 
 def run_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -161,7 +202,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     results = lm_eval.simple_evaluate(
         model=model_name,
         model_args=model_args,
-        tasks=list(cfg.tasks),
+        tasks=task_names(cfg),
         num_fewshot=settings["num_fewshot"],
         batch_size=batch_size,
         device=device,

@@ -143,6 +143,32 @@ def test_kilt_popqa_keeps_the_long_tail_like_helmet(tmp_path, capsys):
     assert len(read_rows(tmp_path / "all.jsonl")) == 2
 
 
+@pytest.mark.parametrize(("value", "problem"), [("nan", "nan is not a number"),
+                                              ("-inf", "-inf would keep no row")])
+def test_kilt_popqa_refuses_a_popularity_bound_that_is_no_bound(tmp_path, capsys, value,
+                                                                  problem):
+    """NaN compared false with every s_pop, so every row was kept, silently, as with `inf`;
+    -inf was taken as "keep all" too. Both are refused; `inf` stays "keep all" (documented)."""
+    rows = helmet_kilt_rows((0.0,))
+    rows[0].update(s_pop=512)
+    rows[1].update(s_pop=999999)
+    source = write_jsonl(tmp_path / "popqa.jsonl", rows)
+    stderr = failure(capsys, "kilt_popqa", source, tmp_path / "out.jsonl",
+                     f"--popularity-below={value}")
+    assert f"--popularity-below {problem}" in stderr and "or inf to keep every row" in stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_kilt_popqa_popularity_bound_beyond_a_float_keeps_all(tmp_path, capsys):
+    """10 ** 400.0 overflows a float: the bound is then above every s_pop, not a traceback."""
+    rows = helmet_kilt_rows((0.0,))
+    rows[0].update(s_pop=512)
+    rows[1].update(s_pop=999999)
+    source = write_jsonl(tmp_path / "popqa.jsonl", rows)
+    converted(capsys, "kilt_popqa", source, tmp_path / "all.jsonl", "--popularity-below", 400)
+    assert len(read_rows(tmp_path / "all.jsonl")) == 2
+
+
 def test_dpr_multikilt_json_list_uses_hard_negatives(tmp_path, capsys):
     rows = [{"question": q, "answers": [a], "negative_ctxs": [],
              "positive_ctxs": [{"title": "Gold", "text": f"{a} is the answer.", "score": 1,

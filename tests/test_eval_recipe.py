@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,30 @@ def test_unsupported_model_name_is_refused(tmp_path, tiny_model_dir) -> None:
     cfg.model.name = "vllm"
     with pytest.raises(ConfigError, match=r"model\.name"):
         check_config(cfg)
+
+
+def test_an_unknown_task_is_named_with_the_closest_names(tmp_path, tiny_model_dir) -> None:
+    """A misspelt task stops the run at the config check (before the model loads) with the key,
+    the closest names and where to list them, not lm-eval's KeyError from inside the run."""
+    cfg = _cfg(tmp_path, tiny_model_dir, tasks=["acadlm_niah_single_1", "acadlm_niah_singel_2"])
+    with pytest.raises(ConfigError, match=r"`tasks`: unknown task 'acadlm_niah_singel_2'.*"
+                       r"Did you mean acadlm_niah_single_2.*acadlm-lm-eval ls tasks"):
+        check_config(cfg)
+
+
+def test_tasks_may_be_lm_evals_own_a_yaml_file_or_a_comma_separated_string(
+        tmp_path, tiny_model_dir) -> None:
+    from acadlm_plugins.eval_recipe import task_names
+
+    check_config(_cfg(tmp_path, tiny_model_dir, tasks=["acadlm_niah_single_1", "arc_easy"]))
+    own_task = tmp_path / "my_task.yaml"
+    own_task.write_text("task: my_task\n")
+    check_config(_cfg(tmp_path, tiny_model_dir, tasks=[str(own_task)]))
+    cfg = _cfg(tmp_path, tiny_model_dir, tasks="acadlm_niah_single_1, acadlm_niah_single_2")
+    check_config(cfg)
+    assert task_names(cfg) == ["acadlm_niah_single_1", "acadlm_niah_single_2"]
+    with pytest.raises(ConfigError, match=r"`tasks`: is 3, not a list of task names"):
+        check_config(_cfg(tmp_path, tiny_model_dir, tasks=3))
 
 
 def test_task_metadata_carries_lengths_samples_seed_and_extras(tmp_path, tiny_model_dir) -> None:
@@ -229,3 +254,67 @@ def test_acadlm_lm_eval_command_prints_table_and_writes_report(tmp_path, tiny_mo
     assert len(results_files) == 1
     heatmaps = list(results_files[0].parent.glob("acadlm_long_*_heatmap.png"))
     assert len(heatmaps) == 1
+
+
+def _lm_eval_cli(capsys, *argv) -> tuple[int, str]:
+    """``acadlm-lm-eval *argv``: its exit status and what it wrote to stderr."""
+    from acadlm_plugins.evaluation.cli import main
+
+    code = main([str(arg) for arg in argv])
+    return code, capsys.readouterr().err
+
+
+def test_acadlm_lm_eval_user_errors_are_one_line_with_exit_2(tmp_path, tiny_model_dir, capsys,
+                                                            monkeypatch) -> None:
+    """A missing model folder or data file, a misspelt task, no --device on a machine without
+    CUDA: `acadlm-lm-eval: error: ...` naming the option and the fix, exit status 2, and no
+    traceback (ACADLM_TRACEBACK=1 brings it back)."""
+    import lm_eval.tasks
+    import torch
+
+    class OurTasksOnly(lm_eval.tasks.TaskManager):
+        """Indexing lm-eval's own thousands of tasks would take most of the time."""
+
+        def __init__(self, *args, include_defaults: bool = True, **kwargs) -> None:
+            super().__init__(*args, include_defaults=False, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OurTasksOnly)
+    monkeypatch.delenv("ACADLM_TRACEBACK", raising=False)
+    # lm-eval's log handler keeps the stderr of the first test that ran its CLI (a capture
+    # closed since); the "--- Logging error ---" tracebacks that writing to it gives are not
+    # the ones this test looks for.
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    (tmp_path / "hay.txt").write_text(HAYSTACK)
+    metadata = json.dumps({"max_seq_lengths": [384], "num_samples": 1,
+                           "haystack_path": str(tmp_path / "hay.txt")})
+    run = ["run", "--model", "acadlm", "--limit", "1"]
+
+    def refused(*argv: object) -> str:
+        code, err = _lm_eval_cli(capsys, *run, *argv)
+        assert code == 2, err
+        assert "Traceback" not in err
+        assert "acadlm-lm-eval: error: config `" in err and "ACADLM_TRACEBACK=1" in err
+        return err
+
+    err = refused("--model_args", f"pretrained={tmp_path / 'nope'}", "--device", "cpu",
+                  "--tasks", "acadlm_niah_single_2", "--metadata", metadata)
+    assert "`--model_args pretrained`" in err and "no such local file or folder" in err
+    err = refused("--model_args", f"pretrained={tiny_model_dir}", "--device", "cpu",
+                  "--tasks", "acadlm_rag", "--metadata",
+                  json.dumps({"max_seq_lengths": [384], "rag_path": str(tmp_path / "no.jsonl")}))
+    assert "rag_path`" in err and "does not exist" in err
+    err = refused("--model_args", f"pretrained={tiny_model_dir}", "--device", "cpu",
+                  "--tasks", "acadlm_niah_singel_2", "--metadata", metadata)
+    assert "`--tasks`: unknown task 'acadlm_niah_singel_2'" in err
+    assert "Did you mean acadlm_niah_single_2" in err and "`acadlm-lm-eval ls tasks`" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = refused("--model_args", f"pretrained={tiny_model_dir}", "--tasks",
+                  "acadlm_niah_single_2", "--metadata", metadata)
+    assert "`--device`: was not given, so lm-eval used its default 'cuda:0'" in err
+    assert "Fix: pass --device cpu." in err
+
+    monkeypatch.setenv("ACADLM_TRACEBACK", "1")
+    with pytest.raises(ConfigError, match=r"`--model_args pretrained`"):
+        _lm_eval_cli(capsys, *run, "--model_args", f"pretrained={tmp_path / 'nope'}",
+                     "--device", "cpu", "--tasks", "acadlm_niah_single_2", "--metadata",
+                     metadata)

@@ -139,6 +139,30 @@ def test_non_local_pretrained_is_refused(path):
         AcadLM(pretrained=path)
 
 
+@pytest.mark.parametrize(("given", "device", "message"), [
+    (False, "cuda:0", (r"`--device`: was not given, so lm-eval used its default 'cuda:0', "
+                       r"but CUDA is not available on this machine\. Fix: pass --device cpu\.")),
+    (None, "cuda:0", (r"'cuda:0' \(lm-eval's default when --device is not given\) was asked "
+                      r"for.*Fix: pass --device cpu\.")),
+    (True, "cuda:0", r"'cuda:0' was asked for but CUDA is not available\. Fix: use --device cpu"),
+    (False, "cuda:1", r"'cuda:1' was asked for but CUDA is not available\. Fix: use --device cpu"),
+])
+def test_a_cuda_device_without_cuda_says_where_it_came_from(monkeypatch, given, device,
+                                                             message):
+    """Without ``--device``, lm-eval hands the model its default ``cuda:0``: on a machine
+    without CUDA the error says that default was used, not that the user asked for it."""
+    from acadlm_plugins.evaluation.registry import DEVICE_OPTION_GIVEN
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    token = DEVICE_OPTION_GIVEN.set(given)
+    try:
+        with pytest.raises(ConfigError, match=message):
+            lm_adapter._resolve_device(device)
+    finally:
+        DEVICE_OPTION_GIVEN.reset(token)
+    assert lm_adapter._resolve_device("cpu") == torch.device("cpu")
+
+
 def test_tokenizer_ids_from_generation_config_when_tokenizer_config_lacks_them(model_dir,
                                                                               tmp_path):
     folder = tmp_path / "tok"

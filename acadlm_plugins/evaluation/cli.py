@@ -15,15 +15,23 @@ the results carry per-length metrics it prints the task x length table and, with
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.evaluation import TASKS_DIR
 from acadlm_plugins.evaluation.answer_cache import model_cache_path
+from acadlm_plugins.evaluation.registry import DEVICE_OPTION_GIVEN
 from acadlm_plugins.evaluation.report import latest_results_file, length_table, write_report
+
+PROG = "acadlm-lm-eval"
+#: How lm-eval 0.4.13 words a ``--tasks`` name that no task, group or tag has.
+TASKS_NOT_FOUND = "Tasks not found: "
 
 
 def include_our_tasks() -> None:
@@ -88,6 +96,50 @@ def pass_run_settings_to_tasks(argv: list[str]) -> list[str]:
     return [*argv, "--metadata", json.dumps(extra)] if extra else argv
 
 
+def gives_option(argv: list[str], name: str) -> bool:
+    """Whether ``argv`` gives the option ``name`` (``--device cpu``, ``--device=cpu``, or an
+    abbreviation argparse would take for it, such as ``--dev cpu``)."""
+    return any(len(arg.split("=", 1)[0]) > 4 and name.startswith(arg.split("=", 1)[0])
+               for arg in argv if arg.startswith("--"))
+
+
+def unknown_tasks_error(error: ValueError, argv: list[str]) -> ConfigError | None:
+    """lm-eval's ``ValueError("Tasks not found: a, b")`` as a :class:`ConfigError` naming
+    ``--tasks``, with the closest known names and how to list them; None for another error."""
+    message = str(error)
+    if not message.startswith(TASKS_NOT_FOUND):
+        return None
+    missing = [name.strip() for name in message[len(TASKS_NOT_FOUND):].split(",")
+               if name.strip()]
+    from lm_eval.tasks import TaskManager  # with our tasks: include_our_tasks() patched it
+
+    known = TaskManager(include_path=_option(argv, "--include_path")).all_tasks
+    close = {name: difflib.get_close_matches(name, known, n=3) for name in missing}
+    hint = "".join(f" Did you mean {', '.join(found)} for {name!r}?"
+                   for name, found in close.items() if found)
+    listing = f"{PROG} ls tasks"
+    names = ", ".join(repr(name) for name in missing)
+    return ConfigError("--tasks", f"unknown task{'s' if len(missing) > 1 else ''} {names}: no "
+                       f"task, group or tag has {'these names' if len(missing) > 1 else 'it'}."
+                       f"{hint}", f"`{listing}` lists every task (ours start with acadlm_); "
+                       "a task in another folder needs --include_path.")
+
+
+def report_user_error(error: AcadlmError) -> int:
+    """Print ``error`` (one of ours, naming the option and the fix) as one line and return exit
+    status 2, as ``tune run`` does with our recipes (``run_main``); re-raise it, traceback and
+    all, when ``ACADLM_TRACEBACK=1`` or when it reports a bug of ours (``user_error`` False)."""
+    from acadlm_plugins.training.runtime import TRACEBACK_ENV
+
+    if os.environ.get(TRACEBACK_ENV) == "1" or not error.user_error:
+        raise error
+    rank = os.environ.get("RANK")
+    where = f" (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    print(f"{PROG}: error{where}: {error}\n(set {TRACEBACK_ENV}=1 to see the traceback)",
+          file=sys.stderr, flush=True)
+    return 2
+
+
 def key_cache_by_model(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``simple_evaluate``'s keyword arguments with ``use_cache`` made specific to the model
     (:func:`~acadlm_plugins.evaluation.answer_cache.model_cache_path`); unchanged without a
@@ -104,8 +156,12 @@ def key_cache_by_model(kwargs: dict[str, Any]) -> dict[str, Any]:
                                                     kwargs.get("device"))}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run lm-eval's CLI with ``argv`` (default: this process's arguments)."""
+def main(argv: list[str] | None = None) -> int:
+    """Run lm-eval's CLI with ``argv`` (default: this process's arguments); the exit status.
+
+    A user error (a missing ``pretrained`` folder or data file, an unknown task, a device this
+    machine lacks) is printed as ``acadlm-lm-eval: error: ...`` with the option and the fix,
+    exit status 2; ``ACADLM_TRACEBACK=1`` shows its traceback instead."""
     import lm_eval
     from lm_eval.__main__ import cli_evaluate
 
@@ -127,16 +183,28 @@ def main(argv: list[str] | None = None) -> None:
     lm_eval.simple_evaluate = evaluate_and_keep
     saved_argv = sys.argv
     sys.argv = ["lm_eval", *argv]
+    device_given = DEVICE_OPTION_GIVEN.set(gives_option(argv, "--device"))
     try:
-        cli_evaluate()
+        try:
+            cli_evaluate()
+        except ValueError as error:
+            if isinstance(error, AcadlmError):
+                raise
+            unknown = unknown_tasks_error(error, argv)
+            if unknown is None:
+                raise
+            raise unknown from error
+    except AcadlmError as error:
+        return report_user_error(error)
     finally:
+        DEVICE_OPTION_GIVEN.reset(device_given)
         sys.argv = saved_argv
         lm_eval.simple_evaluate = original_evaluate
     if not captured:
-        return
+        return 0
     table = length_table(captured[-1])
     if table is None:
-        return
+        return 0
     print("\nScores by context length (0-100):\n" + table.to_markdown())
     output_path = _option(argv, "--output_path") or _option(argv, "-o")
     if output_path:
@@ -146,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                 "results_", "acadlm_long_"))
             for kind, path in paths.items():
                 print(f"{kind}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

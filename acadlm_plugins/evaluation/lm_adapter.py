@@ -56,6 +56,7 @@ from tqdm import tqdm
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.generation import StopRule, final_hidden_states, generate_tokens
 from acadlm_plugins.evaluation.lengths import task_error
+from acadlm_plugins.evaluation.registry import DEVICE_OPTION_GIVEN, LM_EVAL_DEFAULT_DEVICE
 from acadlm_plugins.models.families import hf_model_spec
 from acadlm_plugins.models.tokenizer import load_hf_base_tokenizer
 from acadlm_plugins.quantization import (
@@ -259,6 +260,15 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
 def _resolve_device(device: str | None) -> torch.device:
     chosen = torch.device(device or "cpu")
     if chosen.type == "cuda" and not torch.cuda.is_available():
+        given = DEVICE_OPTION_GIVEN.get()
+        if device == LM_EVAL_DEFAULT_DEVICE and given is False:
+            raise ConfigError("--device", f"was not given, so lm-eval used its default "
+                              f"{LM_EVAL_DEFAULT_DEVICE!r}, but CUDA is not available on this "
+                              "machine.", "pass --device cpu.")
+        if device == LM_EVAL_DEFAULT_DEVICE and given is None:
+            raise ConfigError("--device", f"{device!r} (lm-eval's default when --device is not "
+                              "given) was asked for, but CUDA is not available on this machine.",
+                              "pass --device cpu.")
         raise ConfigError("--device", f"{device!r} was asked for but CUDA is not available.",
                           "use --device cpu.")
     return chosen

@@ -8,10 +8,19 @@ actually built.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from acadlm_plugins.errors import AcadlmError
 
 MODEL_NAME = "acadlm"
 MODEL_TARGET = "acadlm_plugins.evaluation.lm_adapter:AcadLM"
+#: The device lm-eval's command line hands the model when ``--device`` is not given.
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"
+#: Whether the ``acadlm-lm-eval`` command line gave ``--device`` (its ``main`` sets this, so
+#: the adapter can tell lm-eval's default from a device the user asked for); None elsewhere
+#: (lm-eval's Python API), where it is not known.
+DEVICE_OPTION_GIVEN: ContextVar[bool | None] = ContextVar("acadlm_device_option_given",
+                                                          default=None)
 
 
 def register_lm_eval_model() -> None:

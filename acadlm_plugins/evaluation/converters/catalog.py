@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,19 @@ def _checked_options(spec: DatasetSpec, options: Options) -> Options:
                             f"{', '.join(users)}. Fix: drop {flag}.")
     filled = {name: value for name, value in spec.defaults.items()
               if getattr(options, name) is None}
+    _check_popularity_below(options.popularity_below)
     return dataclasses.replace(options, **filled)
+
+
+def _check_popularity_below(value: float | None) -> None:
+    """``--popularity-below`` is a power of ten, or ``inf`` (documented: keep every row); NaN
+    (every comparison false, so every row was kept) and ``-inf`` (no row kept) are refused."""
+    if value is None or math.isfinite(value) or value == math.inf:
+        return
+    problem = "is not a number" if math.isnan(value) else "would keep no row"
+    raise DataError(f"--popularity-below {value} {problem}. Fix: give the power of ten below "
+                    "which a subject's s_pop is kept, e.g. 3 (HELMET's kilt_popqa_3, the "
+                    "default), or inf to keep every row.")
 
 
 def _existing_file(path: Path, what: str) -> Path:

@@ -42,8 +42,8 @@ def _kilt_record(row: Fields, run: Run) -> dict[str, Any] | None:
         return None
     answers = row.texts("answers")
     threshold = run.options.popularity_below
-    if threshold is not None and math.isfinite(threshold) and \
-            row.number("s_pop") >= 10 ** threshold:
+    if threshold is not None and threshold != math.inf and \
+            row.number("s_pop") >= _power_of_ten(threshold):
         run.skip(f"popular entity (s_pop >= 10^{threshold:g}; HELMET keeps the long tail)")
         return None
     positives = [p for _, p in _listed(row, "positive_ctxs")]
@@ -63,6 +63,14 @@ def _kilt_record(row: Fields, run: Run) -> dict[str, Any] | None:
     return {"id": row.ident("id") or f"{run.spec.name}:{row.where.number}", "question": question,
             "answers": answers, "gold": _unique_passages(gold),
             "distractors": limited(distractors, run.options.max_passages)}
+
+
+def _power_of_ten(exponent: float) -> float:
+    """10^exponent as a float; inf where that is beyond a float (``10 ** 400.0`` raises)."""
+    try:
+        return 10.0 ** exponent
+    except OverflowError:
+        return math.inf
 
 
 def _listed(row: Fields, name: str) -> list[tuple[Any, dict[str, str]]]:
