@@ -303,3 +303,102 @@ def test_the_final_model_is_the_last_sft_epochs(tmp_path):
     assert pipeline.sft_final_model(sft, pipeline.stage_config(config, ["epochs=3"])) == (
         sft / "epoch_2")
     assert pipeline.sft_final_model(sft, None) == sft / "epoch_0"
+
+
+# ------------------------------------------------------------- checks before the first stage
+def run_main_without_stages(pipeline, argv: list[str]) -> list[str]:
+    """``pipeline.main(argv)`` with every stage replaced: the first stage the pipeline would
+    start ends the run (SystemExit 0) and is returned; a refusal exits before it."""
+    started: list[str] = []
+
+    def first_stage(recipe, config, overrides=(), nproc=1, *, stage=None):
+        started.append(stage)
+        raise SystemExit(0)
+
+    pipeline.tune_run = first_stage
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main(argv)
+    if stop.value.code:
+        assert not started
+    return started if stop.value.code == 0 else [f"exit {stop.value.code}"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--stage1-steps", "0"], "--stage1-steps 0: must be at least 1"),
+    (["--stage1-steps", "-3"], "--stage1-steps -3: must be at least 1"),
+    (["--stage2-steps", "0"], "--stage2-steps 0: must be at least 1"),
+    (["--sft-steps", "0"], "--sft-steps 0: must be at least 1"),
+    (["--eval-samples", "0"], "--eval-samples 0: must be at least 1"),
+    (["--stage1-config", "nope.yaml"], "--stage1-config nope.yaml: no such file"),
+    (["--sft-config", "nope.yaml"], "--sft-config nope.yaml: no such file"),
+    (["--eval-tasks", ","], "--eval-tasks ',': name at least one task"),
+])
+def test_bad_flags_stop_before_any_stage_naming_the_flag(tmp_path, capsys, argv, words):
+    """The pipeline used to start the (long) evaluation with these, and find them only at
+    their own stage, naming the stage's key (`max_steps`) or with tune's traceback."""
+    pipeline = load_pipeline()
+    assert run_main_without_stages(pipeline, ["--output-dir", str(tmp_path / "out"),
+                                              *argv]) == ["exit 2"]
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["stage1:max_stepz=1"], "stage1:max_stepz"),
+    (["stage1:seed=-1"], "stage1:seed"),
+    (["stage2:long_context.attention=foo"], "stage2:long_context.attention"),
+    (["stage2:eval_every_n_steps=0"], "stage2:eval_every_n_steps"),
+    # stage 1's export is trained at θ 40000 (tiny config) and reaches 512 positions: stage 2
+    # at 1024 with the same θ is refused, read against that export's config.json (the base
+    # model's θ is 10000, against which the setting would pass)
+    (["stage2:long_context.max_seq_len=1024", "stage2:long_context.rope_base=40000.0"],
+     "stage2:long_context.rope_base"),
+    (["sft:batch_size=0"], "sft:batch_size"),
+    (["sft:max_steps_per_epoch=0"], "sft:max_steps_per_epoch"),
+    (["eval:num_samplez=3"], "eval:num_samplez"),
+    (["stage2:~no_such_key"], "--set stage2:~no_such_key"),
+])
+def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_first_stage(
+        tmp_path, capsys, overrides, key):
+    """Every stage's config, with the overrides it will get, is checked as its recipe checks
+    it before the evaluation (the first stage) starts: exit 2 naming `<stage>:<key>`."""
+    pipeline = load_pipeline()
+    argv = [*pipeline_args(tmp_path), *[f"--set={o}" for o in overrides]]
+    assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+    err = capsys.readouterr().err
+    assert f"`{key}`" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("skip_eval, first", [(False, "eval_before"), (True, "stage1")])
+def test_the_tiny_pipelines_stages_all_pass_the_up_front_checks(tmp_path, skip_eval, first):
+    pipeline = load_pipeline()
+    argv = pipeline_args(tmp_path, skip_eval=skip_eval)
+    assert run_main_without_stages(pipeline, argv) == [first]
+
+
+def test_a_base_model_that_is_not_a_model_folder_is_refused_naming_the_flag(tmp_path, capsys):
+    """It used to reach the stages' checkpointer as a raw ConfigError traceback naming
+    `checkpointer.checkpoint_dir`."""
+    pipeline = load_pipeline()
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    for folder, words in ((corpus, "config.json does not exist"),
+                          (tmp_path / "nothing", "does not exist")):
+        argv = ["--output-dir", str(tmp_path / "out"), "--skip-eval", "--base-model",
+                str(folder)]
+        assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+        err = capsys.readouterr().err
+        assert "config `--base-model`:" in err and words in err, err
+        assert "checkpointer.checkpoint_dir" not in err and "Traceback" not in err
+
+
+def test_a_bad_eval_length_names_the_pipelines_flag(capsys):
+    """The evaluation's message suggested lm-eval's --metadata, which the pipeline has not."""
+    pipeline = load_pipeline()
+    with pytest.raises(SystemExit) as stop:
+        pipeline.parse_args(["--eval-lengths", "100"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --eval-lengths: '100': 100 is too short" in err
+    assert "--eval-lengths 4096,8192,16384" in err and "--metadata" not in err

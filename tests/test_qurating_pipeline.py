@@ -118,3 +118,83 @@ def test_unknown_stage_or_missing_value_is_refused(tmp_path, bad) -> None:
     done = run_pipeline(["--output-dir", str(tmp_path / "out"), "--set", bad], cwd=tmp_path,
                         timeout=120)
     assert done.returncode == 2 and "expected STAGE:key=value" in done.stderr
+
+
+# ------------------------------------------------------------- checks before the first stage
+def load_pipeline():
+    """recipes/qurating/pipeline.py as a module (it is a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qurating_pipeline", PIPELINE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main_without_stages(argv: list[str]) -> list[str]:
+    """The pipeline's ``main(argv)`` with every stage replaced: the first stage it would start
+    ends the run and is returned; a refusal (before any stage) returns ``exit <code>``."""
+    pipeline = load_pipeline()
+    started: list[str] = []
+
+    def first_stage(*args, stage=None, **kwargs):
+        started.append(stage)
+        raise SystemExit(0)
+
+    pipeline.tune_run = pipeline.run_stage = first_stage
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main(argv)
+    if stop.value.code:
+        assert not started
+        return [f"exit {stop.value.code}"]
+    return started
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nproc-per-node", "0"], "--nproc-per-node 0: must be at least 1"),
+    (["--margin", "0.7"], "--margin 0.7: must be in [0, 0.5)"),
+    (["--margin", "-1"], "--margin -1.0: must be in [0, 0.5)"),
+    (["--margin", "nan"], "--margin nan: must be in [0, 0.5)"),
+    (["--documents-per-file", "-1"], "--documents-per-file -1: must be at least 0"),
+    (["--train-steps", "0"], "--train-steps 0: must be at least 1"),
+    (["--rater-steps", "0"], "--rater-steps 0: must be at least 1"),
+    (["--num-pairs", "0"], "--num-pairs 0: must be at least 1"),
+    (["--judge-config", "nope.yaml"], "--judge-config nope.yaml: no such file"),
+    (["--select-config", "nope.yaml"], "--select-config nope.yaml: no such file"),
+])
+def test_bad_flags_stop_before_the_judge_naming_the_flag(tmp_path, capsys, argv, words):
+    """These used to run the judge (and rater) first and fail at their own stage, naming the
+    stage's key (`max_steps`), with tune's traceback, or (`--nproc-per-node 0`) not at all:
+    tune_run then ran one process."""
+    assert run_main_without_stages(["--output-dir", str(tmp_path / "out"), *argv]) == [
+        "exit 2"]
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rater:max_stepz=3", "rater:max_stepz"),
+    ("rater:pooling=max", "rater:pooling"),
+    ("rater:seed=abc", "rater:seed"),
+    ("annotate:chunk_tokens=0", "annotate:chunk_tokens"),
+    ("select:batch_size=0", "select:batch_size"),
+    ("select:criteria.educational_value=abc", "select:criteria.educational_value"),
+    ("select:budget_fraction=2", "select:budget_fraction"),
+    ("train:max_stepz=3", "train:max_stepz"),
+    ("train:gradient_accumulation_steps=0", "train:gradient_accumulation_steps"),
+    ("train:~no_such_key", "--set train:~no_such_key"),
+])
+def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_judge(
+        tmp_path, capsys, override, key):
+    """Every run's config, with the overrides it will get, is checked before the judge runs:
+    exit 2 naming `<stage>:<key>`, not after the judge and the rater have run."""
+    argv = [*tiny_pipeline_args(tmp_path), "--set", override]
+    assert run_main_without_stages(argv) == ["exit 2"]
+    err = capsys.readouterr().err
+    assert f"`{key}`" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_tiny_pipelines_runs_all_pass_the_up_front_checks(tmp_path):
+    assert run_main_without_stages(tiny_pipeline_args(tmp_path)) == ["judge"]

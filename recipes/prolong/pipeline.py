@@ -17,6 +17,9 @@ on its own:
 The pipeline points each stage at the previous one's export and prints one summary: scores by
 task and length before and after, per-stage validation loss, packing efficiency and wall times.
 ``--set STAGE:key=value`` (STAGE: eval, stage1, stage2, sft) adds an override to one stage.
+Before the first stage runs, the flags and every stage's config (with the overrides that stage
+will get) are checked as the stage's recipe checks them before it loads anything, so bad input
+stops the pipeline at once (exit 2), naming the flag or ``<stage>:<key>``.
 
 A rerun resumes the finished stages from their outputs. A stage whose output folder holds
 checkpoints trained from another model than the one this run starts it from (stage 2 after
@@ -48,10 +51,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from acadlm_plugins._compat import hf_checkpoint_files
 from acadlm_plugins.defaults import register_resolvers
+from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.evaluation.report import length_table
 from acadlm_plugins.models import hf_model_spec
 from acadlm_plugins.models.rope import format_theta
-from acadlm_plugins.stages import stage_overrides, tune_run
+from acadlm_plugins.stages import (
+    check_at_least,
+    check_config_files,
+    check_stage_config,
+    flag_keys,
+    refused_before_stages,
+    renamed,
+    stage_overrides,
+    tune_run,
+)
 from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,15 +77,17 @@ DEFAULT_TASKS = ("acadlm_niah_single_2", "acadlm_niah_multikey_1", "acadlm_vt")
 
 def eval_lengths(value: str) -> list[int]:
     """``--eval-lengths``: the evaluation's own reading of lengths ("4096,8192", "4k,8k"), as an
-    argparse error (exit 2, one line) rather than a traceback; "4,096" is refused, not read
-    as 4 and 96."""
-    from acadlm_plugins.errors import ConfigError
+    argparse error (exit 2, one line, naming the flag and how to write it) rather than a
+    traceback; "4,096" is refused, not read as 4 and 96."""
     from acadlm_plugins.evaluation.lengths import parse_lengths
 
     try:
         return parse_lengths(value)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    except ConfigError as err:  # its fix names lm-eval's --metadata, which this has not
+        problem = str(err).removeprefix(f"config `{err.key}`: ").split(" Fix: ")[0]
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: {problem} Give comma-separated token counts of 256 or more, e.g. "
+            "--eval-lengths 4096,8192,16384 (or 4k,8k,16k).") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -98,7 +113,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-eval", action="store_true", help="train only")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         metavar="STAGE:KEY=VALUE", help="one more override for one stage")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_config_files(parser, {"--stage1-config": args.stage1_config,
+                                "--stage2-config": args.stage2_config,
+                                "--sft-config": args.sft_config,
+                                **({} if args.skip_eval else {"--eval-config": args.eval_config})})
+    check_at_least(parser, {"--stage1-steps": (args.stage1_steps, 1),
+                            "--stage2-steps": (args.stage2_steps, 1),
+                            "--sft-steps": (args.sft_steps, 1),
+                            "--eval-samples": (args.eval_samples, 1)})
+    if not eval_task_names(args.eval_tasks):
+        parser.error(f"--eval-tasks {args.eval_tasks!r}: name at least one task, e.g. "
+                     f"--eval-tasks {DEFAULT_TASKS[0]}")
+    return args
+
+
+def eval_task_names(value: str) -> list[str]:
+    """``--eval-tasks`` ("a,b") as task names."""
+    return [task.strip() for task in value.split(",") if task.strip()]
 
 
 def final_model_dir(stage_dir: Path) -> Path:
@@ -110,6 +142,24 @@ def final_model_dir(stage_dir: Path) -> Path:
 def checkpoint_overrides(model_dir: Path) -> list[str]:
     files = ",".join(hf_checkpoint_files(model_dir))
     return [f"checkpointer.checkpoint_dir={model_dir}", f"checkpointer.checkpoint_files=[{files}]"]
+
+
+def base_model_checkpoint(base_model: Path | None) -> list[str]:
+    """Stage 1's ``checkpointer`` overrides for ``--base-model`` (none without it), after
+    checking that the folder is a model folder of a family we build, with weight files; an
+    error names ``--base-model``, not the stage config's key it would reach."""
+    if base_model is None:
+        return []
+    try:
+        hf_model_spec(base_model)
+        files = hf_checkpoint_files(base_model)
+    except AcadlmError as err:
+        raise renamed(err, "--base-model") from None
+    if not files:
+        raise ConfigError("--base-model", f"{base_model} holds no weight files (model*.safetensors "
+                          "or pytorch_model*.bin).", "point it at a Hugging Face model folder "
+                          "with its weights.")
+    return checkpoint_overrides(base_model)
 
 
 def base_model_overrides(config: Path, base_model: Path | None) -> list[str]:
@@ -206,6 +256,66 @@ def check_stage_source(name: str, stage_dir: Path, starts_from: object, *,
         f"{delete} and rerun{because}{keep}.")
 
 
+# The recipe each stage runs, as stages.check_stage_config names it.
+STAGE_RECIPES = {"eval": "eval", "stage1": "long_context", "stage2": "long_context",
+                 "sft": "sft"}
+# The stage keys the pipeline sets from its flags: a refusal of one names the flag.
+FLAG_KEYS = {"eval": {"tasks": "--eval-tasks", "lengths": "--eval-lengths",
+                      "num_samples": "--eval-samples"},
+             "stage1": {"max_steps": "--stage1-steps"}, "stage2": {"max_steps": "--stage2-steps"},
+             "sft": {"max_steps_per_epoch": "--sft-steps"}}
+
+
+def planned_export(stage_dir: Path, steps: int) -> Path:
+    """Where a long-context stage of ``steps`` steps exports its model (``step_<N>/model``):
+    the next stage's model folder in the checks made before the first stage runs, when that
+    stage has not run yet (the stages themselves read it from the stage's summary.json)."""
+    return stage_dir / f"step_{steps:06d}" / "model"
+
+
+def check_stages(configs: dict[str, Path], overrides: dict[str, list[str]],
+                 extra: dict[str, list[str]]) -> None:
+    """Check every stage's config (``configs``, in the order they run) with the overrides it
+    will get before the first stage runs (stages.check_stage_config: what its recipe refuses
+    from its config alone), so that a bad value of stage 2 or SFT stops the pipeline at once,
+    naming ``<stage>:<key>`` (or the pipeline's flag that set the key, unless the stage's
+    ``--set`` overrides in ``extra`` set it), not after the evaluation and stage 1 have run. Stage 2's
+    ``long_context`` block is read against the config.json stage 1's export will have (its
+    source's, with stage 1's θ and length)."""
+    source = None
+    for stage, config in configs.items():
+        cfg = check_stage_config(stage, config, overrides[stage], recipe=STAGE_RECIPES[stage],
+                                 source_config=source if stage == "stage2" else None,
+                                 flags=flag_keys(FLAG_KEYS[stage], extra[stage]))
+        if stage == "stage1":
+            source = exported_model_config(cfg)
+
+
+def exported_model_config(cfg: DictConfig) -> dict | None:
+    """The config.json a long-context stage's export will have (the recipe's own
+    write_stage_config on a copy of its source's); None when the source folder has none (the
+    stage refuses it when it starts)."""
+    import shutil
+    import tempfile
+
+    from acadlm_plugins.long_context_recipe import (
+        read_stage,
+        source_model_config,
+        write_stage_config,
+    )
+
+    folder = Path(str(cfg.checkpointer.checkpoint_dir)).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    with tempfile.TemporaryDirectory(prefix="prolong_check_") as scratch:
+        shutil.copy(folder / "config.json", scratch)
+        try:
+            write_stage_config(Path(scratch), read_stage(cfg, source_model_config(cfg)))
+        except ConfigError as err:  # (read_stage has passed on this config already)
+            raise renamed(err, f"stage1:{err.key}") from None
+        return json.loads((Path(scratch) / "config.json").read_text())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     extra = stage_overrides(args.extra, STAGES, example="stage1:lr_scheduler.warmup_ratio=0")
@@ -213,14 +323,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     lengths = args.eval_lengths
-    tasks = [t for t in args.eval_tasks.split(",") if t]
+    tasks = eval_task_names(args.eval_tasks)
 
     def timed(name: str, run) -> None:
         begin = time.perf_counter()
         run()
         timings[name] = round(time.perf_counter() - begin, 1)
 
-    def evaluate(name: str, model_dir: Path | None) -> None:
+    def eval_overrides(name: str, model_dir: Path | None) -> list[str]:
         overrides = [f"output_dir={out / name}", f"tasks=[{','.join(tasks)}]",
                      f"lengths=[{','.join(map(str, lengths))}]", f"num_samples={args.eval_samples}",
                      f"model.args.max_length={max(lengths) + 64}",
@@ -229,20 +339,45 @@ def main(argv: Sequence[str] | None = None) -> None:
                      f"use_cache={out / name / 'answer_cache'}"]
         if model_dir is not None:
             overrides.append(f"model.args.pretrained={model_dir}")
-        timed(name, lambda: tune_run("acadlm_plugins/eval_recipe", args.eval_config,
-                                     [*overrides, *extra["eval"]], stage=name))
+        return [*overrides, *extra["eval"]]
 
-    base = [] if args.base_model is None else checkpoint_overrides(args.base_model)
-    from_base = {name: base_model_overrides(config, args.base_model) for name, config in (
-        ("stage1", args.stage1_config), ("stage2", args.stage2_config), ("sft", args.sft_config))}
-    sft_overrides = [f"output_dir={out / 'sft'}", *from_base["sft"],
-                     f"max_steps_per_epoch={args.sft_steps}"]
+    def evaluate(name: str, model_dir: Path | None) -> None:
+        timed(name, lambda: tune_run("acadlm_plugins/eval_recipe", args.eval_config,
+                                     eval_overrides(name, model_dir), stage=name))
+
+    def stage1_overrides() -> list[str]:
+        return [f"output_dir={out / 'stage1'}", *base, *from_base["stage1"],
+                f"max_steps={args.stage1_steps}", *extra["stage1"]]
+
+    def stage2_overrides(stage1_model: Path) -> list[str]:
+        return [f"output_dir={out / 'stage2'}", *checkpoint_overrides(stage1_model),
+                *from_base["stage2"], f"long_context.previous_stage={out / 'stage1'}",
+                f"max_steps={args.stage2_steps}", *extra["stage2"]]
+
+    def sft_run_overrides(stage2_model: Path) -> list[str]:
+        return [*sft_overrides, *checkpoint_overrides(stage2_model), *extra["sft"]]
+
+    configs = {"eval": args.eval_config, "stage1": args.stage1_config,
+               "stage2": args.stage2_config, "sft": args.sft_config}
+    with refused_before_stages():  # every flag and stage config, before the first stage
+        base = base_model_checkpoint(args.base_model)
+        from_base = {name: base_model_overrides(configs[name], args.base_model)
+                     for name in ("stage1", "stage2", "sft")}
+        sft_overrides = [f"output_dir={out / 'sft'}", *from_base["sft"],
+                         f"max_steps_per_epoch={args.sft_steps}"]
+        check_stages({name: config for name, config in configs.items()
+                      if name != "eval" or not args.skip_eval},
+                     {"eval": eval_overrides("eval_before", args.base_model),
+                      "stage1": stage1_overrides(),
+                      "stage2": stage2_overrides(planned_export(out / "stage1",
+                                                                args.stage1_steps)),
+                      "sft": sft_run_overrides(planned_export(out / "stage2",
+                                                              args.stage2_steps))}, extra)
     sft_resumed = sft_resumes(stage_config(args.sft_config, [*sft_overrides, *extra["sft"]]))
 
     def long_context_stage(name: str, config: Path, overrides: list[str],
                            upstream: str) -> None:
         stage_dir = out / name
-        overrides = [f"output_dir={stage_dir}", *overrides, *extra[name]]
         # the later stages that would resume from what this one made before
         later = [out / "stage2"] if name == "stage1" and recorded_source(out / "stage2") else []
         if sft_resumed and recorded_sft_source(out / "sft"):
@@ -255,25 +390,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if not args.skip_eval:
         evaluate("eval_before", args.base_model)
-    long_context_stage("stage1", args.stage1_config,
-                       [*base, *from_base["stage1"], f"max_steps={args.stage1_steps}"],
+    long_context_stage("stage1", args.stage1_config, stage1_overrides(),
                        upstream="the base model")
     stage1_model = final_model_dir(out / "stage1")
-    long_context_stage("stage2", args.stage2_config,
-                       [*checkpoint_overrides(stage1_model), *from_base["stage2"],
-                        f"long_context.previous_stage={out / 'stage1'}",
-                        f"max_steps={args.stage2_steps}"],
+    long_context_stage("stage2", args.stage2_config, stage2_overrides(stage1_model),
                        upstream="stage 1's newest export")
     stage2_model = final_model_dir(out / "stage2")
-    sft_overrides = [*sft_overrides, *checkpoint_overrides(stage2_model), *extra["sft"]]
+    sft_run = sft_run_overrides(stage2_model)
     if sft_resumed:  # otherwise torchtune's SFT starts afresh from stage 2's export
         check_stage_source("sft", out / "sft",
-                           _selected(stage_config(args.sft_config, sft_overrides), SOURCE_KEY),
+                           _selected(stage_config(args.sft_config, sft_run), SOURCE_KEY),
                            upstream="stage 2's newest export",
                            recorded=recorded_sft_source(out / "sft"))
-    timed("sft", lambda: tune_run("full_finetune_single_device", args.sft_config, sft_overrides,
+    timed("sft", lambda: tune_run("full_finetune_single_device", args.sft_config, sft_run,
                                   stage="sft"))
-    final_model = sft_final_model(out / "sft", stage_config(args.sft_config, sft_overrides))
+    final_model = sft_final_model(out / "sft", stage_config(args.sft_config, sft_run))
     if not args.skip_eval:
         evaluate("eval_after", final_model)
 

@@ -13,7 +13,10 @@ the validation loss of the same model trained for the same number of tokens on t
 selection and on a uniform selection of the same budget (tau = inf).
 
 ``--set STAGE:key=value`` passes one more override to one stage (STAGE is judge, rater,
-annotate, select or train); it is applied after the pipeline's own, so it wins.
+annotate, select or train); it is applied after the pipeline's own, so it wins. Before the judge
+runs, the flags and every stage's config (with the overrides that stage will get) are checked as
+the stage checks them before it loads anything, so bad input stops the pipeline at once (exit 2),
+naming the flag or ``<stage>:<key>``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,31 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from acadlm_plugins.qurating.select import summary_lines
-from acadlm_plugins.stages import run_stage, stage_overrides, tune_run
+from acadlm_plugins.stages import (
+    check_at_least,
+    check_config_files,
+    check_stage_config,
+    flag_keys,
+    refused_before_stages,
+    run_stage,
+    stage_overrides,
+    tune_run,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "smollm2"
 STAGES = ("judge", "rater", "annotate", "select", "train")
+# The recipe each stage runs, as stages.check_stage_config names it.
+STAGE_RECIPES = {"judge": "judge", "rater": "rater", "annotate": "annotate", "select": "select",
+                 "train": "continued_pretrain"}
+# The stage keys the pipeline sets from its flags: a refusal of one names the flag.
+FLAG_KEYS = {"judge": {"pairs.num_pairs": "--num-pairs"},
+             "rater": {"margin": "--margin", "max_steps": "--rater-steps",
+                       "eval_every_n_steps": "--rater-steps",
+                       "save_every_n_steps": "--rater-steps"},
+             "annotate": {"max_documents_per_file": "--documents-per-file"},
+             "select": {},
+             "train": {"max_steps": "--train-steps", "save_every_n_steps": "--train-steps"}}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -44,9 +67,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-pairs", type=int, default=12,
                         help="pairs the judge compares (each on every criterion, both orders)")
     parser.add_argument("--margin", type=float, default=0.0,
-                        help="rater trains on pairs with |p - 0.5| >= margin. QuRating uses "
-                             "0.25; the 135M demo judge's labels sit within ~0.01 of 0.5, so "
-                             "the demo uses 0")
+                        help="rater trains on pairs with |p - 0.5| >= margin, in [0, 0.5). "
+                             "QuRating uses 0.25; the 135M demo judge's labels sit within "
+                             "~0.01 of 0.5, so the demo uses 0")
     parser.add_argument("--rater-steps", type=int, default=12)
     parser.add_argument("--documents-per-file", type=int, default=16,
                         help="documents scored per corpus file (0: all of them)")
@@ -56,39 +79,84 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="processes for the rater, annotation and training stages")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         metavar="STAGE:KEY=VALUE", help="one more override for one stage")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_config_files(parser, {f"--{stage}-config": getattr(args, f"{stage}_config")
+                                for stage in STAGES})
+    check_at_least(parser, {"--num-pairs": (args.num_pairs, 1),
+                            "--rater-steps": (args.rater_steps, 1),
+                            "--documents-per-file": (args.documents_per_file, 0),
+                            "--train-steps": (args.train_steps, 1),
+                            "--nproc-per-node": (args.nproc_per_node, 1)})
+    if not 0 <= args.margin < 0.5:  # |p - 0.5| is at most 0.5: no pair would be kept
+        parser.error(f"--margin {args.margin}: must be in [0, 0.5): the rater trains on pairs "
+                     "with |p - 0.5| >= margin (QuRating: 0.25; 0 keeps every pair)")
+    return args
+
+
+def stage_runs(args: argparse.Namespace, extra: dict[str, list[str]]
+               ) -> list[tuple[str, str, list[str]]]:
+    """``(stage, label, overrides)`` of every run, in the order the pipeline makes them: the
+    pipeline's own overrides (where each stage reads the previous one's output, the demo's
+    sizes), then the stage's ``--set`` ones, which win."""
+    out = args.output_dir
+    paths = {name: out / name for name in ("judgments", "rater", "annotate")}
+    selected, uniform = out / "select" / "selected", out / "select" / "uniform"
+    documents = args.documents_per_file or "null"
+    runs = [
+        ("judge", "judge", [f"output_dir={paths['judgments']}",
+                            f"pairs.num_pairs={args.num_pairs}", *extra["judge"]]),
+        ("rater", "rater", [f"output_dir={paths['rater']}",
+                            f"judgments={paths['judgments'] / 'judgments.jsonl'}",
+                            f"margin={args.margin}", f"max_steps={args.rater_steps}",
+                            f"eval_every_n_steps={args.rater_steps}",
+                            f"save_every_n_steps={args.rater_steps}", "validation_fraction=0.25",
+                            *extra["rater"]]),
+        ("annotate", "annotate", [f"output_dir={paths['annotate']}",
+                                  f"rater_dir={paths['rater'] / 'rater'}",
+                                  f"max_documents_per_file={documents}", *extra["annotate"]]),
+        ("select", "select", [f"scores_dir={paths['annotate']}", f"output_dir={selected}",
+                              f"uniform_output_dir={uniform}", *extra["select"]]),
+    ]
+    for name, selection in (("selected", selected), ("uniform", uniform)):
+        runs.append(("train", f"train ({name})", [
+            f"output_dir={out / f'train_{name}'}", f"dataset.selection_dir={selection}",
+            f"max_steps={args.train_steps}", f"save_every_n_steps={args.train_steps}",
+            *extra["train"]]))
+    return runs
+
+
+def check_stages(args: argparse.Namespace, runs: Sequence[tuple[str, str, list[str]]],
+                 extra: dict[str, list[str]]) -> None:
+    """Check every run's config with the overrides it will get before the judge runs
+    (stages.check_stage_config: what its recipe, or acadlm-qurating-select, refuses from its
+    config alone), so that a bad value of a later stage stops the pipeline at once, naming
+    ``<stage>:<key>`` (or the pipeline's flag that set the key, unless the stage's ``--set``
+    overrides in ``extra`` set it), not after the judge and the rater have run."""
+    for stage, label, overrides in runs:
+        check_stage_config(stage, getattr(args, f"{stage}_config"), overrides,
+                           recipe=STAGE_RECIPES[stage],
+                           run=None if label == stage else f"the {label} run",
+                           flags=flag_keys(FLAG_KEYS[stage], extra[stage]))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     extra = stage_overrides(args.extra, STAGES, example="rater:margin=0.1")
     out = args.output_dir
-    paths = {name: out / name for name in ("judgments", "rater", "annotate")}
-    selected, uniform = out / "select" / "selected", out / "select" / "uniform"
     started = time.perf_counter()
+    runs = stage_runs(args, extra)
+    with refused_before_stages():  # every stage's config, before the judge runs
+        check_stages(args, runs, extra)
 
-    tune_run("acadlm_plugins/judge_recipe", args.judge_config,
-             [f"output_dir={paths['judgments']}", f"pairs.num_pairs={args.num_pairs}",
-              *extra["judge"]], stage="judge")
-    tune_run("acadlm_plugins/rater_recipe", args.rater_config,
-             [f"output_dir={paths['rater']}",
-              f"judgments={paths['judgments'] / 'judgments.jsonl'}", f"margin={args.margin}",
-              f"max_steps={args.rater_steps}", f"eval_every_n_steps={args.rater_steps}",
-              f"save_every_n_steps={args.rater_steps}", "validation_fraction=0.25",
-              *extra["rater"]], args.nproc_per_node, stage="rater")
-    documents = args.documents_per_file or "null"
-    tune_run("acadlm_plugins/annotate_recipe", args.annotate_config,
-             [f"output_dir={paths['annotate']}", f"rater_dir={paths['rater'] / 'rater'}",
-              f"max_documents_per_file={documents}", *extra["annotate"]], args.nproc_per_node,
-             stage="annotate")
-    run_stage([sys.executable, "-m", "acadlm_plugins.qurating.select", "--config", args.select_config,
-               f"scores_dir={paths['annotate']}", f"output_dir={selected}",
-               f"uniform_output_dir={uniform}", *extra["select"]], stage="select")
-    for name, selection in (("selected", selected), ("uniform", uniform)):
-        tune_run("acadlm_plugins/continued_pretrain_recipe", args.train_config,
-                 [f"output_dir={out / f'train_{name}'}", f"dataset.selection_dir={selection}",
-                  f"max_steps={args.train_steps}", f"save_every_n_steps={args.train_steps}",
-                  *extra["train"]], args.nproc_per_node, stage=f"train ({name})")
+    for stage, label, overrides in runs:
+        config = getattr(args, f"{stage}_config")
+        if stage == "select":
+            run_stage([sys.executable, "-m", "acadlm_plugins.qurating.select", "--config",
+                       config, *overrides], stage=label)
+        else:
+            nproc = 1 if stage == "judge" else args.nproc_per_node
+            tune_run(f"acadlm_plugins/{STAGE_RECIPES[stage]}_recipe", config, overrides, nproc,
+                     stage=label)
 
     report = collect_report(out, time.perf_counter() - started)
     (out / "pipeline_summary.json").write_text(json.dumps(report, indent=2))

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,8 +53,16 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from acadlm_plugins import stages
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.stages import stage_overrides, tune_run
+from acadlm_plugins.stages import (
+    check_at_least,
+    check_config_files,
+    refused_before_stages,
+    stage_overrides,
+    tune_run,
+    with_overrides,
+)
 from acadlm_plugins.training.config_checks import config_value
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,12 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         metavar="STAGE:key=value", help="an override for every run of a stage")
     args = parser.parse_args(argv)
-    for flag, path in (("--prune-config", args.prune_config),
-                       ("--continue-config", args.continue_config)):
-        if not path.is_file():
-            parser.error(f"{flag} {path}: no such file (give the path of a YAML config)")
-    if args.nproc_per_node < 1:
-        parser.error(f"--nproc-per-node {args.nproc_per_node}: must be at least 1")
+    check_config_files(parser, {"--prune-config": args.prune_config,
+                                "--continue-config": args.continue_config})
+    check_at_least(parser, {"--nproc-per-node": (args.nproc_per_node, 1)})
     return args
 
 
@@ -96,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     extra = stage_overrides(args.extra, STAGES, example="continue:max_steps=20")
     dirs = arm_dirs(out)
     configs = {"prune": args.prune_config, "continue": args.continue_config}
-    try:
+    with refused_before_stages():  # before any stage runs: the key and the fix, no traceback
         check_same_validation(args.prune_config, args.continue_config,
                               extra["prune"], extra["continue"])
         budget = token_budget(args.prune_config, args.continue_config, nproc,
@@ -108,9 +112,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_stage_configs(configs, arm_runs(args.baselines), lambda arm, stage: run_overrides(
             arm, stage, dirs, extra, budget, cont_cfg,
             source_reference_overrides(cont_cfg, PLACEHOLDER_LOSSES)))
-    except ConfigError as err:  # before any stage runs: the key and the fix, no traceback
-        print(f"pipeline.py: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
     record_budget(out, budget)
 
     # ours: learned masks, then continued pre-training
@@ -358,27 +359,10 @@ def check_stage_configs(configs: dict[str, Path], runs: Sequence[tuple[str, str]
 
 
 def check_stage_config(stage: str, config: Path, overrides: Sequence[str], *, arm: str) -> None:
-    """One run's config checks (see :func:`check_stage_configs`); a refusal is re-raised as a
-    ConfigError naming ``<stage>:<key>`` and the arm whose run it is. The plugins' warnings are
-    left to the run itself, which prints them when it starts."""
-    import logging
-
-    from acadlm_plugins.planning.checks import check_schedule, check_unset_keys
-    from acadlm_plugins.planning.loading import load_config
-    from acadlm_plugins.planning.loop_recipes import check_loop_settings
-
-    logging.disable(logging.WARNING)
-    try:
-        cfg = load_config(config, overrides)
-        check_unset_keys(cfg)
-        check_loop_settings(cfg, PLAN_RECIPES[stage])
-        check_schedule(cfg, int(cfg.max_steps))
-    except ConfigError as err:
-        problem = str(err).split("`: ", 1)[-1]
-        raise ConfigError(f"{stage}:{err.key}", f"(the {arm} arm's {stage} run) {problem}"
-                          ) from err
-    finally:
-        logging.disable(logging.NOTSET)
+    """One run's config checks (stages.check_stage_config, as every pipeline makes them); a
+    refusal is a ConfigError naming ``<stage>:<key>`` and the arm whose run it is."""
+    stages.check_stage_config(stage, config, overrides, recipe=PLAN_RECIPES[stage],
+                              run=f"the {arm} arm's {stage} run")
 
 
 def run_seed(prune_config: Path, overrides: Sequence[str] = ()) -> int:
@@ -386,40 +370,6 @@ def run_seed(prune_config: Path, overrides: Sequence[str] = ()) -> int:
     the from-scratch arm's random initialization."""
     cfg = with_overrides(OmegaConf.load(prune_config), list(overrides), "prune")
     return config_value(cfg.get("seed", 0), "prune:seed", int, allow_none=True) or 0
-
-
-def with_overrides(cfg: Any, overrides: Sequence[str], stage: str | None = None) -> Any:
-    """``cfg`` with a stage's ``--set`` overrides merged as ``tune run`` merges them (torchtune's
-    own merge: ``key=value``, ``~key`` removals, ``model=<builder>``, ``None``), so that what
-    the pipeline reads from a stage's config (the token budget, the validation settings, the
-    seed, the source, the teacher) is what the stage's recipe reads: after ``--set
-    continue:~gradient_accumulation_steps`` the budget counts the recipe's default of 1, not
-    the config file's value. An override ``tune run`` would refuse (removing a key the config
-    does not have) is a ConfigError naming ``--set <stage>:<override>``."""
-    from acadlm_plugins._compat import merge_yaml_and_cli_args
-
-    if not overrides:
-        return cfg
-
-    def merged(given: Sequence[str]) -> Any:  # (the merge edits nested blocks in place)
-        return merge_yaml_and_cli_args(OmegaConf.to_container(cfg, resolve=False), list(given))
-
-    try:
-        return merged(overrides)
-    except ValueError as err:
-        bad = next(o for n, o in enumerate(overrides, 1) if _refused(merged, overrides[:n]))
-        raise ConfigError(f"--set {stage}:{bad}" if stage else bad,
-                          f"{err}, as `tune run` would refuse it.", "remove only a key the "
-                          "stage's config has, and write the other overrides as key=value."
-                          ) from None
-
-
-def _refused(merge: Any, overrides: Sequence[str]) -> bool:
-    try:
-        merge(overrides)
-    except ValueError:
-        return True
-    return False
 
 
 def source_dir(prune_config: Path, overrides: list[str] = ()) -> Path:
