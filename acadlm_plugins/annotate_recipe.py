@@ -69,6 +69,27 @@ KNOWN_KEYS = {
 REQUIRED_KEYS = ("output_dir", "rater_dir", "data_files")
 
 
+def checked_settings(cfg: DictConfig) -> tuple[int, int, int, int | None, int | None]:
+    """The config's keys and the values setup reads before it loads the rater: ``chunk_tokens``,
+    ``batch_tokens``, ``shard_size``, ``max_documents_per_file``, ``max_shards`` (and the
+    metric logger's), refused naming the key; a pipeline makes the same check before its first
+    stage (:mod:`acadlm_plugins.stages`)."""
+    check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="annotate",
+                      example="configs/smollm2/qurating_annotate.yaml")
+    chunk_tokens = config_value(cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS), "chunk_tokens",
+                                int, minimum=1)
+    batch_tokens = config_value(cfg.get("batch_tokens", DEFAULT_BATCH_TOKENS), "batch_tokens",
+                                int, minimum=1)
+    shard_size = config_value(cfg.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size", int,
+                              minimum=1)
+    per_file = config_value(cfg.get("max_documents_per_file", None), "max_documents_per_file",
+                            int, minimum=1, allow_none=True)
+    max_shards = config_value(cfg.get("max_shards", None), "max_shards", int, minimum=1,
+                              allow_none=True)
+    check_metric_logger(cfg)
+    return chunk_tokens, batch_tokens, shard_size, per_file, max_shards
+
+
 class AnnotateRecipe:
     """Load the rater and the corpus, agree on the plan, score this rank's shards, report."""
 
@@ -79,22 +100,10 @@ class AnnotateRecipe:
         self._metric_logger = None  # set last in setup; cleanup works even if setup stopped
 
     def setup(self, cfg: DictConfig) -> None:
-        check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="annotate",
-                          example="configs/smollm2/qurating_annotate.yaml")
+        chunk_tokens, batch_tokens, shard_size, per_file, self._max_shards = checked_settings(cfg)
         self._cfg = cfg
         self._output_dir = Path(str(cfg.output_dir)).expanduser()
         self._rater_dir = Path(str(cfg.rater_dir)).expanduser()
-        chunk_tokens = config_value(cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS),
-                                    "chunk_tokens", int, minimum=1)
-        batch_tokens = config_value(cfg.get("batch_tokens", DEFAULT_BATCH_TOKENS),
-                                    "batch_tokens", int, minimum=1)
-        shard_size = config_value(cfg.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size", int,
-                                  minimum=1)
-        per_file = config_value(cfg.get("max_documents_per_file", None),
-                                "max_documents_per_file", int, minimum=1, allow_none=True)
-        self._max_shards = config_value(cfg.get("max_shards", None), "max_shards", int,
-                                        minimum=1, allow_none=True)
-        check_metric_logger(cfg)
 
         self._rater = load_rater(self._rater_dir, device=self._device, dtype=self._dtype,
                                  max_seq_len=chunk_tokens + 1)

@@ -174,13 +174,8 @@ class RaterRecipe:
         self._max_tokens = positive_int(cfg, "max_tokens", 512)
         self._pooling = str(cfg.get("pooling", "last"))
         check_pooling(self._pooling)
-        self._margin = config_value(cfg.get("margin", DEFAULT_MARGIN), "margin", float,
-                                    minimum=0.0)
-        self._validation_fraction = config_value(cfg.get("validation_fraction", 0.1),
-                                                 "validation_fraction", float, minimum=0.0)
-        head_lr = cfg.get("head_lr", None)
-        self._head_lr = config_value(head_lr, "head_lr", float, above=0.0, allow_none=True)
-        self._criteria = criteria_names(cfg.get("criteria", None))
+        (self._margin, self._validation_fraction, self._head_lr,
+         self._criteria) = rating_settings(cfg)
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
         check_device(cfg)
         check_output_dir(self._output_dir)
@@ -495,6 +490,18 @@ def _resolved(judgments: Any) -> list[str]:
     """The judgments file(s) of a config value (one path or a list) as resolved paths."""
     paths = judgments if isinstance(judgments, (list, tuple)) else [judgments]
     return [str(Path(str(p)).expanduser().resolve()) for p in paths]
+
+
+def rating_settings(cfg: DictConfig) -> tuple[float, float, float | None, list[str] | None]:
+    """``margin``, ``validation_fraction``, ``head_lr`` and ``criteria`` as setup reads them,
+    refused naming the key; a pipeline makes the same check before its first stage
+    (:mod:`acadlm_plugins.stages`)."""
+    margin = config_value(cfg.get("margin", DEFAULT_MARGIN), "margin", float, minimum=0.0)
+    validation_fraction = config_value(cfg.get("validation_fraction", 0.1),
+                                       "validation_fraction", float, minimum=0.0)
+    head_lr = config_value(cfg.get("head_lr", None), "head_lr", float, above=0.0,
+                           allow_none=True)
+    return margin, validation_fraction, head_lr, criteria_names(cfg.get("criteria", None))
 
 
 def criteria_names(value: Any) -> list[str] | None:

@@ -276,18 +276,14 @@ def _check_rater(cfg: Any, _source: dict[str, Any] | None) -> None:
     opens the judgments."""
     from acadlm_plugins.planning.other_recipes import plan_rater
     from acadlm_plugins.planning.results import TrainingPlan
-    from acadlm_plugins.rater_recipe import DEFAULT_MARGIN, criteria_names
-    from acadlm_plugins.training.config_checks import config_value
+    from acadlm_plugins.rater_recipe import rating_settings
     from acadlm_plugins.training.run_checks import clip_grad_norm
 
     plan_rater(TrainingPlan(config="", recipe="rater", recipe_from="pipeline", world_size=1,
                             world_size_from="pipeline"), cfg)
     _training_values(cfg)
     clip_grad_norm(cfg)
-    config_value(cfg.get("margin", DEFAULT_MARGIN), "margin", float, minimum=0.0)
-    config_value(cfg.get("validation_fraction", 0.1), "validation_fraction", float, minimum=0.0)
-    config_value(cfg.get("head_lr", None), "head_lr", float, above=0.0, allow_none=True)
-    criteria_names(cfg.get("criteria", None))
+    rating_settings(cfg)
 
 
 def _check_judge(cfg: Any, _source: dict[str, Any] | None) -> None:
@@ -298,25 +294,9 @@ def _check_judge(cfg: Any, _source: dict[str, Any] | None) -> None:
 
 def _check_annotate(cfg: Any, _source: dict[str, Any] | None) -> None:
     """The annotate recipe's checks before it loads the rater (which an earlier stage writes)."""
-    from acadlm_plugins import annotate_recipe
-    from acadlm_plugins.qurating.annotation import (
-        DEFAULT_BATCH_TOKENS,
-        DEFAULT_CHUNK_TOKENS,
-        DEFAULT_SHARD_SIZE,
-    )
-    from acadlm_plugins.qurating.metrics import check_metric_logger
-    from acadlm_plugins.training.config_checks import check_config_keys, config_value
+    from acadlm_plugins.annotate_recipe import checked_settings
 
-    check_config_keys(cfg, known=annotate_recipe.KNOWN_KEYS,
-                      required=annotate_recipe.REQUIRED_KEYS, recipe="annotate",
-                      example="configs/smollm2/qurating_annotate.yaml")
-    for key, default in (("chunk_tokens", DEFAULT_CHUNK_TOKENS),
-                         ("batch_tokens", DEFAULT_BATCH_TOKENS),
-                         ("shard_size", DEFAULT_SHARD_SIZE)):
-        config_value(cfg.get(key, default), key, int, minimum=1)
-    for key in ("max_documents_per_file", "max_shards"):
-        config_value(cfg.get(key, None), key, int, minimum=1, allow_none=True)
-    check_metric_logger(cfg)
+    checked_settings(cfg)
 
 
 def _check_selection(config: Any, _source: dict[str, Any] | None) -> None:
