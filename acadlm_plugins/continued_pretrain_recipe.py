@@ -33,6 +33,7 @@ from acadlm_plugins.data.mixture import (
     collate_domain_packs,
 )
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.models.families import shape_differences, unreadable_weights_refused
 from acadlm_plugins.plugin_manager import (
     build_plugin_manager,
     collect_metrics,
@@ -121,7 +122,7 @@ class ContinuedPretrainRecipe:
         # (recipes that split each sequence over several ranks change these).
         self._data_rank, self._data_world = self._rank, self._world_size
         self._output_dir = Path(cfg.output_dir)
-        self._seed = training.set_seed(checked_seed(cfg.get("seed", 0)))
+        self._seed = training.set_seed(checked_seed(cfg.get("seed", 0), self._world_size))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")
         self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
@@ -189,7 +190,9 @@ class ContinuedPretrainRecipe:
         model = self._build_checked_model(cfg)
         # Loaded even on resume: the checkpointer learns the source's file layout from it and
         # writes our checkpoints in the same layout.
-        model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        with unreadable_weights_refused(cfg.checkpointer.checkpoint_dir,
+                                        cfg.checkpointer.get("checkpoint_files", None)):
+            model_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         if resume_from is not None:
             model_state = self._load_resumed_weights(cfg, resume_from)
         self._model = self._setup_model(cfg, model, model_state)
@@ -220,7 +223,8 @@ class ContinuedPretrainRecipe:
         reader = training.FullModelHFCheckpointer(
             checkpoint_dir=str(model_dir), checkpoint_files=hf_checkpoint_files(model_dir),
             model_type=cfg.checkpointer.model_type, output_dir=str(self._output_dir))
-        return reader.load_checkpoint()[training.MODEL_KEY]
+        with unreadable_weights_refused(model_dir, key="output_dir"):
+            return reader.load_checkpoint()[training.MODEL_KEY]
 
     def _build_checked_model(self, cfg: DictConfig) -> torch.nn.Module:
         """The model under the run's dtype and device, its RoPE checked against the checkpoint's
@@ -548,10 +552,7 @@ def check_state_shapes(cfg: DictConfig, model: torch.nn.Module, model_state: dic
     """Refuse a checkpoint whose tensors have other shapes than the built model's (another
     size of model), naming both keys, instead of torch's size-mismatch RuntimeError.
     ``prefix`` names a nested ``model``/``checkpointer`` pair (``"distillation.teacher."``)."""
-    expected = model.state_dict()
-    mismatched = [(name, tuple(value.shape), tuple(expected[name].shape))
-                  for name, value in model_state.items()
-                  if name in expected and tuple(value.shape) != tuple(expected[name].shape)]
+    mismatched = shape_differences(model, model_state)
     if not mismatched:
         return
     examples = "; ".join(f"`{name}` is {list(saved)} in the checkpoint, {list(built)} in the model"

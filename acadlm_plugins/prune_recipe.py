@@ -37,6 +37,7 @@ from torchtune import config, training, utils
 
 from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
 from acadlm_plugins.errors import AcadlmError, ConfigError
+from acadlm_plugins.models.families import unreadable_weights_refused
 from acadlm_plugins.pruning.architecture import architecture_of
 from acadlm_plugins.pruning.export import export_pruned_model
 from acadlm_plugins.pruning.masks import MaskHooks
@@ -346,7 +347,10 @@ def _load_source_model(cfg: DictConfig) -> torch.nn.Module:
     checkpointer = instantiate_component(cfg, "checkpointer")
     with training.set_default_dtype(torch.float32):
         model = instantiate_component(cfg, "model")
-    model.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY], strict=False)
+    with unreadable_weights_refused(cfg.checkpointer.checkpoint_dir,
+                                    cfg.checkpointer.get("checkpoint_files", None)):
+        state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    model.load_state_dict(state, strict=False)
     return model
 
 

@@ -76,6 +76,7 @@ from acadlm_plugins.training.run_checks import (
     check_device,
     check_log_dir,
     check_output_dir,
+    check_output_outside,
     clean_interrupted_writes,
     clip_grad_norm,
     positive_int,
@@ -161,7 +162,7 @@ class RaterRecipe:
                           example="configs/smollm2/qurating_rater.yaml")
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir).expanduser()
-        self._seed = training.set_seed(checked_seed(cfg.get("seed", 0)))
+        self._seed = training.set_seed(checked_seed(cfg.get("seed", 0), self._world_size))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")
         self._eval_batch_size = positive_int(cfg, "eval_batch_size", 2 * self._batch_size)
@@ -179,6 +180,7 @@ class RaterRecipe:
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
         check_device(cfg)
         check_output_dir(self._output_dir)
+        check_output_outside(self._output_dir, self._backbone_dir, "backbone_dir")
         check_log_dir(cfg)
         # Nothing is written to output_dir until the checks below have passed (the metric
         # logger comes last), so a refused run leaves an earlier run's folder as it was.

@@ -284,6 +284,15 @@ def test_a_training_step_folder_given_as_the_model_points_at_its_model(tmp_path,
     assert f"point it at {step / 'model'}" in str(err.value)
 
 
+def test_a_cut_short_weights_file_is_named_with_the_fix(tmp_path, monkeypatch):
+    args = tiny_run_args(tmp_path, "max_steps=1")
+    weights = tmp_path / "tiny_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    with pytest.raises(ConfigError, match="cannot be read.*download or export") as err:
+        run_recipe(monkeypatch, args)
+    assert err.value.key == "checkpointer.checkpoint_dir"
+
+
 def test_a_typo_in_a_top_level_key_is_named_with_a_suggestion(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"`max_step`.*did you mean `max_steps`"):
         run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_step=3"))

@@ -452,12 +452,21 @@ def test_new_theta_keeps_llama3_scaling_in_ours_and_in_transformers(tmp_path):
     assert (ours - _transformers_logits(source, tokens)).abs().max() > 1e-2  # θ mattered
 
 
-def test_a_truncated_weights_file_is_named_not_a_deserializer_traceback(tmp_path):
-    """A download cut short: the tied-head check (recipes) and the load (lm-eval adapter,
-    acadlm-quantize) both name the folder and the fix."""
-    folder = _write_family("llama3.2", tmp_path / "model")
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:3000])
+@pytest.mark.parametrize("family_name, file", [("llama3.2", "model.safetensors"),
+                                               ("llama2", "model.safetensors"),
+                                               ("llama2", "pytorch_model.bin")])
+def test_a_truncated_weights_file_is_named_not_a_deserializer_traceback(tmp_path, family_name,
+                                                                        file):
+    """A download cut short: the tied-head check (tied models) and torchtune's checkpointer
+    (the others; it wraps the error in a ValueError) both end in the folder and the fix."""
+    folder = _write_family(family_name, tmp_path / "model")
+    if file.endswith(".bin"):
+        from safetensors.torch import load_file
+
+        torch.save(load_file(folder / "model.safetensors"), folder / file)
+        (folder / "model.safetensors").unlink()
+    weights = folder / file
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
     with pytest.raises(ConfigError) as err:
         hf_model_spec(folder).load()
     assert err.value.key == "checkpointer.checkpoint_dir"

@@ -614,3 +614,15 @@ def test_an_unsupported_backbone_family_is_refused_naming_the_config_field(tmp_p
                                           r".*'qwen3' is not supported") as refused:
         run_in_process(monkeypatch, rater_args(tmp_path, folder, judgments))
     assert refused.value.key == "backbone_dir"
+
+
+def test_an_output_dir_inside_the_backbone_is_refused_before_loading(tmp_path, monkeypatch):
+    """torchtune's checkpointer refused it with a traceback once the judgments and the model
+    had loaded."""
+    model = write_tiny_model_dir(tmp_path / "model", weight_std=None)
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=20)
+    with pytest.raises(ConfigError) as refused:
+        run_in_process(monkeypatch, rater_args(tmp_path, model, judgments,
+                                               f"output_dir={model / 'rater'}"))
+    assert refused.value.key == "output_dir" and "backbone_dir" in str(refused.value)
+    assert not (model / "rater").exists()

@@ -62,6 +62,9 @@ def test_checked_seed_and_the_plan_refuse_what_set_seed_refuses():
     from acadlm_plugins.training.config_checks import checked_seed
 
     assert [checked_seed(v) for v in (None, 0, "7", 2**32 - 1)] == [None, 0, 7, 2**32 - 1]
+    assert checked_seed(2**32 - 8, world_size=8) == 2**32 - 8  # rank r seeds with seed + r
+    with pytest.raises(ConfigError, match="above its maximum 4294967288 for 8 processes"):
+        checked_seed(2**32 - 7, world_size=8)
     cfg = OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "continued_pretrain.yaml")
     cfg.seed = -1
     with pytest.raises(ConfigError) as err:

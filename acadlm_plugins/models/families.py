@@ -524,19 +524,38 @@ def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
 
 
 @contextlib.contextmanager
-def unreadable_weights_refused(folder: Path, files: Sequence[str]) -> Iterator[None]:
+def unreadable_weights_refused(folder: Path | str, files: Sequence[str] | None = None, *,
+                               key: str = "checkpointer.checkpoint_dir") -> Iterator[None]:
     """Turn a weights file that cannot be read (a download cut short, a file of another
-    format) into a ConfigError naming the folder and its files, not a deserializer's
-    traceback."""
+    format) into a ConfigError naming ``key``, the folder and its files, not a deserializer's
+    traceback (torchtune's checkpointers wrap those in a ValueError "Unable to load
+    checkpoint")."""
     from safetensors import SafetensorError
 
+    unreadable = (SafetensorError, EOFError, pickle.UnpicklingError)
     try:
         yield
-    except (SafetensorError, EOFError, pickle.UnpicklingError) as err:
-        raise ConfigError("checkpointer.checkpoint_dir", f"{folder}: its weights {list(files)} "
-                          f"cannot be read ({type(err).__name__}: {err}); a file is incomplete "
-                          "or not what its name says.",
-                          "download or export the model again.") from err
+    except (*unreadable, ValueError, RuntimeError) as err:
+        wrapped = isinstance(err, ValueError) and str(err).startswith(TORCHTUNE_UNREADABLE)
+        if not (wrapped or isinstance(err, unreadable)):
+            raise  # another error: not ours to rename
+        cause = err.__cause__ if wrapped and err.__cause__ is not None else err
+        named = f" {list(files)}" if files else ""
+        raise ConfigError(key, f"{folder}: its weights{named} cannot be read "
+                          f"({type(cause).__name__}: {cause}); a file is incomplete or not "
+                          "what its name says.", "download or export the model again.") from err
+
+
+#: How torchtune 0.6.1's ``safe_torch_load`` words a file it could not read.
+TORCHTUNE_UNREADABLE = "Unable to load checkpoint from"
+
+
+def shape_differences(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
+                      ) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """``(key, shape in state, shape in model)`` of every tensor both hold with other shapes."""
+    own = model.state_dict()
+    return [(key, tuple(value.shape), tuple(own[key].shape)) for key, value in state.items()
+            if key in own and tuple(value.shape) != tuple(own[key].shape)]
 
 
 def check_weights_fit(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
@@ -545,9 +564,8 @@ def check_weights_fit(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     differences (tensor and both shapes; counts of missing and unexpected tensors) instead of
     torch's list of every mismatch."""
     own = model.state_dict()
-    shapes = [f"{key}: {tuple(value.shape)} in the weights, {tuple(own[key].shape)} in the "
-              "model" for key, value in state.items()
-              if key in own and tuple(value.shape) != tuple(own[key].shape)]
+    shapes = [f"{key}: {saved} in the weights, {built} in the model"
+              for key, saved, built in shape_differences(model, state)]
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
     if not (shapes or missing or unexpected):

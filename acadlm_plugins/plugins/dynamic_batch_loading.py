@@ -142,11 +142,12 @@ class DynamicBatchLoadingPlugin:
                                   f"give one for each of {sampler.domain_names}, or `initial`.")
             unknown = [n for n in self.reference if n not in sampler.domain_names]
             if unknown:
-                raise ConfigError(f"{CONFIG_KEY}.reference_losses",
-                                  f"names {unknown}, which the training data has no domain "
-                                  f"for (its domains: {sampler.domain_names}).",
-                                  "fix the domain names (a misspelt one leaves its domain "
-                                  "without the reference it was meant to have).")
+                # Not an error: a held-out validation domain's loss may be handed over with the
+                # others (a misspelt name is refused above, as its domain then has none).
+                log.warning("%s.reference_losses names %s, which the training data has no "
+                            "domain for (its domains: %s); they are not used", CONFIG_KEY,
+                            unknown, sampler.domain_names)
+                self.reference = {n: v for n, v in self.reference.items() if n not in unknown}
 
     @hookimpl
     def acadlm_evaluation_end(self, step: int, domain_losses: Mapping[str, float],

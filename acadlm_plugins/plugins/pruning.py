@@ -120,14 +120,8 @@ class PruningPlugin:
         if not block.get("target"):
             raise ConfigError(f"{CONFIG_KEY}.target", "is missing.",
                               "name the target dims, e.g. {num_layers: 20, embed_dim: 384}.")
-        self.method = pruning_method(cfg)
-        if self.method not in METHODS:
-            raise ConfigError(f"{CONFIG_KEY}.method", f"unknown method {self.method!r}.",
-                              f"use one of {list(METHODS)}.")
-        self.mask_init = str(block.get("mask_init", "uniform"))
-        if self.mask_init not in MASK_INITS:
-            raise ConfigError(f"{CONFIG_KEY}.mask_init", f"unknown value {self.mask_init!r}.",
-                              f"use one of {list(MASK_INITS)}.")
+        self.method = choice(block, "method", METHODS)
+        self.mask_init = choice(block, "mask_init", MASK_INITS)
         self.mask_init_spread = number(block, "mask_init_spread", float, 2.0, above=0)
         for key in ("mask_init_spread", "mask_init_gap"):
             if key in block and self.mask_init != "importance":

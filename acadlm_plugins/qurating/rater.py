@@ -70,7 +70,7 @@ from acadlm_plugins._compat import (
 from acadlm_plugins.data.documents import json_error_text
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states
-from acadlm_plugins.models.families import HFModelSpec, hf_model_spec
+from acadlm_plugins.models.families import HFModelSpec, hf_model_spec, unreadable_weights_refused
 from acadlm_plugins.qurating import CRITERIA
 
 log = logging.getLogger(__name__)
@@ -467,7 +467,8 @@ def hf_checkpointer(model_dir: str | Path, output_dir: str | Path) -> training.F
         model_type=spec.checkpointer_model_type, output_dir=str(output_dir))
     # config.json keys left to transformers' defaults (Llama 1: no num_key_value_heads)
     complete_checkpointer_config(checkpointer, spec.checkpointer_defaults())
-    checkpointer.load_checkpoint()
+    with unreadable_weights_refused(model_dir, key="backbone_dir"):
+        checkpointer.load_checkpoint()
     return checkpointer
 
 

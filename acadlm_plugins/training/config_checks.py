@@ -62,13 +62,16 @@ def config_value(value: object, key: str, kind: type, *, minimum: float | None =
 SEED_MAX = 2**32 - 1  # torchtune's set_seed takes seeds in [0, 2**32 - 1]
 
 
-def checked_seed(value: object) -> int | None:
+def checked_seed(value: object, world_size: int = 1) -> int | None:
     """The config's ``seed`` as torchtune's ``set_seed`` takes it (None: a random seed),
-    refused naming ``seed`` where ``set_seed`` would raise mid-setup (``abc``, -1, 1.5)."""
+    refused naming ``seed`` where ``set_seed`` would raise mid-setup (``abc``, -1, 1.5, or
+    above 2**32 - world_size: every rank seeds with seed + rank)."""
     seed = config_value(value, "seed", int, minimum=0, allow_none=True)
-    if seed is not None and seed > SEED_MAX:
-        raise ConfigError("seed", f"is {value!r}, above its maximum {SEED_MAX}.",
-                          f"set `seed` to an integer in [0, {SEED_MAX}].")
+    highest = SEED_MAX + 1 - max(1, world_size)
+    if seed is not None and seed > highest:
+        raise ConfigError("seed", f"is {value!r}, above its maximum {highest} for "
+                          f"{world_size} process{'es' if world_size > 1 else ''}.",
+                          f"set `seed` to an integer in [0, {highest}].")
     return seed
 
 

@@ -132,12 +132,19 @@ def check_output_outside_checkpoint(cfg: DictConfig, key: str = "checkpointer") 
             OmegaConf.is_missing(cfg, "output_dir") or node.get("checkpoint_dir", None) is None \
             or cfg.get("output_dir", None) is None:
         return
-    folder = Path(str(node.checkpoint_dir)).expanduser().resolve()
-    output = Path(str(cfg.output_dir)).expanduser().resolve()
+    check_output_outside(cfg.output_dir, node.checkpoint_dir, f"{key}.checkpoint_dir")
+
+
+def check_output_outside(output_dir: str | Path, model_dir: str | Path, model_key: str) -> None:
+    """Refuse an ``output_dir`` that is the folder of the model a run starts from (config key
+    ``model_key``) or inside it: torchtune's checkpointer refuses it only once the model has
+    loaded, and a run must not write into its own source."""
+    folder = Path(str(model_dir)).expanduser().resolve()
+    output = Path(str(output_dir)).expanduser().resolve()
     if output == folder or folder in output.parents:
         raise ConfigError("output_dir", f"{output} is {'' if output == folder else 'inside '}"
-                          f"`{key}.checkpoint_dir` ({folder}): a run must not write into the "
-                          "model it starts from.", "choose an output_dir outside the model folder.")
+                          f"`{model_key}` ({folder}): a run must not write into the model it "
+                          "starts from.", "choose an output_dir outside the model folder.")
 
 
 def clean_interrupted_writes(output_dir: Path) -> list[Path]:
