@@ -180,7 +180,6 @@ class RaterRecipe:
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
         check_device(cfg)
         check_output_dir(self._output_dir)
-        check_output_outside(self._output_dir, self._backbone_dir, "backbone_dir")
         check_log_dir(cfg)
         # Nothing is written to output_dir until the checks below have passed (the metric
         # logger comes last), so a refused run leaves an earlier run's folder as it was.
@@ -190,6 +189,7 @@ class RaterRecipe:
                                                    recipe=RECIPE_NAME)
             log.info("resuming from %s", resume_from)
         check_backbone_dir(self._backbone_dir)
+        check_output_outside(self._output_dir, self._backbone_dir, "backbone_dir")
         self._tokenizer = RaterTokenizer(self._backbone_dir)
         judgments = cfg.judgments
         paths = list(judgments) if isinstance(judgments, (list, ListConfig)) else [judgments]
