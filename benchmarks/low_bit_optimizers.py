@@ -9,7 +9,8 @@ corpus, each ``--seq-len`` tokens. Reported per optimizer, and as a ratio to tor
   and their scales for torchao; float32 moments otherwise);
 * the steps' peak RSS over the RSS with the model loaded (the RSS high-water mark is reset after
   loading), which holds gradients, activations and the states;
-* seconds per step after the first (the first compiles torchao's update: shown apart);
+* wall-clock seconds per step after the first (the first compiles torchao's update: shown
+  apart); ``--steps`` must be at least 2 for that, ``--held-out`` at least 1;
 * training loss at the last step and the loss on held-out windows after the last step.
 
 Run::
@@ -34,16 +35,32 @@ OPTIMIZERS = ("torch.optim.AdamW", "torchao.optim.AdamW8bit", "torchao.optim.Ada
 POLL_SECONDS = 1.0  # how often the parent checks that a child is still alive
 
 
-def parse_args() -> argparse.Namespace:
+def at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512)
+    # s/step is timed over the steps after the first (which compiles torchao's update).
+    parser.add_argument("--steps", type=at_least(2), default=8,
+                        help="training steps, at least 2 (s/step excludes the first)")
+    parser.add_argument("--seq-len", type=at_least(1), default=512)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--held-out", type=int, default=2, help="held-out windows for the loss")
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument("--held-out", type=at_least(1), default=2,
+                        help="held-out windows for the loss, at least 1")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def token_windows(seq_len: int, count: int) -> torch.Tensor:
@@ -112,7 +129,7 @@ def run_optimizer(component: str, windows: torch.Tensor, steps: int, lr: float,
     queue.put({"optimizer": component, "state_bytes": state["total"],
                "low_bit_bytes": state["low_bit"], "step_growth": peak - rss_loaded,
                "first_step_s": seconds[0],
-               "step_s": sum(seconds[1:]) / max(1, len(seconds) - 1),
+               "step_s": sum(seconds[1:]) / (len(seconds) - 1),  # --steps >= 2
                "losses": losses, "held_out_loss": sum(held_out) / len(held_out)})
 
 
@@ -163,14 +180,14 @@ def main() -> None:
     print(f"\nSmolLM2-135M, fp32, {args.steps} steps x {args.seq_len} tokens, lr {args.lr}, "
           f"{args.threads} threads; ratios to {base['optimizer']}\n")
     header = (f"{'optimizer':<26}{'state MiB':>10}{'ratio':>7}{'step growth MiB':>17}{'ratio':>7}"
-              f"{'s/step':>8}{'ratio':>7}{'1st step s':>11}{'last loss':>10}{'held-out':>9}"
+              f"{'wall s/step':>12}{'ratio':>7}{'1st step s':>11}{'last loss':>10}{'held-out':>9}"
               f"{'diff':>8}")
     print(header)
     for row in rows:
         print(f"{row['optimizer']:<26}{row['state_bytes'] / 2**20:>10.1f}"
               f"{row['state_bytes'] / base['state_bytes']:>7.3f}"
               f"{row['step_growth'] / 2**20:>17.0f}{row['step_growth'] / base['step_growth']:>7.2f}"
-              f"{row['step_s']:>8.2f}{row['step_s'] / base['step_s']:>7.2f}"
+              f"{row['step_s']:>12.2f}{row['step_s'] / base['step_s']:>7.2f}"
               f"{row['first_step_s']:>11.1f}{row['losses'][-1]:>10.4f}"
               f"{row['held_out_loss']:>9.4f}{row['held_out_loss'] - base['held_out_loss']:>+8.4f}")
     if args.json:

@@ -13,14 +13,21 @@ SmolLM2 tokenizer and pack it into ``--max-seq-len`` sequences:
   its wall time is tokenization + pack planning + reading every pack, as torchtune's includes
   building every pack and the count of its kept tokens reads each one.
 
-Each pipeline runs in a fresh process, so its wall time and peak-RSS growth are its own; the
-ratios printed at the end compare pipelines measured in the same run.
+Each pipeline runs in a fresh process, so its wall time and peak-RSS growth are its own. The
+three run ``--repeats`` times (default 3), the order rotating every repeat so that drift on a
+shared machine hits all alike; the table shows each pipeline's median, the ratios are the
+medians of the per-repeat ratios (pipelines measured side by side in one repeat), and the
+per-repeat wall times are printed below. The token accounting must hold in every repeat
+(ours and streaming keep every token and make the same packs; torchtune drops exactly what
+its truncation to ``max_seq_len - 1`` drops; every repeat counts the same), otherwise the
+script exits with status 1 after the table.
 
 Run::
 
     .venv/bin/python benchmarks/packing_vs_torchtune.py                 # stdlib sources
     .venv/bin/python benchmarks/packing_vs_torchtune.py --source corpus # built default corpus
     .venv/bin/python benchmarks/packing_vs_torchtune.py --max-seq-len 4096 --limit-docs 200
+    .venv/bin/python benchmarks/packing_vs_torchtune.py --repeats 5
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -182,62 +190,109 @@ def measure_in_fresh_process(pipeline: str, jsonl: Path, max_seq_len: int) -> di
     return result
 
 
-def format_report(tt: dict, ours: dict, streaming: dict, *, documents: int, max_seq_len: int,
+PIPELINES = ("torchtune", "ours", "streaming")
+_COUNTS = ("packs", "tokens_kept", "positions")
+
+
+def streaming_seconds(streaming: dict) -> float:
+    """The streaming pipeline builds its packs lazily, so reading every pack is part of its
+    work: tokenize + plan + read, as torchtune's wall time builds and reads every pack."""
+    return streaming["tokenize_s"] + streaming["pack_s"] + streaming["read_s"]
+
+
+def seconds_of(pipeline: str, result: dict) -> float:
+    return streaming_seconds(result) if pipeline == "streaming" else result["wall_s"]
+
+
+def accounting_problems(runs: list[dict[str, dict]], max_seq_len: int) -> list[str]:
+    """What is wrong with the token accounting of ``runs`` (one ``{pipeline: result}`` per
+    repeat); an empty list when it holds."""
+    problems = []
+    first = runs[0]
+    for index, run in enumerate(runs, 1):
+        tt, ours, streaming = (run[p] for p in PIPELINES)
+        tokens_in = ours["tokens_in"]
+        if ours["tokens_kept"] != tokens_in:
+            problems.append(f"repeat {index}: ours kept {ours['tokens_kept']:,} of "
+                            f"{tokens_in:,} tokens")
+        if streaming["tokens_in"] != tokens_in or any(streaming[k] != ours[k] for k in _COUNTS):
+            problems.append(f"repeat {index}: the streaming pipeline tokenized or packed "
+                            "differently from ours")
+        if tokens_in - tt["tokens_kept"] != ours["truncated_tokens"]:
+            problems.append(f"repeat {index}: torchtune dropped {tokens_in - tt['tokens_kept']:,} "
+                            f"tokens, its truncation to {max_seq_len - 1} explains "
+                            f"{ours['truncated_tokens']:,}: the pipelines did not tokenize "
+                            "identically")
+        for pipeline in PIPELINES:
+            if any(run[pipeline][k] != first[pipeline][k] for k in _COUNTS):
+                problems.append(f"repeat {index}: {pipeline} counted differently from repeat 1")
+    return problems
+
+
+def format_report(runs: list[dict[str, dict]], *, documents: int, max_seq_len: int,
                   source: str) -> str:
+    """The table of medians over ``runs`` (one ``{pipeline: result}`` per repeat), the
+    medians of the per-repeat ratios to torchtune, and the per-repeat wall times."""
+    def median(pipeline: str, key) -> float:
+        return statistics.median(key(run[pipeline]) for run in runs)
+
+    def wall(pipeline: str) -> float:
+        return median(pipeline, lambda r: seconds_of(pipeline, r))
+
+    tt, ours, streaming = (runs[0][p] for p in PIPELINES)  # counts: the same in every repeat
     tokens_in = ours["tokens_in"]
-    # The streaming pipeline builds its packs lazily, so reading every pack is part of its
-    # work: tokenize + plan + read, as torchtune's wall time builds and reads every pack.
-    stream_s = streaming["tokenize_s"] + streaming["pack_s"] + streaming["read_s"]
     columns = (tt, ours, streaming)
+    rss = {p: median(p, lambda r: r["peak_rss_delta_mib"]) for p in PIPELINES}
     rows = [("tokens in", *(f"{tokens_in:,}",) * 2, f"{streaming['tokens_in']:,}"),
             ("tokens kept", *(f"{c['tokens_kept']:,}" for c in columns)),
             ("tokens dropped", *(f"{tokens_in - c['tokens_kept']:,}" for c in columns)),
             ("packs", *(f"{c['packs']:,}" for c in columns)),
             ("efficiency (kept / positions)",
              *(f"{c['tokens_kept'] / c['positions']:.2%}" for c in columns)),
-            ("wall time, every pack built (s)", f"{tt['wall_s']:.2f}", f"{ours['wall_s']:.2f}",
-             f"{stream_s:.2f}"),
+            ("wall time, every pack built (s)", *(f"{wall(p):.2f}" for p in PIPELINES)),
             ("  of which tokenize / pack (s)", "(interleaved)",
-             f"{ours['tokenize_s']:.2f} / {ours['pack_s']:.2f}",
-             f"{streaming['tokenize_s']:.2f} / {streaming['pack_s']:.2f}"),
+             *(f"{median(p, lambda r: r['tokenize_s']):.2f} / "
+               f"{median(p, lambda r: r['pack_s']):.2f}" for p in ("ours", "streaming"))),
             ("  of which read every pack (s)", "(interleaved)", "(in pack)",
-             f"{streaming['read_s']:.2f}"),
-            ("tokens in per second", f"{tokens_in / tt['wall_s']:,.0f}",
-             f"{tokens_in / ours['wall_s']:,.0f}", f"{streaming['tokens_in'] / stream_s:,.0f}"),
-            ("tokens kept per second", f"{tt['tokens_kept'] / tt['wall_s']:,.0f}",
-             f"{ours['tokens_kept'] / ours['wall_s']:,.0f}",
-             f"{streaming['tokens_kept'] / stream_s:,.0f}"),
-            ("peak RSS growth (MiB)", *(f"{c['peak_rss_delta_mib']:.0f}" for c in columns))]
+             f"{median('streaming', lambda r: r['read_s']):.2f}"),
+            ("tokens in per second", *(f"{tokens_in / wall(p):,.0f}" for p in PIPELINES)),
+            ("tokens kept per second",
+             *(f"{c['tokens_kept'] / wall(p):,.0f}" for c, p in zip(columns, PIPELINES))),
+            ("peak RSS growth (MiB)", *(f"{rss[p]:.0f}" for p in PIPELINES))]
     width = max(len(r[0]) for r in rows) + 2
     header = f"{'torchtune 0.6.1':>18}{'acadlm_plugins':>18}{'acadlm streaming':>18}"
     lines = [(f"{documents} documents from {source}, max_seq_len={max_seq_len}, "
-              "SmolLM2 tokenizer"), "", f"{'':<{width}}{header}"]
+              f"SmolLM2 tokenizer; median of {len(runs)} repeat(s), order rotated"), "",
+             f"{'':<{width}}{header}"]
     lines += [f"{name:<{width}}{a:>18}{b:>18}{c:>18}" for name, a, b, c in rows]
-    tt_rate = tt["tokens_kept"] / tt["wall_s"]
 
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.3f}x" if b else "n/a"
+    def ratios(value) -> list[str]:
+        """Median over the repeats of value(pipeline, run) / value('torchtune', run)."""
+        cells = []
+        for pipeline in PIPELINES:
+            per_run = [value(pipeline, run) / value("torchtune", run) for run in runs
+                       if value("torchtune", run)]
+            cells.append(f"{statistics.median(per_run):.3f}x" if per_run else "n/a")
+        return cells
 
-    ratios = [("tokens kept", ours["tokens_kept"], streaming["tokens_kept"], tt["tokens_kept"]),
-              ("wall time, every pack built", ours["wall_s"], stream_s, tt["wall_s"]),
-              ("tokens kept per second", ours["tokens_kept"] / ours["wall_s"],
-               streaming["tokens_kept"] / stream_s, tt_rate),
-              ("peak RSS growth", ours["peak_rss_delta_mib"], streaming["peak_rss_delta_mib"],
-               tt["peak_rss_delta_mib"])]
-    lines += ["", f"{'ratio to torchtune (this run)':<{width}}{header}"]
-    lines += [f"{name:<{width}}{'1.000x':>18}{ratio(a, base):>18}{ratio(b, base):>18}"
-              for name, a, b, base in ratios]
+    table = [("tokens kept", ratios(lambda p, run: run[p]["tokens_kept"])),
+             ("wall time, every pack built", ratios(lambda p, run: seconds_of(p, run[p]))),
+             ("tokens kept per second",
+              ratios(lambda p, run: run[p]["tokens_kept"] / seconds_of(p, run[p]))),
+             ("peak RSS growth", ratios(lambda p, run: run[p]["peak_rss_delta_mib"]))]
+    lines += ["", f"{'ratio to torchtune (median)':<{width}}{header}"]
+    lines += [f"{name:<{width}}{a:>18}{b:>18}{c:>18}" for name, (a, b, c) in table]
+    lines += ["", "per repeat, wall s torchtune / ours / streaming (ours / torchtune): "
+              + "; ".join(f"{run['torchtune']['wall_s']:.2f} / {run['ours']['wall_s']:.2f} / "
+                          f"{streaming_seconds(run['streaming']):.2f} "
+                          f"({run['ours']['wall_s'] / run['torchtune']['wall_s']:.3f}x)"
+                          for run in runs)]
     lines += ["",
               (f"torchtune truncates {ours['truncated_docs']} documents longer than "
                f"max_seq_len - 1 = {max_seq_len - 1} tokens, dropping "
                f"{ours['truncated_tokens']:,} tokens "
                f"({ours['truncated_tokens'] / tokens_in:.1%} of the corpus).")]
-    if tokens_in - tt["tokens_kept"] != ours["truncated_tokens"]:
-        lines.append("note: torchtune's dropped tokens differ from the truncation estimate; "
-                     "the two pipelines did not tokenize identically.")
-    if streaming["tokens_in"] != tokens_in or streaming["packs"] != ours["packs"]:
-        lines.append("note: the streaming pipeline tokenized or packed differently from ours.")
-    if not all(c["exact_peak"] for c in columns):
+    if not all(run[p]["exact_peak"] for run in runs for p in PIPELINES):
         lines.append("note: /proc/self/clear_refs is not writable; peak RSS includes imports.")
     return "\n".join(lines)
 
@@ -263,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", choices=("stdlib", "corpus"), default="stdlib",
                         help="stdlib: one document per standard-library module; corpus: the "
                              "code domain of the default corpus (acadlm-defaults build)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="runs of each pipeline, order rotated; medians reported "
+                             "(default 3)")
     args = parser.parse_args(argv)
 
     load_tokenizer(args.max_seq_len)  # fail fast, with the fix, before any work
@@ -275,12 +333,21 @@ def main(argv: list[str] | None = None) -> None:
             handle.writelines(json.dumps({"text": d["text"], "id": d.get("id", "")}) + "\n"
                               for d in docs)
         print(f"packing {len(docs)} documents ({jsonl.stat().st_size / 2**20:.1f} MiB) with "
-              f"each pipeline in a fresh process...", flush=True)
-        tt = measure_in_fresh_process("torchtune", jsonl, args.max_seq_len)
-        ours = measure_in_fresh_process("ours", jsonl, args.max_seq_len)
-        streaming = measure_in_fresh_process("streaming", jsonl, args.max_seq_len)
-    print(format_report(tt, ours, streaming, documents=len(docs), max_seq_len=args.max_seq_len,
+              f"each pipeline in a fresh process, {args.repeats} repeat(s)...", flush=True)
+        runs = []
+        for repeat in range(args.repeats):
+            shift = repeat % len(PIPELINES)
+            run = {}
+            for pipeline in PIPELINES[shift:] + PIPELINES[:shift]:
+                run[pipeline] = measure_in_fresh_process(pipeline, jsonl, args.max_seq_len)
+            runs.append(run)
+    print(format_report(runs, documents=len(docs), max_seq_len=args.max_seq_len,
                         source=source))
+    problems = accounting_problems(runs, args.max_seq_len)
+    if problems:
+        print("\nMISMATCH in the token accounting:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def test_a_child_that_dies_is_reported_not_waited_for(tmp_path) -> None:
     try:
         done = subprocess.run(
             [sys.executable, str(SCRIPT), "--optimizers", "torchao.optim.AdamW8bitt",
-             "--steps", "1", "--seq-len", "16", "--held-out", "1", "--threads", "1"],
+             "--steps", "2", "--seq-len", "16", "--held-out", "1", "--threads", "1"],
             check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
             timeout=180)
     except subprocess.TimeoutExpired:
