@@ -499,8 +499,14 @@ def rating_settings(cfg: DictConfig) -> tuple[float, float, float | None, list[s
     refused naming the key; a pipeline makes the same check before its first stage
     (:mod:`acadlm_plugins.stages`)."""
     margin = config_value(cfg.get("margin", DEFAULT_MARGIN), "margin", float, minimum=0.0)
+    if not margin < 0.5:  # |p - 0.5| is at most 0.5: no pair would be kept
+        raise ConfigError("margin", f"{margin} is outside [0, 0.5).",
+                          "QuRating trains on pairs with |p - 0.5| >= 0.25 (the default).")
     validation_fraction = config_value(cfg.get("validation_fraction", 0.1),
                                        "validation_fraction", float, minimum=0.0)
+    if not validation_fraction < 1.0:
+        raise ConfigError("validation_fraction", f"{validation_fraction} is outside [0, 1).",
+                          "hold out a small share of pairs, e.g. 0.1.")
     head_lr = config_value(cfg.get("head_lr", None), "head_lr", float, above=0.0,
                            allow_none=True)
     return margin, validation_fraction, head_lr, criteria_names(cfg.get("criteria", None))

@@ -151,7 +151,8 @@ def _refused(merge: Any, overrides: Sequence[str]) -> bool:
 def check_stage_config(stage: str, config: Path | str, overrides: Sequence[str], *,
                        recipe: str, run: str | None = None,
                        source_config: dict[str, Any] | None = None,
-                       flags: Mapping[str, str] | None = None) -> Any:
+                       flags: Mapping[str, str] | None = None, world_size: int = 1,
+                       config_flag: str | None = None) -> Any:
     """Make, before any stage runs, the refusals the stage's ``recipe`` makes from its config
     alone, on ``config`` with the ``overrides`` that stage will get (the recipe's own checks, or
     acadlm-plan's for it: known and required keys, plugin blocks, step intervals, components,
@@ -162,11 +163,12 @@ def check_stage_config(stage: str, config: Path | str, overrides: Sequence[str],
     refused key the pipeline set from one of its flags (``flags``: ``{"max_steps":
     "--train-steps"}``, for the keys no ``--set`` of the stage changes) names that flag.
     ``source_config`` (``long_context``) is the config.json the stage's model will start from
-    when that folder is written by an earlier stage. The plugins' warnings are left to the
+    when that folder is written by an earlier stage; ``world_size`` the stage's processes (the
+    seed's bound depends on it); ``config_flag`` the pipeline flag that gave ``config`` (by
+    default ``--<stage>-config``), named when the file itself is refused. The plugins' warnings are left to the
     stage itself. Returns the merged config (the selection's :class:`SelectionConfig`)."""
     import logging
 
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if recipe not in CONFIG_CHECKS:
@@ -182,14 +184,25 @@ def check_stage_config(stage: str, config: Path | str, overrides: Sequence[str],
             from acadlm_plugins.planning.checks import check_unset_keys
             from acadlm_plugins.planning.loading import load_config
 
-            with_overrides(OmegaConf.load(config), overrides, stage)  # names a refused one
+            base = load_config(config, [])  # a malformed file is named, not a YAML traceback
+            with_overrides(base, overrides, stage)  # names a refused override
             cfg = load_config(config, overrides)
-            check_unset_keys(cfg)
+            try:
+                check_unset_keys(cfg)
+            except ConfigError as err:
+                raise ConfigError(err.key, err.problem, f"pass `--set {stage}:{err.key}=...`."
+                                  ) from err
         CONFIG_CHECKS[recipe](cfg, source_config)
+        if recipe in SEEDED_RECIPES:  # every rank seeds with seed + rank
+            from acadlm_plugins.training.config_checks import checked_seed
+
+            checked_seed(cfg.get("seed", None), world_size)
     except ConfigError as err:
         if err.key.startswith("--set "):
             raise
         flag = (flags or {}).get(err.key)
+        if err.key == "--config":  # the config file itself: the pipeline's flag that gave it
+            flag = config_flag or f"--{stage}-config"
         raise renamed(err, flag or f"{stage}:{err.key}", note) from err
     except OmegaConfBaseException as err:  # an interpolation that cannot be resolved
         key = getattr(err, "full_key", None) or "?"
@@ -212,13 +225,11 @@ def flag_keys(keys: Mapping[str, str], stage_sets: Sequence[str]) -> dict[str, s
 
 def _training_values(cfg: Any, *, device: bool = True) -> None:
     """What a training recipe reads before it loads anything and acadlm-plan leaves to the
-    run (it is made on another machine): the seed torchtune's ``set_seed`` takes and, where
-    the recipe refuses it (ours: ``device``), a device this machine does not have (the stages
-    run here)."""
-    from acadlm_plugins.training.config_checks import checked_seed
+    run (it is made on another machine): where the recipe refuses it (ours: ``device``), a
+    device this machine does not have (the stages run here). The seed is checked by
+    :func:`check_stage_config`, which knows the number of processes."""
     from acadlm_plugins.training.run_checks import check_device
 
-    checked_seed(cfg.get("seed", None))
     if device:
         check_device(cfg)
 
@@ -276,9 +287,15 @@ def _check_rater(cfg: Any, _source: dict[str, Any] | None) -> None:
     opens the judgments."""
     from acadlm_plugins.planning.other_recipes import plan_rater
     from acadlm_plugins.planning.results import TrainingPlan
-    from acadlm_plugins.rater_recipe import rating_settings
+    from acadlm_plugins.qurating.rater import check_backbone_dir
+    from acadlm_plugins.rater_recipe import KNOWN_KEYS, REQUIRED_KEYS, rating_settings
+    from acadlm_plugins.training.config_checks import check_config_keys
     from acadlm_plugins.training.run_checks import clip_grad_norm
 
+    # in the recipe's order: its keys, then its backbone folder (its own message)
+    check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="rater",
+                      example="configs/smollm2/qurating_rater.yaml")
+    check_backbone_dir(Path(str(cfg.backbone_dir)).expanduser())
     plan_rater(TrainingPlan(config="", recipe="rater", recipe_from="pipeline", world_size=1,
                             world_size_from="pipeline"), cfg)
     _training_values(cfg)
@@ -320,6 +337,9 @@ def _check_eval(cfg: Any, _source: dict[str, Any] | None) -> None:
 
     check_config(cfg)
 
+
+# The recipes that seed torchtune's RNGs with the config's ``seed`` (+ rank).
+SEEDED_RECIPES = frozenset({"prune", "continued_pretrain", "long_context", "sft", "rater"})
 
 # The up-front check of each recipe a pipeline stage runs (acadlm-plan's names, plus the
 # recipes it does not plan: the judge, the annotation and the evaluation).

@@ -141,11 +141,13 @@ def test_a_base_model_gives_every_training_stage_its_tokenizer_and_model_type(tm
     pipeline = load_pipeline()
     base = write_family("qwen2", tmp_path / "qwen2", num_hidden_layers=2)
     for name in ("long_context_stage1.yaml", "long_context_stage2.yaml", "long_context_sft.yaml"):
-        assert pipeline.base_model_overrides(SMOLLM2 / name, base) == [
+        assert pipeline.base_model_overrides(SMOLLM2 / name, base)[:2] == [
             "checkpointer.model_type=QWEN2", f"tokenizer.path={base}"], name
     # the test configs' byte tokenizer reads no path
-    assert pipeline.base_model_overrides(TINY / "long_context.yaml", base) == [
+    assert pipeline.base_model_overrides(TINY / "long_context.yaml", base)[:1] == [
         "checkpointer.model_type=QWEN2"]
+    assert not any(o.startswith("tokenizer.path") for o in pipeline.base_model_overrides(
+        TINY / "long_context.yaml", base))
     assert pipeline.base_model_overrides(SMOLLM2 / "long_context_stage1.yaml", None) == []
 
 
@@ -391,6 +393,36 @@ def test_a_base_model_that_is_not_a_model_folder_is_refused_naming_the_flag(tmp_
         err = capsys.readouterr().err
         assert "config `--base-model`:" in err and words in err, err
         assert "checkpointer.checkpoint_dir" not in err and "Traceback" not in err
+
+
+def test_a_malformed_stage_config_is_named_not_a_yaml_traceback(tmp_path, capsys):
+    pipeline = load_pipeline()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\nb: :\n")
+    argv = [*pipeline_args(tmp_path), "--sft-config", str(bad)]
+    assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+    err = capsys.readouterr().err
+    assert "config `--sft-config`:" in err and "not valid YAML (line 2)" in err, err
+    assert "Traceback" not in err
+
+
+def test_an_unset_value_says_which_set_gives_it(tmp_path, capsys):
+    pipeline = load_pipeline()
+    sft = tmp_path / "sft.yaml"
+    sft.write_text((REPO_ROOT / "configs" / "tiny" / "sft.yaml").read_text()
+                   + "\nextra_setting: ???\n")
+    argv = [*pipeline_args(tmp_path), "--sft-config", str(sft)]
+    assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+    err = capsys.readouterr().err
+    assert "`sft:extra_setting`" in err and "--set sft:extra_setting=..." in err, err
+
+
+def test_a_base_model_frees_the_smollm2_trained_length(tmp_path) -> None:
+    """stage 1's trained_length 2048 is SmolLM2's: another base model's is its own."""
+    pipeline = load_pipeline()
+    base = write_family("qwen2", tmp_path / "qwen2", num_hidden_layers=2)
+    overrides = pipeline.base_model_overrides(SMOLLM2 / "long_context_stage1.yaml", base)
+    assert "long_context.trained_length=null" in overrides
 
 
 def test_a_bad_eval_length_names_the_pipelines_flag(capsys):

@@ -152,9 +152,6 @@ def run_main_without_stages(argv: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("argv, words", [
     (["--nproc-per-node", "0"], "--nproc-per-node 0: must be at least 1"),
-    (["--margin", "0.7"], "--margin 0.7: must be in [0, 0.5)"),
-    (["--margin", "-1"], "--margin -1.0: must be in [0, 0.5)"),
-    (["--margin", "nan"], "--margin nan: must be in [0, 0.5)"),
     (["--documents-per-file", "-1"], "--documents-per-file -1: must be at least 0"),
     (["--train-steps", "0"], "--train-steps 0: must be at least 1"),
     (["--rater-steps", "0"], "--rater-steps 0: must be at least 1"),
@@ -173,7 +170,21 @@ def test_bad_flags_stop_before_the_judge_naming_the_flag(tmp_path, capsys, argv,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("margin, words", [("0.7", "outside [0, 0.5)"),
+                                           ("-1", "below its minimum"), ("nan", "is nan")])
+def test_a_margin_the_rater_refuses_is_named_as_the_flag_before_the_judge(tmp_path, capsys,
+                                                                         margin, words):
+    """The rater's own check (rating_settings), made before the judge runs, names the flag
+    that set the key."""
+    argv = [*tiny_pipeline_args(tmp_path), "--margin", margin]
+    assert run_main_without_stages(argv) == ["exit 2"]
+    err = capsys.readouterr().err
+    assert "`--margin`" in err and words in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("override, key", [
+    ("rater:validation_fraction=1.0", "rater:validation_fraction"),
+    ("rater:margin=0.5", "rater:margin"),
     ("rater:max_stepz=3", "rater:max_stepz"),
     ("rater:pooling=max", "rater:pooling"),
     ("rater:seed=abc", "rater:seed"),
@@ -198,3 +209,12 @@ def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_judge(
 
 def test_the_tiny_pipelines_runs_all_pass_the_up_front_checks(tmp_path):
     assert run_main_without_stages(tiny_pipeline_args(tmp_path)) == ["judge"]
+
+
+def test_the_seed_bound_follows_the_processes_the_rater_runs_on(tmp_path, capsys):
+    """torchtune seeds rank r with seed + r: 2**32 - 1 is valid for one process, not two."""
+    argv = [*tiny_pipeline_args(tmp_path), "--set", "rater:seed=4294967295"]
+    assert run_main_without_stages(argv) == ["judge"]
+    assert run_main_without_stages([*argv, "--nproc-per-node", "2"]) == ["exit 2"]
+    err = capsys.readouterr().err
+    assert "`rater:seed`" in err and "for 2 processes" in err, err

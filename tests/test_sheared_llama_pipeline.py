@@ -405,3 +405,34 @@ def test_a_removed_teacher_is_not_removed_again_for_the_from_scratch_arm(tmp_pat
     assert ran[0][0] == "acadlm_plugins/prune_recipe"
     teacherless = pipeline.with_overrides(pipeline.OmegaConf.load(cont), ["~distillation"])
     assert "distillation" not in teacherless and pipeline.without_teacher(teacherless) == []
+
+
+def test_a_reference_scale_given_with_set_is_refused_before_any_stage(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Every arm steers by the source's losses; `tune run` removes a `~key` from the config
+    file only, so the pipeline's removal could not undo a `--set` value."""
+    monkeypatch.setattr(pipeline, "tune_run", lambda *a, **k: pytest.fail("a stage started"))
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", *tiny_pipeline_args(
+        tmp_path, "--set=continue:dynamic_batch_loading.reference_scale=0.9")])
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "`--set continue:dynamic_batch_loading.reference_scale`" in err, err
+
+
+def test_the_from_scratch_arm_drops_set_distillation_keys(tmp_path):
+    """A `--set continue:distillation.kd_ratio=0.3` for the distilled arms would bring a
+    teacherless distillation block back into the from-scratch run after its removal."""
+    cont = tmp_path / "continue.yaml"
+    cont.write_text((REPO_ROOT / "configs/tiny/continued_pretrain.yaml").read_text()
+                    + "\ndistillation:\n  temperature: 1.0\n")
+    dirs = pipeline.arm_dirs(tmp_path / "out")
+    extra = {"prune": [], "continue": ["distillation.kd_ratio=0.3", "max_steps=3"]}
+    budget = {"baseline_steps": 4}
+    yaml_cfg = pipeline.OmegaConf.load(cont)
+    scratch = pipeline.run_overrides("from_scratch", "continue", dirs, extra, budget, yaml_cfg)
+    ours = pipeline.run_overrides("ours", "continue", dirs, extra, budget, yaml_cfg)
+    assert "distillation.kd_ratio=0.3" in ours and "~distillation" not in ours
+    assert "distillation.kd_ratio=0.3" not in scratch and "~distillation" in scratch
+    assert "max_steps=3" in scratch

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
@@ -94,7 +95,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", f"{path} is not a file.", "give the path of a YAML config.")
-    yaml_config = OmegaConf.load(path)
+    try:
+        yaml_config = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError("--config", f"{path} is not valid YAML{line}: "
+                          f"{getattr(err, 'problem', None) or err}.",
+                          "fix the YAML syntax there.") from err
     if not isinstance(yaml_config, DictConfig):
         raise ConfigError("--config", f"{path} is not a mapping of keys to values.")
     if "config" in yaml_config:

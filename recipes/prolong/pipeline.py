@@ -55,6 +55,7 @@ from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.evaluation.report import length_table
 from acadlm_plugins.models import hf_model_spec
 from acadlm_plugins.models.rope import format_theta
+from acadlm_plugins.planning.loading import load_config
 from acadlm_plugins.stages import (
     check_at_least,
     check_config_files,
@@ -162,7 +163,8 @@ def base_model_checkpoint(base_model: Path | None) -> list[str]:
     return checkpoint_overrides(base_model)
 
 
-def base_model_overrides(config: Path, base_model: Path | None) -> list[str]:
+def base_model_overrides(config: Path, base_model: Path | None,
+                         flag: str = "--config") -> list[str]:
     """What a training stage takes from ``--base-model`` besides the weights it starts from: the
     family's checkpointer ``model_type`` and the tokenizer (``tokenizer.path``, where the stage
     config's tokenizer reads a path; the test configs' byte tokenizer reads none). Nothing
@@ -170,9 +172,18 @@ def base_model_overrides(config: Path, base_model: Path | None) -> list[str]:
     if base_model is None:
         return []
     overrides = [f"checkpointer.model_type={hf_model_spec(base_model).checkpointer_model_type}"]
-    tokenizer = OmegaConf.load(config).get("tokenizer", None)
+    try:
+        loaded = load_config(config)  # a malformed file is named, not a YAML traceback
+    except ConfigError as err:
+        raise renamed(err, flag) from err
+    tokenizer = loaded.get("tokenizer", None)
     if isinstance(tokenizer, DictConfig) and "path" in tokenizer:
         overrides.append(f"tokenizer.path={base_model}")
+    long_context = loaded.get("long_context", None)
+    if isinstance(long_context, DictConfig) and long_context.get("trained_length", None):
+        # the config's trained_length is SmolLM2's (2K); another model's is its own
+        # config.json's max_position_embeddings, the recipe's default
+        overrides.append("long_context.trained_length=null")
     return overrides
 
 
@@ -283,10 +294,14 @@ def check_stages(configs: dict[str, Path], overrides: dict[str, list[str]],
     ``long_context`` block is read against the config.json stage 1's export will have (its
     source's, with stage 1's θ and length)."""
     source = None
+    # a stage 2 the user points at another model with --set reads that model's config.json
+    own_model = {o.partition("=")[0].removeprefix("~") for o in extra.get("stage2", [])} & {
+        "checkpointer.checkpoint_dir", "model_dir"}
     for stage, config in configs.items():
-        cfg = check_stage_config(stage, config, overrides[stage], recipe=STAGE_RECIPES[stage],
-                                 source_config=source if stage == "stage2" else None,
-                                 flags=flag_keys(FLAG_KEYS[stage], extra[stage]))
+        cfg = check_stage_config(
+            stage, config, overrides[stage], recipe=STAGE_RECIPES[stage],
+            source_config=source if stage == "stage2" and not own_model else None,
+            flags=flag_keys(FLAG_KEYS[stage], extra[stage]))
         if stage == "stage1":
             source = exported_model_config(cfg)
 
@@ -361,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                "stage2": args.stage2_config, "sft": args.sft_config}
     with refused_before_stages():  # every flag and stage config, before the first stage
         base = base_model_checkpoint(args.base_model)
-        from_base = {name: base_model_overrides(configs[name], args.base_model)
+        from_base = {name: base_model_overrides(configs[name], args.base_model,
+                                                f"--{name}-config")
                      for name in ("stage1", "stage2", "sft")}
         sft_overrides = [f"output_dir={out / 'sft'}", *from_base["sft"],
                          f"max_steps_per_epoch={args.sft_steps}"]

@@ -87,9 +87,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             "--documents-per-file": (args.documents_per_file, 0),
                             "--train-steps": (args.train_steps, 1),
                             "--nproc-per-node": (args.nproc_per_node, 1)})
-    if not 0 <= args.margin < 0.5:  # |p - 0.5| is at most 0.5: no pair would be kept
-        parser.error(f"--margin {args.margin}: must be in [0, 0.5): the rater trains on pairs "
-                     "with |p - 0.5| >= margin (QuRating: 0.25; 0 keeps every pair)")
     return args
 
 
@@ -136,7 +133,8 @@ def check_stages(args: argparse.Namespace, runs: Sequence[tuple[str, str, list[s
         check_stage_config(stage, getattr(args, f"{stage}_config"), overrides,
                            recipe=STAGE_RECIPES[stage],
                            run=None if label == stage else f"the {label} run",
-                           flags=flag_keys(FLAG_KEYS[stage], extra[stage]))
+                           flags=flag_keys(FLAG_KEYS[stage], extra[stage]),
+                           world_size=args.nproc_per_node)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

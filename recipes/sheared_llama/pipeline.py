@@ -107,32 +107,34 @@ def main(argv: Sequence[str] | None = None) -> None:
                               extra["prune"], extra["continue"])
         check_same_budget(out, budget)
         seed = run_seed(args.prune_config, extra["prune"])
-        cont_cfg = with_overrides(OmegaConf.load(args.continue_config), extra["continue"],
-                                  "continue")
+        cont_yaml = OmegaConf.load(args.continue_config)  # what `~key` removals act on
+        cont_cfg = with_overrides(cont_yaml, extra["continue"], "continue")
         check_stage_configs(configs, arm_runs(args.baselines), lambda arm, stage: run_overrides(
-            arm, stage, dirs, extra, budget, cont_cfg,
-            source_reference_overrides(cont_cfg, PLACEHOLDER_LOSSES)))
+            arm, stage, dirs, extra, budget, cont_yaml,
+            source_reference_overrides(cont_cfg, PLACEHOLDER_LOSSES, cont_yaml,
+                                       extra["continue"])),
+            world_size=args.nproc_per_node)
     record_budget(out, budget)
 
     # ours: learned masks, then continued pre-training
     tune_run("acadlm_plugins/prune_recipe", args.prune_config,
-             run_overrides("ours", "prune", dirs, extra, budget, cont_cfg), nproc,
+             run_overrides("ours", "prune", dirs, extra, budget, cont_yaml), nproc,
              stage="prune (ours)")
     pruning = read_json(dirs["ours"]["prune"] / "pruning_summary.json")
     source_losses = pruning["val_loss"]["source"]
-    reference = source_reference_overrides(cont_cfg, source_losses)
+    reference = source_reference_overrides(cont_cfg, source_losses, cont_yaml, extra["continue"])
     ours_model = dirs["ours"]["prune"] / "pruned_model"
     tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-             run_overrides("ours", "continue", dirs, extra, budget, cont_cfg, reference), nproc,
+             run_overrides("ours", "continue", dirs, extra, budget, cont_yaml, reference), nproc,
              stage="continue (ours)")
 
     if args.baselines == "all":
         # one-shot importance pruning, then continued pre-training on all the tokens
         tune_run("acadlm_plugins/prune_recipe", args.prune_config,
-                 run_overrides("one_shot", "prune", dirs, extra, budget, cont_cfg), nproc,
+                 run_overrides("one_shot", "prune", dirs, extra, budget, cont_yaml), nproc,
                  stage="prune (one_shot)")
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-                 run_overrides("one_shot", "continue", dirs, extra, budget, cont_cfg,
+                 run_overrides("one_shot", "continue", dirs, extra, budget, cont_yaml,
                                reference), nproc, stage="continue (one_shot)")
         # the same shape from random weights, the same tokens, no teacher
         from acadlm_plugins.pruning.scratch import write_random_init_model
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not init.exists():
             write_random_init_model(ours_model, init, seed=seed)
         tune_run("acadlm_plugins/continued_pretrain_recipe", args.continue_config,
-                 run_overrides("from_scratch", "continue", dirs, extra, budget, cont_cfg,
+                 run_overrides("from_scratch", "continue", dirs, extra, budget, cont_yaml,
                                reference), nproc, stage="continue (from_scratch)")
 
     arms = [arm for arm in ARMS if (dirs[arm]["continued"] / "summary.json").exists()
@@ -179,36 +181,58 @@ def arm_runs(baselines: str) -> list[tuple[str, str]]:
 
 
 def run_overrides(arm: str, stage: str, dirs: dict[str, dict[str, Path]],
-                  extra: dict[str, list[str]], budget: dict[str, int], cont_cfg: Any,
+                  extra: dict[str, list[str]], budget: dict[str, int], cont_yaml: Any,
                   reference: Sequence[str] = ()) -> list[str]:
     """The overrides of ``arm``'s run of ``stage``: the stage's ``--set`` ones, then where it
     writes, what it starts from and (continue) the baselines' equal-token ``max_steps``, the
-    from-scratch arm's lack of a teacher and the dynamic batch loading ``reference``."""
+    from-scratch arm's lack of a teacher (``cont_yaml``: the continue config file, on which
+    ``tune run`` makes ``~key`` removals; the arm also drops the ``--set`` overrides of a
+    ``distillation`` key, which would bring a teacherless block back) and the dynamic batch
+    loading ``reference``."""
     if stage == "prune":
         method = ["pruning.method=importance"] if arm == "one_shot" else []
         return [*extra["prune"], f"output_dir={dirs[arm]['prune']}", *method]
     start = (dirs[arm]["init"] if arm == "from_scratch"
              else dirs[arm]["prune"] / "pruned_model")
-    out = [*extra["continue"], f"output_dir={dirs[arm]['continued']}", *model_overrides(start)]
+    given = extra["continue"]
+    if arm == "from_scratch":
+        given = [o for o in given if not override_key(o).startswith(("distillation.",))
+                 and override_key(o) != "distillation"]
+    out = [*given, f"output_dir={dirs[arm]['continued']}", *model_overrides(start)]
     if arm != "ours":
         out.append(f"max_steps={budget['baseline_steps']}")
     if arm == "from_scratch":
-        out += without_teacher(cont_cfg)
+        out += without_teacher(cont_yaml)
     return [*out, *reference]
+
+
+def override_key(override: str) -> str:
+    """The key a ``--set`` override sets or removes (``a.b=1``, ``~a.b`` -> ``a.b``)."""
+    return override.partition("=")[0].removeprefix("~")
 
 
 def model_overrides(model_dir: Path) -> list[str]:
     return [f"model.path={model_dir}", f"checkpointer.checkpoint_dir={model_dir}"]
 
 
-def source_reference_overrides(cfg: Any, source_losses: dict[str, float]) -> list[str]:
+def source_reference_overrides(cfg: Any, source_losses: dict[str, float], yaml_cfg: Any = None,
+                               given: Sequence[str] = ()) -> list[str]:
     """Dynamic batch loading of every arm steers by the source model's losses (Sheared-LLaMA's
-    reference), whatever the continued pre-training config says on its own."""
+    reference), whatever the continued pre-training config (``cfg``, with the ``--set``
+    overrides ``given``) says on its own. A ``reference_scale`` of the config file
+    (``yaml_cfg``, on which ``tune run`` makes ``~key`` removals) is removed; one given with
+    ``--set`` is refused, as it applies only to the losses of the starting model."""
     block = cfg.get("dynamic_batch_loading", None)
     if not block or not block.get("enabled", False):
         return []
+    if any(override_key(o) == "dynamic_batch_loading.reference_scale" for o in given):
+        raise ConfigError("--set continue:dynamic_batch_loading.reference_scale",
+                          "the pipeline gives every arm the source model's losses as dynamic "
+                          "batch loading references; reference_scale applies only to "
+                          "`reference_losses: initial`.", "drop that --set.")
     out = [f"dynamic_batch_loading.reference_losses={flow_mapping(source_losses)}"]
-    if "reference_scale" in block:
+    yaml_block = (yaml_cfg if yaml_cfg is not None else cfg).get("dynamic_batch_loading", None)
+    if yaml_block and "reference_scale" in yaml_block:
         out.append("~dynamic_batch_loading.reference_scale")
     return out
 
@@ -347,7 +371,7 @@ PLAN_RECIPES = {"prune": "prune", "continue": "continued_pretrain"}
 
 
 def check_stage_configs(configs: dict[str, Path], runs: Sequence[tuple[str, str]],
-                        overrides: Any) -> None:
+                        overrides: Any, *, world_size: int = 1) -> None:
     """Make, before any stage runs, the refusals every run's recipe makes from its config
     alone (acadlm-plan's ``check_loop_settings``: plugin blocks, known keys, step intervals,
     validation block, components; and the learning-rate schedule over its steps), on the
@@ -355,14 +379,16 @@ def check_stage_configs(configs: dict[str, Path], runs: Sequence[tuple[str, str]
     prune:eval_every_n_steps=7`` then stops the pipeline at once, naming ``prune:<key>``, not
     when its stage starts after hours of earlier ones."""
     for arm, stage in runs:
-        check_stage_config(stage, configs[stage], overrides(arm, stage), arm=arm)
+        check_stage_config(stage, configs[stage], overrides(arm, stage), arm=arm,
+                           world_size=world_size)
 
 
-def check_stage_config(stage: str, config: Path, overrides: Sequence[str], *, arm: str) -> None:
+def check_stage_config(stage: str, config: Path, overrides: Sequence[str], *, arm: str,
+                       world_size: int = 1) -> None:
     """One run's config checks (stages.check_stage_config, as every pipeline makes them); a
     refusal is a ConfigError naming ``<stage>:<key>`` and the arm whose run it is."""
     stages.check_stage_config(stage, config, overrides, recipe=PLAN_RECIPES[stage],
-                              run=f"the {arm} arm's {stage} run")
+                              run=f"the {arm} arm's {stage} run", world_size=world_size)
 
 
 def run_seed(prune_config: Path, overrides: Sequence[str] = ()) -> int:
