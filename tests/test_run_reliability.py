@@ -159,7 +159,7 @@ def test_a_read_only_output_dir_is_refused_before_loading(workspace, monkeypatch
     target.mkdir()
     if os.geteuid() == 0:  # root writes anywhere: stand in for the permission check
         real_access = os.access
-        monkeypatch.setattr("acadlm_plugins.training.run_checks.os.access",
+        monkeypatch.setattr("acadlm_plugins.training.config_checks.os.access",
                             lambda path, mode: False if Path(path) == target
                             else real_access(path, mode))
     else:
