@@ -35,6 +35,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from acadlm_plugins.cli_types import int_at_least
+
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -132,13 +134,6 @@ def lengths_of(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="4096,8192,16384",
@@ -147,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="lengths where only ours is built (torch's needs ~10 bytes x S^2)")
     parser.add_argument("--collate", default="8192,16384",
                         help="lengths of the collate comparison ('' skips it)")
-    parser.add_argument("--repeats", type=positive_int, default=3,
+    parser.add_argument("--repeats", type=int_at_least(1), default=3,
                         help="warm builds (collates) timed per process; the median is reported")
     args = parser.parse_args(argv)
     import tempfile

@@ -31,33 +31,22 @@ from typing import Any
 
 import torch
 
+from acadlm_plugins.cli_types import int_at_least
+
 OPTIMIZERS = ("torch.optim.AdamW", "torchao.optim.AdamW8bit", "torchao.optim.AdamW4bit")
 POLL_SECONDS = 1.0  # how often the parent checks that a child is still alive
-
-
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     # s/step is timed over the steps after the first (which compiles torchao's update).
-    parser.add_argument("--steps", type=at_least(2), default=8,
+    parser.add_argument("--steps", type=int_at_least(2), default=8,
                         help="training steps, at least 2 (s/step excludes the first)")
-    parser.add_argument("--seq-len", type=at_least(1), default=512)
+    parser.add_argument("--seq-len", type=int_at_least(1), default=512)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--threads", type=at_least(1), default=2)
-    parser.add_argument("--held-out", type=at_least(1), default=2,
+    parser.add_argument("--threads", type=int_at_least(1), default=2)
+    parser.add_argument("--held-out", type=int_at_least(1), default=2,
                         help="held-out windows for the loss, at least 1")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser.parse_args(argv)

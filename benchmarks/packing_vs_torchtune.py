@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from acadlm_plugins.cli_types import int_at_least
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("ACADLM_NO_PROGRESS", "1")
 
@@ -297,28 +299,15 @@ def format_report(runs: list[dict[str, dict]], *, documents: int, max_seq_len: i
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type for a count that must be at least 1: ``--limit-docs 0`` used to run
-    the whole corpus (0 read as "no limit"), the opposite of what it says."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be at least 1, got {value} (leave the flag out to use every document)")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-seq-len", type=int, default=2048, help="pack length in tokens")
-    parser.add_argument("--limit-docs", type=positive_int, default=None,
+    parser.add_argument("--limit-docs", type=int_at_least(1), default=None,
                         help="use only the first N >= 1 documents (default: all)")
     parser.add_argument("--source", choices=("stdlib", "corpus"), default="stdlib",
                         help="stdlib: one document per standard-library module; corpus: the "
                              "code domain of the default corpus (acadlm-defaults build)")
-    parser.add_argument("--repeats", type=positive_int, default=3,
+    parser.add_argument("--repeats", type=int_at_least(1), default=3,
                         help="runs of each pipeline, order rotated; medians reported "
                              "(default 3)")
     args = parser.parse_args(argv)

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from acadlm_plugins.cli_types import int_at_least
 from acadlm_plugins.evaluation.generation import StopRule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,28 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the copies and evaluations go (default: a temporary folder)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--decode-tokens", type=at_least(2), default=32,
+    parser.add_argument("--decode-tokens", type=int_at_least(2), default=32,
                         help="new tokens of the timed generation (>= 2: at least 1 decoding "
                              "step)")
-    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--repeats", type=int_at_least(1), default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args(argv)
-
-
-def at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
 
 
 def weight_bytes(folder: Path) -> int:

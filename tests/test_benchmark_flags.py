@@ -77,7 +77,9 @@ def test_packing_benchmark_refuses_a_limit_below_one(monkeypatch, bad, capsys):
 def test_packing_benchmark_limit_keeps_the_first_documents():
     module = _load("packing_vs_torchtune")
     assert len(module.stdlib_documents(3)) == 3
-    assert module.positive_int("7") == 7
+    from acadlm_plugins.cli_types import int_at_least
+
+    assert int_at_least(1)("7") == 7
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "two"])

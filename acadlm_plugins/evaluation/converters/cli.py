@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from acadlm_plugins.cli_types import int_at_least
 from acadlm_plugins.errors import DataError
 from acadlm_plugins.evaluation.converters.base import INVALID, Options
 from acadlm_plugins.evaluation.converters.catalog import DATASETS, Report, convert_file
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                          "next to the source)")
     convert.add_argument("--test", type=Path, help="ICL: the test-split file (rows to ask about)")
     convert.add_argument("--qrels", type=Path, help="msmarco run file: its TREC qrels")
-    convert.add_argument("--max-passages", type=_positive, metavar="N",
+    convert.add_argument("--max-passages", type=int_at_least(1), metavar="N",
                          help="keep the first N passages/documents of each row")
     convert.add_argument("--popularity-below", type=float, metavar="X",
                          help="kilt_popqa: keep rows with s_pop < 10^X (default 3, as HELMET; "
@@ -51,20 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                          "(default utf-8)")
     convert.add_argument("--skip-invalid", action="store_true",
                          help="skip bad rows (listed at the end) instead of stopping")
-    convert.add_argument("--sample", type=_positive, metavar="N",
+    convert.add_argument("--sample", type=int_at_least(1), metavar="N",
                          help="keep a seeded random sample of N rows, in source order")
     convert.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     return parser
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
-    return value
 
 
 def print_catalog() -> None:
