@@ -436,3 +436,19 @@ def test_the_from_scratch_arm_drops_set_distillation_keys(tmp_path):
     assert "distillation.kd_ratio=0.3" in ours and "~distillation" not in ours
     assert "distillation.kd_ratio=0.3" not in scratch and "~distillation" in scratch
     assert "max_steps=3" in scratch
+
+
+@pytest.mark.parametrize("flag", ["--prune-config", "--continue-config"])
+def test_a_malformed_config_is_named_by_its_flag(tmp_path, monkeypatch, capsys, flag):
+    """It was a YAML parser traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\nb: :\n")
+    monkeypatch.setattr(pipeline, "tune_run", lambda *a, **k: pytest.fail("a stage started"))
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--output-dir", str(tmp_path / "out"),
+                                      flag, str(bad)])
+    with pytest.raises(SystemExit) as stop:
+        pipeline.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"config `{flag}`:" in err and "not valid YAML (line 2)" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -55,10 +55,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from acadlm_plugins import stages
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.planning.loading import load_config
 from acadlm_plugins.stages import (
     check_at_least,
     check_config_files,
     refused_before_stages,
+    renamed,
     stage_overrides,
     tune_run,
     with_overrides,
@@ -101,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     dirs = arm_dirs(out)
     configs = {"prune": args.prune_config, "continue": args.continue_config}
     with refused_before_stages():  # before any stage runs: the key and the fix, no traceback
+        for flag, path in (("--prune-config", args.prune_config),
+                           ("--continue-config", args.continue_config)):
+            try:  # a malformed file is named by its flag, not a YAML traceback
+                load_config(path)
+            except ConfigError as err:
+                raise renamed(err, flag) from err
         check_same_validation(args.prune_config, args.continue_config,
                               extra["prune"], extra["continue"])
         budget = token_budget(args.prune_config, args.continue_config, nproc,
