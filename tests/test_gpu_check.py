@@ -5,7 +5,6 @@ lent rarely."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -14,18 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipe_runs import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_script(SCRIPT, "gpu_check_under_test")
 
 
 def _run_script(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import pytest
 import torch
 from family_checkpoints import write_family, write_family_tokenizer
 from omegaconf import OmegaConf
+from recipe_runs import load_script, run_until_first_stage
 from test_long_context_recipe import write_long_documents
 from tiny_setup import REPO_ROOT, write_tiny_corpus, write_tiny_model_dir
 
@@ -131,10 +131,7 @@ def test_pipeline_runs_every_stage_and_reports_scores_before_and_after(tmp_path)
 
 def load_pipeline():
     """recipes/prolong/pipeline.py as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("prolong_pipeline", PIPELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PIPELINE, "prolong_pipeline")
 
 
 def test_a_base_model_gives_every_training_stage_its_tokenizer_and_model_type(tmp_path) -> None:
@@ -308,23 +305,6 @@ def test_the_final_model_is_the_last_sft_epochs(tmp_path):
 
 
 # ------------------------------------------------------------- checks before the first stage
-def run_main_without_stages(pipeline, argv: list[str]) -> list[str]:
-    """``pipeline.main(argv)`` with every stage replaced: the first stage the pipeline would
-    start ends the run (SystemExit 0) and is returned; a refusal exits before it."""
-    started: list[str] = []
-
-    def first_stage(recipe, config, overrides=(), nproc=1, *, stage=None):
-        started.append(stage)
-        raise SystemExit(0)
-
-    pipeline.tune_run = first_stage
-    with pytest.raises(SystemExit) as stop:
-        pipeline.main(argv)
-    if stop.value.code:
-        assert not started
-    return started if stop.value.code == 0 else [f"exit {stop.value.code}"]
-
-
 @pytest.mark.parametrize("argv, words", [
     (["--stage1-steps", "0"], "--stage1-steps 0: must be at least 1"),
     (["--stage1-steps", "-3"], "--stage1-steps -3: must be at least 1"),
@@ -339,8 +319,8 @@ def test_bad_flags_stop_before_any_stage_naming_the_flag(tmp_path, capsys, argv,
     """The pipeline used to start the (long) evaluation with these, and find them only at
     their own stage, naming the stage's key (`max_steps`) or with tune's traceback."""
     pipeline = load_pipeline()
-    assert run_main_without_stages(pipeline, ["--output-dir", str(tmp_path / "out"),
-                                              *argv]) == ["exit 2"]
+    argv = ["--output-dir", str(tmp_path / "out"), *argv]
+    assert run_until_first_stage(pipeline, argv).outcome == "exit 2"
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
@@ -367,7 +347,7 @@ def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_first_sta
     it before the evaluation (the first stage) starts: exit 2 naming `<stage>:<key>`."""
     pipeline = load_pipeline()
     argv = [*pipeline_args(tmp_path), *[f"--set={o}" for o in overrides]]
-    assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+    assert run_until_first_stage(pipeline, argv).outcome == "exit 2"
     err = capsys.readouterr().err
     assert f"`{key}`" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
@@ -377,7 +357,7 @@ def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_first_sta
 def test_the_tiny_pipelines_stages_all_pass_the_up_front_checks(tmp_path, skip_eval, first):
     pipeline = load_pipeline()
     argv = pipeline_args(tmp_path, skip_eval=skip_eval)
-    assert run_main_without_stages(pipeline, argv) == [first]
+    assert run_until_first_stage(pipeline, argv).outcome == first
 
 
 def test_a_base_model_that_is_not_a_model_folder_is_refused_naming_the_flag(tmp_path, capsys):
@@ -389,7 +369,7 @@ def test_a_base_model_that_is_not_a_model_folder_is_refused_naming_the_flag(tmp_
                           (tmp_path / "nothing", "does not exist")):
         argv = ["--output-dir", str(tmp_path / "out"), "--skip-eval", "--base-model",
                 str(folder)]
-        assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+        assert run_until_first_stage(pipeline, argv).outcome == "exit 2"
         err = capsys.readouterr().err
         assert "config `--base-model`:" in err and words in err, err
         assert "checkpointer.checkpoint_dir" not in err and "Traceback" not in err
@@ -400,7 +380,7 @@ def test_a_malformed_stage_config_is_named_not_a_yaml_traceback(tmp_path, capsys
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\nb: :\n")
     argv = [*pipeline_args(tmp_path), "--sft-config", str(bad)]
-    assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+    assert run_until_first_stage(pipeline, argv).outcome == "exit 2"
     err = capsys.readouterr().err
     assert "config `--sft-config`:" in err and "not valid YAML (line 2)" in err, err
     assert "Traceback" not in err
@@ -412,7 +392,7 @@ def test_an_unset_value_says_which_set_gives_it(tmp_path, capsys):
     sft.write_text((REPO_ROOT / "configs" / "tiny" / "sft.yaml").read_text()
                    + "\nextra_setting: ???\n")
     argv = [*pipeline_args(tmp_path), "--sft-config", str(sft)]
-    assert run_main_without_stages(pipeline, argv) == ["exit 2"]
+    assert run_until_first_stage(pipeline, argv).outcome == "exit 2"
     err = capsys.readouterr().err
     assert "`sft:extra_setting`" in err and "--set sft:extra_setting=..." in err, err
 

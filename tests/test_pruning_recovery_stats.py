@@ -3,19 +3,15 @@ ours - one_shot interval that decides whether a difference is one the budget can
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
+from recipe_runs import load_script
 from tiny_setup import REPO_ROOT
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "pruning_recovery", REPO_ROOT / "benchmarks" / "pruning_recovery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks" / "pruning_recovery.py", "pruning_recovery")
 
 
 FINALS = {0: {"from_scratch": 7.37, "one_shot": 4.06, "ours": 4.09},

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipe_runs import load_script, run_until_first_stage
 from tiny_setup import REPO_ROOT, write_tiny_corpus, write_tiny_model_dir
 
 PIPELINE = REPO_ROOT / "recipes" / "qurating" / "pipeline.py"
@@ -121,33 +122,10 @@ def test_unknown_stage_or_missing_value_is_refused(tmp_path, bad) -> None:
 
 
 # ------------------------------------------------------------- checks before the first stage
-def load_pipeline():
-    """recipes/qurating/pipeline.py as a module (it is a script, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("qurating_pipeline", PIPELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_main_without_stages(argv: list[str]) -> list[str]:
-    """The pipeline's ``main(argv)`` with every stage replaced: the first stage it would start
-    ends the run and is returned; a refusal (before any stage) returns ``exit <code>``."""
-    pipeline = load_pipeline()
-    started: list[str] = []
-
-    def first_stage(*args, stage=None, **kwargs):
-        started.append(stage)
-        raise SystemExit(0)
-
-    pipeline.tune_run = pipeline.run_stage = first_stage
-    with pytest.raises(SystemExit) as stop:
-        pipeline.main(argv)
-    if stop.value.code:
-        assert not started
-        return [f"exit {stop.value.code}"]
-    return started
+def first_stage(argv: list[str]) -> str:
+    """The first stage the pipeline would start with ``argv``, or ``exit <code>``."""
+    pipeline = load_script(PIPELINE, "qurating_pipeline")
+    return run_until_first_stage(pipeline, argv).outcome
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -163,8 +141,7 @@ def test_bad_flags_stop_before_the_judge_naming_the_flag(tmp_path, capsys, argv,
     """These used to run the judge (and rater) first and fail at their own stage, naming the
     stage's key (`max_steps`), with tune's traceback, or (`--nproc-per-node 0`) not at all:
     tune_run then ran one process."""
-    assert run_main_without_stages(["--output-dir", str(tmp_path / "out"), *argv]) == [
-        "exit 2"]
+    assert first_stage(["--output-dir", str(tmp_path / "out"), *argv]) == "exit 2"
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
@@ -177,7 +154,7 @@ def test_a_margin_the_rater_refuses_is_named_as_the_flag_before_the_judge(tmp_pa
     """The rater's own check (rating_settings), made before the judge runs, names the flag
     that set the key."""
     argv = [*tiny_pipeline_args(tmp_path), "--margin", margin]
-    assert run_main_without_stages(argv) == ["exit 2"]
+    assert first_stage(argv) == "exit 2"
     err = capsys.readouterr().err
     assert "`--margin`" in err and words in err and "Traceback" not in err, err
 
@@ -201,20 +178,20 @@ def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_judge(
     """Every run's config, with the overrides it will get, is checked before the judge runs:
     exit 2 naming `<stage>:<key>`, not after the judge and the rater have run."""
     argv = [*tiny_pipeline_args(tmp_path), "--set", override]
-    assert run_main_without_stages(argv) == ["exit 2"]
+    assert first_stage(argv) == "exit 2"
     err = capsys.readouterr().err
     assert f"`{key}`" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
 
 
 def test_the_tiny_pipelines_runs_all_pass_the_up_front_checks(tmp_path):
-    assert run_main_without_stages(tiny_pipeline_args(tmp_path)) == ["judge"]
+    assert first_stage(tiny_pipeline_args(tmp_path)) == "judge"
 
 
 def test_the_seed_bound_follows_the_processes_the_rater_runs_on(tmp_path, capsys):
     """torchtune seeds rank r with seed + r: 2**32 - 1 is valid for one process, not two."""
     argv = [*tiny_pipeline_args(tmp_path), "--set", "rater:seed=4294967295"]
-    assert run_main_without_stages(argv) == ["judge"]
-    assert run_main_without_stages([*argv, "--nproc-per-node", "2"]) == ["exit 2"]
+    assert first_stage(argv) == "judge"
+    assert first_stage([*argv, "--nproc-per-node", "2"]) == "exit 2"
     err = capsys.readouterr().err
     assert "`rater:seed`" in err and "for 2 processes" in err, err

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from recipe_runs import run_until_first_stage
 from tiny_setup import REPO_ROOT, write_tiny_checkpoint, write_tiny_corpus
 
 from acadlm_plugins.errors import ConfigError
@@ -123,14 +124,9 @@ def test_pipeline_runs_three_arms_at_equal_tokens_and_resumes(tmp_path):
 
 
 # ---------------------------------------------------------------- inputs, refused up front
-def run_main(monkeypatch, *argv: str) -> None:
-    """``pipeline.py argv`` in this process, with any stage it would start failing the test."""
-    def no_stage(*args, **kwargs):
-        raise AssertionError(f"a stage ran: {args}")
-
-    monkeypatch.setattr(pipeline, "tune_run", no_stage)
-    monkeypatch.setattr(sys, "argv", ["pipeline.py", *argv])
-    pipeline.main()
+def refused(*argv: str) -> None:
+    """``pipeline.py argv`` in this process must exit 2 before starting any stage."""
+    assert run_until_first_stage(pipeline, argv).outcome == "exit 2"
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -144,11 +140,8 @@ def run_main(monkeypatch, *argv: str) -> None:
     (["--set", "continue:validation.max_packs_per_domain=64"], "validation.max_packs_per_domain"),
     (["--set", "prune:validation_dataset.data_dir=/elsewhere"], "validation_dataset.data_dir"),
 ])
-def test_bad_inputs_stop_before_any_stage_naming_the_flag_or_key(tmp_path, monkeypatch, capsys,
-                                                                  argv, words):
-    with pytest.raises(SystemExit) as exited:
-        run_main(monkeypatch, "--output-dir", str(tmp_path / "out"), *argv)
-    assert exited.value.code == 2
+def test_bad_inputs_stop_before_any_stage_naming_the_flag_or_key(tmp_path, capsys, argv, words):
+    refused("--output-dir", str(tmp_path / "out"), *argv)
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -168,31 +161,20 @@ def test_bad_inputs_stop_before_any_stage_naming_the_flag_or_key(tmp_path, monke
     ("--set=continue:~no_such_key", "--set continue:~no_such_key"),
 ])
 def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_first_stage(
-        tmp_path, monkeypatch, capsys, override, key):
+        tmp_path, capsys, override, key):
     """Every run's config is checked as its recipe checks it before the first stage runs, so
     a bad value of any stage is refused at once (exit 2, `<stage>:<key>`), not after the
     stages before it have run."""
-    with pytest.raises(SystemExit) as exited:
-        run_main(monkeypatch, *tiny_pipeline_args(tmp_path, override))
-    assert exited.value.code == 2
+    refused(*tiny_pipeline_args(tmp_path, override))
     err = capsys.readouterr().err
     assert f"`{key}`" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_the_tiny_pipelines_runs_all_pass_the_up_front_checks(tmp_path, monkeypatch):
+def test_the_tiny_pipelines_runs_all_pass_the_up_front_checks(tmp_path):
     """The checks pass the runs the tiny pipeline makes, on the overrides each run gets."""
-    ran = []
-
-    def stop_at_first_stage(recipe, config, overrides, nproc, stage=None):
-        ran.append((recipe, list(overrides)))
-        raise SystemExit(0)
-
-    monkeypatch.setattr(pipeline, "tune_run", stop_at_first_stage)
-    monkeypatch.setattr(sys, "argv", ["pipeline.py", *tiny_pipeline_args(tmp_path)])
-    with pytest.raises(SystemExit):
-        pipeline.main()
-    assert len(ran) == 1 and ran[0][0] == "acadlm_plugins/prune_recipe"
+    first = run_until_first_stage(pipeline, tiny_pipeline_args(tmp_path))
+    assert first.recipe == "acadlm_plugins/prune_recipe" and first.outcome == "prune (ours)"
 
 
 def test_stages_that_would_compare_other_sequence_lengths_are_refused_naming_both(tmp_path):
@@ -322,8 +304,7 @@ def test_the_summary_spells_out_each_comparison_of_mean_loss():
         "mean loss, ours - source"]
 
 
-def test_a_rerun_with_another_token_budget_is_refused_before_any_stage(tmp_path, monkeypatch,
-                                                                       capsys):
+def test_a_rerun_with_another_token_budget_is_refused_before_any_stage(tmp_path, capsys):
     """A rerun with `--set continue:batch_size=2` used to resume the finished runs with the new
     batch (ours at 4 of 4, the baselines at 10 of 16: 30% more tokens than ours) while the
     summary printed the new, equal budget."""
@@ -334,9 +315,7 @@ def test_a_rerun_with_another_token_budget_is_refused_before_any_stage(tmp_path,
                           [a.removeprefix("--set=continue:") for a in args if "continue:" in a])
     pipeline.record_budget(out, budget)
     pipeline.check_same_budget(out, budget)  # the same budget: resumes
-    with pytest.raises(SystemExit) as exited:
-        run_main(monkeypatch, *tiny_pipeline_args(tmp_path, "--set=continue:batch_size=2"))
-    assert exited.value.code == 2
+    refused(*tiny_pipeline_args(tmp_path, "--set=continue:batch_size=2"))
     err = capsys.readouterr().err
     assert "`--output-dir`" in err and "another token budget" in err, err
     assert "continued_tokens: 1024 -> 512" in err, err
@@ -344,25 +323,7 @@ def test_a_rerun_with_another_token_budget_is_refused_before_any_stage(tmp_path,
 
 
 # ------------------------------------------------------------ overrides as `tune run` reads them
-def stop_at_first_stage(monkeypatch, *argv: str) -> list[tuple[str, list[str]]]:
-    """Run ``pipeline.py argv`` in this process up to its first stage; the stage's recipe and
-    overrides."""
-    ran = []
-
-    def first_stage(recipe, config, overrides, nproc, stage=None):
-        ran.append((recipe, list(overrides)))
-        raise SystemExit(0)
-
-    monkeypatch.setattr(pipeline, "tune_run", first_stage)
-    monkeypatch.setattr(sys, "argv", ["pipeline.py", *argv])
-    with pytest.raises(SystemExit) as exited:
-        pipeline.main()
-    assert exited.value.code == 0
-    return ran
-
-
-def test_a_removed_key_is_counted_in_the_token_budget_as_the_recipe_reads_it(tmp_path,
-                                                                            monkeypatch):
+def test_a_removed_key_is_counted_in_the_token_budget_as_the_recipe_reads_it(tmp_path):
     """`--set continue:~gradient_accumulation_steps` is passed to `tune run`, which removes the
     key, and the recipe then accumulates its default of 1 step; the budget used to count the
     config file's 2, so ours trained half the tokens the summary reported, and the baselines'
@@ -380,7 +341,7 @@ def test_a_removed_key_is_counted_in_the_token_budget_as_the_recipe_reads_it(tmp
     removed = "~gradient_accumulation_steps"
     # what the continue stage's recipe reads: the key gone, so its default of 1
     assert positive_int(load_config(cont, [removed]), "gradient_accumulation_steps", 1) == 1
-    stop_at_first_stage(monkeypatch, *tiny_pipeline_args(
+    run_until_first_stage(pipeline, tiny_pipeline_args(
         tmp_path, "--continue-config", str(cont), f"--set=continue:{removed}"))
     budget = json.loads((tmp_path / "out" / pipeline.BUDGET_FILE).read_text())
     step = 4 * 1 * 64  # batch 4, 1 accumulation step, 64 tokens
@@ -393,30 +354,25 @@ def test_a_removed_key_is_counted_in_the_token_budget_as_the_recipe_reads_it(tmp
                      ["gradient_accumulation_steps=1"])
 
 
-def test_a_removed_teacher_is_not_removed_again_for_the_from_scratch_arm(tmp_path, monkeypatch):
+def test_a_removed_teacher_is_not_removed_again_for_the_from_scratch_arm(tmp_path):
     """`--set continue:~distillation` (no teacher for any arm): the from-scratch arm's run used
     to get `~distillation` a second time, as the pipeline read the config without the removal,
     and `tune run` (here: its up-front check) refused the key it could no longer find."""
     cont = tmp_path / "continue.yaml"
     cont.write_text((REPO_ROOT / "configs/tiny/continued_pretrain.yaml").read_text()
                     + "\ndistillation:\n  temperature: 1.0\n")
-    ran = stop_at_first_stage(monkeypatch, *tiny_pipeline_args(
+    first = run_until_first_stage(pipeline, tiny_pipeline_args(
         tmp_path, "--continue-config", str(cont), "--set=continue:~distillation"))
-    assert ran[0][0] == "acadlm_plugins/prune_recipe"
+    assert first.recipe == "acadlm_plugins/prune_recipe"
     teacherless = pipeline.with_overrides(pipeline.OmegaConf.load(cont), ["~distillation"])
     assert "distillation" not in teacherless and pipeline.without_teacher(teacherless) == []
 
 
-def test_a_reference_scale_given_with_set_is_refused_before_any_stage(tmp_path, monkeypatch,
-                                                                     capsys):
+def test_a_reference_scale_given_with_set_is_refused_before_any_stage(tmp_path, capsys):
     """Every arm steers by the source's losses; `tune run` removes a `~key` from the config
     file only, so the pipeline's removal could not undo a `--set` value."""
-    monkeypatch.setattr(pipeline, "tune_run", lambda *a, **k: pytest.fail("a stage started"))
-    monkeypatch.setattr(sys, "argv", ["pipeline.py", *tiny_pipeline_args(
-        tmp_path, "--set=continue:dynamic_batch_loading.reference_scale=0.9")])
-    with pytest.raises(SystemExit) as stop:
-        pipeline.main()
-    assert stop.value.code == 2
+    refused(*tiny_pipeline_args(
+        tmp_path, "--set=continue:dynamic_batch_loading.reference_scale=0.9"))
     err = capsys.readouterr().err
     assert "`--set continue:dynamic_batch_loading.reference_scale`" in err, err
 
@@ -439,16 +395,11 @@ def test_the_from_scratch_arm_drops_set_distillation_keys(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--prune-config", "--continue-config"])
-def test_a_malformed_config_is_named_by_its_flag(tmp_path, monkeypatch, capsys, flag):
+def test_a_malformed_config_is_named_by_its_flag(tmp_path, capsys, flag):
     """It was a YAML parser traceback."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\nb: :\n")
-    monkeypatch.setattr(pipeline, "tune_run", lambda *a, **k: pytest.fail("a stage started"))
-    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--output-dir", str(tmp_path / "out"),
-                                      flag, str(bad)])
-    with pytest.raises(SystemExit) as stop:
-        pipeline.main()
-    assert stop.value.code == 2
+    refused("--output-dir", str(tmp_path / "out"), flag, str(bad))
     err = capsys.readouterr().err
     assert f"config `{flag}`:" in err and "not valid YAML (line 2)" in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
