@@ -22,6 +22,7 @@ from acadlm_plugins.qurating.annotation import (
     DocumentScorer,
     open_corpus,
     plan_shards,
+    resolve_corpus_files,
 )
 from acadlm_plugins.qurating.rater import (
     RaterModel,
@@ -360,6 +361,33 @@ def test_a_row_without_text_names_the_file_and_row(tmp_path):
     numbers.write_text('{"text": 5}\n')
     with pytest.raises(DataError, match="holds int64, not text"):
         open_corpus(numbers, cache_dir=tmp_path / "cache")
+
+
+def test_corpus_paths_resolve_as_training_data_paths_do_plus_saved_datasets(tmp_path):
+    """Annotation resolves its `data_files` with the training data's resolver, plus the
+    folders `datasets`' save_to_disk writes and arrow files; a value that is not a path was a
+    TypeError traceback."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("b.arrow", "a.jsonl", "notes.txt"):
+        (folder / name).write_text("")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{}")
+    assert resolve_corpus_files([folder, saved, str(folder / "*.jsonl")]) == [
+        folder / "a.jsonl", folder / "b.arrow", saved, folder / "a.jsonl"]
+    with pytest.raises(ConfigError) as err:
+        resolve_corpus_files([folder, 5])
+    assert err.value.key == "data_files" and "holds 5, which is not a path" in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="`data_files`: the directory .* holds no "
+                                        "jsonl/json/parquet/arrow file"):
+        resolve_corpus_files(empty)
+    with pytest.raises(DataError, match="`data_files`: data file .* does not exist"):
+        resolve_corpus_files(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="notes.txt is not a jsonl/json/parquet/arrow file"):
+        resolve_corpus_files(folder / "notes.txt")
 
 
 @pytest.mark.distributed

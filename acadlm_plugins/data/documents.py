@@ -27,17 +27,22 @@ SUPPORTED_KINDS = ".jsonl, .json (read as JSON Lines) or .parquet"
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) -> list[Path]:
-    """Expand files, directories (their ``*.jsonl``/``*.parquet`` files) and globs to files.
+def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str,
+                       suffixes: Sequence[str] = SUPPORTED_SUFFIXES,
+                       saved_datasets: bool = False) -> list[Path]:
+    """Expand files, directories (their files with one of ``suffixes``) and globs to files.
 
     ``field`` is the config key the paths came from, used in error messages; a value that is
     neither a path nor a list of paths (null, a number, a mapping) is a :class:`ConfigError`
-    naming it.
+    naming it. With ``saved_datasets``, a folder that ``datasets``' ``save_to_disk`` wrote (it
+    holds ``state.json``) is one entry of the result, not searched for files (annotation reads
+    corpora through ``datasets``; training reads files itself).
     """
+    kinds = (SUPPORTED_KINDS if tuple(suffixes) == SUPPORTED_SUFFIXES
+             else "/".join(s.lstrip(".") for s in suffixes))
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    fix = (f"set `{field}` to a {SUPPORTED_KINDS} file, a folder of them, a glob, or a list "
-           "of these.")
+    fix = f"set `{field}` to a {kinds} file, a folder of them, a glob, or a list of these."
     if not isinstance(paths, Sequence):
         raise ConfigError(field, f"is {paths!r}, not a path or a list of paths.", fix)
     for raw in paths:
@@ -53,21 +58,22 @@ def resolve_data_files(paths: str | Path | Sequence[str | Path], *, field: str) 
                                 "Fix: check the path, or build the default corpus with "
                                 "`acadlm-defaults build`.")
             files.extend(matched)
+        elif saved_datasets and path.is_dir() and (path / "state.json").is_file():
+            files.append(path)
         elif path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.suffix in suffixes)
             if not found:
-                raise DataError(f"`{field}`: the directory {path} holds no {SUPPORTED_KINDS} "
-                                "file.")
+                raise DataError(f"`{field}`: the directory {path} holds no {kinds} file.")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
             raise DataError(f"`{field}`: data file {path} does not exist. Fix: give a local "
-                            "jsonl/parquet path, or run `acadlm-defaults build` for the default "
+                            f"{kinds} path, or run `acadlm-defaults build` for the default "
                             "corpus.")
     for file in files:
-        if file.suffix not in SUPPORTED_SUFFIXES:
-            raise DataError(f"`{field}`: {file} is not a {SUPPORTED_KINDS} file.")
+        if file.suffix not in suffixes and not (saved_datasets and file.is_dir()):
+            raise DataError(f"`{field}`: {file} is not a {kinds} file.")
     return files
 
 

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from acadlm_plugins.data.documents import resolve_data_files
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.qurating.rater import (
     HEADS_FILENAME,
@@ -121,37 +122,8 @@ class Corpus:
 def resolve_corpus_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     """Files, globs and folders to a sorted-per-entry list of corpus files (jsonl/json/parquet/
     arrow) or ``save_to_disk`` folders."""
-    import glob
-
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if any(ch in str(raw) for ch in "*?["):
-            matched = sorted(Path(m) for m in glob.glob(str(path)))
-            if not matched:
-                raise DataError(f"`data_files`: the pattern {raw!r} matches no file. Fix: check "
-                                "the path (the default corpus is built by `acadlm-defaults "
-                                "build`).")
-            found.extend(matched)
-        elif path.is_dir() and (path / "state.json").is_file():
-            found.append(path)  # a dataset saved with save_to_disk
-        elif path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.suffix in BUILDERS)
-            if not inside:
-                raise DataError(f"`data_files`: the folder {path} holds no "
-                                f"{'/'.join(BUILDERS)} file.")
-            found.extend(inside)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise DataError(f"`data_files`: {path} does not exist. Fix: give local jsonl, "
-                            "parquet or arrow files.")
-    for path in found:
-        if not path.is_dir() and path.suffix not in BUILDERS:
-            raise DataError(f"`data_files`: {path} is not a {'/'.join(BUILDERS)} file.")
-    return found
+    return resolve_data_files(paths, field="data_files", suffixes=tuple(BUILDERS),
+                              saved_datasets=True)
 
 
 def open_corpus(paths: str | Path | Sequence[str | Path], *, text_field: str = "text",
