@@ -585,6 +585,64 @@ def test_resuming_with_the_distillation_block_removed_or_added_is_refused(tmp_pa
     assert sorted(logged(tmp_path / "kd" / "run", "distillation/kl")) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("override, key, was, now", [
+    ("distillation.kd_ratio=0.0", "distillation.kd_ratio", "0.5", "0.0"),  # the LM loss alone
+    ("distillation.temperature=2.0", "distillation.temperature", "1.0", "2.0"),
+])
+def test_resuming_with_another_loss_setting_is_refused(tmp_path, monkeypatch, override, key,
+                                                       was, now):
+    """Another `kd_ratio` or `temperature` would switch the loss mid-run, and the summary would
+    report the new value for the whole run: refused mid-run and for a finished run alike. The
+    same settings (and another `vocab_chunk_size`, which does not change the loss) resume."""
+    distilled = distill_run_args(tmp_path, "max_steps=2", "save_every_n_steps=2")
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, distilled)
+    run_dir = tmp_path / "run"
+    for max_steps in ("max_steps=4", "max_steps=2"):  # mid-run, and the finished run rerun
+        with pytest.raises(ConfigError) as err, torch_threads():
+            run_recipe_main(monkeypatch, CONTINUED, [*distilled, override, max_steps])
+        assert err.value.key == key
+        message = str(err.value)
+        assert f"differs from the checkpoint being resumed (in {run_dir}): was {was}, is {now}" \
+            in message
+        assert f"restore `{key}: {was}`" in message and "new `output_dir`" in message
+        assert latest_checkpoint(run_dir).name == "step_000002"
+    summary = (run_dir / "summary.json").read_text()
+    assert '"kd_ratio": 0.5' in summary and '"temperature": 1.0' in summary
+
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED,
+                        [*distilled, "max_steps=4", "distillation.vocab_chunk_size=100"])
+    assert latest_checkpoint(run_dir).name == "step_000004"
+
+
+def test_a_checkpoint_without_recorded_loss_settings_resumes_with_a_warning(
+        tmp_path, monkeypatch, caplog):
+    """A checkpoint written before `kd_ratio` and `temperature` were recorded (only the teacher's
+    fingerprint in its distillation state) still resumes; one warning says they went unchecked."""
+    from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME
+
+    distilled = distill_run_args(tmp_path, "max_steps=2", "save_every_n_steps=2")
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, distilled)
+    state_file = latest_checkpoint(tmp_path / "run") / RECIPE_STATE_FILENAME
+    state = torch.load(state_file, weights_only=False)
+    saved = state["plugins"]["distillation"]
+    recorded = (saved.get("kd_ratio"), saved.get("temperature"))
+    state["plugins"]["distillation"] = {"teacher": saved["teacher"]}  # the old format
+    torch.save(state, state_file)
+
+    caplog.set_level("WARNING", logger="acadlm_plugins.plugins.distillation")
+    with torch_threads():
+        run_recipe_main(monkeypatch, CONTINUED, [*distilled, "max_steps=4"])
+    assert latest_checkpoint(tmp_path / "run").name == "step_000004"
+    warnings = [r.getMessage() for r in caplog.records if "could not be checked" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "`distillation.kd_ratio` and `distillation.temperature`" in warnings[0]
+    assert "kd_ratio 0.5, temperature 1.0" in warnings[0]
+    assert recorded == (0.5, 1.0)  # what a checkpoint of this version records
+
+
 def test_a_word_the_teacher_rules_out_adds_nothing_to_the_kl():
     """Teacher logit -inf (a masked word): p_t = 0 there and its KL term is 0, not NaN
     (0 * (-inf - log p_s)); the code guards it with torch.where, no test reaches the guard."""

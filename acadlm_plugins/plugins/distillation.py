@@ -34,12 +34,17 @@ gathered whole for each micro-batch (the ``vocab x dim`` block FSDP itself gathe
 forward) and released after that micro-batch's backward.
 
 Nothing the teacher does changes between steps, so resuming is exact without extra state; the
-checkpoint stores only a fingerprint of the teacher's weights, and a resumed run whose teacher
-differs stops with a ConfigError naming ``distillation.teacher``; so does resuming a distilled
-run without the block, or a plain run with one (naming ``distillation``). Only recipes whose loop
-hands the logits to ``acadlm_extra_loss`` can distil (``continued_pretrain``, ``prune``). A
-one-shot prune run (``pruning.method: importance``) trains nothing: its block is checked, as a
-pipeline hands both prune arms one config, but the teacher is not loaded.
+checkpoint stores a fingerprint of the teacher's weights and the loss's ``kd_ratio`` and
+``temperature``. A resumed run whose teacher differs stops with a ConfigError naming
+``distillation.teacher``, one with another ``kd_ratio`` or ``temperature`` one naming that key
+(a checkpoint that predates their recording resumes with a warning that they could not be
+checked); so does resuming a distilled run without the block, or a plain run with one (naming
+``distillation``). ``vocab_chunk_size`` may change on resume: it does not change the loss.
+
+Only recipes whose loop hands the logits to ``acadlm_extra_loss`` can distil
+(``continued_pretrain``, ``prune``). A one-shot prune run (``pruning.method: importance``)
+trains nothing: its block is checked, as a pipeline hands both prune arms one config, but the
+teacher is not loaded.
 """
 
 from __future__ import annotations
@@ -87,6 +92,10 @@ TEACHER_KEYS = {"model", "checkpointer"}
 # Recipes whose training loop passes the student's full logits to `acadlm_extra_loss`.
 RECIPES_WITH_LOGITS = ("continued_pretrain", "prune")
 FINGERPRINT_SAMPLES = 4096  # elements per tensor that the teacher's fingerprint hashes
+# The settings that define the loss, recorded in the checkpoint: a resumed run must keep them.
+# `vocab_chunk_size` only sets how the KL is blocked (the same value up to float rounding), so
+# a resumed run may change it, e.g. to fit another micro-batch size.
+LOSS_SETTINGS = ("kd_ratio", "temperature")
 
 
 class DistillationPlugin:
@@ -224,7 +233,12 @@ class DistillationPlugin:
     def acadlm_state_dict(self) -> dict | None:
         if not self.enabled:
             return None
-        return {STATE_KEY: {"teacher": dict(self.fingerprint)}}
+        return {STATE_KEY: {"teacher": dict(self.fingerprint), **self.loss_settings()}}
+
+    def loss_settings(self) -> dict[str, float]:
+        """The settings that define the distillation loss (:data:`LOSS_SETTINGS`), as the
+        checkpoint records them."""
+        return {"kd_ratio": self.kd_ratio, "temperature": self.temperature}
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
@@ -237,6 +251,8 @@ class DistillationPlugin:
                               f"resumed (which was loaded from {saved['checkpoint_dir']}).",
                               "point the teacher at the same weights, or start a new "
                               "`output_dir`.")
+        check_resumed_with_same_loss(states[STATE_KEY], self.loss_settings(),
+                                     output_dir=self.output_dir)
 
     @hookimpl
     def acadlm_run_end(self, summary: dict) -> None:
@@ -263,6 +279,37 @@ def check_resumed_with_same_mode(saved: dict | None, *, enabled: bool) -> None:
                           "without distillation; adding a teacher would switch the loss mid-run.",
                           "remove the `distillation:` block to resume the run as it was, or "
                           "start a new `output_dir` to distil from step 0.")
+
+
+def check_resumed_with_same_loss(saved: dict, now: dict[str, float], *,
+                                 output_dir: Path) -> None:
+    """A resumed distilled run trains the loss it started with: ``saved`` (the checkpoint's
+    distillation state) must hold the :data:`LOSS_SETTINGS` of ``now``. Another ``kd_ratio`` or
+    ``temperature`` would switch the loss mid-run (``kd_ratio: 0`` is the LM loss alone) while
+    ``summary.json`` reported the new value for the whole run; a finished run would train
+    nothing and report it all the same. A checkpoint written before they were recorded resumes,
+    with one warning that they could not be checked."""
+    missing = [key for key in LOSS_SETTINGS if key not in saved]
+    if missing:
+        log.warning("distillation: the checkpoint being resumed (in %s) was written by an older "
+                    "version that did not record %s, so they could not be checked; the run "
+                    "continues with %s, as if it had started with them.", output_dir,
+                    " and ".join(f"`{CONFIG_KEY}.{key}`" for key in missing),
+                    ", ".join(f"{key} {now[key]}" for key in missing))
+    changed = [key for key in LOSS_SETTINGS if key in saved and float(saved[key]) != now[key]]
+    if not changed:
+        return
+    was = {key: float(saved[key]) for key in changed}
+    key = changed[0]
+    also = "".join(f"; `{CONFIG_KEY}.{other}` differs too: was {was[other]}, is {now[other]}"
+                   for other in changed[1:])
+    raise ConfigError(f"{CONFIG_KEY}.{key}", f"differs from the checkpoint being resumed (in "
+                      f"{output_dir}): was {was[key]}, is {now[key]}{also}. Resuming would "
+                      "switch the loss mid-run, and summary.json would report the new value "
+                      "for steps trained with the old one.",
+                      "restore " + " and ".join(f"`{CONFIG_KEY}.{k}: {was[k]}`" for k in changed)
+                      + " (as the run started), or start a new `output_dir` to train with "
+                      + " and ".join(f"{k} {now[k]}" for k in changed) + " from step 0.")
 
 
 def check_teacher_block(teacher: Any) -> None:
