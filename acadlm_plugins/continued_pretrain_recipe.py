@@ -55,7 +55,11 @@ from acadlm_plugins.training.checkpointing import (
     starting_weights_fingerprint,
     write_recipe_checkpoint,
 )
-from acadlm_plugins.training.components import instantiate_component, instantiate_optional
+from acadlm_plugins.training.components import (
+    check_component_blocks,
+    instantiate_component,
+    instantiate_optional,
+)
 from acadlm_plugins.training.config_checks import (
     check_config_keys,
     checked_seed,
@@ -167,6 +171,7 @@ class ContinuedPretrainRecipe:
             log.info("plugins: %s", ", ".join(list_plugins(self._pm)))
         # Nothing is written to output_dir until every check below has passed (the metric
         # logger comes last), so a refused run leaves an earlier run's folder as it was.
+        check_component_blocks(cfg, self.resume_must_match)
         resume = cfg.get("resume", "auto")
         if self.before_resume is not None:
             resume = self.before_resume(cfg, resume)

@@ -50,6 +50,7 @@ from acadlm_plugins.training.checkpointing import (
     write_atomically,
 )
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.runtime import no_new_empty_folders_on_error
 
 log = utils.get_logger("INFO")
 
@@ -410,8 +411,9 @@ def format_pruning_summary(summary: dict[str, Any]) -> str:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run acadlm_plugins/prune_recipe --config ...``."""
-    recipe = PruneRecipe(cfg)
-    recipe.setup(cfg)
+    with no_new_empty_folders_on_error(cfg):
+        recipe = PruneRecipe(cfg)
+        recipe.setup(cfg)
     if recipe.trains_masks:
         recipe.train()
     recipe.materialize_and_export()

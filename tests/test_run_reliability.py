@@ -131,10 +131,36 @@ def test_a_refused_run_names_the_key_and_leaves_the_output_dir_byte_identical(
 
 
 def test_a_typo_in_a_component_block_suggests_the_parameter(workspace, monkeypatch):
+    """Fresh or resumed: the resumed run used to report the typo as a setting that "differs
+    from the checkpoint being resumed (was None, is 0.5)", with no suggestion."""
     with pytest.raises(ConfigError, match=r"did you mean `dataset.weights`"):
         run(monkeypatch, CPT, cpt_args(workspace, "dataset.weigths=0.5",
                                        f"output_dir={workspace / 'fresh'}"))
-    assert not (workspace / "fresh").exists() or not any((workspace / "fresh").iterdir())
+    assert not (workspace / "fresh").exists()
+    args = with_output(cpt_args(shared(workspace), "dataset.weigths=0.5"), workspace / "cpt")
+    before = snapshot(workspace / "cpt")
+    with pytest.raises(ConfigError, match=r"did you mean `dataset.weights`") as err:
+        run(monkeypatch, CPT, args)
+    assert "differs from the checkpoint" not in str(err.value)
+    assert snapshot(workspace / "cpt") == before
+
+
+def test_a_refused_fresh_run_leaves_no_empty_output_dir(workspace, monkeypatch):
+    """torchtune's checkpointer makes output_dir (and its missing parents) when it is built,
+    before the dataset is checked: a refused fresh run used to leave them behind, empty."""
+    fresh = workspace / "new_parent" / "run"
+    with pytest.raises(ConfigError) as err:
+        run(monkeypatch, PRUNE, prune_args(shared(workspace), "dataset.max_seq_len=4096",
+                                           f"output_dir={fresh}"))
+    assert err.value.key == "dataset.max_seq_len"
+    assert not (workspace / "new_parent").exists()
+    kept = workspace / "holds_a_file"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError):
+        run(monkeypatch, CPT, cpt_args(shared(workspace), "dataset.max_seq_len=4096",
+                                       f"output_dir={kept}"))
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
 
 
 def test_packs_longer_than_the_model_are_refused_before_tokenizing(workspace, monkeypatch):
@@ -142,7 +168,7 @@ def test_packs_longer_than_the_model_are_refused_before_tokenizing(workspace, mo
         run(monkeypatch, CPT, cpt_args(workspace, "dataset.max_seq_len=4096",
                                        f"output_dir={workspace / 'fresh'}"))
     assert err.value.key == "dataset.max_seq_len"
-    assert not (workspace / "fresh").exists() or not any((workspace / "fresh").iterdir())
+    assert not (workspace / "fresh").exists()
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_loading(workspace, monkeypatch):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from omegaconf import DictConfig
@@ -55,6 +55,18 @@ def check_component(node: DictConfig, key: str) -> None:
     check_arguments = getattr(builder, "check_arguments", None)
     if callable(check_arguments):
         check_arguments(node, key)  # reads only what it checks: other values may be `???`
+
+
+def check_component_blocks(cfg: DictConfig, keys: Iterable[str]) -> None:
+    """:func:`check_component` for each of ``keys`` that is a ``_component_`` block of ``cfg``.
+
+    Run before a resumed run's config is compared with its checkpoint's, so that a misspelled
+    argument (``dataset.weigths``) is named as a typo with the parameter meant, not as a
+    setting that "differs from the checkpoint"."""
+    for key in keys:
+        node = cfg.get(key, None) if "." not in key else None
+        if isinstance(node, DictConfig) and "_component_" in node:
+            check_component(node, key)
 
 
 def check_component_arguments(builder: Callable[..., Any], keys: list[str], *, key: str,

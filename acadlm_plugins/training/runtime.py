@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
@@ -284,12 +286,38 @@ class Recipe(Protocol):
 R = TypeVar("R", bound=Recipe)
 
 
+@contextmanager
+def no_new_empty_folders_on_error(cfg: DictConfig, key: str = "output_dir") -> Iterator[None]:
+    """Run the block (a recipe's ``setup``); if it raises, remove the folders of ``cfg[key]``
+    that did not exist before it and are still empty. torchtune's checkpointer makes its
+    ``output_dir`` when it is built, so a fresh run refused by a later check (a dataset typo)
+    would otherwise leave an empty run folder behind; a folder holding anything is kept."""
+    value = cfg.get(key, None)
+    created: list[Path] = []
+    if isinstance(value, (str, Path)):
+        folder = Path(value).expanduser().absolute()
+        while not folder.exists() and folder != folder.parent:
+            created.append(folder)  # deepest first
+            folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone: another rank): keep what is left
+                break
+        raise
+
+
 def run_recipe(cfg: DictConfig, recipe_class: Callable[[DictConfig], R],
                *stages: Callable[[R], object]) -> None:
     """The body of a torchtune ``recipe_main``: build the recipe, ``setup(cfg)``, run each
-    stage (e.g. ``MyRecipe.train``) in order, ``cleanup()``."""
-    recipe = recipe_class(cfg)
-    recipe.setup(cfg)
+    stage (e.g. ``MyRecipe.train``) in order, ``cleanup()``. A setup that refuses the run
+    leaves no new empty ``output_dir`` behind."""
+    with no_new_empty_folders_on_error(cfg):
+        recipe = recipe_class(cfg)
+        recipe.setup(cfg)
     for stage in stages:
         stage(recipe)
     recipe.cleanup()
