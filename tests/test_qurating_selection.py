@@ -325,6 +325,138 @@ def test_rerun_replaces_a_selection_but_never_another_folder(tmp_path):
         quality_selected_dataset(ByteTokenizer(), selection_dir=str(precious))
 
 
+# --- killed runs -----------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def run_ids(out: Path) -> set[str]:
+    return {json.loads((out / name / "selection.json").read_text())["run"]["id"]
+            for name in ("selected", "uniform")}
+
+
+def two_outputs(tmp_path: Path) -> dict:
+    folder = write_shards(tmp_path / "s", corpus_table(300), [300])
+    out = tmp_path / "out"
+    return {"scores_dir": str(folder), "output_dir": str(out / "selected"),
+            "uniform_output_dir": str(out / "uniform"), "budget_tokens": 1000,
+            "criteria": {"educational_value": 1.0}}
+
+
+KILL_AT_RENAME = """
+import os, signal, sys
+left = [int(sys.argv[1])]
+real = os.replace
+def replace(*args, **kwargs):
+    left[0] -= 1
+    if left[0] == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+os.replace = replace
+from acadlm_plugins.qurating.selection import select
+select({"scores_dir": sys.argv[2], "output_dir": sys.argv[3], "uniform_output_dir": sys.argv[4],
+        "budget_tokens": 1000, "criteria": {"educational_value": 1.0}, "seed": 1})
+"""
+
+
+# Each output is published by 4 renames: its report, its plot, the previous output to
+# `.<name>.old-<pid>`, the scratch `.<name>.tmp-<pid>` to `<name>`; `selected` comes first.
+@pytest.mark.parametrize("kill_at", [2, 4, 6, 8])
+def test_a_selection_killed_at_a_rename_leaves_nothing_after_the_rerun(tmp_path, kill_at):
+    config = two_outputs(tmp_path)
+    out = tmp_path / "out"
+    select(config)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT_RENAME, str(kill_at), config["scores_dir"],
+         config["output_dir"], config["uniform_output_dir"]],
+        env={**os.environ, "ACADLM_NO_PROGRESS": "1"}, capture_output=True, text=True,
+        check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = sorted(p.name for p in out.iterdir())
+    assert any(name.startswith(".") for name in left)  # a scratch folder (a copy of the texts)
+    if kill_at == 4:  # between the two moves: no `selected`, its old and new copies beside it
+        assert "selected" not in left and any(n.startswith(".selected.old-") for n in left)
+    if kill_at == 6:  # the new `selected` beside the old `uniform`: their run ids differ
+        assert len(run_ids(out)) == 2
+    reports = select({**config, "seed": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["selected", "uniform"]
+    assert run_ids(out) == {reports["selected"]["run"]["id"]} == {reports["uniform"]["run"]["id"]}
+    for name in ("selected", "uniform"):
+        assert len(selected_ids(out / name)) == reports[name]["selected"]["documents"]
+
+
+def test_leftovers_of_a_dead_process_are_removed_and_those_of_a_live_one_kept(tmp_path, caplog):
+    folder = write_shards(tmp_path / "s", corpus_table(300), [300])
+    out = tmp_path / "out"
+    config = {"scores_dir": str(folder), "output_dir": str(out), "budget_tokens": 1000,
+              "criteria": {"educational_value": 1.0}}
+    select(config)
+    dead, live = dead_pid(), os.getppid()  # the parent: alive, and not this process
+    names = [f".out.{kind}-{pid}" for kind in ("tmp", "old", "partial") for pid in (dead, live)]
+    names += [".out.tmp-notapid", f".other.tmp-{dead}"]
+    for name in names:
+        (tmp_path / name / "code").mkdir(parents=True)
+        (tmp_path / name / "code" / "train.jsonl").write_text('{"text": "x"}\n')
+    with caplog.at_level("INFO"):
+        select({**config, "seed": 1})
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert kept == sorted(n for n in names if str(dead) not in n or n.startswith(".other"))
+    assert all(f".out.{kind}-{dead}" in caplog.text for kind in ("tmp", "old", "partial"))
+
+
+def test_a_run_killed_between_its_two_moves_is_restored_then_replaced(tmp_path, monkeypatch):
+    config = two_outputs(tmp_path)
+    out = tmp_path / "out"
+    select(config)
+    previous, previous_uniform = selected_ids(out / "selected"), selected_ids(out / "uniform")
+    pid = dead_pid()  # the state a kill before `.selected.tmp-<pid>` -> `selected` leaves
+    os.replace(out / "selected", out / f".selected.old-{pid}")
+    (out / f".selected.tmp-{pid}" / "code").mkdir(parents=True)
+    (out / f".selected.tmp-{pid}" / "code" / "train.jsonl").write_text('{"text": "x"}\n')
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed in pass 3")
+
+    with monkeypatch.context() as patch:  # a rerun that fails too keeps the previous selection
+        patch.setattr(sel, "write_selections", fail)
+        with pytest.raises(RuntimeError):
+            select({**config, "seed": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["selected", "uniform"]
+    assert selected_ids(out / "selected") == previous
+    assert len(run_ids(out)) == 1
+    reports = select({**config, "seed": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["selected", "uniform"]
+    assert selected_ids(out / "selected") != previous
+    assert selected_ids(out / "uniform") != previous_uniform
+    assert len(selected_ids(out / "selected")) == reports["selected"]["selected"]["documents"]
+    assert run_ids(out) == {reports["selected"]["run"]["id"]}
+
+
+def test_a_failure_between_the_two_outputs_is_detectable_and_leaves_no_scratch(tmp_path,
+                                                                               monkeypatch):
+    config = two_outputs(tmp_path)
+    out = tmp_path / "out"
+    select(config)
+    plot, calls = sel.plot_selection, []
+
+    def plot_once(report, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return plot(report, path)
+
+    monkeypatch.setattr(sel, "plot_selection", plot_once)
+    with pytest.raises(OSError, match="disk full"):
+        select({**config, "seed": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["selected", "uniform"]
+    assert len(run_ids(out)) == 2  # a new `selected` beside the old `uniform`
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 

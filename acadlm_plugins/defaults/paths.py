@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from acadlm_plugins.errors import DataError, DefaultsMissingError
@@ -119,33 +120,40 @@ def require_default_corpus() -> Path:
     return corpus_dir
 
 
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Delete the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders beside ``target`` that a
-    killed build left behind: those whose pid is no live process. Folders of a live build (and of
-    this process), symlinks, files and ``target`` itself are kept. Returns what was removed, which
-    is also logged."""
+def stale_staging(target: Path, kinds: Sequence[str] = STAGING_KINDS) -> list[Path]:
+    """The ``.<name>.<kind>-<pid>`` folders beside ``target`` (``kind`` one of ``kinds``) that a
+    killed build or run left behind: those whose pid is no live process. Folders of a live one
+    (and of this process), symlinks, files and ``target`` itself are not listed."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    removed = []
-    for kind in STAGING_KINDS:
+    found = []
+    for kind in kinds:
         prefix = f".{target.name}.{kind}-"
         for path in sorted(target.parent.iterdir()):
             pid_text = path.name[len(prefix):] if path.name.startswith(prefix) else ""
             if not (pid_text.isascii() and pid_text.isdigit()) or path.is_symlink() \
                     or not path.is_dir():
                 continue
-            if path == target or _process_is_alive(int(pid_text)):
+            if path == target or process_is_alive(int(pid_text)):
                 continue
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            found.append(path)
+    return found
+
+
+def remove_stale_staging(target: Path, kinds: Sequence[str] = STAGING_KINDS) -> list[Path]:
+    """Delete the :func:`stale_staging` folders beside ``target``; returns what was removed,
+    which is also logged."""
+    removed = stale_staging(target, kinds)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
     if removed:
-        logger.info("removed %d leftover(s) of killed builds beside %s: %s", len(removed), target,
+        logger.info("removed %d leftover(s) of killed runs beside %s: %s", len(removed), target,
                     ", ".join(path.name for path in removed))
     return removed
 
 
-def _process_is_alive(pid: int) -> bool:
+def process_is_alive(pid: int) -> bool:
     """Whether ``pid`` names a live process (or might: only ``ProcessLookupError`` says no)."""
     if pid <= 0 or pid == os.getpid():
         return True

@@ -70,6 +70,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
@@ -82,6 +83,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from acadlm_plugins.defaults.paths import STAGING_KINDS, remove_stale_staging, stale_staging
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.qurating import CRITERIA
 from acadlm_plugins.training.config_checks import check_output_dir, config_value
@@ -1189,12 +1191,17 @@ def domain_folder(domain: str) -> str:
 
 
 class _SelectionWriter:
-    """Writes one plan's rows into a scratch folder and gathers the after-selection stats."""
+    """Writes one plan's rows into a scratch folder and gathers the after-selection stats.
+
+    The scratch folder is ``.<name>.tmp-<pid>`` beside the output folder, and replacing a previous
+    selection moves it to ``.<name>.old-<pid>`` for a moment: the names
+    :func:`remove_stale_leftovers` finds when this process is killed.
+    """
 
     def __init__(self, plan: SelectionPlan, output_dir: Path, criteria: Sequence[str]) -> None:
         self.plan = plan
         self.output_dir = output_dir
-        self.scratch = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+        self.scratch = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
         if self.scratch.exists():
             shutil.rmtree(self.scratch)
         self.scratch.mkdir(parents=True)
@@ -1253,6 +1260,27 @@ class _SelectionWriter:
         else:
             os.replace(self.scratch, final)
         return final
+
+
+def remove_stale_leftovers(output_dir: str | Path) -> list[Path]:
+    """Clean up what killed selections left beside ``output_dir``; return what was removed.
+
+    A selection writes ``.<name>.tmp-<pid>`` (a full copy of the selected texts), then moves a
+    previous ``<name>`` to ``.<name>.old-<pid>`` and the scratch folder to ``<name>``. Folders of
+    a process that is gone are removed (those of a live one, e.g. a concurrent run, are kept), as
+    are ``.<name>.partial-<pid>`` scratch folders of earlier versions. A run killed between the
+    two moves leaves no ``<name>``: its ``.old-<pid>`` is moved back first, so the previous
+    selection stays readable until this run replaces it (or if this run fails too).
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.exists() and not output_dir.is_symlink():
+        complete = [p for p in stale_staging(output_dir, ("old",)) if (p / REPORT_NAME).is_file()]
+        if complete:
+            previous = max(complete, key=lambda p: p.stat().st_mtime)
+            os.replace(previous, output_dir)
+            log.info("restored %s from %s, where a killed selection had moved it", output_dir,
+                     previous.name)
+    return remove_stale_staging(output_dir, (*STAGING_KINDS, "partial"))
 
 
 def write_selections(shards: ScoreShards, stats: CorpusStats,
@@ -1497,6 +1525,13 @@ def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, A
         _check_separate_outputs(outputs["selected"], outputs["uniform"])
     for name, path in outputs.items():
         _check_output_dir(path, "output_dir" if name == "selected" else "uniform_output_dir")
+    for path in outputs.values():
+        remove_stale_leftovers(path)
+    # The outputs are published one after the other; a run killed in between leaves a new
+    # `selected/` beside an old `uniform/`. Their reports carry this id, so a pair that differs
+    # is from two runs (a rerun writes both again).
+    run = {"id": f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}",
+           "outputs": {name: str(path) for name, path in outputs.items()}}
     samplings = [sampling]
     if "uniform" in outputs:
         samplings.append(Sampling(weights={}, tau=math.inf, top_k=False, seed=sampling.seed,
@@ -1527,10 +1562,16 @@ def select(config: SelectionConfig | Mapping[str, Any]) -> dict[str, dict[str, A
     written = time.perf_counter()
     elapsed = {"moments": scanned - started, "keys": planned - scanned, "write": written - planned}
     reports = {}
-    for name, writer in zip(outputs, writers):
-        reports[name] = build_report(config, shards, stats, writer, before, elapsed)
-        writer.finish(reports[name])
-        log.info("wrote %s (%s)", writer.output_dir, writer.plan.sampling.mode)
+    try:
+        for name, writer in zip(outputs, writers):
+            reports[name] = {"run": run,
+                             **build_report(config, shards, stats, writer, before, elapsed)}
+            writer.finish(reports[name])
+            log.info("wrote %s (%s)", writer.output_dir, writer.plan.sampling.mode)
+    except BaseException:
+        for writer in writers:
+            writer.abort()  # the scratch folders not yet moved into place
+        raise
     return reports
 
 
@@ -1554,6 +1595,7 @@ __all__ = [
     "plan_selections",
     "plot_selection",
     "progress_bar",
+    "remove_stale_leftovers",
     "require_unique_ids",
     "resolve_budget",
     "scan_corpus",
