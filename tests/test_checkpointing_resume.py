@@ -1,8 +1,10 @@
-"""Resume refusals of training/checkpointing.py: a corrupt recipe state, a checkpoint past
-``max_steps``, and starting weights that changed since the checkpoints were written (checked
-here for the prune and long-context recipes, which share the continued pre-training loop;
-tests/test_continued_pretrain_recipe.py checks that recipe); and the comparison of recorded and
-current config values, which lets a run folder moved together with its inputs resume."""
+"""Resume refusals of training/checkpointing.py: a corrupt recipe state, a checkpoint whose
+weights are missing (and a kill while a checkpoint is deleted, which must not leave one), a
+checkpoint past ``max_steps``, and starting weights that changed since the checkpoints were
+written (checked here for the prune and long-context recipes, which share the continued
+pre-training loop; tests/test_continued_pretrain_recipe.py checks that recipe); and the
+comparison of recorded and current config values, which lets a run folder moved together with
+its inputs resume."""
 
 from __future__ import annotations
 
@@ -20,14 +22,19 @@ from tiny_setup import REPO_ROOT, tiny_run_args, write_tiny_checkpoint
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.training import checkpointing
 from acadlm_plugins.training.checkpointing import (
+    LATEST_FILENAME,
+    MODEL_DIRNAME,
     RECIPE_STATE_FILENAME,
     check_resume_step,
     check_starting_weights,
+    find_resume_checkpoint,
     latest_checkpoint,
     load_resume_state,
     save_torch_atomically,
     starting_weights_fingerprint,
+    write_recipe_checkpoint,
 )
+from acadlm_plugins.training.run_checks import clean_interrupted_writes
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +105,196 @@ def test_a_corrupt_only_checkpoint_says_the_run_starts_over_once_deleted(tmp_pat
     (only / RECIPE_STATE_FILENAME).write_bytes(b"not a torch file")
     with pytest.raises(DataError, match="no older checkpoint, so the run starts over"):
         load_resume_state(only, OmegaConf.create({}), [])
+
+
+# ------------------------------------------------- a run killed while deleting a checkpoint
+WEIGHTS = "model-00001-of-00001.safetensors"
+
+
+def write_model_files(folder: Path) -> None:
+    """Stand-ins for the files save_hf_model_dir leaves in ``model/``."""
+    model = folder / MODEL_DIRNAME
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "generation_config.json").write_text("{}")
+    (model / WEIGHTS).write_bytes(b"weights")
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": WEIGHTS}}))
+
+
+def save(output_dir: Path, step: int, keep_last: int) -> Path:
+    return write_recipe_checkpoint(output_dir, step, {"step": step, "config": {}},
+                                   write_model_files, keep_last=keep_last)
+
+
+class Killed(BaseException):
+    """SIGKILL, as far as the code under test can tell: nothing catches it."""
+
+
+def kill_while_deleting_a_checkpoint(monkeypatch) -> None:
+    """``shutil.rmtree`` of a checkpoint folder (one holding recipe_state.pt) removes the weights
+    and then the process dies, before recipe_state.pt goes: what killloop found."""
+    real = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if (path / RECIPE_STATE_FILENAME).is_file():
+            for weights in path.rglob("*.safetensors"):
+                weights.unlink()
+            raise Killed(path.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+def step_names(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in output_dir.glob("step_*"))
+
+
+def test_a_kill_while_pruning_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    """Killed while deleting step 1 (keep_last=1): step 1 is gone under its own name, the start
+    after sweeps the rest, resume takes step 2, and once step 2 is damaged the advice (and
+    following it) starts over rather than resuming a step 1 without weights."""
+    save(tmp_path, 1, keep_last=1)
+    with monkeypatch.context() as patch:
+        kill_while_deleting_a_checkpoint(patch)
+        with pytest.raises(Killed):
+            save(tmp_path, 2, keep_last=1)
+    assert step_names(tmp_path) == ["step_000002"]
+    assert [p.name for p in clean_interrupted_writes(tmp_path)] == [
+        ".step_000001.deleting.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST_FILENAME, "step_000002"]
+    resumed = find_resume_checkpoint(tmp_path, "auto")
+    assert resumed == tmp_path / "step_000002"
+    assert load_resume_state(resumed, OmegaConf.create({}), [])["step"] == 2
+
+    truncate(resumed / RECIPE_STATE_FILENAME)
+    with pytest.raises(DataError, match="no older checkpoint, so the run starts over"):
+        load_resume_state(resumed, OmegaConf.create({}), [])
+    shutil.rmtree(resumed)  # the advice followed
+    assert find_resume_checkpoint(tmp_path, "auto") is None
+
+
+def test_a_kill_while_replacing_a_resaved_step_keeps_the_new_one_whole(tmp_path, monkeypatch):
+    """Re-saving a step (the last one after a resume) renames the old folder away before the
+    new one goes in, so a kill while deleting it leaves the new step_N complete."""
+    save(tmp_path, 2, keep_last=2)
+    with monkeypatch.context() as patch:
+        kill_while_deleting_a_checkpoint(patch)
+        with pytest.raises(Killed):
+            save(tmp_path, 2, keep_last=2)
+    final = tmp_path / "step_000002"
+    assert (final / MODEL_DIRNAME / WEIGHTS).is_file()
+    assert latest_checkpoint(tmp_path) == final
+    assert [p.name for p in clean_interrupted_writes(tmp_path)] == [
+        ".step_000002.deleting.partial"]
+    assert load_resume_state(final, OmegaConf.create({}), [])["step"] == 2
+
+
+def test_a_run_killed_while_pruning_resumes_from_the_checkpoint_kept(tmp_path, monkeypatch):
+    """The recipe end to end: killed while pruning step 1 after saving step 2, the next start
+    sweeps the leftover and resumes from step 2, not from a step 1 without weights."""
+    import acadlm_plugins.continued_pretrain_recipe as cpt
+
+    args = tiny_run_args(tmp_path, "max_steps=3", "save_every_n_steps=1",
+                         "keep_last_n_checkpoints=1")
+    run = tmp_path / "run"
+    with torch_threads():
+        with monkeypatch.context() as patch:
+            real_prune = checkpointing._prune
+
+            def prune(output_dir, keep_last, *, written):
+                if written.name == "step_000002":
+                    kill_while_deleting_a_checkpoint(patch)
+                real_prune(output_dir, keep_last, written=written)
+
+            patch.setattr(checkpointing, "_prune", prune)
+            with pytest.raises(Killed):
+                run_recipe_main(patch, "acadlm_plugins.continued_pretrain_recipe", args)
+        assert step_names(run) == ["step_000002"]
+        resumed_from: list[Path] = []
+        real_load = cpt.load_resume_state
+
+        def load(checkpoint, *rest, **kwargs):
+            resumed_from.append(checkpoint)
+            return real_load(checkpoint, *rest, **kwargs)
+
+        monkeypatch.setattr(cpt, "load_resume_state", load)
+        run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe", args)
+    assert resumed_from == [run / "step_000002"]
+    assert step_names(run) == ["step_000003"]
+    assert not list(run.glob(".step_*"))
+
+
+def half_deleted(output_dir: Path, step: int) -> Path:
+    """A checkpoint as an older version's interrupted deletion left it: recipe_state.pt and
+    model/config.json there, the weights gone."""
+    folder = output_dir / checkpointing.step_dirname(step)
+    folder.mkdir(parents=True)
+    write_model_files(folder)
+    save_torch_atomically({"step": step, "config": {}}, folder / RECIPE_STATE_FILENAME)
+    (folder / MODEL_DIRNAME / WEIGHTS).unlink()
+    return folder
+
+
+def test_a_half_deleted_checkpoint_is_never_offered_nor_resumed(tmp_path):
+    """The reviewer's k_70 state: step 4 half-deleted, step 6 the newest with a truncated
+    recipe_state.pt. The advice no longer names step 4, deleting step 6 starts over, step 4
+    read directly is refused naming the folder, and the next save removes it."""
+    newest = save(tmp_path, 6, keep_last=1)
+    stale = half_deleted(tmp_path, 4)
+    truncate(newest / RECIPE_STATE_FILENAME)
+    with pytest.raises(DataError) as err:
+        load_resume_state(newest, OmegaConf.create({}), [])
+    assert "step_000004" not in str(err.value)
+    assert "no older checkpoint, so the run starts over" in str(err.value)
+    shutil.rmtree(newest)
+    assert latest_checkpoint(tmp_path) is None
+    assert find_resume_checkpoint(tmp_path, "auto") is None
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        find_resume_checkpoint(tmp_path, "true")
+    with pytest.raises(DataError) as err:
+        load_resume_state(stale, OmegaConf.create({}), [])
+    assert str(stale) in str(err.value) and "weights are missing" in str(err.value)
+    assert "model/" in str(err.value) and "delete the folder" in str(err.value)
+    save(tmp_path, 2, keep_last=2)
+    assert step_names(tmp_path) == ["step_000002"]
+
+
+def test_a_latest_checkpoint_without_its_weights_is_refused_naming_it(tmp_path):
+    """LATEST's own checkpoint damaged (weights deleted by hand, say) stops the run naming the
+    folder and the older checkpoint, instead of a model that 'does not fit' its config."""
+    save(tmp_path, 2, keep_last=2)
+    newest = save(tmp_path, 3, keep_last=2)
+    (newest / MODEL_DIRNAME / WEIGHTS).unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_000002"
+    for resume in ("auto", "true"):
+        with pytest.raises(DataError) as err:
+            find_resume_checkpoint(tmp_path, resume)
+        message = str(err.value)
+        assert str(newest) in message and f"model/{WEIGHTS}" in message
+        assert "before it (step_000002)" in message
+
+
+def test_missing_weights_reads_index_shards_and_model_folders(tmp_path):
+    model = tmp_path / "rater" / "backbone"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert checkpointing.missing_weights(tmp_path) == [
+        "rater/backbone/ (config.json and no weight file)"]
+    (model / "model-00001-of-00003.safetensors").write_bytes(b"w")
+    assert checkpointing.missing_weights(tmp_path) == [
+        "rater/backbone/model-00002-of-00003.safetensors",
+        "rater/backbone/model-00003-of-00003.safetensors"]
+    for name in ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        (model / name).write_bytes(b"w")
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "extra.safetensors"}}))
+    assert checkpointing.missing_weights(tmp_path) == ["rater/backbone/extra.safetensors"]
+    (model / "extra.safetensors").write_bytes(b"w")
+    assert checkpointing.missing_weights(tmp_path) == []
+    only_state = fake_checkpoint(tmp_path / "run", 1)  # no model folder: nothing to tell
+    assert checkpointing.is_complete_checkpoint(only_state)
 
 
 # ------------------------------------------------------------------------- max_steps

@@ -10,15 +10,23 @@ Layout of a run's ``output_dir``::
 A checkpoint is written into a hidden ``.step_N.partial`` folder, fsynced and renamed into
 place, and ``LATEST`` is replaced atomically afterwards, so a run killed at any moment (or a
 power loss) leaves the previous checkpoint intact and never a half-written one that looks
-complete. A recipe builds its ``recipe_state.pt`` with :func:`recipe_state`, writes it with
-:func:`write_recipe_checkpoint`, and on restart finds it with :func:`find_resume_checkpoint`
-and reads it back, checked against the config, with :func:`load_resume_state`.
+complete. A checkpoint is deleted (pruned, or replaced by a re-save of its step) the same way
+round: renamed to a hidden ``.step_N.deleting.partial`` first, then removed, so a run killed
+while deleting never leaves a ``step_N`` with its weights gone and ``recipe_state.pt`` still
+there (the ``.partial`` suffix lets ``run_checks.clean_interrupted_writes`` sweep it at the
+next start). A folder that lacks weights all the same (left by an older version) is not
+complete: it is never resumed from, and the next save removes it. A recipe builds its
+``recipe_state.pt`` with :func:`recipe_state`, writes it with :func:`write_recipe_checkpoint`,
+and on restart finds it with :func:`find_resume_checkpoint` and reads it back, checked against
+the config, with :func:`load_resume_state`.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
+import logging
 import os
 import pickle
 import random
@@ -41,6 +49,12 @@ LATEST_FILENAME = "LATEST"
 RECIPE_STATE_FILENAME = "recipe_state.pt"
 MODEL_DIRNAME = "model"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# The hidden name a checkpoint folder takes while it is deleted (see _set_aside).
+_DELETING_SUFFIX = ".deleting.partial"
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth"})
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>\.[A-Za-z]+)$")
+
+log = logging.getLogger(__name__)
 
 
 def step_dirname(step: int) -> str:
@@ -61,25 +75,69 @@ def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], 
     partial.mkdir()
     write(partial)
     fsync_tree(partial)  # the files' data and names on disk before the name step_N says "done"
-    if final.exists():  # re-saving the same step (e.g. the last step after a resume)
-        shutil.rmtree(final)
+    # Re-saving the same step (e.g. the last step after a resume): the old folder is renamed
+    # away whole, never deleted in place, where a kill would leave a step_N without weights.
+    replaced = _set_aside(final) if final.exists() else None
     os.replace(partial, final)
     fsync_dir(output_dir)  # the rename itself, before LATEST names it and older ones are pruned
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     _write_text_atomically(output_dir / LATEST_FILENAME, final.name)
     _prune(output_dir, keep_last, written=final)
     return final
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of ``output_dir``, or None."""
+    """The newest complete checkpoint folder of ``output_dir`` (the one ``LATEST`` names, else
+    the highest complete step), or None. A folder whose weights are missing (see
+    :func:`missing_weights`) is not complete, whatever else it holds."""
     output_dir = Path(output_dir)
-    pointer = output_dir / LATEST_FILENAME
-    if pointer.is_file():
-        candidate = output_dir / pointer.read_text().strip()
-        if (candidate / RECIPE_STATE_FILENAME).is_file():
-            return candidate
-    complete = [p for p in _step_dirs(output_dir) if (p / RECIPE_STATE_FILENAME).is_file()]
+    candidate = _named_by_latest(output_dir)
+    if candidate is not None and is_complete_checkpoint(candidate):
+        return candidate
+    complete = [p for p in _step_dirs(output_dir) if is_complete_checkpoint(p)]
     return complete[-1] if complete else None
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds ``recipe_state.pt`` (written last) and every weight file its
+    model folders call for."""
+    return (folder / RECIPE_STATE_FILENAME).is_file() and not missing_weights(folder)
+
+
+def missing_weights(checkpoint: Path) -> list[str]:
+    """The weight files a checkpoint folder evidently lacks (paths relative to it), as a
+    deletion killed half-way by an older version left them (``recipe_state.pt`` and
+    ``model/config.json`` still there, the safetensors gone). A folder inside it lacks: the
+    files its ``*.index.json`` weight map names, the other shards of a sharded file
+    (``model-00001-of-00002.safetensors``), or, holding a ``config.json`` and none of these, any
+    weight file at all (then the folder itself is listed, ``model/ (config.json and no weight
+    file)``). Empty where nothing is evidently missing (a few directory listings; weights are
+    not read)."""
+    missing: list[str] = []
+    if not checkpoint.is_dir():
+        return missing
+    for folder, _, filenames in sorted(os.walk(checkpoint)):
+        names = set(filenames)
+        expected: set[str] = set()
+        for name in sorted(n for n in names if n.endswith(".index.json")):
+            try:
+                weight_map = json.loads((Path(folder) / name).read_text()).get("weight_map", {})
+                expected.update(str(file) for file in weight_map.values())
+            except (OSError, ValueError, AttributeError):
+                continue  # an unreadable index: the loader names it
+        for name in names:
+            shard = _SHARD.match(name)
+            if shard and shard["suffix"] in _WEIGHT_SUFFIXES:
+                width, total = len(shard["index"]), int(shard["total"])
+                expected.update(f"{shard['stem']}-{i:0{width}d}-of-{shard['total']}"
+                                f"{shard['suffix']}" for i in range(1, total + 1))
+        where = Path(folder).relative_to(checkpoint)
+        missing.extend(str(where / name) for name in sorted(expected - names))
+        if (not expected and "config.json" in names
+                and not any(Path(name).suffix in _WEIGHT_SUFFIXES for name in names)):
+            missing.append(f"{where}/ (config.json and no weight file)")
+    return missing
 
 
 def find_resume_checkpoint(output_dir: Path, resume: object) -> Path | None:
@@ -90,6 +148,11 @@ def find_resume_checkpoint(output_dir: Path, resume: object) -> Path | None:
     if mode not in {"auto", "true", "false"}:
         raise ConfigError("resume", f"unknown value {mode!r}.", "use auto, true or false.")
     latest = latest_checkpoint(output_dir)
+    if mode != "false":
+        named = _named_by_latest(output_dir)
+        if (named is not None and named != latest
+                and (named / RECIPE_STATE_FILENAME).is_file()):
+            _refuse_missing_weights(named)  # LATEST's own checkpoint damaged: say so, not skip it
     if mode == "false" and latest is not None:
         raise ConfigError("resume", f"`output_dir` {output_dir} already holds "
                           f"checkpoint {latest.name} and resume is false, so it would be "
@@ -300,18 +363,36 @@ UNREADABLE_STATE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.U
 def read_recipe_state(checkpoint: Path) -> dict[str, Any]:
     """``checkpoint``'s ``recipe_state.pt``; a file that cannot be read (truncated by a full
     disk, say) is a :class:`DataError` naming it and the way out, not torch's zip error."""
+    _refuse_missing_weights(checkpoint)
     path = checkpoint / RECIPE_STATE_FILENAME
     try:
         return torch.load(path, weights_only=False)
     except UNREADABLE_STATE_ERRORS as err:
-        older = [p for p in _step_dirs(checkpoint.parent) if p.name < checkpoint.name
-                 and (p / RECIPE_STATE_FILENAME).is_file()]
-        fallback = (f"delete the folder {checkpoint} to resume from the checkpoint before it "
-                    f"({older[-1].name})" if older else f"delete the folder {checkpoint} (there "
-                    "is no older checkpoint, so the run starts over)")
         raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}), so the run cannot "
-                        f"resume from {checkpoint.name}. Fix: {fallback}, or choose a new "
-                        "`output_dir`.") from err
+                        f"resume from {checkpoint.name}. Fix: {_fallback(checkpoint)}, or choose "
+                        "a new `output_dir`.") from err
+
+
+def _refuse_missing_weights(checkpoint: Path) -> None:
+    """A :class:`DataError` naming ``checkpoint`` when its weight files are missing: resuming it
+    would fail later as a model that does not fit its checkpoint, blaming the config."""
+    missing = missing_weights(checkpoint)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                          else "")
+        raise DataError(f"{checkpoint} holds {RECIPE_STATE_FILENAME} but its weights are missing "
+                        f"({shown}): a checkpoint whose deletion was interrupted, or damaged, so "
+                        f"the run cannot resume from {checkpoint.name}. Fix: "
+                        f"{_fallback(checkpoint)}, or choose a new `output_dir`.")
+
+
+def _fallback(checkpoint: Path) -> str:
+    """The way out of a damaged ``checkpoint``: delete it, and what is resumed then."""
+    older = [p for p in _step_dirs(checkpoint.parent)
+             if p.name < checkpoint.name and is_complete_checkpoint(p)]
+    return (f"delete the folder {checkpoint} to resume from the checkpoint before it "
+            f"({older[-1].name})" if older else f"delete the folder {checkpoint} (there is no "
+            "older checkpoint, so the run starts over)")
 
 
 def check_resume_step(step: int, max_steps: int, checkpoint: Path) -> None:
@@ -552,6 +633,26 @@ def _write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda handle: handle.write((text + "\n").encode()))
 
 
+def _named_by_latest(output_dir: Path) -> Path | None:
+    """The folder ``LATEST`` names (it may not exist), or None without a ``LATEST``."""
+    pointer = output_dir / LATEST_FILENAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    return output_dir / name if name else None
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename checkpoint ``folder`` to its hidden ``.<name>.deleting.partial`` (removing a
+    leftover of that name first) and return the new path. The rename is atomic, so a run killed
+    while the folder is deleted leaves no ``step_N`` half-deleted that resume would take for
+    complete; the caller fsyncs the parent folder before deleting."""
+    doomed = folder.with_name(f".{folder.name}{_DELETING_SUFFIX}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    return doomed
+
+
 def _step_dirs(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
@@ -562,12 +663,26 @@ def _step_dirs(output_dir: Path) -> list[Path]:
 
 def _prune(output_dir: Path, keep_last: int, *, written: Path) -> None:
     """Keep ``written`` (the checkpoint LATEST names) and the ``keep_last - 1`` newest other
-    complete ones. Ordering by step alone could delete ``written`` itself: a run killed just
-    after renaming a checkpoint into place, before LATEST named it, leaves a higher step behind
-    that a resumed run (from the lower LATEST) then writes below."""
+    complete ones; folders whose weights are missing go too, and each is renamed away before it
+    is deleted (see :func:`_set_aside`). Ordering by step alone could delete ``written`` itself:
+    a run killed just after renaming a checkpoint into place, before LATEST named it, leaves a
+    higher step behind that a resumed run (from the lower LATEST) then writes below."""
     if keep_last < 1:
         return
     others = [p for p in _step_dirs(output_dir)
               if p != written and (p / RECIPE_STATE_FILENAME).is_file()]
-    for old in others[:max(0, len(others) - (keep_last - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    complete = [p for p in others if not missing_weights(p)]
+    # Beyond keep_last, and any whose weights are gone (a deletion an older version left
+    # half-done): nothing resumes from those.
+    doomed = [*complete[:max(0, len(complete) - (keep_last - 1))],
+              *(p for p in others if p not in complete)]
+    for old in doomed:
+        try:
+            _set_aside(old)
+        except OSError as error:  # the next save tries again
+            log.warning("could not remove old checkpoint %s: %s", old, error)
+    if doomed:
+        fsync_dir(output_dir)  # no step_N name of theirs survives a crash from here on
+    # Those, and any an interrupted deletion left (clean_interrupted_writes removes them too).
+    for leftover in sorted(output_dir.glob(f".step_*{_DELETING_SUFFIX}")):
+        shutil.rmtree(leftover, ignore_errors=True)
