@@ -11,12 +11,15 @@ and is trained end to end with the Bradley-Terry loss on the pairs whose judgmen
 (``|p - 0.5| >= margin``; see :mod:`acadlm_plugins.qurating.rater`). Held-out pairwise
 accuracy (does the rater order a held-out pair as the judge did?) is logged per criterion at
 every evaluation and at the end, with the number of held-out pairs that share a document with
-a training pair (``heldout_pairs_sharing_a_training_document`` in ``summary.json``): the split
-is by pair, so the accuracy is over unseen pairs, not unseen documents, and is optimistic when
-that number is not 0. Checkpoints are atomic step folders (a rater folder plus the optimizer,
-data position and RNG state), so a killed run resumes where it stopped; the last one is exported
-as ``<output_dir>/rater``, the folder ``annotate_recipe`` reads. With ``WORLD_SIZE > 1`` the
-model is sharded with FSDP2 and each rank takes its share of every batch.
+a training pair (``heldout_pairs_sharing_a_training_document`` in ``summary.json``): with
+``validation_split: pairs`` (the default) the split is by pair, so the accuracy is over unseen
+pairs, not unseen documents, and is optimistic when that number is not 0; with
+``validation_split: documents`` the training pairs that show a held-out document are left out
+of training (``train_pairs_left_out_for_heldout_documents``), so that number is 0.
+Checkpoints are atomic step folders (a rater folder plus the optimizer, data position and RNG
+state), so a killed run resumes where it stopped; the last one is exported as
+``<output_dir>/rater``, the folder ``annotate_recipe`` reads. With ``WORLD_SIZE > 1`` the model
+is sharded with FSDP2 and each rank takes its share of every batch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config, training, utils
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
@@ -41,12 +44,14 @@ from acadlm_plugins.qurating.rater import (
     BACKBONE_DIRNAME,
     DEFAULT_MARGIN,
     HEADS_FILENAME,
+    VALIDATION_SPLITS,
     PairwiseJudgments,
     RaterModel,
     RaterTokenizer,
     bradley_terry_loss,
     check_backbone_dir,
     check_pooling,
+    check_validation_split,
     hf_checkpointer,
     judgments_fingerprint,
     load_backbone,
@@ -89,8 +94,8 @@ RECIPE_NAME = "rater"
 RATER_DIRNAME = "rater"
 KNOWN_KEYS = {
     "output_dir", "seed", "device", "dtype", "backbone_dir", "judgments", "criteria", "margin",
-    "validation_fraction", "max_tokens", "pooling", "optimizer", "head_lr", "lr_scheduler",
-    "batch_size", "eval_batch_size", "max_steps", "gradient_accumulation_steps",
+    "validation_fraction", "validation_split", "max_tokens", "pooling", "optimizer", "head_lr",
+    "lr_scheduler", "batch_size", "eval_batch_size", "max_steps", "gradient_accumulation_steps",
     "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps",
     "keep_last_n_checkpoints", "resume", "metric_logger", "model_dir",
 }
@@ -101,7 +106,7 @@ REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_
 # The judgments are compared by content, not by path (see check_same_judgments): a checkpoint
 # records their fingerprint under JUDGMENTS_CONTENT_KEY beside these config values.
 RESUME_MUST_MATCH = ("backbone_dir", "criteria", "margin", "validation_fraction",
-                     "max_tokens", "pooling", "seed")
+                     "validation_split", "max_tokens", "pooling", "seed")
 JUDGMENTS_CONTENT_KEY = "judgments_content"
 
 
@@ -175,8 +180,12 @@ class RaterRecipe:
         self._max_tokens = positive_int(cfg, "max_tokens", 512)
         self._pooling = str(cfg.get("pooling", "last"))
         check_pooling(self._pooling)
-        (self._margin, self._validation_fraction, self._head_lr,
+        (self._margin, self._validation_fraction, self._validation_split, self._head_lr,
          self._criteria) = rating_settings(cfg)
+        if "validation_split" not in cfg:
+            # The checkpoint records the split used, so that a resume naming the default
+            # (`pairs`) matches a run that left the key out, and `documents` does not.
+            OmegaConf.update(cfg, "validation_split", self._validation_split, force_add=True)
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
         check_device(cfg)
         check_output_dir(self._output_dir)
@@ -200,11 +209,14 @@ class RaterRecipe:
                                  plain_value(judgments), resume_from)
         self._data = PairwiseJudgments.build(
             criteria, pairs, self._tokenizer, margin=self._margin,
-            validation_fraction=self._validation_fraction, max_tokens=self._max_tokens)
+            validation_fraction=self._validation_fraction, max_tokens=self._max_tokens,
+            validation_split=self._validation_split)
+        left_out = self._data.counts["train_pairs_left_out_for_heldout_documents"]
         if not self._data.train_indices:
-            raise DataError(f"all {self._data.counts['pairs_kept']} confident pairs fell into "
-                            "the held-out split. Fix: lower `validation_fraction` or judge more "
-                            "pairs.")
+            raise no_training_pairs(self._data.counts)
+        if left_out and self._is_rank_zero:
+            log.info("validation_split=documents: %d training pairs that show a held-out "
+                     "document are left out of training", left_out)
         if not self._data.heldout_indices:
             log.warning("no pair is held out (validation_fraction=%s): held-out accuracy "
                         "cannot be measured", self._validation_fraction)
@@ -408,6 +420,7 @@ class RaterRecipe:
             "step": self._step, "backbone_source": str(self._backbone_dir),
             "judgments": plain_value(self._cfg.judgments), "margin": self._margin,
             "validation_fraction": self._validation_fraction,
+            "validation_split": self._validation_split,
             "pairs": self._data.counts,
             "heldout_accuracy": evaluations[-1]["accuracy"] if evaluations else {},
         }
@@ -420,6 +433,8 @@ class RaterRecipe:
             "criteria": self._data.criteria, "pairs": self._data.counts,
             "heldout_pairs_sharing_a_training_document":
                 self._data.counts["heldout_pairs_sharing_a_training_document"],
+            "train_pairs_left_out_for_heldout_documents":
+                self._data.counts["train_pairs_left_out_for_heldout_documents"],
             "heldout_accuracy_before": evaluations[0]["accuracy"] if evaluations else {},
             "heldout_accuracy_after": evaluations[-1]["accuracy"] if evaluations else {},
             "heldout_loss_before": evaluations[0]["loss"] if evaluations else {},
@@ -494,10 +509,11 @@ def _resolved(judgments: Any) -> list[str]:
     return [str(Path(str(p)).expanduser().resolve()) for p in paths]
 
 
-def rating_settings(cfg: DictConfig) -> tuple[float, float, float | None, list[str] | None]:
-    """``margin``, ``validation_fraction``, ``head_lr`` and ``criteria`` as setup reads them,
-    refused naming the key; a pipeline makes the same check before its first stage
-    (:mod:`acadlm_plugins.stages`)."""
+def rating_settings(cfg: DictConfig
+                    ) -> tuple[float, float, str, float | None, list[str] | None]:
+    """``margin``, ``validation_fraction``, ``validation_split``, ``head_lr`` and ``criteria``
+    as setup reads them, refused naming the key; a pipeline makes the same check before its
+    first stage (:mod:`acadlm_plugins.stages`)."""
     margin = config_value(cfg.get("margin", DEFAULT_MARGIN), "margin", float, minimum=0.0)
     if not margin < 0.5:  # |p - 0.5| is at most 0.5: no pair would be kept
         raise ConfigError("margin", f"{margin} is outside [0, 0.5).",
@@ -507,9 +523,25 @@ def rating_settings(cfg: DictConfig) -> tuple[float, float, float | None, list[s
     if not validation_fraction < 1.0:
         raise ConfigError("validation_fraction", f"{validation_fraction} is outside [0, 1).",
                           "hold out a small share of pairs, e.g. 0.1.")
+    validation_split = str(plain_value(cfg.get("validation_split", VALIDATION_SPLITS[0])))
+    check_validation_split(validation_split)
     head_lr = config_value(cfg.get("head_lr", None), "head_lr", float, above=0.0,
                            allow_none=True)
-    return margin, validation_fraction, head_lr, criteria_names(cfg.get("criteria", None))
+    return (margin, validation_fraction, validation_split, head_lr,
+            criteria_names(cfg.get("criteria", None)))
+
+
+def no_training_pairs(counts: dict[str, Any]) -> DataError:
+    """The error for a split that leaves nothing to train on, naming what took the pairs:
+    the held-out share, and with ``validation_split: documents`` the pairs left out."""
+    kept, left_out = counts["pairs_kept"], counts["train_pairs_left_out_for_heldout_documents"]
+    if not left_out:
+        return DataError(f"all {kept} confident pairs fell into the held-out split. Fix: lower "
+                         "`validation_fraction` or judge more pairs.")
+    return DataError(f"no confident pair is left to train on: {counts['heldout_pairs']} of "
+                     f"{kept} are held out and the other {left_out} show a held-out document "
+                     "(`validation_split: documents`). Fix: lower `validation_fraction`, set "
+                     "`validation_split: pairs`, or judge more pairs (of more documents).")
 
 
 def criteria_names(value: Any) -> list[str] | None:
@@ -533,7 +565,8 @@ def criteria_names(value: Any) -> list[str] | None:
 
 def document_overlap_note(counts: dict[str, Any]) -> str:
     """What the held-out accuracy is over, in words: how many held-out pairs share a document
-    with a training pair (the split is by pair id, not by document)."""
+    with a training pair (with ``validation_split: pairs`` the split is by pair id, not by
+    document), and how many training pairs ``documents`` left out so that none does."""
     sharing = counts.get("heldout_pairs_sharing_a_training_document")
     heldout = counts.get("heldout_pairs", 0)
     if sharing is None:
@@ -545,6 +578,10 @@ def document_overlap_note(counts: dict[str, Any]) -> str:
     missing = counts.get("pairs_without_document_ids", 0)
     if missing:
         note += f"; {missing} pairs name no document and are not counted"
+    left_out = counts.get("train_pairs_left_out_for_heldout_documents", 0)
+    if left_out:
+        note += (f"; {left_out} training pairs showing a held-out document were left out of "
+                 "training (validation_split: documents)")
     return note
 
 

@@ -161,6 +161,7 @@ def test_a_margin_the_rater_refuses_is_named_as_the_flag_before_the_judge(tmp_pa
 
 @pytest.mark.parametrize("override, key", [
     ("rater:validation_fraction=1.0", "rater:validation_fraction"),
+    ("rater:validation_split=docs", "rater:validation_split"),
     ("rater:margin=0.5", "rater:margin"),
     ("rater:max_stepz=3", "rater:max_stepz"),
     ("rater:pooling=max", "rater:pooling"),

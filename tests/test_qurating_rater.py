@@ -196,6 +196,87 @@ def test_heldout_pairs_sharing_a_training_document_are_counted(tiny_model_dir, t
     assert "is unknown" in document_overlap_note(data.counts)
 
 
+def sharing_docs(pairs, indices: list[int], others: list[int]) -> list[int]:
+    """The pairs of ``indices`` that show a document one of the pairs of ``others`` shows."""
+    docs = {d for i in others for d in (pairs[i].doc_id_a, pairs[i].doc_id_b)}
+    return [i for i in indices if pairs[i].doc_id_a in docs or pairs[i].doc_id_b in docs]
+
+
+def test_a_split_by_documents_keeps_heldout_documents_out_of_training(tiny_model_dir, tmp_path):
+    """``validation_split="documents"`` holds out the pairs ``pairs`` holds out and leaves
+    every training pair that shows one of their documents out of training (counted); under
+    ``pairs`` those pairs train, and nothing is left out."""
+    from acadlm_plugins.rater_recipe import document_overlap_note
+
+    path = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_texts=150, num_pairs=200)
+    criteria, pairs = read_judgments(path)
+    split = {name: PairwiseJudgments.build(criteria, pairs, RaterTokenizer(tiny_model_dir),
+                                           validation_fraction=0.2, max_tokens=4,
+                                           validation_split=name)
+             for name in ("pairs", "documents")}
+    by_pairs, by_docs = split["pairs"], split["documents"]
+    kept = [pairs[[p.pair_id for p in pairs].index(pid)] for pid in by_pairs.pair_ids]
+    assert by_docs.pair_ids == by_pairs.pair_ids
+    assert by_docs.heldout_indices == by_pairs.heldout_indices, "the same held-out pairs"
+    shared = sharing_docs(kept, by_pairs.train_indices, by_pairs.heldout_indices)
+    assert len(shared) > 0 and by_pairs.counts["heldout_pairs_sharing_a_training_document"] > 0
+    assert sharing_docs(kept, by_docs.train_indices, by_docs.heldout_indices) == []
+    assert by_docs.train_indices == [i for i in by_pairs.train_indices if i not in shared]
+    assert by_docs.counts["train_pairs_left_out_for_heldout_documents"] == len(shared)
+    assert by_docs.counts["heldout_pairs_sharing_a_training_document"] == 0
+    assert by_docs.counts["train_pairs"] == len(by_docs.train_indices)
+    assert by_docs.counts["validation_split"] == "documents"
+    assert by_pairs.counts["train_pairs_left_out_for_heldout_documents"] == 0
+    assert by_pairs.counts["train_pairs"] == len(by_pairs.train_indices)
+    assert document_overlap_note(by_docs.counts).startswith(
+        f"0 of {len(by_docs.heldout_indices)} held-out pairs share a document with a training "
+        f"pair; {len(shared)} training pairs showing a held-out document were left out")
+
+
+def test_a_split_by_documents_refuses_pairs_that_do_not_name_both_documents(tiny_model_dir,
+                                                                            tmp_path):
+    """A side without a document id could be a held-out document trained on: ``documents``
+    refuses it, naming `validation_split` and the fixes; a pair the margin drops is not
+    checked, and ``pairs`` trains on such rows as before."""
+    rows = [{"pair_id": f"pair-{i}", "text_a": "1 2 3", "text_b": "the a",
+             "doc_id_a": f"d{i}", "doc_id_b": f"e{i}",
+             "judgments": {"educational_value": 0.9}} for i in range(20)]
+    rows[3].pop("doc_id_b")
+    rows[5]["doc_id_a"] = rows[5]["doc_id_b"] = None
+    path = tmp_path / "judgments.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = RaterTokenizer(tiny_model_dir)
+    with pytest.raises(DataError, match=r"`validation_split` is 'documents', but 2 of the 20 "
+                                        r"confident pairs do not name both their documents "
+                                        r"\(first: .*judgments.jsonl:4, pair 'pair-3'\).* Fix: "
+                                        r"set `validation_split: pairs`, or re-judge"):
+        PairwiseJudgments.build(*read_judgments(path), tokenizer, validation_fraction=0.3,
+                                max_tokens=4, validation_split="documents")
+    assert len(PairwiseJudgments.build(*read_judgments(path), tokenizer, validation_fraction=0.3,
+                                       max_tokens=4).pair_ids) == 20
+    for row in (rows[3], rows[5]):
+        row["judgments"] = {"educational_value": 0.5}  # dropped by the margin: not checked
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = PairwiseJudgments.build(*read_judgments(path), tokenizer, validation_fraction=0.3,
+                                   max_tokens=4, validation_split="documents")
+    assert len(data.pair_ids) == 18
+    assert data.counts["train_pairs_left_out_for_heldout_documents"] == 0  # no shared docs
+
+
+def test_an_unknown_validation_split_is_refused_naming_the_key_and_the_choices(tiny_model_dir):
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.rater_recipe import rating_settings
+
+    words = r"config `validation_split`: unknown value 'docs'.* Fix: use one of \['pairs', "
+    with pytest.raises(ConfigError, match=words + r"'documents'\]"):
+        rating_settings(OmegaConf.create({"validation_split": "docs"}))
+    with pytest.raises(ConfigError, match=words):
+        PairwiseJudgments.build(["educational_value"], [], RaterTokenizer(tiny_model_dir),
+                                validation_split="docs")
+    assert rating_settings(OmegaConf.create({}))[2] == "pairs"
+
+
 def test_a_tokenizer_json_that_truncates_or_pads_does_not_cut_documents(tiny_model_dir,
                                                                        tmp_path):
     """truncation/padding in tokenizer.json apply to every Rust encode: the rater (training
@@ -436,6 +517,15 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monk
                                           r"was 7, is 8"):
         run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
                                                *more, "seed=8"))
+    # Another split trains on other pairs; the key left out is its default, `pairs` (so the
+    # difference found is the seed's, which comes after it).
+    with pytest.raises(ConfigError, match=r"config `validation_split`: differs from the "
+                                          r"checkpoint .*was pairs, is documents"):
+        run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
+                                               *more, "validation_split=documents"))
+    with pytest.raises(ConfigError, match=r"config `seed`: differs from the checkpoint"):
+        run_in_process(monkeypatch, rater_args(resumed, tiny_model_dir, judgments,
+                                               *more, "~validation_split", "seed=8"))
 
 
 JUDGED_RUN = ("batch_size=4", "save_every_n_steps=1", "eval_every_n_steps=100")
@@ -524,6 +614,7 @@ def test_config_mistakes_are_named(tiny_model_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize(("override", "key", "problem"), [
     ("margin=abc", "margin", "is 'abc', not a number"),
     ("validation_fraction=0.1x", "validation_fraction", "is '0.1x', not a number"),
+    ("validation_split=docs", "validation_split", "unknown value 'docs'"),
     ("margin=-0.1", "margin", "is -0.1, below its minimum"),
     ("seed=abc", "seed", "is 'abc', not an integer"),
     ("head_lr=fast", "head_lr", "is 'fast', not a number"),

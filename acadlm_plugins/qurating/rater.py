@@ -39,7 +39,11 @@ pairs, not documents: a held-out pair may hold an excerpt of a document that a t
 also shows, so held-out accuracy measures pairs the rater was not trained on, not unseen
 documents, and is optimistic when they share documents. ``counts`` says how many held-out pairs
 do (``heldout_pairs_sharing_a_training_document``, from the rows' ``doc_id_a``/``doc_id_b``;
-null when no held-out row carries them, as in files written before they were).
+null when no held-out row carries them, as in files written before they were). With
+``validation_split="documents"`` the same pairs are held out, and every training pair that
+shows a document a held-out pair shows is left out of training
+(``train_pairs_left_out_for_heldout_documents``), so held-out accuracy is over unseen documents,
+as QuRating measures its rater; every pair must then name both its documents.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ from acadlm_plugins.qurating import CRITERIA
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean")
+# How pairs are held out: by pair id only (``pairs``), or by pair id with the training pairs
+# that show a held-out document left out of training (``documents``). The first is the default.
+VALIDATION_SPLITS = ("pairs", "documents")
 BACKBONE_DIRNAME = "model"
 HEADS_FILENAME = "rater_heads.pt"
 INFO_FILENAME = "rater.json"
@@ -120,6 +127,15 @@ def check_pooling(pooling: str) -> None:
     """Refuse an unknown pooling name with the config key and the choices."""
     if pooling not in POOLINGS:
         raise ConfigError("pooling", f"unknown pooling {pooling!r}.", f"use one of {POOLINGS}.")
+
+
+def check_validation_split(validation_split: str) -> None:
+    """Refuse an unknown ``validation_split`` with the config key and the choices."""
+    if validation_split not in VALIDATION_SPLITS:
+        raise ConfigError("validation_split", f"unknown value {validation_split!r}.",
+                          f"use one of {list(VALIDATION_SPLITS)}: `pairs` holds out pairs by "
+                          "pair_id hash, `documents` also keeps their documents out of "
+                          "training.")
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -352,6 +368,33 @@ def document_overlap(pairs: Sequence[JudgedPair], heldout: Sequence[bool]) -> di
                                               for p in pairs)}
 
 
+def check_document_ids(pairs: Sequence[JudgedPair]) -> None:
+    """Refuse a split by documents when a pair does not name both its documents: a side
+    without ``doc_id_a``/``doc_id_b`` could be a held-out document trained on (or a training
+    document held out) and nothing could tell, so the split could not keep its promise."""
+    unnamed = [pair for pair in pairs if pair.doc_id_a is None or pair.doc_id_b is None]
+    if unnamed:
+        raise DataError(
+            f"`validation_split` is 'documents', but {len(unnamed)} of the {len(pairs)} "
+            f"confident pairs do not name both their documents (first: {unnamed[0].where}, "
+            f"pair {unnamed[0].pair_id!r}), so whether a held-out document is trained on "
+            "cannot be checked. Fix: set `validation_split: pairs`, or re-judge with a judge "
+            "that records `doc_id_a` and `doc_id_b` (sampled pairs; a pairs file whose rows "
+            "give both).")
+
+
+def training_pairs_on_heldout_documents(pairs: Sequence[JudgedPair], heldout: Sequence[bool]
+                                        ) -> list[bool]:
+    """For each pair, whether it is a training pair that shows a document a held-out pair
+    shows (by ``doc_id_a``/``doc_id_b``): the pairs a split by documents leaves out of
+    training, so that no held-out document is trained on."""
+    held_docs = {doc for pair, held in zip(pairs, heldout, strict=True) if held
+                 for doc in (pair.doc_id_a, pair.doc_id_b) if doc is not None}
+    return [not held and any(doc in held_docs for doc in (pair.doc_id_a, pair.doc_id_b)
+                             if doc is not None)
+            for pair, held in zip(pairs, heldout, strict=True)]
+
+
 @dataclass
 class PairwiseJudgments:
     """Tokenized confident pairs, split into training and held-out pairs.
@@ -374,9 +417,12 @@ class PairwiseJudgments:
     @classmethod
     def build(cls, criteria: Sequence[str], pairs: Sequence[JudgedPair],
               tokenizer: RaterTokenizer, *, margin: float = DEFAULT_MARGIN,
-              validation_fraction: float = 0.1, max_tokens: int = 512) -> PairwiseJudgments:
+              validation_fraction: float = 0.1, max_tokens: int = 512,
+              validation_split: str = "pairs") -> PairwiseJudgments:
         """Filter by margin, split by pair-id hash, and tokenize (``[BOS] + text``, truncated
-        to ``max_tokens`` text tokens)."""
+        to ``max_tokens`` text tokens). With ``validation_split="documents"`` the training
+        pairs that show a held-out pair's document are in neither split (and counted)."""
+        check_validation_split(validation_split)
         if not 0.0 <= margin < 0.5:
             raise ConfigError("margin", f"{margin} is outside [0, 0.5).",
                               "QuRating trains on pairs with |p - 0.5| >= 0.25 (the default).")
@@ -399,12 +445,21 @@ class PairwiseJudgments:
         framed = [frame(t, tokenizer.bos_id, max_tokens) for t in ids]
         truncated = sum(len(t) > max_tokens for t in ids)
         heldout = [is_held_out(p.pair_id, validation_fraction) for p in kept]
+        left_out = [False] * len(kept)
+        if validation_split == "documents":
+            check_document_ids(kept)
+            left_out = training_pairs_on_heldout_documents(kept, heldout)
+        used = [not out for out in left_out]
+        train = [not held and use for held, use in zip(heldout, used)]
         mask = confident[keep]
         held = torch.tensor(heldout, dtype=torch.bool)
         counts: dict[str, Any] = {
             "pairs_read": len(pairs), "pairs_kept": len(kept),
-            "train_pairs": heldout.count(False), "heldout_pairs": heldout.count(True),
-            **document_overlap(kept, heldout),
+            "train_pairs": train.count(True), "heldout_pairs": heldout.count(True),
+            **document_overlap([p for p, use in zip(kept, used) if use],
+                               [h for h, use in zip(heldout, used) if use]),
+            "validation_split": validation_split,
+            "train_pairs_left_out_for_heldout_documents": left_out.count(True),
             "truncated_texts": truncated,
             "per_criterion": {name: {"judged": int(judged[:, c].sum()),
                                      "confident": int(confident[:, c].sum()),
@@ -414,7 +469,7 @@ class PairwiseJudgments:
         return cls(criteria=list(criteria), pair_ids=[p.pair_id for p in kept],
                    tokens_a=framed[:len(kept)], tokens_b=framed[len(kept):],
                    targets=torch.nan_to_num(probs[keep], nan=0.5), mask=mask,
-                   train_indices=[i for i, h in enumerate(heldout) if not h],
+                   train_indices=[i for i, t in enumerate(train) if t],
                    heldout_indices=[i for i, h in enumerate(heldout) if h],
                    pad_id=tokenizer.pad_id, counts=counts)
 
