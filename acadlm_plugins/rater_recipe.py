@@ -48,6 +48,7 @@ from acadlm_plugins.qurating.rater import (
     PairwiseJudgments,
     RaterModel,
     RaterTokenizer,
+    backbone_fingerprint,
     bradley_terry_loss,
     check_backbone_dir,
     check_pooling,
@@ -62,6 +63,8 @@ from acadlm_plugins.qurating.rater import (
 )
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
+    STARTING_WEIGHTS_KEY,
+    check_starting_weights,
     config_values,
     find_resume_checkpoint,
     latest_checkpoint,
@@ -108,6 +111,10 @@ REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_
 RESUME_MUST_MATCH = ("backbone_dir", "criteria", "margin", "validation_fraction",
                      "validation_split", "max_tokens", "pooling", "seed")
 JUDGMENTS_CONTENT_KEY = "judgments_content"
+# The backbone is compared by content as well (see check_same_backbone): a checkpoint records
+# the fingerprint of the weights under STARTING_WEIGHTS_KEY, as the other recipes do, and of
+# the tokenizer files under BACKBONE_TOKENIZER_KEY.
+BACKBONE_TOKENIZER_KEY = "backbone_tokenizer"
 
 
 class PairSampler:
@@ -199,6 +206,13 @@ class RaterRecipe:
             log.info("resuming from %s", resume_from)
         check_backbone_dir(self._backbone_dir)
         check_output_outside(self._output_dir, self._backbone_dir, "backbone_dir")
+        # The backbone a fresh run starts from, recorded in every checkpoint: a resumed run
+        # whose backbone_dir now holds other weights or another tokenizer (re-exported at the
+        # same path) would continue a rater trained from the old ones under the new ones.
+        self._backbone_content = backbone_fingerprint(self._backbone_dir)
+        if resume_from is not None:
+            self._backbone_content = check_same_backbone(self._resume_state,
+                                                         self._backbone_content, resume_from)
         self._tokenizer = RaterTokenizer(self._backbone_dir)
         judgments = cfg.judgments
         paths = list(judgments) if isinstance(judgments, (list, ListConfig)) else [judgments]
@@ -400,7 +414,9 @@ class RaterRecipe:
                 step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
                 sampler=self._sampler, history=self._history,
                 config={**config_values(self._cfg, RESUME_MUST_MATCH, recipe=RECIPE_NAME),
-                        JUDGMENTS_CONTENT_KEY: self._judgments_content})
+                        JUDGMENTS_CONTENT_KEY: self._judgments_content},
+                **{STARTING_WEIGHTS_KEY: self._backbone_content["weights"],
+                   BACKBONE_TOKENIZER_KEY: self._backbone_content["tokenizer"]})
 
             def write_rater(folder: Path) -> None:
                 save_rater(folder / RATER_DIRNAME, model_state, criteria=self._data.criteria,
@@ -501,6 +517,33 @@ def check_same_judgments(recorded: dict[str, Any], content: dict[str, Any], judg
         raise ConfigError("judgments", f"differs from the checkpoint being resumed "
                           f"({checkpoint}): was {recorded['judgments']}, is {judgments}.",
                           "restore `judgments` as it was, or start a new `output_dir`.")
+
+
+def check_same_backbone(state: dict[str, Any], now: dict[str, Any], checkpoint: Path
+                        ) -> dict[str, Any]:
+    """Refuse to resume ``checkpoint`` when ``backbone_dir`` (the same path: the config
+    comparison checked that) no longer holds the weights or the tokenizer files the checkpoint
+    recorded (:func:`~acadlm_plugins.qurating.rater.backbone_fingerprint`), naming
+    `backbone_dir` and what changed. Returns what the resumed run records in turn: the
+    checkpoint's fingerprints, None for a checkpoint written before they were recorded, which
+    resumes unchecked (as the other recipes resume one without ``starting_weights``)."""
+    recorded_weights = state.get(STARTING_WEIGHTS_KEY)
+    recorded_tokenizer = state.get(BACKBONE_TOKENIZER_KEY)
+    check_starting_weights(recorded_weights, now["weights"], checkpoint, key="backbone_dir")
+    before, after = recorded_tokenizer, now["tokenizer"]
+    if before and after and before.get("method") == after.get("method"):
+        changed = sorted(name for name in {*before["files"], *after["files"]}
+                         if before["files"].get(name) != after["files"].get(name))
+        if changed:
+            raise ConfigError(
+                "backbone_dir", f"the tokenizer in {after['folder']} changed since "
+                f"the checkpoints in {checkpoint.parent} were written (tokenizer files that "
+                f"differ: {', '.join(changed)}); resuming {checkpoint.name} would go on "
+                "training a rater that learned the old tokenization on texts tokenized the "
+                "new way, and export it with the new tokenizer.", "restore the backbone "
+                "folder's tokenizer files the checkpoints were trained with, or choose a new "
+                "`output_dir` for a run with the new tokenizer.")
+    return {"weights": recorded_weights, "tokenizer": recorded_tokenizer}
 
 
 def _resolved(judgments: Any) -> list[str]:

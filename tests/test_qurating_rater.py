@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,13 @@ from family_checkpoints import (
     write_family_tokenizer,
 )
 from recipe_runs import run_recipe_main, torch_threads
-from tiny_setup import _WORDS, REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
+from tiny_setup import (
+    _WORDS,
+    REPO_ROOT,
+    run_tune_subprocess,
+    write_tiny_checkpoint,
+    write_tiny_model_dir,
+)
 
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.models import hf_model_spec
@@ -41,7 +48,7 @@ from acadlm_plugins.qurating.rater import (
     read_judgments,
     save_rater,
 )
-from acadlm_plugins.training.checkpointing import latest_checkpoint
+from acadlm_plugins.training.checkpointing import STARTING_WEIGHTS_KEY, latest_checkpoint
 
 TINY_RATER_CONFIG = REPO_ROOT / "configs" / "tiny" / "qurating_rater.yaml"
 # Hidden quality of a text: the share of its words drawn from GOOD rather than BAD. Each word
@@ -529,6 +536,86 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monk
 
 
 JUDGED_RUN = ("batch_size=4", "save_every_n_steps=1", "eval_every_n_steps=100")
+
+
+def test_a_resumed_run_on_replaced_backbone_weights_is_refused_naming_backbone_dir(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The backbone folder rewritten at the same path with other weights (same config and
+    tokenizer): the checkpoint was trained from the old ones, so resuming would export a rater
+    that names this folder as its source but was not trained from it. With the folder's
+    weights restored the run resumes."""
+    backbone = Path(shutil.copytree(tiny_model_dir, tmp_path / "backbone"))
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=40)
+    run_in_process(monkeypatch, rater_args(tmp_path, backbone, judgments, "max_steps=2",
+                                           *JUDGED_RUN))
+    write_tiny_checkpoint(backbone, seed=1)  # same architecture, other weights
+    with pytest.raises(ConfigError, match=r"config `backbone_dir`: the starting model in .* "
+                                          r"changed since the checkpoints .*model\.safetensors.*"
+                                          r"Fix: choose a new `output_dir`.* or restore"):
+        run_in_process(monkeypatch, rater_args(tmp_path, backbone, judgments, "max_steps=3",
+                                               *JUDGED_RUN))
+    assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+    shutil.copy2(tiny_model_dir / "model.safetensors", backbone / "model.safetensors")
+    summary = run_in_process(monkeypatch, rater_args(tmp_path, backbone, judgments,
+                                                     "max_steps=3", *JUDGED_RUN))
+    assert summary["steps"] == 3
+
+
+def lowercase_the_text(backbone: Path) -> None:
+    """The same vocabulary, another tokenization: texts are lower-cased first."""
+    spec = json.loads((backbone / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (backbone / "tokenizer.json").write_text(json.dumps(spec))
+
+
+def frame_with_another_bos(backbone: Path) -> None:
+    """The same tokenizer.json, another BOS (which the rater puts before every text)."""
+    config = json.loads((backbone / "tokenizer_config.json").read_text())
+    config["bos_token"] = "<|endoftext|>"
+    (backbone / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("swap, changed", [(lowercase_the_text, "tokenizer.json"),
+                                           (frame_with_another_bos, "tokenizer_config.json")])
+def test_a_resumed_run_on_a_replaced_tokenizer_is_refused_naming_backbone_dir(
+        tiny_model_dir, tmp_path, monkeypatch, swap, changed):
+    """The rater reads its tokenizer from backbone_dir on every run: one swapped for another
+    with the same vocabulary (the weights untouched) would silently tokenize the rest of the
+    run, and the exported rater, another way."""
+    backbone = Path(shutil.copytree(tiny_model_dir, tmp_path / "backbone"))
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=40)
+    run_in_process(monkeypatch, rater_args(tmp_path, backbone, judgments, "max_steps=2",
+                                           *JUDGED_RUN))
+    swap(backbone)
+    assert RaterTokenizer(backbone).vocab_size == RaterTokenizer(tiny_model_dir).vocab_size
+    with pytest.raises(ConfigError, match=rf"config `backbone_dir`: the tokenizer in .* changed "
+                                          rf"since the checkpoints .*{re.escape(changed)}.*"
+                                          r"Fix: restore the backbone folder's tokenizer files"):
+        run_in_process(monkeypatch, rater_args(tmp_path, backbone, judgments, "max_steps=3",
+                                               *JUDGED_RUN))
+    assert latest_checkpoint(tmp_path / "run").name == "step_000002"
+
+
+def test_a_checkpoint_without_a_backbone_fingerprint_resumes(tiny_model_dir, tmp_path,
+                                                             monkeypatch):
+    """A checkpoint records the backbone's fingerprint; one written before that was recorded
+    resumes unchecked, and the resumed run's checkpoints record none either (as the other
+    recipes treat a checkpoint without ``starting_weights``)."""
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=40)
+    run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments, "max_steps=2",
+                                           *JUDGED_RUN))
+    state_file = latest_checkpoint(tmp_path / "run") / "recipe_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state[STARTING_WEIGHTS_KEY]["files"]["model.safetensors"]["sha256"]
+    assert state["backbone_tokenizer"]["files"]["tokenizer.json"]["sha256"]
+    del state[STARTING_WEIGHTS_KEY], state["backbone_tokenizer"]
+    torch.save(state, state_file)
+    summary = run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                                     "max_steps=3", *JUDGED_RUN))
+    assert summary["steps"] == 3
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "recipe_state.pt",
+                       weights_only=False)
+    assert state[STARTING_WEIGHTS_KEY] is None and state["backbone_tokenizer"] is None
 
 
 def test_a_resumed_run_on_changed_judgments_is_refused_naming_judgments(tiny_model_dir,

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from torchtune import training
 from torchtune.modules import TransformerDecoder
@@ -76,6 +77,7 @@ from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states
 from acadlm_plugins.models.families import HFModelSpec, hf_model_spec, unreadable_weights_refused
 from acadlm_plugins.qurating import CRITERIA
+from acadlm_plugins.training.checkpointing import starting_weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,10 @@ HEADS_FILENAME = "rater_heads.pt"
 INFO_FILENAME = "rater.json"
 FORMAT_VERSION = 1
 DEFAULT_MARGIN = 0.25
+# The files RaterTokenizer (through AcadTokenizer) reads from a model folder: the vocabulary and
+# merges, and the files its BOS/EOS/pad ids come from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 # ------------------------------------------------------------------------------------ model
@@ -639,6 +645,23 @@ def backbone_spec(model_dir: str | Path, *, key: str = "backbone_dir") -> HFMode
     except ConfigError as error:
         raise ConfigError(key, f"{Path(model_dir).expanduser()} cannot be a rater backbone: "
                           f"{error}") from error
+
+
+def backbone_fingerprint(model_dir: str | Path) -> dict[str, Any]:
+    """What a rater trains from in the backbone folder ``model_dir``, by content: ``weights``,
+    the fingerprint of its HF weight files (:func:`hf_checkpoint_files`) that the other
+    recipes record of their starting weights
+    (:func:`~acadlm_plugins.training.checkpointing.starting_weights_fingerprint`), and
+    ``tokenizer``, the same fingerprint of its :data:`TOKENIZER_FILES` (an absent file is
+    recorded as absent). A rater checkpoint records both; a resumed run compares them."""
+    model_dir = Path(model_dir).expanduser()
+
+    def fingerprint(files: Sequence[str]) -> dict[str, Any] | None:
+        return starting_weights_fingerprint(OmegaConf.create({"checkpointer": {
+            "checkpoint_dir": str(model_dir), "checkpoint_files": list(files)}}))
+
+    return {"weights": fingerprint(hf_checkpoint_files(model_dir)),
+            "tokenizer": fingerprint(TOKENIZER_FILES)}
 
 
 def check_backbone_dir(model_dir: str | Path, *, key: str = "backbone_dir") -> Path:
