@@ -413,3 +413,35 @@ def test_two_processes_give_the_scores_of_one(uninterrupted, rater_dir, corpus_f
     summary = json.loads((output_dir / "annotation.json").read_text())
     assert summary["processes"] == 2 and summary["complete"]
     assert summary["documents_scored"] == 36
+
+
+@pytest.mark.distributed
+def test_two_processes_on_a_one_process_output_dir_are_refused_by_every_rank(
+        uninterrupted, rater_dir, corpus_files, setup_dir):
+    """Only rank 0 compared the plan before a barrier: it printed the refusal while rank 1,
+    left in the barrier, died with gloo's "Connection closed by peer" (on NCCL: hung). Now
+    every rank prints it and exits with 2; the launcher (torchrun) exits with 1 and its own
+    ChildFailedError traceback, which lists each rank's exit code."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
+           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1", "ACADLM_TRACEBACK": "0"}
+    done = subprocess.run([str(Path(sys.executable).with_name("tune")), "run", "--nproc_per_node",
+                           "2", "acadlm_plugins/annotate_recipe",
+                           *annotate_args(uninterrupted, rater_dir, corpus_files)],
+                          cwd=setup_dir, env=env, capture_output=True, text=True, timeout=240,
+                          check=False)
+    stderr = done.stderr
+    assert done.returncode != 0 and set(re.findall(r"exitcode\s*: (\d+)", stderr)) == {"2"}, \
+        stderr[-3000:]
+    for rank in (0, 1):
+        assert re.search(rf"error \(rank {rank}\): config `output_dir`: .* holds shards of a "
+                         r"different annotation \(world_size changed: was \[1\], is \[2\]\)",
+                         stderr), stderr[-3000:]
+    # the launcher's own traceback only, none from a rank
+    tracebacks = re.split(r"(?m)^Traceback \(most recent call last\):$", stderr)[1:]
+    assert all("raise ChildFailedError(" in t for t in tracebacks), stderr[-3000:]
+    assert "Connection closed" not in stderr, stderr[-3000:]
