@@ -25,7 +25,6 @@ is sharded with FSDP2 and each rank takes its share of every batch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -39,7 +38,7 @@ from torchtune import config, training, utils
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins.errors import ConfigError, DataError
-from acadlm_plugins.plugins.nonfinite_loss_guard import check_finite
+from acadlm_plugins.plugins.nonfinite_loss_guard import check_finite_on_every_rank
 from acadlm_plugins.qurating.rater import (
     BACKBONE_DIRNAME,
     DEFAULT_MARGIN,
@@ -474,10 +473,7 @@ class RaterRecipe:
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
         """Stop before backward on a NaN/inf loss, on every rank at once (a rank that stopped
         alone would leave the others waiting in a collective)."""
-        value = float(loss_sum.detach())
-        if self._distributed and self._all_reduce(0.0 if math.isfinite(value) else 1.0) > 0:
-            value = value if not math.isfinite(value) else math.nan  # another rank's was not
-        check_finite(value, name="loss", step=self._step + 1)
+        check_finite_on_every_rank([("loss", loss_sum)], step=self._step + 1)
 
     def _all_reduce(self, value: float) -> float:
         return runtime.all_reduce_float(value, distributed=self._distributed, device=self._device)

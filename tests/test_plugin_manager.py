@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from acadlm_plugins import hookimpl
 from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.plugin_manager import (
     ALLOW_ENV,
@@ -371,3 +373,89 @@ def test_guard_also_checks_other_plugins_terms(example_on_path):
     logits[0, 1, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match="`loss/z_loss` is inf at step 10"):
         _call_extra_loss(pm, logits, torch.tensor(1.0), step=9)
+
+
+def test_guard_runs_no_collective_in_a_single_process(guarded, monkeypatch):
+    from acadlm_plugins.plugins.nonfinite_loss_guard import check_finite_on_every_rank
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective in a single process")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", no_collective)
+    assert _call_extra_loss(guarded, None, torch.tensor(1.0)) == []
+    with pytest.raises(NonFiniteLossError, match="`loss/kl` is inf at step 4;") as error:
+        check_finite_on_every_rank([("loss", 1.0), ("loss/kl", torch.tensor([0.0, math.inf]))],
+                                   step=4)
+    assert error.value.ranks is None
+
+
+class NanLossOnRankOne:
+    """Test plugin for `tune run --nproc_per_node 2`: in the second step, rank 1's logits turn
+    NaN (as a bf16 overflow in its micro-batch alone would); rank 0's loss stays finite."""
+
+    @hookimpl
+    def acadlm_model_built(self, model):
+        self.step = -1
+
+        def poison(module, args, out):
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            return out * float("nan") if rank == 1 and self.step == 1 and module.training else out
+
+        model.register_forward_hook(poison)
+
+    @hookimpl
+    def acadlm_batch_ready(self, step):
+        self.step = step
+
+
+class InfTermOnRankOne:
+    """Test plugin: adds a loss term, zero but on rank 1 in the second step, where it is inf."""
+
+    @hookimpl
+    def acadlm_extra_loss(self, logits, step):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        bad = rank == 1 and step == 1
+        return {"probe": logits.sum() * 0.0 + (math.inf if bad else 0.0)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("probe", "named"), [("NanLossOnRankOne", "`loss` is nan"),
+                                              ("InfTermOnRankOne", "`loss/probe` is inf")])
+def test_guard_stops_every_rank_when_one_rank_sees_a_non_finite_loss(tmp_path, probe, named):
+    """A NaN loss or plugin term on one rank only stops every rank, before backward, with the
+    one-line error and exit code 2: no rank goes on into FSDP's collectives alone (on gloo a
+    "Connection closed by peer" traceback, on NCCL a hang)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tiny_setup import REPO_ROOT, tiny_run_args
+
+    args = tiny_run_args(tmp_path, "batch_size=2", "max_steps=3", "save_every_n_steps=3",
+                         f"plugins=[test_plugin_manager:{probe}]")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
+           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1"}
+    env.pop("ACADLM_TRACEBACK", None)
+    tune = Path(sys.executable).with_name("tune")
+    try:
+        done = subprocess.run([str(tune), "run", "--nproc_per_node", "2",
+                               "acadlm_plugins/continued_pretrain_recipe", *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=240, check=False)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"a rank hung in a collective:\n{hung.stdout}\n{hung.stderr}")
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log
+    for rank in (0, 1):
+        assert f"error (rank {rank}): {named} at step 2 (on rank 1 of 2);" in log, log
+    # torchrun's summary: the ranks exited 2; torchrun stops the other rank (SIGTERM, -15) as
+    # soon as one has exited, which can beat that rank's own exit after its error line
+    codes = [int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", log)]
+    assert 2 in codes and set(codes) <= {2, -15}, log
+    assert "Connection closed" not in log, log
+    # the launcher prints one traceback for its ChildFailedError; no rank prints one
+    assert not re.search(r'File "[^"]*acadlm_plugins', log), log
+    assert log.count("Traceback (most recent call last)") <= 1, log
+    assert not list((tmp_path / "run").glob("step_*"))  # nothing saved after the NaN
