@@ -210,7 +210,7 @@ class ContinuedPretrainRecipe:
         self._check_data()
         self._sampler = DomainBatchSampler.for_dataset(
             self._train_data, self._batch_size, seed=self._seed, rank=self._data_rank,
-            world_size=self._data_world)
+            world_size=self._data_world, gradient_accumulation_steps=self._grad_accum)
         self._pm.hook.acadlm_data_ready(dataset=self._train_data, sampler=self._sampler, cfg=cfg)
 
         self._optimizer = self._setup_optimizer(cfg)

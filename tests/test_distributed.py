@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -125,3 +126,38 @@ def test_distributed_resume_matches_an_uninterrupted_distributed_run(setup_dir, 
                             weights_only=False)
     assert state["sampler"]["batches_drawn"] == want_state["sampler"]["batches_drawn"] == STEPS
     assert state["sampler"]["cursor"] == want_state["sampler"]["cursor"]
+
+
+def test_resume_on_one_process_needs_the_same_global_batch(setup_dir, distributed_run):
+    """The 2-rank run's step-3 checkpoint, resumed by one process: with the same batch_size
+    (half the global batch) it is refused naming batch_size; with batch_size doubled it trains
+    the uninterrupted 2-rank run's steps 4-6 on the same batches."""
+    uninterrupted_dir, uninterrupted = distributed_run
+    resumed_dir = setup_dir / "two_ranks_then_one"
+    resumed_dir.mkdir()
+    shutil.copytree(uninterrupted_dir / "step_000003", resumed_dir / "step_000003")
+    (resumed_dir / "LATEST").write_text("step_000003")
+
+    with pytest.raises(AssertionError, match="failed"):  # run_tune_subprocess: nonzero exit
+        run_tune(setup_dir, resumed_dir, f"batch_size={PER_RANK_BATCH}", f"max_steps={STEPS}")
+    refused = (setup_dir / f"{resumed_dir.name}.log").read_text()
+    assert "config `batch_size`" in refused and "global batch of 4" in refused, refused[-2000:]
+    assert "--nproc_per_node" in refused
+    assert not (resumed_dir / f"step_{STEPS:06d}").exists()
+
+    resumed = run_tune(setup_dir, resumed_dir, f"batch_size={PER_RANK_BATCH * RANKS}",
+                       f"max_steps={STEPS}")
+    assert "resumed at step 3 of 6" in (setup_dir / f"{resumed_dir.name}.log").read_text()
+    want, got = logged_training_metrics(uninterrupted_dir), logged_training_metrics(resumed_dir)
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step]["step_tokens"] == want[step]["step_tokens"], f"step {step}"
+        assert got[step]["tokens_seen"] == want[step]["tokens_seen"], f"step {step}"
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=REL_TOL), f"step {step}"
+    assert_close_mapping(resumed["domain_weights"], uninterrupted["domain_weights"],
+                         "domain_weights")
+    state = torch.load(resumed_dir / f"step_{STEPS:06d}" / "recipe_state.pt", weights_only=False)
+    want_state = torch.load(uninterrupted_dir / f"step_{STEPS:06d}" / "recipe_state.pt",
+                            weights_only=False)
+    assert state["sampler"]["cursor"] == want_state["sampler"]["cursor"]
+    assert state["sampler"]["samples_per_domain"] == want_state["sampler"]["samples_per_domain"]

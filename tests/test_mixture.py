@@ -191,6 +191,73 @@ def test_resuming_with_different_data_is_refused():
         other.load_state_dict(sampler.state_dict())
 
 
+def test_resume_on_fewer_processes_needs_the_same_global_batch():
+    """2 ranks x batch_size 2 resumed by 1 process: batch_size 2 would halve the global batch
+    (refused, naming batch_size); batch_size 4 draws exactly what the 2 ranks would have."""
+    args = (["a", "b", "c"], [7, 11, 30], np.array([0.5, 0.3, 0.2]))
+    ranks = [DomainBatchSampler(*args, batch_size=2, seed=5, rank=r, world_size=2)
+             for r in range(2)]
+    for _ in range(3):
+        for rank in ranks:
+            rank.next_batch()
+    ranks[0].set_weights([0.2, 0.2, 0.6])  # as dynamic batch loading would, on every rank
+    ranks[1].set_weights([0.2, 0.2, 0.6])
+    state = ranks[0].state_dict()
+    uninterrupted = [ranks[0].next_batch() + ranks[1].next_batch() for _ in range(8)]
+
+    halved = DomainBatchSampler(*args, batch_size=2, seed=5)
+    with pytest.raises(ConfigError, match="batch_size") as refused:
+        halved.load_state_dict(state)
+    message = str(refused.value)
+    assert message.startswith("config `batch_size`")
+    assert "global batch of 4" in message and "is 2" in message
+    assert "--nproc_per_node" in message and "batch_size 4" in message
+    assert "new output_dir" in message
+
+    resumed = DomainBatchSampler(*args, batch_size=4, seed=5)
+    resumed.load_state_dict(state)
+    assert _draw(resumed, 8) == uninterrupted
+
+
+def test_resume_on_more_processes_with_the_same_batch_size_is_refused():
+    args = (["a", "b"], [10, 10], np.array([0.5, 0.5]))
+    single = DomainBatchSampler(*args, batch_size=2, seed=1)
+    single.next_batch()
+    doubled = DomainBatchSampler(*args, batch_size=2, seed=1, rank=1, world_size=2)
+    with pytest.raises(ConfigError, match=r"config `batch_size`.*global batch of 2.*is 4"):
+        doubled.load_state_dict(single.state_dict())
+    halved = DomainBatchSampler(*args, batch_size=1, seed=1, rank=1, world_size=2)
+    halved.load_state_dict(single.state_dict())
+
+
+def test_resume_with_other_gradient_accumulation_is_refused():
+    args = (["a", "b"], [10, 10], np.array([0.5, 0.5]))
+    sampler = DomainBatchSampler(*args, batch_size=2, gradient_accumulation_steps=2)
+    fewer = DomainBatchSampler(*args, batch_size=2, gradient_accumulation_steps=1)
+    with pytest.raises(ConfigError, match="config `gradient_accumulation_steps`.*global batch "
+                                          "of 4 samples per step .* is 2"):
+        fewer.load_state_dict(sampler.state_dict())
+    # the same samples per step in fewer, larger draws: the draws differ
+    traded = DomainBatchSampler(*args, batch_size=4, gradient_accumulation_steps=1)
+    with pytest.raises(ConfigError, match="config `batch_size`.*drew its 4 samples per step"):
+        traded.load_state_dict(sampler.state_dict())
+
+
+def test_checkpoint_without_a_recorded_global_batch_resumes_with_a_warning(caplog):
+    args = (["a", "b"], [10, 10], np.array([0.5, 0.5]))
+    sampler = DomainBatchSampler(*args, batch_size=2, seed=4)
+    sampler.next_batch()
+    state = sampler.state_dict()
+    state.pop("global_batch", None)  # as written before the global batch was recorded
+    expected = _draw(sampler, 3)
+    resumed = DomainBatchSampler(*args, batch_size=2, seed=4)
+    with caplog.at_level(logging.WARNING, logger="acadlm_plugins.data.mixture"):
+        resumed.load_state_dict(state)
+    warnings = [r for r in caplog.records if "global batch" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot check" in warnings[0].getMessage()
+    assert _draw(resumed, 3) == expected
+
+
 # ------------------------------------------------------- config errors name the full key
 
 

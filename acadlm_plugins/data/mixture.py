@@ -14,8 +14,9 @@ Two ways to draw from a mixture:
         packed: True
 
 * :class:`DomainBatchSampler` draws every batch from the *current* weights, which dynamic batch
-  loading changes during training; its state (RNG, per-domain cursors, weights) is checkpointed
-  so a resumed run draws exactly the batches the uninterrupted run would have drawn.
+  loading changes during training; its state (RNG, per-domain cursors, weights, global batch) is
+  checkpointed so a resumed run draws exactly the batches the uninterrupted run would have drawn
+  (a resume with another global batch is refused).
 """
 
 from __future__ import annotations
@@ -413,15 +414,21 @@ def _pad_id(tokenizer) -> int:
 class DomainBatchSampler:
     """Draws batches of ``(domain_index, pack_index)`` keys from the current domain weights.
 
-    Each step draws the whole global batch (``batch_size * world_size`` samples) with one RNG
+    Each draw takes the whole global batch (``batch_size * world_size`` samples) with one RNG
     shared by all ranks, and each rank keeps its own slice: ranks agree on the data without
     communicating. Within a domain packs are visited in a seeded random order, reshuffled
     every pass. ``set_weights`` takes effect from the next batch.
+
+    The stream of keys depends on the samples per draw (``batch_size * world_size``: two ranks
+    with ``batch_size`` B draw what one process with 2B draws) and on the draws per optimizer
+    step (``gradient_accumulation_steps``, which places the weight updates), so both are saved
+    and a resume that changes either is refused: it would silently train on another global
+    batch than the checkpoint's run.
     """
 
     def __init__(self, domain_names: Sequence[str], num_packs: Sequence[int],
                  weights: np.ndarray, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, gradient_accumulation_steps: int = 1) -> None:
         if batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {batch_size}.")
         self.domain_names = list(domain_names)
@@ -430,6 +437,7 @@ class DomainBatchSampler:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
         self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
         self._generator = torch.Generator().manual_seed(seed)
         self._cursor = [0] * len(self.domain_names)
@@ -486,7 +494,57 @@ class DomainBatchSampler:
                 "epoch": list(self._epoch), "weights": self.weights.clone(),
                 "batches_drawn": self.batches_drawn, "domain_names": list(self.domain_names),
                 "num_packs": list(self.num_packs),
-                "samples_per_domain": list(self.samples_per_domain), "content": self.content}
+                "samples_per_domain": list(self.samples_per_domain), "content": self.content,
+                "global_batch": self._global_batch()}
+
+    def _global_batch(self) -> dict[str, int]:
+        """What defines the stream this sampler draws, beyond the data and the seed."""
+        return {"batch_size": self.batch_size, "world_size": self.world_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps}
+
+    def _check_global_batch(self, saved: Mapping[str, int] | None) -> None:
+        """Refuse a resume that would draw another global batch than the checkpoint's run."""
+        if saved is None:  # checkpoints written before the global batch was recorded
+            if self.rank == 0:
+                log.warning("the checkpoint does not record its global batch (batch_size x "
+                            "data-parallel processes x gradient_accumulation_steps; written "
+                            "before it was saved), so this resume cannot check it matches this "
+                            "run's (%d x %d x %d).", self.batch_size, self.world_size,
+                            self.gradient_accumulation_steps)
+            return
+        old_b, old_w = int(saved["batch_size"]), int(saved["world_size"])
+        old_a = int(saved.get("gradient_accumulation_steps", 1))
+        old_draw, new_draw = old_b * old_w, self.batch_size * self.world_size
+        new_a = self.gradient_accumulation_steps
+        if old_draw == new_draw and old_a == new_a:
+            return
+        if old_draw % self.world_size == 0:
+            same = (f"batch_size {old_draw // self.world_size} on this run's {self.world_size} "
+                    f"data-parallel process(es)")
+        else:
+            same = (f"a process count that divides {old_draw}, with batch_size x processes "
+                    f"= {old_draw}")
+        was = (f"batch_size {old_b} x {old_w} data-parallel process(es) x "
+               f"gradient_accumulation_steps {old_a}")
+        now = (f"batch_size {self.batch_size} x {self.world_size} x "
+               f"gradient_accumulation_steps {new_a}")
+        if old_draw * old_a != new_draw * new_a:
+            problem = (f"the checkpoint being resumed was trained on a global batch of "
+                       f"{old_draw * old_a} samples per step ({was}); this run's is "
+                       f"{new_draw * new_a} ({now}), so it would go on with other batches than "
+                       "the run it continues.")
+        else:
+            problem = (f"the checkpoint being resumed drew its {old_draw * old_a} samples per "
+                       f"step as {was}; this run would draw them as {now}, and the sampler "
+                       "draws each micro-batch's samples at once, so it would go on with other "
+                       "batches than the run it continues.")
+        raise ConfigError(
+            "batch_size" if old_draw != new_draw else "gradient_accumulation_steps",
+            problem + " (The processes are `tune run --nproc_per_node`, divided by the "
+            "sequence-parallel degree where one is set.)",
+            f"resume with the same global batch: {same} and gradient_accumulation_steps "
+            f"{old_a} (halving the processes means doubling batch_size); or start a new "
+            "output_dir.")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["domain_names"]) != self.domain_names or \
@@ -505,6 +563,7 @@ class DomainBatchSampler:
                 "written (same files and pack counts, other tokens), so the run would go on "
                 "training on other data under the old run's name. Fix: restore the data the run "
                 "started with, or start a new output_dir.")
+        self._check_global_batch(state.get("global_batch"))
         self._generator.set_state(state["generator"])
         self._cursor = list(state["cursor"])
         self._epoch = list(state["epoch"])
