@@ -277,24 +277,50 @@ def test_a_latest_checkpoint_without_its_weights_is_refused_naming_it(tmp_path):
 
 
 def test_missing_weights_reads_index_shards_and_model_folders(tmp_path):
-    model = tmp_path / "rater" / "backbone"
+    model = tmp_path / "rater" / "model"  # the rater recipe's layout
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
     assert checkpointing.missing_weights(tmp_path) == [
-        "rater/backbone/ (config.json and no weight file)"]
+        "rater/model/ (config.json and no weight file)"]
     (model / "model-00001-of-00003.safetensors").write_bytes(b"w")
     assert checkpointing.missing_weights(tmp_path) == [
-        "rater/backbone/model-00002-of-00003.safetensors",
-        "rater/backbone/model-00003-of-00003.safetensors"]
+        "rater/model/model-00002-of-00003.safetensors",
+        "rater/model/model-00003-of-00003.safetensors"]
     for name in ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"):
         (model / name).write_bytes(b"w")
     (model / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"a": "extra.safetensors"}}))
-    assert checkpointing.missing_weights(tmp_path) == ["rater/backbone/extra.safetensors"]
+    assert checkpointing.missing_weights(tmp_path) == ["rater/model/extra.safetensors"]
     (model / "extra.safetensors").write_bytes(b"w")
     assert checkpointing.missing_weights(tmp_path) == []
     only_state = fake_checkpoint(tmp_path / "run", 1)  # no model folder: nothing to tell
     assert checkpointing.is_complete_checkpoint(only_state)
+
+
+def test_folders_the_recipes_do_not_write_as_models_are_not_weighed(tmp_path):
+    """A finished checkpoint was refused ("its weights are missing") and pruned as incomplete
+    when it held a folder with a config.json and no weights that is no model of ours: the
+    scratch folder of a quantized copy killed half-way, or a sub-folder of the source model
+    (an HF Trainer's checkpoint-500/) whose non-weight files torchtune copies into model/."""
+    run = tmp_path / "run"
+    step = fake_checkpoint(run, 2)
+    model = step / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model-00001-of-00001.safetensors").write_bytes(b"w")
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
+    nested = model / "checkpoint-500"
+    nested.mkdir()
+    (nested / "config.json").write_text("{}")
+    (nested / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    scratch = step / ".model-int8_weight_only.partial-2f800a2edf1f"
+    scratch.mkdir()
+    (scratch / "config.json").write_text("{}")
+    assert checkpointing.missing_weights(step) == []
+    assert checkpointing.latest_checkpoint(run) == step
+    assert checkpointing.find_resume_checkpoint(run, "auto") == step
 
 
 # ------------------------------------------------------------------------- max_steps

@@ -108,8 +108,11 @@ def is_complete_checkpoint(folder: Path) -> bool:
 def missing_weights(checkpoint: Path) -> list[str]:
     """The weight files a checkpoint folder evidently lacks (paths relative to it), as a
     deletion killed half-way by an older version left them (``recipe_state.pt`` and
-    ``model/config.json`` still there, the safetensors gone). A folder inside it lacks: the
-    files its ``*.index.json`` weight map names, the other shards of a sharded file
+    ``model/config.json`` still there, the safetensors gone). Only the model folders the recipes
+    write are looked at: ``model/`` and ``<name>/model/`` (the rater's ``rater/model/``), not
+    what else a checkpoint holds (hidden scratch folders of an unfinished quantized copy, files
+    torchtune copies from sub-folders of the source model). Such a folder lacks: the files its
+    ``*.index.json`` weight map names, the other shards of a sharded file
     (``model-00001-of-00002.safetensors``), or, holding a ``config.json`` and none of these, any
     weight file at all (then the folder itself is listed, ``model/ (config.json and no weight
     file)``). Empty where nothing is evidently missing (a few directory listings; weights are
@@ -117,12 +120,16 @@ def missing_weights(checkpoint: Path) -> list[str]:
     missing: list[str] = []
     if not checkpoint.is_dir():
         return missing
-    for folder, _, filenames in sorted(os.walk(checkpoint)):
-        names = set(filenames)
+    folders = [checkpoint / MODEL_DIRNAME, *(sub / MODEL_DIRNAME for sub in sorted(
+        checkpoint.iterdir()) if sub.is_dir() and not sub.name.startswith("."))]
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        names = {entry.name for entry in folder.iterdir() if entry.is_file()}
         expected: set[str] = set()
         for name in sorted(n for n in names if n.endswith(".index.json")):
             try:
-                weight_map = json.loads((Path(folder) / name).read_text()).get("weight_map", {})
+                weight_map = json.loads((folder / name).read_text()).get("weight_map", {})
                 expected.update(str(file) for file in weight_map.values())
             except (OSError, ValueError, AttributeError):
                 continue  # an unreadable index: the loader names it
@@ -132,7 +139,7 @@ def missing_weights(checkpoint: Path) -> list[str]:
                 width, total = len(shard["index"]), int(shard["total"])
                 expected.update(f"{shard['stem']}-{i:0{width}d}-of-{shard['total']}"
                                 f"{shard['suffix']}" for i in range(1, total + 1))
-        where = Path(folder).relative_to(checkpoint)
+        where = folder.relative_to(checkpoint)
         missing.extend(str(where / name) for name in sorted(expected - names))
         if (not expected and "config.json" in names
                 and not any(Path(name).suffix in _WEIGHT_SUFFIXES for name in names)):
