@@ -231,3 +231,18 @@ def test_cleaning_keeps_complete_checkpoints_and_other_files(tmp_path):
     assert [p.name for p in removed] == [".step_000002.partial"]
     assert (tmp_path / "step_000001" / "recipe_state.pt").exists()
     assert (tmp_path / "notes.tmp.txt").exists()
+
+
+def test_cleaning_removes_a_quantized_copy_killed_half_way(tmp_path):
+    """A run killed while the torchao plugin wrote a checkpoint's quantized copy left its
+    scratch folder (a config.json, maybe part of the weights) inside the step folder for good."""
+    step = tmp_path / "step_000002"
+    (step / "model").mkdir(parents=True)
+    (step / "model" / "config.json").write_text("{}")
+    scratch = step / ".model-int8_weight_only.partial-2f800a2edf1f"
+    scratch.mkdir()
+    (scratch / "config.json").write_text("{}")
+    (step / "model-int8_weight_only").mkdir()
+    removed = clean_interrupted_writes(tmp_path)
+    assert removed == [scratch] and not scratch.exists()
+    assert sorted(p.name for p in step.iterdir()) == ["model", "model-int8_weight_only"]

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # What :func:`~acadlm_plugins.training.checkpointing.write_atomically` and
 # :func:`~acadlm_plugins.training.checkpointing.write_checkpoint` leave behind when killed.
 _PARTIAL_CHECKPOINT_GLOB = ".step_*.partial"
+# Inside a checkpoint: the scratch folder of a quantized copy (quantization.write_quantized_copy)
+_PARTIAL_COPY_GLOB = ".*.partial-*"
 _TEMPORARY_FILE_GLOBS = ("tmp*.tmp", ".acadlm-*.tmp")
 
 
@@ -149,8 +151,9 @@ def check_output_outside(output_dir: str | Path, model_dir: str | Path, model_ke
 
 def clean_interrupted_writes(output_dir: Path) -> list[Path]:
     """Remove what a killed run left half-written in ``output_dir`` (a hidden
-    ``.step_N.partial`` checkpoint folder, temporary files of atomic writes); complete
-    checkpoints are never touched. Returns what was removed, which is also logged."""
+    ``.step_N.partial`` checkpoint folder, the hidden scratch folder of a quantized copy inside
+    a checkpoint, temporary files of atomic writes); complete checkpoints are never touched.
+    Returns what was removed, which is also logged."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -160,6 +163,11 @@ def clean_interrupted_writes(output_dir: Path) -> list[Path]:
             shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial)
     folders = [output_dir, *(p for p in output_dir.iterdir() if p.is_dir())]
+    for folder in folders[1:]:  # a quantized copy of a checkpoint, killed half-way
+        for partial in sorted(folder.glob(_PARTIAL_COPY_GLOB)):
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial, ignore_errors=True)
+                removed.append(partial)
     for folder in folders:
         for pattern in _TEMPORARY_FILE_GLOBS:
             for leftover in sorted(folder.glob(pattern)):
