@@ -35,6 +35,7 @@ from acadlm_plugins.data.mixture import (
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.families import shape_differences, unreadable_weights_refused
 from acadlm_plugins.plugin_manager import (
+    add_plugin_results,
     build_plugin_manager,
     collect_metrics,
     list_plugins,
@@ -290,7 +291,7 @@ class ContinuedPretrainRecipe:
             metrics = self._train_step()
             self._step += 1
             extra = self._pm.hook.acadlm_after_optimizer_step(step=self._step, metrics=metrics)
-            metrics.update(collect_metrics(extra))
+            add_plugin_results(metrics, extra, owner="the recipe's metrics")
             if runtime.is_due(self._step, self._log_every, self._max_steps):
                 self._log(metrics)
             progress.update(1)
@@ -302,9 +303,8 @@ class ContinuedPretrainRecipe:
         progress.close()
         final = latest_checkpoint(self._output_dir)
         if self.exports_final_model and self._is_rank_zero and final is not None:
-            for result in self._pm.hook.acadlm_model_exported(
-                    model_dir=str(final / MODEL_DIRNAME), recipe=self._recipe_name):
-                self._exported.update(result or {})
+            self._exported = collect_metrics(self._pm.hook.acadlm_model_exported(
+                model_dir=str(final / MODEL_DIRNAME), recipe=self._recipe_name))
         return self._summary(self._wall_clock())
 
     def _train_step(self) -> dict[str, float]:
@@ -382,7 +382,7 @@ class ContinuedPretrainRecipe:
         metrics["val_loss"] = sum(losses.values()) / len(losses)
         extra = self._pm.hook.acadlm_evaluation_end(step=self._step, domain_losses=losses,
                                                    metrics=metrics)
-        metrics.update(collect_metrics(extra))
+        add_plugin_results(metrics, extra, owner="the recipe's metrics")
         self._history["evaluations"].append({"step": self._step, "losses": losses})
         self._log(metrics)
         if self._is_rank_zero:
@@ -540,8 +540,8 @@ class ContinuedPretrainRecipe:
             "val_loss_before": evaluations[0]["losses"] if evaluations else {},
             "val_loss_after": evaluations[-1]["losses"] if evaluations else {},
             "checkpoint": str(latest_checkpoint(self._output_dir) or ""),
-            **self._exported,
         }
+        add_plugin_results(summary, self._exported, owner="the recipe's summary")
         self._pm.hook.acadlm_run_end(summary=summary)
         if self._is_rank_zero:
             (self._output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

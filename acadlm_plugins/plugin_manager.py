@@ -21,18 +21,28 @@ Environment switches:
 ``ACADLM_PLUGINS_TRACE=1``
     Log every hook call, its arguments and its results to the ``acadlm_plugins.plugin_manager``
     logger (level INFO).
+
+Every hook function a plugin registers is wrapped (:func:`_guarded`): an exception it raises
+keeps its type and gains a note naming the plugin and the hook, and what it returns is checked
+where it is returned (a dict, loss terms that are scalar tensors, a list of parameter groups),
+so a wrong return value stops the run with a :class:`PluginHookError` naming the plugin, the
+hook and what to return, before any recipe code uses it. Dicts come back as
+:class:`PluginResult` (a ``dict`` that remembers which plugin returned which key), so that
+:func:`collect_metrics` and :func:`add_plugin_results` can name the plugins whose keys clash.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import logging
 import os
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
 
 import pluggy
 
@@ -61,8 +71,39 @@ _IMPORT_FIX = (
 )
 
 
+# In a checkpoint's plugin states: which plugin saved which key (`{state_key: plugin_name}`),
+# so a resumed run can say which plugin it lacks. Taken out before plugins see the states.
+PLUGIN_NAMES_KEY = "_acadlm_plugin_names"
+
+# What each hook whose return value the recipes use must return, as the error says it.
+_EXPECTED_RETURNS = {
+    "acadlm_optimizer_param_groups": "a list of parameter-group dicts "
+                                     "(`[{'params': [...], 'lr': ...}]`) or None",
+    "acadlm_extra_loss": "`{name: scalar tensor}` (one number per term, e.g. a `.mean()`) or None",
+    "acadlm_after_optimizer_step": "a dict of metrics `{name: number}` or None",
+    "acadlm_evaluation_end": "a dict of metrics `{name: number}` or None",
+    "acadlm_state_dict": "`{key: state}` or None",
+    "acadlm_model_exported": "a dict to merge into the run's summary, or None",
+}
+_NOTE_PREFIX = "raised in acadlm plugin"
+
+
 class PluginLoadError(AcadlmError, ImportError):
     """An installed package's entry point could not be loaded. The message says how to skip it."""
+
+
+class PluginHookError(AcadlmError, ValueError):
+    """A plugin's hook returned something the recipe cannot use, or a key that another plugin
+    or the recipe itself already has. The message names the plugin, the hook and the fix."""
+
+
+class PluginResult(dict):
+    """A dict of plugin results that remembers, per key, the plugin and hook it came from
+    (``origins``: ``{key: (plugin_name, hook_name)}``), so that a clash names them."""
+
+    def __init__(self, *args: Any, origins: dict | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.origins: dict = dict(origins or {})
 
 
 def build_plugin_manager(
@@ -111,39 +152,82 @@ def list_plugins(pm: pluggy.PluginManager) -> list[str]:
     return [name for name, plugin in pm.list_name_plugin() if plugin is not None]
 
 
-def collect_metrics(results: Iterable[dict | None]) -> dict:
+def collect_metrics(results: Iterable[dict | None]) -> PluginResult:
     """Merge the dicts that plugins returned from one hook call into one dict.
 
-    ``None`` results are skipped. Two plugins returning the same key is an error rather than a
-    silent overwrite, because one of the two values would vanish from the logs (or the loss).
+    ``None`` results are skipped. Two plugins returning the same key is an error naming both
+    plugins and the hook rather than a silent overwrite, because one of the two values would
+    vanish from the logs (or the loss). The merged dict remembers where each key came from.
     """
-    merged: dict = {}
+    merged = PluginResult()
     for result in results:
         if result is None:
             continue
         if not isinstance(result, dict):
-            raise AcadlmError(
-                f"a plugin hook returned {type(result).__name__} where a dict (or None) is "
-                f"expected: {result!r}. Fix: return `{{name: value}}` from the hook."
+            raise PluginHookError(
+                f"a plugin hook returned {_show(result)} where a dict (or None) is expected. "
+                "Fix: return `{name: value}` from the hook."
             )
+        origins = getattr(result, "origins", {})
         for key, value in result.items():
+            origin = origins.get(key)
             if key in merged:
-                raise AcadlmError(
-                    f"two plugins returned the same key {key!r} from one hook. "
-                    "Fix: rename the key in one of the plugins (prefix it with the plugin's name)."
-                )
+                raise PluginHookError(_clash(key, merged.origins.get(key), origin))
             merged[key] = value
+            if origin is not None:
+                merged.origins[key] = origin
     return merged
 
 
+def add_plugin_results(target: dict, results: dict | Iterable[dict | None], *,
+                       owner: str = "the recipe") -> dict:
+    """Add what plugins returned (one hook call's results, or a dict :func:`collect_metrics`
+    merged) to ``target``, the recipe's own metrics or summary, and return ``target``.
+
+    A plugin key that ``target`` already has is an error naming the plugin, the hook and the
+    key: it would silently replace the recipe's own value (its logged loss, say)."""
+    merged = collect_metrics([results] if isinstance(results, dict) else results)
+    for key in merged:
+        if key in target:
+            origin = merged.origins.get(key)
+            who = (f"plugin '{origin[0]}' returns key {key!r} from `{origin[1]}`" if origin
+                   else f"a plugin returns key {key!r}")
+            raise PluginHookError(
+                f"{who}, which is already in {owner}: the plugin's value would silently "
+                "replace the recipe's own. Fix: rename the key in the plugin (prefix it with "
+                "the plugin's name)."
+            )
+    target.update(merged)
+    return target
+
+
 def plugin_states(pm: pluggy.PluginManager) -> dict:
-    """Collect every plugin's ``acadlm_state_dict`` into one dict for the checkpoint."""
-    return collect_metrics(pm.hook.acadlm_state_dict())
+    """Collect every plugin's ``acadlm_state_dict`` into one dict for the checkpoint, with
+    which plugin saved which key (under :data:`PLUGIN_NAMES_KEY`)."""
+    merged = collect_metrics(pm.hook.acadlm_state_dict())
+    names = {key: plugin for key, (plugin, _) in merged.origins.items()}
+    return add_plugin_results({PLUGIN_NAMES_KEY: names}, merged,
+                              owner="the checkpoint's record of plugin names")
 
 
 def restore_plugin_states(pm: pluggy.PluginManager, states: dict) -> None:
-    """Hand the checkpoint's plugin states back to the plugins on resume."""
-    pm.hook.acadlm_load_state_dict(states=dict(states or {}))
+    """Hand the checkpoint's plugin states back to the plugins on resume.
+
+    A state saved by a plugin this run does not load is logged as a warning: that plugin's
+    state is left behind, so the run does not continue exactly as it would have."""
+    states = dict(states or {})
+    names = states.pop(PLUGIN_NAMES_KEY, None) or {}
+    loaded = set(list_plugins(pm))
+    missing = {key: name for key, name in names.items() if name not in loaded and key in states}
+    if missing:
+        logger.warning(
+            "the checkpoint holds plugin state saved by %s, which this run does not load: "
+            "that state is not restored. To continue exactly, load the plugin again (the "
+            "config's `plugins:` or the installed package); the plugins of this run: %s.",
+            ", ".join(f"plugin '{name}' (key {key!r})" for key, name in sorted(missing.items())),
+            ", ".join(sorted(loaded)) or "none",
+        )
+    pm.hook.acadlm_load_state_dict(states=states)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -268,7 +352,7 @@ def _register(pm: pluggy.PluginManager, obj: object, name: str, seen: set[int]) 
             f"uninstall one of them, or exclude the entry point with {ALLOW_ENV}.",
         )
     seen.add(id(obj))
-    plugin = obj() if inspect.isclass(obj) else obj
+    plugin = _instantiate(obj, name) if inspect.isclass(obj) else obj
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
@@ -292,6 +376,127 @@ def _register(pm: pluggy.PluginManager, obj: object, name: str, seen: set[int]) 
             "decorate its hook functions with `@acadlm_plugins.hookimpl` and name them after "
             "the hooks in acadlm_plugins.hookspecs.",
         )
+    _refuse_undecorated_hooks(pm, plugin, name)
+    _guard_hook_functions(pm, plugin, name)
+
+
+def _instantiate(cls: type, name: str) -> object:
+    """``cls()``, with an error naming the plugin if its ``__init__`` fails."""
+    try:
+        return cls()
+    except AcadlmError:
+        raise  # the plugin's own error, naming its fix
+    except Exception as exc:
+        raise ConfigError(
+            "plugins",
+            f"plugin '{name}' could not be created with no arguments: "
+            f"{type(exc).__name__}: {exc}.",
+            "a plugin class is instantiated once per run as `ClassName()`: give every "
+            "`__init__` argument a default and read settings from the config in "
+            "`acadlm_configure`, or fix the error in its `__init__`.",
+        ) from exc
+
+
+def _refuse_undecorated_hooks(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """A plugin with some decorated hooks and a hook-named function without ``@hookimpl``:
+    pluggy would never call that one (a state that is never saved, say), so refuse it."""
+    registered = {caller.name for caller in pm.get_hookcallers(plugin) or ()}
+    undecorated = [
+        hook for hook in _hook_names()
+        if hook not in registered and callable(getattr(plugin, hook, None))
+    ]
+    if undecorated:
+        pm.unregister(plugin)
+        raise ConfigError(
+            "plugins",
+            f"plugin '{name}' has {', '.join(undecorated)} without the @hookimpl decorator, so "
+            "it would never be called (only its decorated hooks are).",
+            f"add `@acadlm_plugins.hookimpl` above {', '.join(undecorated)} in plugin "
+            f"'{name}'.",
+        )
+
+
+def _hook_names() -> list[str]:
+    return [n for n in dir(hookspecs) if n.startswith("acadlm_")]
+
+
+def _guard_hook_functions(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Wrap each of the plugin's hook functions (not wrappers) with :func:`_guarded`."""
+    for caller in pm.get_hookcallers(plugin) or ():
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                impl.function = _guarded(impl.function, name, caller.name)  # type: ignore[misc]
+
+
+def _guarded(function: Callable, plugin: str, hook: str) -> Callable:
+    """``function`` (a plugin's implementation of ``hook``) that notes the plugin and hook on
+    an exception it raises, keeping the exception's type, and checks what it returns."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = function(*args, **kwargs)
+        except Exception as err:
+            notes = getattr(err, "__notes__", ())
+            if hasattr(err, "add_note") and not any(
+                    str(note).startswith(_NOTE_PREFIX) for note in notes):
+                err.add_note(f"{_NOTE_PREFIX} '{plugin}', hook `{hook}`")
+            raise
+        return _checked_result(result, plugin, hook)
+
+    return call
+
+
+def _checked_result(result: Any, plugin: str, hook: str) -> Any:
+    """``result`` if it is what ``hook`` must return (dicts as :class:`PluginResult`), else
+    :class:`PluginHookError` naming the plugin, the hook and what to return."""
+    if result is None or hook not in _EXPECTED_RETURNS:
+        return result
+    if hook == "acadlm_optimizer_param_groups":
+        if not isinstance(result, (list, tuple)):
+            _refuse_result(plugin, hook, _show(result))
+        for group in result:
+            if not isinstance(group, dict) or "params" not in group:
+                _refuse_result(plugin, hook, f"a list holding {_show(group)}",
+                               ", which is not a parameter-group dict with 'params'")
+        return result
+    if not isinstance(result, dict):
+        _refuse_result(plugin, hook, _show(result))
+    if hook == "acadlm_extra_loss":
+        import torch
+
+        for key, term in result.items():
+            if not isinstance(term, torch.Tensor) or term.numel() != 1:
+                _refuse_result(plugin, hook, f"loss term {key!r} = {_show(term)}",
+                               ", which is not a scalar tensor")
+    return PluginResult(result, origins=dict.fromkeys(result, (plugin, hook)))
+
+
+def _refuse_result(plugin: str, hook: str, returned: str, why: str = "") -> NoReturn:
+    raise PluginHookError(
+        f"plugin '{plugin}' returned {returned} from `{hook}`{why}. Fix: return "
+        f"{_EXPECTED_RETURNS[hook]} from its `{hook}`, or remove the plugin from the run."
+    )
+
+
+def _show(value: Any) -> str:
+    """A short description of a returned value: its type, shape or a clipped repr."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "numel"):
+        return f"a {type(value).__name__} of shape {tuple(shape)}"
+    text = " ".join(repr(value).split())  # on one line
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _clash(key: Any, first: tuple[str, str] | None, second: tuple[str, str] | None) -> str:
+    """The error for two plugins returning ``key`` from one hook call."""
+    if first and second:
+        who = f"plugins '{first[0]}' and '{second[0]}' both return key {key!r} from `{first[1]}`"
+    else:
+        who = f"two plugins return the same key {key!r} from one hook"
+    return (f"{who}: one value would silently replace the other. Fix: rename the key in one "
+            "of the plugins (prefix it with the plugin's name).")
 
 
 def _check_hook_names(pm: pluggy.PluginManager) -> None:
@@ -303,7 +508,7 @@ def _check_hook_names(pm: pluggy.PluginManager) -> None:
         unknown = sorted(
             caller.name for caller in pm.get_hookcallers(exc.plugin) or () if not caller.has_spec()
         )
-        known = [n for n in dir(hookspecs) if n.startswith("acadlm_")]
+        known = _hook_names()
         suggestions = {hook: difflib.get_close_matches(hook, known, n=1) for hook in unknown}
         fixes = [f"rename '{hook}' to '{match[0]}'" for hook, match in suggestions.items() if match]
         raise ConfigError(

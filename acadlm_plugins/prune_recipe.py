@@ -38,6 +38,7 @@ from torchtune import config, training, utils
 from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
 from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.models.families import unreadable_weights_refused
+from acadlm_plugins.plugin_manager import add_plugin_results, collect_metrics
 from acadlm_plugins.pruning.architecture import architecture_of
 from acadlm_plugins.pruning.export import export_pruned_model
 from acadlm_plugins.pruning.masks import MaskHooks
@@ -197,11 +198,8 @@ class PruneRecipe:
 
     def _export_hook_results(self, model_dir: Path) -> dict[str, Any]:
         """What the ``acadlm_model_exported`` hooks add to the summary for ``model_dir``."""
-        added: dict[str, Any] = {}
-        for result in self._trainer.plugin_manager.hook.acadlm_model_exported(
-                model_dir=str(model_dir), recipe=RECIPE_NAME):
-            added.update(result or {})
-        return added
+        return collect_metrics(self._trainer.plugin_manager.hook.acadlm_model_exported(
+            model_dir=str(model_dir), recipe=RECIPE_NAME))
 
     def _source_losses(self) -> dict[str, float]:
         """The source model's validation losses: the run's step-0 evaluation (the mask hooks are
@@ -267,8 +265,8 @@ class PruneRecipe:
         if "masked" in losses:
             summary["max_abs_loss_diff_masked_vs_pruned"] = max(
                 abs(losses["masked"][d] - losses["pruned"][d]) for d in losses["pruned"])
-        summary.update(self._export_hook_results(dest))
         summary.update(record or {})
+        add_plugin_results(summary, self._export_hook_results(dest), owner="the recipe's summary")
         write_summary(self._trainer.output_dir / SUMMARY_FILENAME, summary)
         print(format_pruning_summary(summary), flush=True)
         return summary

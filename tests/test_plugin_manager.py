@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acadlm_plugins import hookimpl
+import acadlm_plugins.plugins.nonfinite_loss_guard as guard_module
+from acadlm_plugins import hookimpl, plugin_manager
 from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.plugin_manager import (
     ALLOW_ENV,
@@ -86,6 +87,11 @@ def _call_extra_loss(pm, logits, loss, step=1):
                                      step_tokens=1.0, micro_batches=1)
 
 
+def _states(pm) -> dict:
+    """The plugins' states of a checkpoint, without the record of which plugin saved which."""
+    return {k: v for k, v in plugin_states(pm).items() if k != "_acadlm_plugin_names"}
+
+
 # --- discovery -------------------------------------------------------------------------------
 
 
@@ -152,8 +158,8 @@ def test_class_plugin_is_instantiated_per_manager(example_on_path):
     second = build_plugin_manager([Z_LOSS], builtins=())
     assert first.get_plugin(Z_LOSS) is not second.get_plugin(Z_LOSS)
     _call_extra_loss(first, torch.zeros(1, 2, 5), torch.tensor(1.0))
-    assert plugin_states(first) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 1}}
-    assert plugin_states(second) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 0}}
+    assert _states(first) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 1}}
+    assert _states(second) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 0}}
 
 
 def test_builtins_are_registered_like_other_plugins():
@@ -299,7 +305,7 @@ def test_plugin_state_round_trips_through_a_checkpoint(example_on_path, tmp_path
 
     resumed = build_plugin_manager([Z_LOSS], builtins=(GUARD,))
     restore_plugin_states(resumed, torch.load(tmp_path / "ckpt.pt")["plugins"])
-    assert plugin_states(resumed) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 3}}
+    assert _states(resumed) == {"acadlm_example_plugin.z_loss": {"steps_penalised": 3}}
     _call_extra_loss(resumed, torch.randn(2, 3, 7), torch.tensor(1.0), step=4)
     assert resumed.get_plugin(Z_LOSS).steps_penalised == 4
 
@@ -459,3 +465,288 @@ def test_guard_stops_every_rank_when_one_rank_sees_a_non_finite_loss(tmp_path, p
     assert not re.search(r'File "[^"]*acadlm_plugins', log), log
     assert log.count("Traceback (most recent call last)") <= 1, log
     assert not list((tmp_path / "run").glob("step_*"))  # nothing saved after the NaN
+
+
+# --- what third-party plugins return, and the errors that name them --------------------------
+
+
+class FloatTerm:
+    @hookimpl
+    def acadlm_extra_loss(self, loss):
+        return {"my_float": 0.5}
+
+
+class VectorTerm:
+    @hookimpl
+    def acadlm_extra_loss(self, loss):
+        return {"my_vector": loss * torch.ones(4)}
+
+
+class ListOfTerms:
+    @hookimpl
+    def acadlm_extra_loss(self, loss):
+        return [loss * 0]
+
+
+class GoodTerm:
+    @hookimpl
+    def acadlm_extra_loss(self, loss):
+        return {"good": loss * 0}
+
+
+class StepMetricA:
+    @hookimpl
+    def acadlm_after_optimizer_step(self, step):
+        return {"shared/metric": 1.0}
+
+
+class StepMetricB:
+    @hookimpl
+    def acadlm_after_optimizer_step(self, step):
+        return {"shared/metric": 2.0}
+
+
+class ReplacesTheLoss:
+    """Returns the recipe's own `loss` from acadlm_after_optimizer_step."""
+
+    @hookimpl
+    def acadlm_after_optimizer_step(self, step):
+        return {"loss": 123.0}
+
+
+class ReplacesTheValLoss:
+    @hookimpl
+    def acadlm_evaluation_end(self, step):
+        return {"val_loss": 0.0}
+
+
+class ReplacesTheSummarySteps:
+    @hookimpl
+    def acadlm_model_exported(self, model_dir):
+        return {"steps": 0}
+
+
+class HalfDecorated:
+    def __init__(self):
+        self.n = 0
+
+    @hookimpl
+    def acadlm_after_optimizer_step(self, step):
+        self.n += 1
+
+    def acadlm_state_dict(self):  # without @hookimpl: never called, its state never saved
+        return {"half": {"n": self.n}}
+
+
+class NeedsArgs:
+    def __init__(self, coefficient):
+        self.coefficient = coefficient
+
+    @hookimpl
+    def acadlm_run_end(self, summary):
+        pass
+
+
+class InitRaises:
+    def __init__(self):
+        raise RuntimeError("init failed in the plugin")
+
+    @hookimpl
+    def acadlm_run_end(self, summary):
+        pass
+
+
+class ParamGroupsDict:
+    @hookimpl
+    def acadlm_optimizer_param_groups(self, model):
+        return {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1}
+
+
+class ParamGroupsOfTensors:
+    @hookimpl
+    def acadlm_optimizer_param_groups(self, model):
+        return [torch.nn.Parameter(torch.zeros(2))]
+
+
+class ExportNonDict:
+    @hookimpl
+    def acadlm_model_exported(self, model_dir):
+        return "done"
+
+
+class RaisesKeyError:
+    @hookimpl
+    def acadlm_after_optimizer_step(self, step):
+        raise KeyError("oops_inside_plugin")
+
+
+class RaisesConfigError:
+    @hookimpl
+    def acadlm_configure(self, cfg):
+        raise ConfigError("my_key", "is wrong.", "set it right.")
+
+
+class SeesStates:
+    @hookimpl
+    def acadlm_load_state_dict(self, states):
+        self.states = states
+
+
+def _named(cls) -> str:
+    return f"{__name__}:{cls.__qualname__}"
+
+
+@pytest.mark.parametrize(("plugin", "key", "shown"), [(FloatTerm, "my_float", "float 0.5"),
+                                                     (VectorTerm, "my_vector", "shape (4,)")])
+def test_extra_loss_term_that_is_not_a_scalar_tensor_names_plugin_hook_and_key(plugin, key,
+                                                                                 shown):
+    pm = build_plugin_manager([plugin], builtins=(GUARD,), load_entry_points=False)
+    with pytest.raises(AcadlmError) as error:
+        _call_extra_loss(pm, None, torch.tensor(1.0))
+    message = str(error.value)
+    assert f"plugin '{_named(plugin)}'" in message
+    assert "`acadlm_extra_loss`" in message
+    assert f"loss term '{key}'" in message and shown in message
+    assert "not a scalar tensor" in message and "Fix: return `{name: scalar tensor}`" in message
+
+
+def test_extra_loss_that_is_not_a_dict_names_plugin_and_hook():
+    pm = build_plugin_manager([ListOfTerms], builtins=(GUARD,), load_entry_points=False)
+    with pytest.raises(AcadlmError, match=rf"plugin '{_named(ListOfTerms)}' returned list .* "
+                                          r"from `acadlm_extra_loss`"):
+        _call_extra_loss(pm, None, torch.tensor(1.0))
+
+
+def test_guard_skips_a_result_that_is_not_a_dict_for_collect_metrics_to_refuse():
+    """A non-dict result that reaches the guard (a plugin registered past the manager's checks)
+    is left to collect_metrics' clear error instead of crashing inside the guard."""
+    pm = build_plugin_manager(builtins=(GUARD,), load_entry_points=False)
+    pm.register(ListOfTerms(), name="raw")  # not wrapped by build_plugin_manager
+    results = _call_extra_loss(pm, None, torch.tensor(1.0))
+    with pytest.raises(AcadlmError, match="returned list"):
+        collect_metrics(results)
+
+
+def test_guard_runs_one_check_of_the_same_entries_on_every_rank_whatever_plugins_return(
+        monkeypatch):
+    """Under torch.distributed the guard makes one all-reduce per call: a non-dict result must
+    not end it early on one rank (the other ranks would wait in the collective)."""
+    calls = []
+    monkeypatch.setattr(guard_module, "_world_size", lambda: 2)
+    monkeypatch.setattr(guard_module, "check_finite_on_every_rank",
+                        lambda values, step: calls.append([name for name, _ in values]))
+    pm = build_plugin_manager([GoodTerm], builtins=(GUARD,), load_entry_points=False)
+    pm.register(ListOfTerms(), name="raw")
+    _call_extra_loss(pm, None, torch.tensor(1.0))
+    assert calls == [["loss", "loss/good"]]
+
+
+def test_key_clash_between_plugins_names_both_plugins_and_the_hook():
+    pm = build_plugin_manager([StepMetricA, StepMetricB], builtins=(), load_entry_points=False)
+    with pytest.raises(AcadlmError) as error:
+        collect_metrics(pm.hook.acadlm_after_optimizer_step(step=1, metrics={}))
+    message = str(error.value)
+    assert f"'{_named(StepMetricA)}'" in message and f"'{_named(StepMetricB)}'" in message
+    assert "both return key 'shared/metric' from `acadlm_after_optimizer_step`" in message
+
+
+def test_plugin_key_that_the_recipe_already_has_is_refused_naming_plugin_hook_and_key():
+    pm = build_plugin_manager([ReplacesTheLoss], builtins=(), load_entry_points=False)
+    metrics = {"loss": 2.5, "lr": 1e-3}
+    with pytest.raises(AcadlmError) as error:
+        plugin_manager.add_plugin_results(
+            metrics, pm.hook.acadlm_after_optimizer_step(step=1, metrics=metrics))
+    assert (f"plugin '{_named(ReplacesTheLoss)}' returns key 'loss' from "
+            "`acadlm_after_optimizer_step`") in str(error.value)
+    assert metrics["loss"] == 2.5
+
+
+@pytest.mark.parametrize("plugin", [ReplacesTheLoss, ReplacesTheValLoss, ReplacesTheSummarySteps])
+def test_recipe_refuses_a_plugin_metric_or_summary_key_that_replaces_its_own(tmp_path,
+                                                                             monkeypatch, plugin):
+    from recipe_runs import run_recipe_main, torch_threads
+    from tiny_setup import tiny_run_args
+
+    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    args = tiny_run_args(tmp_path, "max_steps=1", "save_every_n_steps=1",
+                         f"plugins=[{_named(plugin)}]")
+    with pytest.raises(AcadlmError, match=f"plugin '{_named(plugin)}' returns key"), \
+            torch_threads():
+        run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe", args)
+
+
+def test_hook_function_without_hookimpl_next_to_decorated_ones_is_refused():
+    with pytest.raises(ConfigError) as error:
+        build_plugin_manager([HalfDecorated], builtins=(), load_entry_points=False)
+    assert error.value.key == "plugins"
+    assert f"plugin '{_named(HalfDecorated)}' has acadlm_state_dict without" in str(error.value)
+    assert "add `@acadlm_plugins.hookimpl` above acadlm_state_dict" in str(error.value)
+
+
+@pytest.mark.parametrize(("plugin", "cause"), [(NeedsArgs, "TypeError"),
+                                              (InitRaises, "RuntimeError: init failed")])
+def test_plugin_class_that_cannot_be_created_is_a_config_error(plugin, cause):
+    with pytest.raises(ConfigError) as error:
+        build_plugin_manager([plugin], builtins=(), load_entry_points=False)
+    assert error.value.key == "plugins"
+    assert (f"plugin '{_named(plugin)}' could not be created with no arguments: {cause}"
+            in str(error.value))
+
+
+@pytest.mark.parametrize("plugin", [ParamGroupsDict, ParamGroupsOfTensors])
+def test_optimizer_param_groups_must_be_a_list_of_dicts(plugin):
+    pm = build_plugin_manager([plugin], builtins=(), load_entry_points=False)
+    with pytest.raises(AcadlmError) as error:
+        pm.hook.acadlm_optimizer_param_groups(model=None, cfg=None)
+    assert f"plugin '{_named(plugin)}' returned" in str(error.value)
+    assert "`acadlm_optimizer_param_groups`" in str(error.value)
+    assert "a list of parameter-group dicts" in str(error.value)
+
+
+def test_model_exported_that_is_not_a_dict_names_plugin_and_hook():
+    pm = build_plugin_manager([ExportNonDict], builtins=(), load_entry_points=False)
+    with pytest.raises(AcadlmError, match=rf"plugin '{_named(ExportNonDict)}' returned str "
+                                          r"'done' from `acadlm_model_exported`"):
+        pm.hook.acadlm_model_exported(model_dir="m", recipe="prune")
+
+
+def test_exception_in_a_plugin_hook_keeps_its_type_and_notes_plugin_and_hook():
+    pm = build_plugin_manager([RaisesKeyError], builtins=(), load_entry_points=False)
+    with pytest.raises(KeyError) as error:
+        pm.hook.acadlm_after_optimizer_step(step=1, metrics={})
+    notes = getattr(error.value, "__notes__", [])
+    assert any(f"'{_named(RaisesKeyError)}'" in note and "`acadlm_after_optimizer_step`" in note
+               for note in notes), notes
+
+
+def test_config_error_from_a_plugin_stays_one_line_under_run_main(capsys):
+    from acadlm_plugins.training.runtime import run_main
+
+    pm = build_plugin_manager([RaisesConfigError], builtins=(), load_entry_points=False)
+    assert run_main(lambda: pm.hook.acadlm_configure(cfg={}, recipe="prune")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config `my_key`: is wrong. Fix: set it right.\n")
+    assert "raised in acadlm plugin" not in err
+    failing = build_plugin_manager([RaisesKeyError], builtins=(), load_entry_points=False)
+    with pytest.raises(KeyError) as raised:  # not ours: its traceback is shown, with the note
+        run_main(lambda: failing.hook.acadlm_after_optimizer_step(step=1, metrics={}))
+    assert "RaisesKeyError" in "".join(raised.value.__notes__)
+
+
+def test_resume_warns_about_a_plugin_state_whose_plugin_is_missing(example_on_path, caplog):
+    trained = build_plugin_manager([Z_LOSS], builtins=(), load_entry_points=False)
+    states = plugin_states(trained)
+    resumed = build_plugin_manager([SeesStates], builtins=(), load_entry_points=False)
+    logger = logging.getLogger("acadlm_plugins.plugin_manager")
+    logger.addHandler(caplog.handler)  # the package logger may not propagate
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            restore_plugin_states(resumed, states)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"plugin '{Z_LOSS}' (key 'acadlm_example_plugin.z_loss')" in caplog.text
+    assert "not restored" in caplog.text
+    # plugins see the states only, not the record of who saved them
+    assert resumed.get_plugin(_named(SeesStates)).states == {
+        "acadlm_example_plugin.z_loss": {"steps_penalised": 0}}

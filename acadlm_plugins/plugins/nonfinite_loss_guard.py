@@ -138,13 +138,19 @@ def acadlm_extra_loss(loss: Any, step: int):
     if _world_size() == 1:
         check_finite(loss, name="loss", step=step + 1)
         results = yield
-        for terms in results:
-            for term_name, term in (terms or {}).items():
-                check_finite(term, name=f"loss/{term_name}", step=step + 1)
+        for term_name, term in _terms(results):
+            check_finite(term, name=f"loss/{term_name}", step=step + 1)
         return results
     results = yield
+    # one all-reduce on every rank, whatever the plugins returned
     check_finite_on_every_rank(
-        [("loss", loss)] + [(f"loss/{term_name}", term) for terms in results
-                            for term_name, term in (terms or {}).items()],
+        [("loss", loss)] + [(f"loss/{term_name}", term) for term_name, term in _terms(results)],
         step=step + 1)
     return results
+
+
+def _terms(results: Iterable[Any]) -> list[tuple[Any, Any]]:
+    """The ``(name, term)`` pairs of the plugins' results. A result that is not a dict is
+    skipped here, not checked: ``collect_metrics`` refuses it with a clear error after the hook
+    (the plugin manager refuses it earlier still, naming the plugin)."""
+    return [item for terms in results if isinstance(terms, dict) for item in terms.items()]
