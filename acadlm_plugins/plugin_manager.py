@@ -205,7 +205,9 @@ def plugin_states(pm: pluggy.PluginManager) -> dict:
     """Collect every plugin's ``acadlm_state_dict`` into one dict for the checkpoint, with
     which plugin saved which key (under :data:`PLUGIN_NAMES_KEY`)."""
     merged = collect_metrics(pm.hook.acadlm_state_dict())
-    names = {key: plugin for key, (plugin, _) in merged.origins.items()}
+    # by what the plugin is (module:qualname), not by how this run listed it: `pkg.mod:Cls`,
+    # `pkg.mod.Cls` and an entry point's name all register the same plugin
+    names = {key: _name_of(pm.get_plugin(plugin)) for key, (plugin, _) in merged.origins.items()}
     return add_plugin_results({PLUGIN_NAMES_KEY: names}, merged,
                               owner="the checkpoint's record of plugin names")
 
@@ -217,7 +219,7 @@ def restore_plugin_states(pm: pluggy.PluginManager, states: dict) -> None:
     state is left behind, so the run does not continue exactly as it would have."""
     states = dict(states or {})
     names = states.pop(PLUGIN_NAMES_KEY, None) or {}
-    loaded = set(list_plugins(pm))
+    loaded = {_name_of(plugin) for plugin in pm.get_plugins() if plugin is not None}
     missing = {key: name for key, name in names.items() if name not in loaded and key in states}
     if missing:
         logger.warning(

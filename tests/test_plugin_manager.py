@@ -745,8 +745,27 @@ def test_resume_warns_about_a_plugin_state_whose_plugin_is_missing(example_on_pa
             restore_plugin_states(resumed, states)
     finally:
         logger.removeHandler(caplog.handler)
-    assert f"plugin '{Z_LOSS}' (key 'acadlm_example_plugin.z_loss')" in caplog.text
+    assert "plugin 'acadlm_example_plugin:ZLossPlugin' (key 'acadlm_example_plugin.z_loss')" \
+        in caplog.text
     assert "not restored" in caplog.text
     # plugins see the states only, not the record of who saved them
     assert resumed.get_plugin(_named(SeesStates)).states == {
         "acadlm_example_plugin.z_loss": {"steps_penalised": 0}}
+
+
+def test_resume_with_the_plugin_listed_another_way_does_not_warn(example_on_path, caplog):
+    """`pkg.mod:Cls` and `pkg.mod.Cls` (or an entry point's name) register the same plugin: the
+    resumed run used to warn that it did not load the plugin whose state it had just restored."""
+    trained = build_plugin_manager(["acadlm_example_plugin:ZLossPlugin"], builtins=(),
+                                   load_entry_points=False)
+    states = plugin_states(trained)
+    resumed = build_plugin_manager(["acadlm_example_plugin.ZLossPlugin"], builtins=(),
+                                   load_entry_points=False)
+    logger = logging.getLogger("acadlm_plugins.plugin_manager")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            restore_plugin_states(resumed, states)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "not restored" not in caplog.text
