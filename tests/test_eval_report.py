@@ -54,6 +54,13 @@ def test_no_length_metrics_gives_no_table() -> None:
     assert length_table({"results": {"arc_easy": {"acc,none": 0.5}}}) is None
 
 
+def test_only_the_none_filter_is_read() -> None:
+    """lm-eval names a metric "<name>,<filter>"; another filter's score of the same length
+    (here take_first) is not the task's score."""
+    table = length_table({"results": {"t": {"4096,none": 50, "4096,take_first": 10}}})
+    assert table.scores == {"t": {4096: 50.0}}
+
+
 def test_write_report_writes_table_scores_and_png(tmp_path) -> None:
     paths = write_report(RESULTS, tmp_path / "out", title="tiny")
     assert set(paths) == {"table", "scores", "heatmap"}

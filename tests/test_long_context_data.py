@@ -186,6 +186,10 @@ def test_sources_are_tagged_and_token_shares_respected(corpus):
     assert ds.packed is True
     efficiencies = [ds.corpus.packs(n).stats.efficiency for n in ds.domain_names]
     assert max(efficiencies) - min(efficiencies) > 0.01  # the correction matters here
+    # packs drawn in proportion to share / efficiency: with efficiencies 0.70410, 0.64522 and
+    # 0.66233, 0.5 / 0.70410 : 0.3 / 0.64522 : 0.2 / 0.66233, normalized
+    assert efficiencies == pytest.approx([0.70410, 0.64522, 0.66233], abs=1e-5)
+    assert list(ds.weights) == pytest.approx([0.48077, 0.31479, 0.20444], abs=1e-5)
     real_tokens = Counter()
     for i in range(len(ds)):
         sample = ds[i]
@@ -195,7 +199,8 @@ def test_sources_are_tagged_and_token_shares_respected(corpus):
             assert set(text) <= set("0123456789 ")
     total = sum(real_tokens.values())
     for name, share in (("prose", 0.5), ("numbers", 0.3), ("code", 0.2)):
-        assert real_tokens[name] / total == pytest.approx(share, abs=0.03)
+        # uncorrected, prose would get 0.5 x 0.70410 / 0.67703 = 0.52 of the tokens
+        assert real_tokens[name] / total == pytest.approx(share, abs=0.005)
     assert mixture_efficiency(ds) == pytest.approx(
         sum(real_tokens.values()) / (len(ds) * 256), abs=0.02)
 
@@ -397,6 +402,28 @@ def test_a_text_field_that_is_not_a_name_names_the_field(corpus):
     with pytest.raises(ConfigError) as err:
         long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64)
     assert err.value.key == "dataset.sources.code.text_field"
+
+
+def test_a_source_reads_its_own_text_field(corpus, tmp_path):
+    """`text_field` set on one source applies to that source only; the others keep the
+    mixture's `text`."""
+    bodies = tmp_path / "bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"body": f"zz{i} qq", "text": ""}) + "\n"
+                              for i in range(3)))
+    sources = tiny_sources(corpus, code={"data_files": str(bodies), "text_field": "body"})
+    ds = long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=64, packing="whole")
+    assert ds.corpus.packs("code").filter_stats.documents_kept == 3
+    assert ds.corpus.packs("prose").filter_stats.documents_kept == 30
+    code = ds.corpus.packs("code").sample(0, positions="reset")["tokens"].tolist()
+    assert "zz0 qq" in ByteTokenizer().decode([t for t in code if t != PAD])
+
+
+def test_prolong_stage1_long_min_tokens_applies_to_the_long_sources_only(tmp_path):
+    sources = prolong_stage1_sources(tmp_path, long_min_tokens=5)
+    assert {name: spec["min_tokens"] for name, spec in sources.items()} == {
+        "code_repos": 5, "books": 5, "short_code": 0, "short_books": 0, "short_scripture": 0,
+        "short_docs": 0}
+    assert sources["books"]["data_files"] == str(tmp_path / "long" / "books.jsonl")
 
 
 def test_missing_file_names_the_field(corpus, tmp_path):

@@ -34,6 +34,20 @@ def test_warm_up_then_cosine_to_ten_percent_of_the_peak():
     assert all(a >= b for a, b in itertools.pairwise(rates[2:]))
 
 
+def test_the_warm_up_ratio_is_rounded_to_the_nearest_step():
+    """0.05 x 30 = 1.5 rounds to 2 warm-up steps (truncation would give 1); 0.29 x 100 is
+    28.999999999999996 in floating point, 29 steps rounded, 28 truncated."""
+    assert learning_rates(30, warmup_ratio=0.05)[0] == pytest.approx(1e-5 / 3)
+    rates = learning_rates(100, warmup_ratio=0.29)
+    assert rates[28] == pytest.approx(29 / 30 * 1e-5) and rates[29] == pytest.approx(1e-5)
+
+
+def test_the_default_floor_is_ten_percent_of_the_peak():
+    rates = learning_rates(10)
+    assert rates[0] == pytest.approx(1e-5)  # no warm-up unless asked for
+    assert rates[10] == pytest.approx(1e-6)
+
+
 def test_zero_floor_is_torchtunes_cosine_after_the_warm_up():
     from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 

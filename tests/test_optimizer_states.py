@@ -10,6 +10,7 @@ import torch
 from acadlm_plugins.training.optimizers import (
     dequantize_states,
     float_state_dict,
+    gets_low_bit_state,
     match_loaded_states,
     requantize_states,
 )
@@ -120,6 +121,11 @@ def test_adamw_moments_into_8bit_are_quantized_and_nothing_else_changes() -> Non
     assert dequantize_states(eight) == 0
     assert requantize_states(eight) == 2
     assert _kinds(eight) == ["OptimState8bit", "Tensor"]
+    weight = next(model.parameters())
+    exp_avg = eight.state[weight]["exp_avg"]
+    assert exp_avg.signed  # the first moment is negative as often as positive
+    torch.testing.assert_close(exp_avg.dequantize(), saved["state"][0]["exp_avg"],
+                               rtol=0, atol=0.02)
 
 
 def test_a_state_dict_for_fsdp_gets_float32_moments() -> None:
@@ -133,3 +139,14 @@ def test_a_state_dict_for_fsdp_gets_float32_moments() -> None:
         assert {type(v) for v in moments.values()} == {torch.Tensor}
         assert torch.equal(moments["exp_avg"], _plain(saved["state"][index]["exp_avg"]))
     assert type(saved["state"][0]["exp_avg"]).__name__ == "OptimState8bit"  # not modified
+
+
+@pytest.mark.parametrize("numel, low_bit", [(4096, True), (4352, True), (4100, False),
+                                             (256, False)])
+def test_low_bit_moments_need_4096_values_in_whole_blocks(numel: int, low_bit: bool) -> None:
+    from torchao.optim import AdamW8bit
+
+    param = torch.nn.Parameter(torch.empty(numel))
+    assert gets_low_bit_state(param, 256) is low_bit
+    buffer = AdamW8bit([param])._new_buffer(param, True)  # what torchao itself gives it
+    assert (type(buffer).__name__ == "OptimState8bit") is low_bit

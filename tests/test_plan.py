@@ -234,6 +234,65 @@ def test_memory_equals_a_hand_computation(tmp_path: Path):
     assert round(m.total / 2**30, 1) == 42.5
 
 
+def _checkpointed_layer_and_head(tokens: int) -> int:
+    """Llama-3-8B in bf16, as in the hand computation above: the recomputed layer's saved
+    tensors and the final RMSNorm's, for ``tokens`` tokens."""
+    h, bf16 = 4096, 2
+    norm = h * (bf16 + 4 + 4) + 4
+    return tokens * (2 * norm + (4 * 32 * 128 + 4 * 14336) * bf16 + 32 * 4) + tokens * norm
+
+
+def test_sequence_parallel_ranks_hold_a_share_of_the_activations(tmp_path: Path):
+    """ProLong stage 2 on 8 GPUs: one 512K sequence per micro-batch split over 8
+    sequence-parallel ranks, so each rank holds the activations of 65,536 tokens (logits 2048
+    positions at a time), not of the whole sequence."""
+    name = "llama3/prolong_512k_stage2.yaml"
+    m = plan_config(CONFIGS / name, PAPER_CONFIGS[name][0](tmp_path)).memory
+    t = 524288 // 8
+    logits = 2048 * 128256 * (2 + 8)
+    assert m.activation_checkpointing
+    assert m.activations_checkpointed == (32 * t * 4096 * 2 + _checkpointed_layer_and_head(t)
+                                          + logits) == 37_532_467_200
+
+
+def test_activation_offloading_leaves_the_layer_inputs_off_the_gpu(tmp_path: Path):
+    """ProLong SFT: one 64K pack, checkpointed, torchtune's chunked loss (bf16 logits and their
+    float32 log-softmax at every position); the config's enable_activation_offloading keeps the
+    32 checkpointed layer inputs in CPU memory, and without it they count."""
+    name = "llama3/prolong_sft.yaml"
+    overrides = PAPER_CONFIGS[name][0](tmp_path)
+    t = 65536
+    on_gpu = _checkpointed_layer_and_head(t) + t * 128256 * (2 + 4)
+    offloaded = plan_config(CONFIGS / name, overrides)
+    assert offloaded.memory.activations_checkpointed == on_gpu == 68_158_226_432
+    assert any(n.startswith("enable_activation_offloading") for n in offloaded.notes)
+    kept = plan_config(CONFIGS / name, [*overrides, "enable_activation_offloading=False"])
+    assert kept.memory.activations_checkpointed == on_gpu + 32 * t * 4096 * 2 == 85_338_095_616
+
+
+def test_the_table_names_a_bound_and_the_activations_it_totals(tmp_path: Path):
+    """Unpacked SFT conversations fill a step with at most the packed count of tokens, so the
+    budget rows say "(at most)"; without activation checkpointing the total is the static
+    memory plus the whole forward pass's activations, and its row says so."""
+    sft = "llama3/prolong_sft.yaml"
+    overrides = PAPER_CONFIGS[sft][0](tmp_path)
+    packed = " ".join(format_plan(plan_config(CONFIGS / sft, overrides)).split())
+    assert "per step 4.19M" in packed and "(at most)" not in packed
+    unpacked = " ".join(format_plan(plan_config(CONFIGS / sft, [*overrides,
+                                                                "dataset.packed=False"])).split())
+    assert "per step (at most) 4.19M (4,194,304)" in unpacked
+    assert "total (at most) 1.05B (1,048,576,000)" in unpacked
+
+    plan = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml",
+                       [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}",
+                        "enable_activation_checkpointing=False"])
+    m = plan.memory
+    assert not m.activation_checkpointing
+    assert m.total == m.static + m.activations_full == 494_696_665_344
+    rows = " ".join(format_plan(plan).split())
+    assert "total (activations not checkpointed) 460.72 GiB" in rows
+
+
 def test_distillation_adds_the_kd_loss_and_the_gathered_teacher_weight(tmp_path: Path):
     """Minitron distillation, Llama-3.1-8B teaching the 4B width-pruned student in bf16, one
     8,192-token pack per micro-batch: the KD loss saves the teacher's final hidden state (4,096
@@ -249,6 +308,7 @@ def test_distillation_adds_the_kd_loss_and_the_gathered_teacher_weight(tmp_path:
         assert m.activations == m.activations_checkpointed + kd_loss
         assert m.total == m.static + gathered + m.activations
         assert m.to_dict()["teacher_gathered_weight"] == gathered
+        assert m.teacher_weights == LLAMA3_8B // world * 2  # bf16, sharded like the student
     table = format_plan(plan_config(config, overrides))
     assert "teacher output weight, gathered" in table and "KD loss (saved for backward)" in table
 
@@ -268,9 +328,13 @@ def test_a_dense_attention_mask_is_counted_where_there_is_no_flex_attention(tmp_
     assert m.attention_mask_full == 8 * square + 32 * square * 2
     assert m.activations == m.activations_checkpointed + m.attention_mask_checkpointed
     assert round(m.total / 2**30, 1) == 42.5 + 40.0
+    rows = " ".join(format_plan(cpu).split())
+    assert "attention masks, checkpointed 40.00 GiB" in rows
+    assert "attention masks, not checkpointed 288.00 GiB" in rows
     cuda = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml", [*overrides, "device=cuda"])
     assert (cuda.memory.attention_mask_checkpointed, cuda.memory.attention_mask_full) == (0, 0)
     assert round(cuda.memory.total / 2**30, 1) == 42.5
+    assert "attention masks, checkpointed" not in format_plan(cuda)
     note = next(n for n in cuda.notes if n.startswith("long_context.attention: mask"))
     assert "40.00 GiB checkpointed, 288.00 GiB not" in note
 
@@ -290,6 +354,19 @@ def test_fsdp_shards_and_low_bit_optimizer_state():
     offload = optimizer_state(params, {"_component_": "torchao.optim.CPUOffloadOptimizer"},
                               world_size=1, bytes_per_value=2)
     assert offload.bytes == 0
+
+
+def test_optimizer_state_counts_the_moments_each_optimizer_keeps():
+    def state(numel: int, **cfg) -> int:
+        return optimizer_state([torch.empty(numel, device="meta")], cfg, world_size=1,
+                               bytes_per_value=2).bytes
+
+    # 4,100 values are not whole 256-value blocks: torchao keeps moments in the param dtype
+    assert state(4100, _component_="torchao.optim.AdamW8bit") == 2 * 4100 * 2 == 16400
+    assert state(4352, _component_="torchao.optim.AdamW8bit") == 2 * (4352 + 17 * 4)
+    assert state(1000, _component_="torch.optim.SGD") == 0               # no momentum buffer
+    assert state(1000, _component_="torch.optim.SGD", momentum=0.9) == 1000 * 2
+    assert state(1000, _component_="torch.optim.AdamW", amsgrad=True) == 3 * 1000 * 2
 
 
 def tiny_overrides(tmp_path: Path) -> list[str]:

@@ -435,6 +435,28 @@ def test_max_seq_lengths_takes_a_whole_number_of_any_type() -> None:
         parse_lengths("1000.5")
 
 
+def test_lengths_are_sorted_once_each_and_max_seq_len_caps_like_max_length() -> None:
+    assert parse_lengths("8k,4k,4k") == [4096, 8192]
+    assert model_max_length({"max_seq_len": 1024}) == 1024
+
+
+def test_lengths_are_counted_without_the_tokenizers_special_tokens(tmp_path: Path) -> None:
+    """A tokenizer whose post-processor prepends ``<s>`` (as Llama's does) counts "a b" as 2
+    tokens, not 3: the prompt is measured as text, its special tokens come from the template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordLevel({"<s>": 0, "a": 1, "b": 2, "[UNK]": 3},
+                                           unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                             special_tokens=[("<s>", 0)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert len(tokenizer.encode("a b").ids) == 3  # the post-processor does add <s>
+    length_tokenizer = load_length_tokenizer({"pretrained": str(tmp_path)}, task="t")
+    assert length_tokenizer.encode("a b") == [1, 2]
+    assert length_tokenizer.count("a b") == 2
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_prompts_fill_their_budget_within_one_percent(files: EvalFiles, sized, task: str) -> None:
     """``length_budget: ruler``: prompt + generation <= L (the tiny tokenizer adds no special

@@ -79,6 +79,43 @@ def test_every_pack_holds_trained_tokens(tokenizer_dir, caplog):
     assert any(f"dropped {40 - len(kept)} of 40" in r.getMessage() for r in caplog.records)
 
 
+def test_packs_hold_whole_conversations(tokenizer_dir):
+    """At 256 tokens the 35 kept conversations are 88 to 256 tokens long; a conversation that
+    does not fit in what is left of a pack starts the next one, and the rest is padding (its
+    own entry in ``seq_lens``), so each conversation is one segment of one pack."""
+    tokenizer = smollm2_tokenizer(tokenizer_dir, max_seq_len=TINY_SFT_MAX_SEQ_LEN)
+    lengths = [len(tokens) for tokens, labels in (_render(tokenizer, row) for row in _rows())
+               if _trained(labels)]
+    expected, current = [], []
+
+    def close(pack: list[int]) -> list[int]:
+        rest = TINY_SFT_MAX_SEQ_LEN - sum(pack)
+        return pack + [rest] if rest else pack
+
+    for length in lengths:  # greedy packing, no conversation split
+        if sum(current) + length > TINY_SFT_MAX_SEQ_LEN:
+            expected.append(close(current))
+            current = []
+        current.append(length)
+    expected.append(close(current))
+    packed = ultrachat_dataset(tokenizer, packed=True)
+    packs = [[int(n) for n in packed[i]["seq_lens"]] for i in range(len(packed))]
+    assert packs == expected
+    assert len(packs) == 35 and packs[12:14] == [[151, 105], [256]]
+    padding = packed[12]["labels"][151:]
+    assert [int(x) for x in padding] == [CROSS_ENTROPY_IGNORE_IDX] * 105
+
+
+def test_the_dropped_count_is_of_the_split_read(tokenizer_dir, caplog):
+    tokenizer = smollm2_tokenizer(tokenizer_dir, max_seq_len=64)
+    kept = sum(bool(_trained(_render(tokenizer, row)[1])) for row in _rows()[:10])
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = ultrachat_dataset(tokenizer, split="train[:10]")
+    assert len(dataset) == kept == 7
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(messages) == 1 and "dropped 3 of 10 conversations" in messages[0]
+
+
 def test_train_on_input_keeps_every_conversation(tokenizer_dir, caplog):
     tokenizer = smollm2_tokenizer(tokenizer_dir, max_seq_len=64)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
