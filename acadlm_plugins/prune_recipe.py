@@ -51,7 +51,7 @@ from acadlm_plugins.training.checkpointing import (
     write_atomically,
 )
 from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.runtime import no_new_empty_folders_on_error
+from acadlm_plugins.training.runtime import run_recipe
 
 log = utils.get_logger("INFO")
 
@@ -409,13 +409,14 @@ def format_pruning_summary(summary: dict[str, Any]) -> str:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run acadlm_plugins/prune_recipe --config ...``."""
-    with no_new_empty_folders_on_error(cfg):
-        recipe = PruneRecipe(cfg)
-        recipe.setup(cfg)
+    run_recipe(cfg, PruneRecipe, _train_masks, PruneRecipe.materialize_and_export)
+
+
+def _train_masks(recipe: PruneRecipe) -> None:
+    """Learned pruning trains its masks; one-shot pruning (``pruning.method: importance``) has
+    nothing to train."""
     if recipe.trains_masks:
         recipe.train()
-    recipe.materialize_and_export()
-    recipe.cleanup()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ in a single process it is the plain local operation, so a recipe reads the same 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -321,6 +322,11 @@ def run_recipe(cfg: DictConfig, recipe_class: Callable[[DictConfig], R],
     for stage in stages:
         stage(recipe)
     recipe.cleanup()
+    # FSDP2's modules hold the process group's finished collectives in reference cycles; freed
+    # only at interpreter shutdown, gloo's work objects can abort the process there ("terminate
+    # called without an active exception", seen once on a rank of a finished 2-process run).
+    del recipe
+    gc.collect()
 
 
 TRACEBACK_ENV = "ACADLM_TRACEBACK"
