@@ -224,8 +224,9 @@ def restore_plugin_states(pm: pluggy.PluginManager, states: dict) -> None:
     if missing:
         logger.warning(
             "the checkpoint holds plugin state saved by %s, which this run does not load: "
-            "that state is not restored. To continue exactly, load the plugin again (the "
-            "config's `plugins:` or the installed package); the plugins of this run: %s.",
+            "that state is not restored. To continue exactly, add that name to `plugins:` (or, "
+            "for an installed entry point, allow it in ACADLM_PLUGINS_ALLOW and unset "
+            "ACADLM_PLUGINS_DISABLE_AUTOLOAD); the plugins of this run: %s.",
             ", ".join(f"plugin '{name}' (key {key!r})" for key, name in sorted(missing.items())),
             ", ".join(sorted(loaded)) or "none",
         )
@@ -477,7 +478,7 @@ def _checked_result(result: Any, plugin: str, hook: str) -> Any:
 def _refuse_result(plugin: str, hook: str, returned: str, why: str = "") -> NoReturn:
     raise PluginHookError(
         f"plugin '{plugin}' returned {returned} from `{hook}`{why}. Fix: return "
-        f"{_EXPECTED_RETURNS[hook]} from its `{hook}`, or remove the plugin from the run."
+        f"{_EXPECTED_RETURNS[hook]} from its `{hook}`, or remove it from `plugins:`."
     )
 
 

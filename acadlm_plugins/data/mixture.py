@@ -507,9 +507,12 @@ class DomainBatchSampler:
         if saved is None:  # checkpoints written before the global batch was recorded
             if self.rank == 0:
                 log.warning("the checkpoint does not record its global batch (batch_size x "
-                            "data-parallel processes x gradient_accumulation_steps; written "
-                            "before it was saved), so this resume cannot check it matches this "
-                            "run's (%d x %d x %d).", self.batch_size, self.world_size,
+                            "data-parallel processes x gradient_accumulation_steps; it was "
+                            "written by a version that did not record it), so this resume "
+                            "cannot check that it matches this run's (%d x %d x %d). If the "
+                            "checkpoint's run used another, stop and resume with its "
+                            "batch_size, process count and gradient_accumulation_steps, or start "
+                            "a new output_dir.", self.batch_size, self.world_size,
                             self.gradient_accumulation_steps)
             return
         old_b, old_w = int(saved["batch_size"]), int(saved["world_size"])
@@ -542,9 +545,12 @@ class DomainBatchSampler:
             "batch_size" if old_draw != new_draw else "gradient_accumulation_steps",
             problem + " (The processes are `tune run --nproc_per_node`, divided by the "
             "sequence-parallel degree where one is set.)",
-            f"resume with the same global batch: {same} and gradient_accumulation_steps "
-            f"{old_a} (halving the processes means doubling batch_size); or start a new "
-            "output_dir.")
+            f"resume with {same} and gradient_accumulation_steps {old_a}, so that batch_size "
+            f"x data-parallel processes stays {old_draw}"
+            + (" (batch_size goes the other way from the processes: half the processes, twice "
+               "the batch_size)"
+               if self.world_size != old_w else "")
+            + "; or start a new output_dir.")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["domain_names"]) != self.domain_names or \
