@@ -40,7 +40,6 @@ from omegaconf import DictConfig, ListConfig
 from torchtune import config, utils
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
-from acadlm_plugins.errors import AcadlmError
 from acadlm_plugins.qurating.annotation import (
     DEFAULT_BATCH_TOKENS,
     DEFAULT_CHUNK_TOKENS,
@@ -123,8 +122,8 @@ class AnnotateRecipe:
 
         # Rank 0 converts the files into the datasets cache first; the others then reuse it.
         # Each step below that can refuse the run ends with every rank learning whether it
-        # failed anywhere (see `together`), so that all stop with an error: a rank stopped
-        # alone would leave the others waiting in a collective.
+        # failed anywhere (see `runtime.together`), so that all stop with an error: a rank
+        # stopped alone would leave the others waiting in a collective.
         first = self._together(open_it, "reading `data_files`", everyone=False)
         self._corpus = self._together(lambda: open_it() if first is None else first,
                                       "reading `data_files`")
@@ -154,10 +153,10 @@ class AnnotateRecipe:
 
     def _together(self, work: Callable[[], T], what: str, *, everyone: bool = True) -> T | None:
         """``work()`` on every rank (on rank 0 alone unless ``everyone``; the others get None),
-        then stop every rank if it raised on any: see :func:`together`."""
-        return together(work, what, run_here=everyone or self._is_rank_zero,
-                        distributed=self._distributed, rank=self._rank,
-                        world_size=self._world_size, device=self._device)
+        then stop every rank if it raised on any: see
+        :func:`~acadlm_plugins.training.runtime.together`."""
+        return runtime.together(work, what, run_here=everyone or self._is_rank_zero,
+                                distributed=self._distributed, device=self._device)
 
     def run(self) -> dict[str, Any]:
         """Score the shards and write ``annotation.json`` (rank 0); returns the summary."""
@@ -221,37 +220,6 @@ class AnnotateRecipe:
 
     def cleanup(self) -> None:
         runtime.close_process(self._distributed, self._metric_logger)
-
-
-def together(work: Callable[[], T], what: str, *, run_here: bool, distributed: bool,
-             rank: int, world_size: int, device: torch.device) -> T | None:
-    """``work()`` where ``run_here`` (None elsewhere); under ``torch.distributed`` the ranks
-    then share which of them it raised on (one sum over ranks, which also makes them wait for
-    each other, as a barrier would), so that none is left waiting in a later collective for
-    one that stopped: a rank whose work raised raises its own error, the others an
-    :class:`~acadlm_plugins.errors.AcadlmError` naming the ranks that stopped and ``what``
-    they were doing (their own error, printed by them, names the cause and the fix). In a
-    single process: ``work()``, with no collective."""
-    if not distributed:
-        return work() if run_here else None
-    result, error = None, None
-    if run_here:
-        try:
-            result = work()
-        except Exception as err:  # noqa: BLE001 -- re-raised below, after the others know
-            error = err
-    flags = torch.zeros(world_size, dtype=torch.float64)
-    flags[rank] = 0.0 if error is None else 1.0
-    failed = [r for r, flag in enumerate(
-        runtime.all_reduce_sum(flags, distributed=True, device=device).tolist()) if flag]
-    if error is not None:
-        raise error
-    if failed:
-        ranks = ", ".join(str(r) for r in failed)
-        raise AcadlmError(f"rank{'s' if len(failed) > 1 else ''} {ranks} stopped while {what} "
-                          f"(the error printed by rank {failed[0]} names the cause and the "
-                          "fix); this rank stops with it.")
-    return result
 
 
 def previous_scoring_run(path: Path) -> dict[str, Any] | None:

@@ -63,6 +63,7 @@ from acadlm_plugins.qurating.rater import (
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
     STARTING_WEIGHTS_KEY,
+    changed_files,
     check_starting_weights,
     config_values,
     find_resume_checkpoint,
@@ -526,19 +527,16 @@ def check_same_backbone(state: dict[str, Any], now: dict[str, Any], checkpoint: 
     recorded_weights = state.get(STARTING_WEIGHTS_KEY)
     recorded_tokenizer = state.get(BACKBONE_TOKENIZER_KEY)
     check_starting_weights(recorded_weights, now["weights"], checkpoint, key="backbone_dir")
-    before, after = recorded_tokenizer, now["tokenizer"]
-    if before and after and before.get("method") == after.get("method"):
-        changed = sorted(name for name in {*before["files"], *after["files"]}
-                         if before["files"].get(name) != after["files"].get(name))
-        if changed:
-            raise ConfigError(
-                "backbone_dir", f"the tokenizer in {after['folder']} changed since "
-                f"the checkpoints in {checkpoint.parent} were written (tokenizer files that "
-                f"differ: {', '.join(changed)}); resuming {checkpoint.name} would go on "
-                "training a rater that learned the old tokenization on texts tokenized the "
-                "new way, and export it with the new tokenizer.", "restore the backbone "
-                "folder's tokenizer files the checkpoints were trained with, or choose a new "
-                "`output_dir` for a run with the new tokenizer.")
+    changed = changed_files(recorded_tokenizer, now["tokenizer"])
+    if changed:
+        raise ConfigError(
+            "backbone_dir", f"the tokenizer in {now['tokenizer']['folder']} changed since "
+            f"the checkpoints in {checkpoint.parent} were written (tokenizer files that "
+            f"differ: {', '.join(changed)}); resuming {checkpoint.name} would go on "
+            "training a rater that learned the old tokenization on texts tokenized the "
+            "new way, and export it with the new tokenizer.", "choose a new `output_dir` for "
+            "a run with the new tokenizer, or restore the backbone folder's tokenizer files "
+            "the checkpoints were trained with.")
     return {"weights": recorded_weights, "tokenizer": recorded_tokenizer}
 
 

@@ -590,7 +590,8 @@ def test_a_resumed_run_on_a_replaced_tokenizer_is_refused_naming_backbone_dir(
     assert RaterTokenizer(backbone).vocab_size == RaterTokenizer(tiny_model_dir).vocab_size
     with pytest.raises(ConfigError, match=rf"config `backbone_dir`: the tokenizer in .* changed "
                                           rf"since the checkpoints .*{re.escape(changed)}.*"
-                                          r"Fix: restore the backbone folder's tokenizer files"):
+                                          r"Fix: choose a new `output_dir`.* or restore the "
+                                          r"backbone folder's tokenizer files"):
         run_in_process(monkeypatch, rater_args(tmp_path, backbone, judgments, "max_steps=3",
                                                *JUDGED_RUN))
     assert latest_checkpoint(tmp_path / "run").name == "step_000002"

@@ -24,11 +24,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from acadlm_plugins.errors import AcadlmError
 from acadlm_plugins.hookspecs import hookimpl
-from acadlm_plugins.training.runtime import all_reduce_sum
+from acadlm_plugins.training.runtime import current_world_size, rows_from_every_rank
 
 
 class NonFiniteLossError(AcadlmError, FloatingPointError):
@@ -86,7 +85,7 @@ def check_finite(value: Any, *, name: str, step: int) -> None:
 
 def _world_size() -> int:
     """The number of ranks: 1 when ``torch.distributed`` is not initialized."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return current_world_size()
 
 
 def check_finite_on_every_rank(values: Iterable[tuple[str, Any]], *, step: int) -> None:
@@ -94,27 +93,24 @@ def check_finite_on_every_rank(values: Iterable[tuple[str, Any]], *, step: int) 
     hold a NaN or infinite value; in a single process, as :func:`check_finite` on each.
 
     With more than one rank, every rank must call this at the same point with the same names
-    in the same order (it runs one all-reduce, whatever the values): each rank puts the index
-    and value of its first non-finite entry in its own row of a ``world_size x 2`` table, the
-    table is summed over ranks, and every rank raises the same error, naming the first rank
-    that saw one, its entry and value, and the ranks that saw any."""
+    in the same order (it runs one all-reduce, whatever the values): each rank reports the
+    index and value of its first non-finite entry, the reports of all ranks are gathered into a
+    ``world_size x 2`` table (:func:`~acadlm_plugins.training.runtime.rows_from_every_rank`),
+    and every rank raises the same error, naming the first rank that saw one, its entry and
+    value, and the ranks that saw any."""
     values = list(values)
     world_size = _world_size()
     if world_size == 1:
         for name, value in values:
             check_finite(value, name=name, step=step)
         return
-    rank = dist.get_rank()
-    report = torch.zeros(world_size, 2, dtype=torch.float64)  # (index + 1, value); 0: finite
+    row = torch.zeros(2, dtype=torch.float64)  # (index + 1, value); 0: finite
     for index, (_, value) in enumerate(values):
         bad = _first_non_finite(value)
         if bad is not None:
-            report[rank, 0], report[rank, 1] = index + 1, bad
+            row[0], row[1] = index + 1, bad
             break
-    # a sum: each row has one non-zero contributor. NCCL reduces only GPU tensors.
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
-    report = all_reduce_sum(report, distributed=True, device=device)
+    report = rows_from_every_rank(row)
     ranks = [r for r in range(world_size) if report[r, 0] > 0]
     if ranks:
         index = int(report[ranks[0], 0]) - 1

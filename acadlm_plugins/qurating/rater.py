@@ -62,7 +62,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from torchtune import training
 from torchtune.modules import TransformerDecoder
@@ -77,7 +76,7 @@ from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states
 from acadlm_plugins.models.families import HFModelSpec, hf_model_spec, unreadable_weights_refused
 from acadlm_plugins.qurating import CRITERIA
-from acadlm_plugins.training.checkpointing import starting_weights_fingerprint
+from acadlm_plugins.training.checkpointing import files_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -651,17 +650,12 @@ def backbone_fingerprint(model_dir: str | Path) -> dict[str, Any]:
     """What a rater trains from in the backbone folder ``model_dir``, by content: ``weights``,
     the fingerprint of its HF weight files (:func:`hf_checkpoint_files`) that the other
     recipes record of their starting weights
-    (:func:`~acadlm_plugins.training.checkpointing.starting_weights_fingerprint`), and
+    (:func:`~acadlm_plugins.training.checkpointing.files_fingerprint`), and
     ``tokenizer``, the same fingerprint of its :data:`TOKENIZER_FILES` (an absent file is
     recorded as absent). A rater checkpoint records both; a resumed run compares them."""
     model_dir = Path(model_dir).expanduser()
-
-    def fingerprint(files: Sequence[str]) -> dict[str, Any] | None:
-        return starting_weights_fingerprint(OmegaConf.create({"checkpointer": {
-            "checkpoint_dir": str(model_dir), "checkpoint_files": list(files)}}))
-
-    return {"weights": fingerprint(hf_checkpoint_files(model_dir)),
-            "tokenizer": fingerprint(TOKENIZER_FILES)}
+    return {"weights": files_fingerprint(model_dir, hf_checkpoint_files(model_dir)),
+            "tokenizer": files_fingerprint(model_dir, TOKENIZER_FILES)}
 
 
 def check_backbone_dir(model_dir: str | Path, *, key: str = "backbone_dir") -> Path:

@@ -433,9 +433,29 @@ def starting_weights_fingerprint(cfg: DictConfig, key: str = "checkpointer"
     if not isinstance(node, DictConfig) or node.get("checkpoint_dir", None) is None:
         return None
     folder = Path(str(node.checkpoint_dir)).expanduser()
-    names = _checkpoint_file_names(folder, plain_value(node.get("checkpoint_files", None)))
+    return files_fingerprint(
+        folder, _checkpoint_file_names(folder, plain_value(node.get("checkpoint_files", None))))
+
+
+def files_fingerprint(folder: str | Path, names: Iterable[str]) -> dict[str, Any]:
+    """The fingerprint of the files ``names`` in ``folder`` (``method``, ``folder`` and per
+    file its size and content digest, None for an absent file), as
+    :func:`starting_weights_fingerprint` records the starting weights and
+    :func:`changed_files` compares."""
+    folder = Path(folder).expanduser()
     return {"method": _FINGERPRINT_METHOD, "folder": str(folder),
-            "files": {name: _file_fingerprint(folder / name) for name in names}}
+            "files": {str(name): _file_fingerprint(folder / str(name)) for name in names}}
+
+
+def changed_files(recorded: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """The names of the files whose fingerprint differs between two :func:`files_fingerprint`
+    results (present in one only, or with another size or content), sorted; none when either
+    is missing (a checkpoint of an older version recorded none) or they were made by different
+    methods (not comparable)."""
+    if not recorded or not now or recorded.get("method") != now.get("method"):
+        return []
+    before, after = recorded["files"], now["files"]
+    return sorted(name for name in {*before, *after} if before.get(name) != after.get(name))
 
 
 def check_starting_weights(recorded: dict[str, Any] | None, now: dict[str, Any] | None,
@@ -445,10 +465,7 @@ def check_starting_weights(recorded: dict[str, Any] | None, now: dict[str, Any] 
     the same path (a rerun pruning stage with more steps, say) would otherwise continue the old
     run and report its results as the new model's. A checkpoint that recorded none (written by
     an older version) is not checked."""
-    if not recorded or now is None or recorded.get("method") != now.get("method"):
-        return
-    before, after = recorded["files"], now["files"]
-    changed = sorted(name for name in {*before, *after} if before.get(name) != after.get(name))
+    changed = changed_files(recorded, now)
     if changed:
         raise ConfigError(key, f"the starting model in {now['folder']} changed since the "
                           f"checkpoints in {checkpoint.parent} were written (weight files that "

@@ -237,6 +237,65 @@ def all_reduce_float(value: float, *, distributed: bool, device: torch.device) -
     return float(summed[0])
 
 
+def current_world_size() -> int:
+    """The number of ranks of the process group: 1 when ``torch.distributed`` is not
+    initialized."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rows_from_every_rank(row: torch.Tensor, *, device: torch.device | None = None
+                         ) -> torch.Tensor:
+    """Every rank's ``row`` (a vector of ``k`` numbers; the same ``k`` on every rank), stacked
+    into a ``world_size x k`` float64 table on the CPU, row ``r`` from rank ``r``: each rank
+    fills its own row of a table of zeros, and one sum over ranks (:func:`all_reduce_sum`, on
+    ``device``; None: the GPU under NCCL, which reduces only GPU tensors, else the CPU) gives
+    every rank the whole table. Every rank must call it at the same point: it is one collective
+    on each, whatever the rows hold. In a single process (``torch.distributed`` not
+    initialized): ``row[None]``, with no collective."""
+    row = row.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    world_size = current_world_size()
+    if world_size == 1:
+        return row[None]
+    table = torch.zeros(world_size, row.numel(), dtype=torch.float64)
+    table[dist.get_rank()] = row
+    if device is None:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+    return all_reduce_sum(table, distributed=True, device=device)
+
+
+T = TypeVar("T")
+
+
+def together(work: Callable[[], T], what: str, *, run_here: bool, distributed: bool,
+             device: torch.device | None = None) -> T | None:
+    """``work()`` where ``run_here`` (None elsewhere); under ``torch.distributed`` the ranks
+    then share which of them it raised on (one collective, :func:`rows_from_every_rank` on
+    ``device``, which also makes them wait for each other, as a barrier would), so that none is
+    left waiting in a later collective for one that stopped: a rank whose work raised raises
+    its own error, the others an :class:`~acadlm_plugins.errors.AcadlmError` naming the ranks
+    that stopped and ``what`` they were doing (their own error, printed by them, names the
+    cause and the fix). In a single process: ``work()``, with no collective."""
+    if not distributed:
+        return work() if run_here else None
+    result, error = None, None
+    if run_here:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 -- re-raised below, after the others know
+            error = err
+    reports = rows_from_every_rank(torch.tensor([0.0 if error is None else 1.0]), device=device)
+    failed = [r for r, (flag,) in enumerate(reports.tolist()) if flag]
+    if error is not None:
+        raise error
+    if failed:
+        ranks = ", ".join(str(r) for r in failed)
+        raise AcadlmError(f"rank{'s' if len(failed) > 1 else ''} {ranks} stopped while {what} "
+                          f"(the error printed by rank {failed[0]} names the cause and the "
+                          "fix); this rank stops with it.")
+    return result
+
+
 def barrier(distributed: bool) -> None:
     """Wait for every rank (a no-op in a single process)."""
     if distributed:
@@ -336,8 +395,10 @@ def run_main(recipe_main: Callable[[], object]) -> int:
     """What ``tune run <recipe>`` runs: ``recipe_main()``, with our errors (a config key, a data
     file, a missing default, a non-finite loss: each names its fix) printed as one line with
     exit code 2 instead of a traceback, which would bury the fix; so is a ``???`` value left
-    unset. ``ACADLM_TRACEBACK=1`` shows the traceback, for reporting a bug; errors that are not
-    ours, and ours that report a bug (``user_error`` False), always show it."""
+    unset. Notes added to the error (``__notes__``: the plugin and hook it was raised in) follow
+    the line, one a line. ``ACADLM_TRACEBACK=1`` shows the traceback, for reporting a bug;
+    errors that are not ours, and ours that report a bug (``user_error`` False), always show
+    it."""
     from omegaconf.errors import MissingMandatoryValue
 
     try:
@@ -352,7 +413,9 @@ def run_main(recipe_main: Callable[[], object]) -> int:
             raise
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"error{where}: {err}\n(set {TRACEBACK_ENV}=1 to see the traceback)",
+        # the notes added on the way up (the plugin and hook a plugin's error came from)
+        notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", ()))
+        print(f"error{where}: {err}{notes}\n(set {TRACEBACK_ENV}=1 to see the traceback)",
               file=sys.stderr, flush=True)
         return 2
     return 0
