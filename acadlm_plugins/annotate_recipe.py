@@ -161,9 +161,12 @@ class AnnotateRecipe:
     def run(self) -> dict[str, Any]:
         """Score the shards and write ``annotation.json`` (rank 0); returns the summary."""
         started = time.perf_counter()
-        result = annotate_rank(self._corpus, self._scorer, self._output_dir, self._shards,
-                               max_shards=self._max_shards, progress=self._is_rank_zero,
-                               on_shard=self._log)
+        # A rank that fails while scoring (a full disk, say) stops every rank, not only itself
+        # while the others wait for it in the totals below.
+        result = self._together(lambda: annotate_rank(
+            self._corpus, self._scorer, self._output_dir, self._shards,
+            max_shards=self._max_shards, progress=self._is_rank_zero, on_shard=self._log),
+            "scoring its shards")
         log.info("rank %d: %d shards scored (%d were done before), %d documents, %d tokens, "
                  "%.0f tokens/s", self._rank, result.shards_scored, result.shards_done_before,
                  result.documents, result.tokens, result.tokens / max(result.seconds, 1e-9))

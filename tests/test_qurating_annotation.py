@@ -416,6 +416,33 @@ def test_two_processes_give_the_scores_of_one(uninterrupted, rater_dir, corpus_f
 
 
 @pytest.mark.distributed
+def test_a_rank_that_fails_while_scoring_stops_every_rank(rater_dir, corpus_files, setup_dir):
+    """Rank 1 cannot write its first shard (a folder stands at its name: a stand-in for a full
+    disk): it used to stop alone while rank 0 waited for it in the run's totals (gloo's
+    "Connection closed by peer" traceback; on NCCL a hang). Now rank 0 stops too, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    output_dir = setup_dir / "rank_one_fails"
+    (output_dir / "scores-00001-00000.parquet").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
+           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1", "ACADLM_TRACEBACK": "0"}
+    done = subprocess.run([str(Path(sys.executable).with_name("tune")), "run", "--nproc_per_node",
+                           "2", "acadlm_plugins/annotate_recipe",
+                           *annotate_args(output_dir, rater_dir, corpus_files)],
+                          cwd=setup_dir, env=env, capture_output=True, text=True, timeout=240,
+                          check=False)
+    stderr = done.stderr
+    assert done.returncode != 0, stderr[-3000:]
+    assert re.search(r"error \(rank 0\): rank 1 stopped while scoring its shards", stderr), \
+        stderr[-3000:]
+    assert "Connection closed" not in stderr, stderr[-3000:]
+    assert not (output_dir / "annotation.json").exists()
+
+
+@pytest.mark.distributed
 def test_two_processes_on_a_one_process_output_dir_are_refused_by_every_rank(
         uninterrupted, rater_dir, corpus_files, setup_dir):
     """Only rank 0 compared the plan before a barrier: it printed the refusal while rank 1,
