@@ -431,29 +431,14 @@ def test_guard_stops_every_rank_when_one_rank_sees_a_non_finite_loss(tmp_path, p
     """A NaN loss or plugin term on one rank only stops every rank, before backward, with the
     one-line error and exit code 2: no rank goes on into FSDP's collectives alone (on gloo a
     "Connection closed by peer" traceback, on NCCL a hang)."""
-    import os
     import re
-    import subprocess
-    import sys
 
-    from tiny_setup import REPO_ROOT, tiny_run_args
+    from tiny_setup import run_tune_expecting_failure, tiny_run_args
 
     args = tiny_run_args(tmp_path, "batch_size=2", "max_steps=3", "save_every_n_steps=3",
                          f"plugins=[test_plugin_manager:{probe}]")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
-           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
-           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1"}
-    env.pop("ACADLM_TRACEBACK", None)
-    tune = Path(sys.executable).with_name("tune")
-    try:
-        done = subprocess.run([str(tune), "run", "--nproc_per_node", "2",
-                               "acadlm_plugins/continued_pretrain_recipe", *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=240, check=False)
-    except subprocess.TimeoutExpired as hung:
-        pytest.fail(f"a rank hung in a collective:\n{hung.stdout}\n{hung.stderr}")
-    log = done.stdout + done.stderr
-    assert done.returncode != 0, log
+    log = run_tune_expecting_failure("acadlm_plugins/continued_pretrain_recipe", args,
+                                     cwd=tmp_path)
     for rank in (0, 1):
         assert f"error (rank {rank}): {named} at step 2 (on rank 1 of 2);" in log, log
     # torchrun's summary: the ranks exited 2; torchrun stops the other rank (SIGTERM, -15) as

@@ -14,7 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from recipe_runs import run_recipe_main, torch_threads
-from tiny_setup import _WORDS, REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
+from tiny_setup import (
+    _WORDS,
+    REPO_ROOT,
+    run_tune_expecting_failure,
+    run_tune_subprocess,
+    write_tiny_model_dir,
+)
 
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.qurating.annotation import (
@@ -420,22 +426,11 @@ def test_a_rank_that_fails_while_scoring_stops_every_rank(rater_dir, corpus_file
     """Rank 1 cannot write its first shard (a folder stands at its name: a stand-in for a full
     disk): it used to stop alone while rank 0 waited for it in the run's totals (gloo's
     "Connection closed by peer" traceback; on NCCL a hang). Now rank 0 stops too, naming it."""
-    import os
-    import subprocess
-    import sys
-
     output_dir = setup_dir / "rank_one_fails"
     (output_dir / "scores-00001-00000.parquet").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
-           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
-           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1", "ACADLM_TRACEBACK": "0"}
-    done = subprocess.run([str(Path(sys.executable).with_name("tune")), "run", "--nproc_per_node",
-                           "2", "acadlm_plugins/annotate_recipe",
-                           *annotate_args(output_dir, rater_dir, corpus_files)],
-                          cwd=setup_dir, env=env, capture_output=True, text=True, timeout=240,
-                          check=False)
-    stderr = done.stderr
-    assert done.returncode != 0, stderr[-3000:]
+    stderr = run_tune_expecting_failure(
+        "acadlm_plugins/annotate_recipe", annotate_args(output_dir, rater_dir, corpus_files),
+        cwd=setup_dir)
     assert re.search(r"error \(rank 0\): rank 1 stopped while scoring its shards", stderr), \
         stderr[-3000:]
     assert "Connection closed" not in stderr, stderr[-3000:]
@@ -449,20 +444,10 @@ def test_two_processes_on_a_one_process_output_dir_are_refused_by_every_rank(
     left in the barrier, died with gloo's "Connection closed by peer" (on NCCL: hung). Now
     every rank prints it and exits with 2; the launcher (torchrun) exits with 1 and its own
     ChildFailedError traceback, which lists each rank's exit code."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
-           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
-           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1", "ACADLM_TRACEBACK": "0"}
-    done = subprocess.run([str(Path(sys.executable).with_name("tune")), "run", "--nproc_per_node",
-                           "2", "acadlm_plugins/annotate_recipe",
-                           *annotate_args(uninterrupted, rater_dir, corpus_files)],
-                          cwd=setup_dir, env=env, capture_output=True, text=True, timeout=240,
-                          check=False)
-    stderr = done.stderr
-    assert done.returncode != 0 and set(re.findall(r"exitcode\s*: (\d+)", stderr)) == {"2"}, \
+    stderr = run_tune_expecting_failure(
+        "acadlm_plugins/annotate_recipe", annotate_args(uninterrupted, rater_dir, corpus_files),
+        cwd=setup_dir)
+    assert set(re.findall(r"exitcode\s*: (\d+)", stderr)) == {"2"}, \
         stderr[-3000:]
     for rank in (0, 1):
         assert re.search(rf"error \(rank {rank}\): config `output_dir`: .* holds shards of a "

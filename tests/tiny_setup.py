@@ -89,6 +89,43 @@ def tiny_run_args(tmp_path: Path, *overrides: str) -> list[str]:
             f"validation_dataset.data_dir={corpus}", *overrides]
 
 
+def _tune_command(recipe: str, args: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
+    """The ``tune run`` command line and environment the subprocess tests launch: this repo and
+    tests/ importable, one thread, no progress bars, no installed plugins, our errors as one
+    line (no ``ACADLM_TRACEBACK``)."""
+    import os
+    import sys
+
+    tune = Path(sys.executable).with_name("tune")
+    launcher = [str(tune), "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
+           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
+           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1"}
+    env.pop("ACADLM_TRACEBACK", None)
+    return [*launcher, recipe, *args], env
+
+
+def run_tune_expecting_failure(recipe: str, args: list[str], *, cwd: Path, nproc: int = 2,
+                               timeout: int = 240) -> str:
+    """``tune run [--nproc_per_node N] <recipe> <args>`` that must fail (a refusal, an error on
+    some rank): its stdout and stderr together. Fails the calling test if it succeeds, or hangs
+    (a rank left waiting in a collective)."""
+    import subprocess
+
+    import pytest
+
+    command, env = _tune_command(recipe, args, nproc)
+    try:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"`tune run` (nproc={nproc}) hung for {timeout} s (a rank left waiting in a "
+                    f"collective?):\n{hung.stdout}\n{hung.stderr}")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, f"`tune run` (nproc={nproc}) succeeded:\n{output[-3000:]}"
+    return output
+
+
 def run_tune_subprocess(recipe: str, args: list[str], *, cwd: Path, log_file: Path,
                         nproc: int = 1, timeout: int = 240) -> None:
     """``tune run [--nproc_per_node N] <recipe> <args>`` in a subprocess, as a user runs it.
@@ -96,24 +133,18 @@ def run_tune_subprocess(recipe: str, args: list[str], *, cwd: Path, log_file: Pa
     Fails the calling test with the log's tail when the run fails or hangs (a collective that
     not every rank reached).
     """
-    import os
     import subprocess
-    import sys
 
     import pytest
 
-    tune = Path(sys.executable).with_name("tune")
-    launcher = [str(tune), "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), str(REPO_ROOT)]),
-           "OMP_NUM_THREADS": "1", "ACADLM_NO_PROGRESS": "1",
-           "ACADLM_PLUGINS_DISABLE_AUTOLOAD": "1"}
+    command, env = _tune_command(recipe, args, nproc)
 
     def tail() -> str:
         return "\n".join(log_file.read_text(errors="replace").splitlines()[-60:])
 
     with open(log_file, "w") as handle:
         try:
-            done = subprocess.run([*launcher, recipe, *args], cwd=cwd, env=env, stdout=handle,
+            done = subprocess.run(command, cwd=cwd, env=env, stdout=handle,
                                   stderr=subprocess.STDOUT, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             pytest.fail(f"`tune run` (nproc={nproc}) hung for {timeout} s:\n{tail()}")
