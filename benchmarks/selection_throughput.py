@@ -10,9 +10,10 @@ its own fresh Python process so that one's memory cannot inflate the other's pea
   ``numpy.random.Generator.gumbel`` noise, ``argsort`` the keys, ``cumsum`` the tokens in key
   order up to the budget. Like ours, it never decodes a text.
 * **ours, selection**: passes 1 and 2 of ``acadlm_plugins.qurating.selection`` (streaming
-  moments, then streaming keys with the running threshold): the same answer, which rows. Its
-  noise is keyed by document id (``noise_key: id``, the default), so it reads and hashes every
-  id, which the baseline never touches.
+  moments, then streaming keys with the running threshold) as ``select()`` runs them: the same
+  answer, which rows. Its noise is keyed by document id (``noise_key: id``, the default), so it
+  reads and hashes every id and checks that they are unique (``scan_corpus(...,
+  unique_ids=True)``, as ``select()`` calls it), which the baseline never does.
 * **ours, row noise**: the same with ``noise_key: row`` (noise from the row number): like the
   baseline, it reads no ids, so this is the like-for-like comparison of the sampling itself.
 * **ours, end to end** (unless ``--skip-write``): ``select()``, which also reads the selected
@@ -137,7 +138,10 @@ def run_ours(folder: Path, budget: int, tau: float, seed: int, batch_size: int,
                              tau=tau, seed=seed, batch_size=batch_size, noise_key=noise_key)
     sampling = check_sampling(config, shards.score_criteria())
     shards.require([CRITERION], need_id=noise_key == "id")
-    stats = scan_corpus(shards, [CRITERION], [CRITERION], batch_size=batch_size)
+    # As select() calls it: with id noise, pass 1 also reads and hashes the ids (for the
+    # uniqueness check and, since 2026-12-06, for pass 2's noise).
+    stats = scan_corpus(shards, [CRITERION], [CRITERION], batch_size=batch_size,
+                        unique_ids=noise_key == "id")
     plan = plan_selections(shards, stats, [sampling], budget, batch_size=batch_size)[0][0]
     seconds = time.perf_counter() - started
     moments = stats.moments[CRITERION]
@@ -176,8 +180,9 @@ def child(args: argparse.Namespace) -> None:
     # the baseline used to import it inside its timed and measured region.
     import pyarrow.parquet  # noqa: F401
 
+    module = None
     if args.run != "baseline":
-        import acadlm_plugins.qurating.selection  # noqa: F401
+        import acadlm_plugins.qurating.selection as module
     after_imports = _rss_mib()
     started = time.perf_counter()
     folder = Path(args.dir)
@@ -190,7 +195,8 @@ def child(args: argparse.Namespace) -> None:
         result = run_end_to_end(folder, args.budget, args.tau, args.seed, args.batch_size,
                                 folder.parent / "selection")
     result.setdefault("seconds", time.perf_counter() - started)
-    result.update(peak_rss_mib=_peak_mib(), rss_after_imports_mib=after_imports)
+    result.update(peak_rss_mib=_peak_mib(), rss_after_imports_mib=after_imports,
+                  module=module.__file__ if module is not None else None)
     print("RESULT " + json.dumps(result))
 
 
@@ -274,6 +280,7 @@ def main() -> None:
           f"in memory: {base['table_mib']:,.0f} MiB")
     if "end_to_end" in results:
         print(f"end to end, passes (s): {results['end_to_end']['passes_s']}")
+    print(f"ours imported {ours['module']}")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,65 @@ def test_budget_is_hit_within_one_document(tmp_path):
         assert budget <= plan.tokens < budget + last
 
 
+def test_select_reads_and_hashes_the_ids_once_and_matches_the_row_by_row_reference(
+        tmp_path, monkeypatch):
+    """The ids were read and hashed twice at 10^7 documents (pass 1 for the uniqueness check,
+    pass 2 for the noise); pass 2 now draws the noise from pass 1's hashes. Same selection."""
+    n, tau, seed = 3000, 0.8, 13
+    tokens = np.random.default_rng(4).integers(0, 40, n)
+    tokens[::9] = 0  # empty documents: no noise drawn, no hash kept, never selected
+    table = corpus_table(n, seed=4, tokens=tokens)
+    ids = table.column("id").to_pylist()
+    ids[5::7] = [f"{i}-{'x' * (int(i) % 11)}" for i in range(5, n, 7)]  # ids of many lengths
+    table = table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids))
+    folder = write_shards(tmp_path / "s", table, [700, 1100, 1200], row_group_size=170)
+    # The row-by-row reference, computed before the hashes are counted.
+    live = tokens > 0
+    score = zscore(table.column("score_educational_value").to_numpy()[live])
+    keys = score / tau + gumbel_noise(seed, ids=table.column("id").combine_chunks().filter(live))
+    uniform_keys = gumbel_noise(seed, ids=table.column("id").combine_chunks().filter(live))
+    live_tokens, live_ids = tokens[live], np.asarray(ids)[live]
+    budget = 11_111
+
+    def reference(keys: np.ndarray) -> set[str]:
+        order = np.lexsort((np.arange(keys.size), -keys))
+        prefix = int(np.searchsorted(np.cumsum(live_tokens[order]), budget)) + 1
+        return set(live_ids[order[:prefix]].tolist())
+
+    hashed, id_reads = [], []
+    real_hash, real_batches = sel.hash_strings, ScoreShards.iter_batches
+    monkeypatch.setattr(sel, "hash_strings",
+                        lambda values: hashed.append(len(values)) or real_hash(values))
+
+    def iter_batches(self, columns, *args, **kwargs):
+        id_reads.append("id" in columns)
+        return real_batches(self, columns, *args, **kwargs)
+
+    monkeypatch.setattr(ScoreShards, "iter_batches", iter_batches)
+    select({"scores_dir": str(folder), "output_dir": str(tmp_path / "q"),
+            "uniform_output_dir": str(tmp_path / "u"), "criteria": {"educational_value": 1.0},
+            "tau": tau, "seed": seed, "budget_tokens": budget, "batch_size": 256})
+    assert sum(hashed) == n, f"{sum(hashed)} ids hashed for {n} rows"
+    assert sum(id_reads) == 1, id_reads
+    assert selected_ids(tmp_path / "q") == reference(keys)
+    assert selected_ids(tmp_path / "u") == reference(uniform_keys)
+    # Through the functions: pass 2 uses the kept hashes once, then the ids (same noise).
+    shards = ScoreShards.discover(folder)
+    stats = scan_corpus(shards, ["educational_value"], ["educational_value"], batch_size=100,
+                        unique_ids=True)
+    assert stats.id_hashes is not None and stats.id_hashes.size == int(live.sum())
+    kept = plan_selections(shards, stats, [sampling(seed, tau)], budget, batch_size=333)[0][0]
+    assert stats.id_hashes is None  # sorted by the uniqueness check: no longer in row order
+    again = plan_selections(shards, stats, [sampling(seed, tau)], budget, batch_size=333)[0][0]
+    np.testing.assert_array_equal(kept.rows, again.rows)
+    by_ids = plans_for(folder, [sampling(seed, tau)], budget)[0]  # scanned without unique_ids
+    np.testing.assert_array_equal(kept.rows, by_ids.rows)
+    # Shards that lose a document between the passes are refused, not misaligned.
+    stats.id_hashes = scan_corpus(shards, [], [], batch_size=100, unique_ids=True).id_hashes[1:]
+    with pytest.raises(DataError, match="changed during the selection"):
+        plan_selections(shards, stats, [sampling(seed, tau)], budget, batch_size=333)
+
+
 def test_gumbel_noise_is_standard_gumbel():
     noise = gumbel_noise(0, rows=np.arange(200_000))
     assert noise.mean() == pytest.approx(np.euler_gamma, abs=0.01)

@@ -27,15 +27,21 @@ The annotation shards are read three times with pyarrow, never all at once:
 1. **moments**: per-criterion mean and standard deviation (for the z-scores), tokens and
    documents per domain (and per value of ``domain_field``), corpus size (to check the budget).
    Reads scores, ``num_tokens`` and the domain columns; never the texts. With ``noise_key:
-   id`` it also reads the ids and checks that their 64-bit hashes are unique among the
-   documents with tokens (8 bytes per document, 80 MB at 10^7, freed after the check): two
-   documents with one id would get the same noise and be selected or dropped together.
+   id`` it also reads the ids, the only read of them before pass 3, and keeps their 64-bit
+   hashes (those of the documents with tokens, in row order: 8 bytes per document, 80 MB at
+   10^7) for pass 2.
 2. **keys**: the key of every document; only rows whose key can still be inside the budget
    are kept (a running threshold, below), so memory grows with the *selection* (at most about
    twice its documents plus one batch, 24 bytes each: float64 key, int64 row, int64 tokens),
    not with the corpus, and no text is read. Keys stay float64: in float32 (24-bit mantissa)
    10^7 keys would collide often enough to decide inclusions by row order instead of by
-   noise. Also the z-score histograms of the whole corpus.
+   noise. Also the z-score histograms of the whole corpus. The id-keyed noise is drawn from
+   pass 1's hashes (the ids are not read or hashed again); once every key is drawn, the hashes
+   are sorted in place and checked for uniqueness, then freed: two documents with one id would
+   get the same noise and be selected or dropped together. Checking after pass 2 rather than
+   after pass 1 lets one array serve both (the check destroys the row order the noise needs)
+   at the cost of holding it through pass 2; a repeated id is still refused before anything
+   is written.
 3. **write**: a row group without a selected row is skipped; a row group holding at least one
    is read whole, all columns (texts included), and its selected rows are written as
    ``<out>/<domain>/train.jsonl`` (the corpus layout
@@ -47,7 +53,7 @@ The annotation shards are read three times with pyarrow, never all at once:
 The noise of a document is a hash of ``(seed, document id)`` (or of its global row number with
 ``noise_key: row``), not a draw from a stateful generator, so the selection does not depend on
 the batch size, on how the corpus is split into shards or (with ids) on the order of the
-shards. The ids must therefore be unique (pass 1 refuses a repeated one, naming both rows);
+shards. The ids must therefore be unique (a repeated one is refused, naming both rows);
 ``noise_key: row`` needs no ids. Exactly equal keys are ordered by row number.
 
 Each pass shows a tqdm progress bar over the corpus's rows (``ACADLM_NO_PROGRESS=1`` hides it).
@@ -569,6 +575,10 @@ class CorpusStats:
     domain_documents: dict[str, int] = field(default_factory=dict)
     stratum_tokens: dict[str, int] = field(default_factory=dict)  # per value of domain_field
     stratum_documents: dict[str, int] = field(default_factory=dict)
+    # The 64-bit id hashes of the documents with tokens, in row order (scan_corpus with
+    # unique_ids): pass 2 draws the noise from them instead of hashing the ids again, then
+    # checks and drops them (plan_selections). None: not collected, or already used.
+    id_hashes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def z(self, criterion: str, values: np.ndarray) -> np.ndarray:
         """z-scores of raw ``values`` of ``criterion`` (0 for a constant criterion)."""
@@ -632,8 +642,12 @@ def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence
     for a criterion only reported, non-finite values are left out of its statistics. With
     ``domain_field``, tokens and documents are also counted per value of that column (the
     strata the budget is split over). With ``unique_ids`` (the noise is keyed by id), a null
-    id and two documents with tokens whose ids hash alike are errors (:class:`DataError`) naming
-    the shards and rows (see :func:`require_unique_ids`).
+    id is an error (:class:`DataError`) naming its shard and row, and the hashes of the ids of
+    the documents with tokens are kept, in row order, as ``stats.id_hashes``:
+    :func:`plan_selections` draws the id-keyed noise from them (so the ids are read and hashed
+    once) and then refuses two that are equal, naming the shards and rows (see
+    :func:`require_unique_ids`). The check is not made here because it sorts the hashes, and
+    a sorted copy would double their memory.
     """
     stats = CorpusStats(moments={c: Moments() for c in criteria})
     has_domain = shards.has_column(DOMAIN_COLUMN)
@@ -652,8 +666,9 @@ def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence
         columns.append(domain_field.split(".")[0])
     if unique_ids and ID_COLUMN not in columns:
         columns.append(ID_COLUMN)
-    # One slot per row, filled with the hashes of the documents with tokens: 8 bytes per row,
-    # allocated once and sorted in place (no second copy at 10^7 documents).
+    # One slot per row, filled in row order with the hashes of the documents with tokens:
+    # 8 bytes per row, allocated once (pages past the last document with tokens are never
+    # touched), read by pass 2 and then sorted in place (no second copy at 10^7 documents).
     id_hashes = np.empty(shards.num_rows if unique_ids else 0, dtype=np.uint64)
     hashed = 0
     for shard, start, batch in shards.iter_batches(columns, batch_size,
@@ -694,7 +709,7 @@ def scan_corpus(shards: ScoreShards, criteria: Sequence[str], weighted: Sequence
     if has_domain and not domains_here:
         _count_domains(shards, stats, batch_size)
     if unique_ids:
-        require_unique_ids(shards, id_hashes[:hashed], batch_size=batch_size)
+        stats.id_hashes = id_hashes[:hashed]
     for name, m in stats.moments.items():
         if name in weighted and m.std == 0:
             log.warning("criterion %s has the same score for every document: it adds nothing "
@@ -829,6 +844,8 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 _HASH_BLOCK = 8  # string positions gathered per step of hash_strings
+_NULL_ID = ("an `id` is null, so it cannot key the noise. Fix: give every row an id, or set "
+            "`noise_key: row`.")
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -894,22 +911,24 @@ def hash_strings(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def gumbel_noise(seed: int, *, rows: np.ndarray | None = None,
-                 ids: pa.Array | None = None) -> np.ndarray:
+                 ids: pa.Array | None = None, id_hashes: np.ndarray | None = None) -> np.ndarray:
     """Standard Gumbel noise as a pure function of ``(seed, id)`` or ``(seed, global row)``.
 
-    Uniforms are the top 53 bits of a SplitMix64 hash, shifted half a step into (0, 1), so the
-    noise is finite; ``-log(-log(u))`` is Gumbel.
+    ``id_hashes`` (the :func:`hash_strings` of the ids, e.g. kept from pass 1) gives the same
+    noise as ``ids`` without hashing them again. Uniforms are the top 53 bits of a SplitMix64
+    hash, shifted half a step into (0, 1), so the noise is finite; ``-log(-log(u))`` is Gumbel.
     """
     state = _seed_state(seed)
     if ids is not None:
         if ids.null_count:
-            raise DataError("an `id` is null, so it cannot key the noise. Fix: give every row an "
-                            "id, or set `noise_key: row`.")
-        x = _mix64(_mix64(hash_strings(ids) ^ state) + np.uint64(_GOLDEN))
+            raise DataError(_NULL_ID)
+        id_hashes = hash_strings(ids)
+    if id_hashes is not None:
+        x = _mix64(_mix64(id_hashes ^ state) + np.uint64(_GOLDEN))
     elif rows is not None:
         x = _mix64(rows.astype(np.uint64) * np.uint64(_GOLDEN) + state)
     else:
-        raise TypeError("gumbel_noise needs rows or ids")
+        raise TypeError("gumbel_noise needs rows, ids or id_hashes")
     uniform = ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
     return -np.log(-np.log(uniform))
 
@@ -1086,15 +1105,24 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
     With ``domain_field`` and ``budgets_by_domain`` (see :func:`domain_budgets`), every domain
     is filled to its own budget from its own documents; otherwise ``budget`` is filled from the
     whole corpus.
+
+    Id-keyed noise comes from ``stats.id_hashes`` when pass 1 kept them (:func:`scan_corpus`
+    with ``unique_ids``): the id column is then not read here. After the pass they are checked
+    for uniqueness (:func:`require_unique_ids`, which sorts them in place) and dropped from
+    ``stats``. Without them the ids are read and hashed here, once per batch whatever the
+    number of seeds, and not checked.
     """
     if (domain_field is None) != (budgets_by_domain is None):
         raise ValueError("domain_field and budgets_by_domain go together")
     weighted = sorted({c for s in samplings for c, w in s.weights.items() if w})
     need_noise = [not s.top_k for s in samplings]
     use_ids = any(s.noise_key == "id" for s, n in zip(samplings, need_noise) if n)
+    kept_hashes = stats.id_hashes
+    hashed = 0  # documents with tokens whose kept hash pass 2 has used
+    batch_hashes: np.ndarray | None = None  # a batch's id hashes, for every seed
     columns = [TOKENS_COLUMN, *(SCORE_PREFIX + c for c in sorted({*weighted,
                                                                   *histogram_criteria}))]
-    if use_ids:
+    if use_ids and kept_hashes is None:
         columns.append(ID_COLUMN)
     if domain_field is not None and domain_field.split(".")[0] not in columns:
         columns.append(domain_field.split(".")[0])
@@ -1103,8 +1131,8 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
         for _ in samplings]
     histograms = {c: np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
                   for c in histogram_criteria}
-    for _shard, start, batch in shards.iter_batches(columns, batch_size,
-                                                    desc="selection 2/3: keys"):
+    for shard, start, batch in shards.iter_batches(columns, batch_size,
+                                                   desc="selection 2/3: keys"):
         tokens = batch.column(TOKENS_COLUMN).to_numpy().astype(np.int64, copy=False)
         live = tokens > 0
         all_live = bool(live.all())
@@ -1114,14 +1142,32 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
         noise_cache: dict[tuple[int, str], np.ndarray] = {}
         domains = (domain_values(batch, domain_field).filter(pa.array(live))
                    if domain_field is not None else None)
+        batch_hashes = None
+        if use_ids and kept_hashes is not None:
+            live_count = int(live.sum())
+            if hashed + live_count > kept_hashes.size:
+                raise DataError(f"{shard.path}: the shards hold more documents with tokens "
+                                f"than pass 1 counted ({kept_hashes.size:,}): they changed "
+                                "during the selection. Fix: run it again on shards that are "
+                                "not being written.")
+            batch_hashes = kept_hashes[hashed:hashed + live_count]  # rows with tokens only
+            hashed += live_count
+        elif use_ids:
+            ids = batch.column(ID_COLUMN)
+            if ids.null_count:
+                raise DataError(_NULL_ID)
+            batch_hashes = hash_strings(ids)  # every row
         for sampling, pool in zip(samplings, candidates):
             noise = None
             if not sampling.top_k:
                 cache_key = (sampling.seed, sampling.noise_key)
-                if cache_key not in noise_cache:
-                    noise_cache[cache_key] = (
-                        gumbel_noise(sampling.seed, ids=batch.column(ID_COLUMN))
-                        if sampling.noise_key == "id" else gumbel_noise(sampling.seed, rows=rows))
+                if cache_key not in noise_cache and sampling.noise_key == "id":
+                    assert batch_hashes is not None  # use_ids: set above for every batch
+                    noise_cache[cache_key] = _batch_id_noise(
+                        sampling.seed, batch_hashes, live, all_live,
+                        from_live_rows=kept_hashes is not None)
+                elif cache_key not in noise_cache:
+                    noise_cache[cache_key] = gumbel_noise(sampling.seed, rows=rows)
                 noise = noise_cache[cache_key]
             score = (combined_score(stats, batch, sampling.weights)
                      if sampling.mode != "uniform" else None)
@@ -1134,6 +1180,17 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
                 pool.add(live_keys, live_rows, live_tokens, domains)
             else:
                 pool.add(live_keys, live_rows, live_tokens)
+    if kept_hashes is not None:
+        # Every key is drawn: the row order is no longer needed, so the check may sort the
+        # hashes in place. They are dropped from `stats` first: sorted, they no longer match
+        # the rows, and a later pass 2 with these stats reads the ids instead.
+        stats.id_hashes = None
+        if use_ids and hashed != kept_hashes.size:
+            raise DataError(f"the shards hold {hashed:,} documents with tokens, pass 1 counted "
+                            f"{kept_hashes.size:,}: they changed during the selection. Fix: "
+                            "run it again on shards that are not being written.")
+        require_unique_ids(shards, kept_hashes, batch_size=batch_size)
+        del kept_hashes, batch_hashes  # (the last batch's is a view) freed before the compactions
     plans = []
     for sampling, pool in zip(samplings, candidates):
         if isinstance(pool, _Candidates):
@@ -1163,6 +1220,22 @@ def plan_selections(shards: ScoreShards, stats: CorpusStats, samplings: Sequence
             threshold_key=min(thresholds) if thresholds else math.nan,
             peak_candidates=pool.peak, domain_field=domain_field, domains=per_domain))
     return plans, histograms
+
+
+def _batch_id_noise(seed: int, hashes: np.ndarray, live: np.ndarray, all_live: bool, *,
+                    from_live_rows: bool) -> np.ndarray:
+    """The id-keyed noise of every row of a batch, from its id hashes.
+
+    ``hashes`` holds one hash per row, or (``from_live_rows``, pass 1's kept hashes) one per
+    row with tokens only; then the rows without tokens get 0, which is never used: their keys
+    are dropped with them. The noise of a row with tokens is the same either way.
+    """
+    noise = gumbel_noise(seed, id_hashes=hashes)
+    if not from_live_rows or all_live:
+        return noise
+    full = np.zeros(live.size, dtype=np.float64)
+    full[live] = noise
+    return full
 
 
 def _z_histogram(z: np.ndarray) -> np.ndarray:
