@@ -37,6 +37,7 @@ from acadlm_plugins.models.families import shape_differences, unreadable_weights
 from acadlm_plugins.plugin_manager import (
     add_plugin_results,
     build_plugin_manager,
+    check_plugin_state_keys,
     collect_metrics,
     list_plugins,
     plugin_states,
@@ -262,6 +263,7 @@ class ContinuedPretrainRecipe:
         groups: list[dict] = [{"params": [p for p in self._model.parameters() if p.requires_grad]}]
         for extra in self._pm.hook.acadlm_optimizer_param_groups(model=self._model, cfg=cfg):
             groups.extend(extra or [])
+        check_plugin_state_keys(self._pm)  # the last setup hook: refuse clashing keys before step 1
         return build_optimizer(cfg, groups, device=self._device, distributed=self._distributed)
 
     def _restore_recipe_state(self) -> None:

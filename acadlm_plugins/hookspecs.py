@@ -137,6 +137,8 @@ def acadlm_state_dict() -> dict | None:
 
     ``state`` must be picklable by ``torch.save``. It comes back through
     ``acadlm_load_state_dict`` when the run resumes, so a resumed run continues exactly.
+    Also called once at the end of setup (right after ``acadlm_optimizer_param_groups``), so
+    that two plugins returning the same key are refused before the first step.
     """
 
 

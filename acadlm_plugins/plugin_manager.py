@@ -29,6 +29,13 @@ so a wrong return value stops the run with a :class:`PluginHookError` naming the
 hook and what to return, before any recipe code uses it. Dicts come back as
 :class:`PluginResult` (a ``dict`` that remembers which plugin returned which key), so that
 :func:`collect_metrics` and :func:`add_plugin_results` can name the plugins whose keys clash.
+A plugin's hook wrappers (``wrapper=True`` or ``hookwrapper=True``) get the same note on an
+exception they raise, before or after their ``yield`` (:func:`_guarded_wrapper`); the note is
+added on Python 3.10 too (:func:`add_error_note`).
+
+Two plugins whose ``acadlm_state_dict`` return the same key are refused when the run's setup is
+done, before its first step (:func:`check_plugin_state_keys`, which the recipe calls right after
+``acadlm_optimizer_param_groups``), rather than at the first checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import inspect
 import logging
 import os
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, NoReturn
 
 import pluggy
@@ -210,6 +217,44 @@ def plugin_states(pm: pluggy.PluginManager) -> dict:
     names = {key: _name_of(pm.get_plugin(plugin)) for key, (plugin, _) in merged.origins.items()}
     return add_plugin_results({PLUGIN_NAMES_KEY: names}, merged,
                               owner="the checkpoint's record of plugin names")
+
+
+def check_plugin_state_keys(pm: pluggy.PluginManager) -> None:
+    """Call each plugin's ``acadlm_state_dict`` once and raise :class:`PluginHookError` (naming
+    both plugins, the key and the fix, as :func:`plugin_states` would at a checkpoint) when two
+    plugins return the same key.
+
+    The recipe calls this once, right after ``acadlm_optimizer_param_groups`` (the last setup
+    hook), so a clash stops the run before its first step instead of at its first checkpoint,
+    after training work. The plugins are called
+    one by one, outside the hook machinery: the hook's wrappers do not run, and the call does
+    not appear in ``ACADLM_PLUGINS_TRACE``'s list of the recipe's hook calls. A plugin that
+    returns nothing yet (``None`` or ``{}``) has no key to clash; one whose state dict raises
+    this early (its state is built during training) is skipped here, logged at DEBUG, and its
+    keys are checked at the first checkpoint as before. A return value of the wrong kind is
+    refused here already (:class:`PluginHookError`), as it would be at the checkpoint."""
+    hook = "acadlm_state_dict"
+    results: list[dict | None] = []
+    # pluggy calls the implementations last-registered first: the same order, and so the same
+    # "plugins 'A' and 'B'" in the error, as at a checkpoint
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        if impl.wrapper or impl.hookwrapper:
+            continue
+        try:
+            result = impl.function()
+        except PluginHookError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- its keys are checked at the first save
+            logger.debug("plugin %r: `%s` raised %s at setup (%s); its keys are checked at the "
+                         "first checkpoint", impl.plugin_name, hook, type(err).__name__, err)
+            continue
+        if isinstance(result, dict) and not isinstance(result, PluginResult):
+            # registered past build_plugin_manager's guard: name its plugin all the same
+            result = PluginResult(result, origins=dict.fromkeys(result, (impl.plugin_name, hook)))
+        results.append(result)
+    # the same checks as plugin_states: two plugins' keys, and the key that records their names
+    add_plugin_results({PLUGIN_NAMES_KEY: {}}, collect_metrics(results),
+                       owner="the checkpoint's record of plugin names")
 
 
 def restore_plugin_states(pm: pluggy.PluginManager, states: dict) -> None:
@@ -423,12 +468,46 @@ def _hook_names() -> list[str]:
     return [n for n in dir(hookspecs) if n.startswith("acadlm_")]
 
 
+def add_error_note(err: BaseException, note: str) -> None:
+    """Add ``note`` to ``err``'s ``__notes__`` on every Python this package supports.
+
+    Python 3.11 and later have ``BaseException.add_note``; 3.10 (``requires-python >= 3.10``)
+    does not, and the note naming the plugin and hook was lost there. Without ``add_note``
+    this appends to the ``__notes__`` list itself, as ``add_note`` does, which
+    :func:`acadlm_plugins.training.runtime.run_main` prints under the error line. It never
+    raises: it runs while another exception is being raised."""
+    native = getattr(err, "add_note", None)
+    try:
+        if callable(native):
+            native(note)
+            return
+        notes = getattr(err, "__notes__", None)
+        if isinstance(notes, list):
+            notes.append(note)
+        elif notes is None:
+            err.__notes__ = [note]  # type: ignore[attr-defined]
+        # else: `__notes__` is not a list, which `add_note` refuses too: no note
+    except (AttributeError, TypeError):  # `__notes__` not a list, or no attribute allowed
+        pass
+
+
+def _note_plugin(err: BaseException, plugin: str, hook: str) -> None:
+    """Note on ``err`` the plugin and hook it was raised in, unless it already has such a note
+    (the innermost plugin, when one plugin's hook calls another hook, is the one to name)."""
+    notes = getattr(err, "__notes__", None) or ()
+    if not any(str(note).startswith(_NOTE_PREFIX) for note in notes):
+        add_error_note(err, f"{_NOTE_PREFIX} '{plugin}', hook `{hook}`")
+
+
 def _guard_hook_functions(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
-    """Wrap each of the plugin's hook functions (not wrappers) with :func:`_guarded`."""
+    """Wrap each of the plugin's hook functions with :func:`_guarded` and each of its hook
+    wrappers with :func:`_guarded_wrapper`, so an exception from either names the plugin."""
     for caller in pm.get_hookcallers(plugin) or ():
         for impl in caller.get_hookimpls():
-            if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                impl.function = _guarded(impl.function, name, caller.name)  # type: ignore[misc]
+            if impl.plugin is not plugin:
+                continue
+            guard = _guarded_wrapper if impl.wrapper or impl.hookwrapper else _guarded
+            impl.function = guard(impl.function, name, caller.name)  # type: ignore[misc]
 
 
 def _guarded(function: Callable, plugin: str, hook: str) -> Callable:
@@ -440,12 +519,30 @@ def _guarded(function: Callable, plugin: str, hook: str) -> Callable:
         try:
             result = function(*args, **kwargs)
         except Exception as err:
-            notes = getattr(err, "__notes__", ())
-            if hasattr(err, "add_note") and not any(
-                    str(note).startswith(_NOTE_PREFIX) for note in notes):
-                err.add_note(f"{_NOTE_PREFIX} '{plugin}', hook `{hook}`")
+            _note_plugin(err, plugin, hook)
             raise
         return _checked_result(result, plugin, hook)
+
+    return call
+
+
+def _guarded_wrapper(function: Callable, plugin: str, hook: str) -> Callable:
+    """``function`` (a plugin's hook wrapper: a generator function that yields once, around the
+    other implementations of ``hook``) as a generator function that delegates to it (``yield
+    from`` passes on what pluggy sends or throws in, and returns what the wrapper returns) and
+    notes the plugin and hook on an exception the wrapper raises, before or after its yield.
+    Another plugin's exception passing through already carries its own plugin's note, which is
+    kept (:func:`_note_plugin`); what the wrapper returns is not checked."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Generator[None, Any, Any]:
+        try:
+            return (yield from function(*args, **kwargs))
+        except PluginHookError:
+            raise  # another plugin's refused return value: its message names that plugin
+        except Exception as err:
+            _note_plugin(err, plugin, hook)
+            raise
 
     return call
 

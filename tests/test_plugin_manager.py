@@ -758,3 +758,183 @@ def test_resume_with_the_plugin_listed_another_way_does_not_warn(example_on_path
     finally:
         logger.removeHandler(caplog.handler)
     assert "not restored" not in caplog.text
+
+
+# --- hook wrappers, notes without `add_note`, state-key clashes at setup ----------------------
+
+
+class WrapperRaisesBeforeYield:
+    @hookimpl(wrapper=True)
+    def acadlm_after_optimizer_step(self, step):
+        if step:
+            raise KeyError("before the yield")
+        return (yield)
+
+
+class WrapperRaisesAfterYield:
+    @hookimpl(wrapper=True)
+    def acadlm_after_optimizer_step(self, step):
+        yield
+        raise KeyError("after the yield")
+
+
+class OldStyleWrapperRaisesAfterYield:
+    @hookimpl(hookwrapper=True)
+    def acadlm_after_optimizer_step(self, step):
+        yield
+        raise KeyError("after the yield")
+
+
+class WrapperAddsAMetric:
+    @hookimpl(wrapper=True)
+    def acadlm_after_optimizer_step(self, step):
+        results = yield
+        return [*results, {"wrapper/seen": len(results)}]
+
+
+@pytest.mark.filterwarnings("ignore::pluggy.PluggyTeardownRaisedWarning")
+@pytest.mark.parametrize("plugin", [WrapperRaisesBeforeYield, WrapperRaisesAfterYield,
+                                    OldStyleWrapperRaisesAfterYield])
+def test_exception_in_a_plugin_hook_wrapper_notes_plugin_and_hook(plugin):
+    pm = build_plugin_manager([StepMetricA, plugin], builtins=(), load_entry_points=False)
+    with pytest.raises(KeyError) as error:
+        pm.hook.acadlm_after_optimizer_step(step=1, metrics={})
+    assert getattr(error.value, "__notes__", []) == [
+        f"raised in acadlm plugin '{_named(plugin)}', hook `acadlm_after_optimizer_step`"]
+
+
+def test_guarded_hook_wrapper_still_wraps_the_call_and_passes_other_plugins_errors_on():
+    pm = build_plugin_manager([StepMetricA, WrapperAddsAMetric], builtins=(),
+                              load_entry_points=False)
+    assert collect_metrics(pm.hook.acadlm_after_optimizer_step(step=1, metrics={})) == {
+        "shared/metric": 1.0, "wrapper/seen": 1}
+    # another plugin's error thrown through the wrapper keeps that plugin's note only
+    failing = build_plugin_manager([RaisesKeyError, WrapperAddsAMetric], builtins=(),
+                                   load_entry_points=False)
+    with pytest.raises(KeyError) as error:
+        failing.hook.acadlm_after_optimizer_step(step=1, metrics={})
+    note = (f"raised in acadlm plugin '{_named(RaisesKeyError)}', "
+            "hook `acadlm_after_optimizer_step`")
+    assert error.value.__notes__ == [note]
+
+
+class NoAddNoteConfigError(ConfigError):
+    """Our error as Python 3.10 builds it: its class has no `add_note` (new in 3.11)."""
+
+    def __getattribute__(self, name):
+        if name == "add_note":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+class RaisesWithoutAddNote:
+    @hookimpl
+    def acadlm_configure(self, cfg):
+        raise NoAddNoteConfigError("my_key", "is wrong.", "set it right.")
+
+
+def test_add_error_note_without_add_note_appends_to_dunder_notes():
+    err = NoAddNoteConfigError("k", "is wrong.")
+    assert not hasattr(err, "add_note")
+    plugin_manager.add_error_note(err, "first")
+    plugin_manager.add_error_note(err, "second")
+    assert err.__notes__ == ["first", "second"]
+    native = KeyError("x")  # where add_note exists, it is the one used
+    plugin_manager.add_error_note(native, "note")
+    assert native.__notes__ == ["note"]
+
+
+def test_plugin_note_reaches_run_main_where_exceptions_have_no_add_note(capsys):
+    from acadlm_plugins.training.runtime import run_main
+
+    pm = build_plugin_manager([RaisesWithoutAddNote], builtins=(), load_entry_points=False)
+    assert run_main(lambda: pm.hook.acadlm_configure(cfg={}, recipe="prune")) == 2
+    assert (f"raised in acadlm plugin '{_named(RaisesWithoutAddNote)}', hook "
+            "`acadlm_configure`") in capsys.readouterr().err
+
+
+STEPS_RUN: list[int] = []  # steps a recipe run reached, by SavesSharedStateA's batch hook
+
+
+class SavesSharedStateA:
+    @hookimpl
+    def acadlm_batch_ready(self, step):
+        STEPS_RUN.append(step)
+
+    @hookimpl
+    def acadlm_state_dict(self):
+        return {"shared_state": {"from": "a"}}
+
+
+class SavesSharedStateB:
+    @hookimpl
+    def acadlm_state_dict(self):
+        return {"shared_state": {"from": "b"}}
+
+
+class StateEmptyAtSetup:
+    """Has state only once it has trained: nothing to save (and no key to clash) at setup."""
+
+    def __init__(self):
+        self.steps = 0
+
+    @hookimpl
+    def acadlm_batch_ready(self, step):
+        self.steps += 1
+
+    @hookimpl
+    def acadlm_state_dict(self):
+        return {"shared_state": self.steps} if self.steps else {}
+
+
+class StateNotReadyAtSetup:
+    """Builds its state during training; its state dict raises before that."""
+
+    def __init__(self):
+        self.tracker = None
+
+    @hookimpl
+    def acadlm_state_dict(self):
+        return {"not_ready": self.tracker.state_dict()}
+
+
+def _clash_message_check(message: str) -> None:
+    assert f"'{_named(SavesSharedStateA)}'" in message
+    assert f"'{_named(SavesSharedStateB)}'" in message
+    assert "both return key 'shared_state' from `acadlm_state_dict`" in message
+    assert "Fix: rename the key in one of the plugins" in message
+
+
+def test_state_key_clash_is_refused_by_the_setup_check():
+    pm = build_plugin_manager([SavesSharedStateA, SavesSharedStateB], builtins=(),
+                              load_entry_points=False)
+    with pytest.raises(plugin_manager.PluginHookError) as error:
+        plugin_manager.check_plugin_state_keys(pm)
+    _clash_message_check(str(error.value))
+
+
+def test_state_check_at_setup_passes_plugins_with_no_state_yet():
+    pm = build_plugin_manager([SavesSharedStateA, StateEmptyAtSetup, StateNotReadyAtSetup],
+                              builtins=(), load_entry_points=False)
+    assert pm.hook.acadlm_optimizer_param_groups(model=None, cfg=None) == []
+    plugin_manager.check_plugin_state_keys(pm)
+    pm.hook.acadlm_batch_ready(batch={}, step=0)  # now it saves the same key: the save says so
+    pm.get_plugin(_named(StateNotReadyAtSetup)).tracker = torch.nn.Linear(1, 1)
+    with pytest.raises(plugin_manager.PluginHookError, match="key 'shared_state'"):
+        plugin_states(pm)
+
+
+def test_recipe_refuses_plugins_saving_the_same_state_key_before_the_first_step(tmp_path,
+                                                                               monkeypatch):
+    from recipe_runs import run_recipe_main, torch_threads
+    from tiny_setup import tiny_run_args
+
+    monkeypatch.setenv("ACADLM_NO_PROGRESS", "1")
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    monkeypatch.setattr(f"{__name__}.STEPS_RUN", [])
+    args = tiny_run_args(tmp_path, "max_steps=2", "save_every_n_steps=1",
+                         f"plugins=[{_named(SavesSharedStateA)},{_named(SavesSharedStateB)}]")
+    with pytest.raises(plugin_manager.PluginHookError) as error, torch_threads():
+        run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe", args)
+    _clash_message_check(str(error.value))
+    assert STEPS_RUN == []
