@@ -9,6 +9,7 @@ import math
 import pytest
 
 from acadlm_plugins.evaluation.report import (
+    HELMET_CATEGORIES,
     is_ruler_task,
     latest_results_file,
     length_table,
@@ -88,15 +89,18 @@ def test_latest_results_file_picks_newest(tmp_path) -> None:
 
 
 #: A HELMET run with recall and cite holding several rows, next to RULER tasks, at one length.
-#: Recall: json_kv 90, RULER's MK2 50 and MK3 30 -> 170/3. RAG 40. Cite: ASQA's STR-EM 60, its
-#: citation recall 20 (an NLI model scored it), QAMPARI's recall-top5 40 -> 40 (QAMPARI's F1
-#: and ASQA's STR-HIT are not part of the category). HELMET overall: (170/3 + 40 + 40) / 3.
-#: RULER: the plain mean of its tasks (single_1 100, MK2 50, MK3 30) -> 60.
+#: Recall: json_kv 90, HELMET's runs of MK2 60 and MK3 20 -> 170/3 (RULER's own MK2 and MK3
+#: are not part of it). RAG 40. Cite: ASQA's STR-EM 60, its citation recall 20 (an NLI model
+#: scored it), QAMPARI's recall-top5 40 -> 40 (QAMPARI's F1 and ASQA's STR-HIT are not part of
+#: the category). HELMET overall: (170/3 + 40 + 40) / 3. RULER: the plain mean of its tasks
+#: (single_1 100, MK2 50, MK3 30) -> 60.
 HELMET_RESULTS = {
     "results": {
         "acadlm_helmet": {"1024,none": 99.0},
         "acadlm_helmet_cite": {"1024,none": 50.0},
         "acadlm_json_kv": {"1024,none": 90.0},
+        "acadlm_helmet_niah_multikey_2": {"1024,none": 60.0},
+        "acadlm_helmet_niah_multikey_3": {"1024,none": 20.0},
         "acadlm_niah_multikey_2": {"1024,none": 50.0},
         "acadlm_niah_multikey_3": {"1024,none": 30.0},
         "acadlm_niah_single_1": {"1024,none": 100.0},
@@ -114,8 +118,10 @@ def test_helmet_overall_is_the_mean_of_category_means() -> None:
     table = length_table(HELMET_RESULTS)
     assert table is not None
     assert table.tasks == ["acadlm_cite_asqa", "acadlm_cite_asqa:citation_rec",
-                           "acadlm_cite_qampari", "acadlm_json_kv", "acadlm_niah_multikey_2",
-                           "acadlm_niah_multikey_3", "acadlm_niah_single_1", "acadlm_rag"]
+                           "acadlm_cite_qampari", "acadlm_helmet_niah_multikey_2",
+                           "acadlm_helmet_niah_multikey_3", "acadlm_json_kv",
+                           "acadlm_niah_multikey_2", "acadlm_niah_multikey_3",
+                           "acadlm_niah_single_1", "acadlm_rag"]
     categories = table.categories()
     assert categories == {"recall": {1024: pytest.approx(170 / 3)}, "rag": {1024: 40.0},
                           "cite": {1024: pytest.approx(40.0)}}
@@ -156,9 +162,31 @@ def test_tasks_of_neither_suite_are_averaged_as_their_own() -> None:
     assert table.averages() == {2048: 40.0}
 
 
+def test_recall_counts_helmets_plain_runs_of_rulers_tasks_never_rulers_own() -> None:
+    """HELMET's recall is JSON KV and its plain-text runs of RULER's MK2, MK3 and MV
+    (acadlm_helmet_niah_*): RULER's own tasks, which follow the run's chat template and
+    RULER's generation length, count for RULER only (they used to join HELMET's recall, and
+    HELMET's runs of them fell into "other"). Recall (90 + 60 + 20 + 70) / 4 = 60; RULER's
+    mean (100 + 0 + 0 + 0) / 4 = 25."""
+    table = length_table({"results": {
+        "acadlm_json_kv": {"4096,none": 90.0},
+        "acadlm_helmet_niah_multikey_2": {"4096,none": 60.0},
+        "acadlm_helmet_niah_multikey_3": {"4096,none": 20.0},
+        "acadlm_helmet_niah_multivalue": {"4096,none": 70.0},
+        "acadlm_niah_single_1": {"4096,none": 100.0},
+        "acadlm_niah_multikey_2": {"4096,none": 0.0},
+        "acadlm_niah_multikey_3": {"4096,none": 0.0},
+        "acadlm_niah_multivalue": {"4096,none": 0.0},
+    }})
+    assert table is not None
+    assert table.categories() == {"recall": {4096: 60.0}}
+    assert table.suites() == {"helmet": {4096: 60.0}, "ruler": {4096: 25.0}}
+    assert not any(is_ruler_task(task) for task in HELMET_CATEGORIES["recall"])
+
+
 def test_a_ruler_run_is_averaged_as_ruler_does() -> None:
-    """RULER's MK2 counts towards HELMET's recall only next to HELMET's own tasks: a RULER run
-    keeps RULER's plain mean over its tasks."""
+    """RULER's MK2 is no part of HELMET's recall: a RULER run keeps RULER's plain mean over its
+    tasks and has no HELMET category."""
     table = length_table({"results": {"acadlm_niah_single_1": {"1024,none": 100.0},
                                       "acadlm_niah_multikey_2": {"1024,none": 40.0},
                                       "acadlm_vt": {"1024,none": 10.0}}})

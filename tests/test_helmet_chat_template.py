@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from eval_doubles import CHAT_TEMPLATE, ChatOracleLM
+from eval_fixtures import haystack_text
 from helmet_fixtures import (
     longqa_rows,
     write_jsonl,
@@ -84,6 +85,40 @@ def test_rag_stays_plain_text_as_helmet_runs_it(chat_run: dict[str, Any]) -> Non
         assert not doc["chat_template"] and "<|im_start|>" not in prompt
         assert prompt == doc["input"] + "Answer:" and doc["input"].endswith("?\n")
     assert chat_run["results"]["acadlm_rag"][f"{LENGTH},none"] == 100.0
+
+
+#: HELMET's runs of RULER's recall tasks and their tokens to generate (configs/recall.yaml).
+HELMET_NEEDLES = {"acadlm_helmet_niah_multikey_2": 50, "acadlm_helmet_niah_multikey_3": 100,
+                  "acadlm_helmet_niah_multivalue": 50}
+
+
+def test_helmets_recall_runs_rulers_needles_plain_and_ruler_keeps_its_own(
+        chat_meta: dict[str, Any], tmp_path: Path) -> None:
+    """recall.yaml runs RULER's MK2, MK3 and MV without the chat template and with 50 / 100 / 50
+    tokens to generate: under --apply_chat_template HELMET's runs of them are plain text with
+    the answer prefix on a line of its own, sized for those tokens, while RULER's own MK2 in
+    the same run keeps the template and RULER's 128 tokens (the reviewer's run counted the
+    chat-formatted RULER tasks towards HELMET's recall)."""
+    haystack = tmp_path / "hay.txt"
+    haystack.write_text(haystack_text())
+    meta = {**chat_meta, "haystack_path": str(haystack)}
+    run = evaluate(meta, [*HELMET_NEEDLES, "acadlm_niah_multikey_2"])
+    tokenizer = load_length_tokenizer(meta, task="t")
+    for task, generation in HELMET_NEEDLES.items():
+        for sample in run["samples"][task]:
+            doc, (prompt, gen_kwargs) = sample["doc"], sample["arguments"][0]
+            assert not doc["chat_template"] and "<|im_start|>" not in prompt
+            assert doc["gen_prefix"].startswith("The special magic ")
+            assert prompt == doc["input"] + doc["gen_prefix"] and doc["input"].endswith("?\n")
+            assert gen_kwargs["max_gen_toks"] == doc["tokens_to_generate"] == generation
+            assert doc["budget_tokens"] == LENGTH - generation
+            assert tokenizer.count(prompt) == doc["input_tokens"]
+            assert 0.99 * doc["budget_tokens"] <= doc["input_tokens"] <= doc["budget_tokens"]
+        assert run["results"][task][f"{LENGTH},none"] == 100.0
+    for sample in run["samples"]["acadlm_niah_multikey_2"]:
+        doc, (prompt, gen_kwargs) = sample["doc"], sample["arguments"][0]
+        assert prompt == OPENING + doc["input"] + CLOSING + doc["gen_prefix"]
+        assert gen_kwargs["max_gen_toks"] == doc["tokens_to_generate"] == 128
 
 
 def test_all_renders_every_category_with_the_chat_template(chat_meta: dict[str, Any]) -> None:

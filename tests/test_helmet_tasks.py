@@ -58,20 +58,26 @@ LENGTHS = [2048, 4096]
 #: Lengths of the integration runs with the embedded SmolLM2 tokenizer.
 DEFAULT_LENGTHS = [1024, 2048]
 RUN = ["acadlm_helmet", "acadlm_helmet_cite", "acadlm_helmet_longqa", "acadlm_helmet_summ"]
-EXTRACTIVE = ["acadlm_json_kv", "acadlm_rag", "acadlm_rerank", "acadlm_icl",
+#: HELMET's runs of RULER's recall tasks (configs/recall.yaml).
+HELMET_NEEDLES = ["acadlm_helmet_niah_multikey_2", "acadlm_helmet_niah_multikey_3",
+                  "acadlm_helmet_niah_multivalue"]
+EXTRACTIVE = ["acadlm_json_kv", *HELMET_NEEDLES, "acadlm_rag", "acadlm_rerank", "acadlm_icl",
               "acadlm_longqa", "acadlm_cite_asqa", "acadlm_cite_qampari",
               "acadlm_narrativeqa", "acadlm_infbench_qa", "acadlm_infbench_choice"]
 #: Tasks whose prompts fill their budget (re-ranking has a passage count per length instead).
 FILLED = [task for task in EXTRACTIVE if task != "acadlm_rerank"] + [
     "acadlm_summ", "acadlm_infbench_sum", "acadlm_multi_lexsum"]
-CATEGORIES = {"acadlm_helmet_recall": ["acadlm_json_kv"], "acadlm_helmet_rag": ["acadlm_rag"],
+CATEGORIES = {"acadlm_helmet_recall": ["acadlm_json_kv", *HELMET_NEEDLES],
+              "acadlm_helmet_rag": ["acadlm_rag"],
               "acadlm_helmet_rerank": ["acadlm_rerank"], "acadlm_helmet_icl": ["acadlm_icl"],
               "acadlm_helmet_longqa": ["acadlm_narrativeqa", "acadlm_infbench_qa",
                                        "acadlm_infbench_choice"],
               "acadlm_helmet_summ": ["acadlm_infbench_sum", "acadlm_multi_lexsum"],
               "acadlm_helmet_cite": ["acadlm_cite_asqa", "acadlm_cite_qampari"]}
 #: HELMET's tokens to generate, which the budget keeps free (the YAMLs' max_gen_toks).
-GENERATED = {"acadlm_json_kv": 100, "acadlm_rag": 20, "acadlm_rerank": 200, "acadlm_icl": 20,
+GENERATED = {"acadlm_json_kv": 100, "acadlm_helmet_niah_multikey_2": 50,
+             "acadlm_helmet_niah_multikey_3": 100, "acadlm_helmet_niah_multivalue": 50,
+             "acadlm_rag": 20, "acadlm_rerank": 200, "acadlm_icl": 20,
              "acadlm_longqa": 32, "acadlm_summ": 200, "acadlm_cite_asqa": 300,
              "acadlm_cite_qampari": 300, "acadlm_narrativeqa": 100, "acadlm_infbench_qa": 10,
              "acadlm_infbench_choice": 10, "acadlm_infbench_sum": 1200,
@@ -102,7 +108,8 @@ def meta(files: dict[str, Path]) -> dict[str, Any]:
             "narrativeqa_path": str(files["longqa"]), "infbench_qa_path": str(files["longqa"]),
             "infbench_choice_path": str(files["choice"]),
             "infbench_sum_path": str(files["short_summ"]),
-            "multi_lexsum_path": str(files["summ"])}
+            "multi_lexsum_path": str(files["summ"]),
+            "haystack_path": str(files["extra"])}  # MV's prose haystack (no corpus here)
 
 
 @pytest.fixture
@@ -276,7 +283,7 @@ def test_passages_follow_helmets_templates_with_and_without_a_title(
         assert len(re.findall(r"\[ID: \d+\] Document: \w+ note \d\.", doc["input"])) == 7
         assert "untitled" not in doc["input"] and "Title:" not in doc["input"]
     # ALCE's numbered passages likewise.
-    assert helmet._alce_documents([Passage("A text.", "A"), Passage("B text.")]) == (
+    assert helmet.ALCE_LAYOUT.documents([Passage("A text.", "A"), Passage("B text.")]) == (
         "Document [1](Title: A): A text.\n\nDocument [2]: B text.")
 
 
@@ -610,8 +617,9 @@ def test_category_groups_print_the_mean_of_their_tasks(oracle_run: dict):
     assert oracle_run["group_subtasks"]["acadlm_helmet"] == [
         "acadlm_helmet_recall", "acadlm_helmet_rag", "acadlm_helmet_rerank", "acadlm_helmet_icl",
         "acadlm_longqa", "acadlm_summ"]
-    # One task per category in acadlm_helmet: the oracle gets 100 on five, 0 on summarization.
-    assert _scores(oracle_run, "acadlm_helmet") == pytest.approx(_each(500 / 6))
+    # acadlm_helmet prints no mean of its own: lm-eval's would average its nine leaf tasks, not
+    # HELMET's categories (the report gives HELMET's).
+    assert not any(key[0].isdigit() for key in oracle_run["results"]["acadlm_helmet"])
     # HELMET's own long-document QA: NarrativeQA, En.QA, En.MC, all answered by the oracle.
     assert _scores(oracle_run, "acadlm_helmet_longqa") == _each(100.0)
 
@@ -892,6 +900,46 @@ def test_alce_prompt_file_gives_instruction_and_cited_demonstrations(
             or "Answer: Cora Lane [1].\n\n\n" in doc["input"]
     # With a demonstration file nothing of the data is held out: all 12 items are asked.
     assert len(set(dataset["question_id"])) == 12
+
+
+#: A prompt file in the field layout of HELMET's prompts/*_revised.json, with our own content:
+#: ``demo_prompt`` is filled in per test.
+PROMPT_FIELDS = {
+    "instruction": "Instruction: list the answers and cite.", "demo_sep": "\n\n\n",
+    "doc_prompt": "Document [{ID}](Title: {title}): {text}",
+    "demos": [{"question": "Who built the mill?", "answer": "Ada Quill [1], Bram Oak [2].",
+               "docs": [{"title": "Mill", "text": "Ada Quill built the mill."},
+                        {"title": "Mill repairs", "text": "Bram Oak rebuilt the mill."}]}]}
+
+
+@pytest.mark.parametrize(("gap", "style"), [("\n", "qampari_revised"),
+                                            ("\n\n", "asqa_revised")])
+def test_alce_demonstrations_follow_the_prompt_files_layout(
+        gap: str, style: str, meta: dict[str, Any], tmp_path: Path, no_corpus: None):
+    """HELMET fills each demonstration from the prompt file's demo_prompt, doc_prompt and
+    demo_sep: QAMPARI's file puts "Answer:" on the line right after the passages (one line
+    break), ASQA's after a blank line. The single line break used to become a blank line (the
+    layout was hard-coded as ASQA's); ASQA's layout comes out as before."""
+    demo_prompt = "{instruction}\n\nQuestion: {question}\n\n{context}" + gap + "Answer: {answer}"
+    path = write_json(tmp_path / f"{style}.json", {**PROMPT_FIELDS, "demo_prompt": demo_prompt})
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2, "num_shots": 1,
+                "qampari_demo_path": str(path)}
+    demonstration = ("Instruction: list the answers and cite.\n\nQuestion: Who built the mill?"
+                     "\n\nDocument [1](Title: Mill): Ada Quill built the mill.\n\nDocument [2]"
+                     "(Title: Mill repairs): Bram Oak rebuilt the mill." + gap
+                     + "Answer: Ada Quill [1], Bram Oak [2].\n\n\n")
+    for doc in _qampari("acadlm_cite_qampari", settings)["test"]:
+        assert doc["input"].startswith(demonstration + "Instruction: list the answers and cite."
+                                       "\n\nQuestion: ")
+        assert doc["input"].endswith("\n\n") and doc["gen_prefix"] == "Answer:"
+
+
+def test_alce_prompt_file_fields_are_checked(meta: dict[str, Any], tmp_path: Path):
+    path = write_json(tmp_path / "bad.json", {**PROMPT_FIELDS,
+                                              "demo_prompt": "{instruction} {answers}"})
+    message = _error(_qampari, {**meta, "qampari_demo_path": str(path)})
+    assert "`acadlm_x: qampari_demo_path`" in message and "`demo_prompt`" in message
+    assert "{context}" in message
 
 
 def test_cite_reports_citation_metrics_only_with_an_nli_model(meta: dict[str, Any],

@@ -6,6 +6,9 @@ the metadata names a judge):
 
 * ``acadlm_json_kv`` (synthetic recall): a JSON object of random UUID keys and values; the value
   of one key, placed at a controlled depth, is asked for.
+* ``acadlm_helmet_niah_multikey_2`` / ``_3`` / ``_multivalue`` (synthetic recall): RULER's MK2,
+  MK3 and MV as HELMET's recall category runs them (plain text, its generation lengths), drawn
+  as :mod:`acadlm_plugins.evaluation.ruler` draws its own.
 * ``acadlm_rag`` (retrieval-augmented generation): a question with k passages, its gold passage
   at a controlled depth among its hard negatives (in retrieval order) and other passages;
   substring exact match.
@@ -59,12 +62,13 @@ import re
 import tokenize
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from itertools import islice, pairwise
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from acadlm_plugins.evaluation.haystack import prose_words
 from acadlm_plugins.evaluation.helmet_frame import HelmetFrame, HelmetLayout, HelmetTask
 from acadlm_plugins.evaluation.judge_metrics import (
     DOC_FIELD,
@@ -95,6 +99,7 @@ from acadlm_plugins.evaluation.local_data import (
     text_field,
 )
 from acadlm_plugins.evaluation.prompting import FittedPrompt, random_uuid
+from acadlm_plugins.evaluation.ruler import NIAH_VARIANTS, draw_needle_prompt, fit_words
 from acadlm_plugins.evaluation.scoring import (
     Entails,
     answer_line,
@@ -485,6 +490,62 @@ def build_json_kv_sample(metadata: Mapping[str, Any], task: str, rng: random.Ran
     return frame.row(fitted, outputs=[value], depth=depth, num_pairs=len(pairs),
                      key_position=pairs.index((key, value)),
                      demo_ids=json.dumps([k for k, _ in demos]))
+
+
+# ------------------------------------------------- recall: RULER's needles as HELMET runs them
+
+
+@dataclass(frozen=True)
+class HelmetNeedleTask:
+    """One of RULER's needle tasks that HELMET's recall category runs (configs/recall.yaml):
+    the RULER variant whose prompt it draws and HELMET's ``generation_max_length`` for it."""
+
+    variant: str  # the name of RULER's task of ours (a key of ruler.NIAH_VARIANTS)
+    generation: int
+
+
+#: HELMET's recall category averages JSON KV and RULER's MK2, MK3 and MV, all run as its
+#: recall.yaml says: plain text even for an instruction-tuned model (``use_chat_template:
+#: false``), the answer prefix on a line of its own, 50 / 100 / 50 tokens to generate, no stop
+#: string (``stop_new_line: false``), no demonstrations (HELMET gives RULER's data none). Its
+#: RULER files are RULER's own tasks (same haystacks, keys, values and number of needles), so
+#: ours draw their prompts as our RULER tasks do; only the layout and the generation differ,
+#: which is why RULER's own tasks (chat template per run, 128 tokens) cannot stand for them.
+HELMET_NEEDLE_TASKS: dict[str, HelmetNeedleTask] = {
+    "acadlm_helmet_niah_multikey_2": HelmetNeedleTask("acadlm_niah_multikey_2", 50),
+    "acadlm_helmet_niah_multikey_3": HelmetNeedleTask("acadlm_niah_multikey_3", 100),
+    "acadlm_helmet_niah_multivalue": HelmetNeedleTask("acadlm_niah_multivalue", 50),
+}
+
+
+def build_helmet_needle_sample(needle: HelmetNeedleTask, metadata: Mapping[str, Any], task: str,
+                               rng: random.Random, length: int, index: int,
+                               tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """RULER's needle prompt of ``needle.variant`` in HELMET's recall layout: the user text,
+    then (in plain text) the answer prefix on a line of its own; prompt and HELMET's tokens to
+    generate fit ``length``."""
+    layout = HelmetLayout("recall", "", "\n", needle.generation)
+    frame = layout.frame(metadata, length, tokenizer, task=task)
+    spec = NIAH_VARIANTS[needle.variant]
+    drawn = draw_needle_prompt(spec, task, metadata, rng, index, frame.budget, tokenizer)
+    frame = replace(frame, prefix=drawn.prefix)  # the prefix names the queried key
+
+    def render(words: Sequence[str]) -> str:
+        return frame.render(drawn.text(words))
+
+    frame.frame.check_room(tokenizer.count(render([])), task=task)
+    fitted = fit_words(render, drawn.filler, tokenizer, frame.budget, task=task)
+    return frame.row(fitted, outputs=list(drawn.answers), depths=list(drawn.depths),
+                     needles=drawn.needles, haystack=spec.haystack)
+
+
+def helmet_needle_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset of ``task``, one of :data:`HELMET_NEEDLE_TASKS`."""
+    needle = HELMET_NEEDLE_TASKS[task]
+    if NIAH_VARIANTS[needle.variant].haystack != "prose" and metadata.get("haystack_path"):
+        prose_words(metadata["haystack_path"], task=task, min_words=1)  # report a wrong path
+    return build_length_dataset(task, metadata,
+                                partial(build_helmet_needle_sample, needle, metadata, task))
 
 
 # ------------------------------------------------------------------- passages: QA, RAG, rerank
@@ -1521,16 +1582,72 @@ ALCE_DATASETS = {dataset.name: dataset for dataset in (ASQA, QAMPARI)}
 CITATION_METRICS = ("citation_rec", "citation_prec")
 #: Passages shown with each demonstration drawn from the data (ALCE's demonstrations have 5).
 ALCE_DEMO_DOCS = 5
-ALCE_DOCUMENT = "Document [{i}](Title: {title}): {text}"
-#: A passage without a title (ALCE's passages all have one): no title clause, as HELMET's
-#: re-ranking template does for untitled passages.
-ALCE_UNTITLED = "Document [{i}]: {text}"
+#: The question asked, as HELMET's ``load_alce`` writes it whatever the prompt file (its
+#: ``user_template``); ``Answer:`` follows after a blank line (:data:`CITE_LAYOUT`).
 ALCE_QUESTION = "{instruction}\n\nQuestion: {question}\n\n{documents}"
-#: What closes a question before its answer (a demonstration's, or the model's in plain text).
-ALCE_ANSWER = "\n\nAnswer:"
 #: cite.yaml: the chat template, 300 tokens to generate, "Answer:" after a blank line.
 CITE_LAYOUT = HelmetLayout("cite", "Answer:", "\n\n", 300)
-ALCE_DEMO_SEPARATOR = "\n\n\n"
+#: A passage's title clause, left out for a passage without a title (ALCE's passages all have
+#: one), as HELMET's re-ranking template does for untitled passages.
+ALCE_TITLE_CLAUSE = "(Title: {title})"
+
+
+@dataclass(frozen=True)
+class AlceLayout:
+    """How ALCE's prompt files lay out demonstrations and passages, field by field:
+    ``demo_prompt`` is one answered demonstration (``{instruction}``, ``{question}``,
+    ``{context}``: its passages, ``{answer}``), ``doc_prompt`` one passage (``{ID}``: its number
+    from 1, ``{title}``, ``{text}``), ``demo_sep`` what follows each demonstration.
+
+    HELMET's ``load_alce`` fills demonstrations from the prompt file's ``demo_prompt`` and
+    every passage (the demonstrations' and the question's) from its ``doc_prompt``; the files
+    differ (QAMPARI's demonstration puts ``Answer:`` on the line after its passages, ASQA's
+    after a blank line), so the layout is read from the file, with :data:`ALCE_LAYOUT` for a field
+    the file lacks and for demonstrations drawn from the data. HELMET joins the
+    demonstrations with two blank lines, the ``demo_sep`` of both of its files; ALCE reads
+    ``demo_sep``, and so do we.
+    """
+
+    demo_prompt: str
+    doc_prompt: str
+    demo_sep: str
+
+    def passage(self, number: int, passage: Passage) -> str:
+        """Passage ``number`` (from 1) in ``doc_prompt``; without a title, without the title
+        clause where ``doc_prompt`` has ALCE's."""
+        template = self.doc_prompt
+        if not passage.title:
+            template = template.replace(ALCE_TITLE_CLAUSE, "")
+        return template.format(ID=number, title=passage.title, text=passage.text)
+
+    def documents(self, passages: Sequence[Passage]) -> str:
+        """``passages`` numbered from 1, a blank line apart (HELMET's and ALCE's join)."""
+        return "\n\n".join(self.passage(i + 1, p) for i, p in enumerate(passages))
+
+    def demo_text(self, instruction: str, demos: Sequence[AlceItem]) -> str:
+        """The demonstrations as HELMET lays them out: each a whole answered prompt
+        (``demo_prompt``) followed by ``demo_sep``."""
+        return "".join(self.demo_prompt.format(instruction=instruction, question=demo.question,
+                                               context=self.documents(demo.docs),
+                                               answer=demo.answer) + self.demo_sep
+                       for demo in demos)
+
+
+#: The layout of HELMET's ``prompts/asqa_revised.json`` (and of ALCE's default prompts): what
+#: demonstrations drawn from the data use, and any field a prompt file leaves out.
+ALCE_LAYOUT = AlceLayout(
+    demo_prompt="{instruction}\n\nQuestion: {question}\n\n{context}\n\nAnswer: {answer}",
+    doc_prompt="Document [{ID}]" + ALCE_TITLE_CLAUSE + ": {text}", demo_sep="\n\n\n")
+
+
+@dataclass(frozen=True)
+class AlcePrompts:
+    """What an ALCE prompt file gives: the instruction, the hand-written demonstrations and
+    their layout."""
+
+    instruction: str
+    demos: tuple[AlceItem, ...]
+    layout: AlceLayout
 
 
 def _alce_error(task: str, key: str, where: str, problem: str, example: str) -> Exception:
@@ -1645,12 +1762,12 @@ def load_alce(path: Path, dataset: AlceDataset, *, task: str, key: str) -> tuple
     return _load_alce(file_stamp(path), dataset.name, task, key)
 
 
-def load_alce_prompts(path: Path, dataset: AlceDataset, *,
-                      task: str) -> tuple[str, tuple[AlceItem, ...]]:
-    """The instruction and hand-written demonstrations of an ALCE-format prompt file (HELMET's
-    ``prompts/asqa_revised.json`` and ``qampari_revised.json``, or ALCE's own
-    ``prompts/*_default.json``: ``instruction``, and ``demos`` with ``question``, ``answer`` and
-    ``docs``), whose answers carry citations as ALCE expects them."""
+def load_alce_prompts(path: Path, dataset: AlceDataset, *, task: str) -> AlcePrompts:
+    """The instruction, hand-written demonstrations and layout of an ALCE-format prompt file
+    (HELMET's ``prompts/asqa_revised.json`` and ``qampari_revised.json``, or ALCE's own
+    ``prompts/*_default.json``: ``instruction``, ``demos`` with ``question``, ``answer`` and
+    ``docs``, and :class:`AlceLayout`'s ``demo_prompt``, ``doc_prompt`` and ``demo_sep``),
+    whose answers carry citations as ALCE expects them."""
     key = dataset.demo_key
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
@@ -1673,37 +1790,56 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *,
         docs = _alce_passages(demo.get("docs"), lambda problem, where=where: task_error(
             task, key, f"{where}: {problem}", "Give one of ALCE's prompt files."))
         items.append(AlceItem(f"demo{number}", question, (), docs, answer))
-    return instruction, tuple(items)
+    return AlcePrompts(instruction, tuple(items), alce_layout(loaded, path, task=task, key=key))
 
 
-def _alce_documents(passages: Sequence[Passage]) -> str:
-    return "\n\n".join(titled_passage(ALCE_DOCUMENT, ALCE_UNTITLED, p.title, i=i + 1, text=p.text)
-                       for i, p in enumerate(passages))
+#: The placeholders each layout field of a prompt file may use.
+ALCE_LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "demo_prompt": ("instruction", "question", "context", "answer"),
+    "doc_prompt": ("ID", "title", "text"),
+    "demo_sep": (),
+}
 
 
-def alce_demo_text(instruction: str, demos: Sequence[AlceItem]) -> str:
-    """ALCE's demonstrations as HELMET lays them out: each a whole answered prompt (instruction,
-    question, its passages, its answer), separated and followed by two blank lines."""
-    return "".join(ALCE_QUESTION.format(instruction=instruction, question=demo.question,
-                                        documents=_alce_documents(demo.docs))
-                   + ALCE_ANSWER + " " + demo.answer + ALCE_DEMO_SEPARATOR for demo in demos)
+def alce_layout(loaded: Mapping[str, Any], path: Path, *, task: str, key: str) -> AlceLayout:
+    """The :class:`AlceLayout` of a prompt file's fields (:data:`ALCE_LAYOUT`'s for those it
+    lacks), each checked to be a string, the templates using no placeholder but their own
+    (:data:`ALCE_LAYOUT_FIELDS`), so that a wrong file stops before any prompt is built."""
+    fields: dict[str, str] = {}
+    for name, placeholders in ALCE_LAYOUT_FIELDS.items():
+        value = loaded.get(name, getattr(ALCE_LAYOUT, name))
+        try:
+            # demo_sep is written as it is (never formatted): any text will do.
+            valid = isinstance(value, str) and (not placeholders or value.format(
+                **{field: field for field in placeholders}) is not None)
+        except (KeyError, IndexError, ValueError):
+            valid = False
+        if not valid:
+            allowed = ", ".join("{" + field + "}" for field in placeholders) or "none"
+            raise task_error(task, key, f"{path}: `{name}` must be a string whose placeholders "
+                             f"are among: {allowed}.",
+                             "Give one of ALCE's prompt files (prompts/*.json).")
+        fields[name] = value
+    return AlceLayout(**fields)
 
 
 def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
                       demo_pool: Sequence[AlceItem], instruction: str, nli_model: str,
                       metadata: Mapping[str, Any], task: str, rng: random.Random, length: int,
                       index: int, tokenizer: LengthTokenizer, *,
-                      every_item: Sequence[AlceItem] = ()) -> dict[str, Any]:
+                      every_item: Sequence[AlceItem] = (),
+                      layout: AlceLayout = ALCE_LAYOUT) -> dict[str, Any]:
     """A question of ``items`` with as many passages as fit ``length`` tokens, in retrieval
     order (ALCE and HELMET vary the number of passages with the length): the item's own, then
     those of ``every_item`` (default ``items``) and extra passages if they run out. The last one
-    may be cut; citations number them from 1."""
+    may be cut; citations number them from 1. Demonstrations and passages are laid out by
+    ``layout`` (the prompt file's)."""
     item = items[sample_order(task, metadata, len(items))[index % len(items)]]
     frame = CITE_LAYOUT.frame(metadata, length, tokenizer, task=task)
     demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
                        item=item.id, key=dataset.key,
                        allowed=lambda demo: demo.question != item.question)
-    demo_text = alce_demo_text(instruction, demos)
+    demo_text = layout.demo_text(instruction, demos)
 
     def stream() -> Iterator[tuple[str, Passage]]:
         yield from (("retrieved", p) for p in item.docs)
@@ -1721,7 +1857,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
     def render(taken: Taken) -> str:
         return frame.render(demo_text + ALCE_QUESTION.format(
             instruction=instruction, question=item.question,
-            documents=_alce_documents(shown(taken))))
+            documents=layout.documents(shown(taken))))
 
     # Passages are shown in retrieval order; to land within 1% of the length, fit_items may
     # exchange the last whole one for a later one (never one of the question's own retrieved
@@ -1780,11 +1916,12 @@ def cite_dataset(task: str, dataset: AlceDataset, metadata: Mapping[str, Any]) -
     path = _alce_file(metadata, dataset.key, task=task, what=f"HELMET's {dataset.file}")
     items = load_alce(path, dataset, task=task, key=dataset.key)
     shots = num_shots_setting(metadata, task=task)
-    instruction = dataset.instruction
+    instruction, layout = dataset.instruction, ALCE_LAYOUT
     if shots and metadata.get(dataset.demo_key):
         demo_path = _alce_file(metadata, dataset.demo_key, task=task,
                                what=f"HELMET's {dataset.prompt_file}")
-        instruction, pool = load_alce_prompts(demo_path, dataset, task=task)
+        prompts = load_alce_prompts(demo_path, dataset, task=task)
+        instruction, pool, layout = prompts.instruction, prompts.demos, prompts.layout
         asked: Sequence[AlceItem] = items
     else:
         kept, held = hold_out_demos(task, metadata, len(items), shots, key=dataset.key)
@@ -1800,7 +1937,7 @@ def cite_dataset(task: str, dataset: AlceDataset, metadata: Mapping[str, Any]) -
                     " and ".join(CITATION_METRICS))
     return build_length_dataset(task, metadata, partial(
         build_cite_sample, dataset, asked, pool, instruction, nli_model, metadata, task,
-        every_item=items))
+        every_item=items, layout=layout))
 
 
 #: Entailment judges for citation scoring, by the ``nli_model_path`` value that selects them.
@@ -1900,7 +2037,8 @@ class QampariTask(CiteTask):
 
 
 class RecallTask(HelmetTask):
-    """``acadlm_json_kv`` (HELMET's recall category)."""
+    """HELMET's recall category: ``acadlm_json_kv`` and the needle tasks of
+    :data:`HELMET_NEEDLE_TASKS`, plain text whatever the run's chat template."""
 
     category = "recall"
 

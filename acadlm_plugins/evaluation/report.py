@@ -8,9 +8,11 @@ tasks down and lengths across. Below the tasks come the summary rows, at each le
   summarization), each the mean of its tasks' scores, and ``helmet``, the mean of the
   categories present: HELMET's overall score (Yen et al. 2024, §2; its
   ``scripts/collect_results.py``) averages each category first, so that a category with
-  several datasets weighs as much as one with one. As in HELMET, recall also counts RULER's
-  MK2, MK3 and MV tasks when they ran next to HELMET's own, and the citation category counts
-  ALCE's citation recall/precision next to the answer scores when an NLI model computed them.
+  several datasets weighs as much as one with one. Recall is HELMET's four datasets: JSON KV
+  and RULER's MK2, MK3 and MV as HELMET runs them (``acadlm_helmet_niah_*``: plain text,
+  HELMET's generation lengths), never RULER's own tasks of ours, whose prompts follow the run's
+  chat template. The citation category counts ALCE's citation recall/precision next to the
+  answer scores when an NLI model computed them.
   Long-document QA is NarrativeQA, InfiniteBench En.QA and En.MC, summarization InfiniteBench
   En.Sum and Multi-LexSum; a task's score is its metric named by the length, which is the
   judge's (NarrativeQA's judge score, the summaries' judge F1) whenever a judge computed it, as
@@ -44,8 +46,8 @@ AVERAGE_ROW = "average"
 #: task) of ours that stand for its datasets in each. Cite's citation measures exist only when
 #: an NLI model scored them.
 HELMET_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "recall": ("acadlm_json_kv", "acadlm_niah_multikey_2", "acadlm_niah_multikey_3",
-               "acadlm_niah_multivalue"),
+    "recall": ("acadlm_json_kv", "acadlm_helmet_niah_multikey_2",
+               "acadlm_helmet_niah_multikey_3", "acadlm_helmet_niah_multivalue"),
     "rag": ("acadlm_rag",),
     "rerank": ("acadlm_rerank",),
     "cite": ("acadlm_cite_asqa", "acadlm_cite_asqa:citation_rec",
@@ -121,10 +123,7 @@ class LengthTable:
     def categories(self) -> dict[str, dict[int, float]]:
         """HELMET's category scores (the mean of each category's rows; a stand-in's row only
         when none of HELMET's own datasets of the category ran), for the categories that have
-        rows; none unless a HELMET task of ours ran (a RULER run whose MK2 would count towards
-        recall is no HELMET run)."""
-        if not any(not is_ruler_task(row) for row in self.scores if row in _HELMET_ROWS):
-            return {}
+        rows. No RULER task is a row of a category, so a RULER run has none."""
         found = {}
         for name, members in HELMET_CATEGORIES.items():
             rows = [self.scores[row] for row in members if row in self.scores] or [

@@ -491,13 +491,38 @@ def _distractor_count(spec: NeedleSpec, tokenizer: LengthTokenizer, budget: int)
     return int(1.25 * budget / per_needle) + 8
 
 
-def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
-                      settings: BudgetSettings, rng: random.Random, length: int, index: int,
-                      tokenizer: LengthTokenizer) -> dict[str, Any]:
-    """One needle-in-a-haystack prompt of ``length`` tokens and its expected values."""
-    frame = prompt_frame(settings, length, tokenizer, task=task)
+@dataclass(frozen=True)
+class NeedlePrompt:
+    """What one needle-in-a-haystack prompt says, drawn before it is laid out and fitted: the
+    text around the haystack, the needles and their depths, the filler words the haystack is
+    cut from, and the expected values. RULER's tasks and HELMET's recall variants of them
+    (:mod:`acadlm_plugins.evaluation.helmet`) draw the same prompt and differ only in layout."""
+
+    head: str
+    question: str
+    prefix: str  # the answer prefix
+    inserts: tuple[tuple[float, str], ...]  # (depth, needle sentence)
+    filler: tuple[str, ...]
+    answers: tuple[str, ...]
+    depths: tuple[float, ...]
+
+    def text(self, words: Sequence[str]) -> str:
+        """The user text with ``words`` of the filler as the haystack, needles inserted."""
+        return self.head + insert_at_depths(words, list(self.inserts)) + self.question
+
+    @property
+    def needles(self) -> list[str]:
+        """The needle sentences, in the order they were drawn."""
+        return [text for _, text in self.inserts]
+
+
+def draw_needle_prompt(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
+                       rng: random.Random, index: int, budget: int,
+                       tokenizer: LengthTokenizer) -> NeedlePrompt:
+    """The needles, question and filler of sample ``index`` of the variant ``spec``, drawn
+    from ``rng`` for a prompt of at most ``budget`` tokens (enough filler to overfill it)."""
     singular, plural = _NOUNS[spec.value_kind]
-    distractors = (_distractor_count(spec, tokenizer, frame.budget)
+    distractors = (_distractor_count(spec, tokenizer, budget)
                    if spec.haystack == "needle" else 0)
     all_keys = needle_keys(rng, spec.key_kind, spec.num_needles + distractors, task=task)
     keys, other_keys = all_keys[:spec.num_needles], all_keys[spec.num_needles:]
@@ -514,9 +539,6 @@ def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
     query = ", ".join(queried[:-1]) + (" and " if len(queried) > 1 else "") + queried[-1]
     several = len(answers) > 1
     noun, verb = (plural, "are") if several else (singular, "is")
-    head = NIAH_INTRO.format(plural=plural)
-    question = NIAH_QUESTION.format(verb=verb, noun=noun, query=query)
-    prefix = NIAH_ANSWER.format(verb=verb, noun=noun, query=query)
 
     if spec.haystack == "needle":
         # The haystack is itself made of needles: distractor keys with their own values (never
@@ -530,23 +552,34 @@ def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
             filler.append(NEEDLE.format(plural=plural, key=key, value=value))
         filler = " ".join(filler).split()
     elif spec.haystack == "noise":
-        filler = list(noise_words(2 * frame.budget))
+        filler = list(noise_words(2 * budget))
     else:
         # Two words per target token (wrapping round the end of the text): enough even for a
         # tokenizer that spends a single token on every word.
-        prose = prose_words(metadata.get("haystack_path"), task=task,
-                            min_words=4 * frame.budget)
+        prose = prose_words(metadata.get("haystack_path"), task=task, min_words=4 * budget)
         start = rng.randrange(len(prose))
-        span = 2 * frame.budget
+        span = 2 * budget
         filler = list(prose[start:start + span]) + list(prose[:max(0, start + span - len(prose))])
+    return NeedlePrompt(NIAH_INTRO.format(plural=plural),
+                        NIAH_QUESTION.format(verb=verb, noun=noun, query=query),
+                        NIAH_ANSWER.format(verb=verb, noun=noun, query=query), tuple(inserts),
+                        tuple(filler), tuple(answers), tuple(depths))
+
+
+def build_niah_sample(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
+                      settings: BudgetSettings, rng: random.Random, length: int, index: int,
+                      tokenizer: LengthTokenizer) -> dict[str, Any]:
+    """One needle-in-a-haystack prompt of ``length`` tokens and its expected values."""
+    frame = prompt_frame(settings, length, tokenizer, task=task)
+    drawn = draw_needle_prompt(spec, task, metadata, rng, index, frame.budget, tokenizer)
 
     def render(words: Sequence[str]) -> str:
-        return frame.lay_out(head + insert_at_depths(words, inserts) + question, prefix)
+        return frame.lay_out(drawn.text(words), drawn.prefix)
 
     frame.check_room(tokenizer.count(render([])), task=task)
-    fitted = fit_words(render, filler, tokenizer, frame.budget, task=task)
-    return finish_row(frame, settings, fitted, prefix, outputs=answers, depths=depths,
-                      needles=[text for _, text in inserts], haystack=spec.haystack)
+    fitted = fit_words(render, drawn.filler, tokenizer, frame.budget, task=task)
+    return finish_row(frame, settings, fitted, drawn.prefix, outputs=list(drawn.answers),
+                      depths=list(drawn.depths), needles=drawn.needles, haystack=spec.haystack)
 
 
 def niah_dataset(task: str, **metadata: Any) -> dict[str, Any]:

@@ -34,11 +34,27 @@ from acadlm_plugins.evaluation.helmet_longdoc import (  # noqa: F401
     NarrativeQATask,
     process_results_longdoc,
 )
+from acadlm_plugins.evaluation.task_base import process_results_match_all  # noqa: F401
 
 
 def json_kv(**metadata: Any) -> dict[str, Any]:
     """Dataset of ``acadlm_json_kv``."""
     return helmet.json_kv_dataset("acadlm_json_kv", metadata)
+
+
+def helmet_niah_multikey_2(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_helmet_niah_multikey_2`` (RULER's MK2 as HELMET's recall runs it)."""
+    return helmet.helmet_needle_dataset("acadlm_helmet_niah_multikey_2", metadata)
+
+
+def helmet_niah_multikey_3(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_helmet_niah_multikey_3`` (RULER's MK3 as HELMET's recall runs it)."""
+    return helmet.helmet_needle_dataset("acadlm_helmet_niah_multikey_3", metadata)
+
+
+def helmet_niah_multivalue(**metadata: Any) -> dict[str, Any]:
+    """Dataset of ``acadlm_helmet_niah_multivalue`` (RULER's MV as HELMET's recall runs it)."""
+    return helmet.helmet_needle_dataset("acadlm_helmet_niah_multivalue", metadata)
 
 
 def rag(**metadata: Any) -> dict[str, Any]:
