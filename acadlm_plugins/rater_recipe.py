@@ -52,6 +52,7 @@ from acadlm_plugins.qurating.rater import (
     check_backbone_dir,
     check_pooling,
     check_validation_split,
+    head_init_std,
     hf_checkpointer,
     judgments_fingerprint,
     load_backbone,
@@ -261,7 +262,13 @@ class RaterRecipe:
             raise ConfigError("backbone_dir", f"its tokenizer has {self._tokenizer.vocab_size} "
                               f"tokens but the model only {backbone.tok_embeddings.num_embeddings}.",
                               "use a model folder whose tokenizer.json belongs to its weights.")
-        model = RaterModel(backbone, self._data.criteria, self._pooling)
+        # The head is drawn as QuRating's score layer is (normal, the backbone config's
+        # initializer_range) from a generator seeded with the run's seed: torchtune seeds the
+        # global RNG with seed + rank, which would give every rank another head. A resumed
+        # run overwrites it with the checkpoint's.
+        model = RaterModel(backbone, self._data.criteria, self._pooling,
+                           init_std=head_init_std(self._backbone_dir),
+                           generator=torch.Generator().manual_seed(self._seed))
         if resume_from is not None:
             heads = torch.load(resume_from / RATER_DIRNAME / HEADS_FILENAME, map_location="cpu",
                                weights_only=True)

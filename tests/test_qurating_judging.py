@@ -37,8 +37,10 @@ from acadlm_plugins.qurating.judging import (
     read_jsonl_resumable,
 )
 from acadlm_plugins.qurating.pairs import (
+    Document,
     Excerpt,
     Pair,
+    excerpt_of,
     read_documents,
     read_pairs_file,
     sample_pairs,
@@ -898,11 +900,12 @@ def test_excerpt_lengths_follow_quratings_rule_with_one_length_per_pair(
     with pytest.raises(DataError, match="p_max_tokens"):
         ExcerptLengths(p_max_tokens=1.5)
 
-    # Both excerpts of a pair have the same length; lengths vary between pairs.
+    # Both excerpts of a pair have the same length when both documents are longer than
+    # max_tokens (min_tokens=25); lengths vary between pairs.
     documents = read_documents(tiny_corpus)
     texts = {d.doc_id: d.text for d in documents}
     pairs = sample_pairs(documents, tiny_tokenizer, num_pairs=40, max_tokens=24,
-                         min_tokens=24, seed=5)
+                         min_tokens=25, seed=5)
     lengths = []
     for pair in pairs:
         counts = [overlapping_tokens(list(tiny_tokenizer.rust.encode(
@@ -926,6 +929,103 @@ def test_excerpt_lengths_follow_quratings_rule_with_one_length_per_pair(
                                      "p_max_tokens": 0.5, "min_tokens": 24, "seed": 5},
                                     tiny_tokenizer)
     assert from_config == fixed
+
+
+def word_document(num_words: int, *, doc_id: str = "doc", pad: str = "") -> tuple[
+        Document, list[tuple[int, int]]]:
+    """A document of ``num_words`` distinct words (``pad`` around them) and the words'
+    character spans, standing in for token spans: :func:`excerpt_of` only reads spans."""
+    words = [f"w{i}" for i in range(num_words)]
+    text = pad + " ".join(words) + pad
+    spans, start = [], len(pad)
+    for word in words:
+        spans.append((start, start + len(word)))
+        start += len(word) + 1
+    return Document(doc_id=doc_id, text=text, domain="d", source="s", where="here"), spans
+
+
+def test_a_document_of_at_most_max_tokens_is_shown_whole_whatever_length_was_drawn() -> None:
+    """QuRating's extract_excerpt: a 400-token document with 300 tokens drawn for its pair, the
+    rule's longest excerpt being 512, is shown whole (all 400 tokens), not cut to 300; so is
+    one of exactly 512 tokens. Surrounding whitespace is trimmed; no random draw is made."""
+    import random
+
+    for num_words, drawn in ((400, 300), (512, 256), (400, 512), (3, 1)):
+        document, spans = word_document(num_words, pad=" \n ")
+        rng = random.Random(0)
+        state = rng.getstate()
+        excerpt = excerpt_of(document, spans, max_tokens=512, num_tokens=drawn, rng=rng)
+        assert excerpt.text == document.text.strip() and len(excerpt.text.split()) == num_words
+        assert (excerpt.start, excerpt.end) == (3, len(document.text) - 3)
+        assert document.text[excerpt.start:excerpt.end] == excerpt.text
+        assert rng.getstate() == state, "a whole document draws no start"
+    for drawn in (0, 513):
+        with pytest.raises(ValueError, match=r"num_tokens .* must be in \[1, max_tokens=512\]"):
+            excerpt_of(document, spans, max_tokens=512, num_tokens=drawn, rng=rng)
+
+
+def test_a_longer_document_gives_the_drawn_length_from_a_start_in_the_max_tokens_range() -> None:
+    """Over ``max_tokens`` tokens: the first token is drawn uniformly from
+    ``[0, tokens - max_tokens]`` (the range of a ``max_tokens`` excerpt, whatever length was
+    drawn) and the drawn number of tokens is taken from there, as QuRating does."""
+    import random
+
+    document, spans = word_document(1000)
+    firsts = []
+    for seed in range(400):
+        excerpt = excerpt_of(document, spans, max_tokens=512, num_tokens=300,
+                             rng=random.Random(seed))
+        first = random.Random(seed).randrange(1000 - 512 + 1)
+        assert (excerpt.start, excerpt.end) == (spans[first][0], spans[first + 299][1])
+        assert excerpt.text.split() == [f"w{i}" for i in range(first, first + 300)]
+        firsts.append(first)
+    assert min(firsts) < 20 and 470 < max(firsts) <= 488  # never past 1000 - 512
+    # Just over the rule's longest excerpt: two possible starts, for any drawn length.
+    document, spans = word_document(513)
+    starts = {excerpt_of(document, spans, max_tokens=512, num_tokens=256,
+                         rng=random.Random(seed)).text.split()[0] for seed in range(40)}
+    assert starts == {"w0", "w1"}
+
+
+def test_sampled_pairs_show_short_documents_whole_and_cut_long_ones_to_the_pair_length(
+        tiny_tokenizer) -> None:
+    """Our own documents of 10 to 70 tokens, excerpts of at most 32 tokens (else 16-32): a
+    document of at most 32 tokens is always shown whole, even when the pair's length is
+    shorter; both excerpts of longer documents have the pair's length and start within the
+    first ``tokens - 32`` tokens."""
+    import random
+
+    rng = random.Random(11)
+    documents = [Document(doc_id=f"doc-{i}", text=" ".join(str(rng.randrange(40))
+                                                          for _ in range(words)),
+                          domain="numbers", source="ours", where=f"ours:{i}")
+                 for i, words in enumerate(range(10, 71, 4))]
+    spans = {d.doc_id: list(tiny_tokenizer.rust.encode(d.text, add_special_tokens=False).offsets)
+             for d in documents}
+    texts = {d.doc_id: d.text for d in documents}
+    assert {len(v) <= 32 for v in spans.values()} == {True, False}
+    pairs = sample_pairs(documents, tiny_tokenizer, num_pairs=60, max_tokens=32,
+                         min_excerpt_tokens=16, min_tokens=1, seed=2)
+    whole_but_longer_than_its_partner = 0
+    for pair in pairs:
+        cut_lengths = []
+        for excerpt, partner in ((pair.a, pair.b), (pair.b, pair.a)):
+            token_spans = spans[excerpt.doc_id]
+            count = overlapping_tokens(token_spans, excerpt.start, excerpt.end)
+            if len(token_spans) <= 32:
+                assert excerpt.text == texts[excerpt.doc_id], pair.pair_id
+                partner_spans = spans[partner.doc_id]
+                if len(partner_spans) > 32 and count > overlapping_tokens(
+                        partner_spans, partner.start, partner.end):
+                    whole_but_longer_than_its_partner += 1
+            else:
+                first = next(i for i, (_, right) in enumerate(token_spans)
+                             if right > excerpt.start)
+                assert first <= len(token_spans) - 32, pair.pair_id
+                cut_lengths.append(count)
+        assert len(set(cut_lengths)) <= 1, pair.pair_id  # one length per pair
+        assert all(16 <= n <= 32 for n in cut_lengths)
+    assert whole_but_longer_than_its_partner > 0  # the case the rule decides occurred
 
 
 def test_builtin_prompts_rule_out_order_length_and_language_and_reward_obscure_facts() -> None:

@@ -362,6 +362,70 @@ def test_pooling_and_padding_do_not_change_a_text_score(tiny_model_dir):
         torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
+def normal_draw(shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """``normal(0, std)`` float32 CPU draws of a generator seeded with ``seed``."""
+    return torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+
+
+def test_rater_heads_start_as_quratings_score_layer_and_train_the_backbone_at_once(
+        tiny_model_dir):
+    """QuRating's score layer gets Hugging Face's init, normal(0, initializer_range), not
+    zeros: with zero heads the first step gives the backbone no gradient at all (the gradient
+    reaching the hidden states is the head weight). The draw is the generator's, so the same
+    seed gives the same head and building a model leaves the global RNG alone."""
+    backbone = load_backbone(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    criteria = ["educational_value", "writing_style"]
+    global_rng = torch.get_rng_state()
+    model = RaterModel(backbone, criteria, "last")
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    # No generator: one seeded with 0; std 0.02, the default (the Llama configs' value).
+    assert torch.equal(model.heads.weight, normal_draw((2, 64), 0.02, 0))
+    seeded = RaterModel(backbone, criteria, "last", init_std=0.05,
+                        generator=torch.Generator().manual_seed(7))
+    assert torch.equal(seeded.heads.weight, normal_draw((2, 64), 0.05, 7))
+    again = RaterModel(backbone, criteria, "last", init_std=0.05,
+                       generator=torch.Generator().manual_seed(7))
+    assert torch.equal(again.heads.weight, seeded.heads.weight)
+    # bf16 weights hold the same draw, rounded.
+    half = RaterModel(load_backbone(tiny_model_dir, device=torch.device("cpu"),
+                                    dtype=torch.bfloat16), criteria, "last")
+    assert half.heads.weight.dtype == torch.bfloat16
+    assert torch.equal(half.heads.weight, normal_draw((2, 64), 0.02, 0).to(torch.bfloat16))
+
+    # One Bradley-Terry step: every criterion's head and the backbone get a gradient.
+    model.train().requires_grad_(True)
+    tokenizer = RaterTokenizer(tiny_model_dir)
+    framed = [frame(ids, tokenizer.bos_id) for ids in tokenizer.encode(
+        ["1 2 3 4 the", "the a of and to"])]
+    s_a, s_b = model(*pad_batch(framed, tokenizer.pad_id)).split(1)
+    bradley_terry_loss(s_a, s_b, torch.tensor([[0.9, 0.1]])).backward()
+    assert model.heads.weight.grad.abs().min() > 0
+    for name, parameter in model.backbone.named_parameters():
+        if name.startswith("layers."):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert (s_a - s_b).abs().min() > 0  # the pair does not start at p = 0.5 exactly
+
+
+def test_the_head_init_std_is_the_backbone_configs_initializer_range(tiny_model_dir, tmp_path):
+    from acadlm_plugins.qurating.rater import DEFAULT_HEAD_INIT_STD, head_init_std
+
+    assert DEFAULT_HEAD_INIT_STD == 0.02
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["initializer_range"] == 0.02 and head_init_std(tiny_model_dir) == 0.02
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    for value, want in ((0.05, 0.05), (1, 1.0), (None, DEFAULT_HEAD_INIT_STD)):
+        (folder / "config.json").write_text(json.dumps({**config, "initializer_range": value}))
+        assert head_init_std(folder) == want, value
+    del config["initializer_range"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert head_init_std(folder) == DEFAULT_HEAD_INIT_STD
+    for bad in (0, -0.02, "0.02", True):
+        (folder / "config.json").write_text(json.dumps({**config, "initializer_range": bad}))
+        with pytest.raises(ConfigError, match=r"config `backbone_dir`: .*initializer_range "
+                                              rf"{re.escape(repr(bad))}"):
+            head_init_std(folder)
+
+
 def test_save_and_load_round_trip_gives_identical_scores(tiny_model_dir, tmp_path):
     backbone = load_backbone(tiny_model_dir, device=torch.device("cpu"), dtype=torch.float32)
     model = RaterModel(backbone, ["educational_value", "writing_style"], "mean")
@@ -419,10 +483,45 @@ def unseen_scores(rater_dir: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     return scores, np.array(quality), rater.info.criteria
 
 
-def test_a_rater_trained_on_synthetic_judgments_recovers_the_hidden_ranking(trained):
-    _, run = trained
+def initial_heldout_metrics(model_dir: Path, judgments: Path, *, seed: int = 0
+                            ) -> tuple[dict[str, float], dict[str, float]]:
+    """Held-out accuracy and loss per criterion of the rater the tiny config starts from: the
+    backbone with heads drawn from normal(0, initializer_range) by a generator seeded with
+    the run's ``seed``, scored in eval batches of 64 as the recipe scores them."""
+    from acadlm_plugins.qurating.rater import head_init_std, pairwise_correct, split_scores
+
+    tokenizer = RaterTokenizer(model_dir)
+    data = PairwiseJudgments.build(*read_judgments(judgments), tokenizer, margin=0.25,
+                                   validation_fraction=0.2, max_tokens=64)
+    backbone = load_backbone(model_dir, device=torch.device("cpu"), dtype=torch.float32,
+                             max_seq_len=65)
+    model = RaterModel(backbone, data.criteria, "last", init_std=head_init_std(model_dir),
+                       generator=torch.Generator().manual_seed(seed)).eval()
+    sums = torch.zeros(3, len(data.criteria), dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(data.heldout_indices), 64):
+            batch = data.collate(data.heldout_indices[start:start + 64])
+            s_a, s_b = split_scores(model(batch["tokens"], batch["lengths"]))
+            mask = batch["mask"].double()
+            correct = pairwise_correct(s_a, s_b, batch["targets"]).double()
+            losses = bradley_terry_loss(s_a, s_b, batch["targets"], reduction="none").double()
+            sums += torch.stack([(correct * mask).sum(0), mask.sum(0), (losses * mask).sum(0)])
+    return ({name: float(sums[0, c] / sums[1, c]) for c, name in enumerate(data.criteria)},
+            {name: float(sums[2, c] / sums[1, c]) for c, name in enumerate(data.criteria)})
+
+
+def test_a_rater_trained_on_synthetic_judgments_recovers_the_hidden_ranking(trained,
+                                                                           tiny_model_dir):
+    judgments, run = trained
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["heldout_accuracy_before"] == {"writing_style": 0.5, "educational_value": 0.5}
+    # Before training: the backbone with its seeded normal(0, 0.02) heads, whose random
+    # preferences are not the zero heads' ties (accuracy 0.5, loss log 2 on every pair).
+    accuracy, loss = initial_heldout_metrics(tiny_model_dir, judgments, seed=0)
+    assert summary["heldout_accuracy_before"] == accuracy
+    assert summary["heldout_loss_before"] == pytest.approx(loss, rel=1e-6)
+    for criterion in accuracy:
+        assert summary["heldout_loss_before"][criterion] != pytest.approx(math.log(2),
+                                                                          rel=1e-6)
     for criterion, accuracy in summary["heldout_accuracy_after"].items():
         assert accuracy > 0.9, criterion
     assert summary["pairs"]["heldout_pairs"] > 50

@@ -1,18 +1,26 @@
 """Pairs of text excerpts for a judge LM to compare, sampled from a local corpus.
 
 QuRating asks a judge about excerpts rather than whole documents: the judge reads both texts in
-one prompt, and the two texts of a pair are cut to the same number of tokens so that length is
-not what the judge rewards. The length varies from pair to pair, as in QuRating's judging
-script (``prompting/score_pairwise.py``: ``--tokens_min 256 --tokens_max 512
---probability_tokens_max 0.5``, Llama-2 tokens): with probability ``p_max_tokens`` a pair gets
-``max_tokens`` tokens, otherwise a length drawn uniformly from ``[min_excerpt_tokens,
-max_tokens]``. The defaults are QuRating's 512, 256 and 0.5 (:class:`ExcerptLengths`); a
-smaller ``max_tokens`` alone scales the range to ``[max_tokens // 2, max_tokens]``.
+one prompt, and the two texts of a pair are cut to the same number of tokens (unless one is
+shown whole, below) so that length is not what the judge rewards. The length varies from pair
+to pair, as in QuRating's judging script (``prompting/score_pairwise.py``: ``--tokens_min 256
+--tokens_max 512 --probability_tokens_max 0.5``, Llama-2 tokens): with probability
+``p_max_tokens`` a pair gets ``max_tokens`` tokens, otherwise a length drawn uniformly from
+``[min_excerpt_tokens, max_tokens]``. The defaults are QuRating's 512, 256 and 0.5
+(:class:`ExcerptLengths`); a smaller ``max_tokens`` alone scales the range to
+``[max_tokens // 2, max_tokens]``.
 
-An excerpt is a span of that many tokens of the *judge's* tokenizer at a random token offset
-(the whole document when it is shorter, so a short document's excerpt is shorter than its
-partner's, as in QuRating), cut on token boundaries but sliced from the original text, so it is
-an exact substring of the document.
+An excerpt follows QuRating's ``extract_excerpt``, in tokens of the *judge's* tokenizer: a
+document of at most ``max_tokens`` tokens is shown whole, whatever length was drawn for the
+pair (so its excerpt may be shorter or longer than its partner's); a longer document gets the
+drawn number of tokens from a start drawn uniformly from ``[0, tokens - max_tokens]``, the
+range of a ``max_tokens`` excerpt whatever the drawn length (:func:`excerpt_of`). The span is
+cut on token boundaries but sliced from the original text, with surrounding whitespace
+trimmed, so it is an exact substring of the document. (Earlier versions tested the whole
+text and drew the start against the drawn length, cutting a 400-token document to a drawn 300
+tokens where QuRating shows all 400, so they sampled other pairs from the same seed. A pair id
+names the excerpts' spans, so resuming a judgments file of theirs is refused, as pairs not in
+this run's sample, unless each of its pairs is one this rule also samples, excerpts and all.)
 
 Sampling is seeded and sequential: pair ``k`` depends only on the seed and the corpus, so asking
 for more pairs with the same seed extends the same list, and a resumed run samples the same
@@ -223,7 +231,8 @@ class _Spans:
 
 @dataclass(frozen=True)
 class ExcerptLengths:
-    """How many tokens the two excerpts of a pair get (both the same).
+    """How many tokens the two excerpts of a pair get (both the same; a document of at most
+    ``max_tokens`` tokens is shown whole instead, see :func:`excerpt_of`).
 
     ``max_tokens`` with probability ``p_max_tokens``, otherwise a length drawn uniformly from
     ``[min_tokens, max_tokens]`` (both ends included): QuRating's rule, so about half of the
@@ -269,14 +278,23 @@ class ExcerptLengths:
 
 
 def excerpt_of(document: Document, spans: Sequence[tuple[int, int]], *, max_tokens: int,
-               rng: random.Random) -> Excerpt:
-    """A ``max_tokens``-token span of ``document`` at a random token offset (the whole text
-    when it is shorter), with surrounding whitespace trimmed from the span."""
+               num_tokens: int, rng: random.Random) -> Excerpt:
+    """The excerpt of ``document`` (token character ``spans``) shown to the judge, by
+    QuRating's rule (``extract_excerpt`` in ``prompting/score_pairwise.py``).
+
+    A document of at most ``max_tokens`` tokens (the rule's longest excerpt) is shown whole,
+    whatever ``num_tokens`` (the length drawn for the pair) is, and ``rng`` is not used.
+    Otherwise the first token is drawn uniformly from ``[0, len(spans) - max_tokens]`` and
+    ``num_tokens`` tokens are taken from there; the range is that of a ``max_tokens`` excerpt
+    for every drawn length, as in QuRating. Surrounding whitespace is trimmed from the span.
+    """
+    if not 1 <= num_tokens <= max_tokens:
+        raise ValueError(f"num_tokens ({num_tokens}) must be in [1, max_tokens={max_tokens}]")
     if len(spans) <= max_tokens:
         start, end = 0, len(document.text)
     else:
         first = rng.randrange(len(spans) - max_tokens + 1)
-        start, end = spans[first][0], spans[first + max_tokens - 1][1]
+        start, end = spans[first][0], spans[first + num_tokens - 1][1]
     piece = document.text[start:end]
     start += len(piece) - len(piece.lstrip())
     end -= len(piece) - len(piece.rstrip())
@@ -292,10 +310,11 @@ def sample_pairs(documents: Sequence[Document], tokenizer: AcadTokenizer, *, num
     """``num_pairs`` distinct pairs of excerpts of two different documents.
 
     Documents are drawn uniformly (``same_domain``: B from A's domain), documents with fewer
-    than ``min_tokens`` tokens are passed over (``min_tokens >= max_tokens`` makes every
-    excerpt of a pair exactly as long as drawn), and a pair already drawn (in either order) is
-    drawn again. Each pair's length comes from :class:`ExcerptLengths` (``max_tokens``,
-    ``min_excerpt_tokens``, ``p_max_tokens``) and both its excerpts are cut to it. Only the
+    than ``min_tokens`` tokens are passed over (``min_tokens > max_tokens`` makes every excerpt
+    of a pair exactly as long as drawn), and a pair already drawn (in either order) is drawn
+    again. Each pair's length comes from :class:`ExcerptLengths` (``max_tokens``,
+    ``min_excerpt_tokens``, ``p_max_tokens``) and both its excerpts are cut to it, except that
+    a document of at most ``max_tokens`` tokens is shown whole (:func:`excerpt_of`). Only the
     documents drawn are tokenized, so a large corpus costs little. Raises :class:`DataError`
     when the corpus cannot give that many pairs.
     """
@@ -337,8 +356,10 @@ def sample_pairs(documents: Sequence[Document], tokenizer: AcadTokenizer, *, num
             too_short.add(second)
             continue
         length = lengths.draw(rng)
-        a = excerpt_of(documents[first], spans(first), max_tokens=length, rng=rng)
-        b = excerpt_of(documents[second], spans(second), max_tokens=length, rng=rng)
+        a = excerpt_of(documents[first], spans(first), max_tokens=lengths.max_tokens,
+                       num_tokens=length, rng=rng)
+        b = excerpt_of(documents[second], spans(second), max_tokens=lengths.max_tokens,
+                       num_tokens=length, rng=rng)
         key_a, key_b = f"{a.doc_id}@{a.start}:{a.end}", f"{b.doc_id}@{b.start}:{b.end}"
         key = (min(key_a, key_b), max(key_a, key_b))
         if key in seen:

@@ -10,8 +10,15 @@ z-normalises them).
 **Model.** :class:`RaterModel` is a torchtune ``TransformerDecoder`` used without its output
 projection: the final-norm hidden states are pooled into one vector per text and mapped by
 ``nn.Linear(dim, num_criteria, bias=False)`` to the scores. The bias is left out because it
-cancels in ``s_B - s_A`` and so could never be trained. The default pooling is ``last``, the
-hidden state of the last real token: in a causal decoder that is the only position which has
+cancels in ``s_B - s_A`` and so could never be trained. The head starts as QuRating's score
+layer does (Hugging Face's ``_init_weights``): normal with mean 0 and the standard deviation
+``initializer_range`` of the backbone's ``config.json`` (0.02 when the config has none, the
+Llama value and the transformers default; :func:`head_init_std`). A zero head would give the
+backbone no gradient on the first step (the gradient reaching the hidden states is the head
+weight) and tiny ones for many steps after. The draw comes from a generator of its own, seeded
+with the run's seed, so a run is reproducible, every rank draws the same head, and the global
+RNG stream is untouched. The default pooling is ``last``, the hidden state of the last real
+token: in a causal decoder that is the only position which has
 attended to the whole text, and it is what sequence-classification heads on decoders (the
 paper's rater among them) use. ``mean`` (the average over the text's positions) is available
 as an alternative; it averages states that each saw only a prefix. Texts are right-padded, so
@@ -89,6 +96,9 @@ HEADS_FILENAME = "rater_heads.pt"
 INFO_FILENAME = "rater.json"
 FORMAT_VERSION = 1
 DEFAULT_MARGIN = 0.25
+# The head's init std when the backbone's config.json has no `initializer_range`: the value of
+# the Llama configs QuRating trains and the transformers default.
+DEFAULT_HEAD_INIT_STD = 0.02
 # The files RaterTokenizer (through AcadTokenizer) reads from a model folder: the vocabulary and
 # merges, and the files its BOS/EOS/pad ids come from.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -98,10 +108,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ------------------------------------------------------------------------------------ model
 class RaterModel(nn.Module):
     """A torchtune decoder backbone plus ``nn.Linear(dim, num_criteria)`` on pooled hidden
-    states; ``forward(tokens, lengths)`` gives ``batch x num_criteria`` float32 scores."""
+    states; ``forward(tokens, lengths)`` gives ``batch x num_criteria`` float32 scores.
+
+    The head weights are drawn from ``normal(0, init_std)`` with ``generator`` (a CPU
+    generator; None: one seeded with 0, so building a model never advances the global RNG),
+    as :func:`init_head_weight` does; a loaded or resumed rater overwrites them."""
 
     def __init__(self, backbone: TransformerDecoder, criteria: Sequence[str],
-                 pooling: str = "last") -> None:
+                 pooling: str = "last", *, init_std: float = DEFAULT_HEAD_INIT_STD,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         check_pooling(pooling)
         if not criteria:
@@ -111,10 +126,11 @@ class RaterModel(nn.Module):
         self.pooling = pooling
         dim = backbone.tok_embeddings.embedding_dim
         weight = backbone.tok_embeddings.weight
-        self.heads = nn.Linear(dim, len(self.criteria), bias=False, device=weight.device,
-                               dtype=weight.dtype)
-        # Zero heads: every pair starts at p = 0.5 (loss log 2), no random preference.
-        nn.init.zeros_(self.heads.weight)
+        # skip_init: no default (kaiming) init, which would draw from the global RNG.
+        self.heads = nn.utils.skip_init(nn.Linear, dim, len(self.criteria), bias=False,
+                                        device=weight.device, dtype=weight.dtype)
+        init_head_weight(self.heads.weight, init_std,
+                         generator if generator is not None else torch.Generator().manual_seed(0))
 
     @property
     def dim(self) -> int:
@@ -126,6 +142,38 @@ class RaterModel(nn.Module):
         included) are ``lengths``."""
         hidden = final_hidden_states(self.backbone, tokens)
         return self.heads(pool(hidden, lengths, self.pooling)).float()
+
+
+def init_head_weight(weight: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    """Fill ``weight`` in place with ``normal(0, std)`` draws of the CPU ``generator``, made in
+    float32 on the CPU and then copied, so the same seed gives the same head (up to the
+    weight's dtype) on any device. A meta tensor (a model built for its shapes only) is left
+    as it is: it has no values to fill."""
+    if not std > 0:
+        raise ValueError(f"the head init std must be positive, not {std!r}")
+    if weight.is_meta:
+        return
+    draw = torch.empty(tuple(weight.shape), dtype=torch.float32, device="cpu")
+    draw.normal_(0.0, std, generator=generator)
+    with torch.no_grad():
+        weight.copy_(draw)
+
+
+def head_init_std(model_dir: str | Path, *, key: str = "backbone_dir") -> float:
+    """The std the rater head is initialized with: ``initializer_range`` of the backbone's
+    ``config.json``, as Hugging Face initializes QuRating's score layer, or
+    :data:`DEFAULT_HEAD_INIT_STD` when the config does not set it. A value that is not a
+    positive number is refused naming ``key``."""
+    value = backbone_spec(model_dir, key=key).config.get("initializer_range")
+    if value is None:
+        return DEFAULT_HEAD_INIT_STD
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ConfigError(key, f"{Path(model_dir).expanduser() / 'config.json'} has "
+                          f"initializer_range {value!r}; the rater head is initialized with "
+                          "that standard deviation.", "give a positive number (Llama: 0.02) "
+                          "or remove the field (then 0.02 is used).")
+    return float(value)
 
 
 def check_pooling(pooling: str) -> None:
