@@ -7,9 +7,11 @@ import json
 import pickle
 import tracemalloc
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -95,6 +97,132 @@ def test_length_filter_packs_the_selected_documents_only(docs, max_seq_len, mode
                                mode=mode)
     assert lazy.stats == reference.stats
     assert_same_samples(lazy, reference, "reset")
+
+
+def cut_into_pieces(docs, min_tokens, max_tokens, piece_tokens):
+    """The pieces ProLong's packer makes (``--pack_length P --min_length M``), written out
+    plainly: documents in the length bounds cut every P tokens, a last piece under M dropped."""
+    shortest = max(min_tokens, 1)
+    pieces = []
+    for doc in docs:
+        if len(doc) < shortest or (max_tokens is not None and len(doc) > max_tokens):
+            continue
+        for start in range(0, len(doc), piece_tokens):
+            piece = doc[start : start + piece_tokens]
+            if len(piece) >= shortest:
+                pieces.append(piece)
+    return pieces
+
+
+@settings(max_examples=60, deadline=None)
+@given(docs=doc_lists, max_seq_len=st.integers(2, 48), mode=st.sampled_from(["split", "whole"]),
+       min_tokens=st.integers(0, 30), extra=st.one_of(st.none(), st.integers(0, 60)),
+       data=st.data())
+def test_pieces_pack_as_documents_of_their_own(docs, max_seq_len, mode, min_tokens, extra, data):
+    """`piece_tokens` cuts each kept document into pieces of at most that many tokens, each
+    its own segment (so masked apart), a last piece under min_tokens dropped; the packs equal
+    pack_documents over the pieces, and kept + filtered-out + dropped tokens add up."""
+    min_tokens = min(min_tokens, max_seq_len)
+    piece_tokens = data.draw(st.integers(max(min_tokens, 1), max_seq_len), label="piece_tokens")
+    max_tokens = None if extra is None else max(min_tokens, 1) + extra
+    pieces = cut_into_pieces(docs, min_tokens, max_tokens, piece_tokens)
+    lazy = StreamingPackedSequences(TokenizedDocuments.from_lists(docs), max_seq_len, PAD,
+                                    mode=mode, min_tokens=min_tokens, max_tokens=max_tokens,
+                                    piece_tokens=piece_tokens)
+    kept_docs = cut_into_pieces(docs, min_tokens, max_tokens, 1 << 30)
+    stats = lazy.filter_stats
+    assert stats.documents_kept == len(kept_docs)
+    assert stats.pieces_kept == len(pieces) == lazy.stats.documents
+    assert stats.tokens_kept == sum(len(p) for p in pieces) == lazy.stats.tokens_in
+    assert stats.tokens_dropped_in_pieces == sum(len(d) for d in kept_docs) - stats.tokens_kept
+    assert stats.tokens_filtered_out == sum(len(d) for d in docs) - sum(len(d) for d in kept_docs)
+    assert (stats.tokens_kept + stats.tokens_filtered_out + stats.tokens_dropped_in_pieces
+            == stats.tokens_total == sum(len(d) for d in docs))
+    assert stats.pieces_dropped == sum(
+        0 < len(d) % piece_tokens < max(min_tokens, 1) for d in kept_docs)
+    if not pieces:
+        assert len(lazy) == 0
+        return
+    assert max(len(p) for p in pieces) <= piece_tokens
+    reference = pack_documents(TokenizedDocuments.from_lists(pieces), max_seq_len, PAD, mode=mode)
+    assert lazy.stats == reference.stats
+    assert_same_samples(lazy, reference, "reset")
+
+
+def test_pieces_are_masked_apart_and_their_first_token_is_not_a_target():
+    """A 10-token document cut into pieces of 4 (min_tokens 3): pieces of 4 and 4 packed into
+    one 8-token sequence, its last 2 tokens dropped and counted; attention never crosses from
+    one piece into the next, and the second piece's first token is not predicted from the
+    first piece."""
+    from torchtune.modules.attention_utils import create_block_causal_mask
+
+    from acadlm_plugins.data.document_masks import document_ids
+
+    doc = list(range(10, 20))
+    packs = StreamingPackedSequences(TokenizedDocuments.from_lists([doc]), 8, PAD,
+                                     min_tokens=3, piece_tokens=4)
+    sample = packs.sample(0, positions="continuous")
+    assert len(packs) == 1
+    assert sample["tokens"].tolist() == doc[:8]
+    assert sample["seq_lens"].tolist() == [4, 4]
+    assert document_ids([sample["seq_lens"]]).tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]
+    mask = create_block_causal_mask([sample["seq_lens"]])[0]
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert not mask[4:, :4].any() and not mask[:4, 4:].any()
+    assert torch.equal(mask[:4, :4], causal) and torch.equal(mask[4:, 4:], causal)
+    assert sample["labels"][4].item() == -100
+    stats = packs.filter_stats
+    assert (stats.pieces_kept, stats.pieces_dropped, stats.tokens_dropped_in_pieces) == (2, 1, 2)
+    assert "2 pieces of 8 tokens packed, 1 last pieces shorter than 3 tokens dropped (2 tokens)" \
+        in stats.describe()
+    # without min_tokens the short last piece is kept: nothing is dropped
+    kept = StreamingPackedSequences(TokenizedDocuments.from_lists([doc]), 8, PAD, piece_tokens=4)
+    assert [kept.pack(i)[1].tolist() for i in range(len(kept))] == [[4, 4], [2, 6]]
+    assert kept.filter_stats.tokens_dropped_in_pieces == 0
+
+
+@pytest.mark.parametrize("piece_tokens, match", [
+    (0, "positive integer"), (-8, "positive integer"), (True, "positive integer"),
+    ("8k", "positive integer"), (2.5, "positive integer"),
+    (4, "below min_tokens"),            # every piece would be dropped
+    (65, "longer than a sequence"),     # packing would cut the pieces again
+])
+def test_bad_piece_tokens_name_the_source_and_key(piece_tokens, match):
+    spec = {"data_files": "x.jsonl", "share": 1.0, "min_tokens": 5, "piece_tokens": piece_tokens}
+    with pytest.raises(ConfigError, match=match) as err:
+        long_short_mixture(ByteTokenizer(), sources={"long": spec}, max_seq_len=64)
+    assert err.value.key == "dataset.sources.long.piece_tokens"
+    with pytest.raises(ConfigError, match=match) as err:
+        StreamingPackedSequences(TokenizedDocuments.from_lists([[5] * 9]), 64, PAD,
+                                 min_tokens=5, piece_tokens=piece_tokens)
+    assert err.value.key == "piece_tokens"
+
+
+def test_a_piece_source_logs_what_it_dropped(corpus, caplog):
+    """A mixture source with piece_tokens packs pieces of at most that length, and its log line
+    counts the pieces and the dropped last pieces with their tokens, which add up."""
+    files = [corpus / "prose" / "train.jsonl"]
+    lengths = [len(t.encode()) + 2 for t in iter_texts(files)]  # bytes + BOS + EOS
+    sources = {"pieces": {"data_files": str(files[0]), "share": 0.5, "min_tokens": 100,
+                          "piece_tokens": 128},
+               "whole": {"data_files": str(files[0]), "share": 0.5}}
+    with caplog.at_level("INFO", logger="acadlm_plugins.data.long_context"):
+        ds = long_short_mixture(ByteTokenizer(), sources=sources, max_seq_len=256)
+    packs = ds.corpus.packs("pieces")
+    stats = packs.filter_stats
+    kept = [n for n in lengths if n >= 100]
+    dropped = [n % 128 for n in kept if 0 < n % 128 < 100]
+    assert stats.documents_kept == len(kept) and stats.pieces_dropped == len(dropped)
+    assert stats.tokens_dropped_in_pieces == sum(dropped)
+    assert stats.tokens_kept == sum(kept) - sum(dropped) == packs.stats.tokens_out
+    pieces = []
+    for i in range(len(packs)):
+        _, segments, filled = packs.pack(i)
+        pieces += segments.tolist() if filled == 256 else segments[:-1].tolist()  # less the pad
+    assert max(pieces) <= 128 and sum(pieces) == stats.tokens_kept
+    assert (f"{stats.pieces_dropped} last pieces shorter than 100 tokens dropped "
+            f"({sum(dropped):,} tokens)") in caplog.text
+    assert ds.corpus.packs("whole").filter_stats.tokens_kept == sum(lengths)
 
 
 @pytest.mark.parametrize("mode", ["split", "whole"])
@@ -258,7 +386,8 @@ def test_streamed_packs_without_a_store_key_digest_their_tokens_and_selection():
     assert digest(docs) == digest(TokenizedDocuments.from_lists([[5, 6, 7], [8, 9],
                                                                  [10, 11, 12, 13]]))
     assert len({digest(docs), digest(other), digest(docs, min_tokens=3),
-                digest(docs, mode="whole"), digest(docs, content_key="k")}) == 5
+                digest(docs, mode="whole"), digest(docs, content_key="k"),
+                digest(docs, piece_tokens=2)}) == 6
 
 
 def test_component_from_a_yaml_config(corpus):
@@ -460,6 +589,64 @@ def test_unknown_modes_and_unpacked_are_refused(corpus):
         assert err.value.key == key
 
 
+# ----------------------------------------------------------------- the ProLong stage configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+LONG_SOURCE_KEYS = ("share", "min_tokens", "max_tokens", "piece_tokens")
+
+
+def long_sources(path: Path) -> dict[str, tuple]:
+    """The config's sources with a length bound, as (share, min, max, piece) tuples."""
+    sources = OmegaConf.load(path).dataset.sources
+    return {name: tuple(spec.get(key) for key in LONG_SOURCE_KEYS)
+            for name, spec in sources.items() if spec.get("min_tokens")}
+
+
+def checked_dataset_block(path: Path, *overrides: str) -> None:
+    """The config's dataset block checked as `acadlm-plan` and the recipe check it (no file
+    read; `max_seq_len` resolved through `${long_context.max_seq_len}`)."""
+    import acadlm_plugins.defaults  # noqa: F401  (registers ${acadlm_home:})
+    from acadlm_plugins.training.components import check_component
+
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    check_component(cfg.dataset, "dataset")
+
+
+def test_the_demo_stage2_mixes_stage_length_documents_and_stage1_length_pieces():
+    """train_512K.sh: code 15% at 512K + 15% at 64K, books 5% + 25%, the 64K ones being 64K
+    pieces of longer documents. The demo's stage 2 (16K after an 8K stage 1) had 30% + 30% of
+    >= 16K documents only."""
+    stage1 = OmegaConf.load(CONFIGS / "smollm2/long_context_stage1.yaml").long_context.max_seq_len
+    path = CONFIGS / "smollm2/long_context_stage2.yaml"
+    stage2 = OmegaConf.load(path).long_context.max_seq_len
+    assert (stage1, stage2) == (8192, 16384)
+    assert long_sources(path) == {
+        "code_repos_16k": (0.15, stage2, None, None),
+        "code_repos_8k": (0.15, stage1, None, stage1),
+        "books_16k": (0.05, stage2, None, None),
+        "books_8k": (0.25, stage1, None, stage1)}
+    shares = [spec.share for spec in OmegaConf.load(path).dataset.sources.values()]
+    assert sum(shares) == pytest.approx(1.0)
+    checked_dataset_block(path)
+
+
+def test_the_llama3_stage2_cuts_its_64k_sources_into_64k_pieces():
+    """ProLong's -65536 data is 64K-token pieces (`pack --pack_length 65536 --min_length
+    65536`); `max_tokens: 524287` kept 64K-512K documents whole (attending up to 512K) and
+    left every longer one out of the 64K data."""
+    stage1 = OmegaConf.load(CONFIGS / "llama3/prolong_64k_stage1.yaml").long_context.max_seq_len
+    path = CONFIGS / "llama3/prolong_512k_stage2.yaml"
+    assert long_sources(path) == {
+        "code_repos_512k": (0.15, 524288, None, None),
+        "code_repos_64k": (0.15, stage1, None, stage1),
+        "books_512k": (0.05, 524288, None, None),
+        "books_64k": (0.25, stage1, None, stage1)}
+    checked_dataset_block(path)
+    with pytest.raises(ConfigError, match="longer than a sequence") as err:
+        checked_dataset_block(path, "dataset.sources.books_64k.piece_tokens=1048576")
+    assert err.value.key == "dataset.sources.books_64k.piece_tokens"
+
+
 # --------------------------------------------------------------------------- integration
 
 
@@ -493,3 +680,40 @@ def test_prolong_stage1_mix_on_the_default_corpus_packs_at_99_percent(tmp_path):
     assert mixture_efficiency(ds) >= 0.99
     sample = ds[0]
     assert sample["tokens"].shape == (8192,) and int(sample["seq_lens"].sum()) == 8192
+
+
+@pytest.mark.integration
+def test_the_demo_stage2_long_sources_on_the_default_corpus(tmp_path):
+    """The demo stage 2's long sources, built as its config says on the embedded corpus: each
+    class has documents, the 8K sources pack 8,192-token pieces two to a 16K sequence (never
+    cut), and every token is packed, filtered out or counted as a dropped last piece."""
+    import acadlm_plugins.defaults  # noqa: F401  (registers ${acadlm_home:})
+    from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
+    from acadlm_plugins.errors import DefaultsMissingError
+    from acadlm_plugins.training.components import instantiate_component
+
+    try:
+        corpus_dir = require_default_corpus()
+        require_default_model()
+    except DefaultsMissingError as missing:
+        pytest.skip(str(missing))
+    if not (corpus_dir / "long" / "books.jsonl").is_file():
+        pytest.skip(f"{corpus_dir}/long is missing: rebuild with `acadlm-defaults build`")
+    cfg = OmegaConf.load(CONFIGS / "smollm2/long_context_stage2.yaml")
+    cfg.dataset.sources = {name: spec for name, spec in cfg.dataset.sources.items()
+                           if name in long_sources(CONFIGS / "smollm2/long_context_stage2.yaml")}
+    cfg.dataset.cache_dir = str(tmp_path / "tokens")
+    ds = instantiate_component(cfg, "dataset", instantiate_component(cfg, "tokenizer"))
+    assert ds.domain_names == ["code_repos_16k", "code_repos_8k", "books_16k", "books_8k"]
+    for name in ds.domain_names:
+        packs = ds.corpus.packs(name)
+        stats = packs.filter_stats
+        print(stats.describe(name))
+        assert stats.documents_kept >= 20 and packs.stats.packs >= 100
+        assert (stats.tokens_kept + stats.tokens_filtered_out + stats.tokens_dropped_in_pieces
+                == stats.tokens_total)
+        if name.endswith("_8k"):
+            assert stats.pieces_kept == stats.tokens_kept // 8192
+            assert packs.stats.documents_split == 0
+            full = [packs.pack(i)[1].tolist() for i in range(len(packs) - 1)]
+            assert all(segments == [8192, 8192] for segments in full)

@@ -426,7 +426,11 @@ def test_unknown_key_is_refused_naming_it(tmp_path: Path):
 @pytest.mark.parametrize("override, key", [
     ("dataset.sources.books_64k.max_token=65536", "dataset.sources.books_64k"),  # misspelt
     ("dataset.sources.books_64k.share=-0.3", "dataset.sources.books_64k.share"),
-    ("dataset.sources.books_64k.min_tokens=9000000", "dataset.sources.books_64k.max_tokens"),
+    ("dataset.sources.books_512k.max_tokens=1000", "dataset.sources.books_512k.max_tokens"),
+    ("dataset.sources.books_64k.min_tokens=9000000", "dataset.sources.books_64k.piece_tokens"),
+    ("dataset.sources.books_64k.piece_tokens=1048576",  # longer than the 512K sequences
+     "dataset.sources.books_64k.piece_tokens"),
+    ("dataset.sources.books_64k.piece_tokens=0", "dataset.sources.books_64k.piece_tokens"),
 ])
 def test_long_context_source_settings_are_checked_without_their_files(tmp_path: Path,
                                                                        override: str, key: str):

@@ -10,6 +10,14 @@ to the short sources here (40%). Here every source is a set of local files with 
 **token share** and a document length filter; the long sources keep only documents of at least
 ``min_tokens`` tokens (ProLong's long data is selected by length too).
 
+ProLong's 512K stage also trains on long data as 64K-token sequences (``book-65536``,
+``thestackv1_concat_by_repo-65536``: documents of at least 64K tokens cut into 64K pieces, 8 of
+them packed into a 512K sequence with document masking). A source's ``piece_tokens`` does that
+cut: each kept document becomes consecutive pieces of ``piece_tokens`` tokens, each packed and
+masked as a document of its own; a last piece shorter than ``min_tokens`` is dropped (ProLong's
+packer drops pieces under its ``--min_length``), and the log counts the dropped pieces and
+their tokens.
+
 With the default corpus of ``acadlm-defaults build`` the stage-1 mix maps to::
 
     dataset:
@@ -42,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf.errors import OmegaConfBaseException
 
 from acadlm_plugins.data.documents import resolve_data_files
 from acadlm_plugins.data.mixture import DomainMixtureDataset, PackedDomainCorpus, _pad_id
@@ -49,6 +58,7 @@ from acadlm_plugins.data.packing import PackingMode, PositionMode, TokenizedDocu
 from acadlm_plugins.data.streaming import (
     StreamingPackedSequences,
     check_length_bounds,
+    check_piece_tokens,
     open_token_store,
     store_content_key,
     stream_token_store,
@@ -57,7 +67,7 @@ from acadlm_plugins.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SOURCE_KEYS = ("data_files", "share", "min_tokens", "max_tokens", "text_field")
+SOURCE_KEYS = ("data_files", "share", "min_tokens", "max_tokens", "piece_tokens", "text_field")
 PROLONG_STAGE1_SHARES = {"code_repos": 0.3, "books": 0.3, "short_code": 0.1,
                          "short_books": 0.1, "short_scripture": 0.1, "short_docs": 0.1}
 
@@ -72,11 +82,14 @@ def long_short_mixture(tokenizer, *, sources: Mapping[str, Mapping[str, Any]], m
     Args:
         tokenizer: a torchtune tokenizer with ``encode`` (``encode_batch`` is used if present)
             and ``pad_id``.
-        sources: ``{name: {data_files, share, min_tokens=0, max_tokens=None, text_field?}}``.
-            ``data_files`` is a path, glob, directory or list of them; ``share`` the share of
-            the *tokens* trained on (normalized over sources); only documents with
-            ``min_tokens <= length <= max_tokens`` tokens take part. A source with share 0 is
-            not read at all.
+        sources: ``{name: {data_files, share, min_tokens=0, max_tokens=None,
+            piece_tokens=None, text_field?}}``. ``data_files`` is a path, glob, directory or
+            list of them; ``share`` the share of the *tokens* trained on (normalized over
+            sources); only documents with ``min_tokens <= length <= max_tokens`` tokens take
+            part (``max_tokens`` drops longer documents, it does not cut them);
+            ``piece_tokens`` cuts each of them into consecutive pieces of that many tokens,
+            each its own document for packing and masking, dropping a last piece shorter than
+            ``min_tokens`` (at most ``max_seq_len``). A source with share 0 is not read at all.
         max_seq_len: pack length in tokens.
         packing: ``split`` (documents laid end to end, cut at pack boundaries) or ``whole``
             (a document that fits is never cut; the pack is padded instead).
@@ -104,7 +117,7 @@ def long_short_mixture(tokenizer, *, sources: Mapping[str, Mapping[str, Any]], m
                           "use 'continuous' (over the pack) or 'reset' (per document).")
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ConfigError(f"{config_key}.max_seq_len", f"must be an integer >= 2, got {max_seq_len!r}.")
-    specs = _checked_sources(sources, text_field, config_key)
+    specs = _checked_sources(sources, text_field, config_key, max_seq_len)
     pad_id = _pad_id(tokenizer)
     stores: dict[tuple[tuple[str, ...], str], tuple[TokenizedDocuments, str]] = {}
     packs: dict[str, StreamingPackedSequences] = {}
@@ -120,6 +133,7 @@ def long_short_mixture(tokenizer, *, sources: Mapping[str, Mapping[str, Any]], m
         packs[name] = StreamingPackedSequences(docs, max_seq_len, pad_id, mode=packing,
                                                min_tokens=spec["min_tokens"],
                                                max_tokens=spec["max_tokens"],
+                                               piece_tokens=spec["piece_tokens"],
                                                content_key=content_key)
         _require_documents(name, spec, packs[name], config_key)
     corpus = PackedDomainCorpus(packs, positions=positions)
@@ -162,9 +176,10 @@ def prolong_stage1_sources(corpus_dir: str | Path | None = None, *,
 
 
 def _checked_sources(sources: Mapping[str, Mapping[str, Any]], text_field: str,
-                     config_key: str = "dataset") -> dict[str, dict[str, Any]]:
+                     config_key: str = "dataset",
+                     max_seq_len: int | None = None) -> dict[str, dict[str, Any]]:
     """Validate every source's settings and resolve its files, before any tokenization."""
-    checked = check_source_settings(sources, text_field, config_key)
+    checked = check_source_settings(sources, text_field, config_key, max_seq_len)
     for name in [n for n, s in checked.items() if s["share"] == 0]:
         log.info("source %r has share 0: not read", name)
         del checked[name]
@@ -176,9 +191,11 @@ def _checked_sources(sources: Mapping[str, Mapping[str, Any]], text_field: str,
 
 
 def check_source_settings(sources: Mapping[str, Mapping[str, Any]], text_field: str = "text",
-                          config_key: str = "dataset") -> dict[str, dict[str, Any]]:
-    """Every source's settings checked (known keys, a share, length bounds, text field),
-    without looking for its files: what ``acadlm-plan`` can refuse before any data exists."""
+                          config_key: str = "dataset",
+                          max_seq_len: int | None = None) -> dict[str, dict[str, Any]]:
+    """Every source's settings checked (known keys, a share, length bounds, pieces, text
+    field), without looking for its files: what ``acadlm-plan`` can refuse before any data
+    exists. ``max_seq_len`` (when known) bounds ``piece_tokens``."""
     if not isinstance(sources, Mapping) or not sources:
         raise ConfigError(f"{config_key}.sources", f"must map source names to settings, got "
                           f"{sources!r}.", "e.g. `sources: {books: {data_files: books.jsonl, "
@@ -207,11 +224,14 @@ def check_source_settings(sources: Mapping[str, Mapping[str, Any]], text_field: 
                               f"{spec['share']!r}.")
         min_tokens, max_tokens = spec.get("min_tokens", 0), spec.get("max_tokens")
         check_length_bounds(min_tokens, max_tokens, field=field)
+        piece_tokens = spec.get("piece_tokens")
+        check_piece_tokens(piece_tokens, min_tokens, max_seq_len, field=field)
         if not isinstance(spec.get("text_field", text_field), str):
             raise ConfigError(f"{field}.text_field", f"is {spec['text_field']!r}, not a field "
                               "name.", "name the text field of the data files, e.g. `text`.")
         checked[name] = {"share": share, "min_tokens": int(min_tokens),
                          "max_tokens": None if max_tokens is None else int(max_tokens),
+                         "piece_tokens": None if piece_tokens is None else int(piece_tokens),
                          "text_field": spec.get("text_field", text_field)}
     if sum(s["share"] for s in checked.values()) <= 0:
         raise ConfigError(f"{config_key}.sources.{next(iter(checked))}.share",
@@ -223,7 +243,20 @@ def check_source_settings(sources: Mapping[str, Mapping[str, Any]], text_field: 
 def _check_mixture_arguments(arguments: Mapping[str, Any], key: str) -> None:
     """:func:`long_short_mixture`'s settings as a plan checks them (no file is read)."""
     if "sources" in arguments:  # the files are not looked at (nor a `???` among them read)
-        check_source_settings(arguments["sources"], arguments.get("text_field", "text"), key)
+        check_source_settings(arguments["sources"], arguments.get("text_field", "text"), key,
+                              _known_length(arguments))
+
+
+def _known_length(arguments: Mapping[str, Any]) -> int | None:
+    """``max_seq_len`` of a mixture's arguments when it resolves to an integer, else None (an
+    interpolation a plan cannot resolve, or `???`: the run checks it when it builds)."""
+    try:
+        length = arguments.get("max_seq_len")
+    except OmegaConfBaseException:
+        return None
+    if isinstance(length, bool) or not isinstance(length, int):
+        return None
+    return length
 
 
 long_short_mixture.check_arguments = _check_mixture_arguments  # type: ignore[attr-defined]

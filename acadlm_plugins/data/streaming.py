@@ -15,8 +15,9 @@ document); after, it is a few int64 per document and per pack.
 ``stats``), so :class:`~acadlm_plugins.data.mixture.PackedDomainCorpus` and the mixture
 dataset and sampler use it unchanged, and it yields exactly the samples ``pack_documents``
 yields for the same documents. It never copies the tokens: a length filter (``min_tokens``,
-``max_tokens``) selects documents, and packs address the virtual concatenation of the selected
-ones. Its :meth:`~StreamingPackedSequences.content_digest` names the packs' content (the store's
+``max_tokens``) selects documents, ``piece_tokens`` optionally cuts each selected document into
+pieces that pack as documents of their own (ProLong's 64K sequences of long documents), and
+packs address the virtual concatenation of the selected documents or pieces. Its :meth:`~StreamingPackedSequences.content_digest` names the packs' content (the store's
 content key with the filter and packing), so a resumed run can refuse changed data without
 hashing the tokens again. ``split`` packs are computed on demand from the offsets (``np.searchsorted``); ``whole``
 packs come from a plan (first/last document and fill of every pack) made in one pass over the
@@ -215,7 +216,13 @@ def _scratch_dir() -> Path:
 
 @dataclass
 class LengthFilterStats:
-    """Which documents a length filter let through, and what they weigh."""
+    """Which documents a length filter let through, what they weigh, and, when the documents
+    are cut into pieces (``piece_tokens``), how many pieces were packed and what was dropped.
+
+    Every token of the store is accounted for: ``tokens_total`` = ``tokens_kept`` (packed) +
+    ``tokens_filtered_out`` (documents outside the length bounds) + ``tokens_dropped_in_pieces``
+    (last pieces shorter than ``min_tokens``); :meth:`check` asserts it.
+    """
 
     documents_total: int
     documents_kept: int
@@ -224,14 +231,36 @@ class LengthFilterStats:
     longest: int
     min_tokens: int
     max_tokens: int | None
+    tokens_filtered_out: int = 0
+    piece_tokens: int | None = None
+    pieces_kept: int = 0
+    pieces_dropped: int = 0
+    tokens_dropped_in_pieces: int = 0
+
+    def check(self) -> None:
+        """Raise unless the kept, filtered-out and dropped tokens add up to the store's."""
+        accounted = self.tokens_kept + self.tokens_filtered_out + self.tokens_dropped_in_pieces
+        if accounted != self.tokens_total:
+            raise AssertionError(f"the length filter accounts for {accounted:,} of "
+                                 f"{self.tokens_total:,} tokens. This is a bug in "
+                                 "acadlm_plugins.data.")
 
     def describe(self, name: str = "") -> str:
         prefix = f"[{name}] " if name else ""
         bounds = f">= {self.min_tokens}" + (f" and <= {self.max_tokens}"
                                              if self.max_tokens is not None else "")
+        if self.piece_tokens is None:
+            return (f"{prefix}length filter ({bounds} tokens) kept {self.documents_kept} of "
+                    f"{self.documents_total} documents, {self.tokens_kept:,} of "
+                    f"{self.tokens_total:,} tokens (longest document: {self.longest:,} tokens)")
+        kept_documents_tokens = self.tokens_kept + self.tokens_dropped_in_pieces
         return (f"{prefix}length filter ({bounds} tokens) kept {self.documents_kept} of "
-                f"{self.documents_total} documents, {self.tokens_kept:,} of "
-                f"{self.tokens_total:,} tokens (longest document: {self.longest:,} tokens)")
+                f"{self.documents_total} documents, {kept_documents_tokens:,} of "
+                f"{self.tokens_total:,} tokens (longest document: {self.longest:,} tokens); cut "
+                f"into pieces of {self.piece_tokens:,} tokens: {self.pieces_kept} pieces of "
+                f"{self.tokens_kept:,} tokens packed, {self.pieces_dropped} last pieces shorter "
+                f"than {max(self.min_tokens, 1):,} tokens dropped "
+                f"({self.tokens_dropped_in_pieces:,} tokens)")
 
 
 class StreamingPackedSequences:
@@ -242,6 +271,17 @@ class StreamingPackedSequences:
     ``min_tokens <= length <= max_tokens``; empty documents never take part), and ``stats``
     accounts for those documents; ``filter_stats`` says what the filter kept of all of them.
 
+    ``piece_tokens``: cut every kept document into consecutive pieces of ``piece_tokens``
+    tokens, each packed as a document of its own (its own segment: attention and the loss
+    never cross from one piece into the next), as ProLong trains on long documents cut into
+    64K-token sequences. A last piece shorter than ``max(min_tokens, 1)`` is dropped, as
+    ProLong's packer drops pieces under its ``--min_length``; ``filter_stats`` counts the
+    dropped pieces and their tokens. Later pieces start mid-document (no BOS is inserted: the
+    tokens are never copied). ``piece_tokens`` must lie in ``[max(min_tokens, 1), max_seq_len]``.
+    With ``min_tokens == piece_tokens`` every piece has exactly ``piece_tokens`` tokens, so when
+    that divides ``max_seq_len``, ``split`` packs hold whole pieces only; a shorter last piece
+    may straddle a ``split`` pack boundary like any document (``whole`` never cuts one).
+
     ``content_key``: a key that changes whenever ``docs``' tokens do (a token store's
     :func:`store_content_key`); :meth:`content_digest` rests on it, or, without one, on a hash of
     the tokens.
@@ -249,33 +289,45 @@ class StreamingPackedSequences:
 
     def __init__(self, docs: TokenizedDocuments, max_seq_len: int, pad_id: int, *,
                  mode: PackingMode = "split", min_tokens: int = 0,
-                 max_tokens: int | None = None, content_key: str | None = None) -> None:
+                 max_tokens: int | None = None, piece_tokens: int | None = None,
+                 content_key: str | None = None) -> None:
         max_seq_len = check_max_seq_len(max_seq_len)
         if mode not in ("split", "whole"):
             raise ConfigError("packing", f"unknown packing mode {mode!r}.",
                               "use 'split' or 'whole'.")
         check_length_bounds(min_tokens, max_tokens)
+        check_piece_tokens(piece_tokens, min_tokens, max_seq_len)
         self.pad_id = int(pad_id)
         self.mode = mode
         self._docs = docs
         self._content_key = content_key
         self._digest: str | None = None
         self._min_tokens, self._max_tokens = min_tokens, max_tokens
+        self._piece_tokens = None if piece_tokens is None else int(piece_tokens)
         self._max_seq_len = int(max_seq_len)
         lengths = np.diff(docs.offsets)
         keep = lengths >= max(min_tokens, 1)
         if max_tokens is not None:
             keep &= lengths <= max_tokens
         kept = np.flatnonzero(keep)
+        starts = docs.offsets[:-1][kept]
         kept_lengths = lengths[kept]
-        self._phys_starts = docs.offsets[:-1][kept]  # where each kept document lies on disk
-        self._virt_offsets = np.zeros(len(kept) + 1, dtype=np.int64)  # in the concatenation
+        pieces_dropped = tokens_dropped = 0
+        if self._piece_tokens is not None:
+            starts, kept_lengths, pieces_dropped, tokens_dropped = _cut_into_pieces(
+                starts, kept_lengths, self._piece_tokens, max(int(min_tokens), 1))
+        self._phys_starts = starts  # where each kept document (or piece) lies on disk
+        self._virt_offsets = np.zeros(len(starts) + 1, dtype=np.int64)  # in the concatenation
         np.cumsum(kept_lengths, out=self._virt_offsets[1:])
         self.filter_stats = LengthFilterStats(
             documents_total=docs.num_documents, documents_kept=len(kept),
             tokens_total=docs.num_tokens, tokens_kept=int(self._virt_offsets[-1]),
             longest=int(lengths.max()) if len(lengths) else 0, min_tokens=int(min_tokens),
-            max_tokens=None if max_tokens is None else int(max_tokens))
+            max_tokens=None if max_tokens is None else int(max_tokens),
+            tokens_filtered_out=int(lengths[~keep].sum()), piece_tokens=self._piece_tokens,
+            pieces_kept=len(starts) if self._piece_tokens is not None else 0,
+            pieces_dropped=pieces_dropped, tokens_dropped_in_pieces=tokens_dropped)
+        self.filter_stats.check()
         if mode == "split":
             self._plan = None
             num_packs, cuts_inside = self._count_split_packs()
@@ -291,7 +343,7 @@ class StreamingPackedSequences:
                 raise AssertionError("whole packing plan lost tokens")
             tokens_out = self._whole_plan_tokens()
         self._num_packs = num_packs
-        self.stats = PackingStats(documents=len(kept), tokens_in=int(self._virt_offsets[-1]),
+        self.stats = PackingStats(documents=len(starts), tokens_in=int(self._virt_offsets[-1]),
                                   tokens_out=tokens_out,
                                   pad_tokens=num_packs * self._max_seq_len - tokens_out,
                                   packs=num_packs, documents_split=cuts_inside,
@@ -300,8 +352,8 @@ class StreamingPackedSequences:
 
     def content_digest(self) -> str:
         """A sha256 that changes whenever the packs' tokens may have: over the documents'
-        content key (else their tokens and offsets, read once) and the length filter and
-        packing that select and lay them out. What a resumed run checks its data against (see
+        content key (else their tokens and offsets, read once) and the length filter, pieces
+        and packing that select and lay them out. What a resumed run checks its data against (see
         :meth:`~acadlm_plugins.data.mixture.PackedDomainCorpus.content_digests`)."""
         if self._digest is None:
             digest = hashlib.sha256()
@@ -316,6 +368,8 @@ class StreamingPackedSequences:
                                                        dtype=TOKEN_DTYPE).data)
             digest.update(f"|{self.mode}|{self._max_seq_len}|{self._min_tokens}|"
                           f"{self._max_tokens}".encode())
+            if self._piece_tokens is not None:  # absent: the digests of earlier runs hold
+                digest.update(f"|pieces {self._piece_tokens}".encode())
             self._digest = digest.hexdigest()
         return self._digest
 
@@ -445,6 +499,59 @@ def check_length_bounds(min_tokens: int, max_tokens: int | None, *,
                           f"got {max_tokens!r}.", "raise it, or leave it out for no upper bound.")
 
 
+def check_piece_tokens(piece_tokens: int | None, min_tokens: int,
+                       max_seq_len: int | None = None, *, field: str = "") -> None:
+    """Raise :class:`ConfigError` (naming ``<field>.piece_tokens``) unless ``piece_tokens`` is
+    None or an integer with ``max(min_tokens, 1) <= piece_tokens <= max_seq_len``.
+
+    Below ``min_tokens`` every piece would be dropped as too short; above the sequence length a
+    piece would be cut again by packing, so it would no longer be one document of a sequence.
+    ``max_seq_len=None`` (not known yet, as when a plan reads an unresolved config) skips the
+    upper bound.
+    """
+    if piece_tokens is None:
+        return
+    key = f"{field}.piece_tokens" if field else "piece_tokens"
+    if isinstance(piece_tokens, bool) or not isinstance(piece_tokens, (int, np.integer)) \
+            or piece_tokens < 1:
+        raise ConfigError(key, f"must be a positive integer (tokens per piece), got "
+                          f"{piece_tokens!r}.", "e.g. `piece_tokens: 65536`, or leave it out to "
+                          "pack whole documents.")
+    if piece_tokens < min_tokens:
+        raise ConfigError(key, f"is {piece_tokens:,}, below min_tokens ({min_tokens:,}): every "
+                          "piece would be shorter than min_tokens and dropped.",
+                          "set piece_tokens >= min_tokens (ProLong: both 65536).")
+    if max_seq_len is not None and piece_tokens > max_seq_len:
+        raise ConfigError(key, f"is {piece_tokens:,}, longer than a sequence ({max_seq_len:,} "
+                          "tokens): packing would cut the pieces again.",
+                          f"set piece_tokens <= {max_seq_len}, or leave it out to pack whole "
+                          "documents.")
+
+
+def _cut_into_pieces(starts: np.ndarray, lengths: np.ndarray, piece_tokens: int,
+                     shortest: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Documents at ``starts`` of ``lengths`` cut into consecutive pieces of ``piece_tokens``.
+
+    A last piece shorter than ``shortest`` is dropped. Returns the pieces' starts and lengths
+    (in order, document by document), the number of dropped pieces and their tokens. Memory:
+    a few int64 per piece.
+    """
+    full = lengths // piece_tokens
+    rest = lengths - full * piece_tokens
+    keep_rest = rest >= shortest  # shortest >= 1, so an empty rest is never a piece
+    dropped = (rest > 0) & ~keep_rest
+    counts = full + keep_rest
+    total = int(counts.sum())
+    document = np.repeat(np.arange(len(lengths)), counts)
+    first = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(counts[:-1], out=first[1:])
+    within = (np.arange(total, dtype=np.int64) - first[document]) * piece_tokens
+    piece_starts = starts[document] + within
+    piece_lengths = np.minimum(piece_tokens, lengths[document] - within)
+    return (piece_starts.astype(np.int64), piece_lengths.astype(np.int64),
+            int(dropped.sum()), int(rest[dropped].sum()))
+
+
 def _plan_whole_packs(lengths: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, ...]:
     """Greedy ``whole`` packing of documents of ``lengths``, in order, in one pass.
 
@@ -486,5 +593,5 @@ def _plan_whole_packs(lengths: np.ndarray, max_seq_len: int) -> tuple[np.ndarray
 
 
 __all__ = ["LengthFilterStats", "StreamingPackedSequences", "check_length_bounds",
-           "open_token_store", "store_content_key", "stream_token_store", "stream_tokenize",
+           "check_piece_tokens", "open_token_store", "store_content_key", "stream_token_store", "stream_tokenize",
            "token_store_is_complete", "write_token_store"]
