@@ -651,6 +651,33 @@ def test_too_long_context_is_an_error_naming_the_task(model_dir):
         _instances("loglikelihood_rolling", [(long_text,)]), disable_tqdm=True)[0])
 
 
+@pytest.mark.parametrize(("family_name", "changes"), [
+    ("mistral", {"sliding_window": 16}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0,
+               "layer_types": ["sliding_attention"] * 2}),
+])
+def test_a_context_longer_than_a_sliding_window_names_max_length(tmp_path, family_name,
+                                                                 changes):
+    """A sliding window shorter than the context is refused (the decoder attends over the
+    whole prefix); the fix names what an lm-eval user changes, `--model_args max_length`,
+    not the recipes' `max_seq_len`. Within the window the model loads."""
+    from family_checkpoints import write_family, write_family_tokenizer
+
+    folder = write_family(family_name, tmp_path / "model", vocab_size=512, num_hidden_layers=2)
+    write_family_tokenizer(family_name, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for max_length in (64, None):  # given, and left to max_position_embeddings
+        with pytest.raises(ConfigError) as refused:
+            AcadLM(pretrained=str(folder), max_length=max_length)
+        message = str(refused.value)
+        assert refused.value.key == "--model_args max_length", message
+        assert "`--model_args max_length=16`" in message and "max_seq_len" not in message
+        assert "sliding_window" in message and str(folder / "config.json") in message
+    assert AcadLM(pretrained=str(folder), max_length=16).max_length == 16
+
+
 def test_generation_is_capped_at_the_room_left(model_dir, monkeypatch):
     lm = AcadLM(pretrained=str(model_dir), max_length=32)
     prompt = "the dog and the cat were in the house"

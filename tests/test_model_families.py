@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from family_checkpoints import (
     TOLERANCE,
     VOCAB,
     randomize,
+    use_hub_rope_keys,
 )
 from family_checkpoints import tokens as _tokens
 from family_checkpoints import transformers_logits as _transformers_logits
@@ -234,6 +236,9 @@ MALFORMED = [
     ("llama3 original length a float", "llama3.2", {"rope_parameters": {
         **LLAMA3_BLOCK, "original_max_position_embeddings": 8192.5}},
      "rope_parameters.original_max_position_embeddings"),
+    # transformers reads the top-level key before the block's, and fails on null
+    ("llama3 top-level original length null", "llama3.2",
+     {"original_max_position_embeddings": None}, "original_max_position_embeddings"),
     ("rope_theta a string", "llama2", {"rope_parameters": {"rope_type": "default",
                                                            "rope_theta": "1e5x"}},
      "rope_parameters.rope_theta"),
@@ -377,26 +382,44 @@ def test_configs_transformers_runs_as_full_attention_silu_models_load(tmp_path, 
     assert diff < TOLERANCE, (case, diff)
 
 
+def _save_weights(state: dict[str, torch.Tensor], folder: Path, weights: str) -> None:
+    """``state`` as the folder's only weights file: ``model.safetensors`` or, as older
+    checkpoints ship it, a pickled ``pytorch_model.bin``."""
+    from safetensors.torch import save_file
+
+    for old in (*folder.glob("*.safetensors"), *folder.glob("*.bin")):
+        old.unlink()
+    if weights == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
 @pytest.mark.parametrize("family_name", ["llama3.2", "qwen2"])
-def test_a_tied_config_with_a_different_trained_head_is_refused(tmp_path, family_name):
+def test_a_tied_config_with_a_different_trained_head_is_refused(tmp_path, family_name,
+                                                                weights):
     """transformers does not tie an lm_head.weight that differs from the embedding (it uses
-    the head as saved): dropping it to tie would compute another model."""
-    folder = _write_family(family_name, tmp_path / "model")
+    the head as saved): dropping it to tie would compute another model. The same in a
+    ``pytorch_model.bin`` as in safetensors, for Qwen2 (whose torchtune conversion drops the
+    head) and Llama (whose loader drops ``output.weight``)."""
+    from safetensors.torch import load_file
+
+    folder = _write_family(family_name, tmp_path / "model", num_hidden_layers=2)
     config = json.loads((folder / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
-    from safetensors.torch import load_file, save_file
-
-    weights_file = next(folder.glob("*.safetensors"))
-    state = load_file(weights_file)
+    state = load_file(next(folder.glob("*.safetensors")))
     embedding = state["model.embed_tokens.weight"]
     state["lm_head.weight"] = embedding.clone()  # an exporter that writes the tied head too
-    save_file(state, weights_file, metadata={"format": "pt"})
+    _save_weights(state, folder, weights)
     spec = hf_model_spec(folder)
     with torch.no_grad():
         diff = (spec.load()(_tokens(32)) - _transformers_logits(folder, _tokens(32))).abs().max()
     assert diff.item() < TOLERANCE
     state["lm_head.weight"] = embedding + 0.5  # a trained head under a tied config
-    save_file(state, weights_file, metadata={"format": "pt"})
+    _save_weights(state, folder, weights)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert torch.equal(reference.lm_head.weight, state["lm_head.weight"])  # used as saved
     with pytest.raises(ConfigError) as refused:
         hf_model_spec(folder).load()
     assert refused.value.key == "tie_word_embeddings" and "Fix:" in str(refused.value)
@@ -452,7 +475,53 @@ def test_new_theta_keeps_llama3_scaling_in_ours_and_in_transformers(tmp_path):
     assert (ours - _transformers_logits(source, tokens)).abs().max() > 1e-2  # θ mattered
 
 
+def test_a_top_level_original_length_wins_over_the_blocks_as_in_transformers(tmp_path):
+    """transformers reads a top-level ``original_max_position_embeddings`` before the llama3
+    block's (``standardize_rope_params``): so do we, and a stage's config.json (and an
+    export's) states the length the model used in both places, so transformers reads it back
+    to the RoPE the model computes."""
+    from acadlm_plugins.long_context_recipe import Stage, write_stage_config
+    from acadlm_plugins.models.rope import write_rope_settings
+
+    source = use_hub_rope_keys(_write_family("llama3.2", tmp_path / "source",
+                                             num_hidden_layers=2))
+    tokens = _tokens(256)
+    plain = _transformers_logits(source, tokens)
+    config = json.loads((source / "config.json").read_text())
+    assert config["rope_scaling"]["original_max_position_embeddings"] == 8192
+    config["original_max_position_embeddings"] = 256  # conflicting with the block's 8192
+    (source / "config.json").write_text(json.dumps(config, indent=2))
+    reference = _transformers_logits(source, tokens)
+    assert (reference - plain).abs().max() > 1e-2  # the top-level value matters to transformers
+    spec = hf_model_spec(source)
+    assert spec.rope.original_max_position_embeddings == 256
+    with torch.no_grad():
+        assert (spec.load()(tokens) - reference).abs().max() < TOLERANCE
+    # a long-context stage at θ 8e6: what it builds, and the config.json it saves
+    stretched = spec.build(max_seq_len=256, rope_base=8e6)
+    stretched.load_state_dict(spec.load().state_dict())
+    saved = tmp_path / "stage"
+    shutil.copytree(source, saved)
+    write_stage_config(saved, Stage(max_seq_len=256, rope_base=8e6, trained_length=131_072,
+                                    source_rope_base=5e5, source_max_positions=131_072,
+                                    token_budget=None, previous_stage=None,
+                                    chunked_loss_tokens=0))
+    written = json.loads((saved / "config.json").read_text())
+    assert written["original_max_position_embeddings"] == 256
+    assert written["rope_scaling"]["original_max_position_embeddings"] == 256
+    hf = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    assert hf.config.rope_parameters["original_max_position_embeddings"] == 256
+    assert hf_model_spec(saved).rope == spec.rope.with_theta(8e6)
+    with torch.no_grad():
+        assert (stretched.eval()(tokens) - hf(tokens).logits).abs().max() < TOLERANCE
+    # a writer given another length (an export's built RoPE) leaves no stale top-level value
+    write_rope_settings(written, replace(spec.rope, original_max_position_embeddings=8192))
+    assert written["original_max_position_embeddings"] == 8192
+    assert written["rope_scaling"]["original_max_position_embeddings"] == 8192
+
+
 @pytest.mark.parametrize("family_name, file", [("llama3.2", "model.safetensors"),
+                                               ("llama3.2", "pytorch_model.bin"),
                                                ("llama2", "model.safetensors"),
                                                ("llama2", "pytorch_model.bin")])
 def test_a_truncated_weights_file_is_named_not_a_deserializer_traceback(tmp_path, family_name,

@@ -326,6 +326,29 @@ def _too_long_error(task: str | None, length: int, limit: int, what: str) -> Con
         "limit only if the model was trained for longer contexts.")
 
 
+def _sliding_window_error(error: ConfigError, model_dir: Path) -> ConfigError | None:
+    """The family layer's refusal of a sliding window shorter than the context
+    (``HFModelSpec.check_sliding_window``, which says to build the model with a shorter
+    ``max_seq_len``) in lm-eval's terms: here the context is ``--model_args max_length``.
+    None for any other error (``load_decoder`` wraps the family layer's errors, a quantized
+    copy's loader does not)."""
+    cause = error if error.key in _WINDOW_FIELDS else error.__cause__
+    if not isinstance(cause, ConfigError) or cause.key not in _WINDOW_FIELDS:
+        return None
+    spec = hf_model_spec(model_dir)
+    _, window = spec.sliding_window
+    problem = cause.problem.removeprefix(f"{spec.config_file}: ")
+    return ConfigError(
+        "--model_args max_length", f"{spec.config_file}: `{cause.key}` {problem}",
+        f"pass `--model_args max_length={window}` (or less) so that no context is longer "
+        "than the window, or set `sliding_window: null` in config.json if the model was "
+        "trained with full attention.")
+
+
+#: config.json fields whose sliding-window refusal a shorter context avoids.
+_WINDOW_FIELDS = ("sliding_window", "use_sliding_window")
+
+
 class _AutoBatches:
     """lm-eval ``Collator`` ``batch_fn`` for ``batch_size=auto:N``.
 
@@ -449,8 +472,14 @@ class AcadLM(TemplateLM):
                                           minimum=1)
         context = config_value(max_length, "--model_args max_length", int, minimum=1,
                                allow_none=True)
-        self.model = load_decoder(self.model_dir, max_seq_len=context, device=self._device,
-                                  dtype=self.dtype)
+        try:
+            self.model = load_decoder(self.model_dir, max_seq_len=context, device=self._device,
+                                      dtype=self.dtype)
+        except ConfigError as error:
+            reworded = _sliding_window_error(error, self.model_dir)
+            if reworded is None:
+                raise
+            raise reworded from error
         self._max_length = int(self.model.max_seq_len)
         if self.tokenizer.vocab_size > self.model.tok_embeddings.num_embeddings:
             raise ConfigError("--model_args tokenizer", f"{tokenizer_dir} has "

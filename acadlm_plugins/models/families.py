@@ -45,8 +45,10 @@ from acadlm_plugins.models.rope import (
     HALF,
     INTERLEAVED,
     LLAMA3_KEYS,
+    TOP_LEVEL_ORIGINAL,
     RopeSettings,
     find_rope_module,
+    original_length_field,
     rope_block,
     rope_layout_of,
     rope_module,
@@ -162,6 +164,12 @@ class HFModelSpec:
         return int(self.config.get("max_position_embeddings") or 8192)
 
     @property
+    def sliding_window(self) -> tuple[str, int | None]:
+        """The config field that turns a sliding window on, and the window in tokens (None:
+        full attention), as transformers reads them (see ``check_sliding_window``)."""
+        return _sliding_window(self.config, self.family)
+
+    @property
     def checkpointer_model_type(self) -> str:
         """``model_type`` for torchtune's ``FullModelHFCheckpointer`` on this folder."""
         return self.family.checkpointer_model_type
@@ -263,7 +271,7 @@ class HFModelSpec:
         """Refuse a sliding-window attention that a sequence of ``max_seq_len`` tokens would
         reach: torchtune's decoder attends over the whole causal prefix. A window at least
         as long as every sequence never binds, so such a config is computed exactly."""
-        field, window = _sliding_window(self.config, self.family)
+        field, window = self.sliding_window
         if window is not None and window < max_seq_len:
             raise _refusal(self.config_file, field, f"asks for sliding-window attention over "
                            f"{window} tokens, shorter than the {max_seq_len} the model is built "
@@ -478,6 +486,13 @@ def _check_values(config: Mapping[str, Any], file: Path) -> None:
                              "set it to the value the model was trained with, as Llama 3.1/3.2 "
                              "configs state it (factor 8 or 32, low_freq_factor 1, "
                              "high_freq_factor 4, original_max_position_embeddings 8192).")
+        original, field = original_length_field(config)
+        if field == TOP_LEVEL_ORIGINAL and not _is_positive_int(original):
+            raise refuse(field, f"is {_shown(original)}, not a positive integer; transformers "
+                         "reads this top-level value before the RoPE block's (and fails on "
+                         "it).", "set it to the length the model was pretrained at (the "
+                         "llama3 scaling's original_max_position_embeddings), or remove the "
+                         f"key to use `{block_key}.original_max_position_embeddings`.")
 
 
 def _family_of(config: Mapping[str, Any], file: Path) -> ModelFamily:
@@ -584,30 +599,40 @@ def check_weights_fit(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                       "intermediate size), or re-export the checkpoint.")
 
 
+_TIED_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def _tied_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The head and embedding tensors that weights file ``name`` holds (either, both or none):
+    a safetensors file is opened for those two only; a ``.bin`` (a pickled state dict) is read
+    as torchtune's checkpointer reads it (``torch.load`` memory-mapped, weights only, on the
+    CPU), so only the pages of the two tensors are touched."""
+    from safetensors import safe_open
+    from torchtune.training.checkpointing._utils import safe_torch_load
+
+    with unreadable_weights_refused(folder, [name]):
+        if name.endswith(".safetensors"):
+            with safe_open(str(folder / name), framework="pt") as handle:
+                return {key: handle.get_tensor(key) for key in handle.keys()  # noqa: SIM118
+                        if key in _TIED_KEYS}
+        state = safe_torch_load(folder / name, weights_only=True, mmap=True)
+    return {key: value for key, value in state.items() if key in _TIED_KEYS}
+
+
 def check_tied_head(folder: Path, files: Sequence[str]) -> None:
     """Refuse a tied config.json whose weights hold an ``lm_head.weight`` that differs from the
     embedding: transformers does not tie such a head (it uses it as saved, with a warning),
-    while tying drops it (torchtune's Qwen2 conversion does so before we see the weights), so
-    the model would load and compute another function. Reads safetensors files only."""
-    from safetensors import safe_open
-
-    where: dict[str, str] = {}
+    while we tie it and drop the saved head (torchtune's Qwen2 conversion drops it before we
+    see the weights; on the Llama/Mistral path ``HFModelSpec.load`` drops ``output.weight``),
+    so the model would load and compute another function. Reads every weights file the
+    checkpointer reads: safetensors and ``pytorch_model*.bin`` alike."""
+    found: dict[str, torch.Tensor] = {}
     for name in files:
-        if name.endswith(".safetensors"):
-            with unreadable_weights_refused(folder, [name]), \
-                    safe_open(str(folder / name), framework="pt") as handle:
-                where.update({key: name for key in handle.keys()  # noqa: SIM118
-                              if key in ("lm_head.weight", "model.embed_tokens.weight")})
-    if "lm_head.weight" not in where or "model.embed_tokens.weight" not in where:
+        found.update(_tied_tensors(folder, name))
+    if not all(key in found for key in _TIED_KEYS):
         return  # nothing to compare (the usual tied checkpoint has no lm_head.weight)
-
-    def read(key: str) -> torch.Tensor:
-        with unreadable_weights_refused(folder, [where[key]]), \
-                safe_open(str(folder / where[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    head, embedding = read("lm_head.weight"), read("model.embed_tokens.weight")
-    if head is not None and embedding is not None and not torch.equal(head, embedding):
+    head, embedding = found["lm_head.weight"], found["model.embed_tokens.weight"]
+    if not torch.equal(head, embedding):
         raise ConfigError(
             "tie_word_embeddings", f"{folder}: config.json ties the output head to the "
             "embedding, but the weights hold a different lm_head.weight (an untied, trained "

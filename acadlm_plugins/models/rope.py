@@ -4,8 +4,10 @@ builds them, in both directions.
 A config states θ (``rope_theta``) and, optionally, a frequency rescaling: older configs in a
 ``rope_scaling`` block, transformers >= 5 in ``rope_parameters`` (which also holds θ). We read
 both the way transformers does (``rope_scaling`` first, θ inside the block before the top-level
-``rope_theta``) into one :class:`RopeSettings`, build the torchtune module of a family's layout
-from it, read it back from a built module, and write it into a config again.
+``rope_theta``, but a top-level ``original_max_position_embeddings`` before the block's) into
+one :class:`RopeSettings`, build the torchtune module of a family's layout from it, read it
+back from a built module, and write it into a config again (every place transformers may read
+a value from, so the file states one RoPE).
 
 Two scalings exist in the families we support: none (``default``) and Llama 3.1's ``llama3``
 (Meta's frequency-dependent scaling: wavelengths above ``original_max_position_embeddings /
@@ -27,6 +29,8 @@ from torchtune.modules import RotaryPositionalEmbeddings
 
 DEFAULT_THETA = 10_000.0
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# The key transformers also reads at the top level of config.json, before the RoPE block's.
+TOP_LEVEL_ORIGINAL = "original_max_position_embeddings"
 # torchtune's two ways of pairing a head's channels for rotation: (0, 1), (2, 3), ... in Meta's
 # Llama code ("interleaved"; HF Llama/Mistral q/k weights are permuted into it on load), and
 # (i, i + head_dim / 2) in HF's rotate_half ("half"; Qwen2, whose weights load unpermuted).
@@ -93,20 +97,37 @@ def config_theta(config: Mapping[str, Any]) -> float:
     return float(block.get("rope_theta") or config.get("rope_theta") or DEFAULT_THETA)
 
 
+def original_length_field(config: Mapping[str, Any]) -> tuple[Any, str]:
+    """The pretraining length a ``llama3`` scaling is stated against, and the dotted field it
+    comes from, picked as transformers picks it (``standardize_rope_params``): a top-level
+    ``original_max_position_embeddings`` wins over the RoPE block's (transformers' exception
+    for Phi-3-style configs, applied to every llama3/yarn/longrope config), the block's over
+    ``max_position_embeddings``. The value is as the file has it (possibly null: unchecked)."""
+    block, key = rope_block(config)
+    if TOP_LEVEL_ORIGINAL in config:
+        return config[TOP_LEVEL_ORIGINAL], TOP_LEVEL_ORIGINAL
+    if TOP_LEVEL_ORIGINAL in block:
+        return block[TOP_LEVEL_ORIGINAL], f"{key}.{TOP_LEVEL_ORIGINAL}"
+    return config.get("max_position_embeddings"), "max_position_embeddings"
+
+
 def rope_settings_from_config(config: Mapping[str, Any]) -> RopeSettings:
     """Read a config's RoPE. The caller has checked that its ``rope_type`` is one it supports
     (``default`` or ``llama3``); a ``llama3`` block lacking a value raises ``KeyError`` with
-    the missing field, as transformers' own validation would."""
+    the missing field, as transformers' own validation would. The original length is read
+    from where transformers reads it (:func:`original_length_field`): reading the block's
+    while transformers uses a conflicting top-level value would compute another model."""
     rope_type, _ = rope_type_field(config)
     theta = config_theta(config)
     if rope_type != "llama3":
         return RopeSettings(theta=theta)
     block, key = rope_block(config)
-    original = block.get("original_max_position_embeddings",
-                         config.get("max_position_embeddings"))
-    missing = [name for name in LLAMA3_KEYS[:3] if name not in block]
+    original, original_field = original_length_field(config)
+    missing = [f"{key}.{name}" for name in LLAMA3_KEYS[:3] if name not in block]
+    if original is None and original_field != TOP_LEVEL_ORIGINAL:
+        original_field = f"{key}.{TOP_LEVEL_ORIGINAL}"  # the block is where it belongs
     if missing or original is None:
-        raise KeyError(f"{key}.{(missing or ['original_max_position_embeddings'])[0]}")
+        raise KeyError((missing or [original_field])[0])
     return RopeSettings(theta=theta, rope_type="llama3", factor=float(block["factor"]),
                         low_freq_factor=float(block["low_freq_factor"]),
                         high_freq_factor=float(block["high_freq_factor"]),
@@ -164,13 +185,18 @@ def rope_settings_of(module: nn.Module) -> RopeSettings:
 def write_rope_settings(config: dict[str, Any], settings: RopeSettings) -> None:
     """State ``settings`` in ``config`` in the config's own style: a ``rope_parameters`` block
     (transformers >= 5) stays one, otherwise ``rope_theta`` plus ``rope_scaling`` (null, or
-    absent as before, when nothing is scaled)."""
+    absent as before, when nothing is scaled). A top-level ``original_max_position_embeddings``
+    that the config already has is set to the scaling's too: transformers reads it before the
+    block's, so leaving it stale would make transformers compute another RoPE than the block
+    (and the model) states."""
     scaling: dict[str, Any] = {}
     if settings.scaled:
         scaling = {"rope_type": settings.rope_type, "factor": settings.factor,
                    "low_freq_factor": settings.low_freq_factor,
                    "high_freq_factor": settings.high_freq_factor,
                    "original_max_position_embeddings": settings.original_max_position_embeddings}
+        if TOP_LEVEL_ORIGINAL in config:
+            config[TOP_LEVEL_ORIGINAL] = settings.original_max_position_embeddings
     if isinstance(config.get("rope_parameters"), dict) and not config.get("rope_scaling"):
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": settings.theta,
                                      **scaling}
