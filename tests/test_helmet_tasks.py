@@ -939,7 +939,55 @@ def test_alce_prompt_file_fields_are_checked(meta: dict[str, Any], tmp_path: Pat
                                               "demo_prompt": "{instruction} {answers}"})
     message = _error(_qampari, {**meta, "qampari_demo_path": str(path)})
     assert "`acadlm_x: qampari_demo_path`" in message and "`demo_prompt`" in message
-    assert "{context}" in message
+    # The refusal names the placeholders it accepts, HELMET's and ALCE's, rather than asking
+    # for "one of ALCE's prompt files" (which it used to refuse).
+    assert "{context}" in message and "{D}" in message and "Give one of" not in message
+    mixed = write_json(tmp_path / "mixed.json", {**PROMPT_FIELDS,
+                                                 "doc_prompt": "Document [{ID}]: {T} {text}"})
+    message = _error(_qampari, {**meta, "qampari_demo_path": str(mixed)})
+    assert "`doc_prompt`" in message and "{title}" in message and "{P}" in message
+
+
+#: A prompt file in the field layout of ALCE's own prompts/*_default.json (its placeholder names
+#: and its doc_prompt ending in a line break), with our own content.
+ALCE_RUN_FIELDS = {
+    **PROMPT_FIELDS, "demo_prompt": "{INST}\n\nQuestion: {Q}\n\n{D}\nAnswer: {A}",
+    "doc_prompt": "Document [{ID}](Title: {T}): {P}\n"}
+
+
+def alce_run_prompt(fields: dict[str, Any], question: str, docs: list[list[str]],
+                    answer: str | None) -> str:
+    """A demonstration (``answer``) or the question (None) as ALCE's run.py writes it
+    (``make_demo`` and ``make_doc_prompt``): placeholders replaced as text, passages joined by
+    nothing, the answer glued to the stripped text before ``{A}``."""
+    prompt = fields["demo_prompt"].replace("{INST}", fields["instruction"]).replace(
+        "{Q}", question)
+    prompt = prompt.replace("{D}", "".join(
+        fields["doc_prompt"].replace("{T}", title).replace("{P}", text).replace("{ID}", str(i))
+        for i, (title, text) in enumerate(docs, start=1)))
+    return prompt.replace("{A}", "").rstrip() + (answer or "")
+
+
+def test_alce_own_prompt_files_render_as_alces_run_does(
+        meta: dict[str, Any], tmp_path: Path, no_corpus: None):
+    """ALCE's prompts/*_default.json name their placeholders {INST}/{Q}/{D}/{A} and
+    {ID}/{T}/{P} and end doc_prompt with a line break, the passages joined by nothing; they
+    were refused (only HELMET's names were accepted). They load, and the prompt (demonstration,
+    then the question with ``Answer:``) is the one ALCE's run.py writes."""
+    path = write_json(tmp_path / "qampari_default.json", ALCE_RUN_FIELDS)
+    helmet.register_entailment_judge("word-judge", word_judge)  # keeps the passages shown
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2, "num_shots": 1,
+                "qampari_demo_path": str(path), "nli_model_path": "word-judge"}
+    demo = PROMPT_FIELDS["demos"][0]
+    head = alce_run_prompt(ALCE_RUN_FIELDS, demo["question"],
+                           [[d["title"], d["text"]] for d in demo["docs"]], demo["answer"])
+    assert head.startswith("Instruction: list the answers and cite.\n\nQuestion: Who built")
+    assert "Ada Quill built the mill.\nDocument [2]" in head
+    assert "mill.\n\nAnswer:Ada Quill [1]" in head  # ALCE glues the answer to "Answer:"
+    for doc in _qampari("acadlm_cite_qampari", settings)["test"]:
+        passages = json.loads(doc["passages"])
+        question = alce_run_prompt(ALCE_RUN_FIELDS, doc["question"], passages, None)
+        assert doc["input"] + doc["gen_prefix"] == head + "\n\n\n" + question
 
 
 def test_cite_reports_citation_metrics_only_with_an_nli_model(meta: dict[str, Any],

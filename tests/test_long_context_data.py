@@ -20,6 +20,7 @@ from tiny_setup import ByteTokenizer, write_tiny_corpus
 from acadlm_plugins.data import streaming
 from acadlm_plugins.data.documents import iter_texts
 from acadlm_plugins.data.long_context import (
+    check_source_settings,
     long_short_mixture,
     mixture_efficiency,
     prolong_stage1_sources,
@@ -173,8 +174,9 @@ def test_pieces_are_masked_apart_and_their_first_token_is_not_a_target():
     assert sample["labels"][4].item() == -100
     stats = packs.filter_stats
     assert (stats.pieces_kept, stats.pieces_dropped, stats.tokens_dropped_in_pieces) == (2, 1, 2)
-    assert "2 pieces of 8 tokens packed, 1 last pieces shorter than 3 tokens dropped (2 tokens)" \
-        in stats.describe()
+    # Token counts are totals: "2 pieces of 8 tokens" read as 8 tokens a piece (they have 4).
+    assert "pieces of 4 tokens: 2 pieces packed (8 tokens), 1 last pieces shorter than 3 " \
+        "tokens dropped (2 tokens)" in stats.describe()
     # without min_tokens the short last piece is kept: nothing is dropped
     kept = StreamingPackedSequences(TokenizedDocuments.from_lists([doc]), 8, PAD, piece_tokens=4)
     assert [kept.pack(i)[1].tolist() for i in range(len(kept))] == [[4, 4], [2, 6]]
@@ -196,6 +198,34 @@ def test_bad_piece_tokens_name_the_source_and_key(piece_tokens, match):
         StreamingPackedSequences(TokenizedDocuments.from_lists([[5] * 9]), 64, PAD,
                                  min_tokens=5, piece_tokens=piece_tokens)
     assert err.value.key == "piece_tokens"
+
+
+def test_min_tokens_longer_than_a_sequence_with_pieces_names_min_tokens():
+    """With pieces, min_tokens over the sequence length leaves no piece_tokens that fits both
+    bounds: the error names min_tokens and says to lower it. (It used to name piece_tokens and
+    say to raise it to min_tokens, whose next error said to lower it below the sequence
+    length: a loop.)"""
+    spec = {"data_files": "x.jsonl", "share": 1.0, "min_tokens": 100, "piece_tokens": 8}
+    for piece_tokens in (8, 100):  # below min_tokens; at min_tokens but over a sequence
+        with pytest.raises(ConfigError, match=r"is 100, longer than a sequence \(64 tokens\).*"
+                           r"Fix: lower min_tokens to at most 64") as err:
+            long_short_mixture(ByteTokenizer(), sources={"long": {
+                **spec, "piece_tokens": piece_tokens}}, max_seq_len=64)
+        assert err.value.key == "dataset.sources.long.min_tokens"
+        with pytest.raises(ConfigError, match="lower min_tokens") as err:
+            StreamingPackedSequences(TokenizedDocuments.from_lists([[5] * 9]), 64, PAD,
+                                     min_tokens=100, piece_tokens=piece_tokens)
+        assert err.value.key == "min_tokens"
+    # Following that advice (and then the piece_tokens one) ends in a valid source.
+    with pytest.raises(ConfigError, match="set piece_tokens >= min_tokens") as err:
+        long_short_mixture(ByteTokenizer(), sources={"long": {**spec, "min_tokens": 64}},
+                           max_seq_len=64)
+    assert err.value.key == "dataset.sources.long.piece_tokens"
+    check_source_settings({"long": {**spec, "min_tokens": 64, "piece_tokens": 64}}, "text",
+                          "dataset", 64)
+    # Without pieces, documents longer than a sequence are packed across sequences: allowed.
+    check_source_settings({"long": {"data_files": "x.jsonl", "share": 1.0,
+                                    "min_tokens": 100}}, "text", "dataset", 64)
 
 
 def test_a_piece_source_logs_what_it_dropped(corpus, caplog):

@@ -427,7 +427,10 @@ def test_unknown_key_is_refused_naming_it(tmp_path: Path):
     ("dataset.sources.books_64k.max_token=65536", "dataset.sources.books_64k"),  # misspelt
     ("dataset.sources.books_64k.share=-0.3", "dataset.sources.books_64k.share"),
     ("dataset.sources.books_512k.max_tokens=1000", "dataset.sources.books_512k.max_tokens"),
-    ("dataset.sources.books_64k.min_tokens=9000000", "dataset.sources.books_64k.piece_tokens"),
+    # Longer than the 512K sequences, with pieces: no piece_tokens fits, so min_tokens is named.
+    ("dataset.sources.books_64k.min_tokens=9000000", "dataset.sources.books_64k.min_tokens"),
+    ("dataset.sources.books_64k.min_tokens=100000",  # pieces of 64K would all be dropped
+     "dataset.sources.books_64k.piece_tokens"),
     ("dataset.sources.books_64k.piece_tokens=1048576",  # longer than the 512K sequences
      "dataset.sources.books_64k.piece_tokens"),
     ("dataset.sources.books_64k.piece_tokens=0", "dataset.sources.books_64k.piece_tokens"),

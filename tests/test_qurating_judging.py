@@ -30,6 +30,7 @@ from acadlm_plugins.qurating.judges import (
     RateLimiter,
 )
 from acadlm_plugins.qurating.judging import (
+    EXCERPT_RULE,
     OutputFiles,
     format_summary,
     judge_pairs,
@@ -495,6 +496,52 @@ def test_resuming_with_other_criteria_or_pairs_is_refused(serve, tmp_path,
     other = [Pair("other", p.a, p.b) for p in make_pairs(SIX_PAIRS[:1])]
     with pytest.raises(ConfigError, match="2 pairs that are not in this run's sample of 1"):
         judge_pairs(other, test_criterion, http_judge(server), output)
+
+
+def test_pairs_of_an_earlier_excerpt_rule_are_refused_naming_the_rule_not_only_settings(
+        serve, tmp_path, test_criterion) -> None:
+    """A file judged before excerpts followed QuRating's rule (2026-12-06) holds pairs the same
+    settings no longer sample. Its summary lacks ``excerpt_rule``, so the refusal names that
+    cause, whose fix is a new output_dir (restoring settings cannot help); a file of this
+    version records the rule, and its refusal names the settings only."""
+    server = serve(quality_judge())
+    output = tmp_path / "judgments.jsonl"
+    files = OutputFiles.for_judgments(output)
+    judge_pairs(make_pairs(SIX_PAIRS[:2]), test_criterion, http_judge(server), output)
+    assert json.loads(files.summary.read_text())["excerpt_rule"] == EXCERPT_RULE
+    other = [Pair("other", p.a, p.b) for p in make_pairs(SIX_PAIRS[:1])]
+    with pytest.raises(ConfigError) as caught:
+        judge_pairs(other, test_criterion, http_judge(server), output)
+    message = str(caught.value)
+    assert "2 pairs that are not in this run's sample of 1" in message
+    assert "seed" in message and "Fix: restore those settings to resume" in message
+    assert "2026-12-06" not in message
+
+    summary = json.loads(files.summary.read_text())
+    del summary["excerpt_rule"]  # as a version before the rule wrote it
+    files.summary.write_text(json.dumps(summary))
+    for _ in range(2):
+        with pytest.raises(ConfigError) as caught:
+            judge_pairs(other, test_criterion, http_judge(server), output)
+        message = str(caught.value)
+        assert "2 pairs that are not in this run's sample of 1" in message
+        assert "records no `excerpt_rule`" in message and "2026-12-06" in message
+        assert "QuRating's rule" in message and "seed" in message  # both causes
+        assert re.search(r"Fix: pairs of another excerpt rule cannot be resumed: write to a "
+                         r"new `output_dir`, or delete judgments.jsonl", message)
+        files.summary.unlink(missing_ok=True)  # and without any summary
+    summary["excerpt_rule"] = "another-rule"
+    files.summary.write_text(json.dumps(summary))
+    with pytest.raises(ConfigError, match=r"records excerpt rule 'another-rule', this version "
+                       rf"samples by '{EXCERPT_RULE}'"):
+        judge_pairs(other, test_criterion, http_judge(server), output)
+    assert len(server.requests) == 4  # two pairs, two orders, once
+
+    # An old file whose pairs this rule samples too resumes, and records the rule.
+    del summary["excerpt_rule"]
+    files.summary.write_text(json.dumps(summary))
+    judge_pairs(make_pairs(SIX_PAIRS[:3]), test_criterion, http_judge(server), output)
+    assert json.loads(files.summary.read_text())["excerpt_rule"] == EXCERPT_RULE
 
 
 def test_resuming_with_another_judge_prompt_or_min_answer_mass_is_refused(

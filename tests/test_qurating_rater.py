@@ -483,11 +483,13 @@ def unseen_scores(rater_dir: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
     return scores, np.array(quality), rater.info.criteria
 
 
-def initial_heldout_metrics(model_dir: Path, judgments: Path, *, seed: int = 0
+def initial_heldout_metrics(model_dir: Path, judgments: Path, *, seed: int = 0,
+                            heads: torch.Tensor | None = None
                             ) -> tuple[dict[str, float], dict[str, float]]:
     """Held-out accuracy and loss per criterion of the rater the tiny config starts from: the
     backbone with heads drawn from normal(0, initializer_range) by a generator seeded with
-    the run's ``seed``, scored in eval batches of 64 as the recipe scores them."""
+    the run's ``seed`` (or set to ``heads``), scored in eval batches of 64 as the recipe scores
+    them."""
     from acadlm_plugins.qurating.rater import head_init_std, pairwise_correct, split_scores
 
     tokenizer = RaterTokenizer(model_dir)
@@ -497,6 +499,9 @@ def initial_heldout_metrics(model_dir: Path, judgments: Path, *, seed: int = 0
                              max_seq_len=65)
     model = RaterModel(backbone, data.criteria, "last", init_std=head_init_std(model_dir),
                        generator=torch.Generator().manual_seed(seed)).eval()
+    if heads is not None:
+        with torch.no_grad():
+            model.heads.weight.copy_(heads)
     sums = torch.zeros(3, len(data.criteria), dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, len(data.heldout_indices), 64):
@@ -550,6 +555,34 @@ def test_a_rater_trained_on_synthetic_judgments_recovers_the_hidden_ranking(trai
           f"educational_value {educational:.3f}, writing_style {style:.3f}")
     assert educational > 0.9
     assert style < -0.9, "the second head learned the opposite preference"
+
+
+def test_the_recipe_draws_the_heads_with_its_seed_and_the_backbones_initializer_range(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The recipe builds its rater with heads drawn from normal(0, initializer_range of the
+    backbone's config.json) by a generator seeded with the run's ``seed``. With seed 0 and
+    0.02 (the tiny config's and the tiny backbone's) that is also RaterModel's default, so
+    this run sets neither: the heads it starts from, kept as they are by a learning rate of
+    0 and exported, are the draw of seed 5 at std 0.07, and so are its before-training
+    held-out metrics."""
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "initializer_range": 0.07}))
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_texts=60,
+                                          num_pairs=120)
+    summary = run_in_process(monkeypatch, rater_args(
+        tmp_path, folder, judgments, "seed=5", "max_steps=1", "batch_size=4",
+        "optimizer.lr=0.0", "head_lr=null", "eval_every_n_steps=1", "save_every_n_steps=1"))
+    heads = normal_draw((2, 64), 0.07, 5)
+    exported = torch.load(tmp_path / "run" / "rater" / "rater_heads.pt", weights_only=True)
+    assert torch.equal(exported["weight"], heads)
+    accuracy, loss = initial_heldout_metrics(folder, judgments, heads=heads)
+    assert summary["heldout_accuracy_before"] == accuracy
+    assert summary["heldout_loss_before"] == pytest.approx(loss, rel=1e-6)
+    # RaterModel's defaults (seed 0, std 0.02) would have started elsewhere.
+    _, default_loss = initial_heldout_metrics(folder, judgments,
+                                              heads=normal_draw((2, 64), 0.02, 0))
+    assert summary["heldout_loss_before"] != pytest.approx(default_loss, rel=1e-6)
 
 
 @pytest.mark.distributed

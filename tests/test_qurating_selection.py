@@ -309,9 +309,19 @@ def test_select_reads_and_hashes_the_ids_once_and_matches_the_row_by_row_referen
     np.testing.assert_array_equal(kept.rows, again.rows)
     by_ids = plans_for(folder, [sampling(seed, tau)], budget)[0]  # scanned without unique_ids
     np.testing.assert_array_equal(kept.rows, by_ids.rows)
-    # Shards that lose a document between the passes are refused, not misaligned.
-    stats.id_hashes = scan_corpus(shards, [], [], batch_size=100, unique_ids=True).id_hashes[1:]
-    with pytest.raises(DataError, match="changed during the selection"):
+    # Shards that gain a document between the passes (pass 1 counted one fewer) are refused as
+    # soon as a batch holds more documents than pass 1 counted, not misaligned.
+    first_pass = scan_corpus(shards, [], [], batch_size=100, unique_ids=True).id_hashes
+    assert first_pass is not None
+    stats.id_hashes = first_pass[1:]
+    with pytest.raises(DataError, match="more documents with tokens than pass 1 counted"):
+        plan_selections(shards, stats, [sampling(seed, tau)], budget, batch_size=333)
+    # Shards that lose a document (pass 1 counted one more) are refused once every batch is
+    # read: the hashes pass 2 used fall short of pass 1's count.
+    stats.id_hashes = np.concatenate([first_pass, np.array([7], dtype=first_pass.dtype)])
+    lost = rf"hold {first_pass.size:,} documents with tokens, pass 1 counted " \
+        rf"{first_pass.size + 1:,}: they changed during the selection"
+    with pytest.raises(DataError, match=lost):
         plan_selections(shards, stats, [sampling(seed, tau)], budget, batch_size=333)
 
 

@@ -246,6 +246,8 @@ class LengthFilterStats:
                                  "acadlm_plugins.data.")
 
     def describe(self, name: str = "") -> str:
+        """One log line: what the length filter kept and, with pieces, how many pieces were
+        packed and dropped, each count followed by its tokens in all (never per piece)."""
         prefix = f"[{name}] " if name else ""
         bounds = f">= {self.min_tokens}" + (f" and <= {self.max_tokens}"
                                              if self.max_tokens is not None else "")
@@ -257,8 +259,8 @@ class LengthFilterStats:
         return (f"{prefix}length filter ({bounds} tokens) kept {self.documents_kept} of "
                 f"{self.documents_total} documents, {kept_documents_tokens:,} of "
                 f"{self.tokens_total:,} tokens (longest document: {self.longest:,} tokens); cut "
-                f"into pieces of {self.piece_tokens:,} tokens: {self.pieces_kept} pieces of "
-                f"{self.tokens_kept:,} tokens packed, {self.pieces_dropped} last pieces shorter "
+                f"into pieces of {self.piece_tokens:,} tokens: {self.pieces_kept} pieces packed "
+                f"({self.tokens_kept:,} tokens), {self.pieces_dropped} last pieces shorter "
                 f"than {max(self.min_tokens, 1):,} tokens dropped "
                 f"({self.tokens_dropped_in_pieces:,} tokens)")
 
@@ -506,8 +508,10 @@ def check_piece_tokens(piece_tokens: int | None, min_tokens: int,
 
     Below ``min_tokens`` every piece would be dropped as too short; above the sequence length a
     piece would be cut again by packing, so it would no longer be one document of a sequence.
-    ``max_seq_len=None`` (not known yet, as when a plan reads an unresolved config) skips the
-    upper bound.
+    So with pieces ``min_tokens`` itself must fit a sequence: when it does not, the error names
+    ``<field>.min_tokens`` (no ``piece_tokens`` could satisfy both bounds, and advice about
+    ``piece_tokens`` would send the user from one bound to the other). ``max_seq_len=None``
+    (not known yet, as when a plan reads an unresolved config) skips the upper bounds.
     """
     if piece_tokens is None:
         return
@@ -517,10 +521,19 @@ def check_piece_tokens(piece_tokens: int | None, min_tokens: int,
         raise ConfigError(key, f"must be a positive integer (tokens per piece), got "
                           f"{piece_tokens!r}.", "e.g. `piece_tokens: 65536`, or leave it out to "
                           "pack whole documents.")
+    if max_seq_len is not None and min_tokens > max_seq_len:
+        raise ConfigError(f"{field}.min_tokens" if field else "min_tokens",
+                          f"is {min_tokens:,}, longer than a sequence ({max_seq_len:,} tokens), "
+                          "with piece_tokens set: a piece is at most a sequence long, so every "
+                          "piece would be shorter than min_tokens and dropped.",
+                          f"lower min_tokens to at most {max_seq_len} (ProLong: min_tokens and "
+                          "piece_tokens both 65536), or leave piece_tokens out to pack whole "
+                          "documents.")
     if piece_tokens < min_tokens:
         raise ConfigError(key, f"is {piece_tokens:,}, below min_tokens ({min_tokens:,}): every "
                           "piece would be shorter than min_tokens and dropped.",
-                          "set piece_tokens >= min_tokens (ProLong: both 65536).")
+                          "set piece_tokens >= min_tokens, or lower min_tokens, both at most "
+                          "the sequence length (ProLong: both 65536).")
     if max_seq_len is not None and piece_tokens > max_seq_len:
         raise ConfigError(key, f"is {piece_tokens:,}, longer than a sequence ({max_seq_len:,} "
                           "tokens): packing would cut the pieces again.",

@@ -59,6 +59,7 @@ import logging
 import math
 import random
 import re
+import string
 import tokenize
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -1597,7 +1598,8 @@ class AlceLayout:
     """How ALCE's prompt files lay out demonstrations and passages, field by field:
     ``demo_prompt`` is one answered demonstration (``{instruction}``, ``{question}``,
     ``{context}``: its passages, ``{answer}``), ``doc_prompt`` one passage (``{ID}``: its number
-    from 1, ``{title}``, ``{text}``), ``demo_sep`` what follows each demonstration.
+    from 1, ``{title}``, ``{text}``), ``demo_sep`` what follows each demonstration. The templates
+    are held in these names (HELMET's); :func:`alce_layout` renames ALCE's own.
 
     HELMET's ``load_alce`` fills demonstrations from the prompt file's ``demo_prompt`` and
     every passage (the demonstrations' and the question's) from its ``doc_prompt``; the files
@@ -1606,11 +1608,21 @@ class AlceLayout:
     the file lacks and for demonstrations drawn from the data. HELMET joins the
     demonstrations with two blank lines, the ``demo_sep`` of both of its files; ALCE reads
     ``demo_sep``, and so do we.
+
+    A file written for ALCE's own ``run.py`` (its ``prompts/*_default.json``) is rendered as
+    ``run.py`` renders it, which differs from HELMET's ``load_alce`` in two ways, each kept
+    where the file's field uses ALCE's names: ``doc_sep`` is what joins the passages (HELMET
+    puts a blank line between them; ALCE nothing, its ``doc_prompt`` ending in a line break),
+    and ``answer_glued`` puts the answer right after the text before ``{answer}``, stripped of
+    trailing white space (ALCE's ``make_demo``: ``Answer: {A}`` becomes ``Answer:`` and the
+    answer, with no space).
     """
 
     demo_prompt: str
     doc_prompt: str
     demo_sep: str
+    doc_sep: str = "\n\n"
+    answer_glued: bool = False
 
     def passage(self, number: int, passage: Passage) -> str:
         """Passage ``number`` (from 1) in ``doc_prompt``; without a title, without the title
@@ -1621,20 +1633,34 @@ class AlceLayout:
         return template.format(ID=number, title=passage.title, text=passage.text)
 
     def documents(self, passages: Sequence[Passage]) -> str:
-        """``passages`` numbered from 1, a blank line apart (HELMET's and ALCE's join)."""
-        return "\n\n".join(self.passage(i + 1, p) for i, p in enumerate(passages))
+        """``passages`` numbered from 1, joined by ``doc_sep`` (HELMET: a blank line apart)."""
+        return self.doc_sep.join(self.passage(i + 1, p) for i, p in enumerate(passages))
+
+    def question_documents(self, passages: Sequence[Passage]) -> str:
+        """The question's passages for :data:`ALCE_QUESTION`, which puts a blank line before
+        ``Answer:``: :meth:`documents` without the line break ALCE's ``doc_prompt`` ends the last
+        one with, so that the prompt ends with the last passage, one blank line and ``Answer:``,
+        as ALCE's test prompt (``{D}``, a line break, ``Answer:``) does, not two blank lines."""
+        documents = self.documents(passages)
+        return documents.removesuffix("\n") if self.doc_sep == "" else documents
+
+    def demo(self, instruction: str, demo: AlceItem) -> str:
+        """One answered demonstration in ``demo_prompt`` (``answer_glued``: as ALCE's
+        ``make_demo`` writes it)."""
+        fields = {"instruction": instruction, "question": demo.question,
+                  "context": self.documents(demo.docs)}
+        if self.answer_glued:
+            return self.demo_prompt.format(**fields, answer="").rstrip() + demo.answer
+        return self.demo_prompt.format(**fields, answer=demo.answer)
 
     def demo_text(self, instruction: str, demos: Sequence[AlceItem]) -> str:
         """The demonstrations as HELMET lays them out: each a whole answered prompt
         (``demo_prompt``) followed by ``demo_sep``."""
-        return "".join(self.demo_prompt.format(instruction=instruction, question=demo.question,
-                                               context=self.documents(demo.docs),
-                                               answer=demo.answer) + self.demo_sep
-                       for demo in demos)
+        return "".join(self.demo(instruction, demo) + self.demo_sep for demo in demos)
 
 
-#: The layout of HELMET's ``prompts/asqa_revised.json`` (and of ALCE's default prompts): what
-#: demonstrations drawn from the data use, and any field a prompt file leaves out.
+#: The layout of HELMET's ``prompts/asqa_revised.json``: what demonstrations drawn from the data
+#: use, and any field a prompt file leaves out.
 ALCE_LAYOUT = AlceLayout(
     demo_prompt="{instruction}\n\nQuestion: {question}\n\n{context}\n\nAnswer: {answer}",
     doc_prompt="Document [{ID}]" + ALCE_TITLE_CLAUSE + ": {text}", demo_sep="\n\n\n")
@@ -1766,8 +1792,9 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *, task: str) -> AlcePro
     """The instruction, hand-written demonstrations and layout of an ALCE-format prompt file
     (HELMET's ``prompts/asqa_revised.json`` and ``qampari_revised.json``, or ALCE's own
     ``prompts/*_default.json``: ``instruction``, ``demos`` with ``question``, ``answer`` and
-    ``docs``, and :class:`AlceLayout`'s ``demo_prompt``, ``doc_prompt`` and ``demo_sep``),
-    whose answers carry citations as ALCE expects them."""
+    ``docs``, and :class:`AlceLayout`'s ``demo_prompt``, ``doc_prompt`` and ``demo_sep``, the
+    templates in HELMET's placeholder names or ALCE's: :func:`alce_layout`), whose answers carry
+    citations as ALCE expects them."""
     key = dataset.demo_key
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
@@ -1793,33 +1820,72 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *, task: str) -> AlcePro
     return AlcePrompts(instruction, tuple(items), alce_layout(loaded, path, task=task, key=key))
 
 
-#: The placeholders each layout field of a prompt file may use.
-ALCE_LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
-    "demo_prompt": ("instruction", "question", "context", "answer"),
-    "doc_prompt": ("ID", "title", "text"),
-    "demo_sep": (),
+#: The placeholders each template of a prompt file may use: HELMET's names (its
+#: ``prompts/*_revised.json`` and ``load_alce``), or ALCE's (its ``prompts/*_default.json`` and
+#: ``run.py``), each of ALCE's mapped to HELMET's; a template uses one set or the other.
+ALCE_PLACEHOLDERS: dict[str, dict[str, str]] = {
+    "demo_prompt": {"INST": "instruction", "Q": "question", "D": "context", "A": "answer"},
+    "doc_prompt": {"ID": "ID", "T": "title", "P": "text"},
 }
+
+
+def _placeholders(template: str) -> set[str] | None:
+    """The placeholder names of a ``str.format`` template, or None if it is not one."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template)
+                if field is not None}
+    except ValueError:
+        return None
+
+
+def _renamed(template: str, names: Mapping[str, str]) -> str:
+    """``template`` with its placeholders renamed by ``names`` (braces of its text kept)."""
+    parts = []
+    for text, field, spec, conversion in string.Formatter().parse(template):
+        parts.append(text.replace("{", "{{").replace("}", "}}"))
+        if field is not None:
+            parts.append("{" + names[field] + (f"!{conversion}" if conversion else "")
+                         + (f":{spec}" if spec else "") + "}")
+    return "".join(parts)
+
+
+def _placeholder_list(names: Iterable[str]) -> str:
+    return ", ".join("{" + name + "}" for name in names)
 
 
 def alce_layout(loaded: Mapping[str, Any], path: Path, *, task: str, key: str) -> AlceLayout:
     """The :class:`AlceLayout` of a prompt file's fields (:data:`ALCE_LAYOUT`'s for those it
-    lacks), each checked to be a string, the templates using no placeholder but their own
-    (:data:`ALCE_LAYOUT_FIELDS`), so that a wrong file stops before any prompt is built."""
-    fields: dict[str, str] = {}
-    for name, placeholders in ALCE_LAYOUT_FIELDS.items():
+    lacks), each checked to be a string, the templates using either HELMET's placeholders or
+    ALCE's (:data:`ALCE_PLACEHOLDERS`), so that a wrong file stops before any prompt is built.
+    A template in ALCE's names is renamed to HELMET's and rendered as ALCE's ``run.py`` does
+    (:class:`AlceLayout`: passages joined by nothing, the answer glued to ``Answer:``)."""
+    fields: dict[str, Any] = {}
+    for name in ("demo_prompt", "doc_prompt", "demo_sep"):
         value = loaded.get(name, getattr(ALCE_LAYOUT, name))
-        try:
-            # demo_sep is written as it is (never formatted): any text will do.
-            valid = isinstance(value, str) and (not placeholders or value.format(
-                **{field: field for field in placeholders}) is not None)
-        except (KeyError, IndexError, ValueError):
-            valid = False
-        if not valid:
-            allowed = ", ".join("{" + field + "}" for field in placeholders) or "none"
-            raise task_error(task, key, f"{path}: `{name}` must be a string whose placeholders "
-                             f"are among: {allowed}.",
-                             "Give one of ALCE's prompt files (prompts/*.json).")
+        if not isinstance(value, str):
+            raise task_error(task, key, f"{path}: `{name}` must be a string.",
+                             f"Write `{name}` as a JSON string.")
         fields[name] = value
+        alce_names = ALCE_PLACEHOLDERS.get(name)
+        if alce_names is None:
+            continue  # demo_sep is written as it is (never formatted): any text will do.
+        helmet_names = list(alce_names.values())
+        used = _placeholders(value)
+        if used is not None and used <= set(helmet_names):
+            continue
+        if used is not None and used <= set(alce_names):
+            fields[name] = _renamed(value, alce_names)
+            if name == "doc_prompt":
+                fields["doc_sep"] = ""
+            else:
+                fields["answer_glued"] = True
+            continue
+        raise task_error(
+            task, key, f"{path}: `{name}` must be a string whose placeholders are HELMET's "
+            f"({_placeholder_list(helmet_names)}) or ALCE's ({_placeholder_list(alce_names)}), "
+            "one set or the other, with any other brace doubled.",
+            f"Write `{name}` with those placeholders only (HELMET's prompts/*_revised.json use "
+            "the first set, ALCE's prompts/*_default.json the second).")
     return AlceLayout(**fields)
 
 
@@ -1857,7 +1923,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
     def render(taken: Taken) -> str:
         return frame.render(demo_text + ALCE_QUESTION.format(
             instruction=instruction, question=item.question,
-            documents=layout.documents(shown(taken))))
+            documents=layout.question_documents(shown(taken))))
 
     # Passages are shown in retrieval order; to land within 1% of the length, fit_items may
     # exchange the last whole one for a later one (never one of the question's own retrieved

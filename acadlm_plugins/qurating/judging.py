@@ -28,6 +28,13 @@ the key. The device, batch sizes, URL and retry settings are not recorded: they 
 the labels. A file written before ``labelled_by`` existed has no record to compare with: it is
 resumed with a warning, and from then on records that run's values.
 
+The summary also records ``excerpt_rule``, the rule the sampled pairs' excerpts follow
+(:data:`EXCERPT_RULE`). A file whose summary lacks it was written before 2026-12-06, when
+excerpts began to follow QuRating's rule (:mod:`acadlm_plugins.qurating.pairs`): the same
+settings now sample other pairs, so its pairs are refused as not in this run's sample, and the
+error says that this, not a changed setting, is the likely cause (a new ``output_dir`` is the
+fix); with the record, the error names the settings that choose the pairs.
+
 **Failed answers.** An answer that is neither A nor B (see :mod:`acadlm_plugins.qurating.judges`)
 is never turned into a made-up 0.5, which would train the rater towards "no preference". When
 either order of a criterion fails, that criterion is written as ``null`` for the pair and the
@@ -75,6 +82,12 @@ log = logging.getLogger(__name__)
 ORDERS = ("ab", "ba")
 ORDERS_FIELD = "p_b_by_order"  # {criterion: [p_B[A,B], p_B[B,A]]} in each row
 LABELS_FIELD = "labelled_by"  # in the summary: {setting: value} that gave the rows their values
+EXCERPT_RULE_FIELD = "excerpt_rule"  # in the summary: the rule its pairs' excerpts follow
+#: How :func:`acadlm_plugins.qurating.pairs.excerpt_of` cuts excerpts since 2026-12-06
+#: (QuRating's ``extract_excerpt``: a document of at most ``max_tokens`` tokens shown whole,
+#: the start drawn from ``[0, tokens - max_tokens]``). Summaries written before then lack the
+#: field; a rule that samples other pairs from the same settings gets a new value.
+EXCERPT_RULE = "qurating-extract_excerpt-2026-12-06"
 DECIMALS = 6
 
 
@@ -183,12 +196,39 @@ def _check_existing(files: OutputFiles, rows: list[dict[str, Any]],
     done = {row["pair_id"] for row in rows} | {row["pair_id"] for row in rejected}
     stray = done - {pair.pair_id for pair in pairs}
     if stray:
-        raise ConfigError("pairs", f"{files.judgments} holds {len(stray)} pairs that are not in "
-                          f"this run's sample of {len(pairs)} (e.g. {min(stray)}): the "
-                          "corpus, seed, excerpt lengths (max_tokens, min_excerpt_tokens, "
-                          "p_max_tokens), tokenizer or num_pairs changed since it was written.", "restore those settings to resume, or write to a new "
-                          "`output_dir`.")
+        raise _stray_pairs_error(files, len(stray), min(stray), len(pairs))
     return done
+
+
+def _stray_pairs_error(files: OutputFiles, count: int, example: str,
+                       sampled: int) -> ConfigError:
+    """The refusal of a file holding ``count`` pairs not in this run's sample, naming the
+    cause its summary points to: a changed setting when it records this version's excerpt
+    rule; else an excerpt rule of an earlier version (which no setting can bring back), with
+    the settings as the other possible cause."""
+    problem = (f"{files.judgments} holds {count} pairs that are not in this run's sample of "
+               f"{sampled} (e.g. {example})")
+    settings = ("the corpus, seed, excerpt lengths (max_tokens, min_excerpt_tokens, "
+                "p_max_tokens), tokenizer or num_pairs")
+    summary = _read_summary(files)
+    recorded = summary.get(EXCERPT_RULE_FIELD) if summary is not None else None
+    if recorded == EXCERPT_RULE:
+        return ConfigError("pairs", f"{problem}: {settings} changed since it was written.",
+                           "restore those settings to resume, or write to a new `output_dir`.")
+    if recorded is None:
+        version = (f"{files.summary.name} records no `{EXCERPT_RULE_FIELD}`, so an earlier "
+                   "version most likely wrote the file, before excerpts followed QuRating's rule "
+                   "(2026-12-06: a document of at most max_tokens tokens shown whole, the start "
+                   "drawn from [0, tokens - max_tokens]); the same settings now sample other "
+                   "pairs")
+    else:
+        version = (f"{files.summary.name} records excerpt rule {recorded!r}, this version "
+                   f"samples by {EXCERPT_RULE!r}, so the same settings now sample other pairs")
+    return ConfigError(
+        "pairs", f"{problem}. {version}. (Else {settings} changed since it was written.)",
+        "pairs of another excerpt rule cannot be resumed: write to a new `output_dir`, or "
+        f"delete {files.judgments.name} and the files named after it to judge afresh "
+        "(if a setting changed instead, restoring it resumes).")
 
 
 def labelling_settings(judge: Judge, criteria: Sequence[Criterion],
@@ -266,11 +306,13 @@ def _check_and_record_labelling(files: OutputFiles, settings: dict[str, Any],
             log.warning("%s: %s not recorded for the pairs already in it (an older version "
                         "wrote it); this run assumes they match.", files.judgments,
                         ", ".join(new))
-        if recorded == settings:
+        if recorded == settings and previous is not None \
+                and previous.get(EXCERPT_RULE_FIELD) == EXCERPT_RULE:
             return
     record = dict(previous) if previous is not None else {
         "judgments_file": str(files.judgments)}
     record[LABELS_FIELD] = settings
+    record[EXCERPT_RULE_FIELD] = EXCERPT_RULE  # the pairs in the file passed _check_existing
     _write_summary(files, record)
 
 
@@ -436,6 +478,7 @@ def summarize(files: OutputFiles, criteria: Sequence[Criterion], *,
         "prompts_per_s": round(prompts / elapsed_s, 3) if elapsed_s > 0 and prompts else None,
         "requests": judge.stats(),
         **({LABELS_FIELD: labelled_by} if labelled_by is not None else {}),
+        EXCERPT_RULE_FIELD: EXCERPT_RULE,
     }
 
 

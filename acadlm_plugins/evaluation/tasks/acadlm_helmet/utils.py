@@ -6,6 +6,7 @@ lm-eval calls ``custom_dataset`` with the task's metadata (``--metadata`` merged
 ``--model_args``) as keyword arguments.
 """
 
+from functools import partial
 from typing import Any
 
 from acadlm_plugins.evaluation import helmet, helmet_longdoc
@@ -42,19 +43,16 @@ def json_kv(**metadata: Any) -> dict[str, Any]:
     return helmet.json_kv_dataset("acadlm_json_kv", metadata)
 
 
-def helmet_niah_multikey_2(**metadata: Any) -> dict[str, Any]:
-    """Dataset of ``acadlm_helmet_niah_multikey_2`` (RULER's MK2 as HELMET's recall runs it)."""
-    return helmet.helmet_needle_dataset("acadlm_helmet_niah_multikey_2", metadata)
+def helmet_needle(task: str, **metadata: Any) -> dict[str, Any]:
+    """Dataset of ``task``, one of RULER's needle tasks as HELMET's recall runs them
+    (:data:`acadlm_plugins.evaluation.helmet.HELMET_NEEDLE_TASKS`)."""
+    return helmet.helmet_needle_dataset(task, metadata)
 
 
-def helmet_niah_multikey_3(**metadata: Any) -> dict[str, Any]:
-    """Dataset of ``acadlm_helmet_niah_multikey_3`` (RULER's MK3 as HELMET's recall runs it)."""
-    return helmet.helmet_needle_dataset("acadlm_helmet_niah_multikey_3", metadata)
-
-
-def helmet_niah_multivalue(**metadata: Any) -> dict[str, Any]:
-    """Dataset of ``acadlm_helmet_niah_multivalue`` (RULER's MV as HELMET's recall runs it)."""
-    return helmet.helmet_needle_dataset("acadlm_helmet_niah_multivalue", metadata)
+# RULER's MK2, MK3 and MV as HELMET's recall runs them, one entry point per task's YAML.
+helmet_niah_multikey_2 = partial(helmet_needle, "acadlm_helmet_niah_multikey_2")
+helmet_niah_multikey_3 = partial(helmet_needle, "acadlm_helmet_niah_multikey_3")
+helmet_niah_multivalue = partial(helmet_needle, "acadlm_helmet_niah_multivalue")
 
 
 def rag(**metadata: Any) -> dict[str, Any]:
