@@ -39,6 +39,42 @@ def test_huge_excess_does_not_overflow():
     assert np.isfinite(new).all() and new[0] > 0.99
 
 
+# The reviewer's case: four domains, one update from uniform weights with the released code's
+# eta = 1 and c = 1e-4 (dynamic_loading_callback.py hard-codes both).
+CASE_WEIGHTS, CASE_LOSSES = [0.25] * 4, [2.0, 3.1, 2.6, 2.9]
+CASE_REFERENCE = [2.2, 3.0, 2.4, 3.2]
+
+
+def _released_update(weights, losses, reference, eta=1.0, c=1e-4):
+    """LLM-Shearing's ``update_proportion`` ("doremi"), written out: the signed difference,
+    softmax(log w + eta * diff), then (1 - c) * a + c / k, renormalized."""
+    logits = np.log(weights) + eta * (np.asarray(losses) - np.asarray(reference))
+    alpha = np.exp(logits) / np.exp(logits).sum()
+    mixed = (1 - c) * alpha + c / len(weights)
+    return mixed / mixed.sum()
+
+
+def test_signed_excess_is_the_released_codes_update():
+    signed = update_domain_weights(CASE_WEIGHTS, CASE_LOSSES, CASE_REFERENCE, eta=1.0,
+                                   smoothing=1e-4, excess="signed")
+    assert np.allclose(signed, [0.2107, 0.2844, 0.3143, 0.1906], atol=5e-5)
+    assert np.allclose(signed, _released_update(CASE_WEIGHTS, CASE_LOSSES, CASE_REFERENCE))
+    # Below its reference, domain 3 (-0.3) now loses more than domain 0 (-0.2); clamped, the two
+    # are alike.
+    assert signed[3] < signed[0]
+
+
+def test_clamped_excess_is_the_default_and_unchanged():
+    default = update_domain_weights(CASE_WEIGHTS, CASE_LOSSES, CASE_REFERENCE)
+    clamped = update_domain_weights(CASE_WEIGHTS, CASE_LOSSES, CASE_REFERENCE, excess="clamped")
+    alpha = np.array(CASE_WEIGHTS) * np.exp(np.maximum(np.subtract(CASE_LOSSES, CASE_REFERENCE), 0))
+    expected = (1 - 1e-4) * alpha / alpha.sum() + 1e-4 / 4
+    assert np.array_equal(default, clamped) and np.allclose(clamped, expected)
+    assert clamped[0] == pytest.approx(clamped[3])
+    with pytest.raises(ValueError, match="excess"):
+        update_domain_weights(CASE_WEIGHTS, CASE_LOSSES, CASE_REFERENCE, excess="raw")
+
+
 def test_non_finite_losses_are_refused():
     with pytest.raises(ValueError, match="non-finite"):
         update_domain_weights([0.5, 0.5], [float("nan"), 1.0], [1.0, 1.0])
@@ -108,11 +144,52 @@ def test_update_at_start_needs_given_references():
     ({"update_interval": 0}, "dynamic_batch_loading.update_interval"),
     ({"smoothing": 1.5}, "dynamic_batch_loading.smoothing"),
     ({"reference_losses": "scaling_law"}, "dynamic_batch_loading.reference_losses"),
+    ({"excess": "absolute"}, "dynamic_batch_loading.excess"),
+    ({"excess": 1}, "dynamic_batch_loading.excess"),
 ])
 def test_bad_config_names_the_key(block, key):
     with pytest.raises(ConfigError) as err:
         _plugin(**block)
     assert err.value.key == key
+
+
+def test_a_bad_excess_names_the_key_and_both_choices():
+    with pytest.raises(ConfigError) as err:
+        _plugin(excess="Signed")
+    assert err.value.key == "dynamic_batch_loading.excess"
+    assert "clamped" in str(err.value) and "signed" in str(err.value)
+
+
+@pytest.mark.parametrize("excess", [None, "clamped", "signed"])
+def test_the_plugin_hands_its_excess_to_the_update(excess):
+    block = {} if excess is None else {"excess": excess}
+    plugin, cfg = _plugin(update_interval=1, update_at_start=True,
+                          reference_losses=dict(zip("abcd", CASE_REFERENCE)), **block)
+    sampler = DomainBatchSampler(list("abcd"), [4] * 4, np.array(CASE_WEIGHTS), batch_size=2)
+    plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    metrics = plugin.acadlm_evaluation_end(step=0, domain_losses=dict(zip("abcd", CASE_LOSSES)),
+                                           metrics={})
+    mode = excess or "clamped"
+    assert np.allclose(sampler.weights, update_domain_weights(
+        CASE_WEIGHTS, CASE_LOSSES, CASE_REFERENCE, excess=mode))
+    # the logged excess is the one the update used: negative only when signed
+    assert metrics["domain_excess_loss/d"] == pytest.approx(-0.3 if mode == "signed" else 0.0)
+
+
+def test_resuming_with_another_excess_is_refused_naming_it(tmp_path):
+    """The excess form steers every update, so it is part of the identity a checkpoint records
+    and a resumed run must keep (as the reference losses are)."""
+    from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
+    from acadlm_plugins.training.checkpointing import config_mismatch, config_values
+
+    def values(excess: str) -> dict:
+        cfg = OmegaConf.create({"output_dir": str(tmp_path),
+                                "dynamic_batch_loading": {"enabled": True, "excess": excess}})
+        return config_values(cfg, ContinuedPretrainRecipe.resume_must_match)
+
+    assert config_mismatch(values("signed"), values("signed"), tmp_path) is None
+    key, before, now = config_mismatch(values("clamped"), values("signed"), tmp_path)
+    assert (key, before, now) == ("dynamic_batch_loading.excess", "clamped", "signed")
 
 
 def test_reference_scale_turns_the_initial_losses_into_goals():

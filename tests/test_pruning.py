@@ -232,6 +232,55 @@ def test_materialized_model_computes_what_the_masked_model_computes(seed):
     assert (plain - small).abs().max() > 1e-2  # the masks really changed the function
 
 
+def _reference_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float,
+                        hidden_z: torch.Tensor) -> torch.Tensor:
+    """LLM-Shearing's ``LlamaRMSNorm.forward(h, hidden_z)`` (composer_llama.py), written out:
+    the mean square over the channels whose gate is not 0, then weight, then the gate."""
+    kept = torch.nonzero(hidden_z != 0).flatten()
+    variance = h.index_select(-1, kept).float().pow(2).mean(-1, keepdim=True)
+    return (weight * (h * torch.rsqrt(variance + eps))) * hidden_z
+
+
+def test_every_rms_norm_matches_the_references_under_a_sampled_hidden_gate():
+    """Per-layer norms too, not only the final one, multiply their output by the hidden gate:
+    with fractional sampled gates this differs from gating the residual stream alone."""
+    model, masks = _masked_setup(target={"embed_dim": 40})
+    with torch.no_grad():
+        masks.gates["hidden"].log_alpha.normal_(1.0, 2.0)
+        for layer in model.layers:
+            layer.sa_norm.scale.uniform_(0.5, 1.5)
+            layer.mlp_norm.scale.uniform_(0.5, 1.5)
+        model.norm.scale.uniform_(0.5, 1.5)
+    MaskHooks(model, masks)
+    model.train()
+    masks.resample()
+    z = masks.current(training=True)["hidden"].detach()
+    assert ((z > 0) & (z < 1)).any() and (z == 0).any()  # fractional and closed gates both
+    x = torch.randn(2, 8, 64) * z  # a residual stream: its closed channels are 0
+    norms = [model.layers[0].sa_norm, model.layers[0].mlp_norm, model.norm]
+    with torch.no_grad():
+        for norm in norms:
+            expected = _reference_rms_norm(x, norm.scale, norm.eps, z)
+            assert (norm(x) - expected).abs().max() < 1e-5
+
+
+def test_materialization_folds_the_hidden_gate_into_every_norm_scale():
+    """Hidden channels alone, with non-trivial norm scales: the per-layer norms' gate values
+    must be folded into sa_norm/mlp_norm for the small model to compute the masked one."""
+    model, masks = _masked_setup(target={"embed_dim": 40})
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.sa_norm.scale.uniform_(0.5, 1.5)
+            layer.mlp_norm.scale.uniform_(0.5, 1.5)
+    values = masks.deterministic_gates()["hidden"]
+    assert (values[values > 0] < 0.99).any()  # soft values, so folding them matters
+    tokens = torch.randint(0, 512, (2, 24))
+    masked, pruned, _arch = _masked_logits_then_materialize(model, masks, tokens)
+    with torch.no_grad():
+        small = pruned.eval()(tokens)
+    assert (masked - small).abs().max() < 1e-4
+
+
 def test_query_heads_stay_in_their_kv_group():
     _model, masks = _masked_setup(target={"num_heads": 2, "num_kv_heads": 1})
     final = masks.deterministic_gates(masks.target_row_counts())

@@ -9,6 +9,11 @@ loss l_i and reference loss r_i,
 
 so a domain whose loss is above its reference gets more of the next batches, and the
 smoothing c (1e-4 in the paper) keeps every domain alive.
+
+The released code (LLM-Shearing's ``DynamicLoadingCallback.update_proportion``) uses the
+signed difference ``excess_i = l_i - r_i`` instead: a domain already below its reference
+then loses share in proportion to how far below it is, where the paper's clamp treats every
+such domain alike. ``excess="signed"`` selects that; ``"clamped"`` (the paper) is the default.
 """
 
 from __future__ import annotations
@@ -17,22 +22,31 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+#: How the excess loss that drives the update is formed: ``clamped`` = ``max(l - r, 0)``, the
+#: paper's Algorithm 1; ``signed`` = ``l - r``, LLM-Shearing's released callback.
+EXCESS_MODES = ("clamped", "signed")
 
-def excess_losses(losses: Sequence[float], reference: Sequence[float]) -> np.ndarray:
-    """Per-domain ``max(loss - reference, 0)``."""
-    return np.maximum(np.asarray(losses, dtype=np.float64) - np.asarray(reference,
-                                                                         dtype=np.float64), 0.0)
+
+def excess_losses(losses: Sequence[float], reference: Sequence[float],
+                  excess: str = "clamped") -> np.ndarray:
+    """Per-domain ``max(loss - reference, 0)`` (``clamped``) or ``loss - reference``
+    (``signed``): what the update exponentiates."""
+    if excess not in EXCESS_MODES:
+        raise ValueError(f"excess must be one of {EXCESS_MODES}, got {excess!r}")
+    difference = np.asarray(losses, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    return np.maximum(difference, 0.0) if excess == "clamped" else difference
 
 
 def update_domain_weights(weights: Sequence[float], losses: Sequence[float],
                           reference: Sequence[float], *, eta: float = 1.0,
-                          smoothing: float = 1e-4) -> np.ndarray:
-    """One dynamic-batch-loading update of the domain ``weights`` (see the module docstring)."""
+                          smoothing: float = 1e-4, excess: str = "clamped") -> np.ndarray:
+    """One dynamic-batch-loading update of the domain ``weights`` (see the module docstring);
+    ``excess`` is one of :data:`EXCESS_MODES`."""
     weights = np.asarray(weights, dtype=np.float64)
     if not np.all(np.isfinite(losses)):
         raise ValueError(f"non-finite domain losses {list(losses)}: cannot update weights")
     # Exponentiate in log space: a large excess must not overflow.
-    logits = np.log(np.maximum(weights, 1e-300)) + eta * excess_losses(losses, reference)
+    logits = np.log(np.maximum(weights, 1e-300)) + eta * excess_losses(losses, reference, excess)
     logits -= logits.max()
     updated = np.exp(logits)
     updated /= updated.sum()

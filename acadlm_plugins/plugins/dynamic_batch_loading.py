@@ -12,6 +12,8 @@ Config block (all optional but ``enabled``)::
       update_at_start: false       # with given reference losses: also update from the step-0
                                    # evaluation, before the first step (Sheared-LLaMA's
                                    # continued pre-training, eval_first=true)
+      excess: clamped              # max(loss - reference, 0), the paper's Algorithm 1; or
+                                   # `signed`: loss - reference, LLM-Shearing's released code
 
 With ``reference_losses: initial`` the reference is the model's own validation loss before the
 first step, i.e. the source model: domains that it forgets during training are fed more. A
@@ -30,7 +32,12 @@ from typing import Any
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from acadlm_plugins.data.dynamic_batch_loading import excess_losses, ordered, update_domain_weights
+from acadlm_plugins.data.dynamic_batch_loading import (
+    EXCESS_MODES,
+    excess_losses,
+    ordered,
+    update_domain_weights,
+)
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.hookspecs import hookimpl
 from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
@@ -42,7 +49,7 @@ CONFIG_KEY = "dynamic_batch_loading"
 STATE_KEY = "dynamic_batch_loading"
 PLOT_NAME = "domain_weights.png"
 KNOWN_KEYS = {"enabled", "update_interval", "eta", "smoothing", "reference_losses",
-              "reference_scale", "update_at_start"}
+              "reference_scale", "update_at_start", "excess"}
 
 
 class DynamicBatchLoadingPlugin:
@@ -59,6 +66,7 @@ class DynamicBatchLoadingPlugin:
         self.reference_mode = "initial"
         self.reference_scale = 1.0
         self.update_at_start = False
+        self.excess = "clamped"
         self.sampler = None
         self.output_dir: Path | None = None
         self.history: list[dict[str, Any]] = []
@@ -86,6 +94,7 @@ class DynamicBatchLoadingPlugin:
                                             f"{CONFIG_KEY}.reference_scale", float, above=0)
         if not 0 <= self.smoothing < 1:
             raise ConfigError(f"{CONFIG_KEY}.smoothing", "must be in [0, 1).")
+        self.excess = _excess_mode(block.get("excess", "clamped"))
         reference = block.get("reference_losses", "initial")
         if isinstance(reference, str):
             if reference != "initial":
@@ -165,9 +174,10 @@ class DynamicBatchLoadingPlugin:
         updated = (step > 0 or self.update_at_start) and step % self.update_interval == 0
         if updated:
             self.sampler.set_weights(update_domain_weights(
-                weights_before, losses, reference, eta=self.eta, smoothing=self.smoothing))
+                weights_before, losses, reference, eta=self.eta, smoothing=self.smoothing,
+                excess=self.excess))
         weights = self.sampler.weights.tolist()
-        excess = excess_losses(losses, reference).tolist()
+        excess = excess_losses(losses, reference, self.excess).tolist()
         self.history.append({"step": step, "weights": weights, "losses": losses,
                              "reference": reference, "updated": updated})
         out: dict[str, float] = {}
@@ -186,8 +196,8 @@ class DynamicBatchLoadingPlugin:
     def acadlm_load_state_dict(self, states: dict) -> None:
         if not self.enabled or STATE_KEY not in states:
             return
-        # a changed `reference_losses` / `reference_scale` is refused before this, by the
-        # recipe's resume check (both are among the keys a resumed run must keep)
+        # a changed `reference_losses` / `reference_scale` / `excess` is refused before this,
+        # by the recipe's resume check (all are among the keys a resumed run must keep)
         state = states[STATE_KEY]
         self.reference = state["reference"]
         self.history = list(state["history"])
@@ -205,6 +215,18 @@ class DynamicBatchLoadingPlugin:
         summary["domain_weights"] = dict(zip(self.sampler.domain_names,
                                              self.sampler.weights.tolist()))
         summary["domain_weights_plot"] = str(path)
+
+
+def _excess_mode(value: Any) -> str:
+    """``dynamic_batch_loading.excess``, checked: one of :data:`EXCESS_MODES`."""
+    if value is None:
+        return "clamped"
+    if not isinstance(value, str) or value not in EXCESS_MODES:
+        raise ConfigError(f"{CONFIG_KEY}.excess", f"unknown value {value!r}.",
+                          f"use one of {', '.join(EXCESS_MODES)} (`clamped`: max(loss - "
+                          "reference, 0), the paper's; `signed`: loss - reference, the "
+                          "released code's).")
+    return value
 
 
 def _fmt(values: Mapping[str, float]) -> str:

@@ -10,9 +10,11 @@ Mask types (each present only when the target shrinks that dimension):
 
 Where masks act: head gates (times their group's KV gate) scale each head's output before the
 attention output projection; intermediate gates scale the MLP's down-projection input; layer
-and hidden gates scale what each sublayer writes into the residual stream, the embeddings and
-the final norm's output; RMSNorms average over the kept hidden channels only. With gates fixed
-to 0/1-times-soft-values this is exactly the smaller model :mod:`materialize` builds.
+and hidden gates scale what each sublayer writes into the residual stream and the embeddings;
+every RMSNorm (both per-layer norms and the final one) averages over the kept hidden channels
+only and has its output scaled by the hidden gates, as LLM-Shearing's ``LlamaRMSNorm`` does with
+``hidden_z``. With gates fixed to 0/1-times-soft-values this is exactly the smaller model
+:mod:`materialize` builds.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ class MaskHooks:
             hook(layer.mlp.w2.register_forward_pre_hook(self._intermediate_hook(index)))
             hook(layer.sa_scale.register_forward_hook(self._residual_hook(index)))
             hook(layer.mlp_scale.register_forward_hook(self._residual_hook(index)))
-        hook(model.norm.register_forward_hook(self._final_norm))
+        hook(model.norm.register_forward_hook(self._masked_rms_norm))
         masks.hooked_modules = len(self._handles)
 
     def remove(self) -> None:
@@ -304,17 +306,23 @@ class MaskHooks:
         return output if hidden is None else output * hidden.to(output.dtype)
 
     def _masked_rms_norm(self, module, inputs, output):
+        """An RMSNorm under the hidden mask, as LLM-Shearing's ``LlamaRMSNorm(x, hidden_z)``.
+
+        The mean square is taken over the kept channels only: the reference selects them
+        (``index_select`` on ``hidden_z != 0``) before the mean; here the input's dropped
+        channels are exactly 0 (everything written into the residual stream is gated), so the
+        sum over all channels divided by the kept count is the same statistic. The output is
+        then multiplied by the gates, so a channel's soft gate value scales what every sublayer
+        reads, not only what it writes; materialization folds the deterministic value into the
+        norm's scale (see :func:`~acadlm_plugins.pruning.materialize.materialize_units`).
+        """
         hidden = self._gates(module).get("hidden")
         if hidden is None:
             return output
         x = inputs[0].float()
         kept = (hidden > 0).sum().clamp(min=1)
         normed = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / kept + module.eps)
-        return (normed * module.scale.float()).to(output.dtype)
-
-    def _final_norm(self, module, inputs, output):
-        normed = self._masked_rms_norm(module, inputs, output)
-        return self._scale_hidden(module, inputs, normed)
+        return (normed * module.scale.float() * hidden.float()).to(output.dtype)
 
     def _head_hook(self, layer: int):
         def hook(module, inputs):

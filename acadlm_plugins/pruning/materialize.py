@@ -120,8 +120,10 @@ def materialize_units(model: nn.Module, units: KeptUnits, src: Architecture,
         kv_rows = _rows_of_heads(kv, hd)
         residual_scale = (h_val * layer_value)[:, None]
         inter, inter_val = units.intermediate[old], units.intermediate_values[old]
-        new[q + "sa_norm.scale"] = state[p + "sa_norm.scale"][h_idx]
-        new[q + "mlp_norm.scale"] = state[p + "mlp_norm.scale"][h_idx]
+        # The masked per-layer norms multiply their output by the hidden gates: their values
+        # go into the norms' scales (the final norm's go into the output projection above).
+        new[q + "sa_norm.scale"] = state[p + "sa_norm.scale"][h_idx] * h_val
+        new[q + "mlp_norm.scale"] = state[p + "mlp_norm.scale"][h_idx] * h_val
         for name, rows in (("q_proj", head_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
             new[q + f"attn.{name}.weight"] = state[p + f"attn.{name}.weight"][rows][:, h_idx]
             if p + f"attn.{name}.bias" in state:
