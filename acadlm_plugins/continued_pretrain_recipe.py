@@ -101,13 +101,13 @@ REQUIRED_KEYS = ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
 # The run's identity, stored in every checkpoint with the recipe's name and compared on resume:
 # resuming on another model, data or seed would silently mix two runs.
 # The run's identity: a resumed run that changed one of these would silently mix two runs.
-# Dynamic batch loading's reference losses and its excess-loss form steer every domain-weight
-# update.
+# Dynamic batch loading's reference losses steer every domain-weight update (its excess-loss
+# form does too: the plugin checks it on resume as the form in force, an unset value being
+# `clamped`, which a comparison of config text here could not).
 RESUME_MUST_MATCH = ("model", "dataset", "tokenizer", "seed", "checkpointer.checkpoint_dir",
                      "checkpointer.checkpoint_files", "checkpointer.model_type",
                      "dynamic_batch_loading.reference_losses",
-                     "dynamic_batch_loading.reference_scale",
-                     "dynamic_batch_loading.excess")
+                     "dynamic_batch_loading.reference_scale")
 
 
 class ContinuedPretrainRecipe:

@@ -176,20 +176,73 @@ def test_the_plugin_hands_its_excess_to_the_update(excess):
     assert metrics["domain_excess_loss/d"] == pytest.approx(-0.3 if mode == "signed" else 0.0)
 
 
-def test_resuming_with_another_excess_is_refused_naming_it(tmp_path):
-    """The excess form steers every update, so it is part of the identity a checkpoint records
-    and a resumed run must keep (as the reference losses are)."""
+def _resume_excess(tmp_path, saved: dict, resumed: dict, *, before_option: bool = False
+                   ) -> DynamicBatchLoadingPlugin:
+    """Resume a run saved with dynamic batch loading block ``saved`` under block ``resumed``, as
+    the recipe does: its resume check on the recorded config values (``load_resume_state``),
+    then the plugin's state handed back. ``before_option``: the checkpoint is of a version
+    without ``excess`` (neither its config record nor the plugin's state has it)."""
     from acadlm_plugins.continued_pretrain_recipe import ContinuedPretrainRecipe
     from acadlm_plugins.training.checkpointing import config_mismatch, config_values
 
-    def values(excess: str) -> dict:
+    def values(block: dict) -> dict:
         cfg = OmegaConf.create({"output_dir": str(tmp_path),
-                                "dynamic_batch_loading": {"enabled": True, "excess": excess}})
+                                "dynamic_batch_loading": {"enabled": True, **block}})
         return config_values(cfg, ContinuedPretrainRecipe.resume_must_match)
 
-    assert config_mismatch(values("signed"), values("signed"), tmp_path) is None
-    key, before, now = config_mismatch(values("clamped"), values("signed"), tmp_path)
-    assert (key, before, now) == ("dynamic_batch_loading.excess", "clamped", "signed")
+    plugin, cfg = _plugin(update_interval=1, **saved)
+    sampler = DomainBatchSampler(["a", "b"], [4, 4], np.array([0.5, 0.5]), batch_size=2)
+    plugin.acadlm_data_ready(dataset=None, sampler=sampler, cfg=cfg)
+    plugin.acadlm_evaluation_end(step=0, domain_losses={"a": 4.0, "b": 2.0}, metrics={})
+    recorded, state = values(saved), plugin.acadlm_state_dict()
+    if before_option:
+        recorded.pop("dynamic_batch_loading.excess", None)
+        state["dynamic_batch_loading"].pop("excess", None)
+    difference = config_mismatch(recorded, values(resumed), tmp_path)
+    if difference is not None:  # as load_resume_state refuses it
+        where, before, now = difference
+        raise ConfigError(where, f"differs from the checkpoint being resumed: was {before}, is "
+                          f"{now}.", f"restore `{where}` as it was, or start a new `output_dir`.")
+    fresh, _ = _plugin(update_interval=1, **resumed)
+    fresh.acadlm_load_state_dict(states=state)
+    return fresh
+
+
+@pytest.mark.parametrize(("saved", "resumed", "before_option"), [
+    ({"excess": "clamped"}, {"excess": "signed"}, False),
+    ({}, {"excess": "signed"}, False),
+    ({"excess": "signed"}, {}, False),
+    ({}, {"excess": "signed"}, True),  # a checkpoint from before the option: always clamped
+])
+def test_resuming_with_another_excess_is_refused_naming_it(tmp_path, saved, resumed,
+                                                           before_option):
+    """The excess form steers every update, so a resumed run must keep it. The form in force
+    is compared, so a checkpoint of a version without the option, which clamped, is refused
+    under ``signed`` (its config record has no ``excess`` to compare)."""
+    with pytest.raises(ConfigError) as err:
+        _resume_excess(tmp_path, saved, resumed, before_option=before_option)
+    message = str(err.value)
+    assert err.value.key == "dynamic_batch_loading.excess"
+    was, now = saved.get("excess", "clamped"), resumed.get("excess", "clamped")
+    assert message.index(was) < message.index(now, message.index(was) + len(was))
+    assert "start a new `output_dir`" in message
+    if before_option:
+        assert "records no excess form" in message
+
+
+@pytest.mark.parametrize(("saved", "resumed", "before_option"), [
+    ({}, {"excess": "clamped"}, False),  # unset is clamped: the same run
+    ({"excess": "clamped"}, {}, False),
+    ({"excess": "signed"}, {"excess": "signed"}, False),
+    ({}, {"excess": "clamped"}, True),
+    ({}, {}, True),
+])
+def test_resuming_with_the_same_excess_in_force_is_accepted(tmp_path, saved, resumed,
+                                                            before_option):
+    """Unset and ``clamped`` are one form: a run resumed with it written out (or left out)
+    continues, as does a checkpoint from before the option under ``clamped``."""
+    fresh = _resume_excess(tmp_path, saved, resumed, before_option=before_option)
+    assert fresh.excess == resumed.get("excess", "clamped") and len(fresh.history) == 1
 
 
 def test_reference_scale_turns_the_initial_losses_into_goals():

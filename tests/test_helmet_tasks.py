@@ -990,6 +990,28 @@ def test_alce_own_prompt_files_render_as_alces_run_does(
         assert doc["input"] + doc["gen_prefix"] == head + "\n\n\n" + question
 
 
+def test_alce_own_prompt_files_put_demonstration_passages_in_verbatim(
+        meta: dict[str, Any], tmp_path: Path, no_corpus: None):
+    """ALCE's make_doc_prompt puts a demonstration passage's title and text in as the file
+    writes them (its qampari_default.json has the title "The Trouble with Girls (film) ", whose
+    space ALCE keeps before the closing parenthesis); their white space used to be collapsed.
+    A file in ALCE's names renders them so, double spaces and a trailing space included."""
+    docs = [{"title": "Mill ", "text": "Ada Quill  built the mill."},
+            {"title": "Mill repairs", "text": "Bram Oak rebuilt\tthe mill. "}]
+    demo = {**PROMPT_FIELDS["demos"][0], "docs": docs}
+    fields = {**ALCE_RUN_FIELDS, "demos": [demo]}
+    path = write_json(tmp_path / "qampari_default.json", fields)
+    head = alce_run_prompt(fields, demo["question"], [[d["title"], d["text"]] for d in docs],
+                           demo["answer"])
+    assert "(Title: Mill ): Ada Quill  built" in head and "rebuilt\tthe mill. \n" in head
+    prompts = helmet.load_alce_prompts(path, helmet.QAMPARI, task="t")
+    assert prompts.layout.demo_text(prompts.instruction, prompts.demos) == head + "\n\n\n"
+    settings = {**meta, "max_seq_lengths": [2048], "num_samples": 2, "num_shots": 1,
+                "qampari_demo_path": str(path)}
+    for doc in _qampari("acadlm_cite_qampari", settings)["test"]:
+        assert doc["input"].startswith(head + "\n\n\n")
+
+
 def test_cite_reports_citation_metrics_only_with_an_nli_model(meta: dict[str, Any],
                                                              caplog: pytest.LogCaptureFixture,
                                                              no_corpus: None):
@@ -1356,3 +1378,19 @@ def test_qampari_main_score_is_recall_top5_and_claims_carry_the_question():
     assert scores["2048_qampari_rec"] == pytest.approx(100 * 5 / 7)
     assert seen and all(h.startswith("Who built it? ") for h in seen)
     assert scores["2048_citation_rec"] == 100.0
+
+
+def test_helmet_prompt_files_put_demonstration_passages_in_verbatim(tmp_path: Path):
+    """HELMET's load_alce formats a demonstration passage's title and text as the file writes
+    them (its qampari_revised.json has the title "The Trouble with Girls (film) "): a file in
+    HELMET's names keeps them too (their white space used to be collapsed)."""
+    docs = [{"title": "Mill ", "text": "Ada Quill  built the mill."},
+            {"title": "Mill repairs", "text": "Bram Oak rebuilt\tthe mill. "}]
+    demo_prompt = "{instruction}\n\nQuestion: {question}\n\n{context}\nAnswer: {answer}"
+    fields = {**PROMPT_FIELDS, "demo_prompt": demo_prompt,
+              "demos": [{**PROMPT_FIELDS["demos"][0], "docs": docs}]}
+    path = write_json(tmp_path / "qampari_revised.json", fields)
+    prompts = helmet.load_alce_prompts(path, helmet.QAMPARI, task="t")
+    text = prompts.layout.demo_text(prompts.instruction, prompts.demos)
+    assert ("Document [1](Title: Mill ): Ada Quill  built the mill.\n\nDocument [2](Title: "
+            "Mill repairs): Bram Oak rebuilt\tthe mill. \nAnswer: Ada Quill [1]") in text

@@ -649,3 +649,59 @@ def test_shearing_options_refuse_bad_values_naming_the_key(block, top, key):
     with pytest.raises(ConfigError) as err:
         _configured_with(top, **block)
     assert err.value.key == key
+
+
+def _stepped_plugin(**block):
+    """:func:`_trained_plugin` after one mask step, so that its state has a history."""
+    plugin = _trained_plugin(**block)
+    plugin.acadlm_after_optimizer_step(step=1, metrics={"lr": 1e-3})
+    return plugin
+
+
+def test_a_saved_pruning_state_records_the_hidden_gate_placement_and_resumes():
+    """The hidden gate multiplies every RMSNorm's output since 2026-12-06; the state says so,
+    and a state of this version loads into a fresh run."""
+    saved = _stepped_plugin().acadlm_state_dict()
+    assert saved["pruning"]["hidden_gate"] == "every_norm"
+    resumed = _trained_plugin()
+    resumed.acadlm_load_state_dict(states=saved)
+    for name, gate in resumed.masks.gates.items():
+        assert torch.equal(gate.log_alpha, saved["pruning"]["masks"][f"gates.{name}.log_alpha"])
+    assert resumed.hooks.active and len(resumed.history) == 1
+
+
+def test_an_older_pruning_state_with_hidden_masks_is_refused_naming_the_placement():
+    """A checkpoint made before the hidden gate multiplied the per-layer norms records no
+    placement; with hidden masks its gates would compute another function now (resuming, or
+    rerunning its finished run, which materializes again), so it is refused, naming why."""
+    saved = _stepped_plugin().acadlm_state_dict()
+    saved["pruning"].pop("hidden_gate", None)  # as a version before 2026-12-06 wrote it
+    assert "gates.hidden.log_alpha" in saved["pruning"]["masks"]
+    resumed = _trained_plugin()
+    before = resumed.masks.gates["hidden"].log_alpha.detach().clone()
+    with pytest.raises(ConfigError) as err:
+        resumed.acadlm_load_state_dict(states=saved)
+    message = str(err.value)
+    assert err.value.key == "output_dir"
+    assert "records no `hidden_gate`" in message and "before 2026-12-06" in message
+    assert "sa_norm and mlp_norm" in message and "embed_dim" in message
+    assert "prune again into a new `output_dir`" in message
+    assert "with the version that started it" in message
+    assert torch.equal(resumed.masks.gates["hidden"].log_alpha, before)  # nothing loaded
+    saved["pruning"]["hidden_gate"] = "final_norm"  # a placement of another version
+    with pytest.raises(ConfigError, match="records hidden-gate placement 'final_norm'"):
+        _trained_plugin().acadlm_load_state_dict(states=saved)
+
+
+def test_an_older_pruning_state_without_hidden_masks_still_resumes():
+    """Without hidden masks (embed_dim not pruned) the placement changes nothing: such a state
+    of an older version, which records none, loads as before."""
+    no_hidden = {key: value for key, value in TARGET.items() if key != "embed_dim"}
+    saved = _stepped_plugin(target=no_hidden).acadlm_state_dict()
+    saved["pruning"].pop("hidden_gate", None)
+    assert not any(key.startswith("gates.hidden.") for key in saved["pruning"]["masks"])
+    resumed = _trained_plugin(target=no_hidden)
+    resumed.acadlm_load_state_dict(states=saved)
+    assert "hidden" not in resumed.masks.gates and len(resumed.history) == 1
+    for name, gate in resumed.masks.gates.items():
+        assert torch.equal(gate.log_alpha, saved["pruning"]["masks"][f"gates.{name}.log_alpha"])

@@ -544,6 +544,48 @@ def test_pairs_of_an_earlier_excerpt_rule_are_refused_naming_the_rule_not_only_s
     assert json.loads(files.summary.read_text())["excerpt_rule"] == EXCERPT_RULE
 
 
+def test_the_excerpt_rule_is_recorded_before_the_first_row_of_every_run(
+        serve, tmp_path, test_criterion) -> None:
+    """A run killed after its first rows writes no summary of its own, so the excerpt rule its
+    pairs follow must be in the summary before the first row, as ``labelled_by`` is: else a
+    later run on other settings would be told the file most likely predates the rule. A file
+    whose summary lacks the rule (an older version) and whose pairs this run samples too gets
+    it recorded before the resumed run's first row, though its ``labelled_by`` is unchanged."""
+    pairs = make_pairs(SIX_PAIRS)
+    output = tmp_path / "judgments.jsonl"
+    files = OutputFiles.for_judgments(output)
+    other = [Pair("other", p.a, p.b) for p in make_pairs(SIX_PAIRS[:1])]
+
+    def killed_after_one_batch() -> None:
+        failing = serve(lambda request, n: quality_judge()(request, n) if n <= 4 else
+                        (500, {"error": "internal"}, {}, 0.0))
+        with pytest.raises(JudgeRequestError):
+            judge_pairs(pairs, test_criterion, http_judge(failing), output, batch_pairs=2)
+
+    def refusal_names_the_settings_only(pairs_in_file: int) -> None:
+        with pytest.raises(ConfigError) as caught:
+            judge_pairs(other, test_criterion, http_judge(serve(quality_judge())), output)
+        message = str(caught.value)
+        assert f"{pairs_in_file} pairs that are not in this run's sample of 1" in message
+        assert "Fix: restore those settings to resume" in message
+        assert "2026-12-06" not in message and "records no `excerpt_rule`" not in message
+
+    killed_after_one_batch()
+    assert len(read_jsonl_resumable(output)) == 2
+    first = json.loads(files.summary.read_text())
+    assert first["excerpt_rule"] == EXCERPT_RULE and "pairs_in_file" not in first
+    refusal_names_the_settings_only(2)
+
+    del first["excerpt_rule"]  # as a version before the rule wrote it, labelled_by the same
+    files.summary.write_text(json.dumps(first))
+    killed_after_one_batch()  # resumes the two pairs, judges two more, is killed again
+    assert len(read_jsonl_resumable(output)) == 4
+    second = json.loads(files.summary.read_text())
+    assert second["excerpt_rule"] == EXCERPT_RULE
+    assert second["labelled_by"] == first["labelled_by"]
+    refusal_names_the_settings_only(4)
+
+
 def test_resuming_with_another_judge_prompt_or_min_answer_mass_is_refused(
         serve, tmp_path, test_criterion, caplog) -> None:
     """The summary records what labelled the rows before the first row is written; a run that

@@ -1615,7 +1615,9 @@ class AlceLayout:
     puts a blank line between them; ALCE nothing, its ``doc_prompt`` ending in a line break),
     and ``answer_glued`` puts the answer right after the text before ``{answer}``, stripped of
     trailing white space (ALCE's ``make_demo``: ``Answer: {A}`` becomes ``Answer:`` and the
-    answer, with no space).
+    answer, with no space). In both, the demonstrations' passage titles and texts go in as the
+    file writes them, as HELMET's ``load_alce`` and ALCE's ``make_doc_prompt`` put them in (the
+    QAMPARI demonstrations have a title ending in a space).
     """
 
     demo_prompt: str
@@ -1681,16 +1683,23 @@ def _alce_error(task: str, key: str, where: str, problem: str, example: str) -> 
                       f"look like {example} (a JSON list, or one object per line).")
 
 
-def _alce_passages(value: Any, fail: Callable[[str], Exception]) -> tuple[Passage, ...]:
+def _alce_passages(value: Any, fail: Callable[[str], Exception], *,
+                   verbatim: bool = False) -> tuple[Passage, ...]:
+    """The passages of an item's ``docs``, checked: each text and title with its white space
+    collapsed to single spaces, or, ``verbatim``, as written (HELMET's ``load_alce`` and ALCE's
+    ``make_doc_prompt`` render a prompt file's demonstration passages so)."""
     if not isinstance(value, list) or not value:
         raise fail("field `docs` must be a non-empty list of {\"title\", \"text\"} objects.")
+
+    def written(text: str) -> str:
+        return text if verbatim else " ".join(text.split())
+
     passages = []
     for i, doc in enumerate(value):
         if not isinstance(doc, dict) or not isinstance(doc.get("text"), str) \
                 or not doc["text"].strip():
             raise fail(f"field `docs[{i}].text` must be a non-empty string.")
-        passages.append(Passage(" ".join(doc["text"].split()),
-                                " ".join(str(doc.get("title") or "").split())))
+        passages.append(Passage(written(doc["text"]), written(str(doc.get("title") or ""))))
     return tuple(passages)
 
 
@@ -1806,6 +1815,7 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *, task: str) -> AlcePro
     if not isinstance(instruction, str) or not isinstance(demos, list) or not demos:
         raise task_error(task, key, f"{path} lacks an `instruction` string or a `demos` list.",
                          "Give one of ALCE's prompt files (prompts/*.json).")
+    layout = alce_layout(loaded, path, task=task, key=key)
     items = []
     for number, demo in enumerate(demos, start=1):
         where = f"{path} demo {number}"
@@ -1815,9 +1825,10 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *, task: str) -> AlcePro
             raise task_error(task, key, f"{where}: needs `question` and `answer` strings.",
                              "Give one of ALCE's prompt files (prompts/*.json).")
         docs = _alce_passages(demo.get("docs"), lambda problem, where=where: task_error(
-            task, key, f"{where}: {problem}", "Give one of ALCE's prompt files."))
+            task, key, f"{where}: {problem}", "Give one of ALCE's prompt files."),
+            verbatim=True)  # the prompt file's demonstrations, as HELMET and ALCE show them
         items.append(AlceItem(f"demo{number}", question, (), docs, answer))
-    return AlcePrompts(instruction, tuple(items), alce_layout(loaded, path, task=task, key=key))
+    return AlcePrompts(instruction, tuple(items), layout)
 
 
 #: The placeholders each template of a prompt file may use: HELMET's names (its
@@ -1858,7 +1869,8 @@ def alce_layout(loaded: Mapping[str, Any], path: Path, *, task: str, key: str) -
     lacks), each checked to be a string, the templates using either HELMET's placeholders or
     ALCE's (:data:`ALCE_PLACEHOLDERS`), so that a wrong file stops before any prompt is built.
     A template in ALCE's names is renamed to HELMET's and rendered as ALCE's ``run.py`` does
-    (:class:`AlceLayout`: passages joined by nothing, the answer glued to ``Answer:``)."""
+    (:class:`AlceLayout`: passages joined by nothing and put in verbatim, the answer glued to
+    ``Answer:``)."""
     fields: dict[str, Any] = {}
     for name in ("demo_prompt", "doc_prompt", "demo_sep"):
         value = loaded.get(name, getattr(ALCE_LAYOUT, name))

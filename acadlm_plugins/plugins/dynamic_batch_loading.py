@@ -190,15 +190,18 @@ class DynamicBatchLoadingPlugin:
     def acadlm_state_dict(self) -> dict | None:
         if not self.enabled:
             return None
-        return {STATE_KEY: {"reference": self.reference, "history": self.history}}
+        return {STATE_KEY: {"reference": self.reference, "history": self.history,
+                            "excess": self.excess}}
 
     @hookimpl
     def acadlm_load_state_dict(self, states: dict) -> None:
         if not self.enabled or STATE_KEY not in states:
             return
-        # a changed `reference_losses` / `reference_scale` / `excess` is refused before this,
-        # by the recipe's resume check (all are among the keys a resumed run must keep)
+        # a changed `reference_losses` / `reference_scale` is refused before this, by the
+        # recipe's resume check (both are among the keys a resumed run must keep); `excess` is
+        # checked here, as the value in force, not as written
         state = states[STATE_KEY]
+        check_resumed_excess(state, self.excess)
         self.reference = state["reference"]
         self.history = list(state["history"])
 
@@ -215,6 +218,29 @@ class DynamicBatchLoadingPlugin:
         summary["domain_weights"] = dict(zip(self.sampler.domain_names,
                                              self.sampler.weights.tolist()))
         summary["domain_weights_plot"] = str(path)
+
+
+def check_resumed_excess(state: Mapping[str, Any], excess: str) -> None:
+    """Refuse to resume a checkpoint's plugin ``state`` under another excess-loss form.
+
+    The form steers every domain-weight update, so a resumed run must keep it; what is compared
+    is the form in force, not the config text: an unset ``excess`` and an explicit ``clamped``
+    are the same run, and a state saved before the option existed (no ``excess`` in it) was
+    clamped, the only form then. A difference is a :class:`ConfigError` naming
+    ``dynamic_batch_loading.excess``, raised while the recipe restores the checkpoint, before
+    any step or write."""
+    saved = state.get("excess")
+    if saved is None:
+        saved, why = "clamped", (" (it records no excess form: a version without the option "
+                                 "wrote it, and clamped, its only form)")
+    else:
+        why = ""
+    if saved != excess:
+        raise ConfigError(f"{CONFIG_KEY}.excess", f"differs from the checkpoint being resumed: "
+                          f"was {saved!r}{why}, is {excess!r}; the domain weights would be "
+                          "updated by one form before the resume and another after it.",
+                          f"restore `{CONFIG_KEY}.excess: {saved}`, or start a new "
+                          "`output_dir`.")
 
 
 def _excess_mode(value: Any) -> str:

@@ -74,6 +74,14 @@ MASK_TRAINING_KEYS = ("lagrangian_warmup_steps", "mask_lr", "lambda_lr", "dropra
 MASK_INITS = ("uniform", "importance")
 MASK_LR_SCHEDULES = ("constant", "model")
 CALIBRATION_KEYS = {"num_sequences", "batch_size", "every_token"}
+#: Where the hidden gate acts on the RMSNorms, recorded in the plugin's checkpoint state
+#: (``hidden_gate``): ``every_norm``, each layer's ``sa_norm`` and ``mlp_norm`` as well as the
+#: final norm multiply their output by it (:meth:`MaskHooks._masked_rms_norm`, since
+#: 2026-12-06). Versions before that gated the final norm's output only and recorded nothing,
+#: so the same saved gates computed another function: a state with hidden gates and another or
+#: no record is refused (:func:`check_hidden_gate_placement`).
+HIDDEN_GATE_FIELD = "hidden_gate"
+HIDDEN_GATE_PLACEMENT = "every_norm"
 
 
 def pruning_method(cfg: Any) -> str | None:
@@ -334,6 +342,7 @@ class PruningPlugin:
             return None
         return {STATE_KEY: {
             "target": self.target.to_dict(), "masks": self.masks.state_dict(),
+            HIDDEN_GATE_FIELD: HIDDEN_GATE_PLACEMENT,
             "sampler": self.masks._sampler.get_state(),
             "multipliers": self.multipliers.state_dict(),
             "mask_optimizer": self.mask_optimizer.state_dict(),
@@ -357,6 +366,7 @@ class PruningPlugin:
             raise ConfigError(f"{CONFIG_KEY}.target", f"differs from the checkpoint being resumed "
                               f"({saved.describe()}).", "restore the target, or start a new "
                               "`output_dir`.")
+        check_hidden_gate_placement(state, self.output_dir)
         self.masks.load_state_dict(state["masks"])
         self.masks._sampler.set_state(state["sampler"])
         self.multipliers.load_state_dict(state["multipliers"])
@@ -385,6 +395,39 @@ class PruningPlugin:
         path = plot_pruning_history(self.history, self.masks.mask_types,
                                     self.output_dir / "pruning.png")
         summary["pruning_plot"] = str(path)
+
+
+def check_hidden_gate_placement(state: Mapping[str, Any], output_dir: Path) -> None:
+    """Refuse a saved pruning state whose hidden gates were trained with another placement.
+
+    The hidden gate's placement decides what the saved gates compute: a version before
+    2026-12-06 multiplied only the final norm's output by it, this one every RMSNorm's (and
+    materialization folds it into ``sa_norm``/``mlp_norm``), so resuming such a state, or
+    rerunning its finished run (which materializes again), would go on with, and export, a
+    model other than the one its masks were trained in, without a word. A state with hidden
+    gates (``pruning.target.embed_dim`` pruned) must therefore record this version's placement
+    (:data:`HIDDEN_GATE_FIELD`); one without hidden gates computes the same function under
+    either placement and loads whatever it records."""
+    masks = state.get("masks") or {}
+    if not any(str(key).startswith("gates.hidden.") for key in masks):
+        return
+    recorded = state.get(HIDDEN_GATE_FIELD)
+    if recorded == HIDDEN_GATE_PLACEMENT:
+        return
+    if recorded is None:
+        cause = (f"records no `{HIDDEN_GATE_FIELD}`: it was made by a version before "
+                 "2026-12-06, whose hidden gate scaled only the final norm's output, not each "
+                 "layer's sa_norm and mlp_norm as it does now (LLM-Shearing's placement)")
+    else:
+        cause = (f"records hidden-gate placement {recorded!r}, and this version's is "
+                 f"{HIDDEN_GATE_PLACEMENT!r}")
+    raise ConfigError(
+        "output_dir", f"the pruning checkpoint in {output_dir} has hidden-dimension masks "
+        f"(pruning.target.embed_dim) and {cause}. This version computes another function of "
+        "the same gates, so it would continue, materialize and export a model other than the "
+        "one the masks were trained in.",
+        "prune again into a new `output_dir`, or finish this run (and materialize it) with "
+        "the version that started it.")
 
 
 def resumes_from_checkpoint(cfg: Any) -> bool:
