@@ -680,18 +680,22 @@ def test_the_llama3_stage2_cuts_its_64k_sources_into_64k_pieces():
 # --------------------------------------------------------------------------- integration
 
 
+def default_long_corpus() -> Path:
+    """The embedded corpus with its long documents, which these integration tests read. A
+    missing embedded default fails them (``DefaultsMissingError`` names the build command), as
+    in the other integration tests, rather than skipping them."""
+    from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
+
+    corpus_dir = require_default_corpus()
+    require_default_model()
+    assert (corpus_dir / "long" / "books.jsonl").is_file(), (
+        f"{corpus_dir}/long is missing: rebuild with `acadlm-defaults build`")
+    return corpus_dir
+
+
 @pytest.mark.integration
 def test_prolong_stage1_mix_on_the_default_corpus_packs_at_99_percent(tmp_path):
-    from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
-    from acadlm_plugins.errors import DefaultsMissingError
-
-    try:
-        corpus_dir = require_default_corpus()
-        require_default_model()
-    except DefaultsMissingError as missing:
-        pytest.skip(str(missing))
-    if not (corpus_dir / "long" / "books.jsonl").is_file():
-        pytest.skip(f"{corpus_dir}/long is missing: rebuild with `acadlm-defaults build`")
+    corpus_dir = default_long_corpus()
     from acadlm_plugins.models.tokenizer import smollm2_tokenizer
 
     ds = long_short_mixture(smollm2_tokenizer(), sources=prolong_stage1_sources(corpus_dir),
@@ -718,17 +722,9 @@ def test_the_demo_stage2_long_sources_on_the_default_corpus(tmp_path):
     class has documents, the 8K sources pack 8,192-token pieces two to a 16K sequence (never
     cut), and every token is packed, filtered out or counted as a dropped last piece."""
     import acadlm_plugins.defaults  # noqa: F401  (registers ${acadlm_home:})
-    from acadlm_plugins.defaults.paths import require_default_corpus, require_default_model
-    from acadlm_plugins.errors import DefaultsMissingError
     from acadlm_plugins.training.components import instantiate_component
 
-    try:
-        corpus_dir = require_default_corpus()
-        require_default_model()
-    except DefaultsMissingError as missing:
-        pytest.skip(str(missing))
-    if not (corpus_dir / "long" / "books.jsonl").is_file():
-        pytest.skip(f"{corpus_dir}/long is missing: rebuild with `acadlm-defaults build`")
+    default_long_corpus()  # the config reads it through ${acadlm_home:}
     cfg = OmegaConf.load(CONFIGS / "smollm2/long_context_stage2.yaml")
     cfg.dataset.sources = {name: spec for name, spec in cfg.dataset.sources.items()
                            if name in long_sources(CONFIGS / "smollm2/long_context_stage2.yaml")}
