@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from acadlm_plugins.plugin_manager import (
     plugin_states,
     restore_plugin_states,
 )
+from acadlm_plugins.plugins.dynamic_batch_loading import RESUME_DEFAULTS as DBL_RESUME_DEFAULTS
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
     MODEL_DIRNAME,
@@ -108,6 +109,8 @@ RESUME_MUST_MATCH = ("model", "dataset", "tokenizer", "seed", "checkpointer.chec
                      "checkpointer.checkpoint_files", "checkpointer.model_type",
                      "dynamic_batch_loading.reference_losses",
                      "dynamic_batch_loading.reference_scale")
+# What an unset one of those keys means; an unset key and its default written out resume alike.
+RESUME_DEFAULTS: dict[str, Any] = {**DBL_RESUME_DEFAULTS}
 
 
 class ContinuedPretrainRecipe:
@@ -119,6 +122,7 @@ class ContinuedPretrainRecipe:
     known_keys: frozenset[str] = frozenset(KNOWN_KEYS)
     required_keys: tuple[str, ...] = REQUIRED_KEYS
     resume_must_match: tuple[str, ...] = RESUME_MUST_MATCH
+    resume_defaults: Mapping[str, Any] = RESUME_DEFAULTS
     example_config = "configs/smollm2/continued_pretrain_demo.yaml"
 
     def __init__(self, cfg: DictConfig, recipe_name: str = RECIPE_NAME) -> None:
@@ -187,7 +191,8 @@ class ContinuedPretrainRecipe:
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             self._resume_state = load_resume_state(resume_from, cfg, self.resume_must_match,
-                                                   recipe=self._recipe_name)
+                                                   recipe=self._recipe_name,
+                                                   defaults=self.resume_defaults)
             check_resume_step(int(self._resume_state["step"]), self._max_steps, resume_from)
             recorded = self._resume_state.get(STARTING_WEIGHTS_KEY)
             check_starting_weights(recorded, self._starting_weights, resume_from)
@@ -408,7 +413,7 @@ class ContinuedPretrainRecipe:
                 sampler=self._sampler, plugins=plugin_states(self._pm), history=self._history,
                 starting_weights=self._starting_weights,
                 config=config_values(self._cfg, self.resume_must_match,
-                                     recipe=self._recipe_name))
+                                     recipe=self._recipe_name, defaults=self.resume_defaults))
             path = write_recipe_checkpoint(
                 self._output_dir, self._step, state, lambda folder: self._write_model_dir(
                     model_state, folder / MODEL_DIRNAME),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,11 @@ class PruneRecipe:
             "acadlm_plugins.plugins.pruning:PruningPlugin")
         if pruning.method != "importance":
             return resume
-        self._one_shot_inputs = one_shot_inputs(cfg, self._trainer.resume_must_match)
+        self._one_shot_inputs = one_shot_inputs(cfg, self._trainer.resume_must_match,
+                                                self._trainer.resume_defaults)
         self._reused_one_shot = reusable_one_shot(self._trainer.output_dir,
-                                                  self._one_shot_inputs, resume)
+                                                  self._one_shot_inputs, resume,
+                                                  self._trainer.resume_defaults)
         if self._reused_one_shot is not None and str(resume).lower() == "true":
             return "auto"  # the export, not a checkpoint, is what this run resumes from
         return resume
@@ -281,18 +284,19 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
     write_atomically(path, lambda handle: handle.write(json.dumps(summary, indent=2).encode()))
 
 
-def one_shot_inputs(cfg: DictConfig, must_match: tuple[str, ...]) -> dict[str, Any]:
+def one_shot_inputs(cfg: DictConfig, must_match: tuple[str, ...],
+                    defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a one-shot export is a function of, as JSON values: the config values a resumed
     learned run must match (model, data, tokenizer, seed, the ``pruning`` block with target and
     calibration, ...) and the fingerprint of the source's weight files, the two things a
     learned run's checkpoints record for its resume."""
-    inputs = {"config": config_values(cfg, must_match, recipe=RECIPE_NAME),
+    inputs = {"config": config_values(cfg, must_match, recipe=RECIPE_NAME, defaults=defaults),
               "starting_weights": starting_weights_fingerprint(cfg)}
     return json.loads(json.dumps(inputs))  # as a summary reads back (tuples become lists)
 
 
-def reusable_one_shot(output_dir: Path, inputs: dict[str, Any], resume: object
-                      ) -> dict[str, Any] | None:
+def reusable_one_shot(output_dir: Path, inputs: dict[str, Any], resume: object,
+                      defaults: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The summary of the one-shot export in ``output_dir`` if it was made from ``inputs``: a
     rerun keeps it rather than rank and slice again (in bf16 on a GPU a near-tie could flip and
     change the weights the one-shot arm's continued pre-training started from). None when
@@ -311,19 +315,21 @@ def reusable_one_shot(output_dir: Path, inputs: dict[str, Any], resume: object
                           "false, so it would be overwritten.", "set `resume: auto` to keep "
                           "it, or choose a new `output_dir`.")
     recorded = summary[ONE_SHOT_INPUTS_KEY]
-    check_same_config(recorded.get("config", {}), inputs["config"], output_dir / SUMMARY_FILENAME)
+    check_same_config(recorded.get("config", {}), inputs["config"], output_dir / SUMMARY_FILENAME,
+                      defaults)
     check_starting_weights(recorded.get("starting_weights"), inputs["starting_weights"],
                            output_dir / PRUNED_MODEL_DIRNAME)
     return summary
 
 
-def check_same_config(recorded: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+def check_same_config(recorded: dict[str, Any], now: dict[str, Any], where: Path,
+                      defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse a one-shot rerun whose config values differ from those its export recorded in
     ``where``, by the comparison ``load_resume_state`` refuses a learned run's with
     (:func:`~acadlm_plugins.training.checkpointing.config_mismatch`): the error names the first
     dotted key that differs (``pruning.target.embed_dim``), and an output folder moved together
     with its inputs is still reused. Keys an older version did not record are not compared."""
-    difference = config_mismatch(recorded, now, where.parent)
+    difference = config_mismatch(recorded, now, where.parent, defaults=defaults)
     if difference is not None:
         name, before, after = difference
         raise ConfigError(name, f"differs from the one-shot pruned model in {where.parent} "

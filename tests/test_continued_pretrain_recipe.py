@@ -550,6 +550,40 @@ def test_resuming_with_changed_reference_losses_is_refused(tmp_path, monkeypatch
     assert latest_checkpoint(tmp_path / "run").name == "step_000002"
 
 
+@pytest.mark.parametrize(("first", "resumed"), [
+    (["dynamic_batch_loading.reference_losses=initial"],           # scale unset -> its default
+     ["dynamic_batch_loading.reference_losses=initial", "dynamic_batch_loading.reference_scale=1.0"]),
+    (["dynamic_batch_loading.reference_losses=initial", "dynamic_batch_loading.reference_scale=1.0"],
+     ["~dynamic_batch_loading.reference_losses"]),                 # both unset: their defaults
+])
+def test_an_unset_reference_key_and_its_default_resume_alike(tmp_path, monkeypatch, first,
+                                                              resumed):
+    """``reference_scale`` unset is 1.0 and ``reference_losses`` unset is ``initial``: writing
+    the default out (or leaving it out) on resume is the same run, and resumes."""
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2", *first))
+    assert run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3", *resumed))["steps"] == 3
+
+
+def test_a_checkpoint_recording_the_reference_keys_unset_compares_them_as_defaults(
+        tmp_path, monkeypatch):
+    """Checkpoints of earlier versions recorded an unset key as None: it counts as the default,
+    so a run that spells the default out resumes and one that changes it is refused."""
+    run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=2",
+                                          "dynamic_batch_loading.reference_losses=initial"))
+    path = tmp_path / "run" / "step_000002" / "recipe_state.pt"
+    state = torch.load(path, weights_only=False)
+    state["config"]["dynamic_batch_loading.reference_scale"] = None   # as an older version wrote
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="was 1.0, is 0.9") as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=3",
+                                              "dynamic_batch_loading.reference_losses=initial",
+                                              "dynamic_batch_loading.reference_scale=0.9"))
+    assert err.value.key == "dynamic_batch_loading.reference_scale"
+    assert run_recipe(monkeypatch, tiny_run_args(
+        tmp_path, "max_steps=3", "dynamic_batch_loading.reference_losses=initial",
+        "dynamic_batch_loading.reference_scale=1.0"))["steps"] == 3
+
+
 # ------------------------------------------------------------------ resume refusals
 def test_resuming_after_the_starting_model_changed_is_refused(tmp_path, monkeypatch):
     """A pipeline that re-exports the starting model at the same path (a pruning stage rerun

@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = "dynamic_batch_loading"
 STATE_KEY = "dynamic_batch_loading"
+# What an unset key of the block means, for the recipe's resume check (its keys are among those
+# a resumed run must keep): an unset key and its default spelled out are the same run.
+RESUME_DEFAULTS = {f"{CONFIG_KEY}.reference_losses": "initial",
+                   f"{CONFIG_KEY}.reference_scale": 1.0}
 PLOT_NAME = "domain_weights.png"
 KNOWN_KEYS = {"enabled", "update_interval", "eta", "smoothing", "reference_losses",
               "reference_scale", "update_at_start", "excess"}

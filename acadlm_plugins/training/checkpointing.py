@@ -33,7 +33,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -190,15 +190,18 @@ WORKING_DIR_KEY = "_working_dir"
 BOOKKEEPING_KEYS = (OUTPUT_DIR_KEY, WORKING_DIR_KEY)
 
 
-def config_values(cfg: DictConfig, keys: Iterable[str], *, recipe: str | None = None
-                  ) -> dict[str, Any]:
-    """``cfg[key]`` as plain resolved values (None where unset) for each of ``keys`` (dotted
-    keys such as ``checkpointer.checkpoint_dir`` reach into blocks), and with ``recipe`` the
+def config_values(cfg: DictConfig, keys: Iterable[str], *, recipe: str | None = None,
+                  defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``cfg[key]`` as plain resolved values for each of ``keys`` (dotted keys such as
+    ``checkpointer.checkpoint_dir`` reach into blocks): where unset, the value the run uses in
+    its place from ``defaults`` (so an unset key and its default spelled out are one run), else
+    None; and with ``recipe`` the
     recipe's name, the run folder ``output_dir`` (absolute) and the working directory: the
     run's identity, which a checkpoint records so a resumed run can be checked against it
     (:func:`config_mismatch`), and where the run was, so that a path spelled otherwise (relative
     then, absolute now) or into a run folder that moved with its inputs still matches."""
-    values = {key: plain_value(OmegaConf.select(cfg, key, default=None)) for key in keys}
+    values = {key: _with_default(key, plain_value(OmegaConf.select(cfg, key, default=None)),
+                                 defaults) for key in keys}
     if recipe is not None:
         values[RECIPE_KEY] = recipe
         output_dir = OmegaConf.select(cfg, "output_dir", default=None)
@@ -208,13 +211,22 @@ def config_values(cfg: DictConfig, keys: Iterable[str], *, recipe: str | None = 
     return values
 
 
+def _with_default(key: str, value: Any, defaults: Mapping[str, Any] | None) -> Any:
+    """``value``, or where it is None (unset) the default the run uses in its place."""
+    if value is None and defaults:
+        return defaults.get(key)
+    return value
+
+
 def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[str], *,
-                      recipe: str | None = None) -> dict[str, Any]:
+                      recipe: str | None = None, defaults: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
     """The recipe state saved in ``checkpoint``, once it is found to be a checkpoint of
     ``recipe`` and every ``must_match`` key of ``cfg`` is as the checkpoint recorded it:
     resuming another recipe's run, or on another model, data or seed, would silently mix two
     runs, so a difference is a :class:`ConfigError` naming the key. Keys a checkpoint of an
-    older version did not record are not compared. A run folder moved with its inputs resumes:
+    older version did not record are not compared; ``defaults`` stand for unset keys on both
+    sides (:func:`config_values`). A run folder moved with its inputs resumes:
     recorded paths under the moved root match the same paths under the new one (see
     :func:`config_mismatch`)."""
     saved = read_recipe_state(checkpoint)
@@ -224,7 +236,8 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
                           f"`{recorded[RECIPE_KEY]}` recipe ({checkpoint.name}); this is the "
                           f"`{recipe}` recipe, which cannot continue it.",
                           "choose a new `output_dir` for this run.")
-    difference = config_mismatch(recorded, config_values(cfg, must_match), checkpoint.parent)
+    difference = config_mismatch(recorded, config_values(cfg, must_match, defaults=defaults),
+                                 checkpoint.parent, defaults=defaults)
     if difference is not None:
         where, before, now = difference
         raise ConfigError(where, f"differs from the checkpoint being resumed ({checkpoint}): "
@@ -233,8 +246,8 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
     return saved
 
 
-def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: str | Path
-                    ) -> tuple[str, Any, Any] | None:
+def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: str | Path, *,
+                    defaults: Mapping[str, Any] | None = None) -> tuple[str, Any, Any] | None:
     """The first of the config values ``now`` that is not as ``recorded`` (a checkpoint's or a
     one-shot export's identity from :func:`config_values`), for a run whose folder is
     ``output_dir`` now: its dotted key (the innermost that differs), the recorded value and the
@@ -247,14 +260,17 @@ def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: s
     a run folder moved together with its inputs (a scratch disk copied home) resumes, while a
     path that changed otherwise, or any other value, is still a difference. The starting
     weights' content is checked apart from this (:func:`check_starting_weights`). Keys not
-    recorded (by an older version) are not compared, nor the recorded places themselves."""
+    recorded (by an older version) are not compared, nor the recorded places themselves. A key
+    recorded unset (None, by a version that did not fill in ``defaults``) counts as its default."""
     moved = relocation(recorded.get(OUTPUT_DIR_KEY), output_dir,
                        recorded.get(WORKING_DIR_KEY))
     for key, value in now.items():
         if key in BOOKKEEPING_KEYS or key not in recorded:
             continue
-        if not same_config_value(recorded[key], value, moved):
-            return first_difference(key, recorded[key], value, moved)
+        before = _with_default(key, recorded[key], defaults)
+        value = _with_default(key, value, defaults)
+        if not same_config_value(before, value, moved):
+            return first_difference(key, before, value, moved)
     return None
 
 
