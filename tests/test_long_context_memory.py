@@ -43,17 +43,13 @@ def relative_difference(a: float, b: float) -> float:
 
 
 def test_knobs_cut_the_step_memory_at_4k_and_keep_the_step():
-    from acadlm_plugins.defaults import default_corpus_dir, require_default_model
-    from acadlm_plugins.errors import DefaultsMissingError
+    from acadlm_plugins.defaults import require_default_corpus, require_default_model
     from acadlm_plugins.models import smollm2_tokenizer
 
-    try:
-        model_dir = require_default_model()
-    except DefaultsMissingError as missing:
-        pytest.skip(str(missing))
-    text_file = default_corpus_dir() / "books" / "train.jsonl"
-    if not text_file.is_file():
-        pytest.skip(f"{text_file} is missing: rebuild with `acadlm-defaults build`")
+    # a missing embedded default fails this integration test, naming the build command
+    model_dir = require_default_model()
+    text_file = require_default_corpus() / "books" / "train.jsonl"
+    assert text_file.is_file(), f"{text_file} is missing: rebuild with `acadlm-defaults build`"
 
     batch = packed_text_batch(text_file, SEQ_LEN, smollm2_tokenizer())
     assert int((batch["seq_lens"] > 0).sum()) > 1  # several documents, so masking matters
