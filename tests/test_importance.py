@@ -54,7 +54,7 @@ def _assert_scores_close(a: ImportanceScores, b: ImportanceScores, rtol: float =
 def _reference_scores(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """The definitions written out plainly, sequence by sequence, from captured activations."""
     captured: dict[str, list] = {"heads": [], "mlp": [], "norms": [], "layers": []}
-    hooks = [model.norm.register_forward_hook(lambda m, i, o: captured["norms"].append(o))]
+    hooks = []  # the final norm is not scored (NVIDIA's reference scores the layers' norms)
     for layer in model.layers:
         hooks += [
             layer.attn.output_proj.register_forward_pre_hook(
@@ -244,16 +244,20 @@ def test_a_layer_that_passes_its_input_through_has_no_influence_and_is_dropped()
     assert keep_indices(scores, architecture_of(model), target).layers == [0, 2]
 
 
-def test_hidden_channels_scaled_by_any_norm_rank_first():
+def test_hidden_channels_scaled_by_a_layer_norm_rank_first_and_the_final_norm_is_not_scored():
     model, tokens = _model(), _tokens()
-    with torch.no_grad():  # one channel through each kind of RMSNorm, final norm included
+    before = _scores(model, tokens).hidden
+    with torch.no_grad():  # one channel through each of a layer's RMSNorms
         model.layers[0].sa_norm.scale[20] *= 50
         model.layers[1].mlp_norm.scale[10] *= 50
-        model.norm.scale[3] *= 50
     scores = _scores(model, tokens)
-    assert _top(scores.hidden, 3) == {3, 10, 20}
+    assert _top(scores.hidden, 2) == {10, 20}
     target = resolve_target(architecture_of(model), {"embed_dim": 4})
-    assert {3, 10, 20} <= set(keep_indices(scores, architecture_of(model), target).hidden.tolist())
+    assert {10, 20} <= set(keep_indices(scores, architecture_of(model), target).hidden.tolist())
+    with torch.no_grad():  # the final norm feeds only the output head: it does not count
+        model.norm.scale[3] *= 50
+    torch.testing.assert_close(_scores(model, tokens).hidden, scores.hidden)
+    assert not torch.allclose(before, scores.hidden)
 
 
 def test_query_heads_are_chosen_within_the_best_kv_groups():

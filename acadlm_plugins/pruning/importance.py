@@ -10,7 +10,9 @@ set, with no gradient:
 * an MLP channel by the size of its activation, ``|silu(w1 x) * w3 x|`` (the down projection's
   input);
 * a hidden channel by the size of the normalized residual stream, ``|LN(X)_i|``, summed over
-  every RMSNorm (both norms of every layer and the final one);
+  the two RMSNorms of every layer (``sa_norm``, ``mlp_norm``), the norms NVIDIA's reference
+  (TensorRT Model Optimizer's Megatron plugin) scores: the final norm feeds only the output
+  head, and its large scales would otherwise outvote the layers;
 * a layer by ShortGPT's block influence (Men et al. 2024), ``1 - cos(layer input, layer
   output)`` averaged over tokens: a layer that barely turns the hidden state matters little.
 
@@ -81,7 +83,7 @@ class _Accumulator:
         L = arch.num_layers
         self.head = torch.zeros(L, arch.num_heads, dtype=torch.float64)
         self.intermediate = torch.zeros(L, arch.intermediate_dim, dtype=torch.float64)
-        self.hidden = torch.zeros(2 * L + 1, arch.embed_dim, dtype=torch.float64)  # per norm
+        self.hidden = torch.zeros(2 * L, arch.embed_dim, dtype=torch.float64)  # per layer norm
         self.influence = torch.zeros(L, dtype=torch.float64)
         self.counted = torch.ones(0, 0, dtype=torch.bool)  # (B, S) of the batch being run
         self.sequences = 0
@@ -145,7 +147,6 @@ def importance_scores(model: nn.Module, batches: Iterable[dict[str, Any]], *,
                 layer.mlp_norm.register_forward_hook(_hidden_hook(acc, 2 * index + 1)),
                 layer.register_forward_hook(_influence_hook(acc, index)),
             ]
-        handles.append(model.norm.register_forward_hook(_hidden_hook(acc, 2 * arch.num_layers)))
         for batch in batches:
             if max_sequences is not None:
                 batch = _first_sequences(batch, max_sequences - acc.sequences)
