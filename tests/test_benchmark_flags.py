@@ -219,3 +219,16 @@ def test_eval_adapter_benchmark_fails_when_the_answers_differ(capsys):
                                                   (-3.0, False), (-4.0, False)])]:
         assert not module.agreement(kinds, {**same, key: value})
         assert "(MISMATCH)" in capsys.readouterr().out
+
+
+def test_distillation_memory_runs_every_setting_and_refuses_too_few_tokens(capsys):
+    """Each setting computes a finite loss and its backward on SmolLM2's shapes (16 tokens
+    here); fewer than 2 tokens leave nothing to predict and are refused."""
+    module = _load("distillation_memory")
+    for setting in module.SETTINGS:
+        row = module.measure(setting, 16, "float32")
+        assert row["setting"] == setting and row["peak_growth_mb"] >= 0
+        assert row["logits_mb"] == 16 * module.VOCAB * 4 / 2**20
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--tokens", "1"])
+    assert exit_info.value.code == 2 and "--tokens must be at least 2" in capsys.readouterr().err
