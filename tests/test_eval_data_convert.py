@@ -527,6 +527,15 @@ def test_corrupt_json_line_names_file_line_and_fix(tmp_path, capsys):
     assert "Fix: line 2 must be an object like" in stderr and "--skip-invalid" in stderr
 
 
+def test_an_unterminated_string_reads_without_a_doubled_at(tmp_path, capsys):
+    """json's message ends in "starting at": it was printed "starting at at column"."""
+    source = tmp_path / "nq.jsonl"
+    source.write_text('{"question": "cut short\n', encoding="utf-8")
+    stderr = failure(capsys, "kilt_nq", source, tmp_path / "out.jsonl")
+    assert f"{source}:1: is not valid JSON (Unterminated string starting at column 14)." in stderr
+    assert "at at" not in stderr
+
+
 def test_missing_field_names_the_field(tmp_path, capsys):
     row = helmet_kilt_rows((0.0,))[0]
     del row["answers"]

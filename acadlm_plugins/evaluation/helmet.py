@@ -1760,10 +1760,9 @@ def parse_alce_item(row: Mapping[str, Any], dataset: AlceDataset, *, task: str, 
 def _alce_rows(path: Path, *, task: str, key: str) -> Iterator[tuple[str, int, Any]]:
     """(where, number, row) for every item of an ALCE file: a JSON list (ALCE's release), an
     object holding it under ``data``, or one object per line."""
-    text = path.read_text(encoding="utf-8")
     try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError:
+        loaded = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):  # one object per line: found line by line
         for number, row in iter_json_objects(path, task=task, key=key,
                                              example='{"question": "...", "docs": [...]}'):
             yield f"{path}:{number}", number, row

@@ -13,12 +13,14 @@ field at fault and how to fix it. The schemas are documented in ``docs/evaluatio
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+from acadlm_plugins.data.documents import json_error_text
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.lengths import task_error
 
@@ -239,22 +241,39 @@ def data_path(metadata: Mapping[str, Any], key: str, default: Path | None, *,
 def iter_json_objects(path: Path, *, task: str, key: str,
                       example: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a jsonl file; a line that is not a
-    JSON object is an error naming the task, the metadata ``key`` and ``file:line``."""
-    with path.open(encoding="utf-8") as handle:
+    JSON object, or holds bytes that are not UTF-8, is an error naming the task, the metadata
+    ``key`` and ``file:line``. The file is streamed line by line, never read whole."""
+    # Bytes that are not UTF-8 come through as lone surrogates (U+DC80-U+DCFF), which UTF-8
+    # text never decodes to, so the line they are on can be named rather than a
+    # UnicodeDecodeError raised from the middle of a buffered block with no line at all.
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, start=1):
+            bad = _NOT_UTF8.search(line)
+            if bad:
+                byte = ord(bad.group()) - 0xDC00
+                raise task_error(task, key, f"{path}:{number}: byte {byte:#04x} at column "
+                                 f"{bad.start() + 1} is not UTF-8.", "Re-encode the file as "
+                                 "UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix or remove "
+                                 f"line {number}.")
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                # The line ending is left out: kept, an unterminated string runs into it and
+                # the error blames an "invalid control character" instead.
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                raise task_error(task, key, f"{path}:{number} is not valid JSON ({err.msg} at "
-                                 f"column {err.colno}).", f"Each line must be one JSON object "
-                                 f"like {example}; fix or remove line {number}.") from None
+                raise task_error(task, key, f"{path}:{number} is {json_error_text(err)}.",
+                                 f"Each line must be one JSON object like {example}; fix or "
+                                 f"remove line {number}.") from None
             if not isinstance(row, dict):
                 raise task_error(task, key, f"{path}:{number} is a JSON {type(row).__name__}, "
                                  "not an object.", f"Each line must be one JSON object like "
                                  f"{example}.")
             yield number, row
+
+
+#: A byte that is not UTF-8, as ``errors="surrogateescape"`` decodes it.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 
 def text_field(row: Mapping[str, Any], path: Path, number: int, *, task: str, key: str) -> str:

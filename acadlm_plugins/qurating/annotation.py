@@ -47,7 +47,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from acadlm_plugins.data.documents import resolve_data_files
+from acadlm_plugins.data.documents import (
+    iter_jsonl_lines,
+    iter_jsonl_values,
+    resolve_data_files,
+)
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.qurating.rater import (
     HEADS_FILENAME,
@@ -151,12 +155,15 @@ def open_corpus(paths: str | Path | Sequence[str | Path], *, text_field: str = "
                     BUILDERS[path.suffix], data_files=str(path), split="train",
                     cache_dir=None if cache_dir is None else str(Path(cache_dir).expanduser()))
         except (DatasetGenerationError, pa.ArrowException, OSError, ValueError) as err:
-            raise DataError(f"{path}: `datasets` cannot read it ({type(err).__name__}: "
-                            f"{_first_line(err)}). Fix: repair the file or remove it from "
-                            "`data_files`.") from None
+            raise DataError(_first_bad_line(path) or (
+                f"{path}: `datasets` cannot read it ({type(err).__name__}: "
+                f"{_first_line(err)}). Fix: repair the file or remove it from "
+                "`data_files`.")) from None
         if isinstance(part, datasets.DatasetDict):
             raise DataError(f"{path}: a saved DatasetDict with splits {list(part)}. Fix: point "
                             "`data_files` at one split's folder.")
+        if path.suffix in (".jsonl", ".json") and path.is_file():
+            _check_utf8(part, path)
         if max_documents_per_file is not None and len(part) > max_documents_per_file:
             part = part.select(range(max_documents_per_file))
         _check_texts(part, path, text_field)
@@ -174,6 +181,42 @@ def open_corpus(paths: str | Path | Sequence[str | Path], *, text_field: str = "
                         "Fix: give their columns the same types, or annotate them separately."
                         ) from None
     return Corpus(files, dataset, text_field)
+
+
+def _check_utf8(part: Any, path: Path) -> None:
+    """Stop on text that is not UTF-8 now, naming its file and line, rather than when a later
+    read of it fails deep inside pyarrow: the JSON reader of ``datasets`` lets such bytes
+    through into the Arrow table. The validation is one linear pass in C++ over the
+    memory-mapped table; the file is scanned for the line only once it has failed."""
+    try:
+        part.with_format("arrow")[:].validate(full=True)
+    except pa.ArrowInvalid as err:
+        raise DataError(_first_bad_line(path) or (
+            f"{path}: holds text that is not valid UTF-8 ({_first_line(err)}). Fix: re-encode "
+            "it as UTF-8 or remove it from `data_files`.")) from None
+
+
+def _first_bad_line(path: Path) -> str | None:
+    """What is wrong with the first bad line of a jsonl (or json) file, as ``file:line: ...``
+    with the fix: bytes that are not UTF-8, or (jsonl) a line that is not a JSON object. None
+    when no line is bad, or for other formats. Called once ``datasets`` has refused a file or
+    read bytes that are not UTF-8 from it, to name the line; the file is streamed line by line
+    and the scan stops at the first bad line. A ``.json`` file may be one JSON document over
+    many lines, so only its bytes are checked there."""
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".jsonl":
+            for line_no, value in iter_jsonl_values(path):
+                if not isinstance(value, dict):
+                    return (f"{path}:{line_no}: expected a JSON object, got "
+                            f"{type(value).__name__}. Fix: repair or delete that line.")
+        elif path.suffix == ".json":
+            for _ in iter_jsonl_lines(path):
+                pass
+    except DataError as err:
+        return str(err)
+    return None
 
 
 def _check_texts(part: Any, path: Path, text_field: str) -> None:
@@ -198,7 +241,7 @@ def _locate(path: Path, row: int) -> str:
     """``file:line`` for jsonl (blank lines skipped, as ``datasets`` skips them), else
     ``file, row n`` (1-based)."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="replace") as handle:
             seen = -1
             for line_no, line in enumerate(handle, start=1):
                 if line.strip():

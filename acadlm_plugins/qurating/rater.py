@@ -78,7 +78,7 @@ from acadlm_plugins._compat import (
     hf_checkpoint_files,
     save_hf_model_dir,
 )
-from acadlm_plugins.data.documents import json_error_text
+from acadlm_plugins.data.documents import iter_jsonl_lines, json_error_text
 from acadlm_plugins.errors import ConfigError, DataError
 from acadlm_plugins.evaluation.lm_adapter import AcadTokenizer, final_hidden_states
 from acadlm_plugins.models.families import HFModelSpec, hf_model_spec, unreadable_weights_refused
@@ -309,20 +309,25 @@ def read_judgments(paths: str | Path | Sequence[str | Path], *,
     repeated = 0
     for raw in paths:
         path = Path(raw).expanduser()
+        if path.is_dir():
+            inside = path / "judgments.jsonl"
+            raise ConfigError("judgments", f"{path} is a directory; a JSONL file is expected.",
+                              f"point it at {inside}." if inside.is_file() else
+                              "point it at the judgments.jsonl file the judging stage wrote.")
         if not path.is_file():
             raise ConfigError("judgments", f"{path} does not exist.",
                               "point it at the judgments.jsonl the judging stage wrote.")
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                row = _judgment_row(line, where)
-                if row[0] in seen:
-                    repeated += 1
-                    continue
-                seen.add(row[0])
-                rows.append((*row, where))
+        # Streamed line by line; a byte that is not UTF-8 is a DataError naming file:line.
+        for line_no, line in iter_jsonl_lines(path):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            row = _judgment_row(line, where)
+            if row[0] in seen:
+                repeated += 1
+                continue
+            seen.add(row[0])
+            rows.append((*row, where))
     if repeated:
         log.warning("%d judgment rows repeat an earlier pair_id; the first row of each is used",
                     repeated)

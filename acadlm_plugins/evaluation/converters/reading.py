@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from acadlm_plugins.data.documents import json_error_text
 from acadlm_plugins.evaluation.converters.base import SKIP_HINT, Run, SourceError, Where
 
 #: Files at least this large show a progress bar (on a terminal).
@@ -68,8 +69,7 @@ def jsonl_values(path: Path, run: Run) -> Iterator[tuple[Where, Any]]:
         try:
             yield where, json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as error:
-            run.reject(SourceError(where, f"is not valid JSON ({error.msg} at column "
-                                   f"{error.colno}).", run.fix(where)))
+            run.reject(SourceError(where, f"is {json_error_text(error)}.", run.fix(where)))
 
 
 def json_document(path: Path, run: Run) -> Any:
