@@ -21,6 +21,8 @@ fingerprint); a rerun on the same ``output_dir`` reuses that export instead of r
 slicing again, as a finished learned run resumes from its last checkpoint (its export hooks
 still run, so a quantized copy asked for now is written), and refuses one made from another
 config (or, under ``resume: false``, any) rather than overwrite it, before writing anything.
+A run whose ``output_dir`` holds the other method's output (a one-shot export, a learned run's
+checkpoints or export) is refused the same way, naming ``pruning.method``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from acadlm_plugins.training.checkpointing import (
     check_starting_weights,
     config_mismatch,
     config_values,
+    latest_checkpoint,
     starting_weights_fingerprint,
     write_atomically,
 )
@@ -86,7 +89,7 @@ class PruneRecipe:
         self._trainer.example_config = "configs/smollm2/135M_to_85M_prune.yaml"
         self._trainer.exports_final_model = False  # the pruned model is exported below
         self._trainer.resume_must_match = (*self._trainer.resume_must_match, "pruning")
-        self._trainer.before_resume = self._check_one_shot_output
+        self._trainer.before_resume = self._check_output_dir
         self._one_shot_inputs: dict[str, Any] | None = None
         self._reused_one_shot: dict[str, Any] | None = None
 
@@ -95,14 +98,17 @@ class PruneRecipe:
         self._pruning = self._trainer.plugin_manager.get_plugin(
             "acadlm_plugins.plugins.pruning:PruningPlugin")
 
-    def _check_one_shot_output(self, cfg: DictConfig, resume: object) -> object:
-        """One-shot runs write no checkpoint: what a learned run's resume checks against its
-        checkpoint, a one-shot run checks against its summary, after the same config checks
-        (on the config as the run reads it) and before anything is written. A reusable export
+    def _check_output_dir(self, cfg: DictConfig, resume: object) -> object:
+        """What ``output_dir`` already holds, checked after the config checks and before
+        anything is written. An export or checkpoints of the other ``pruning.method`` are
+        refused (:func:`check_same_method`): this run would overwrite them. One-shot runs write
+        no checkpoint: what a learned run's resume checks against its checkpoint, a one-shot
+        run checks against its summary (on the config as the run reads it). A reusable export
         is this run's resume point, so ``resume: true`` accepts it as a learned run accepts
         its last checkpoint."""
         pruning = self._trainer.plugin_manager.get_plugin(
             "acadlm_plugins.plugins.pruning:PruningPlugin")
+        check_same_method(self._trainer.output_dir, pruning.method)
         if pruning.method != "importance":
             return resume
         self._one_shot_inputs = one_shot_inputs(cfg, self._trainer.resume_must_match,
@@ -293,6 +299,49 @@ def one_shot_inputs(cfg: DictConfig, must_match: tuple[str, ...],
     inputs = {"config": config_values(cfg, must_match, recipe=RECIPE_NAME, defaults=defaults),
               "starting_weights": starting_weights_fingerprint(cfg)}
     return json.loads(json.dumps(inputs))  # as a summary reads back (tuples become lists)
+
+
+def exported_methods(output_dir: Path) -> set[str]:
+    """The ``pruning.method`` of the pruned model ``output_dir`` holds, as its
+    ``pruning_summary.json`` and its ``pruned_model/config.json`` (the export's provenance)
+    record it: empty when there is neither; both are read, since either alone may be left (a
+    model folder deleted, a summary unlinked by a one-shot run killed before its export). A
+    summary or provenance without ``method`` was written by a learned run of an older
+    version."""
+    methods = set()
+    summary = _read_summary(output_dir / SUMMARY_FILENAME)
+    if summary is not None:
+        methods.add(str(summary.get("method", "learned")))
+    exported = _read_summary(output_dir / PRUNED_MODEL_DIRNAME / "config.json")  # a JSON dict
+    provenance = (exported or {}).get("acadlm_pruning")
+    if isinstance(provenance, dict):
+        methods.add(str(provenance.get("method", "learned")))
+    return methods
+
+
+def check_same_method(output_dir: Path, method: str) -> None:
+    """Refuse a run whose ``output_dir`` holds the output of the other ``pruning.method``,
+    before anything is written: a learned run there would train and export over a one-shot
+    export, a one-shot run would export over a learned run's model (with or without its
+    checkpoints), without a word. The pipeline gives each arm's prune stage its own folder;
+    a rerun of the same method (resumed, or a one-shot export reused or refused by
+    :func:`reusable_one_shot`) passes."""
+    checkpoint = latest_checkpoint(output_dir) if method == "importance" else None
+    others = sorted(exported_methods(output_dir) - {method})
+    if checkpoint is not None:  # only mask training writes checkpoints
+        other, held = "learned", (f"the checkpoints of a learned pruning run ({checkpoint.name}, "
+                                  "`pruning.method: learned`)")
+    elif others:
+        other = others[0]
+        kind = "a one-shot" if other == "importance" else f"a {other}"
+        held = (f"{kind} pruning run's export ({PRUNED_MODEL_DIRNAME}, {SUMMARY_FILENAME}, "
+                f"`pruning.method: {other}`)")
+    else:
+        return
+    raise ConfigError("pruning.method", f"is {method!r}, but `output_dir` {output_dir} already "
+                      f"holds {held}, which this run would overwrite.",
+                      f"choose a new `output_dir` for this run (or set `pruning.method: {other}` "
+                      "to rerun the run that folder holds).")
 
 
 def reusable_one_shot(output_dir: Path, inputs: dict[str, Any], resume: object,

@@ -419,3 +419,70 @@ def test_a_one_shot_output_moved_with_its_inputs_is_reused(tmp_path, monkeypatch
     assert summary["pruned_model_dir"] == str(out / "pruned_model")
     assert summary["one_shot_inputs"]["config"]["dataset"]["data_dir"] == str(
         scratch / "tiny_corpus")  # what the export was made from, as recorded
+
+
+def test_a_learned_run_refuses_an_output_dir_holding_a_one_shot_export(tmp_path, monkeypatch):
+    """A learned run into the folder of a finished one-shot run would train there and
+    overwrite its pruned_model and summary: it is refused naming `pruning.method`, before
+    anything is written, whatever `resume` says."""
+    out = run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(
+        tmp_path, "pruning.method=importance", "pruning.calibration.num_sequences=8"))
+    exported, before = folder_state(out / "pruned_model"), folder_state(out)
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+    for resume in ("auto", "false"):
+        with pytest.raises(ConfigError) as err:
+            run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(
+                tmp_path, "max_steps=2", "save_every_n_steps=2", f"resume={resume}"))
+        assert err.value.key == "pruning.method"
+        assert "one-shot" in err.value.problem and "importance" in err.value.problem
+        assert "new `output_dir`" in err.value.fix
+    assert folder_state(out / "pruned_model") == exported
+    assert folder_state(out) == before
+    assert sorted(p.name for p in (out / "logs").iterdir()) == logs
+    assert latest_checkpoint(out) is None
+
+
+def test_a_one_shot_run_refuses_an_output_dir_holding_a_learned_run(tmp_path, monkeypatch):
+    """The reverse: a one-shot run into a learned run's folder, with its checkpoints or with
+    only its export left, is refused naming `pruning.method` before anything is written."""
+    settings = ("max_steps=2", "save_every_n_steps=2")
+    out = run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe",
+                          prune_args(tmp_path, *settings))
+    assert pruning_summary(out)["method"] == "learned" and latest_checkpoint(out) is not None
+    exported = folder_state(out / "pruned_model")
+    one_shot = prune_args(tmp_path, *settings, "pruning.method=importance",
+                          "pruning.calibration.num_sequences=8")
+    for holds in ("checkpoints", "export"):
+        if holds == "export":  # the checkpoints deleted to save space, the export kept
+            for step in out.glob("step_*"):
+                shutil.rmtree(step)
+            (out / "LATEST").unlink(missing_ok=True)
+        before = folder_state(out)
+        logs = sorted(p.name for p in (out / "logs").iterdir())
+        with pytest.raises(ConfigError) as err:
+            run_recipe_main(monkeypatch, "acadlm_plugins.prune_recipe", one_shot)
+        assert err.value.key == "pruning.method", holds
+        assert "learned" in err.value.problem and holds in err.value.problem
+        assert "new `output_dir`" in err.value.fix
+        assert folder_state(out / "pruned_model") == exported
+        assert folder_state(out) == before
+        assert sorted(p.name for p in (out / "logs").iterdir()) == logs
+    assert pruning_summary(out)["method"] == "learned"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("pruning=5", "pruning"),
+    ("pruning=abc", "pruning"),
+    ("pruning.calibration=5", "pruning.calibration"),
+    ("pruning.calibration=[8,4]", "pruning.calibration"),
+    ("pruning.target=5", "pruning.target"),
+])
+def test_a_pruning_block_that_is_not_a_mapping_is_refused(tmp_path, monkeypatch, override, key):
+    """`pruning=5` (or a nested mapping of the block given a number, list or string) is one
+    ConfigError naming the key, as other plugin blocks' are, not a TypeError, and writes
+    nothing."""
+    with pytest.raises(ConfigError) as err:
+        run(monkeypatch, "acadlm_plugins.prune_recipe", prune_args(tmp_path, override))
+    assert err.value.key == key
+    assert "must be a mapping" in err.value.problem and f"`{key}" in err.value.fix
+    assert not (tmp_path / "run").exists()

@@ -74,6 +74,9 @@ MASK_TRAINING_KEYS = ("lagrangian_warmup_steps", "mask_lr", "lambda_lr", "dropra
 MASK_INITS = ("uniform", "importance")
 MASK_LR_SCHEDULES = ("constant", "model")
 CALIBRATION_KEYS = {"num_sequences", "batch_size", "every_token"}
+# The block's keys that hold a mapping, with an example for the error that refuses another value.
+MAPPING_KEYS = {"target": "{num_layers: 20, embed_dim: 384}",
+                "calibration": "{num_sequences: 64, batch_size: 8}"}
 #: Where the hidden gate acts on the RMSNorms, recorded in the plugin's checkpoint state
 #: (``hidden_gate``): ``every_norm``, each layer's ``sa_norm`` and ``mlp_norm`` as well as the
 #: final norm multiply their output by it (:meth:`MaskHooks._masked_rms_norm`, since
@@ -112,6 +115,11 @@ class PruningPlugin:
     @hookimpl
     def acadlm_configure(self, cfg: Any, recipe: str) -> None:
         block = cfg.get(CONFIG_KEY, None)
+        if block is not None and not isinstance(block, Mapping):
+            # (`pruning=5` would otherwise reach the key checks as a TypeError)
+            raise ConfigError(CONFIG_KEY, f"must be a mapping, got {block!r}.",
+                              "write `pruning: {target: {...}, ...}` (see configs/smollm2/), "
+                              "or remove it.")
         if not block:
             if recipe == "prune":
                 raise ConfigError(CONFIG_KEY, "is required by the prune recipe.",
@@ -125,6 +133,8 @@ class PruningPlugin:
                               "run `tune run acadlm_plugins/prune_recipe --config ...` to "
                               "prune, or remove the `pruning:` block.")
         reject_unknown_keys(block, KNOWN_KEYS, recipe=recipe, prefix=f"{CONFIG_KEY}.")
+        for key, example in MAPPING_KEYS.items():
+            mapping_block(block, key, example)
         if not block.get("target"):
             raise ConfigError(f"{CONFIG_KEY}.target", "is missing.",
                               "name the target dims, e.g. {num_layers: 20, embed_dim: 384}.")
@@ -138,7 +148,7 @@ class PruningPlugin:
                                   "would ignore it.", f"set {CONFIG_KEY}.mask_init: importance, "
                                   f"or remove {CONFIG_KEY}.{key}.")
         self.mask_init_gap = number(block, "mask_init_gap", float, 0.0, minimum=0)
-        calibration = dict(block.get("calibration", None) or {})
+        calibration = dict(block.get("calibration", None) or {})  # a mapping or null (above)
         reject_unknown_keys(calibration, CALIBRATION_KEYS, recipe=recipe,
                             prefix=f"{CONFIG_KEY}.calibration.")
         self.calibration_sequences = number(calibration, "num_sequences", int, 64, minimum=1,
@@ -457,6 +467,16 @@ def choice(block: Any, key: str, allowed: tuple[str, ...]) -> str:
         raise ConfigError(f"{CONFIG_KEY}.{key}", f"unknown value {value!r}.",
                           f"use one of {list(allowed)}.")
     return value
+
+
+def mapping_block(block: Any, key: str, example: str) -> None:
+    """Refuse ``pruning.<key>`` set to anything but a mapping or null (``pruning.calibration=5``,
+    a list, a string), naming it, before its keys are read: ``dict(5)`` or iterating an int
+    would stop the run with a bare ``TypeError``."""
+    value = block.get(key, None)
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigError(f"{CONFIG_KEY}.{key}", f"must be a mapping, got {value!r}.",
+                          f"write `{CONFIG_KEY}.{key}: {example}`.")
 
 
 def checked_betas(betas: Any) -> tuple[float, float]:
