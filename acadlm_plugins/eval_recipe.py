@@ -31,7 +31,12 @@ import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} res
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.evaluation.answer_cache import model_cache_path
 from acadlm_plugins.evaluation.lengths import parse_lengths
-from acadlm_plugins.training.config_checks import config_value, reject_unknown_keys
+from acadlm_plugins.training.config_checks import (
+    SEED_MAX,
+    check_output_dir,
+    config_value,
+    reject_unknown_keys,
+)
 
 log = utils.get_logger("INFO")
 
@@ -41,20 +46,26 @@ KNOWN_KEYS = {
     "num_fewshot",
 }
 MODEL_NAMES = ("acadlm", "hf")
+#: The eval config's switches, with their defaults: each must be true or false (a YAML boolean),
+#: never a string such as "false", which ``bool()`` would read as true.
+FLAGS = {"apply_chat_template": False, "log_samples": True}
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Refuse unknown keys and missing essentials before anything is loaded."""
+    """Refuse unknown keys, missing essentials and values of the wrong type (each named with
+    its fix) before anything is loaded or written."""
     reject_unknown_keys(cfg, KNOWN_KEYS, recipe="eval")
     for key in ("output_dir", "model", "tasks"):
         if key not in cfg:
             raise ConfigError(key, "is required by the eval recipe.",
                               "see configs/smollm2/eval_long_context.yaml.")
+    output_folder(cfg)
+    model_settings(cfg)
     name = cfg.model.get("name", "acadlm")
     if name not in MODEL_NAMES:
         raise ConfigError("model.name", f"{name!r} is not supported here.",
                           f"use one of {list(MODEL_NAMES)} (other lm-eval models: lm_eval CLI).")
-    pretrained = cfg.model.get("args", {}).get("pretrained")
+    pretrained = cfg.model.args.get("pretrained")
     if not pretrained or not Path(str(pretrained)).expanduser().is_dir():
         raise ConfigError("model.args.pretrained", f"{pretrained!r} is not a local model folder.",
                           "point it at an exported checkpoint (config.json, *.safetensors, "
@@ -65,11 +76,71 @@ def check_config(cfg: DictConfig) -> None:
     check_task_names(tasks)
     run_settings(cfg)
     lm_eval_settings(cfg)
+    extra_task_metadata(cfg)
     use_cache = cfg.get("use_cache")
     if use_cache is not None and not isinstance(use_cache, str):
         raise ConfigError("use_cache", f"is {use_cache!r}, not a path.",
                           "give a path prefix for the answer cache, e.g. "
                           "${output_dir}/lm_cache, or null for none.")
+    if use_cache:
+        try:  # lm-eval makes the cache's folder mid-run: a file in its way is a traceback there
+            check_output_dir(Path(use_cache).parent, key="use_cache")
+        except ConfigError as error:
+            raise ConfigError("use_cache", error.problem,
+                              "give a path prefix under a folder that exists or can be made, "
+                              "e.g. ${output_dir}/lm_cache, or null for none.") from None
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    """``output_dir`` as a folder that exists or can be made, or a :class:`ConfigError` naming
+    it: a path (not a list, a mapping, true/false or null) that is not a file and not under one,
+    and writable, checked before anything runs, so a refused run leaves such a file intact."""
+    value = cfg.get("output_dir")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ConfigError("output_dir", f"is {value!r}, not a folder path.",
+                          "give the folder for results.json and the samples, e.g. "
+                          "output_dir=outputs/eval/my_run (it is created if missing).")
+    path = Path(str(value)).expanduser()
+    check_output_dir(path)
+    return path
+
+
+def model_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``model`` and ``model.args`` as mappings, and the args the recipe itself reads, checked:
+    ``batch_size`` (a positive integer, ``auto`` or ``auto:N``; default 1), ``max_batch_size``
+    (a positive integer or unset) and ``device`` (a name such as ``cpu`` or ``cuda:0``; default
+    ``cpu``), or a :class:`ConfigError` naming the key."""
+    model = cfg.get("model")
+    if not OmegaConf.is_dict(model):
+        raise ConfigError("model", f"is {model!r}, not a mapping.",
+                          "give the model as a block: model: {name: acadlm, args: {pretrained: "
+                          "<model folder>}}.")
+    args = model.get("args")
+    if not OmegaConf.is_dict(args):
+        raise ConfigError("model.args", f"is {args!r}, not a mapping.",
+                          "give the model's args as a block, e.g. model.args={pretrained: "
+                          "<model folder>, batch_size: 1, device: cpu}.")
+    batch_size = args.get("batch_size", 1)
+    batch_size = 1 if batch_size is None else batch_size
+    text = "" if isinstance(batch_size, bool) else str(batch_size).strip()
+    name, _, parts = text.partition(":")
+    if text.isdigit() and int(text) >= 1:
+        batch_size = int(text)
+    elif not (name == "auto" and (not parts or (parts.isdigit() and int(parts) >= 1))):
+        raise ConfigError("model.args.batch_size", f"is {batch_size!r}, not a batch size.",
+                          "give a positive integer, auto or auto:N.")
+    else:
+        batch_size = text
+    settings: dict[str, Any] = {"batch_size": batch_size}
+    if "max_batch_size" in args:
+        settings["max_batch_size"] = config_value(
+            args.max_batch_size, "model.args.max_batch_size", int, minimum=1, allow_none=True)
+    device = args.get("device", "cpu")
+    if device is not None and (not isinstance(device, str) or not device.strip()):
+        raise ConfigError("model.args.device", f"is {device!r}, not a device name.",
+                          "give a device such as cpu, cuda or cuda:0.")
+    settings["device"] = device
+    return settings
 
 
 def task_names(cfg: DictConfig) -> list[Any]:
@@ -132,19 +203,82 @@ def run_settings(cfg: DictConfig) -> dict[str, Any]:
     settings["num_samples"] = config_value(cfg.get("num_samples"), "num_samples", int, minimum=1,
                                            allow_none=True)
     settings["seed"] = config_value(cfg.get("seed", 1234), "seed", int, minimum=0)
+    if settings["seed"] > SEED_MAX:  # numpy's seed, which lm-eval sets, must fit 32 bits
+        raise ConfigError("seed", f"is {cfg.seed!r}, above its maximum {SEED_MAX}.",
+                          f"set `seed` to an integer in [0, {SEED_MAX}].")
     return settings
 
 
+def flag(cfg: DictConfig, key: str) -> bool:
+    """The switch ``key`` of :data:`FLAGS` (its default when absent): a real boolean, or a
+    :class:`ConfigError` naming ``key``. A string is refused, "false" included: ``bool("false")``
+    is True, and a quoted value is a typo to fix, not a guess to make."""
+    value = cfg.get(key, FLAGS[key])
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"is {value!r}, not true or false.",
+                          f"set `{key}` to true or false, unquoted (`{key}=false` on the "
+                          "command line).")
+    return value
+
+
 def lm_eval_settings(cfg: DictConfig) -> dict[str, Any]:
-    """``limit`` and ``num_fewshot`` as lm-eval reads them, checked: ``limit`` is a count of
-    documents per task (a whole number above 1) or a fraction in (0, 1]; ``num_fewshot`` a
-    count of 0 or more; either may be unset (None), or a :class:`ConfigError` naming the key."""
+    """What the recipe passes to lm-eval, checked: ``limit`` is a count of documents per task (a
+    whole number above 1) or a fraction in (0, 1]; ``num_fewshot`` a count of 0 or more; either
+    may be unset (None); ``log_samples`` and ``apply_chat_template`` true or false;
+    ``system_instruction`` text or unset; ``gen_kwargs`` a mapping, a ``key=value,...`` string
+    or unset. Anything else is a :class:`ConfigError` naming the key."""
     limit = config_value(cfg.get("limit"), "limit", float, above=0, allow_none=True)
     if limit is not None and limit > 1:
         limit = config_value(cfg.get("limit"), "limit", int)  # a count: a whole number
     return {"limit": limit,
             "num_fewshot": config_value(cfg.get("num_fewshot"), "num_fewshot", int, minimum=0,
-                                        allow_none=True)}
+                                        allow_none=True),
+            "log_samples": flag(cfg, "log_samples"),
+            "apply_chat_template": flag(cfg, "apply_chat_template"),
+            "system_instruction": system_instruction(cfg),
+            "gen_kwargs": gen_kwargs(cfg)}
+
+
+def system_instruction(cfg: DictConfig) -> str | None:
+    """``system_instruction`` as text (None when unset or empty), or a :class:`ConfigError`."""
+    value = cfg.get("system_instruction")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError("system_instruction", f"is {value!r}, not text.",
+                          'give the instruction as a string, e.g. "Answer briefly.", or null '
+                          "for none.")
+    return value or None
+
+
+def gen_kwargs(cfg: DictConfig) -> dict[str, Any] | str | None:
+    """``gen_kwargs`` as lm-eval takes it: a plain dict, a ``key=value,...`` string (lm-eval's
+    ``--gen_kwargs``; each item must have its ``=``) or None, or a :class:`ConfigError`."""
+    value = cfg.get("gen_kwargs")
+    fix = ("give generation settings as key=value pairs, e.g. gen_kwargs=\"max_gen_toks=64,"
+           "temperature=0\" or gen_kwargs={max_gen_toks: 64}, or null for the tasks' own.")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if OmegaConf.is_dict(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, str):
+        raise ConfigError("gen_kwargs", f"is {value!r}, not key=value settings.", fix)
+    for item in filter(str.strip, value.split(",")):
+        key, equals, _ = item.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError("gen_kwargs", f"has {item.strip()!r}, not a key=value pair.",
+                              fix)
+    return value
+
+
+def extra_task_metadata(cfg: DictConfig) -> dict[str, Any]:
+    """``task_metadata`` as a plain dict ({} when unset), or a :class:`ConfigError` naming it."""
+    extra = cfg.get("task_metadata")
+    if extra is None:
+        return {}
+    if not OmegaConf.is_dict(extra):
+        raise ConfigError("task_metadata", f"is {extra!r}, not a mapping.",
+                          "give extra task settings as a mapping, e.g. "
+                          "task_metadata={haystack_path: my_texts/}, or {} for none.")
+    return OmegaConf.to_container(extra, resolve=True)
 
 
 def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -152,13 +286,13 @@ def task_metadata(cfg: DictConfig, model_args: dict[str, Any]) -> dict[str, Any]
     the run applies a chat template and its system instruction (our tasks lay out and size their
     prompts for them), extras."""
     metadata = dict(model_args)
-    if cfg.get("apply_chat_template"):
+    if flag(cfg, "apply_chat_template"):
         metadata["apply_chat_template"] = True
-    if cfg.get("system_instruction"):
-        metadata["system_instruction"] = str(cfg.system_instruction)
+    instruction = system_instruction(cfg)
+    if instruction:
+        metadata["system_instruction"] = instruction
     metadata.update({key: value for key, value in run_settings(cfg).items() if value is not None})
-    extra = cfg.get("task_metadata") or {}
-    metadata.update(OmegaConf.to_container(extra, resolve=True) if extra else {})
+    metadata.update(extra_task_metadata(cfg))
     return metadata
 
 
@@ -181,13 +315,17 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     from acadlm_plugins.evaluation.report import length_table, write_report
 
     register_lm_eval_model()
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model_args = OmegaConf.to_container(cfg.model.get("args", {}), resolve=True)
+    output_dir = output_folder(cfg)
+    model_args = OmegaConf.to_container(cfg.model.args, resolve=True)
     model_args["pretrained"] = str(Path(model_args["pretrained"]).expanduser())
     # simple_evaluate passes batch size and device to the model itself; keep them out of the args.
-    batch_size = model_args.pop("batch_size", 1)
-    device = model_args.pop("device", "cpu")
+    checked = model_settings(cfg)
+    model_args.pop("batch_size", None)
+    model_args.pop("device", None)
+    batch_size, device = checked["batch_size"], checked["device"]
+    model_args.pop("max_batch_size", None)
+    if checked.get("max_batch_size") is not None:  # unset: the model's own default
+        model_args["max_batch_size"] = checked["max_batch_size"]
     metadata = task_metadata(cfg, model_args)
     seed = metadata["seed"]
     model_name = cfg.model.get("name", "acadlm")
@@ -198,6 +336,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         log.info("Answer cache of this model: %s_rank*.db (use_cache %s, keyed by the model's "
                  "files and args)", use_cache, cfg.use_cache)
     settings = lm_eval_settings(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model=model_name,
@@ -208,10 +347,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         device=device,
         use_cache=use_cache,
         limit=settings["limit"],
-        log_samples=bool(cfg.get("log_samples", True)),
-        apply_chat_template=bool(cfg.get("apply_chat_template", False)),
-        system_instruction=str(cfg.system_instruction) if cfg.get("system_instruction") else None,
-        gen_kwargs=cfg.get("gen_kwargs"),
+        log_samples=settings["log_samples"],
+        apply_chat_template=settings["apply_chat_template"],
+        system_instruction=settings["system_instruction"],
+        gen_kwargs=settings["gen_kwargs"],
         task_manager=task_manager(metadata),
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )

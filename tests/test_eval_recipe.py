@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from tiny_setup import REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
+from tiny_setup import (
+    REPO_ROOT,
+    run_tune_expecting_failure,
+    run_tune_subprocess,
+    write_tiny_model_dir,
+)
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.eval_recipe import check_config, task_metadata
@@ -111,6 +116,115 @@ def test_a_bad_run_setting_is_named(tmp_path, tiny_model_dir, key, value, proble
     cfg = _cfg(tmp_path, tiny_model_dir, **{key: value})
     with pytest.raises(ConfigError, match=rf"`{key}`: .*{problem}"):
         check_config(cfg)
+
+
+def _model(model_dir: Path, **args) -> dict:
+    return {"name": "acadlm", "args": {"pretrained": str(model_dir), **args}}
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("apply_chat_template", "false", "is 'false', not true or false"),
+    ("apply_chat_template", "true", "is 'true', not true or false"),
+    ("apply_chat_template", "maybe", "is 'maybe', not true or false"),
+    ("apply_chat_template", 1, "is 1, not true or false"),
+    ("log_samples", "false", "is 'false', not true or false"),
+    ("log_samples", None, "is None, not true or false"),
+    ("task_metadata", "abc", "is 'abc', not a mapping"),
+    ("task_metadata", [1, 2], "not a mapping"),
+    ("output_dir", True, "is True, not a folder path"), ("output_dir", "", "not a folder path"),
+    ("output_dir", ["a"], "not a folder path"),
+    ("system_instruction", 42, "is 42, not text"),
+    ("gen_kwargs", 3, "is 3, not key=value settings"),
+    ("gen_kwargs", "max_gen_toks", "has 'max_gen_toks', not a key=value pair"),
+    ("seed", 2**32, "above its maximum 4294967295"),
+    ("model", "abc", "is 'abc', not a mapping"),
+    ("model.args", {"name": "acadlm", "args": "abc"}, "is 'abc', not a mapping"),
+    ("model.args.batch_size", "abc", "is 'abc', not a batch size"),
+    ("model.args.batch_size", 0, "is 0, not a batch size"),
+    ("model.args.batch_size", 1.5, "is 1.5, not a batch size"),
+    ("model.args.batch_size", "auto:0", "not a batch size"),
+    ("model.args.max_batch_size", "many", "is 'many', not an integer"),
+    ("model.args.device", 0, "is 0, not a device name")])
+def test_a_value_of_the_wrong_type_is_named(tmp_path, tiny_model_dir, key, value,
+                                            problem) -> None:
+    """A quoted "false" (which bool() reads as true), `task_metadata=abc`, a list for a path, a
+    number for text: refused by the config check with the key, not read as something else or a
+    traceback mid-run; nothing is written."""
+    if key.startswith("model.args."):
+        extra = {"model": _model(tiny_model_dir, **{key.rsplit(".", 1)[1]: value})}
+    else:
+        extra = {key.split(".")[0]: value}
+    cfg = _cfg(tmp_path, tiny_model_dir, **extra)
+    with pytest.raises(ConfigError, match=rf"`{key}`: .*{problem}"):
+        check_config(cfg)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_switches_take_yaml_booleans(tmp_path, tiny_model_dir, value) -> None:
+    from acadlm_plugins.eval_recipe import lm_eval_settings
+
+    cfg = _cfg(tmp_path, tiny_model_dir, apply_chat_template=value, log_samples=value)
+    check_config(cfg)
+    settings = lm_eval_settings(cfg)
+    assert settings["apply_chat_template"] is value and settings["log_samples"] is value
+    assert task_metadata(cfg, {}).get("apply_chat_template", False) is value
+
+
+def test_model_args_the_recipe_reads_are_checked_and_normalised(tmp_path,
+                                                                tiny_model_dir) -> None:
+    from acadlm_plugins.eval_recipe import lm_eval_settings, model_settings
+
+    for given, expected in [(4, 4), ("4", 4), ("auto", "auto"), ("auto:2", "auto:2"), (None, 1)]:
+        cfg = _cfg(tmp_path, tiny_model_dir, model=_model(tiny_model_dir, batch_size=given))
+        check_config(cfg)
+        assert model_settings(cfg)["batch_size"] == expected
+    cfg = _cfg(tmp_path, tiny_model_dir, gen_kwargs={"max_gen_toks": 8},
+               model=_model(tiny_model_dir, max_batch_size="8", device="cpu"))
+    check_config(cfg)
+    assert model_settings(cfg) == {"batch_size": 1, "max_batch_size": 8, "device": "cpu"}
+    assert lm_eval_settings(cfg)["gen_kwargs"] == {"max_gen_toks": 8}
+
+
+def test_an_output_dir_that_is_a_file_or_under_one_is_refused_and_kept(tmp_path,
+                                                                       tiny_model_dir) -> None:
+    """`output_dir=<a file>` was a FileExistsError once the run started; now the config check
+    refuses it (and a path under a file, and a `use_cache` under a file) and the file stays."""
+    from acadlm_plugins.eval_recipe import run_evaluation
+
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    for value, problem in [(existing, "is a file, not a folder"),
+                           (existing / "eval", r"\(a parent of .*\) is a file")]:
+        with pytest.raises(ConfigError, match=rf"`output_dir`: .*{problem}"):
+            run_evaluation(_cfg(tmp_path, tiny_model_dir, output_dir=str(value)))
+    with pytest.raises(ConfigError, match=r"`use_cache`: .* is a file"):
+        check_config(_cfg(tmp_path, tiny_model_dir, use_cache=str(existing / "lm_cache")))
+    assert existing.read_text() == "keep me"
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("apply_chat_template='false'", "apply_chat_template"),
+    ("log_samples='false'", "log_samples"), ("task_metadata=abc", "task_metadata"),
+    ("output_dir={file}", "output_dir")])
+def test_tune_run_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path, tiny_model_dir,
+                                                                    override, key) -> None:
+    """The reviewer's runs of the shipped config: each stops with `error: config `<key>`:`,
+    no traceback, and neither output folder nor the file in the way is touched."""
+    existing = tmp_path / "in_the_way.txt"
+    existing.write_text("keep me")
+    out = tmp_path / "eval"
+    args = ["--config", str(REPO_ROOT / "configs/smollm2/eval_long_context.yaml"),
+            f"output_dir={out}", f"model.args.pretrained={tiny_model_dir}",
+            "tasks=[acadlm_niah_single_1]", "lengths=[384]", "num_samples=1",
+            override.format(file=existing)]
+    output = run_tune_expecting_failure("acadlm_plugins/eval_recipe", args, cwd=tmp_path,
+                                        nproc=1)
+    assert f"error: config `{key}`: " in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not out.exists() and existing.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in_the_way.txt"]
 
 
 @pytest.mark.parametrize(("limit", "expected"), [(None, None), (0.5, 0.5), (1, 1.0), (8, 8),
