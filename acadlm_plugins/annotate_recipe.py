@@ -59,6 +59,7 @@ from acadlm_plugins.qurating.metrics import check_metric_logger, optional_metric
 from acadlm_plugins.qurating.rater import load_rater
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.config_checks import check_config_keys, config_value
+from acadlm_plugins.training.run_checks import output_dir_setting
 
 log = utils.get_logger("INFO")
 
@@ -104,7 +105,7 @@ class AnnotateRecipe:
     def setup(self, cfg: DictConfig) -> None:
         chunk_tokens, batch_tokens, shard_size, per_file, self._max_shards = checked_settings(cfg)
         self._cfg = cfg
-        self._output_dir = Path(str(cfg.output_dir)).expanduser()
+        self._output_dir = output_dir_setting(cfg)
         self._rater_dir = Path(str(cfg.rater_dir)).expanduser()
 
         self._rater = load_rater(self._rater_dir, device=self._device, dtype=self._dtype,

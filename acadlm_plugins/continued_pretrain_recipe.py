@@ -80,6 +80,7 @@ from acadlm_plugins.training.run_checks import (
     check_output_dir,
     clean_interrupted_writes,
     clip_grad_norm,
+    output_dir_setting,
     positive_int,
     step_interval,
 )
@@ -133,11 +134,14 @@ class ContinuedPretrainRecipe:
         # Which slice of the data this rank reads: its rank among the data-parallel replicas
         # (recipes that split each sequence over several ranks change these).
         self._data_rank, self._data_world = self._rank, self._world_size
-        self._output_dir = Path(cfg.output_dir)
+        self._output_dir = output_dir_setting(cfg)
         self._seed = training.set_seed(checked_seed(cfg.get("seed", 0), self._world_size))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")
         self._grad_accum = positive_int(cfg, "gradient_accumulation_steps", 1)
+        self._activation_checkpointing = bool(config_value(
+            cfg.get("enable_activation_checkpointing", False), "enable_activation_checkpointing",
+            bool, allow_none=True))
         self._clip_grad_norm = clip_grad_norm(cfg)
         self._log_every = step_interval(cfg, "log_every_n_steps", self._max_steps)
         self._save_every = step_interval(cfg, "save_every_n_steps", self._max_steps)
@@ -251,7 +255,7 @@ class ContinuedPretrainRecipe:
     def _setup_model(self, cfg: DictConfig, model: torch.nn.Module,
                      model_state: dict) -> torch.nn.Module:
         check_state_shapes(cfg, model, model_state)
-        if cfg.get("enable_activation_checkpointing", False):
+        if self._activation_checkpointing:
             from torchtune.modules import TransformerSelfAttentionLayer
 
             training.set_activation_checkpointing(

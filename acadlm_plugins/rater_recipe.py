@@ -88,6 +88,7 @@ from acadlm_plugins.training.run_checks import (
     check_output_outside,
     clean_interrupted_writes,
     clip_grad_norm,
+    output_dir_setting,
     positive_int,
     step_interval,
 )
@@ -174,7 +175,7 @@ class RaterRecipe:
         check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="rater",
                           example="configs/smollm2/qurating_rater.yaml")
         self._cfg = cfg
-        self._output_dir = Path(cfg.output_dir).expanduser()
+        self._output_dir = output_dir_setting(cfg)
         self._seed = training.set_seed(checked_seed(cfg.get("seed", 0), self._world_size))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")

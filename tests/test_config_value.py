@@ -28,3 +28,33 @@ def test_bounds_are_checked():
         config_value(-1.0, "clip_grad_norm", float, minimum=0)
     with pytest.raises(ConfigError, match="above 0"):
         config_value(0, "tau", float, above=0)
+
+
+def _builder(size: int, eps: float = 1e-5, flag: bool = True, name: str | None = None,
+             anything=None, items: list | None = None) -> None:
+    """A component builder whose parameters carry plain scalar annotations (and two that do
+    not), for the type check of ``_component_`` blocks."""
+
+
+@pytest.mark.parametrize(("values", "refused"), [
+    ({"size": 4, "eps": 1, "flag": False, "name": None}, None),   # an int for a float; null
+    ({"size": "4"}, "size"),                                       # quoted: a string
+    ({"size": 4.5}, "size"),
+    ({"size": True}, "size"),                                      # a bool is no int here
+    ({"eps": "small"}, "eps"),
+    ({"flag": "false"}, "flag"),                                   # quoted false reads as true
+    ({"name": 3}, "name"),
+    ({"anything": "x", "items": [1, 2]}, None),                    # unannotated / containers
+])
+def test_component_scalars_are_checked_against_the_builders_annotations(values, refused):
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.training.components import check_scalar_argument_types
+
+    node = OmegaConf.create({"_component_": f"{__name__}._builder", **values})
+    if refused is None:
+        check_scalar_argument_types(_builder, node, key="block")
+        return
+    with pytest.raises(ConfigError) as err:
+        check_scalar_argument_types(_builder, node, key="block")
+    assert err.value.key == f"block.{refused}" and "takes" in str(err.value)

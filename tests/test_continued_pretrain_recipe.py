@@ -639,3 +639,29 @@ def test_a_truncated_recipe_state_names_the_file_and_the_fix(tmp_path, monkeypat
     assert f"delete the folder {newest}" in message and "(step_000001)" in message
     shutil.rmtree(newest)  # the fix named: resume from step 1
     assert run_recipe(monkeypatch, args)["steps"] == 2
+
+
+@pytest.mark.parametrize(("override", "key", "words"), [
+    ("dtype=fp8", "dtype", "'fp8' cannot be used"),
+    ("device=tpu", "device", "'tpu' cannot be used"),
+    ("device=5", "device", "not a device name"),
+    ("model.vocab_size=abc", "model.vocab_size", "takes int"),
+    ("model.tie_word_embeddings=perhaps", "model.tie_word_embeddings", "takes bool"),
+    ("enable_activation_checkpointing=maybe", "enable_activation_checkpointing", "maybe"),
+    ("dataset.packed=maybe", "dataset.packed", "takes bool"),
+])
+def test_a_top_level_or_builder_value_of_the_wrong_kind_is_named_before_anything_is_written(
+        tmp_path, monkeypatch, override, key, words):
+    """torchtune's get_dtype / get_device and the model builder raised tracebacks for these
+    (or, for the booleans, read `maybe` as true); now each is a ConfigError naming the key."""
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, tiny_run_args(tmp_path, "max_steps=1", override))
+    assert err.value.key == key and words in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["null", "''"])
+def test_an_unset_output_dir_is_named(tmp_path, monkeypatch, value):
+    with pytest.raises(ConfigError) as err:
+        run_recipe(monkeypatch, [*tiny_run_args(tmp_path, "max_steps=1"), f"output_dir={value}"])
+    assert err.value.key == "output_dir" and "not a folder path" in str(err.value)

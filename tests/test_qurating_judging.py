@@ -821,6 +821,14 @@ def test_recipe_config_checks_name_keys_with_suggestions(tmp_path, tiny_corpus,
     bad.pairs.file = "pairs.jsonl"
     with pytest.raises(ConfigError, match="exactly one of `pairs.data`"):
         check_config(bad)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me\n")
+    for output_dir in (blocker, blocker / "sub"):  # was a NotADirectoryError when writing
+        bad = cfg.copy()
+        bad.output_dir = str(output_dir)
+        with pytest.raises(ConfigError, match="`output_dir`"):
+            check_config(bad)
+    assert blocker.read_text() == "keep me\n"
 
 
 @pytest.mark.parametrize(("key", "value", "problem"), [

@@ -403,3 +403,16 @@ def test_a_malformed_config_is_named_by_its_flag(tmp_path, capsys, flag):
     err = capsys.readouterr().err
     assert f"config `{flag}`:" in err and "not valid YAML (line 2)" in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--prune-config", "--continue-config"])
+def test_a_config_of_no_training_recipe_is_named_by_its_flag(tmp_path, capsys, flag):
+    """A YAML file of other keys was reported as a stage comparison of None values."""
+    other = tmp_path / "other.yaml"
+    other.write_text("hi\n")  # OmegaConf reads it as {hi: None}
+    refused("--output-dir", str(tmp_path / "out"), flag, str(other))
+    err = capsys.readouterr().err
+    assert f"config `{flag}`:" in err and "is not a config of the prune or continued" in err
+    assert "it has no model, tokenizer" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+

@@ -148,3 +148,23 @@ def test_a_refused_key_the_pipeline_set_from_a_flag_names_the_flag():
         check_stage_config("train", TINY / "continued_pretrain.yaml", ["max_steps=0"],
                            recipe="continued_pretrain", flags={})
     assert refused.value.key == "train:max_steps"
+
+
+@pytest.mark.parametrize("pipeline", ["sheared_llama", "prolong", "qurating"])
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_every_pipeline_refuses_an_output_dir_that_is_or_sits_under_a_file(tmp_path, pipeline,
+                                                                          where):
+    """The QuRating pipeline's judge stage died with NotADirectoryError and the ProLong one
+    named its evaluation stage's key; each now names `--output-dir` before any stage runs, and
+    the file is left as it was."""
+    import subprocess
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me\n")
+    target = blocker if where == "file" else blocker / "sub"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "recipes" / pipeline / "pipeline.py"),
+                           "--output-dir", str(target)], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: config `--output-dir`:" in done.stderr and "Traceback" not in done.stderr
+    assert blocker.read_text() == "keep me\n"

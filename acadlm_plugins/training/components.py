@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 from torchtune import config
 
 from acadlm_plugins._compat import ComponentPathError, component_from_path
@@ -52,6 +55,7 @@ def check_component(node: DictConfig, key: str) -> None:
                           "check the dotted path and that its package is installed.") from err
     check_component_arguments(builder, [k for k in node if k != "_component_"], key=key,
                               component=str(node._component_))
+    check_scalar_argument_types(builder, node, key=key)
     check_arguments = getattr(builder, "check_arguments", None)
     if callable(check_arguments):
         check_arguments(node, key)  # reads only what it checks: other values may be `???`
@@ -85,6 +89,61 @@ def check_component_arguments(builder: Callable[..., Any], keys: list[str], *, k
                               inspect.Parameter.KEYWORD_ONLY)]
     reject_unknown_keys(keys, accepted, recipe="", prefix=f"{key}.",
                         problem=f"is not a parameter of `{component}`.")
+
+
+_SCALAR_TYPES = (bool, int, float, str)
+
+
+def _scalar_type(annotation: Any) -> tuple[type, ...] | None:
+    """The plain scalar types an annotation allows (``int``, ``float | None``), or None when
+    it is anything else (a container, a class, ``Any``): only those are checked."""
+    if annotation in _SCALAR_TYPES:
+        return (annotation,)
+    members = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and members:
+        kept = tuple(m for m in members if m is not type(None))
+        if kept and all(m in _SCALAR_TYPES for m in kept):
+            return kept
+    return None
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    if isinstance(value, float):
+        return float in allowed
+    return isinstance(value, str) and str in allowed
+
+
+def check_scalar_argument_types(builder: Callable[..., Any], node: DictConfig, *,
+                                key: str) -> None:
+    """Refuse a scalar value of a ``_component_`` block whose builder parameter is annotated
+    with a plain scalar type it is not (``model.vocab_size: abc`` for an ``int``), naming the
+    key, instead of the error the builder would raise deep inside (torch's ``empty(): argument
+    'size'``). An int is accepted for a float; null for an optional one; unannotated
+    parameters, containers and values not yet resolvable are left to the builder."""
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # noqa: BLE001  (unresolvable annotations: nothing to check against)
+        return
+    for name in node:
+        if name == "_component_" or name not in hints:
+            continue
+        allowed = _scalar_type(hints[name])
+        if allowed is None:
+            continue
+        try:
+            value = node[name]
+        except OmegaConfBaseException:  # a `???` or an interpolation not resolvable yet
+            value = None
+        if value is None or not isinstance(value, _SCALAR_TYPES) or _fits(value, allowed):
+            continue
+        wanted = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"{key}.{name}", f"is {value!r} ({type(value).__name__}), but "
+                          f"`{node._component_}` takes {wanted}.",
+                          f"give `{key}.{name}` a value of type {wanted} (YAML: unquoted).")
 
 
 def instantiate_optional(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any | None:

@@ -30,6 +30,19 @@ _PARTIAL_COPY_GLOB = ".*.partial-*"
 _TEMPORARY_FILE_GLOBS = ("tmp*.tmp", ".acadlm-*.tmp")
 
 
+def output_dir_setting(cfg: DictConfig, key: str = "output_dir") -> Path:
+    """``cfg[key]``, the run's folder, as a path (``~`` expanded); unset, null, empty or not a
+    string is a :class:`ConfigError` naming ``key``, before anything is loaded or written."""
+    value = cfg.get(key, None)
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"is {value!r}, not a folder path.",
+                          f"set `{key}` to the folder this run writes (it is created if "
+                          "missing).")
+    return Path(value).expanduser()
+
+
 def positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:
     """``cfg[key]`` (``default`` when unset or null) as an integer of at least 1; anything else
     (0, a negative number, a fraction, a string) is a :class:`ConfigError` naming ``key``,
@@ -73,7 +86,11 @@ def clip_grad_norm(cfg: DictConfig) -> float | None:
 def check_device(cfg: DictConfig) -> None:
     """Refuse a ``device`` the machine does not have: torchtune 0.6.1 falls back to the CPU
     without a word when ``device: cuda`` finds no GPU, and the run would take hours."""
-    device = str(cfg.get("device", "cpu") or "cpu").lower()
+    value = cfg.get("device", "cpu")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError("device", f"is {value!r}, not a device name.",
+                          "use `cpu`, `cuda` or `cuda:<index>`.")
+    device = str(value or "cpu").lower()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", f"is {device!r}, but this machine has no CUDA device "
                           f"(torch {torch.__version__}, built with CUDA "

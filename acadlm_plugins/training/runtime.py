@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from acadlm_plugins.errors import AcadlmError, ConfigError
 from acadlm_plugins.training.checkpointing import Stateful, restore_rng_state
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.run_checks import check_device
 
 
 class ProcessInfo(NamedTuple):
@@ -42,12 +43,40 @@ def init_process(cfg: DictConfig) -> ProcessInfo:
     """Pick the configured ``device`` and ``dtype`` and, under a multi-process launch, join the
     process group (NCCL on CUDA, gloo otherwise) so that every later collective has one."""
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    device = utils.get_device(cfg.get("device", "cpu"))
+    check_device(cfg)  # torchtune would fall back to the CPU for a missing GPU
+    device = configured_device(cfg.get("device", "cpu"))
+    dtype = configured_dtype(cfg.get("dtype", "fp32"), device)
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world_size, rank = utils.get_world_size_and_rank()
-    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
     return ProcessInfo(distributed, device, dtype, world_size, rank)
+
+
+def configured_device(value: Any) -> torch.device:
+    """The config's ``device`` as torchtune resolves it (``cuda`` picks this rank's GPU); a
+    value torch does not know, or a GPU this machine lacks, is a :class:`ConfigError` naming
+    ``device`` rather than torch's traceback."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError("device", f"is {value!r}, not a device name.",
+                          "use `cpu`, `cuda` or `cuda:<index>`.")
+    try:
+        return utils.get_device(value)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise ConfigError("device", f"{value!r} cannot be used here: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                          "use `cpu`, or `cuda` on a machine with a CUDA GPU.") from err
+
+
+def configured_dtype(value: Any, device: torch.device) -> torch.dtype:
+    """The config's ``dtype`` (``fp32``, ``bf16``, ``fp16``, ``fp64``) as torchtune resolves it
+    for ``device``; an unknown name, or bf16 where the device lacks it, is a
+    :class:`ConfigError` naming ``dtype``."""
+    try:
+        return training.get_dtype(value if value is None else str(value), device=device)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError("dtype", f"{value!r} cannot be used on {device}: {err}",
+                          "use `fp32` or `bf16` (`bf16` needs a GPU or CPU that supports "
+                          "it).") from err
 
 
 def shard_decoder_layers(model: torch.nn.Module) -> None:

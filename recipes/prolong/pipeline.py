@@ -67,6 +67,7 @@ from acadlm_plugins.stages import (
     tune_run,
 )
 from acadlm_plugins.training.checkpointing import RECIPE_STATE_FILENAME, latest_checkpoint
+from acadlm_plugins.training.config_checks import check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "smollm2"
@@ -375,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configs = {"eval": args.eval_config, "stage1": args.stage1_config,
                "stage2": args.stage2_config, "sft": args.sft_config}
     with refused_before_stages():  # every flag and stage config, before the first stage
+        check_output_dir(out, key="--output-dir")  # a file there, or above it
         base = base_model_checkpoint(args.base_model)
         from_base = {name: base_model_overrides(configs[name], args.base_model,
                                                 f"--{name}-config")

@@ -40,6 +40,7 @@ from acadlm_plugins.stages import (
     stage_overrides,
     tune_run,
 )
+from acadlm_plugins.training.config_checks import check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "smollm2"
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     runs = stage_runs(args, extra)
     with refused_before_stages():  # every stage's config, before the judge runs
+        check_output_dir(out, key="--output-dir")  # a file there, or above it
         check_stages(args, runs, extra)
 
     for stage, label, overrides in runs:

@@ -65,7 +65,7 @@ from acadlm_plugins.stages import (
     tune_run,
     with_overrides,
 )
-from acadlm_plugins.training.config_checks import config_value
+from acadlm_plugins.training.config_checks import check_output_dir, config_value
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PRUNE = REPO / "configs" / "smollm2" / "135M_to_85M_prune.yaml"
@@ -106,9 +106,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for flag, path in (("--prune-config", args.prune_config),
                            ("--continue-config", args.continue_config)):
             try:  # a malformed file is named by its flag, not a YAML traceback
-                load_config(path)
+                check_recipe_config(load_config(path), path, flag)
             except ConfigError as err:
                 raise renamed(err, flag) from err
+        check_output_dir(out, key="--output-dir")  # a file there, or above it
         check_same_validation(args.prune_config, args.continue_config,
                               extra["prune"], extra["continue"])
         budget = token_budget(args.prune_config, args.continue_config, nproc,
@@ -278,6 +279,21 @@ def budget_value(cfg: Any, key: str, stage: str | None, default: int | None = No
                           f"set `{name}` to a positive integer (`--set {name}=N`) rather "
                           "than remove it.")
     return config_value(value, name, int, minimum=1)
+
+
+def check_recipe_config(cfg: Any, path: Path, flag: str) -> None:
+    """Refuse a config file that is not a training recipe's config (a file of other YAML, a
+    QuRating or evaluation config) naming ``flag`` and the keys it lacks, rather than the first
+    comparison of the two stages reporting one of them as None."""
+    from acadlm_plugins.continued_pretrain_recipe import REQUIRED_KEYS
+
+    missing = [key for key in REQUIRED_KEYS if key != "output_dir" and key not in cfg]
+    if missing:
+        raise ConfigError(flag, f"{path} is not a config of the prune or continued "
+                          f"pre-training recipe: it has no {', '.join(missing)}.",
+                          f"give one such as {DEFAULT_PRUNE.relative_to(REPO)} "
+                          f"(`--prune-config`) or {DEFAULT_CONTINUE.relative_to(REPO)} "
+                          "(`--continue-config`).")
 
 
 def token_budget(prune_config: Path, continue_config: Path, nproc: int,
