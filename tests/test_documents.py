@@ -143,6 +143,18 @@ def test_a_utf8_byte_order_mark_opening_the_file_is_accepted(tmp_path, suffix):
         read_texts([docs])
 
 
+@pytest.mark.parametrize(("line", "words"), [
+    ('{"text": 5}', "field 'text' is int, not a string. Fix: quote the line's text"),
+    ('["a", "b"]', "expected a JSON object with a 'text' field, got list. Fix: write each line"),
+])
+def test_a_row_of_the_wrong_shape_names_file_line_and_fix(tmp_path, line, words):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "a"}) + "\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        read_texts([docs])
+    assert f"{docs}:2: " in str(err.value) and words in str(err.value)
+
+
 def test_a_null_text_is_an_error_and_skipped_texts_are_counted_per_file(tmp_path, caplog):
     """A null text was dropped without a word, though the docstring says a text that is not a
     string raises (as the QuRating readers do); empty and whitespace-only texts are still

@@ -180,7 +180,8 @@ def _iter_parquet_texts(file: Path, text_field: str) -> Iterator[str]:
 def _text_of(row: object, file: Path, line_no: int, text_field: str) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{file}:{line_no}: expected a JSON object with a {text_field!r} field, "
-                        f"got {type(row).__name__}.")
+                        f"got {type(row).__name__}. Fix: write each line as "
+                        f'{{"{text_field}": "..."}}, or delete it.')
     if text_field not in row:
         raise DataError(f"{file}:{line_no}: the row has no {text_field!r} field (keys: "
                         f"{sorted(row)}). Fix: set `text_field` in the dataset config.")
@@ -191,7 +192,8 @@ def _text_of(row: object, file: Path, line_no: int, text_field: str) -> str:
                         f"Fix: give the {unit} its text, or delete it.")
     if not isinstance(text, str):
         raise DataError(f"{file}:{line_no}: field {text_field!r} is {type(text).__name__}, "
-                        "not a string.")
+                        f"not a string. Fix: quote the {unit}'s text as a JSON string, or "
+                        "delete it.")
     if not text.isascii():  # an ASCII str (a flag, no scan) holds no surrogate
         lone = _LONE_SURROGATE.search(text)
         if lone is not None:
