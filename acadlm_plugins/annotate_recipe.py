@@ -105,7 +105,7 @@ class AnnotateRecipe:
     def setup(self, cfg: DictConfig) -> None:
         chunk_tokens, batch_tokens, shard_size, per_file, self._max_shards = checked_settings(cfg)
         self._cfg = cfg
-        self._output_dir = output_dir_setting(cfg)
+        self._output_dir = output_dir_setting(cfg).expanduser()
         self._rater_dir = Path(str(cfg.rater_dir)).expanduser()
 
         self._rater = load_rater(self._rater_dir, device=self._device, dtype=self._dtype,

@@ -73,7 +73,7 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("output_dir", "pairs", "judge"):
         if cfg.get(key) is None:
             raise ConfigError(key, "is required by the judge recipe.", f"see {EXAMPLE_CONFIG}.")
-    check_output_dir(output_dir_setting(cfg))  # a file there, or above it
+    check_output_dir(output_dir_setting(cfg).expanduser())  # a file there, or above it
     reject_unknown_keys(cfg.pairs, PAIRS_KEYS, recipe="judge", prefix="pairs.")
     reject_unknown_keys(cfg.judge, JUDGE_KEYS, recipe="judge", prefix="judge.")
     reject_unknown_keys(cfg.judge.get("local") or {}, LOCAL_KEYS, recipe="judge",

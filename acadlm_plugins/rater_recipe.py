@@ -175,7 +175,7 @@ class RaterRecipe:
         check_config_keys(cfg, known=KNOWN_KEYS, required=REQUIRED_KEYS, recipe="rater",
                           example="configs/smollm2/qurating_rater.yaml")
         self._cfg = cfg
-        self._output_dir = output_dir_setting(cfg)
+        self._output_dir = output_dir_setting(cfg).expanduser()
         self._seed = training.set_seed(checked_seed(cfg.get("seed", 0), self._world_size))
         self._max_steps = positive_int(cfg, "max_steps")
         self._batch_size = positive_int(cfg, "batch_size")

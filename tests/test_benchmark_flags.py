@@ -225,9 +225,9 @@ def test_distillation_memory_runs_every_setting_and_refuses_too_few_tokens(capsy
     """Each setting computes a finite loss and its backward on SmolLM2's shapes (16 tokens
     here); fewer than 2 tokens leave nothing to predict and are refused."""
     module = _load("distillation_memory")
-    for setting in module.SETTINGS:
+    for setting in module.SETTINGS:  # measure() asserts a finite loss and a student gradient
         row = module.measure(setting, 16, "float32")
-        assert row["setting"] == setting and row["peak_growth_mb"] >= 0
+        assert row["setting"] == setting
         assert row["logits_mb"] == 16 * module.VOCAB * 4 / 2**20
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--tokens", "1"])

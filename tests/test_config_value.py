@@ -40,6 +40,7 @@ def _builder(size: int, eps: float = 1e-5, flag: bool = True, name: str | None =
     ({"size": 4, "eps": 1, "flag": False, "name": None}, None),   # an int for a float; null
     ({"size": "4"}, "size"),                                       # quoted: a string
     ({"size": 4.5}, "size"),
+    ({"size": 4.0}, None),                                         # YAML's 1.0e6 for an int
     ({"size": True}, "size"),                                      # a bool is no int here
     ({"eps": "small"}, "eps"),
     ({"flag": "false"}, "flag"),                                   # quoted false reads as true
@@ -58,3 +59,31 @@ def test_component_scalars_are_checked_against_the_builders_annotations(values, 
     with pytest.raises(ConfigError) as err:
         check_scalar_argument_types(_builder, node, key="block")
     assert err.value.key == f"block.{refused}" and "takes" in str(err.value)
+
+
+class _Built:
+    """A component built from a class: its ``__init__`` parameters are the block's keys."""
+
+    def __init__(self, chunks: int, fused: bool | None = None) -> None:
+        self.chunks, self.fused = chunks, fused
+
+
+@pytest.mark.parametrize(("values", "refused"), [
+    ({"chunks": 8, "fused": None}, None),
+    ({"chunks": "eight"}, "chunks"),
+    ({"chunks": 8, "fused": "no"}, "fused"),
+])
+def test_a_class_components_init_parameters_are_checked(values, refused):
+    """get_type_hints of a class reads its attributes, not its parameters: classes (optimizers,
+    checkpointers, losses) went unchecked."""
+    from omegaconf import OmegaConf
+
+    from acadlm_plugins.training.components import check_scalar_argument_types
+
+    node = OmegaConf.create({"_component_": f"{__name__}._Built", **values})
+    if refused is None:
+        check_scalar_argument_types(_Built, node, key="block")
+        return
+    with pytest.raises(ConfigError) as err:
+        check_scalar_argument_types(_Built, node, key="block")
+    assert err.value.key == f"block.{refused}"

@@ -665,3 +665,17 @@ def test_an_unset_output_dir_is_named(tmp_path, monkeypatch, value):
     with pytest.raises(ConfigError) as err:
         run_recipe(monkeypatch, [*tiny_run_args(tmp_path, "max_steps=1"), f"output_dir={value}"])
     assert err.value.key == "output_dir" and "not a folder path" in str(err.value)
+
+
+def test_an_output_dir_with_a_tilde_keeps_the_whole_run_in_one_folder(tmp_path, monkeypatch):
+    """The `${output_dir}` interpolations (checkpointer, metric logger) read the config's text,
+    so the recipe must too: expanding `~` only in the recipe split a run between two folders."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in tiny_run_args(tmp_path, "max_steps=1") if not a.startswith("output_dir=")]
+    run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe",
+                    [*args, "output_dir=~/run"])
+    run = tmp_path / "~" / "run"
+    assert (run / "summary.json").is_file() and (run / "step_000001").is_dir()
+    assert any((run / "logs").iterdir())
+    assert not (tmp_path / "home" / "run").exists()

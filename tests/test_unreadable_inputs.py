@@ -105,7 +105,7 @@ def test_a_truncated_last_corpus_line_names_the_file_and_line(tmp_path: Path) ->
         open_corpus(path, cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.parametrize("layout", ["json_list", "one_object_per_line"])
+@pytest.mark.parametrize("layout", ["json_list", "one_object_per_line", "json_list_over_lines"])
 def test_an_alce_file_with_a_byte_that_is_not_utf8_names_the_file_and_line(tmp_path: Path,
                                                                             layout: str) -> None:
     """It was a UnicodeDecodeError traceback from reading the whole file."""
@@ -117,6 +117,9 @@ def test_an_alce_file_with_a_byte_that_is_not_utf8_names_the_file_and_line(tmp_p
     else:
         path.write_bytes(b'{"question": "\xff"}\n{"question": "q", "docs": []}\n')
     line = 1
+    if layout == "json_list_over_lines":  # was blamed on line 1 as JSON that is not an object
+        path.write_bytes(b'[\n {"question": "q"},\n {"question": "bad \xff"}\n]\n')
+        line = 3
     with pytest.raises(ConfigError, match=rf"`acadlm_cite_asqa: asqa_path`: "
                                           rf"{re.escape(str(path))}:{line}: byte 0xff at column "
                                           rf"\d+ is not UTF-8"):

@@ -89,6 +89,7 @@ from acadlm_plugins.evaluation.local_data import (
     QARecord,
     RankedPassage,
     RerankRecord,
+    check_utf8_file,
     data_path,
     file_stamp,
     iter_json_objects,
@@ -121,6 +122,7 @@ from acadlm_plugins.evaluation.task_base import (
     int_setting,
     per_length,
 )
+from acadlm_plugins.evaluation.task_settings import declare_settings, path_check, text_check
 
 T = TypeVar("T")
 Record = TypeVar("Record")
@@ -318,6 +320,11 @@ def num_shots_setting(metadata: Mapping[str, Any], *, task: str) -> int:
     return int_setting(metadata, "num_shots", DEFAULT_NUM_SHOTS, task=task, minimum=0)
 
 
+# Every HELMET task but ICL (which fills its prompts with demonstrations instead): checked for
+# ICL too, since the metadata is the whole run's.
+declare_settings("HELMET's tasks", {"num_shots": num_shots_setting})
+
+
 def hold_out_demos(task: str, metadata: Mapping[str, Any], size: int, shots: int, *,
                    key: str) -> tuple[list[int], list[int]]:
     """Split the ``size`` rows of a data file into (rows to ask about, demonstration rows).
@@ -396,6 +403,8 @@ def _passages_from_source(source: str, task: str) -> tuple[Passage, ...]:
 
 
 EXTRA_HINT = " or a larger text through `distractor_path`"
+declare_settings("acadlm_rag, acadlm_rerank, the cite tasks",
+                 {"distractor_path": path_check("distractor_path")})
 
 
 def extra_passage_blocks(metadata: Mapping[str, Any], *,
@@ -578,6 +587,8 @@ RAG_STYLE = PassageStyle(
     spread_depth=True, hard_negatives=True, key="rag_path",
     # rag.yaml: no chat template, 20 tokens to generate.
     layout=HelmetLayout("rag", "Answer:", "\n", 20), demo_key="rag_demo_path")
+declare_settings("acadlm_rag", {key: path_check(key) for key in (RAG_STYLE.key,
+                                                                  RAG_STYLE.demo_key)})
 #: One demonstration (HELMET's layout): its passages, its question, its first answer.
 QA_DEMO = "{documents}\n\nQuestion: {question}\nAnswer: {answer}\n\n"
 
@@ -853,6 +864,10 @@ def parse_ranking(prediction: str, known_ids: Iterable[str]) -> list[str]:
     return [token for token in re.findall(r"\d+", clean_prediction(prediction)) if token in known]
 
 
+declare_settings("acadlm_rerank", {key: path_check(key) for key in (
+    "rerank_path", "rerank_demo_path")})
+
+
 def rerank_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The dataset of ``acadlm_rerank``, from ``rerank_path`` or the shipped example;
     demonstrations from ``rerank_demo_path`` or a held-out part of the same queries."""
@@ -1062,6 +1077,9 @@ def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str
     return frame.row(fitted, outputs=[mapping[query.label]], label=query.label,
                      label_mapping=json.dumps(mapping, sort_keys=True), num_demos=len(taken),
                      demos_per_label=json.dumps(dict(sorted(shown.items()))))
+
+
+declare_settings("acadlm_icl", {"icl_path": path_check("icl_path")})
 
 
 def icl_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -1347,6 +1365,9 @@ def _frame_tokens(tokenizer: LengthTokenizer, frame: HelmetFrame,
     return tokenizer.count(frame.render(LONGQA_HEAD + LONGQA_TAIL.format(question=longest)))
 
 
+declare_settings("acadlm_longqa", {"longqa_path": path_check("longqa_path")})
+
+
 def longqa_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The dataset of ``acadlm_longqa``: ``longqa_path`` rows, else speaker questions over the
     Shakespeare plays of the embedded corpus."""
@@ -1509,6 +1530,9 @@ def build_summary_sample(records: Sequence[DocumentSummary], documents: Sequence
                      demo_ids=json.dumps([records[j].id for j in demos]))
 
 
+declare_settings("acadlm_summ", {"summ_path": path_check("summ_path")})
+
+
 def summ_dataset(task: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The dataset of ``acadlm_summ``: ``summ_path`` rows, else standard-library modules."""
     path = data_path(metadata, "summ_path", None, task=task)
@@ -1579,6 +1603,11 @@ QAMPARI = AlceDataset(
                  "the answer. If there are more than 5 answers, give at least 5."),
     extra_metrics=("qampari_prec", "qampari_rec", "qampari_f1", "qampari_f1_top5"))
 ALCE_DATASETS = {dataset.name: dataset for dataset in (ASQA, QAMPARI)}
+# Read by cite_dataset (its data and prompt files) and nli_model_setting.
+declare_settings("the cite tasks", {
+    **{key: path_check(key) for dataset in ALCE_DATASETS.values()
+       for key in (dataset.key, dataset.demo_key)},
+    "nli_model_path": text_check("nli_model_path")})
 #: Citation metrics, computed only with an NLI model (``nli_model_path``).
 CITATION_METRICS = ("citation_rec", "citation_prec")
 #: Passages shown with each demonstration drawn from the data (ALCE's demonstrations have 5).
@@ -1760,9 +1789,15 @@ def parse_alce_item(row: Mapping[str, Any], dataset: AlceDataset, *, task: str, 
 def _alce_rows(path: Path, *, task: str, key: str) -> Iterator[tuple[str, int, Any]]:
     """(where, number, row) for every item of an ALCE file: a JSON list (ALCE's release), an
     object holding it under ``data``, or one object per line."""
+    raw = path.read_bytes()
     try:
-        loaded = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):  # one object per line: found line by line
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        check_utf8_file(path, task=task, key=key)  # names the line of the byte
+        raise
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError:  # one object per line: read (and checked) line by line
         for number, row in iter_json_objects(path, task=task, key=key,
                                              example='{"question": "...", "docs": [...]}'):
             yield f"{path}:{number}", number, row

@@ -248,13 +248,7 @@ def iter_json_objects(path: Path, *, task: str, key: str,
     # UnicodeDecodeError raised from the middle of a buffered block with no line at all.
     with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, start=1):
-            bad = _NOT_UTF8.search(line)
-            if bad:
-                byte = ord(bad.group()) - 0xDC00
-                raise task_error(task, key, f"{path}:{number}: byte {byte:#04x} at column "
-                                 f"{bad.start() + 1} is not UTF-8.", "Re-encode the file as "
-                                 "UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix or remove "
-                                 f"line {number}.")
+            _check_utf8_line(path, number, line, task=task, key=key)
             if not line.strip():
                 continue
             try:
@@ -274,6 +268,27 @@ def iter_json_objects(path: Path, *, task: str, key: str,
 
 #: A byte that is not UTF-8, as ``errors="surrogateescape"`` decodes it.
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _check_utf8_line(path: Path, number: int, line: str, *, task: str, key: str) -> None:
+    """An error naming ``file:line`` and the column when ``line`` (decoded with
+    ``errors="surrogateescape"``) holds a byte that is not UTF-8."""
+    bad = _NOT_UTF8.search(line)
+    if bad:
+        byte = ord(bad.group()) - 0xDC00
+        raise task_error(task, key, f"{path}:{number}: byte {byte:#04x} at column "
+                         f"{bad.start() + 1} is not UTF-8.", "Re-encode the file as "
+                         "UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix or remove "
+                         f"line {number}.")
+
+
+def check_utf8_file(path: Path, *, task: str, key: str) -> None:
+    """Stream ``path`` and stop at its first byte that is not UTF-8 with the error
+    :func:`iter_json_objects` gives, for readers of whole JSON documents (which learn of such
+    a byte only from a decoding error without a line)."""
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        for number, line in enumerate(handle, start=1):
+            _check_utf8_line(path, number, line, task=task, key=key)
 
 
 def text_field(row: Mapping[str, Any], path: Path, number: int, *, task: str, key: str) -> str:

@@ -112,8 +112,8 @@ def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
         return bool in allowed
     if isinstance(value, int):
         return int in allowed or float in allowed
-    if isinstance(value, float):
-        return float in allowed
+    if isinstance(value, float):  # a whole float (YAML's `1.0e6`) serves an int parameter
+        return float in allowed or (int in allowed and value.is_integer())
     return isinstance(value, str) and str in allowed
 
 
@@ -122,10 +122,13 @@ def check_scalar_argument_types(builder: Callable[..., Any], node: DictConfig, *
     """Refuse a scalar value of a ``_component_`` block whose builder parameter is annotated
     with a plain scalar type it is not (``model.vocab_size: abc`` for an ``int``), naming the
     key, instead of the error the builder would raise deep inside (torch's ``empty(): argument
-    'size'``). An int is accepted for a float; null for an optional one; unannotated
+    'size'``). An int is accepted for a float, a whole float for an int; null for an optional
+    one; for a class, the parameters of its ``__init__`` are checked; unannotated
     parameters, containers and values not yet resolvable are left to the builder."""
+    # a class is built through its __init__, whose parameters are the block's keys
+    target = builder.__init__ if inspect.isclass(builder) else builder
     try:
-        hints = typing.get_type_hints(builder)
+        hints = typing.get_type_hints(target)
     except Exception:  # noqa: BLE001  (unresolvable annotations: nothing to check against)
         return
     for name in node:

@@ -31,8 +31,10 @@ _TEMPORARY_FILE_GLOBS = ("tmp*.tmp", ".acadlm-*.tmp")
 
 
 def output_dir_setting(cfg: DictConfig, key: str = "output_dir") -> Path:
-    """``cfg[key]``, the run's folder, as a path (``~`` expanded); unset, null, empty or not a
-    string is a :class:`ConfigError` naming ``key``, before anything is loaded or written."""
+    """``cfg[key]``, the run's folder, as a path, spelled as the config spells it (the
+    ``${output_dir}`` interpolations of the checkpointer and metric logger read the same
+    text); unset, null, empty or not a string is a :class:`ConfigError` naming ``key``,
+    before anything is loaded or written."""
     value = cfg.get(key, None)
     if isinstance(value, Path):
         value = str(value)
@@ -40,7 +42,7 @@ def output_dir_setting(cfg: DictConfig, key: str = "output_dir") -> Path:
         raise ConfigError(key, f"is {value!r}, not a folder path.",
                           f"set `{key}` to the folder this run writes (it is created if "
                           "missing).")
-    return Path(value).expanduser()
+    return Path(value)
 
 
 def positive_int(cfg: DictConfig, key: str, default: int | None = None) -> int:

@@ -53,10 +53,10 @@ def init_process(cfg: DictConfig) -> ProcessInfo:
 
 
 def configured_device(value: Any) -> torch.device:
-    """The config's ``device`` as torchtune resolves it (``cuda`` picks this rank's GPU); a
-    value torch does not know, or a GPU this machine lacks, is a :class:`ConfigError` naming
-    ``device`` rather than torch's traceback."""
-    if not isinstance(value, str) or not value:
+    """The config's ``device`` as torchtune resolves it (``cuda`` picks this rank's GPU; null,
+    torchtune's own choice); a value torch does not know, or a GPU this machine lacks, is a
+    :class:`ConfigError` naming ``device`` rather than torch's traceback."""
+    if value is not None and (not isinstance(value, str) or not value):
         raise ConfigError("device", f"is {value!r}, not a device name.",
                           "use `cpu`, `cuda` or `cuda:<index>`.")
     try:
