@@ -41,14 +41,15 @@ from acadlm_plugins.evaluation.judge_metrics import JUDGE_KEY, METRICS
 from acadlm_plugins.evaluation.lengths import LengthTokenizer, parse_lengths, task_error
 from acadlm_plugins.evaluation.prompting import FittedPrompt
 from acadlm_plugins.evaluation.ruler import (
-    LENGTH_BUDGETS,
     BudgetSettings,
     PromptFrame,
     check_generation_room,
     check_system_instruction,
+    length_budget_setting,
     prompt_frame,
 )
 from acadlm_plugins.evaluation.task_base import LengthSweepTask, int_setting
+from acadlm_plugins.evaluation.task_settings import check_task_metadata, declare_settings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ def chat_mode(metadata: Mapping[str, Any], *, task: str) -> str:
                          "Use `per_category` (the chat template only where HELMET's configs use "
                          "it: longqa, summ, cite) or `all` (every task of the run).")
     return mode
+
+
+# The HELMET setting read above (the budget and the run's flags are declared by ruler.py).
+declare_settings("HELMET's tasks", {CHAT_MODE_KEY: chat_mode})
 
 
 def uses_chat_template(metadata: Mapping[str, Any], category: str, *, task: str) -> bool:
@@ -143,11 +148,7 @@ def budget_settings(metadata: Mapping[str, Any], *, task: str, generation: int,
     """``length_budget`` and ``tokens_to_generate`` (default ``generation``, the task YAML's
     ``max_gen_toks``) of a HELMET task, checked; the chat template and, with it, the system
     instruction count under ``ruler``."""
-    mode = str(metadata.get("length_budget") or "ruler")
-    if mode not in LENGTH_BUDGETS:
-        raise task_error(task, "length_budget", f"{mode!r} is not a length budget.",
-                         "Use `ruler` (prompt + generation + chat template fit the length, as "
-                         "HELMET and RULER size them) or `prompt` (the prompt alone fits it).")
+    mode = length_budget_setting(metadata, task=task)
     tokens = int_setting(metadata, "tokens_to_generate", generation, task=task, minimum=0)
     # HELMET gives a system message only with the chat template (model_utils.tokenize).
     instruction = str(metadata.get("system_instruction") or "") if chat else ""
@@ -193,11 +194,12 @@ class HelmetTask(LengthSweepTask):
         config = dict(config or {})
         config.pop("class", None)
         metadata = dict(config.get("metadata") or {})
+        task = config.get("task", "?")
+        check_task_metadata(metadata, task=task)
         budget = (config.get("generation_kwargs") or {}).get("max_gen_toks")
         if budget is not None:
             metadata.setdefault("tokens_to_generate", int(budget))
         config["metadata"] = metadata
-        task = config.get("task", "?")
         chat_mode(metadata, task=task)
         lengths = parse_lengths(metadata.get("max_seq_lengths"), task=task)
         names = ("", *self.measure_names(metadata))

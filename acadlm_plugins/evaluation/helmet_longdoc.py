@@ -69,6 +69,7 @@ from acadlm_plugins.evaluation.local_data import (
 from acadlm_plugins.evaluation.prompting import FittedPrompt
 from acadlm_plugins.evaluation.scoring import choice_exact_match, helmet_answer_scores
 from acadlm_plugins.evaluation.task_base import build_length_dataset
+from acadlm_plugins.evaluation.task_settings import declare_settings, path_check
 
 #: What HELMET appends to a document it cuts (``truncate_llama2``'s ``postfix_text``).
 TRUNCATION_MARK = " ... [the rest of the text is omitted]"
@@ -233,6 +234,12 @@ MULTI_LEXSUM = LongDocDataset(
     demos_held_out=True, main="rougeLsum_f1", measures=SUMM_MEASURES, judge_kind=SUMM)
 LONGDOC_DATASETS = {dataset.name: dataset for dataset in
                     (NARRATIVEQA, INFBENCH_QA, INFBENCH_CHOICE, INFBENCH_SUM, MULTI_LEXSUM)}
+# Each dataset's file and demonstration file (longdoc_dataset, demo_pool) and, where its judge
+# scores key points (summarization), its key-point file.
+declare_settings("HELMET's long-document datasets", {
+    key: path_check(key) for dataset in LONGDOC_DATASETS.values()
+    for key in (dataset.key, dataset.demo_key,
+                *((dataset.keypoints_key,) if dataset.judge_kind == SUMM else ()))})
 
 
 # ------------------------------------------------------------------------------- loading

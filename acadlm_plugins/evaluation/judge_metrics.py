@@ -77,6 +77,7 @@ from tqdm import tqdm
 
 from acadlm_plugins.evaluation.lengths import task_error
 from acadlm_plugins.evaluation.scoring import clean_prediction
+from acadlm_plugins.evaluation.task_settings import declare_settings, path_check
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,7 @@ def judge_settings(metadata: Mapping[str, Any], *, task: str) -> JudgeSettings |
                     "no `%s` in the task metadata. To compute them as HELMET does, name an "
                     "OpenAI-compatible judge: %s.", task, JUDGE_KEY, _EXAMPLE)
         return None
-    if not isinstance(value, Mapping):
-        raise task_error(task, JUDGE_KEY, f"{value!r} is not a mapping.", f"Give e.g. {_EXAMPLE}.")
+    judge_type_check(metadata, task=task)
     known = {"url", "model", *DEFAULTS}
     for key in value:
         if key not in known:
@@ -182,6 +182,19 @@ def judge_settings(metadata: Mapping[str, Any], *, task: str) -> JudgeSettings |
         cache = acadlm_home() / "judge_cache"
     options["cache_dir"] = str(Path(str(cache)).expanduser().resolve())
     return JudgeSettings(**options)
+
+
+def judge_type_check(metadata: Mapping[str, Any], *, task: str) -> None:
+    """The form of ``judge`` that :func:`judge_settings` reads: unset, empty or a mapping (its
+    fields are checked by the judged tasks, which read them)."""
+    value = metadata.get(JUDGE_KEY)
+    if value and not isinstance(value, Mapping):
+        raise task_error(task, JUDGE_KEY, f"{value!r} is not a mapping.", f"Give e.g. {_EXAMPLE}.")
+
+
+# Read by the judged tasks (judge_settings, load_keypoints).
+declare_settings("the judged tasks", {JUDGE_KEY: judge_type_check,
+                                      KEYPOINTS_KEY: path_check(KEYPOINTS_KEY)})
 
 
 def _number(value: Any, kind: type, minimum: float, nullable: bool, *, task: str,

@@ -18,10 +18,13 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.evaluation.task_settings import declare_settings
 from acadlm_plugins.training.config_checks import config_value
 
 DEFAULT_LENGTHS: tuple[int, ...] = (4096, 8192, 16384)
 TOKENIZER_KEYS = ("tokenizer", "pretrained")
+#: The model arguments that give the longest context the model takes, in order.
+MAX_LENGTH_KEYS = ("max_length", "max_seq_len")
 
 
 def task_error(task: str, field: str, problem: str, fix: str = "") -> ConfigError:
@@ -117,15 +120,23 @@ def model_max_length(metadata: Mapping[str, Any]) -> int | None:
     """The longest context the evaluated model takes: ``max_length`` in the model args, else
     ``max_position_embeddings`` from the model directory's config.json; None if unknown. A
     ``max_length`` that is not a positive integer (``4k``, ``0``) is an error naming it."""
-    for key in ("max_length", "max_seq_len"):
+    for key in MAX_LENGTH_KEYS:
         if metadata.get(key) is not None:
-            return config_value(metadata[key], f"--model_args {key}", int, minimum=1)
+            return max_length_setting(metadata, key)
     pretrained = metadata.get("pretrained")
     if isinstance(pretrained, str) and (Path(pretrained).expanduser() / "config.json").is_file():
         config = json.loads((Path(pretrained).expanduser() / "config.json").read_text())
         value = config.get("max_position_embeddings")
         return int(value) if value else None
     return None
+
+
+def max_length_setting(metadata: Mapping[str, Any], key: str) -> int | None:
+    """``metadata[key]`` (a model argument: ``max_length`` or ``max_seq_len``) as a positive
+    integer, None when unset; ``4k`` or ``0`` is an error naming ``--model_args <key>``."""
+    if metadata.get(key) is None:
+        return None
+    return config_value(metadata[key], f"--model_args {key}", int, minimum=1)
 
 
 def check_lengths_fit(lengths: list[int], metadata: Mapping[str, Any], *, task: str) -> None:
@@ -138,3 +149,12 @@ def check_lengths_fit(lengths: list[int], metadata: Mapping[str, Any], *, task: 
         raise task_error(task, "max_seq_lengths", f"{too_long} exceed the model's maximum context "
                          f"of {limit} tokens.", f"Evaluate at lengths <= {limit}, or extend the "
                          "model's context first (recipes/prolong).")
+
+
+# The keys read above (every task): the tokenizer that measures lengths and the longest
+# context the model takes, model arguments that lm-eval merges into the metadata.
+declare_settings("every task (model arguments)", {
+    **dict.fromkeys(TOKENIZER_KEYS),  # a local path when read; a model object from Python
+    **{key: lambda metadata, task, key=key: max_length_setting(metadata, key)
+       for key in MAX_LENGTH_KEYS},
+})

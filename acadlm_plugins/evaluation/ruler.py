@@ -51,6 +51,7 @@ from acadlm_plugins.evaluation.task_base import (
     depth_setting_value,
     int_setting,
 )
+from acadlm_plugins.evaluation.task_settings import declare_settings, path_check, text_check
 
 #: A prompt of a 1K+ target must fill at least this share of its budget (the sizing contract).
 FILL_RATIO = 0.99
@@ -83,15 +84,21 @@ class BudgetSettings:
         return length - self.tokens_to_generate if self.mode == "ruler" else length
 
 
+def length_budget_setting(metadata: Mapping[str, Any], *, task: str) -> str:
+    """``length_budget`` of the metadata (default ``ruler``), checked."""
+    mode = str(metadata.get("length_budget") or "ruler")
+    if mode not in LENGTH_BUDGETS:
+        raise task_error(task, "length_budget", f"{mode!r} is not a length budget.",
+                         "Use `ruler` (prompt + generation + chat template fit the length, as "
+                         "RULER and HELMET size them) or `prompt` (the prompt alone fits it).")
+    return mode
+
+
 def budget_settings(metadata: Mapping[str, Any], *, task: str, kind: str) -> BudgetSettings:
     """``length_budget`` (``ruler`` or ``prompt``), ``tokens_to_generate`` (default RULER's for
     ``kind``; the task YAML passes its ``max_gen_toks``), ``apply_chat_template`` and
     ``system_instruction`` from a task's metadata, checked."""
-    mode = str(metadata.get("length_budget") or "ruler")
-    if mode not in LENGTH_BUDGETS:
-        raise task_error(task, "length_budget", f"{mode!r} is not a length budget.",
-                         "Use `ruler` (prompt + generation + chat template fit the length) or "
-                         "`prompt` (the prompt alone fits it).")
+    mode = length_budget_setting(metadata, task=task)
     generate = int_setting(metadata, "tokens_to_generate", TOKENS_TO_GENERATE[kind], task=task,
                            minimum=0)
     chat = metadata.get("apply_chat_template", False)
@@ -187,6 +194,14 @@ class RulerTask(LengthSweepTask):
         check_chat_template_flag(metadata, kwargs.get("apply_chat_template"), task=task)
         check_system_instruction(metadata, kwargs.get("system_instruction"), task=task)
         return super().build_all_requests(**kwargs)
+
+
+# The settings read above and by HELMET's tasks (helmet_frame): the budget, and the run's chat
+# template flag and system instruction (any value: a flag is read as true unless it is false,
+# "false", "0", "no" or "").
+declare_settings("RULER's and HELMET's tasks", {
+    "length_budget": length_budget_setting, "apply_chat_template": None,
+    "system_instruction": text_check("system_instruction")})
 
 
 @dataclass(frozen=True)
@@ -972,3 +987,9 @@ def fwe_dataset(**metadata: Any) -> dict[str, Any]:
     if metadata.get("haystack_path"):
         prose_words(metadata["haystack_path"], task=task, min_words=1)
     return ruler_dataset(task, "fwe", metadata, partial(build_fwe_sample, task))
+
+
+# RULER's NIAH (prose variants), CWE's vocabulary, and a wrong path reported by VT, FWE and the
+# noise-haystack variants (HELMET's needle tasks read it too).
+declare_settings("RULER's synthetic tasks, HELMET's needle tasks", {
+    "haystack_path": path_check("haystack_path")})

@@ -52,6 +52,7 @@ from acadlm_plugins.evaluation.ruler import (
     ruler_dataset,
 )
 from acadlm_plugins.evaluation.task_base import DEFAULT_NUM_SAMPLES, int_setting
+from acadlm_plugins.evaluation.task_settings import declare_retired, declare_settings, path_check
 
 QA_INSTRUCTION = ("Answer the question using the documents provided. Give the answer alone, "
                   "with no other words.")
@@ -83,6 +84,12 @@ class QASource:
 SQUAD = QASource("acadlm_qa_1", "squad_path", "squad", "dev-v2.0.json", titled=False)
 HOTPOTQA = QASource("acadlm_qa_2", "hotpotqa_path", "hotpotqa",
                     "hotpot_dev_distractor_v1.json", titled=True)
+# Each task's converted file (qa_file); `qa_path`, the file of the former merged task, is read
+# only to say so when a task's own key is missing.
+declare_settings("RULER's QA tasks", {source.key: path_check(source.key)
+                                      for source in (SQUAD, HOTPOTQA)})
+declare_retired("qa_path", f"`{SQUAD.key}` / `{HOTPOTQA.key}` (RULER's two QA tasks each read "
+                "their own file)")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from acadlm_plugins.evaluation.lengths import (
 )
 from acadlm_plugins.evaluation.prompting import sample_rng
 from acadlm_plugins.evaluation.scoring import match_all, match_part
+from acadlm_plugins.evaluation.task_settings import check_task_metadata, declare_settings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class LengthSweepTask(ConfigurableTask):
         config = dict(config or {})
         config.pop("class", None)
         metadata = config.get("metadata") or {}
+        check_task_metadata(metadata, task=config.get("task", "?"))
         lengths = parse_lengths(metadata.get("max_seq_lengths"), task=config.get("task", "?"))
         config["metric_list"] = [
             {"metric": str(length), "aggregation": "mean", "higher_is_better": True}
@@ -196,8 +198,11 @@ def build_length_dataset(task: str, metadata: Mapping[str, Any],
     results are reported per length and tests can check the sizing. Each length's rows are
     built in turn, from a stream of their own, then listed sample by sample (sample 0 at every
     length, then sample 1, ...): lm-eval's ``--limit N`` takes the first N rows, which so cover
-    every length (:func:`sample_major`).
+    every length (:func:`sample_major`). The metadata is checked first
+    (:func:`~acadlm_plugins.evaluation.task_settings.check_task_metadata`), as when the task is
+    built, for callers of the dataset functions.
     """
+    check_task_metadata(metadata, task=task)
     lengths = parse_lengths(metadata.get("max_seq_lengths"), task=task)
     check_lengths_fit(lengths, metadata, task=task)
     tokenizer = load_length_tokenizer(metadata, task=task)
@@ -221,6 +226,21 @@ def build_length_dataset(task: str, metadata: Mapping[str, Any],
         by_length.append(built)
     rows = sample_major(by_length)
     return {"test": datasets.Dataset.from_list(rows, split=datasets.Split.TEST)}
+
+
+# The settings read above, by every task: lengths, samples, seed, depth and the generation the
+# length budget keeps free.
+declare_settings("every task", {
+    "max_seq_lengths": lambda metadata, task: parse_lengths(metadata.get("max_seq_lengths"),
+                                                            task=task),
+    "num_samples": lambda metadata, task: int_setting(metadata, "num_samples",
+                                                      DEFAULT_NUM_SAMPLES, task=task),
+    "seed": lambda metadata, task: int_setting(metadata, "seed", DEFAULT_SEED, task=task,
+                                               minimum=0),
+    "depth": lambda metadata, task: depth_setting_value(metadata, task=task),
+    "tokens_to_generate": lambda metadata, task: int_setting(metadata, "tokens_to_generate", 0,
+                                                             task=task, minimum=0),
+})
 
 
 def sample_major(by_length: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
