@@ -73,7 +73,6 @@ from acadlm_plugins.training.config_checks import (
 from acadlm_plugins.training.optimizers import build_optimizer
 from acadlm_plugins.training.run_checks import (
     check_checkpoint_source,
-    check_device,
     check_log_dir,
     check_model_family,
     check_model_rope,
@@ -174,7 +173,6 @@ class ContinuedPretrainRecipe:
         self._val_batch_size, self._val_max_packs = validation_settings(
             cfg, default_batch_size=self._batch_size, recipe=self._recipe_name)
         self._cfg = cfg
-        check_device(cfg)
         check_output_dir(self._output_dir)
         check_log_dir(cfg)
         check_checkpoint_source(cfg)

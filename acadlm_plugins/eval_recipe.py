@@ -37,6 +37,7 @@ from acadlm_plugins.training.config_checks import (
     config_value,
     reject_unknown_keys,
 )
+from acadlm_plugins.training.run_checks import output_dir_setting
 
 log = utils.get_logger("INFO")
 
@@ -93,14 +94,10 @@ def check_config(cfg: DictConfig) -> None:
 
 def output_folder(cfg: DictConfig) -> Path:
     """``output_dir`` as a folder that exists or can be made, or a :class:`ConfigError` naming
-    it: a path (not a list, a mapping, true/false or null) that is not a file and not under one,
-    and writable, checked before anything runs, so a refused run leaves such a file intact."""
-    value = cfg.get("output_dir")
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-        raise ConfigError("output_dir", f"is {value!r}, not a folder path.",
-                          "give the folder for results.json and the samples, e.g. "
-                          "output_dir=outputs/eval/my_run (it is created if missing).")
-    path = Path(str(value)).expanduser()
+    it (:func:`output_dir_setting`, :func:`check_output_dir`), checked before anything runs, so
+    a refused run leaves a file there intact. Spelled as the config spells it, as the
+    ``${output_dir}`` interpolations (``use_cache``) read it."""
+    path = output_dir_setting(cfg)
     check_output_dir(path)
     return path
 

@@ -82,7 +82,6 @@ from acadlm_plugins.training.config_checks import (
 )
 from acadlm_plugins.training.optimizers import build_optimizer
 from acadlm_plugins.training.run_checks import (
-    check_device,
     check_log_dir,
     check_output_dir,
     check_output_outside,
@@ -196,7 +195,6 @@ class RaterRecipe:
             # (`pairs`) matches a run that left the key out, and `documents` does not.
             OmegaConf.update(cfg, "validation_split", self._validation_split, force_add=True)
         self._backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
-        check_device(cfg)
         check_output_dir(self._output_dir)
         check_log_dir(cfg)
         # Nothing is written to output_dir until the checks below have passed (the metric

@@ -36,54 +36,38 @@ def _builder(size: int, eps: float = 1e-5, flag: bool = True, name: str | None =
     not), for the type check of ``_component_`` blocks."""
 
 
-@pytest.mark.parametrize(("values", "refused"), [
-    ({"size": 4, "eps": 1, "flag": False, "name": None}, None),   # an int for a float; null
-    ({"size": "4"}, "size"),                                       # quoted: a string
-    ({"size": 4.5}, "size"),
-    ({"size": 4.0}, None),                                         # YAML's 1.0e6 for an int
-    ({"size": True}, "size"),                                      # a bool is no int here
-    ({"eps": "small"}, "eps"),
-    ({"flag": "false"}, "flag"),                                   # quoted false reads as true
-    ({"name": 3}, "name"),
-    ({"anything": "x", "items": [1, 2]}, None),                    # unannotated / containers
-])
-def test_component_scalars_are_checked_against_the_builders_annotations(values, refused):
-    from omegaconf import OmegaConf
-
-    from acadlm_plugins.training.components import check_scalar_argument_types
-
-    node = OmegaConf.create({"_component_": f"{__name__}._builder", **values})
-    if refused is None:
-        check_scalar_argument_types(_builder, node, key="block")
-        return
-    with pytest.raises(ConfigError) as err:
-        check_scalar_argument_types(_builder, node, key="block")
-    assert err.value.key == f"block.{refused}" and "takes" in str(err.value)
-
-
 class _Built:
-    """A component built from a class: its ``__init__`` parameters are the block's keys."""
+    """A component built from a class: its ``__init__`` parameters are the block's keys
+    (get_type_hints of a class reads its attributes, so classes went unchecked at first)."""
 
     def __init__(self, chunks: int, fused: bool | None = None) -> None:
         self.chunks, self.fused = chunks, fused
 
 
-@pytest.mark.parametrize(("values", "refused"), [
-    ({"chunks": 8, "fused": None}, None),
-    ({"chunks": "eight"}, "chunks"),
-    ({"chunks": 8, "fused": "no"}, "fused"),
+@pytest.mark.parametrize(("builder", "values", "refused"), [
+    (_builder, {"size": 4, "eps": 1, "flag": False, "name": None}, None),  # int for float; null
+    (_builder, {"size": "4"}, "size"),                             # quoted: a string
+    (_builder, {"size": 4.5}, "size"),
+    (_builder, {"size": 4.0}, None),                               # YAML's 1.0e6 for an int
+    (_builder, {"size": True}, "size"),                            # a bool is no int here
+    (_builder, {"eps": "small"}, "eps"),
+    (_builder, {"flag": "false"}, "flag"),                         # quoted false reads as true
+    (_builder, {"name": 3}, "name"),
+    (_builder, {"anything": "x", "items": [1, 2]}, None),          # unannotated / containers
+    (_Built, {"chunks": 8, "fused": None}, None),
+    (_Built, {"chunks": "eight"}, "chunks"),
+    (_Built, {"chunks": 8, "fused": "no"}, "fused"),
 ])
-def test_a_class_components_init_parameters_are_checked(values, refused):
-    """get_type_hints of a class reads its attributes, not its parameters: classes (optimizers,
-    checkpointers, losses) went unchecked."""
+def test_component_scalars_are_checked_against_the_builders_annotations(builder, values,
+                                                                        refused):
     from omegaconf import OmegaConf
 
     from acadlm_plugins.training.components import check_scalar_argument_types
 
-    node = OmegaConf.create({"_component_": f"{__name__}._Built", **values})
+    node = OmegaConf.create({"_component_": f"{__name__}.{builder.__name__}", **values})
     if refused is None:
-        check_scalar_argument_types(_Built, node, key="block")
+        check_scalar_argument_types(builder, node, key="block")
         return
     with pytest.raises(ConfigError) as err:
-        check_scalar_argument_types(_Built, node, key="block")
-    assert err.value.key == f"block.{refused}"
+        check_scalar_argument_types(builder, node, key="block")
+    assert err.value.key == f"block.{refused}" and "takes" in str(err.value)
