@@ -10,14 +10,18 @@ from that line unless the caller says otherwise.
 
 from __future__ import annotations
 
+import copy
+import difflib
 import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins._compat import merge_yaml_and_cli_args
@@ -91,28 +95,40 @@ def _recipe_of_path(path: str | None) -> str | None:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The config at ``path`` with ``key=value`` overrides, merged as ``tune run`` merges them."""
+    """The config at ``path`` with ``key=value`` overrides, merged as ``tune run`` merges them.
+    A file that is missing or not a YAML mapping, and an override torchtune cannot merge (not
+    ``key=value``, ``~key`` for a key the config lacks, a value that is not YAML, a list given
+    where the config holds a mapping), are refused naming the file or override and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("--config", f"{path} is not a file.", "give the path of a YAML config.")
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError("--config", f"{path} {problem}.", "give the path of a YAML config "
+                          "(this package's are under configs/).")
     try:
+        path.read_text(encoding="utf-8")
         yaml_config = OmegaConf.load(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError("--config", f"{path} is not UTF-8 text (byte {err.start}).",
+                          "save it as UTF-8.") from err
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
         raise ConfigError("--config", f"{path} is not valid YAML{line}: "
                           f"{getattr(err, 'problem', None) or err}.",
                           "fix the YAML syntax there.") from err
-    if not isinstance(yaml_config, DictConfig):
-        raise ConfigError("--config", f"{path} is not a mapping of keys to values.")
+    if not isinstance(yaml_config, DictConfig) or not yaml_config:
+        what = "empty" if isinstance(yaml_config, DictConfig) else "a list"
+        raise ConfigError("--config", f"{path} is {what}, not a mapping of keys to values.",
+                          "give the path of a YAML config.")
     if "config" in yaml_config:
         raise ConfigError("config", "is reserved by `tune run` for the config path.",
                           "rename the key.")
     values = OmegaConf.to_container(yaml_config, resolve=False)
     try:
-        return merge_yaml_and_cli_args(values, overrides)
-    except ValueError as err:
-        raise ConfigError("overrides", str(err), "write them as key=value (or ~key).") from err
+        return merge_yaml_and_cli_args(copy.deepcopy(values), overrides)  # `~a.b` edits in place
+    except _MERGE_ERRORS:
+        raise _first_bad_override(values, overrides) from None
+
 
 
 def detect_recipe(cfg: DictConfig, line: LaunchLine | None) -> tuple[str, str]:
@@ -136,3 +152,81 @@ def detect_recipe(cfg: DictConfig, line: LaunchLine | None) -> tuple[str, str]:
     raise ConfigError("--recipe", "the config names no recipe acadlm-plan knows (no `tune run` "
                       "line in its comments, and none of the blocks one recipe alone reads).",
                       f"pass --recipe {{{','.join(RECIPES)}}}.")
+
+
+#: What torchtune's merge raises for an override it cannot apply.
+_MERGE_ERRORS = (ValueError, TypeError, OmegaConfBaseException, yaml.YAMLError)
+
+
+def _first_bad_override(values: dict[str, Any], overrides: Sequence[str]) -> ConfigError:
+    """The error for the first override that cannot be merged (each is tried on top of the
+    ones before it, in the order ``tune run`` applies them)."""
+    for count, override in enumerate(overrides, start=1):
+        try:
+            merge_yaml_and_cli_args(copy.deepcopy(values), overrides[:count])
+        except _MERGE_ERRORS as err:
+            return _override_error(override, values, err)
+    return ConfigError("overrides", "torchtune could not merge them with the config.",
+                       "check each `key=value`.")
+
+
+def _override_error(override: str, values: dict[str, Any], err: BaseException) -> ConfigError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if override.startswith("~"):
+        key = override[1:].split("=")[0]
+        if "_component_" in key:
+            return ConfigError(key, f"`{override}`: a `_component_` cannot be removed from the "
+                               "command line.", "edit the YAML file, or remove the whole block: "
+                               f"`~{key.rsplit('._component_', 1)[0]}`.")
+        return ConfigError(key, f"is not in the config, so `{override}` cannot remove it.",
+                           _spelling_fix(key, values, "remove the override"))
+    if override.count("=") != 1:
+        if "=" not in override:
+            return ConfigError(override, "is not a `key=value` override.",
+                               "write it as `key=value` (or `~key` to remove a key).")
+        return ConfigError(override, "holds more than one `=`: torchtune splits an override "
+                           "at every `=`, so a value cannot contain one.",
+                           "put that value in the YAML file instead.")
+    key, value = override.split("=")
+    if not _value_parses(value):
+        return ConfigError(key, f"the override's value `{value}` is not valid YAML ({reason}).",
+                           "quote it, or correct it.")
+    existing = _lookup(values, key)
+    if isinstance(existing, (dict, list)):
+        kind = "mapping" if isinstance(existing, dict) else "list"
+        return ConfigError(key, f"is a {kind} in the config, and `{override}` cannot be "
+                           f"merged into it ({reason}).",
+                           f"set its entries one by one (`{key}.<name>=...`), or remove the "
+                           f"config's {kind} first: `~{key} {override}`.")
+    return ConfigError(key, f"the override `{override}` cannot be merged into the config "
+                       f"({reason}).", "correct the override.")
+
+
+def _value_parses(value: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([f"probe={value}"])
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError):
+        return False
+    return True
+
+
+def _lookup(values: Any, dotted: str) -> Any:
+    """The value at ``a.b.c`` in the unresolved config, None where a level is absent."""
+    for part in dotted.split("."):
+        if isinstance(values, dict) and part in values:
+            values = values[part]
+        elif isinstance(values, list) and part.isdigit() and int(part) < len(values):
+            values = values[int(part)]
+        else:
+            return None
+    return values
+
+
+def _spelling_fix(key: str, values: dict[str, Any], otherwise: str) -> str:
+    parent, _, name = key.rpartition(".")
+    siblings = _lookup(values, parent) if parent else values
+    names = [str(k) for k in siblings] if isinstance(siblings, dict) else []
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return f"did you mean `~{parent + '.' if parent else ''}{close[0]}`?"
+    return f"{otherwise} (the keys there: {', '.join(names) or 'none'})."

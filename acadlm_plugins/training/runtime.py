@@ -424,14 +424,20 @@ def run_main(recipe_main: Callable[[], object]) -> int:
     """What ``tune run <recipe>`` runs: ``recipe_main()``, with our errors (a config key, a data
     file, a missing default, a non-finite loss: each names its fix) printed as one line with
     exit code 2 instead of a traceback, which would bury the fix; so is a ``???`` value left
-    unset. Notes added to the error (``__notes__``: the plugin and hook it was raised in) follow
-    the line, one a line. ``ACADLM_TRACEBACK=1`` shows the traceback, for reporting a bug;
+    unset, and so is a command line torchtune cannot read (a ``--config`` file missing, an
+    override it cannot merge, a ``${...}`` that resolves to nothing), checked before the recipe
+    starts (:func:`~acadlm_plugins.training.command_line.check_command_line`). Notes added to
+    the error (``__notes__``: the plugin and hook it was raised in) follow the line, one a
+    line. ``ACADLM_TRACEBACK=1`` shows the traceback, for reporting a bug;
     errors that are not ours, and ours that report a bug (``user_error`` False), always show
     it."""
     from omegaconf.errors import MissingMandatoryValue
 
+    from acadlm_plugins.training.command_line import check_command_line
+
     try:
         try:
+            check_command_line(sys.argv[1:])
             recipe_main()
         except MissingMandatoryValue as err:  # a `???` in the config that nobody filled in
             key = getattr(err, "full_key", None) or "?"
