@@ -119,33 +119,20 @@ def with_overrides(cfg: Any, overrides: Sequence[str], stage: str | None = None)
     pipeline reads from a stage's config is what the stage's recipe reads: after ``--set
     continue:~gradient_accumulation_steps`` the sheared pipeline's budget counts the recipe's
     default of 1, not the config file's value. An override ``tune run`` would refuse (removing
-    a key the config does not have) is a ConfigError naming ``--set <stage>:<override>``."""
+    a key the config does not have, a list where the config holds a mapping) is a ConfigError
+    naming ``--set <stage>:<override>``."""
     from omegaconf import OmegaConf
 
-    from acadlm_plugins._compat import merge_yaml_and_cli_args
+    from acadlm_plugins.planning.loading import OverrideError, merge_overrides
 
     if not overrides:
         return cfg
-
-    def merged(given: Sequence[str]) -> Any:  # (the merge edits nested blocks in place)
-        return merge_yaml_and_cli_args(OmegaConf.to_container(cfg, resolve=False), list(given))
-
     try:
-        return merged(overrides)
-    except ValueError as err:
-        bad = next(o for n, o in enumerate(overrides, 1) if _refused(merged, overrides[:n]))
-        raise ConfigError(f"--set {stage}:{bad}" if stage else bad,
-                          f"{err}, as `tune run` would refuse it.", "remove only a key the "
-                          "stage's config has, and write the other overrides as key=value."
-                          ) from None
-
-
-def _refused(merge: Any, overrides: Sequence[str]) -> bool:
-    try:
-        merge(overrides)
-    except ValueError:
-        return True
-    return False
+        return merge_overrides(OmegaConf.to_container(cfg, resolve=False), list(overrides))
+    except OverrideError as err:
+        raise ConfigError(f"--set {stage}:{err.override}" if stage else err.override,
+                          f"`{err.key}` {err.problem.rstrip('.')}, as `tune run` would "
+                          "refuse it.", err.fix) from None
 
 
 def check_stage_config(stage: str, config: Path | str, overrides: Sequence[str], *,
@@ -165,8 +152,9 @@ def check_stage_config(stage: str, config: Path | str, overrides: Sequence[str],
     ``source_config`` (``long_context``) is the config.json the stage's model will start from
     when that folder is written by an earlier stage; ``world_size`` the stage's processes (the
     seed's bound depends on it); ``config_flag`` the pipeline flag that gave ``config`` (by
-    default ``--<stage>-config``), named when the file itself is refused. The plugins' warnings are left to the
-    stage itself. Returns the merged config (the selection's :class:`SelectionConfig`)."""
+    default ``--<stage>-config``), named when the file itself is refused. A ``${...}`` that
+    resolves to nothing is refused naming its key, whether or not the checks read it. The
+    plugins' warnings are left to the stage itself. Returns the merged config (the selection's :class:`SelectionConfig`)."""
     import logging
 
     from omegaconf.errors import OmegaConfBaseException
@@ -182,11 +170,11 @@ def check_stage_config(stage: str, config: Path | str, overrides: Sequence[str],
             cfg = load_selection(str(config), list(overrides))
         else:
             from acadlm_plugins.planning.checks import check_unset_keys
-            from acadlm_plugins.planning.loading import load_config
+            from acadlm_plugins.planning.loading import check_references_resolve, load_config
 
             base = load_config(config, [])  # a malformed file is named, not a YAML traceback
-            with_overrides(base, overrides, stage)  # names a refused override
-            cfg = load_config(config, overrides)
+            cfg = with_overrides(base, overrides, stage)  # names a refused override
+            check_references_resolve(cfg)
             try:
                 check_unset_keys(cfg)
             except ConfigError as err:

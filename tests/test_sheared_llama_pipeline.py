@@ -159,6 +159,9 @@ def test_bad_inputs_stop_before_any_stage_naming_the_flag_or_key(tmp_path, capsy
     ("--set=continue:~batch_size", "continue:batch_size"),
     ("--set=prune:~batch_size", "prune:batch_size"),
     ("--set=continue:~no_such_key", "--set continue:~no_such_key"),
+    # an override torchtune cannot merge, a reference that resolves to nothing
+    ("--set=prune:pruning=[1,2]", "--set prune:pruning=[1,2]"),
+    ("--set=continue:optimizer.lr=${nope}", "continue:optimizer.lr"),
 ])
 def test_a_setting_a_later_stage_refuses_stops_the_pipeline_before_the_first_stage(
         tmp_path, capsys, override, key):

@@ -14,14 +14,18 @@ import copy
 import difflib
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import (
+    InterpolationToMissingValueError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 import acadlm_plugins.defaults  # noqa: F401  (registers the ${acadlm_home:} resolver)
 from acadlm_plugins._compat import merge_yaml_and_cli_args
@@ -124,11 +128,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError("config", "is reserved by `tune run` for the config path.",
                           "rename the key.")
     values = OmegaConf.to_container(yaml_config, resolve=False)
-    try:
-        return merge_yaml_and_cli_args(copy.deepcopy(values), overrides)  # `~a.b` edits in place
-    except _MERGE_ERRORS:
-        raise _first_bad_override(values, overrides) from None
-
+    return merge_overrides(values, overrides)
 
 
 def detect_recipe(cfg: DictConfig, line: LaunchLine | None) -> tuple[str, str]:
@@ -158,48 +158,99 @@ def detect_recipe(cfg: DictConfig, line: LaunchLine | None) -> tuple[str, str]:
 _MERGE_ERRORS = (ValueError, TypeError, OmegaConfBaseException, yaml.YAMLError)
 
 
-def _first_bad_override(values: dict[str, Any], overrides: Sequence[str]) -> ConfigError:
-    """The error for the first override that cannot be merged (each is tried on top of the
-    ones before it, in the order ``tune run`` applies them)."""
+class OverrideError(ConfigError):
+    """An override torchtune cannot merge; ``override`` is the override as given."""
+
+    def __init__(self, override: str, key: str, problem: str, fix: str = "") -> None:
+        self.override = override
+        super().__init__(key, problem, fix)
+
+
+def merge_overrides(values: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
+    """A config's unresolved top-level ``values`` with ``overrides`` merged as ``tune run``
+    merges them; the first override it cannot merge (each is tried on top of the ones before
+    it, in the order ``tune run`` applies them) is an :class:`OverrideError` naming it, the key
+    and the fix."""
+    try:
+        return merge_yaml_and_cli_args(copy.deepcopy(values), overrides)  # `~a.b` edits in place
+    except _MERGE_ERRORS:
+        pass
     for count, override in enumerate(overrides, start=1):
         try:
             merge_yaml_and_cli_args(copy.deepcopy(values), overrides[:count])
         except _MERGE_ERRORS as err:
-            return _override_error(override, values, err)
-    return ConfigError("overrides", "torchtune could not merge them with the config.",
-                       "check each `key=value`.")
+            raise _override_error(override, values, err) from None
+    raise OverrideError("", "overrides", "torchtune could not merge them with the config.",
+                        "check each `key=value`.")
 
 
-def _override_error(override: str, values: dict[str, Any], err: BaseException) -> ConfigError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+def check_references_resolve(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first value whose ``${...}`` reference (to another
+    key, or through a resolver) cannot be resolved, naming the key and what it refers to. A
+    reference to a ``???`` value (no default) is left to the reader, which names that key when
+    it reads it."""
+    for key, reference in _references(OmegaConf.to_container(cfg, resolve=False)):
+        try:
+            OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        except (MissingMandatoryValue, InterpolationToMissingValueError):
+            continue
+        except OmegaConfBaseException as err:
+            raise ConfigError(key, f"is `{reference}`, which cannot be resolved "
+                              f"({_first_line(err)}).",
+                              "refer to a key the config has (`${other.key}`), or give the "
+                              f"value itself: `{key}=<value>`.") from None
+
+
+def _references(node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, value) of every string value that holds a ``${...}`` reference."""
+    entries = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else ()
+    for name, value in entries:
+        key = f"{prefix}{name}"
+        if isinstance(value, (dict, list)):
+            yield from _references(value, key + ".")
+        elif isinstance(value, str) and "${" in value:
+            yield key, value
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _override_error(override: str, values: dict[str, Any], err: BaseException) -> OverrideError:
+    reason = _first_line(err)
+
+    def refused(key: str, problem: str, fix: str) -> OverrideError:
+        return OverrideError(override, key, problem, fix)
+
     if override.startswith("~"):
         key = override[1:].split("=")[0]
         if "_component_" in key:
-            return ConfigError(key, f"`{override}`: a `_component_` cannot be removed from the "
-                               "command line.", "edit the YAML file, or remove the whole block: "
-                               f"`~{key.rsplit('._component_', 1)[0]}`.")
-        return ConfigError(key, f"is not in the config, so `{override}` cannot remove it.",
-                           _spelling_fix(key, values, "remove the override"))
+            return refused(key, f"`{override}`: a `_component_` cannot be removed from the "
+                           "command line.", "edit the YAML file, or remove the whole block: "
+                           f"`~{key.rsplit('._component_', 1)[0]}`.")
+        return refused(key, f"is not in the config, so `{override}` cannot remove it.",
+                       _spelling_fix(key, values, "remove the override"))
     if override.count("=") != 1:
         if "=" not in override:
-            return ConfigError(override, "is not a `key=value` override.",
-                               "write it as `key=value` (or `~key` to remove a key).")
-        return ConfigError(override, "holds more than one `=`: torchtune splits an override "
-                           "at every `=`, so a value cannot contain one.",
-                           "put that value in the YAML file instead.")
+            return refused(override, "is not a `key=value` override.",
+                           "write it as `key=value` (or `~key` to remove a key).")
+        return refused(override, "holds more than one `=`: torchtune splits an override at "
+                       "every `=`, so a value cannot contain one.",
+                       "put that value in the YAML file instead.")
     key, value = override.split("=")
     if not _value_parses(value):
-        return ConfigError(key, f"the override's value `{value}` is not valid YAML ({reason}).",
-                           "quote it, or correct it.")
+        return refused(key, f"the override's value `{value}` is not valid YAML ({reason}).",
+                       "quote it, or correct it.")
     existing = _lookup(values, key)
     if isinstance(existing, (dict, list)):
         kind = "mapping" if isinstance(existing, dict) else "list"
-        return ConfigError(key, f"is a {kind} in the config, and `{override}` cannot be "
-                           f"merged into it ({reason}).",
-                           f"set its entries one by one (`{key}.<name>=...`), or remove the "
-                           f"config's {kind} first: `~{key} {override}`.")
-    return ConfigError(key, f"the override `{override}` cannot be merged into the config "
-                       f"({reason}).", "correct the override.")
+        return refused(key, f"is a {kind} in the config, and `{override}` cannot be merged "
+                       f"into it ({reason}).", f"set its entries one by one "
+                       f"(`{key}.<name>=...`), or remove the config's {kind} first: "
+                       f"`~{key} {override}`.")
+    return refused(key, f"the override `{override}` cannot be merged into the config "
+                   f"({reason}).", "correct the override.")
 
 
 def _value_parses(value: str) -> bool:

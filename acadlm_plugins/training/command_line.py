@@ -13,18 +13,10 @@ the argument or key and the fix.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import (
-    InterpolationToMissingValueError,
-    MissingMandatoryValue,
-    OmegaConfBaseException,
-)
+from collections.abc import Sequence
 
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.planning.loading import load_config
+from acadlm_plugins.planning.loading import check_references_resolve, load_config
 
 
 def check_command_line(argv: Sequence[str]) -> None:
@@ -38,23 +30,6 @@ def check_command_line(argv: Sequence[str]) -> None:
     if config is None:
         return
     check_references_resolve(load_config(config, overrides))
-
-
-def check_references_resolve(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first value whose ``${...}`` reference (to another
-    key, or through a resolver) cannot be resolved, naming the key and what it refers to. A
-    reference to a ``???`` value (no default) is left to the recipe, which names that key when
-    it reads it."""
-    for key, reference in _references(OmegaConf.to_container(cfg, resolve=False)):
-        try:
-            OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
-        except (MissingMandatoryValue, InterpolationToMissingValueError):
-            continue
-        except OmegaConfBaseException as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(key, f"is `{reference}`, which cannot be resolved ({reason}).",
-                              "refer to a key the config has (`${other.key}`), or give the "
-                              f"value itself: `{key}=<value>`.") from None
 
 
 def _split(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -77,15 +52,3 @@ def _split(argv: Sequence[str]) -> tuple[str | None, list[str]]:
         else:
             overrides.append(arg)
     return config, overrides
-
-
-def _references(node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted key, value) of every string value that holds a ``${...}`` reference."""
-    entries = node.items() if isinstance(node, dict) else \
-        enumerate(node) if isinstance(node, list) else ()
-    for name, value in entries:
-        key = f"{prefix}{name}"
-        if isinstance(value, (dict, list)):
-            yield from _references(value, key + ".")
-        elif isinstance(value, str) and "${" in value:
-            yield key, value
