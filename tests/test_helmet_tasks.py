@@ -287,6 +287,36 @@ def test_passages_follow_helmets_templates_with_and_without_a_title(
         "Document [1](Title: A): A text.\n\nDocument [2]: B text.")
 
 
+def test_leading_words_keeps_the_white_space_as_written():
+    text = "Ada  Quill\tbuilt\nthe mill. "
+    assert helmet.leading_words(text, 2) == "Ada  Quill"
+    assert helmet.leading_words(text, 5) == helmet.leading_words(text, 9) == text
+    assert helmet.leading_words(text, 0) == ""
+
+
+def test_alce_items_are_shown_as_their_file_writes_them(tmp_path: Path, meta: dict[str, Any],
+                                                        no_corpus: None):
+    """HELMET's load_alce formats the question and every passage's title and text as ALCE's
+    file writes them; ours collapsed their white space (the prompt file's demonstrations were
+    already verbatim). Now the question's block is HELMET's, byte for byte."""
+    items = asqa_items(count=4)
+    for item in items:
+        item["question"] = item["question"].replace("keeper of", "keeper\tof")
+        for passage in item["docs"]:
+            passage["text"] = passage["text"].replace(". ", ".  ", 1) + "\n"
+            passage["title"] += " "
+    path = write_json(tmp_path / "asqa.json", items)
+    by_id = {item["sample_id"]: item for item in items}
+    settings = {**meta, "num_shots": 0, "num_samples": 2, "max_seq_lengths": [4096],
+                "asqa_path": str(path)}
+    for doc in _asqa("acadlm_cite_asqa", settings)["test"]:
+        item = by_id[doc["question_id"]]
+        block = "\n\n".join(f"Document [{i + 1}](Title: {d['title']}): {d['text']}"
+                             for i, d in enumerate(item["docs"]))
+        assert f"Question: {item['question']}\n\n{block}\n\n" in doc["input"]
+        assert doc["question"] == item["question"]
+
+
 def test_rag_spreads_depths_over_samples(meta: dict[str, Any], no_corpus: None):
     settings = {**meta, "num_samples": 5, "max_seq_lengths": [2048]}
     rag = helmet.rag_dataset("acadlm_rag", settings)["test"]

@@ -201,6 +201,20 @@ def take_counts(sizes: Sequence[int], budget: int) -> list[int]:
 #: A filler item used in a prompt: (index into the pool, pieces of it taken).
 Taken = list[tuple[int, int]]
 
+_WORD = re.compile(r"\S+")
+
+
+def leading_words(text: str, count: int) -> str:
+    """``text`` through its ``count``-th word, its white space as written: the whole text,
+    verbatim, when ``count`` covers every word. A passage, query or demonstration is shown as
+    HELMET shows it (its data's text as is); only the one cut to fit the length ends early."""
+    end = 0
+    for number, word in enumerate(_WORD.finditer(text), start=1):
+        if number > count:
+            return text[:end]
+        end = word.end()
+    return text
+
 
 def fit_items(render: Callable[[Taken], str], sizes: Sequence[int], tokenizer: LengthTokenizer,
               target: int, *, task: str, key: str, keep: int = 0) -> tuple[FittedPrompt, Taken]:
@@ -673,7 +687,8 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
     tail = style.tail.format(question=record.question)
 
     def arrange(taken: Taken) -> tuple[list[Passage], int]:
-        passages = [Passage(" ".join(words[i][:n]), pool[i][1].title) for i, n in taken]
+        passages = [Passage(leading_words(pool[i][1].text, n), pool[i][1].title)
+                    for i, n in taken]
         position = round(depth * len(passages))
         return passages[:position] + list(record.gold) + passages[position:], position
 
@@ -837,7 +852,8 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
 
     def render(units: int) -> str:
         cut = take_counts([len(w) for w in words], units)
-        body = "\n\n".join(rerank_entry(shown[i][1], shown[i][2].title, " ".join(words[i][:n]))
+        body = "\n\n".join(rerank_entry(shown[i][1], shown[i][2].title,
+                                         leading_words(shown[i][2].text, n))
                             for i, n in enumerate(cut))
         return frame.render(head + body + tail)
 
@@ -1067,7 +1083,7 @@ def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str
     tail = ICL_TAIL.format(text=query.text)
 
     def render(taken: Taken) -> str:
-        demos = [ICL_DEMO.format(text=" ".join(words[i][:n]), label=mapping[pool[i][1]])
+        demos = [ICL_DEMO.format(text=leading_words(pool[i][0], n), label=mapping[pool[i][1]])
                  for i, n in taken]
         return frame.render(ICL_HEAD + "\n\n".join(demos) + tail)
 
@@ -1712,23 +1728,17 @@ def _alce_error(task: str, key: str, where: str, problem: str, example: str) -> 
                       f"look like {example} (a JSON list, or one object per line).")
 
 
-def _alce_passages(value: Any, fail: Callable[[str], Exception], *,
-                   verbatim: bool = False) -> tuple[Passage, ...]:
-    """The passages of an item's ``docs``, checked: each text and title with its white space
-    collapsed to single spaces, or, ``verbatim``, as written (HELMET's ``load_alce`` and ALCE's
-    ``make_doc_prompt`` render a prompt file's demonstration passages so)."""
+def _alce_passages(value: Any, fail: Callable[[str], Exception]) -> tuple[Passage, ...]:
+    """The passages of an item's ``docs``, checked; each title and text as written (HELMET's
+    ``load_alce`` and ALCE's ``make_doc_prompt`` put them in verbatim)."""
     if not isinstance(value, list) or not value:
         raise fail("field `docs` must be a non-empty list of {\"title\", \"text\"} objects.")
-
-    def written(text: str) -> str:
-        return text if verbatim else " ".join(text.split())
-
     passages = []
     for i, doc in enumerate(value):
         if not isinstance(doc, dict) or not isinstance(doc.get("text"), str) \
                 or not doc["text"].strip():
             raise fail(f"field `docs[{i}].text` must be a non-empty string.")
-        passages.append(Passage(written(doc["text"]), written(str(doc.get("title") or ""))))
+        passages.append(Passage(doc["text"], str(doc.get("title") or "")))
     return tuple(passages)
 
 
@@ -1782,8 +1792,7 @@ def parse_alce_item(row: Mapping[str, Any], dataset: AlceDataset, *, task: str, 
                        "[[\"Paris\"], [\"Rome\", \"Roma\"]].")
         answer = ", ".join(group[0] for group in sets) + "."
     item_id = row.get("sample_id", row.get("id", f"item{number}"))
-    return AlceItem(str(item_id), " ".join(question.split()), sets, docs,
-                    " ".join(answer.split()))
+    return AlceItem(str(item_id), question, sets, docs, " ".join(answer.split()))
 
 
 def _alce_rows(path: Path, *, task: str, key: str) -> Iterator[tuple[str, int, Any]]:
@@ -1859,8 +1868,7 @@ def load_alce_prompts(path: Path, dataset: AlceDataset, *, task: str) -> AlcePro
             raise task_error(task, key, f"{where}: needs `question` and `answer` strings.",
                              "Give one of ALCE's prompt files (prompts/*.json).")
         docs = _alce_passages(demo.get("docs"), lambda problem, where=where: task_error(
-            task, key, f"{where}: {problem}", "Give one of ALCE's prompt files."),
-            verbatim=True)  # the prompt file's demonstrations, as HELMET and ALCE show them
+            task, key, f"{where}: {problem}", "Give one of ALCE's prompt files."))
         items.append(AlceItem(f"demo{number}", question, (), docs, answer))
     return AlcePrompts(instruction, tuple(items), layout)
 
@@ -1964,7 +1972,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
     words = [entry[1].text.split() for entry in pool]
 
     def shown(taken: Taken) -> list[Passage]:
-        return [Passage(" ".join(words[i][:n]), pool[i][1].title) for i, n in taken]
+        return [Passage(leading_words(pool[i][1].text, n), pool[i][1].title) for i, n in taken]
 
     def render(taken: Taken) -> str:
         return frame.render(demo_text + ALCE_QUESTION.format(
