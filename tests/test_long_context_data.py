@@ -651,12 +651,27 @@ def test_the_demo_stage2_mixes_stage_length_documents_and_stage1_length_pieces()
     stage2 = OmegaConf.load(path).long_context.max_seq_len
     assert (stage1, stage2) == (8192, 16384)
     assert long_sources(path) == {
-        "code_repos_16k": (0.15, stage2, None, None),
+        "code_repos_16k": (0.15, stage2, None, stage2),
         "code_repos_8k": (0.15, stage1, None, stage1),
-        "books_16k": (0.05, stage2, None, None),
+        "books_16k": (0.05, stage2, None, stage2),
         "books_8k": (0.25, stage1, None, stage1)}
     shares = [spec.share for spec in OmegaConf.load(path).dataset.sources.values()]
     assert sum(shares) == pytest.approx(1.0)
+    checked_dataset_block(path)
+
+
+@pytest.mark.parametrize("config, length", [("smollm2/long_context_stage1.yaml", 8192),
+                                            ("llama3/prolong_64k_stage1.yaml", 65536)])
+def test_stage1_cuts_its_long_sources_into_stage_length_pieces(config: str, length: int):
+    """train_64K.sh's long data (book-65536, thestackv1_concat_by_repo-65536) is documents of
+    >= 64K tokens cut into 64K pieces, a last piece under 64K dropped (datatools' `pack
+    --pack_length 65536 --min_length 65536`); the stage-1 configs kept those documents whole,
+    continuing each into the next sequence, where its last part shared a sequence with the
+    next document."""
+    path = CONFIGS / config
+    assert OmegaConf.load(path).long_context.max_seq_len == length
+    assert long_sources(path) == {"code_repos": (0.30, length, None, length),
+                                  "books": (0.30, length, None, length)}
     checked_dataset_block(path)
 
 
@@ -667,9 +682,9 @@ def test_the_llama3_stage2_cuts_its_64k_sources_into_64k_pieces():
     stage1 = OmegaConf.load(CONFIGS / "llama3/prolong_64k_stage1.yaml").long_context.max_seq_len
     path = CONFIGS / "llama3/prolong_512k_stage2.yaml"
     assert long_sources(path) == {
-        "code_repos_512k": (0.15, 524288, None, None),
+        "code_repos_512k": (0.15, 524288, None, 524288),
         "code_repos_64k": (0.15, stage1, None, stage1),
-        "books_512k": (0.05, 524288, None, None),
+        "books_512k": (0.05, 524288, None, 524288),
         "books_64k": (0.25, stage1, None, stage1)}
     checked_dataset_block(path)
     with pytest.raises(ConfigError, match="longer than a sequence") as err:
