@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from test_recipe_errors import tune_run
 from tiny_setup import REPO_ROOT
 
 from acadlm_plugins.errors import ConfigError
-from acadlm_plugins.planning.loading import load_config
+from acadlm_plugins.planning.loading import load_config, merge_overrides
 from acadlm_plugins.training.command_line import check_command_line
 
 CONFIG = REPO_ROOT / "configs" / "tiny" / "prune.yaml"
@@ -37,7 +38,15 @@ def test_every_shipped_config_passes_the_check(config: Path):
      "`dynamic_batch_loading.<name>=...`"),
     ("~prunning", "prunning", "is not in the config", "did you mean `~pruning`?"),
     ("~pruning.nope", "pruning.nope", "is not in the config", "target"),
-    ("~model._component_", "model._component_", "cannot be removed", "`~model`"),
+    ("~model._component_", "model", "holds a `_component_`",
+     "set `model=<dotted.path>`"),
+    ("~checkpointer", "checkpointer", "holds a `_component_`", "edit a copy of the YAML"),
+    ("checkpointer.checkpoint_files.0=b.safetensors", "checkpointer.checkpoint_files.0",
+     "inside `checkpointer.checkpoint_files`, a list", "`checkpointer.checkpoint_files=[...]`"),
+    ("checkpointer.checkpoint_files={a: 1}", "checkpointer.checkpoint_files", "is a list",
+     "`checkpointer.checkpoint_files=[...]`"),
+    ("foo=${oc.env:ACADLM_TEST_UNSET_VARIABLE}", "foo", "cannot be resolved",
+     "`${oc.env:NAME,default}`"),
     ("output_dir=a=b", "output_dir=a=b", "more than one `=`", "YAML file"),
     ("max_steps", "max_steps", "is not a `key=value` override", "`key=value`"),
     ("seed=[1,", "seed", "is not valid YAML", "quote it"),
@@ -52,6 +61,17 @@ def test_an_override_torchtune_cannot_apply_names_itself_and_the_fix(
     assert err.key == key and problem in err.problem and fix in err.fix, str(err)
 
 
+def test_a_nested_component_block_is_mended_by_its_entries_or_its_builder():
+    """torchtune rewrites `block=path` to `block._component_=path` for top-level blocks only;
+    a nested one (the teacher's model) given a list is refused, and the fix is not `~block`,
+    which torchtune refuses for a component."""
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["--config", str(REPO_ROOT / "configs/smollm2/135M_to_85M_prune.yaml"),
+                            "distillation.teacher.model=[1]"])
+    assert err.value.key == "distillation.teacher.model"
+    assert "is a component block" in err.value.problem and "~" not in err.value.fix
+
+
 def test_the_first_bad_override_is_named_with_the_earlier_ones_applied():
     """`~pruning` then `pruning=[1,2]` is what the error advises, and is accepted; the bad
     one among good ones is the one named."""
@@ -63,7 +83,6 @@ def test_the_first_bad_override_is_named_with_the_earlier_ones_applied():
 
 @pytest.mark.parametrize("text, problem", [
     ("a: [1,\n", "is not valid YAML (line 2)"),
-    ("", "is empty"),
     ("- 1\n- 2\n", "is a list"),
 ])
 def test_a_config_file_that_is_no_yaml_mapping_is_named(tmp_path: Path, text: str,
@@ -91,14 +110,32 @@ def test_a_reference_to_an_unset_value_is_left_to_the_recipe():
 def test_without_a_config_argument_torchtune_s_parser_answers():
     check_command_line([])
     check_command_line(["--help"])
+    check_command_line(["seed=1", "--config"])  # no path: argparse's "expected one argument"
 
 
-def test_load_config_reads_what_the_check_accepts_with_its_removals_intact():
-    """Removing a nested key and setting it again does not edit the loaded values in place
-    (a later diagnosis merge starts from the file's values)."""
-    cfg = load_config(CONFIG, ["~pruning.target", "pruning.target={num_layers: 1}"])
+def test_merging_a_removal_leaves_the_given_values_as_they_were():
+    """torchtune's merge deletes a `~a.b` removal from the nested dict it is given; the
+    diagnosis merges again from the same values, so they must not be edited in place."""
+    values = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=False)
+    cfg = merge_overrides(values, ["~pruning.target", "pruning.target={num_layers: 1}"])
     assert dict(cfg.pruning.target) == {"num_layers": 1}
-    assert "target" in load_config(CONFIG).pruning
+    assert values["pruning"]["target"]["num_layers"] == 1 and "num_heads" in values[
+        "pruning"]["target"]
+
+
+def test_an_empty_config_file_is_accepted_as_torchtune_accepts_it(tmp_path: Path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# only a comment\n")
+    check_command_line(["--config", str(path), "seed=1"])
+    assert load_config(path, ["seed=1"]).seed == 1
+
+
+def test_a_reference_inside_a_list_is_mended_by_giving_the_whole_list(tmp_path: Path):
+    path = tmp_path / "listed.yaml"
+    path.write_text('files: ["${nope}", "x"]\n')
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["--config", str(path)])
+    assert err.value.key == "files.0" and "`files=[...]`" in err.value.fix
 
 
 def test_tune_run_refuses_a_bad_override_in_one_line_before_anything_loads(tmp_path: Path):

@@ -1958,7 +1958,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
     frame = CITE_LAYOUT.frame(metadata, length, tokenizer, task=task)
     demos = pick_demos(demo_pool, num_shots_setting(metadata, task=task), metadata, task=task,
                        item=item.id, key=dataset.key,
-                       allowed=lambda demo: demo.question != item.question)
+                       allowed=lambda demo: demo.question.split() != item.question.split())
     demo_text = layout.demo_text(instruction, demos)
 
     def stream() -> Iterator[tuple[str, Passage]]:

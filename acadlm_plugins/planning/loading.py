@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     InterpolationToMissingValueError,
     MissingMandatoryValue,
@@ -120,9 +120,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError("--config", f"{path} is not valid YAML{line}: "
                           f"{getattr(err, 'problem', None) or err}.",
                           "fix the YAML syntax there.") from err
-    if not isinstance(yaml_config, DictConfig) or not yaml_config:
-        what = "empty" if isinstance(yaml_config, DictConfig) else "a list"
-        raise ConfigError("--config", f"{path} is {what}, not a mapping of keys to values.",
+    if not isinstance(yaml_config, DictConfig):  # (an empty file is an empty mapping)
+        raise ConfigError("--config", f"{path} is a list, not a mapping of keys to values.",
                           "give the path of a YAML config.")
     if "config" in yaml_config:
         raise ConfigError("config", "is reserved by `tune run` for the config path.",
@@ -196,9 +195,27 @@ def check_references_resolve(cfg: DictConfig) -> None:
             continue
         except OmegaConfBaseException as err:
             raise ConfigError(key, f"is `{reference}`, which cannot be resolved "
-                              f"({_first_line(err)}).",
-                              "refer to a key the config has (`${other.key}`), or give the "
-                              f"value itself: `{key}=<value>`.") from None
+                              f"({_first_line(err)}).", _reference_fix(key, reference, cfg)
+                              ) from None
+
+
+def _reference_fix(key: str, reference: str, cfg: DictConfig) -> str:
+    """How to mend an unresolvable ``reference`` at ``key`` with what torchtune accepts."""
+    if "${oc.env:" in reference:
+        fix = ("set the environment variable it reads, or give it a default "
+               "(`${oc.env:NAME,default}`)")
+    elif re.search(r"\$\{[\w.]+:", reference):
+        fix = "check the resolver's name (an unknown one is not registered)"
+    else:
+        fix = "refer to a key the config has (`${other.key}`)"
+    parts = key.split(".")
+    outer = next((".".join(parts[:depth]) for depth in range(1, len(parts))
+                  if isinstance(OmegaConf.select(cfg, ".".join(parts[:depth]),
+                                                 throw_on_resolution_failure=False),
+                                ListConfig)), None)
+    value = f"`{outer}=[...]` (an override cannot set one item of a list)" if outer \
+        else f"`{key}=<value>`"
+    return f"{fix}, or give the value itself: {value}."
 
 
 def _references(node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -218,6 +235,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def _override_error(override: str, values: dict[str, Any], err: BaseException) -> OverrideError:
+    """Why torchtune cannot merge ``override``, as a problem that reads after the key's name,
+    and a fix torchtune accepts."""
     reason = _first_line(err)
 
     def refused(key: str, problem: str, fix: str) -> OverrideError:
@@ -225,10 +244,16 @@ def _override_error(override: str, values: dict[str, Any], err: BaseException) -
 
     if override.startswith("~"):
         key = override[1:].split("=")[0]
-        if "_component_" in key:
-            return refused(key, f"`{override}`: a `_component_` cannot be removed from the "
-                           "command line.", "edit the YAML file, or remove the whole block: "
-                           f"`~{key.rsplit('._component_', 1)[0]}`.")
+        block = key.removesuffix("._component_")
+        if block != key or _has_component(_lookup(values, block)) or (
+                _lookup(values, key) is not None and "Removing components" in reason):
+            return refused(block, "holds a `_component_` (or would leave an empty block that "
+                           "does), and torchtune does not remove components from the command "
+                           "line.", "edit a copy of the YAML file instead; to swap the "
+                           f"builder, set `{block}=<dotted.path>` and its arguments.")
+        if _lookup(values, key) is not None:
+            return refused(key, f"could not be removed by `{override}` ({reason}).",
+                           "edit a copy of the YAML file instead.")
         return refused(key, f"is not in the config, so `{override}` cannot remove it.",
                        _spelling_fix(key, values, "remove the override"))
     if override.count("=") != 1:
@@ -240,17 +265,35 @@ def _override_error(override: str, values: dict[str, Any], err: BaseException) -
                        "put that value in the YAML file instead.")
     key, value = override.split("=")
     if not _value_parses(value):
-        return refused(key, f"the override's value `{value}` is not valid YAML ({reason}).",
+        return refused(key, f"has the value `{value}`, which is not valid YAML ({reason}).",
                        "quote it, or correct it.")
+    parts = key.split(".")
+    for depth in range(1, len(parts)):
+        outer = ".".join(parts[:depth])
+        if isinstance(_lookup(values, outer), list):
+            return refused(key, f"is inside `{outer}`, a list in the config, and an override "
+                           f"cannot set one item of a list ({reason}).",
+                           f"give the whole list: `{outer}=[...]`.")
     existing = _lookup(values, key)
-    if isinstance(existing, (dict, list)):
-        kind = "mapping" if isinstance(existing, dict) else "list"
-        return refused(key, f"is a {kind} in the config, and `{override}` cannot be merged "
+    if isinstance(existing, list):
+        return refused(key, f"is a list in the config, and `{override}` cannot be merged "
+                       f"into it ({reason}).", f"give a list: `{key}=[...]`.")
+    if isinstance(existing, dict):
+        if _has_component(existing):
+            return refused(key, f"is a component block in the config, and `{override}` "
+                           f"cannot be merged into it ({reason}).",
+                           f"set its entries one by one (`{key}.<name>=...`), or give the "
+                           f"builder's dotted path: `{key}=<dotted.path>`.")
+        return refused(key, f"is a mapping in the config, and `{override}` cannot be merged "
                        f"into it ({reason}).", f"set its entries one by one "
-                       f"(`{key}.<name>=...`), or remove the config's {kind} first: "
+                       f"(`{key}.<name>=...`), or remove the config's mapping first: "
                        f"`~{key} {override}`.")
-    return refused(key, f"the override `{override}` cannot be merged into the config "
-                   f"({reason}).", "correct the override.")
+    return refused(key, f"cannot take the override `{override}` ({reason}).",
+                   "correct the override.")
+
+
+def _has_component(value: Any) -> bool:
+    return isinstance(value, dict) and "_component_" in value
 
 
 def _value_parses(value: str) -> bool:

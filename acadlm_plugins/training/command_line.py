@@ -38,7 +38,9 @@ def _split(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     config, overrides, args = None, [], list(argv)
     while args:
         arg = args.pop(0)
-        if arg == "--config" and args:
+        if arg == "--config":
+            if not args:
+                return None, []  # torchtune's parser says --config needs a path
             config = args.pop(0)
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
