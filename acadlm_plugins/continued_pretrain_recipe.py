@@ -93,7 +93,7 @@ KNOWN_KEYS = {
     "validation_dataset", "optimizer", "lr_scheduler", "batch_size", "max_steps",
     "gradient_accumulation_steps", "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps",
     "save_every_n_steps", "keep_last_n_checkpoints", "validation", "metric_logger", "plugins",
-    "resume", "enable_activation_checkpointing", "model_dir",
+    "resume", "enable_activation_checkpointing", "model_dir", "mixed_precision",
 }
 VALIDATION_KEYS = {"batch_size", "max_packs_per_domain"}  # the `validation:` block
 REQUIRED_KEYS = ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
@@ -108,9 +108,9 @@ REQUIRED_KEYS = ("output_dir", "model", "tokenizer", "checkpointer", "dataset",
 RESUME_MUST_MATCH = ("model", "dataset", "tokenizer", "seed", "checkpointer.checkpoint_dir",
                      "checkpointer.checkpoint_files", "checkpointer.model_type",
                      "dynamic_batch_loading.reference_losses",
-                     "dynamic_batch_loading.reference_scale")
+                     "dynamic_batch_loading.reference_scale", "mixed_precision")
 # What an unset one of those keys means; an unset key and its default written out resume alike.
-RESUME_DEFAULTS: dict[str, Any] = {**DBL_RESUME_DEFAULTS}
+RESUME_DEFAULTS: dict[str, Any] = {**DBL_RESUME_DEFAULTS, "mixed_precision": False}
 
 
 class ContinuedPretrainRecipe:
@@ -129,6 +129,14 @@ class ContinuedPretrainRecipe:
         self._recipe_name = recipe_name
         (self._distributed, self._device, self._dtype, self._world_size,
          self._rank) = runtime.init_process(cfg)
+        # mixed_precision: fp32 weights and optimizer state, the math in `dtype` (bf16)
+        self._compute_dtype = runtime.mixed_precision_dtype(cfg, self._dtype)
+        if self._compute_dtype is not None:
+            if (cfg.get("torchao", None) or {}).get("float8", None):
+                raise ConfigError("mixed_precision", "is not combined with `torchao.float8` "
+                                  "(float8 training converts bf16 linear layers).",
+                                  "remove one of the two.")
+            self._dtype = torch.float32
         self._is_rank_zero = self._rank == 0
         # Which slice of the data this rank reads: its rank among the data-parallel replicas
         # (recipes that split each sequence over several ranks change these).
@@ -265,7 +273,9 @@ class ContinuedPretrainRecipe:
                               "make `model` the architecture that `checkpointer` points at.")
         self._pm.hook.acadlm_prepare_model(model=model, cfg=cfg, device=self._device)
         if self._distributed:
-            runtime.shard_decoder_layers(model)
+            runtime.shard_decoder_layers(model, compute_dtype=self._compute_dtype)
+        elif self._compute_dtype is not None:
+            runtime.compute_in(model, self._compute_dtype, self._device)
         return model
 
     def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:

@@ -210,14 +210,15 @@ def test_selection_config_plans():
 
 
 def test_memory_equals_a_hand_computation(tmp_path: Path):
-    """ProLong stage 1 on 8 GPUs: Llama-3-8B in bf16, FSDP (every dim-0 divides by 8), AdamW,
-    activation checkpointing, one 64K sequence per micro-batch, logits 2048 positions at a
-    time."""
+    """ProLong stage 1 on 8 GPUs: Llama-3-8B computing in bf16 on fp32 weights, gradients and
+    moments (`mixed_precision: true`), FSDP (every dim-0 divides by 8), AdamW, activation
+    checkpointing, one 64K sequence per micro-batch, logits 2048 positions at a time."""
     plan = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml",
                        [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}"])
     m = plan.memory
-    bf16 = 2
-    assert m.weights == LLAMA3_8B // 8 * bf16 == 2_007_565_312
+    bf16, fp32 = 2, 4
+    assert m.weights == LLAMA3_8B // 8 * fp32 == 4_015_130_624
+    assert m.weights_dtype == "float32" and m.dtype == "bfloat16"
     assert m.gradients == m.weights
     assert m.optimizer_state == 2 * m.weights
     assert m.buffers == 65536 * 64 * 2 * 4 + 64 * 4  # float32 RoPE cos/sin table and θ
@@ -231,7 +232,12 @@ def test_memory_equals_a_hand_computation(tmp_path: Path):
     assert m.activation_checkpointing
     assert m.total == (m.weights + m.gradients + m.optimizer_state + m.buffers
                        + m.activations_checkpointed)
-    assert round(m.total / 2**30, 1) == 42.5
+    assert round(m.total / 2**30, 1) == 49.9
+    pure = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml",
+                       [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}",
+                        "mixed_precision=false"]).memory
+    assert pure.weights == LLAMA3_8B // 8 * bf16 and pure.weights_dtype == ""
+    assert round(pure.total / 2**30, 1) == 42.5
 
 
 def _checkpointed_layer_and_head(tokens: int) -> int:
@@ -285,7 +291,7 @@ def test_the_table_names_a_bound_and_the_activations_it_totals(tmp_path: Path):
 
     plan = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml",
                        [f"model_dir={model_dir(tmp_path, 'meta-llama-3-8b')}",
-                        "enable_activation_checkpointing=False"])
+                        "enable_activation_checkpointing=False", "mixed_precision=false"])
     m = plan.memory
     assert not m.activation_checkpointing
     assert m.total == m.static + m.activations_full == 494_696_665_344
@@ -327,13 +333,13 @@ def test_a_dense_attention_mask_is_counted_where_there_is_no_flex_attention(tmp_
     assert m.attention_mask_checkpointed == 8 * square + square * 2
     assert m.attention_mask_full == 8 * square + 32 * square * 2
     assert m.activations == m.activations_checkpointed + m.attention_mask_checkpointed
-    assert round(m.total / 2**30, 1) == 42.5 + 40.0
+    assert round(m.total / 2**30, 1) == 49.9 + 40.0
     rows = " ".join(format_plan(cpu).split())
     assert "attention masks, checkpointed 40.00 GiB" in rows
     assert "attention masks, not checkpointed 288.00 GiB" in rows
     cuda = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml", [*overrides, "device=cuda"])
     assert (cuda.memory.attention_mask_checkpointed, cuda.memory.attention_mask_full) == (0, 0)
-    assert round(cuda.memory.total / 2**30, 1) == 42.5
+    assert round(cuda.memory.total / 2**30, 1) == 49.9
     assert "attention masks, checkpointed" not in format_plan(cuda)
     note = next(n for n in cuda.notes if n.startswith("long_context.attention: mask"))
     assert "40.00 GiB checkpointed, 288.00 GiB not" in note
@@ -481,7 +487,7 @@ def test_world_size_and_recipe_flags(tmp_path: Path):
     plan = plan_config(CONFIGS / "llama3/prolong_64k_stage1.yaml", overrides, world_size=16)
     assert plan.budget.tokens_per_step == 65536 * 8 * 16
     assert plan.budget.steps == math.ceil(20_971_520_000 / (65536 * 8 * 16))
-    assert plan.memory.weights == LLAMA3_8B // 16 * 2
+    assert plan.memory.weights == LLAMA3_8B // 16 * 4  # fp32 (mixed_precision)
 
 
 def test_launch_line_and_recipe_detection(tmp_path: Path):

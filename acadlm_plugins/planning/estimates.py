@@ -20,6 +20,7 @@ from acadlm_plugins.planning.memory import (
     rope_table_bytes,
 )
 from acadlm_plugins.planning.results import TrainingPlan
+from acadlm_plugins.training.config_checks import config_value
 
 NOT_CHECKED = ("weight files (checkpointer.checkpoint_files)", "data files and the tokenizer",
                "the device and float8 support", "output_dir and log_dir being writable")
@@ -48,10 +49,14 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
     the KD loss counts at most (with a ``teacher``); ``attention_mask``: the dense mask's
     bytes with and without activation checkpointing."""
     world = plan.world_size
-    size = torch.finfo(dtype).bits // 8
+    size = torch.finfo(dtype).bits // 8  # the math's: activations, the teacher
+    # `mixed_precision: true`: weights, gradients and AdamW's moments in fp32 (the recipe's check)
+    mixed = config_value(cfg.get("mixed_precision", False), "mixed_precision", bool,
+                         allow_none=True) and trains
+    held = FLOAT32_BYTES if mixed else size
     params = [p for p in model.parameters() if p.requires_grad] if trains else []
     state = optimizer_state(params, cfg.get("optimizer", None), world_size=world,
-                            bytes_per_value=size)
+                            bytes_per_value=held)
     shape = ActivationShape(tokens=tokens, logit_positions=logit_positions,
                             architecture=plan.source.architecture, bytes_per_value=size,
                             logit_bytes_per_value=logit_bytes_per_value, offloaded=offloaded)
@@ -61,8 +66,9 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
     return MemoryEstimate(
         world_size=world, fsdp=world > 1, dtype=plan.dtype or "float32",
         optimizer=state.description if trains else "none (no training step)",
-        weights=parameter_bytes(model.parameters(), world_size=world, bytes_per_value=size),
-        gradients=parameter_bytes(params, world_size=world, bytes_per_value=size),
+        weights=parameter_bytes(model.parameters(), world_size=world, bytes_per_value=held),
+        gradients=parameter_bytes(params, world_size=world, bytes_per_value=held),
+        weights_dtype="float32" if mixed else "",
         optimizer_state=state.bytes,
         pruning_state=pruning_numel * FLOAT32_BYTES * PLUGIN_STATE_COPIES,
         teacher_weights=0 if teacher is None else parameter_bytes(

@@ -3,7 +3,8 @@
 Static part, per GPU (exact for the tensors it counts)::
 
     weights      = sum over parameters of shard(p) x bytes(dtype)
-    gradients    = the same (torchtune trains in the param dtype; no fp32 master copy)
+    gradients    = the same (torchtune trains in the param dtype; no fp32 master copy;
+                   ``mixed_precision: true`` keeps weights, gradients and moments in fp32)
     optimizer    = AdamW: 2 moments per value in the param dtype (``zeros_like(p)``);
                    torchao AdamW8bit / AdamWFp8 / AdamW4bit: 1 / 1 / 0.5 byte per moment value
                    plus a float32 scale per block of 256 / 256 / 128, for shards of >= 4096
@@ -150,6 +151,8 @@ class MemoryEstimate:
     teacher_gathered_weight: int = 0        # the teacher's output projection gathered whole
     attention_mask_checkpointed: int = 0    # dense mask: boolean masks + one saved copy
     attention_mask_full: int = 0            # dense mask: boolean masks + a copy per layer
+    weights_dtype: str = ""                 # weights, gradients, moments (`mixed_precision`:
+                                            # float32); "" = `dtype`, torchtune's way
 
     @property
     def static(self) -> int:

@@ -101,8 +101,9 @@ def _memory_lines(plan: TrainingPlan) -> list[str]:
     m = plan.memory
     shards = f"FSDP over {m.world_size} ranks" if m.fsdp else "one process, nothing sharded"
     used = "checkpointed" if m.activation_checkpointing else "not checkpointed"
-    rows: list[tuple[str, int]] = [(f"weights ({m.dtype})", m.weights),
-                                   (f"gradients ({m.dtype})", m.gradients),
+    held = m.weights_dtype or m.dtype
+    rows: list[tuple[str, int]] = [(f"weights ({held})", m.weights),
+                                   (f"gradients ({held})", m.gradients),
                                    ("optimizer state", m.optimizer_state)]
     if m.pruning_state:
         rows.append(("pruning gates + multipliers", m.pruning_state))

@@ -79,13 +79,54 @@ def configured_dtype(value: Any, device: torch.device) -> torch.dtype:
                           "it).") from err
 
 
-def shard_decoder_layers(model: torch.nn.Module) -> None:
-    """Shard ``model`` with FSDP2, one unit per transformer layer (the torchtune default)."""
+def mixed_precision_dtype(cfg: DictConfig, dtype: torch.dtype) -> torch.dtype | None:
+    """The compute dtype of a ``mixed_precision: true`` run (its ``dtype``, bf16), or None.
+
+    torchtune trains in ``dtype`` throughout: in bf16 the weights and AdamW's moments are bf16
+    too, and an update below half a bf16 step of its weight (about 2e-5 on a weight of 0.01,
+    the size of a 1e-5 learning rate's) rounds away. The original recipes (Hugging Face's
+    ``--bf16``, Composer's ``amp_bf16``) keep fp32 weights and optimizer state and compute in
+    bf16; ``mixed_precision: true`` does the same."""
+    from acadlm_plugins.training.config_checks import config_value
+
+    if not config_value(cfg.get("mixed_precision", False), "mixed_precision", bool,
+                        allow_none=True):
+        return None
+    if dtype != torch.bfloat16:
+        raise ConfigError("mixed_precision", f"computes in `dtype`, which is {dtype}; only "
+                          "bf16 is supported (fp16 would need loss scaling).",
+                          "set `dtype: bf16`, or `mixed_precision: false`.")
+    return dtype
+
+
+def shard_decoder_layers(model: torch.nn.Module, *,
+                         compute_dtype: torch.dtype | None = None) -> None:
+    """Shard ``model`` with FSDP2, one unit per transformer layer (the torchtune default).
+    With ``compute_dtype`` (``mixed_precision``), FSDP2's mixed precision: each layer's fp32
+    shards are gathered in ``compute_dtype`` for its forward and backward, and gradients are
+    reduced in fp32 onto the fp32 shards the optimizer updates (torchtune's ``shard_model``
+    takes no such policy, so the layers are sharded here as it shards them)."""
     from torchtune.modules import TransformerSelfAttentionLayer
 
-    training.shard_model(
-        model, [lambda _n, m: isinstance(m, TransformerSelfAttentionLayer)],
-        cpu_offload=False, reshard_after_forward=True)
+    if compute_dtype is None:
+        training.shard_model(
+            model, [lambda _n, m: isinstance(m, TransformerSelfAttentionLayer)],
+            cpu_offload=False, reshard_after_forward=True)
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for module in reversed(list(model.modules())):
+        if isinstance(module, TransformerSelfAttentionLayer):
+            fully_shard(module, reshard_after_forward=True, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=True, mp_policy=policy)
+
+
+def compute_in(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Run ``model``'s forward (and so its backward) under autocast to ``compute_dtype`` on
+    one device, its parameters staying in their own (fp32) dtype: what FSDP2's mixed
+    precision does for a sharded model. The state dict is unchanged."""
+    model.forward = torch.autocast(device.type, dtype=compute_dtype)(model.forward)
 
 
 def full_model_state(model: torch.nn.Module, *, distributed: bool,
