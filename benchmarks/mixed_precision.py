@@ -101,6 +101,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    for flag, value, least in (("--rows", args.rows, 1), ("--tokens", args.tokens, 2),
+                               ("--repeats", args.repeats, 1)):
+        if value < least:
+            parser.error(f"{flag} {value}: must be at least {least}")
+    if not args.lr > 0 or args.weight_decay < 0:
+        parser.error("--lr must be above 0 and --weight-decay at least 0")
     torch.manual_seed(0)
     state, model_dir = source_state()
     batch = text_batch(model_dir, args.rows, args.tokens)
