@@ -132,10 +132,6 @@ class ContinuedPretrainRecipe:
         # mixed_precision: fp32 weights and optimizer state, the math in `dtype` (bf16)
         self._compute_dtype = runtime.mixed_precision_dtype(cfg, self._dtype)
         if self._compute_dtype is not None:
-            if (cfg.get("torchao", None) or {}).get("float8", None):
-                raise ConfigError("mixed_precision", "is not combined with `torchao.float8` "
-                                  "(float8 training converts bf16 linear layers).",
-                                  "remove one of the two.")
             self._dtype = torch.float32
         self._is_rank_zero = self._rank == 0
         # Which slice of the data this rank reads: its rank among the data-parallel replicas

@@ -147,3 +147,40 @@ def test_learned_pruning_trains_its_masks_with_bf16_math_on_fp32_weights(tmp_pat
                        weights_only=False)
     moments = [s["exp_avg"] for s in state["optimizer"]["state"].values() if "exp_avg" in s]
     assert moments and all(m.dtype == torch.float32 for m in moments)
+
+
+def test_a_checkpoint_from_before_the_key_resumes_only_in_pure_precision(tmp_path, monkeypatch):
+    """A checkpoint that does not record `mixed_precision` was written by a version without it,
+    so in pure `dtype`: resuming it with `mixed_precision: true` (what the paper-scale configs
+    now set) would switch precision halfway through a run; it is refused."""
+    args = ("max_steps=6", "save_every_n_steps=3", "dtype=bf16")
+    run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe",
+                    tiny_run_args(tmp_path, *args[1:], "max_steps=3"))
+    state_path = latest_checkpoint(tmp_path / "run") / "recipe_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["config"]["mixed_precision"]  # as an older version wrote it
+    torch.save(state, state_path)
+    with pytest.raises(ConfigError) as err:
+        run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe",
+                        tiny_run_args(tmp_path, *args, "mixed_precision=true"))
+    assert "mixed_precision" in str(err.value)
+    run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe",
+                    tiny_run_args(tmp_path, *args))  # the same precision resumes
+    assert latest_checkpoint(tmp_path / "run").name == "step_000006"
+
+
+def test_the_planner_refuses_what_the_recipe_refuses(tmp_path, capsys):
+    from acadlm_plugins.planning.cli import main
+
+    base = tiny_run_args(tmp_path)
+    for extra in (["dtype=fp32", "mixed_precision=true"],
+                  ["dtype=bf16", "mixed_precision=true", "torchao.float8=tensorwise"]):
+        assert main([*base, *extra]) == 2
+        assert "mixed_precision" in capsys.readouterr().err
+
+
+def test_float8_switched_off_by_name_goes_with_mixed_precision(tmp_path, monkeypatch):
+    """`torchao.float8: none` is the torchao plugin's "off", not a recipe."""
+    run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe",
+                    tiny_run_args(tmp_path, "max_steps=1", "dtype=bf16",
+                                  "mixed_precision=true", "torchao.float8=none"))

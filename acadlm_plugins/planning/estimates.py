@@ -20,7 +20,7 @@ from acadlm_plugins.planning.memory import (
     rope_table_bytes,
 )
 from acadlm_plugins.planning.results import TrainingPlan
-from acadlm_plugins.training.config_checks import config_value
+from acadlm_plugins.training.runtime import mixed_precision_dtype
 
 NOT_CHECKED = ("weight files (checkpointer.checkpoint_files)", "data files and the tokenizer",
                "the device and float8 support", "output_dir and log_dir being writable")
@@ -51,8 +51,7 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
     world = plan.world_size
     size = torch.finfo(dtype).bits // 8  # the math's: activations, the teacher
     # `mixed_precision: true`: weights, gradients and AdamW's moments in fp32 (the recipe's check)
-    mixed = config_value(cfg.get("mixed_precision", False), "mixed_precision", bool,
-                         allow_none=True) and trains
+    mixed = mixed_precision_dtype(cfg, dtype) is not None and trains
     held = FLOAT32_BYTES if mixed else size
     params = [p for p in model.parameters() if p.requires_grad] if trains else []
     state = optimizer_state(params, cfg.get("optimizer", None), world_size=world,

@@ -43,6 +43,7 @@ from acadlm_plugins.training.run_checks import (
     positive_int,
     step_interval,
 )
+from acadlm_plugins.training.runtime import mixed_precision_dtype
 
 PRUNING_PLUGIN = "acadlm_plugins.plugins.pruning:PruningPlugin"
 DISTILLATION_PLUGIN = "acadlm_plugins.plugins.distillation:DistillationPlugin"
@@ -62,6 +63,8 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
         plan.checked.append("long_context block (lengths, θ, budget) and sequence_parallel")
     # Read before the plugins: dynamic batch loading fills in an unset evaluation interval.
     eval_given = cfg.get("eval_every_n_steps", None) is not None
+    # the recipe's precision check, before the plugin checks set a float8 recipe aside
+    mixed_precision_dtype(cfg, run_dtype(cfg, plan))
     pm, checked = check_loop_settings(cfg, plan.recipe, needs_max_steps=stage is None)
     plan.checked += checked
     batch = positive_int(cfg, "batch_size")

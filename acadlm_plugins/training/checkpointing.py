@@ -246,6 +246,12 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
     return saved
 
 
+#: Keys a checkpoint records since a later version, with what a checkpoint written before then
+#: had in force: such a checkpoint is compared as if it recorded that value (any other key an
+#: older version did not record is not compared).
+UNRECORDED_MEANS: dict[str, Any] = {"mixed_precision": False}
+
+
 def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: str | Path, *,
                     defaults: Mapping[str, Any] | None = None) -> tuple[str, Any, Any] | None:
     """The first of the config values ``now`` that is not as ``recorded`` (a checkpoint's or a
@@ -265,9 +271,9 @@ def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: s
     moved = relocation(recorded.get(OUTPUT_DIR_KEY), output_dir,
                        recorded.get(WORKING_DIR_KEY))
     for key, value in now.items():
-        if key in BOOKKEEPING_KEYS or key not in recorded:
+        if key in BOOKKEEPING_KEYS or (key not in recorded and key not in UNRECORDED_MEANS):
             continue
-        before = _with_default(key, recorded[key], defaults)
+        before = _with_default(key, recorded.get(key, UNRECORDED_MEANS.get(key)), defaults)
         value = _with_default(key, value, defaults)
         if not same_config_value(before, value, moved):
             return first_difference(key, before, value, moved)

@@ -96,6 +96,12 @@ def mixed_precision_dtype(cfg: DictConfig, dtype: torch.dtype) -> torch.dtype | 
         raise ConfigError("mixed_precision", f"computes in `dtype`, which is {dtype}; only "
                           "bf16 is supported (fp16 would need loss scaling).",
                           "set `dtype: bf16`, or `mixed_precision: false`.")
+    from acadlm_plugins.plugins.torchao import float8_recipe
+
+    if float8_recipe((cfg.get("torchao", None) or {}).get("float8", None),
+                     field="torchao.float8"):
+        raise ConfigError("mixed_precision", "is not combined with `torchao.float8` (float8 "
+                          "training converts bf16 linear layers).", "remove one of the two.")
     return dtype
 
 
@@ -124,8 +130,11 @@ def shard_decoder_layers(model: torch.nn.Module, *,
 
 def compute_in(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
     """Run ``model``'s forward (and so its backward) under autocast to ``compute_dtype`` on
-    one device, its parameters staying in their own (fp32) dtype: what FSDP2's mixed
-    precision does for a sharded model. The state dict is unchanged."""
+    one device, its parameters staying in their own (fp32) dtype, as Hugging Face's ``--bf16``
+    and Composer's ``amp_bf16`` do. The state dict is unchanged. Unlike FSDP2's mixed precision,
+    which casts the gathered weights, autocast casts each matrix product's inputs: the
+    embedding output and the residual stream stay fp32 and the bf16 weight copies are kept for
+    the backward, so one process holds more activations than a sharded run."""
     model.forward = torch.autocast(device.type, dtype=compute_dtype)(model.forward)
 
 
