@@ -101,7 +101,7 @@ KNOWN_KEYS = {
     "validation_fraction", "validation_split", "max_tokens", "pooling", "optimizer", "head_lr",
     "lr_scheduler", "batch_size", "eval_batch_size", "max_steps", "gradient_accumulation_steps",
     "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps",
-    "keep_last_n_checkpoints", "resume", "metric_logger", "model_dir",
+    "keep_last_n_checkpoints", "resume", "metric_logger", "model_dir", "mixed_precision",
 }
 REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_size",
                  "max_steps", "metric_logger")
@@ -110,7 +110,9 @@ REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_
 # The judgments are compared by content, not by path (see check_same_judgments): a checkpoint
 # records their fingerprint under JUDGMENTS_CONTENT_KEY beside these config values.
 RESUME_MUST_MATCH = ("backbone_dir", "criteria", "margin", "validation_fraction",
-                     "validation_split", "max_tokens", "pooling", "seed")
+                     "validation_split", "max_tokens", "pooling", "seed", "mixed_precision")
+# What an unset one of those keys means (an unset key and its default resume alike).
+RESUME_DEFAULTS = {"mixed_precision": False}
 JUDGMENTS_CONTENT_KEY = "judgments_content"
 # The backbone is compared by content as well (see check_same_backbone): a checkpoint records
 # the fingerprint of the weights under STARTING_WEIGHTS_KEY, as the other recipes do, and of
@@ -164,6 +166,10 @@ class RaterRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         (self._distributed, self._device, self._dtype, self._world_size,
          self._rank) = runtime.init_process(cfg)
+        # mixed_precision (QuRating's --bf16): fp32 weights and optimizer state, bf16 math
+        self._compute_dtype = runtime.mixed_precision_dtype(cfg, self._dtype)
+        if self._compute_dtype is not None:
+            self._dtype = torch.float32
         self._is_rank_zero = self._rank == 0
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
@@ -202,7 +208,8 @@ class RaterRecipe:
         resume_from = find_resume_checkpoint(self._output_dir, cfg.get("resume", "auto"))
         if resume_from is not None:
             self._resume_state = load_resume_state(resume_from, cfg, RESUME_MUST_MATCH,
-                                                   recipe=RECIPE_NAME)
+                                                   recipe=RECIPE_NAME,
+                                                   defaults=RESUME_DEFAULTS)
             log.info("resuming from %s", resume_from)
         check_backbone_dir(self._backbone_dir)
         check_output_outside(self._output_dir, self._backbone_dir, "backbone_dir")
@@ -275,7 +282,9 @@ class RaterRecipe:
                 model.heads.weight.copy_(heads["weight"].to(model.heads.weight.dtype))
         model.train().requires_grad_(True)
         if self._distributed:
-            runtime.shard_decoder_layers(model)
+            runtime.shard_decoder_layers(model, compute_dtype=self._compute_dtype)
+        elif self._compute_dtype is not None:
+            runtime.compute_in(model, self._compute_dtype, self._device)
         return model
 
     def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:
@@ -419,7 +428,8 @@ class RaterRecipe:
             state = recipe_state(
                 step=self._step, optimizer_state=optim_state, lr_scheduler=self._lr_scheduler,
                 sampler=self._sampler, history=self._history,
-                config={**config_values(self._cfg, RESUME_MUST_MATCH, recipe=RECIPE_NAME),
+                config={**config_values(self._cfg, RESUME_MUST_MATCH, recipe=RECIPE_NAME,
+                                        defaults=RESUME_DEFAULTS),
                         JUDGMENTS_CONTENT_KEY: self._judgments_content},
                 **{STARTING_WEIGHTS_KEY: self._backbone_content["weights"],
                    BACKBONE_TOKENIZER_KEY: self._backbone_content["tokenizer"]})

@@ -184,3 +184,37 @@ def test_float8_switched_off_by_name_goes_with_mixed_precision(tmp_path, monkeyp
     run_recipe_main(monkeypatch, "acadlm_plugins.continued_pretrain_recipe",
                     tiny_run_args(tmp_path, "max_steps=1", "dtype=bf16",
                                   "mixed_precision=true", "torchao.float8=none"))
+
+
+def test_the_rater_trains_fp32_weights_with_bf16_math(tmp_path, monkeypatch):
+    """QuRating's TrainQuRater.sh `--bf16` keeps fp32 weights: the rater recipe reads
+    `mixed_precision` too."""
+    from test_qurating_rater import (
+        rater_args,
+        run_in_process,
+        write_synthetic_judgments,
+        write_tiny_model_dir,
+    )
+
+    from acadlm_plugins import rater_recipe
+
+    seen: list[torch.dtype] = []
+
+    class ProbedRater(rater_recipe.RaterModel):  # the recipe has no plugins: probe the model
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            linear = next(m for m in self.modules() if isinstance(m, torch.nn.Linear))
+            linear.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+
+    monkeypatch.setattr(rater_recipe, "RaterModel", ProbedRater)
+    model_dir = write_tiny_model_dir(tmp_path / "model", weight_std=None)
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl")
+    run_in_process(monkeypatch, rater_args(
+        tmp_path, model_dir, judgments, "max_steps=2", "batch_size=8", "save_every_n_steps=2",
+        "dtype=bf16", "mixed_precision=true"))
+    assert seen and set(seen) == {torch.bfloat16}
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "recipe_state.pt",
+                       weights_only=False)
+    assert state["config"]["mixed_precision"] is True
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values() if "exp_avg" in s]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
