@@ -47,6 +47,7 @@ from acadlm_plugins.plugins.dynamic_batch_loading import RESUME_DEFAULTS as DBL_
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
     MODEL_DIRNAME,
+    PRECISION_DEFAULTS,
     STARTING_WEIGHTS_KEY,
     check_resume_step,
     check_starting_weights,
@@ -110,7 +111,7 @@ RESUME_MUST_MATCH = ("model", "dataset", "tokenizer", "seed", "checkpointer.chec
                      "dynamic_batch_loading.reference_losses",
                      "dynamic_batch_loading.reference_scale", "mixed_precision")
 # What an unset one of those keys means; an unset key and its default written out resume alike.
-RESUME_DEFAULTS: dict[str, Any] = {**DBL_RESUME_DEFAULTS, "mixed_precision": False}
+RESUME_DEFAULTS: dict[str, Any] = {**DBL_RESUME_DEFAULTS, **PRECISION_DEFAULTS}
 
 
 class ContinuedPretrainRecipe:
@@ -130,9 +131,7 @@ class ContinuedPretrainRecipe:
         (self._distributed, self._device, self._dtype, self._world_size,
          self._rank) = runtime.init_process(cfg)
         # mixed_precision: fp32 weights and optimizer state, the math in `dtype` (bf16)
-        self._compute_dtype = runtime.mixed_precision_dtype(cfg, self._dtype)
-        if self._compute_dtype is not None:
-            self._dtype = torch.float32
+        self._dtype, self._compute_dtype = runtime.run_precision(cfg, self._dtype)
         self._is_rank_zero = self._rank == 0
         # Which slice of the data this rank reads: its rank among the data-parallel replicas
         # (recipes that split each sequence over several ranks change these).
@@ -268,10 +267,8 @@ class ContinuedPretrainRecipe:
                               f"unexpected {unexpected}.",
                               "make `model` the architecture that `checkpointer` points at.")
         self._pm.hook.acadlm_prepare_model(model=model, cfg=cfg, device=self._device)
-        if self._distributed:
-            runtime.shard_decoder_layers(model, compute_dtype=self._compute_dtype)
-        elif self._compute_dtype is not None:
-            runtime.compute_in(model, self._compute_dtype, self._device)
+        runtime.place_model(model, distributed=self._distributed, device=self._device,
+                            compute_dtype=self._compute_dtype)
         return model
 
     def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:

@@ -317,10 +317,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     model_args["pretrained"] = str(Path(model_args["pretrained"]).expanduser())
     # simple_evaluate passes batch size and device to the model itself; keep them out of the args.
     checked = model_settings(cfg)
-    model_args.pop("batch_size", None)
-    model_args.pop("device", None)
+    for key in ("batch_size", "device", "max_batch_size"):
+        model_args.pop(key, None)
     batch_size, device = checked["batch_size"], checked["device"]
-    model_args.pop("max_batch_size", None)
     if checked.get("max_batch_size") is not None:  # unset: the model's own default
         model_args["max_batch_size"] = checked["max_batch_size"]
     metadata = task_metadata(cfg, model_args)

@@ -63,6 +63,7 @@ from acadlm_plugins.qurating.rater import (
 )
 from acadlm_plugins.training import runtime
 from acadlm_plugins.training.checkpointing import (
+    PRECISION_DEFAULTS,
     STARTING_WEIGHTS_KEY,
     changed_files,
     check_starting_weights,
@@ -112,7 +113,7 @@ REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_
 RESUME_MUST_MATCH = ("backbone_dir", "criteria", "margin", "validation_fraction",
                      "validation_split", "max_tokens", "pooling", "seed", "mixed_precision")
 # What an unset one of those keys means (an unset key and its default resume alike).
-RESUME_DEFAULTS = {"mixed_precision": False}
+RESUME_DEFAULTS = PRECISION_DEFAULTS
 JUDGMENTS_CONTENT_KEY = "judgments_content"
 # The backbone is compared by content as well (see check_same_backbone): a checkpoint records
 # the fingerprint of the weights under STARTING_WEIGHTS_KEY, as the other recipes do, and of
@@ -167,9 +168,7 @@ class RaterRecipe:
         (self._distributed, self._device, self._dtype, self._world_size,
          self._rank) = runtime.init_process(cfg)
         # mixed_precision (QuRating's --bf16): fp32 weights and optimizer state, bf16 math
-        self._compute_dtype = runtime.mixed_precision_dtype(cfg, self._dtype)
-        if self._compute_dtype is not None:
-            self._dtype = torch.float32
+        self._dtype, self._compute_dtype = runtime.run_precision(cfg, self._dtype)
         self._is_rank_zero = self._rank == 0
         self._step = 0
         self._history: dict[str, Any] = {"evaluations": []}
@@ -281,10 +280,8 @@ class RaterRecipe:
             with torch.no_grad():
                 model.heads.weight.copy_(heads["weight"].to(model.heads.weight.dtype))
         model.train().requires_grad_(True)
-        if self._distributed:
-            runtime.shard_decoder_layers(model, compute_dtype=self._compute_dtype)
-        elif self._compute_dtype is not None:
-            runtime.compute_in(model, self._compute_dtype, self._device)
+        runtime.place_model(model, distributed=self._distributed, device=self._device,
+                            compute_dtype=self._compute_dtype)
         return model
 
     def _setup_optimizer(self, cfg: DictConfig) -> torch.optim.Optimizer:

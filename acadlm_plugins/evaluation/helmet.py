@@ -679,7 +679,7 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
                                 task=task)
     pool = draw_pool(stream, lambda item: _passage_tokens(tokenizer, item[1]), length,
                      task=task, key=style.key, what="distractor passages", more=EXTRA_HINT)
-    words = [item[1].text.split() for item in pool]
+    sizes = [len(item[1].text.split()) for item in pool]  # words each passage can show
     # The question's own hard negatives lead the pool, in retrieval order: fit_items may swap the
     # last whole distractor for a later one, never one of these.
     hard_negatives = sum(1 for origin, _ in pool if origin == "hard_negative")
@@ -697,7 +697,7 @@ def build_passage_qa_sample(records: Sequence[QARecord], style: PassageStyle,
         body = "\n\n".join(_format_passage(style, p) for p in passages)
         return frame.render(head + body + tail)
 
-    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, frame.budget,
+    fitted, taken = fit_items(render, sizes, tokenizer, frame.budget,
                               task=task, key=style.key, keep=hard_negatives)
     passages, position = arrange(taken)
     origins = Counter(pool[i][0] for i, _ in taken)
@@ -846,18 +846,18 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
     shown = sorted([(rng.random(), ids[i], Passage(p.text, p.title), p.relevance)
                     for i, p in enumerate(own)]
                    + [(rng.random(), ids[len(own) + i], p, 0.0) for i, p in enumerate(fillers)])
-    words = [entry[2].text.split() for entry in shown]
+    sizes = [len(entry[2].text.split()) for entry in shown]  # words each passage can show
     head = RERANK_INSTRUCTION + rerank_demo_text(demos, rng, set(ids))
     tail = RERANK_TAIL.format(query=record.query)
 
     def render(units: int) -> str:
-        cut = take_counts([len(w) for w in words], units)
+        cut = take_counts(sizes, units)
         body = "\n\n".join(rerank_entry(shown[i][1], shown[i][2].title,
                                          leading_words(shown[i][2].text, n))
                             for i, n in enumerate(cut))
         return frame.render(head + body + tail)
 
-    total = sum(len(w) for w in words)
+    total = sum(sizes)
     whole = render(total)
     fitted = FittedPrompt(whole, tokenizer.count(whole), total)
     if fitted.num_tokens > frame.budget:
@@ -869,7 +869,7 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
                      relevant_ids=[pid for _, pid in relevant],
                      relevant_grades=[grade for grade, _ in relevant],
                      passage_ids=[entry[1] for entry in shown], num_passages=count,
-                     num_shown=len(take_counts([len(w) for w in words], fitted.num_words)),
+                     num_shown=len(take_counts(sizes, fitted.num_words)),
                      demo_ids=json.dumps([demo.id for demo in demos]))
 
 
@@ -1079,7 +1079,7 @@ def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str
     mapping = {label: str(number) for label, number in zip(source.labels, numbers)}
     pool = draw_pool(_balanced(source, query, rng), lambda demo: tokenizer.count(demo[0]) + 5,
                      length, task=task, key=key, what="demonstrations")
-    words = [text.split() for text, _ in pool]
+    sizes = [len(text.split()) for text, _ in pool]  # words each demonstration can show
     tail = ICL_TAIL.format(text=query.text)
 
     def render(taken: Taken) -> str:
@@ -1087,7 +1087,7 @@ def build_icl_sample(source: LabelSource, metadata: Mapping[str, Any], task: str
                  for i, n in taken]
         return frame.render(ICL_HEAD + "\n\n".join(demos) + tail)
 
-    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, frame.budget,
+    fitted, taken = fit_items(render, sizes, tokenizer, frame.budget,
                               task=task, key=key)
     shown = Counter(pool[i][1] for i, _ in taken)
     return frame.row(fitted, outputs=[mapping[query.label]], label=query.label,
@@ -1969,7 +1969,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
 
     pool = draw_pool(stream(), lambda entry: _passage_tokens(tokenizer, entry[1]), length,
                      task=task, key=dataset.key, what="passages", more=EXTRA_HINT)
-    words = [entry[1].text.split() for entry in pool]
+    sizes = [len(entry[1].text.split()) for entry in pool]  # words each passage can show
 
     def shown(taken: Taken) -> list[Passage]:
         return [Passage(leading_words(pool[i][1].text, n), pool[i][1].title) for i, n in taken]
@@ -1982,7 +1982,7 @@ def build_cite_sample(dataset: AlceDataset, items: Sequence[AlceItem],
     # Passages are shown in retrieval order; to land within 1% of the length, fit_items may
     # exchange the last whole one for a later one (never one of the question's own retrieved
     # passages; only the last one shown is cut).
-    fitted, taken = fit_items(render, [len(w) for w in words], tokenizer, frame.budget,
+    fitted, taken = fit_items(render, sizes, tokenizer, frame.budget,
                               task=task, key=dataset.key, keep=len(item.docs))
     passages = shown(taken)
     row = frame.row(fitted, outputs=[group[0] for group in item.answer_sets],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import io
 import re
 import shlex
 from collections.abc import Iterator, Sequence
@@ -109,8 +110,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError("--config", f"{path} {problem}.", "give the path of a YAML config "
                           "(this package's are under configs/).")
     try:
-        path.read_text(encoding="utf-8")
-        yaml_config = OmegaConf.load(path)
+        yaml_config = OmegaConf.load(io.StringIO(path.read_text(encoding="utf-8")))
     except UnicodeDecodeError as err:
         raise ConfigError("--config", f"{path} is not UTF-8 text (byte {err.start}).",
                           "save it as UTF-8.") from err

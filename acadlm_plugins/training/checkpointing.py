@@ -246,10 +246,12 @@ def load_resume_state(checkpoint: Path, cfg: DictConfig, must_match: Iterable[st
     return saved
 
 
+#: ``mixed_precision`` unset: pure ``dtype`` (the training recipes' resume default).
+PRECISION_DEFAULTS: dict[str, Any] = {"mixed_precision": False}
 #: Keys a checkpoint records since a later version, with what a checkpoint written before then
 #: had in force: such a checkpoint is compared as if it recorded that value (any other key an
 #: older version did not record is not compared).
-UNRECORDED_MEANS: dict[str, Any] = {"mixed_precision": False}
+UNRECORDED_MEANS: dict[str, Any] = {**PRECISION_DEFAULTS}
 
 
 def config_mismatch(recorded: dict[str, Any], now: dict[str, Any], output_dir: str | Path, *,

@@ -105,6 +105,25 @@ def mixed_precision_dtype(cfg: DictConfig, dtype: torch.dtype) -> torch.dtype | 
     return dtype
 
 
+def run_precision(cfg: DictConfig, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """The dtype a training recipe builds its weights (and so its optimizer state) in, and the
+    compute dtype of mixed precision (None without): ``(dtype, None)``, or ``(float32, bf16)``
+    for ``mixed_precision: true`` (:func:`mixed_precision_dtype`)."""
+    compute_dtype = mixed_precision_dtype(cfg, dtype)
+    return (dtype if compute_dtype is None else torch.float32), compute_dtype
+
+
+def place_model(model: torch.nn.Module, *, distributed: bool, device: torch.device,
+                compute_dtype: torch.dtype | None) -> None:
+    """Make a training recipe's loaded model ready to train: sharded with FSDP2 under
+    ``--nproc_per_node`` (in mixed precision when ``compute_dtype``), or on one process with its
+    forward under autocast to ``compute_dtype`` (nothing to do without it)."""
+    if distributed:
+        shard_decoder_layers(model, compute_dtype=compute_dtype)
+    elif compute_dtype is not None:
+        compute_in(model, compute_dtype, device)
+
+
 def shard_decoder_layers(model: torch.nn.Module, *,
                          compute_dtype: torch.dtype | None = None) -> None:
     """Shard ``model`` with FSDP2, one unit per transformer layer (the torchtune default).
