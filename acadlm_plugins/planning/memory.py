@@ -9,7 +9,8 @@ Static part, per GPU (exact for the tensors it counts)::
                    torchao AdamW8bit / AdamWFp8 / AdamW4bit: 1 / 1 / 0.5 byte per moment value
                    plus a float32 scale per block of 256 / 256 / 128, for shards of >= 4096
                    values that the block divides (other tensors: moments in the param dtype);
-                   CPUOffloadOptimizer: none on the GPU
+                   CPUOffloadOptimizer: none on the GPU; Float32MasterAdamW: 2 float32
+                   moments, plus a float32 copy of each weight held in bf16
     pruning      = (gates + Lagrange multipliers) x 4 bytes x 4 (value, gradient, 2 AdamW
                    moments): the plugin's own float32 optimizers, on every rank
     teacher      = sum over the teacher's parameters of shard(p) x bytes(dtype)
@@ -232,6 +233,12 @@ def optimizer_state(params: Iterable[torch.Tensor], optimizer_cfg: Any, *, world
                 total += 2 * numel * bytes_per_value
         return OptimizerState(total, f"{name}: 2 moments at {value_bytes:g} byte/value + a "
                               f"float32 scale per {block} values")
+    if name == "Float32MasterAdamW":
+        moments = 3 if optimizer_cfg.get("amsgrad", False) else 2
+        master = FLOAT32_BYTES if bytes_per_value != FLOAT32_BYTES else 0
+        return OptimizerState((moments * FLOAT32_BYTES + master) * sum(shards),
+                              f"{name}: {moments} float32 moments per value"
+                              + (" and a float32 copy of the weights" if master else ""))
     moments = 2
     if name == "SGD":
         moments = 1 if float(optimizer_cfg.get("momentum", 0) or 0) else 0
