@@ -755,3 +755,25 @@ def test_rope_table_bytes_equal_the_modules_own_buffers():
             rope.rope_init()
         actual = sum(b.numel() * b.element_size() for b in rope.buffers())
         assert rope_table_bytes(torch.nn.ModuleList([rope])) == actual, type(rope).__name__
+
+
+def test_one_process_mixed_precision_plans_what_autocast_keeps(tmp_path: Path):
+    """One process computes `mixed_precision: true` under autocast (fp32 residual stream, three
+    more bf16 copies of each layer's norm output, bf16 weight copies kept for the backward);
+    FSDP2 casts the gathered weights and keeps none of it. The plan adds autocast's bytes for
+    one process only (tests/test_plan_activation_memory.py measures them)."""
+    config = CONFIGS / "tiny/continued_pretrain.yaml"
+    base = [*tiny_overrides(tmp_path), "dtype=bf16", "enable_activation_checkpointing=False"]
+    for world_size in (1, 2):
+        plain = plan_config(config, base, world_size=world_size)
+        mixed = plan_config(config, [*base, "mixed_precision=true"], world_size=world_size)
+        extra = mixed.memory.activations_full - plain.memory.activations_full
+        if world_size == 2:
+            assert extra == 0
+            continue
+        a = plain.source.architecture
+        tokens = 4 * 64  # batch_size x dataset.max_seq_len
+        weights = a.embed_dim * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads) + (
+            3 * a.embed_dim * a.intermediate_dim)
+        assert extra == 2 * (a.num_layers * (tokens * 3 * a.embed_dim + weights)
+                             + a.vocab_size * a.embed_dim)

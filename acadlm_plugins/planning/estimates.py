@@ -58,7 +58,8 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
                             bytes_per_value=held)
     shape = ActivationShape(tokens=tokens, logit_positions=logit_positions,
                             architecture=plan.source.architecture, bytes_per_value=size,
-                            logit_bytes_per_value=logit_bytes_per_value, offloaded=offloaded)
+                            logit_bytes_per_value=logit_bytes_per_value, offloaded=offloaded,
+                            autocast=mixed and world == 1)
     kd_loss, gathered = (0, 0) if teacher is None else distillation_bytes(
         teacher, tokens=tokens, counted_positions=kd_positions, world_size=world,
         bytes_per_value=size)

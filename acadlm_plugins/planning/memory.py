@@ -45,6 +45,18 @@ tokens on this rank, ``t = batch x seq_len / sequence_parallel_degree``)::
     with it (torchtune wraps every layer):  L x t x h x bytes + per_layer + head + logits
     (with torchtune's activation offloading the L x t x h x bytes live in CPU memory)
 
+``mixed_precision: true`` on one process (``torch.autocast`` over fp32 weights; bytes = 2)
+adds what autocast keeps, and under FSDP2, which casts the gathered weights, none of it::
+
+    per layer  += t x 3 x h x bytes + P x bytes
+                 (q, k and v each cast the fp32 norm output to bf16 and save their copy, as do
+                 w1 and w3: three copies beyond the one counted; P = h·d·(2·H + 2·KV) + 3·h·I,
+                 the layer's projection weights, whose bf16 copies the matrix products save)
+    head       += V x h x bytes           (the output projection's bf16 weight copy)
+    checkpointed:  L x t x h x 4 + L x P x bytes + per_layer + head + logits
+                 (the residual stream, so the saved layer inputs, stays fp32; autocast's
+                 cache holds every layer's weight copy until the forward pass returns)
+
 Held per micro-batch besides the layers' activations, where the run has them::
 
     KD loss      = p x (D_t x bytes + 4 + 4 + 8)
@@ -73,7 +85,9 @@ Measured (``tests/test_plan_activation_memory.py``): on CPU, ``L x per_layer + h
 storages autograd saves, in bf16 and in fp32. Under bf16 the RMSNorm's float32 input and bf16
 scale differ in dtype, so ``F.rms_norm`` takes its composite path on every device; under fp32
 a GPU may take the fused kernel, which does not save the normalized copy (the fp32 estimate is
-then up to t x h x 4 per norm high; not measured on a GPU). The same test measures the KD
+then up to t x h x 4 per norm high; not measured on a GPU). Under one-process autocast the
+same two equal what autograd saves (the checkpointed one with the L x P x bytes of the cache
+added by hand; projection biases, as Qwen2's, are not counted). The same test measures the KD
 loss's saved bytes (one process, and the gathered weight on two gloo ranks) and SDPA's saved
 mask copies, on CPU.
 
@@ -129,6 +143,7 @@ class ActivationShape:
     bytes_per_value: int
     logit_bytes_per_value: int | None = None    # default: bytes_per_value + 8
     offloaded: bool = False                     # checkpointed layer inputs in CPU memory
+    autocast: bool = False                      # one-process mixed precision (fp32 weights)
 
 
 @dataclass(frozen=True)
@@ -263,13 +278,21 @@ def activation_bytes(shape: ActivationShape, *, checkpointed: bool) -> int:
     norm = rms_norm_bytes_per_token(a.embed_dim, b)
     per_token_layer = (2 * norm + (4 * a.num_heads * a.head_dim + 4 * a.intermediate_dim) * b
                        + a.num_heads * FLOAT32_BYTES)
-    per_layer = shape.tokens * per_token_layer
     head = shape.tokens * norm
+    residual_bytes, weight_copies = b, 0
+    if shape.autocast:
+        per_token_layer += 3 * a.embed_dim * b
+        weight_copies = b * (a.embed_dim * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
+                             + 3 * a.embed_dim * a.intermediate_dim)
+        head += a.vocab_size * a.embed_dim * b
+        residual_bytes = FLOAT32_BYTES
+    per_layer = shape.tokens * per_token_layer + weight_copies
     logit_bytes = shape.logit_bytes_per_value or b + 2 * FLOAT32_BYTES
     logits = shape.logit_positions * a.vocab_size * logit_bytes
     if checkpointed:
-        layer_inputs = 0 if shape.offloaded else a.num_layers * shape.tokens * a.embed_dim * b
-        return layer_inputs + per_layer + head + logits
+        layer_inputs = 0 if shape.offloaded else (
+            a.num_layers * shape.tokens * a.embed_dim * residual_bytes)
+        return layer_inputs + a.num_layers * weight_copies + per_layer + head + logits
     return a.num_layers * per_layer + head + logits
 
 
