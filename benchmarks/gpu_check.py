@@ -19,6 +19,11 @@ Run ``make gpu-check`` (or this script) on a machine with one CUDA GPU; it takes
    answering the same greedy ``generate_until`` requests: requests/s of each and the ratio.
 5. **MFU** of the steps of rows 1 and 2: (6 x parameters x tokens + causal in-document
    attention FLOPs) / step time / the GPU's dense bf16 peak from :data:`PEAK_BF16_FLOPS`.
+6. **precision**: the row-1 model trained from the same weights on the same batch at lr 1e-5
+   in fp32 (TF32 off), pure bf16 (torchtune's ``dtype: bf16``), bf16 with
+   ``Float32MasterAdamW`` (the stock recipes' fix) and ``mixed_precision: true`` (autocast on
+   fp32 weights, one process): how far each one's weights moved from fp32's
+   (``||Δ - Δ_fp32|| / ||Δ_fp32||``) and its step time.
 
 Every row runs under its own ``try``: a failing row reads ``failed: <Type: message>`` and the
 others still run; a row whose package is missing reads ``not run: <package> not installed``. A
@@ -298,9 +303,9 @@ class Context:
 
 
 def bf16_model(context: Context, *, max_seq_len: int, rope_base: int = 100_000,
-               checkpointing: bool) -> Any:
-    """The run's model (random weights, seed 0) in bf16 on the device, wrapped for activation
-    checkpointing as our recipes wrap it when ``checkpointing``."""
+               checkpointing: bool, dtype: Any = None) -> Any:
+    """The run's model (random weights, seed 0) in bf16 (or ``dtype``) on the device, wrapped
+    for activation checkpointing as our recipes wrap it when ``checkpointing``."""
     import torch
     from torchtune import training
     from torchtune.modules import TransformerSelfAttentionLayer
@@ -308,7 +313,7 @@ def bf16_model(context: Context, *, max_seq_len: int, rope_base: int = 100_000,
     from acadlm_plugins.models.smollm2 import smollm2_135m, tiny_llama
 
     torch.manual_seed(0)
-    with training.set_default_dtype(torch.bfloat16), context.device:
+    with training.set_default_dtype(dtype or torch.bfloat16), context.device:
         if context.scale.model == "tiny":
             model = tiny_llama(max_seq_len=max_seq_len)
         else:
@@ -717,6 +722,64 @@ def long_context_mfu_row(context: Context) -> dict[str, Any]:
     }
 
 
+PRECISIONS = ("fp32", "bf16", "bf16_master", "mixed")
+
+
+def precision_row(context: Context) -> dict[str, Any]:
+    """Row 6: update fidelity and step time of each precision a recipe can train in."""
+    import torch
+
+    from acadlm_plugins.training.master_weights import Float32MasterAdamW
+    from acadlm_plugins.training.runtime import compute_in
+
+    scale = context.scale
+    reference = bf16_model(context, max_seq_len=scale.prune_seq, checkpointing=True)
+    start = {name: p.detach().float().clone() for name, p in reference.named_parameters()}
+    batch = random_packed_batch(context, scale.prune_batch, scale.prune_seq,
+                                reference.tok_embeddings.num_embeddings, seed=0)
+    del reference
+    models, optimizers = {}, {}
+    for name in PRECISIONS:
+        dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
+        model = bf16_model(context, max_seq_len=scale.prune_seq, checkpointing=True, dtype=dtype)
+        model.load_state_dict(start, strict=False)  # the same (bf16-exact) values everywhere
+        if name == "mixed":
+            compute_in(model, torch.bfloat16, context.device)
+        optimizer_class = Float32MasterAdamW if name == "bf16_master" else torch.optim.AdamW
+        models[name] = model
+        optimizers[name] = optimizer_class(model.parameters(), lr=1e-5, betas=(0.9, 0.95),
+                                           weight_decay=0.1)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        times = time_steps(context, {name: (lambda i, n=name: training_step(
+            models[n], optimizers[n], batch)) for name in PRECISIONS},
+            warmup=scale.warmup, repeats=scale.repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    moved = {name: torch.cat([(p.detach().float() - start[key]).flatten()
+                              for key, p in models[name].named_parameters()])
+             for name in PRECISIONS}
+    norm = moved["fp32"].norm()
+    off = {name: float((moved[name] - moved["fp32"]).norm() / norm) for name in PRECISIONS}
+    length = {name: float(moved[name].norm() / norm) for name in PRECISIONS}
+    seconds = {name: statistics.median(times[name]) for name in PRECISIONS}
+    steps = scale.warmup + scale.repeats
+    return {
+        "result": ", ".join(f"{name} {off[name]:.2f} off fp32 ({milliseconds(seconds[name])})"
+                            for name in PRECISIONS[1:]),
+        "details": f"{steps} AdamW steps (lr 1e-5, betas 0.9/0.95, wd 0.1, clip 1.0) on one "
+                   f"batch of {scale.prune_batch} x {scale.prune_seq} tokens from the same "
+                   f"bf16-exact weights; off = ||Δ - Δ_fp32|| / ||Δ_fp32|| of the weights the "
+                   f"model computes with; length vs fp32: "
+                   + ", ".join(f"{name} {length[name]:.2f}" for name in PRECISIONS[1:])
+                   + f"; fp32 step {milliseconds(seconds['fp32'])}, TF32 off; median of "
+                   f"{scale.repeats} steps after {scale.warmup}",
+        "values": {"off_fp32": off, "length_vs_fp32": length, "step_s": seconds,
+                   "steps": steps},
+    }
+
+
 CHECKS = (
     Check("1", "prune step, bf16, SmolLM2-135M: masked / plain", prune_step_row, 150, STACK),
     Check("2", "long-context step at 32K: FlexAttention vs per-document SDPA", long_context_row,
@@ -725,6 +788,8 @@ CHECKS = (
     Check("4", "lm-eval generate_until: acadlm vs hf, bf16", eval_adapter_row, 120, STACK),
     Check("5a", "MFU, prune step", prune_mfu_row, 0),
     Check("5b", "MFU, long-context step", long_context_mfu_row, 0),
+    Check("6", "precision: bf16 / Float32MasterAdamW / mixed vs fp32, lr 1e-5", precision_row,
+          90, STACK),
 )
 
 

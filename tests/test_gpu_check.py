@@ -152,9 +152,9 @@ def test_smoke_run_goes_through_every_row_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "smoke.json").read_text())
     statuses = {row["id"]: (row["status"], row["result"]) for row in report["rows"]}
-    assert [row["id"] for row in report["rows"]] == ["1", "2", "3", "4", "5a", "5b"]
+    assert [row["id"] for row in report["rows"]] == ["1", "2", "3", "4", "5a", "5b", "6"]
     assert statuses["3"] == ("skipped", "skipped: needs sm89+, found no GPU")
-    for row_id in ("1", "2", "4", "5a", "5b"):
+    for row_id in ("1", "2", "4", "5a", "5b", "6"):
         assert statuses[row_id][0] == "ok", statuses[row_id]
     assert "| # | check | result | details |" in result.stdout
 

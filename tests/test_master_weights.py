@@ -116,9 +116,13 @@ def test_a_state_saved_by_torch_adamw_gets_a_master_from_the_weights():
     assert (state["master"] != before).float().mean() == 1.0
 
 
-def test_integer_parameters_are_refused_naming_the_field():
+def test_integer_parameters_and_a_fused_kernel_are_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"optimizer\._component_.*torch\.int64"):
         Float32MasterAdamW([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(ConfigError, match=r"optimizer\.fused"):
+        Float32MasterAdamW([torch.nn.Parameter(torch.zeros(3))], fused=True)
+    # torchtune's configs often set `foreach`; it is accepted
+    Float32MasterAdamW([torch.nn.Parameter(torch.zeros(3))], foreach=True, fused=False)
 
 
 def _fsdp_rank_main(rank: int, store_path: str, out_dir: str) -> None:

@@ -49,7 +49,14 @@ class Float32MasterAdamW(torch.optim.AdamW):
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None) -> None:
+        # `foreach` is accepted (torchtune configs set it) and has nothing to choose: the step
+        # goes one parameter at a time so that one float32 gradient exists at once.
+        if fused:
+            raise ConfigError(
+                "optimizer.fused", "Float32MasterAdamW has no fused kernel: it steps one "
+                "parameter at a time in float32.", "remove `optimizer.fused` (or set it false).")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=False)
         for param in chain.from_iterable(group["params"] for group in self.param_groups):
