@@ -165,7 +165,8 @@ def check_min_answer_mass(value: float) -> float:
     """``value`` if it is a usable ``judge.min_answer_mass`` (in [0, 1)), else a ConfigError."""
     if not 0.0 <= value < 1.0:
         raise ConfigError("judge.min_answer_mass", f"is {value!r}, outside [0, 1).",
-                          "use 0 to keep every A/B answer, 0.5 for QuRating's rule.")
+                          "use 0 to keep every A/B answer (QuRating's effective rule), 0.5 "
+                          "for a capable judge.")
     return value
 
 
@@ -327,8 +328,8 @@ def judge_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], judge: Jud
     rejected and summary files next to it, and return the summary.
 
     An answer whose p(A) + p(B) is below ``min_answer_mass`` is rejected like one that is
-    neither letter (QuRating keeps an order only when most of its sampled answers are A or B,
-    i.e. ``min_answer_mass: 0.5``); its criterion is then missing for that pair.
+    neither letter; its criterion is then missing for that pair. (QuRating biases its judge's
+    sampling to the two letters, so its own rule keeps nearly every order: ``0`` here.)
 
     ``on_batch(metrics, pairs_done)``, when given, is called after every written batch with
     this run's throughput so far (``prompts_per_second``, ``pairs_per_second``) and
