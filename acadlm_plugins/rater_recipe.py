@@ -17,8 +17,10 @@ pairs, not unseen documents, and is optimistic when that number is not 0; with
 ``validation_split: documents`` the training pairs that show a held-out document are left out
 of training (``train_pairs_left_out_for_heldout_documents``), so that number is 0.
 Checkpoints are atomic step folders (a rater folder plus the optimizer, data position and RNG
-state), so a killed run resumes where it stopped; the last one is exported as
-``<output_dir>/rater``, the folder ``annotate_recipe`` reads. With ``WORLD_SIZE > 1`` the model
+state), so a killed run resumes where it stopped; the last one (``export: last``, the default)
+or the saved one with the best mean held-out accuracy (``export: best``, as ``TrainQuRater.sh``
+keeps its best checkpoint; that folder is never pruned) is exported as ``<output_dir>/rater``,
+the folder ``annotate_recipe`` reads. With ``WORLD_SIZE > 1`` the model
 is sharded with FSDP2 and each rank takes its share of every batch.
 """
 
@@ -69,10 +71,12 @@ from acadlm_plugins.training.checkpointing import (
     check_starting_weights,
     config_values,
     find_resume_checkpoint,
+    is_complete_checkpoint,
     latest_checkpoint,
     load_resume_state,
     plain_value,
     recipe_state,
+    step_dirname,
     write_recipe_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_optional
@@ -103,6 +107,7 @@ KNOWN_KEYS = {
     "lr_scheduler", "batch_size", "eval_batch_size", "max_steps", "gradient_accumulation_steps",
     "clip_grad_norm", "log_every_n_steps", "eval_every_n_steps", "save_every_n_steps",
     "keep_last_n_checkpoints", "resume", "metric_logger", "model_dir", "mixed_precision",
+    "export",
 }
 REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_size",
                  "max_steps", "metric_logger")
@@ -110,10 +115,14 @@ REQUIRED_KEYS = ("output_dir", "backbone_dir", "judgments", "optimizer", "batch_
 # PairSampler's per-epoch shuffle, so another seed would continue with another pair order.
 # The judgments are compared by content, not by path (see check_same_judgments): a checkpoint
 # records their fingerprint under JUDGMENTS_CONTENT_KEY beside these config values.
+# `export: best` keeps the best checkpoint from pruning; a run that pruned by `last` may have
+# deleted it, so the choice is fixed at the start too.
 RESUME_MUST_MATCH = ("backbone_dir", "criteria", "margin", "validation_fraction",
-                     "validation_split", "max_tokens", "pooling", "seed", "mixed_precision")
+                     "validation_split", "max_tokens", "pooling", "seed", "mixed_precision",
+                     "export")
+EXPORTS = ("last", "best")
 # What an unset one of those keys means (an unset key and its default resume alike).
-RESUME_DEFAULTS = PRECISION_DEFAULTS
+RESUME_DEFAULTS = {**PRECISION_DEFAULTS, "export": EXPORTS[0]}
 JUDGMENTS_CONTENT_KEY = "judgments_content"
 # The backbone is compared by content as well (see check_same_backbone): a checkpoint records
 # the fingerprint of the weights under STARTING_WEIGHTS_KEY, as the other recipes do, and of
@@ -190,6 +199,7 @@ class RaterRecipe:
         self._eval_every = step_interval(cfg, "eval_every_n_steps", self._max_steps)
         self._save_every = step_interval(cfg, "save_every_n_steps", self._max_steps)
         self._keep_last = step_interval(cfg, "keep_last_n_checkpoints", self._max_steps)
+        self._export = export_setting(cfg)
         self._max_tokens = positive_int(cfg, "max_tokens", 512)
         self._pooling = str(cfg.get("pooling", "last"))
         check_pooling(self._pooling)
@@ -437,8 +447,10 @@ class RaterRecipe:
                            source_dir=self._backbone_dir, training_info=self._training_info(),
                            checkpointer=self._checkpointer)
 
+            best = self._best_evaluation()
+            keep = None if best is None else self._output_dir / step_dirname(best["step"])
             path = write_recipe_checkpoint(self._output_dir, self._step, state, write_rater,
-                                           keep_last=self._keep_last)
+                                           keep_last=self._keep_last, keep=keep)
             log.info("checkpoint written: %s", path)
         runtime.barrier(self._distributed)
         return path
@@ -453,6 +465,28 @@ class RaterRecipe:
             "pairs": self._data.counts,
             "heldout_accuracy": evaluations[-1]["accuracy"] if evaluations else {},
         }
+
+    def _best_evaluation(self) -> dict[str, Any] | None:
+        """With ``export: best``, the evaluation of a saved step (after training began) with the
+        highest mean held-out accuracy, the earliest on a tie; else None."""
+        if self._export != "best":
+            return None
+        return best_saved_evaluation(self._history["evaluations"], save_every=self._save_every,
+                                     max_steps=self._max_steps)
+
+    def _exported_checkpoint(self) -> Path:
+        """The checkpoint whose rater is exported: the best one with ``export: best`` (if a
+        run from before it was kept pruned it, the last one, said so), else the last one."""
+        latest = latest_checkpoint(self._output_dir)
+        best = self._best_evaluation()
+        if best is None:
+            return latest
+        folder = self._output_dir / step_dirname(best["step"])
+        if is_complete_checkpoint(folder):
+            return folder
+        log.warning("export: best: the checkpoint of step %d (the best held-out accuracy) is "
+                    "gone; exporting the last one, %s, instead", best["step"], latest.name)
+        return latest
 
     def _export_and_summarize(self, wall_seconds: float) -> dict[str, Any]:
         evaluations = self._history["evaluations"]
@@ -470,11 +504,14 @@ class RaterRecipe:
             "heldout_loss_after": evaluations[-1]["loss"] if evaluations else {},
             "rater_dir": str(export),
         }
+        exported = self._exported_checkpoint()
+        step = int(exported.name.split("_")[-1])
+        summary.update(export=self._export, exported_step=step, heldout_accuracy_exported=next(
+            (e["accuracy"] for e in reversed(evaluations) if e["step"] == step), {}))
         if self._is_rank_zero:
-            latest = latest_checkpoint(self._output_dir)
             partial = self._output_dir / f".{RATER_DIRNAME}.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(latest / RATER_DIRNAME, partial)
+            shutil.copytree(exported / RATER_DIRNAME, partial)
             if export.exists():
                 shutil.rmtree(export)
             os.replace(partial, export)
@@ -579,6 +616,49 @@ def rating_settings(cfg: DictConfig
                            allow_none=True)
     return (margin, validation_fraction, validation_split, head_lr,
             criteria_names(cfg.get("criteria", None)))
+
+
+def export_setting(cfg: DictConfig) -> str:
+    """``export``: ``last`` (the default) or ``best``, refused naming the key where ``best``
+    could not choose: without held-out pairs, or with checkpoints at steps that are not
+    evaluated (every saved step must have an evaluation to be compared by)."""
+    value = str(plain_value(cfg.get("export", EXPORTS[0])))
+    if value not in EXPORTS:
+        raise ConfigError("export", f"is {value!r}, not one of {', '.join(EXPORTS)}.",
+                          "`last` exports the last step's rater; `best` the saved one with the "
+                          "best mean held-out accuracy (TrainQuRater.sh's "
+                          "--load_best_model_at_end).")
+    if value == "best":
+        if not float(cfg.get("validation_fraction", 0.1)) > 0:
+            raise ConfigError("export", "is `best` with `validation_fraction: 0`: there is no "
+                              "held-out accuracy to choose by.", "hold out pairs (e.g. "
+                              "`validation_fraction: 0.1`) or set `export: last`.")
+        max_steps = positive_int(cfg, "max_steps")
+        save_every = step_interval(cfg, "save_every_n_steps", max_steps)
+        eval_every = step_interval(cfg, "eval_every_n_steps", max_steps)
+        if save_every % eval_every and save_every < max_steps:
+            raise ConfigError("export", f"is `best`, but a checkpoint is saved every "
+                              f"{save_every} steps and the held-out accuracy measured every "
+                              f"{eval_every}: some checkpoints could not be compared.",
+                              "make `save_every_n_steps` a multiple of `eval_every_n_steps` "
+                              "(TrainQuRater.sh: both 200).")
+    return value
+
+
+def best_saved_evaluation(evaluations: list[dict[str, Any]], *, save_every: int,
+                          max_steps: int) -> dict[str, Any] | None:
+    """The evaluation with the highest mean held-out accuracy among those of steps that have
+    a checkpoint (after training began: the untrained rater is not a candidate, as in the
+    Hugging Face Trainer), the earliest on a tie; None before there is one."""
+    best, best_accuracy = None, -1.0
+    for evaluation in evaluations:
+        step, accuracy = evaluation["step"], evaluation["accuracy"]
+        if step < 1 or not accuracy or not runtime.is_due(step, save_every, max_steps):
+            continue
+        mean = sum(accuracy.values()) / len(accuracy)
+        if mean > best_accuracy:
+            best, best_accuracy = evaluation, mean
+    return best
 
 
 def no_training_pairs(counts: dict[str, Any]) -> DataError:

@@ -276,7 +276,12 @@ def _check_rater(cfg: Any, _source: dict[str, Any] | None) -> None:
     from acadlm_plugins.planning.other_recipes import plan_rater
     from acadlm_plugins.planning.results import TrainingPlan
     from acadlm_plugins.qurating.rater import check_backbone_dir
-    from acadlm_plugins.rater_recipe import KNOWN_KEYS, REQUIRED_KEYS, rating_settings
+    from acadlm_plugins.rater_recipe import (
+        KNOWN_KEYS,
+        REQUIRED_KEYS,
+        export_setting,
+        rating_settings,
+    )
     from acadlm_plugins.training.config_checks import check_config_keys
     from acadlm_plugins.training.run_checks import clip_grad_norm
 
@@ -289,6 +294,7 @@ def _check_rater(cfg: Any, _source: dict[str, Any] | None) -> None:
     _training_values(cfg)
     clip_grad_norm(cfg)
     rating_settings(cfg)
+    export_setting(cfg)
 
 
 def _check_judge(cfg: Any, _source: dict[str, Any] | None) -> None:

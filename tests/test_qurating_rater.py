@@ -937,3 +937,68 @@ def test_an_output_dir_inside_the_backbone_is_refused_before_loading(tmp_path, m
                                                f"output_dir={model / 'rater'}"))
     assert refused.value.key == "output_dir" and "backbone_dir" in str(refused.value)
     assert not (model / "rater").exists()
+
+
+# ------------------------------------------------------------------------ export: best
+def test_the_best_saved_evaluation_is_the_highest_mean_accuracy_of_a_saved_step():
+    """Step 0 (the untrained rater) and steps without a checkpoint are not candidates; the
+    earliest of equal means wins, as the Hugging Face Trainer keeps its first best."""
+    from acadlm_plugins.rater_recipe import best_saved_evaluation
+
+    def evaluation(step, a, b):
+        return {"step": step, "accuracy": {"x": a, "y": b}}
+
+    history = [evaluation(0, 0.9, 0.9), evaluation(2, 0.5, 0.75), evaluation(3, 0.99, 0.99),
+               evaluation(4, 0.75, 0.5), evaluation(6, 0.625, 0.625), evaluation(8, 0.5, 0.5)]
+    assert best_saved_evaluation(history, save_every=2, max_steps=8)["step"] == 2
+    assert best_saved_evaluation(history, save_every=1, max_steps=8)["step"] == 3
+    assert best_saved_evaluation(history[:1], save_every=1, max_steps=8) is None
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["export=first"], "not one of last, best"),
+    (["export=best", "validation_fraction=0"], "no held-out accuracy"),
+    (["export=best", "save_every_n_steps=3", "eval_every_n_steps=2"],
+     "a multiple of `eval_every_n_steps`"),
+])
+def test_an_export_that_cannot_choose_is_refused_naming_export(tiny_model_dir, tmp_path,
+                                                               monkeypatch, overrides, words):
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=40)
+    with pytest.raises(ConfigError, match="config `export`") as err:
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               "max_steps=6", *overrides))
+    assert words in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_best_exports_the_best_checkpoint_and_keeps_it(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    """`export: best` (TrainQuRater.sh's --load_best_model_at_end): the exported rater is the
+    saved step with the best mean held-out accuracy, and its checkpoint survives
+    `keep_last_n_checkpoints: 1`; a resume may not switch back to `last`."""
+    from acadlm_plugins.rater_recipe import best_saved_evaluation
+
+    judgments = write_synthetic_judgments(tmp_path / "judgments.jsonl", num_pairs=120)
+    common = ("max_steps=6", "save_every_n_steps=1", "eval_every_n_steps=1", "batch_size=4",
+              "keep_last_n_checkpoints=1", "optimizer.lr=3e-2", "export=best")
+    summary = run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                                     *common))
+    run = tmp_path / "run"
+    history = torch.load(latest_checkpoint(run) / "recipe_state.pt",
+                         weights_only=False)["history"]["evaluations"]
+    best = best_saved_evaluation(history, save_every=1, max_steps=6)
+    assert summary["export"] == "best" and summary["exported_step"] == best["step"]
+    assert summary["heldout_accuracy_exported"] == best["accuracy"]
+    kept = sorted(p.name for p in run.glob("step_*"))
+    assert kept == sorted({"step_000006", f"step_{best['step']:06d}"})
+    exported = load_rater(run / "rater").model.state_dict()
+    source = load_rater(run / f"step_{best['step']:06d}" / "rater").model.state_dict()
+    for name, value in source.items():
+        assert torch.equal(exported[name], value), name
+    # at this learning rate the last step is not the best one (step 4 of 6 here), so the
+    # export differs from what `export: last` gives
+    assert best["step"] != 6
+    with pytest.raises(ConfigError, match=r"config `export`: differs from the checkpoint"):
+        run_in_process(monkeypatch, rater_args(tmp_path, tiny_model_dir, judgments,
+                                               *[a for a in common if a != "export=best"],
+                                               "max_steps=7"))

@@ -37,7 +37,7 @@ def plan_rater(plan: TrainingPlan, cfg: DictConfig) -> None:
     """QuRating stage 2: a decoder backbone plus one scalar head per criterion, on pairs."""
     from acadlm_plugins.qurating import CRITERIA
     from acadlm_plugins.qurating.rater import RaterModel, backbone_spec, check_pooling
-    from acadlm_plugins.rater_recipe import criteria_names
+    from acadlm_plugins.rater_recipe import criteria_names, export_setting
 
     checks.check_keys(cfg, "rater", None)
     plan.checked.append("known and required keys")
@@ -49,6 +49,7 @@ def plan_rater(plan: TrainingPlan, cfg: DictConfig) -> None:
         step_interval(cfg, key, steps)
     pooling = str(cfg.get("pooling", "last"))
     check_pooling(pooling)
+    export_setting(cfg)
     backbone_dir = Path(str(cfg.backbone_dir)).expanduser()
     spec = backbone_spec(backbone_dir)  # any supported family, as the rater recipe builds it
     plan.checked += ["backbone config.json (family)",

@@ -62,10 +62,11 @@ def step_dirname(step: int) -> str:
 
 
 def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], None], *,
-                     keep_last: int = 2) -> Path:
+                     keep_last: int = 2, keep: Path | None = None) -> Path:
     """Create ``output_dir/step_<step>`` atomically; ``write(folder)`` fills the folder.
 
-    Older complete checkpoints beyond ``keep_last`` are removed after the new one is in place.
+    Older complete checkpoints beyond ``keep_last`` are removed after the new one is in place,
+    except ``keep`` (e.g. the rater's best one), which does not count towards ``keep_last``.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], 
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     _write_text_atomically(output_dir / LATEST_FILENAME, final.name)
-    _prune(output_dir, keep_last, written=final)
+    _prune(output_dir, keep_last, written=final, keep=keep)
     return final
 
 
@@ -582,16 +583,17 @@ def recipe_state(*, step: int, optimizer_state: dict[str, Any],
 
 
 def write_recipe_checkpoint(output_dir: Path, step: int, state: dict[str, Any],
-                            write_model: Callable[[Path], None], *, keep_last: int) -> Path:
+                            write_model: Callable[[Path], None], *, keep_last: int,
+                            keep: Path | None = None) -> Path:
     """Write checkpoint ``step`` atomically: ``write_model(folder)`` saves the model, then
     ``state`` goes to ``recipe_state.pt`` (last, as its presence marks the checkpoint
-    complete); only the newest ``keep_last`` checkpoints are kept."""
+    complete); only the newest ``keep_last`` checkpoints are kept, and ``keep``."""
 
     def write(folder: Path) -> None:
         write_model(folder)
         save_torch_atomically(state, folder / RECIPE_STATE_FILENAME)
 
-    return write_checkpoint(output_dir, step, write, keep_last=keep_last)
+    return write_checkpoint(output_dir, step, write, keep_last=keep_last, keep=keep)
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None], *,
@@ -709,7 +711,8 @@ def _step_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _prune(output_dir: Path, keep_last: int, *, written: Path) -> None:
+def _prune(output_dir: Path, keep_last: int, *, written: Path, keep: Path | None = None
+           ) -> None:
     """Keep ``written`` (the checkpoint LATEST names) and the ``keep_last - 1`` newest other
     complete ones; folders whose weights are missing go too, and each is renamed away before it
     is deleted (see :func:`_set_aside`). Ordering by step alone could delete ``written`` itself:
@@ -718,7 +721,7 @@ def _prune(output_dir: Path, keep_last: int, *, written: Path) -> None:
     if keep_last < 1:
         return
     others = [p for p in _step_dirs(output_dir)
-              if p != written and (p / RECIPE_STATE_FILENAME).is_file()]
+              if p not in (written, keep) and (p / RECIPE_STATE_FILENAME).is_file()]
     complete = [p for p in others if not missing_weights(p)]
     # Beyond keep_last, and any whose weights are gone (a deletion an older version left
     # half-done): nothing resumes from those.
