@@ -734,7 +734,10 @@ def precision_row(context: Context) -> dict[str, Any]:
 
     scale = context.scale
     reference = bf16_model(context, max_seq_len=scale.prune_seq, checkpointing=True)
-    start = {name: p.detach().float().clone() for name, p in reference.named_parameters()}
+    # state_dict names, which load_state_dict reads (named_parameters() would carry the
+    # activation-checkpointing wrapper's prefix, which the loader adds once more)
+    start = {name: value.detach().float().clone()
+             for name, value in reference.state_dict().items()}
     batch = random_packed_batch(context, scale.prune_batch, scale.prune_seq,
                                 reference.tok_embeddings.num_embeddings, seed=0)
     del reference
@@ -742,7 +745,10 @@ def precision_row(context: Context) -> dict[str, Any]:
     for name in PRECISIONS:
         dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
         model = bf16_model(context, max_seq_len=scale.prune_seq, checkpointing=True, dtype=dtype)
-        model.load_state_dict(start, strict=False)  # the same (bf16-exact) values everywhere
+        model.load_state_dict(start)  # the same (bf16-exact) values everywhere
+        if any(not torch.equal(value.float(), start[key])
+               for key, value in model.state_dict().items()):
+            raise RuntimeError(f"the {name} model did not start from the shared weights")
         if name == "mixed":
             compute_in(model, torch.bfloat16, context.device)
         optimizer_class = Float32MasterAdamW if name == "bf16_master" else torch.optim.AdamW
@@ -757,8 +763,8 @@ def precision_row(context: Context) -> dict[str, Any]:
             warmup=scale.warmup, repeats=scale.repeats)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    moved = {name: torch.cat([(p.detach().float() - start[key]).flatten()
-                              for key, p in models[name].named_parameters()])
+    moved = {name: torch.cat([(value.detach().float() - start[key]).flatten()
+                              for key, value in models[name].state_dict().items()])
              for name in PRECISIONS}
     norm = moved["fp32"].norm()
     off = {name: float((moved[name] - moved["fp32"]).norm() / norm) for name in PRECISIONS}

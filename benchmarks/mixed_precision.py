@@ -15,9 +15,9 @@ side by side, for the weights the model computes with after the last step:
 * the step's time (median over the steps of ``--repeats`` more runs, after one warm-up run;
   with ``--repeats 0``, over the one run's steps after its first).
 
-After one step ``Float32MasterAdamW``'s bf16 weights are plain bf16's (both round the same
-update of the same weight); it differs from the second step on, as updates accumulate in its
-float32 copy. CPU only here (bf16 math on CPU is not what a GPU's is; the time column is this
+After one step ``Float32MasterAdamW``'s bf16 weights are nearly plain bf16's (both round
+about the same update of the same weight); they part from the second step on, as updates
+accumulate in its float32 copy. CPU only here (bf16 math on CPU is not what a GPU's is; the time column is this
 machine's)::
 
     python benchmarks/mixed_precision.py                    # lr 1e-5, one step of 2 x 512 tokens

@@ -156,6 +156,10 @@ def test_smoke_run_goes_through_every_row_on_cpu(tmp_path):
     assert statuses["3"] == ("skipped", "skipped: needs sm89+, found no GPU")
     for row_id in ("1", "2", "4", "5a", "5b", "6"):
         assert statuses[row_id][0] == "ok", statuses[row_id]
+    # row 6 compares runs from the same weights (the row checks that they start equal): fp32
+    # against itself is 0, and the fp32-weight mixed run is far closer to it than pure bf16
+    off = next(row for row in report["rows"] if row["id"] == "6")["values"]["off_fp32"]
+    assert off["fp32"] == 0 and off["mixed"] < 0.5 * off["bf16"] and off["bf16"] > 0.5
     assert "| # | check | result | details |" in result.stdout
 
 

@@ -249,3 +249,20 @@ def test_the_stock_recipe_in_bf16_follows_the_fp32_run_with_it(tmp_path: Path):
     assert off("bf16") > 0.6 and updates["bf16"].norm() < 0.7 * fp32.norm()
     assert off("ours") < 0.35
     assert 0.85 * fp32.norm() < updates["ours"].norm() < 1.15 * fp32.norm()
+
+
+def test_float64_parameters_keep_their_own_precision():
+    """A float64 parameter is its own master with float64 moments, as torch.optim.AdamW
+    (a float32 copy would round away updates a float64 weight keeps)."""
+    start = torch.full((8,), 1.0, dtype=torch.float64)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizer = Float32MasterAdamW([ours], lr=1e-9, weight_decay=0.0)
+    step_both([(ours, theirs)], [optimizer, torch.optim.AdamW([theirs], lr=1e-9,
+                                                               weight_decay=0.0)], 3, 5)
+    assert torch.equal(ours.detach(), theirs.detach()) and not torch.equal(ours.detach(), start)
+    assert "master" not in optimizer.state[ours]
+    assert optimizer.state[ours]["exp_avg"].dtype == torch.float64
+    restored = Float32MasterAdamW([torch.nn.Parameter(ours.detach().clone())])
+    restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    assert all(value.dtype == torch.float64 for key, value in
+               next(iter(restored.state.values())).items() if key != "step")

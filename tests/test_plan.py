@@ -777,3 +777,18 @@ def test_one_process_mixed_precision_plans_what_autocast_keeps(tmp_path: Path):
             3 * a.embed_dim * a.intermediate_dim)
         assert extra == 2 * (a.num_layers * (tokens * 3 * a.embed_dim + weights)
                              + a.vocab_size * a.embed_dim)
+
+
+def test_a_one_process_mixed_precision_rater_has_no_vocabulary_weight_copy(tmp_path: Path):
+    """The rater reads scalar heads off the final hidden states: under one-process autocast
+    the plan adds the layers' copies, not the V x h output projection's a decoder has."""
+    name = "sheared_llama/qurater_1.3b.yaml"
+    overrides = PAPER_CONFIGS[name][0](tmp_path)
+    plain = plan_config(CONFIGS / name, [*overrides, "mixed_precision=false"], world_size=1)
+    mixed = plan_config(CONFIGS / name, [*overrides, "mixed_precision=true"], world_size=1)
+    a = plain.source.architecture
+    tokens = 2 * 16 * 513  # two texts a pair x batch_size x (max_tokens + BOS)
+    weights = a.embed_dim * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads) + (
+        3 * a.embed_dim * a.intermediate_dim)
+    extra = mixed.memory.activations_full - plain.memory.activations_full
+    assert extra == 2 * a.num_layers * (tokens * 3 * a.embed_dim + weights)

@@ -59,7 +59,9 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
     shape = ActivationShape(tokens=tokens, logit_positions=logit_positions,
                             architecture=plan.source.architecture, bytes_per_value=size,
                             logit_bytes_per_value=logit_bytes_per_value, offloaded=offloaded,
-                            autocast=mixed and world == 1)
+                            autocast=mixed and world == 1,
+                            # only a rater computes no logits (n = 0): it has no projection
+                            vocab_projection=logit_positions > 0)
     kd_loss, gathered = (0, 0) if teacher is None else distillation_bytes(
         teacher, tokens=tokens, counted_positions=kd_positions, world_size=world,
         bytes_per_value=size)

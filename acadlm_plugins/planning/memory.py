@@ -52,10 +52,12 @@ adds what autocast keeps, and under FSDP2, which casts the gathered weights, non
                  (q, k and v each cast the fp32 norm output to bf16 and save their copy, as do
                  w1 and w3: three copies beyond the one counted; P = h·d·(2·H + 2·KV) + 3·h·I,
                  the layer's projection weights, whose bf16 copies the matrix products save)
-    head       += V x h x bytes           (the output projection's bf16 weight copy)
-    checkpointed:  L x t x h x 4 + L x P x bytes + per_layer + head + logits
+    head       += V x h x bytes           (the output projection's bf16 weight copy; a rater
+                                           has none)
+    checkpointed:  L x t x h x 4 + max(L x P x bytes, per_layer) + head + logits
                  (the residual stream, so the saved layer inputs, stays fp32; autocast's
-                 cache holds every layer's weight copy until the forward pass returns)
+                 cache holds every layer's weight copy until the forward pass returns, and
+                 the backward's recomputed layer makes its own: the larger of the two)
 
 Held per micro-batch besides the layers' activations, where the run has them::
 
@@ -86,8 +88,7 @@ storages autograd saves, in bf16 and in fp32. Under bf16 the RMSNorm's float32 i
 scale differ in dtype, so ``F.rms_norm`` takes its composite path on every device; under fp32
 a GPU may take the fused kernel, which does not save the normalized copy (the fp32 estimate is
 then up to t x h x 4 per norm high; not measured on a GPU). Under one-process autocast the
-same two equal what autograd saves (the checkpointed one with the L x P x bytes of the cache
-added by hand; projection biases, as Qwen2's, are not counted). The same test measures the KD
+same two equal what autograd saves (projection biases, as Qwen2's, are not counted). The same test measures the KD
 loss's saved bytes (one process, and the gathered weight on two gloo ranks) and SDPA's saved
 mask copies, on CPU.
 
@@ -144,6 +145,7 @@ class ActivationShape:
     logit_bytes_per_value: int | None = None    # default: bytes_per_value + 8
     offloaded: bool = False                     # checkpointed layer inputs in CPU memory
     autocast: bool = False                      # one-process mixed precision (fp32 weights)
+    vocab_projection: bool = True               # False: a rater (scalar heads, no V x h)
 
 
 @dataclass(frozen=True)
@@ -250,8 +252,9 @@ def optimizer_state(params: Iterable[torch.Tensor], optimizer_cfg: Any, *, world
                               f"float32 scale per {block} values")
     if name == "Float32MasterAdamW":
         moments = 3 if optimizer_cfg.get("amsgrad", False) else 2
-        master = FLOAT32_BYTES if bytes_per_value != FLOAT32_BYTES else 0
-        return OptimizerState((moments * FLOAT32_BYTES + master) * sum(shards),
+        master = FLOAT32_BYTES if bytes_per_value < FLOAT32_BYTES else 0
+        moment_bytes = max(bytes_per_value, FLOAT32_BYTES)
+        return OptimizerState((moments * moment_bytes + master) * sum(shards),
                               f"{name}: {moments} float32 moments per value"
                               + (" and a float32 copy of the weights" if master else ""))
     moments = 2
@@ -284,7 +287,8 @@ def activation_bytes(shape: ActivationShape, *, checkpointed: bool) -> int:
         per_token_layer += 3 * a.embed_dim * b
         weight_copies = b * (a.embed_dim * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
                              + 3 * a.embed_dim * a.intermediate_dim)
-        head += a.vocab_size * a.embed_dim * b
+        if shape.vocab_projection:
+            head += a.vocab_size * a.embed_dim * b
         residual_bytes = FLOAT32_BYTES
     per_layer = shape.tokens * per_token_layer + weight_copies
     logit_bytes = shape.logit_bytes_per_value or b + 2 * FLOAT32_BYTES
@@ -292,7 +296,9 @@ def activation_bytes(shape: ActivationShape, *, checkpointed: bool) -> int:
     if checkpointed:
         layer_inputs = 0 if shape.offloaded else (
             a.num_layers * shape.tokens * a.embed_dim * residual_bytes)
-        return layer_inputs + a.num_layers * weight_copies + per_layer + head + logits
+        # Autocast's cache holds every layer's weight copies until the forward pass returns;
+        # the backward's recomputed layer makes its own: two peaks, not one.
+        return (layer_inputs + max(a.num_layers * weight_copies, per_layer) + head + logits)
     return a.num_layers * per_layer + head + logits
 
 

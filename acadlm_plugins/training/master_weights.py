@@ -16,10 +16,11 @@ but it takes any optimizer, so one line gives it the float32 update::
 Each bf16 parameter gets a float32 ``master`` copy in the optimizer state; the step runs
 torch's own AdamW arithmetic (``torch.optim.adam.adam`` with decoupled weight decay) on the
 master with the gradient in float32, and writes the master, rounded to bf16, back into the
-parameter the model computes with. Float32 parameters are their own master, so on a float32
-model this *is* ``torch.optim.AdamW``. The master and the moments are float32 in the state dict
-and stay float32 when it is loaded (torch would cast them to the parameter's dtype), so a resumed
-run continues the same float32 trajectory; under FSDP2 they are sharded as the parameters are.
+parameter the model computes with. Float32 (and float64) parameters are their own master, so
+on a float32 model this *is* ``torch.optim.AdamW``. The master and the moments are float32 in
+the state dict and stay float32 when it is loaded (torch would cast them to the parameter's
+dtype), so a resumed run continues the same float32 trajectory; under FSDP2 they are sharded
+as the parameters are.
 
 Cost: 4 bytes per parameter for the master and 4 more for the moments (12 bytes per bf16 value
 instead of 4), as much as ``mixed_precision: true``. What it does not change: the gradients are
@@ -38,8 +39,14 @@ from torch.optim.adam import adam
 from acadlm_plugins.errors import ConfigError
 
 FIELD = "optimizer._component_"
-# State entries kept in float32 whatever the parameter's dtype.
+# State entries kept in float32 for a parameter narrower than float32.
 FLOAT32_STATE = ("master", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def narrower_than_float32(param: torch.Tensor) -> bool:
+    """Whether ``param`` (bf16, fp16) gets a float32 master; float32 and float64 parameters
+    are their own."""
+    return torch.finfo(param.dtype).bits < 32
 
 
 class Float32MasterAdamW(torch.optim.AdamW):
@@ -67,11 +74,11 @@ class Float32MasterAdamW(torch.optim.AdamW):
 
     def _state_for(self, param: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
         """The parameter's state, made on its first step: the float32 master (for a
-        low-precision parameter) and float32 moments."""
+        parameter narrower than float32) and moments of the master's dtype."""
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if param.dtype != torch.float32:
+            if narrower_than_float32(param):
                 state["master"] = param.detach().to(torch.float32)
             reference = state.get("master", param)
             state["exp_avg"] = torch.zeros_like(reference, memory_format=torch.preserve_format)
@@ -99,7 +106,7 @@ class Float32MasterAdamW(torch.optim.AdamW):
                 state = self._state_for(param, group["amsgrad"])
                 master = state.get("master", param)
                 # One parameter at a time: only one float32 gradient exists at once.
-                adam([master], [param.grad.to(torch.float32)], [state["exp_avg"]],
+                adam([master], [param.grad.to(master.dtype)], [state["exp_avg"]],
                      [state["exp_avg_sq"]],
                      [state["max_exp_avg_sq"]] if group["amsgrad"] else [],
                      [state["step"]], foreach=False, capturable=False, differentiable=False,
@@ -119,12 +126,12 @@ class Float32MasterAdamW(torch.optim.AdamW):
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
-            if not saved:
-                continue
+            if not saved or not narrower_than_float32(param):
+                continue  # torch's cast to a float32 or float64 parameter's dtype is right
             state = self.state[param]
             for key in FLOAT32_STATE:
                 if key in saved:
                     state[key] = saved[key].to(device=param.device, dtype=torch.float32)
-            if "master" not in state and param.dtype != torch.float32:
+            if "master" not in state:
                 # A state saved by torch.optim.AdamW: the weights themselves are the best copy.
                 state["master"] = param.detach().to(torch.float32)
