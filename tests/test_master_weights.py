@@ -10,13 +10,12 @@ from __future__ import annotations
 import copy
 import datetime
 import io
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_setup import REPO_ROOT, run_tune_subprocess, write_tiny_model_dir
+from tiny_setup import REPO_ROOT, run_tune_subprocess, spawn_two_gloo_ranks, write_tiny_model_dir
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.training.master_weights import Float32MasterAdamW
@@ -198,18 +197,7 @@ def test_fsdp2_save_and_load_keep_the_float32_state(tmp_path: Path):
     """Under FSDP2 (two gloo ranks) torchtune's full optimizer state dict holds the float32
     masters and moments, and loading it gives each rank back its float32 shards: the next step
     is identical."""
-    import torch.multiprocessing as mp
-
-    saved_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        mp.start_processes(_fsdp_rank_main, args=(str(tmp_path / "store"), str(tmp_path)),
-                           nprocs=2, start_method="spawn", join=True)
-    finally:
-        if saved_threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_threads
+    spawn_two_gloo_ranks(_fsdp_rank_main, tmp_path)
     assert [Path(tmp_path, f"rank{rank}").read_text() for rank in range(2)] == ["True", "True"]
 
 

@@ -11,11 +11,11 @@ distillation loss's saved tensors (one process; the gathered teacher weight on t
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_setup import spawn_two_gloo_ranks
 from torchtune import training
 from torchtune.modules import TransformerSelfAttentionLayer
 
@@ -297,18 +297,7 @@ def test_the_gathered_teacher_weight_is_a_whole_copy_beside_the_shard(tmp_path: 
     gathers the output projection whole (``full_tensor()``) and the KD loss keeps that copy
     until the backward pass, ``V x D_t x bytes`` beside the rank's shard (the teacher weights'
     term), plus what one process saves."""
-    import torch.multiprocessing as mp
-
-    saved_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        mp.start_processes(_gathered_rank_main, args=(str(tmp_path / "store"), str(tmp_path)),
-                           nprocs=2, start_method="spawn", join=True)
-    finally:
-        if saved_threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_threads
+    spawn_two_gloo_ranks(_gathered_rank_main, tmp_path)
     for tied in (False, True):
         kd_loss, gathered = planned_distillation(small_teacher(torch.bfloat16, tied=tied),
                                                  torch.bfloat16, world_size=2)

@@ -298,3 +298,23 @@ def write_builtin_task_configs(root: Path) -> dict[str, Path]:
         written[task] = root / f"{task}.yaml"
         written[task].write_text(yaml.safe_dump(config, sort_keys=False))
     return written
+
+
+def spawn_two_gloo_ranks(main, tmp_path: Path) -> None:
+    """Run ``main(rank, store_path, out_dir)`` in two spawned processes (one thread each), which
+    join a gloo process group through a file store in ``tmp_path`` and write what the test
+    reads into it."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    saved_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        mp.start_processes(main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                           start_method="spawn", join=True)
+    finally:
+        if saved_threads is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_threads
