@@ -546,6 +546,45 @@ def test_needles_appear_once_at_the_requested_depth(files: EvalFiles, task: str,
         assert abs(position / total - depth) <= (MAX_SENTENCE_WORDS + 1) / total
 
 
+@pytest.mark.parametrize("task", ["acadlm_niah_multikey_1", "acadlm_niah_multivalue",
+                                  "acadlm_niah_multiquery"])
+def test_several_needles_take_distinct_depths_of_rulers_grid(files: EvalFiles,
+                                                            task: str) -> None:
+    """RULER's ``niah.py`` draws several needles' depths without replacement from 40 points
+    (0%, 3%, ..., 100%), so two needles are never side by side; independent random depths
+    put them within a few words of each other in some prompts."""
+    grid = {round(100 * i / 39) for i in range(40)}
+    for row in build(files, task, max_seq_lengths=[1024], num_samples=8):
+        percents = [round(100 * depth) for depth in row["depths"]]
+        assert len(row["depths"]) == 4 and len(set(percents)) == 4, row["depths"]
+        assert set(percents) <= grid
+
+
+@pytest.mark.parametrize("task, singular", [("acadlm_niah_single_1", True),
+                                            ("acadlm_niah_multikey_1", True),
+                                            ("acadlm_niah_multivalue", False),
+                                            ("acadlm_niah_multiquery", False)])
+def test_one_value_asked_is_singular_and_several_are_asked_for_all(files: EvalFiles, task: str,
+                                                                   singular: bool) -> None:
+    """RULER's rule: "A special magic number is hidden ..." when one value is asked for, and
+    "What are all the special magic numbers ..." when several are."""
+    [row] = build(files, task, max_seq_lengths=[1024], num_samples=1)
+    intro, question = row["input"].split("\n\n")[0], row["input"].rsplit("\n\n", 1)[1]
+    if singular:
+        assert intro.startswith("A special magic number is hidden")
+        assert question.startswith("What is the special magic number for")
+    else:
+        assert intro.startswith("Special magic numbers are hidden")
+        assert question.startswith("What are all the special magic numbers for")
+
+
+def test_the_fwe_question_asks_for_no_explanation(files: EvalFiles) -> None:
+    """RULER's FWE question says "Do not provide any explanation.": its 50 generated tokens
+    leave no room for one."""
+    [row] = build(files, "acadlm_fwe", max_seq_lengths=[1024], num_samples=1)
+    assert "Give no explanation." in row["input"].rsplit("\n\n", 1)[1]
+
+
 @pytest.mark.parametrize("task", NIAH_TASKS)
 def test_niah_keys_are_adjective_noun_pairs_or_uuids(sized, task: str) -> None:
     """RULER's word keys are adjective-noun pairs; its UUID keys stay UUIDs. The key asked about

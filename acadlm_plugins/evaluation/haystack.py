@@ -61,7 +61,8 @@ def _load_words(source: str, task: str) -> tuple[str, ...]:
 
 
 def default_prose_source() -> Path:
-    """The long books of the embedded corpus (Shakespeare, Milton, Botchan)."""
+    """The long books of the embedded corpus (Shakespeare, Milton, Botchan and the King James
+    Bible, whose verse numbers come with it)."""
     from acadlm_plugins.defaults.paths import require_default_corpus
 
     return require_default_corpus() / "long" / "books.jsonl"

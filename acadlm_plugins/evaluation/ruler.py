@@ -431,10 +431,20 @@ def ruler_dataset(task: str, kind: str, metadata: Mapping[str, Any],
 
 # --- Needle in a haystack ------------------------------------------------------------------------
 
-NIAH_INTRO = ("Special magic {plural} are hidden in the text below. Remember them: you will be "
-              "asked about them afterwards.\n\n")
-NIAH_QUESTION = "\n\nWhat {verb} the special magic {noun} for {query} mentioned in the text above?"
+# RULER's rule: the singular ("A special magic number is hidden ...") when one value is asked
+# for, else the plural, and then "all" of them.
+NIAH_INTRO = {False: ("A special magic {noun} is hidden in the text below. Remember it: you will "
+                      "be asked about it afterwards.\n\n"),
+              True: ("Special magic {noun} are hidden in the text below. Remember them: you will "
+                     "be asked about them afterwards.\n\n")}
+NIAH_QUESTION = {False: "\n\nWhat is the special magic {noun} for {query} mentioned in the text "
+                        "above?",
+                 True: "\n\nWhat are all the special magic {noun} for {query} mentioned in the "
+                       "text above?"}
 NIAH_ANSWER = "The special magic {noun} for {query} mentioned in the text above {verb}"
+#: RULER's needle depths (``niah.py``: 40 points from 0% to 100%, rounded to whole percents);
+#: several needles take distinct ones, so no two sit side by side.
+NEEDLE_DEPTHS = tuple(round(100 * i / 39) / 100 for i in range(40))
 #: RULER's needle sentence, with the plural noun whatever the number of needles ("One of the
 #: special magic numbers for ... is: ...").
 NEEDLE = "One of the special magic {plural} for {key} is: {value}."
@@ -487,13 +497,16 @@ def needle_keys(rng: random.Random, kind: str, count: int, *, task: str) -> list
 def needle_depths(metadata: Mapping[str, Any], index: int, count: int, num_samples: int,
                   rng: random.Random, *, task: str) -> list[float]:
     """Depths of the queried needles: ``depth`` if set, else spread evenly over samples
-    for a single needle (0%, ..., 100%), random for several."""
+    for a single needle (0%, ..., 100%), and for several distinct depths drawn from RULER's
+    grid of 40 (:data:`NEEDLE_DEPTHS`), so that needles are at least 2.5% of the text apart."""
     depth = depth_setting_value(metadata, task=task)
     if depth is not None:
         return [depth] * count
     if count == 1:
         return [index / (num_samples - 1) if num_samples > 1 else 0.5]
-    return [rng.random() for _ in range(count)]
+    if count > len(NEEDLE_DEPTHS):  # more needles than grid points: RULER has no such task
+        return [rng.random() for _ in range(count)]
+    return rng.sample(NEEDLE_DEPTHS, count)
 
 
 def _distractor_count(spec: NeedleSpec, tokenizer: LengthTokenizer, budget: int) -> int:
@@ -575,8 +588,8 @@ def draw_needle_prompt(spec: NeedleSpec, task: str, metadata: Mapping[str, Any],
         start = rng.randrange(len(prose))
         span = 2 * budget
         filler = list(prose[start:start + span]) + list(prose[:max(0, start + span - len(prose))])
-    return NeedlePrompt(NIAH_INTRO.format(plural=plural),
-                        NIAH_QUESTION.format(verb=verb, noun=noun, query=query),
+    return NeedlePrompt(NIAH_INTRO[several].format(noun=noun),
+                        NIAH_QUESTION[several].format(noun=noun, query=query),
                         NIAH_ANSWER.format(verb=verb, noun=noun, query=query), tuple(inserts),
                         tuple(filler), tuple(answers), tuple(depths))
 
@@ -906,8 +919,8 @@ def cwe_dataset(**metadata: Any) -> dict[str, Any]:
 
 FWE_INTRO = ("Below is a text written in coded words. Keep a count of how often each coded word "
              "comes up.\n\n")
-FWE_QUESTION = ("\n\nQuestion: Leaving the dots '...' aside, which {num} coded words come up most "
-                "often in the text above?")
+FWE_QUESTION = ("\n\nQuestion: Give no explanation. Leaving the dots '...' aside, which {num} "
+                "coded words come up most often in the text above?")
 FWE_ANSWER = ("Answer: Leaving the dots aside, the {num} coded words that come up most often in "
               "the text above are:")
 FWE_NUM_ANSWERS = 3  # RULER asks for the three most frequent words
