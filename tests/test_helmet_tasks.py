@@ -338,14 +338,30 @@ def test_a_limit_warns_that_rag_reaches_only_the_shallowest_gold_passages(
             and "depths 0.00-0.50 of the context, of the 0.00-1.00" in caplog.text)
 
 
-def test_generation_stops_where_helmets_configs_stop(oracle_run: dict[str, Any]):
-    """HELMET's `stop_new_line`: true for RAG, re-ranking and ICL (a line break stops), false
-    for JSON KV and cite (no stop string; the generation ends at its length or EOS)."""
+def test_generation_stops_where_helmets_runs_stop(oracle_run: dict[str, Any]):
+    """HELMET's configs set `stop_new_line` for RAG, re-ranking and ICL, but its argument parser
+    reads `--stop_newline`, so its runs never stop at a line break: neither do ours for RAG and
+    re-ranking (whose scoring reads past it); ICL stops there, as its score reads only the first
+    line. JSON KV and cite: no stop string either."""
     until = {task: oracle_run["configs"][task]["generation_kwargs"]["until"]
              for task in ("acadlm_json_kv", "acadlm_rag", "acadlm_rerank", "acadlm_icl",
                           "acadlm_cite_asqa", "acadlm_cite_qampari")}
-    assert until == {"acadlm_json_kv": [], "acadlm_rag": ["\n"], "acadlm_rerank": ["\n"],
+    assert until == {"acadlm_json_kv": [], "acadlm_rag": [], "acadlm_rerank": [],
                      "acadlm_icl": ["\n"], "acadlm_cite_asqa": [], "acadlm_cite_qampari": []}
+
+
+@pytest.mark.parametrize("output, ranking", [
+    ("[3] > [7] > [1]", ["3", "7", "1"]),
+    ("\nRanking: [3] > [7] > [1]\n[9] > [2]", ["3", "7", "1"]),   # past a line break, longest
+    ("ID: 4 > ID: 4 > ID: 12 and then 5", ["4", "12"]),            # "ID:" dropped, first kept
+    ("[3] > [7]\n> [1] > [2]", ["3", "7", "1", "2"]),            # a chain may wrap a line
+    ("[3] > [7]. Then [1] > [2] > [5]", ["1", "2", "5"]),          # the longer chain wins
+    ("no ranking here", []),
+])
+def test_a_ranking_is_read_as_helmets_parse_rankings(output: str, ranking: list[str]):
+    """HELMET's ``parse_rankings``: brackets, colons and "id" dropped, the longest ">" chain
+    anywhere in the output, each id once; a bare number outside the chain is not read."""
+    assert helmet.parse_ranking(output) == ranking
 
 
 def test_json_kv_key_depth(meta: dict[str, Any]):
@@ -744,8 +760,9 @@ def test_rerank_demonstrations_rank_all_their_passages_by_grade(meta: dict[str, 
             assert not set(ranked) & set(doc["passage_ids"])  # fresh ids
             shown = [grades[passages[pid]] for pid in ranked]
             assert shown == sorted(shown, reverse=True)
-        # The demonstrations' ids are never read as the answer's.
-        assert helmet.parse_ranking(demos[0][1], doc["passage_ids"]) == []
+        # A demonstration's ids are no passage of the prompt: copied, they count as unjudged.
+        copied = helmet.parse_ranking(demos[0][1])
+        assert copied and not set(copied) & set(doc["passage_ids"])
 
 
 def test_separate_demonstration_file_is_used_whole(meta: dict[str, Any], tmp_path: Path,

@@ -873,11 +873,15 @@ def build_rerank_sample(records: Sequence[RerankRecord], metadata: Mapping[str, 
                      demo_ids=json.dumps([demo.id for demo in demos]))
 
 
-def parse_ranking(prediction: str, known_ids: Iterable[str]) -> list[str]:
-    """The passage ids of ``prediction`` in the order written (numbers that are no id of the
-    prompt are skipped)."""
-    known = set(known_ids)
-    return [token for token in re.findall(r"\d+", clean_prediction(prediction)) if token in known]
+def parse_ranking(prediction: str) -> list[str]:
+    """The ranking written in ``prediction``, read as HELMET's ``parse_rankings`` reads it:
+    brackets, colons and "id" dropped, then the longest chain of ids joined by ">" (the first of
+    equal length), each id at its first place. Ids that are no passage of the prompt (a
+    demonstration's, say) stay in the ranking and count as unjudged, as in HELMET's NDCG."""
+    text = re.sub(r"[\[\]:]", "", clean_prediction(prediction)).lower().replace("id", "")
+    longest = max((match.group(0) for match in re.finditer(r"(\d+)(?:\s*>\s*(\d+))*", text)),
+                  key=len, default="")
+    return list(dict.fromkeys(part.strip() for part in longest.split(">") if part.strip()))
 
 
 declare_settings("acadlm_rerank", {key: path_check(key) for key in (
@@ -2247,7 +2251,7 @@ def _with_judge(doc: Mapping[str, Any], prediction: str, scores: dict[str, float
 def process_results_ndcg(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
     """NDCG@10 of the ranking written in the generation against the graded judgments."""
     relevance = dict(zip(doc["relevant_ids"], doc["relevant_grades"]))
-    ranking = parse_ranking(results[0], doc["passage_ids"])
+    ranking = parse_ranking(results[0])
     return per_length(doc, ndcg_at_k(ranking, relevance, k=10))
 
 

@@ -6,8 +6,9 @@ HELMET draws demonstrations from the train split and asks about the test split; 
 source has both: give the train file and ``--test`` the test file (rows of the first become
 ``"demo"``, of the second ``"test"``). CLINC150's JSON holds its splits itself (HELMET asks about
 ``val``, as the Hugging Face ``plus`` configuration's validation split, and ignores ``test``). NLU
-is published as one file: without ``--test`` its rows carry no split and the task holds rows out
-at random (HELMET holds out 10%). Labels keep their names (the task maps them to numbers, as
+is published as one file: without ``--test`` its rows carry no split, and the task asks about any
+row and shows the others (HELMET asks a seeded 10% and shows the rest: split the file and give
+that 10% as ``--test`` for its arrangement). Labels keep their names (the task maps them to numbers, as
 HELMET does); files exported from Hugging Face carry class numbers, which work the same.
 
 Published forms read: TREC's ``train_5500.label`` / ``TREC_10.label`` (``COARSE:fine question``
