@@ -203,10 +203,10 @@ def test_a_run_killed_while_pruning_resumes_from_the_checkpoint_kept(tmp_path, m
         with monkeypatch.context() as patch:
             real_prune = checkpointing._prune
 
-            def prune(output_dir, keep_last, *, written):
+            def prune(output_dir, keep_last, *, written, keep=None):
                 if written.name == "step_000002":
                     kill_while_deleting_a_checkpoint(patch)
-                real_prune(output_dir, keep_last, written=written)
+                real_prune(output_dir, keep_last, written=written, keep=keep)
 
             patch.setattr(checkpointing, "_prune", prune)
             with pytest.raises(Killed):
