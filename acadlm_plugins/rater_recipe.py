@@ -77,6 +77,7 @@ from acadlm_plugins.training.checkpointing import (
     plain_value,
     recipe_state,
     step_dirname,
+    step_of,
     write_recipe_checkpoint,
 )
 from acadlm_plugins.training.components import instantiate_optional
@@ -505,7 +506,7 @@ class RaterRecipe:
             "rater_dir": str(export),
         }
         exported = self._exported_checkpoint()
-        step = int(exported.name.split("_")[-1])
+        step = step_of(exported)
         summary.update(export=self._export, exported_step=step, heldout_accuracy_exported=next(
             (e["accuracy"] for e in reversed(evaluations) if e["step"] == step), {}))
         if self._is_rank_zero:

@@ -61,6 +61,14 @@ def step_dirname(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(folder: Path) -> int:
+    """The step of a checkpoint folder named by :func:`step_dirname`."""
+    match = _STEP_DIR.match(folder.name)
+    if match is None:
+        raise ValueError(f"{folder} is not a step_<N> checkpoint folder")
+    return int(match.group(1))
+
+
 def write_checkpoint(output_dir: str | Path, step: int, write: Callable[[Path], None], *,
                      keep_last: int = 2, keep: Path | None = None) -> Path:
     """Create ``output_dir/step_<step>`` atomically; ``write(folder)`` fills the folder.
