@@ -241,11 +241,12 @@ def test_no_judge_means_no_judge_field_and_a_logged_reason(
 # ---------------------------------------------------------- requests, cache, failures, batch
 
 
-def summ_doc(builder_meta: dict[str, Any], document_id: str, reference: str) -> dict[str, Any]:
+def summ_doc(builder_meta: dict[str, Any], document_id: str, reference: str,
+             task: str = "acadlm_summ") -> dict[str, Any]:
     def builder(rng: Any, length: int, index: int, tokenizer: Any) -> dict[str, Any]:
         return {"input": "...", "outputs": [reference], "document_id": document_id}
 
-    row = judged_builder("acadlm_summ", "summ", builder_meta, builder)(None, LENGTH, 0, None)
+    row = judged_builder(task, "summ", builder_meta, builder)(None, LENGTH, 0, None)
     return {**row, "max_length": LENGTH}
 
 
@@ -376,6 +377,33 @@ def test_helmet_key_points_file_replaces_extraction(serve, tmp_path: Path) -> No
                for p in precision)
     # Recall 2 of 2 key points for the first, capped to 1 of 1 for the second.
     assert [v.scores["judge_recall"] for v in verdicts if v and v.scores] == [100.0, 100.0]
+
+
+def test_each_summarization_task_is_graded_by_helmets_rubric_for_its_documents(
+        serve, tmp_path: Path) -> None:
+    """HELMET grades novels (En.Sum) more leniently on recall (most facts of a key point) and
+    more strictly on precision (commentary is unsupported) than legal cases (Multi-LexSum),
+    whose rules also serve any other summary, without the lawsuit."""
+    server = serve()
+    tasks = ("acadlm_infbench_sum", "acadlm_multi_lexsum", "acadlm_summ")
+    points = write_jsonl(tmp_path / "points.jsonl",
+                         [{"id": task, "keypoints": [f"Point {task}."]} for task in tasks])
+    meta = {"judge": judge_block(server, tmp_path / "cache"), "summ_keypoints_path": str(points)}
+    docs = [summ_doc(meta, task, f"Reference {task}.", task=task) for task in tasks]
+    judge_samples(docs, ["The harbour closed."] * 3)
+    asked: dict[tuple[str, str], str] = {}
+    for request in server.requests:
+        prompt = prompt_of(request["body"])
+        if kind_of(prompt) in ("recall", "precision"):
+            task = next(t for t in tasks if f"Point {t}." in prompt or f"Reference {t}." in prompt)
+            asked[task, kind_of(prompt)] = prompt
+    novel, legal, other = (asked[task, "precision"] for task in tasks)
+    assert "of a novel" in novel and "commentary" in novel and "places" in novel
+    assert "civil lawsuit" in legal and "commentary" not in legal and "laws" in legal
+    assert "civil lawsuit" not in other and "novel" not in other and "commentary" not in other
+    assert "most of them" in asked[tasks[0], "recall"]
+    assert all("only when the summary clearly states its facts" in asked[task, "recall"]
+               for task in tasks[1:])
 
 
 def test_key_points_file_errors_name_file_and_line(tmp_path: Path) -> None:

@@ -374,6 +374,9 @@ def test_json_kv_key_depth(meta: dict[str, Any]):
         assert pairs[position][1] == doc["outputs"][0]
         assert position == doc["key_position"]
         assert abs(position / (len(pairs) - 1) - doc["depth"]) < 0.05
+        # HELMET's layout: the prompt opens with the object; the instruction only follows it.
+        assert doc["input"].startswith("{\n")
+        assert "Reply with the value" in doc["input"][doc["input"].rindex("}"):]
 
 
 def _asqa(task: str, metadata: dict[str, Any]) -> dict[str, Any]:

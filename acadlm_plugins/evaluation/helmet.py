@@ -455,10 +455,9 @@ def _extra_stream(metadata: Mapping[str, Any], rng: random.Random, *,
 
 # --------------------------------------------------------------------------- JSON key-value
 
-JSON_KV_HEAD = ("The JSON object below maps keys to values. Find the value stored under the key "
-                "given after it.\n\nJSON data:\n")
-JSON_KV_TAIL = ("\n\nReply with the value stored under the key below and nothing else.\n\n"
-                "{demos}Key: \"{key}\"")
+#: As HELMET's (lost in the middle's) layout: the object first, the instruction only after it.
+JSON_KV_TAIL = ("\n\nReply with the value that the JSON object above stores under the key below, "
+                "and nothing else.\n\n{demos}Key: \"{key}\"")
 #: Synthetic recall: no chat template in HELMET's recall.yaml, its 100 tokens to generate.
 JSON_KV_LAYOUT = HelmetLayout("recall", "Value:", "\n", 100)
 #: One demonstration: a lookup answered, in the layout of the question (HELMET's "Key: ...
@@ -505,7 +504,7 @@ def build_json_kv_sample(metadata: Mapping[str, Any], task: str, rng: random.Ran
 
     def render(taken: Taken) -> str:
         body = ",\n".join(f'  "{k}": "{v}"' for k, v in arrange(taken))
-        return frame.render(JSON_KV_HEAD + "{\n" + body + "\n}"
+        return frame.render("{\n" + body + "\n}"
                             + JSON_KV_TAIL.format(key=key, demos=demo_text))
 
     fitted, taken = fit_items(render, sizes, tokenizer, frame.budget, task=task,

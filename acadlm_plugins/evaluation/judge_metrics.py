@@ -332,12 +332,11 @@ form: {{"fluency": 1}}
 """
 
 RECALL_PROMPT = """\
-You are grading how much of a reference summary a summary covers. You are given the key \
-points of the reference summary, numbered, and the summary to grade.
+You are grading a summary{subject}: how much of a reference summary it covers. You are \
+given the key points of the reference summary, numbered, and the summary to grade.
 
-For each key point, decide whether the summary supports it: a key point is present when the \
-summary states its facts (for a key point with several facts, most of them). The recall is \
-the number of key points present.
+For each key point, decide whether the summary supports it: {recall_rule} The recall is the \
+number of key points present.
 
 Key points:
 {keypoints}
@@ -349,13 +348,14 @@ on the last line, give the count as JSON in exactly this form: {{"recall": 2}}
 """
 
 PRECISION_PROMPT = """\
-You are grading how much of a summary is backed by an expert's summary of the same document.
+You are grading a summary{subject}: how much of it is backed by an expert's summary of the \
+same document.
 
 Split the summary to grade into its sentences. A sentence is supported when its main facts \
-agree with the expert summary; minor details the expert summary leaves out (exact dates, the \
-names of people, laws or earlier cases) do not make it unsupported. A sentence whose main \
-facts the expert summary leaves out or contradicts is not supported. The precision is the \
-number of supported sentences.
+agree with the expert summary; minor details the expert summary leaves out ({minor_details}) \
+do not make it unsupported. A sentence whose main facts the expert summary leaves out or \
+contradicts is not supported.{precision_extra} The precision is the number of supported \
+sentences.
 
 Expert summary: <summary>{expert}</summary>
 
@@ -365,6 +365,42 @@ Go through the sentences of the summary to grade one by one and say for each whe
 expert summary supports it. Then, on the last line, give the number of supported sentences \
 and the number of sentences as JSON in exactly this form: {{"precision": 3, "sentence_count": 5}}
 """
+
+
+@dataclass(frozen=True)
+class SummaryRubric:
+    """What the recall and precision prompts say for one kind of document. HELMET grades
+    novels (InfiniteBench En.Sum) by other rules than legal cases (Multi-LexSum, and any other
+    summary): a key point counts when most of its facts are there rather than all, and a
+    sentence of commentary the expert summary lacks is unsupported."""
+
+    subject: str
+    recall_rule: str
+    minor_details: str
+    precision_extra: str = ""
+
+
+_STRICT_RECALL = "a key point is present only when the summary clearly states its facts."
+LEGAL_RUBRIC = SummaryRubric(
+    "of a civil lawsuit (its background, the parties and the outcome)", _STRICT_RECALL,
+    "exact dates, the names of people, laws or earlier cases")
+NOVEL_RUBRIC = SummaryRubric(
+    "of a novel (its plot and characters)",
+    "a key point is present when the summary states its facts; a key point with several facts "
+    "is present when most of them are stated.",
+    "exact dates, the names of people or places",
+    " Nor is a sentence that adds what the expert summary does not contain, such as analysis "
+    "of the story or commentary on it.")
+GENERAL_RUBRIC = SummaryRubric("", _STRICT_RECALL, "exact dates or names")
+#: The rubric of each summarization task; a task not named here gets GENERAL_RUBRIC, the
+#: legal rules (HELMET's default) without the lawsuit.
+SUMMARY_RUBRICS = {"acadlm_infbench_sum": NOVEL_RUBRIC, "acadlm_multi_lexsum": LEGAL_RUBRIC}
+
+
+def summary_rubric(task: str) -> SummaryRubric:
+    """The rubric HELMET applies to the summaries of ``task``."""
+    return SUMMARY_RUBRICS.get(task, GENERAL_RUBRIC)
+
 
 KEYPOINTS_PROMPT = """\
 Below is the summary of a document. List its key points: the separate facts that a good \
@@ -698,9 +734,14 @@ def _summary_verdict(answers: Sequence[Answer], key_points: int) -> Verdict:
 def _summary_prompts(sample: _Sample, points: Sequence[str]) -> list[str]:
     summary = clean_prediction(sample.prediction)
     expert = sample.spec.get("expert_summary") or sample.doc["outputs"][0]
+    rubric = summary_rubric(str(sample.spec["task"]))
+    subject = f" {rubric.subject}" if rubric.subject else ""
     return [FLUENCY_PROMPT.format(text=summary),
-            RECALL_PROMPT.format(keypoints=numbered(points), summary=summary),
-            PRECISION_PROMPT.format(expert=expert, summary=summary)]
+            RECALL_PROMPT.format(keypoints=numbered(points), summary=summary, subject=subject,
+                                 recall_rule=rubric.recall_rule),
+            PRECISION_PROMPT.format(expert=expert, summary=summary, subject=subject,
+                                    minor_details=rubric.minor_details,
+                                    precision_extra=rubric.precision_extra)]
 
 
 def _judge(settings: JudgeSettings, samples: Sequence[_Sample], desc: str) -> list[Verdict]:
