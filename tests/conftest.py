@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
 def clean_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run every test without the user's ACADLM_PLUGINS_* switches (allow-list, trace, ...)."""
+    """Run every test without the user's ACADLM_PLUGINS_* switches (allow-list, trace, ...),
+    and with a command line of no options: the recipes' entry points check ``sys.argv`` as
+    ``tune run`` passes it, and pytest's own options (``--durations=20``, ``-k ...``) are not
+    a recipe's."""
     for name in list(os.environ):
         if name.startswith("ACADLM_PLUGINS_"):
             monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
 
 
 @pytest.fixture
