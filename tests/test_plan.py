@@ -262,18 +262,51 @@ def test_sequence_parallel_ranks_hold_a_share_of_the_activations(tmp_path: Path)
 
 
 def test_activation_offloading_leaves_the_layer_inputs_off_the_gpu(tmp_path: Path):
-    """ProLong SFT: one 64K pack, checkpointed, torchtune's chunked loss (bf16 logits and their
-    float32 log-softmax at every position); the config's enable_activation_offloading keeps the
-    32 checkpointed layer inputs in CPU memory, and without it they count."""
+    """ProLong SFT: one 64K pack, checkpointed, LinearCrossEntropyLoss (2,048 positions of
+    logits at a time); enable_activation_offloading keeps the 32 checkpointed layer inputs in
+    CPU memory, and without it (the config's setting, as ProLong) they count."""
     name = "llama3/prolong_sft.yaml"
     overrides = PAPER_CONFIGS[name][0](tmp_path)
     t = 65536
-    on_gpu = _checkpointed_layer_and_head(t) + t * 128256 * (2 + 4)
-    offloaded = plan_config(CONFIGS / name, overrides)
-    assert offloaded.memory.activations_checkpointed == on_gpu == 68_158_226_432
+    on_gpu = _checkpointed_layer_and_head(t) + 2048 * 128256 * (2 + 8)
+    offloaded = plan_config(CONFIGS / name, [*overrides, "enable_activation_offloading=True"])
+    assert offloaded.memory.activations_checkpointed == on_gpu == 20_352_598_016
     assert any(n.startswith("enable_activation_offloading") for n in offloaded.notes)
-    kept = plan_config(CONFIGS / name, [*overrides, "enable_activation_offloading=False"])
-    assert kept.memory.activations_checkpointed == on_gpu + 32 * t * 4096 * 2 == 85_338_095_616
+    kept = plan_config(CONFIGS / name, overrides)
+    assert kept.memory.activations_checkpointed == on_gpu + 32 * t * 4096 * 2
+    assert 51 * 2**30 < kept.memory.total < 52 * 2**30   # 51.9 GiB a GPU on 8 GPUs
+
+
+STOCK_LOSS = ["model.project_in_loss=False",
+              "loss._component_=torchtune.modules.loss.CEWithChunkedOutputLoss",
+              "~loss.chunk_tokens"]
+
+
+def test_projecting_in_the_loss_fits_prolong_sft_on_8_gpus_of_80_gb(tmp_path: Path):
+    """With torchtune's chunked loss a 64K step keeps its bf16 logits and their float32
+    log-softmax (6 bytes each) and the plan is 94.7 GiB a GPU; projecting 2,048 positions at a
+    time in the loss leaves 2,048 x V x 10 bytes, plus the root's embeddings and output
+    projection gathered whole (7/8 of them beyond the shard)."""
+    name = "llama3/prolong_sft.yaml"
+    overrides = PAPER_CONFIGS[name][0](tmp_path)
+    ours, stock = (plan_config(CONFIGS / name, [*overrides, *extra]).memory
+                   for extra in ([], STOCK_LOSS))
+    t, vocab = 65536, 128256
+    assert stock.activations_checkpointed - ours.activations_checkpointed == \
+        t * vocab * (2 + 4) - 2048 * vocab * (2 + 8)
+    root = (2 * vocab * 4096 + 4096) * 2
+    assert ours.root_gathered == root - root // 8 and stock.root_gathered == 0
+    assert stock.total > 94 * 2**30 and ours.total < 52 * 2**30   # 94.7 and 51.9 GiB
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["model.project_in_loss=False"], "model.project_in_loss"),
+    (STOCK_LOSS[1:], "loss._component_")])
+def test_the_plan_refuses_one_half_of_the_projection_in_the_loss(tmp_path: Path, extra, key):
+    name = "llama3/prolong_sft.yaml"
+    with pytest.raises(ConfigError) as refused:
+        plan_config(CONFIGS / name, [*PAPER_CONFIGS[name][0](tmp_path), *extra])
+    assert refused.value.key == key
 
 
 def test_the_table_names_a_bound_and_the_activations_it_totals(tmp_path: Path):

@@ -367,11 +367,27 @@ def hf_model_spec(path: str | Path) -> HFModelSpec:
 
 
 def decoder_from_hf_config(path: str, max_seq_len: int | None = None,
-                           rope_base: float | None = None) -> TransformerDecoder:
+                           rope_base: float | None = None,
+                           project_in_loss: bool = False) -> TransformerDecoder:
     """The torchtune decoder an HF folder's ``config.json`` describes, for any supported family
     (random weights; the checkpointer loads them). Use it in a config as ``_component_:
-    acadlm_plugins.models.decoder_from_hf_config`` with ``path:`` the model folder."""
-    return hf_model_spec(path).build(max_seq_len=max_seq_len, rope_base=rope_base)
+    acadlm_plugins.models.decoder_from_hf_config`` with ``path:`` the model folder.
+    ``project_in_loss`` leaves the vocabulary projection to
+    ``acadlm_plugins.training.linear_cross_entropy.LinearCrossEntropyLoss`` (stock recipes
+    without whole logits)."""
+    model = hf_model_spec(path).build(max_seq_len=max_seq_len, rope_base=rope_base)
+    return with_projection_in_loss(model, project_in_loss)
+
+
+def with_projection_in_loss(model: TransformerDecoder, project_in_loss: bool) -> TransformerDecoder:
+    """``model``, returning its hidden states for the loss to project when ``project_in_loss``."""
+    if not isinstance(project_in_loss, bool):
+        raise ConfigError("model.project_in_loss", f"{project_in_loss!r} is not true or false.")
+    if not project_in_loss:
+        return model
+    from acadlm_plugins.training.linear_cross_entropy import project_in_loss as hidden_out
+
+    return hidden_out(model)
 
 
 def check_checkpointer_model_type(path: str | Path, model_type: str, *,

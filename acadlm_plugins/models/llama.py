@@ -14,7 +14,7 @@ from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import TransformerDecoder
 
 from acadlm_plugins.models.decoder import decoder
-from acadlm_plugins.models.families import hf_model_spec
+from acadlm_plugins.models.families import hf_model_spec, with_projection_in_loss
 
 
 def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
@@ -35,15 +35,18 @@ def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_he
 
 
 def llama_from_hf_config(path: str, max_seq_len: int | None = None,
-                         rope_base: float | None = None) -> TransformerDecoder:
+                         rope_base: float | None = None,
+                         project_in_loss: bool = False) -> TransformerDecoder:
     """Build the decoder described by a Hugging Face ``config.json`` (file or directory) of any
     supported family, refusing the others (see ``models.families.hf_model_spec``).
 
     This is how configs refer to a pruned model: ``_component_:
     acadlm_plugins.models.llama.llama_from_hf_config`` with ``path:`` its export directory.
-    ``rope_base`` replaces θ and keeps the config's RoPE scaling.
+    ``rope_base`` replaces θ and keeps the config's RoPE scaling; ``project_in_loss`` as in
+    :func:`acadlm_plugins.models.families.decoder_from_hf_config`.
     """
-    return hf_model_spec(path).build(max_seq_len=max_seq_len, rope_base=rope_base)
+    model = hf_model_spec(path).build(max_seq_len=max_seq_len, rope_base=rope_base)
+    return with_projection_in_loss(model, project_in_loss)
 
 
 def empty_llama_from_hf_config(path: str, *, max_seq_len: int | None, device: torch.device,

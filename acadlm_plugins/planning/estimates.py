@@ -43,11 +43,13 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
                     trains: bool = True,
                     logit_bytes_per_value: int | None = None,
                     offloaded: bool = False, kd_positions: int = 0,
-                    attention_mask: tuple[int, int] = (0, 0)) -> MemoryEstimate:
+                    attention_mask: tuple[int, int] = (0, 0),
+                    root_gathered: int = 0) -> MemoryEstimate:
     """The estimate of :mod:`acadlm_plugins.planning.memory` for this run, per GPU
     (``trains=False``: no gradients and no optimizer state). ``kd_positions``: the positions
     the KD loss counts at most (with a ``teacher``); ``attention_mask``: the dense mask's
-    bytes with and without activation checkpointing."""
+    bytes with and without activation checkpointing; ``root_gathered``: bytes of weights kept
+    gathered from the forward to the backward pass beyond their shard."""
     world = plan.world_size
     size = torch.finfo(dtype).bits // 8  # the math's: activations, the teacher
     # `mixed_precision: true`: weights, gradients and AdamW's moments in fp32 (the recipe's check)
@@ -80,7 +82,8 @@ def memory_estimate(cfg: DictConfig, plan: TrainingPlan, model: nn.Module, dtype
         activations_full=activation_bytes(shape, checkpointed=False),
         activation_checkpointing=checkpointing,
         distillation_loss=kd_loss, teacher_gathered_weight=gathered,
-        attention_mask_checkpointed=attention_mask[0], attention_mask_full=attention_mask[1])
+        attention_mask_checkpointed=attention_mask[0], attention_mask_full=attention_mask[1],
+        root_gathered=root_gathered)
 
 
 def distillation_bytes(teacher: nn.Module, *, tokens: int, counted_positions: int,

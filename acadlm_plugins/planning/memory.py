@@ -169,6 +169,8 @@ class MemoryEstimate:
     teacher_gathered_weight: int = 0        # the teacher's output projection gathered whole
     attention_mask_checkpointed: int = 0    # dense mask: boolean masks + one saved copy
     attention_mask_full: int = 0            # dense mask: boolean masks + a copy per layer
+    root_gathered: int = 0                  # `model.project_in_loss` under FSDP2: the root's
+                                            # embeddings and output projection, gathered whole
     weights_dtype: str = ""                 # weights, gradients, moments (`mixed_precision`:
                                             # float32); "" = `dtype`, torchtune's way
 
@@ -191,7 +193,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.static + self.teacher_gathered_weight + self.activations
+        return self.static + self.teacher_gathered_weight + self.root_gathered + self.activations
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "static": self.static, "activations": self.activations,

@@ -23,6 +23,7 @@ from acadlm_plugins.planning.estimates import NOT_CHECKED, memory_estimate, run_
 from acadlm_plugins.planning.model_shape import build_on_meta, summarize
 from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.training.components import instantiate_component
+from acadlm_plugins.training.linear_cross_entropy import check_pairing, root_parameter_count
 from acadlm_plugins.training.run_checks import (
     STEP_INTERVAL_DEFAULTS,
     check_model_family,
@@ -133,13 +134,26 @@ def plan_sft(plan: TrainingPlan, cfg: DictConfig) -> None:
         plan.notes.append("optimizer_in_bwd: gradients are freed layer by layer; the gradient "
                           "line is an upper bound.")
     tokens = batch * length
+    project_in_loss = bool((cfg.get("model", None) or {}).get("project_in_loss", False))
+    check_pairing(project_in_loss, loss)
+    logit_positions, root_gathered = tokens, 0
+    if project_in_loss:
+        # LinearCrossEntropyLoss: one chunk of positions projected at a time, in the backward
+        # pass too; under FSDP2 the root's weights stay gathered until the backward pass.
+        chunk = int((cfg.get("loss", None) or {}).get("chunk_tokens", 2048))
+        logit_positions = batch * min(chunk, length)
+        if plan.world_size > 1:
+            root = root_parameter_count(model) * (torch.finfo(dtype).bits // 8)
+            root_gathered = root - root // plan.world_size
+        plan.notes.append(f"loss: {loss.rsplit('.', 1)[-1]} projects {logit_positions:,} "
+                          "positions onto the vocabulary at a time (model.project_in_loss).")
     plan.memory = memory_estimate(
-        cfg, plan, model, dtype, tokens=tokens, logit_positions=tokens,
+        cfg, plan, model, dtype, tokens=tokens, logit_positions=logit_positions,
         checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
         # torchtune's chunked loss keeps the chunks and their float32 log-softmax, no copy
         logit_bytes_per_value=(torch.finfo(dtype).bits // 8 + 4
                                if loss.endswith(CHUNKED_LOSS) else None),
-        offloaded=offloaded)
+        offloaded=offloaded, root_gathered=root_gathered)
     plan.not_checked = list(NOT_CHECKED)
 
 

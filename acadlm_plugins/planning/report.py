@@ -111,6 +111,8 @@ def _memory_lines(plan: TrainingPlan) -> list[str]:
         rows.append((f"distillation teacher ({m.dtype})", m.teacher_weights))
     if m.teacher_gathered_weight:
         rows.append(("teacher output weight, gathered", m.teacher_gathered_weight))
+    if m.root_gathered:
+        rows.append(("embeddings + output, gathered", m.root_gathered))
     rows.append(("buffers (RoPE tables)", m.buffers))
     rows += [("activations, checkpointed", m.activations_checkpointed),
              ("activations, not checkpointed", m.activations_full)]
