@@ -76,6 +76,7 @@ from acadlm_plugins.training.run_checks import (
     check_checkpoint_source,
     check_log_dir,
     check_model_family,
+    check_model_returns_logits,
     check_model_rope,
     check_output_dir,
     clean_interrupted_writes,
@@ -251,6 +252,7 @@ class ContinuedPretrainRecipe:
         with training.set_default_dtype(self._dtype), self._device:
             model = self._build_model(cfg)
         check_model_rope(cfg, model, rope_base=self._built_rope_base())
+        check_model_returns_logits(model)
         return model
 
     def _setup_model(self, cfg: DictConfig, model: torch.nn.Module,

@@ -825,3 +825,14 @@ def test_a_one_process_mixed_precision_rater_has_no_vocabulary_weight_copy(tmp_p
         3 * a.embed_dim * a.intermediate_dim)
     extra = mixed.memory.activations_full - plain.memory.activations_full
     assert extra == 2 * a.num_layers * (tokens * 3 * a.embed_dim + weights)
+
+
+def test_our_recipes_refuse_a_model_that_returns_hidden_states(tmp_path: Path):
+    """`model.project_in_loss` is for torchtune's stock recipes; ours compute their losses from
+    the logits, so the plan (and the recipe, through the same check) refuses it by name."""
+    name = "llama3/prolong_64k_stage1.yaml"
+    with pytest.raises(ConfigError) as refused:
+        plan_config(CONFIGS / name, [*PAPER_CONFIGS[name][0](tmp_path),
+                                     "model.project_in_loss=True"])
+    assert refused.value.key == "model.project_in_loss"
+    assert "long_context.chunked_loss_tokens" in refused.value.fix

@@ -38,6 +38,7 @@ from acadlm_plugins.training.config_checks import checked_seed
 from acadlm_plugins.training.run_checks import (
     STEP_INTERVAL_DEFAULTS,
     check_model_family,
+    check_model_returns_logits,
     check_model_rope,
     check_output_outside_checkpoint,
     positive_int,
@@ -77,6 +78,7 @@ def plan_loop_recipe(plan: TrainingPlan, cfg: DictConfig) -> None:
                  "max_seq_len": max(stage.max_seq_len, stage.source_max_positions)}
     model = build_on_meta(lambda: instantiate_component(cfg, "model", **extra), dtype)
     check_model_rope(cfg, model, rope_base=None if stage is None else stage.rope_base)
+    check_model_returns_logits(model)
     plan.checked.append("the model's RoPE against the checkpoint's config.json")
     plan.source = summarize(model)
     # The recipe's own length check, on the meta model (it reads only `_model` and `_cfg`).
@@ -356,6 +358,7 @@ def _teacher(cfg: DictConfig, pm: Any, student: nn.Module, dtype: torch.dtype
         problem = str(err).split("`: ", 1)[-1]
         raise ConfigError(f"{TEACHER_KEY}.{err.key}", problem) from err
     check_model_rope(teacher_cfg, teacher, prefix=f"{TEACHER_KEY}.")
+    check_model_returns_logits(teacher, prefix=f"{TEACHER_KEY}.")
     if vocab_size_of(teacher) != vocab_size_of(student):
         raise ConfigError(f"{TEACHER_KEY}.model", f"has a vocabulary of {vocab_size_of(teacher)}"
                           f" words, the student {vocab_size_of(student)}; the KL compares the "

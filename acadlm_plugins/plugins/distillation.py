@@ -79,6 +79,7 @@ from acadlm_plugins.training.distillation_loss import (
 from acadlm_plugins.training.run_checks import (
     check_checkpoint_source,
     check_model_family,
+    check_model_returns_logits,
     check_model_rope,
 )
 
@@ -350,6 +351,7 @@ def load_teacher(teacher_cfg: DictConfig, *, dtype: torch.dtype, device: torch.d
     # A teacher built otherwise than its checkpoint's config.json (another RoPE) would load
     # its weights and teach another model's distribution.
     check_model_rope(teacher_cfg, teacher, prefix=f"{TEACHER_KEY}.")
+    check_model_returns_logits(teacher, prefix=f"{TEACHER_KEY}.")
     overrides = {} if "output_dir" in teacher_cfg.checkpointer else {"output_dir": str(output_dir)}
     try:
         checkpointer = _instantiate(teacher_cfg, "checkpointer", **overrides)

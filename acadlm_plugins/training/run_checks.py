@@ -214,6 +214,16 @@ def check_model_family(cfg: DictConfig, key: str = "checkpointer", *, prefix: st
                                   field=f"{prefix}{key}.model_type")
 
 
+def check_model_returns_logits(model: torch.nn.Module, *, prefix: str = "") -> None:
+    """Our recipes compute their losses from the model's logits: a model built with
+    ``project_in_loss`` (for torchtune's stock recipes) returns hidden states instead."""
+    if "unembed" in vars(model):
+        raise ConfigError(f"{prefix}model.project_in_loss", "is for torchtune's stock recipes "
+                          "(with LinearCrossEntropyLoss); this recipe computes its losses from "
+                          "the model's logits.", "remove it (for long sequences this recipe's "
+                          "own `long_context.chunked_loss_tokens` projects in chunks).")
+
+
 def check_model_rope(cfg: DictConfig, model: torch.nn.Module, *, rope_base: float | None = None,
                      key: str = "checkpointer", prefix: str = "") -> None:
     """The built ``model`` must rotate positions as the checkpoint's config.json says (with
