@@ -15,7 +15,11 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from acadlm_plugins.errors import ConfigError
 from acadlm_plugins.models.llama import llama_from_hf_config
-from acadlm_plugins.training.linear_cross_entropy import COMPONENT, LinearCrossEntropyLoss
+from acadlm_plugins.training.linear_cross_entropy import (
+    COMPONENT,
+    LinearCrossEntropyLoss,
+    projection_module,
+)
 
 BATCH, POSITIONS = 2, 23
 
@@ -137,3 +141,24 @@ def test_the_stock_distributed_recipe_ends_at_the_weights_of_torchtunes_loss(
         torch.testing.assert_close(finals["ours"][key], want, rtol=1e-4, atol=1e-6, msg=key)
         moved = moved or not torch.equal(want, start[key])
     assert moved
+
+
+def test_an_output_projection_sharded_on_its_own_is_refused(model_dir: Path, tmp_path: Path):
+    """torchtune's custom_sharded_layers can make `output` an FSDP2 module of its own; the loss
+    calls it once per chunk (each call a collective), so ranks with different chunk counts
+    would hang: the first forward refuses it, naming the key (here on a one-rank group)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        _, ours = _models(model_dir)
+        # the tiny model ties its projection to the embedding: that module is sharded
+        fully_shard(projection_module(ours), mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ConfigError) as refused:
+            ours(_batch(ours.tok_embeddings.num_embeddings)[0])
+        assert refused.value.key == "custom_sharded_layers"
+    finally:
+        dist.destroy_process_group()

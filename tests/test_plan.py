@@ -301,7 +301,9 @@ def test_projecting_in_the_loss_fits_prolong_sft_on_8_gpus_of_80_gb(tmp_path: Pa
 
 @pytest.mark.parametrize("extra, key", [
     (["model.project_in_loss=False"], "model.project_in_loss"),
-    (STOCK_LOSS[1:], "loss._component_")])
+    (STOCK_LOSS[1:], "loss._component_"),
+    (["loss.chunk_tokens=0"], "loss.chunk_tokens"),
+    (["custom_sharded_layers=[output]"], "custom_sharded_layers")])
 def test_the_plan_refuses_one_half_of_the_projection_in_the_loss(tmp_path: Path, extra, key):
     name = "llama3/prolong_sft.yaml"
     with pytest.raises(ConfigError) as refused:

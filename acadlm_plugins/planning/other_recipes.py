@@ -23,7 +23,11 @@ from acadlm_plugins.planning.estimates import NOT_CHECKED, memory_estimate, run_
 from acadlm_plugins.planning.model_shape import build_on_meta, summarize
 from acadlm_plugins.planning.results import TokenBudget, TrainingPlan
 from acadlm_plugins.training.components import instantiate_component
-from acadlm_plugins.training.linear_cross_entropy import check_pairing, root_parameter_count
+from acadlm_plugins.training.linear_cross_entropy import (
+    LinearCrossEntropyLoss,
+    check_pairing,
+    root_parameter_count,
+)
 from acadlm_plugins.training.run_checks import (
     STEP_INTERVAL_DEFAULTS,
     check_model_family,
@@ -140,8 +144,17 @@ def plan_sft(plan: TrainingPlan, cfg: DictConfig) -> None:
     if project_in_loss:
         # LinearCrossEntropyLoss: one chunk of positions projected at a time, in the backward
         # pass too; under FSDP2 the root's weights stay gathered until the backward pass.
-        chunk = int((cfg.get("loss", None) or {}).get("chunk_tokens", 2048))
+        chunk = LinearCrossEntropyLoss(
+            chunk_tokens=(cfg.get("loss", None) or {}).get("chunk_tokens", 2048)).chunk_tokens
         logit_positions = batch * min(chunk, length)
+        sharded_alone = {str(name) for name in (cfg.get("custom_sharded_layers", None) or [])}
+        projection = "tok_embeddings" if hasattr(model.output, "tied_module") else "output"
+        if plan.world_size > 1 and projection in sharded_alone:
+            raise ConfigError("custom_sharded_layers", f"holds `{projection}`, the output "
+                              "projection, which the loss calls once per chunk, each a "
+                              "collective: ranks with different numbers of chunks would hang.",
+                              f"leave `{projection}` out of custom_sharded_layers with "
+                              "`model.project_in_loss: true`.")
         if plan.world_size > 1:
             root = root_parameter_count(model) * (torch.finfo(dtype).bits // 8)
             root_gathered = root - root // plan.world_size

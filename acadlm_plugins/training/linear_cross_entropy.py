@@ -60,11 +60,31 @@ class HiddenStates(list):
         return super().__iter__()
 
 
+def projection_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose weight projects onto the vocabulary: ``output``, or the embedding a
+    tied ``output`` (torchtune's ``TiedLinear``) reads."""
+    return getattr(model.output, "tied_module", model.output)
+
+
+def check_projection_not_sharded_alone(model: torch.nn.Module) -> None:
+    """Refuse an output projection that FSDP2 shards as a module of its own (torchtune's
+    ``custom_sharded_layers``): the loss calls it once per chunk, each call a collective, and
+    ranks whose batches have different chunk counts would wait on each other for ever."""
+    if isinstance(projection_module(model), FSDPModule):
+        raise ConfigError("custom_sharded_layers", "shards the output projection (`output`, or "
+                          "`tok_embeddings` when the model ties them) as a module of its own; "
+                          "the loss projects one chunk at a time, each a collective, and ranks "
+                          "with different numbers of chunks would hang.", "leave it out of "
+                          "custom_sharded_layers with `model.project_in_loss: true` (it stays "
+                          "in the root's group, gathered once a step).")
+
+
 def project_in_loss(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` (a torchtune ``TransformerDecoder``) returning :class:`HiddenStates` instead of
     logits from every call; its weights, state dict and other steps are unchanged."""
 
     def unembed(hidden: torch.Tensor) -> HiddenStates:
+        check_projection_not_sharded_alone(model)
         if isinstance(model, FSDPModule):
             # The loss applies the output projection after the forward pass: the root's
             # parameters (embeddings, final norm, output projection) must stay gathered until
