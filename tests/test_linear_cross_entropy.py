@@ -18,7 +18,7 @@ from acadlm_plugins.models.llama import llama_from_hf_config
 from acadlm_plugins.training.linear_cross_entropy import (
     COMPONENT,
     LinearCrossEntropyLoss,
-    projection_module,
+    projection_key,
 )
 
 BATCH, POSITIONS = 2, 23
@@ -155,8 +155,11 @@ def test_an_output_projection_sharded_on_its_own_is_refused(model_dir: Path, tmp
                             world_size=1)
     try:
         _, ours = _models(model_dir)
-        # the tiny model ties its projection to the embedding: that module is sharded
-        fully_shard(projection_module(ours), mesh=init_device_mesh("cpu", (1,)))
+        # as torchtune's shard_model with custom_sharded_layers: the projection's module (the
+        # embedding, which the tiny model ties it to) on its own, then the root
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(getattr(ours, projection_key(ours)), mesh=mesh)
+        fully_shard(ours, mesh=mesh)
         with pytest.raises(ConfigError) as refused:
             ours(_batch(ours.tok_embeddings.num_embeddings)[0])
         assert refused.value.key == "custom_sharded_layers"

@@ -376,10 +376,10 @@ def decoder_from_hf_config(path: str, max_seq_len: int | None = None,
     ``acadlm_plugins.training.linear_cross_entropy.LinearCrossEntropyLoss`` (stock recipes
     without whole logits)."""
     model = hf_model_spec(path).build(max_seq_len=max_seq_len, rope_base=rope_base)
-    return with_projection_in_loss(model, project_in_loss)
+    return _with_projection_in_loss(model, project_in_loss)
 
 
-def with_projection_in_loss(model: TransformerDecoder, project_in_loss: bool) -> TransformerDecoder:
+def _with_projection_in_loss(model: TransformerDecoder, project_in_loss: bool) -> TransformerDecoder:
     """``model``, returning its hidden states for the loss to project when ``project_in_loss``."""
     if not isinstance(project_in_loss, bool):
         raise ConfigError("model.project_in_loss", f"{project_in_loss!r} is not true or false.")

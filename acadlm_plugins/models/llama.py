@@ -14,7 +14,7 @@ from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import TransformerDecoder
 
 from acadlm_plugins.models.decoder import decoder
-from acadlm_plugins.models.families import hf_model_spec, with_projection_in_loss
+from acadlm_plugins.models.families import decoder_from_hf_config, hf_model_spec
 
 
 def llama_decoder(*, vocab_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
@@ -45,8 +45,7 @@ def llama_from_hf_config(path: str, max_seq_len: int | None = None,
     ``rope_base`` replaces θ and keeps the config's RoPE scaling; ``project_in_loss`` as in
     :func:`acadlm_plugins.models.families.decoder_from_hf_config`.
     """
-    model = hf_model_spec(path).build(max_seq_len=max_seq_len, rope_base=rope_base)
-    return with_projection_in_loss(model, project_in_loss)
+    return decoder_from_hf_config(path, max_seq_len, rope_base, project_in_loss)
 
 
 def empty_llama_from_hf_config(path: str, *, max_seq_len: int | None, device: torch.device,

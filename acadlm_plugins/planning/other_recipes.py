@@ -26,7 +26,9 @@ from acadlm_plugins.training.components import instantiate_component
 from acadlm_plugins.training.linear_cross_entropy import (
     LinearCrossEntropyLoss,
     check_pairing,
+    projection_key,
     root_parameter_count,
+    sharded_alone_error,
 )
 from acadlm_plugins.training.run_checks import (
     STEP_INTERVAL_DEFAULTS,
@@ -148,13 +150,8 @@ def plan_sft(plan: TrainingPlan, cfg: DictConfig) -> None:
             chunk_tokens=(cfg.get("loss", None) or {}).get("chunk_tokens", 2048)).chunk_tokens
         logit_positions = batch * min(chunk, length)
         sharded_alone = {str(name) for name in (cfg.get("custom_sharded_layers", None) or [])}
-        projection = "tok_embeddings" if hasattr(model.output, "tied_module") else "output"
-        if plan.world_size > 1 and projection in sharded_alone:
-            raise ConfigError("custom_sharded_layers", f"holds `{projection}`, the output "
-                              "projection, which the loss calls once per chunk, each a "
-                              "collective: ranks with different numbers of chunks would hang.",
-                              f"leave `{projection}` out of custom_sharded_layers with "
-                              "`model.project_in_loss: true`.")
+        if plan.world_size > 1 and projection_key(model) in sharded_alone:
+            raise sharded_alone_error(projection_key(model))
         if plan.world_size > 1:
             root = root_parameter_count(model) * (torch.finfo(dtype).bits // 8)
             root_gathered = root - root // plan.world_size

@@ -14,6 +14,8 @@ parameters, activation checkpointing of the layers -- see an ordinary call.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -34,6 +36,22 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, output) -> torch.Te
                            ignore_index=CROSS_ENTROPY_IGNORE_INDEX, reduction="none").sum(dim=1)
 
 
+def projected_token_losses(hidden: torch.Tensor, targets: torch.Tensor, output: Any, *,
+                           chunk_tokens: int) -> torch.Tensor:
+    """Summed float32 cross-entropy per sequence of final (normalized) hidden states, projected
+    by ``output`` ``chunk_tokens`` positions at a time; with gradients, each chunk is
+    recomputed in the backward pass, so one chunk's logits exist at a time."""
+    total = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[1], chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, hidden[:, piece], targets[:, piece], output,
+                                       use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hidden[:, piece], targets[:, piece], output)
+    return total
+
+
 def chunked_token_losses(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, *,
                          chunk_tokens: int, mask: torch.Tensor | None = None,
                          input_pos: torch.Tensor | None = None,
@@ -48,16 +66,8 @@ def chunked_token_losses(model: torch.nn.Module, tokens: torch.Tensor, targets: 
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
     def loss_head(hidden: torch.Tensor) -> torch.Tensor:
-        hidden = model.norm(hidden)
-        total = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-        for start in range(0, hidden.shape[1], chunk_tokens):
-            piece = slice(start, start + chunk_tokens)
-            if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_loss, hidden[:, piece], targets[:, piece],
-                                           model.output, use_reentrant=False)
-            else:
-                total = total + _chunk_loss(hidden[:, piece], targets[:, piece], model.output)
-        return total
+        return projected_token_losses(model.norm(hidden), targets, model.output,
+                                      chunk_tokens=chunk_tokens)
 
     model.unembed = loss_head  # an instance attribute shadows the method for this call only
     try:

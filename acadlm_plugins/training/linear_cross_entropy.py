@@ -27,12 +27,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
-from torch.utils.checkpoint import checkpoint
 
 from acadlm_plugins.data.packing import CROSS_ENTROPY_IGNORE_INDEX
 from acadlm_plugins.errors import ConfigError
+from acadlm_plugins.training.chunked_loss import projected_token_losses
 
 COMPONENT = "acadlm_plugins.training.linear_cross_entropy.LinearCrossEntropyLoss"
 _PAIRING_FIX = (f"use both halves together: `model.project_in_loss: true` and "
@@ -60,37 +59,41 @@ class HiddenStates(list):
         return super().__iter__()
 
 
-def projection_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose weight projects onto the vocabulary: ``output``, or the embedding a
-    tied ``output`` (torchtune's ``TiedLinear``) reads."""
-    return getattr(model.output, "tied_module", model.output)
+def projection_key(model: torch.nn.Module) -> str:
+    """The name of the module whose weight projects onto the vocabulary: ``output``, or
+    ``tok_embeddings`` when ``output`` is torchtune's ``TiedLinear`` over it."""
+    return "tok_embeddings" if hasattr(model.output, "tied_module") else "output"
 
 
-def check_projection_not_sharded_alone(model: torch.nn.Module) -> None:
-    """Refuse an output projection that FSDP2 shards as a module of its own (torchtune's
-    ``custom_sharded_layers``): the loss calls it once per chunk, each call a collective, and
-    ranks whose batches have different chunk counts would wait on each other for ever."""
-    if isinstance(projection_module(model), FSDPModule):
-        raise ConfigError("custom_sharded_layers", "shards the output projection (`output`, or "
-                          "`tok_embeddings` when the model ties them) as a module of its own; "
-                          "the loss projects one chunk at a time, each a collective, and ranks "
-                          "with different numbers of chunks would hang.", "leave it out of "
-                          "custom_sharded_layers with `model.project_in_loss: true` (it stays "
-                          "in the root's group, gathered once a step).")
+def sharded_alone_error(key: str) -> ConfigError:
+    """The refusal of an output projection that FSDP2 shards as a module of its own
+    (torchtune's ``custom_sharded_layers``): the loss calls it once per chunk, each call a
+    collective, and ranks whose batches have different chunk counts would wait for ever."""
+    return ConfigError("custom_sharded_layers", f"holds `{key}`, the output projection, which "
+                       "the loss calls once per chunk, each a collective: ranks with different "
+                       "numbers of chunks would hang.", f"leave `{key}` out of "
+                       "custom_sharded_layers with `model.project_in_loss: true` (it stays in "
+                       "the root's group, gathered once a step).")
 
 
 def project_in_loss(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` (a torchtune ``TransformerDecoder``) returning :class:`HiddenStates` instead of
     logits from every call; its weights, state dict and other steps are unchanged."""
 
+    sharding_checked = False
+
     def unembed(hidden: torch.Tensor) -> HiddenStates:
-        check_projection_not_sharded_alone(model)
-        if isinstance(model, FSDPModule):
+        nonlocal sharding_checked
+        if not sharding_checked and isinstance(model, FSDPModule):  # once, at the first step
+            key = projection_key(model)
+            if isinstance(getattr(model, key), FSDPModule):
+                raise sharded_alone_error(key)
             # The loss applies the output projection after the forward pass: the root's
             # parameters (embeddings, final norm, output projection) must stay gathered until
             # the backward pass, which reduce-scatters their gradients and reshards them.
             # torch's own default for a root; torchtune's shard_model asks otherwise.
             model.set_reshard_after_forward(False, recurse=False)
+            sharding_checked = True
         return HiddenStates(model.norm(hidden), model.output)
 
     model.unembed = unembed  # an instance attribute shadows TransformerDecoder.unembed
@@ -115,41 +118,30 @@ def root_parameter_count(model: torch.nn.Module) -> int:
                if not name.startswith("layers."))
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, projection: Any,
-                    ignore_index: int) -> torch.Tensor:
-    logits = projection(hidden).float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index, reduction="sum")
-
-
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Token-mean cross-entropy of :class:`HiddenStates` against labels already shifted by the
     recipe, projecting ``chunk_tokens`` positions of the batch at a time (ProLong's
     ``LOGIT_BLOCK_SIZE``; the step's peak logits are ``batch x chunk_tokens x vocabulary``).
 
-    ``ignore_index`` is torchtune's -100, the value the recipes pad labels with."""
+    ``ignore_index`` is torchtune's -100, the value the recipes pad labels with (they read it
+    from the loss)."""
 
-    def __init__(self, chunk_tokens: int = 2048,
-                 ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX) -> None:
+    ignore_index = CROSS_ENTROPY_IGNORE_INDEX
+
+    def __init__(self, chunk_tokens: int = 2048) -> None:
         super().__init__()
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) \
                 or chunk_tokens < 1:
             raise ConfigError("loss.chunk_tokens", f"{chunk_tokens!r} is not a positive "
                               "integer.", "give the positions projected at a time, e.g. 2048.")
-        self.chunk_tokens, self.ignore_index = chunk_tokens, ignore_index
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         if not isinstance(outputs, HiddenStates):
             raise ConfigError("model.project_in_loss", f"{COMPONENT} needs the model's hidden "
                               f"states, and the model returned {type(outputs).__name__} "
                               "logits.", _PAIRING_FIX)
-        hidden = outputs.hidden
-        targets = labels.reshape(hidden.shape[:2])
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[1], self.chunk_tokens):
-            piece = slice(start, start + self.chunk_tokens)
-            args = (hidden[:, piece], targets[:, piece], outputs.projection, self.ignore_index)
-            total = total + (checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
-                             if torch.is_grad_enabled() else _chunk_loss_sum(*args))
-        counted = (targets != self.ignore_index).sum()
-        return total / counted.clamp(min=1)
+        targets = labels.reshape(outputs.hidden.shape[:2])
+        total = projected_token_losses(outputs.hidden, targets, outputs.projection,
+                                       chunk_tokens=self.chunk_tokens).sum()
+        return total / (targets != self.ignore_index).sum().clamp(min=1)
